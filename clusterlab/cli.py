@@ -31,9 +31,9 @@ def _info(args: argparse.Namespace) -> int:
 
 def _trace(args: argparse.Namespace) -> int:
     from . import simulator
+    from .tour import random_rows
 
-    rng = np.random.default_rng(args.seed)
-    x = simulator.random_rows(rng, args.cluster, args.n, args.dtype)
+    x = random_rows(np.random.default_rng(args.seed), args.cluster, args.n, args.dtype)
     if args.primitive == "reduce":
         _, trace = simulator.cluster_reduce(x, op=args.op, algorithm=args.algorithm)
     else:

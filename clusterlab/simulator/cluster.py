@@ -1,0 +1,997 @@
+"""A cluster of thread blocks, run deterministically, with every DSMEM hazard checked.
+
+Programs
+--------
+A program is written once, for one block, as a Python generator function over a :class:`Block`.
+Work on shared memory is vectorised over the block's threads (one NumPy call = what all its
+threads do in one statement); the program ``yield``\\ s wherever the hardware would wait::
+
+    def swap_with_neighbour(b, x):                 # b: Block, x: host array [cluster_size, n]
+        row = b.shared_array("row", x.shape[1:], x.dtype)
+        row[:] = x[b.cluster_rank]                 # st.shared
+        yield b.cluster_sync()                     # barrier.cluster.arrive.release + wait.acquire
+        peer = b.map_shared(row, b.cluster_rank ^ 1)   # mapa
+        got = peer[:]                              # ld.shared::cluster
+        yield b.cluster_sync()                     # nobody exits while a peer still reads it
+
+    trace = launch(swap_with_neighbour, 2, x)
+
+:func:`launch` creates one generator per block and a deterministic scheduler runs them: in
+rank order, each block runs until it yields a wait; a waiting block resumes once its wait is
+satisfied. When every live block waits and none can resume, that is a deadlock, reported as
+:class:`~clusterlab.simulator.hazards.BarrierDeadlock` (or ``TransactionMismatch``), never a hang.
+
+Memory model
+------------
+Happens-before is tracked with vector clocks, one entry per *actor*: each block, and each
+mbarrier instance (standing for the bulk copies that complete on it).
+
+- ``cluster_arrive_release`` publishes the block's clock to the barrier phase it arrives at;
+  ``cluster_wait_acquire`` joins that phase's clock into the waiter's. A relaxed arrive counts
+  as an arrival but publishes nothing. A phase completes once every block has arrived or
+  exited (exited blocks no longer take part, as on hardware).
+- mbarriers work the same way per phase: release arrivals publish, a successful
+  ``mbarrier_wait`` acquires. A phase completes when its pending arrival count is zero *and*
+  the transaction bytes expected (``expect_tx``) equal those delivered (``complete_tx``).
+- ``bulk_copy`` / ``st_async`` data is written when issued, but its bytes are labelled as
+  accesses of the destination mbarrier's actor at that phase. Only a block that observes the
+  phase complete (directly, or transitively through later barriers) is ordered after them;
+  anyone else touching those bytes races. The copy's reads of its source are labelled the same
+  way, so overwriting a source before the copy is known complete is a race too.
+- When a block exits its shared memory vanishes: every earlier peer access to it must be
+  ordered before the exit, and later ones raise ``ExitedBlockAccess``.
+
+Hazards are checked on every access against the owner's shadow memory
+(:mod:`clusterlab.simulator.memory`) and raised with both program points.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import numpy as np
+
+from . import hazards
+from .memory import (
+    ALLOCATION_ALIGN_BYTES,
+    MBARRIER_BYTES,
+    ATOMIC,
+    READ,
+    WRITE,
+    IndexOutOfRange,
+    LayoutEntry,
+    SharedAllocation,
+    SharedLayout,
+)
+from .trace import Trace, TraceEvent
+
+#: Largest cluster (the non-portable Hopper limit; 8 is the portable one).
+MAX_CLUSTER_SIZE = 16
+#: Shared memory one Hopper block can use (227 KiB, with the opt-in attribute).
+MAX_SMEM_BYTES_PER_BLOCK = 232_448
+#: mbarriers a layout may declare (each is a vector-clock actor per block).
+MAX_MBARRIERS = 32
+#: Largest arrival count and |tx-count| of an mbarrier phase (PTX: 2**20 - 1).
+MBARRIER_MAX_COUNT = 2**20 - 1
+
+_BASENAMES: dict[str, str] = {}
+
+
+def _line_of(frame) -> str:
+    """'file.py:123' of a frame (the program statement that issued an operation)."""
+    filename = frame.f_code.co_filename
+    base = _BASENAMES.get(filename)
+    if base is None:
+        base = _BASENAMES[filename] = os.path.basename(filename)
+    return f"{base}:{frame.f_lineno}"
+
+
+def _format_key(key) -> str:
+    parts = []
+    for k in key if isinstance(key, tuple) else (key,):
+        if isinstance(k, slice):
+            text = f"{'' if k.start is None else k.start}:{'' if k.stop is None else k.stop}"
+            parts.append(text if k.step in (None, 1) else f"{text}:{k.step}")
+        elif isinstance(k, (int, np.integer)):
+            parts.append(str(int(k)))
+        else:
+            parts.append(f"<{np.size(k)} indices>")
+    return ", ".join(parts)
+
+
+class SharedArray:
+    """A typed array in one block's shared memory, as seen by one block.
+
+    Made by :meth:`Block.shared_array` (the block's own memory: ``ld.shared`` / ``st.shared``)
+    or :meth:`Block.map_shared` (any block's memory through the cluster window:
+    ``ld.shared::cluster`` / ``st.shared::cluster``). Indexing loads (returns a NumPy copy),
+    assigning stores; ``at[...]`` names a region for ``bulk_copy`` / ``st_async``. Indices are
+    addresses: negative ones and ranges past the end are out of bounds (no wrap, no clipping).
+    """
+
+    __slots__ = ("_block", "owner", "_entry", "mapped")
+
+    def __init__(self, block: "Block", owner: int, entry: LayoutEntry, mapped: bool):
+        self._block = block
+        self.owner = owner
+        self._entry = entry
+        self.mapped = mapped
+
+    name = property(lambda self: self._entry.name, doc="Name given at declaration.")
+    shape = property(lambda self: self._entry.shape, doc="Shape of the array.")
+    dtype = property(lambda self: self._entry.dtype, doc="Element dtype.")
+    nbytes = property(lambda self: self._entry.nbytes, doc="Size in bytes.")
+    offset = property(lambda self: self._entry.offset, doc="Byte offset in the shared memory window.")
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self._block._access(self, key, READ)
+
+    def __setitem__(self, key, values) -> None:
+        self._block._access(self, key, WRITE, values)
+
+    def atomic_add(self, key, values) -> None:
+        """``red.shared[::cluster].add``: add ``values`` into the elements (duplicates accumulate)."""
+        self._block._access(self, key, ATOMIC, values)
+
+    @property
+    def at(self) -> "_RegionIndexer":
+        """``arr.at[key]``: the region ``key`` of this array, for ``bulk_copy`` / ``st_async``."""
+        return _RegionIndexer(self)
+
+    def __repr__(self) -> str:
+        via = "mapped" if self.mapped else "local"
+        return f"SharedArray({self.name!r}, {self.dtype.name}{list(self.shape)}, owner={self.owner}, {via})"
+
+
+class Region:
+    """Part of a shared array (``arr.at[key]``), the operand of bulk copies; not an access itself."""
+
+    __slots__ = ("array", "key")
+
+    def __init__(self, array: SharedArray, key):
+        self.array = array
+        self.key = key
+
+
+class _RegionIndexer:
+    __slots__ = ("_array",)
+
+    def __init__(self, array: SharedArray):
+        self._array = array
+
+    def __getitem__(self, key) -> Region:
+        return Region(self._array, key)
+
+
+class Mbarrier:
+    """An mbarrier object in one block's shared memory, as seen by one block.
+
+    Made by :meth:`Block.shared_mbarrier` (own) or :meth:`Block.map_shared` (a peer's, for
+    remote arrivals and as the completion target of bulk copies into that peer).
+    """
+
+    __slots__ = ("_block", "owner", "_entry", "mapped")
+
+    def __init__(self, block: "Block", owner: int, entry: LayoutEntry, mapped: bool):
+        self._block = block
+        self.owner = owner
+        self._entry = entry
+        self.mapped = mapped
+
+    name = property(lambda self: self._entry.name, doc="Name given at declaration.")
+    offset = property(lambda self: self._entry.offset, doc="Byte offset in the shared memory window.")
+
+    def __repr__(self) -> str:
+        return f"Mbarrier({self.name!r}, owner={self.owner}, {'mapped' if self.mapped else 'local'})"
+
+
+class Wait:
+    """What a program yields to block: a cluster-barrier phase or an mbarrier phase parity."""
+
+    __slots__ = ("block", "mbarrier", "phase", "parity", "point")
+
+    def __init__(self, block: "Block", mbarrier: "_MbarrierState | None", phase: int, parity: int, point):
+        self.block = block
+        self.mbarrier = mbarrier
+        self.phase = phase
+        self.parity = parity
+        self.point = point
+
+    def describe(self) -> str:
+        if self.mbarrier is None:
+            return f"cluster barrier phase {self.phase}"
+        return f"mbarrier {self.mbarrier.label} phase parity {self.parity}"
+
+
+class _MbarrierState:
+    """One mbarrier instance: its counts, its current phase and the clocks it carries."""
+
+    def __init__(self, owner: int, entry: LayoutEntry, actor: int, actors: int):
+        self.owner = owner
+        self.entry = entry
+        self.actor = actor
+        self.label = f"{entry.name!r}@block {owner}"
+        self.byte_range = (entry.offset, entry.offset + MBARRIER_BYTES)
+        self.initialized = False
+        self.init_epoch = 0
+        self.init_event = -1
+        self.count = 0
+        self.pending = 0
+        self.expected = 0
+        self.delivered = 0
+        self.phase = 0  # completed phases
+        self.expect_event = -1  # last expect_tx of the current phase (for reports)
+        self.senders: list[int] = []  # blocks whose transactions the current phase received
+        self.clock = np.zeros(actors, dtype=np.int32)  # join of every release arrival so far
+        self.completed = [np.zeros(actors, dtype=np.int32), np.zeros(actors, dtype=np.int32)]
+
+
+class Block:
+    """One thread block of a simulated cluster: the API a program is written against.
+
+    Method names follow the PTX instructions they model. Everything is per block: one call is
+    what the block's threads do together in one statement.
+    """
+
+    def __init__(self, cluster: "_Cluster", rank: int):
+        self._cluster = cluster
+        self._clock = cluster.clocks[rank]
+        #: This block's rank in the cluster (``%cluster_ctarank``), 0 .. cluster_size - 1.
+        self.cluster_rank = rank
+        #: Number of blocks in the cluster (``%cluster_nctarank``).
+        self.cluster_size = cluster.size
+        self._step = ""
+        self._arrived = 0  # cluster-barrier arrivals
+        self._waited = 0  # completed cluster-barrier waits = current phase
+        self._pending_wait: Wait | None = None
+        self._unfenced: list[tuple[int, int, int, int]] = []  # (entry, lo, hi, event) since fence
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def step(self, label: str) -> None:
+        """Name the algorithm step that follows (shown in traces and hazard reports)."""
+        self._step = str(label)
+
+    def _event(self, kind: str, src: int, dst: int, nbytes: int, target: str, line: str) -> int:
+        events = self._cluster.trace.events
+        rank = self.cluster_rank
+        events.append(TraceEvent(self._waited, self._step, kind, rank, src, dst, nbytes, target, line))
+        return len(events) - 1
+
+    def _point(self, op: str, line: str) -> hazards.ProgramPoint:
+        return hazards.ProgramPoint(self.cluster_rank, self._waited, self._step, op, line)
+
+    def _ready(self, depth: int = 1) -> str:
+        """Check that no wait is left unyielded; return the program's source line.
+
+        ``depth``: how many simulator frames lie between the program and this call (1 when a
+        public method calls it directly).
+        """
+        line = _line_of(sys._getframe(depth + 1))
+        if self._pending_wait is not None:
+            wait = self._pending_wait
+            raise hazards.BarrierMisuse(
+                f"block {self.cluster_rank} created a wait on {wait.describe()} but did not yield it; "
+                "write `yield b.cluster_sync()` / `yield b.mbarrier_wait(...)`",
+                blocks=(self.cluster_rank,),
+                points=(wait.point, self._point("next operation", line)),
+            )
+        return line
+
+    # ------------------------------------------------------------------ shared memory
+
+    def shared_array(self, name: str, shape, dtype) -> SharedArray:
+        """Declare (or look up) the shared array ``name``: ``dtype[shape]`` in every block.
+
+        Every block must declare it alike (same kernel, same layout); the returned array is
+        this block's own copy. Offsets are assigned in declaration order, 16-byte aligned.
+        """
+        line = self._ready()
+        entry = self._cluster.declare(self, name, shape, dtype, mbarrier=False, line=line)
+        return SharedArray(self, self.cluster_rank, entry, mapped=False)
+
+    def shared_mbarrier(self, name: str) -> Mbarrier:
+        """Declare (or look up) the 8-byte mbarrier ``name`` in every block; return this block's."""
+        line = self._ready()
+        entry = self._cluster.declare(self, name, (MBARRIER_BYTES,), np.uint8, mbarrier=True, line=line)
+        return Mbarrier(self, self.cluster_rank, entry, mapped=False)
+
+    def map_shared(self, obj, rank: int):
+        """``mapa``: the same array or mbarrier in block ``rank``'s shared memory.
+
+        ``obj``: a SharedArray or Mbarrier; ``rank``: 0 .. cluster_size - 1 (else
+        :class:`InvalidRank`). Accesses through the result are ``*.shared::cluster``.
+        """
+        line = self._ready()
+        if not isinstance(obj, (SharedArray, Mbarrier)):
+            raise TypeError(f"map_shared maps a SharedArray or Mbarrier; got {type(obj).__name__}")
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
+            raise TypeError(f"rank must be an integer; got {rank!r}")
+        rank = int(rank)
+        entry = obj._entry
+        target = f"{entry.name} -> block {rank}"
+        event = self._event("mapa", self.cluster_rank, self.cluster_rank, 0, target, line)
+        if not 0 <= rank < self.cluster_size:
+            raise hazards.InvalidRank(
+                f"block {self.cluster_rank} maps {entry.name!r} into block {rank}, but the cluster "
+                f"has ranks 0..{self.cluster_size - 1}",
+                blocks=(self.cluster_rank,),
+                owner=rank,
+                byte_range=(entry.offset, entry.offset + entry.nbytes),
+                points=(self._cluster.point(event),),
+            )
+        return type(obj)(self, rank, entry, mapped=True)
+
+    def _access(self, array: SharedArray, key, mode: str, values=None):
+        """Load, store or atomically add through ``array`` (local or mapped), with every check."""
+        line = self._ready(depth=2)
+        cluster = self._cluster
+        entry = array._entry
+        owner = array.owner
+        me = self.cluster_rank
+        if mode == READ:
+            kind, src, dst = ("ld.shared::cluster" if array.mapped else "ld.shared"), owner, me
+        elif mode == WRITE:
+            kind, src, dst = ("st.shared::cluster" if array.mapped else "st.shared"), me, owner
+        else:
+            kind, src, dst = ("red.shared::cluster.add" if array.mapped else "red.shared.add"), me, owner
+        try:
+            sel, lo, hi = entry.select(key)
+        except IndexOutOfRange as oob:
+            event = self._event(kind, src, dst, 0, f"{entry.name}[{_format_key(key)}] @block {owner}", line)
+            cluster.raise_out_of_bounds(self, entry, owner, oob, event)
+        alloc = cluster.allocations[owner][entry.index]
+        if hi == lo:  # no thread has an element: nothing happens
+            return alloc.view[key].copy() if mode == READ else None
+        nbytes = hi - lo if isinstance(sel, slice) else sel.size
+        event = self._event(kind, src, dst, nbytes, f"{entry.name}[{_format_key(key)}] @block {owner}", line)
+        if cluster.exited[owner]:
+            cluster.raise_exited_access(self, owner, entry, (lo, hi), event)
+        clock = self._clock
+        conflict = alloc.find_conflict(sel, lo, hi, clock, mode)
+        if conflict is not None:
+            cluster.raise_race(me, alloc, mode, conflict, event)
+        epoch = int(clock[me])
+        alloc.record(sel, lo, hi, me, epoch, mode)
+        cluster.accesses.append((me, epoch, owner, entry.index, lo, hi, mode, event))
+        if mode == READ:
+            return alloc.view[key].copy()
+        if mode == WRITE:
+            alloc.view[key] = values
+            if owner == me:
+                self._unfenced.append((entry.index, lo, hi, event))
+        else:
+            np.add.at(alloc.view, key, values)
+        return None
+
+    # ------------------------------------------------------------------ cluster barrier
+
+    def cluster_arrive_release(self) -> None:
+        """``barrier.cluster.arrive.release``: arrive, publishing every earlier access."""
+        self._arrive(release=True, line=self._ready())
+
+    def cluster_arrive_relaxed(self) -> None:
+        """``barrier.cluster.arrive.relaxed``: arrive without ordering earlier accesses."""
+        self._arrive(release=False, line=self._ready())
+
+    def _arrive(self, release: bool, line: str) -> None:
+        kind = "barrier.cluster.arrive.release" if release else "barrier.cluster.arrive.relaxed"
+        event = self._event(kind, self.cluster_rank, self.cluster_rank, 0, f"phase {self._arrived}", line)
+        if self._arrived > self._waited:
+            raise hazards.BarrierMisuse(
+                f"block {self.cluster_rank} arrives at cluster barrier phase {self._arrived} before "
+                f"waiting on phase {self._waited}; each arrive must be followed by a wait",
+                blocks=(self.cluster_rank,),
+                points=(self._cluster.point(event),),
+            )
+        self._cluster.cluster_arrival(self, release)
+
+    def cluster_wait_acquire(self) -> Wait:
+        """``barrier.cluster.wait.acquire``: ``yield`` it; resumes once every live block arrived.
+
+        Acquires what the release arrivals of the phase published.
+        """
+        return self._cluster_wait(self._ready())
+
+    def cluster_sync(self) -> Wait:
+        """``cluster.sync()``: arrive (release) and return the wait (acquire) to ``yield``."""
+        line = self._ready()
+        self._arrive(release=True, line=line)
+        return self._cluster_wait(line)
+
+    def _cluster_wait(self, line: str) -> Wait:
+        op = f"barrier.cluster.wait.acquire phase {self._waited}"
+        wait = Wait(self, None, self._waited, 0, self._point(op, line))
+        self._pending_wait = wait
+        return wait
+
+    # ------------------------------------------------------------------ mbarriers
+
+    def mbarrier_init(self, bar: Mbarrier, arrival_count: int) -> None:
+        """``mbarrier.init.shared::cta``: expect ``arrival_count`` arrivals per phase (own mbarrier).
+
+        Peers may use it only once the init is ordered before their use (a cluster barrier).
+        """
+        line = self._ready()
+        state = self._mbarrier_state(bar, "mbarrier.init", line, local_only=True)
+        if not isinstance(arrival_count, (int, np.integer)) or not 1 <= arrival_count <= MBARRIER_MAX_COUNT:
+            raise ValueError(f"arrival_count must be an integer in 1..{MBARRIER_MAX_COUNT}; got {arrival_count!r}")
+        target = f"{state.label} count {arrival_count}"
+        event = self._event("mbarrier.init", self.cluster_rank, self.cluster_rank, 0, target, line)
+        if state.initialized:
+            raise hazards.BarrierMisuse(
+                f"mbarrier {state.label} is initialized twice",
+                blocks=(self.cluster_rank,),
+                owner=state.owner,
+                byte_range=state.byte_range,
+                points=(self._cluster.point(state.init_event), self._cluster.point(event)),
+            )
+        state.initialized = True
+        state.init_epoch = int(self._clock[self.cluster_rank])
+        state.init_event = event
+        state.count = state.pending = int(arrival_count)
+
+    def mbarrier_arrive(self, bar: Mbarrier) -> None:
+        """``mbarrier.arrive.release.cluster``: one arrival on ``bar`` (own or mapped)."""
+        self._mbarrier_update(bar, "mbarrier.arrive", arrive=True, tx_bytes=0, line=self._ready())
+
+    def mbarrier_arrive_expect_tx(self, bar: Mbarrier, tx_bytes: int) -> None:
+        """``mbarrier.arrive.expect_tx.release.cluster``: expect ``tx_bytes`` more, then arrive."""
+        self._mbarrier_update(bar, "mbarrier.arrive.expect_tx", arrive=True, tx_bytes=tx_bytes, line=self._ready())
+
+    def mbarrier_expect_tx(self, bar: Mbarrier, tx_bytes: int) -> None:
+        """``mbarrier.expect_tx.relaxed.cluster``: expect ``tx_bytes`` more in this phase, no arrival."""
+        self._mbarrier_update(bar, "mbarrier.expect_tx", arrive=False, tx_bytes=tx_bytes, line=self._ready())
+
+    def mbarrier_wait(self, bar: Mbarrier, phase_parity: int) -> Wait:
+        """``mbarrier.try_wait.parity.acquire`` in a loop: ``yield`` it; resumes once the phase
+        of parity ``phase_parity`` (0 or 1) has completed. Only on the block's own mbarrier."""
+        line = self._ready()
+        state = self._mbarrier_state(bar, "mbarrier.try_wait.parity", line, local_only=True)
+        if phase_parity not in (0, 1):
+            raise ValueError(f"phase_parity must be 0 or 1; got {phase_parity!r}")
+        op = f"mbarrier.try_wait.parity {state.label} parity {phase_parity}"
+        if not state.initialized:
+            raise hazards.BarrierMisuse(
+                f"mbarrier {state.label} is waited on before mbarrier_init",
+                blocks=(self.cluster_rank,), owner=state.owner, byte_range=state.byte_range,
+                points=(self._point(op, line),),
+            )
+        wait = Wait(self, state, self._waited, int(phase_parity), self._point(op, line))
+        self._pending_wait = wait
+        return wait
+
+    def _mbarrier_state(self, bar: Mbarrier, kind: str, line: str, local_only: bool) -> _MbarrierState:
+        if not isinstance(bar, Mbarrier):
+            raise TypeError(f"{kind} takes an Mbarrier; got {type(bar).__name__}")
+        if local_only and bar.owner != self.cluster_rank:
+            raise hazards.BarrierMisuse(
+                f"{kind} works on the block's own mbarrier (shared::cta); block {self.cluster_rank} "
+                f"used block {bar.owner}'s",
+                blocks=(self.cluster_rank, bar.owner),
+                owner=bar.owner,
+                byte_range=(bar.offset, bar.offset + MBARRIER_BYTES),
+                points=(self._point(f"{kind} {bar.name!r}@block {bar.owner}", line),),
+            )
+        return self._cluster.mbarriers[bar.owner][bar._entry.mbarrier_slot]
+
+    def _mbarrier_update(self, bar: Mbarrier, kind: str, arrive: bool, tx_bytes: int, line: str) -> None:
+        state = self._mbarrier_state(bar, kind, line, local_only=False)
+        if not isinstance(tx_bytes, (int, np.integer)) or not 0 <= tx_bytes <= MBARRIER_MAX_COUNT:
+            raise ValueError(f"tx_bytes must be an integer in 0..{MBARRIER_MAX_COUNT}; got {tx_bytes!r}")
+        target = f"{state.label}" + (f" tx {tx_bytes} B" if kind != "mbarrier.arrive" else "")
+        event = self._event(kind, self.cluster_rank, state.owner, 0, target, line)
+        cluster = self._cluster
+        cluster.check_mbarrier_visible(self, state, event)
+        if tx_bytes:
+            state.expected += int(tx_bytes)
+            state.expect_event = event
+        if arrive:
+            if state.pending == 0:
+                raise hazards.BarrierMisuse(
+                    f"mbarrier {state.label} gets more than its {state.count} arrivals in one phase",
+                    blocks=(self.cluster_rank, state.owner), owner=state.owner, byte_range=state.byte_range,
+                    points=(cluster.point(state.init_event), cluster.point(event)),
+                )
+            state.pending -= 1
+            np.maximum(state.clock, self._clock, out=state.clock)
+            self._clock[self.cluster_rank] += 1
+        cluster.try_complete(state, event)
+
+    # ------------------------------------------------------------------ asynchronous copies
+
+    def fence_proxy_async(self) -> None:
+        """``fence.proxy.async.shared::cta``: make this block's earlier ``st.shared`` visible to
+        the async proxy, i.e. to the bulk copies it issues next."""
+        line = self._ready()
+        self._event("fence.proxy.async", self.cluster_rank, self.cluster_rank, 0, "", line)
+        self._unfenced.clear()
+
+    def bulk_copy(self, dst: Region, src: Region, mbar: Mbarrier) -> None:
+        """``cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes``.
+
+        Copies the contiguous region ``src`` of this block's own shared memory into ``dst``
+        (a region of any block's shared memory, usually through ``map_shared``) and signals
+        ``complete_tx(nbytes)`` on ``mbar``, which must live in the destination block. Both
+        addresses must be 16-byte aligned and the size a multiple of 16
+        (:class:`BulkCopyMisaligned`). The bytes are visible only to whoever observes the
+        mbarrier phase complete.
+        """
+        line = self._ready()
+        if not isinstance(src, Region) or not isinstance(dst, Region):
+            raise TypeError("bulk_copy takes regions: b.bulk_copy(peer.at[key], own.at[key], peer_mbarrier)")
+        if src.array.owner != self.cluster_rank or src.array.mapped:
+            raise TypeError("bulk_copy reads the issuing block's own shared memory (shared::cta): "
+                            "src must come from b.shared_array(...), not map_shared")
+        self._async_write(dst, mbar, "cp.async.bulk", line, src=src)
+
+    def st_async(self, dst: Region, values, mbar: Mbarrier) -> None:
+        """``st.async.shared::cluster.mbarrier::complete_tx::bytes``: asynchronous remote store.
+
+        Stores ``values`` (registers; shape of the region) into ``dst`` of another block and
+        signals ``complete_tx(nbytes)`` on ``mbar`` in that block. Elements must be 4 or 8
+        bytes (``.b32`` / ``.b64``, up to ``.v4``).
+        """
+        line = self._ready()
+        if not isinstance(dst, Region):
+            raise TypeError("st_async takes a region: b.st_async(peer.at[key], values, peer_mbarrier)")
+        if not dst.array.mapped:
+            raise TypeError("st_async writes through the cluster window: dst must come from map_shared")
+        if dst.array.dtype.itemsize not in (4, 8):
+            raise TypeError(f"st.async stores 4- or 8-byte elements; dst is {dst.array.dtype.name}")
+        self._async_write(dst, mbar, "st.async", line, values=values)
+
+    def _async_write(self, dst: Region, mbar: Mbarrier, kind: str, line: str, src: Region | None = None,
+                     values=None) -> None:
+        """Shared body of bulk_copy (``src``) and st_async (``values``): checks, copy, complete_tx."""
+        cluster = self._cluster
+        me = self.cluster_rank
+        darray, dentry = dst.array, dst.array._entry
+        try:
+            dsel, dlo, dhi = dentry.select(dst.key)
+        except IndexOutOfRange as oob:
+            target = f"{dentry.name}[{_format_key(dst.key)}] @block {darray.owner}"
+            event = self._event(kind, me, darray.owner, 0, target, line)
+            cluster.raise_out_of_bounds(self, dentry, darray.owner, oob, event)
+        if src is not None:
+            sentry = src.array._entry
+            try:
+                ssel, slo, shi = sentry.select(src.key)
+            except IndexOutOfRange as oob:
+                event = self._event(kind, me, darray.owner, 0, f"<- {sentry.name}[{_format_key(src.key)}]", line)
+                cluster.raise_out_of_bounds(self, sentry, me, oob, event)
+        nbytes = dhi - dlo
+        target = f"{dentry.name}[{_format_key(dst.key)}] @block {darray.owner}"
+        if src is not None:
+            target += f" <- {sentry.name}[{_format_key(src.key)}]"
+        target += f" (mbarrier {mbar.name!r})" if isinstance(mbar, Mbarrier) else ""
+        event = self._event(kind, me, darray.owner, nbytes, target, line)
+        if not isinstance(dsel, slice) or (src is not None and not isinstance(ssel, slice)):
+            raise ValueError(f"{kind} moves one contiguous block of bytes; a region is strided or gathered")
+        if src is not None and shi - slo != nbytes:
+            raise ValueError(f"{kind}: src has {shi - slo} bytes but dst has {nbytes}")
+        state = self._mbarrier_state(mbar, kind, line, local_only=False)
+        if state.owner != darray.owner:
+            raise hazards.BarrierMisuse(
+                f"{kind} into block {darray.owner} must complete on an mbarrier of block {darray.owner}, "
+                f"not on {state.label}",
+                blocks=(me, darray.owner, state.owner), owner=state.owner, byte_range=state.byte_range,
+                points=(cluster.point(event),),
+            )
+        if kind == "cp.async.bulk":
+            cluster.check_bulk_alignment(self, dentry, darray.owner, dlo, dhi, sentry, slo, shi, event)
+            self._check_fenced(sentry, slo, shi, event)
+        if cluster.exited[darray.owner]:
+            cluster.raise_exited_access(self, darray.owner, dentry, (dlo, dhi), event)
+        cluster.check_mbarrier_visible(self, state, event)
+        # The copy is its own actor: the mbarrier's, at the phase it completes on.
+        actor, epoch = state.actor, state.phase + 1
+        clock = self._clock
+        dalloc = cluster.allocations[darray.owner][dentry.index]
+        if src is not None:
+            salloc = cluster.allocations[me][sentry.index]
+            conflict = salloc.find_conflict(ssel, slo, shi, clock, READ)
+            if conflict is not None:
+                cluster.raise_race(me, salloc, READ, conflict, event)
+        conflict = dalloc.find_conflict(dsel, dlo, dhi, clock, WRITE)
+        if conflict is not None:
+            cluster.raise_race(me, dalloc, WRITE, conflict, event)
+        if src is not None:
+            salloc.record(ssel, slo, shi, actor, epoch, READ)
+            cluster.accesses.append((actor, epoch, me, sentry.index, slo, shi, READ, event))
+            dalloc.raw[dsel] = salloc.raw[ssel]
+        else:
+            dalloc.view[dst.key] = values
+        dalloc.record(dsel, dlo, dhi, actor, epoch, WRITE)
+        cluster.accesses.append((actor, epoch, darray.owner, dentry.index, dlo, dhi, WRITE, event))
+        state.delivered += nbytes
+        state.senders.append(me)
+        cluster.try_complete(state, event)
+
+    def _check_fenced(self, entry: LayoutEntry, lo: int, hi: int, event: int) -> None:
+        for index, wlo, whi, store_event in self._unfenced:
+            if index == entry.index and wlo < hi and lo < whi:
+                cluster = self._cluster
+                raise hazards.MissingProxyFence(
+                    f"block {self.cluster_rank} bulk-copies {entry.name!r} bytes it stored with st.shared "
+                    "without fence.proxy.async in between (b.fence_proxy_async())",
+                    blocks=(self.cluster_rank,),
+                    owner=self.cluster_rank,
+                    byte_range=(entry.offset + max(lo, wlo), entry.offset + min(hi, whi)),
+                    points=(cluster.point(store_event), cluster.point(event)),
+                )
+
+
+class _Cluster:
+    """The state shared by all blocks of one launch, and the scheduler."""
+
+    def __init__(self, size: int, smem_bytes: int, title: str):
+        self.size = size
+        self.layout = SharedLayout(smem_bytes)
+        self.actors = size + size * MAX_MBARRIERS
+        self.clocks = np.zeros((size, self.actors), dtype=np.int32)
+        self.clocks[np.arange(size), np.arange(size)] = 1
+        self.trace = Trace(size, title)
+        self.allocations: list[list[SharedAllocation | None]] = [[] for _ in range(size)]
+        self.mbarriers: list[list[_MbarrierState]] = [[] for _ in range(size)]
+        self.accesses: list[tuple] = []  # (actor, epoch, owner, entry, lo, hi, mode, event)
+        self.barrier_arrivals: list[int] = []  # per cluster-barrier phase
+        self.barrier_clocks: list[np.ndarray] = []
+        self.exited = [False] * size
+        self.exit_events = [-1] * size
+        self.blocks = [Block(self, rank) for rank in range(size)]
+        self.declared_at: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- reports
+
+    def point(self, event: int) -> hazards.ProgramPoint:
+        e = self.trace.events[event]
+        op = f"{e.kind} {e.target}".rstrip()
+        return hazards.ProgramPoint(e.block, e.phase, e.step, op, e.line)
+
+    def raise_out_of_bounds(self, block: Block, entry: LayoutEntry, owner: int, oob: IndexOutOfRange, event: int):
+        raise hazards.OutOfBounds(
+            f"block {block.cluster_rank} indexes {entry.name!r} (shape {entry.shape}) of block {owner} "
+            f"with {oob.lo}..{oob.hi - 1} along axis {oob.dim}, whose extent is {oob.extent}",
+            blocks=tuple(dict.fromkeys((block.cluster_rank, owner))),
+            owner=owner,
+            byte_range=oob.byte_range,
+            points=(self.point(self.declared_at[entry.name]), self.point(event)),
+        )
+
+    def raise_exited_access(self, block: Block, owner: int, entry: LayoutEntry, span, event: int):
+        raise hazards.ExitedBlockAccess(
+            f"block {block.cluster_rank} touches {entry.name!r} of block {owner}, which has already "
+            "exited and whose shared memory is gone (end the kernel with a cluster barrier)",
+            blocks=(owner, block.cluster_rank),
+            owner=owner,
+            byte_range=(entry.offset + span[0], entry.offset + span[1]),
+            points=(self.point(self.exit_events[owner]), self.point(event)),
+        )
+
+    def actor_block(self, actor: int) -> int:
+        """The block an actor stands for: itself, or the owner of the mbarrier."""
+        return actor if actor < self.size else (actor - self.size) % self.size
+
+    def find_access(self, actor, owner, entry_index, modes, lo, hi, epoch_ok) -> int:
+        """Event index of the latest logged access matching the arguments."""
+        for a, epoch, o, index, alo, ahi, mode, event in reversed(self.accesses):
+            if (a, o, index) == (actor, owner, entry_index) and mode in modes and alo < hi and lo < ahi:
+                if epoch_ok(epoch):
+                    return event
+        raise AssertionError("shadow memory and access log disagree")
+
+    def raise_race(self, me: int, alloc: SharedAllocation, mode: str, conflict, event: int):
+        earlier_mode, actor, epoch, positions = conflict
+        entry = alloc.entry
+        lo, hi = int(positions.min()), int(positions.max()) + 1
+        earlier = self.find_access(actor, alloc.owner, entry.index, (earlier_mode,), lo, hi, lambda e: e == epoch)
+        earlier_block = self.trace.events[earlier].block
+        via_copy = actor >= self.size
+        what = earlier_mode
+        if via_copy:
+            what += f" by an asynchronous copy into block {self.actor_block(actor)}"
+        ordered_by = (
+            "observe the copy's mbarrier phase complete (mbarrier_wait) before this access"
+            if via_copy
+            else "put a cluster barrier (arrive.release ... wait.acquire) between them"
+        )
+        raise hazards.DataRace(
+            f"{mode} of {entry.name!r} in block {alloc.owner} by block {me} is unordered with an "
+            f"earlier {what} by block {earlier_block}; {ordered_by}",
+            conflict=f"{mode} after {earlier_mode}",
+            blocks=tuple(dict.fromkeys((earlier_block, me, self.actor_block(actor)))),
+            owner=alloc.owner,
+            byte_range=(entry.offset + lo, entry.offset + hi),
+            points=(self.point(earlier), self.point(event)),
+        )
+
+    # ---------------------------------------------------------------- layout
+
+    def declare(self, block: Block, name, shape, dtype, mbarrier: bool, line: str) -> LayoutEntry:
+        entry, new = self.layout.declare(name, shape, dtype, mbarrier=mbarrier)
+        if not new:
+            return entry
+        kind = "mbarrier" if mbarrier else "shared array"
+        event = block._event("declare", block.cluster_rank, block.cluster_rank, 0,
+                             f"{kind} {name!r} at [{entry.offset}, {entry.offset + entry.nbytes})", line)
+        self.declared_at[name] = event
+        if entry.offset + entry.nbytes > self.layout.capacity_bytes:
+            raise hazards.OutOfBounds(
+                f"shared memory exhausted: {name!r} needs bytes [{entry.offset}, {entry.offset + entry.nbytes}) "
+                f"but a block has {self.layout.capacity_bytes}",
+                blocks=(block.cluster_rank,),
+                owner=block.cluster_rank,
+                byte_range=(entry.offset, entry.offset + entry.nbytes),
+                points=(self.point(event),),
+            )
+        if mbarrier:
+            if entry.mbarrier_slot >= MAX_MBARRIERS:
+                raise ValueError(f"the simulator models at most {MAX_MBARRIERS} mbarriers per block")
+            for owner in range(self.size):
+                actor = self.size + entry.mbarrier_slot * self.size + owner
+                self.mbarriers[owner].append(_MbarrierState(owner, entry, actor, self.actors))
+                self.allocations[owner].append(None)
+        else:
+            for owner in range(self.size):
+                self.allocations[owner].append(SharedAllocation(owner, entry))
+        return entry
+
+    # ---------------------------------------------------------------- barriers
+
+    def cluster_arrival(self, block: Block, release: bool) -> None:
+        phase = block._arrived
+        block._arrived += 1
+        if phase == len(self.barrier_arrivals):
+            self.barrier_arrivals.append(0)
+            self.barrier_clocks.append(np.zeros(self.actors, dtype=np.int32))
+        self.barrier_arrivals[phase] += 1
+        if release:
+            np.maximum(self.barrier_clocks[phase], block._clock, out=self.barrier_clocks[phase])
+            block._clock[block.cluster_rank] += 1
+
+    def cluster_phase_done(self, phase: int) -> bool:
+        """Every block arrived at ``phase`` or exited (exited blocks are excused, as on hardware)."""
+        arrived = self.barrier_arrivals[phase] if phase < len(self.barrier_arrivals) else 0
+        if arrived == self.size:
+            return True
+        excused = sum(1 for b in self.blocks if self.exited[b.cluster_rank] and b._arrived <= phase)
+        return arrived + excused == self.size
+
+    def check_mbarrier_visible(self, block: Block, state: _MbarrierState, event: int) -> None:
+        """A peer may touch an mbarrier only after its init is ordered before (a barrier)."""
+        me = block.cluster_rank
+        if not state.initialized and me == state.owner:
+            raise hazards.BarrierMisuse(
+                f"mbarrier {state.label} is used before mbarrier_init",
+                blocks=(me,), owner=state.owner, byte_range=state.byte_range, points=(self.point(event),),
+            )
+        if me != state.owner and (not state.initialized or block._clock[state.owner] < state.init_epoch):
+            points = ((self.point(state.init_event),) if state.initialized else ()) + (self.point(event),)
+            raise hazards.DataRace(
+                f"block {me} uses mbarrier {state.label} before its mbarrier_init is ordered before the use "
+                "(initialize, then cluster_sync, then let peers use it)",
+                conflict="mbarrier use after init",
+                blocks=(state.owner, me), owner=state.owner, byte_range=state.byte_range, points=points,
+            )
+        if self.exited[state.owner]:
+            raise hazards.ExitedBlockAccess(
+                f"block {me} signals mbarrier {state.label}, but block {state.owner} has exited",
+                blocks=(state.owner, me), owner=state.owner, byte_range=state.byte_range,
+                points=(self.point(self.exit_events[state.owner]), self.point(event)),
+            )
+
+    def expect_points(self, state: _MbarrierState) -> tuple:
+        """The point of the phase's last expect_tx, if any (first point of a mismatch report)."""
+        return (self.point(state.expect_event),) if state.expect_event >= 0 else ()
+
+    def try_complete(self, state: _MbarrierState, event: int) -> None:
+        """Complete the mbarrier's phase if nothing is pending; flag over-delivered bytes."""
+        if state.pending:
+            return
+        if state.delivered > state.expected:
+            raise hazards.TransactionMismatch(
+                f"mbarrier {state.label} phase {state.phase} received {state.delivered} bytes but expected "
+                f"only {state.expected} (expect_tx must equal the bytes the copies deliver)",
+                expected_bytes=state.expected, delivered_bytes=state.delivered,
+                blocks=tuple(dict.fromkeys([state.owner, *state.senders])),
+                owner=state.owner, byte_range=state.byte_range,
+                points=self.expect_points(state) + (self.point(event),),
+            )
+        if state.delivered < state.expected:
+            return
+        state.phase += 1
+        completed = state.completed[(state.phase - 1) % 2]
+        completed[:] = state.clock
+        completed[state.actor] = state.phase
+        owner = self.blocks[state.owner]
+        self.trace.events.append(
+            TraceEvent(owner._waited, owner._step, "mbarrier.complete", state.owner, state.owner, state.owner,
+                       state.delivered, f"{state.label} phase {state.phase - 1} ({state.delivered} B tx)",
+                       self.trace.events[event].line)
+        )
+        state.pending = state.count
+        state.expected = state.delivered = 0
+        state.expect_event = -1
+        state.senders = []
+
+    # ---------------------------------------------------------------- scheduler
+
+    def satisfied(self, wait: Wait) -> bool:
+        if wait.mbarrier is None:
+            return self.cluster_phase_done(wait.phase)
+        return wait.mbarrier.phase % 2 != wait.parity
+
+    def acquire(self, wait: Wait) -> None:
+        """Complete a satisfied wait: join the clock it acquires, advance the block."""
+        block = wait.block
+        if wait.mbarrier is None:
+            np.maximum(block._clock, self.barrier_clocks[wait.phase], out=block._clock)
+            block._event("barrier.cluster.wait.acquire", block.cluster_rank, block.cluster_rank, 0,
+                         f"phase {wait.phase}", wait.point.line)
+            block._waited += 1
+        else:
+            state = wait.mbarrier
+            np.maximum(block._clock, state.completed[wait.parity], out=block._clock)
+            block._event("mbarrier.try_wait.parity", block.cluster_rank, block.cluster_rank, 0,
+                         f"{state.label} parity {wait.parity}", wait.point.line)
+
+    def exit(self, block: Block) -> None:
+        """The block's program returned: check that every peer access to its memory is ordered
+        before this point, then drop its shared memory."""
+        me = block.cluster_rank
+        if block._pending_wait is not None:
+            block._ready()
+        block.step("exit")
+        event = block._event("exit", me, me, 0, "", "return")
+        for alloc in self.allocations[me]:
+            if alloc is None:
+                continue
+            for mode, actor, epoch, positions in alloc.unordered_accesses(block._clock):
+                entry = alloc.entry
+                lo, hi = int(positions.min()), int(positions.max()) + 1
+                seen = int(block._clock[actor])
+                earlier = self.find_access(actor, me, entry.index, (mode,), lo, hi, lambda e: e > seen)
+                peer = self.trace.events[earlier].block
+                target = self.actor_block(actor)
+                by = f"an asynchronous copy into block {target} issued by " if actor >= self.size else ""
+                raise hazards.ExitedBlockAccess(
+                    f"block {me} exits while the {mode} of its {entry.name!r} by {by}block {peer} is not "
+                    "ordered before the exit; end with a cluster barrier so no peer still uses its memory",
+                    blocks=tuple(dict.fromkeys((peer, target, me))), owner=me,
+                    byte_range=(entry.offset + lo, entry.offset + hi),
+                    points=(self.point(earlier), self.point(event)),
+                )
+        self.exited[me] = True
+        self.exit_events[me] = event
+
+    def raise_deadlock(self, waits: list[Wait | None]) -> None:
+        live = [w for w in waits if w is not None]
+        for wait in live:
+            state = wait.mbarrier
+            if state is not None and state.pending == 0 and state.expected != state.delivered:
+                raise hazards.TransactionMismatch(
+                    f"block {wait.block.cluster_rank} waits on mbarrier {state.label} phase {state.phase}, "
+                    f"which expects {state.expected} transaction bytes but only {state.delivered} were "
+                    "delivered and nothing else is in flight (on hardware: a hang)",
+                    expected_bytes=state.expected, delivered_bytes=state.delivered,
+                    blocks=tuple(dict.fromkeys([state.owner, *state.senders])),
+                    owner=state.owner, byte_range=state.byte_range,
+                    points=self.expect_points(state) + (wait.point,),
+                )
+        describe = {w.block.cluster_rank: w.describe() for w in live}
+        never_arrived: list[int] = []
+        lines = []
+        for wait in live:
+            rank = wait.block.cluster_rank
+            if wait.mbarrier is None:
+                missing = [w.block.cluster_rank for w in live if w.block._arrived <= wait.phase]
+                never_arrived.extend(r for r in missing if r not in never_arrived)
+                lines.append(f"block {rank} waits on cluster barrier phase {wait.phase}; never arrived: {missing}")
+            else:
+                state = wait.mbarrier
+                lines.append(f"block {rank} waits on mbarrier {state.label} phase {state.phase}: "
+                             f"{state.pending} of {state.count} arrivals missing")
+        first = live[0]
+        stuck = next((w for w in live if w.block.cluster_rank in never_arrived and w is not first), None)
+        if stuck is None:
+            stuck = next((w for w in live if w is not first), None)
+        mbar = first.mbarrier
+        raise hazards.BarrierDeadlock(
+            "every live block waits and none can proceed:\n    " + "\n    ".join(lines),
+            waits=describe, never_arrived=tuple(never_arrived),
+            blocks=tuple(describe),
+            owner=None if mbar is None else mbar.owner,
+            byte_range=None if mbar is None else mbar.byte_range,
+            points=(first.point,) + (() if stuck is None else (stuck.point,)),
+        )
+
+    def check_bulk_alignment(self, block, dentry, downer, dlo, dhi, sentry, slo, shi, event) -> None:
+        """cp.async.bulk: 16-byte aligned addresses, size a positive multiple of 16."""
+        daddr, saddr, nbytes = dentry.offset + dlo, sentry.offset + slo, dhi - dlo
+        problems = []
+        if daddr % ALLOCATION_ALIGN_BYTES:
+            problems.append(f"dst address {daddr} is not 16-byte aligned")
+        if saddr % ALLOCATION_ALIGN_BYTES:
+            problems.append(f"src address {saddr} is not 16-byte aligned")
+        if nbytes % ALLOCATION_ALIGN_BYTES:
+            problems.append(f"size {nbytes} B is not a multiple of 16 (pad the rows)")
+        if problems:
+            bad_dst = bool(daddr % ALLOCATION_ALIGN_BYTES or nbytes % ALLOCATION_ALIGN_BYTES)
+            raise hazards.BulkCopyMisaligned(
+                f"block {block.cluster_rank}: cp.async.bulk " + "; ".join(problems),
+                blocks=tuple(dict.fromkeys((block.cluster_rank, downer))),
+                owner=downer if bad_dst else block.cluster_rank,
+                byte_range=(daddr, daddr + nbytes) if bad_dst else (saddr, saddr + nbytes),
+                points=(self.point(self.declared_at[sentry.name]), self.point(event)),
+            )
+
+    def run(self, programs) -> None:
+        """Run the block generators to completion (see the module docstring for the order)."""
+        size = self.size
+        waits: list[Wait | None] = [None] * size
+        done = [False] * size
+        remaining = size
+        while remaining:
+            progressed = False
+            for rank in range(size):
+                if done[rank]:
+                    continue
+                block = self.blocks[rank]
+                wait = waits[rank]
+                if wait is not None:
+                    if not self.satisfied(wait):
+                        continue
+                    self.acquire(wait)
+                    waits[rank] = None
+                progressed = True
+                try:
+                    yielded = next(programs[rank])
+                except StopIteration:
+                    self.exit(block)
+                    done[rank] = True
+                    remaining -= 1
+                    continue
+                if yielded is not block._pending_wait or yielded is None:
+                    raise TypeError(
+                        f"block {rank}'s program yielded {yielded!r}; a program yields only the wait it just "
+                        "created: `yield b.cluster_sync()`, `yield b.cluster_wait_acquire()`, "
+                        "`yield b.mbarrier_wait(bar, parity)`"
+                    )
+                block._pending_wait = None
+                waits[rank] = yielded
+            if remaining and not progressed:
+                self.raise_deadlock(waits)
+
+
+def launch(
+    program, cluster_size: int, *args, smem_bytes: int = MAX_SMEM_BYTES_PER_BLOCK, title: str = "", **kwargs
+) -> Trace:
+    """Run ``program(block, *args, **kwargs)`` on every block of a simulated cluster.
+
+    ``program``: a generator function taking a :class:`Block` first (it yields every wait);
+    ``cluster_size``: 1..16 blocks; ``smem_bytes``: each block's shared memory window.
+    Returns the :class:`Trace`; raises a :class:`~clusterlab.simulator.hazards.Hazard` on the
+    first hazard. Results leave the program the way a kernel's do: it writes them into host
+    arrays it was given (global memory is not modelled).
+    """
+    if not isinstance(cluster_size, (int, np.integer)) or isinstance(cluster_size, bool):
+        raise TypeError(f"cluster_size must be an integer in 1..{MAX_CLUSTER_SIZE}; got {cluster_size!r}")
+    if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
+        raise ValueError(f"cluster_size must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size}")
+    if not isinstance(smem_bytes, (int, np.integer)) or not 0 < smem_bytes <= MAX_SMEM_BYTES_PER_BLOCK:
+        raise ValueError(f"smem_bytes must be an integer in 1..{MAX_SMEM_BYTES_PER_BLOCK}; got {smem_bytes!r}")
+    cluster = _Cluster(int(cluster_size), int(smem_bytes), title)
+    programs = []
+    for block in cluster.blocks:
+        generator = program(block, *args, **kwargs)
+        if not inspect.isgenerator(generator):
+            raise TypeError(
+                f"program must be a generator function that yields its waits (`yield b.cluster_sync()`); "
+                f"{getattr(program, '__name__', program)!r} returned {type(generator).__name__}"
+            )
+        programs.append(generator)
+    cluster.run(programs)
+    return cluster.trace

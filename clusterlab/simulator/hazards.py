@@ -1,0 +1,146 @@
+"""The mistakes the simulator catches, one exception type each.
+
+Every hazard carries the same fields, so a test or a tutorial can point at the exact bug:
+
+- ``kind``: what went wrong, in words (``"data race"``, ``"deadlock"``, ...);
+- ``blocks``: the cluster ranks involved, earliest actor first (for a bulk copy: its issuer and
+  its destination);
+- ``owner`` / ``byte_range``: whose shared memory, and which bytes ``[lo, hi)`` as offsets from
+  the start of that block's shared memory window (``None`` where no memory is involved);
+- ``points``: the program points in conflict, earliest first, each a :class:`ProgramPoint`
+  (block, cluster-barrier phase, algorithm step, the PTX-style operation, source line).
+
+On hardware most of these are silent: a race returns stale data, a transaction mismatch or a
+missing arrival hangs the GPU, an access to an exited block's memory reads garbage or faults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProgramPoint:
+    """Where one operation of one block happened.
+
+    ``phase`` is the cluster-barrier phase the block was in (how many ``cluster_wait_acquire``
+    it had completed); ``step`` is the label the program gave with ``Block.step`` (``""`` if
+    none); ``op`` is the operation, named like its PTX instruction, with its operands; ``line``
+    is ``"file.py:123"`` of the program statement that issued it.
+    """
+
+    block: int
+    phase: int
+    step: str
+    op: str
+    line: str
+
+    def __str__(self) -> str:
+        step = f" [{self.step}]" if self.step else ""
+        return f"block {self.block}, phase {self.phase}{step}: {self.op}  ({self.line})"
+
+
+class Hazard(RuntimeError):
+    """Base class of every hazard the simulator reports (see the module docstring for the fields)."""
+
+    kind = "hazard"
+
+    def __init__(self, summary: str, *, blocks, owner=None, byte_range=None, points=()):
+        self.blocks = tuple(int(b) for b in blocks)
+        self.owner = owner
+        self.byte_range = byte_range
+        self.points = tuple(points)
+        self.summary = summary
+        lines = [f"{self.kind}: {summary}"]
+        if owner is not None and byte_range is not None:
+            lines.append(f"  memory: block {owner}'s shared memory, bytes [{byte_range[0]}, {byte_range[1]})")
+        lines.extend(f"  {label}: {point}" for label, point in zip(_POINT_LABELS, self.points))
+        super().__init__("\n".join(lines))
+
+
+_POINT_LABELS = ("first", "then", "also")
+
+
+class DataRace(Hazard):
+    """Two accesses to the same bytes, at least one a write, from different actors, unordered.
+
+    ``conflict`` says which pair, e.g. ``"write after read"``. An actor is a block, or the bulk
+    copies completing on one mbarrier phase (their writes become visible only to whoever
+    observes that phase complete).
+    """
+
+    kind = "data race"
+
+    def __init__(self, summary, *, conflict: str, **fields):
+        self.conflict = conflict
+        super().__init__(summary, **fields)
+
+
+class OutOfBounds(Hazard):
+    """An index outside a shared array (local or mapped), or an allocation past the window."""
+
+    kind = "out of bounds"
+
+
+class InvalidRank(OutOfBounds):
+    """A cluster rank outside ``0 .. cluster_size - 1`` given to ``map_shared``."""
+
+    kind = "invalid rank"
+
+
+class BarrierDeadlock(Hazard):
+    """Every live block waits and nothing can progress (on hardware: a hang).
+
+    ``waits`` maps each waiting block to what it waits on; ``never_arrived`` lists the live
+    blocks that never arrived at the cluster-barrier phase someone waits on.
+    """
+
+    kind = "deadlock"
+
+    def __init__(self, summary, *, waits: dict, never_arrived: tuple, **fields):
+        self.waits = dict(waits)
+        self.never_arrived = tuple(never_arrived)
+        super().__init__(summary, **fields)
+
+
+class BarrierMisuse(Hazard):
+    """A barrier or mbarrier used against its rules (arrive twice, wait unyielded, no init...)."""
+
+    kind = "barrier misuse"
+
+
+class ExitedBlockAccess(Hazard):
+    """A peer touched a block's shared memory after (or not ordered before) that block exited."""
+
+    kind = "exited block access"
+
+
+class TransactionMismatch(Hazard):
+    """An mbarrier phase whose expected transaction bytes differ from the bytes delivered.
+
+    ``expected_bytes`` / ``delivered_bytes`` are the phase's totals. Too few bytes hang the
+    waiters on hardware; too many complete the phase early or corrupt the next one.
+    """
+
+    kind = "transaction mismatch"
+
+    def __init__(self, summary, *, expected_bytes: int, delivered_bytes: int, **fields):
+        self.expected_bytes = int(expected_bytes)
+        self.delivered_bytes = int(delivered_bytes)
+        super().__init__(summary, **fields)
+
+
+class BulkCopyMisaligned(Hazard):
+    """A ``cp.async.bulk`` whose address is not 16-byte aligned or whose size is not a multiple of 16."""
+
+    kind = "misaligned bulk copy"
+
+
+class MissingProxyFence(Hazard):
+    """A bulk copy reads bytes the block wrote with ordinary stores and never fenced.
+
+    ``st.shared`` goes through the generic proxy and ``cp.async.bulk`` reads through the async
+    proxy; ``fence.proxy.async.shared::cta`` (``Block.fence_proxy_async``) must sit between them.
+    """
+
+    kind = "missing proxy fence"

@@ -1,0 +1,321 @@
+"""Shared memory of one block: the static layout, typed arrays, and the shadow that finds races.
+
+Layout
+------
+Every block of a cluster runs the same kernel, so every block's shared memory has the same
+arrays at the same offsets. The first block to declare an array fixes its place for all::
+
+    offset 0                      4096                   4608
+           | staged f32[1024] ........ | partial f32[2, 64] .. | full (mbarrier, 8 B) |
+           <---------------- one block's shared memory window -------------------------->
+
+Offsets are 16-byte aligned (what ``cp.async.bulk`` needs). Fresh shared memory is not zeroed on
+hardware; here it reads as ``0xFF`` bytes (NaN for floats, -1 for ints), so a missed write shows.
+
+Shadow memory
+-------------
+Each array keeps, per byte, who touched it last and when, as vector-clock *epochs*:
+
+- ``writer[byte]``, ``write_epoch[byte]``: the actor of the last write and its epoch;
+- ``reads[actor]``: per-byte epochs of that actor's last reads (only over the bytes it read);
+- ``atomics[actor]``: likewise for ``red.add`` (atomics do not race with each other).
+
+An earlier access by actor ``a`` at epoch ``e`` is ordered before the current one iff the
+current actor's vector clock has ``clock[a] >= e``. Checks are vectorised over the accessed bytes
+and skipped outright when the per-actor maxima (``write_max`` etc.) show that everything earlier
+is already ordered, which is the common case after a barrier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Alignment of every shared-memory allocation, in bytes (``cp.async.bulk`` needs 16).
+ALLOCATION_ALIGN_BYTES = 16
+#: Size of one mbarrier object in shared memory.
+MBARRIER_BYTES = 8
+#: What never-written shared memory reads as.
+UNINITIALIZED_BYTE = 0xFF
+
+READ, WRITE, ATOMIC = "read", "write", "atomic"
+#: For each access mode, the earlier modes it conflicts with.
+CONFLICTS = {READ: (WRITE, ATOMIC), WRITE: (WRITE, READ, ATOMIC), ATOMIC: (WRITE, READ)}
+
+
+class IndexOutOfRange(Exception):
+    """An index outside an array's extent; the caller turns it into an ``OutOfBounds`` hazard."""
+
+    def __init__(self, dim: int, lo: int, hi: int, extent: int, byte_range: tuple[int, int]):
+        self.dim, self.lo, self.hi, self.extent, self.byte_range = dim, lo, hi, extent, byte_range
+        super().__init__(f"index {lo}..{hi - 1} along axis {dim} of extent {extent}")
+
+
+@dataclass(frozen=True)
+class LayoutEntry:
+    """One array (or mbarrier) of the cluster-wide shared-memory layout."""
+
+    name: str
+    index: int
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+    mbarrier_slot: int | None  # k for the k-th mbarrier of the layout, None for arrays
+    # remaining[d] = prod(shape[d:]): one index along axis d spans remaining[d + 1] elements
+    remaining: tuple[int, ...] = field(repr=False)
+
+    def select(self, key) -> tuple[slice | np.ndarray, int, int]:
+        """Validate an index; return (byte selection, lo, hi) relative to the array's first byte.
+
+        The selection is a ``slice`` when the indexed elements are contiguous, else an integer
+        array of byte offsets; ``[lo, hi)`` spans them. Indices are addresses: negative values
+        and ranges past the end raise :class:`IndexOutOfRange` instead of wrapping or clipping.
+        """
+        if not isinstance(key, tuple):
+            key = (key,)
+        if len(key) > len(self.shape):
+            raise IndexError(f"too many indices ({len(key)}) for shared array {self.name!r} of shape {self.shape}")
+        first = 0  # first element, as long as the selection is contiguous
+        count = None  # elements selected, set once a slice (or the end of the key) is reached
+        contiguous = True
+        for dim, k in enumerate(key):
+            extent = self.shape[dim]
+            if isinstance(k, slice):
+                if k.step not in (None, 1):
+                    if not isinstance(k.step, (int, np.integer)) or k.step <= 0:
+                        raise IndexError(f"slice step must be a positive integer; got {k.step!r}")
+                    contiguous = False
+                lo = 0 if k.start is None else int(k.start)
+                hi = extent if k.stop is None else int(k.stop)
+                if lo < 0 or hi < 0 or hi > extent:
+                    raise self._out_of_range(key, dim, min(lo, hi), max(lo, hi))
+                if count is None:
+                    first += lo * self.remaining[dim + 1]
+                    count = max(hi - lo, 0) * self.remaining[dim + 1]
+                elif (lo, hi) != (0, extent):
+                    contiguous = False
+            elif isinstance(k, (int, np.integer)):
+                if not 0 <= k < extent:
+                    raise self._out_of_range(key, dim, int(k), int(k) + 1)
+                if count is None:
+                    first += int(k) * self.remaining[dim + 1]
+                else:
+                    contiguous = False
+            else:
+                positions = np.asarray(k)
+                if positions.dtype.kind not in "iu":
+                    raise IndexError(f"shared arrays take integer indices or slices; got {positions.dtype} array")
+                if positions.size and (positions.min() < 0 or positions.max() >= extent):
+                    raise self._out_of_range(key, dim, int(positions.min()), int(positions.max()) + 1)
+                contiguous = False
+        itemsize = self.dtype.itemsize
+        if contiguous:
+            if count is None:
+                count = self.remaining[len(key)]
+            lo, hi = first * itemsize, (first + count) * itemsize
+            return slice(lo, hi), lo, hi
+        elements = np.arange(self.remaining[0]).reshape(self.shape)[key].ravel()
+        if elements.size == 0:
+            return slice(0, 0), 0, 0
+        byte_offsets = (elements[:, None] * itemsize + np.arange(itemsize)).ravel()
+        return byte_offsets, int(byte_offsets.min()), int(byte_offsets.max()) + 1
+
+    def _out_of_range(self, key, dim, lo, hi):
+        """The IndexOutOfRange for ``key``, with the bytes it would touch (unclipped)."""
+        itemsize = self.dtype.itemsize
+        first = last = 0
+        for d, k in enumerate(key):
+            span = self.remaining[d + 1]
+            if d == dim:
+                a, b = lo, hi - 1
+            elif isinstance(k, slice):
+                a = 0 if k.start is None else int(k.start)
+                b = (self.shape[d] if k.stop is None else int(k.stop)) - 1
+            elif isinstance(k, (int, np.integer)):
+                a = b = int(k)
+            else:
+                positions = np.asarray(k)
+                a, b = int(positions.min()), int(positions.max())
+            first += a * span
+            last += b * span
+        last += self.remaining[len(key)] - 1
+        byte_range = (self.offset + first * itemsize, self.offset + (last + 1) * itemsize)
+        return IndexOutOfRange(dim, lo, hi, self.shape[dim], byte_range)
+
+
+class SharedLayout:
+    """The cluster-wide list of shared arrays and mbarriers, in declaration order."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self.entries: dict[str, LayoutEntry] = {}
+        self.end_bytes = 0
+        self.mbarrier_count = 0
+
+    def declare(self, name: str, shape, dtype, *, mbarrier: bool) -> tuple[LayoutEntry, bool]:
+        """The entry for ``name`` (declaring it if new) and whether it was new.
+
+        Raises ValueError if ``name`` was declared before with another shape or dtype, and
+        returns an entry past ``capacity_bytes`` unchanged for the caller to report.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"shared memory name must be a non-empty string; got {name!r}")
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
+            raise ValueError(f"shape of shared array {name!r} must be non-negative integers; got {shape}")
+        shape = tuple(int(s) for s in shape)
+        dtype = np.dtype(dtype)
+        known = self.entries.get(name)
+        if known is not None:
+            if (known.shape, known.dtype, known.mbarrier_slot is not None) != (shape, dtype, mbarrier):
+                raise ValueError(
+                    f"shared {name!r} is declared as {_describe(shape, dtype, mbarrier)} here but as "
+                    f"{_describe(known.shape, known.dtype, known.mbarrier_slot is not None)} by another "
+                    "block; every block of a cluster runs the same kernel and has the same layout"
+                )
+            return known, False
+        nbytes = math.prod(shape) * dtype.itemsize
+        offset = -(-self.end_bytes // ALLOCATION_ALIGN_BYTES) * ALLOCATION_ALIGN_BYTES
+        remaining = tuple(math.prod(shape[d:]) for d in range(len(shape) + 1))
+        slot = self.mbarrier_count if mbarrier else None
+        entry = LayoutEntry(name, len(self.entries), offset, shape, dtype, nbytes, slot, remaining)
+        self.entries[name] = entry
+        self.end_bytes = offset + nbytes
+        self.mbarrier_count += mbarrier
+        return entry, True
+
+
+def _describe(shape, dtype, mbarrier) -> str:
+    return "an mbarrier" if mbarrier else f"{dtype.name}{list(shape)}"
+
+
+class SharedAllocation:
+    """One array in one block's shared memory: its bytes, a typed view, and its shadow."""
+
+    def __init__(self, owner: int, entry: LayoutEntry):
+        self.owner = owner
+        self.entry = entry
+        self.raw = np.full(entry.nbytes, UNINITIALIZED_BYTE, dtype=np.uint8)
+        self.view = self.raw.view(entry.dtype).reshape(entry.shape)
+        self.writer = np.zeros(entry.nbytes, dtype=np.int32)
+        self.write_epoch = np.zeros(entry.nbytes, dtype=np.int32)
+        self.write_max: dict[int, int] = {}
+        self.reads: dict[int, _WindowShadow] = {}
+        self.read_max: dict[int, int] = {}
+        self.atomics: dict[int, _WindowShadow] = {}
+        self.atomic_max: dict[int, int] = {}
+
+    def find_conflict(self, sel, lo: int, hi: int, clock: np.ndarray, mode: str):
+        """The first earlier access to ``sel`` (spanning ``[lo, hi)``) unordered with an access
+        of ``mode`` by ``clock``.
+
+        Returns ``(earlier mode, actor, epoch, bad byte offsets)`` or ``None``; byte offsets are
+        relative to the array's first byte.
+        """
+        for earlier in CONFLICTS[mode]:
+            if earlier == WRITE:
+                if not _any_unordered(self.write_max, clock):
+                    continue
+                actors = self.writer[sel]
+                epochs = self.write_epoch[sel]
+                bad = epochs > clock[actors]
+                if bad.any():
+                    first = int(np.argmax(bad))
+                    actor, epoch = int(actors[first]), int(epochs[first])
+                    return WRITE, actor, epoch, _positions(sel, bad & (actors == actor))
+            else:
+                shadows, maxima = self._shadows(earlier)
+                for actor, latest in maxima.items():
+                    shadow = shadows[actor]
+                    if latest > clock[actor] and shadow.lo < hi and lo < shadow.hi:
+                        positions, epochs = shadow.overlap(sel, lo, hi)
+                        bad = epochs > clock[actor]
+                        if bad.any():
+                            return earlier, actor, int(epochs[int(np.argmax(bad))]), positions[bad]
+        return None
+
+    def record(self, sel, lo: int, hi: int, actor: int, epoch: int, mode: str) -> None:
+        """Note an access of ``mode`` to ``sel`` (spanning ``[lo, hi)``) by ``actor`` at ``epoch``."""
+        if mode == WRITE:
+            self.writer[sel] = actor
+            self.write_epoch[sel] = epoch
+            self.write_max[actor] = epoch
+            return
+        shadows, maxima = self._shadows(mode)
+        shadow = shadows.get(actor)
+        if shadow is None:
+            shadow = shadows[actor] = _WindowShadow(lo, hi)
+        shadow.store(sel, lo, hi, epoch)
+        maxima[actor] = epoch
+
+    def unordered_accesses(self, clock: np.ndarray):
+        """Every (mode, actor, epoch, byte offsets) of an access not ordered before ``clock``.
+
+        Used when the owner exits: whatever a peer did to this memory must have happened before.
+        """
+        found = []
+        for actor, latest in self.write_max.items():
+            if latest > clock[actor]:
+                bad = (self.writer == actor) & (self.write_epoch > clock[actor])
+                found.append((WRITE, actor, int(self.write_epoch[bad].max()), np.flatnonzero(bad)))
+        for mode in (READ, ATOMIC):
+            shadows, maxima = self._shadows(mode)
+            for actor, latest in maxima.items():
+                if latest > clock[actor]:
+                    shadow = shadows[actor]
+                    positions = shadow.lo + np.flatnonzero(shadow.epochs > clock[actor])
+                    found.append((mode, actor, int(latest), positions))
+        return found
+
+    def _shadows(self, mode: str):
+        """(per-actor windows, per-actor maxima) of the reads or of the atomics."""
+        return (self.reads, self.read_max) if mode == READ else (self.atomics, self.atomic_max)
+
+
+class _WindowShadow:
+    """Per-byte epochs of one actor's reads (or atomics), kept only over the bytes it touched.
+
+    Most actors touch a small part of an array (a copy reads one row slot, a ring step one
+    chunk), so the epochs live in a window ``[lo, hi)`` that grows to cover each new access.
+    """
+
+    __slots__ = ("lo", "hi", "epochs")
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+        self.epochs = np.zeros(hi - lo, dtype=np.int32)
+
+    def store(self, sel, lo: int, hi: int, epoch: int) -> None:
+        if lo < self.lo or hi > self.hi:
+            new_lo, new_hi = min(lo, self.lo), max(hi, self.hi)
+            grown = np.zeros(new_hi - new_lo, dtype=np.int32)
+            grown[self.lo - new_lo : self.hi - new_lo] = self.epochs
+            self.lo, self.hi, self.epochs = new_lo, new_hi, grown
+        if isinstance(sel, slice):
+            self.epochs[sel.start - self.lo : sel.stop - self.lo] = epoch
+        else:
+            self.epochs[sel - self.lo] = epoch
+
+    def overlap(self, sel, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(byte offsets, epochs) of the bytes of ``sel`` inside the window."""
+        if isinstance(sel, slice):
+            start, stop = max(lo, self.lo), min(hi, self.hi)
+            return np.arange(start, stop), self.epochs[start - self.lo : stop - self.lo]
+        positions = sel[(sel >= self.lo) & (sel < self.hi)]
+        return positions, self.epochs[positions - self.lo]
+
+
+def _any_unordered(maxima: dict[int, int], clock: np.ndarray) -> bool:
+    for actor, latest in maxima.items():
+        if latest > clock[actor]:
+            return True
+    return False
+
+
+def _positions(sel, bad: np.ndarray) -> np.ndarray:
+    """Byte offsets (relative to the array) of the True entries of ``bad`` within ``sel``."""
+    where = np.flatnonzero(bad)
+    return where + sel.start if isinstance(sel, slice) else sel[where]

@@ -1,0 +1,213 @@
+"""ClusterReduce (all-reduce) on the simulator, in a fixed, documented floating-point order.
+
+``cluster_reduce(x, op, algorithm)`` takes ``x`` [N, n] (row r lives in block r) and returns
+``out`` [N, n], every row the reduction of all rows, and the :class:`Trace`. A GPU kernel that
+runs the same algorithm in the same order gets the same bits; this docstring is that contract.
+
+Arithmetic (see :mod:`clusterlab.simulator.dtypes`)
+---------------------------------------------------
+- Accumulation dtype A: float32 for float16 / bfloat16 / float32, float64 for float64, int32
+  for int32 (wrapping). Each block converts its row to A when it stages it in shared memory;
+  every partial exchanged between blocks is in A; the result is rounded once to the input dtype
+  at the end (round to nearest even).
+- ``a ⊕ b`` is ``np.add`` / ``np.maximum`` / ``np.minimum`` in A, elementwise, in that operand
+  order; folds are explicit left folds (no pairwise or fused sums).
+
+Algorithms
+----------
+Chunk c of a row (``ring``) is elements ``[c*n//N, (c+1)*n//N)``; chunks may be empty.
+
+``direct`` — stage; barrier; every block pulls all N staged rows (its own with ``ld.shared``)
+and folds in rank order: ``acc = x0; acc = acc ⊕ x_s for s = 1 .. N-1``. Identical on every
+block. 2 cluster barriers (after staging; before exit).
+
+``ring`` — reduce-scatter then all-gather, one cluster barrier per step (N=4 shown)::
+
+    shared memory per block: staged A[n] | partial A[2, max chunk] | result A[n]
+
+    reduce-scatter step s = 0 .. N-2: block r pulls chunk c = (r-s-1) mod N from block
+    (r-1) mod N (its staged row at s = 0, its partial[(s-1) % 2] later) and stores
+    received ⊕ staged[c] into partial[s % 2] (into result[c] at the last step):
+
+        chunk 0:  x0 --> x0⊕x1 --> (x0⊕x1)⊕x2 --> ((x0⊕x1)⊕x2)⊕x3   ends on block 3
+                 blk 0   blk 1        blk 2              blk 3
+
+    so chunk c = x[c] ⊕ x[c+1] ⊕ ... ⊕ x[c+N-1] (ranks mod N, left fold), finished on block
+    (c-1) mod N: block r owns chunk (r+1) mod N.
+
+    all-gather step s = 0 .. N-2: block r pulls chunk (r-s) mod N of block (r-1) mod N's
+    result into the same place of its own result.
+
+  2N-1 cluster barriers (staging, N-1 + N-1 steps; the last one is the exit barrier), then
+  each block reads its own ``result`` (``staged`` when N = 1) locally.
+
+``butterfly`` — recursive doubling for any N. P = largest power of two <= N::
+
+    shared memory per block: staged A[n] | acc A[2, n]   (double buffer)
+
+    fold (only if N > P):   block q < N-P:        acc[0] = staged_q ⊕ staged_{q+P}
+                            block N-P <= q < P:   acc[0] = staged_q
+    mask = 1, 2, .., P/2:   block r < P, partner p = r ^ mask, lo = min(r, p), hi = max(r, p):
+                            acc[next] = value_lo ⊕ value_hi      (both blocks: same bits)
+    unfold (only if N > P): block r >= P loads the result from block r-P
+
+  The current value lives in ``staged`` (no fold) or ``acc[0]`` (after the fold); each step
+  reads it and writes ``acc[0]`` if it was in ``staged``, else the other ``acc`` row. Cluster
+  barriers: 1 (staging) + [fold] + log2(P) + [unfold]; the last one is the exit barrier.
+
+``bulk`` — the ClusterFusion push: :func:`~clusterlab.simulator.gather.bulk_push_rows` copies
+every block's staged row (in A, padded to a 16-byte slot) into slot r of every peer with
+``cp.async.bulk`` completing on the receiver's mbarrier (``expect_tx = (N-1) * slot bytes``),
+then each block folds its N slots in rank order exactly as ``direct`` (same bits as
+``direct``). 2 cluster barriers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cluster import Block, SharedArray, launch
+from .dtypes import OPS, accumulation_dtype, dtype_name, op_ufunc
+from .gather import bulk_push_rows
+from .inputs import check_choice, check_rows
+
+#: ClusterReduce algorithms, by name.
+REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk")
+
+
+def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
+    """All-reduce the rows of ``x`` across a simulated cluster.
+
+    ``x``: [cluster_size, n], cluster_size 1..16, n >= 1, dtype one of ``DTYPES``; row r is
+    block r's input. ``op``: one of ``OPS``; ``algorithm``: one of ``REDUCE_ALGORITHMS``.
+    Returns ``(out, trace)``: ``out`` [cluster_size, n] in x's dtype, every row the same
+    reduction (bit for bit) computed in the order the module docstring fixes.
+    """
+    check_rows(x)
+    name = dtype_name(x.dtype)
+    check_choice("op", op, OPS)
+    check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
+    size, n = x.shape
+    out = np.empty_like(x)
+    title = (
+        f"cluster_reduce(op={op!r}, algorithm={algorithm!r}): {size} blocks x {n} {name}, "
+        f"accumulating in {accumulation_dtype(x.dtype).name}"
+    )
+    trace = launch(_PROGRAMS[algorithm], size, x, out, op_ufunc(op), title=title)
+    return out, trace
+
+
+def _load(b: Block, array, rank: int, key):
+    """``array[key]`` of block ``rank``: ``ld.shared`` for the own block, else ``ld.shared::cluster``."""
+    return array[key] if rank == b.cluster_rank else b.map_shared(array, rank)[key]
+
+
+def _stage(b: Block, x: np.ndarray) -> SharedArray:
+    """Declare ``staged`` A[n] and store the block's row, converted to A, into it."""
+    acc_dtype = accumulation_dtype(x.dtype)
+    staged = b.shared_array("staged", (x.shape[1],), acc_dtype)
+    b.step("stage")
+    staged[:] = x[b.cluster_rank].astype(acc_dtype)
+    return staged
+
+
+def direct_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
+    """``direct``: pull all staged rows, fold in rank order. Writes ``out[rank]`` [n]."""
+    staged = _stage(b, x)
+    yield b.cluster_sync()
+    b.step("pull and fold")
+    acc = _load(b, staged, 0, slice(None))
+    for s in range(1, b.cluster_size):
+        acc = op(acc, _load(b, staged, s, slice(None)))
+    out[b.cluster_rank] = acc.astype(x.dtype)
+    yield b.cluster_sync()  # peers may still be reading staged
+
+
+def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
+    """``ring``: reduce-scatter then all-gather over N chunks. Writes ``out[rank]`` [n]."""
+    size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
+    bounds = [c * n // size for c in range(size + 1)]
+    widest = max(bounds[c + 1] - bounds[c] for c in range(size))
+    staged = _stage(b, x)
+    partial = b.shared_array("partial", (2, widest), staged.dtype)
+    result = b.shared_array("result", (n,), staged.dtype)
+    yield b.cluster_sync()
+    left = (rank - 1) % size
+    for s in range(size - 1):
+        b.step(f"reduce-scatter {s}")
+        c = (rank - s - 1) % size
+        lo, hi = bounds[c], bounds[c + 1]
+        if s == 0:
+            received = b.map_shared(staged, left)[lo:hi]
+        else:
+            received = b.map_shared(partial, left)[(s - 1) % 2, : hi - lo]
+        combined = op(received, staged[lo:hi])
+        if s == size - 2:
+            result[lo:hi] = combined
+        else:
+            partial[s % 2, : hi - lo] = combined
+        yield b.cluster_sync()
+    for s in range(size - 1):
+        b.step(f"all-gather {s}")
+        c = (rank - s) % size
+        result[bounds[c] : bounds[c + 1]] = b.map_shared(result, left)[bounds[c] : bounds[c + 1]]
+        yield b.cluster_sync()
+    b.step("read out")
+    final = result if size > 1 else staged
+    out[rank] = final[:].astype(x.dtype)
+
+
+def butterfly_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
+    """``butterfly``: fold to a power of two, recursive doubling, unfold. Writes ``out[rank]``."""
+    size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
+    power = 1 << (size.bit_length() - 1)
+    staged = _stage(b, x)
+    acc = b.shared_array("acc", (2, n), staged.dtype)
+    yield b.cluster_sync()
+
+    def value(owner: int, row: int | None):
+        """The running value of block ``owner``: staged (row None) or acc[row]."""
+        return _load(b, staged, owner, slice(None)) if row is None else _load(b, acc, owner, (row, slice(None)))
+
+    row = None
+    if size > power:
+        b.step("fold")
+        if rank < size - power:
+            acc[0] = op(staged[:], value(rank + power, None))
+        elif rank < power:
+            acc[0] = staged[:]
+        row = 0
+        yield b.cluster_sync()
+    mask = 1
+    while mask < power:
+        b.step(f"butterfly mask {mask}")
+        write = 0 if row is None else 1 - row
+        if rank < power:
+            low, high = sorted((rank, rank ^ mask))
+            acc[write] = op(value(low, row), value(high, row))
+        row = write
+        mask <<= 1
+        yield b.cluster_sync()
+    if size > power:
+        b.step("unfold")
+        final = value(rank - power if rank >= power else rank, row)
+        yield b.cluster_sync()  # block rank-power must not exit while it is read
+    else:
+        b.step("read out")
+        final = value(rank, row)
+    out[rank] = final.astype(x.dtype)
+
+
+def bulk_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
+    """``bulk``: cp.async.bulk push of every staged row, then the ``direct`` fold, locally."""
+    n = x.shape[1]
+    rows = yield from bulk_push_rows(b, x[b.cluster_rank].astype(accumulation_dtype(x.dtype)))
+    b.step("fold")
+    acc = rows[0, :n]
+    for s in range(1, b.cluster_size):
+        acc = op(acc, rows[s, :n])
+    out[b.cluster_rank] = acc.astype(x.dtype)
+    yield b.cluster_sync()  # peers' copies may still be reading rows[rank]
+
+
+_PROGRAMS = {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce}

@@ -1,0 +1,110 @@
+"""``clusterlab tour``: both collectives over every cluster size, checked, in one table.
+
+With a Hopper GPU each (primitive, algorithm, cluster size) runs as a kernel and is compared bit for
+bit with the simulator running the same algorithm; its latency is the median kernel time of repeated
+launches (CUDA events). Without one, the simulator runs alone and is compared with NumPy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import simulator
+from .gpu import hopper_problem, require_hopper
+
+
+def random_rows(rng: np.random.Generator, cluster_size: int, n: int, dtype: str) -> np.ndarray:
+    """Fresh random input for a collective: ``[cluster_size, n]`` of ``dtype``, never all zeros.
+
+    Floats are standard normal (bfloat16 as ``ml_dtypes.bfloat16``); int32 is uniform in
+    [-1000, 1000] so that a sum over 16 blocks cannot overflow.
+    """
+    dt = simulator.numpy_dtype(dtype)
+    if dt == np.int32:
+        return rng.integers(-1000, 1001, size=(cluster_size, n), dtype=np.int32)
+    return rng.standard_normal((cluster_size, n)).astype(dt)
+
+
+@dataclass
+class TourRow:
+    primitive: str
+    algorithm: str
+    cluster_size: int
+    backend: str
+    check: str
+    ok: bool
+    dsmem_bytes: int
+    latency_us: float | None  # kernel time on the GPU; simulator wall time otherwise
+
+
+def _numpy_check(primitive: str, x: np.ndarray, out: np.ndarray) -> tuple[str, bool]:
+    if primitive == "gather":
+        ok = np.array_equal(out, np.broadcast_to(x.reshape(1, -1), out.shape))
+        return ("equals NumPy" if ok else "DIFFERS from NumPy"), ok
+    exact = x.astype(np.float64).sum(0)
+    err = np.abs(out.astype(np.float64) - exact).max() / max(np.abs(exact).max(), 1e-30)
+    tolerance = 16 * np.finfo(out.dtype).eps * x.shape[0]
+    return f"max rel err {err:.1e} vs NumPy", bool(err <= tolerance)
+
+
+def _run_simulator(primitive, algorithm, x):
+    start = time.perf_counter()
+    if primitive == "reduce":
+        out, trace = simulator.cluster_reduce(x, op="sum", algorithm=algorithm)
+    else:
+        out, trace = simulator.cluster_gather(x, algorithm=algorithm)
+    return out, trace, (time.perf_counter() - start) * 1e6
+
+
+def run_tour(cluster_sizes=range(1, 17), n: int = 1024, dtype: str = "float32", backend: str = "auto",
+             seed: int | None = None) -> list[TourRow]:
+    """Run every algorithm of both collectives (reduce with ``op="sum"``) for each cluster size.
+
+    ``backend``: ``"gpu"`` (raises :class:`clusterlab.HopperRequired` without a Hopper GPU),
+    ``"simulator"``, or ``"auto"`` (the GPU when usable).
+    """
+    if backend not in ("auto", "gpu", "simulator"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'gpu' or 'simulator'")
+    if backend == "gpu":
+        require_hopper()
+    on_gpu = backend == "gpu" or (backend == "auto" and hopper_problem() is None)
+    if on_gpu:
+        from .primitives import time_collective
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for primitive, algorithms in (("reduce", simulator.REDUCE_ALGORITHMS), ("gather", simulator.GATHER_ALGORITHMS)):
+        for algorithm in algorithms:
+            for size in cluster_sizes:
+                x = random_rows(rng, size, n, dtype)
+                expected, trace, sim_us = _run_simulator(primitive, algorithm, x)
+                dsmem_bytes = int(trace.traffic().total.sum())
+                if on_gpu:
+                    out, latency_us = time_collective(primitive, x, algorithm=algorithm)
+                    ok = np.array_equal(out.view(np.uint8), expected.view(np.uint8))
+                    check = "bit-exact vs simulator" if ok else "DIFFERS from simulator"
+                    rows.append(TourRow(primitive, algorithm, size, "gpu", check, ok, dsmem_bytes, latency_us))
+                else:
+                    check, ok = _numpy_check(primitive, x, expected)
+                    rows.append(TourRow(primitive, algorithm, size, "simulator", check, ok, dsmem_bytes, sim_us))
+    return rows
+
+
+def format_tour(rows: list[TourRow]) -> str:
+    """The tour as a text table, one line per (primitive, algorithm, cluster size)."""
+    if not rows:
+        return "(nothing run)"
+    timing = "kernel µs" if rows[0].backend == "gpu" else "simulator µs"
+    header = f"{'primitive':<9} {'algorithm':<10} {'cluster':>7} {'DSMEM bytes':>12} {timing:>13}  check"
+    lines = [f"backend: {rows[0].backend}", header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row.primitive:<9} {row.algorithm:<10} {row.cluster_size:>7} {row.dsmem_bytes:>12} "
+            f"{row.latency_us:>13.1f}  {row.check}"
+        )
+    failed = sum(not row.ok for row in rows)
+    lines.append(f"{len(rows) - failed} passed, {failed} failed")
+    return "\n".join(lines)

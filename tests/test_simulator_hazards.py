@@ -1,0 +1,718 @@
+"""Every hazard the simulator reports, each proven by a program with one planted bug.
+
+Each test asserts the exception type and its fields: the blocks involved, whose shared memory
+and which bytes, and the program points (block, phase, step, operation, source line) in
+conflict. The last section runs correct programs that use the same features and must raise
+nothing.
+"""
+
+import numpy as np
+import pytest
+
+from clusterlab import simulator as sim
+
+F32 = np.float32
+
+
+def this_line(offset: int) -> str:
+    """'test_simulator_hazards.py:<line of the caller + offset>' for matching ProgramPoint.line."""
+    import sys
+
+    return f"test_simulator_hazards.py:{sys._getframe(1).f_lineno + offset}"
+
+
+# ---------------------------------------------------------------------------------- data races
+
+
+def test_read_of_peer_before_any_barrier_races_with_the_peers_store():
+    lines = {}
+
+    def program(b):
+        rows = b.shared_array("rows", (4,), F32)
+        b.step("stage")
+        rows[:] = b.cluster_rank
+        lines["store"] = this_line(-1)
+        b.map_shared(rows, (b.cluster_rank + 1) % b.cluster_size)[:]  # bug: no barrier before
+        lines["load"] = this_line(-1)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    race = info.value
+    assert race.kind == "data race"
+    assert race.conflict == "write after read"
+    assert race.blocks == (0, 1)
+    assert race.owner == 1
+    assert race.byte_range == (0, 16)
+    first, then = race.points
+    assert (first.block, first.phase, first.step, first.line) == (0, 0, "stage", lines["load"])
+    assert first.op.startswith("ld.shared::cluster rows[:]")
+    assert (then.block, then.phase, then.step, then.line) == (1, 0, "stage", lines["store"])
+    assert then.op.startswith("st.shared rows[:]")
+
+
+def test_relaxed_arrive_does_not_publish_the_stores_before_it():
+    def program(b):
+        rows = b.shared_array("rows", (8,), F32)
+        rows[:] = np.arange(8, dtype=F32) + b.cluster_rank
+        b.cluster_arrive_relaxed()  # bug: relaxed, the store is not released
+        yield b.cluster_wait_acquire()
+        b.step("read peer")
+        b.map_shared(rows, 1 - b.cluster_rank)[2:6]
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    race = info.value
+    assert race.conflict == "read after write"
+    assert race.blocks == (1, 0)
+    assert race.owner == 1
+    assert race.byte_range == (8, 24)  # elements 2..5 of float32
+    assert [p.phase for p in race.points] == [0, 1]
+    assert race.points[1].step == "read peer"
+
+
+def test_release_arrive_with_acquire_wait_orders_the_same_program():
+    def program(b):
+        rows = b.shared_array("rows", (8,), F32)
+        rows[:] = np.arange(8, dtype=F32) + b.cluster_rank
+        b.cluster_arrive_release()
+        yield b.cluster_wait_acquire()
+        b.map_shared(rows, 1 - b.cluster_rank)[2:6]
+        yield b.cluster_sync()
+
+    sim.launch(program, 2)
+
+
+def test_single_buffered_ring_races_where_double_buffering_does_not():
+    """A ring step that overwrites the buffer the right neighbour is still reading."""
+
+    def ring(b, buffers):
+        size, rank = b.cluster_size, b.cluster_rank
+        partial = b.shared_array("partial", (2, 4), F32)
+        partial[0] = rank
+        yield b.cluster_sync()
+        for s in range(3):
+            b.step(f"step {s}")
+            got = b.map_shared(partial, (rank - 1) % size)[s % buffers]
+            partial[(s + 1) % buffers] = got + rank
+            yield b.cluster_sync()
+
+    sim.launch(ring, 4, 2)
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(ring, 4, 1)
+    race = info.value
+    # Block 0 overwrites its only buffer in step 0 while block 1 loads it in the same step.
+    assert race.conflict == "read after write"
+    assert race.blocks == (0, 1)
+    assert race.owner == 0
+    assert race.byte_range == (0, 16)
+    assert [p.step for p in race.points] == ["step 0", "step 0"]
+
+
+def test_reading_bulk_copied_bytes_before_the_mbarrier_wait_races_with_the_copy():
+    def program(b):
+        rows = b.shared_array("rows", (2, 4), F32)
+        full = b.shared_mbarrier("full")
+        rows[b.cluster_rank] = b.cluster_rank + 1
+        b.mbarrier_init(full, 1)
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        peer = 1 - b.cluster_rank
+        b.mbarrier_arrive_expect_tx(full, 16)
+        b.step("push")
+        mine = b.cluster_rank
+        b.bulk_copy(b.map_shared(rows, peer).at[mine], rows.at[mine], b.map_shared(full, peer))
+        if b.cluster_rank == 1:
+            b.step("early read")
+            rows[peer]  # bug: before mbarrier_wait
+        yield b.mbarrier_wait(full, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    race = info.value
+    assert race.conflict == "read after write"
+    assert race.blocks == (0, 1)  # the copy was issued by block 0
+    assert race.owner == 1
+    assert race.byte_range == (0, 16)
+    assert race.points[0].op.startswith("cp.async.bulk rows[0] @block 1")
+    assert race.points[1].step == "early read"
+    assert "asynchronous copy" in str(race)
+
+
+def test_overwriting_a_bulk_copy_source_before_it_is_known_complete_races():
+    def program(b):
+        rows = b.shared_array("rows", (2, 4), F32)
+        full = b.shared_mbarrier("full")
+        rows[b.cluster_rank] = 1.0
+        b.mbarrier_init(full, 1)
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        peer = 1 - b.cluster_rank
+        b.mbarrier_arrive_expect_tx(full, 16)
+        mine = b.cluster_rank
+        b.bulk_copy(b.map_shared(rows, peer).at[mine], rows.at[mine], b.map_shared(full, peer))
+        b.step("reuse source")
+        rows[b.cluster_rank] = 2.0  # bug: the peer's copy may still be reading it
+        yield b.mbarrier_wait(full, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    race = info.value
+    assert race.conflict == "write after read"
+    assert race.blocks == (0, 1)  # block 0's copy into block 1, then block 0's store
+    assert race.owner == 0
+    assert race.byte_range == (0, 16)
+    assert race.points[0].op.startswith("cp.async.bulk")
+    assert race.points[1].step == "reuse source"
+
+
+def test_peer_using_an_mbarrier_before_its_init_is_ordered_races():
+    def program(b):
+        slot = b.shared_array("slot", (4,), F32)
+        full = b.shared_mbarrier("full")
+        b.mbarrier_init(full, 1)
+        if b.cluster_rank == 1:  # bug: no cluster barrier between the peer's init and this
+            b.st_async(b.map_shared(slot, 0).at[:], np.ones(4, F32), b.map_shared(full, 0))
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.mbarrier_arrive_expect_tx(full, 16)
+            yield b.mbarrier_wait(full, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    race = info.value
+    assert race.conflict == "mbarrier use after init"
+    assert race.blocks == (0, 1)
+    assert race.owner == 0
+    assert race.byte_range == (16, 24)  # 'full' sits after the 16-byte 'slot'
+    assert race.points[0].op.startswith("mbarrier.init")
+    assert race.points[1].op.startswith("st.async")
+
+
+def test_atomic_adds_from_many_blocks_do_not_race_but_a_plain_read_does():
+    def program(b, read_early):
+        total = b.shared_array("total", (4,), np.int32)
+        if b.cluster_rank == 0:
+            total[:] = 0
+        yield b.cluster_sync()
+        b.map_shared(total, 0).atomic_add(slice(None), np.full(4, b.cluster_rank + 1, np.int32))
+        if read_early and b.cluster_rank == 2:
+            b.map_shared(total, 0)[1]  # bug: other blocks' atomics are not ordered yet
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            assert (total[:] == 1 + 2 + 3).all()
+        yield b.cluster_sync()
+
+    sim.launch(program, 3, False)
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 3, True)
+    assert info.value.conflict == "read after atomic"
+    assert info.value.blocks == (0, 2)  # block 0's own add is the first unordered one
+    assert info.value.owner == 0
+    assert info.value.byte_range == (4, 8)
+
+
+# ------------------------------------------------------------------------ bounds and ranks
+
+
+def test_local_slice_past_the_end_is_out_of_bounds_not_clipped():
+    lines = {}
+
+    def program(b):
+        rows = b.shared_array("pad", (4,), F32)
+        rows = b.shared_array("rows", (6,), F32)
+        lines["declare"] = this_line(-1)
+        b.step("stage")
+        lines["store"] = this_line(1)
+        rows[2:8] = 1.0  # bug: 6 elements
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.OutOfBounds) as info:
+        sim.launch(program, 1)
+    oob = info.value
+    assert type(oob) is sim.OutOfBounds
+    assert oob.kind == "out of bounds"
+    assert oob.blocks == (0,)
+    assert oob.owner == 0
+    assert oob.byte_range == (16 + 8, 16 + 32)  # 'rows' starts at 16; elements 2..7
+    declared, store = oob.points
+    assert declared.op.startswith("declare shared array 'rows'") and declared.line == lines["declare"]
+    assert (store.step, store.line) == ("stage", lines["store"])
+
+
+def test_remote_index_past_the_end_is_out_of_bounds_in_the_owner():
+    def program(b):
+        rows = b.shared_array("rows", (2, 3), F32)
+        rows[:] = 0.0
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.map_shared(rows, 2)[2, 0]  # bug: rows has 2 rows
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.OutOfBounds) as info:
+        sim.launch(program, 3)
+    oob = info.value
+    assert oob.blocks == (0, 2)
+    assert oob.owner == 2
+    assert oob.byte_range == (24, 28)
+    assert oob.points[1].op.startswith("ld.shared::cluster rows[2, 0] @block 2")
+
+
+def test_negative_index_is_out_of_bounds_not_wrapped():
+    def program(b):
+        rows = b.shared_array("rows", (4,), F32)
+        rows[-1] = 1.0
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.OutOfBounds) as info:
+        sim.launch(program, 1)
+    assert info.value.byte_range == (-4, 0)
+
+
+def test_allocation_past_the_shared_memory_window_is_out_of_bounds():
+    def program(b):
+        b.shared_array("big", (300,), F32)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.OutOfBounds) as info:
+        sim.launch(program, 1, smem_bytes=1024)
+    assert info.value.byte_range == (0, 1200)
+    assert "exhausted" in str(info.value)
+
+
+@pytest.mark.parametrize("rank", [-1, 4])
+def test_mapping_a_rank_outside_the_cluster_is_an_invalid_rank(rank):
+    def program(b):
+        rows = b.shared_array("rows", (4,), F32)
+        yield b.cluster_sync()
+        if b.cluster_rank == 3:
+            b.step("map")
+            b.map_shared(rows, rank)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.InvalidRank) as info:
+        sim.launch(program, 4)
+    bad = info.value
+    assert isinstance(bad, sim.OutOfBounds)
+    assert bad.kind == "invalid rank"
+    assert bad.blocks == (3,)
+    assert bad.owner == rank
+    assert bad.byte_range == (0, 16)
+    assert bad.points[0].op == f"mapa rows -> block {rank}"
+    assert bad.points[0].step == "map"
+
+
+# ------------------------------------------------------------------------------- deadlocks
+
+
+def test_wait_without_arrive_is_a_deadlock_naming_who_never_arrived():
+    def program(b):
+        b.shared_array("rows", (4,), F32)
+        if b.cluster_rank == 2:
+            yield b.cluster_wait_acquire()  # bug: never arrived
+        else:
+            yield b.cluster_sync()
+
+    with pytest.raises(sim.BarrierDeadlock) as info:
+        sim.launch(program, 4)
+    dead = info.value
+    assert dead.kind == "deadlock"
+    assert dead.never_arrived == (2,)
+    assert dead.blocks == (0, 1, 2, 3)
+    assert dead.waits == {r: "cluster barrier phase 0" for r in range(4)}
+    assert dead.owner is None and dead.byte_range is None
+    assert dead.points[0].block == 0
+    assert dead.points[1].block == 2
+    assert dead.points[1].op == "barrier.cluster.wait.acquire phase 0"
+
+
+def test_rank_dependent_barrier_with_an_mbarrier_handshake_deadlocks():
+    """Block 0 skips the barrier and waits for data that block 1 sends only after it."""
+
+    def program(b):
+        b.shared_array("slot", (4,), F32)
+        ready = b.shared_mbarrier("ready")
+        b.mbarrier_init(ready, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.step("consume")
+            yield b.mbarrier_wait(ready, 0)  # bug: block 0 never reaches the barrier below
+        else:
+            b.step("produce")
+            yield b.cluster_sync()
+            b.mbarrier_arrive(b.map_shared(ready, 0))
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.BarrierDeadlock) as info:
+        sim.launch(program, 2)
+    dead = info.value
+    assert dead.never_arrived == (0,)
+    assert dead.waits == {0: "mbarrier 'ready'@block 0 phase parity 0", 1: "cluster barrier phase 1"}
+    assert dead.owner == 0 and dead.byte_range == (16, 24)
+    assert [p.step for p in dead.points] == ["consume", "produce"]
+
+
+# ----------------------------------------------------------------------------- block exit
+
+
+def test_block_that_skips_the_final_barrier_exits_under_a_peers_read():
+    def program(b):
+        rows = b.shared_array("rows", (4,), F32)
+        rows[:] = b.cluster_rank
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.step("read peer")
+            b.map_shared(rows, 1)[:]
+            yield b.cluster_sync()
+        # bug: block 1 returns at once, while block 0 may still be reading its rows
+
+    with pytest.raises(sim.ExitedBlockAccess) as info:
+        sim.launch(program, 2)
+    gone = info.value
+    assert gone.kind == "exited block access"
+    assert gone.blocks == (0, 1)
+    assert gone.owner == 1
+    assert gone.byte_range == (0, 16)
+    read, exit_point = gone.points
+    assert (read.block, read.step) == (0, "read peer") and read.op.startswith("ld.shared::cluster")
+    assert (exit_point.block, exit_point.op) == (1, "exit")
+
+
+def test_access_after_the_owner_exited_is_reported_with_the_exit_point():
+    def program(b):
+        rows = b.shared_array("rows", (4,), F32)
+        rows[:] = b.cluster_rank
+        yield b.cluster_sync()
+        if b.cluster_rank == 1:
+            b.step("late read")
+            b.map_shared(rows, 0)[:]  # block 0 has already returned
+            yield b.cluster_sync()
+
+    with pytest.raises(sim.ExitedBlockAccess) as info:
+        sim.launch(program, 2)
+    gone = info.value
+    assert gone.blocks == (0, 1)
+    assert gone.owner == 0
+    assert gone.byte_range == (0, 16)
+    assert (gone.points[0].block, gone.points[0].op) == (0, "exit")
+    assert gone.points[1].step == "late read"
+
+
+def test_receiver_exiting_before_its_incoming_copy_is_complete():
+    def program(b):
+        rows = b.shared_array("rows", (2, 4), F32)
+        full = b.shared_mbarrier("full")
+        rows[b.cluster_rank] = 1.0
+        b.mbarrier_init(full, 1)
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], b.map_shared(full, 1))
+            yield b.cluster_sync()
+        # bug: block 1 neither waits on 'full' nor on the final barrier
+
+    with pytest.raises(sim.ExitedBlockAccess) as info:
+        sim.launch(program, 2)
+    gone = info.value
+    assert gone.blocks == (0, 1)
+    assert gone.owner == 1
+    assert gone.byte_range == (0, 16)
+    assert gone.points[0].op.startswith("cp.async.bulk")
+
+
+# -------------------------------------------------------------------- mbarrier transactions
+
+
+def push_program(b, expect_extra_bytes):
+    """Each block bulk-copies its 16-byte row to its right neighbour."""
+    size, rank = b.cluster_size, b.cluster_rank
+    rows = b.shared_array("rows", (size, 4), F32)
+    full = b.shared_mbarrier("full")
+    rows[rank] = rank
+    b.mbarrier_init(full, 1)
+    b.fence_proxy_async()
+    yield b.cluster_sync()
+    b.step("push")
+    right = (rank + 1) % size
+    if rank != 1:
+        b.bulk_copy(b.map_shared(rows, right).at[rank], rows.at[rank], b.map_shared(full, right))
+    b.mbarrier_arrive_expect_tx(full, 16 + expect_extra_bytes)
+    yield b.mbarrier_wait(full, 0)
+    yield b.cluster_sync()
+
+
+def test_push_ring_with_matching_transaction_bytes_runs_clean():
+    def program(b):
+        size, rank = b.cluster_size, b.cluster_rank
+        rows = b.shared_array("rows", (size, 4), F32)
+        full = b.shared_mbarrier("full")
+        rows[rank] = rank
+        b.mbarrier_init(full, 1)
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        right = (rank + 1) % size
+        b.bulk_copy(b.map_shared(rows, right).at[rank], rows.at[rank], b.map_shared(full, right))
+        b.mbarrier_arrive_expect_tx(full, 16)
+        yield b.mbarrier_wait(full, 0)
+        assert (rows[(rank - 1) % size] == (rank - 1) % size).all()
+        yield b.cluster_sync()
+
+    sim.launch(program, 3)
+
+
+def test_too_few_bytes_delivered_is_a_transaction_mismatch_not_a_hang():
+    # Block 1 never sends (the planted bug), so block 2 waits for 16 bytes that never come.
+    with pytest.raises(sim.TransactionMismatch) as info:
+        sim.launch(push_program, 3, 0)
+    bad = info.value
+    assert bad.kind == "transaction mismatch"
+    assert (bad.expected_bytes, bad.delivered_bytes) == (16, 0)
+    assert bad.blocks == (2,)
+    assert bad.owner == 2
+    assert bad.byte_range == (48, 56)  # 'full' follows rows f32[3, 4]
+    expect, wait = bad.points
+    assert expect.op.startswith("mbarrier.arrive.expect_tx 'full'@block 2 tx 16 B")
+    assert wait.op.startswith("mbarrier.try_wait.parity 'full'@block 2")
+
+
+def test_more_bytes_delivered_than_expected_is_a_transaction_mismatch():
+    with pytest.raises(sim.TransactionMismatch) as info:
+        sim.launch(push_program, 3, -8)
+    bad = info.value
+    assert (bad.expected_bytes, bad.delivered_bytes) == (8, 16)
+    assert bad.owner == 1
+    assert bad.blocks == (1, 0)
+
+
+# ----------------------------------------------------------------- bulk copy address rules
+
+
+def bulk_program(b, src_key, dst_key):
+    rows = b.shared_array("rows", (2, 8), F32)
+    full = b.shared_mbarrier("full")
+    rows[b.cluster_rank] = 1.0
+    b.mbarrier_init(full, 1)
+    b.fence_proxy_async()
+    yield b.cluster_sync()
+    if b.cluster_rank == 0:
+        b.step("push")
+        b.bulk_copy(b.map_shared(rows, 1).at[dst_key], rows.at[src_key], b.map_shared(full, 1))
+    yield b.cluster_sync()
+
+
+def test_bulk_copy_size_not_a_multiple_of_16_is_misaligned():
+    with pytest.raises(sim.BulkCopyMisaligned) as info:
+        sim.launch(bulk_program, 2, (0, slice(0, 2)), (1, slice(0, 2)))
+    bad = info.value
+    assert bad.kind == "misaligned bulk copy"
+    assert bad.blocks == (0, 1)
+    assert bad.owner == 1
+    assert bad.byte_range == (32, 40)
+    assert "size 8 B is not a multiple of 16" in str(bad)
+    assert bad.points[1].step == "push"
+
+
+def test_bulk_copy_from_an_unaligned_address_is_misaligned():
+    with pytest.raises(sim.BulkCopyMisaligned) as info:
+        sim.launch(bulk_program, 2, (0, slice(1, 5)), (1, slice(0, 4)))
+    bad = info.value
+    assert bad.owner == 0
+    assert bad.byte_range == (4, 20)
+    assert "src address 4 is not 16-byte aligned" in str(bad)
+
+
+def test_bulk_copy_of_stored_bytes_without_a_proxy_fence():
+    def program(b):
+        rows = b.shared_array("rows", (2, 4), F32)
+        full = b.shared_mbarrier("full")
+        b.mbarrier_init(full, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.step("stage")
+            rows[0, 1:3] = 5.0  # bug: no fence_proxy_async before the copy reads it
+            b.step("push")
+            b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], b.map_shared(full, 1))
+        else:
+            b.mbarrier_arrive_expect_tx(full, 16)
+            yield b.mbarrier_wait(full, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.MissingProxyFence) as info:
+        sim.launch(program, 2)
+    bad = info.value
+    assert bad.blocks == (0,)
+    assert bad.owner == 0
+    assert bad.byte_range == (4, 12)
+    assert [p.step for p in bad.points] == ["stage", "push"]
+
+
+# --------------------------------------------------------------------------- barrier misuse
+
+
+def test_arriving_twice_without_waiting_is_barrier_misuse():
+    def program(b):
+        b.cluster_arrive_release()
+        b.cluster_arrive_release()
+        yield b.cluster_wait_acquire()
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 2)
+    assert info.value.blocks == (0,)
+    assert info.value.points[0].op == "barrier.cluster.arrive.release phase 1"
+
+
+def test_a_wait_that_is_not_yielded_is_caught_at_the_next_operation():
+    def program(b):
+        rows = b.shared_array("rows", (4,), F32)
+        rows[:] = 1.0
+        b.cluster_sync()  # bug: not yielded, so nothing waits
+        b.map_shared(rows, 1 - b.cluster_rank)[:]
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 2)
+    assert "did not yield it" in str(info.value)
+    assert info.value.points[0].op == "barrier.cluster.wait.acquire phase 0"
+
+
+def test_waiting_on_a_peers_mbarrier_is_barrier_misuse():
+    def program(b):
+        full = b.shared_mbarrier("full")
+        b.mbarrier_init(full, 1)
+        yield b.cluster_sync()
+        yield b.mbarrier_wait(b.map_shared(full, 1 - b.cluster_rank), 0)
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 2)
+    assert info.value.blocks == (0, 1)
+    assert info.value.owner == 1
+
+
+def test_initializing_an_mbarrier_twice_is_barrier_misuse():
+    def program(b):
+        full = b.shared_mbarrier("full")
+        b.mbarrier_init(full, 1)
+        b.mbarrier_init(full, 2)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 1)
+    assert [p.op for p in info.value.points] == [
+        "mbarrier.init 'full'@block 0 count 1",
+        "mbarrier.init 'full'@block 0 count 2",
+    ]
+
+
+# ---------------------------------------------------------------- correct programs run clean
+
+
+def test_producer_consumer_with_st_async_and_remote_arrivals_reuses_a_slot_safely():
+    """Two rounds through one slot: full/empty mbarriers order every reuse, so no hazard."""
+    rounds = 3
+    seen = []
+
+    def program(b):
+        slot = b.shared_array("slot", (4,), F32)
+        full = b.shared_mbarrier("full")
+        empty = b.shared_mbarrier("empty")
+        b.mbarrier_init(full, 1)
+        b.mbarrier_init(empty, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:  # producer
+            for k in range(rounds):
+                if k:
+                    yield b.mbarrier_wait(empty, (k - 1) % 2)
+                b.st_async(b.map_shared(slot, 1).at[:], np.full(4, k + 1, F32), b.map_shared(full, 1))
+        else:  # consumer
+            for k in range(rounds):
+                b.mbarrier_arrive_expect_tx(full, 16)
+                yield b.mbarrier_wait(full, k % 2)
+                seen.append(slot[:].copy())
+                b.mbarrier_arrive(b.map_shared(empty, 0))
+        yield b.cluster_sync()
+
+    trace = sim.launch(program, 2)
+    assert [s.tolist() for s in seen] == [[k + 1.0] * 4 for k in range(rounds)]
+    assert trace.traffic().total.tolist() == [[0, 16 * rounds], [0, 0]]
+
+
+def test_the_same_slot_reuse_without_the_empty_barrier_races():
+    def program(b):
+        slot = b.shared_array("slot", (4,), F32)
+        full = b.shared_mbarrier("full")
+        b.mbarrier_init(full, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            for k in range(2):  # bug: the second store does not wait for the consumer
+                b.st_async(b.map_shared(slot, 1).at[:], np.full(4, k + 1, F32), b.map_shared(full, 1))
+        else:
+            for k in range(2):
+                b.mbarrier_arrive_expect_tx(full, 16)
+                yield b.mbarrier_wait(full, k % 2)
+                slot[:]
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    assert info.value.conflict == "write after write"
+    assert info.value.owner == 1
+
+
+@pytest.mark.parametrize("algorithm", sim.REDUCE_ALGORITHMS)
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 13, 16])
+def test_every_reduce_algorithm_runs_without_a_hazard(algorithm, size):
+    x = np.random.default_rng(size).standard_normal((size, 37)).astype(F32)
+    out, trace = sim.cluster_reduce(x, "sum", algorithm)
+    assert trace.events[-1].kind == "exit"
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("algorithm", sim.GATHER_ALGORITHMS)
+@pytest.mark.parametrize("size", [1, 2, 5, 16])
+def test_every_gather_algorithm_runs_without_a_hazard(algorithm, size):
+    x = np.random.default_rng(size).standard_normal((size, 3)).astype(F32)
+    out, _ = sim.cluster_gather(x, algorithm)
+    assert (out == x.ravel()).all()
+
+
+def relay_program(b, relay_waits_first):
+    """Block 0 writes a value, block 1 relays a signal to block 2, block 2 reads block 0's value.
+
+    Ordered only if block 1 waits for block 0's signal before signalling block 2 (happens-before
+    is transitive through mbarriers); otherwise block 2's read races with block 0's store.
+    """
+    value = b.shared_array("value", (4,), F32)
+    signal = b.shared_mbarrier("signal")
+    b.mbarrier_init(signal, 1)
+    yield b.cluster_sync()
+    rank = b.cluster_rank
+    if rank == 0:
+        value[:] = 7.0
+        b.mbarrier_arrive(b.map_shared(signal, 1))
+    elif rank == 1:
+        if relay_waits_first:
+            yield b.mbarrier_wait(signal, 0)
+        b.mbarrier_arrive(b.map_shared(signal, 2))
+        if not relay_waits_first:
+            yield b.mbarrier_wait(signal, 0)
+    else:
+        b.mbarrier_expect_tx(signal, 0)
+        yield b.mbarrier_wait(signal, 0)
+        b.step("read")
+        assert (b.map_shared(value, 0)[:] == 7.0).all()
+    yield b.cluster_sync()
+
+
+def test_happens_before_is_transitive_through_mbarrier_arrivals():
+    sim.launch(relay_program, 3, True)
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(relay_program, 3, False)
+    race = info.value
+    assert race.conflict == "read after write"
+    assert race.blocks == (0, 2)
+    assert race.owner == 0
+    assert race.points[1].step == "read"

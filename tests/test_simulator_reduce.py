@@ -1,0 +1,198 @@
+"""ClusterReduce on the simulator: correct, deterministic, and in the documented FP order.
+
+The documented order is restated here independently, in a few lines of plain NumPy per
+algorithm, and compared bit for bit; that is the contract the GPU kernels are held to.
+"""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterlab import simulator as sim
+
+ACCUMULATE = {
+    "float16": np.float32,
+    "bfloat16": np.float32,
+    "float32": np.float32,
+    "float64": np.float64,
+    "int32": np.int32,
+}
+UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+
+
+def random_rows(seed: int, size: int, n: int, dtype: str) -> np.ndarray:
+    """Fresh random [size, n] rows of ``dtype``, no zeros; ints span the whole int32 range."""
+    rng = np.random.default_rng(seed)
+    if dtype == "int32":
+        x = rng.integers(-(2**31), 2**31, size=(size, n), dtype=np.int64).astype(np.int32)
+    else:
+        scale = 10.0 ** rng.integers(-2, 3, size=(size, 1))
+        x = (rng.standard_normal((size, n)) * scale).astype(sim.numpy_dtype(dtype))
+    x[x == 0] = 1
+    return x
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def documented_order(x: np.ndarray, op: str, algorithm: str) -> np.ndarray:
+    """The reduction each block must produce, restated from the reduce module's docstring."""
+    size, n = x.shape
+    f = UFUNC[op]
+    rows = [row.astype(ACCUMULATE[np.dtype(x.dtype).name]) for row in x]
+    if algorithm in ("direct", "bulk"):
+        result = rows[0]
+        for s in range(1, size):
+            result = f(result, rows[s])
+    elif algorithm == "ring":
+        result = np.empty_like(rows[0])
+        for c in range(size):
+            lo, hi = c * n // size, (c + 1) * n // size
+            chunk = rows[c][lo:hi]
+            for k in range(1, size):
+                chunk = f(chunk, rows[(c + k) % size][lo:hi])
+            result[lo:hi] = chunk
+    else:  # butterfly
+        power = 1 << (size.bit_length() - 1)
+        values = list(rows[:power])
+        for q in range(size - power):
+            values[q] = f(values[q], rows[q + power])
+        mask = 1
+        while mask < power:
+            values = [f(values[min(r, r ^ mask)], values[max(r, r ^ mask)]) for r in range(power)]
+            mask <<= 1
+        result = values[0]
+    return np.broadcast_to(result.astype(x.dtype), x.shape)
+
+
+reduce_cases = given(
+    size=st.integers(1, 16),
+    n=st.integers(1, 40),
+    dtype=st.sampled_from(sim.DTYPES),
+    op=st.sampled_from(sim.OPS),
+    algorithm=st.sampled_from(sim.REDUCE_ALGORITHMS),
+    seed=st.integers(0, 2**32 - 1),
+)
+
+
+@reduce_cases
+@settings(max_examples=200, deadline=None)
+def test_reduce_is_bit_exact_with_the_documented_order(size, n, dtype, op, algorithm, seed):
+    x = random_rows(seed, size, n, dtype)
+    out, _ = sim.cluster_reduce(x, op, algorithm)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert (bits(out) == bits(documented_order(x, op, algorithm))).all()
+
+
+@reduce_cases
+@settings(max_examples=120, deadline=None)
+def test_reduce_agrees_with_numpy(size, n, dtype, op, algorithm, seed):
+    """Exact for ints and max/min; float sums within the left-fold error bound.
+
+    Folding N terms in an accumulator of unit roundoff u_acc errs by at most
+    (N-1) * u_acc * sum|x_i| (each partial is rounded once), and the final conversion adds
+    u_out * |sum|. The reference is the correctly rounded float64 sum (math.fsum).
+    """
+    x = random_rows(seed, size, n, dtype)
+    out, _ = sim.cluster_reduce(x, op, algorithm)
+    if op == "max":
+        expected = x.max(axis=0)
+    elif op == "min":
+        expected = x.min(axis=0)
+    elif dtype == "int32":
+        expected = ((x.astype(np.int64).sum(axis=0) + 2**31) % 2**32 - 2**31).astype(np.int32)
+    else:
+        wide = x.astype(np.float64)
+        exact = np.array([math.fsum(column) for column in wide.T])
+        u_acc = UNIT_ROUNDOFF[np.dtype(ACCUMULATE[dtype]).name]
+        bound = (size - 1) * u_acc * np.abs(wide).sum(axis=0) + UNIT_ROUNDOFF[dtype] * np.abs(exact)
+        bound += 2.0**-52 * np.abs(exact)  # the float64 reference itself
+        assert (np.abs(out.astype(np.float64) - exact) <= bound).all()
+        return
+    assert (out == expected).all()
+
+
+@pytest.mark.parametrize("algorithm", sim.REDUCE_ALGORITHMS)
+def test_every_block_ends_with_the_same_bits(algorithm):
+    x = random_rows(7, 11, 29, "float32")
+    out, _ = sim.cluster_reduce(x, "sum", algorithm)
+    assert (bits(out) == bits(np.broadcast_to(out[0], out.shape))).all()
+
+
+@pytest.mark.parametrize("algorithm", sim.REDUCE_ALGORITHMS)
+def test_repeated_runs_give_the_same_bits_and_the_same_trace(algorithm):
+    x = random_rows(3, 13, 50, "bfloat16")
+    first, first_trace = sim.cluster_reduce(x, "sum", algorithm)
+    second, second_trace = sim.cluster_reduce(x.copy(), "sum", algorithm)
+    assert (bits(first) == bits(second)).all()
+    assert first_trace.events == second_trace.events
+
+
+def test_bulk_and_direct_fold_alike():
+    x = random_rows(11, 9, 33, "float16")
+    direct, _ = sim.cluster_reduce(x, "sum", "direct")
+    bulk, _ = sim.cluster_reduce(x, "sum", "bulk")
+    assert (bits(direct) == bits(bulk)).all()
+
+
+def test_the_orders_are_distinguishable_so_the_bit_exact_test_has_teeth():
+    """1e8 + 1 - 1e8 is 0 in float32 one way round and 1 another: orders show in the bits."""
+    column = np.array([1e8, 1.0, -1e8], dtype=np.float32)
+    x = np.tile(column[:, None], (1, 3))  # 3 blocks, 3 elements: ring chunk c = element c
+    direct, _ = sim.cluster_reduce(x, "sum", "direct")
+    ring, _ = sim.cluster_reduce(x, "sum", "ring")
+    butterfly, _ = sim.cluster_reduce(x, "sum", "butterfly")
+    assert direct[0].tolist() == [0.0, 0.0, 0.0]  # (x0 + x1) + x2 everywhere
+    assert ring[0].tolist() == [0.0, 0.0, 1.0]  # chunk 2 is (x2 + x0) + x1
+    assert butterfly[0].tolist() == [1.0, 1.0, 1.0]  # (x0 + x2) + x1
+    for out, algorithm in ((direct, "direct"), (ring, "ring"), (butterfly, "butterfly")):
+        assert (bits(out) == bits(documented_order(x, "sum", algorithm))).all()
+
+
+@pytest.mark.parametrize("op", ["max", "min"])
+@pytest.mark.parametrize("algorithm", sim.REDUCE_ALGORITHMS)
+def test_signed_zero_ties_follow_the_documented_operand_order(op, algorithm):
+    """max/min of -0.0 and +0.0 keep the right operand's sign, so the fold order shows."""
+    signs = np.random.default_rng(5).integers(0, 2, size=(6, 12)).astype(bool)
+    x = np.where(signs, np.float32(-0.0), np.float32(0.0))
+    out, _ = sim.cluster_reduce(x, op, algorithm)
+    assert (bits(out) == bits(documented_order(x, op, algorithm))).all()
+
+
+def test_int32_sums_wrap_like_add_s32():
+    x = np.full((4, 3), 2**30, dtype=np.int32)
+    x[:, 1] = -(2**31) + 1
+    for algorithm in sim.REDUCE_ALGORITHMS:
+        out, _ = sim.cluster_reduce(x, "sum", algorithm)
+        assert out[0].tolist() == [0, 4, 0]
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float16, 2048.0), (ml_dtypes.bfloat16, 256.0)])
+def test_half_precision_inputs_are_accumulated_in_float32_and_rounded_once(dtype, big):
+    """big + 1 + 1 stays big when every step rounds to the 16-bit type, but is big + 2 (exactly
+    representable) when accumulated in float32 and rounded once."""
+    x = np.array([[big], [1.0], [1.0]], dtype=dtype)
+    assert float((x[0, 0] + x[1, 0]) + x[2, 0]) == big
+    for algorithm in sim.REDUCE_ALGORITHMS:
+        out, _ = sim.cluster_reduce(x, "sum", algorithm)
+        assert out.dtype == dtype and float(out[0, 0]) == big + 2
+
+
+def test_a_16_block_float32_reduce_is_fast_enough_to_iterate_on():
+    """Regression guard (generous): 16 blocks x 1024 float32, all checks on."""
+    import time
+
+    x = random_rows(1, 16, 1024, "float32")
+    for algorithm in sim.REDUCE_ALGORITHMS:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            sim.cluster_reduce(x, "sum", algorithm)
+            times.append(time.perf_counter() - start)
+        assert sorted(times)[1] < 0.5, (algorithm, times)

@@ -1,0 +1,127 @@
+"""Traces: the traffic matrices, the phase table and the pictures match what the algorithms do."""
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch
+
+from clusterlab import simulator as sim
+
+
+def rows(size, n, dtype=np.float32):
+    x = np.random.default_rng(size * 100 + n).standard_normal((size, n)).astype(dtype)
+    x[x == 0] = 1
+    return x
+
+
+def cluster_barriers(trace) -> int:
+    return sum(1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 12, 16])
+def test_barrier_counts_per_algorithm_are_the_documented_ones(size):
+    power = 1 << (size.bit_length() - 1)
+    folded = 2 if size > power else 0
+    expected = {
+        ("reduce", "direct"): 2,
+        ("reduce", "ring"): 2 * size - 1,
+        ("reduce", "butterfly"): 1 + folded + power.bit_length() - 1,
+        ("reduce", "bulk"): 2,
+        ("gather", "direct"): 2,
+        ("gather", "ring"): size,
+        ("gather", "bulk"): 2,
+    }
+    x = rows(size, 6)
+    for (primitive, algorithm), count in expected.items():
+        run = sim.cluster_reduce if primitive == "reduce" else sim.cluster_gather
+        _, trace = run(x, algorithm=algorithm)
+        assert cluster_barriers(trace) == count, (primitive, algorithm)
+
+
+@pytest.mark.parametrize("size, n", [(4, 8), (5, 3), (16, 37)])
+def test_ring_reduce_traffic_is_left_neighbour_only_and_sized_by_chunks(size, n):
+    _, trace = sim.cluster_reduce(rows(size, n), "sum", "ring")
+    traffic = trace.traffic()
+    assert traffic.total.shape == (size, size)
+    assert traffic.per_phase.shape == (2 * size, size, size)
+    assert (traffic.per_phase.sum(axis=0) == traffic.total).all()
+    chunk = [(c + 1) * n // size - c * n // size for c in range(size)]
+    expected = np.zeros((size, size), dtype=np.int64)
+    for r in range(size):
+        expected[(r - 1) % size, r] = 4 * (2 * n - chunk[r] - chunk[(r + 1) % size])
+    assert (traffic.total == expected).all()
+    assert traffic.per_phase[0].sum() == 0  # staging is local
+
+
+def test_direct_and_bulk_traffic_is_all_to_all():
+    size, n = 6, 10
+    _, direct = sim.cluster_reduce(rows(size, n), "sum", "direct")
+    _, bulk = sim.cluster_reduce(rows(size, n), "sum", "bulk")
+    off_diagonal = 1 - np.eye(size, dtype=np.int64)
+    assert (direct.traffic().total == 4 * n * off_diagonal).all()
+    assert (bulk.traffic().total == 48 * off_diagonal).all()  # 40 B rows in 48 B slots
+    assert {e.kind for e in bulk.events if e.kind in sim.DSMEM_KINDS} == {"cp.async.bulk"}
+
+
+def test_butterfly_traffic_pairs_partners_per_phase():
+    _, trace = sim.cluster_reduce(rows(6, 4), "sum", "butterfly")  # P = 4: fold, masks 1 and 2, unfold
+    per_phase = trace.traffic().per_phase
+    pairs = [sorted(zip(*np.nonzero(per_phase[p]))) for p in range(per_phase.shape[0])]
+    assert pairs[1] == [(4, 0), (5, 1)]
+    assert pairs[2] == [(0, 1), (1, 0), (2, 3), (3, 2)]
+    assert pairs[3] == [(0, 2), (1, 3), (2, 0), (3, 1)]
+    assert pairs[4] == [(0, 4), (1, 5)]
+
+
+def test_every_event_names_a_phase_kind_and_blocks():
+    _, trace = sim.cluster_gather(rows(3, 4), "ring")
+    for event in trace.events:
+        assert 0 <= event.phase < trace.num_phases
+        assert 0 <= event.src < 3 and 0 <= event.dst < 3
+    loads = [e for e in trace.events if e.kind == "ld.shared::cluster"]
+    assert all(e.src == (e.dst - 1) % 3 and e.nbytes == 16 for e in loads)
+
+
+def test_phase_table_has_a_row_per_phase_with_steps_bytes_and_barriers():
+    _, trace = sim.cluster_reduce(rows(4, 8), "sum", "ring")
+    table = trace.phase_table()
+    lines = table.splitlines()
+    assert lines[0] == trace.title
+    assert lines[1].split() == ["phase", "step", "DSMEM", "bytes", "barriers", "operations"]
+    body = lines[3:-1]
+    assert len(body) == trace.num_phases == 8
+    assert body[1].split()[:4] == ["1", "reduce-scatter", "0", "32"]
+    assert "4 arrive.release, 4 wait.acquire" in body[1]
+    assert "4 ld.shared::cluster (32 B)" in body[1]
+    assert "all-gather 2" in body[6]
+    assert lines[-1] == "total: 192 DSMEM bytes in 8 phases, 7 cluster barriers (counted on block 0)"
+
+
+def test_phase_table_lists_mbarrier_work_of_the_bulk_algorithm():
+    _, trace = sim.cluster_reduce(rows(3, 4), "max", "bulk")
+    push = trace.phase_table().splitlines()[4]
+    assert "6 cp.async.bulk (96 B)" in push
+    assert "3 mbarrier.complete" in push
+
+
+def test_plot_draws_one_panel_per_phase_with_one_arrow_per_transfer(tmp_path):
+    _, trace = sim.cluster_reduce(rows(4, 8), "sum", "ring")
+    fig = trace.plot()
+    assert isinstance(fig, Figure)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == trace.num_phases
+    arrows = [sum(isinstance(p, FancyArrowPatch) for p in ax.patches) for ax in panels]
+    assert arrows == [0] + [4] * 6 + [0]
+    assert panels[1].get_title() == "phase 1: reduce-scatter 0\n32 B over DSMEM"
+    path = tmp_path / "ring.png"
+    fig.savefig(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_selects_phases_and_rejects_unknown_ones():
+    _, trace = sim.cluster_gather(rows(5, 2), "direct")
+    fig = trace.plot(phases=[1])
+    (panel,) = [ax for ax in fig.axes if ax.get_title()]
+    assert sum(isinstance(p, FancyArrowPatch) for p in panel.patches) == 5 * 4
+    with pytest.raises(ValueError, match="phases must lie in 0..2; got 7"):
+        trace.plot(phases=[7])
