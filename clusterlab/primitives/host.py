@@ -1,0 +1,187 @@
+"""Host API of the GPU primitives, mirroring the simulator's::
+
+    out = primitives.cluster_reduce(x, op="sum", algorithm="ring")   # x [N, n] or [C, N, n]
+    out = primitives.cluster_gather(x, algorithm="direct")            # -> [N, N*n] / [C, N, N*n]
+
+``x`` is a torch CUDA tensor (float32, float16 or bfloat16) or a NumPy array (float32, float16,
+``ml_dtypes.bfloat16``), copied to the GPU. ``[C, N, n]`` runs C independent clusters of N blocks
+in one launch, cluster c reducing (gathering) ``x[c]``. The result is a torch CUDA tensor of x's
+dtype, with the simulator's shape for each cluster. Arguments are checked before anything is
+launched; a machine without a Hopper GPU raises :class:`clusterlab.HopperRequired`.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ..gpu import require_hopper
+from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
+from ..simulator import GATHER_ALGORITHMS, MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK, OPS, REDUCE_ALGORITHMS
+from ..simulator.inputs import check_choice
+from .gather import gather_kernel, gather_stride
+from .ops import GPU_DTYPES
+from .reduce import FLOAT32_BYTES, reduce_kernel, reduce_scratch_elements
+
+#: Threads per block of the host API's kernels.
+THREADS_PER_BLOCK = 256
+
+
+def _torch_dtypes():
+    import torch
+
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _check_rows(x):
+    """Validate ``x``; return (dtype name, num_clusters, cluster_size, n). Touches no GPU."""
+    import torch
+
+    if isinstance(x, np.ndarray):
+        dtype = np.dtype(x.dtype).name
+        if dtype not in GPU_DTYPES:
+            raise TypeError(f"x.dtype must be one of {GPU_DTYPES} on the GPU; got {dtype!r}")
+    elif isinstance(x, torch.Tensor):
+        dtype = _torch_dtypes().get(x.dtype)
+        if dtype is None:
+            raise TypeError(f"x.dtype must be one of torch.float32, torch.float16, torch.bfloat16; got {x.dtype}")
+        if x.device.type != "cuda":
+            raise ValueError(f"x must be a CUDA tensor (or a NumPy array, copied over); got device {x.device}")
+    else:
+        raise TypeError(f"x must be a torch CUDA tensor or a NumPy array; got {type(x).__name__}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must be [cluster_size, n] or [num_clusters, cluster_size, n]; got shape {tuple(x.shape)}")
+    num_clusters, cluster_size, n = (1, *x.shape) if x.ndim == 2 else tuple(x.shape)
+    if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
+        raise ValueError(f"cluster_size (x.shape[-2]) must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size}")
+    if n < 1 or num_clusters < 1:
+        raise ValueError(f"x must have at least one cluster and one element per row; got shape {tuple(x.shape)}")
+    return dtype, num_clusters, cluster_size, n
+
+
+def _check_shared_bytes(shared_bytes: int, n: int, what: str) -> None:
+    if shared_bytes > MAX_SMEM_BYTES_PER_BLOCK:
+        raise ValueError(
+            f"n={n} needs {shared_bytes} bytes of shared memory per block for {what}; a Hopper block "
+            f"has at most {MAX_SMEM_BYTES_PER_BLOCK}"
+        )
+
+
+def _storage_rows(x, dtype: str, n: int):
+    """``x`` on the GPU as [blocks, n]: float32, or the uint16 bit patterns of float16/bfloat16."""
+    import torch
+
+    if isinstance(x, np.ndarray):
+        bits = x.view(np.uint16) if dtype != "float32" else x
+        x = torch.from_numpy(np.ascontiguousarray(bits)).cuda()
+    else:
+        x = x.contiguous()
+        if dtype != "float32":
+            x = x.view(torch.uint16)
+    return x.reshape(-1, n)
+
+
+def _result(storage, dtype: str, shape):
+    import torch
+
+    if dtype != "float32":
+        storage = storage.view(torch.float16 if dtype == "float16" else torch.bfloat16)
+    return storage.reshape(shape)
+
+
+def _output(out, dtype: str, shape, rows):
+    """The result's storage [blocks, m]: ``out`` checked and viewed, or a new tensor."""
+    import torch
+
+    if out is None:
+        return rows.new_empty((rows.shape[0], shape[-1]))
+    if not isinstance(out, torch.Tensor) or out.device != rows.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous CUDA tensor on {rows.device}; got {type(out).__name__}")
+    if _torch_dtypes().get(out.dtype) != dtype or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must be {dtype} of shape {tuple(shape)}; got {out.dtype} of shape {tuple(out.shape)}")
+    return (out if dtype == "float32" else out.view(torch.uint16)).view(rows.shape[0], shape[-1])
+
+
+def _launch(kernel, blocks: int, cluster_size: int, shared_bytes: int, *args):
+    launch(
+        kernel,
+        grid=blocks,
+        cluster=cluster_size,
+        block=THREADS_PER_BLOCK,
+        shared_bytes=shared_bytes,
+        non_portable=cluster_size > PORTABLE_CLUSTER_BLOCKS,
+    )(*args)
+
+
+def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
+    """All-reduce the rows of each cluster of ``x`` on the GPU (see the module docstring).
+
+    ``x``: [N, n] or [C, N, n]; returns a CUDA tensor of the same shape and dtype (``out`` if
+    given), every row of a cluster its reduction, bit for bit what ``simulator.cluster_reduce``
+    returns.
+    """
+    check_choice("op", op, OPS)
+    check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
+    dtype, num_clusters, cluster_size, n = _check_rows(x)
+    work_offset = -(-n // 4) * 4  # staged [n] padded to 16 bytes, then work
+    shared_bytes = (work_offset + reduce_scratch_elements(algorithm, n, cluster_size)) * FLOAT32_BYTES
+    _check_shared_bytes(shared_bytes, n, f"the {algorithm} reduce")
+    require_hopper()
+    rows = _storage_rows(x, dtype, n)
+    result = _output(out, dtype, tuple(x.shape), rows)
+    _launch(reduce_kernel(algorithm, op, dtype), rows.shape[0], cluster_size, shared_bytes, rows, result, n, work_offset)
+    return _result(result, dtype, tuple(x.shape))
+
+
+def cluster_gather(x, algorithm: str = "direct", *, out=None):
+    """All-gather the rows of each cluster of ``x`` on the GPU (see the module docstring).
+
+    ``x``: [N, n] or [C, N, n]; returns a CUDA tensor [N, N*n] or [C, N, N*n] of x's dtype
+    (``out`` if given), row r of a cluster the concatenation of all its rows.
+    """
+    check_choice("algorithm", algorithm, GATHER_ALGORITHMS)
+    dtype, num_clusters, cluster_size, n = _check_rows(x)
+    itemsize = 4 if dtype == "float32" else 2
+    stride = gather_stride(algorithm, n, itemsize)
+    shared_bytes = cluster_size * stride * itemsize
+    _check_shared_bytes(shared_bytes, n, f"the {algorithm} gather of {cluster_size} rows")
+    require_hopper()
+    shape = (*x.shape[:-1], cluster_size * n)
+    rows = _storage_rows(x, dtype, n)
+    result = _output(out, dtype, shape, rows)
+    kernel = gather_kernel(algorithm, np.dtype(np.float32 if dtype == "float32" else np.uint16))
+    _launch(kernel, rows.shape[0], cluster_size, shared_bytes, rows, result, n, stride)
+    return _result(result, dtype, shape)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A GPU result as a NumPy array (bfloat16 as ``ml_dtypes.bfloat16``), for bitwise comparisons."""
+    import torch
+
+    host = tensor.detach().cpu()
+    if host.dtype == torch.bfloat16:
+        return host.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return host.numpy()
+
+
+def time_collective(primitive: str, x: np.ndarray, *, algorithm: str, op: str = "sum", repeats: int = 20):
+    """Run a collective on the GPU: (result as NumPy, median kernel time in µs over ``repeats`` launches).
+
+    Times with CUDA events around each launch after one warm-up launch (which also compiles).
+    """
+    import torch
+
+    run = (lambda t: cluster_reduce(t, op=op, algorithm=algorithm)) if primitive == "reduce" else (
+        lambda t: cluster_gather(t, algorithm=algorithm)
+    )
+    rows = _result(_storage_rows(x, np.dtype(x.dtype).name, x.shape[-1]), np.dtype(x.dtype).name, x.shape)
+    out = run(rows)
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(rows)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3)
+    return to_numpy(out), float(np.median(times))

@@ -1,0 +1,224 @@
+"""ClusterReduce on the GPU: the simulator's four algorithms as Numba-CUDA device functions.
+
+Each function here has the same name as the simulator program that models it
+(:mod:`clusterlab.simulator.reduce`) and folds in the same order, so the two agree bit for bit;
+that module's docstring is the contract (fold orders, chunking, barrier counts).
+
+Device-function contract (all four)::
+
+    reduce(staged, work, n, iteration)
+
+    staged     shared float32 [n]: this block's row on entry (every thread's stores done; no
+               barrier needed before the call), the reduction of all rows on return, on every block
+    work       shared float32 scratch of reduce_scratch_elements(algorithm, n, cluster_size)
+               elements, 16-byte aligned
+    n          elements per row (same on every block)
+    iteration  how many times this call site ran before in this kernel (0 for a single call);
+               ``bulk`` keeps its mbarrier in ``work`` and waits on phase parity iteration & 1
+
+Every block of the cluster must call it with all its threads. It opens with a cluster barrier
+(publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
+``staged`` and ``work`` are free to reuse and the block may exit.
+
+The host API, :func:`cluster_reduce`, stages rows from global memory, widening float16/bfloat16
+to float32, runs one of these, and rounds the result once to the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from numba import cuda
+
+from .. import ptx
+from .ops import CONVERSIONS, OPERATORS
+
+#: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
+MBARRIER_BYTES = 16
+FLOAT32_BYTES = 4
+
+
+def slot_elements(n: int) -> int:
+    """float32 elements per row slot of ``bulk``: n rounded up to 16 bytes (bulk copies need it)."""
+    return -(-n // 4) * 4
+
+
+def widest_chunk(n: int, cluster_size: int) -> int:
+    """Room for the widest ``ring`` chunk, ``ceil(n / cluster_size)`` elements."""
+    return -(-n // cluster_size)
+
+
+def reduce_scratch_elements(algorithm: str, n: int, cluster_size: int) -> int:
+    """float32 elements of ``work`` the device function of ``algorithm`` needs."""
+    if algorithm == "direct":
+        return n  # the folded row, kept until no peer reads ``staged`` any more
+    if algorithm == "ring":
+        return 2 * widest_chunk(n, cluster_size) + n  # partial [2, widest] | result [n]
+    if algorithm == "butterfly":
+        return 2 * n  # acc [2, n]
+    if algorithm == "bulk":
+        return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * slot_elements(n)  # mbarrier | rows [N, slot]
+    raise ValueError(f"algorithm={algorithm!r}: expected one of ('direct', 'ring', 'butterfly', 'bulk')")
+
+
+@functools.cache
+def reduce_device_function(algorithm: str, op: str):
+    """The device function running ClusterReduce ``algorithm`` with operator ``op`` (see module doc)."""
+    combine = OPERATORS[op]
+
+    @cuda.jit(device=True)
+    def direct_reduce(staged, work, n, iteration):
+        """Pull all staged rows, fold in rank order 0..N-1; 2 cluster barriers."""
+        size = ptx.cluster_size()
+        ptx.cluster_sync()
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            acc = ptx.remote_load(staged, i, 0)
+            for s in range(1, size):
+                acc = combine(acc, ptx.remote_load(staged, i, s))
+            work[i] = acc
+        ptx.cluster_sync()  # peers may still be reading staged until here
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            staged[i] = work[i]
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def ring_reduce(staged, work, n, iteration):
+        """Reduce-scatter then all-gather over N chunks; 2N-1 cluster barriers."""
+        size = ptx.cluster_size()
+        rank = ptx.cluster_rank()
+        left = (rank + size - 1) % size
+        widest = (n + size - 1) // size
+        result = 2 * widest  # work = partial [2, widest] | result [n]
+        ptx.cluster_sync()
+        for s in range(size - 1):
+            c = (rank + 2 * size - s - 1) % size
+            lo = c * n // size
+            hi = (c + 1) * n // size
+            for i in range(lo + cuda.threadIdx.x, hi, cuda.blockDim.x):
+                if s == 0:
+                    received = ptx.remote_load(staged, i, left)
+                else:
+                    received = ptx.remote_load(work, ((s - 1) % 2) * widest + i - lo, left)
+                combined = combine(received, staged[i])
+                if s == size - 2:
+                    work[result + i] = combined
+                else:
+                    work[(s % 2) * widest + i - lo] = combined
+            ptx.cluster_sync()
+        for s in range(size - 1):
+            c = (rank + size - s) % size
+            for i in range(c * n // size + cuda.threadIdx.x, (c + 1) * n // size, cuda.blockDim.x):
+                work[result + i] = ptx.remote_load(work, result + i, left)
+            ptx.cluster_sync()
+        if size > 1:
+            for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                staged[i] = work[result + i]
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def butterfly_value(staged, work, n, owner, row, i):
+        """Element i of block ``owner``'s running value: staged (row -1) or acc[row]."""
+        if row < 0:
+            return ptx.remote_load(staged, i, owner)
+        return ptx.remote_load(work, row * n + i, owner)
+
+    @cuda.jit(device=True)
+    def butterfly_reduce(staged, work, n, iteration):
+        """Fold to a power of two P, recursive doubling, unfold; 1 + [1] + log2 P + [1] barriers."""
+        size = ptx.cluster_size()
+        rank = ptx.cluster_rank()
+        power = 1
+        while power * 2 <= size:
+            power *= 2
+        ptx.cluster_sync()
+        row = -1
+        if size > power:
+            if rank < size - power:
+                for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                    work[i] = combine(staged[i], ptx.remote_load(staged, i, rank + power))
+            elif rank < power:
+                for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                    work[i] = staged[i]
+            row = 0
+            ptx.cluster_sync()
+        mask = 1
+        while mask < power:
+            write = 0 if row < 0 else 1 - row
+            if rank < power:
+                low = min(rank, rank ^ mask)
+                high = max(rank, rank ^ mask)
+                for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                    work[write * n + i] = combine(
+                        butterfly_value(staged, work, n, low, row, i), butterfly_value(staged, work, n, high, row, i)
+                    )
+            row = write
+            mask *= 2
+            ptx.cluster_sync()
+        source = rank - power if rank >= power else rank
+        if row >= 0:
+            for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                staged[i] = butterfly_value(staged, work, n, source, row, i)
+        if size > power:
+            ptx.cluster_sync()  # block rank-power must not exit while it is read
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def bulk_reduce(staged, work, n, iteration):
+        """cp.async.bulk push of every row into every peer's slot, then the direct fold; 2 barriers."""
+        size = ptx.cluster_size()
+        rank = ptx.cluster_rank()
+        slot = (n + 3) // 4 * 4
+        rows = MBARRIER_BYTES // FLOAT32_BYTES  # work = mbarrier | rows [N, slot]
+        full = ptx.shared_address(work, 0)
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            work[rows + rank * slot + i] = staged[i]
+        if cuda.threadIdx.x == 0 and iteration == 0:
+            ptx.mbarrier_init(full, 1)
+            ptx.fence_mbarrier_init_release_cluster()
+        ptx.fence_proxy_async_shared_cta()  # st.shared above -> copy engine reads below
+        ptx.cluster_sync()  # rows staged and mbarriers initialised everywhere before any push
+        if cuda.threadIdx.x == 0:
+            ptx.mbarrier_arrive_expect_tx(full, (size - 1) * slot * FLOAT32_BYTES)
+            source = ptx.shared_address(work, rows + rank * slot)
+            for k in range(1, size):
+                peer = (rank + k) % size
+                ptx.bulk_copy_shared_to_cluster(
+                    ptx.map_shared(source, peer), source, slot * FLOAT32_BYTES, ptx.map_shared(full, peer)
+                )
+        ptx.mbarrier_wait_parity(full, iteration % 2)
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            acc = work[rows + i]
+            for s in range(1, size):
+                acc = combine(acc, work[rows + s * slot + i])
+            staged[i] = acc
+        ptx.cluster_sync()  # peers' copies may still read this block's slot until here
+
+    return {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce}[
+        algorithm
+    ]
+
+
+@functools.cache
+def reduce_kernel(algorithm: str, op: str, dtype: str):
+    """Kernel: block b of the grid reduces row b of ``x`` [blocks, n] with its cluster into ``out``.
+
+    ``x``/``out``: [num_clusters * cluster_size, n], float32, or uint16 bit patterns for
+    float16/bfloat16. Dynamic shared memory: ``staged`` [n] at 0, ``work`` at ``work_offset``
+    (float32 elements, 16-byte aligned). 1-D clusters, so block b is rank b % cluster_size.
+    """
+    reduce = reduce_device_function(algorithm, op)
+    widen, narrow = CONVERSIONS[dtype]
+
+    @cuda.jit
+    def cluster_reduce_kernel(x, out, n, work_offset):
+        smem = cuda.shared.array(0, dtype="float32", alignment=16)
+        staged = smem[:n]
+        work = smem[work_offset:]
+        row = cuda.blockIdx.x
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            staged[i] = widen(x[row, i])
+        reduce(staged, work, n, 0)
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            out[row, i] = narrow(staged[i])
+
+    return cluster_reduce_kernel

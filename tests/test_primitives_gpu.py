@@ -1,0 +1,100 @@
+"""On a Hopper GPU, ClusterReduce and ClusterGather equal the simulator bit for bit."""
+
+import numpy as np
+import pytest
+
+from clusterlab import primitives, simulator
+from clusterlab.tour import random_rows
+
+pytestmark = pytest.mark.gpu
+
+CLUSTER_SIZES = range(1, 17)
+#: n = 1, odd, smaller than most clusters, not a multiple of the vector width, several per thread.
+ROW_LENGTHS = (1, 3, 13, 256, 1027)
+
+
+def poisoned(shape, dtype):
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return torch.full(shape, float("nan"), dtype=torch_dtype, device="cuda")
+
+
+def assert_same_bits(got, expected, context):
+    assert got.shape == expected.shape, context
+    mismatched = np.flatnonzero(got.view(np.uint8) != expected.view(np.uint8))
+    assert mismatched.size == 0, f"{context}: {mismatched.size} bytes differ, first at byte {mismatched[0]}"
+
+
+@pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
+@pytest.mark.parametrize("op", simulator.OPS)
+@pytest.mark.parametrize("algorithm", simulator.REDUCE_ALGORITHMS)
+def test_reduce_equals_simulator_bit_for_bit(algorithm, op, dtype):
+    rng = np.random.default_rng()
+    for size in CLUSTER_SIZES:
+        for n in ROW_LENGTHS:
+            x = random_rows(rng, size, n, dtype)
+            expected, _ = simulator.cluster_reduce(x, op=op, algorithm=algorithm)
+            out = primitives.cluster_reduce(x, op=op, algorithm=algorithm, out=poisoned(x.shape, dtype))
+            assert_same_bits(primitives.to_numpy(out), expected, f"{algorithm} {op} {dtype} N={size} n={n}")
+
+
+@pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
+@pytest.mark.parametrize("algorithm", simulator.GATHER_ALGORITHMS)
+def test_gather_equals_simulator_bit_for_bit(algorithm, dtype):
+    rng = np.random.default_rng()
+    for size in CLUSTER_SIZES:
+        for n in ROW_LENGTHS:
+            x = random_rows(rng, size, n, dtype)
+            expected, _ = simulator.cluster_gather(x, algorithm=algorithm)
+            out = primitives.cluster_gather(x, algorithm=algorithm, out=poisoned(expected.shape, dtype))
+            assert_same_bits(primitives.to_numpy(out), expected, f"{algorithm} {dtype} N={size} n={n}")
+
+
+def test_each_algorithm_keeps_its_own_summation_order():
+    # 1e8 + 1 rounds back to 1e8 in float32, so the three orders give three different sums.
+    x = np.array([[1e8], [1.0], [-1e8], [1.0]], dtype=np.float32)
+    expected = {"direct": 1.0, "bulk": 1.0, "ring": 0.0, "butterfly": 0.0}
+    for algorithm, value in expected.items():
+        out = primitives.to_numpy(primitives.cluster_reduce(x, algorithm=algorithm))
+        simulated, _ = simulator.cluster_reduce(x, algorithm=algorithm)
+        assert np.all(out == value) and np.array_equal(out, simulated), algorithm
+
+
+@pytest.mark.parametrize("algorithm", simulator.REDUCE_ALGORITHMS)
+def test_many_clusters_in_one_launch_reduce_independently(algorithm):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((37, 6, 301)).astype(np.float32)
+    out = primitives.to_numpy(primitives.cluster_reduce(x, op="max", algorithm=algorithm, out=poisoned(x.shape, "float32")))
+    for c in range(x.shape[0]):
+        expected, _ = simulator.cluster_reduce(x[c], op="max", algorithm=algorithm)
+        assert_same_bits(out[c], expected, f"cluster {c}")
+
+
+@pytest.mark.parametrize("algorithm", simulator.GATHER_ALGORITHMS)
+def test_many_clusters_in_one_launch_gather_independently(algorithm):
+    rng = np.random.default_rng()
+    x = random_rows(rng, 5 * 16, 77, "bfloat16").reshape(5, 16, 77)
+    out = primitives.to_numpy(primitives.cluster_gather(x, algorithm=algorithm, out=poisoned((5, 16, 16 * 77), "bfloat16")))
+    for c in range(x.shape[0]):
+        assert_same_bits(out[c], np.broadcast_to(x[c].reshape(1, -1), (16, 16 * 77)), f"cluster {c}")
+
+
+@pytest.mark.parametrize("algorithm", simulator.REDUCE_ALGORITHMS)
+def test_reduce_is_deterministic(algorithm):
+    import torch
+
+    x = torch.randn(64, 12, 999, device="cuda", dtype=torch.float16)
+    first = primitives.cluster_reduce(x, algorithm=algorithm).clone()
+    for _ in range(5):
+        assert torch.equal(primitives.cluster_reduce(x, algorithm=algorithm).view(torch.int16), first.view(torch.int16))
+
+
+def test_torch_tensor_input_stays_on_the_gpu_and_keeps_its_dtype():
+    import torch
+
+    x = torch.randn(8, 100, device="cuda", dtype=torch.bfloat16)
+    out = primitives.cluster_reduce(x, op="sum", algorithm="butterfly")
+    assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == x.shape
+    reference = x.float().sum(0)
+    assert torch.allclose(out[3].float(), reference, rtol=1e-2, atol=1e-2)

@@ -1,0 +1,49 @@
+"""The GPU primitives reject bad input with a clear error before anything is launched."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from clusterlab import HopperRequired, primitives
+from clusterlab.gpu import hopper_problem
+
+rng = np.random.default_rng()
+
+
+def rows(*shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: primitives.cluster_reduce(rows(4, 8), op="prod"), ValueError, "op must be one of"),
+        (lambda: primitives.cluster_reduce(rows(4, 8), algorithm="tree"), ValueError, "algorithm must be one of"),
+        (lambda: primitives.cluster_gather(rows(4, 8), algorithm="butterfly"), ValueError, "algorithm must be one of"),
+        (lambda: primitives.cluster_reduce(rows(4, 8, dtype=np.float64)), TypeError, "x.dtype must be one of"),
+        (lambda: primitives.cluster_gather(rows(4, 8).astype(np.int32)), TypeError, "x.dtype must be one of"),
+        (lambda: primitives.cluster_reduce(torch.ones(4, 8, dtype=torch.int64)), TypeError, "x.dtype"),
+        (lambda: primitives.cluster_reduce(torch.randn(4, 8)), ValueError, "CUDA tensor.*device cpu"),
+        (lambda: primitives.cluster_reduce(rows(4 * 8).tolist()), TypeError, "torch CUDA tensor or a NumPy array"),
+        (lambda: primitives.cluster_reduce(rows(32)), ValueError, r"\[cluster_size, n\]"),
+        (lambda: primitives.cluster_gather(rows(2, 2, 2, 2)), ValueError, r"got shape \(2, 2, 2, 2\)"),
+        (lambda: primitives.cluster_reduce(rows(17, 8)), ValueError, "cluster_size.*1..16; got 17"),
+        (lambda: primitives.cluster_gather(rows(3, 0, 8)), ValueError, "cluster_size.*got 0"),
+        (lambda: primitives.cluster_reduce(rows(4, 0)), ValueError, "at least one"),
+        (lambda: primitives.cluster_reduce(rows(2, 30_000), algorithm="butterfly"), ValueError, "n=30000 needs"),
+        (lambda: primitives.cluster_gather(rows(16, 4000)), ValueError, "n=4000 needs .* bytes"),
+    ],
+)
+def test_bad_input_is_rejected_before_launch(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.skipif(hopper_problem() is None, reason="this machine has a Hopper GPU")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_valid_input_without_a_gpu_asks_for_hopper(dtype):
+    with pytest.raises(HopperRequired, match="a Hopper GPU is required"):
+        primitives.cluster_reduce(rows(4, 8, dtype=dtype))
+    with pytest.raises(HopperRequired):
+        primitives.cluster_gather(rows(2, 3, 8, dtype=dtype), algorithm="bulk")

@@ -1,0 +1,53 @@
+"""Every primitive kernel compiles for cc 9.0 and ptxas assembles it for sm_90a; no GPU needed."""
+
+import numpy as np
+import pytest
+from numba import types
+
+from clusterlab.primitives.gather import gather_kernel
+from clusterlab.primitives.ops import GPU_DTYPES
+from clusterlab.primitives.reduce import reduce_kernel
+from clusterlab.simulator import GATHER_ALGORITHMS, OPS, REDUCE_ALGORITHMS
+from clusterlab.toolchain import assemble, kernel_ptx
+
+pytestmark = pytest.mark.ptx
+
+#: Instructions each algorithm must contain (beyond the cluster barrier every one issues).
+EXPECTED = {
+    "direct": ("mapa.shared::cluster", "ld.shared::cluster"),
+    "ring": ("mapa.shared::cluster", "ld.shared::cluster"),
+    "butterfly": ("mapa.shared::cluster", "ld.shared::cluster"),
+    "bulk": ("mbarrier.init", "fence.proxy.async", "cp.async.bulk.shared::cluster", "mbarrier.try_wait.parity"),
+}
+
+
+def signature(storage):
+    rows = storage[:, ::1]
+    return (rows, rows, types.int64, types.int64)
+
+
+def check(ptx, algorithm):
+    for instruction in ("barrier.cluster.arrive", "barrier.cluster.wait", *EXPECTED[algorithm]):
+        assert instruction in ptx, f"{algorithm}: {instruction} missing from the PTX"
+    assembly = assemble(ptx)
+    assert assembly.spill_bytes == 0, assembly.log
+
+
+@pytest.mark.parametrize("algorithm", REDUCE_ALGORITHMS)
+@pytest.mark.parametrize("op", OPS)
+def test_reduce_kernel_assembles(algorithm, op):
+    check(kernel_ptx(reduce_kernel(algorithm, op, "float32"), signature(types.float32)), algorithm)
+
+
+@pytest.mark.parametrize("dtype", [d for d in GPU_DTYPES if d != "float32"])
+def test_half_precision_reduce_converts_with_cvt(dtype):
+    ptx = kernel_ptx(reduce_kernel("ring", "sum", dtype), signature(types.uint16))
+    suffix = "f16" if dtype == "float16" else "bf16"
+    assert f"cvt.f32.{suffix}" in ptx and f"cvt.rn.{suffix}.f32" in ptx
+    check(ptx, "ring")
+
+
+@pytest.mark.parametrize("algorithm", GATHER_ALGORITHMS)
+@pytest.mark.parametrize("storage", [types.float32, types.uint16])
+def test_gather_kernel_assembles(algorithm, storage):
+    check(kernel_ptx(gather_kernel(algorithm, np.dtype(str(storage))), signature(storage)), algorithm)
