@@ -13,3 +13,7 @@ from .errors import HopperRequired
 __version__ = "0.1.0"
 
 __all__ = ["HopperRequired", "__version__"]
+
+from .launch import ClusterKernel, launch, max_active_clusters  # noqa: E402
+
+__all__ += ["ClusterKernel", "launch", "max_active_clusters"]

@@ -1,0 +1,113 @@
+"""Every use of a private numba-cuda interface in clusterlab, in one place.
+
+numba-cuda 0.30 has no public way to launch a compiled kernel with launch attributes (clusters)
+or to pack its arguments outside its own launcher. clusterlab's launcher needs three things from
+inside numba-cuda, and takes them only from here:
+
+1. the driver handle of a compiled kernel: ``overload._codelibrary.get_cufunc().kernel`` (a
+   cuda.core ``Kernel`` wrapping a ``CUkernel`` of the CUDA library API);
+2. numba's own argument packing, ``overload._prepare_args(ty, val, stream, retr, kernelargs)``
+   with a stream from ``numba.cuda.cudadrv.driver._to_core_stream``, for argument types
+   clusterlab does not pack itself;
+3. compiling device functions for a chosen compute capability: numba's
+   ``CUDADispatcher.compile_device`` takes the cc from ``numba.cuda.dispatcher.get_current_device()``,
+   which needs a GPU, even inside ``compile_ptx(..., cc=...)``; :func:`device_functions_compiled_for`
+   substitutes the requested cc so PTX checks of kernels that call device functions run anywhere;
+4. the flattened layout of an array argument (numba's ``ArrayModel``): ``meminfo, parent,
+   nitems, itemsize, data, shape[0..ndim), strides[0..ndim)`` with strides in bytes; clusterlab
+   packs torch tensors in this layout directly, which is what makes a launch cost microseconds.
+
+``tests/test_numba_private.py`` pins each of these; if numba-cuda changes one, that test fails
+before a kernel receives garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+#: Member names of numba's array data model, in the order a kernel receives them.
+ARRAY_MEMBERS = ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "strides")
+
+
+def kernel_handle(overload) -> int:
+    """``CUkernel`` handle (an int) of a compiled overload, loaded in the current context."""
+    return int(overload._codelibrary.get_cufunc().kernel.handle)
+
+
+@contextlib.contextmanager
+def device_functions_compiled_for(cc: tuple[int, int]):
+    """Within the block, device functions a kernel calls are compiled for ``cc``, GPU or not."""
+    from numba.cuda import dispatcher
+
+    current = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = current
+
+
+@functools.cache
+def _default_stream():
+    from numba.cuda.cudadrv.driver import _to_core_stream
+
+    return _to_core_stream(0)
+
+
+def pack_argument(overload, ty, value) -> list:
+    """numba's flattened kernel arguments for ``value`` of numba type ``ty`` (ints and ctypes scalars).
+
+    Packs exactly as numba's own launcher does on the default stream. Raises TypeError when numba
+    copied host memory to the device for it: a cluster launch never transfers data behind the
+    caller's back.
+    """
+    writebacks, packed = [], []
+    overload._prepare_args(ty, value, _default_stream(), writebacks, packed)
+    if writebacks:
+        raise TypeError(f"argument of type {type(value).__name__} is in host memory; pass a device array")
+    return packed
+
+
+class Constant(int):
+    """A kernel parameter whose value is the same for every launch of a plan."""
+
+
+def pack_tensor(tensor, out) -> tuple:
+    """Append the per-launch fields of a torch tensor's array argument to ``out``; return its key.
+
+    A one-dimensional contiguous tensor appends ``(count, data pointer)``, any other
+    ``(nitems, data pointer, *shape, *strides in bytes)``; :func:`tensor_parameters` places them
+    among the kernel's parameters. The key ``(dtype, ndim, contiguous, device index)`` holds
+    everything numba's type for the tensor, the parameter layout and the validity of the launch
+    depend on: tensors with equal keys share a compiled kernel. Five tensor attribute reads.
+    """
+    dtype = tensor.dtype
+    shape = tensor.shape
+    contiguous = tensor.is_contiguous()
+    if contiguous and len(shape) == 1:
+        out += (shape[0], tensor.data_ptr())
+    else:
+        itemsize = dtype.itemsize
+        out += (tensor.numel(), tensor.data_ptr(), *shape)
+        out += [stride * itemsize for stride in tensor.stride()]
+    return (dtype, len(shape), contiguous, tensor.get_device())
+
+
+def tensor_parameters(key) -> list:
+    """numba's kernel parameters for a tensor with :func:`pack_tensor` key ``key``, in order.
+
+    meminfo, parent, nitems, itemsize, data, shape..., strides...: each is an ``int`` index into
+    the values :func:`pack_tensor` appended for the tensor, or a :class:`Constant` (null meminfo
+    and parent: the kernel never owns the memory; the itemsize; the unit stride of a 1-D
+    contiguous tensor).
+    """
+    dtype, ndim, contiguous, _ = key
+    itemsize = Constant(dtype.itemsize)
+    null = Constant(0)
+    if contiguous and ndim == 1:
+        return [null, null, 0, itemsize, 1, 0, itemsize]
+    shape = list(range(2, 2 + ndim))
+    strides = list(range(2 + ndim, 2 + 2 * ndim))
+    return [null, null, 0, itemsize, 1, *shape, *strides]

@@ -1,0 +1,799 @@
+"""Every intrinsic of clusterlab.ptx on a Hopper GPU, with fresh random data, for cluster sizes
+1, 2, 3, 4, 8 and 16 (16 through the non-portable opt-in).
+
+Conventions: each launch has ``CLUSTERS`` clusters of ``size`` blocks of ``N`` threads (the
+copy-engine tests, whose destination must be another block, start at 2). Block ``b``
+has rank ``r = b % size`` in the cluster starting at block ``b - r``. Exchanges pair block r with
+``(r + shift) % size`` for a random shift, and use reversed indices inside the peer, so a wrong
+rank, a wrong offset or a missed element each give a wrong answer. Outputs are poisoned (NaN or
+a sentinel) before each launch. The same file runs clean under compute-sanitizer:
+``compute-sanitizer --tool memcheck python -m pytest -m gpu tests/test_intrinsics_gpu.py`` (and
+``--tool racecheck``).
+"""
+
+import inspect
+import re
+import secrets
+import sys
+
+import numpy as np
+import pytest
+from numba import cuda, types
+
+from clusterlab import launch, ptx
+
+pytestmark = pytest.mark.gpu
+
+CLUSTER_SIZES = [1, 2, 3, 4, 8, 16]
+#: The copy engine sends to *another* block: a cluster of one has no peer to send to.
+PEER_CLUSTER_SIZES = CLUSTER_SIZES[1:]
+CLUSTERS = 2
+N = 128  # threads per block
+N2, N4 = 2 * N, 4 * N  # shared array lengths must be compile-time constants
+SENTINEL = 0xA5  # byte repeated to poison integer outputs
+
+
+@pytest.fixture
+def rng():
+    seed = secrets.randbits(32)
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def run(kernel, size, *args, block=N, clusters=CLUSTERS):
+    """Launch ``clusters`` clusters of ``size`` blocks of ``block`` threads and wait for them."""
+    launch(kernel, grid=clusters * size, cluster=size, block=block, non_portable=size > 8)(*args)
+    cuda.synchronize()
+
+
+def clusters_for(count, size=4, block=N):
+    """Clusters of ``size`` blocks needed for one thread per element."""
+    return -(-count // (size * block))
+
+
+def sentinel(shape, dtype):
+    """An integer array of ``dtype`` whose every byte is SENTINEL."""
+    dtype = np.dtype(dtype)
+    return np.full(int(np.prod(shape)) * dtype.itemsize, SENTINEL, np.uint8).view(dtype).reshape(shape)
+
+
+def poisoned(shape, dtype):
+    """A device array of NaN (floats) or sentinel bytes (integers): unwritten elements fail."""
+    dtype = np.dtype(dtype)
+    return cuda.to_device(np.full(shape, np.nan, dtype) if dtype.kind == "f" else sentinel(shape, dtype))
+
+
+def random_values(rng, dtype, shape):
+    """Fresh random values of ``dtype``: normal floats, full-range integers (never all zeros)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+def partners(size, shift):
+    """(block each block reads from, block each block receives from) for a ring shift."""
+    blocks = np.arange(CLUSTERS * size)
+    rank = blocks % size
+    base = blocks - rank
+    return base + (rank + shift) % size, base + (rank - shift) % size
+
+
+def random_shift(rng, size):
+    return int(rng.integers(1, size)) if size > 1 else 0
+
+
+def assert_same_bits(actual, expected):
+    actual, expected = np.ascontiguousarray(actual), np.ascontiguousarray(expected)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    as_int = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[actual.dtype.itemsize]
+    mismatch = np.flatnonzero(actual.view(as_int) != expected.view(as_int))
+    assert mismatch.size == 0, f"{mismatch.size} elements differ, first at {mismatch[:5]}: {actual.ravel()[mismatch[:5]]} vs {expected.ravel()[mismatch[:5]]}"
+
+
+def test_every_intrinsic_runs_on_the_gpu_here():
+    """Each public intrinsic appears in a kernel of this file."""
+    used = set(re.findall(r"ptx\.(\w+)", inspect.getsource(sys.modules[__name__])))
+    assert set(ptx.__all__) <= used, sorted(set(ptx.__all__) - used)
+
+
+# ---------------------------------------------------------------------------------------------
+# Special registers
+# ---------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def special_registers(out):
+    """out[block, :] = rank, size, cluster_idx, cluster_grid_dim, block_idx_in_cluster, cluster_dim, explicit."""
+    block = cuda.blockIdx.x + cuda.gridDim.x * (cuda.blockIdx.y + cuda.gridDim.y * cuda.blockIdx.z)
+    if cuda.threadIdx.x == 0:
+        values = (
+            (ptx.cluster_rank(), ptx.cluster_size())
+            + ptx.cluster_idx()
+            + ptx.cluster_grid_dim()
+            + ptx.block_idx_in_cluster()
+            + ptx.cluster_dim()
+        )
+        for k in range(14):
+            out[block, k] = values[k]
+        out[block, 14] = 1 if ptx.is_explicit_cluster() else 0
+
+
+def expected_registers(grid, cluster, explicit):
+    z, y, x = np.meshgrid(*(np.arange(g) for g in grid[::-1]), indexing="ij")
+    pos = [x.ravel(), y.ravel(), z.ravel()]
+    inside = [p % c for p, c in zip(pos, cluster)]
+    rank = inside[0] + cluster[0] * (inside[1] + cluster[1] * inside[2])
+    columns = [rank, np.full_like(rank, np.prod(cluster))]
+    columns += [p // c for p, c in zip(pos, cluster)]
+    columns += [np.full_like(rank, g // c) for g, c in zip(grid, cluster)]
+    columns += inside
+    columns += [np.full_like(rank, c) for c in cluster]
+    columns += [np.full_like(rank, int(explicit))]
+    return np.stack(columns, axis=1).astype(np.uint32)
+
+
+@pytest.mark.parametrize(
+    "grid, cluster",
+    [((2 * s, 1, 1), (s, 1, 1)) for s in CLUSTER_SIZES]
+    + [((4, 2, 2), (2, 2, 1)), ((2, 4, 6), (1, 2, 3)), ((4, 4, 2), (2, 2, 2)), ((8, 4, 2), (4, 2, 2))],
+    ids=lambda v: "x".join(map(str, v)),
+)
+def test_special_registers(grid, cluster):
+    blocks = int(np.prod(grid))
+    out = poisoned((blocks, 15), np.uint32)
+    launch(special_registers, grid=grid, cluster=cluster, block=32, non_portable=np.prod(cluster) > 8)(out)
+    cuda.synchronize()
+    np.testing.assert_array_equal(out.copy_to_host(), expected_registers(grid, cluster, explicit=True))
+
+
+def test_special_registers_without_a_cluster_launch():
+    out = poisoned((6, 15), np.uint32)
+    special_registers[6, 32](out)
+    cuda.synchronize()
+    np.testing.assert_array_equal(out.copy_to_host(), expected_registers((6, 1, 1), (1, 1, 1), explicit=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# DSMEM loads and stores: typed layer and raw address-based intrinsics
+# ---------------------------------------------------------------------------------------------
+
+
+def typed_exchange(dtype):
+    @cuda.jit
+    def exchange(src, loaded, stored, shift):
+        tile = cuda.shared.array(N, dtype)
+        inbox = cuda.shared.array(N, dtype)
+        tid = cuda.threadIdx.x
+        peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+        offset = cuda.blockIdx.x * N
+        tile[tid] = src[offset + tid]
+        ptx.cluster_sync()
+        loaded[offset + tid] = ptx.remote_load(tile, N - 1 - tid, peer)
+        ptx.remote_store(inbox, N - 1 - tid, peer, tile[tid])
+        ptx.cluster_sync()
+        stored[offset + tid] = inbox[tid]
+
+    return exchange
+
+
+def raw_exchange(dtype, load, store):
+    @cuda.jit
+    def exchange(src, loaded, stored, shift):
+        tile = cuda.shared.array(N, dtype)
+        inbox = cuda.shared.array(N, dtype)
+        tid = cuda.threadIdx.x
+        peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+        offset = cuda.blockIdx.x * N
+        tile[tid] = src[offset + tid]
+        ptx.cluster_sync()
+        loaded[offset + tid] = load(ptx.map_shared(ptx.shared_address(tile, N - 1 - tid), peer))
+        store(ptx.map_shared(ptx.shared_address(inbox, N - 1 - tid), peer), tile[tid])
+        ptx.cluster_sync()
+        stored[offset + tid] = inbox[tid]
+
+    return exchange
+
+
+EXCHANGES = {
+    "typed-float16": (np.float16, typed_exchange(types.float16)),
+    "typed-int16": (np.int16, typed_exchange(types.int16)),
+    "typed-uint16": (np.uint16, typed_exchange(types.uint16)),
+    "typed-int32": (np.int32, typed_exchange(types.int32)),
+    "typed-uint32": (np.uint32, typed_exchange(types.uint32)),
+    "typed-int64": (np.int64, typed_exchange(types.int64)),
+    "typed-uint64": (np.uint64, typed_exchange(types.uint64)),
+    "typed-float32": (np.float32, typed_exchange(types.float32)),
+    "typed-float64": (np.float64, typed_exchange(types.float64)),
+    "raw-u16": (np.uint16, raw_exchange(types.uint16, ptx.ld_shared_cluster_u16, ptx.st_shared_cluster_u16)),
+    "raw-i32": (np.int32, raw_exchange(types.int32, ptx.ld_shared_cluster_i32, ptx.st_shared_cluster_i32)),
+    "raw-u32": (np.uint32, raw_exchange(types.uint32, ptx.ld_shared_cluster_u32, ptx.st_shared_cluster_u32)),
+    "raw-i64": (np.int64, raw_exchange(types.int64, ptx.ld_shared_cluster_i64, ptx.st_shared_cluster_i64)),
+    "raw-u64": (np.uint64, raw_exchange(types.uint64, ptx.ld_shared_cluster_u64, ptx.st_shared_cluster_u64)),
+    "raw-f32": (np.float32, raw_exchange(types.float32, ptx.ld_shared_cluster_f32, ptx.st_shared_cluster_f32)),
+    "raw-f64": (np.float64, raw_exchange(types.float64, ptx.ld_shared_cluster_f64, ptx.st_shared_cluster_f64)),
+}
+
+
+@pytest.mark.parametrize("size", CLUSTER_SIZES, ids=lambda s: f"c{s}")
+@pytest.mark.parametrize("name", sorted(EXCHANGES))
+def test_remote_load_and_store(name, size, rng):
+    dtype, kernel = EXCHANGES[name]
+    blocks = CLUSTERS * size
+    src = random_values(rng, dtype, (blocks, N))
+    loaded, stored = poisoned(blocks * N, dtype), poisoned(blocks * N, dtype)
+    shift = random_shift(rng, size)
+    run(kernel, size, cuda.to_device(src.ravel()), loaded, stored, shift)
+    read_from, received_from = partners(size, shift)
+    assert_same_bits(loaded.copy_to_host().reshape(blocks, N), src[read_from, ::-1])
+    assert_same_bits(stored.copy_to_host().reshape(blocks, N), src[received_from, ::-1])
+
+
+@cuda.jit
+def exchange_v2_f32(src, loaded, stored, shift):
+    tile = cuda.shared.array(N2, types.float32, alignment=16)
+    inbox = cuda.shared.array(N2, types.float32, alignment=16)
+    tid = cuda.threadIdx.x
+    peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+    offset = cuda.blockIdx.x * 2 * N
+    for k in range(2):
+        tile[2 * tid + k] = src[offset + 2 * tid + k]
+    ptx.cluster_sync()
+    a, b = ptx.ld_shared_cluster_v2_f32(ptx.map_shared(ptx.shared_address(tile, 2 * (N - 1 - tid)), peer))
+    loaded[offset + 2 * tid] = a
+    loaded[offset + 2 * tid + 1] = b
+    destination = ptx.map_shared(ptx.shared_address(inbox, 2 * (N - 1 - tid)), peer)
+    ptx.st_shared_cluster_v2_f32(destination, tile[2 * tid], tile[2 * tid + 1])
+    ptx.cluster_sync()
+    for k in range(2):
+        stored[offset + 2 * tid + k] = inbox[2 * tid + k]
+
+
+def vector4_exchange(dtype, load, store):
+    @cuda.jit
+    def exchange(src, loaded, stored, shift):
+        tile = cuda.shared.array(N4, dtype, alignment=16)
+        inbox = cuda.shared.array(N4, dtype, alignment=16)
+        tid = cuda.threadIdx.x
+        peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+        offset = cuda.blockIdx.x * 4 * N
+        for k in range(4):
+            tile[4 * tid + k] = src[offset + 4 * tid + k]
+        ptx.cluster_sync()
+        values = load(ptx.map_shared(ptx.shared_address(tile, 4 * (N - 1 - tid)), peer))
+        for k in range(4):
+            loaded[offset + 4 * tid + k] = values[k]
+        destination = ptx.map_shared(ptx.shared_address(inbox, 4 * (N - 1 - tid)), peer)
+        store(destination, tile[4 * tid], tile[4 * tid + 1], tile[4 * tid + 2], tile[4 * tid + 3])
+        ptx.cluster_sync()
+        for k in range(4):
+            stored[offset + 4 * tid + k] = inbox[4 * tid + k]
+
+    return exchange
+
+
+VECTOR_EXCHANGES = {
+    "v2_f32": (np.float32, 2, exchange_v2_f32),
+    "v4_f32": (np.float32, 4, vector4_exchange(types.float32, ptx.ld_shared_cluster_v4_f32, ptx.st_shared_cluster_v4_f32)),
+    "v4_b32": (np.uint32, 4, vector4_exchange(types.uint32, ptx.ld_shared_cluster_v4_b32, ptx.st_shared_cluster_v4_b32)),
+}
+
+
+@pytest.mark.parametrize("size", CLUSTER_SIZES, ids=lambda s: f"c{s}")
+@pytest.mark.parametrize("name", sorted(VECTOR_EXCHANGES))
+def test_vector_remote_load_and_store(name, size, rng):
+    dtype, width, kernel = VECTOR_EXCHANGES[name]
+    blocks = CLUSTERS * size
+    src = random_values(rng, dtype, (blocks, N, width))
+    loaded, stored = poisoned(src.size, dtype), poisoned(src.size, dtype)
+    shift = random_shift(rng, size)
+    run(kernel, size, cuda.to_device(src.ravel()), loaded, stored, shift)
+    read_from, received_from = partners(size, shift)
+    assert_same_bits(loaded.copy_to_host().reshape(src.shape), src[read_from, ::-1])
+    assert_same_bits(stored.copy_to_host().reshape(src.shape), src[received_from, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# DSMEM reductions and atomics
+# ---------------------------------------------------------------------------------------------
+
+
+def typed_all_reduce(dtype, reduce, identity):
+    """Every block adds its values into every block of its cluster (an all-reduce)."""
+
+    @cuda.jit
+    def all_reduce(values, out):
+        acc = cuda.shared.array(N, dtype)
+        tid = cuda.threadIdx.x
+        acc[tid] = identity
+        ptx.cluster_sync()
+        value = values[cuda.blockIdx.x * N + tid]
+        for peer in range(ptx.cluster_size()):
+            reduce(acc, tid, peer, value)
+        ptx.cluster_sync()
+        out[cuda.blockIdx.x * N + tid] = acc[tid]
+
+    return all_reduce
+
+
+def raw_all_reduce(dtype, reduce, identity):
+    @cuda.jit
+    def all_reduce(values, out):
+        acc = cuda.shared.array(N, dtype)
+        tid = cuda.threadIdx.x
+        acc[tid] = identity
+        ptx.cluster_sync()
+        value = values[cuda.blockIdx.x * N + tid]
+        for peer in range(ptx.cluster_size()):
+            reduce(ptx.map_shared(ptx.shared_address(acc, tid), peer), value)
+        ptx.cluster_sync()
+        out[cuda.blockIdx.x * N + tid] = acc[tid]
+
+    return all_reduce
+
+
+def _identity(op, dtype):
+    if op == "add":
+        return dtype(0)
+    info = np.iinfo(dtype)
+    return dtype(info.min if op == "max" else info.max)
+
+
+_TYPED_REDUCE = {"add": ptx.remote_add, "max": ptx.remote_max, "min": ptx.remote_min}
+_NUMBA = {np.float32: types.float32, np.float64: types.float64, np.int32: types.int32, np.uint32: types.uint32,
+          np.int64: types.int64, np.uint64: types.uint64}
+
+REDUCTIONS = {}
+for _op, _dtypes in {"add": [np.float32, np.float64, np.int32, np.uint32, np.int64, np.uint64],
+                     "max": [np.int32, np.uint32],
+                     "min": [np.int32, np.uint32]}.items():
+    for _dtype in _dtypes:
+        REDUCTIONS[f"remote_{_op}-{np.dtype(_dtype).name}"] = (
+            _op, _dtype, typed_all_reduce(_NUMBA[_dtype], _TYPED_REDUCE[_op], _identity(_op, _dtype))
+        )
+for _name, _op, _dtype, _fn in [
+    ("red_add_shared_cluster_f32", "add", np.float32, ptx.red_add_shared_cluster_f32),
+    ("red_add_shared_cluster_f64", "add", np.float64, ptx.red_add_shared_cluster_f64),
+    ("red_add_shared_cluster_i32", "add", np.int32, ptx.red_add_shared_cluster_i32),
+    ("red_add_shared_cluster_u32", "add", np.uint32, ptx.red_add_shared_cluster_u32),
+    ("red_add_shared_cluster_u64", "add", np.uint64, ptx.red_add_shared_cluster_u64),
+    ("red_max_shared_cluster_i32", "max", np.int32, ptx.red_max_shared_cluster_i32),
+    ("red_max_shared_cluster_u32", "max", np.uint32, ptx.red_max_shared_cluster_u32),
+    ("red_min_shared_cluster_i32", "min", np.int32, ptx.red_min_shared_cluster_i32),
+    ("red_min_shared_cluster_u32", "min", np.uint32, ptx.red_min_shared_cluster_u32),
+]:
+    REDUCTIONS[_name] = (_op, _dtype, raw_all_reduce(_NUMBA[_dtype], _fn, _identity(_op, _dtype)))
+
+
+@pytest.mark.parametrize("size", CLUSTER_SIZES, ids=lambda s: f"c{s}")
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_remote_reductions(name, size, rng):
+    op, dtype, kernel = REDUCTIONS[name]
+    blocks = CLUSTERS * size
+    values = random_values(rng, dtype, (CLUSTERS, size, N))
+    out = poisoned(blocks * N, dtype)
+    run(kernel, size, cuda.to_device(values.ravel()), out)
+    got = out.copy_to_host().reshape(CLUSTERS, size, N)
+    if op == "add" and np.dtype(dtype).kind == "f":
+        exact = values.astype(np.float64).sum(axis=1, keepdims=True)
+        tolerance = size * np.finfo(dtype).eps * np.abs(values.astype(np.float64)).sum(axis=1, keepdims=True)
+        assert np.all(np.abs(got - exact) <= tolerance)
+    else:
+        reduce = {"add": np.add, "max": np.maximum, "min": np.minimum}[op]
+        expected = reduce.reduce(values, axis=1, dtype=dtype, keepdims=True)  # integer add wraps, as red does
+        np.testing.assert_array_equal(got, np.broadcast_to(expected, got.shape))
+
+
+def atomic_counter(dtype, atom):
+    """Every thread of the cluster adds its increment to rank 0's counter and keeps the old value."""
+
+    @cuda.jit
+    def count(increments, olds, totals):
+        counter = cuda.shared.array(1, dtype)
+        tid = cuda.threadIdx.x
+        if tid == 0:
+            counter[0] = 0
+        ptx.cluster_sync()
+        target = ptx.map_shared(ptx.shared_address(counter, 0), 0)
+        olds[cuda.blockIdx.x * N + tid] = atom(target, increments[cuda.blockIdx.x * N + tid])
+        ptx.cluster_sync()
+        if tid == 0:
+            totals[cuda.blockIdx.x] = counter[0]
+
+    return count
+
+
+ATOMICS = {
+    "atom_add_shared_cluster_f32": (np.float32, atomic_counter(types.float32, ptx.atom_add_shared_cluster_f32)),
+    "atom_add_shared_cluster_i32": (np.int32, atomic_counter(types.int32, ptx.atom_add_shared_cluster_i32)),
+    "atom_add_shared_cluster_u32": (np.uint32, atomic_counter(types.uint32, ptx.atom_add_shared_cluster_u32)),
+}
+
+
+@pytest.mark.parametrize("size", CLUSTER_SIZES, ids=lambda s: f"c{s}")
+@pytest.mark.parametrize("name", sorted(ATOMICS))
+def test_atomic_add_returns_the_old_values(name, size, rng):
+    """Sorted by old value, each old value is the previous one plus its increment: a serial order."""
+    dtype, kernel = ATOMICS[name]
+    increments = rng.integers(1, 100, (CLUSTERS, size * N)).astype(dtype)  # integral: exact in float32
+    olds = poisoned(increments.size, dtype)
+    totals = poisoned(CLUSTERS * size, dtype)
+    run(kernel, size, cuda.to_device(increments.ravel()), olds, totals)
+    olds = olds.copy_to_host().reshape(CLUSTERS, size * N)
+    for c in range(CLUSTERS):
+        order = np.argsort(olds[c], kind="stable")
+        chain = np.concatenate([[0], np.cumsum(increments[c][order])[:-1]]).astype(dtype)
+        np.testing.assert_array_equal(olds[c][order], chain)
+    expected_totals = np.zeros((CLUSTERS, size), dtype)
+    expected_totals[:, 0] = increments.sum(axis=1, dtype=dtype)
+    np.testing.assert_array_equal(totals.copy_to_host().reshape(CLUSTERS, size), expected_totals)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster barrier split into arrive and wait; fences
+# ---------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def split_barrier(src, out, shift, relaxed):
+    tile = cuda.shared.array(N, types.float32)
+    tid = cuda.threadIdx.x
+    peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+    offset = cuda.blockIdx.x * N
+    tile[tid] = src[offset + tid]
+    if relaxed:
+        ptx.fence_acq_rel_cluster()
+        ptx.cluster_arrive_relaxed()
+    else:
+        ptx.cluster_arrive_release()
+    ptx.cluster_wait_acquire()
+    out[offset + tid] = ptx.remote_load(tile, N - 1 - tid, peer)
+    ptx.cluster_sync()
+
+
+@pytest.mark.parametrize("size", CLUSTER_SIZES, ids=lambda s: f"c{s}")
+@pytest.mark.parametrize("relaxed", [False, True], ids=["release", "fence+relaxed"])
+def test_split_cluster_barrier(relaxed, size, rng):
+    blocks = CLUSTERS * size
+    src = random_values(rng, np.float32, (blocks, N))
+    out = poisoned(blocks * N, np.float32)
+    shift = random_shift(rng, size)
+    run(split_barrier, size, cuda.to_device(src.ravel()), out, shift, relaxed)
+    read_from, _ = partners(size, shift)
+    assert_same_bits(out.copy_to_host().reshape(blocks, N), src[read_from, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# mbarrier: local phases, remote arrivals
+# ---------------------------------------------------------------------------------------------
+
+PHASES = 4
+
+
+@cuda.jit
+def local_phases(src, out, states):
+    """Four phases of one mbarrier inside a block; even phases wait in PTX, odd ones poll try_wait."""
+    bar = cuda.shared.array(1, types.uint64)
+    tile = cuda.shared.array(N, types.float32)
+    tid = cuda.threadIdx.x
+    blocks = cuda.gridDim.x
+    address = ptx.shared_address(bar, 0)
+    if tid == 0:
+        ptx.mbarrier_init(address, cuda.blockDim.x)
+    cuda.syncthreads()
+    for phase in range(PHASES):
+        row = (phase * blocks + cuda.blockIdx.x) * N
+        tile[tid] = src[row + tid]
+        state = ptx.mbarrier_arrive(address)
+        if phase % 2 == 0:
+            ptx.mbarrier_wait_parity(address, phase % 2)
+        else:
+            while not ptx.mbarrier_try_wait_parity(address, phase % 2):
+                pass
+        out[row + tid] = tile[N - 1 - tid]
+        states[row + tid] = state
+        cuda.syncthreads()  # everyone has read ``tile`` before the next phase overwrites it
+
+
+@pytest.mark.parametrize("size", CLUSTER_SIZES, ids=lambda s: f"c{s}")
+def test_mbarrier_phases_within_a_block(size, rng):
+    blocks = CLUSTERS * size
+    src = random_values(rng, np.float32, (PHASES, blocks, N))
+    out = poisoned(src.size, np.float32)
+    states = poisoned(src.size, np.uint64)
+    run(local_phases, size, cuda.to_device(src.ravel()), out, states)
+    assert_same_bits(out.copy_to_host().reshape(src.shape), src[:, :, ::-1])
+    assert not np.any(states.copy_to_host() == sentinel(1, np.uint64)[0]), "an mbarrier state was not written"
+
+
+@cuda.jit
+def remote_arrivals(src, out, shift):
+    """Each thread stores into its peer's inbox over DSMEM, then arrives on the peer's mbarrier."""
+    bar = cuda.shared.array(1, types.uint64)
+    inbox = cuda.shared.array(N, types.float32)
+    tid = cuda.threadIdx.x
+    peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+    address = ptx.shared_address(bar, 0)
+    if tid == 0:
+        ptx.mbarrier_init(address, cuda.blockDim.x)
+        ptx.fence_mbarrier_init_release_cluster()
+    ptx.cluster_sync()
+    ptx.remote_store(inbox, tid, peer, src[cuda.blockIdx.x * N + tid])
+    ptx.mbarrier_arrive_cluster(ptx.map_shared(address, peer))
+    ptx.mbarrier_wait_parity(address, 0)
+    out[cuda.blockIdx.x * N + tid] = inbox[N - 1 - tid]
+    ptx.cluster_sync()
+
+
+@pytest.mark.parametrize("size", CLUSTER_SIZES, ids=lambda s: f"c{s}")
+def test_remote_mbarrier_arrivals_release_dsmem_stores(size, rng):
+    blocks = CLUSTERS * size
+    src = random_values(rng, np.float32, (blocks, N))
+    out = poisoned(blocks * N, np.float32)
+    shift = random_shift(rng, size)
+    run(remote_arrivals, size, cuda.to_device(src.ravel()), out, shift)
+    _, received_from = partners(size, shift)
+    assert_same_bits(out.copy_to_host().reshape(blocks, N), src[received_from, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Copy engine: bulk copy into a peer, st.async messages
+# ---------------------------------------------------------------------------------------------
+
+WORDS = 4  # float32 per thread in the bulk copy
+COPY_WORDS = N * WORDS
+COPY_BYTES = COPY_WORDS * 4  # 2 KiB per copy
+
+
+@cuda.jit
+def bulk_ring(src, out, shift):
+    """Two phases: thread 0 copies this block's outbox into the peer's inbox; all wait on their mbarrier."""
+    bar = cuda.shared.array(1, types.uint64)
+    outbox = cuda.shared.array((2, COPY_WORDS), types.float32, alignment=128)
+    inbox = cuda.shared.array(COPY_WORDS, types.float32, alignment=128)
+    tid = cuda.threadIdx.x
+    blocks = cuda.gridDim.x
+    peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+    address = ptx.shared_address(bar, 0)
+    if tid == 0:
+        ptx.mbarrier_init(address, 1)
+        ptx.fence_mbarrier_init_release_cluster()
+    for phase in range(2):
+        row = (phase * blocks + cuda.blockIdx.x) * N * WORDS
+        for k in range(WORDS):
+            outbox[phase, tid * WORDS + k] = src[row + tid * WORDS + k]
+    ptx.fence_proxy_async_shared_cta()
+    ptx.cluster_sync()
+    for phase in range(2):
+        if tid == 0:
+            ptx.mbarrier_arrive_expect_tx(address, COPY_BYTES)
+            ptx.bulk_copy_shared_to_cluster(
+                ptx.map_shared(ptx.shared_address(inbox, 0), peer),
+                ptx.shared_address(outbox, (phase, 0)),
+                COPY_BYTES,
+                ptx.map_shared(address, peer),
+            )
+        ptx.mbarrier_wait_parity(address, phase)
+        row = (phase * blocks + cuda.blockIdx.x) * N * WORDS
+        for k in range(WORDS):
+            out[row + tid * WORDS + k] = inbox[tid * WORDS + k]
+        ptx.cluster_sync()  # the inbox is read before the next phase's copy overwrites it
+
+
+@pytest.mark.parametrize("size", PEER_CLUSTER_SIZES, ids=lambda s: f"c{s}")
+def test_bulk_copy_into_peer_completes_on_its_mbarrier(size, rng):
+    blocks = CLUSTERS * size
+    src = random_values(rng, np.float32, (2, blocks, N * WORDS))
+    out = poisoned(src.size, np.float32)
+    shift = random_shift(rng, size)
+    run(bulk_ring, size, cuda.to_device(src.ravel()), out, shift)
+    _, received_from = partners(size, shift)
+    assert_same_bits(out.copy_to_host().reshape(src.shape), src[:, received_from])
+
+
+MESSAGE_BYTES = 64  # per thread: u32 + 4 x b32 + f32 + 2 x f32 + 4 x f32 + u64 + f64
+
+
+@cuda.jit
+def async_messages(words, floats, longs, doubles, out_words, out_floats, out_longs, out_doubles, shift):
+    """Each thread sends 64 bytes to the peer with st.async; the peer expects N * 64 bytes."""
+    bar = cuda.shared.array(1, types.uint64)
+    in_u32 = cuda.shared.array(N, types.uint32)
+    in_v4b = cuda.shared.array(N4, types.uint32, alignment=16)
+    in_f32 = cuda.shared.array(N, types.float32)
+    in_v2f = cuda.shared.array(N2, types.float32, alignment=8)
+    in_v4f = cuda.shared.array(N4, types.float32, alignment=16)
+    in_u64 = cuda.shared.array(N, types.uint64)
+    in_f64 = cuda.shared.array(N, types.float64)
+    tid = cuda.threadIdx.x
+    thread = cuda.blockIdx.x * N + tid
+    peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+    address = ptx.shared_address(bar, 0)
+    if tid == 0:
+        ptx.mbarrier_init(address, 1)
+        ptx.fence_mbarrier_init_release_cluster()
+    ptx.cluster_sync()
+    if tid == 0:
+        ptx.mbarrier_expect_tx(address, N * MESSAGE_BYTES)
+        ptx.mbarrier_arrive(address)
+    remote_bar = ptx.map_shared(address, peer)
+    slot = N - 1 - tid
+    w, f = 5 * thread, 7 * thread
+    ptx.st_async_u32(ptx.map_shared(ptx.shared_address(in_u32, slot), peer), words[w], remote_bar)
+    ptx.st_async_v4_b32(
+        ptx.map_shared(ptx.shared_address(in_v4b, 4 * slot), peer),
+        words[w + 1], words[w + 2], words[w + 3], words[w + 4], remote_bar,
+    )
+    ptx.st_async_f32(ptx.map_shared(ptx.shared_address(in_f32, slot), peer), floats[f], remote_bar)
+    ptx.st_async_v2_f32(
+        ptx.map_shared(ptx.shared_address(in_v2f, 2 * slot), peer), floats[f + 1], floats[f + 2], remote_bar
+    )
+    ptx.st_async_v4_f32(
+        ptx.map_shared(ptx.shared_address(in_v4f, 4 * slot), peer),
+        floats[f + 3], floats[f + 4], floats[f + 5], floats[f + 6], remote_bar,
+    )
+    ptx.st_async_u64(ptx.map_shared(ptx.shared_address(in_u64, slot), peer), longs[thread], remote_bar)
+    ptx.st_async_f64(ptx.map_shared(ptx.shared_address(in_f64, slot), peer), doubles[thread], remote_bar)
+    ptx.mbarrier_wait_parity(address, 0)
+    out_words[w] = in_u32[tid]
+    for k in range(4):
+        out_words[w + 1 + k] = in_v4b[4 * tid + k]
+    out_floats[f] = in_f32[tid]
+    for k in range(2):
+        out_floats[f + 1 + k] = in_v2f[2 * tid + k]
+    for k in range(4):
+        out_floats[f + 3 + k] = in_v4f[4 * tid + k]
+    out_longs[thread] = in_u64[tid]
+    out_doubles[thread] = in_f64[tid]
+    ptx.cluster_sync()
+
+
+@pytest.mark.parametrize("size", PEER_CLUSTER_SIZES, ids=lambda s: f"c{s}")
+def test_st_async_messages_complete_on_the_peer_mbarrier(size, rng):
+    blocks = CLUSTERS * size
+    inputs = [
+        random_values(rng, np.uint32, (blocks, N, 5)),
+        random_values(rng, np.float32, (blocks, N, 7)),
+        random_values(rng, np.uint64, (blocks, N)),
+        random_values(rng, np.float64, (blocks, N)),
+    ]
+    outputs = [poisoned(a.size, a.dtype) for a in inputs]
+    shift = random_shift(rng, size)
+    run(async_messages, size, *[cuda.to_device(a.ravel()) for a in inputs], *outputs, shift)
+    _, received_from = partners(size, shift)
+    for source, result in zip(inputs, outputs):
+        assert_same_bits(result.copy_to_host().reshape(source.shape), source[received_from, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Global loads
+# ---------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def global_loads(words, halves, out, evict_last):
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        policy = ptx.l2_evict_last_policy() if evict_last else ptx.l2_evict_first_policy()
+        plain = ptx.ld_global_nc_v4(words, 4 * i)
+        streamed = ptx.ld_global_nc_v4_no_allocate(words, 4 * (out.shape[0] - 1 - i))
+        hinted = ptx.ld_global_nc_v4_policy(halves, 8 * i, policy)
+        for k in range(4):
+            out[i, k] = plain[k]
+            out[i, 4 + k] = streamed[k]
+            out[i, 8 + k] = hinted[k]
+
+
+@pytest.mark.parametrize("evict_last", [False, True], ids=["evict_first", "evict_last"])
+def test_global_128_bit_loads(evict_last, rng):
+    rows = 4 * N + 3  # a ragged tail
+    words = random_values(rng, np.uint32, (rows, 4))
+    halves = random_values(rng, np.float16, (rows, 8))
+    out = poisoned((rows, 12), np.uint32)
+    run(
+        global_loads, 4, cuda.to_device(words.ravel()), cuda.to_device(halves.ravel().view(np.uint16)), out, evict_last,
+        clusters=clusters_for(rows),
+    )
+    expected = np.concatenate([words, words[::-1], halves.view(np.uint32)], axis=1)
+    assert_same_bits(out.copy_to_host(), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Half-precision conversions on 16-bit storage
+# ---------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def narrow(x, half, bf16):
+    i = cuda.grid(1)
+    if i < x.size:
+        half[i] = ptx.f32_to_f16(x[i])
+        bf16[i] = ptx.f32_to_bf16(x[i])
+
+
+@cuda.jit
+def widen(bits, from_half, from_bf16):
+    i = cuda.grid(1)
+    if i < bits.size:
+        from_half[i] = ptx.f16_to_f32(bits[i])
+        from_bf16[i] = ptx.bf16_to_f32(bits[i])
+
+
+@cuda.jit
+def pairs(words, xs, unpacked, packed):
+    i = cuda.grid(1)
+    if i < words.size:
+        lo, hi = ptx.f16x2_to_f32x2(words[i])
+        unpacked[i, 0] = lo
+        unpacked[i, 1] = hi
+        lo, hi = ptx.bf16x2_to_f32x2(words[i])
+        unpacked[i, 2] = lo
+        unpacked[i, 3] = hi
+        packed[i, 0] = ptx.f32x2_to_f16x2(xs[i, 0], xs[i, 1])
+        packed[i, 1] = ptx.f32x2_to_bf16x2(xs[i, 0], xs[i, 1])
+
+
+def bf16_bits(x):
+    """float32 -> bfloat16 bits, round to nearest even (torch on the CPU as the reference)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def assert_same_or_both_nan(actual, expected):
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    assert_same_bits(actual[~nan], expected[~nan])
+
+
+def wide_range_floats(rng, count):
+    specials = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65519.996, 65520.0, -65520.0, 6e-8, 3e-8, 1e-45, 3.0e38,
+         1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8],
+        np.float32,
+    )
+    scaled = (rng.standard_normal(count) * 2.0 ** rng.integers(-30, 30, count)).astype(np.float32)
+    random_bits = rng.integers(0, 2**32, count, dtype=np.uint32).view(np.float32)
+    return np.concatenate([specials, scaled, random_bits])
+
+
+def bf16_as_float32(bits):
+    """bfloat16 bits (uint16) -> float32, exactly: a bfloat16 is the top half of a float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_float32_to_half_and_bfloat16_round_to_nearest_even(rng):
+    x = wide_range_floats(rng, 20000)
+    half, bf16 = poisoned(x.size, np.uint16), poisoned(x.size, np.uint16)
+    run(narrow, 4, cuda.to_device(x), half, bf16, clusters=clusters_for(x.size))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected_half = x.astype(np.float16)
+    assert_same_or_both_nan(half.copy_to_host().view(np.float16), expected_half)
+    assert_same_or_both_nan(bf16_as_float32(bf16.copy_to_host()), bf16_as_float32(bf16_bits(x)))
+
+
+def test_half_and_bfloat16_to_float32_is_exact_for_every_bit_pattern():
+    bits = np.arange(2**16, dtype=np.uint16)
+    from_half, from_bf16 = poisoned(bits.size, np.float32), poisoned(bits.size, np.float32)
+    run(widen, 4, cuda.to_device(bits), from_half, from_bf16, block=1024, clusters=clusters_for(bits.size, block=1024))
+    assert_same_or_both_nan(from_half.copy_to_host(), bits.view(np.float16).astype(np.float32))
+    assert_same_or_both_nan(from_bf16.copy_to_host(), bf16_as_float32(bits))
+
+
+def test_packed_pairs_keep_the_low_half_first(rng):
+    count = 5000
+    words = rng.integers(0, 2**32, count, dtype=np.uint32)
+    xs = (rng.standard_normal((count, 2)) * 100).astype(np.float32)
+    unpacked, packed = poisoned((count, 4), np.float32), poisoned((count, 2), np.uint32)
+    run(pairs, 4, cuda.to_device(words), cuda.to_device(xs), unpacked, packed, clusters=clusters_for(count))
+    halves = words.view(np.uint16).reshape(count, 2)  # little-endian: low half first
+    expected = np.concatenate([halves.view(np.float16).astype(np.float32), bf16_as_float32(halves)], axis=1)
+    got = unpacked.copy_to_host()
+    assert_same_or_both_nan(got[:, :2], expected[:, :2])
+    assert_same_bits(got[:, 2:], expected[:, 2:])  # the bf16 unpack is pure bit moves: NaNs keep payloads
+    expected_packed = np.stack(
+        [xs.astype(np.float16).view(np.uint32).ravel(), bf16_bits(xs).reshape(count, 2).copy().view(np.uint32).ravel()],
+        axis=1,
+    )
+    assert_same_bits(packed.copy_to_host(), expected_packed)

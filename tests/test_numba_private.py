@@ -1,0 +1,188 @@
+"""Pins the numba-cuda internals that clusterlab._numba_private relies on.
+
+If numba-cuda changes one of them, these tests fail before a kernel receives garbage arguments.
+CPU tests pin the data layout and call signatures; GPU tests pin the behaviour end to end.
+"""
+
+import ctypes
+import inspect
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from numba import cuda, types
+from numba.cuda.descriptor import cuda_target
+from numba.cuda.dispatcher import _Kernel
+
+from clusterlab import _numba_private
+from clusterlab.launch import _scalar_code
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_array_argument_layout_is_meminfo_parent_nitems_itemsize_data_shape_strides(ndim):
+    arrty = types.Array(types.float32, ndim, "A")
+    model = cuda_target.target_context.data_model_manager[arrty]
+    assert model._fields == _numba_private.ARRAY_MEMBERS
+    flattened = cuda_target.target_context.get_arg_packer([arrty]).argument_types
+    assert len(flattened) == 5 + 2 * ndim
+    assert str(flattened[4]) == "float*"  # the data pointer is the fifth parameter
+    assert all(str(t) == "i64" for t in flattened[2:4] + flattened[5:])
+
+
+def test_prepare_args_keeps_its_signature():
+    params = list(inspect.signature(_Kernel._prepare_args).parameters)
+    assert params == ["self", "ty", "val", "stream", "retr", "kernelargs"]
+
+
+@pytest.mark.parametrize(
+    "ty, value",
+    [
+        (types.int8, -5),
+        (types.uint8, 250),
+        (types.int16, -30000),
+        (types.uint16, 65000),
+        (types.int32, -(2**31) + 3),
+        (types.uint32, 2**32 - 3),
+        (types.int64, -(2**62)),
+        (types.uint64, 2**64 - 5),
+        (types.float32, 1.25),
+        (types.float64, -2.5e300),
+        (types.boolean, True),
+    ],
+)
+def test_scalars_pack_as_launch_py_assumes(ty, value):
+    """launch.py packs these scalars itself with struct codes; they must match numba's bytes."""
+    packed = []
+    _Kernel._prepare_args(SimpleNamespace(extensions=[]), ty, value, 0, [], packed)
+    assert len(packed) == 1
+    item = packed[0]
+    numba_bytes = bytes(item) if isinstance(item, ctypes._SimpleCData) else struct.pack("<?", item)
+    assert struct.pack("<" + _scalar_code(ty), value) == numba_bytes
+
+
+@pytest.mark.parametrize("view", ["1d", "1d-strided", "2d-transposed"])
+def test_pack_tensor_lays_out_numba_array_fields(view):
+    """On the CPU: the fields pack_tensor appends, placed by tensor_parameters, in numba's order."""
+    import torch
+
+    base = torch.arange(60, dtype=torch.float64)
+    tensor = {"1d": base, "1d-strided": base[::4], "2d-transposed": base.reshape(6, 10).t()}[view]
+    values = []
+    key = _numba_private.pack_tensor(tensor, values)
+    fields = [int(p) if isinstance(p, _numba_private.Constant) else values[p] for p in _numba_private.tensor_parameters(key)]
+    strides = [s * 8 for s in tensor.stride()]
+    assert fields == [0, 0, tensor.numel(), 8, tensor.data_ptr(), *tensor.shape, *strides]
+    assert key == (torch.float64, tensor.dim(), tensor.is_contiguous(), -1)
+
+
+def test_code_library_exposes_cufunc_with_a_cuda_core_kernel():
+    from numba.cuda.codegen import CUDACodeLibrary
+    from numba.cuda.cudadrv.driver import CudaPythonFunction
+
+    assert callable(CUDACodeLibrary.get_cufunc)
+    assert "kernel" in CudaPythonFunction.__slots__
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: behaviour
+# ---------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def _scale(out, x, factor):
+    i = cuda.grid(1)
+    if i < x.size:
+        out[i] = x[i] * factor
+
+
+def _overload_for(*args):
+    from numba.cuda.typing.typeof import typeof
+
+    return _scale.compile(tuple(typeof(a) for a in args))
+
+
+@pytest.mark.gpu
+def test_kernel_handle_is_the_compiled_overload():
+    import torch
+    from cuda.bindings import driver
+
+    x = torch.rand(64, device="cuda")
+    overload = _overload_for(x, x, 2.0)
+    handle = driver.CUkernel(_numba_private.kernel_handle(overload))
+    err, regs = driver.cuKernelGetAttribute(
+        driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS, handle, driver.CUdevice(0)
+    )
+    assert not err
+    assert regs == overload.regs_per_thread
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t.rand(1000, device="cuda"),
+        lambda t: t.rand(300, device="cuda", dtype=t.float64)[::3],
+        lambda t: t.rand(7, 33, device="cuda"),
+        lambda t: t.rand(40, 30, device="cuda")[:, ::3],
+        lambda t: t.rand(16, 24, device="cuda").t(),
+        lambda t: t.rand(2, 1, 5, device="cuda", dtype=t.float64),
+        lambda t: t.randint(0, 100, (3, 4, 5), device="cuda", dtype=t.int16)[1:, :, ::2],
+    ],
+    ids=["1d", "1d-strided", "2d", "2d-strided", "transposed", "size-1-dim", "3d-int16-sliced"],
+)
+def test_pack_tensor_and_its_parameter_layout_match_numba_packing(make):
+    import torch
+    from numba.cuda.typing.typeof import typeof
+
+    tensor = make(torch)
+    overload = _overload_for(torch.empty(1, device="cuda"), torch.empty(1, device="cuda"), 1.0)
+    numba_values = [
+        item.value if isinstance(item, ctypes._SimpleCData) else item
+        for item in _numba_private.pack_argument(overload, typeof(tensor), tensor)
+    ]
+    values = []
+    key = _numba_private.pack_tensor(tensor, values)
+    assert key == (tensor.dtype, tensor.dim(), tensor.is_contiguous(), 0)
+    rebuilt = [
+        int(p) if isinstance(p, _numba_private.Constant) else values[p] for p in _numba_private.tensor_parameters(key)
+    ]
+    assert rebuilt == numba_values
+
+
+@pytest.mark.gpu
+def test_pack_argument_refuses_host_arrays():
+    import torch
+
+    overload = _overload_for(torch.empty(1, device="cuda"), torch.empty(1, device="cuda"), 1.0)
+    with pytest.raises(TypeError, match="host memory"):
+        _numba_private.pack_argument(overload, types.float32[::1], np.ones(4, np.float32))
+
+
+def test_device_functions_take_their_cc_from_get_current_device():
+    # device_functions_compiled_for() replaces exactly this lookup; if numba moves it, fail here.
+    from numba.cuda import dispatcher
+
+    assert "get_current_device().compute_capability" in inspect.getsource(dispatcher.CUDADispatcher.compile_device)
+
+
+@pytest.mark.ptx
+def test_kernel_calling_a_device_function_compiles_without_a_gpu():
+    from clusterlab import ptx
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    @cuda.jit(device=True)
+    def peer_value(array, index):
+        return ptx.remote_load(array, index, (ptx.cluster_rank() + 1) % ptx.cluster_size())
+
+    @cuda.jit
+    def kernel(out):
+        staged = cuda.shared.array(32, dtype=types.float32)
+        staged[cuda.threadIdx.x] = cuda.threadIdx.x
+        ptx.cluster_sync()
+        out[cuda.threadIdx.x] = peer_value(staged, cuda.threadIdx.x)
+        ptx.cluster_sync()
+
+    code = kernel_ptx(kernel, (types.float32[::1],))
+    assert "ld.shared::cluster.f32" in code
+    assemble(code)
