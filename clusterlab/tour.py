@@ -1,8 +1,8 @@
 """``clusterlab tour``: both collectives over every cluster size, checked, in one table.
 
 With a Hopper GPU each (primitive, algorithm, cluster size) runs as a kernel and is compared bit for
-bit with the simulator running the same algorithm; its latency is the median kernel time of repeated
-launches (CUDA events). Without one, the simulator runs alone and is compared with NumPy.
+bit with the simulator running the same algorithm; its latency is the median GPU time of one launch,
+replayed from a CUDA graph and timed with CUDA events. Without one, the simulator runs alone and is compared with NumPy.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class TourRow:
     check: str
     ok: bool
     dsmem_bytes: int
-    latency_us: float | None  # kernel time on the GPU; simulator wall time otherwise
+    latency_us: float  # GPU time of one launch (graph replay); simulator wall time otherwise
 
 
 def _numpy_check(primitive: str, x: np.ndarray, out: np.ndarray) -> tuple[str, bool]:
@@ -97,7 +97,7 @@ def format_tour(rows: list[TourRow]) -> str:
     """The tour as a text table, one line per (primitive, algorithm, cluster size)."""
     if not rows:
         return "(nothing run)"
-    timing = "kernel µs" if rows[0].backend == "gpu" else "simulator µs"
+    timing = "launch µs" if rows[0].backend == "gpu" else "simulator µs"
     header = f"{'primitive':<9} {'algorithm':<10} {'cluster':>7} {'DSMEM bytes':>12} {timing:>13}  check"
     lines = [f"backend: {rows[0].backend}", header, "-" * len(header)]
     for row in rows:

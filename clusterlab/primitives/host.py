@@ -12,6 +12,8 @@ launched; a machine without a Hopper GPU raises :class:`clusterlab.HopperRequire
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
 
@@ -165,22 +167,28 @@ def to_numpy(tensor) -> np.ndarray:
 
 
 def time_collective(primitive: str, x: np.ndarray, *, algorithm: str, op: str = "sum", repeats: int = 20):
-    """Run a collective on the GPU: (result as NumPy, median kernel time in µs over ``repeats`` launches).
+    """Run a collective on the GPU: (result as NumPy, median GPU time of one launch in µs).
 
-    Times with CUDA events around each launch after one warm-up launch (which also compiles).
+    The launch is captured in a CUDA graph after a warm-up call (which also compiles), and each of
+    ``repeats`` graph replays is timed with CUDA events, so host-side Python overhead is excluded.
     """
     import torch
 
-    run = (lambda t: cluster_reduce(t, op=op, algorithm=algorithm)) if primitive == "reduce" else (
-        lambda t: cluster_gather(t, algorithm=algorithm)
-    )
-    rows = _result(_storage_rows(x, np.dtype(x.dtype).name, x.shape[-1]), np.dtype(x.dtype).name, x.shape)
-    out = run(rows)
+    dtype = np.dtype(x.dtype).name
+    rows = _result(_storage_rows(x, dtype, x.shape[-1]), dtype, x.shape)
+    if primitive == "reduce":
+        run = functools.partial(cluster_reduce, rows, op=op, algorithm=algorithm)
+    else:
+        run = functools.partial(cluster_gather, rows, algorithm=algorithm)
+    out = run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(out=out)
     times = []
     for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run(rows)
+        graph.replay()
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop) * 1e3)
