@@ -1,0 +1,103 @@
+"""Where the fused decode step's time goes: the kernel with one part switched off at a time.
+
+    python benchmarks/fused.py [--preset llama2-7b] [--kv 1024 16384] [--batch 1]
+
+Each variant is the real kernel source of :func:`clusterlab.fused.kernel.build_kernel` with one
+line replaced (asserted to exist, so a change to the kernel breaks this script loudly rather than
+timing the wrong thing): no W_qkv stream, no KV stream, no W_o stream, none of the three (what is
+left is launch, the four cluster barriers and exchanges, and the finish), and no finish (the
+last-block conversion of ``out_acc``). Outputs of the ablated variants are wrong by construction
+and are not checked; the full kernel is checked against the reference first. Times are medians of
+CUDA-graph replays, the floor is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import sys
+import textwrap
+
+import torch
+from numba import cuda
+
+from clusterlab.fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
+from clusterlab.fused import kernel as kernel_module
+from clusterlab.fused.bench import copy_bandwidth, graph_time_us
+from clusterlab.launch import launch
+
+#: variant -> (line of build_kernel's source, its replacement)
+ABLATIONS = {
+    "no W_qkv stream": ("    QKV_STEPS = ROWS // QKV_STEP\n", "    QKV_STEPS = 0\n"),
+    "no KV stream": (
+        "        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if b_att < B else 0\n",
+        "        kv_steps = 0\n",
+    ),
+    "no W_o stream": ("    O_STEPS = OUT_ROWS // O_STEP\n", "    O_STEPS = 0\n"),
+    "no finish": ("        if last[0] == 1:\n", "        if last[0] == 2:\n"),
+}
+ABLATIONS["no streams at all"] = tuple(
+    "".join(pair[i] for pair in (ABLATIONS["no W_qkv stream"], ABLATIONS["no KV stream"], ABLATIONS["no W_o stream"]))
+    for i in (0, 1)
+)
+
+
+def ablated_builder(replacements: list[tuple[str, str]]):
+    """``build_kernel`` recompiled from its source with ``replacements`` applied."""
+    source = textwrap.dedent(inspect.getsource(kernel_module.build_kernel))
+    for old, new in replacements:
+        for o, n in zip(old.splitlines(keepends=True), new.splitlines(keepends=True)):
+            assert source.count(o) == 1, f"kernel source changed: {o!r} not found once"
+            source = source.replace(o, n)
+    namespace = dict(vars(kernel_module))
+    exec(compile(source, kernel_module.__file__, "exec"), namespace)
+    return namespace["build_kernel"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="llama2-7b", choices=list(PRESETS))
+    parser.add_argument("--kv", nargs="+", type=int, default=[1024, 16384])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    config = PRESETS[args.preset]
+    bandwidth = copy_bandwidth()
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=0)
+    layer = DecodeAttention(config, weights)
+    cache = KVCache.random(config, args.batch, max(args.kv), dtype, "cuda", seed=1)
+    hidden, residual = torch.randn(2, args.batch, config.hidden_size, device="cuda").to(dtype)
+    out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
+    spec = layer.kernel_spec(dtype, args.batch)
+    print(f"{args.preset} {args.dtype} batch {args.batch}, cluster {spec.cluster_size} x {spec.warps} warps, "
+          f"copy {bandwidth / 1e12:.2f} TB/s")
+    grid, cluster = config.kv_heads * spec.cluster_size, spec.cluster_size
+    variants = {
+        name: launch(
+            cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(ablated_builder([replacement])(spec)),
+            grid=grid, cluster=cluster, block=spec.threads, shared_bytes=spec.shared_bytes, non_portable=cluster > 8,
+        )
+        for name, replacement in ABLATIONS.items()
+    }
+    for kv_len in args.kv:
+        position = kv_len - 1
+        want = reference_step(config, weights, hidden, residual, cache, position)
+        layer(hidden, residual, cache, position, out=out, residual_out=new_residual)
+        err = relative_error(out, want.out)
+        floor = config.step_bytes(args.batch, kv_len) / bandwidth * 1e6
+        full = graph_time_us(functools.partial(layer, hidden, residual, cache, position, out=out,
+                                               residual_out=new_residual))
+        print(f"kv {kv_len:6d}: floor {floor:6.1f} us; full kernel {full:6.1f} us (rel err {err:.1e})")
+        launch_args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
+        for name, step in variants.items():
+            t = graph_time_us(functools.partial(step, *launch_args))
+            print(f"           {name:18s} {t:6.1f} us  ({full - t:+6.1f} us for it)", flush=True)
+            layer._out_acc.zero_()  # ablated kernels leave the workspace dirty
+            layer._arrivals.zero_()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""``clusterlab bench fused``: the fused layer against PyTorch and the bytes-moved floor, in one run.
+
+For each preset, batch and KV length (the step at ``position = kv_len - 1`` attends over
+``kv_len`` keys) it times, on the same GPU in the same process:
+
+- **fused**: one :class:`~clusterlab.fused.layer.DecodeAttention` step, captured in a CUDA graph;
+- **torch**: :class:`~clusterlab.fused.reference.UnfusedAttention` (add, rms_norm, linear, RoPE,
+  SDPA, linear) captured in a CUDA graph;
+- **floor**: :meth:`AttentionConfig.step_bytes` over the device-to-device copy bandwidth measured
+  at the start of the run (bytes read + written by ``Tensor.copy_`` of 1 GiB).
+
+Each time is the median over ``repeats`` measurements of ``replays`` back-to-back graph replays
+between two CUDA events, after a warm-up. Every fused configuration is checked against the
+float64 reference before it is timed. Results: a table on stdout, ``fused_<tag>.json`` (card,
+driver, date, commit from ``$CLUSTERLAB_COMMIT``) and ``fused_<tag>.png`` under ``out_dir``.
+
+Run directly: ``python -m clusterlab.fused.bench --batch 1 4 --kv 1024 4096 16384 32768``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, AttentionWeights, KVCache, rope_table
+from .layer import DecodeAttention
+from .reference import UnfusedAttention, reference_step, relative_error
+
+KV_LENGTHS = (1024, 4096, 16384, 32768)
+
+
+@dataclass
+class BenchRow:
+    preset: str
+    dtype: str
+    batch: int
+    kv_len: int
+    cluster_size: int
+    warps: int
+    fused_us: float
+    torch_us: float
+    floor_us: float
+    rel_err: float
+
+    @property
+    def fraction_of_copy_bw(self) -> float:
+        """floor / fused: the fraction of measured copy bandwidth the fused step sustains."""
+        return self.floor_us / self.fused_us
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of ``repeats``."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e-3)
+    return 2 * nbytes / statistics.median(times)
+
+
+def graph_time_us(step, replays: int = 20, repeats: int = 25) -> float:
+    """Median µs of one replay of ``step()`` captured in a CUDA graph (back-to-back replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile, load, warm up outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3 / replays)
+    return statistics.median(times)
+
+
+def run_bench(
+    presets=("llama2-7b", "llama3-8b"),
+    kv_lens=KV_LENGTHS,
+    batches=(1, 4),
+    dtype: str = "float16",
+    variants=None,
+    out_dir: str | os.PathLike = "benchmarks/results",
+    tag: str = "h100",
+    seed: int = 0,
+) -> list[BenchRow]:
+    """Time every (preset, batch, kv_len) and write ``fused_<tag>.json`` / ``.png`` into ``out_dir``.
+
+    ``variants``: ``(cluster_size, warps)`` pairs to time for the fused kernel (``None``: the
+    layer's defaults). Returns the rows (also printed as a table).
+    """
+    from ..gpu import device_info, require_hopper
+
+    require_hopper()
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    rows: list[BenchRow] = []
+    for name in presets:
+        config = PRESETS[name]
+        weights = AttentionWeights.random(config, torch_dtype, "cuda", seed=seed)
+        capacity = max(kv_lens)
+        rope = rope_table(config, capacity, device="cuda")
+        unfused = UnfusedAttention(config, weights, rope)
+        layers = [DecodeAttention(config, weights)] if variants is None else [
+            DecodeAttention(config, weights, cluster_size=c, warps=w) for c, w in variants
+        ]
+        for batch in batches:
+            cache = KVCache.random(config, batch, capacity, torch_dtype, "cuda", seed=seed + 1)
+            hidden = torch.randn(batch, config.hidden_size, device="cuda").to(torch_dtype)
+            residual = torch.randn(batch, config.hidden_size, device="cuda").to(torch_dtype)
+            for kv_len in kv_lens:
+                position = kv_len - 1
+                floor_us = config.step_bytes(batch, kv_len) / bandwidth * 1e6
+                torch_us = graph_time_us(functools.partial(unfused, hidden, residual, cache, position))
+                for layer in layers:
+                    want = reference_step(config, weights, hidden, residual, cache, position)
+                    out, new_residual = layer(hidden, residual, cache, position)
+                    if kv_len == kv_lens[0]:
+                        args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
+                        clusters = layer.launcher(torch_dtype, batch).max_active_clusters(*args)
+                        print(f"{name} batch {batch} cluster {layer.cluster_size} x {layer.warps} warps: "
+                              f"{config.kv_heads} clusters launched, {clusters} fit at once", flush=True)
+                    err = relative_error(out, want.out)
+                    fused_us = graph_time_us(functools.partial(layer, hidden, residual, cache, position))
+                    row = BenchRow(name, dtype, batch, kv_len, layer.cluster_size, layer.warps,
+                                   fused_us, torch_us, floor_us, err)
+                    rows.append(row)
+                    print(_format_row(row), flush=True)
+    print(format_table(rows, bandwidth))
+    _write(rows, bandwidth, Path(out_dir), tag, device_info())
+    return rows
+
+
+def _format_row(r: BenchRow) -> str:
+    return (
+        f"{r.preset:10s} {r.dtype:8s} b={r.batch} kv={r.kv_len:6d} C={r.cluster_size:2d} W={r.warps:2d}  "
+        f"fused {r.fused_us:7.1f} us  torch {r.torch_us:7.1f} us  floor {r.floor_us:7.1f} us  "
+        f"{100 * r.fraction_of_copy_bw:5.1f}% of copy BW  {r.torch_us / r.fused_us:4.2f}x torch  err {r.rel_err:.1e}"
+    )
+
+
+def format_table(rows: list[BenchRow], bandwidth: float) -> str:
+    lines = [f"fused decode attention vs PyTorch graph vs floor at {bandwidth / 1e12:.2f} TB/s"]
+    lines += [_format_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def _write(rows, bandwidth, out_dir: Path, tag: str, info: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "card": info.get("gpu"),
+        "driver_cuda_version": info.get("driver_cuda_version"),
+        "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("CLUSTERLAB_COMMIT", "unknown"),
+        "copy_bandwidth_tbps": bandwidth / 1e12,
+        "rows": [asdict(r) | {"fraction_of_copy_bw": r.fraction_of_copy_bw} for r in rows],
+    }
+    (out_dir / f"fused_{tag}.json").write_text(json.dumps(record, indent=1))
+    _plot(rows, record, out_dir / f"fused_{tag}.png")
+
+
+def _plot(rows, record, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r.preset, r.batch) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (preset, batch) in zip(axes[0], panels):
+        mine = [r for r in rows if (r.preset, r.batch) == (preset, batch)]
+        kv = sorted({r.kv_len for r in mine})
+        first = {k: next(r for r in mine if r.kv_len == k) for k in kv}
+        ax.plot(kv, [first[k].torch_us for k in kv], "s-", label="PyTorch (CUDA graph)")
+        ax.plot(kv, [first[k].floor_us for k in kv], "k--", label="floor (bytes / copy BW)")
+        ax.plot(kv, [first[k].floor_us / 0.85 for k in kv], "k:", label="85% of copy BW")
+        for c, w in sorted({(r.cluster_size, r.warps) for r in mine}):
+            pts = {r.kv_len: r.fused_us for r in mine if (r.cluster_size, r.warps) == (c, w)}
+            ax.plot(kv, [pts[k] for k in kv], "o-", label=f"fused (cluster {c}, {w} warps)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV length")
+        ax.set_ylabel("µs per decode step")
+        ax.set_title(f"{preset}, batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{record['card']}, copy {record['copy_bandwidth_tbps']:.2f} TB/s, {record['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--kv", nargs="+", type=int, default=list(KV_LENGTHS))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--variant", nargs="*", default=None, metavar="CxW",
+                        help="fused variants as cluster_size x warps, e.g. 8x8 16x8")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--tag", default="h100")
+    args = parser.parse_args(argv)
+    variants = None if args.variant is None else [tuple(int(x) for x in v.split("x")) for v in args.variant]
+    run_bench(args.preset, args.kv, args.batch, args.dtype, variants, args.out_dir, args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""Shapes, presets, weights and the KV cache of one attention block at decode time.
+
+Layouts (row-major, all contiguous, one dtype for everything: float16 or bfloat16):
+
+=================  =====================================  ==========================================
+name               shape                                  meaning
+=================  =====================================  ==========================================
+``hidden``         ``[batch, hidden_size]``               output of the previous layer
+``residual``       ``[batch, hidden_size]``               residual stream before this block
+``norm``           ``[hidden_size]``                      RMSNorm gain
+``qkv``            ``[(heads + 2 * kv_heads) * head_dim,  rows: all query heads, then all key
+                   hidden_size]``                         heads, then all value heads
+``o``              ``[hidden_size, heads * head_dim]``    output projection
+``k``, ``v``       ``[batch, kv_heads, capacity,          the cache; one step reads rows
+                   head_dim]``                            ``0 .. position`` of each head
+=================  =====================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Activation, weight and cache dtypes the fused layer accepts.
+DTYPES = (torch.float16, torch.bfloat16)
+#: Head sizes the fused kernel is built for.
+HEAD_DIMS = (64, 128)
+#: RoPE variants: "neox" rotates the pairs (i, i + head_dim/2); "gptj" the pairs (2i, 2i + 1).
+ROPE_STYLES = ("neox", "gptj")
+#: Largest batch one decode step takes.
+MAX_BATCH = 8
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Shapes and constants of one attention block (pre-norm, RoPE, grouped-query attention).
+
+    ``heads`` query heads share ``kv_heads`` key/value heads in groups of ``heads // kv_heads``
+    (``kv_heads == heads`` is multi-head attention).
+    """
+
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_style: str = "neox"
+    rms_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("hidden_size", "heads", "kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"AttentionConfig.{name} must be a positive int, got {value!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"AttentionConfig.heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"
+            )
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"AttentionConfig.head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
+        if self.hidden_size % 8:
+            raise ValueError(
+                f"AttentionConfig.hidden_size must be a multiple of 8 (16-byte rows), got {self.hidden_size}"
+            )
+        if self.rope_style not in ROPE_STYLES:
+            raise ValueError(f"AttentionConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
+        if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"AttentionConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
+        if not (0.0 < self.rms_eps < 1.0):
+            raise ValueError(f"AttentionConfig.rms_eps must be in (0, 1), got {self.rms_eps!r}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
+    def attn_width(self) -> int:
+        """Width of the attention output, the inner size of the output projection."""
+        return self.heads * self.head_dim
+
+    def weight_bytes(self, itemsize: int = 2) -> int:
+        """Bytes of the RMSNorm gain, QKV and output projections."""
+        return itemsize * (self.hidden_size + self.qkv_rows * self.hidden_size + self.hidden_size * self.attn_width)
+
+    def step_bytes(self, batch: int, kv_len: int, itemsize: int = 2) -> int:
+        """Fewest bytes one decode step moves through device memory.
+
+        Weights once, ``kv_len - 1`` cached rows of K and V per (sequence, KV head) read, one new
+        row of each written, ``hidden`` and ``residual`` read, ``out`` and the new residual written.
+        """
+        cache_row = self.kv_heads * self.head_dim * itemsize
+        return (
+            self.weight_bytes(itemsize)
+            + batch * 2 * cache_row * kv_len
+            + batch * 4 * self.hidden_size * itemsize
+        )
+
+    def step_flops(self, batch: int, kv_len: int) -> int:
+        """Multiply-adds × 2 of one step: the two projections and attention (norm and RoPE ignored)."""
+        projections = 2 * batch * self.hidden_size * (self.qkv_rows + self.attn_width)
+        attention = 2 * batch * self.heads * kv_len * self.head_dim * 2
+        return projections + attention
+
+
+#: Llama-2-7B: 4096 hidden, 32 heads of 128, multi-head attention.
+LLAMA2_7B = AttentionConfig(hidden_size=4096, heads=32, kv_heads=32, head_dim=128, rope_theta=10000.0)
+#: Llama-3-8B: 4096 hidden, 32 query heads sharing 8 key/value heads of 128.
+LLAMA3_8B = AttentionConfig(hidden_size=4096, heads=32, kv_heads=8, head_dim=128, rope_theta=500000.0)
+PRESETS = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
+
+
+def _check_dtype(dtype) -> None:
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+
+
+@dataclass
+class AttentionWeights:
+    """The block's parameters; see the module docstring for shapes."""
+
+    norm: torch.Tensor
+    qkv: torch.Tensor
+    o: torch.Tensor
+
+    @classmethod
+    def random(cls, config: AttentionConfig, dtype=torch.float16, device="cpu", seed: int | None = None):
+        """Fresh weights scaled like a trained model's (unit-variance outputs), never zeros.
+
+        The norm gain is drawn around 1; projections are normal with std ``1/sqrt(fan_in)``.
+        """
+        _check_dtype(dtype)
+        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        h = config.hidden_size
+
+        def draw(*shape, std):
+            return (torch.randn(*shape, generator=gen, dtype=torch.float32) * std).to(dtype).to(device)
+
+        return cls(
+            norm=(1.0 + 0.1 * torch.randn(h, generator=gen)).to(dtype).to(device),
+            qkv=draw(config.qkv_rows, h, std=h**-0.5),
+            o=draw(h, config.attn_width, std=config.attn_width**-0.5),
+        )
+
+    def to(self, device) -> AttentionWeights:
+        return AttentionWeights(self.norm.to(device), self.qkv.to(device), self.o.to(device))
+
+
+@dataclass
+class KVCache:
+    """Keys and values of ``batch`` sequences, ``capacity`` positions each; see the module docstring."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu"):
+        """A cache filled with NaN: a step that reads a row nothing wrote returns NaN."""
+        _check_dtype(dtype)
+        shape = (batch, config.kv_heads, capacity, config.head_dim)
+        return cls(
+            torch.full(shape, float("nan"), dtype=dtype, device=device),
+            torch.full(shape, float("nan"), dtype=dtype, device=device),
+        )
+
+    @classmethod
+    def random(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu",
+               seed: int | None = None):
+        """A cache of standard-normal keys and values, as if ``capacity`` tokens had been seen."""
+        _check_dtype(dtype)
+        gen = torch.Generator(device=device).manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        shape = (batch, config.kv_heads, capacity, config.head_dim)
+        return cls(
+            torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype),
+            torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def clone(self) -> KVCache:
+        return KVCache(self.k.clone(), self.v.clone())
+
+
+def rope_angles(config: AttentionConfig, position: int) -> torch.Tensor:
+    """``position * theta**(-2i/head_dim)`` for ``i < head_dim/2``, float64."""
+    i = torch.arange(config.head_dim // 2, dtype=torch.float64)
+    return position * config.rope_theta ** (-2.0 * i / config.head_dim)
+
+
+def rope_table(config: AttentionConfig, capacity: int, device="cpu") -> torch.Tensor:
+    """cos and sin of every position's RoPE angles: ``[capacity, 2, head_dim/2]`` float32.
+
+    Computed in float64 and rounded once, so no large angle is ever formed in float32.
+    """
+    i = torch.arange(config.head_dim // 2, dtype=torch.float64)
+    angles = torch.arange(capacity, dtype=torch.float64)[:, None] * config.rope_theta ** (-2.0 * i / config.head_dim)
+    return torch.stack([angles.cos(), angles.sin()], dim=1).to(torch.float32).contiguous().to(device)

@@ -1,0 +1,124 @@
+"""How one decode step is split over clusters and blocks, shared by the kernel and its simulator model.
+
+One cluster per KV head ``g``; its ``C`` blocks split every dimension that has to be streamed from
+device memory, and exchange partial results through distributed shared memory (DSMEM)::
+
+    grid: kv_heads clusters x C blocks            (Llama-2-7B: 32 x 4, Llama-3-8B: 8 x 16)
+
+    cluster g owns  W_qkv rows of query heads g*G .. g*G+G-1, key head g, value head g
+                    ("slots" 0..G-1, G, G+1; G = heads / kv_heads), the KV cache of head g,
+                    and the W_o columns of its query heads
+
+                  hidden slice          cached positions          W_o rows (outputs)
+    block 0    x[0    : H/C ]        t in [0,      n/C)          out[0    : H/C ]
+    block 1    x[H/C  : 2H/C]        t in [n/C,   2n/C)          out[H/C  : 2H/C]
+      ...
+    block C-1  x[.. : H]             t in [.., n) + new token      out[.. : H]
+
+    phase        every block                                       DSMEM                     cluster barrier
+    -----------  ------------------------------------------------  ------------------------  ---------------
+    1 qkv        h = x + r on its slice, sum(h^2) partial,         -
+                 partial[row] = W_qkv[row, slice] . (h*norm)[slice]
+                                                                                             B1
+    2 rope       for its pairs p = rank, rank+C, ...:              pull partial[row] of all
+                 sum over blocks, * rsqrt(mean h^2 + eps), RoPE;   C blocks; push q, k, v
+                 k, v of the new token -> KV cache                 to all C blocks
+                                                                                             B2
+    3 attention  online softmax of q . K[t] over its positions     -
+                 -> state (m, l, acc[head_dim]) per (batch, head)
+                                                                                             B3
+    4 merge      for its elements e = rank, rank+C, ...:           pull states of all C;
+                 o[e] = sum_c acc_c e^(m_c-M) / sum_c l_c e^(m_c-M) push o to all C blocks
+                                                                                             B4
+    5 o proj     out_acc[rows] += W_o[rows, cols of g] . o         -  (global red.add.f32)
+    6 finish     the last block of the grid to arrive: out = out_acc in the activation dtype,
+                 out_acc = 0 for the next step
+
+Only inputs, weights, the KV cache (read, and one row appended), ``out_acc`` and the outputs
+touch device memory. Phase 1 splits the hidden (reduction) dimension, so its partial sums must be
+reduced across the cluster; phase 5 splits output rows, so it needs every block to hold all of
+``o``; the cross-head sum of phase 5 goes through float32 atomics because heads live in
+different clusters, which share no memory.
+
+The functions below are plain integer arithmetic; the kernel compiles the same functions as
+device functions, so the simulator program and the kernel cannot disagree on who owns what.
+"""
+
+from __future__ import annotations
+
+from .config import AttentionConfig
+
+#: Cluster sizes the kernel is built for (16 needs the non-portable cluster-size opt-in).
+CLUSTER_SIZES = (1, 2, 4, 8, 16)
+#: A block's cached-position range starts on a multiple of this many positions.
+POSITION_ALIGN = 16
+
+
+def qkv_row(heads: int, kv_heads: int, head_dim: int, kv_head: int, row: int) -> int:
+    """Row of ``W_qkv`` holding the cluster's local ``row`` (slot-major: ``row = slot*head_dim + i``)."""
+    group = heads // kv_heads
+    slot = row // head_dim
+    i = row - slot * head_dim
+    if slot < group:
+        return (kv_head * group + slot) * head_dim + i
+    if slot == group:
+        return (heads + kv_head) * head_dim + i
+    return (heads + kv_heads + kv_head) * head_dim + i
+
+
+def rope_pair(head_dim: int, neox: bool, pair: int):
+    """Local rows ``(a, b)`` rotated together by RoPE pair ``pair``, and its angle index.
+
+    Pairs run over all slots: ``slot = pair // (head_dim/2)``. NeoX rotates ``(i, i + head_dim/2)``,
+    GPT-J ``(2i, 2i + 1)``; either way the angle index is ``i``.
+    """
+    half = head_dim // 2
+    slot = pair // half
+    i = pair - slot * half
+    if neox:
+        return slot * head_dim + i, slot * head_dim + i + half, i
+    return slot * head_dim + 2 * i, slot * head_dim + 2 * i + 1, i
+
+
+def cached_range(cached: int, rank: int, cluster_size: int):
+    """Positions ``[start, end)`` of the ``cached`` old KV rows that block ``rank`` attends over.
+
+    Blocks take equal chunks rounded up to :data:`POSITION_ALIGN`, so the last blocks may get
+    fewer (or none); the last block also takes the new token (see :func:`new_token_rank`).
+    """
+    chunk = (cached + cluster_size - 1) // cluster_size
+    chunk = (chunk + POSITION_ALIGN - 1) // POSITION_ALIGN * POSITION_ALIGN
+    start = min(rank * chunk, cached)
+    return start, min(start + chunk, cached)
+
+
+def new_token_rank(cluster_size: int) -> int:
+    """The block that folds the new token's key and value into its softmax state."""
+    return cluster_size - 1
+
+
+def check_cluster_size(config: AttentionConfig, cluster_size: int) -> None:
+    """``cluster_size`` is one of :data:`CLUSTER_SIZES` and splits the hidden size into 16-byte rows."""
+    if cluster_size not in CLUSTER_SIZES:
+        raise ValueError(f"cluster_size must be one of {CLUSTER_SIZES}, got {cluster_size!r}")
+    if config.hidden_size % (8 * cluster_size):
+        raise ValueError(
+            f"cluster_size {cluster_size} does not split hidden_size {config.hidden_size} into slices "
+            f"of whole 16-byte chunks (hidden_size must be a multiple of {8 * cluster_size})"
+        )
+
+
+def default_cluster_size(config: AttentionConfig, sm_count: int) -> int:
+    """Largest cluster size that keeps the grid within one block per SM.
+
+    Llama-2-7B on 132 SMs: 32 KV heads x 4 = 128 blocks; Llama-3-8B: 8 x 16 = 128. One block per
+    SM (with room for two, see :attr:`~clusterlab.fused.kernel.KernelSpec.min_blocks_per_sm`)
+    keeps every cluster resident at once: a GPC holds only whole clusters, so a grid of two
+    blocks per SM leaves some clusters for a second wave (seen on an H100: 30 of 32 clusters of
+    8 blocks fit at once, 7 of 8 clusters of 16 at one block per SM).
+    """
+    best = 1
+    for size in CLUSTER_SIZES:
+        if config.hidden_size % (8 * size) == 0 and config.kv_heads * size <= sm_count:
+            best = size
+    return best

@@ -1,0 +1,121 @@
+"""The decode step's math, twice: a float64 oracle and the unfused PyTorch layer.
+
+:func:`reference_step` is the specification every other path is checked against. It computes in
+float64 on whatever device its inputs live on and touches nothing it is given.
+
+:class:`UnfusedAttention` is the same block as a PyTorch model would run it: six library calls
+(add, ``rms_norm``, ``linear``, RoPE, ``scaled_dot_product_attention``, ``linear``) with every
+intermediate in device memory. It appends to the cache in place, like the fused layer, and can be
+captured in a CUDA graph, which makes it the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import AttentionConfig, AttentionWeights, KVCache, rope_angles
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate ``x`` (``[..., head_dim]``) by the angles whose ``cos``/``sin`` are ``[head_dim/2]``.
+
+    NeoX pairs element ``i`` with ``i + head_dim/2``; GPT-J pairs ``2i`` with ``2i + 1``.
+    """
+    if style == "neox":
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+@dataclass
+class StepResult:
+    """What one decode step produces, float64: ``out``/``residual`` ``[batch, hidden_size]``, the new
+    cache rows ``k``/``v`` ``[batch, kv_heads, head_dim]`` (after RoPE for ``k``)."""
+
+    out: torch.Tensor
+    residual: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def reference_step(
+    config: AttentionConfig,
+    weights: AttentionWeights,
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    cache: KVCache,
+    position: int,
+) -> StepResult:
+    """One decode step in float64, reading ``cache`` rows ``0 .. position-1`` and appending none.
+
+    ::
+
+        h    = hidden + residual                         (the new residual)
+        n    = h / sqrt(mean(h**2) + eps) * norm
+        q, k, v = split(n @ qkv.T)                       per head, head_dim wide
+        q, k = rope(q, position), rope(k, position)
+        attn[head] = softmax(q[head] . K[group]^T / sqrt(head_dim)) V[group]
+                     over the cached rows 0..position-1 and the new k, v
+        out  = attn @ o.T
+    """
+    f64 = torch.float64
+    batch, d = hidden.shape[0], config.head_dim
+    h = hidden.to(f64) + residual.to(f64)
+    n = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + config.rms_eps) * weights.norm.to(f64)
+    qkv = n @ weights.qkv.to(f64).T
+    q, k, v = qkv.split([config.heads * d, config.kv_heads * d, config.kv_heads * d], dim=-1)
+    q = q.view(batch, config.heads, d)
+    k = k.view(batch, config.kv_heads, d)
+    v = v.view(batch, config.kv_heads, d)
+    angles = rope_angles(config, position).to(hidden.device)
+    q = apply_rope(q, angles.cos(), angles.sin(), config.rope_style)
+    k = apply_rope(k, angles.cos(), angles.sin(), config.rope_style)
+    keys = torch.cat([cache.k[:, :, :position].to(f64), k[:, :, None]], dim=2)  # [B, KV, L, d]
+    values = torch.cat([cache.v[:, :, :position].to(f64), v[:, :, None]], dim=2)
+    group = config.group_size
+    qg = q.view(batch, config.kv_heads, group, d)
+    scores = torch.einsum("bkgd,bkld->bkgl", qg, keys) / d**0.5
+    attn = torch.einsum("bkgl,bkld->bkgd", scores.softmax(-1), values)
+    out = attn.reshape(batch, config.attn_width) @ weights.o.to(f64).T
+    return StepResult(out=out, residual=h, k=k, v=v)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``‖got − want‖ / ‖want‖`` in float64; NaN anywhere in ``got`` gives ``inf``."""
+    got64, want64 = got.to(torch.float64), want.to(torch.float64)
+    if not torch.isfinite(got64).all():
+        return float("inf")
+    return float((got64 - want64).norm() / want64.norm())
+
+
+class UnfusedAttention:
+    """The block as separate PyTorch calls; same signature and effects as the fused layer.
+
+    ``rope`` is the cos/sin table of :func:`~clusterlab.fused.config.rope_table`, on the weights'
+    device. Every call reads it at ``position``, so a CUDA graph captured at one position replays
+    that position.
+    """
+
+    def __init__(self, config: AttentionConfig, weights: AttentionWeights, rope: torch.Tensor):
+        self.config, self.weights, self.rope = config, weights, rope
+
+    def __call__(self, hidden, residual, cache: KVCache, position: int):
+        c, w, d = self.config, self.weights, self.config.head_dim
+        batch = hidden.shape[0]
+        h = hidden + residual
+        n = F.rms_norm(h, (c.hidden_size,), w.norm, c.rms_eps)
+        q, k, v = F.linear(n, w.qkv).split([c.heads * d, c.kv_heads * d, c.kv_heads * d], dim=-1)
+        cos, sin = self.rope[position, 0], self.rope[position, 1]
+        q = apply_rope(q.view(batch, c.heads, d).float(), cos, sin, c.rope_style).to(h.dtype)
+        k = apply_rope(k.view(batch, c.kv_heads, d).float(), cos, sin, c.rope_style).to(h.dtype)
+        cache.k[:, :, position] = k
+        cache.v[:, :, position] = v.view(batch, c.kv_heads, d)
+        attn = F.scaled_dot_product_attention(
+            q[:, :, None], cache.k[:, :, : position + 1], cache.v[:, :, : position + 1],
+            enable_gqa=c.group_size > 1,
+        )
+        return F.linear(attn.reshape(batch, c.attn_width), w.o), h

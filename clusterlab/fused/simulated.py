@@ -1,0 +1,172 @@
+"""The fused kernel's cluster dataflow as a simulator program: runs on the CPU, checks every DSMEM access.
+
+:func:`decode_block` is what one block of the kernel in :mod:`clusterlab.fused.kernel` does,
+phase for phase (the numbered comments match), with the block's threads folded into NumPy
+statements. Work splits come from the same functions of :mod:`clusterlab.fused.plan` that the
+kernel compiles, and every cross-block exchange goes through the simulator's DSMEM, so a
+missing barrier or a wrong owner shows up here as a :class:`~clusterlab.simulator.DataRace` or a
+wrong answer, at sizes small enough for CI. Arithmetic is float32 as in the kernel; the order of
+float sums differs (NumPy's versus warp shuffles), so results agree to rounding, not bit for bit.
+
+What the simulator does not model is global memory: :func:`simulated_step` holds the inputs,
+the cache and ``out_acc`` as NumPy arrays, runs one simulated cluster per KV head, and converts
+``out_acc`` at the end as the kernel's last block does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import simulator
+from .config import AttentionConfig, AttentionWeights, KVCache, rope_table
+from .plan import cached_range, check_cluster_size, new_token_rank, qkv_row, rope_pair
+
+NEG = np.float32(-1e30)  # the kernel's stand-in for -inf
+F32 = np.float32
+
+
+def decode_block(b: simulator.Block, g: int, config: AttentionConfig, batch: int, gm: dict, position: int):
+    """One block of cluster ``g`` (KV head ``g``); ``gm`` holds the "global memory" arrays.
+
+    ``gm``: float32 ``hidden``/``residual`` ``[batch, H]``, ``norm`` ``[H]``, ``qkv`` ``[rows, H]``,
+    ``o`` ``[H, heads*d]``, ``k``/``v`` ``[batch, kv_heads, capacity, d]``, ``rope``
+    ``[capacity, 2, d/2]``; outputs ``residual_out``, ``out_acc`` ``[batch, H]``, and ``new_k`` /
+    ``new_v`` ``[batch, kv_heads, d]`` (the cache row, before rounding to the cache dtype).
+    """
+    C, rank = b.cluster_size, b.cluster_rank
+    H, D, G = config.hidden_size, config.head_dim, config.group_size
+    rows, k_slice, out_rows, width = (G + 2) * D, H // C, H // C, G * D
+    scale = F32(math.log2(math.e) / math.sqrt(D))
+    partial = b.shared_array("partial", (batch, rows + 1), F32)
+    qkv = b.shared_array("qkv", (batch, rows), F32)
+    state_m = b.shared_array("state_m", (batch, G), F32)
+    state_l = b.shared_array("state_l", (batch, G), F32)
+    state_acc = b.shared_array("state_acc", (batch, G, D), F32)
+    o = b.shared_array("o", (batch, width), F32)
+
+    # -- 1 qkv: this block's hidden slice ---------------------------------------------------------
+    b.step("1 qkv")
+    k0 = rank * k_slice
+    h = gm["hidden"][:, k0 : k0 + k_slice] + gm["residual"][:, k0 : k0 + k_slice]
+    if g == 0:
+        gm["residual_out"][:, k0 : k0 + k_slice] = h
+    xs = h * gm["norm"][k0 : k0 + k_slice]
+    w_rows = [qkv_row(config.heads, config.kv_heads, D, g, row) for row in range(rows)]
+    partial[:, :rows] = xs @ gm["qkv"][w_rows, k0 : k0 + k_slice].T
+    partial[:, rows] = (h * h).sum(axis=1, dtype=F32)
+    yield b.cluster_sync()  # B1
+
+    # -- 2 rope: owners of pairs p = rank, rank + C, ... ------------------------------------------
+    b.step("2 rope")
+    pairs = [rope_pair(D, config.rope_style == "neox", p) for p in range(rank, rows // 2, C)]
+    ra = np.array([p[0] for p in pairs], dtype=np.int64)
+    rb = np.array([p[1] for p in pairs], dtype=np.int64)
+    angle = np.array([p[2] for p in pairs], dtype=np.int64)
+    peers = [b.map_shared(partial, c) for c in range(C)]
+    xa = sum(peer[:, ra] for peer in peers)
+    xb = sum(peer[:, rb] for peer in peers)
+    ss = sum(peer[:, rows] for peer in peers)
+    inv_rms = (F32(1) / np.sqrt(ss / F32(H) + F32(config.rms_eps))).astype(F32)[:, None]
+    xa, xb = xa * inv_rms, xb * inv_rms
+    slot = ra // D
+    cos, sin = gm["rope"][position, 0, angle], gm["rope"][position, 1, angle]
+    rotate = slot <= G  # query and key heads
+    xa, xb = np.where(rotate, xa * cos - xb * sin, xa), np.where(rotate, xb * cos + xa * sin, xb)
+    xa, xb = np.where(slot < G, xa * scale, xa), np.where(slot < G, xb * scale, xb)
+    for c in range(C):
+        peer = b.map_shared(qkv, c)
+        peer[:, ra] = xa
+        peer[:, rb] = xb
+    for s, name in ((G, "new_k"), (G + 1, "new_v")):
+        mine = slot == s
+        gm[name][:, g, ra[mine] - s * D] = xa[:, mine]
+        gm[name][:, g, rb[mine] - s * D] = xb[:, mine]
+    yield b.cluster_sync()  # B2
+
+    # -- 3 attention over this block's cached positions -------------------------------------------
+    b.step("3 attention")
+    start, end = cached_range(position, rank, C)
+    for s in range(batch):
+        q = qkv[s, : G * D].reshape(G, D)
+        keys = gm["k"][s, g, start:end]
+        values = gm["v"][s, g, start:end]
+        if rank == new_token_rank(C):
+            keys = np.vstack([keys, qkv[s, G * D : (G + 1) * D]])
+            values = np.vstack([values, qkv[s, (G + 1) * D :]])
+        if len(keys) == 0:
+            state_m[s] = NEG
+            state_l[s] = 0
+            state_acc[s] = 0
+            continue
+        scores = q @ keys.T  # base-2 logits: q carries log2(e)/sqrt(d)
+        m = scores.max(axis=1)
+        p = np.exp2(scores - m[:, None])
+        state_m[s] = m
+        state_l[s] = p.sum(axis=1)
+        state_acc[s] = p @ values
+    yield b.cluster_sync()  # B3
+
+    # -- 4 merge: owners of elements e = rank, rank + C, ... of o ---------------------------------
+    b.step("4 merge")
+    e = np.arange(rank, batch * width, C)
+    seq, hd = e // width, e % width
+    head, dim = hd // D, hd % D
+    m_c = np.stack([b.map_shared(state_m, c)[seq, head] for c in range(C)])
+    l_c = np.stack([b.map_shared(state_l, c)[seq, head] for c in range(C)])
+    a_c = np.stack([b.map_shared(state_acc, c)[seq, head, dim] for c in range(C)])
+    w = np.exp2(m_c - m_c.max(axis=0))
+    result = (w * a_c).sum(axis=0) / (w * l_c).sum(axis=0)
+    for c in range(C):
+        b.map_shared(o, c)[seq, hd] = result
+    yield b.cluster_sync()  # B4
+
+    # -- 5 o proj: this block's output rows, the cluster's heads' columns -------------------------
+    b.step("5 o proj")
+    r0 = rank * out_rows
+    gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, g * width : (g + 1) * width].T
+
+
+def simulated_step(
+    config: AttentionConfig,
+    weights: AttentionWeights,
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    cache: KVCache,
+    position: int,
+    cluster_size: int,
+    traces: list | None = None,
+):
+    """One decode step on the simulator: ``(out, new_residual)`` and the cache row ``position`` appended.
+
+    CPU tensors, shapes as for :class:`~clusterlab.fused.layer.DecodeAttention`. One simulated
+    cluster per KV head; each cluster's :class:`~clusterlab.simulator.Trace` is appended to
+    ``traces`` when a list is given.
+    """
+    check_cluster_size(config, cluster_size)
+    batch, dtype = hidden.shape[0], hidden.dtype
+
+    def f32(t):
+        return t.detach().to(torch.float32).numpy()
+
+    gm = {
+        "hidden": f32(hidden), "residual": f32(residual), "norm": f32(weights.norm),
+        "qkv": f32(weights.qkv), "o": f32(weights.o), "k": f32(cache.k), "v": f32(cache.v),
+        "rope": rope_table(config, cache.capacity).numpy(),
+        "residual_out": np.full((batch, config.hidden_size), np.nan, F32),
+        "out_acc": np.zeros((batch, config.hidden_size), F32),
+        "new_k": np.full((batch, config.kv_heads, config.head_dim), np.nan, F32),
+        "new_v": np.full((batch, config.kv_heads, config.head_dim), np.nan, F32),
+    }
+    for g in range(config.kv_heads):
+        trace = simulator.launch(
+            decode_block, cluster_size, g, config, batch, gm, position, title=f"decode step, KV head {g}"
+        )
+        if traces is not None:
+            traces.append(trace)
+    # 6 finish (the kernel's last block): out_acc in the activation dtype.
+    cache.k[:, :, position] = torch.from_numpy(gm["new_k"]).to(dtype)
+    cache.v[:, :, position] = torch.from_numpy(gm["new_v"]).to(dtype)
+    return torch.from_numpy(gm["out_acc"]).to(dtype), torch.from_numpy(gm["residual_out"]).to(dtype)

@@ -1,0 +1,74 @@
+"""Checks run before anything is launched; each error names the parameter, its value and what is allowed."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache
+
+
+def _tensor(name: str, x, shape: tuple, dtype, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}; expected {dtype} (the dtype of hidden)")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}; expected {device} (the device of hidden)")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {shape}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major); call .contiguous() first")
+
+
+def check_weights(config: AttentionConfig, weights: AttentionWeights) -> None:
+    """Weights match ``config``, share one dtype (float16 or bfloat16) and one device, are contiguous."""
+    if not isinstance(weights, AttentionWeights):
+        raise TypeError(f"weights must be an AttentionWeights, got {type(weights).__name__}")
+    dtype, device = weights.qkv.dtype, weights.qkv.device
+    if dtype not in DTYPES:
+        raise TypeError(f"weights.qkv has dtype {dtype}; allowed: {DTYPES}")
+    h = config.hidden_size
+    _tensor("weights.qkv", weights.qkv, (config.qkv_rows, h), dtype, device)
+    _tensor("weights.norm", weights.norm, (h,), dtype, device)
+    _tensor("weights.o", weights.o, (h, config.attn_width), dtype, device)
+
+
+def check_step(
+    config: AttentionConfig,
+    weights: AttentionWeights,
+    hidden,
+    residual,
+    cache: KVCache,
+    position,
+) -> None:
+    """Everything one decode step needs, against ``config`` and ``weights`` (already checked)."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in DTYPES:
+        raise TypeError(f"hidden has dtype {hidden.dtype}; allowed: {DTYPES}")
+    if hidden.dtype != weights.qkv.dtype:
+        raise TypeError(f"hidden has dtype {hidden.dtype} but the weights are {weights.qkv.dtype}")
+    if hidden.device != weights.qkv.device:
+        raise ValueError(f"hidden is on {hidden.device} but the weights are on {weights.qkv.device}")
+    if hidden.dim() != 2 or hidden.shape[1] != config.hidden_size:
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected (batch, {config.hidden_size})")
+    batch = hidden.shape[0]
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
+    _tensor("hidden", hidden, (batch, config.hidden_size), hidden.dtype, hidden.device)
+    _tensor("residual", residual, (batch, config.hidden_size), hidden.dtype, hidden.device)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if cache.k.dim() != 4:
+        raise ValueError(f"cache.k has shape {tuple(cache.k.shape)}; expected (batch, kv_heads, capacity, head_dim)")
+    shape = (batch, config.kv_heads, cache.k.shape[2], config.head_dim)
+    _tensor("cache.k", cache.k, shape, hidden.dtype, hidden.device)
+    _tensor("cache.v", cache.v, shape, hidden.dtype, hidden.device)
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise TypeError(f"position must be an int, got {type(position).__name__}")
+    if position < 0:
+        raise ValueError(f"position must be >= 0, got {position}")
+    if position >= cache.capacity:
+        raise ValueError(
+            f"position {position} overflows the cache: it holds {cache.capacity} positions (0..{cache.capacity - 1})"
+        )

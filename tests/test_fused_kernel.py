@@ -1,0 +1,116 @@
+"""The fused kernel: PTX that ptxas accepts (no GPU), and correct steps on a Hopper GPU."""
+
+import pytest
+import torch
+
+from clusterlab.fused import (
+    LLAMA2_7B,
+    LLAMA3_8B,
+    AttentionConfig,
+    AttentionWeights,
+    DecodeAttention,
+    KVCache,
+)
+from clusterlab.fused.kernel import KernelSpec, build_kernel, kernel_signature
+from clusterlab.fused.reference import reference_step, relative_error
+
+# Contract of the layer: ‖out − ref‖/‖ref‖ ≤ 1e-2 for float16 and bfloat16 (bfloat16 rounds each
+# stored value by up to 2^-9 relative; the kernel accumulates in float32).
+TOLERANCE = 1e-2
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize(
+    "config, bf16, batch, cluster_size",
+    [(LLAMA2_7B, True, 4, 4), (LLAMA3_8B, False, 1, 16)],
+    ids=["llama2-7b-bf16-b4", "llama3-8b-f16-b1"],
+)
+def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spills(config, bf16, batch, cluster_size):
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    spec = KernelSpec.of(config, bf16, batch, cluster_size, warps=8)
+    ptx = kernel_ptx(build_kernel(spec), kernel_signature(), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+    for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "st.shared::cluster.f32",
+                        "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire",
+                        "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "atom.global.add.f32"):
+        assert instruction in ptx, instruction
+    assert "st.local" not in ptx  # every register array was indexed by constants
+    result = assemble(ptx)
+    assert result.spill_bytes == 0
+    assert spec.min_blocks_per_sm == 2 and result.registers <= 128  # two blocks an SM fit
+
+
+def _random_inputs(config, dtype, batch, capacity, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
+    residual = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
+    return hidden, residual, KVCache.random(config, batch, capacity, dtype, "cuda", seed=seed + 1)
+
+
+def _check_steps(layer, dtype, batch, positions, seed=0):
+    """Each position on fresh inputs: NaN-poisoned outputs fully written, cache row appended, others kept."""
+    config = layer.config
+    for i, position in enumerate(positions):
+        hidden, residual, cache = _random_inputs(config, dtype, batch, position + 3, seed + 10 * i)
+        before = cache.clone()
+        want = reference_step(config, layer.weights, hidden, residual, before, position)
+        out = torch.full_like(hidden, float("nan"))
+        new_residual = torch.full_like(hidden, float("nan"))
+        layer(hidden, residual, cache, position, out=out, residual_out=new_residual)
+        torch.cuda.synchronize()
+        where = f"position {position}, batch {batch}, {dtype}"
+        assert relative_error(out, want.out) < TOLERANCE, where
+        assert relative_error(new_residual, want.residual) < TOLERANCE, where
+        assert relative_error(cache.k[:, :, position], want.k) < TOLERANCE, where
+        assert relative_error(cache.v[:, :, position], want.v) < TOLERANCE, where
+        others = torch.arange(cache.capacity, device="cuda") != position
+        assert torch.equal(cache.k[:, :, others].view(torch.int16), before.k[:, :, others].view(torch.int16)), where
+        assert torch.equal(cache.v[:, :, others].view(torch.int16), before.v[:, :, others].view(torch.int16)), where
+        assert not layer._out_acc.any() and layer._arrivals.item() == 0, "workspace not left zero"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("preset", [LLAMA2_7B, LLAMA3_8B], ids=["llama2-7b", "llama3-8b"])
+def test_presets_match_reference(preset, dtype, batch):
+    weights = AttentionWeights.random(preset, dtype, "cuda", seed=batch)
+    layer = DecodeAttention(preset, weights)
+    # Empty cache, one row, lengths that are no multiple of any tile, and 32K.
+    _check_steps(layer, dtype, batch, [0, 1, 1000, 4097, 32767 if batch == 1 else 16383])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, cluster_size",
+    [
+        (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, rope_style="gptj"), 16),
+        (AttentionConfig(hidden_size=1024, heads=4, kv_heads=4, head_dim=128), 2),
+        (AttentionConfig(hidden_size=256, heads=4, kv_heads=4, head_dim=64), 1),
+    ],
+    ids=["gqa-d64-gptj-c16", "mha-d128-c2", "mha-d64-c1"],
+)
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_small_shapes_and_cluster_sizes(config, cluster_size, batch):
+    weights = AttentionWeights.random(config, torch.bfloat16, "cuda", seed=7)
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size)
+    _check_steps(layer, torch.bfloat16, batch, [0, 17, 300])
+
+
+@pytest.mark.gpu
+def test_step_replays_in_a_cuda_graph():
+    config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128)
+    weights = AttentionWeights.random(config, torch.float16, "cuda", seed=3)
+    layer = DecodeAttention(config, weights)
+    hidden, residual, cache = _random_inputs(config, torch.float16, 2, 600, seed=5)
+    want = reference_step(config, weights, hidden, residual, cache.clone(), 555)
+    layer(hidden, residual, cache, 555)  # compile outside the capture
+    out = torch.full_like(hidden, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(hidden, residual, cache, 555, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(out, want.out) < TOLERANCE

@@ -1,0 +1,105 @@
+"""The fused layer's cluster dataflow on the DSMEM simulator (CPU): same answers as the reference."""
+
+import pytest
+import torch
+
+from clusterlab.fused import (
+    AttentionConfig,
+    AttentionWeights,
+    DecodeAttention,
+    KVCache,
+    reference_step,
+)
+from clusterlab.fused.plan import POSITION_ALIGN, cached_range, new_token_rank
+from clusterlab.fused.reference import relative_error
+from clusterlab.fused.simulated import simulated_step
+
+# Tolerance: every output is rounded once to the activation dtype (relative 2^-11 for float16,
+# 2^-8 for bfloat16), on top of float32 arithmetic; the norm of that rounding error is about a
+# third of the unit roundoff. 1e-2 is the layer's contract; the simulator lands near 2e-4 / 2e-3.
+TOLERANCE = 1e-2
+
+CASES = [
+    # (config, cluster_size, batch)
+    (AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64), 4, 2),
+    (AttentionConfig(hidden_size=256, heads=2, kv_heads=2, head_dim=128, rope_style="gptj"), 2, 1),
+    (AttentionConfig(hidden_size=128, heads=8, kv_heads=1, head_dim=64, rope_theta=500000.0), 16, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config, cluster_size, batch", CASES)
+def test_simulated_step_matches_reference(config, cluster_size, batch, dtype):
+    for position in (0, 1, 2 * POSITION_ALIGN * cluster_size + 3):  # empty, tiny, ragged caches
+        capacity = position + 5
+        weights = AttentionWeights.random(config, dtype)
+        cache = KVCache.random(config, batch, capacity, dtype)
+        before = cache.clone()
+        hidden, residual = torch.randn(2, batch, config.hidden_size).to(dtype)
+        want = reference_step(config, weights, hidden, residual, before, position)
+        out, new_residual = simulated_step(config, weights, hidden, residual, cache, position, cluster_size)
+        assert relative_error(out, want.out) < TOLERANCE
+        assert relative_error(new_residual, want.residual) < TOLERANCE
+        assert relative_error(cache.k[:, :, position], want.k) < TOLERANCE
+        assert relative_error(cache.v[:, :, position], want.v) < TOLERANCE
+        others = torch.arange(capacity) != position
+        assert torch.equal(cache.k[:, :, others].view(torch.int16), before.k[:, :, others].view(torch.int16))
+
+
+def test_layer_on_cpu_runs_the_simulator_into_poisoned_outputs():
+    config, _, batch = CASES[0]
+    weights = AttentionWeights.random(config, torch.bfloat16)
+    layer = DecodeAttention(config, weights)
+    assert layer.backend == "simulator"
+    cache = KVCache.random(config, batch, 40, torch.bfloat16)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).bfloat16()
+    want = reference_step(config, weights, hidden, residual, cache.clone(), 39)
+    out = torch.full_like(hidden, float("nan"))
+    new_residual = torch.full_like(hidden, float("nan"))
+    layer(hidden, residual, cache, 39, out=out, residual_out=new_residual)
+    assert relative_error(out, want.out) < TOLERANCE
+    assert relative_error(new_residual, want.residual) < TOLERANCE
+
+
+def test_trace_shows_four_cluster_barriers_and_the_dsmem_exchanges():
+    config, cluster_size, batch = CASES[0]
+    traces = []
+    weights = AttentionWeights.random(config, torch.float16)
+    cache = KVCache.random(config, batch, 20, torch.float16)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    simulated_step(config, weights, hidden, residual, cache, 19, cluster_size, traces)
+    assert len(traces) == config.kv_heads
+    table = traces[0].phase_table()
+    for step in ("1 qkv", "2 rope", "3 attention", "4 merge", "5 o proj"):
+        assert step in table
+    assert "4 cluster barriers" in table
+    # Only phases 2 (pull partials, push q/k/v) and 4 (pull states, push o) touch peers.
+    rows = [line for line in table.splitlines() if "shared::cluster" in line]
+    assert len(rows) == 2 and "2 rope" in rows[0] and "4 merge" in rows[1]
+
+
+@pytest.mark.parametrize("cached", [0, 1, 15, 16, 17, 1000, 32767])
+@pytest.mark.parametrize("cluster_size", [1, 2, 8, 16])
+def test_cached_ranges_cover_each_position_once(cached, cluster_size):
+    seen = []
+    for rank in range(cluster_size):
+        start, end = cached_range(cached, rank, cluster_size)
+        assert start % POSITION_ALIGN == 0 or start == cached
+        seen += range(start, end)
+    assert seen == list(range(cached))
+    assert new_token_rank(cluster_size) == cluster_size - 1
+
+
+def test_layer_rejects_bad_input_before_running():
+    config = CASES[0][0]
+    layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16))
+    cache = KVCache.random(config, 2, 8, torch.float16)
+    hidden = torch.randn(2, config.hidden_size).half()
+    with pytest.raises(ValueError, match="position 8 overflows the cache"):
+        layer(hidden, hidden, cache, 8)
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor of shape"):
+        layer(hidden, hidden, cache, 3, out=torch.empty(2, 7).half())
+    with pytest.raises(ValueError, match="cluster_size must be one of"):
+        DecodeAttention(config, layer.weights, cluster_size=3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DecodeAttention(config, layer.weights, backend="cuda")
