@@ -4,6 +4,8 @@
     clusterlab tour                          ClusterReduce / ClusterGather over cluster sizes 1-16
     clusterlab trace reduce --cluster 8 --algorithm ring [--save ring.png]
                                              one primitive on the simulator, phase by phase
+    clusterlab bench primitives [...]        microbenchmarks of the collectives (H100)
+    clusterlab bench fused [...]             the fused decode layer vs PyTorch and the floor (H100)
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import sys
 
 import numpy as np
+
+from .errors import HopperRequired
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -53,6 +57,14 @@ def _tour(args: argparse.Namespace) -> int:
     return 0 if all(row.ok for row in rows) else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.suite == "primitives":
+        from .bench.primitives import main as bench_main
+    else:
+        from .fused.bench import main as bench_main
+    return bench_main(args.options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import simulator
 
@@ -84,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--seed", type=int, default=None)
     trace.add_argument("--save", metavar="PNG", help="save the per-phase picture")
     trace.set_defaults(run=_trace)
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks on a Hopper GPU; results as a table, JSON and PNG under benchmarks/results/",
+        description="Options after the suite name go to it: clusterlab bench primitives --help",
+    )
+    bench.add_argument("suite", choices=("primitives", "fused"))
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -91,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except HopperRequired as exc:
+        print(f"clusterlab {args.command}: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError) as exc:
         print(f"clusterlab {args.command}: {exc}", file=sys.stderr)
         return 2

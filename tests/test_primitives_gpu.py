@@ -98,3 +98,15 @@ def test_torch_tensor_input_stays_on_the_gpu_and_keeps_its_dtype():
     assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == x.shape
     reference = x.float().sum(0)
     assert torch.allclose(out[3].float(), reference, rtol=1e-2, atol=1e-2)
+
+
+def test_auto_runs_the_algorithm_the_measured_table_chooses():
+    from clusterlab.primitives.auto import choose_gather_algorithm, choose_reduce_algorithm
+
+    rng = np.random.default_rng()
+    for size, n in ((2, 64), (3, 1000), (8, 4096), (16, 256)):
+        x = random_rows(rng, size, n, "float32")
+        expected, _ = simulator.cluster_reduce(x, algorithm=choose_reduce_algorithm(size, 4 * n))
+        assert_same_bits(primitives.to_numpy(primitives.cluster_reduce(x, algorithm="auto")), expected, f"N={size} n={n}")
+        expected, _ = simulator.cluster_gather(x, algorithm=choose_gather_algorithm(size, 4 * n))
+        assert_same_bits(primitives.to_numpy(primitives.cluster_gather(x, algorithm="auto")), expected, f"N={size} n={n}")

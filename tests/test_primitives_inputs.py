@@ -47,3 +47,11 @@ def test_valid_input_without_a_gpu_asks_for_hopper(dtype):
         primitives.cluster_reduce(rows(4, 8, dtype=dtype))
     with pytest.raises(HopperRequired):
         primitives.cluster_gather(rows(2, 3, 8, dtype=dtype), algorithm="bulk")
+
+
+@pytest.mark.skipif(hopper_problem() is None, reason="this machine has a Hopper GPU")
+def test_auto_is_an_accepted_algorithm():
+    with pytest.raises(HopperRequired):
+        primitives.cluster_reduce(rows(4, 256), algorithm="auto")
+    with pytest.raises(HopperRequired):
+        primitives.cluster_gather(rows(4, 256, dtype=np.float16), algorithm="auto")

@@ -9,10 +9,11 @@ For each preset, batch and KV length (the step at ``position = kv_len - 1`` atte
 - **floor**: :meth:`AttentionConfig.step_bytes` over the device-to-device copy bandwidth measured
   at the start of the run (bytes read + written by ``Tensor.copy_`` of 1 GiB).
 
-Each time is the median over ``repeats`` measurements of ``replays`` back-to-back graph replays
-between two CUDA events, after a warm-up. Every fused configuration is checked against the
-float64 reference before it is timed. Results: a table on stdout, ``fused_<tag>.json`` (card,
-driver, date, commit from ``$CLUSTERLAB_COMMIT``) and ``fused_<tag>.png`` under ``out_dir``.
+Each time is one step's cost inside CUDA graphs of back-to-back steps: the slope between graphs
+of 20 and 40 steps, median of 9 repeats (:func:`clusterlab.bench.common.graph_per_op_us`), after
+a warm-up. Every fused configuration is checked against the float64 reference before it is
+timed. Results: a table on stdout, ``fused_<tag>.json`` (card, driver, date, commit) and
+``fused_<tag>.png`` under ``out_dir``.
 
 Run directly: ``python -m clusterlab.fused.bench --batch 1 4 --kv 1024 4096 16384 32768``.
 """
@@ -22,19 +23,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..bench.common import commit, copy_bandwidth, graph_per_op_us, write_json
 from .config import PRESETS, AttentionWeights, KVCache, rope_table
 from .layer import DecodeAttention
 from .reference import UnfusedAttention, reference_step, relative_error
 
 KV_LENGTHS = (1024, 4096, 16384, 32768)
+#: Steps per captured graph, and repeats each figure is the median of.
+GRAPH_STEPS = 20
+REPEATS = 9
 
 
 @dataclass
@@ -56,46 +59,10 @@ class BenchRow:
         return self.floor_us / self.fused_us
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), median of ``repeats``."""
-    src = torch.randn(nbytes // 4, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e-3)
-    return 2 * nbytes / statistics.median(times)
-
-
-def graph_time_us(step, replays: int = 20, repeats: int = 25) -> float:
-    """Median µs of one replay of ``step()`` captured in a CUDA graph (back-to-back replays)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compile, load, warm up outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3 / replays)
-    return statistics.median(times)
+def graph_time_us(step) -> float:
+    """Median µs of one ``step()`` inside CUDA graphs of back-to-back steps (see ``bench.common``)."""
+    step()  # compile, load and warm up before the capture
+    return graph_per_op_us(step, count=GRAPH_STEPS, repeats=REPEATS).median
 
 
 def run_bench(
@@ -117,7 +84,7 @@ def run_bench(
 
     require_hopper()
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth().median
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
     rows: list[BenchRow] = []
     for name in presets:
@@ -177,22 +144,20 @@ def _write(rows, bandwidth, out_dir: Path, tag: str, info: dict) -> None:
         "driver_cuda_version": info.get("driver_cuda_version"),
         "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": os.environ.get("CLUSTERLAB_COMMIT", "unknown"),
+        "commit": commit(),
         "copy_bandwidth_tbps": bandwidth / 1e12,
         "rows": [asdict(r) | {"fraction_of_copy_bw": r.fraction_of_copy_bw} for r in rows],
     }
-    (out_dir / f"fused_{tag}.json").write_text(json.dumps(record, indent=1))
+    write_json(record, out_dir / f"fused_{tag}.json")
     _plot(rows, record, out_dir / f"fused_{tag}.png")
 
 
 def _plot(rows, record, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     panels = sorted({(r.preset, r.batch) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (preset, batch) in zip(axes[0], panels):
         mine = [r for r in rows if (r.preset, r.batch) == (preset, batch)]
         kv = sorted({r.kv_len for r in mine})
@@ -212,7 +177,6 @@ def _plot(rows, record, path: Path) -> None:
     fig.suptitle(f"{record['card']}, copy {record['copy_bandwidth_tbps']:.2f} TB/s, {record['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ Two levels:
 """
 
 from .gather import GATHER_DEVICE_FUNCTIONS, bulk_gather, direct_gather, gather_stride, ring_gather
-from .host import THREADS_PER_BLOCK, cluster_gather, cluster_reduce, time_collective, to_numpy
+from .host import THREADS_PER_BLOCK, cluster_gather, cluster_reduce, to_device, to_numpy
 from .ops import GPU_DTYPES, OPERATORS
 from .reduce import reduce_device_function, reduce_scratch_elements
 
@@ -27,6 +27,6 @@ __all__ = [
     "reduce_device_function",
     "reduce_scratch_elements",
     "ring_gather",
-    "time_collective",
+    "to_device",
     "to_numpy",
 ]

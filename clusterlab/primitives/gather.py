@@ -14,8 +14,10 @@ Device-function contract (all three)::
     n          elements per row; ``stride`` >= n is the row pitch. ``bulk`` needs
                stride * itemsize to be a multiple of 16 and ``rows`` 16-byte aligned
                (see gather_stride)
-    iteration  how many times this call site ran before in this kernel (0 for a single call);
-               ``bulk`` waits on its mbarrier's phase parity iteration & 1
+    iteration  how many times this function ran before in this kernel (0 for a single call);
+               ``bulk`` keeps ONE mbarrier per kernel (a static shared slot) and waits on phase
+               parity iteration & 1, so for ``bulk_gather`` count every earlier call of it in the
+               kernel, from any call site
 
 Every block calls it with all its threads. It opens with a cluster barrier (publishing the staged
 row) and ends with one, after which no peer touches this block's shared memory.
@@ -36,6 +38,11 @@ def gather_stride(algorithm: str, n: int, itemsize: int) -> int:
     if algorithm == "bulk":
         return -(-n * itemsize // 16) * 16 // itemsize
     return n
+
+
+def gather_shared_bytes(algorithm: str, n: int, cluster_size: int, itemsize: int) -> int:
+    """Dynamic shared memory per block of :func:`gather_kernel`: ``cluster_size`` rows at the stride."""
+    return cluster_size * gather_stride(algorithm, n, itemsize) * itemsize
 
 
 @cuda.jit(device=True)

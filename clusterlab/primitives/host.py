@@ -12,8 +12,6 @@ launched; a machine without a Hopper GPU raises :class:`clusterlab.HopperRequire
 
 from __future__ import annotations
 
-import functools
-
 import ml_dtypes
 import numpy as np
 
@@ -21,9 +19,10 @@ from ..gpu import require_hopper
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..simulator import GATHER_ALGORITHMS, MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK, OPS, REDUCE_ALGORITHMS
 from ..simulator.inputs import check_choice
-from .gather import gather_kernel, gather_stride
+from .auto import choose_gather_algorithm, choose_reduce_algorithm
+from .gather import gather_kernel, gather_shared_bytes, gather_stride
 from .ops import GPU_DTYPES
-from .reduce import FLOAT32_BYTES, reduce_kernel, reduce_scratch_elements
+from .reduce import FLOAT32_BYTES, reduce_kernel, reduce_shared_bytes, work_offset
 
 #: Threads per block of the host API's kernels.
 THREADS_PER_BLOCK = 256
@@ -69,18 +68,21 @@ def _check_shared_bytes(shared_bytes: int, n: int, what: str) -> None:
         )
 
 
+def to_device(x: np.ndarray):
+    """A NumPy array (float32, float16, ``ml_dtypes.bfloat16``) as a CUDA tensor of the same dtype."""
+    import torch
+
+    if np.dtype(x.dtype) == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).cuda().view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(x)).cuda()
+
+
 def _storage_rows(x, dtype: str, n: int):
     """``x`` on the GPU as [blocks, n]: float32, or the uint16 bit patterns of float16/bfloat16."""
     import torch
 
-    if isinstance(x, np.ndarray):
-        bits = x.view(np.uint16) if dtype != "float32" else x
-        x = torch.from_numpy(np.ascontiguousarray(bits)).cuda()
-    else:
-        x = x.contiguous()
-        if dtype != "float32":
-            x = x.view(torch.uint16)
-    return x.reshape(-1, n)
+    x = to_device(x) if isinstance(x, np.ndarray) else x.contiguous()
+    return (x if dtype == "float32" else x.view(torch.uint16)).reshape(-1, n)
 
 
 def _result(storage, dtype: str, shape):
@@ -120,18 +122,20 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
 
     ``x``: [N, n] or [C, N, n]; returns a CUDA tensor of the same shape and dtype (``out`` if
     given), every row of a cluster its reduction, bit for bit what ``simulator.cluster_reduce``
-    returns.
+    returns. ``algorithm="auto"`` picks the fastest one measured for this cluster size and row
+    size (:mod:`clusterlab.primitives.auto`).
     """
     check_choice("op", op, OPS)
-    check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
+    check_choice("algorithm", algorithm, (*REDUCE_ALGORITHMS, "auto"))
     dtype, num_clusters, cluster_size, n = _check_rows(x)
-    work_offset = -(-n // 4) * 4  # staged [n] padded to 16 bytes, then work
-    shared_bytes = (work_offset + reduce_scratch_elements(algorithm, n, cluster_size)) * FLOAT32_BYTES
+    if algorithm == "auto":
+        algorithm = choose_reduce_algorithm(cluster_size, n * FLOAT32_BYTES)
+    shared_bytes = reduce_shared_bytes(algorithm, n, cluster_size)
     _check_shared_bytes(shared_bytes, n, f"the {algorithm} reduce")
     require_hopper()
     rows = _storage_rows(x, dtype, n)
     result = _output(out, dtype, tuple(x.shape), rows)
-    _launch(reduce_kernel(algorithm, op, dtype), rows.shape[0], cluster_size, shared_bytes, rows, result, n, work_offset)
+    _launch(reduce_kernel(algorithm, op, dtype), rows.shape[0], cluster_size, shared_bytes, rows, result, n, work_offset(n))
     return _result(result, dtype, tuple(x.shape))
 
 
@@ -139,20 +143,22 @@ def cluster_gather(x, algorithm: str = "direct", *, out=None):
     """All-gather the rows of each cluster of ``x`` on the GPU (see the module docstring).
 
     ``x``: [N, n] or [C, N, n]; returns a CUDA tensor [N, N*n] or [C, N, N*n] of x's dtype
-    (``out`` if given), row r of a cluster the concatenation of all its rows.
+    (``out`` if given), row r of a cluster the concatenation of all its rows. ``algorithm="auto"``
+    picks the fastest one measured for this cluster size and row size.
     """
-    check_choice("algorithm", algorithm, GATHER_ALGORITHMS)
+    check_choice("algorithm", algorithm, (*GATHER_ALGORITHMS, "auto"))
     dtype, num_clusters, cluster_size, n = _check_rows(x)
     itemsize = 4 if dtype == "float32" else 2
-    stride = gather_stride(algorithm, n, itemsize)
-    shared_bytes = cluster_size * stride * itemsize
+    if algorithm == "auto":
+        algorithm = choose_gather_algorithm(cluster_size, n * itemsize, itemsize)
+    shared_bytes = gather_shared_bytes(algorithm, n, cluster_size, itemsize)
     _check_shared_bytes(shared_bytes, n, f"the {algorithm} gather of {cluster_size} rows")
     require_hopper()
     shape = (*x.shape[:-1], cluster_size * n)
     rows = _storage_rows(x, dtype, n)
     result = _output(out, dtype, shape, rows)
     kernel = gather_kernel(algorithm, np.dtype(np.float32 if dtype == "float32" else np.uint16))
-    _launch(kernel, rows.shape[0], cluster_size, shared_bytes, rows, result, n, stride)
+    _launch(kernel, rows.shape[0], cluster_size, shared_bytes, rows, result, n, gather_stride(algorithm, n, itemsize))
     return _result(result, dtype, shape)
 
 
@@ -164,32 +170,3 @@ def to_numpy(tensor) -> np.ndarray:
     if host.dtype == torch.bfloat16:
         return host.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
     return host.numpy()
-
-
-def time_collective(primitive: str, x: np.ndarray, *, algorithm: str, op: str = "sum", repeats: int = 20):
-    """Run a collective on the GPU: (result as NumPy, median GPU time of one launch in µs).
-
-    The launch is captured in a CUDA graph after a warm-up call (which also compiles), and each of
-    ``repeats`` graph replays is timed with CUDA events, so host-side Python overhead is excluded.
-    """
-    import torch
-
-    dtype = np.dtype(x.dtype).name
-    rows = _result(_storage_rows(x, dtype, x.shape[-1]), dtype, x.shape)
-    if primitive == "reduce":
-        run = functools.partial(cluster_reduce, rows, op=op, algorithm=algorithm)
-    else:
-        run = functools.partial(cluster_gather, rows, algorithm=algorithm)
-    out = run()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(out=out)
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
-    return to_numpy(out), float(np.median(times))

@@ -61,6 +61,16 @@ def reduce_scratch_elements(algorithm: str, n: int, cluster_size: int) -> int:
     raise ValueError(f"algorithm={algorithm!r}: expected one of ('direct', 'ring', 'butterfly', 'bulk')")
 
 
+def work_offset(n: int) -> int:
+    """float32 element where ``work`` starts in the host kernel's shared memory: n padded to 16 bytes."""
+    return -(-n // 4) * 4
+
+
+def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int) -> int:
+    """Dynamic shared memory per block of :func:`reduce_kernel`: ``staged`` (padded) then ``work``."""
+    return (work_offset(n) + reduce_scratch_elements(algorithm, n, cluster_size)) * FLOAT32_BYTES
+
+
 @functools.cache
 def reduce_device_function(algorithm: str, op: str):
     """The device function running ClusterReduce ``algorithm`` with operator ``op`` (see module doc)."""

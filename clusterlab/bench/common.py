@@ -1,0 +1,297 @@
+"""Timing, statistics and run records shared by clusterlab's benchmarks.
+
+Method (every benchmark of clusterlab follows it):
+
+- device time only, from CUDA events; each timed region is queued behind a short spin kernel
+  (``torch.cuda._sleep``) so that the host's submission time never lands between the events;
+- a warm-up before the first timed run (compilation, module load, first-touch);
+- at least 5 repeats; a figure is their median, reported with its min-max spread (:class:`Stat`);
+- per-operation costs come from a *slope*: the same kernel run with ``R`` and ``2R`` operations,
+  ``(t(2R) - t(R)) / R``, which cancels launch latency, staging and exit (:func:`per_op_us`);
+- single-launch latency is one replay of a CUDA graph holding the launch (:func:`graph_launch_us`).
+
+Each run record carries the card, driver, the clocks seen during the run (:class:`ClockSampler`),
+the commit (``$CLUSTERLAB_COMMIT``, else ``git rev-parse HEAD``) and the date.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: Fewest repeats any figure is the median of.
+MIN_REPEATS = 5
+#: GPU clock cycles the spin kernel queued before each timed region runs (about 50 us): long
+#: enough for the host to submit the events and the work behind it.
+SPIN_CYCLES = 100_000
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A figure over repeats: the median and the min-max spread of ``repeats`` values."""
+
+    median: float
+    min: float
+    max: float
+    repeats: int
+
+    @classmethod
+    def of(cls, values) -> Stat:
+        values = [float(v) for v in values]
+        if not values:
+            raise ValueError("Stat.of needs at least one value")
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    def scaled(self, factor: float) -> Stat:
+        """Every value times ``factor`` (a negative factor swaps min and max)."""
+        low, high = sorted((self.min * factor, self.max * factor))
+        return Stat(self.median * factor, low, high, self.repeats)
+
+    def inverse(self, numerator: float) -> Stat:
+        """``numerator / value`` of every value: times to rates; the spread's ends swap."""
+        low, high = sorted((numerator / self.max, numerator / self.min))
+        return Stat(numerator / self.median, low, high, self.repeats)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Stat:
+        return cls(float(data["median"]), float(data["min"]), float(data["max"]), int(data["repeats"]))
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} [{self.min:.3g}-{self.max:.3g}]"
+
+
+def slope(t_single: float, t_double: float, count: int) -> float:
+    """Cost of one unit from two timings: ``count`` units took ``t_single``, ``2 * count`` ``t_double``."""
+    if count < 1:
+        raise ValueError(f"count={count}: need at least one unit")
+    return (t_double - t_single) / count
+
+
+def event_time_us(enqueue, prepare=None) -> float:
+    """Device time in µs of the work ``enqueue()`` puts on torch's current stream.
+
+    ``prepare()`` (optional) is enqueued before the start event, untimed (e.g. zeroing a counter).
+    A spin kernel runs first so the whole region is queued before the GPU reaches the start event.
+    Synchronises; a failed launch raises here, not later.
+    """
+    import torch
+
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if prepare is not None:
+        prepare()
+    torch.cuda._sleep(SPIN_CYCLES)
+    start.record()
+    enqueue()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) * 1e3
+
+
+def per_op_us(run, count: int, repeats: int = MIN_REPEATS, prepare=None, warmup: int = 1) -> Stat:
+    """Per-operation µs of ``run(k)`` (enqueue ``k`` operations), from the slope between k=count and 2*count.
+
+    Each repeat times ``run(count)`` then ``run(2 * count)``; the Stat is over the repeats' slopes.
+    """
+    if repeats < MIN_REPEATS:
+        raise ValueError(f"repeats={repeats}: at least {MIN_REPEATS}")
+    for _ in range(warmup):
+        event_time_us(lambda: run(2 * count), prepare)
+    slopes = []
+    for _ in range(repeats):
+        single = event_time_us(lambda: run(count), prepare)
+        double = event_time_us(lambda: run(2 * count), prepare)
+        slopes.append(slope(single, double, count))
+    return Stat.of(slopes)
+
+
+def calibrate_count(run, target_us: float, first: int = 64, low: int = 16, high: int = 1 << 16, prepare=None) -> int:
+    """Operations per timed run so that ``run(count)`` takes about ``target_us`` (one trial of ``first``)."""
+    trial = event_time_us(lambda: run(first), prepare)
+    estimate = max(trial / first, 1e-3)
+    return int(min(high, max(low, round(target_us / estimate))))
+
+
+def capture_graph(step, count: int = 1):
+    """A CUDA graph of ``count`` back-to-back ``step()`` calls (``step`` must have run once already).
+
+    Captured on a side stream with ``CUDAGraph.capture_begin`` / ``capture_end`` directly:
+    ``torch.cuda.graph`` would also synchronise and empty torch's allocator cache on every
+    capture, which thousands of captures in one sweep cannot afford.
+    """
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    stream = _capture_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            for _ in range(count):
+                step()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
+@functools.cache
+def _capture_stream():
+    import torch
+
+    return torch.cuda.Stream()
+
+
+def graph_launch_us(step, repeats: int = MIN_REPEATS, warmup: int = 3) -> Stat:
+    """Single-launch latency in µs: one replay of a graph holding ``step()``, timed alone, ``repeats`` times."""
+    if repeats < MIN_REPEATS:
+        raise ValueError(f"repeats={repeats}: at least {MIN_REPEATS}")
+    graph = capture_graph(step)
+    for _ in range(warmup):
+        graph.replay()
+    return Stat.of([event_time_us(graph.replay) for _ in range(repeats)])
+
+
+def graph_per_op_us(step, count: int = 32, repeats: int = MIN_REPEATS) -> Stat:
+    """Per-step µs inside CUDA graphs of ``count`` and ``2 * count`` back-to-back ``step()`` calls (slope).
+
+    Both graphs are replayed once before timing: a graph's first replay also uploads it.
+    """
+    single, double = capture_graph(step, count), capture_graph(step, 2 * count)
+    single.replay()
+    double.replay()
+    return per_op_us(lambda k: (single if k == count else double).replay(), count, repeats)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> Stat:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written) of ``Tensor.copy_``."""
+    import torch
+
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    times = Stat.of([event_time_us(lambda: dst.copy_(src)) for _ in range(max(repeats, MIN_REPEATS))])
+    return times.inverse(2 * nbytes * 1e6)
+
+
+# --------------------------------------------------------------------------------------------
+# What the run ran on
+# --------------------------------------------------------------------------------------------
+
+#: nvidia-smi fields sampled during a run (names as ``nvidia-smi --help-query-gpu`` lists them).
+SMI_FIELDS = ("clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "temperature.gpu", "power.draw", "pstate")
+
+
+def _smi(fields) -> list[str] | None:
+    """One nvidia-smi query of GPU 0, or None where nvidia-smi is missing or fails."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "-i", "0", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return [item.strip() for item in done.stdout.strip().splitlines()[0].split(",")]
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+class ClockSampler:
+    """GPU 0's clocks, temperature and power from nvidia-smi, sampled between measurements.
+
+    Call :meth:`sample` between timed regions (it queries at most once per ``period_s``), never
+    from a thread running beside them: an nvidia-smi query goes through the driver and can stall
+    the GPU for a moment, which would land inside a timing. ``summary()`` gives min / median / max
+    per numeric field over the samples and the P-states seen; an empty dict where nvidia-smi is
+    unavailable.
+    """
+
+    def __init__(self, period_s: float = 1.0):
+        self.period_s = period_s
+        self.samples: list[list[str]] = []
+        self._last = -math.inf
+        self._available = True
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        if not self._available or now - self._last < self.period_s:
+            return
+        self._last = now
+        sample = _smi(SMI_FIELDS)
+        if sample is None:
+            self._available = False
+        else:
+            self.samples.append(sample)
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        out: dict = {"samples": len(self.samples)}
+        for index, field in enumerate(SMI_FIELDS):
+            column = [sample[index] for sample in self.samples]
+            numbers = [v for v in map(_number, column) if v is not None]
+            if numbers:
+                out[field] = Stat.of(numbers).as_dict()
+            else:
+                out[field] = sorted(set(column))
+        return out
+
+
+def commit() -> str:
+    """The source commit: ``$CLUSTERLAB_COMMIT`` (set it where the tree has no .git), else git's HEAD."""
+    if os.environ.get("CLUSTERLAB_COMMIT"):
+        return os.environ["CLUSTERLAB_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def system_info() -> dict:
+    """Card, compute capability, SM count, driver, CUDA and package versions of this process's GPU 0."""
+    import torch
+
+    from ..gpu import device_info
+
+    info = {k: v for k, v in device_info().items() if k != "reason"}
+    smi = _smi(("driver_version", "name"))
+    info["driver_version"] = smi[0] if smi else None
+    info["torch_cuda"] = torch.version.cuda
+    return info
+
+
+def run_record(clocks: ClockSampler) -> dict:
+    """The header of a results file: system, clocks seen, commit and UTC date."""
+    return {
+        "system": system_info(),
+        "clocks_seen": clocks.summary(),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented JSON (parents created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path

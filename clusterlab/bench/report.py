@@ -1,0 +1,751 @@
+"""Reading a ``primitives_<tag>.json``: targets, the algorithm-choice table, text tables and plots.
+
+Everything here runs on the CPU from the results dict, so the committed H100 results can be
+re-plotted and re-tabulated anywhere::
+
+    python -m clusterlab.bench.report benchmarks/results/primitives_h100.json
+
+Records (``results["measurements"]``) are flat dicts: ``primitive`` (reduce / gather), ``method``
+(per_op / single_launch), ``implementation``, ``family`` (cluster, variant, global, torch),
+``config`` (one / chip), ``cluster_size``, ``dtype``, ``message_bytes``, ``n``, and either
+``latency_us`` (a :class:`~clusterlab.bench.common.Stat` as a dict; per-op records may add
+``bus_bandwidth_bytes_per_s``) or ``skipped`` / ``error`` with the reason. ``floors`` holds the
+``barrier``, ``launch``, ``dsmem_read`` and ``copy`` records; ``targets``, ``choice`` and
+``barriers_per_op`` are derived from the records by :func:`complete`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import simulator
+from .common import Stat
+
+SCHEMA = "clusterlab.bench.primitives/1"
+
+#: Benchmark-only implementations (not in clusterlab.primitives) and the global-memory baselines.
+VARIANTS = ("direct_1barrier", "direct_push", "direct_v4", "bulk_split")
+GLOBAL = ("global_kernel_boundary", "global_grid_barrier")
+#: Barriers per operation of the variants, in steady state.
+VARIANT_BARRIERS = {"direct_1barrier": 1, "direct_push": 0, "direct_v4": 2, "bulk_split": 2}
+
+#: Target thresholds.
+REDUCE_BARRIER_RATIO = 1.5  # per-op reduce of 1 KiB <= 1.5 x one cluster barrier
+REDUCE_GLOBAL_SPEEDUP = 5.0  # global-memory exchange / cluster reduce >= 5
+GATHER_PEAK_FRACTION = 0.8  # gather bus bandwidth >= 80% of the DSMEM read peak
+TARGET_MESSAGE_BYTES = 1024
+TARGET_MAX_CLUSTER = 8
+#: A figure is trusted when its repeats agree: all positive, max - min within half the median.
+#: Others stay in the results but get no verdict and no point in the plots, and a choice-table
+#: point with one borrows the ranking of a neighbouring message size.
+RELIABLE_SPREAD = 0.5
+
+
+def reliable(stat: Stat | None) -> bool:
+    """True when ``stat``'s repeats agree (see :data:`RELIABLE_SPREAD`)."""
+    return stat is not None and stat.min > 0 and stat.max - stat.min <= RELIABLE_SPREAD * stat.median
+
+
+def family(implementation: str) -> str:
+    """cluster (a clusterlab primitive), variant, global or torch."""
+    if implementation in VARIANTS:
+        return "variant"
+    if implementation in GLOBAL:
+        return "global"
+    if implementation == "torch":
+        return "torch"
+    return "cluster"
+
+
+def barrier_counts(cluster_sizes) -> dict:
+    """Cluster barriers per call of every algorithm, counted on the simulator's trace (block 0).
+
+    ``{"reduce": {algorithm: {"N": barriers}}, "gather": {...}}``; the variants' counts are
+    their steady-state barriers per operation.
+    """
+    counts: dict = {"reduce": {}, "gather": {}}
+    for primitive, algorithms, run in (
+        ("reduce", simulator.REDUCE_ALGORITHMS, simulator.cluster_reduce),
+        ("gather", simulator.GATHER_ALGORITHMS, simulator.cluster_gather),
+    ):
+        for algorithm in algorithms:
+            per_size = counts[primitive].setdefault(algorithm, {})
+            for size in cluster_sizes:
+                _, trace = run(np.ones((size, 4), dtype=np.float32), algorithm=algorithm)
+                per_size[str(size)] = sum(
+                    1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0
+                )
+    for variant in ("direct_1barrier", "direct_push"):
+        counts["reduce"][variant] = {str(s): VARIANT_BARRIERS[variant] for s in cluster_sizes}
+    for variant in ("direct_v4", "bulk_split"):
+        counts["gather"][variant] = {str(s): VARIANT_BARRIERS[variant] for s in cluster_sizes}
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Lookups
+# --------------------------------------------------------------------------------------------
+
+
+def records(results: dict, **criteria) -> list[dict]:
+    """Measurements matching every ``key=value`` given (timed ones only)."""
+    return [
+        r for r in results["measurements"]
+        if "latency_us" in r and all(r.get(k) == v for k, v in criteria.items())
+    ]
+
+
+def record(results: dict, **criteria) -> dict | None:
+    found = records(results, **criteria)
+    return found[0] if found else None
+
+
+def latency(results: dict, **criteria) -> Stat | None:
+    found = record(results, **criteria)
+    return Stat.from_dict(found["latency_us"]) if found else None
+
+
+def barrier_floor(results: dict, config: str, cluster_size: int, kind: str = "barrier") -> Stat | None:
+    """µs per bare cluster barrier at this size and configuration (``kind="launch"``: an empty launch)."""
+    for r in results["floors"]:
+        if r.get("kind") == kind and r.get("config") == config and r.get("cluster_size") == cluster_size:
+            return Stat.from_dict(r["latency_us"]) if "latency_us" in r else None
+    return None
+
+
+def dsmem_peak(results: dict, config: str, cluster_size: int) -> dict | None:
+    """The DSMEM read-stream record with the highest median bandwidth at this size and configuration."""
+    found = [
+        r for r in results["floors"]
+        if r.get("kind") == "dsmem_read" and r.get("config") == config and r.get("cluster_size") == cluster_size
+        and "bandwidth_bytes_per_s" in r
+    ]
+    return max(found, key=lambda r: r["bandwidth_bytes_per_s"]["median"], default=None)
+
+
+def copy_bandwidth(results: dict) -> Stat | None:
+    for r in results["floors"]:
+        if r.get("kind") == "copy" and "bandwidth_bytes_per_s" in r:
+            return Stat.from_dict(r["bandwidth_bytes_per_s"])
+    return None
+
+
+def _configs(results: dict) -> list[str]:
+    return list(results["settings"]["configs"])
+
+
+def _choice_config(results: dict) -> str:
+    return "chip" if "chip" in _configs(results) else _configs(results)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------
+
+
+#: What each target compares.
+TARGETS = {
+    "reduce_vs_barrier": "reduce of 1 KiB float32 per block, per operation / one bare cluster barrier, <= 1.5",
+    "reduce_vs_global_per_op": "global-memory exchange per operation / cluster reduce per operation (1 KiB), >= 5",
+    "reduce_vs_global_single_launch": "global-memory pair (2 launches) / host-API reduce kernel, one graph replay "
+    "each (1 KiB), >= 5",
+    "gather_vs_dsmem_peak": "gather bus bandwidth at the largest message that fits / peak DSMEM read bandwidth "
+    "(same N and configuration), >= 0.8",
+}
+
+
+def _target(name, passed, value, threshold, stats, **fields) -> dict:
+    """A target row; ``pass`` is None (no verdict) when any of the figures ``stats`` it compares is noisy."""
+    trusted = all(reliable(s) for s in stats)
+    return {"target": name, "pass": bool(passed) if trusted else None, "reliable": trusted, "value": value,
+            "threshold": threshold, **fields}
+
+
+def _best(results: dict, algorithms, **criteria) -> tuple[str, Stat] | None:
+    """The algorithm with the lowest reliable median here, and its figure."""
+    timed = [(a, latency(results, implementation=a, **criteria)) for a in algorithms]
+    timed = [(a, s) for a, s in timed if reliable(s)]
+    return min(timed, key=lambda item: item[1].median, default=None)
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """Every target figure, passed or missed, with what it compares (see the module docstring of primitives)."""
+    out = []
+    sizes = results["settings"]["cluster_sizes"]
+    barriers = results.get("barriers_per_op") or barrier_counts(sizes)
+    one_kib = {"primitive": "reduce", "dtype": "float32", "message_bytes": TARGET_MESSAGE_BYTES}
+    for config in _configs(results):
+        for size in sizes:
+            floor = barrier_floor(results, config, size)
+            if size <= TARGET_MAX_CLUSTER and floor is not None:
+                for algorithm in (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push"):
+                    op = latency(results, method="per_op", implementation=algorithm, config=config,
+                                 cluster_size=size, **one_kib)
+                    if op is None:
+                        continue
+                    count = barriers["reduce"][algorithm][str(size)]
+                    ratio = op.median / floor.median
+                    out.append(_target(
+                        "reduce_vs_barrier", ratio <= REDUCE_BARRIER_RATIO, ratio,
+                        REDUCE_BARRIER_RATIO, (op, floor), config=config, cluster_size=size, implementation=algorithm,
+                        per_op_us=op.as_dict(), barrier_us=floor.as_dict(), barriers_per_op=count,
+                        per_barrier_ratio=op.median / (count * floor.median) if count else None,
+                    ))
+            best = _best(results, simulator.REDUCE_ALGORITHMS, method="per_op", config=config, cluster_size=size,
+                         **one_kib)
+            sides = [("best", *(best or (None, None)))] + [
+                ("variant", v, latency(results, method="per_op", implementation=v, config=config, cluster_size=size,
+                                       **one_kib))
+                for v in ("direct_1barrier", "direct_push")
+            ]
+            for side, name, cluster in sides:
+                if cluster is None:
+                    continue
+                for baseline in GLOBAL:
+                    other = latency(results, method="per_op", implementation=baseline, config=config, cluster_size=size,
+                                    **one_kib)
+                    if other is None:
+                        continue
+                    speedup = other.median / cluster.median
+                    out.append(_target(
+                        "reduce_vs_global_per_op", speedup >= REDUCE_GLOBAL_SPEEDUP,
+                        speedup, REDUCE_GLOBAL_SPEEDUP, (cluster, other), config=config, cluster_size=size,
+                        implementation=name, side=side, baseline=baseline, cluster_us=cluster.as_dict(),
+                        baseline_us=other.as_dict(),
+                    ))
+            single = _best(results, simulator.REDUCE_ALGORITHMS, method="single_launch", config=config,
+                           cluster_size=size, **one_kib)
+            pair = latency(results, method="single_launch", implementation="global_kernel_boundary", config=config,
+                           cluster_size=size, **one_kib)
+            if single is not None and pair is not None:
+                speedup = pair.median / single[1].median
+                out.append(_target(
+                    "reduce_vs_global_single_launch", speedup >= REDUCE_GLOBAL_SPEEDUP, speedup, REDUCE_GLOBAL_SPEEDUP,
+                    (single[1], pair), config=config,
+                    cluster_size=size, implementation=single[0], side="best", baseline="global_kernel_boundary",
+                    cluster_us=single[1].as_dict(), baseline_us=pair.as_dict(),
+                ))
+            peak = dsmem_peak(results, config, size) if size > 1 else None
+            if peak is None:
+                continue
+            for dtype in results["settings"]["dtypes"]:
+                for algorithm in (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split"):
+                    found = records(results, primitive="gather", method="per_op", implementation=algorithm,
+                                    config=config, cluster_size=size, dtype=dtype)
+                    found = [r for r in found if "bus_bandwidth_bytes_per_s" in r]
+                    if not found:
+                        continue
+                    largest = max(found, key=lambda r: r["message_bytes"])
+                    fraction = largest["bus_bandwidth_bytes_per_s"]["median"] / peak["bandwidth_bytes_per_s"]["median"]
+                    compared = (Stat.from_dict(largest["latency_us"]), Stat.from_dict(peak["pass_us"]))
+                    out.append(_target(
+                        "gather_vs_dsmem_peak", fraction >= GATHER_PEAK_FRACTION, fraction, GATHER_PEAK_FRACTION,
+                        compared, config=config,
+                        cluster_size=size, dtype=dtype, implementation=algorithm,
+                        message_bytes=largest["message_bytes"],
+                        bus_bandwidth_bytes_per_s=largest["bus_bandwidth_bytes_per_s"],
+                        peak_bytes_per_s=peak["bandwidth_bytes_per_s"],
+                        peak_threads=peak["threads"], peak_pattern=peak["pattern"],
+                    ))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm choice
+# --------------------------------------------------------------------------------------------
+
+
+def _ranking(results: dict, algorithms, **criteria) -> dict:
+    """A choice-table row: algorithms by median (fastest first) then the unmeasured, the medians, all reliable?"""
+    timed = {a: latency(results, implementation=a, **criteria) for a in algorithms}
+    medians = {a: s.median for a, s in timed.items() if s is not None}
+    ranked = sorted(medians, key=medians.get) + [a for a in algorithms if a not in medians]
+    return {"ranking": ranked, "latency_us": medians, "reliable": all(reliable(s) for s in timed.values() if s)}
+
+
+def _borrow_noisy_rankings(rows: dict) -> None:
+    """Give each row with a noisy figure the ranking of the nearest fully reliable message size of its group.
+
+    ``rows`` maps (group..., bytes) to rows; the group is the key without its last item.
+    """
+    for key, row in rows.items():
+        if row["reliable"]:
+            continue
+        donors = [k for k, r in rows.items() if k[:-1] == key[:-1] and r["reliable"]]
+        if donors:
+            donor = min(donors, key=lambda k: (abs(math.log2(k[-1]) - math.log2(key[-1])), k[-1]))
+            row["ranking"] = list(rows[donor]["ranking"])
+            row["ranking_from_bytes"] = donor[-1]
+
+
+def choice_tables(results: dict) -> dict:
+    """Per-operation ranking of the primitives' algorithms (fastest first) at every measured point.
+
+    ``reduce``: keyed by cluster size and ``working_bytes`` (float32 bytes per block, 4 n);
+    ``gather``: by itemsize, cluster size and message bytes. Algorithms with no timing there
+    (e.g. too much shared memory) come last, in the primitives' order. Where any figure of a
+    point is noisy (:func:`reliable`), the point takes the ranking of the nearest message size of
+    the same cluster size whose figures are all reliable (``ranking_from_bytes`` says which).
+    Uses the ``chip`` configuration when it was measured.
+    """
+    config = _choice_config(results)
+    reduce_rows, gather_rows = {}, {}
+    for r in records(results, method="per_op", config=config):
+        if r["family"] != "cluster":
+            continue
+        if r["primitive"] == "reduce":
+            key = (r["cluster_size"], r["working_bytes"])
+            if key not in reduce_rows:
+                reduce_rows[key] = {"cluster_size": key[0], "working_bytes": key[1], **_ranking(
+                    results, simulator.REDUCE_ALGORITHMS, primitive="reduce", method="per_op", config=config,
+                    cluster_size=key[0], n=r["n"], dtype=r["dtype"])}
+        else:
+            itemsize = r["message_bytes"] // r["n"]
+            key = (itemsize, r["cluster_size"], r["message_bytes"])
+            if key not in gather_rows:
+                gather_rows[key] = {"itemsize": itemsize, "cluster_size": key[1], "message_bytes": key[2], **_ranking(
+                    results, simulator.GATHER_ALGORITHMS, primitive="gather", method="per_op", config=config,
+                    cluster_size=key[1], message_bytes=key[2], dtype=r["dtype"])}
+    _borrow_noisy_rankings(reduce_rows)
+    _borrow_noisy_rankings(gather_rows)
+    return {
+        "config": config,
+        "reduce": [reduce_rows[k] for k in sorted(reduce_rows)],
+        "gather": [gather_rows[k] for k in sorted(gather_rows)],
+    }
+
+
+def complete(results: dict) -> dict:
+    """Add ``barriers_per_op``, ``targets`` and ``choice`` where missing (e.g. a file cut short mid-run)."""
+    if "barriers_per_op" not in results:
+        results["barriers_per_op"] = barrier_counts(results["settings"]["cluster_sizes"])
+    if "targets" not in results:
+        results["targets"] = evaluate_targets(results)
+    if "choice" not in results:
+        results["choice"] = choice_tables(results)
+    return results
+
+
+def _quoted(names) -> str:
+    return ", ".join(f'"{name}"' for name in names)
+
+
+def render_auto_module(results: dict) -> str:
+    """Source of ``clusterlab/primitives/auto.py``: the choice tables of ``results`` as Python literals."""
+    choice = complete(results)["choice"]
+    reduce_table: dict = {}
+    for row in choice["reduce"]:
+        reduce_table.setdefault(row["cluster_size"], []).append((row["working_bytes"], tuple(row["ranking"])))
+    gather_table: dict = {}
+    for row in choice["gather"]:
+        gather_table.setdefault(row["itemsize"], {}).setdefault(row["cluster_size"], []).append(
+            (row["message_bytes"], tuple(row["ranking"]))
+        )
+    system = results["system"]
+
+    def block(table, indent):
+        pad = " " * indent
+        lines = []
+        for size, rows in table.items():
+            lines.append(f"{pad}{size}: (")
+            lines += [f"{pad}    ({nbytes}, ({_quoted(ranking)}))," for nbytes, ranking in rows]
+            lines.append(f"{pad}),")
+        return "\n".join(lines)
+
+    gather_blocks = "\n".join(
+        f"    {itemsize}: {{\n{block(table, 8)}\n    }}," for itemsize, table in gather_table.items()
+    )
+    template = _AUTO_TEMPLATE
+    return (
+        template.replace("@CARD@", str(system.get("gpu")))
+        .replace("@DRIVER@", str(system.get("driver_version")))
+        .replace("@DATE@", results["date"])
+        .replace("@COMMIT@", results["commit"])
+        .replace("@CONFIG@", choice["config"])
+        .replace("@REDUCE@", block(reduce_table, 4))
+        .replace("@GATHER@", gather_blocks)
+    )
+
+
+_AUTO_TEMPLATE = '''"""``algorithm="auto"``: the fastest ClusterReduce / ClusterGather algorithm, from measured data.
+
+The tables below rank the algorithms (fastest first) by per-operation latency measured by
+``clusterlab bench primitives`` (``benchmarks/results/primitives_h100.json``):
+
+- card: @CARD@, driver @DRIVER@
+- date: @DATE@
+- commit: @COMMIT@
+- configuration ``@CONFIG@``: every block alone on its SM, as many clusters as are resident at
+  once, 256 threads per block.
+
+A point whose figures were noisy took the ranking of the nearest message size with reliable
+figures (``clusterlab.bench.report.choice_tables``). Regenerate after a new run with::
+
+    python -m clusterlab.bench.report benchmarks/results/primitives_h100.json \\
+        --auto-module clusterlab/primitives/auto.py
+
+Lookup: the nearest measured cluster size (ties go to the larger), then the nearest measured
+message size on a log scale (ties go to the larger); the first algorithm of that ranking whose
+shared memory fits in a block. Other GPUs get the H100's choice.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..simulator import MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK
+from .gather import gather_shared_bytes
+from .reduce import FLOAT32_BYTES, reduce_shared_bytes
+
+SOURCE = {
+    "card": "@CARD@",
+    "driver": "@DRIVER@",
+    "date": "@DATE@",
+    "commit": "@COMMIT@",
+    "config": "@CONFIG@",
+    "results": "benchmarks/results/primitives_h100.json",
+}
+
+#: cluster size -> ((float32 bytes per block, algorithms fastest first), ...).
+REDUCE_RANKING = {
+@REDUCE@
+}
+
+#: element bytes -> cluster size -> ((message bytes per block, algorithms fastest first), ...).
+GATHER_RANKING = {
+@GATHER@
+}
+
+
+def _nearest(candidates, value):
+    """The candidate closest to ``value`` (on a log scale for bytes); ties go to the larger."""
+    return min(candidates, key=lambda c: (abs(math.log2(c) - math.log2(value)), -c))
+
+
+def _ranking(table, cluster_size, n_bytes):
+    if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
+        raise ValueError(f"cluster_size must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size}")
+    if n_bytes < 1:
+        raise ValueError(f"n_bytes must be positive; got {n_bytes}")
+    rows = table[min(table, key=lambda s: (abs(s - cluster_size), -s))]
+    sizes = [nbytes for nbytes, _ in rows]
+    return dict(rows)[_nearest(sizes, n_bytes)]
+
+
+def choose_reduce_algorithm(cluster_size: int, n_bytes: int) -> str:
+    """Fastest ``cluster_reduce`` algorithm for ``cluster_size`` blocks of ``n_bytes`` each.
+
+    ``n_bytes`` counts the row as the device functions hold it, in float32: ``4 * n`` for n
+    elements of any input dtype. Returns the best-ranked algorithm that fits in shared memory
+    (the top-ranked one when none fits; the host API then reports the size).
+    """
+    ranking = _ranking(REDUCE_RANKING, cluster_size, n_bytes)
+    n = -(-n_bytes // FLOAT32_BYTES)
+    for algorithm in ranking:
+        if reduce_shared_bytes(algorithm, n, cluster_size) <= MAX_SMEM_BYTES_PER_BLOCK:
+            return algorithm
+    return ranking[0]
+
+
+def choose_gather_algorithm(cluster_size: int, n_bytes: int, itemsize: int = 4) -> str:
+    """Fastest ``cluster_gather`` algorithm for ``cluster_size`` rows of ``n_bytes`` of ``itemsize``-byte elements.
+
+    ``itemsize`` is 4 (float32) or 2 (float16 / bfloat16). Returns the best-ranked algorithm
+    whose ``cluster_size`` rows fit in shared memory (the top-ranked one when none fits).
+    """
+    if itemsize not in GATHER_RANKING:
+        raise ValueError(f"itemsize must be one of {tuple(GATHER_RANKING)}; got {itemsize}")
+    ranking = _ranking(GATHER_RANKING[itemsize], cluster_size, n_bytes)
+    n = -(-n_bytes // itemsize)
+    for algorithm in ranking:
+        if gather_shared_bytes(algorithm, n, cluster_size, itemsize) <= MAX_SMEM_BYTES_PER_BLOCK:
+            return algorithm
+    return ranking[0]
+'''
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+
+
+_VERDICT = {True: "", False: "*", None: "?"}
+
+
+def _bytes(nbytes: int) -> str:
+    return f"{nbytes // 1024} KiB" if nbytes >= 1024 else f"{nbytes} B"
+
+
+def _table(header, rows) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(stat: Stat | None) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat.median:.2f}" + ("" if reliable(stat) else "?")
+
+
+def format_sweep(results: dict) -> str:
+    """Per-operation µs (median) of every implementation, float32, in the choice configuration."""
+    config = _choice_config(results)
+    parts = []
+    for primitive, implementations in (
+        ("reduce", (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push", *GLOBAL, "torch")),
+        ("gather", (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split")),
+    ):
+        rows = []
+        for size in results["settings"]["cluster_sizes"]:
+            floor = barrier_floor(results, config, size)
+            for nbytes in results["settings"]["message_bytes"]:
+                cells = [
+                    _cell(latency(results, primitive=primitive, method="per_op", implementation=i, config=config,
+                                  cluster_size=size, dtype="float32", message_bytes=nbytes))
+                    for i in implementations
+                ]
+                if any(c != "-" for c in cells):
+                    rows.append([size, _bytes(nbytes), _cell(floor), *cells])
+        parts.append(f"{primitive}, per operation, float32, config {config} (µs, median)\n"
+                     + _table(["N", "bytes", "barrier", *implementations], rows))
+    return "\n\n".join(parts)
+
+
+def format_summary(results: dict) -> str:
+    """Floors, targets (pass / MISS) and the choice tables, compactly."""
+    configs = _configs(results)
+    sizes = results["settings"]["cluster_sizes"]
+    system = results["system"]
+    lines = [f"{system.get('gpu')}, driver {system.get('driver_version')}, {results['date']}, "
+             + f"commit {results['commit'][:12]}"]
+    clocks = results.get("clocks_seen", {}).get("clocks.sm")
+    if isinstance(clocks, dict):
+        lines.append(f"SM clock seen: {clocks['min']:.0f}-{clocks['max']:.0f} MHz (median {clocks['median']:.0f})")
+    copy = copy_bandwidth(results)
+    if copy is not None:
+        lines.append(f"HBM copy bandwidth: {copy.scaled(1e-12)} TB/s (read + write)")
+    rows = []
+    for size in sizes:
+        row = [size]
+        for config in configs:
+            floor = barrier_floor(results, config, size)
+            empty = barrier_floor(results, config, size, "launch")
+            peak = dsmem_peak(results, config, size)
+            row += [str(floor) if floor else "-", f"{empty.median:.2f}" if empty else "-",
+                    f"{peak['bandwidth_bytes_per_s']['median'] / 1e12:.2f}" if peak else "-"]
+        rows.append(row)
+    header = ["N"] + [h for c in configs for h in (f"barrier µs ({c})", f"launch µs ({c})", f"DSMEM TB/s ({c})")]
+    lines += ["", "floors", _table(header, rows), "", "targets"]
+    lines += [f"  {name}: {text}" for name, text in TARGETS.items()]
+    lines.append(f"  (cells: value; * marks a miss, ? a noisy figure: min <= 0 or max - min > "
+                 f"{RELIABLE_SPREAD:g} x median, no verdict)")
+    def side(t):
+        return "best primitive" if t.get("side") == "best" else t["implementation"]
+
+    for name, column in (
+        ("reduce_vs_barrier", lambda t: t["implementation"]),
+        ("reduce_vs_global_per_op", lambda t: f"{side(t)} vs {t['baseline'].removeprefix('global_')}"),
+        ("reduce_vs_global_single_launch", lambda t: f"{side(t)} vs 2 launches"),
+        ("gather_vs_dsmem_peak", lambda t: f"{t['implementation']} {t['dtype'].replace('float', 'fp')}"),
+    ):
+        for config in configs:
+            found = [t for t in results["targets"] if t["target"] == name and t["config"] == config]
+            if not found:
+                continue
+            columns = list(dict.fromkeys(column(t) for t in found))
+            cells = {
+                (t["cluster_size"], column(t)): f"{t['value']:.2f}{_VERDICT[t['pass']]}"
+                + (f" {t['implementation']}" if t.get("side") == "best" else "")
+                for t in found
+            }
+            target_sizes = sorted({t["cluster_size"] for t in found})
+            lines += ["", f"{name} ({config})"]
+            rows = [[s, *(cells.get((s, c), "-") for c in columns)] for s in target_sizes]
+            lines.append(_table(["N", *columns], rows))
+    choice = results["choice"]
+    for primitive, key, label in (("reduce", "working_bytes", "float32 bytes"), ("gather", "message_bytes", "bytes")):
+        groups = sorted({r.get("itemsize", 4) for r in choice[primitive]})
+        for itemsize in groups:
+            table_rows = [r for r in choice[primitive] if r.get("itemsize", 4) == itemsize]
+            columns = sorted({r[key] for r in table_rows})
+            grid = {(r["cluster_size"], r[key]): r["ranking"][0] for r in table_rows}
+            suffix = f", {itemsize}-byte elements" if primitive == "gather" else ""
+            lines += ["", f"fastest {primitive} per operation ({choice['config']}{suffix}), columns: {label}"]
+            lines.append(_table(["N", *map(_bytes, columns)],
+                                [[s, *(grid.get((s, c), "-") for c in columns)] for s in sizes]))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+#: Message sizes that get a latency panel (when measured).
+PANEL_BYTES = (64, 256, 1024, 4096, 16384, 65536)
+_STYLE = {
+    "direct": ("C0", "-"), "ring": ("C1", "-"), "butterfly": ("C2", "-"), "bulk": ("C3", "-"),
+    "direct_1barrier": ("C0", "--"), "direct_push": ("C4", "--"), "direct_v4": ("C0", "--"),
+    "bulk_split": ("C3", "--"),
+    "global_kernel_boundary": ("C7", "-."), "global_grid_barrier": ("C5", "-."), "torch": ("C8", ":"),
+}
+
+
+def _errorbar(ax, xs, stats, label, implementation, marker="o"):
+    pairs = [(x, s) for x, s in zip(xs, stats) if reliable(s)]
+    if not pairs:
+        return
+    x = [p[0] for p in pairs]
+    med = np.array([p[1].median for p in pairs])
+    low = np.clip(med - np.array([p[1].min for p in pairs]), 0, None)
+    high = np.clip(np.array([p[1].max for p in pairs]) - med, 0, None)
+    color, style = _STYLE.get(implementation, ("k", "-"))
+    ax.errorbar(x, med, yerr=[low, high], label=label, color=color, linestyle=style, marker=marker, markersize=3,
+                capsize=2, linewidth=1)
+
+
+def _size_axis(ax, sizes):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xlabel("cluster size N")
+
+
+def _latency_figure(results, primitive, implementations, method, dtype, config, title):
+    from matplotlib.figure import Figure
+
+    sizes = results["settings"]["cluster_sizes"]
+    measured = results["settings"]["message_bytes"]
+    panels = [b for b in PANEL_BYTES if b in measured] or measured[:6]
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(5 * columns, 3.8 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax, nbytes in zip(axes.flat, panels):
+        for implementation in implementations:
+            stats = [latency(results, primitive=primitive, method=method, implementation=implementation, config=config,
+                             cluster_size=s, dtype=dtype, message_bytes=nbytes) for s in sizes]
+            _errorbar(ax, sizes, stats, implementation, implementation)
+        kind, label = ("barrier", "1 cluster barrier") if method == "per_op" else ("launch", "empty cluster launch")
+        floors = [barrier_floor(results, config, s, kind) for s in sizes]
+        if any(floors):
+            ax.plot(sizes, [f.median if f else np.nan for f in floors], "k:", linewidth=1.5, label=label)
+        ax.set_yscale("log")
+        ax.set_title(f"{_bytes(nbytes)} per block")
+        ax.set_ylabel("µs")
+        _size_axis(ax, sizes)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _bandwidth_figure(results, config):
+    from matplotlib.figure import Figure
+
+    sizes = [s for s in results["settings"]["cluster_sizes"] if s > 1]
+    shown = [s for s in (2, 4, 8, 16) if s in sizes] or sizes[:4]
+    nbytes = results["settings"]["message_bytes"]
+    fig = Figure(figsize=(4.2 * len(shown), 7.2))
+    axes = fig.subplots(2, len(shown), squeeze=False)
+    copy = copy_bandwidth(results)
+    for column, size in enumerate(shown):
+        peak = dsmem_peak(results, config, size)
+        for row, (primitive, implementations) in enumerate(
+            (("gather", (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split")),
+             ("reduce", (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push")))
+        ):
+            ax = axes[row][column]
+            for implementation in implementations:
+                for dtype, marker in (("float32", "o"), ("float16", "x")):
+                    if dtype not in results["settings"]["dtypes"] or (primitive == "reduce" and dtype == "float16"):
+                        continue
+                    stats = []
+                    for b in nbytes:
+                        r = record(results, primitive=primitive, method="per_op", implementation=implementation,
+                                   config=config, cluster_size=size, dtype=dtype, message_bytes=b)
+                        bw = r.get("bus_bandwidth_bytes_per_s") if r else None
+                        stats.append(Stat.from_dict(bw).scaled(1e-12) if bw else None)
+                    label = implementation if dtype == "float32" else f"{implementation} fp16"
+                    _errorbar(ax, nbytes, stats, label, implementation, marker)
+            if peak is not None:
+                ax.axhline(peak["bandwidth_bytes_per_s"]["median"] / 1e12, color="k", linestyle=":",
+                           label="DSMEM read peak")
+            if copy is not None:
+                ax.axhline(copy.median / 1e12, color="k", linestyle="--", linewidth=0.8, label="HBM copy")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(nbytes[::2])
+            ax.set_xticklabels([_bytes(b) for b in nbytes[::2]], fontsize=7)
+            ax.set_title(f"{primitive}, N={size}")
+            ax.set_xlabel("message per block")
+            ax.set_ylabel("bus bandwidth, TB/s (chip)")
+            ax.grid(True, alpha=0.3)
+            if column == 0:
+                ax.legend(fontsize=6)
+    fig.suptitle(f"Bus bandwidth vs message size ({config}; reduce in float32 working bytes)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_all(results: dict, out_dir, tag: str) -> list[Path]:
+    """Write the PNGs; return their paths. Latency vs cluster size per message size, bandwidth vs message size.
+
+    Figures are built without pyplot, so plotting never changes the caller's matplotlib backend.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = _choice_config(results)
+    card = results["system"].get("gpu")
+    figures = {
+        "reduce_latency": _latency_figure(
+            results, "reduce", (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push", *GLOBAL, "torch"),
+            "per_op",
+            "float32", config, f"ClusterReduce (sum, float32) per operation, {config}, {card}"),
+        "gather_latency": _latency_figure(
+            results, "gather", (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split"), "per_op", "float32", config,
+            f"ClusterGather (float32) per operation, {config}, {card}"),
+        "single_launch": _latency_figure(
+            results, "reduce", (*simulator.REDUCE_ALGORITHMS, "global_kernel_boundary", "torch"), "single_launch",
+            "float32", config,
+            f"ClusterReduce (sum, float32) single launch: one graph replay, {config}, {card}"),
+        "bandwidth": _bandwidth_figure(results, config),
+    }
+    paths = []
+    for name, fig in figures.items():
+        path = out_dir / f"primitives_{name}_{tag}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clusterlab.bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="a primitives_<tag>.json")
+    parser.add_argument("--plots", metavar="DIR", help="write the PNGs into DIR")
+    parser.add_argument("--tag", default="h100")
+    parser.add_argument("--auto-module", metavar="PATH", help="write the algorithm-choice module to PATH")
+    args = parser.parse_args(argv)
+    results = complete(json.loads(Path(args.results).read_text()))
+    print(format_sweep(results))
+    print(format_summary(results))
+    if args.plots:
+        for path in plot_all(results, args.plots, args.tag):
+            print(f"wrote {path}")
+    if args.auto_module:
+        Path(args.auto_module).write_text(render_auto_module(results))
+        print(f"wrote {args.auto_module}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

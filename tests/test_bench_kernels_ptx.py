@@ -1,0 +1,80 @@
+"""Every benchmark kernel compiles for cc 9.0, ptxas assembles it for sm_90a, and it issues what it claims."""
+
+import numpy as np
+import pytest
+from numba import types
+
+from clusterlab.bench import kernels
+from clusterlab.toolchain import assemble, kernel_ptx
+
+pytestmark = pytest.mark.ptx
+
+I64 = types.int64
+F32 = types.float32[:, ::1]
+U16 = types.uint16[:, ::1]
+
+
+def assembled(kernel, signature, **options):
+    ptx = kernel_ptx(kernel, signature, **options)
+    assembly = assemble(ptx)
+    assert assembly.spill_bytes == 0, assembly.log
+    return ptx
+
+
+def test_barrier_loop_is_only_cluster_barriers():
+    ptx = assembled(kernels.barrier_loop, (types.int32[::1], I64))
+    assert "barrier.cluster.arrive.release" in ptx and "barrier.cluster.wait.acquire" in ptx
+    assert "ld.shared" not in ptx
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_dsmem_stream_issues_eight_128_bit_remote_loads_before_using_them(spread):
+    options = {} if spread else {"launch_bounds": (1024, 1)}  # as the kernel's own decorator
+    ptx = assembled(kernels.dsmem_read_stream(spread), (types.uint32[::1], I64, I64), **options)
+    body = ptx[ptx.index("ld.shared::cluster.v4.b32"):]
+    first_use = body.index("xor.b32")
+    assert body[:first_use].count("ld.shared::cluster.v4.b32") == kernels.STREAM_LOADS_IN_FLIGHT
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "ring", "butterfly", "bulk"])
+def test_reduce_loops_assemble(algorithm):
+    ptx = assembled(kernels.reduce_loop_kernel(algorithm), (F32, F32, I64, I64, I64))
+    assert "barrier.cluster.wait.acquire" in ptx
+
+
+def test_one_barrier_variant_has_one_barrier_in_its_loop_and_one_at_exit():
+    ptx = assembled(kernels.direct_1barrier_loop, (F32, F32, I64, I64))
+    assert ptx.count("barrier.cluster.arrive.release") == 2
+    assert "ld.shared::cluster.f32" in ptx
+
+
+def test_push_variant_uses_st_async_and_mbarriers_and_no_barrier_per_operation():
+    ptx = assembled(kernels.direct_push_loop, (F32, F32, types.int32[::1], I64, I64))
+    assert ptx.count("barrier.cluster.arrive.release") == 2  # after mbarrier init, before exit
+    for instruction in ("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32", "mbarrier.init",
+                        "mbarrier.arrive.expect_tx", "mbarrier.arrive.release.cluster.shared::cluster",
+                        "mbarrier.try_wait.parity.acquire.cluster"):
+        assert instruction in ptx, instruction
+
+
+@pytest.mark.parametrize("algorithm", sorted(kernels.GATHERS))
+@pytest.mark.parametrize("storage", [np.float32, np.uint16])
+def test_gather_loops_assemble(algorithm, storage):
+    signature = (F32, F32, I64, I64, I64) if storage is np.float32 else (U16, U16, I64, I64, I64)
+    ptx = assembled(kernels.gather_loop_kernel(algorithm, np.dtype(storage)), signature)
+    if algorithm == "direct_v4":
+        assert "ld.shared::cluster.v4.b32" in ptx and "st.shared::cluster.v4.b32" in ptx
+
+
+def test_global_baselines_assemble_without_cluster_instructions():
+    for kernel, signature in (
+        (kernels.publish_partials, (F32, F32, I64)),
+        (kernels.fold_kernel("float16"), (U16, U16, I64, I64)),
+        (kernels.global_exchange_loop, (F32, types.float32[:, :, ::1], F32, types.int32[::1], I64, I64, I64)),
+    ):
+        ptx = assembled(kernel, signature)
+        assert "shared::cluster" not in ptx and "barrier.cluster" not in ptx
+    signature = (F32, types.float32[:, :, ::1], F32, types.int32[::1], I64, I64, I64)
+    ptx = kernel_ptx(kernels.global_exchange_loop, signature)
+    assert "atom.global.add" in ptx or "atom.add" in ptx
+    assert "membar.gl" in ptx or "fence.sc.gpu" in ptx

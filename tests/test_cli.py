@@ -1,0 +1,60 @@
+"""The clusterlab command: every subcommand on a machine without a GPU."""
+
+import subprocess
+import sys
+
+import pytest
+
+from clusterlab.cli import main
+from clusterlab.gpu import hopper_problem
+
+no_gpu = pytest.mark.skipif(hopper_problem() is None, reason="this machine has a Hopper GPU")
+
+
+def test_entry_point_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "clusterlab", "info"], capture_output=True, text=True, check=True)
+    assert "numba-cuda" in done.stdout
+
+
+@no_gpu
+def test_info_without_gpu_says_simulator_only(capsys):
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out.startswith("no CUDA GPU: simulator only")
+
+
+def test_trace_prints_phases_and_saves_the_picture(tmp_path, capsys):
+    picture = tmp_path / "ring.png"
+    assert main(["trace", "reduce", "--cluster", "5", "--algorithm", "ring", "--n", "7", "--save", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "reduce-scatter 3" in out and "all-gather 3" in out
+    assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trace_gather(capsys):
+    assert main(["trace", "gather", "--cluster", "3", "--algorithm", "bulk", "--n", "5", "--dtype", "float16"]) == 0
+    assert "cp.async.bulk" in capsys.readouterr().out
+
+
+@no_gpu
+def test_tour_on_the_simulator_checks_every_algorithm(capsys):
+    assert main(["tour", "--cluster", "1", "3", "16", "--n", "37", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("backend: simulator")
+    assert "21 passed, 0 failed" in out
+
+
+@no_gpu
+@pytest.mark.parametrize("suite", ["primitives", "fused"])
+def test_bench_without_gpu_exits_1_naming_what_is_missing(suite, capsys):
+    assert main(["bench", suite]) == 1
+    assert "a Hopper GPU is required" in capsys.readouterr().err
+
+
+def test_bad_value_exits_2_with_the_parameter(capsys):
+    assert main(["trace", "reduce", "--cluster", "17"]) == 2
+    assert "cluster_size" in capsys.readouterr().err
+
+
+@no_gpu
+def test_tour_on_gpu_backend_without_gpu_is_refused():
+    assert main(["tour", "--backend", "gpu", "--cluster", "2"]) == 1
