@@ -4,8 +4,8 @@ The tables below rank the algorithms (fastest first) by per-operation latency me
 ``clusterlab bench primitives`` (``benchmarks/results/primitives_h100.json``):
 
 - card: NVIDIA H100 80GB HBM3, driver 580.159.04
-- date: 2026-11-26T18:21:26+00:00
-- commit: 1dbe4885c3b31cb4183d0f9396fde4311c2237c8 + uncommitted clusterlab/bench
+- date: 2026-11-26T18:36:16+00:00
+- commit: 35b0cae
 - configuration ``chip``: every block alone on its SM, as many clusters as are resident at
   once, 256 threads per block.
 
@@ -31,8 +31,8 @@ from .reduce import FLOAT32_BYTES, reduce_shared_bytes
 SOURCE = {
     "card": "NVIDIA H100 80GB HBM3",
     "driver": "580.159.04",
-    "date": "2026-11-26T18:21:26+00:00",
-    "commit": "1dbe4885c3b31cb4183d0f9396fde4311c2237c8 + uncommitted clusterlab/bench",
+    "date": "2026-11-26T18:36:16+00:00",
+    "commit": "35b0cae",
     "config": "chip",
     "results": "benchmarks/results/primitives_h100.json",
 }
@@ -56,13 +56,13 @@ REDUCE_RANKING = {
         (64, ("direct", "butterfly", "bulk", "ring")),
         (128, ("direct", "butterfly", "bulk", "ring")),
         (256, ("direct", "butterfly", "bulk", "ring")),
-        (512, ("direct", "butterfly", "bulk", "ring")),
+        (512, ("butterfly", "direct", "bulk", "ring")),
         (1024, ("direct", "butterfly", "bulk", "ring")),
         (2048, ("direct", "butterfly", "bulk", "ring")),
         (4096, ("butterfly", "direct", "bulk", "ring")),
-        (8192, ("butterfly", "direct", "bulk", "ring")),
-        (16384, ("butterfly", "direct", "bulk", "ring")),
-        (32768, ("bulk", "butterfly", "ring", "direct")),
+        (8192, ("butterfly", "bulk", "direct", "ring")),
+        (16384, ("butterfly", "bulk", "direct", "ring")),
+        (32768, ("butterfly", "bulk", "ring", "direct")),
         (65536, ("bulk", "butterfly", "ring", "direct")),
     ),
     3: (
@@ -118,11 +118,11 @@ REDUCE_RANKING = {
         (65536, ("butterfly", "ring", "direct", "bulk")),
     ),
     16: (
-        (64, ("direct", "butterfly", "bulk", "ring")),
+        (64, ("direct", "bulk", "butterfly", "ring")),
         (128, ("direct", "butterfly", "bulk", "ring")),
         (256, ("direct", "butterfly", "bulk", "ring")),
         (512, ("direct", "butterfly", "bulk", "ring")),
-        (1024, ("direct", "butterfly", "bulk", "ring")),
+        (1024, ("direct", "bulk", "butterfly", "ring")),
         (2048, ("direct", "bulk", "butterfly", "ring")),
         (4096, ("direct", "butterfly", "bulk", "ring")),
         (8192, ("butterfly", "direct", "bulk", "ring")),
@@ -140,7 +140,7 @@ GATHER_RANKING = {
             (128, ("ring", "direct", "bulk")),
             (256, ("ring", "direct", "bulk")),
             (512, ("ring", "direct", "bulk")),
-            (1024, ("ring", "direct", "bulk")),
+            (1024, ("ring", "bulk", "direct")),
             (2048, ("ring", "bulk", "direct")),
             (4096, ("ring", "bulk", "direct")),
             (8192, ("ring", "bulk", "direct")),
@@ -178,8 +178,8 @@ GATHER_RANKING = {
             (64, ("direct", "bulk", "ring")),
             (128, ("direct", "bulk", "ring")),
             (256, ("direct", "bulk", "ring")),
-            (512, ("direct", "bulk", "ring")),
-            (1024, ("bulk", "ring", "direct")),
+            (512, ("bulk", "direct", "ring")),
+            (1024, ("bulk", "direct", "ring")),
             (2048, ("bulk", "ring", "direct")),
             (4096, ("bulk", "ring", "direct")),
             (8192, ("bulk", "ring", "direct")),
@@ -265,9 +265,9 @@ GATHER_RANKING = {
             (128, ("direct", "bulk", "ring")),
             (256, ("direct", "bulk", "ring")),
             (512, ("direct", "bulk", "ring")),
-            (1024, ("direct", "bulk", "ring")),
+            (1024, ("bulk", "direct", "ring")),
             (2048, ("bulk", "direct", "ring")),
-            (4096, ("bulk", "direct", "ring")),
+            (4096, ("bulk", "ring", "direct")),
             (8192, ("bulk", "ring", "direct")),
             (16384, ("bulk", "ring", "direct")),
             (32768, ("bulk", "ring", "direct")),
