@@ -501,7 +501,7 @@ class ClusterKernel:
         self._check_fit(overload)
         kernel = driver.CUkernel(_numba_private.kernel_handle(overload))
         device = driver.CUdevice(self._device_id)
-        self._set_attributes(driver, kernel, device)
+        self._set_attributes(driver, kernel, device, overload.shared_mem_per_block)
         function = _check(driver.cuKernelGetFunction(kernel), "cuKernelGetFunction")
         return _Plan(self, overload, function, params, codes, deferred, driver)
 
@@ -520,10 +520,14 @@ class ClusterKernel:
                 f"exceeds this GPU's limit of {self._shared_limit} bytes per block"
             )
 
-    def _set_attributes(self, driver, kernel, device):
-        """Raise the dynamic shared memory limit (never lower it) and allow non-portable clusters."""
+    def _set_attributes(self, driver, kernel, device, static_bytes):
+        """Raise the dynamic shared memory limit (never lower it) and allow non-portable clusters.
+
+        Without the opt-in, static plus dynamic shared memory must stay within 48 KB, so the limit
+        is raised whenever the two together exceed it.
+        """
         attribute = driver.CUfunction_attribute
-        if self.shared_bytes > DEFAULT_SHARED_BYTES_LIMIT:
+        if static_bytes + self.shared_bytes > DEFAULT_SHARED_BYTES_LIMIT:
             current = _check(
                 driver.cuKernelGetAttribute(attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, kernel, device),
                 "cuKernelGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",

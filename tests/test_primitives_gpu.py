@@ -110,3 +110,12 @@ def test_auto_runs_the_algorithm_the_measured_table_chooses():
         assert_same_bits(primitives.to_numpy(primitives.cluster_reduce(x, algorithm="auto")), expected, f"N={size} n={n}")
         expected, _ = simulator.cluster_gather(x, algorithm=choose_gather_algorithm(size, 4 * n))
         assert_same_bits(primitives.to_numpy(primitives.cluster_gather(x, algorithm="auto")), expected, f"N={size} n={n}")
+
+
+@pytest.mark.parametrize("algorithm", simulator.GATHER_ALGORITHMS)
+def test_gather_of_exactly_48_kib_runs_beside_static_shared_memory(algorithm):
+    # 12 rows of 1024 float32 fill the 48 KB a kernel gets without the opt-in; bulk's mbarrier
+    # adds static shared memory on top, so the launcher must raise the limit.
+    x = random_rows(np.random.default_rng(), 12, 1024, "float32")
+    expected, _ = simulator.cluster_gather(x, algorithm=algorithm)
+    assert_same_bits(primitives.to_numpy(primitives.cluster_gather(x, algorithm=algorithm)), expected, algorithm)
