@@ -1,6 +1,5 @@
 """The benchmark report on made-up results: targets, choice tables, tables, plots and the auto module (CPU only)."""
 
-import importlib.util
 import json
 
 import pytest
@@ -8,6 +7,7 @@ import pytest
 from clusterlab import simulator
 from clusterlab.bench import report
 from clusterlab.bench.common import Stat
+from clusterlab.primitives import auto
 
 SIZES = (1, 2, 3, 8)
 BYTES = (64, 1024, 16384)
@@ -185,16 +185,14 @@ def test_plots_are_written(results, tmp_path):
     assert all(p.stat().st_size > 10_000 for p in paths)
 
 
-def test_rendered_auto_module_chooses_from_the_table(results, tmp_path):
-    path = tmp_path / "auto_under_test.py"
-    path.write_text(report.render_auto_module(results))
-    spec = importlib.util.spec_from_file_location("clusterlab.primitives.auto_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.SOURCE["card"] == "Test GPU"
-    assert module.choose_reduce_algorithm(2, 64) == "ring" and module.choose_reduce_algorithm(2, 70) == "ring"
-    assert module.choose_reduce_algorithm(8, 1 << 20) != "bulk"  # bulk's rows would not fit in shared memory
-    assert module.choose_gather_algorithm(3, 16384, itemsize=2) in simulator.GATHER_ALGORITHMS
+def test_written_auto_table_chooses_from_the_results(results, tmp_path):
+    path = report.write_json(report.auto_table(results), tmp_path / "auto_table.json")
+    source, reduce_ranking, gather_ranking = auto.load_table(path)
+    assert source["card"] == "Test GPU"
+    assert auto.choose_reduce_algorithm(2, 64, reduce_ranking) == "ring"
+    assert auto.choose_reduce_algorithm(2, 70, reduce_ranking) == "ring"
+    assert auto.choose_reduce_algorithm(8, 1 << 20, reduce_ranking) != "bulk"  # bulk's rows would not fit
+    assert auto.choose_gather_algorithm(3, 16384, itemsize=2, ranking=gather_ranking) in simulator.GATHER_ALGORITHMS
 
 
 def test_only_agreeing_repeats_are_trusted():

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import simulator
-from .common import Stat
+from .common import Stat, write_json
 
 SCHEMA = "clusterlab.bench.primitives/1"
 
@@ -331,142 +331,32 @@ def complete(results: dict) -> dict:
     return results
 
 
-def _quoted(names) -> str:
-    return ", ".join(f'"{name}"' for name in names)
+def auto_table(results: dict) -> dict:
+    """The algorithm rankings of ``results`` (fastest first) as the JSON :mod:`clusterlab.primitives.auto` reads.
 
-
-def render_auto_module(results: dict) -> str:
-    """Source of ``clusterlab/primitives/auto.py``: the choice tables of ``results`` as Python literals."""
+    ``{"source": {card, driver, date, commit, config, results}, "reduce": {cluster size:
+    [[float32 bytes per block, [algorithms]], ...]}, "gather": {element bytes: {cluster size:
+    [[message bytes, [algorithms]], ...]}}}``.
+    """
     choice = complete(results)["choice"]
     reduce_table: dict = {}
     for row in choice["reduce"]:
-        reduce_table.setdefault(row["cluster_size"], []).append((row["working_bytes"], tuple(row["ranking"])))
+        reduce_table.setdefault(row["cluster_size"], []).append([row["working_bytes"], row["ranking"]])
     gather_table: dict = {}
     for row in choice["gather"]:
         gather_table.setdefault(row["itemsize"], {}).setdefault(row["cluster_size"], []).append(
-            (row["message_bytes"], tuple(row["ranking"]))
+            [row["message_bytes"], row["ranking"]]
         )
     system = results["system"]
-
-    def block(table, indent):
-        pad = " " * indent
-        lines = []
-        for size, rows in table.items():
-            lines.append(f"{pad}{size}: (")
-            lines += [f"{pad}    ({nbytes}, ({_quoted(ranking)}))," for nbytes, ranking in rows]
-            lines.append(f"{pad}),")
-        return "\n".join(lines)
-
-    gather_blocks = "\n".join(
-        f"    {itemsize}: {{\n{block(table, 8)}\n    }}," for itemsize, table in gather_table.items()
-    )
-    template = _AUTO_TEMPLATE
-    return (
-        template.replace("@CARD@", str(system.get("gpu")))
-        .replace("@DRIVER@", str(system.get("driver_version")))
-        .replace("@DATE@", results["date"])
-        .replace("@COMMIT@", results["commit"])
-        .replace("@CONFIG@", choice["config"])
-        .replace("@REDUCE@", block(reduce_table, 4))
-        .replace("@GATHER@", gather_blocks)
-    )
-
-
-_AUTO_TEMPLATE = '''"""``algorithm="auto"``: the fastest ClusterReduce / ClusterGather algorithm, from measured data.
-
-The tables below rank the algorithms (fastest first) by per-operation latency measured by
-``clusterlab bench primitives`` (``benchmarks/results/primitives_h100.json``):
-
-- card: @CARD@, driver @DRIVER@
-- date: @DATE@
-- commit: @COMMIT@
-- configuration ``@CONFIG@``: every block alone on its SM, as many clusters as are resident at
-  once, 256 threads per block.
-
-A point whose figures were noisy took the ranking of the nearest message size with reliable
-figures (``clusterlab.bench.report.choice_tables``). Regenerate after a new run with::
-
-    python -m clusterlab.bench.report benchmarks/results/primitives_h100.json \\
-        --auto-module clusterlab/primitives/auto.py
-
-Lookup: the nearest measured cluster size (ties go to the larger), then the nearest measured
-message size on a log scale (ties go to the larger); the first algorithm of that ranking whose
-shared memory fits in a block. Other GPUs get the H100's choice.
-"""
-
-from __future__ import annotations
-
-import math
-
-from ..simulator import MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK
-from .gather import gather_shared_bytes
-from .reduce import FLOAT32_BYTES, reduce_shared_bytes
-
-SOURCE = {
-    "card": "@CARD@",
-    "driver": "@DRIVER@",
-    "date": "@DATE@",
-    "commit": "@COMMIT@",
-    "config": "@CONFIG@",
-    "results": "benchmarks/results/primitives_h100.json",
-}
-
-#: cluster size -> ((float32 bytes per block, algorithms fastest first), ...).
-REDUCE_RANKING = {
-@REDUCE@
-}
-
-#: element bytes -> cluster size -> ((message bytes per block, algorithms fastest first), ...).
-GATHER_RANKING = {
-@GATHER@
-}
-
-
-def _nearest(candidates, value):
-    """The candidate closest to ``value`` (on a log scale for bytes); ties go to the larger."""
-    return min(candidates, key=lambda c: (abs(math.log2(c) - math.log2(value)), -c))
-
-
-def _ranking(table, cluster_size, n_bytes):
-    if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
-        raise ValueError(f"cluster_size must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size}")
-    if n_bytes < 1:
-        raise ValueError(f"n_bytes must be positive; got {n_bytes}")
-    rows = table[min(table, key=lambda s: (abs(s - cluster_size), -s))]
-    sizes = [nbytes for nbytes, _ in rows]
-    return dict(rows)[_nearest(sizes, n_bytes)]
-
-
-def choose_reduce_algorithm(cluster_size: int, n_bytes: int) -> str:
-    """Fastest ``cluster_reduce`` algorithm for ``cluster_size`` blocks of ``n_bytes`` each.
-
-    ``n_bytes`` counts the row as the device functions hold it, in float32: ``4 * n`` for n
-    elements of any input dtype. Returns the best-ranked algorithm that fits in shared memory
-    (the top-ranked one when none fits; the host API then reports the size).
-    """
-    ranking = _ranking(REDUCE_RANKING, cluster_size, n_bytes)
-    n = -(-n_bytes // FLOAT32_BYTES)
-    for algorithm in ranking:
-        if reduce_shared_bytes(algorithm, n, cluster_size) <= MAX_SMEM_BYTES_PER_BLOCK:
-            return algorithm
-    return ranking[0]
-
-
-def choose_gather_algorithm(cluster_size: int, n_bytes: int, itemsize: int = 4) -> str:
-    """Fastest ``cluster_gather`` algorithm for ``cluster_size`` rows of ``n_bytes`` of ``itemsize``-byte elements.
-
-    ``itemsize`` is 4 (float32) or 2 (float16 / bfloat16). Returns the best-ranked algorithm
-    whose ``cluster_size`` rows fit in shared memory (the top-ranked one when none fits).
-    """
-    if itemsize not in GATHER_RANKING:
-        raise ValueError(f"itemsize must be one of {tuple(GATHER_RANKING)}; got {itemsize}")
-    ranking = _ranking(GATHER_RANKING[itemsize], cluster_size, n_bytes)
-    n = -(-n_bytes // itemsize)
-    for algorithm in ranking:
-        if gather_shared_bytes(algorithm, n, cluster_size, itemsize) <= MAX_SMEM_BYTES_PER_BLOCK:
-            return algorithm
-    return ranking[0]
-'''
+    source = {
+        "card": system.get("gpu"),
+        "driver": system.get("driver_version"),
+        "date": results["date"],
+        "commit": results["commit"],
+        "config": choice["config"],
+        "results": "benchmarks/results/primitives_h100.json",
+    }
+    return {"source": source, "reduce": reduce_table, "gather": gather_table}
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,7 +623,7 @@ def main(argv=None) -> int:
     parser.add_argument("results", help="a primitives_<tag>.json")
     parser.add_argument("--plots", metavar="DIR", help="write the PNGs into DIR")
     parser.add_argument("--tag", default="h100")
-    parser.add_argument("--auto-module", metavar="PATH", help="write the algorithm-choice module to PATH")
+    parser.add_argument("--auto-table", metavar="PATH", help="write the algorithm-choice table (JSON) to PATH")
     args = parser.parse_args(argv)
     results = complete(json.loads(Path(args.results).read_text()))
     print(format_sweep(results))
@@ -741,9 +631,8 @@ def main(argv=None) -> int:
     if args.plots:
         for path in plot_all(results, args.plots, args.tag):
             print(f"wrote {path}")
-    if args.auto_module:
-        Path(args.auto_module).write_text(render_auto_module(results))
-        print(f"wrote {args.auto_module}")
+    if args.auto_table:
+        print(f"wrote {write_json(auto_table(results), args.auto_table)}")
     return 0
 
 
