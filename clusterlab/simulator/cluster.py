@@ -101,15 +101,9 @@ def _format_key(key) -> str:
     return ", ".join(parts)
 
 
-class SharedArray:
-    """A typed array in one block's shared memory, as seen by one block.
-
-    Made by :meth:`Block.shared_array` (the block's own memory: ``ld.shared`` / ``st.shared``)
-    or :meth:`Block.map_shared` (any block's memory through the cluster window:
-    ``ld.shared::cluster`` / ``st.shared::cluster``). Indexing loads (returns a NumPy copy),
-    assigning stores; ``at[...]`` names a region for ``bulk_copy`` / ``st_async``. Indices are
-    addresses: negative ones and ranges past the end are out of bounds (no wrap, no clipping).
-    """
+class _SharedObject:
+    """Something declared in a block's shared memory (``owner``), as seen by one block (``mapped``:
+    through the cluster window, i.e. a ``mapa``-mapped address, rather than the block's own)."""
 
     __slots__ = ("_block", "owner", "_entry", "mapped")
 
@@ -120,10 +114,24 @@ class SharedArray:
         self.mapped = mapped
 
     name = property(lambda self: self._entry.name, doc="Name given at declaration.")
+    offset = property(lambda self: self._entry.offset, doc="Byte offset in the shared memory window.")
+
+
+class SharedArray(_SharedObject):
+    """A typed array in one block's shared memory, as seen by one block.
+
+    Made by :meth:`Block.shared_array` (the block's own memory: ``ld.shared`` / ``st.shared``)
+    or :meth:`Block.map_shared` (any block's memory through the cluster window:
+    ``ld.shared::cluster`` / ``st.shared::cluster``). Indexing loads (returns a NumPy copy),
+    assigning stores; ``at[...]`` names a region for ``bulk_copy`` / ``st_async``. Indices are
+    addresses: negative ones and ranges past the end are out of bounds (no wrap, no clipping).
+    """
+
+    __slots__ = ()
+
     shape = property(lambda self: self._entry.shape, doc="Shape of the array.")
     dtype = property(lambda self: self._entry.dtype, doc="Element dtype.")
     nbytes = property(lambda self: self._entry.nbytes, doc="Size in bytes.")
-    offset = property(lambda self: self._entry.offset, doc="Byte offset in the shared memory window.")
 
     def __getitem__(self, key) -> np.ndarray:
         return self._block._access(self, key, READ)
@@ -165,23 +173,14 @@ class _RegionIndexer:
         return Region(self._array, key)
 
 
-class Mbarrier:
+class Mbarrier(_SharedObject):
     """An mbarrier object in one block's shared memory, as seen by one block.
 
     Made by :meth:`Block.shared_mbarrier` (own) or :meth:`Block.map_shared` (a peer's, for
     remote arrivals and as the completion target of bulk copies into that peer).
     """
 
-    __slots__ = ("_block", "owner", "_entry", "mapped")
-
-    def __init__(self, block: "Block", owner: int, entry: LayoutEntry, mapped: bool):
-        self._block = block
-        self.owner = owner
-        self._entry = entry
-        self.mapped = mapped
-
-    name = property(lambda self: self._entry.name, doc="Name given at declaration.")
-    offset = property(lambda self: self._entry.offset, doc="Byte offset in the shared memory window.")
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"Mbarrier({self.name!r}, owner={self.owner}, {'mapped' if self.mapped else 'local'})"
