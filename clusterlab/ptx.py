@@ -896,7 +896,7 @@ st_async_v4_b32 = _st_async("st_async_v4_b32", "b32", 4, "four 32-bit words")
 
 
 # --------------------------------------------------------------------------------------------
-# Global memory: 128-bit read-only loads with cache hints
+# Global memory: 128-bit read-only loads with cache hints, bulk L2 prefetch
 # --------------------------------------------------------------------------------------------
 
 
@@ -964,6 +964,39 @@ ld_global_nc_v4_policy = _ld_global_v4(
     PTX ``{instruction}``; ``policy`` from :func:`l2_evict_first_policy` (data read once, evict it
     first so activations and KV cache stay in L2) or :func:`l2_evict_last_policy`. """
     + _GLOBAL_V4_COMMON,
+)
+
+def _prefetch_l2_bulk(array, index, nbytes):
+    name = "prefetch_l2_bulk"
+    index = _check_element(name, array, index)
+    _check_operand(name, 2, nbytes, "u32")
+    sig = types.void(array, index, nbytes)
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[0], sig.args[1], args[0], args[1])
+        global_pointer = builder.addrspacecast(pointer, ir.PointerType(pointer.type.pointee, _GLOBAL_ADDRSPACE))
+        size = context.cast(builder, args[2], sig.args[2], types.uint32)
+        fnty = ir.FunctionType(ir.VoidType(), [global_pointer.type, size.type])
+        # A side effect (never deleted) but no memory clobber: a hint that reads nothing the
+        # program sees, so loads and stores around it stay free to move.
+        asm = ir.InlineAsm(fnty, "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", side_effect=True)
+        builder.call(asm, [global_pointer, size])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+prefetch_l2_bulk = _named(
+    _typer(3, _prefetch_l2_bulk),
+    "prefetch_l2_bulk",
+    """prefetch_l2_bulk(array, index, nbytes): ask the copy engine to bring ``nbytes`` from ``array[index]`` into L2.
+
+    PTX ``cp.async.bulk.prefetch.L2.global [addr], nbytes``: one instruction for a whole
+    contiguous range, no registers, no completion to wait for (a hint: the bytes may be evicted
+    before they are read). The address must be 16-byte aligned and ``nbytes`` a multiple of 16.
+    Lets a kernel keep device memory busy across work that issues no loads of its own (barriers,
+    DSMEM exchanges), and keep more bytes in flight than its registers hold. sm_90+.
+    """,
 )
 
 l2_evict_first_policy = _asm_intrinsic(
@@ -1165,6 +1198,7 @@ __all__ = [
     "ld_global_nc_v4",
     "ld_global_nc_v4_no_allocate",
     "ld_global_nc_v4_policy",
+    "prefetch_l2_bulk",
     "l2_evict_first_policy",
     "l2_evict_last_policy",
     # conversions

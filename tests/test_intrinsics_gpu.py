@@ -676,6 +676,8 @@ def global_loads(words, halves, out, evict_last):
     i = cuda.grid(1)
     if i < out.shape[0]:
         policy = ptx.l2_evict_last_policy() if evict_last else ptx.l2_evict_first_policy()
+        if i == 0:  # the whole array into L2, then read as usual: a hint never changes values
+            ptx.prefetch_l2_bulk(words, 0, 4 * words.shape[0])
         plain = ptx.ld_global_nc_v4(words, 4 * i)
         streamed = ptx.ld_global_nc_v4_no_allocate(words, 4 * (out.shape[0] - 1 - i))
         hinted = ptx.ld_global_nc_v4_policy(halves, 8 * i, policy)

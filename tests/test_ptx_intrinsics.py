@@ -151,6 +151,7 @@ CASES = {
         "a, b, c, d = ptx.ld_global_nc_v4_policy(i32, 4 * i32[0], i64[0])\no32[0] = a ^ b ^ c ^ d",
         "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.b32",
     ),
+    "prefetch_l2_bulk": ("ptx.prefetch_l2_bulk(i16, 8 * i32[0], 16 * i32[1])", "cp.async.bulk.prefetch.L2.global"),
     "l2_evict_first_policy": ("o64[0] = ptx.l2_evict_first_policy()", "createpolicy.fractional.L2::evict_first.b64"),
     "l2_evict_last_policy": ("o64[0] = ptx.l2_evict_last_policy()", "createpolicy.fractional.L2::evict_last.b64"),
     "f16_to_f32": ("of32[0] = ptx.f16_to_f32(i16[0])", "cvt.f32.f16"),
