@@ -39,7 +39,7 @@ from numba import cuda
 
 from .. import ptx
 from ..primitives.gather import GATHER_DEVICE_FUNCTIONS
-from ..primitives.ops import CONVERSIONS
+from ..primitives.ops import CONVERSIONS, open_bulk_exchange
 from ..primitives.reduce import reduce_device_function
 
 #: 16-byte remote loads each thread of dsmem_read_stream has in flight.
@@ -347,13 +347,7 @@ def bulk_gather_split(rows, n, stride, iteration):
     full = ptx.shared_address(full_slot, 0)
     row_bytes = stride * rows.itemsize
     pieces = (row_bytes + SPLIT_BYTES - 1) // SPLIT_BYTES
-    if cuda.threadIdx.x == 0 and iteration == 0:
-        ptx.mbarrier_init(full, 1)
-        ptx.fence_mbarrier_init_release_cluster()
-    ptx.fence_proxy_async_shared_cta()  # the staged row (st.shared) -> copy engine reads below
-    ptx.cluster_sync()  # rows staged and mbarriers initialised everywhere before any push
-    if cuda.threadIdx.x == 0:
-        ptx.mbarrier_arrive_expect_tx(full, (size - 1) * row_bytes)
+    open_bulk_exchange(full, (size - 1) * row_bytes, iteration)
     source = ptx.shared_address(rows, rank * stride)
     for t in range(cuda.threadIdx.x, (size - 1) * pieces, cuda.blockDim.x):
         peer = (rank + 1 + t // pieces) % size

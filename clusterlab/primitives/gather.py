@@ -31,6 +31,7 @@ import numpy as np
 from numba import cuda
 
 from .. import ptx
+from .ops import open_bulk_exchange
 
 
 def gather_stride(algorithm: str, n: int, itemsize: int) -> int:
@@ -81,13 +82,8 @@ def bulk_gather(rows, n, stride, iteration):
     full_slot = cuda.shared.array(1, dtype=np.uint64)
     full = ptx.shared_address(full_slot, 0)
     row_bytes = stride * rows.itemsize
-    if cuda.threadIdx.x == 0 and iteration == 0:
-        ptx.mbarrier_init(full, 1)
-        ptx.fence_mbarrier_init_release_cluster()
-    ptx.fence_proxy_async_shared_cta()  # the staged row (st.shared) -> copy engine reads below
-    ptx.cluster_sync()  # rows staged and mbarriers initialised everywhere before any push
+    open_bulk_exchange(full, (size - 1) * row_bytes, iteration)
     if cuda.threadIdx.x == 0:
-        ptx.mbarrier_arrive_expect_tx(full, (size - 1) * row_bytes)
         source = ptx.shared_address(rows, rank * stride)
         for k in range(1, size):
             peer = (rank + k) % size

@@ -37,6 +37,27 @@ OPERATORS = {"sum": op_sum, "max": op_max, "min": op_min}
 
 
 @cuda.jit(device=True, inline=True)
+def open_bulk_exchange(full, incoming_bytes, iteration):
+    """Prologue of an exchange in which every block pushes rows into its peers with the copy engine.
+
+    ``full``: shared::cta address of this block's mbarrier (8 bytes, the same offset in every
+    block); ``incoming_bytes``: what the peers will copy into this block; ``iteration``: earlier
+    exchanges on this mbarrier in the kernel. On the first one thread 0 initialises the mbarrier
+    (one arrival) and makes it visible to the cluster; every thread fences its staged rows for the
+    copy engine; a cluster barrier publishes rows and mbarriers everywhere; thread 0 arrives
+    expecting ``incoming_bytes``. Afterwards the caller issues its copies (each completing on the
+    destination's ``full``) and waits with ``mbarrier_wait_parity(full, iteration % 2)``.
+    """
+    if cuda.threadIdx.x == 0 and iteration == 0:
+        ptx.mbarrier_init(full, 1)
+        ptx.fence_mbarrier_init_release_cluster()
+    ptx.fence_proxy_async_shared_cta()  # staged rows (st.shared) -> copy engine reads after this
+    ptx.cluster_sync()  # rows staged and mbarriers initialised everywhere before any push
+    if cuda.threadIdx.x == 0:
+        ptx.mbarrier_arrive_expect_tx(full, incoming_bytes)
+
+
+@cuda.jit(device=True, inline=True)
 def widen_float32(value):
     return value
 

@@ -31,7 +31,7 @@ import functools
 from numba import cuda
 
 from .. import ptx
-from .ops import CONVERSIONS, OPERATORS
+from .ops import CONVERSIONS, OPERATORS, open_bulk_exchange
 
 #: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
 MBARRIER_BYTES = 16
@@ -182,13 +182,8 @@ def reduce_device_function(algorithm: str, op: str):
         full = ptx.shared_address(work, 0)
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             work[rows + rank * slot + i] = staged[i]
-        if cuda.threadIdx.x == 0 and iteration == 0:
-            ptx.mbarrier_init(full, 1)
-            ptx.fence_mbarrier_init_release_cluster()
-        ptx.fence_proxy_async_shared_cta()  # st.shared above -> copy engine reads below
-        ptx.cluster_sync()  # rows staged and mbarriers initialised everywhere before any push
+        open_bulk_exchange(full, (size - 1) * slot * FLOAT32_BYTES, iteration)
         if cuda.threadIdx.x == 0:
-            ptx.mbarrier_arrive_expect_tx(full, (size - 1) * slot * FLOAT32_BYTES)
             source = ptx.shared_address(work, rows + rank * slot)
             for k in range(1, size):
                 peer = (rank + k) % size
