@@ -112,6 +112,17 @@ def test_presets_count_the_paper_bytes():
     assert LLAMA3_8B.group_size == 4 and LLAMA3_8B.qkv_rows == 6144
 
 
+def test_random_inputs_draw_fresh_values_and_leave_the_global_generator_alone():
+    config = SMALL["gqa-gptj"]
+    state = torch.random.get_rng_state()
+    first, second = (AttentionWeights.random(config, torch.float16) for _ in range(2))
+    caches = [KVCache.random(config, 1, 8, torch.float16) for _ in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not torch.equal(first.qkv, second.qkv) and not torch.equal(caches[0].k, caches[1].k)
+    same = AttentionWeights.random(config, torch.float16, seed=3), AttentionWeights.random(config, torch.float16, seed=3)
+    assert torch.equal(same[0].qkv, same[1].qkv)
+
+
 # -- input checks ---------------------------------------------------------------------------------
 
 CONFIG = SMALL["gqa-gptj"]

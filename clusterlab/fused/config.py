@@ -121,6 +121,16 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
 
 
+def _generator(seed: int | None, device="cpu") -> torch.Generator:
+    """A generator of its own on ``device``: seeded with ``seed``, else from the OS (torch's global one untouched)."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
 @dataclass
 class AttentionWeights:
     """The block's parameters; see the module docstring for shapes."""
@@ -136,7 +146,7 @@ class AttentionWeights:
         The norm gain is drawn around 1; projections are normal with std ``1/sqrt(fan_in)``.
         """
         _check_dtype(dtype)
-        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        gen = _generator(seed)
         h = config.hidden_size
 
         def draw(*shape, std):
@@ -174,7 +184,7 @@ class KVCache:
                seed: int | None = None):
         """A cache of standard-normal keys and values, as if ``capacity`` tokens had been seen."""
         _check_dtype(dtype)
-        gen = torch.Generator(device=device).manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        gen = _generator(seed, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(
             torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype),
