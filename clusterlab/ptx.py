@@ -222,6 +222,12 @@ def _element_pointer(context, builder, arrayty, indexty, array, index):
     return cgutils.get_item_pointer(context, builder, arrayty, struct, indices, wraparound=True)
 
 
+def _global_element_pointer(context, builder, arrayty, indexty, array, index):
+    """``array[index]`` as a pointer into the global address space (what ``cvta.to.global`` spells in PTX)."""
+    pointer = _element_pointer(context, builder, arrayty, indexty, array, index)
+    return builder.addrspacecast(pointer, ir.PointerType(pointer.type.pointee, _GLOBAL_ADDRSPACE))
+
+
 def _shared_u32(builder, pointer):
     """Generic pointer -> 32-bit shared::cta address.
 
@@ -911,10 +917,7 @@ def _ld_global_v4(name, qualifiers, with_policy, doc):
         sig = types.UniTuple(types.uint32, 4)(array, index, *policy)
 
         def codegen(context, builder, sig, args):
-            pointer = _element_pointer(context, builder, sig.args[0], sig.args[1], args[0], args[1])
-            pointee = pointer.type.pointee
-            global_pointer = builder.addrspacecast(pointer, ir.PointerType(pointee, _GLOBAL_ADDRSPACE))
-            values = [global_pointer]
+            values = [_global_element_pointer(context, builder, sig.args[0], sig.args[1], args[0], args[1])]
             if with_policy:
                 values.append(context.cast(builder, args[2], sig.args[2], types.uint64))
             u32 = ir.IntType(32)
@@ -966,6 +969,7 @@ ld_global_nc_v4_policy = _ld_global_v4(
     + _GLOBAL_V4_COMMON,
 )
 
+
 def _prefetch_l2_bulk(array, index, nbytes):
     name = "prefetch_l2_bulk"
     index = _check_element(name, array, index)
@@ -973,8 +977,7 @@ def _prefetch_l2_bulk(array, index, nbytes):
     sig = types.void(array, index, nbytes)
 
     def codegen(context, builder, sig, args):
-        pointer = _element_pointer(context, builder, sig.args[0], sig.args[1], args[0], args[1])
-        global_pointer = builder.addrspacecast(pointer, ir.PointerType(pointer.type.pointee, _GLOBAL_ADDRSPACE))
+        global_pointer = _global_element_pointer(context, builder, sig.args[0], sig.args[1], args[0], args[1])
         size = context.cast(builder, args[2], sig.args[2], types.uint32)
         fnty = ir.FunctionType(ir.VoidType(), [global_pointer.type, size.type])
         # A side effect (never deleted) but no memory clobber: a hint that reads nothing the
