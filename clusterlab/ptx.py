@@ -324,6 +324,44 @@ is_explicit_cluster = _asm_intrinsic(
     boolean=True,
 )
 
+sm_id = _asm_intrinsic(
+    "sm_id",
+    """sm_id() -> uint32: the SM this block runs on, 0 .. SM count - 1.
+
+    PTX ``mov.u32 %r, %smid``. Shows where the GPU placed a block (which blocks of a grid share an
+    SM); the value is meant for measurement, not for choosing work. sm_30+.
+    """,
+    "mov.u32 $0, %smid;",
+    results="u32",
+    memory=READS,
+)
+
+global_timer = _asm_intrinsic(
+    "global_timer",
+    """global_timer() -> uint64: the GPU-wide nanosecond timer, the same clock on every SM.
+
+    PTX ``mov.u64 %rd, %globaltimer``. Compares moments across blocks (when each block started);
+    it advances in steps (256 ns on an H100 under the default setting), so time short phases with
+    :func:`clock64`. Never moved or deleted by the compiler. sm_30+.
+    """,
+    "mov.u64 $0, %globaltimer;",
+    results="u64",
+    memory=WRITES,
+)
+
+clock64 = _asm_intrinsic(
+    "clock64",
+    """clock64() -> uint64: this SM's cycle counter.
+
+    PTX ``mov.u64 %rd, %clock64``. Cycle-exact durations inside one block; counters of different
+    SMs are not synchronised (use :func:`global_timer` across blocks). Never moved or deleted by
+    the compiler. sm_20+.
+    """,
+    "mov.u64 $0, %clock64;",
+    results="u64",
+    memory=WRITES,
+)
+
 
 # --------------------------------------------------------------------------------------------
 # Cluster barrier and fences
@@ -1130,6 +1168,9 @@ __all__ = [
     "block_idx_in_cluster",
     "cluster_dim",
     "is_explicit_cluster",
+    "sm_id",
+    "global_timer",
+    "clock64",
     # barrier and fences
     "cluster_arrive_release",
     "cluster_arrive_relaxed",

@@ -155,6 +155,35 @@ def test_special_registers_without_a_cluster_launch():
     np.testing.assert_array_equal(out.copy_to_host(), expected_registers((6, 1, 1), (1, 1, 1), explicit=False))
 
 
+@cuda.jit
+def clocks(out, cycles):
+    """out[block] = sm_id, global_timer delta and clock64 delta around a spin of ``cycles`` cycles."""
+    if cuda.threadIdx.x == 0:
+        t0 = ptx.global_timer()
+        c0 = ptx.clock64()
+        c1 = c0
+        while c1 - c0 < cycles:
+            c1 = ptx.clock64()
+        t1 = ptx.global_timer()
+        out[cuda.blockIdx.x, 0] = ptx.sm_id()
+        out[cuda.blockIdx.x, 1] = t1 - t0
+        out[cuda.blockIdx.x, 2] = c1 - c0
+
+
+def test_sm_id_and_the_two_clocks():
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    cycles = 100_000 + secrets.randbelow(100_000)
+    out = poisoned((2 * sms, 3), np.uint64)
+    clocks[2 * sms, 32](out, np.uint64(cycles))
+    cuda.synchronize()
+    got = out.copy_to_host()
+    assert (got[:, 0] < sms).all()
+    assert len(set(got[:, 0])) > sms // 2  # 2 x SM-count blocks spread over the SMs
+    assert (got[:, 2] >= cycles).all() and (got[:, 2] < cycles + 10_000).all()
+    # The spin at 0.5 to 3 GHz, in the global timer's nanoseconds (it ticks every few hundred ns).
+    assert ((got[:, 1] > cycles / 3.0 - 1000) & (got[:, 1] < cycles * 2.0 + 1000)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # DSMEM loads and stores: typed layer and raw address-based intrinsics
 # ---------------------------------------------------------------------------------------------
