@@ -6,7 +6,7 @@ Each variant is the real kernel source of :func:`clusterlab.fused.kernel.build_k
 line replaced (asserted to exist, so a change to the kernel breaks this script loudly rather than
 timing the wrong thing): no W_qkv stream, no KV stream, no W_o stream, none of the three (what is
 left is launch, the four cluster barriers and exchanges, and the finish), and no finish (the
-last-block conversion of ``out_acc``). Outputs of the ablated variants are wrong by construction
+conversion of ``out_acc`` by the last block of each rank). Outputs of the ablated variants are wrong by construction
 and are not checked; the full kernel is checked against the reference first. Times are medians of
 CUDA-graph replays, the floor is printed beside them.
 """
@@ -15,44 +15,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import sys
-import textwrap
 
 import torch
 from numba import cuda
 
-from clusterlab.fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
-from clusterlab.fused import kernel as kernel_module
+from clusterlab.fused import (
+    PRESETS,
+    AttentionWeights,
+    DecodeAttention,
+    KVCache,
+    reference_step,
+    relative_error,
+)
 from clusterlab.fused.bench import copy_bandwidth, graph_time_us
+from clusterlab.fused.kernel import kernel_variant
 from clusterlab.launch import launch
 
-#: variant -> (line of build_kernel's source, its replacement)
+#: variant -> edits of build_kernel's source ((old, new) pairs, see kernel_variant)
+NO_QKV = ("    QKV_STEPS = ROWS // QKV_STEP\n", "    QKV_STEPS = 0\n")
+NO_KV = ("        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if b_att < B else 0\n",
+         "        kv_steps = 0\n")
+NO_O = ("    O_STEPS = OUT_ROWS // O_STEP\n", "    O_STEPS = 0\n")
 ABLATIONS = {
-    "no W_qkv stream": ("    QKV_STEPS = ROWS // QKV_STEP\n", "    QKV_STEPS = 0\n"),
-    "no KV stream": (
-        "        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if b_att < B else 0\n",
-        "        kv_steps = 0\n",
-    ),
-    "no W_o stream": ("    O_STEPS = OUT_ROWS // O_STEP\n", "    O_STEPS = 0\n"),
-    "no finish": ("        if last[0] == 1:\n", "        if last[0] == 2:\n"),
+    "no W_qkv stream": [NO_QKV],
+    "no KV stream": [NO_KV],
+    "no W_o stream": [NO_O],
+    "no streams at all": [NO_QKV, NO_KV, NO_O],
+    "no finish": [("        if last[0] == 1:\n", "        if last[0] == 2:\n")],
 }
-ABLATIONS["no streams at all"] = tuple(
-    "".join(pair[i] for pair in (ABLATIONS["no W_qkv stream"], ABLATIONS["no KV stream"], ABLATIONS["no W_o stream"]))
-    for i in (0, 1)
-)
-
-
-def ablated_builder(replacements: list[tuple[str, str]]):
-    """``build_kernel`` recompiled from its source with ``replacements`` applied."""
-    source = textwrap.dedent(inspect.getsource(kernel_module.build_kernel))
-    for old, new in replacements:
-        for o, n in zip(old.splitlines(keepends=True), new.splitlines(keepends=True)):
-            assert source.count(o) == 1, f"kernel source changed: {o!r} not found once"
-            source = source.replace(o, n)
-    namespace = dict(vars(kernel_module))
-    exec(compile(source, kernel_module.__file__, "exec"), namespace)
-    return namespace["build_kernel"]
 
 
 def main(argv=None) -> int:
@@ -76,10 +67,10 @@ def main(argv=None) -> int:
     grid, cluster = config.kv_heads * spec.cluster_size, spec.cluster_size
     variants = {
         name: launch(
-            cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(ablated_builder([replacement])(spec)),
+            cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(kernel_variant(edits)(spec)),
             grid=grid, cluster=cluster, block=spec.threads, shared_bytes=spec.shared_bytes, non_portable=cluster > 8,
         )
-        for name, replacement in ABLATIONS.items()
+        for name, edits in ABLATIONS.items()
     }
     for kv_len in args.kv:
         position = kv_len - 1

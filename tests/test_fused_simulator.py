@@ -4,13 +4,21 @@ import pytest
 import torch
 
 from clusterlab.fused import (
+    LLAMA2_7B,
+    LLAMA3_8B,
     AttentionConfig,
     AttentionWeights,
     DecodeAttention,
     KVCache,
     reference_step,
 )
-from clusterlab.fused.plan import POSITION_ALIGN, cached_range, new_token_rank
+from clusterlab.fused.kernel import KernelSpec
+from clusterlab.fused.plan import (
+    POSITION_ALIGN,
+    cached_range,
+    launch_shape,
+    new_token_rank,
+)
 from clusterlab.fused.reference import relative_error
 from clusterlab.fused.simulated import simulated_step
 
@@ -103,3 +111,35 @@ def test_layer_rejects_bad_input_before_running():
         DecodeAttention(config, layer.weights, cluster_size=3)
     with pytest.raises(ValueError, match="backend must be one of"):
         DecodeAttention(config, layer.weights, backend="cuda")
+
+
+def test_launch_shape_spreads_a_step_over_the_sms():
+    # Llama-2-7B on an H100's 132 SMs: 256 blocks of 4 warps (two an SM) up to batch 4; a batch of
+    # 5 to 8 needs 8 warps, so 128 blocks of 8. Llama-3-8B's 8 KV heads allow no more than 8 x 16.
+    for batch in (1, 4):
+        assert launch_shape(LLAMA2_7B, batch, 132) == (8, 4)
+        assert launch_shape(LLAMA3_8B, batch, 132) == (16, 8)
+    for batch in (5, 8):
+        assert launch_shape(LLAMA2_7B, batch, 132) == (4, 8)
+        assert launch_shape(LLAMA3_8B, batch, 132) == (16, 8)
+    assert launch_shape(LLAMA2_7B, 1, 132, cluster_size=4) == (4, 8)  # one block an SM: 8 warps
+    assert launch_shape(LLAMA2_7B, 1, 66, cluster_size=4) == (4, 4)  # two an SM: 4 warps
+    tiny = AttentionConfig(hidden_size=128, heads=8, kv_heads=1, head_dim=64)
+    assert launch_shape(tiny, 1, 132) == (16, 8)  # hidden 128 still splits into 16 slices of 16 bytes
+    assert launch_shape(AttentionConfig(hidden_size=64, heads=1, kv_heads=1, head_dim=64), 1, 132) == (8, 8)
+
+
+def test_layer_shape_follows_the_batch_unless_given():
+    config = AttentionConfig(hidden_size=256, heads=4, kv_heads=4, head_dim=64)
+    layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16))
+    assert layer.shape(1) == layer.shape(8) == (16, 8)  # 4 x 16 blocks: one an SM
+    fixed = DecodeAttention(config, layer.weights, cluster_size=2, warps=16)
+    assert fixed.shape(1) == fixed.shape(8) == (2, 16)
+
+
+@pytest.mark.parametrize("warps, blocks", [(4, 4), (8, 2), (16, 1)])
+def test_launch_bound_asks_for_16_warps_an_sm(warps, blocks):
+    spec = KernelSpec.of(LLAMA2_7B, False, 1, 8, warps)
+    assert spec.min_blocks_per_sm == blocks
+    big = KernelSpec.of(LLAMA3_8B, True, 8, 16, 8)  # 8 sequences' states: shared memory allows one block
+    assert 2 * big.shared_bytes > 226 * 1024 and big.min_blocks_per_sm == 1

@@ -105,16 +105,17 @@ def run_bench(
                 floor_us = config.step_bytes(batch, kv_len) / bandwidth * 1e6
                 torch_us = graph_time_us(functools.partial(unfused, hidden, residual, cache, position))
                 for layer in layers:
+                    cluster_size, warps = layer.shape(batch)
                     want = reference_step(config, weights, hidden, residual, cache, position)
                     out, new_residual = layer(hidden, residual, cache, position)
                     if kv_len == kv_lens[0]:
                         args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
                         clusters = layer.launcher(torch_dtype, batch).max_active_clusters(*args)
-                        print(f"{name} batch {batch} cluster {layer.cluster_size} x {layer.warps} warps: "
+                        print(f"{name} batch {batch} cluster {cluster_size} x {warps} warps: "
                               f"{config.kv_heads} clusters launched, {clusters} fit at once", flush=True)
                     err = relative_error(out, want.out)
                     fused_us = graph_time_us(functools.partial(layer, hidden, residual, cache, position))
-                    row = BenchRow(name, dtype, batch, kv_len, layer.cluster_size, layer.warps,
+                    row = BenchRow(name, dtype, batch, kv_len, cluster_size, warps,
                                    fused_us, torch_us, floor_us, err)
                     rows.append(row)
                     print(_format_row(row), flush=True)

@@ -18,10 +18,13 @@ using any of them:
 
 Nothing streams from device memory while a cluster exchanges partial results, so each streaming
 phase's first loads are issued *before* the exchange that precedes it, into registers: the first
-W_qkv step before the inputs are read, the first cached keys/values (they need no q) before
-barrier B1, the first W_o step (it needs no o) before B3. Registers are capped at 128 a thread
-(two blocks an SM fit) and every register array is indexed by constants after unrolling;
-``tests/test_fused_kernel.py`` checks the PTX has no local memory and ptxas no spills.
+cached keys/values (they need no q) before barrier B1, the first W_o step (it needs no o) before
+B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps or four of 4, see
+:attr:`KernelSpec.min_blocks_per_sm`) and every register array is indexed by constants after
+unrolling; ``tests/test_fused_kernel.py`` checks the PTX has no local memory and ptxas no spills.
+
+The finish is spread over the cluster ranks: block ``rank`` of every cluster adds into the same
+output rows, and the last of those ``kv_heads`` blocks to arrive converts them (one counter per rank).
 
 Shared memory (float32 words, one dynamic array; the same offsets in every block, so ``mapa``
 reaches the peer's copy of a region)::
@@ -38,7 +41,9 @@ reaches the peer's copy of a region)::
 
 from __future__ import annotations
 
+import inspect
 import math
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,9 +122,9 @@ class KernelSpec:
 
     @property
     def min_blocks_per_sm(self) -> int:
-        """The launch bound: 2 (at most 128 registers a thread at 8 warps) where two blocks' shared
-        memory fits an SM, so that the GPU can place every cluster at once; else 1."""
-        return 2 if 2 * self.shared_bytes <= SM_SHARED_BYTES else 1
+        """The launch bound: as many blocks as fit an SM at 128 registers a thread (16 warps: 1,
+        8 warps: 2, 4 warps: 4) and in shared memory, so that the GPU can place every cluster at once."""
+        return max(1, min(16 // self.warps, SM_SHARED_BYTES // self.shared_bytes))
 
     def _tile(self, what: str, chunks: int, rows: int):
         """``(lanes_per_row, chunks_per_lane, rows_per_lane, batch_chunk)`` for rows of ``chunks``
@@ -354,7 +359,7 @@ def build_kernel(spec: KernelSpec):
         rope              [capacity * 2 * head_dim/2] float32        cos, sin per position
         out, residual_out [batch * hidden_size]        outputs
         out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
-        arrivals          [1] int32                      zero on entry, left zero on exit
+        arrivals          [cluster_size] int32           zero on entry, left zero on exit
         position, capacity                             int32
     """
     H, NQ, NKV, D = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim
@@ -406,11 +411,6 @@ def build_kernel(spec: KernelSpec):
         k0 = rank * KS
 
         # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) ----------
-        # Each streaming phase issues its first step's loads before the work that precedes it.
-        wq = cuda.local.array(QKV_WORDS, uint32)
-        step = warp
-        if step < QKV_STEPS:
-            qkv_load(w_qkv, row_of(NQ, NKV, D, g, step * QKV_STEP) * H + k0, H, lane, wq)
         for b in range(B):
             ss = float32(0.0)
             for c in range(tid, KS // 8, T):
@@ -433,6 +433,12 @@ def build_kernel(spec: KernelSpec):
                 ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
             if lane == 0:
                 smem[RED + warp * B + b] = ss
+        # The first W_qkv step's loads go out once the input slice is in, not ahead of it: the
+        # input loads would queue behind the weights' and hold up the whole phase.
+        wq = cuda.local.array(QKV_WORDS, uint32)
+        step = warp
+        if step < QKV_STEPS:
+            qkv_load(w_qkv, row_of(NQ, NKV, D, g, step * QKV_STEP) * H + k0, H, lane, wq)
         cuda.syncthreads()
         if tid < B:
             total = float32(0.0)
@@ -593,11 +599,11 @@ def build_kernel(spec: KernelSpec):
             b, r = e // OUT_ROWS, e % OUT_ROWS
             cuda.atomic.add(out_acc, b * H + rank * OUT_ROWS + r, smem[OST + e])
 
-        # -- 6 finish: the last block to arrive converts out_acc and clears it -------------------
+        # -- 6 finish: the last of the NKV blocks adding into out rows [rank * OUT_ROWS, ...) converts them
         cuda.threadfence()
         cuda.syncthreads()
         if tid == 0:
-            last[0] = 1 if cuda.atomic.add(arrivals, 0, 1) == cuda.gridDim.x - 1 else 0
+            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == NKV - 1 else 0
         cuda.syncthreads()
         if last[0] == 1:
             # Every red.add is ordered before its block's arrival, and this block never read
@@ -605,19 +611,39 @@ def build_kernel(spec: KernelSpec):
             # are issued before any is used: one round trip per TAIL * T elements.
             cuda.threadfence()
             vals = cuda.local.array(TAIL, float32)
-            for base in range(0, B * H, TAIL * T):
+            for base in range(0, B * OUT_ROWS, TAIL * T):
                 for u in range(TAIL):
                     e = base + u * T + tid
-                    vals[u] = out_acc[e] if e < B * H else float32(0.0)
+                    at = e // OUT_ROWS * H + rank * OUT_ROWS + e % OUT_ROWS
+                    vals[u] = out_acc[at] if e < B * OUT_ROWS else float32(0.0)
                 for u in range(TAIL):
                     e = base + u * T + tid
-                    if e < B * H:
-                        out[e] = to_bits(vals[u])
-                        out_acc[e] = float32(0.0)
+                    if e < B * OUT_ROWS:
+                        at = e // OUT_ROWS * H + rank * OUT_ROWS + e % OUT_ROWS
+                        out[at] = to_bits(vals[u])
+                        out_acc[at] = float32(0.0)
             if tid == 0:
-                arrivals[0] = 0
+                arrivals[rank] = 0
 
     return fused_decode_attention
+
+
+def kernel_variant(edits, names=None):
+    """:func:`build_kernel` recompiled from its own source with ``edits`` applied: for measurement.
+
+    ``edits``: ``(old, new)`` pairs of source text; each ``old`` must occur exactly once in
+    ``build_kernel``'s source (an ``AssertionError`` says which did not), so a change to the kernel
+    breaks the variant loudly instead of measuring something else. ``names`` adds to the
+    namespace the edited source compiles in (helpers the new text calls). The ablations of
+    ``benchmarks/fused.py`` and the timestamps of ``benchmarks/fused_timeline.py`` are such edits.
+    """
+    source = textwrap.dedent(inspect.getsource(build_kernel))
+    for old, new in edits:
+        assert source.count(old) == 1, f"kernel source changed: {old!r} is not found exactly once"
+        source = source.replace(old, new)
+    namespace = {**globals(), **(names or {})}
+    exec(compile(source, __file__, "exec"), namespace)
+    return namespace["build_kernel"]
 
 
 def kernel_signature():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
-from .plan import check_cluster_size, default_cluster_size
+from .plan import CLUSTER_SIZES, check_cluster_size, launch_shape
 from .validate import check_step, check_weights
 
 BACKENDS = ("auto", "gpu", "simulator")
@@ -30,16 +30,17 @@ class DecodeAttention:
 
     ``config``: shapes (:class:`~clusterlab.fused.config.AttentionConfig`); ``weights``: float16 or
     bfloat16 :class:`~clusterlab.fused.config.AttentionWeights`, all on one device.
-    ``cluster_size`` (1, 2, 4, 8, 16) and ``warps`` per block default to what fills an H100 (see
-    :func:`~clusterlab.fused.plan.default_cluster_size`). ``backend``: ``"auto"`` follows the
-    tensors' device; ``"gpu"`` / ``"simulator"`` insist.
+    ``cluster_size`` (1, 2, 4, 8, 16) and ``warps`` per block (4, 8, 16) default, per batch size, to
+    what spreads a step over the GPU (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape`
+    says what a batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
+    ``"simulator"`` insist.
 
-    One layer object owns a float32 ``out_acc`` workspace and an arrival counter on its device,
+    One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device,
     both left zero by every step; do not run one object on two streams at once.
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, *, cluster_size: int | None = None,
-                 warps: int = 8, backend: str = "auto"):
+                 warps: int | None = None, backend: str = "auto"):
         check_weights(config, weights)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -50,15 +51,14 @@ class DecodeAttention:
             raise ValueError(f"backend 'gpu' needs the weights on a CUDA device; they are on {device}")
         if backend == "simulator" and device.type != "cpu":
             raise ValueError(f"backend 'simulator' needs the weights on the CPU; they are on {device}")
-        if warps not in (4, 8, 16):
+        if warps not in (None, 4, 8, 16):
             raise ValueError(f"warps must be one of (4, 8, 16) (at least the batch size), got {warps!r}")
-        if cluster_size is None:
-            sms = (torch.cuda.get_device_properties(device).multi_processor_count
-                   if backend == "gpu" else SIMULATED_SM_COUNT)
-            cluster_size = default_cluster_size(config, sms)
-        check_cluster_size(config, cluster_size)
+        if cluster_size is not None:
+            check_cluster_size(config, cluster_size)
+        self.sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
+                         if backend == "gpu" else SIMULATED_SM_COUNT)
         self.config, self.weights, self.backend = config, weights, backend
-        self.cluster_size, self.warps = cluster_size, warps
+        self.cluster_size, self.warps = cluster_size, warps  # None: chosen per batch by shape()
         self._kernels: dict = {}
         self._rope: dict = {}
         if backend == "gpu":
@@ -66,7 +66,7 @@ class DecodeAttention:
 
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
-            self._arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+            self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: KVCache, position: int, *,
                  out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
@@ -94,18 +94,24 @@ class DecodeAttention:
             from .simulated import simulated_step
 
             got, new_residual = simulated_step(self.config, self.weights, hidden, residual, cache, position,
-                                               self.cluster_size)
+                                               self.shape(hidden.shape[0])[0])
             out.copy_(got)
             residual_out.copy_(new_residual)
         else:
             self._launch(hidden, residual, cache, position, out, residual_out)
         return out, residual_out
 
+    def shape(self, batch: int) -> tuple[int, int]:
+        """``(cluster_size, warps)`` a step of ``batch`` sequences runs with: the constructor's values
+        where given, else :func:`~clusterlab.fused.plan.launch_shape` for this GPU's SM count."""
+        cluster_size, warps = launch_shape(self.config, batch, self.sm_count, self.cluster_size)
+        return cluster_size, self.warps or warps
+
     def kernel_spec(self, dtype: torch.dtype, batch: int):
         """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles."""
         from .kernel import KernelSpec
 
-        return KernelSpec.of(self.config, dtype == torch.bfloat16, batch, self.cluster_size, self.warps)
+        return KernelSpec.of(self.config, dtype == torch.bfloat16, batch, *self.shape(batch))
 
     def launcher(self, dtype: torch.dtype, batch: int):
         """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype and batch."""

@@ -3,7 +3,7 @@
 One cluster per KV head ``g``; its ``C`` blocks split every dimension that has to be streamed from
 device memory, and exchange partial results through distributed shared memory (DSMEM)::
 
-    grid: kv_heads clusters x C blocks            (Llama-2-7B: 32 x 4, Llama-3-8B: 8 x 16)
+    grid: kv_heads clusters x C blocks            (Llama-2-7B: 32 x 8, Llama-3-8B: 8 x 16; see launch_shape)
 
     cluster g owns  W_qkv rows of query heads g*G .. g*G+G-1, key head g, value head g
                     ("slots" 0..G-1, G, G+1; G = heads / kv_heads), the KV cache of head g,
@@ -108,17 +108,27 @@ def check_cluster_size(config: AttentionConfig, cluster_size: int) -> None:
         )
 
 
-def default_cluster_size(config: AttentionConfig, sm_count: int) -> int:
-    """Largest cluster size that keeps the grid within one block per SM.
+def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None):
+    """``(cluster_size, warps)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
 
-    Llama-2-7B on 132 SMs: 32 KV heads x 4 = 128 blocks; Llama-3-8B: 8 x 16 = 128. One block per
-    SM (with room for two, see :attr:`~clusterlab.fused.kernel.KernelSpec.min_blocks_per_sm`)
-    keeps every cluster resident at once: a GPC holds only whole clusters, so a grid of two
-    blocks per SM leaves some clusters for a second wave (seen on an H100: 30 of 32 clusters of
-    8 blocks fit at once, 7 of 8 clusters of 16 at one block per SM).
+    The cluster size is the largest that keeps ``kv_heads x C`` within ``2 x sm_count`` blocks of 4
+    warps (batch up to 4), else within ``sm_count`` blocks of 8 warps (a batch of 5 to 8 needs 8 warps:
+    attention gives each sequence at least one). A given ``cluster_size`` is kept; its warps follow
+    the same rule. Llama-2-7B on 132 SMs: 32 clusters x 8 blocks x 4 warps at batch 1 to 4,
+    32 x 4 x 8 warps beyond; Llama-3-8B: 8 x 16 x 8 warps.
+
+    Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, and an H100
+    places clusters of 4 on at most 120 of its 132 SMs (clusters of 2 reach all 132, of 8 blocks at
+    two an SM 124, of 16 only 112). Launching 32 clusters of 4 one block an SM put the last two on
+    SMs that already held a block: those four clusters took 13 µs longer than the rest, and the
+    step waits for the slowest. Blocks half the size, two an SM, spread the same work over 124 SMs
+    in finer pieces (Llama-2-7B at 1K positions: 69 -> 61 µs). See ``clusterlab/fused/NOTES.md``.
     """
-    best = 1
-    for size in CLUSTER_SIZES:
-        if config.hidden_size % (8 * size) == 0 and config.kv_heads * size <= sm_count:
-            best = size
-    return best
+    if cluster_size is None:
+        limit = 2 * sm_count if batch <= 4 else sm_count
+        cluster_size = 1
+        for size in CLUSTER_SIZES:
+            if config.hidden_size % (8 * size) == 0 and config.kv_heads * size <= limit:
+                cluster_size = size
+    warps = 4 if batch <= 4 and config.kv_heads * cluster_size > sm_count else 8
+    return cluster_size, warps

@@ -1,0 +1,224 @@
+"""Timeline of one fused decode step: when every block crosses each phase boundary, and on which SM it ran.
+
+    python benchmarks/fused_timeline.py [--preset llama2-7b] [--kv 1024] [--batch 1] [--shape 4x8 8x4]
+
+The kernel is :func:`clusterlab.fused.kernel.build_kernel`'s own source with timestamps added
+(:func:`~clusterlab.fused.kernel.kernel_variant`: each anchor line must exist, so a change to the
+kernel breaks this script rather than mislabelling a phase). Thread 0 of every block records
+``ptx.clock64()`` (cycle-exact, per SM) and ``ptx.global_timer()`` (one clock for the whole GPU,
+256 ns steps on an H100) at each boundary, and ``ptx.sm_id()`` once. Thread 0 belongs to warp 0,
+so a boundary inside a phase ("W_qkv stream", "rope", "merge") is where warp 0 got to; the
+boundaries after a barrier or ``syncthreads`` hold for the whole block.
+
+Each launch shape (``CxW``: cluster size x warps per block) is timed plain and instrumented as
+CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed: per-phase
+durations over the blocks (min / median / max), how many blocks each SM held, and when the
+blocks finished. A block is *crowded* when its SM holds more blocks than an even spread of the
+grid over the SMs it used would give. Written: ``fused_timeline_<tag>.json`` (every block's SM,
+start and phase durations) and ``.png`` (one bar per block, coloured by phase, crowded blocks on
+top, marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from numba import cuda, types
+
+from clusterlab.bench.common import commit, graph_per_op_us, write_json
+from clusterlab.fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
+from clusterlab.fused.kernel import kernel_signature, kernel_variant
+from clusterlab.gpu import device_info, require_hopper
+from clusterlab.launch import launch
+
+#: The phase that ends at each stamp after the first ("start"), and where the stamp goes.
+B1 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B1: every block's partials are complete\n"
+B2 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B2: q, k, v of the new token are in every block\n"
+B3 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete\n"
+B4 = "        ptx.cluster_wait_acquire()  # B4: o is complete in every block; no DSMEM access after this\n"
+MERGE = "        cuda.syncthreads()\n        # Block merge: sequence b's state is its WPB warps' key groups (+ its new token).\n"
+OST = "        for e in range(tid, B * OUT_ROWS, T):\n"  # right after the block's syncthreads
+# (phase name, anchor, stamp before the anchor?) in kernel order; stamp 0 follows `k0 = ...`.
+PHASES = [
+    ("inputs", "        while step < QKV_STEPS:\n", True),
+    ("W_qkv stream", B1, True),
+    ("B1 wait", B1, False),
+    ("rope + push", B2, True),
+    ("B2 wait", B2, False),
+    ("attention", MERGE, False),
+    ("block merge", B3, True),
+    ("B3 wait", B3, False),
+    ("o merge + B4", B4, False),
+    ("W_o stream", OST, True),
+    ("red.add + arrive", "        if last[0] == 1:\n", True),
+    ("finish", "                arrivals[rank] = 0\n", False),
+]
+STAMPS = len(PHASES) + 1
+
+
+def _stamp(i: int) -> str:
+    return (f"        if tid == 0:\n"
+            f"            stamps[(cuda.blockIdx.x * {STAMPS} + {i}) * 2] = ptx.clock64()\n"
+            f"            stamps[(cuda.blockIdx.x * {STAMPS} + {i}) * 2 + 1] = ptx.global_timer()\n")
+
+
+def timeline_builder():
+    """``build_kernel`` with two more arguments: ``stamps`` uint64 [blocks * STAMPS * 2], ``sms`` uint32 [blocks]."""
+    edits = [
+        ("out_acc, arrivals, position, capacity):\n", "out_acc, arrivals, position, capacity, stamps, sms):\n"),
+        ("        k0 = rank * KS\n",
+         "        k0 = rank * KS\n" + _stamp(0) + "        if tid == 0:\n            sms[cuda.blockIdx.x] = ptx.sm_id()\n"),
+    ]
+    for i, (_, anchor, before) in enumerate(PHASES, start=1):
+        edits.append((anchor, _stamp(i) + anchor) if before else (anchor, anchor + _stamp(i)))
+    # Two stamps at one anchor (before and after a barrier) become one edit.
+    merged: dict[str, str] = {}
+    for old, new in edits:
+        merged[old] = merged[old].replace(old, new) if old in merged else new
+    return kernel_variant(list(merged.items()))
+
+
+def timeline_signature():
+    return kernel_signature() + (types.uint64[::1], types.uint32[::1])
+
+
+def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps):
+    """Time one launch shape and record one step's stamps: a dict for the JSON."""
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, warps=warps)
+    cache = KVCache.random(config, batch, kv_len, dtype, "cuda", seed=1)
+    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
+    out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
+    position = kv_len - 1
+    want = reference_step(config, weights, hidden, residual, cache.clone(), position)
+    spec = layer.kernel_spec(dtype, batch)
+    blocks = config.kv_heads * cluster_size
+    step = launch(cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(timeline_builder()(spec)),
+                  grid=blocks, cluster=cluster_size, block=spec.threads, shared_bytes=spec.shared_bytes,
+                  non_portable=cluster_size > 8)
+    stamps = torch.zeros(blocks * STAMPS * 2, dtype=torch.uint64, device="cuda")
+    sms = torch.full((blocks,), 2**32 - 1, dtype=torch.uint32, device="cuda")
+    args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
+    out.fill_(float("nan"))
+    step(*args, stamps, sms)
+    err = relative_error(out, want.out)
+    plain_us = graph_per_op_us(functools.partial(layer, hidden, residual, cache, position, out=out,
+                                                 residual_out=new_residual)).median
+    timed_us = graph_per_op_us(functools.partial(step, *args, stamps, sms)).median
+    step(*args, stamps, sms)  # the step whose stamps are kept: after the replays, caches warm
+    torch.cuda.synchronize()
+    t = stamps.view(blocks, STAMPS, 2).cpu().numpy().astype(np.int64)
+    sm = sms.cpu().numpy().astype(np.int64)
+    cycles, ns = t[:, :, 0], t[:, :, 1]
+    ghz = float(np.median((cycles[:, -1] - cycles[:, 0]) / (ns[:, -1] - ns[:, 0])))
+    phase_us = np.diff(cycles, axis=1) / ghz / 1e3
+    start_us = (ns[:, 0] - ns[:, 0].min()) / 1e3
+    per_sm = np.bincount(sm, minlength=int(sm.max()) + 1)
+    typical = round(blocks / int((per_sm > 0).sum()))  # blocks an SM holds when the grid spreads evenly
+    return {
+        "cluster_size": cluster_size, "warps": warps, "blocks": blocks, "rel_err": err,
+        "step_us": plain_us, "instrumented_us": timed_us, "sm_clock_ghz": ghz,
+        "sms_used": int((per_sm > 0).sum()),
+        "blocks_per_sm": {str(k): int((per_sm == k).sum()) for k in range(1, int(per_sm.max()) + 1)},
+        "block": [
+            {"sm": int(sm[b]), "cluster": b // cluster_size, "rank": b % cluster_size,
+             "sm_blocks": int(per_sm[sm[b]]), "crowded": bool(per_sm[sm[b]] > typical), "start_us": round(float(start_us[b]), 3),
+             "phase_us": [round(float(x), 3) for x in phase_us[b]]}
+            for b in range(blocks)
+        ],
+    }
+
+
+def summary(shape) -> str:
+    phase = np.array([b["phase_us"] for b in shape["block"]])
+    done = np.array([b["start_us"] for b in shape["block"]]) + phase.sum(axis=1)
+    arrive = done - phase[:, -1]
+    lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps, {shape['blocks']} blocks on "
+             f"{shape['sms_used']} SMs (SMs holding k blocks: {shape['blocks_per_sm']}); step {shape['step_us']:.1f} µs "
+             f"(instrumented {shape['instrumented_us']:.1f}), SM clock {shape['sm_clock_ghz']:.2f} GHz, "
+             f"rel err {shape['rel_err']:.0e}",
+             f"  blocks arrive after the W_o stream between {arrive.min():.1f} and {arrive.max():.1f} µs "
+             f"(median {np.median(arrive):.1f}); last finish {done.max():.1f} µs",
+             f"  {'phase':<18} {'min':>6} {'median':>7} {'max':>6}   µs; max on crowded SMs / on the others"]
+    shared = np.array([b["crowded"] for b in shape["block"]])
+    for j, (name, _, _) in enumerate(PHASES):
+        col = phase[:, j]
+        split = (f"{col[shared].max():6.2f} / {col[~shared].max():6.2f}" if shared.any() and (~shared).any() else "")
+        lines.append(f"  {name:<18} {col.min():6.2f} {np.median(col):7.2f} {col.max():6.2f}   {split}")
+    return "\n".join(lines)
+
+
+def plot(record, path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
+    from matplotlib.patches import Patch
+
+    shapes = record["shapes"]
+    fig = Figure(figsize=(6.5 * len(shapes), 7.5))
+    axes = fig.subplots(1, len(shapes), squeeze=False, sharex=True)[0]
+    # Streams blue / teal, DSMEM work orange, barrier waits red, the rest grey and brown.
+    colours = ["#b0b0b0", "#4c72b0", "#c44e52", "#dd8452", "#e8a0a0", "#64b5cd", "#f0c080", "#c44e52",
+               "#dd8452", "#2a9d8f", "#937860", "#6b6b6b"]
+    for ax, shape in zip(axes, shapes):
+        order = sorted(range(shape["blocks"]), key=lambda b: (shape["block"][b]["crowded"], b))
+        for y, b in enumerate(order):
+            block = shape["block"][b]
+            left = block["start_us"]
+            for j, width in enumerate(block["phase_us"]):
+                ax.barh(y, width, left=left, height=1.0, color=colours[j], linewidth=0)
+                left += width
+            if block["crowded"]:
+                ax.plot(-1.0, y, marker="4", color="crimson", ms=3)
+        ax.set(title=f"cluster {shape['cluster_size']} x {shape['warps']} warps: step {shape['step_us']:.1f} µs, "
+                     f"{shape['sms_used']} SMs", xlabel="µs since the first block started",
+               ylabel="block (on crowded SMs: on top, marked)")
+        ax.set_ylim(-0.5, shape["blocks"] - 0.5)
+    handles = [Patch(color=colours[j], label=name) for j, (name, _, _) in enumerate(PHASES)]
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8)
+    fig.suptitle(f"{record['preset']} {record['dtype']} batch {record['batch']}, {record['kv_len']} positions: "
+                 f"{record['card']}, {record['date'][:10]}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="llama2-7b", choices=list(PRESETS))
+    parser.add_argument("--kv", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--shape", nargs="+", default=["4x8", "8x4"], metavar="CxW",
+                        help="launch shapes as cluster_size x warps")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--tag", default="h100")
+    args = parser.parse_args(argv)
+    require_hopper()
+    dtype = getattr(torch, args.dtype)
+    config = PRESETS[args.preset]
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=0)
+    info = device_info()
+    record = {
+        "card": info.get("gpu"), "driver_cuda_version": info.get("driver_cuda_version"),
+        "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+        "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "kv_len": args.kv,
+        "phases": [name for name, _, _ in PHASES], "shapes": [],
+    }
+    for text in args.shape:
+        cluster_size, warps = (int(x) for x in text.split("x"))
+        shape = record_shape(config, weights, dtype, args.batch, args.kv, cluster_size, warps)
+        record["shapes"].append(shape)
+        print(summary(shape), flush=True)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(record, out / f"fused_timeline_{args.tag}.json")
+    plot(record, out / f"fused_timeline_{args.tag}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
