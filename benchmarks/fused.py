@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     config = PRESETS[args.preset]
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth().median
     weights = AttentionWeights.random(config, dtype, "cuda", seed=0)
     layer = DecodeAttention(config, weights)
     cache = KVCache.random(config, args.batch, max(args.kv), dtype, "cuda", seed=1)
