@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
     spec = layer.kernel_spec(dtype, args.batch)
     print(f"{args.preset} {args.dtype} batch {args.batch}, cluster {spec.cluster_size} x {spec.warps} warps, "
+          f"head split {spec.head_split}, "
           f"copy {bandwidth / 1e12:.2f} TB/s")
-    grid, cluster = config.kv_heads * spec.cluster_size, spec.cluster_size
+    grid, cluster = spec.clusters * spec.cluster_size, spec.cluster_size
     variants = {
         name: launch(
             cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(kernel_variant(edits)(spec)),

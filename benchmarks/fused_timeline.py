@@ -10,7 +10,7 @@ kernel breaks this script rather than mislabelling a phase). Thread 0 of every b
 so a boundary inside a phase ("W_qkv stream", "rope", "merge") is where warp 0 got to; the
 boundaries after a barrier or ``syncthreads`` hold for the whole block.
 
-Each launch shape (``CxW``: cluster size x warps per block) is timed plain and instrumented as
+Each launch shape (``CxW`` or ``CxWxS``: cluster size x warps per block x head split) is timed plain and instrumented as
 CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed: per-phase
 durations over the blocks (min / median / max), how many blocks each SM held, and when the
 blocks finished. A block is *crowded* when its SM holds more blocks than an even spread of the
@@ -88,16 +88,16 @@ def timeline_signature():
     return kernel_signature() + (types.uint64[::1], types.uint32[::1])
 
 
-def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps):
+def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None):
     """Time one launch shape and record one step's stamps: a dict for the JSON."""
-    layer = DecodeAttention(config, weights, cluster_size=cluster_size, warps=warps)
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, warps=warps, head_split=head_split)
     cache = KVCache.random(config, batch, kv_len, dtype, "cuda", seed=1)
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
     position = kv_len - 1
     want = reference_step(config, weights, hidden, residual, cache.clone(), position)
     spec = layer.kernel_spec(dtype, batch)
-    blocks = config.kv_heads * cluster_size
+    blocks = spec.clusters * cluster_size
     step = launch(cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(timeline_builder()(spec)),
                   grid=blocks, cluster=cluster_size, block=spec.threads, shared_bytes=spec.shared_bytes,
                   non_portable=cluster_size > 8)
@@ -121,7 +121,7 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps):
     per_sm = np.bincount(sm, minlength=int(sm.max()) + 1)
     typical = round(blocks / int((per_sm > 0).sum()))  # blocks an SM holds when the grid spreads evenly
     return {
-        "cluster_size": cluster_size, "warps": warps, "blocks": blocks, "rel_err": err,
+        "cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split, "blocks": blocks, "rel_err": err,
         "step_us": plain_us, "instrumented_us": timed_us, "sm_clock_ghz": ghz,
         "sms_used": int((per_sm > 0).sum()),
         "blocks_per_sm": {str(k): int((per_sm == k).sum()) for k in range(1, int(per_sm.max()) + 1)},
@@ -138,7 +138,8 @@ def summary(shape) -> str:
     phase = np.array([b["phase_us"] for b in shape["block"]])
     done = np.array([b["start_us"] for b in shape["block"]]) + phase.sum(axis=1)
     arrive = done - phase[:, -1]
-    lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps, {shape['blocks']} blocks on "
+    lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps, head split {shape['head_split']}, "
+             f"{shape['blocks']} blocks on "
              f"{shape['sms_used']} SMs (SMs holding k blocks: {shape['blocks_per_sm']}); step {shape['step_us']:.1f} µs "
              f"(instrumented {shape['instrumented_us']:.1f}), SM clock {shape['sm_clock_ghz']:.2f} GHz, "
              f"rel err {shape['rel_err']:.0e}",
@@ -191,8 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kv", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    parser.add_argument("--shape", nargs="+", default=["4x8", "8x4"], metavar="CxW",
-                        help="launch shapes as cluster_size x warps")
+    parser.add_argument("--shape", nargs="+", default=["4x8", "8x4"], metavar="CxW[xS]",
+                        help="launch shapes as cluster_size x warps [x head_split]")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default="h100")
     args = parser.parse_args(argv)
@@ -209,8 +210,7 @@ def main(argv=None) -> int:
         "phases": [name for name, _, _ in PHASES], "shapes": [],
     }
     for text in args.shape:
-        cluster_size, warps = (int(x) for x in text.split("x"))
-        shape = record_shape(config, weights, dtype, args.batch, args.kv, cluster_size, warps)
+        shape = record_shape(config, weights, dtype, args.batch, args.kv, *(int(x) for x in text.split("x")))
         record["shapes"].append(shape)
         print(summary(shape), flush=True)
     out = Path(args.out_dir)

@@ -28,16 +28,18 @@ from clusterlab.fused.simulated import simulated_step
 TOLERANCE = 1e-2
 
 CASES = [
-    # (config, cluster_size, batch)
-    (AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64), 4, 2),
-    (AttentionConfig(hidden_size=256, heads=2, kv_heads=2, head_dim=128, rope_style="gptj"), 2, 1),
-    (AttentionConfig(hidden_size=128, heads=8, kv_heads=1, head_dim=64, rope_theta=500000.0), 16, 3),
+    # (config, cluster_size, batch, head_split)
+    (AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64), 4, 2, 1),
+    (AttentionConfig(hidden_size=256, heads=2, kv_heads=2, head_dim=128, rope_style="gptj"), 2, 1, 1),
+    (AttentionConfig(hidden_size=128, heads=8, kv_heads=1, head_dim=64, rope_theta=500000.0), 16, 3, 1),
+    (AttentionConfig(hidden_size=128, heads=8, kv_heads=2, head_dim=64), 4, 2, 2),  # 2 clusters a KV head
+    (AttentionConfig(hidden_size=128, heads=8, kv_heads=2, head_dim=64, rope_style="gptj"), 2, 1, 4),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config, cluster_size, batch", CASES)
-def test_simulated_step_matches_reference(config, cluster_size, batch, dtype):
+@pytest.mark.parametrize("config, cluster_size, batch, head_split", CASES)
+def test_simulated_step_matches_reference(config, cluster_size, batch, head_split, dtype):
     for position in (0, 1, 2 * POSITION_ALIGN * cluster_size + 3):  # empty, tiny, ragged caches
         capacity = position + 5
         weights = AttentionWeights.random(config, dtype)
@@ -45,7 +47,8 @@ def test_simulated_step_matches_reference(config, cluster_size, batch, dtype):
         before = cache.clone()
         hidden, residual = torch.randn(2, batch, config.hidden_size).to(dtype)
         want = reference_step(config, weights, hidden, residual, before, position)
-        out, new_residual = simulated_step(config, weights, hidden, residual, cache, position, cluster_size)
+        out, new_residual = simulated_step(config, weights, hidden, residual, cache, position, cluster_size,
+                                           head_split=head_split)
         assert relative_error(out, want.out) < TOLERANCE
         assert relative_error(new_residual, want.residual) < TOLERANCE
         assert relative_error(cache.k[:, :, position], want.k) < TOLERANCE
@@ -55,7 +58,7 @@ def test_simulated_step_matches_reference(config, cluster_size, batch, dtype):
 
 
 def test_layer_on_cpu_runs_the_simulator_into_poisoned_outputs():
-    config, _, batch = CASES[0]
+    config, _, batch, _ = CASES[0]
     weights = AttentionWeights.random(config, torch.bfloat16)
     layer = DecodeAttention(config, weights)
     assert layer.backend == "simulator"
@@ -70,7 +73,7 @@ def test_layer_on_cpu_runs_the_simulator_into_poisoned_outputs():
 
 
 def test_trace_shows_four_cluster_barriers_and_the_dsmem_exchanges():
-    config, cluster_size, batch = CASES[0]
+    config, cluster_size, batch, _ = CASES[0]
     traces = []
     weights = AttentionWeights.random(config, torch.float16)
     cache = KVCache.random(config, batch, 20, torch.float16)
@@ -114,27 +117,34 @@ def test_layer_rejects_bad_input_before_running():
 
 
 def test_launch_shape_spreads_a_step_over_the_sms():
-    # Llama-2-7B on an H100's 132 SMs: 256 blocks of 4 warps (two an SM) up to batch 4; a batch of
-    # 5 to 8 needs 8 warps, so 128 blocks of 8. Llama-3-8B's 8 KV heads allow no more than 8 x 16.
+    # On an H100's 132 SMs, up to batch 4: 256 blocks of 4 warps (two an SM). Llama-2-7B gets them
+    # as 32 clusters of 8; Llama-3-8B's 8 KV heads allow 8 x 16 = 128 blocks, so each KV head's
+    # query heads go to 2 clusters. A batch of 5 to 8 needs 8 warps: 128 blocks.
     for batch in (1, 4):
-        assert launch_shape(LLAMA2_7B, batch, 132) == (8, 4)
-        assert launch_shape(LLAMA3_8B, batch, 132) == (16, 8)
+        assert launch_shape(LLAMA2_7B, batch, 132) == (8, 4, 1)
+        assert launch_shape(LLAMA3_8B, batch, 132) == (16, 4, 2)
     for batch in (5, 8):
-        assert launch_shape(LLAMA2_7B, batch, 132) == (4, 8)
-        assert launch_shape(LLAMA3_8B, batch, 132) == (16, 8)
-    assert launch_shape(LLAMA2_7B, 1, 132, cluster_size=4) == (4, 8)  # one block an SM: 8 warps
-    assert launch_shape(LLAMA2_7B, 1, 66, cluster_size=4) == (4, 4)  # two an SM: 4 warps
+        assert launch_shape(LLAMA2_7B, batch, 132) == (4, 8, 1)
+        assert launch_shape(LLAMA3_8B, batch, 132) == (16, 8, 1)
+    assert launch_shape(LLAMA2_7B, 1, 132, cluster_size=4) == (4, 8, 1)  # one block an SM: 8 warps
+    assert launch_shape(LLAMA2_7B, 1, 66, cluster_size=4) == (4, 4, 1)  # two an SM: 4 warps
+    assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8) == (8, 4, 4)
+    assert launch_shape(LLAMA3_8B, 1, 132, head_split=1) == (16, 8, 1)
     tiny = AttentionConfig(hidden_size=128, heads=8, kv_heads=1, head_dim=64)
-    assert launch_shape(tiny, 1, 132) == (16, 8)  # hidden 128 still splits into 16 slices of 16 bytes
-    assert launch_shape(AttentionConfig(hidden_size=64, heads=1, kv_heads=1, head_dim=64), 1, 132) == (8, 8)
+    assert launch_shape(tiny, 1, 132) == (16, 8, 8)  # hidden 128 still splits into 16 slices of 16 bytes
+    assert launch_shape(AttentionConfig(hidden_size=64, heads=1, kv_heads=1, head_dim=64), 1, 132) == (8, 8, 1)
+    many = AttentionConfig(hidden_size=4096, heads=512, kv_heads=512, head_dim=64)
+    assert launch_shape(many, 1, 132) == (1, 4, 1)  # over the limit even at one block a cluster
 
 
 def test_layer_shape_follows_the_batch_unless_given():
     config = AttentionConfig(hidden_size=256, heads=4, kv_heads=4, head_dim=64)
     layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16))
-    assert layer.shape(1) == layer.shape(8) == (16, 8)  # 4 x 16 blocks: one an SM
-    fixed = DecodeAttention(config, layer.weights, cluster_size=2, warps=16)
-    assert fixed.shape(1) == fixed.shape(8) == (2, 16)
+    assert layer.shape(1) == layer.shape(8) == (16, 8, 1)  # 4 x 16 blocks: one an SM
+    fixed = DecodeAttention(config, layer.weights, cluster_size=2, warps=16, head_split=1)
+    assert fixed.shape(1) == fixed.shape(8) == (2, 16, 1)
+    with pytest.raises(ValueError, match=r"head_split must divide the 1 query heads of a KV head \(one of \[1\]\), got 2"):
+        DecodeAttention(config, layer.weights, head_split=2)
 
 
 @pytest.mark.parametrize("warps, blocks", [(4, 4), (8, 2), (16, 1)])

@@ -48,6 +48,7 @@ class BenchRow:
     kv_len: int
     cluster_size: int
     warps: int
+    head_split: int
     fused_us: float
     torch_us: float
     floor_us: float
@@ -77,8 +78,8 @@ def run_bench(
 ) -> list[BenchRow]:
     """Time every (preset, batch, kv_len) and write ``fused_<tag>.json`` / ``.png`` into ``out_dir``.
 
-    ``variants``: ``(cluster_size, warps)`` pairs to time for the fused kernel (``None``: the
-    layer's defaults). Returns the rows (also printed as a table).
+    ``variants``: ``(cluster_size, warps)`` or ``(cluster_size, warps, head_split)`` tuples to time
+    for the fused kernel (``None``: the layer's defaults). Returns the rows (also printed as a table).
     """
     from ..gpu import device_info, require_hopper
 
@@ -94,7 +95,7 @@ def run_bench(
         rope = rope_table(config, capacity, device="cuda")
         unfused = UnfusedAttention(config, weights, rope)
         layers = [DecodeAttention(config, weights)] if variants is None else [
-            DecodeAttention(config, weights, cluster_size=c, warps=w) for c, w in variants
+            DecodeAttention(config, weights, **dict(zip(("cluster_size", "warps", "head_split"), v))) for v in variants
         ]
         for batch in batches:
             cache = KVCache.random(config, batch, capacity, torch_dtype, "cuda", seed=seed + 1)
@@ -105,17 +106,17 @@ def run_bench(
                 floor_us = config.step_bytes(batch, kv_len) / bandwidth * 1e6
                 torch_us = graph_time_us(functools.partial(unfused, hidden, residual, cache, position))
                 for layer in layers:
-                    cluster_size, warps = layer.shape(batch)
+                    cluster_size, warps, head_split = layer.shape(batch)
                     want = reference_step(config, weights, hidden, residual, cache, position)
                     out, new_residual = layer(hidden, residual, cache, position)
                     if kv_len == kv_lens[0]:
                         args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
                         clusters = layer.launcher(torch_dtype, batch).max_active_clusters(*args)
-                        print(f"{name} batch {batch} cluster {cluster_size} x {warps} warps: "
-                              f"{config.kv_heads} clusters launched, {clusters} fit at once", flush=True)
+                        print(f"{name} batch {batch} cluster {cluster_size} x {warps} warps, head split {head_split}: "
+                              f"{config.kv_heads * head_split} clusters launched, {clusters} fit at once", flush=True)
                     err = relative_error(out, want.out)
                     fused_us = graph_time_us(functools.partial(layer, hidden, residual, cache, position))
-                    row = BenchRow(name, dtype, batch, kv_len, cluster_size, warps,
+                    row = BenchRow(name, dtype, batch, kv_len, cluster_size, warps, head_split,
                                    fused_us, torch_us, floor_us, err)
                     rows.append(row)
                     print(_format_row(row), flush=True)
@@ -126,7 +127,8 @@ def run_bench(
 
 def _format_row(r: BenchRow) -> str:
     return (
-        f"{r.preset:10s} {r.dtype:8s} b={r.batch} kv={r.kv_len:6d} C={r.cluster_size:2d} W={r.warps:2d}  "
+        f"{r.preset:10s} {r.dtype:8s} b={r.batch} kv={r.kv_len:6d} C={r.cluster_size:2d} W={r.warps:2d} "
+        f"S={r.head_split}  "
         f"fused {r.fused_us:7.1f} us  torch {r.torch_us:7.1f} us  floor {r.floor_us:7.1f} us  "
         f"{100 * r.fraction_of_copy_bw:5.1f}% of copy BW  {r.torch_us / r.fused_us:4.2f}x torch  err {r.rel_err:.1e}"
     )
@@ -166,9 +168,9 @@ def _plot(rows, record, path: Path) -> None:
         ax.plot(kv, [first[k].torch_us for k in kv], "s-", label="PyTorch (CUDA graph)")
         ax.plot(kv, [first[k].floor_us for k in kv], "k--", label="floor (bytes / copy BW)")
         ax.plot(kv, [first[k].floor_us / 0.85 for k in kv], "k:", label="85% of copy BW")
-        for c, w in sorted({(r.cluster_size, r.warps) for r in mine}):
-            pts = {r.kv_len: r.fused_us for r in mine if (r.cluster_size, r.warps) == (c, w)}
-            ax.plot(kv, [pts[k] for k in kv], "o-", label=f"fused (cluster {c}, {w} warps)")
+        for c, w, s in sorted({(r.cluster_size, r.warps, r.head_split) for r in mine}):
+            pts = {r.kv_len: r.fused_us for r in mine if (r.cluster_size, r.warps, r.head_split) == (c, w, s)}
+            ax.plot(kv, [pts[k] for k in kv], "o-", label=f"fused (cluster {c}, {w} warps" + (f", head split {s})" if s > 1 else ")"))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("KV length")
         ax.set_ylabel("µs per decode step")
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--variant", nargs="*", default=None, metavar="CxW",
-                        help="fused variants as cluster_size x warps, e.g. 8x8 16x8")
+                        help="fused variants as cluster_size x warps [x head_split], e.g. 8x4 16x4x2")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default="h100")
     args = parser.parse_args(argv)

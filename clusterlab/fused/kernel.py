@@ -1,4 +1,4 @@
-"""The fused decode-attention kernel: one launch per step, one cluster per KV head.
+"""The fused decode-attention kernel: one launch per step, one cluster per KV head or part of its query heads.
 
 The phases, their owners and the DSMEM exchanges are drawn in :mod:`clusterlab.fused.plan`; the
 simulator model of the same dataflow is :mod:`clusterlab.fused.simulated`, phase for phase.
@@ -24,7 +24,7 @@ B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps 
 unrolling; ``tests/test_fused_kernel.py`` checks the PTX has no local memory and ptxas no spills.
 
 The finish is spread over the cluster ranks: block ``rank`` of every cluster adds into the same
-output rows, and the last of those ``kv_heads`` blocks to arrive converts them (one counter per rank).
+output rows, and the last of those blocks (one per cluster) to arrive converts them (one counter per rank).
 
 Shared memory (float32 words, one dynamic array; the same offsets in every block, so ``mapa``
 reaches the peer's copy of a region)::
@@ -51,7 +51,7 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from .config import AttentionConfig
-from .plan import cached_range, check_cluster_size, new_token_rank, qkv_row, rope_pair
+from .plan import cached_range, check_cluster_size, check_head_split, new_token_rank, qkv_row, rope_pair
 
 FULL_MASK = 0xFFFFFFFF
 #: Stands for -inf in softmax states: exp2(NEG - m) is 0 for any real m, and exp2(NEG - NEG) = 1
@@ -82,21 +82,29 @@ class KernelSpec:
     batch: int
     cluster_size: int
     warps: int
+    head_split: int
 
     @classmethod
-    def of(cls, config: AttentionConfig, bf16: bool, batch: int, cluster_size: int, warps: int) -> KernelSpec:
+    def of(cls, config: AttentionConfig, bf16: bool, batch: int, cluster_size: int, warps: int,
+           head_split: int = 1) -> KernelSpec:
         check_cluster_size(config, cluster_size)
+        check_head_split(config, head_split)
         if warps < batch:
             raise ValueError(f"warps ({warps}) must be at least batch ({batch}): attention gives each sequence a warp")
         spec = cls(config.hidden_size, config.heads, config.kv_heads, config.head_dim,
-                   config.rope_style == "neox", bf16, float(config.rms_eps), batch, cluster_size, warps)
+                   config.rope_style == "neox", bf16, float(config.rms_eps), batch, cluster_size, warps, head_split)
         spec.qkv_tile()  # raises if the hidden slice has no valid tiling
         spec.o_tile()
         return spec
 
     @property
     def group(self) -> int:
-        return self.heads // self.kv_heads
+        """Query heads one cluster owns (of the ``heads // kv_heads`` sharing its KV head)."""
+        return self.heads // self.kv_heads // self.head_split
+
+    @property
+    def clusters(self) -> int:
+        return self.kv_heads * self.head_split
 
     @property
     def rows(self) -> int:
@@ -166,8 +174,11 @@ class KernelSpec:
 
     @property
     def keys_per_lane(self) -> int:
-        """Keys (and values) one lane group loads per attention step: fewer when G heads share them."""
-        return max(2, min(8, 8 // self.group))
+        """Keys (and values) one lane group loads per attention step: fewer when G heads share them,
+        and half as many for G >= 2 beyond batch 2 (under 128 registers ptxas spilled 16-96 bytes
+        at G = 2, batch 3 and 4, with 4 keys)."""
+        keys = max(2, min(8, 8 // self.group))
+        return max(2, keys // 2) if self.group >= 2 and self.batch > 2 else keys
 
     @property
     def key_groups(self) -> int:
@@ -362,7 +373,7 @@ def build_kernel(spec: KernelSpec):
         arrivals          [cluster_size] int32           zero on entry, left zero on exit
         position, capacity                             int32
     """
-    H, NQ, NKV, D = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim
+    H, NQ, NKV, D, S = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim, spec.head_split
     G, ROWS, C, B, W, T = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
     KS, OUT_ROWS, AW = spec.k_slice, spec.out_rows, spec.attn_width
     NEOX, BF16 = spec.neox, spec.bf16
@@ -407,7 +418,8 @@ def build_kernel(spec: KernelSpec):
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        g = cuda.blockIdx.x // C  # the KV head of this cluster
+        c_id = cuda.blockIdx.x // C  # this cluster: its query heads c_id*G .., W_o columns c_id*AW ..
+        g = c_id // S  # its KV head
         k0 = rank * KS
 
         # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) ----------
@@ -423,7 +435,7 @@ def build_kernel(spec: KernelSpec):
                     r_lo, r_hi = unpack(rx[e])
                     n_lo, n_hi = unpack(nx[e])
                     s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
-                    if g == 0:
+                    if c_id == 0:
                         residual_out[at + 2 * e] = to_bits(s_lo)
                         residual_out[at + 2 * e + 1] = to_bits(s_hi)
                     ss += s_lo * s_lo + s_hi * s_hi
@@ -438,7 +450,7 @@ def build_kernel(spec: KernelSpec):
         wq = cuda.local.array(QKV_WORDS, uint32)
         step = warp
         if step < QKV_STEPS:
-            qkv_load(w_qkv, row_of(NQ, NKV, D, g, step * QKV_STEP) * H + k0, H, lane, wq)
+            qkv_load(w_qkv, row_of(NQ, NKV, D, S, c_id, step * QKV_STEP) * H + k0, H, lane, wq)
         cuda.syncthreads()
         if tid < B:
             total = float32(0.0)
@@ -449,7 +461,7 @@ def build_kernel(spec: KernelSpec):
             qkv_finish(wq, smem, XS, PART + step * QKV_STEP, lane)
             step += W
             if step < QKV_STEPS:
-                qkv_load(w_qkv, row_of(NQ, NKV, D, g, step * QKV_STEP) * H + k0, H, lane, wq)
+                qkv_load(w_qkv, row_of(NQ, NKV, D, S, c_id, step * QKV_STEP) * H + k0, H, lane, wq)
         # First attention loads (cached keys need no q): warps split the batch, WPB per sequence.
         kg, sub = lane // LPK, lane % LPK
         start, end = range_of(position, rank, C)
@@ -490,7 +502,7 @@ def build_kernel(spec: KernelSpec):
             for c in range(C):
                 ptx.remote_store(smem, QKV + b * ROWS + ra, c, xa)
                 ptx.remote_store(smem, QKV + b * ROWS + rb, c, xb)
-            if slot >= G:
+            if slot >= G and c_id % S == 0:  # the first cluster of the KV head appends its row
                 row = ((b * NKV + g) * capacity + position) * D - slot * D
                 if slot == G:
                     k_cache[row + ra] = to_bits(xa)
@@ -564,7 +576,7 @@ def build_kernel(spec: KernelSpec):
         wo = cuda.local.array(O_WORDS, uint32)
         step = warp
         if step < O_STEPS:
-            o_load(w_o, (rank * OUT_ROWS + step * O_STEP) * (NQ * D) + g * AW, NQ * D, lane, wo)
+            o_load(w_o, (rank * OUT_ROWS + step * O_STEP) * (NQ * D) + c_id * AW, NQ * D, lane, wo)
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete
 
@@ -593,7 +605,7 @@ def build_kernel(spec: KernelSpec):
             o_finish(wo, smem, O, OST + step * O_STEP, lane)
             step += W
             if step < O_STEPS:
-                o_load(w_o, (rank * OUT_ROWS + step * O_STEP) * (NQ * D) + g * AW, NQ * D, lane, wo)
+                o_load(w_o, (rank * OUT_ROWS + step * O_STEP) * (NQ * D) + c_id * AW, NQ * D, lane, wo)
         cuda.syncthreads()
         for e in range(tid, B * OUT_ROWS, T):
             b, r = e // OUT_ROWS, e % OUT_ROWS
@@ -603,7 +615,7 @@ def build_kernel(spec: KernelSpec):
         cuda.threadfence()
         cuda.syncthreads()
         if tid == 0:
-            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == NKV - 1 else 0
+            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == NKV * S - 1 else 0
         cuda.syncthreads()
         if last[0] == 1:
             # Every red.add is ordered before its block's arrival, and this block never read

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
-from .plan import CLUSTER_SIZES, check_cluster_size, launch_shape
+from .plan import CLUSTER_SIZES, check_cluster_size, check_head_split, launch_shape
 from .validate import check_step, check_weights
 
 BACKENDS = ("auto", "gpu", "simulator")
@@ -30,9 +30,10 @@ class DecodeAttention:
 
     ``config``: shapes (:class:`~clusterlab.fused.config.AttentionConfig`); ``weights``: float16 or
     bfloat16 :class:`~clusterlab.fused.config.AttentionWeights`, all on one device.
-    ``cluster_size`` (1, 2, 4, 8, 16) and ``warps`` per block (4, 8, 16) default, per batch size, to
-    what spreads a step over the GPU (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape`
-    says what a batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
+    ``cluster_size`` (1, 2, 4, 8, 16), ``warps`` per block (4, 8, 16) and ``head_split`` (clusters
+    per KV head, each with a part of its query heads) default, per batch size, to what spreads a
+    step over the GPU (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a
+    batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
     ``"simulator"`` insist.
 
     One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device,
@@ -40,7 +41,7 @@ class DecodeAttention:
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, *, cluster_size: int | None = None,
-                 warps: int | None = None, backend: str = "auto"):
+                 warps: int | None = None, head_split: int | None = None, backend: str = "auto"):
         check_weights(config, weights)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -55,10 +56,13 @@ class DecodeAttention:
             raise ValueError(f"warps must be one of (4, 8, 16) (at least the batch size), got {warps!r}")
         if cluster_size is not None:
             check_cluster_size(config, cluster_size)
+        if head_split is not None:
+            check_head_split(config, head_split)
         self.sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
                          if backend == "gpu" else SIMULATED_SM_COUNT)
         self.config, self.weights, self.backend = config, weights, backend
-        self.cluster_size, self.warps = cluster_size, warps  # None: chosen per batch by shape()
+        # None: chosen per batch by shape()
+        self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
         self._kernels: dict = {}
         self._rope: dict = {}
         if backend == "gpu":
@@ -93,19 +97,22 @@ class DecodeAttention:
         if self.backend == "simulator":
             from .simulated import simulated_step
 
+            cluster_size, _, head_split = self.shape(hidden.shape[0])
             got, new_residual = simulated_step(self.config, self.weights, hidden, residual, cache, position,
-                                               self.shape(hidden.shape[0])[0])
+                                               cluster_size, head_split=head_split)
             out.copy_(got)
             residual_out.copy_(new_residual)
         else:
             self._launch(hidden, residual, cache, position, out, residual_out)
         return out, residual_out
 
-    def shape(self, batch: int) -> tuple[int, int]:
-        """``(cluster_size, warps)`` a step of ``batch`` sequences runs with: the constructor's values
-        where given, else :func:`~clusterlab.fused.plan.launch_shape` for this GPU's SM count."""
-        cluster_size, warps = launch_shape(self.config, batch, self.sm_count, self.cluster_size)
-        return cluster_size, self.warps or warps
+    def shape(self, batch: int) -> tuple[int, int, int]:
+        """``(cluster_size, warps, head_split)`` a step of ``batch`` sequences runs with: the
+        constructor's values where given, else :func:`~clusterlab.fused.plan.launch_shape` for this
+        GPU's SM count."""
+        cluster_size, warps, head_split = launch_shape(self.config, batch, self.sm_count, self.cluster_size,
+                                                       self.head_split)
+        return cluster_size, self.warps or warps, head_split
 
     def kernel_spec(self, dtype: torch.dtype, batch: int):
         """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles."""
@@ -125,7 +132,7 @@ class DecodeAttention:
             spec = self.kernel_spec(dtype, batch)
             kernel = cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(build_kernel(spec))
             self._kernels[key] = launch(
-                kernel, grid=self.config.kv_heads * spec.cluster_size, cluster=spec.cluster_size,
+                kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size,
                 block=spec.threads, shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8,
             )
         return self._kernels[key]

@@ -1,13 +1,20 @@
 """How one decode step is split over clusters and blocks, shared by the kernel and its simulator model.
 
-One cluster per KV head ``g``; its ``C`` blocks split every dimension that has to be streamed from
-device memory, and exchange partial results through distributed shared memory (DSMEM)::
+One cluster per KV head ``g`` — or, with ``head_split = S > 1``, ``S`` clusters per KV head, each
+taking ``G/S`` of its ``G`` query heads; its ``C`` blocks split every dimension that has to be
+streamed from device memory, and exchange partial results through distributed shared memory
+(DSMEM)::
 
-    grid: kv_heads clusters x C blocks            (Llama-2-7B: 32 x 8, Llama-3-8B: 8 x 16; see launch_shape)
+    grid: kv_heads * S clusters x C blocks   (Llama-2-7B: 32 x 8; Llama-3-8B: 16 x 16, S = 2; see launch_shape)
 
-    cluster g owns  W_qkv rows of query heads g*G .. g*G+G-1, key head g, value head g
-                    ("slots" 0..G-1, G, G+1; G = heads / kv_heads), the KV cache of head g,
-                    and the W_o columns of its query heads
+    cluster c owns  W_qkv rows of query heads c*Gc .. c*Gc+Gc-1 (Gc = G/S, G = heads / kv_heads),
+                    key head g = c // S and value head g ("slots" 0..Gc-1, Gc, Gc+1), the KV
+                    cache of head g, and the W_o columns of its query heads
+
+With S > 1 the S clusters of a KV head each compute its new key and value (the same numbers, from
+the same rows) and each read its cache; the first of them appends the row. The second reads
+come mostly from L2, and the split doubles or quadruples the clusters a GQA model has to spread
+over the SMs (Llama-3-8B: 8 KV heads).
 
                   hidden slice          cached positions          W_o rows (outputs)
     block 0    x[0    : H/C ]        t in [0,      n/C)          out[0    : H/C ]
@@ -30,9 +37,9 @@ device memory, and exchange partial results through distributed shared memory (D
     4 merge      for its elements e = rank, rank+C, ...:           pull states of all C;
                  o[e] = sum_c acc_c e^(m_c-M) / sum_c l_c e^(m_c-M) push o to all C blocks
                                                                                              B4
-    5 o proj     out_acc[rows] += W_o[rows, cols of g] . o         -  (global red.add.f32)
-    6 finish     the last block of the grid to arrive: out = out_acc in the activation dtype,
-                 out_acc = 0 for the next step
+    5 o proj     out_acc[rows] += W_o[rows, cols of c] . o         -  (global red.add.f32)
+    6 finish     the last block of each rank to arrive: out[rows] = out_acc[rows] in the
+                 activation dtype, out_acc[rows] = 0 for the next step
 
 Only inputs, weights, the KV cache (read, and one row appended), ``out_acc`` and the outputs
 touch device memory. Phase 1 splits the hidden (reduction) dimension, so its partial sums must be
@@ -54,13 +61,14 @@ CLUSTER_SIZES = (1, 2, 4, 8, 16)
 POSITION_ALIGN = 16
 
 
-def qkv_row(heads: int, kv_heads: int, head_dim: int, kv_head: int, row: int) -> int:
-    """Row of ``W_qkv`` holding the cluster's local ``row`` (slot-major: ``row = slot*head_dim + i``)."""
-    group = heads // kv_heads
+def qkv_row(heads: int, kv_heads: int, head_dim: int, head_split: int, cluster: int, row: int) -> int:
+    """Row of ``W_qkv`` holding ``cluster``'s local ``row`` (slot-major: ``row = slot*head_dim + i``)."""
+    group = heads // kv_heads // head_split
+    kv_head = cluster // head_split
     slot = row // head_dim
     i = row - slot * head_dim
     if slot < group:
-        return (kv_head * group + slot) * head_dim + i
+        return (cluster * group + slot) * head_dim + i
     if slot == group:
         return (heads + kv_head) * head_dim + i
     return (heads + kv_heads + kv_head) * head_dim + i
@@ -108,14 +116,26 @@ def check_cluster_size(config: AttentionConfig, cluster_size: int) -> None:
         )
 
 
-def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None):
-    """``(cluster_size, warps)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
+def check_head_split(config: AttentionConfig, head_split: int) -> None:
+    """``head_split`` divides the query heads of a KV head (1: one cluster per KV head)."""
+    if not (isinstance(head_split, int) and head_split >= 1 and config.group_size % head_split == 0):
+        raise ValueError(
+            f"head_split must divide the {config.group_size} query heads of a KV head "
+            f"(one of {[s for s in range(1, config.group_size + 1) if config.group_size % s == 0]}), "
+            f"got {head_split!r}"
+        )
 
-    The cluster size is the largest that keeps ``kv_heads x C`` within ``2 x sm_count`` blocks of 4
-    warps (batch up to 4), else within ``sm_count`` blocks of 8 warps (a batch of 5 to 8 needs 8 warps:
-    attention gives each sequence at least one). A given ``cluster_size`` is kept; its warps follow
-    the same rule. Llama-2-7B on 132 SMs: 32 clusters x 8 blocks x 4 warps at batch 1 to 4,
-    32 x 4 x 8 warps beyond; Llama-3-8B: 8 x 16 x 8 warps.
+
+def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None,
+                 head_split: int | None = None):
+    """``(cluster_size, warps, head_split)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
+
+    The grid of ``kv_heads x head_split x cluster_size`` blocks is the largest within ``2 x
+    sm_count`` blocks of 4 warps (batch up to 4), else within ``sm_count`` blocks of 8 warps (a
+    batch of 5 to 8 needs 8 warps: attention gives each sequence at least one); among equal grids
+    the smallest head split (the fewest repeated K/V reads). Given values are kept; the warps follow
+    the same rule. On 132 SMs: Llama-2-7B 32 clusters x 8 blocks x 4 warps up to batch 4, 32 x 4 x
+    8 beyond; Llama-3-8B 16 x 16 x 4 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
 
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, and an H100
     places clusters of 4 on at most 120 of its 132 SMs (clusters of 2 reach all 132, of 8 blocks at
@@ -124,11 +144,18 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     step waits for the slowest. Blocks half the size, two an SM, spread the same work over 124 SMs
     in finer pieces (Llama-2-7B at 1K positions: 69 -> 61 µs). See ``clusterlab/fused/NOTES.md``.
     """
-    if cluster_size is None:
-        limit = 2 * sm_count if batch <= 4 else sm_count
-        cluster_size = 1
-        for size in CLUSTER_SIZES:
-            if config.hidden_size % (8 * size) == 0 and config.kv_heads * size <= limit:
-                cluster_size = size
-    warps = 4 if batch <= 4 and config.kv_heads * cluster_size > sm_count else 8
-    return cluster_size, warps
+    limit = 2 * sm_count if batch <= 4 else sm_count
+    splits = [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
+    sizes = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]
+    best = None  # (blocks, cluster_size, head_split)
+    for split in splits if head_split is None else [head_split]:
+        for size in sizes if cluster_size is None else [cluster_size]:
+            blocks = config.kv_heads * split * size
+            if (best is None or blocks > best[0]) and blocks <= limit:
+                best = (blocks, size, split)
+    if best is None:  # even the smallest grid is over the limit: one block a cluster, no split
+        size, split = cluster_size or 1, head_split or 1
+        best = (config.kv_heads * split * size, size, split)
+    blocks, size, split = best
+    warps = 4 if batch <= 4 and blocks > sm_count else 8
+    return size, warps, split

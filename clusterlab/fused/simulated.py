@@ -22,14 +22,15 @@ import torch
 
 from .. import simulator
 from .config import AttentionConfig, AttentionWeights, KVCache, rope_table
-from .plan import cached_range, check_cluster_size, new_token_rank, qkv_row, rope_pair
+from .plan import cached_range, check_cluster_size, check_head_split, new_token_rank, qkv_row, rope_pair
 
 NEG = np.float32(-1e30)  # the kernel's stand-in for -inf
 F32 = np.float32
 
 
-def decode_block(b: simulator.Block, g: int, config: AttentionConfig, batch: int, gm: dict, position: int):
-    """One block of cluster ``g`` (KV head ``g``); ``gm`` holds the "global memory" arrays.
+def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batch: int, gm: dict, position: int,
+                 head_split: int = 1):
+    """One block of cluster ``cluster`` (KV head ``cluster // head_split``); ``gm`` holds the "global memory" arrays.
 
     ``gm``: float32 ``hidden``/``residual`` ``[batch, H]``, ``norm`` ``[H]``, ``qkv`` ``[rows, H]``,
     ``o`` ``[H, heads*d]``, ``k``/``v`` ``[batch, kv_heads, capacity, d]``, ``rope``
@@ -37,7 +38,8 @@ def decode_block(b: simulator.Block, g: int, config: AttentionConfig, batch: int
     ``new_v`` ``[batch, kv_heads, d]`` (the cache row, before rounding to the cache dtype).
     """
     C, rank = b.cluster_size, b.cluster_rank
-    H, D, G = config.hidden_size, config.head_dim, config.group_size
+    H, D, G = config.hidden_size, config.head_dim, config.group_size // head_split
+    g = cluster // head_split  # the KV head
     rows, k_slice, out_rows, width = (G + 2) * D, H // C, H // C, G * D
     scale = F32(math.log2(math.e) / math.sqrt(D))
     partial = b.shared_array("partial", (batch, rows + 1), F32)
@@ -51,10 +53,10 @@ def decode_block(b: simulator.Block, g: int, config: AttentionConfig, batch: int
     b.step("1 qkv")
     k0 = rank * k_slice
     h = gm["hidden"][:, k0 : k0 + k_slice] + gm["residual"][:, k0 : k0 + k_slice]
-    if g == 0:
+    if cluster == 0:
         gm["residual_out"][:, k0 : k0 + k_slice] = h
     xs = h * gm["norm"][k0 : k0 + k_slice]
-    w_rows = [qkv_row(config.heads, config.kv_heads, D, g, row) for row in range(rows)]
+    w_rows = [qkv_row(config.heads, config.kv_heads, D, head_split, cluster, row) for row in range(rows)]
     partial[:, :rows] = xs @ gm["qkv"][w_rows, k0 : k0 + k_slice].T
     partial[:, rows] = (h * h).sum(axis=1, dtype=F32)
     yield b.cluster_sync()  # B1
@@ -80,7 +82,7 @@ def decode_block(b: simulator.Block, g: int, config: AttentionConfig, batch: int
         peer = b.map_shared(qkv, c)
         peer[:, ra] = xa
         peer[:, rb] = xb
-    for s, name in ((G, "new_k"), (G + 1, "new_v")):
+    for s, name in ((G, "new_k"), (G + 1, "new_v")) if cluster % head_split == 0 else ():
         mine = slot == s
         gm[name][:, g, ra[mine] - s * D] = xa[:, mine]
         gm[name][:, g, rb[mine] - s * D] = xb[:, mine]
@@ -126,7 +128,7 @@ def decode_block(b: simulator.Block, g: int, config: AttentionConfig, batch: int
     # -- 5 o proj: this block's output rows, the cluster's heads' columns -------------------------
     b.step("5 o proj")
     r0 = rank * out_rows
-    gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, g * width : (g + 1) * width].T
+    gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, cluster * width : (cluster + 1) * width].T
 
 
 def simulated_step(
@@ -138,14 +140,16 @@ def simulated_step(
     position: int,
     cluster_size: int,
     traces: list | None = None,
+    head_split: int = 1,
 ):
     """One decode step on the simulator: ``(out, new_residual)`` and the cache row ``position`` appended.
 
     CPU tensors, shapes as for :class:`~clusterlab.fused.layer.DecodeAttention`. One simulated
-    cluster per KV head; each cluster's :class:`~clusterlab.simulator.Trace` is appended to
-    ``traces`` when a list is given.
+    cluster per KV head, or ``head_split`` per KV head each with a part of its query heads; each
+    cluster's :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given.
     """
     check_cluster_size(config, cluster_size)
+    check_head_split(config, head_split)
     batch, dtype = hidden.shape[0], hidden.dtype
 
     def f32(t):
@@ -160,10 +164,9 @@ def simulated_step(
         "new_k": np.full((batch, config.kv_heads, config.head_dim), np.nan, F32),
         "new_v": np.full((batch, config.kv_heads, config.head_dim), np.nan, F32),
     }
-    for g in range(config.kv_heads):
-        trace = simulator.launch(
-            decode_block, cluster_size, g, config, batch, gm, position, title=f"decode step, KV head {g}"
-        )
+    for cluster in range(config.kv_heads * head_split):
+        title = f"decode step, KV head {cluster // head_split}" + (f" part {cluster % head_split}" if head_split > 1 else "")
+        trace = simulator.launch(decode_block, cluster_size, cluster, config, batch, gm, position, head_split, title=title)
         if traces is not None:
             traces.append(trace)
     # 6 finish (the kernel's last block): out_acc in the activation dtype.
