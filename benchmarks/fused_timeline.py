@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numba import cuda, types
+from numba import cuda
 
 from clusterlab.bench.common import commit, graph_per_op_us, write_json
 from clusterlab.fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
-from clusterlab.fused.kernel import kernel_signature, kernel_variant
+from clusterlab.fused.kernel import kernel_variant
 from clusterlab.gpu import device_info, require_hopper
 from clusterlab.launch import launch
 
@@ -73,7 +73,8 @@ def timeline_builder():
     edits = [
         ("out_acc, arrivals, position, capacity):\n", "out_acc, arrivals, position, capacity, stamps, sms):\n"),
         ("        k0 = rank * KS\n",
-         "        k0 = rank * KS\n" + _stamp(0) + "        if tid == 0:\n            sms[cuda.blockIdx.x] = ptx.sm_id()\n"),
+         "        k0 = rank * KS\n" + _stamp(0)
+         + "        if tid == 0:\n            sms[cuda.blockIdx.x] = ptx.sm_id()\n"),
     ]
     for i, (_, anchor, before) in enumerate(PHASES, start=1):
         edits.append((anchor, _stamp(i) + anchor) if before else (anchor, anchor + _stamp(i)))
@@ -82,10 +83,6 @@ def timeline_builder():
     for old, new in edits:
         merged[old] = merged[old].replace(old, new) if old in merged else new
     return kernel_variant(list(merged.items()))
-
-
-def timeline_signature():
-    return kernel_signature() + (types.uint64[::1], types.uint32[::1])
 
 
 def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None):
@@ -127,7 +124,8 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
         "blocks_per_sm": {str(k): int((per_sm == k).sum()) for k in range(1, int(per_sm.max()) + 1)},
         "block": [
             {"sm": int(sm[b]), "cluster": b // cluster_size, "rank": b % cluster_size,
-             "sm_blocks": int(per_sm[sm[b]]), "crowded": bool(per_sm[sm[b]] > typical), "start_us": round(float(start_us[b]), 3),
+             "sm_blocks": int(per_sm[sm[b]]), "crowded": bool(per_sm[sm[b]] > typical),
+             "start_us": round(float(start_us[b]), 3),
              "phase_us": [round(float(x), 3) for x in phase_us[b]]}
             for b in range(blocks)
         ],

@@ -170,7 +170,8 @@ def _plot(rows, record, path: Path) -> None:
         ax.plot(kv, [first[k].floor_us / 0.85 for k in kv], "k:", label="85% of copy BW")
         for c, w, s in sorted({(r.cluster_size, r.warps, r.head_split) for r in mine}):
             pts = {r.kv_len: r.fused_us for r in mine if (r.cluster_size, r.warps, r.head_split) == (c, w, s)}
-            ax.plot(kv, [pts[k] for k in kv], "o-", label=f"fused (cluster {c}, {w} warps" + (f", head split {s})" if s > 1 else ")"))
+            split = f", head split {s}" if s > 1 else ""
+            ax.plot(kv, [pts[k] for k in kv], "o-", label=f"fused (cluster {c}, {w} warps{split})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("KV length")
         ax.set_ylabel("µs per decode step")

@@ -611,7 +611,7 @@ def build_kernel(spec: KernelSpec):
             b, r = e // OUT_ROWS, e % OUT_ROWS
             cuda.atomic.add(out_acc, b * H + rank * OUT_ROWS + r, smem[OST + e])
 
-        # -- 6 finish: the last of the NKV blocks adding into out rows [rank * OUT_ROWS, ...) converts them
+        # -- 6 finish: the last of the blocks (one a cluster) adding into rows [rank * OUT_ROWS, ...) converts them
         cuda.threadfence()
         cuda.syncthreads()
         if tid == 0:
@@ -640,20 +640,20 @@ def build_kernel(spec: KernelSpec):
     return fused_decode_attention
 
 
-def kernel_variant(edits, names=None):
+def kernel_variant(edits):
     """:func:`build_kernel` recompiled from its own source with ``edits`` applied: for measurement.
 
     ``edits``: ``(old, new)`` pairs of source text; each ``old`` must occur exactly once in
     ``build_kernel``'s source (an ``AssertionError`` says which did not), so a change to the kernel
-    breaks the variant loudly instead of measuring something else. ``names`` adds to the
-    namespace the edited source compiles in (helpers the new text calls). The ablations of
-    ``benchmarks/fused.py`` and the timestamps of ``benchmarks/fused_timeline.py`` are such edits.
+    breaks the variant loudly instead of measuring something else. The edited source compiles in
+    this module's namespace. The ablations of ``benchmarks/fused.py`` and the timestamps of
+    ``benchmarks/fused_timeline.py`` are such edits.
     """
     source = textwrap.dedent(inspect.getsource(build_kernel))
     for old, new in edits:
         assert source.count(old) == 1, f"kernel source changed: {old!r} is not found exactly once"
         source = source.replace(old, new)
-    namespace = {**globals(), **(names or {})}
+    namespace = dict(globals())
     exec(compile(source, __file__, "exec"), namespace)
     return namespace["build_kernel"]
 

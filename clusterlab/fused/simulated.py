@@ -128,7 +128,8 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     # -- 5 o proj: this block's output rows, the cluster's heads' columns -------------------------
     b.step("5 o proj")
     r0 = rank * out_rows
-    gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, cluster * width : (cluster + 1) * width].T
+    columns = slice(cluster * width, (cluster + 1) * width)  # the cluster's query heads
+    gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, columns].T
 
 
 def simulated_step(
@@ -165,8 +166,11 @@ def simulated_step(
         "new_v": np.full((batch, config.kv_heads, config.head_dim), np.nan, F32),
     }
     for cluster in range(config.kv_heads * head_split):
-        title = f"decode step, KV head {cluster // head_split}" + (f" part {cluster % head_split}" if head_split > 1 else "")
-        trace = simulator.launch(decode_block, cluster_size, cluster, config, batch, gm, position, head_split, title=title)
+        title = f"decode step, KV head {cluster // head_split}"
+        if head_split > 1:
+            title += f" part {cluster % head_split}"
+        trace = simulator.launch(decode_block, cluster_size, cluster, config, batch, gm, position, head_split,
+                                 title=title)
         if traces is not None:
             traces.append(trace)
     # 6 finish (the kernel's last block): out_acc in the activation dtype.
