@@ -43,7 +43,7 @@ B2 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  
 B3 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete\n"
 B4 = "        ptx.cluster_wait_acquire()  # B4: o is complete in every block; no DSMEM access after this\n"
 MERGE = "        cuda.syncthreads()\n        # Block merge: sequence b's state is its WPB warps' key groups (+ its new token).\n"
-OST = "        for e in range(tid, B * OUT_ROWS, T):\n"  # right after the block's syncthreads
+FINISH = "        # -- 6 finish: the last of the blocks (one a cluster) adding into rows [rank * OUT_ROWS, ...) converts them\n"
 # (phase name, anchor, stamp before the anchor?) in kernel order; stamp 0 follows `k0 = ...`.
 PHASES = [
     ("inputs", "        while step < QKV_STEPS:\n", True),
@@ -55,8 +55,8 @@ PHASES = [
     ("block merge", B3, True),
     ("B3 wait", B3, False),
     ("o merge + B4", B4, False),
-    ("W_o stream", OST, True),
-    ("red.add + arrive", "        if last[0] == 1:\n", True),
+    ("W_o stream + red.add", FINISH, True),
+    ("fence + arrive", "        if last[0] == 1:\n", True),
     ("finish", "                arrivals[rank] = 0\n", False),
 ]
 STAMPS = len(PHASES) + 1
@@ -71,7 +71,7 @@ def _stamp(i: int) -> str:
 def timeline_builder():
     """``build_kernel`` with two more arguments: ``stamps`` uint64 [blocks * STAMPS * 2], ``sms`` uint32 [blocks]."""
     edits = [
-        ("out_acc, arrivals, position, capacity):\n", "out_acc, arrivals, position, capacity, stamps, sms):\n"),
+        ("out_acc, arrivals, positions, capacity):\n", "out_acc, arrivals, positions, capacity, stamps, sms):\n"),
         ("        k0 = rank * KS\n",
          "        k0 = rank * KS\n" + _stamp(0)
          + "        if tid == 0:\n            sms[cuda.blockIdx.x] = ptx.sm_id()\n"),

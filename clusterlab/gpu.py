@@ -93,6 +93,28 @@ def software_versions() -> dict[str, str]:
     return {name: _version(name) for name in ("numba-cuda", "cuda-core", "cuda-bindings", "numpy", "torch")}
 
 
+#: What :func:`device_limits` reads, by driver attribute.
+LIMIT_ATTRIBUTES = {
+    "sm_count": "CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT",
+    "shared_bytes_per_sm": "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR",
+    "shared_bytes_per_block": "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN",
+    "reserved_shared_bytes_per_block": "CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK",
+    "registers_per_sm": "CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR",
+}
+
+
+def device_limits(index: int = 0) -> dict[str, int]:
+    """SM count, shared memory (per SM, per block with the opt-in, reserved per block) and
+    registers per SM of CUDA device ``index``, as the driver reports them. Raises
+    :class:`HopperRequired` where no usable GPU is found."""
+    require_hopper()
+    driver = _driver()
+    err, device = driver.cuDeviceGet(index)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise ValueError(f"no CUDA device {index}: {err.name}")
+    return {name: _attribute(driver, device, attribute) for name, attribute in LIMIT_ATTRIBUTES.items()}
+
+
 def device_info() -> dict[str, object]:
     """Facts about device 0 for ``clusterlab info``; ``{"gpu": None, "reason": ...}`` without one."""
     found = _device0()

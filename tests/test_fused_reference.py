@@ -132,7 +132,7 @@ def _good():
     weights = AttentionWeights.random(CONFIG, torch.float16, seed=1)
     cache = KVCache.random(CONFIG, 2, 16, torch.float16, seed=2)
     hidden, residual = torch.randn(2, 2, CONFIG.hidden_size).half()
-    return {"config": CONFIG, "weights": weights, "hidden": hidden, "residual": residual, "cache": cache, "position": 5}
+    return {"config": CONFIG, "weights": weights, "hidden": hidden, "residual": residual, "cache": cache, "positions": 5}
 
 
 @pytest.mark.parametrize(
@@ -149,10 +149,16 @@ def _good():
         (lambda a: a.update(cache=KVCache(a["cache"].k, a["cache"].v.transpose(2, 3).contiguous().transpose(2, 3))),
          ValueError, "cache.v must be contiguous"),
         (lambda a: a.update(cache=(a["cache"].k, a["cache"].v)), TypeError, "cache must be a KVCache"),
-        (lambda a: a.update(position=16), ValueError, "position 16 overflows the cache: it holds 16 positions"),
-        (lambda a: a.update(position=-1), ValueError, "position must be >= 0, got -1"),
-        (lambda a: a.update(position=3.0), TypeError, "position must be an int, got float"),
-        (lambda a: a.update(position=True), TypeError, "position must be an int, got bool"),
+        (lambda a: a.update(positions=16), ValueError, "position 16 overflows the cache: it holds 16 positions"),
+        (lambda a: a.update(positions=-1), ValueError, "positions must be >= 0, got -1"),
+        (lambda a: a.update(positions=3.0), TypeError, "positions must be an int or an int32 tensor of shape (2,)"),
+        (lambda a: a.update(positions=True), TypeError, "positions must be an int or an int32 tensor of shape (2,)"),
+        (lambda a: a.update(positions=torch.tensor([3, 16], dtype=torch.int32)), ValueError,
+         "position 16 overflows the cache"),
+        (lambda a: a.update(positions=torch.tensor([3, 4], dtype=torch.int64)), TypeError,
+         "positions has dtype torch.int64; expected torch.int32"),
+        (lambda a: a.update(positions=torch.tensor([3], dtype=torch.int32)), ValueError,
+         "positions has shape (1,); expected (2,), one per sequence"),
     ],
 )
 def test_bad_step_inputs_are_named(change, error, words):
@@ -171,6 +177,13 @@ def test_bad_weights_and_configs_are_named():
         check_weights(CONFIG, AttentionWeights(weights.norm.float(), weights.qkv, weights.o))
     with pytest.raises(TypeError, match="weights.qkv has dtype torch.float32"):
         check_weights(CONFIG, AttentionWeights(weights.norm, weights.qkv.float(), weights.o))
+    with pytest.raises(ValueError, match="weights.qkv_bias is given but the config has qkv_bias=False"):
+        check_weights(CONFIG, AttentionWeights(weights.norm, weights.qkv, weights.o, weights.qkv[:, 0].contiguous()))
+    biased = AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64, qkv_bias=True)
+    with pytest.raises(ValueError, match="weights.qkv_bias is None but the config has qkv_bias=True"):
+        check_weights(biased, weights)
+    with pytest.raises(ValueError, match=r"weights.qkv_bias has shape \(100,\); expected \(512,\)"):
+        check_weights(biased, AttentionWeights(weights.norm, weights.qkv, weights.o, weights.qkv[:100, 0].contiguous()))
     with pytest.raises(ValueError, match="heads .6. must be a multiple of kv_heads .4."):
         AttentionConfig(hidden_size=64, heads=6, kv_heads=4, head_dim=64)
     with pytest.raises(ValueError, match="head_dim must be one of .64, 128., got 96"):

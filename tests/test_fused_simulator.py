@@ -14,7 +14,9 @@ from clusterlab.fused import (
 )
 from clusterlab.fused.kernel import KernelSpec
 from clusterlab.fused.plan import (
+    HOPPER,
     POSITION_ALIGN,
+    DeviceLimits,
     cached_range,
     launch_shape,
     new_token_rank,
@@ -34,6 +36,7 @@ CASES = [
     (AttentionConfig(hidden_size=128, heads=8, kv_heads=1, head_dim=64, rope_theta=500000.0), 16, 3, 1),
     (AttentionConfig(hidden_size=128, heads=8, kv_heads=2, head_dim=64), 4, 2, 2),  # 2 clusters a KV head
     (AttentionConfig(hidden_size=128, heads=8, kv_heads=2, head_dim=64, rope_style="gptj"), 2, 1, 4),
+    (AttentionConfig(hidden_size=224, heads=7, kv_heads=1, head_dim=64, qkv_bias=True), 2, 2, 7),  # Qwen2-like
 ]
 
 
@@ -55,6 +58,26 @@ def test_simulated_step_matches_reference(config, cluster_size, batch, head_spli
         assert relative_error(cache.v[:, :, position], want.v) < TOLERANCE
         others = torch.arange(capacity) != position
         assert torch.equal(cache.k[:, :, others].view(torch.int16), before.k[:, :, others].view(torch.int16))
+
+
+@pytest.mark.parametrize("config, cluster_size, batch, head_split", [case for case in CASES if case[2] > 1])
+def test_simulated_ragged_batch_each_sequence_at_its_own_position(config, cluster_size, batch, head_split):
+    gen = torch.Generator().manual_seed(batch)
+    positions = torch.randint(0, 4 * POSITION_ALIGN * cluster_size, (batch,), generator=gen, dtype=torch.int32)
+    positions[0] = 0  # an empty cache beside longer ones
+    weights = AttentionWeights.random(config, torch.float16)
+    cache = KVCache.random(config, batch, int(positions.max()) + 3, torch.float16)
+    before = cache.clone()
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    want = reference_step(config, weights, hidden, residual, before, positions)
+    out, _ = simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, head_split=head_split)
+    assert relative_error(out, want.out) < TOLERANCE
+    rows = torch.arange(batch)
+    assert relative_error(cache.k[rows, :, positions.long()], want.k) < TOLERANCE
+    assert relative_error(cache.v[rows, :, positions.long()], want.v) < TOLERANCE
+    kept = torch.ones(batch, cache.capacity, dtype=torch.bool)
+    kept[rows, positions.long()] = False
+    assert torch.equal(cache.k.transpose(1, 2)[kept].view(torch.int16), before.k.transpose(1, 2)[kept].view(torch.int16))
 
 
 def test_layer_on_cpu_runs_the_simulator_into_poisoned_outputs():
@@ -108,6 +131,14 @@ def test_layer_rejects_bad_input_before_running():
     hidden = torch.randn(2, config.hidden_size).half()
     with pytest.raises(ValueError, match="position 8 overflows the cache"):
         layer(hidden, hidden, cache, 8)
+    with pytest.raises(ValueError, match="position 8 overflows the cache"):
+        layer(hidden, hidden, cache, torch.tensor([3, 8], dtype=torch.int32))
+    with pytest.raises(TypeError, match="positions has dtype torch.int64; expected torch.int32"):
+        layer(hidden, hidden, cache, torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match=r"positions has shape \(3,\); expected \(2,\), one per sequence"):
+        layer(hidden, hidden, cache, torch.tensor([3, 4, 5], dtype=torch.int32))
+    with pytest.raises(TypeError, match="positions must be an int or an int32 tensor of shape"):
+        layer(hidden, hidden, cache, 3.0)
     with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor of shape"):
         layer(hidden, hidden, cache, 3, out=torch.empty(2, 7).half())
     with pytest.raises(ValueError, match="cluster_size must be one of"):
@@ -152,4 +183,13 @@ def test_launch_bound_asks_for_16_warps_an_sm(warps, blocks):
     spec = KernelSpec.of(LLAMA2_7B, False, 1, 8, warps)
     assert spec.min_blocks_per_sm == blocks
     big = KernelSpec.of(LLAMA3_8B, True, 8, 16, 8)  # 8 sequences' states: shared memory allows one block
-    assert 2 * big.shared_bytes > 226 * 1024 and big.min_blocks_per_sm == 1
+    assert 2 * (big.shared_bytes + HOPPER.reserved_shared_bytes_per_block) > HOPPER.shared_bytes_per_sm
+    assert big.min_blocks_per_sm == 1
+
+
+def test_shapes_beyond_the_cards_shared_memory_are_refused():
+    small = DeviceLimits(sm_count=132, shared_bytes_per_sm=65536, shared_bytes_per_block=48 * 1024,
+                         reserved_shared_bytes_per_block=1024, registers_per_sm=65536)
+    assert KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, limits=small).min_blocks_per_sm == 4
+    with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory; the GPU allows 49152"):
+        KernelSpec.of(LLAMA3_8B, True, 8, 16, 8, limits=small)

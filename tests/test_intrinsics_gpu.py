@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 import pytest
-from numba import cuda, types
+from numba import cuda, types, uint32
 
 from clusterlab import launch, ptx
 
@@ -728,6 +728,47 @@ def test_global_128_bit_loads(evict_last, rng):
     )
     expected = np.concatenate([words, words[::-1], halves.view(np.uint32)], axis=1)
     assert_same_bits(out.copy_to_host(), expected)
+
+
+STAGES = 3  # slots of the cp.async ring below
+AHEAD = STAGES - 1  # rows in flight while one is read; cp_async_wait takes a constant
+RING_WORDS = STAGES * 4 * N  # shared array lengths must be compile-time constants
+
+
+@cuda.jit
+def async_copy_ring(words, out):
+    """Each thread streams its rows ``i, i + threads, ...`` (16 bytes each) through a ring of
+    STAGES slots of its own: copies AHEAD rows ahead, waits for the oldest, reads it back."""
+    ring = cuda.shared.array(RING_WORDS, uint32)
+    tid = cuda.threadIdx.x
+    first, stride = cuda.grid(1), cuda.gridsize(1)
+    rows = out.shape[0]
+    slot0 = ptx.shared_address(ring, 4 * tid)
+    for k in range(AHEAD):
+        if first + k * stride < rows:
+            ptx.cp_async_16(slot0 + k * 16 * N, words, 4 * (first + k * stride))
+        ptx.cp_async_commit()
+    k = 0
+    row = first
+    while row < rows:
+        ahead = row + AHEAD * stride
+        if ahead < rows:
+            ptx.cp_async_16(slot0 + (k + AHEAD) % STAGES * 16 * N, words, 4 * ahead)
+        ptx.cp_async_commit()
+        ptx.cp_async_wait(AHEAD)  # row k has landed
+        got = ptx.ld_shared_v4_b32(slot0 + k % STAGES * 16 * N)
+        for e in range(4):
+            out[row, e] = got[e]
+        k += 1
+        row += stride
+
+
+def test_async_copies_stream_rows_through_a_ring_in_shared_memory(rng):
+    rows = 11 * 2 * N + 5  # several laps of the ring per thread, a ragged tail
+    words = random_values(rng, np.uint32, (rows, 4))
+    out = poisoned((rows, 4), np.uint32)
+    run(async_copy_ring, 1, cuda.to_device(words.ravel()), out, clusters=2)
+    assert_same_bits(out.copy_to_host(), words)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,6 +155,12 @@ CASES = {
         "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.b32",
     ),
     "prefetch_l2_bulk": ("ptx.prefetch_l2_bulk(i16, 8 * i32[0], 16 * i32[1])", "cp.async.bulk.prefetch.L2.global"),
+    "cp_async_16": ("ptx.cp_async_16(ptx.shared_address(smem, 4 * i32[1]), i32, 4 * i32[0])",
+                    "cp.async.cg.shared.global ["),
+    "cp_async_commit": ("ptx.cp_async_commit()", "cp.async.commit_group;"),
+    "cp_async_wait": ("ptx.cp_async_wait(3)", "cp.async.wait_group 3;"),
+    "ld_shared_v4_b32": ("a, b, c, d = ptx.ld_shared_v4_b32(ptx.shared_address(smem, 4 * i32[0]))\no32[0] = a ^ b ^ c ^ d",
+                         "ld.shared.v4.b32"),
     "l2_evict_first_policy": ("o64[0] = ptx.l2_evict_first_policy()", "createpolicy.fractional.L2::evict_first.b64"),
     "l2_evict_last_policy": ("o64[0] = ptx.l2_evict_last_policy()", "createpolicy.fractional.L2::evict_last.b64"),
     "f16_to_f32": ("of32[0] = ptx.f16_to_f32(i16[0])", "cvt.f32.f16"),
@@ -273,6 +279,7 @@ def test_remote_access_on_a_2d_shared_array_takes_a_tuple_index():
         ("ptx.remote_load(smem, 0, 1.0)", "rank must be an integer"),
         ("o32[0] = ptx.map_shared(if32[0], 1)", "map_shared: argument 0 must be an integer"),
         ("ptx.shared_address(cuda.shared.array((2, 2), uint32), 0)", "2-d array needs a tuple of 2 indices"),
+        ("ptx.cp_async_wait(i32[0])", "cp_async_wait: the number of pending groups must be a compile-time constant"),
     ],
 )
 def test_misuse_is_a_typing_error_naming_the_intrinsic(body, message):

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -253,6 +254,17 @@ class ClockSampler:
             else:
                 out[field] = sorted(set(column))
         return out
+
+
+def card_tag(name: str | None) -> str:
+    """A results-file suffix naming the card: ``"NVIDIA H200"`` -> ``"h200"``, ``"NVIDIA H100 80GB HBM3"``
+    -> ``"h100"``; the lower-cased name with spaces as ``_`` where no model number stands in it."""
+    if not name:
+        raise ValueError("card_tag needs the card's name (device_info()['gpu']), got none")
+    for word in name.split():
+        if re.fullmatch(r"[A-Z]{1,2}\d{2,4}[A-Za-z]*", word):
+            return word.lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def commit() -> str:

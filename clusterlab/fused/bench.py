@@ -1,19 +1,26 @@
 """``clusterlab bench fused``: the fused layer against PyTorch and the bytes-moved floor, in one run.
 
-For each preset, batch and KV length (the step at ``position = kv_len - 1`` attends over
-``kv_len`` keys) it times, on the same GPU in the same process:
+For each preset, dtype, batch and KV length (every sequence's step at ``position = kv_len - 1``
+attends over ``kv_len`` keys; the *ragged* rows give the sequences of a batch lengths spread
+evenly over the KV lengths asked for, in shuffled order) it times, on the same GPU in the same
+process:
 
-- **fused**: one :class:`~clusterlab.fused.layer.DecodeAttention` step, captured in a CUDA graph;
+- **fused**: one :class:`~clusterlab.fused.layer.DecodeAttention` step, positions as an int32
+  tensor on the device, captured in a CUDA graph;
 - **torch**: :class:`~clusterlab.fused.reference.UnfusedAttention` (add, rms_norm, linear, RoPE,
-  SDPA, linear) captured in a CUDA graph;
+  SDPA, linear; a mask for ragged batches) captured in a CUDA graph;
 - **floor**: :meth:`AttentionConfig.step_bytes` over the device-to-device copy bandwidth measured
   at the start of the run (bytes read + written by ``Tensor.copy_`` of 1 GiB).
 
 Each time is one step's cost inside CUDA graphs of back-to-back steps: the slope between graphs
 of 20 and 40 steps, median of 9 repeats (:func:`clusterlab.bench.common.graph_per_op_us`), after
-a warm-up. Every fused configuration is checked against the float64 reference before it is
-timed. Results: a table on stdout, ``fused_<tag>.json`` (card, driver, date, commit) and
-``fused_<tag>.png`` under ``out_dir``.
+a warm-up. Back-to-back steps of one layer would find its weights in L2 when they fit there (a
+Llama-3.2-1B block is 21 MB, an H200's L2 50 MB), so the steps cycle through as many layers,
+each with weights, cache and inputs of its own, as it takes to move three times the L2 between
+two visits of a layer: what a model's decode step does. Every fused configuration is checked
+against the float64 reference before it is timed. Results: a table on stdout,
+``fused_<card>.json`` (card, driver, date, commit) and ``fused_<card>.png`` under ``out_dir``,
+``<card>`` read from the device (``h200`` for an NVIDIA H200).
 
 Run directly: ``python -m clusterlab.fused.bench --batch 1 4 --kv 1024 4096 16384 32768``.
 """
@@ -23,21 +30,29 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
+import math
 import os
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..bench.common import commit, copy_bandwidth, graph_per_op_us, write_json
+from ..bench.common import card_tag, commit, copy_bandwidth, graph_per_op_us, write_json
 from .config import PRESETS, AttentionWeights, KVCache, rope_table
 from .layer import DecodeAttention
 from .reference import UnfusedAttention, reference_step, relative_error
 
 KV_LENGTHS = (1024, 4096, 16384, 32768)
+BATCHES = (1, 2, 4, 8)
 #: Steps per captured graph, and repeats each figure is the median of.
 GRAPH_STEPS = 20
 REPEATS = 9
+#: Bytes the rotation of layers moves between two visits of one layer, in units of the L2 size.
+L2_TURNOVER = 3
+#: Name of the ragged rows' KV length column: the mean length of the batch.
+RAGGED = "ragged"
 
 
 @dataclass
@@ -46,9 +61,11 @@ class BenchRow:
     dtype: str
     batch: int
     kv_len: int
+    ragged: bool
     cluster_size: int
     warps: int
     head_split: int
+    layers: int
     fused_us: float
     torch_us: float
     floor_us: float
@@ -60,75 +77,152 @@ class BenchRow:
         return self.floor_us / self.fused_us
 
 
-def graph_time_us(step) -> float:
-    """Median µs of one ``step()`` inside CUDA graphs of back-to-back steps (see ``bench.common``)."""
-    step()  # compile, load and warm up before the capture
+def graph_time_us(step, warmup: int = 1) -> float:
+    """Median µs of one ``step()`` inside CUDA graphs of back-to-back steps (see ``bench.common``).
+
+    ``warmup`` steps run first (compile, load, allocate: nothing of that may happen in a capture).
+    """
+    for _ in range(warmup):
+        step()
     return graph_per_op_us(step, count=GRAPH_STEPS, repeats=REPEATS).median
 
 
+def ragged_lengths(batch: int, kv_lens, seed: int) -> list[int]:
+    """``batch`` lengths spread evenly from ``min(kv_lens)`` to ``max(kv_lens)``, shuffled."""
+    low, high = min(kv_lens), max(kv_lens)
+    lengths = [low + round((high - low) * i / max(batch - 1, 1)) for i in range(batch)]
+    random.Random(seed).shuffle(lengths)
+    return lengths
+
+
+def layers_for_l2(step_bytes: int, l2_bytes: int, turnover: float = L2_TURNOVER) -> int:
+    """How many layers a rotation needs so that a pass over them moves ``turnover`` L2s (0: one layer)."""
+    return max(1, math.ceil(turnover * l2_bytes / step_bytes))
+
+
+class _Rotation:
+    """``copies`` layers, each with weights, cache and inputs of its own; ``step()`` runs the next.
+
+    ``weights``: a list the rotation takes its layers' weights from, drawn as needed and kept
+    (one list per preset and dtype, so a run draws each layer's weights once).
+    """
+
+    def __init__(self, config, dtype, batch, lengths, copies, seed, variant, weights: list):
+        capacity = max(lengths)
+        self.positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device="cuda")
+        self.lengths = lengths
+        while len(weights) < copies:
+            weights.append(AttentionWeights.random(config, dtype, "cuda", seed=seed + 3 * len(weights)))
+        rope = rope_table(config, capacity, device="cuda")
+        self.sets = []
+        for copy in range(copies):
+            gen = torch.Generator(device="cuda").manual_seed(seed + 3 * copy + 1)
+            hidden, residual = (torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
+                                for _ in range(2))
+            self.sets.append({
+                "weights": weights[copy], "hidden": hidden, "residual": residual,
+                "cache": KVCache.random(config, batch, capacity, dtype, "cuda", seed=seed + 3 * copy + 2),
+                "fused": DecodeAttention(config, weights[copy], **variant),
+                "torch": UnfusedAttention(config, weights[copy], rope),
+            })
+        self.config, self._next = config, itertools.cycle(range(copies))
+
+    def fused(self):
+        s = self.sets[next(self._next)]
+        s["fused"](s["hidden"], s["residual"], s["cache"], self.positions)
+
+    def torch(self, ragged: bool):
+        s = self.sets[next(self._next)]
+        if ragged:
+            s["torch"](s["hidden"], s["residual"], s["cache"], self.positions, length=max(self.lengths))
+        else:
+            s["torch"](s["hidden"], s["residual"], s["cache"], self.lengths[0] - 1)
+
+    def error(self) -> float:
+        """Relative error of the first layer's step against the float64 reference (its cache untouched)."""
+        s = self.sets[0]
+        positions = self.positions.tolist()
+        want = reference_step(self.config, s["weights"], s["hidden"], s["residual"], s["cache"], positions)
+        out, _ = s["fused"](s["hidden"], s["residual"], s["cache"].clone(), self.positions)
+        return relative_error(out, want.out)
+
+    def clusters_fit(self) -> tuple[int, int]:
+        """(clusters one step launches, clusters the GPU can hold at once) for the first layer."""
+        s = self.sets[0]
+        layer, batch = s["fused"], len(self.lengths)
+        out = torch.empty_like(s["hidden"])
+        args = layer.launch_args(s["hidden"], s["residual"], s["cache"], self.positions, out, torch.empty_like(out))
+        spec = layer.kernel_spec(out.dtype, batch)
+        return spec.clusters, layer.launcher(out.dtype, batch).max_active_clusters(*args)
+
+
 def run_bench(
-    presets=("llama2-7b", "llama3-8b"),
+    presets=tuple(PRESETS),
     kv_lens=KV_LENGTHS,
-    batches=(1, 4),
-    dtype: str = "float16",
+    batches=BATCHES,
+    dtypes=("float16",),
     variants=None,
+    ragged: bool = True,
     out_dir: str | os.PathLike = "benchmarks/results",
-    tag: str = "h100",
+    tag: str | None = None,
     seed: int = 0,
+    l2_turnover: float = L2_TURNOVER,
 ) -> list[BenchRow]:
-    """Time every (preset, batch, kv_len) and write ``fused_<tag>.json`` / ``.png`` into ``out_dir``.
+    """Time every (preset, dtype, batch, kv_len), and the ragged batches; write ``fused_<tag>.json`` / ``.png``.
 
     ``variants``: ``(cluster_size, warps)`` or ``(cluster_size, warps, head_split)`` tuples to time
-    for the fused kernel (``None``: the layer's defaults). Returns the rows (also printed as a table).
+    for the fused kernel (``None``: the layer's defaults). ``tag``: the results' suffix, by
+    default the card's (:func:`~clusterlab.bench.common.card_tag`). ``l2_turnover``: see
+    :func:`layers_for_l2` (0 times one layer over and over, as runs before the rotation did).
+    Returns the rows (also printed as a table).
     """
     from ..gpu import device_info, require_hopper
 
     require_hopper()
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    info = device_info()
+    tag = card_tag(info["gpu"]) if tag is None else tag
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     bandwidth = copy_bandwidth().median
-    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {l2_bytes >> 20} MiB",
+          flush=True)
+    shapes = [{}] if variants is None else [dict(zip(("cluster_size", "warps", "head_split"), v)) for v in variants]
     rows: list[BenchRow] = []
-    for name in presets:
-        config = PRESETS[name]
-        weights = AttentionWeights.random(config, torch_dtype, "cuda", seed=seed)
-        capacity = max(kv_lens)
-        rope = rope_table(config, capacity, device="cuda")
-        unfused = UnfusedAttention(config, weights, rope)
-        layers = [DecodeAttention(config, weights)] if variants is None else [
-            DecodeAttention(config, weights, **dict(zip(("cluster_size", "warps", "head_split"), v))) for v in variants
-        ]
-        for batch in batches:
-            cache = KVCache.random(config, batch, capacity, torch_dtype, "cuda", seed=seed + 1)
-            hidden = torch.randn(batch, config.hidden_size, device="cuda").to(torch_dtype)
-            residual = torch.randn(batch, config.hidden_size, device="cuda").to(torch_dtype)
-            for kv_len in kv_lens:
-                position = kv_len - 1
-                floor_us = config.step_bytes(batch, kv_len) / bandwidth * 1e6
-                torch_us = graph_time_us(functools.partial(unfused, hidden, residual, cache, position))
-                for layer in layers:
-                    cluster_size, warps, head_split = layer.shape(batch)
-                    want = reference_step(config, weights, hidden, residual, cache, position)
-                    out, new_residual = layer(hidden, residual, cache, position)
-                    if kv_len == kv_lens[0]:
-                        args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
-                        clusters = layer.launcher(torch_dtype, batch).max_active_clusters(*args)
-                        print(f"{name} batch {batch} cluster {cluster_size} x {warps} warps, head split {head_split}: "
-                              f"{config.kv_heads * head_split} clusters launched, {clusters} fit at once", flush=True)
-                    err = relative_error(out, want.out)
-                    fused_us = graph_time_us(functools.partial(layer, hidden, residual, cache, position))
-                    row = BenchRow(name, dtype, batch, kv_len, cluster_size, warps, head_split,
-                                   fused_us, torch_us, floor_us, err)
-                    rows.append(row)
-                    print(_format_row(row), flush=True)
+    for name, dtype_name in itertools.product(presets, dtypes):
+        config, dtype = PRESETS[name], getattr(torch, dtype_name)
+        weights: list = []
+        for batch, variant in itertools.product(batches, shapes):
+            cases = [(False, [kv] * batch) for kv in kv_lens]
+            if ragged and batch > 1:
+                cases.append((True, ragged_lengths(batch, kv_lens, seed + batch)))
+            for is_ragged, lengths in cases:
+                step_bytes = config.step_bytes(batch, lengths)
+                copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
+                run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
+                cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch)
+                if (is_ragged, lengths) == cases[0]:
+                    launched, fit = run.clusters_fit()
+                    print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, head "
+                          f"split {head_split}: {launched} clusters launched, {fit} fit at once", flush=True)
+                err = run.error()
+                row = BenchRow(
+                    name, dtype_name, batch, round(sum(lengths) / batch), is_ragged, cluster_size, warps, head_split,
+                    len(run.sets), fused_us=graph_time_us(run.fused, warmup=len(run.sets)),
+                    torch_us=graph_time_us(functools.partial(run.torch, is_ragged), warmup=len(run.sets)),
+                    floor_us=step_bytes / bandwidth * 1e6, rel_err=err,
+                )
+                rows.append(row)
+                print(_format_row(row), flush=True)
+                del run
+        _write(rows, bandwidth, Path(out_dir), tag, info)  # after each preset: a cut-short run keeps its rows
     print(format_table(rows, bandwidth))
-    _write(rows, bandwidth, Path(out_dir), tag, device_info())
     return rows
 
 
 def _format_row(r: BenchRow) -> str:
+    kv = f"{RAGGED}~{r.kv_len:5d}" if r.ragged else f"kv={r.kv_len:6d}"
     return (
-        f"{r.preset:10s} {r.dtype:8s} b={r.batch} kv={r.kv_len:6d} C={r.cluster_size:2d} W={r.warps:2d} "
-        f"S={r.head_split}  "
+        f"{r.preset:11s} {r.dtype:8s} b={r.batch} {kv:12s} C={r.cluster_size:2d} W={r.warps:2d} "
+        f"S={r.head_split} x{r.layers:<2d} "
         f"fused {r.fused_us:7.1f} us  torch {r.torch_us:7.1f} us  floor {r.floor_us:7.1f} us  "
         f"{100 * r.fraction_of_copy_bw:5.1f}% of copy BW  {r.torch_us / r.fused_us:4.2f}x torch  err {r.rel_err:.1e}"
     )
@@ -156,46 +250,56 @@ def _write(rows, bandwidth, out_dir: Path, tag: str, info: dict) -> None:
 
 
 def _plot(rows, record, path: Path) -> None:
+    """One panel a (preset, dtype): µs per step against KV length, a line per batch; ragged batches as stars."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-    panels = sorted({(r.preset, r.batch) for r in rows})
-    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    panels = sorted({(r.preset, r.dtype) for r in rows})
+    fig = Figure(figsize=(4.4 * len(panels), 3.8))
     axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (preset, batch) in zip(axes[0], panels):
-        mine = [r for r in rows if (r.preset, r.batch) == (preset, batch)]
-        kv = sorted({r.kv_len for r in mine})
-        first = {k: next(r for r in mine if r.kv_len == k) for k in kv}
-        ax.plot(kv, [first[k].torch_us for k in kv], "s-", label="PyTorch (CUDA graph)")
-        ax.plot(kv, [first[k].floor_us for k in kv], "k--", label="floor (bytes / copy BW)")
-        ax.plot(kv, [first[k].floor_us / 0.85 for k in kv], "k:", label="85% of copy BW")
-        for c, w, s in sorted({(r.cluster_size, r.warps, r.head_split) for r in mine}):
-            pts = {r.kv_len: r.fused_us for r in mine if (r.cluster_size, r.warps, r.head_split) == (c, w, s)}
-            split = f", head split {s}" if s > 1 else ""
-            ax.plot(kv, [pts[k] for k in kv], "o-", label=f"fused (cluster {c}, {w} warps{split})")
+    for ax, (preset, dtype) in zip(axes[0], panels):
+        mine = [r for r in rows if (r.preset, r.dtype) == (preset, dtype)]
+        for i, batch in enumerate(sorted({r.batch for r in mine})):
+            color = f"C{i}"
+            even = sorted((r for r in mine if r.batch == batch and not r.ragged), key=lambda r: r.kv_len)
+            ax.plot([r.kv_len for r in even], [r.fused_us for r in even], "o-", color=color,
+                    label=f"fused, batch {batch}")
+            ax.plot([r.kv_len for r in even], [r.torch_us for r in even], "s:", color=color, alpha=0.6,
+                    label=f"PyTorch graph, batch {batch}")
+            ax.plot([r.kv_len for r in even], [r.floor_us for r in even], "--", color="k", alpha=0.25)
+            for r in mine:
+                if r.batch == batch and r.ragged:
+                    ax.plot([r.kv_len], [r.fused_us], "*", color=color, markersize=11)
+                    ax.plot([r.kv_len], [r.torch_us], "x", color=color, markersize=8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("KV length")
+        ax.set_yscale("log")
+        ax.set_xlabel("KV length (ragged: mean length, stars fused, x PyTorch)")
         ax.set_ylabel("µs per decode step")
-        ax.set_title(f"{preset}, batch {batch}")
+        ax.set_title(f"{preset}, {dtype} (dashed: floor)", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{record['card']}, copy {record['copy_bandwidth_tbps']:.2f} TB/s, {record['date'][:10]}", fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{record['card']}, copy {record['copy_bandwidth_tbps']:.2f} TB/s, {record['date'][:10]}, "
+                 f"{record['commit'][:7]}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--kv", nargs="+", type=int, default=list(KV_LENGTHS))
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--batch", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--dtype", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
+    parser.add_argument("--no-ragged", action="store_true", help="skip the ragged batches")
     parser.add_argument("--variant", nargs="*", default=None, metavar="CxW",
                         help="fused variants as cluster_size x warps [x head_split], e.g. 8x4 16x4x2")
     parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--tag", default="h100")
+    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
+    parser.add_argument("--l2-turnover", type=float, default=L2_TURNOVER,
+                        help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)
     variants = None if args.variant is None else [tuple(int(x) for x in v.split("x")) for v in args.variant]
-    run_bench(args.preset, args.kv, args.batch, args.dtype, variants, args.out_dir, args.tag)
+    run_bench(args.preset, args.kv, args.batch, args.dtype, variants, not args.no_ragged, args.out_dir, args.tag,
+              l2_turnover=args.l2_turnover)
     return 0
 
 

@@ -10,10 +10,16 @@ name               shape                                  meaning
 ``norm``           ``[hidden_size]``                      RMSNorm gain
 ``qkv``            ``[(heads + 2 * kv_heads) * head_dim,  rows: all query heads, then all key
                    hidden_size]``                         heads, then all value heads
+``qkv_bias``       ``[(heads + 2 * kv_heads) * head_dim]`` added to the projection (Qwen2-style
+                                                          models); ``None`` without one
 ``o``              ``[hidden_size, heads * head_dim]``    output projection
-``k``, ``v``       ``[batch, kv_heads, capacity,          the cache; one step reads rows
-                   head_dim]``                            ``0 .. position`` of each head
+``k``, ``v``       ``[batch, kv_heads, capacity,          the cache; a step of sequence ``b``
+                   head_dim]``                            reads rows ``0 .. positions[b] - 1`` of
+                                                          each head and writes row ``positions[b]``
 =================  =====================================  ==========================================
+
+Presets: :data:`LLAMA2_7B`, :data:`LLAMA3_8B`, :data:`LLAMA3_2_1B` (RoPE with Llama 3's frequency
+scaling), :data:`QWEN2_5_7B` (QKV bias), by name in :data:`PRESETS`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,40 @@ MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1+'s RoPE frequency scaling (``rope_type: "llama3"`` in a checkpoint's config).
+
+    Wavelengths ``2*pi/f`` longer than ``original_max_position / low_freq_factor`` are stretched
+    ``factor`` times, those shorter than ``original_max_position / high_freq_factor`` kept, and the
+    band between interpolated linearly in ``original_max_position / wavelength``.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        if not (self.factor >= 1.0 and math.isfinite(self.factor)):
+            raise ValueError(f"Llama3RopeScaling.factor must be a finite number >= 1, got {self.factor!r}")
+        if not (0.0 < self.low_freq_factor < self.high_freq_factor):
+            raise ValueError(
+                "Llama3RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+                f"{self.low_freq_factor!r} and {self.high_freq_factor!r}"
+            )
+        if not (isinstance(self.original_max_position, int) and self.original_max_position > 0):
+            raise ValueError(
+                f"Llama3RopeScaling.original_max_position must be a positive int, got {self.original_max_position!r}"
+            )
+
+    def apply(self, freqs: torch.Tensor) -> torch.Tensor:
+        """The scaled frequencies (float64, same shape as ``freqs``)."""
+        ratio = self.original_max_position * freqs / (2 * math.pi)  # original context / wavelength
+        smooth = ((ratio - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)).clamp(0.0, 1.0)
+        return (1.0 - smooth) * freqs / self.factor + smooth * freqs
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """Shapes and constants of one attention block (pre-norm, RoPE, grouped-query attention).
 
@@ -48,6 +88,8 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     rope_style: str = "neox"
     rms_eps: float = 1e-5
+    qkv_bias: bool = False
+    rope_scaling: Llama3RopeScaling | None = None
 
     def __post_init__(self):
         for name in ("hidden_size", "heads", "kv_heads", "head_dim"):
@@ -70,6 +112,12 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
         if not (0.0 < self.rms_eps < 1.0):
             raise ValueError(f"AttentionConfig.rms_eps must be in (0, 1), got {self.rms_eps!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"AttentionConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
+            raise ValueError(
+                f"AttentionConfig.rope_scaling must be None or a Llama3RopeScaling, got {self.rope_scaling!r}"
+            )
 
     @property
     def group_size(self) -> int:
@@ -86,26 +134,37 @@ class AttentionConfig:
         return self.heads * self.head_dim
 
     def weight_bytes(self, itemsize: int = 2) -> int:
-        """Bytes of the RMSNorm gain, QKV and output projections."""
-        return itemsize * (self.hidden_size + self.qkv_rows * self.hidden_size + self.hidden_size * self.attn_width)
+        """Bytes of the RMSNorm gain, the QKV projection (and its bias) and the output projection."""
+        bias = self.qkv_rows if self.qkv_bias else 0
+        return itemsize * (self.hidden_size + self.qkv_rows * self.hidden_size + bias
+                           + self.hidden_size * self.attn_width)
 
-    def step_bytes(self, batch: int, kv_len: int, itemsize: int = 2) -> int:
+    def step_bytes(self, batch: int, kv_len, itemsize: int = 2) -> int:
         """Fewest bytes one decode step moves through device memory.
 
-        Weights once, ``kv_len - 1`` cached rows of K and V per (sequence, KV head) read, one new
-        row of each written, ``hidden`` and ``residual`` read, ``out`` and the new residual written.
+        ``kv_len``: the keys each sequence attends over (``positions[b] + 1``), one int for the
+        whole batch or one per sequence. Weights once; per sequence and KV head ``kv_len - 1``
+        cached rows of K and V read and one new row of each written; ``hidden`` and ``residual``
+        read, ``out`` and the new residual written.
         """
+        lengths = [kv_len] * batch if isinstance(kv_len, int) else list(kv_len)
+        if len(lengths) != batch:
+            raise ValueError(f"kv_len has {len(lengths)} lengths for a batch of {batch}")
         cache_row = self.kv_heads * self.head_dim * itemsize
         return (
             self.weight_bytes(itemsize)
-            + batch * 2 * cache_row * kv_len
+            + 2 * cache_row * sum(lengths)
             + batch * 4 * self.hidden_size * itemsize
         )
 
-    def step_flops(self, batch: int, kv_len: int) -> int:
-        """Multiply-adds × 2 of one step: the two projections and attention (norm and RoPE ignored)."""
+    def step_flops(self, batch: int, kv_len) -> int:
+        """Multiply-adds × 2 of one step: the two projections and attention (norm and RoPE ignored).
+
+        ``kv_len`` as for :meth:`step_bytes`.
+        """
+        lengths = [kv_len] * batch if isinstance(kv_len, int) else list(kv_len)
         projections = 2 * batch * self.hidden_size * (self.qkv_rows + self.attn_width)
-        attention = 2 * batch * self.heads * kv_len * self.head_dim * 2
+        attention = 2 * self.heads * sum(lengths) * self.head_dim * 2
         return projections + attention
 
 
@@ -113,7 +172,15 @@ class AttentionConfig:
 LLAMA2_7B = AttentionConfig(hidden_size=4096, heads=32, kv_heads=32, head_dim=128, rope_theta=10000.0)
 #: Llama-3-8B: 4096 hidden, 32 query heads sharing 8 key/value heads of 128.
 LLAMA3_8B = AttentionConfig(hidden_size=4096, heads=32, kv_heads=8, head_dim=128, rope_theta=500000.0)
-PRESETS = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
+#: Llama-3.2-1B: 2048 hidden, 32 query heads sharing 8 key/value heads of 64, Llama 3 RoPE scaling.
+LLAMA3_2_1B = AttentionConfig(
+    hidden_size=2048, heads=32, kv_heads=8, head_dim=64, rope_theta=500000.0,
+    rope_scaling=Llama3RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192),
+)
+#: Qwen2.5-7B: 3584 hidden, 28 query heads sharing 4 key/value heads of 128, QKV bias.
+QWEN2_5_7B = AttentionConfig(hidden_size=3584, heads=28, kv_heads=4, head_dim=128, rope_theta=1000000.0,
+                             rms_eps=1e-6, qkv_bias=True)
+PRESETS = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA3_2_1B, "qwen2.5-7b": QWEN2_5_7B}
 
 
 def _check_dtype(dtype) -> None:
@@ -133,17 +200,20 @@ def _generator(seed: int | None, device="cpu") -> torch.Generator:
 
 @dataclass
 class AttentionWeights:
-    """The block's parameters; see the module docstring for shapes."""
+    """The block's parameters; see the module docstring for shapes (``qkv_bias`` is ``None``
+    unless the config has ``qkv_bias``)."""
 
     norm: torch.Tensor
     qkv: torch.Tensor
     o: torch.Tensor
+    qkv_bias: torch.Tensor | None = None
 
     @classmethod
     def random(cls, config: AttentionConfig, dtype=torch.float16, device="cpu", seed: int | None = None):
         """Fresh weights scaled like a trained model's (unit-variance outputs), never zeros.
 
-        The norm gain is drawn around 1; projections are normal with std ``1/sqrt(fan_in)``.
+        The norm gain is drawn around 1; projections are normal with std ``1/sqrt(fan_in)``; a
+        QKV bias (where the config has one) is normal with std 0.5, about a trained one's size.
         """
         _check_dtype(dtype)
         gen = _generator(seed)
@@ -156,10 +226,12 @@ class AttentionWeights:
             norm=(1.0 + 0.1 * torch.randn(h, generator=gen)).to(dtype).to(device),
             qkv=draw(config.qkv_rows, h, std=h**-0.5),
             o=draw(h, config.attn_width, std=config.attn_width**-0.5),
+            qkv_bias=draw(config.qkv_rows, std=0.5) if config.qkv_bias else None,
         )
 
     def to(self, device) -> AttentionWeights:
-        return AttentionWeights(self.norm.to(device), self.qkv.to(device), self.o.to(device))
+        bias = None if self.qkv_bias is None else self.qkv_bias.to(device)
+        return AttentionWeights(self.norm.to(device), self.qkv.to(device), self.o.to(device), bias)
 
 
 @dataclass
@@ -203,10 +275,17 @@ class KVCache:
         return KVCache(self.k.clone(), self.v.clone())
 
 
-def rope_angles(config: AttentionConfig, position: int) -> torch.Tensor:
-    """``position * theta**(-2i/head_dim)`` for ``i < head_dim/2``, float64."""
+def rope_frequencies(config: AttentionConfig) -> torch.Tensor:
+    """The RoPE frequency of each pair ``i < head_dim/2``: ``theta**(-2i/head_dim)``, scaled by
+    ``config.rope_scaling`` where it is set; float64."""
     i = torch.arange(config.head_dim // 2, dtype=torch.float64)
-    return position * config.rope_theta ** (-2.0 * i / config.head_dim)
+    freqs = config.rope_theta ** (-2.0 * i / config.head_dim)
+    return freqs if config.rope_scaling is None else config.rope_scaling.apply(freqs)
+
+
+def rope_angles(config: AttentionConfig, position: int) -> torch.Tensor:
+    """``position`` times every pair's frequency (:func:`rope_frequencies`), float64 ``[head_dim/2]``."""
+    return position * rope_frequencies(config)
 
 
 def rope_table(config: AttentionConfig, capacity: int, device="cpu") -> torch.Tensor:
@@ -214,6 +293,5 @@ def rope_table(config: AttentionConfig, capacity: int, device="cpu") -> torch.Te
 
     Computed in float64 and rounded once, so no large angle is ever formed in float32.
     """
-    i = torch.arange(config.head_dim // 2, dtype=torch.float64)
-    angles = torch.arange(capacity, dtype=torch.float64)[:, None] * config.rope_theta ** (-2.0 * i / config.head_dim)
+    angles = torch.arange(capacity, dtype=torch.float64)[:, None] * rope_frequencies(config)
     return torch.stack([angles.cos(), angles.sin()], dim=1).to(torch.float32).contiguous().to(device)

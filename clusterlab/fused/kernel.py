@@ -35,7 +35,6 @@ reaches the peer's copy of a region)::
     scratch m, l [groups, G], acc [groups, G, head_dim]   per key-group softmax states
     state   m, l [batch, G], acc [batch, G, head_dim]     the block's softmax state
     o       [batch, G * head_dim]         merged attention output, pushed by its owners
-    ost     [batch, out_rows]             this block's o-proj results, before the atomics
     red     [warps, batch]                block reduction of sum(h^2)
 """
 
@@ -51,7 +50,16 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from .config import AttentionConfig
-from .plan import cached_range, check_cluster_size, check_head_split, new_token_rank, qkv_row, rope_pair
+from .plan import (
+    HOPPER,
+    DeviceLimits,
+    cached_range,
+    check_cluster_size,
+    check_head_split,
+    new_token_rank,
+    qkv_row,
+    rope_pair,
+)
 
 FULL_MASK = 0xFFFFFFFF
 #: Stands for -inf in softmax states: exp2(NEG - m) is 0 for any real m, and exp2(NEG - NEG) = 1
@@ -59,8 +67,8 @@ FULL_MASK = 0xFFFFFFFF
 NEG = np.float32(-1e30)
 #: Most 16-byte loads a lane keeps in flight in a matrix-vector step.
 LOADS_PER_STEP = 16
-#: Shared memory of one H100 SM available to blocks (228 KB less 1 KB reserved per block, x2).
-SM_SHARED_BYTES = 226 * 1024
+#: Registers a thread may use: 16 warps an SM (65536 / (16 * 32)).
+REGISTERS_PER_THREAD = 128
 #: Most (row, chunk, sequence) dot products one matrix-vector step unrolls; beyond it the
 #: compiler leaves loops rolled and register arrays go to local memory.
 UNROLLED_DOTS = 32
@@ -83,18 +91,27 @@ class KernelSpec:
     cluster_size: int
     warps: int
     head_split: int
+    bias: bool = False
+    limits: DeviceLimits = HOPPER
 
     @classmethod
     def of(cls, config: AttentionConfig, bf16: bool, batch: int, cluster_size: int, warps: int,
-           head_split: int = 1) -> KernelSpec:
+           head_split: int = 1, limits: DeviceLimits = HOPPER) -> KernelSpec:
+        """The spec of one launch shape on a GPU with ``limits`` (raises where it cannot be built)."""
         check_cluster_size(config, cluster_size)
         check_head_split(config, head_split)
         if warps < batch:
             raise ValueError(f"warps ({warps}) must be at least batch ({batch}): attention gives each sequence a warp")
         spec = cls(config.hidden_size, config.heads, config.kv_heads, config.head_dim,
-                   config.rope_style == "neox", bf16, float(config.rms_eps), batch, cluster_size, warps, head_split)
+                   config.rope_style == "neox", bf16, float(config.rms_eps), batch, cluster_size, warps, head_split,
+                   config.qkv_bias, limits)
         spec.qkv_tile()  # raises if the hidden slice has no valid tiling
         spec.o_tile()
+        if spec.shared_bytes > limits.shared_bytes_per_block:
+            raise ValueError(
+                f"a block of this shape needs {spec.shared_bytes} bytes of shared memory; the GPU allows "
+                f"{limits.shared_bytes_per_block} (use a larger cluster or fewer sequences)"
+            )
         return spec
 
     @property
@@ -130,27 +147,32 @@ class KernelSpec:
 
     @property
     def min_blocks_per_sm(self) -> int:
-        """The launch bound: as many blocks as fit an SM at 128 registers a thread (16 warps: 1,
-        8 warps: 2, 4 warps: 4) and in shared memory, so that the GPU can place every cluster at once."""
-        return max(1, min(16 // self.warps, SM_SHARED_BYTES // self.shared_bytes))
+        """The launch bound: as many blocks as fit an SM at :data:`REGISTERS_PER_THREAD` registers a
+        thread (16 warps: 1, 8 warps: 2, 4 warps: 4) and in its shared memory, so that the GPU can
+        place every cluster at once."""
+        return self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD)
 
     def _tile(self, what: str, chunks: int, rows: int):
         """``(lanes_per_row, chunks_per_lane, rows_per_lane, batch_chunk)`` for rows of ``chunks``
         16-byte chunks.
 
-        Rows per lane grow while a step stays within :data:`LOADS_PER_STEP` loads (all issued
-        before use), then the batch is taken ``batch_chunk`` sequences at a time (2 where
-        :data:`ACCUMULATORS` and :data:`UNROLLED_DOTS` allow and the batch is even, else 1); the
-        loaded words serve every chunk. A warp step's rows must tile ``rows`` (a head for the qkv
-        projection, so a step never straddles two heads' rows of W_qkv).
+        A row is read by the largest power of two of lanes (up to 32) that divides its chunks
+        (Qwen2.5-7B's 448-wide slices: 56 chunks, 8 lanes of 7). Rows per lane grow while a step
+        stays within :data:`LOADS_PER_STEP` loads (all issued before use), then the batch is
+        taken ``batch_chunk`` sequences at a time (2 where :data:`ACCUMULATORS` and
+        :data:`UNROLLED_DOTS` allow and the batch is even, else 1); the loaded words serve every
+        chunk. A warp step's rows must tile ``rows`` (a head for the qkv projection, so a step
+        never straddles two heads' rows of W_qkv).
         """
-        lanes = min(32, chunks)
-        if 32 % lanes or chunks % lanes:
-            raise ValueError(
-                f"{what}: a row of {chunks} 16-byte chunks does not split evenly over a warp's lanes "
-                f"(need a power of two up to 32 or a multiple of 32)"
-            )
+        lanes = 32
+        while chunks % lanes:
+            lanes //= 2
         per_lane = chunks // lanes
+        if per_lane > LOADS_PER_STEP:
+            raise ValueError(
+                f"{what}: a row of {chunks} 16-byte chunks needs {per_lane} loads a lane "
+                f"(at most {LOADS_PER_STEP}); use a larger cluster"
+            )
         rows_per_lane = 1
         while (
             rows_per_lane * 2 <= lanes
@@ -200,7 +222,6 @@ class KernelSpec:
             "state_l": b * g,
             "state_acc": b * g * d,
             "o": b * self.attn_width,
-            "ost": b * self.out_rows,
             "red": self.warps * b,
         }
         offsets, at = {}, 0
@@ -220,14 +241,15 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int):
+def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int, atomic: bool):
     """Device functions for one warp step of a matrix-vector product over ``rows_per_step`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's 16-byte loads into the register
     array ``wv``: for ``r < rows_per_step`` the 16-bit row segment
-    ``w[w0 + r*row_stride : ... + 8*chunks]``. ``gemv_finish(wv, smem, x0, out0, lane)`` dots the
-    rows with ``smem[x0 + b*x_stride : ...]`` for each sequence ``b`` and writes the sums to
-    ``smem[out0 + b*out_stride + r]``. Splitting the two lets a caller issue a step's loads
+    ``w[w0 + r*row_stride : ... + 8*chunks]``. ``gemv_finish(wv, smem, x0, dst, out0, lane)`` dots
+    the rows with ``smem[x0 + b*x_stride : ...]`` for each sequence ``b`` and writes the sums to
+    ``dst[out0 + b*out_stride + r]`` (float32), or adds them there atomically where ``atomic``
+    (into a global array). Splitting the two lets a caller issue a step's loads
     before a barrier and use them after it. The batch is processed ``batch_chunk`` sequences at
     a time, so every register array is indexed by constants once the loops are unrolled.
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
@@ -251,7 +273,7 @@ def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int):
                     wv[(i * per_lane + j) * 4 + e] = t[e]
 
     @cuda.jit(device=True, inline=True)
-    def gemv_finish(wv, smem, x0, out0, lane):
+    def gemv_finish(wv, smem, x0, dst, out0, lane):
         group, sub = lane // lanes, lane % lanes
         for b0 in range(0, batch, chunk):
             acc = cuda.local.array(accumulators, float32)
@@ -288,7 +310,10 @@ def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int):
             if sub % (lanes // rows_per_lane) == 0:
                 row = group + (sub >> (log_lanes - log_rows)) * groups
                 for b in range(chunk):
-                    smem[out0 + (b0 + b) * out_stride + row] = acc[b]
+                    if atomic:
+                        cuda.atomic.add(dst, out0 + (b0 + b) * out_stride + row, acc[b])
+                    else:
+                        dst[out0 + (b0 + b) * out_stride + row] = acc[b]
 
     return gemv_load, gemv_finish, words
 
@@ -365,18 +390,24 @@ def build_kernel(spec: KernelSpec):
         hidden, residual  [batch * hidden_size]        inputs
         norm              [hidden_size]
         w_qkv             [qkv_rows * hidden_size]
+        qkv_bias          [qkv_rows] (read only when spec.bias)
         w_o               [hidden_size * heads * head_dim]
-        k_cache, v_cache  [batch * kv_heads * capacity * head_dim]   row `position` written
+        k_cache, v_cache  [batch * kv_heads * capacity * head_dim]   row positions[b] of sequence b written
         rope              [capacity * 2 * head_dim/2] float32        cos, sin per position
         out, residual_out [batch * hidden_size]        outputs
         out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
         arrivals          [cluster_size] int32           zero on entry, left zero on exit
-        position, capacity                             int32
+        positions         [batch] int32                  each sequence's new token
+        capacity          int32
+
+    A position outside ``0 .. capacity-1`` makes its sequence attend to nothing, write no cache
+    row and read no RoPE angle: its q, k and v are NaN, and so are its outputs.
     """
     H, NQ, NKV, D, S = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim, spec.head_split
     G, ROWS, C, B, W, T = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
     KS, OUT_ROWS, AW = spec.k_slice, spec.out_rows, spec.attn_width
-    NEOX, BF16 = spec.neox, spec.bf16
+    NEOX, BF16, BIAS = spec.neox, spec.bf16, spec.bias
+    NAN = np.float32(np.nan)
     EPS = np.float32(spec.rms_eps)
     INV_H = np.float32(1.0 / H)
     Q_SCALE = np.float32(math.log2(math.e) / math.sqrt(D))
@@ -393,7 +424,7 @@ def build_kernel(spec: KernelSpec):
     XS, PART, QKV = L["xs"], L["partial"], L["qkv"]
     SC_M, SC_L, SC_ACC = L["scratch_m"], L["scratch_l"], L["scratch_acc"]
     ST_M, ST_L, ST_ACC = L["state_m"], L["state_l"], L["state_acc"]
-    O, OST, RED = L["o"], L["ost"], L["red"]
+    O, RED = L["o"], L["red"]
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
     QKV_STEP = (32 // qkv_tile[0]) * qkv_tile[2]  # rows a warp step covers
     QKV_STEPS = ROWS // QKV_STEP
@@ -402,8 +433,9 @@ def build_kernel(spec: KernelSpec):
 
     unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
-    qkv_load, qkv_finish, QKV_WORDS = _make_gemv(spec, qkv_tile, x_stride=KS, out_stride=ROWS + 1)
-    o_load, o_finish, O_WORDS = _make_gemv(spec, o_tile, x_stride=AW, out_stride=OUT_ROWS)
+    to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
+    qkv_load, qkv_finish, QKV_WORDS = _make_gemv(spec, qkv_tile, x_stride=KS, out_stride=ROWS + 1, atomic=False)
+    o_load, o_finish, O_WORDS = _make_gemv(spec, o_tile, x_stride=AW, out_stride=H, atomic=True)
     kv_load, kv_fold, KV_WORDS = _make_attention(spec)
     ACC_N = G * 8
     TAIL = 16  # out_acc elements a thread of the last block loads at once
@@ -411,8 +443,14 @@ def build_kernel(spec: KernelSpec):
     pair_of = cuda.jit(device=True, inline=True)(rope_pair)
     range_of = cuda.jit(device=True, inline=True)(cached_range)
 
-    def fused_decode_attention(hidden, residual, norm, w_qkv, w_o, k_cache, v_cache, rope,
-                               out, residual_out, out_acc, arrivals, position, capacity):
+    @cuda.jit(device=True, inline=True)
+    def cached_rows(positions, b, capacity):
+        """Sequence ``b``'s cached rows (its position), or -1 where the position is out of range."""
+        position = positions[b]
+        return position if 0 <= position < capacity else -1
+
+    def fused_decode_attention(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope,
+                               out, residual_out, out_acc, arrivals, positions, capacity):
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
@@ -458,14 +496,15 @@ def build_kernel(spec: KernelSpec):
                 total += smem[RED + w * B + tid]
             smem[PART + tid * (ROWS + 1) + ROWS] = total
         while step < QKV_STEPS:
-            qkv_finish(wq, smem, XS, PART + step * QKV_STEP, lane)
+            qkv_finish(wq, smem, XS, smem, PART + step * QKV_STEP, lane)
             step += W
             if step < QKV_STEPS:
                 qkv_load(w_qkv, row_of(NQ, NKV, D, S, c_id, step * QKV_STEP) * H + k0, H, lane, wq)
         # First attention loads (cached keys need no q): warps split the batch, WPB per sequence.
         kg, sub = lane // LPK, lane % LPK
-        start, end = range_of(position, rank, C)
         b_att = warp // WPB
+        cached = cached_rows(positions, b_att, capacity) if b_att < B else 0
+        start, end = range_of(max(cached, 0), rank, C)
         row0 = (b_att * NKV + g) * capacity
         kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if b_att < B else 0
         step = warp % WPB
@@ -479,6 +518,7 @@ def build_kernel(spec: KernelSpec):
         for item in range(tid, ((PAIRS - rank + C - 1) // C) * B, T):
             pair = rank + (item // B) * C
             b = item % B
+            position = cached_rows(positions, b, capacity)
             ra, rb, angle = pair_of(D, NEOX, pair)
             slot = ra // D
             xa = float32(0.0)
@@ -492,6 +532,12 @@ def build_kernel(spec: KernelSpec):
             inv_rms = float32(1.0) / math.sqrt(ss * INV_H + EPS)
             xa *= inv_rms
             xb *= inv_rms
+            if BIAS:
+                xa += to_f32(qkv_bias[row_of(NQ, NKV, D, S, c_id, ra)])
+                xb += to_f32(qkv_bias[row_of(NQ, NKV, D, S, c_id, rb)])
+            valid = position >= 0
+            if not valid:
+                xa, xb, position = NAN, NAN, 0
             if slot <= G:  # query and key heads are rotated
                 cos = rope[(position * 2) * HALF + angle]
                 sin = rope[(position * 2 + 1) * HALF + angle]
@@ -502,7 +548,7 @@ def build_kernel(spec: KernelSpec):
             for c in range(C):
                 ptx.remote_store(smem, QKV + b * ROWS + ra, c, xa)
                 ptx.remote_store(smem, QKV + b * ROWS + rb, c, xb)
-            if slot >= G and c_id % S == 0:  # the first cluster of the KV head appends its row
+            if slot >= G and c_id % S == 0 and valid:  # the first cluster of the KV head appends its row
                 row = ((b * NKV + g) * capacity + position) * D - slot * D
                 if slot == G:
                     k_cache[row + ra] = to_bits(xa)
@@ -602,14 +648,10 @@ def build_kernel(spec: KernelSpec):
 
         # -- 5 o proj: this block's output rows, the cluster's heads' columns --------------------
         while step < O_STEPS:
-            o_finish(wo, smem, O, OST + step * O_STEP, lane)
+            o_finish(wo, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP, lane)
             step += W
             if step < O_STEPS:
                 o_load(w_o, (rank * OUT_ROWS + step * O_STEP) * (NQ * D) + c_id * AW, NQ * D, lane, wo)
-        cuda.syncthreads()
-        for e in range(tid, B * OUT_ROWS, T):
-            b, r = e // OUT_ROWS, e % OUT_ROWS
-            cuda.atomic.add(out_acc, b * H + rank * OUT_ROWS + r, smem[OST + e])
 
         # -- 6 finish: the last of the blocks (one a cluster) adding into rows [rank * OUT_ROWS, ...) converts them
         cuda.threadfence()
@@ -663,5 +705,5 @@ def kernel_signature():
     from numba import types
 
     h = types.int16[::1]
-    return (h, h, h, h, h, h, h, types.float32[::1], h, h, types.float32[::1], types.int32[::1],
-            types.int32, types.int32)
+    return (h, h, h, h, h, h, h, h, types.float32[::1], h, h, types.float32[::1], types.int32[::1],
+            types.int32[::1], types.int32)

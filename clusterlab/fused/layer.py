@@ -3,26 +3,55 @@
 ::
 
     layer = DecodeAttention(LLAMA2_7B, AttentionWeights.random(LLAMA2_7B, torch.float16, "cuda"))
-    cache = KVCache.empty(LLAMA2_7B, batch=1, capacity=4096, device="cuda")
-    out, residual = layer(hidden, residual, cache, position)   # appends cache row `position`
+    cache = KVCache.empty(LLAMA2_7B, batch=2, capacity=4096, device="cuda")
+    positions = torch.tensor([17, 930], dtype=torch.int32, device="cuda")
+    out, residual = layer(hidden, residual, cache, positions)   # appends row positions[b] of sequence b
+    positions += 1                                               # the next step, on the device
 
 CUDA tensors run the cluster kernel of :mod:`clusterlab.fused.kernel` (one launch on torch's
 current stream, capturable in a CUDA graph); CPU tensors run the same dataflow on the simulator
 (:mod:`clusterlab.fused.simulated`), for small shapes.
+
+The kernel reads the positions from device memory, so a CUDA graph captured once replays step
+after step while something on the device advances them. No host sync reads them: the kernel
+itself treats a position outside ``0 .. capacity-1`` as an error of that sequence, writing NaN
+for its outputs and leaving its cache untouched (:meth:`DecodeAttention.check_positions` raises
+on the host instead, at the cost of one sync).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
-from .plan import CLUSTER_SIZES, check_cluster_size, check_head_split, launch_shape
-from .validate import check_step, check_weights
+from .plan import CLUSTER_SIZES, HOPPER, DeviceLimits, check_cluster_size, check_head_split, launch_shape
+from .validate import check_positions, check_step, check_weights
 
 BACKENDS = ("auto", "gpu", "simulator")
-#: SM count the simulator's default decomposition assumes (an H100 SXM).
-SIMULATED_SM_COUNT = 132
+
+
+@functools.cache
+def _rope_table(config: AttentionConfig, capacity: int, device: torch.device) -> torch.Tensor:
+    """The flat cos/sin table of :func:`~clusterlab.fused.config.rope_table` on ``device``, built once
+    per (config, capacity, device) and shared by every layer that asks."""
+    return rope_table(config, capacity, device=device).view(-1)
+
+
+@functools.cache
+def _launcher(spec):
+    """The compiled kernel of ``spec`` as a cluster launcher: one compilation per spec in a
+    process, shared by every layer of that shape (a model's layers all use one)."""
+    from numba import cuda
+
+    from ..launch import launch
+    from .kernel import build_kernel
+
+    kernel = cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(build_kernel(spec))
+    return launch(kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
+                  shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8)
 
 
 class DecodeAttention:
@@ -34,14 +63,18 @@ class DecodeAttention:
     per KV head, each with a part of its query heads) default, per batch size, to what spreads a
     step over the GPU (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a
     batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
-    ``"simulator"`` insist.
+    ``"simulator"`` insist. ``limits``: the GPU's SM count and shared memory, read from the
+    device on the GPU backend; the simulator backend plans for ``limits`` (default: an H100 or
+    H200, :data:`~clusterlab.fused.plan.HOPPER`).
 
-    One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device,
-    both left zero by every step; do not run one object on two streams at once.
+    One layer object owns a float32 ``out_acc`` workspace, arrival counters and a positions
+    buffer on its device, the first two left zero by every step; do not run one object on two
+    streams at once.
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, *, cluster_size: int | None = None,
-                 warps: int | None = None, head_split: int | None = None, backend: str = "auto"):
+                 warps: int | None = None, head_split: int | None = None, backend: str = "auto",
+                 limits: DeviceLimits | None = None):
         check_weights(config, weights)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -58,32 +91,38 @@ class DecodeAttention:
             check_cluster_size(config, cluster_size)
         if head_split is not None:
             check_head_split(config, head_split)
-        self.sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
-                         if backend == "gpu" else SIMULATED_SM_COUNT)
+        if backend == "gpu":
+            if limits is not None:
+                raise ValueError("limits is read from the device on the 'gpu' backend; pass it only to the simulator")
+            limits = DeviceLimits.of(device)
+        self.limits = HOPPER if limits is None else limits
         self.config, self.weights, self.backend = config, weights, backend
         # None: chosen per batch by shape()
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
         self._kernels: dict = {}
-        self._rope: dict = {}
         if backend == "gpu":
             from ..gpu import require_hopper
 
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
             self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
+            self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
+            self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 
-    def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: KVCache, position: int, *,
+    def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: KVCache, positions, *,
                  out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
         """One decode step.
 
         ``hidden``, ``residual``: ``[batch, hidden_size]`` (batch 1..8), the weights' dtype and
         device; ``cache``: :class:`~clusterlab.fused.config.KVCache` ``[batch, kv_heads, capacity,
-        head_dim]``; ``position``: the new token's position, ``0 <= position < capacity`` (cache rows
-        ``0 .. position-1`` are attended to, row ``position`` is written). Returns ``(out,
-        new_residual)``, both ``[batch, hidden_size]``: into ``out`` / ``residual_out`` when given.
-        Every check runs before the launch.
+        head_dim]``; ``positions``: each sequence's new token, an int32 tensor ``[batch]`` on the
+        layer's device, or one int for the whole batch; ``0 <= positions[b] < capacity`` (sequence
+        ``b`` attends to its cache rows ``0 .. positions[b]-1`` and its new token, and row
+        ``positions[b]`` is written). Returns ``(out, new_residual)``, both ``[batch,
+        hidden_size]``: into ``out`` / ``residual_out`` when given. Every check runs before the
+        launch; a position tensor's values are checked by the kernel (see the module docstring).
         """
-        check_step(self.config, self.weights, hidden, residual, cache, position)
+        check_step(self.config, self.weights, hidden, residual, cache, positions)
         shape = tuple(hidden.shape)
         for name, given in (("out", out), ("residual_out", residual_out)):
             if given is not None and (given.shape != hidden.shape or given.dtype != hidden.dtype
@@ -98,19 +137,27 @@ class DecodeAttention:
             from .simulated import simulated_step
 
             cluster_size, _, head_split = self.shape(hidden.shape[0])
-            got, new_residual = simulated_step(self.config, self.weights, hidden, residual, cache, position,
+            got, new_residual = simulated_step(self.config, self.weights, hidden, residual, cache, positions,
                                                cluster_size, head_split=head_split)
             out.copy_(got)
             residual_out.copy_(new_residual)
         else:
-            self._launch(hidden, residual, cache, position, out, residual_out)
+            self._launch(hidden, residual, cache, positions, out, residual_out)
         return out, residual_out
+
+    @staticmethod
+    def check_positions(positions: torch.Tensor, cache: KVCache) -> None:
+        """Raise ``ValueError`` unless every ``positions[b]`` is in ``0 .. cache.capacity-1``.
+
+        Reads the tensor to the host (one sync): for debugging, or a loop that can afford it.
+        """
+        check_positions(positions.cpu(), cache.batch, cache.capacity, torch.device("cpu"))
 
     def shape(self, batch: int) -> tuple[int, int, int]:
         """``(cluster_size, warps, head_split)`` a step of ``batch`` sequences runs with: the
         constructor's values where given, else :func:`~clusterlab.fused.plan.launch_shape` for this
         GPU's SM count."""
-        cluster_size, warps, head_split = launch_shape(self.config, batch, self.sm_count, self.cluster_size,
+        cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
                                                        self.head_split)
         return cluster_size, self.warps or warps, head_split
 
@@ -118,42 +165,35 @@ class DecodeAttention:
         """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles."""
         from .kernel import KernelSpec
 
-        return KernelSpec.of(self.config, dtype == torch.bfloat16, batch, *self.shape(batch))
+        return KernelSpec.of(self.config, dtype == torch.bfloat16, batch, *self.shape(batch), limits=self.limits)
 
     def launcher(self, dtype: torch.dtype, batch: int):
         """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype and batch."""
         key = (dtype, batch)
         if key not in self._kernels:
-            from numba import cuda
-
-            from ..launch import launch
-            from .kernel import build_kernel
-
-            spec = self.kernel_spec(dtype, batch)
-            kernel = cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(build_kernel(spec))
-            self._kernels[key] = launch(
-                kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size,
-                block=spec.threads, shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8,
-            )
+            self._kernels[key] = _launcher(self.kernel_spec(dtype, batch))
         return self._kernels[key]
 
-    def launch_args(self, hidden, residual, cache, position, out, residual_out) -> tuple:
-        """The kernel's arguments for one step (see :func:`~clusterlab.fused.kernel.build_kernel`)."""
+    def launch_args(self, hidden, residual, cache, positions, out, residual_out) -> tuple:
+        """The kernel's arguments for one step (see :func:`~clusterlab.fused.kernel.build_kernel`).
+
+        An int position is written into the layer's positions buffer (on the stream, no sync).
+        """
         batch, capacity = hidden.shape[0], cache.capacity
-        if capacity not in self._rope:
-            self._rope[capacity] = rope_table(self.config, capacity, device=hidden.device).view(-1)
+        if isinstance(positions, int):
+            positions = self._positions[:batch].fill_(positions)
 
         def bits(t):
             return t.view(-1).view(torch.int16)
 
         w = self.weights
+        bias = self._no_bias if w.qkv_bias is None else w.qkv_bias
         return (
-            bits(hidden), bits(residual), bits(w.norm), bits(w.qkv), bits(w.o), bits(cache.k), bits(cache.v),
-            self._rope[capacity], bits(out), bits(residual_out),
-            self._out_acc[: batch * self.config.hidden_size], self._arrivals,
-            np.int32(position), np.int32(capacity),
+            bits(hidden), bits(residual), bits(w.norm), bits(w.qkv), bits(bias), bits(w.o), bits(cache.k),
+            bits(cache.v), _rope_table(self.config, capacity, hidden.device), bits(out), bits(residual_out),
+            self._out_acc[: batch * self.config.hidden_size], self._arrivals, positions, np.int32(capacity),
         )
 
-    def _launch(self, hidden, residual, cache, position, out, residual_out):
-        args = self.launch_args(hidden, residual, cache, position, out, residual_out)
+    def _launch(self, hidden, residual, cache, positions, out, residual_out):
+        args = self.launch_args(hidden, residual, cache, positions, out, residual_out)
         self.launcher(hidden.dtype, hidden.shape[0])(*args)

@@ -53,7 +53,39 @@ device functions, so the simulator program and the kernel cannot disagree on who
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .config import AttentionConfig
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What a launch shape depends on: the SM count, shared memory and registers of one GPU."""
+
+    sm_count: int
+    shared_bytes_per_sm: int
+    shared_bytes_per_block: int
+    reserved_shared_bytes_per_block: int
+    registers_per_sm: int
+
+    @classmethod
+    def of(cls, device) -> DeviceLimits:
+        """Read from CUDA device ``device`` (a ``torch.device`` or an index)."""
+        from ..gpu import device_limits
+
+        index = device if isinstance(device, int) else (device.index or 0)
+        return cls(**device_limits(index))
+
+    def blocks_per_sm(self, shared_bytes: int, threads: int, registers_per_thread: int = 128) -> int:
+        """Blocks of ``threads`` threads using ``shared_bytes`` that fit one SM at ``registers_per_thread``."""
+        by_smem = self.shared_bytes_per_sm // (shared_bytes + self.reserved_shared_bytes_per_block)
+        return max(1, min(by_smem, self.registers_per_sm // (threads * registers_per_thread)))
+
+
+#: An H100 SXM or H200 (the same SM): 132 SMs, 228 KiB of shared memory an SM (227 KiB for one
+#: block, 1 KiB reserved per block), 64K registers an SM. The simulator backend plans for it.
+HOPPER = DeviceLimits(sm_count=132, shared_bytes_per_sm=233472, shared_bytes_per_block=232448,
+                      reserved_shared_bytes_per_block=1024, registers_per_sm=65536)
 
 #: Cluster sizes the kernel is built for (16 needs the non-portable cluster-size opt-in).
 CLUSTER_SIZES = (1, 2, 4, 8, 16)

@@ -42,22 +42,34 @@ class StepResult:
     v: torch.Tensor
 
 
+def sequence_positions(positions, batch: int) -> list[int]:
+    """``positions`` as a list of ``batch`` ints: an int is every sequence's position; a tensor or
+    sequence gives one per sequence (read to the host)."""
+    if isinstance(positions, int):
+        return [positions] * batch
+    values = positions.tolist() if isinstance(positions, torch.Tensor) else list(positions)
+    if len(values) != batch:
+        raise ValueError(f"positions has {len(values)} entries for a batch of {batch}")
+    return [int(p) for p in values]
+
+
 def reference_step(
     config: AttentionConfig,
     weights: AttentionWeights,
     hidden: torch.Tensor,
     residual: torch.Tensor,
     cache: KVCache,
-    position: int,
+    positions,
 ) -> StepResult:
-    """One decode step in float64, reading ``cache`` rows ``0 .. position-1`` and appending none.
+    """One decode step in float64; sequence ``b`` reads cache rows ``0 .. positions[b]-1``, nothing is appended.
 
+    ``positions``: an int for the whole batch, or one per sequence (list or tensor ``[batch]``).
     ::
 
         h    = hidden + residual                         (the new residual)
         n    = h / sqrt(mean(h**2) + eps) * norm
-        q, k, v = split(n @ qkv.T)                       per head, head_dim wide
-        q, k = rope(q, position), rope(k, position)
+        q, k, v = split(n @ qkv.T + qkv_bias)            per head, head_dim wide
+        q, k = rope(q, position), rope(k, position)      the sequence's own position
         attn[head] = softmax(q[head] . K[group]^T / sqrt(head_dim)) V[group]
                      over the cached rows 0..position-1 and the new k, v
         out  = attn @ o.T
@@ -67,21 +79,26 @@ def reference_step(
     h = hidden.to(f64) + residual.to(f64)
     n = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + config.rms_eps) * weights.norm.to(f64)
     qkv = n @ weights.qkv.to(f64).T
+    if weights.qkv_bias is not None:
+        qkv = qkv + weights.qkv_bias.to(f64)
     q, k, v = qkv.split([config.heads * d, config.kv_heads * d, config.kv_heads * d], dim=-1)
     q = q.view(batch, config.heads, d)
     k = k.view(batch, config.kv_heads, d)
     v = v.view(batch, config.kv_heads, d)
-    angles = rope_angles(config, position).to(hidden.device)
-    q = apply_rope(q, angles.cos(), angles.sin(), config.rope_style)
-    k = apply_rope(k, angles.cos(), angles.sin(), config.rope_style)
-    keys = torch.cat([cache.k[:, :, :position].to(f64), k[:, :, None]], dim=2)  # [B, KV, L, d]
-    values = torch.cat([cache.v[:, :, :position].to(f64), v[:, :, None]], dim=2)
     group = config.group_size
-    qg = q.view(batch, config.kv_heads, group, d)
-    scores = torch.einsum("bkgd,bkld->bkgl", qg, keys) / d**0.5
-    attn = torch.einsum("bkgl,bkld->bkgd", scores.softmax(-1), values)
-    out = attn.reshape(batch, config.attn_width) @ weights.o.to(f64).T
-    return StepResult(out=out, residual=h, k=k, v=v)
+    attn, k_rot = [], []
+    for b, position in enumerate(sequence_positions(positions, batch)):
+        angles = rope_angles(config, position).to(hidden.device)
+        qb = apply_rope(q[b], angles.cos(), angles.sin(), config.rope_style)
+        kb = apply_rope(k[b], angles.cos(), angles.sin(), config.rope_style)
+        keys = torch.cat([cache.k[b, :, :position].to(f64), kb[:, None]], dim=1)  # [KV, L, d]
+        values = torch.cat([cache.v[b, :, :position].to(f64), v[b, :, None]], dim=1)
+        qg = qb.view(config.kv_heads, group, d)
+        scores = torch.einsum("kgd,kld->kgl", qg, keys) / d**0.5
+        attn.append(torch.einsum("kgl,kld->kgd", scores.softmax(-1), values).reshape(config.attn_width))
+        k_rot.append(kb)
+    out = torch.stack(attn) @ weights.o.to(f64).T
+    return StepResult(out=out, residual=h, k=torch.stack(k_rot), v=v)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -96,26 +113,40 @@ class UnfusedAttention:
     """The block as separate PyTorch calls; same signature and effects as the fused layer.
 
     ``rope`` is the cos/sin table of :func:`~clusterlab.fused.config.rope_table`, on the weights'
-    device. Every call reads it at ``position``, so a CUDA graph captured at one position replays
-    that position.
+    device. With an int position every sequence attends over rows ``0 .. position`` (no mask); a
+    position tensor ``[batch]`` (int32 or int64, on the device) gives each sequence its own, read
+    on the device: the attention runs over the first ``length`` rows of the cache (default: all of
+    them) with a mask, and the cache rows are written with an index. A CUDA graph captured with a
+    tensor replays whatever positions the tensor holds; one captured with an int replays that int.
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, rope: torch.Tensor):
         self.config, self.weights, self.rope = config, weights, rope
 
-    def __call__(self, hidden, residual, cache: KVCache, position: int):
+    def __call__(self, hidden, residual, cache: KVCache, positions, length: int | None = None):
         c, w, d = self.config, self.weights, self.config.head_dim
         batch = hidden.shape[0]
         h = hidden + residual
         n = F.rms_norm(h, (c.hidden_size,), w.norm, c.rms_eps)
-        q, k, v = F.linear(n, w.qkv).split([c.heads * d, c.kv_heads * d, c.kv_heads * d], dim=-1)
-        cos, sin = self.rope[position, 0], self.rope[position, 1]
+        q, k, v = F.linear(n, w.qkv, w.qkv_bias).split([c.heads * d, c.kv_heads * d, c.kv_heads * d], dim=-1)
+        if isinstance(positions, int):
+            cos, sin = self.rope[positions, 0], self.rope[positions, 1]  # [d/2]
+        else:
+            table = self.rope[positions.long()]  # [batch, 2, d/2]
+            cos, sin = table[:, None, 0], table[:, None, 1]
         q = apply_rope(q.view(batch, c.heads, d).float(), cos, sin, c.rope_style).to(h.dtype)
         k = apply_rope(k.view(batch, c.kv_heads, d).float(), cos, sin, c.rope_style).to(h.dtype)
-        cache.k[:, :, position] = k
-        cache.v[:, :, position] = v.view(batch, c.kv_heads, d)
-        attn = F.scaled_dot_product_attention(
-            q[:, :, None], cache.k[:, :, : position + 1], cache.v[:, :, : position + 1],
-            enable_gqa=c.group_size > 1,
-        )
+        v = v.view(batch, c.kv_heads, d)
+        if isinstance(positions, int):
+            cache.k[:, :, positions] = k
+            cache.v[:, :, positions] = v
+            keys, values, mask = cache.k[:, :, : positions + 1], cache.v[:, :, : positions + 1], None
+        else:
+            rows = torch.arange(batch, device=hidden.device)
+            cache.k[rows, :, positions.long()] = k
+            cache.v[rows, :, positions.long()] = v
+            length = cache.capacity if length is None else length
+            keys, values = cache.k[:, :, :length], cache.v[:, :, :length]
+            mask = torch.arange(length, device=hidden.device) <= positions[:, None, None, None]
+        attn = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=c.group_size > 1)
         return F.linear(attn.reshape(batch, c.attn_width), w.o), h

@@ -23,19 +23,21 @@ import torch
 from .. import simulator
 from .config import AttentionConfig, AttentionWeights, KVCache, rope_table
 from .plan import cached_range, check_cluster_size, check_head_split, new_token_rank, qkv_row, rope_pair
+from .reference import sequence_positions
 
 NEG = np.float32(-1e30)  # the kernel's stand-in for -inf
 F32 = np.float32
 
 
-def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batch: int, gm: dict, position: int,
-                 head_split: int = 1):
+def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batch: int, gm: dict,
+                 positions: list[int], head_split: int = 1):
     """One block of cluster ``cluster`` (KV head ``cluster // head_split``); ``gm`` holds the "global memory" arrays.
 
     ``gm``: float32 ``hidden``/``residual`` ``[batch, H]``, ``norm`` ``[H]``, ``qkv`` ``[rows, H]``,
-    ``o`` ``[H, heads*d]``, ``k``/``v`` ``[batch, kv_heads, capacity, d]``, ``rope``
-    ``[capacity, 2, d/2]``; outputs ``residual_out``, ``out_acc`` ``[batch, H]``, and ``new_k`` /
-    ``new_v`` ``[batch, kv_heads, d]`` (the cache row, before rounding to the cache dtype).
+    ``qkv_bias`` ``[rows]`` (zeros without a bias), ``o`` ``[H, heads*d]``, ``k``/``v`` ``[batch,
+    kv_heads, capacity, d]``, ``rope`` ``[capacity, 2, d/2]``; outputs ``residual_out``,
+    ``out_acc`` ``[batch, H]``, and ``new_k`` / ``new_v`` ``[batch, kv_heads, d]`` (the cache row,
+    before rounding to the cache dtype). ``positions[s]``: sequence ``s``'s new token.
     """
     C, rank = b.cluster_size, b.cluster_rank
     H, D, G = config.hidden_size, config.head_dim, config.group_size // head_split
@@ -72,9 +74,11 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     xb = sum(peer[:, rb] for peer in peers)
     ss = sum(peer[:, rows] for peer in peers)
     inv_rms = (F32(1) / np.sqrt(ss / F32(H) + F32(config.rms_eps))).astype(F32)[:, None]
-    xa, xb = xa * inv_rms, xb * inv_rms
+    xa = xa * inv_rms + gm["qkv_bias"][[w_rows[r] for r in ra]]
+    xb = xb * inv_rms + gm["qkv_bias"][[w_rows[r] for r in rb]]
     slot = ra // D
-    cos, sin = gm["rope"][position, 0, angle], gm["rope"][position, 1, angle]
+    at = np.array(positions)[:, None]  # each sequence's own angle
+    cos, sin = gm["rope"][at, 0, angle], gm["rope"][at, 1, angle]
     rotate = slot <= G  # query and key heads
     xa, xb = np.where(rotate, xa * cos - xb * sin, xa), np.where(rotate, xb * cos + xa * sin, xb)
     xa, xb = np.where(slot < G, xa * scale, xa), np.where(slot < G, xb * scale, xb)
@@ -90,8 +94,8 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
 
     # -- 3 attention over this block's cached positions -------------------------------------------
     b.step("3 attention")
-    start, end = cached_range(position, rank, C)
     for s in range(batch):
+        start, end = cached_range(positions[s], rank, C)
         q = qkv[s, : G * D].reshape(G, D)
         keys = gm["k"][s, g, start:end]
         values = gm["v"][s, g, start:end]
@@ -138,20 +142,22 @@ def simulated_step(
     hidden: torch.Tensor,
     residual: torch.Tensor,
     cache: KVCache,
-    position: int,
+    positions,
     cluster_size: int,
     traces: list | None = None,
     head_split: int = 1,
 ):
-    """One decode step on the simulator: ``(out, new_residual)`` and the cache row ``position`` appended.
+    """One decode step on the simulator: ``(out, new_residual)``, and cache row ``positions[b]`` of each sequence appended.
 
-    CPU tensors, shapes as for :class:`~clusterlab.fused.layer.DecodeAttention`. One simulated
+    CPU tensors, shapes as for :class:`~clusterlab.fused.layer.DecodeAttention`; ``positions`` an
+    int for the whole batch or one per sequence (list or CPU tensor). One simulated
     cluster per KV head, or ``head_split`` per KV head each with a part of its query heads; each
     cluster's :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given.
     """
     check_cluster_size(config, cluster_size)
     check_head_split(config, head_split)
     batch, dtype = hidden.shape[0], hidden.dtype
+    positions = sequence_positions(positions, batch)
 
     def f32(t):
         return t.detach().to(torch.float32).numpy()
@@ -159,6 +165,7 @@ def simulated_step(
     gm = {
         "hidden": f32(hidden), "residual": f32(residual), "norm": f32(weights.norm),
         "qkv": f32(weights.qkv), "o": f32(weights.o), "k": f32(cache.k), "v": f32(cache.v),
+        "qkv_bias": np.zeros(config.qkv_rows, F32) if weights.qkv_bias is None else f32(weights.qkv_bias),
         "rope": rope_table(config, cache.capacity).numpy(),
         "residual_out": np.full((batch, config.hidden_size), np.nan, F32),
         "out_acc": np.zeros((batch, config.hidden_size), F32),
@@ -169,11 +176,12 @@ def simulated_step(
         title = f"decode step, KV head {cluster // head_split}"
         if head_split > 1:
             title += f" part {cluster % head_split}"
-        trace = simulator.launch(decode_block, cluster_size, cluster, config, batch, gm, position, head_split,
+        trace = simulator.launch(decode_block, cluster_size, cluster, config, batch, gm, positions, head_split,
                                  title=title)
         if traces is not None:
             traces.append(trace)
     # 6 finish (the kernel's last block): out_acc in the activation dtype.
-    cache.k[:, :, position] = torch.from_numpy(gm["new_k"]).to(dtype)
-    cache.v[:, :, position] = torch.from_numpy(gm["new_v"]).to(dtype)
+    rows = torch.arange(batch)
+    cache.k[rows, :, positions] = torch.from_numpy(gm["new_k"]).to(dtype)
+    cache.v[rows, :, positions] = torch.from_numpy(gm["new_v"]).to(dtype)
     return torch.from_numpy(gm["out_acc"]).to(dtype), torch.from_numpy(gm["residual_out"]).to(dtype)

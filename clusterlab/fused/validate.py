@@ -31,6 +31,12 @@ def check_weights(config: AttentionConfig, weights: AttentionWeights) -> None:
     _tensor("weights.qkv", weights.qkv, (config.qkv_rows, h), dtype, device)
     _tensor("weights.norm", weights.norm, (h,), dtype, device)
     _tensor("weights.o", weights.o, (h, config.attn_width), dtype, device)
+    if config.qkv_bias and weights.qkv_bias is None:
+        raise ValueError("weights.qkv_bias is None but the config has qkv_bias=True")
+    if not config.qkv_bias and weights.qkv_bias is not None:
+        raise ValueError("weights.qkv_bias is given but the config has qkv_bias=False")
+    if weights.qkv_bias is not None:
+        _tensor("weights.qkv_bias", weights.qkv_bias, (config.qkv_rows,), dtype, device)
 
 
 def check_step(
@@ -39,7 +45,7 @@ def check_step(
     hidden,
     residual,
     cache: KVCache,
-    position,
+    positions,
 ) -> None:
     """Everything one decode step needs, against ``config`` and ``weights`` (already checked)."""
     if not isinstance(hidden, torch.Tensor):
@@ -64,11 +70,35 @@ def check_step(
     shape = (batch, config.kv_heads, cache.k.shape[2], config.head_dim)
     _tensor("cache.k", cache.k, shape, hidden.dtype, hidden.device)
     _tensor("cache.v", cache.v, shape, hidden.dtype, hidden.device)
-    if not isinstance(position, int) or isinstance(position, bool):
-        raise TypeError(f"position must be an int, got {type(position).__name__}")
-    if position < 0:
-        raise ValueError(f"position must be >= 0, got {position}")
-    if position >= cache.capacity:
-        raise ValueError(
-            f"position {position} overflows the cache: it holds {cache.capacity} positions (0..{cache.capacity - 1})"
-        )
+    check_positions(positions, batch, cache.capacity, hidden.device)
+
+
+def check_positions(positions, batch: int, capacity: int, device: torch.device) -> None:
+    """An int for the whole batch, or an int32 tensor ``[batch]`` on ``device``; every value in ``0 .. capacity-1``.
+
+    The values of a tensor on a CUDA device are not read here (that would cost a host sync per
+    step): the kernel checks them (see :class:`~clusterlab.fused.layer.DecodeAttention`).
+    """
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype != torch.int32:
+            raise TypeError(f"positions has dtype {positions.dtype}; expected torch.int32")
+        if positions.device != device:
+            raise ValueError(f"positions is on {positions.device}; expected {device} (the device of hidden)")
+        if tuple(positions.shape) != (batch,):
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({batch},), one per sequence")
+        if not positions.is_contiguous():
+            raise ValueError("positions must be contiguous; call .contiguous() first")
+        if positions.device.type == "cuda":
+            return
+        values = positions.tolist()
+    elif isinstance(positions, int) and not isinstance(positions, bool):
+        values = [positions]
+    else:
+        raise TypeError(f"positions must be an int or an int32 tensor of shape ({batch},), got {type(positions).__name__}")
+    for value in values:
+        if value < 0:
+            raise ValueError(f"positions must be >= 0, got {value}")
+        if value >= capacity:
+            raise ValueError(
+                f"position {value} overflows the cache: it holds {capacity} positions (0..{capacity - 1})"
+            )
