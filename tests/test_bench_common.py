@@ -95,3 +95,28 @@ def test_clock_sampler_queries_at_most_once_per_period(monkeypatch):
     for _ in range(5):
         sampler.sample()
     assert len(calls) == 1 and len(sampler.samples) == 1
+
+
+@pytest.mark.parametrize(
+    "name, tag",
+    [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200 NVL", "h200"),
+     ("NVIDIA GeForce RTX 4090", "nvidia_geforce_rtx_4090")],
+)
+def test_results_are_tagged_with_the_cards_model(name, tag):
+    assert common.card_tag(name) == tag
+
+
+def test_a_card_without_a_name_is_an_error():
+    with pytest.raises(ValueError, match="card_tag needs the card's name"):
+        common.card_tag(None)
+
+
+def test_ragged_batches_spread_lengths_over_the_range_and_rotation_covers_the_l2():
+    from clusterlab.fused.bench import layers_for_l2, ragged_lengths
+
+    lengths = ragged_lengths(5, [1024, 4096, 32768], seed=3)
+    assert sorted(lengths) == [1024, 8960, 16896, 24832, 32768]
+    assert ragged_lengths(5, [1024, 32768], seed=3) == lengths  # shuffled the same way for a seed
+    assert layers_for_l2(step_bytes=23 << 20, l2_bytes=60 << 20) == 8  # 3 L2s between two visits
+    assert layers_for_l2(step_bytes=400 << 20, l2_bytes=60 << 20) == 1
+    assert layers_for_l2(step_bytes=1 << 20, l2_bytes=60 << 20, turnover=0) == 1
