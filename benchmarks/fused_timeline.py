@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from numba import cuda
 
-from clusterlab.bench.common import commit, graph_per_op_us, write_json
+from clusterlab.bench.common import card_tag, commit, graph_per_op_us, write_json
 from clusterlab.fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from clusterlab.fused.kernel import kernel_variant
 from clusterlab.gpu import device_info, require_hopper
@@ -193,13 +193,14 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", nargs="+", default=["4x8", "8x4"], metavar="CxW[xS]",
                         help="launch shapes as cluster_size x warps [x head_split]")
     parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--tag", default="h100")
+    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     require_hopper()
     dtype = getattr(torch, args.dtype)
     config = PRESETS[args.preset]
     weights = AttentionWeights.random(config, dtype, "cuda", seed=0)
     info = device_info()
+    tag = card_tag(info["gpu"]) if args.tag is None else args.tag
     record = {
         "card": info.get("gpu"), "driver_cuda_version": info.get("driver_cuda_version"),
         "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
@@ -213,8 +214,8 @@ def main(argv=None) -> int:
         print(summary(shape), flush=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(record, out / f"fused_timeline_{args.tag}.json")
-    plot(record, out / f"fused_timeline_{args.tag}.png")
+    write_json(record, out / f"fused_timeline_{tag}.json")
+    plot(record, out / f"fused_timeline_{tag}.png")
     return 0
 
 

@@ -4,8 +4,8 @@
     clusterlab tour                          ClusterReduce / ClusterGather over cluster sizes 1-16
     clusterlab trace reduce --cluster 8 --algorithm ring [--save ring.png]
                                              one primitive on the simulator, phase by phase
-    clusterlab bench primitives [...]        microbenchmarks of the collectives (H100)
-    clusterlab bench fused [...]             the fused decode layer vs PyTorch and the floor (H100)
+    clusterlab bench primitives [...]        microbenchmarks of the collectives (Hopper GPU)
+    clusterlab bench fused [...]             the fused decode layer vs PyTorch and the floor (Hopper GPU)
 """
 
 from __future__ import annotations

@@ -504,7 +504,7 @@ def run_primitives_bench(
     configs=CONFIGS,
     repeats: int = 7,
     out_dir: str | Path = "benchmarks/results",
-    tag: str = "h100",
+    tag: str | None = None,
     progress: bool = True,
     seed: int | None = None,
 ) -> dict:
@@ -513,11 +513,13 @@ def run_primitives_bench(
     ``cluster_sizes`` (1..16), ``message_bytes`` (bytes per block, multiples of 16),
     ``dtypes`` (``float32``/``float16``) and ``configs`` (``one``/``chip``) span the sweep;
     ``repeats`` (>= 5) timings give each figure's median and spread. Prints the tables and
-    returns the results dict (the JSON's content; ``report`` reads it back).
+    returns the results dict (the JSON's content; ``report`` reads it back). ``tag`` defaults to
+    the card's (:func:`~clusterlab.bench.common.card_tag`: ``h200`` on an NVIDIA H200).
     """
-    from ..gpu import require_hopper
+    from ..gpu import device_info, require_hopper
 
     require_hopper()
+    tag = common.card_tag(device_info()["gpu"]) if tag is None else tag
     for size in cluster_sizes:
         if not 1 <= size <= simulator.MAX_CLUSTER_SIZE:
             raise ValueError(f"cluster size {size}: must be in 1..{simulator.MAX_CLUSTER_SIZE}")
@@ -585,7 +587,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--tag", default="h100", help="suffix of the output files (the card)")
+    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import simulator
-from .common import Stat, write_json
+from .common import Stat, card_tag, write_json
 
 SCHEMA = "clusterlab.bench.primitives/1"
 
@@ -622,14 +622,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clusterlab.bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="a primitives_<tag>.json")
     parser.add_argument("--plots", metavar="DIR", help="write the PNGs into DIR")
-    parser.add_argument("--tag", default="h100")
+    parser.add_argument("--tag", default=None, help="suffix of the PNGs (default: the card the results name)")
     parser.add_argument("--auto-table", metavar="PATH", help="write the algorithm-choice table (JSON) to PATH")
     args = parser.parse_args(argv)
     results = complete(json.loads(Path(args.results).read_text()))
     print(format_sweep(results))
     print(format_summary(results))
     if args.plots:
-        for path in plot_all(results, args.plots, args.tag):
+        tag = args.tag or card_tag(results["system"]["gpu"])
+        for path in plot_all(results, args.plots, tag):
             print(f"wrote {path}")
     if args.auto_table:
         print(f"wrote {write_json(auto_table(results), args.auto_table)}")
