@@ -23,7 +23,9 @@ What is modelled (names follow the PTX instructions, see :class:`Block`)::
 
 Hazards (:mod:`clusterlab.simulator.hazards`), each its own exception: data races, out-of-bounds
 indices and invalid ranks, deadlocks (never a hang), accesses to exited blocks, mbarrier
-transaction mismatches, misaligned bulk copies, missing proxy fences, barrier misuse.
+transaction mismatches, misaligned bulk copies, missing proxy fences, barrier misuse, mbarrier
+phase aliasing (a parity wait or signal that cannot tell two phases apart) and waits on a phase
+that can never complete.
 
 Entry points::
 
@@ -46,6 +48,8 @@ from .hazards import (
     InvalidRank,
     MissingProxyFence,
     OutOfBounds,
+    PhaseAliasing,
+    PhaseNeverCompletes,
     ProgramPoint,
     TransactionMismatch,
 )
@@ -70,6 +74,8 @@ __all__ = [
     "MissingProxyFence",
     "OPS",
     "OutOfBounds",
+    "PhaseAliasing",
+    "PhaseNeverCompletes",
     "ProgramPoint",
     "REDUCE_ALGORITHMS",
     "Region",

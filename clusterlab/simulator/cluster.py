@@ -19,7 +19,11 @@ threads do in one statement); the program ``yield``\\ s wherever the hardware wo
 :func:`launch` creates one generator per block and a deterministic scheduler runs them: in
 rank order, each block runs until it yields a wait; a waiting block resumes once its wait is
 satisfied. When every live block waits and none can resume, that is a deadlock, reported as
-:class:`~clusterlab.simulator.hazards.BarrierDeadlock` (or ``TransactionMismatch``), never a hang.
+:class:`~clusterlab.simulator.hazards.BarrierDeadlock` (or ``TransactionMismatch``, or
+``PhaseNeverCompletes``), never a hang.
+
+The scheduler runs one interleaving, but no conclusion may depend on which: a hazard is reported
+if *some* legal interleaving has it, and a wait acquires only what *every* interleaving gives it.
 
 Memory model
 ------------
@@ -31,8 +35,9 @@ mbarrier instance (standing for the bulk copies that complete on it).
   as an arrival but publishes nothing. A phase completes once every block has arrived or
   exited (exited blocks no longer take part, as on hardware).
 - mbarriers work the same way per phase: release arrivals publish, a successful
-  ``mbarrier_wait`` acquires. A phase completes when its pending arrival count is zero *and*
-  the transaction bytes expected (``expect_tx``) equal those delivered (``complete_tx``).
+  ``mbarrier_wait`` acquires the completion of the one phase it observes (see below). A phase
+  completes when its pending arrival count is zero *and* the transaction bytes expected
+  (``expect_tx``) equal those delivered (``complete_tx``).
 - ``bulk_copy`` / ``st_async`` data is written when issued, but its bytes are labelled as
   accesses of the destination mbarrier's actor at that phase. Only a block that observes the
   phase complete (directly, or transitively through later barriers) is ordered after them;
@@ -43,6 +48,38 @@ mbarrier instance (standing for the bulk copies that complete on it).
 
 Hazards are checked on every access against the owner's shadow memory
 (:mod:`clusterlab.simulator.memory`) and raised with both program points.
+
+Phases and parity
+-----------------
+``mbarrier.try_wait.parity p`` does not name a phase: it returns once the barrier's current
+phase has parity ``!= p``, i.e. once "the phase of parity ``p``" (the current one, or the one
+just before it) is complete. Which phase that is depends on when the block looks, so the
+simulator decides it from what the block *knows*, never from the schedule it happens to run.
+
+A second vector clock per block, the *causal* clock, records what must have happened before
+the block's current point in every interleaving: every arrival and every copy that completes
+on a barrier phase comes before that phase's completion (relaxed arrivals too: ordering of
+memory does not matter here, only what was waited for), and a block that waited on a phase
+comes after it. Its entry for an mbarrier is how many of that barrier's phases the block
+knows to be complete; its own entry counts its returned mbarrier waits, so "this completion
+comes after block ``w``'s wait returned" reads ``causes[w] >= the wait's count``, ``causes``
+being the join of the causal clocks of every signal the barrier received so far. A block also
+knows a phase is complete when its own operation completed it and no transaction bytes were
+involved (with bytes, a copy may still be in flight on hardware).
+
+- A wait on parity ``p`` refers to the *earliest* phase of parity ``p`` the block may observe:
+  with ``K`` phases known complete, phase ``K`` if it has parity ``p`` (the wait blocks until
+  it completes), else phase ``K - 1`` (it returns at once; ``-1`` is the phase before phase
+  0, which counts as complete and orders nothing). The wait acquires that phase's completion.
+- If the next phase completes before the wait is known to have returned, the barrier may be
+  back at parity ``p`` when the block looks: it may then wait for a phase two later instead.
+  That is ``PhaseAliasing``, reported with the wait and the signal that lapped it.
+- Likewise an arrival, a (non-zero) ``expect_tx`` or a copy issued by a block that does not
+  know the previous phase completed may count toward that phase instead of the current one:
+  ``PhaseAliasing`` too.
+
+The cluster barrier needs no such care: its waits name their phase (each block arrives once
+per phase and must wait before arriving again), so a block can never be lapped.
 """
 
 from __future__ import annotations
@@ -187,9 +224,14 @@ class Mbarrier(_SharedObject):
 
 
 class Wait:
-    """What a program yields to block: a cluster-barrier phase or an mbarrier phase parity."""
+    """What a program yields to block: a cluster-barrier phase or an mbarrier phase parity.
 
-    __slots__ = ("block", "mbarrier", "phase", "parity", "point")
+    ``phase``: the cluster-barrier phase, or for an mbarrier the earliest phase of ``parity``
+    the block may observe (``-1``: the phase before the first). ``released``: for an mbarrier
+    wait, the block's causal-clock entry once it returned (0 while it waits).
+    """
+
+    __slots__ = ("block", "mbarrier", "phase", "parity", "point", "released")
 
     def __init__(self, block: "Block", mbarrier: "_MbarrierState | None", phase: int, parity: int, point):
         self.block = block
@@ -197,6 +239,7 @@ class Wait:
         self.phase = phase
         self.parity = parity
         self.point = point
+        self.released = 0
 
     def describe(self) -> str:
         if self.mbarrier is None:
@@ -224,7 +267,12 @@ class _MbarrierState:
         self.expect_event = -1  # last expect_tx of the current phase (for reports)
         self.senders: list[int] = []  # blocks whose transactions the current phase received
         self.clock = np.zeros(actors, dtype=np.int32)  # join of every release arrival so far
+        self.causes = np.zeros(actors, dtype=np.int32)  # join of the causal clocks of every signal so far
+        # clock and causes at the completion of the last even / odd phase: what its waiters acquire
         self.completed = [np.zeros(actors, dtype=np.int32), np.zeros(actors, dtype=np.int32)]
+        self.completed_causes = [np.zeros(actors, dtype=np.int32), np.zeros(actors, dtype=np.int32)]
+        self.completions: list[int] = []  # per completed phase, the event of the signal that completed it
+        self.waits: list[Wait] = []  # parity waits the next completion may still lap
 
 
 class Block:
@@ -237,6 +285,7 @@ class Block:
     def __init__(self, cluster: "_Cluster", rank: int):
         self._cluster = cluster
         self._clock = cluster.clocks[rank]
+        self._causal = cluster.causal[rank]  # see "Phases and parity" in the module docstring
         #: This block's rank in the cluster (``%cluster_ctarank``), 0 .. cluster_size - 1.
         self.cluster_rank = rank
         #: Number of blocks in the cluster (``%cluster_nctarank``).
@@ -446,7 +495,12 @@ class Block:
 
     def mbarrier_wait(self, bar: Mbarrier, phase_parity: int) -> Wait:
         """``mbarrier.try_wait.parity.acquire`` in a loop: ``yield`` it; resumes once the phase
-        of parity ``phase_parity`` (0 or 1) has completed. Only on the block's own mbarrier."""
+        of parity ``phase_parity`` (0 or 1) has completed. Only on the block's own mbarrier.
+
+        The phase is the earliest of that parity the block may observe, and the wait acquires
+        that phase's completion only; a barrier that can get two phases ahead of the wait is
+        :class:`PhaseAliasing` (see "Phases and parity" in the module docstring).
+        """
         line = self._ready()
         state = self._mbarrier_state(bar, "mbarrier.try_wait.parity", line, local_only=True)
         if phase_parity not in (0, 1):
@@ -458,8 +512,13 @@ class Block:
                 blocks=(self.cluster_rank,), owner=state.owner, byte_range=state.byte_range,
                 points=(self._point(op, line),),
             )
-        wait = Wait(self, state, self._waited, int(phase_parity), self._point(op, line))
+        known = int(self._causal[state.actor])  # phases this block knows to be complete
+        phase = known if known % 2 == phase_parity else known - 1
+        wait = Wait(self, state, phase, int(phase_parity), self._point(op, line))
         self._pending_wait = wait
+        if state.phase > phase + 1:  # the phase after it completed, unknown to this block
+            self._cluster.raise_lapped(wait, state.completions[phase + 1], wait_first=False)
+        state.waits.append(wait)
         return wait
 
     def _mbarrier_state(self, bar: Mbarrier, kind: str, line: str, local_only: bool) -> _MbarrierState:
@@ -484,6 +543,8 @@ class Block:
         event = self._event(kind, self.cluster_rank, state.owner, 0, target, line)
         cluster = self._cluster
         cluster.check_mbarrier_visible(self, state, event)
+        if arrive or tx_bytes:
+            cluster.check_signal_phase(self, state, event)
         if tx_bytes:
             state.expected += int(tx_bytes)
             state.expect_event = event
@@ -495,9 +556,10 @@ class Block:
                     points=(cluster.point(state.init_event), cluster.point(event)),
                 )
             state.pending -= 1
+            np.maximum(state.causes, self._causal, out=state.causes)
             np.maximum(state.clock, self._clock, out=state.clock)
             self._clock[self.cluster_rank] += 1
-        cluster.try_complete(state, event)
+        cluster.try_complete(state, event, self)
 
     # ------------------------------------------------------------------ asynchronous copies
 
@@ -585,6 +647,7 @@ class Block:
         if cluster.exited[darray.owner]:
             cluster.raise_exited_access(self, darray.owner, dentry, (dlo, dhi), event)
         cluster.check_mbarrier_visible(self, state, event)
+        cluster.check_signal_phase(self, state, event)
         # The copy is its own actor: the mbarrier's, at the phase it completes on.
         actor, epoch = state.actor, state.phase + 1
         clock = self._clock
@@ -607,7 +670,8 @@ class Block:
         cluster.accesses.append((actor, epoch, darray.owner, dentry.index, dlo, dhi, WRITE, event))
         state.delivered += nbytes
         state.senders.append(me)
-        cluster.try_complete(state, event)
+        np.maximum(state.causes, self._causal, out=state.causes)
+        cluster.try_complete(state, event, self)
 
     def _check_fenced(self, entry: LayoutEntry, lo: int, hi: int, event: int) -> None:
         for index, wlo, whi, store_event in self._unfenced:
@@ -632,12 +696,14 @@ class _Cluster:
         self.actors = size + size * MAX_MBARRIERS
         self.clocks = np.zeros((size, self.actors), dtype=np.int32)
         self.clocks[np.arange(size), np.arange(size)] = 1
+        self.causal = np.zeros((size, self.actors), dtype=np.int32)
         self.trace = Trace(size, title)
         self.allocations: list[list[SharedAllocation | None]] = [[] for _ in range(size)]
         self.mbarriers: list[list[_MbarrierState]] = [[] for _ in range(size)]
         self.accesses: list[tuple] = []  # (actor, epoch, owner, entry, lo, hi, mode, event)
         self.barrier_arrivals: list[int] = []  # per cluster-barrier phase
         self.barrier_clocks: list[np.ndarray] = []
+        self.barrier_causes: list[np.ndarray] = []  # per phase: join of every arrival's causal clock
         self.exited = [False] * size
         self.exit_events = [-1] * size
         self.blocks = [Block(self, rank) for rank in range(size)]
@@ -746,7 +812,9 @@ class _Cluster:
         if phase == len(self.barrier_arrivals):
             self.barrier_arrivals.append(0)
             self.barrier_clocks.append(np.zeros(self.actors, dtype=np.int32))
+            self.barrier_causes.append(np.zeros(self.actors, dtype=np.int32))
         self.barrier_arrivals[phase] += 1
+        np.maximum(self.barrier_causes[phase], block._causal, out=self.barrier_causes[phase])
         if release:
             np.maximum(self.barrier_clocks[phase], block._clock, out=self.barrier_clocks[phase])
             block._clock[block.cluster_rank] += 1
@@ -786,8 +854,51 @@ class _Cluster:
         """The point of the phase's last expect_tx, if any (first point of a mismatch report)."""
         return (self.point(state.expect_event),) if state.expect_event >= 0 else ()
 
-    def try_complete(self, state: _MbarrierState, event: int) -> None:
-        """Complete the mbarrier's phase if nothing is pending; flag over-delivered bytes."""
+    def check_signal_phase(self, block: Block, state: _MbarrierState, event: int) -> None:
+        """An arrive, non-zero expect_tx or complete_tx counts toward the current phase only if
+        the block knows the previous phase completed; otherwise it may land in that one
+        (PhaseAliasing)."""
+        current = state.phase
+        if block._causal[state.actor] >= current:
+            return
+        me = block.cluster_rank
+        previous = self.point(state.completions[current - 1])
+        raise hazards.PhaseAliasing(
+            f"block {me} signals mbarrier {state.label} in phase {current}, but nothing orders the "
+            f"completion of phase {current - 1} (block {previous.block}) before it: on hardware the signal "
+            f"may count toward phase {current - 1} or phase {current}; have block {me} wait for phase "
+            f"{current - 1} (or for its consumer) first",
+            mbarrier=state.label, phases=(current - 1, current),
+            blocks=tuple(dict.fromkeys((previous.block, me, state.owner))),
+            owner=state.owner, byte_range=state.byte_range, points=(previous, self.point(event)),
+        )
+
+    def raise_lapped(self, wait: Wait, lapping: int, wait_first: bool) -> None:
+        """PhaseAliasing: event ``lapping`` completed the phase after ``wait``'s before the wait
+        is known to have returned (``wait_first``: the wait began before ``lapping``)."""
+        state, me = wait.mbarrier, wait.block.cluster_rank
+        phase = wait.phase
+        lapper = self.point(lapping)
+        refers = "the phase before phase 0, which counts as complete" if phase < 0 else f"phase {phase}"
+        then = "returns at once" if phase < 0 else f"returns after phase {phase}"
+        points = (wait.point, lapper) if wait_first else (lapper, wait.point)
+        raise hazards.PhaseAliasing(
+            f"block {me} waits on parity {wait.parity} of mbarrier {state.label}, which refers to {refers}, "
+            f"but block {lapper.block} completes phase {phase + 1} before that wait is known to have returned: "
+            f"on hardware the wait {then} or, finding parity {wait.parity} again, only after phase {phase + 2}; "
+            f"make block {lapper.block} wait for block {me} (e.g. an 'empty' mbarrier) before phase {phase + 1}",
+            mbarrier=state.label, phases=(phase, phase + 2),
+            blocks=tuple(dict.fromkeys((points[0].block, points[1].block, state.owner))),
+            owner=state.owner, byte_range=state.byte_range, points=points,
+        )
+
+    def try_complete(self, state: _MbarrierState, event: int, block: Block) -> None:
+        """Complete the mbarrier's phase if nothing is pending; flag over-delivered bytes.
+
+        ``block`` issued ``event``. A completed phase is checked against the waits it may lap:
+        a wait on the phase before it must be known to have returned (the completion's causes
+        include the wait's return), else PhaseAliasing.
+        """
         if state.pending:
             return
         if state.delivered > state.expected:
@@ -801,16 +912,25 @@ class _Cluster:
             )
         if state.delivered < state.expected:
             return
+        done = state.phase
         state.phase += 1
-        completed = state.completed[(state.phase - 1) % 2]
-        completed[:] = state.clock
-        completed[state.actor] = state.phase
+        state.completions.append(event)
+        for snapshot, clock in ((state.completed, state.clock), (state.completed_causes, state.causes)):
+            snapshot[done % 2][:] = clock
+            snapshot[done % 2][state.actor] = state.phase
+        if state.expected == 0:  # no bytes that could still be in flight: the block knows
+            block._causal[state.actor] = state.phase
         owner = self.blocks[state.owner]
         self.trace.events.append(
             TraceEvent(owner._waited, owner._step, "mbarrier.complete", state.owner, state.owner, state.owner,
-                       state.delivered, f"{state.label} phase {state.phase - 1} ({state.delivered} B tx)",
+                       state.delivered, f"{state.label} phase {done} ({state.delivered} B tx)",
                        self.trace.events[event].line)
         )
+        for wait in state.waits:  # a wait on the phase before is lapped unless it returned before this
+            returned = wait.released and state.causes[wait.block.cluster_rank] >= wait.released
+            if wait.phase == done - 1 and not returned:
+                self.raise_lapped(wait, event, wait_first=True)
+        state.waits = [wait for wait in state.waits if wait.phase >= done]
         state.pending = state.count
         state.expected = state.delivered = 0
         state.expect_event = -1
@@ -821,19 +941,27 @@ class _Cluster:
     def satisfied(self, wait: Wait) -> bool:
         if wait.mbarrier is None:
             return self.cluster_phase_done(wait.phase)
-        return wait.mbarrier.phase % 2 != wait.parity
+        return wait.mbarrier.phase > wait.phase
 
     def acquire(self, wait: Wait) -> None:
         """Complete a satisfied wait: join the clock it acquires, advance the block."""
         block = wait.block
         if wait.mbarrier is None:
             np.maximum(block._clock, self.barrier_clocks[wait.phase], out=block._clock)
+            np.maximum(block._causal, self.barrier_causes[wait.phase], out=block._causal)
+            for other in self.blocks:  # an exit stands in for the arrival of an exited block
+                if self.exited[other.cluster_rank] and other._arrived <= wait.phase:
+                    np.maximum(block._causal, other._causal, out=block._causal)
             block._event("barrier.cluster.wait.acquire", block.cluster_rank, block.cluster_rank, 0,
                          f"phase {wait.phase}", wait.point.line)
             block._waited += 1
         else:
             state = wait.mbarrier
-            np.maximum(block._clock, state.completed[wait.parity], out=block._clock)
+            if wait.phase >= 0:  # the phase before phase 0 orders nothing
+                np.maximum(block._clock, state.completed[wait.phase % 2], out=block._clock)
+                np.maximum(block._causal, state.completed_causes[wait.phase % 2], out=block._causal)
+            block._causal[block.cluster_rank] += 1
+            wait.released = int(block._causal[block.cluster_rank])
             block._event("mbarrier.try_wait.parity", block.cluster_rank, block.cluster_rank, 0,
                          f"{state.label} parity {wait.parity}", wait.point.line)
 
@@ -880,6 +1008,8 @@ class _Cluster:
                     owner=state.owner, byte_range=state.byte_range,
                     points=self.expect_points(state) + (wait.point,),
                 )
+        if len(live) == 1 and live[0].mbarrier is not None:
+            self.raise_phase_never_completes(live[0])
         describe = {w.block.cluster_rank: w.describe() for w in live}
         never_arrived: list[int] = []
         lines = []
@@ -891,7 +1021,7 @@ class _Cluster:
                 lines.append(f"block {rank} waits on cluster barrier phase {wait.phase}; never arrived: {missing}")
             else:
                 state = wait.mbarrier
-                lines.append(f"block {rank} waits on mbarrier {state.label} phase {state.phase}: "
+                lines.append(f"block {rank} waits on mbarrier {state.label} phase {wait.phase}: "
                              f"{state.pending} of {state.count} arrivals missing")
         first = live[0]
         stuck = next((w for w in live if w.block.cluster_rank in never_arrived and w is not first), None)
@@ -905,6 +1035,27 @@ class _Cluster:
             owner=None if mbar is None else mbar.owner,
             byte_range=None if mbar is None else mbar.byte_range,
             points=(first.point,) + (() if stuck is None else (stuck.point,)),
+        )
+
+    def raise_phase_never_completes(self, wait: Wait) -> None:
+        """The last running block waits on an mbarrier phase that still lacks arrivals."""
+        state, me, phase = wait.mbarrier, wait.block.cluster_rank, wait.phase
+        summary = (
+            f"block {me} waits on parity {wait.parity} of mbarrier {state.label}, i.e. on phase {phase}, "
+            f"which still needs {state.pending} of its {state.count} arrivals, but no other block is running "
+            "to give them: the phase can never complete (on hardware: a hang)"
+        )
+        points = (wait.point,)
+        if phase > 0:
+            previous = self.point(state.completions[phase - 1])
+            points = (previous,) + points
+            summary += (f"; parity {wait.parity} names phase {phase} because phase {phase - 1} completed before "
+                        f"the wait (first point): if it meant phase {phase - 1}, wait on parity {(phase - 1) % 2}")
+        raise hazards.PhaseNeverCompletes(
+            summary,
+            mbarrier=state.label, phase=phase, parity=wait.parity, missing_arrivals=state.pending,
+            waits={me: wait.describe()}, never_arrived=(),
+            blocks=(me,), owner=state.owner, byte_range=state.byte_range, points=points,
         )
 
     def check_bulk_alignment(self, block, dentry, downer, dlo, dhi, sentry, slo, shi, event) -> None:

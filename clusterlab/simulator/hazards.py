@@ -103,6 +103,66 @@ class BarrierDeadlock(Hazard):
         super().__init__(summary, **fields)
 
 
+class PhaseNeverCompletes(BarrierDeadlock):
+    """A block waits on an mbarrier phase that can never complete: a deadlock with a known cause.
+
+    Reported instead of a plain :class:`BarrierDeadlock` when the waiting block is the last one
+    running (every other block has exited), so nobody is left to give the phase the
+    ``missing_arrivals`` it still needs. ``mbarrier`` names the barrier, ``phase`` the phase
+    waited on (0-based) and ``parity`` the parity the program passed.
+
+    The usual cause is a parity that names the wrong phase. ``try_wait.parity`` never refers to
+    a phase by number: parity ``p`` means "the phase of parity ``p`` that is current, or the one
+    just before it". A block that completes phase 0 itself (its own arrival, no transaction
+    bytes) and then waits on parity 1 waits for phase 1, which nobody starts; the report then
+    names the point that completed the previous phase, first. (On a fresh mbarrier, parity 1
+    names the phase before phase 0, which counts as complete: that wait passes at once and
+    orders nothing. It is no hang, and it is how a producer's first wait on an "empty" barrier
+    is usually written.)
+    """
+
+    kind = "phase never completes"
+
+    def __init__(self, summary, *, mbarrier: str, phase: int, parity: int, missing_arrivals: int, **fields):
+        self.mbarrier = mbarrier
+        self.phase = int(phase)
+        self.parity = int(parity)
+        self.missing_arrivals = int(missing_arrivals)
+        super().__init__(summary, **fields)
+
+
+class PhaseAliasing(Hazard):
+    """An mbarrier operation that cannot tell two phases of the same parity apart.
+
+    An mbarrier only exposes the parity of its current phase, so phases ``k`` and ``k + 2``
+    look the same. Which phase an operation meets must not depend on timing; it does when the
+    barrier can run two phases ahead of a block:
+
+    - a **wait** on parity ``p`` refers to the earliest phase of parity ``p`` it may observe
+      (``phases[0]``: the phase the waiting block knows to be current, or the one just before
+      it; ``-1`` is the phase before the first, which counts as complete). If the next phase
+      can complete before the wait is known to have returned, the barrier may be back at
+      parity ``p`` when the block looks: it then waits for ``phases[1] = phases[0] + 2``
+      (seeing newer data, or hanging if that phase never comes) instead of returning;
+    - an **arrive**, ``expect_tx`` or transaction bytes of a bulk copy / ``st.async`` issued
+      while the block does not know that the previous phase ``phases[0]`` completed may count
+      toward that phase instead of the current one ``phases[1]``.
+
+    ``mbarrier`` names the barrier; ``points`` are the two operations, earliest first: the
+    wait and the signal that completed the next phase (it "lapped" the waiter), or the
+    completion of the previous phase and the early signal. Fix it by making the faster side
+    wait for the slower one (for a producer and a consumer: an "empty" mbarrier the consumer
+    arrives on once it is done with the data).
+    """
+
+    kind = "phase aliasing"
+
+    def __init__(self, summary, *, mbarrier: str, phases: tuple[int, int], **fields):
+        self.mbarrier = mbarrier
+        self.phases = tuple(int(p) for p in phases)
+        super().__init__(summary, **fields)
+
+
 class BarrierMisuse(Hazard):
     """A barrier or mbarrier used against its rules (arrive twice, wait unyielded, no init...)."""
 
