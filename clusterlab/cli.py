@@ -4,6 +4,7 @@
     clusterlab tour                          ClusterReduce / ClusterGather over cluster sizes 1-16
     clusterlab trace reduce --cluster 8 --algorithm ring [--save ring.png]
                                              one primitive on the simulator, phase by phase
+                                             (--save: the extension picks the format)
     clusterlab bench primitives [...]        microbenchmarks of the collectives (Hopper GPU)
     clusterlab bench fused [...]             the fused decode layer vs PyTorch and the floor (Hopper GPU)
 """
@@ -11,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -33,10 +36,62 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _integer(minimum: int, maximum: int | None = None):
+    """An argparse ``type=``: the text as an integer in minimum..maximum (no maximum if None).
+
+    Anything else raises ``ArgumentTypeError``, which argparse prints after the usage with the
+    flag's name ("argument --n: must be an integer >= 1; got '-5'") before exiting with status 2.
+    """
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _picture_path(text: str) -> Path:
+    """An argparse ``type=`` for ``--save``: where to write the picture, checked before anything runs.
+
+    The path must name a file (not a directory) whose extension is a format matplotlib writes
+    (``.png``, ``.pdf``, ``.svg``, ...), in a directory that exists and is writable. The picture
+    goes exactly there, in the format the extension names.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    if path.is_dir():
+        example = str(path / "trace.png")
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name such as {example!r}")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().removeprefix(".") not in formats:
+        found = f"got {path.suffix!r}" if path.suffix else "it has none"
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must end in an extension naming the picture's format, one of "
+            f"{', '.join('.' + f for f in formats)}; {found}"
+        )
+    directory = path.parent
+    if not directory.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {str(directory)!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {str(directory)!r} is not writable")
+    return path
+
+
 def _trace(args: argparse.Namespace) -> int:
     from . import simulator
-    from .tour import random_rows
+    from .simulator.inputs import check_choice
+    from .tour import check_n_fits, random_rows
 
+    algorithms = simulator.REDUCE_ALGORITHMS if args.primitive == "reduce" else simulator.GATHER_ALGORITHMS
+    check_choice("--algorithm", args.algorithm, algorithms)
+    check_n_fits("--n", args.n, args.primitive, args.algorithm, args.cluster, args.dtype)
     x = random_rows(np.random.default_rng(args.seed), args.cluster, args.n, args.dtype)
     if args.primitive == "reduce":
         _, trace = simulator.cluster_reduce(x, op=args.op, algorithm=args.algorithm)
@@ -44,14 +99,16 @@ def _trace(args: argparse.Namespace) -> int:
         _, trace = simulator.cluster_gather(x, algorithm=args.algorithm)
     print(trace.phase_table())
     if args.save:
-        trace.plot().savefig(args.save, dpi=120, bbox_inches="tight")
+        picture_format = args.save.suffix.lower().removeprefix(".")
+        trace.plot().savefig(args.save, format=picture_format, dpi=120, bbox_inches="tight")
         print(f"picture saved to {args.save}")
     return 0
 
 
 def _tour(args: argparse.Namespace) -> int:
-    from .tour import format_tour, run_tour
+    from .tour import check_tour_fits, format_tour, run_tour
 
+    check_tour_fits("--n", args.n, args.cluster, args.dtype)
     rows = run_tour(cluster_sizes=args.cluster, n=args.n, dtype=args.dtype, backend=args.backend, seed=args.seed)
     print(format_tour(rows))
     return 0 if all(row.ok for row in rows) else 1
@@ -79,22 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="ClusterReduce and ClusterGather over cluster sizes 1-16: on the GPU checked bit for bit "
         "against the simulator, else on the simulator checked against NumPy",
     )
-    tour.add_argument("--cluster", type=int, nargs="+", default=list(range(1, 17)), help="cluster sizes (1-16)")
-    tour.add_argument("--n", type=int, default=1024, help="elements per block (default 1024)")
+    cluster_size = _integer(1, simulator.MAX_CLUSTER_SIZE)
+    elements = _integer(1)
+    seed = _integer(0)
+    tour.add_argument("--cluster", type=cluster_size, nargs="+", default=list(range(1, 17)), help="cluster sizes (1-16)")
+    tour.add_argument("--n", type=elements, default=1024, help="elements per block (default 1024)")
     tour.add_argument("--dtype", default="float32", choices=simulator.DTYPES)
     tour.add_argument("--backend", default="auto", choices=("auto", "gpu", "simulator"))
-    tour.add_argument("--seed", type=int, default=None)
+    tour.add_argument("--seed", type=seed, default=None, help="seed of the random rows (an integer >= 0)")
     tour.set_defaults(run=_tour)
 
     trace = commands.add_parser("trace", help="run one primitive on the simulator and show its data movement")
     trace.add_argument("primitive", choices=("reduce", "gather"))
-    trace.add_argument("--cluster", type=int, default=8, help="cluster size (1-16)")
-    trace.add_argument("--algorithm", default="ring")
+    trace.add_argument("--cluster", type=cluster_size, default=8, help="cluster size (1-16)")
+    trace.add_argument(
+        "--algorithm", default="ring",
+        help=f"reduce: {', '.join(simulator.REDUCE_ALGORITHMS)}; gather: {', '.join(simulator.GATHER_ALGORITHMS)}",
+    )
     trace.add_argument("--op", default="sum", choices=simulator.OPS, help="reduce only")
-    trace.add_argument("--n", type=int, default=64, help="elements per block")
+    trace.add_argument("--n", type=elements, default=64, help="elements per block (at most what fits in shared memory)")
     trace.add_argument("--dtype", default="float32", choices=simulator.DTYPES)
-    trace.add_argument("--seed", type=int, default=None)
-    trace.add_argument("--save", metavar="PNG", help="save the per-phase picture")
+    trace.add_argument("--seed", type=seed, default=None, help="seed of the random rows (an integer >= 0)")
+    trace.add_argument(
+        "--save", metavar="PATH", type=_picture_path,
+        help="save the per-phase picture to PATH, in the format its extension names (.png, .pdf, .svg, ...)",
+    )
     trace.set_defaults(run=_trace)
 
     bench = commands.add_parser(
@@ -118,3 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"clusterlab {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"clusterlab {args.command}: {exc}", file=sys.stderr)
+        return 1

@@ -15,6 +15,12 @@ import numpy as np
 
 from . import simulator
 from .gpu import hopper_problem, require_hopper
+from .simulator.gather import gather_shared_bytes
+from .simulator.inputs import check_choice, check_fits, check_integer
+from .simulator.reduce import reduce_shared_bytes
+
+#: The collectives the tour runs, each with its algorithms.
+COLLECTIVES = (("reduce", simulator.REDUCE_ALGORITHMS), ("gather", simulator.GATHER_ALGORITHMS))
 
 
 def random_rows(rng: np.random.Generator, cluster_size: int, n: int, dtype: str) -> np.ndarray:
@@ -27,6 +33,24 @@ def random_rows(rng: np.random.Generator, cluster_size: int, n: int, dtype: str)
     if dt == np.int32:
         return rng.integers(-1000, 1001, size=(cluster_size, n), dtype=np.int32)
     return rng.standard_normal((cluster_size, n)).astype(dt)
+
+
+def check_n_fits(parameter: str, n: int, primitive: str, algorithm: str, cluster_size: int, dtype: str) -> None:
+    """ValueError naming ``parameter`` and the largest allowed ``n`` unless ``n`` elements per block fit
+    in shared memory for ``primitive`` (``"reduce"`` or ``"gather"``) with ``algorithm`` on the simulator."""
+    shared_bytes = reduce_shared_bytes if primitive == "reduce" else gather_shared_bytes
+    check_fits(
+        parameter, n, lambda m: shared_bytes(algorithm, m, cluster_size, dtype),
+        f"the {algorithm} {primitive} (cluster size {cluster_size}, {dtype})",
+    )
+
+
+def check_tour_fits(parameter: str, n: int, cluster_sizes, dtype: str) -> None:
+    """:func:`check_n_fits` for every run of the tour: each collective, algorithm and cluster size."""
+    for primitive, algorithms in COLLECTIVES:
+        for algorithm in algorithms:
+            for size in cluster_sizes:
+                check_n_fits(parameter, n, primitive, algorithm, size, dtype)
 
 
 @dataclass
@@ -75,22 +99,42 @@ def _run_gpu(primitive, algorithm, x):
     return primitives.to_numpy(out), latency.median
 
 
+def _gpu_dtypes() -> tuple[str, ...]:
+    """The dtypes the GPU kernels take; imported only when the GPU may run (it loads torch and numba)."""
+    from .primitives import GPU_DTYPES
+
+    return GPU_DTYPES
+
+
 def run_tour(cluster_sizes=range(1, 17), n: int = 1024, dtype: str = "float32", backend: str = "auto",
              seed: int | None = None) -> list[TourRow]:
     """Run every algorithm of both collectives (reduce with ``op="sum"``) for each cluster size.
 
-    ``backend``: ``"gpu"`` (raises :class:`clusterlab.HopperRequired` without a Hopper GPU),
-    ``"simulator"``, or ``"auto"`` (the GPU when usable).
+    ``backend``: ``"gpu"`` (raises :class:`clusterlab.HopperRequired` without a Hopper GPU; dtype
+    float32, float16 or bfloat16), ``"simulator"``, or ``"auto"`` (the GPU when usable and it
+    takes ``dtype``). Every argument is checked, ``n`` against the shared memory of every run,
+    before anything runs.
     """
-    if backend not in ("auto", "gpu", "simulator"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'gpu' or 'simulator'")
+    check_choice("backend", backend, ("auto", "gpu", "simulator"))
+    check_choice("dtype", dtype, simulator.DTYPES)
+    check_integer("n", n, 1)
+    if seed is not None:
+        check_integer("seed", seed, 0)
+    cluster_sizes = list(cluster_sizes)
+    for i, size in enumerate(cluster_sizes):
+        check_integer(f"cluster_sizes[{i}]", size, 1, simulator.MAX_CLUSTER_SIZE)
+    check_tour_fits("n", n, cluster_sizes, dtype)
     if backend == "gpu":
+        if dtype not in _gpu_dtypes():
+            raise ValueError(
+                f"dtype must be one of {_gpu_dtypes()} on the GPU; got {dtype!r} (the simulator takes any of DTYPES)"
+            )
         require_hopper()
-    on_gpu = backend == "gpu" or (backend == "auto" and hopper_problem() is None)
+    on_gpu = backend == "gpu" or (backend == "auto" and hopper_problem() is None and dtype in _gpu_dtypes())
 
     rng = np.random.default_rng(seed)
     rows = []
-    for primitive, algorithms in (("reduce", simulator.REDUCE_ALGORITHMS), ("gather", simulator.GATHER_ALGORITHMS)):
+    for primitive, algorithms in COLLECTIVES:
         for algorithm in algorithms:
             for size in cluster_sizes:
                 x = random_rows(rng, size, n, dtype)

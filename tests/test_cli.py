@@ -51,8 +51,18 @@ def test_bench_without_gpu_exits_1_naming_what_is_missing(suite, capsys):
 
 
 def test_bad_value_exits_2_with_the_parameter(capsys):
-    assert main(["trace", "reduce", "--cluster", "17"]) == 2
-    assert "cluster_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["trace", "reduce", "--cluster", "17"])
+    assert exited.value.code == 2
+    assert "argument --cluster: must be an integer in 1..16; got '17'" in capsys.readouterr().err
+
+
+def test_trace_saves_exactly_where_asked_in_the_format_of_the_extension(tmp_path, capsys):
+    picture = tmp_path / "ring.svg"
+    assert main(["trace", "gather", "--cluster", "2", "--n", "3", "--save", str(picture)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"picture saved to {picture}")
+    assert picture.read_text().lstrip().startswith("<?xml")
+    assert sorted(tmp_path.iterdir()) == [picture]
 
 
 @no_gpu

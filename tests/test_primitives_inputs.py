@@ -7,6 +7,7 @@ import torch
 
 from clusterlab import HopperRequired, primitives
 from clusterlab.gpu import hopper_problem
+from clusterlab.primitives.reduce import slot_elements
 
 rng = np.random.default_rng()
 
@@ -55,3 +56,51 @@ def test_auto_is_an_accepted_algorithm():
         primitives.cluster_reduce(rows(4, 256), algorithm="auto")
     with pytest.raises(HopperRequired):
         primitives.cluster_gather(rows(4, 256, dtype=np.float16), algorithm="auto")
+
+
+def test_masked_arrays_are_refused():
+    x = np.ma.masked_array(rows(4, 8), mask=False)
+    for call in (primitives.cluster_reduce, primitives.cluster_gather, primitives.to_device):
+        with pytest.raises(TypeError, match=r"x must be a plain NumPy array; got a masked array"):
+            call(x)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [([1.0, 2.0], "x must be a NumPy array; got list"), (rows(2, 3, dtype=np.float64), "x.dtype must be one of")],
+)
+def test_to_device_checks_its_input(x, message):
+    with pytest.raises(TypeError, match=message):
+        primitives.to_device(x)
+
+
+@pytest.mark.skipif(hopper_problem() is None, reason="this machine has a Hopper GPU")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_to_device_without_a_gpu_asks_for_hopper(dtype):
+    with pytest.raises(HopperRequired, match="a Hopper GPU is required"):
+        primitives.to_device(rows(4, 8, dtype=dtype))
+
+
+def test_reduce_device_function_names_the_operators_and_algorithms():
+    with pytest.raises(ValueError, match=r"op must be one of \('sum', 'max', 'min'\); got 'avg'"):
+        primitives.reduce_device_function("ring", "avg")
+    with pytest.raises(ValueError, match=r"algorithm must be one of \('direct', 'ring', 'butterfly', 'bulk'\)"):
+        primitives.reduce_device_function("tree", "sum")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: slot_elements(-5), ValueError, r"n must be an integer >= 0; got -5"),
+        (lambda: primitives.gather_stride("bulk", -5, 4), ValueError, r"n must be an integer >= 0; got -5"),
+        (lambda: primitives.gather_stride("tree", 8, 4), ValueError, r"algorithm must be one of \('direct'"),
+        (lambda: primitives.gather_stride("bulk", 8, 0), ValueError, r"itemsize must be an integer >= 1; got 0"),
+        (lambda: primitives.reduce_scratch_elements("ring", 8, 0), ValueError, r"cluster_size must be .*1..16; got 0"),
+        (lambda: primitives.reduce_scratch_elements("ring", 0, 4), ValueError, r"n must be an integer >= 1; got 0"),
+        (lambda: primitives.reduce_scratch_elements("tree", 8, 4), ValueError, r"algorithm must be one of"),
+    ],
+)
+def test_layout_helpers_check_their_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+    assert slot_elements(5) == 8 and primitives.gather_stride("bulk", 5, 2) == 8

@@ -106,3 +106,93 @@ def test_layouts_must_agree_between_blocks():
     message = r"shared 'rows' is declared as float32\[5\] here but as float32\[4\]"
     with pytest.raises(ValueError, match=message):
         sim.launch(diverging, 2)
+
+
+@pytest.mark.parametrize("run", [sim.cluster_reduce, sim.cluster_gather])
+def test_masked_arrays_are_refused(run):
+    x = np.ma.masked_array(GOOD, mask=GOOD > 0)
+    with pytest.raises(TypeError, match=r"x must be a plain NumPy array; got a masked array .*x.filled\(value\)"):
+        run(x)
+
+
+LARGEST_N = [  # (primitive, algorithm, cluster size, dtype, largest n that fits)
+    ("reduce", "ring", 8, np.float32, 25824),
+    ("reduce", "ring", 1, np.float32, 14528),
+    ("reduce", "butterfly", 4, np.float64, 9685),
+    ("reduce", "bulk", 16, np.float16, 3628),
+    ("gather", "direct", 16, np.float32, 3632),
+    ("gather", "bulk", 5, np.int32, 11620),
+]
+
+
+@pytest.mark.parametrize(("primitive", "algorithm", "size", "dtype", "largest"), LARGEST_N)
+def test_n_is_limited_by_the_shared_memory_of_a_block(primitive, algorithm, size, dtype, largest):
+    run = sim.cluster_reduce if primitive == "reduce" else sim.cluster_gather
+    out, _ = run(np.ones((size, largest), dtype=dtype), algorithm=algorithm)
+    assert out.shape[1] in (largest, size * largest)
+    message = rf"n \(x.shape\[1\]\) must be at most {largest} for the {algorithm} {primitive} \(cluster size {size}, "
+    with pytest.raises(ValueError, match=message + rf".*got {largest + 1}, which needs \d+ bytes .*a block has 232448"):
+        run(np.ones((size, largest + 1), dtype=dtype), algorithm=algorithm)
+
+
+@pytest.mark.parametrize(
+    ("primitive", "algorithms"), [("reduce", sim.REDUCE_ALGORITHMS), ("gather", sim.GATHER_ALGORITHMS)]
+)
+@pytest.mark.parametrize("size", [1, 3, 8, 16])
+@pytest.mark.parametrize("dtype", ["float16", "float64", "int32"])
+def test_shared_bytes_are_exactly_what_the_programs_declare(primitive, algorithms, size, dtype):
+    from clusterlab.simulator import gather, reduce
+
+    module = reduce if primitive == "reduce" else gather
+    shared_bytes = reduce.reduce_shared_bytes if primitive == "reduce" else gather.gather_shared_bytes
+    x = np.ones((size, 13), dtype=sim.numpy_dtype(dtype))
+    for algorithm in algorithms:
+        program = getattr(module, f"{algorithm}_{primitive}")
+        extra = (sim.op_ufunc("sum"),) if primitive == "reduce" else ()
+        out = np.empty((size, 13 if primitive == "reduce" else 13 * size), dtype=x.dtype)
+        needed = shared_bytes(algorithm, 13, size, dtype)
+        sim.launch(program, size, x, out, *extra, smem_bytes=needed)
+        with pytest.raises(sim.OutOfBounds, match="shared memory exhausted"):
+            sim.launch(program, size, x, out, *extra, smem_bytes=needed - 1)
+
+
+def test_a_huge_input_is_refused_before_anything_is_allocated():
+    x = np.broadcast_to(np.float32(1), (16, 10**9))  # 64 GB to read, no memory behind it
+    with pytest.raises(ValueError, match=r"must be at most 3632 .* got 1000000000"):
+        sim.cluster_gather(x)
+    with pytest.raises(ValueError, match=r"must be at most 19370 .* got 1000000000"):
+        sim.cluster_reduce(x, algorithm="butterfly")
+
+
+def test_slot_elements_needs_a_count():
+    assert sim.slot_elements(5, np.float32) == 8
+    assert sim.slot_elements(0, np.float16) == 0
+    with pytest.raises(ValueError, match=r"n must be an integer >= 0; got -5"):
+        sim.slot_elements(-5, np.float32)
+    with pytest.raises(TypeError, match=r"n must be an integer >= 0; got 2.5"):
+        sim.slot_elements(2.5, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["foo", None, np.int64, "complex64", 3])
+def test_dtype_name_lists_the_dtypes(dtype):
+    with pytest.raises(TypeError, match=r"x.dtype must be one of \('float32', 'float16', 'float64', 'int32', 'bfloat16'\)"):
+        sim.dtype_name(dtype)
+    assert sim.dtype_name("bfloat16") == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("phases", "error", "message"),
+    [
+        (3, TypeError, r"phases must be a non-empty list of phase numbers in 0..2, such as \[0\] or range\(3\); got 3"),
+        ("01", TypeError, r"phases must be a non-empty list .*; got '01'"),
+        ([], ValueError, r"phases must be a non-empty list .*; got \[\]"),
+        ([0, 1.5], TypeError, r"phases must be .*; got 1.5 among them"),
+        ([True], TypeError, r"got True among them"),
+        ([-1], ValueError, r"phases must lie in 0..2; got -1"),
+    ],
+)
+def test_plot_checks_phases(phases, error, message):
+    _, trace = sim.cluster_gather(GOOD[:3], "direct")
+    with pytest.raises(error, match=message):
+        trace.plot(phases=phases)
+    assert len([ax for ax in trace.plot(phases=range(2)).axes if ax.get_title()]) == 2

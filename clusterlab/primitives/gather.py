@@ -31,11 +31,16 @@ import numpy as np
 from numba import cuda
 
 from .. import ptx
+from ..simulator import GATHER_ALGORITHMS
+from ..simulator.inputs import check_choice, check_integer
 from .ops import open_bulk_exchange
 
 
 def gather_stride(algorithm: str, n: int, itemsize: int) -> int:
-    """Row pitch in elements: n, or n padded to 16 bytes for ``bulk`` (bulk copies need it)."""
+    """Row pitch in elements: n >= 0, or n padded to 16 bytes for ``bulk`` (bulk copies need it)."""
+    check_choice("algorithm", algorithm, GATHER_ALGORITHMS)
+    check_integer("n", n, 0)
+    check_integer("itemsize", itemsize, 1)
     if algorithm == "bulk":
         return -(-n * itemsize // 16) * 16 // itemsize
     return n

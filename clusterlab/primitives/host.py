@@ -39,9 +39,7 @@ def _check_rows(x):
     import torch
 
     if isinstance(x, np.ndarray):
-        dtype = np.dtype(x.dtype).name
-        if dtype not in GPU_DTYPES:
-            raise TypeError(f"x.dtype must be one of {GPU_DTYPES} on the GPU; got {dtype!r}")
+        dtype = _check_numpy(x)
     elif isinstance(x, torch.Tensor):
         dtype = _torch_dtypes().get(x.dtype)
         if dtype is None:
@@ -60,6 +58,19 @@ def _check_rows(x):
     return dtype, num_clusters, cluster_size, n
 
 
+def _check_numpy(x: np.ndarray) -> str:
+    """The dtype name of NumPy input ``x``; TypeError unless it is a plain array of one of GPU_DTYPES."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            "x must be a plain NumPy array; got a masked array (np.ma.MaskedArray), whose mask the GPU "
+            "would ignore: pass x.filled(value) to say what the masked elements hold"
+        )
+    dtype = np.dtype(x.dtype).name
+    if dtype not in GPU_DTYPES:
+        raise TypeError(f"x.dtype must be one of {GPU_DTYPES} on the GPU; got {dtype!r}")
+    return dtype
+
+
 def _check_shared_bytes(shared_bytes: int, n: int, what: str) -> None:
     if shared_bytes > MAX_SMEM_BYTES_PER_BLOCK:
         raise ValueError(
@@ -69,9 +80,16 @@ def _check_shared_bytes(shared_bytes: int, n: int, what: str) -> None:
 
 
 def to_device(x: np.ndarray):
-    """A NumPy array (float32, float16, ``ml_dtypes.bfloat16``) as a CUDA tensor of the same dtype."""
+    """A NumPy array (float32, float16, ``ml_dtypes.bfloat16``) as a CUDA tensor of the same dtype.
+
+    Raises TypeError for anything else and :class:`clusterlab.HopperRequired` without a Hopper GPU.
+    """
     import torch
 
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a NumPy array; got {type(x).__name__}")
+    _check_numpy(x)
+    require_hopper()
     if np.dtype(x.dtype) == np.dtype(ml_dtypes.bfloat16):
         return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).cuda().view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(x)).cuda()

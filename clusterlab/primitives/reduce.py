@@ -31,6 +31,8 @@ import functools
 from numba import cuda
 
 from .. import ptx
+from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS
+from ..simulator.inputs import check_choice, check_integer
 from .ops import CONVERSIONS, OPERATORS, open_bulk_exchange
 
 #: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
@@ -39,7 +41,8 @@ FLOAT32_BYTES = 4
 
 
 def slot_elements(n: int) -> int:
-    """float32 elements per row slot of ``bulk``: n rounded up to 16 bytes (bulk copies need it)."""
+    """float32 elements per row slot of ``bulk``: n >= 0 rounded up to 16 bytes (bulk copies need it)."""
+    check_integer("n", n, 0)
     return -(-n // 4) * 4
 
 
@@ -49,16 +52,17 @@ def widest_chunk(n: int, cluster_size: int) -> int:
 
 
 def reduce_scratch_elements(algorithm: str, n: int, cluster_size: int) -> int:
-    """float32 elements of ``work`` the device function of ``algorithm`` needs."""
+    """float32 elements of ``work`` the device function of ``algorithm`` needs (n >= 1, cluster_size 1..16)."""
+    check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
+    check_integer("n", n, 1)
+    check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
     if algorithm == "direct":
         return n  # the folded row, kept until no peer reads ``staged`` any more
     if algorithm == "ring":
         return 2 * widest_chunk(n, cluster_size) + n  # partial [2, widest] | result [n]
     if algorithm == "butterfly":
         return 2 * n  # acc [2, n]
-    if algorithm == "bulk":
-        return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * slot_elements(n)  # mbarrier | rows [N, slot]
-    raise ValueError(f"algorithm={algorithm!r}: expected one of ('direct', 'ring', 'butterfly', 'bulk')")
+    return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * slot_elements(n)  # bulk: mbarrier | rows [N, slot]
 
 
 def work_offset(n: int) -> int:
@@ -74,6 +78,8 @@ def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int) -> int:
 @functools.cache
 def reduce_device_function(algorithm: str, op: str):
     """The device function running ClusterReduce ``algorithm`` with operator ``op`` (see module doc)."""
+    check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
+    check_choice("op", op, tuple(OPERATORS))
     combine = OPERATORS[op]
 
     @cuda.jit(device=True)

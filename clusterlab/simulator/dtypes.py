@@ -63,10 +63,17 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def dtype_name(dtype) -> str:
-    """The :data:`DTYPES` name of a NumPy dtype; TypeError naming ``x.dtype`` if it is not one."""
-    name = np.dtype(dtype).name
+    """The :data:`DTYPES` name of a NumPy dtype (or of a name, ``"float16"``).
+
+    TypeError naming ``x.dtype`` and listing :data:`DTYPES` if it is none of them, including
+    ``None`` (which NumPy would read as float64) and what NumPy does not know as a dtype.
+    """
+    try:
+        name = np.dtype(dtype).name if dtype is not None else None
+    except (TypeError, ValueError):
+        name = None
     if name not in _NUMPY_DTYPES:
-        raise TypeError(f"x.dtype must be one of {DTYPES}; got {name!r}")
+        raise TypeError(f"x.dtype must be one of {DTYPES}; got {name or dtype!r}")
     return name
 
 

@@ -36,9 +36,9 @@ from __future__ import annotations
 import numpy as np
 
 from .cluster import Block, launch
-from .dtypes import dtype_name
-from .inputs import check_choice, check_rows
-from .memory import ALLOCATION_ALIGN_BYTES
+from .dtypes import dtype_name, numpy_dtype
+from .inputs import check_choice, check_fits, check_integer, check_rows
+from .memory import MBARRIER_BYTES, aligned, layout_bytes
 
 #: ClusterGather algorithms, by name.
 GATHER_ALGORITHMS = ("direct", "ring", "bulk")
@@ -55,16 +55,33 @@ def cluster_gather(x: np.ndarray, algorithm: str = "direct"):
     name = dtype_name(x.dtype)
     check_choice("algorithm", algorithm, GATHER_ALGORITHMS)
     size, n = x.shape
+    check_fits(
+        "n (x.shape[1])", n, lambda m: gather_shared_bytes(algorithm, m, size, name),
+        f"the {algorithm} gather (cluster size {size}, {name})",
+    )
     out = np.empty((size, size * n), dtype=x.dtype)
     title = f"cluster_gather(algorithm={algorithm!r}): {size} blocks x {n} {name}"
     trace = launch(_PROGRAMS[algorithm], size, x, out, title=title)
     return out, trace
 
 
+def gather_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int:
+    """Shared memory per block that ``algorithm`` declares to gather ``cluster_size`` rows of ``n`` ``dtype``.
+
+    ``rows`` [N, n] for ``direct`` and ``ring``; ``rows`` [N, slot] then the mbarrier ``full`` for ``bulk``.
+    """
+    check_choice("algorithm", algorithm, GATHER_ALGORITHMS)
+    itemsize = numpy_dtype(dtype_name(dtype)).itemsize
+    if algorithm == "bulk":
+        return layout_bytes([cluster_size * slot_elements(n, dtype) * itemsize, MBARRIER_BYTES])
+    return layout_bytes([cluster_size * n * itemsize])
+
+
 def slot_elements(n: int, dtype) -> int:
-    """Elements per row slot padded to a multiple of 16 bytes (the bulk algorithms' layout)."""
+    """Elements per row slot padded to a multiple of 16 bytes (the bulk algorithms' layout); n >= 0."""
+    check_integer("n", n, 0)
     itemsize = np.dtype(dtype).itemsize
-    return -(-n * itemsize // ALLOCATION_ALIGN_BYTES) * ALLOCATION_ALIGN_BYTES // itemsize
+    return aligned(n * itemsize) // itemsize
 
 
 def bulk_push_rows(b: Block, row: np.ndarray):

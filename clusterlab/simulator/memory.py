@@ -45,6 +45,23 @@ READ, WRITE, ATOMIC = "read", "write", "atomic"
 CONFLICTS = {READ: (WRITE, ATOMIC), WRITE: (WRITE, READ, ATOMIC), ATOMIC: (WRITE, READ)}
 
 
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of :data:`ALLOCATION_ALIGN_BYTES`."""
+    return -(-nbytes // ALLOCATION_ALIGN_BYTES) * ALLOCATION_ALIGN_BYTES
+
+
+def layout_bytes(array_bytes) -> int:
+    """Where a layout of arrays of ``array_bytes`` bytes each, declared in that order, ends.
+
+    Each array starts at the next aligned offset, as :meth:`SharedLayout.declare` places them, so
+    this is the shared memory a block needs for them: ``layout_bytes([4, 8]) == 24``.
+    """
+    end = 0
+    for nbytes in array_bytes:
+        end = aligned(end) + nbytes
+    return end
+
+
 class IndexOutOfRange(Exception):
     """An index outside an array's extent; the caller turns it into an ``OutOfBounds`` hazard."""
 
@@ -178,7 +195,7 @@ class SharedLayout:
                 )
             return known, False
         nbytes = math.prod(shape) * dtype.itemsize
-        offset = -(-self.end_bytes // ALLOCATION_ALIGN_BYTES) * ALLOCATION_ALIGN_BYTES
+        offset = aligned(self.end_bytes)
         remaining = tuple(math.prod(shape[d:]) for d in range(len(shape) + 1))
         slot = self.mbarrier_count if mbarrier else None
         entry = LayoutEntry(name, len(self.entries), offset, shape, dtype, nbytes, slot, remaining)

@@ -68,8 +68,9 @@ import numpy as np
 
 from .cluster import Block, SharedArray, launch
 from .dtypes import OPS, accumulation_dtype, dtype_name, op_ufunc
-from .gather import bulk_push_rows
-from .inputs import check_choice, check_rows
+from .gather import bulk_push_rows, slot_elements
+from .inputs import check_choice, check_fits, check_rows
+from .memory import MBARRIER_BYTES, layout_bytes
 
 #: ClusterReduce algorithms, by name.
 REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk")
@@ -88,6 +89,10 @@ def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
     check_choice("op", op, OPS)
     check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
     size, n = x.shape
+    check_fits(
+        "n (x.shape[1])", n, lambda m: reduce_shared_bytes(algorithm, m, size, name),
+        f"the {algorithm} reduce (cluster size {size}, {name})",
+    )
     out = np.empty_like(x)
     title = (
         f"cluster_reduce(op={op!r}, algorithm={algorithm!r}): {size} blocks x {n} {name}, "
@@ -95,6 +100,24 @@ def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
     )
     trace = launch(_PROGRAMS[algorithm], size, x, out, op_ufunc(op), title=title)
     return out, trace
+
+
+def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int:
+    """Shared memory per block that ``algorithm`` declares to reduce ``cluster_size`` rows of ``n`` ``dtype``.
+
+    The layouts of the module docstring, every array in the accumulation dtype.
+    """
+    check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
+    acc_dtype = accumulation_dtype(dtype)
+    row = n * acc_dtype.itemsize
+    widest = -(-n // cluster_size) * acc_dtype.itemsize  # the widest ring chunk, ceil(n / N) elements
+    arrays = {
+        "direct": [row],  # staged
+        "ring": [row, 2 * widest, row],  # staged | partial | result
+        "butterfly": [row, 2 * row],  # staged | acc
+        "bulk": [cluster_size * slot_elements(n, acc_dtype) * acc_dtype.itemsize, MBARRIER_BYTES],  # rows | full
+    }[algorithm]
+    return layout_bytes(arrays)
 
 
 def _load(b: Block, array, rank: int, key):

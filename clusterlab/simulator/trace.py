@@ -135,19 +135,16 @@ class Trace:
     def plot(self, phases=None, *, columns: int = 4, panel_inches: float = 3.2):
         """Draw the DSMEM traffic of each phase: blocks as boxes on a circle, arrows for transfers.
 
-        ``phases``: iterable of phase numbers (default: every phase). Arrow width grows with
-        the bytes moved; colour says the operation (legend at the bottom). Returns a
-        ``matplotlib.figure.Figure`` built without pyplot, so it works on headless machines:
-        ``trace.plot().savefig("ring.png")``.
+        ``phases``: a non-empty list (or other iterable) of phase numbers, ``[0, 2]`` or
+        ``range(3)`` (default: every phase). Arrow width grows with the bytes moved; colour says
+        the operation (legend at the bottom). Returns a ``matplotlib.figure.Figure`` built without
+        pyplot, so it works on headless machines: ``trace.plot().savefig("ring.png")``.
         """
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
         from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-        phases = list(range(self.num_phases)) if phases is None else [int(p) for p in phases]
-        for p in phases:
-            if not 0 <= p < self.num_phases:
-                raise ValueError(f"phases must lie in 0..{self.num_phases - 1}; got {p}")
+        phases = list(range(self.num_phases)) if phases is None else self._check_phases(phases)
         by_phase = self._events_by_phase()
         flows = [_flows(by_phase[p]) for p in phases]
         peak = max((b for flow in flows for b in flow.values()), default=1)
@@ -198,6 +195,22 @@ class Trace:
         if self.title:
             fig.suptitle(self.title, fontsize=10)
         return fig
+
+    def _check_phases(self, phases) -> list[int]:
+        """``phases`` as a list, or TypeError / ValueError naming it and the phases there are."""
+        last = self.num_phases - 1
+        wanted = f"a non-empty list of phase numbers in 0..{last}, such as [0] or range({self.num_phases})"
+        if isinstance(phases, (str, bytes)) or not hasattr(phases, "__iter__"):
+            raise TypeError(f"phases must be {wanted}; got {phases!r}")
+        phases = list(phases)
+        if not phases:
+            raise ValueError(f"phases must be {wanted}; got []")
+        for p in phases:
+            if not isinstance(p, (int, np.integer)) or isinstance(p, bool):
+                raise TypeError(f"phases must be {wanted}; got {p!r} among them")
+            if not 0 <= p <= last:
+                raise ValueError(f"phases must lie in 0..{last}; got {p}")
+        return [int(p) for p in phases]
 
     def _events_by_phase(self) -> list[list[TraceEvent]]:
         grouped: list[list[TraceEvent]] = [[] for _ in range(self.num_phases)]

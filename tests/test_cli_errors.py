@@ -1,0 +1,100 @@
+"""Usage errors of the clusterlab command: exit status 2, one line naming the flag, no traceback,
+and nothing run (or allocated) before the check."""
+
+import subprocess
+import sys
+
+import matplotlib.figure
+import pytest
+
+import clusterlab.simulator
+import clusterlab.tour
+from clusterlab.cli import main
+from clusterlab.tour import run_tour
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "clusterlab", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["trace", "reduce", "--n", "-5"], "argument --n: must be an integer >= 1; got '-5'"),
+        (["trace", "reduce", "--n", "many"], "argument --n: must be an integer >= 1; got 'many'"),
+        (["tour", "--n", "0"], "argument --n: must be an integer >= 1; got '0'"),
+        (["trace", "reduce", "--cluster", "-1"], "argument --cluster: must be an integer in 1..16; got '-1'"),
+        (["tour", "--cluster", "2", "17"], "argument --cluster: must be an integer in 1..16; got '17'"),
+        (["trace", "gather", "--seed", "-1"], "argument --seed: must be an integer >= 0; got '-1'"),
+        (["tour", "--seed", "-1"], "argument --seed: must be an integer >= 0; got '-1'"),
+        (["trace", "reduce", "--n", "50000000"], "--n must be at most 25824 for the ring reduce (cluster size 8"),
+        (["tour", "--cluster", "1", "--n", "50000"], "--n must be at most 14528 for the ring reduce (cluster size 1"),
+        (["trace", "gather", "--algorithm", "butterfly"], "--algorithm must be one of ('direct', 'ring', 'bulk')"),
+        (["trace", "reduce", "--save", "."], "argument --save: '.' is a directory"),
+        (["trace", "reduce", "--save", "ring"], "argument --save: 'ring' must end in an extension naming"),
+        (["trace", "reduce", "--save", "ring.xyz"], "one of .eps, .gif, .jpg"),
+        (["trace", "reduce", "--save", "missing/ring.png"], "directory 'missing' does not exist"),
+        (["bench", "fused", "--variant", "8xfoo"], "argument --variant: must look like CxW"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line_naming_the_flag(args, message, tmp_path):
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    last_line = done.stderr.rstrip("\n").splitlines()[-1]
+    assert message in last_line
+    assert done.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_too_large_n_is_refused_before_any_row_is_made(monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("rows were generated before n was checked")
+
+    monkeypatch.setattr(clusterlab.tour, "random_rows", must_not_run)
+    assert main(["trace", "gather", "--cluster", "16", "--n", "50000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--n must be at most 3632 for the ring gather (cluster size 16, float32); got 50000000" in err
+
+
+def test_bad_save_path_is_refused_before_the_simulation(monkeypatch, tmp_path, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the simulator ran before --save was checked")
+
+    monkeypatch.setattr(clusterlab.simulator, "cluster_reduce", must_not_run)
+    with pytest.raises(SystemExit) as exited:
+        main(["trace", "reduce", "--save", str(tmp_path / "missing" / "ring.png")])
+    assert exited.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_failed_write_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ring.png"))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", refuse)
+    assert main(["trace", "reduce", "--n", "4", "--save", str(tmp_path / "ring.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clusterlab trace: [Errno 13] Permission denied")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"n": 0}, ValueError, r"n must be an integer >= 1; got 0"),
+        ({"n": 50_000}, ValueError, r"n must be at most 14528 for the ring reduce \(cluster size 1, float32\)"),
+        ({"cluster_sizes": [2, 17]}, ValueError, r"cluster_sizes\[1\] must be an integer in 1..16; got 17"),
+        ({"cluster_sizes": [2.0]}, TypeError, r"cluster_sizes\[0\] must be an integer in 1..16; got 2.0"),
+        ({"seed": -1}, ValueError, r"seed must be an integer >= 0; got -1"),
+        ({"dtype": "float8"}, ValueError, r"dtype must be one of \('float32', .*got 'float8'"),
+        ({"backend": "tpu"}, ValueError, r"backend must be one of \('auto', 'gpu', 'simulator'\); got 'tpu'"),
+        ({"backend": "gpu", "dtype": "float64"}, ValueError, r"dtype must be one of \('float32', 'float16', "
+         r"'bfloat16'\) on the GPU; got 'float64'"),
+    ],
+)
+def test_run_tour_checks_everything_before_running(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        run_tour(**{"cluster_sizes": [1, 2], "n": 8, **kwargs})
