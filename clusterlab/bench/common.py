@@ -10,6 +10,9 @@ Method (every benchmark of clusterlab follows it):
   ``(t(2R) - t(R)) / R``, which cancels launch latency, staging and exit (:func:`per_op_us`);
 - single-launch latency is one replay of a CUDA graph holding the launch (:func:`graph_launch_us`).
 
+Every timer raises :class:`clusterlab.HopperRequired` before it touches CUDA where no Hopper GPU
+is usable.
+
 Each run record carries the card, driver, the clocks seen during the run (:class:`ClockSampler`),
 the commit (``$CLUSTERLAB_COMMIT``, else ``git rev-parse HEAD``) and the date.
 """
@@ -27,6 +30,8 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..gpu import require_hopper
 
 #: Fewest repeats any figure is the median of.
 MIN_REPEATS = 5
@@ -86,6 +91,7 @@ def event_time_us(enqueue, prepare=None) -> float:
     A spin kernel runs first so the whole region is queued before the GPU reaches the start event.
     Synchronises; a failed launch raises here, not later.
     """
+    require_hopper()
     import torch
 
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -130,6 +136,7 @@ def capture_graph(step, count: int = 1):
     ``torch.cuda.graph`` would also synchronise and empty torch's allocator cache on every
     capture, which thousands of captures in one sweep cannot afford.
     """
+    require_hopper()
     import torch
 
     graph = torch.cuda.CUDAGraph()
@@ -176,6 +183,7 @@ def graph_per_op_us(step, count: int = 32, repeats: int = MIN_REPEATS) -> Stat:
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> Stat:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written) of ``Tensor.copy_``."""
+    require_hopper()
     import torch
 
     src = torch.randn(nbytes // 4, device="cuda")

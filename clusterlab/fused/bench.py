@@ -34,6 +34,7 @@ import itertools
 import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -283,6 +284,16 @@ def _plot(rows, record, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_variant(text: str) -> tuple[int, ...]:
+    """``"8x4"`` -> ``(8, 4)``, ``"16x4x2"`` -> ``(16, 4, 2)``: cluster size x warps [x head split]."""
+    if not re.fullmatch(r"\d+x\d+(x\d+)?", text):
+        raise argparse.ArgumentTypeError(
+            "must look like CxW or CxWxS (cluster size x warps [x head split]), e.g. 8x4 or 16x4x2; "
+            f"got {text!r}"
+        )
+    return tuple(int(part) for part in text.split("x"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
@@ -290,15 +301,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--dtype", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
     parser.add_argument("--no-ragged", action="store_true", help="skip the ragged batches")
-    parser.add_argument("--variant", nargs="*", default=None, metavar="CxW",
+    parser.add_argument("--variant", nargs="*", default=None, metavar="CxW", type=parse_variant,
                         help="fused variants as cluster_size x warps [x head_split], e.g. 8x4 16x4x2")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=float, default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)
-    variants = None if args.variant is None else [tuple(int(x) for x in v.split("x")) for v in args.variant]
-    run_bench(args.preset, args.kv, args.batch, args.dtype, variants, not args.no_ragged, args.out_dir, args.tag,
+    run_bench(args.preset, args.kv, args.batch, args.dtype, args.variant, not args.no_ragged, args.out_dir, args.tag,
               l2_turnover=args.l2_turnover)
     return 0
 

@@ -25,9 +25,13 @@ scaling), :data:`QWEN2_5_7B` (QKV bias), by name in :data:`PRESETS`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import HopperRequired
+from ..gpu import hopper_problem
 
 #: Activation, weight and cache dtypes the fused layer accepts.
 DTYPES = (torch.float16, torch.bfloat16)
@@ -37,6 +41,16 @@ HEAD_DIMS = (64, 128)
 ROPE_STYLES = ("neox", "gptj")
 #: Largest batch one decode step takes.
 MAX_BATCH = 8
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value) -> None:
+    """A real number (an int or a float, not a bool), so that the range checks can compare it."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,8 @@ class Llama3RopeScaling:
     original_max_position: int = 8192
 
     def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_number(f"Llama3RopeScaling.{name}", getattr(self, name))
         if not (self.factor >= 1.0 and math.isfinite(self.factor)):
             raise ValueError(f"Llama3RopeScaling.factor must be a finite number >= 1, got {self.factor!r}")
         if not (0.0 < self.low_freq_factor < self.high_freq_factor):
@@ -61,7 +77,7 @@ class Llama3RopeScaling:
                 "Llama3RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
                 f"{self.low_freq_factor!r} and {self.high_freq_factor!r}"
             )
-        if not (isinstance(self.original_max_position, int) and self.original_max_position > 0):
+        if not (_is_int(self.original_max_position) and self.original_max_position > 0):
             raise ValueError(
                 f"Llama3RopeScaling.original_max_position must be a positive int, got {self.original_max_position!r}"
             )
@@ -94,7 +110,7 @@ class AttentionConfig:
     def __post_init__(self):
         for name in ("hidden_size", "heads", "kv_heads", "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"AttentionConfig.{name} must be a positive int, got {value!r}")
         if self.heads % self.kv_heads:
             raise ValueError(
@@ -108,6 +124,8 @@ class AttentionConfig:
             )
         if self.rope_style not in ROPE_STYLES:
             raise ValueError(f"AttentionConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
+        _check_number("AttentionConfig.rope_theta", self.rope_theta)
+        _check_number("AttentionConfig.rms_eps", self.rms_eps)
         if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"AttentionConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
         if not (0.0 < self.rms_eps < 1.0):
@@ -188,6 +206,19 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
 
 
+def _check_device(device) -> None:
+    """A CUDA device needs a usable Hopper GPU (:class:`clusterlab.HopperRequired` without one)."""
+    if torch.device(device).type == "cuda":
+        problem = hopper_problem()
+        if problem is not None:
+            raise HopperRequired(f"device {device!r} needs a Hopper GPU: {problem}")
+
+
+def _check_size(name: str, value) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _generator(seed: int | None, device="cpu") -> torch.Generator:
     """A generator of its own on ``device``: seeded with ``seed``, else from the OS (torch's global one untouched)."""
     gen = torch.Generator(device=device)
@@ -216,6 +247,7 @@ class AttentionWeights:
         QKV bias (where the config has one) is normal with std 0.5, about a trained one's size.
         """
         _check_dtype(dtype)
+        _check_device(device)
         gen = _generator(seed)
         h = config.hidden_size
 
@@ -234,6 +266,13 @@ class AttentionWeights:
         return AttentionWeights(self.norm.to(device), self.qkv.to(device), self.o.to(device), bias)
 
 
+def _check_cache(batch, capacity, dtype, device) -> None:
+    _check_size("batch", batch)
+    _check_size("capacity", capacity)
+    _check_dtype(dtype)
+    _check_device(device)
+
+
 @dataclass
 class KVCache:
     """Keys and values of ``batch`` sequences, ``capacity`` positions each; see the module docstring."""
@@ -244,7 +283,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu"):
         """A cache filled with NaN: a step that reads a row nothing wrote returns NaN."""
-        _check_dtype(dtype)
+        _check_cache(batch, capacity, dtype, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(
             torch.full(shape, float("nan"), dtype=dtype, device=device),
@@ -255,7 +294,7 @@ class KVCache:
     def random(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu",
                seed: int | None = None):
         """A cache of standard-normal keys and values, as if ``capacity`` tokens had been seen."""
-        _check_dtype(dtype)
+        _check_cache(batch, capacity, dtype, device)
         gen = _generator(seed, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(

@@ -99,7 +99,8 @@ class DecodeAttention:
         self.config, self.weights, self.backend = config, weights, backend
         # None: chosen per batch by shape()
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
-        self._kernels: dict = {}
+        self._specs: dict = {}  # (dtype, batch) -> KernelSpec
+        self._kernels: dict = {}  # (dtype, batch) -> launcher
         if backend == "gpu":
             from ..gpu import require_hopper
 
@@ -121,16 +122,22 @@ class DecodeAttention:
         ``positions[b]`` is written). Returns ``(out, new_residual)``, both ``[batch,
         hidden_size]``: into ``out`` / ``residual_out`` when given. Every check runs before the
         launch; a position tensor's values are checked by the kernel (see the module docstring).
+        The simulator backend also checks that the GPU could run the step (:meth:`kernel_spec`).
         """
         check_step(self.config, self.weights, hidden, residual, cache, positions)
         shape = tuple(hidden.shape)
         for name, given in (("out", out), ("residual_out", residual_out)):
-            if given is not None and (given.shape != hidden.shape or given.dtype != hidden.dtype
-                                      or given.device != hidden.device or not given.is_contiguous()):
+            if given is None:
+                continue
+            if not isinstance(given, torch.Tensor):
+                raise TypeError(f"{name} must be None or a torch.Tensor, got {type(given).__name__}")
+            if (given.shape != hidden.shape or given.dtype != hidden.dtype or given.device != hidden.device
+                    or not given.is_contiguous()):
                 raise ValueError(
                     f"{name} must be a contiguous {hidden.dtype} tensor of shape {shape} on {hidden.device}; "
                     f"got {given.dtype} {tuple(given.shape)} on {given.device}"
                 )
+        self.kernel_spec(hidden.dtype, shape[0])  # raises where the GPU could not run this step, on both backends
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
         if self.backend == "simulator":
@@ -162,13 +169,25 @@ class DecodeAttention:
         return cluster_size, self.warps or warps, head_split
 
     def kernel_spec(self, dtype: torch.dtype, batch: int):
-        """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles."""
+        """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles
+        (built once per dtype and batch). Pure Python, also on the simulator backend: it raises
+        where the GPU of ``self.limits`` could not run the step (e.g. too much shared memory)."""
         from .kernel import KernelSpec
 
-        return KernelSpec.of(self.config, dtype == torch.bfloat16, batch, *self.shape(batch), limits=self.limits)
+        key = (dtype, batch)
+        if key not in self._specs:
+            cluster_size, warps, head_split = self.shape(batch)
+            try:
+                self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
+                                                 head_split, limits=self.limits)
+            except ValueError as exc:
+                raise ValueError(f"a {dtype} step of batch {batch} with cluster_size={cluster_size}, warps={warps}, "
+                                 f"head_split={head_split}: {exc}") from exc
+        return self._specs[key]
 
     def launcher(self, dtype: torch.dtype, batch: int):
         """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype and batch."""
+        self._require_kernel("launcher")
         key = (dtype, batch)
         if key not in self._kernels:
             self._kernels[key] = _launcher(self.kernel_spec(dtype, batch))
@@ -179,6 +198,7 @@ class DecodeAttention:
 
         An int position is written into the layer's positions buffer (on the stream, no sync).
         """
+        self._require_kernel("launch_args")
         batch, capacity = hidden.shape[0], cache.capacity
         if isinstance(positions, int):
             positions = self._positions[:batch].fill_(positions)
@@ -193,6 +213,11 @@ class DecodeAttention:
             bits(cache.v), _rope_table(self.config, capacity, hidden.device), bits(out), bits(residual_out),
             self._out_acc[: batch * self.config.hidden_size], self._arrivals, positions, np.int32(capacity),
         )
+
+    def _require_kernel(self, what: str) -> None:
+        if self.backend != "gpu":
+            raise ValueError(f"{what} needs the 'gpu' backend; this layer has no kernel: it runs on the "
+                             f"{self.backend} (its weights are on {self.weights.qkv.device})")
 
     def _launch(self, hidden, residual, cache, positions, out, residual_out):
         args = self.launch_args(hidden, residual, cache, positions, out, residual_out)

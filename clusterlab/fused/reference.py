@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AttentionConfig, AttentionWeights, KVCache, rope_angles
+from .validate import check_activations, check_range, check_weights, sequence_positions
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -42,17 +43,6 @@ class StepResult:
     v: torch.Tensor
 
 
-def sequence_positions(positions, batch: int) -> list[int]:
-    """``positions`` as a list of ``batch`` ints: an int is every sequence's position; a tensor or
-    sequence gives one per sequence (read to the host)."""
-    if isinstance(positions, int):
-        return [positions] * batch
-    values = positions.tolist() if isinstance(positions, torch.Tensor) else list(positions)
-    if len(values) != batch:
-        raise ValueError(f"positions has {len(values)} entries for a batch of {batch}")
-    return [int(p) for p in values]
-
-
 def reference_step(
     config: AttentionConfig,
     weights: AttentionWeights,
@@ -63,7 +53,9 @@ def reference_step(
 ) -> StepResult:
     """One decode step in float64; sequence ``b`` reads cache rows ``0 .. positions[b]-1``, nothing is appended.
 
-    ``positions``: an int for the whole batch, or one per sequence (list or tensor ``[batch]``).
+    ``positions``: an int for the whole batch, or one per sequence (a list of ints or an int32 or
+    int64 tensor ``[batch]`` on any device, read to the host). The inputs are checked as the
+    layer checks them, every position against the cache's capacity.
     ::
 
         h    = hidden + residual                         (the new residual)
@@ -74,8 +66,12 @@ def reference_step(
                      over the cached rows 0..position-1 and the new k, v
         out  = attn @ o.T
     """
-    f64 = torch.float64
+    check_weights(config, weights)
+    check_activations(config, weights, hidden, residual, cache)
     batch, d = hidden.shape[0], config.head_dim
+    positions = sequence_positions(positions, batch)
+    check_range(positions, cache.capacity)
+    f64 = torch.float64
     h = hidden.to(f64) + residual.to(f64)
     n = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + config.rms_eps) * weights.norm.to(f64)
     qkv = n @ weights.qkv.to(f64).T
@@ -87,7 +83,7 @@ def reference_step(
     v = v.view(batch, config.kv_heads, d)
     group = config.group_size
     attn, k_rot = [], []
-    for b, position in enumerate(sequence_positions(positions, batch)):
+    for b, position in enumerate(positions):
         angles = rope_angles(config, position).to(hidden.device)
         qb = apply_rope(q[b], angles.cos(), angles.sin(), config.rope_style)
         kb = apply_rope(k[b], angles.cos(), angles.sin(), config.rope_style)
@@ -118,6 +114,11 @@ class UnfusedAttention:
     on the device: the attention runs over the first ``length`` rows of the cache (default: all of
     them) with a mask, and the cache rows are written with an index. A CUDA graph captured with a
     tensor replays whatever positions the tensor holds; one captured with an int replays that int.
+
+    Positions are checked against the cache's capacity and the rope table's length where that
+    costs no sync: an int always, a tensor on the CPU. A tensor on a GPU is not read (the baseline
+    is captured in CUDA graphs, where reading it would break the capture); an out-of-range value
+    there indexes out of bounds on the device.
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, rope: torch.Tensor):
@@ -126,6 +127,10 @@ class UnfusedAttention:
     def __call__(self, hidden, residual, cache: KVCache, positions, length: int | None = None):
         c, w, d = self.config, self.weights, self.config.head_dim
         batch = hidden.shape[0]
+        if isinstance(positions, int) or positions.device.type == "cpu":
+            values = sequence_positions(positions, batch)
+            check_range(values, cache.capacity)
+            check_range(values, self.rope.shape[0], "the rope table")
         h = hidden + residual
         n = F.rms_norm(h, (c.hidden_size,), w.norm, c.rms_eps)
         q, k, v = F.linear(n, w.qkv, w.qkv_bias).split([c.heads * d, c.kv_heads * d, c.kv_heads * d], dim=-1)

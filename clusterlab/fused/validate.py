@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+import reprlib
+
 import torch
 
 from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache
@@ -21,7 +24,10 @@ def _tensor(name: str, x, shape: tuple, dtype, device: torch.device) -> None:
 
 
 def check_weights(config: AttentionConfig, weights: AttentionWeights) -> None:
-    """Weights match ``config``, share one dtype (float16 or bfloat16) and one device, are contiguous."""
+    """``config`` is an AttentionConfig; the weights match it, share one dtype (float16 or bfloat16)
+    and one device, and are contiguous."""
+    if not isinstance(config, AttentionConfig):
+        raise TypeError(f"config must be an AttentionConfig, got {type(config).__name__}")
     if not isinstance(weights, AttentionWeights):
         raise TypeError(f"weights must be an AttentionWeights, got {type(weights).__name__}")
     dtype, device = weights.qkv.dtype, weights.qkv.device
@@ -47,7 +53,13 @@ def check_step(
     cache: KVCache,
     positions,
 ) -> None:
-    """Everything one decode step needs, against ``config`` and ``weights`` (already checked)."""
+    """Everything one decode step of the layer needs, against ``config`` and ``weights`` (already checked)."""
+    check_activations(config, weights, hidden, residual, cache)
+    check_positions(positions, hidden.shape[0], cache.capacity, hidden.device)
+
+
+def check_activations(config: AttentionConfig, weights: AttentionWeights, hidden, residual, cache: KVCache) -> None:
+    """``hidden``, ``residual`` and ``cache`` of one step, against ``config`` and ``weights`` (already checked)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dtype not in DTYPES:
@@ -70,7 +82,6 @@ def check_step(
     shape = (batch, config.kv_heads, cache.k.shape[2], config.head_dim)
     _tensor("cache.k", cache.k, shape, hidden.dtype, hidden.device)
     _tensor("cache.v", cache.v, shape, hidden.dtype, hidden.device)
-    check_positions(positions, batch, cache.capacity, hidden.device)
 
 
 def check_positions(positions, batch: int, capacity: int, device: torch.device) -> None:
@@ -95,10 +106,41 @@ def check_positions(positions, batch: int, capacity: int, device: torch.device) 
         values = [positions]
     else:
         raise TypeError(f"positions must be an int or an int32 tensor of shape ({batch},), got {type(positions).__name__}")
+    check_range(values, capacity)
+
+
+def sequence_positions(positions, batch: int) -> list[int]:
+    """``positions`` as one int per sequence, read to the host: an int (the whole batch), a list or
+    tuple of ``batch`` ints, or an int32 or int64 tensor ``[batch]`` on any device (a CUDA tensor
+    costs a sync)."""
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"positions has dtype {positions.dtype}; expected torch.int32 or torch.int64")
+        if tuple(positions.shape) != (batch,):
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({batch},), one per sequence")
+        return positions.tolist()
+    if _is_int(positions):
+        return [int(positions)] * batch
+    if isinstance(positions, (list, tuple)) and all(_is_int(p) for p in positions):
+        if len(positions) != batch:
+            raise ValueError(f"positions has length {len(positions)}; expected {batch}, one per sequence")
+        return [int(p) for p in positions]
+    raise TypeError(
+        f"positions must be an int, a list of {batch} ints or an int32/int64 tensor of shape ({batch},), "
+        f"got {reprlib.repr(positions)}"
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_range(values: list[int], capacity: int, holder: str = "the cache") -> None:
+    """Every position in ``values`` is in ``0 .. capacity-1``, the rows ``holder`` has."""
     for value in values:
         if value < 0:
             raise ValueError(f"positions must be >= 0, got {value}")
         if value >= capacity:
             raise ValueError(
-                f"position {value} overflows the cache: it holds {capacity} positions (0..{capacity - 1})"
+                f"position {value} overflows {holder}: it holds {capacity} positions (0..{capacity - 1})"
             )

@@ -1,0 +1,237 @@
+"""Bad inputs to the fused layer's public entry points: each a clear error naming the parameter, raised before any work."""
+
+import pytest
+import torch
+
+from clusterlab import HopperRequired
+from clusterlab.bench import common
+from clusterlab.fused import (
+    AttentionConfig,
+    AttentionWeights,
+    DecodeAttention,
+    KVCache,
+    Llama3RopeScaling,
+    UnfusedAttention,
+    reference_step,
+    rope_table,
+)
+from clusterlab.fused.bench import main as bench_main
+from clusterlab.fused.bench import parse_variant
+from clusterlab.gpu import hopper_problem
+
+CONFIG = AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64)
+BATCH, CAPACITY = 2, 16
+no_hopper = pytest.mark.skipif(hopper_problem() is None, reason="a Hopper GPU is usable here")
+
+
+def _inputs():
+    weights = AttentionWeights.random(CONFIG, torch.float16, seed=1)
+    cache = KVCache.random(CONFIG, BATCH, CAPACITY, torch.float16, seed=2)
+    hidden, residual = torch.randn(2, BATCH, CONFIG.hidden_size).half()
+    return weights, hidden, residual, cache
+
+
+@pytest.mark.parametrize(
+    "positions, error, words",
+    [
+        (-1, ValueError, "positions must be >= 0, got -1"),
+        (CAPACITY, ValueError, "position 16 overflows the cache: it holds 16 positions (0..15)"),
+        ([3, -2], ValueError, "positions must be >= 0, got -2"),
+        ((3, 16), ValueError, "position 16 overflows the cache"),
+        ([3], ValueError, "positions has length 1; expected 2, one per sequence"),
+        ([3, 1.0], TypeError, "positions must be an int, a list of 2 ints or an int32/int64 tensor"),
+        (True, TypeError, "positions must be an int"),
+        (torch.tensor([3, 16], dtype=torch.int32), ValueError, "position 16 overflows the cache"),
+        (torch.tensor([-1, 3]), ValueError, "positions must be >= 0, got -1"),
+        (torch.tensor([3.0, 4.0]), TypeError, "positions has dtype torch.float32; expected torch.int32 or torch.int64"),
+        (torch.tensor([3, 4, 5]), ValueError, "positions has shape (3,); expected (2,), one per sequence"),
+    ],
+)
+def test_reference_step_refuses_positions_outside_the_cache(positions, error, words):
+    weights, hidden, residual, cache = _inputs()
+    with pytest.raises(error) as info:
+        reference_step(CONFIG, weights, hidden, residual, cache, positions)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda a: a.update(config={"hidden_size": 128}), TypeError, "config must be an AttentionConfig, got dict"),
+        (lambda a: a.update(hidden=a["hidden"].float()), TypeError, "hidden has dtype torch.float32"),
+        (lambda a: a.update(residual=a["residual"][:1]), ValueError, "residual has shape (1, 128)"),
+        (lambda a: a.update(cache=(a["cache"].k, a["cache"].v)), TypeError, "cache must be a KVCache"),
+    ],
+)
+def test_reference_step_checks_its_inputs_as_the_layer_does(change, error, words):
+    weights, hidden, residual, cache = _inputs()
+    args = {"config": CONFIG, "weights": weights, "hidden": hidden, "residual": residual, "cache": cache,
+            "positions": 5}
+    change(args)
+    with pytest.raises(error) as info:
+        reference_step(**args)
+    assert words in str(info.value)
+
+
+def test_reference_step_takes_positions_as_an_int_a_list_or_a_tensor():
+    weights, hidden, residual, cache = _inputs()
+    want = reference_step(CONFIG, weights, hidden, residual, cache, 7).out
+    for positions in ([7, 7], (7, 7), torch.tensor([7, 7], dtype=torch.int32), torch.tensor([7, 7])):
+        assert torch.equal(reference_step(CONFIG, weights, hidden, residual, cache, positions).out, want)
+
+
+@pytest.mark.parametrize(
+    "table, positions, words",
+    [
+        (10, 10, "position 10 overflows the rope table: it holds 10 positions (0..9)"),
+        (10, torch.tensor([1, 12], dtype=torch.int32), "position 12 overflows the rope table"),
+        (100, CAPACITY, "position 16 overflows the cache: it holds 16 positions"),
+        (100, torch.tensor([16, 1]), "position 16 overflows the cache"),
+        (100, -1, "positions must be >= 0, got -1"),
+    ],
+)
+def test_unfused_layer_checks_host_positions_against_the_rope_table_and_the_cache(table, positions, words):
+    weights, hidden, residual, cache = _inputs()
+    before = cache.clone()
+    with pytest.raises(ValueError) as info:
+        UnfusedAttention(CONFIG, weights, rope_table(CONFIG, table))(hidden, residual, cache, positions)
+    assert words in str(info.value)
+    assert torch.equal(cache.k.view(torch.int16), before.k.view(torch.int16))
+
+
+@pytest.mark.parametrize("make", [KVCache.empty, KVCache.random])
+@pytest.mark.parametrize(
+    "batch, capacity, words",
+    [(0, 4, "batch must be a positive int, got 0"), (-2, 4, "batch must be a positive int, got -2"),
+     (2, 0, "capacity must be a positive int, got 0"), (2, -1, "capacity must be a positive int, got -1"),
+     (2, 4.0, "capacity must be a positive int, got 4.0")],
+)
+def test_cache_sizes_must_be_positive(make, batch, capacity, words):
+    with pytest.raises(ValueError) as info:
+        make(CONFIG, batch, capacity)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make, fields, words",
+    [
+        (AttentionConfig, {"rope_theta": "10000"}, "AttentionConfig.rope_theta must be a number, got '10000'"),
+        (AttentionConfig, {"rope_theta": None}, "AttentionConfig.rope_theta must be a number, got None"),
+        (AttentionConfig, {"rms_eps": None}, "AttentionConfig.rms_eps must be a number, got None"),
+        (AttentionConfig, {"rms_eps": True}, "AttentionConfig.rms_eps must be a number, got True"),
+        (Llama3RopeScaling, {"factor": "8"}, "Llama3RopeScaling.factor must be a number, got '8'"),
+        (Llama3RopeScaling, {"low_freq_factor": None}, "Llama3RopeScaling.low_freq_factor must be a number"),
+        (Llama3RopeScaling, {"high_freq_factor": [4.0]}, "Llama3RopeScaling.high_freq_factor must be a number"),
+    ],
+)
+def test_numeric_fields_must_be_numbers(make, fields, words):
+    shape = {"hidden_size": 64, "heads": 4, "kv_heads": 4, "head_dim": 64} if make is AttentionConfig else {}
+    with pytest.raises(TypeError) as info:
+        make(**shape, **fields)
+    assert words in str(info.value)
+
+
+def test_original_max_position_must_not_be_a_bool():
+    with pytest.raises(ValueError, match="Llama3RopeScaling.original_max_position must be a positive int, got True"):
+        Llama3RopeScaling(original_max_position=True)
+
+
+@pytest.mark.parametrize("config", [None, {"hidden_size": 128}, "llama2-7b"])
+def test_layer_config_must_be_an_attention_config(config):
+    weights = AttentionWeights.random(CONFIG, torch.float16, seed=1)
+    with pytest.raises(TypeError) as info:
+        DecodeAttention(config, weights)
+    assert f"config must be an AttentionConfig, got {type(config).__name__}" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["out", "residual_out"])
+@pytest.mark.parametrize("given", [[], (), "x"])
+def test_layer_outputs_must_be_tensors(name, given):
+    weights, hidden, residual, cache = _inputs()
+    with pytest.raises(TypeError) as info:
+        DecodeAttention(CONFIG, weights)(hidden, residual, cache, 3, **{name: given})
+    assert f"{name} must be None or a torch.Tensor, got {type(given).__name__}" in str(info.value)
+
+
+@no_hopper
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AttentionWeights.random(CONFIG, torch.float16, device="cuda"),
+        lambda: KVCache.empty(CONFIG, BATCH, CAPACITY, device="cuda"),
+        lambda: KVCache.random(CONFIG, BATCH, CAPACITY, device="cuda:0"),
+        lambda: KVCache.random(CONFIG, BATCH, CAPACITY, device=torch.device("cuda")),
+    ],
+    ids=["weights", "empty-cache", "random-cache", "cache-torch-device"],
+)
+def test_cuda_inputs_need_a_hopper_gpu(make):
+    with pytest.raises(HopperRequired) as info:
+        make()
+    assert "device" in str(info.value) and "needs a Hopper GPU" in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["launcher", "launch_args"])
+def test_a_simulator_layer_has_no_kernel_to_launch(method):
+    weights, hidden, residual, cache = _inputs()
+    layer = DecodeAttention(CONFIG, weights)
+    args = (torch.float16, BATCH) if method == "launcher" else (hidden, residual, cache, 3, hidden, residual)
+    with pytest.raises(ValueError) as info:
+        getattr(layer, method)(*args)
+    assert f"{method} needs the 'gpu' backend" in str(info.value) and "runs on the simulator" in str(info.value)
+
+
+@no_hopper
+@pytest.mark.parametrize(
+    "timer",
+    [
+        lambda: common.event_time_us(lambda: None),
+        lambda: common.per_op_us(lambda k: None, 8),
+        lambda: common.graph_per_op_us(lambda: None),
+        lambda: common.copy_bandwidth(),
+        lambda: common.capture_graph(lambda: None),
+    ],
+    ids=["event_time_us", "per_op_us", "graph_per_op_us", "copy_bandwidth", "capture_graph"],
+)
+def test_gpu_timers_need_a_hopper_gpu(timer):
+    with pytest.raises(HopperRequired, match="a Hopper GPU is required"):
+        timer()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_shared_memory_overflow_is_reported_before_the_simulator_runs(batch, dtype):
+    # 32 query heads of 128 on one KV head, all in one cluster: the block's states overflow shared memory.
+    config = AttentionConfig(hidden_size=64, heads=32, kv_heads=1, head_dim=128)
+    layer = DecodeAttention(config, AttentionWeights.random(config, dtype, seed=1), head_split=1)
+    cache = KVCache.random(config, batch, 8, dtype, seed=2)
+    before = cache.clone()
+    hidden = torch.randn(batch, config.hidden_size).to(dtype)
+    out = torch.full_like(hidden, float("nan"))
+    with pytest.raises(ValueError) as info:
+        layer(hidden, hidden, cache, 3, out=out)
+    message = str(info.value)
+    assert f"batch {batch}" in message and "head_split=1" in message and "bytes of shared memory" in message
+    assert out.isnan().all() and torch.equal(cache.k.view(torch.int16), before.k.view(torch.int16))
+
+
+def test_kernel_specs_are_built_once_per_dtype_and_batch():
+    weights, hidden, residual, cache = _inputs()
+    layer = DecodeAttention(CONFIG, weights)
+    layer(hidden, residual, cache, 3)
+    spec = layer.kernel_spec(torch.float16, BATCH)
+    assert layer.kernel_spec(torch.float16, BATCH) is spec
+    assert layer.kernel_spec(torch.bfloat16, BATCH) is not spec
+
+
+@pytest.mark.parametrize("text", ["8xfoo", "8", "8x", "x4", "8x4x2x1", "8,4", "8x-4", ""])
+def test_bench_variant_must_look_like_cxw(text, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench_main(["--variant", "8x4", text])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --variant: must look like CxW or CxWxS" in err and f"got {text!r}" in err
+
+
+@pytest.mark.parametrize("text, variant", [("8x4", (8, 4)), ("16x4x2", (16, 4, 2))])
+def test_bench_variants_parse(text, variant):
+    assert parse_variant(text) == variant
