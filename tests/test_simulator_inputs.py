@@ -88,6 +88,8 @@ def test_launch_wants_a_generator_function():
 
     with pytest.raises(TypeError, match=r"program must be a generator function .* returned NoneType"):
         sim.launch(not_a_generator, 2)
+    with pytest.raises(TypeError, match=r"program must be a generator function taking the block .* got NoneType"):
+        sim.launch(None, 2)
 
 
 def test_programs_yield_only_their_own_waits():

@@ -1127,6 +1127,11 @@ def launch(
     first hazard. Results leave the program the way a kernel's do: it writes them into host
     arrays it was given (global memory is not modelled).
     """
+    if not callable(program):
+        raise TypeError(
+            f"program must be a generator function taking the block (`def program(b): ... yield "
+            f"b.cluster_sync()`); got {type(program).__name__}"
+        )
     if not isinstance(cluster_size, (int, np.integer)) or isinstance(cluster_size, bool):
         raise TypeError(f"cluster_size must be an integer in 1..{MAX_CLUSTER_SIZE}; got {cluster_size!r}")
     if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
