@@ -7,6 +7,9 @@
                                              (--save: the extension picks the format)
     clusterlab bench primitives [...]        microbenchmarks of the collectives (Hopper GPU)
     clusterlab bench fused [...]             the fused decode layer vs PyTorch and the floor (Hopper GPU)
+    clusterlab generate --model DIR --prompt-ids 1 2 3 [--prompt-ids ...] --max-new-tokens N
+                                             decode a Llama / Qwen2 checkpoint with the fused layer
+                                             (the simulator without a Hopper GPU: tiny models only)
 """
 
 from __future__ import annotations
@@ -122,6 +125,54 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.options)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .gpu import hopper_problem
+    from .models import LlamaModel, checkpoint_eos
+
+    if not args.prompt_ids and not args.prompt:
+        raise ValueError("give at least one prompt: --prompt-ids ID [ID ...] or --prompt TEXT")
+    tokenizer = None
+    if args.prompt:
+        tokenizer_path = Path(args.model) / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise ValueError(f"--prompt needs {tokenizer_path}; give --prompt-ids instead")
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    prompts = [list(ids) for ids in args.prompt_ids or []]
+    prompts += [tokenizer.encode(text).ids for text in args.prompt or []]
+    problem = hopper_problem()
+    device = "cpu" if problem is not None else "cuda"
+    model = LlamaModel.from_pretrained(args.model, dtype=args.dtype, device=device)
+    if model.on_simulator:
+        print(f"attention runs on the DSMEM simulator (no Hopper GPU: {problem}): slow, tiny models only")
+    eos = [] if args.ignore_eos else checkpoint_eos(args.model)
+    start = time.perf_counter()
+    new = model.generate(prompts, args.max_new_tokens, eos_token_id=eos or None, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    for i, ids in enumerate(new):
+        print(f"prompt {i}: {' '.join(map(str, ids))}")
+        if tokenizer is not None:
+            print(f"  text: {tokenizer.decode(ids)!r}")
+    stats, tokens = model.last_stats, sum(map(len, new))
+    print(f"{tokens} new tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s "
+          f"(prefill {stats['prefill_s']:.2f} s, {stats['decode_steps']} decode steps in {stats['decode_s']:.2f} s)")
+    return 0
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}") from None
+    if not (value >= 0.0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import simulator
 
@@ -171,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", choices=("primitives", "fused"))
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
     bench.set_defaults(run=_bench)
+
+    generate = commands.add_parser(
+        "generate",
+        help="decode a Llama / Qwen2 checkpoint (safetensors) with the fused attention layer; "
+        "on the simulator without a Hopper GPU",
+    )
+    generate.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    generate.add_argument("--prompt-ids", type=_integer(0), nargs="+", action="append", metavar="ID",
+                          help="one prompt as token ids; repeat for a batch (at most 8 prompts in all)")
+    generate.add_argument("--prompt", action="append", metavar="TEXT",
+                          help="one prompt as text, encoded with DIR/tokenizer.json; repeatable")
+    generate.add_argument("--max-new-tokens", type=_integer(1), default=16, help="default 16")
+    generate.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,
+                          help="default: the checkpoint's own if float16/bfloat16, else bfloat16")
+    generate.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy")
+    generate.add_argument("--top-k", type=_integer(1), default=None, help="sample among the K likeliest tokens")
+    generate.add_argument("--seed", type=seed, default=None, help="seed of the sampling (an integer >= 0)")
+    generate.add_argument("--ignore-eos", action="store_true",
+                          help="do not stop at the checkpoint's eos_token_id (generation_config.json / config.json)")
+    generate.set_defaults(run=_generate)
     return parser
 
 

@@ -1,0 +1,550 @@
+"""A Llama-family decoder (Llama 2/3, Qwen2) whose attention blocks are :class:`~clusterlab.fused.DecodeAttention`.
+
+Read a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded
+``model.safetensors.index.json``), prefill prompts with plain PyTorch, then decode token by token
+with one fused attention layer per transformer layer::
+
+    model = LlamaModel.from_pretrained("path/to/llama", dtype=torch.bfloat16)
+    new_ids = model.generate([[1, 15043, 29892], [1, 450]], max_new_tokens=8)
+
+Dataflow of one decode step (``B`` sequences, ``H`` hidden size, ``V`` vocabulary; every
+activation in the model dtype, float16 or bfloat16)::
+
+    x        = embed[tokens]                                   [B, H]
+    hidden, residual = x, zeros                                layer 0
+    for each layer:
+        out, h = attention(hidden, residual, cache, positions)  fused: h = hidden + residual,
+                                                               RMSNorm, QKV(+bias), RoPE, cache row
+                                                               positions[b] appended, attention, O
+        out      = out + o_bias                                (Llama with attention_bias only)
+        h2       = out + h                                     [B, H]
+        n        = RMSNorm(h2) * post_attention_layernorm
+        hidden   = down(silu(gate(n)) * up(n))                 [B, H]  (SwiGLU MLP)
+        residual = h2
+    logits   = lm_head(RMSNorm(hidden + residual) * norm)      [B, V] float32
+
+Shapes of the weights (:class:`LayerWeights`, :class:`ModelWeights`): ``embed`` ``[V, H]``;
+per layer the attention's :class:`~clusterlab.fused.AttentionWeights` (``qkv`` rows: all query
+heads, then key heads, then value heads, i.e. ``q_proj``, ``k_proj``, ``v_proj`` stacked),
+``post_norm`` ``[H]``, ``gate``/``up`` ``[I, H]``, ``down`` ``[H, I]``; ``norm`` ``[H]``,
+``lm_head`` ``[V, H]`` (the embeddings when tied). The KV cache of layer ``l`` is a
+:class:`~clusterlab.fused.KVCache` ``[B, kv_heads, capacity, head_dim]`` holding rotated keys.
+
+Precision, as transformers' Llama computes it: every matmul, add and the SiLU run in the model
+dtype (PyTorch accumulates matmuls in float32); RMSNorm normalizes in float32, casts back and then
+multiplies by its gain in the model dtype. Prefill's attention (RoPE, softmax) runs in float32 on
+the rounded q/k/v, like the fused kernel. Only the final logits are float32 (``lm_head`` in
+float32 on the rounded, normalized hidden state).
+
+Where it runs: on CPU tensors the fused attention runs on the DSMEM simulator
+(:mod:`clusterlab.fused.simulated`), slow and meant for tiny models and checks; on a Hopper GPU
+the cluster kernel. Not there yet: a CUDA-graph decode loop (each step here is a Python loop of
+separate launches with a host sync per step to pick tokens), a batched/paged prefill, and
+``random`` model presets without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..fused.config import (
+    MAX_BATCH,
+    AttentionConfig,
+    AttentionWeights,
+    KVCache,
+    Llama3RopeScaling,
+    rope_table,
+)
+from ..fused.layer import DecodeAttention
+from ..fused.reference import apply_rope
+
+#: ``model_type`` values this module reads.
+MODEL_TYPES = ("llama", "qwen2")
+#: RoPE variants (``rope_type``) the fused layer implements.
+ROPE_TYPES = ("default", "llama3")
+#: Names of the dtypes a model runs in.
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype(value, what: str) -> torch.dtype:
+    """``value`` (a torch dtype or its name, ``"torch.float16"`` too) as float16 or bfloat16, else ValueError."""
+    if isinstance(value, torch.dtype):
+        if value in DTYPES.values():
+            return value
+        name = str(value).removeprefix("torch.")
+    else:
+        name = str(value).removeprefix("torch.")
+        if name in DTYPES:
+            return DTYPES[name]
+    raise ValueError(f"{what} must be float16 or bfloat16, got {name!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shapes and constants of a Llama-family checkpoint, from its ``config.json``.
+
+    ``dtype`` is the checkpoint's own (``dtype`` / ``torch_dtype``, None when it names none);
+    ``attention_bias`` means a bias on q/k/v (Qwen2 always; Llama with ``attention_bias``) and
+    ``o_bias`` one on the output projection too (Llama's ``attention_bias`` only).
+    """
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    o_bias: bool = False
+    rope_scaling: Llama3RopeScaling | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> ModelConfig:
+        """Read a parsed ``config.json``; ValueError naming what is missing or unsupported."""
+        model_type = raw.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; expected one of {MODEL_TYPES}")
+
+        def need(key):
+            if key not in raw or raw[key] is None:
+                raise ValueError(f"{source}: {model_type} config has no {key!r}")
+            return raw[key]
+
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU)")
+        if raw.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias is not supported (the MLP here has no biases)")
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window is not supported (every layer attends to all tokens)")
+        if raw.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError(f"{source}: pretraining_tp {raw['pretraining_tp']!r} is not supported; only 1")
+        hidden, heads = need("hidden_size"), need("num_attention_heads")
+        head_dim = raw.get("head_dim") or hidden // heads
+        theta, scaling = _rope(raw, source)
+        if model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        config = cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            vocab_size=need("vocab_size"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=qkv_bias,
+            o_bias=o_bias,
+            rope_scaling=scaling,
+            dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+        )
+        try:
+            config.attention()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: the fused attention cannot run this model: {exc}") from None
+        return config
+
+    @classmethod
+    def from_pretrained(cls, directory) -> ModelConfig:
+        """Read ``directory/config.json``."""
+        path = Path(directory) / "config.json"
+        if not Path(directory).is_dir():
+            raise ValueError(f"{str(directory)!r} is not a directory")
+        if not path.is_file():
+            raise ValueError(f"{str(directory)!r} has no config.json: not a Hugging Face model directory")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, str(path))
+
+    def attention(self) -> AttentionConfig:
+        """The fused layer's :class:`~clusterlab.fused.AttentionConfig` (NeoX RoPE, as these models rotate halves)."""
+        return AttentionConfig(
+            hidden_size=self.hidden_size,
+            heads=self.num_attention_heads,
+            kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rope_theta=float(self.rope_theta),
+            rope_style="neox",
+            rms_eps=float(self.rms_norm_eps),
+            qkv_bias=self.attention_bias,
+            rope_scaling=self.rope_scaling,
+        )
+
+    def resolve_dtype(self, dtype=None) -> torch.dtype:
+        """``dtype`` when given (float16 / bfloat16), else the checkpoint's own if it is one of
+        them, else bfloat16."""
+        if dtype is not None:
+            return _dtype(dtype, "dtype")
+        if self.dtype in DTYPES:
+            return DTYPES[self.dtype]
+        return torch.bfloat16
+
+
+def _rope(raw: dict, source: str) -> tuple[float, Llama3RopeScaling | None]:
+    """``(rope_theta, scaling)`` from transformers 5's ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling``."""
+    params = raw.get("rope_parameters")
+    if params is None:
+        params = dict(raw.get("rope_scaling") or {})
+        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: rope_parameters must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{source}: rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        return theta, None
+    try:
+        scaling = Llama3RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise ValueError(f"{source}: llama3 RoPE scaling has no {exc.args[0]!r}") from None
+    return theta, scaling
+
+
+@dataclass
+class LayerWeights:
+    """One transformer layer: the fused attention's weights, an output-projection bias (Llama
+    ``attention_bias`` only), the post-attention RMSNorm gain and the SwiGLU MLP."""
+
+    attention: AttentionWeights
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    o_bias: torch.Tensor | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+
+
+class _Checkpoint:
+    """Tensors by name from ``model.safetensors`` or the shards ``model.safetensors.index.json`` lists."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{index}: not a safetensors index with a weight_map ({exc!r})") from None
+            files = {name: directory / shard for name, shard in weight_map.items()}
+        elif single.is_file():
+            files = None
+        else:
+            raise ValueError(
+                f"{str(directory)!r} has no model.safetensors or model.safetensors.index.json "
+                "(only safetensors checkpoints are read)"
+            )
+        self._open, self._files, self._single = safe_open, files, single
+        self._handles: dict = {}
+        if files is None:
+            self.names = set(self._handle(single).keys())
+        else:
+            self.names = set(files)
+            for path in set(files.values()):
+                if not path.is_file():
+                    raise ValueError(f"{index} lists shard {path.name!r}, which is missing")
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = self._open(str(path), framework="pt", device="cpu")
+        return self._handles[path]
+
+    def get(self, name: str, shape: tuple) -> torch.Tensor:
+        if name not in self.names:
+            raise ValueError(f"the checkpoint has no tensor {name!r}")
+        path = self._single if self._files is None else self._files[name]
+        tensor = self._handle(path).get_tensor(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; config.json implies {shape}")
+        return tensor
+
+
+def load_weights(directory, config: ModelConfig, dtype=torch.bfloat16, device="cpu") -> ModelWeights:
+    """Read every tensor of ``config``'s model from ``directory``'s safetensors, cast to ``dtype`` on ``device``."""
+    dtype = _dtype(dtype, "dtype")
+    ckpt = _Checkpoint(Path(directory))
+    c, a = config, config.attention()
+    h, inner, d = c.hidden_size, c.intermediate_size, c.head_dim
+
+    def get(name, *shape):
+        return ckpt.get(name, shape).to(device=device, dtype=dtype).contiguous()
+
+    layers = []
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        rows = {"q": a.heads * d, "k": a.kv_heads * d, "v": a.kv_heads * d}
+        qkv = torch.cat([get(f"{p}self_attn.{x}_proj.weight", n, h) for x, n in rows.items()])
+        bias = None
+        if c.attention_bias:
+            bias = torch.cat([get(f"{p}self_attn.{x}_proj.bias", n) for x, n in rows.items()])
+        layers.append(LayerWeights(
+            attention=AttentionWeights(norm=get(f"{p}input_layernorm.weight", h), qkv=qkv,
+                                       o=get(f"{p}self_attn.o_proj.weight", h, a.attn_width), qkv_bias=bias),
+            post_norm=get(f"{p}post_attention_layernorm.weight", h),
+            gate=get(f"{p}mlp.gate_proj.weight", inner, h),
+            up=get(f"{p}mlp.up_proj.weight", inner, h),
+            down=get(f"{p}mlp.down_proj.weight", h, inner),
+            o_bias=get(f"{p}self_attn.o_proj.bias", h) if c.o_bias else None,
+        ))
+    embed = get("model.embed_tokens.weight", c.vocab_size, h)
+    lm_head = embed if c.tie_word_embeddings else get("lm_head.weight", c.vocab_size, h)
+    return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight", h), lm_head=lm_head)
+
+
+def checkpoint_eos(directory) -> list[int]:
+    """The end-of-sequence ids ``directory``'s ``generation_config.json`` (else ``config.json``) names; [] when none."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(directory) / name
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if value is not None:
+                return [value] if isinstance(value, int) else [int(v) for v in value]
+    return []
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalize in float32, cast back, multiply by the gain in ``x``'s dtype."""
+    x32 = x.float()
+    return gain * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def mlp(layer: LayerWeights, n: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: ``down(silu(gate(n)) * up(n))``, each op in ``n``'s dtype."""
+    return F.linear(F.silu(F.linear(n, layer.gate)) * F.linear(n, layer.up), layer.down)
+
+
+def _as_prompts(token_ids) -> list[list[int]]:
+    prompts = [list(p) for p in token_ids]
+    if not prompts:
+        raise ValueError("no prompts given")
+    if len(prompts) > MAX_BATCH:
+        raise ValueError(f"{len(prompts)} prompts; the fused layer takes at most {MAX_BATCH} sequences a step")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+    return prompts
+
+
+class LlamaModel:
+    """A Llama / Qwen2 decoder: PyTorch prefill, fused-attention decode steps.
+
+    ``config``: :class:`ModelConfig`; ``weights``: :class:`ModelWeights` in float16 or bfloat16,
+    all on one device (CPU: the attention runs on the simulator; a Hopper GPU: the cluster
+    kernel). The KV caches live on the model (``self.caches``, one per layer) between
+    :meth:`prefill` and :meth:`decode_step`; one model object decodes one batch at a time.
+    """
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto"):
+        self.config, self.weights = config, weights
+        self.attention_config = config.attention()
+        self.dtype, self.device = weights.embed.dtype, weights.embed.device
+        self.layers = [DecodeAttention(self.attention_config, lw.attention, backend=backend) for lw in weights.layers]
+        self.caches: list[KVCache] | None = None
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=None, device="cpu", *, backend: str = "auto") -> LlamaModel:
+        """Read ``config.json`` and the safetensors of ``directory`` (no network). ``dtype``:
+        float16 or bfloat16 (a torch dtype or its name); default the checkpoint's own if it is
+        one of them, else bfloat16."""
+        config = ModelConfig.from_pretrained(directory)
+        dtype = config.resolve_dtype(dtype)
+        return cls(config, load_weights(directory, config, dtype, device), backend=backend)
+
+    @property
+    def on_simulator(self) -> bool:
+        return self.layers[0].backend == "simulator"
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, token_ids, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prompts through plain PyTorch, filling fresh per-layer caches of ``capacity`` rows.
+
+        ``token_ids``: one list of ints per sequence (ragged lengths allowed, at most 8
+        sequences). Each prompt runs on its own (causal SDPA over its tokens), its rotated keys
+        and values written to cache rows ``0 .. len-1``. Returns the float32 logits of each
+        prompt's last token ``[batch, vocab]`` and the position of each sequence's next token
+        (its prompt length), an int32 tensor ``[batch]`` on the model's device.
+        """
+        prompts = _as_prompts(token_ids)
+        longest = max(map(len, prompts))
+        if not isinstance(capacity, int) or capacity < longest + 1:
+            raise ValueError(f"capacity must be an int > the longest prompt ({longest} tokens), got {capacity!r}")
+        tokens = [self._tokens(prompt) for prompt in prompts]  # checked before the old caches are dropped
+        a = self.attention_config
+        self.caches = [KVCache.empty(a, len(prompts), capacity, self.dtype, self.device) for _ in self.layers]
+        rope = rope_table(a, capacity, self.device)
+        logits = []
+        for b, ids in enumerate(tokens):
+            x = self.weights.embed[ids]  # [L, H]
+            hidden, residual = x, torch.zeros_like(x)
+            for cache, lw in zip(self.caches, self.weights.layers):
+                out, h = self._prefill_attention(lw, cache, b, hidden, residual, rope)
+                hidden, residual = self._mlp_block(lw, out, h)
+            logits.append(self._logits(hidden[-1:], residual[-1:]))
+        positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
+        return torch.cat(logits), positions
+
+    def _prefill_attention(self, lw: LayerWeights, cache: KVCache, b: int, hidden, residual, rope):
+        """One prompt's attention block on ``[L, H]`` activations; writes cache rows ``0 .. L-1`` of sequence ``b``."""
+        a, w, d = self.attention_config, lw.attention, self.attention_config.head_dim
+        length = hidden.shape[0]
+        h = hidden + residual
+        n = rms_norm(h, w.norm, a.rms_eps)
+        q, k, v = F.linear(n, w.qkv, w.qkv_bias).split([a.heads * d, a.kv_heads * d, a.kv_heads * d], dim=-1)
+        cos, sin = rope[:length, None, 0], rope[:length, None, 1]  # [L, 1, d/2]
+        q = apply_rope(q.view(length, a.heads, d).float(), cos, sin, a.rope_style).to(self.dtype)
+        k = apply_rope(k.view(length, a.kv_heads, d).float(), cos, sin, a.rope_style).to(self.dtype)
+        v = v.view(length, a.kv_heads, d)
+        cache.k[b, :, :length] = k.transpose(0, 1)
+        cache.v[b, :, :length] = v.transpose(0, 1)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+            is_causal=True, enable_gqa=a.group_size > 1,
+        )  # [heads, L, d]
+        out = F.linear(attn.transpose(0, 1).reshape(length, a.attn_width).to(self.dtype), w.o, lw.o_bias)
+        return out, h
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def _tokens(self, tokens) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}; got {tokens.tolist()}")
+        return tokens
+
+    def _mlp_block(self, lw: LayerWeights, out, h):
+        """``(next hidden, next residual)``: the MLP's output and ``h2 = out + h``."""
+        h2 = out + h
+        return mlp(lw, rms_norm(h2, lw.post_norm, self.config.rms_norm_eps)), h2
+
+    def _logits(self, hidden, residual) -> torch.Tensor:
+        n = rms_norm(hidden + residual, self.weights.norm, self.config.rms_norm_eps)
+        return F.linear(n.float(), self.weights.lm_head.float())
+
+    @torch.no_grad()
+    def decode_step(self, tokens, positions) -> torch.Tensor:
+        """One token per sequence through every layer: float32 logits ``[batch, vocab]``.
+
+        ``tokens``: ``[batch]`` ids (a list or tensor); ``positions``: each token's position
+        (an int32 tensor ``[batch]`` on the model's device, or a list of ints), ``positions[b] <
+        capacity``; the caches of :meth:`prefill` must hold rows ``0 .. positions[b]-1``.
+        Appends row ``positions[b]`` to every layer's cache; ``positions`` is not advanced.
+        """
+        if self.caches is None:
+            raise ValueError("decode_step needs the caches that prefill builds; call prefill first")
+        tokens = self._tokens(tokens)
+        batch = self.caches[0].batch
+        if tuple(tokens.shape) != (batch,):
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}; expected ({batch},), one per sequence")
+        if not isinstance(positions, torch.Tensor):
+            positions = torch.tensor(list(positions), dtype=torch.int32, device=self.device)
+        hidden = self.weights.embed[tokens]
+        residual = torch.zeros_like(hidden)
+        for layer, cache, lw in zip(self.layers, self.caches, self.weights.layers):
+            out, h = layer(hidden, residual, cache, positions)
+            if lw.o_bias is not None:
+                out = out + lw.o_bias
+            hidden, residual = self._mlp_block(lw, out, h)
+        return self._logits(hidden, residual)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _pick(logits, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+        if temperature == 0.0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int, eos_token_id=None, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
+        """The new token ids of each prompt: greedy when ``temperature`` is 0, else sampled from
+        ``softmax(logits / temperature)`` over the ``top_k`` likeliest (all when None) with a
+        ``torch.Generator`` seeded by ``seed`` (from the OS when None).
+
+        A sequence stops after emitting ``eos_token_id`` (an int or a list of ints; the eos is
+        included in its ids), or after ``max_new_tokens``. The batch decodes in lockstep (a
+        finished sequence's steps are computed and dropped) until every sequence is done. On CPU
+        tensors every attention step runs on the DSMEM simulator: tiny models only. Each step
+        syncs with the host to pick tokens; the CUDA-graph decode loop is not there yet.
+        ``self.last_stats`` holds ``{"prefill_s", "decode_s", "decode_steps"}`` afterwards.
+        """
+        prompts = _as_prompts(prompts)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0.0):
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        capacity = max(map(len, prompts)) + max_new_tokens
+        start = time.perf_counter()
+        logits, positions = self.prefill(prompts, capacity)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        new: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        steps = 0
+        while True:
+            picked = self._pick(logits, float(temperature), top_k, generator).tolist()
+            for b, token in enumerate(picked):
+                if not done[b]:
+                    new[b].append(token)
+                    done[b] = token in eos or len(new[b]) >= max_new_tokens
+            if all(done):
+                break
+            logits = self.decode_step(picked, positions)
+            positions = positions + 1
+            steps += 1
+        self.last_stats = {"prefill_s": prefill_s, "decode_s": time.perf_counter() - start, "decode_steps": steps}
+        return new

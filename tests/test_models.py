@@ -1,0 +1,356 @@
+"""``clusterlab.models``: tiny random Llama / Qwen2 checkpoints written by transformers, read back
+and decoded with the fused layer (on the simulator here), checked against transformers itself.
+
+The checkpoints: Llama float16 (one file), Llama 3 RoPE scaling + ``attention_bias`` in bfloat16
+saved in shards (an index file), Qwen2 (QKV bias, tied embeddings) float16. head_dim is 64 (the
+fused kernel takes 64 or 128), everything else tiny, so the simulator's steps stay fast.
+
+Weights are redrawn at a trained model's scale (projections std ``1/sqrt(fan_in)``, unit
+embeddings, gains around 1, lm_head x3): transformers' own init (std 0.02) gives near-flat
+logits whose near-ties would make greedy tokens a coin toss. Every greedy comparison also
+checks that transformers' top-2 logit gap at each step is well above the logit error.
+
+Tolerance of the logits: transformers and we round to the model dtype at the same points
+(matmul outputs, adds, RMSNorm), but not identically (our attention and RoPE run in float32, our
+lm_head too), so the logits differ by a few units of the dtype's rounding: float16 (2**-11 ~ 5e-4)
+measured ~1e-3 relative, bfloat16 (2**-8 ~ 4e-3) ~1e-2. LOGIT_TOLERANCE leaves about 3x headroom.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clusterlab.models import LlamaModel, ModelConfig, load_weights
+
+transformers = pytest.importorskip("transformers", reason="the cross-check needs transformers (the test extra)")
+
+LOGIT_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+#: transformers' top-2 logit gap at every greedy step must exceed this (logits are ~O(10) here), and
+#: our logits must be within half of it of transformers' elementwise: then a greedy token cannot flip.
+MIN_GAP = {torch.float16: 0.1, torch.bfloat16: 0.25}
+
+SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=64, vocab_size=97, max_position_embeddings=256,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+#: name: (config class, model class, dtype, extra config, save kwargs, weight seed). The seeds were
+#: picked (out of 1..11) for top-2 gaps above MIN_GAP at every greedy step of PROMPTS.
+CHECKPOINTS = {
+    "llama-fp16": ("LlamaConfig", "LlamaForCausalLM", torch.float16, {}, {}, 4),
+    "llama3-bias-bf16-sharded": (
+        "LlamaConfig", "LlamaForCausalLM", torch.bfloat16,
+        dict(attention_bias=True, rms_norm_eps=1e-5, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        dict(max_shard_size="40KB"), 4,
+    ),
+    "qwen2-fp16-tied": ("Qwen2Config", "Qwen2ForCausalLM", torch.float16,
+                        dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+                        {}, 1),
+}
+
+#: A ragged batch.
+PROMPTS = [[5, 17, 3, 88, 42, 9, 1], [60, 2, 33]]
+NEW_TOKENS = 5
+
+
+def rescale_(model, seed: int) -> None:
+    """Redraw every parameter at a trained model's scale (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("embed_tokens.weight"):
+                p.copy_(noise)
+            elif p.dim() == 2:
+                p.copy_(noise * p.shape[1] ** -0.5 * (3.0 if name == "lm_head.weight" else 1.0))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * noise)
+            else:  # norm gains
+                p.copy_(1.0 + 0.1 * noise)
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def checkpoint(request, tmp_path_factory):
+    """``(name, directory, transformers model in its dtype, dtype)``."""
+    name = request.param
+    config_class, model_class, dtype, extra, save, seed = CHECKPOINTS[name]
+    config = getattr(transformers, config_class)(**SHAPES, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config)
+    rescale_(model, seed)
+    model = model.to(dtype).eval()
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory, safe_serialization=True, **save)
+    return name, directory, model, dtype
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint):
+    return LlamaModel.from_pretrained(checkpoint[1])
+
+
+def relative(got, want) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm())
+
+
+def test_checkpoints_cover_single_file_shards_and_ties(checkpoint):
+    name, directory, _, dtype = checkpoint
+    sharded = (directory / "model.safetensors.index.json").is_file()
+    assert sharded == ("sharded" in name)
+    config = ModelConfig.from_pretrained(directory)
+    assert config.dtype == str(dtype).removeprefix("torch.")
+    assert config.tie_word_embeddings == ("tied" in name)
+    if "llama3" in name:
+        assert config.rope_scaling is not None and config.rope_scaling.original_max_position == 16
+        assert config.attention().rope_theta == 500000.0 and config.o_bias
+    if "qwen2" in name:
+        assert config.attention().qkv_bias and not config.o_bias and config.rms_norm_eps == 1e-6
+
+
+def test_loaded_weights_equal_transformers_state_dict(checkpoint, ours):
+    _, _, model, dtype = checkpoint
+    sd = model.state_dict()
+    w = ours.weights
+    assert w.embed.dtype == dtype
+    assert torch.equal(w.embed, sd["model.embed_tokens.weight"])
+    assert torch.equal(w.norm, sd["model.norm.weight"])
+    assert torch.equal(w.lm_head, sd["lm_head.weight"])
+    for i, layer in enumerate(w.layers):
+        p = f"model.layers.{i}."
+        qkv = [sd[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"]
+        assert torch.equal(layer.attention.qkv, torch.cat(qkv))
+        if ours.config.attention_bias:
+            assert torch.equal(layer.attention.qkv_bias, torch.cat([sd[f"{p}self_attn.{x}_proj.bias"] for x in "qkv"]))
+        else:
+            assert layer.attention.qkv_bias is None
+        assert (layer.o_bias is None) == (f"{p}self_attn.o_proj.bias" not in sd)
+        if layer.o_bias is not None:
+            assert torch.equal(layer.o_bias, sd[f"{p}self_attn.o_proj.bias"])
+        assert torch.equal(layer.attention.o, sd[f"{p}self_attn.o_proj.weight"])
+        assert torch.equal(layer.attention.norm, sd[f"{p}input_layernorm.weight"])
+        assert torch.equal(layer.post_norm, sd[f"{p}post_attention_layernorm.weight"])
+        for ours_w, x in ((layer.gate, "gate"), (layer.up, "up"), (layer.down, "down")):
+            assert torch.equal(ours_w, sd[f"{p}mlp.{x}_proj.weight"])
+
+
+def test_load_casts_to_the_requested_dtype(checkpoint):
+    _, directory, model, dtype = checkpoint
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    config = ModelConfig.from_pretrained(directory)
+    weights = load_weights(directory, config, other)
+    assert weights.embed.dtype == other
+    assert torch.equal(weights.embed, model.state_dict()["model.embed_tokens.weight"].to(other))
+
+
+def test_prefill_logits_and_cache_match_transformers(checkpoint, ours):
+    _, _, model, dtype = checkpoint
+    logits, positions = ours.prefill(PROMPTS, capacity=16)
+    assert logits.dtype == torch.float32 and logits.shape == (len(PROMPTS), 97)
+    assert positions.tolist() == [len(p) for p in PROMPTS] and positions.dtype == torch.int32
+    for b, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            out = model(torch.tensor([prompt]), use_cache=True)
+        assert relative(logits[b], out.logits[0, -1]) < LOGIT_TOLERANCE[dtype], b
+        for layer, cache in enumerate(ours.caches):
+            want = out.past_key_values.layers[layer]
+            n = len(prompt)
+            assert relative(cache.k[b, :, :n], want.keys[0]) < LOGIT_TOLERANCE[dtype], (b, layer)
+            assert relative(cache.v[b, :, :n], want.values[0]) < LOGIT_TOLERANCE[dtype], (b, layer)
+            assert cache.k[b, :, n:].isnan().all()  # nothing past the prompt written
+
+
+def hf_greedy(model, prompt, new_tokens, min_gap):
+    """transformers' greedy ids and raw logits ``[new_tokens, vocab]`` of one prompt."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    ids = out.sequences[0, len(prompt):].tolist()
+    logits = torch.cat(out.logits).float()
+    gaps = [float(g[0] - g[1]) for g in logits.topk(2, dim=-1).values]
+    assert min(gaps) > min_gap, f"near-tie in transformers' greedy logits {gaps}: pick another seed"
+    return ids, logits
+
+
+def test_decode_steps_and_greedy_generate_match_transformers(checkpoint, ours):
+    _, _, model, dtype = checkpoint
+    want = [hf_greedy(model, p, NEW_TOKENS, MIN_GAP[dtype]) for p in PROMPTS]
+    # decode_step on a ragged batch, fed transformers' own tokens: its logits step by step
+    logits, positions = ours.prefill(PROMPTS, capacity=16)
+    for step in range(NEW_TOKENS):
+        for b in range(len(PROMPTS)):
+            assert relative(logits[b], want[b][1][step]) < LOGIT_TOLERANCE[dtype], (b, step)
+            assert (logits[b] - want[b][1][step]).abs().max() < MIN_GAP[dtype] / 2, (b, step)
+        if step + 1 < NEW_TOKENS:
+            logits = ours.decode_step([ids[step] for ids, _ in want], positions)
+            positions += 1
+    # and generate's greedy tokens
+    assert ours.generate(PROMPTS, NEW_TOKENS) == [ids for ids, _ in want]
+
+
+def test_generate_stops_each_sequence_at_eos(ours):
+    greedy = ours.generate(PROMPTS, 4)
+    candidates = [t for t in greedy[0] if t not in greedy[1]]
+    assert candidates, f"no token of {greedy[0]} is missing from {greedy[1]}: pick other prompts"
+    eos = candidates[-1]
+    got = ours.generate(PROMPTS, 4, eos_token_id=[eos, 96])
+    assert got == [greedy[0][: greedy[0].index(eos) + 1], greedy[1]]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    config = transformers.LlamaConfig(**SHAPES)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    rescale_(model, seed=4)
+    directory = tmp_path_factory.mktemp("llama-plain")
+    model.to(torch.float16).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def test_sampling_with_a_seed_repeats_and_top_k_1_is_greedy(llama_dir):
+    model = LlamaModel.from_pretrained(llama_dir)
+    prompts = [PROMPTS[1]]
+    first = model.generate(prompts, 3, temperature=1.5, seed=7)
+    assert model.generate(prompts, 3, temperature=1.5, seed=7) == first
+    assert model.generate(prompts, 3, temperature=1.5, top_k=1, seed=3) == model.generate(prompts, 3)
+
+
+# -- directories that are not a supported model ------------------------------------------------------
+
+
+def edited(llama_dir, tmp_path, **changes):
+    """A copy of ``llama_dir`` with ``config.json`` keys changed (None: removed)."""
+    directory = tmp_path / "model"
+    shutil.copytree(llama_dir, directory)
+    raw = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    (directory / "config.json").write_text(json.dumps(raw))
+    return directory
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type 'yarn'"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(head_dim=32), "head_dim must be one of"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "llama3 RoPE scaling has no"),
+    (dict(vocab_size=None), "no 'vocab_size'"),
+], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab"])
+def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        LlamaModel.from_pretrained(edited(llama_dir, tmp_path, **changes))
+
+
+def test_old_style_rope_theta_and_rope_scaling_are_read(llama_dir, tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    directory = edited(llama_dir, tmp_path, rope_parameters=None, rope_theta=500000.0, rope_scaling=scaling)
+    config = ModelConfig.from_pretrained(directory).attention()
+    assert config.rope_theta == 500000.0 and config.rope_scaling.factor == 8.0
+    directory = edited(llama_dir, tmp_path / "2", rope_parameters=None, rope_theta=1234.0)
+    config = ModelConfig.from_pretrained(directory).attention()
+    assert config.rope_theta == 1234.0 and config.rope_scaling is None
+
+
+def test_missing_files_raise(llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        ModelConfig.from_pretrained(tmp_path / "absent")
+    with pytest.raises(ValueError, match="has no config.json"):
+        ModelConfig.from_pretrained(tmp_path)
+    directory = edited(llama_dir, tmp_path)
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has no model.safetensors or model.safetensors.index.json"):
+        LlamaModel.from_pretrained(directory)
+
+
+def test_a_missing_tensor_or_wrong_shape_is_named(llama_dir, tmp_path):
+    directory = edited(llama_dir, tmp_path, num_hidden_layers=3)
+    with pytest.raises(ValueError, match="no tensor 'model.layers.2.self_attn.q_proj.weight'"):
+        LlamaModel.from_pretrained(directory)
+    directory = edited(llama_dir, tmp_path / "2", intermediate_size=96)
+    with pytest.raises(ValueError, match="gate_proj.weight' has shape"):
+        LlamaModel.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, "float64", "int8"])
+def test_other_dtypes_are_refused(llama_dir, dtype):
+    with pytest.raises(ValueError, match="dtype must be float16 or bfloat16"):
+        LlamaModel.from_pretrained(llama_dir, dtype=dtype)
+
+
+def test_bad_generate_arguments_raise(llama_dir):
+    model = LlamaModel.from_pretrained(llama_dir)
+    with pytest.raises(ValueError, match="at most 8"):
+        model.generate([[1]] * 9, 2)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate([[1], []], 2)
+    with pytest.raises(ValueError, match="token ids must be in 0..96"):
+        model.generate([[1, 97]], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([[1]], 0)
+    with pytest.raises(ValueError, match="call prefill first"):
+        model.decode_step([1], [0])
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "clusterlab", "generate", *map(str, args)],
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_generate_prints_the_greedy_ids(llama_dir):
+    want = LlamaModel.from_pretrained(llama_dir).generate(PROMPTS, 3)
+    args = ["--model", llama_dir, "--max-new-tokens", 3]
+    for prompt in PROMPTS:
+        args += ["--prompt-ids", *prompt]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("attention runs on the DSMEM simulator")
+    assert lines[1] == "prompt 0: " + " ".join(map(str, want[0]))
+    assert lines[2] == "prompt 1: " + " ".join(map(str, want[1]))
+    assert "tokens/s" in lines[3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/absent", "--prompt-ids", 1], "is not a directory"),
+    (["--model", "{llama}", "--prompt-ids", 1, "--dtype", "float32"], "invalid choice"),
+    (["--model", "{llama}", "--prompt", "hello"], "tokenizer.json"),
+    (["--model", "{llama}"], "give at least one prompt"),
+])
+def test_cli_generate_errors_are_one_line_with_status_2(llama_dir, tmp_path, args, message):
+    args = [str(a).format(tmp=tmp_path, llama=llama_dir) for a in args]
+    result = cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    if "invalid choice" not in message:  # argparse prints its usage first
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_generate_encodes_text_prompts_with_tokenizer_json(llama_dir, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    directory = edited(llama_dir, tmp_path)
+    vocab = {f"w{i}": i for i in range(97)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    tokenizer.save(str(directory / "tokenizer.json"))
+    want = LlamaModel.from_pretrained(directory).generate([PROMPTS[1]], 3)[0]
+    result = cli("--model", directory, "--max-new-tokens", 3, "--prompt", " ".join(f"w{i}" for i in PROMPTS[1]))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "prompt 0: " + " ".join(map(str, want))
+    assert lines[2] == "  text: " + repr(" ".join(f"w{i}" for i in want))
