@@ -17,6 +17,7 @@ measured ~1e-3 relative, bfloat16 (2**-8 ~ 4e-3) ~1e-2. LOGIT_TOLERANCE leaves a
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ import sys
 import pytest
 import torch
 
-from clusterlab.models import LlamaModel, ModelConfig, load_weights
+from clusterlab.fused import PRESETS
+from clusterlab.models import MODEL_PRESETS, Decoder, LlamaModel, ModelConfig, load_weights, random, random_weights
 
 transformers = pytest.importorskip("transformers", reason="the cross-check needs transformers (the test extra)")
 
@@ -200,6 +202,119 @@ def test_generate_stops_each_sequence_at_eos(ours):
     eos = candidates[-1]
     got = ours.generate(PROMPTS, 4, eos_token_id=[eos, 96])
     assert got == [greedy[0][: greedy[0].index(eos) + 1], greedy[1]]
+
+
+def test_unfused_attention_decodes_like_the_fused_layer(checkpoint, ours):
+    _, directory, _, dtype = checkpoint
+    unfused = LlamaModel(ours.config, ours.weights, attention="unfused")
+    assert not unfused.layers and not unfused.on_simulator and ours.on_simulator
+    want, positions = ours.prefill(PROMPTS, capacity=16)
+    got, _ = unfused.prefill(PROMPTS, capacity=16)
+    tokens = want.argmax(-1)
+    for _ in range(3):
+        want = ours.decode_step(tokens, positions)
+        got = unfused.decode_step(tokens, positions)
+        assert relative(got, want) < LOGIT_TOLERANCE[dtype]
+        tokens, positions = want.argmax(-1), positions + 1
+    assert unfused.generate(PROMPTS, NEW_TOKENS) == ours.generate(PROMPTS, NEW_TOKENS)
+
+
+# -- on a Hopper GPU: the cluster kernel, one CUDA graph per token -------------------------------------
+
+
+@pytest.mark.gpu
+def test_graph_decode_on_the_gpu_matches_transformers_greedy(checkpoint):
+    _, directory, model, dtype = checkpoint
+    want = [hf_greedy(model, p, NEW_TOKENS, MIN_GAP[dtype])[0] for p in PROMPTS]
+    gpu = LlamaModel.from_pretrained(directory, device="cuda")
+    assert gpu.generate(PROMPTS, NEW_TOKENS) == want
+    assert gpu.last_stats["decode_steps"] == NEW_TOKENS - 1
+    # the eager loop (no graph) gives the same tokens, and so does the unfused model's graph
+    logits, positions = gpu.prefill(PROMPTS, capacity=16)
+    eager = Decoder(gpu, NEW_TOKENS, graph=False)
+    eager.start(logits, positions)
+    eager.run()
+    assert eager.new_tokens() == want
+    unfused = LlamaModel(gpu.config, gpu.weights, attention="unfused")
+    assert unfused.generate(PROMPTS, NEW_TOKENS) == want
+
+
+@pytest.mark.gpu
+def test_graph_sampling_repeats_with_a_seed_and_stops_at_eos(llama_dir):
+    model = LlamaModel.from_pretrained(llama_dir, device="cuda")
+    first = model.generate(PROMPTS, 6, temperature=1.5, seed=7)
+    assert model.generate(PROMPTS, 6, temperature=1.5, seed=7) == first
+    assert model.generate(PROMPTS, 6, temperature=1.5, top_k=1, seed=3) == model.generate(PROMPTS, 6)
+    assert {len(ids) for ids in first} == {6}
+    eos = first[0][2]
+    got = model.generate(PROMPTS, 6, temperature=1.5, seed=7, eos_token_id=eos)
+    assert got[0] == first[0][: first[0].index(eos) + 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "qwen2.5-7b"])
+def test_random_model_fused_and_unfused_steps_agree(preset):
+    """Real shapes on the GPU: the fused model's logits against the unfused one's (the same
+    weights, fed the same tokens) over a ragged batch, step after step; then a graph-replayed
+    generate. float16 throughout (rounding 2**-11 per op, over 16-28 layers): 1e-2 relative allowed."""
+    fused = random(preset, torch.float16, "cuda", seed=11)
+    unfused = LlamaModel(fused.config, fused.weights, attention="unfused")
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prompts = [torch.randint(0, fused.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 61, 23)]
+    first, positions = fused.prefill(prompts, capacity=80)
+    unfused.prefill(prompts, capacity=80)
+    tokens = first.argmax(-1)
+    for step in range(4):
+        got = fused.forward_step(tokens, positions)
+        want = unfused.forward_step(tokens, positions)
+        assert relative(got, want) < 1e-2, step
+        tokens, positions = got.argmax(-1), positions + 1
+    new = fused.generate(prompts, 7)
+    assert [len(ids) for ids in new] == [7, 7, 7] and fused.last_stats["decode_steps"] == 6
+
+
+# -- the decode loop and random models ---------------------------------------------------------------
+
+
+def test_decoder_refuses_steps_before_start_and_past_max_new_tokens(ours):
+    logits, positions = ours.prefill(PROMPTS, capacity=16)
+    decoder = Decoder(ours, 2)
+    with pytest.raises(ValueError, match="call start"):
+        decoder.step()
+    decoder.start(logits, positions)
+    decoder.step()
+    with pytest.raises(ValueError, match="max_new_tokens=2"):
+        decoder.step()
+    assert [len(ids) for ids in decoder.new_tokens()] == [2, 2]
+    with pytest.raises(ValueError, match="graph=True needs the model on a CUDA device"):
+        Decoder(ours, 2, graph=True)
+    with pytest.raises(ValueError, match="call prefill"):
+        Decoder(LlamaModel(ours.config, ours.weights), 2)
+
+
+def test_model_presets_use_the_fused_presets_attention():
+    assert set(MODEL_PRESETS) == set(PRESETS)
+    for name, config in MODEL_PRESETS.items():
+        assert config.attention() == PRESETS[name], name
+    assert MODEL_PRESETS["llama3.2-1b"].tie_word_embeddings and MODEL_PRESETS["qwen2.5-7b"].attention_bias
+    with pytest.raises(ValueError, match="preset must be one of"):
+        random("llama-9b")
+
+
+def test_random_weights_have_the_config_shapes_and_repeat_with_a_seed():
+    tiny = ModelConfig(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                       rope_theta=1e6, vocab_size=50, attention_bias=True, tie_word_embeddings=True)
+    a = random_weights(tiny, torch.bfloat16, seed=5)
+    b = random_weights(tiny, torch.bfloat16, seed=5)
+    c = random_weights(tiny, torch.bfloat16, seed=6)
+    assert a.lm_head is a.embed and a.embed.shape == (50, 64) and a.embed.dtype == torch.bfloat16
+    assert a.layers[0].attention.qkv.shape == (4 * 64 + 2 * 2 * 64, 64) and a.layers[1].down.shape == (64, 96)
+    assert a.layers[0].attention.qkv_bias.shape == (512,) and a.layers[0].o_bias is None
+    assert torch.equal(a.layers[1].up, b.layers[1].up) and not torch.equal(a.layers[1].up, c.layers[1].up)
+    assert all(w.count_nonzero() == w.numel() for w in (a.embed, a.layers[0].gate, a.layers[0].attention.qkv_bias))
+    model = LlamaModel(tiny, a)
+    assert len(model.generate([[1, 2, 3]], 3)[0]) == 3
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,35 @@
 
 - :class:`LlamaModel` — a Llama / Qwen2 decoder read from a Hugging Face checkpoint directory:
   PyTorch prefill, one :class:`~clusterlab.fused.DecodeAttention` per layer at decode time,
-  :meth:`LlamaModel.generate` (greedy or temperature / top-k sampling).
+  :meth:`LlamaModel.generate` (greedy or temperature / top-k sampling), one CUDA graph per token
+  on a GPU (:class:`Decoder`).
 - :class:`ModelConfig` — the checkpoint's ``config.json``; :func:`load_weights` — its safetensors.
+- :func:`random` — the models of :data:`MODEL_PRESETS` (Llama-2-7B, Llama-3-8B, Llama-3.2-1B,
+  Qwen2.5-7B) with random weights, for benchmarks.
 """
 
+from .decode import Decoder
 from .llama import (
+    MODEL_PRESETS,
     LayerWeights,
     LlamaModel,
     ModelConfig,
     ModelWeights,
     checkpoint_eos,
     load_weights,
+    random,
+    random_weights,
 )
 
-__all__ = ["LayerWeights", "LlamaModel", "ModelConfig", "ModelWeights", "checkpoint_eos", "load_weights"]
+__all__ = [
+    "MODEL_PRESETS",
+    "Decoder",
+    "LayerWeights",
+    "LlamaModel",
+    "ModelConfig",
+    "ModelWeights",
+    "checkpoint_eos",
+    "load_weights",
+    "random",
+    "random_weights",
+]

@@ -38,9 +38,10 @@ float32 on the rounded, normalized hidden state).
 
 Where it runs: on CPU tensors the fused attention runs on the DSMEM simulator
 (:mod:`clusterlab.fused.simulated`), slow and meant for tiny models and checks; on a Hopper GPU
-the cluster kernel. Not there yet: a CUDA-graph decode loop (each step here is a Python loop of
-separate launches with a host sync per step to pick tokens), a batched/paged prefill, and
-``random`` model presets without a checkpoint.
+the cluster kernel, and :meth:`LlamaModel.generate` replays one CUDA graph per token
+(:mod:`clusterlab.models.decode`). ``attention="unfused"`` swaps in the same block as separate
+PyTorch calls (:class:`~clusterlab.fused.UnfusedAttention`): the baseline of ``clusterlab bench
+decode``. :func:`random` builds the models of :data:`MODEL_PRESETS` without a checkpoint.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ import torch
 import torch.nn.functional as F
 
 from ..fused.config import (
+    LLAMA2_7B,
+    LLAMA3_2_1B,
+    LLAMA3_8B,
     MAX_BATCH,
+    QWEN2_5_7B,
     AttentionConfig,
     AttentionWeights,
     KVCache,
@@ -62,12 +67,16 @@ from ..fused.config import (
     rope_table,
 )
 from ..fused.layer import DecodeAttention
-from ..fused.reference import apply_rope
+from ..fused.reference import UnfusedAttention, apply_rope
+from .decode import Decoder
 
 #: ``model_type`` values this module reads.
 MODEL_TYPES = ("llama", "qwen2")
 #: RoPE variants (``rope_type``) the fused layer implements.
 ROPE_TYPES = ("default", "llama3")
+#: How a model's decode steps compute attention: the cluster kernel (the simulator on a CPU), or
+#: the unfused PyTorch block.
+ATTENTIONS = ("fused", "unfused")
 #: Names of the dtypes a model runs in.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -229,6 +238,27 @@ def _rope(raw: dict, source: str) -> tuple[float, Llama3RopeScaling | None]:
     return theta, scaling
 
 
+def _preset(model_type: str, attention: AttentionConfig, intermediate: int, layers: int, vocab: int,
+            tied: bool = False) -> ModelConfig:
+    return ModelConfig(
+        model_type=model_type, hidden_size=attention.hidden_size, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=attention.heads, num_key_value_heads=attention.kv_heads,
+        head_dim=attention.head_dim, rms_norm_eps=attention.rms_eps, rope_theta=attention.rope_theta,
+        vocab_size=vocab, tie_word_embeddings=tied, attention_bias=attention.qkv_bias,
+        rope_scaling=attention.rope_scaling,
+    )
+
+
+#: Whole models by name, with the shapes of their published ``config.json`` (the attention of
+#: each is the fused preset of the same name): for :func:`random`, and the benchmarks.
+MODEL_PRESETS = {
+    "llama2-7b": _preset("llama", LLAMA2_7B, intermediate=11008, layers=32, vocab=32000),
+    "llama3-8b": _preset("llama", LLAMA3_8B, intermediate=14336, layers=32, vocab=128256),
+    "llama3.2-1b": _preset("llama", LLAMA3_2_1B, intermediate=8192, layers=16, vocab=128256, tied=True),
+    "qwen2.5-7b": _preset("qwen2", QWEN2_5_7B, intermediate=18944, layers=28, vocab=152064),
+}
+
+
 @dataclass
 class LayerWeights:
     """One transformer layer: the fused attention's weights, an output-projection bias (Llama
@@ -327,6 +357,53 @@ def load_weights(directory, config: ModelConfig, dtype=torch.bfloat16, device="c
     return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight", h), lm_head=lm_head)
 
 
+def random_weights(config: ModelConfig, dtype=torch.float16, device="cpu", seed: int | None = None) -> ModelWeights:
+    """Weights for ``config`` drawn on ``device``, at a trained model's scale: projections normal
+    with std ``1/sqrt(fan_in)`` (unit-variance outputs), embeddings standard normal, RMSNorm gains
+    around 1, a QKV bias with std 0.5. Never zeros; the same ``seed`` gives the same weights."""
+    dtype = _dtype(dtype, "dtype")
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    c, a = config, config.attention()
+    h, inner = c.hidden_size, c.intermediate_size
+
+    def normal(*shape, std=1.0, mean=0.0):
+        return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std + mean).to(dtype)
+
+    def gain():
+        return normal(h, std=0.1, mean=1.0)
+
+    layers = [
+        LayerWeights(
+            attention=AttentionWeights(norm=gain(), qkv=normal(a.qkv_rows, h, std=h**-0.5),
+                                       o=normal(h, a.attn_width, std=a.attn_width**-0.5),
+                                       qkv_bias=normal(a.qkv_rows, std=0.5) if c.attention_bias else None),
+            post_norm=gain(),
+            gate=normal(inner, h, std=h**-0.5),
+            up=normal(inner, h, std=h**-0.5),
+            down=normal(h, inner, std=inner**-0.5),
+            o_bias=normal(h, std=0.5) if c.o_bias else None,
+        )
+        for _ in range(c.num_hidden_layers)
+    ]
+    embed = normal(c.vocab_size, h)
+    lm_head = embed if c.tie_word_embeddings else normal(c.vocab_size, h, std=h**-0.5)
+    return ModelWeights(embed=embed, layers=layers, norm=gain(), lm_head=lm_head)
+
+
+def random(preset: str, dtype=torch.float16, device="cpu", seed: int | None = None, *,
+           attention: str = "fused") -> LlamaModel:
+    """The model of ``MODEL_PRESETS[preset]`` with :func:`random_weights`: real shapes without a
+    checkpoint (for benchmarks; its tokens mean nothing)."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
+    config = MODEL_PRESETS[preset]
+    return LlamaModel(config, random_weights(config, dtype, device, seed), attention=attention)
+
+
 def checkpoint_eos(directory) -> list[int]:
     """The end-of-sequence ids ``directory``'s ``generation_config.json`` (else ``config.json``) names; [] when none."""
     for name in ("generation_config.json", "config.json"):
@@ -369,15 +446,22 @@ class LlamaModel:
 
     ``config``: :class:`ModelConfig`; ``weights``: :class:`ModelWeights` in float16 or bfloat16,
     all on one device (CPU: the attention runs on the simulator; a Hopper GPU: the cluster
-    kernel). The KV caches live on the model (``self.caches``, one per layer) between
-    :meth:`prefill` and :meth:`decode_step`; one model object decodes one batch at a time.
+    kernel). ``attention``: ``"fused"`` (:class:`~clusterlab.fused.DecodeAttention`) or
+    ``"unfused"`` (:class:`~clusterlab.fused.UnfusedAttention`, separate PyTorch calls over the
+    whole cache with a mask, like a static-cache PyTorch model). The KV caches live on the model
+    (``self.caches``, one per layer, made by :meth:`prefill` or :meth:`new_caches`) between steps;
+    one model object decodes one batch at a time.
     """
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto"):
-        self.config, self.weights = config, weights
+    def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto",
+                 attention: str = "fused"):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.config, self.weights, self.attention = config, weights, attention
         self.attention_config = config.attention()
         self.dtype, self.device = weights.embed.dtype, weights.embed.device
-        self.layers = [DecodeAttention(self.attention_config, lw.attention, backend=backend) for lw in weights.layers]
+        self.layers = [DecodeAttention(self.attention_config, lw.attention, backend=backend)
+                       for lw in weights.layers] if attention == "fused" else []
         self.caches: list[KVCache] | None = None
 
     @classmethod
@@ -391,7 +475,8 @@ class LlamaModel:
 
     @property
     def on_simulator(self) -> bool:
-        return self.layers[0].backend == "simulator"
+        """Whether the attention runs on the DSMEM simulator (a fused model on the CPU)."""
+        return bool(self.layers) and self.layers[0].backend == "simulator"
 
     # -- prefill -------------------------------------------------------------------------------
 
@@ -410,9 +495,8 @@ class LlamaModel:
         if not isinstance(capacity, int) or capacity < longest + 1:
             raise ValueError(f"capacity must be an int > the longest prompt ({longest} tokens), got {capacity!r}")
         tokens = [self._tokens(prompt) for prompt in prompts]  # checked before the old caches are dropped
-        a = self.attention_config
-        self.caches = [KVCache.empty(a, len(prompts), capacity, self.dtype, self.device) for _ in self.layers]
-        rope = rope_table(a, capacity, self.device)
+        self.new_caches(len(prompts), capacity)
+        rope = rope_table(self.attention_config, capacity, self.device)
         logits = []
         for b, ids in enumerate(tokens):
             x = self.weights.embed[ids]  # [L, H]
@@ -423,6 +507,20 @@ class LlamaModel:
             logits.append(self._logits(hidden[-1:], residual[-1:]))
         positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         return torch.cat(logits), positions
+
+    def new_caches(self, batch: int, capacity: int) -> None:
+        """Fresh, empty per-layer caches of ``batch`` sequences and ``capacity`` rows (``prefill``
+        makes its own; a benchmark fills these directly)."""
+        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
+        a = self.attention_config
+        self.caches = [KVCache.empty(a, batch, capacity, self.dtype, self.device) for _ in self.weights.layers]
+        if self.attention == "unfused":
+            for cache in self.caches:  # attended under a mask, whole: rows not yet written must be finite
+                cache.k.zero_()
+                cache.v.zero_()
+            rope = rope_table(a, capacity, self.device)
+            self._unfused = [UnfusedAttention(a, lw.attention, rope) for lw in self.weights.layers]
 
     def _prefill_attention(self, lw: LayerWeights, cache: KVCache, b: int, hidden, residual, rope):
         """One prompt's attention block on ``[L, H]`` activations; writes cache rows ``0 .. L-1`` of sequence ``b``."""
@@ -459,7 +557,7 @@ class LlamaModel:
 
     def _logits(self, hidden, residual) -> torch.Tensor:
         n = rms_norm(hidden + residual, self.weights.norm, self.config.rms_norm_eps)
-        return F.linear(n.float(), self.weights.lm_head.float())
+        return F.linear(n, self.weights.lm_head).float()
 
     @torch.no_grad()
     def decode_step(self, tokens, positions) -> torch.Tensor:
@@ -478,41 +576,47 @@ class LlamaModel:
             raise ValueError(f"tokens has shape {tuple(tokens.shape)}; expected ({batch},), one per sequence")
         if not isinstance(positions, torch.Tensor):
             positions = torch.tensor(list(positions), dtype=torch.int32, device=self.device)
+        return self.forward_step(tokens, positions)
+
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_step` without its checks and host reads, so a CUDA graph can capture it:
+        ``tokens`` ``[batch]`` int64 and ``positions`` ``[batch]`` int32, both on the model's
+        device; float32 logits ``[batch, vocab]``."""
         hidden = self.weights.embed[tokens]
         residual = torch.zeros_like(hidden)
-        for layer, cache, lw in zip(self.layers, self.caches, self.weights.layers):
-            out, h = layer(hidden, residual, cache, positions)
-            if lw.o_bias is not None:
-                out = out + lw.o_bias
+        for i, lw in enumerate(self.weights.layers):
+            out, h = self.attend(i, hidden, residual, positions)
             hidden, residual = self._mlp_block(lw, out, h)
         return self._logits(hidden, residual)
 
-    # -- generation ----------------------------------------------------------------------------
+    def attend(self, layer: int, hidden, residual, positions):
+        """Layer ``layer``'s attention block on ``[batch, H]`` activations: ``(out, hidden + residual)``,
+        appending row ``positions[b]`` to its cache."""
+        cache, lw = self.caches[layer], self.weights.layers[layer]
+        if self.attention == "fused":
+            out, h = self.layers[layer](hidden, residual, cache, positions)
+        else:
+            out, h = self._unfused[layer](hidden, residual, cache, positions)
+        if lw.o_bias is not None:
+            out = out + lw.o_bias
+        return out, h
 
-    @staticmethod
-    def _pick(logits, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-        if temperature == 0.0:
-            return logits.argmax(-1)
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    # -- generation ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, eos_token_id=None, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
         """The new token ids of each prompt: greedy when ``temperature`` is 0, else sampled from
-        ``softmax(logits / temperature)`` over the ``top_k`` likeliest (all when None) with a
-        ``torch.Generator`` seeded by ``seed`` (from the OS when None).
+        ``softmax(logits / temperature)`` over the ``top_k`` likeliest (all when None), seeded
+        with ``seed`` (from the OS when None).
 
         A sequence stops after emitting ``eos_token_id`` (an int or a list of ints; the eos is
         included in its ids), or after ``max_new_tokens``. The batch decodes in lockstep (a
-        finished sequence's steps are computed and dropped) until every sequence is done. On CPU
-        tensors every attention step runs on the DSMEM simulator: tiny models only. Each step
-        syncs with the host to pick tokens; the CUDA-graph decode loop is not there yet.
-        ``self.last_stats`` holds ``{"prefill_s", "decode_s", "decode_steps"}`` afterwards.
+        finished sequence's steps are computed and dropped) until every sequence is done. On a
+        GPU each step is one CUDA graph replay (:class:`~clusterlab.models.decode.Decoder`); on
+        CPU tensors every attention step runs on the DSMEM simulator: tiny models only.
+        ``self.last_stats`` holds ``{"prefill_s", "decode_s", "decode_steps"}`` afterwards
+        (``decode_s`` includes capturing the graph).
         """
         prompts = _as_prompts(prompts)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -521,30 +625,21 @@ class LlamaModel:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
+        eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
         capacity = max(map(len, prompts)) + max_new_tokens
         start = time.perf_counter()
         logits, positions = self.prefill(prompts, capacity)
+        _sync(self.device)
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        new: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        steps = 0
-        while True:
-            picked = self._pick(logits, float(temperature), top_k, generator).tolist()
-            for b, token in enumerate(picked):
-                if not done[b]:
-                    new[b].append(token)
-                    done[b] = token in eos or len(new[b]) >= max_new_tokens
-            if all(done):
-                break
-            logits = self.decode_step(picked, positions)
-            positions = positions + 1
-            steps += 1
+        decoder = Decoder(self, max_new_tokens, temperature=temperature, top_k=top_k, eos=eos, seed=seed)
+        decoder.start(logits, positions)
+        steps = decoder.run()
+        new = decoder.new_tokens()
         self.last_stats = {"prefill_s": prefill_s, "decode_s": time.perf_counter() - start, "decode_steps": steps}
         return new
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

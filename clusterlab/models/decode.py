@@ -1,0 +1,155 @@
+"""The decode loop: one token of every sequence per step, one CUDA graph per step on a GPU.
+
+A step feeds each sequence's last token through every layer, the final norm and the LM head,
+picks the next token, records it and advances the positions, all on the device, from and into
+static buffers (:class:`Decoder`)::
+
+    tokens    [B] int64     the tokens this step feeds (picked by the step before)
+    positions [B] int32     where each of them goes in the caches
+        logits = model.forward_step(tokens, positions)        [B, V] float32
+        positions += 1
+        next   = pick(logits)                                  greedy, or sampled on the device
+        history[b, count] = next[b];  count += 1               [B, max_new_tokens] int64
+        done  |= next is an end-of-sequence id                 [B] bool
+        tokens = next
+
+Nothing in a step reads a value back to the host, so on a CUDA device the whole step is captured
+once as a CUDA graph and replayed per token; the host only looks at ``done`` now and then to stop
+early. On the CPU the same step runs eagerly (the attention on the simulator).
+
+Sampling draws ``E ~ Exponential(1)`` per vocabulary entry and takes ``argmax(p / E)`` over the
+probabilities ``p = softmax(logits / temperature)`` (restricted to the ``top_k`` likeliest): the
+exponential race, a sample from ``p`` with no host round trip, drawn from the decoder's own seeded
+generator (registered with the graph, so every replay draws fresh numbers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+#: How many steps :meth:`Decoder.run` replays between two looks at ``done`` (each one a host sync).
+STOP_CHECK_EVERY = 8
+
+
+class Decoder:
+    """Decode ``batch`` sequences of ``model`` (a :class:`~clusterlab.models.LlamaModel` whose
+    caches hold the prompts) for up to ``max_new_tokens`` tokens each.
+
+    ``temperature`` 0: greedy; else sample as the module docstring says, among the ``top_k``
+    likeliest (all when None), seeded with ``seed`` (from the OS when None). ``eos``: the ids
+    that end a sequence. ``graph``: capture the step as a CUDA graph (default: on a CUDA device).
+    """
+
+    def __init__(self, model, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 eos=(), seed: int | None = None, graph: bool | None = None):
+        if model.caches is None:
+            raise ValueError("a Decoder needs the model's caches; call prefill (or new_caches) first")
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.temperature, self.top_k = float(temperature), top_k
+        device, batch = model.device, model.caches[0].batch
+        self.graph = device.type == "cuda" if graph is None else graph
+        if self.graph and device.type != "cuda":
+            raise ValueError(f"graph=True needs the model on a CUDA device; it is on {device}")
+        self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.history = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.seed = int.from_bytes(os.urandom(8), "little") >> 1 if seed is None else seed
+        self.generator = torch.Generator(device=device)
+        self._cuda_graph = None
+        self._recorded = 0  # tokens in history, known on the host without a sync
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each sequence from float32 ``logits`` ``[B, V]``: ``[B]`` int64, on the device."""
+        if self.temperature == 0.0:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        race = torch.empty_like(logits).exponential_(generator=self.generator)
+        return (logits.softmax(-1) / race).argmax(-1)
+
+    def record(self, token: torch.Tensor) -> None:
+        """Append ``token`` ``[B]`` to the history, mark sequences that emitted an eos id, feed it next."""
+        self.history.scatter_(1, self.count.expand(token.shape[0], 1), token[:, None])
+        self.count += 1
+        self.done |= torch.isin(token, self.eos)
+        self.tokens.copy_(token)
+
+    def _step(self) -> None:
+        logits = self.model.forward_step(self.tokens, self.positions)
+        self.positions += 1
+        self.record(self.pick(logits))
+
+    # -- driving it ----------------------------------------------------------------------------
+
+    def start(self, logits: torch.Tensor, positions: torch.Tensor) -> None:
+        """Take the first token from the prefill's ``logits`` ``[B, V]``; ``positions`` ``[B]``
+        int32: where it goes (each prompt's length). Captures the step's graph on first use."""
+        self.positions.copy_(positions)
+        if self.graph and self._cuda_graph is None:
+            self._capture()
+        self.generator.manual_seed(self.seed)
+        self.count.zero_()
+        self.done.zero_()
+        self.positions.copy_(positions)
+        self.record(self.pick(logits))
+        self._recorded = 1
+
+    def _capture(self) -> None:
+        """Capture one step as a CUDA graph. A warm-up step runs first on a side stream (kernels
+        compile, the allocator settles); it writes cache rows ``positions[b]``, which the first
+        replay writes again before anything reads them. :meth:`start` resets what it advanced."""
+        device = self.model.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            self._step()
+        self._cuda_graph = graph
+
+    def step(self) -> None:
+        """One token more for every sequence: a graph replay on a GPU, the eager step elsewhere."""
+        if self._recorded == 0:
+            raise ValueError("call start with the prefill's logits and positions before step")
+        if self._recorded >= self.max_new_tokens:
+            raise ValueError(f"every sequence already has max_new_tokens={self.max_new_tokens} tokens")
+        if self._cuda_graph is not None:
+            self._cuda_graph.replay()
+        else:
+            self._step()
+        self._recorded += 1
+
+    def finished(self) -> bool:
+        """Whether every sequence has emitted an eos id (reads ``done``: one host sync)."""
+        return bool(self.done.all())
+
+    def run(self) -> int:
+        """Step until every sequence has ``max_new_tokens`` tokens or emitted an eos; the number of steps."""
+        steps = 0
+        while self._recorded < self.max_new_tokens:
+            if steps % STOP_CHECK_EVERY == 0 and self.eos.numel() and self.finished():
+                break
+            self.step()
+            steps += 1
+        return steps
+
+    def new_tokens(self) -> list[list[int]]:
+        """Each sequence's tokens, up to and including its first eos id (one host sync)."""
+        eos = set(self.eos.tolist())
+        result = []
+        for row in self.history[:, : self._recorded].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+            result.append(row[:end])
+        return result
