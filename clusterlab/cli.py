@@ -7,6 +7,8 @@
                                              (--save: the extension picks the format)
     clusterlab bench primitives [...]        microbenchmarks of the collectives (Hopper GPU)
     clusterlab bench fused [...]             the fused decode layer vs PyTorch and the floor (Hopper GPU)
+    clusterlab bench decode [...]            whole models' time per token: fused vs unfused vs transformers
+                                             vs the floor (Hopper GPU)
     clusterlab generate --model DIR --prompt-ids 1 2 3 [--prompt-ids ...] --max-new-tokens N
                                              decode a Llama / Qwen2 checkpoint with the fused layer
                                              (the simulator without a Hopper GPU: tiny models only)
@@ -120,8 +122,10 @@ def _tour(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.suite == "primitives":
         from .bench.primitives import main as bench_main
-    else:
+    elif args.suite == "fused":
         from .fused.bench import main as bench_main
+    else:
+        from .models.bench import main as bench_main
     return bench_main(args.options)
 
 
@@ -219,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks on a Hopper GPU; results as a table, JSON and PNG under benchmarks/results/",
         description="Options after the suite name go to it: clusterlab bench primitives --help",
     )
-    bench.add_argument("suite", choices=("primitives", "fused"))
+    bench.add_argument("suite", choices=("primitives", "fused", "decode"))
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
     bench.set_defaults(run=_bench)
 

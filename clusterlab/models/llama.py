@@ -429,6 +429,11 @@ def mlp(layer: LayerWeights, n: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(n, layer.gate)) * F.linear(n, layer.up), layer.down)
 
 
+def _check_batch(batch) -> None:
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
+
+
 def _as_prompts(token_ids) -> list[list[int]]:
     prompts = [list(p) for p in token_ids]
     if not prompts:
@@ -510,16 +515,47 @@ class LlamaModel:
 
     def new_caches(self, batch: int, capacity: int) -> None:
         """Fresh, empty per-layer caches of ``batch`` sequences and ``capacity`` rows (``prefill``
-        makes its own; a benchmark fills these directly)."""
-        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
-            raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
+        makes its own)."""
+        _check_batch(batch)
         a = self.attention_config
-        self.caches = [KVCache.empty(a, batch, capacity, self.dtype, self.device) for _ in self.weights.layers]
+        caches = [KVCache.empty(a, batch, capacity, self.dtype, self.device) for _ in self.weights.layers]
         if self.attention == "unfused":
-            for cache in self.caches:  # attended under a mask, whole: rows not yet written must be finite
+            for cache in caches:  # attended under a mask, whole: rows not yet written must be finite
                 cache.k.zero_()
                 cache.v.zero_()
-            rope = rope_table(a, capacity, self.device)
+        self.use_caches(caches)
+
+    def random_caches(self, batch: int, capacity: int, seed: int | None = None) -> None:
+        """Fresh per-layer caches of ``batch`` sequences and ``capacity`` rows, every row standard
+        normal (:meth:`~clusterlab.fused.KVCache.random`, layer ``l`` seeded ``seed + l``): as if
+        ``capacity`` tokens had been seen, without a prefill (``clusterlab bench decode``)."""
+        _check_batch(batch)
+        a = self.attention_config
+        self.use_caches([KVCache.random(a, batch, capacity, self.dtype, self.device, None if seed is None else seed + i)
+                         for i in range(len(self.weights.layers))])
+
+    def use_caches(self, caches: list[KVCache]) -> None:
+        """Decode with ``caches``: one :class:`~clusterlab.fused.KVCache` per layer, all of one shape
+        ``[batch, kv_heads, capacity, head_dim]``, in the model's dtype and on its device. Another
+        model's caches over the same weights may be passed (the two then read and write the same
+        rows); an unfused model needs every row finite, as it attends to all of them under a mask."""
+        a, layers = self.attention_config, len(self.weights.layers)
+        if len(caches) != layers:
+            raise ValueError(f"{len(caches)} caches for a model of {layers} layers")
+        shape = tuple(caches[0].k.shape)
+        for i, cache in enumerate(caches):
+            for t in (cache.k, cache.v):
+                if (tuple(t.shape) != shape or len(shape) != 4 or shape[1] != a.kv_heads or shape[3] != a.head_dim
+                        or t.dtype != self.dtype or t.device != self.device):
+                    raise ValueError(
+                        f"cache {i} holds a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}; expected "
+                        f"{self.dtype} [batch, {a.kv_heads}, capacity, {a.head_dim}] on {self.device}, all of "
+                        f"cache 0's shape {shape}"
+                    )
+        _check_batch(shape[0])
+        self.caches = list(caches)
+        if self.attention == "unfused":
+            rope = rope_table(a, shape[2], self.device)
             self._unfused = [UnfusedAttention(a, lw.attention, rope) for lw in self.weights.layers]
 
     def _prefill_attention(self, lw: LayerWeights, cache: KVCache, b: int, hidden, residual, rope):
