@@ -6,6 +6,10 @@
   :data:`QWEN2_5_7B`; :class:`Llama3RopeScaling`; :class:`AttentionWeights`; :class:`KVCache`.
 - :func:`reference_step` — the float64 oracle; :class:`UnfusedAttention` — the same block as
   separate PyTorch calls (the benchmark's baseline).
+- Multi-head latent attention (DeepSeek-V2), :mod:`clusterlab.fused.mla`: :class:`MLAConfig` with
+  preset :data:`DEEPSEEK_V2_LITE` (by name in :data:`MLA_PRESETS`), :class:`YarnRopeScaling`,
+  :class:`MLAWeights`, :class:`LatentCache`, :func:`mla_rope_table`; :func:`mla_reference_step` —
+  its float64 oracle (the absorbed dataflow); :class:`UnfusedMLA` — its PyTorch baseline.
 
 How the work is split over clusters and blocks: :mod:`clusterlab.fused.plan`.
 """
@@ -23,20 +27,39 @@ from .config import (
     rope_table,
 )
 from .layer import DecodeAttention
+from .mla import (
+    DEEPSEEK_V2_LITE,
+    MLA_PRESETS,
+    LatentCache,
+    MLAConfig,
+    MLAWeights,
+    YarnRopeScaling,
+    mla_rope_table,
+)
+from .mla_reference import UnfusedMLA, mla_reference_step
 from .reference import UnfusedAttention, reference_step, relative_error
 
 __all__ = [
+    "DEEPSEEK_V2_LITE",
     "LLAMA2_7B",
     "LLAMA3_2_1B",
     "LLAMA3_8B",
+    "MLA_PRESETS",
     "PRESETS",
     "QWEN2_5_7B",
     "AttentionConfig",
     "AttentionWeights",
     "DecodeAttention",
     "KVCache",
+    "LatentCache",
     "Llama3RopeScaling",
+    "MLAConfig",
+    "MLAWeights",
     "UnfusedAttention",
+    "UnfusedMLA",
+    "YarnRopeScaling",
+    "mla_reference_step",
+    "mla_rope_table",
     "reference_step",
     "relative_error",
     "rope_table",

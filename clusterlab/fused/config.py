@@ -219,7 +219,7 @@ def _check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _generator(seed: int | None, device="cpu") -> torch.Generator:
+def seeded_generator(seed: int | None, device="cpu") -> torch.Generator:
     """A generator of its own on ``device``: seeded with ``seed``, else from the OS (torch's global one untouched)."""
     gen = torch.Generator(device=device)
     if seed is None:
@@ -248,7 +248,7 @@ class AttentionWeights:
         """
         _check_dtype(dtype)
         _check_device(device)
-        gen = _generator(seed)
+        gen = seeded_generator(seed)
         h = config.hidden_size
 
         def draw(*shape, std):
@@ -295,7 +295,7 @@ class KVCache:
                seed: int | None = None):
         """A cache of standard-normal keys and values, as if ``capacity`` tokens had been seen."""
         _check_cache(batch, capacity, dtype, device)
-        gen = _generator(seed, device)
+        gen = seeded_generator(seed, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(
             torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype),
