@@ -1,9 +1,10 @@
 """``clusterlab.models``: tiny random Llama / Qwen2 checkpoints written by transformers, read back
 and decoded with the fused layer (on the simulator here), checked against transformers itself.
 
-The checkpoints: Llama float16 (one file), Llama 3 RoPE scaling + ``attention_bias`` in bfloat16
-saved in shards (an index file), Qwen2 (QKV bias, tied embeddings) float16. head_dim is 64 (the
-fused kernel takes 64 or 128), everything else tiny, so the simulator's steps stay fast.
+The checkpoints: Llama float16 (one file; GQA, 4 query heads on 2 KV heads), the same as MHA (4
+KV heads), Llama 3 RoPE scaling + ``attention_bias`` in bfloat16 saved in shards (an index file),
+Qwen2 (QKV bias, tied embeddings) float16. head_dim is 64 (the fused kernel takes 64 or 128),
+everything else tiny, so the simulator's steps stay fast. Decoding runs NEW_TOKENS = 8 steps.
 
 Weights are redrawn at a trained model's scale (projections std ``1/sqrt(fan_in)``, unit
 embeddings, gains around 1, lm_head x3): transformers' own init (std 0.02) gives near-flat
@@ -25,8 +26,17 @@ import sys
 import pytest
 import torch
 
-from clusterlab.fused import PRESETS
-from clusterlab.models import MODEL_PRESETS, Decoder, LlamaModel, ModelConfig, load_weights, random, random_weights
+from clusterlab.fused import PRESETS, Llama3RopeScaling
+from clusterlab.models import (
+    MODEL_PRESETS,
+    Decoder,
+    LlamaModel,
+    ModelConfig,
+    load_weights,
+    random,
+    random_weights,
+    to_transformers,
+)
 
 transformers = pytest.importorskip("transformers", reason="the cross-check needs transformers (the test extra)")
 
@@ -40,9 +50,10 @@ SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 #: name: (config class, model class, dtype, extra config, save kwargs, weight seed). The seeds were
-#: picked (out of 1..11) for top-2 gaps above MIN_GAP at every greedy step of PROMPTS.
+#: picked (out of 1..39) for top-2 gaps above 1.5 x MIN_GAP at every greedy step of PROMPTS.
 CHECKPOINTS = {
-    "llama-fp16": ("LlamaConfig", "LlamaForCausalLM", torch.float16, {}, {}, 4),
+    "llama-fp16": ("LlamaConfig", "LlamaForCausalLM", torch.float16, {}, {}, 9),
+    "llama-mha-fp16": ("LlamaConfig", "LlamaForCausalLM", torch.float16, dict(num_key_value_heads=4), {}, 11),
     "llama3-bias-bf16-sharded": (
         "LlamaConfig", "LlamaForCausalLM", torch.bfloat16,
         dict(attention_bias=True, rms_norm_eps=1e-5, rope_parameters={
@@ -57,7 +68,7 @@ CHECKPOINTS = {
 
 #: A ragged batch.
 PROMPTS = [[5, 17, 3, 88, 42, 9, 1], [60, 2, 33]]
-NEW_TOKENS = 5
+NEW_TOKENS = 8
 
 
 def rescale_(model, seed: int) -> None:
@@ -81,7 +92,7 @@ def checkpoint(request, tmp_path_factory):
     """``(name, directory, transformers model in its dtype, dtype)``."""
     name = request.param
     config_class, model_class, dtype, extra, save, seed = CHECKPOINTS[name]
-    config = getattr(transformers, config_class)(**SHAPES, **extra)
+    config = getattr(transformers, config_class)(**{**SHAPES, **extra})
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config)
     rescale_(model, seed)
@@ -106,6 +117,7 @@ def test_checkpoints_cover_single_file_shards_and_ties(checkpoint):
     sharded = (directory / "model.safetensors.index.json").is_file()
     assert sharded == ("sharded" in name)
     config = ModelConfig.from_pretrained(directory)
+    assert config.num_key_value_heads == (4 if "mha" in name else 2)  # MHA, else GQA: 2 query heads a KV head
     assert config.dtype == str(dtype).removeprefix("torch.")
     assert config.tie_word_embeddings == ("tied" in name)
     if "llama3" in name:
@@ -271,6 +283,72 @@ def test_random_model_fused_and_unfused_steps_agree(preset):
         tokens, positions = got.argmax(-1), positions + 1
     new = fused.generate(prompts, 7)
     assert [len(ids) for ids in new] == [7, 7, 7] and fused.last_stats["decode_steps"] == 6
+
+
+@pytest.mark.gpu
+def test_llama3_8b_shape_decodes_like_transformers_for_16_steps():
+    """The Llama-3-8B shape with random weights on the GPU, 4 prompts of different lengths decoded
+    together (the fused kernel per layer) against transformers' own LlamaForCausalLM over the same
+    weights (:func:`to_transformers`), run one sequence at a time with its own cache and fed the
+    same tokens: the logits of the prefill and of each of 16 steps. float16 through 32 layers (each
+    op rounds to 2**-11): 1e-2 relative allowed."""
+    model = random("llama3-8b", torch.float16, "cuda", seed=5)
+    hf = to_transformers(model)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 50, 17, 120)]
+    logits, positions = model.prefill(prompts, capacity=160)
+    with torch.no_grad():
+        runs = [hf(torch.tensor([p], device="cuda"), use_cache=True) for p in prompts]
+        for step in range(17):
+            for b, run in enumerate(runs):
+                assert relative(logits[b], run.logits[0, -1]) < 1e-2, (step, b)
+            if step == 16:
+                break
+            tokens = logits.argmax(-1)
+            runs = [hf(tokens[b].view(1, 1), past_key_values=run.past_key_values, use_cache=True)
+                    for b, run in enumerate(runs)]
+            logits = model.forward_step(tokens, positions)
+            positions += 1
+
+
+def weight_storages(weights) -> set[int]:
+    """The storage addresses of every weight tensor of ``weights``."""
+    tensors = [weights.embed, weights.norm, weights.lm_head]
+    for layer in weights.layers:
+        a = layer.attention
+        tensors += [a.norm, a.qkv, a.qkv_bias, a.o, layer.o_bias, layer.post_norm, layer.gate, layer.up, layer.down]
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+
+
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=97)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(tie_word_embeddings=True, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 16)),
+     dict(attention_bias=True, o_bias=True),
+     dict(model_type="qwen2", attention_bias=True, rope_theta=1e6)],
+    ids=["llama3-rope-tied", "llama-bias", "qwen2"],
+)
+def test_to_transformers_holds_views_of_our_weights_and_computes_our_logits(changes):
+    config = ModelConfig(**(TINY | changes))
+    ours = LlamaModel(config, random_weights(config, torch.float16, seed=2))
+    hf = to_transformers(ours)
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if config.model_type == "qwen2" else "LlamaForCausalLM")
+    params = dict(hf.named_parameters(remove_duplicate=False))
+    storages = weight_storages(ours.weights)
+    assert {name for name, p in params.items() if p.untyped_storage().data_ptr() not in storages} == set()
+    k_proj = params["model.layers.1.self_attn.k_proj.weight"]
+    assert k_proj.data_ptr() == ours.weights.layers[1].attention.qkv[256:].data_ptr()  # a row slice, no copy
+    assert params["lm_head.weight"].data_ptr() == ours.weights.lm_head.data_ptr()
+    assert ("model.layers.0.self_attn.o_proj.bias" in params) == config.o_bias
+    assert not any(b.is_meta for b in hf.buffers())
+    prompt = [5, 17, 3, 88, 42, 9, 1, 60, 2]
+    want, _ = ours.prefill([prompt], capacity=16)
+    with torch.no_grad():
+        got = hf(torch.tensor([prompt])).logits[0, -1].float()
+    assert relative(got, want[0]) < LOGIT_TOLERANCE[torch.float16]
 
 
 # -- the decode loop and random models ---------------------------------------------------------------

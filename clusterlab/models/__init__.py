@@ -6,7 +6,8 @@
   on a GPU (:class:`Decoder`).
 - :class:`ModelConfig` — the checkpoint's ``config.json``; :func:`load_weights` — its safetensors.
 - :func:`random` — the models of :data:`MODEL_PRESETS` (Llama-2-7B, Llama-3-8B, Llama-3.2-1B,
-  Qwen2.5-7B) with random weights, for benchmarks.
+  Qwen2.5-7B) with random weights, for benchmarks; :func:`to_transformers` — transformers' own
+  model over the same weights, to check against.
 """
 
 from .decode import Decoder
@@ -20,6 +21,7 @@ from .llama import (
     load_weights,
     random,
     random_weights,
+    to_transformers,
 )
 
 __all__ = [
@@ -33,4 +35,5 @@ __all__ = [
     "load_weights",
     "random",
     "random_weights",
+    "to_transformers",
 ]

@@ -65,6 +65,7 @@ from ..fused.config import (
     KVCache,
     Llama3RopeScaling,
     rope_table,
+    seeded_generator,
 )
 from ..fused.layer import DecodeAttention
 from ..fused.reference import UnfusedAttention, apply_rope
@@ -362,11 +363,7 @@ def random_weights(config: ModelConfig, dtype=torch.float16, device="cpu", seed:
     with std ``1/sqrt(fan_in)`` (unit-variance outputs), embeddings standard normal, RMSNorm gains
     around 1, a QKV bias with std 0.5. Never zeros; the same ``seed`` gives the same weights."""
     dtype = _dtype(dtype, "dtype")
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
+    gen = seeded_generator(seed, device)
     c, a = config, config.attention()
     h, inner = c.hidden_size, c.intermediate_size
 
@@ -402,6 +399,63 @@ def random(preset: str, dtype=torch.float16, device="cpu", seed: int | None = No
         raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
     config = MODEL_PRESETS[preset]
     return LlamaModel(config, random_weights(config, dtype, device, seed), attention=attention)
+
+
+#: ``max_position_embeddings`` of :func:`to_transformers`' configs (Llama 3.1 / 3.2's); transformers
+#: only sizes buffers by it.
+TRANSFORMERS_MAX_POSITIONS = 131072
+
+
+def to_transformers(model: LlamaModel):
+    """transformers' own ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for a Qwen2 config) over
+    ``model``'s weights, in eval mode on ``model``'s device: an independent implementation to check
+    against, and the benchmark's baseline.
+
+    The transformers config repeats ``model.config`` (shapes, RMSNorm eps, RoPE theta and the
+    llama3 scaling as ``rope_parameters``, ties, biases; SDPA attention); the model is built on
+    the ``meta`` device and ``load_state_dict(assign=True)`` hands it views of our tensors
+    (``q_proj`` / ``k_proj`` / ``v_proj`` are row slices of ``qkv``): no weight is copied, so
+    changing one model's weights changes the other's. Only the RoPE buffers are made anew.
+    """
+    import transformers
+
+    c, a = model.config, model.attention_config
+    rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
+    shapes = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=rope, tie_word_embeddings=c.tie_word_embeddings,
+        max_position_embeddings=TRANSFORMERS_MAX_POSITIONS, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, dtype=model.dtype, attn_implementation="sdpa",
+    )
+    if c.model_type == "qwen2":
+        config, cls = transformers.Qwen2Config(**shapes), transformers.Qwen2ForCausalLM
+    else:
+        config, cls = transformers.LlamaConfig(**shapes, attention_bias=c.attention_bias), transformers.LlamaForCausalLM
+    with torch.device("meta"):
+        hf = cls(config)
+    w, rows = model.weights, [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim]
+    state = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm, "lm_head.weight": w.lm_head}
+    for i, lw in enumerate(w.layers):
+        p = f"model.layers.{i}."
+        for name, part in zip("qkv", lw.attention.qkv.split(rows)):
+            state[f"{p}self_attn.{name}_proj.weight"] = part
+        if lw.attention.qkv_bias is not None:
+            for name, part in zip("qkv", lw.attention.qkv_bias.split(rows)):
+                state[f"{p}self_attn.{name}_proj.bias"] = part
+        if lw.o_bias is not None:
+            state[f"{p}self_attn.o_proj.bias"] = lw.o_bias
+        state |= {f"{p}self_attn.o_proj.weight": lw.attention.o, f"{p}input_layernorm.weight": lw.attention.norm,
+                  f"{p}post_attention_layernorm.weight": lw.post_norm, f"{p}mlp.gate_proj.weight": lw.gate,
+                  f"{p}mlp.up_proj.weight": lw.up, f"{p}mlp.down_proj.weight": lw.down}
+    hf.load_state_dict(state, assign=True)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(model.device)
+    return hf.eval()
 
 
 def checkpoint_eos(directory) -> list[int]:
