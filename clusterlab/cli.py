@@ -120,13 +120,9 @@ def _tour(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.suite == "primitives":
-        from .bench.primitives import main as bench_main
-    elif args.suite == "fused":
-        from .fused.bench import main as bench_main
-    else:
-        from .models.bench import main as bench_main
-    return bench_main(args.options)
+    from importlib import import_module
+
+    return import_module(f"{__package__}.bench.{args.suite}").main(args.options)
 
 
 def _generate(args: argparse.Namespace) -> int:

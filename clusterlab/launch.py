@@ -40,11 +40,11 @@ What a call costs
 :func:`launch` returns a :class:`ClusterKernel`, cached: the same arguments return the same
 object. Its first call for a set of argument types compiles the kernel, sets its attributes and
 checks that a cluster fits on the GPU; later calls pack the arguments (torch tensors directly in
-numba's array layout, only the fields that change) and call ``cuLaunchKernelEx``. Measured on an
-H100 host (``benchmarks/launch_overhead.py``, two float32 tensors and a float): 7.0 us per call,
-against 3.7 us for the bare driver call and 59 us for numba's own ``kernel[grid, block](...)``.
-Numba device arrays take numba's packing path (about 21 us). Launch once before capturing a CUDA
-graph, as with any lazily compiled kernel.
+numba's array layout, only the fields that change) and call ``cuLaunchKernelEx``; numba device
+arrays take numba's own, slower packing path. ``python -m clusterlab.bench.launch_overhead``
+measures the host time per call against the bare driver call and numba's own
+``kernel[grid, block](...)``; its results are in ``benchmarks/results/launch_overhead_*.json``.
+Launch once before capturing a CUDA graph, as with any lazily compiled kernel.
 
 Errors
 ------
@@ -552,8 +552,9 @@ def _torch_current_stream(device_id):
     """torch's current stream on ``device_id`` as an int handle; 0 (legacy default) before torch uses CUDA.
 
     ``torch._C._cuda_getCurrentRawStream`` is the lookup torch's own compiled code (inductor's
-    ``get_raw_stream``) makes per kernel launch: 0.1 us, where ``torch.cuda.current_stream()``
-    builds a Stream object under a device guard (2.8 us on an H100 host, a third of a launch).
+    ``get_raw_stream``) makes per kernel launch, far cheaper than ``torch.cuda.current_stream()``,
+    which builds a Stream object under a device guard (both timed by
+    :mod:`clusterlab.bench.launch_overhead`).
     Once torch has initialised CUDA it stays initialised, so the lookup function is kept.
     """
     global _raw_stream

@@ -87,7 +87,7 @@ def _run_simulator(primitive, algorithm, x):
 def _run_gpu(primitive, algorithm, x):
     """The collective on the GPU: (result as NumPy, median µs of one launch replayed from a CUDA graph)."""
     from . import primitives
-    from .bench.common import graph_launch_us
+    from .bench.timing import graph_launch_us
 
     rows = primitives.to_device(x)
     if primitive == "reduce":

@@ -6,7 +6,7 @@ import pytest
 
 from clusterlab import simulator
 from clusterlab.bench import report
-from clusterlab.bench.common import Stat
+from clusterlab.bench.timing import Stat
 from clusterlab.primitives import auto
 
 SIZES = (1, 2, 3, 8)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from clusterlab import HopperRequired
-from clusterlab.bench import common
+from clusterlab.bench import timing
+from clusterlab.bench.fused import main as bench_main
+from clusterlab.bench.fused import parse_variant
 from clusterlab.fused import (
     AttentionConfig,
     AttentionWeights,
@@ -15,8 +17,6 @@ from clusterlab.fused import (
     reference_step,
     rope_table,
 )
-from clusterlab.fused.bench import main as bench_main
-from clusterlab.fused.bench import parse_variant
 from clusterlab.gpu import hopper_problem
 
 CONFIG = AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64)
@@ -184,11 +184,11 @@ def test_a_simulator_layer_has_no_kernel_to_launch(method):
 @pytest.mark.parametrize(
     "timer",
     [
-        lambda: common.event_time_us(lambda: None),
-        lambda: common.per_op_us(lambda k: None, 8),
-        lambda: common.graph_per_op_us(lambda: None),
-        lambda: common.copy_bandwidth(),
-        lambda: common.capture_graph(lambda: None),
+        lambda: timing.event_time_us(lambda: None),
+        lambda: timing.per_op_us(lambda k: None, 8),
+        lambda: timing.graph_per_op_us(lambda: None),
+        lambda: timing.copy_bandwidth(),
+        lambda: timing.capture_graph(lambda: None),
     ],
     ids=["event_time_us", "per_op_us", "graph_per_op_us", "copy_bandwidth", "capture_graph"],
 )

@@ -7,7 +7,7 @@ import torch
 
 from clusterlab import HopperRequired, primitives
 from clusterlab.gpu import hopper_problem
-from clusterlab.primitives.reduce import slot_elements
+from clusterlab.primitives.reduce import work_offset
 
 rng = np.random.default_rng()
 
@@ -91,7 +91,7 @@ def test_reduce_device_function_names_the_operators_and_algorithms():
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda: slot_elements(-5), ValueError, r"n must be an integer >= 0; got -5"),
+        (lambda: work_offset(-5), ValueError, r"n must be an integer >= 0; got -5"),
         (lambda: primitives.gather_stride("bulk", -5, 4), ValueError, r"n must be an integer >= 0; got -5"),
         (lambda: primitives.gather_stride("tree", 8, 4), ValueError, r"algorithm must be one of \('direct'"),
         (lambda: primitives.gather_stride("bulk", 8, 0), ValueError, r"itemsize must be an integer >= 1; got 0"),
@@ -103,4 +103,4 @@ def test_reduce_device_function_names_the_operators_and_algorithms():
 def test_layout_helpers_check_their_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call()
-    assert slot_elements(5) == 8 and primitives.gather_stride("bulk", 5, 2) == 8
+    assert work_offset(5) == 8 and primitives.gather_stride("bulk", 5, 2) == 8

@@ -43,10 +43,10 @@ def test_gather_is_deterministic(algorithm):
 
 
 def test_slots_of_the_bulk_layout_are_padded_to_16_bytes():
-    assert sim.slot_elements(1, np.float32) == 4
-    assert sim.slot_elements(5, np.float16) == 8
-    assert sim.slot_elements(3, np.float64) == 4
-    assert sim.slot_elements(8, np.int32) == 8
+    assert sim.slot_elements(1, 4) == 4
+    assert sim.slot_elements(5, 2) == 8
+    assert sim.slot_elements(3, 8) == 4
+    assert sim.slot_elements(8, 4) == 8
 
 
 def test_bulk_gather_moves_whole_padded_slots():

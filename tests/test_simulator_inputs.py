@@ -166,13 +166,17 @@ def test_a_huge_input_is_refused_before_anything_is_allocated():
         sim.cluster_reduce(x, algorithm="butterfly")
 
 
-def test_slot_elements_needs_a_count():
-    assert sim.slot_elements(5, np.float32) == 8
-    assert sim.slot_elements(0, np.float16) == 0
+def test_slot_elements_needs_a_count_and_an_element_size():
+    assert sim.slot_elements(5, 4) == 8
+    assert sim.slot_elements(0, 2) == 0
     with pytest.raises(ValueError, match=r"n must be an integer >= 0; got -5"):
-        sim.slot_elements(-5, np.float32)
+        sim.slot_elements(-5, 4)
     with pytest.raises(TypeError, match=r"n must be an integer >= 0; got 2.5"):
-        sim.slot_elements(2.5, np.float32)
+        sim.slot_elements(2.5, 4)
+    with pytest.raises(ValueError, match=r"itemsize must be an integer >= 1; got 0"):
+        sim.slot_elements(5, 0)
+    with pytest.raises(TypeError, match=r"itemsize must be an integer >= 1; got <class 'numpy.float32'>"):
+        sim.slot_elements(5, np.float32)
 
 
 @pytest.mark.parametrize("dtype", ["foo", None, np.int64, "complex64", 3])

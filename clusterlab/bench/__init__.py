@@ -1,11 +1,30 @@
 """Benchmarks of clusterlab on a Hopper GPU, with the results and plots they write.
 
-- :func:`run_primitives_bench` (``clusterlab bench primitives``): ClusterReduce / ClusterGather
-  per operation and per launch, against their floors (cluster barrier, DSMEM and HBM bandwidth)
-  and baselines (global memory, torch); see :mod:`clusterlab.bench.primitives`.
-- :mod:`clusterlab.bench.common`: the timing method and run records every benchmark shares.
-- :mod:`clusterlab.bench.report`: targets, algorithm-choice tables, text tables and plots from a
-  results file, on any machine.
+- :mod:`clusterlab.bench.timing`: the timing method (CUDA events, warm-up, medians of repeats,
+  slopes, CUDA-graph replays) and the run records every benchmark shares.
+
+Suites, each also ``clusterlab bench <suite>``:
+
+- :mod:`clusterlab.bench.primitives` (:func:`run_primitives_bench`): ClusterReduce /
+  ClusterGather per operation and per launch, against their floors (cluster barrier, DSMEM and
+  HBM bandwidth) and baselines (global memory, torch); the kernels it times are in
+  :mod:`clusterlab.bench.kernels`, and :mod:`clusterlab.bench.report` reads its results back
+  (targets, algorithm-choice tables, text tables and plots, on any machine);
+- :mod:`clusterlab.bench.fused`: the fused decode attention layer against PyTorch and the
+  bytes-moved floor;
+- :mod:`clusterlab.bench.decode`: whole models' time per output token, fused against unfused,
+  transformers and the floor.
+
+Studies, each run as ``python -m clusterlab.bench.<name>``:
+
+- :mod:`clusterlab.bench.fused_ablation`: the fused kernel with one part switched off at a time;
+- :mod:`clusterlab.bench.fused_timeline`: when every block of one fused step crosses each phase
+  boundary, and on which SM;
+- :mod:`clusterlab.bench.launch_overhead`: host time per cluster launch.
+
+The suites and the timeline write JSON and PNG into ``benchmarks/results/`` unless ``--out-dir``
+says otherwise; the ablation prints its table; the launch overhead writes JSON where ``--output``
+says.
 """
 
 __all__ = ["run_primitives_bench"]

@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda
 
 from .. import ptx
-from ..primitives.gather import GATHER_DEVICE_FUNCTIONS
+from ..primitives.gather import GATHER_DEVICE_FUNCTIONS, stage_row, store_rows
 from ..primitives.ops import CONVERSIONS, open_bulk_exchange
 from ..primitives.reduce import reduce_device_function
 
@@ -372,24 +372,19 @@ def gather_loop_kernel(algorithm: str, storage: np.dtype):
 
     ``x``: [blocks, n] and ``out``: [blocks, N * n] of ``storage`` (float32, or uint16 holding
     float16 bits). Dynamic shared memory: ``rows`` [N * stride] of ``storage``, 16-byte aligned.
-    Block b (rank r) stages row b at ``rows[r * stride]``, gathers ``reps`` times (every
-    repetition moves the same bits again) and writes the N rows to ``out[b]``.
+    The host API's kernel (:func:`~clusterlab.primitives.gather.gather_kernel`) with the gather
+    repeated: block b (rank r) stages row b at ``rows[r * stride]``, gathers ``reps`` times
+    (every repetition moves the same bits again) and writes the N rows to ``out[b]``.
     """
     gather = GATHERS[algorithm]
 
     @cuda.jit
     def gather_loop(x, out, n, stride, reps):
         rows = cuda.shared.array(0, dtype=storage, alignment=16)
-        size = ptx.cluster_size()
-        rank = ptx.cluster_rank()
-        block = cuda.blockIdx.x
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            rows[rank * stride + i] = x[block, i]
+        stage_row(rows, x, n, stride)
         for it in range(reps):
             gather(rows, n, stride, it)
-        for j in range(cuda.threadIdx.x, size * n, cuda.blockDim.x):
-            s = j // n
-            out[block, j] = rows[s * stride + j - s * n]
+        store_rows(out, rows, n, stride)
 
     return gather_loop
 

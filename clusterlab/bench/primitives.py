@@ -39,7 +39,7 @@ reduces); the figure is that times the blocks of the launch over the per-operati
 
 Every timed configuration is first run once and checked: reduces against a float64 sum
 (normwise relative error), gathers bit for bit; outputs are poisoned with NaN first, inputs are
-fresh standard-normal data. Method: :mod:`clusterlab.bench.common` (CUDA events, warm-up, median
+fresh standard-normal data. Method: :mod:`clusterlab.bench.timing` (CUDA events, warm-up, median
 of ``repeats`` >= 5, min-max spread).
 
 Results: ``primitives_<tag>.json`` (written after each section, so an interrupted run keeps what
@@ -64,7 +64,7 @@ from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_b
 from ..primitives.host import THREADS_PER_BLOCK
 from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, work_offset
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
-from . import common, kernels, report
+from . import kernels, report, timing
 
 CLUSTER_SIZES = (1, 2, 3, 4, 6, 8, 16)
 MESSAGE_BYTES = tuple(64 << k for k in range(11))  # 64 B .. 64 KiB per block
@@ -86,10 +86,8 @@ TARGET_RUN_US = 300.0
 GRAPH_CHAIN = 32
 #: Normwise relative error a checked reduce may have (sums of at most 16 terms vs float64).
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
-
-REDUCE_VARIANTS = ("direct_1barrier", "direct_push")
-GATHER_VARIANTS = ("direct_v4", "bulk_split")
-GLOBAL_PER_OP = ("global_kernel_boundary", "global_grid_barrier")
+#: Reduce implementations whose kernels spin on flags, timed after everything else (see :func:`_tasks`).
+SPINNING = ("global_grid_barrier", "direct_push")
 
 
 def reduce_shared_bytes(implementation: str, n: int, cluster_size: int) -> int:
@@ -199,9 +197,9 @@ class PrimitivesBench:
             shared_bytes=max(shared_bytes, SOLO_SHARED_BYTES), non_portable=cluster_size > PORTABLE_CLUSTER_BLOCKS,
         )
 
-    def per_op(self, run, prepare=None) -> common.Stat:
-        count = common.calibrate_count(run, TARGET_RUN_US, prepare=prepare)
-        return common.per_op_us(run, count, self.repeats, prepare=prepare)
+    def per_op(self, run, prepare=None) -> timing.Stat:
+        count = timing.calibrate_count(run, TARGET_RUN_US, prepare=prepare)
+        return timing.per_op_us(run, count, self.repeats, prepare=prepare)
 
     def memo(self, key, measure):
         """``measure()``'s dict, computed once per key (float16 reduce rows reuse float32 ones)."""
@@ -235,7 +233,7 @@ class PrimitivesBench:
         out = torch.empty(clusters * size, dtype=torch.int32, device="cuda")
         step = self.launcher(kernels.barrier_loop, clusters * size, size, 0)
         step(out, 0)
-        latency = common.graph_launch_us(lambda: step(out, 0), self.repeats)
+        latency = timing.graph_launch_us(lambda: step(out, 0), self.repeats)
         return {"config": config, "cluster_size": size, "clusters": clusters, "latency_us": latency.as_dict()}
 
     def dsmem_read(self, config: str, size: int, pattern: str, threads: int) -> dict:
@@ -317,7 +315,7 @@ class PrimitivesBench:
             fold(buffers[src], buffers[1 - src], n, size)
             turn[0] = 1 - src
 
-        latency = common.graph_per_op_us(step, GRAPH_CHAIN, self.repeats)
+        latency = timing.graph_per_op_us(step, GRAPH_CHAIN, self.repeats)
         return self._per_op_record(latency, clusters, size * clusters * reduce_bus_bytes(size, n), rel_error=error)
 
     def torch_reduce_per_op(self, config: str, size: int, n: int, dtype: str) -> dict:
@@ -328,11 +326,11 @@ class PrimitivesBench:
         result = torch.empty((clusters, n), dtype=x.dtype, device="cuda")
         torch.sum(x, dim=1, out=result)
         error = _check_reduce(result.repeat_interleave(size, dim=0), x.view(-1, n), size, dtype)
-        latency = common.graph_per_op_us(lambda: torch.sum(x, dim=1, out=result), GRAPH_CHAIN, self.repeats)
+        latency = timing.graph_per_op_us(lambda: torch.sum(x, dim=1, out=result), GRAPH_CHAIN, self.repeats)
         return self._per_op_record(latency, clusters, None, rel_error=error)
 
     @staticmethod
-    def _per_op_record(latency: common.Stat, clusters: int, bus_bytes, **extra) -> dict:
+    def _per_op_record(latency: timing.Stat, clusters: int, bus_bytes, **extra) -> dict:
         record = {"clusters": clusters, "latency_us": latency.as_dict(), **extra}
         if bus_bytes:
             record["bus_bandwidth_bytes_per_s"] = latency.inverse(bus_bytes * 1e6).as_dict()
@@ -368,13 +366,13 @@ class PrimitivesBench:
             result = torch.empty((clusters, n), dtype=x.dtype, device="cuda")
             torch.sum(grouped, dim=1, out=result)
             error = _check_reduce(result.repeat_interleave(size, dim=0), x, size, dtype)
-            latency = common.graph_launch_us(lambda: torch.sum(grouped, dim=1, out=result), self.repeats)
+            latency = timing.graph_launch_us(lambda: torch.sum(grouped, dim=1, out=result), self.repeats)
             return {"clusters": clusters, "latency_us": latency.as_dict(), "rel_error": error}
         else:
             raise ValueError(f"unknown reduce implementation {implementation!r}")
         step()
         error = _check_reduce(out, x, size, dtype)
-        latency = common.graph_launch_us(step, self.repeats)
+        latency = timing.graph_launch_us(step, self.repeats)
         return {"clusters": clusters, "latency_us": latency.as_dict(), "rel_error": error}
 
     # ---------------------------------------------------------------------------------------
@@ -414,7 +412,7 @@ class PrimitivesBench:
         step = functools.partial(kernel, x, result, n, stride)
         step()
         _check_gather(out, x, size)
-        latency = common.graph_launch_us(step, self.repeats)
+        latency = timing.graph_launch_us(step, self.repeats)
         return {"clusters": clusters, "latency_us": latency.as_dict()}
 
 
@@ -459,30 +457,33 @@ def _tasks(bench: PrimitivesBench, message_bytes, dtypes, configs):
             for pattern, threads in STREAM_CONFIGS:
                 floor("dsmem_read", ("dsmem", config, size, pattern, threads),
                       functools.partial(bench.dsmem_read, config, size, pattern, threads))
-    floor("copy", ("copy",), lambda: {"bandwidth_bytes_per_s": common.copy_bandwidth().as_dict()})
+    floor("copy", ("copy",), lambda: {"bandwidth_bytes_per_s": timing.copy_bandwidth().as_dict()})
 
     for config, size, dtype, nbytes, n in sweep():
-        for impl in (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "global_kernel_boundary"):
-            point("reduce per op", "reduce", "per_op", impl, config, size, dtype, nbytes,
-                  ("reduce", impl, config, size, n), functools.partial(bench.reduce_per_op, impl, config, size, n))
-        point("reduce per op", "reduce", "per_op", "torch", config, size, dtype, nbytes,
-              ("torch", config, size, n, dtype), functools.partial(bench.torch_reduce_per_op, config, size, n, dtype))
+        for impl in (i for i in report.REDUCE_PER_OP if i not in SPINNING):
+            if impl == "torch":
+                key = ("torch", config, size, n, dtype)
+                measure = functools.partial(bench.torch_reduce_per_op, config, size, n, dtype)
+            else:
+                key = ("reduce", impl, config, size, n)
+                measure = functools.partial(bench.reduce_per_op, impl, config, size, n)
+            point("reduce per op", "reduce", "per_op", impl, config, size, dtype, nbytes, key, measure)
     for config, size, dtype, nbytes, n in sweep():
-        for impl in (*simulator.REDUCE_ALGORITHMS, "global_kernel_boundary", "torch"):
+        for impl in report.REDUCE_SINGLE_LAUNCH:
             point("reduce single launch", "reduce", "single_launch", impl, config, size, dtype, nbytes,
                   ("reduce single", impl, config, size, n, dtype),
                   functools.partial(bench.reduce_single, impl, config, size, n, dtype))
     for config, size, dtype, nbytes, n in sweep():
-        for impl in (*simulator.GATHER_ALGORITHMS, *GATHER_VARIANTS):
+        for impl in report.GATHER_PER_OP:
             point("gather per op", "gather", "per_op", impl, config, size, dtype, nbytes,
                   ("gather", impl, config, size, n, dtype),
                   functools.partial(bench.gather_per_op, impl, config, size, n, dtype))
     for config, size, dtype, nbytes, n in sweep():
-        for impl in simulator.GATHER_ALGORITHMS:
+        for impl in report.GATHER_SINGLE_LAUNCH:
             point("gather single launch", "gather", "single_launch", impl, config, size, dtype, nbytes,
                   ("gather single", impl, config, size, n, dtype),
                   functools.partial(bench.gather_single, impl, config, size, n, dtype))
-    for impl in ("global_grid_barrier", "direct_push"):
+    for impl in SPINNING:
         for config, size, dtype, nbytes, n in sweep():
             point(impl, "reduce", "per_op", impl, config, size, dtype, nbytes, ("reduce", impl, config, size, n),
                   functools.partial(bench.reduce_per_op, impl, config, size, n))
@@ -514,12 +515,12 @@ def run_primitives_bench(
     ``dtypes`` (``float32``/``float16``) and ``configs`` (``one``/``chip``) span the sweep;
     ``repeats`` (>= 5) timings give each figure's median and spread. Prints the tables and
     returns the results dict (the JSON's content; ``report`` reads it back). ``tag`` defaults to
-    the card's (:func:`~clusterlab.bench.common.card_tag`: ``h200`` on an NVIDIA H200).
+    the card's (:func:`~clusterlab.bench.timing.card_tag`: ``h200`` on an NVIDIA H200).
     """
     from ..gpu import device_info, require_hopper
 
     require_hopper()
-    tag = common.card_tag(device_info()["gpu"]) if tag is None else tag
+    tag = timing.card_tag(device_info()["gpu"]) if tag is None else tag
     for size in cluster_sizes:
         if not 1 <= size <= simulator.MAX_CLUSTER_SIZE:
             raise ValueError(f"cluster size {size}: must be in 1..{simulator.MAX_CLUSTER_SIZE}")
@@ -532,15 +533,15 @@ def run_primitives_bench(
     for config in configs:
         if config not in CONFIGS:
             raise ValueError(f"config {config!r}: expected one of {CONFIGS}")
-    if repeats < common.MIN_REPEATS:
-        raise ValueError(f"repeats={repeats}: at least {common.MIN_REPEATS}")
+    if repeats < timing.MIN_REPEATS:
+        raise ValueError(f"repeats={repeats}: at least {timing.MIN_REPEATS}")
 
     out_dir = Path(out_dir)
     json_path = out_dir / f"primitives_{tag}.json"
     started = time.time()
     bench = PrimitivesBench(cluster_sizes, repeats, seed)
     tasks = _tasks(bench, tuple(message_bytes), tuple(dtypes), tuple(configs))
-    clocks = common.ClockSampler()
+    clocks = timing.ClockSampler()
     results = {
         "schema": report.SCHEMA,
         "settings": {
@@ -562,16 +563,16 @@ def run_primitives_bench(
         clocks.sample()
         if name != section:
             if section is not None:
-                common.write_json({**results, **common.run_record(clocks)}, json_path)
+                timing.write_json({**results, **timing.run_record(clocks)}, json_path)
             section = name
         record = thunk()
         if "error" in record:
             (bar.write if progress else print)(f"{label}: {record['error']}")
         (results["floors"] if name == "floors" else results["measurements"]).append(record)
-    results.update(common.run_record(clocks))
+    results.update(timing.run_record(clocks))
     report.complete(results)
     results["elapsed_s"] = round(time.time() - started, 1)
-    common.write_json(results, json_path)
+    timing.write_json(results, json_path)
     paths = report.plot_all(results, out_dir, tag)
     print(report.format_sweep(results))
     print(report.format_summary(results))

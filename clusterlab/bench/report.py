@@ -8,7 +8,7 @@ re-plotted and re-tabulated anywhere::
 Records (``results["measurements"]``) are flat dicts: ``primitive`` (reduce / gather), ``method``
 (per_op / single_launch), ``implementation``, ``family`` (cluster, variant, global, torch),
 ``config`` (one / chip), ``cluster_size``, ``dtype``, ``message_bytes``, ``n``, and either
-``latency_us`` (a :class:`~clusterlab.bench.common.Stat` as a dict; per-op records may add
+``latency_us`` (a :class:`~clusterlab.bench.timing.Stat` as a dict; per-op records may add
 ``bus_bandwidth_bytes_per_s``) or ``skipped`` / ``error`` with the reason. ``floors`` holds the
 ``barrier``, ``launch``, ``dsmem_read`` and ``copy`` records; ``targets``, ``choice`` and
 ``barriers_per_op`` are derived from the records by :func:`complete`.
@@ -24,15 +24,23 @@ from pathlib import Path
 import numpy as np
 
 from .. import simulator
-from .common import Stat, card_tag, write_json
+from .timing import Stat, card_tag, write_json
 
 SCHEMA = "clusterlab.bench.primitives/1"
 
-#: Benchmark-only implementations (not in clusterlab.primitives) and the global-memory baselines.
-VARIANTS = ("direct_1barrier", "direct_push", "direct_v4", "bulk_split")
+#: Benchmark-only implementations (not in clusterlab.primitives), each with its cluster barriers
+#: per operation in steady state.
+REDUCE_VARIANTS = {"direct_1barrier": 1, "direct_push": 0}
+GATHER_VARIANTS = {"direct_v4": 2, "bulk_split": 2}
+VARIANTS = (*REDUCE_VARIANTS, *GATHER_VARIANTS)
+#: The global-memory baselines of the reduce.
 GLOBAL = ("global_kernel_boundary", "global_grid_barrier")
-#: Barriers per operation of the variants, in steady state.
-VARIANT_BARRIERS = {"direct_1barrier": 1, "direct_push": 0, "direct_v4": 2, "bulk_split": 2}
+#: What the sweep times per operation, in the order of the tables and plots.
+REDUCE_PER_OP = (*simulator.REDUCE_ALGORITHMS, *REDUCE_VARIANTS, *GLOBAL, "torch")
+GATHER_PER_OP = (*simulator.GATHER_ALGORITHMS, *GATHER_VARIANTS)
+#: What the sweep times as a single launch (one graph replay): the host API's kernels and baselines.
+REDUCE_SINGLE_LAUNCH = (*simulator.REDUCE_ALGORITHMS, "global_kernel_boundary", "torch")
+GATHER_SINGLE_LAUNCH = simulator.GATHER_ALGORITHMS
 
 #: Target thresholds.
 REDUCE_BARRIER_RATIO = 1.5  # per-op reduce of 1 KiB <= 1.5 x one cluster barrier
@@ -80,10 +88,9 @@ def barrier_counts(cluster_sizes) -> dict:
                 per_size[str(size)] = sum(
                     1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0
                 )
-    for variant in ("direct_1barrier", "direct_push"):
-        counts["reduce"][variant] = {str(s): VARIANT_BARRIERS[variant] for s in cluster_sizes}
-    for variant in ("direct_v4", "bulk_split"):
-        counts["gather"][variant] = {str(s): VARIANT_BARRIERS[variant] for s in cluster_sizes}
+    for primitive, variants in (("reduce", REDUCE_VARIANTS), ("gather", GATHER_VARIANTS)):
+        for variant, barriers in variants.items():
+            counts[primitive][variant] = {str(s): barriers for s in cluster_sizes}
     return counts
 
 
@@ -183,7 +190,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         for size in sizes:
             floor = barrier_floor(results, config, size)
             if size <= TARGET_MAX_CLUSTER and floor is not None:
-                for algorithm in (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push"):
+                for algorithm in (*simulator.REDUCE_ALGORITHMS, *REDUCE_VARIANTS):
                     op = latency(results, method="per_op", implementation=algorithm, config=config,
                                  cluster_size=size, **one_kib)
                     if op is None:
@@ -201,7 +208,7 @@ def evaluate_targets(results: dict) -> list[dict]:
             sides = [("best", *(best or (None, None)))] + [
                 ("variant", v, latency(results, method="per_op", implementation=v, config=config, cluster_size=size,
                                        **one_kib))
-                for v in ("direct_1barrier", "direct_push")
+                for v in REDUCE_VARIANTS
             ]
             for side, name, cluster in sides:
                 if cluster is None:
@@ -234,7 +241,7 @@ def evaluate_targets(results: dict) -> list[dict]:
             if peak is None:
                 continue
             for dtype in results["settings"]["dtypes"]:
-                for algorithm in (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split"):
+                for algorithm in GATHER_PER_OP:
                     found = records(results, primitive="gather", method="per_op", implementation=algorithm,
                                     config=config, cluster_size=size, dtype=dtype)
                     found = [r for r in found if "bus_bandwidth_bytes_per_s" in r]
@@ -389,10 +396,7 @@ def format_sweep(results: dict) -> str:
     """Per-operation µs (median) of every implementation, float32, in the choice configuration."""
     config = _choice_config(results)
     parts = []
-    for primitive, implementations in (
-        ("reduce", (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push", *GLOBAL, "torch")),
-        ("gather", (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split")),
-    ):
+    for primitive, implementations in (("reduce", REDUCE_PER_OP), ("gather", GATHER_PER_OP)):
         rows = []
         for size in results["settings"]["cluster_sizes"]:
             floor = barrier_floor(results, config, size)
@@ -552,8 +556,7 @@ def _bandwidth_figure(results, config):
     for column, size in enumerate(shown):
         peak = dsmem_peak(results, config, size)
         for row, (primitive, implementations) in enumerate(
-            (("gather", (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split")),
-             ("reduce", (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push")))
+            (("gather", GATHER_PER_OP), ("reduce", (*simulator.REDUCE_ALGORITHMS, *REDUCE_VARIANTS)))
         ):
             ax = axes[row][column]
             for implementation in implementations:
@@ -598,15 +601,13 @@ def plot_all(results: dict, out_dir, tag: str) -> list[Path]:
     card = results["system"].get("gpu")
     figures = {
         "reduce_latency": _latency_figure(
-            results, "reduce", (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push", *GLOBAL, "torch"),
-            "per_op",
-            "float32", config, f"ClusterReduce (sum, float32) per operation, {config}, {card}"),
+            results, "reduce", REDUCE_PER_OP, "per_op", "float32", config,
+            f"ClusterReduce (sum, float32) per operation, {config}, {card}"),
         "gather_latency": _latency_figure(
-            results, "gather", (*simulator.GATHER_ALGORITHMS, "direct_v4", "bulk_split"), "per_op", "float32", config,
+            results, "gather", GATHER_PER_OP, "per_op", "float32", config,
             f"ClusterGather (float32) per operation, {config}, {card}"),
         "single_launch": _latency_figure(
-            results, "reduce", (*simulator.REDUCE_ALGORITHMS, "global_kernel_boundary", "torch"), "single_launch",
-            "float32", config,
+            results, "reduce", REDUCE_SINGLE_LAUNCH, "single_launch", "float32", config,
             f"ClusterReduce (sum, float32) single launch: one graph replay, {config}, {card}"),
         "bandwidth": _bandwidth_figure(results, config),
     }

@@ -688,8 +688,8 @@ def kernel_variant(edits):
     ``edits``: ``(old, new)`` pairs of source text; each ``old`` must occur exactly once in
     ``build_kernel``'s source (an ``AssertionError`` says which did not), so a change to the kernel
     breaks the variant loudly instead of measuring something else. The edited source compiles in
-    this module's namespace. The ablations of ``benchmarks/fused.py`` and the timestamps of
-    ``benchmarks/fused_timeline.py`` are such edits.
+    this module's namespace. The ablations of :mod:`clusterlab.bench.fused_ablation` and the
+    timestamps of :mod:`clusterlab.bench.fused_timeline` are such edits.
     """
     source = textwrap.dedent(inspect.getsource(build_kernel))
     for old, new in edits:

@@ -169,12 +169,12 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     the same rule. On 132 SMs: Llama-2-7B 32 clusters x 8 blocks x 4 warps up to batch 4, 32 x 4 x
     8 beyond; Llama-3-8B 16 x 16 x 4 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
 
-    Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, and an H100
-    places clusters of 4 on at most 120 of its 132 SMs (clusters of 2 reach all 132, of 8 blocks at
-    two an SM 124, of 16 only 112). Launching 32 clusters of 4 one block an SM put the last two on
-    SMs that already held a block: those four clusters took 13 µs longer than the rest, and the
-    step waits for the slowest. Blocks half the size, two an SM, spread the same work over 124 SMs
-    in finer pieces (Llama-2-7B at 1K positions: 69 -> 61 µs). See ``clusterlab/fused/NOTES.md``.
+    Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
+    clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
+    fit on SMs that already hold a block; the step waits for the slowest cluster. Blocks half the
+    size, two an SM, spread the same work over more SMs in finer pieces. The measurements behind
+    this rule (where the blocks ran, the launch shape sweeps) are in ``docs/fused-decode-notes.md``
+    ("v4"), their results under ``benchmarks/results/``.
     """
     limit = 2 * sm_count if batch <= 4 else sm_count
     splits = [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]

@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda
 
 from .. import ptx
-from ..simulator import GATHER_ALGORITHMS
+from ..simulator import GATHER_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from .ops import open_bulk_exchange
 
@@ -42,7 +42,7 @@ def gather_stride(algorithm: str, n: int, itemsize: int) -> int:
     check_integer("n", n, 0)
     check_integer("itemsize", itemsize, 1)
     if algorithm == "bulk":
-        return -(-n * itemsize // 16) * 16 // itemsize
+        return slot_elements(n, itemsize)
     return n
 
 
@@ -100,6 +100,28 @@ def bulk_gather(rows, n, stride, iteration):
 GATHER_DEVICE_FUNCTIONS = {"direct": direct_gather, "ring": ring_gather, "bulk": bulk_gather}
 
 
+@cuda.jit(device=True, forceinline=True)
+def stage_row(rows, x, n, stride):
+    """Block b (rank r) copies row b of ``x`` [blocks, n] to ``rows[r*stride : r*stride + n]``.
+
+    1-D clusters: block b is rank b % N. No barrier: a gather opens with one.
+    """
+    rank = ptx.cluster_rank()
+    block = cuda.blockIdx.x
+    for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+        rows[rank * stride + i] = x[block, i]
+
+
+@cuda.jit(device=True, forceinline=True)
+def store_rows(out, rows, n, stride):
+    """Block b writes the N gathered rows of ``rows`` (at the stride) back to back into ``out[b]`` [N * n]."""
+    size = ptx.cluster_size()
+    block = cuda.blockIdx.x
+    for j in range(cuda.threadIdx.x, size * n, cuda.blockDim.x):
+        s = j // n
+        out[block, j] = rows[s * stride + j - s * n]
+
+
 @functools.cache
 def gather_kernel(algorithm: str, storage: np.dtype):
     """Kernel: block b gathers row b of ``x`` [blocks, n] with its cluster into ``out`` [blocks, N*n].
@@ -113,14 +135,8 @@ def gather_kernel(algorithm: str, storage: np.dtype):
     @cuda.jit
     def cluster_gather_kernel(x, out, n, stride):
         rows = cuda.shared.array(0, dtype=storage, alignment=16)
-        size = ptx.cluster_size()
-        rank = ptx.cluster_rank()
-        block = cuda.blockIdx.x
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            rows[rank * stride + i] = x[block, i]
+        stage_row(rows, x, n, stride)
         gather(rows, n, stride, 0)
-        for j in range(cuda.threadIdx.x, size * n, cuda.blockDim.x):
-            s = j // n
-            out[block, j] = rows[s * stride + j - s * n]
+        store_rows(out, rows, n, stride)
 
     return cluster_gather_kernel

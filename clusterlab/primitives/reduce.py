@@ -31,19 +31,13 @@ import functools
 from numba import cuda
 
 from .. import ptx
-from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS
+from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from .ops import CONVERSIONS, OPERATORS, open_bulk_exchange
 
 #: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
 MBARRIER_BYTES = 16
 FLOAT32_BYTES = 4
-
-
-def slot_elements(n: int) -> int:
-    """float32 elements per row slot of ``bulk``: n >= 0 rounded up to 16 bytes (bulk copies need it)."""
-    check_integer("n", n, 0)
-    return -(-n // 4) * 4
 
 
 def widest_chunk(n: int, cluster_size: int) -> int:
@@ -62,12 +56,13 @@ def reduce_scratch_elements(algorithm: str, n: int, cluster_size: int) -> int:
         return 2 * widest_chunk(n, cluster_size) + n  # partial [2, widest] | result [n]
     if algorithm == "butterfly":
         return 2 * n  # acc [2, n]
-    return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * slot_elements(n)  # bulk: mbarrier | rows [N, slot]
+    slot = slot_elements(n, FLOAT32_BYTES)
+    return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * slot  # bulk: mbarrier | rows [N, slot]
 
 
 def work_offset(n: int) -> int:
     """float32 element where ``work`` starts in the host kernel's shared memory: n padded to 16 bytes."""
-    return -(-n // 4) * 4
+    return slot_elements(n, FLOAT32_BYTES)
 
 
 def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int) -> int:
@@ -183,7 +178,7 @@ def reduce_device_function(algorithm: str, op: str):
         """cp.async.bulk push of every row into every peer's slot, then the direct fold; 2 barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
-        slot = (n + 3) // 4 * 4
+        slot = (n + 3) // 4 * 4  # slot_elements(n, FLOAT32_BYTES), which device code cannot call
         rows = MBARRIER_BYTES // FLOAT32_BYTES  # work = mbarrier | rows [N, slot]
         full = ptx.shared_address(work, 0)
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):

@@ -27,8 +27,8 @@ N cluster barriers in all (staging + N-1 steps).
 ``full`` (count 1), fences, and after one cluster barrier copies its row into ``rows[r]`` of every
 peer with ``cp.async.bulk`` completing on that peer's ``full``; it expects
 ``(N-1) * slot_bytes`` and waits on parity 0. Rows are padded to 16-byte slots
-(``slot_bytes = ceil(n * itemsize / 16) * 16``) because bulk copies need 16-byte aligned
-addresses and sizes. 2 cluster barriers.
+(:func:`slot_elements`: ``slot_bytes = ceil(n * itemsize / 16) * 16``) because bulk copies need
+16-byte aligned addresses and sizes. 2 cluster barriers.
 """
 
 from __future__ import annotations
@@ -73,14 +73,18 @@ def gather_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int
     check_choice("algorithm", algorithm, GATHER_ALGORITHMS)
     itemsize = numpy_dtype(dtype_name(dtype)).itemsize
     if algorithm == "bulk":
-        return layout_bytes([cluster_size * slot_elements(n, dtype) * itemsize, MBARRIER_BYTES])
+        return layout_bytes([cluster_size * slot_elements(n, itemsize) * itemsize, MBARRIER_BYTES])
     return layout_bytes([cluster_size * n * itemsize])
 
 
-def slot_elements(n: int, dtype) -> int:
-    """Elements per row slot padded to a multiple of 16 bytes (the bulk algorithms' layout); n >= 0."""
+def slot_elements(n: int, itemsize: int) -> int:
+    """Elements of ``itemsize`` bytes in a row slot of ``n`` elements padded to a multiple of 16 bytes.
+
+    The layout of every bulk algorithm, on the simulator and on the GPU: bulk copies need 16-byte
+    aligned addresses and sizes. ``n >= 0``, ``itemsize >= 1``.
+    """
     check_integer("n", n, 0)
-    itemsize = np.dtype(dtype).itemsize
+    check_integer("itemsize", itemsize, 1)
     return aligned(n * itemsize) // itemsize
 
 
@@ -88,13 +92,13 @@ def bulk_push_rows(b: Block, row: np.ndarray):
     """Give every block every block's ``row`` by pushing it with ``cp.async.bulk``.
 
     Generator, use as ``rows = yield from bulk_push_rows(b, row)``. ``row``: [n] values of
-    block ``b`` (any dtype). Declares ``rows`` [N, slot_elements(n)] and the mbarrier ``full``;
+    block ``b`` (any dtype). Declares ``rows`` [N, slot_elements(n, itemsize)] and the mbarrier ``full``;
     returns the local ``rows`` once the N-1 incoming rows have landed: ``rows[s, :n]`` is block
     s's row. Costs one cluster barrier (after staging and mbarrier init); the caller must end
     with another before exiting, as peers' copies may still read ``rows[r]`` until then.
     """
     size, rank, n = b.cluster_size, b.cluster_rank, row.shape[0]
-    slot = slot_elements(n, row.dtype)
+    slot = slot_elements(n, row.dtype.itemsize)
     rows = b.shared_array("rows", (size, slot), row.dtype)
     full = b.shared_mbarrier("full")
     b.step("stage")

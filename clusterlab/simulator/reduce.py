@@ -111,11 +111,12 @@ def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int
     acc_dtype = accumulation_dtype(dtype)
     row = n * acc_dtype.itemsize
     widest = -(-n // cluster_size) * acc_dtype.itemsize  # the widest ring chunk, ceil(n / N) elements
+    slot = slot_elements(n, acc_dtype.itemsize) * acc_dtype.itemsize
     arrays = {
         "direct": [row],  # staged
         "ring": [row, 2 * widest, row],  # staged | partial | result
         "butterfly": [row, 2 * row],  # staged | acc
-        "bulk": [cluster_size * slot_elements(n, acc_dtype) * acc_dtype.itemsize, MBARRIER_BYTES],  # rows | full
+        "bulk": [cluster_size * slot, MBARRIER_BYTES],  # rows | full
     }[algorithm]
     return layout_bytes(arrays)
 

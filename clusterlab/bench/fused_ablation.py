@@ -1,6 +1,6 @@
 """Where the fused decode step's time goes: the kernel with one part switched off at a time.
 
-    python benchmarks/fused.py [--preset llama2-7b] [--kv 1024 16384] [--batch 1]
+    python -m clusterlab.bench.fused_ablation [--preset llama2-7b] [--kv 1024 16384] [--batch 1]
 
 Each variant is the real kernel source of :func:`clusterlab.fused.kernel.build_kernel` with one
 line replaced (asserted to exist, so a change to the kernel breaks this script loudly rather than
@@ -20,7 +20,7 @@ import sys
 import torch
 from numba import cuda
 
-from clusterlab.fused import (
+from ..fused import (
     PRESETS,
     AttentionWeights,
     DecodeAttention,
@@ -28,9 +28,10 @@ from clusterlab.fused import (
     reference_step,
     relative_error,
 )
-from clusterlab.fused.bench import copy_bandwidth, graph_time_us
-from clusterlab.fused.kernel import kernel_variant
-from clusterlab.launch import launch
+from ..fused.kernel import kernel_variant
+from ..launch import launch
+from .fused import graph_time_us
+from .timing import copy_bandwidth
 
 #: variant -> edits of build_kernel's source ((old, new) pairs, see kernel_variant)
 NO_QKV = ("    QKV_STEPS = ROWS // QKV_STEP\n", "    QKV_STEPS = 0\n")

@@ -2,7 +2,6 @@
 model over our weights, the caches a benchmark fills, the CLI's errors (all on the CPU), and a
 ``--quick`` run on a Hopper GPU."""
 
-import importlib.util
 import json
 import math
 
@@ -10,28 +9,23 @@ import pytest
 import torch
 
 from clusterlab.cli import main
-from clusterlab.fused.config import Llama3RopeScaling
 from clusterlab.gpu import hopper_problem
 from clusterlab.models import LlamaModel, ModelConfig, random_weights
-from clusterlab.models.bench import (
+from clusterlab.bench.decode import (
     BreakdownRow,
     DecodeRow,
     bytes_per_token,
     check_fused,
     format_breakdown,
     format_table,
-    hf_model,
     write_results,
 )
 
 no_gpu = pytest.mark.skipif(hopper_problem() is None, reason="this machine has a Hopper GPU")
-needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                                        reason="transformers' model needs transformers (the test extra)")
 
 #: A tiny Llama: 2 layers, hidden 64, 4 query heads and 2 KV heads of 64, MLP 128, vocabulary 97.
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=97)
-LLAMA3_ROPE = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=16)
 
 ROW_KEYS = {"preset", "dtype", "batch", "context", "fused_us", "unfused_us", "hf_us", "floor_us", "bytes_per_token"}
 BREAKDOWN_KEYS = {"preset", "dtype", "batch", "context", "model", "attention_us", "mlp_us", "rest_us", "step_us"}
@@ -167,43 +161,6 @@ def test_use_caches_refuses_caches_of_another_shape():
         model.use_caches([caches[0], other.caches[1]])
     with pytest.raises(ValueError, match="batch must be an int in 1..8"):
         model.random_caches(9, 16)
-
-
-def weight_storages(weights) -> set[int]:
-    """The storage addresses of every weight tensor of ``weights``."""
-    tensors = [weights.embed, weights.norm, weights.lm_head]
-    for layer in weights.layers:
-        a = layer.attention
-        tensors += [a.norm, a.qkv, a.qkv_bias, a.o, layer.o_bias, layer.post_norm, layer.gate, layer.up, layer.down]
-    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
-
-
-@needs_transformers
-@pytest.mark.parametrize(
-    "changes",
-    [dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),
-     dict(attention_bias=True, o_bias=True),
-     dict(model_type="qwen2", attention_bias=True, rope_theta=1e6)],
-    ids=["llama3-rope-tied", "llama-bias", "qwen2"],
-)
-def test_hf_model_holds_views_of_our_weights_and_computes_our_logits(changes):
-    config = tiny(**changes)
-    ours = LlamaModel(config, random_weights(config, torch.float16, seed=2))
-    hf = hf_model(ours)
-    assert type(hf).__name__ == ("Qwen2ForCausalLM" if config.model_type == "qwen2" else "LlamaForCausalLM")
-    params = dict(hf.named_parameters(remove_duplicate=False))
-    storages = weight_storages(ours.weights)
-    assert {name for name, p in params.items() if p.untyped_storage().data_ptr() not in storages} == set()
-    k_proj = params["model.layers.1.self_attn.k_proj.weight"]
-    assert k_proj.data_ptr() == ours.weights.layers[1].attention.qkv[256:].data_ptr()  # a row slice, no copy
-    assert params["lm_head.weight"].data_ptr() == ours.weights.lm_head.data_ptr()
-    assert ("model.layers.0.self_attn.o_proj.bias" in params) == config.o_bias
-    assert not any(b.is_meta for b in hf.buffers())
-    prompt = [5, 17, 3, 88, 42, 9, 1, 60, 2]
-    want, _ = ours.prefill([prompt], capacity=16)
-    with torch.no_grad():
-        got = hf(torch.tensor([prompt])).logits[0, -1].float()
-    assert float((got - want[0]).norm() / want[0].norm()) < 5e-3
 
 
 # -- the command -------------------------------------------------------------------------------------

@@ -22,17 +22,17 @@ tokens had been seen. One token of every sequence is::
   over all ``context + REPLAYS`` cache rows under a mask, as a static-cache PyTorch model
   attends), through the same Decoder, one CUDA graph per token;
 - **hf**: transformers' ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for Qwen2) built on the
-  ``meta`` device and handed views of the same weights (:func:`hf_model`; q/k/v are row slices
-  of the fused ``qkv``, nothing is copied). ``generate`` greedy with
+  ``meta`` device and handed views of the same weights (:func:`~clusterlab.models.to_transformers`;
+  q/k/v are row slices of the fused ``qkv``, nothing is copied). ``generate`` greedy with
   ``cache_implementation="static"`` and ``min_new_tokens == max_new_tokens`` on ``context``
   random ids per sequence; eager (``disable_compile=True``), or with ``--hf-compile``
   transformers' automatic compilation of the decode steps (``compile_config``: ``torch.compile``
   of the forward, mode ``reduce-overhead``); the JSON's ``hf`` says which ran. TPOT is the slope
-  between ``HF_TOKENS`` and ``2 * HF_TOKENS`` new tokens (:func:`clusterlab.bench.common.per_op_us`,
+  between ``HF_TOKENS`` and ``2 * HF_TOKENS`` new tokens (:func:`clusterlab.bench.timing.per_op_us`,
   device time from CUDA events): the prefill cancels;
 - **floor**: :func:`bytes_per_token` (every weight matrix once, the cache rows attended) over the
   device-to-device copy bandwidth measured at the start of the run
-  (:func:`clusterlab.bench.common.copy_bandwidth`).
+  (:func:`clusterlab.bench.timing.copy_bandwidth`).
 
 Method: a Decoder's TPOT is the device time (CUDA events) of ``REPLAYS`` back-to-back graph
 replays divided by ``REPLAYS``, median of ``REPEATS`` after an untimed run
@@ -66,7 +66,12 @@ from pathlib import Path
 
 import torch
 
-from ..bench.common import (
+from ..cli import _integer
+from ..fused.config import MAX_BATCH
+from ..fused.reference import relative_error
+from ..models.decode import Decoder
+from ..models.llama import DTYPES, MODEL_PRESETS, LlamaModel, ModelConfig, random, to_transformers
+from .timing import (
     MIN_REPEATS,
     Stat,
     capture_graph,
@@ -77,11 +82,6 @@ from ..bench.common import (
     per_op_us,
     write_json,
 )
-from ..cli import _integer
-from ..fused.config import MAX_BATCH
-from ..fused.reference import relative_error
-from .decode import Decoder
-from .llama import DTYPES, MODEL_PRESETS, LlamaModel, ModelConfig, random
 
 PRESETS = ("llama3-8b", "llama3.2-1b")
 BATCHES = (1, 4, 8)
@@ -93,8 +93,6 @@ REPEATS = 9
 HF_TOKENS = 16
 #: Largest relative error of the fused model's logits against the unfused model's.
 MAX_ERROR = 2e-2
-#: ``max_position_embeddings`` of the transformers config (Llama 3.1 / 3.2's): above every context.
-HF_MAX_POSITIONS = 131072
 #: ``--quick``: one small configuration, the fewest repeats.
 QUICK = {"presets": ("llama3.2-1b",), "batches": (1,), "contexts": (1024,), "repeats": MIN_REPEATS}
 
@@ -159,7 +157,7 @@ def bytes_per_token(config: ModelConfig, batch: int, context: int, itemsize: int
 def replay_us(replay, replays: int = REPLAYS, repeats: int = REPEATS, prepare=None) -> Stat:
     """µs per call of ``replay()`` (one CUDA graph replay) over ``replays`` back-to-back calls.
 
-    Device time from CUDA events (:func:`~clusterlab.bench.common.event_time_us`) of the whole
+    Device time from CUDA events (:func:`~clusterlab.bench.timing.event_time_us`) of the whole
     run, divided by ``replays``; ``repeats`` runs after an untimed one. ``prepare()`` runs before
     each, outside the timed region.
     """
@@ -244,59 +242,10 @@ def check_fused(fused: LlamaModel, unfused: LlamaModel, context: int, seed: int 
 # -- transformers -------------------------------------------------------------------------------
 
 
-def hf_model(model: LlamaModel):
-    """transformers' ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for a Qwen2 config) over ``model``'s weights.
-
-    The transformers config repeats ``model.config`` (shapes, RMSNorm eps, RoPE theta and the
-    llama3 scaling as ``rope_parameters``, ties); the model is built on the ``meta`` device and
-    ``load_state_dict(assign=True)`` hands it views of our tensors (``q_proj`` / ``k_proj`` /
-    ``v_proj`` are row slices of ``qkv``): no weight is copied. Only the RoPE buffers are made
-    anew, on ``model``'s device. Attention through SDPA.
-    """
-    import transformers
-
-    c, a = model.config, model.attention_config
-    rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
-    if c.rope_scaling is not None:
-        s = c.rope_scaling
-        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
-    shapes = dict(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=rope, tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=HF_MAX_POSITIONS,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=model.dtype, attn_implementation="sdpa",
-    )
-    if c.model_type == "qwen2":
-        config, cls = transformers.Qwen2Config(**shapes), transformers.Qwen2ForCausalLM
-    else:
-        config, cls = transformers.LlamaConfig(**shapes, attention_bias=c.attention_bias), transformers.LlamaForCausalLM
-    with torch.device("meta"):
-        hf = cls(config)
-    w, rows = model.weights, [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim]
-    state = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm, "lm_head.weight": w.lm_head}
-    for i, lw in enumerate(w.layers):
-        p = f"model.layers.{i}."
-        for name, part in zip("qkv", lw.attention.qkv.split(rows)):
-            state[f"{p}self_attn.{name}_proj.weight"] = part
-        if lw.attention.qkv_bias is not None:
-            for name, part in zip("qkv", lw.attention.qkv_bias.split(rows)):
-                state[f"{p}self_attn.{name}_proj.bias"] = part
-        if lw.o_bias is not None:
-            state[f"{p}self_attn.o_proj.bias"] = lw.o_bias
-        state |= {f"{p}self_attn.o_proj.weight": lw.attention.o, f"{p}input_layernorm.weight": lw.attention.norm,
-                  f"{p}post_attention_layernorm.weight": lw.post_norm, f"{p}mlp.gate_proj.weight": lw.gate,
-                  f"{p}mlp.up_proj.weight": lw.up, f"{p}mlp.down_proj.weight": lw.down}
-    hf.load_state_dict(state, assign=True)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(model.device)
-    return hf.eval()
-
-
 def hf_tpot_us(hf, batch: int, context: int, compiled: bool, seed: int = 0) -> float:
     """µs per token of transformers' greedy ``generate`` with a static cache: the slope between
     :data:`HF_TOKENS` and ``2 * HF_TOKENS`` new tokens after ``context`` random prompt ids per
-    sequence (median of :data:`~clusterlab.bench.common.MIN_REPEATS`; the prefill cancels).
+    sequence (median of :data:`~clusterlab.bench.timing.MIN_REPEATS`; the prefill cancels).
 
     ``compiled``: let ``generate`` compile the decode steps (``compile_config``, its automatic
     compilation of a static-cache forward); else ``disable_compile=True``. The warm-up generates
@@ -323,8 +272,8 @@ def hf_tpot_us(hf, batch: int, context: int, compiled: bool, seed: int = 0) -> f
 class _HuggingFace:
     """transformers' TPOT for the run: ``mode`` is ``"eager"``, ``"compiled"`` or ``"skipped: <reason>"``.
 
-    Each configuration gets a model of its own over the weights (:func:`hf_model`: views, built
-    in about a second), so nothing of an earlier one carries over: transformers sizes a new
+    Each configuration gets a model of its own over the weights
+    (:func:`~clusterlab.models.to_transformers`: views, built in about a second), so nothing of an earlier one carries over: transformers sizes a new
     static cache to the longest it has made before, which would have a short context attend over
     an earlier, longer one's cache. ``compiled`` falls back to eager, with a printed reason,
     when the first configuration fails to compile; a failure after that raises.
@@ -351,7 +300,7 @@ class _HuggingFace:
         if self.mode == "compiled":
             torch.compiler.reset()  # compiled graphs of one configuration at a time
             try:
-                tpot = hf_tpot_us(hf_model(model), batch, context, compiled=True, seed=seed)
+                tpot = hf_tpot_us(to_transformers(model), batch, context, compiled=True, seed=seed)
             except Exception as exc:
                 if self.timed:
                     raise
@@ -360,7 +309,7 @@ class _HuggingFace:
                 self.mode = "eager"
             torch.compiler.reset()
         if self.mode == "eager":
-            tpot = hf_tpot_us(hf_model(model), batch, context, compiled=False, seed=seed)
+            tpot = hf_tpot_us(to_transformers(model), batch, context, compiled=False, seed=seed)
         self.timed += 1
         return tpot
 
@@ -388,7 +337,7 @@ def run_bench(
 
     ``hf``: ``"eager"``, ``"compiled"`` (transformers' compiled decode steps, eager if that
     fails) or None (no transformers column). ``tag``: the results' suffix, by default the card's
-    (:func:`~clusterlab.bench.common.card_tag`). Returns the rows and the batch-1 breakdowns (also
+    (:func:`~clusterlab.bench.timing.card_tag`). Returns the rows and the batch-1 breakdowns (also
     printed as tables).
     """
     from ..gpu import device_info, require_hopper

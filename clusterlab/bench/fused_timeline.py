@@ -1,6 +1,6 @@
 """Timeline of one fused decode step: when every block crosses each phase boundary, and on which SM it ran.
 
-    python benchmarks/fused_timeline.py [--preset llama2-7b] [--kv 1024] [--batch 1] [--shape 4x8 8x4]
+    python -m clusterlab.bench.fused_timeline [--preset llama2-7b] [--kv 1024] [--batch 1] [--shape 4x8 8x4]
 
 The kernel is :func:`clusterlab.fused.kernel.build_kernel`'s own source with timestamps added
 (:func:`~clusterlab.fused.kernel.kernel_variant`: each anchor line must exist, so a change to the
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from numba import cuda
 
-from clusterlab.bench.common import card_tag, commit, graph_per_op_us, write_json
-from clusterlab.fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
-from clusterlab.fused.kernel import kernel_variant
-from clusterlab.gpu import device_info, require_hopper
-from clusterlab.launch import launch
+from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
+from ..fused.kernel import kernel_variant
+from ..gpu import device_info, require_hopper
+from ..launch import launch
+from .timing import card_tag, commit, graph_per_op_us, write_json
 
 #: The phase that ends at each stamp after the first ("start"), and where the stamp goes.
 B1 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B1: every block's partials are complete\n"

@@ -13,7 +13,7 @@ process:
   at the start of the run (bytes read + written by ``Tensor.copy_`` of 1 GiB).
 
 Each time is one step's cost inside CUDA graphs of back-to-back steps: the slope between graphs
-of 20 and 40 steps, median of 9 repeats (:func:`clusterlab.bench.common.graph_per_op_us`), after
+of 20 and 40 steps, median of 9 repeats (:func:`clusterlab.bench.timing.graph_per_op_us`), after
 a warm-up. Back-to-back steps of one layer would find its weights in L2 when they fit there (a
 Llama-3.2-1B block is 21 MB, an H200's L2 50 MB), so the steps cycle through as many layers,
 each with weights, cache and inputs of its own, as it takes to move three times the L2 between
@@ -22,7 +22,7 @@ against the float64 reference before it is timed. Results: a table on stdout,
 ``fused_<card>.json`` (card, driver, date, commit) and ``fused_<card>.png`` under ``out_dir``,
 ``<card>`` read from the device (``h200`` for an NVIDIA H200).
 
-Run directly: ``python -m clusterlab.fused.bench --batch 1 4 --kv 1024 4096 16384 32768``.
+Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from pathlib import Path
 
 import torch
 
-from ..bench.common import card_tag, commit, copy_bandwidth, graph_per_op_us, write_json
-from .config import PRESETS, AttentionWeights, KVCache, rope_table
-from .layer import DecodeAttention
-from .reference import UnfusedAttention, reference_step, relative_error
+from ..fused.config import PRESETS, AttentionWeights, KVCache, rope_table
+from ..fused.layer import DecodeAttention
+from ..fused.reference import UnfusedAttention, reference_step, relative_error
+from .timing import card_tag, commit, copy_bandwidth, graph_per_op_us, write_json
 
 KV_LENGTHS = (1024, 4096, 16384, 32768)
 BATCHES = (1, 2, 4, 8)
@@ -79,7 +79,7 @@ class BenchRow:
 
 
 def graph_time_us(step, warmup: int = 1) -> float:
-    """Median µs of one ``step()`` inside CUDA graphs of back-to-back steps (see ``bench.common``).
+    """Median µs of one ``step()`` inside CUDA graphs of back-to-back steps (see :mod:`clusterlab.bench.timing`).
 
     ``warmup`` steps run first (compile, load, allocate: nothing of that may happen in a capture).
     """
@@ -173,7 +173,7 @@ def run_bench(
 
     ``variants``: ``(cluster_size, warps)`` or ``(cluster_size, warps, head_split)`` tuples to time
     for the fused kernel (``None``: the layer's defaults). ``tag``: the results' suffix, by
-    default the card's (:func:`~clusterlab.bench.common.card_tag`). ``l2_turnover``: see
+    default the card's (:func:`~clusterlab.bench.timing.card_tag`). ``l2_turnover``: see
     :func:`layers_for_l2` (0 times one layer over and over, as runs before the rotation did).
     Returns the rows (also printed as a table).
     """

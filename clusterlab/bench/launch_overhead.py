@@ -2,7 +2,7 @@
 
 Run on a Hopper GPU::
 
-    python benchmarks/launch_overhead.py --output benchmarks/results/launch_overhead_h100.json
+    python -m clusterlab.bench.launch_overhead --output benchmarks/results/launch_overhead_h100.json
 
 What is timed: the host wall time of ``--launches`` back-to-back launches of a tiny cluster kernel
 (16 blocks in clusters of 4, 128 threads; two float32 torch tensors of 2048 elements and a float
@@ -31,12 +31,13 @@ import argparse
 import ctypes
 import datetime
 import json
-import os
 import subprocess
 import time
 import warnings
 
 import numpy as np
+
+from .timing import commit
 
 #: Host time per launch the launcher must stay under, with torch tensors.
 TARGET_US = 8.0
@@ -47,7 +48,7 @@ ELEMENTS = GRID * BLOCK
 def build_kernel():
     from numba import cuda
 
-    from clusterlab import ptx
+    from .. import ptx
 
     @cuda.jit
     def scale_and_rank(out, x, alpha):
@@ -63,7 +64,7 @@ def driver_floor(kernel, args, stream):
     from cuda.bindings import driver
     from numba.cuda.typing.typeof import typeof
 
-    from clusterlab import _numba_private
+    from .. import _numba_private
 
     overload = kernel.compile(tuple(typeof(a) for a in args))
     items = [i for a in args for i in _numba_private.pack_argument(overload, typeof(a), a)]
@@ -94,7 +95,7 @@ def cuda_core_floor(kernel, args, stream):
     from cuda.core import Kernel, LaunchConfig, Stream, launch
     from numba.cuda.typing.typeof import typeof
 
-    from clusterlab import _numba_private
+    from .. import _numba_private
 
     overload = kernel.compile(tuple(typeof(a) for a in args))
     packed = [i for a in args for i in _numba_private.pack_argument(overload, typeof(a), a)]
@@ -129,20 +130,14 @@ def machine_facts():
         ).stdout.strip().splitlines()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         driver_version = "unknown"
-    commit = os.environ.get("CLUSTERLAB_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    from clusterlab.gpu import software_versions
+    from ..gpu import software_versions
 
     return {
         "card": name,
         "driver": driver_version,
         "cuda_driver_api": f"{cuda_version // 1000}.{cuda_version % 1000 // 10}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
+        "git_commit": commit(),
         "software": software_versions(),
     }
 

@@ -1,0 +1,80 @@
+"""The benchmark suites' arithmetic and plans, without a GPU."""
+
+import pytest
+
+from clusterlab import simulator
+from clusterlab.bench import primitives, report
+from clusterlab.bench.fused import layers_for_l2, ragged_lengths
+
+
+def test_bus_bytes_follow_the_nccl_convention():
+    # all-gather: N-1 rows arrive in each block; all-reduce: 2 (N-1)/N rows (float32)
+    assert primitives.gather_bus_bytes(8, 256, 4) == 7 * 1024
+    assert primitives.gather_bus_bytes(1, 256, 2) == 0
+    assert primitives.reduce_bus_bytes(4, 256) == pytest.approx(2 * 3 / 4 * 1024)
+    assert primitives.reduce_bus_bytes(1, 256) == 0
+
+
+def test_shared_memory_of_each_point_matches_the_host_api():
+    # direct: staged [n] + work [n]; bulk: staged + mbarrier + N slots; the variant: two buffers
+    assert primitives.reduce_shared_bytes("direct", 256, 4) == 2 * 256 * 4
+    assert primitives.reduce_shared_bytes("bulk", 256, 4) == (256 + 4 + 4 * 256) * 4
+    assert primitives.reduce_shared_bytes("direct_1barrier", 256, 4) == 2 * 256 * 4
+    assert primitives.gather_shared_bytes("direct_v4", 100, 3, 2) == 3 * 100 * 2
+    assert primitives.gather_shared_bytes("bulk", 100, 3, 2) == 3 * 104 * 2  # rows padded to 16 bytes
+
+
+class _PlanOnly:
+    """Stands in for a PrimitivesBench: every point "measures" 1 µs and nothing touches a GPU."""
+
+    cluster_sizes = (1, 2, 4)
+
+    def memo(self, key, measure):
+        return {"clusters": 1, "latency_us": {"median": 1.0, "min": 1.0, "max": 1.0, "repeats": 5}}
+
+    def __getattr__(self, name):  # barrier, reduce_per_op, ...: bound into the tasks, never called here
+        return lambda *args: pytest.fail(f"the plan called {name}")
+
+
+def test_the_sweep_times_every_implementation_the_report_reads_and_the_spinning_kernels_last():
+    message_bytes, dtypes, configs = (64, 1024), ("float32", "float16"), ("one", "chip")
+    tasks = primitives._tasks(_PlanOnly(), message_bytes, dtypes, configs)
+    labels = [label for _, label, _ in tasks]
+    assert len(set(labels)) == len(labels)
+    records = [thunk() for _, _, thunk in tasks]
+    timed = [r for r in records if "primitive" in r]
+    for primitive, method, listed in (
+        ("reduce", "per_op", report.REDUCE_PER_OP),
+        ("gather", "per_op", report.GATHER_PER_OP),
+        ("reduce", "single_launch", report.REDUCE_SINGLE_LAUNCH),
+        ("gather", "single_launch", report.GATHER_SINGLE_LAUNCH),
+    ):
+        found = [r["implementation"] for r in timed if (r["primitive"], r["method"]) == (primitive, method)]
+        assert set(found) == set(listed), (primitive, method)
+        points = len(_PlanOnly.cluster_sizes) * len(message_bytes) * len(dtypes) * len(configs)
+        assert len(found) == points * len(listed), (primitive, method)
+    spinning = [r["implementation"] in primitives.SPINNING for r in timed]
+    assert any(spinning) and all(spinning[spinning.index(True):])  # once they start, nothing else runs
+
+    # The records carry the fields the report looks them up by: it compares them and ranks them.
+    results = {
+        "settings": {"cluster_sizes": list(_PlanOnly.cluster_sizes), "message_bytes": list(message_bytes),
+                     "dtypes": list(dtypes), "configs": list(configs)},
+        "floors": [],  # what a floor measured names its own point, so the stand-in's say nothing
+        "measurements": timed,
+    }
+    report.complete(results)
+    assert {t["target"] for t in results["targets"]} == {"reduce_vs_global_per_op", "reduce_vs_global_single_launch"}
+    choice = results["choice"]
+    assert {row["working_bytes"] for row in choice["reduce"]} == {64, 128, 1024, 2048}  # float16: n = bytes / 2
+    assert all(set(row["ranking"]) == set(simulator.REDUCE_ALGORITHMS) for row in choice["reduce"])
+    assert all(set(row["ranking"]) == set(simulator.GATHER_ALGORITHMS) for row in choice["gather"])
+
+
+def test_ragged_batches_spread_lengths_over_the_range_and_rotation_covers_the_l2():
+    lengths = ragged_lengths(5, [1024, 4096, 32768], seed=3)
+    assert sorted(lengths) == [1024, 8960, 16896, 24832, 32768]
+    assert ragged_lengths(5, [1024, 32768], seed=3) == lengths  # shuffled the same way for a seed
+    assert layers_for_l2(step_bytes=23 << 20, l2_bytes=60 << 20) == 8  # 3 L2s between two visits
+    assert layers_for_l2(step_bytes=400 << 20, l2_bytes=60 << 20) == 1
+    assert layers_for_l2(step_bytes=1 << 20, l2_bytes=60 << 20, turnover=0) == 1

@@ -1,0 +1,86 @@
+"""The benchmarks' timing arithmetic and run records, without a GPU."""
+
+import json
+
+import pytest
+
+from clusterlab.bench import timing
+
+
+def test_stat_is_median_and_spread():
+    stat = timing.Stat.of([3.0, 1.0, 2.0, 10.0, 4.0])
+    assert (stat.median, stat.min, stat.max, stat.repeats) == (3.0, 1.0, 10.0, 5)
+    assert timing.Stat.from_dict(json.loads(json.dumps(stat.as_dict()))) == stat
+    with pytest.raises(ValueError):
+        timing.Stat.of([])
+
+
+def test_rates_from_times_swap_the_spread():
+    times_us = timing.Stat(2.0, 1.0, 4.0, 5)
+    rate = times_us.inverse(8e6)  # 8 bytes per op -> bytes/s
+    assert rate.median == pytest.approx(4e6)
+    assert (rate.min, rate.max) == (pytest.approx(2e6), pytest.approx(8e6))
+    assert times_us.scaled(1e3) == timing.Stat(2e3, 1e3, 4e3, 5)
+
+
+def test_slope_cancels_the_fixed_cost():
+    fixed, per_op = 7.5, 0.42
+    count = 100
+    assert timing.slope(fixed + count * per_op, fixed + 2 * count * per_op, count) == pytest.approx(per_op)
+    with pytest.raises(ValueError):
+        timing.slope(1.0, 2.0, 0)
+
+
+def test_fewer_than_five_repeats_are_refused():
+    with pytest.raises(ValueError, match="at least 5"):
+        timing.per_op_us(lambda k: None, 10, repeats=4)
+    with pytest.raises(ValueError, match="at least 5"):
+        timing.graph_launch_us(lambda: None, repeats=3)
+
+
+def test_clock_summary_of_samples():
+    sampler = timing.ClockSampler()
+    sampler.samples = [
+        ["1755", "2619", "1980", "2619", "40", "120.5", "P0"],
+        ["1980", "2619", "1980", "2619", "45", "[N/A]", "P0"],
+        ["1800", "2619", "1980", "2619", "44", "300.0", "P0"],
+    ]
+    summary = sampler.summary()
+    assert summary["samples"] == 3
+    assert summary["clocks.sm"] == {"median": 1800.0, "min": 1755.0, "max": 1980.0, "repeats": 3}
+    assert summary["power.draw"]["repeats"] == 2  # "[N/A]" is not a number
+    assert summary["pstate"] == ["P0"]
+    assert timing.ClockSampler().summary() == {}
+
+
+def test_commit_comes_from_the_environment_first(monkeypatch):
+    monkeypatch.setenv("CLUSTERLAB_COMMIT", "abc123")
+    assert timing.commit() == "abc123"
+
+
+def test_write_json_creates_parents(tmp_path):
+    path = timing.write_json({"a": [1, 2]}, tmp_path / "x" / "r.json")
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+
+
+def test_clock_sampler_queries_at_most_once_per_period(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timing, "_smi", lambda fields: calls.append(fields) or ["1980"] * len(fields))
+    sampler = timing.ClockSampler(period_s=3600)
+    for _ in range(5):
+        sampler.sample()
+    assert len(calls) == 1 and len(sampler.samples) == 1
+
+
+@pytest.mark.parametrize(
+    "name, tag",
+    [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200 NVL", "h200"),
+     ("NVIDIA GeForce RTX 4090", "nvidia_geforce_rtx_4090")],
+)
+def test_results_are_tagged_with_the_cards_model(name, tag):
+    assert timing.card_tag(name) == tag
+
+
+def test_a_card_without_a_name_is_an_error():
+    with pytest.raises(ValueError, match="card_tag needs the card's name"):
+        timing.card_tag(None)
