@@ -33,7 +33,7 @@ from numba import cuda
 from .. import ptx
 from ..simulator import GATHER_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
-from .ops import open_bulk_exchange
+from .ops import bulk_push_rows, left_neighbour, open_bulk_exchange, ring_chunk
 
 
 def gather_stride(algorithm: str, n: int, itemsize: int) -> int:
@@ -70,10 +70,10 @@ def ring_gather(rows, n, stride, iteration):
     """N-1 steps; at step s pull slice (r-1-s) mod N from the left neighbour; N cluster barriers."""
     size = ptx.cluster_size()
     rank = ptx.cluster_rank()
-    left = (rank + size - 1) % size
+    left = left_neighbour(rank, size)
     ptx.cluster_sync()
     for s in range(size - 1):
-        j = (rank + 2 * size - 1 - s) % size
+        j = ring_chunk(rank, s, size)
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             rows[j * stride + i] = ptx.remote_load(rows, j * stride + i, left)
         ptx.cluster_sync()
@@ -86,14 +86,9 @@ def bulk_gather(rows, n, stride, iteration):
     rank = ptx.cluster_rank()
     full_slot = cuda.shared.array(1, dtype=np.uint64)
     full = ptx.shared_address(full_slot, 0)
-    row_bytes = stride * rows.itemsize
-    open_bulk_exchange(full, (size - 1) * row_bytes, iteration)
-    if cuda.threadIdx.x == 0:
-        source = ptx.shared_address(rows, rank * stride)
-        for k in range(1, size):
-            peer = (rank + k) % size
-            ptx.bulk_copy_shared_to_cluster(ptx.map_shared(source, peer), source, row_bytes, ptx.map_shared(full, peer))
-    ptx.mbarrier_wait_parity(full, iteration % 2)
+    slot_bytes = stride * rows.itemsize  # the stride of bulk is the 16-byte slot (gather_stride)
+    open_bulk_exchange(full, (size - 1) * slot_bytes, iteration)
+    bulk_push_rows(rows, 0, stride, slot_bytes, full, size, rank, iteration)
     ptx.cluster_sync()  # peers' copies may still read this block's row until here
 
 

@@ -1,6 +1,6 @@
-"""Device-side pieces every primitive kernel shares: the reduction operators and dtype handling.
+"""Device-side pieces every primitive kernel shares: operators, ring indices, the bulk push, dtype handling.
 
-The operators reproduce :func:`clusterlab.simulator.op_ufunc` bit for bit, as ``op(left, right)``
+The operators reproduce :func:`clusterlab.simulator.op_ufunc` bit for bit, as ``combine(left, right)``
 in float32: ``sum`` is an IEEE add, ``max`` / ``min`` propagate NaN and otherwise return
 ``left`` only when it is strictly larger / smaller (so on a ``-0.0`` / ``+0.0`` tie the right
 operand wins, as ``np.maximum`` / ``np.minimum`` do; PTX ``max.f32`` would pick ``+0.0``).
@@ -55,6 +55,45 @@ def open_bulk_exchange(full, incoming_bytes, iteration):
     ptx.cluster_sync()  # rows staged and mbarriers initialised everywhere before any push
     if cuda.threadIdx.x == 0:
         ptx.mbarrier_arrive_expect_tx(full, incoming_bytes)
+
+
+@cuda.jit(device=True, inline=True)
+def bulk_push_rows(shared, offset, slot, slot_bytes, full, size, rank, iteration):
+    """Push this block's row into every peer with ``cp.async.bulk``; wait until the peers' rows have landed.
+
+    Runs after :func:`open_bulk_exchange`; the two together are the simulator's
+    :func:`~clusterlab.simulator.bulk_push_rows` without its staging. ``shared``: a shared array
+    holding rows [N, slot] from element ``offset`` on (16-byte aligned; ``slot`` elements are
+    ``slot_bytes``, a multiple of 16), this block's row already in rows[rank]; ``full``:
+    shared::cta address of this block's mbarrier; ``size``, ``rank``: cluster_size(),
+    cluster_rank(). Thread 0 copies rows[rank] into rows[rank] of every peer, completing on the
+    peer's ``full``; every thread then waits on its own ``full`` (parity iteration & 1) for the
+    N-1 incoming rows. The caller must end with a cluster barrier before exiting: peers' copies
+    may still read its row.
+    """
+    if cuda.threadIdx.x == 0:
+        source = ptx.shared_address(shared, offset + rank * slot)
+        for k in range(1, size):
+            peer = (rank + k) % size
+            destination = ptx.map_shared(source, peer)
+            ptx.bulk_copy_shared_to_cluster(destination, source, slot_bytes, ptx.map_shared(full, peer))
+    ptx.mbarrier_wait_parity(full, iteration % 2)
+
+
+@cuda.jit(device=True, inline=True)
+def left_neighbour(rank, size):
+    """Rank (rank - 1) mod N: the block a ring step reads from. ``rank``, ``size``: cluster_rank(), cluster_size()."""
+    return (rank + size - 1) % size
+
+
+@cuda.jit(device=True, inline=True)
+def ring_chunk(rank, s, size):
+    """The chunk (reduce) or row (gather) that block ``rank`` pulls from its left neighbour at ring step ``s``.
+
+    (rank - 1 - s) mod N, as :func:`clusterlab.simulator.gather.ring_chunk`; s <= N - 2, so the + 2N
+    keeps the dividend non-negative.
+    """
+    return (rank + 2 * size - s - 1) % size
 
 
 @cuda.jit(device=True, inline=True)

@@ -2,7 +2,11 @@
 
 Each function here has the same name as the simulator program that models it
 (:mod:`clusterlab.simulator.reduce`) and folds in the same order, so the two agree bit for bit;
-that module's docstring is the contract (fold orders, chunking, barrier counts).
+that module's docstring is the contract (fold orders, chunking, barrier counts). The two read line
+for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
+``rows`` / ``slot`` / ``full``, ``left``, chunk ``c`` = [lo, hi)) and index helpers
+(``left_neighbour``, ``ring_chunk``, ``chunk_start``); the simulator's 2-D shared arrays are laid
+out flat in ``work`` here, at the offsets each function names.
 
 Device-function contract (all four)::
 
@@ -33,16 +37,12 @@ from numba import cuda
 from .. import ptx
 from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
-from .ops import CONVERSIONS, OPERATORS, open_bulk_exchange
+from ..simulator.reduce import widest_chunk
+from .ops import CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, ring_chunk
 
 #: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
 MBARRIER_BYTES = 16
 FLOAT32_BYTES = 4
-
-
-def widest_chunk(n: int, cluster_size: int) -> int:
-    """Room for the widest ``ring`` chunk, ``ceil(n / cluster_size)`` elements."""
-    return -(-n // cluster_size)
 
 
 def reduce_scratch_elements(algorithm: str, n: int, cluster_size: int) -> int:
@@ -68,6 +68,12 @@ def work_offset(n: int) -> int:
 def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int) -> int:
     """Dynamic shared memory per block of :func:`reduce_kernel`: ``staged`` (padded) then ``work``."""
     return (work_offset(n) + reduce_scratch_elements(algorithm, n, cluster_size)) * FLOAT32_BYTES
+
+
+@cuda.jit(device=True, inline=True)
+def chunk_start(c, n, size):
+    """First element of chunk ``c`` of a row of ``n`` cut into ``size`` chunks (as the simulator's ``chunk_start``)."""
+    return c * n // size
 
 
 @functools.cache
@@ -97,28 +103,32 @@ def reduce_device_function(algorithm: str, op: str):
         """Reduce-scatter then all-gather over N chunks; 2N-1 cluster barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
-        left = (rank + size - 1) % size
-        widest = (n + size - 1) // size
-        result = 2 * widest  # work = partial [2, widest] | result [n]
+        left = left_neighbour(rank, size)
+        widest = (n + size - 1) // size  # widest_chunk(n, size), which device code cannot call
+        partial = 0  # work = partial [2, widest] | result [n]: partial[p, k] is work[partial + p * widest + k]
+        result = partial + 2 * widest  # result[i] is work[result + i]
         ptx.cluster_sync()
         for s in range(size - 1):
-            c = (rank + 2 * size - s - 1) % size
-            lo = c * n // size
-            hi = (c + 1) * n // size
+            c = ring_chunk(rank, s, size)
+            lo = chunk_start(c, n, size)
+            hi = chunk_start(c + 1, n, size)
             for i in range(lo + cuda.threadIdx.x, hi, cuda.blockDim.x):
                 if s == 0:
                     received = ptx.remote_load(staged, i, left)
-                else:
-                    received = ptx.remote_load(work, ((s - 1) % 2) * widest + i - lo, left)
+                else:  # the left neighbour's partial[(s - 1) % 2, i - lo]
+                    received = ptx.remote_load(work, partial + ((s - 1) % 2) * widest + i - lo, left)
                 combined = combine(received, staged[i])
                 if s == size - 2:
                     work[result + i] = combined
-                else:
-                    work[(s % 2) * widest + i - lo] = combined
+                else:  # partial[s % 2, i - lo]
+                    work[partial + (s % 2) * widest + i - lo] = combined
             ptx.cluster_sync()
         for s in range(size - 1):
+            # chunk (rank - s) mod N: the left neighbour finished it (s = 0) or pulled it at step s - 1
             c = (rank + size - s) % size
-            for i in range(c * n // size + cuda.threadIdx.x, (c + 1) * n // size, cuda.blockDim.x):
+            for i in range(
+                chunk_start(c, n, size) + cuda.threadIdx.x, chunk_start(c + 1, n, size), cuda.blockDim.x
+            ):
                 work[result + i] = ptx.remote_load(work, result + i, left)
             ptx.cluster_sync()
         if size > 1:
@@ -128,7 +138,7 @@ def reduce_device_function(algorithm: str, op: str):
 
     @cuda.jit(device=True)
     def butterfly_value(staged, work, n, owner, row, i):
-        """Element i of block ``owner``'s running value: staged (row -1) or acc[row]."""
+        """Element i of block ``owner``'s running value: staged (row -1) or acc[row] (work = acc [2, n])."""
         if row < 0:
             return ptx.remote_load(staged, i, owner)
         return ptx.remote_load(work, row * n + i, owner)
@@ -138,13 +148,13 @@ def reduce_device_function(algorithm: str, op: str):
         """Fold to a power of two P, recursive doubling, unfold; 1 + [1] + log2 P + [1] barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
-        power = 1
+        power = 1  # P, the largest power of two <= N
         while power * 2 <= size:
             power *= 2
         ptx.cluster_sync()
         row = -1
         if size > power:
-            if rank < size - power:
+            if rank < size - power:  # work[i] is acc[0, i]
                 for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
                     work[i] = combine(staged[i], ptx.remote_load(staged, i, rank + power))
             elif rank < power:
@@ -184,14 +194,7 @@ def reduce_device_function(algorithm: str, op: str):
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             work[rows + rank * slot + i] = staged[i]
         open_bulk_exchange(full, (size - 1) * slot * FLOAT32_BYTES, iteration)
-        if cuda.threadIdx.x == 0:
-            source = ptx.shared_address(work, rows + rank * slot)
-            for k in range(1, size):
-                peer = (rank + k) % size
-                ptx.bulk_copy_shared_to_cluster(
-                    ptx.map_shared(source, peer), source, slot * FLOAT32_BYTES, ptx.map_shared(full, peer)
-                )
-        ptx.mbarrier_wait_parity(full, iteration % 2)
+        bulk_push_rows(work, rows, slot, slot * FLOAT32_BYTES, full, size, rank, iteration)
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             acc = work[rows + i]
             for s in range(1, size):

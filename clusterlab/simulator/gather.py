@@ -88,6 +88,21 @@ def slot_elements(n: int, itemsize: int) -> int:
     return aligned(n * itemsize) // itemsize
 
 
+def left_neighbour(rank: int, size: int) -> int:
+    """Rank (rank - 1) mod N: the block a ring step reads from."""
+    return (rank - 1) % size
+
+
+def ring_chunk(rank: int, s: int, size: int) -> int:
+    """The chunk (reduce) or row (gather) block ``rank`` pulls from its left neighbour at ring step ``s``.
+
+    (rank - 1 - s) mod N: the left neighbour pulled it at step s - 1, and at step 0 it is the
+    neighbour's own row (gather) or the chunk whose fold the neighbour starts (reduce), so every
+    chunk travels one block to the right per step.
+    """
+    return (rank - 1 - s) % size
+
+
 def bulk_push_rows(b: Block, row: np.ndarray):
     """Give every block every block's ``row`` by pushing it with ``cp.async.bulk``.
 
@@ -134,14 +149,15 @@ def direct_gather(b: Block, x: np.ndarray, out: np.ndarray):
 def ring_gather(b: Block, x: np.ndarray, out: np.ndarray):
     """``ring``: N-1 steps; at step s pull slice (r-1-s) mod N from the left neighbour."""
     size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
+    left = left_neighbour(rank, size)
     rows = b.shared_array("rows", (size, n), x.dtype)
     b.step("stage")
     rows[rank] = x[rank]
     yield b.cluster_sync()
     for s in range(size - 1):
         b.step(f"ring {s}")
-        j = (rank - 1 - s) % size
-        rows[j] = b.map_shared(rows, (rank - 1) % size)[j]
+        j = ring_chunk(rank, s, size)
+        rows[j] = b.map_shared(rows, left)[j]
         yield b.cluster_sync()
     b.step("read out")
     out[rank] = rows[:].reshape(-1)

@@ -11,7 +11,7 @@ Arithmetic (see :mod:`clusterlab.simulator.dtypes`)
   every partial exchanged between blocks is in A; the result is rounded once to the input dtype
   at the end (round to nearest even).
 - ``a ⊕ b`` is ``np.add`` / ``np.maximum`` / ``np.minimum`` in A, elementwise, in that operand
-  order; folds are explicit left folds (no pairwise or fused sums).
+  order (the programs' ``combine(a, b)``); folds are explicit left folds (no pairwise or fused sums).
 
 Algorithms
 ----------
@@ -68,7 +68,7 @@ import numpy as np
 
 from .cluster import Block, SharedArray, launch
 from .dtypes import OPS, accumulation_dtype, dtype_name, op_ufunc
-from .gather import bulk_push_rows, slot_elements
+from .gather import bulk_push_rows, left_neighbour, ring_chunk, slot_elements
 from .inputs import check_choice, check_fits, check_rows
 from .memory import MBARRIER_BYTES, layout_bytes
 
@@ -110,7 +110,7 @@ def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int
     check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
     acc_dtype = accumulation_dtype(dtype)
     row = n * acc_dtype.itemsize
-    widest = -(-n // cluster_size) * acc_dtype.itemsize  # the widest ring chunk, ceil(n / N) elements
+    widest = widest_chunk(n, cluster_size) * acc_dtype.itemsize
     slot = slot_elements(n, acc_dtype.itemsize) * acc_dtype.itemsize
     arrays = {
         "direct": [row],  # staged
@@ -119,6 +119,19 @@ def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int
         "bulk": [cluster_size * slot, MBARRIER_BYTES],  # rows | full
     }[algorithm]
     return layout_bytes(arrays)
+
+
+def chunk_start(c: int, n: int, size: int) -> int:
+    """First element of ``ring`` chunk ``c`` (0..size) of a row of ``n`` elements cut into ``size`` chunks.
+
+    Chunk c is ``[chunk_start(c, n, size), chunk_start(c + 1, n, size))``, i.e. ``[c*n//N, (c+1)*n//N)``.
+    """
+    return c * n // size
+
+
+def widest_chunk(n: int, size: int) -> int:
+    """Elements of the widest ``ring`` chunk of a row of ``n`` cut into ``size`` chunks: ceil(n / size)."""
+    return -(-n // size)
 
 
 def _load(b: Block, array, rank: int, key):
@@ -135,37 +148,38 @@ def _stage(b: Block, x: np.ndarray) -> SharedArray:
     return staged
 
 
-def direct_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
+def direct_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
     """``direct``: pull all staged rows, fold in rank order. Writes ``out[rank]`` [n]."""
+    size, rank = b.cluster_size, b.cluster_rank
     staged = _stage(b, x)
     yield b.cluster_sync()
     b.step("pull and fold")
     acc = _load(b, staged, 0, slice(None))
-    for s in range(1, b.cluster_size):
-        acc = op(acc, _load(b, staged, s, slice(None)))
-    out[b.cluster_rank] = acc.astype(x.dtype)
+    for s in range(1, size):
+        acc = combine(acc, _load(b, staged, s, slice(None)))
+    out[rank] = acc.astype(x.dtype)
     yield b.cluster_sync()  # peers may still be reading staged
 
 
-def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
+def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
     """``ring``: reduce-scatter then all-gather over N chunks. Writes ``out[rank]`` [n]."""
     size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
-    bounds = [c * n // size for c in range(size + 1)]
-    widest = max(bounds[c + 1] - bounds[c] for c in range(size))
+    left = left_neighbour(rank, size)
+    widest = widest_chunk(n, size)
     staged = _stage(b, x)
     partial = b.shared_array("partial", (2, widest), staged.dtype)
     result = b.shared_array("result", (n,), staged.dtype)
     yield b.cluster_sync()
-    left = (rank - 1) % size
     for s in range(size - 1):
         b.step(f"reduce-scatter {s}")
-        c = (rank - s - 1) % size
-        lo, hi = bounds[c], bounds[c + 1]
+        c = ring_chunk(rank, s, size)
+        lo = chunk_start(c, n, size)
+        hi = chunk_start(c + 1, n, size)
         if s == 0:
             received = b.map_shared(staged, left)[lo:hi]
         else:
             received = b.map_shared(partial, left)[(s - 1) % 2, : hi - lo]
-        combined = op(received, staged[lo:hi])
+        combined = combine(received, staged[lo:hi])
         if s == size - 2:
             result[lo:hi] = combined
         else:
@@ -173,31 +187,36 @@ def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
         yield b.cluster_sync()
     for s in range(size - 1):
         b.step(f"all-gather {s}")
+        # chunk (rank - s) mod N: the left neighbour finished it (s = 0) or pulled it at step s - 1
         c = (rank - s) % size
-        result[bounds[c] : bounds[c + 1]] = b.map_shared(result, left)[bounds[c] : bounds[c + 1]]
+        lo = chunk_start(c, n, size)
+        hi = chunk_start(c + 1, n, size)
+        result[lo:hi] = b.map_shared(result, left)[lo:hi]
         yield b.cluster_sync()
     b.step("read out")
     final = result if size > 1 else staged
     out[rank] = final[:].astype(x.dtype)
 
 
-def butterfly_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
-    """``butterfly``: fold to a power of two, recursive doubling, unfold. Writes ``out[rank]``."""
+def butterfly_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
+    """``butterfly``: fold to a power of two, recursive doubling, unfold. Writes ``out[rank]`` [n]."""
     size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
-    power = 1 << (size.bit_length() - 1)
+    power = 1 << (size.bit_length() - 1)  # P, the largest power of two <= N
     staged = _stage(b, x)
     acc = b.shared_array("acc", (2, n), staged.dtype)
     yield b.cluster_sync()
 
-    def value(owner: int, row: int | None):
-        """The running value of block ``owner``: staged (row None) or acc[row]."""
-        return _load(b, staged, owner, slice(None)) if row is None else _load(b, acc, owner, (row, slice(None)))
+    def butterfly_value(owner: int, row: int):
+        """Block ``owner``'s running value [n]: staged (row -1) or acc[row]."""
+        if row < 0:
+            return _load(b, staged, owner, slice(None))
+        return _load(b, acc, owner, (row, slice(None)))
 
-    row = None
+    row = -1
     if size > power:
         b.step("fold")
         if rank < size - power:
-            acc[0] = op(staged[:], value(rank + power, None))
+            acc[0] = combine(staged[:], _load(b, staged, rank + power, slice(None)))
         elif rank < power:
             acc[0] = staged[:]
         row = 0
@@ -205,32 +224,31 @@ def butterfly_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
     mask = 1
     while mask < power:
         b.step(f"butterfly mask {mask}")
-        write = 0 if row is None else 1 - row
+        write = 0 if row < 0 else 1 - row
         if rank < power:
-            low, high = sorted((rank, rank ^ mask))
-            acc[write] = op(value(low, row), value(high, row))
+            low = min(rank, rank ^ mask)
+            high = max(rank, rank ^ mask)
+            acc[write] = combine(butterfly_value(low, row), butterfly_value(high, row))
         row = write
-        mask <<= 1
+        mask *= 2
         yield b.cluster_sync()
+    source = rank - power if rank >= power else rank
+    b.step("unfold" if size > power else "read out")
+    final = butterfly_value(source, row)
     if size > power:
-        b.step("unfold")
-        final = value(rank - power if rank >= power else rank, row)
         yield b.cluster_sync()  # block rank-power must not exit while it is read
-    else:
-        b.step("read out")
-        final = value(rank, row)
     out[rank] = final.astype(x.dtype)
 
 
-def bulk_reduce(b: Block, x: np.ndarray, out: np.ndarray, op: np.ufunc):
-    """``bulk``: cp.async.bulk push of every staged row, then the ``direct`` fold, locally."""
-    n = x.shape[1]
-    rows = yield from bulk_push_rows(b, x[b.cluster_rank].astype(accumulation_dtype(x.dtype)))
+def bulk_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
+    """``bulk``: cp.async.bulk push of every staged row, then the ``direct`` fold, locally. Writes ``out[rank]`` [n]."""
+    size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
+    rows = yield from bulk_push_rows(b, x[rank].astype(accumulation_dtype(x.dtype)))
     b.step("fold")
     acc = rows[0, :n]
-    for s in range(1, b.cluster_size):
-        acc = op(acc, rows[s, :n])
-    out[b.cluster_rank] = acc.astype(x.dtype)
+    for s in range(1, size):
+        acc = combine(acc, rows[s, :n])
+    out[rank] = acc.astype(x.dtype)
     yield b.cluster_sync()  # peers' copies may still be reading rows[rank]
 
 
