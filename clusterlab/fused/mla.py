@@ -60,6 +60,7 @@ from .config import (
     _is_int,
     seeded_generator,
 )
+from .validate import check_tensor
 
 #: Dtypes of the reference and the unfused layer: float32 as well as the fused layer's two.
 MLA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -351,19 +352,6 @@ class MLAWeights:
         return w_uk.contiguous(), w_uv_t.transpose(1, 2).contiguous()
 
 
-def _check_tensor(name: str, x, shape: tuple, dtype, device) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype}; expected {dtype} (the dtype of the weights)")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device}; expected {device} (the device of the weights)")
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {shape}")
-    if not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (row-major); call .contiguous() first")
-
-
 def check_mla_weights(config: MLAConfig, weights: MLAWeights) -> None:
     """``config`` is an MLAConfig; the weights match it (the query path its ``q_lora_rank`` names),
     share one dtype of :data:`MLA_DTYPES` and one device, and are contiguous."""
@@ -395,7 +383,7 @@ def check_mla_weights(config: MLAConfig, weights: MLAWeights) -> None:
         if shape is not None and tensor is None:
             raise ValueError(f"weights.{name} is None but the config has q_lora_rank={lora}")
         if shape is not None:
-            _check_tensor(f"weights.{name}", tensor, shape, dtype, device)
+            check_tensor(f"weights.{name}", tensor, shape, dtype, device, "the weights")
 
 
 @dataclass
@@ -451,14 +439,15 @@ def check_mla_activations(config: MLAConfig, weights: MLAWeights, hidden, residu
     batch = hidden.shape[0]
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
-    _check_tensor("hidden", hidden, (batch, config.hidden_size), dtype, device)
-    _check_tensor("residual", residual, (batch, config.hidden_size), dtype, device)
+    check_tensor("hidden", hidden, (batch, config.hidden_size), dtype, device, "the weights")
+    check_tensor("residual", residual, (batch, config.hidden_size), dtype, device, "the weights")
     if not isinstance(cache, LatentCache):
         raise TypeError(f"cache must be a LatentCache, got {type(cache).__name__}")
     if cache.latent.dim() != 3:
         raise ValueError(f"cache.latent has shape {tuple(cache.latent.shape)}; expected (batch, capacity, "
                          f"{config.latent_width})")
-    _check_tensor("cache.latent", cache.latent, (batch, cache.latent.shape[1], config.latent_width), dtype, device)
+    check_tensor("cache.latent", cache.latent, (batch, cache.latent.shape[1], config.latent_width), dtype, device,
+                 "the weights")
 
 
 def mla_rope_frequencies(config: MLAConfig) -> torch.Tensor:

@@ -10,13 +10,15 @@ import torch
 from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache
 
 
-def _tensor(name: str, x, shape: tuple, dtype, device: torch.device) -> None:
+def check_tensor(name: str, x, shape: tuple, dtype, device: torch.device, like: str) -> None:
+    """``x`` is a contiguous torch tensor of ``shape`` with ``dtype`` and on ``device``, those of
+    ``like`` (named in the message); TypeError / ValueError naming ``name`` otherwise."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype}; expected {dtype} (the dtype of hidden)")
+        raise TypeError(f"{name} has dtype {x.dtype}; expected {dtype} (the dtype of {like})")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device}; expected {device} (the device of hidden)")
+        raise ValueError(f"{name} is on {x.device}; expected {device} (the device of {like})")
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {shape}")
     if not x.is_contiguous():
@@ -34,15 +36,15 @@ def check_weights(config: AttentionConfig, weights: AttentionWeights) -> None:
     if dtype not in DTYPES:
         raise TypeError(f"weights.qkv has dtype {dtype}; allowed: {DTYPES}")
     h = config.hidden_size
-    _tensor("weights.qkv", weights.qkv, (config.qkv_rows, h), dtype, device)
-    _tensor("weights.norm", weights.norm, (h,), dtype, device)
-    _tensor("weights.o", weights.o, (h, config.attn_width), dtype, device)
+    check_tensor("weights.qkv", weights.qkv, (config.qkv_rows, h), dtype, device, "weights.qkv")
+    check_tensor("weights.norm", weights.norm, (h,), dtype, device, "weights.qkv")
+    check_tensor("weights.o", weights.o, (h, config.attn_width), dtype, device, "weights.qkv")
     if config.qkv_bias and weights.qkv_bias is None:
         raise ValueError("weights.qkv_bias is None but the config has qkv_bias=True")
     if not config.qkv_bias and weights.qkv_bias is not None:
         raise ValueError("weights.qkv_bias is given but the config has qkv_bias=False")
     if weights.qkv_bias is not None:
-        _tensor("weights.qkv_bias", weights.qkv_bias, (config.qkv_rows,), dtype, device)
+        check_tensor("weights.qkv_bias", weights.qkv_bias, (config.qkv_rows,), dtype, device, "weights.qkv")
 
 
 def check_step(
@@ -73,15 +75,15 @@ def check_activations(config: AttentionConfig, weights: AttentionWeights, hidden
     batch = hidden.shape[0]
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
-    _tensor("hidden", hidden, (batch, config.hidden_size), hidden.dtype, hidden.device)
-    _tensor("residual", residual, (batch, config.hidden_size), hidden.dtype, hidden.device)
+    check_tensor("hidden", hidden, (batch, config.hidden_size), hidden.dtype, hidden.device, "hidden")
+    check_tensor("residual", residual, (batch, config.hidden_size), hidden.dtype, hidden.device, "hidden")
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     if cache.k.dim() != 4:
         raise ValueError(f"cache.k has shape {tuple(cache.k.shape)}; expected (batch, kv_heads, capacity, head_dim)")
     shape = (batch, config.kv_heads, cache.k.shape[2], config.head_dim)
-    _tensor("cache.k", cache.k, shape, hidden.dtype, hidden.device)
-    _tensor("cache.v", cache.v, shape, hidden.dtype, hidden.device)
+    check_tensor("cache.k", cache.k, shape, hidden.dtype, hidden.device, "hidden")
+    check_tensor("cache.v", cache.v, shape, hidden.dtype, hidden.device, "hidden")
 
 
 def check_positions(positions, batch: int, capacity: int, device: torch.device) -> None:
