@@ -51,6 +51,26 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spills(config, bf16, 
     assert spec.min_blocks_per_sm * warps == 16 or 2 * (spec.shared_bytes + 1024) > 233472
 
 
+@pytest.mark.ptx
+def test_measurement_switches_change_the_kernel_only_when_set():
+    """The timeline adds its stamps and two arguments; the ablation switches change the code."""
+    import dataclasses
+    import re
+
+    from clusterlab.toolchain import kernel_ptx
+
+    def ptx_of(**switches):
+        spec = dataclasses.replace(KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, 1), **switches)
+        ptx = kernel_ptx(build_kernel(spec), kernel_signature(spec), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)  # names that differ between compilations
+
+    full, timeline = ptx_of(), ptx_of(timeline=True)
+    for register in ("%clock64", "%globaltimer", "%smid"):
+        assert register not in full and register in timeline
+    assert timeline.count(".param .") == full.count(".param .") + 14  # two arrays of 7 fields each
+    assert ptx_of(qkv_stream=False, kv_stream=False, o_stream=False, finish=False) != full
+
+
 def _random_inputs(config, dtype, batch, capacity, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     hidden = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)

@@ -1,5 +1,7 @@
 """The fused layer's cluster dataflow on the DSMEM simulator (CPU): same answers as the reference."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -110,6 +112,20 @@ def test_trace_shows_four_cluster_barriers_and_the_dsmem_exchanges():
     # Only phases 2 (pull partials, push q/k/v) and 4 (pull states, push o) touch peers.
     rows = [line for line in table.splitlines() if "shared::cluster" in line]
     assert len(rows) == 2 and "2 rope" in rows[0] and "4 merge" in rows[1]
+
+
+def test_kernel_and_simulator_head_their_phases_alike():
+    """Kernel and simulator model mark each phase with the same ``# -- N name: what`` line, in order."""
+    from clusterlab.fused import kernel, simulated
+
+    def headers(*functions):
+        lines = "".join(inspect.getsource(f) for f in functions).splitlines()
+        return [line.strip().rstrip("- ") for line in lines if line.strip().startswith("# -- ")]
+
+    steps = ["1 qkv", "2 rope", "3 attention", "4 merge", "5 o proj", "6 finish"]
+    in_kernel = headers(kernel.build_kernel)
+    assert [header.removeprefix("# -- ")[: len(step)] for header, step in zip(in_kernel, steps)] == steps
+    assert headers(simulated.decode_block, simulated.simulated_step) == in_kernel
 
 
 @pytest.mark.parametrize("cached", [0, 1, 15, 16, 17, 1000, 32767])

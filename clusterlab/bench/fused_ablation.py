@@ -2,23 +2,23 @@
 
     python -m clusterlab.bench.fused_ablation [--preset llama2-7b] [--kv 1024 16384] [--batch 1]
 
-Each variant is the real kernel source of :func:`clusterlab.fused.kernel.build_kernel` with one
-line replaced (asserted to exist, so a change to the kernel breaks this script loudly rather than
-timing the wrong thing): no W_qkv stream, no KV stream, no W_o stream, none of the three (what is
-left is launch, the four cluster barriers and exchanges, and the finish), and no finish (the
-conversion of ``out_acc`` by the last block of each rank). Outputs of the ablated variants are wrong by construction
-and are not checked; the full kernel is checked against the reference first. Times are medians of
-CUDA-graph replays, the floor is printed beside them.
+Each variant is the layer's own kernel built from its :class:`~clusterlab.fused.kernel.KernelSpec`
+with measurement switches turned off (compile-time constants of
+:func:`~clusterlab.fused.kernel.build_kernel`): no W_qkv stream, no KV stream, no W_o stream, none
+of the three (what is left is launch, the four cluster barriers and exchanges, and the finish), and
+no finish (the conversion of ``out_acc`` by the last block of each rank). Outputs of the ablated
+variants are wrong by construction and are not checked; the full kernel is checked against the
+reference first. Times are medians of CUDA-graph replays, the floor is printed beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 
 import torch
-from numba import cuda
 
 from ..fused import (
     PRESETS,
@@ -28,22 +28,17 @@ from ..fused import (
     reference_step,
     relative_error,
 )
-from ..fused.kernel import kernel_variant
-from ..launch import launch
+from ..fused.layer import kernel_launcher
 from .fused import graph_time_us
 from .timing import copy_bandwidth
 
-#: variant -> edits of build_kernel's source ((old, new) pairs, see kernel_variant)
-NO_QKV = ("    QKV_STEPS = ROWS // QKV_STEP\n", "    QKV_STEPS = 0\n")
-NO_KV = ("        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if b_att < B else 0\n",
-         "        kv_steps = 0\n")
-NO_O = ("    O_STEPS = OUT_ROWS // O_STEP\n", "    O_STEPS = 0\n")
+#: variant -> the KernelSpec switches it turns off
 ABLATIONS = {
-    "no W_qkv stream": [NO_QKV],
-    "no KV stream": [NO_KV],
-    "no W_o stream": [NO_O],
-    "no streams at all": [NO_QKV, NO_KV, NO_O],
-    "no finish": [("        if last[0] == 1:\n", "        if last[0] == 2:\n")],
+    "no W_qkv stream": {"qkv_stream": False},
+    "no KV stream": {"kv_stream": False},
+    "no W_o stream": {"o_stream": False},
+    "no streams at all": {"qkv_stream": False, "kv_stream": False, "o_stream": False},
+    "no finish": {"finish": False},
 }
 
 
@@ -66,14 +61,7 @@ def main(argv=None) -> int:
     print(f"{args.preset} {args.dtype} batch {args.batch}, cluster {spec.cluster_size} x {spec.warps} warps, "
           f"head split {spec.head_split}, "
           f"copy {bandwidth / 1e12:.2f} TB/s")
-    grid, cluster = spec.clusters * spec.cluster_size, spec.cluster_size
-    variants = {
-        name: launch(
-            cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(kernel_variant(edits)(spec)),
-            grid=grid, cluster=cluster, block=spec.threads, shared_bytes=spec.shared_bytes, non_portable=cluster > 8,
-        )
-        for name, edits in ABLATIONS.items()
-    }
+    variants = {name: kernel_launcher(dataclasses.replace(spec, **switches)) for name, switches in ABLATIONS.items()}
     for kv_len in args.kv:
         position = kv_len - 1
         want = reference_step(config, weights, hidden, residual, cache, position)

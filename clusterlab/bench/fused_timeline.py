@@ -2,13 +2,14 @@
 
     python -m clusterlab.bench.fused_timeline [--preset llama2-7b] [--kv 1024] [--batch 1] [--shape 4x8 8x4]
 
-The kernel is :func:`clusterlab.fused.kernel.build_kernel`'s own source with timestamps added
-(:func:`~clusterlab.fused.kernel.kernel_variant`: each anchor line must exist, so a change to the
-kernel breaks this script rather than mislabelling a phase). Thread 0 of every block records
-``ptx.clock64()`` (cycle-exact, per SM) and ``ptx.global_timer()`` (one clock for the whole GPU,
-256 ns steps on an H100) at each boundary, and ``ptx.sm_id()`` once. Thread 0 belongs to warp 0,
-so a boundary inside a phase ("W_qkv stream", "rope", "merge") is where warp 0 got to; the
-boundaries after a barrier or ``syncthreads`` hold for the whole block.
+The kernel is the layer's own, built with ``KernelSpec.timeline`` on
+(:func:`clusterlab.fused.kernel.build_kernel`: the stamps sit at the phase boundaries of the kernel's
+source and are compiled only into this variant). Thread 0 of every block records ``ptx.clock64()``
+(cycle-exact, per SM) and ``ptx.global_timer()`` (one clock for the whole GPU, 256 ns steps on an
+H100) at each boundary, and ``ptx.sm_id()`` once. Thread 0 belongs to warp 0, so a boundary inside a
+phase ("W_qkv stream", "rope", "merge") is where warp 0 got to; the boundaries after a barrier or
+``syncthreads`` hold for the whole block. The phases are
+:data:`~clusterlab.fused.kernel.TIMELINE_PHASES`.
 
 Each launch shape (``CxW`` or ``CxWxS``: cluster size x warps per block x head split) is timed plain and instrumented as
 CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed: per-phase
@@ -22,6 +23,7 @@ top, marked).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import sys
@@ -29,60 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numba import cuda
 
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
-from ..fused.kernel import kernel_variant
+from ..fused.kernel import TIMELINE_PHASES, TIMELINE_STAMPS
+from ..fused.layer import kernel_launcher
 from ..gpu import device_info, require_hopper
-from ..launch import launch
 from .timing import card_tag, commit, graph_per_op_us, write_json
-
-#: The phase that ends at each stamp after the first ("start"), and where the stamp goes.
-B1 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B1: every block's partials are complete\n"
-B2 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B2: q, k, v of the new token are in every block\n"
-B3 = "        ptx.cluster_arrive_release()\n        ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete\n"
-B4 = "        ptx.cluster_wait_acquire()  # B4: o is complete in every block; no DSMEM access after this\n"
-MERGE = "        cuda.syncthreads()\n        # Block merge: sequence b's state is its WPB warps' key groups (+ its new token).\n"
-FINISH = "        # -- 6 finish: the last of the blocks (one a cluster) adding into rows [rank * OUT_ROWS, ...) converts them\n"
-# (phase name, anchor, stamp before the anchor?) in kernel order; stamp 0 follows `k0 = ...`.
-PHASES = [
-    ("inputs", "        while step < QKV_STEPS:\n", True),
-    ("W_qkv stream", B1, True),
-    ("B1 wait", B1, False),
-    ("rope + push", B2, True),
-    ("B2 wait", B2, False),
-    ("attention", MERGE, False),
-    ("block merge", B3, True),
-    ("B3 wait", B3, False),
-    ("o merge + B4", B4, False),
-    ("W_o stream + red.add", FINISH, True),
-    ("fence + arrive", "        if last[0] == 1:\n", True),
-    ("finish", "                arrivals[rank] = 0\n", False),
-]
-STAMPS = len(PHASES) + 1
-
-
-def _stamp(i: int) -> str:
-    return (f"        if tid == 0:\n"
-            f"            stamps[(cuda.blockIdx.x * {STAMPS} + {i}) * 2] = ptx.clock64()\n"
-            f"            stamps[(cuda.blockIdx.x * {STAMPS} + {i}) * 2 + 1] = ptx.global_timer()\n")
-
-
-def timeline_builder():
-    """``build_kernel`` with two more arguments: ``stamps`` uint64 [blocks * STAMPS * 2], ``sms`` uint32 [blocks]."""
-    edits = [
-        ("out_acc, arrivals, positions, capacity):\n", "out_acc, arrivals, positions, capacity, stamps, sms):\n"),
-        ("        k0 = rank * KS\n",
-         "        k0 = rank * KS\n" + _stamp(0)
-         + "        if tid == 0:\n            sms[cuda.blockIdx.x] = ptx.sm_id()\n"),
-    ]
-    for i, (_, anchor, before) in enumerate(PHASES, start=1):
-        edits.append((anchor, _stamp(i) + anchor) if before else (anchor, anchor + _stamp(i)))
-    # Two stamps at one anchor (before and after a barrier) become one edit.
-    merged: dict[str, str] = {}
-    for old, new in edits:
-        merged[old] = merged[old].replace(old, new) if old in merged else new
-    return kernel_variant(list(merged.items()))
 
 
 def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None):
@@ -95,10 +49,8 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
     want = reference_step(config, weights, hidden, residual, cache.clone(), position)
     spec = layer.kernel_spec(dtype, batch)
     blocks = spec.clusters * cluster_size
-    step = launch(cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(timeline_builder()(spec)),
-                  grid=blocks, cluster=cluster_size, block=spec.threads, shared_bytes=spec.shared_bytes,
-                  non_portable=cluster_size > 8)
-    stamps = torch.zeros(blocks * STAMPS * 2, dtype=torch.uint64, device="cuda")
+    step = kernel_launcher(dataclasses.replace(spec, timeline=True))
+    stamps = torch.zeros(blocks * TIMELINE_STAMPS * 2, dtype=torch.uint64, device="cuda")
     sms = torch.full((blocks,), 2**32 - 1, dtype=torch.uint32, device="cuda")
     args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
     out.fill_(float("nan"))
@@ -109,7 +61,7 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
     timed_us = graph_per_op_us(functools.partial(step, *args, stamps, sms)).median
     step(*args, stamps, sms)  # the step whose stamps are kept: after the replays, caches warm
     torch.cuda.synchronize()
-    t = stamps.view(blocks, STAMPS, 2).cpu().numpy().astype(np.int64)
+    t = stamps.view(blocks, TIMELINE_STAMPS, 2).cpu().numpy().astype(np.int64)
     sm = sms.cpu().numpy().astype(np.int64)
     cycles, ns = t[:, :, 0], t[:, :, 1]
     ghz = float(np.median((cycles[:, -1] - cycles[:, 0]) / (ns[:, -1] - ns[:, 0])))
@@ -145,7 +97,7 @@ def summary(shape) -> str:
              f"(median {np.median(arrive):.1f}); last finish {done.max():.1f} µs",
              f"  {'phase':<18} {'min':>6} {'median':>7} {'max':>6}   µs; max on crowded SMs / on the others"]
     shared = np.array([b["crowded"] for b in shape["block"]])
-    for j, (name, _, _) in enumerate(PHASES):
+    for j, name in enumerate(TIMELINE_PHASES):
         col = phase[:, j]
         split = (f"{col[shared].max():6.2f} / {col[~shared].max():6.2f}" if shared.any() and (~shared).any() else "")
         lines.append(f"  {name:<18} {col.min():6.2f} {np.median(col):7.2f} {col.max():6.2f}   {split}")
@@ -176,7 +128,7 @@ def plot(record, path: Path) -> None:
                      f"{shape['sms_used']} SMs", xlabel="µs since the first block started",
                ylabel="block (on crowded SMs: on top, marked)")
         ax.set_ylim(-0.5, shape["blocks"] - 0.5)
-    handles = [Patch(color=colours[j], label=name) for j, (name, _, _) in enumerate(PHASES)]
+    handles = [Patch(color=colours[j], label=name) for j, name in enumerate(TIMELINE_PHASES)]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8)
     fig.suptitle(f"{record['preset']} {record['dtype']} batch {record['batch']}, {record['kv_len']} positions: "
                  f"{record['card']}, {record['date'][:10]}", fontsize=10)
@@ -206,7 +158,7 @@ def main(argv=None) -> int:
         "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
         "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "kv_len": args.kv,
-        "phases": [name for name, _, _ in PHASES], "shapes": [],
+        "phases": list(TIMELINE_PHASES), "shapes": [],
     }
     for text in args.shape:
         shape = record_shape(config, weights, dtype, args.batch, args.kv, *(int(x) for x in text.split("x")))

@@ -1,7 +1,26 @@
 """The fused decode-attention kernel: one launch per step, one cluster per KV head or part of its query heads.
 
 The phases, their owners and the DSMEM exchanges are drawn in :mod:`clusterlab.fused.plan`; the
-simulator model of the same dataflow is :mod:`clusterlab.fused.simulated`, phase for phase.
+simulator model of the same dataflow is :func:`clusterlab.fused.simulated.decode_block`, phase for
+phase: both mark them ``# -- 1 qkv`` .. ``# -- 6 finish`` and use the same names. The kernel's
+constants are the words of :class:`KernelSpec` upper-cased::
+
+    H, D, G, C               hidden_size, head_dim, group (query heads of a cluster), cluster_size
+    HEADS, KV_HEADS          heads, kv_heads
+    HEAD_SPLIT, BATCH        head_split (clusters per KV head), batch (sequences)
+    ROWS                     rows: the cluster's W_qkv rows, slots 0..G-1 query heads, G key, G+1 value
+    K_SLICE, OUT_ROWS        k_slice, out_rows: a block's slice of the hidden size and of W_o's rows
+    ATTN_WIDTH               attn_width = G * D: the cluster's attention output, its W_o columns
+    WARPS, THREADS           warps, threads of a block
+    KEY_GROUPS               key_groups: keys a warp loads at once, one a group of D/8 lanes
+    WARPS_PER_SEQUENCE       warps // batch: the warps that attend for one sequence
+    NEW_TOKEN_RANK           plan.new_token_rank(C): the block that folds in the new token
+    XS, PARTIAL, QKV, ...    offsets of smem_layout()'s regions (the simulator's shared arrays)
+
+and the variables of a block read as in the simulator: ``cluster``, ``kv_head``, ``rank``, ``k0``
+(its hidden slice), ``seq`` (a sequence of the batch), ``head``, ``slot``, ``ra, rb, angle`` (a
+RoPE pair), ``start, end`` (its cached positions), ``e`` (an element of ``o``), ``m_max``,
+``l_tot``, ``a_tot``.
 
 Inside a block (``warps`` warps), each streaming phase issues every 16-byte load of a step before
 using any of them:
@@ -40,26 +59,16 @@ reaches the peer's copy of a region)::
 
 from __future__ import annotations
 
-import inspect
 import math
-import textwrap
 from dataclasses import dataclass
 
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from .. import ptx
+from . import plan
 from .config import AttentionConfig
-from .plan import (
-    HOPPER,
-    DeviceLimits,
-    cached_range,
-    check_cluster_size,
-    check_head_split,
-    new_token_rank,
-    qkv_row,
-    rope_pair,
-)
+from .plan import HOPPER, DeviceLimits, check_cluster_size, check_head_split, new_token_rank
 
 FULL_MASK = 0xFFFFFFFF
 #: Stands for -inf in softmax states: exp2(NEG - m) is 0 for any real m, and exp2(NEG - NEG) = 1
@@ -74,11 +83,24 @@ REGISTERS_PER_THREAD = 128
 UNROLLED_DOTS = 32
 #: Most float32 accumulators a lane keeps for one matrix-vector step.
 ACCUMULATORS = 16
+#: What a timeline kernel (``KernelSpec.timeline``) times: stamp ``i`` ends phase ``i - 1`` of
+#: this list, stamp 0 is the block's start. Thread 0 stamps, so a boundary inside a phase ("W_qkv
+#: stream", "rope + push", "block merge") is where warp 0 got to.
+TIMELINE_PHASES = ("inputs", "W_qkv stream", "B1 wait", "rope + push", "B2 wait", "attention", "block merge",
+                   "B3 wait", "o merge + B4", "W_o stream + red.add", "fence + arrive", "finish")
+TIMELINE_STAMPS = len(TIMELINE_PHASES) + 1
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Everything the kernel is specialised on (each distinct spec is one compilation)."""
+    """Everything the kernel is specialised on (each distinct spec is one compilation).
+
+    The fields after ``limits`` are switches for measurement (:mod:`clusterlab.bench.fused_ablation`,
+    :mod:`clusterlab.bench.fused_timeline`); their defaults are the kernel that
+    :class:`~clusterlab.fused.DecodeAttention` runs, and :meth:`of` leaves them so; a variant is
+    ``dataclasses.replace(spec, kv_stream=False)``. A switched-off stream issues no loads and
+    computes nothing from them, so the outputs of such a variant are wrong by construction.
+    """
 
     hidden_size: int
     heads: int
@@ -93,6 +115,17 @@ class KernelSpec:
     head_split: int
     bias: bool = False
     limits: DeviceLimits = HOPPER
+    #: stream W_qkv (False: no qkv projection steps)
+    qkv_stream: bool = True
+    #: stream the cached keys and values (False: attention over the new token only)
+    kv_stream: bool = True
+    #: stream W_o (False: no o projection steps, nothing added into out_acc)
+    o_stream: bool = True
+    #: the last block of each rank converts out_acc into out and resets its counter (False: the
+    #: blocks arrive, nobody converts; out_acc and the counters are left dirty)
+    finish: bool = True
+    #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
+    timeline: bool = False
 
     @classmethod
     def of(cls, config: AttentionConfig, bf16: bool, batch: int, cluster_size: int, warps: int,
@@ -319,67 +352,68 @@ def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int, atomic: b
 
 
 def _make_attention(spec: KernelSpec):
-    """Device functions for one attention step of a lane group (``head_dim/8`` lanes, one key each load).
+    """Device functions for one attention step of a key group (``head_dim/8`` lanes, one key each load).
 
-    ``kv_load(k_cache, v_cache, row0, t0, end, sub, kv)`` loads keys and values ``t0, t0 + KG, ...``
-    (``keys_per_lane`` of them, clamped to ``end - 1``) of the head whose row 0 is ``row0``, 8
-    dims at ``sub*8`` each, into the register array ``kv``. ``kv_fold(kv, smem, q0, t0, end, m,
-    l_sum, acc)`` scores them against the G query heads at ``smem[q0 + h*head_dim + sub*8 ...]``
-    and folds keys ``< end`` into the online softmax state ``m``, ``l_sum`` ``[G]``, ``acc``
-    ``[G*8]``. Returns ``(kv_load, kv_fold, words)``.
+    ``kv_load(k_cache, v_cache, cache_row0, t0, end, key_lane, kv)`` loads keys and values ``t0,
+    t0 + key_groups, ...`` (``keys_per_lane`` of them, clamped to ``end - 1``) of the head whose row
+    0 is ``cache_row0``, 8 dims at ``key_lane*8`` each, into the register array ``kv`` (uint32,
+    ``keys_per_lane*8`` words: 4 of key, 4 of value per key). ``kv_fold(kv, smem, q0, t0, end, m,
+    l_sum, acc, key_lane)`` scores them against the G query heads at ``smem[q0 + head*head_dim +
+    key_lane*8 ...]`` and folds keys ``< end`` into the online softmax state ``m``, ``l_sum``
+    ``[G]``, ``acc`` ``[G*8]`` (float32). Returns ``(kv_load, kv_fold, words)``.
     """
-    G, D, NK, KG = spec.group, spec.head_dim, spec.keys_per_lane, spec.key_groups
-    LPK = D // 8
-    LOG_LPK = _log2(LPK)
-    SCORES = NK * G
+    G, D, KEYS_PER_LANE, KEY_GROUPS = spec.group, spec.head_dim, spec.keys_per_lane, spec.key_groups
+    LANES_PER_KEY = D // 8
+    LOG_LANES_PER_KEY = _log2(LANES_PER_KEY)
+    SCORES = KEYS_PER_LANE * G
     unpack = ptx.bf16x2_to_f32x2 if spec.bf16 else ptx.f16x2_to_f32x2
 
     @cuda.jit(device=True, inline=True)
-    def kv_load(k_cache, v_cache, row0, t0, end, sub, kv):
-        for j in range(NK):
-            t = min(t0 + j * KG, end - 1)
-            kw = ptx.ld_global_nc_v4_no_allocate(k_cache, (row0 + t) * D + sub * 8)
-            vw = ptx.ld_global_nc_v4_no_allocate(v_cache, (row0 + t) * D + sub * 8)
+    def kv_load(k_cache, v_cache, cache_row0, t0, end, key_lane, kv):
+        for j in range(KEYS_PER_LANE):
+            t = min(t0 + j * KEY_GROUPS, end - 1)
+            kw = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + t) * D + key_lane * 8)
+            vw = ptx.ld_global_nc_v4_no_allocate(v_cache, (cache_row0 + t) * D + key_lane * 8)
             for e in range(4):
                 kv[j * 8 + e] = kw[e]
                 kv[j * 8 + 4 + e] = vw[e]
 
     @cuda.jit(device=True, inline=True)
-    def kv_fold(kv, smem, q0, t0, end, m, l_sum, acc, sub):
+    def kv_fold(kv, smem, q0, t0, end, m, l_sum, acc, key_lane):
         s = cuda.local.array(SCORES, float32)
-        for h in range(G):
-            qb = q0 + h * D + sub * 8
-            for j in range(NK):
+        for head in range(G):
+            qb = q0 + head * D + key_lane * 8
+            for j in range(KEYS_PER_LANE):
                 dot = float32(0.0)
                 for e in range(4):
                     k_lo, k_hi = unpack(kv[j * 8 + e])
                     dot += k_lo * smem[qb + 2 * e] + k_hi * smem[qb + 2 * e + 1]
-                s[j * G + h] = dot
+                s[j * G + head] = dot
         for k in range(SCORES):
-            for level in range(LOG_LPK):
-                s[k] += cuda.shfl_xor_sync(FULL_MASK, s[k], LPK >> (level + 1))
-        for h in range(G):
-            m_new = m[h]
-            for j in range(NK):
-                if t0 + j * KG < end:
-                    m_new = max(m_new, s[j * G + h])
-            scale = math.exp2(m[h] - m_new)
-            m[h] = m_new
-            l_sum[h] *= scale
+            for level in range(LOG_LANES_PER_KEY):
+                s[k] += cuda.shfl_xor_sync(FULL_MASK, s[k], LANES_PER_KEY >> (level + 1))
+        for head in range(G):
+            m_new = m[head]
+            for j in range(KEYS_PER_LANE):
+                if t0 + j * KEY_GROUPS < end:
+                    m_new = max(m_new, s[j * G + head])
+            scale = math.exp2(m[head] - m_new)
+            m[head] = m_new
+            l_sum[head] *= scale
             for e in range(8):
-                acc[h * 8 + e] *= scale
-            for j in range(NK):
-                p = math.exp2(s[j * G + h] - m_new) if t0 + j * KG < end else float32(0.0)
-                s[j * G + h] = p
-                l_sum[h] += p
-        for j in range(NK):
+                acc[head * 8 + e] *= scale
+            for j in range(KEYS_PER_LANE):
+                p = math.exp2(s[j * G + head] - m_new) if t0 + j * KEY_GROUPS < end else float32(0.0)
+                s[j * G + head] = p
+                l_sum[head] += p
+        for j in range(KEYS_PER_LANE):
             for e in range(4):
                 v_lo, v_hi = unpack(kv[j * 8 + 4 + e])
-                for h in range(G):
-                    acc[h * 8 + 2 * e] += s[j * G + h] * v_lo
-                    acc[h * 8 + 2 * e + 1] += s[j * G + h] * v_hi
+                for head in range(G):
+                    acc[head * 8 + 2 * e] += s[j * G + head] * v_lo
+                    acc[head * 8 + 2 * e + 1] += s[j * G + head] * v_hi
 
-    return kv_load, kv_fold, NK * 8
+    return kv_load, kv_fold, KEYS_PER_LANE * 8
 
 
 def build_kernel(spec: KernelSpec):
@@ -400,71 +434,99 @@ def build_kernel(spec: KernelSpec):
         positions         [batch] int32                  each sequence's new token
         capacity          int32
 
+    and, with ``spec.timeline``, two more::
+
+        stamps            [blocks * TIMELINE_STAMPS * 2] uint64   per block and stamp: clock64, globaltimer
+        sms               [blocks] uint32                         the SM each block ran on
+
     A position outside ``0 .. capacity-1`` makes its sequence attend to nothing, write no cache
     row and read no RoPE angle: its q, k and v are NaN, and so are its outputs.
+
+    The measurement switches of ``spec`` are Python constants here: a stream switched off has no
+    steps (its loops run to 0), the conversion is never reached without ``finish`` (see
+    ``CONVERTS``), and without ``timeline`` numba compiles the stamps away. With the defaults the
+    kernel is the one :class:`~clusterlab.fused.DecodeAttention` launches.
     """
-    H, NQ, NKV, D, S = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim, spec.head_split
-    G, ROWS, C, B, W, T = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
-    KS, OUT_ROWS, AW = spec.k_slice, spec.out_rows, spec.attn_width
+    H, HEADS, KV_HEADS, D, HEAD_SPLIT = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim, spec.head_split
+    G, ROWS, C, BATCH, WARPS, THREADS = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
+    K_SLICE, OUT_ROWS, ATTN_WIDTH = spec.k_slice, spec.out_rows, spec.attn_width
     NEOX, BF16, BIAS = spec.neox, spec.bf16, spec.bias
+    KV_STREAM, TIMELINE = spec.kv_stream, spec.timeline
+    # The last block's flag is 1. Without spec.finish the flag that converts is 2, which no block
+    # gets: the conversion stays in the code, unreached, so that everything else compiles exactly as
+    # in the full kernel and the ablation times the conversion alone.
+    CONVERTS = 1 if spec.finish else 2
     NAN = np.float32(np.nan)
     EPS = np.float32(spec.rms_eps)
     INV_H = np.float32(1.0 / H)
     Q_SCALE = np.float32(math.log2(math.e) / math.sqrt(D))
-    HALF = D // 2
-    PAIRS = ROWS // 2
-    LPK = D // 8  # lanes per key
-    KG = spec.key_groups
-    KEYS_PER_STEP = KG * spec.keys_per_lane
-    GROUPS = W * KG
-    WPB = W // B  # attention warps per sequence
-    NEW_RANK = new_token_rank(C)
-    NEW_GROUP = GROUPS  # groups NEW_GROUP + b hold sequence b's new token
-    L = spec.smem_layout()
-    XS, PART, QKV = L["xs"], L["partial"], L["qkv"]
-    SC_M, SC_L, SC_ACC = L["scratch_m"], L["scratch_l"], L["scratch_acc"]
-    ST_M, ST_L, ST_ACC = L["state_m"], L["state_l"], L["state_acc"]
-    O, RED = L["o"], L["red"]
+    HALF = D // 2  # RoPE angles a position has
+    PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
+    LANES_PER_KEY = D // 8
+    KEY_GROUPS = spec.key_groups
+    KEYS_PER_STEP = KEY_GROUPS * spec.keys_per_lane
+    WARPS_PER_SEQUENCE = WARPS // BATCH
+    NEW_TOKEN_RANK = new_token_rank(C)
+    NEW_TOKEN_GROUP = WARPS * KEY_GROUPS  # scratch groups NEW_TOKEN_GROUP + seq hold sequence seq's new token
+    layout = spec.smem_layout()
+    XS, PARTIAL, QKV = layout["xs"], layout["partial"], layout["qkv"]
+    SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
+    STATE_M, STATE_L, STATE_ACC = layout["state_m"], layout["state_l"], layout["state_acc"]
+    O, RED = layout["o"], layout["red"]
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
-    QKV_STEP = (32 // qkv_tile[0]) * qkv_tile[2]  # rows a warp step covers
-    QKV_STEPS = ROWS // QKV_STEP
-    O_STEP = (32 // o_tile[0]) * o_tile[2]
-    O_STEPS = OUT_ROWS // O_STEP
+    QKV_STEP_ROWS = (32 // qkv_tile[0]) * qkv_tile[2]  # W_qkv rows a warp step covers
+    QKV_STEPS = ROWS // QKV_STEP_ROWS if spec.qkv_stream else 0
+    O_STEP_ROWS = (32 // o_tile[0]) * o_tile[2]  # W_o rows a warp step covers
+    O_STEPS = OUT_ROWS // O_STEP_ROWS if spec.o_stream else 0
 
     unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
-    qkv_load, qkv_finish, QKV_WORDS = _make_gemv(spec, qkv_tile, x_stride=KS, out_stride=ROWS + 1, atomic=False)
-    o_load, o_finish, O_WORDS = _make_gemv(spec, o_tile, x_stride=AW, out_stride=H, atomic=True)
+    qkv_load, qkv_finish, QKV_WORDS = _make_gemv(spec, qkv_tile, x_stride=K_SLICE, out_stride=ROWS + 1, atomic=False)
+    o_load, o_finish, O_WORDS = _make_gemv(spec, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
     kv_load, kv_fold, KV_WORDS = _make_attention(spec)
-    ACC_N = G * 8
-    TAIL = 16  # out_acc elements a thread of the last block loads at once
-    row_of = cuda.jit(device=True, inline=True)(qkv_row)
-    pair_of = cuda.jit(device=True, inline=True)(rope_pair)
-    range_of = cuda.jit(device=True, inline=True)(cached_range)
+    LANE_ACC = G * 8  # a lane's attention accumulators: its 8 dims of each query head
+    FINISH_LOADS = 16  # out_acc elements a thread of the last block loads at once
+    qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
+    rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
+    cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
 
     @cuda.jit(device=True, inline=True)
-    def cached_rows(positions, b, capacity):
-        """Sequence ``b``'s cached rows (its position), or -1 where the position is out of range."""
-        position = positions[b]
+    def cached_rows(positions, seq, capacity):
+        """Sequence ``seq``'s cached rows (its position), or -1 where the position is out of range."""
+        position = positions[seq]
         return position if 0 <= position < capacity else -1
 
-    def fused_decode_attention(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope,
-                               out, residual_out, out_acc, arrivals, positions, capacity):
+    @cuda.jit(device=True, inline=True)
+    def stamp(stamps, tid, i):
+        """With ``spec.timeline``: thread 0 stores clock64 and globaltimer as stamp ``i`` of its block."""
+        if TIMELINE:
+            if tid == 0:
+                stamps[(cuda.blockIdx.x * TIMELINE_STAMPS + i) * 2] = ptx.clock64()
+                stamps[(cuda.blockIdx.x * TIMELINE_STAMPS + i) * 2 + 1] = ptx.global_timer()
+
+    @cuda.jit(device=True, inline=True)
+    def decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+                    out_acc, arrivals, positions, capacity, stamps, sms):
+        """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        c_id = cuda.blockIdx.x // C  # this cluster: its query heads c_id*G .., W_o columns c_id*AW ..
-        g = c_id // S  # its KV head
-        k0 = rank * KS
+        cluster = cuda.blockIdx.x // C  # its query heads cluster*G .., W_o columns cluster*ATTN_WIDTH ..
+        kv_head = cluster // HEAD_SPLIT
+        k0 = rank * K_SLICE
+        stamp(stamps, tid, 0)
+        if TIMELINE:
+            if tid == 0:
+                sms[cuda.blockIdx.x] = ptx.sm_id()
 
-        # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) ----------
-        for b in range(B):
+        # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) ----------------
+        for seq in range(BATCH):
             ss = float32(0.0)
-            for c in range(tid, KS // 8, T):
-                at = b * H + k0 + c * 8
+            for c in range(tid, K_SLICE // 8, THREADS):
+                at = seq * H + k0 + c * 8
                 hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
                 rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
                 nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
@@ -473,68 +535,74 @@ def build_kernel(spec: KernelSpec):
                     r_lo, r_hi = unpack(rx[e])
                     n_lo, n_hi = unpack(nx[e])
                     s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
-                    if c_id == 0:
+                    if cluster == 0:
                         residual_out[at + 2 * e] = to_bits(s_lo)
                         residual_out[at + 2 * e + 1] = to_bits(s_hi)
                     ss += s_lo * s_lo + s_hi * s_hi
-                    smem[XS + b * KS + c * 8 + 2 * e] = s_lo * n_lo
-                    smem[XS + b * KS + c * 8 + 2 * e + 1] = s_hi * n_hi
+                    smem[XS + seq * K_SLICE + c * 8 + 2 * e] = s_lo * n_lo
+                    smem[XS + seq * K_SLICE + c * 8 + 2 * e + 1] = s_hi * n_hi
             for offset in (16, 8, 4, 2, 1):
                 ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
             if lane == 0:
-                smem[RED + warp * B + b] = ss
+                smem[RED + warp * BATCH + seq] = ss
         # The first W_qkv step's loads go out once the input slice is in, not ahead of it: the
         # input loads would queue behind the weights' and hold up the whole phase.
-        wq = cuda.local.array(QKV_WORDS, uint32)
+        qkv_words = cuda.local.array(QKV_WORDS, uint32)
         step = warp
         if step < QKV_STEPS:
-            qkv_load(w_qkv, row_of(NQ, NKV, D, S, c_id, step * QKV_STEP) * H + k0, H, lane, wq)
+            qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H, lane,
+                     qkv_words)
         cuda.syncthreads()
-        if tid < B:
+        if tid < BATCH:
             total = float32(0.0)
-            for w in range(W):
-                total += smem[RED + w * B + tid]
-            smem[PART + tid * (ROWS + 1) + ROWS] = total
+            for i in range(WARPS):
+                total += smem[RED + i * BATCH + tid]
+            smem[PARTIAL + tid * (ROWS + 1) + ROWS] = total
+        stamp(stamps, tid, 1)  # inputs
         while step < QKV_STEPS:
-            qkv_finish(wq, smem, XS, smem, PART + step * QKV_STEP, lane)
-            step += W
+            qkv_finish(qkv_words, smem, XS, smem, PARTIAL + step * QKV_STEP_ROWS, lane)
+            step += WARPS
             if step < QKV_STEPS:
-                qkv_load(w_qkv, row_of(NQ, NKV, D, S, c_id, step * QKV_STEP) * H + k0, H, lane, wq)
-        # First attention loads (cached keys need no q): warps split the batch, WPB per sequence.
-        kg, sub = lane // LPK, lane % LPK
-        b_att = warp // WPB
-        cached = cached_rows(positions, b_att, capacity) if b_att < B else 0
-        start, end = range_of(max(cached, 0), rank, C)
-        row0 = (b_att * NKV + g) * capacity
-        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if b_att < B else 0
-        step = warp % WPB
+                qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H,
+                         lane, qkv_words)
+        # First attention loads (cached keys need no q): warps split the batch, WARPS_PER_SEQUENCE
+        # each; a warp's lanes form KEY_GROUPS key groups of LANES_PER_KEY lanes, 8 dims a lane.
+        key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
+        att_seq = warp // WARPS_PER_SEQUENCE  # the sequence this warp attends for
+        cached = cached_rows(positions, att_seq, capacity) if att_seq < BATCH else 0
+        start, end = cached_range(max(cached, 0), rank, C)
+        cache_row0 = (att_seq * KV_HEADS + kv_head) * capacity
+        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if KV_STREAM and att_seq < BATCH else 0
+        step = warp % WARPS_PER_SEQUENCE
         kv = cuda.local.array(KV_WORDS, uint32)
         if step < kv_steps:
-            kv_load(k_cache, v_cache, row0, start + step * KEYS_PER_STEP + kg, end, sub, kv)
+            kv_load(k_cache, v_cache, cache_row0, start + step * KEYS_PER_STEP + key_group, end, key_lane, kv)
+        stamp(stamps, tid, 2)  # W_qkv stream
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
+        stamp(stamps, tid, 3)  # B1 wait
 
-        # -- 2 rope: owners sum the partials, normalise, rotate, push q/k/v, append k/v -----------
-        for item in range(tid, ((PAIRS - rank + C - 1) // C) * B, T):
-            pair = rank + (item // B) * C
-            b = item % B
-            position = cached_rows(positions, b, capacity)
-            ra, rb, angle = pair_of(D, NEOX, pair)
+        # -- 2 rope: owners sum the partials, normalise, rotate, push q/k/v, append k/v ------------------
+        for item in range(tid, ((PAIRS - rank + C - 1) // C) * BATCH, THREADS):
+            pair = rank + (item // BATCH) * C
+            seq = item % BATCH
+            position = cached_rows(positions, seq, capacity)
+            ra, rb, angle = rope_pair(D, NEOX, pair)
             slot = ra // D
             xa = float32(0.0)
             xb = float32(0.0)
             ss = float32(0.0)
-            base = PART + b * (ROWS + 1)
+            partial = PARTIAL + seq * (ROWS + 1)
             for c in range(C):
-                xa += ptx.remote_load(smem, base + ra, c)
-                xb += ptx.remote_load(smem, base + rb, c)
-                ss += ptx.remote_load(smem, base + ROWS, c)
+                xa += ptx.remote_load(smem, partial + ra, c)
+                xb += ptx.remote_load(smem, partial + rb, c)
+                ss += ptx.remote_load(smem, partial + ROWS, c)
             inv_rms = float32(1.0) / math.sqrt(ss * INV_H + EPS)
             xa *= inv_rms
             xb *= inv_rms
             if BIAS:
-                xa += to_f32(qkv_bias[row_of(NQ, NKV, D, S, c_id, ra)])
-                xb += to_f32(qkv_bias[row_of(NQ, NKV, D, S, c_id, rb)])
+                xa += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, ra)])
+                xb += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, rb)])
             valid = position >= 0
             if not valid:
                 xa, xb, position = NAN, NAN, 0
@@ -546,164 +614,174 @@ def build_kernel(spec: KernelSpec):
                 xa *= Q_SCALE
                 xb *= Q_SCALE
             for c in range(C):
-                ptx.remote_store(smem, QKV + b * ROWS + ra, c, xa)
-                ptx.remote_store(smem, QKV + b * ROWS + rb, c, xb)
-            if slot >= G and c_id % S == 0 and valid:  # the first cluster of the KV head appends its row
-                row = ((b * NKV + g) * capacity + position) * D - slot * D
+                ptx.remote_store(smem, QKV + seq * ROWS + ra, c, xa)
+                ptx.remote_store(smem, QKV + seq * ROWS + rb, c, xb)
+            if slot >= G and cluster % HEAD_SPLIT == 0 and valid:  # the first cluster of the KV head appends
+                cache_row = ((seq * KV_HEADS + kv_head) * capacity + position) * D - slot * D
                 if slot == G:
-                    k_cache[row + ra] = to_bits(xa)
-                    k_cache[row + rb] = to_bits(xb)
+                    k_cache[cache_row + ra] = to_bits(xa)
+                    k_cache[cache_row + rb] = to_bits(xb)
                 else:
-                    v_cache[row + ra] = to_bits(xa)
-                    v_cache[row + rb] = to_bits(xb)
+                    v_cache[cache_row + ra] = to_bits(xa)
+                    v_cache[cache_row + rb] = to_bits(xb)
+        stamp(stamps, tid, 4)  # rope + push
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: q, k, v of the new token are in every block
+        stamp(stamps, tid, 5)  # B2 wait
 
-        # -- 3 attention over this block's cached positions (online softmax per key group) ------
+        # -- 3 attention over this block's cached positions (online softmax) -----------------------------
         m = cuda.local.array(G, float32)
         l_sum = cuda.local.array(G, float32)
-        acc = cuda.local.array(ACC_N, float32)
-        for h in range(G):
-            m[h] = NEG
-            l_sum[h] = float32(0.0)
+        acc = cuda.local.array(LANE_ACC, float32)
+        for head in range(G):
+            m[head] = NEG
+            l_sum[head] = float32(0.0)
             for e in range(8):
-                acc[h * 8 + e] = float32(0.0)
+                acc[head * 8 + e] = float32(0.0)
         while step < kv_steps:
-            t0 = start + step * KEYS_PER_STEP + kg
-            kv_fold(kv, smem, QKV + b_att * ROWS, t0, end, m, l_sum, acc, sub)
-            step += WPB
+            t0 = start + step * KEYS_PER_STEP + key_group
+            kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, key_lane)
+            step += WARPS_PER_SEQUENCE
             if step < kv_steps:
-                kv_load(k_cache, v_cache, row0, t0 + WPB * KEYS_PER_STEP, end, sub, kv)
-        group = warp * KG + kg
-        for h in range(G):
-            if sub == 0:
-                smem[SC_M + group * G + h] = m[h]
-                smem[SC_L + group * G + h] = l_sum[h]
+                kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, key_lane, kv)
+        block_group = warp * KEY_GROUPS + key_group
+        for head in range(G):
+            if key_lane == 0:
+                smem[SCRATCH_M + block_group * G + head] = m[head]
+                smem[SCRATCH_L + block_group * G + head] = l_sum[head]
             for e in range(8):
-                smem[SC_ACC + (group * G + h) * D + sub * 8 + e] = acc[h * 8 + e]
-        if rank == NEW_RANK and warp < B:  # the new token of sequence `warp`, from shared memory
-            b = warp
-            for h in range(G):
+                smem[SCRATCH_ACC + (block_group * G + head) * D + key_lane * 8 + e] = acc[head * 8 + e]
+        if rank == NEW_TOKEN_RANK and warp < BATCH:  # the new token of sequence `warp`, from shared memory
+            seq = warp
+            for head in range(G):
                 dot = float32(0.0)
                 for i in range(lane, D, 32):
-                    dot += smem[QKV + b * ROWS + h * D + i] * smem[QKV + b * ROWS + G * D + i]
+                    dot += smem[QKV + seq * ROWS + head * D + i] * smem[QKV + seq * ROWS + G * D + i]
                 for offset in (16, 8, 4, 2, 1):
                     dot += cuda.shfl_xor_sync(FULL_MASK, dot, offset)
                 if lane == 0:
-                    smem[SC_M + (NEW_GROUP + b) * G + h] = dot
-                    smem[SC_L + (NEW_GROUP + b) * G + h] = float32(1.0)
+                    smem[SCRATCH_M + (NEW_TOKEN_GROUP + seq) * G + head] = dot
+                    smem[SCRATCH_L + (NEW_TOKEN_GROUP + seq) * G + head] = float32(1.0)
                 for i in range(lane, D, 32):
-                    smem[SC_ACC + ((NEW_GROUP + b) * G + h) * D + i] = smem[QKV + b * ROWS + (G + 1) * D + i]
+                    smem[SCRATCH_ACC + ((NEW_TOKEN_GROUP + seq) * G + head) * D + i] = smem[
+                        QKV + seq * ROWS + (G + 1) * D + i]
         cuda.syncthreads()
-        # Block merge: sequence b's state is its WPB warps' key groups (+ its new token).
-        for e in range(tid, B * G * D, T):
-            b, h, dim = e // (G * D), e // D % G, e % D
-            q0 = b * WPB * KG
+        stamp(stamps, tid, 6)  # attention
+        # Block merge: sequence seq's state is its WARPS_PER_SEQUENCE warps' key groups (+ its new token).
+        for e in range(tid, BATCH * G * D, THREADS):
+            seq, head, dim = e // (G * D), e // D % G, e % D
+            first_group = seq * WARPS_PER_SEQUENCE * KEY_GROUPS
             m_max = NEG
-            for q in range(q0, q0 + WPB * KG):
-                m_max = max(m_max, smem[SC_M + q * G + h])
-            if rank == NEW_RANK:
-                m_max = max(m_max, smem[SC_M + (NEW_GROUP + b) * G + h])
+            for q in range(first_group, first_group + WARPS_PER_SEQUENCE * KEY_GROUPS):
+                m_max = max(m_max, smem[SCRATCH_M + q * G + head])
+            if rank == NEW_TOKEN_RANK:
+                m_max = max(m_max, smem[SCRATCH_M + (NEW_TOKEN_GROUP + seq) * G + head])
             l_tot = float32(0.0)
             a_tot = float32(0.0)
-            for q in range(q0, q0 + WPB * KG):
-                wgt = math.exp2(smem[SC_M + q * G + h] - m_max)
-                l_tot += wgt * smem[SC_L + q * G + h]
-                a_tot += wgt * smem[SC_ACC + (q * G + h) * D + dim]
-            if rank == NEW_RANK:
-                wgt = math.exp2(smem[SC_M + (NEW_GROUP + b) * G + h] - m_max)
-                l_tot += wgt
-                a_tot += wgt * smem[SC_ACC + ((NEW_GROUP + b) * G + h) * D + dim]
-            smem[ST_ACC + e] = a_tot
+            for q in range(first_group, first_group + WARPS_PER_SEQUENCE * KEY_GROUPS):
+                w = math.exp2(smem[SCRATCH_M + q * G + head] - m_max)
+                l_tot += w * smem[SCRATCH_L + q * G + head]
+                a_tot += w * smem[SCRATCH_ACC + (q * G + head) * D + dim]
+            if rank == NEW_TOKEN_RANK:
+                w = math.exp2(smem[SCRATCH_M + (NEW_TOKEN_GROUP + seq) * G + head] - m_max)
+                l_tot += w
+                a_tot += w * smem[SCRATCH_ACC + ((NEW_TOKEN_GROUP + seq) * G + head) * D + dim]
+            smem[STATE_ACC + e] = a_tot
             if dim == 0:
-                smem[ST_M + b * G + h] = m_max
-                smem[ST_L + b * G + h] = l_tot
-        # First o-proj loads (weights need no o).
-        wo = cuda.local.array(O_WORDS, uint32)
+                smem[STATE_M + seq * G + head] = m_max
+                smem[STATE_L + seq * G + head] = l_tot
+        # First o-proj loads (weights need no o): this block's output rows, the cluster's columns.
+        o_words = cuda.local.array(O_WORDS, uint32)
         step = warp
         if step < O_STEPS:
-            o_load(w_o, (rank * OUT_ROWS + step * O_STEP) * (NQ * D) + c_id * AW, NQ * D, lane, wo)
+            o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + cluster * ATTN_WIDTH, HEADS * D, lane,
+                   o_words)
+        stamp(stamps, tid, 7)  # block merge
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete
+        stamp(stamps, tid, 8)  # B3 wait
 
-        # -- 4 merge: owners combine the C states of their elements of o and push them ------------
-        for k in range(tid, (B * AW - rank + C - 1) // C, T):
+        # -- 4 merge: owners combine the C states of their elements of o and push them -------------------
+        for k in range(tid, (BATCH * ATTN_WIDTH - rank + C - 1) // C, THREADS):
             e = rank + k * C
-            b, hd = e // AW, e % AW
-            bh = b * G + hd // D
+            seq, hd = e // ATTN_WIDTH, e % ATTN_WIDTH
+            state = seq * G + hd // D  # (sequence, head) in the state arrays
             m_max = NEG
             for c in range(C):
-                m_max = max(m_max, ptx.remote_load(smem, ST_M + bh, c))
+                m_max = max(m_max, ptx.remote_load(smem, STATE_M + state, c))
             l_tot = float32(0.0)
             a_tot = float32(0.0)
             for c in range(C):
-                wc = math.exp2(ptx.remote_load(smem, ST_M + bh, c) - m_max)
-                l_tot += wc * ptx.remote_load(smem, ST_L + bh, c)
-                a_tot += wc * ptx.remote_load(smem, ST_ACC + b * AW + hd, c)
+                w = math.exp2(ptx.remote_load(smem, STATE_M + state, c) - m_max)
+                l_tot += w * ptx.remote_load(smem, STATE_L + state, c)
+                a_tot += w * ptx.remote_load(smem, STATE_ACC + seq * ATTN_WIDTH + hd, c)
             result = a_tot / l_tot
             for c in range(C):
                 ptx.remote_store(smem, O + e, c, result)
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B4: o is complete in every block; no DSMEM access after this
+        stamp(stamps, tid, 9)  # o merge + B4
 
-        # -- 5 o proj: this block's output rows, the cluster's heads' columns --------------------
+        # -- 5 o proj: this block's output rows, the cluster's heads' columns ----------------------------
         while step < O_STEPS:
-            o_finish(wo, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP, lane)
-            step += W
+            o_finish(o_words, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane)
+            step += WARPS
             if step < O_STEPS:
-                o_load(w_o, (rank * OUT_ROWS + step * O_STEP) * (NQ * D) + c_id * AW, NQ * D, lane, wo)
+                o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + cluster * ATTN_WIDTH, HEADS * D,
+                       lane, o_words)
+        stamp(stamps, tid, 10)  # W_o stream + red.add
 
-        # -- 6 finish: the last of the blocks (one a cluster) adding into rows [rank * OUT_ROWS, ...) converts them
+        # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
         cuda.threadfence()
         cuda.syncthreads()
         if tid == 0:
-            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == NKV * S - 1 else 0
+            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == KV_HEADS * HEAD_SPLIT - 1 else 0
         cuda.syncthreads()
-        if last[0] == 1:
+        stamp(stamps, tid, 11)  # fence + arrive
+        if last[0] == CONVERTS:
             # Every red.add is ordered before its block's arrival, and this block never read
-            # out_acc before, so plain loads after the fence see the sums. TAIL loads a thread
-            # are issued before any is used: one round trip per TAIL * T elements.
+            # out_acc before, so plain loads after the fence see the sums. FINISH_LOADS loads a
+            # thread are issued before any is used: one round trip per FINISH_LOADS * THREADS elements.
             cuda.threadfence()
-            vals = cuda.local.array(TAIL, float32)
-            for base in range(0, B * OUT_ROWS, TAIL * T):
-                for u in range(TAIL):
-                    e = base + u * T + tid
+            vals = cuda.local.array(FINISH_LOADS, float32)
+            for base in range(0, BATCH * OUT_ROWS, FINISH_LOADS * THREADS):
+                for u in range(FINISH_LOADS):
+                    e = base + u * THREADS + tid
                     at = e // OUT_ROWS * H + rank * OUT_ROWS + e % OUT_ROWS
-                    vals[u] = out_acc[at] if e < B * OUT_ROWS else float32(0.0)
-                for u in range(TAIL):
-                    e = base + u * T + tid
-                    if e < B * OUT_ROWS:
+                    vals[u] = out_acc[at] if e < BATCH * OUT_ROWS else float32(0.0)
+                for u in range(FINISH_LOADS):
+                    e = base + u * THREADS + tid
+                    if e < BATCH * OUT_ROWS:
                         at = e // OUT_ROWS * H + rank * OUT_ROWS + e % OUT_ROWS
                         out[at] = to_bits(vals[u])
                         out_acc[at] = float32(0.0)
             if tid == 0:
                 arrivals[rank] = 0
+        stamp(stamps, tid, 12)  # finish
+
+    if TIMELINE:
+        def fused_decode_attention_timeline(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
+                                            residual_out, out_acc, arrivals, positions, capacity, stamps, sms):
+            decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+                        out_acc, arrivals, positions, capacity, stamps, sms)
+
+        return fused_decode_attention_timeline
+
+    def fused_decode_attention(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
+                               residual_out, out_acc, arrivals, positions, capacity):
+        decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+                    out_acc, arrivals, positions, capacity, None, None)
 
     return fused_decode_attention
 
 
-def kernel_variant(edits):
-    """:func:`build_kernel` recompiled from its own source with ``edits`` applied: for measurement.
-
-    ``edits``: ``(old, new)`` pairs of source text; each ``old`` must occur exactly once in
-    ``build_kernel``'s source (an ``AssertionError`` says which did not), so a change to the kernel
-    breaks the variant loudly instead of measuring something else. The edited source compiles in
-    this module's namespace. The ablations of :mod:`clusterlab.bench.fused_ablation` and the
-    timestamps of :mod:`clusterlab.bench.fused_timeline` are such edits.
-    """
-    source = textwrap.dedent(inspect.getsource(build_kernel))
-    for old, new in edits:
-        assert source.count(old) == 1, f"kernel source changed: {old!r} is not found exactly once"
-        source = source.replace(old, new)
-    namespace = dict(globals())
-    exec(compile(source, __file__, "exec"), namespace)
-    return namespace["build_kernel"]
-
-
-def kernel_signature():
-    """Numba argument types of :func:`build_kernel`'s kernel."""
+def kernel_signature(spec: KernelSpec | None = None):
+    """Numba argument types of :func:`build_kernel`'s kernel for ``spec`` (None: the default spec's)."""
     from numba import types
 
     h = types.int16[::1]
-    return (h, h, h, h, h, h, h, h, types.float32[::1], h, h, types.float32[::1], types.int32[::1],
-            types.int32[::1], types.int32)
+    signature = (h, h, h, h, h, h, h, h, types.float32[::1], h, h, types.float32[::1], types.int32[::1],
+                 types.int32[::1], types.int32)
+    if spec is not None and spec.timeline:
+        signature += (types.uint64[::1], types.uint32[::1])
+    return signature

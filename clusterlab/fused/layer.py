@@ -41,9 +41,10 @@ def _rope_table(config: AttentionConfig, capacity: int, device: torch.device) ->
 
 
 @functools.cache
-def _launcher(spec):
-    """The compiled kernel of ``spec`` as a cluster launcher: one compilation per spec in a
-    process, shared by every layer of that shape (a model's layers all use one)."""
+def kernel_launcher(spec):
+    """The kernel of ``spec`` (a :class:`~clusterlab.fused.kernel.KernelSpec`, its measurement
+    variants included) as a cluster launcher: one compilation per spec in a process, shared by
+    every layer of that shape (a model's layers all use one)."""
     from numba import cuda
 
     from ..launch import launch
@@ -190,7 +191,7 @@ class DecodeAttention:
         self._require_kernel("launcher")
         key = (dtype, batch)
         if key not in self._kernels:
-            self._kernels[key] = _launcher(self.kernel_spec(dtype, batch))
+            self._kernels[key] = kernel_launcher(self.kernel_spec(dtype, batch))
         return self._kernels[key]
 
     def launch_args(self, hidden, residual, cache, positions, out, residual_out) -> tuple:

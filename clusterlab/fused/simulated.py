@@ -37,21 +37,23 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     ``qkv_bias`` ``[rows]`` (zeros without a bias), ``o`` ``[H, heads*d]``, ``k``/``v`` ``[batch,
     kv_heads, capacity, d]``, ``rope`` ``[capacity, 2, d/2]``; outputs ``residual_out``,
     ``out_acc`` ``[batch, H]``, and ``new_k`` / ``new_v`` ``[batch, kv_heads, d]`` (the cache row,
-    before rounding to the cache dtype). ``positions[s]``: sequence ``s``'s new token.
+    before rounding to the cache dtype). ``positions[seq]``: sequence ``seq``'s new token.
+    Names as in the kernel (its module docstring lists them): ``H, D, G, C``, ``rows``,
+    ``k_slice``, ``out_rows``, ``attn_width``, ``kv_head``, ``seq``, ``head``, ``slot``.
     """
     C, rank = b.cluster_size, b.cluster_rank
     H, D, G = config.hidden_size, config.head_dim, config.group_size // head_split
-    g = cluster // head_split  # the KV head
-    rows, k_slice, out_rows, width = (G + 2) * D, H // C, H // C, G * D
-    scale = F32(math.log2(math.e) / math.sqrt(D))
+    kv_head = cluster // head_split
+    rows, k_slice, out_rows, attn_width = (G + 2) * D, H // C, H // C, G * D
+    q_scale = F32(math.log2(math.e) / math.sqrt(D))
     partial = b.shared_array("partial", (batch, rows + 1), F32)
     qkv = b.shared_array("qkv", (batch, rows), F32)
     state_m = b.shared_array("state_m", (batch, G), F32)
     state_l = b.shared_array("state_l", (batch, G), F32)
     state_acc = b.shared_array("state_acc", (batch, G, D), F32)
-    o = b.shared_array("o", (batch, width), F32)
+    o = b.shared_array("o", (batch, attn_width), F32)
 
-    # -- 1 qkv: this block's hidden slice ---------------------------------------------------------
+    # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) --------------------
     b.step("1 qkv")
     k0 = rank * k_slice
     h = gm["hidden"][:, k0 : k0 + k_slice] + gm["residual"][:, k0 : k0 + k_slice]
@@ -61,11 +63,11 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     w_rows = [qkv_row(config.heads, config.kv_heads, D, head_split, cluster, row) for row in range(rows)]
     partial[:, :rows] = xs @ gm["qkv"][w_rows, k0 : k0 + k_slice].T
     partial[:, rows] = (h * h).sum(axis=1, dtype=F32)
-    yield b.cluster_sync()  # B1
+    yield b.cluster_sync()  # B1: every block's partials are complete
 
-    # -- 2 rope: owners of pairs p = rank, rank + C, ... ------------------------------------------
+    # -- 2 rope: owners sum the partials, normalise, rotate, push q/k/v, append k/v ----------------------
     b.step("2 rope")
-    pairs = [rope_pair(D, config.rope_style == "neox", p) for p in range(rank, rows // 2, C)]
+    pairs = [rope_pair(D, config.rope_style == "neox", pair) for pair in range(rank, rows // 2, C)]
     ra = np.array([p[0] for p in pairs], dtype=np.int64)
     rb = np.array([p[1] for p in pairs], dtype=np.int64)
     angle = np.array([p[2] for p in pairs], dtype=np.int64)
@@ -77,62 +79,64 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     xa = xa * inv_rms + gm["qkv_bias"][[w_rows[r] for r in ra]]
     xb = xb * inv_rms + gm["qkv_bias"][[w_rows[r] for r in rb]]
     slot = ra // D
-    at = np.array(positions)[:, None]  # each sequence's own angle
-    cos, sin = gm["rope"][at, 0, angle], gm["rope"][at, 1, angle]
+    position = np.array(positions)[:, None]  # each sequence's own angle
+    cos, sin = gm["rope"][position, 0, angle], gm["rope"][position, 1, angle]
     rotate = slot <= G  # query and key heads
     xa, xb = np.where(rotate, xa * cos - xb * sin, xa), np.where(rotate, xb * cos + xa * sin, xb)
-    xa, xb = np.where(slot < G, xa * scale, xa), np.where(slot < G, xb * scale, xb)
+    xa, xb = np.where(slot < G, xa * q_scale, xa), np.where(slot < G, xb * q_scale, xb)
     for c in range(C):
         peer = b.map_shared(qkv, c)
         peer[:, ra] = xa
         peer[:, rb] = xb
-    for s, name in ((G, "new_k"), (G + 1, "new_v")) if cluster % head_split == 0 else ():
-        mine = slot == s
-        gm[name][:, g, ra[mine] - s * D] = xa[:, mine]
-        gm[name][:, g, rb[mine] - s * D] = xb[:, mine]
-    yield b.cluster_sync()  # B2
+    for kv_slot, name in ((G, "new_k"), (G + 1, "new_v")) if cluster % head_split == 0 else ():
+        mine = slot == kv_slot  # the first cluster of the KV head appends
+        gm[name][:, kv_head, ra[mine] - kv_slot * D] = xa[:, mine]
+        gm[name][:, kv_head, rb[mine] - kv_slot * D] = xb[:, mine]
+    yield b.cluster_sync()  # B2: q, k, v of the new token are in every block
 
-    # -- 3 attention over this block's cached positions -------------------------------------------
+    # -- 3 attention over this block's cached positions (online softmax) ---------------------------------
     b.step("3 attention")
-    for s in range(batch):
-        start, end = cached_range(positions[s], rank, C)
-        q = qkv[s, : G * D].reshape(G, D)
-        keys = gm["k"][s, g, start:end]
-        values = gm["v"][s, g, start:end]
+    for seq in range(batch):
+        start, end = cached_range(positions[seq], rank, C)
+        q = qkv[seq, : G * D].reshape(G, D)
+        keys = gm["k"][seq, kv_head, start:end]
+        values = gm["v"][seq, kv_head, start:end]
         if rank == new_token_rank(C):
-            keys = np.vstack([keys, qkv[s, G * D : (G + 1) * D]])
-            values = np.vstack([values, qkv[s, (G + 1) * D :]])
+            keys = np.vstack([keys, qkv[seq, G * D : (G + 1) * D]])
+            values = np.vstack([values, qkv[seq, (G + 1) * D :]])
         if len(keys) == 0:
-            state_m[s] = NEG
-            state_l[s] = 0
-            state_acc[s] = 0
+            state_m[seq] = NEG
+            state_l[seq] = 0
+            state_acc[seq] = 0
             continue
         scores = q @ keys.T  # base-2 logits: q carries log2(e)/sqrt(d)
         m = scores.max(axis=1)
         p = np.exp2(scores - m[:, None])
-        state_m[s] = m
-        state_l[s] = p.sum(axis=1)
-        state_acc[s] = p @ values
-    yield b.cluster_sync()  # B3
+        state_m[seq] = m
+        state_l[seq] = p.sum(axis=1)
+        state_acc[seq] = p @ values
+    yield b.cluster_sync()  # B3: every block's softmax state is complete
 
-    # -- 4 merge: owners of elements e = rank, rank + C, ... of o ---------------------------------
+    # -- 4 merge: owners combine the C states of their elements of o and push them -----------------------
     b.step("4 merge")
-    e = np.arange(rank, batch * width, C)
-    seq, hd = e // width, e % width
+    e = np.arange(rank, batch * attn_width, C)
+    seq, hd = e // attn_width, e % attn_width
     head, dim = hd // D, hd % D
     m_c = np.stack([b.map_shared(state_m, c)[seq, head] for c in range(C)])
     l_c = np.stack([b.map_shared(state_l, c)[seq, head] for c in range(C)])
     a_c = np.stack([b.map_shared(state_acc, c)[seq, head, dim] for c in range(C)])
-    w = np.exp2(m_c - m_c.max(axis=0))
-    result = (w * a_c).sum(axis=0) / (w * l_c).sum(axis=0)
+    m_max = m_c.max(axis=0)
+    w = np.exp2(m_c - m_max)
+    l_tot, a_tot = (w * l_c).sum(axis=0), (w * a_c).sum(axis=0)
+    result = a_tot / l_tot
     for c in range(C):
         b.map_shared(o, c)[seq, hd] = result
-    yield b.cluster_sync()  # B4
+    yield b.cluster_sync()  # B4: o is complete in every block; no DSMEM access after this
 
-    # -- 5 o proj: this block's output rows, the cluster's heads' columns -------------------------
+    # -- 5 o proj: this block's output rows, the cluster's heads' columns --------------------------------
     b.step("5 o proj")
     r0 = rank * out_rows
-    columns = slice(cluster * width, (cluster + 1) * width)  # the cluster's query heads
+    columns = slice(cluster * attn_width, (cluster + 1) * attn_width)
     gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, columns].T
 
 
@@ -180,7 +184,9 @@ def simulated_step(
                                  title=title)
         if traces is not None:
             traces.append(trace)
-    # 6 finish (the kernel's last block): out_acc in the activation dtype.
+    # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
+    # Here once for all rows, after every cluster has added into out_acc; the cache rows, which the
+    # kernel's phase 2 writes, are rounded to the cache dtype here too.
     rows = torch.arange(batch)
     cache.k[rows, :, positions] = torch.from_numpy(gm["new_k"]).to(dtype)
     cache.v[rows, :, positions] = torch.from_numpy(gm["new_v"]).to(dtype)
