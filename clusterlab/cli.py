@@ -9,6 +9,7 @@
     clusterlab bench fused [...]             the fused decode layer vs PyTorch and the floor (Hopper GPU)
     clusterlab bench decode [...]            whole models' time per token: fused vs unfused vs transformers
                                              vs the floor (Hopper GPU)
+    clusterlab bench mlp [...]               the fused MLP block vs PyTorch and the floor, per layer (Hopper GPU)
     clusterlab generate --model DIR --prompt-ids 1 2 3 [--prompt-ids ...] --max-new-tokens N
                                              decode a Llama / Qwen2 checkpoint with the fused layer
                                              (the simulator without a Hopper GPU: tiny models only)
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks on a Hopper GPU; results as a table, JSON and PNG under benchmarks/results/",
         description="Options after the suite name go to it: clusterlab bench primitives --help",
     )
-    bench.add_argument("suite", choices=("primitives", "fused", "decode"))
+    bench.add_argument("suite", choices=("primitives", "fused", "decode", "mlp"))
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
     bench.set_defaults(run=_bench)
 

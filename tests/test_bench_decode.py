@@ -27,7 +27,8 @@ no_gpu = pytest.mark.skipif(hopper_problem() is None, reason="this machine has a
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=97)
 
-ROW_KEYS = {"preset", "dtype", "batch", "context", "fused_us", "unfused_us", "hf_us", "floor_us", "bytes_per_token"}
+ROW_KEYS = {"preset", "dtype", "batch", "context", "fused_us", "unfused_us", "hf_us", "floor_us", "bytes_per_token",
+            "fused_attention_us"}
 BREAKDOWN_KEYS = {"preset", "dtype", "batch", "context", "model", "attention_us", "mlp_us", "rest_us", "step_us"}
 RECORD_KEYS = {"card", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "hf", "rows",
                "breakdown"}
@@ -63,9 +64,9 @@ def test_bytes_per_token_counts_lm_head_once_tied_or_not_and_adds_biases():
 def rows(hf_us=8000.0):
     return [
         DecodeRow("llama3-8b", "float16", 4, 1024, fused_us=1000.0, unfused_us=2500.0, hf_us=hf_us, floor_us=500.0,
-                  bytes_per_token=2_150_000_000),
+                  bytes_per_token=2_150_000_000, fused_attention_us=1600.0),
         DecodeRow("llama3-8b", "float16", 4, 4096, fused_us=1250.0, unfused_us=3000.0, hf_us=hf_us, floor_us=700.0,
-                  bytes_per_token=3_010_000_000),
+                  bytes_per_token=3_010_000_000, fused_attention_us=None),
         DecodeRow("llama3.2-1b", "float16", 1, 1024, fused_us=400.0, unfused_us=900.0, hf_us=hf_us, floor_us=300.0,
                   bytes_per_token=1_290_000_000),
     ]
@@ -84,10 +85,10 @@ def test_table_gives_percent_of_floor_speedups_and_tokens_per_second():
     assert "4.30 TB/s" in lines[0]
     first = lines[2].split()
     assert first[:4] == ["llama3-8b", "float16", "4", "1024"]
-    # fused, unfused, hf, floor, % of floor, x unfused, x hf, tokens/s (4 sequences / 1 ms)
-    assert first[4:] == ["1000.0", "2500.0", "8000.0", "500.0", "50.0", "2.50", "8.00", "4000"]
+    # fused, fused attention only, unfused, hf, floor, % of floor, x unfused, x hf, tokens/s (4 sequences / 1 ms)
+    assert first[4:] == ["1000.0", "1600.0", "2500.0", "8000.0", "500.0", "50.0", "2.50", "8.00", "4000"]
     skipped = format_table(rows(hf_us=None), 4.3e12).splitlines()[4].split()
-    assert skipped[4:] == ["400.0", "900.0", "-", "300.0", "75.0", "2.25", "-", "2500"]
+    assert skipped[4:] == ["400.0", "-", "900.0", "-", "300.0", "75.0", "2.25", "-", "2500"]
 
 
 def test_breakdown_table_sums_the_parts_beside_the_step():
@@ -208,14 +209,14 @@ def test_quick_run_writes_positive_finite_times(tmp_path, capsys):
     assert set(record) == RECORD_KEYS
     (row,) = record["rows"]
     assert (row["preset"], row["batch"], row["context"]) == ("llama3.2-1b", 1, 1024)
-    for key in ("fused_us", "unfused_us", "floor_us"):
+    for key in ("fused_us", "fused_attention_us", "unfused_us", "floor_us"):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["fused_us"] > row["floor_us"]  # nothing beats moving its bytes at copy bandwidth
     if record["hf"] == "eager":
         assert math.isfinite(row["hf_us"]) and row["hf_us"] > 0
     else:
         assert record["hf"].startswith("skipped") and row["hf_us"] is None
-    assert [p["model"] for p in record["breakdown"]] == ["fused", "unfused"]
+    assert [p["model"] for p in record["breakdown"]] == ["fused", "fused_attention", "unfused"]
     for part in record["breakdown"]:
         assert all(math.isfinite(part[k]) and part[k] > 0 for k in ("attention_us", "mlp_us", "rest_us", "step_us"))
     assert (tmp_path / "decode_quick.png").stat().st_size > 20_000

@@ -28,6 +28,7 @@ import torch
 
 from clusterlab.fused import PRESETS, Llama3RopeScaling
 from clusterlab.models import (
+    FUSED_MLP_MAX_BATCH,
     MODEL_PRESETS,
     Decoder,
     LlamaModel,
@@ -207,6 +208,20 @@ def test_decode_steps_and_greedy_generate_match_transformers(checkpoint, ours):
     assert ours.generate(PROMPTS, NEW_TOKENS) == [ids for ids, _ in want]
 
 
+def test_one_sequence_decodes_through_the_fused_mlp_like_transformers(checkpoint, ours):
+    """Batch 1 runs the MLP block as DecodeMLP too (on the simulator here): logits step by step."""
+    _, _, model, dtype = checkpoint
+    assert ours.mlp == "fused" and len(ours.mlps) == ours.config.num_hidden_layers
+    assert ours.mlps[0].backend == "simulator" and FUSED_MLP_MAX_BATCH >= 1
+    ids, want = hf_greedy(model, PROMPTS[1], NEW_TOKENS, MIN_GAP[dtype])
+    logits, positions = ours.prefill([PROMPTS[1]], capacity=16)
+    for step in range(NEW_TOKENS):
+        assert relative(logits[0], want[step]) < LOGIT_TOLERANCE[dtype], step
+        if step + 1 < NEW_TOKENS:
+            logits = ours.decode_step([ids[step]], positions)
+            positions += 1
+
+
 def test_generate_stops_each_sequence_at_eos(ours):
     greedy = ours.generate(PROMPTS, 4)
     candidates = [t for t in greedy[0] if t not in greedy[1]]
@@ -308,6 +323,29 @@ def test_llama3_8b_shape_decodes_like_transformers_for_16_steps():
             runs = [hf(tokens[b].view(1, 1), past_key_values=run.past_key_values, use_cache=True)
                     for b, run in enumerate(runs)]
             logits = model.forward_step(tokens, positions)
+            positions += 1
+
+
+@pytest.mark.gpu
+def test_llama3_8b_shape_one_sequence_with_the_fused_mlp_decodes_like_transformers():
+    """Batch 1, where both blocks of every layer are cluster kernels (DecodeAttention, DecodeMLP):
+    the logits of 8 graph-free steps against transformers' LlamaForCausalLM over the same weights.
+    float16 through 32 layers: 1e-2 relative allowed."""
+    model = random("llama3-8b", torch.float16, "cuda", seed=7)
+    assert model.mlp == "fused" and not model.on_simulator
+    hf = to_transformers(model)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prompt = torch.randint(0, model.config.vocab_size, (41,), generator=gen).tolist()
+    logits, positions = model.prefill([prompt], capacity=64)
+    with torch.no_grad():
+        run = hf(torch.tensor([prompt], device="cuda"), use_cache=True)
+        for step in range(9):
+            assert relative(logits[0], run.logits[0, -1]) < 1e-2, step
+            if step == 8:
+                break
+            token = logits.argmax(-1)
+            run = hf(token.view(1, 1), past_key_values=run.past_key_values, use_cache=True)
+            logits = model.forward_step(token, positions)
             positions += 1
 
 

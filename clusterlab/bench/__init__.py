@@ -13,7 +13,9 @@ Suites, each also ``clusterlab bench <suite>``:
 - :mod:`clusterlab.bench.fused`: the fused decode attention layer against PyTorch and the
   bytes-moved floor;
 - :mod:`clusterlab.bench.decode`: whole models' time per output token, fused against unfused,
-  transformers and the floor.
+  transformers and the floor;
+- :mod:`clusterlab.bench.mlp`: the fused MLP block (:class:`~clusterlab.fused.mlp.DecodeMLP`)
+  against the same block as PyTorch calls and the bytes-moved floor, per layer.
 
 Studies, each run as ``python -m clusterlab.bench.<name>``:
 

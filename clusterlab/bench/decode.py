@@ -15,12 +15,14 @@ tokens had been seen. One token of every sequence is::
     positions += 1; next = argmax(logits); history[b, count] = next; tokens = next
 
 - **fused**: :class:`~clusterlab.models.decode.Decoder` over the model with the fused attention
-  (:class:`~clusterlab.fused.DecodeAttention`): the step above captured once as a CUDA graph, one
-  replay per token;
+  and MLP blocks (:class:`~clusterlab.fused.DecodeAttention`, :class:`~clusterlab.fused.DecodeMLP`):
+  the step above captured once as a CUDA graph, one replay per token;
+- **fused attention**: the same with the MLP block as PyTorch calls (``mlp="unfused"``), to show
+  what each fused block brings;
 - **unfused**: the same weights and the same caches (shared) in a model with
   ``attention="unfused"`` (:class:`~clusterlab.fused.UnfusedAttention`: separate PyTorch calls
   over all ``context + REPLAYS`` cache rows under a mask, as a static-cache PyTorch model
-  attends), through the same Decoder, one CUDA graph per token;
+  attends) and the MLP block as PyTorch calls, through the same Decoder, one CUDA graph per token;
 - **hf**: transformers' ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for Qwen2) built on the
   ``meta`` device and handed views of the same weights (:func:`~clusterlab.models.to_transformers`;
   q/k/v are row slices of the fused ``qkv``, nothing is copied). ``generate`` greedy with
@@ -110,6 +112,8 @@ class DecodeRow:
     hf_us: float | None
     floor_us: float
     bytes_per_token: int
+    #: the fused attention with the MLP block in PyTorch (None in results written before it existed)
+    fused_attention_us: float | None = None
 
     @property
     def fraction_of_floor(self) -> float:
@@ -205,8 +209,8 @@ def breakdown(model: LlamaModel, context: int, replays: int = REPLAYS, repeats: 
             model.attend(i, hidden, residual, positions)
 
     def mlp():
-        for lw in model.weights.layers:
-            model._mlp_block(lw, out, h_in)
+        for i in range(len(model.weights.layers)):
+            model.mlp_block(i, out, h_in)
 
     def rest():
         x = model.weights.embed[tokens]
@@ -365,18 +369,20 @@ def run_bench(
     for preset in presets:
         fused = random(preset, torch_dtype, "cuda", seed=seed)
         unfused = LlamaModel(fused.config, fused.weights, attention="unfused")
+        fused_attention = LlamaModel(fused.config, fused.weights, attention="fused", mlp="unfused")
+        models = (("fused", fused), ("fused_attention", fused_attention), ("unfused", unfused))
         for batch in batches:
             for context in contexts:
                 fused.random_caches(batch, context + REPLAYS, seed=seed + 1)
                 unfused.use_caches(fused.caches)
+                fused_attention.use_caches(fused.caches)
                 if (batch, context) == (batches[0], contexts[0]):
                     error = check_fused(fused, unfused, context, seed)
                     print(f"{preset} {dtype}: fused logits vs unfused, batch {batch}, position {context}: "
                           f"relative error {error:.1e}", flush=True)
-                times = {name: decoder_tpot_us(model, context, REPLAYS, repeats, seed).median
-                         for name, model in (("fused", fused), ("unfused", unfused))}
+                times = {name: decoder_tpot_us(model, context, REPLAYS, repeats, seed).median for name, model in models}
                 if batch == 1:
-                    for name, model in (("fused", fused), ("unfused", unfused)):
+                    for name, model in models:
                         parts.append(BreakdownRow(preset, dtype, batch, context, name,
                                                   **breakdown(model, context, REPLAYS, repeats, seed),
                                                   step_us=times[name]))
@@ -385,15 +391,15 @@ def run_bench(
                               f"{part.attention_us:.1f} + MLP {part.mlp_us:.1f} + rest {part.rest_us:.1f} = "
                               f"{part.attention_us + part.mlp_us + part.rest_us:.1f} us; whole step "
                               f"{part.step_us:.1f} us", flush=True)
-                fused.caches = unfused.caches = None
+                fused.caches = unfused.caches = fused_attention.caches = None
                 _free()
                 hf_us = baseline.tpot_us(fused, batch, context, seed)
                 _free()
                 nbytes = bytes_per_token(fused.config, batch, context, torch_dtype.itemsize)
                 rows.append(DecodeRow(preset, dtype, batch, context, times["fused"], times["unfused"], hf_us,
-                                      nbytes / bandwidth * 1e6, nbytes))
+                                      nbytes / bandwidth * 1e6, nbytes, times["fused_attention"]))
                 print(_format_row(rows[-1]), flush=True)
-        del fused, unfused
+        del fused, unfused, fused_attention, models
         _free()
         write_results(rows, parts, bandwidth, baseline.mode, info, Path(out_dir), tag)
     print(format_table(rows, bandwidth))
@@ -404,14 +410,17 @@ def run_bench(
 
 # -- tables, JSON, picture ----------------------------------------------------------------------
 
-_HEADER = (f"{'preset':11s} {'dtype':8s} {'batch':>5s} {'context':>7s} {'fused us':>9s} {'unfused us':>10s} "
+_HEADER = (f"{'preset':11s} {'dtype':8s} {'batch':>5s} {'context':>7s} {'fused us':>9s} {'attn-only':>9s} "
+           f"{'unfused us':>10s} "
            f"{'hf us':>9s} {'floor us':>9s} {'% floor':>7s} {'x unfused':>9s} {'x hf':>6s} {'tokens/s':>9s}")
 
 
 def _format_row(r: DecodeRow) -> str:
     hf = "-" if r.hf_us is None else f"{r.hf_us:.1f}"
     over_hf = "-" if r.hf_us is None else f"{r.hf_us / r.fused_us:.2f}"
-    return (f"{r.preset:11s} {r.dtype:8s} {r.batch:5d} {r.context:7d} {r.fused_us:9.1f} {r.unfused_us:10.1f} "
+    attention_only = "-" if r.fused_attention_us is None else f"{r.fused_attention_us:.1f}"
+    return (f"{r.preset:11s} {r.dtype:8s} {r.batch:5d} {r.context:7d} {r.fused_us:9.1f} {attention_only:>9s} "
+            f"{r.unfused_us:10.1f} "
             f"{hf:>9s} {r.floor_us:9.1f} {100 * r.fraction_of_floor:7.1f} {r.unfused_us / r.fused_us:9.2f} "
             f"{over_hf:>6s} {r.tokens_per_s:9.0f}")
 
@@ -425,14 +434,14 @@ def format_table(rows: list[DecodeRow], bandwidth: float) -> str:
 
 def _format_part(p: BreakdownRow) -> str:
     total = p.attention_us + p.mlp_us + p.rest_us
-    return (f"{p.preset:11s} {p.dtype:8s} {p.batch:5d} {p.context:7d} {p.model:8s} {p.attention_us:10.1f} "
+    return (f"{p.preset:11s} {p.dtype:8s} {p.batch:5d} {p.context:7d} {p.model:15s} {p.attention_us:10.1f} "
             f"{p.mlp_us:9.1f} {p.rest_us:8.1f} {total:9.1f} {p.step_us:9.1f}")
 
 
 def format_breakdown(parts: list[BreakdownRow]) -> str:
     """The batch-1 breakdowns as a table: µs of the attention blocks, MLP blocks and the rest,
     their sum, and the whole step."""
-    header = (f"{'preset':11s} {'dtype':8s} {'batch':>5s} {'context':>7s} {'model':8s} {'attention':>10s} "
+    header = (f"{'preset':11s} {'dtype':8s} {'batch':>5s} {'context':>7s} {'model':15s} {'attention':>10s} "
               f"{'mlp':>9s} {'rest':>8s} {'sum':>9s} {'step':>9s}")
     return "\n".join(["batch-1 token taken apart, µs", header] + [_format_part(p) for p in parts])
 
@@ -478,6 +487,9 @@ def _plot(rows: list[DecodeRow], parts: list[BreakdownRow], record: dict, path: 
             line = sorted((r for r in mine if r.batch == batch), key=lambda r: r.context)
             x, color = [r.context for r in line], f"C{i}"
             ax.plot(x, [r.fused_us / 1e3 for r in line], "o-", color=color, label=f"fused, batch {batch}")
+            if any(r.fused_attention_us is not None for r in line):
+                ax.plot(x, [math.nan if r.fused_attention_us is None else r.fused_attention_us / 1e3 for r in line],
+                        "d--", color=color, alpha=0.6, label=f"fused attention only, batch {batch}")
             ax.plot(x, [r.unfused_us / 1e3 for r in line], "s:", color=color, label=f"unfused, batch {batch}")
             if any(r.hf_us is not None for r in line):
                 ax.plot(x, [math.nan if r.hf_us is None else r.hf_us / 1e3 for r in line], "^-.", color=color,

@@ -4,6 +4,9 @@
   appended; the cluster kernel on a Hopper GPU, the simulator on the CPU.
 - :class:`AttentionConfig` with presets :data:`LLAMA2_7B`, :data:`LLAMA3_8B`, :data:`LLAMA3_2_1B`,
   :data:`QWEN2_5_7B`; :class:`Llama3RopeScaling`; :class:`AttentionWeights`; :class:`KVCache`.
+- :class:`DecodeMLP` — a decoder layer's MLP block (residual add + RMSNorm + gate/up + SiLU * up +
+  down) as one cluster kernel, :class:`MLPConfig`, :class:`MLPWeights`, :func:`reference_mlp`
+  (:mod:`clusterlab.fused.mlp`).
 - :func:`reference_step` — the float64 oracle; :class:`UnfusedAttention` — the same block as
   separate PyTorch calls (the benchmark's baseline).
 - Multi-head latent attention (DeepSeek-V2), :mod:`clusterlab.fused.mla`: :class:`MLAConfig` with
@@ -37,6 +40,7 @@ from .mla import (
     mla_rope_table,
 )
 from .mla_reference import UnfusedMLA, mla_reference_step
+from .mlp import DecodeMLP, MLPConfig, MLPWeights, reference_mlp
 from .reference import UnfusedAttention, reference_step, relative_error
 
 __all__ = [
@@ -50,16 +54,20 @@ __all__ = [
     "AttentionConfig",
     "AttentionWeights",
     "DecodeAttention",
+    "DecodeMLP",
     "KVCache",
     "LatentCache",
     "Llama3RopeScaling",
     "MLAConfig",
     "MLAWeights",
+    "MLPConfig",
+    "MLPWeights",
     "UnfusedAttention",
     "UnfusedMLA",
     "YarnRopeScaling",
     "mla_reference_step",
     "mla_rope_table",
+    "reference_mlp",
     "reference_step",
     "relative_error",
     "rope_table",

@@ -185,47 +185,11 @@ class KernelSpec:
         place every cluster at once."""
         return self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD)
 
-    def _tile(self, what: str, chunks: int, rows: int):
-        """``(lanes_per_row, chunks_per_lane, rows_per_lane, batch_chunk)`` for rows of ``chunks``
-        16-byte chunks.
-
-        A row is read by the largest power of two of lanes (up to 32) that divides its chunks
-        (Qwen2.5-7B's 448-wide slices: 56 chunks, 8 lanes of 7). Rows per lane grow while a step
-        stays within :data:`LOADS_PER_STEP` loads (all issued before use), then the batch is
-        taken ``batch_chunk`` sequences at a time (2 where :data:`ACCUMULATORS` and
-        :data:`UNROLLED_DOTS` allow and the batch is even, else 1); the loaded words serve every
-        chunk. A warp step's rows must tile ``rows`` (a head for the qkv projection, so a step
-        never straddles two heads' rows of W_qkv).
-        """
-        lanes = 32
-        while chunks % lanes:
-            lanes //= 2
-        per_lane = chunks // lanes
-        if per_lane > LOADS_PER_STEP:
-            raise ValueError(
-                f"{what}: a row of {chunks} 16-byte chunks needs {per_lane} loads a lane "
-                f"(at most {LOADS_PER_STEP}); use a larger cluster"
-            )
-        rows_per_lane = 1
-        while (
-            rows_per_lane * 2 <= lanes
-            and 2 * rows_per_lane * per_lane <= LOADS_PER_STEP
-            and 2 * rows_per_lane <= ACCUMULATORS
-            and 2 * rows_per_lane * per_lane <= UNROLLED_DOTS
-            and rows % (32 // lanes * rows_per_lane * 2) == 0
-        ):
-            rows_per_lane *= 2
-        if rows % (32 // lanes * rows_per_lane):
-            raise ValueError(f"{what}: {rows} rows do not split into warp steps of {32 // lanes * rows_per_lane}")
-        chunk = 2 if (self.batch % 2 == 0 and 2 * rows_per_lane <= ACCUMULATORS
-                      and 2 * rows_per_lane * per_lane <= UNROLLED_DOTS) else 1
-        return lanes, per_lane, rows_per_lane, chunk
-
     def qkv_tile(self):
-        return self._tile("qkv projection", self.k_slice // 8, self.head_dim)
+        return gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch)
 
     def o_tile(self):
-        return self._tile("output projection", self.attn_width // 8, self.out_rows)
+        return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch)
 
     @property
     def keys_per_lane(self) -> int:
@@ -269,12 +233,49 @@ class KernelSpec:
         return 4 * self.smem_layout()["total"]
 
 
+def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 2):
+    """``(lanes_per_row, chunks_per_lane, rows_per_lane, batch_chunk)`` for rows of ``chunks``
+    16-byte chunks.
+
+    A row is read by the largest power of two of lanes (up to 32) that divides its chunks
+    (Qwen2.5-7B's 448-wide slices: 56 chunks, 8 lanes of 7). Rows per lane grow while a step
+    stays within :data:`LOADS_PER_STEP` loads (all issued before use), then the batch is
+    taken ``batch_chunk`` sequences at a time (2, or the ``batch_chunk`` given, where
+    :data:`ACCUMULATORS` and :data:`UNROLLED_DOTS` allow and ``batch`` is even, else 1); the
+    loaded words serve every chunk. A warp step's rows must tile ``rows`` (a head for the qkv projection, so a step
+    never straddles two heads' rows of W_qkv).
+    """
+    lanes = 32
+    while chunks % lanes:
+        lanes //= 2
+    per_lane = chunks // lanes
+    if per_lane > LOADS_PER_STEP:
+        raise ValueError(
+            f"{what}: a row of {chunks} 16-byte chunks needs {per_lane} loads a lane "
+            f"(at most {LOADS_PER_STEP}); use a larger cluster"
+        )
+    rows_per_lane = 1
+    while (
+        rows_per_lane * 2 <= lanes
+        and 2 * rows_per_lane * per_lane <= LOADS_PER_STEP
+        and 2 * rows_per_lane <= ACCUMULATORS
+        and 2 * rows_per_lane * per_lane <= UNROLLED_DOTS
+        and rows % (32 // lanes * rows_per_lane * 2) == 0
+    ):
+        rows_per_lane *= 2
+    if rows % (32 // lanes * rows_per_lane):
+        raise ValueError(f"{what}: {rows} rows do not split into warp steps of {32 // lanes * rows_per_lane}")
+    chunk = 2 if (batch_chunk == 2 and batch % 2 == 0 and 2 * rows_per_lane <= ACCUMULATORS
+                  and 2 * rows_per_lane * per_lane <= UNROLLED_DOTS) else 1
+    return lanes, per_lane, rows_per_lane, chunk
+
+
 def _log2(n: int) -> int:
     assert n & (n - 1) == 0, n
     return n.bit_length() - 1
 
 
-def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int, atomic: bool):
+def make_gemv(batch: int, bf16: bool, tile, x_stride: int, out_stride: int, atomic: bool):
     """Device functions for one warp step of a matrix-vector product over ``rows_per_step`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's 16-byte loads into the register
@@ -285,10 +286,10 @@ def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int, atomic: b
     (into a global array). Splitting the two lets a caller issue a step's loads
     before a barrier and use them after it. The batch is processed ``batch_chunk`` sequences at
     a time, so every register array is indexed by constants once the loops are unrolled.
+
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
     lanes, per_lane, rows_per_lane, chunk = tile
-    batch, bf16 = spec.batch, spec.bf16
     groups = 32 // lanes  # rows one warp load covers
     log_rows, log_lanes = _log2(rows_per_lane), _log2(lanes)
     words = rows_per_lane * per_lane * 4
@@ -349,6 +350,52 @@ def _make_gemv(spec: KernelSpec, tile, x_stride: int, out_stride: int, atomic: b
                         dst[out0 + (b0 + b) * out_stride + row] = acc[b]
 
     return gemv_load, gemv_finish, words
+
+
+def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16: bool):
+    """Device functions of the finish of a kernel whose blocks add into one float32 accumulator.
+
+    Every block of rank ``rank`` adds (``red.add``) into the same ``out_rows`` rows of ``out_acc``
+    ``[batch, hidden_size]`` (float32, zero on entry), rows ``rank*out_rows ..``; then
+    ``finish_arrive(arrivals, rank, blocks, last, tid)`` fences the block's adds and counts it in
+    on ``arrivals[rank]``: ``last[0]`` (a shared int32) becomes 1 in the ``blocks``-th block to
+    arrive, 0 in the others. That block alone calls ``finish_convert(out, out_acc, arrivals,
+    rank, tid)``: it converts the rows into ``out`` (16-bit, the model dtype) and leaves
+    ``out_acc`` and ``arrivals[rank]`` zero for the next step.
+    """
+    to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
+    loads = 16  # out_acc elements a thread loads at once
+
+    @cuda.jit(device=True, inline=True)
+    def finish_arrive(arrivals, rank, blocks, last, tid):
+        cuda.threadfence()
+        cuda.syncthreads()
+        if tid == 0:
+            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == blocks - 1 else 0
+        cuda.syncthreads()
+
+    @cuda.jit(device=True, inline=True)
+    def finish_convert(out, out_acc, arrivals, rank, tid):
+        # Every red.add is ordered before its block's arrival, and this block never read out_acc
+        # before, so plain loads after the fence see the sums. `loads` loads a thread are issued
+        # before any is used: one round trip per loads * threads elements.
+        cuda.threadfence()
+        vals = cuda.local.array(loads, float32)
+        for base in range(0, batch * out_rows, loads * threads):
+            for u in range(loads):
+                e = base + u * threads + tid
+                at = e // out_rows * hidden_size + rank * out_rows + e % out_rows
+                vals[u] = out_acc[at] if e < batch * out_rows else float32(0.0)
+            for u in range(loads):
+                e = base + u * threads + tid
+                if e < batch * out_rows:
+                    at = e // out_rows * hidden_size + rank * out_rows + e % out_rows
+                    out[at] = to_bits(vals[u])
+                    out_acc[at] = float32(0.0)
+        if tid == 0:
+            arrivals[rank] = 0
+
+    return finish_arrive, finish_convert
 
 
 def _make_attention(spec: KernelSpec):
@@ -482,11 +529,12 @@ def build_kernel(spec: KernelSpec):
     unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
-    qkv_load, qkv_finish, QKV_WORDS = _make_gemv(spec, qkv_tile, x_stride=K_SLICE, out_stride=ROWS + 1, atomic=False)
-    o_load, o_finish, O_WORDS = _make_gemv(spec, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
+    qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE, out_stride=ROWS + 1,
+                                                atomic=False)
+    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
     kv_load, kv_fold, KV_WORDS = _make_attention(spec)
     LANE_ACC = G * 8  # a lane's attention accumulators: its 8 dims of each query head
-    FINISH_LOADS = 16  # out_acc elements a thread of the last block loads at once
+    finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
@@ -732,31 +780,10 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 10)  # W_o stream + red.add
 
         # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
-        cuda.threadfence()
-        cuda.syncthreads()
-        if tid == 0:
-            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == KV_HEADS * HEAD_SPLIT - 1 else 0
-        cuda.syncthreads()
+        finish_arrive(arrivals, rank, KV_HEADS * HEAD_SPLIT, last, tid)
         stamp(stamps, tid, 11)  # fence + arrive
         if last[0] == CONVERTS:
-            # Every red.add is ordered before its block's arrival, and this block never read
-            # out_acc before, so plain loads after the fence see the sums. FINISH_LOADS loads a
-            # thread are issued before any is used: one round trip per FINISH_LOADS * THREADS elements.
-            cuda.threadfence()
-            vals = cuda.local.array(FINISH_LOADS, float32)
-            for base in range(0, BATCH * OUT_ROWS, FINISH_LOADS * THREADS):
-                for u in range(FINISH_LOADS):
-                    e = base + u * THREADS + tid
-                    at = e // OUT_ROWS * H + rank * OUT_ROWS + e % OUT_ROWS
-                    vals[u] = out_acc[at] if e < BATCH * OUT_ROWS else float32(0.0)
-                for u in range(FINISH_LOADS):
-                    e = base + u * THREADS + tid
-                    if e < BATCH * OUT_ROWS:
-                        at = e // OUT_ROWS * H + rank * OUT_ROWS + e % OUT_ROWS
-                        out[at] = to_bits(vals[u])
-                        out_acc[at] = float32(0.0)
-            if tid == 0:
-                arrivals[rank] = 0
+            finish_convert(out, out_acc, arrivals, rank, tid)
         stamp(stamps, tid, 12)  # finish
 
     if TIMELINE:

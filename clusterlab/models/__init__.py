@@ -1,7 +1,8 @@
-"""Whole models decoded with the fused attention layer.
+"""Whole models decoded with the fused layers.
 
 - :class:`LlamaModel` — a Llama / Qwen2 decoder read from a Hugging Face checkpoint directory:
-  PyTorch prefill, one :class:`~clusterlab.fused.DecodeAttention` per layer at decode time,
+  PyTorch prefill, one :class:`~clusterlab.fused.DecodeAttention` and (one sequence at a time,
+  :data:`FUSED_MLP_MAX_BATCH`) one :class:`~clusterlab.fused.DecodeMLP` per layer at decode time,
   :meth:`LlamaModel.generate` (greedy or temperature / top-k sampling), one CUDA graph per token
   on a GPU (:class:`Decoder`).
 - :class:`ModelConfig` — the checkpoint's ``config.json``; :func:`load_weights` — its safetensors.
@@ -12,6 +13,7 @@
 
 from .decode import Decoder
 from .llama import (
+    FUSED_MLP_MAX_BATCH,
     MODEL_PRESETS,
     LayerWeights,
     LlamaModel,
@@ -25,6 +27,7 @@ from .llama import (
 )
 
 __all__ = [
+    "FUSED_MLP_MAX_BATCH",
     "MODEL_PRESETS",
     "Decoder",
     "LayerWeights",

@@ -17,10 +17,10 @@ activation in the model dtype, float16 or bfloat16)::
                                                                RMSNorm, QKV(+bias), RoPE, cache row
                                                                positions[b] appended, attention, O
         out      = out + o_bias                                (Llama with attention_bias only)
-        h2       = out + h                                     [B, H]
-        n        = RMSNorm(h2) * post_attention_layernorm
-        hidden   = down(silu(gate(n)) * up(n))                 [B, H]  (SwiGLU MLP)
-        residual = h2
+        hidden, residual = mlp(out, h)                         fused: h2 = out + h, RMSNorm,
+                                                               gate/up, SiLU * up, down
+                    i.e. h2 = out + h; n = RMSNorm(h2) * post_attention_layernorm;
+                         hidden = down(silu(gate(n)) * up(n)); residual = h2   [B, H]
     logits   = lm_head(RMSNorm(hidden + residual) * norm)      [B, V] float32
 
 Shapes of the weights (:class:`LayerWeights`, :class:`ModelWeights`): ``embed`` ``[V, H]``;
@@ -39,9 +39,12 @@ float32 on the rounded, normalized hidden state).
 Where it runs: on CPU tensors the fused attention runs on the DSMEM simulator
 (:mod:`clusterlab.fused.simulated`), slow and meant for tiny models and checks; on a Hopper GPU
 the cluster kernel, and :meth:`LlamaModel.generate` replays one CUDA graph per token
-(:mod:`clusterlab.models.decode`). ``attention="unfused"`` swaps in the same block as separate
-PyTorch calls (:class:`~clusterlab.fused.UnfusedAttention`): the baseline of ``clusterlab bench
-decode``. :func:`random` builds the models of :data:`MODEL_PRESETS` without a checkpoint.
+(:mod:`clusterlab.models.decode`). The MLP block of a decode step is
+:class:`~clusterlab.fused.DecodeMLP` (one cluster kernel; the simulator on the CPU) by default.
+``attention="unfused"`` swaps in the attention block as separate PyTorch calls
+(:class:`~clusterlab.fused.UnfusedAttention`) and ``mlp="unfused"`` the MLP block (the
+:func:`mlp` chain); both together are the baseline of ``clusterlab bench decode``. Prefill always
+runs both blocks in PyTorch. :func:`random` builds the models of :data:`MODEL_PRESETS` without a checkpoint.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from ..fused.config import (
     seeded_generator,
 )
 from ..fused.layer import DecodeAttention
+from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
 from .decode import Decoder
 
@@ -78,6 +82,14 @@ ROPE_TYPES = ("default", "llama3")
 #: How a model's decode steps compute attention: the cluster kernel (the simulator on a CPU), or
 #: the unfused PyTorch block.
 ATTENTIONS = ("fused", "unfused")
+#: How a model's decode steps compute the MLP block: the cluster kernel (the simulator on a CPU),
+#: or the chain of PyTorch calls of :func:`mlp`.
+MLPS = ("fused", "unfused")
+#: Largest batch whose decode steps run the fused MLP kernel under ``mlp="fused"``; larger batches
+#: run the PyTorch chain. Its matrix-vector steps multiply every weight on CUDA cores, once per
+#: sequence, and beyond one sequence cuBLAS is faster (H200, Llama-3-8B shape: 110 against 107 µs a
+#: layer at batch 1, 622 against 123 at batch 8; ``benchmarks/results/mlp_h200.json``).
+FUSED_MLP_MAX_BATCH = 1
 #: Names of the dtypes a model runs in.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -501,26 +513,34 @@ def _as_prompts(token_ids) -> list[list[int]]:
 
 
 class LlamaModel:
-    """A Llama / Qwen2 decoder: PyTorch prefill, fused-attention decode steps.
+    """A Llama / Qwen2 decoder: PyTorch prefill, fused decode steps.
 
     ``config``: :class:`ModelConfig`; ``weights``: :class:`ModelWeights` in float16 or bfloat16,
-    all on one device (CPU: the attention runs on the simulator; a Hopper GPU: the cluster
-    kernel). ``attention``: ``"fused"`` (:class:`~clusterlab.fused.DecodeAttention`) or
+    all on one device (CPU: the fused blocks run on the simulator; a Hopper GPU: the cluster
+    kernels). ``attention``: ``"fused"`` (:class:`~clusterlab.fused.DecodeAttention`) or
     ``"unfused"`` (:class:`~clusterlab.fused.UnfusedAttention`, separate PyTorch calls over the
-    whole cache with a mask, like a static-cache PyTorch model). The KV caches live on the model
+    whole cache with a mask, like a static-cache PyTorch model). ``mlp``: ``"fused"``
+    (:class:`~clusterlab.fused.DecodeMLP` for batches up to :data:`FUSED_MLP_MAX_BATCH`, the
+    PyTorch chain beyond) or ``"unfused"`` (:func:`mlp`); None follows ``attention``. The KV caches live on the model
     (``self.caches``, one per layer, made by :meth:`prefill` or :meth:`new_caches`) between steps;
     one model object decodes one batch at a time.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto",
-                 attention: str = "fused"):
+                 attention: str = "fused", mlp: str | None = None):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        self.config, self.weights, self.attention = config, weights, attention
+        mlp = attention if mlp is None else mlp
+        if mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS} (or None: as attention), got {mlp!r}")
+        self.config, self.weights, self.attention, self.mlp = config, weights, attention, mlp
         self.attention_config = config.attention()
         self.dtype, self.device = weights.embed.dtype, weights.embed.device
         self.layers = [DecodeAttention(self.attention_config, lw.attention, backend=backend)
                        for lw in weights.layers] if attention == "fused" else []
+        mlp_config = MLPConfig(config.hidden_size, config.intermediate_size, float(config.rms_norm_eps))
+        self.mlps = [DecodeMLP(mlp_config, MLPWeights(lw.post_norm, lw.gate, lw.up, lw.down), backend=backend)
+                     for lw in weights.layers] if mlp == "fused" else []
         self.caches: list[KVCache] | None = None
 
     @classmethod
@@ -534,8 +554,9 @@ class LlamaModel:
 
     @property
     def on_simulator(self) -> bool:
-        """Whether the attention runs on the DSMEM simulator (a fused model on the CPU)."""
-        return bool(self.layers) and self.layers[0].backend == "simulator"
+        """Whether the fused blocks run on the DSMEM simulator (a fused model on the CPU)."""
+        fused = self.layers or self.mlps
+        return bool(fused) and fused[0].backend == "simulator"
 
     # -- prefill -------------------------------------------------------------------------------
 
@@ -641,9 +662,16 @@ class LlamaModel:
         return tokens
 
     def _mlp_block(self, lw: LayerWeights, out, h):
-        """``(next hidden, next residual)``: the MLP's output and ``h2 = out + h``."""
+        """``(next hidden, next residual)``: the MLP's output and ``h2 = out + h``, in PyTorch."""
         h2 = out + h
         return mlp(lw, rms_norm(h2, lw.post_norm, self.config.rms_norm_eps)), h2
+
+    def mlp_block(self, layer: int, out, h):
+        """Layer ``layer``'s MLP block of a decode step on ``[batch, H]`` activations: ``(next hidden,
+        next residual)``, fused as the model's ``mlp`` says up to :data:`FUSED_MLP_MAX_BATCH` sequences."""
+        if self.mlp == "fused" and out.shape[0] <= FUSED_MLP_MAX_BATCH:
+            return self.mlps[layer](out, h)
+        return self._mlp_block(self.weights.layers[layer], out, h)
 
     def _logits(self, hidden, residual) -> torch.Tensor:
         n = rms_norm(hidden + residual, self.weights.norm, self.config.rms_norm_eps)
@@ -676,7 +704,7 @@ class LlamaModel:
         residual = torch.zeros_like(hidden)
         for i, lw in enumerate(self.weights.layers):
             out, h = self.attend(i, hidden, residual, positions)
-            hidden, residual = self._mlp_block(lw, out, h)
+            hidden, residual = self.mlp_block(i, out, h)
         return self._logits(hidden, residual)
 
     def attend(self, layer: int, hidden, residual, positions):

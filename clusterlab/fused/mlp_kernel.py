@@ -1,0 +1,276 @@
+"""The fused MLP kernel: one launch per step, one cluster per slice of the intermediate size.
+
+The dataflow and who owns what are in :mod:`clusterlab.fused.mlp`; the simulator model of the
+same dataflow is :func:`clusterlab.fused.mlp_simulated.mlp_block`, phase for phase: both mark
+them ``# -- 1 gate_up`` .. ``# -- 4 finish`` and use the same names. The kernel's constants are
+the words of :class:`MLPSpec` upper-cased::
+
+    H, I, C, CLUSTERS        hidden_size, intermediate_size, cluster_size, clusters
+    INTER_SLICE              inter_slice = I / clusters: the cluster's gate rows, up rows, down columns
+    ROWS                     rows = 2 * inter_slice: the cluster's slots, gate rows then up rows
+    K_SLICE, OUT_ROWS        k_slice, out_rows: a block's slice of the hidden size and of W_down's rows
+    BATCH, WARPS, THREADS    sequences, warps and threads of a block
+    XS, PARTIAL, ACT, RED    offsets of smem_layout()'s regions (the simulator's shared arrays)
+
+and the variables read as in the simulator: ``cluster``, ``rank``, ``k0``, ``seq``, ``slot``
+(a row of the cluster's W_gate / W_up rows), ``j`` (an element of the cluster's intermediate
+slice), ``gate``, ``up``, ``a``.
+
+The two matrix-vector phases are the attention kernel's (:func:`~clusterlab.fused.kernel.make_gemv`:
+each warp step issues all its 16-byte loads before using any), and so is the finish
+(:func:`~clusterlab.fused.kernel.make_finish`). The first W_down step of every warp is loaded
+before barrier B1, so nothing waits on memory across the two exchanges.
+
+Shared memory (float32 words, one dynamic array, the same offsets in every block)::
+
+    xs      [batch, k_slice]              h * norm on this block's hidden slice
+    partial [batch, rows + 1]             gate/up partial dots; the last column is sum(h^2)
+    act     [batch, inter_slice]          a = silu(gate) * up of the cluster's slice, pushed by its owners
+    red     [warps, batch]                block reduction of sum(h^2)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda, float32, int32, uint32
+
+from .. import ptx
+from .kernel import FULL_MASK, REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv
+from .mlp import MLPConfig
+from .plan import HOPPER, DeviceLimits
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Everything the MLP kernel is specialised on (each distinct spec is one compilation)."""
+
+    hidden_size: int
+    intermediate_size: int
+    rms_eps: float
+    bf16: bool
+    batch: int
+    cluster_size: int
+    clusters: int
+    warps: int
+    limits: DeviceLimits = HOPPER
+
+    @classmethod
+    def of(cls, config: MLPConfig, bf16: bool, batch: int, cluster_size: int, clusters: int, warps: int,
+           limits: DeviceLimits = HOPPER) -> MLPSpec:
+        """The spec of one launch shape (raises ``ValueError`` where it cannot be built)."""
+        if config.intermediate_size % clusters or (config.intermediate_size // clusters) % 8:
+            raise ValueError(f"clusters ({clusters}) must split intermediate_size {config.intermediate_size} into "
+                             "slices of a multiple of 8")
+        if config.hidden_size % (8 * cluster_size):
+            raise ValueError(f"cluster_size ({cluster_size}) must split hidden_size {config.hidden_size} into "
+                             "slices of a multiple of 8")
+        spec = cls(config.hidden_size, config.intermediate_size, float(config.rms_eps), bf16, batch, cluster_size,
+                   clusters, warps, limits)
+        spec.gate_up_tile()  # raise if a slice has no valid tiling
+        spec.down_tile()
+        if spec.shared_bytes > limits.shared_bytes_per_block:
+            raise ValueError(f"a block of this shape needs {spec.shared_bytes} bytes of shared memory; the GPU "
+                             f"allows {limits.shared_bytes_per_block} (use a larger cluster)")
+        return spec
+
+    @property
+    def inter_slice(self) -> int:
+        return self.intermediate_size // self.clusters
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.inter_slice
+
+    @property
+    def k_slice(self) -> int:
+        return self.hidden_size // self.cluster_size
+
+    @property
+    def out_rows(self) -> int:
+        return self.hidden_size // self.cluster_size
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def min_blocks_per_sm(self) -> int:
+        return self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD)
+
+    def gate_up_tile(self):
+        # A warp step's rows divide inter_slice: a step never straddles the gate and up rows.
+        return gemv_tile("gate/up projection", self.k_slice // 8, self.inter_slice, self.batch)
+
+    def down_tile(self):
+        # One sequence at a time: the first step's words stay in registers across the act phase,
+        # and with two sequences a step ptxas spilled (8B shape, batch 4 and 8).
+        return gemv_tile("down projection", self.inter_slice // 8, self.out_rows, self.batch, batch_chunk=1)
+
+    def smem_layout(self) -> dict[str, int]:
+        """Offsets (float32 words) of each shared region, and ``"total"``."""
+        b = self.batch
+        sizes = {"xs": b * self.k_slice, "partial": b * (self.rows + 1), "act": b * self.inter_slice,
+                 "red": self.warps * b}
+        offsets, at = {}, 0
+        for name, size in sizes.items():
+            offsets[name] = at
+            at += (size + 3) // 4 * 4  # keep every region 16-byte aligned
+        offsets["total"] = at
+        return offsets
+
+    @property
+    def shared_bytes(self) -> int:
+        return 4 * self.smem_layout()["total"]
+
+
+def build_mlp_kernel(spec: MLPSpec):
+    """The kernel for ``spec``, ready for ``cuda.jit`` compilation (see :func:`mlp_kernel_signature`).
+
+    Arguments (16-bit tensors passed as flat int16 views, row-major)::
+
+        hidden, residual  [batch * hidden_size]        inputs (the attention's output and residual)
+        norm              [hidden_size]                the post-attention RMSNorm's gain
+        w_gate, w_up      [intermediate_size * hidden_size]
+        w_down            [hidden_size * intermediate_size]
+        out, residual_out [batch * hidden_size]        outputs
+        out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
+        arrivals          [cluster_size] int32           zero on entry, left zero on exit
+    """
+    H, I, C, CLUSTERS = spec.hidden_size, spec.intermediate_size, spec.cluster_size, spec.clusters
+    INTER_SLICE, ROWS, K_SLICE, OUT_ROWS = spec.inter_slice, spec.rows, spec.k_slice, spec.out_rows
+    BATCH, WARPS, THREADS, BF16 = spec.batch, spec.warps, spec.threads, spec.bf16
+    EPS = np.float32(spec.rms_eps)
+    INV_H = np.float32(1.0 / H)
+    layout = spec.smem_layout()
+    XS, PARTIAL, ACT, RED = layout["xs"], layout["partial"], layout["act"], layout["red"]
+    gate_up_tile, down_tile = spec.gate_up_tile(), spec.down_tile()
+    GATE_UP_STEP_ROWS = (32 // gate_up_tile[0]) * gate_up_tile[2]  # slots a warp step covers
+    GATE_UP_STEPS = ROWS // GATE_UP_STEP_ROWS
+    DOWN_STEP_ROWS = (32 // down_tile[0]) * down_tile[2]  # W_down rows a warp step covers
+    DOWN_STEPS = OUT_ROWS // DOWN_STEP_ROWS
+
+    unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
+    to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
+    to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
+    gate_up_load, gate_up_finish, GATE_UP_WORDS = make_gemv(BATCH, BF16, gate_up_tile, x_stride=K_SLICE,
+                                                            out_stride=ROWS + 1, atomic=False)
+    down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
+                                                   atomic=True)
+    finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
+
+    @cuda.jit(device=True, inline=True)
+    def rounded(x):
+        """``x`` rounded to the model dtype, as a PyTorch op that returns a 16-bit tensor rounds."""
+        return to_f32(to_bits(x))
+
+    @cuda.jit(device=True, inline=True)
+    def gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words):
+        """Loads of warp step ``step``: its slots are gate rows, or up rows from slot ``inter_slice`` on."""
+        slot = step * GATE_UP_STEP_ROWS
+        if slot < INTER_SLICE:
+            gate_up_load(w_gate, (cluster * INTER_SLICE + slot) * H + k0, H, lane, words)
+        else:
+            gate_up_load(w_up, (cluster * INTER_SLICE + slot - INTER_SLICE) * H + k0, H, lane, words)
+
+    def fused_mlp(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals):
+        smem = cuda.shared.array(0, float32)
+        last = cuda.shared.array(1, int32)
+        tid = cuda.threadIdx.x
+        lane, warp = tid % 32, tid // 32
+        rank = ptx.cluster_rank()
+        cluster = cuda.blockIdx.x // C  # its intermediate slice cluster*INTER_SLICE ..
+        k0 = rank * K_SLICE
+
+        # -- 1 gate_up: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots -
+        for seq in range(BATCH):
+            ss = float32(0.0)
+            for c in range(tid, K_SLICE // 8, THREADS):
+                at = seq * H + k0 + c * 8
+                hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
+                rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
+                nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
+                for e in range(4):
+                    h_lo, h_hi = unpack(hx[e])
+                    r_lo, r_hi = unpack(rx[e])
+                    n_lo, n_hi = unpack(nx[e])
+                    s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
+                    if cluster == 0:
+                        residual_out[at + 2 * e] = to_bits(s_lo)
+                        residual_out[at + 2 * e + 1] = to_bits(s_hi)
+                    ss += s_lo * s_lo + s_hi * s_hi
+                    smem[XS + seq * K_SLICE + c * 8 + 2 * e] = s_lo * n_lo
+                    smem[XS + seq * K_SLICE + c * 8 + 2 * e + 1] = s_hi * n_hi
+            for offset in (16, 8, 4, 2, 1):
+                ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
+            if lane == 0:
+                smem[RED + warp * BATCH + seq] = ss
+        words = cuda.local.array(GATE_UP_WORDS, uint32)
+        step = warp
+        if step < GATE_UP_STEPS:
+            gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
+        cuda.syncthreads()
+        if tid < BATCH:
+            total = float32(0.0)
+            for i in range(WARPS):
+                total += smem[RED + i * BATCH + tid]
+            smem[PARTIAL + tid * (ROWS + 1) + ROWS] = total
+        while step < GATE_UP_STEPS:
+            gate_up_finish(words, smem, XS, smem, PARTIAL + step * GATE_UP_STEP_ROWS, lane)
+            step += WARPS
+            if step < GATE_UP_STEPS:
+                gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
+        # First W_down loads (weights need no a): this block's output rows, the cluster's columns.
+        down_words = cuda.local.array(DOWN_WORDS, uint32)
+        step = warp
+        if step < DOWN_STEPS:
+            down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
+                      down_words)
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # B1: every block's partials are complete
+
+        # -- 2 act: owners sum the partials, normalise, a = silu(gate) * up, push a to every block --------
+        for item in range(tid, ((INTER_SLICE - rank + C - 1) // C) * BATCH, THREADS):
+            j = rank + (item // BATCH) * C
+            seq = item % BATCH
+            partial = PARTIAL + seq * (ROWS + 1)
+            gate = float32(0.0)
+            up = float32(0.0)
+            ss = float32(0.0)
+            for c in range(C):
+                gate += ptx.remote_load(smem, partial + j, c)
+                up += ptx.remote_load(smem, partial + INTER_SLICE + j, c)
+                ss += ptx.remote_load(smem, partial + ROWS, c)
+            inv_rms = float32(1.0) / math.sqrt(ss * INV_H + EPS)
+            gate = rounded(gate * inv_rms)
+            up = rounded(up * inv_rms)
+            a = rounded(rounded(gate / (float32(1.0) + math.exp(-gate))) * up)
+            for c in range(C):
+                ptx.remote_store(smem, ACT + seq * INTER_SLICE + j, c, a)
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # B2: a is complete in every block; no DSMEM access after this
+
+        # -- 3 down: this block's output rows, the cluster's intermediate columns, added into out_acc -----
+        while step < DOWN_STEPS:
+            down_finish(down_words, smem, ACT, out_acc, rank * OUT_ROWS + step * DOWN_STEP_ROWS, lane)
+            step += WARPS
+            if step < DOWN_STEPS:
+                down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
+                          down_words)
+
+        # -- 4 finish: the last block (one a cluster) to add into this block's output rows converts them --
+        finish_arrive(arrivals, rank, CLUSTERS, last, tid)
+        if last[0] == 1:
+            finish_convert(out, out_acc, arrivals, rank, tid)
+
+    return fused_mlp
+
+
+def mlp_kernel_signature():
+    """Numba argument types of :func:`build_mlp_kernel`'s kernel."""
+    from numba import types
+
+    h = types.int16[::1]
+    return (h, h, h, h, h, h, h, h, types.float32[::1], types.int32[::1])

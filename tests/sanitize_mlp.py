@@ -1,0 +1,36 @@
+"""Run the fused MLP block once per shape of interest; run under compute-sanitizer.
+
+    compute-sanitizer --tool racecheck python tests/sanitize_mlp.py
+
+Shapes: clusters of 1, 2 and 4 blocks, a batch of 1 and of 3, float16 and bfloat16; each step
+twice, so the second runs on the workspace the first one's finish left. Exits non-zero if any step
+misses the float64 reference (the sanitizer reports hazards itself).
+"""
+
+import torch
+
+from clusterlab.fused import DecodeMLP, MLPConfig, MLPWeights, reference_mlp
+from clusterlab.fused.reference import relative_error
+
+SHAPES = [
+    # (config, layer options, batch, dtype)
+    (MLPConfig(hidden_size=512, intermediate_size=256), {"cluster_size": 2}, 3, torch.float16),
+    (MLPConfig(hidden_size=512, intermediate_size=384), {"cluster_size": 4, "warps": 4}, 1, torch.bfloat16),
+    (MLPConfig(hidden_size=256, intermediate_size=128), {"cluster_size": 1}, 2, torch.float16),
+]
+
+failures = 0
+for config, options, batch, dtype in SHAPES:
+    weights = MLPWeights.random(config, dtype, "cuda")
+    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
+    want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)
+    layer = DecodeMLP(config, weights, **options)
+    for run in range(2):
+        out = torch.full_like(hidden, float("nan"))
+        layer(hidden, residual, out=out)
+        torch.cuda.synchronize()
+        error = relative_error(out, want)
+        print(f"{options} batch {batch} {dtype} run {run}: shape {layer.shape(batch)}, rel err {error:.1e}")
+        failures += not error < 1e-2
+print(f"{failures} mismatches")
+raise SystemExit(1 if failures else 0)

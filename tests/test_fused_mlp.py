@@ -1,0 +1,437 @@
+"""The fused SwiGLU MLP block (:mod:`clusterlab.fused.mlp`): out = down(silu(gate(n)) * up(n)),
+n = RMSNorm(hidden + residual) * norm.
+
+- ``ptx``: the kernel for the presets' launch shapes assembles for sm_90a with the cluster
+  instructions, wide loads, no spills, and fits the register file at its launch bound;
+- CPU: the simulator twin (via :class:`DecodeMLP` on CPU tensors) against the float64
+  :func:`reference_mlp`, PyTorch's op chain and transformers' ``LlamaMLP`` / ``LlamaRMSNorm``;
+  its traces are hazard-free, and dropping either cluster barrier is caught; input checks;
+  the :func:`mlp_shape` rule;
+- ``gpu``: the kernel on a Hopper GPU (skipped elsewhere by conftest.py) into NaN-poisoned
+  outputs, workspace left zero, back-to-back calls, CUDA-graph replays, explicit launch shapes.
+
+Tolerance (the layer's contract, as for the attention block): ``‖out − ref‖/‖ref‖ ≤ 1e-2``.
+Inputs and weights are 16-bit on every side (exact in float64); the kernel sums in float32
+(~1e-7) but rounds gate, up, silu(gate) and a to the model dtype, as PyTorch's separate ops
+do, and the output once more: 2^-11 (float16) or 2^-8 (bfloat16) per element and step. The
+simulator measures about 5e-4 (float16) and 5e-3 (bfloat16) from float64; two independently
+rounded 16-bit implementations (ours and PyTorch's / transformers') differ by up to ~7e-3 in
+bfloat16. The new residual is a single rounding of a float32 sum, so it is checked bit for bit.
+"""
+
+import functools
+import inspect
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from clusterlab import simulator
+from clusterlab.fused import mlp_simulated
+from clusterlab.fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
+from clusterlab.fused.mlp_kernel import MLPSpec, build_mlp_kernel, mlp_kernel_signature
+from clusterlab.fused.mlp_simulated import simulated_mlp_step
+from clusterlab.fused.reference import relative_error
+from clusterlab.models.llama import mlp as torch_mlp
+from clusterlab.models.llama import rms_norm
+
+TOLERANCE = 1e-2
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+#: The MLP blocks of released checkpoints (hidden_size, intermediate_size, rms_eps).
+MODELS = {
+    "llama3-8b": MLPConfig(4096, 14336, 1e-5),
+    "llama3.2-1b": MLPConfig(2048, 8192, 1e-5),
+    "qwen2.5-7b": MLPConfig(3584, 18944, 1e-6),
+    "llama2-7b": MLPConfig(4096, 11008, 1e-5),
+}
+#: Tiny shapes for the simulator: 176 = 8 x 22 gives slices of 8 and 16 (odd cluster counts).
+TINY = {"h64-i176": MLPConfig(64, 176), "h128-i256": MLPConfig(128, 256, 1e-6)}
+
+
+def random_inputs(config, dtype, batch, seed, device="cpu"):
+    """``hidden``, ``residual`` ``[batch, hidden_size]``: fresh N(0, 1) draws of a seeded generator."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden, residual = torch.randn(2, batch, config.hidden_size, generator=gen, device=device).to(dtype)
+    return hidden, residual
+
+
+def exact_residual(hidden, residual):
+    """hidden + residual in float32, rounded once to their dtype: what the kernel stores."""
+    return (hidden.float() + residual.float()).to(hidden.dtype)
+
+
+def torch_chain(config, weights, hidden, residual):
+    """The block as separate PyTorch ops in the model dtype (clusterlab.models.llama)."""
+    return torch_mlp(weights, rms_norm(hidden + residual, weights.norm, config.rms_eps))
+
+
+def bits(t):
+    return t.view(torch.int16)
+
+
+# ---------------------------------------------------------------------------------------------- ptx
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize(
+    "model, dtype, batch, shape",
+    [("llama3-8b", "f16", 1, (2, 128, 8)), ("llama3-8b", "bf16", 8, (2, 128, 8)),
+     ("llama3.2-1b", "bf16", 1, (2, 128, 8)), ("llama3.2-1b", "f16", 8, (2, 128, 8)),
+     ("qwen2.5-7b", "f16", 8, (4, 37, 8)), ("llama2-7b", "bf16", 1, (4, 43, 8))],
+    ids=["llama3-8b-f16-b1", "llama3-8b-bf16-b8", "llama3.2-1b-bf16-b1", "llama3.2-1b-f16-b8", "qwen2.5-7b-f16-b8",
+         "llama2-7b-bf16-b1"],
+)
+def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, dtype, batch, shape):
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    config = MODELS[model]
+    assert mlp_shape(config, batch, 132) == shape  # what an H100 or H200 runs
+    spec = MLPSpec.of(config, dtype == "bf16", batch, *shape)
+    ptx = kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+    for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "st.shared::cluster.f32",
+                        "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "atom.global.add.f32"):
+        assert instruction in ptx, instruction
+    # Exactly the two exchanges: B1 (partials complete) and B2 (a pushed to every block).
+    assert ptx.count("barrier.cluster.arrive.release") == 2
+    assert ptx.count("barrier.cluster.wait.acquire") == 2
+    assert "st.local" not in ptx  # every register array was indexed by constants
+    result = assemble(ptx)
+    assert result.spill_bytes == 0
+    # The register file (64K) holds the blocks the launch bound asks for: 16 warps an SM.
+    assert result.registers * spec.threads * spec.min_blocks_per_sm <= 65536
+    assert spec.min_blocks_per_sm * spec.warps == 16
+
+
+# ----------------------------------------------------------------------------------- simulator (CPU)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("cluster_size", [1, 2, 4])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_simulated_layer_matches_float64_reference_and_torch_chain(name, dtype, cluster_size, batch):
+    config, dtype = TINY[name], DTYPES[dtype]
+    seed = 1000 * cluster_size + batch
+    weights = MLPWeights.random(config, dtype, seed=seed)
+    layer = DecodeMLP(config, weights, cluster_size=cluster_size)
+    assert layer.backend == "simulator" and layer.shape(batch)[0] == cluster_size
+    hidden, residual = random_inputs(config, dtype, batch, seed + 1)
+    out = torch.full_like(hidden, float("nan"))
+    new_residual = torch.full_like(hidden, float("nan"))
+    got, got_residual = layer(hidden, residual, out=out, residual_out=new_residual)
+    assert got is out and got_residual is new_residual
+    want, want_residual = reference_mlp(weights, hidden, residual, config.rms_eps)
+    assert relative_error(out, want) <= TOLERANCE  # inf if any NaN was left
+    assert relative_error(out, torch_chain(config, weights, hidden, residual)) <= TOLERANCE
+    assert relative_error(new_residual, want_residual) <= TOLERANCE
+    assert torch.equal(bits(new_residual), bits(exact_residual(hidden, residual)))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_simulated_layer_matches_transformers_llama_mlp(dtype, batch):
+    """An independent implementation: transformers' own modules, the code released checkpoints run."""
+    transformers = pytest.importorskip("transformers", reason="the cross-check needs transformers (the test extra)")
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    config, dtype = TINY["h128-i256"], DTYPES[dtype]
+    weights = MLPWeights.random(config, dtype, seed=batch)
+    hf_config = transformers.LlamaConfig(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                                         hidden_act="silu", rms_norm_eps=config.rms_eps, mlp_bias=False)
+    hf_mlp = llama.LlamaMLP(hf_config).to(dtype)
+    hf_mlp.load_state_dict({"gate_proj.weight": weights.gate, "up_proj.weight": weights.up,
+                            "down_proj.weight": weights.down})
+    hf_norm = llama.LlamaRMSNorm(config.hidden_size, eps=config.rms_eps).to(dtype)
+    hf_norm.load_state_dict({"weight": weights.norm})
+    hidden, residual = random_inputs(config, dtype, batch, seed=50 + batch)
+    with torch.no_grad():
+        want = hf_mlp(hf_norm(residual + hidden))  # LlamaDecoderLayer: residual add, norm, mlp
+    assert want.dtype == dtype
+    out, new_residual = DecodeMLP(config, weights)(hidden, residual)
+    assert relative_error(out, want) <= TOLERANCE
+    assert torch.equal(bits(new_residual), bits(exact_residual(hidden, residual)))
+
+
+@pytest.mark.parametrize("cluster_size", [2, 4])
+def test_simulated_traces_have_two_barriers_and_dsmem_only_in_the_act_phase(cluster_size):
+    """simulator.launch raises on the first hazard, so a step that returns is hazard-free; its
+    traces show the exchange the kernel does: one cluster per slice, two cluster barriers, DSMEM
+    only in phase 2, and every block receiving the cluster's whole ``a``."""
+    config, batch, clusters = TINY["h64-i176"], 3, 11
+    weights = MLPWeights.random(config, torch.bfloat16, seed=5)
+    hidden, residual = random_inputs(config, torch.bfloat16, batch, seed=6)
+    traces = []
+    out, _ = simulated_mlp_step(config, weights, hidden, residual, cluster_size, clusters, traces=traces)
+    assert relative_error(out, reference_mlp(weights, hidden, residual, config.rms_eps)[0]) <= TOLERANCE
+    assert len(traces) == clusters
+    inter_slice = config.intermediate_size // clusters
+    for trace in traces:
+        table = trace.phase_table()
+        for step in ("1 gate_up", "2 act", "3 down"):
+            assert step in table
+        assert "2 cluster barriers" in table
+        rows = [line for line in table.splitlines() if "shared::cluster" in line]
+        assert len(rows) == 1 and "2 act" in rows[0]
+        pushed = sum(e.nbytes for e in trace.events if e.kind == "st.shared::cluster")
+        assert pushed == cluster_size * batch * inter_slice * 4  # float32 a, to every block
+
+
+def program_without(marker: str):
+    """:func:`mlp_block` with the line ``marker`` (a cluster barrier) commented out."""
+    source = textwrap.dedent(inspect.getsource(mlp_simulated.mlp_block))
+    assert source.count(marker) == 1, marker
+    namespace = dict(vars(mlp_simulated))
+    exec(compile(source.replace(marker, "pass  # dropped:"), "<mlp_block variant>", "exec"), namespace)
+    return namespace["mlp_block"]
+
+
+@pytest.mark.parametrize("cluster_size", [2, 4])
+@pytest.mark.parametrize(
+    "barrier, hazards",
+    [("B1", (simulator.DataRace,)), ("B2", (simulator.DataRace, simulator.ExitedBlockAccess))],
+)
+def test_a_missing_cluster_barrier_is_caught(barrier, hazards, cluster_size):
+    """Without B1 an owner reads peers' partials before they are written (a race); without B2 a
+    block leaves (or reads its ``a``) while peers still push into or read from it."""
+    program = program_without(f"yield b.cluster_sync()  # {barrier}:")
+    config, batch = TINY["h64-i176"], 2
+    weights = MLPWeights.random(config, torch.float16, seed=8)
+    hidden, residual = random_inputs(config, torch.float16, batch, seed=9)
+
+    def f32(t):
+        return t.float().numpy()
+
+    gm = {"hidden": f32(hidden), "residual": f32(residual), "norm": f32(weights.norm), "gate": f32(weights.gate),
+          "up": f32(weights.up), "down": f32(weights.down),
+          "residual_out": np.zeros((batch, config.hidden_size), np.float32),
+          "out_acc": np.zeros((batch, config.hidden_size), np.float32)}
+    with pytest.raises(hazards):
+        simulator.launch(program, cluster_size, 0, config, batch, 11, gm, lambda x: x)
+
+
+def test_kernel_and_simulator_head_their_phases_alike():
+    """Kernel and simulator mark each phase with the same ``# -- N name: what`` line, in order."""
+    from clusterlab.fused import mlp_kernel
+
+    def headers(*functions):
+        lines = "".join(inspect.getsource(f) for f in functions).splitlines()
+        return [line.strip().rstrip("- ") for line in lines if line.strip().startswith("# -- ")]
+
+    steps = ["1 gate_up", "2 act", "3 down", "4 finish"]
+    in_kernel = headers(mlp_kernel.build_mlp_kernel)
+    assert [header.removeprefix("# -- ")[: len(step)] for header, step in zip(in_kernel, steps)] == steps
+    assert len(in_kernel) == len(steps)
+    assert headers(mlp_simulated.mlp_block, mlp_simulated.simulated_mlp_step) == in_kernel
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+@pytest.fixture
+def tiny_layer():
+    config = TINY["h64-i176"]
+    return DecodeMLP(config, MLPWeights.random(config, torch.float16, seed=3))
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"cluster_size": 3}, ValueError, r"cluster_size must be one of \[1, 2, 4, 8\] .*, got 3"),
+    ({"cluster_size": 16}, ValueError, r"cluster_size must be one of \[1, 2, 4, 8\] \(8 \* cluster_size must divide "
+                                       r"hidden_size 64\), got 16"),
+    ({"warps": 5}, ValueError, r"warps must be one of \(4, 8, 16\), got 5"),
+    ({"backend": "cuda"}, ValueError, "backend must be one of"),
+    ({"backend": "gpu"}, ValueError, "backend 'gpu' needs the weights on a CUDA device"),
+])
+def test_layer_rejects_bad_launch_options(tiny_layer, options, error, match):
+    with pytest.raises(error, match=match):
+        DecodeMLP(tiny_layer.config, tiny_layer.weights, **options)
+
+
+def test_layer_rejects_bad_steps_before_running(tiny_layer):
+    config = tiny_layer.config
+    hidden, residual = random_inputs(config, torch.float16, 2, seed=4)
+    with pytest.raises(TypeError, match=r"hidden has dtype torch.float32; expected torch.float16"):
+        tiny_layer(hidden.float(), residual)
+    with pytest.raises(TypeError, match=r"residual has dtype torch.bfloat16; expected torch.float16"):
+        tiny_layer(hidden, residual.bfloat16())
+    with pytest.raises(ValueError, match=r"residual has shape \(2, 63\); expected \(2, 64\)"):
+        tiny_layer(hidden, residual[:, :63].contiguous())
+    with pytest.raises(ValueError, match=r"hidden has shape \(64, 2\); expected \(batch, 64\)"):
+        tiny_layer(hidden.T.contiguous(), residual)
+    nine = torch.randn(9, config.hidden_size).half()
+    with pytest.raises(ValueError, match=r"hidden has batch 9; allowed 1\.\.8"):
+        tiny_layer(nine, nine)
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        tiny_layer(hidden, torch.randn(config.hidden_size, 2).half().T)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 32\); expected \(2, 64\)"):
+        tiny_layer(hidden, residual, out=torch.empty(2, 32).half())
+    with pytest.raises(TypeError, match=r"residual_out has dtype torch.bfloat16; expected torch.float16"):
+        tiny_layer(hidden, residual, residual_out=torch.empty(2, 64).bfloat16())
+
+
+def test_layer_rejects_weights_that_do_not_match_the_config(tiny_layer):
+    config, w = tiny_layer.config, tiny_layer.weights
+    with pytest.raises(ValueError, match=r"weights.gate has shape \(176, 32\); expected \(176, 64\)"):
+        DecodeMLP(config, MLPWeights(w.norm, w.gate[:, :32].contiguous(), w.up, w.down))
+    with pytest.raises(ValueError, match=r"weights.down has shape \(176, 64\); expected \(64, 176\)"):
+        DecodeMLP(config, MLPWeights(w.norm, w.gate, w.up, w.down.T.contiguous()))
+    with pytest.raises(ValueError, match=r"weights.norm has shape \(32,\); expected \(64,\)"):
+        DecodeMLP(config, MLPWeights(w.norm[:32].contiguous(), w.gate, w.up, w.down))
+    with pytest.raises(TypeError, match=r"weights.up has dtype torch.bfloat16; expected torch.float16"):
+        DecodeMLP(config, MLPWeights(w.norm, w.gate, w.up.bfloat16(), w.down))
+    with pytest.raises(ValueError, match=r"weights.gate has shape \(128, 64\); expected \(256, 128\)"):
+        DecodeMLP(TINY["h128-i256"], MLPWeights.random(MLPConfig(64, 128), torch.float16, seed=0))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hidden_size": 100, "intermediate_size": 176}, r"hidden_size \(100\) and intermediate_size \(176\) must be "
+                                                     "multiples of 8"),
+    ({"hidden_size": 64, "intermediate_size": 100}, r"intermediate_size \(100\) must be multiples of 8"),
+    ({"hidden_size": 0, "intermediate_size": 176}, "hidden_size must be a positive int, got 0"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": 0.0}, "rms_eps must be a positive finite number, got 0.0"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": -1e-5}, "rms_eps must be a positive finite number"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": float("inf")}, "rms_eps must be a positive finite number"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": True}, "rms_eps must be a positive finite number"),
+])
+def test_config_rejects_bad_sizes_and_eps(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MLPConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------- launch shape
+
+
+def best_split(config, batch, sm_count, cluster_size, warps):
+    """mlp_shape's documented rule by brute force: over every split with every block resident at
+    once, the most even load of the SMs, then the most blocks; None where no split fits."""
+    best = None
+    for clusters in range(1, config.intermediate_size // 8 + 1):
+        try:
+            spec = MLPSpec.of(config, False, batch, cluster_size, clusters, warps)
+        except ValueError:
+            continue
+        blocks = clusters * cluster_size
+        if blocks <= spec.min_blocks_per_sm * sm_count:
+            score = (blocks / (sm_count * -(-blocks // sm_count)), blocks)
+            best = max(best or (score, clusters), (score, clusters))
+    return None if best is None else (cluster_size, best[1], warps)
+
+
+def test_mlp_shape_of_llama3_8b_on_an_h100_or_h200():
+    # 128 clusters of 2 blocks of 8 warps: 256 blocks, two on all but 4 of the 132 SMs.
+    for batch in range(1, 9):
+        assert mlp_shape(MODELS["llama3-8b"], batch, 132) == (2, 128, 8)
+    assert mlp_shape(MODELS["llama3-8b"], 1, 132, cluster_size=4, warps=4) == (4, 128, 4)
+
+
+@pytest.mark.parametrize("sm_count", [132, 114, 78])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_mlp_shape_keeps_every_block_resident_and_follows_its_rule(model, sm_count):
+    config = MODELS[model]
+    for batch in range(1, 9):
+        # The default: clusters of 2 where their best split fills >= 90% of the block slots, else of 4
+        # (of 2 where no split of 4 keeps every block resident).
+        pair, quad = (best_split(config, batch, sm_count, c, 8) for c in (2, 4))
+        balance = 2 * pair[1] / (sm_count * -(-2 * pair[1] // sm_count))
+        assert mlp_shape(config, batch, sm_count) == (pair if balance >= 0.9 else quad or pair), f"batch {batch}"
+        for options in ({"cluster_size": c, "warps": w} for c in (1, 2, 4, 8) for w in (4, 8, 16)):
+            where = f"batch {batch}, {options}"
+            want = best_split(config, batch, sm_count, options["cluster_size"], options["warps"])
+            if want is None:  # e.g. Qwen2.5-7B in clusters of 8: its smallest split, 37 x 8 blocks, is too many
+                with pytest.raises(ValueError, match=f"intermediate_size {config.intermediate_size} has no split"):
+                    mlp_shape(config, batch, sm_count, **options)
+                continue
+            cluster_size, clusters, warps = shape = mlp_shape(config, batch, sm_count, **options)
+            spec = MLPSpec.of(config, False, batch, cluster_size, clusters, warps)
+            assert clusters * cluster_size <= spec.min_blocks_per_sm * sm_count, where
+            assert shape == want, where
+
+
+def test_mlp_shape_finds_the_best_split_past_a_shared_memory_limited_one():
+    # Llama-3-8B, batch 8, clusters of 16 x 4 warps: 28 clusters (448 blocks) exceed 3 blocks an SM,
+    # but 32 clusters (512 blocks, 4 an SM) balance as well as 16 clusters with twice the blocks.
+    config = MODELS["llama3-8b"]
+    assert best_split(config, 8, 132, 16, 4) == (16, 32, 4)
+    assert mlp_shape(config, 8, 132, 16, 4) == (16, 32, 4)
+
+
+# ------------------------------------------------------------------------------------------------ gpu
+
+GPU_MODELS = {"llama3-8b": MODELS["llama3-8b"], "llama3.2-1b": MODELS["llama3.2-1b"], "tiny": TINY["h128-i256"]}
+
+
+@functools.cache
+def gpu_weights(name, dtype):
+    return MLPWeights.random(GPU_MODELS[name], dtype, "cuda", seed=17)
+
+
+def check_gpu_step(layer, hidden, residual):
+    """One step into NaN-poisoned outputs; returns ``out``. Checks both outputs and the workspace."""
+    config, weights = layer.config, layer.weights
+    out = torch.full_like(hidden, float("nan"))
+    new_residual = torch.full_like(hidden, float("nan"))
+    got, got_residual = layer(hidden, residual, out=out, residual_out=new_residual)
+    torch.cuda.synchronize()
+    assert got is out and got_residual is new_residual
+    want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)
+    assert relative_error(out, want) <= TOLERANCE  # inf if any NaN was left
+    assert relative_error(out, torch_chain(config, weights, hidden, residual)) <= TOLERANCE
+    assert torch.equal(bits(new_residual), bits(exact_residual(hidden, residual)))
+    assert not layer._out_acc.any() and not layer._arrivals.any(), "workspace not left zero"
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("name", sorted(GPU_MODELS))
+def test_gpu_step_matches_reference_and_torch_and_leaves_the_workspace_zero(name, dtype, batch):
+    dtype = DTYPES[dtype]
+    layer = DecodeMLP(GPU_MODELS[name], gpu_weights(name, dtype))
+    assert layer.backend == "gpu"
+    hidden, residual = random_inputs(layer.config, dtype, batch, seed=batch, device="cuda")
+    first = check_gpu_step(layer, hidden, residual)
+    second = check_gpu_step(layer, hidden, residual)
+    # The down projection's float32 atomics add in any order, so a rare element may round to the
+    # neighbouring 16-bit value; a workspace left dirty would double the output instead.
+    assert relative_error(second, first) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype):
+    dtype = DTYPES[dtype]
+    layer = DecodeMLP(GPU_MODELS["llama3.2-1b"], gpu_weights("llama3.2-1b", dtype))
+    config = layer.config
+    hidden, residual = random_inputs(config, dtype, 3, seed=30, device="cuda")
+    out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
+    layer(hidden, residual, out=out, residual_out=new_residual)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(hidden, residual, out=out, residual_out=new_residual)
+    for replay in range(3):
+        fresh_hidden, fresh_residual = random_inputs(config, dtype, 3, seed=31 + replay, device="cuda")
+        hidden.copy_(fresh_hidden)
+        residual.copy_(fresh_residual)
+        out.fill_(float("nan"))
+        new_residual.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, _ = reference_mlp(layer.weights, fresh_hidden, fresh_residual, config.rms_eps)
+        assert relative_error(out, want) <= TOLERANCE, f"replay {replay}"
+        assert torch.equal(bits(new_residual), bits(exact_residual(fresh_hidden, fresh_residual))), f"replay {replay}"
+        assert not layer._out_acc.any() and not layer._arrivals.any(), f"replay {replay}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("cluster_size", [1, 2, 4])
+def test_gpu_explicit_cluster_sizes_and_warps(cluster_size, warps):
+    layer = DecodeMLP(GPU_MODELS["llama3.2-1b"], gpu_weights("llama3.2-1b", torch.bfloat16),
+                      cluster_size=cluster_size, warps=warps)
+    for batch in (1, 3, 8):
+        shape = layer.shape(batch)
+        assert (shape[0], shape[2]) == (cluster_size, warps)
+        hidden, residual = random_inputs(layer.config, torch.bfloat16, batch, seed=40 + batch, device="cuda")
+        check_gpu_step(layer, hidden, residual)
