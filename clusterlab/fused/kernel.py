@@ -352,6 +352,58 @@ def make_gemv(batch: int, bf16: bool, tile, x_stride: int, out_stride: int, atom
     return gemv_load, gemv_finish, words
 
 
+def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, bf16: bool):
+    """Device functions of the first phase of a kernel that starts from ``RMSNorm(hidden + residual)``.
+
+    ``norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid)``:
+    the block's threads add ``hidden + residual`` (16-bit ``[batch, hidden_size]``) on the hidden
+    slice ``k0 .. k0 + k_slice``, write the sums to ``residual_out`` where ``writes_residual``,
+    keep ``h * norm`` (float32) at ``smem[xs + seq*k_slice + k]`` and each warp's share of
+    ``sum(h^2)`` at ``smem[red + warp*batch + seq]``. After a ``syncthreads``,
+    ``sum_squares(smem, red, warps, dst, stride, tid)`` adds up the warps' shares: sequence
+    ``seq``'s ``sum(h^2)`` at ``smem[dst + seq*stride]``. The normalisation itself,
+    ``rsqrt(mean(h^2) + eps)``, is left to whoever sums the dots of ``h * norm``.
+    """
+    unpack = ptx.bf16x2_to_f32x2 if bf16 else ptx.f16x2_to_f32x2
+    to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
+
+    @cuda.jit(device=True, inline=True)
+    def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid):
+        lane, warp = tid % 32, tid // 32
+        for seq in range(batch):
+            ss = float32(0.0)
+            for c in range(tid, k_slice // 8, threads):
+                at = seq * hidden_size + k0 + c * 8
+                hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
+                rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
+                nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
+                for e in range(4):
+                    h_lo, h_hi = unpack(hx[e])
+                    r_lo, r_hi = unpack(rx[e])
+                    n_lo, n_hi = unpack(nx[e])
+                    s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
+                    if writes_residual:
+                        residual_out[at + 2 * e] = to_bits(s_lo)
+                        residual_out[at + 2 * e + 1] = to_bits(s_hi)
+                    ss += s_lo * s_lo + s_hi * s_hi
+                    smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
+                    smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
+            for offset in (16, 8, 4, 2, 1):
+                ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
+            if lane == 0:
+                smem[red + warp * batch + seq] = ss
+
+    @cuda.jit(device=True, inline=True)
+    def sum_squares(smem, red, warps, dst, stride, tid):
+        if tid < batch:
+            total = float32(0.0)
+            for i in range(warps):
+                total += smem[red + i * batch + tid]
+            smem[dst + tid * stride] = total
+
+    return norm_inputs, sum_squares
+
+
 def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16: bool):
     """Device functions of the finish of a kernel whose blocks add into one float32 accumulator.
 
@@ -526,7 +578,6 @@ def build_kernel(spec: KernelSpec):
     O_STEP_ROWS = (32 // o_tile[0]) * o_tile[2]  # W_o rows a warp step covers
     O_STEPS = OUT_ROWS // O_STEP_ROWS if spec.o_stream else 0
 
-    unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE, out_stride=ROWS + 1,
@@ -534,6 +585,7 @@ def build_kernel(spec: KernelSpec):
     o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
     kv_load, kv_fold, KV_WORDS = _make_attention(spec)
     LANE_ACC = G * 8  # a lane's attention accumulators: its 8 dims of each query head
+    norm_inputs, sum_squares = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
@@ -571,28 +623,7 @@ def build_kernel(spec: KernelSpec):
                 sms[cuda.blockIdx.x] = ptx.sm_id()
 
         # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) ----------------
-        for seq in range(BATCH):
-            ss = float32(0.0)
-            for c in range(tid, K_SLICE // 8, THREADS):
-                at = seq * H + k0 + c * 8
-                hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
-                rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
-                nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
-                for e in range(4):
-                    h_lo, h_hi = unpack(hx[e])
-                    r_lo, r_hi = unpack(rx[e])
-                    n_lo, n_hi = unpack(nx[e])
-                    s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
-                    if cluster == 0:
-                        residual_out[at + 2 * e] = to_bits(s_lo)
-                        residual_out[at + 2 * e + 1] = to_bits(s_hi)
-                    ss += s_lo * s_lo + s_hi * s_hi
-                    smem[XS + seq * K_SLICE + c * 8 + 2 * e] = s_lo * n_lo
-                    smem[XS + seq * K_SLICE + c * 8 + 2 * e + 1] = s_hi * n_hi
-            for offset in (16, 8, 4, 2, 1):
-                ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
-            if lane == 0:
-                smem[RED + warp * BATCH + seq] = ss
+        norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, k0, cluster == 0, tid)
         # The first W_qkv step's loads go out once the input slice is in, not ahead of it: the
         # input loads would queue behind the weights' and hold up the whole phase.
         qkv_words = cuda.local.array(QKV_WORDS, uint32)
@@ -601,11 +632,7 @@ def build_kernel(spec: KernelSpec):
             qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H, lane,
                      qkv_words)
         cuda.syncthreads()
-        if tid < BATCH:
-            total = float32(0.0)
-            for i in range(WARPS):
-                total += smem[RED + i * BATCH + tid]
-            smem[PARTIAL + tid * (ROWS + 1) + ROWS] = total
+        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
         stamp(stamps, tid, 1)  # inputs
         while step < QKV_STEPS:
             qkv_finish(qkv_words, smem, XS, smem, PARTIAL + step * QKV_STEP_ROWS, lane)

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
-from .plan import CLUSTER_SIZES, HOPPER, DeviceLimits, check_cluster_size, check_head_split, launch_shape
-from .validate import check_positions, check_step, check_weights
+from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, launch_shape
+from .validate import check_positions, check_step, check_weights, resolve_backend
 
-BACKENDS = ("auto", "gpu", "simulator")
 
 
 @functools.cache
@@ -77,26 +76,14 @@ class DecodeAttention:
                  warps: int | None = None, head_split: int | None = None, backend: str = "auto",
                  limits: DeviceLimits | None = None):
         check_weights(config, weights)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         device = weights.qkv.device
-        if backend == "auto":
-            backend = "gpu" if device.type == "cuda" else "simulator"
-        if backend == "gpu" and device.type != "cuda":
-            raise ValueError(f"backend 'gpu' needs the weights on a CUDA device; they are on {device}")
-        if backend == "simulator" and device.type != "cpu":
-            raise ValueError(f"backend 'simulator' needs the weights on the CPU; they are on {device}")
+        backend, self.limits = resolve_backend(backend, device, limits)
         if warps not in (None, 4, 8, 16):
             raise ValueError(f"warps must be one of (4, 8, 16) (at least the batch size), got {warps!r}")
         if cluster_size is not None:
             check_cluster_size(config, cluster_size)
         if head_split is not None:
             check_head_split(config, head_split)
-        if backend == "gpu":
-            if limits is not None:
-                raise ValueError("limits is read from the device on the 'gpu' backend; pass it only to the simulator")
-            limits = DeviceLimits.of(device)
-        self.limits = HOPPER if limits is None else limits
         self.config, self.weights, self.backend = config, weights, backend
         # None: chosen per batch by shape()
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split

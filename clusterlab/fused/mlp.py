@@ -48,10 +48,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, seeded_generator
-from .plan import CLUSTER_SIZES, HOPPER, DeviceLimits
-from .validate import check_tensor
+from .plan import CLUSTER_SIZES, DeviceLimits
+from .validate import check_tensor, resolve_backend
 
-BACKENDS = ("auto", "gpu", "simulator")
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2
 UNEVEN_CLUSTER_SIZE = 4
@@ -241,20 +240,8 @@ class DecodeMLP:
     def __init__(self, config: MLPConfig, weights: MLPWeights, *, cluster_size: int | None = None,
                  warps: int | None = None, backend: str = "auto", limits: DeviceLimits | None = None):
         check_mlp_weights(config, weights)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         device = weights.gate.device
-        if backend == "auto":
-            backend = "gpu" if device.type == "cuda" else "simulator"
-        if backend == "gpu" and device.type != "cuda":
-            raise ValueError(f"backend 'gpu' needs the weights on a CUDA device; they are on {device}")
-        if backend == "simulator" and device.type != "cpu":
-            raise ValueError(f"backend 'simulator' needs the weights on the CPU; they are on {device}")
-        if backend == "gpu":
-            if limits is not None:
-                raise ValueError("limits is read from the device on the 'gpu' backend; pass it only to the simulator")
-            limits = DeviceLimits.of(device)
-        self.limits = HOPPER if limits is None else limits
+        backend, self.limits = resolve_backend(backend, device, limits)
         self.config, self.weights, self.backend = config, weights, backend
         mlp_shape(config, 1, self.limits.sm_count, cluster_size, warps)  # raises where they cannot work
         self.cluster_size, self.warps = cluster_size, warps

@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from .. import ptx
-from .kernel import FULL_MASK, REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv
+from .kernel import REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv, make_norm_inputs
 from .mlp import MLPConfig
 from .plan import HOPPER, DeviceLimits
 
@@ -152,13 +152,13 @@ def build_mlp_kernel(spec: MLPSpec):
     DOWN_STEP_ROWS = (32 // down_tile[0]) * down_tile[2]  # W_down rows a warp step covers
     DOWN_STEPS = OUT_ROWS // DOWN_STEP_ROWS
 
-    unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     gate_up_load, gate_up_finish, GATE_UP_WORDS = make_gemv(BATCH, BF16, gate_up_tile, x_stride=K_SLICE,
                                                             out_stride=ROWS + 1, atomic=False)
     down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
                                                    atomic=True)
+    norm_inputs, sum_squares = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
 
     @cuda.jit(device=True, inline=True)
@@ -185,38 +185,13 @@ def build_mlp_kernel(spec: MLPSpec):
         k0 = rank * K_SLICE
 
         # -- 1 gate_up: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots -
-        for seq in range(BATCH):
-            ss = float32(0.0)
-            for c in range(tid, K_SLICE // 8, THREADS):
-                at = seq * H + k0 + c * 8
-                hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
-                rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
-                nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
-                for e in range(4):
-                    h_lo, h_hi = unpack(hx[e])
-                    r_lo, r_hi = unpack(rx[e])
-                    n_lo, n_hi = unpack(nx[e])
-                    s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
-                    if cluster == 0:
-                        residual_out[at + 2 * e] = to_bits(s_lo)
-                        residual_out[at + 2 * e + 1] = to_bits(s_hi)
-                    ss += s_lo * s_lo + s_hi * s_hi
-                    smem[XS + seq * K_SLICE + c * 8 + 2 * e] = s_lo * n_lo
-                    smem[XS + seq * K_SLICE + c * 8 + 2 * e + 1] = s_hi * n_hi
-            for offset in (16, 8, 4, 2, 1):
-                ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
-            if lane == 0:
-                smem[RED + warp * BATCH + seq] = ss
+        norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, k0, cluster == 0, tid)
         words = cuda.local.array(GATE_UP_WORDS, uint32)
         step = warp
         if step < GATE_UP_STEPS:
             gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
         cuda.syncthreads()
-        if tid < BATCH:
-            total = float32(0.0)
-            for i in range(WARPS):
-                total += smem[RED + i * BATCH + tid]
-            smem[PARTIAL + tid * (ROWS + 1) + ROWS] = total
+        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
         while step < GATE_UP_STEPS:
             gate_up_finish(words, smem, XS, smem, PARTIAL + step * GATE_UP_STEP_ROWS, lane)
             step += WARPS

@@ -8,6 +8,30 @@ import reprlib
 import torch
 
 from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache
+from .plan import HOPPER, DeviceLimits
+
+#: Where a fused layer runs: ``"auto"`` follows its weights' device, ``"gpu"`` (the cluster kernel)
+#: and ``"simulator"`` (the same dataflow on the CPU) insist.
+BACKENDS = ("auto", "gpu", "simulator")
+
+
+def resolve_backend(backend, device: torch.device, limits: DeviceLimits | None) -> tuple[str, DeviceLimits]:
+    """``(backend, limits)`` of a layer whose weights are on ``device``: ``"auto"`` resolved (a CUDA
+    device: ``"gpu"``, the CPU: ``"simulator"``); on the GPU backend the device's own limits (``limits``
+    must be None), on the simulator ``limits`` or :data:`~clusterlab.fused.plan.HOPPER`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "gpu" if device.type == "cuda" else "simulator"
+    if backend == "gpu" and device.type != "cuda":
+        raise ValueError(f"backend 'gpu' needs the weights on a CUDA device; they are on {device}")
+    if backend == "simulator" and device.type != "cpu":
+        raise ValueError(f"backend 'simulator' needs the weights on the CPU; they are on {device}")
+    if backend == "gpu":
+        if limits is not None:
+            raise ValueError("limits is read from the device on the 'gpu' backend; pass it only to the simulator")
+        return backend, DeviceLimits.of(device)
+    return backend, HOPPER if limits is None else limits
 
 
 def check_tensor(name: str, x, shape: tuple, dtype, device: torch.device, like: str) -> None:
