@@ -19,6 +19,7 @@ import torch
 
 from .. import simulator
 from .mlp import MLPConfig, MLPWeights
+from .simulated import norm_inputs
 
 F32 = np.float32
 
@@ -43,10 +44,7 @@ def mlp_block(b: simulator.Block, cluster: int, config: MLPConfig, batch: int, c
     # -- 1 gate_up: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots -----
     b.step("1 gate_up")
     k0 = rank * k_slice
-    h = gm["hidden"][:, k0 : k0 + k_slice] + gm["residual"][:, k0 : k0 + k_slice]
-    if cluster == 0:
-        gm["residual_out"][:, k0 : k0 + k_slice] = h
-    xs = h * gm["norm"][k0 : k0 + k_slice]
+    h, xs = norm_inputs(gm, k0, k_slice, cluster == 0)
     partial[:, :inter_slice] = xs @ gm["gate"][mine, k0 : k0 + k_slice].T
     partial[:, inter_slice:rows] = xs @ gm["up"][mine, k0 : k0 + k_slice].T
     partial[:, rows] = (h * h).sum(axis=1, dtype=F32)

@@ -29,6 +29,16 @@ NEG = np.float32(-1e30)  # the kernel's stand-in for -inf
 F32 = np.float32
 
 
+def norm_inputs(gm: dict, k0: int, k_slice: int, writes_residual: bool):
+    """The first phase's inputs on the hidden slice ``k0 .. k0 + k_slice``: ``(h, xs)`` with ``h =
+    hidden + residual`` (written to ``gm["residual_out"]`` where ``writes_residual``) and ``xs = h *
+    norm`` (the kernels' :func:`~clusterlab.fused.kernel.make_norm_inputs`)."""
+    h = gm["hidden"][:, k0 : k0 + k_slice] + gm["residual"][:, k0 : k0 + k_slice]
+    if writes_residual:
+        gm["residual_out"][:, k0 : k0 + k_slice] = h
+    return h, h * gm["norm"][k0 : k0 + k_slice]
+
+
 def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batch: int, gm: dict,
                  positions: list[int], head_split: int = 1):
     """One block of cluster ``cluster`` (KV head ``cluster // head_split``); ``gm`` holds the "global memory" arrays.
@@ -56,10 +66,7 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) --------------------
     b.step("1 qkv")
     k0 = rank * k_slice
-    h = gm["hidden"][:, k0 : k0 + k_slice] + gm["residual"][:, k0 : k0 + k_slice]
-    if cluster == 0:
-        gm["residual_out"][:, k0 : k0 + k_slice] = h
-    xs = h * gm["norm"][k0 : k0 + k_slice]
+    h, xs = norm_inputs(gm, k0, k_slice, cluster == 0)
     w_rows = [qkv_row(config.heads, config.kv_heads, D, head_split, cluster, row) for row in range(rows)]
     partial[:, :rows] = xs @ gm["qkv"][w_rows, k0 : k0 + k_slice].T
     partial[:, rows] = (h * h).sum(axis=1, dtype=F32)
