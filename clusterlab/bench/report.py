@@ -484,7 +484,8 @@ def format_summary(results: dict) -> str:
 
 #: Message sizes that get a latency panel (when measured).
 PANEL_BYTES = (64, 256, 1024, 4096, 16384, 65536)
-_STYLE = {
+#: A colour and line style per implementation, in every plot of primitives results.
+STYLE = {
     "direct": ("C0", "-"), "ring": ("C1", "-"), "butterfly": ("C2", "-"), "bulk": ("C3", "-"),
     "direct_1barrier": ("C0", "--"), "direct_push": ("C4", "--"), "direct_v4": ("C0", "--"),
     "bulk_split": ("C3", "--"),
@@ -500,7 +501,7 @@ def _errorbar(ax, xs, stats, label, implementation, marker="o"):
     med = np.array([p[1].median for p in pairs])
     low = np.clip(med - np.array([p[1].min for p in pairs]), 0, None)
     high = np.clip(np.array([p[1].max for p in pairs]) - med, 0, None)
-    color, style = _STYLE.get(implementation, ("k", "-"))
+    color, style = STYLE.get(implementation, ("k", "-"))
     ax.errorbar(x, med, yerr=[low, high], label=label, color=color, linestyle=style, marker=marker, markersize=3,
                 capsize=2, linewidth=1)
 
