@@ -1,0 +1,356 @@
+"""The MLA decode step's cluster dataflow (``docs/mla-decode-design.md``) as simulator programs, on the CPU.
+
+One generator per grid phase of the planned kernel; the design's two grid barriers are the
+boundaries between :func:`~clusterlab.simulator.launch` rounds over all clusters, and what crosses
+them lives in "global memory", the dict ``gm`` of float32 NumPy arrays (the simulator does not
+model global memory). Inside a cluster every exchange goes through the simulator's DSMEM, so a
+missing cluster barrier or a wrong owner raises a :class:`~clusterlab.simulator.Hazard` or gives a
+wrong answer. Notation: ``B`` batch, ``H`` hidden size, ``C`` blocks a cluster, ``r =
+kv_lora_rank``, ``d_n``/``d_r``/``d_v`` the nope/rope/value head sizes, ``L = r + d_r`` the latent
+row, ``A`` the clusters of the attention phase, ``G = A*C`` its blocks::
+
+    launch 1, cluster h = query head h (heads clusters):          projections_block
+      # -- 1 projections  block k: hidden slice k (h = hidden + residual, xs = h * norm, sum h^2),
+                          partial dots with q_proj's d_n + d_r rows of head h and 1/heads of the
+                          kv_a_proj_with_mqa rows                         -> own smem `partial`
+         cluster barrier
+      # -- 2 absorb       owners (element j: block j mod C) sum the C partials through DSMEM and
+                          normalise; q_pe pairs rotated -> gm q_pe, kv_a rows -> gm kv_raw (raw);
+                          q_nope pushed into every block (DSMEM gather)
+         cluster barrier
+                          block k: columns k, k+C, ... of q_lat[h] = q_nope @ W_UK[h] -> gm q_lat
+    == grid barrier 1 ==
+    launch 2, A clusters:                                          attention_block
+      # -- 3 attention    every block: normalises + rotates the new latent row (from gm kv_raw);
+                          its chunk of cache positions (global block g = cluster*C + rank of G,
+                          plan.cached_range), all heads, online softmax (base 2); the last block
+                          of the grid also folds in the new row and appends it to the cache;
+                          cluster barrier; owners merge the C states of their latent columns
+                          through DSMEM -> gm state_m/state_l/state_acc [B, A, heads(, r)];
+                          cluster barrier (one sequence at a time: 2 barriers a sequence)
+    == grid barrier 2 ==
+    launch 3, cluster h = head h:                                  output_block
+      # -- 4 output       block k: merges head h's A states on latent columns k, k+C, ...,
+                          partial o = o_lat[cols] @ W_UV[h][cols] -> own smem; cluster barrier;
+                          sums the C partials through DSMEM; cluster barrier; out rows of slice
+                          k += o @ o_proj[rows, head h's columns].T (red.add into gm out_acc)
+    # -- 5 finish         (simulated_mla_step) out_acc and the residual converted to the model
+                          dtype, the new rows rounded into the cache
+
+Arithmetic is float32; the only roundings to the model dtype are the outputs and the cache row
+(written rounded). The new token's own score uses its unrounded row, as the float64 reference does
+(one of the design's open choices). ``softmax_scale * log2(e)`` is applied to the scores in phase 3.
+The query LoRA (``q_lora_rank``) is not modelled: its down-projection needs all of ``q_a`` in
+every cluster, an exchange the design does not plan.
+
+The plan functions (:func:`kv_a_rows`, :func:`attention_range`, :func:`new_row_block`) say who owns
+what; they belong with :mod:`clusterlab.fused.plan` once a kernel shares them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import simulator
+from .mla import (
+    LATENT_RMS_EPS,
+    LatentCache,
+    MLAConfig,
+    MLAWeights,
+    check_mla_activations,
+    check_mla_weights,
+    mla_rope_table,
+)
+from .plan import cached_range, new_token_rank
+from .simulated import NEG, norm_inputs
+from .validate import check_range, sequence_positions
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def kv_a_rows(config: MLAConfig, cluster: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of ``kv_a_proj_with_mqa`` that cluster ``cluster`` (of ``heads``) projects:
+    equal chunks rounded up, the last clusters may get fewer (or none)."""
+    chunk = -(-config.latent_width // config.heads)
+    start = min(cluster * chunk, config.latent_width)
+    return start, min(start + chunk, config.latent_width)
+
+
+def attention_range(cached: int, cluster: int, rank: int, clusters: int, cluster_size: int) -> tuple[int, int]:
+    """Cached positions ``[start, end)`` of block ``rank`` of attention cluster ``cluster``: the grid's
+    ``clusters * cluster_size`` blocks split the ``cached`` old rows as :func:`plan.cached_range` does."""
+    return cached_range(cached, cluster * cluster_size + rank, clusters * cluster_size)
+
+
+def new_row_block(clusters: int, cluster_size: int) -> tuple[int, int]:
+    """``(cluster, rank)`` of the attention block that folds in the new row and appends it to the cache."""
+    g = new_token_rank(clusters * cluster_size)
+    return g // cluster_size, g % cluster_size
+
+
+def rope_pairs(config: MLAConfig, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elements ``(a, b)`` of a ``d_r`` vector that RoPE pair ``i`` rotates together (angle ``i``)."""
+    if config.rope_interleaved:
+        return 2 * pairs, 2 * pairs + 1
+    return pairs, pairs + config.qk_rope_head_dim // 2
+
+
+def _rotate(xa, xb, cos, sin):
+    return xa * cos - xb * sin, xb * cos + xa * sin
+
+
+# -------------------------------------------------------------------------------------- grid phase 1
+
+
+def projections_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int, gm: dict,
+                      positions: list[int]):
+    """One block of projection cluster ``cluster`` (query head ``cluster``); phases 1 and 2.
+
+    ``gm`` in: float32 ``hidden``/``residual`` ``[B, H]``, ``norm`` ``[H]``, ``q_proj`` ``[heads*(d_n+d_r),
+    H]``, ``kv_a`` ``[L, H]``, ``w_uk`` ``[heads, d_n, r]``, ``rope`` ``[capacity, 2, d_r/2]``. Out:
+    ``residual_out`` ``[B, H]`` (cluster 0), ``q_lat`` ``[B, heads, r]``, ``q_pe`` ``[B, heads, d_r]``
+    (rotated), ``kv_raw`` ``[B, L]`` (kv_a rows before the latent norm and RoPE).
+    """
+    C, rank = b.cluster_size, b.cluster_rank
+    H, r, d_n, d_r = config.hidden_size, config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim
+    q_width = d_n + d_r
+    kv0, kv1 = kv_a_rows(config, cluster)
+    rows = q_width + kv1 - kv0  # q rows of the head, then its kv_a rows
+    k_slice = H // C
+    partial = b.shared_array("partial", (batch, rows + 1), F32)
+    q_nope = b.shared_array("q_nope", (batch, d_n), F32)
+
+    # -- 1 projections: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots --
+    b.step("1 projections")
+    k0 = rank * k_slice
+    h, xs = norm_inputs(gm, k0, k_slice, cluster == 0)
+    q0 = cluster * q_width
+    partial[:, :q_width] = xs @ gm["q_proj"][q0 : q0 + q_width, k0 : k0 + k_slice].T
+    partial[:, q_width:rows] = xs @ gm["kv_a"][kv0:kv1, k0 : k0 + k_slice].T
+    partial[:, rows] = (h * h).sum(axis=1, dtype=F32)
+    yield b.cluster_sync()  # every block's partials are complete
+
+    # -- 2 absorb: owners sum the partials and normalise; q_pe, kv_a rows out; q_nope to every block -----
+    b.step("2 absorb")
+    peers = [b.map_shared(partial, c) for c in range(C)]
+    ss = sum(peer[:, rows] for peer in peers)
+    inv_rms = (F32(1) / np.sqrt(ss / F32(H) + F32(config.rms_eps))).astype(F32)[:, None]
+    j = np.arange(rank, d_n, C)  # q_nope elements
+    x = sum(peer[:, j] for peer in peers) * inv_rms
+    for c in range(C):
+        b.map_shared(q_nope, c)[:, j] = x
+    pair = np.arange(rank, d_r // 2, C)  # q_pe pairs
+    ra, rb = rope_pairs(config, pair)
+    xa = sum(peer[:, d_n + ra] for peer in peers) * inv_rms
+    xb = sum(peer[:, d_n + rb] for peer in peers) * inv_rms
+    position = np.array(positions)[:, None]
+    cos, sin = gm["rope"][position, 0, pair], gm["rope"][position, 1, pair]
+    xa, xb = _rotate(xa, xb, cos, sin)
+    gm["q_pe"][:, cluster, ra] = xa
+    gm["q_pe"][:, cluster, rb] = xb
+    i = np.arange(rank, kv1 - kv0, C)  # kv_a rows
+    gm["kv_raw"][:, kv0 + i] = sum(peer[:, q_width + i] for peer in peers) * inv_rms
+    yield b.cluster_sync()  # q_nope is complete in every block; no DSMEM access after this
+
+    b.step("2 absorb")
+    col = np.arange(rank, r, C)  # this block's columns of q_lat[h]
+    gm["q_lat"][:, cluster, col] = q_nope[:, :] @ gm["w_uk"][cluster][:, col]
+
+
+# -------------------------------------------------------------------------------------- grid phase 2
+
+
+def attention_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int, clusters: int, gm: dict,
+                    positions: list[int], rounded):
+    """One block of attention cluster ``cluster`` (of ``clusters``); phase 3.
+
+    ``gm`` in: ``q_lat``, ``q_pe``, ``kv_raw`` (launch 1), ``kv_norm`` ``[r]``, ``latent`` ``[B, capacity,
+    L]`` (the cache, float32), ``rope``. Out: ``state_m``/``state_l`` ``[B, A, heads]`` (base-2 max and
+    sum), ``state_acc`` ``[B, A, heads, r]`` (unnormalised), and row ``positions[seq]`` of ``latent``
+    (the new row, ``rounded`` to the cache dtype).
+    """
+    C, rank = b.cluster_size, b.cluster_rank
+    heads, r, d_r = config.heads, config.kv_lora_rank, config.qk_rope_head_dim
+    scale = F32(config.softmax_scale * math.log2(math.e))
+    state_m = b.shared_array("state_m", (heads,), F32)  # one sequence at a time: [heads, r] is 32 KB
+    state_l = b.shared_array("state_l", (heads,), F32)  # at DeepSeek-V2-Lite's shapes, whatever the batch
+    state_acc = b.shared_array("state_acc", (heads, r), F32)
+
+    # -- 3 attention: new row; per sequence, this block's positions, all heads; states merged in the cluster
+    b.step("3 attention")
+    raw = gm["kv_raw"]
+    inv_rms = (F32(1) / np.sqrt((raw[:, :r] * raw[:, :r]).mean(axis=1, dtype=F32) + F32(LATENT_RMS_EPS))).astype(F32)
+    c_new = raw[:, :r] * inv_rms[:, None] * gm["kv_norm"]
+    pair = np.arange(d_r // 2)
+    ra, rb = rope_pairs(config, pair)
+    position = np.array(positions)[:, None]
+    cos, sin = gm["rope"][position, 0, pair], gm["rope"][position, 1, pair]
+    k_pe = np.empty((batch, d_r), F32)
+    k_pe[:, ra], k_pe[:, rb] = _rotate(raw[:, r + ra], raw[:, r + rb], cos, sin)
+    new_row = np.concatenate([c_new, k_pe], axis=1).astype(F32)  # [B, L], unrounded
+    has_new = (cluster, rank) == new_row_block(clusters, C)
+    col = np.arange(rank, r, C)  # this block's latent columns in the merge
+    for seq in range(batch):
+        b.step("3 attention")
+        start, end = attention_range(positions[seq], cluster, rank, clusters, C)
+        rows = gm["latent"][seq, start:end]
+        if has_new:
+            rows = np.vstack([rows, new_row[seq]])
+            gm["latent"][seq, positions[seq]] = rounded(new_row[seq])  # the one block that appends
+        if len(rows) == 0:
+            state_m[:] = NEG
+            state_l[:] = 0
+            state_acc[:, :] = 0
+        else:
+            q = np.concatenate([gm["q_lat"][seq], gm["q_pe"][seq]], axis=1) * scale  # [heads, L]
+            scores = q @ rows.T  # [heads, n], base-2 logits
+            m = scores.max(axis=1)
+            p = np.exp2(scores - m[:, None])
+            state_m[:] = m
+            state_l[:] = p.sum(axis=1)
+            state_acc[:, :] = p @ rows[:, :r]
+        yield b.cluster_sync()  # every block's softmax state of this sequence is complete
+
+        b.step("3 attention")
+        m_c = np.stack([b.map_shared(state_m, c)[:] for c in range(C)])  # [C, heads]
+        l_c = np.stack([b.map_shared(state_l, c)[:] for c in range(C)])
+        a_c = np.stack([b.map_shared(state_acc, c)[:, col] for c in range(C)])  # [C, heads, cols]
+        m_max = m_c.max(axis=0)
+        w = np.exp2(m_c - m_max)
+        if rank == 0:
+            gm["state_m"][seq, cluster] = m_max
+            gm["state_l"][seq, cluster] = (w * l_c).sum(axis=0)
+        gm["state_acc"][seq, cluster][:, col] = (w[..., None] * a_c).sum(axis=0)
+        yield b.cluster_sync()  # the states are free again, and no block leaves while a peer reads them
+
+
+# -------------------------------------------------------------------------------------- grid phase 3
+
+
+def output_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int, clusters: int, gm: dict):
+    """One block of output cluster ``cluster`` (head ``cluster``); phase 4.
+
+    ``gm`` in: the states of launch 2, ``w_uv`` ``[heads, r, d_v]``, ``o_proj`` ``[H, heads*d_v]``; out:
+    ``out_acc`` ``[B, H]`` (added into).
+    """
+    C, rank = b.cluster_size, b.cluster_rank
+    H, r, d_v = config.hidden_size, config.kv_lora_rank, config.v_head_dim
+    out_rows = H // C
+    partial_o = b.shared_array("partial_o", (batch, d_v), F32)
+
+    # -- 4 output: merge head h's states over the clusters, o_lat @ W_UV[h] (partial), o_proj columns ------
+    b.step("4 output")
+    col = np.arange(rank, r, C)
+    m_c = gm["state_m"][:, :, cluster]  # [B, A]
+    m_max = m_c.max(axis=1, keepdims=True)
+    w = np.exp2(m_c - m_max)
+    l_tot = (w * gm["state_l"][:, :, cluster]).sum(axis=1)  # [B]
+    acc = gm["state_acc"][:, :, cluster][:, :, col]  # [B, A, cols]
+    o_lat = (w[:, :, None] * acc).sum(axis=1) / l_tot[:, None]  # [B, cols]
+    partial_o[:, :] = o_lat @ gm["w_uv"][cluster][col]
+    yield b.cluster_sync()  # every block's partial o is complete
+
+    b.step("4 output")
+    o = sum(b.map_shared(partial_o, c)[:, :] for c in range(C))  # [B, d_v]
+    yield b.cluster_sync()  # no DSMEM access after this
+
+    b.step("4 output")
+    r0 = rank * out_rows
+    columns = slice(cluster * d_v, (cluster + 1) * d_v)
+    gm["out_acc"][:, r0 : r0 + out_rows] += o @ gm["o_proj"][r0 : r0 + out_rows, columns].T
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+def check_mla_cluster_size(config: MLAConfig, cluster_size: int) -> None:
+    """1..16 blocks that split the hidden size evenly (phase 1's slices, phase 4's output rows)."""
+    if not (isinstance(cluster_size, int) and not isinstance(cluster_size, bool)
+            and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
+        raise ValueError(f"cluster_size must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
+    if config.hidden_size % cluster_size:
+        raise ValueError(f"cluster_size {cluster_size} does not divide hidden_size {config.hidden_size}")
+
+
+def simulated_mla_step(
+    config: MLAConfig,
+    weights: MLAWeights,
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    cache: LatentCache,
+    positions,
+    cluster_size: int,
+    clusters_for_attention: int | None = None,
+    traces: list | None = None,
+):
+    """One MLA decode step on the simulator: ``(out, new_residual)`` ``[B, H]`` in the inputs' dtype,
+    and row ``positions[b]`` of ``cache.latent`` written (the new latent row, rounded).
+
+    CPU tensors, shapes and dtypes as for :func:`~clusterlab.fused.mla_reference.mla_reference_step`
+    (float16 or bfloat16 for the kernel; float32 works too); ``positions`` an int or one per
+    sequence. Clusters of ``cluster_size`` blocks: ``heads`` for the projections and the output,
+    ``clusters_for_attention`` (default ``heads``, the same grid) for the attention. Each launch's
+    :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given (launch 1's
+    clusters, then launch 2's, then launch 3's). Without the query LoRA only.
+    """
+    check_mla_weights(config, weights)
+    check_mla_activations(config, weights, hidden, residual, cache)
+    if config.q_lora_rank is not None:
+        raise NotImplementedError(
+            f"simulated_mla_step models the query without LoRA only (q_lora_rank=None, as DeepSeek-V2-Lite); "
+            f"got q_lora_rank={config.q_lora_rank}"
+        )
+    check_mla_cluster_size(config, cluster_size)
+    heads = config.heads
+    clusters = heads if clusters_for_attention is None else clusters_for_attention
+    if not (isinstance(clusters, int) and not isinstance(clusters, bool) and clusters >= 1):
+        raise ValueError(f"clusters_for_attention must be a positive int, got {clusters!r}")
+    batch, dtype = hidden.shape[0], hidden.dtype
+    positions = sequence_positions(positions, batch)
+    check_range(positions, cache.capacity)
+    r, L = config.kv_lora_rank, config.latent_width
+
+    def f32(t):
+        return t.detach().to(torch.float32).numpy()
+
+    def rounded(x):
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=F32)).to(dtype).to(torch.float32).numpy()
+
+    w_uk, w_uv = weights.absorbed(config)
+    gm = {
+        "hidden": f32(hidden), "residual": f32(residual), "norm": f32(weights.input_layernorm),
+        "q_proj": f32(weights.q_proj), "kv_a": f32(weights.kv_a_proj_with_mqa),
+        "kv_norm": f32(weights.kv_a_layernorm), "w_uk": f32(w_uk), "w_uv": f32(w_uv), "o_proj": f32(weights.o_proj),
+        "latent": f32(cache.latent).copy(), "rope": mla_rope_table(config, cache.capacity).numpy(),
+        "residual_out": np.full((batch, config.hidden_size), np.nan, F32),
+        "q_lat": np.full((batch, heads, r), np.nan, F32),
+        "q_pe": np.full((batch, heads, config.qk_rope_head_dim), np.nan, F32),
+        "kv_raw": np.full((batch, L), np.nan, F32),
+        "state_m": np.full((batch, clusters, heads), np.nan, F32),
+        "state_l": np.full((batch, clusters, heads), np.nan, F32),
+        "state_acc": np.full((batch, clusters, heads, r), np.nan, F32),
+        "out_acc": np.zeros((batch, config.hidden_size), F32),
+    }
+
+    def run(program, count, *args, title):
+        for cluster in range(count):
+            trace = simulator.launch(program, cluster_size, cluster, *args, title=f"{title}, cluster {cluster}")
+            if traces is not None:
+                traces.append(trace)
+
+    run(projections_block, heads, config, batch, gm, positions, title="MLA projections")
+    # grid barrier 1: q_lat, q_pe and kv_raw complete in global memory
+    run(attention_block, clusters, config, batch, clusters, gm, positions, rounded, title="MLA attention")
+    # grid barrier 2: one softmax state per attention cluster in global memory
+    run(output_block, heads, config, batch, clusters, gm, title="MLA output")
+    # -- 5 finish: the last block to add into out_acc converts it; the cache row as phase 3 wrote it -----
+    rows = torch.arange(batch)
+    pos = torch.tensor(positions)
+    cache.latent[rows, pos] = torch.from_numpy(gm["latent"][rows.numpy(), pos.numpy()]).to(dtype)
+    return torch.from_numpy(gm["out_acc"]).to(dtype), torch.from_numpy(gm["residual_out"]).to(dtype)

@@ -1,0 +1,161 @@
+"""The MLA decode step's cluster dataflow on the DSMEM simulator (CPU): same answers as the float64 reference."""
+
+import inspect
+import re
+import types
+
+import pytest
+import torch
+
+from clusterlab import simulator
+from clusterlab.fused import mla_simulated
+from clusterlab.fused.mla import LatentCache, MLAConfig, MLAWeights, YarnRopeScaling
+from clusterlab.fused.mla_reference import mla_reference_step
+from clusterlab.fused.mla_simulated import (
+    attention_range,
+    kv_a_rows,
+    new_row_block,
+    simulated_mla_step,
+)
+from clusterlab.fused.reference import relative_error
+
+# As for the Llama block's simulator: outputs rounded once to the activation dtype on top of float32
+# arithmetic; 1e-2 is the layer's contract, the simulator lands near 2e-4 (float16) / 2e-3 (bfloat16).
+TOLERANCE = 1e-2
+
+V2_YARN = YarnRopeScaling(factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
+                          mscale=0.707, mscale_all_dim=0.707)
+SMALL = {"hidden_size": 256, "heads": 4, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+         "v_head_dim": 32}
+CONFIGS = {
+    "plain": MLAConfig(**SMALL),
+    "yarn": MLAConfig(**SMALL, rope_scaling=V2_YARN),
+    "rotate-half-yarn": MLAConfig(**SMALL, rope_interleaved=False, rope_scaling=V2_YARN, rope_theta=500.0),
+    # odd shapes: 3 heads, a latent row (40 + 8) that the heads split unevenly in phase 1
+    "odd": MLAConfig(hidden_size=64, heads=3, kv_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                     v_head_dim=24),
+}
+#: batch 1, and a ragged batch of 3: an empty cache beside longer ones (200 spreads over many blocks).
+POSITIONS = [[7], [0, 45, 200]]
+
+
+def run_step(config, dtype, positions, cluster_size, clusters_for_attention=None, seed=0):
+    batch = len(positions)
+    weights = MLAWeights.random(config, dtype, seed=seed)
+    cache = LatentCache.random(config, batch, max(positions) + 3, dtype, seed=seed + 1)
+    before = cache.clone()
+    gen = torch.Generator().manual_seed(seed + 2)
+    hidden, residual = torch.randn(2, batch, config.hidden_size, generator=gen).to(dtype)
+    want = mla_reference_step(config, weights, hidden, residual, before, positions)
+    traces = []
+    out, new_residual = simulated_mla_step(config, weights, hidden, residual, cache, positions, cluster_size,
+                                           clusters_for_attention=clusters_for_attention, traces=traces)
+    return out, new_residual, cache, before, hidden, residual, want, traces
+
+
+def check_step(config, dtype, positions, cluster_size, clusters_for_attention=None):
+    out, new_residual, cache, before, hidden, residual, want, traces = run_step(
+        config, dtype, positions, cluster_size, clusters_for_attention)
+    batch = len(positions)
+    assert out.dtype == dtype and new_residual.dtype == dtype
+    assert relative_error(out, want.out) < TOLERANCE
+    # the new residual is hidden + residual in float32, rounded once: bit for bit
+    assert torch.equal(new_residual, (hidden.float() + residual.float()).to(dtype))
+    rows, pos = torch.arange(batch), torch.tensor(positions)
+    assert relative_error(cache.latent[rows, pos], want.latent) < TOLERANCE
+    kept = torch.ones(batch, cache.capacity, dtype=torch.bool)
+    kept[rows, pos] = False
+    assert torch.equal(cache.latent[kept].view(torch.int16), before.latent[kept].view(torch.int16))
+    # one trace a cluster a launch; the simulator raised on any hazard, so every one is hazard-free
+    clusters = config.heads if clusters_for_attention is None else clusters_for_attention
+    assert len(traces) == 2 * config.heads + clusters
+    return traces
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cluster_size", [1, 2, 4])
+@pytest.mark.parametrize("positions", POSITIONS, ids=["batch1", "batch3"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_simulated_mla_step_matches_reference(name, positions, cluster_size, dtype):
+    check_step(CONFIGS[name], dtype, positions, cluster_size)
+
+
+@pytest.mark.parametrize("clusters_for_attention", [1, 3, 8])
+def test_attention_grid_independent_of_the_heads(clusters_for_attention):
+    check_step(CONFIGS["yarn"], torch.float16, [0, 45, 200], 2, clusters_for_attention)
+
+
+def test_traces_show_the_phases_and_their_barriers():
+    config = CONFIGS["plain"]
+    traces = check_step(config, torch.float16, [0, 45, 200], 4)
+    heads = config.heads
+    projections, attention, output = traces[:heads], traces[heads: 2 * heads], traces[2 * heads:]
+    # phase 3 merges one sequence at a time: two cluster barriers a sequence
+    for group, steps, barriers in ((projections, ("1 projections", "2 absorb"), 2), (attention, ("3 attention",), 6),
+                                   (output, ("4 output",), 2)):
+        for trace in group:
+            table = trace.phase_table()
+            assert all(step in table for step in steps), table
+            assert f"{barriers} cluster barriers" in table, table
+            assert any("shared::cluster" in line for line in table.splitlines()), table
+
+
+def test_phase_headers_follow_the_design():
+    lines = "".join(inspect.getsource(f) for f in (
+        mla_simulated.projections_block, mla_simulated.attention_block, mla_simulated.output_block,
+        mla_simulated.simulated_mla_step)).splitlines()
+    headers = [line.strip().removeprefix("# -- ").split(":")[0] for line in lines if line.strip().startswith("# -- ")]
+    assert headers == ["1 projections", "2 absorb", "3 attention", "4 output", "5 finish"]
+
+
+BARRIER_LINES = [i for i, line in enumerate(inspect.getsource(mla_simulated).splitlines())
+                 if "yield b.cluster_sync()" in line]
+
+
+@pytest.mark.parametrize("line", BARRIER_LINES)
+def test_every_cluster_barrier_is_needed(line):
+    """The module with one ``yield b.cluster_sync()`` left out: the simulator reports a hazard."""
+    lines = inspect.getsource(mla_simulated).splitlines()
+    lines[line] = re.sub(r"yield b\.cluster_sync\(\).*", "pass", lines[line])
+    mutant = types.ModuleType("clusterlab.fused._mla_simulated_mutant")
+    mutant.__package__ = "clusterlab.fused"
+    exec(compile("\n".join(lines), "mla_simulated_mutant", "exec"), mutant.__dict__)  # noqa: S102 (our own source)
+    config = CONFIGS["plain"]
+    weights = MLAWeights.random(config, torch.float16, seed=0)
+    cache = LatentCache.random(config, 3, 203, torch.float16, seed=1)
+    hidden, residual = torch.randn(2, 3, config.hidden_size).half()
+    with pytest.raises(simulator.Hazard):
+        mutant.simulated_mla_step(config, weights, hidden, residual, cache, [0, 45, 200], 4)
+
+
+def test_query_lora_is_not_modelled():
+    config = MLAConfig(**SMALL, q_lora_rank=48)
+    weights = MLAWeights.random(config, torch.float16, seed=0)
+    cache = LatentCache.random(config, 1, 8, torch.float16, seed=1)
+    hidden, residual = torch.randn(2, 1, config.hidden_size).half()
+    with pytest.raises(NotImplementedError, match="q_lora_rank"):
+        simulated_mla_step(config, weights, hidden, residual, cache, 3, 2)
+
+
+def test_bad_cluster_shapes_are_refused():
+    config = CONFIGS["odd"]  # hidden 64
+    weights = MLAWeights.random(config, torch.float16, seed=0)
+    cache = LatentCache.random(config, 1, 8, torch.float16, seed=1)
+    hidden, residual = torch.randn(2, 1, config.hidden_size).half()
+    with pytest.raises(ValueError, match="cluster_size"):
+        simulated_mla_step(config, weights, hidden, residual, cache, 3, 3)
+    with pytest.raises(ValueError, match="clusters_for_attention"):
+        simulated_mla_step(config, weights, hidden, residual, cache, 3, 2, clusters_for_attention=0)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_plan_covers_every_row_and_position_once(config):
+    rows = [i for c in range(config.heads) for i in range(*kv_a_rows(config, c))]
+    assert rows == list(range(config.latent_width))
+    for cached in (0, 1, 17, 200):
+        for clusters, size in ((1, 1), (3, 2), (4, 4)):
+            seen = [t for c in range(clusters) for k in range(size)
+                    for t in range(*attention_range(cached, c, k, clusters, size))]
+            assert seen == list(range(cached))
+            cluster, rank = new_row_block(clusters, size)
+            assert 0 <= cluster < clusters and 0 <= rank < size
