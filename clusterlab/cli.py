@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .argtypes import integer
 from .errors import HopperRequired
 
 
@@ -40,26 +41,6 @@ def _info(args: argparse.Namespace) -> int:
         if key not in ("reason",) and value is not None:
             print(f"  {key:<{width}}  {value}")
     return 0
-
-
-def _integer(minimum: int, maximum: int | None = None):
-    """An argparse ``type=``: the text as an integer in minimum..maximum (no maximum if None).
-
-    Anything else raises ``ArgumentTypeError``, which argparse prints after the usage with the
-    flag's name ("argument --n: must be an integer >= 1; got '-5'") before exiting with status 2.
-    """
-    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}")
-        return value
-
-    return parse
 
 
 def _picture_path(text: str) -> Path:
@@ -188,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ClusterReduce and ClusterGather over cluster sizes 1-16: on the GPU checked bit for bit "
         "against the simulator, else on the simulator checked against NumPy",
     )
-    cluster_size = _integer(1, simulator.MAX_CLUSTER_SIZE)
-    elements = _integer(1)
-    seed = _integer(0)
+    cluster_size = integer(1, simulator.MAX_CLUSTER_SIZE)
+    elements = integer(1)
+    seed = integer(0)
     tour.add_argument("--cluster", type=cluster_size, nargs="+", default=list(range(1, 17)), help="cluster sizes (1-16)")
     tour.add_argument("--n", type=elements, default=1024, help="elements per block (default 1024)")
     tour.add_argument("--dtype", default="float32", choices=simulator.DTYPES)
@@ -230,15 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         "on the simulator without a Hopper GPU",
     )
     generate.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
-    generate.add_argument("--prompt-ids", type=_integer(0), nargs="+", action="append", metavar="ID",
+    generate.add_argument("--prompt-ids", type=integer(0), nargs="+", action="append", metavar="ID",
                           help="one prompt as token ids; repeat for a batch (at most 8 prompts in all)")
     generate.add_argument("--prompt", action="append", metavar="TEXT",
                           help="one prompt as text, encoded with DIR/tokenizer.json; repeatable")
-    generate.add_argument("--max-new-tokens", type=_integer(1), default=16, help="default 16")
+    generate.add_argument("--max-new-tokens", type=integer(1), default=16, help="default 16")
     generate.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,
                           help="default: the checkpoint's own if float16/bfloat16, else bfloat16")
     generate.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy")
-    generate.add_argument("--top-k", type=_integer(1), default=None, help="sample among the K likeliest tokens")
+    generate.add_argument("--top-k", type=integer(1), default=None, help="sample among the K likeliest tokens")
     generate.add_argument("--seed", type=seed, default=None, help="seed of the sampling (an integer >= 0)")
     generate.add_argument("--ignore-eos", action="store_true",
                           help="do not stop at the checkpoint's eos_token_id (generation_config.json / config.json)")

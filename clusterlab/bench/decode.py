@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import _integer
+from ..argtypes import integer
 from ..fused.config import MAX_BATCH
 from ..fused.reference import relative_error
 from ..models.decode import Decoder
@@ -526,14 +526,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", choices=list(MODEL_PRESETS), default=None,
                         help=f"default: {' '.join(PRESETS)}")
-    parser.add_argument("--batch", nargs="+", type=_integer(1, MAX_BATCH), default=None,
+    parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=None,
                         help=f"sequences per step (default: {' '.join(map(str, BATCHES))})")
-    parser.add_argument("--context", nargs="+", type=_integer(1), default=None,
+    parser.add_argument("--context", nargs="+", type=integer(1), default=None,
                         help=f"tokens in every sequence's cache (default: {' '.join(map(str, CONTEXTS))})")
     parser.add_argument("--dtype", default="float16", choices=tuple(DTYPES))
-    parser.add_argument("--repeats", type=_integer(MIN_REPEATS), default=None,
+    parser.add_argument("--repeats", type=integer(MIN_REPEATS), default=None,
                         help=f"timings each figure is the median of (default {REPEATS})")
-    parser.add_argument("--seed", type=_integer(0), default=0)
+    parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--quick", action="store_true",

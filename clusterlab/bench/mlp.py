@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import _integer
+from ..argtypes import integer
 from ..fused.config import MAX_BATCH
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from ..fused.plan import HOPPER
@@ -370,12 +370,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", choices=list(MODEL_PRESETS), default=list(PRESETS),
                         help=f"default: {' '.join(PRESETS)}")
-    parser.add_argument("--batch", nargs="+", type=_integer(1, MAX_BATCH), default=list(BATCHES),
+    parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=list(BATCHES),
                         help=f"sequences per step (default: {' '.join(map(str, BATCHES))})")
     parser.add_argument("--dtype", nargs="+", default=["float16"], choices=tuple(DTYPES))
     parser.add_argument("--variant", nargs="+", default=None, metavar="CxW", type=parse_variant,
                         help="fused launch shapes as cluster_size x warps, e.g. 2x8 4x8 (default: the layer's own)")
-    parser.add_argument("--seed", type=_integer(0), default=0)
+    parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=_turnover, default=L2_TURNOVER,

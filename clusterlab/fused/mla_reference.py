@@ -37,7 +37,7 @@ from .mla import (
     mla_rope_frequencies,
 )
 from .reference import apply_rope
-from .validate import check_range, sequence_positions
+from .validate import check_host_positions, check_range, sequence_positions
 
 
 def _rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -142,10 +142,7 @@ class UnfusedMLA:
         c, w, r = self.config, self.weights, self.config.kv_lora_rank
         check_mla_activations(c, w, hidden, residual, cache)
         batch = hidden.shape[0]
-        if isinstance(positions, int) or positions.device.type == "cpu":
-            values = sequence_positions(positions, batch)
-            check_range(values, cache.capacity)
-            check_range(values, self.rope.shape[0], "the rope table")
+        check_host_positions(positions, batch, cache.capacity, self.rope.shape[0])
         h = hidden + residual
         n = F.rms_norm(h, (c.hidden_size,), w.input_layernorm, c.rms_eps)
         if c.q_lora_rank is None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AttentionConfig, AttentionWeights, KVCache, rope_angles
-from .validate import check_activations, check_range, check_weights, sequence_positions
+from .validate import check_activations, check_host_positions, check_range, check_weights, sequence_positions
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -127,10 +127,7 @@ class UnfusedAttention:
     def __call__(self, hidden, residual, cache: KVCache, positions, length: int | None = None):
         c, w, d = self.config, self.weights, self.config.head_dim
         batch = hidden.shape[0]
-        if isinstance(positions, int) or positions.device.type == "cpu":
-            values = sequence_positions(positions, batch)
-            check_range(values, cache.capacity)
-            check_range(values, self.rope.shape[0], "the rope table")
+        check_host_positions(positions, batch, cache.capacity, self.rope.shape[0])
         h = hidden + residual
         n = F.rms_norm(h, (c.hidden_size,), w.norm, c.rms_eps)
         q, k, v = F.linear(n, w.qkv, w.qkv_bias).split([c.heads * d, c.kv_heads * d, c.kv_heads * d], dim=-1)
