@@ -221,16 +221,22 @@ class KernelSpec:
             "o": b * self.attn_width,
             "red": self.warps * b,
         }
-        offsets, at = {}, 0
-        for name, size in sizes.items():
-            offsets[name] = at
-            at += (size + 3) // 4 * 4  # keep every region 16-byte aligned
-        offsets["total"] = at
-        return offsets
+        return region_offsets(sizes)
 
     @property
     def shared_bytes(self) -> int:
         return 4 * self.smem_layout()["total"]
+
+
+def region_offsets(sizes: dict[str, int]) -> dict[str, int]:
+    """Offsets (float32 words) of shared regions of ``sizes`` words laid out in order, each 16-byte
+    aligned, and ``"total"``: a kernel's one dynamic shared array, the same in every block."""
+    offsets, at = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = at
+        at += (size + 3) // 4 * 4  # keep every region 16-byte aligned
+    offsets["total"] = at
+    return offsets
 
 
 def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 2):

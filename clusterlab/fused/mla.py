@@ -53,14 +53,13 @@ from dataclasses import dataclass
 import torch
 
 from .config import (
-    MAX_BATCH,
     _check_device,
     _check_number,
     _check_size,
     _is_int,
     seeded_generator,
 )
-from .validate import check_tensor
+from .validate import check_hidden_residual, check_tensor
 
 #: Dtypes of the reference and the unfused layer: float32 as well as the fused layer's two.
 MLA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -432,15 +431,7 @@ def check_mla_activations(config: MLAConfig, weights: MLAWeights, hidden, residu
     """``hidden``, ``residual`` ``[batch, hidden_size]`` (batch 1..8) and ``cache`` of one step, in
     the weights' dtype and on their device (the weights already checked)."""
     dtype, device = weights.kv_b_proj.dtype, weights.kv_b_proj.device
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dim() != 2 or hidden.shape[1] != config.hidden_size:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected (batch, {config.hidden_size})")
-    batch = hidden.shape[0]
-    if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
-    check_tensor("hidden", hidden, (batch, config.hidden_size), dtype, device, "the weights")
-    check_tensor("residual", residual, (batch, config.hidden_size), dtype, device, "the weights")
+    batch = check_hidden_residual(config.hidden_size, hidden, residual, dtype, device)
     if not isinstance(cache, LatentCache):
         raise TypeError(f"cache must be a LatentCache, got {type(cache).__name__}")
     if cache.latent.dim() != 3:

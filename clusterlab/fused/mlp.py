@@ -49,7 +49,7 @@ import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, seeded_generator
 from .plan import CLUSTER_SIZES, DeviceLimits
-from .validate import check_tensor, resolve_backend
+from .validate import check_hidden_residual, check_tensor, resolve_backend
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2
@@ -136,16 +136,7 @@ def check_mlp_weights(config: MLPConfig, weights: MLPWeights) -> None:
 def check_mlp_step(config: MLPConfig, weights: MLPWeights, hidden, residual) -> None:
     """``hidden`` and ``residual`` of one step: ``[batch, hidden_size]``, batch 1..8, the weights'
     dtype and device, contiguous."""
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dim() != 2 or hidden.shape[1] != config.hidden_size:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected (batch, {config.hidden_size})")
-    batch = hidden.shape[0]
-    if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
-    dtype, device = weights.gate.dtype, weights.gate.device
-    check_tensor("hidden", hidden, (batch, config.hidden_size), dtype, device, "the weights")
-    check_tensor("residual", residual, (batch, config.hidden_size), dtype, device, "the weights")
+    check_hidden_residual(config.hidden_size, hidden, residual, weights.gate.dtype, weights.gate.device)
 
 
 def _best_split(config: MLPConfig, batch: int, sm_count: int, cluster_size: int, warps: int):

@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from .. import ptx
-from .kernel import REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv, make_norm_inputs
+from .kernel import REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv, make_norm_inputs, region_offsets
 from .mlp import MLPConfig
 from .plan import HOPPER, DeviceLimits
 
@@ -114,12 +114,7 @@ class MLPSpec:
         b = self.batch
         sizes = {"xs": b * self.k_slice, "partial": b * (self.rows + 1), "act": b * self.inter_slice,
                  "red": self.warps * b}
-        offsets, at = {}, 0
-        for name, size in sizes.items():
-            offsets[name] = at
-            at += (size + 3) // 4 * 4  # keep every region 16-byte aligned
-        offsets["total"] = at
-        return offsets
+        return region_offsets(sizes)
 
     @property
     def shared_bytes(self) -> int:

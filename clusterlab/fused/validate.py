@@ -49,6 +49,21 @@ def check_tensor(name: str, x, shape: tuple, dtype, device: torch.device, like: 
         raise ValueError(f"{name} must be contiguous (row-major); call .contiguous() first")
 
 
+def check_hidden_residual(hidden_size: int, hidden, residual, dtype, device: torch.device) -> int:
+    """``hidden`` and ``residual`` of one step: ``[batch, hidden_size]`` with batch 1..8, ``dtype``
+    and ``device`` (the weights'), contiguous; returns the batch."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected (batch, {hidden_size})")
+    batch = hidden.shape[0]
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
+    check_tensor("hidden", hidden, (batch, hidden_size), dtype, device, "the weights")
+    check_tensor("residual", residual, (batch, hidden_size), dtype, device, "the weights")
+    return batch
+
+
 def check_weights(config: AttentionConfig, weights: AttentionWeights) -> None:
     """``config`` is an AttentionConfig; the weights match it, share one dtype (float16 or bfloat16)
     and one device, and are contiguous."""
