@@ -161,6 +161,7 @@ def _typer(arity, body):
         4: lambda typingctx, a, b, c, d: body(a, b, c, d),
         5: lambda typingctx, a, b, c, d, e: body(a, b, c, d, e),
         6: lambda typingctx, a, b, c, d, e, f: body(a, b, c, d, e, f),
+        10: lambda typingctx, a, b, c, d, e, f, g, h, i, j: body(a, b, c, d, e, f, g, h, i, j),
     }
     return signatures[arity]
 
@@ -1132,6 +1133,19 @@ ld_shared_v4_b32 = _asm_intrinsic(
     memory=READS,
 )
 
+ld_shared_v4_f32 = _asm_intrinsic(
+    "ld_shared_v4_f32",
+    """ld_shared_v4_f32(addr) -> 4 x float32: the 16 bytes at shared::cta ``addr`` (16-byte aligned).
+
+    PTX ``ld.shared.v4.f32``: four consecutive float32 of a shared array in one 128-bit load
+    (``addr`` from :func:`shared_address`). sm_20+.
+    """,
+    "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];",
+    results=("f32", "f32", "f32", "f32"),
+    operands=("u32",),
+    memory=READS,
+)
+
 
 l2_evict_first_policy = _asm_intrinsic(
     "l2_evict_first_policy",
@@ -1252,6 +1266,57 @@ f32x2_to_bf16x2 = _asm_intrinsic(
 )
 
 
+# --------------------------------------------------------------------------------------------
+# Tensor cores
+# --------------------------------------------------------------------------------------------
+
+mma_f16_m16n8k16 = _asm_intrinsic(
+    "mma_f16_m16n8k16",
+    """mma_f16_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3) float32: D = A B + C on tensor cores.
+
+    PTX ``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32``, one warp: A is 16 x 16 and B
+    16 x 8 IEEE half values, packed two to a uint32 (the lower column/row in bits 0..15), C and D 16 x
+    8 float32. Lane ``4*g + t`` (``g`` = lane // 4, ``t`` = lane % 4) holds
+
+    - ``a0`` A[g, 2t:2t+2], ``a1`` A[g+8, 2t:2t+2], ``a2`` A[g, 2t+8:2t+10], ``a3`` A[g+8, 2t+8:2t+10];
+    - ``b0`` B[2t:2t+2, g], ``b1`` B[2t+8:2t+10, g];
+    - ``c0, c1`` C[g, 2t], C[g, 2t+1]; ``c2, c3`` C[g+8, 2t], C[g+8, 2t+1] (and D the same).
+
+    A sum over k has no order: any one-to-one map of the data's columns onto k serves, so long
+    as A and B use the same one (a map that depends on ``t`` alone lets lane ``(g, t)`` bring
+    eight consecutive columns of a row, one 16-byte load, for two calls). Every lane of the
+    warp must call it (``.sync.aligned``). sm_80+.
+    """,
+    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+    "{$10, $11, $12, $13};",
+    results=("f32",) * 4,
+    operands=("b32",) * 6 + ("f32",) * 4,
+)
+
+mma_bf16_m16n8k16 = _asm_intrinsic(
+    "mma_bf16_m16n8k16",
+    """mma_bf16_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3) float32: D = A B + C on tensor cores.
+
+    PTX ``mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32``, one warp: A is 16 x 16 and B
+    16 x 8 bfloat16 values, packed two to a uint32 (the lower column/row in bits 0..15), C and D 16 x
+    8 float32. Lane ``4*g + t`` (``g`` = lane // 4, ``t`` = lane % 4) holds
+
+    - ``a0`` A[g, 2t:2t+2], ``a1`` A[g+8, 2t:2t+2], ``a2`` A[g, 2t+8:2t+10], ``a3`` A[g+8, 2t+8:2t+10];
+    - ``b0`` B[2t:2t+2, g], ``b1`` B[2t+8:2t+10, g];
+    - ``c0, c1`` C[g, 2t], C[g, 2t+1]; ``c2, c3`` C[g+8, 2t], C[g+8, 2t+1] (and D the same).
+
+    A sum over k has no order: any one-to-one map of the data's columns onto k serves, so long
+    as A and B use the same one (a map that depends on ``t`` alone lets lane ``(g, t)`` bring
+    eight consecutive columns of a row, one 16-byte load, for two calls). Every lane of the
+    warp must call it (``.sync.aligned``). sm_80+.
+    """,
+    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+    "{$10, $11, $12, $13};",
+    results=("f32",) * 4,
+    operands=("b32",) * 6 + ("f32",) * 4,
+)
+
+
 __all__ = [
     # special registers
     "cluster_rank",
@@ -1340,6 +1405,7 @@ __all__ = [
     "cp_async_commit",
     "cp_async_wait",
     "ld_shared_v4_b32",
+    "ld_shared_v4_f32",
     "l2_evict_first_policy",
     "l2_evict_last_policy",
     # conversions
@@ -1351,4 +1417,7 @@ __all__ = [
     "bf16x2_to_f32x2",
     "f32x2_to_f16x2",
     "f32x2_to_bf16x2",
+    # tensor cores
+    "mma_f16_m16n8k16",
+    "mma_bf16_m16n8k16",
 ]

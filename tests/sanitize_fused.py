@@ -3,8 +3,9 @@
     compute-sanitizer --tool racecheck python tests/sanitize_fused.py
 
 Shapes: a ragged batch (one sequence with an empty cache), QKV bias, GQA with a head split, and
-the cluster of 8 x 4 warps that the presets run at batch 1. Exits non-zero if any step misses the
-float64 reference (the sanitizer reports hazards itself).
+the cluster of 8 x 4 warps that the presets run at batch 1; batches whose projections run on the
+tensor cores, bfloat16 and float16 (its activations scaled). Exits non-zero if any step misses
+the float64 reference (the sanitizer reports hazards itself).
 """
 
 import torch
@@ -13,26 +14,28 @@ from clusterlab.fused import AttentionConfig, AttentionWeights, DecodeAttention,
 from clusterlab.fused.reference import reference_step, relative_error
 
 SHAPES = [
-    # (config, layer options, positions)
+    # (config, layer options, positions, dtype)
     (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
-     {"cluster_size": 4, "head_split": 2}, [0, 37, 300]),
+     {"cluster_size": 4, "head_split": 2}, [0, 37, 300], torch.bfloat16),
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 8, "warps": 4},
-     [130, 5, 64]),
+     [130, 5, 64], torch.bfloat16),
+    (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 8, "warps": 8},
+     [300, 0, 77, 12, 5], torch.float16),
 ]
 
 failures = 0
-for config, options, positions in SHAPES:
-    weights = AttentionWeights.random(config, torch.bfloat16, "cuda")
+for config, options, positions, dtype in SHAPES:
+    weights = AttentionWeights.random(config, dtype, "cuda")
     batch = len(positions)
-    cache = KVCache.random(config, batch, max(positions) + 2, torch.bfloat16, "cuda")
-    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").bfloat16()
+    cache = KVCache.random(config, batch, max(positions) + 2, dtype, "cuda")
+    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     want = reference_step(config, weights, hidden, residual, cache, positions)
     out = torch.full_like(hidden, float("nan"))
     layer = DecodeAttention(config, weights, **options)
     layer(hidden, residual, cache, torch.tensor(positions, dtype=torch.int32, device="cuda"), out=out)
     torch.cuda.synchronize()
     error = relative_error(out, want.out)
-    print(f"{options} positions {positions}: rel err {error:.1e}")
+    print(f"{options} positions {positions} {dtype}: rel err {error:.1e}")
     failures += not error < 1e-2
 print(f"{failures} mismatches")
 raise SystemExit(1 if failures else 0)

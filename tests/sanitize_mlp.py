@@ -2,7 +2,8 @@
 
     compute-sanitizer --tool racecheck python tests/sanitize_mlp.py
 
-Shapes: clusters of 1, 2 and 4 blocks, a batch of 1 and of 3, float16 and bfloat16; each step
+Shapes: clusters of 1, 2 and 4 blocks, batches of 1 to 8, float16 and bfloat16, projections on the
+CUDA cores and (the last two shapes) on the tensor cores; each step
 twice, so the second runs on the workspace the first one's finish left. Exits non-zero if any step
 misses the float64 reference (the sanitizer reports hazards itself).
 """
@@ -17,6 +18,8 @@ SHAPES = [
     (MLPConfig(hidden_size=512, intermediate_size=256), {"cluster_size": 2}, 3, torch.float16),
     (MLPConfig(hidden_size=512, intermediate_size=384), {"cluster_size": 4, "warps": 4}, 1, torch.bfloat16),
     (MLPConfig(hidden_size=256, intermediate_size=128), {"cluster_size": 1}, 2, torch.float16),
+    (MLPConfig(hidden_size=512, intermediate_size=1024), {"cluster_size": 4}, 3, torch.float16),
+    (MLPConfig(hidden_size=512, intermediate_size=1024), {"cluster_size": 2, "warps": 4}, 8, torch.bfloat16),
 ]
 
 failures = 0

@@ -13,7 +13,7 @@ from clusterlab.fused import (
     DecodeAttention,
     KVCache,
 )
-from clusterlab.fused.kernel import KernelSpec, build_kernel, kernel_signature
+from clusterlab.fused.kernel import MMA_BATCH, KernelSpec, MmaTile, build_kernel, kernel_signature
 from clusterlab.fused.plan import launch_shape
 from clusterlab.fused.reference import reference_step, relative_error
 
@@ -43,6 +43,9 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spills(config, bf16, 
                         "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "atom.global.add.f32"):
         assert instruction in ptx, instruction
     assert "st.local" not in ptx  # every register array was indexed by constants
+    # Batches multiply on the tensor cores, both projections (every preset's slices tile them).
+    assert ("mma.sync.aligned.m16n8k16.row.col.f32" in ptx) == (batch >= MMA_BATCH)
+    assert isinstance(spec.qkv_tile(), MmaTile) == isinstance(spec.o_tile(), MmaTile) == (batch >= MMA_BATCH)
     result = assemble(ptx)
     assert result.spill_bytes == 0
     # The register file (64K) holds the blocks the launch bound asks for: 16 warps an SM at 128
@@ -69,6 +72,26 @@ def test_measurement_switches_change_the_kernel_only_when_set():
         assert register not in full and register in timeline
     assert timeline.count(".param .") == full.count(".param .") + 14  # two arrays of 7 fields each
     assert ptx_of(qkv_stream=False, kv_stream=False, o_stream=False, finish=False) != full
+
+
+def test_tiles_of_the_matrix_vector_steps():
+    """One sequence on the CUDA cores; batches on the tensor cores where rows of 32-column spans
+    and 16-row blocks tile the slice, in parts of at most LOADS_PER_STEP loads a lane."""
+    from clusterlab.fused.kernel import LOADS_PER_STEP, GemvTile, gemv_tile, mma_tile
+
+    assert gemv_tile("w", 64, 128, 1) == GemvTile(32, 2, 8, 1)
+    assert gemv_tile("w", 64, 128, 2) == MmaTile(1, 4, 4)  # 512 columns: 4 parts of 4 spans, 8 loads each
+    assert gemv_tile("w", 16, 128, 8) == MmaTile(2, 4, 1)  # 128 columns: one part, two row blocks (16 loads)
+    assert gemv_tile("w", 28, 128, 4) == MmaTile(1, 7, 1)  # 224 columns: 7 spans in one part (14 loads)
+    assert gemv_tile("w", 112, 128, 4) == MmaTile(1, 4, 7)  # Qwen2.5-7B's 896-wide slices
+    assert gemv_tile("w", 14, 128, 4) == GemvTile(2, 7, 2, 2)  # 112 columns: not whole spans
+    assert gemv_tile("w", 16, 24, 4) == GemvTile(16, 1, 4, 2)  # 24 rows: not whole row blocks
+    for chunks in range(4, 257, 4):
+        tile = mma_tile("w", chunks, 64)
+        assert tile.spans * tile.parts * 4 == chunks
+        assert 2 * tile.row_blocks * tile.spans <= (LOADS_PER_STEP if tile.parts == 1 else LOADS_PER_STEP // 2)
+    with pytest.raises(ValueError, match="multiple of 32 columns and a multiple of 16 rows, got 112 columns"):
+        mma_tile("w", 14, 64)
 
 
 def _random_inputs(config, dtype, batch, capacity, seed):

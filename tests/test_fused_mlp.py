@@ -30,6 +30,7 @@ import torch
 from clusterlab import simulator
 from clusterlab.fused import mlp_simulated
 from clusterlab.fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
+from clusterlab.fused.kernel import MMA_BATCH, MmaTile
 from clusterlab.fused.mlp_kernel import MLPSpec, build_mlp_kernel, mlp_kernel_signature
 from clusterlab.fused.mlp_simulated import simulated_mlp_step
 from clusterlab.fused.reference import relative_error
@@ -77,7 +78,7 @@ def bits(t):
 @pytest.mark.ptx
 @pytest.mark.parametrize(
     "model, dtype, batch, shape",
-    [("llama3-8b", "f16", 1, (2, 128, 8)), ("llama3-8b", "bf16", 8, (2, 128, 8)),
+    [("llama3-8b", "f16", 1, (2, 128, 8)), ("llama3-8b", "bf16", 8, (2, 64, 8)),
      ("llama3.2-1b", "bf16", 1, (2, 128, 8)), ("llama3.2-1b", "f16", 8, (2, 128, 8)),
      ("qwen2.5-7b", "f16", 8, (4, 37, 8)), ("llama2-7b", "bf16", 1, (4, 43, 8))],
     ids=["llama3-8b-f16-b1", "llama3-8b-bf16-b8", "llama3.2-1b-bf16-b1", "llama3.2-1b-f16-b8", "qwen2.5-7b-f16-b8",
@@ -97,6 +98,9 @@ def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, 
     assert ptx.count("barrier.cluster.arrive.release") == 2
     assert ptx.count("barrier.cluster.wait.acquire") == 2
     assert "st.local" not in ptx  # every register array was indexed by constants
+    # Batches multiply on the tensor cores, both projections (mlp_shape picks such a split).
+    assert ("mma.sync" in ptx) == (batch >= MMA_BATCH)
+    assert isinstance(spec.down_tile(), MmaTile) == (batch >= MMA_BATCH)
     result = assemble(ptx)
     assert result.spill_bytes == 0
     # The register file (64K) holds the blocks the launch bound asks for: 16 warps an SM.
@@ -303,7 +307,8 @@ def test_config_rejects_bad_sizes_and_eps(kwargs, match):
 
 def best_split(config, batch, sm_count, cluster_size, warps):
     """mlp_shape's documented rule by brute force: over every split with every block resident at
-    once, the most even load of the SMs, then the most blocks; None where no split fits."""
+    once, from batch 2 on one whose projections both run on the tensor cores, then the most even
+    load of the SMs, then the most blocks; None where no split fits."""
     best = None
     for clusters in range(1, config.intermediate_size // 8 + 1):
         try:
@@ -312,15 +317,18 @@ def best_split(config, batch, sm_count, cluster_size, warps):
             continue
         blocks = clusters * cluster_size
         if blocks <= spec.min_blocks_per_sm * sm_count:
-            score = (blocks / (sm_count * -(-blocks // sm_count)), blocks)
+            tensor_cores = isinstance(spec.gate_up_tile(), MmaTile) and isinstance(spec.down_tile(), MmaTile)
+            score = (tensor_cores, blocks / (sm_count * -(-blocks // sm_count)), blocks)
             best = max(best or (score, clusters), (score, clusters))
     return None if best is None else (cluster_size, best[1], warps)
 
 
 def test_mlp_shape_of_llama3_8b_on_an_h100_or_h200():
-    # 128 clusters of 2 blocks of 8 warps: 256 blocks, two on all but 4 of the 132 SMs.
-    for batch in range(1, 9):
-        assert mlp_shape(MODELS["llama3-8b"], batch, 132) == (2, 128, 8)
+    # One sequence: 128 clusters of 2 blocks of 8 warps, 256 blocks, two on all but 4 of the 132
+    # SMs. Batches: 64 clusters, slices of 224 (W_down's 112-wide ones cannot run on the tensor cores).
+    assert mlp_shape(MODELS["llama3-8b"], 1, 132) == (2, 128, 8)
+    for batch in range(2, 9):
+        assert mlp_shape(MODELS["llama3-8b"], batch, 132) == (2, 64, 8)
     assert mlp_shape(MODELS["llama3-8b"], 1, 132, cluster_size=4, warps=4) == (4, 128, 4)
 
 

@@ -869,3 +869,64 @@ def test_packed_pairs_keep_the_low_half_first(rng):
         axis=1,
     )
     assert_same_bits(packed.copy_to_host(), expected_packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor cores
+# ---------------------------------------------------------------------------------------------
+
+
+def _mma_kernel(mma):
+    @cuda.jit
+    def products(a, b, c, d, staged):
+        """One warp: d = a @ b + c, a [16, 16] and b [16, 8] 16-bit bits as uint32 pairs ``a[row, k/2]``,
+        ``b[col, k/2]``; c, d [16, 8] float32. c is read through shared memory, four at a time
+        (``ld_shared_v4_f32``), and ``staged`` gets the values as read."""
+        cs = cuda.shared.array(128, types.float32)
+        lane = cuda.threadIdx.x
+        for i in range(lane, 128, 32):
+            cs[i] = c[i // 8, i % 8]
+        cuda.syncthreads()
+        g, t = lane // 4, lane % 4
+        # Lane (g, t) reads half t % 2 of row g (t < 2) or g + 8 (t >= 2) of c back, 16 bytes at once.
+        row = g if t < 2 else g + 8
+        x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(cs, row * 8 + 4 * (t % 2)))
+        staged[row, 4 * (t % 2)] = x0
+        staged[row, 4 * (t % 2) + 1] = x1
+        staged[row, 4 * (t % 2) + 2] = x2
+        staged[row, 4 * (t % 2) + 3] = x3
+        d0, d1, d2, d3 = mma(a[g, t], a[g + 8, t], a[g, t + 4], a[g + 8, t + 4], b[g, t], b[g, t + 4],
+                             cs[g * 8 + 2 * t], cs[g * 8 + 2 * t + 1], cs[(g + 8) * 8 + 2 * t],
+                             cs[(g + 8) * 8 + 2 * t + 1])
+        d[g, 2 * t] = d0
+        d[g, 2 * t + 1] = d1
+        d[g + 8, 2 * t] = d2
+        d[g + 8, 2 * t + 1] = d3
+
+    return products
+
+
+MMA_KERNELS = {"f16": _mma_kernel(ptx.mma_f16_m16n8k16), "bf16": _mma_kernel(ptx.mma_bf16_m16n8k16)}
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_mma_multiplies_16x16_by_16x8_in_float32(dtype, rng):
+    """The lane layout of the docstring, against float64 NumPy on the values the 16-bit bits hold
+    (float32 accumulation: a sum of 16 exact products and c differs from float64 by < 1e-5 relative)."""
+    a = rng.standard_normal((16, 16)).astype(np.float32)
+    b = rng.standard_normal((16, 8)).astype(np.float32)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    if dtype == "f16":
+        a_bits, b_bits = a.astype(np.float16).view(np.uint16), b.astype(np.float16).view(np.uint16)
+        a_values, b_values = a_bits.view(np.float16).astype(np.float64), b_bits.view(np.float16).astype(np.float64)
+    else:
+        a_bits, b_bits = bf16_bits(a).reshape(16, 16), bf16_bits(b).reshape(16, 8)
+        a_values, b_values = bf16_as_float32(a_bits).astype(np.float64), bf16_as_float32(b_bits).astype(np.float64)
+    a_pairs = np.ascontiguousarray(a_bits).view(np.uint32)  # [16 rows, 8 pairs of k]
+    b_pairs = np.ascontiguousarray(b_bits.T).view(np.uint32)  # [8 columns, 8 pairs of k]
+    d, staged = poisoned((16, 8), np.float32), poisoned((16, 8), np.float32)
+    run(MMA_KERNELS[dtype], 1, cuda.to_device(a_pairs), cuda.to_device(b_pairs), cuda.to_device(c), d, staged,
+        block=32, clusters=1)
+    want = a_values @ b_values + c
+    np.testing.assert_allclose(d.copy_to_host(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert_same_bits(staged.copy_to_host(), c)

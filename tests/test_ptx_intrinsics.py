@@ -161,6 +161,8 @@ CASES = {
     "cp_async_wait": ("ptx.cp_async_wait(3)", "cp.async.wait_group 3;"),
     "ld_shared_v4_b32": ("a, b, c, d = ptx.ld_shared_v4_b32(ptx.shared_address(smem, 4 * i32[0]))\no32[0] = a ^ b ^ c ^ d",
                          "ld.shared.v4.b32"),
+    "ld_shared_v4_f32": ("a, b, c, d = ptx.ld_shared_v4_f32(ptx.shared_address(smem, 4 * i32[0]))\nof32[0] = a + b + c + d",
+                         "ld.shared.v4.f32"),
     "l2_evict_first_policy": ("o64[0] = ptx.l2_evict_first_policy()", "createpolicy.fractional.L2::evict_first.b64"),
     "l2_evict_last_policy": ("o64[0] = ptx.l2_evict_last_policy()", "createpolicy.fractional.L2::evict_last.b64"),
     "f16_to_f32": ("of32[0] = ptx.f16_to_f32(i16[0])", "cvt.f32.f16"),
@@ -171,6 +173,12 @@ CASES = {
     "bf16x2_to_f32x2": ("a, b = ptx.bf16x2_to_f32x2(i32[0])\nof32[0] = a\nof32[1] = b", "and.b32 hi, %r1, 0xFFFF0000;"),
     "f32x2_to_f16x2": ("o32[0] = ptx.f32x2_to_f16x2(if32[0], if32[1])", "cvt.rn.f16x2.f32"),
     "f32x2_to_bf16x2": ("o32[0] = ptx.f32x2_to_bf16x2(if32[0], if32[1])", "cvt.rn.bf16x2.f32"),
+    "mma_f16_m16n8k16": ("a, b, c, d = ptx.mma_f16_m16n8k16(i32[0], i32[1], i32[2], i32[3], i32[4], i32[5], if32[0], "
+                         "if32[1], if32[2], if32[3])\nof32[0] = a + b + c + d",
+                         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
+    "mma_bf16_m16n8k16": ("a, b, c, d = ptx.mma_bf16_m16n8k16(i32[0], i32[1], i32[2], i32[3], i32[4], i32[5], "
+                          "if32[0], if32[1], if32[2], if32[3])\nof32[0] = a + b + c + d",
+                          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
 }
 
 _TEMPLATE = """\

@@ -29,7 +29,10 @@ using any of them:
   segment is read by ``lanes_per_row`` lanes, ``chunks_per_lane`` 16-byte chunks each. The lane
   multiplies its chunks by the activation (float32 in shared memory) for every sequence of the
   batch, then the warp reduces: a butterfly that halves the rows each level (reduce-scatter), so
-  it costs about one shuffle per row instead of log2(32).
+  it costs about one shuffle per row instead of log2(32). From a batch of :data:`MMA_BATCH` on,
+  the steps run on the tensor cores instead (``mma.m16n8k16``, the sequences as B's eight
+  columns): reading the float32 activations once per weight word for every sequence had made
+  shared memory, not the weights, the limit (see :func:`make_gemv`).
 - **attention**: warps split the batch (``warps // batch`` per sequence), then the positions.
   ``head_dim/8`` lanes hold one key (8 dims each), ``32/(head_dim/8)`` keys per warp load; a
   step loads ``keys_per_lane`` keys and values, scores them against the cluster's query heads,
@@ -61,9 +64,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32, int32, uint32
+from numba.cuda import libdevice
 
 from .. import ptx
 from . import plan
@@ -83,6 +88,9 @@ REGISTERS_PER_THREAD = 128
 UNROLLED_DOTS = 32
 #: Most float32 accumulators a lane keeps for one matrix-vector step.
 ACCUMULATORS = 16
+#: The smallest batch whose matrix-vector steps run on the tensor cores (``mma``): one sequence
+#: would use one column of eight, and the CUDA cores keep up with the memory there.
+MMA_BATCH = 2
 #: What a timeline kernel (``KernelSpec.timeline``) times: stamp ``i`` ends phase ``i - 1`` of
 #: this list, stamp 0 is the block's start. Thread 0 stamps, so a boundary inside a phase ("W_qkv
 #: stream", "rope + push", "block merge") is where warp 0 got to.
@@ -239,18 +247,53 @@ def region_offsets(sizes: dict[str, int]) -> dict[str, int]:
     return offsets
 
 
-def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 2):
-    """``(lanes_per_row, chunks_per_lane, rows_per_lane, batch_chunk)`` for rows of ``chunks``
-    16-byte chunks.
+class GemvTile(NamedTuple):
+    """A matrix-vector step on the CUDA cores (see :func:`make_gemv`): ``lanes`` lanes read a row,
+    ``chunks_per_lane`` 16-byte chunks each, ``rows_per_lane`` rows a lane, ``batch_chunk``
+    sequences at a time."""
 
-    A row is read by the largest power of two of lanes (up to 32) that divides its chunks
-    (Qwen2.5-7B's 448-wide slices: 56 chunks, 8 lanes of 7). Rows per lane grow while a step
-    stays within :data:`LOADS_PER_STEP` loads (all issued before use), then the batch is
+    lanes: int
+    chunks_per_lane: int
+    rows_per_lane: int
+    batch_chunk: int
+
+    @property
+    def step_rows(self) -> int:
+        """Rows one warp step covers."""
+        return 32 // self.lanes * self.rows_per_lane
+
+
+class MmaTile(NamedTuple):
+    """A matrix-vector step on the tensor cores (see :func:`make_gemv`): ``row_blocks`` blocks of
+    16 rows; a row's columns in ``parts`` parts of ``spans`` spans of 32 columns (two 16-byte
+    loads a lane for each row block and span), loaded one after the other into the same registers."""
+
+    row_blocks: int
+    spans: int
+    parts: int
+
+    @property
+    def step_rows(self) -> int:
+        return 16 * self.row_blocks
+
+
+def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 2) -> GemvTile | MmaTile:
+    """The tile of a warp step over rows of ``chunks`` 16-byte chunks: an :class:`MmaTile` for a
+    batch of at least :data:`MMA_BATCH` where :func:`mma_tile` has one, else a :class:`GemvTile`.
+
+    On the CUDA cores, a row is read by the largest power of two of lanes (up to 32) that divides
+    its chunks (Qwen2.5-7B's 448-wide slices: 56 chunks, 8 lanes of 7). Rows per lane grow while a
+    step stays within :data:`LOADS_PER_STEP` loads (all issued before use), then the batch is
     taken ``batch_chunk`` sequences at a time (2, or the ``batch_chunk`` given, where
     :data:`ACCUMULATORS` and :data:`UNROLLED_DOTS` allow and ``batch`` is even, else 1); the
     loaded words serve every chunk. A warp step's rows must tile ``rows`` (a head for the qkv projection, so a step
     never straddles two heads' rows of W_qkv).
     """
+    if batch >= MMA_BATCH:
+        try:
+            return mma_tile(what, chunks, rows)
+        except ValueError:
+            pass
     lanes = 32
     while chunks % lanes:
         lanes //= 2
@@ -273,7 +316,31 @@ def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 
         raise ValueError(f"{what}: {rows} rows do not split into warp steps of {32 // lanes * rows_per_lane}")
     chunk = 2 if (batch_chunk == 2 and batch % 2 == 0 and 2 * rows_per_lane <= ACCUMULATORS
                   and 2 * rows_per_lane * per_lane <= UNROLLED_DOTS) else 1
-    return lanes, per_lane, rows_per_lane, chunk
+    return GemvTile(lanes, per_lane, rows_per_lane, chunk)
+
+
+def mma_tile(what: str, chunks: int, rows: int) -> MmaTile:
+    """The tensor-core tile of rows of ``chunks`` 16-byte chunks (raises ``ValueError`` where none fits).
+
+    The columns go in spans of 32 (4 chunks), so ``chunks`` must be a multiple of 4 and ``rows``
+    of 16. A part is the most spans, up to 4, that divide a row (or the whole row where that is
+    one span and the row fits in one part); with one part a step may issue
+    :data:`LOADS_PER_STEP` loads a lane, with more half as many each (the registers of two
+    parts' loads and their activations made ptxas spill, so a part waits for its loads while
+    the block's other warps stream). A step takes two row blocks where they fit those loads and
+    tile ``rows``: one read of the activations then serves twice the rows.
+    """
+    if chunks % 4 or rows % 16:
+        raise ValueError(f"{what}: tensor-core steps need rows of a multiple of 32 columns and a multiple of 16 "
+                         f"rows, got {8 * chunks} columns and {rows} rows")
+    spans = chunks // 4
+    per_part = max(s for s in range(1, LOADS_PER_STEP // 4 + 1) if spans % s == 0)
+    if per_part == 1 and 2 * spans <= LOADS_PER_STEP:
+        per_part = spans  # a prime number of spans (Llama-3-8B's 224-wide MLP slices: 7) in one part
+    parts = spans // per_part
+    loads = LOADS_PER_STEP if parts == 1 else LOADS_PER_STEP // 2  # a lane's loads a part may issue
+    row_blocks = 2 if 4 * per_part <= loads and rows % 32 == 0 else 1
+    return MmaTile(row_blocks, per_part, parts)
 
 
 def _log2(n: int) -> int:
@@ -281,20 +348,46 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def make_gemv(batch: int, bf16: bool, tile, x_stride: int, out_stride: int, atomic: bool):
-    """Device functions for one warp step of a matrix-vector product over ``rows_per_step`` rows.
+@cuda.jit(device=True, inline=True)
+def slice_exponent(sum_squares, inv_columns):
+    """``e`` with ``2^e`` within a factor 2 of the root mean square ``sqrt(sum_squares * inv_columns)``:
+    half the exponent of the mean square, read from its bits (-64 for zeros)."""
+    return (((libdevice.float_as_int(sum_squares * inv_columns) >> 23) & 0xFF) - 127) >> 1
 
-    ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's 16-byte loads into the register
-    array ``wv``: for ``r < rows_per_step`` the 16-bit row segment
-    ``w[w0 + r*row_stride : ... + 8*chunks]``. ``gemv_finish(wv, smem, x0, dst, out0, lane)`` dots
-    the rows with ``smem[x0 + b*x_stride : ...]`` for each sequence ``b`` and writes the sums to
-    ``dst[out0 + b*out_stride + r]`` (float32), or adds them there atomically where ``atomic``
-    (into a global array). Splitting the two lets a caller issue a step's loads
-    before a barrier and use them after it. The batch is processed ``batch_chunk`` sequences at
-    a time, so every register array is indexed by constants once the loops are unrolled.
+
+@cuda.jit(device=True, inline=True)
+def power_of_two(e):
+    """``2^e`` for ``-126 <= e <= 127``, from its bits: scaling by it is exact."""
+    return libdevice.int_as_float((127 + e) << 23)
+
+
+def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, out_stride: int, atomic: bool,
+              norms: tuple[int, int] | None = None):
+    """Device functions for one warp step of a matrix-vector product over ``tile.step_rows`` rows.
+
+    ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's first 16-byte loads into the
+    register array ``wv``: the 16-bit row segments ``w[w0 + r*row_stride : ...]`` for
+    ``r < step_rows``. ``gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane)``, with the
+    same ``w, w0, row_stride``, dots the rows with ``smem[x0 + b*x_stride : ...]`` (float32) for each
+    sequence ``b`` and writes the sums to ``dst[out0 + b*out_stride + r]`` (float32), or adds them
+    there atomically where ``atomic`` (into a global array). Splitting the two lets a caller issue
+    a step's loads before a barrier and use them after it.
+
+    A :class:`GemvTile` step runs on the CUDA cores: each lane multiplies its chunks of a row by
+    the float32 activations, ``batch_chunk`` sequences at a time (every register array indexed by
+    constants once the loops are unrolled), then the row's lanes reduce. An :class:`MmaTile` step
+    runs on the tensor cores: ``mma`` multiplies 16 rows by 16 columns of the activations of up to
+    8 sequences (one column of B each; those beyond ``batch`` are zeros), the activations rounded to
+    16 bits as PyTorch's would be. Where ``norms`` is given, ``(offset, stride)``, the activations
+    are ``h * norm`` and ``smem[offset + b*stride]`` holds ``sum(h^2)`` on the slice of
+    ``x_stride`` columns: in float16 (``h`` itself may be near its limit) the tensor-core steps
+    expect them divided by ``2^e`` of :func:`slice_exponent` (``scale_inputs`` of
+    :func:`make_norm_inputs`) and multiply the sums back, both exactly.
 
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
+    if isinstance(tile, MmaTile):
+        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms)
     lanes, per_lane, rows_per_lane, chunk = tile
     groups = 32 // lanes  # rows one warp load covers
     log_rows, log_lanes = _log2(rows_per_lane), _log2(lanes)
@@ -313,7 +406,7 @@ def make_gemv(batch: int, bf16: bool, tile, x_stride: int, out_stride: int, atom
                     wv[(i * per_lane + j) * 4 + e] = t[e]
 
     @cuda.jit(device=True, inline=True)
-    def gemv_finish(wv, smem, x0, dst, out0, lane):
+    def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
         group, sub = lane // lanes, lane % lanes
         for b0 in range(0, batch, chunk):
             acc = cuda.local.array(accumulators, float32)
@@ -358,6 +451,91 @@ def make_gemv(batch: int, bf16: bool, tile, x_stride: int, out_stride: int, atom
     return gemv_load, gemv_finish, words
 
 
+def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_stride: int, atomic: bool,
+                   norms: tuple[int, int] | None):
+    """:func:`make_gemv` on the tensor cores (see :func:`clusterlab.ptx.mma_f16_m16n8k16` for the lanes).
+
+    Lane ``(g, t)`` (``lane = 4g + t``) of a step loads, for each row block ``r`` and span ``p``,
+    16 bytes of row ``16r + g`` and of row ``16r + g + 8``: columns ``32p + 8t .. + 8``. Those
+    eight columns are ``k`` = 2t, 2t+1, 2t+8, 2t+9 of one ``mma`` and the same of the next, and
+    the lane brings the same eight columns of sequence ``g``'s activations as B. The sums come
+    out as ``mma`` leaves them: rows ``16r + g`` and ``+ 8``, sequences ``2t`` and ``2t + 1``.
+    """
+    row_blocks, spans, parts = tile
+    part_words = 8 * row_blocks * spans
+    words = part_words
+    accumulators = 4 * row_blocks
+    mma = ptx.mma_bf16_m16n8k16 if bf16 else ptx.mma_f16_m16n8k16
+    pack = ptx.f32x2_to_bf16x2 if bf16 else ptx.f32x2_to_f16x2
+    scaled = norms is not None and not bf16  # bfloat16 has float32's range
+    norms_at, norms_stride = norms if scaled else (0, 0)
+    inv_columns = np.float32(1.0 / x_stride)
+
+    @cuda.jit(device=True, inline=True)
+    def load_part(w, w0, row_stride, lane, wv, part):
+        """Part ``part``'s loads into ``wv``."""
+        g, t = lane // 4, lane % 4
+        for r in range(row_blocks):
+            for half in range(2):
+                for p in range(spans):
+                    v = ptx.ld_global_nc_v4_no_allocate(
+                        w, w0 + (16 * r + 8 * half + g) * row_stride + (part * spans + p) * 32 + 8 * t)
+                    for e in range(4):
+                        wv[((2 * r + half) * spans + p) * 4 + e] = v[e]
+
+    @cuda.jit(device=True, inline=True)
+    def multiply_part(wv, part, smem, x0, xb, acc, lane):
+        """acc += the rows in ``wv`` times part ``part`` of the activations."""
+        g, t = lane // 4, lane % 4
+        for p in range(spans):
+            for q in range(2):  # B of sequence g: the lane's columns 4q .. 4q+3
+                if g < batch:
+                    at = ptx.shared_address(smem, x0 + g * x_stride + (part * spans + p) * 32 + 8 * t + 4 * q)
+                    x_0, x_1, x_2, x_3 = ptx.ld_shared_v4_f32(at)
+                    xb[2 * q] = pack(x_0, x_1)
+                    xb[2 * q + 1] = pack(x_2, x_3)
+                else:
+                    xb[2 * q] = uint32(0)
+                    xb[2 * q + 1] = uint32(0)
+            for r in range(row_blocks):
+                for q in range(2):
+                    lo = ((2 * r) * spans + p) * 4 + 2 * q  # row 16r + g, columns 4q .. 4q+3
+                    hi = ((2 * r + 1) * spans + p) * 4 + 2 * q  # row 16r + g + 8
+                    acc[4 * r], acc[4 * r + 1], acc[4 * r + 2], acc[4 * r + 3] = mma(
+                        wv[lo], wv[hi], wv[lo + 1], wv[hi + 1], xb[2 * q], xb[2 * q + 1],
+                        acc[4 * r], acc[4 * r + 1], acc[4 * r + 2], acc[4 * r + 3])
+
+    @cuda.jit(device=True, inline=True)
+    def gemv_load(w, w0, row_stride, lane, wv):
+        load_part(w, w0, row_stride, lane, wv, 0)
+
+    @cuda.jit(device=True, inline=True)
+    def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
+        g, t = lane // 4, lane % 4
+        acc = cuda.local.array(accumulators, float32)
+        for i in range(accumulators):
+            acc[i] = float32(0.0)
+        xb = cuda.local.array(4, uint32)
+        for part in range(parts):
+            if part > 0:
+                load_part(w, w0, row_stride, lane, wv, part)
+            multiply_part(wv, part, smem, x0, xb, acc, lane)
+        for s in range(2):
+            seq = 2 * t + s
+            if seq < batch:
+                scale = power_of_two(slice_exponent(smem[norms_at + seq * norms_stride], inv_columns)) if scaled \
+                    else float32(1.0)
+                for r in range(row_blocks):
+                    for half in range(2):
+                        at = out0 + seq * out_stride + 16 * r + 8 * half + g
+                        if atomic:
+                            cuda.atomic.add(dst, at, acc[4 * r + 2 * half + s] * scale)
+                        else:
+                            dst[at] = acc[4 * r + 2 * half + s] * scale
+
+    return gemv_load, gemv_finish, words
+
+
 def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, bf16: bool):
     """Device functions of the first phase of a kernel that starts from ``RMSNorm(hidden + residual)``.
 
@@ -368,10 +546,14 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     ``sum(h^2)`` at ``smem[red + warp*batch + seq]``. After a ``syncthreads``,
     ``sum_squares(smem, red, warps, dst, stride, tid)`` adds up the warps' shares: sequence
     ``seq``'s ``sum(h^2)`` at ``smem[dst + seq*stride]``. The normalisation itself,
-    ``rsqrt(mean(h^2) + eps)``, is left to whoever sums the dots of ``h * norm``.
+    ``rsqrt(mean(h^2) + eps)``, is left to whoever sums the dots of ``h * norm``. After another
+    ``syncthreads``, ``scale_inputs(smem, xs, dst, stride, tid)`` divides each sequence's
+    ``h * norm`` by ``2^e`` of :func:`slice_exponent` (for float16 tensor-core steps, see
+    :func:`make_gemv`); a ``syncthreads`` later they are ready.
     """
     unpack = ptx.bf16x2_to_f32x2 if bf16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
+    inv_columns = np.float32(1.0 / k_slice)
 
     @cuda.jit(device=True, inline=True)
     def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid):
@@ -407,7 +589,13 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
                 total += smem[red + i * batch + tid]
             smem[dst + tid * stride] = total
 
-    return norm_inputs, sum_squares
+    @cuda.jit(device=True, inline=True)
+    def scale_inputs(smem, xs, dst, stride, tid):
+        for i in range(tid, batch * k_slice, threads):
+            seq = i // k_slice
+            smem[xs + i] *= power_of_two(-slice_exponent(smem[dst + seq * stride], inv_columns))
+
+    return norm_inputs, sum_squares, scale_inputs
 
 
 def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16: bool):
@@ -579,19 +767,20 @@ def build_kernel(spec: KernelSpec):
     STATE_M, STATE_L, STATE_ACC = layout["state_m"], layout["state_l"], layout["state_acc"]
     O, RED = layout["o"], layout["red"]
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
-    QKV_STEP_ROWS = (32 // qkv_tile[0]) * qkv_tile[2]  # W_qkv rows a warp step covers
+    QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
     QKV_STEPS = ROWS // QKV_STEP_ROWS if spec.qkv_stream else 0
-    O_STEP_ROWS = (32 // o_tile[0]) * o_tile[2]  # W_o rows a warp step covers
+    O_STEP_ROWS = o_tile.step_rows  # W_o rows a warp step covers
     O_STEPS = OUT_ROWS // O_STEP_ROWS if spec.o_stream else 0
+    QKV_SCALED = isinstance(qkv_tile, MmaTile) and not BF16
 
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE, out_stride=ROWS + 1,
-                                                atomic=False)
+                                                atomic=False, norms=(PARTIAL + ROWS, ROWS + 1))
     o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
     kv_load, kv_fold, KV_WORDS = _make_attention(spec)
     LANE_ACC = G * 8  # a lane's attention accumulators: its 8 dims of each query head
-    norm_inputs, sum_squares = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
+    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
@@ -639,9 +828,14 @@ def build_kernel(spec: KernelSpec):
                      qkv_words)
         cuda.syncthreads()
         sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
+        if QKV_SCALED:  # float16 tensor-core steps take h * norm scaled (make_gemv's norms)
+            cuda.syncthreads()
+            scale_inputs(smem, XS, PARTIAL + ROWS, ROWS + 1, tid)
+            cuda.syncthreads()
         stamp(stamps, tid, 1)  # inputs
         while step < QKV_STEPS:
-            qkv_finish(qkv_words, smem, XS, smem, PARTIAL + step * QKV_STEP_ROWS, lane)
+            w0 = qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0
+            qkv_finish(qkv_words, w_qkv, w0, H, smem, XS, smem, PARTIAL + step * QKV_STEP_ROWS, lane)
             step += WARPS
             if step < QKV_STEPS:
                 qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H,
@@ -805,7 +999,8 @@ def build_kernel(spec: KernelSpec):
 
         # -- 5 o proj: this block's output rows, the cluster's heads' columns ----------------------------
         while step < O_STEPS:
-            o_finish(o_words, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane)
+            w0 = (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + cluster * ATTN_WIDTH
+            o_finish(o_words, w_o, w0, HEADS * D, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane)
             step += WARPS
             if step < O_STEPS:
                 o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + cluster * ATTN_WIDTH, HEADS * D,

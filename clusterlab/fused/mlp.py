@@ -140,7 +140,10 @@ def check_mlp_step(config: MLPConfig, weights: MLPWeights, hidden, residual) -> 
 
 
 def _best_split(config: MLPConfig, batch: int, sm_count: int, cluster_size: int, warps: int):
-    """``((balance, blocks), clusters)`` of the best split for clusters of ``cluster_size``, or None."""
+    """``((balance, blocks), clusters)`` of the best split for clusters of ``cluster_size``, or None;
+    from a batch of :data:`~clusterlab.fused.kernel.MMA_BATCH` on, a split whose two projections
+    both run on the tensor cores comes first."""
+    from .kernel import MmaTile
     from .mlp_kernel import MLPSpec
 
     best = None
@@ -153,10 +156,11 @@ def _best_split(config: MLPConfig, batch: int, sm_count: int, cluster_size: int,
         blocks = clusters * cluster_size
         if blocks > spec.min_blocks_per_sm * sm_count:
             continue  # not resident at once (a larger split needs less shared memory a block: go on)
-        score = (blocks / (sm_count * -(-blocks // sm_count)), blocks)
+        tensor_cores = isinstance(spec.gate_up_tile(), MmaTile) and isinstance(spec.down_tile(), MmaTile)
+        score = (tensor_cores, blocks / (sm_count * -(-blocks // sm_count)), blocks)
         if best is None or score > best[0]:
             best = (score, clusters)
-    return best
+    return best and (best[0][1:], best[1])
 
 
 def mlp_shape(config: MLPConfig, batch: int, sm_count: int, cluster_size: int | None = None,
@@ -166,8 +170,10 @@ def mlp_shape(config: MLPConfig, batch: int, sm_count: int, cluster_size: int | 
     For a cluster size, the split of the intermediate size into ``clusters`` slices the kernel can
     tile, with every block resident at once, that loads the SMs most evenly (blocks over SMs x the
     most blocks an SM gets), then the one with the most blocks: every block streams the same
-    bytes, so a step lasts as long as its busiest SM. ``warps`` defaults to 8 (two blocks an SM
-    at 128 registers a thread).
+    bytes, so a step lasts as long as its busiest SM. From a batch of two on, a split whose two
+    projections run on the tensor cores comes before either (Llama-3-8B: 64 clusters, not 128,
+    whose 112-wide slices of W_down are not whole 32-column spans). ``warps`` defaults to 8 (two
+    blocks an SM at 128 registers a thread).
 
     Without a ``cluster_size``: clusters of 2 where that split is even (at least
     :data:`BALANCED`), else of 4, else whichever size has a split. What this follows, measured at

@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from .. import ptx
-from .kernel import REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv, make_norm_inputs, region_offsets
+from .kernel import REGISTERS_PER_THREAD, MmaTile, gemv_tile, make_finish, make_gemv, make_norm_inputs, region_offsets
 from .mlp import MLPConfig
 from .plan import HOPPER, DeviceLimits
 
@@ -142,18 +142,20 @@ def build_mlp_kernel(spec: MLPSpec):
     layout = spec.smem_layout()
     XS, PARTIAL, ACT, RED = layout["xs"], layout["partial"], layout["act"], layout["red"]
     gate_up_tile, down_tile = spec.gate_up_tile(), spec.down_tile()
-    GATE_UP_STEP_ROWS = (32 // gate_up_tile[0]) * gate_up_tile[2]  # slots a warp step covers
+    GATE_UP_STEP_ROWS = gate_up_tile.step_rows  # slots a warp step covers
     GATE_UP_STEPS = ROWS // GATE_UP_STEP_ROWS
-    DOWN_STEP_ROWS = (32 // down_tile[0]) * down_tile[2]  # W_down rows a warp step covers
+    DOWN_STEP_ROWS = down_tile.step_rows  # W_down rows a warp step covers
+    GATE_UP_SCALED = isinstance(gate_up_tile, MmaTile) and not BF16
     DOWN_STEPS = OUT_ROWS // DOWN_STEP_ROWS
 
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     gate_up_load, gate_up_finish, GATE_UP_WORDS = make_gemv(BATCH, BF16, gate_up_tile, x_stride=K_SLICE,
-                                                            out_stride=ROWS + 1, atomic=False)
+                                                            out_stride=ROWS + 1, atomic=False,
+                                                            norms=(PARTIAL + ROWS, ROWS + 1))
     down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
                                                    atomic=True)
-    norm_inputs, sum_squares = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
+    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
 
     @cuda.jit(device=True, inline=True)
@@ -169,6 +171,15 @@ def build_mlp_kernel(spec: MLPSpec):
             gate_up_load(w_gate, (cluster * INTER_SLICE + slot) * H + k0, H, lane, words)
         else:
             gate_up_load(w_up, (cluster * INTER_SLICE + slot - INTER_SLICE) * H + k0, H, lane, words)
+
+    @cuda.jit(device=True, inline=True)
+    def gate_up_step_finish(w_gate, w_up, cluster, step, k0, lane, words, smem):
+        """The dots of warp step ``step`` into its slots of the partials."""
+        slot = step * GATE_UP_STEP_ROWS
+        gate = slot < INTER_SLICE
+        w = w_gate if gate else w_up
+        row = cluster * INTER_SLICE + (slot if gate else slot - INTER_SLICE)
+        gate_up_finish(words, w, row * H + k0, H, smem, XS, smem, PARTIAL + slot, lane)
 
     def fused_mlp(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals):
         smem = cuda.shared.array(0, float32)
@@ -187,8 +198,12 @@ def build_mlp_kernel(spec: MLPSpec):
             gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
         cuda.syncthreads()
         sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
+        if GATE_UP_SCALED:  # float16 tensor-core steps take h * norm scaled (make_gemv's norms)
+            cuda.syncthreads()
+            scale_inputs(smem, XS, PARTIAL + ROWS, ROWS + 1, tid)
+            cuda.syncthreads()
         while step < GATE_UP_STEPS:
-            gate_up_finish(words, smem, XS, smem, PARTIAL + step * GATE_UP_STEP_ROWS, lane)
+            gate_up_step_finish(w_gate, w_up, cluster, step, k0, lane, words, smem)
             step += WARPS
             if step < GATE_UP_STEPS:
                 gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
@@ -224,7 +239,8 @@ def build_mlp_kernel(spec: MLPSpec):
 
         # -- 3 down: this block's output rows, the cluster's intermediate columns, added into out_acc -----
         while step < DOWN_STEPS:
-            down_finish(down_words, smem, ACT, out_acc, rank * OUT_ROWS + step * DOWN_STEP_ROWS, lane)
+            w0 = (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE
+            down_finish(down_words, w_down, w0, I, smem, ACT, out_acc, rank * OUT_ROWS + step * DOWN_STEP_ROWS, lane)
             step += WARPS
             if step < DOWN_STEPS:
                 down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
