@@ -86,9 +86,9 @@ ATTENTIONS = ("fused", "unfused")
 #: or the chain of PyTorch calls of :func:`mlp`.
 MLPS = ("fused", "unfused")
 #: Largest batch whose decode steps run the fused MLP kernel under ``mlp="fused"``; larger batches
-#: run the PyTorch chain. Its matrix-vector steps multiply every weight on CUDA cores, once per
-#: sequence, and beyond one sequence cuBLAS is faster (H200, Llama-3-8B shape: 110 against 107 µs a
-#: layer at batch 1, 622 against 123 at batch 8; ``benchmarks/results/mlp_h200.json``).
+#: run the PyTorch chain. From two sequences on the kernel multiplies on the tensor cores and beats
+#: cuBLAS on the Llama-3.2-1B and Llama-2-7B shapes (1.05-1.58x at batch 2-8) but not on Llama-3-8B's
+#: (127-147 against 114-124 µs a layer; H200, ``benchmarks/results/mlp_h200.json``).
 FUSED_MLP_MAX_BATCH = 1
 #: Names of the dtypes a model runs in.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
