@@ -343,6 +343,13 @@ def mma_tile(what: str, chunks: int, rows: int) -> MmaTile:
     return MmaTile(row_blocks, per_part, parts)
 
 
+def scales_inputs(tile: GemvTile | MmaTile, bf16: bool) -> bool:
+    """Whether steps of ``tile`` take ``h * norm`` divided by ``2^e`` (``scale_inputs`` of
+    :func:`make_norm_inputs`): float16 on the tensor cores, whose 16-bit activations could
+    overflow where ``h`` is near the float16 limit (bfloat16 has float32's range)."""
+    return isinstance(tile, MmaTile) and not bf16
+
+
 def _log2(n: int) -> int:
     assert n & (n - 1) == 0, n
     return n.bit_length() - 1
@@ -467,7 +474,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     accumulators = 4 * row_blocks
     mma = ptx.mma_bf16_m16n8k16 if bf16 else ptx.mma_f16_m16n8k16
     pack = ptx.f32x2_to_bf16x2 if bf16 else ptx.f32x2_to_f16x2
-    scaled = norms is not None and not bf16  # bfloat16 has float32's range
+    scaled = norms is not None and scales_inputs(tile, bf16)
     norms_at, norms_stride = norms if scaled else (0, 0)
     inv_columns = np.float32(1.0 / x_stride)
 
@@ -771,7 +778,7 @@ def build_kernel(spec: KernelSpec):
     QKV_STEPS = ROWS // QKV_STEP_ROWS if spec.qkv_stream else 0
     O_STEP_ROWS = o_tile.step_rows  # W_o rows a warp step covers
     O_STEPS = OUT_ROWS // O_STEP_ROWS if spec.o_stream else 0
-    QKV_SCALED = isinstance(qkv_tile, MmaTile) and not BF16
+    QKV_SCALED = scales_inputs(qkv_tile, BF16)
 
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
@@ -828,7 +835,7 @@ def build_kernel(spec: KernelSpec):
                      qkv_words)
         cuda.syncthreads()
         sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
-        if QKV_SCALED:  # float16 tensor-core steps take h * norm scaled (make_gemv's norms)
+        if QKV_SCALED:  # see scales_inputs
             cuda.syncthreads()
             scale_inputs(smem, XS, PARTIAL + ROWS, ROWS + 1, tid)
             cuda.syncthreads()

@@ -38,7 +38,8 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from .. import ptx
-from .kernel import REGISTERS_PER_THREAD, MmaTile, gemv_tile, make_finish, make_gemv, make_norm_inputs, region_offsets
+from .kernel import (REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv, make_norm_inputs, region_offsets,
+                     scales_inputs)
 from .mlp import MLPConfig
 from .plan import HOPPER, DeviceLimits
 
@@ -145,7 +146,7 @@ def build_mlp_kernel(spec: MLPSpec):
     GATE_UP_STEP_ROWS = gate_up_tile.step_rows  # slots a warp step covers
     GATE_UP_STEPS = ROWS // GATE_UP_STEP_ROWS
     DOWN_STEP_ROWS = down_tile.step_rows  # W_down rows a warp step covers
-    GATE_UP_SCALED = isinstance(gate_up_tile, MmaTile) and not BF16
+    GATE_UP_SCALED = scales_inputs(gate_up_tile, BF16)
     DOWN_STEPS = OUT_ROWS // DOWN_STEP_ROWS
 
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
@@ -198,7 +199,7 @@ def build_mlp_kernel(spec: MLPSpec):
             gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
         cuda.syncthreads()
         sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
-        if GATE_UP_SCALED:  # float16 tensor-core steps take h * norm scaled (make_gemv's norms)
+        if GATE_UP_SCALED:  # see scales_inputs
             cuda.syncthreads()
             scale_inputs(smem, XS, PARTIAL + ROWS, ROWS + 1, tid)
             cuda.syncthreads()
