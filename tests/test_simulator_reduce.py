@@ -196,3 +196,52 @@ def test_a_16_block_float32_reduce_is_fast_enough_to_iterate_on():
             sim.cluster_reduce(x, "sum", algorithm)
             times.append(time.perf_counter() - start)
         assert sorted(times)[1] < 0.5, (algorithm, times)
+
+
+# ------------------------------------------------------------------- back to back: one barrier a step
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("dtype, op", [("float32", "sum"), ("bfloat16", "sum"), ("int32", "sum"), ("float16", "max")])
+def test_steady_reduce_is_direct_bit_for_bit_with_one_barrier_a_step(size, dtype, op):
+    seed = int(np.random.default_rng().integers(2**31))
+    steps, n = 5, 37
+    xs = np.stack([random_rows(seed + k, size, n, dtype) for k in range(steps)])
+    out, trace = sim.cluster_reduce_steady(xs, op)
+    for k in range(steps):
+        assert np.array_equal(bits(out[k]), bits(documented_order(xs[k], op, "direct"))), k
+        once, _ = sim.cluster_reduce(xs[k], op, "direct")
+        assert np.array_equal(bits(out[k]), bits(once)), k
+    barriers = sum(1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0)
+    assert barriers == steps + 1  # separate direct calls: 2 * steps
+
+
+def test_steady_reduce_agrees_with_numpy():
+    rng = np.random.default_rng()
+    xs = rng.standard_normal((4, 6, 50)).astype(np.float32)
+    out, _ = sim.cluster_reduce_steady(xs)
+    want = xs.astype(np.float64).sum(axis=1, keepdims=True)
+    assert np.allclose(out, np.broadcast_to(want, xs.shape), rtol=6 * 2.0**-24 * 4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_one_buffer_lets_the_next_step_overwrite_a_row_a_peer_still_reads(size):
+    xs = np.stack([random_rows(k, size, 8, "float32") for k in range(3)])
+    sim.cluster_reduce_steady(xs, buffers=2)
+    with pytest.raises(sim.DataRace) as info:
+        sim.cluster_reduce_steady(xs, buffers=1)
+    race = info.value
+    # A block stages step 1 into the row a peer still pulls for step 0, with no barrier between.
+    assert {p.step for p in race.points} == {"pull and fold 0", "stage 1"}
+    assert race.owner in race.blocks and race.byte_range == (0, 8 * 4)
+
+
+@pytest.mark.parametrize("xs, buffers, error, match", [
+    (np.ones((2, 4), np.float32), 2, ValueError, r"xs must be a NumPy array \[steps, cluster_size, n\]"),
+    (np.ones((0, 2, 4), np.float32), 2, ValueError, "steps >= 1"),
+    (np.ones((2, 2, 4), np.float32), 3, ValueError, r"buffers must be 2 \(the contract\) or 1"),
+    (np.ones((2, 17, 4), np.float32), 2, ValueError, "cluster_size"),
+])
+def test_steady_reduce_rejects_bad_inputs(xs, buffers, error, match):
+    with pytest.raises(error, match=match):
+        sim.cluster_reduce_steady(xs, buffers=buffers)

@@ -168,7 +168,9 @@ def direct_1barrier_loop(x, out, n, reps):
     One barrier per operation is enough: operation k overwrites the buffer peers read in
     operation k - 1, and every peer finished those reads before arriving at barrier k. The final
     barrier keeps each block alive until no peer reads it. Bit for bit the result of ``reps``
-    calls of ``direct``.
+    calls of ``direct``. The same rules with a fresh input each operation are the simulator's
+    :func:`~clusterlab.simulator.cluster_reduce_steady`, where the race checker shows why two
+    buffers are needed.
     """
     smem = cuda.shared.array(0, dtype=np.float32, alignment=16)
     size = ptx.cluster_size()

@@ -30,6 +30,7 @@ that can never complete.
 Entry points::
 
     out, trace = cluster_reduce(x, op="sum", algorithm="ring")   # x [N, n] -> out [N, n]
+    out, trace = cluster_reduce_steady(xs, op="sum")             # xs [steps, N, n]: 1 barrier a step
     out, trace = cluster_gather(x, algorithm="direct")            # x [N, n] -> out [N, N*n]
     print(trace.phase_table()); trace.plot().savefig("ring.png"); trace.traffic().total
     trace = launch(my_program, cluster_size, *args)                # your own per-block program
@@ -53,7 +54,7 @@ from .hazards import (
     ProgramPoint,
     TransactionMismatch,
 )
-from .reduce import REDUCE_ALGORITHMS, cluster_reduce
+from .reduce import REDUCE_ALGORITHMS, cluster_reduce, cluster_reduce_steady
 from .trace import DSMEM_KINDS, Trace, TraceEvent, Traffic
 
 __all__ = [
@@ -89,6 +90,7 @@ __all__ = [
     "bulk_push_rows",
     "cluster_gather",
     "cluster_reduce",
+    "cluster_reduce_steady",
     "dtype_name",
     "launch",
     "numpy_dtype",

@@ -55,6 +55,22 @@ block. 2 cluster barriers (after staging; before exit).
   reads it and writes ``acc[0]`` if it was in ``staged``, else the other ``acc`` row. Cluster
   barriers: 1 (staging) + [fold] + log2(P) + [unfold]; the last one is the exit barrier.
 
+``cluster_reduce_steady`` — back-to-back ``direct`` all-reduces in a steady state of **one
+cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[k]``)::
+
+    shared memory per block: staged A[2, n]   (double buffer)
+
+    operation k: stage x_k into staged[k % 2]; barrier k; pull staged[k % 2] of every block and
+                 fold in rank order (the ``direct`` fold, the same bits)
+    after the last operation: one exit barrier
+
+  The rules that make one barrier enough: (1) operation k writes only buffer k % 2, and only
+  before its barrier; (2) it reads peers' buffer k % 2 only after that barrier; (3) so the next
+  write of that buffer, in operation k + 2, comes after barrier k + 1, which no block passes
+  before every block has finished operation k's reads. With one buffer (``buffers=1``) operation
+  k + 1 overwrites the row a peer may still be reading for operation k: a race, which the
+  simulator reports. steps + 1 cluster barriers, against 2 * steps for separate ``direct`` calls.
+
 ``bulk`` — the ClusterFusion push: :func:`~clusterlab.simulator.gather.bulk_push_rows` copies
 every block's staged row (in A, padded to a 16-byte slot) into slot r of every peer with
 ``cp.async.bulk`` completing on the receiver's mbarrier (``expect_tx = (N-1) * slot bytes``),
@@ -99,6 +115,33 @@ def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
         f"accumulating in {accumulation_dtype(x.dtype).name}"
     )
     trace = launch(_PROGRAMS[algorithm], size, x, out, op_ufunc(op), title=title)
+    return out, trace
+
+
+def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int = 2):
+    """``steps`` all-reduces back to back, one cluster barrier each (see the module docstring).
+
+    ``xs``: [steps, cluster_size, n], steps >= 1, dtype one of ``DTYPES``; ``xs[k]`` is operation
+    k's input, row r in block r. ``op``: one of ``OPS``. ``buffers``: 2 (the contract) or 1, the
+    single-buffered version the race checker rejects. Returns ``(out, trace)``: ``out``
+    [steps, cluster_size, n] in xs' dtype, ``out[k]`` bit for bit ``cluster_reduce(xs[k], op,
+    "direct")``'s.
+    """
+    if not isinstance(xs, np.ndarray) or xs.ndim != 3 or xs.shape[0] < 1:
+        raise ValueError(f"xs must be a NumPy array [steps, cluster_size, n] with steps >= 1; got "
+                         f"{getattr(xs, 'shape', type(xs).__name__)}")
+    check_rows(xs[0])
+    check_choice("op", op, OPS)
+    if isinstance(buffers, bool) or buffers not in (1, 2):
+        raise ValueError(f"buffers must be 2 (the contract) or 1 (to see the race); got {buffers!r}")
+    steps, size, n = xs.shape
+    name = dtype_name(xs.dtype)
+    check_fits("n (xs.shape[2])", n, lambda m: buffers * layout_bytes([m * accumulation_dtype(xs.dtype).itemsize]),
+               f"the steady direct reduce ({buffers} buffers, {name})")
+    out = np.empty_like(xs)
+    title = (f"cluster_reduce_steady(op={op!r}, buffers={buffers}): {steps} steps of {size} blocks x {n} {name}, "
+             f"accumulating in {accumulation_dtype(xs.dtype).name}")
+    trace = launch(direct_steady_reduce, size, xs, out, op_ufunc(op), buffers, title=title)
     return out, trace
 
 
@@ -159,6 +202,24 @@ def direct_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
         acc = combine(acc, _load(b, staged, s, slice(None)))
     out[rank] = acc.astype(x.dtype)
     yield b.cluster_sync()  # peers may still be reading staged
+
+
+def direct_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.ufunc, buffers: int):
+    """``direct`` once per operation, one barrier each: operation k stages into buffer k % buffers.
+    Writes ``out[k, rank]`` [n] for every operation k."""
+    size, rank, n = b.cluster_size, b.cluster_rank, xs.shape[2]
+    staged = b.shared_array("staged", (buffers, n), accumulation_dtype(xs.dtype))
+    for k in range(xs.shape[0]):
+        buffer = k % buffers
+        b.step(f"stage {k}")
+        staged[buffer] = xs[k, rank].astype(staged.dtype)
+        yield b.cluster_sync()
+        b.step(f"pull and fold {k}")
+        acc = _load(b, staged, 0, (buffer, slice(None)))
+        for s in range(1, size):
+            acc = combine(acc, _load(b, staged, s, (buffer, slice(None))))
+        out[k, rank] = acc.astype(xs.dtype)
+    yield b.cluster_sync()  # peers may still be reading the last operation's buffer
 
 
 def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
