@@ -1270,12 +1270,15 @@ f32x2_to_bf16x2 = _asm_intrinsic(
 # Tensor cores
 # --------------------------------------------------------------------------------------------
 
-mma_f16_m16n8k16 = _asm_intrinsic(
-    "mma_f16_m16n8k16",
-    """mma_f16_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3) float32: D = A B + C on tensor cores.
 
-    PTX ``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32``, one warp: A is 16 x 16 and B
-    16 x 8 IEEE half values, packed two to a uint32 (the lower column/row in bits 0..15), C and D 16 x
+def _mma_m16n8k16(ptx_type: str, values: str):
+    """The warp-wide ``mma.m16n8k16`` intrinsic on ``ptx_type`` (f16, bf16) operands, float32 accumulators."""
+    name = f"mma_{ptx_type}_m16n8k16"
+    instruction = f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_type}.{ptx_type}.f32"
+    doc = f"""{name}(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3) float32: D = A B + C on tensor cores.
+
+    PTX ``{instruction}``, one warp: A is 16 x 16 and B
+    16 x 8 {values} values, packed two to a uint32 (the lower column/row in bits 0..15), C and D 16 x
     8 float32. Lane ``4*g + t`` (``g`` = lane // 4, ``t`` = lane % 4) holds
 
     - ``a0`` A[g, 2t:2t+2], ``a1`` A[g+8, 2t:2t+2], ``a2`` A[g, 2t+8:2t+10], ``a3`` A[g+8, 2t+8:2t+10];
@@ -1286,35 +1289,13 @@ mma_f16_m16n8k16 = _asm_intrinsic(
     as A and B use the same one (a map that depends on ``t`` alone lets lane ``(g, t)`` bring
     eight consecutive columns of a row, one 16-byte load, for two calls). Every lane of the
     warp must call it (``.sync.aligned``). sm_80+.
-    """,
-    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-    "{$10, $11, $12, $13};",
-    results=("f32",) * 4,
-    operands=("b32",) * 6 + ("f32",) * 4,
-)
+    """
+    text = f"{instruction} {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, {{$10, $11, $12, $13}};"
+    return _asm_intrinsic(name, doc, text, results=("f32",) * 4, operands=("b32",) * 6 + ("f32",) * 4)
 
-mma_bf16_m16n8k16 = _asm_intrinsic(
-    "mma_bf16_m16n8k16",
-    """mma_bf16_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3) float32: D = A B + C on tensor cores.
 
-    PTX ``mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32``, one warp: A is 16 x 16 and B
-    16 x 8 bfloat16 values, packed two to a uint32 (the lower column/row in bits 0..15), C and D 16 x
-    8 float32. Lane ``4*g + t`` (``g`` = lane // 4, ``t`` = lane % 4) holds
-
-    - ``a0`` A[g, 2t:2t+2], ``a1`` A[g+8, 2t:2t+2], ``a2`` A[g, 2t+8:2t+10], ``a3`` A[g+8, 2t+8:2t+10];
-    - ``b0`` B[2t:2t+2, g], ``b1`` B[2t+8:2t+10, g];
-    - ``c0, c1`` C[g, 2t], C[g, 2t+1]; ``c2, c3`` C[g+8, 2t], C[g+8, 2t+1] (and D the same).
-
-    A sum over k has no order: any one-to-one map of the data's columns onto k serves, so long
-    as A and B use the same one (a map that depends on ``t`` alone lets lane ``(g, t)`` bring
-    eight consecutive columns of a row, one 16-byte load, for two calls). Every lane of the
-    warp must call it (``.sync.aligned``). sm_80+.
-    """,
-    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-    "{$10, $11, $12, $13};",
-    results=("f32",) * 4,
-    operands=("b32",) * 6 + ("f32",) * 4,
-)
+mma_f16_m16n8k16 = _mma_m16n8k16("f16", "IEEE half")
+mma_bf16_m16n8k16 = _mma_m16n8k16("bf16", "bfloat16")
 
 
 __all__ = [
