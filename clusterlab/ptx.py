@@ -1266,6 +1266,26 @@ f32x2_to_bf16x2 = _asm_intrinsic(
 )
 
 
+permute_bytes = _asm_intrinsic(
+    "permute_bytes",
+    """permute_bytes(a, b, selector) -> uint32: four of the eight bytes of ``b:a``, chosen by ``selector``.
+
+    PTX ``prmt.b32 d, a, b, selector``: byte ``n`` of the result is byte ``selector >> 4n & 7`` of
+    the eight (``a``'s bytes 0..3, ``b``'s 4..7). With :data:`LOW_HALVES` it pairs the first
+    16-bit values of two words, with :data:`HIGH_HALVES` the second: one column of two rows of
+    16-bit pairs, as an ``mma`` operand packs it. sm_20+.
+    """,
+    "prmt.b32 $0, $1, $2, $3;",
+    results="b32",
+    operands=("b32", "b32", "b32"),
+)
+
+#: :func:`permute_bytes` selector: bits 0..15 of ``a`` in bits 0..15, bits 0..15 of ``b`` in 16..31.
+LOW_HALVES = 0x5410
+#: :func:`permute_bytes` selector: bits 16..31 of ``a`` in bits 0..15, bits 16..31 of ``b`` in 16..31.
+HIGH_HALVES = 0x7632
+
+
 # --------------------------------------------------------------------------------------------
 # Tensor cores
 # --------------------------------------------------------------------------------------------
@@ -1398,6 +1418,7 @@ __all__ = [
     "bf16x2_to_f32x2",
     "f32x2_to_f16x2",
     "f32x2_to_bf16x2",
+    "permute_bytes",
     # tensor cores
     "mma_f16_m16n8k16",
     "mma_bf16_m16n8k16",

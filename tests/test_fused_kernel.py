@@ -13,7 +13,7 @@ from clusterlab.fused import (
     DecodeAttention,
     KVCache,
 )
-from clusterlab.fused.kernel import MMA_BATCH, KernelSpec, MmaTile, build_kernel, kernel_signature
+from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
 from clusterlab.fused.plan import launch_shape
 from clusterlab.fused.reference import reference_step, relative_error
 
@@ -43,8 +43,11 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spills(config, bf16, 
                         "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "atom.global.add.f32"):
         assert instruction in ptx, instruction
     assert "st.local" not in ptx  # every register array was indexed by constants
-    # Batches multiply on the tensor cores, both projections (every preset's slices tile them).
-    assert ("mma.sync.aligned.m16n8k16.row.col.f32" in ptx) == (batch >= MMA_BATCH)
+    # Batches multiply on the tensor cores, both projections (every preset's slices tile them);
+    # attention over the cache does where a cluster has several query heads.
+    assert spec.mma_attention == (MMA_GROUP <= spec.group <= 8)
+    assert ("mma.sync.aligned.m16n8k16.row.col.f32" in ptx) == (batch >= MMA_BATCH or spec.mma_attention)
+    assert ("prmt.b32" in ptx) == spec.mma_attention
     assert isinstance(spec.qkv_tile(), MmaTile) == isinstance(spec.o_tile(), MmaTile) == (batch >= MMA_BATCH)
     result = assemble(ptx)
     assert result.spill_bytes == 0
@@ -72,6 +75,26 @@ def test_measurement_switches_change_the_kernel_only_when_set():
         assert register not in full and register in timeline
     assert timeline.count(".param .") == full.count(".param .") + 14  # two arrays of 7 fields each
     assert ptx_of(qkv_stream=False, kv_stream=False, o_stream=False, finish=False) != full
+
+
+def test_attention_runs_on_the_tensor_cores_from_two_query_heads_a_cluster():
+    """Where attention over the cache runs, and the keys a warp step loads there (16-byte loads a
+    lane: a 16-key tile of 128 dims takes 16, of 64 dims 8, so two tiles a step)."""
+    import dataclasses
+
+    def spec(config, head_split, **switches):
+        return dataclasses.replace(KernelSpec.of(config, False, 1, 8, 4, head_split), **switches)
+
+    assert not spec(LLAMA2_7B, 1).mma_attention and spec(LLAMA2_7B, 1).keys_per_step == 16
+    assert spec(LLAMA2_7B, 1, attention_mma=True).mma_attention
+    assert spec(LLAMA3_8B, 2).mma_attention and spec(LLAMA3_8B, 2).keys_per_step == 16
+    assert not spec(LLAMA3_8B, 2, attention_mma=False).mma_attention
+    assert spec(LLAMA3_2_1B, 1).keys_per_step == 32 and spec(LLAMA3_2_1B, 1).attention_groups == 1
+    assert not spec(QWEN2_5_7B, 7).mma_attention  # one query head a cluster
+    wide = AttentionConfig(hidden_size=2048, heads=32, kv_heads=2, head_dim=64)
+    assert not spec(wide, 1).mma_attention and spec(wide, 2).mma_attention  # 16 heads a cluster: CUDA cores
+    with pytest.raises(ValueError, match="at most 8 query heads a cluster, got 16"):
+        spec(wide, 1, attention_mma=True).mma_attention
 
 
 def test_tiles_of_the_matrix_vector_steps():
@@ -201,6 +224,23 @@ def test_small_shapes_cluster_sizes_warps_and_head_splits(name, cluster_size, wa
     weights = AttentionWeights.random(SMALL[name], torch.bfloat16, "cuda", seed=7)
     layer = DecodeAttention(SMALL[name], weights, cluster_size=cluster_size, warps=warps, head_split=head_split)
     _check_steps(layer, torch.bfloat16, batch, [0, 17, 300])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, head_split, mma", [("gqa-d64-gptj-c16", 2, False), ("gqa-d64-gptj-c16", 4, True),
+                                                   ("mha-d128", 1, True)])
+def test_attention_on_either_kind_of_core_matches_the_reference(name, head_split, mma, monkeypatch):
+    """The measurement switch ``attention_mma`` against the rule: GQA on the CUDA cores, one
+    query head a cluster on the tensor cores (seven of its eight B columns empty)."""
+    import dataclasses
+
+    weights = AttentionWeights.random(SMALL[name], torch.float16, "cuda", seed=11)
+    layer = DecodeAttention(SMALL[name], weights, cluster_size=4, head_split=head_split)
+    spec_of = layer.kernel_spec
+    monkeypatch.setattr(layer, "kernel_spec",
+                        lambda dtype, batch: dataclasses.replace(spec_of(dtype, batch), attention_mma=mma))
+    assert layer.kernel_spec(torch.float16, 3).mma_attention == mma != spec_of(torch.float16, 3).mma_attention
+    _check_steps(layer, torch.float16, 3, [0, 17, [300, 41, 5]])
 
 
 @pytest.mark.gpu

@@ -871,6 +871,27 @@ def test_packed_pairs_keep_the_low_half_first(rng):
     assert_same_bits(packed.copy_to_host(), expected_packed)
 
 
+@cuda.jit
+def permuted(a, b, selectors, out):
+    i = cuda.grid(1)
+    if i < a.size:
+        out[i] = ptx.permute_bytes(a[i], b[i], selectors[i])
+
+
+def test_permute_bytes_picks_bytes_of_both_words_as_the_selector_says(rng):
+    count = 5000
+    a, b = (rng.integers(0, 2**32, count, dtype=np.uint32) for _ in range(2))
+    picks = rng.integers(0, 8, (count, 4))
+    picks[:2] = [[0, 1, 4, 5], [2, 3, 6, 7]]  # LOW_HALVES, HIGH_HALVES
+    selectors = (picks << np.array([0, 4, 8, 12])).sum(axis=1).astype(np.uint32)
+    assert selectors[0] == ptx.LOW_HALVES and selectors[1] == ptx.HIGH_HALVES
+    out = poisoned(count, np.uint32)
+    run(permuted, 4, cuda.to_device(a), cuda.to_device(b), cuda.to_device(selectors), out, clusters=clusters_for(count))
+    eight = np.concatenate([a.view(np.uint8).reshape(count, 4), b.view(np.uint8).reshape(count, 4)], axis=1)
+    expected = np.take_along_axis(eight, picks, axis=1).copy().view(np.uint32).ravel()
+    assert_same_bits(out.copy_to_host(), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensor cores
 # ---------------------------------------------------------------------------------------------

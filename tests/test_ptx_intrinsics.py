@@ -173,6 +173,7 @@ CASES = {
     "bf16x2_to_f32x2": ("a, b = ptx.bf16x2_to_f32x2(i32[0])\nof32[0] = a\nof32[1] = b", "and.b32 hi, %r1, 0xFFFF0000;"),
     "f32x2_to_f16x2": ("o32[0] = ptx.f32x2_to_f16x2(if32[0], if32[1])", "cvt.rn.f16x2.f32"),
     "f32x2_to_bf16x2": ("o32[0] = ptx.f32x2_to_bf16x2(if32[0], if32[1])", "cvt.rn.bf16x2.f32"),
+    "permute_bytes": ("o32[0] = ptx.permute_bytes(i32[0], i32[1], i32[2])", "prmt.b32"),
     "mma_f16_m16n8k16": ("a, b, c, d = ptx.mma_f16_m16n8k16(i32[0], i32[1], i32[2], i32[3], i32[4], i32[5], if32[0], "
                          "if32[1], if32[2], if32[3])\nof32[0] = a + b + c + d",
                          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),

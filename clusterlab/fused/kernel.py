@@ -12,8 +12,9 @@ constants are the words of :class:`KernelSpec` upper-cased::
     K_SLICE, OUT_ROWS        k_slice, out_rows: a block's slice of the hidden size and of W_o's rows
     ATTN_WIDTH               attn_width = G * D: the cluster's attention output, its W_o columns
     WARPS, THREADS           warps, threads of a block
-    KEY_GROUPS               key_groups: keys a warp loads at once, one a group of D/8 lanes
+    KEYS_PER_STEP            keys_per_step: cached keys (and values) a warp step of attention loads
     WARPS_PER_SEQUENCE       warps // batch: the warps that attend for one sequence
+    GROUPS_PER_SEQUENCE      the softmax states those warps leave for the block merge
     NEW_TOKEN_RANK           plan.new_token_rank(C): the block that folds in the new token
     XS, PARTIAL, QKV, ...    offsets of smem_layout()'s regions (the simulator's shared arrays)
 
@@ -33,10 +34,13 @@ using any of them:
   the steps run on the tensor cores instead (``mma.m16n8k16``, the sequences as B's eight
   columns): reading the float32 activations once per weight word for every sequence had made
   shared memory, not the weights, the limit (see :func:`make_gemv`).
-- **attention**: warps split the batch (``warps // batch`` per sequence), then the positions.
-  ``head_dim/8`` lanes hold one key (8 dims each), ``32/(head_dim/8)`` keys per warp load; a
-  step loads ``keys_per_lane`` keys and values, scores them against the cluster's query heads,
-  and folds them into an online softmax (base-2: q is pre-scaled by ``log2(e)/sqrt(head_dim)``).
+- **attention**: warps split the batch (``warps // batch`` per sequence), then the positions,
+  ``keys_per_step`` keys and values a step, scored against the cluster's query heads and folded
+  into an online softmax (base-2: q is pre-scaled by ``log2(e)/sqrt(head_dim)``). With one query
+  head a cluster on the CUDA cores (``head_dim/8`` lanes hold one key, 8 dims each, and sum their
+  dots with shuffles); with more, on the tensor cores, FlashAttention-2's way: ``mma`` with the
+  heads as rows scores 16 keys at once, and the scores, rounded to 16 bits, are already the
+  operand of the ``mma`` that sums the values (see :class:`AttentionSteps`).
 
 Nothing streams from device memory while a cluster exchanges partial results, so each streaming
 phase's first loads are issued *before* the exchange that precedes it, into registers: the first
@@ -91,6 +95,9 @@ ACCUMULATORS = 16
 #: The smallest batch whose matrix-vector steps run on the tensor cores (``mma``): one sequence
 #: would use one column of eight, and the CUDA cores keep up with the memory there.
 MMA_BATCH = 2
+#: The fewest query heads a cluster (``group``) whose attention over the cache runs on the tensor
+#: cores (``mma``, the heads as A's rows): one head would use one row of sixteen.
+MMA_GROUP = 2
 #: What a timeline kernel (``KernelSpec.timeline``) times: stamp ``i`` ends phase ``i - 1`` of
 #: this list, stamp 0 is the block's start. Thread 0 stamps, so a boundary inside a phase ("W_qkv
 #: stream", "rope + push", "block merge") is where warp 0 got to.
@@ -106,7 +113,8 @@ class KernelSpec:
     The fields after ``limits`` are switches for measurement (:mod:`clusterlab.bench.fused_ablation`,
     :mod:`clusterlab.bench.fused_timeline`); their defaults are the kernel that
     :class:`~clusterlab.fused.DecodeAttention` runs, and :meth:`of` leaves them so; a variant is
-    ``dataclasses.replace(spec, kv_stream=False)``. A switched-off stream issues no loads and
+    ``dataclasses.replace(spec, kv_stream=False)``. ``attention_mma`` chooses where attention over
+    the cache runs, with correct outputs either way; a switched-off stream issues no loads and
     computes nothing from them, so the outputs of such a variant are wrong by construction.
     """
 
@@ -123,6 +131,9 @@ class KernelSpec:
     head_split: int
     bias: bool = False
     limits: DeviceLimits = HOPPER
+    #: attention over the cache on the tensor cores (True) or the CUDA cores (False); None: on the
+    #: tensor cores from :data:`MMA_GROUP` query heads a cluster (see :attr:`mma_attention`)
+    attention_mma: bool | None = None
     #: stream W_qkv (False: no qkv projection steps)
     qkv_stream: bool = True
     #: stream the cached keys and values (False: attention over the new token only)
@@ -200,22 +211,51 @@ class KernelSpec:
         return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch)
 
     @property
+    def mma_attention(self) -> bool:
+        """Whether attention over the cache runs on the tensor cores (:func:`_make_mma_attention`):
+        ``attention_mma`` where given, else from :data:`MMA_GROUP` to 8 query heads a cluster (the
+        heads are the columns of ``mma``'s B, eight of them)."""
+        if self.attention_mma is None:
+            return MMA_GROUP <= self.group <= 8
+        if self.attention_mma and self.group > 8:
+            raise ValueError(f"attention on the tensor cores takes at most 8 query heads a cluster, got {self.group} "
+                             "(use a head split)")
+        return self.attention_mma
+
+    @property
     def keys_per_lane(self) -> int:
-        """Keys (and values) one lane group loads per attention step: fewer when G heads share them,
-        and half as many for G >= 2 beyond batch 2 (under 128 registers ptxas spilled 16-96 bytes
-        at G = 2, batch 3 and 4, with 4 keys)."""
+        """CUDA-core attention: keys (and values) one lane group loads per step, fewer when G heads
+        share them, and half as many for G >= 2 beyond batch 2 (under 128 registers ptxas spilled
+        16-96 bytes at G = 2, batch 3 and 4, with 4 keys)."""
         keys = max(2, min(8, 8 // self.group))
         return max(2, keys // 2) if self.group >= 2 and self.batch > 2 else keys
 
     @property
     def key_groups(self) -> int:
-        """Lane groups per warp in attention (each holds one key per load)."""
+        """CUDA-core attention: lane groups per warp (each holds one key per load)."""
         return 32 // (self.head_dim // 8)
+
+    @property
+    def key_tiles(self) -> int:
+        """Tensor-core attention: tiles of 16 keys a warp step (a tile costs a lane ``head_dim / 8``
+        16-byte loads, keys and values; a step up to :data:`LOADS_PER_STEP`)."""
+        return max(1, LOADS_PER_STEP // (self.head_dim // 8))
+
+    @property
+    def keys_per_step(self) -> int:
+        """Cached keys (and values) one warp step of attention loads."""
+        return 16 * self.key_tiles if self.mma_attention else self.key_groups * self.keys_per_lane
+
+    @property
+    def attention_groups(self) -> int:
+        """Softmax states a warp leaves for the block merge: one per key group on the CUDA cores,
+        one on the tensor cores."""
+        return 1 if self.mma_attention else self.key_groups
 
     def smem_layout(self) -> dict[str, int]:
         """Offsets (float32 words) of each shared region, and ``"total"``."""
         g, d, b = self.group, self.head_dim, self.batch
-        groups = self.warps * self.key_groups + b  # + one group per sequence for its new token
+        groups = self.warps * self.attention_groups + b  # + one group per sequence for its new token
         sizes = {
             "xs": b * self.k_slice,
             "partial": b * (self.rows + 1),
@@ -651,27 +691,61 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
     return finish_arrive, finish_convert
 
 
-def _make_attention(spec: KernelSpec):
-    """Device functions for one attention step of a key group (``head_dim/8`` lanes, one key each load).
+class AttentionSteps(NamedTuple):
+    """Device functions of one warp's attention over a range of cached positions (one sequence).
 
-    ``kv_load(k_cache, v_cache, cache_row0, t0, end, key_lane, kv)`` loads keys and values ``t0,
-    t0 + key_groups, ...`` (``keys_per_lane`` of them, clamped to ``end - 1``) of the head whose row
-    0 is ``cache_row0``, 8 dims at ``key_lane*8`` each, into the register array ``kv`` (uint32,
-    ``keys_per_lane*8`` words: 4 of key, 4 of value per key). ``kv_fold(kv, smem, q0, t0, end, m,
-    l_sum, acc, key_lane)`` scores them against the G query heads at ``smem[q0 + head*head_dim +
-    key_lane*8 ...]`` and folds keys ``< end`` into the online softmax state ``m``, ``l_sum``
-    ``[G]``, ``acc`` ``[G*8]`` (float32). Returns ``(kv_load, kv_fold, words)``.
+    ``start(m, l_sum, acc)`` empties the softmax state: register arrays ``m``, ``l_sum``
+    (``states`` float32 each) and ``acc`` (``accumulators`` float32). ``load(k_cache, v_cache,
+    cache_row0, t0, end, lane, kv)`` loads the ``keys_per_step`` keys and values of positions
+    ``t0 ..`` (clamped to ``end - 1``) of the head whose row 0 is ``cache_row0`` into ``kv`` (uint32,
+    ``words``). ``fold(kv, smem, q0, t0, end, m, l_sum, acc, lane)`` scores them against the G query
+    heads at ``smem[q0 + head*head_dim ..]`` (float32, pre-scaled) and folds those before ``end``
+    into the state. ``store(smem, warp, m, l_sum, acc, lane)`` leaves the warp's state as softmax
+    states ``warp * attention_groups ..`` of the scratch regions, one per (group, head): ``m`` and
+    ``l`` a float32 each, ``acc`` ``head_dim`` float32.
     """
+
+    start: object
+    load: object
+    fold: object
+    store: object
+    words: int
+    states: int
+    accumulators: int
+
+
+def _make_attention(spec: KernelSpec) -> AttentionSteps:
+    """The :class:`AttentionSteps` of ``spec``: on the tensor cores or the CUDA cores (:attr:`KernelSpec.mma_attention`)."""
+    return _make_mma_attention(spec) if spec.mma_attention else _make_cuda_core_attention(spec)
+
+
+def _make_cuda_core_attention(spec: KernelSpec) -> AttentionSteps:
+    """Attention on the CUDA cores: a key group (``head_dim/8`` lanes) holds one key a load, 8 dims a
+    lane, and a step ``keys_per_lane`` keys ``t0 + key_group, t0 + key_group + key_groups, ..``.
+    Each lane dots its dims with every query head, the group's lanes sum the dots (shuffles),
+    and each group keeps its own softmax state: ``m``, ``l_sum`` ``[G]``, ``acc`` ``[G*8]`` (its 8
+    dims of each head)."""
     G, D, KEYS_PER_LANE, KEY_GROUPS = spec.group, spec.head_dim, spec.keys_per_lane, spec.key_groups
     LANES_PER_KEY = D // 8
     LOG_LANES_PER_KEY = _log2(LANES_PER_KEY)
     SCORES = KEYS_PER_LANE * G
+    layout = spec.smem_layout()
+    SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
     unpack = ptx.bf16x2_to_f32x2 if spec.bf16 else ptx.f16x2_to_f32x2
 
     @cuda.jit(device=True, inline=True)
-    def kv_load(k_cache, v_cache, cache_row0, t0, end, key_lane, kv):
+    def start(m, l_sum, acc):
+        for head in range(G):
+            m[head] = NEG
+            l_sum[head] = float32(0.0)
+            for e in range(8):
+                acc[head * 8 + e] = float32(0.0)
+
+    @cuda.jit(device=True, inline=True)
+    def load(k_cache, v_cache, cache_row0, t0, end, lane, kv):
+        key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
         for j in range(KEYS_PER_LANE):
-            t = min(t0 + j * KEY_GROUPS, end - 1)
+            t = min(t0 + key_group + j * KEY_GROUPS, end - 1)
             kw = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + t) * D + key_lane * 8)
             vw = ptx.ld_global_nc_v4_no_allocate(v_cache, (cache_row0 + t) * D + key_lane * 8)
             for e in range(4):
@@ -679,7 +753,9 @@ def _make_attention(spec: KernelSpec):
                 kv[j * 8 + 4 + e] = vw[e]
 
     @cuda.jit(device=True, inline=True)
-    def kv_fold(kv, smem, q0, t0, end, m, l_sum, acc, key_lane):
+    def fold(kv, smem, q0, t0, end, m, l_sum, acc, lane):
+        key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
+        first = t0 + key_group
         s = cuda.local.array(SCORES, float32)
         for head in range(G):
             qb = q0 + head * D + key_lane * 8
@@ -695,7 +771,7 @@ def _make_attention(spec: KernelSpec):
         for head in range(G):
             m_new = m[head]
             for j in range(KEYS_PER_LANE):
-                if t0 + j * KEY_GROUPS < end:
+                if first + j * KEY_GROUPS < end:
                     m_new = max(m_new, s[j * G + head])
             scale = math.exp2(m[head] - m_new)
             m[head] = m_new
@@ -703,7 +779,7 @@ def _make_attention(spec: KernelSpec):
             for e in range(8):
                 acc[head * 8 + e] *= scale
             for j in range(KEYS_PER_LANE):
-                p = math.exp2(s[j * G + head] - m_new) if t0 + j * KEY_GROUPS < end else float32(0.0)
+                p = math.exp2(s[j * G + head] - m_new) if first + j * KEY_GROUPS < end else float32(0.0)
                 s[j * G + head] = p
                 l_sum[head] += p
         for j in range(KEYS_PER_LANE):
@@ -713,7 +789,178 @@ def _make_attention(spec: KernelSpec):
                     acc[head * 8 + 2 * e] += s[j * G + head] * v_lo
                     acc[head * 8 + 2 * e + 1] += s[j * G + head] * v_hi
 
-    return kv_load, kv_fold, KEYS_PER_LANE * 8
+    @cuda.jit(device=True, inline=True)
+    def store(smem, warp, m, l_sum, acc, lane):
+        key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
+        group = warp * KEY_GROUPS + key_group
+        for head in range(G):
+            if key_lane == 0:
+                smem[SCRATCH_M + group * G + head] = m[head]
+                smem[SCRATCH_L + group * G + head] = l_sum[head]
+            for e in range(8):
+                smem[SCRATCH_ACC + (group * G + head) * D + key_lane * 8 + e] = acc[head * 8 + e]
+
+    return AttentionSteps(start, load, fold, store, KEYS_PER_LANE * 8, G, G * 8)
+
+
+def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
+    """Attention on the tensor cores, 16 keys a tile (``key_tiles`` tiles a step), both products
+    transposed so that keys and dims fill ``mma``'s 16 rows and the G query heads (at most 8) its
+    columns: no accumulator holds an empty row.
+
+    Lane ``(g, t)`` (``lane = 4g + t``, see :func:`clusterlab.ptx.mma_f16_m16n8k16`) keeps the
+    softmax states of heads ``2t`` and ``2t + 1``:
+
+    - **scores** ``S^T = K Q^T``: A is the tile's keys, rows ``g`` and ``g + 8`` straight from the
+      lane's 16-byte loads (its chunks ``t, t + 4, ..`` of 8 dims, each serving two ``mma`` as in
+      :func:`make_gemv`); B is the same 8 dims of head ``g``'s query (from shared memory, rounded
+      to 16 bits; zeros beyond G). The lane gets the scores of keys ``g`` and ``8 + g`` for heads
+      ``2t, 2t + 1``.
+    - **softmax**: each head's maximum over the tile's keys (three shuffles across ``g``), the
+      state rescaled, ``p = exp2(s - m)``; each lane sums its own ``p`` (``store`` adds the lanes').
+    - **values** ``O^T += V^T P^T``: B is ``P^T`` (k the key, n the head): lane ``(g, t)`` needs
+      head ``g`` of keys ``2t, 2t + 1, 8 + 2t, 9 + 2t``, which lanes ``8t + g//2`` and ``8t + 4 +
+      g//2`` hold, packed: four shuffles and a byte permute. A is ``V^T`` (rows are dims, k the
+      key): lane ``(g, t)`` loads keys ``2t, 2t + 1, 8 + 2t, 9 + 2t`` at chunk ``g`` (and ``g + 8``
+      for 128 dims) and pairs their halves (:func:`clusterlab.ptx.permute_bytes`); ``mma`` ``v``
+      takes dims ``value_dim(g, v, 0)`` and ``value_dim(g, v, 1)`` as rows ``g`` and ``g + 8``. The
+      lane accumulates ``acc[4v + 2*half + c]``: dim ``value_dim(g, v, half)`` of head ``2t + c``.
+    """
+    G, D, KEY_TILES = spec.group, spec.head_dim, spec.key_tiles
+    K_CHUNKS = D // 32  # 16-byte chunks of a key a lane loads (four lanes a key)
+    V_CHUNKS = D // 64  # 16-byte chunks of a value a lane loads per key: g (and g + 8)
+    VALUE_MMAS = D // 16  # mma of a tile's values: 16 dims each
+    K_WORDS = KEY_TILES * 2 * K_CHUNKS * 4
+    WORDS = K_WORDS + KEY_TILES * 4 * V_CHUNKS * 4
+    SCORES = 4 * KEY_TILES  # s[4i + 2*half + c]: key 16i + 8*half + g, head 2t + c
+    ACC = 4 * VALUE_MMAS
+    layout = spec.smem_layout()
+    SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
+    mma = ptx.mma_bf16_m16n8k16 if spec.bf16 else ptx.mma_f16_m16n8k16
+    pack = ptx.f32x2_to_bf16x2 if spec.bf16 else ptx.f32x2_to_f16x2
+    EMPTY = uint32(0)
+
+    @cuda.jit(device=True, inline=True)
+    def value_key(i, u, t):
+        """Key ``u`` (of 4) that lanes ``(*, t)`` bring to tile ``i``'s values: ``2t, 2t+1, 8+2t, 9+2t``."""
+        return 16 * i + 2 * t + (u & 1) + 8 * (u >> 1)
+
+    @cuda.jit(device=True, inline=True)
+    def value_dim(g, v, half):
+        """The dim that row ``g + 8*half`` of value ``mma`` ``v`` stands for: element ``v`` of chunk
+        ``g + 8*half`` (128 dims), element ``v + 4*half`` of chunk ``g`` (64 dims)."""
+        return 8 * (g + 8 * half) + v if V_CHUNKS == 2 else 8 * g + v + 4 * half
+
+    @cuda.jit(device=True, inline=True)
+    def value_word(i, u, v, half):
+        """The word of ``kv`` that holds ``value_dim(g, v, half)`` of tile ``i``'s value key ``u``."""
+        tile = K_WORDS + 4 * i * V_CHUNKS * 4
+        if V_CHUNKS == 2:
+            return tile + (u * V_CHUNKS + half) * 4 + v // 2
+        return tile + u * 4 + (v + 4 * half) // 2
+
+    @cuda.jit(device=True, inline=True)
+    def start(m, l_sum, acc):
+        for c in range(2):
+            m[c] = NEG
+            l_sum[c] = float32(0.0)
+        for e in range(ACC):
+            acc[e] = float32(0.0)
+
+    @cuda.jit(device=True, inline=True)
+    def load(k_cache, v_cache, cache_row0, t0, end, lane, kv):
+        g, t = lane // 4, lane % 4
+        for i in range(KEY_TILES):
+            for half in range(2):
+                key = min(t0 + 16 * i + 8 * half + g, end - 1)
+                for j in range(K_CHUNKS):
+                    w = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + key) * D + 8 * (t + 4 * j))
+                    for e in range(4):
+                        kv[((2 * i + half) * K_CHUNKS + j) * 4 + e] = w[e]
+            for u in range(4):
+                key = min(t0 + value_key(i, u, t), end - 1)
+                for r in range(V_CHUNKS):
+                    w = ptx.ld_global_nc_v4_no_allocate(v_cache, (cache_row0 + key) * D + 8 * (g + 8 * r))
+                    for e in range(4):
+                        kv[K_WORDS + ((4 * i + u) * V_CHUNKS + r) * 4 + e] = w[e]
+
+    @cuda.jit(device=True, inline=True)
+    def fold(kv, smem, q0, t0, end, m, l_sum, acc, lane):
+        g, t = lane // 4, lane % 4
+        # -- scores S^T = K Q^T
+        s = cuda.local.array(SCORES, float32)
+        for k in range(SCORES):
+            s[k] = float32(0.0)
+        q = cuda.local.array(4, uint32)
+        for j in range(K_CHUNKS):
+            if g < G:
+                at = q0 + g * D + 8 * (t + 4 * j)
+                x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(smem, at))
+                x4, x5, x6, x7 = ptx.ld_shared_v4_f32(ptx.shared_address(smem, at + 4))
+                q[0], q[1], q[2], q[3] = pack(x0, x1), pack(x2, x3), pack(x4, x5), pack(x6, x7)
+            else:
+                for e in range(4):
+                    q[e] = EMPTY
+            for i in range(KEY_TILES):
+                for h in range(2):
+                    low = ((2 * i) * K_CHUNKS + j) * 4 + 2 * h  # key 16i + g, dims 8(t + 4j) + 4h ..
+                    high = low + K_CHUNKS * 4  # key 16i + 8 + g
+                    s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3] = mma(
+                        kv[low], kv[high], kv[low + 1], kv[high + 1], q[2 * h], q[2 * h + 1],
+                        s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3])
+        # -- online softmax of heads 2t, 2t + 1 over the step's keys before `end`
+        for c in range(2):
+            m_new = m[c]
+            for k in range(c, SCORES, 2):
+                if t0 + 8 * (k // 2) + g < end:  # key 16i + 8*half + g
+                    m_new = max(m_new, s[k])
+            for offset in (4, 8, 16):
+                m_new = max(m_new, cuda.shfl_xor_sync(FULL_MASK, m_new, offset))
+            scale = math.exp2(m[c] - m_new)
+            m[c] = m_new
+            l_sum[c] *= scale
+            for e in range(c, ACC, 2):
+                acc[e] *= scale
+            for k in range(c, SCORES, 2):
+                s[k] = math.exp2(s[k] - m_new) if t0 + 8 * (k // 2) + g < end else float32(0.0)
+                l_sum[c] += s[k]
+        # -- values O^T += V^T P^T
+        source = 8 * t + g // 2  # holds keys 2t (for b0) and 8 + 2t (b1) of heads 2(g//2), 2(g//2) + 1
+        selector = ptx.HIGH_HALVES if g % 2 else ptx.LOW_HALVES  # head g of the pair
+        for i in range(KEY_TILES):
+            p_low = int32(pack(s[4 * i], s[4 * i + 1]))  # key g: heads 2t, 2t + 1 (int32: shuffles take no uint32)
+            p_high = int32(pack(s[4 * i + 2], s[4 * i + 3]))  # key 8 + g
+            b0 = ptx.permute_bytes(cuda.shfl_sync(FULL_MASK, p_low, source),
+                                   cuda.shfl_sync(FULL_MASK, p_low, source + 4), selector)
+            b1 = ptx.permute_bytes(cuda.shfl_sync(FULL_MASK, p_high, source),
+                                   cuda.shfl_sync(FULL_MASK, p_high, source + 4), selector)
+            for v in range(VALUE_MMAS):
+                pairs = ptx.HIGH_HALVES if v % 2 else ptx.LOW_HALVES  # element v of each pair of words
+                a = cuda.local.array(4, uint32)
+                for half in range(2):
+                    for k in range(2):  # keys 2t, 2t + 1 (k = 0), 8 + 2t, 9 + 2t (k = 1)
+                        a[2 * k + half] = ptx.permute_bytes(kv[value_word(i, 2 * k, v, half)],
+                                                            kv[value_word(i, 2 * k + 1, v, half)], pairs)
+                acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3] = mma(
+                    a[0], a[1], a[2], a[3], b0, b1, acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3])
+
+    @cuda.jit(device=True, inline=True)
+    def store(smem, warp, m, l_sum, acc, lane):
+        g, t = lane // 4, lane % 4
+        for c in range(2):
+            l_tot = l_sum[c]
+            for offset in (4, 8, 16):
+                l_tot += cuda.shfl_xor_sync(FULL_MASK, l_tot, offset)
+            head = 2 * t + c
+            if head < G:
+                if g == 0:
+                    smem[SCRATCH_M + warp * G + head] = m[c]
+                    smem[SCRATCH_L + warp * G + head] = l_tot
+                for v in range(VALUE_MMAS):
+                    for half in range(2):
+                        smem[SCRATCH_ACC + (warp * G + head) * D + value_dim(g, v, half)] = acc[4 * v + 2 * half + c]
+
+    return AttentionSteps(start, load, fold, store, WORDS, 2, ACC)
 
 
 def build_kernel(spec: KernelSpec):
@@ -762,12 +1009,12 @@ def build_kernel(spec: KernelSpec):
     Q_SCALE = np.float32(math.log2(math.e) / math.sqrt(D))
     HALF = D // 2  # RoPE angles a position has
     PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
-    LANES_PER_KEY = D // 8
-    KEY_GROUPS = spec.key_groups
-    KEYS_PER_STEP = KEY_GROUPS * spec.keys_per_lane
+    KEYS_PER_STEP = spec.keys_per_step
+    MMA_ATTENTION = spec.mma_attention
     WARPS_PER_SEQUENCE = WARPS // BATCH
+    GROUPS_PER_SEQUENCE = WARPS_PER_SEQUENCE * spec.attention_groups  # softmax states a sequence's warps leave
     NEW_TOKEN_RANK = new_token_rank(C)
-    NEW_TOKEN_GROUP = WARPS * KEY_GROUPS  # scratch groups NEW_TOKEN_GROUP + seq hold sequence seq's new token
+    NEW_TOKEN_GROUP = WARPS * spec.attention_groups  # scratch groups NEW_TOKEN_GROUP + seq: sequence seq's new token
     layout = spec.smem_layout()
     XS, PARTIAL, QKV = layout["xs"], layout["partial"], layout["qkv"]
     SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
@@ -785,8 +1032,7 @@ def build_kernel(spec: KernelSpec):
     qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE, out_stride=ROWS + 1,
                                                 atomic=False, norms=(PARTIAL + ROWS, ROWS + 1))
     o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
-    kv_load, kv_fold, KV_WORDS = _make_attention(spec)
-    LANE_ACC = G * 8  # a lane's attention accumulators: its 8 dims of each query head
+    kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
@@ -848,8 +1094,7 @@ def build_kernel(spec: KernelSpec):
                 qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H,
                          lane, qkv_words)
         # First attention loads (cached keys need no q): warps split the batch, WARPS_PER_SEQUENCE
-        # each; a warp's lanes form KEY_GROUPS key groups of LANES_PER_KEY lanes, 8 dims a lane.
-        key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
+        # each, and take steps of KEYS_PER_STEP positions in turn.
         att_seq = warp // WARPS_PER_SEQUENCE  # the sequence this warp attends for
         cached = cached_rows(positions, att_seq, capacity) if att_seq < BATCH else 0
         start, end = cached_range(max(cached, 0), rank, C)
@@ -857,8 +1102,8 @@ def build_kernel(spec: KernelSpec):
         kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if KV_STREAM and att_seq < BATCH else 0
         step = warp % WARPS_PER_SEQUENCE
         kv = cuda.local.array(KV_WORDS, uint32)
-        if step < kv_steps:
-            kv_load(k_cache, v_cache, cache_row0, start + step * KEYS_PER_STEP + key_group, end, key_lane, kv)
+        if step < kv_steps and not MMA_ATTENTION:
+            kv_load(k_cache, v_cache, cache_row0, start + step * KEYS_PER_STEP, end, lane, kv)
         stamp(stamps, tid, 2)  # W_qkv stream
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
@@ -912,27 +1157,19 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 5)  # B2 wait
 
         # -- 3 attention over this block's cached positions (online softmax) -----------------------------
-        m = cuda.local.array(G, float32)
-        l_sum = cuda.local.array(G, float32)
+        m = cuda.local.array(STATES, float32)
+        l_sum = cuda.local.array(STATES, float32)
         acc = cuda.local.array(LANE_ACC, float32)
-        for head in range(G):
-            m[head] = NEG
-            l_sum[head] = float32(0.0)
-            for e in range(8):
-                acc[head * 8 + e] = float32(0.0)
+        kv_start(m, l_sum, acc)
         while step < kv_steps:
-            t0 = start + step * KEYS_PER_STEP + key_group
-            kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, key_lane)
+            t0 = start + step * KEYS_PER_STEP
+            if MMA_ATTENTION:
+                kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
+            kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane)
             step += WARPS_PER_SEQUENCE
-            if step < kv_steps:
-                kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, key_lane, kv)
-        block_group = warp * KEY_GROUPS + key_group
-        for head in range(G):
-            if key_lane == 0:
-                smem[SCRATCH_M + block_group * G + head] = m[head]
-                smem[SCRATCH_L + block_group * G + head] = l_sum[head]
-            for e in range(8):
-                smem[SCRATCH_ACC + (block_group * G + head) * D + key_lane * 8 + e] = acc[head * 8 + e]
+            if step < kv_steps and not MMA_ATTENTION:
+                kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
+        kv_store(smem, warp, m, l_sum, acc, lane)
         if rank == NEW_TOKEN_RANK and warp < BATCH:  # the new token of sequence `warp`, from shared memory
             seq = warp
             for head in range(G):
@@ -949,18 +1186,18 @@ def build_kernel(spec: KernelSpec):
                         QKV + seq * ROWS + (G + 1) * D + i]
         cuda.syncthreads()
         stamp(stamps, tid, 6)  # attention
-        # Block merge: sequence seq's state is its WARPS_PER_SEQUENCE warps' key groups (+ its new token).
+        # Block merge: sequence seq's state is its warps' GROUPS_PER_SEQUENCE states (+ its new token).
         for e in range(tid, BATCH * G * D, THREADS):
             seq, head, dim = e // (G * D), e // D % G, e % D
-            first_group = seq * WARPS_PER_SEQUENCE * KEY_GROUPS
+            first_group = seq * GROUPS_PER_SEQUENCE
             m_max = NEG
-            for q in range(first_group, first_group + WARPS_PER_SEQUENCE * KEY_GROUPS):
+            for q in range(first_group, first_group + GROUPS_PER_SEQUENCE):
                 m_max = max(m_max, smem[SCRATCH_M + q * G + head])
             if rank == NEW_TOKEN_RANK:
                 m_max = max(m_max, smem[SCRATCH_M + (NEW_TOKEN_GROUP + seq) * G + head])
             l_tot = float32(0.0)
             a_tot = float32(0.0)
-            for q in range(first_group, first_group + WARPS_PER_SEQUENCE * KEY_GROUPS):
+            for q in range(first_group, first_group + GROUPS_PER_SEQUENCE):
                 w = math.exp2(smem[SCRATCH_M + q * G + head] - m_max)
                 l_tot += w * smem[SCRATCH_L + q * G + head]
                 a_tot += w * smem[SCRATCH_ACC + (q * G + head) * D + dim]
