@@ -40,6 +40,31 @@ def test_reduce_equals_simulator_bit_for_bit(algorithm, op, dtype):
 
 
 @pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
+@pytest.mark.parametrize("op", simulator.OPS)
+def test_steady_reduce_equals_simulator_bit_for_bit(op, dtype):
+    """Back-to-back operations at one cluster barrier each, a fresh input each: any read of a
+    buffer a peer had already overwritten would change some operation's bits."""
+    rng = np.random.default_rng()
+    for size in CLUSTER_SIZES:
+        for n in ROW_LENGTHS:
+            steps = int(rng.integers(2, 7))
+            xs = np.stack([random_rows(rng, size, n, dtype) for _ in range(steps)])
+            expected, _ = simulator.cluster_reduce_steady(xs, op=op)
+            out = primitives.cluster_reduce_steady(xs, op=op, out=poisoned(xs.shape, dtype))
+            assert_same_bits(primitives.to_numpy(out), expected, f"steady {op} {dtype} N={size} n={n} steps={steps}")
+
+
+def test_steady_reduce_runs_many_clusters_independently():
+    rng = np.random.default_rng()
+    xs = np.stack([np.stack([random_rows(rng, 4, 300, "float32") for _ in range(5)]) for _ in range(3)])  # [3, 5, 4, n]
+    out = primitives.to_numpy(primitives.cluster_reduce_steady(xs, out=poisoned(xs.shape, "float32")))
+    for k in range(3):
+        for c in range(5):
+            expected, _ = simulator.cluster_reduce(xs[k, c], algorithm="direct")
+            assert_same_bits(out[k, c], expected, f"operation {k}, cluster {c}")
+
+
+@pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
 @pytest.mark.parametrize("algorithm", simulator.GATHER_ALGORITHMS)
 def test_gather_equals_simulator_bit_for_bit(algorithm, dtype):
     rng = np.random.default_rng()

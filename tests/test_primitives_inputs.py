@@ -34,6 +34,12 @@ def rows(*shape, dtype=np.float32):
         (lambda: primitives.cluster_reduce(rows(4, 0)), ValueError, "at least one"),
         (lambda: primitives.cluster_reduce(rows(2, 30_000), algorithm="butterfly"), ValueError, "n=30000 needs"),
         (lambda: primitives.cluster_gather(rows(16, 4000)), ValueError, "n=4000 needs .* bytes"),
+        (lambda: primitives.cluster_reduce_steady(rows(3, 4, 8), op="prod"), ValueError, "op must be one of"),
+        (lambda: primitives.cluster_reduce_steady(rows(4, 8)), ValueError, r"\[steps, cluster_size, n\]"),
+        (lambda: primitives.cluster_reduce_steady(rows(0, 4, 8)), ValueError, "steps >= 1; got \\(0, 4, 8\\)"),
+        (lambda: primitives.cluster_reduce_steady(rows(2, 4, 8, dtype=np.float64)), TypeError, r"xs\[0\]\.dtype must be"),
+        (lambda: primitives.cluster_reduce_steady(rows(2, 17, 8)), ValueError, "cluster_size.*1..16; got 17"),
+        (lambda: primitives.cluster_reduce_steady(rows(2, 2, 20_000)), ValueError, "n=20000 needs .* steady"),
     ],
 )
 def test_bad_input_is_rejected_before_launch(call, error, message):
@@ -48,6 +54,8 @@ def test_valid_input_without_a_gpu_asks_for_hopper(dtype):
         primitives.cluster_reduce(rows(4, 8, dtype=dtype))
     with pytest.raises(HopperRequired):
         primitives.cluster_gather(rows(2, 3, 8, dtype=dtype), algorithm="bulk")
+    with pytest.raises(HopperRequired):
+        primitives.cluster_reduce_steady(rows(3, 2, 4, 8, dtype=dtype))
 
 
 @pytest.mark.skipif(hopper_problem() is None, reason="this machine has a Hopper GPU")

@@ -6,7 +6,7 @@ from numba import types
 
 from clusterlab.primitives.gather import gather_kernel
 from clusterlab.primitives.ops import GPU_DTYPES
-from clusterlab.primitives.reduce import reduce_kernel
+from clusterlab.primitives.reduce import reduce_kernel, steady_reduce_kernel
 from clusterlab.simulator import GATHER_ALGORITHMS, OPS, REDUCE_ALGORITHMS
 from clusterlab.toolchain import assemble, kernel_ptx
 
@@ -37,6 +37,15 @@ def check(ptx, algorithm):
 @pytest.mark.parametrize("op", OPS)
 def test_reduce_kernel_assembles(algorithm, op):
     check(kernel_ptx(reduce_kernel(algorithm, op, "float32"), signature(types.float32)), algorithm)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op):
+    """The loop over operations holds one cluster barrier (in the device function) and the exit one."""
+    steps = types.float32[:, :, ::1]
+    ptx = kernel_ptx(steady_reduce_kernel(op, "float32"), (steps, steps, types.int64, types.int64))
+    check(ptx, "direct")
+    assert ptx.count("barrier.cluster.arrive") == 2 and ptx.count("barrier.cluster.wait") == 2
 
 
 @pytest.mark.parametrize("dtype", [d for d in GPU_DTYPES if d != "float32"])

@@ -2,6 +2,7 @@
 
     out = primitives.cluster_reduce(x, op="sum", algorithm="ring")   # x [N, n] or [C, N, n]
     out = primitives.cluster_gather(x, algorithm="direct")            # -> [N, N*n] / [C, N, N*n]
+    out = primitives.cluster_reduce_steady(xs, op="sum")              # xs [steps, N, n] / [steps, C, N, n]
 
 ``x`` is a torch CUDA tensor (float32, float16 or bfloat16) or a NumPy array (float32, float16,
 ``ml_dtypes.bfloat16``), copied to the GPU. ``[C, N, n]`` runs C independent clusters of N blocks
@@ -22,7 +23,8 @@ from ..simulator.inputs import check_choice
 from .auto import choose_gather_algorithm, choose_reduce_algorithm
 from .gather import gather_kernel, gather_shared_bytes, gather_stride
 from .ops import GPU_DTYPES
-from .reduce import FLOAT32_BYTES, reduce_kernel, reduce_shared_bytes, work_offset
+from .reduce import (FLOAT32_BYTES, reduce_kernel, reduce_shared_bytes, steady_reduce_kernel, steady_shared_bytes,
+                     work_offset)
 
 #: Threads per block of the host API's kernels.
 THREADS_PER_BLOCK = 256
@@ -34,40 +36,40 @@ def _torch_dtypes():
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _check_rows(x):
-    """Validate ``x``; return (dtype name, num_clusters, cluster_size, n). Touches no GPU."""
+def _check_rows(x, name: str = "x"):
+    """Validate ``x`` (called ``name`` in messages); return (dtype name, num_clusters, cluster_size, n). Touches no GPU."""
     import torch
 
     if isinstance(x, np.ndarray):
-        dtype = _check_numpy(x)
+        dtype = _check_numpy(x, name)
     elif isinstance(x, torch.Tensor):
         dtype = _torch_dtypes().get(x.dtype)
         if dtype is None:
-            raise TypeError(f"x.dtype must be one of torch.float32, torch.float16, torch.bfloat16; got {x.dtype}")
+            raise TypeError(f"{name}.dtype must be one of torch.float32, torch.float16, torch.bfloat16; got {x.dtype}")
         if x.device.type != "cuda":
-            raise ValueError(f"x must be a CUDA tensor (or a NumPy array, copied over); got device {x.device}")
+            raise ValueError(f"{name} must be a CUDA tensor (or a NumPy array, copied over); got device {x.device}")
     else:
-        raise TypeError(f"x must be a torch CUDA tensor or a NumPy array; got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch CUDA tensor or a NumPy array; got {type(x).__name__}")
     if x.ndim not in (2, 3):
-        raise ValueError(f"x must be [cluster_size, n] or [num_clusters, cluster_size, n]; got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be [cluster_size, n] or [num_clusters, cluster_size, n]; got shape {tuple(x.shape)}")
     num_clusters, cluster_size, n = (1, *x.shape) if x.ndim == 2 else tuple(x.shape)
     if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
-        raise ValueError(f"cluster_size (x.shape[-2]) must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size}")
+        raise ValueError(f"cluster_size ({name}.shape[-2]) must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size}")
     if n < 1 or num_clusters < 1:
-        raise ValueError(f"x must have at least one cluster and one element per row; got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have at least one cluster and one element per row; got shape {tuple(x.shape)}")
     return dtype, num_clusters, cluster_size, n
 
 
-def _check_numpy(x: np.ndarray) -> str:
-    """The dtype name of NumPy input ``x``; TypeError unless it is a plain array of one of GPU_DTYPES."""
+def _check_numpy(x: np.ndarray, name: str = "x") -> str:
+    """The dtype name of NumPy input ``x`` (``name`` in messages); TypeError unless it is a plain array of one of GPU_DTYPES."""
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
-            "x must be a plain NumPy array; got a masked array (np.ma.MaskedArray), whose mask the GPU "
+            f"{name} must be a plain NumPy array; got a masked array (np.ma.MaskedArray), whose mask the GPU "
             "would ignore: pass x.filled(value) to say what the masked elements hold"
         )
     dtype = np.dtype(x.dtype).name
     if dtype not in GPU_DTYPES:
-        raise TypeError(f"x.dtype must be one of {GPU_DTYPES} on the GPU; got {dtype!r}")
+        raise TypeError(f"{name}.dtype must be one of {GPU_DTYPES} on the GPU; got {dtype!r}")
     return dtype
 
 
@@ -155,6 +157,30 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
     result = _output(out, dtype, tuple(x.shape), rows)
     _launch(reduce_kernel(algorithm, op, dtype), rows.shape[0], cluster_size, shared_bytes, rows, result, n, work_offset(n))
     return _result(result, dtype, tuple(x.shape))
+
+
+def cluster_reduce_steady(xs, op: str = "sum", *, out=None):
+    """Back-to-back all-reduces in one launch, one cluster barrier each (``direct_steady_reduce``).
+
+    ``xs``: [steps, N, n] or [steps, C, N, n], ``xs[k]`` operation k's rows; returns a CUDA tensor
+    of the same shape and dtype (``out`` if given), ``out[k]`` bit for bit what
+    ``simulator.cluster_reduce_steady`` (and ``cluster_reduce(xs[k], op, "direct")``) returns.
+    """
+    check_choice("op", op, OPS)
+    if getattr(xs, "ndim", None) not in (3, 4) or xs.shape[0] < 1:
+        raise ValueError(f"xs must be [steps, cluster_size, n] or [steps, num_clusters, cluster_size, n] with "
+                         f"steps >= 1; got {getattr(xs, 'shape', type(xs).__name__)}")
+    dtype, num_clusters, cluster_size, n = _check_rows(xs[0], "xs[0]")
+    shared_bytes = steady_shared_bytes(n)
+    _check_shared_bytes(shared_bytes, n, "the steady direct reduce (two buffers and the result)")
+    require_hopper()
+    steps = xs.shape[0]
+    rows = _storage_rows(xs, dtype, n)
+    result = _output(out, dtype, tuple(xs.shape), rows)
+    blocks = num_clusters * cluster_size
+    _launch(steady_reduce_kernel(op, dtype), blocks, cluster_size, shared_bytes, rows.view(steps, blocks, n),
+            result.view(steps, blocks, n), n, work_offset(2 * n))
+    return _result(result, dtype, tuple(xs.shape))
 
 
 def cluster_gather(x, algorithm: str = "direct", *, out=None):

@@ -24,8 +24,26 @@ Every block of the cluster must call it with all its threads. It opens with a cl
 (publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
 ``staged`` and ``work`` are free to reuse and the block may exit.
 
+Back-to-back all-reduces at **one cluster barrier each** (the simulator's
+``direct_steady_reduce``, whose rules its module docstring states)::
+
+    direct_steady_reduce(staged, result, n, k)      from steady_reduce_device_function(op)
+
+    staged     shared float32 [2 * n]: buffer k % 2 (elements (k % 2) * n ..) holds this block's
+               row of operation k on entry (every thread's stores done); buffer (k + 1) % 2 is
+               free for operation k + 1's row once the call returns
+    result     shared float32 [n], this block's own: the reduction of operation k's rows on return,
+               the ``direct`` fold (rank order 0..N-1), so bit for bit ``direct``'s
+    k          the operation's index: 0, 1, 2, .. at one call site
+
+It opens with the operation's cluster barrier and ends with a block barrier; peers may still read
+``staged`` buffer k % 2 until every block has passed the next call's barrier. After the last
+operation call ``ptx.cluster_sync()`` once before the block exits or reuses ``staged``: steps + 1
+cluster barriers for ``steps`` operations, against 2 x steps for separate ``direct`` calls.
+
 The host API, :func:`cluster_reduce`, stages rows from global memory, widening float16/bfloat16
-to float32, runs one of these, and rounds the result once to the input dtype.
+to float32, runs one of these, and rounds the result once to the input dtype;
+:func:`cluster_reduce_steady` does so for a sequence of operations.
 """
 
 from __future__ import annotations
@@ -231,3 +249,60 @@ def reduce_kernel(algorithm: str, op: str, dtype: str):
             out[row, i] = narrow(staged[i])
 
     return cluster_reduce_kernel
+
+
+def steady_shared_bytes(n: int) -> int:
+    """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged`` [2, n] (padded
+    to 16 bytes) then ``result`` [n]."""
+    return (work_offset(2 * n) + n) * FLOAT32_BYTES
+
+
+@functools.cache
+def steady_reduce_device_function(op: str):
+    """``direct_steady_reduce(staged, result, n, k)`` with operator ``op`` (see the module docstring)."""
+    check_choice("op", op, tuple(OPERATORS))
+    combine = OPERATORS[op]
+
+    @cuda.jit(device=True)
+    def direct_steady_reduce(staged, result, n, k):
+        """Operation k: barrier k, then pull buffer k % 2 of every block and fold in rank order."""
+        size = ptx.cluster_size()
+        buffer = (k % 2) * n  # staged[buffer, i] is staged[buffer + i]
+        ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            acc = ptx.remote_load(staged, buffer + i, 0)
+            for s in range(1, size):
+                acc = combine(acc, ptx.remote_load(staged, buffer + i, s))
+            result[i] = acc
+        cuda.syncthreads()
+
+    return direct_steady_reduce
+
+
+@functools.cache
+def steady_reduce_kernel(op: str, dtype: str):
+    """Kernel: block b reduces row b of ``xs[k]`` with its cluster into ``out[k]``, for every operation k.
+
+    ``xs``/``out``: [steps, num_clusters * cluster_size, n], float32, or uint16 bit patterns for
+    float16/bfloat16. Dynamic shared memory (:func:`steady_shared_bytes`): ``staged`` [2, n] at 0,
+    ``result`` at ``work_offset(2 * n)``.
+    """
+    reduce = steady_reduce_device_function(op)
+    widen, narrow = CONVERSIONS[dtype]
+
+    @cuda.jit
+    def cluster_reduce_steady_kernel(xs, out, n, result_offset):
+        smem = cuda.shared.array(0, dtype="float32", alignment=16)
+        staged = smem[: 2 * n]
+        result = smem[result_offset:]
+        row = cuda.blockIdx.x
+        for k in range(xs.shape[0]):
+            buffer = (k % 2) * n
+            for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                staged[buffer + i] = widen(xs[k, row, i])
+            reduce(staged, result, n, k)
+            for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                out[k, row, i] = narrow(result[i])
+        ptx.cluster_sync()  # peers may still be reading the last operation's buffer
+
+    return cluster_reduce_steady_kernel

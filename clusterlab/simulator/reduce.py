@@ -70,6 +70,9 @@ cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[
   before every block has finished operation k's reads. With one buffer (``buffers=1``) operation
   k + 1 overwrites the row a peer may still be reading for operation k: a race, which the
   simulator reports. steps + 1 cluster barriers, against 2 * steps for separate ``direct`` calls.
+  The GPU's twin is the device function ``direct_steady_reduce`` of
+  :func:`clusterlab.primitives.steady_reduce_device_function` (host API
+  :func:`clusterlab.primitives.cluster_reduce_steady`).
 
 ``bulk`` — the ClusterFusion push: :func:`~clusterlab.simulator.gather.bulk_push_rows` copies
 every block's staged row (in A, padded to a 16-byte slot) into slot r of every peer with
