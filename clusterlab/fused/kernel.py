@@ -38,14 +38,15 @@ using any of them:
   ``keys_per_step`` keys and values a step, scored against the cluster's query heads and folded
   into an online softmax (base-2: q is pre-scaled by ``log2(e)/sqrt(head_dim)``). With one query
   head a cluster on the CUDA cores (``head_dim/8`` lanes hold one key, 8 dims each, and sum their
-  dots with shuffles); with more, on the tensor cores, FlashAttention-2's way: ``mma`` with the
-  heads as rows scores 16 keys at once, and the scores, rounded to 16 bits, are already the
-  operand of the ``mma`` that sums the values (see :class:`AttentionSteps`).
+  dots with shuffles); with 2 to 8, on the tensor cores, FlashAttention-2's way: one ``mma``
+  scores 16 keys (its rows) against the heads (its columns), and the scores, rounded to 16 bits,
+  become an operand of the ``mma`` that sums the values (see :func:`_make_mma_attention`).
 
 Nothing streams from device memory while a cluster exchanges partial results, so each streaming
 phase's first loads are issued *before* the exchange that precedes it, into registers: the first
-cached keys/values (they need no q) before barrier B1, the first W_o step (it needs no o) before
-B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps or four of 4, see
+cached keys/values (they need no q) before barrier B1 (on the CUDA cores; the tensor-core steps
+load at the top of each step, as holding them across the loop made ptxas spill), the first W_o
+step (it needs no o) before B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps or four of 4, see
 :attr:`KernelSpec.min_blocks_per_sm`) and every register array is indexed by constants after
 unrolling; ``tests/test_fused_kernel.py`` checks the PTX has no local memory and ptxas no spills.
 
