@@ -1011,7 +1011,9 @@ def build_kernel(spec: KernelSpec):
     HALF = D // 2  # RoPE angles a position has
     PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
     KEYS_PER_STEP = spec.keys_per_step
-    MMA_ATTENTION = spec.mma_attention
+    # A step's cached keys and values are loaded while the step before it is folded (the first before
+    # B1) on the CUDA cores; at the top of the step on the tensor cores (see the module docstring).
+    KV_AHEAD = not spec.mma_attention
     WARPS_PER_SEQUENCE = WARPS // BATCH
     GROUPS_PER_SEQUENCE = WARPS_PER_SEQUENCE * spec.attention_groups  # softmax states a sequence's warps leave
     NEW_TOKEN_RANK = new_token_rank(C)
@@ -1103,7 +1105,7 @@ def build_kernel(spec: KernelSpec):
         kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if KV_STREAM and att_seq < BATCH else 0
         step = warp % WARPS_PER_SEQUENCE
         kv = cuda.local.array(KV_WORDS, uint32)
-        if step < kv_steps and not MMA_ATTENTION:
+        if KV_AHEAD and step < kv_steps:
             kv_load(k_cache, v_cache, cache_row0, start + step * KEYS_PER_STEP, end, lane, kv)
         stamp(stamps, tid, 2)  # W_qkv stream
         ptx.cluster_arrive_release()
@@ -1164,11 +1166,11 @@ def build_kernel(spec: KernelSpec):
         kv_start(m, l_sum, acc)
         while step < kv_steps:
             t0 = start + step * KEYS_PER_STEP
-            if MMA_ATTENTION:
+            if not KV_AHEAD:
                 kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
             kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane)
             step += WARPS_PER_SEQUENCE
-            if step < kv_steps and not MMA_ATTENTION:
+            if KV_AHEAD and step < kv_steps:
                 kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
         kv_store(smem, warp, m, l_sum, acc, lane)
         if rank == NEW_TOKEN_RANK and warp < BATCH:  # the new token of sequence `warp`, from shared memory
