@@ -824,8 +824,8 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
       g//2`` hold, packed: four shuffles and a byte permute. A is ``V^T`` (rows are dims, k the
       key): lane ``(g, t)`` loads keys ``2t, 2t + 1, 8 + 2t, 9 + 2t`` at chunk ``g`` (and ``g + 8``
       for 128 dims) and pairs their halves (:func:`clusterlab.ptx.permute_bytes`); ``mma`` ``v``
-      takes dims ``value_dim(g, v, 0)`` and ``value_dim(g, v, 1)`` as rows ``g`` and ``g + 8``. The
-      lane accumulates ``acc[4v + 2*half + c]``: dim ``value_dim(g, v, half)`` of head ``2t + c``.
+      takes dims ``8g + value_offset(v, 0)`` and ``8g + value_offset(v, 1)`` as rows ``g`` and ``g +
+      8``. The lane accumulates ``acc[4v + 2*half + c]``: dim ``8g + value_offset(v, half)`` of head ``2t + c``.
     """
     G, D, KEY_TILES = spec.group, spec.head_dim, spec.key_tiles
     K_CHUNKS = D // 32  # 16-byte chunks of a key a lane loads (four lanes a key)
@@ -847,14 +847,14 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
         return 16 * i + 2 * t + (u & 1) + 8 * (u >> 1)
 
     @cuda.jit(device=True, inline=True)
-    def value_dim(g, v, half):
-        """The dim that row ``g + 8*half`` of value ``mma`` ``v`` stands for: element ``v`` of chunk
-        ``g + 8*half`` (128 dims), element ``v + 4*half`` of chunk ``g`` (64 dims)."""
-        return 8 * (g + 8 * half) + v if V_CHUNKS == 2 else 8 * g + v + 4 * half
+    def value_offset(v, half):
+        """The dim that row ``g + 8*half`` of value ``mma`` ``v`` stands for, less ``8g``: element ``v``
+        of chunk ``g + 8*half`` (128 dims), element ``v + 4*half`` of chunk ``g`` (64 dims)."""
+        return 64 * half + v if V_CHUNKS == 2 else v + 4 * half
 
     @cuda.jit(device=True, inline=True)
     def value_word(i, u, v, half):
-        """The word of ``kv`` that holds ``value_dim(g, v, half)`` of tile ``i``'s value key ``u``."""
+        """The word of ``kv`` that holds dim ``8g + value_offset(v, half)`` of tile ``i``'s value key ``u``."""
         tile = K_WORDS + 4 * i * V_CHUNKS * 4
         if V_CHUNKS == 2:
             return tile + (u * V_CHUNKS + half) * 4 + v // 2
@@ -948,18 +948,18 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
     @cuda.jit(device=True, inline=True)
     def store(smem, warp, m, l_sum, acc, lane):
         g, t = lane // 4, lane % 4
+        row = SCRATCH_ACC + (warp * G + 2 * t) * D + 8 * g  # head 2t's dims 8g + value_offset(v, half)
         for c in range(2):
             l_tot = l_sum[c]
             for offset in (4, 8, 16):
                 l_tot += cuda.shfl_xor_sync(FULL_MASK, l_tot, offset)
-            head = 2 * t + c
-            if head < G:
+            if 2 * t + c < G:
                 if g == 0:
-                    smem[SCRATCH_M + warp * G + head] = m[c]
-                    smem[SCRATCH_L + warp * G + head] = l_tot
+                    smem[SCRATCH_M + warp * G + 2 * t + c] = m[c]
+                    smem[SCRATCH_L + warp * G + 2 * t + c] = l_tot
                 for v in range(VALUE_MMAS):
                     for half in range(2):
-                        smem[SCRATCH_ACC + (warp * G + head) * D + value_dim(g, v, half)] = acc[4 * v + 2 * half + c]
+                        smem[row + c * D + value_offset(v, half)] = acc[4 * v + 2 * half + c]
 
     return AttentionSteps(start, load, fold, store, WORDS, 2, ACC)
 
