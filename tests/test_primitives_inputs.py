@@ -69,8 +69,10 @@ def test_auto_is_an_accepted_algorithm():
 def test_masked_arrays_are_refused():
     x = np.ma.masked_array(rows(4, 8), mask=False)
     for call in (primitives.cluster_reduce, primitives.cluster_gather, primitives.to_device):
-        with pytest.raises(TypeError, match=r"x must be a plain NumPy array; got a masked array"):
+        with pytest.raises(TypeError, match=r"x must be a plain NumPy array; got a masked array .*x.filled\(value\)"):
             call(x)
+    with pytest.raises(TypeError, match=r"xs\[0\] must be a plain NumPy array; got a masked array .*xs\[0\].filled"):
+        primitives.cluster_reduce_steady(np.ma.masked_array(rows(2, 4, 8), mask=False))
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,7 @@ def _check_numpy(x: np.ndarray, name: str = "x") -> str:
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
             f"{name} must be a plain NumPy array; got a masked array (np.ma.MaskedArray), whose mask the GPU "
-            "would ignore: pass x.filled(value) to say what the masked elements hold"
+            f"would ignore: pass {name}.filled(value) to say what the masked elements hold"
         )
     dtype = np.dtype(x.dtype).name
     if dtype not in GPU_DTYPES:
