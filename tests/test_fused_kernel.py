@@ -39,11 +39,13 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spills(config, bf16, 
     assert launch_shape(config, batch, 132) == (cluster_size, warps, head_split)  # what an H100 or H200 runs
     spec = KernelSpec.of(config, bf16, batch, cluster_size, warps, head_split)
     ptx = kernel_ptx(build_kernel(spec), kernel_signature(), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
-    for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "st.shared::cluster.f32",
+    for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "ld.shared::cluster.v4.f32",
+                        "st.shared::cluster.v4.f32",
                         "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire",
                         "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "atom.global.add.f32"):
         assert instruction in ptx, instruction
     assert "st.local" not in ptx  # every register array was indexed by constants
+    assert "st.shared::cluster.f32" not in ptx  # the exchanges push 16 bytes at a time
     # Batches multiply on the tensor cores, both projections (every preset's slices tile them);
     # attention over the cache does where a cluster has several query heads.
     assert spec.mma_attention == (MMA_GROUP <= spec.group <= 8)

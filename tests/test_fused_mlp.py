@@ -91,13 +91,15 @@ def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, 
     assert mlp_shape(config, batch, 132) == shape  # what an H100 or H200 runs
     spec = MLPSpec.of(config, dtype == "bf16", batch, *shape)
     ptx = kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
-    for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "st.shared::cluster.f32",
+    for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "ld.shared::cluster.v4.f32",
+                        "st.shared::cluster.v4.f32",
                         "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "atom.global.add.f32"):
         assert instruction in ptx, instruction
     # Exactly the two exchanges: B1 (partials complete) and B2 (a pushed to every block).
     assert ptx.count("barrier.cluster.arrive.release") == 2
     assert ptx.count("barrier.cluster.wait.acquire") == 2
     assert "st.local" not in ptx  # every register array was indexed by constants
+    assert "st.shared::cluster.f32" not in ptx  # the exchanges push 16 bytes at a time
     # Batches multiply on the tensor cores, both projections (mlp_shape picks such a split).
     assert ("mma.sync" in ptx) == (batch >= MMA_BATCH)
     assert isinstance(spec.down_tile(), MmaTile) == (batch >= MMA_BATCH)

@@ -57,7 +57,7 @@ Shared memory (float32 words, one dynamic array; the same offsets in every block
 reaches the peer's copy of a region)::
 
     xs      [batch, k_slice]              h * norm on this block's hidden slice
-    partial [batch, rows + 1]             qkv partial dots; the last column is sum(h^2)
+    partial [batch, rows + 4]             qkv partial dots; column ``rows`` is sum(h^2)
     qkv     [batch, rows]                 q (scaled), k, v after RoPE, pushed by their owners
     scratch m, l [groups, G], acc [groups, G, head_dim]   per key-group softmax states
     state   m, l [batch, G], acc [batch, G, head_dim]     the block's softmax state
@@ -78,7 +78,7 @@ from numba.cuda import libdevice
 from .. import ptx
 from . import plan
 from .config import AttentionConfig
-from .plan import HOPPER, DeviceLimits, check_cluster_size, check_head_split, new_token_rank
+from .plan import QUAD, HOPPER, DeviceLimits, check_cluster_size, check_head_split, new_token_rank
 
 FULL_MASK = 0xFFFFFFFF
 #: Stands for -inf in softmax states: exp2(NEG - m) is 0 for any real m, and exp2(NEG - NEG) = 1
@@ -253,13 +253,19 @@ class KernelSpec:
         one on the tensor cores."""
         return 1 if self.mma_attention else self.key_groups
 
+    @property
+    def partial_stride(self) -> int:
+        """Words of a sequence's row of ``partial``: the cluster's rows, then ``sum(h^2)``, padded to
+        a whole quad (16 bytes) so that the exchange pulls 16-byte-aligned quads."""
+        return self.rows + QUAD
+
     def smem_layout(self) -> dict[str, int]:
         """Offsets (float32 words) of each shared region, and ``"total"``."""
         g, d, b = self.group, self.head_dim, self.batch
         groups = self.warps * self.attention_groups + b  # + one group per sequence for its new token
         sizes = {
             "xs": b * self.k_slice,
-            "partial": b * (self.rows + 1),
+            "partial": b * self.partial_stride,
             "qkv": b * self.rows,
             "scratch_m": groups * g,
             "scratch_l": groups * g,
@@ -646,6 +652,52 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     return norm_inputs, sum_squares, scale_inputs
 
 
+def make_exchange(cluster_size: int):
+    """Device functions of the exchanges between a cluster's blocks (phases 2 and 4; the MLP's phase 2).
+
+    An exchange sums (or merges) a quad of float32 (:data:`~clusterlab.fused.plan.QUAD`, 16 bytes)
+    over the ``C`` blocks and hands the result back to all of them. ``C`` consecutive lanes
+    share a quad, one peer block each: lane ``peer = lane % C`` pulls the peer's copy with one
+    16-byte DSMEM load (``pull(smem, at, peer)``: four float32 of ``smem[at ..]`` in block
+    ``peer``), ``peer_sum(x)`` / ``peer_max(x)`` combine a value over the ``C`` lanes with
+    xor-shuffles (every lane gets the result), and the lane pushes the result to its peer with one
+    16-byte store (``push(smem, at, peer, x0, x1, x2, x3)``). One thread pulling ``C`` scalars and
+    pushing ``C`` made four times the DSMEM requests, one after another.
+
+    ``exchange_lanes(units)``: the lanes of a block a loop over ``units`` quads runs, rounded up to
+    whole warps: every lane of a warp takes part in the shuffles, those past ``units * C`` with
+    nothing to pull or push (a quad's ``C`` lanes are in one warp, ``C`` divides 32).
+    """
+    C = cluster_size
+    LOG_C = _log2(C)
+
+    @cuda.jit(device=True, inline=True)
+    def exchange_lanes(units):
+        return (units * C + 31) // 32 * 32
+
+    @cuda.jit(device=True, inline=True)
+    def pull(smem, at, peer):
+        return ptx.ld_shared_cluster_v4_f32(ptx.map_shared(ptx.shared_address(smem, at), peer))
+
+    @cuda.jit(device=True, inline=True)
+    def push(smem, at, peer, x0, x1, x2, x3):
+        ptx.st_shared_cluster_v4_f32(ptx.map_shared(ptx.shared_address(smem, at), peer), x0, x1, x2, x3)
+
+    @cuda.jit(device=True, inline=True)
+    def peer_sum(x):
+        for level in range(LOG_C):
+            x += cuda.shfl_xor_sync(FULL_MASK, x, C >> (level + 1))
+        return x
+
+    @cuda.jit(device=True, inline=True)
+    def peer_max(x):
+        for level in range(LOG_C):
+            x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, C >> (level + 1)))
+        return x
+
+    return exchange_lanes, pull, push, peer_sum, peer_max
+
+
 def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16: bool):
     """Device functions of the finish of a kernel whose blocks add into one float32 accumulator.
 
@@ -1010,6 +1062,7 @@ def build_kernel(spec: KernelSpec):
     Q_SCALE = np.float32(math.log2(math.e) / math.sqrt(D))
     HALF = D // 2  # RoPE angles a position has
     PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
+    PARTIAL_STRIDE = spec.partial_stride
     KEYS_PER_STEP = spec.keys_per_step
     # A step's cached keys and values are loaded while the step before it is folded (the first before
     # B1) on the CUDA cores; at the top of the step on the tensor cores (see the module docstring).
@@ -1032,8 +1085,9 @@ def build_kernel(spec: KernelSpec):
 
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
-    qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE, out_stride=ROWS + 1,
-                                                atomic=False, norms=(PARTIAL + ROWS, ROWS + 1))
+    qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE,
+                                                out_stride=PARTIAL_STRIDE, atomic=False,
+                                                norms=(PARTIAL + ROWS, PARTIAL_STRIDE))
     o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
     kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
@@ -1041,6 +1095,8 @@ def build_kernel(spec: KernelSpec):
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
+    owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
+    exchange_lanes, pull, push, peer_sum, peer_max = make_exchange(C)
 
     @cuda.jit(device=True, inline=True)
     def cached_rows(positions, seq, capacity):
@@ -1083,10 +1139,10 @@ def build_kernel(spec: KernelSpec):
             qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H, lane,
                      qkv_words)
         cuda.syncthreads()
-        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
+        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
         if QKV_SCALED:  # see scales_inputs
             cuda.syncthreads()
-            scale_inputs(smem, XS, PARTIAL + ROWS, ROWS + 1, tid)
+            scale_inputs(smem, XS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
             cuda.syncthreads()
         stamp(stamps, tid, 1)  # inputs
         while step < QKV_STEPS:
@@ -1113,47 +1169,69 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 3)  # B1 wait
 
         # -- 2 rope: owners sum the partials, normalise, rotate, push q/k/v, append k/v ------------------
-        for item in range(tid, ((PAIRS - rank + C - 1) // C) * BATCH, THREADS):
-            pair = rank + (item // BATCH) * C
-            seq = item % BATCH
+        # A unit is a quad of RoPE pairs of one sequence; its C lanes pull one block's partials each
+        # (two 16-byte loads: the quad's rows `ra ..` and `rb ..` under NeoX, `ra .. ra + 7` under
+        # GPT-J) and push the rotated values back to it (see make_exchange).
+        units = owned_quads(PAIRS, rank, C) * BATCH
+        for lane_of_block in range(tid, exchange_lanes(units), THREADS):
+            unit, peer = lane_of_block // C, lane % C
+            active = unit < units
+            quad = rank + (unit // BATCH) * C
+            seq = unit % BATCH
             position = cached_rows(positions, seq, capacity)
-            ra, rb, angle = rope_pair(D, NEOX, pair)
+            ra, rb, angle = rope_pair(D, NEOX, QUAD * quad)  # the quad's first pair; the others follow
             slot = ra // D
-            xa = float32(0.0)
-            xb = float32(0.0)
+            first, second = (ra, rb) if NEOX else (ra, ra + QUAD)
+            partial = PARTIAL + seq * PARTIAL_STRIDE
+            xa = cuda.local.array(QUAD, float32)
+            xb = cuda.local.array(QUAD, float32)
             ss = float32(0.0)
-            partial = PARTIAL + seq * (ROWS + 1)
-            for c in range(C):
-                xa += ptx.remote_load(smem, partial + ra, c)
-                xb += ptx.remote_load(smem, partial + rb, c)
-                ss += ptx.remote_load(smem, partial + ROWS, c)
-            inv_rms = float32(1.0) / math.sqrt(ss * INV_H + EPS)
-            xa *= inv_rms
-            xb *= inv_rms
-            if BIAS:
-                xa += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, ra)])
-                xb += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, rb)])
+            lo0, lo1, lo2, lo3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            hi0, hi1, hi2, hi3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            if active:
+                lo0, lo1, lo2, lo3 = pull(smem, partial + first, peer)
+                hi0, hi1, hi2, hi3 = pull(smem, partial + second, peer)
+                ss = ptx.remote_load(smem, partial + ROWS, peer)
+            if NEOX:  # pair i: rows ra + i, rb + i
+                xa[0], xa[1], xa[2], xa[3] = lo0, lo1, lo2, lo3
+                xb[0], xb[1], xb[2], xb[3] = hi0, hi1, hi2, hi3
+            else:  # pair i: rows ra + 2i, ra + 2i + 1
+                xa[0], xa[1], xa[2], xa[3] = lo0, lo2, hi0, hi2
+                xb[0], xb[1], xb[2], xb[3] = lo1, lo3, hi1, hi3
+            inv_rms = float32(1.0) / math.sqrt(peer_sum(ss) * INV_H + EPS)
             valid = position >= 0
-            if not valid:
-                xa, xb, position = NAN, NAN, 0
-            if slot <= G:  # query and key heads are rotated
-                cos = rope[(position * 2) * HALF + angle]
-                sin = rope[(position * 2 + 1) * HALF + angle]
-                xa, xb = xa * cos - xb * sin, xb * cos + xa * sin
-            if slot < G:
-                xa *= Q_SCALE
-                xb *= Q_SCALE
-            for c in range(C):
-                ptx.remote_store(smem, QKV + seq * ROWS + ra, c, xa)
-                ptx.remote_store(smem, QKV + seq * ROWS + rb, c, xb)
-            if slot >= G and cluster % HEAD_SPLIT == 0 and valid:  # the first cluster of the KV head appends
-                cache_row = ((seq * KV_HEADS + kv_head) * capacity + position) * D - slot * D
-                if slot == G:
-                    k_cache[cache_row + ra] = to_bits(xa)
-                    k_cache[cache_row + rb] = to_bits(xb)
+            for i in range(QUAD):
+                xa[i] = peer_sum(xa[i]) * inv_rms
+                xb[i] = peer_sum(xb[i]) * inv_rms
+                row_a, row_b = (ra + i, rb + i) if NEOX else (ra + 2 * i, ra + 2 * i + 1)
+                if BIAS and active:
+                    xa[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, row_a)])
+                    xb[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, row_b)])
+                if not valid:
+                    xa[i], xb[i] = NAN, NAN
+                if slot <= G and valid:  # query and key heads are rotated
+                    cos = rope[(position * 2) * HALF + angle + i]
+                    sin = rope[(position * 2 + 1) * HALF + angle + i]
+                    xa[i], xb[i] = xa[i] * cos - xb[i] * sin, xb[i] * cos + xa[i] * sin
+                if slot < G:
+                    xa[i] *= Q_SCALE
+                    xb[i] *= Q_SCALE
+                if active and peer == 0 and slot >= G and cluster % HEAD_SPLIT == 0 and valid:
+                    # the first cluster of the KV head appends
+                    cache_row = ((seq * KV_HEADS + kv_head) * capacity + position) * D - slot * D
+                    if slot == G:
+                        k_cache[cache_row + row_a] = to_bits(xa[i])
+                        k_cache[cache_row + row_b] = to_bits(xb[i])
+                    else:
+                        v_cache[cache_row + row_a] = to_bits(xa[i])
+                        v_cache[cache_row + row_b] = to_bits(xb[i])
+            if active:
+                if NEOX:
+                    push(smem, QKV + seq * ROWS + first, peer, xa[0], xa[1], xa[2], xa[3])
+                    push(smem, QKV + seq * ROWS + second, peer, xb[0], xb[1], xb[2], xb[3])
                 else:
-                    v_cache[cache_row + ra] = to_bits(xa)
-                    v_cache[cache_row + rb] = to_bits(xb)
+                    push(smem, QKV + seq * ROWS + first, peer, xa[0], xb[0], xa[1], xb[1])
+                    push(smem, QKV + seq * ROWS + second, peer, xa[2], xb[2], xa[3], xb[3])
         stamp(stamps, tid, 4)  # rope + push
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: q, k, v of the new token are in every block
@@ -1224,22 +1302,29 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 8)  # B3 wait
 
         # -- 4 merge: owners combine the C states of their elements of o and push them -------------------
-        for k in range(tid, (BATCH * ATTN_WIDTH - rank + C - 1) // C, THREADS):
-            e = rank + k * C
+        # A unit is a quad of elements (of one head); its C lanes pull one block's state each (m, l
+        # and 16 bytes of acc) and push the merged quad back to it (see make_exchange).
+        units = owned_quads(BATCH * ATTN_WIDTH, rank, C)
+        for lane_of_block in range(tid, exchange_lanes(units), THREADS):
+            unit, peer = lane_of_block // C, lane % C
+            active = unit < units
+            e = QUAD * (rank + unit * C)
             seq, hd = e // ATTN_WIDTH, e % ATTN_WIDTH
             state = seq * G + hd // D  # (sequence, head) in the state arrays
-            m_max = NEG
-            for c in range(C):
-                m_max = max(m_max, ptx.remote_load(smem, STATE_M + state, c))
-            l_tot = float32(0.0)
-            a_tot = float32(0.0)
-            for c in range(C):
-                w = math.exp2(ptx.remote_load(smem, STATE_M + state, c) - m_max)
-                l_tot += w * ptx.remote_load(smem, STATE_L + state, c)
-                a_tot += w * ptx.remote_load(smem, STATE_ACC + seq * ATTN_WIDTH + hd, c)
-            result = a_tot / l_tot
-            for c in range(C):
-                ptx.remote_store(smem, O + e, c, result)
+            m = NEG
+            l_sum = float32(0.0)
+            a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            if active:
+                m = ptx.remote_load(smem, STATE_M + state, peer)
+                l_sum = ptx.remote_load(smem, STATE_L + state, peer)
+                a0, a1, a2, a3 = pull(smem, STATE_ACC + e, peer)
+            m_max = peer_max(m)
+            w = math.exp2(m - m_max)
+            l_tot = peer_sum(w * l_sum)
+            a0, a1, a2, a3 = peer_sum(w * a0), peer_sum(w * a1), peer_sum(w * a2), peer_sum(w * a3)
+            if active:
+                inv_l = float32(1.0) / l_tot
+                push(smem, O + e, peer, a0 * inv_l, a1 * inv_l, a2 * inv_l, a3 * inv_l)
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B4: o is complete in every block; no DSMEM access after this
         stamp(stamps, tid, 9)  # o merge + B4

@@ -24,7 +24,7 @@ before barrier B1, so nothing waits on memory across the two exchanges.
 Shared memory (float32 words, one dynamic array, the same offsets in every block)::
 
     xs      [batch, k_slice]              h * norm on this block's hidden slice
-    partial [batch, rows + 1]             gate/up partial dots; the last column is sum(h^2)
+    partial [batch, rows + 4]             gate/up partial dots; column ``rows`` is sum(h^2)
     act     [batch, inter_slice]          a = silu(gate) * up of the cluster's slice, pushed by its owners
     red     [warps, batch]                block reduction of sum(h^2)
 """
@@ -38,10 +38,11 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from .. import ptx
-from .kernel import (REGISTERS_PER_THREAD, gemv_tile, make_finish, make_gemv, make_norm_inputs, region_offsets,
-                     scales_inputs)
+from . import plan
+from .kernel import (REGISTERS_PER_THREAD, gemv_tile, make_exchange, make_finish, make_gemv, make_norm_inputs,
+                     region_offsets, scales_inputs)
 from .mlp import MLPConfig
-from .plan import HOPPER, DeviceLimits
+from .plan import HOPPER, QUAD, DeviceLimits
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class MLPSpec:
     def smem_layout(self) -> dict[str, int]:
         """Offsets (float32 words) of each shared region, and ``"total"``."""
         b = self.batch
-        sizes = {"xs": b * self.k_slice, "partial": b * (self.rows + 1), "act": b * self.inter_slice,
+        sizes = {"xs": b * self.k_slice, "partial": b * (self.rows + QUAD), "act": b * self.inter_slice,
                  "red": self.warps * b}
         return region_offsets(sizes)
 
@@ -137,6 +138,7 @@ def build_mlp_kernel(spec: MLPSpec):
     """
     H, I, C, CLUSTERS = spec.hidden_size, spec.intermediate_size, spec.cluster_size, spec.clusters
     INTER_SLICE, ROWS, K_SLICE, OUT_ROWS = spec.inter_slice, spec.rows, spec.k_slice, spec.out_rows
+    PARTIAL_STRIDE = ROWS + QUAD  # gate, up, sum(h^2), padded to a whole quad (16 bytes)
     BATCH, WARPS, THREADS, BF16 = spec.batch, spec.warps, spec.threads, spec.bf16
     EPS = np.float32(spec.rms_eps)
     INV_H = np.float32(1.0 / H)
@@ -152,12 +154,14 @@ def build_mlp_kernel(spec: MLPSpec):
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     gate_up_load, gate_up_finish, GATE_UP_WORDS = make_gemv(BATCH, BF16, gate_up_tile, x_stride=K_SLICE,
-                                                            out_stride=ROWS + 1, atomic=False,
-                                                            norms=(PARTIAL + ROWS, ROWS + 1))
+                                                            out_stride=PARTIAL_STRIDE, atomic=False,
+                                                            norms=(PARTIAL + ROWS, PARTIAL_STRIDE))
     down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
                                                    atomic=True)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
+    owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
+    exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
 
     @cuda.jit(device=True, inline=True)
     def rounded(x):
@@ -198,10 +202,10 @@ def build_mlp_kernel(spec: MLPSpec):
         if step < GATE_UP_STEPS:
             gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
         cuda.syncthreads()
-        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, ROWS + 1, tid)
+        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
         if GATE_UP_SCALED:  # see scales_inputs
             cuda.syncthreads()
-            scale_inputs(smem, XS, PARTIAL + ROWS, ROWS + 1, tid)
+            scale_inputs(smem, XS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
             cuda.syncthreads()
         while step < GATE_UP_STEPS:
             gate_up_step_finish(w_gate, w_up, cluster, step, k0, lane, words, smem)
@@ -218,23 +222,33 @@ def build_mlp_kernel(spec: MLPSpec):
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
 
         # -- 2 act: owners sum the partials, normalise, a = silu(gate) * up, push a to every block --------
-        for item in range(tid, ((INTER_SLICE - rank + C - 1) // C) * BATCH, THREADS):
-            j = rank + (item // BATCH) * C
-            seq = item % BATCH
-            partial = PARTIAL + seq * (ROWS + 1)
-            gate = float32(0.0)
-            up = float32(0.0)
+        # A unit is a quad of columns j .. j + 3 of one sequence; its C lanes pull one block's
+        # partials each (gate and up: two 16-byte loads) and push the quad of a to it (see make_exchange).
+        units = owned_quads(INTER_SLICE, rank, C) * BATCH
+        for lane_of_block in range(tid, exchange_lanes(units), THREADS):
+            unit, peer = lane_of_block // C, lane % C
+            active = unit < units
+            j = QUAD * (rank + (unit // BATCH) * C)
+            seq = unit % BATCH
+            partial = PARTIAL + seq * PARTIAL_STRIDE
+            gate = cuda.local.array(QUAD, float32)
+            up = cuda.local.array(QUAD, float32)
             ss = float32(0.0)
-            for c in range(C):
-                gate += ptx.remote_load(smem, partial + j, c)
-                up += ptx.remote_load(smem, partial + INTER_SLICE + j, c)
-                ss += ptx.remote_load(smem, partial + ROWS, c)
-            inv_rms = float32(1.0) / math.sqrt(ss * INV_H + EPS)
-            gate = rounded(gate * inv_rms)
-            up = rounded(up * inv_rms)
-            a = rounded(rounded(gate / (float32(1.0) + math.exp(-gate))) * up)
-            for c in range(C):
-                ptx.remote_store(smem, ACT + seq * INTER_SLICE + j, c, a)
+            for i in range(QUAD):
+                gate[i] = float32(0.0)
+                up[i] = float32(0.0)
+            if active:
+                gate[0], gate[1], gate[2], gate[3] = pull(smem, partial + j, peer)
+                up[0], up[1], up[2], up[3] = pull(smem, partial + INTER_SLICE + j, peer)
+                ss = ptx.remote_load(smem, partial + ROWS, peer)
+            inv_rms = float32(1.0) / math.sqrt(peer_sum(ss) * INV_H + EPS)
+            a = cuda.local.array(QUAD, float32)
+            for i in range(QUAD):
+                g = rounded(peer_sum(gate[i]) * inv_rms)
+                u = rounded(peer_sum(up[i]) * inv_rms)
+                a[i] = rounded(rounded(g / (float32(1.0) + math.exp(-g))) * u)
+            if active:
+                push(smem, ACT + seq * INTER_SLICE + j, peer, a[0], a[1], a[2], a[3])
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: a is complete in every block; no DSMEM access after this
 

@@ -19,7 +19,8 @@ import torch
 
 from .. import simulator
 from .mlp import MLPConfig, MLPWeights
-from .simulated import norm_inputs
+from .plan import owned_quads
+from .simulated import norm_inputs, quad_items
 
 F32 = np.float32
 
@@ -52,7 +53,7 @@ def mlp_block(b: simulator.Block, cluster: int, config: MLPConfig, batch: int, c
 
     # -- 2 act: owners sum the partials, normalise, a = silu(gate) * up, push a to every block ------------
     b.step("2 act")
-    j = np.arange(rank, inter_slice, C)
+    j = quad_items(rank + C * np.arange(owned_quads(inter_slice, rank, C)))
     peers = [b.map_shared(partial, c) for c in range(C)]
     gate = sum(peer[:, j] for peer in peers)
     up = sum(peer[:, inter_slice + j] for peer in peers)

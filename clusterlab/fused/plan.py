@@ -27,19 +27,25 @@ over the SMs (Llama-3-8B: 8 KV heads).
     1 qkv        h = x + r on its slice, sum(h^2) partial,         -
                  partial[row] = W_qkv[row, slice] . (h*norm)[slice]
                                                                                              B1
-    2 rope       for its pairs p = rank, rank+C, ...:              pull partial[row] of all
-                 sum over blocks, * rsqrt(mean h^2 + eps), RoPE;   C blocks; push q, k, v
-                 k, v of the new token -> KV cache                 to all C blocks
+    2 rope       for its quads of pairs 4q .. 4q+3, q = rank,      pull partial[row] of all
+                 rank+C, ...: sum over blocks,                     C blocks; push q, k, v
+                 * rsqrt(mean h^2 + eps), RoPE;                    to all C blocks
+                 k, v of the new token -> KV cache
                                                                                              B2
     3 attention  online softmax of q . K[t] over its positions     -
                  -> state (m, l, acc[head_dim]) per (batch, head)
                                                                                              B3
-    4 merge      for its elements e = rank, rank+C, ...:           pull states of all C;
+    4 merge      for its quads of elements 4q .. 4q+3, q = rank,   pull states of all C;
+                 rank+C, ...:
                  o[e] = sum_c acc_c e^(m_c-M) / sum_c l_c e^(m_c-M) push o to all C blocks
                                                                                              B4
     5 o proj     out_acc[rows] += W_o[rows, cols of c] . o         -  (global red.add.f32)
     6 finish     the last block of each rank to arrive: out[rows] = out_acc[rows] in the
                  activation dtype, out_acc[rows] = 0 for the next step
+
+The exchanges own their items in quads (:data:`QUAD` consecutive float32, see :func:`owned_quads`)
+so that a pull or a push is one 16-byte DSMEM access: a quad of RoPE pairs rotates two quads of rows
+(NeoX: rows i .. i+3 and i + head_dim/2 .., GPT-J: rows 2i .. 2i+7).
 
 Only inputs, weights, the KV cache (read, and one row appended), ``out_acc`` and the outputs
 touch device memory. Phase 1 splits the hidden (reduction) dimension, so its partial sums must be
@@ -91,6 +97,9 @@ HOPPER = DeviceLimits(sm_count=132, shared_bytes_per_sm=233472, shared_bytes_per
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
+#: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
+#: one 16-byte DSMEM access each.
+QUAD = 4
 
 
 def qkv_row(heads: int, kv_heads: int, head_dim: int, head_split: int, cluster: int, row: int) -> int:
@@ -118,6 +127,12 @@ def rope_pair(head_dim: int, neox: bool, pair: int):
     if neox:
         return slot * head_dim + i, slot * head_dim + i + half, i
     return slot * head_dim + 2 * i, slot * head_dim + 2 * i + 1, i
+
+
+def owned_quads(items: int, rank: int, cluster_size: int) -> int:
+    """How many quads of an exchange's ``items`` values block ``rank`` owns: quads ``rank, rank + C, ..``
+    of ``items // QUAD`` (quad ``q`` is items ``QUAD*q .. QUAD*q + QUAD - 1``)."""
+    return (items // QUAD - rank + cluster_size - 1) // cluster_size
 
 
 def cached_range(cached: int, rank: int, cluster_size: int):

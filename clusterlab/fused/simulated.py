@@ -22,11 +22,25 @@ import torch
 
 from .. import simulator
 from .config import AttentionConfig, AttentionWeights, KVCache, rope_table
-from .plan import cached_range, check_cluster_size, check_head_split, new_token_rank, qkv_row, rope_pair
+from .plan import (
+    QUAD,
+    cached_range,
+    check_cluster_size,
+    check_head_split,
+    new_token_rank,
+    owned_quads,
+    qkv_row,
+    rope_pair,
+)
 from .reference import sequence_positions
 
 NEG = np.float32(-1e30)  # the kernel's stand-in for -inf
 F32 = np.float32
+
+
+def quad_items(quads: np.ndarray) -> np.ndarray:
+    """The items of an exchange's ``quads``, in order: ``QUAD*q .. QUAD*q + QUAD - 1`` for each ``q``."""
+    return (QUAD * quads[:, None] + np.arange(QUAD)).ravel()
 
 
 def norm_inputs(gm: dict, k0: int, k_slice: int, writes_residual: bool):
@@ -74,7 +88,8 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
 
     # -- 2 rope: owners sum the partials, normalise, rotate, push q/k/v, append k/v ----------------------
     b.step("2 rope")
-    pairs = [rope_pair(D, config.rope_style == "neox", pair) for pair in range(rank, rows // 2, C)]
+    quads = rank + C * np.arange(owned_quads(rows // 2, rank, C))  # of pairs: QUAD*q .. QUAD*q + QUAD - 1
+    pairs = [rope_pair(D, config.rope_style == "neox", pair) for pair in quad_items(quads)]
     ra = np.array([p[0] for p in pairs], dtype=np.int64)
     rb = np.array([p[1] for p in pairs], dtype=np.int64)
     angle = np.array([p[2] for p in pairs], dtype=np.int64)
@@ -126,7 +141,7 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
 
     # -- 4 merge: owners combine the C states of their elements of o and push them -----------------------
     b.step("4 merge")
-    e = np.arange(rank, batch * attn_width, C)
+    e = quad_items(rank + C * np.arange(owned_quads(batch * attn_width, rank, C)))
     seq, hd = e // attn_width, e % attn_width
     head, dim = hd // D, hd % D
     m_c = np.stack([b.map_shared(state_m, c)[seq, head] for c in range(C)])
