@@ -48,7 +48,8 @@ cached keys/values (they need no q) before barrier B1 (on the CUDA cores; the te
 load at the top of each step, as holding them across the loop made ptxas spill), the first W_o
 step (it needs no o) before B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps or four of 4, see
 :attr:`KernelSpec.min_blocks_per_sm`) and every register array is indexed by constants after
-unrolling; ``tests/test_fused_kernel.py`` checks the PTX has no local memory and ptxas no spills.
+unrolling; ``tests/test_fused_kernel.py`` checks the PTX has no local memory and how much ptxas
+spills (a few bytes of block indices in some shapes, none in most).
 
 The finish is spread over the cluster ranks: block ``rank`` of every cluster adds into the same
 output rows, and the last of those blocks (one per cluster) to arrive converts them (one counter per rank).
