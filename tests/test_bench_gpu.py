@@ -9,6 +9,7 @@ from clusterlab import launch
 from clusterlab.bench import kernels, run_primitives_bench
 from clusterlab.primitives.gather import gather_stride
 from clusterlab.primitives.host import THREADS_PER_BLOCK
+from clusterlab.primitives.reduce import steady_shared_bytes, work_offset
 
 pytestmark = pytest.mark.gpu
 
@@ -26,14 +27,15 @@ def direct_folds(x, size, reps):
 
 @pytest.mark.parametrize("size", [1, 3, 8, 16])
 @pytest.mark.parametrize("reps", [1, 2, 3])
-def test_one_barrier_variant_equals_repeated_direct_folds(size, reps):
+def test_steady_reduce_loop_equals_repeated_direct_folds(size, reps):
     import torch
 
     rng = np.random.default_rng()
     x = rng.standard_normal((2 * size, 301)).astype(np.float32)
     out = torch.full(x.shape, float("nan"), device="cuda")
     launch(kernels.direct_1barrier_loop, grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
-           shared_bytes=2 * 301 * 4, non_portable=size > 8)(torch.from_numpy(x).cuda(), out, 301, reps)
+           shared_bytes=steady_shared_bytes(301), non_portable=size > 8)(torch.from_numpy(x).cuda(), out, 301,
+                                                                         work_offset(2 * 301), reps)
     np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
 
 

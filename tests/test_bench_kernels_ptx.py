@@ -42,8 +42,8 @@ def test_reduce_loops_assemble(algorithm):
     assert "barrier.cluster.wait.acquire" in ptx
 
 
-def test_one_barrier_variant_has_one_barrier_in_its_loop_and_one_at_exit():
-    ptx = assembled(kernels.direct_1barrier_loop, (F32, F32, I64, I64))
+def test_steady_reduce_loop_has_one_barrier_in_its_loop_and_one_at_exit():
+    ptx = assembled(kernels.direct_1barrier_loop, (F32, F32, I64, I64, I64))
     assert ptx.count("barrier.cluster.arrive.release") == 2
     assert "ld.shared::cluster.f32" in ptx
 

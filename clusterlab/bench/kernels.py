@@ -11,7 +11,7 @@ Per-operation loops (one launch runs ``reps`` back-to-back operations; the bench
 
     reduce_loop_kernel(algorithm)   the primitives' reduce device function, called reps times
     gather_loop_kernel(algorithm)   the primitives' gather device function, called reps times
-    direct_1barrier_loop            benchmark variant: direct reduce, double-buffered, 1 barrier/op
+    direct_1barrier_loop            the primitives' steady reduce (direct, double-buffered, 1 barrier/op)
     direct_push_loop                benchmark variant: direct reduce pushed with st.async, mbarrier
                                     handshakes, no cluster barrier per op
     direct_gather_v4                benchmark variant: direct gather with 16-byte remote loads
@@ -40,7 +40,7 @@ from numba import cuda
 from .. import ptx
 from ..primitives.gather import GATHER_DEVICE_FUNCTIONS, stage_row, store_rows
 from ..primitives.ops import CONVERSIONS, open_bulk_exchange
-from ..primitives.reduce import reduce_device_function
+from ..primitives.reduce import reduce_device_function, steady_reduce_device_function
 
 #: 16-byte remote loads each thread of dsmem_read_stream has in flight.
 STREAM_LOADS_IN_FLIGHT = 8
@@ -155,41 +155,39 @@ def reduce_loop_kernel(algorithm: str):
     return reduce_loop
 
 
+_steady_sum = steady_reduce_device_function("sum")
+
+
 @cuda.jit
-def direct_1barrier_loop(x, out, n, reps):
-    """Benchmark variant: ``direct`` sum reduce, double-buffered, one cluster barrier per operation.
+def direct_1barrier_loop(x, out, n, result_offset, reps):
+    """The library's one-barrier reduce (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
+    ``sum``) called ``reps`` times, each result the next operation's input.
 
-    ``x``, ``out``: float32 [blocks, n]; dynamic shared memory float32 [2, n] (``2 * n * 4``
-    bytes). Operation k reads buffer k % 2 of every block (ranks 0..N-1 in order, the ``direct``
-    fold) and writes the sum into this block's buffer (k + 1) % 2, the next operation's input::
+    ``x``, ``out``: float32 [blocks, n]; dynamic shared memory as for
+    :func:`~clusterlab.primitives.reduce.steady_reduce_kernel` (``steady_shared_bytes(n)``):
+    ``staged`` [2, n] at 0, ``result`` [n] at ``result_offset``. Operation k pulls buffer k % 2 of
+    every block (the ``direct`` fold, ranks 0..N-1 in order); the block copies its result into
+    buffer (k + 1) % 2, as a caller stages its next input::
 
-        stage buf0 | barrier | buf0 of all -> buf1 | barrier | buf1 of all -> buf0 | ... | barrier
+        stage buf0 | barrier | buf0 of all -> result -> buf1 | barrier | buf1 of all -> result -> buf0 | ...
 
-    One barrier per operation is enough: operation k overwrites the buffer peers read in
-    operation k - 1, and every peer finished those reads before arriving at barrier k. The final
-    barrier keeps each block alive until no peer reads it. Bit for bit the result of ``reps``
-    calls of ``direct``. The same rules with a fresh input each operation are the simulator's
-    :func:`~clusterlab.simulator.cluster_reduce_steady`, where the race checker shows why two
-    buffers are needed.
+    One barrier per operation (the device function's rules); the final barrier keeps each block
+    alive until no peer reads it. Bit for bit the result of ``reps`` calls of ``direct``.
     """
     smem = cuda.shared.array(0, dtype=np.float32, alignment=16)
-    size = ptx.cluster_size()
+    staged = smem[: 2 * n]
+    result = smem[result_offset:]
     row = cuda.blockIdx.x
     for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-        smem[i] = x[row, i]
+        staged[i] = x[row, i]
     for it in range(reps):
-        src = (it % 2) * n
-        dst = n - src
-        ptx.cluster_sync()
+        _steady_sum(staged, result, n, it)
+        following = ((it + 1) % 2) * n
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            acc = ptx.remote_load(smem, src + i, 0)
-            for s in range(1, size):
-                acc = acc + ptx.remote_load(smem, src + i, s)
-            smem[dst + i] = acc
-    ptx.cluster_sync()
-    final = (reps % 2) * n
+            staged[following + i] = result[i]
+    ptx.cluster_sync()  # peers may still be reading the last operation's buffer
     for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-        out[row, i] = smem[final + i]
+        out[row, i] = result[i]
 
 
 #: try_wait attempts after which :func:`direct_push_loop` gives up on an mbarrier phase: a hang

@@ -16,8 +16,11 @@ One run measures, on the same GPU in the same process:
   chained fold kernels and as one kernel with a software grid barrier per operation -- and
   ``torch.sum`` of the ``[clusters, N, n]`` tensor over N (per operation: a graph of sums of the
   same tensor, so it reads from L2 once the tensor fits there);
-- **benchmark variants** that are not in :mod:`clusterlab.primitives`: ``direct_1barrier``
-  (double-buffered direct reduce, one cluster barrier per operation), ``direct_push`` (direct
+- **the steady-state reduce** ``direct_1barrier``: the library's
+  :func:`~clusterlab.primitives.reduce.steady_reduce_device_function` (double-buffered direct
+  reduce, one cluster barrier per operation; the contract of back-to-back reduces), per operation
+  only, as it has no single-launch form apart from ``cluster_reduce_steady``;
+- **benchmark variants** that are not in :mod:`clusterlab.primitives`: ``direct_push`` (direct
   reduce whose rows are pushed with ``st.async`` and handed over with mbarrier phases, no cluster
   barrier per operation), ``direct_v4`` (direct gather with 16-byte remote loads, 4 in flight
   per thread) and ``bulk_split`` (bulk gather in 4 KiB copies issued by many threads).
@@ -62,7 +65,7 @@ from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
 from ..primitives.host import THREADS_PER_BLOCK
-from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, work_offset
+from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_shared_bytes, work_offset
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
 from . import kernels, report, timing
 
@@ -93,7 +96,7 @@ SPINNING = ("global_grid_barrier", "direct_push")
 def reduce_shared_bytes(implementation: str, n: int, cluster_size: int) -> int:
     """Dynamic shared memory a reduce loop of ``n`` float32 elements per block needs."""
     if implementation == "direct_1barrier":
-        return 2 * n * FLOAT32_BYTES
+        return steady_shared_bytes(n)
     if implementation == "direct_push":
         return (n + 2 * cluster_size * n) * FLOAT32_BYTES
     return primitive_reduce_shared_bytes(implementation, n, cluster_size)
@@ -273,7 +276,7 @@ class PrimitivesBench:
         elif implementation == "direct_1barrier":
             shared_bytes = reduce_shared_bytes(implementation, n, size)
             step = self.launcher(kernels.direct_1barrier_loop, blocks, size, shared_bytes)
-            run = functools.partial(step, x, out, n)
+            run = functools.partial(step, x, out, n, work_offset(2 * n))
         elif implementation == "direct_push":
             failed = torch.zeros(1, dtype=torch.int32, device="cuda")
             step = self.launcher(kernels.direct_push_loop, blocks, size, reduce_shared_bytes(implementation, n, size))
