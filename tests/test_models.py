@@ -33,6 +33,7 @@ from clusterlab.models import (
     Decoder,
     LlamaModel,
     ModelConfig,
+    fused_mlp_max_batch,
     load_weights,
     random,
     random_weights,
@@ -212,7 +213,7 @@ def test_one_sequence_decodes_through_the_fused_mlp_like_transformers(checkpoint
     """Batch 1 runs the MLP block as DecodeMLP too (on the simulator here): logits step by step."""
     _, _, model, dtype = checkpoint
     assert ours.mlp == "fused" and len(ours.mlps) == ours.config.num_hidden_layers
-    assert ours.mlps[0].backend == "simulator" and FUSED_MLP_MAX_BATCH >= 1
+    assert ours.mlps[0].backend == "simulator" and fused_mlp_max_batch(ours.config) == 1  # a shape not measured
     ids, want = hf_greedy(model, PROMPTS[1], NEW_TOKENS, MIN_GAP[dtype])
     logits, positions = ours.prefill([PROMPTS[1]], capacity=16)
     for step in range(NEW_TOKENS):
@@ -220,6 +221,36 @@ def test_one_sequence_decodes_through_the_fused_mlp_like_transformers(checkpoint
         if step + 1 < NEW_TOKENS:
             logits = ours.decode_step([ids[step]], positions)
             positions += 1
+
+
+def test_a_batch_decodes_through_the_fused_mlp_where_its_shape_allows(checkpoint, ours, monkeypatch):
+    """With the tiny shape listed for two sequences, a ragged batch of two runs DecodeMLP (on the
+    simulator here) and its logits still follow transformers' step by step."""
+    _, _, model, dtype = checkpoint
+    shape = (ours.config.hidden_size, ours.config.intermediate_size)
+    monkeypatch.setitem(FUSED_MLP_MAX_BATCH, shape, 2)
+    original, batches = type(ours.mlps[0]).__call__, []
+
+    def counted(self, hidden, *args, **kwargs):
+        batches.append(hidden.shape[0])
+        return original(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(type(ours.mlps[0]), "__call__", counted)
+    prompts = PROMPTS[:2]
+    want = [hf_greedy(model, p, NEW_TOKENS, MIN_GAP[dtype]) for p in prompts]
+    logits, positions = ours.prefill(prompts, capacity=16)
+    for step in range(NEW_TOKENS):
+        for b in range(len(prompts)):
+            assert relative(logits[b], want[b][1][step]) < LOGIT_TOLERANCE[dtype], (b, step)
+        if step + 1 < NEW_TOKENS:
+            logits = ours.decode_step([ids[step] for ids, _ in want], positions)
+            positions += 1
+    assert batches == [2] * ((NEW_TOKENS - 1) * ours.config.num_hidden_layers)
+
+
+def test_fused_mlp_batches_follow_the_h200_measurement():
+    assert {name: fused_mlp_max_batch(config) for name, config in MODEL_PRESETS.items()} == {
+        "llama2-7b": 8, "llama3-8b": 1, "llama3.2-1b": 8, "qwen2.5-7b": 2}
 
 
 def test_generate_stops_each_sequence_at_eos(ours):

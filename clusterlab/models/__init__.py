@@ -1,8 +1,9 @@
 """Whole models decoded with the fused layers.
 
 - :class:`LlamaModel` — a Llama / Qwen2 decoder read from a Hugging Face checkpoint directory:
-  PyTorch prefill, one :class:`~clusterlab.fused.DecodeAttention` and (one sequence at a time,
-  :data:`FUSED_MLP_MAX_BATCH`) one :class:`~clusterlab.fused.DecodeMLP` per layer at decode time,
+  PyTorch prefill, one :class:`~clusterlab.fused.DecodeAttention` and (for the batches where it was
+  measured faster, :func:`fused_mlp_max_batch`) one :class:`~clusterlab.fused.DecodeMLP` per layer at
+  decode time,
   :meth:`LlamaModel.generate` (greedy or temperature / top-k sampling), one CUDA graph per token
   on a GPU (:class:`Decoder`).
 - :class:`ModelConfig` — the checkpoint's ``config.json``; :func:`load_weights` — its safetensors.
@@ -20,6 +21,7 @@ from .llama import (
     ModelConfig,
     ModelWeights,
     checkpoint_eos,
+    fused_mlp_max_batch,
     load_weights,
     random,
     random_weights,
@@ -35,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "ModelWeights",
     "checkpoint_eos",
+    "fused_mlp_max_batch",
     "load_weights",
     "random",
     "random_weights",

@@ -85,11 +85,21 @@ ATTENTIONS = ("fused", "unfused")
 #: How a model's decode steps compute the MLP block: the cluster kernel (the simulator on a CPU),
 #: or the chain of PyTorch calls of :func:`mlp`.
 MLPS = ("fused", "unfused")
-#: Largest batch whose decode steps run the fused MLP kernel under ``mlp="fused"``; larger batches
-#: run the PyTorch chain. From two sequences on the kernel multiplies on the tensor cores and beats
-#: cuBLAS on the Llama-3.2-1B and Llama-2-7B shapes (1.05-1.58x at batch 2-8) but not on Llama-3-8B's
-#: (127-147 against 114-124 µs a layer; H200, ``benchmarks/results/mlp_h200.json``).
-FUSED_MLP_MAX_BATCH = 1
+#: Largest batch whose decode steps run the fused MLP kernel under ``mlp="fused"``, by the MLP's shape
+#: ``(hidden_size, intermediate_size)``; larger batches run the PyTorch chain, and shapes not listed
+#: run the kernel for one sequence (see :func:`fused_mlp_max_batch`). From the H200 measurement of
+#: batches 1, 2, 4 and 8 (``benchmarks/results/mlp_h200.json``, fp16, µs a layer against the chain):
+#: the kernel won at every batch on Llama-3.2-1B's shape (1.17-1.62x) and Llama-2-7B's (1.05-1.25x),
+#: up to two sequences on Qwen2.5-7B's (1.03x at 2, 0.99x at 4), at one on Llama-3-8B's (from two on
+#: 127-147 against 114-124 µs).
+FUSED_MLP_MAX_BATCH = {(2048, 8192): 8, (4096, 11008): 8, (3584, 18944): 2, (4096, 14336): 1}
+def fused_mlp_max_batch(config: ModelConfig) -> int:
+    """Most sequences whose decode steps run the fused MLP kernel (:data:`FUSED_MLP_MAX_BATCH`; 1 for
+    a shape it does not list: one sequence is where the kernel's matrix-vector steps were measured
+    at or ahead of the chain on every shape)."""
+    return FUSED_MLP_MAX_BATCH.get((config.hidden_size, config.intermediate_size), 1)
+
+
 #: Names of the dtypes a model runs in.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -520,7 +530,7 @@ class LlamaModel:
     kernels). ``attention``: ``"fused"`` (:class:`~clusterlab.fused.DecodeAttention`) or
     ``"unfused"`` (:class:`~clusterlab.fused.UnfusedAttention`, separate PyTorch calls over the
     whole cache with a mask, like a static-cache PyTorch model). ``mlp``: ``"fused"``
-    (:class:`~clusterlab.fused.DecodeMLP` for batches up to :data:`FUSED_MLP_MAX_BATCH`, the
+    (:class:`~clusterlab.fused.DecodeMLP` for batches up to :func:`fused_mlp_max_batch`, the
     PyTorch chain beyond) or ``"unfused"`` (:func:`mlp`); None follows ``attention``. The KV caches live on the model
     (``self.caches``, one per layer, made by :meth:`prefill` or :meth:`new_caches`) between steps;
     one model object decodes one batch at a time.
@@ -668,8 +678,8 @@ class LlamaModel:
 
     def mlp_block(self, layer: int, out, h):
         """Layer ``layer``'s MLP block of a decode step on ``[batch, H]`` activations: ``(next hidden,
-        next residual)``, fused as the model's ``mlp`` says up to :data:`FUSED_MLP_MAX_BATCH` sequences."""
-        if self.mlp == "fused" and out.shape[0] <= FUSED_MLP_MAX_BATCH:
+        next residual)``, fused as the model's ``mlp`` says up to :func:`fused_mlp_max_batch` sequences."""
+        if self.mlp == "fused" and out.shape[0] <= fused_mlp_max_batch(self.config):
             return self.mlps[layer](out, h)
         return self._mlp_block(self.weights.layers[layer], out, h)
 
