@@ -26,6 +26,7 @@ import math
 
 import pytest
 import torch
+from mla_shapes import SMALL, V2_YARN
 
 from clusterlab.fused.mla import (
     DEEPSEEK_V2_LITE,
@@ -54,13 +55,9 @@ STEP_TOLERANCE = 1e-6
 #: transformers computes ``inv_freq`` in float32: a few float32 ulps (1.2e-7 each) from ours.
 FREQUENCY_TOLERANCE = 1e-6
 
-V2_YARN = YarnRopeScaling(factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
-                          mscale=0.707, mscale_all_dim=0.707)
 #: mscale != mscale_all_dim: cos and sin are scaled too (attention_factor 1.16), not only the softmax.
 UNEQUAL_YARN = YarnRopeScaling(factor=16.0, original_max_position=64, beta_fast=32.0, beta_slow=1.0,
                                mscale=1.0, mscale_all_dim=0.5)
-SMALL = {"hidden_size": 256, "heads": 4, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
-         "v_head_dim": 32}
 
 CONFIGS = {
     "plain": MLAConfig(**SMALL),

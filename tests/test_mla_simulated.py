@@ -6,10 +6,11 @@ import types
 
 import pytest
 import torch
+from mla_shapes import SMALL, V2_YARN
 
 from clusterlab import simulator
 from clusterlab.fused import mla_simulated
-from clusterlab.fused.mla import LatentCache, MLAConfig, MLAWeights, YarnRopeScaling
+from clusterlab.fused.mla import LatentCache, MLAConfig, MLAWeights
 from clusterlab.fused.mla_reference import mla_reference_step
 from clusterlab.fused.mla_simulated import (
     attention_range,
@@ -23,10 +24,6 @@ from clusterlab.fused.reference import relative_error
 # arithmetic; 1e-2 is the layer's contract, the simulator lands near 2e-4 (float16) / 2e-3 (bfloat16).
 TOLERANCE = 1e-2
 
-V2_YARN = YarnRopeScaling(factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
-                          mscale=0.707, mscale_all_dim=0.707)
-SMALL = {"hidden_size": 256, "heads": 4, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
-         "v_head_dim": 32}
 CONFIGS = {
     "plain": MLAConfig(**SMALL),
     "yarn": MLAConfig(**SMALL, rope_scaling=V2_YARN),
