@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from clusterlab import launch
+from clusterlab import launch, simulator
 from clusterlab.bench import kernels, run_primitives_bench
 from clusterlab.primitives.gather import gather_stride
 from clusterlab.primitives.host import THREADS_PER_BLOCK
@@ -103,7 +103,7 @@ def test_small_sweep_writes_json_and_plots(tmp_path):
     kinds = {r["kind"] for r in saved["floors"]}
     assert kinds == {"barrier", "launch", "dsmem_read", "copy"}
     assert {r["implementation"] for r in saved["measurements"]} >= {
-        "direct", "ring", "butterfly", "bulk", "direct_1barrier", "direct_push", "direct_v4",
+        *simulator.REDUCE_ALGORITHMS, "direct_1barrier", "direct_push", "direct_v4",
         "bulk_split", "global_kernel_boundary", "global_grid_barrier", "torch",
     }
     assert results["targets"] and results["choice"]["reduce"]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from numba import types
 
+from clusterlab import simulator
 from clusterlab.bench import kernels
 from clusterlab.toolchain import assemble, kernel_ptx
 
@@ -36,7 +37,7 @@ def test_dsmem_stream_issues_eight_128_bit_remote_loads_before_using_them(spread
     assert body[:first_use].count("ld.shared::cluster.v4.b32") == kernels.STREAM_LOADS_IN_FLIGHT
 
 
-@pytest.mark.parametrize("algorithm", ["direct", "ring", "butterfly", "bulk"])
+@pytest.mark.parametrize("algorithm", simulator.REDUCE_ALGORITHMS)
 def test_reduce_loops_assemble(algorithm):
     ptx = assembled(kernels.reduce_loop_kernel(algorithm), (F32, F32, I64, I64, I64))
     assert "barrier.cluster.wait.acquire" in ptx

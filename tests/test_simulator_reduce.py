@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterlab import simulator as sim
+from clusterlab.simulator.reduce import two_shot_chunk_start
 
 ACCUMULATE = {
     "float16": np.float32,
@@ -46,7 +47,7 @@ def documented_order(x: np.ndarray, op: str, algorithm: str) -> np.ndarray:
     size, n = x.shape
     f = UFUNC[op]
     rows = [row.astype(ACCUMULATE[np.dtype(x.dtype).name]) for row in x]
-    if algorithm in ("direct", "bulk"):
+    if algorithm in ("direct", "bulk", "two_shot"):
         result = rows[0]
         for s in range(1, size):
             result = f(result, rows[s])
@@ -134,11 +135,29 @@ def test_repeated_runs_give_the_same_bits_and_the_same_trace(algorithm):
     assert first_trace.events == second_trace.events
 
 
-def test_bulk_and_direct_fold_alike():
+@pytest.mark.parametrize("algorithm", ["bulk", "two_shot"])
+def test_bulk_and_two_shot_fold_as_direct_does(algorithm):
     x = random_rows(11, 9, 33, "float16")
     direct, _ = sim.cluster_reduce(x, "sum", "direct")
-    bulk, _ = sim.cluster_reduce(x, "sum", "bulk")
-    assert (bits(direct) == bits(bulk)).all()
+    other, _ = sim.cluster_reduce(x, "sum", algorithm)
+    assert (bits(direct) == bits(other)).all()
+
+
+@pytest.mark.parametrize("size", [2, 3, 8, 16])
+def test_two_shot_moves_the_fewest_bytes_in_three_barriers(size):
+    """Each block pulls 2 (N - 1) / N rows (its chunk of every peer, every peer's chunk), where
+    ``direct`` pulls N - 1 rows; chunks start on 16-byte boundaries."""
+    n = 4 * size * 5
+    x = random_rows(3, size, n, "float32")
+    _, trace = sim.cluster_reduce(x, "sum", "two_shot")
+    _, direct = sim.cluster_reduce(x, "sum", "direct")
+    row = 4 * n
+    assert trace.traffic().total.sum() == size * 2 * (size - 1) * row // size
+    assert direct.traffic().total.sum() == size * (size - 1) * row
+    assert "3 cluster barriers" in trace.phase_table()
+    starts = [two_shot_chunk_start(c, 1001, size) for c in range(size + 1)]
+    assert starts[0] == 0 and starts[-1] == 1001 and all(s % 4 == 0 for s in starts[:-1])
+    assert starts == sorted(starts)
 
 
 def test_the_orders_are_distinguishable_so_the_bit_exact_test_has_teeth():

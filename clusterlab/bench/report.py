@@ -345,7 +345,7 @@ def auto_table(results: dict) -> dict:
     [[float32 bytes per block, [algorithms]], ...]}, "gather": {element bytes: {cluster size:
     [[message bytes, [algorithms]], ...]}}}``.
     """
-    choice = complete(results)["choice"]
+    choice = choice_tables(results)  # the algorithms of today, those the run did not time last
     reduce_table: dict = {}
     for row in choice["reduce"]:
         reduce_table.setdefault(row["cluster_size"], []).append([row["working_bytes"], row["ranking"]])
@@ -486,7 +486,7 @@ def format_summary(results: dict) -> str:
 PANEL_BYTES = (64, 256, 1024, 4096, 16384, 65536)
 #: A colour and line style per implementation, in every plot of primitives results.
 STYLE = {
-    "direct": ("C0", "-"), "ring": ("C1", "-"), "butterfly": ("C2", "-"), "bulk": ("C3", "-"),
+    "direct": ("C0", "-"), "ring": ("C1", "-"), "butterfly": ("C2", "-"), "bulk": ("C3", "-"), "two_shot": ("C6", "-"),
     "direct_1barrier": ("C0", "--"), "direct_push": ("C4", "--"), "direct_v4": ("C0", "--"),
     "bulk_split": ("C3", "--"),
     "global_kernel_boundary": ("C7", "-."), "global_grid_barrier": ("C5", "-."), "torch": ("C8", ":"),

@@ -3,7 +3,7 @@
 Two levels:
 
 - device functions for your own ``@cuda.jit`` kernels — :func:`reduce_device_function`
-  (``direct``, ``ring``, ``butterfly``, ``bulk``; ops ``sum``, ``max``, ``min``),
+  (``direct``, ``ring``, ``butterfly``, ``bulk``, ``two_shot``; ops ``sum``, ``max``, ``min``),
   :func:`steady_reduce_device_function` (back-to-back reduces, one cluster barrier each) and the gathers
   ``direct_gather``, ``ring_gather``, ``bulk_gather``; each module docstring states the contract
   (barriers issued, scratch needed, when buffers are free again);

@@ -1,14 +1,15 @@
-"""ClusterReduce on the GPU: the simulator's four algorithms as Numba-CUDA device functions.
+"""ClusterReduce on the GPU: the simulator's five algorithms as Numba-CUDA device functions.
 
 Each function here has the same name as the simulator program that models it
 (:mod:`clusterlab.simulator.reduce`) and folds in the same order, so the two agree bit for bit;
 that module's docstring is the contract (fold orders, chunking, barrier counts). The two read line
 for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
 ``rows`` / ``slot`` / ``full``, ``left``, chunk ``c`` = [lo, hi)) and index helpers
-(``left_neighbour``, ``ring_chunk``, ``chunk_start``); the simulator's 2-D shared arrays are laid
-out flat in ``work`` here, at the offsets each function names.
+(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start`` is the simulator's
+own function, compiled); the simulator's 2-D shared arrays are laid out flat in ``work`` here, at
+the offsets each function names.
 
-Device-function contract (all four)::
+Device-function contract (all five)::
 
     reduce(staged, work, n, iteration)
 
@@ -55,6 +56,7 @@ from numba import cuda
 from .. import ptx
 from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
+from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import widest_chunk
 from .ops import CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, ring_chunk
 
@@ -74,6 +76,8 @@ def reduce_scratch_elements(algorithm: str, n: int, cluster_size: int) -> int:
         return 2 * widest_chunk(n, cluster_size) + n  # partial [2, widest] | result [n]
     if algorithm == "butterfly":
         return 2 * n  # acc [2, n]
+    if algorithm == "two_shot":
+        return n  # result [n]
     slot = slot_elements(n, FLOAT32_BYTES)
     return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * slot  # bulk: mbarrier | rows [N, slot]
 
@@ -92,6 +96,16 @@ def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int) -> int:
 def chunk_start(c, n, size):
     """First element of chunk ``c`` of a row of ``n`` cut into ``size`` chunks (as the simulator's ``chunk_start``)."""
     return c * n // size
+
+
+two_shot_chunk_start = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_chunk_start)
+
+
+@cuda.jit(device=True, inline=True)
+def pull_quad(array, index, rank):
+    """Four float32 ``array[index .. index + 3]`` of block ``rank``: one 16-byte DSMEM load (``index``
+    a multiple of 4 from a 16-byte-aligned ``array``)."""
+    return ptx.ld_shared_cluster_v4_f32(ptx.map_shared(ptx.shared_address(array, index), rank))
 
 
 @functools.cache
@@ -220,9 +234,42 @@ def reduce_device_function(algorithm: str, op: str):
             staged[i] = acc
         ptx.cluster_sync()  # peers' copies may still read this block's slot until here
 
-    return {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce}[
-        algorithm
-    ]
+    @cuda.jit(device=True)
+    def two_shot_reduce(staged, work, n, iteration):
+        """Reduce-scatter then all-gather in one step each, 16 bytes a remote load; 3 cluster barriers."""
+        size = ptx.cluster_size()
+        rank = ptx.cluster_rank()
+        result = 0  # work = result [n]: result[i] is work[result + i]
+        ptx.cluster_sync()  # every row is staged
+        lo = two_shot_chunk_start(rank, n, size)
+        hi = two_shot_chunk_start(rank + 1, n, size)
+        for i in range(lo + 4 * cuda.threadIdx.x, hi, 4 * cuda.blockDim.x):  # quads; the row's tail one by one
+            if i + 4 <= hi:
+                a0, a1, a2, a3 = pull_quad(staged, i, 0)
+                for s in range(1, size):
+                    b0, b1, b2, b3 = pull_quad(staged, i, s)
+                    a0, a1, a2, a3 = combine(a0, b0), combine(a1, b1), combine(a2, b2), combine(a3, b3)
+                work[result + i], work[result + i + 1], work[result + i + 2], work[result + i + 3] = a0, a1, a2, a3
+            else:
+                for j in range(i, hi):
+                    acc = ptx.remote_load(staged, j, 0)
+                    for s in range(1, size):
+                        acc = combine(acc, ptx.remote_load(staged, j, s))
+                    work[result + j] = acc
+        ptx.cluster_sync()  # every chunk is reduced; nobody reads staged any more
+        for s in range(size):
+            first = two_shot_chunk_start(s, n, size)
+            end = two_shot_chunk_start(s + 1, n, size)
+            for i in range(first + 4 * cuda.threadIdx.x, end, 4 * cuda.blockDim.x):
+                if i + 4 <= end:
+                    staged[i], staged[i + 1], staged[i + 2], staged[i + 3] = pull_quad(work, result + i, s)
+                else:
+                    for j in range(i, end):
+                        staged[j] = ptx.remote_load(work, result + j, s)
+        ptx.cluster_sync()  # peers may still be reading result until here
+
+    return {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce,
+            "two_shot": two_shot_reduce}[algorithm]
 
 
 @functools.cache

@@ -74,6 +74,20 @@ cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[
   :func:`clusterlab.primitives.steady_reduce_device_function` (host API
   :func:`clusterlab.primitives.cluster_reduce_steady`).
 
+``two_shot`` — reduce-scatter then all-gather, each in one step (the ``ring``'s data movement
+without its N-1 + N-1 steps)::
+
+    shared memory per block: staged A[n] | result A[n]
+
+    barrier; block r pulls its chunk r of every block's staged row and folds them in rank order
+    (the ``direct`` fold: the same bits) into result[chunk r]; barrier; block r pulls chunk s of
+    block s's result into staged[chunk s], for every s (its own chunk from its own result); barrier
+
+  Chunk c is ``[two_shot_chunk_start(c), two_shot_chunk_start(c + 1))``: the row cut at multiples
+  of 4 elements (16 bytes of float32), so that a GPU moves it with 16-byte accesses. Each block
+  pulls ``2 (N - 1) / N`` rows' worth from its peers, against ``direct``'s ``N - 1``: the fewest
+  bytes an all-reduce can move, in 3 cluster barriers (the last one the exit barrier).
+
 ``bulk`` — the ClusterFusion push: :func:`~clusterlab.simulator.gather.bulk_push_rows` copies
 every block's staged row (in A, padded to a 16-byte slot) into slot r of every peer with
 ``cp.async.bulk`` completing on the receiver's mbarrier (``expect_tx = (N-1) * slot bytes``),
@@ -92,7 +106,7 @@ from .inputs import check_choice, check_fits, check_rows
 from .memory import MBARRIER_BYTES, layout_bytes
 
 #: ClusterReduce algorithms, by name.
-REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk")
+REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk", "two_shot")
 
 
 def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
@@ -163,6 +177,7 @@ def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int
         "ring": [row, 2 * widest, row],  # staged | partial | result
         "butterfly": [row, 2 * row],  # staged | acc
         "bulk": [cluster_size * slot, MBARRIER_BYTES],  # rows | full
+        "two_shot": [row, row],  # staged | result
     }[algorithm]
     return layout_bytes(arrays)
 
@@ -173,6 +188,12 @@ def chunk_start(c: int, n: int, size: int) -> int:
     Chunk c is ``[chunk_start(c, n, size), chunk_start(c + 1, n, size))``, i.e. ``[c*n//N, (c+1)*n//N)``.
     """
     return c * n // size
+
+
+def two_shot_chunk_start(c: int, n: int, size: int) -> int:
+    """First element of ``two_shot`` chunk ``c`` (0..size): the row's ceil(n / 4) quads of 4 elements
+    cut into ``size`` chunks as :func:`chunk_start` cuts elements; the last chunk ends at ``n``."""
+    return min(n, 4 * (c * ((n + 3) // 4) // size))  # plain arithmetic: the GPU compiles this function too
 
 
 def widest_chunk(n: int, size: int) -> int:
@@ -316,4 +337,26 @@ def bulk_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
     yield b.cluster_sync()  # peers' copies may still be reading rows[rank]
 
 
-_PROGRAMS = {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce}
+def two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
+    """``two_shot``: each block folds its chunk of all rows, then pulls the others' chunks. Writes ``out[rank]`` [n]."""
+    size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
+    staged = _stage(b, x)
+    result = b.shared_array("result", (n,), staged.dtype)
+    yield b.cluster_sync()  # every row is staged
+    b.step("reduce-scatter")
+    lo, hi = two_shot_chunk_start(rank, n, size), two_shot_chunk_start(rank + 1, n, size)
+    acc = _load(b, staged, 0, slice(lo, hi))
+    for s in range(1, size):
+        acc = combine(acc, _load(b, staged, s, slice(lo, hi)))
+    result[lo:hi] = acc
+    yield b.cluster_sync()  # every chunk is reduced; nobody reads staged any more
+    b.step("all-gather")
+    for s in range(size):
+        lo, hi = two_shot_chunk_start(s, n, size), two_shot_chunk_start(s + 1, n, size)
+        staged[lo:hi] = _load(b, result, s, slice(lo, hi))
+    out[rank] = staged[:].astype(x.dtype)
+    yield b.cluster_sync()  # peers may still be reading result
+
+
+_PROGRAMS = {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce,
+             "two_shot": two_shot_reduce}
