@@ -5,8 +5,8 @@ Each function here has the same name as the simulator program that models it
 that module's docstring is the contract (fold orders, chunking, barrier counts). The two read line
 for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
 ``rows`` / ``slot`` / ``full``, ``left``, chunk ``c`` = [lo, hi)) and index helpers
-(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start`` is the simulator's
-own function, compiled); the simulator's 2-D shared arrays are laid out flat in ``work`` here, at
+(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start`` and
+``two_shot_owner`` are the simulator's own functions, compiled); the simulator's 2-D shared arrays are laid out flat in ``work`` here, at
 the offsets each function names.
 
 Device-function contract (all five)::
@@ -99,6 +99,7 @@ def chunk_start(c, n, size):
 
 
 two_shot_chunk_start = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_chunk_start)
+two_shot_owner = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_owner)
 
 
 @cuda.jit(device=True, inline=True)
@@ -257,15 +258,14 @@ def reduce_device_function(algorithm: str, op: str):
                         acc = combine(acc, ptx.remote_load(staged, j, s))
                     work[result + j] = acc
         ptx.cluster_sync()  # every chunk is reduced; nobody reads staged any more
-        for s in range(size):
-            first = two_shot_chunk_start(s, n, size)
-            end = two_shot_chunk_start(s + 1, n, size)
-            for i in range(first + 4 * cuda.threadIdx.x, end, 4 * cuda.blockDim.x):
-                if i + 4 <= end:
-                    staged[i], staged[i + 1], staged[i + 2], staged[i + 3] = pull_quad(work, result + i, s)
-                else:
-                    for j in range(i, end):
-                        staged[j] = ptx.remote_load(work, result + j, s)
+        for q in range(cuda.threadIdx.x, (n + 3) // 4, cuda.blockDim.x):  # every quad, from its owner
+            s = two_shot_owner(q, n, size)
+            i = 4 * q
+            if i + 4 <= n:
+                staged[i], staged[i + 1], staged[i + 2], staged[i + 3] = pull_quad(work, result + i, s)
+            else:
+                for j in range(i, n):
+                    staged[j] = ptx.remote_load(work, result + j, s)
         ptx.cluster_sync()  # peers may still be reading result until here
 
     return {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce,

@@ -80,8 +80,9 @@ without its N-1 + N-1 steps)::
     shared memory per block: staged A[n] | result A[n]
 
     barrier; block r pulls its chunk r of every block's staged row and folds them in rank order
-    (the ``direct`` fold: the same bits) into result[chunk r]; barrier; block r pulls chunk s of
-    block s's result into staged[chunk s], for every s (its own chunk from its own result); barrier
+    (the ``direct`` fold: the same bits) into result[chunk r]; barrier; block r pulls every quad
+    of 4 elements from the result of its owner (``two_shot_owner``; its own chunk from its own
+    result) into staged; barrier
 
   Chunk c is ``[two_shot_chunk_start(c), two_shot_chunk_start(c + 1))``: the row cut at multiples
   of 4 elements (16 bytes of float32), so that a GPU moves it with 16-byte accesses. Each block
@@ -194,6 +195,12 @@ def two_shot_chunk_start(c: int, n: int, size: int) -> int:
     """First element of ``two_shot`` chunk ``c`` (0..size): the row's ceil(n / 4) quads of 4 elements
     cut into ``size`` chunks as :func:`chunk_start` cuts elements; the last chunk ends at ``n``."""
     return min(n, 4 * (c * ((n + 3) // 4) // size))  # plain arithmetic: the GPU compiles this function too
+
+
+def two_shot_owner(q: int, n: int, size: int) -> int:
+    """The block whose ``two_shot`` chunk holds quad ``q`` (elements ``4q ..``) of a row of ``n``:
+    the ``c`` with ``two_shot_chunk_start(c) <= 4q < two_shot_chunk_start(c + 1)``."""
+    return ((q + 1) * size - 1) // ((n + 3) // 4)
 
 
 def widest_chunk(n: int, size: int) -> int:
@@ -351,9 +358,10 @@ def two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc)
     result[lo:hi] = acc
     yield b.cluster_sync()  # every chunk is reduced; nobody reads staged any more
     b.step("all-gather")
-    for s in range(size):
-        lo, hi = two_shot_chunk_start(s, n, size), two_shot_chunk_start(s + 1, n, size)
-        staged[lo:hi] = _load(b, result, s, slice(lo, hi))
+    for q in range(-(-n // 4)):  # every quad, from its owner
+        s = two_shot_owner(q, n, size)
+        quad = slice(4 * q, min(4 * q + 4, n))
+        staged[quad] = _load(b, result, s, quad)
     out[rank] = staged[:].astype(x.dtype)
     yield b.cluster_sync()  # peers may still be reading result
 
