@@ -20,7 +20,8 @@ memory, DSMEM). Three kinds of address appear below, all ``uint32``:
   converts them.
 
 ``remote_load`` / ``remote_store`` / ``remote_add`` / ``remote_max`` / ``remote_min`` do
-``shared_address`` + ``map_shared`` + the access in one call, typed by the array's dtype.
+``shared_address`` + ``map_shared`` + the access in one call, typed by the array's dtype;
+``remote_load_v4_f32`` / ``remote_store_v4_f32`` move four float32 with one 16-byte access.
 
 Memory ordering, in one paragraph
 ---------------------------------
@@ -65,7 +66,7 @@ compiler to schedule, hoist or remove.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import cuda, types
 from numba.cuda import cgutils
 from numba.cuda.api_util import normalize_indices
 from numba.cuda.core.errors import NumbaTypeError
@@ -717,6 +718,24 @@ remote_store = _named(
     {ordering}. sm_90+.
     """.format(ordering=_DSMEM_ORDERING),
 )
+
+@cuda.jit(device=True, inline=True)
+def remote_load_v4_f32(array, index, rank):
+    """remote_load_v4_f32(array, index, rank) -> 4 x float32: ``array[index .. index + 3]`` of block ``rank``.
+
+    One 16-byte access: :func:`shared_address` + :func:`map_shared` + :func:`ld_shared_cluster_v4_f32`.
+    ``array`` is a float32 shared array whose element ``index`` is 16-byte aligned (a 16-byte-aligned
+    array, ``index`` a multiple of 4). Ordering as :func:`remote_load`.
+    """
+    return ld_shared_cluster_v4_f32(map_shared(shared_address(array, index), rank))
+
+
+@cuda.jit(device=True, inline=True)
+def remote_store_v4_f32(array, index, rank, x0, x1, x2, x3):
+    """remote_store_v4_f32(array, index, rank, x0, x1, x2, x3): write four float32 into ``array[index ..
+    index + 3]`` of block ``rank`` with one 16-byte access (alignment as :func:`remote_load_v4_f32`)."""
+    st_shared_cluster_v4_f32(map_shared(shared_address(array, index), rank), x0, x1, x2, x3)
+
 
 remote_add = _named(
     _remote_reduce("add"),
@@ -1375,6 +1394,8 @@ __all__ = [
     # typed DSMEM layer
     "remote_load",
     "remote_store",
+    "remote_load_v4_f32",
+    "remote_store_v4_f32",
     "remote_add",
     "remote_max",
     "remote_min",

@@ -107,6 +107,11 @@ CASES = {
     ),
     "remote_load": ("sf = cuda.shared.array(64, float32)\nof32[0] = ptx.remote_load(sf, i32[0], i32[1])", "ld.shared::cluster.f32"),
     "remote_store": ("sf = cuda.shared.array(64, float32)\nptx.remote_store(sf, i32[0], i32[1], if32[0])", "st.shared::cluster.f32"),
+    "remote_load_v4_f32": ("sf = cuda.shared.array(64, float32)\nof32[0], of32[1], of32[2], of32[3] = "
+                           "ptx.remote_load_v4_f32(sf, 4 * i32[0], i32[1])", "ld.shared::cluster.v4.f32"),
+    "remote_store_v4_f32": ("sf = cuda.shared.array(64, float32)\n"
+                            "ptx.remote_store_v4_f32(sf, 4 * i32[0], i32[1], if32[0], if32[1], if32[2], if32[3])",
+                            "st.shared::cluster.v4.f32"),
     "remote_add": ("sf = cuda.shared.array(64, float32)\nptx.remote_add(sf, i32[0], i32[1], if32[0])", "shared::cluster.add.f32"),
     "remote_max": ("ptx.remote_max(smem, i32[0], i32[1], i32[2])", "shared::cluster.max.u32"),
     "remote_min": ("ptx.remote_min(smem, i32[0], i32[1], i32[2])", "shared::cluster.min.u32"),

@@ -657,13 +657,13 @@ def make_exchange(cluster_size: int):
     """Device functions of the exchanges between a cluster's blocks (phases 2 and 4; the MLP's phase 2).
 
     An exchange sums (or merges) a quad of float32 (:data:`~clusterlab.fused.plan.QUAD`, 16 bytes)
-    over the ``C`` blocks and hands the result back to all of them. ``C`` consecutive lanes
-    share a quad, one peer block each: lane ``peer = lane % C`` pulls the peer's copy with one
-    16-byte DSMEM load (``pull(smem, at, peer)``: four float32 of ``smem[at ..]`` in block
-    ``peer``), ``peer_sum(x)`` / ``peer_max(x)`` combine a value over the ``C`` lanes with
-    xor-shuffles (every lane gets the result), and the lane pushes the result to its peer with one
-    16-byte store (``push(smem, at, peer, x0, x1, x2, x3)``). One thread pulling ``C`` scalars and
-    pushing ``C`` made four times the DSMEM requests, one after another.
+    over the ``C`` blocks and hands the result back to all of them. ``C`` consecutive lanes share a
+    quad, one peer block each: lane ``peer = lane % C`` pulls the peer's copy with one 16-byte DSMEM
+    load (``pull(smem, at, peer)``: :func:`clusterlab.ptx.remote_load_v4_f32`), ``peer_sum(x)`` /
+    ``peer_max(x)`` combine a value over the ``C`` lanes with xor-shuffles (every lane gets the
+    result), and the lane pushes the result to its peer with one 16-byte store (``push(smem, at,
+    peer, x0, x1, x2, x3)``: :func:`clusterlab.ptx.remote_store_v4_f32`). One thread pulling ``C``
+    scalars and pushing ``C`` made four times the DSMEM requests, one after another.
 
     ``exchange_lanes(units)``: the lanes of a block a loop over ``units`` quads runs, rounded up to
     whole warps: every lane of a warp takes part in the shuffles, those past ``units * C`` with
@@ -677,14 +677,6 @@ def make_exchange(cluster_size: int):
         return (units * C + 31) // 32 * 32
 
     @cuda.jit(device=True, inline=True)
-    def pull(smem, at, peer):
-        return ptx.ld_shared_cluster_v4_f32(ptx.map_shared(ptx.shared_address(smem, at), peer))
-
-    @cuda.jit(device=True, inline=True)
-    def push(smem, at, peer, x0, x1, x2, x3):
-        ptx.st_shared_cluster_v4_f32(ptx.map_shared(ptx.shared_address(smem, at), peer), x0, x1, x2, x3)
-
-    @cuda.jit(device=True, inline=True)
     def peer_sum(x):
         for level in range(LOG_C):
             x += cuda.shfl_xor_sync(FULL_MASK, x, C >> (level + 1))
@@ -696,7 +688,7 @@ def make_exchange(cluster_size: int):
             x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, C >> (level + 1)))
         return x
 
-    return exchange_lanes, pull, push, peer_sum, peer_max
+    return exchange_lanes, ptx.remote_load_v4_f32, ptx.remote_store_v4_f32, peer_sum, peer_max
 
 
 def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16: bool):

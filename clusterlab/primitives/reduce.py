@@ -6,8 +6,8 @@ that module's docstring is the contract (fold orders, chunking, barrier counts).
 for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
 ``rows`` / ``slot`` / ``full``, ``left``, chunk ``c`` = [lo, hi)) and index helpers
 (``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start`` and
-``two_shot_owner`` are the simulator's own functions, compiled); the simulator's 2-D shared arrays are laid out flat in ``work`` here, at
-the offsets each function names.
+``two_shot_owner`` are the simulator's own functions, compiled); the simulator's 2-D shared
+arrays are laid out flat in ``work`` here, at the offsets each function names.
 
 Device-function contract (all five)::
 
@@ -100,13 +100,6 @@ def chunk_start(c, n, size):
 
 two_shot_chunk_start = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_chunk_start)
 two_shot_owner = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_owner)
-
-
-@cuda.jit(device=True, inline=True)
-def pull_quad(array, index, rank):
-    """Four float32 ``array[index .. index + 3]`` of block ``rank``: one 16-byte DSMEM load (``index``
-    a multiple of 4 from a 16-byte-aligned ``array``)."""
-    return ptx.ld_shared_cluster_v4_f32(ptx.map_shared(ptx.shared_address(array, index), rank))
 
 
 @functools.cache
@@ -246,9 +239,9 @@ def reduce_device_function(algorithm: str, op: str):
         hi = two_shot_chunk_start(rank + 1, n, size)
         for i in range(lo + 4 * cuda.threadIdx.x, hi, 4 * cuda.blockDim.x):  # quads; the row's tail one by one
             if i + 4 <= hi:
-                a0, a1, a2, a3 = pull_quad(staged, i, 0)
+                a0, a1, a2, a3 = ptx.remote_load_v4_f32(staged, i, 0)
                 for s in range(1, size):
-                    b0, b1, b2, b3 = pull_quad(staged, i, s)
+                    b0, b1, b2, b3 = ptx.remote_load_v4_f32(staged, i, s)
                     a0, a1, a2, a3 = combine(a0, b0), combine(a1, b1), combine(a2, b2), combine(a3, b3)
                 work[result + i], work[result + i + 1], work[result + i + 2], work[result + i + 3] = a0, a1, a2, a3
             else:
@@ -262,7 +255,7 @@ def reduce_device_function(algorithm: str, op: str):
             s = two_shot_owner(q, n, size)
             i = 4 * q
             if i + 4 <= n:
-                staged[i], staged[i + 1], staged[i + 2], staged[i + 3] = pull_quad(work, result + i, s)
+                staged[i], staged[i + 1], staged[i + 2], staged[i + 3] = ptx.remote_load_v4_f32(work, result + i, s)
             else:
                 for j in range(i, n):
                     staged[j] = ptx.remote_load(work, result + j, s)
