@@ -22,9 +22,9 @@ rows ``rank * out_rows ..`` of the output (``out_rows = k_slice``). Per step::
     1 gate_up   the block adds hidden + residual on its hidden slice, keeps xs = h * norm (float32,
                 shared memory) and sum(h^2), and dots xs with its slice of the cluster's 2 x
                 inter_slice weight rows: partial dots in its shared memory (B1: cluster barrier)
-    2 act       the owner of intermediate element j (rank (j // 4) % cluster_size: quads of four,
-                see plan.owned_quads) sums the cluster's
-                partials of gate row j, up row j and sum(h^2) from every block's shared memory
+    2 act       the owner of intermediate element j (rank (j // 4) % cluster_size: quads of four
+                elements, see plan.owned_quads) sums the cluster's partials of gate row j, up row j
+                and sum(h^2) from every block's shared memory
                 (DSMEM), normalises, computes a = silu(gate) * up (each rounded to the model dtype,
                 as PyTorch's separate ops round) and pushes a to every block (a ClusterGather by
                 stores) (B2: cluster barrier)

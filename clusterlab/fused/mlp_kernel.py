@@ -111,10 +111,16 @@ class MLPSpec:
         # and with two sequences a step ptxas spilled (8B shape, batch 4 and 8).
         return gemv_tile("down projection", self.inter_slice // 8, self.out_rows, self.batch, batch_chunk=1)
 
+    @property
+    def partial_stride(self) -> int:
+        """Words of a sequence's row of ``partial``: gate rows, up rows, then ``sum(h^2)``, padded to a
+        whole quad (16 bytes) so that the exchange pulls 16-byte-aligned quads."""
+        return self.rows + QUAD
+
     def smem_layout(self) -> dict[str, int]:
         """Offsets (float32 words) of each shared region, and ``"total"``."""
         b = self.batch
-        sizes = {"xs": b * self.k_slice, "partial": b * (self.rows + QUAD), "act": b * self.inter_slice,
+        sizes = {"xs": b * self.k_slice, "partial": b * self.partial_stride, "act": b * self.inter_slice,
                  "red": self.warps * b}
         return region_offsets(sizes)
 
@@ -138,7 +144,7 @@ def build_mlp_kernel(spec: MLPSpec):
     """
     H, I, C, CLUSTERS = spec.hidden_size, spec.intermediate_size, spec.cluster_size, spec.clusters
     INTER_SLICE, ROWS, K_SLICE, OUT_ROWS = spec.inter_slice, spec.rows, spec.k_slice, spec.out_rows
-    PARTIAL_STRIDE = ROWS + QUAD  # gate, up, sum(h^2), padded to a whole quad (16 bytes)
+    PARTIAL_STRIDE = spec.partial_stride
     BATCH, WARPS, THREADS, BF16 = spec.batch, spec.warps, spec.threads, spec.bf16
     EPS = np.float32(spec.rms_eps)
     INV_H = np.float32(1.0 / H)

@@ -130,8 +130,9 @@ def rope_pair(head_dim: int, neox: bool, pair: int):
 
 
 def owned_quads(items: int, rank: int, cluster_size: int) -> int:
-    """How many quads of an exchange's ``items`` values block ``rank`` owns: quads ``rank, rank + C, ..``
-    of ``items // QUAD`` (quad ``q`` is items ``QUAD*q .. QUAD*q + QUAD - 1``)."""
+    """How many quads of an exchange's ``items`` values (a multiple of :data:`QUAD`: head dims are
+    multiples of 8) block ``rank`` owns: quads ``rank, rank + C, ..`` of ``items // QUAD`` (quad
+    ``q`` is items ``QUAD*q .. QUAD*q + QUAD - 1``)."""
     return (items // QUAD - rank + cluster_size - 1) // cluster_size
 
 
