@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 
-from numba import cuda
+from numba import cuda, float32
 
 from .. import ptx
 from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
@@ -60,6 +60,9 @@ from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import widest_chunk
 from .ops import CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, ring_chunk
 
+#: Quads (16 bytes) a thread of ``two_shot`` has in flight: it issues the loads of that many quads
+#: before using any, as the DSMEM bandwidth floor's kernel does (``bench.kernels.dsmem_read_stream``).
+QUADS_IN_FLIGHT = 4
 #: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
 MBARRIER_BYTES = 16
 FLOAT32_BYTES = 4
@@ -108,6 +111,7 @@ def reduce_device_function(algorithm: str, op: str):
     check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
     check_choice("op", op, tuple(OPERATORS))
     combine = OPERATORS[op]
+    IN_FLIGHT_WORDS = 4 * QUADS_IN_FLIGHT  # float32 of the quads a two_shot thread has in flight
 
     @cuda.jit(device=True)
     def direct_reduce(staged, work, n, iteration):
@@ -230,35 +234,52 @@ def reduce_device_function(algorithm: str, op: str):
 
     @cuda.jit(device=True)
     def two_shot_reduce(staged, work, n, iteration):
-        """Reduce-scatter then all-gather in one step each, 16 bytes a remote load; 3 cluster barriers."""
+        """Reduce-scatter then all-gather in one step each, 16 bytes a remote load, each thread
+        :data:`QUADS_IN_FLIGHT` quads at a time; 3 cluster barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
         result = 0  # work = result [n]: result[i] is work[result + i]
+        stride = cuda.blockDim.x
         ptx.cluster_sync()  # every row is staged
         lo = two_shot_chunk_start(rank, n, size)
         hi = two_shot_chunk_start(rank + 1, n, size)
-        for i in range(lo + 4 * cuda.threadIdx.x, hi, 4 * cuda.blockDim.x):  # quads; the row's tail one by one
-            if i + 4 <= hi:
-                a0, a1, a2, a3 = ptx.remote_load_v4_f32(staged, i, 0)
-                for s in range(1, size):
-                    b0, b1, b2, b3 = ptx.remote_load_v4_f32(staged, i, s)
-                    a0, a1, a2, a3 = combine(a0, b0), combine(a1, b1), combine(a2, b2), combine(a3, b3)
-                work[result + i], work[result + i + 1], work[result + i + 2], work[result + i + 3] = a0, a1, a2, a3
-            else:
-                for j in range(i, hi):
-                    acc = ptx.remote_load(staged, j, 0)
-                    for s in range(1, size):
-                        acc = combine(acc, ptx.remote_load(staged, j, s))
-                    work[result + j] = acc
+        quads = (hi - lo) // 4  # whole quads of the chunk; the row's tail (last chunk only) one by one
+        acc = cuda.local.array(IN_FLIGHT_WORDS, float32)
+        pulled = cuda.local.array(IN_FLIGHT_WORDS, float32)
+        for first in range(cuda.threadIdx.x, quads, QUADS_IN_FLIGHT * stride):
+            for s in range(size):
+                for u in range(QUADS_IN_FLIGHT):  # every load of the step before any add
+                    if first + u * stride < quads:
+                        at = lo + 4 * (first + u * stride)
+                        pulled[4 * u], pulled[4 * u + 1], pulled[4 * u + 2], pulled[4 * u + 3] = \
+                            ptx.remote_load_v4_f32(staged, at, s)
+                for k in range(IN_FLIGHT_WORDS):
+                    acc[k] = pulled[k] if s == 0 else combine(acc[k], pulled[k])
+            for u in range(QUADS_IN_FLIGHT):
+                if first + u * stride < quads:
+                    at = lo + 4 * (first + u * stride)
+                    for k in range(4):
+                        work[result + at + k] = acc[4 * u + k]
+        for j in range(lo + 4 * quads + cuda.threadIdx.x, hi, stride):
+            one = ptx.remote_load(staged, j, 0)
+            for s in range(1, size):
+                one = combine(one, ptx.remote_load(staged, j, s))
+            work[result + j] = one
         ptx.cluster_sync()  # every chunk is reduced; nobody reads staged any more
-        for q in range(cuda.threadIdx.x, (n + 3) // 4, cuda.blockDim.x):  # every quad, from its owner
-            s = two_shot_owner(q, n, size)
-            i = 4 * q
-            if i + 4 <= n:
-                staged[i], staged[i + 1], staged[i + 2], staged[i + 3] = ptx.remote_load_v4_f32(work, result + i, s)
-            else:
-                for j in range(i, n):
-                    staged[j] = ptx.remote_load(work, result + j, s)
+        whole = n // 4  # every whole quad from its owner, QUADS_IN_FLIGHT at a time; then the tail
+        for first in range(cuda.threadIdx.x, whole, QUADS_IN_FLIGHT * stride):
+            for u in range(QUADS_IN_FLIGHT):
+                q = first + u * stride
+                if q < whole:
+                    pulled[4 * u], pulled[4 * u + 1], pulled[4 * u + 2], pulled[4 * u + 3] = \
+                        ptx.remote_load_v4_f32(work, result + 4 * q, two_shot_owner(q, n, size))
+            for u in range(QUADS_IN_FLIGHT):
+                q = first + u * stride
+                if q < whole:
+                    for k in range(4):
+                        staged[4 * q + k] = pulled[4 * u + k]
+        for j in range(4 * whole + cuda.threadIdx.x, n, stride):
+            staged[j] = ptx.remote_load(work, result + j, two_shot_owner(whole, n, size))
         ptx.cluster_sync()  # peers may still be reading result until here
 
     return {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce,
