@@ -302,8 +302,30 @@ def vector4_exchange(dtype, load, store):
     return exchange
 
 
+@cuda.jit
+def exchange_typed_v4_f32(src, loaded, stored, shift):
+    """The array-indexed quads: ``remote_load_v4_f32`` / ``remote_store_v4_f32``."""
+    tile = cuda.shared.array(N4, types.float32, alignment=16)
+    inbox = cuda.shared.array(N4, types.float32, alignment=16)
+    tid = cuda.threadIdx.x
+    peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
+    offset = cuda.blockIdx.x * 4 * N
+    for k in range(4):
+        tile[4 * tid + k] = src[offset + 4 * tid + k]
+    ptx.cluster_sync()
+    a, b, c, d = ptx.remote_load_v4_f32(tile, 4 * (N - 1 - tid), peer)
+    loaded[offset + 4 * tid], loaded[offset + 4 * tid + 1] = a, b
+    loaded[offset + 4 * tid + 2], loaded[offset + 4 * tid + 3] = c, d
+    ptx.remote_store_v4_f32(inbox, 4 * (N - 1 - tid), peer, tile[4 * tid], tile[4 * tid + 1], tile[4 * tid + 2],
+                            tile[4 * tid + 3])
+    ptx.cluster_sync()
+    for k in range(4):
+        stored[offset + 4 * tid + k] = inbox[4 * tid + k]
+
+
 VECTOR_EXCHANGES = {
     "v2_f32": (np.float32, 2, exchange_v2_f32),
+    "typed_v4_f32": (np.float32, 4, exchange_typed_v4_f32),
     "v4_f32": (np.float32, 4, vector4_exchange(types.float32, ptx.ld_shared_cluster_v4_f32, ptx.st_shared_cluster_v4_f32)),
     "v4_b32": (np.uint32, 4, vector4_exchange(types.uint32, ptx.ld_shared_cluster_v4_b32, ptx.st_shared_cluster_v4_b32)),
 }
