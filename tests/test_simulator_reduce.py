@@ -4,7 +4,9 @@ The documented order is restated here independently, in a few lines of plain Num
 algorithm, and compared bit for bit; that is the contract the GPU kernels are held to.
 """
 
+import inspect
 import math
+import textwrap
 
 import ml_dtypes
 import numpy as np
@@ -13,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterlab import simulator as sim
+from clusterlab.simulator import reduce as sim_reduce
 from clusterlab.simulator.reduce import two_shot_chunk_start
 
 ACCUMULATE = {
@@ -264,3 +267,26 @@ def test_one_buffer_lets_the_next_step_overwrite_a_row_a_peer_still_reads(size):
 def test_steady_reduce_rejects_bad_inputs(xs, buffers, error, match):
     with pytest.raises(error, match=match):
         sim.cluster_reduce_steady(xs, buffers=buffers)
+
+
+def two_shot_without(marker: str):
+    """``two_shot_reduce`` with its cluster barrier at the line ``marker`` taken out."""
+    source = textwrap.dedent(inspect.getsource(sim_reduce.two_shot_reduce))
+    assert source.count(marker) == 1, marker
+    namespace = dict(vars(sim_reduce))
+    exec(compile(source.replace(marker, "pass  # dropped:"), "<two_shot_reduce variant>", "exec"), namespace)
+    return namespace["two_shot_reduce"]
+
+
+@pytest.mark.parametrize("marker, hazard", [
+    ("yield b.cluster_sync()  # every row is staged", sim.DataRace),
+    ("yield b.cluster_sync()  # every chunk is reduced", sim.DataRace),
+    ("yield b.cluster_sync()  # peers may still be reading result", sim.ExitedBlockAccess),
+])
+def test_each_two_shot_barrier_is_needed(marker, hazard):
+    """Without any one of its three barriers the checker rejects ``two_shot``: a peer's staged row or
+    result read unordered with its writes, or a block gone while a peer still reads its result."""
+    x = random_rows(5, 4, 40, "float32")
+    sim.launch(sim_reduce.two_shot_reduce, 4, x, np.empty_like(x), np.add)  # as written: clean
+    with pytest.raises(hazard):
+        sim.launch(two_shot_without(marker), 4, x, np.empty_like(x), np.add)
