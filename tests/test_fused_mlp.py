@@ -21,11 +21,11 @@ bfloat16. The new residual is a single rounding of a float32 sum, so it is check
 
 import functools
 import inspect
-import textwrap
 
 import numpy as np
 import pytest
 import torch
+from program_variants import without_line
 
 from clusterlab import simulator
 from clusterlab.fused import mlp_simulated
@@ -183,15 +183,6 @@ def test_simulated_traces_have_two_barriers_and_dsmem_only_in_the_act_phase(clus
         assert pushed == cluster_size * batch * inter_slice * 4  # float32 a, to every block
 
 
-def program_without(marker: str):
-    """:func:`mlp_block` with the line ``marker`` (a cluster barrier) commented out."""
-    source = textwrap.dedent(inspect.getsource(mlp_simulated.mlp_block))
-    assert source.count(marker) == 1, marker
-    namespace = dict(vars(mlp_simulated))
-    exec(compile(source.replace(marker, "pass  # dropped:"), "<mlp_block variant>", "exec"), namespace)
-    return namespace["mlp_block"]
-
-
 @pytest.mark.parametrize("cluster_size", [2, 4])
 @pytest.mark.parametrize(
     "barrier, hazards",
@@ -200,7 +191,7 @@ def program_without(marker: str):
 def test_a_missing_cluster_barrier_is_caught(barrier, hazards, cluster_size):
     """Without B1 an owner reads peers' partials before they are written (a race); without B2 a
     block leaves (or reads its ``a``) while peers still push into or read from it."""
-    program = program_without(f"yield b.cluster_sync()  # {barrier}:")
+    program = without_line(mlp_simulated.mlp_block, f"yield b.cluster_sync()  # {barrier}:")
     config, batch = TINY["h64-i176"], 2
     weights = MLPWeights.random(config, torch.float16, seed=8)
     hidden, residual = random_inputs(config, torch.float16, batch, seed=9)

@@ -279,7 +279,10 @@ def exchange_v2_f32(src, loaded, stored, shift):
         stored[offset + 2 * tid + k] = inbox[2 * tid + k]
 
 
-def vector4_exchange(dtype, load, store):
+def vector4_exchange(dtype, load, store, indexed=False):
+    """16-byte exchanges: raw ``load(address)`` / ``store(address, ..)`` on shared::cluster addresses,
+    or (``indexed``) the array-indexed ``load(array, index, rank)`` / ``store(array, index, rank, ..)``."""
+
     @cuda.jit
     def exchange(src, loaded, stored, shift):
         tile = cuda.shared.array(N4, dtype, alignment=16)
@@ -290,11 +293,17 @@ def vector4_exchange(dtype, load, store):
         for k in range(4):
             tile[4 * tid + k] = src[offset + 4 * tid + k]
         ptx.cluster_sync()
-        values = load(ptx.map_shared(ptx.shared_address(tile, 4 * (N - 1 - tid)), peer))
+        if indexed:
+            values = load(tile, 4 * (N - 1 - tid), peer)
+        else:
+            values = load(ptx.map_shared(ptx.shared_address(tile, 4 * (N - 1 - tid)), peer))
         for k in range(4):
             loaded[offset + 4 * tid + k] = values[k]
-        destination = ptx.map_shared(ptx.shared_address(inbox, 4 * (N - 1 - tid)), peer)
-        store(destination, tile[4 * tid], tile[4 * tid + 1], tile[4 * tid + 2], tile[4 * tid + 3])
+        if indexed:
+            store(inbox, 4 * (N - 1 - tid), peer, tile[4 * tid], tile[4 * tid + 1], tile[4 * tid + 2], tile[4 * tid + 3])
+        else:
+            destination = ptx.map_shared(ptx.shared_address(inbox, 4 * (N - 1 - tid)), peer)
+            store(destination, tile[4 * tid], tile[4 * tid + 1], tile[4 * tid + 2], tile[4 * tid + 3])
         ptx.cluster_sync()
         for k in range(4):
             stored[offset + 4 * tid + k] = inbox[4 * tid + k]
@@ -302,30 +311,10 @@ def vector4_exchange(dtype, load, store):
     return exchange
 
 
-@cuda.jit
-def exchange_typed_v4_f32(src, loaded, stored, shift):
-    """The array-indexed quads: ``remote_load_v4_f32`` / ``remote_store_v4_f32``."""
-    tile = cuda.shared.array(N4, types.float32, alignment=16)
-    inbox = cuda.shared.array(N4, types.float32, alignment=16)
-    tid = cuda.threadIdx.x
-    peer = (ptx.cluster_rank() + shift) % ptx.cluster_size()
-    offset = cuda.blockIdx.x * 4 * N
-    for k in range(4):
-        tile[4 * tid + k] = src[offset + 4 * tid + k]
-    ptx.cluster_sync()
-    a, b, c, d = ptx.remote_load_v4_f32(tile, 4 * (N - 1 - tid), peer)
-    loaded[offset + 4 * tid], loaded[offset + 4 * tid + 1] = a, b
-    loaded[offset + 4 * tid + 2], loaded[offset + 4 * tid + 3] = c, d
-    ptx.remote_store_v4_f32(inbox, 4 * (N - 1 - tid), peer, tile[4 * tid], tile[4 * tid + 1], tile[4 * tid + 2],
-                            tile[4 * tid + 3])
-    ptx.cluster_sync()
-    for k in range(4):
-        stored[offset + 4 * tid + k] = inbox[4 * tid + k]
-
-
 VECTOR_EXCHANGES = {
     "v2_f32": (np.float32, 2, exchange_v2_f32),
-    "typed_v4_f32": (np.float32, 4, exchange_typed_v4_f32),
+    "typed_v4_f32": (np.float32, 4, vector4_exchange(types.float32, ptx.remote_load_v4_f32, ptx.remote_store_v4_f32,
+                                                      indexed=True)),
     "v4_f32": (np.float32, 4, vector4_exchange(types.float32, ptx.ld_shared_cluster_v4_f32, ptx.st_shared_cluster_v4_f32)),
     "v4_b32": (np.uint32, 4, vector4_exchange(types.uint32, ptx.ld_shared_cluster_v4_b32, ptx.st_shared_cluster_v4_b32)),
 }

@@ -4,15 +4,14 @@ The documented order is restated here independently, in a few lines of plain Num
 algorithm, and compared bit for bit; that is the contract the GPU kernels are held to.
 """
 
-import inspect
 import math
-import textwrap
 
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from program_variants import without_line
 
 from clusterlab import simulator as sim
 from clusterlab.simulator import reduce as sim_reduce
@@ -269,15 +268,6 @@ def test_steady_reduce_rejects_bad_inputs(xs, buffers, error, match):
         sim.cluster_reduce_steady(xs, buffers=buffers)
 
 
-def two_shot_without(marker: str):
-    """``two_shot_reduce`` with its cluster barrier at the line ``marker`` taken out."""
-    source = textwrap.dedent(inspect.getsource(sim_reduce.two_shot_reduce))
-    assert source.count(marker) == 1, marker
-    namespace = dict(vars(sim_reduce))
-    exec(compile(source.replace(marker, "pass  # dropped:"), "<two_shot_reduce variant>", "exec"), namespace)
-    return namespace["two_shot_reduce"]
-
-
 @pytest.mark.parametrize("marker, hazard", [
     ("yield b.cluster_sync()  # every row is staged", sim.DataRace),
     ("yield b.cluster_sync()  # every chunk is reduced", sim.DataRace),
@@ -289,4 +279,4 @@ def test_each_two_shot_barrier_is_needed(marker, hazard):
     x = random_rows(5, 4, 40, "float32")
     sim.launch(sim_reduce.two_shot_reduce, 4, x, np.empty_like(x), np.add)  # as written: clean
     with pytest.raises(hazard):
-        sim.launch(two_shot_without(marker), 4, x, np.empty_like(x), np.add)
+        sim.launch(without_line(sim_reduce.two_shot_reduce, marker), 4, x, np.empty_like(x), np.add)
