@@ -39,6 +39,18 @@ def test_reduce_equals_simulator_bit_for_bit(algorithm, op, dtype):
             assert_same_bits(primitives.to_numpy(out), expected, f"{algorithm} {op} {dtype} N={size} n={n}")
 
 
+@pytest.mark.parametrize("size", (2, 3, 5, 8, 16))
+def test_two_shot_equals_simulator_when_each_thread_runs_several_rounds(size):
+    """n = 20003: in both of two_shot's steps each thread runs two rounds of its LOADS_IN_FLIGHT
+    loads (the reduce-scatter's rounds hold LOADS_IN_FLIGHT // N quads, so N = 3 and 5 leave
+    loads unused), plus the row's tail of 3 elements."""
+    rng = np.random.default_rng()
+    x = random_rows(rng, size, 20003, "float32")
+    expected, _ = simulator.cluster_reduce(x, op="sum", algorithm="two_shot")
+    out = primitives.cluster_reduce(x, op="sum", algorithm="two_shot", out=poisoned(x.shape, "float32"))
+    assert_same_bits(primitives.to_numpy(out), expected, f"two_shot N={size} n=20003")
+
+
 @pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
 @pytest.mark.parametrize("op", simulator.OPS)
 def test_steady_reduce_equals_simulator_bit_for_bit(op, dtype):

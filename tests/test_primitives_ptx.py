@@ -30,6 +30,7 @@ def signature(storage):
 def check(ptx, algorithm):
     for instruction in ("barrier.cluster.arrive", "barrier.cluster.wait", *EXPECTED[algorithm]):
         assert instruction in ptx, f"{algorithm}: {instruction} missing from the PTX"
+    assert "st.local" not in ptx, f"{algorithm}: a register array went to local memory"
     assembly = assemble(ptx)
     assert assembly.spill_bytes == 0, assembly.log
 

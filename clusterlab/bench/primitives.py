@@ -26,9 +26,9 @@ One run measures, on the same GPU in the same process:
   per thread) and ``bulk_split`` (bulk gather in 4 KiB copies issued by many threads).
 
 Sizes: cluster sizes 1, 2, 3, 4, 6, 8, 16; messages of 64 B to 64 KiB per block; float32 and
-float16. Reduce device functions work on float32 rows in shared memory, so a float16 reduce of
-``B`` bytes is timed per operation on ``B / 2`` float32 elements (``working_bytes`` in the
-records); gathers move the float16 bits as they are. Points whose shared memory exceeds a block's
+bfloat16 (float16 on request). Reduce device functions work on float32 rows in shared memory, so
+a 16-bit reduce of ``B`` bytes is timed per operation on ``B / 2`` float32 elements
+(``working_bytes`` in the records); gathers move the 16-bit patterns as they are. Points whose shared memory exceeds a block's
 227 KiB are recorded as skipped, with the bytes they need.
 
 Configurations, both with 256 threads per block and every block alone on its SM (dynamic shared
@@ -71,9 +71,11 @@ from . import kernels, report, timing
 
 CLUSTER_SIZES = (1, 2, 3, 4, 6, 8, 16)
 MESSAGE_BYTES = tuple(64 << k for k in range(11))  # 64 B .. 64 KiB per block
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+#: What a sweep times unless told otherwise.
+DEFAULT_DTYPES = ("float32", "bfloat16")
 CONFIGS = ("one", "chip")
-ITEMSIZE = {"float32": 4, "float16": 2}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 #: Dynamic shared memory every benchmark block asks for at least: over half of an SM's 228 KiB,
 #: so each block has its SM to itself.
@@ -88,7 +90,8 @@ TARGET_RUN_US = 300.0
 #: Launches per graph when a per-operation cost comes from graphs of back-to-back launches.
 GRAPH_CHAIN = 32
 #: Normwise relative error a checked reduce may have (sums of at most 16 terms vs float64).
-TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
+#: bfloat16 keeps 8 significant bits: one rounding of the float32 result is 2^-9 relative at most.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-3, "float16": 2e-3}
 #: Reduce implementations whose kernels spin on flags, timed after everything else (see :func:`_tasks`).
 SPINNING = ("global_grid_barrier", "direct_push")
 
@@ -124,11 +127,11 @@ class _Skip(Exception):
 def _torch_dtype(dtype: str):
     import torch
 
-    return {"float32": torch.float32, "float16": torch.float16}[dtype]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def _storage(tensor):
-    """What the kernels take: float32 as is, float16 as its uint16 bit patterns."""
+    """What the kernels take: float32 as is, float16/bfloat16 as their uint16 bit patterns."""
     import torch
 
     return tensor if tensor.dtype == torch.float32 else tensor.view(torch.uint16)
@@ -504,7 +507,7 @@ def _progress(tasks, enabled: bool):
 def run_primitives_bench(
     cluster_sizes=CLUSTER_SIZES,
     message_bytes=MESSAGE_BYTES,
-    dtypes=DTYPES,
+    dtypes=DEFAULT_DTYPES,
     configs=CONFIGS,
     repeats: int = 7,
     out_dir: str | Path = "benchmarks/results",
@@ -515,7 +518,7 @@ def run_primitives_bench(
     """Run the sweep on GPU 0; write ``primitives_<tag>.json`` and ``primitives_*_<tag>.png`` into ``out_dir``.
 
     ``cluster_sizes`` (1..16), ``message_bytes`` (bytes per block, multiples of 16),
-    ``dtypes`` (``float32``/``float16``) and ``configs`` (``one``/``chip``) span the sweep;
+    ``dtypes`` (``float32``/``bfloat16``/``float16``) and ``configs`` (``one``/``chip``) span the sweep;
     ``repeats`` (>= 5) timings give each figure's median and spread. Prints the tables and
     returns the results dict (the JSON's content; ``report`` reads it back). ``tag`` defaults to
     the card's (:func:`~clusterlab.bench.timing.card_tag`: ``h200`` on an NVIDIA H200).
@@ -587,7 +590,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clusterlab.bench.primitives", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cluster", type=int, nargs="+", default=list(CLUSTER_SIZES), help="cluster sizes")
     parser.add_argument("--bytes", type=int, nargs="+", default=list(MESSAGE_BYTES), help="message bytes per block")
-    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES), choices=DTYPES)
     parser.add_argument("--config", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out-dir", default="benchmarks/results")

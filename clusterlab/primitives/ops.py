@@ -9,9 +9,12 @@ Storage: float32 rows travel as float32; float16 and bfloat16 rows travel as the
 in uint16 arrays (numba has no bfloat16 arrays) and are widened with ``cvt`` when staged.
 """
 
-from numba import cuda
+import functools
+
+from numba import cuda, float32
 
 from .. import ptx
+from ..simulator import MAX_CLUSTER_SIZE
 
 
 @cuda.jit(device=True, inline=True)
@@ -34,6 +37,33 @@ def op_min(left, right):
 
 
 OPERATORS = {"sum": op_sum, "max": op_max, "min": op_min}
+
+
+@functools.cache
+def rank_fold(op: str):
+    """``fold(shared, i, size)``: element ``i`` of ``shared`` of every block, combined in rank order 0..N-1.
+
+    The fold of ``direct`` (the simulator's ``acc = rows[0]; acc = op(acc, rows[s])`` for s = 1..N-1).
+    ``shared``: a shared float32 array at the same offset in every block; ``size``: cluster_size().
+    All N remote loads are issued before the first combine, so they travel together (one round
+    trip of the cluster network, not N): the loop runs to :data:`MAX_CLUSTER_SIZE` with the ranks
+    past N predicated off, so it unrolls and ``pulled`` stays in registers.
+    """
+    combine = OPERATORS[op]
+
+    @cuda.jit(device=True, inline=True)
+    def fold(shared, i, size):
+        pulled = cuda.local.array(MAX_CLUSTER_SIZE, float32)
+        for s in range(MAX_CLUSTER_SIZE):
+            if s < size:
+                pulled[s] = ptx.remote_load(shared, i, s)
+        acc = pulled[0]
+        for s in range(1, MAX_CLUSTER_SIZE):
+            if s < size:
+                acc = combine(acc, pulled[s])
+        return acc
+
+    return fold
 
 
 @cuda.jit(device=True, inline=True)

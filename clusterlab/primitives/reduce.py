@@ -58,11 +58,12 @@ from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import widest_chunk
-from .ops import CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, ring_chunk
+from .ops import CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, rank_fold, ring_chunk
 
-#: Quads (16 bytes) a thread of ``two_shot`` has in flight: it issues the loads of that many quads
-#: before using any, as the DSMEM bandwidth floor's kernel does (``bench.kernels.dsmem_read_stream``).
-QUADS_IN_FLIGHT = 4
+#: 16-byte remote loads a thread of ``two_shot`` issues before using any (as the DSMEM bandwidth
+#: floor's kernel does, ``bench.kernels.dsmem_read_stream``): in the reduce-scatter, every rank's
+#: quad of LOADS_IN_FLIGHT // N quads; in the all-gather, LOADS_IN_FLIGHT quads.
+LOADS_IN_FLIGHT = 16
 #: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
 MBARRIER_BYTES = 16
 FLOAT32_BYTES = 4
@@ -111,7 +112,8 @@ def reduce_device_function(algorithm: str, op: str):
     check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
     check_choice("op", op, tuple(OPERATORS))
     combine = OPERATORS[op]
-    IN_FLIGHT_WORDS = 4 * QUADS_IN_FLIGHT  # float32 of the quads a two_shot thread has in flight
+    fold = rank_fold(op)
+    PULLED_WORDS = 4 * LOADS_IN_FLIGHT  # float32 of the quads a two_shot thread has in flight
 
     @cuda.jit(device=True)
     def direct_reduce(staged, work, n, iteration):
@@ -119,10 +121,7 @@ def reduce_device_function(algorithm: str, op: str):
         size = ptx.cluster_size()
         ptx.cluster_sync()
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            acc = ptx.remote_load(staged, i, 0)
-            for s in range(1, size):
-                acc = combine(acc, ptx.remote_load(staged, i, s))
-            work[i] = acc
+            work[i] = fold(staged, i, size)
         ptx.cluster_sync()  # peers may still be reading staged until here
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             staged[i] = work[i]
@@ -234,46 +233,50 @@ def reduce_device_function(algorithm: str, op: str):
 
     @cuda.jit(device=True)
     def two_shot_reduce(staged, work, n, iteration):
-        """Reduce-scatter then all-gather in one step each, 16 bytes a remote load, each thread
-        :data:`QUADS_IN_FLIGHT` quads at a time; 3 cluster barriers."""
+        """Reduce-scatter then all-gather in one step each, 16 bytes a remote load,
+        :data:`LOADS_IN_FLIGHT` loads in flight per thread (their 64 words take registers: call it
+        from blocks of at most 512 threads); 3 cluster barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
         result = 0  # work = result [n]: result[i] is work[result + i]
         stride = cuda.blockDim.x
+        pulled = cuda.local.array(PULLED_WORDS, float32)  # load j's quad: pulled[4 j .. 4 j + 3]
         ptx.cluster_sync()  # every row is staged
         lo = two_shot_chunk_start(rank, n, size)
         hi = two_shot_chunk_start(rank + 1, n, size)
         quads = (hi - lo) // 4  # whole quads of the chunk; the row's tail (last chunk only) one by one
-        acc = cuda.local.array(IN_FLIGHT_WORDS, float32)
-        pulled = cuda.local.array(IN_FLIGHT_WORDS, float32)
-        for first in range(cuda.threadIdx.x, quads, QUADS_IN_FLIGHT * stride):
-            for s in range(size):
-                for u in range(QUADS_IN_FLIGHT):  # every load of the step before any add
-                    if first + u * stride < quads:
-                        at = lo + 4 * (first + u * stride)
-                        pulled[4 * u], pulled[4 * u + 1], pulled[4 * u + 2], pulled[4 * u + 3] = \
-                            ptx.remote_load_v4_f32(staged, at, s)
-                for k in range(IN_FLIGHT_WORDS):
-                    acc[k] = pulled[k] if s == 0 else combine(acc[k], pulled[k])
-            for u in range(QUADS_IN_FLIGHT):
-                if first + u * stride < quads:
-                    at = lo + 4 * (first + u * stride)
-                    for k in range(4):
-                        work[result + at + k] = acc[4 * u + k]
+        batch = LOADS_IN_FLIGHT // size  # quads a thread folds per round: all N ranks of each in flight
+        for first in range(cuda.threadIdx.x, quads, batch * stride):
+            for j in range(LOADS_IN_FLIGHT):  # load j: rank j % N of the thread's quad j // N
+                q = first + (j // size) * stride
+                if j < batch * size and q < quads:
+                    pulled[4 * j], pulled[4 * j + 1], pulled[4 * j + 2], pulled[4 * j + 3] = \
+                        ptx.remote_load_v4_f32(staged, lo + 4 * q, j % size)
+            a0 = a1 = a2 = a3 = float32(0)
+            for j in range(LOADS_IN_FLIGHT):  # the direct fold of each quad, rank by rank
+                q = first + (j // size) * stride
+                if j < batch * size and q < quads:
+                    if j % size == 0:
+                        a0, a1, a2, a3 = pulled[4 * j], pulled[4 * j + 1], pulled[4 * j + 2], pulled[4 * j + 3]
+                    else:
+                        a0 = combine(a0, pulled[4 * j])
+                        a1 = combine(a1, pulled[4 * j + 1])
+                        a2 = combine(a2, pulled[4 * j + 2])
+                        a3 = combine(a3, pulled[4 * j + 3])
+                    if j % size == size - 1:
+                        at = result + lo + 4 * q
+                        work[at], work[at + 1], work[at + 2], work[at + 3] = a0, a1, a2, a3
         for j in range(lo + 4 * quads + cuda.threadIdx.x, hi, stride):
-            one = ptx.remote_load(staged, j, 0)
-            for s in range(1, size):
-                one = combine(one, ptx.remote_load(staged, j, s))
-            work[result + j] = one
+            work[result + j] = fold(staged, j, size)
         ptx.cluster_sync()  # every chunk is reduced; nobody reads staged any more
-        whole = n // 4  # every whole quad from its owner, QUADS_IN_FLIGHT at a time; then the tail
-        for first in range(cuda.threadIdx.x, whole, QUADS_IN_FLIGHT * stride):
-            for u in range(QUADS_IN_FLIGHT):
+        whole = n // 4  # every whole quad from its owner, LOADS_IN_FLIGHT at a time; then the tail
+        for first in range(cuda.threadIdx.x, whole, LOADS_IN_FLIGHT * stride):
+            for u in range(LOADS_IN_FLIGHT):
                 q = first + u * stride
                 if q < whole:
                     pulled[4 * u], pulled[4 * u + 1], pulled[4 * u + 2], pulled[4 * u + 3] = \
                         ptx.remote_load_v4_f32(work, result + 4 * q, two_shot_owner(q, n, size))
-            for u in range(QUADS_IN_FLIGHT):
+            for u in range(LOADS_IN_FLIGHT):
                 q = first + u * stride
                 if q < whole:
                     for k in range(4):
@@ -322,7 +325,7 @@ def steady_shared_bytes(n: int) -> int:
 def steady_reduce_device_function(op: str):
     """``direct_steady_reduce(staged, result, n, k)`` with operator ``op`` (see the module docstring)."""
     check_choice("op", op, tuple(OPERATORS))
-    combine = OPERATORS[op]
+    fold = rank_fold(op)
 
     @cuda.jit(device=True)
     def direct_steady_reduce(staged, result, n, k):
@@ -331,10 +334,7 @@ def steady_reduce_device_function(op: str):
         buffer = (k % 2) * n  # staged[buffer, i] is staged[buffer + i]
         ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            acc = ptx.remote_load(staged, buffer + i, 0)
-            for s in range(1, size):
-                acc = combine(acc, ptx.remote_load(staged, buffer + i, s))
-            result[i] = acc
+            result[i] = fold(staged, buffer + i, size)
         cuda.syncthreads()
 
     return direct_steady_reduce
