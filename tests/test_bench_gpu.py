@@ -9,7 +9,7 @@ from clusterlab import launch, simulator
 from clusterlab.bench import kernels, run_primitives_bench
 from clusterlab.primitives.gather import gather_stride
 from clusterlab.primitives.host import THREADS_PER_BLOCK
-from clusterlab.primitives.reduce import steady_shared_bytes, work_offset
+from clusterlab.primitives.reduce import steady_result_offset, steady_shared_bytes
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +35,7 @@ def test_steady_reduce_loop_equals_repeated_direct_folds(size, reps):
     out = torch.full(x.shape, float("nan"), device="cuda")
     launch(kernels.direct_1barrier_loop, grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
            shared_bytes=steady_shared_bytes(301), non_portable=size > 8)(torch.from_numpy(x).cuda(), out, 301,
-                                                                         work_offset(2 * 301), reps)
+                                                                         steady_result_offset(301), reps)
     np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
 
 

@@ -165,7 +165,8 @@ def direct_1barrier_loop(x, out, n, result_offset, reps):
 
     ``x``, ``out``: float32 [blocks, n]; dynamic shared memory as for
     :func:`~clusterlab.primitives.reduce.steady_reduce_kernel` (``steady_shared_bytes(n)``):
-    ``staged`` [2, n] at 0, ``result`` [n] at ``result_offset``. Operation k pulls buffer k % 2 of
+    ``staged`` [2, result_offset / 2] at 0, ``result`` [n] at ``result_offset``
+    (``steady_result_offset(n)``). Operation k pulls buffer k % 2 of
     every block (the ``direct`` fold, ranks 0..N-1 in order); the block copies its result into
     buffer (k + 1) % 2, as a caller stages its next input::
 
@@ -175,14 +176,14 @@ def direct_1barrier_loop(x, out, n, result_offset, reps):
     alive until no peer reads it. Bit for bit the result of ``reps`` calls of ``direct``.
     """
     smem = cuda.shared.array(0, dtype=np.float32, alignment=16)
-    staged = smem[: 2 * n]
+    staged = smem[:result_offset]
     result = smem[result_offset:]
     row = cuda.blockIdx.x
     for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
         staged[i] = x[row, i]
     for it in range(reps):
         _steady_sum(staged, result, n, it)
-        following = ((it + 1) % 2) * n
+        following = ((it + 1) % 2) * (result_offset // 2)
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             staged[following + i] = result[i]
     ptx.cluster_sync()  # peers may still be reading the last operation's buffer

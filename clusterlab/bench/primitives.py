@@ -13,9 +13,11 @@ One run measures, on the same GPU in the same process:
   kernel (load rows from global memory, exchange, store), timed alone;
 - **baselines**: the same reduction through global memory -- kernel 1 writes each block's row,
   kernel 2 (after the kernel boundary) folds the rows of its group; per operation as a graph of
-  chained fold kernels and as one kernel with a software grid barrier per operation -- and
-  ``torch.sum`` of the ``[clusters, N, n]`` tensor over N (per operation: a graph of sums of the
-  same tensor, so it reads from L2 once the tensor fits there);
+  chained fold kernels and as one kernel with a software grid barrier per operation; every block
+  ends with the full result of its group of N, as with the cluster reduce -- and, for scale only,
+  ``torch.sum`` of the ``[clusters, N, n]`` tensor over N: one reduced row per cluster written to
+  a separate ``[clusters, n]`` tensor, not a copy on every block, so not the same operation (per
+  operation: a graph of sums of the same tensor, so it reads from L2 once the tensor fits there);
 - **the steady-state reduce** ``direct_1barrier``: the library's
   :func:`~clusterlab.primitives.reduce.steady_reduce_device_function` (double-buffered direct
   reduce, one cluster barrier per operation; the contract of back-to-back reduces), per operation
@@ -28,8 +30,8 @@ One run measures, on the same GPU in the same process:
 Sizes: cluster sizes 1, 2, 3, 4, 6, 8, 16; messages of 64 B to 64 KiB per block; float32 and
 bfloat16 (float16 on request). Reduce device functions work on float32 rows in shared memory, so
 a 16-bit reduce of ``B`` bytes is timed per operation on ``B / 2`` float32 elements
-(``working_bytes`` in the records); gathers move the 16-bit patterns as they are. Points whose shared memory exceeds a block's
-227 KiB are recorded as skipped, with the bytes they need.
+(``working_bytes`` in the records); gathers move the 16-bit patterns as they are. Points whose
+shared memory exceeds a block's 227 KiB are recorded as skipped, with the bytes they need.
 
 Configurations, both with 256 threads per block and every block alone on its SM (dynamic shared
 memory padded to 116 KiB, more than half an SM's 228 KiB): ``one`` -- a single cluster; ``chip``
@@ -46,7 +48,11 @@ fresh standard-normal data. Method: :mod:`clusterlab.bench.timing` (CUDA events,
 of ``repeats`` >= 5, min-max spread).
 
 Results: ``primitives_<tag>.json`` (written after each section, so an interrupted run keeps what
-it measured), ``primitives_*_<tag>.png`` (:mod:`clusterlab.bench.report`) and tables on stdout.
+it measured), ``primitives_*_<tag>.png`` (:mod:`clusterlab.bench.report`) and tables on stdout,
+with the targets (:data:`~clusterlab.bench.report.TARGETS`: the fastest public reduce against one
+cluster barrier and the DSMEM read peak, the fastest public gather against that peak) and the
+comparison with the same all-reduce through global memory
+(:func:`~clusterlab.bench.report.global_comparison`).
 Run directly: ``python -m clusterlab.bench.primitives --out-dir benchmarks/results``.
 """
 
@@ -65,7 +71,7 @@ from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
 from ..primitives.host import THREADS_PER_BLOCK
-from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_shared_bytes, work_offset
+from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_result_offset, steady_shared_bytes, work_offset
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
 from . import kernels, report, timing
 
@@ -279,7 +285,7 @@ class PrimitivesBench:
         elif implementation == "direct_1barrier":
             shared_bytes = reduce_shared_bytes(implementation, n, size)
             step = self.launcher(kernels.direct_1barrier_loop, blocks, size, shared_bytes)
-            run = functools.partial(step, x, out, n, work_offset(2 * n))
+            run = functools.partial(step, x, out, n, steady_result_offset(n))
         elif implementation == "direct_push":
             failed = torch.zeros(1, dtype=torch.int32, device="cuda")
             step = self.launcher(kernels.direct_push_loop, blocks, size, reduce_shared_bytes(implementation, n, size))

@@ -10,8 +10,9 @@ Records (``results["measurements"]``) are flat dicts: ``primitive`` (reduce / ga
 ``config`` (one / chip), ``cluster_size``, ``dtype``, ``message_bytes``, ``n``, and either
 ``latency_us`` (a :class:`~clusterlab.bench.timing.Stat` as a dict; per-op records may add
 ``bus_bandwidth_bytes_per_s``) or ``skipped`` / ``error`` with the reason. ``floors`` holds the
-``barrier``, ``launch``, ``dsmem_read`` and ``copy`` records; ``targets``, ``choice`` and
-``barriers_per_op`` are derived from the records by :func:`complete`.
+``barrier``, ``launch``, ``dsmem_read`` and ``copy`` records; ``targets`` (:data:`TARGETS`),
+``global_comparison``, ``choice`` and ``barriers_per_op`` are derived from the records by
+:func:`complete`.
 """
 
 from __future__ import annotations
@@ -28,30 +29,40 @@ from .timing import Stat, card_tag, write_json
 
 SCHEMA = "clusterlab.bench.primitives/1"
 
+#: The public steady-state reduce: :func:`clusterlab.primitives.reduce.steady_reduce_device_function`
+#: (double-buffered direct reduce), timed per operation only, with its cluster barriers per operation.
+REDUCE_STEADY = {"direct_1barrier": 1}
+#: The reduce of the public contract: the host API's algorithms and the steady-state reduce.
+REDUCE_PUBLIC = (*simulator.REDUCE_ALGORITHMS, *REDUCE_STEADY)
 #: Benchmark-only implementations (not in clusterlab.primitives), each with its cluster barriers
 #: per operation in steady state.
-REDUCE_VARIANTS = {"direct_1barrier": 1, "direct_push": 0}
+REDUCE_VARIANTS = {"direct_push": 0}
 GATHER_VARIANTS = {"direct_v4": 2, "bulk_split": 2}
 VARIANTS = (*REDUCE_VARIANTS, *GATHER_VARIANTS)
-#: The global-memory baselines of the reduce.
+#: The global-memory baselines of the reduce: every block ends with the full result of its group
+#: of N, as with the cluster reduce.
 GLOBAL = ("global_kernel_boundary", "global_grid_barrier")
 #: What the sweep times per operation, in the order of the tables and plots.
-REDUCE_PER_OP = (*simulator.REDUCE_ALGORITHMS, *REDUCE_VARIANTS, *GLOBAL, "torch")
+REDUCE_PER_OP = (*REDUCE_PUBLIC, *REDUCE_VARIANTS, *GLOBAL, "torch")
 GATHER_PER_OP = (*simulator.GATHER_ALGORITHMS, *GATHER_VARIANTS)
 #: What the sweep times as a single launch (one graph replay): the host API's kernels and baselines.
 REDUCE_SINGLE_LAUNCH = (*simulator.REDUCE_ALGORITHMS, "global_kernel_boundary", "torch")
 GATHER_SINGLE_LAUNCH = simulator.GATHER_ALGORITHMS
 
 #: Target thresholds.
-REDUCE_BARRIER_RATIO = 1.5  # per-op reduce of 1 KiB <= 1.5 x one cluster barrier
-REDUCE_GLOBAL_SPEEDUP = 5.0  # global-memory exchange / cluster reduce >= 5
-GATHER_PEAK_FRACTION = 0.8  # gather bus bandwidth >= 80% of the DSMEM read peak
-TARGET_MESSAGE_BYTES = 1024
-TARGET_MAX_CLUSTER = 8
+SMALL_MESSAGE_BYTES = 2048  # small_reduce_vs_barrier: float32 messages up to this many bytes per block
+LARGE_MESSAGE_BYTES = 16384  # large_reduce_vs_dsmem_bound, gather_vs_dsmem_peak: messages from this size
+REDUCE_BARRIER_RATIO = 3.0  # fastest public reduce per op <= 3 bare cluster barriers, N <= SMALL_CLUSTER_MAX
+REDUCE_BARRIER_RATIO_LARGE_CLUSTER = 5.0  # the same, N > SMALL_CLUSTER_MAX
+SMALL_CLUSTER_MAX = 8
+REDUCE_PEAK_FRACTION = 0.7  # reduce bus bandwidth >= 70% of the DSMEM read peak
+GATHER_PEAK_FRACTION = 0.9  # gather bus bandwidth >= 90% of the DSMEM read peak
 #: A figure is trusted when its repeats agree: all positive, max - min within half the median.
 #: Others stay in the results but get no verdict and no point in the plots, and a choice-table
 #: point with one borrows the ranking of a neighbouring message size.
 RELIABLE_SPREAD = 0.5
+#: The dtype whose gathers rank each element size in the choice table, most preferred first.
+CHOICE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def reliable(stat: Stat | None) -> bool:
@@ -60,7 +71,7 @@ def reliable(stat: Stat | None) -> bool:
 
 
 def family(implementation: str) -> str:
-    """cluster (a clusterlab primitive), variant, global or torch."""
+    """cluster (a clusterlab primitive, the steady-state reduce included), variant, global or torch."""
     if implementation in VARIANTS:
         return "variant"
     if implementation in GLOBAL:
@@ -73,8 +84,8 @@ def family(implementation: str) -> str:
 def barrier_counts(cluster_sizes) -> dict:
     """Cluster barriers per call of every algorithm, counted on the simulator's trace (block 0).
 
-    ``{"reduce": {algorithm: {"N": barriers}}, "gather": {...}}``; the variants' counts are
-    their steady-state barriers per operation.
+    ``{"reduce": {algorithm: {"N": barriers}}, "gather": {...}}``; the steady-state reduce's and
+    the variants' counts are their barriers per operation in steady state.
     """
     counts: dict = {"reduce": {}, "gather": {}}
     for primitive, algorithms, run in (
@@ -88,7 +99,7 @@ def barrier_counts(cluster_sizes) -> dict:
                 per_size[str(size)] = sum(
                     1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0
                 )
-    for primitive, variants in (("reduce", REDUCE_VARIANTS), ("gather", GATHER_VARIANTS)):
+    for primitive, variants in (("reduce", {**REDUCE_STEADY, **REDUCE_VARIANTS}), ("gather", GATHER_VARIANTS)):
         for variant, barriers in variants.items():
             counts[primitive][variant] = {str(s): barriers for s in cluster_sizes}
     return counts
@@ -155,15 +166,33 @@ def _choice_config(results: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-#: What each target compares.
+#: What each target compares; every figure is per operation, at the same cluster size N >= 2 and
+#: configuration as the floor it is compared with.
 TARGETS = {
-    "reduce_vs_barrier": "reduce of 1 KiB float32 per block, per operation / one bare cluster barrier, <= 1.5",
-    "reduce_vs_global_per_op": "global-memory exchange per operation / cluster reduce per operation (1 KiB), >= 5",
-    "reduce_vs_global_single_launch": "global-memory pair (2 launches) / host-API reduce kernel, one graph replay "
-    "each (1 KiB), >= 5",
-    "gather_vs_dsmem_peak": "gather bus bandwidth at the largest message that fits / peak DSMEM read bandwidth "
-    "(same N and configuration), >= 0.8",
+    "small_reduce_vs_barrier": "fastest public reduce (the host API's algorithms and the steady-state reduce "
+    f"direct_1barrier), float32 messages up to {SMALL_MESSAGE_BYTES} B per block / one bare cluster barrier, "
+    f"<= {REDUCE_BARRIER_RATIO:g} at N <= {SMALL_CLUSTER_MAX}, <= {REDUCE_BARRIER_RATIO_LARGE_CLUSTER:g} above",
+    "large_reduce_vs_dsmem_bound": "bus bandwidth of the fastest public reduce, float32 messages from "
+    f"{LARGE_MESSAGE_BYTES // 1024} KiB per block / peak DSMEM read bandwidth, >= {REDUCE_PEAK_FRACTION:g}",
+    "gather_vs_dsmem_peak": "bus bandwidth of the fastest public gather (the host API's algorithms), messages "
+    f"from {LARGE_MESSAGE_BYTES // 1024} KiB per block (the largest timed one where none of them fits) / peak "
+    f"DSMEM read bandwidth, >= {GATHER_PEAK_FRACTION:g}",
 }
+#: What :func:`global_comparison` compares (a comparison, not a target), and why ``torch`` is not in it.
+GLOBAL_COMPARISON = (
+    "reduce_vs_global: the same all-reduce through global memory, every block ending with the full result "
+    "of its group of N; per operation, the faster of global_kernel_boundary and global_grid_barrier / the "
+    "fastest public reduce; as a single launch (one graph replay), the global_kernel_boundary pair / the "
+    "fastest host-API kernel; float32, N >= 2. The sweep's torch column is torch.sum of the [clusters, N, n] "
+    "tensor over N: one reduced row per cluster (not a copy on every block) written to a separate "
+    "[clusters, n] tensor, and per operation it reads an input that stays in L2; not the same operation, "
+    "shown for scale only"
+)
+
+
+def reduce_barrier_threshold(cluster_size: int) -> float:
+    """The most bare cluster barriers a small public reduce may cost at this cluster size."""
+    return REDUCE_BARRIER_RATIO if cluster_size <= SMALL_CLUSTER_MAX else REDUCE_BARRIER_RATIO_LARGE_CLUSTER
 
 
 def _target(name, passed, value, threshold, stats, **fields) -> dict:
@@ -173,92 +202,100 @@ def _target(name, passed, value, threshold, stats, **fields) -> dict:
             "threshold": threshold, **fields}
 
 
-def _best(results: dict, algorithms, **criteria) -> tuple[str, Stat] | None:
-    """The algorithm with the lowest reliable median here, and its figure."""
-    timed = [(a, latency(results, implementation=a, **criteria)) for a in algorithms]
-    timed = [(a, s) for a, s in timed if reliable(s)]
-    return min(timed, key=lambda item: item[1].median, default=None)
+def _best(results: dict, implementations, **criteria) -> tuple[str, Stat] | None:
+    """The implementation with the lowest median here, and its figure.
+
+    Only reliable figures compete; when none here is, the lowest noisy one stands (so its row
+    gets no verdict rather than no row).
+    """
+    timed = [(i, latency(results, implementation=i, **criteria)) for i in implementations]
+    timed = [(i, s) for i, s in timed if s is not None]
+    return min([t for t in timed if reliable(t[1])] or timed, key=lambda item: item[1].median, default=None)
+
+
+def _versus_peak(name, threshold, winner, found, peak, **fields) -> dict:
+    """A target row: bus bandwidth of ``found`` (the record of ``winner``) / the DSMEM read ``peak``."""
+    fraction = found["bus_bandwidth_bytes_per_s"]["median"] / peak["bandwidth_bytes_per_s"]["median"]
+    return _target(
+        name, fraction >= threshold, fraction, threshold, (winner[1], Stat.from_dict(peak["pass_us"])),
+        **fields, message_bytes=found["message_bytes"], implementation=winner[0],
+        bus_bandwidth_bytes_per_s=found["bus_bandwidth_bytes_per_s"], peak_bytes_per_s=peak["bandwidth_bytes_per_s"],
+        peak_threads=peak["threads"], peak_pattern=peak["pattern"],
+    )
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """Every target figure, passed or missed, with what it compares (see the module docstring of primitives)."""
+    """Every row of every target (:data:`TARGETS`), passed, missed or noisy, with what it compares."""
     out = []
-    sizes = results["settings"]["cluster_sizes"]
-    barriers = results.get("barriers_per_op") or barrier_counts(sizes)
-    one_kib = {"primitive": "reduce", "dtype": "float32", "message_bytes": TARGET_MESSAGE_BYTES}
+    message_bytes = results["settings"]["message_bytes"]
     for config in _configs(results):
-        for size in sizes:
+        for size in [s for s in results["settings"]["cluster_sizes"] if s > 1]:
+            point = {"config": config, "cluster_size": size}
             floor = barrier_floor(results, config, size)
-            if size <= TARGET_MAX_CLUSTER and floor is not None:
-                for algorithm in (*simulator.REDUCE_ALGORITHMS, *REDUCE_VARIANTS):
-                    op = latency(results, method="per_op", implementation=algorithm, config=config,
-                                 cluster_size=size, **one_kib)
-                    if op is None:
-                        continue
-                    count = barriers["reduce"][algorithm][str(size)]
-                    ratio = op.median / floor.median
-                    out.append(_target(
-                        "reduce_vs_barrier", ratio <= REDUCE_BARRIER_RATIO, ratio,
-                        REDUCE_BARRIER_RATIO, (op, floor), config=config, cluster_size=size, implementation=algorithm,
-                        per_op_us=op.as_dict(), barrier_us=floor.as_dict(), barriers_per_op=count,
-                        per_barrier_ratio=op.median / (count * floor.median) if count else None,
-                    ))
-            best = _best(results, simulator.REDUCE_ALGORITHMS, method="per_op", config=config, cluster_size=size,
-                         **one_kib)
-            sides = [("best", *(best or (None, None)))] + [
-                ("variant", v, latency(results, method="per_op", implementation=v, config=config, cluster_size=size,
-                                       **one_kib))
-                for v in REDUCE_VARIANTS
-            ]
-            for side, name, cluster in sides:
-                if cluster is None:
+            peak = dsmem_peak(results, config, size)
+            for nbytes in message_bytes:
+                reduce = {**point, "primitive": "reduce", "method": "per_op", "dtype": "float32",
+                          "message_bytes": nbytes}
+                winner = _best(results, REDUCE_PUBLIC, **reduce)
+                if winner is None:
                     continue
-                for baseline in GLOBAL:
-                    other = latency(results, method="per_op", implementation=baseline, config=config, cluster_size=size,
-                                    **one_kib)
-                    if other is None:
-                        continue
-                    speedup = other.median / cluster.median
+                if nbytes <= SMALL_MESSAGE_BYTES and floor is not None:
+                    ratio = winner[1].median / floor.median
+                    threshold = reduce_barrier_threshold(size)
                     out.append(_target(
-                        "reduce_vs_global_per_op", speedup >= REDUCE_GLOBAL_SPEEDUP,
-                        speedup, REDUCE_GLOBAL_SPEEDUP, (cluster, other), config=config, cluster_size=size,
-                        implementation=name, side=side, baseline=baseline, cluster_us=cluster.as_dict(),
-                        baseline_us=other.as_dict(),
+                        "small_reduce_vs_barrier", ratio <= threshold, ratio, threshold, (winner[1], floor),
+                        **point, message_bytes=nbytes, implementation=winner[0], per_op_us=winner[1].as_dict(),
+                        barrier_us=floor.as_dict(),
                     ))
-            single = _best(results, simulator.REDUCE_ALGORITHMS, method="single_launch", config=config,
-                           cluster_size=size, **one_kib)
-            pair = latency(results, method="single_launch", implementation="global_kernel_boundary", config=config,
-                           cluster_size=size, **one_kib)
-            if single is not None and pair is not None:
-                speedup = pair.median / single[1].median
-                out.append(_target(
-                    "reduce_vs_global_single_launch", speedup >= REDUCE_GLOBAL_SPEEDUP, speedup, REDUCE_GLOBAL_SPEEDUP,
-                    (single[1], pair), config=config,
-                    cluster_size=size, implementation=single[0], side="best", baseline="global_kernel_boundary",
-                    cluster_us=single[1].as_dict(), baseline_us=pair.as_dict(),
-                ))
-            peak = dsmem_peak(results, config, size) if size > 1 else None
+                if nbytes >= LARGE_MESSAGE_BYTES and peak is not None:
+                    found = record(results, implementation=winner[0], **reduce)
+                    out.append(_versus_peak("large_reduce_vs_dsmem_bound", REDUCE_PEAK_FRACTION, winner, found, peak,
+                                            **point))
             if peak is None:
                 continue
             for dtype in results["settings"]["dtypes"]:
-                for algorithm in GATHER_PER_OP:
-                    found = records(results, primitive="gather", method="per_op", implementation=algorithm,
-                                    config=config, cluster_size=size, dtype=dtype)
-                    found = [r for r in found if "bus_bandwidth_bytes_per_s" in r]
-                    if not found:
+                gather = {**point, "primitive": "gather", "method": "per_op", "dtype": dtype}
+                timed = sorted({
+                    r["message_bytes"] for a in simulator.GATHER_ALGORITHMS
+                    for r in records(results, implementation=a, **gather) if "bus_bandwidth_bytes_per_s" in r
+                })
+                for nbytes in [b for b in timed if b >= LARGE_MESSAGE_BYTES] or timed[-1:]:
+                    winner = _best(results, simulator.GATHER_ALGORITHMS, message_bytes=nbytes, **gather)
+                    found = record(results, implementation=winner[0], message_bytes=nbytes, **gather)
+                    out.append(_versus_peak("gather_vs_dsmem_peak", GATHER_PEAK_FRACTION, winner, found, peak,
+                                            **point, dtype=dtype))
+    return out
+
+
+def global_comparison(results: dict) -> list[dict]:
+    """The cluster reduce against the same all-reduce through global memory (:data:`GLOBAL_COMPARISON`).
+
+    One row per method (``per_op``, ``single_launch``), configuration, cluster size N >= 2 and
+    float32 message size where both sides were timed: the fastest cluster side and baseline, their
+    figures, ``speedup`` = baseline / cluster (medians) and whether both figures are reliable.
+    """
+    out = []
+    sides = {
+        "per_op": (REDUCE_PUBLIC, GLOBAL),
+        "single_launch": (simulator.REDUCE_ALGORITHMS, ("global_kernel_boundary",)),
+    }
+    for method, (clusters, baselines) in sides.items():
+        for config in _configs(results):
+            for size in [s for s in results["settings"]["cluster_sizes"] if s > 1]:
+                for nbytes in results["settings"]["message_bytes"]:
+                    point = {"primitive": "reduce", "method": method, "config": config, "cluster_size": size,
+                             "dtype": "float32", "message_bytes": nbytes}
+                    cluster = _best(results, clusters, **point)
+                    baseline = _best(results, baselines, **point)
+                    if cluster is None or baseline is None:
                         continue
-                    largest = max(found, key=lambda r: r["message_bytes"])
-                    fraction = largest["bus_bandwidth_bytes_per_s"]["median"] / peak["bandwidth_bytes_per_s"]["median"]
-                    compared = (Stat.from_dict(largest["latency_us"]), Stat.from_dict(peak["pass_us"]))
-                    out.append(_target(
-                        "gather_vs_dsmem_peak", fraction >= GATHER_PEAK_FRACTION, fraction, GATHER_PEAK_FRACTION,
-                        compared, config=config,
-                        cluster_size=size, dtype=dtype, implementation=algorithm,
-                        message_bytes=largest["message_bytes"],
-                        bus_bandwidth_bytes_per_s=largest["bus_bandwidth_bytes_per_s"],
-                        peak_bytes_per_s=peak["bandwidth_bytes_per_s"],
-                        peak_threads=peak["threads"], peak_pattern=peak["pattern"],
-                    ))
+                    out.append({
+                        "method": method, "config": config, "cluster_size": size, "message_bytes": nbytes,
+                        "cluster": cluster[0], "cluster_us": cluster[1].as_dict(),
+                        "baseline": baseline[0], "baseline_us": baseline[1].as_dict(),
+                        "speedup": baseline[1].median / cluster[1].median,
+                        "reliable": reliable(cluster[1]) and reliable(baseline[1]),
+                    })
     return out
 
 
@@ -294,7 +331,8 @@ def choice_tables(results: dict) -> dict:
     """Per-operation ranking of the primitives' algorithms (fastest first) at every measured point.
 
     ``reduce``: keyed by cluster size and ``working_bytes`` (float32 bytes per block, 4 n);
-    ``gather``: by itemsize, cluster size and message bytes. Algorithms with no timing there
+    ``gather``: by itemsize, cluster size and message bytes, each itemsize ranked on one dtype (the
+    first of :data:`CHOICE_DTYPES` the results timed with it). Algorithms with no timing there
     (e.g. too much shared memory) come last, in the primitives' order. Where any figure of a
     point is noisy (:func:`reliable`), the point takes the ranking of the nearest message size of
     the same cluster size whose figures are all reliable (``ranking_from_bytes`` says which).
@@ -302,17 +340,21 @@ def choice_tables(results: dict) -> dict:
     """
     config = _choice_config(results)
     reduce_rows, gather_rows = {}, {}
+    gathers = records(results, primitive="gather", method="per_op", config=config)
+    ranked_dtype: dict = {}  # itemsize -> the dtype that ranks it
+    for r in sorted(gathers, key=lambda r: CHOICE_DTYPES.index(r["dtype"])):
+        ranked_dtype.setdefault(r["message_bytes"] // r["n"], r["dtype"])
     for r in records(results, method="per_op", config=config):
-        if r["family"] != "cluster":
-            continue
-        if r["primitive"] == "reduce":
+        if r["primitive"] == "reduce" and r["implementation"] in simulator.REDUCE_ALGORITHMS:
             key = (r["cluster_size"], r["working_bytes"])
             if key not in reduce_rows:
                 reduce_rows[key] = {"cluster_size": key[0], "working_bytes": key[1], **_ranking(
                     results, simulator.REDUCE_ALGORITHMS, primitive="reduce", method="per_op", config=config,
                     cluster_size=key[0], n=r["n"], dtype=r["dtype"])}
-        else:
+        elif r["primitive"] == "gather" and r["implementation"] in simulator.GATHER_ALGORITHMS:
             itemsize = r["message_bytes"] // r["n"]
+            if r["dtype"] != ranked_dtype[itemsize]:
+                continue
             key = (itemsize, r["cluster_size"], r["message_bytes"])
             if key not in gather_rows:
                 gather_rows[key] = {"itemsize": itemsize, "cluster_size": key[1], "message_bytes": key[2], **_ranking(
@@ -328,11 +370,13 @@ def choice_tables(results: dict) -> dict:
 
 
 def complete(results: dict) -> dict:
-    """Add ``barriers_per_op``, ``targets`` and ``choice`` where missing (e.g. a file cut short mid-run)."""
+    """Add ``barriers_per_op``, ``targets``, ``global_comparison`` and ``choice`` where missing (a file cut short)."""
     if "barriers_per_op" not in results:
         results["barriers_per_op"] = barrier_counts(results["settings"]["cluster_sizes"])
     if "targets" not in results:
         results["targets"] = evaluate_targets(results)
+    if "global_comparison" not in results:
+        results["global_comparison"] = global_comparison(results)
     if "choice" not in results:
         results["choice"] = choice_tables(results)
     return results
@@ -372,6 +416,8 @@ def auto_table(results: dict) -> dict:
 
 
 _VERDICT = {True: "", False: "*", None: "?"}
+#: Implementation names shortened in the target tables.
+SHORT = {"direct_1barrier": "1barrier"}
 
 
 def _bytes(nbytes: int) -> str:
@@ -386,6 +432,19 @@ def _table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def _grid(rows, cell) -> str:
+    """``rows`` as a table: a line per cluster size (and dtype, where rows have one), a column per message size."""
+    def line(row):
+        return (row["cluster_size"], row["dtype"]) if "dtype" in row else (row["cluster_size"],)
+
+    columns = sorted({r["message_bytes"] for r in rows})
+    cells = {(*line(r), r["message_bytes"]): cell(r) for r in rows}
+    header = ["N", "dtype"] if "dtype" in rows[0] else ["N"]
+    return _table([*header, *map(_bytes, columns)], [
+        [*key, *(cells.get((*key, c), "-") for c in columns)] for key in dict.fromkeys(map(line, rows))
+    ])
+
+
 def _cell(stat: Stat | None) -> str:
     if stat is None:
         return "-"
@@ -393,7 +452,10 @@ def _cell(stat: Stat | None) -> str:
 
 
 def format_sweep(results: dict) -> str:
-    """Per-operation µs (median) of every implementation, float32, in the choice configuration."""
+    """Per-operation µs (median) of every implementation, float32, in the choice configuration.
+
+    The ``torch`` column is not the same operation as the others (see :data:`GLOBAL_COMPARISON`).
+    """
     config = _choice_config(results)
     parts = []
     for primitive, implementations in (("reduce", REDUCE_PER_OP), ("gather", GATHER_PER_OP)):
@@ -414,7 +476,7 @@ def format_sweep(results: dict) -> str:
 
 
 def format_summary(results: dict) -> str:
-    """Floors, targets (pass / MISS) and the choice tables, compactly."""
+    """Floors, the targets and the global-memory comparison (N x message size per configuration), the choice tables."""
     configs = _configs(results)
     sizes = results["settings"]["cluster_sizes"]
     system = results["system"]
@@ -439,31 +501,26 @@ def format_summary(results: dict) -> str:
     header = ["N"] + [h for c in configs for h in (f"barrier µs ({c})", f"launch µs ({c})", f"DSMEM TB/s ({c})")]
     lines += ["", "floors", _table(header, rows), "", "targets"]
     lines += [f"  {name}: {text}" for name, text in TARGETS.items()]
-    lines.append(f"  (cells: value; * marks a miss, ? a noisy figure: min <= 0 or max - min > "
-                 f"{RELIABLE_SPREAD:g} x median, no verdict)")
-    def side(t):
-        return "best primitive" if t.get("side") == "best" else t["implementation"]
+    shortened = ", ".join(f"{short} = {name}" for name, short in SHORT.items())
+    lines.append(f"  (cells: value and the fastest implementation, {shortened}; * marks a miss, ? a noisy figure: "
+                 f"min <= 0 or max - min > {RELIABLE_SPREAD:g} x median, no verdict)")
 
-    for name, column in (
-        ("reduce_vs_barrier", lambda t: t["implementation"]),
-        ("reduce_vs_global_per_op", lambda t: f"{side(t)} vs {t['baseline'].removeprefix('global_')}"),
-        ("reduce_vs_global_single_launch", lambda t: f"{side(t)} vs 2 launches"),
-        ("gather_vs_dsmem_peak", lambda t: f"{t['implementation']} {t['dtype'].replace('float', 'fp')}"),
-    ):
+    def verdict(t):
+        return f"{t['value']:.2f}{_VERDICT[t['pass']]} {SHORT.get(t['implementation'], t['implementation'])}"
+
+    for name in TARGETS:
         for config in configs:
             found = [t for t in results["targets"] if t["target"] == name and t["config"] == config]
-            if not found:
-                continue
-            columns = list(dict.fromkeys(column(t) for t in found))
-            cells = {
-                (t["cluster_size"], column(t)): f"{t['value']:.2f}{_VERDICT[t['pass']]}"
-                + (f" {t['implementation']}" if t.get("side") == "best" else "")
-                for t in found
-            }
-            target_sizes = sorted({t["cluster_size"] for t in found})
-            lines += ["", f"{name} ({config})"]
-            rows = [[s, *(cells.get((s, c), "-") for c in columns)] for s in target_sizes]
-            lines.append(_table(["N", *columns], rows))
+            if found:
+                lines += ["", f"{name} ({config})", _grid(found, verdict)]
+    comparison = results["global_comparison"]
+    lines += ["", GLOBAL_COMPARISON, "  (cells: global-memory figure / cluster figure; ? marks a noisy figure)"]
+    for method in ("per_op", "single_launch"):
+        for config in configs:
+            found = [c for c in comparison if c["method"] == method and c["config"] == config]
+            if found:
+                lines += ["", f"reduce_vs_global, {method.replace('_', ' ')} ({config})",
+                          _grid(found, lambda c: f"{c['speedup']:.2f}{'' if c['reliable'] else '?'}")]
     choice = results["choice"]
     for primitive, key, label in (("reduce", "working_bytes", "float32 bytes"), ("gather", "message_bytes", "bytes")):
         groups = sorted({r.get("itemsize", 4) for r in choice[primitive]})
@@ -491,6 +548,9 @@ STYLE = {
     "bulk_split": ("C3", "--"),
     "global_kernel_boundary": ("C7", "-."), "global_grid_barrier": ("C5", "-."), "torch": ("C8", ":"),
 }
+#: A marker per dtype in the bandwidth plot, and the 16-bit dtypes' names in its legend.
+DTYPE_MARKER = {"float32": "o", "bfloat16": "x", "float16": "+"}
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def _errorbar(ax, xs, stats, label, implementation, marker="o"):
@@ -557,21 +617,21 @@ def _bandwidth_figure(results, config):
     for column, size in enumerate(shown):
         peak = dsmem_peak(results, config, size)
         for row, (primitive, implementations) in enumerate(
-            (("gather", GATHER_PER_OP), ("reduce", (*simulator.REDUCE_ALGORITHMS, *REDUCE_VARIANTS)))
+            (("gather", GATHER_PER_OP), ("reduce", (*REDUCE_PUBLIC, *REDUCE_VARIANTS)))
         ):
             ax = axes[row][column]
             for implementation in implementations:
-                for dtype, marker in (("float32", "o"), ("float16", "x")):
-                    if dtype not in results["settings"]["dtypes"] or (primitive == "reduce" and dtype == "float16"):
-                        continue
+                for dtype in results["settings"]["dtypes"]:
+                    if primitive == "reduce" and dtype != "float32":
+                        continue  # a 16-bit reduce per operation is the float32 one of half the bytes
                     stats = []
                     for b in nbytes:
                         r = record(results, primitive=primitive, method="per_op", implementation=implementation,
                                    config=config, cluster_size=size, dtype=dtype, message_bytes=b)
                         bw = r.get("bus_bandwidth_bytes_per_s") if r else None
                         stats.append(Stat.from_dict(bw).scaled(1e-12) if bw else None)
-                    label = implementation if dtype == "float32" else f"{implementation} fp16"
-                    _errorbar(ax, nbytes, stats, label, implementation, marker)
+                    label = implementation if dtype == "float32" else f"{implementation} {SHORT_DTYPE[dtype]}"
+                    _errorbar(ax, nbytes, stats, label, implementation, DTYPE_MARKER[dtype])
             if peak is not None:
                 ax.axhline(peak["bandwidth_bytes_per_s"]["median"] / 1e12, color="k", linestyle=":",
                            label="DSMEM read peak")
@@ -627,7 +687,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="suffix of the PNGs (default: the card the results name)")
     parser.add_argument("--auto-table", metavar="PATH", help="write the algorithm-choice table (JSON) to PATH")
     args = parser.parse_args(argv)
-    results = complete(json.loads(Path(args.results).read_text()))
+    results = json.loads(Path(args.results).read_text())
+    for derived in ("targets", "global_comparison"):  # recomputed: a file may hold an older report's
+        results.pop(derived, None)
+    results = complete(results)
     print(format_sweep(results))
     print(format_summary(results))
     if args.plots:

@@ -23,8 +23,8 @@ from ..simulator.inputs import check_choice
 from .auto import choose_gather_algorithm, choose_reduce_algorithm
 from .gather import gather_kernel, gather_shared_bytes, gather_stride
 from .ops import GPU_DTYPES
-from .reduce import (FLOAT32_BYTES, reduce_kernel, reduce_shared_bytes, steady_reduce_kernel, steady_shared_bytes,
-                     work_offset)
+from .reduce import (FLOAT32_BYTES, reduce_kernel, reduce_shared_bytes, steady_reduce_kernel, steady_result_offset,
+                     steady_shared_bytes, work_offset)
 
 #: Threads per block of the host API's kernels.
 THREADS_PER_BLOCK = 256
@@ -179,7 +179,7 @@ def cluster_reduce_steady(xs, op: str = "sum", *, out=None):
     result = _output(out, dtype, tuple(xs.shape), rows)
     blocks = num_clusters * cluster_size
     _launch(steady_reduce_kernel(op, dtype), blocks, cluster_size, shared_bytes, rows.view(steps, blocks, n),
-            result.view(steps, blocks, n), n, work_offset(2 * n))
+            result.view(steps, blocks, n), n, steady_result_offset(n))
     return _result(result, dtype, tuple(xs.shape))
 
 

@@ -14,7 +14,6 @@ import functools
 from numba import cuda, float32
 
 from .. import ptx
-from ..simulator import MAX_CLUSTER_SIZE
 
 
 @cuda.jit(device=True, inline=True)
@@ -39,31 +38,73 @@ def op_min(left, right):
 OPERATORS = {"sum": op_sum, "max": op_max, "min": op_min}
 
 
-@functools.cache
-def rank_fold(op: str):
-    """``fold(shared, i, size)``: element ``i`` of ``shared`` of every block, combined in rank order 0..N-1.
+#: 16-byte remote loads a thread of :func:`rank_fold_quads` issues before using any, as the DSMEM
+#: bandwidth floor's kernel does (``bench.kernels.dsmem_read_stream``).
+LOADS_IN_FLIGHT = 8
 
-    The fold of ``direct`` (the simulator's ``acc = rows[0]; acc = op(acc, rows[s])`` for s = 1..N-1).
-    ``shared``: a shared float32 array at the same offset in every block; ``size``: cluster_size().
-    All N remote loads are issued before the first combine, so they travel together (one round
-    trip of the cluster network, not N): the loop runs to :data:`MAX_CLUSTER_SIZE` with the ranks
-    past N predicated off, so it unrolls and ``pulled`` stays in registers.
+
+@functools.cache
+def rank_folds(op: str):
+    """``(fold, fold_quads)``: the fold of ``direct`` (ranks 0..N-1 in order, the simulator's
+    ``acc = rows[0]; acc = op(acc, rows[s])``) over every block's copy of a shared float32 array.
+
+    ``fold(shared, i, size)`` returns element ``i`` folded; ``size`` is cluster_size().
+
+    ``fold_quads(shared, source, dest, target, quads, size)`` folds the quads (4 float32, 16 bytes)
+    ``shared[source + 4 q ..]`` for q = 0..quads-1 into this block's ``dest[target + 4 q ..]``;
+    ``source`` and ``target`` are multiples of 4. The block's threads share the quads (thread t:
+    t, t + blockDim, ..). A thread walks the sequence (quad, rank) = (t, 0), (t, 1), .., (t, N-1),
+    (t + blockDim, 0), .. in rounds of :data:`LOADS_IN_FLIGHT` 16-byte loads, all issued before
+    the first combine of the round, so the cluster network carries them together (a round holds
+    every rank of LOADS_IN_FLIGHT / N quads, or part of one quad's ranks when N is larger); the
+    running fold of a quad carries over from one round to the next.
     """
     combine = OPERATORS[op]
+    PULLED_WORDS = 4 * LOADS_IN_FLIGHT
 
     @cuda.jit(device=True, inline=True)
     def fold(shared, i, size):
-        pulled = cuda.local.array(MAX_CLUSTER_SIZE, float32)
-        for s in range(MAX_CLUSTER_SIZE):
-            if s < size:
-                pulled[s] = ptx.remote_load(shared, i, s)
-        acc = pulled[0]
-        for s in range(1, MAX_CLUSTER_SIZE):
-            if s < size:
-                acc = combine(acc, pulled[s])
+        acc = ptx.remote_load(shared, i, 0)
+        for s in range(1, size):
+            acc = combine(acc, ptx.remote_load(shared, i, s))
         return acc
 
-    return fold
+    @cuda.jit(device=True, inline=True)
+    def fold_quads(shared, source, dest, target, quads, size):
+        stride = cuda.blockDim.x
+        pulled = cuda.local.array(PULLED_WORDS, float32)  # load j's quad: pulled[4 j .. 4 j + 3]
+        q = cuda.threadIdx.x  # the next load to fold: rank s of quad q (counters: no division)
+        s = 0
+        a0 = a1 = a2 = a3 = float32(0)
+        while q < quads:
+            lq = q  # this round's loads, from (q, s) on
+            ls = s
+            for j in range(LOADS_IN_FLIGHT):
+                if lq < quads:
+                    pulled[4 * j], pulled[4 * j + 1], pulled[4 * j + 2], pulled[4 * j + 3] = \
+                        ptx.remote_load_v4_f32(shared, source + 4 * lq, ls)
+                ls += 1
+                if ls == size:
+                    ls = 0
+                    lq += stride
+            for j in range(LOADS_IN_FLIGHT):  # then the same (q, s) sequence folded, rank by rank
+                if q < quads:
+                    if s == 0:
+                        a0, a1, a2, a3 = pulled[4 * j], pulled[4 * j + 1], pulled[4 * j + 2], pulled[4 * j + 3]
+                    else:
+                        a0 = combine(a0, pulled[4 * j])
+                        a1 = combine(a1, pulled[4 * j + 1])
+                        a2 = combine(a2, pulled[4 * j + 2])
+                        a3 = combine(a3, pulled[4 * j + 3])
+                    if s == size - 1:
+                        at = target + 4 * q
+                        dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = a0, a1, a2, a3
+                s += 1
+                if s == size:
+                    s = 0
+                    q += stride
+
+    return fold, fold_quads
 
 
 @cuda.jit(device=True, inline=True)

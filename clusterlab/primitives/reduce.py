@@ -13,7 +13,8 @@ Device-function contract (all five)::
 
     reduce(staged, work, n, iteration)
 
-    staged     shared float32 [n]: this block's row on entry (every thread's stores done; no
+    staged     shared float32 [n], 16-byte aligned (rows move 16 bytes a remote load), at the
+               same offset in every block: this block's row on entry (every thread's stores done; no
                barrier needed before the call), the reduction of all rows on return, on every block
     work       shared float32 scratch of reduce_scratch_elements(algorithm, n, cluster_size)
                elements, 16-byte aligned
@@ -21,7 +22,8 @@ Device-function contract (all five)::
     iteration  how many times this call site ran before in this kernel (0 for a single call);
                ``bulk`` keeps its mbarrier in ``work`` and waits on phase parity iteration & 1
 
-Every block of the cluster must call it with all its threads. It opens with a cluster barrier
+Every block of the cluster must call it with all its threads, at most 512 (``direct``,
+``two_shot`` and the steady reduce keep 8 loads of 16 bytes a thread in registers). It opens with a cluster barrier
 (publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
 ``staged`` and ``work`` are free to reuse and the block may exit.
 
@@ -30,8 +32,8 @@ Back-to-back all-reduces at **one cluster barrier each** (the simulator's
 
     direct_steady_reduce(staged, result, n, k)      from steady_reduce_device_function(op)
 
-    staged     shared float32 [2 * n]: buffer k % 2 (elements (k % 2) * n ..) holds this block's
-               row of operation k on entry (every thread's stores done); buffer (k + 1) % 2 is
+    staged     shared float32 [2, slot], slot = n rounded up to a multiple of 4, 16-byte aligned:
+               buffer k % 2 (elements (k % 2) * slot ..) holds this block's row of operation k on entry (every thread's stores done); buffer (k + 1) % 2 is
                free for operation k + 1's row once the call returns
     result     shared float32 [n], this block's own: the reduction of operation k's rows on return,
                the ``direct`` fold (rank order 0..N-1), so bit for bit ``direct``'s
@@ -58,12 +60,9 @@ from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import widest_chunk
-from .ops import CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, rank_fold, ring_chunk
+from .ops import (CONVERSIONS, LOADS_IN_FLIGHT, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
+                  rank_folds, ring_chunk)
 
-#: 16-byte remote loads a thread of ``two_shot`` issues before using any (as the DSMEM bandwidth
-#: floor's kernel does, ``bench.kernels.dsmem_read_stream``): in the reduce-scatter, every rank's
-#: quad of LOADS_IN_FLIGHT // N quads; in the all-gather, LOADS_IN_FLIGHT quads.
-LOADS_IN_FLIGHT = 16
 #: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
 MBARRIER_BYTES = 16
 FLOAT32_BYTES = 4
@@ -112,15 +111,19 @@ def reduce_device_function(algorithm: str, op: str):
     check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
     check_choice("op", op, tuple(OPERATORS))
     combine = OPERATORS[op]
-    fold = rank_fold(op)
+    fold, fold_quads = rank_folds(op)
     PULLED_WORDS = 4 * LOADS_IN_FLIGHT  # float32 of the quads a two_shot thread has in flight
 
     @cuda.jit(device=True)
     def direct_reduce(staged, work, n, iteration):
-        """Pull all staged rows, fold in rank order 0..N-1; 2 cluster barriers."""
+        """Pull all staged rows, fold in rank order 0..N-1; 2 cluster barriers. A row of more
+        elements than the block has threads moves in quads (``fold_quads``, 16 bytes a load, in
+        rounds); a shorter one an element a thread (4-byte loads, which a warp coalesces)."""
         size = ptx.cluster_size()
         ptx.cluster_sync()
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+        whole = n // 4 if n > cuda.blockDim.x else 0  # long rows in quads, short ones an element a thread
+        fold_quads(staged, 0, work, 0, whole, size)
+        for i in range(4 * whole + cuda.threadIdx.x, n, cuda.blockDim.x):
             work[i] = fold(staged, i, size)
         ptx.cluster_sync()  # peers may still be reading staged until here
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
@@ -233,49 +236,34 @@ def reduce_device_function(algorithm: str, op: str):
 
     @cuda.jit(device=True)
     def two_shot_reduce(staged, work, n, iteration):
-        """Reduce-scatter then all-gather in one step each, 16 bytes a remote load,
-        :data:`LOADS_IN_FLIGHT` loads in flight per thread (their 64 words take registers: call it
-        from blocks of at most 512 threads); 3 cluster barriers."""
+        """Reduce-scatter (``fold_quads`` of the own chunk) then all-gather in one step each, 16 bytes a
+        remote load, :data:`~clusterlab.primitives.ops.LOADS_IN_FLIGHT` loads in flight per thread;
+        3 cluster barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
         result = 0  # work = result [n]: result[i] is work[result + i]
         stride = cuda.blockDim.x
-        pulled = cuda.local.array(PULLED_WORDS, float32)  # load j's quad: pulled[4 j .. 4 j + 3]
         ptx.cluster_sync()  # every row is staged
         lo = two_shot_chunk_start(rank, n, size)
         hi = two_shot_chunk_start(rank + 1, n, size)
         quads = (hi - lo) // 4  # whole quads of the chunk; the row's tail (last chunk only) one by one
-        batch = LOADS_IN_FLIGHT // size  # quads a thread folds per round: all N ranks of each in flight
-        for first in range(cuda.threadIdx.x, quads, batch * stride):
-            for j in range(LOADS_IN_FLIGHT):  # load j: rank j % N of the thread's quad j // N
-                q = first + (j // size) * stride
-                if j < batch * size and q < quads:
-                    pulled[4 * j], pulled[4 * j + 1], pulled[4 * j + 2], pulled[4 * j + 3] = \
-                        ptx.remote_load_v4_f32(staged, lo + 4 * q, j % size)
-            a0 = a1 = a2 = a3 = float32(0)
-            for j in range(LOADS_IN_FLIGHT):  # the direct fold of each quad, rank by rank
-                q = first + (j // size) * stride
-                if j < batch * size and q < quads:
-                    if j % size == 0:
-                        a0, a1, a2, a3 = pulled[4 * j], pulled[4 * j + 1], pulled[4 * j + 2], pulled[4 * j + 3]
-                    else:
-                        a0 = combine(a0, pulled[4 * j])
-                        a1 = combine(a1, pulled[4 * j + 1])
-                        a2 = combine(a2, pulled[4 * j + 2])
-                        a3 = combine(a3, pulled[4 * j + 3])
-                    if j % size == size - 1:
-                        at = result + lo + 4 * q
-                        work[at], work[at + 1], work[at + 2], work[at + 3] = a0, a1, a2, a3
+        fold_quads(staged, lo, work, result + lo, quads, size)
         for j in range(lo + 4 * quads + cuda.threadIdx.x, hi, stride):
             work[result + j] = fold(staged, j, size)
         ptx.cluster_sync()  # every chunk is reduced; nobody reads staged any more
         whole = n // 4  # every whole quad from its owner, LOADS_IN_FLIGHT at a time; then the tail
+        pulled = cuda.local.array(PULLED_WORDS, float32)  # load u's quad: pulled[4 u .. 4 u + 3]
+        owner = two_shot_owner(cuda.threadIdx.x, n, size)  # whose chunk holds the thread's next quad
+        end = two_shot_chunk_start(owner + 1, n, size)  # and where that chunk ends (element)
         for first in range(cuda.threadIdx.x, whole, LOADS_IN_FLIGHT * stride):
             for u in range(LOADS_IN_FLIGHT):
                 q = first + u * stride
                 if q < whole:
+                    while 4 * q >= end:  # the thread's quads only grow: owners advance, rarely
+                        owner += 1
+                        end = two_shot_chunk_start(owner + 1, n, size)
                     pulled[4 * u], pulled[4 * u + 1], pulled[4 * u + 2], pulled[4 * u + 3] = \
-                        ptx.remote_load_v4_f32(work, result + 4 * q, two_shot_owner(q, n, size))
+                        ptx.remote_load_v4_f32(work, result + 4 * q, owner)
             for u in range(LOADS_IN_FLIGHT):
                 q = first + u * stride
                 if q < whole:
@@ -315,25 +303,32 @@ def reduce_kernel(algorithm: str, op: str, dtype: str):
     return cluster_reduce_kernel
 
 
+def steady_result_offset(n: int) -> int:
+    """float32 element where ``result`` starts after the steady reduce's ``staged`` [2, slot]."""
+    return 2 * slot_elements(n, FLOAT32_BYTES)
+
+
 def steady_shared_bytes(n: int) -> int:
-    """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged`` [2, n] (padded
-    to 16 bytes) then ``result`` [n]."""
-    return (work_offset(2 * n) + n) * FLOAT32_BYTES
+    """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged`` [2, slot] then ``result`` [n]."""
+    return (steady_result_offset(n) + n) * FLOAT32_BYTES
 
 
 @functools.cache
 def steady_reduce_device_function(op: str):
     """``direct_steady_reduce(staged, result, n, k)`` with operator ``op`` (see the module docstring)."""
     check_choice("op", op, tuple(OPERATORS))
-    fold = rank_fold(op)
+    fold, fold_quads = rank_folds(op)
 
     @cuda.jit(device=True)
     def direct_steady_reduce(staged, result, n, k):
         """Operation k: barrier k, then pull buffer k % 2 of every block and fold in rank order."""
         size = ptx.cluster_size()
-        buffer = (k % 2) * n  # staged[buffer, i] is staged[buffer + i]
+        slot = (n + 3) // 4 * 4  # slot_elements(n, FLOAT32_BYTES), which device code cannot call
+        buffer = (k % 2) * slot  # staged[buffer, i] is staged[buffer + i]
         ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+        whole = n // 4 if n > cuda.blockDim.x else 0  # quads folded 16 bytes a load, as in direct
+        fold_quads(staged, buffer, result, 0, whole, size)
+        for i in range(4 * whole + cuda.threadIdx.x, n, cuda.blockDim.x):
             result[i] = fold(staged, buffer + i, size)
         cuda.syncthreads()
 
@@ -345,8 +340,8 @@ def steady_reduce_kernel(op: str, dtype: str):
     """Kernel: block b reduces row b of ``xs[k]`` with its cluster into ``out[k]``, for every operation k.
 
     ``xs``/``out``: [steps, num_clusters * cluster_size, n], float32, or uint16 bit patterns for
-    float16/bfloat16. Dynamic shared memory (:func:`steady_shared_bytes`): ``staged`` [2, n] at 0,
-    ``result`` at ``work_offset(2 * n)``.
+    float16/bfloat16. Dynamic shared memory (:func:`steady_shared_bytes`): ``staged`` [2, slot] at 0,
+    ``result`` at ``result_offset`` (:func:`steady_result_offset`).
     """
     reduce = steady_reduce_device_function(op)
     widen, narrow = CONVERSIONS[dtype]
@@ -354,11 +349,11 @@ def steady_reduce_kernel(op: str, dtype: str):
     @cuda.jit
     def cluster_reduce_steady_kernel(xs, out, n, result_offset):
         smem = cuda.shared.array(0, dtype="float32", alignment=16)
-        staged = smem[: 2 * n]
+        staged = smem[:result_offset]
         result = smem[result_offset:]
         row = cuda.blockIdx.x
         for k in range(xs.shape[0]):
-            buffer = (k % 2) * n
+            buffer = (k % 2) * (result_offset // 2)
             for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
                 staged[buffer + i] = widen(xs[k, row, i])
             reduce(staged, result, n, k)
