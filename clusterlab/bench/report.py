@@ -382,12 +382,12 @@ def complete(results: dict) -> dict:
     return results
 
 
-def auto_table(results: dict) -> dict:
+def auto_table(results: dict, path: str = "") -> dict:
     """The algorithm rankings of ``results`` (fastest first) as the JSON :mod:`clusterlab.primitives.auto` reads.
 
     ``{"source": {card, driver, date, commit, config, results}, "reduce": {cluster size:
     [[float32 bytes per block, [algorithms]], ...]}, "gather": {element bytes: {cluster size:
-    [[message bytes, [algorithms]], ...]}}}``.
+    [[message bytes, [algorithms]], ...]}}}``; ``path`` names the results file in ``source``.
     """
     choice = choice_tables(results)  # the algorithms of today, those the run did not time last
     reduce_table: dict = {}
@@ -405,7 +405,7 @@ def auto_table(results: dict) -> dict:
         "date": results["date"],
         "commit": results["commit"],
         "config": choice["config"],
-        "results": "benchmarks/results/primitives_h100.json",
+        "results": path,
     }
     return {"source": source, "reduce": reduce_table, "gather": gather_table}
 
@@ -698,7 +698,7 @@ def main(argv=None) -> int:
         for path in plot_all(results, args.plots, tag):
             print(f"wrote {path}")
     if args.auto_table:
-        print(f"wrote {write_json(auto_table(results), args.auto_table)}")
+        print(f"wrote {write_json(auto_table(results, args.results), args.auto_table)}")
     return 0
 
 

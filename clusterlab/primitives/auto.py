@@ -1,15 +1,15 @@
 """``algorithm="auto"``: the fastest ClusterReduce / ClusterGather algorithm, from measured data.
 
 ``auto_table.json`` beside this module ranks the algorithms (fastest first) by per-operation
-latency measured by ``clusterlab bench primitives`` on an H100 (its ``source`` names the card,
-driver, date, commit and configuration). Regenerate it after a new run with::
+latency measured by ``clusterlab bench primitives`` on an H200 (its ``source`` names the card,
+driver, date, commit, configuration and results file). Regenerate it after a new run with::
 
-    python -m clusterlab.bench.report benchmarks/results/primitives_h100.json \\
+    python -m clusterlab.bench.report benchmarks/results/primitives_h200.json \\
         --auto-table clusterlab/primitives/auto_table.json
 
 Lookup: the nearest measured cluster size (ties go to the larger), then the nearest measured
 message size on a log scale (ties go to the larger); the first algorithm of that ranking whose
-shared memory fits in a block. Other GPUs get the H100's choice.
+shared memory fits in a block. Other GPUs get the H200's choice.
 """
 
 from __future__ import annotations
