@@ -38,7 +38,7 @@ def op_min(left, right):
 OPERATORS = {"sum": op_sum, "max": op_max, "min": op_min}
 
 
-#: 16-byte remote loads a thread of :func:`rank_fold_quads` issues before using any, as the DSMEM
+#: 16-byte remote loads a thread of ``fold_quads`` (:func:`rank_folds`) issues before using any, as the DSMEM
 #: bandwidth floor's kernel does (``bench.kernels.dsmem_read_stream``).
 LOADS_IN_FLIGHT = 8
 
