@@ -24,9 +24,9 @@ def stat(median, spread=0.05):
 
 #: Made-up per-op µs: ring is fastest for small messages, direct for large ones, the variants faster still.
 def cluster_us(primitive, implementation, size, nbytes):
-    base = {"direct": 1.0, "ring": 0.8, "butterfly": 0.9, "bulk": 1.1, "two_shot": 1.3, "direct_1barrier": 0.5,
+    base = {"direct": 1.0, "ring": 0.8, "butterfly": 0.9, "bulk": 1.1, "two_shot": 1.3, "bulk_two_shot": 1.4, "direct_1barrier": 0.5,
             "direct_push": 0.3, "direct_v4": 0.9, "bulk_split": 1.2}
-    per_byte = {"direct": 1e-5, "ring": 1e-3, "butterfly": 5e-4, "bulk": 2e-5, "two_shot": 3e-5,
+    per_byte = {"direct": 1e-5, "ring": 1e-3, "butterfly": 5e-4, "bulk": 2e-5, "two_shot": 3e-5, "bulk_two_shot": 4e-5,
                 "direct_1barrier": 1e-5, "direct_push": 1e-6, "direct_v4": 5e-6, "bulk_split": 1.5e-5}
     return base[implementation] * (1 + size / 16) + per_byte[implementation] * nbytes * size
 

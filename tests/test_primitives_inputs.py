@@ -94,7 +94,7 @@ def test_to_device_without_a_gpu_asks_for_hopper(dtype):
 def test_reduce_device_function_names_the_operators_and_algorithms():
     with pytest.raises(ValueError, match=r"op must be one of \('sum', 'max', 'min'\); got 'avg'"):
         primitives.reduce_device_function("ring", "avg")
-    with pytest.raises(ValueError, match=r"algorithm must be one of \('direct', 'ring', 'butterfly', 'bulk', 'two_shot'\)"):
+    with pytest.raises(ValueError, match=r"algorithm must be one of \('direct', 'ring', 'butterfly', 'bulk', 'two_shot', 'bulk_two_shot'\)"):
         primitives.reduce_device_function("tree", "sum")
 
 

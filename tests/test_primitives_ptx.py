@@ -19,6 +19,7 @@ EXPECTED = {
     "butterfly": ("mapa.shared::cluster", "ld.shared::cluster"),
     "bulk": ("mbarrier.init", "fence.proxy.async", "cp.async.bulk.shared::cluster", "mbarrier.try_wait.parity"),
     "two_shot": ("mapa.shared::cluster", "ld.shared::cluster.v4.f32"),  # 16 bytes a remote load
+    "bulk_two_shot": ("mbarrier.init", "fence.proxy.async", "cp.async.bulk.shared::cluster", "mbarrier.try_wait.parity"),
 }
 
 

@@ -54,7 +54,7 @@ def test_op_must_be_known():
 
 
 def test_algorithm_must_be_known_for_each_primitive():
-    reduce_allowed = r"\('direct', 'ring', 'butterfly', 'bulk', 'two_shot'\)"
+    reduce_allowed = r"\('direct', 'ring', 'butterfly', 'bulk', 'two_shot', 'bulk_two_shot'\)"
     with pytest.raises(ValueError, match=rf"algorithm must be one of {reduce_allowed}; got 'tree'"):
         sim.cluster_reduce(GOOD, algorithm="tree")
     gather_allowed = r"\('direct', 'ring', 'bulk'\)"

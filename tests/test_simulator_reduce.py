@@ -49,7 +49,7 @@ def documented_order(x: np.ndarray, op: str, algorithm: str) -> np.ndarray:
     size, n = x.shape
     f = UFUNC[op]
     rows = [row.astype(ACCUMULATE[np.dtype(x.dtype).name]) for row in x]
-    if algorithm in ("direct", "bulk", "two_shot"):
+    if algorithm in ("direct", "bulk", "two_shot", "bulk_two_shot"):
         result = rows[0]
         for s in range(1, size):
             result = f(result, rows[s])
@@ -137,7 +137,7 @@ def test_repeated_runs_give_the_same_bits_and_the_same_trace(algorithm):
     assert first_trace.events == second_trace.events
 
 
-@pytest.mark.parametrize("algorithm", ["bulk", "two_shot"])
+@pytest.mark.parametrize("algorithm", ["bulk", "two_shot", "bulk_two_shot"])
 def test_bulk_and_two_shot_fold_as_direct_does(algorithm):
     x = random_rows(11, 9, 33, "float16")
     direct, _ = sim.cluster_reduce(x, "sum", "direct")
@@ -160,6 +160,21 @@ def test_two_shot_moves_the_fewest_bytes_in_three_barriers(size):
     starts = [two_shot_chunk_start(c, 1001, size) for c in range(size + 1)]
     assert starts[0] == 0 and starts[-1] == 1001 and all(s % 4 == 0 for s in starts[:-1])
     assert starts == sorted(starts)
+
+
+@pytest.mark.parametrize("size", [2, 3, 8, 16])
+def test_bulk_two_shot_moves_two_shots_bytes_with_the_copy_engine_in_two_barriers(size):
+    """The same bytes as ``two_shot`` (chunks whole, 16-byte multiples here), every one of them by
+    ``cp.async.bulk``, behind 2 cluster barriers instead of 3."""
+    n = 4 * size * 5
+    x = random_rows(4, size, n, "float32")
+    _, trace = sim.cluster_reduce(x, "sum", "bulk_two_shot")
+    _, two_shot = sim.cluster_reduce(x, "sum", "two_shot")
+    assert (trace.traffic().total == two_shot.traffic().total).all()
+    copies = [e for e in trace.events if e.kind == "cp.async.bulk"]
+    assert len(copies) == 2 * size * (size - 1) and sum(e.nbytes for e in copies) == trace.traffic().total.sum()
+    assert not [e for e in trace.events if e.kind.startswith("ld.shared::cluster")]
+    assert "2 cluster barriers" in trace.phase_table()
 
 
 def test_the_orders_are_distinguishable_so_the_bit_exact_test_has_teeth():
@@ -280,3 +295,22 @@ def test_each_two_shot_barrier_is_needed(marker, hazard):
     sim.launch(sim_reduce.two_shot_reduce, 4, x, np.empty_like(x), np.add)  # as written: clean
     with pytest.raises(hazard):
         sim.launch(without_line(sim_reduce.two_shot_reduce, marker), 4, x, np.empty_like(x), np.add)
+
+
+@pytest.mark.parametrize("marker, hazard", [
+    ("yield b.cluster_sync()  # rows staged", sim.DataRace),
+    ("b.fence_proxy_async()  # st.shared above", sim.MissingProxyFence),
+    ("yield b.mbarrier_wait(scattered, 0)", sim.DataRace),
+    ("b.fence_proxy_async()  # the folded chunk", sim.MissingProxyFence),
+    ("yield b.mbarrier_wait(gathered, 0)", sim.DataRace),
+    ("yield b.cluster_sync()  # peers' copies", sim.ExitedBlockAccess),
+])
+def test_each_bulk_two_shot_barrier_fence_and_wait_is_needed(marker, hazard):
+    """Without its first barrier a copy completes on a peer's mbarrier before it is initialised;
+    without a proxy fence a copy reads bytes stored with st.shared; without a wait the fold reads
+    the inbox, or the block reads its staged row, unordered with the copies; without the exit
+    barrier a block exits while its chunk is still being copied out."""
+    x = random_rows(6, 4, 40, "float32")
+    sim.launch(sim_reduce.bulk_two_shot_reduce, 4, x, np.empty_like(x), np.add)  # as written: clean
+    with pytest.raises(hazard):
+        sim.launch(without_line(sim_reduce.bulk_two_shot_reduce, marker), 4, x, np.empty_like(x), np.add)

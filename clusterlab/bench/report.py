@@ -544,6 +544,7 @@ PANEL_BYTES = (64, 256, 1024, 4096, 16384, 65536)
 #: A colour and line style per implementation, in every plot of primitives results.
 STYLE = {
     "direct": ("C0", "-"), "ring": ("C1", "-"), "butterfly": ("C2", "-"), "bulk": ("C3", "-"), "two_shot": ("C6", "-"),
+    "bulk_two_shot": ("C9", "-"),
     "direct_1barrier": ("C0", "--"), "direct_push": ("C4", "--"), "direct_v4": ("C0", "--"),
     "bulk_split": ("C3", "--"),
     "global_kernel_boundary": ("C7", "-."), "global_grid_barrier": ("C5", "-."), "torch": ("C8", ":"),

@@ -1,26 +1,29 @@
-"""ClusterReduce on the GPU: the simulator's five algorithms as Numba-CUDA device functions.
+"""ClusterReduce on the GPU: the simulator's six algorithms as Numba-CUDA device functions.
 
 Each function here has the same name as the simulator program that models it
 (:mod:`clusterlab.simulator.reduce`) and folds in the same order, so the two agree bit for bit;
 that module's docstring is the contract (fold orders, chunking, barrier counts). The two read line
 for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
-``rows`` / ``slot`` / ``full``, ``left``, chunk ``c`` = [lo, hi)) and index helpers
+``rows`` / ``slot`` / ``full``, ``inbox`` / ``scattered`` / ``gathered``, ``left``, chunk ``c`` =
+[lo, hi)) and index helpers
 (``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start`` and
 ``two_shot_owner`` are the simulator's own functions, compiled); the simulator's 2-D shared
 arrays are laid out flat in ``work`` here, at the offsets each function names.
 
-Device-function contract (all five)::
+Device-function contract (all six)::
 
     reduce(staged, work, n, iteration)
 
-    staged     shared float32 [n], 16-byte aligned (rows move 16 bytes a remote load), at the
-               same offset in every block: this block's row on entry (every thread's stores done; no
+    staged     shared float32 [n] and its padding to 16 bytes (``bulk_two_shot`` copies that along),
+               16-byte aligned (rows move 16 bytes at a time), at the same offset in every block:
+               this block's row on entry (every thread's stores done; no
                barrier needed before the call), the reduction of all rows on return, on every block
     work       shared float32 scratch of reduce_scratch_elements(algorithm, n, cluster_size)
                elements, 16-byte aligned
     n          elements per row (same on every block)
     iteration  how many times this call site ran before in this kernel (0 for a single call);
-               ``bulk`` keeps its mbarrier in ``work`` and waits on phase parity iteration & 1
+               ``bulk`` and ``bulk_two_shot`` keep their mbarriers in ``work`` and wait on phase parity
+               iteration & 1
 
 Every block of the cluster must call it with all its threads, at most 512 (``direct``,
 ``two_shot`` and the steady reduce keep 8 loads of 16 bytes a thread in registers). It opens with a cluster barrier
@@ -59,11 +62,12 @@ from .. import ptx
 from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
-from ..simulator.reduce import widest_chunk
+from ..simulator.reduce import bulk_two_shot_chunk_slot, widest_chunk
 from .ops import (CONVERSIONS, LOADS_IN_FLIGHT, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
                   rank_folds, ring_chunk)
 
-#: Bytes reserved at the start of ``work`` for the ``bulk`` mbarrier (keeps the rows 16-byte aligned).
+#: Bytes reserved at the start of ``work`` for the mbarriers of ``bulk`` (one) and ``bulk_two_shot``
+#: (two; 8 bytes each), keeping what follows 16-byte aligned.
 MBARRIER_BYTES = 16
 FLOAT32_BYTES = 4
 
@@ -81,6 +85,8 @@ def reduce_scratch_elements(algorithm: str, n: int, cluster_size: int) -> int:
         return 2 * n  # acc [2, n]
     if algorithm == "two_shot":
         return n  # result [n]
+    if algorithm == "bulk_two_shot":  # scattered, gathered mbarriers | inbox [N, chunk slot]
+        return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * bulk_two_shot_chunk_slot(n, cluster_size, FLOAT32_BYTES)
     slot = slot_elements(n, FLOAT32_BYTES)
     return MBARRIER_BYTES // FLOAT32_BYTES + cluster_size * slot  # bulk: mbarrier | rows [N, slot]
 
@@ -273,8 +279,52 @@ def reduce_device_function(algorithm: str, op: str):
             staged[j] = ptx.remote_load(work, result + j, two_shot_owner(whole, n, size))
         ptx.cluster_sync()  # peers may still be reading result until here
 
+    @cuda.jit(device=True)
+    def bulk_two_shot_reduce(staged, work, n, iteration):
+        """``two_shot``'s chunks moved by the copy engine (cp.async.bulk, completing on mbarriers), the
+        threads only folding; 2 cluster barriers. Copies whole chunks, so the last one takes the row's
+        padding to 16 bytes along (``staged`` must have it, as the host kernel's ``work_offset`` gives)."""
+        size = ptx.cluster_size()
+        rank = ptx.cluster_rank()
+        slot = 4 * (((n + 3) // 4 + size - 1) // size)  # bulk_two_shot_chunk_slot(n, N, 4), device-side
+        inbox = MBARRIER_BYTES // FLOAT32_BYTES  # work = scattered, gathered | inbox [N, slot]
+        scattered = ptx.shared_address(work, 0)
+        gathered = scattered + 8
+        lo = two_shot_chunk_start(rank, n, size)
+        hi = two_shot_chunk_start(rank + 1, n, size)
+        end = lo + (hi - lo + 3) // 4 * 4  # what a copy of chunk rank moves: [lo, end)
+        if cuda.threadIdx.x == 0 and iteration == 0:
+            ptx.mbarrier_init(gathered, 1)  # published with scattered by open_bulk_exchange
+        open_bulk_exchange(scattered, (size - 1) * (end - lo) * FLOAT32_BYTES, iteration)
+        if cuda.threadIdx.x == 0:
+            ptx.mbarrier_arrive_expect_tx(gathered, ((n + 3) // 4 * 4 - (end - lo)) * FLOAT32_BYTES)
+            for k in range(1, size):  # reduce-scatter: chunk c of this row into inbox[rank] of block c
+                c = (rank + k) % size
+                c_lo = two_shot_chunk_start(c, n, size)
+                c_end = c_lo + (two_shot_chunk_start(c + 1, n, size) - c_lo + 3) // 4 * 4
+                if c_end > c_lo:
+                    destination = ptx.map_shared(ptx.shared_address(work, inbox + rank * slot), c)
+                    ptx.bulk_copy_shared_to_cluster(destination, ptx.shared_address(staged, c_lo),
+                                                    (c_end - c_lo) * FLOAT32_BYTES, ptx.map_shared(scattered, c))
+        ptx.mbarrier_wait_parity(scattered, iteration % 2)
+        for i in range(lo + cuda.threadIdx.x, hi, cuda.blockDim.x):  # the direct fold of chunk rank
+            acc = staged[i] if rank == 0 else work[inbox + i - lo]
+            for s in range(1, size):
+                acc = combine(acc, staged[i] if s == rank else work[inbox + s * slot + i - lo])
+            staged[i] = acc
+        ptx.fence_proxy_async_shared_cta()  # the folded chunk (st.shared) -> the copies below
+        cuda.syncthreads()
+        if cuda.threadIdx.x == 0 and end > lo:
+            source = ptx.shared_address(staged, lo)
+            for k in range(1, size):  # all-gather: the folded chunk into staged of every peer
+                c = (rank + k) % size
+                ptx.bulk_copy_shared_to_cluster(ptx.map_shared(source, c), source, (end - lo) * FLOAT32_BYTES,
+                                                ptx.map_shared(gathered, c))
+        ptx.mbarrier_wait_parity(gathered, iteration % 2)
+        ptx.cluster_sync()  # peers' copies may still be reading staged[chunk rank] until here
+
     return {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce,
-            "two_shot": two_shot_reduce}[algorithm]
+            "two_shot": two_shot_reduce, "bulk_two_shot": bulk_two_shot_reduce}[algorithm]
 
 
 @functools.cache

@@ -89,6 +89,23 @@ without its N-1 + N-1 steps)::
   pulls ``2 (N - 1) / N`` rows' worth from its peers, against ``direct``'s ``N - 1``: the fewest
   bytes an all-reduce can move, in 3 cluster barriers (the last one the exit barrier).
 
+``bulk_two_shot`` — ``two_shot``'s data movement by the copy engine: the chunks travel as
+``cp.async.bulk`` copies, each completing on the receiver's mbarrier, so the threads only fold::
+
+    shared memory per block: staged A[slot] | inbox A[N, chunk slot] | scattered, gathered mbarriers
+
+    stage; barrier; block r copies chunk c of its staged
+    row into inbox[r] of block c, for every peer c (complete_tx on c's ``scattered``); waits for
+    the N-1 chunks of its own chunk r; folds them in rank order (staged for its own row: the
+    ``direct`` fold, the same bits) into staged[chunk r]; copies that chunk into staged[chunk r]
+    of every peer (complete_tx on the peer's ``gathered``); waits for the N-1 other chunks; barrier
+
+  Chunks as ``two_shot``'s, each copied whole in 16-byte units: the last one with the row's padding,
+  which nobody folds or reads. Writing a peer's staged[chunk r] is safe without a barrier: that chunk is read only
+  by the peer's own copy to block r, which has landed before block r's fold. 2 cluster barriers
+  (the last one the exit barrier: peers' copies may read this block's chunk until then); the
+  ``two_shot`` bytes.
+
 ``bulk`` — the ClusterFusion push: :func:`~clusterlab.simulator.gather.bulk_push_rows` copies
 every block's staged row (in A, padded to a 16-byte slot) into slot r of every peer with
 ``cp.async.bulk`` completing on the receiver's mbarrier (``expect_tx = (N-1) * slot bytes``),
@@ -107,7 +124,7 @@ from .inputs import check_choice, check_fits, check_rows
 from .memory import MBARRIER_BYTES, layout_bytes
 
 #: ClusterReduce algorithms, by name.
-REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk", "two_shot")
+REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk", "two_shot", "bulk_two_shot")
 
 
 def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
@@ -179,6 +196,8 @@ def reduce_shared_bytes(algorithm: str, n: int, cluster_size: int, dtype) -> int
         "butterfly": [row, 2 * row],  # staged | acc
         "bulk": [cluster_size * slot, MBARRIER_BYTES],  # rows | full
         "two_shot": [row, row],  # staged | result
+        "bulk_two_shot": [slot, cluster_size * bulk_two_shot_chunk_slot(n, cluster_size, acc_dtype.itemsize)
+                          * acc_dtype.itemsize, MBARRIER_BYTES, MBARRIER_BYTES],  # staged | inbox | 2 mbarriers
     }[algorithm]
     return layout_bytes(arrays)
 
@@ -201,6 +220,12 @@ def two_shot_owner(q: int, n: int, size: int) -> int:
     """The block whose ``two_shot`` chunk holds quad ``q`` (elements ``4q ..``) of a row of ``n``:
     the ``c`` with ``two_shot_chunk_start(c) <= 4q < two_shot_chunk_start(c + 1)``."""
     return ((q + 1) * size - 1) // ((n + 3) // 4)
+
+
+def bulk_two_shot_chunk_slot(n: int, size: int, itemsize: int) -> int:
+    """Elements of an inbox slot of ``bulk_two_shot``: the widest ``two_shot`` chunk (ceil(ceil(n / 4) / N)
+    quads), padded to 16 bytes."""
+    return slot_elements(4 * -(-(-(-n // 4)) // size), itemsize)
 
 
 def widest_chunk(n: int, size: int) -> int:
@@ -366,5 +391,51 @@ def two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc)
     yield b.cluster_sync()  # peers may still be reading result
 
 
+def bulk_two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
+    """``bulk_two_shot``: chunks scattered and gathered by bulk copies, folded in between. Writes ``out[rank]`` [n]."""
+    size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
+    acc_dtype = accumulation_dtype(x.dtype)
+    itemsize = acc_dtype.itemsize
+    staged = b.shared_array("staged", (slot_elements(n, itemsize),), acc_dtype)
+    inbox = b.shared_array("inbox", (size, bulk_two_shot_chunk_slot(n, size, itemsize)), acc_dtype)
+    scattered = b.shared_mbarrier("scattered")
+    gathered = b.shared_mbarrier("gathered")
+
+    def chunk(c):  # chunk c of a row, and its end rounded up to 16 bytes (what a copy moves)
+        lo, hi = two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size)
+        return lo, hi, lo + slot_elements(hi - lo, itemsize)
+
+    b.step("stage")
+    staged[:n] = x[rank].astype(acc_dtype)
+    b.mbarrier_init(scattered, 1)
+    b.mbarrier_init(gathered, 1)
+    b.fence_proxy_async()  # st.shared above -> cp.async.bulk below
+    yield b.cluster_sync()  # rows staged, mbarriers initialised everywhere
+    b.step("reduce-scatter")
+    lo, hi, end = chunk(rank)
+    b.mbarrier_arrive_expect_tx(scattered, (size - 1) * (end - lo) * itemsize)
+    b.mbarrier_arrive_expect_tx(gathered, sum((chunk(c)[2] - chunk(c)[0]) * itemsize for c in range(size) if c != rank))
+    for k in range(1, size):
+        c = (rank + k) % size
+        c_lo, _, c_end = chunk(c)
+        if c_end > c_lo:
+            b.bulk_copy(b.map_shared(inbox, c).at[rank, : c_end - c_lo], staged.at[c_lo:c_end], b.map_shared(scattered, c))
+    yield b.mbarrier_wait(scattered, 0)
+    b.step("fold")
+    acc = staged[lo:hi] if rank == 0 else inbox[0, : hi - lo]
+    for s in range(1, size):
+        acc = combine(acc, staged[lo:hi] if s == rank else inbox[s, : hi - lo])
+    staged[lo:hi] = acc
+    b.fence_proxy_async()  # the folded chunk -> the copies below
+    b.step("all-gather")
+    for k in range(1, size):
+        c = (rank + k) % size
+        if end > lo:
+            b.bulk_copy(b.map_shared(staged, c).at[lo:end], staged.at[lo:end], b.map_shared(gathered, c))
+    yield b.mbarrier_wait(gathered, 0)
+    out[rank] = staged[:n].astype(x.dtype)
+    yield b.cluster_sync()  # peers' copies may still be reading staged[chunk rank]
+
+
 _PROGRAMS = {"direct": direct_reduce, "ring": ring_reduce, "butterfly": butterfly_reduce, "bulk": bulk_reduce,
-             "two_shot": two_shot_reduce}
+             "two_shot": two_shot_reduce, "bulk_two_shot": bulk_two_shot_reduce}
