@@ -9,7 +9,7 @@ from clusterlab import launch, simulator
 from clusterlab.bench import kernels, run_primitives_bench
 from clusterlab.primitives.gather import gather_stride
 from clusterlab.primitives.host import THREADS_PER_BLOCK
-from clusterlab.primitives.reduce import steady_result_offset, steady_shared_bytes
+from clusterlab.primitives.reduce import reduce_shared_bytes, steady_result_offset, steady_shared_bytes, work_offset
 
 pytestmark = pytest.mark.gpu
 
@@ -23,6 +23,25 @@ def direct_folds(x, size, reps):
             acc = acc + rows[:, s]
         rows = np.repeat(acc[:, None], size, axis=1)
     return rows.reshape(x.shape)
+
+
+@pytest.mark.parametrize("algorithm", simulator.REDUCE_ALGORITHMS)
+@pytest.mark.parametrize("size", [2, 3, 8])
+def test_reduce_loop_equals_the_simulator_applied_again_and_again(algorithm, size):
+    """Three calls at one call site (``iteration`` 0, 1, 2: the bulk algorithms' mbarrier phases
+    alternate), each result the next input, on two clusters: the bits of three simulator runs."""
+    import torch
+
+    n, reps = 301, 3
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2 * size, n)).astype(np.float32)
+    out = torch.full(x.shape, float("nan"), device="cuda")
+    launch(kernels.reduce_loop_kernel(algorithm), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
+           shared_bytes=reduce_shared_bytes(algorithm, n, size))(torch.from_numpy(x).cuda(), out, n, work_offset(n), reps)
+    want = x.reshape(2, size, n)
+    for _ in range(reps):
+        want = np.stack([simulator.cluster_reduce(cluster, op="sum", algorithm=algorithm)[0] for cluster in want])
+    np.testing.assert_array_equal(out.cpu().numpy(), want.reshape(x.shape))
 
 
 @pytest.mark.parametrize("size", [1, 3, 8, 16])
