@@ -6,8 +6,8 @@ that module's docstring is the contract (fold orders, chunking, barrier counts).
 for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
 ``rows`` / ``slot`` / ``full``, ``inbox`` / ``scattered`` / ``gathered``, ``left``, chunk ``c`` =
 [lo, hi)) and index helpers
-(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start`` and
-``two_shot_owner`` are the simulator's own functions, compiled); the simulator's 2-D shared
+(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start``, ``two_shot_owner``
+and ``quad_padded`` are the simulator's own functions, compiled); the simulator's 2-D shared
 arrays are laid out flat in ``work`` here, at the offsets each function names.
 
 Device-function contract (all six)::
@@ -109,6 +109,7 @@ def chunk_start(c, n, size):
 
 two_shot_chunk_start = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_chunk_start)
 two_shot_owner = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_owner)
+quad_padded = cuda.jit(device=True, inline=True)(simulator_reduce.quad_padded)
 
 
 @functools.cache
@@ -226,7 +227,7 @@ def reduce_device_function(algorithm: str, op: str):
         """cp.async.bulk push of every row into every peer's slot, then the direct fold; 2 barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
-        slot = (n + 3) // 4 * 4  # slot_elements(n, FLOAT32_BYTES), which device code cannot call
+        slot = quad_padded(n)  # slot_elements(n, FLOAT32_BYTES)
         rows = MBARRIER_BYTES // FLOAT32_BYTES  # work = mbarrier | rows [N, slot]
         full = ptx.shared_address(work, 0)
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
@@ -286,22 +287,22 @@ def reduce_device_function(algorithm: str, op: str):
         padding to 16 bytes along (``staged`` must have it, as the host kernel's ``work_offset`` gives)."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
-        slot = 4 * (((n + 3) // 4 + size - 1) // size)  # bulk_two_shot_chunk_slot(n, N, 4), device-side
+        slot = 4 * ((quad_padded(n) // 4 + size - 1) // size)  # bulk_two_shot_chunk_slot(n, N, 4): the widest chunk
         inbox = MBARRIER_BYTES // FLOAT32_BYTES  # work = scattered, gathered | inbox [N, slot]
         scattered = ptx.shared_address(work, 0)
         gathered = scattered + 8
         lo = two_shot_chunk_start(rank, n, size)
         hi = two_shot_chunk_start(rank + 1, n, size)
-        end = lo + (hi - lo + 3) // 4 * 4  # what a copy of chunk rank moves: [lo, end)
+        end = lo + quad_padded(hi - lo)  # what a copy of chunk rank moves: [lo, end)
         if cuda.threadIdx.x == 0 and iteration == 0:
             ptx.mbarrier_init(gathered, 1)  # published with scattered by open_bulk_exchange
         open_bulk_exchange(scattered, (size - 1) * (end - lo) * FLOAT32_BYTES, iteration)
         if cuda.threadIdx.x == 0:
-            ptx.mbarrier_arrive_expect_tx(gathered, ((n + 3) // 4 * 4 - (end - lo)) * FLOAT32_BYTES)
+            ptx.mbarrier_arrive_expect_tx(gathered, (quad_padded(n) - (end - lo)) * FLOAT32_BYTES)
             for k in range(1, size):  # reduce-scatter: chunk c of this row into inbox[rank] of block c
                 c = (rank + k) % size
                 c_lo = two_shot_chunk_start(c, n, size)
-                c_end = c_lo + (two_shot_chunk_start(c + 1, n, size) - c_lo + 3) // 4 * 4
+                c_end = c_lo + quad_padded(two_shot_chunk_start(c + 1, n, size) - c_lo)
                 if c_end > c_lo:
                     destination = ptx.map_shared(ptx.shared_address(work, inbox + rank * slot), c)
                     ptx.bulk_copy_shared_to_cluster(destination, ptx.shared_address(staged, c_lo),
@@ -373,7 +374,7 @@ def steady_reduce_device_function(op: str):
     def direct_steady_reduce(staged, result, n, k):
         """Operation k: barrier k, then pull buffer k % 2 of every block and fold in rank order."""
         size = ptx.cluster_size()
-        slot = (n + 3) // 4 * 4  # slot_elements(n, FLOAT32_BYTES), which device code cannot call
+        slot = quad_padded(n)  # slot_elements(n, FLOAT32_BYTES)
         buffer = (k % 2) * slot  # staged[buffer, i] is staged[buffer + i]
         ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
         whole = n // 4 if n > cuda.blockDim.x else 0  # quads folded 16 bytes a load, as in direct

@@ -216,6 +216,11 @@ def two_shot_chunk_start(c: int, n: int, size: int) -> int:
     return min(n, 4 * (c * ((n + 3) // 4) // size))  # plain arithmetic: the GPU compiles this function too
 
 
+def quad_padded(k: int) -> int:
+    """``k`` elements rounded up to whole quads (4 elements: 16 bytes of float32, a bulk copy's unit)."""
+    return (k + 3) // 4 * 4  # plain arithmetic: the GPU compiles this function too
+
+
 def two_shot_owner(q: int, n: int, size: int) -> int:
     """The block whose ``two_shot`` chunk holds quad ``q`` (elements ``4q ..``) of a row of ``n``:
     the ``c`` with ``two_shot_chunk_start(c) <= 4q < two_shot_chunk_start(c + 1)``."""
