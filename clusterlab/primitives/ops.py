@@ -45,7 +45,7 @@ LOADS_IN_FLIGHT = 8
 
 @functools.cache
 def rank_folds(op: str):
-    """``(fold, fold_quads)``: the fold of ``direct`` (ranks 0..N-1 in order, the simulator's
+    """``(fold, fold_quads, fold_row)``: the fold of ``direct`` (ranks 0..N-1 in order, the simulator's
     ``acc = rows[0]; acc = op(acc, rows[s])``) over every block's copy of a shared float32 array.
 
     ``fold(shared, i, size)`` returns element ``i`` folded; ``size`` is cluster_size().
@@ -58,6 +58,11 @@ def rank_folds(op: str):
     the first combine of the round, so the cluster network carries them together (a round holds
     every rank of LOADS_IN_FLIGHT / N quads, or part of one quad's ranks when N is larger); the
     running fold of a quad carries over from one round to the next.
+
+    ``fold_row(shared, source, dest, n, size)`` folds the row ``shared[source .. source + n - 1]``
+    into ``dest[0 .. n - 1]``: with ``fold_quads`` when the row is longer than the block has threads,
+    else an element a thread with ``fold`` (4-byte loads, which a warp coalesces); the row's tail
+    after its whole quads with ``fold``.
     """
     combine = OPERATORS[op]
     PULLED_WORDS = 4 * LOADS_IN_FLIGHT
@@ -104,7 +109,14 @@ def rank_folds(op: str):
                     s = 0
                     q += stride
 
-    return fold, fold_quads
+    @cuda.jit(device=True, inline=True)
+    def fold_row(shared, source, dest, n, size):
+        whole = n // 4 if n > cuda.blockDim.x else 0  # long rows in quads, short ones an element a thread
+        fold_quads(shared, source, dest, 0, whole, size)
+        for i in range(4 * whole + cuda.threadIdx.x, n, cuda.blockDim.x):
+            dest[i] = fold(shared, source + i, size)
+
+    return fold, fold_quads, fold_row
 
 
 @cuda.jit(device=True, inline=True)

@@ -118,7 +118,7 @@ def reduce_device_function(algorithm: str, op: str):
     check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
     check_choice("op", op, tuple(OPERATORS))
     combine = OPERATORS[op]
-    fold, fold_quads = rank_folds(op)
+    fold, fold_quads, fold_row = rank_folds(op)
     PULLED_WORDS = 4 * LOADS_IN_FLIGHT  # float32 of the quads a two_shot thread has in flight
 
     @cuda.jit(device=True)
@@ -128,10 +128,7 @@ def reduce_device_function(algorithm: str, op: str):
         rounds); a shorter one an element a thread (4-byte loads, which a warp coalesces)."""
         size = ptx.cluster_size()
         ptx.cluster_sync()
-        whole = n // 4 if n > cuda.blockDim.x else 0  # long rows in quads, short ones an element a thread
-        fold_quads(staged, 0, work, 0, whole, size)
-        for i in range(4 * whole + cuda.threadIdx.x, n, cuda.blockDim.x):
-            work[i] = fold(staged, i, size)
+        fold_row(staged, 0, work, n, size)
         ptx.cluster_sync()  # peers may still be reading staged until here
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             staged[i] = work[i]
@@ -368,7 +365,7 @@ def steady_shared_bytes(n: int) -> int:
 def steady_reduce_device_function(op: str):
     """``direct_steady_reduce(staged, result, n, k)`` with operator ``op`` (see the module docstring)."""
     check_choice("op", op, tuple(OPERATORS))
-    fold, fold_quads = rank_folds(op)
+    _, _, fold_row = rank_folds(op)
 
     @cuda.jit(device=True)
     def direct_steady_reduce(staged, result, n, k):
@@ -377,10 +374,7 @@ def steady_reduce_device_function(op: str):
         slot = quad_padded(n)  # slot_elements(n, FLOAT32_BYTES)
         buffer = (k % 2) * slot  # staged[buffer, i] is staged[buffer + i]
         ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
-        whole = n // 4 if n > cuda.blockDim.x else 0  # quads folded 16 bytes a load, as in direct
-        fold_quads(staged, buffer, result, 0, whole, size)
-        for i in range(4 * whole + cuda.threadIdx.x, n, cuda.blockDim.x):
-            result[i] = fold(staged, buffer + i, size)
+        fold_row(staged, buffer, result, n, size)
         cuda.syncthreads()
 
     return direct_steady_reduce
