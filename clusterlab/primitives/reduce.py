@@ -26,8 +26,8 @@ Device-function contract (all six)::
                iteration & 1
 
 Every block of the cluster must call it with all its threads, at most 512 (``direct``,
-``two_shot`` and the steady reduce keep 8 loads of 16 bytes a thread in registers). It opens with a cluster barrier
-(publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
+``two_shot`` and the steady reduce keep 8 loads of 16 bytes a thread in registers). It opens with a
+cluster barrier (publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
 ``staged`` and ``work`` are free to reuse and the block may exit.
 
 Back-to-back all-reduces at **one cluster barrier each** (the simulator's
@@ -36,8 +36,9 @@ Back-to-back all-reduces at **one cluster barrier each** (the simulator's
     direct_steady_reduce(staged, result, n, k)      from steady_reduce_device_function(op)
 
     staged     shared float32 [2, slot], slot = n rounded up to a multiple of 4, 16-byte aligned:
-               buffer k % 2 (elements (k % 2) * slot ..) holds this block's row of operation k on entry (every thread's stores done); buffer (k + 1) % 2 is
-               free for operation k + 1's row once the call returns
+               buffer k % 2 (elements (k % 2) * slot ..) holds this block's row of operation k on
+               entry (every thread's stores done); buffer (k + 1) % 2 is free for operation k + 1's
+               row once the call returns
     result     shared float32 [n], this block's own: the reduction of operation k's rows on return,
                the ``direct`` fold (rank order 0..N-1), so bit for bit ``direct``'s
     k          the operation's index: 0, 1, 2, .. at one call site

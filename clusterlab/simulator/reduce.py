@@ -424,7 +424,8 @@ def bulk_two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.u
         c = (rank + k) % size
         c_lo, _, c_end = chunk(c)
         if c_end > c_lo:
-            b.bulk_copy(b.map_shared(inbox, c).at[rank, : c_end - c_lo], staged.at[c_lo:c_end], b.map_shared(scattered, c))
+            b.bulk_copy(b.map_shared(inbox, c).at[rank, : c_end - c_lo], staged.at[c_lo:c_end],
+                        b.map_shared(scattered, c))
     yield b.mbarrier_wait(scattered, 0)
     b.step("fold")
     acc = staged[lo:hi] if rank == 0 else inbox[0, : hi - lo]
