@@ -16,6 +16,7 @@ from clusterlab.fused.mla_simulated import (
     attention_range,
     kv_a_rows,
     new_row_block,
+    q_a_rows,
     simulated_mla_step,
 )
 from clusterlab.fused.reference import relative_error
@@ -31,6 +32,10 @@ CONFIGS = {
     # odd shapes: 3 heads, a latent row (40 + 8) that the heads split unevenly in phase 1
     "odd": MLAConfig(hidden_size=64, heads=3, kv_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8,
                      v_head_dim=24),
+    # the query LoRA (DeepSeek-V2/V3): q_a_proj's rows split over the heads, here evenly and not (20 = 7 + 7 + 6)
+    "yarn-q-lora": MLAConfig(**SMALL, q_lora_rank=48, rope_scaling=V2_YARN),
+    "odd-q-lora": MLAConfig(hidden_size=64, heads=3, kv_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                            v_head_dim=24, q_lora_rank=20),
 }
 #: batch 1, and a ragged batch of 3: an empty cache beside longer ones (200 spreads over many blocks).
 POSITIONS = [[7], [0, 45, 200]]
@@ -65,7 +70,8 @@ def check_step(config, dtype, positions, cluster_size, clusters_for_attention=No
     assert torch.equal(cache.latent[kept].view(torch.int16), before.latent[kept].view(torch.int16))
     # one trace a cluster a launch; the simulator raised on any hazard, so every one is hazard-free
     clusters = config.heads if clusters_for_attention is None else clusters_for_attention
-    assert len(traces) == 2 * config.heads + clusters
+    head_launches = 2 if config.q_lora_rank is None else 3  # projections (query), output
+    assert len(traces) == head_launches * config.heads + clusters
     return traces
 
 
@@ -82,14 +88,18 @@ def test_attention_grid_independent_of_the_heads(clusters_for_attention):
     check_step(CONFIGS["yarn"], torch.float16, [0, 45, 200], 2, clusters_for_attention)
 
 
-def test_traces_show_the_phases_and_their_barriers():
-    config = CONFIGS["plain"]
+@pytest.mark.parametrize("name", ["plain", "yarn-q-lora"])
+def test_traces_show_the_phases_and_their_barriers(name):
+    config = CONFIGS[name]
     traces = check_step(config, torch.float16, [0, 45, 200], 4)
     heads = config.heads
-    projections, attention, output = traces[:heads], traces[heads: 2 * heads], traces[2 * heads:]
+    if config.q_lora_rank is None:
+        launches = [(traces[:heads], ("1 projections", "2 absorb"), 2)]
+    else:  # the query in a launch of its own
+        launches = [(traces[:heads], ("1 projections",), 2), (traces[heads: 2 * heads], ("1b query", "2 absorb"), 2)]
+    attention, output = traces[len(launches) * heads: -heads], traces[-heads:]
     # phase 3 merges one sequence at a time: two cluster barriers a sequence
-    for group, steps, barriers in ((projections, ("1 projections", "2 absorb"), 2), (attention, ("3 attention",), 6),
-                                   (output, ("4 output",), 2)):
+    for group, steps, barriers in launches + [(attention, ("3 attention",), 6), (output, ("4 output",), 2)]:
         for trace in group:
             table = trace.phase_table()
             assert all(step in table for step in steps), table
@@ -99,10 +109,10 @@ def test_traces_show_the_phases_and_their_barriers():
 
 def test_phase_headers_follow_the_design():
     lines = "".join(inspect.getsource(f) for f in (
-        mla_simulated.projections_block, mla_simulated.attention_block, mla_simulated.output_block,
-        mla_simulated.simulated_mla_step)).splitlines()
+        mla_simulated.projections_block, mla_simulated.query_block, mla_simulated.absorb,
+        mla_simulated.attention_block, mla_simulated.output_block, mla_simulated.simulated_mla_step)).splitlines()
     headers = [line.strip().removeprefix("# -- ").split(":")[0] for line in lines if line.strip().startswith("# -- ")]
-    assert headers == ["1 projections", "2 absorb", "3 attention", "4 output", "5 finish"]
+    assert headers == ["1 projections", "1b query", "2 absorb", "3 attention", "4 output", "5 finish"]
 
 
 BARRIER_LINES = [i for i, line in enumerate(inspect.getsource(mla_simulated).splitlines())
@@ -111,27 +121,25 @@ BARRIER_LINES = [i for i, line in enumerate(inspect.getsource(mla_simulated).spl
 
 @pytest.mark.parametrize("line", BARRIER_LINES)
 def test_every_cluster_barrier_is_needed(line):
-    """The module with one ``yield b.cluster_sync()`` left out: the simulator reports a hazard."""
+    """The module with one ``yield b.cluster_sync()`` left out: the simulator reports a hazard (with the
+    query LoRA or without, whichever runs that barrier)."""
     lines = inspect.getsource(mla_simulated).splitlines()
-    lines[line] = re.sub(r"yield b\.cluster_sync\(\).*", "pass", lines[line])
+    # `yield from ()` keeps a generator with a single barrier a generator, barrier-free
+    lines[line] = re.sub(r"yield b\.cluster_sync\(\).*", "yield from ()", lines[line])
     mutant = types.ModuleType("clusterlab.fused._mla_simulated_mutant")
     mutant.__package__ = "clusterlab.fused"
     exec(compile("\n".join(lines), "mla_simulated_mutant", "exec"), mutant.__dict__)  # noqa: S102 (our own source)
-    config = CONFIGS["plain"]
-    weights = MLAWeights.random(config, torch.float16, seed=0)
-    cache = LatentCache.random(config, 3, 203, torch.float16, seed=1)
-    hidden, residual = torch.randn(2, 3, config.hidden_size).half()
-    with pytest.raises(simulator.Hazard):
-        mutant.simulated_mla_step(config, weights, hidden, residual, cache, [0, 45, 200], 4)
-
-
-def test_query_lora_is_not_modelled():
-    config = MLAConfig(**SMALL, q_lora_rank=48)
-    weights = MLAWeights.random(config, torch.float16, seed=0)
-    cache = LatentCache.random(config, 1, 8, torch.float16, seed=1)
-    hidden, residual = torch.randn(2, 1, config.hidden_size).half()
-    with pytest.raises(NotImplementedError, match="q_lora_rank"):
-        simulated_mla_step(config, weights, hidden, residual, cache, 3, 2)
+    hazards = []
+    for name in ("plain", "yarn-q-lora"):
+        config = CONFIGS[name]
+        weights = MLAWeights.random(config, torch.float16, seed=0)
+        cache = LatentCache.random(config, 3, 203, torch.float16, seed=1)
+        hidden, residual = torch.randn(2, 3, config.hidden_size).half()
+        try:
+            mutant.simulated_mla_step(config, weights, hidden, residual, cache, [0, 45, 200], 4)
+        except simulator.Hazard as hazard:
+            hazards.append((name, hazard))
+    assert hazards
 
 
 def test_bad_cluster_shapes_are_refused():
@@ -143,12 +151,19 @@ def test_bad_cluster_shapes_are_refused():
         simulated_mla_step(config, weights, hidden, residual, cache, 3, 3)
     with pytest.raises(ValueError, match="clusters_for_attention"):
         simulated_mla_step(config, weights, hidden, residual, cache, 3, 2, clusters_for_attention=0)
+    config = CONFIGS["odd-q-lora"]  # q_lora_rank 20: phase 1b's slices need a cluster size dividing it
+    weights = MLAWeights.random(config, torch.float16, seed=0)
+    with pytest.raises(ValueError, match="cluster_size 8 does not divide q_lora_rank 20"):
+        simulated_mla_step(config, weights, hidden, residual, cache, 3, 8)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 def test_plan_covers_every_row_and_position_once(config):
     rows = [i for c in range(config.heads) for i in range(*kv_a_rows(config, c))]
     assert rows == list(range(config.latent_width))
+    if config.q_lora_rank is not None:
+        rows = [i for c in range(config.heads) for i in range(*q_a_rows(config, c))]
+        assert rows == list(range(config.q_lora_rank))
     for cached in (0, 1, 17, 200):
         for clusters, size in ((1, 1), (3, 2), (4, 4)):
             seen = [t for c in range(clusters) for k in range(size)

@@ -1,6 +1,6 @@
 """The MLA decode step's cluster dataflow (``docs/mla-decode-design.md``) as simulator programs, on the CPU.
 
-One generator per grid phase of the planned kernel; the design's two grid barriers are the
+One generator per grid phase of the planned kernel; the design's grid barriers are the
 boundaries between :func:`~clusterlab.simulator.launch` rounds over all clusters, and what crosses
 them lives in "global memory", the dict ``gm`` of float32 NumPy arrays (the simulator does not
 model global memory). Inside a cluster every exchange goes through the simulator's DSMEM, so a
@@ -14,9 +14,10 @@ row, ``A`` the clusters of the attention phase, ``G = A*C`` its blocks::
                           partial dots with q_proj's d_n + d_r rows of head h and 1/heads of the
                           kv_a_proj_with_mqa rows                         -> own smem `partial`
          cluster barrier
-      # -- 2 absorb       owners (element j: block j mod C) sum the C partials through DSMEM and
-                          normalise; q_pe pairs rotated -> gm q_pe, kv_a rows -> gm kv_raw (raw);
-                          q_nope pushed into every block (DSMEM gather)
+                          owners (row i: block i mod C) sum the C partials through DSMEM and
+                          normalise: kv_a rows -> gm kv_raw (raw)
+      # -- 2 absorb       (absorb) the same owners' q rows: q_pe pairs rotated -> gm q_pe, q_nope
+                          pushed into every block (DSMEM gather)
          cluster barrier
                           block k: columns k, k+C, ... of q_lat[h] = q_nope @ W_UK[h] -> gm q_lat
     == grid barrier 1 ==
@@ -37,13 +38,24 @@ row, ``A`` the clusters of the attention phase, ``G = A*C`` its blocks::
     # -- 5 finish         (simulated_mla_step) out_acc and the residual converted to the model
                           dtype, the new rows rounded into the cache
 
+With the query LoRA (``q_lora_rank``), ``q = q_b_proj @ RMSNorm(q_a_proj @ n)`` needs all of
+``q_a`` before any head's query row, so the query takes a launch of its own::
+
+    launch 1, cluster h (heads clusters):                          projections_block
+      # -- 1 projections  as above with 1/heads of the q_a_proj rows instead of head h's q rows;
+                          owners -> gm q_a_raw (raw) and gm kv_raw; cluster barrier
+    == grid barrier ==
+    launch 1b, cluster h = query head h (heads clusters):         query_block
+      # -- 1b query       block k: the whole q_a_raw row's RMS, its slice k of q_a_raw * q_a_layernorm
+                          (q_lora_rank / C columns), partial dots with q_b_proj's rows of head h
+         cluster barrier
+      # -- 2 absorb       as above (absorb), the partials times q_a's 1/RMS
+    == grid barrier 1 ==  launches 2 and 3 as above
+
 Arithmetic is float32; the only roundings to the model dtype are the outputs and the cache row
 (written rounded). The new token's own score uses its unrounded row, as the float64 reference does
 (one of the design's open choices). ``softmax_scale * log2(e)`` is applied to the scores in phase 3.
-The query LoRA (``q_lora_rank``) is not modelled: its down-projection needs all of ``q_a`` in
-every cluster, an exchange the design does not plan.
-
-The plan functions (:func:`kv_a_rows`, :func:`attention_range`, :func:`new_row_block`) say who owns
+The plan functions (:func:`kv_a_rows`, :func:`q_a_rows`, :func:`attention_range`, :func:`new_row_block`) say who owns
 what; they belong with :mod:`clusterlab.fused.plan` once a kernel shares them.
 """
 
@@ -74,12 +86,22 @@ F32 = np.float32
 # ---------------------------------------------------------------------------------------------- plan
 
 
+def head_chunk(rows: int, cluster: int, heads: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of ``rows`` that cluster ``cluster`` (of ``heads``) projects: equal chunks
+    rounded up, the last clusters may get fewer (or none)."""
+    chunk = -(-rows // heads)
+    start = min(cluster * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
 def kv_a_rows(config: MLAConfig, cluster: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` of ``kv_a_proj_with_mqa`` that cluster ``cluster`` (of ``heads``) projects:
-    equal chunks rounded up, the last clusters may get fewer (or none)."""
-    chunk = -(-config.latent_width // config.heads)
-    start = min(cluster * chunk, config.latent_width)
-    return start, min(start + chunk, config.latent_width)
+    """Rows ``[start, end)`` of ``kv_a_proj_with_mqa`` that projection cluster ``cluster`` computes."""
+    return head_chunk(config.latent_width, cluster, config.heads)
+
+
+def q_a_rows(config: MLAConfig, cluster: int) -> tuple[int, int]:
+    """With the query LoRA: rows ``[start, end)`` of ``q_a_proj`` that projection cluster ``cluster`` computes."""
+    return head_chunk(config.q_lora_rank, cluster, config.heads)
 
 
 def attention_range(cached: int, cluster: int, rank: int, clusters: int, cluster_size: int) -> tuple[int, int]:
@@ -110,37 +132,94 @@ def _rotate(xa, xb, cos, sin):
 
 def projections_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int, gm: dict,
                       positions: list[int]):
-    """One block of projection cluster ``cluster`` (query head ``cluster``); phases 1 and 2.
+    """One block of projection cluster ``cluster`` (query head ``cluster``); phases 1 and 2, or with the
+    query LoRA phase 1 alone (its query rows are ``q_a_proj``'s, not head ``cluster``'s).
 
     ``gm`` in: float32 ``hidden``/``residual`` ``[B, H]``, ``norm`` ``[H]``, ``q_proj`` ``[heads*(d_n+d_r),
-    H]``, ``kv_a`` ``[L, H]``, ``w_uk`` ``[heads, d_n, r]``, ``rope`` ``[capacity, 2, d_r/2]``. Out:
-    ``residual_out`` ``[B, H]`` (cluster 0), ``q_lat`` ``[B, heads, r]``, ``q_pe`` ``[B, heads, d_r]``
-    (rotated), ``kv_raw`` ``[B, L]`` (kv_a rows before the latent norm and RoPE).
+    H]`` (or ``q_a`` ``[q_lora_rank, H]``), ``kv_a`` ``[L, H]``, ``w_uk`` ``[heads, d_n, r]``, ``rope``
+    ``[capacity, 2, d_r/2]``. Out: ``residual_out`` ``[B, H]`` (cluster 0), ``kv_raw`` ``[B, L]`` (kv_a rows
+    before the latent norm and RoPE), and ``q_lat`` ``[B, heads, r]``, ``q_pe`` ``[B, heads, d_r]`` (rotated),
+    or with the query LoRA ``q_a_raw`` ``[B, q_lora_rank]`` (before its norm).
     """
     C, rank = b.cluster_size, b.cluster_rank
-    H, r, d_n, d_r = config.hidden_size, config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim
-    q_width = d_n + d_r
+    H, d_n, d_r = config.hidden_size, config.qk_nope_head_dim, config.qk_rope_head_dim
+    lora = config.q_lora_rank is not None
+    if lora:
+        q0, q1 = q_a_rows(config, cluster)
+        query = gm["q_a"][q0:q1]
+    else:
+        q0 = cluster * (d_n + d_r)
+        query = gm["q_proj"][q0 : q0 + d_n + d_r]
+    q_width = len(query)
     kv0, kv1 = kv_a_rows(config, cluster)
-    rows = q_width + kv1 - kv0  # q rows of the head, then its kv_a rows
+    rows = q_width + kv1 - kv0  # the query rows, then the kv_a rows
     k_slice = H // C
     partial = b.shared_array("partial", (batch, rows + 1), F32)
-    q_nope = b.shared_array("q_nope", (batch, d_n), F32)
+    q_nope = None if lora else b.shared_array("q_nope", (batch, d_n), F32)
 
     # -- 1 projections: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots --
     b.step("1 projections")
     k0 = rank * k_slice
     h, xs = norm_inputs(gm, k0, k_slice, cluster == 0)
-    q0 = cluster * q_width
-    partial[:, :q_width] = xs @ gm["q_proj"][q0 : q0 + q_width, k0 : k0 + k_slice].T
+    partial[:, :q_width] = xs @ query[:, k0 : k0 + k_slice].T
     partial[:, q_width:rows] = xs @ gm["kv_a"][kv0:kv1, k0 : k0 + k_slice].T
     partial[:, rows] = (h * h).sum(axis=1, dtype=F32)
     yield b.cluster_sync()  # every block's partials are complete
 
-    # -- 2 absorb: owners sum the partials and normalise; q_pe, kv_a rows out; q_nope to every block -----
-    b.step("2 absorb")
+    # owners (row i: block i mod C) sum the C partials through DSMEM and normalise
+    b.step("1 projections")
     peers = [b.map_shared(partial, c) for c in range(C)]
     ss = sum(peer[:, rows] for peer in peers)
     inv_rms = (F32(1) / np.sqrt(ss / F32(H) + F32(config.rms_eps))).astype(F32)[:, None]
+    i = np.arange(rank, kv1 - kv0, C)  # kv_a rows
+    gm["kv_raw"][:, kv0 + i] = sum(peer[:, q_width + i] for peer in peers) * inv_rms
+    if lora:
+        i = np.arange(rank, q_width, C)  # q_a rows
+        gm["q_a_raw"][:, q0 + i] = sum(peer[:, i] for peer in peers) * inv_rms
+        yield b.cluster_sync()  # no block leaves while a peer reads its partials
+    else:
+        yield from absorb(b, cluster, config, gm, positions, peers, inv_rms, q_nope)
+
+
+def query_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int, gm: dict, positions: list[int]):
+    """With the query LoRA, one block of query cluster ``cluster`` (query head ``cluster``); phases 1b and 2.
+
+    ``gm`` in: ``q_a_raw`` ``[B, q_lora_rank]`` (launch 1), ``q_a_norm`` ``[q_lora_rank]``, ``q_b``
+    ``[heads*(d_n+d_r), q_lora_rank]``, ``w_uk``, ``rope``. Out: ``q_lat``, ``q_pe`` as
+    :func:`projections_block` without the LoRA.
+    """
+    C, rank = b.cluster_size, b.cluster_rank
+    d_n, d_r, R = config.qk_nope_head_dim, config.qk_rope_head_dim, config.q_lora_rank
+    q_width, a_slice = d_n + d_r, R // C
+    partial = b.shared_array("partial", (batch, q_width), F32)
+    q_nope = b.shared_array("q_nope", (batch, d_n), F32)
+
+    # -- 1b query: head h's q_b_proj rows on this block's slice of RMSNorm(q_a) -----------------------
+    b.step("1b query")
+    q_a = gm["q_a_raw"]  # [B, R]: every block reads the whole row for its norm (R values a sequence)
+    inv_rms = (F32(1) / np.sqrt((q_a * q_a).mean(axis=1, dtype=F32) + F32(LATENT_RMS_EPS))).astype(F32)[:, None]
+    a0 = rank * a_slice
+    xs = q_a[:, a0 : a0 + a_slice] * gm["q_a_norm"][a0 : a0 + a_slice]
+    q0 = cluster * q_width
+    partial[:, :] = xs @ gm["q_b"][q0 : q0 + q_width, a0 : a0 + a_slice].T
+    yield b.cluster_sync()  # every block's partials are complete
+
+    peers = [b.map_shared(partial, c) for c in range(C)]
+    yield from absorb(b, cluster, config, gm, positions, peers, inv_rms, q_nope)
+
+
+def absorb(b: simulator.Block, cluster: int, config: MLAConfig, gm: dict, positions: list[int], peers: list,
+           inv_rms: np.ndarray, q_nope: np.ndarray):
+    """Phase 2 of query head ``cluster``, after the cluster barrier that completes the partials:
+    owners sum the C ``peers``' partial query rows (``d_n`` nope, then ``d_r`` rope) times
+    ``inv_rms`` ``[B, 1]``; q_pe pairs rotated -> gm ``q_pe``; q_nope pushed into every block's
+    ``q_nope`` ``[B, d_n]`` (DSMEM gather); then this block's columns of ``q_lat[h] = q_nope @ W_UK[h]``
+    -> gm ``q_lat``."""
+    C, rank = b.cluster_size, b.cluster_rank
+    r, d_n, d_r = config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim
+
+    # -- 2 absorb: owners sum the partials and normalise; q_pe out; q_nope to every block -----------------
+    b.step("2 absorb")
     j = np.arange(rank, d_n, C)  # q_nope elements
     x = sum(peer[:, j] for peer in peers) * inv_rms
     for c in range(C):
@@ -154,8 +233,6 @@ def projections_block(b: simulator.Block, cluster: int, config: MLAConfig, batch
     xa, xb = _rotate(xa, xb, cos, sin)
     gm["q_pe"][:, cluster, ra] = xa
     gm["q_pe"][:, cluster, rb] = xb
-    i = np.arange(rank, kv1 - kv0, C)  # kv_a rows
-    gm["kv_raw"][:, kv0 + i] = sum(peer[:, q_width + i] for peer in peers) * inv_rms
     yield b.cluster_sync()  # q_nope is complete in every block; no DSMEM access after this
 
     b.step("2 absorb")
@@ -270,12 +347,15 @@ def output_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int
 
 
 def check_mla_cluster_size(config: MLAConfig, cluster_size: int) -> None:
-    """1..16 blocks that split the hidden size evenly (phase 1's slices, phase 4's output rows)."""
+    """1..16 blocks that split the hidden size evenly (phase 1's slices, phase 4's output rows), and
+    with the query LoRA ``q_lora_rank`` too (phase 1b's slices)."""
     if not (isinstance(cluster_size, int) and not isinstance(cluster_size, bool)
             and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
         raise ValueError(f"cluster_size must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
     if config.hidden_size % cluster_size:
         raise ValueError(f"cluster_size {cluster_size} does not divide hidden_size {config.hidden_size}")
+    if config.q_lora_rank is not None and config.q_lora_rank % cluster_size:
+        raise ValueError(f"cluster_size {cluster_size} does not divide q_lora_rank {config.q_lora_rank}")
 
 
 def simulated_mla_step(
@@ -297,15 +377,10 @@ def simulated_mla_step(
     sequence. Clusters of ``cluster_size`` blocks: ``heads`` for the projections and the output,
     ``clusters_for_attention`` (default ``heads``, the same grid) for the attention. Each launch's
     :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given (launch 1's
-    clusters, then launch 2's, then launch 3's). Without the query LoRA only.
+    clusters, then with the query LoRA launch 1b's, then launch 2's, then launch 3's).
     """
     check_mla_weights(config, weights)
     check_mla_activations(config, weights, hidden, residual, cache)
-    if config.q_lora_rank is not None:
-        raise NotImplementedError(
-            f"simulated_mla_step models the query without LoRA only (q_lora_rank=None, as DeepSeek-V2-Lite); "
-            f"got q_lora_rank={config.q_lora_rank}"
-        )
     check_mla_cluster_size(config, cluster_size)
     heads = config.heads
     clusters = heads if clusters_for_attention is None else clusters_for_attention
@@ -323,9 +398,15 @@ def simulated_mla_step(
         return torch.from_numpy(np.ascontiguousarray(x, dtype=F32)).to(dtype).to(torch.float32).numpy()
 
     w_uk, w_uv = weights.absorbed(config)
-    gm = {
+    lora = config.q_lora_rank is not None
+    if lora:
+        query = {"q_a": f32(weights.q_a_proj), "q_a_norm": f32(weights.q_a_layernorm), "q_b": f32(weights.q_b_proj),
+                 "q_a_raw": np.full((batch, config.q_lora_rank), np.nan, F32)}
+    else:
+        query = {"q_proj": f32(weights.q_proj)}
+    gm = query | {
         "hidden": f32(hidden), "residual": f32(residual), "norm": f32(weights.input_layernorm),
-        "q_proj": f32(weights.q_proj), "kv_a": f32(weights.kv_a_proj_with_mqa),
+        "kv_a": f32(weights.kv_a_proj_with_mqa),
         "kv_norm": f32(weights.kv_a_layernorm), "w_uk": f32(w_uk), "w_uv": f32(w_uv), "o_proj": f32(weights.o_proj),
         "latent": f32(cache.latent).copy(), "rope": mla_rope_table(config, cache.capacity).numpy(),
         "residual_out": np.full((batch, config.hidden_size), np.nan, F32),
@@ -345,6 +426,9 @@ def simulated_mla_step(
                 traces.append(trace)
 
     run(projections_block, heads, config, batch, gm, positions, title="MLA projections")
+    if lora:
+        # grid barrier: q_a_raw complete in global memory
+        run(query_block, heads, config, batch, gm, positions, title="MLA query")
     # grid barrier 1: q_lat, q_pe and kv_raw complete in global memory
     run(attention_block, clusters, config, batch, clusters, gm, positions, rounded, title="MLA attention")
     # grid barrier 2: one softmax state per attention cluster in global memory
