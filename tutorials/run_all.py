@@ -2,8 +2,8 @@
 
     python tutorials/run_all.py [NOTEBOOK ...]
 
-Needs nbclient and ipykernel (the ``test`` extra). The committed notebooks were executed this way
-on an H100, so readers without one see its figures.
+Needs nbclient and ipykernel (the ``test`` extra). The committed notebooks' GPU cells were
+executed this way on an H200, so readers without one see what they print there.
 """
 
 import sys
