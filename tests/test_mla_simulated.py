@@ -12,13 +12,8 @@ from clusterlab import simulator
 from clusterlab.fused import mla_simulated
 from clusterlab.fused.mla import LatentCache, MLAConfig, MLAWeights
 from clusterlab.fused.mla_reference import mla_reference_step
-from clusterlab.fused.mla_simulated import (
-    attention_range,
-    kv_a_rows,
-    new_row_block,
-    q_a_rows,
-    simulated_mla_step,
-)
+from clusterlab.fused.mla_simulated import simulated_mla_step
+from clusterlab.fused.plan import attention_range, kv_a_rows, latent_columns, new_row_block, q_a_rows
 from clusterlab.fused.reference import relative_error
 
 # As for the Llama block's simulator: outputs rounded once to the activation dtype on top of float32
@@ -71,7 +66,7 @@ def check_step(config, dtype, positions, cluster_size, clusters_for_attention=No
     # one trace a cluster a launch; the simulator raised on any hazard, so every one is hazard-free
     clusters = config.heads if clusters_for_attention is None else clusters_for_attention
     head_launches = 2 if config.q_lora_rank is None else 3  # projections (query), output
-    assert len(traces) == head_launches * config.heads + clusters
+    assert len(traces) == head_launches * config.heads + clusters * batch  # attention: clusters a sequence
     return traces
 
 
@@ -98,8 +93,8 @@ def test_traces_show_the_phases_and_their_barriers(name):
     else:  # the query in a launch of its own
         launches = [(traces[:heads], ("1 projections",), 2), (traces[heads: 2 * heads], ("1b query", "2 absorb"), 2)]
     attention, output = traces[len(launches) * heads: -heads], traces[-heads:]
-    # phase 3 merges one sequence at a time: two cluster barriers a sequence
-    for group, steps, barriers in launches + [(attention, ("3 attention",), 6), (output, ("4 output",), 2)]:
+    assert len(attention) == heads * 3  # clusters a sequence (default: heads) x batch
+    for group, steps, barriers in launches + [(attention, ("3 attention",), 2), (output, ("4 output",), 2)]:
         for trace in group:
             table = trace.phase_table()
             assert all(step in table for step in steps), table
@@ -164,6 +159,9 @@ def test_plan_covers_every_row_and_position_once(config):
     if config.q_lora_rank is not None:
         rows = [i for c in range(config.heads) for i in range(*q_a_rows(config, c))]
         assert rows == list(range(config.q_lora_rank))
+    for size in (1, 2, 4):
+        assert [i for k in range(size) for i in range(*latent_columns(config, k, size))] == list(
+            range(config.kv_lora_rank))
     for cached in (0, 1, 17, 200):
         for clusters, size in ((1, 1), (3, 2), (4, 4)):
             seen = [t for c in range(clusters) for k in range(size)

@@ -12,7 +12,9 @@
 - Multi-head latent attention (DeepSeek-V2), :mod:`clusterlab.fused.mla`: :class:`MLAConfig` with
   preset :data:`DEEPSEEK_V2_LITE` (by name in :data:`MLA_PRESETS`), :class:`YarnRopeScaling`,
   :class:`MLAWeights`, :class:`LatentCache`, :func:`mla_rope_table`; :func:`mla_reference_step` —
-  its float64 oracle (the absorbed dataflow); :class:`UnfusedMLA` — its PyTorch baseline.
+  its float64 oracle (the absorbed dataflow); :class:`UnfusedMLA` — its PyTorch baseline;
+  :class:`DecodeMLA` — the layer: three cluster launches a step on a Hopper GPU
+  (:mod:`clusterlab.fused.mla_kernel`), the simulator on the CPU.
 
 How the work is split over clusters and blocks: :mod:`clusterlab.fused.plan`.
 """
@@ -39,6 +41,7 @@ from .mla import (
     YarnRopeScaling,
     mla_rope_table,
 )
+from .mla_layer import DecodeMLA
 from .mla_reference import UnfusedMLA, mla_reference_step
 from .mlp import DecodeMLP, MLPConfig, MLPWeights, reference_mlp
 from .reference import UnfusedAttention, reference_step, relative_error
@@ -54,6 +57,7 @@ __all__ = [
     "AttentionConfig",
     "AttentionWeights",
     "DecodeAttention",
+    "DecodeMLA",
     "DecodeMLP",
     "KVCache",
     "LatentCache",

@@ -653,6 +653,72 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     return norm_inputs, sum_squares, scale_inputs
 
 
+def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int, bf16: bool, tile, rows: int,
+                          first_rows: int, xs: int, partial: int, partial_stride: int, red: int):
+    """Phase 1 of a kernel that projects ``RMSNorm(hidden + residual)`` with rows of two matrices
+    (the MLP's gate and up rows, MLA's query and latent rows), on a block's hidden slice.
+
+    ``project(hidden, residual, norm, residual_out, w_first, first0, w_second, second0, smem, k0,
+    writes_residual, tid)``: :func:`make_norm_inputs`'s phase on the slice ``k0 .. k0 + k_slice``
+    (``h * norm`` at ``smem[xs ..]``, each warp's ``sum(h^2)`` at ``smem[red ..]``), then the warps
+    take the :func:`make_gemv` steps of ``tile`` over ``rows`` slots in turn: slot ``s <
+    first_rows`` is row ``first0 + s`` of ``w_first``, slot ``s >= first_rows`` row ``second0 + s -
+    first_rows`` of ``w_second`` (16-bit ``[*, hidden_size]`` each); a step's slots never straddle
+    the two (``tile`` tiles both parts). Sequence ``b``'s partial dot of slot ``s`` lands at
+    ``smem[partial + b*partial_stride + s]`` and its ``sum(h^2)`` at column ``rows``. Each warp's
+    first step is loaded once the inputs are in, before the block waits for them. The partials
+    are complete in the block after a barrier (a cluster barrier, for its peers).
+    """
+    threads = 32 * warps
+    step_rows = tile.step_rows
+    steps = rows // step_rows
+    scaled = scales_inputs(tile, bf16)
+    load, finish, words_per_step = make_gemv(batch, bf16, tile, x_stride=k_slice, out_stride=partial_stride,
+                                             atomic=False, norms=(partial + rows, partial_stride))
+    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(batch, hidden_size, k_slice, threads, bf16)
+
+    @cuda.jit(device=True, inline=True)
+    def step_load(w_first, first0, w_second, second0, step, k0, lane, words):
+        """Loads of warp step ``step``."""
+        slot = step * step_rows
+        if slot < first_rows:
+            load(w_first, (first0 + slot) * hidden_size + k0, hidden_size, lane, words)
+        else:
+            load(w_second, (second0 + slot - first_rows) * hidden_size + k0, hidden_size, lane, words)
+
+    @cuda.jit(device=True, inline=True)
+    def step_finish(w_first, first0, w_second, second0, step, k0, lane, words, smem):
+        """The dots of warp step ``step`` into its slots of the partials."""
+        slot = step * step_rows
+        first = slot < first_rows
+        w = w_first if first else w_second
+        row = first0 + slot if first else second0 + slot - first_rows
+        finish(words, w, row * hidden_size + k0, hidden_size, smem, xs, smem, partial + slot, lane)
+
+    @cuda.jit(device=True, inline=True)
+    def project(hidden, residual, norm, residual_out, w_first, first0, w_second, second0, smem, k0,
+                writes_residual, tid):
+        lane, warp = tid % 32, tid // 32
+        norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid)
+        words = cuda.local.array(words_per_step, uint32)
+        step = warp
+        if step < steps:
+            step_load(w_first, first0, w_second, second0, step, k0, lane, words)
+        cuda.syncthreads()
+        sum_squares(smem, red, warps, partial + rows, partial_stride, tid)
+        if scaled:  # see scales_inputs
+            cuda.syncthreads()
+            scale_inputs(smem, xs, partial + rows, partial_stride, tid)
+            cuda.syncthreads()
+        while step < steps:
+            step_finish(w_first, first0, w_second, second0, step, k0, lane, words, smem)
+            step += warps
+            if step < steps:
+                step_load(w_first, first0, w_second, second0, step, k0, lane, words)
+
+    return project
+
+
 def make_exchange(cluster_size: int):
     """Device functions of the exchanges between a cluster's blocks (phases 2 and 4; the MLP's phase 2).
 

@@ -7,7 +7,7 @@ model global memory). Inside a cluster every exchange goes through the simulator
 missing cluster barrier or a wrong owner raises a :class:`~clusterlab.simulator.Hazard` or gives a
 wrong answer. Notation: ``B`` batch, ``H`` hidden size, ``C`` blocks a cluster, ``r =
 kv_lora_rank``, ``d_n``/``d_r``/``d_v`` the nope/rope/value head sizes, ``L = r + d_r`` the latent
-row, ``A`` the clusters of the attention phase, ``G = A*C`` its blocks::
+row, ``A`` the attention phase's clusters a sequence, ``G = A*C`` their blocks::
 
     launch 1, cluster h = query head h (heads clusters):          projections_block
       # -- 1 projections  block k: hidden slice k (h = hidden + residual, xs = h * norm, sum h^2),
@@ -19,19 +19,19 @@ row, ``A`` the clusters of the attention phase, ``G = A*C`` its blocks::
       # -- 2 absorb       (absorb) the same owners' q rows: q_pe pairs rotated -> gm q_pe, q_nope
                           pushed into every block (DSMEM gather)
          cluster barrier
-                          block k: columns k, k+C, ... of q_lat[h] = q_nope @ W_UK[h] -> gm q_lat
+                          block k: its columns (latent_columns) of q_lat[h] = q_nope @ W_UK[h] -> gm q_lat
     == grid barrier 1 ==
-    launch 2, A clusters:                                          attention_block
-      # -- 3 attention    every block: normalises + rotates the new latent row (from gm kv_raw);
-                          its chunk of cache positions (global block g = cluster*C + rank of G,
-                          plan.cached_range), all heads, online softmax (base 2); the last block
-                          of the grid also folds in the new row and appends it to the cache;
+    launch 2, A clusters a sequence (A*B):                         attention_block
+      # -- 3 attention    every block: its chunk of the sequence's cache positions (block g =
+                          a*C + rank of G, plan.cached_range), all heads, online softmax (base 2);
+                          the last block (new_row_block) also normalises + rotates the new latent
+                          row (from gm kv_raw), folds it in and appends it to the cache;
                           cluster barrier; owners merge the C states of their latent columns
                           through DSMEM -> gm state_m/state_l/state_acc [B, A, heads(, r)];
-                          cluster barrier (one sequence at a time: 2 barriers a sequence)
+                          cluster barrier
     == grid barrier 2 ==
     launch 3, cluster h = head h:                                  output_block
-      # -- 4 output       block k: merges head h's A states on latent columns k, k+C, ...,
+      # -- 4 output       block k: merges head h's A states on its latent columns,
                           partial o = o_lat[cols] @ W_UV[h][cols] -> own smem; cluster barrier;
                           sums the C partials through DSMEM; cluster barrier; out rows of slice
                           k += o @ o_proj[rows, head h's columns].T (red.add into gm out_acc)
@@ -55,8 +55,9 @@ With the query LoRA (``q_lora_rank``), ``q = q_b_proj @ RMSNorm(q_a_proj @ n)`` 
 Arithmetic is float32; the only roundings to the model dtype are the outputs and the cache row
 (written rounded). The new token's own score uses its unrounded row, as the float64 reference does
 (one of the design's open choices). ``softmax_scale * log2(e)`` is applied to the scores in phase 3.
-The plan functions (:func:`kv_a_rows`, :func:`q_a_rows`, :func:`attention_range`, :func:`new_row_block`) say who owns
-what; they belong with :mod:`clusterlab.fused.plan` once a kernel shares them.
+Who owns what (``kv_a_rows``, ``q_a_rows``, ``latent_columns``, ``attention_range``,
+``new_row_block``) is :mod:`clusterlab.fused.plan`'s, shared with the kernels
+(:mod:`clusterlab.fused.mla_kernel`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from .mla import (
     check_mla_weights,
     mla_rope_table,
 )
-from .plan import cached_range, new_token_rank
+from .plan import attention_range, kv_a_rows, latent_columns, new_row_block, q_a_rows
 from .simulated import NEG, norm_inputs
 from .validate import check_range, sequence_positions
 
@@ -84,36 +85,6 @@ F32 = np.float32
 
 
 # ---------------------------------------------------------------------------------------------- plan
-
-
-def head_chunk(rows: int, cluster: int, heads: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` of ``rows`` that cluster ``cluster`` (of ``heads``) projects: equal chunks
-    rounded up, the last clusters may get fewer (or none)."""
-    chunk = -(-rows // heads)
-    start = min(cluster * chunk, rows)
-    return start, min(start + chunk, rows)
-
-
-def kv_a_rows(config: MLAConfig, cluster: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` of ``kv_a_proj_with_mqa`` that projection cluster ``cluster`` computes."""
-    return head_chunk(config.latent_width, cluster, config.heads)
-
-
-def q_a_rows(config: MLAConfig, cluster: int) -> tuple[int, int]:
-    """With the query LoRA: rows ``[start, end)`` of ``q_a_proj`` that projection cluster ``cluster`` computes."""
-    return head_chunk(config.q_lora_rank, cluster, config.heads)
-
-
-def attention_range(cached: int, cluster: int, rank: int, clusters: int, cluster_size: int) -> tuple[int, int]:
-    """Cached positions ``[start, end)`` of block ``rank`` of attention cluster ``cluster``: the grid's
-    ``clusters * cluster_size`` blocks split the ``cached`` old rows as :func:`plan.cached_range` does."""
-    return cached_range(cached, cluster * cluster_size + rank, clusters * cluster_size)
-
-
-def new_row_block(clusters: int, cluster_size: int) -> tuple[int, int]:
-    """``(cluster, rank)`` of the attention block that folds in the new row and appends it to the cache."""
-    g = new_token_rank(clusters * cluster_size)
-    return g // cluster_size, g % cluster_size
 
 
 def rope_pairs(config: MLAConfig, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +187,7 @@ def absorb(b: simulator.Block, cluster: int, config: MLAConfig, gm: dict, positi
     ``q_nope`` ``[B, d_n]`` (DSMEM gather); then this block's columns of ``q_lat[h] = q_nope @ W_UK[h]``
     -> gm ``q_lat``."""
     C, rank = b.cluster_size, b.cluster_rank
-    r, d_n, d_r = config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim
+    d_n, d_r = config.qk_nope_head_dim, config.qk_rope_head_dim
 
     # -- 2 absorb: owners sum the partials and normalise; q_pe out; q_nope to every block -----------------
     b.step("2 absorb")
@@ -236,16 +207,17 @@ def absorb(b: simulator.Block, cluster: int, config: MLAConfig, gm: dict, positi
     yield b.cluster_sync()  # q_nope is complete in every block; no DSMEM access after this
 
     b.step("2 absorb")
-    col = np.arange(rank, r, C)  # this block's columns of q_lat[h]
+    col = np.arange(*latent_columns(config, rank, C))  # this block's columns of q_lat[h]
     gm["q_lat"][:, cluster, col] = q_nope[:, :] @ gm["w_uk"][cluster][:, col]
 
 
 # -------------------------------------------------------------------------------------- grid phase 2
 
 
-def attention_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int, clusters: int, gm: dict,
+def attention_block(b: simulator.Block, cluster: int, config: MLAConfig, clusters: int, gm: dict,
                     positions: list[int], rounded):
-    """One block of attention cluster ``cluster`` (of ``clusters``); phase 3.
+    """One block of attention cluster ``cluster``: cluster ``a = cluster % clusters`` of sequence
+    ``seq = cluster // clusters`` (``clusters`` a sequence); phase 3.
 
     ``gm`` in: ``q_lat``, ``q_pe``, ``kv_raw`` (launch 1), ``kv_norm`` ``[r]``, ``latent`` ``[B, capacity,
     L]`` (the cache, float32), ``rope``. Out: ``state_m``/``state_l`` ``[B, A, heads]`` (base-2 max and
@@ -254,57 +226,53 @@ def attention_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: 
     """
     C, rank = b.cluster_size, b.cluster_rank
     heads, r, d_r = config.heads, config.kv_lora_rank, config.qk_rope_head_dim
+    seq, a = divmod(cluster, clusters)
     scale = F32(config.softmax_scale * math.log2(math.e))
-    state_m = b.shared_array("state_m", (heads,), F32)  # one sequence at a time: [heads, r] is 32 KB
-    state_l = b.shared_array("state_l", (heads,), F32)  # at DeepSeek-V2-Lite's shapes, whatever the batch
-    state_acc = b.shared_array("state_acc", (heads, r), F32)
+    state_m = b.shared_array("state_m", (heads,), F32)
+    state_l = b.shared_array("state_l", (heads,), F32)
+    state_acc = b.shared_array("state_acc", (heads, r), F32)  # 32 KB at DeepSeek-V2-Lite's shapes
 
-    # -- 3 attention: new row; per sequence, this block's positions, all heads; states merged in the cluster
+    # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
     b.step("3 attention")
-    raw = gm["kv_raw"]
-    inv_rms = (F32(1) / np.sqrt((raw[:, :r] * raw[:, :r]).mean(axis=1, dtype=F32) + F32(LATENT_RMS_EPS))).astype(F32)
-    c_new = raw[:, :r] * inv_rms[:, None] * gm["kv_norm"]
-    pair = np.arange(d_r // 2)
-    ra, rb = rope_pairs(config, pair)
-    position = np.array(positions)[:, None]
-    cos, sin = gm["rope"][position, 0, pair], gm["rope"][position, 1, pair]
-    k_pe = np.empty((batch, d_r), F32)
-    k_pe[:, ra], k_pe[:, rb] = _rotate(raw[:, r + ra], raw[:, r + rb], cos, sin)
-    new_row = np.concatenate([c_new, k_pe], axis=1).astype(F32)  # [B, L], unrounded
-    has_new = (cluster, rank) == new_row_block(clusters, C)
-    col = np.arange(rank, r, C)  # this block's latent columns in the merge
-    for seq in range(batch):
-        b.step("3 attention")
-        start, end = attention_range(positions[seq], cluster, rank, clusters, C)
-        rows = gm["latent"][seq, start:end]
-        if has_new:
-            rows = np.vstack([rows, new_row[seq]])
-            gm["latent"][seq, positions[seq]] = rounded(new_row[seq])  # the one block that appends
-        if len(rows) == 0:
-            state_m[:] = NEG
-            state_l[:] = 0
-            state_acc[:, :] = 0
-        else:
-            q = np.concatenate([gm["q_lat"][seq], gm["q_pe"][seq]], axis=1) * scale  # [heads, L]
-            scores = q @ rows.T  # [heads, n], base-2 logits
-            m = scores.max(axis=1)
-            p = np.exp2(scores - m[:, None])
-            state_m[:] = m
-            state_l[:] = p.sum(axis=1)
-            state_acc[:, :] = p @ rows[:, :r]
-        yield b.cluster_sync()  # every block's softmax state of this sequence is complete
+    start, end = attention_range(positions[seq], a, rank, clusters, C)
+    rows = gm["latent"][seq, start:end]
+    if (a, rank) == new_row_block(clusters, C):  # the new row: normalised, rotated, folded in and appended
+        raw = gm["kv_raw"][seq]
+        inv_rms = F32(1) / np.sqrt((raw[:r] * raw[:r]).mean(dtype=F32) + F32(LATENT_RMS_EPS))
+        pair = np.arange(d_r // 2)
+        ra, rb = rope_pairs(config, pair)
+        cos, sin = gm["rope"][positions[seq], 0, pair], gm["rope"][positions[seq], 1, pair]
+        k_pe = np.empty(d_r, F32)
+        k_pe[ra], k_pe[rb] = _rotate(raw[r + ra], raw[r + rb], cos, sin)
+        new_row = np.concatenate([raw[:r] * inv_rms * gm["kv_norm"], k_pe]).astype(F32)  # unrounded
+        rows = np.vstack([rows, new_row])
+        gm["latent"][seq, positions[seq]] = rounded(new_row)  # the one block that appends
+    if len(rows) == 0:
+        state_m[:] = NEG
+        state_l[:] = 0
+        state_acc[:, :] = 0
+    else:
+        q = np.concatenate([gm["q_lat"][seq], gm["q_pe"][seq]], axis=1) * scale  # [heads, L]
+        scores = q @ rows.T  # [heads, n], base-2 logits
+        m = scores.max(axis=1)
+        p = np.exp2(scores - m[:, None])
+        state_m[:] = m
+        state_l[:] = p.sum(axis=1)
+        state_acc[:, :] = p @ rows[:, :r]
+    yield b.cluster_sync()  # every block's softmax state is complete
 
-        b.step("3 attention")
-        m_c = np.stack([b.map_shared(state_m, c)[:] for c in range(C)])  # [C, heads]
-        l_c = np.stack([b.map_shared(state_l, c)[:] for c in range(C)])
-        a_c = np.stack([b.map_shared(state_acc, c)[:, col] for c in range(C)])  # [C, heads, cols]
-        m_max = m_c.max(axis=0)
-        w = np.exp2(m_c - m_max)
-        if rank == 0:
-            gm["state_m"][seq, cluster] = m_max
-            gm["state_l"][seq, cluster] = (w * l_c).sum(axis=0)
-        gm["state_acc"][seq, cluster][:, col] = (w[..., None] * a_c).sum(axis=0)
-        yield b.cluster_sync()  # the states are free again, and no block leaves while a peer reads them
+    b.step("3 attention")
+    col = np.arange(*latent_columns(config, rank, C))  # this block's latent columns in the merge
+    m_c = np.stack([b.map_shared(state_m, c)[:] for c in range(C)])  # [C, heads]
+    l_c = np.stack([b.map_shared(state_l, c)[:] for c in range(C)])
+    a_c = np.stack([b.map_shared(state_acc, c)[:, col] for c in range(C)])  # [C, heads, cols]
+    m_max = m_c.max(axis=0)
+    w = np.exp2(m_c - m_max)
+    if rank == 0:
+        gm["state_m"][seq, a] = m_max
+        gm["state_l"][seq, a] = (w * l_c).sum(axis=0)
+    gm["state_acc"][seq, a][:, col] = (w[..., None] * a_c).sum(axis=0)
+    yield b.cluster_sync()  # no block leaves while a peer reads its state
 
 
 # -------------------------------------------------------------------------------------- grid phase 3
@@ -317,13 +285,13 @@ def output_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int
     ``out_acc`` ``[B, H]`` (added into).
     """
     C, rank = b.cluster_size, b.cluster_rank
-    H, r, d_v = config.hidden_size, config.kv_lora_rank, config.v_head_dim
+    H, d_v = config.hidden_size, config.v_head_dim
     out_rows = H // C
     partial_o = b.shared_array("partial_o", (batch, d_v), F32)
 
     # -- 4 output: merge head h's states over the clusters, o_lat @ W_UV[h] (partial), o_proj columns ------
     b.step("4 output")
-    col = np.arange(rank, r, C)
+    col = np.arange(*latent_columns(config, rank, C))
     m_c = gm["state_m"][:, :, cluster]  # [B, A]
     m_max = m_c.max(axis=1, keepdims=True)
     w = np.exp2(m_c - m_max)
@@ -347,13 +315,16 @@ def output_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int
 
 
 def check_mla_cluster_size(config: MLAConfig, cluster_size: int) -> None:
-    """1..16 blocks that split the hidden size evenly (phase 1's slices, phase 4's output rows), and
-    with the query LoRA ``q_lora_rank`` too (phase 1b's slices)."""
+    """1..16 blocks that split the hidden size (phase 1's slices, phase 4's output rows) and
+    ``kv_lora_rank`` (:func:`latent_columns`) evenly, and with the query LoRA ``q_lora_rank`` too
+    (phase 1b's slices)."""
     if not (isinstance(cluster_size, int) and not isinstance(cluster_size, bool)
             and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
         raise ValueError(f"cluster_size must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
     if config.hidden_size % cluster_size:
         raise ValueError(f"cluster_size {cluster_size} does not divide hidden_size {config.hidden_size}")
+    if config.kv_lora_rank % cluster_size:
+        raise ValueError(f"cluster_size {cluster_size} does not divide kv_lora_rank {config.kv_lora_rank}")
     if config.q_lora_rank is not None and config.q_lora_rank % cluster_size:
         raise ValueError(f"cluster_size {cluster_size} does not divide q_lora_rank {config.q_lora_rank}")
 
@@ -375,9 +346,10 @@ def simulated_mla_step(
     CPU tensors, shapes and dtypes as for :func:`~clusterlab.fused.mla_reference.mla_reference_step`
     (float16 or bfloat16 for the kernel; float32 works too); ``positions`` an int or one per
     sequence. Clusters of ``cluster_size`` blocks: ``heads`` for the projections and the output,
-    ``clusters_for_attention`` (default ``heads``, the same grid) for the attention. Each launch's
+    ``clusters_for_attention`` a sequence (default ``heads``) for the attention. Each launch's
     :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given (launch 1's
-    clusters, then with the query LoRA launch 1b's, then launch 2's, then launch 3's).
+    clusters, then with the query LoRA launch 1b's, then launch 2's, sequence after sequence, then
+    launch 3's).
     """
     check_mla_weights(config, weights)
     check_mla_activations(config, weights, hidden, residual, cache)
@@ -430,7 +402,7 @@ def simulated_mla_step(
         # grid barrier: q_a_raw complete in global memory
         run(query_block, heads, config, batch, gm, positions, title="MLA query")
     # grid barrier 1: q_lat, q_pe and kv_raw complete in global memory
-    run(attention_block, clusters, config, batch, clusters, gm, positions, rounded, title="MLA attention")
+    run(attention_block, clusters * batch, config, clusters, gm, positions, rounded, title="MLA attention")
     # grid barrier 2: one softmax state per attention cluster in global memory
     run(output_block, heads, config, batch, clusters, gm, title="MLA output")
     # -- 5 finish: the last block to add into out_acc converts it; the cache row as phase 3 wrote it -----

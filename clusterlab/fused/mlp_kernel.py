@@ -39,8 +39,8 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
-from .kernel import (REGISTERS_PER_THREAD, gemv_tile, make_exchange, make_finish, make_gemv, make_norm_inputs,
-                     region_offsets, scales_inputs)
+from .kernel import (REGISTERS_PER_THREAD, gemv_tile, make_exchange, make_finish, make_gemv, make_input_projection,
+                     region_offsets)
 from .mlp import MLPConfig
 from .plan import HOPPER, QUAD, DeviceLimits
 
@@ -150,21 +150,17 @@ def build_mlp_kernel(spec: MLPSpec):
     INV_H = np.float32(1.0 / H)
     layout = spec.smem_layout()
     XS, PARTIAL, ACT, RED = layout["xs"], layout["partial"], layout["act"], layout["red"]
-    gate_up_tile, down_tile = spec.gate_up_tile(), spec.down_tile()
-    GATE_UP_STEP_ROWS = gate_up_tile.step_rows  # slots a warp step covers
-    GATE_UP_STEPS = ROWS // GATE_UP_STEP_ROWS
+    down_tile = spec.down_tile()
     DOWN_STEP_ROWS = down_tile.step_rows  # W_down rows a warp step covers
-    GATE_UP_SCALED = scales_inputs(gate_up_tile, BF16)
     DOWN_STEPS = OUT_ROWS // DOWN_STEP_ROWS
 
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
-    gate_up_load, gate_up_finish, GATE_UP_WORDS = make_gemv(BATCH, BF16, gate_up_tile, x_stride=K_SLICE,
-                                                            out_stride=PARTIAL_STRIDE, atomic=False,
-                                                            norms=(PARTIAL + ROWS, PARTIAL_STRIDE))
+    # the cluster's slots: its gate rows, then its up rows
+    gate_up = make_input_projection(BATCH, H, K_SLICE, WARPS, BF16, spec.gate_up_tile(), ROWS, INTER_SLICE, XS,
+                                    PARTIAL, PARTIAL_STRIDE, RED)
     down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
                                                    atomic=True)
-    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
@@ -173,24 +169,6 @@ def build_mlp_kernel(spec: MLPSpec):
     def rounded(x):
         """``x`` rounded to the model dtype, as a PyTorch op that returns a 16-bit tensor rounds."""
         return to_f32(to_bits(x))
-
-    @cuda.jit(device=True, inline=True)
-    def gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words):
-        """Loads of warp step ``step``: its slots are gate rows, or up rows from slot ``inter_slice`` on."""
-        slot = step * GATE_UP_STEP_ROWS
-        if slot < INTER_SLICE:
-            gate_up_load(w_gate, (cluster * INTER_SLICE + slot) * H + k0, H, lane, words)
-        else:
-            gate_up_load(w_up, (cluster * INTER_SLICE + slot - INTER_SLICE) * H + k0, H, lane, words)
-
-    @cuda.jit(device=True, inline=True)
-    def gate_up_step_finish(w_gate, w_up, cluster, step, k0, lane, words, smem):
-        """The dots of warp step ``step`` into its slots of the partials."""
-        slot = step * GATE_UP_STEP_ROWS
-        gate = slot < INTER_SLICE
-        w = w_gate if gate else w_up
-        row = cluster * INTER_SLICE + (slot if gate else slot - INTER_SLICE)
-        gate_up_finish(words, w, row * H + k0, H, smem, XS, smem, PARTIAL + slot, lane)
 
     def fused_mlp(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals):
         smem = cuda.shared.array(0, float32)
@@ -202,22 +180,8 @@ def build_mlp_kernel(spec: MLPSpec):
         k0 = rank * K_SLICE
 
         # -- 1 gate_up: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots -
-        norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, k0, cluster == 0, tid)
-        words = cuda.local.array(GATE_UP_WORDS, uint32)
-        step = warp
-        if step < GATE_UP_STEPS:
-            gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
-        cuda.syncthreads()
-        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
-        if GATE_UP_SCALED:  # see scales_inputs
-            cuda.syncthreads()
-            scale_inputs(smem, XS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
-            cuda.syncthreads()
-        while step < GATE_UP_STEPS:
-            gate_up_step_finish(w_gate, w_up, cluster, step, k0, lane, words, smem)
-            step += WARPS
-            if step < GATE_UP_STEPS:
-                gate_up_step_load(w_gate, w_up, cluster, step, k0, lane, words)
+        gate_up(hidden, residual, norm, residual_out, w_gate, cluster * INTER_SLICE, w_up, cluster * INTER_SLICE, smem,
+                k0, cluster == 0, tid)
         # First W_down loads (weights need no a): this block's output rows, the cluster's columns.
         down_words = cuda.local.array(DOWN_WORDS, uint32)
         step = warp

@@ -61,7 +61,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from .config import AttentionConfig
+
+if TYPE_CHECKING:
+    from .mla import MLAConfig
 
 
 @dataclass(frozen=True)
@@ -207,3 +212,45 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     blocks, size, split = best
     warps = 4 if batch <= 4 and blocks > sm_count else 8
     return size, warps, split
+
+
+# -- multi-head latent attention (docs/mla-decode-design.md; clusterlab.fused.mla_simulated, mla_kernel) --
+
+
+def head_chunk(rows: int, cluster: int, heads: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of ``rows`` that cluster ``cluster`` (of ``heads``) projects: equal chunks
+    rounded up, the last clusters may get fewer (or none)."""
+    chunk = -(-rows // heads)
+    start = min(cluster * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def kv_a_rows(config: MLAConfig, cluster: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of ``kv_a_proj_with_mqa`` that projection cluster ``cluster`` computes."""
+    return head_chunk(config.latent_width, cluster, config.heads)
+
+
+def q_a_rows(config: MLAConfig, cluster: int) -> tuple[int, int]:
+    """With the query LoRA: rows ``[start, end)`` of ``q_a_proj`` that projection cluster ``cluster`` computes."""
+    return head_chunk(config.q_lora_rank, cluster, config.heads)
+
+
+def latent_columns(config: MLAConfig, rank: int, cluster_size: int) -> tuple[int, int]:
+    """Latent columns ``[start, end)`` block ``rank`` owns, ``kv_lora_rank / C`` of them: of ``q_lat[h]``
+    (launch 1), of the merged softmax states (launch 2), of ``o_lat`` (launch 3); contiguous, so that
+    a block's columns of ``W_UK[h]`` and ``W_UV[h]`` are whole rows of their transposes."""
+    cols = config.kv_lora_rank // cluster_size
+    return rank * cols, (rank + 1) * cols
+
+
+def attention_range(cached: int, cluster: int, rank: int, clusters: int, cluster_size: int) -> tuple[int, int]:
+    """Cached positions ``[start, end)`` of block ``rank`` of attention cluster ``cluster`` (of a
+    sequence's ``clusters``): their ``clusters * cluster_size`` blocks split the sequence's ``cached``
+    old rows as :func:`cached_range` does."""
+    return cached_range(cached, cluster * cluster_size + rank, clusters * cluster_size)
+
+
+def new_row_block(clusters: int, cluster_size: int) -> tuple[int, int]:
+    """``(cluster, rank)`` of the attention block that folds in the new row and appends it to the cache."""
+    g = new_token_rank(clusters * cluster_size)
+    return g // cluster_size, g % cluster_size

@@ -1,0 +1,627 @@
+"""The MLA decode kernels: three cluster launches a step, the dataflow of ``docs/mla-decode-design.md``.
+
+The simulator programs of the same dataflow are in :mod:`clusterlab.fused.mla_simulated`, launch
+for launch and phase for phase (``# -- 1 projections`` .. ``# -- 5 finish``, the same names). The
+constants are :class:`MLASpec`'s words upper-cased::
+
+    H, HEADS, R, L           hidden_size, heads, kv_lora_rank, latent_width = R + D_R
+    D_N, D_R, D_V            qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+    Q_WIDTH                  q_width = D_N + D_R: a head's query rows
+    KV_ROWS                  kv_rows = L / HEADS: the kv_a_proj_with_mqa rows a projection cluster owns
+    ROWS                     rows = Q_WIDTH + KV_ROWS: a projection cluster's rows, query first
+    C, A                     cluster_size, attention_clusters
+    K_SLICE, OUT_ROWS        a block's slice of the hidden size (launch 1) and of o_proj's rows (launch 3)
+    COLS                     cols = R / C: the latent columns a block owns (launches 1, 2, 3)
+    BATCH, WARPS, THREADS    sequences, warps and threads of a block
+
+Launch 1 (``HEADS`` clusters, cluster h = query head h): ``h * norm`` on the block's hidden slice,
+partial dots with head h's ``q_proj`` rows and the cluster's ``KV_ROWS`` rows of
+``kv_a_proj_with_mqa``; barrier; owners of quads (16 bytes: :func:`~clusterlab.fused.kernel.make_exchange`)
+sum the partials and normalise: ``kv_raw`` and the rotated ``q_pe`` to global memory, ``q_nope``
+pushed into every block (the ClusterGather); barrier; the block's ``COLS`` columns of ``q_lat[h]
+= q_nope @ W_UK[h]`` (rows of ``W_UK[h]^T``, a copy the layer keeps) to global memory.
+
+Launch 2 (``A`` clusters a sequence): the block's chunk of the sequence's cached positions for
+every head on the CUDA cores: warp ``w`` holds heads ``w*HEADS/WARPS ..``, lane ``l`` latent dims ``l*R/32 ..``
+and rope dims ``l*D_R/32 ..`` of each row, so a score is a lane-partial dot summed by shuffles
+and the warp's softmax states stay in registers. The block that folds in the new row also
+normalises and rotates it (from ``kv_raw``) and appends it to the cache. Barrier; owners of the
+block's latent columns merge the ``C`` states through DSMEM into the cluster's state in global
+memory; barrier.
+
+Launch 3 (``HEADS`` clusters, cluster h = head h): the block merges head h's ``A`` states on its
+latent columns into ``o_lat``, multiplies by its columns of ``W_UV[h]`` (rows of ``kv_b_proj``)
+into a partial ``o[h]``; barrier; owners of ``o``'s quads sum the partials and push ``o`` into
+every block (a gather); barrier; the block's rows of ``o_proj`` times ``o[h]`` added into
+``out_acc``, converted by the last block of each rank (:func:`~clusterlab.fused.kernel.make_finish`).
+
+The matrix-vector steps, the input phase, the exchanges and the finish are the Llama block's
+(:mod:`clusterlab.fused.kernel`); the kernels keep float32 between launches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda, float32, int16, int32, uint32
+
+from .. import ptx
+from . import plan
+from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, gemv_tile, make_exchange, make_finish, make_gemv,
+                     make_input_projection, region_offsets)
+from .mla import LATENT_RMS_EPS, MLAConfig
+from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
+
+#: The most accumulators (heads a warp x latent dims a lane) a lane of launch 2 keeps.
+ATTENTION_ACCUMULATORS = 64
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Everything the three MLA kernels are specialised on (each distinct spec is one compilation)."""
+
+    hidden_size: int
+    heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    interleaved: bool
+    rms_eps: float
+    softmax_scale: float
+    bf16: bool
+    batch: int
+    cluster_size: int
+    attention_clusters: int
+    warps: int
+    limits: DeviceLimits = HOPPER
+
+    @classmethod
+    def of(cls, config: MLAConfig, bf16: bool, batch: int, cluster_size: int, attention_clusters: int, warps: int,
+           limits: DeviceLimits = HOPPER) -> MLASpec:
+        """The spec of one launch shape (raises ``ValueError`` naming what does not fit)."""
+        if config.q_lora_rank is not None:
+            raise ValueError(f"the MLA kernels take no query LoRA yet (q_lora_rank={config.q_lora_rank}); "
+                             "the simulator backend does")
+        if cluster_size not in plan.CLUSTER_SIZES:
+            raise ValueError(f"cluster_size must be one of {plan.CLUSTER_SIZES}, got {cluster_size!r}")
+        if not (isinstance(attention_clusters, int) and attention_clusters >= 1):
+            raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
+        if warps not in (4, 8, 16):
+            raise ValueError(f"warps must be one of (4, 8, 16), got {warps!r}")
+        h, r, d_r, heads = config.hidden_size, config.kv_lora_rank, config.qk_rope_head_dim, config.heads
+        needs = [
+            (h % (8 * cluster_size) == 0, f"hidden_size {h} must split into {cluster_size} slices of whole 16-byte "
+                                          "chunks"),
+            (config.latent_width % (QUAD * heads) == 0, f"the latent row ({config.latent_width}) must split over the "
+                                                       f"{heads} heads in quads"),
+            (r % 256 == 0 and r <= 512, f"kv_lora_rank {r} must be 256 or 512 (a lane holds 8 or 16 latent dims)"),
+            (d_r % 32 == 0 and d_r <= 64, f"qk_rope_head_dim {d_r} must be 32 or 64 (a lane holds 1 or 2 rope dims)"),
+            (r % (8 * cluster_size) == 0, f"kv_lora_rank {r} must split into {cluster_size} column slices of whole "
+                                          "16-byte chunks"),
+            (config.qk_nope_head_dim % 8 == 0 and config.v_head_dim % 8 == 0,
+             "qk_nope_head_dim and v_head_dim must be multiples of 8"),
+            (heads % warps == 0, f"{heads} heads do not split evenly over {warps} warps (launch 2 gives each warp "
+                                 "heads // warps heads)"),
+            (heads // warps * (r // 32) <= ATTENTION_ACCUMULATORS,
+             f"{heads} heads over {warps} warps: a lane would keep {heads // warps * (r // 32)} accumulators "
+             f"(at most {ATTENTION_ACCUMULATORS}); use more warps"),
+        ]
+        for ok, why in needs:
+            if not ok:
+                raise ValueError(why)
+        spec = cls(h, heads, r, config.qk_nope_head_dim, d_r, config.v_head_dim, config.rope_interleaved,
+                   float(config.rms_eps), float(config.softmax_scale), bf16, batch, cluster_size, attention_clusters,
+                   warps, limits)
+        for tile in (spec.projections_tile, spec.absorb_tile, spec.value_tile, spec.o_tile):
+            tile()  # raises where a slice has no valid tiling
+        for name, layout in (("projections", spec.projections_layout), ("attention", spec.attention_layout),
+                             ("output", spec.output_layout)):
+            need = 4 * layout()["total"]
+            if need > limits.shared_bytes_per_block:
+                raise ValueError(f"a block of the {name} launch needs {need} bytes of shared memory; the GPU allows "
+                                 f"{limits.shared_bytes_per_block}")
+        return spec
+
+    @property
+    def q_width(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_width(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        """Rows of ``kv_a_proj_with_mqa`` one projection cluster owns."""
+        return self.latent_width // self.heads
+
+    @property
+    def rows(self) -> int:
+        return self.q_width + self.kv_rows
+
+    @property
+    def k_slice(self) -> int:
+        return self.hidden_size // self.cluster_size
+
+    @property
+    def out_rows(self) -> int:
+        return self.hidden_size // self.cluster_size
+
+    @property
+    def cols(self) -> int:
+        """Latent columns one block owns: of ``q_lat`` (launch 1), of the merged states (2), of ``o_lat`` (3)."""
+        return self.kv_lora_rank // self.cluster_size
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def partial_stride(self) -> int:
+        """Words of a sequence's row of launch 1's ``partial``: its rows, ``sum(h^2)``, padded to a quad."""
+        return self.rows + QUAD
+
+    def projections_tile(self):
+        # a warp step never straddles the query rows and the kv_a rows
+        return gemv_tile("MLA projections", self.k_slice // 8, math.gcd(self.q_width, self.kv_rows), self.batch)
+
+    def absorb_tile(self):
+        return gemv_tile("absorbed query", self.qk_nope_head_dim // 8, self.cols, self.batch)
+
+    def value_tile(self):
+        return gemv_tile("value absorption", self.cols // 8, self.v_head_dim, self.batch)
+
+    def o_tile(self):
+        return gemv_tile("output projection", self.v_head_dim // 8, self.out_rows, self.batch)
+
+    def projections_layout(self) -> dict[str, int]:
+        b = self.batch
+        return region_offsets({"xs": b * self.k_slice, "partial": b * self.partial_stride,
+                               "q_nope": b * self.qk_nope_head_dim, "red": self.warps * b})
+
+    def attention_layout(self) -> dict[str, int]:
+        heads, r, width = self.heads, self.kv_lora_rank, self.latent_width
+        return region_offsets({"q": heads * width, "new_row": width, "state_m": heads, "state_l": heads,
+                               "state_acc": heads * r, "red": self.warps})
+
+    def output_layout(self) -> dict[str, int]:
+        b, d_v = self.batch, self.v_head_dim
+        return region_offsets({"o_lat": b * self.cols, "partial_o": b * d_v, "o": b * d_v})
+
+    def min_blocks_per_sm(self, layout: dict[str, int]) -> int:
+        return self.limits.blocks_per_sm(4 * layout["total"], self.threads, REGISTERS_PER_THREAD)
+
+
+def build_projections_kernel(spec: MLASpec):
+    """Launch 1: phases 1 and 2 (see the module docstring). Arguments (16-bit tensors as flat int16 views)::
+
+        hidden, residual  [batch * H]                 inputs
+        norm              [H]                         input_layernorm
+        q_proj            [HEADS * Q_WIDTH * H]
+        kv_a              [L * H]                     kv_a_proj_with_mqa
+        w_uk_t            [HEADS * R * D_N]           W_UK[h]^T, head after head
+        rope              [capacity * 2 * D_R/2] float32   attention factor x cos, sin
+        positions         [batch] int32;  capacity int32
+        residual_out      [batch * H]                 output: hidden + residual
+        q_lat             [batch * HEADS * R] float32 output
+        q_pe              [batch * HEADS * D_R] float32   output, rotated
+        kv_raw            [batch * L] float32         output: the latent row before its norm and RoPE
+
+    A position outside ``0 .. capacity-1`` makes its sequence's ``q_lat`` and ``q_pe`` NaN.
+    """
+    H, HEADS, R, L, C, BATCH, WARPS, THREADS, BF16 = (spec.hidden_size, spec.heads, spec.kv_lora_rank,
+                                                      spec.latent_width, spec.cluster_size, spec.batch, spec.warps,
+                                                      spec.threads, spec.bf16)
+    D_N, D_R, Q_WIDTH, KV_ROWS, ROWS = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.q_width, spec.kv_rows, spec.rows
+    K_SLICE, COLS, PARTIAL_STRIDE, INTERLEAVED = spec.k_slice, spec.cols, spec.partial_stride, spec.interleaved
+    HALF = D_R // 2
+    NOPE_QUADS, PE_QUADS = D_N // QUAD, HALF // QUAD  # a quad of q_pe is four RoPE pairs
+    UNITS = NOPE_QUADS + PE_QUADS + KV_ROWS // QUAD  # quads of one sequence in phase 2
+    EPS, INV_H, NAN = np.float32(spec.rms_eps), np.float32(1.0 / H), np.float32(np.nan)
+    layout = spec.projections_layout()
+    XS, PARTIAL, Q_NOPE, RED = layout["xs"], layout["partial"], layout["q_nope"], layout["red"]
+    absorb_tile = spec.absorb_tile()
+    ABSORB_STEP_ROWS = absorb_tile.step_rows
+    ABSORB_STEPS = COLS // ABSORB_STEP_ROWS
+    # the cluster's rows: head h's query rows, then its kv_a rows
+    projections = make_input_projection(BATCH, H, K_SLICE, WARPS, BF16, spec.projections_tile(), ROWS, Q_WIDTH, XS,
+                                        PARTIAL, PARTIAL_STRIDE, RED)
+    absorb_load, absorb_finish, ABSORB_WORDS = make_gemv(BATCH, BF16, absorb_tile, x_stride=D_N,
+                                                         out_stride=HEADS * R, atomic=False)
+    exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
+    owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
+
+    def mla_projections(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out,
+                        q_lat, q_pe, kv_raw):
+        smem = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        lane, warp = tid % 32, tid // 32
+        rank = ptx.cluster_rank()
+        cluster = cuda.blockIdx.x // C  # query head `cluster`, kv_a rows cluster*KV_ROWS ..
+        k0 = rank * K_SLICE
+
+        # -- 1 projections: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots --
+        projections(hidden, residual, norm, residual_out, q_proj, cluster * Q_WIDTH, kv_a, cluster * KV_ROWS, smem, k0,
+                    cluster == 0, tid)
+        # First W_UK^T loads (weights need no q_nope): this block's columns of q_lat[h].
+        absorb_words = cuda.local.array(ABSORB_WORDS, uint32)
+        step = warp
+        if step < ABSORB_STEPS:
+            absorb_load(w_uk_t, (cluster * R + rank * COLS + step * ABSORB_STEP_ROWS) * D_N, D_N, lane, absorb_words)
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # every block's partials are complete
+
+        # owners (quad q: block q mod C) sum the C partials through DSMEM and normalise
+        # -- 2 absorb: kv_a rows -> kv_raw, q_pe rotated -> q_pe, q_nope pushed into every block --------------
+        # A unit is one sequence's quad: of q_nope (rows 4q ..), of q_pe (four RoPE pairs: rows `first ..`
+        # and `second ..`), or of the kv_a rows; its C lanes pull one block's partials each.
+        units = owned_quads(UNITS * QUAD, rank, C) * BATCH
+        for lane_of_block in range(tid, exchange_lanes(units), THREADS):
+            unit, peer = lane_of_block // C, lane % C
+            active = unit < units
+            quad = rank + (unit // BATCH) * C
+            seq = unit % BATCH
+            partial = PARTIAL + seq * PARTIAL_STRIDE
+            position = positions[seq]
+            valid = 0 <= position < capacity
+            pair = QUAD * (quad - NOPE_QUADS)  # the quad's first RoPE pair, where it is one of q_pe
+            if quad < NOPE_QUADS:
+                first = QUAD * quad
+            elif quad < NOPE_QUADS + PE_QUADS:
+                first = D_N + 2 * pair if INTERLEAVED else D_N + pair
+            else:
+                first = Q_WIDTH + QUAD * (quad - NOPE_QUADS - PE_QUADS)
+            second = first + QUAD if INTERLEAVED else first + HALF
+            lo0, lo1, lo2, lo3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            hi0, hi1, hi2, hi3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            ss = float32(0.0)
+            if active:
+                lo0, lo1, lo2, lo3 = pull(smem, partial + first, peer)
+                if NOPE_QUADS <= quad < NOPE_QUADS + PE_QUADS:
+                    hi0, hi1, hi2, hi3 = pull(smem, partial + second, peer)
+                ss = ptx.remote_load(smem, partial + ROWS, peer)
+            inv_rms = float32(1.0) / math.sqrt(peer_sum(ss) * INV_H + EPS)
+            lo0, lo1, lo2, lo3 = peer_sum(lo0) * inv_rms, peer_sum(lo1) * inv_rms, peer_sum(lo2) * inv_rms, \
+                peer_sum(lo3) * inv_rms
+            hi0, hi1, hi2, hi3 = peer_sum(hi0) * inv_rms, peer_sum(hi1) * inv_rms, peer_sum(hi2) * inv_rms, \
+                peer_sum(hi3) * inv_rms
+            if active and quad < NOPE_QUADS:
+                if not valid:
+                    lo0, lo1, lo2, lo3 = NAN, NAN, NAN, NAN
+                push(smem, Q_NOPE + seq * D_N + first, peer, lo0, lo1, lo2, lo3)
+            elif active and quad < NOPE_QUADS + PE_QUADS and peer == 0:
+                xa = cuda.local.array(QUAD, float32)
+                xb = cuda.local.array(QUAD, float32)
+                if INTERLEAVED:  # pair i: rows 2i, 2i + 1
+                    xa[0], xa[1], xa[2], xa[3] = lo0, lo2, hi0, hi2
+                    xb[0], xb[1], xb[2], xb[3] = lo1, lo3, hi1, hi3
+                else:  # pair i: rows i, i + D_R/2
+                    xa[0], xa[1], xa[2], xa[3] = lo0, lo1, lo2, lo3
+                    xb[0], xb[1], xb[2], xb[3] = hi0, hi1, hi2, hi3
+                out = (seq * HEADS + cluster) * D_R
+                for i in range(QUAD):
+                    ya, yb = NAN, NAN
+                    if valid:
+                        cos = rope[(position * 2) * HALF + pair + i]
+                        sin = rope[(position * 2 + 1) * HALF + pair + i]
+                        ya, yb = xa[i] * cos - xb[i] * sin, xb[i] * cos + xa[i] * sin
+                    da, db = (2 * (pair + i), 2 * (pair + i) + 1) if INTERLEAVED else (pair + i, pair + i + HALF)
+                    q_pe[out + da] = ya
+                    q_pe[out + db] = yb
+            elif active and peer == 0:
+                row = seq * L + cluster * KV_ROWS + first - Q_WIDTH
+                kv_raw[row] = lo0
+                kv_raw[row + 1] = lo1
+                kv_raw[row + 2] = lo2
+                kv_raw[row + 3] = lo3
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # q_nope is complete in every block; no DSMEM access after this
+
+        while step < ABSORB_STEPS:
+            absorb_finish(absorb_words, w_uk_t, (cluster * R + rank * COLS + step * ABSORB_STEP_ROWS) * D_N, D_N,
+                          smem, Q_NOPE, q_lat, cluster * R + rank * COLS + step * ABSORB_STEP_ROWS, lane)
+            step += WARPS
+            if step < ABSORB_STEPS:
+                absorb_load(w_uk_t, (cluster * R + rank * COLS + step * ABSORB_STEP_ROWS) * D_N, D_N, lane,
+                            absorb_words)
+
+    return mla_projections
+
+
+def build_attention_kernel(spec: MLASpec):
+    """Launch 2: phase 3 (see the module docstring). Arguments::
+
+        q_lat, q_pe, kv_raw   float32, launch 1's outputs
+        kv_norm               [R] int16 view       kv_a_layernorm
+        latent                [batch * capacity * L] int16 view   the cache; row positions[b] written
+        rope                  [capacity * 2 * D_R/2] float32
+        positions             [batch] int32;  capacity int32
+        state_m, state_l      [batch * A * HEADS] float32    outputs: each cluster's base-2 max and sum
+        state_acc             [batch * A * HEADS * R] float32  output: its unnormalised sums of rows
+
+    The grid is ``batch * A`` clusters: cluster ``a`` of sequence ``seq`` is cluster ``seq * A + a``.
+    """
+    HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
+                              spec.cluster_size, spec.attention_clusters)
+    WARPS, THREADS, BF16, INTERLEAVED, COLS = spec.warps, spec.threads, spec.bf16, spec.interleaved, spec.cols
+    HALF = D_R // 2
+    HEADS_PER_WARP, LANE_DIMS, ROPE_DIMS = HEADS // WARPS, R // 32, D_R // 32
+    LOADS = LANE_DIMS // 8  # 16-byte loads of a row's latent part a lane
+    ACC, ROW_WORDS = HEADS_PER_WARP * LANE_DIMS, LOADS * 4
+    UNITS = HEADS * COLS // QUAD  # merge units of a block: (head, quad of its columns)
+    SCALE = np.float32(spec.softmax_scale * math.log2(math.e))  # base-2 scores
+    INV_R, LATENT_EPS = np.float32(1.0 / R), np.float32(LATENT_RMS_EPS)
+    NEW_CLUSTER, NEW_RANK = new_row_block(A, C)
+    layout = spec.attention_layout()
+    Q, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (layout["q"], layout["new_row"], layout["state_m"],
+                                                    layout["state_l"], layout["state_acc"], layout["red"])
+    to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
+    to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
+    unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
+    cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
+    exchange_lanes, pull, _, peer_sum, peer_max = make_exchange(C)
+
+    @cuda.jit(device=True, inline=True)
+    def fold(smem, c, pe, head0, m, l_sum, acc, lane):
+        """Fold one row into the softmax states of heads ``head0 ..`` (``HEADS_PER_WARP``): ``c`` the
+        lane's ``LANE_DIMS`` latent values, ``pe`` its ``ROPE_DIMS`` rope values (float32)."""
+        for hh in range(HEADS_PER_WARP):
+            q0 = Q + (head0 + hh) * L
+            dot = float32(0.0)
+            for u in range(LANE_DIMS // 4):
+                x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(smem, q0 + lane * LANE_DIMS + 4 * u))
+                dot += x0 * c[4 * u] + x1 * c[4 * u + 1] + x2 * c[4 * u + 2] + x3 * c[4 * u + 3]
+            for e in range(ROPE_DIMS):
+                dot += smem[q0 + R + lane * ROPE_DIMS + e] * pe[e]
+            for offset in (16, 8, 4, 2, 1):
+                dot += cuda.shfl_xor_sync(FULL_MASK, dot, offset)
+            m_new = max(m[hh], dot)
+            scale = math.exp2(m[hh] - m_new)
+            p = math.exp2(dot - m_new)
+            m[hh] = m_new
+            l_sum[hh] = l_sum[hh] * scale + p
+            for d in range(LANE_DIMS):
+                acc[hh * LANE_DIMS + d] = acc[hh * LANE_DIMS + d] * scale + p * c[d]
+
+    @cuda.jit(device=True, inline=True)
+    def load_row(latent, row, lane, words, rope_bits):
+        """Issue the loads of the lane's part of the cache row starting at ``latent[row]``."""
+        for u in range(LOADS):
+            v = ptx.ld_global_nc_v4(latent, row + lane * LANE_DIMS + 8 * u)
+            for e in range(4):
+                words[4 * u + e] = v[e]
+        for e in range(ROPE_DIMS):
+            rope_bits[e] = latent[row + R + lane * ROPE_DIMS + e]
+
+    def mla_attention(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
+                      state_acc):
+        smem = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        lane, warp = tid % 32, tid // 32
+        rank = ptx.cluster_rank()
+        seq, a = cuda.blockIdx.x // C // A, cuda.blockIdx.x // C % A  # cluster a of sequence seq
+        head0 = warp * HEADS_PER_WARP  # the warp's heads
+        position = positions[seq]
+        cached = position if 0 <= position < capacity else -1
+        start, end = cached_range(max(cached, 0), a * C + rank, A * C)
+        folds_new = a == NEW_CLUSTER and rank == NEW_RANK and cached >= 0
+
+        # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
+        for i in range(tid, HEADS * L, THREADS):  # the sequence's scaled queries, [heads, L]
+            head, e = i // L, i % L
+            smem[Q + i] = (q_lat[(seq * HEADS + head) * R + e] if e < R
+                           else q_pe[(seq * HEADS + head) * D_R + e - R]) * SCALE
+        if folds_new:  # the raw latent's sum of squares, by warp
+            ss = float32(0.0)
+            for i in range(tid, R, THREADS):
+                x = kv_raw[seq * L + i]
+                ss += x * x
+            for offset in (16, 8, 4, 2, 1):
+                ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
+            if lane == 0:
+                smem[RED + warp] = ss
+        cuda.syncthreads()
+        if folds_new:  # the new row: c = RMSNorm(c_raw) * kv_a_layernorm, k_pe rotated; appended rounded
+            ss = float32(0.0)
+            for w in range(WARPS):
+                ss += smem[RED + w]
+            inv_rms = float32(1.0) / math.sqrt(ss * INV_R + LATENT_EPS)
+            for i in range(tid, R, THREADS):
+                smem[NEW_ROW + i] = kv_raw[seq * L + i] * inv_rms * to_f32(kv_norm[i])
+            for i in range(tid, HALF, THREADS):
+                ra, rb = (2 * i, 2 * i + 1) if INTERLEAVED else (i, i + HALF)
+                xa, xb = kv_raw[seq * L + R + ra], kv_raw[seq * L + R + rb]
+                cos = rope[(position * 2) * HALF + i]
+                sin = rope[(position * 2 + 1) * HALF + i]
+                smem[NEW_ROW + R + ra] = xa * cos - xb * sin
+                smem[NEW_ROW + R + rb] = xb * cos + xa * sin
+            cuda.syncthreads()
+            for i in range(tid, L, THREADS):
+                latent[(seq * capacity + position) * L + i] = to_bits(smem[NEW_ROW + i])
+        m = cuda.local.array(HEADS_PER_WARP, float32)
+        l_sum = cuda.local.array(HEADS_PER_WARP, float32)
+        acc = cuda.local.array(ACC, float32)
+        for hh in range(HEADS_PER_WARP):
+            m[hh] = NEG
+            l_sum[hh] = float32(0.0)
+        for d in range(ACC):
+            acc[d] = float32(0.0)
+        c = cuda.local.array(LANE_DIMS, float32)
+        pe = cuda.local.array(ROPE_DIMS, float32)
+        words = cuda.local.array(ROW_WORDS, uint32)  # the row being folded
+        rope_bits = cuda.local.array(ROPE_DIMS, int16)
+        next_words = cuda.local.array(ROW_WORDS, uint32)  # the next row, in flight meanwhile
+        next_rope_bits = cuda.local.array(ROPE_DIMS, int16)
+        if start < end:
+            load_row(latent, (seq * capacity + start) * L, lane, words, rope_bits)
+        for t in range(start, end):  # row t folded while row t + 1 is loaded
+            load_row(latent, (seq * capacity + min(t + 1, end - 1)) * L, lane, next_words, next_rope_bits)
+            for u in range(ROW_WORDS):
+                c[2 * u], c[2 * u + 1] = unpack(words[u])
+            for e in range(ROPE_DIMS):
+                pe[e] = to_f32(rope_bits[e])
+            fold(smem, c, pe, head0, m, l_sum, acc, lane)
+            for u in range(ROW_WORDS):
+                words[u] = next_words[u]
+            for e in range(ROPE_DIMS):
+                rope_bits[e] = next_rope_bits[e]
+        if folds_new:  # the new row, unrounded, from shared memory
+            for d in range(LANE_DIMS):
+                c[d] = smem[NEW_ROW + lane * LANE_DIMS + d]
+            for e in range(ROPE_DIMS):
+                pe[e] = smem[NEW_ROW + R + lane * ROPE_DIMS + e]
+            fold(smem, c, pe, head0, m, l_sum, acc, lane)
+        for hh in range(HEADS_PER_WARP):  # the warp's heads' states are the block's
+            if lane == 0:
+                smem[STATE_M + head0 + hh] = m[hh]
+                smem[STATE_L + head0 + hh] = l_sum[hh]
+            for d in range(LANE_DIMS):
+                smem[STATE_ACC + (head0 + hh) * R + lane * LANE_DIMS + d] = acc[hh * LANE_DIMS + d]
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # every block's softmax state is complete
+
+        # Owners merge: a unit is a head and a quad of this block's latent columns; its C lanes pull one
+        # block's state each (m, l and 16 bytes of acc).
+        for lane_of_block in range(tid, exchange_lanes(UNITS), THREADS):
+            unit, peer = lane_of_block // C, lane % C
+            active = unit < UNITS
+            head, col = unit // (COLS // QUAD), rank * COLS + QUAD * (unit % (COLS // QUAD))
+            m_peer, l_peer = NEG, float32(0.0)
+            a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            if active:
+                m_peer = ptx.remote_load(smem, STATE_M + head, peer)
+                l_peer = ptx.remote_load(smem, STATE_L + head, peer)
+                a0, a1, a2, a3 = pull(smem, STATE_ACC + head * R + col, peer)
+            m_max = peer_max(m_peer)
+            w = math.exp2(m_peer - m_max)
+            l_tot = peer_sum(w * l_peer)
+            a0, a1, a2, a3 = peer_sum(w * a0), peer_sum(w * a1), peer_sum(w * a2), peer_sum(w * a3)
+            if active and peer == 0:
+                state = (seq * A + a) * HEADS + head
+                state_acc[state * R + col] = a0
+                state_acc[state * R + col + 1] = a1
+                state_acc[state * R + col + 2] = a2
+                state_acc[state * R + col + 3] = a3
+                if col == 0:
+                    state_m[state] = m_max
+                    state_l[state] = l_tot
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # no block leaves while a peer reads its state
+
+    return mla_attention
+
+
+def build_output_kernel(spec: MLASpec):
+    """Launch 3: phases 4 and 5 (see the module docstring). Arguments::
+
+        state_m, state_l, state_acc   float32, launch 2's outputs
+        kv_b                  [HEADS * (D_N + D_V) * R] int16 view   kv_b_proj: rows D_N .. of head h are W_UV[h]^T
+        o_proj                [H * HEADS * D_V] int16 view
+        out                   [batch * H]          output
+        out_acc               [batch * H] float32  zero on entry, left zero on exit
+        arrivals              [cluster_size] int32 zero on entry, left zero on exit
+    """
+    H, HEADS, R, D_N, D_V, C, A = (spec.hidden_size, spec.heads, spec.kv_lora_rank, spec.qk_nope_head_dim,
+                                   spec.v_head_dim, spec.cluster_size, spec.attention_clusters)
+    BATCH, WARPS, THREADS, BF16, COLS, OUT_ROWS = (spec.batch, spec.warps, spec.threads, spec.bf16, spec.cols,
+                                                   spec.out_rows)
+    layout = spec.output_layout()
+    O_LAT, PARTIAL_O, O = layout["o_lat"], layout["partial_o"], layout["o"]
+    value_tile, o_tile = spec.value_tile(), spec.o_tile()
+    VALUE_STEP_ROWS, O_STEP_ROWS = value_tile.step_rows, o_tile.step_rows
+    VALUE_STEPS, O_STEPS = D_V // VALUE_STEP_ROWS, OUT_ROWS // O_STEP_ROWS
+    value_load, value_finish, VALUE_WORDS = make_gemv(BATCH, BF16, value_tile, x_stride=COLS, out_stride=D_V,
+                                                      atomic=False)
+    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=D_V, out_stride=H, atomic=True)
+    finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
+    owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
+    exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
+
+    def mla_output(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals):
+        smem = cuda.shared.array(0, float32)
+        last = cuda.shared.array(1, int32)
+        tid = cuda.threadIdx.x
+        lane, warp = tid % 32, tid // 32
+        rank = ptx.cluster_rank()
+        cluster = cuda.blockIdx.x // C  # head `cluster`
+        k0 = rank * COLS  # this block's latent columns
+        value_row0 = cluster * (D_N + D_V) + D_N  # W_UV[h]^T's first row in kv_b_proj
+
+        # -- 4 output: merge head h's A states on this block's columns, o_lat @ W_UV[h] (partial), o_proj ------
+        words = cuda.local.array(VALUE_WORDS, uint32)
+        step = warp
+        if step < VALUE_STEPS:
+            value_load(kv_b, (value_row0 + step * VALUE_STEP_ROWS) * R + k0, R, lane, words)
+        for i in range(tid, BATCH * COLS, THREADS):
+            seq, col = i // COLS, i % COLS
+            m_max = NEG
+            for a in range(A):
+                m_max = max(m_max, state_m[(seq * A + a) * HEADS + cluster])
+            l_tot = float32(0.0)
+            a_tot = float32(0.0)
+            for a in range(A):
+                state = (seq * A + a) * HEADS + cluster
+                w = math.exp2(state_m[state] - m_max)
+                l_tot += w * state_l[state]
+                a_tot += w * state_acc[state * R + k0 + col]
+            smem[O_LAT + i] = a_tot / l_tot
+        cuda.syncthreads()
+        while step < VALUE_STEPS:
+            value_finish(words, kv_b, (value_row0 + step * VALUE_STEP_ROWS) * R + k0, R, smem, O_LAT, smem,
+                         PARTIAL_O + step * VALUE_STEP_ROWS, lane)
+            step += WARPS
+            if step < VALUE_STEPS:
+                value_load(kv_b, (value_row0 + step * VALUE_STEP_ROWS) * R + k0, R, lane, words)
+        # First o_proj loads (weights need no o): this block's output rows, head h's columns.
+        o_words = cuda.local.array(O_WORDS, uint32)
+        step = warp
+        if step < O_STEPS:
+            o_load(o_proj, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D_V) + cluster * D_V, HEADS * D_V, lane,
+                   o_words)
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # every block's partial o is complete
+
+        # Owners sum the C partials of a quad of o and push it into every block.
+        units = owned_quads(D_V, rank, C) * BATCH
+        for lane_of_block in range(tid, exchange_lanes(units), THREADS):
+            unit, peer = lane_of_block // C, lane % C
+            active = unit < units
+            e = QUAD * (rank + (unit // BATCH) * C)
+            seq = unit % BATCH
+            a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            if active:
+                a0, a1, a2, a3 = pull(smem, PARTIAL_O + seq * D_V + e, peer)
+            a0, a1, a2, a3 = peer_sum(a0), peer_sum(a1), peer_sum(a2), peer_sum(a3)
+            if active:
+                push(smem, O + seq * D_V + e, peer, a0, a1, a2, a3)
+        ptx.cluster_arrive_release()
+        ptx.cluster_wait_acquire()  # o is complete in every block; no DSMEM access after this
+
+        while step < O_STEPS:
+            o_finish(o_words, o_proj, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D_V) + cluster * D_V,
+                     HEADS * D_V, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane)
+            step += WARPS
+            if step < O_STEPS:
+                o_load(o_proj, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D_V) + cluster * D_V, HEADS * D_V,
+                       lane, o_words)
+
+        # -- 5 finish: the last block (one a cluster) to add into this block's output rows converts them ------
+        finish_arrive(arrivals, rank, HEADS, last, tid)
+        if last[0] == 1:
+            finish_convert(out, out_acc, arrivals, rank, tid)
+
+    return mla_output
+
+
+def mla_kernel_signatures():
+    """Numba argument types of the three kernels: ``(projections, attention, output)``."""
+    from numba import types
+
+    h, f, i = types.int16[::1], types.float32[::1], types.int32[::1]
+    projections = (h, h, h, h, h, h, f, i, types.int32, h, f, f, f)
+    attention = (f, f, f, h, h, f, i, types.int32, f, f, f)
+    output = (f, f, f, h, h, h, f, i)
+    return projections, attention, output

@@ -1,0 +1,179 @@
+"""``DecodeMLA``: a DeepSeek-V2 multi-head latent attention block as three cluster launches a step.
+
+::
+
+    layer = DecodeMLA(DEEPSEEK_V2_LITE, MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16, "cuda"))
+    cache = LatentCache.empty(DEEPSEEK_V2_LITE, batch=2, capacity=4096, device="cuda")
+    positions = torch.tensor([17, 930], dtype=torch.int32, device="cuda")
+    out, residual = layer(hidden, residual, cache, positions)   # appends row positions[b] of sequence b
+
+The step is :func:`~clusterlab.fused.mla_reference.mla_reference_step`'s absorbed dataflow split as
+``docs/mla-decode-design.md`` plans: launch 1 projects the query and the latent row by head and
+gathers each head's ``q_nope`` in its cluster, launch 2 attends over the latent cache split by
+position (``attention_clusters`` clusters a sequence), launch 3 merges the softmax states by head
+and projects out. CUDA tensors run the kernels of :mod:`clusterlab.fused.mla_kernel` on torch's
+current stream (capturable in a CUDA graph; the positions are read on the device, as the Llama
+block's are); CPU tensors run :func:`~clusterlab.fused.mla_simulated.simulated_mla_step`, the same
+dataflow on the simulator. The kernels take no query LoRA yet; the simulator does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from .config import MAX_BATCH
+from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
+from .plan import CLUSTER_SIZES, DeviceLimits
+from .validate import check_positions, check_tensor, resolve_backend
+
+#: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
+DEFAULT_CLUSTER_SIZE = 8
+DEFAULT_WARPS = 8
+
+
+@functools.cache
+def _rope_table(config: MLAConfig, capacity: int, device: torch.device) -> torch.Tensor:
+    """The flat table of :func:`~clusterlab.fused.mla.mla_rope_table` on ``device``, built once per
+    (config, capacity, device)."""
+    return mla_rope_table(config, capacity, device=device).view(-1)
+
+
+@functools.cache
+def mla_launchers(spec):
+    """The three kernels of ``spec`` (:class:`~clusterlab.fused.mla_kernel.MLASpec`) as cluster
+    launchers ``(projections, attention, output)``: one compilation per spec in a process."""
+    from numba import cuda
+
+    from ..launch import launch
+    from .mla_kernel import build_attention_kernel, build_output_kernel, build_projections_kernel
+
+    def launcher(build, layout, clusters):
+        kernel = cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm(layout)))(build(spec))
+        return launch(kernel, grid=clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
+                      shared_bytes=4 * layout["total"], non_portable=spec.cluster_size > 8)
+
+    return (launcher(build_projections_kernel, spec.projections_layout(), spec.heads),
+            launcher(build_attention_kernel, spec.attention_layout(), spec.attention_clusters * spec.batch),
+            launcher(build_output_kernel, spec.output_layout(), spec.heads))
+
+
+class DecodeMLA:
+    """Residual add + RMSNorm + query and latent projections + RoPE + latent cache append +
+    absorbed attention + output projection, three cluster launches a step.
+
+    ``config``: :class:`~clusterlab.fused.mla.MLAConfig`; ``weights``: float16 or bfloat16
+    :class:`~clusterlab.fused.mla.MLAWeights` on one device. ``cluster_size`` (1, 2, 4, 8, 16;
+    default 8), ``attention_clusters`` (clusters a sequence in launch 2; default ``heads``) and
+    ``warps`` (4, 8, 16; default 8) shape the launches. ``backend``: ``"auto"``
+    follows the weights' device; ``"gpu"`` / ``"simulator"`` insist. ``limits``: the simulator
+    backend's GPU limits (read from the device on the GPU backend).
+
+    On the GPU a layer keeps ``W_UK[h]^T`` (``kv_b_proj``'s key rows of each head, transposed:
+    ``heads * kv_lora_rank * qk_nope_head_dim`` values) beside the weights, float32 workspaces for
+    what crosses from one launch to the next, and an ``out_acc`` accumulator and arrival counters
+    left zero by every step; do not run one object on two streams at once.
+    """
+
+    def __init__(self, config: MLAConfig, weights: MLAWeights, *, cluster_size: int | None = None,
+                 attention_clusters: int | None = None, warps: int | None = None, backend: str = "auto",
+                 limits: DeviceLimits | None = None):
+        check_mla_weights(config, weights)
+        device = weights.kv_b_proj.device
+        backend, self.limits = resolve_backend(backend, device, limits)
+        if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
+            raise ValueError(f"cluster_size must be one of {CLUSTER_SIZES}, got {cluster_size!r}")
+        if attention_clusters is not None and not (isinstance(attention_clusters, int)
+                                                   and not isinstance(attention_clusters, bool)
+                                                   and attention_clusters >= 1):
+            raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
+        if warps not in (None, 4, 8, 16):
+            raise ValueError(f"warps must be one of (4, 8, 16), got {warps!r}")
+        self.config, self.weights, self.backend = config, weights, backend
+        self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
+        self.attention_clusters = config.heads if attention_clusters is None else attention_clusters
+        self.warps = warps
+        self._specs: dict = {}
+        if backend == "gpu":
+            from ..gpu import require_hopper
+
+            require_hopper()
+            h, r, heads, width = config.hidden_size, config.kv_lora_rank, config.heads, config.latent_width
+            w_uk, _ = weights.absorbed(config)
+            self._w_uk_t = w_uk.transpose(1, 2).contiguous()  # [heads, r, d_n]: rows of q_lat[h]'s columns
+            f32 = functools.partial(torch.empty, dtype=torch.float32, device=device)
+            self._q_lat = f32(MAX_BATCH * heads * r)
+            self._q_pe = f32(MAX_BATCH * heads * config.qk_rope_head_dim)
+            self._kv_raw = f32(MAX_BATCH * width)
+            self._state_m = f32(MAX_BATCH * self.attention_clusters * heads)
+            self._state_l = f32(MAX_BATCH * self.attention_clusters * heads)
+            self._state_acc = f32(MAX_BATCH * self.attention_clusters * heads * r)
+            self._out_acc = torch.zeros(MAX_BATCH * h, dtype=torch.float32, device=device)
+            self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
+            self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
+
+    def kernel_spec(self, dtype: torch.dtype, batch: int):
+        """The :class:`~clusterlab.fused.mla_kernel.MLASpec` of one dtype and batch (raises where the
+        kernels cannot run this step: the query LoRA, shapes they do not tile, shared memory)."""
+        from .mla_kernel import MLASpec
+
+        key = (dtype, batch)
+        if key not in self._specs:
+            warps = self.warps or DEFAULT_WARPS
+            try:
+                self._specs[key] = MLASpec.of(self.config, dtype == torch.bfloat16, batch, self.cluster_size,
+                                              self.attention_clusters, warps, limits=self.limits)
+            except ValueError as exc:
+                raise ValueError(f"a {dtype} MLA step of batch {batch} with cluster_size={self.cluster_size}, "
+                                 f"attention_clusters={self.attention_clusters}, warps={warps}: {exc}") from exc
+        return self._specs[key]
+
+    def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: LatentCache, positions, *,
+                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+        """One decode step: ``(out, new_residual)``, both ``[batch, hidden_size]``; row ``positions[b]``
+        of ``cache`` written.
+
+        ``hidden``, ``residual``: ``[batch, hidden_size]`` (batch 1..8) in the weights' dtype and on
+        their device; ``cache``: a :class:`~clusterlab.fused.mla.LatentCache` of that batch;
+        ``positions``: an int for the whole batch, or an int32 tensor ``[batch]`` on the layer's
+        device (its values are checked by the kernels: a position outside ``0 .. capacity-1``
+        makes its sequence's outputs NaN and leaves its cache row alone). Returns ``(out,
+        new_residual)``, into ``out`` / ``residual_out`` when given. Every check runs before the
+        first launch.
+        """
+        check_mla_activations(self.config, self.weights, hidden, residual, cache)
+        batch = hidden.shape[0]
+        check_positions(positions, batch, cache.capacity, hidden.device)
+        for name, given in (("out", out), ("residual_out", residual_out)):
+            if given is not None:
+                check_tensor(name, given, tuple(hidden.shape), hidden.dtype, hidden.device, "hidden")
+        out = torch.empty_like(hidden) if out is None else out
+        residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
+        if self.backend == "simulator":
+            from .mla_simulated import simulated_mla_step
+
+            got, new_residual = simulated_mla_step(self.config, self.weights, hidden, residual, cache, positions,
+                                                   self.cluster_size, clusters_for_attention=self.attention_clusters)
+            out.copy_(got)
+            residual_out.copy_(new_residual)
+            return out, residual_out
+        projections, attention, output = mla_launchers(self.kernel_spec(hidden.dtype, batch))
+        if isinstance(positions, int):
+            positions = self._positions[:batch].fill_(positions)
+        capacity = np.int32(cache.capacity)
+        rope = _rope_table(self.config, cache.capacity, hidden.device)
+        w = self.weights
+
+        def bits(t):
+            return t.view(-1).view(torch.int16)
+
+        projections(bits(hidden), bits(residual), bits(w.input_layernorm), bits(w.q_proj), bits(w.kv_a_proj_with_mqa),
+                    bits(self._w_uk_t), rope, positions, capacity, bits(residual_out), self._q_lat, self._q_pe,
+                    self._kv_raw)
+        attention(self._q_lat, self._q_pe, self._kv_raw, bits(w.kv_a_layernorm), bits(cache.latent), rope, positions,
+                  capacity, self._state_m, self._state_l, self._state_acc)
+        output(self._state_m, self._state_l, self._state_acc, bits(w.kv_b_proj), bits(w.o_proj), bits(out),
+               self._out_acc[: batch * self.config.hidden_size], self._arrivals)
+        return out, residual_out

@@ -1,0 +1,40 @@
+"""Run the MLA layer's three kernels once per shape of interest; run under compute-sanitizer.
+
+    compute-sanitizer --tool racecheck python tests/sanitize_mla.py
+
+Shapes: DeepSeek-V2-Lite (clusters of 8, interleaved RoPE) on a ragged batch with an empty cache,
+float16 and bfloat16; a small rotate-half shape with clusters of 4 and 3 attention clusters a
+sequence. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards
+itself).
+"""
+
+import torch
+
+from clusterlab.fused import DEEPSEEK_V2_LITE, DecodeMLA, LatentCache, MLAConfig, MLAWeights, mla_reference_step
+from clusterlab.fused.reference import relative_error
+
+SMALL = MLAConfig(hidden_size=512, heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                  v_head_dim=64, rope_interleaved=False)
+SHAPES = [
+    # (config, layer options, positions, dtype)
+    (DEEPSEEK_V2_LITE, {}, [0, 300, 37], torch.bfloat16),
+    (DEEPSEEK_V2_LITE, {"warps": 4}, [200], torch.float16),
+    (SMALL, {"cluster_size": 4, "attention_clusters": 3}, [5, 0, 90, 13], torch.float16),
+]
+
+failures = 0
+for config, options, positions, dtype in SHAPES:
+    weights = MLAWeights.random(config, dtype, "cuda")
+    batch = len(positions)
+    cache = LatentCache.random(config, batch, max(positions) + 2, dtype, "cuda")
+    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
+    want = mla_reference_step(config, weights, hidden, residual, cache, positions)
+    out = torch.full_like(hidden, float("nan"))
+    layer = DecodeMLA(config, weights, **options)
+    layer(hidden, residual, cache, torch.tensor(positions, dtype=torch.int32, device="cuda"), out=out)
+    torch.cuda.synchronize()
+    error = relative_error(out, want.out)
+    print(f"{options} positions {positions} {dtype}: rel err {error:.1e}")
+    failures += not error < 1e-2
+print(f"{failures} mismatches")
+raise SystemExit(1 if failures else 0)

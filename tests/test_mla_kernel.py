@@ -1,0 +1,197 @@
+"""The MLA kernels: PTX that ptxas accepts (no GPU), the layer on the simulator (CPU), and correct
+steps on a Hopper GPU against the float64 reference."""
+
+import pytest
+import torch
+
+from clusterlab.fused import DEEPSEEK_V2_LITE, DecodeMLA, LatentCache, MLAConfig, MLAWeights, mla_reference_step
+from clusterlab.fused.mla_kernel import (
+    MLASpec,
+    build_attention_kernel,
+    build_output_kernel,
+    build_projections_kernel,
+    mla_kernel_signatures,
+)
+from clusterlab.fused.reference import relative_error
+
+# The layer's contract, as the Llama block's: outputs rounded once to float16 / bfloat16 on top of
+# float32 arithmetic (the references land near 2e-4 / 2e-3).
+TOLERANCE = 1e-2
+#: A small shape the kernels take: 8 heads, a latent of 256 + 64 (40 rows a projection cluster).
+SMALL = MLAConfig(hidden_size=512, heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                  v_head_dim=64)
+SMALL_HALF = MLAConfig(hidden_size=512, heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                       v_head_dim=64, rope_interleaved=False, rope_scaling=DEEPSEEK_V2_LITE.rope_scaling)
+KERNELS = {"projections": (build_projections_kernel, "projections_layout"),
+           "attention": (build_attention_kernel, "attention_layout"),
+           "output": (build_output_kernel, "output_layout")}
+
+
+# `spill`: bytes ptxas spills at the 128-register launch bound today (the output launch keeps a few
+# bytes of its first o_proj step at batch 8); a shape that spills more fails.
+@pytest.mark.ptx
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize(
+    "config, bf16, batch, cluster_size, warps, spill",
+    [(DEEPSEEK_V2_LITE, False, 1, 8, 8, 0), (DEEPSEEK_V2_LITE, True, 4, 8, 8, 0), (DEEPSEEK_V2_LITE, False, 8, 8, 8, 16),
+     (DEEPSEEK_V2_LITE, True, 2, 8, 4, 0), (SMALL, True, 5, 4, 8, 0), (SMALL_HALF, False, 3, 2, 4, 0)],
+    ids=["v2-lite-f16-b1", "v2-lite-bf16-b4", "v2-lite-f16-b8", "v2-lite-bf16-b2-w4", "small-bf16-b5",
+         "small-rotate-half-f16-b3"],
+)
+def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, warps, spill):
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    spec = MLASpec.of(config, bf16, batch, cluster_size, config.heads, warps)
+    build, layout = KERNELS[kernel]
+    signature = dict(zip(KERNELS, mla_kernel_signatures()))[kernel]
+    ptx = kernel_ptx(build(spec), signature, launch_bounds=(spec.threads, spec.min_blocks_per_sm(getattr(spec, layout)())))
+    for instruction in ("ld.shared::cluster.v4.f32", "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
+        assert instruction in ptx, instruction
+    gathers = {"projections": True, "attention": False, "output": True}[kernel]  # q_nope, o into every block
+    assert ("st.shared::cluster.v4.f32" in ptx) == gathers
+    assert ("atom.global.add.f32" in ptx) == (kernel == "output")
+    assert "st.local" not in ptx  # every register array indexed by constants
+    result = assemble(ptx)
+    assert result.spill_bytes <= spill
+
+
+def test_specs_refuse_what_the_kernels_do_not_take():
+    with pytest.raises(ValueError, match="no query LoRA yet"):
+        MLASpec.of(MLAConfig(**{**vars(SMALL), "q_lora_rank": 64}), False, 1, 4, 8, 8)
+    with pytest.raises(ValueError, match="kv_lora_rank 64 must be 256 or 512"):
+        MLASpec.of(MLAConfig(hidden_size=256, heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                             v_head_dim=32), False, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match="8 heads do not split evenly over 16 warps"):
+        MLASpec.of(SMALL, False, 1, 4, 8, 16)
+    with pytest.raises(ValueError, match="cluster_size must be one of"):
+        MLASpec.of(SMALL, False, 1, 3, 8, 8)
+    MLASpec.of(DEEPSEEK_V2_LITE, False, 1, 8, 16, 4)  # 4 heads a warp x 16 latent dims a lane: 64, the most
+    many_heads = MLAConfig(hidden_size=2048, heads=36, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                           v_head_dim=128)
+    with pytest.raises(ValueError, match="36 heads over 4 warps: a lane would keep 144 accumulators"):
+        MLASpec.of(many_heads, False, 1, 8, 36, 4)
+
+
+def test_layer_on_the_simulator_matches_the_reference():
+    weights = MLAWeights.random(SMALL, torch.bfloat16)
+    layer = DecodeMLA(SMALL, weights, cluster_size=4, attention_clusters=3)
+    assert layer.backend == "simulator"
+    gen = torch.Generator().manual_seed(3)
+    hidden, residual = torch.randn(2, 3, SMALL.hidden_size, generator=gen).to(torch.bfloat16)
+    cache = LatentCache.random(SMALL, 3, 64, torch.bfloat16)
+    before = cache.clone()
+    positions = torch.tensor([0, 17, 50], dtype=torch.int32)
+    want = mla_reference_step(SMALL, weights, hidden, residual, before, positions)
+    out = torch.full_like(hidden, float("nan"))
+    got, new_residual = layer(hidden, residual, cache, positions, out=out)
+    assert got is out and relative_error(out, want.out) < TOLERANCE
+    assert torch.equal(new_residual, (hidden.float() + residual.float()).to(torch.bfloat16))
+    with pytest.raises(TypeError, match="positions has dtype torch.int64; expected torch.int32"):
+        layer(hidden, residual, cache, positions.long())
+    with pytest.raises(ValueError, match="position 64 overflows the cache"):
+        layer(hidden, residual, cache, 64)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 512\); expected \(3, 512\)"):
+        layer(hidden, residual, cache, 5, out=out[:2])
+    with pytest.raises(ValueError, match="attention_clusters must be a positive int, got 0"):
+        DecodeMLA(SMALL, weights, attention_clusters=0)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def _inputs(config, dtype, batch, capacity, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
+    residual = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
+    return hidden, residual, LatentCache.random(config, batch, capacity, dtype, "cuda", seed=seed + 1)
+
+
+def _check_steps(layer, dtype, batch, positions, seed=0):
+    """Each step on fresh inputs: NaN-poisoned outputs fully written, the new rows appended, every
+    other cache row kept bit for bit, the workspaces left zero."""
+    config = layer.config
+    for i, step in enumerate(positions):
+        per_sequence = [step] * batch if isinstance(step, int) else list(step)
+        given = step if isinstance(step, int) else torch.tensor(step, dtype=torch.int32, device="cuda")
+        hidden, residual, cache = _inputs(config, dtype, batch, max(per_sequence) + 3, seed + 10 * i)
+        before = cache.clone()
+        want = mla_reference_step(config, layer.weights, hidden, residual, before, per_sequence)
+        out = torch.full_like(hidden, float("nan"))
+        new_residual = torch.full_like(hidden, float("nan"))
+        layer(hidden, residual, cache, given, out=out, residual_out=new_residual)
+        torch.cuda.synchronize()
+        where = f"positions {per_sequence}, {dtype}"
+        assert relative_error(out, want.out) < TOLERANCE, where
+        assert relative_error(new_residual, want.residual) < TOLERANCE, where
+        rows, written = torch.arange(batch, device="cuda"), torch.tensor(per_sequence, device="cuda")
+        assert relative_error(cache.latent[rows, written], want.latent) < TOLERANCE, where
+        others = torch.ones(batch, cache.capacity, dtype=torch.bool, device="cuda")
+        others[rows, written] = False
+        assert torch.equal(cache.latent[others].view(torch.int16), before.latent[others].view(torch.int16)), where
+        assert not layer._out_acc.any() and not layer._arrivals.any(), "workspace not left zero"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_deepseek_v2_lite_matches_reference(dtype, batch):
+    weights = MLAWeights.random(DEEPSEEK_V2_LITE, dtype, "cuda", seed=batch)
+    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)
+    gen = torch.Generator().manual_seed(batch)
+    ragged = torch.randint(0, 5000, (batch,), generator=gen).tolist()
+    ragged[0] = 0  # an empty cache beside longer ones
+    # one row, lengths that are no multiple of the blocks' chunks, ragged, and 32K
+    _check_steps(layer, dtype, batch, [0, 1, 1000, ragged, 32767 if batch == 1 else 8191])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, cluster_size, attention_clusters, warps, batch",
+    [(SMALL, 4, 8, 8, 3), (SMALL, 2, 1, 4, 2), (SMALL, 16, 3, 8, 5), (SMALL_HALF, 1, 5, 8, 1),
+     (SMALL_HALF, 8, 2, 4, 8)],
+    ids=["small-c4", "small-c2-a1", "small-c16", "rotate-half-c1", "rotate-half-c8-b8"],
+)
+def test_small_shapes_cluster_sizes_and_attention_grids(config, cluster_size, attention_clusters, warps, batch):
+    weights = MLAWeights.random(config, torch.bfloat16, "cuda", seed=7)
+    layer = DecodeMLA(config, weights, cluster_size=cluster_size, attention_clusters=attention_clusters, warps=warps)
+    _check_steps(layer, torch.bfloat16, batch, [0, 17, [300 + 7 * b for b in range(batch)]])
+
+
+@pytest.mark.gpu
+def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache():
+    weights = MLAWeights.random(SMALL, torch.float16, "cuda", seed=4)
+    layer = DecodeMLA(SMALL, weights, cluster_size=4)
+    hidden, residual, cache = _inputs(SMALL, torch.float16, 3, 64, seed=9)
+    before = cache.clone()
+    positions = torch.tensor([10, 64, -1], dtype=torch.int32, device="cuda")
+    want = mla_reference_step(SMALL, weights, hidden[:1], residual[:1], LatentCache(before.latent[:1]), [10])
+    out, _ = layer(hidden, residual, cache, positions)
+    torch.cuda.synchronize()
+    assert relative_error(out[:1], want.out) < TOLERANCE
+    assert out[1:].isnan().all()
+    assert torch.equal(cache.latent[1:].view(torch.int16), before.latent[1:].view(torch.int16))
+    assert not layer._out_acc.any() and not layer._arrivals.any()
+
+
+@pytest.mark.gpu
+def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device():
+    weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.bfloat16, "cuda", seed=11)
+    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)
+    hidden, residual, cache = _inputs(DEEPSEEK_V2_LITE, torch.bfloat16, 3, 2100, seed=12)
+    positions = torch.tensor([5, 2000, 700], dtype=torch.int32, device="cuda")
+    out = torch.full_like(hidden, float("nan"))
+    layer(hidden, residual, cache.clone(), positions, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(hidden, residual, cache, positions, out=out)
+        positions.add_(1)
+    for step in range(4):
+        at = [5 + step, 2000 + step, 700 + step]
+        want = mla_reference_step(DEEPSEEK_V2_LITE, weights, hidden, residual, cache.clone(), at)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert positions.tolist() == [a + 1 for a in at]
+        assert relative_error(out, want.out) < TOLERANCE, f"step {step}"
+        rows = torch.arange(3, device="cuda")
+        assert relative_error(cache.latent[rows, torch.tensor(at, device="cuda")], want.latent) < TOLERANCE
