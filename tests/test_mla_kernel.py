@@ -33,8 +33,9 @@ KERNELS = {"projections": (build_projections_kernel, "projections_layout"),
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize(
     "config, bf16, batch, cluster_size, warps, spill",
-    [(DEEPSEEK_V2_LITE, False, 1, 8, 8, 0), (DEEPSEEK_V2_LITE, True, 4, 8, 8, 0), (DEEPSEEK_V2_LITE, False, 8, 8, 8, 16),
-     (DEEPSEEK_V2_LITE, True, 2, 8, 4, 0), (SMALL, True, 5, 4, 8, 0), (SMALL_HALF, False, 3, 2, 4, 0)],
+    [(DEEPSEEK_V2_LITE, False, 1, 8, 8, 0), (DEEPSEEK_V2_LITE, True, 4, 8, 8, 0),
+     (DEEPSEEK_V2_LITE, False, 8, 8, 8, 16), (DEEPSEEK_V2_LITE, True, 2, 8, 4, 0), (SMALL, True, 5, 4, 8, 0),
+     (SMALL_HALF, False, 3, 2, 4, 0)],
     ids=["v2-lite-f16-b1", "v2-lite-bf16-b4", "v2-lite-f16-b8", "v2-lite-bf16-b2-w4", "small-bf16-b5",
          "small-rotate-half-f16-b3"],
 )
@@ -44,7 +45,8 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
     spec = MLASpec.of(config, bf16, batch, cluster_size, config.heads, warps)
     build, layout = KERNELS[kernel]
     signature = dict(zip(KERNELS, mla_kernel_signatures()))[kernel]
-    ptx = kernel_ptx(build(spec), signature, launch_bounds=(spec.threads, spec.min_blocks_per_sm(getattr(spec, layout)())))
+    bounds = (spec.threads, spec.min_blocks_per_sm(getattr(spec, layout)()))
+    ptx = kernel_ptx(build(spec), signature, launch_bounds=bounds)
     for instruction in ("ld.shared::cluster.v4.f32", "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
         assert instruction in ptx, instruction
     gathers = {"projections": True, "attention": False, "output": True}[kernel]  # q_nope, o into every block

@@ -108,8 +108,26 @@ TIMELINE_PHASES = ("inputs", "W_qkv stream", "B1 wait", "rope + push", "B2 wait"
 TIMELINE_STAMPS = len(TIMELINE_PHASES) + 1
 
 
+class BlockShape:
+    """What a cluster kernel's spec derives from its ``hidden_size``, ``cluster_size`` and ``warps``
+    (the attention, MLP and MLA specs): block ``rank`` reads the hidden slice ``rank * k_slice ..``
+    and writes the output rows ``rank * out_rows ..``."""
+
+    @property
+    def k_slice(self) -> int:
+        return self.hidden_size // self.cluster_size
+
+    @property
+    def out_rows(self) -> int:
+        return self.hidden_size // self.cluster_size
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+
 @dataclass(frozen=True)
-class KernelSpec:
+class KernelSpec(BlockShape):
     """Everything the kernel is specialised on (each distinct spec is one compilation).
 
     The fields after ``limits`` are switches for measurement (:mod:`clusterlab.bench.fused_ablation`,
@@ -183,21 +201,9 @@ class KernelSpec:
         return (self.group + 2) * self.head_dim
 
     @property
-    def k_slice(self) -> int:
-        return self.hidden_size // self.cluster_size
-
-    @property
-    def out_rows(self) -> int:
-        return self.hidden_size // self.cluster_size
-
-    @property
     def attn_width(self) -> int:
         """Width of the cluster's attention output (its query heads side by side)."""
         return self.group * self.head_dim
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps
 
     @property
     def min_blocks_per_sm(self) -> int:

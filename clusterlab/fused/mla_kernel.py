@@ -49,8 +49,8 @@ from numba import cuda, float32, int16, int32, uint32
 
 from .. import ptx
 from . import plan
-from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, gemv_tile, make_exchange, make_finish, make_gemv,
-                     make_input_projection, region_offsets)
+from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, gemv_tile, make_exchange, make_finish,
+                     make_gemv, make_input_projection, region_offsets)
 from .mla import LATENT_RMS_EPS, MLAConfig
 from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
 
@@ -59,7 +59,7 @@ ATTENTION_ACCUMULATORS = 64
 
 
 @dataclass(frozen=True)
-class MLASpec:
+class MLASpec(BlockShape):
     """Everything the three MLA kernels are specialised on (each distinct spec is one compilation)."""
 
     hidden_size: int
@@ -143,21 +143,9 @@ class MLASpec:
         return self.q_width + self.kv_rows
 
     @property
-    def k_slice(self) -> int:
-        return self.hidden_size // self.cluster_size
-
-    @property
-    def out_rows(self) -> int:
-        return self.hidden_size // self.cluster_size
-
-    @property
     def cols(self) -> int:
         """Latent columns one block owns: of ``q_lat`` (launch 1), of the merged states (2), of ``o_lat`` (3)."""
         return self.kv_lora_rank // self.cluster_size
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps
 
     @property
     def partial_stride(self) -> int:
@@ -215,7 +203,8 @@ def build_projections_kernel(spec: MLASpec):
     H, HEADS, R, L, C, BATCH, WARPS, THREADS, BF16 = (spec.hidden_size, spec.heads, spec.kv_lora_rank,
                                                       spec.latent_width, spec.cluster_size, spec.batch, spec.warps,
                                                       spec.threads, spec.bf16)
-    D_N, D_R, Q_WIDTH, KV_ROWS, ROWS = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.q_width, spec.kv_rows, spec.rows
+    D_N, D_R, Q_WIDTH = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.q_width
+    KV_ROWS, ROWS = spec.kv_rows, spec.rows
     K_SLICE, COLS, PARTIAL_STRIDE, INTERLEAVED = spec.k_slice, spec.cols, spec.partial_stride, spec.interleaved
     HALF = D_R // 2
     NOPE_QUADS, PE_QUADS = D_N // QUAD, HALF // QUAD  # a quad of q_pe is four RoPE pairs

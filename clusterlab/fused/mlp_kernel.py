@@ -39,14 +39,14 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
-from .kernel import (REGISTERS_PER_THREAD, gemv_tile, make_exchange, make_finish, make_gemv, make_input_projection,
-                     region_offsets)
+from .kernel import (REGISTERS_PER_THREAD, BlockShape, gemv_tile, make_exchange, make_finish, make_gemv,
+                     make_input_projection, region_offsets)
 from .mlp import MLPConfig
 from .plan import HOPPER, QUAD, DeviceLimits
 
 
 @dataclass(frozen=True)
-class MLPSpec:
+class MLPSpec(BlockShape):
     """Everything the MLP kernel is specialised on (each distinct spec is one compilation)."""
 
     hidden_size: int
@@ -85,18 +85,6 @@ class MLPSpec:
     @property
     def rows(self) -> int:
         return 2 * self.inter_slice
-
-    @property
-    def k_slice(self) -> int:
-        return self.hidden_size // self.cluster_size
-
-    @property
-    def out_rows(self) -> int:
-        return self.hidden_size // self.cluster_size
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps
 
     @property
     def min_blocks_per_sm(self) -> int:
