@@ -235,3 +235,16 @@ def test_bench_variant_must_look_like_cxw(text, capsys):
 @pytest.mark.parametrize("text, variant", [("8x4", (8, 4)), ("16x4x2", (16, 4, 2))])
 def test_bench_variants_parse(text, variant):
     assert parse_variant(text) == variant
+
+
+def test_bench_reads_a_variants_third_number_by_the_presets_block():
+    from clusterlab.bench.fused import PRESETS, variant_options
+    from clusterlab.fused import DEEPSEEK_V2_LITE, DecodeMLA, MLAWeights
+
+    assert PRESETS["deepseek-v2-lite"] is DEEPSEEK_V2_LITE and "llama3-8b" in PRESETS
+    assert variant_options(PRESETS["llama3-8b"], (16, 4, 2)) == {"cluster_size": 16, "warps": 4, "head_split": 2}
+    options = variant_options(DEEPSEEK_V2_LITE, (4, 16, 32))
+    assert options == {"cluster_size": 4, "warps": 16, "attention_clusters": 32}
+    weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.bfloat16, seed=5)
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, **options).shape(3) == (4, 16, 32)
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights).shape(1) == (8, 8, DEEPSEEK_V2_LITE.heads)

@@ -27,15 +27,18 @@ KERNELS = {"projections": (build_projections_kernel, "projections_layout"),
            "output": (build_output_kernel, "output_layout")}
 
 
-# `spill`: bytes ptxas spills at the 128-register launch bound today (the output launch keeps a few
-# bytes of its first o_proj step at batch 8); a shape that spills more fails.
+# `spill`: bytes ptxas spills at the launch bound today, per kernel (projections, attention, output):
+# launch 2 at 8 warps keeps two heads' queries and states and two rows in registers, 120 bytes over
+# the 128 registers of two blocks an SM (measured faster on the H200 than one block an SM without
+# the spill, 193 vs 200 us at batch 1 and 32K); launch 3 keeps a few bytes of its first o_proj step
+# at batch 8. A shape that spills more fails.
 @pytest.mark.ptx
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize(
     "config, bf16, batch, cluster_size, warps, spill",
-    [(DEEPSEEK_V2_LITE, False, 1, 8, 8, 0), (DEEPSEEK_V2_LITE, True, 4, 8, 8, 0),
-     (DEEPSEEK_V2_LITE, False, 8, 8, 8, 16), (DEEPSEEK_V2_LITE, True, 2, 8, 4, 0), (SMALL, True, 5, 4, 8, 0),
-     (SMALL_HALF, False, 3, 2, 4, 0)],
+    [(DEEPSEEK_V2_LITE, False, 1, 8, 8, (0, 120, 0)), (DEEPSEEK_V2_LITE, True, 4, 8, 8, (0, 120, 0)),
+     (DEEPSEEK_V2_LITE, False, 8, 8, 8, (0, 120, 16)), (DEEPSEEK_V2_LITE, True, 2, 8, 4, (0, 0, 0)),
+     (SMALL, True, 5, 4, 8, (0, 0, 0)), (SMALL_HALF, False, 3, 2, 4, (0, 0, 0))],
     ids=["v2-lite-f16-b1", "v2-lite-bf16-b4", "v2-lite-f16-b8", "v2-lite-bf16-b2-w4", "small-bf16-b5",
          "small-rotate-half-f16-b3"],
 )
@@ -52,9 +55,10 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
     gathers = {"projections": True, "attention": False, "output": True}[kernel]  # q_nope, o into every block
     assert ("st.shared::cluster.v4.f32" in ptx) == gathers
     assert ("atom.global.add.f32" in ptx) == (kernel == "output")
+    assert ("cp.async.cg.shared.global" in ptx) == (kernel == "attention")  # the cache's ring
     assert "st.local" not in ptx  # every register array indexed by constants
     result = assemble(ptx)
-    assert result.spill_bytes <= spill
+    assert result.spill_bytes <= dict(zip(KERNELS, spill))[kernel]
 
 
 def test_specs_refuse_what_the_kernels_do_not_take():

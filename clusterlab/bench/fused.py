@@ -5,11 +5,13 @@ attends over ``kv_len`` keys; the *ragged* rows give the sequences of a batch le
 evenly over the KV lengths asked for, in shuffled order) it times, on the same GPU in the same
 process:
 
-- **fused**: one :class:`~clusterlab.fused.layer.DecodeAttention` step, positions as an int32
+- **fused**: one :class:`~clusterlab.fused.layer.DecodeAttention` step (for the MLA preset
+  ``deepseek-v2-lite``, :class:`~clusterlab.fused.mla_layer.DecodeMLA`), positions as an int32
   tensor on the device, captured in a CUDA graph;
 - **torch**: :class:`~clusterlab.fused.reference.UnfusedAttention` (add, rms_norm, linear, RoPE,
-  SDPA, linear; a mask for ragged batches) captured in a CUDA graph;
-- **floor**: :meth:`AttentionConfig.step_bytes` over the device-to-device copy bandwidth measured
+  SDPA, linear; a mask for ragged batches; for MLA :class:`~clusterlab.fused.mla_reference.UnfusedMLA`)
+  captured in a CUDA graph;
+- **floor**: the config's ``step_bytes`` over the device-to-device copy bandwidth measured
   at the start of the run (bytes read + written by ``Tensor.copy_`` of 1 GiB).
 
 Each time is one step's cost inside CUDA graphs of back-to-back steps: the slope between graphs
@@ -35,16 +37,24 @@ import math
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from ..fused.config import PRESETS, AttentionWeights, KVCache, rope_table
+from ..fused.config import PRESETS as ATTENTION_PRESETS
+from ..fused.config import AttentionWeights, KVCache, rope_table
 from ..fused.layer import DecodeAttention
+from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
+from ..fused.mla_layer import DecodeMLA
+from ..fused.mla_reference import UnfusedMLA, mla_reference_step
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from .timing import card_tag, commit, copy_bandwidth, graph_per_op_us, write_json
 
+#: Every preset the benchmark takes: the Llama-style blocks' and the MLA block's.
+PRESETS = {**ATTENTION_PRESETS, **MLA_PRESETS}
 KV_LENGTHS = (1024, 4096, 16384, 32768)
 BATCHES = (1, 2, 4, 8)
 #: Steps per captured graph, and repeats each figure is the median of.
@@ -65,7 +75,7 @@ class BenchRow:
     ragged: bool
     cluster_size: int
     warps: int
-    head_split: int
+    head_split: int  # MLA: the attention clusters a sequence
     layers: int
     fused_us: float
     torch_us: float
@@ -101,6 +111,28 @@ def layers_for_l2(step_bytes: int, l2_bytes: int, turnover: float = L2_TURNOVER)
     return max(1, math.ceil(turnover * l2_bytes / step_bytes))
 
 
+class _Family(NamedTuple):
+    """The classes and functions one kind of attention block is benchmarked with."""
+
+    weights: type
+    cache: type
+    fused: type
+    torch: type
+    rope_table: Callable
+    reference_step: Callable
+
+
+_LLAMA = _Family(AttentionWeights, KVCache, DecodeAttention, UnfusedAttention, rope_table, reference_step)
+_MLA = _Family(MLAWeights, LatentCache, DecodeMLA, UnfusedMLA, mla_rope_table, mla_reference_step)
+
+
+def variant_options(config, variant: tuple[int, ...]) -> dict:
+    """A ``--variant`` tuple as the fused layer's keyword arguments: the third number is the head
+    split of a Llama-style block, the attention clusters a sequence of an MLA block."""
+    third = "attention_clusters" if isinstance(config, MLAConfig) else "head_split"
+    return dict(zip(("cluster_size", "warps", third), variant))
+
+
 class _Rotation:
     """``copies`` layers, each with weights, cache and inputs of its own; ``step()`` runs the next.
 
@@ -109,12 +141,13 @@ class _Rotation:
     """
 
     def __init__(self, config, dtype, batch, lengths, copies, seed, variant, weights: list):
+        family = _MLA if isinstance(config, MLAConfig) else _LLAMA
         capacity = max(lengths)
         self.positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device="cuda")
         self.lengths = lengths
         while len(weights) < copies:
-            weights.append(AttentionWeights.random(config, dtype, "cuda", seed=seed + 3 * len(weights)))
-        rope = rope_table(config, capacity, device="cuda")
+            weights.append(family.weights.random(config, dtype, "cuda", seed=seed + 3 * len(weights)))
+        rope = family.rope_table(config, capacity, device="cuda")
         self.sets = []
         for copy in range(copies):
             gen = torch.Generator(device="cuda").manual_seed(seed + 3 * copy + 1)
@@ -122,11 +155,11 @@ class _Rotation:
                                 for _ in range(2))
             self.sets.append({
                 "weights": weights[copy], "hidden": hidden, "residual": residual,
-                "cache": KVCache.random(config, batch, capacity, dtype, "cuda", seed=seed + 3 * copy + 2),
-                "fused": DecodeAttention(config, weights[copy], **variant),
-                "torch": UnfusedAttention(config, weights[copy], rope),
+                "cache": family.cache.random(config, batch, capacity, dtype, "cuda", seed=seed + 3 * copy + 2),
+                "fused": family.fused(config, weights[copy], **variant),
+                "torch": family.torch(config, weights[copy], rope),
             })
-        self.config, self._next = config, itertools.cycle(range(copies))
+        self.config, self.family, self._next = config, family, itertools.cycle(range(copies))
 
     def fused(self):
         s = self.sets[next(self._next)]
@@ -143,12 +176,15 @@ class _Rotation:
         """Relative error of the first layer's step against the float64 reference (its cache untouched)."""
         s = self.sets[0]
         positions = self.positions.tolist()
-        want = reference_step(self.config, s["weights"], s["hidden"], s["residual"], s["cache"], positions)
+        want = self.family.reference_step(self.config, s["weights"], s["hidden"], s["residual"], s["cache"], positions)
         out, _ = s["fused"](s["hidden"], s["residual"], s["cache"].clone(), self.positions)
         return relative_error(out, want.out)
 
-    def clusters_fit(self) -> tuple[int, int]:
-        """(clusters one step launches, clusters the GPU can hold at once) for the first layer."""
+    def clusters_fit(self) -> tuple[int, int] | None:
+        """(clusters one step launches, clusters the GPU can hold at once) for the first layer's
+        one launch; ``None`` for the MLA block's three."""
+        if self.family is _MLA:
+            return None
         s = self.sets[0]
         layer, batch = s["fused"], len(self.lengths)
         out = torch.empty_like(s["hidden"])
@@ -172,7 +208,8 @@ def run_bench(
     """Time every (preset, dtype, batch, kv_len), and the ragged batches; write ``fused_<tag>.json`` / ``.png``.
 
     ``variants``: ``(cluster_size, warps)`` or ``(cluster_size, warps, head_split)`` tuples to time
-    for the fused kernel (``None``: the layer's defaults). ``tag``: the results' suffix, by
+    for the fused kernel (``None``: the layer's defaults; an MLA preset reads the third number as
+    its attention clusters a sequence). ``tag``: the results' suffix, by
     default the card's (:func:`~clusterlab.bench.timing.card_tag`). ``l2_turnover``: see
     :func:`layers_for_l2` (0 times one layer over and over, as runs before the rotation did).
     Returns the rows (also printed as a table).
@@ -186,10 +223,10 @@ def run_bench(
     bandwidth = copy_bandwidth().median
     print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {l2_bytes >> 20} MiB",
           flush=True)
-    shapes = [{}] if variants is None else [dict(zip(("cluster_size", "warps", "head_split"), v)) for v in variants]
     rows: list[BenchRow] = []
     for name, dtype_name in itertools.product(presets, dtypes):
         config, dtype = PRESETS[name], getattr(torch, dtype_name)
+        shapes = [{}] if variants is None else [variant_options(config, v) for v in variants]
         weights: list = []
         for batch, variant in itertools.product(batches, shapes):
             cases = [(False, [kv] * batch) for kv in kv_lens]
@@ -201,9 +238,11 @@ def run_bench(
                 run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
                 cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch)
                 if (is_ragged, lengths) == cases[0]:
-                    launched, fit = run.clusters_fit()
-                    print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, head "
-                          f"split {head_split}: {launched} clusters launched, {fit} fit at once", flush=True)
+                    fit = run.clusters_fit()
+                    third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
+                             else f"{head_split} attention clusters a sequence")
+                    print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}",
+                          flush=True)
                 err = run.error()
                 row = BenchRow(
                     name, dtype_name, batch, round(sum(lengths) / batch), is_ragged, cluster_size, warps, head_split,
@@ -223,7 +262,7 @@ def _format_row(r: BenchRow) -> str:
     kv = f"{RAGGED}~{r.kv_len:5d}" if r.ragged else f"kv={r.kv_len:6d}"
     return (
         f"{r.preset:11s} {r.dtype:8s} b={r.batch} {kv:12s} C={r.cluster_size:2d} W={r.warps:2d} "
-        f"S={r.head_split} x{r.layers:<2d} "
+        f"{'A' if r.preset in MLA_PRESETS else 'S'}={r.head_split} x{r.layers:<2d} "
         f"fused {r.fused_us:7.1f} us  torch {r.torch_us:7.1f} us  floor {r.floor_us:7.1f} us  "
         f"{100 * r.fraction_of_copy_bw:5.1f}% of copy BW  {r.torch_us / r.fused_us:4.2f}x torch  err {r.rel_err:.1e}"
     )
@@ -302,7 +341,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
     parser.add_argument("--no-ragged", action="store_true", help="skip the ragged batches")
     parser.add_argument("--variant", nargs="*", default=None, metavar="CxW", type=parse_variant,
-                        help="fused variants as cluster_size x warps [x head_split], e.g. 8x4 16x4x2")
+                        help="fused variants as cluster_size x warps [x head_split; MLA: x attention clusters a "
+                             "sequence], e.g. 8x4 16x4x2")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=float, default=L2_TURNOVER,

@@ -22,10 +22,13 @@ pushed into every block (the ClusterGather); barrier; the block's ``COLS`` colum
 = q_nope @ W_UK[h]`` (rows of ``W_UK[h]^T``, a copy the layer keeps) to global memory.
 
 Launch 2 (``A`` clusters a sequence): the block's chunk of the sequence's cached positions for
-every head on the CUDA cores: warp ``w`` holds heads ``w*HEADS/WARPS ..``, lane ``l`` latent dims ``l*R/32 ..``
-and rope dims ``l*D_R/32 ..`` of each row, so a score is a lane-partial dot summed by shuffles
-and the warp's softmax states stay in registers. The block that folds in the new row also
-normalises and rotates it (from ``kv_raw``) and appends it to the cache. Barrier; owners of the
+every head on the CUDA cores. The rows come into shared memory by ``cp.async``, a tile of
+:data:`ATTENTION_TILE` rows at a time through a ring of :data:`ATTENTION_STAGES` tiles; warp ``w``
+holds heads ``w*HEADS/WARPS ..`` (their queries, scaled, and softmax states in registers), lane
+``l`` latent dims ``256u + 8l ..`` and rope dims ``l*D_R/32 ..`` of each row, so a score is a
+lane-partial dot summed by shuffles; rows go two at a time (one's shuffles overlap the other's).
+The block that folds in the new row also normalises and rotates it (from ``kv_raw``) and appends
+it to the cache. Barrier; owners of the
 block's latent columns merge the ``C`` states through DSMEM into the cluster's state in global
 memory; barrier.
 
@@ -56,6 +59,11 @@ from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
 
 #: The most accumulators (heads a warp x latent dims a lane) a lane of launch 2 keeps.
 ATTENTION_ACCUMULATORS = 64
+#: Launch 2 brings the cache into shared memory a tile of this many rows at a time (a multiple
+#: of 2: the warps fold rows in pairs) ...
+ATTENTION_TILE = 16
+#: ... through a ring of this many tiles: while the block folds one, the next ones are in flight.
+ATTENTION_STAGES = 4
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,8 @@ class MLASpec(BlockShape):
 
     def attention_layout(self) -> dict[str, int]:
         heads, r, width = self.heads, self.kv_lora_rank, self.latent_width
-        return region_offsets({"q": heads * width, "new_row": width, "state_m": heads, "state_l": heads,
+        ring = ATTENTION_STAGES * ATTENTION_TILE * width // 2  # 16-bit rows, two values a word
+        return region_offsets({"ring": ring, "new_row": width, "state_m": heads, "state_l": heads,
                                "state_acc": heads * r, "red": self.warps})
 
     def output_layout(self) -> dict[str, int]:
@@ -338,15 +347,20 @@ def build_attention_kernel(spec: MLASpec):
     WARPS, THREADS, BF16, INTERLEAVED, COLS = spec.warps, spec.threads, spec.bf16, spec.interleaved, spec.cols
     HALF = D_R // 2
     HEADS_PER_WARP, LANE_DIMS, ROPE_DIMS = HEADS // WARPS, R // 32, D_R // 32
-    LOADS = LANE_DIMS // 8  # 16-byte loads of a row's latent part a lane
-    ACC, ROW_WORDS = HEADS_PER_WARP * LANE_DIMS, LOADS * 4
+    LOADS = LANE_DIMS // 8  # 16-byte loads of a row's latent part a lane: dims SPAN*u + 8*lane ..
+    SPAN = 8 * 32  # latent dims of one 16-byte load by every lane
+    ACC, Q_LANE = HEADS_PER_WARP * LANE_DIMS, LANE_DIMS + ROPE_DIMS  # Q_LANE: a lane's values of a head's query
+    Q_VALUES = HEADS_PER_WARP * Q_LANE
+    TILE, STAGES = ATTENTION_TILE, ATTENTION_STAGES
+    PENDING = STAGES - 2  # copy groups still in flight once tile i has landed
+    ROW_WORDS, CHUNKS = L // 2, L // 8  # a cache row in shared memory: words, 16-byte chunks
     UNITS = HEADS * COLS // QUAD  # merge units of a block: (head, quad of its columns)
     SCALE = np.float32(spec.softmax_scale * math.log2(math.e))  # base-2 scores
     INV_R, LATENT_EPS = np.float32(1.0 / R), np.float32(LATENT_RMS_EPS)
     NEW_CLUSTER, NEW_RANK = new_row_block(A, C)
     layout = spec.attention_layout()
-    Q, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (layout["q"], layout["new_row"], layout["state_m"],
-                                                    layout["state_l"], layout["state_acc"], layout["red"])
+    RING, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (layout["ring"], layout["new_row"], layout["state_m"],
+                                                       layout["state_l"], layout["state_acc"], layout["red"])
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
@@ -354,40 +368,61 @@ def build_attention_kernel(spec: MLASpec):
     exchange_lanes, pull, _, peer_sum, peer_max = make_exchange(C)
 
     @cuda.jit(device=True, inline=True)
-    def fold(smem, c, pe, head0, m, l_sum, acc, lane):
-        """Fold one row into the softmax states of heads ``head0 ..`` (``HEADS_PER_WARP``): ``c`` the
-        lane's ``LANE_DIMS`` latent values, ``pe`` its ``ROPE_DIMS`` rope values (float32)."""
+    def fold(q, c0, pe0, c1, pe1, pair, m, l_sum, acc):
+        """Fold one or two rows into the softmax states of the warp's heads (``HEADS_PER_WARP``): ``c0``,
+        ``c1`` the lane's ``LANE_DIMS`` latent values of each row, ``pe0``, ``pe1`` its ``ROPE_DIMS``
+        rope values (float32), ``q`` its part of the heads' scaled queries; the second row only where
+        ``pair`` (else ``c1``, ``pe1`` are read as finite values and weigh 0). Two rows a call
+        give the shuffles of one row's scores the other's to overlap with."""
         for hh in range(HEADS_PER_WARP):
-            q0 = Q + (head0 + hh) * L
-            dot = float32(0.0)
-            for u in range(LANE_DIMS // 4):
-                x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(smem, q0 + lane * LANE_DIMS + 4 * u))
-                dot += x0 * c[4 * u] + x1 * c[4 * u + 1] + x2 * c[4 * u + 2] + x3 * c[4 * u + 3]
-            for e in range(ROPE_DIMS):
-                dot += smem[q0 + R + lane * ROPE_DIMS + e] * pe[e]
-            for offset in (16, 8, 4, 2, 1):
-                dot += cuda.shfl_xor_sync(FULL_MASK, dot, offset)
-            m_new = max(m[hh], dot)
-            scale = math.exp2(m[hh] - m_new)
-            p = math.exp2(dot - m_new)
-            m[hh] = m_new
-            l_sum[hh] = l_sum[hh] * scale + p
+            q0 = hh * Q_LANE
+            s0, s1 = float32(0.0), float32(0.0)
             for d in range(LANE_DIMS):
-                acc[hh * LANE_DIMS + d] = acc[hh * LANE_DIMS + d] * scale + p * c[d]
+                s0 += q[q0 + d] * c0[d]
+                s1 += q[q0 + d] * c1[d]
+            for e in range(ROPE_DIMS):
+                s0 += q[q0 + LANE_DIMS + e] * pe0[e]
+                s1 += q[q0 + LANE_DIMS + e] * pe1[e]
+            for offset in (16, 8, 4, 2, 1):
+                s0 += cuda.shfl_xor_sync(FULL_MASK, s0, offset)
+                s1 += cuda.shfl_xor_sync(FULL_MASK, s1, offset)
+            if not pair:
+                s1 = NEG
+            m_new = max(m[hh], max(s0, s1))
+            scale = math.exp2(m[hh] - m_new)
+            p0, p1 = math.exp2(s0 - m_new), math.exp2(s1 - m_new)
+            m[hh] = m_new
+            l_sum[hh] = l_sum[hh] * scale + p0 + p1
+            for d in range(LANE_DIMS):
+                acc[hh * LANE_DIMS + d] = acc[hh * LANE_DIMS + d] * scale + p0 * c0[d] + p1 * c1[d]
 
     @cuda.jit(device=True, inline=True)
-    def load_row(latent, row, lane, words, rope_bits):
-        """Issue the loads of the lane's part of the cache row starting at ``latent[row]``."""
+    def issue_tile(latent, first, t0, end, smem, stage, tid):
+        """Start copying the sequence's cache rows ``t0 .. min(t0 + TILE, end)`` (``first``: its row 0
+        in ``latent``) into ring stage ``stage``, 16 bytes a thread at a time."""
+        for i in range(tid, TILE * CHUNKS, THREADS):
+            row, chunk = i // CHUNKS, i % CHUNKS
+            if t0 + row < end:
+                ptx.cp_async_16(ptx.shared_address(smem, RING + (stage * TILE + row) * ROW_WORDS + 4 * chunk),
+                                latent, (first + t0 + row) * L + 8 * chunk)
+
+    @cuda.jit(device=True, inline=True)
+    def read_row(smem, smem16, at, lane, c, pe):
+        """The lane's values of the ring's row at word ``at`` as float32: latent dims ``SPAN*u + 8*lane ..``
+        into ``c``, rope dims ``lane*ROPE_DIMS ..`` into ``pe`` (consecutive lanes, consecutive banks)."""
         for u in range(LOADS):
-            v = ptx.ld_global_nc_v4(latent, row + lane * LANE_DIMS + 8 * u)
-            for e in range(4):
-                words[4 * u + e] = v[e]
+            w0, w1, w2, w3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + SPAN // 2 * u + 4 * lane))
+            c[8 * u], c[8 * u + 1] = unpack(w0)
+            c[8 * u + 2], c[8 * u + 3] = unpack(w1)
+            c[8 * u + 4], c[8 * u + 5] = unpack(w2)
+            c[8 * u + 6], c[8 * u + 7] = unpack(w3)
         for e in range(ROPE_DIMS):
-            rope_bits[e] = latent[row + R + lane * ROPE_DIMS + e]
+            pe[e] = to_f32(smem16[2 * at + R + lane * ROPE_DIMS + e])
 
     def mla_attention(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
                       state_acc):
         smem = cuda.shared.array(0, float32)
+        smem16 = cuda.shared.array(0, int16)  # the same memory, 16 bits at a time
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
@@ -399,10 +434,6 @@ def build_attention_kernel(spec: MLASpec):
         folds_new = a == NEW_CLUSTER and rank == NEW_RANK and cached >= 0
 
         # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
-        for i in range(tid, HEADS * L, THREADS):  # the sequence's scaled queries, [heads, L]
-            head, e = i // L, i % L
-            smem[Q + i] = (q_lat[(seq * HEADS + head) * R + e] if e < R
-                           else q_pe[(seq * HEADS + head) * D_R + e - R]) * SCALE
         if folds_new:  # the raw latent's sum of squares, by warp
             ss = float32(0.0)
             for i in range(tid, R, THREADS):
@@ -438,37 +469,53 @@ def build_attention_kernel(spec: MLASpec):
             l_sum[hh] = float32(0.0)
         for d in range(ACC):
             acc[d] = float32(0.0)
-        c = cuda.local.array(LANE_DIMS, float32)
-        pe = cuda.local.array(ROPE_DIMS, float32)
-        words = cuda.local.array(ROW_WORDS, uint32)  # the row being folded
-        rope_bits = cuda.local.array(ROPE_DIMS, int16)
-        next_words = cuda.local.array(ROW_WORDS, uint32)  # the next row, in flight meanwhile
-        next_rope_bits = cuda.local.array(ROPE_DIMS, int16)
-        if start < end:
-            load_row(latent, (seq * capacity + start) * L, lane, words, rope_bits)
-        for t in range(start, end):  # row t folded while row t + 1 is loaded
-            load_row(latent, (seq * capacity + min(t + 1, end - 1)) * L, lane, next_words, next_rope_bits)
-            for u in range(ROW_WORDS):
-                c[2 * u], c[2 * u + 1] = unpack(words[u])
+        q = cuda.local.array(Q_VALUES, float32)  # the warp's heads' scaled queries, the lane's dims
+        for hh in range(HEADS_PER_WARP):
+            head = seq * HEADS + head0 + hh
+            for u in range(LOADS):
+                for e in range(8):
+                    q[hh * Q_LANE + 8 * u + e] = q_lat[head * R + SPAN * u + 8 * lane + e] * SCALE
             for e in range(ROPE_DIMS):
-                pe[e] = to_f32(rope_bits[e])
-            fold(smem, c, pe, head0, m, l_sum, acc, lane)
-            for u in range(ROW_WORDS):
-                words[u] = next_words[u]
-            for e in range(ROPE_DIMS):
-                rope_bits[e] = next_rope_bits[e]
+                q[hh * Q_LANE + LANE_DIMS + e] = q_pe[head * D_R + lane * ROPE_DIMS + e] * SCALE
+        c0 = cuda.local.array(LANE_DIMS, float32)
+        c1 = cuda.local.array(LANE_DIMS, float32)
+        pe0 = cuda.local.array(ROPE_DIMS, float32)
+        pe1 = cuda.local.array(ROPE_DIMS, float32)
+        # The block's rows pass through the ring of STAGES tiles: tile i is folded while tiles
+        # i + 1 .. i + STAGES - 1 are in flight; one copy group a tile, committed loads or not.
+        first = seq * capacity  # the sequence's row 0
+        tiles = (end - start + TILE - 1) // TILE
+        for i in range(STAGES - 1):
+            if i < tiles:
+                issue_tile(latent, first, start + i * TILE, end, smem, i, tid)
+            ptx.cp_async_commit()
+        for i in range(tiles):
+            ptx.cp_async_wait(PENDING)  # this thread's copies of tile i have landed
+            cuda.syncthreads()  # everyone's have; everyone is done with tile i - 1, whose stage is reused now
+            if i + STAGES - 1 < tiles:
+                issue_tile(latent, first, start + (i + STAGES - 1) * TILE, end, smem, (i + STAGES - 1) % STAGES, tid)
+            ptx.cp_async_commit()
+            t0, at = start + i * TILE, RING + i % STAGES * TILE * ROW_WORDS
+            for pair in range(TILE // 2):  # rows t, t + 1 (row t again where t + 1 is past the end)
+                t = t0 + 2 * pair
+                if t < end:
+                    read_row(smem, smem16, at + 2 * pair * ROW_WORDS, lane, c0, pe0)
+                    read_row(smem, smem16, at + min(2 * pair + 1, end - 1 - t0) * ROW_WORDS, lane, c1, pe1)
+                    fold(q, c0, pe0, c1, pe1, t + 1 < end, m, l_sum, acc)
         if folds_new:  # the new row, unrounded, from shared memory
-            for d in range(LANE_DIMS):
-                c[d] = smem[NEW_ROW + lane * LANE_DIMS + d]
+            for u in range(LOADS):
+                for e in range(8):
+                    c0[8 * u + e] = smem[NEW_ROW + SPAN * u + 8 * lane + e]
             for e in range(ROPE_DIMS):
-                pe[e] = smem[NEW_ROW + R + lane * ROPE_DIMS + e]
-            fold(smem, c, pe, head0, m, l_sum, acc, lane)
+                pe0[e] = smem[NEW_ROW + R + lane * ROPE_DIMS + e]
+            fold(q, c0, pe0, c0, pe0, False, m, l_sum, acc)
         for hh in range(HEADS_PER_WARP):  # the warp's heads' states are the block's
             if lane == 0:
                 smem[STATE_M + head0 + hh] = m[hh]
                 smem[STATE_L + head0 + hh] = l_sum[hh]
-            for d in range(LANE_DIMS):
-                smem[STATE_ACC + (head0 + hh) * R + lane * LANE_DIMS + d] = acc[hh * LANE_DIMS + d]
+            for u in range(LOADS):
+                for e in range(8):
+                    smem[STATE_ACC + (head0 + hh) * R + SPAN * u + 8 * lane + e] = acc[hh * LANE_DIMS + 8 * u + e]
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # every block's softmax state is complete
 

@@ -114,6 +114,11 @@ class DecodeMLA:
             self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
 
+    def shape(self, batch: int) -> tuple[int, int, int]:
+        """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with
+        (the same for every batch: launch 2 has ``attention_clusters * batch`` clusters)."""
+        return self.cluster_size, self.warps or DEFAULT_WARPS, self.attention_clusters
+
     def kernel_spec(self, dtype: torch.dtype, batch: int):
         """The :class:`~clusterlab.fused.mla_kernel.MLASpec` of one dtype and batch (raises where the
         kernels cannot run this step: the query LoRA, shapes they do not tile, shared memory)."""
