@@ -112,7 +112,8 @@ def layers_for_l2(step_bytes: int, l2_bytes: int, turnover: float = L2_TURNOVER)
 
 
 class _Family(NamedTuple):
-    """The classes and functions one kind of attention block is benchmarked with."""
+    """The classes and functions one kind of attention block is benchmarked with, and what the
+    third number of its launch shape is (a keyword of its fused layer, a letter in the table)."""
 
     weights: type
     cache: type
@@ -120,17 +121,24 @@ class _Family(NamedTuple):
     torch: type
     rope_table: Callable
     reference_step: Callable
+    third: str
+    letter: str
 
 
-_LLAMA = _Family(AttentionWeights, KVCache, DecodeAttention, UnfusedAttention, rope_table, reference_step)
-_MLA = _Family(MLAWeights, LatentCache, DecodeMLA, UnfusedMLA, mla_rope_table, mla_reference_step)
+_LLAMA = _Family(AttentionWeights, KVCache, DecodeAttention, UnfusedAttention, rope_table, reference_step,
+                 "head_split", "S")
+_MLA = _Family(MLAWeights, LatentCache, DecodeMLA, UnfusedMLA, mla_rope_table, mla_reference_step,
+               "attention_clusters", "A")
+
+
+def _family(config) -> _Family:
+    return _MLA if isinstance(config, MLAConfig) else _LLAMA
 
 
 def variant_options(config, variant: tuple[int, ...]) -> dict:
     """A ``--variant`` tuple as the fused layer's keyword arguments: the third number is the head
     split of a Llama-style block, the attention clusters a sequence of an MLA block."""
-    third = "attention_clusters" if isinstance(config, MLAConfig) else "head_split"
-    return dict(zip(("cluster_size", "warps", third), variant))
+    return dict(zip(("cluster_size", "warps", _family(config).third), variant))
 
 
 class _Rotation:
@@ -141,7 +149,7 @@ class _Rotation:
     """
 
     def __init__(self, config, dtype, batch, lengths, copies, seed, variant, weights: list):
-        family = _MLA if isinstance(config, MLAConfig) else _LLAMA
+        family = _family(config)
         capacity = max(lengths)
         self.positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device="cuda")
         self.lengths = lengths
@@ -262,7 +270,7 @@ def _format_row(r: BenchRow) -> str:
     kv = f"{RAGGED}~{r.kv_len:5d}" if r.ragged else f"kv={r.kv_len:6d}"
     return (
         f"{r.preset:11s} {r.dtype:8s} b={r.batch} {kv:12s} C={r.cluster_size:2d} W={r.warps:2d} "
-        f"{'A' if r.preset in MLA_PRESETS else 'S'}={r.head_split} x{r.layers:<2d} "
+        f"{_family(PRESETS[r.preset]).letter}={r.head_split} x{r.layers:<2d} "
         f"fused {r.fused_us:7.1f} us  torch {r.torch_us:7.1f} us  floor {r.floor_us:7.1f} us  "
         f"{100 * r.fraction_of_copy_bw:5.1f}% of copy BW  {r.torch_us / r.fused_us:4.2f}x torch  err {r.rel_err:.1e}"
     )
