@@ -12,8 +12,10 @@ the float64 reference (the sanitizer reports hazards itself).
 
 import torch
 
+from sanitize_steps import exit_with, run_steps
+
 from clusterlab.fused import AttentionConfig, AttentionWeights, DecodeAttention, KVCache
-from clusterlab.fused.reference import reference_step, relative_error
+from clusterlab.fused.reference import reference_step
 
 SHAPES = [
     # (config, layer options, positions, dtype)
@@ -27,19 +29,4 @@ SHAPES = [
      [300, 0, 77, 12, 5], torch.float16),
 ]
 
-failures = 0
-for config, options, positions, dtype in SHAPES:
-    weights = AttentionWeights.random(config, dtype, "cuda")
-    batch = len(positions)
-    cache = KVCache.random(config, batch, max(positions) + 2, dtype, "cuda")
-    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
-    want = reference_step(config, weights, hidden, residual, cache, positions)
-    out = torch.full_like(hidden, float("nan"))
-    layer = DecodeAttention(config, weights, **options)
-    layer(hidden, residual, cache, torch.tensor(positions, dtype=torch.int32, device="cuda"), out=out)
-    torch.cuda.synchronize()
-    error = relative_error(out, want.out)
-    print(f"{options} positions {positions} {dtype}: rel err {error:.1e}")
-    failures += not error < 1e-2
-print(f"{failures} mismatches")
-raise SystemExit(1 if failures else 0)
+exit_with(run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step))

@@ -10,8 +10,9 @@ itself).
 
 import torch
 
+from sanitize_steps import exit_with, run_steps
+
 from clusterlab.fused import DEEPSEEK_V2_LITE, DecodeMLA, LatentCache, MLAConfig, MLAWeights, mla_reference_step
-from clusterlab.fused.reference import relative_error
 
 SMALL = MLAConfig(hidden_size=512, heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
                   v_head_dim=64, rope_interleaved=False)
@@ -22,19 +23,4 @@ SHAPES = [
     (SMALL, {"cluster_size": 4, "attention_clusters": 3}, [5, 0, 90, 13], torch.float16),
 ]
 
-failures = 0
-for config, options, positions, dtype in SHAPES:
-    weights = MLAWeights.random(config, dtype, "cuda")
-    batch = len(positions)
-    cache = LatentCache.random(config, batch, max(positions) + 2, dtype, "cuda")
-    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
-    want = mla_reference_step(config, weights, hidden, residual, cache, positions)
-    out = torch.full_like(hidden, float("nan"))
-    layer = DecodeMLA(config, weights, **options)
-    layer(hidden, residual, cache, torch.tensor(positions, dtype=torch.int32, device="cuda"), out=out)
-    torch.cuda.synchronize()
-    error = relative_error(out, want.out)
-    print(f"{options} positions {positions} {dtype}: rel err {error:.1e}")
-    failures += not error < 1e-2
-print(f"{failures} mismatches")
-raise SystemExit(1 if failures else 0)
+exit_with(run_steps(SHAPES, MLAWeights, LatentCache, DecodeMLA, mla_reference_step))

@@ -1,0 +1,32 @@
+"""The sanitizer scripts' step loop, run on the simulator backend (CPU): it counts a step that misses."""
+
+import torch
+from sanitize_steps import run_steps
+
+from clusterlab.fused import (AttentionConfig, AttentionWeights, DecodeAttention, DecodeMLA, KVCache, LatentCache,
+                              MLAConfig, MLAWeights, mla_reference_step)
+from clusterlab.fused.reference import reference_step
+
+ATTENTION = [(AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64), {"cluster_size": 2}, [0, 9],
+              torch.bfloat16)]
+MLA = [(MLAConfig(hidden_size=256, heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                  v_head_dim=32), {"cluster_size": 2, "attention_clusters": 2}, [3, 0], torch.float16)]
+
+
+def _off(reference):
+    """``reference`` with its output 1.5 times too large."""
+    def wrong(*args):
+        want = reference(*args)
+        want.out.mul_(1.5)
+        return want
+    return wrong
+
+
+def test_steps_match_their_reference_and_a_wrong_reference_is_counted(capsys):
+    assert run_steps(ATTENTION, AttentionWeights, KVCache, DecodeAttention, reference_step, device="cpu") == 0
+    assert run_steps(MLA, MLAWeights, LatentCache, DecodeMLA, mla_reference_step, device="cpu") == 0
+    assert run_steps(ATTENTION + ATTENTION, AttentionWeights, KVCache, DecodeAttention, _off(reference_step),
+                     device="cpu") == 2
+    assert run_steps(MLA, MLAWeights, LatentCache, DecodeMLA, _off(mla_reference_step), device="cpu") == 1
+    printed = capsys.readouterr().out
+    assert printed.count("rel err") == 5 and "positions [3, 0] torch.float16" in printed
