@@ -46,6 +46,17 @@ measures the host time per call against the bare driver call and numba's own
 ``kernel[grid, block](...)``; its results are in ``benchmarks/results/launch_overhead_*.json``.
 Launch once before capturing a CUDA graph, as with any lazily compiled kernel.
 
+Programmatic dependent launch
+-----------------------------
+``dependent=True`` lets the kernel start while the kernel before it in the stream is still
+running (``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION``): its blocks are placed as soon
+as every block of the earlier kernel has called :func:`clusterlab.ptx.launch_dependents` (or
+exited) and there is room, and each waits in :func:`clusterlab.ptx.grid_dependency_wait` until
+the earlier kernel has completed and its writes are visible. What a block does before that wait
+overlaps the earlier kernel's end: loads of data no kernel writes (weights), never a read of the
+earlier kernel's results or a write to anything it reads. The attribute is kept when a CUDA graph
+is captured (the graph gets a programmatic edge).
+
 Errors
 ------
 Arguments are checked before the driver is touched: ``ValueError`` names the parameter, the value
@@ -313,10 +324,19 @@ class _Plan:
         self.driver = driver
 
     def config(self, stream):
-        """``CUlaunchConfig`` for ``stream``: grid in blocks, cluster shape as a launch attribute."""
+        """``CUlaunchConfig`` for ``stream``, kept for the next launch there."""
         config = self.configs.get(stream)
         if config is not None:
             return config
+        config = self._new_config(stream, self.owner.dependent)
+        if len(self.configs) >= _MAX_CACHED_STREAMS:
+            self.configs.clear()
+        self.configs[stream] = config
+        return config
+
+    def _new_config(self, stream, dependent):
+        """Grid in blocks, the cluster shape as a launch attribute, and programmatic dependent
+        launch as another where ``dependent``."""
         driver, owner = self.driver, self.owner
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = owner.grid
@@ -327,11 +347,14 @@ class _Plan:
         attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
         shape = attribute.value.clusterDim
         shape.x, shape.y, shape.z = owner.cluster
-        config.attrs = [attribute]
-        config.numAttrs = 1
-        if len(self.configs) >= _MAX_CACHED_STREAMS:
-            self.configs.clear()
-        self.configs[stream] = config
+        attributes = [attribute]
+        if dependent:
+            attribute = driver.CUlaunchAttribute()
+            attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attribute.value.programmaticStreamSerializationAllowed = 1
+            attributes.append(attribute)
+        config.attrs = attributes
+        config.numAttrs = len(attributes)
         return config
 
     def launch(self, values, stream):
@@ -367,7 +390,7 @@ class _Plan:
             raise RuntimeError(f"cuLaunchKernelEx failed with {err.name} for {self.owner!r}")
 
     def max_active_clusters(self):
-        err, count = self.driver.cuOccupancyMaxActiveClusters(self.function, self.config(0))
+        err, count = self.driver.cuOccupancyMaxActiveClusters(self.function, self._new_config(0, False))
         if err:
             raise RuntimeError(f"cuOccupancyMaxActiveClusters failed with {err.name} for {self.owner!r}")
         return count
@@ -386,24 +409,29 @@ class ClusterKernel:
     ``grid``, ``cluster``, ``block``: an int or a tuple of 1 to 3 ints (x, y, z); ``grid`` counts
     blocks and is a multiple of ``cluster`` per axis (see the module docstring). ``shared_bytes``:
     dynamic shared memory per block. ``stream``: None follows torch's current stream at each call.
-    ``non_portable``: allow 9 to 16 blocks per cluster.
+    ``non_portable``: allow 9 to 16 blocks per cluster. ``dependent``: programmatic dependent
+    launch (see the module docstring).
 
     Attributes ``grid``, ``cluster``, ``block`` hold the normalised 3-tuples and ``clusters`` the
     grid in clusters per axis. Prefer :func:`launch`, which caches these objects.
     """
 
     __slots__ = (
-        "kernel", "grid", "cluster", "block", "shared_bytes", "non_portable", "_stream", "_plans", "_device_id",
-        "_shared_limit",
+        "kernel", "grid", "cluster", "block", "shared_bytes", "non_portable", "dependent", "_stream", "_plans",
+        "_device_id", "_shared_limit",
     )
 
-    def __init__(self, kernel, *, grid, cluster, block, shared_bytes=0, stream=None, non_portable=False):
+    def __init__(self, kernel, *, grid, cluster, block, shared_bytes=0, stream=None, non_portable=False,
+                 dependent=False):
         _check_kernel(kernel)
         self.grid, self.cluster, self.block, self.shared_bytes = validate_launch(
             grid, cluster, block, shared_bytes, non_portable
         )
+        if not isinstance(dependent, (bool, np.bool_)):
+            raise ValueError(f"dependent={dependent!r}: must be True or False")
         self.kernel = kernel
         self.non_portable = bool(non_portable)
+        self.dependent = bool(dependent)
         self._stream = _stream_handle(stream)
         self._plans = {}
         gpu.require_hopper()
@@ -570,10 +598,10 @@ _raw_stream = None
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_launcher(kernel, grid, cluster, block, shared_bytes, stream, non_portable):
+def _cached_launcher(kernel, grid, cluster, block, shared_bytes, stream, non_portable, dependent):
     return ClusterKernel(
         kernel, grid=grid, cluster=cluster, block=block, shared_bytes=shared_bytes, stream=stream,
-        non_portable=non_portable,
+        non_portable=non_portable, dependent=dependent,
     )
 
 
@@ -581,20 +609,21 @@ def _frozen(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def launch(kernel, *, grid, cluster, block, shared_bytes=0, stream=None, non_portable=False) -> ClusterKernel:
+def launch(kernel, *, grid, cluster, block, shared_bytes=0, stream=None, non_portable=False,
+           dependent=False) -> ClusterKernel:
     """Launcher for ``kernel`` as clusters: ``launch(kernel, grid=..., cluster=..., block=...)(*args)``.
 
     ``grid`` counts blocks per axis and must be a multiple of ``cluster`` per axis; see
     :class:`ClusterKernel` and the module docstring for every parameter. Repeated calls with the
     same configuration return the same cached :class:`ClusterKernel`.
     """
-    key = (kernel, _frozen(grid), _frozen(cluster), _frozen(block), shared_bytes, stream, non_portable)
+    key = (kernel, _frozen(grid), _frozen(cluster), _frozen(block), shared_bytes, stream, non_portable, dependent)
     try:
         hash(key)
     except TypeError:  # an unhashable stream object: no caching, same behaviour
         return ClusterKernel(
             kernel, grid=grid, cluster=cluster, block=block, shared_bytes=shared_bytes, stream=stream,
-            non_portable=non_portable,
+            non_portable=non_portable, dependent=dependent,
         )
     return _cached_launcher(*key)
 

@@ -1110,6 +1110,33 @@ cp_async_commit = _asm_intrinsic(
 )
 
 
+grid_dependency_wait = _asm_intrinsic(
+    "grid_dependency_wait",
+    """grid_dependency_wait(): wait until the grids this one depends on have completed and their memory is visible.
+
+    PTX ``griddepcontrol.wait``. Under programmatic dependent launch (``clusterlab.launch(...,
+    dependent=True)``) a kernel may start while the kernel before it in the stream is still
+    running; everything before this wait may only read what no earlier kernel writes (weights, say)
+    and write nothing an earlier kernel reads. Without that launch attribute it returns at once. sm_90+.
+    """,
+    "griddepcontrol.wait;",
+    memory=WRITES,
+)
+
+launch_dependents = _asm_intrinsic(
+    "launch_dependents",
+    """launch_dependents(): let the next kernel in the stream start before this one ends.
+
+    PTX ``griddepcontrol.launch_dependents``. Once every block of this grid has issued it (or
+    exited), a kernel launched after it with programmatic dependent launch may start its blocks
+    wherever there is room; that kernel still waits for this grid's completion in its
+    :func:`grid_dependency_wait`. A hint with no effect on what either kernel computes. sm_90+.
+    """,
+    "griddepcontrol.launch_dependents;",
+    memory=WRITES,
+)
+
+
 def _cp_async_wait(pending):
     name = "cp_async_wait"
     if not isinstance(pending, types.IntegerLiteral):
@@ -1355,6 +1382,9 @@ __all__ = [
     "cluster_wait_acquire",
     "cluster_sync",
     "fence_acq_rel_cluster",
+    # programmatic dependent launch
+    "grid_dependency_wait",
+    "launch_dependents",
     # addresses
     "shared_address",
     "map_shared",

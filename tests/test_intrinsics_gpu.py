@@ -185,6 +185,61 @@ def test_sm_id_and_the_two_clocks():
 
 
 # ---------------------------------------------------------------------------------------------
+# Programmatic dependent launch
+# ---------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def slow_producer(values, produced, ends, spin_cycles):
+    """Let dependents launch, spin, then write ``produced`` (one word a thread) and stamp the end."""
+    ptx.launch_dependents()
+    c0 = ptx.clock64()
+    while ptx.clock64() - c0 < spin_cycles:
+        pass
+    i = cuda.grid(1)
+    produced[i] = values[i]
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        ends[cuda.blockIdx.x] = ptx.global_timer()
+
+
+@cuda.jit
+def dependent_consumer(produced, got, starts):
+    """Stamp the start, wait for the producer's grid, then read what it wrote."""
+    if cuda.threadIdx.x == 0:
+        starts[cuda.blockIdx.x] = ptx.global_timer()
+    ptx.grid_dependency_wait()
+    i = cuda.grid(1)
+    got[i] = produced[i] ^ uint32(0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("dependent", [True, False])
+def test_dependent_launch_starts_early_and_waits_for_the_writes(dependent, rng):
+    size, blocks = 2, 2 * CLUSTERS
+    values = random_values(rng, np.uint32, blocks * N)
+    produced, got = poisoned(blocks * N, np.uint32), poisoned(blocks * N, np.uint32)
+    ends, starts = poisoned(blocks, np.uint64), poisoned(blocks, np.uint64)
+    stream = cuda.stream()
+    producer = launch(slow_producer, grid=blocks, cluster=size, block=N, stream=stream)
+    consumer = launch(dependent_consumer, grid=blocks, cluster=size, block=N, stream=stream, dependent=dependent)
+    producer(cuda.to_device(values), produced, ends, np.uint64(0))  # compile both before the pair that counts
+    consumer(produced, got, starts)
+    stream.synchronize()
+    produced.copy_to_device(sentinel(blocks * N, np.uint32))
+    got.copy_to_device(sentinel(blocks * N, np.uint32))
+    spin = np.uint64(2_000_000 + secrets.randbelow(1_000_000))  # about a millisecond
+    producer(cuda.to_device(values), produced, ends, spin)
+    consumer(produced, got, starts)
+    stream.synchronize()
+    assert_same_bits(got.copy_to_host(), values ^ np.uint32(0xFFFFFFFF))
+    starts, ends = starts.copy_to_host(), ends.copy_to_host()
+    if dependent:  # placed while the producer spun; its reads still saw every write
+        assert starts.min() < ends.max(), (starts, ends)
+    else:  # stream order: not before the producer ended
+        assert starts.min() > ends.max(), (starts, ends)
+
+
+# ---------------------------------------------------------------------------------------------
 # DSMEM loads and stores: typed layer and raw address-based intrinsics
 # ---------------------------------------------------------------------------------------------
 

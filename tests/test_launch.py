@@ -69,6 +69,7 @@ def test_sizes_normalise_to_xyz():
         (dict(grid=8, cluster=True, block=128), r"cluster=True: sizes must be integers"),
         (dict(grid=8, cluster=0, block=128), r"cluster=0: axis x must be between 1 and 16"),
         (dict(grid=8, cluster=2, block=128, non_portable="yes"), r"non_portable='yes': must be True or False"),
+        (dict(grid=8, cluster=2, block=128, dependent="yes"), r"dependent='yes': must be True or False"),
     ],
 )
 def test_invalid_configuration_is_a_value_error_naming_parameter_and_limit(kwargs, pattern, no_driver_allowed):
@@ -398,6 +399,46 @@ def test_graph_capture_and_replay(rng):
         graph.replay()
         torch.cuda.synchronize()
         np.testing.assert_allclose(out.cpu().numpy(), _expected_rank_plus(fresh, 2.0, 4, 64), rtol=1e-6, atol=1e-7)
+
+
+@cuda.jit
+def waits_then_doubles_plus_rank(out, x):
+    """out = 2 * x + cluster rank, read after the previous kernel in the stream has completed."""
+    ptx.grid_dependency_wait()
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = 2.0 * x[i] + ptx.cluster_rank()
+
+
+@gpu_test
+def test_graph_of_dependent_launches_replays_in_order(rng):
+    """Three chained kernels launched with programmatic dependent launch, captured and replayed:
+    each reads what the one before wrote."""
+    import torch
+
+    x = torch.from_numpy(rng.standard_normal(1024, dtype=np.float32)).cuda()
+    a, b, c = (torch.full_like(x, float("nan")) for _ in range(3))
+    step = launch(waits_then_doubles_plus_rank, grid=16, cluster=4, block=64, dependent=True)
+    chain = [(a, x), (b, a), (c, b)]
+    for out, src in chain:  # warm-up: compiles and loads outside the capture
+        step(out, src)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for out, src in chain:
+            step(out, src)
+    rank = (np.arange(1024) // 64 % 4).astype(np.float32)
+    for _ in range(2):
+        fresh = rng.standard_normal(1024, dtype=np.float32)
+        x.copy_(torch.from_numpy(fresh))
+        for out in (a, b, c):
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = fresh
+        for out in (a, b, c):
+            expected = 2 * expected + rank
+            np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
 def _ran_on(stream, run):

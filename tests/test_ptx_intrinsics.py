@@ -163,6 +163,8 @@ CASES = {
     "cp_async_16": ("ptx.cp_async_16(ptx.shared_address(smem, 4 * i32[1]), i32, 4 * i32[0])",
                     "cp.async.cg.shared.global ["),
     "cp_async_commit": ("ptx.cp_async_commit()", "cp.async.commit_group;"),
+    "grid_dependency_wait": ("ptx.grid_dependency_wait()", "griddepcontrol.wait;"),
+    "launch_dependents": ("ptx.launch_dependents()", "griddepcontrol.launch_dependents;"),
     "cp_async_wait": ("ptx.cp_async_wait(3)", "cp.async.wait_group 3;"),
     "ld_shared_v4_b32": ("a, b, c, d = ptx.ld_shared_v4_b32(ptx.shared_address(smem, 4 * i32[0]))\no32[0] = a ^ b ^ c ^ d",
                          "ld.shared.v4.b32"),
