@@ -21,16 +21,15 @@ sum the partials and normalise: ``kv_raw`` and the rotated ``q_pe`` to global me
 pushed into every block (the ClusterGather); barrier; the block's ``COLS`` columns of ``q_lat[h]
 = q_nope @ W_UK[h]`` (rows of ``W_UK[h]^T``, a copy the layer keeps) to global memory.
 
-Launch 2 (``A`` clusters a sequence): the block's chunk of the sequence's cached positions for
-every head on the CUDA cores. The rows come into shared memory by ``cp.async``, a tile of
-:data:`ATTENTION_TILE` rows at a time through a ring of :data:`ATTENTION_STAGES` tiles; warp ``w``
-holds heads ``w*HEADS/WARPS ..`` (their queries, scaled, and softmax states in registers), lane
-``l`` latent dims ``256u + 8l ..`` and rope dims ``l*D_R/32 ..`` of each row, so a score is a
-lane-partial dot summed by shuffles; rows go two at a time (one's shuffles overlap the other's).
-The block that folds in the new row also normalises and rotates it (from ``kv_raw``) and appends
-it to the cache. Barrier; owners of the
-block's latent columns merge the ``C`` states through DSMEM into the cluster's state in global
-memory; barrier.
+Launch 2 (``A`` clusters a sequence, ``R / 64`` warps a block): the block's chunk of the
+sequence's cached positions (and, in the last block, the new row) for every head on the tensor
+cores. The rows come into shared memory by ``cp.async``, a tile of :data:`ATTENTION_TILE` rows at a
+time through a ring of :data:`ATTENTION_STAGES` tiles; every warp computes the tile's scores for
+all heads (the heads are ``mma``'s 16 rows) and the same online softmax, and sums the values of
+its own 64 latent dims (see :func:`build_attention_kernel`). The block that folds in the new row
+first normalises and rotates it (from ``kv_raw``) and appends it to the cache, rounded, where the
+ring then finds it. Barrier; owners of the block's latent columns merge the ``C`` states through
+DSMEM into the cluster's state in global memory; barrier.
 
 Launch 3 (``HEADS`` clusters, cluster h = head h): the block merges head h's ``A`` states on its
 latent columns into ``o_lat``, multiplies by its columns of ``W_UV[h]`` (rows of ``kv_b_proj``)
@@ -48,7 +47,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import cuda, float32, int16, int32, uint32
+from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
@@ -57,10 +56,10 @@ from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, gemv_tile
 from .mla import LATENT_RMS_EPS, MLAConfig
 from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
 
-#: The most accumulators (heads a warp x latent dims a lane) a lane of launch 2 keeps.
-ATTENTION_ACCUMULATORS = 64
-#: Launch 2 brings the cache into shared memory a tile of this many rows at a time (a multiple
-#: of 2: the warps fold rows in pairs) ...
+#: Launch 2 runs on the tensor cores with the heads as ``mma``'s 16 rows: at most this many heads.
+MMA_HEADS = 16
+#: Launch 2 brings the cache into shared memory a tile of this many rows at a time (two ``mma``
+#: of 8 columns for the scores, one ``mma``'s k for the values) ...
 ATTENTION_TILE = 16
 #: ... through a ring of this many tiles: while the block folds one, the next ones are in flight.
 ATTENTION_STAGES = 4
@@ -105,17 +104,15 @@ class MLASpec(BlockShape):
                                           "chunks"),
             (config.latent_width % (QUAD * heads) == 0, f"the latent row ({config.latent_width}) must split over the "
                                                        f"{heads} heads in quads"),
-            (r % 256 == 0 and r <= 512, f"kv_lora_rank {r} must be 256 or 512 (a lane holds 8 or 16 latent dims)"),
-            (d_r % 32 == 0 and d_r <= 64, f"qk_rope_head_dim {d_r} must be 32 or 64 (a lane holds 1 or 2 rope dims)"),
+            (r % 256 == 0 and r <= 512, f"kv_lora_rank {r} must be 256 or 512 (launch 2 has a warp for each 64 "
+                                        "latent dims, 4 or 8)"),
+            (d_r % 32 == 0 and d_r <= 64, f"qk_rope_head_dim {d_r} must be 32 or 64 (the scores' mma take a row "
+                                          "32 dims at a time)"),
             (r % (8 * cluster_size) == 0, f"kv_lora_rank {r} must split into {cluster_size} column slices of whole "
                                           "16-byte chunks"),
             (config.qk_nope_head_dim % 8 == 0 and config.v_head_dim % 8 == 0,
              "qk_nope_head_dim and v_head_dim must be multiples of 8"),
-            (heads % warps == 0, f"{heads} heads do not split evenly over {warps} warps (launch 2 gives each warp "
-                                 "heads // warps heads)"),
-            (heads // warps * (r // 32) <= ATTENTION_ACCUMULATORS,
-             f"{heads} heads over {warps} warps: a lane would keep {heads // warps * (r // 32)} accumulators "
-             f"(at most {ATTENTION_ACCUMULATORS}); use more warps"),
+            (heads <= MMA_HEADS, f"{heads} heads do not fit launch 2's mma tile of {MMA_HEADS} rows"),
         ]
         for ok, why in needs:
             if not ok:
@@ -178,18 +175,35 @@ class MLASpec(BlockShape):
         return region_offsets({"xs": b * self.k_slice, "partial": b * self.partial_stride,
                                "q_nope": b * self.qk_nope_head_dim, "red": self.warps * b})
 
+    @property
+    def attention_warps(self) -> int:
+        """Warps of a launch 2 block: one for each 64 latent dims of the output."""
+        return self.kv_lora_rank // 64
+
+    @property
+    def ring_row_words(self) -> int:
+        """Words of a 16-bit cache row (or query) in launch 2's shared memory: padded by 16 bytes so
+        that rows ``g`` of the ``mma`` operands' loads fall on different banks."""
+        return self.latent_width // 2 + 4
+
     def attention_layout(self) -> dict[str, int]:
-        heads, r, width = self.heads, self.kv_lora_rank, self.latent_width
-        ring = ATTENTION_STAGES * ATTENTION_TILE * width // 2  # 16-bit rows, two values a word
-        return region_offsets({"ring": ring, "new_row": width, "state_m": heads, "state_l": heads,
-                               "state_acc": heads * r, "red": self.warps})
+        """Launch 2's regions; the states' sums ``[heads, R]`` take the ring's place (``"ring"``)
+        once the block's rows are folded."""
+        row = self.ring_row_words
+        ring = max(ATTENTION_STAGES * ATTENTION_TILE * row, self.heads * self.kv_lora_rank)
+        return region_offsets({"ring": ring, "query": MMA_HEADS * row, "new_row": self.latent_width,
+                               "state_m": self.heads, "state_l": self.heads, "red": self.attention_warps})
+
+    def launch_bounds(self, kernel: str) -> tuple[int, int]:
+        """``(threads, min_blocks_per_sm)`` of ``kernel`` (``"projections"``, ``"attention"``, ``"output"``)."""
+        layout = {"projections": self.projections_layout, "attention": self.attention_layout,
+                  "output": self.output_layout}[kernel]()
+        threads = 32 * self.attention_warps if kernel == "attention" else self.threads
+        return threads, self.limits.blocks_per_sm(4 * layout["total"], threads, REGISTERS_PER_THREAD)
 
     def output_layout(self) -> dict[str, int]:
         b, d_v = self.batch, self.v_head_dim
         return region_offsets({"o_lat": b * self.cols, "partial_o": b * d_v, "o": b * d_v})
-
-    def min_blocks_per_sm(self, layout: dict[str, int]) -> int:
-        return self.limits.blocks_per_sm(4 * layout["total"], self.threads, REGISTERS_PER_THREAD)
 
 
 def build_projections_kernel(spec: MLASpec):
@@ -340,100 +354,160 @@ def build_attention_kernel(spec: MLASpec):
         state_m, state_l      [batch * A * HEADS] float32    outputs: each cluster's base-2 max and sum
         state_acc             [batch * A * HEADS * R] float32  output: its unnormalised sums of rows
 
-    The grid is ``batch * A`` clusters: cluster ``a`` of sequence ``seq`` is cluster ``seq * A + a``.
+    The grid is ``batch * A`` clusters: cluster ``a`` of sequence ``seq`` is cluster ``seq * A + a``;
+    a block has ``R / 64`` warps (:attr:`MLASpec.attention_warps`).
+
+    A tile of ``TILE`` = 16 rows on the tensor cores (``mma.m16n8k16``; lane ``(g, t)``, ``lane = 4g
+    + t``, see :func:`clusterlab.ptx.mma_f16_m16n8k16`), every warp the same scores, its own 64
+    latent dims of the output:
+
+    - **scores** ``S = Q K^T`` (16 x 16: the heads, padded to 16 with zero queries, as A's rows;
+      the tile's rows as B's columns, two ``mma`` of 8): A is the scaled queries, rounded to 16
+      bits in shared memory; lane ``(g, t)`` brings heads ``g`` and ``g + 8`` and row ``g`` of
+      each half of the tile at its 16-byte chunk ``t + 4j`` of the 576 dims, each load serving two
+      ``mma`` (dims ``8(t + 4j) + 0..3``, then ``+ 4..7``, as k). The lane gets the scores of heads
+      ``g``, ``g + 8`` for rows ``2t, 2t + 1`` and ``8 + 2t, 9 + 2t``.
+    - **softmax**: each head's maximum over the tile (two shuffles across ``t``), the state
+      rescaled, ``p = exp2(s - m)``; each lane sums its own ``p`` (the lanes' sums are added at
+      the end). Every warp holds the same states.
+    - **values** ``O += P V`` (16 heads x 8 dims an ``mma``, k the tile's rows): A is ``P`` as the
+      scores left it (no shuffle); B is ``V``: lane ``(g, t)`` loads rows ``2t, 2t + 1, 8 + 2t, 9 +
+      2t`` at the warp's chunk ``8w + g`` and pairs their halves (:func:`clusterlab.ptx.permute_bytes`):
+      ``mma`` ``v`` takes dim ``64w + 8g + v`` as its column ``g``. The lane accumulates
+      ``acc[4v + c]`` (``c`` < 2) for head ``g`` and ``acc[4v + 2 + c]`` for head ``g + 8``, dim
+      ``64w + 8(2t + c) + v``.
+
+    Rows past the block's end are zero in the ring and masked out of the softmax.
     """
     HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
                               spec.cluster_size, spec.attention_clusters)
-    WARPS, THREADS, BF16, INTERLEAVED, COLS = spec.warps, spec.threads, spec.bf16, spec.interleaved, spec.cols
+    BF16, INTERLEAVED, COLS = spec.bf16, spec.interleaved, spec.cols
+    WARPS = spec.attention_warps
+    THREADS = 32 * WARPS
     HALF = D_R // 2
-    HEADS_PER_WARP, LANE_DIMS, ROPE_DIMS = HEADS // WARPS, R // 32, D_R // 32
-    LOADS = LANE_DIMS // 8  # 16-byte loads of a row's latent part a lane: dims SPAN*u + 8*lane ..
-    SPAN = 8 * 32  # latent dims of one 16-byte load by every lane
-    ACC, Q_LANE = HEADS_PER_WARP * LANE_DIMS, LANE_DIMS + ROPE_DIMS  # Q_LANE: a lane's values of a head's query
-    Q_VALUES = HEADS_PER_WARP * Q_LANE
     TILE, STAGES = ATTENTION_TILE, ATTENTION_STAGES
     PENDING = STAGES - 2  # copy groups still in flight once tile i has landed
-    ROW_WORDS, CHUNKS = L // 2, L // 8  # a cache row in shared memory: words, 16-byte chunks
+    ROW, CHUNKS = spec.ring_row_words, L // 8  # a 16-bit row in shared memory: words (padded), 16-byte chunks
+    SCORE_STEPS = L // 32  # 32 dims (four lanes' 16-byte chunks) a step, two mma
+    QUERY_WORDS = MMA_HEADS * L // 2  # the scaled queries, 16 bits, two a word
     UNITS = HEADS * COLS // QUAD  # merge units of a block: (head, quad of its columns)
     SCALE = np.float32(spec.softmax_scale * math.log2(math.e))  # base-2 scores
     INV_R, LATENT_EPS = np.float32(1.0 / R), np.float32(LATENT_RMS_EPS)
     NEW_CLUSTER, NEW_RANK = new_row_block(A, C)
     layout = spec.attention_layout()
-    RING, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (layout["ring"], layout["new_row"], layout["state_m"],
-                                                       layout["state_l"], layout["state_acc"], layout["red"])
+    RING, QUERY, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (
+        layout["ring"], layout["query"], layout["new_row"], layout["state_m"], layout["state_l"], layout["ring"],
+        layout["red"])  # the states' sums take the ring's place once the rows are folded
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
-    unpack = ptx.bf16x2_to_f32x2 if BF16 else ptx.f16x2_to_f32x2
+    pack = ptx.f32x2_to_bf16x2 if BF16 else ptx.f32x2_to_f16x2
+    mma = ptx.mma_bf16_m16n8k16 if BF16 else ptx.mma_f16_m16n8k16
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
     exchange_lanes, pull, _, peer_sum, peer_max = make_exchange(C)
+    ZERO = uint32(0)
 
     @cuda.jit(device=True, inline=True)
-    def fold(q, c0, pe0, c1, pe1, pair, m, l_sum, acc):
-        """Fold one or two rows into the softmax states of the warp's heads (``HEADS_PER_WARP``): ``c0``,
-        ``c1`` the lane's ``LANE_DIMS`` latent values of each row, ``pe0``, ``pe1`` its ``ROPE_DIMS``
-        rope values (float32), ``q`` its part of the heads' scaled queries; the second row only where
-        ``pair`` (else ``c1``, ``pe1`` are read as finite values and weigh 0). Two rows a call
-        give the shuffles of one row's scores the other's to overlap with."""
-        for hh in range(HEADS_PER_WARP):
-            q0 = hh * Q_LANE
-            s0, s1 = float32(0.0), float32(0.0)
-            for d in range(LANE_DIMS):
-                s0 += q[q0 + d] * c0[d]
-                s1 += q[q0 + d] * c1[d]
-            for e in range(ROPE_DIMS):
-                s0 += q[q0 + LANE_DIMS + e] * pe0[e]
-                s1 += q[q0 + LANE_DIMS + e] * pe1[e]
-            for offset in (16, 8, 4, 2, 1):
-                s0 += cuda.shfl_xor_sync(FULL_MASK, s0, offset)
-                s1 += cuda.shfl_xor_sync(FULL_MASK, s1, offset)
-            if not pair:
-                s1 = NEG
-            m_new = max(m[hh], max(s0, s1))
-            scale = math.exp2(m[hh] - m_new)
-            p0, p1 = math.exp2(s0 - m_new), math.exp2(s1 - m_new)
-            m[hh] = m_new
-            l_sum[hh] = l_sum[hh] * scale + p0 + p1
-            for d in range(LANE_DIMS):
-                acc[hh * LANE_DIMS + d] = acc[hh * LANE_DIMS + d] * scale + p0 * c0[d] + p1 * c1[d]
-
-    @cuda.jit(device=True, inline=True)
-    def issue_tile(latent, first, t0, end, smem, stage, tid):
-        """Start copying the sequence's cache rows ``t0 .. min(t0 + TILE, end)`` (``first``: its row 0
-        in ``latent``) into ring stage ``stage``, 16 bytes a thread at a time."""
+    def issue_tile(latent, first, t0, stop, smem, words, stage, tid):
+        """Start copying the sequence's cache rows ``t0 .. t0 + TILE`` (``first``: its row 0 in
+        ``latent``) into ring stage ``stage``, 16 bytes a thread at a time; rows from ``stop`` on
+        are zeros (``words``: the shared memory as uint32)."""
         for i in range(tid, TILE * CHUNKS, THREADS):
             row, chunk = i // CHUNKS, i % CHUNKS
-            if t0 + row < end:
-                ptx.cp_async_16(ptx.shared_address(smem, RING + (stage * TILE + row) * ROW_WORDS + 4 * chunk),
-                                latent, (first + t0 + row) * L + 8 * chunk)
+            at = RING + (stage * TILE + row) * ROW + 4 * chunk
+            if t0 + row < stop:
+                ptx.cp_async_16(ptx.shared_address(smem, at), latent, (first + t0 + row) * L + 8 * chunk)
+            else:
+                for e in range(4):
+                    words[at + e] = ZERO
 
     @cuda.jit(device=True, inline=True)
-    def read_row(smem, smem16, at, lane, c, pe):
-        """The lane's values of the ring's row at word ``at`` as float32: latent dims ``SPAN*u + 8*lane ..``
-        into ``c``, rope dims ``lane*ROPE_DIMS ..`` into ``pe`` (consecutive lanes, consecutive banks)."""
-        for u in range(LOADS):
-            w0, w1, w2, w3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + SPAN // 2 * u + 4 * lane))
-            c[8 * u], c[8 * u + 1] = unpack(w0)
-            c[8 * u + 2], c[8 * u + 3] = unpack(w1)
-            c[8 * u + 4], c[8 * u + 5] = unpack(w2)
-            c[8 * u + 6], c[8 * u + 7] = unpack(w3)
-        for e in range(ROPE_DIMS):
-            pe[e] = to_f32(smem16[2 * at + R + lane * ROPE_DIMS + e])
+    def fold_tile(smem, at, t0, stop, m, l_sum, acc, warp, lane):
+        """Fold the ring's tile at word ``at`` (rows ``t0 ..``; those from ``stop`` on masked) into the
+        softmax states ``m``, ``l_sum`` (heads ``g``, ``g + 8``) and the warp's ``acc``."""
+        g, t = lane // 4, lane % 4
+        s = cuda.local.array(8, float32)  # s[4n + 2h + c]: head g + 8h, row 8n + 2t + c
+        for k in range(8):
+            s[k] = float32(0.0)
+        for j in range(SCORE_STEPS):
+            chunk = 4 * (t + 4 * j)
+            qa0, qa1, qa2, qa3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + g * ROW + chunk))
+            qb0, qb1, qb2, qb3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + (g + 8) * ROW + chunk))
+            for n in range(2):
+                k0, k1, k2, k3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (8 * n + g) * ROW + chunk))
+                s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
+                    qa0, qb0, qa1, qb1, k0, k1, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+                s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
+                    qa2, qb2, qa3, qb3, k2, k3, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+        # -- online softmax of heads g (h = 0) and g + 8 (h = 1) over the tile's rows before `stop`
+        for h in range(2):
+            m_new = m[h]
+            for n in range(2):
+                for c in range(2):
+                    if t0 + 8 * n + 2 * t + c >= stop:
+                        s[4 * n + 2 * h + c] = NEG
+                    m_new = max(m_new, s[4 * n + 2 * h + c])
+            for offset in (1, 2):
+                m_new = max(m_new, cuda.shfl_xor_sync(FULL_MASK, m_new, offset))
+            scale = math.exp2(m[h] - m_new)
+            m[h] = m_new
+            l_sum[h] *= scale
+            for v in range(8):
+                acc[4 * v + 2 * h] *= scale
+                acc[4 * v + 2 * h + 1] *= scale
+            for n in range(2):
+                for c in range(2):
+                    p = math.exp2(s[4 * n + 2 * h + c] - m_new)
+                    s[4 * n + 2 * h + c] = p
+                    l_sum[h] += p
+        # -- values O += P V: A is P as the scores left it; B pairs rows 2t, 2t + 1 (and 8 + 2t, 9 + 2t)
+        p0, p1 = pack(s[0], s[1]), pack(s[2], s[3])  # rows 2t, 2t + 1: head g, head g + 8
+        p2, p3 = pack(s[4], s[5]), pack(s[6], s[7])  # rows 8 + 2t, 9 + 2t
+        chunk = 4 * (8 * warp + g)
+        a0, a1, a2, a3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t) * ROW + chunk))
+        b0, b1, b2, b3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t + 1) * ROW + chunk))
+        c0, c1, c2, c3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t + 8) * ROW + chunk))
+        d0, d1, d2, d3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t + 9) * ROW + chunk))
+        low = cuda.local.array(4, uint32)  # rows 2t, 2t + 1: word e holds dims 2e, 2e + 1 of the chunk
+        high = cuda.local.array(4, uint32)
+        low[0], low[1], low[2], low[3] = a0, a1, a2, a3
+        high[0], high[1], high[2], high[3] = b0, b1, b2, b3
+        low8 = cuda.local.array(4, uint32)  # rows 8 + 2t, 9 + 2t
+        high8 = cuda.local.array(4, uint32)
+        low8[0], low8[1], low8[2], low8[3] = c0, c1, c2, c3
+        high8[0], high8[1], high8[2], high8[3] = d0, d1, d2, d3
+        for v in range(8):
+            halves = ptx.HIGH_HALVES if v % 2 else ptx.LOW_HALVES  # dim v of the chunk in each row's word
+            v0 = ptx.permute_bytes(low[v // 2], high[v // 2], halves)
+            v1 = ptx.permute_bytes(low8[v // 2], high8[v // 2], halves)
+            acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3] = mma(
+                p0, p1, p2, p3, v0, v1, acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3])
 
     def mla_attention(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
                       state_acc):
         smem = cuda.shared.array(0, float32)
-        smem16 = cuda.shared.array(0, int16)  # the same memory, 16 bits at a time
+        words = cuda.shared.array(0, uint32)  # the same memory, as raw words
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
+        g, t = lane // 4, lane % 4
         rank = ptx.cluster_rank()
         seq, a = cuda.blockIdx.x // C // A, cuda.blockIdx.x // C % A  # cluster a of sequence seq
-        head0 = warp * HEADS_PER_WARP  # the warp's heads
         position = positions[seq]
         cached = position if 0 <= position < capacity else -1
         start, end = cached_range(max(cached, 0), a * C + rank, A * C)
         folds_new = a == NEW_CLUSTER and rank == NEW_RANK and cached >= 0
+        stop = end + 1 if folds_new else end  # the new row follows the cached ones in the last block
 
         # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
+        for i in range(tid, QUERY_WORDS, THREADS):  # the scaled queries, 16 bits, [16, L] (rows >= HEADS zero)
+            head, e = i // (L // 2), 2 * (i % (L // 2))
+            x0, x1 = float32(0.0), float32(0.0)
+            if head < HEADS:
+                q = seq * HEADS + head
+                if e < R:
+                    x0, x1 = q_lat[q * R + e], q_lat[q * R + e + 1]
+                else:
+                    x0, x1 = q_pe[q * D_R + e - R], q_pe[q * D_R + e - R + 1]
+            words[QUERY + head * ROW + e // 2] = pack(x0 * SCALE, x1 * SCALE)
         if folds_new:  # the raw latent's sum of squares, by warp
             ss = float32(0.0)
             for i in range(tid, R, THREADS):
@@ -461,61 +535,44 @@ def build_attention_kernel(spec: MLASpec):
             cuda.syncthreads()
             for i in range(tid, L, THREADS):
                 latent[(seq * capacity + position) * L + i] = to_bits(smem[NEW_ROW + i])
-        m = cuda.local.array(HEADS_PER_WARP, float32)
-        l_sum = cuda.local.array(HEADS_PER_WARP, float32)
-        acc = cuda.local.array(ACC, float32)
-        for hh in range(HEADS_PER_WARP):
-            m[hh] = NEG
-            l_sum[hh] = float32(0.0)
-        for d in range(ACC):
-            acc[d] = float32(0.0)
-        q = cuda.local.array(Q_VALUES, float32)  # the warp's heads' scaled queries, the lane's dims
-        for hh in range(HEADS_PER_WARP):
-            head = seq * HEADS + head0 + hh
-            for u in range(LOADS):
-                for e in range(8):
-                    q[hh * Q_LANE + 8 * u + e] = q_lat[head * R + SPAN * u + 8 * lane + e] * SCALE
-            for e in range(ROPE_DIMS):
-                q[hh * Q_LANE + LANE_DIMS + e] = q_pe[head * D_R + lane * ROPE_DIMS + e] * SCALE
-        c0 = cuda.local.array(LANE_DIMS, float32)
-        c1 = cuda.local.array(LANE_DIMS, float32)
-        pe0 = cuda.local.array(ROPE_DIMS, float32)
-        pe1 = cuda.local.array(ROPE_DIMS, float32)
+        cuda.syncthreads()  # the new row is in the cache before the ring copies it
+        m = cuda.local.array(2, float32)
+        l_sum = cuda.local.array(2, float32)
+        acc = cuda.local.array(32, float32)
+        for h in range(2):
+            m[h] = NEG
+            l_sum[h] = float32(0.0)
+        for e in range(32):
+            acc[e] = float32(0.0)
         # The block's rows pass through the ring of STAGES tiles: tile i is folded while tiles
         # i + 1 .. i + STAGES - 1 are in flight; one copy group a tile, committed loads or not.
         first = seq * capacity  # the sequence's row 0
-        tiles = (end - start + TILE - 1) // TILE
+        tiles = (stop - start + TILE - 1) // TILE
         for i in range(STAGES - 1):
             if i < tiles:
-                issue_tile(latent, first, start + i * TILE, end, smem, i, tid)
+                issue_tile(latent, first, start + i * TILE, stop, smem, words, i, tid)
             ptx.cp_async_commit()
         for i in range(tiles):
             ptx.cp_async_wait(PENDING)  # this thread's copies of tile i have landed
             cuda.syncthreads()  # everyone's have; everyone is done with tile i - 1, whose stage is reused now
             if i + STAGES - 1 < tiles:
-                issue_tile(latent, first, start + (i + STAGES - 1) * TILE, end, smem, (i + STAGES - 1) % STAGES, tid)
+                issue_tile(latent, first, start + (i + STAGES - 1) * TILE, stop, smem, words,
+                           (i + STAGES - 1) % STAGES, tid)
             ptx.cp_async_commit()
-            t0, at = start + i * TILE, RING + i % STAGES * TILE * ROW_WORDS
-            for pair in range(TILE // 2):  # rows t, t + 1 (row t again where t + 1 is past the end)
-                t = t0 + 2 * pair
-                if t < end:
-                    read_row(smem, smem16, at + 2 * pair * ROW_WORDS, lane, c0, pe0)
-                    read_row(smem, smem16, at + min(2 * pair + 1, end - 1 - t0) * ROW_WORDS, lane, c1, pe1)
-                    fold(q, c0, pe0, c1, pe1, t + 1 < end, m, l_sum, acc)
-        if folds_new:  # the new row, unrounded, from shared memory
-            for u in range(LOADS):
-                for e in range(8):
-                    c0[8 * u + e] = smem[NEW_ROW + SPAN * u + 8 * lane + e]
-            for e in range(ROPE_DIMS):
-                pe0[e] = smem[NEW_ROW + R + lane * ROPE_DIMS + e]
-            fold(q, c0, pe0, c0, pe0, False, m, l_sum, acc)
-        for hh in range(HEADS_PER_WARP):  # the warp's heads' states are the block's
-            if lane == 0:
-                smem[STATE_M + head0 + hh] = m[hh]
-                smem[STATE_L + head0 + hh] = l_sum[hh]
-            for u in range(LOADS):
-                for e in range(8):
-                    smem[STATE_ACC + (head0 + hh) * R + SPAN * u + 8 * lane + e] = acc[hh * LANE_DIMS + 8 * u + e]
+            fold_tile(smem, RING + i % STAGES * TILE * ROW, start + i * TILE, stop, m, l_sum, acc, warp, lane)
+        for h in range(2):  # the lanes' sums of p
+            for offset in (1, 2):
+                l_sum[h] += cuda.shfl_xor_sync(FULL_MASK, l_sum[h], offset)
+        cuda.syncthreads()  # every warp is done with the ring: the states' sums take its place
+        for h in range(2):  # the block's state: every warp's m and l are the same, its acc its own dims
+            head = g + 8 * h
+            if head < HEADS:
+                if warp == 0 and t == 0:
+                    smem[STATE_M + head] = m[h]
+                    smem[STATE_L + head] = l_sum[h]
+                for v in range(8):
+                    for c in range(2):
+                        smem[STATE_ACC + head * R + 64 * warp + 8 * (2 * t + c) + v] = acc[4 * v + 2 * h + c]
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # every block's softmax state is complete
 

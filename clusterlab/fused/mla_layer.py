@@ -50,14 +50,16 @@ def mla_launchers(spec):
     from ..launch import launch
     from .mla_kernel import build_attention_kernel, build_output_kernel, build_projections_kernel
 
-    def launcher(build, layout, clusters):
-        kernel = cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm(layout)))(build(spec))
-        return launch(kernel, grid=clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
+    def launcher(name, build, layout, clusters):
+        threads, min_blocks = spec.launch_bounds(name)
+        kernel = cuda.jit(launch_bounds=(threads, min_blocks))(build(spec))
+        return launch(kernel, grid=clusters * spec.cluster_size, cluster=spec.cluster_size, block=threads,
                       shared_bytes=4 * layout["total"], non_portable=spec.cluster_size > 8)
 
-    return (launcher(build_projections_kernel, spec.projections_layout(), spec.heads),
-            launcher(build_attention_kernel, spec.attention_layout(), spec.attention_clusters * spec.batch),
-            launcher(build_output_kernel, spec.output_layout(), spec.heads))
+    return (launcher("projections", build_projections_kernel, spec.projections_layout(), spec.heads),
+            launcher("attention", build_attention_kernel, spec.attention_layout(),
+                     spec.attention_clusters * spec.batch),
+            launcher("output", build_output_kernel, spec.output_layout(), spec.heads))
 
 
 class DecodeMLA:
@@ -67,7 +69,8 @@ class DecodeMLA:
     ``config``: :class:`~clusterlab.fused.mla.MLAConfig`; ``weights``: float16 or bfloat16
     :class:`~clusterlab.fused.mla.MLAWeights` on one device. ``cluster_size`` (1, 2, 4, 8, 16;
     default 8), ``attention_clusters`` (clusters a sequence in launch 2; default ``heads``) and
-    ``warps`` (4, 8, 16; default 8) shape the launches. ``backend``: ``"auto"``
+    ``warps`` (4, 8, 16; default 8: of launches 1 and 3, launch 2 has one a 64 latent dims) shape
+    the launches. ``backend``: ``"auto"``
     follows the weights' device; ``"gpu"`` / ``"simulator"`` insist. ``limits``: the simulator
     backend's GPU limits (read from the device on the GPU backend).
 
