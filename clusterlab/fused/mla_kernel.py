@@ -24,9 +24,10 @@ pushed into every block (the ClusterGather); barrier; the block's ``COLS`` colum
 Launch 2 (``A`` clusters a sequence, ``R / 64`` warps a block): the block's chunk of the
 sequence's cached positions (and, in the last block, the new row) for every head on the tensor
 cores. The rows come into shared memory by ``cp.async``, a tile of :data:`ATTENTION_TILE` rows at a
-time through a ring of :data:`ATTENTION_STAGES` tiles; every warp computes the tile's scores for
-all heads (the heads are ``mma``'s 16 rows) and the same online softmax, and sums the values of
-its own 64 latent dims (see :func:`build_attention_kernel`). The block that folds in the new row
+time through a ring of :data:`ATTENTION_STAGES` tiles; the warps share out the dims of the tile's
+scores for all heads (the heads are ``mma``'s 16 rows) and add their partial sums through shared
+memory, every warp runs the same online softmax and sums the values of its own 64 latent dims
+(see :func:`build_attention_kernel`). The block that folds in the new row
 first normalises and rotates it (from ``kv_raw``) and appends it to the cache, rounded, where the
 ring then finds it. Barrier; owners of the block's latent columns merge the ``C`` states through
 DSMEM into the cluster's state in global memory; barrier.
@@ -188,11 +189,13 @@ class MLASpec(BlockShape):
 
     def attention_layout(self) -> dict[str, int]:
         """Launch 2's regions; the states' sums ``[heads, R]`` take the ring's place (``"ring"``)
-        once the block's rows are folded."""
+        once the block's rows are folded; ``"scores"``: each warp's partial scores of a tile
+        (``[warps, 8, 32]``: a lane's eight accumulators, lanes contiguous)."""
         row = self.ring_row_words
         ring = max(ATTENTION_STAGES * ATTENTION_TILE * row, self.heads * self.kv_lora_rank)
-        return region_offsets({"ring": ring, "query": MMA_HEADS * row, "new_row": self.latent_width,
-                               "state_m": self.heads, "state_l": self.heads, "red": self.attention_warps})
+        return region_offsets({"ring": ring, "query": MMA_HEADS * row, "scores": self.attention_warps * 8 * 32,
+                               "new_row": self.latent_width, "state_m": self.heads, "state_l": self.heads,
+                               "red": self.attention_warps})
 
     def launch_bounds(self, kernel: str) -> tuple[int, int]:
         """``(threads, min_blocks_per_sm)`` of ``kernel`` (``"projections"``, ``"attention"``, ``"output"``)."""
@@ -358,15 +361,17 @@ def build_attention_kernel(spec: MLASpec):
     a block has ``R / 64`` warps (:attr:`MLASpec.attention_warps`).
 
     A tile of ``TILE`` = 16 rows on the tensor cores (``mma.m16n8k16``; lane ``(g, t)``, ``lane = 4g
-    + t``, see :func:`clusterlab.ptx.mma_f16_m16n8k16`), every warp the same scores, its own 64
-    latent dims of the output:
+    + t``, see :func:`clusterlab.ptx.mma_f16_m16n8k16`), the scores' dims shared out over the
+    warps, every warp then the same softmax and its own 64 latent dims of the output:
 
     - **scores** ``S = Q K^T`` (16 x 16: the heads, padded to 16 with zero queries, as A's rows;
       the tile's rows as B's columns, two ``mma`` of 8): A is the scaled queries, rounded to 16
       bits in shared memory; lane ``(g, t)`` brings heads ``g`` and ``g + 8`` and row ``g`` of
       each half of the tile at its 16-byte chunk ``t + 4j`` of the 576 dims, each load serving two
-      ``mma`` (dims ``8(t + 4j) + 0..3``, then ``+ 4..7``, as k). The lane gets the scores of heads
-      ``g``, ``g + 8`` for rows ``2t, 2t + 1`` and ``8 + 2t, 9 + 2t``.
+      ``mma`` (dims ``8(t + 4j) + 0..3``, then ``+ 4..7``, as k). Warp ``w`` takes the steps ``j =
+      w, w + warps, ..`` of 32 dims; the warps' partial sums meet in shared memory (``"scores"``,
+      one barrier) and every warp adds them up. The lane gets the scores of heads ``g``, ``g + 8``
+      for rows ``2t, 2t + 1`` and ``8 + 2t, 9 + 2t``.
     - **softmax**: each head's maximum over the tile (two shuffles across ``t``), the state
       rescaled, ``p = exp2(s - m)``; each lane sums its own ``p`` (the lanes' sums are added at
       the end). Every warp holds the same states.
@@ -389,15 +394,16 @@ def build_attention_kernel(spec: MLASpec):
     PENDING = STAGES - 2  # copy groups still in flight once tile i has landed
     ROW, CHUNKS = spec.ring_row_words, L // 8  # a 16-bit row in shared memory: words (padded), 16-byte chunks
     SCORE_STEPS = L // 32  # 32 dims (four lanes' 16-byte chunks) a step, two mma
+    WARP_STEPS = (SCORE_STEPS + WARPS - 1) // WARPS  # the most of them one warp takes
     QUERY_WORDS = MMA_HEADS * L // 2  # the scaled queries, 16 bits, two a word
     UNITS = HEADS * COLS // QUAD  # merge units of a block: (head, quad of its columns)
     SCALE = np.float32(spec.softmax_scale * math.log2(math.e))  # base-2 scores
     INV_R, LATENT_EPS = np.float32(1.0 / R), np.float32(LATENT_RMS_EPS)
     NEW_CLUSTER, NEW_RANK = new_row_block(A, C)
     layout = spec.attention_layout()
-    RING, QUERY, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (
-        layout["ring"], layout["query"], layout["new_row"], layout["state_m"], layout["state_l"], layout["ring"],
-        layout["red"])  # the states' sums take the ring's place once the rows are folded
+    RING, QUERY, SCORES, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (
+        layout["ring"], layout["query"], layout["scores"], layout["new_row"], layout["state_m"], layout["state_l"],
+        layout["ring"], layout["red"])  # the states' sums take the ring's place once the rows are folded
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     pack = ptx.f32x2_to_bf16x2 if BF16 else ptx.f32x2_to_f16x2
@@ -428,16 +434,27 @@ def build_attention_kernel(spec: MLASpec):
         s = cuda.local.array(8, float32)  # s[4n + 2h + c]: head g + 8h, row 8n + 2t + c
         for k in range(8):
             s[k] = float32(0.0)
-        for j in range(SCORE_STEPS):
-            chunk = 4 * (t + 4 * j)
-            qa0, qa1, qa2, qa3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + g * ROW + chunk))
-            qb0, qb1, qb2, qb3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + (g + 8) * ROW + chunk))
-            for n in range(2):
-                k0, k1, k2, k3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (8 * n + g) * ROW + chunk))
-                s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
-                    qa0, qb0, qa1, qb1, k0, k1, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
-                s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
-                    qa2, qb2, qa3, qb3, k2, k3, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+        for i in range(WARP_STEPS):  # this warp's share of the dims: steps warp, warp + WARPS, ..
+            j = warp + i * WARPS
+            if j < SCORE_STEPS:
+                chunk = 4 * (t + 4 * j)
+                qa0, qa1, qa2, qa3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + g * ROW + chunk))
+                qb0, qb1, qb2, qb3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + (g + 8) * ROW + chunk))
+                for n in range(2):
+                    k0, k1, k2, k3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (8 * n + g) * ROW + chunk))
+                    s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
+                        qa0, qb0, qa1, qb1, k0, k1, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+                    s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
+                        qa2, qb2, qa3, qb3, k2, k3, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+        # -- the warps' partial dot products summed through shared memory: every warp gets the whole scores
+        for k in range(8):
+            smem[SCORES + (warp * 8 + k) * 32 + lane] = s[k]
+        cuda.syncthreads()
+        for k in range(8):
+            s[k] = float32(0.0)
+        for w in range(WARPS):
+            for k in range(8):
+                s[k] += smem[SCORES + (w * 8 + k) * 32 + lane]
         # -- online softmax of heads g (h = 0) and g + 8 (h = 1) over the tile's rows before `stop`
         for h in range(2):
             m_new = m[h]
