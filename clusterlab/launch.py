@@ -55,7 +55,8 @@ exited) and there is room, and each waits in :func:`clusterlab.ptx.grid_dependen
 the earlier kernel has completed and its writes are visible. What a block does before that wait
 overlaps the earlier kernel's end: loads of data no kernel writes (weights), never a read of the
 earlier kernel's results or a write to anything it reads. The attribute is kept when a CUDA graph
-is captured (the graph gets a programmatic edge).
+is captured (the graph gets a programmatic edge). The fused layers of :mod:`clusterlab.fused` do not
+use it: on the H200 it made their back-to-back steps slower (``docs/fused-decode-notes.md``).
 
 Errors
 ------
