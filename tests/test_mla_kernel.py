@@ -22,9 +22,8 @@ SMALL = MLAConfig(hidden_size=512, heads=8, kv_lora_rank=256, qk_nope_head_dim=6
                   v_head_dim=64)
 SMALL_HALF = MLAConfig(hidden_size=512, heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
                        v_head_dim=64, rope_interleaved=False, rope_scaling=DEEPSEEK_V2_LITE.rope_scaling)
-KERNELS = {"projections": (build_projections_kernel, "projections_layout"),
-           "attention": (build_attention_kernel, "attention_layout"),
-           "output": (build_output_kernel, "output_layout")}
+KERNELS = {"projections": build_projections_kernel, "attention": build_attention_kernel,
+           "output": build_output_kernel}
 
 
 # `spill`: bytes ptxas spills at the 128-register launch bound today, per kernel (projections,
@@ -44,16 +43,16 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
     from clusterlab.toolchain import assemble, kernel_ptx
 
     spec = MLASpec.of(config, bf16, batch, cluster_size, config.heads, warps)
-    build, layout = KERNELS[kernel]
     signature = dict(zip(KERNELS, mla_kernel_signatures()))[kernel]
-    bounds = spec.launch_bounds(kernel)
-    ptx = kernel_ptx(build(spec), signature, launch_bounds=bounds)
+    ptx = kernel_ptx(KERNELS[kernel](spec), signature, launch_bounds=spec.launch_bounds(kernel))
     for instruction in ("ld.shared::cluster.v4.f32", "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
         assert instruction in ptx, instruction
     gathers = {"projections": True, "attention": False, "output": True}[kernel]  # q_nope, o into every block
     assert ("st.shared::cluster.v4.f32" in ptx) == gathers
     assert ("atom.global.add.f32" in ptx) == (kernel == "output")
     assert ("cp.async.cg.shared.global" in ptx) == (kernel == "attention")  # the cache's ring
+    if kernel == "attention":  # scores and values on the tensor cores, the rows' halves paired by prmt
+        assert "mma.sync.aligned.m16n8k16.row.col.f32" in ptx and "prmt.b32" in ptx
     assert "st.local" not in ptx  # every register array indexed by constants
     result = assemble(ptx)
     assert result.spill_bytes <= dict(zip(KERNELS, spill))[kernel]
@@ -72,6 +71,30 @@ def test_specs_refuse_what_the_kernels_do_not_take():
                            v_head_dim=128)
     with pytest.raises(ValueError, match="36 heads do not fit launch 2's mma tile of 16 rows"):
         MLASpec.of(many_heads, False, 1, 8, 36, 4)
+
+
+def test_layer_on_the_simulator_matches_the_reference():
+    weights = MLAWeights.random(SMALL, torch.bfloat16)
+    layer = DecodeMLA(SMALL, weights, cluster_size=4, attention_clusters=3)
+    assert layer.backend == "simulator"
+    gen = torch.Generator().manual_seed(3)
+    hidden, residual = torch.randn(2, 3, SMALL.hidden_size, generator=gen).to(torch.bfloat16)
+    cache = LatentCache.random(SMALL, 3, 64, torch.bfloat16)
+    before = cache.clone()
+    positions = torch.tensor([0, 17, 50], dtype=torch.int32)
+    want = mla_reference_step(SMALL, weights, hidden, residual, before, positions)
+    out = torch.full_like(hidden, float("nan"))
+    got, new_residual = layer(hidden, residual, cache, positions, out=out)
+    assert got is out and relative_error(out, want.out) < TOLERANCE
+    assert torch.equal(new_residual, (hidden.float() + residual.float()).to(torch.bfloat16))
+    with pytest.raises(TypeError, match="positions has dtype torch.int64; expected torch.int32"):
+        layer(hidden, residual, cache, positions.long())
+    with pytest.raises(ValueError, match="position 64 overflows the cache"):
+        layer(hidden, residual, cache, 64)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 512\); expected \(3, 512\)"):
+        layer(hidden, residual, cache, 5, out=out[:2])
+    with pytest.raises(ValueError, match="attention_clusters must be a positive int, got 0"):
+        DecodeMLA(SMALL, weights, attention_clusters=0)
 
 
 # ---------------------------------------------------------------------------------------------- GPU
