@@ -121,6 +121,10 @@ def test_tiles_of_the_matrix_vector_steps():
         assert 2 * tile.row_blocks * tile.spans <= (LOADS_PER_STEP if tile.parts == 1 else LOADS_PER_STEP // 2)
     with pytest.raises(ValueError, match="multiple of 32 columns and a multiple of 16 rows, got 112 columns"):
         mma_tile("w", 14, 64)
+    from clusterlab.fused.kernel import make_gemv
+
+    with pytest.raises(ValueError, match="clamped steps run on the tensor cores only"):
+        make_gemv(1, False, GemvTile(32, 2, 8, 1), x_stride=512, out_stride=128, atomic=False, clamped=True)
 
 
 def _random_inputs(config, dtype, batch, capacity, seed):

@@ -53,6 +53,9 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
     assert ("cp.async.cg.shared.global" in ptx) == (kernel == "attention")  # the cache's ring
     if kernel == "attention":  # scores and values on the tensor cores, the rows' halves paired by prmt
         assert "mma.sync.aligned.m16n8k16.row.col.f32" in ptx and "prmt.b32" in ptx
+    if kernel == "projections":  # on the tensor cores from two sequences on, the kv_a rows padded to 16-row steps
+        assert ("mma.sync.aligned.m16n8k16.row.col.f32" in ptx) == (batch >= 2)
+        assert spec.slots == spec.q_width + (48 if batch >= 2 else spec.kv_rows)  # 36 or 40 rows padded to 48
     assert "st.local" not in ptx  # every register array indexed by constants
     result = assemble(ptx)
     assert result.spill_bytes <= dict(zip(KERNELS, spill))[kernel]

@@ -68,6 +68,7 @@ reaches the peer's copy of a region)::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -423,7 +424,7 @@ def power_of_two(e):
 
 
 def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, out_stride: int, atomic: bool,
-              norms: tuple[int, int] | None = None):
+              norms: tuple[int, int] | None = None, clamped: bool = False):
     """Device functions for one warp step of a matrix-vector product over ``tile.step_rows`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's first 16-byte loads into the
@@ -445,10 +446,17 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     expect them divided by ``2^e`` of :func:`slice_exponent` (``scale_inputs`` of
     :func:`make_norm_inputs`) and multiply the sums back, both exactly.
 
+    ``clamped`` (tensor cores only): a step of fewer real rows than ``tile.step_rows``, the rest
+    padding. ``gemv_load`` and ``gemv_finish`` then take one more argument, ``last_row``: rows past
+    it are loaded from row ``last_row`` instead (no read beyond the matrix), and their sums, which
+    nobody should read, still go to ``dst``.
+
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
     if isinstance(tile, MmaTile):
-        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms)
+        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped)
+    if clamped:
+        raise ValueError("clamped steps run on the tensor cores only (an MmaTile)")
     lanes, per_lane, rows_per_lane, chunk = tile
     groups = 32 // lanes  # rows one warp load covers
     log_rows, log_lanes = _log2(rows_per_lane), _log2(lanes)
@@ -513,7 +521,7 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
 
 
 def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_stride: int, atomic: bool,
-                   norms: tuple[int, int] | None):
+                   norms: tuple[int, int] | None, clamped: bool):
     """:func:`make_gemv` on the tensor cores (see :func:`clusterlab.ptx.mma_f16_m16n8k16` for the lanes).
 
     Lane ``(g, t)`` (``lane = 4g + t``) of a step loads, for each row block ``r`` and span ``p``,
@@ -533,14 +541,14 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     inv_columns = np.float32(1.0 / x_stride)
 
     @cuda.jit(device=True, inline=True)
-    def load_part(w, w0, row_stride, lane, wv, part):
-        """Part ``part``'s loads into ``wv``."""
+    def load_part(w, w0, row_stride, lane, wv, part, last_row):
+        """Part ``part``'s loads into ``wv`` (rows past ``last_row`` from it, where ``clamped``)."""
         g, t = lane // 4, lane % 4
         for r in range(row_blocks):
             for half in range(2):
+                row = min(16 * r + 8 * half + g, last_row) if clamped else 16 * r + 8 * half + g
                 for p in range(spans):
-                    v = ptx.ld_global_nc_v4_no_allocate(
-                        w, w0 + (16 * r + 8 * half + g) * row_stride + (part * spans + p) * 32 + 8 * t)
+                    v = ptx.ld_global_nc_v4_no_allocate(w, w0 + row * row_stride + (part * spans + p) * 32 + 8 * t)
                     for e in range(4):
                         wv[((2 * r + half) * spans + p) * 4 + e] = v[e]
 
@@ -567,11 +575,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
                         acc[4 * r], acc[4 * r + 1], acc[4 * r + 2], acc[4 * r + 3])
 
     @cuda.jit(device=True, inline=True)
-    def gemv_load(w, w0, row_stride, lane, wv):
-        load_part(w, w0, row_stride, lane, wv, 0)
-
-    @cuda.jit(device=True, inline=True)
-    def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
+    def step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row):
         g, t = lane // 4, lane % 4
         acc = cuda.local.array(accumulators, float32)
         for i in range(accumulators):
@@ -579,7 +583,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
         xb = cuda.local.array(4, uint32)
         for part in range(parts):
             if part > 0:
-                load_part(w, w0, row_stride, lane, wv, part)
+                load_part(w, w0, row_stride, lane, wv, part, last_row)
             multiply_part(wv, part, smem, x0, xb, acc, lane)
         for s in range(2):
             seq = 2 * t + s
@@ -593,6 +597,23 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
                             cuda.atomic.add(dst, at, acc[4 * r + 2 * half + s] * scale)
                         else:
                             dst[at] = acc[4 * r + 2 * half + s] * scale
+
+    if clamped:
+        @cuda.jit(device=True, inline=True)
+        def gemv_load(w, w0, row_stride, lane, wv, last_row):
+            load_part(w, w0, row_stride, lane, wv, 0, last_row)
+
+        @cuda.jit(device=True, inline=True)
+        def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row):
+            step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row)
+    else:
+        @cuda.jit(device=True, inline=True)
+        def gemv_load(w, w0, row_stride, lane, wv):
+            load_part(w, w0, row_stride, lane, wv, 0, 0)
+
+        @cuda.jit(device=True, inline=True)
+        def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
+            step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, 0)
 
     return gemv_load, gemv_finish, words
 
@@ -660,7 +681,8 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
 
 
 def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int, bf16: bool, tile, rows: int,
-                          first_rows: int, xs: int, partial: int, partial_stride: int, red: int):
+                          first_rows: int, xs: int, partial: int, partial_stride: int, red: int,
+                          second_rows: int | None = None):
     """Phase 1 of a kernel that projects ``RMSNorm(hidden + residual)`` with rows of two matrices
     (the MLP's gate and up rows, MLA's query and latent rows), on a block's hidden slice.
 
@@ -674,13 +696,20 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     ``smem[partial + b*partial_stride + s]`` and its ``sum(h^2)`` at column ``rows``. Each warp's
     first step is loaded once the inputs are in, before the block waits for them. The partials
     are complete in the block after a barrier (a cluster barrier, for its peers).
+
+    ``second_rows``: the second matrix's rows, where fewer than its ``rows - first_rows`` slots
+    (tensor-core steps of 16 rows over 36, say): the slots past them are padding, their loads
+    clamped to the last real row (:func:`make_gemv`'s ``clamped``) and their sums left unread.
     """
     threads = 32 * warps
     step_rows = tile.step_rows
     steps = rows // step_rows
     scaled = scales_inputs(tile, bf16)
-    load, finish, words_per_step = make_gemv(batch, bf16, tile, x_stride=k_slice, out_stride=partial_stride,
-                                             atomic=False, norms=(partial + rows, partial_stride))
+    gemv = functools.partial(make_gemv, batch, bf16, tile, x_stride=k_slice, out_stride=partial_stride, atomic=False,
+                             norms=(partial + rows, partial_stride))
+    load, finish, words_per_step = gemv()
+    padded = second_rows is not None and second_rows < rows - first_rows
+    load_padded, finish_padded, _ = gemv(clamped=True) if padded else (None, None, 0)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(batch, hidden_size, k_slice, threads, bf16)
 
     @cuda.jit(device=True, inline=True)
@@ -689,6 +718,9 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
         slot = step * step_rows
         if slot < first_rows:
             load(w_first, (first0 + slot) * hidden_size + k0, hidden_size, lane, words)
+        elif padded:
+            load_padded(w_second, (second0 + slot - first_rows) * hidden_size + k0, hidden_size, lane, words,
+                        second_rows - 1 - (slot - first_rows))
         else:
             load(w_second, (second0 + slot - first_rows) * hidden_size + k0, hidden_size, lane, words)
 
@@ -699,7 +731,14 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
         first = slot < first_rows
         w = w_first if first else w_second
         row = first0 + slot if first else second0 + slot - first_rows
-        finish(words, w, row * hidden_size + k0, hidden_size, smem, xs, smem, partial + slot, lane)
+        if padded:
+            if first:
+                finish(words, w, row * hidden_size + k0, hidden_size, smem, xs, smem, partial + slot, lane)
+            else:
+                finish_padded(words, w, row * hidden_size + k0, hidden_size, smem, xs, smem, partial + slot, lane,
+                              second_rows - 1 - (slot - first_rows))
+        else:
+            finish(words, w, row * hidden_size + k0, hidden_size, smem, xs, smem, partial + slot, lane)
 
     @cuda.jit(device=True, inline=True)
     def project(hidden, residual, norm, residual_out, w_first, first0, w_second, second0, smem, k0,

@@ -8,7 +8,8 @@ constants are :class:`MLASpec`'s words upper-cased::
     D_N, D_R, D_V            qk_nope_head_dim, qk_rope_head_dim, v_head_dim
     Q_WIDTH                  q_width = D_N + D_R: a head's query rows
     KV_ROWS                  kv_rows = L / HEADS: the kv_a_proj_with_mqa rows a projection cluster owns
-    ROWS                     rows = Q_WIDTH + KV_ROWS: a projection cluster's rows, query first
+    SLOTS                    slots = Q_WIDTH + kv_slots: a projection cluster's rows, query first, the
+                             kv_a rows padded to whole tensor-core steps from 2 sequences on
     C, A                     cluster_size, attention_clusters
     K_SLICE, OUT_ROWS        a block's slice of the hidden size (launch 1) and of o_proj's rows (launch 3)
     COLS                     cols = R / C: the latent columns a block owns (launches 1, 2, 3)
@@ -52,7 +53,7 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
-from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, gemv_tile, make_exchange, make_finish,
+from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, MmaTile, gemv_tile, make_exchange, make_finish,
                      make_gemv, make_input_projection, region_offsets)
 from .mla import LATENT_RMS_EPS, MLAConfig
 from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
@@ -145,22 +146,35 @@ class MLASpec(BlockShape):
         return self.latent_width // self.heads
 
     @property
-    def rows(self) -> int:
-        return self.q_width + self.kv_rows
-
-    @property
     def cols(self) -> int:
         """Latent columns one block owns: of ``q_lat`` (launch 1), of the merged states (2), of ``o_lat`` (3)."""
         return self.kv_lora_rank // self.cluster_size
 
     @property
+    def kv_slots(self) -> int:
+        """Slots of launch 1's partials for the cluster's ``kv_a`` rows: ``kv_rows``, or on the tensor
+        cores as many as whole 16-row steps take (36 -> 48; the padding's sums are never read)."""
+        return -(-self.kv_rows // 16) * 16 if isinstance(self.projections_tile(), MmaTile) else self.kv_rows
+
+    @property
+    def slots(self) -> int:
+        """Slots of a sequence's row of launch 1's partials: the query rows, then :attr:`kv_slots`."""
+        return self.q_width + self.kv_slots
+
+    @property
     def partial_stride(self) -> int:
-        """Words of a sequence's row of launch 1's ``partial``: its rows, ``sum(h^2)``, padded to a quad."""
-        return self.rows + QUAD
+        """Words of a sequence's row of launch 1's ``partial``: its slots, ``sum(h^2)``, padded to a quad."""
+        return self.slots + QUAD
 
     def projections_tile(self):
-        # a warp step never straddles the query rows and the kv_a rows
-        return gemv_tile("MLA projections", self.k_slice // 8, math.gcd(self.q_width, self.kv_rows), self.batch)
+        """A warp step never straddles the query rows and the ``kv_a`` rows. From ``MMA_BATCH``
+        sequences on, the ``kv_a`` rows are padded to whole ``mma`` steps where that puts the
+        projections on the tensor cores."""
+        chunks = self.k_slice // 8
+        padded = gemv_tile("MLA projections", chunks, math.gcd(self.q_width, -(-self.kv_rows // 16) * 16), self.batch)
+        if isinstance(padded, MmaTile):
+            return padded
+        return gemv_tile("MLA projections", chunks, math.gcd(self.q_width, self.kv_rows), self.batch)
 
     def absorb_tile(self):
         return gemv_tile("absorbed query", self.qk_nope_head_dim // 8, self.cols, self.batch)
@@ -230,7 +244,7 @@ def build_projections_kernel(spec: MLASpec):
                                                       spec.latent_width, spec.cluster_size, spec.batch, spec.warps,
                                                       spec.threads, spec.bf16)
     D_N, D_R, Q_WIDTH = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.q_width
-    KV_ROWS, ROWS = spec.kv_rows, spec.rows
+    KV_ROWS, SLOTS = spec.kv_rows, spec.slots
     K_SLICE, COLS, PARTIAL_STRIDE, INTERLEAVED = spec.k_slice, spec.cols, spec.partial_stride, spec.interleaved
     HALF = D_R // 2
     NOPE_QUADS, PE_QUADS = D_N // QUAD, HALF // QUAD  # a quad of q_pe is four RoPE pairs
@@ -242,8 +256,8 @@ def build_projections_kernel(spec: MLASpec):
     ABSORB_STEP_ROWS = absorb_tile.step_rows
     ABSORB_STEPS = COLS // ABSORB_STEP_ROWS
     # the cluster's rows: head h's query rows, then its kv_a rows
-    projections = make_input_projection(BATCH, H, K_SLICE, WARPS, BF16, spec.projections_tile(), ROWS, Q_WIDTH, XS,
-                                        PARTIAL, PARTIAL_STRIDE, RED)
+    projections = make_input_projection(BATCH, H, K_SLICE, WARPS, BF16, spec.projections_tile(), SLOTS, Q_WIDTH, XS,
+                                        PARTIAL, PARTIAL_STRIDE, RED, second_rows=KV_ROWS)
     absorb_load, absorb_finish, ABSORB_WORDS = make_gemv(BATCH, BF16, absorb_tile, x_stride=D_N,
                                                          out_stride=HEADS * R, atomic=False)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
@@ -297,7 +311,7 @@ def build_projections_kernel(spec: MLASpec):
                 lo0, lo1, lo2, lo3 = pull(smem, partial + first, peer)
                 if NOPE_QUADS <= quad < NOPE_QUADS + PE_QUADS:
                     hi0, hi1, hi2, hi3 = pull(smem, partial + second, peer)
-                ss = ptx.remote_load(smem, partial + ROWS, peer)
+                ss = ptx.remote_load(smem, partial + SLOTS, peer)
             inv_rms = float32(1.0) / math.sqrt(peer_sum(ss) * INV_H + EPS)
             lo0, lo1, lo2, lo3 = peer_sum(lo0) * inv_rms, peer_sum(lo1) * inv_rms, peer_sum(lo2) * inv_rms, \
                 peer_sum(lo3) * inv_rms
