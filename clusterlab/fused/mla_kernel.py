@@ -410,6 +410,8 @@ def build_attention_kernel(spec: MLASpec):
     SCORE_STEPS = L // 32  # 32 dims (four lanes' 16-byte chunks) a step, two mma
     WARP_STEPS = (SCORE_STEPS + WARPS - 1) // WARPS  # the most of them one warp takes
     QUERY_WORDS = MMA_HEADS * L // 2  # the scaled queries, 16 bits, two a word
+    QUERY_STEPS = -(-QUERY_WORDS // THREADS)  # words a thread writes
+    QUERY_DIMS = 2 * QUERY_STEPS  # and the dims they hold
     UNITS = HEADS * COLS // QUAD  # merge units of a block: (head, quad of its columns)
     SCALE = np.float32(spec.softmax_scale * math.log2(math.e))  # base-2 scores
     INV_R, LATENT_EPS = np.float32(1.0 / R), np.float32(LATENT_RMS_EPS)
@@ -529,16 +531,26 @@ def build_attention_kernel(spec: MLASpec):
         stop = end + 1 if folds_new else end  # the new row follows the cached ones in the last block
 
         # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
-        for i in range(tid, QUERY_WORDS, THREADS):  # the scaled queries, 16 bits, [16, L] (rows >= HEADS zero)
+        # The scaled queries, 16 bits, [16, L] (rows >= HEADS zero), a word (two dims) a thread at a
+        # time: every load first, then the stores (a store between two loads would hold the second
+        # load back for the first one's round trip, as the compiler cannot tell the arrays apart).
+        q_dims = cuda.local.array(QUERY_DIMS, float32)
+        for k in range(QUERY_STEPS):
+            i = tid + k * THREADS
             head, e = i // (L // 2), 2 * (i % (L // 2))
             x0, x1 = float32(0.0), float32(0.0)
-            if head < HEADS:
+            if i < QUERY_WORDS and head < HEADS:
                 q = seq * HEADS + head
                 if e < R:
                     x0, x1 = q_lat[q * R + e], q_lat[q * R + e + 1]
                 else:
                     x0, x1 = q_pe[q * D_R + e - R], q_pe[q * D_R + e - R + 1]
-            words[QUERY + head * ROW + e // 2] = pack(x0 * SCALE, x1 * SCALE)
+            q_dims[2 * k], q_dims[2 * k + 1] = x0, x1
+        for k in range(QUERY_STEPS):
+            i = tid + k * THREADS
+            if i < QUERY_WORDS:
+                head, e = i // (L // 2), 2 * (i % (L // 2))
+                words[QUERY + head * ROW + e // 2] = pack(q_dims[2 * k] * SCALE, q_dims[2 * k + 1] * SCALE)
         if folds_new:  # the raw latent's sum of squares, by warp
             ss = float32(0.0)
             for i in range(tid, R, THREADS):
