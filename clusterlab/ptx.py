@@ -930,6 +930,58 @@ bulk_copy_shared_to_cluster = _asm_intrinsic(
 )
 
 
+fence_proxy_async_global = _asm_intrinsic(
+    "fence_proxy_async_global",
+    """fence_proxy_async_global(): make this thread's global-memory writes visible to the copy engine.
+
+    PTX ``fence.proxy.async.global``: as :func:`fence_proxy_async_shared_cta`, for data in global
+    memory that a :func:`bulk_copy_global_to_shared` of this block will read: each writing thread
+    runs it after its stores, then a barrier (``cuda.syncthreads()``) orders it before the thread
+    that issues the copy. sm_90+.
+    """,
+    "fence.proxy.async.global;",
+    memory=WRITES,
+)
+
+
+def _bulk_copy_global_to_shared(dst, array, index, size_bytes, mbar):
+    name = "bulk_copy_global_to_shared"
+    _check_operand(name, 0, dst, "u32")
+    index = _check_element(name, array, index)
+    _check_operand(name, 3, size_bytes, "u32")
+    _check_operand(name, 4, mbar, "u32")
+    sig = types.void(dst, array, index, size_bytes, mbar)
+
+    def codegen(context, builder, sig, args):
+        shared = context.cast(builder, args[0], sig.args[0], types.uint32)
+        source = _global_element_pointer(context, builder, sig.args[1], sig.args[2], args[1], args[2])
+        size = context.cast(builder, args[3], sig.args[3], types.uint32)
+        barrier = context.cast(builder, args[4], sig.args[4], types.uint32)
+        fnty = ir.FunctionType(ir.VoidType(), [shared.type, source.type, size.type, barrier.type])
+        text = "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];"
+        builder.call(ir.InlineAsm(fnty, text, "r,l,r,r,~{memory}", side_effect=True), [shared, source, size, barrier])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+bulk_copy_global_to_shared = _named(
+    _typer(5, _bulk_copy_global_to_shared),
+    "bulk_copy_global_to_shared",
+    """bulk_copy_global_to_shared(dst, array, index, size_bytes, mbar): copy engine copy from global memory.
+
+    PTX ``cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [src], size,
+    [mbar]``: one instruction moves a whole contiguous range into this block's shared memory at
+    ``dst`` (a shared::cta address, :func:`shared_address`), holding no register and no thread
+    meanwhile; on arrival it decrements the transaction count of this block's mbarrier ``mbar``
+    by ``size_bytes``. The receiver expects the bytes with :func:`mbarrier_arrive_expect_tx` and
+    reads after :func:`mbarrier_wait_parity`. Both addresses 16-byte aligned, ``size_bytes`` a
+    multiple of 16. Data written earlier in the kernel by ordinary stores needs
+    :func:`fence_proxy_async_global` first. sm_90+.
+    """,
+)
+
+
 def _st_async(name, ptx_type, count, py_type):
     vec = {1: "", 2: ".v2", 4: ".v4"}[count]
     ins = ", ".join(f"${i + 1}" for i in range(count))
@@ -1193,6 +1245,19 @@ ld_shared_v4_f32 = _asm_intrinsic(
 )
 
 
+st_shared_v4_f32 = _asm_intrinsic(
+    "st_shared_v4_f32",
+    """st_shared_v4_f32(addr, x0, x1, x2, x3): store four float32 at shared::cta ``addr`` (16-byte aligned).
+
+    PTX ``st.shared.v4.f32``: one 128-bit shared-memory store, the counterpart of
+    :func:`ld_shared_v4_f32`. sm_20+.
+    """,
+    "st.shared.v4.f32 [$0], {$1, $2, $3, $4};",
+    operands=("u32", "f32", "f32", "f32", "f32"),
+    memory=WRITES,
+)
+
+
 l2_evict_first_policy = _asm_intrinsic(
     "l2_evict_first_policy",
     """l2_evict_first_policy() -> uint64: an L2 cache policy marking loaded lines evict-first.
@@ -1440,7 +1505,9 @@ __all__ = [
     "mbarrier_wait_parity",
     # copy engine
     "fence_proxy_async_shared_cta",
+    "fence_proxy_async_global",
     "bulk_copy_shared_to_cluster",
+    "bulk_copy_global_to_shared",
     "st_async_u32",
     "st_async_f32",
     "st_async_u64",
@@ -1458,6 +1525,7 @@ __all__ = [
     "cp_async_wait",
     "ld_shared_v4_b32",
     "ld_shared_v4_f32",
+    "st_shared_v4_f32",
     "l2_evict_first_policy",
     "l2_evict_last_policy",
     # conversions

@@ -50,7 +50,7 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
     gathers = {"projections": True, "attention": False, "output": True}[kernel]  # q_nope, o into every block
     assert ("st.shared::cluster.v4.f32" in ptx) == gathers
     assert ("atom.global.add.f32" in ptx) == (kernel == "output")
-    assert ("cp.async.cg.shared.global" in ptx) == (kernel == "attention")  # the cache's ring
+    assert ("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx) == (kernel == "attention")  # the ring
     if kernel == "attention":  # scores and values on the tensor cores, the rows' halves paired by prmt
         assert "mma.sync.aligned.m16n8k16.row.col.f32" in ptx and "prmt.b32" in ptx
     if kernel == "projections":  # on the tensor cores from two sequences on, the kv_a rows padded to 16-row steps

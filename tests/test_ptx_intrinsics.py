@@ -130,6 +130,11 @@ CASES = {
     ),
     "mbarrier_wait_parity": ("ptx.mbarrier_wait_parity(i32[0], i32[1])", "@!p bra clusterlab_mbarrier_wait;"),
     "fence_proxy_async_shared_cta": ("ptx.fence_proxy_async_shared_cta()", "fence.proxy.async.shared::cta;"),
+    "fence_proxy_async_global": ("ptx.fence_proxy_async_global()", "fence.proxy.async.global;"),
+    "bulk_copy_global_to_shared": (
+        "ptx.bulk_copy_global_to_shared(ptx.shared_address(smem, 4 * i32[1]), i16, 8 * i32[0], i32[2], i32[3])",
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes",
+    ),
     "bulk_copy_shared_to_cluster": (
         "ptx.bulk_copy_shared_to_cluster(i32[0], i32[1], i32[2], i32[3])",
         "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes",
@@ -170,6 +175,8 @@ CASES = {
                          "ld.shared.v4.b32"),
     "ld_shared_v4_f32": ("a, b, c, d = ptx.ld_shared_v4_f32(ptx.shared_address(smem, 4 * i32[0]))\nof32[0] = a + b + c + d",
                          "ld.shared.v4.f32"),
+    "st_shared_v4_f32": ("ptx.st_shared_v4_f32(ptx.shared_address(smem, 4 * i32[0]), if32[0], if32[1], if32[2], "
+                         "if32[3])", "st.shared.v4.f32"),
     "l2_evict_first_policy": ("o64[0] = ptx.l2_evict_first_policy()", "createpolicy.fractional.L2::evict_first.b64"),
     "l2_evict_last_policy": ("o64[0] = ptx.l2_evict_last_policy()", "createpolicy.fractional.L2::evict_last.b64"),
     "f16_to_f32": ("of32[0] = ptx.f16_to_f32(i16[0])", "cvt.f32.f16"),

@@ -203,13 +203,15 @@ class MLASpec(BlockShape):
 
     def attention_layout(self) -> dict[str, int]:
         """Launch 2's regions; the states' sums ``[heads, R]`` take the ring's place (``"ring"``)
-        once the block's rows are folded; ``"scores"``: each warp's partial scores of a tile
-        (``[warps, 8, 32]``: a lane's eight accumulators, lanes contiguous)."""
+        once the block's rows are folded; ``"full"``: an mbarrier (two words) a ring stage, which
+        the copy engine completes when the stage's rows have landed; ``"scores"``: each warp's
+        partial scores of a tile, two buffers (tiles alternate) of ``[warps, 2, 32, 4]`` (a lane's
+        eight accumulators as two 16-byte halves, lanes contiguous)."""
         row = self.ring_row_words
         ring = max(ATTENTION_STAGES * ATTENTION_TILE * row, self.heads * self.kv_lora_rank)
-        return region_offsets({"ring": ring, "query": MMA_HEADS * row, "scores": self.attention_warps * 8 * 32,
-                               "new_row": self.latent_width, "state_m": self.heads, "state_l": self.heads,
-                               "red": self.attention_warps})
+        return region_offsets({"ring": ring, "full": 2 * ATTENTION_STAGES, "query": MMA_HEADS * row,
+                               "scores": 2 * self.attention_warps * 8 * 32, "new_row": self.latent_width,
+                               "state_m": self.heads, "state_l": self.heads, "red": self.attention_warps})
 
     def launch_bounds(self, kernel: str) -> tuple[int, int]:
         """``(threads, min_blocks_per_sm)`` of ``kernel`` (``"projections"``, ``"attention"``, ``"output"``)."""
@@ -396,7 +398,12 @@ def build_attention_kernel(spec: MLASpec):
       ``acc[4v + c]`` (``c`` < 2) for head ``g`` and ``acc[4v + 2 + c]`` for head ``g + 8``, dim
       ``64w + 8(2t + c) + v``.
 
-    Rows past the block's end are zero in the ring and masked out of the softmax.
+    The copy engine fills the ring: warp 0 issues a tile as one ``cp.async.bulk`` a row (lanes
+    ``< TILE``) on the stage's mbarrier, the warps wait on it; rows past the block's end repeat
+    its last row and are masked out of the softmax. One barrier a tile: after the partial scores
+    are stored, every warp is done with the tile before, whose stage warp 0 then refills (the
+    partial scores alternate between two buffers, so a tile's stores never meet the last one's
+    loads).
     """
     HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
                               spec.cluster_size, spec.attention_clusters)
@@ -405,49 +412,50 @@ def build_attention_kernel(spec: MLASpec):
     THREADS = 32 * WARPS
     HALF = D_R // 2
     TILE, STAGES = ATTENTION_TILE, ATTENTION_STAGES
-    PENDING = STAGES - 2  # copy groups still in flight once tile i has landed
-    ROW, CHUNKS = spec.ring_row_words, L // 8  # a 16-bit row in shared memory: words (padded), 16-byte chunks
+    ROW = spec.ring_row_words  # a 16-bit row in shared memory: words (padded)
+    ROW_BYTES = 2 * L  # a cache row, as the copy engine moves it
+    TILE_BYTES = TILE * ROW_BYTES
+    SCORES_BUFFER = WARPS * 8 * 32  # words of one tile's partial scores
     SCORE_STEPS = L // 32  # 32 dims (four lanes' 16-byte chunks) a step, two mma
     WARP_STEPS = (SCORE_STEPS + WARPS - 1) // WARPS  # the most of them one warp takes
-    QUERY_WORDS = MMA_HEADS * L // 2  # the scaled queries, 16 bits, two a word
-    QUERY_STEPS = -(-QUERY_WORDS // THREADS)  # words a thread writes
-    QUERY_DIMS = 2 * QUERY_STEPS  # and the dims they hold
+    QUERY_HEADS = MMA_HEADS // WARPS  # the scaled queries' rows a warp fills ...
+    QUERY_WORDS = -(-L // 64)  # ... a lane a word (two dims, 16 bits each) of every 32 of a row
+    QUERY_DIMS = 2 * QUERY_HEADS * QUERY_WORDS  # the dims a lane holds
     UNITS = HEADS * COLS // QUAD  # merge units of a block: (head, quad of its columns)
     SCALE = np.float32(spec.softmax_scale * math.log2(math.e))  # base-2 scores
     INV_R, LATENT_EPS = np.float32(1.0 / R), np.float32(LATENT_RMS_EPS)
     NEW_CLUSTER, NEW_RANK = new_row_block(A, C)
     layout = spec.attention_layout()
-    RING, QUERY, SCORES, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (
-        layout["ring"], layout["query"], layout["scores"], layout["new_row"], layout["state_m"], layout["state_l"],
-        layout["ring"], layout["red"])  # the states' sums take the ring's place once the rows are folded
+    # the states' sums take the ring's place once the rows are folded
+    RING, FULL, QUERY, SCORES, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (
+        layout["ring"], layout["full"], layout["query"], layout["scores"], layout["new_row"], layout["state_m"],
+        layout["state_l"], layout["ring"], layout["red"])
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     pack = ptx.f32x2_to_bf16x2 if BF16 else ptx.f32x2_to_f16x2
     mma = ptx.mma_bf16_m16n8k16 if BF16 else ptx.mma_f16_m16n8k16
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
     exchange_lanes, pull, _, peer_sum, peer_max = make_exchange(C)
-    ZERO = uint32(0)
 
     @cuda.jit(device=True, inline=True)
-    def issue_tile(latent, first, t0, stop, smem, words, stage, tid):
-        """Start copying the sequence's cache rows ``t0 .. t0 + TILE`` (``first``: its row 0 in
-        ``latent``) into ring stage ``stage``, 16 bytes a thread at a time; rows from ``stop`` on
-        are zeros (``words``: the shared memory as uint32)."""
-        for i in range(tid, TILE * CHUNKS, THREADS):
-            row, chunk = i // CHUNKS, i % CHUNKS
-            at = RING + (stage * TILE + row) * ROW + 4 * chunk
-            if t0 + row < stop:
-                ptx.cp_async_16(ptx.shared_address(smem, at), latent, (first + t0 + row) * L + 8 * chunk)
-            else:
-                for e in range(4):
-                    words[at + e] = ZERO
+    def issue_tile(latent, first, t0, stop, smem, stage, lane):
+        """Warp 0: have the copy engine bring the sequence's cache rows ``t0 .. t0 + TILE`` (``first``:
+        its row 0 in ``latent``) into ring stage ``stage``, a row a lane; rows from ``stop`` on
+        repeat row ``stop - 1`` (every tile brings ``TILE_BYTES``)."""
+        full = ptx.shared_address(smem, FULL + 2 * stage)
+        if lane == 0:
+            ptx.mbarrier_arrive_expect_tx(full, TILE_BYTES)
+        cuda.syncwarp()
+        if lane < TILE:
+            row = min(t0 + lane, stop - 1)
+            ptx.bulk_copy_global_to_shared(ptx.shared_address(smem, RING + (stage * TILE + lane) * ROW), latent,
+                                           (first + row) * L, ROW_BYTES, full)
 
     @cuda.jit(device=True, inline=True)
-    def fold_tile(smem, at, t0, stop, m, l_sum, acc, warp, lane):
-        """Fold the ring's tile at word ``at`` (rows ``t0 ..``; those from ``stop`` on masked) into the
-        softmax states ``m``, ``l_sum`` (heads ``g``, ``g + 8``) and the warp's ``acc``."""
+    def tile_scores(smem, at, scores, s, warp, lane):
+        """The warp's share of the dims of the scores of the ring's tile at word ``at`` into ``s``,
+        stored as its partial sums at word ``scores``."""
         g, t = lane // 4, lane % 4
-        s = cuda.local.array(8, float32)  # s[4n + 2h + c]: head g + 8h, row 8n + 2t + c
         for k in range(8):
             s[k] = float32(0.0)
         for i in range(WARP_STEPS):  # this warp's share of the dims: steps warp, warp + WARPS, ..
@@ -462,15 +470,25 @@ def build_attention_kernel(spec: MLASpec):
                         qa0, qb0, qa1, qb1, k0, k1, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
                     s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
                         qa2, qb2, qa3, qb3, k2, k3, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
-        # -- the warps' partial dot products summed through shared memory: every warp gets the whole scores
-        for k in range(8):
-            smem[SCORES + (warp * 8 + k) * 32 + lane] = s[k]
-        cuda.syncthreads()
+        for h in range(2):
+            ptx.st_shared_v4_f32(ptx.shared_address(smem, scores + ((warp * 2 + h) * 32 + lane) * 4), s[4 * h],
+                                 s[4 * h + 1], s[4 * h + 2], s[4 * h + 3])
+
+    @cuda.jit(device=True, inline=True)
+    def fold_tile(smem, at, scores, t0, stop, s, m, l_sum, acc, warp, lane):
+        """Fold the ring's tile at word ``at`` (rows ``t0 ..``; those from ``stop`` on masked) into the
+        softmax states ``m``, ``l_sum`` (heads ``g``, ``g + 8``) and the warp's ``acc``, once every
+        warp's partial scores are at word ``scores``: every warp adds them up."""
+        g, t = lane // 4, lane % 4
         for k in range(8):
             s[k] = float32(0.0)
         for w in range(WARPS):
-            for k in range(8):
-                s[k] += smem[SCORES + (w * 8 + k) * 32 + lane]
+            for h in range(2):
+                x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(smem, scores + ((w * 2 + h) * 32 + lane) * 4))
+                s[4 * h] += x0
+                s[4 * h + 1] += x1
+                s[4 * h + 2] += x2
+                s[4 * h + 3] += x3
         # -- online softmax of heads g (h = 0) and g + 8 (h = 1) over the tile's rows before `stop`
         for h in range(2):
             m_new = m[h]
@@ -529,28 +547,36 @@ def build_attention_kernel(spec: MLASpec):
         start, end = cached_range(max(cached, 0), a * C + rank, A * C)
         folds_new = a == NEW_CLUSTER and rank == NEW_RANK and cached >= 0
         stop = end + 1 if folds_new else end  # the new row follows the cached ones in the last block
+        if tid == 0:
+            for stage in range(STAGES):
+                ptx.mbarrier_init(ptx.shared_address(smem, FULL + 2 * stage), 1)
+            ptx.fence_mbarrier_init_release_cluster()  # before the copy engine completes them
 
         # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
-        # The scaled queries, 16 bits, [16, L] (rows >= HEADS zero), a word (two dims) a thread at a
-        # time: every load first, then the stores (a store between two loads would hold the second
-        # load back for the first one's round trip, as the compiler cannot tell the arrays apart).
+        # The scaled queries, 16 bits, [16, L] (rows >= HEADS zero): warp w fills rows w * QUERY_HEADS ..,
+        # lane l the words l, l + 32, ..: every load first, then the stores (a store between two loads
+        # would hold the second load back for the first one's round trip, as the compiler cannot tell
+        # the arrays apart).
         q_dims = cuda.local.array(QUERY_DIMS, float32)
-        for k in range(QUERY_STEPS):
-            i = tid + k * THREADS
-            head, e = i // (L // 2), 2 * (i % (L // 2))
-            x0, x1 = float32(0.0), float32(0.0)
-            if i < QUERY_WORDS and head < HEADS:
-                q = seq * HEADS + head
-                if e < R:
-                    x0, x1 = q_lat[q * R + e], q_lat[q * R + e + 1]
-                else:
-                    x0, x1 = q_pe[q * D_R + e - R], q_pe[q * D_R + e - R + 1]
-            q_dims[2 * k], q_dims[2 * k + 1] = x0, x1
-        for k in range(QUERY_STEPS):
-            i = tid + k * THREADS
-            if i < QUERY_WORDS:
-                head, e = i // (L // 2), 2 * (i % (L // 2))
-                words[QUERY + head * ROW + e // 2] = pack(q_dims[2 * k] * SCALE, q_dims[2 * k + 1] * SCALE)
+        for j in range(QUERY_HEADS):
+            head = warp * QUERY_HEADS + j
+            for c in range(QUERY_WORDS):
+                e = 2 * (lane + 32 * c)  # the word's first dim
+                x0, x1 = float32(0.0), float32(0.0)
+                if e < L and head < HEADS:
+                    q = seq * HEADS + head
+                    if e < R:
+                        x0, x1 = q_lat[q * R + e], q_lat[q * R + e + 1]
+                    else:
+                        x0, x1 = q_pe[q * D_R + e - R], q_pe[q * D_R + e - R + 1]
+                k = j * QUERY_WORDS + c
+                q_dims[2 * k], q_dims[2 * k + 1] = x0, x1
+        for j in range(QUERY_HEADS):
+            for c in range(QUERY_WORDS):
+                if 2 * (lane + 32 * c) < L:
+                    k = j * QUERY_WORDS + c
+                    words[QUERY + (warp * QUERY_HEADS + j) * ROW + lane + 32 * c] = pack(q_dims[2 * k] * SCALE,
+                                                                                        q_dims[2 * k + 1] * SCALE)
         if folds_new:  # the raw latent's sum of squares, by warp
             ss = float32(0.0)
             for i in range(tid, R, THREADS):
@@ -578,7 +604,8 @@ def build_attention_kernel(spec: MLASpec):
             cuda.syncthreads()
             for i in range(tid, L, THREADS):
                 latent[(seq * capacity + position) * L + i] = to_bits(smem[NEW_ROW + i])
-        cuda.syncthreads()  # the new row is in the cache before the ring copies it
+            ptx.fence_proxy_async_global()  # the copy engine that brings it into the ring sees it
+        cuda.syncthreads()  # the new row is in the cache before the ring copies it; the mbarriers are set
         m = cuda.local.array(2, float32)
         l_sum = cuda.local.array(2, float32)
         acc = cuda.local.array(32, float32)
@@ -588,21 +615,22 @@ def build_attention_kernel(spec: MLASpec):
         for e in range(32):
             acc[e] = float32(0.0)
         # The block's rows pass through the ring of STAGES tiles: tile i is folded while tiles
-        # i + 1 .. i + STAGES - 1 are in flight; one copy group a tile, committed loads or not.
+        # i + 1 .. i + STAGES - 1 are in flight.
         first = seq * capacity  # the sequence's row 0
         tiles = (stop - start + TILE - 1) // TILE
-        for i in range(STAGES - 1):
-            if i < tiles:
-                issue_tile(latent, first, start + i * TILE, stop, smem, words, i, tid)
-            ptx.cp_async_commit()
+        if warp == 0:
+            for i in range(min(tiles, STAGES - 1)):
+                issue_tile(latent, first, start + i * TILE, stop, smem, i, lane)
+        s = cuda.local.array(8, float32)  # s[4n + 2h + c]: head g + 8h, row 8n + 2t + c
         for i in range(tiles):
-            ptx.cp_async_wait(PENDING)  # this thread's copies of tile i have landed
-            cuda.syncthreads()  # everyone's have; everyone is done with tile i - 1, whose stage is reused now
-            if i + STAGES - 1 < tiles:
-                issue_tile(latent, first, start + (i + STAGES - 1) * TILE, stop, smem, words,
-                           (i + STAGES - 1) % STAGES, tid)
-            ptx.cp_async_commit()
-            fold_tile(smem, RING + i % STAGES * TILE * ROW, start + i * TILE, stop, m, l_sum, acc, warp, lane)
+            at, scores = RING + i % STAGES * TILE * ROW, SCORES + i % 2 * SCORES_BUFFER
+            ptx.mbarrier_wait_parity(ptx.shared_address(smem, FULL + 2 * (i % STAGES)), (i // STAGES) % 2)
+            tile_scores(smem, at, scores, s, warp, lane)
+            cuda.syncthreads()  # every warp's partial scores are in; every warp is done with tile i - 1
+            if warp == 0 and i + STAGES - 1 < tiles:  # tile i - 1's stage
+                issue_tile(latent, first, start + (i + STAGES - 1) * TILE, stop, smem, (i + STAGES - 1) % STAGES,
+                           lane)
+            fold_tile(smem, at, scores, start + i * TILE, stop, s, m, l_sum, acc, warp, lane)
         for h in range(2):  # the lanes' sums of p
             for offset in (1, 2):
                 l_sum[h] += cuda.shfl_xor_sync(FULL_MASK, l_sum[h], offset)

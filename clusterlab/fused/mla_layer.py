@@ -68,7 +68,8 @@ class DecodeMLA:
 
     ``config``: :class:`~clusterlab.fused.mla.MLAConfig`; ``weights``: float16 or bfloat16
     :class:`~clusterlab.fused.mla.MLAWeights` on one device. ``cluster_size`` (1, 2, 4, 8, 16;
-    default 8), ``attention_clusters`` (clusters a sequence in launch 2; default ``heads``) and
+    default 8), ``attention_clusters`` (clusters a sequence in launch 2; default: as many as fill
+    the SMs once with one block each, ``sm_count // (cluster_size * batch)``, at least 1) and
     ``warps`` (4, 8, 16; default 8: of launches 1 and 3, launch 2 has one a 64 latent dims) shape
     the launches. ``backend``: ``"auto"``
     follows the weights' device; ``"gpu"`` / ``"simulator"`` insist. ``limits``: the simulator
@@ -96,7 +97,7 @@ class DecodeMLA:
             raise ValueError(f"warps must be one of (4, 8, 16), got {warps!r}")
         self.config, self.weights, self.backend = config, weights, backend
         self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
-        self.attention_clusters = config.heads if attention_clusters is None else attention_clusters
+        self.attention_clusters = attention_clusters
         self.warps = warps
         self._specs: dict = {}
         if backend == "gpu":
@@ -110,17 +111,19 @@ class DecodeMLA:
             self._q_lat = f32(MAX_BATCH * heads * r)
             self._q_pe = f32(MAX_BATCH * heads * config.qk_rope_head_dim)
             self._kv_raw = f32(MAX_BATCH * width)
-            self._state_m = f32(MAX_BATCH * self.attention_clusters * heads)
-            self._state_l = f32(MAX_BATCH * self.attention_clusters * heads)
-            self._state_acc = f32(MAX_BATCH * self.attention_clusters * heads * r)
+            states = max(b * self.shape(b)[2] for b in range(1, MAX_BATCH + 1)) * heads  # (sequence, cluster, head)
+            self._state_m = f32(states)
+            self._state_l = f32(states)
+            self._state_acc = f32(states * r)
             self._out_acc = torch.zeros(MAX_BATCH * h, dtype=torch.float32, device=device)
             self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
 
     def shape(self, batch: int) -> tuple[int, int, int]:
         """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with
-        (the same for every batch: launch 2 has ``attention_clusters * batch`` clusters)."""
-        return self.cluster_size, self.warps or DEFAULT_WARPS, self.attention_clusters
+        (launch 2 has ``attention_clusters * batch`` clusters)."""
+        clusters = self.attention_clusters or max(1, self.limits.sm_count // (self.cluster_size * batch))
+        return self.cluster_size, self.warps or DEFAULT_WARPS, clusters
 
     def kernel_spec(self, dtype: torch.dtype, batch: int):
         """The :class:`~clusterlab.fused.mla_kernel.MLASpec` of one dtype and batch (raises where the
@@ -129,13 +132,13 @@ class DecodeMLA:
 
         key = (dtype, batch)
         if key not in self._specs:
-            warps = self.warps or DEFAULT_WARPS
+            _, warps, clusters = self.shape(batch)
             try:
                 self._specs[key] = MLASpec.of(self.config, dtype == torch.bfloat16, batch, self.cluster_size,
-                                              self.attention_clusters, warps, limits=self.limits)
+                                              clusters, warps, limits=self.limits)
             except ValueError as exc:
                 raise ValueError(f"a {dtype} MLA step of batch {batch} with cluster_size={self.cluster_size}, "
-                                 f"attention_clusters={self.attention_clusters}, warps={warps}: {exc}") from exc
+                                 f"attention_clusters={clusters}, warps={warps}: {exc}") from exc
         return self._specs[key]
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: LatentCache, positions, *,
@@ -163,7 +166,7 @@ class DecodeMLA:
             from .mla_simulated import simulated_mla_step
 
             got, new_residual = simulated_mla_step(self.config, self.weights, hidden, residual, cache, positions,
-                                                   self.cluster_size, clusters_for_attention=self.attention_clusters)
+                                                   self.cluster_size, clusters_for_attention=self.shape(batch)[2])
             out.copy_(got)
             residual_out.copy_(new_residual)
             return out, residual_out
