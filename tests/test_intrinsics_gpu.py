@@ -689,6 +689,7 @@ def test_bulk_copy_into_peer_completes_on_its_mbarrier(size, rng):
 
 
 ROWS, ROW_WORDS = 4, 40  # bulk copies from global memory: one row (160 bytes) a lane
+ROWS_WORDS = ROWS * ROW_WORDS
 
 
 @cuda.jit
@@ -697,12 +698,12 @@ def bulk_rows(src, order, out):
     block, so fenced for the async proxy) into shared row r; after the mbarrier, every thread reads
     its row back with 16-byte loads and stores it through ``st_shared_v4_f32`` before ``out``."""
     bar = cuda.shared.array(1, types.uint64)
-    rows = cuda.shared.array((ROWS, ROW_WORDS), types.float32, alignment=16)
-    moved = cuda.shared.array((ROWS, ROW_WORDS), types.float32, alignment=16)
+    rows = cuda.shared.array(ROWS_WORDS, types.float32, alignment=16)
+    moved = cuda.shared.array(ROWS_WORDS, types.float32, alignment=16)
     tid = cuda.threadIdx.x
-    block = cuda.blockIdx.x * ROWS * ROW_WORDS
+    block = cuda.blockIdx.x * ROWS_WORDS
     address = ptx.shared_address(bar, 0)
-    for i in range(tid, ROWS * ROW_WORDS, N):
+    for i in range(tid, ROWS_WORDS, N):
         src[block + i] = src[block + i] * 2.0  # ordinary stores the copy engine must see
     ptx.fence_proxy_async_global()
     if tid == 0:
@@ -710,19 +711,18 @@ def bulk_rows(src, order, out):
         ptx.fence_mbarrier_init_release_cluster()
     cuda.syncthreads()
     if tid == 0:
-        ptx.mbarrier_arrive_expect_tx(address, ROWS * ROW_WORDS * 4)
+        ptx.mbarrier_arrive_expect_tx(address, ROWS_WORDS * 4)
     cuda.syncwarp()
     if tid < ROWS:
-        ptx.bulk_copy_global_to_shared(ptx.shared_address(rows, (tid, 0)), src, block + order[tid] * ROW_WORDS,
+        ptx.bulk_copy_global_to_shared(ptx.shared_address(rows, tid * ROW_WORDS), src, block + order[tid] * ROW_WORDS,
                                        ROW_WORDS * 4, address)
     ptx.mbarrier_wait_parity(address, 0)
-    for i in range(tid, ROWS * ROW_WORDS // 4, N):
-        r, w = i // (ROW_WORDS // 4), 4 * (i % (ROW_WORDS // 4))
-        x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(rows, (r, w)))
-        ptx.st_shared_v4_f32(ptx.shared_address(moved, (r, w)), x0, x1, x2, x3)
+    for i in range(tid, ROWS_WORDS // 4, N):
+        x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(rows, 4 * i))
+        ptx.st_shared_v4_f32(ptx.shared_address(moved, 4 * i), x0, x1, x2, x3)
     cuda.syncthreads()
-    for i in range(tid, ROWS * ROW_WORDS, N):
-        out[block + i] = moved[i // ROW_WORDS, i % ROW_WORDS]
+    for i in range(tid, ROWS_WORDS, N):
+        out[block + i] = moved[i]
 
 
 def test_bulk_copy_from_global_memory_lands_rows_where_asked(rng):
