@@ -100,6 +100,15 @@ def test_layer_on_the_simulator_matches_the_reference():
         DecodeMLA(SMALL, weights, attention_clusters=0)
 
 
+def test_attention_clusters_fill_the_sms_once_unless_given():
+    weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16)
+    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)  # the simulator plans for HOPPER's 132 SMs
+    assert [layer.shape(batch) for batch in (1, 3, 4, 8)] == [(8, 8, 16), (8, 8, 5), (8, 8, 4), (8, 8, 2)]
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16).shape(8) == (16, 8, 1)
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3).shape(8) == (8, 8, 3)
+    assert layer.kernel_spec(torch.float16, 8).attention_clusters == 2
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
