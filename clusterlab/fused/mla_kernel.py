@@ -24,8 +24,9 @@ pushed into every block (the ClusterGather); barrier; the block's ``COLS`` colum
 
 Launch 2 (``A`` clusters a sequence, ``R / 64`` warps a block): the block's chunk of the
 sequence's cached positions (and, in the last block, the new row) for every head on the tensor
-cores. The rows come into shared memory by ``cp.async``, a tile of :data:`ATTENTION_TILE` rows at a
-time through a ring of :data:`ATTENTION_STAGES` tiles; the warps share out the dims of the tile's
+cores. The copy engine brings the rows into shared memory (``cp.async.bulk``, a row a lane of warp
+0), a tile of :data:`ATTENTION_TILE` rows at a time through a ring of :data:`ATTENTION_STAGES`
+tiles, an mbarrier a stage; the warps share out the dims of the tile's
 scores for all heads (the heads are ``mma``'s 16 rows) and add their partial sums through shared
 memory, every warp runs the same online softmax and sums the values of its own 64 latent dims
 (see :func:`build_attention_kernel`). The block that folds in the new row
