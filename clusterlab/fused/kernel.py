@@ -45,9 +45,11 @@ using any of them:
 Nothing streams from device memory while a cluster exchanges partial results, so each streaming
 phase's first loads are issued *before* the exchange that precedes it, into registers: the first
 cached keys/values (they need no q) before barrier B1 (on the CUDA cores; the tensor-core steps
-load at the top of each step, as holding them across the loop made ptxas spill), the first W_o
-step (it needs no o) before B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps or four of 4, see
-:attr:`KernelSpec.min_blocks_per_sm`) and every register array is indexed by constants after
+load at the top of each step, or in blocks of 4 warps their values there and their keys while the
+step before is folded, see :attr:`KernelSpec.pipelined_kv`), the first W_o step (it needs no o)
+before B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps or four of
+4), or at 168 with the pipelined keys (three blocks of 4, see :attr:`KernelSpec.min_blocks_per_sm`),
+and every register array is indexed by constants after
 unrolling; ``tests/test_fused_kernel.py`` checks the PTX has no local memory and how much ptxas
 spills (a few bytes of block indices in some shapes, none in most).
 
@@ -90,6 +92,10 @@ NEG = np.float32(-1e30)
 LOADS_PER_STEP = 16
 #: Registers a thread may use: 16 warps an SM (65536 / (16 * 32)).
 REGISTERS_PER_THREAD = 128
+#: Registers a thread may use where tensor-core attention keeps the next step's keys in flight
+#: (:attr:`KernelSpec.pipelined_kv`): three blocks of 4 warps an SM (65536 / (3 * 128), rounded
+#: down to a multiple of 8).
+PIPELINE_REGISTERS = 168
 #: Most (row, chunk, sequence) dot products one matrix-vector step unrolls; beyond it the
 #: compiler leaves loops rolled and register arrays go to local memory.
 UNROLLED_DOTS = 32
@@ -164,6 +170,11 @@ class KernelSpec(BlockShape):
     #: the last block of each rank converts out_acc into out and resets its counter (False: the
     #: blocks arrive, nobody converts; out_acc and the counters are left dirty)
     finish: bool = True
+    #: tensor-core attention loads the next step's keys while it folds a step (True) or each
+    #: step's keys and values at its top (False); None: see :attr:`pipelined_kv`
+    kv_pipeline: bool | None = None
+    #: registers a thread the launch bound allows; None: see :attr:`register_bound`
+    registers: int | None = None
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -207,11 +218,31 @@ class KernelSpec(BlockShape):
         return self.group * self.head_dim
 
     @property
+    def pipelined_kv(self) -> bool:
+        """Whether attention keeps the next step's keys in flight while it folds a step (see
+        ``fold_ahead`` in :func:`_make_mma_attention`): ``kv_pipeline`` where given, else on the
+        tensor cores in blocks of 4 warps (batches up to 4), where the extra registers cost a
+        block an SM (:attr:`register_bound`). Blocks of 8 warps hold one an SM for their shared
+        memory and gained at one preset and lost at another (``docs/fused-decode-notes.md``, v10)."""
+        if self.kv_pipeline is None:
+            return self.mma_attention and self.warps == 4
+        return self.kv_pipeline and self.mma_attention
+
+    @property
+    def register_bound(self) -> int:
+        """Registers a thread may use: ``registers`` where given, else :data:`PIPELINE_REGISTERS` with
+        :attr:`pipelined_kv` (ptxas spills 200-360 bytes under 128) and :data:`REGISTERS_PER_THREAD`
+        without."""
+        if self.registers is None:
+            return PIPELINE_REGISTERS if self.pipelined_kv else REGISTERS_PER_THREAD
+        return self.registers
+
+    @property
     def min_blocks_per_sm(self) -> int:
-        """The launch bound: as many blocks as fit an SM at :data:`REGISTERS_PER_THREAD` registers a
-        thread (16 warps: 1, 8 warps: 2, 4 warps: 4) and in its shared memory, so that the GPU can
-        place every cluster at once."""
-        return self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD)
+        """The launch bound: as many blocks as fit an SM at :attr:`register_bound` registers a thread
+        (128 registers: 16 warps, two blocks of 8 or four of 4; 168: three blocks of 4) and in its
+        shared memory, so that the GPU can place every cluster at once."""
+        return self.limits.blocks_per_sm(self.shared_bytes, self.threads, self.register_bound)
 
     def qkv_tile(self):
         return gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch)
@@ -859,7 +890,11 @@ class AttentionSteps(NamedTuple):
     heads at ``smem[q0 + head*head_dim ..]`` (float32, pre-scaled) and folds those before ``end``
     into the state. ``store(smem, warp, m, l_sum, acc, lane)`` leaves the warp's state as softmax
     states ``warp * attention_groups ..`` of the scratch regions, one per (group, head): ``m`` and
-    ``l`` a float32 each, ``acc`` ``head_dim`` float32.
+    ``l`` a float32 each, ``acc`` ``head_dim`` float32. On the tensor cores also
+    ``load_keys(k_cache, cache_row0, t0, end, lane, kv)`` (the keys of ``load``) and ``fold_ahead(kv,
+    smem, q0, t0, end, m, l_sum, acc, lane, k_cache, v_cache, cache_row0, ahead)``, which loads the
+    step's values, folds, and loads the keys of positions ``ahead ..`` as soon as the scores are in
+    (:attr:`KernelSpec.pipelined_kv`).
     """
 
     start: object
@@ -869,6 +904,8 @@ class AttentionSteps(NamedTuple):
     words: int
     states: int
     accumulators: int
+    fold_ahead: object = None
+    load_keys: object = None
 
 
 def _make_attention(spec: KernelSpec) -> AttentionSteps:
@@ -1025,7 +1062,7 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
             acc[e] = float32(0.0)
 
     @cuda.jit(device=True, inline=True)
-    def load(k_cache, v_cache, cache_row0, t0, end, lane, kv):
+    def load_keys(k_cache, cache_row0, t0, end, lane, kv):
         g, t = lane // 4, lane % 4
         for i in range(KEY_TILES):
             for half in range(2):
@@ -1034,6 +1071,11 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
                     w = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + key) * D + 8 * (t + 4 * j))
                     for e in range(4):
                         kv[((2 * i + half) * K_CHUNKS + j) * 4 + e] = w[e]
+
+    @cuda.jit(device=True, inline=True)
+    def load_values(v_cache, cache_row0, t0, end, lane, kv):
+        g, t = lane // 4, lane % 4
+        for i in range(KEY_TILES):
             for u in range(4):
                 key = min(t0 + value_key(i, u, t), end - 1)
                 for r in range(V_CHUNKS):
@@ -1042,10 +1084,14 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
                         kv[K_WORDS + ((4 * i + u) * V_CHUNKS + r) * 4 + e] = w[e]
 
     @cuda.jit(device=True, inline=True)
-    def fold(kv, smem, q0, t0, end, m, l_sum, acc, lane):
+    def load(k_cache, v_cache, cache_row0, t0, end, lane, kv):
+        load_keys(k_cache, cache_row0, t0, end, lane, kv)
+        load_values(v_cache, cache_row0, t0, end, lane, kv)
+
+    @cuda.jit(device=True, inline=True)
+    def score(kv, smem, q0, s, lane):
+        """Scores ``S^T = K Q^T`` of the step's keys into ``s``."""
         g, t = lane // 4, lane % 4
-        # -- scores S^T = K Q^T
-        s = cuda.local.array(SCORES, float32)
         for k in range(SCORES):
             s[k] = float32(0.0)
         q = cuda.local.array(4, uint32)
@@ -1065,7 +1111,11 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
                     s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3] = mma(
                         kv[low], kv[high], kv[low + 1], kv[high + 1], q[2 * h], q[2 * h + 1],
                         s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3])
-        # -- online softmax of heads 2t, 2t + 1 over the step's keys before `end`
+
+    @cuda.jit(device=True, inline=True)
+    def softmax(s, t0, end, m, l_sum, acc, lane):
+        """Online softmax of heads ``2t, 2t + 1`` over the step's keys before ``end``: ``s`` becomes ``p``."""
+        g = lane // 4
         for c in range(2):
             m_new = m[c]
             for k in range(c, SCORES, 2):
@@ -1081,7 +1131,11 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
             for k in range(c, SCORES, 2):
                 s[k] = math.exp2(s[k] - m_new) if t0 + 8 * (k // 2) + g < end else float32(0.0)
                 l_sum[c] += s[k]
-        # -- values O^T += V^T P^T
+
+    @cuda.jit(device=True, inline=True)
+    def add_values(kv, s, acc, lane):
+        """``O^T += V^T P^T`` of the step's values and probabilities ``s``."""
+        g, t = lane // 4, lane % 4
         source = 8 * t + g // 2  # holds keys 2t (for b0) and 8 + 2t (b1) of heads 2(g//2), 2(g//2) + 1
         selector = ptx.HIGH_HALVES if g % 2 else ptx.LOW_HALVES  # head g of the pair
         for i in range(KEY_TILES):
@@ -1102,6 +1156,26 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
                     a[0], a[1], a[2], a[3], b0, b1, acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3])
 
     @cuda.jit(device=True, inline=True)
+    def fold(kv, smem, q0, t0, end, m, l_sum, acc, lane):
+        s = cuda.local.array(SCORES, float32)
+        score(kv, smem, q0, s, lane)
+        softmax(s, t0, end, m, l_sum, acc, lane)
+        add_values(kv, s, acc, lane)
+
+    @cuda.jit(device=True, inline=True)
+    def fold_ahead(kv, smem, q0, t0, end, m, l_sum, acc, lane, k_cache, v_cache, cache_row0, ahead):
+        """``fold`` of a step whose keys are in ``kv`` already: its values load first, and once the
+        scores have used the keys, the keys of positions ``ahead ..`` (``ahead < 0``: none) load into
+        their place, so that the warp has loads in flight while it computes."""
+        load_values(v_cache, cache_row0, t0, end, lane, kv)
+        s = cuda.local.array(SCORES, float32)
+        score(kv, smem, q0, s, lane)
+        if ahead >= 0:
+            load_keys(k_cache, cache_row0, ahead, end, lane, kv)
+        softmax(s, t0, end, m, l_sum, acc, lane)
+        add_values(kv, s, acc, lane)
+
+    @cuda.jit(device=True, inline=True)
     def store(smem, warp, m, l_sum, acc, lane):
         g, t = lane // 4, lane % 4
         row = SCRATCH_ACC + (warp * G + 2 * t) * D + 8 * g  # head 2t's dims 8g + value_offset(v, half)
@@ -1117,7 +1191,7 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
                     for half in range(2):
                         smem[row + c * D + value_offset(v, half)] = acc[4 * v + 2 * half + c]
 
-    return AttentionSteps(start, load, fold, store, WORDS, 2, ACC)
+    return AttentionSteps(start, load, fold, store, WORDS, 2, ACC, fold_ahead, load_keys)
 
 
 def build_kernel(spec: KernelSpec):
@@ -1168,9 +1242,11 @@ def build_kernel(spec: KernelSpec):
     PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
     PARTIAL_STRIDE = spec.partial_stride
     KEYS_PER_STEP = spec.keys_per_step
-    # A step's cached keys and values are loaded while the step before it is folded (the first before
-    # B1) on the CUDA cores; at the top of the step on the tensor cores (see the module docstring).
+    # Where a step's cached keys and values are loaded: on the CUDA cores while the step before it is
+    # folded (the first before B1); on the tensor cores at the top of the step, or with pipelined_kv
+    # its values there and its keys while the step before it is folded (the first after B2).
     KV_AHEAD = not spec.mma_attention
+    KV_PIPELINE = spec.pipelined_kv
     WARPS_PER_SEQUENCE = WARPS // BATCH
     GROUPS_PER_SEQUENCE = WARPS_PER_SEQUENCE * spec.attention_groups  # softmax states a sequence's warps leave
     NEW_TOKEN_RANK = new_token_rank(C)
@@ -1193,7 +1269,8 @@ def build_kernel(spec: KernelSpec):
                                                 out_stride=PARTIAL_STRIDE, atomic=False,
                                                 norms=(PARTIAL + ROWS, PARTIAL_STRIDE))
     o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
-    kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC = _make_attention(spec)
+    (kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
+     kv_load_keys) = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
@@ -1346,11 +1423,18 @@ def build_kernel(spec: KernelSpec):
         l_sum = cuda.local.array(STATES, float32)
         acc = cuda.local.array(LANE_ACC, float32)
         kv_start(m, l_sum, acc)
+        if KV_PIPELINE and step < kv_steps:
+            kv_load_keys(k_cache, cache_row0, start + step * KEYS_PER_STEP, end, lane, kv)
         while step < kv_steps:
             t0 = start + step * KEYS_PER_STEP
-            if not KV_AHEAD:
-                kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
-            kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane)
+            if KV_PIPELINE:
+                ahead = t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP if step + WARPS_PER_SEQUENCE < kv_steps else -1
+                kv_fold_ahead(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane, k_cache, v_cache,
+                              cache_row0, ahead)
+            else:
+                if not KV_AHEAD:
+                    kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
+                kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane)
             step += WARPS_PER_SEQUENCE
             if KV_AHEAD and step < kv_steps:
                 kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
