@@ -5,8 +5,9 @@
 Shapes: a ragged batch (one sequence with an empty cache), QKV bias, GQA with a head split, and
 the cluster of 8 x 4 warps that the presets run at batch 1; batches whose projections run on the
 tensor cores, bfloat16 and float16 (its activations scaled); attention on the tensor cores
-(several query heads a cluster) with 64 and 128 dims a head, ragged lengths that end inside a
-tile of 16 keys. Exits non-zero if any step misses
+(several query heads a cluster) with 64 and 128 dims a head, the second in blocks of 4 warps
+with the next step's keys in flight (``KernelSpec.pipelined_kv``), ragged lengths that end
+inside a tile of 16 keys. Exits non-zero if any step misses
 the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -21,8 +22,8 @@ SHAPES = [
     # (config, layer options, positions, dtype)
     (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
      {"cluster_size": 4, "head_split": 2}, [0, 37, 300], torch.bfloat16),
-    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128), {"cluster_size": 4, "warps": 4},
-     [1000, 0, 333], torch.float16),
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 1}, [1000, 0, 333], torch.float16),
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 8, "warps": 4},
      [130, 5, 64], torch.bfloat16),
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 8, "warps": 8},

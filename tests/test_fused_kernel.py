@@ -22,14 +22,15 @@ from clusterlab.fused.reference import reference_step, relative_error
 TOLERANCE = 1e-2
 
 
-# `spill`: bytes ptxas spills today where the launch bound's 128 registers are all in use (what they
-# hold and what they cost: docs/fused-decode-notes.md, v9, "Spills"); a shape that spills more fails.
+# `spill`: bytes ptxas spills today where the launch bound's registers (128, or 168 with the pipelined
+# keys) are all in use (what they hold and what they cost: docs/fused-decode-notes.md, v9 and v10,
+# "Spills"); a shape that spills more fails.
 @pytest.mark.ptx
 @pytest.mark.parametrize(
     "config, bf16, batch, cluster_size, warps, head_split, spill",
     [(LLAMA2_7B, False, 1, 8, 4, 1, 0), (LLAMA2_7B, True, 4, 8, 4, 1, 0), (LLAMA2_7B, True, 8, 4, 8, 1, 0),
-     (LLAMA3_8B, False, 1, 16, 4, 2, 52), (LLAMA3_8B, True, 4, 16, 4, 2, 0), (LLAMA3_8B, False, 3, 16, 4, 2, 0),
-     (LLAMA3_8B, True, 5, 16, 8, 1, 0), (LLAMA3_8B, False, 8, 16, 8, 1, 0), (LLAMA3_2_1B, True, 2, 16, 4, 2, 88),
+     (LLAMA3_8B, False, 1, 16, 4, 2, 0), (LLAMA3_8B, True, 4, 16, 4, 2, 40), (LLAMA3_8B, False, 3, 16, 4, 2, 8),
+     (LLAMA3_8B, True, 5, 16, 8, 1, 8), (LLAMA3_8B, False, 8, 16, 8, 1, 0), (LLAMA3_2_1B, True, 2, 16, 4, 2, 0),
      (QWEN2_5_7B, False, 1, 8, 4, 7, 80), (QWEN2_5_7B, True, 8, 4, 8, 7, 8)],
     ids=["llama2-7b-f16-b1", "llama2-7b-bf16-b4", "llama2-7b-bf16-b8", "llama3-8b-f16-b1", "llama3-8b-bf16-b4",
          "llama3-8b-f16-b3", "llama3-8b-bf16-b5", "llama3-8b-f16-b8", "llama3.2-1b-bf16-b2", "qwen2.5-7b-f16-b1",
@@ -104,6 +105,28 @@ def test_attention_runs_on_the_tensor_cores_from_two_query_heads_a_cluster():
     assert not spec(wide, 1).mma_attention and spec(wide, 2).mma_attention  # 16 heads a cluster: CUDA cores
     with pytest.raises(ValueError, match="at most 8 query heads a cluster, got 16"):
         spec(wide, 1, attention_mma=True).mma_attention
+
+
+def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
+    """Pipelined keys where tensor-core attention runs in blocks of 4 warps, at 168 registers (three
+    blocks an SM); blocks of 8 warps and the CUDA cores keep 128; given switches win."""
+    import dataclasses
+
+    from clusterlab.fused.kernel import PIPELINE_REGISTERS, REGISTERS_PER_THREAD
+
+    def spec(config, batch, warps, head_split, **switches):
+        return dataclasses.replace(KernelSpec.of(config, False, batch, 16, warps, head_split), **switches)
+
+    four = spec(LLAMA3_8B, 4, 4, 2)
+    assert four.pipelined_kv and four.register_bound == PIPELINE_REGISTERS == 168
+    assert four.min_blocks_per_sm == 3  # 65536 registers / (168 x 128 threads)
+    eight = spec(LLAMA3_8B, 8, 8, 1)
+    assert not eight.pipelined_kv and eight.register_bound == REGISTERS_PER_THREAD
+    assert not spec(LLAMA3_8B, 4, 4, 2, attention_mma=False).pipelined_kv  # the CUDA cores load ahead their own way
+    assert not spec(LLAMA3_8B, 4, 4, 2, kv_pipeline=False).pipelined_kv
+    assert spec(LLAMA3_8B, 4, 4, 2, kv_pipeline=False).register_bound == REGISTERS_PER_THREAD
+    assert spec(LLAMA3_8B, 8, 8, 1, kv_pipeline=True).pipelined_kv
+    assert spec(LLAMA3_8B, 4, 4, 2, registers=128).min_blocks_per_sm == 4
 
 
 def test_tiles_of_the_matrix_vector_steps():

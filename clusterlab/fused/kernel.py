@@ -140,9 +140,10 @@ class KernelSpec(BlockShape):
     The fields after ``limits`` are switches for measurement (:mod:`clusterlab.bench.fused_ablation`,
     :mod:`clusterlab.bench.fused_timeline`); their defaults are the kernel that
     :class:`~clusterlab.fused.DecodeAttention` runs, and :meth:`of` leaves them so; a variant is
-    ``dataclasses.replace(spec, kv_stream=False)``. ``attention_mma`` chooses where attention over
-    the cache runs, with correct outputs either way; a switched-off stream issues no loads and
-    computes nothing from them, so the outputs of such a variant are wrong by construction.
+    ``dataclasses.replace(spec, kv_stream=False)``. ``attention_mma``, ``kv_pipeline`` and
+    ``registers`` choose how attention over the cache runs and the launch bound, with correct
+    outputs either way; a switched-off stream issues no loads and computes nothing from them, so
+    the outputs of such a variant are wrong by construction.
     """
 
     hidden_size: int
