@@ -223,8 +223,8 @@ class KernelSpec(BlockShape):
         """Whether attention keeps the next step's keys in flight while it folds a step (see
         ``fold_ahead`` in :func:`_make_mma_attention`): ``kv_pipeline`` where given, else on the
         tensor cores in blocks of 4 warps (batches up to 4), where the extra registers cost a
-        block an SM (:attr:`register_bound`). Blocks of 8 warps hold one an SM for their shared
-        memory and gained at one preset and lost at another (``docs/fused-decode-notes.md``, v10)."""
+        block an SM (:attr:`register_bound`). In blocks of 8 warps (batches 5-8) it gained at one
+        preset and lost at another (``docs/fused-decode-notes.md``, v10)."""
         if self.kv_pipeline is None:
             return self.mma_attention and self.warps == 4
         return self.kv_pipeline and self.mma_attention
@@ -232,8 +232,8 @@ class KernelSpec(BlockShape):
     @property
     def register_bound(self) -> int:
         """Registers a thread may use: ``registers`` where given, else :data:`PIPELINE_REGISTERS` with
-        :attr:`pipelined_kv` (ptxas spills 200-360 bytes under 128) and :data:`REGISTERS_PER_THREAD`
-        without."""
+        :attr:`pipelined_kv` (under 128 ptxas spilled 288-368 bytes for it) and
+        :data:`REGISTERS_PER_THREAD` without."""
         if self.registers is None:
             return PIPELINE_REGISTERS if self.pipelined_kv else REGISTERS_PER_THREAD
         return self.registers
