@@ -62,8 +62,9 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf1
     # registers, 12 at 168 with the pipelined keys, unless shared memory allows fewer blocks (8
     # sequences of GQA states: one).
     assert result.registers * spec.threads * spec.min_blocks_per_sm <= 65536
-    assert spec.pipelined_kv == (spec.mma_attention and warps == 4)
-    warps_an_sm = 12 if spec.pipelined_kv else 16
+    alone = 2 * (spec.shared_bytes + 1024) > 233472  # shared memory holds one block an SM
+    assert spec.pipelined_kv == (spec.mma_attention and (warps == 4 or alone))
+    warps_an_sm = 12 if spec.pipelined_kv and warps == 4 else 16
     assert spec.min_blocks_per_sm * warps == warps_an_sm or 2 * (spec.shared_bytes + 1024) > 233472
 
 
@@ -109,7 +110,8 @@ def test_attention_runs_on_the_tensor_cores_from_two_query_heads_a_cluster():
 
 def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     """Pipelined keys where tensor-core attention runs in blocks of 4 warps, at 168 registers (three
-    blocks an SM); blocks of 8 warps and the CUDA cores keep 128; given switches win."""
+    blocks an SM), or in blocks alone on their SM; two blocks of 8 warps an SM and the CUDA cores
+    keep 128; given switches win."""
     import dataclasses
 
     from clusterlab.fused.kernel import PIPELINE_REGISTERS, REGISTERS_PER_THREAD
@@ -120,8 +122,10 @@ def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     four = spec(LLAMA3_8B, 4, 4, 2)
     assert four.pipelined_kv and four.register_bound == PIPELINE_REGISTERS == 168
     assert four.min_blocks_per_sm == 3  # 65536 registers / (168 x 128 threads)
-    eight = spec(LLAMA3_8B, 8, 8, 1)
-    assert not eight.pipelined_kv and eight.register_bound == REGISTERS_PER_THREAD
+    eight = spec(LLAMA3_8B, 8, 8, 1)  # one block an SM for its shared memory: the registers are free
+    assert eight.pipelined_kv and eight.min_blocks_per_sm == 1
+    two = spec(LLAMA3_2_1B, 8, 8, 1)  # two blocks an SM
+    assert not two.pipelined_kv and two.register_bound == REGISTERS_PER_THREAD and two.min_blocks_per_sm == 2
     assert not spec(LLAMA3_8B, 4, 4, 2, attention_mma=False).pipelined_kv  # the CUDA cores load ahead their own way
     assert not spec(LLAMA3_8B, 4, 4, 2, kv_pipeline=False).pipelined_kv
     assert spec(LLAMA3_8B, 4, 4, 2, kv_pipeline=False).register_bound == REGISTERS_PER_THREAD

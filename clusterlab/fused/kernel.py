@@ -223,10 +223,12 @@ class KernelSpec(BlockShape):
         """Whether attention keeps the next step's keys in flight while it folds a step (see
         ``fold_ahead`` in :func:`_make_mma_attention`): ``kv_pipeline`` where given, else on the
         tensor cores in blocks of 4 warps (batches up to 4), where the extra registers cost a
-        block an SM (:attr:`register_bound`). In blocks of 8 warps (batches 5-8) it gained at one
-        preset and lost at another (``docs/fused-decode-notes.md``, v10)."""
+        block an SM (:attr:`register_bound`), and in larger blocks that shared memory holds to one
+        an SM (Llama-3-8B at batch 8), whose launch bound leaves the registers free. Blocks of 8
+        warps two an SM (Llama-3.2-1B at batch 8) lost with it (``docs/fused-decode-notes.md``, v10)."""
         if self.kv_pipeline is None:
-            return self.mma_attention and self.warps == 4
+            alone = self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD) == 1
+            return self.mma_attention and (self.warps == 4 or alone)
         return self.kv_pipeline and self.mma_attention
 
     @property
