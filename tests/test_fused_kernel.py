@@ -244,6 +244,24 @@ def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(
         DecodeAttention.check_positions(positions, cache)
 
 
+@pytest.mark.gpu
+def test_a_cuda_view_off_a_16_byte_boundary_is_refused_before_the_launch():
+    config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=2, head_dim=128)
+    weights = AttentionWeights.random(config, torch.float16, "cuda", seed=4)
+    layer = DecodeAttention(config, weights)
+    hidden, residual, cache = _random_inputs(config, torch.float16, 2, 64, seed=9)
+    shifted = torch.empty(hidden.numel() + 1, dtype=hidden.dtype, device="cuda")[1:].view_as(hidden)
+    shifted.copy_(hidden)  # contiguous, 2 bytes past the boundary
+    out = torch.full_like(hidden, float("nan"))
+    with pytest.raises(ValueError, match="hidden starts 2 bytes past a 16-byte boundary"):
+        layer(shifted, residual, cache, 10, out=out)
+    torch.cuda.synchronize()
+    assert out.isnan().all()  # nothing launched
+    out, _ = layer(shifted.clone(), residual, cache, 10)
+    want = reference_step(config, weights, hidden, residual, cache, 10)
+    assert relative_error(out, want.out) < TOLERANCE
+
+
 SMALL = {
     "gqa-d64-gptj-c16": AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, rope_style="gptj"),
     "mha-d128": AttentionConfig(hidden_size=1024, heads=4, kv_heads=4, head_dim=128),

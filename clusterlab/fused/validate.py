@@ -36,7 +36,9 @@ def resolve_backend(backend, device: torch.device, limits: DeviceLimits | None) 
 
 def check_tensor(name: str, x, shape: tuple, dtype, device: torch.device, like: str) -> None:
     """``x`` is a contiguous torch tensor of ``shape`` with ``dtype`` and on ``device``, those of
-    ``like`` (named in the message); TypeError / ValueError naming ``name`` otherwise."""
+    ``like`` (named in the message), and on a GPU starts on a 16-byte boundary (a view at another
+    offset would fault the kernels' 16-byte loads); TypeError / ValueError naming ``name`` otherwise.
+    CPU tensors may start anywhere: the simulator reads them element by element."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != dtype:
@@ -47,6 +49,9 @@ def check_tensor(name: str, x, shape: tuple, dtype, device: torch.device, like: 
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {shape}")
     if not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (row-major); call .contiguous() first")
+    if x.is_cuda and x.data_ptr() % 16:
+        raise ValueError(f"{name} starts {x.data_ptr() % 16} bytes past a 16-byte boundary; the kernels read it "
+                         "16 bytes at a time: pass a tensor that starts on one (a fresh tensor, or .clone())")
 
 
 def check_hidden_residual(hidden_size: int, hidden, residual, dtype, device: torch.device) -> int:
