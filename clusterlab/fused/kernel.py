@@ -233,9 +233,11 @@ class KernelSpec(BlockShape):
 
     @property
     def register_bound(self) -> int:
-        """Registers a thread may use: ``registers`` where given, else :data:`PIPELINE_REGISTERS` with
-        :attr:`pipelined_kv` (under 128 ptxas spilled 288-368 bytes for it) and
-        :data:`REGISTERS_PER_THREAD` without."""
+        """Registers a thread is planned at, from which :attr:`min_blocks_per_sm` (the launch bound)
+        follows: ``registers`` where given, else :data:`PIPELINE_REGISTERS` with :attr:`pipelined_kv`
+        (under 128 ptxas spilled 288-368 bytes for it) and :data:`REGISTERS_PER_THREAD` without. A
+        block that shared memory holds alone on its SM gets a launch bound of one block whatever
+        this says, which leaves ptxas what one block may have (255 a thread in blocks of 8 warps)."""
         if self.registers is None:
             return PIPELINE_REGISTERS if self.pipelined_kv else REGISTERS_PER_THREAD
         return self.registers
