@@ -7,7 +7,8 @@ the cluster of 8 x 4 warps that the presets run at batch 1; batches whose projec
 tensor cores, bfloat16 and float16 (its activations scaled); attention on the tensor cores
 (several query heads a cluster) with 64 and 128 dims a head, the second in blocks of 4 warps
 with the next step's keys in flight (``KernelSpec.pipelined_kv``), ragged lengths that end
-inside a tile of 16 keys. Exits non-zero if any step misses
+inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose blocks of 8 warps, alone on
+their SM, keep the next keys in flight too. Exits non-zero if any step misses
 the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from sanitize_steps import exit_with, run_steps
 
-from clusterlab.fused import AttentionConfig, AttentionWeights, DecodeAttention, KVCache
+from clusterlab.fused import PRESETS, AttentionConfig, AttentionWeights, DecodeAttention, KVCache
 from clusterlab.fused.reference import reference_step
 
 SHAPES = [
@@ -28,6 +29,7 @@ SHAPES = [
      [130, 5, 64], torch.bfloat16),
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 8, "warps": 8},
      [300, 0, 77, 12, 5], torch.float16),
+    (PRESETS["llama3-8b"], {}, [300, 0, 77, 12, 5, 640, 33, 129], torch.float16),
 ]
 
 exit_with(run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step))
