@@ -30,7 +30,7 @@ TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
 ROW_KEYS = {"preset", "dtype", "batch", "context", "fused_us", "unfused_us", "hf_us", "floor_us", "bytes_per_token",
             "fused_attention_us"}
 BREAKDOWN_KEYS = {"preset", "dtype", "batch", "context", "model", "attention_us", "mlp_us", "rest_us", "step_us"}
-RECORD_KEYS = {"card", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "hf", "rows",
+RECORD_KEYS = {"card", "driver", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "hf", "rows",
                "breakdown"}
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from clusterlab.bench import timing
 from clusterlab.bench.mlp import (
     PRESETS,
     MLPRow,
@@ -29,7 +30,7 @@ no_gpu = pytest.mark.skipif(hopper_problem() is None, reason="this machine has a
 
 ROW_KEYS = {"preset", "dtype", "batch", "cluster_size", "clusters", "warps", "blocks", "layers", "fused_us",
             "torch_us", "floor_us", "step_bytes", "rel_err", "torch_rel_err", "fraction_of_copy_bw", "speedup"}
-RECORD_KEYS = {"card", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "l2_bytes",
+RECORD_KEYS = {"card", "driver", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "l2_bytes",
                "l2_turnover", "rows"}
 INFO = {"gpu": "NVIDIA H200", "driver_cuda_version": "13.0", "numba-cuda": "0.30.4", "cuda-core": "1.2.2",
         "torch": "2.13.0"}
@@ -95,12 +96,13 @@ def test_table_gives_the_shape_times_percent_of_copy_bandwidth_speedup_and_error
 
 def test_results_json_has_exactly_the_schema_and_the_picture_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("CLUSTERLAB_COMMIT", "0123456789abcdef")
+    monkeypatch.setattr(timing, "_smi", lambda fields: ["580.159.04"])
     json_path, png_path = write_results(rows(), 4.3e12, INFO, tmp_path / "out", "test", l2_bytes=60 << 20)
     assert (json_path, png_path) == (tmp_path / "out" / "mlp_test.json", tmp_path / "out" / "mlp_test.png")
     record = json.loads(json_path.read_text())
     assert set(record) == RECORD_KEYS
     assert record["card"] == "NVIDIA H200" and record["commit"] == "0123456789abcdef"
-    assert record["driver_cuda_version"] == "13.0"
+    assert record["driver_cuda_version"] == "13.0" and record["driver"] == "580.159.04"
     assert record["software"] == {"numba-cuda": "0.30.4", "cuda-core": "1.2.2", "torch": "2.13.0"}
     assert record["copy_bandwidth_tbps"] == pytest.approx(4.3)
     assert record["l2_bytes"] == 60 << 20 and record["l2_turnover"] == 3

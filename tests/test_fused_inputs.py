@@ -1,12 +1,14 @@
 """Bad inputs to the fused layer's public entry points: each a clear error naming the parameter, raised before any work."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from clusterlab import HopperRequired
 from clusterlab.bench import timing
 from clusterlab.bench.fused import main as bench_main
-from clusterlab.bench.fused import parse_variant
+from clusterlab.bench.fused import parse_options, parse_variant, run_bench
 from clusterlab.fused import (
     AttentionConfig,
     AttentionWeights,
@@ -223,6 +225,52 @@ def test_kernel_specs_are_built_once_per_dtype_and_batch():
     assert layer.kernel_spec(torch.bfloat16, BATCH) is not spec
 
 
+@pytest.mark.parametrize(
+    "options, error, words",
+    [
+        ({"kv_stream": False}, ValueError,
+         "kernel_options: unknown name 'kv_stream'; allowed: attention_mma, kv_pipeline, registers"),
+        ({"registers": 300}, ValueError, "kernel_options: registers=300; allowed: None or an int from 32 to 255"),
+        ({"registers": True}, ValueError, "kernel_options: registers=True; allowed"),
+        ({"attention_mma": 1}, ValueError, "kernel_options: attention_mma=1; allowed: None, True or False"),
+        ([("registers", 168)], TypeError, "kernel_options must be a mapping or None, got list"),
+    ],
+)
+def test_kernel_options_are_checked_when_the_layer_is_built(options, error, words):
+    weights, *_ = _inputs()
+    with pytest.raises(error) as info:
+        DecodeAttention(CONFIG, weights, kernel_options=options)
+    assert words in str(info.value)
+
+
+def test_kernel_options_choose_the_kernel_and_the_simulator_runs_its_one_dataflow():
+    weights, hidden, residual, cache = _inputs()
+    plain = DecodeAttention(CONFIG, weights)
+    default = plain.kernel_spec(torch.float16, BATCH)
+    flipped = not default.mma_attention
+    layer = DecodeAttention(CONFIG, weights, kernel_options={"attention_mma": flipped, "registers": 168})
+    spec = layer.kernel_spec(torch.float16, BATCH)
+    assert spec == dataclasses.replace(default, attention_mma=flipped, registers=168)
+    assert spec.mma_attention is flipped and spec.register_bound == 168 and spec.min_blocks_per_sm < 4
+    positions = torch.tensor([3, 9], dtype=torch.int32)
+    want, _ = plain(hidden, residual, cache.clone(), positions)
+    got, _ = layer(hidden, residual, cache.clone(), positions, out=torch.full_like(hidden, float("nan")))
+    assert torch.equal(got, want)
+
+
+def test_an_option_the_shape_cannot_take_is_refused_before_the_step():
+    config = AttentionConfig(hidden_size=128, heads=16, kv_heads=1, head_dim=64)
+    layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16, seed=1), head_split=1,
+                            kernel_options={"attention_mma": True})
+    hidden = torch.randn(1, config.hidden_size).half()
+    out = torch.full_like(hidden, float("nan"))
+    with pytest.raises(ValueError) as info:
+        layer(hidden, hidden, KVCache.random(config, 1, 8, torch.float16, seed=2), 3, out=out)
+    message = str(info.value)
+    assert "head_split=1, attention_mma=True" in message and "at most 8 query heads a cluster, got 16" in message
+    assert out.isnan().all()
+
+
 @pytest.mark.parametrize("text", ["8xfoo", "8", "8x", "x4", "8x4x2x1", "8,4", "8x-4", ""])
 def test_bench_variant_must_look_like_cxw(text, capsys):
     with pytest.raises(SystemExit) as info:
@@ -248,3 +296,33 @@ def test_bench_reads_a_variants_third_number_by_the_presets_block():
     weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.bfloat16, seed=5)
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights, **options).shape(3) == (4, 16, 32)
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights).shape(1) == (8, 8, DEEPSEEK_V2_LITE.heads)
+
+
+@pytest.mark.parametrize("text, options", [
+    ("registers=168", {"registers": 168}),
+    ("attention_mma=False,kv_pipeline=None", {"attention_mma": False, "kv_pipeline": None}),
+    ("default", {}),
+])
+def test_bench_kernel_options_parse(text, options):
+    assert parse_options(text) == options
+
+
+@pytest.mark.parametrize("text, words", [
+    ("registers", "must look like name=value[,name=value]"),
+    ("registers=16x", "must look like name=value"),
+    ("registers=-8", "must look like name=value"),
+    ("kv_stream=False", "kernel_options: unknown name 'kv_stream'"),
+    ("registers=400", "kernel_options: registers=400; allowed: None or an int from 32 to 255"),
+])
+def test_bench_kernel_options_must_be_kernel_choices(text, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench_main(["--spec", text])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --spec:" in err and words in err
+
+
+def test_bench_kernel_options_are_refused_for_the_mla_preset_before_anything_runs():
+    with pytest.raises(ValueError, match=r"kernel options \(--spec\) apply to the Llama-style presets, not to "
+                                         "deepseek-v2-lite"):
+        run_bench(presets=("llama3-8b", "deepseek-v2-lite"), options=[{"registers": 168}])

@@ -60,7 +60,6 @@ Run: ``clusterlab bench decode`` (``--quick``: llama3.2-1b, batch 1, context 102
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -78,10 +77,10 @@ from .timing import (
     Stat,
     capture_graph,
     card_tag,
-    commit,
     copy_bandwidth,
     event_time_us,
     per_op_us,
+    results_header,
     write_json,
 )
 
@@ -457,11 +456,7 @@ def write_results(rows: list[DecodeRow], parts: list[BreakdownRow], bandwidth: f
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "card": info.get("gpu"),
-        "driver_cuda_version": info.get("driver_cuda_version"),
-        "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch", "transformers")},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        **results_header(info, ("numba-cuda", "cuda-core", "torch", "transformers")),
         "copy_bandwidth_tbps": bandwidth / 1e12,
         "hf": hf,
         "rows": [asdict(r) for r in rows],

@@ -24,13 +24,15 @@ against the float64 reference before it is timed. Results: a table on stdout,
 ``fused_<card>.json`` (card, driver, date, commit) and ``fused_<card>.png`` under ``out_dir``,
 ``<card>`` read from the device (``h200`` for an NVIDIA H200).
 
-Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``.
+Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``. ``--variant
+16x4x2 16x8x1`` times other launch shapes, ``--spec default registers=168`` other kernels
+of the Llama-style layer (its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`), each
+checked against the reference like the default.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import itertools
 import math
@@ -50,8 +52,9 @@ from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
 from ..fused.mla_reference import UnfusedMLA, mla_reference_step
+from ..fused.plan import KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
-from .timing import card_tag, commit, copy_bandwidth, graph_per_op_us, write_json
+from .timing import card_tag, copy_bandwidth, graph_per_op_us, results_header, write_json
 
 #: Every preset the benchmark takes: the Llama-style blocks' and the MLA block's.
 PRESETS = {**ATTENTION_PRESETS, **MLA_PRESETS}
@@ -81,6 +84,8 @@ class BenchRow:
     torch_us: float
     floor_us: float
     rel_err: float
+    #: the fused layer's ``kernel_options`` as ``name=value,...`` ("": the launch rule's kernel)
+    options: str = ""
 
     @property
     def fraction_of_copy_bw(self) -> float:
@@ -207,6 +212,7 @@ def run_bench(
     batches=BATCHES,
     dtypes=("float16",),
     variants=None,
+    options=None,
     ragged: bool = True,
     out_dir: str | os.PathLike = "benchmarks/results",
     tag: str | None = None,
@@ -217,13 +223,19 @@ def run_bench(
 
     ``variants``: ``(cluster_size, warps)`` or ``(cluster_size, warps, head_split)`` tuples to time
     for the fused kernel (``None``: the layer's defaults; an MLA preset reads the third number as
-    its attention clusters a sequence). ``tag``: the results' suffix, by
+    its attention clusters a sequence). ``options``: dicts of the Llama-style layer's
+    ``kernel_options`` (:data:`~clusterlab.fused.plan.KERNEL_CHOICES`) to time, each with every
+    variant (``None``: the launch rule's kernel). ``tag``: the results' suffix, by
     default the card's (:func:`~clusterlab.bench.timing.card_tag`). ``l2_turnover``: see
     :func:`layers_for_l2` (0 times one layer over and over, as runs before the rotation did).
     Returns the rows (also printed as a table).
     """
     from ..gpu import device_info, require_hopper
 
+    options = [{}] if options is None else [check_kernel_options(o) for o in options]
+    if any(options) and any(isinstance(PRESETS[name], MLAConfig) for name in presets):
+        raise ValueError("kernel options (--spec) apply to the Llama-style presets, not to "
+                         f"{', '.join(n for n in presets if isinstance(PRESETS[n], MLAConfig))}")
     require_hopper()
     info = device_info()
     tag = card_tag(info["gpu"]) if tag is None else tag
@@ -235,6 +247,7 @@ def run_bench(
     for name, dtype_name in itertools.product(presets, dtypes):
         config, dtype = PRESETS[name], getattr(torch, dtype_name)
         shapes = [{}] if variants is None else [variant_options(config, v) for v in variants]
+        shapes = [shape | ({"kernel_options": o} if o else {}) for shape in shapes for o in options]
         weights: list = []
         for batch, variant in itertools.product(batches, shapes):
             cases = [(False, [kv] * batch) for kv in kv_lens]
@@ -249,14 +262,16 @@ def run_bench(
                     fit = run.clusters_fit()
                     third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
                              else f"{head_split} attention clusters a sequence")
-                    print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}",
-                          flush=True)
+                    chosen = "".join(f", {k}={v}" for k, v in variant.get("kernel_options", {}).items())
+                    print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}"
+                          f"{chosen}", flush=True)
                 err = run.error()
                 row = BenchRow(
                     name, dtype_name, batch, round(sum(lengths) / batch), is_ragged, cluster_size, warps, head_split,
                     len(run.sets), fused_us=graph_time_us(run.fused, warmup=len(run.sets)),
                     torch_us=graph_time_us(functools.partial(run.torch, is_ragged), warmup=len(run.sets)),
                     floor_us=step_bytes / bandwidth * 1e6, rel_err=err,
+                    options=",".join(f"{k}={v}" for k, v in variant.get("kernel_options", {}).items()),
                 )
                 rows.append(row)
                 print(_format_row(row), flush=True)
@@ -273,6 +288,7 @@ def _format_row(r: BenchRow) -> str:
         f"{_family(PRESETS[r.preset]).letter}={r.head_split} x{r.layers:<2d} "
         f"fused {r.fused_us:7.1f} us  torch {r.torch_us:7.1f} us  floor {r.floor_us:7.1f} us  "
         f"{100 * r.fraction_of_copy_bw:5.1f}% of copy BW  {r.torch_us / r.fused_us:4.2f}x torch  err {r.rel_err:.1e}"
+        + (f"  [{r.options}]" if r.options else "")
     )
 
 
@@ -285,11 +301,7 @@ def format_table(rows: list[BenchRow], bandwidth: float) -> str:
 def _write(rows, bandwidth, out_dir: Path, tag: str, info: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "card": info.get("gpu"),
-        "driver_cuda_version": info.get("driver_cuda_version"),
-        "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        **results_header(info),
         "copy_bandwidth_tbps": bandwidth / 1e12,
         "rows": [asdict(r) | {"fraction_of_copy_bw": r.fraction_of_copy_bw} for r in rows],
     }
@@ -341,6 +353,28 @@ def parse_variant(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("x"))
 
 
+def parse_options(text: str) -> dict:
+    """``"registers=168,kv_pipeline=False"`` -> ``{"registers": 168, "kv_pipeline": False}``: the
+    fused layer's ``kernel_options`` (values ``None``, ``True``, ``False`` or an int), checked
+    against :data:`~clusterlab.fused.plan.KERNEL_CHOICES`; ``"default"`` -> ``{}``, the launch rule's kernel."""
+    if text == "default":
+        return {}
+    options = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        literals = {"None": None, "True": True, "False": False}
+        if not sep or not (value in literals or value.isdigit()):
+            raise argparse.ArgumentTypeError(
+                "must look like name=value[,name=value] with values None, True, False or an int, e.g. "
+                f"registers=168 or attention_mma=False,kv_pipeline=None; got {text!r}"
+            )
+        options[name] = literals[value] if value in literals else int(value)
+    try:
+        return check_kernel_options(options)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
@@ -351,13 +385,17 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", nargs="*", default=None, metavar="CxW", type=parse_variant,
                         help="fused variants as cluster_size x warps [x head_split; MLA: x attention clusters a "
                              "sequence], e.g. 8x4 16x4x2")
+    parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...", type=parse_options,
+                        help="time the fused kernel with these kernel_options (each with every variant), e.g. "
+                             f"default registers=168 attention_mma=False ('default': the launch rule's kernel); "
+                             f"names: {', '.join(KERNEL_CHOICES)}")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=float, default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)
-    run_bench(args.preset, args.kv, args.batch, args.dtype, args.variant, not args.no_ragged, args.out_dir, args.tag,
-              l2_turnover=args.l2_turnover)
+    run_bench(args.preset, args.kv, args.batch, args.dtype, args.variant, args.spec, not args.no_ragged, args.out_dir,
+              args.tag, l2_turnover=args.l2_turnover)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, referen
 from ..fused.kernel import TIMELINE_PHASES, TIMELINE_STAMPS
 from ..fused.layer import kernel_launcher
 from ..gpu import device_info, require_hopper
-from .timing import card_tag, commit, graph_per_op_us, write_json
+from .timing import card_tag, graph_per_op_us, results_header, write_json
 
 
 def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None):
@@ -154,9 +153,7 @@ def main(argv=None) -> int:
     info = device_info()
     tag = card_tag(info["gpu"]) if args.tag is None else args.tag
     record = {
-        "card": info.get("gpu"), "driver_cuda_version": info.get("driver_cuda_version"),
-        "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+        **results_header(info),
         "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "kv_len": args.kv,
         "phases": list(TIMELINE_PHASES), "shapes": [],
     }

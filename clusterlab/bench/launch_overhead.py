@@ -31,13 +31,12 @@ import argparse
 import ctypes
 import datetime
 import json
-import subprocess
 import time
 import warnings
 
 import numpy as np
 
-from .timing import commit
+from .timing import commit, driver_release
 
 #: Host time per launch the launcher must stay under, with torch tensors.
 TARGET_US = 8.0
@@ -123,13 +122,7 @@ def machine_facts():
     device = cuda.get_current_device()
     _, cuda_version = driver.cuDriverGetVersion()
     name = device.name.decode() if isinstance(device.name, bytes) else device.name
-    try:
-        driver_version = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        driver_version = "unknown"
+    driver_version = driver_release() or "unknown"
     from ..gpu import software_versions
 
     return {

@@ -48,7 +48,6 @@ Run: ``clusterlab bench mlp`` or ``python -m clusterlab.bench.mlp`` (``--preset 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import os
 import re
@@ -65,7 +64,7 @@ from ..fused.plan import HOPPER
 from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
 from .fused import L2_TURNOVER, graph_time_us, layers_for_l2
-from .timing import card_tag, commit, copy_bandwidth, write_json
+from .timing import card_tag, copy_bandwidth, results_header, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
 BATCHES = (1, 2, 4, 8)
@@ -300,11 +299,7 @@ def write_results(rows: list[MLPRow], bandwidth: float, info: dict, out_dir: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "card": info.get("gpu"),
-        "driver_cuda_version": info.get("driver_cuda_version"),
-        "software": {k: info.get(k) for k in ("numba-cuda", "cuda-core", "torch")},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        **results_header(info),
         "copy_bandwidth_tbps": bandwidth / 1e12,
         "l2_bytes": l2_bytes,
         "l2_turnover": l2_turnover,

@@ -286,6 +286,12 @@ def commit() -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+def driver_release() -> str | None:
+    """The NVIDIA driver's release as nvidia-smi reports it (e.g. ``"580.159.04"``), None without nvidia-smi."""
+    smi = _smi(("driver_version",))
+    return smi[0] if smi else None
+
+
 def system_info() -> dict:
     """Card, compute capability, SM count, driver, CUDA and package versions of this process's GPU 0."""
     import torch
@@ -293,10 +299,23 @@ def system_info() -> dict:
     from ..gpu import device_info
 
     info = {k: v for k, v in device_info().items() if k != "reason"}
-    smi = _smi(("driver_version", "name"))
-    info["driver_version"] = smi[0] if smi else None
+    info["driver_version"] = driver_release()
     info["torch_cuda"] = torch.version.cuda
     return info
+
+
+def results_header(info: dict, packages=("numba-cuda", "cuda-core", "torch")) -> dict:
+    """The first fields of a benchmark's results file: ``card``, ``driver`` (release), ``driver_cuda_version``,
+    ``software`` (the versions of ``packages``), UTC ``date`` and ``commit``. ``info``:
+    :func:`clusterlab.gpu.device_info`'s dict."""
+    return {
+        "card": info.get("gpu"),
+        "driver": driver_release(),
+        "driver_cuda_version": info.get("driver_cuda_version"),
+        "software": {k: info.get(k) for k in packages},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+    }
 
 
 def run_record(clocks: ClockSampler) -> dict:

@@ -142,7 +142,8 @@ class KernelSpec(BlockShape):
     :class:`~clusterlab.fused.DecodeAttention` runs, and :meth:`of` leaves them so; a variant is
     ``dataclasses.replace(spec, kv_stream=False)``. ``attention_mma``, ``kv_pipeline`` and
     ``registers`` choose how attention over the cache runs and the launch bound, with correct
-    outputs either way; a switched-off stream issues no loads and computes nothing from them, so
+    outputs either way (:data:`~clusterlab.fused.plan.KERNEL_CHOICES`: a layer takes them as
+    ``kernel_options``); a switched-off stream issues no loads and computes nothing from them, so
     the outputs of such a variant are wrong by construction.
     """
 

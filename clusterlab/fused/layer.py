@@ -21,13 +21,14 @@ on the host instead, at the cost of one sync).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
-from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, launch_shape
+from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
 from .validate import check_positions, check_step, check_weights, resolve_backend
 
 
@@ -65,7 +66,11 @@ class DecodeAttention:
     batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
     ``"simulator"`` insist. ``limits``: the GPU's SM count and shared memory, read from the
     device on the GPU backend; the simulator backend plans for ``limits`` (default: an H100 or
-    H200, :data:`~clusterlab.fused.plan.HOPPER`).
+    H200, :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
+    the launch rule would choose otherwise, its outputs correct either way (the names and values of
+    :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``),
+    for measurements such as ``clusterlab bench fused --spec registers=168``; the simulator backend
+    checks them and runs its one dataflow.
 
     One layer object owns a float32 ``out_acc`` workspace, arrival counters and a positions
     buffer on its device, the first two left zero by every step; do not run one object on two
@@ -74,8 +79,9 @@ class DecodeAttention:
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, *, cluster_size: int | None = None,
                  warps: int | None = None, head_split: int | None = None, backend: str = "auto",
-                 limits: DeviceLimits | None = None):
+                 limits: DeviceLimits | None = None, kernel_options: dict | None = None):
         check_weights(config, weights)
+        self.kernel_options = check_kernel_options(kernel_options)
         device = weights.qkv.device
         backend, self.limits = resolve_backend(backend, device, limits)
         if warps not in (None, 4, 8, 16):
@@ -166,11 +172,17 @@ class DecodeAttention:
         if key not in self._specs:
             cluster_size, warps, head_split = self.shape(batch)
             try:
-                self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
-                                                 head_split, limits=self.limits)
+                spec = dataclasses.replace(
+                    KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps, head_split,
+                                  limits=self.limits),
+                    **self.kernel_options,
+                )
+                spec.mma_attention  # raises where the options ask what this shape cannot do
+                self._specs[key] = spec
             except ValueError as exc:
+                options = "".join(f", {k}={v}" for k, v in self.kernel_options.items())
                 raise ValueError(f"a {dtype} step of batch {batch} with cluster_size={cluster_size}, warps={warps}, "
-                                 f"head_split={head_split}: {exc}") from exc
+                                 f"head_split={head_split}{options}: {exc}") from exc
         return self._specs[key]
 
     def launcher(self, dtype: torch.dtype, batch: int):

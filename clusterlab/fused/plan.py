@@ -179,6 +179,35 @@ def check_head_split(config: AttentionConfig, head_split: int) -> None:
         )
 
 
+#: The :class:`~clusterlab.fused.kernel.KernelSpec` switches that choose how a step runs, with correct
+#: outputs either way (the others switch parts of a step off, for ``clusterlab.bench.fused_ablation``):
+#: what ``DecodeAttention(kernel_options=...)`` and ``clusterlab bench fused --spec`` take, and their values.
+KERNEL_CHOICES = {
+    "attention_mma": "None, True or False: attention over the cache on the tensor cores (None: the rule's)",
+    "kv_pipeline": "None, True or False: tensor-core attention keeps the next step's keys in flight (None: the rule's)",
+    "registers": "None or an int from 32 to 255: registers a thread the launch bound is planned at (None: the rule's)",
+}
+
+
+def check_kernel_options(options) -> dict:
+    """``options`` (a mapping of :data:`KERNEL_CHOICES` names to values, or None) as a new dict; raises
+    ``ValueError`` naming the first unknown name or value out of range."""
+    if options is None:
+        return {}
+    if not hasattr(options, "items"):
+        raise TypeError(f"kernel_options must be a mapping or None, got {type(options).__name__}")
+    for name, value in options.items():
+        if name not in KERNEL_CHOICES:
+            raise ValueError(f"kernel_options: unknown name {name!r}; allowed: {', '.join(KERNEL_CHOICES)}")
+        if name == "registers":
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 32 <= value <= 255)
+        else:
+            ok = value is None or isinstance(value, bool)
+        if not ok:
+            raise ValueError(f"kernel_options: {name}={value!r}; allowed: {KERNEL_CHOICES[name]}")
+    return dict(options)
+
+
 def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None,
                  head_split: int | None = None):
     """``(cluster_size, warps, head_split)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
