@@ -230,6 +230,39 @@ def _global_element_pointer(context, builder, arrayty, indexty, array, index):
     return builder.addrspacecast(pointer, ir.PointerType(pointer.type.pointee, _GLOBAL_ADDRSPACE))
 
 
+def _global_source_asm(name, text, before, after, memory=True):
+    """Typing function body of a void instruction on ``before`` u32 operands, the global address of
+    ``array[index]`` and ``after`` u32 operands, in that order the ``$0..`` of ``text`` (the copy
+    engine's and ``cp.async``'s global sources). Kept even when unused (a side effect); with
+    ``memory`` a memory clobber too, so that no load or store moves across it."""
+
+    def body(*argtys):
+        lead, (array, index), tail = argtys[:before], argtys[before:before + 2], argtys[before + 2:]
+        for position, argty in enumerate(lead):
+            _check_operand(name, position, argty, "u32")
+        index = _check_element(name, array, index)
+        for position, argty in enumerate(tail, start=before + 2):
+            _check_operand(name, position, argty, "u32")
+        sig = types.void(*lead, array, index, *tail)
+
+        def codegen(context, builder, sig, args):
+            def u32(values, types_):
+                return [context.cast(builder, value, ty, types.uint32) for value, ty in zip(values, types_)]
+
+            operands = u32(args[:before], sig.args[:before])
+            operands.append(_global_element_pointer(context, builder, sig.args[before], sig.args[before + 1],
+                                                    args[before], args[before + 1]))
+            operands += u32(args[before + 2:], sig.args[before + 2:])
+            fnty = ir.FunctionType(ir.VoidType(), [operand.type for operand in operands])
+            constraints = ",".join(["r"] * before + ["l"] + ["r"] * after) + (",~{memory}" if memory else "")
+            builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=True), operands)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return body
+
+
 def _shared_u32(builder, pointer):
     """Generic pointer -> 32-bit shared::cta address.
 
@@ -944,29 +977,11 @@ fence_proxy_async_global = _asm_intrinsic(
 )
 
 
-def _bulk_copy_global_to_shared(dst, array, index, size_bytes, mbar):
-    name = "bulk_copy_global_to_shared"
-    _check_operand(name, 0, dst, "u32")
-    index = _check_element(name, array, index)
-    _check_operand(name, 3, size_bytes, "u32")
-    _check_operand(name, 4, mbar, "u32")
-    sig = types.void(dst, array, index, size_bytes, mbar)
-
-    def codegen(context, builder, sig, args):
-        shared = context.cast(builder, args[0], sig.args[0], types.uint32)
-        source = _global_element_pointer(context, builder, sig.args[1], sig.args[2], args[1], args[2])
-        size = context.cast(builder, args[3], sig.args[3], types.uint32)
-        barrier = context.cast(builder, args[4], sig.args[4], types.uint32)
-        fnty = ir.FunctionType(ir.VoidType(), [shared.type, source.type, size.type, barrier.type])
-        text = "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];"
-        builder.call(ir.InlineAsm(fnty, text, "r,l,r,r,~{memory}", side_effect=True), [shared, source, size, barrier])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 bulk_copy_global_to_shared = _named(
-    _typer(5, _bulk_copy_global_to_shared),
+    _typer(5, _global_source_asm(
+        "bulk_copy_global_to_shared",
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];", 1, 2,
+    )),
     "bulk_copy_global_to_shared",
     """bulk_copy_global_to_shared(dst, array, index, size_bytes, mbar): copy engine copy from global memory.
 
@@ -1080,27 +1095,11 @@ ld_global_nc_v4_policy = _ld_global_v4(
 )
 
 
-def _prefetch_l2_bulk(array, index, nbytes):
-    name = "prefetch_l2_bulk"
-    index = _check_element(name, array, index)
-    _check_operand(name, 2, nbytes, "u32")
-    sig = types.void(array, index, nbytes)
-
-    def codegen(context, builder, sig, args):
-        global_pointer = _global_element_pointer(context, builder, sig.args[0], sig.args[1], args[0], args[1])
-        size = context.cast(builder, args[2], sig.args[2], types.uint32)
-        fnty = ir.FunctionType(ir.VoidType(), [global_pointer.type, size.type])
-        # A side effect (never deleted) but no memory clobber: a hint that reads nothing the
-        # program sees, so loads and stores around it stay free to move.
-        asm = ir.InlineAsm(fnty, "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", side_effect=True)
-        builder.call(asm, [global_pointer, size])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
+# A side effect (never deleted) but no memory clobber: a hint that reads nothing the program sees,
+# so loads and stores around it stay free to move.
 prefetch_l2_bulk = _named(
-    _typer(3, _prefetch_l2_bulk),
+    _typer(3, _global_source_asm("prefetch_l2_bulk", "cp.async.bulk.prefetch.L2.global [$0], $1;", 0, 1,
+                                 memory=False)),
     "prefetch_l2_bulk",
     """prefetch_l2_bulk(array, index, nbytes): ask the copy engine to bring ``nbytes`` from ``array[index]`` into L2.
 
@@ -1117,25 +1116,8 @@ prefetch_l2_bulk = _named(
 # --------------------------------------------------------------------------------------------
 
 
-def _cp_async_16(dst, array, index):
-    name = "cp_async_16"
-    _check_operand(name, 0, dst, "u32")
-    index = _check_element(name, array, index)
-    sig = types.void(dst, array, index)
-
-    def codegen(context, builder, sig, args):
-        shared = context.cast(builder, args[0], sig.args[0], types.uint32)
-        source = _global_element_pointer(context, builder, sig.args[1], sig.args[2], args[1], args[2])
-        fnty = ir.FunctionType(ir.VoidType(), [shared.type, source.type])
-        text = "cp.async.cg.shared.global [$0], [$1], 16;"
-        builder.call(ir.InlineAsm(fnty, text, "r,l,~{memory}", side_effect=True), [shared, source])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 cp_async_16 = _named(
-    _typer(3, _cp_async_16),
+    _typer(3, _global_source_asm("cp_async_16", "cp.async.cg.shared.global [$0], [$1], 16;", 1, 0)),
     "cp_async_16",
     """cp_async_16(dst, array, index): start copying the 16 bytes at ``array[index]`` into shared memory at ``dst``.
 
