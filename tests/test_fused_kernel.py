@@ -287,18 +287,31 @@ def test_small_shapes_cluster_sizes_warps_and_head_splits(name, cluster_size, wa
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, head_split, mma", [("gqa-d64-gptj-c16", 2, False), ("gqa-d64-gptj-c16", 4, True),
                                                    ("mha-d128", 1, True)])
-def test_attention_on_either_kind_of_core_matches_the_reference(name, head_split, mma, monkeypatch):
-    """The measurement switch ``attention_mma`` against the rule: GQA on the CUDA cores, one
-    query head a cluster on the tensor cores (seven of its eight B columns empty)."""
-    import dataclasses
-
+def test_attention_on_either_kind_of_core_matches_the_reference(name, head_split, mma):
+    """The kernel option ``attention_mma`` against the rule: GQA on the CUDA cores, one query head a
+    cluster on the tensor cores (seven of its eight B columns empty)."""
     weights = AttentionWeights.random(SMALL[name], torch.float16, "cuda", seed=11)
-    layer = DecodeAttention(SMALL[name], weights, cluster_size=4, head_split=head_split)
-    spec_of = layer.kernel_spec
-    monkeypatch.setattr(layer, "kernel_spec",
-                        lambda dtype, batch: dataclasses.replace(spec_of(dtype, batch), attention_mma=mma))
-    assert layer.kernel_spec(torch.float16, 3).mma_attention == mma != spec_of(torch.float16, 3).mma_attention
+    ruled = DecodeAttention(SMALL[name], weights, cluster_size=4, head_split=head_split)
+    layer = DecodeAttention(SMALL[name], weights, cluster_size=4, head_split=head_split,
+                            kernel_options={"attention_mma": mma})
+    assert layer.kernel_spec(torch.float16, 3).mma_attention == mma != ruled.kernel_spec(torch.float16, 3).mma_attention
     _check_steps(layer, torch.float16, 3, [0, 17, [300, 41, 5]])
+
+
+@pytest.mark.gpu
+def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp_path):
+    """``clusterlab bench fused --spec default kv_pipeline=False`` in small: one row a kernel, each
+    checked against the reference, the options and the driver in the results file."""
+    import json
+
+    from clusterlab.bench.fused import run_bench
+
+    rows = run_bench(presets=("llama3.2-1b",), kv_lens=(1024,), batches=(2,), options=[{}, {"kv_pipeline": False}],
+                     ragged=False, out_dir=tmp_path, tag="test")
+    assert [r.options for r in rows] == ["", "kv_pipeline=False"]
+    assert all(r.rel_err < 1e-2 and r.fused_us > 0.9 * r.floor_us for r in rows)
+    record = json.loads((tmp_path / "fused_test.json").read_text())
+    assert [r["options"] for r in record["rows"]] == ["", "kv_pipeline=False"] and record["driver"]
 
 
 @pytest.mark.gpu
