@@ -224,12 +224,17 @@ def test_ragged_batches_each_sequence_at_its_own_position(preset, batch):
     _check_steps(layer, torch.bfloat16, batch, [ragged, [3 * b + 1 for b in range(batch)]])
 
 
-@pytest.mark.gpu
-def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache():
+def _gqa_layer_and_inputs(batch):
+    """A float16 GQA layer (8 query heads, 2 KV heads of 128) on the GPU and inputs of ``batch``
+    sequences with a cache of 64 positions: ``config, weights, layer, hidden, residual, cache``."""
     config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=2, head_dim=128)
     weights = AttentionWeights.random(config, torch.float16, "cuda", seed=4)
-    layer = DecodeAttention(config, weights)
-    hidden, residual, cache = _random_inputs(config, torch.float16, 3, 64, seed=9)
+    return config, weights, DecodeAttention(config, weights), *_random_inputs(config, torch.float16, batch, 64, seed=9)
+
+
+@pytest.mark.gpu
+def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache():
+    config, weights, layer, hidden, residual, cache = _gqa_layer_and_inputs(3)
     before = cache.clone()
     positions = torch.tensor([10, 64, -1], dtype=torch.int32, device="cuda")
     want = reference_step(config, weights, hidden[:1], residual[:1], KVCache(before.k[:1], before.v[:1]), [10])
@@ -246,10 +251,7 @@ def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(
 
 @pytest.mark.gpu
 def test_a_cuda_view_off_a_16_byte_boundary_is_refused_before_the_launch():
-    config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=2, head_dim=128)
-    weights = AttentionWeights.random(config, torch.float16, "cuda", seed=4)
-    layer = DecodeAttention(config, weights)
-    hidden, residual, cache = _random_inputs(config, torch.float16, 2, 64, seed=9)
+    config, weights, layer, hidden, residual, cache = _gqa_layer_and_inputs(2)
     shifted = torch.empty(hidden.numel() + 1, dtype=hidden.dtype, device="cuda")[1:].view_as(hidden)
     shifted.copy_(hidden)  # contiguous, 2 bytes past the boundary
     out = torch.full_like(hidden, float("nan"))
