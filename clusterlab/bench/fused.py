@@ -250,6 +250,7 @@ def run_bench(
         shapes = [shape | ({"kernel_options": o} if o else {}) for shape in shapes for o in options]
         weights: list = []
         for batch, variant in itertools.product(batches, shapes):
+            label = ",".join(f"{k}={v}" for k, v in variant.get("kernel_options", {}).items())
             cases = [(False, [kv] * batch) for kv in kv_lens]
             if ragged and batch > 1:
                 cases.append((True, ragged_lengths(batch, kv_lens, seed + batch)))
@@ -262,16 +263,15 @@ def run_bench(
                     fit = run.clusters_fit()
                     third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
                              else f"{head_split} attention clusters a sequence")
-                    chosen = "".join(f", {k}={v}" for k, v in variant.get("kernel_options", {}).items())
                     print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}"
-                          f"{chosen}", flush=True)
+                          + (f" [{label}]" if label else ""), flush=True)
                 err = run.error()
                 row = BenchRow(
                     name, dtype_name, batch, round(sum(lengths) / batch), is_ragged, cluster_size, warps, head_split,
                     len(run.sets), fused_us=graph_time_us(run.fused, warmup=len(run.sets)),
                     torch_us=graph_time_us(functools.partial(run.torch, is_ragged), warmup=len(run.sets)),
                     floor_us=step_bytes / bandwidth * 1e6, rel_err=err,
-                    options=",".join(f"{k}={v}" for k, v in variant.get("kernel_options", {}).items()),
+                    options=label,
                 )
                 rows.append(row)
                 print(_format_row(row), flush=True)
@@ -359,10 +359,10 @@ def parse_options(text: str) -> dict:
     against :data:`~clusterlab.fused.plan.KERNEL_CHOICES`; ``"default"`` -> ``{}``, the launch rule's kernel."""
     if text == "default":
         return {}
+    literals = {"None": None, "True": True, "False": False}
     options = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")
-        literals = {"None": None, "True": True, "False": False}
         if not sep or not (value in literals or value.isdigit()):
             raise argparse.ArgumentTypeError(
                 "must look like name=value[,name=value] with values None, True, False or an int, e.g. "
