@@ -7,9 +7,9 @@ the cluster of 8 x 4 warps that the presets run at batch 1; batches whose projec
 tensor cores, bfloat16 and float16 (its activations scaled); attention on the tensor cores
 (several query heads a cluster) with 64 and 128 dims a head, the second in blocks of 4 warps
 with the next step's keys in flight (``KernelSpec.pipelined_kv``), ragged lengths that end
-inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose blocks of 8 warps, alone on
-their SM, keep the next keys in flight too. Exits non-zero if any step misses
-the float64 reference (the sanitizer reports hazards itself).
+inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose shared regions at their
+largest share words (``KernelSpec.overlay``: ``xs``/``partial``, then ``scratch``, then ``o``).
+Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
 import torch

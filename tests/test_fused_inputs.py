@@ -229,10 +229,11 @@ def test_kernel_specs_are_built_once_per_dtype_and_batch():
     "options, error, words",
     [
         ({"kv_stream": False}, ValueError,
-         "kernel_options: unknown name 'kv_stream'; allowed: attention_mma, kv_pipeline, registers"),
+         "kernel_options: unknown name 'kv_stream'; allowed: attention_mma, kv_pipeline, registers, overlay"),
         ({"registers": 300}, ValueError, "kernel_options: registers=300; allowed: None or an int from 32 to 255"),
         ({"registers": True}, ValueError, "kernel_options: registers=True; allowed"),
         ({"attention_mma": 1}, ValueError, "kernel_options: attention_mma=1; allowed: None, True or False"),
+        ({"overlay": None}, ValueError, "kernel_options: overlay=None; allowed: True or False"),
         ([("registers", 168)], TypeError, "kernel_options must be a mapping or None, got list"),
     ],
 )

@@ -301,6 +301,20 @@ def test_attention_on_either_kind_of_core_matches_the_reference(name, head_split
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overlay", [True, False])
+def test_overlaid_and_separate_shared_regions_match_the_reference(overlay):
+    """The kernel option ``overlay`` both ways, at batch 8 in blocks of 8 warps (every region at its
+    largest): the words ``xs``/``partial``, ``scratch`` and ``o`` share hold each in its turn."""
+    weights = AttentionWeights.random(SMALL["gqa-d64-gptj-c16"], torch.float16, "cuda", seed=13)
+    layer = DecodeAttention(SMALL["gqa-d64-gptj-c16"], weights, cluster_size=4,
+                            kernel_options={"overlay": overlay})
+    spec = layer.kernel_spec(torch.float16, 8)
+    layout = spec.smem_layout()
+    assert spec.overlay == overlay and (layout["xs"] == layout["scratch_m"] == layout["o"]) == overlay
+    _check_steps(layer, torch.float16, 8, [[300, 41, 5, 0, 77, 1000, 16, 33], 17])
+
+
+@pytest.mark.gpu
 def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp_path):
     """``clusterlab bench fused --spec default kv_pipeline=False`` in small: one row a kernel, each
     checked against the reference, the options and the driver in the results file."""

@@ -1,6 +1,8 @@
 """The fused layer's cluster dataflow on the DSMEM simulator (CPU): same answers as the reference."""
 
+import dataclasses
 import inspect
+import itertools
 
 import pytest
 import torch
@@ -198,9 +200,42 @@ def test_layer_shape_follows_the_batch_unless_given():
 def test_launch_bound_asks_for_16_warps_an_sm(warps, blocks):
     spec = KernelSpec.of(LLAMA2_7B, False, 1, 8, warps)
     assert spec.min_blocks_per_sm == blocks
-    big = KernelSpec.of(LLAMA3_8B, True, 8, 16, 8)  # 8 sequences' states: shared memory allows one block
+    # 8 sequences' states: with every region in its own words shared memory allows one block, with
+    # the regions overlaid two
+    big = dataclasses.replace(KernelSpec.of(LLAMA3_8B, True, 8, 16, 8), overlay=False)
     assert 2 * (big.shared_bytes + HOPPER.reserved_shared_bytes_per_block) > HOPPER.shared_bytes_per_sm
-    assert big.min_blocks_per_sm == 1
+    assert big.min_blocks_per_sm == 1 and big.pipelined_kv
+    overlaid = dataclasses.replace(big, overlay=True)
+    assert overlaid.min_blocks_per_sm == 2 and not overlaid.pipelined_kv
+
+
+#: When each shared region of the Llama kernel is live, as spans of the intervals between its
+#: cluster barriers (0: before B1, 1: B1 to B2, 2: B2 to B3, 3: B3 to B4, 4: after B4), from the
+#: first write (a peer's push included) to the last read (a peer's pull included).
+LIFETIMES = {"xs": (0, 0), "red": (0, 0), "partial": (0, 1), "qkv": (1, 2), "scratch_m": (2, 2),
+             "scratch_l": (2, 2), "scratch_acc": (2, 2), "state_m": (2, 3), "state_l": (2, 3),
+             "state_acc": (2, 3), "o": (3, 4)}
+
+
+@pytest.mark.parametrize("overlay", [True, False])
+@pytest.mark.parametrize("config, batch", [(LLAMA2_7B, 1), (LLAMA3_8B, 8), (LLAMA3_8B, 3)])
+def test_shared_regions_share_words_only_when_never_live_at_once(config, batch, overlay):
+    """Two regions may overlap only where a cluster barrier separates their lifetimes: the layout
+    against :data:`LIFETIMES`, and the overlay does save words."""
+    cluster_size, warps, head_split = launch_shape(config, batch, 132)
+    spec = dataclasses.replace(KernelSpec.of(config, False, batch, cluster_size, warps, head_split), overlay=overlay)
+    layout = spec.smem_layout()
+    sizes = spec.smem_sizes()
+    assert set(layout) == set(LIFETIMES) | {"total"} and set(sizes) == set(LIFETIMES)
+    words = {name: range(layout[name], layout[name] + sizes[name]) for name in LIFETIMES}
+    assert max(w.stop for w in words.values()) <= layout["total"]
+    for a, b in itertools.combinations(LIFETIMES, 2):
+        live_apart = LIFETIMES[a][1] < LIFETIMES[b][0] or LIFETIMES[b][1] < LIFETIMES[a][0]
+        shared = set(words[a]) & set(words[b])
+        assert live_apart or not shared, (a, b)
+        assert overlay or not shared, (a, b)
+    separate = dataclasses.replace(spec, overlay=False).shared_bytes
+    assert (spec.shared_bytes < separate) == overlay
 
 
 def test_shapes_beyond_the_cards_shared_memory_are_refused():

@@ -57,7 +57,10 @@ The finish is spread over the cluster ranks: block ``rank`` of every cluster add
 output rows, and the last of those blocks (one per cluster) to arrive converts them (one counter per rank).
 
 Shared memory (float32 words, one dynamic array; the same offsets in every block, so ``mapa``
-reaches the peer's copy of a region)::
+reaches the peer's copy of a region). ``xs``, ``partial`` and ``red`` (until B2), ``scratch`` (B2
+to the block merge) and ``o`` (from B3) live at different times and share the same words (see
+:meth:`KernelSpec.smem_layout`): at batch 8 that is what lets two blocks of Llama-3-8B's clusters
+of 16 share an SM, and all their clusters run at once::
 
     xs      [batch, k_slice]              h * norm on this block's hidden slice
     partial [batch, rows + 4]             qkv partial dots; column ``rows`` is sum(h^2)
@@ -177,6 +180,9 @@ class KernelSpec(BlockShape):
     kv_pipeline: bool | None = None
     #: registers a thread the launch bound allows; None: see :attr:`register_bound`
     registers: int | None = None
+    #: regions whose lifetimes do not meet share shared memory (see :meth:`smem_layout`; False: each
+    #: has its own words)
+    overlay: bool = True
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -225,8 +231,9 @@ class KernelSpec(BlockShape):
         ``fold_ahead`` in :func:`_make_mma_attention`): ``kv_pipeline`` where given, else on the
         tensor cores in blocks of 4 warps (batches up to 4), where the extra registers cost a
         block an SM (:attr:`register_bound`), and in larger blocks that shared memory holds to one
-        an SM (Llama-3-8B at batch 8), whose launch bound leaves the registers free. Blocks of 8
-        warps two an SM (Llama-3.2-1B at batch 8) lost with it (``docs/fused-decode-notes.md``, v10)."""
+        an SM, whose launch bound leaves the registers free (Llama-3-8B at batch 8 without
+        :attr:`overlay`). Blocks of 8 warps two an SM (Llama-3.2-1B at batch 8) lost with it
+        (``docs/fused-decode-notes.md``, v10)."""
         if self.kv_pipeline is None:
             alone = self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD) == 1
             return self.mma_attention and (self.warps == 4 or alone)
@@ -304,34 +311,46 @@ class KernelSpec(BlockShape):
         a whole quad (16 bytes) so that the exchange pulls 16-byte-aligned quads."""
         return self.rows + QUAD
 
-    def smem_layout(self) -> dict[str, int]:
-        """Offsets (float32 words) of each shared region, and ``"total"``."""
+    def smem_sizes(self) -> dict[str, int]:
+        """Words (float32) of each shared region (see the module docstring)."""
         g, d, b = self.group, self.head_dim, self.batch
         groups = self.warps * self.attention_groups + b  # + one group per sequence for its new token
-        sizes = {
-            "xs": b * self.k_slice,
-            "partial": b * self.partial_stride,
-            "qkv": b * self.rows,
-            "scratch_m": groups * g,
-            "scratch_l": groups * g,
-            "scratch_acc": groups * g * d,
-            "state_m": b * g,
-            "state_l": b * g,
-            "state_acc": b * g * d,
-            "o": b * self.attn_width,
-            "red": self.warps * b,
-        }
-        return region_offsets(sizes)
+        return {"xs": b * self.k_slice, "partial": b * self.partial_stride, "red": self.warps * b,
+                "qkv": b * self.rows, "state_m": b * g, "state_l": b * g, "state_acc": b * g * d,
+                "scratch_m": groups * g, "scratch_l": groups * g, "scratch_acc": groups * g * d,
+                "o": b * self.attn_width}
+
+    def smem_layout(self) -> dict[str, int]:
+        """Offsets (float32 words) of each shared region, and ``"total"``.
+
+        With :attr:`overlay`, regions whose lifetimes do not meet share words. ``xs``, ``partial``
+        and ``red`` are dead once B2 has passed (``partial``, the last, is read by the peers before
+        they arrive there); ``scratch`` is written after B2 and read for the last time by the block
+        merge, before this block arrives at B3; ``o`` is pushed by the peers after B3. So the three
+        start at word 0, and ``qkv`` (pushed after B1, read by attention) and ``state`` (read by the
+        peers until B4) follow them. Without it every region has its own words.
+        """
+        sizes = self.smem_sizes()
+        if not self.overlay:
+            return region_offsets(sizes)
+        phases = [region_offsets({name: sizes[name] for name in names}) for names in
+                  (("xs", "partial", "red"), ("scratch_m", "scratch_l", "scratch_acc"), ("o",))]
+        start = max(phase.pop("total") for phase in phases)
+        offsets = region_offsets({name: sizes[name] for name in ("qkv", "state_m", "state_l", "state_acc")}, start)
+        for phase in phases:
+            offsets.update(phase)
+        return offsets
 
     @property
     def shared_bytes(self) -> int:
         return 4 * self.smem_layout()["total"]
 
 
-def region_offsets(sizes: dict[str, int]) -> dict[str, int]:
-    """Offsets (float32 words) of shared regions of ``sizes`` words laid out in order, each 16-byte
-    aligned, and ``"total"``: a kernel's one dynamic shared array, the same in every block."""
-    offsets, at = {}, 0
+def region_offsets(sizes: dict[str, int], at: int = 0) -> dict[str, int]:
+    """Offsets (float32 words) of shared regions of ``sizes`` words laid out in order from word
+    ``at``, each 16-byte aligned, and ``"total"`` (the word after the last): a kernel's one dynamic
+    shared array, the same in every block."""
+    offsets = {}
     for name, size in sizes.items():
         offsets[name] = at
         at += (size + 3) // 4 * 4  # keep every region 16-byte aligned

@@ -68,9 +68,9 @@ class DecodeAttention:
     device on the GPU backend; the simulator backend plans for ``limits`` (default: an H100 or
     H200, :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
     the launch rule would choose otherwise, its outputs correct either way (the names and values of
-    :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``),
-    for measurements such as ``clusterlab bench fused --spec registers=168``; the simulator backend
-    checks them and runs its one dataflow.
+    :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``,
+    ``overlay``), for measurements such as ``clusterlab bench fused --spec registers=168``; the
+    simulator backend checks them and runs its one dataflow.
 
     One layer object owns a float32 ``out_acc`` workspace, arrival counters and a positions
     buffer on its device, the first two left zero by every step; do not run one object on two

@@ -186,6 +186,7 @@ KERNEL_CHOICES = {
     "attention_mma": "None, True or False: attention over the cache on the tensor cores (None: the rule's)",
     "kv_pipeline": "None, True or False: tensor-core attention keeps the next step's keys in flight (None: the rule's)",
     "registers": "None or an int from 32 to 255: registers a thread the launch bound is planned at (None: the rule's)",
+    "overlay": "True or False: shared regions that are never live at once share words (True: the default)",
 }
 
 
@@ -201,6 +202,8 @@ def check_kernel_options(options) -> dict:
             raise ValueError(f"kernel_options: unknown name {name!r}; allowed: {', '.join(KERNEL_CHOICES)}")
         if name == "registers":
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 32 <= value <= 255)
+        elif name == "overlay":
+            ok = isinstance(value, bool)
         else:
             ok = value is None or isinstance(value, bool)
         if not ok:
