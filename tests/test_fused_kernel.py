@@ -122,10 +122,12 @@ def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     four = spec(LLAMA3_8B, 4, 4, 2)
     assert four.pipelined_kv and four.register_bound == PIPELINE_REGISTERS == 168
     assert four.min_blocks_per_sm == 3  # 65536 registers / (168 x 128 threads)
-    eight = spec(LLAMA3_8B, 8, 8, 1)  # one block an SM for its shared memory: the registers are free
+    # with every shared region in its own words, one block an SM for its shared memory: the
+    # registers are free
+    eight = spec(LLAMA3_8B, 8, 8, 1, overlay=False)
     assert eight.pipelined_kv and eight.min_blocks_per_sm == 1
-    two = spec(LLAMA3_2_1B, 8, 8, 1)  # two blocks an SM
-    assert not two.pipelined_kv and two.register_bound == REGISTERS_PER_THREAD and two.min_blocks_per_sm == 2
+    for two in (spec(LLAMA3_8B, 8, 8, 1), spec(LLAMA3_2_1B, 8, 8, 1)):  # two blocks an SM
+        assert not two.pipelined_kv and two.register_bound == REGISTERS_PER_THREAD and two.min_blocks_per_sm == 2
     assert not spec(LLAMA3_8B, 4, 4, 2, attention_mma=False).pipelined_kv  # the CUDA cores load ahead their own way
     assert not spec(LLAMA3_8B, 4, 4, 2, kv_pipeline=False).pipelined_kv
     assert spec(LLAMA3_8B, 4, 4, 2, kv_pipeline=False).register_bound == REGISTERS_PER_THREAD
