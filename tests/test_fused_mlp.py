@@ -110,6 +110,26 @@ def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, 
     assert spec.min_blocks_per_sm * spec.warps == 16
 
 
+@pytest.mark.ptx
+def test_the_timeline_adds_its_stamps_and_two_arguments_only_when_set():
+    import dataclasses
+    import re
+
+    from clusterlab.toolchain import kernel_ptx
+
+    def ptx_of(spec):
+        ptx = kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(spec),
+                         launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)  # names that differ between compilations
+
+    spec = MLPSpec.of(MODELS["llama3.2-1b"], False, 1, *mlp_shape(MODELS["llama3.2-1b"], 1, 132))
+    full, timeline = ptx_of(spec), ptx_of(dataclasses.replace(spec, timeline=True))
+    for register in ("%clock64", "%globaltimer", "%smid"):
+        assert register not in full and register in timeline
+    assert timeline.count(".param .") == full.count(".param .") + 14  # two arrays of 7 fields each
+    assert timeline.count("%globaltimer") == 8  # the block's start and the end of each of its 7 phases
+
+
 # ----------------------------------------------------------------------------------- simulator (CPU)
 
 
@@ -423,6 +443,22 @@ def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype):
         assert relative_error(out, want) <= TOLERANCE, f"replay {replay}"
         assert torch.equal(bits(new_residual), bits(exact_residual(fresh_hidden, fresh_residual))), f"replay {replay}"
         assert not layer._out_acc.any() and not layer._arrivals.any(), f"replay {replay}"
+
+
+@pytest.mark.gpu
+def test_gpu_timeline_records_every_block_and_phase_of_a_correct_step():
+    """``python -m clusterlab.bench.fused_timeline --layer mlp`` in small: the instrumented kernel
+    matches the reference, and every block has its SM and 7 phases that add up to about the step."""
+    from clusterlab.bench.fused_timeline import record_mlp_shape
+    from clusterlab.fused.mlp_kernel import TIMELINE_PHASES
+
+    config = GPU_MODELS["llama3.2-1b"]
+    shape = record_mlp_shape(config, gpu_weights("llama3.2-1b", torch.float16), torch.float16, 3, 2, 8)
+    assert shape["rel_err"] < 1e-2 and shape["blocks"] == 2 * shape["clusters"] == len(shape["block"])
+    for block in shape["block"]:
+        assert 0 <= block["sm"] < torch.cuda.get_device_properties(0).multi_processor_count
+        assert len(block["phase_us"]) == len(TIMELINE_PHASES) and min(block["phase_us"]) >= 0
+        assert sum(block["phase_us"]) < 5 * shape["instrumented_us"]
 
 
 @pytest.mark.gpu

@@ -20,8 +20,8 @@ Suites, each also ``clusterlab bench <suite>``:
 Studies, each run as ``python -m clusterlab.bench.<name>``:
 
 - :mod:`clusterlab.bench.fused_ablation`: the fused kernel with one part switched off at a time;
-- :mod:`clusterlab.bench.fused_timeline`: when every block of one fused step crosses each phase
-  boundary, and on which SM;
+- :mod:`clusterlab.bench.fused_timeline`: when every block of one fused step (the attention block,
+  or with ``--layer mlp`` the MLP block) crosses each phase boundary, and on which SM;
 - :mod:`clusterlab.bench.launch_overhead`: host time per cluster launch.
 
 The suites and the timeline write JSON and PNG into ``benchmarks/results/`` unless ``--out-dir``

@@ -1,23 +1,26 @@
 """Timeline of one fused decode step: when every block crosses each phase boundary, and on which SM it ran.
 
     python -m clusterlab.bench.fused_timeline [--preset llama2-7b] [--kv 1024] [--batch 1] [--shape 4x8 8x4]
+    python -m clusterlab.bench.fused_timeline --layer mlp [--preset llama3-8b] [--batch 1] [--shape 2x8 2x16]
 
-The kernel is the layer's own, built with ``KernelSpec.timeline`` on
-(:func:`clusterlab.fused.kernel.build_kernel`: the stamps sit at the phase boundaries of the kernel's
-source and are compiled only into this variant). Thread 0 of every block records ``ptx.clock64()``
-(cycle-exact, per SM) and ``ptx.global_timer()`` (one clock for the whole GPU, 256 ns steps on an
-H100) at each boundary, and ``ptx.sm_id()`` once. Thread 0 belongs to warp 0, so a boundary inside a
-phase ("W_qkv stream", "rope", "merge") is where warp 0 got to; the boundaries after a barrier or
-``syncthreads`` hold for the whole block. The phases are
-:data:`~clusterlab.fused.kernel.TIMELINE_PHASES`.
+The kernel is the layer's own (the attention block's, or with ``--layer mlp`` the MLP block's),
+built with its spec's ``timeline`` on (:func:`clusterlab.fused.kernel.build_kernel`,
+:func:`clusterlab.fused.mlp_kernel.build_mlp_kernel`: the stamps sit at the phase boundaries of the
+kernel's source and are compiled only into this variant). Thread 0 of every block records
+``ptx.clock64()`` (cycle-exact, per SM) and ``ptx.global_timer()`` (one clock for the whole GPU, 256
+ns steps on an H100) at each boundary, and ``ptx.sm_id()`` once. Thread 0 belongs to warp 0, so a
+boundary inside a phase ("W_qkv stream", "rope", "merge") is where warp 0 got to; the boundaries
+after a barrier or ``syncthreads`` hold for the whole block. The phases are
+:data:`clusterlab.fused.kernel.TIMELINE_PHASES` and :data:`clusterlab.fused.mlp_kernel.TIMELINE_PHASES`.
 
-Each launch shape (``CxW`` or ``CxWxS``: cluster size x warps per block x head split) is timed plain and instrumented as
-CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed: per-phase
-durations over the blocks (min / median / max), how many blocks each SM held, and when the
+Each launch shape (attention: ``CxW`` or ``CxWxS``, cluster size x warps per block x head split;
+MLP: ``CxW``, the clusters following :func:`~clusterlab.fused.mlp.mlp_shape`) is timed plain and
+instrumented as CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed:
+per-phase durations over the blocks (min / median / max), how many blocks each SM held, and when the
 blocks finished. A block is *crowded* when its SM holds more blocks than an even spread of the
-grid over the SMs it used would give. Written: ``fused_timeline_<tag>.json`` (every block's SM,
-start and phase durations) and ``.png`` (one bar per block, coloured by phase, crowded blocks on
-top, marked).
+grid over the SMs it used would give. Written: ``fused_timeline_<tag>.json`` (``mlp_timeline_<tag>``
+with ``--layer mlp``: every block's SM, start and phase durations) and ``.png`` (one bar per block,
+coloured by phase, crowded blocks on top, marked).
 """
 
 from __future__ import annotations
@@ -32,14 +35,25 @@ import numpy as np
 import torch
 
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
-from ..fused.kernel import TIMELINE_PHASES, TIMELINE_STAMPS
+from ..fused import kernel, mlp_kernel
 from ..fused.layer import kernel_launcher
+from ..fused.mlp import DecodeMLP, MLPWeights, mlp_launcher, reference_mlp
 from ..gpu import device_info, require_hopper
+from .mlp import mlp_config
 from .timing import card_tag, graph_per_op_us, results_header, write_json
+
+#: Each phase's colour in the plot: streams blue / teal, DSMEM work orange, barrier waits red, the
+#: rest grey and brown.
+PHASE_COLOURS = {
+    "inputs": "#b0b0b0", "W_qkv stream": "#4c72b0", "B1 wait": "#c44e52", "rope + push": "#dd8452",
+    "B2 wait": "#e8a0a0", "attention": "#64b5cd", "block merge": "#f0c080", "B3 wait": "#c44e52",
+    "o merge + B4": "#dd8452", "W_o stream + red.add": "#2a9d8f", "fence + arrive": "#937860", "finish": "#6b6b6b",
+    "inputs + W_gate/W_up stream": "#4c72b0", "act + push": "#dd8452", "W_down stream + red.add": "#2a9d8f",
+}
 
 
 def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None):
-    """Time one launch shape and record one step's stamps: a dict for the JSON."""
+    """Time one launch shape of the attention block and record one step's stamps: a dict for the JSON."""
     layer = DecodeAttention(config, weights, cluster_size=cluster_size, warps=warps, head_split=head_split)
     cache = KVCache.random(config, batch, kv_len, dtype, "cuda", seed=1)
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
@@ -48,19 +62,43 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
     want = reference_step(config, weights, hidden, residual, cache.clone(), position)
     spec = layer.kernel_spec(dtype, batch)
     blocks = spec.clusters * cluster_size
-    step = kernel_launcher(dataclasses.replace(spec, timeline=True))
-    stamps = torch.zeros(blocks * TIMELINE_STAMPS * 2, dtype=torch.uint64, device="cuda")
+    stamps = torch.zeros(blocks * kernel.TIMELINE_STAMPS * 2, dtype=torch.uint64, device="cuda")
     sms = torch.full((blocks,), 2**32 - 1, dtype=torch.uint32, device="cuda")
-    args = layer.launch_args(hidden, residual, cache, position, out, new_residual)
+    args = layer.launch_args(hidden, residual, cache, position, out, new_residual) + (stamps, sms)
+    plain = functools.partial(layer, hidden, residual, cache, position, out=out, residual_out=new_residual)
+    step = functools.partial(kernel_launcher(dataclasses.replace(spec, timeline=True)), *args)
+    return _record(plain, step, out, want.out, stamps, sms, blocks, cluster_size,
+                   {"cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split})
+
+
+def record_mlp_shape(config, weights, dtype, batch, cluster_size, warps):
+    """Time one launch shape of the MLP block and record one step's stamps: a dict for the JSON."""
+    layer = DecodeMLP(config, weights, cluster_size=cluster_size, warps=warps)
+    hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
+    out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
+    want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)
+    spec = layer.kernel_spec(dtype, batch)
+    blocks = spec.clusters * cluster_size
+    stamps = torch.zeros(blocks * mlp_kernel.TIMELINE_STAMPS * 2, dtype=torch.uint64, device="cuda")
+    sms = torch.full((blocks,), 2**32 - 1, dtype=torch.uint32, device="cuda")
+    args = layer.launch_args(hidden, residual, out, new_residual) + (stamps, sms)
+    plain = functools.partial(layer, hidden, residual, out=out, residual_out=new_residual)
+    step = functools.partial(mlp_launcher(dataclasses.replace(spec, timeline=True)), *args)
+    return _record(plain, step, out, want, stamps, sms, blocks, cluster_size,
+                   {"cluster_size": cluster_size, "clusters": spec.clusters, "warps": warps})
+
+
+def _record(plain, step, out, want, stamps, sms, blocks, cluster_size, shape) -> dict:
+    """Check the instrumented ``step`` against ``want``, time it and ``plain`` as graph replays, keep
+    one step's stamps: ``shape`` with the figures and every block's SM, start and phases added."""
     out.fill_(float("nan"))
-    step(*args, stamps, sms)
-    err = relative_error(out, want.out)
-    plain_us = graph_per_op_us(functools.partial(layer, hidden, residual, cache, position, out=out,
-                                                 residual_out=new_residual)).median
-    timed_us = graph_per_op_us(functools.partial(step, *args, stamps, sms)).median
-    step(*args, stamps, sms)  # the step whose stamps are kept: after the replays, caches warm
+    step()
+    err = relative_error(out, want)
+    plain_us = graph_per_op_us(plain).median
+    timed_us = graph_per_op_us(step).median
+    step()  # the step whose stamps are kept: after the replays, caches warm
     torch.cuda.synchronize()
-    t = stamps.view(blocks, TIMELINE_STAMPS, 2).cpu().numpy().astype(np.int64)
+    t = stamps.view(blocks, -1, 2).cpu().numpy().astype(np.int64)
     sm = sms.cpu().numpy().astype(np.int64)
     cycles, ns = t[:, :, 0], t[:, :, 1]
     ghz = float(np.median((cycles[:, -1] - cycles[:, 0]) / (ns[:, -1] - ns[:, 0])))
@@ -69,7 +107,7 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
     per_sm = np.bincount(sm, minlength=int(sm.max()) + 1)
     typical = round(blocks / int((per_sm > 0).sum()))  # blocks an SM holds when the grid spreads evenly
     return {
-        "cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split, "blocks": blocks, "rel_err": err,
+        **shape, "blocks": blocks, "rel_err": err,
         "step_us": plain_us, "instrumented_us": timed_us, "sm_clock_ghz": ghz,
         "sms_used": int((per_sm > 0).sum()),
         "blocks_per_sm": {str(k): int((per_sm == k).sum()) for k in range(1, int(per_sm.max()) + 1)},
@@ -83,20 +121,20 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
     }
 
 
-def summary(shape) -> str:
+def summary(shape, phases) -> str:
     phase = np.array([b["phase_us"] for b in shape["block"]])
     done = np.array([b["start_us"] for b in shape["block"]]) + phase.sum(axis=1)
     arrive = done - phase[:, -1]
-    lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps, head split {shape['head_split']}, "
-             f"{shape['blocks']} blocks on "
+    split = f", head split {shape['head_split']}" if "head_split" in shape else f", {shape['clusters']} clusters"
+    lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps{split}, {shape['blocks']} blocks on "
              f"{shape['sms_used']} SMs (SMs holding k blocks: {shape['blocks_per_sm']}); step {shape['step_us']:.1f} µs "
              f"(instrumented {shape['instrumented_us']:.1f}), SM clock {shape['sm_clock_ghz']:.2f} GHz, "
              f"rel err {shape['rel_err']:.0e}",
-             f"  blocks arrive after the W_o stream between {arrive.min():.1f} and {arrive.max():.1f} µs "
+             f"  blocks arrive after the {phases[-3]} between {arrive.min():.1f} and {arrive.max():.1f} µs "
              f"(median {np.median(arrive):.1f}); last finish {done.max():.1f} µs",
              f"  {'phase':<18} {'min':>6} {'median':>7} {'max':>6}   µs; max on crowded SMs / on the others"]
     shared = np.array([b["crowded"] for b in shape["block"]])
-    for j, name in enumerate(TIMELINE_PHASES):
+    for j, name in enumerate(phases):
         col = phase[:, j]
         split = (f"{col[shared].max():6.2f} / {col[~shared].max():6.2f}" if shared.any() and (~shared).any() else "")
         lines.append(f"  {name:<18} {col.min():6.2f} {np.median(col):7.2f} {col.max():6.2f}   {split}")
@@ -107,12 +145,10 @@ def plot(record, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
     from matplotlib.patches import Patch
 
-    shapes = record["shapes"]
+    shapes, phases = record["shapes"], record["phases"]
+    colours = [PHASE_COLOURS[name] for name in phases]
     fig = Figure(figsize=(6.5 * len(shapes), 7.5))
     axes = fig.subplots(1, len(shapes), squeeze=False, sharex=True)[0]
-    # Streams blue / teal, DSMEM work orange, barrier waits red, the rest grey and brown.
-    colours = ["#b0b0b0", "#4c72b0", "#c44e52", "#dd8452", "#e8a0a0", "#64b5cd", "#f0c080", "#c44e52",
-               "#dd8452", "#2a9d8f", "#937860", "#6b6b6b"]
     for ax, shape in zip(axes, shapes):
         order = sorted(range(shape["blocks"]), key=lambda b: (shape["block"][b]["crowded"], b))
         for y, b in enumerate(order):
@@ -127,44 +163,61 @@ def plot(record, path: Path) -> None:
                      f"{shape['sms_used']} SMs", xlabel="µs since the first block started",
                ylabel="block (on crowded SMs: on top, marked)")
         ax.set_ylim(-0.5, shape["blocks"] - 0.5)
-    handles = [Patch(color=colours[j], label=name) for j, name in enumerate(TIMELINE_PHASES)]
+    handles = [Patch(color=colour, label=name) for colour, name in zip(colours, phases)]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8)
-    fig.suptitle(f"{record['preset']} {record['dtype']} batch {record['batch']}, {record['kv_len']} positions: "
-                 f"{record['card']}, {record['date'][:10]}", fontsize=10)
+    positions = f", {record['kv_len']} positions" if record.get("kv_len") else ""
+    fig.suptitle(f"{record.get('layer', 'attention')} block, {record['preset']} {record['dtype']} batch "
+                 f"{record['batch']}{positions}: {record['card']}, {record['date'][:10]}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layer", default="attention", choices=("attention", "mlp"),
+                        help="the fused block to record (default: attention)")
     parser.add_argument("--preset", default="llama2-7b", choices=list(PRESETS))
-    parser.add_argument("--kv", type=int, default=1024)
+    parser.add_argument("--kv", type=int, default=1024, help="cached positions (attention only)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    parser.add_argument("--shape", nargs="+", default=["4x8", "8x4"], metavar="CxW[xS]",
-                        help="launch shapes as cluster_size x warps [x head_split]")
+    parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS]",
+                        help="launch shapes as cluster_size x warps [x head_split] (the MLP: cluster_size x warps; "
+                             "default: 4x8 8x4, the MLP 2x8 2x16)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
+    mlp = args.layer == "mlp"
+    shapes = args.shape or (["2x8", "2x16"] if mlp else ["4x8", "8x4"])
+    if mlp and any(len(text.split("x")) != 2 for text in shapes):
+        raise SystemExit(f"--shape: the MLP's launch shapes are cluster_size x warps, got {' '.join(shapes)}")
     require_hopper()
     dtype = getattr(torch, args.dtype)
-    config = PRESETS[args.preset]
-    weights = AttentionWeights.random(config, dtype, "cuda", seed=0)
+    if mlp:
+        config = mlp_config(args.preset)
+        weights = MLPWeights.random(config, dtype, "cuda", seed=0)
+    else:
+        config = PRESETS[args.preset]
+        weights = AttentionWeights.random(config, dtype, "cuda", seed=0)
     info = device_info()
     tag = card_tag(info["gpu"]) if args.tag is None else args.tag
     record = {
-        **results_header(info),
-        "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "kv_len": args.kv,
-        "phases": list(TIMELINE_PHASES), "shapes": [],
+        **results_header(info), "layer": args.layer,
+        "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "kv_len": None if mlp else args.kv,
+        "phases": list((mlp_kernel if mlp else kernel).TIMELINE_PHASES), "shapes": [],
     }
-    for text in args.shape:
-        shape = record_shape(config, weights, dtype, args.batch, args.kv, *(int(x) for x in text.split("x")))
+    for text in shapes:
+        numbers = [int(x) for x in text.split("x")]
+        if mlp:
+            shape = record_mlp_shape(config, weights, dtype, args.batch, *numbers)
+        else:
+            shape = record_shape(config, weights, dtype, args.batch, args.kv, *numbers)
         record["shapes"].append(shape)
-        print(summary(shape), flush=True)
+        print(summary(shape, record["phases"]), flush=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(record, out / f"fused_timeline_{tag}.json")
-    plot(record, out / f"fused_timeline_{tag}.png")
+    name = f"{'mlp' if mlp else 'fused'}_timeline_{tag}"
+    write_json(record, out / f"{name}.json")
+    plot(record, out / f"{name}.png")
     return 0
 
 

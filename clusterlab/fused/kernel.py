@@ -858,6 +858,27 @@ def make_exchange(cluster_size: int):
     return exchange_lanes, ptx.remote_load_v4_f32, ptx.remote_store_v4_f32, peer_sum, peer_max
 
 
+def make_stamp(timeline: bool, stamps_per_block: int):
+    """``stamp(stamps, tid, i)``: with ``timeline``, thread 0 stores ``clock64`` and ``globaltimer`` as
+    stamp ``i`` of its block (``stamps``: uint64 ``[blocks * stamps_per_block * 2]``); without it
+    nothing, and numba compiles the call away. ``record_sm(sms, tid)`` likewise stores the block's SM."""
+
+    @cuda.jit(device=True, inline=True)
+    def stamp(stamps, tid, i):
+        if timeline:
+            if tid == 0:
+                stamps[(cuda.blockIdx.x * stamps_per_block + i) * 2] = ptx.clock64()
+                stamps[(cuda.blockIdx.x * stamps_per_block + i) * 2 + 1] = ptx.global_timer()
+
+    @cuda.jit(device=True, inline=True)
+    def record_sm(sms, tid):
+        if timeline:
+            if tid == 0:
+                sms[cuda.blockIdx.x] = ptx.sm_id()
+
+    return stamp, record_sm
+
+
 def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16: bool):
     """Device functions of the finish of a kernel whose blocks add into one float32 accumulator.
 
@@ -1303,20 +1324,13 @@ def build_kernel(spec: KernelSpec):
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, peer_max = make_exchange(C)
+    stamp, record_sm = make_stamp(TIMELINE, TIMELINE_STAMPS)
 
     @cuda.jit(device=True, inline=True)
     def cached_rows(positions, seq, capacity):
         """Sequence ``seq``'s cached rows (its position), or -1 where the position is out of range."""
         position = positions[seq]
         return position if 0 <= position < capacity else -1
-
-    @cuda.jit(device=True, inline=True)
-    def stamp(stamps, tid, i):
-        """With ``spec.timeline``: thread 0 stores clock64 and globaltimer as stamp ``i`` of its block."""
-        if TIMELINE:
-            if tid == 0:
-                stamps[(cuda.blockIdx.x * TIMELINE_STAMPS + i) * 2] = ptx.clock64()
-                stamps[(cuda.blockIdx.x * TIMELINE_STAMPS + i) * 2 + 1] = ptx.global_timer()
 
     @cuda.jit(device=True, inline=True)
     def decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
@@ -1331,9 +1345,7 @@ def build_kernel(spec: KernelSpec):
         kv_head = cluster // HEAD_SPLIT
         k0 = rank * K_SLICE
         stamp(stamps, tid, 0)
-        if TIMELINE:
-            if tid == 0:
-                sms[cuda.blockIdx.x] = ptx.sm_id()
+        record_sm(sms, tid)
 
         # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) ----------------
         norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, k0, cluster == 0, tid)

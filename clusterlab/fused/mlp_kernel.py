@@ -40,9 +40,17 @@ from numba import cuda, float32, int32, uint32
 from .. import ptx
 from . import plan
 from .kernel import (REGISTERS_PER_THREAD, BlockShape, gemv_tile, make_exchange, make_finish, make_gemv,
-                     make_input_projection, region_offsets)
+                     make_input_projection, make_stamp, region_offsets)
 from .mlp import MLPConfig
 from .plan import HOPPER, QUAD, DeviceLimits
+
+
+#: What a timeline kernel (``MLPSpec.timeline``) times, as
+#: :data:`~clusterlab.fused.kernel.TIMELINE_PHASES` for the attention kernel: stamp ``i`` ends phase
+#: ``i - 1``, stamp 0 is the block's start, thread 0 stamps.
+TIMELINE_PHASES = ("inputs + W_gate/W_up stream", "B1 wait", "act + push", "B2 wait", "W_down stream + red.add",
+                   "fence + arrive", "finish")
+TIMELINE_STAMPS = len(TIMELINE_PHASES) + 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class MLPSpec(BlockShape):
     clusters: int
     warps: int
     limits: DeviceLimits = HOPPER
+    #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_mlp_kernel`)
+    timeline: bool = False
 
     @classmethod
     def of(cls, config: MLPConfig, bf16: bool, batch: int, cluster_size: int, clusters: int, warps: int,
@@ -129,6 +139,11 @@ def build_mlp_kernel(spec: MLPSpec):
         out, residual_out [batch * hidden_size]        outputs
         out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
         arrivals          [cluster_size] int32           zero on entry, left zero on exit
+
+    and, with ``spec.timeline``, two more (without it numba compiles the stamps away)::
+
+        stamps            [blocks * TIMELINE_STAMPS * 2] uint64   per block and stamp: clock64, globaltimer
+        sms               [blocks] uint32                         the SM each block ran on
     """
     H, I, C, CLUSTERS = spec.hidden_size, spec.intermediate_size, spec.cluster_size, spec.clusters
     INTER_SLICE, ROWS, K_SLICE, OUT_ROWS = spec.inter_slice, spec.rows, spec.k_slice, spec.out_rows
@@ -152,13 +167,16 @@ def build_mlp_kernel(spec: MLPSpec):
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
+    stamp, record_sm = make_stamp(spec.timeline, TIMELINE_STAMPS)
 
     @cuda.jit(device=True, inline=True)
     def rounded(x):
         """``x`` rounded to the model dtype, as a PyTorch op that returns a 16-bit tensor rounds."""
         return to_f32(to_bits(x))
 
-    def fused_mlp(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals):
+    @cuda.jit(device=True, inline=True)
+    def mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, stamps, sms):
+        """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
@@ -166,6 +184,8 @@ def build_mlp_kernel(spec: MLPSpec):
         rank = ptx.cluster_rank()
         cluster = cuda.blockIdx.x // C  # its intermediate slice cluster*INTER_SLICE ..
         k0 = rank * K_SLICE
+        stamp(stamps, tid, 0)
+        record_sm(sms, tid)
 
         # -- 1 gate_up: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots -
         gate_up(hidden, residual, norm, residual_out, w_gate, cluster * INTER_SLICE, w_up, cluster * INTER_SLICE, smem,
@@ -176,8 +196,10 @@ def build_mlp_kernel(spec: MLPSpec):
         if step < DOWN_STEPS:
             down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
                       down_words)
+        stamp(stamps, tid, 1)  # inputs + W_gate/W_up stream
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
+        stamp(stamps, tid, 2)  # B1 wait
 
         # -- 2 act: owners sum the partials, normalise, a = silu(gate) * up, push a to every block --------
         # A unit is a quad of columns j .. j + 3 of one sequence; its C lanes pull one block's
@@ -207,8 +229,10 @@ def build_mlp_kernel(spec: MLPSpec):
                 a[i] = rounded(rounded(g / (float32(1.0) + math.exp(-g))) * u)
             if active:
                 push(smem, ACT + seq * INTER_SLICE + j, peer, a[0], a[1], a[2], a[3])
+        stamp(stamps, tid, 3)  # act + push
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: a is complete in every block; no DSMEM access after this
+        stamp(stamps, tid, 4)  # B2 wait
 
         # -- 3 down: this block's output rows, the cluster's intermediate columns, added into out_acc -----
         while step < DOWN_STEPS:
@@ -218,18 +242,34 @@ def build_mlp_kernel(spec: MLPSpec):
             if step < DOWN_STEPS:
                 down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
                           down_words)
+        stamp(stamps, tid, 5)  # W_down stream + red.add
 
         # -- 4 finish: the last block (one a cluster) to add into this block's output rows converts them --
         finish_arrive(arrivals, rank, CLUSTERS, last, tid)
+        stamp(stamps, tid, 6)  # fence + arrive
         if last[0] == 1:
             finish_convert(out, out_acc, arrivals, rank, tid)
+        stamp(stamps, tid, 7)  # finish
+
+    if spec.timeline:
+        def fused_mlp_timeline(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals,
+                               stamps, sms):
+            mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, stamps, sms)
+
+        return fused_mlp_timeline
+
+    def fused_mlp(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals):
+        mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, None, None)
 
     return fused_mlp
 
 
-def mlp_kernel_signature():
-    """Numba argument types of :func:`build_mlp_kernel`'s kernel."""
+def mlp_kernel_signature(spec: MLPSpec | None = None):
+    """Numba argument types of :func:`build_mlp_kernel`'s kernel for ``spec`` (None: the default spec's)."""
     from numba import types
 
     h = types.int16[::1]
-    return (h, h, h, h, h, h, h, h, types.float32[::1], types.int32[::1])
+    signature = (h, h, h, h, h, h, h, h, types.float32[::1], types.int32[::1])
+    if spec is not None and spec.timeline:
+        signature += (types.uint64[::1], types.uint32[::1])
+    return signature

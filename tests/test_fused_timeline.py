@@ -1,0 +1,57 @@
+"""The timeline study's report (CPU): its summary and plot for either block, from recorded stamps."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clusterlab.bench.fused_timeline import PHASE_COLOURS, plot, summary
+from clusterlab.fused import kernel, mlp_kernel
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def _record(layer, phases, seed):
+    """A record as the study writes it: two launch shapes of random blocks (fresh draws)."""
+    rng = np.random.default_rng(seed)
+    shapes = []
+    for cluster_size, blocks in ((2, 12), (4, 8)):
+        sms = rng.integers(0, 6, blocks)
+        per_sm = np.bincount(sms)
+        shape = {"cluster_size": cluster_size, "warps": 8, "blocks": blocks, "rel_err": 1e-4, "step_us": 30.0,
+                 "instrumented_us": 30.5, "sm_clock_ghz": 1.8, "sms_used": int((per_sm > 0).sum()),
+                 "blocks_per_sm": {str(k): int((per_sm == k).sum()) for k in range(1, int(per_sm.max()) + 1)},
+                 "block": [{"sm": int(sm), "cluster": b // cluster_size, "rank": b % cluster_size,
+                            "sm_blocks": int(per_sm[sm]), "crowded": bool(per_sm[sm] > 2),
+                            "start_us": float(rng.uniform(0, 1)),
+                            "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
+                           for b, sm in enumerate(sms)]}
+        shape.update({"head_split": 1} if layer == "attention" else {"clusters": blocks // cluster_size})
+        shapes.append(shape)
+    return {"card": "NVIDIA H200", "date": "2026-11-30T00:00:00+00:00", "layer": layer, "preset": "llama3-8b",
+            "dtype": "float16", "batch": 1, "kv_len": 1024 if layer == "attention" else None,
+            "phases": list(phases), "shapes": shapes}
+
+
+@pytest.mark.parametrize("layer, phases", [("attention", kernel.TIMELINE_PHASES), ("mlp", mlp_kernel.TIMELINE_PHASES)])
+def test_summary_and_plot_of_either_block(layer, phases, tmp_path):
+    record = _record(layer, phases, seed=None)
+    assert set(phases) <= set(PHASE_COLOURS)
+    for shape in record["shapes"]:
+        text = summary(shape, phases)
+        assert all(name in text for name in phases) and f"blocks arrive after the {phases[-3]}" in text
+        rows = [line.strip() for line in text.splitlines()[3:]]
+        assert [row[:len(name)] for row, name in zip(rows, phases)] == list(phases)
+        medians = [float(row[len(name):].split()[1]) for row, name in zip(rows, phases)]  # min, median, max
+        want = np.median([[b["phase_us"][j] for b in shape["block"]] for j in range(len(phases))], axis=1)
+        assert np.allclose(medians, want, atol=0.01)
+    plot(record, tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
+def test_a_recorded_h200_timeline_plots_again(tmp_path):
+    record = json.loads((RESULTS / "fused_timeline_h200_llama3_b8_overlay.json").read_text())
+    assert record["phases"] == list(kernel.TIMELINE_PHASES)
+    plot(record, tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 10_000
