@@ -551,6 +551,135 @@ def test_bulk_copy_of_stored_bytes_without_a_proxy_fence():
     assert [p.step for p in bad.points] == ["stage", "push"]
 
 
+# --------------------------------------------------------------------------- views: shared words
+
+def exchange_then_output(b, barrier_between: bool):
+    """Each block pulls row 0 of its next peer's ``partial``, then pushes it into its previous
+    peer's ``o``, a view over the same words: safe only once every block has pulled (a barrier)."""
+    region = b.shared_array("exchange", (12, 4), F32)
+    partial = b.shared_view("partial", region, (4, 4), F32)
+    o = b.shared_view("o", region, (2, 4), F32, offset=16)  # rows 1-2 of partial
+    n, me = b.cluster_size, b.cluster_rank
+    b.step("stage")
+    partial[:, :] = np.full((4, 4), me + 1, F32)
+    yield b.cluster_sync()
+    b.step("pull")
+    x = b.map_shared(partial, (me + 1) % n)[1, :]
+    if barrier_between:
+        yield b.cluster_sync()
+    b.step("push")
+    b.map_shared(o, (me - 1) % n)[0, :] = x
+    yield b.cluster_sync()
+    want = (me + 2) % n + 1  # pushed by block me + 1, pulled from block me + 2
+    assert np.all(o[0, :] == want) and np.all(region[1, :] == want)  # o[0] is partial[1] is region[1]
+
+
+def test_a_view_over_words_a_peer_still_reads_races_and_names_both_arrays():
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(exchange_then_output, 3, False)
+    race = info.value
+    assert race.conflict in ("read after write", "write after read")
+    assert race.byte_range == (16, 32)  # o[0] = partial[1]: the storage's bytes 16..32
+    assert {p.step for p in race.points} == {"pull", "push"}
+    ops = sorted(p.op.split()[1][:1] for p in race.points)
+    assert ops == ["o", "p"] and "which shares those bytes" in str(race)
+
+
+def test_views_separated_by_a_cluster_barrier_share_words_cleanly():
+    sim.launch(exchange_then_output, 3, True)
+
+
+def test_a_bulk_copy_into_a_view_races_with_a_read_through_its_storage():
+    def program(b):
+        region = b.shared_array("region", (2, 4), F32)
+        rows = b.shared_view("rows", region, (2, 4), F32)
+        full = b.shared_mbarrier("full")
+        rows[b.cluster_rank] = b.cluster_rank + 1
+        b.mbarrier_init(full, 1)
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        peer = 1 - b.cluster_rank
+        b.mbarrier_arrive_expect_tx(full, 16)
+        mine = b.cluster_rank
+        b.bulk_copy(b.map_shared(rows, peer).at[mine], rows.at[mine], b.map_shared(full, peer))
+        if b.cluster_rank == 1:
+            b.step("early read")
+            region[peer]  # bug: the bytes the copy writes, read through the storage before mbarrier_wait
+        yield b.mbarrier_wait(full, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    race = info.value
+    assert (race.conflict, race.owner, race.byte_range) == ("read after write", 1, (0, 16))
+    assert race.points[0].op.startswith("cp.async.bulk rows[0] @block 1")
+    assert race.points[1].step == "early read" and "of 'rows', which shares those bytes," in str(race)
+
+
+def test_a_store_through_the_storage_needs_a_proxy_fence_before_a_bulk_copy_of_its_view():
+    def program(b):
+        region = b.shared_array("region", (4, 4), F32)
+        rows = b.shared_view("rows", region, (2, 4), F32, offset=32)  # region rows 2-3
+        full = b.shared_mbarrier("full")
+        b.mbarrier_init(full, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            region[2, 1:3] = 5.0  # bug: no fence_proxy_async before the copy reads these bytes
+            b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], b.map_shared(full, 1))
+        else:
+            b.mbarrier_arrive_expect_tx(full, 16)
+            yield b.mbarrier_wait(full, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.MissingProxyFence) as info:
+        sim.launch(program, 2)
+    assert info.value.byte_range == (36, 44)
+
+
+def test_exiting_under_a_peers_read_of_a_view_names_the_view():
+    def program(b):
+        region = b.shared_array("region", (8,), F32)
+        tail = b.shared_view("tail", region, (4,), F32, offset=16)
+        tail[:] = 1.0
+        yield b.cluster_sync()
+        if b.cluster_rank == 1:
+            b.map_shared(tail, 0)[:]  # block 0 may already be gone: no barrier after this read
+
+    with pytest.raises(sim.ExitedBlockAccess) as info:
+        sim.launch(program, 2)
+    assert info.value.byte_range == (16, 32) and "'tail'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "offset, shape, words",
+    [(8, (4,), "offset=8 must be a non-negative multiple of 16 bytes"),
+     (16, (8,), "view 'v' of 32 bytes at byte 16 does not fit inside 'region' (32 bytes)")],
+)
+def test_a_view_must_be_aligned_and_fit_inside_its_storage(offset, shape, words):
+    def program(b):
+        region = b.shared_array("region", (8,), F32)
+        b.shared_view("v", region, shape, F32, offset=offset)
+        yield b.cluster_sync()
+
+    with pytest.raises(ValueError) as info:
+        sim.launch(program, 2)
+    assert words in str(info.value)
+
+
+def test_views_add_no_bytes_and_a_view_of_a_view_lies_over_the_storage():
+    def program(b):
+        region = b.shared_array("region", (4, 4), F32)
+        inner = b.shared_view("inner", region, (3, 4), F32, offset=16)
+        deepest = b.shared_view("deepest", inner, (4,), F32, offset=32)  # region row 3
+        after = b.shared_array("after", (4,), F32)
+        assert (inner.offset, deepest.offset, after.offset) == (16, 48, 64)
+        deepest[:] = 7.0
+        assert np.all(region[3, :] == 7.0)
+        yield b.cluster_sync()
+
+    sim.launch(program, 2)
+
+
 # --------------------------------------------------------------------------- barrier misuse
 
 

@@ -70,12 +70,16 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     kv_head = cluster // head_split
     rows, k_slice, out_rows, attn_width = (G + 2) * D, H // C, H // C, G * D
     q_scale = F32(math.log2(math.e) / math.sqrt(D))
-    partial = b.shared_array("partial", (batch, rows + 1), F32)
+    # partial (read by the peers until B2) and o (pushed by them from B3 on) are never alive at
+    # once, so they share words as in the kernel (KernelSpec.overlay): views of one region, which
+    # the simulator checks as the same bytes.
+    exchange = b.shared_array("exchange", (batch * max(rows + 1, attn_width),), F32)
+    partial = b.shared_view("partial", exchange, (batch, rows + 1), F32)
     qkv = b.shared_array("qkv", (batch, rows), F32)
     state_m = b.shared_array("state_m", (batch, G), F32)
     state_l = b.shared_array("state_l", (batch, G), F32)
     state_acc = b.shared_array("state_acc", (batch, G, D), F32)
-    o = b.shared_array("o", (batch, attn_width), F32)
+    o = b.shared_view("o", exchange, (batch, attn_width), F32)
 
     # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) --------------------
     b.step("1 qkv")

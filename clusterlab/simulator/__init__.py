@@ -19,7 +19,9 @@ What is modelled (names follow the PTX instructions, see :class:`Block`)::
 - the split cluster barrier (arrive release/relaxed, wait acquire) and mbarriers with arrival
   counts and transaction bytes; bulk copies and ``st.async`` completing on the receiver's
   mbarrier;
-- block exit: a block's shared memory vanishes when its program returns.
+- block exit: a block's shared memory vanishes when its program returns;
+- views (``shared_view``): two names for the same words, as a kernel overlays buffers that are
+  never alive at once; an access through one is checked against every access through the other.
 
 Hazards (:mod:`clusterlab.simulator.hazards`), each its own exception: data races, out-of-bounds
 indices and invalid ranks, deadlocks (never a hang), accesses to exited blocks, mbarrier

@@ -340,6 +340,21 @@ class Block:
         entry = self._cluster.declare(self, name, shape, dtype, mbarrier=False, line=line)
         return SharedArray(self, self.cluster_rank, entry, mapped=False)
 
+    def shared_view(self, name: str, base: SharedArray, shape, dtype, offset: int = 0) -> SharedArray:
+        """Declare (or look up) the view ``name``: ``dtype[shape]`` over the bytes of the shared array
+        ``base`` from byte ``offset`` (16-byte aligned) on, in every block; return this block's.
+
+        How a kernel lets buffers that are never alive at once share words: a view adds no bytes,
+        and an access through it is checked against every earlier access to the same bytes,
+        through ``base`` or any other view of them (a race names both arrays). Raises
+        ``ValueError`` where the view would not fit inside ``base``.
+        """
+        line = self._ready()
+        if not isinstance(base, SharedArray):
+            raise TypeError(f"shared_view lies over a SharedArray; got {type(base).__name__}")
+        entry = self._cluster.declare_view(self, name, base._entry, shape, dtype, offset, line)
+        return SharedArray(self, self.cluster_rank, entry, mapped=False)
+
     def shared_mbarrier(self, name: str) -> Mbarrier:
         """Declare (or look up) the 8-byte mbarrier ``name`` in every block; return this block's."""
         line = self._ready()
@@ -403,13 +418,14 @@ class Block:
             cluster.raise_race(me, alloc, mode, conflict, event)
         epoch = int(clock[me])
         alloc.record(sel, lo, hi, me, epoch, mode)
-        cluster.accesses.append((me, epoch, owner, entry.index, lo, hi, mode, event))
+        _, slo, shi = alloc.storage_bytes(sel, lo, hi)
+        cluster.accesses.append((me, epoch, owner, entry.storage, slo, shi, mode, event, entry.index))
         if mode == READ:
             return alloc.view[key].copy()
         if mode == WRITE:
             alloc.view[key] = values
             if owner == me:
-                self._unfenced.append((entry.index, lo, hi, event))
+                self._unfenced.append((entry.storage, slo, shi, event))
         else:
             np.add.at(alloc.view, key, values)
         return None
@@ -662,27 +678,30 @@ class Block:
             cluster.raise_race(me, dalloc, WRITE, conflict, event)
         if src is not None:
             salloc.record(ssel, slo, shi, actor, epoch, READ)
-            cluster.accesses.append((actor, epoch, me, sentry.index, slo, shi, READ, event))
+            _, lo, hi = salloc.storage_bytes(ssel, slo, shi)
+            cluster.accesses.append((actor, epoch, me, sentry.storage, lo, hi, READ, event, sentry.index))
             dalloc.raw[dsel] = salloc.raw[ssel]
         else:
             dalloc.view[dst.key] = values
         dalloc.record(dsel, dlo, dhi, actor, epoch, WRITE)
-        cluster.accesses.append((actor, epoch, darray.owner, dentry.index, dlo, dhi, WRITE, event))
+        _, lo, hi = dalloc.storage_bytes(dsel, dlo, dhi)
+        cluster.accesses.append((actor, epoch, darray.owner, dentry.storage, lo, hi, WRITE, event, dentry.index))
         state.delivered += nbytes
         state.senders.append(me)
         np.maximum(state.causes, self._causal, out=state.causes)
         cluster.try_complete(state, event, self)
 
     def _check_fenced(self, entry: LayoutEntry, lo: int, hi: int, event: int) -> None:
+        lo, hi = lo + entry.base, hi + entry.base  # in the storage's bytes, as _unfenced holds them
         for index, wlo, whi, store_event in self._unfenced:
-            if index == entry.index and wlo < hi and lo < whi:
+            if index == entry.storage and wlo < hi and lo < whi:
                 cluster = self._cluster
                 raise hazards.MissingProxyFence(
                     f"block {self.cluster_rank} bulk-copies {entry.name!r} bytes it stored with st.shared "
                     "without fence.proxy.async in between (b.fence_proxy_async())",
                     blocks=(self.cluster_rank,),
                     owner=self.cluster_rank,
-                    byte_range=(entry.offset + max(lo, wlo), entry.offset + min(hi, whi)),
+                    byte_range=(entry.offset - entry.base + max(lo, wlo), entry.offset - entry.base + min(hi, whi)),
                     points=(cluster.point(store_event), cluster.point(event)),
                 )
 
@@ -740,22 +759,26 @@ class _Cluster:
         """The block an actor stands for: itself, or the owner of the mbarrier."""
         return actor if actor < self.size else (actor - self.size) % self.size
 
-    def find_access(self, actor, owner, entry_index, modes, lo, hi, epoch_ok) -> int:
-        """Event index of the latest logged access matching the arguments."""
-        for a, epoch, o, index, alo, ahi, mode, event in reversed(self.accesses):
-            if (a, o, index) == (actor, owner, entry_index) and mode in modes and alo < hi and lo < ahi:
+    def find_access(self, actor, owner, storage, modes, lo, hi, epoch_ok) -> tuple[int, int]:
+        """``(event index, entry index)`` of the latest logged access matching the arguments
+        (``storage``, ``lo``, ``hi``: the bytes' storage entry and their offsets in it)."""
+        for a, epoch, o, index, alo, ahi, mode, event, through in reversed(self.accesses):
+            if (a, o, index) == (actor, owner, storage) and mode in modes and alo < hi and lo < ahi:
                 if epoch_ok(epoch):
-                    return event
+                    return event, through
         raise AssertionError("shadow memory and access log disagree")
 
     def raise_race(self, me: int, alloc: SharedAllocation, mode: str, conflict, event: int):
         earlier_mode, actor, epoch, positions = conflict
-        entry = alloc.entry
+        entry, storage = alloc.entry, alloc.storage.entry
         lo, hi = int(positions.min()), int(positions.max()) + 1
-        earlier = self.find_access(actor, alloc.owner, entry.index, (earlier_mode,), lo, hi, lambda e: e == epoch)
+        earlier, through = self.find_access(actor, alloc.owner, storage.index, (earlier_mode,), lo, hi,
+                                            lambda e: e == epoch)
         earlier_block = self.trace.events[earlier].block
         via_copy = actor >= self.size
         what = earlier_mode
+        if through != entry.index:
+            what += f" of {self.layout.in_order[through].name!r}, which shares those bytes,"
         if via_copy:
             what += f" by an asynchronous copy into block {self.actor_block(actor)}"
         ordered_by = (
@@ -769,7 +792,7 @@ class _Cluster:
             conflict=f"{mode} after {earlier_mode}",
             blocks=tuple(dict.fromkeys((earlier_block, me, self.actor_block(actor)))),
             owner=alloc.owner,
-            byte_range=(entry.offset + lo, entry.offset + hi),
+            byte_range=(storage.offset + lo, storage.offset + hi),
             points=(self.point(earlier), self.point(event)),
         )
 
@@ -802,6 +825,18 @@ class _Cluster:
         else:
             for owner in range(self.size):
                 self.allocations[owner].append(SharedAllocation(owner, entry))
+        return entry
+
+    def declare_view(self, block: Block, name, base: LayoutEntry, shape, dtype, offset, line: str) -> LayoutEntry:
+        entry, new = self.layout.declare_view(name, base, shape, dtype, offset)
+        if not new:
+            return entry
+        event = block._event("declare", block.cluster_rank, block.cluster_rank, 0,
+                             f"view {name!r} at [{entry.offset}, {entry.offset + entry.nbytes}) of {base.name!r}", line)
+        self.declared_at[name] = event
+        for owner in range(self.size):
+            storage = self.allocations[owner][entry.storage]
+            self.allocations[owner].append(SharedAllocation(owner, entry, storage=storage))
         return entry
 
     # ---------------------------------------------------------------- barriers
@@ -974,18 +1009,19 @@ class _Cluster:
         block.step("exit")
         event = block._event("exit", me, me, 0, "", "return")
         for alloc in self.allocations[me]:
-            if alloc is None:
+            if alloc is None or alloc.storage is not alloc:  # an mbarrier, or a view (its storage's bytes)
                 continue
             for mode, actor, epoch, positions in alloc.unordered_accesses(block._clock):
                 entry = alloc.entry
                 lo, hi = int(positions.min()), int(positions.max()) + 1
                 seen = int(block._clock[actor])
-                earlier = self.find_access(actor, me, entry.index, (mode,), lo, hi, lambda e: e > seen)
+                earlier, through = self.find_access(actor, me, entry.index, (mode,), lo, hi, lambda e: e > seen)
                 peer = self.trace.events[earlier].block
                 target = self.actor_block(actor)
                 by = f"an asynchronous copy into block {target} issued by " if actor >= self.size else ""
                 raise hazards.ExitedBlockAccess(
-                    f"block {me} exits while the {mode} of its {entry.name!r} by {by}block {peer} is not "
+                    f"block {me} exits while the {mode} of its {self.layout.in_order[through].name!r} by {by}block "
+                    f"{peer} is not "
                     "ordered before the exit; end with a cluster barrier so no peer still uses its memory",
                     blocks=tuple(dict.fromkeys((peer, target, me))), owner=me,
                     byte_range=(entry.offset + lo, entry.offset + hi),

@@ -12,6 +12,17 @@ arrays at the same offsets. The first block to declare an array fixes its place 
 Offsets are 16-byte aligned (what ``cp.async.bulk`` needs). Fresh shared memory is not zeroed on
 hardware; here it reads as ``0xFF`` bytes (NaN for floats, -1 for ints), so a missed write shows.
 
+A *view* is a named array over bytes of an array declared before it (its *storage*), as a kernel
+puts two buffers that are never alive at once in the same words::
+
+    offset 0                                   8192
+           | exchange f32[2048] ...................... |
+           | partial f32[4, 260] .........|              (a view at byte 0 of exchange)
+           | o f32[4, 128] ....|                         (a view at byte 0 of exchange)
+
+Views add no bytes to the layout, and share their storage's bytes and shadow: an access through
+one is checked against every earlier access to the same bytes, through any view.
+
 Shadow memory
 -------------
 Each array keeps, per byte, who touched it last and when, as vector-clock *epochs*:
@@ -83,6 +94,13 @@ class LayoutEntry:
     mbarrier_slot: int | None  # k for the k-th mbarrier of the layout, None for arrays
     # remaining[d] = prod(shape[d:]): one index along axis d spans remaining[d + 1] elements
     remaining: tuple[int, ...] = field(repr=False)
+    # the entry whose bytes this one uses (its own index, unless a view) and where in them it starts
+    storage: int = -1
+    base: int = 0
+
+    @property
+    def is_view(self) -> bool:
+        return self.storage != self.index
 
     def select(self, key) -> tuple[slice | np.ndarray, int, int]:
         """Validate an index; return (byte selection, lo, hi) relative to the array's first byte.
@@ -169,6 +187,7 @@ class SharedLayout:
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
         self.entries: dict[str, LayoutEntry] = {}
+        self.in_order: list[LayoutEntry] = []  # entry i is in_order[i]
         self.end_bytes = 0
         self.mbarrier_count = 0
 
@@ -198,10 +217,50 @@ class SharedLayout:
         offset = aligned(self.end_bytes)
         remaining = tuple(math.prod(shape[d:]) for d in range(len(shape) + 1))
         slot = self.mbarrier_count if mbarrier else None
-        entry = LayoutEntry(name, len(self.entries), offset, shape, dtype, nbytes, slot, remaining)
+        index = len(self.entries)
+        entry = LayoutEntry(name, index, offset, shape, dtype, nbytes, slot, remaining, storage=index)
         self.entries[name] = entry
+        self.in_order.append(entry)
         self.end_bytes = offset + nbytes
         self.mbarrier_count += mbarrier
+        return entry, True
+
+    def declare_view(self, name: str, base: LayoutEntry, shape, dtype, offset: int) -> tuple[LayoutEntry, bool]:
+        """The entry of the view ``name`` (declaring it if new) over ``base``'s bytes from byte
+        ``offset`` on, and whether it was new. Raises ValueError where it would not fit inside
+        ``base``, ``offset`` is not 16-byte aligned, ``base`` is an mbarrier, or another block
+        declared ``name`` otherwise."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"shared memory name must be a non-empty string; got {name!r}")
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
+            raise ValueError(f"shape of shared array {name!r} must be non-negative integers; got {shape}")
+        shape = tuple(int(s) for s in shape)
+        dtype = np.dtype(dtype)
+        if base.mbarrier_slot is not None:
+            raise ValueError(f"view {name!r}: {base.name!r} is an mbarrier; views lie over shared arrays")
+        if not isinstance(offset, (int, np.integer)) or offset < 0 or offset % ALLOCATION_ALIGN_BYTES:
+            raise ValueError(f"view {name!r}: offset={offset!r} must be a non-negative multiple of "
+                             f"{ALLOCATION_ALIGN_BYTES} bytes")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset + nbytes > base.nbytes:
+            raise ValueError(f"view {name!r} of {nbytes} bytes at byte {offset} does not fit inside {base.name!r} "
+                             f"({base.nbytes} bytes)")
+        storage, start = self.in_order[base.storage], base.base + int(offset)
+        known = self.entries.get(name)
+        if known is not None:
+            if (known.shape, known.dtype, known.storage, known.base) != (shape, dtype, storage.index, start):
+                raise ValueError(
+                    f"shared {name!r} is declared as a view of {_describe(shape, dtype, False)} at byte {start} of "
+                    f"{storage.name!r} here but otherwise by another block; every block of a cluster runs the same "
+                    "kernel and has the same layout"
+                )
+            return known, False
+        remaining = tuple(math.prod(shape[d:]) for d in range(len(shape) + 1))
+        entry = LayoutEntry(name, len(self.entries), storage.offset + start, shape, dtype, nbytes, None, remaining,
+                            storage=storage.index, base=start)
+        self.entries[name] = entry
+        self.in_order.append(entry)
         return entry, True
 
 
@@ -210,11 +269,21 @@ def _describe(shape, dtype, mbarrier) -> str:
 
 
 class SharedAllocation:
-    """One array in one block's shared memory: its bytes, a typed view, and its shadow."""
+    """One array in one block's shared memory: its bytes, a typed view, and its shadow.
 
-    def __init__(self, owner: int, entry: LayoutEntry):
+    A view's allocation (``storage``: the allocation of the bytes it lies over) has no bytes or
+    shadow of its own: ``find_conflict`` and ``record`` take the view's byte selections, and its
+    shadow, its conflicts' byte offsets and its log entries are its storage's (:meth:`storage_bytes`).
+    """
+
+    def __init__(self, owner: int, entry: LayoutEntry, storage: SharedAllocation | None = None):
         self.owner = owner
         self.entry = entry
+        self.storage = self if storage is None else storage
+        if storage is not None:
+            self.raw = storage.raw[entry.base : entry.base + entry.nbytes]
+            self.view = self.raw.view(entry.dtype).reshape(entry.shape)
+            return
         self.raw = np.full(entry.nbytes, UNINITIALIZED_BYTE, dtype=np.uint8)
         self.view = self.raw.view(entry.dtype).reshape(entry.shape)
         self.writer = np.zeros(entry.nbytes, dtype=np.int32)
@@ -225,13 +294,23 @@ class SharedAllocation:
         self.atomics: dict[int, _WindowShadow] = {}
         self.atomic_max: dict[int, int] = {}
 
+    def storage_bytes(self, sel, lo: int, hi: int):
+        """``(sel, lo, hi)``, a byte selection of this array, in its storage's bytes."""
+        base = self.entry.base
+        if not base:
+            return sel, lo, hi
+        shifted = slice(sel.start + base, sel.stop + base) if isinstance(sel, slice) else sel + base
+        return shifted, lo + base, hi + base
+
     def find_conflict(self, sel, lo: int, hi: int, clock: np.ndarray, mode: str):
         """The first earlier access to ``sel`` (spanning ``[lo, hi)``) unordered with an access
         of ``mode`` by ``clock``.
 
         Returns ``(earlier mode, actor, epoch, bad byte offsets)`` or ``None``; byte offsets are
-        relative to the array's first byte.
+        relative to the storage's first byte (the array's own, unless it is a view).
         """
+        if self.storage is not self:
+            return self.storage.find_conflict(*self.storage_bytes(sel, lo, hi), clock, mode)
         for earlier in CONFLICTS[mode]:
             if earlier == WRITE:
                 if not _any_unordered(self.write_max, clock):
@@ -256,6 +335,9 @@ class SharedAllocation:
 
     def record(self, sel, lo: int, hi: int, actor: int, epoch: int, mode: str) -> None:
         """Note an access of ``mode`` to ``sel`` (spanning ``[lo, hi)``) by ``actor`` at ``epoch``."""
+        if self.storage is not self:
+            self.storage.record(*self.storage_bytes(sel, lo, hi), actor, epoch, mode)
+            return
         if mode == WRITE:
             self.writer[sel] = actor
             self.write_epoch[sel] = epoch
