@@ -14,8 +14,9 @@ after a barrier or ``syncthreads`` hold for the whole block. The phases are
 :data:`clusterlab.fused.kernel.TIMELINE_PHASES` and :data:`clusterlab.fused.mlp_kernel.TIMELINE_PHASES`.
 
 Each launch shape (attention: ``CxW`` or ``CxWxS``, cluster size x warps per block x head split;
-MLP: ``CxW``, the clusters following :func:`~clusterlab.fused.mlp.mlp_shape`) is timed plain and
-instrumented as CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed:
+MLP: ``CxW``, the clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's
+own shape) is timed plain and instrumented as CUDA-graph replays (the stores cost about 1%), then
+one step is recorded. Printed:
 per-phase durations over the blocks (min / median / max), how many blocks each SM held, and when the
 blocks finished. A block is *crowded* when its SM holds more blocks than an even spread of the
 grid over the SMs it used would give. Written: ``fused_timeline_<tag>.json`` (``mlp_timeline_<tag>``
@@ -71,13 +72,15 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
                    {"cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split})
 
 
-def record_mlp_shape(config, weights, dtype, batch, cluster_size, warps):
-    """Time one launch shape of the MLP block and record one step's stamps: a dict for the JSON."""
+def record_mlp_shape(config, weights, dtype, batch, cluster_size=None, warps=None):
+    """Time one launch shape of the MLP block (None: the layer's own) and record one step's stamps: a
+    dict for the JSON."""
     layer = DecodeMLP(config, weights, cluster_size=cluster_size, warps=warps)
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
     want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)
     spec = layer.kernel_spec(dtype, batch)
+    cluster_size, warps = spec.cluster_size, spec.warps
     blocks = spec.clusters * cluster_size
     stamps = torch.zeros(blocks * mlp_kernel.TIMELINE_STAMPS * 2, dtype=torch.uint64, device="cuda")
     sms = torch.full((blocks,), 2**32 - 1, dtype=torch.uint32, device="cuda")
@@ -182,13 +185,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS]",
                         help="launch shapes as cluster_size x warps [x head_split] (the MLP: cluster_size x warps; "
-                             "default: 4x8 8x4, the MLP 2x8 2x16)")
+                             "default: 4x8 8x4, the MLP its layer's own)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     mlp = args.layer == "mlp"
-    shapes = args.shape or (["2x8", "2x16"] if mlp else ["4x8", "8x4"])
-    if mlp and any(len(text.split("x")) != 2 for text in shapes):
+    shapes = args.shape or ([None] if mlp else ["4x8", "8x4"])
+    if mlp and args.shape and any(len(text.split("x")) != 2 for text in shapes):
         raise SystemExit(f"--shape: the MLP's launch shapes are cluster_size x warps, got {' '.join(shapes)}")
     require_hopper()
     dtype = getattr(torch, args.dtype)
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
         "phases": list((mlp_kernel if mlp else kernel).TIMELINE_PHASES), "shapes": [],
     }
     for text in shapes:
-        numbers = [int(x) for x in text.split("x")]
+        numbers = [] if text is None else [int(x) for x in text.split("x")]
         if mlp:
             shape = record_mlp_shape(config, weights, dtype, args.batch, *numbers)
         else:
