@@ -8,7 +8,8 @@ tensor cores, bfloat16 and float16 (its activations scaled); attention on the te
 (several query heads a cluster) with 64 and 128 dims a head, the second in blocks of 4 warps
 with the next step's keys in flight (``KernelSpec.pipelined_kv``), ragged lengths that end
 inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose shared regions at their
-largest share words (``KernelSpec.overlay``: ``xs``/``partial``, then ``scratch``, then ``o``).
+largest share words (``KernelSpec.overlay``: ``xs``/``partial``, then ``scratch``, then ``o``); and
+one sequence with ``h * norm`` interleaved in shared memory (``KernelSpec.interleave_inputs``).
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -30,6 +31,8 @@ SHAPES = [
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 8, "warps": 8},
      [300, 0, 77, 12, 5], torch.float16),
     (PRESETS["llama3-8b"], {}, [300, 0, 77, 12, 5, 640, 33, 129], torch.float16),
+    (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128),
+     {"cluster_size": 8, "warps": 4, "kernel_options": {"interleave_inputs": True}}, [333], torch.float16),
 ]
 
 exit_with(run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step))

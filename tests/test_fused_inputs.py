@@ -229,7 +229,8 @@ def test_kernel_specs_are_built_once_per_dtype_and_batch():
     "options, error, words",
     [
         ({"kv_stream": False}, ValueError,
-         "kernel_options: unknown name 'kv_stream'; allowed: attention_mma, kv_pipeline, registers, overlay"),
+         "kernel_options: unknown name 'kv_stream'; allowed: attention_mma, kv_pipeline, registers, overlay, "
+         "interleave_inputs"),
         ({"registers": 300}, ValueError, "kernel_options: registers=300; allowed: None or an int from 32 to 255"),
         ({"registers": True}, ValueError, "kernel_options: registers=True; allowed"),
         ({"attention_mma": 1}, ValueError, "kernel_options: attention_mma=1; allowed: None, True or False"),
@@ -321,6 +322,18 @@ def test_bench_kernel_options_must_be_kernel_choices(text, words, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --spec:" in err and words in err
+
+
+def test_bench_mlp_takes_the_mlp_kernel_options_only(capsys):
+    from clusterlab.bench.mlp import main as mlp_main
+
+    with pytest.raises(SystemExit) as info:
+        mlp_main(["--spec", "registers=168"])
+    assert info.value.code == 2
+    assert "kernel_options: unknown name 'registers'; allowed: interleave_inputs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        mlp_main(["--spec", "default", "interleave_inputs=True", "--help"])
+    assert info.value.code == 0 and "interleave_inputs" in capsys.readouterr().out
 
 
 def test_bench_kernel_options_are_refused_for_the_mla_preset_before_anything_runs():

@@ -68,6 +68,47 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf1
     assert spec.min_blocks_per_sm * warps == warps_an_sm or 2 * (spec.shared_bytes + 1024) > 233472
 
 
+def test_interleaved_inputs_put_each_warp_load_on_consecutive_words():
+    """``input_word``'s interleaved order is a permutation of a slice's words in which the 32 lanes
+    of a CUDA-core step (chunk ``c`` on lane ``c % 32``) read consecutive words at each load."""
+    from clusterlab.fused.kernel import input_word
+
+    for columns in (256, 448, 2048):
+        chunks = [(c, e) for c in range(columns // 8) for e in range(8)]
+        assert sorted(input_word(c, e, columns, True) for c, e in chunks) == list(range(columns))
+        assert [input_word(c, e, columns, False) for c, e in chunks] == list(range(columns))
+        for first_chunk in range(0, columns // 8 - 31, 32):
+            for element in range(8):  # the eight floats of a chunk, one load each
+                loads = [input_word(first_chunk + lane, element, columns, True) for lane in range(32)]
+                assert loads == list(range(loads[0], loads[0] + 32))
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, batch", [(LLAMA2_7B, 1), (QWEN2_5_7B, 1), (LLAMA3_8B, 4)])
+def test_interleaved_inputs_change_only_the_cuda_core_qkv_steps(config, batch):
+    """The option compiles into kernels whose W_qkv steps run on the CUDA cores, without local
+    memory or spills, and leaves tensor-core steps' kernels as they are."""
+    import dataclasses
+    import re
+
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    def ptx_of(spec):
+        ptx = kernel_ptx(build_kernel(spec), kernel_signature(spec), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+        return ptx
+
+    def named_alike(ptx):  # names that differ between compilations
+        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)
+
+    spec = KernelSpec.of(config, False, batch, *launch_shape(config, batch, 132))
+    on = dataclasses.replace(spec, interleave_inputs=True)
+    assert on.inputs_interleaved == (not isinstance(spec.qkv_tile(), MmaTile)) == (batch == 1)
+    full, interleaved = ptx_of(spec), ptx_of(on)
+    assert (named_alike(full) != named_alike(interleaved)) == on.inputs_interleaved
+    assert ("st.local" in interleaved) <= ("st.local" in full)  # no local arrays it did not have
+    assert assemble(interleaved).spill_bytes <= assemble(full).spill_bytes
+
+
 @pytest.mark.ptx
 def test_measurement_switches_change_the_kernel_only_when_set():
     """The timeline adds its stamps and two arguments; the ablation switches change the code."""
@@ -314,6 +355,16 @@ def test_overlaid_and_separate_shared_regions_match_the_reference(overlay):
     layout = spec.smem_layout()
     assert spec.overlay == overlay and (layout["xs"] == layout["scratch_m"] == layout["o"]) == overlay
     _check_steps(layer, torch.float16, 8, [[300, 41, 5, 0, 77, 1000, 16, 33], 17])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dtype", [("mha-d128", torch.float16), ("gqa-d64-gptj-c16", torch.bfloat16)])
+def test_interleaved_inputs_match_the_reference(name, dtype):
+    """The kernel option ``interleave_inputs`` at batch 1, where the W_qkv steps run on the CUDA cores."""
+    weights = AttentionWeights.random(SMALL[name], dtype, "cuda", seed=19)
+    layer = DecodeAttention(SMALL[name], weights, cluster_size=4, kernel_options={"interleave_inputs": True})
+    assert layer.kernel_spec(dtype, 1).inputs_interleaved
+    _check_steps(layer, dtype, 1, [0, 17, 300])
 
 
 @pytest.mark.gpu

@@ -111,6 +111,41 @@ def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, 
 
 
 @pytest.mark.ptx
+@pytest.mark.parametrize("batch", [1, 4])
+def test_interleaved_inputs_change_only_the_cuda_core_gate_up_steps(batch):
+    import dataclasses
+    import re
+
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    def ptx_of(spec):
+        ptx = kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(spec),
+                         launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+        return ptx
+
+    def named_alike(ptx):  # names that differ between compilations
+        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)
+
+    spec = MLPSpec.of(MODELS["llama3-8b"], False, batch, *mlp_shape(MODELS["llama3-8b"], batch, 132))
+    on = dataclasses.replace(spec, interleave_inputs=True)
+    assert on.inputs_interleaved == (batch == 1)
+    full, interleaved = ptx_of(spec), ptx_of(on)
+    assert (named_alike(full) != named_alike(interleaved)) == (batch == 1)
+    assert ("st.local" in interleaved) <= ("st.local" in full)  # no local arrays it did not have
+    assert assemble(interleaved).spill_bytes <= assemble(full).spill_bytes
+
+
+def test_kernel_options_are_checked_when_the_layer_is_built():
+    weights = MLPWeights.random(TINY["h128-i256"], torch.float16, seed=0)
+    for options, words in (({"registers": 128}, "unknown name 'registers'; allowed: interleave_inputs"),
+                           ({"interleave_inputs": None}, "interleave_inputs=None; allowed: True or False")):
+        with pytest.raises(ValueError, match=words):
+            DecodeMLP(TINY["h128-i256"], weights, kernel_options=options)
+    layer = DecodeMLP(TINY["h128-i256"], weights, kernel_options={"interleave_inputs": True})
+    assert layer.kernel_spec(torch.float16, 1).interleave_inputs
+
+
+@pytest.mark.ptx
 def test_the_timeline_adds_its_stamps_and_two_arguments_only_when_set():
     import dataclasses
     import re
@@ -443,6 +478,18 @@ def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype):
         assert relative_error(out, want) <= TOLERANCE, f"replay {replay}"
         assert torch.equal(bits(new_residual), bits(exact_residual(fresh_hidden, fresh_residual))), f"replay {replay}"
         assert not layer._out_acc.any() and not layer._arrivals.any(), f"replay {replay}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_gpu_interleaved_inputs_match_reference(dtype):
+    """The kernel option ``interleave_inputs`` at batch 1 (gate/up steps on the CUDA cores)."""
+    dtype = DTYPES[dtype]
+    layer = DecodeMLP(GPU_MODELS["llama3.2-1b"], gpu_weights("llama3.2-1b", dtype),
+                      kernel_options={"interleave_inputs": True})
+    assert layer.kernel_spec(dtype, 1).inputs_interleaved
+    hidden, residual = random_inputs(layer.config, dtype, 1, seed=50, device="cuda")
+    check_gpu_step(layer, hidden, residual)
 
 
 @pytest.mark.gpu

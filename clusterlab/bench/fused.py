@@ -353,10 +353,11 @@ def parse_variant(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("x"))
 
 
-def parse_options(text: str) -> dict:
+def parse_options(text: str, choices: dict = KERNEL_CHOICES) -> dict:
     """``"registers=168,kv_pipeline=False"`` -> ``{"registers": 168, "kv_pipeline": False}``: the
     fused layer's ``kernel_options`` (values ``None``, ``True``, ``False`` or an int), checked
-    against :data:`~clusterlab.fused.plan.KERNEL_CHOICES`; ``"default"`` -> ``{}``, the launch rule's kernel."""
+    against ``choices`` (:data:`~clusterlab.fused.plan.KERNEL_CHOICES`, or the MLP's);
+    ``"default"`` -> ``{}``, the launch rule's kernel."""
     if text == "default":
         return {}
     literals = {"None": None, "True": True, "False": False}
@@ -370,7 +371,7 @@ def parse_options(text: str) -> dict:
             )
         options[name] = literals[value] if value in literals else int(value)
     try:
-        return check_kernel_options(options)
+        return check_kernel_options(options, choices)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 

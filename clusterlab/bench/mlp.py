@@ -12,7 +12,8 @@ block on ``[batch, hidden_size]`` activations::
 
 - **fused**: one :class:`~clusterlab.fused.mlp.DecodeMLP` step (one cluster kernel), into output
   buffers allocated once, at the launch shape :func:`~clusterlab.fused.mlp.mlp_shape` picks, or
-  at each ``--variant CxW`` (cluster size x warps a block) asked for;
+  at each ``--variant CxW`` (cluster size x warps a block) asked for, and with each ``--spec``
+  of ``kernel_options`` (:data:`~clusterlab.fused.plan.MLP_KERNEL_CHOICES`; ``default``: none);
 - **torch**: the same block as the PyTorch calls a :class:`~clusterlab.models.llama.LlamaModel`
   with ``mlp="unfused"`` makes (``out + h``, :func:`~clusterlab.models.llama.rms_norm`,
   :func:`~clusterlab.models.llama.mlp`: three ``F.linear`` and a ``silu``);
@@ -42,12 +43,14 @@ per preset and dtype: fused, PyTorch and the floor) under ``out_dir`` (default
 Hopper GPU the command exits 1 before it touches CUDA.
 
 Run: ``clusterlab bench mlp`` or ``python -m clusterlab.bench.mlp`` (``--preset llama3.2-1b
---batch 1`` for a quick look; ``--variant 2x8 4x8 8x4`` to sweep launch shapes).
+--batch 1`` for a quick look; ``--variant 2x8 4x8 8x4`` to sweep launch shapes, ``--spec default
+interleave_inputs=True`` for an A/B of the kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import re
@@ -60,10 +63,10 @@ import torch
 from ..argtypes import integer
 from ..fused.config import MAX_BATCH
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
-from ..fused.plan import HOPPER
+from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
-from .fused import L2_TURNOVER, graph_time_us, layers_for_l2
+from .fused import L2_TURNOVER, graph_time_us, layers_for_l2, parse_options
 from .timing import card_tag, copy_bandwidth, results_header, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
@@ -92,6 +95,8 @@ class MLPRow:
     rel_err: float
     #: the same of the PyTorch block: the rounding the model dtype itself costs
     torch_rel_err: float
+    #: the fused layer's ``kernel_options`` as ``name=value,...`` ("": the default kernel)
+    options: str = ""
 
     @property
     def fraction_of_copy_bw(self) -> float:
@@ -207,11 +212,14 @@ def run_bench(
     tag: str | None = None,
     seed: int = 0,
     l2_turnover: float = L2_TURNOVER,
+    options=None,
 ) -> list[MLPRow]:
-    """Time every (preset, dtype, batch, variant); write ``mlp_<tag>.json`` / ``.png`` after each preset.
+    """Time every (preset, dtype, batch, variant, options); write ``mlp_<tag>.json`` / ``.png`` after each preset.
 
     ``variants``: ``(cluster_size, warps)`` pairs to time the fused block at (``None``: the
-    layer's own :func:`~clusterlab.fused.mlp.mlp_shape`). ``tag``: the results' suffix, by
+    layer's own :func:`~clusterlab.fused.mlp.mlp_shape`). ``options``: dicts of the layer's
+    ``kernel_options`` (:data:`~clusterlab.fused.plan.MLP_KERNEL_CHOICES`) to time, each with every
+    variant (``None``: the default kernel only). ``tag``: the results' suffix, by
     default the card's (:func:`~clusterlab.bench.timing.card_tag`). ``l2_turnover``: see
     :func:`~clusterlab.bench.fused.layers_for_l2` (0: one layer over and over). Returns the rows
     (also printed as a table).
@@ -219,6 +227,7 @@ def run_bench(
     from ..gpu import device_info, require_hopper
 
     check_settings(presets, batches, dtypes, variants)
+    options = [{}] if options is None else [check_kernel_options(o, MLP_KERNEL_CHOICES) for o in options]
     require_hopper()
     info = device_info()
     tag = card_tag(info["gpu"]) if tag is None else tag
@@ -227,6 +236,7 @@ def run_bench(
     print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {l2_bytes >> 20} MiB",
           flush=True)
     shapes = [{}] if variants is None else [dict(zip(("cluster_size", "warps"), v)) for v in variants]
+    shapes = [shape | ({"kernel_options": o} if o else {}) for shape in shapes for o in options]
     rows: list[MLPRow] = []
     for preset in presets:
         config = mlp_config(preset)
@@ -236,12 +246,13 @@ def run_bench(
             for batch, variant in itertools.product(batches, shapes):
                 step_bytes = config.step_bytes(batch, dtype.itemsize)
                 copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
+                label = ",".join(f"{k}={v}" for k, v in variant.get("kernel_options", {}).items())
                 try:
                     run = _Rotation(config, dtype, batch, copies, seed, variant, weights)
                     cluster_size, clusters, warps = run.sets[0]["fused"].shape(batch)
                     run.sets[0]["fused"].kernel_spec(dtype, batch)
                 except ValueError as exc:
-                    if not variant:
+                    if "cluster_size" not in variant:
                         raise
                     print(f"{preset} {dtype_name} batch {batch}: variant {variant['cluster_size']}x"
                           f"{variant['warps']} skipped: {exc}", flush=True)
@@ -249,15 +260,15 @@ def run_bench(
                 launched, fit = run.clusters_fit()
                 print(f"{preset} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, "
                       f"{launched} clusters ({launched * cluster_size} blocks) launched, {fit} fit at once; "
-                      f"{copies} layer{'s' if copies > 1 else ''} of {step_bytes / 2**20:.1f} MiB cycled",
-                      flush=True)
+                      f"{copies} layer{'s' if copies > 1 else ''} of {step_bytes / 2**20:.1f} MiB cycled"
+                      + (f" [{label}]" if label else ""), flush=True)
                 fused_err, torch_err = run.errors()
                 row = MLPRow(
                     preset, dtype_name, batch, cluster_size, clusters, warps, cluster_size * clusters, copies,
                     fused_us=graph_time_us(run.fused, warmup=copies),
                     torch_us=graph_time_us(run.torch, warmup=copies),
                     floor_us=step_bytes / bandwidth * 1e6, step_bytes=step_bytes, rel_err=fused_err,
-                    torch_rel_err=torch_err,
+                    torch_rel_err=torch_err, options=label,
                 )
                 rows.append(row)
                 print(_format_row(row), flush=True)
@@ -279,7 +290,8 @@ _HEADER = (f"{'preset':11s} {'dtype':8s} {'batch':>5s} {'C':>2s} {'clusters':>8s
 def _format_row(r: MLPRow) -> str:
     return (f"{r.preset:11s} {r.dtype:8s} {r.batch:5d} {r.cluster_size:2d} {r.clusters:8d} {r.warps:2d} "
             f"{r.blocks:6d} {r.layers:6d} {r.fused_us:9.1f} {r.torch_us:9.1f} {r.floor_us:9.1f} "
-            f"{100 * r.fraction_of_copy_bw:9.1f} {r.speedup:7.2f} {r.rel_err:8.1e} {r.torch_rel_err:9.1e}")
+            f"{100 * r.fraction_of_copy_bw:9.1f} {r.speedup:7.2f} {r.rel_err:8.1e} {r.torch_rel_err:9.1e}"
+            + (f"  [{r.options}]" if r.options else ""))
 
 
 def format_table(rows: list[MLPRow], bandwidth: float) -> str:
@@ -322,10 +334,10 @@ def _plot(rows: list[MLPRow], record: dict, path: Path) -> None:
         mine = [r for r in rows if (r.preset, r.dtype) == (preset, dtype)]
         batches = sorted({r.batch for r in mine})
         firsts = [next(r for r in mine if r.batch == b) for b in batches]  # torch and floor: one per batch
-        shapes = list(dict.fromkeys((r.cluster_size, r.warps) for r in mine))
-        for i, (c, w) in enumerate(shapes):
-            line = sorted((r for r in mine if (r.cluster_size, r.warps) == (c, w)), key=lambda r: r.batch)
-            label = "fused" if len(shapes) == 1 else f"fused, {c}x{w}"
+        shapes = list(dict.fromkeys((r.cluster_size, r.warps, r.options) for r in mine))
+        for i, (c, w, o) in enumerate(shapes):
+            line = sorted((r for r in mine if (r.cluster_size, r.warps, r.options) == (c, w, o)), key=lambda r: r.batch)
+            label = "fused" if len(shapes) == 1 else f"fused, {c}x{w}" + (f" [{o}]" if o else "")
             ax.plot([r.batch for r in line], [r.fused_us for r in line], "o-", color=f"C{i}", label=label)
         ax.plot(batches, [r.torch_us for r in firsts], "s:", color="C3" if len(shapes) < 4 else "k", alpha=0.7,
                 label="PyTorch graph")
@@ -370,6 +382,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["float16"], choices=tuple(DTYPES))
     parser.add_argument("--variant", nargs="+", default=None, metavar="CxW", type=parse_variant,
                         help="fused launch shapes as cluster_size x warps, e.g. 2x8 4x8 (default: the layer's own)")
+    parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...",
+                        type=functools.partial(parse_options, choices=MLP_KERNEL_CHOICES),
+                        help="time the fused kernel with these kernel_options (each with every variant), e.g. "
+                             f"default interleave_inputs=True ('default': the default kernel); names: "
+                             f"{', '.join(MLP_KERNEL_CHOICES)}")
     parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
@@ -377,7 +394,7 @@ def main(argv=None) -> int:
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)
     run_bench(args.preset, args.batch, args.dtype, args.variant, args.out_dir, args.tag, seed=args.seed,
-              l2_turnover=args.l2_turnover)
+              l2_turnover=args.l2_turnover, options=args.spec)
     return 0
 
 

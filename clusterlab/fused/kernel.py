@@ -183,6 +183,9 @@ class KernelSpec(BlockShape):
     #: regions whose lifetimes do not meet share shared memory (see :meth:`smem_layout`; False: each
     #: has its own words)
     overlay: bool = True
+    #: the W_qkv steps on the CUDA cores read ``h * norm`` in :func:`input_word`'s interleaved order
+    #: (see :attr:`inputs_interleaved`)
+    interleave_inputs: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -262,6 +265,12 @@ class KernelSpec(BlockShape):
 
     def o_tile(self):
         return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch)
+
+    @property
+    def inputs_interleaved(self) -> bool:
+        """Whether ``xs`` lies in :func:`input_word`'s interleaved order: ``interleave_inputs`` where
+        the W_qkv steps run on the CUDA cores (a :class:`GemvTile`); tensor-core steps read it as is."""
+        return self.interleave_inputs and isinstance(self.qkv_tile(), GemvTile)
 
     @property
     def mma_attention(self) -> bool:
@@ -454,6 +463,20 @@ def mma_tile(what: str, chunks: int, rows: int) -> MmaTile:
     return MmaTile(row_blocks, per_part, parts)
 
 
+def input_word(chunk, element, columns: int, interleaved: bool):
+    """Word of activation ``8 * chunk + element`` (``element`` < 8: the columns of 16-byte chunk
+    ``chunk`` of a weight row) of a sequence's ``columns`` in shared memory: ``8 * chunk +
+    element``, or with ``interleaved`` ``element * (columns / 8) + chunk``, where the eight
+    activations of a chunk lie a row of chunks apart. A CUDA-core step whose row is read by 32
+    lanes, chunk ``c`` by lane ``c % 32``, reads 32 consecutive words a load that way (one
+    shared-memory wavefront) instead of words 8 apart (four banks, an 8-way conflict)."""
+    return element * (columns // 8) + chunk if interleaved else 8 * chunk + element
+
+
+#: :func:`input_word` in device code.
+device_input_word = cuda.jit(device=True, inline=True)(input_word)
+
+
 def scales_inputs(tile: GemvTile | MmaTile, bf16: bool) -> bool:
     """Whether steps of ``tile`` take ``h * norm`` divided by ``2^e`` (``scale_inputs`` of
     :func:`make_norm_inputs`): float16 on the tensor cores, whose 16-bit activations could
@@ -480,7 +503,7 @@ def power_of_two(e):
 
 
 def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, out_stride: int, atomic: bool,
-              norms: tuple[int, int] | None = None, clamped: bool = False):
+              norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False):
     """Device functions for one warp step of a matrix-vector product over ``tile.step_rows`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's first 16-byte loads into the
@@ -507,9 +530,14 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     it are loaded from row ``last_row`` instead (no read beyond the matrix), and their sums, which
     nobody should read, still go to ``dst``.
 
+    ``interleaved`` (CUDA cores only): the activations lie in :func:`input_word`'s interleaved
+    order (``make_norm_inputs(interleaved=True)`` writes them so).
+
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
     if isinstance(tile, MmaTile):
+        if interleaved:
+            raise ValueError("interleaved activations are read by CUDA-core steps only (a GemvTile)")
         return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped)
     if clamped:
         raise ValueError("clamped steps run on the tensor cores only (an MmaTile)")
@@ -541,9 +569,17 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
             for j in range(per_lane):
                 for e in range(4):
                     for b in range(chunk):
-                        xb = x0 + (b0 + b) * x_stride + (sub + j * lanes) * 8 + 2 * e
-                        xv[2 * b] = smem[xb]
-                        xv[2 * b + 1] = smem[xb + 1]
+                        if interleaved:
+                            # From a view that starts at the lane's chunk `sub` (input_word is linear
+                            # in the chunk), indexed by constants once unrolled: one base register
+                            # and immediate offsets, as in the default layout.
+                            xl = smem[x0 + (b0 + b) * x_stride + sub:]
+                            xv[2 * b] = xl[device_input_word(j * lanes, 2 * e, x_stride, True)]
+                            xv[2 * b + 1] = xl[device_input_word(j * lanes, 2 * e + 1, x_stride, True)]
+                        else:
+                            xb = x0 + (b0 + b) * x_stride + (sub + j * lanes) * 8 + 2 * e
+                            xv[2 * b] = smem[xb]
+                            xv[2 * b + 1] = smem[xb + 1]
                     for i in range(rows_per_lane):
                         lo, hi = unpack(wv[(i * per_lane + j) * 4 + e])
                         for b in range(chunk):
@@ -674,13 +710,15 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     return gemv_load, gemv_finish, words
 
 
-def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, bf16: bool):
+def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, bf16: bool,
+                     interleaved: bool = False):
     """Device functions of the first phase of a kernel that starts from ``RMSNorm(hidden + residual)``.
 
     ``norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid)``:
     the block's threads add ``hidden + residual`` (16-bit ``[batch, hidden_size]``) on the hidden
     slice ``k0 .. k0 + k_slice``, write the sums to ``residual_out`` where ``writes_residual``,
-    keep ``h * norm`` (float32) at ``smem[xs + seq*k_slice + k]`` and each warp's share of
+    keep ``h * norm`` (float32) at ``smem[xs + seq*k_slice + k]`` (element ``k`` of the slice; with
+    ``interleaved`` at :func:`input_word` of its chunk and element instead) and each warp's share of
     ``sum(h^2)`` at ``smem[red + warp*batch + seq]``. After a ``syncthreads``,
     ``sum_squares(smem, red, warps, dst, stride, tid)`` adds up the warps' shares: sequence
     ``seq``'s ``sum(h^2)`` at ``smem[dst + seq*stride]``. The normalisation itself,
@@ -712,8 +750,12 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
                         residual_out[at + 2 * e] = to_bits(s_lo)
                         residual_out[at + 2 * e + 1] = to_bits(s_hi)
                     ss += s_lo * s_lo + s_hi * s_hi
-                    smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
-                    smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
+                    if interleaved:
+                        smem[xs + seq * k_slice + device_input_word(c, 2 * e, k_slice, True)] = s_lo * n_lo
+                        smem[xs + seq * k_slice + device_input_word(c, 2 * e + 1, k_slice, True)] = s_hi * n_hi
+                    else:
+                        smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
+                        smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
             for offset in (16, 8, 4, 2, 1):
                 ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
             if lane == 0:
@@ -728,7 +770,7 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
             smem[dst + tid * stride] = total
 
     @cuda.jit(device=True, inline=True)
-    def scale_inputs(smem, xs, dst, stride, tid):
+    def scale_inputs(smem, xs, dst, stride, tid):  # tensor-core steps: never interleaved
         for i in range(tid, batch * k_slice, threads):
             seq = i // k_slice
             smem[xs + i] *= power_of_two(-slice_exponent(smem[dst + seq * stride], inv_columns))
@@ -738,7 +780,7 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
 
 def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int, bf16: bool, tile, rows: int,
                           first_rows: int, xs: int, partial: int, partial_stride: int, red: int,
-                          second_rows: int | None = None):
+                          second_rows: int | None = None, interleaved: bool = False):
     """Phase 1 of a kernel that projects ``RMSNorm(hidden + residual)`` with rows of two matrices
     (the MLP's gate and up rows, MLA's query and latent rows), on a block's hidden slice.
 
@@ -756,17 +798,19 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     ``second_rows``: the second matrix's rows, where fewer than its ``rows - first_rows`` slots
     (tensor-core steps of 16 rows over 36, say): the slots past them are padding, their loads
     clamped to the last real row (:func:`make_gemv`'s ``clamped``) and their sums left unread.
+
+    ``interleaved``: ``h * norm`` in :func:`input_word`'s interleaved order (CUDA-core steps only).
     """
     threads = 32 * warps
     step_rows = tile.step_rows
     steps = rows // step_rows
     scaled = scales_inputs(tile, bf16)
     gemv = functools.partial(make_gemv, batch, bf16, tile, x_stride=k_slice, out_stride=partial_stride, atomic=False,
-                             norms=(partial + rows, partial_stride))
+                             norms=(partial + rows, partial_stride), interleaved=interleaved)
     load, finish, words_per_step = gemv()
     padded = second_rows is not None and second_rows < rows - first_rows
     load_padded, finish_padded, _ = gemv(clamped=True) if padded else (None, None, 0)
-    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(batch, hidden_size, k_slice, threads, bf16)
+    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(batch, hidden_size, k_slice, threads, bf16, interleaved)
 
     @cuda.jit(device=True, inline=True)
     def step_load(w_first, first0, w_second, second0, step, k0, lane, words):
@@ -1313,11 +1357,13 @@ def build_kernel(spec: KernelSpec):
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE,
                                                 out_stride=PARTIAL_STRIDE, atomic=False,
-                                                norms=(PARTIAL + ROWS, PARTIAL_STRIDE))
+                                                norms=(PARTIAL + ROWS, PARTIAL_STRIDE),
+                                                interleaved=spec.inputs_interleaved)
     o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
     (kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
      kv_load_keys) = _make_attention(spec)
-    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16)
+    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,
+                                                              spec.inputs_interleaved)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)

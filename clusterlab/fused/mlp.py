@@ -42,6 +42,7 @@ down projection, finished by the last block to arrive (no second launch). The ke
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, seeded_generator
-from .plan import CLUSTER_SIZES, DeviceLimits
+from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, DeviceLimits, check_kernel_options
 from .validate import check_hidden_residual, check_tensor, resolve_backend
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
@@ -230,14 +231,20 @@ class DecodeMLP:
     ``backend``: ``"auto"`` follows the weights' device (CUDA: the kernel, CPU: the simulator),
     ``"gpu"`` / ``"simulator"`` insist; ``limits``: the GPU's SM count and shared memory, read
     from the device on the GPU backend (the simulator plans for ``limits``, default an H100/H200).
+    ``kernel_options``: how the kernel runs a step, its outputs correct either way (the names and
+    values of :data:`~clusterlab.fused.plan.MLP_KERNEL_CHOICES`), for measurements such as
+    ``clusterlab bench mlp --spec default interleave_inputs=True``; the simulator backend checks
+    them and runs its one dataflow.
 
     One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device,
     both left zero by every step; do not run one object on two streams at once.
     """
 
     def __init__(self, config: MLPConfig, weights: MLPWeights, *, cluster_size: int | None = None,
-                 warps: int | None = None, backend: str = "auto", limits: DeviceLimits | None = None):
+                 warps: int | None = None, backend: str = "auto", limits: DeviceLimits | None = None,
+                 kernel_options: dict | None = None):
         check_mlp_weights(config, weights)
+        self.kernel_options = check_kernel_options(kernel_options, MLP_KERNEL_CHOICES)
         device = weights.gate.device
         backend, self.limits = resolve_backend(backend, device, limits)
         self.config, self.weights, self.backend = config, weights, backend
@@ -263,8 +270,9 @@ class DecodeMLP:
         key = (dtype, batch)
         if key not in self._specs:
             cluster_size, clusters, warps = self.shape(batch)
-            self._specs[key] = MLPSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, clusters, warps,
-                                          limits=self.limits)
+            spec = MLPSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, clusters, warps,
+                              limits=self.limits)
+            self._specs[key] = dataclasses.replace(spec, **self.kernel_options)
         return self._specs[key]
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, *, out: torch.Tensor | None = None,

@@ -39,7 +39,7 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
-from .kernel import (REGISTERS_PER_THREAD, BlockShape, gemv_tile, make_exchange, make_finish, make_gemv,
+from .kernel import (REGISTERS_PER_THREAD, BlockShape, GemvTile, gemv_tile, make_exchange, make_finish, make_gemv,
                      make_input_projection, make_stamp, region_offsets)
 from .mlp import MLPConfig
 from .plan import HOPPER, QUAD, DeviceLimits
@@ -66,6 +66,9 @@ class MLPSpec(BlockShape):
     clusters: int
     warps: int
     limits: DeviceLimits = HOPPER
+    #: the gate/up steps on the CUDA cores read ``h * norm`` in
+    #: :func:`~clusterlab.fused.kernel.input_word`'s interleaved order (see :attr:`inputs_interleaved`)
+    interleave_inputs: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_mlp_kernel`)
     timeline: bool = False
 
@@ -99,6 +102,11 @@ class MLPSpec(BlockShape):
     @property
     def min_blocks_per_sm(self) -> int:
         return self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD)
+
+    @property
+    def inputs_interleaved(self) -> bool:
+        """``interleave_inputs`` where the gate/up steps run on the CUDA cores (a ``GemvTile``)."""
+        return self.interleave_inputs and isinstance(self.gate_up_tile(), GemvTile)
 
     def gate_up_tile(self):
         # A warp step's rows divide inter_slice: a step never straddles the gate and up rows.
@@ -161,7 +169,7 @@ def build_mlp_kernel(spec: MLPSpec):
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     # the cluster's slots: its gate rows, then its up rows
     gate_up = make_input_projection(BATCH, H, K_SLICE, WARPS, BF16, spec.gate_up_tile(), ROWS, INTER_SLICE, XS,
-                                    PARTIAL, PARTIAL_STRIDE, RED)
+                                    PARTIAL, PARTIAL_STRIDE, RED, interleaved=spec.inputs_interleaved)
     down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
                                                    atomic=True)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)

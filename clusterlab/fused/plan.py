@@ -187,27 +187,39 @@ KERNEL_CHOICES = {
     "kv_pipeline": "None, True or False: tensor-core attention keeps the next step's keys in flight (None: the rule's)",
     "registers": "None or an int from 32 to 255: registers a thread the launch bound is planned at (None: the rule's)",
     "overlay": "True or False: shared regions that are never live at once share words (True: the default)",
+    "interleave_inputs": "True or False: the CUDA-core W_qkv steps read h * norm interleaved in shared memory, "
+                         "32 consecutive words a load (False: the default)",
 }
 
+#: The same for :class:`~clusterlab.fused.mlp_kernel.MLPSpec`: what ``DecodeMLP(kernel_options=...)``
+#: and ``clusterlab bench mlp --spec`` take.
+MLP_KERNEL_CHOICES = {
+    "interleave_inputs": "True or False: the CUDA-core gate/up steps read h * norm interleaved in shared memory, "
+                         "32 consecutive words a load (False: the default)",
+}
 
-def check_kernel_options(options) -> dict:
-    """``options`` (a mapping of :data:`KERNEL_CHOICES` names to values, or None) as a new dict; raises
+#: Choices that are True or False only (the others also take None, the rule's choice, or an int).
+SWITCHES = ("overlay", "interleave_inputs")
+
+
+def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
+    """``options`` (a mapping of ``choices`` names to values, or None) as a new dict; raises
     ``ValueError`` naming the first unknown name or value out of range."""
     if options is None:
         return {}
     if not hasattr(options, "items"):
         raise TypeError(f"kernel_options must be a mapping or None, got {type(options).__name__}")
     for name, value in options.items():
-        if name not in KERNEL_CHOICES:
-            raise ValueError(f"kernel_options: unknown name {name!r}; allowed: {', '.join(KERNEL_CHOICES)}")
+        if name not in choices:
+            raise ValueError(f"kernel_options: unknown name {name!r}; allowed: {', '.join(choices)}")
         if name == "registers":
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 32 <= value <= 255)
-        elif name == "overlay":
+        elif name in SWITCHES:
             ok = isinstance(value, bool)
         else:
             ok = value is None or isinstance(value, bool)
         if not ok:
-            raise ValueError(f"kernel_options: {name}={value!r}; allowed: {KERNEL_CHOICES[name]}")
+            raise ValueError(f"kernel_options: {name}={value!r}; allowed: {choices[name]}")
     return dict(options)
 
 
