@@ -666,6 +666,20 @@ def test_a_view_must_be_aligned_and_fit_inside_its_storage(offset, shape, words)
     assert words in str(info.value)
 
 
+def test_an_array_one_block_declares_as_a_view_and_another_as_its_own_is_refused():
+    def program(b):
+        region = b.shared_array("region", (8,), F32)
+        if b.cluster_rank == 0:
+            b.shared_view("v", region, (4,), F32)
+        else:
+            b.shared_array("v", (4,), F32)  # bug: not the layout block 0 declared
+        yield b.cluster_sync()
+
+    with pytest.raises(ValueError, match=r"'v' is declared as float32\[4\] here but as float32\[4\] \(a view of "
+                                         r"'region'\) by another block"):
+        sim.launch(program, 2)
+
+
 def test_views_add_no_bytes_and_a_view_of_a_view_lies_over_the_storage():
     def program(b):
         region = b.shared_array("region", (4, 4), F32)

@@ -197,19 +197,15 @@ class SharedLayout:
         Raises ValueError if ``name`` was declared before with another shape or dtype, and
         returns an entry past ``capacity_bytes`` unchanged for the caller to report.
         """
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"shared memory name must be a non-empty string; got {name!r}")
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
-            raise ValueError(f"shape of shared array {name!r} must be non-negative integers; got {shape}")
-        shape = tuple(int(s) for s in shape)
-        dtype = np.dtype(dtype)
+        shape, dtype = _checked(name, shape, dtype)
         known = self.entries.get(name)
         if known is not None:
-            if (known.shape, known.dtype, known.mbarrier_slot is not None) != (shape, dtype, mbarrier):
+            declared = (known.shape, known.dtype, known.mbarrier_slot is not None, known.is_view)
+            if declared != (shape, dtype, mbarrier, False):
                 raise ValueError(
                     f"shared {name!r} is declared as {_describe(shape, dtype, mbarrier)} here but as "
-                    f"{_describe(known.shape, known.dtype, known.mbarrier_slot is not None)} by another "
+                    f"{_describe(known.shape, known.dtype, known.mbarrier_slot is not None)}"
+                    f"{f' (a view of {self.in_order[known.storage].name!r})' if known.is_view else ''} by another "
                     "block; every block of a cluster runs the same kernel and has the same layout"
                 )
             return known, False
@@ -230,13 +226,7 @@ class SharedLayout:
         ``offset`` on, and whether it was new. Raises ValueError where it would not fit inside
         ``base``, ``offset`` is not 16-byte aligned, ``base`` is an mbarrier, or another block
         declared ``name`` otherwise."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"shared memory name must be a non-empty string; got {name!r}")
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
-            raise ValueError(f"shape of shared array {name!r} must be non-negative integers; got {shape}")
-        shape = tuple(int(s) for s in shape)
-        dtype = np.dtype(dtype)
+        shape, dtype = _checked(name, shape, dtype)
         if base.mbarrier_slot is not None:
             raise ValueError(f"view {name!r}: {base.name!r} is an mbarrier; views lie over shared arrays")
         if not isinstance(offset, (int, np.integer)) or offset < 0 or offset % ALLOCATION_ALIGN_BYTES:
@@ -262,6 +252,17 @@ class SharedLayout:
         self.entries[name] = entry
         self.in_order.append(entry)
         return entry, True
+
+
+def _checked(name, shape, dtype) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of a declaration as a tuple of ints and a NumPy dtype; raises for a name
+    that is not a non-empty string or a shape that is not non-negative integers."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"shared memory name must be a non-empty string; got {name!r}")
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
+        raise ValueError(f"shape of shared array {name!r} must be non-negative integers; got {shape}")
+    return tuple(int(s) for s in shape), np.dtype(dtype)
 
 
 def _describe(shape, dtype, mbarrier) -> str:
