@@ -1,6 +1,7 @@
 """``clusterlab bench mlp``: the PyTorch block it times, its table, JSON and picture, the settings it
 refuses and the CLI without a GPU (all on the CPU), and a small run on a Hopper GPU."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -29,7 +30,8 @@ from clusterlab.models import LlamaModel, ModelConfig, random_weights
 no_gpu = pytest.mark.skipif(hopper_problem() is None, reason="this machine has a Hopper GPU")
 
 ROW_KEYS = {"preset", "dtype", "batch", "cluster_size", "clusters", "warps", "blocks", "layers", "fused_us",
-            "torch_us", "floor_us", "step_bytes", "rel_err", "torch_rel_err", "fraction_of_copy_bw", "speedup"}
+            "torch_us", "floor_us", "step_bytes", "rel_err", "torch_rel_err", "options", "fraction_of_copy_bw",
+            "speedup"}
 RECORD_KEYS = {"card", "driver", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "l2_bytes",
                "l2_turnover", "rows"}
 INFO = {"gpu": "NVIDIA H200", "driver_cuda_version": "13.0", "numba-cuda": "0.30.4", "cuda-core": "1.2.2",
@@ -92,6 +94,8 @@ def test_table_gives_the_shape_times_percent_of_copy_bandwidth_speedup_and_error
     variant = lines[4].split()
     assert variant[3:7] == ["4", "64", "8", "256"] and variant[11:13] == ["64.0", "1.20"]
     assert lines[5].split()[7] == "2"
+    with_options = dataclasses.replace(rows()[0], options="interleave_inputs=True")
+    assert format_table([with_options], 4.3e12).splitlines()[2].endswith("3.1e-04  [interleave_inputs=True]")
 
 
 def test_results_json_has_exactly_the_schema_and_the_picture_is_written(tmp_path, monkeypatch):
