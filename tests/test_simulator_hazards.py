@@ -110,9 +110,16 @@ def test_single_buffered_ring_races_where_double_buffering_does_not():
     assert [p.step for p in race.points] == ["step 0", "step 0"]
 
 
-def test_reading_bulk_copied_bytes_before_the_mbarrier_wait_races_with_the_copy():
+@pytest.mark.parametrize("through_view", [False, True])
+def test_reading_bulk_copied_bytes_before_the_mbarrier_wait_races_with_the_copy(through_view):
+    """Also where the copy writes a view and the early read goes through its storage."""
+
     def program(b):
-        rows = b.shared_array("rows", (2, 4), F32)
+        if through_view:
+            read = b.shared_array("region", (2, 4), F32)
+            rows = b.shared_view("rows", read, (2, 4), F32)
+        else:
+            read = rows = b.shared_array("rows", (2, 4), F32)
         full = b.shared_mbarrier("full")
         rows[b.cluster_rank] = b.cluster_rank + 1
         b.mbarrier_init(full, 1)
@@ -125,7 +132,7 @@ def test_reading_bulk_copied_bytes_before_the_mbarrier_wait_races_with_the_copy(
         b.bulk_copy(b.map_shared(rows, peer).at[mine], rows.at[mine], b.map_shared(full, peer))
         if b.cluster_rank == 1:
             b.step("early read")
-            rows[peer]  # bug: before mbarrier_wait
+            read[peer]  # bug: before mbarrier_wait
         yield b.mbarrier_wait(full, 0)
         yield b.cluster_sync()
 
@@ -139,6 +146,7 @@ def test_reading_bulk_copied_bytes_before_the_mbarrier_wait_races_with_the_copy(
     assert race.points[0].op.startswith("cp.async.bulk rows[0] @block 1")
     assert race.points[1].step == "early read"
     assert "asynchronous copy" in str(race)
+    assert ("of 'rows', which shares those bytes," in str(race)) == through_view
 
 
 def test_overwriting_a_bulk_copy_source_before_it_is_known_complete_races():
@@ -526,15 +534,23 @@ def test_bulk_copy_from_an_unaligned_address_is_misaligned():
     assert "src address 4 is not 16-byte aligned" in str(bad)
 
 
-def test_bulk_copy_of_stored_bytes_without_a_proxy_fence():
+@pytest.mark.parametrize("through_view", [False, True])
+def test_bulk_copy_of_stored_bytes_without_a_proxy_fence(through_view):
+    """Also where the store goes through the storage and the copy reads a view of the same bytes."""
+    base = 32 if through_view else 0  # the copied rows' first byte in the storage
+
     def program(b):
-        rows = b.shared_array("rows", (2, 4), F32)
+        if through_view:
+            stored = b.shared_array("region", (4, 4), F32)
+            rows = b.shared_view("rows", stored, (2, 4), F32, offset=base)  # region rows 2-3
+        else:
+            stored = rows = b.shared_array("rows", (2, 4), F32)
         full = b.shared_mbarrier("full")
         b.mbarrier_init(full, 1)
         yield b.cluster_sync()
         if b.cluster_rank == 0:
             b.step("stage")
-            rows[0, 1:3] = 5.0  # bug: no fence_proxy_async before the copy reads it
+            stored[base // 16, 1:3] = 5.0  # bug: no fence_proxy_async before the copy reads it
             b.step("push")
             b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], b.map_shared(full, 1))
         else:
@@ -547,7 +563,7 @@ def test_bulk_copy_of_stored_bytes_without_a_proxy_fence():
     bad = info.value
     assert bad.blocks == (0,)
     assert bad.owner == 0
-    assert bad.byte_range == (4, 12)
+    assert bad.byte_range == (base + 4, base + 12)
     assert [p.step for p in bad.points] == ["stage", "push"]
 
 
@@ -587,53 +603,6 @@ def test_a_view_over_words_a_peer_still_reads_races_and_names_both_arrays():
 
 def test_views_separated_by_a_cluster_barrier_share_words_cleanly():
     sim.launch(exchange_then_output, 3, True)
-
-
-def test_a_bulk_copy_into_a_view_races_with_a_read_through_its_storage():
-    def program(b):
-        region = b.shared_array("region", (2, 4), F32)
-        rows = b.shared_view("rows", region, (2, 4), F32)
-        full = b.shared_mbarrier("full")
-        rows[b.cluster_rank] = b.cluster_rank + 1
-        b.mbarrier_init(full, 1)
-        b.fence_proxy_async()
-        yield b.cluster_sync()
-        peer = 1 - b.cluster_rank
-        b.mbarrier_arrive_expect_tx(full, 16)
-        mine = b.cluster_rank
-        b.bulk_copy(b.map_shared(rows, peer).at[mine], rows.at[mine], b.map_shared(full, peer))
-        if b.cluster_rank == 1:
-            b.step("early read")
-            region[peer]  # bug: the bytes the copy writes, read through the storage before mbarrier_wait
-        yield b.mbarrier_wait(full, 0)
-        yield b.cluster_sync()
-
-    with pytest.raises(sim.DataRace) as info:
-        sim.launch(program, 2)
-    race = info.value
-    assert (race.conflict, race.owner, race.byte_range) == ("read after write", 1, (0, 16))
-    assert race.points[0].op.startswith("cp.async.bulk rows[0] @block 1")
-    assert race.points[1].step == "early read" and "of 'rows', which shares those bytes," in str(race)
-
-
-def test_a_store_through_the_storage_needs_a_proxy_fence_before_a_bulk_copy_of_its_view():
-    def program(b):
-        region = b.shared_array("region", (4, 4), F32)
-        rows = b.shared_view("rows", region, (2, 4), F32, offset=32)  # region rows 2-3
-        full = b.shared_mbarrier("full")
-        b.mbarrier_init(full, 1)
-        yield b.cluster_sync()
-        if b.cluster_rank == 0:
-            region[2, 1:3] = 5.0  # bug: no fence_proxy_async before the copy reads these bytes
-            b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], b.map_shared(full, 1))
-        else:
-            b.mbarrier_arrive_expect_tx(full, 16)
-            yield b.mbarrier_wait(full, 0)
-        yield b.cluster_sync()
-
-    with pytest.raises(sim.MissingProxyFence) as info:
-        sim.launch(program, 2)
-    assert info.value.byte_range == (36, 44)
 
 
 def test_exiting_under_a_peers_read_of_a_view_names_the_view():
