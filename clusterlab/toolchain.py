@@ -132,3 +132,9 @@ def kernel_ptx(kernel, signature, *, cc=(9, 0), **options) -> str:
     with device_functions_compiled_for(cc):
         ptx, _ = cuda.compile_ptx(getattr(kernel, "py_func", kernel), signature, cc=cc, **options)
     return ptx
+
+
+def without_names(ptx: str) -> str:
+    """``ptx`` with the names that differ between two compilations of the same code (numba's mangled
+    function names, its shared-array symbols) replaced by ``NAME``: equal for equal code."""
+    return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)

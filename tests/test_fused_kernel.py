@@ -17,6 +17,14 @@ from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, b
 from clusterlab.fused.plan import launch_shape
 from clusterlab.fused.reference import reference_step, relative_error
 
+
+def spec_ptx(spec: KernelSpec) -> str:
+    """PTX of the kernel of ``spec`` with the launch bound the layer gives it."""
+    from clusterlab.toolchain import kernel_ptx
+
+    return kernel_ptx(build_kernel(spec), kernel_signature(spec), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+
+
 # Contract of the layer: ‖out − ref‖/‖ref‖ ≤ 1e-2 for float16 and bfloat16 (bfloat16 rounds each
 # stored value by up to 2^-9 relative; the kernel accumulates in float32).
 TOLERANCE = 1e-2
@@ -38,11 +46,11 @@ TOLERANCE = 1e-2
 )
 def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf16, batch, cluster_size, warps,
                                                                       head_split, spill):
-    from clusterlab.toolchain import assemble, kernel_ptx
+    from clusterlab.toolchain import assemble
 
     assert launch_shape(config, batch, 132) == (cluster_size, warps, head_split)  # what an H100 or H200 runs
     spec = KernelSpec.of(config, bf16, batch, cluster_size, warps, head_split)
-    ptx = kernel_ptx(build_kernel(spec), kernel_signature(), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+    ptx = spec_ptx(spec)
     for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "ld.shared::cluster.v4.f32",
                         "st.shared::cluster.v4.f32",
                         "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire",
@@ -89,22 +97,13 @@ def test_interleaved_inputs_change_only_the_cuda_core_qkv_steps(config, batch):
     """The option compiles into kernels whose W_qkv steps run on the CUDA cores, without local
     memory or spills, and leaves tensor-core steps' kernels as they are."""
     import dataclasses
-    import re
-
-    from clusterlab.toolchain import assemble, kernel_ptx
-
-    def ptx_of(spec):
-        ptx = kernel_ptx(build_kernel(spec), kernel_signature(spec), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
-        return ptx
-
-    def named_alike(ptx):  # names that differ between compilations
-        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)
+    from clusterlab.toolchain import assemble, without_names
 
     spec = KernelSpec.of(config, False, batch, *launch_shape(config, batch, 132))
     on = dataclasses.replace(spec, interleave_inputs=True)
     assert on.inputs_interleaved == (not isinstance(spec.qkv_tile(), MmaTile)) == (batch == 1)
-    full, interleaved = ptx_of(spec), ptx_of(on)
-    assert (named_alike(full) != named_alike(interleaved)) == on.inputs_interleaved
+    full, interleaved = spec_ptx(spec), spec_ptx(on)
+    assert (without_names(full) != without_names(interleaved)) == on.inputs_interleaved
     assert ("st.local" in interleaved) <= ("st.local" in full)  # no local arrays it did not have
     assert assemble(interleaved).spill_bytes <= assemble(full).spill_bytes
 
@@ -113,14 +112,11 @@ def test_interleaved_inputs_change_only_the_cuda_core_qkv_steps(config, batch):
 def test_measurement_switches_change_the_kernel_only_when_set():
     """The timeline adds its stamps and two arguments; the ablation switches change the code."""
     import dataclasses
-    import re
 
-    from clusterlab.toolchain import kernel_ptx
+    from clusterlab.toolchain import without_names
 
     def ptx_of(**switches):
-        spec = dataclasses.replace(KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, 1), **switches)
-        ptx = kernel_ptx(build_kernel(spec), kernel_signature(spec), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
-        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)  # names that differ between compilations
+        return without_names(spec_ptx(dataclasses.replace(KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, 1), **switches)))
 
     full, timeline = ptx_of(), ptx_of(timeline=True)
     for register in ("%clock64", "%globaltimer", "%smid"):

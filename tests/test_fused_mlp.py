@@ -68,6 +68,14 @@ def torch_chain(config, weights, hidden, residual):
     return torch_mlp(weights, rms_norm(hidden + residual, weights.norm, config.rms_eps))
 
 
+def spec_ptx(spec: MLPSpec) -> str:
+    """PTX of the MLP kernel of ``spec`` with the launch bound the layer gives it."""
+    from clusterlab.toolchain import kernel_ptx
+
+    return kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(spec),
+                      launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+
+
 def bits(t):
     return t.view(torch.int16)
 
@@ -85,12 +93,12 @@ def bits(t):
          "llama2-7b-bf16-b1"],
 )
 def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, dtype, batch, shape):
-    from clusterlab.toolchain import assemble, kernel_ptx
+    from clusterlab.toolchain import assemble
 
     config = MODELS[model]
     assert mlp_shape(config, batch, 132) == shape  # what an H100 or H200 runs
     spec = MLPSpec.of(config, dtype == "bf16", batch, *shape)
-    ptx = kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+    ptx = spec_ptx(spec)
     for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "ld.shared::cluster.v4.f32",
                         "st.shared::cluster.v4.f32",
                         "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "atom.global.add.f32"):
@@ -114,23 +122,14 @@ def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_interleaved_inputs_change_only_the_cuda_core_gate_up_steps(batch):
     import dataclasses
-    import re
 
-    from clusterlab.toolchain import assemble, kernel_ptx
-
-    def ptx_of(spec):
-        ptx = kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(spec),
-                         launch_bounds=(spec.threads, spec.min_blocks_per_sm))
-        return ptx
-
-    def named_alike(ptx):  # names that differ between compilations
-        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)
+    from clusterlab.toolchain import assemble, without_names
 
     spec = MLPSpec.of(MODELS["llama3-8b"], False, batch, *mlp_shape(MODELS["llama3-8b"], batch, 132))
     on = dataclasses.replace(spec, interleave_inputs=True)
     assert on.inputs_interleaved == (batch == 1)
-    full, interleaved = ptx_of(spec), ptx_of(on)
-    assert (named_alike(full) != named_alike(interleaved)) == (batch == 1)
+    full, interleaved = spec_ptx(spec), spec_ptx(on)
+    assert (without_names(full) != without_names(interleaved)) == (batch == 1)
     assert ("st.local" in interleaved) <= ("st.local" in full)  # no local arrays it did not have
     assert assemble(interleaved).spill_bytes <= assemble(full).spill_bytes
 
@@ -148,14 +147,11 @@ def test_kernel_options_are_checked_when_the_layer_is_built():
 @pytest.mark.ptx
 def test_the_timeline_adds_its_stamps_and_two_arguments_only_when_set():
     import dataclasses
-    import re
 
-    from clusterlab.toolchain import kernel_ptx
+    from clusterlab.toolchain import without_names
 
     def ptx_of(spec):
-        ptx = kernel_ptx(build_mlp_kernel(spec), mlp_kernel_signature(spec),
-                         launch_bounds=(spec.threads, spec.min_blocks_per_sm))
-        return re.sub(r"_ZN\w+|_cudapy_smem_\d+", "NAME", ptx)  # names that differ between compilations
+        return without_names(spec_ptx(spec))
 
     spec = MLPSpec.of(MODELS["llama3.2-1b"], False, 1, *mlp_shape(MODELS["llama3.2-1b"], 1, 132))
     full, timeline = ptx_of(spec), ptx_of(dataclasses.replace(spec, timeline=True))

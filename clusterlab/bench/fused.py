@@ -250,7 +250,7 @@ def run_bench(
         shapes = [shape | ({"kernel_options": o} if o else {}) for shape in shapes for o in options]
         weights: list = []
         for batch, variant in itertools.product(batches, shapes):
-            label = ",".join(f"{k}={v}" for k, v in variant.get("kernel_options", {}).items())
+            label = options_label(variant.get("kernel_options", {}))
             cases = [(False, [kv] * batch) for kv in kv_lens]
             if ragged and batch > 1:
                 cases.append((True, ragged_lengths(batch, kv_lens, seed + batch)))
@@ -351,6 +351,12 @@ def parse_variant(text: str) -> tuple[int, ...]:
             f"got {text!r}"
         )
     return tuple(int(part) for part in text.split("x"))
+
+
+def options_label(options: dict) -> str:
+    """``{"registers": 168, "kv_pipeline": False}`` -> ``"registers=168,kv_pipeline=False"``: how a
+    results row names its ``kernel_options`` (what :func:`parse_options` reads back)."""
+    return ",".join(f"{k}={v}" for k, v in options.items())
 
 
 def parse_options(text: str, choices: dict = KERNEL_CHOICES) -> dict:

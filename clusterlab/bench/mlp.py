@@ -66,7 +66,7 @@ from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_m
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
-from .fused import L2_TURNOVER, graph_time_us, layers_for_l2, parse_options
+from .fused import L2_TURNOVER, graph_time_us, layers_for_l2, options_label, parse_options
 from .timing import card_tag, copy_bandwidth, results_header, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
@@ -246,7 +246,7 @@ def run_bench(
             for batch, variant in itertools.product(batches, shapes):
                 step_bytes = config.step_bytes(batch, dtype.itemsize)
                 copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
-                label = ",".join(f"{k}={v}" for k, v in variant.get("kernel_options", {}).items())
+                label = options_label(variant.get("kernel_options", {}))
                 try:
                     run = _Rotation(config, dtype, batch, copies, seed, variant, weights)
                     cluster_size, clusters, warps = run.sets[0]["fused"].shape(batch)
