@@ -121,13 +121,15 @@ def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, 
 @pytest.mark.ptx
 @pytest.mark.parametrize("batch", [1, 4])
 def test_interleaved_inputs_change_only_the_cuda_core_gate_up_steps(batch):
+    """Interleaved inputs (the default) against the plain order: only batch 1's gate/up steps run on the
+    CUDA cores, so only its kernel differs, without local arrays or spills the plain one lacks."""
     import dataclasses
 
     from clusterlab.toolchain import assemble, without_names
 
-    spec = MLPSpec.of(MODELS["llama3-8b"], False, batch, *mlp_shape(MODELS["llama3-8b"], batch, 132))
-    on = dataclasses.replace(spec, interleave_inputs=True)
-    assert on.inputs_interleaved == (batch == 1)
+    on = MLPSpec.of(MODELS["llama3-8b"], False, batch, *mlp_shape(MODELS["llama3-8b"], batch, 132))
+    spec = dataclasses.replace(on, interleave_inputs=False)
+    assert on.interleave_inputs and on.inputs_interleaved == (batch == 1) and not spec.inputs_interleaved
     full, interleaved = spec_ptx(spec), spec_ptx(on)
     assert (without_names(full) != without_names(interleaved)) == (batch == 1)
     assert ("st.local" in interleaved) <= ("st.local" in full)  # no local arrays it did not have
@@ -140,8 +142,8 @@ def test_kernel_options_are_checked_when_the_layer_is_built():
                            ({"interleave_inputs": None}, "interleave_inputs=None; allowed: True or False")):
         with pytest.raises(ValueError, match=words):
             DecodeMLP(TINY["h128-i256"], weights, kernel_options=options)
-    layer = DecodeMLP(TINY["h128-i256"], weights, kernel_options={"interleave_inputs": True})
-    assert layer.kernel_spec(torch.float16, 1).interleave_inputs
+    layer = DecodeMLP(TINY["h128-i256"], weights, kernel_options={"interleave_inputs": False})
+    assert not layer.kernel_spec(torch.float16, 1).interleave_inputs
 
 
 @pytest.mark.ptx
@@ -478,12 +480,13 @@ def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_gpu_interleaved_inputs_match_reference(dtype):
-    """The kernel option ``interleave_inputs`` at batch 1 (gate/up steps on the CUDA cores)."""
+def test_gpu_plain_input_order_matches_reference(dtype):
+    """``interleave_inputs=False`` at batch 1 (gate/up steps on the CUDA cores): the other order of
+    ``h * norm`` in shared memory, which the default kernels no longer use."""
     dtype = DTYPES[dtype]
     layer = DecodeMLP(GPU_MODELS["llama3.2-1b"], gpu_weights("llama3.2-1b", dtype),
-                      kernel_options={"interleave_inputs": True})
-    assert layer.kernel_spec(dtype, 1).inputs_interleaved
+                      kernel_options={"interleave_inputs": False})
+    assert not layer.kernel_spec(dtype, 1).inputs_interleaved
     hidden, residual = random_inputs(layer.config, dtype, 1, seed=50, device="cuda")
     check_gpu_step(layer, hidden, residual)
 

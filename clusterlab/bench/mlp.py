@@ -44,7 +44,7 @@ Hopper GPU the command exits 1 before it touches CUDA.
 
 Run: ``clusterlab bench mlp`` or ``python -m clusterlab.bench.mlp`` (``--preset llama3.2-1b
 --batch 1`` for a quick look; ``--variant 2x8 4x8 8x4`` to sweep launch shapes, ``--spec default
-interleave_inputs=True`` for an A/B of the kernel).
+interleave_inputs=False`` for an A/B of the kernel).
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
     parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...",
                         type=functools.partial(parse_options, choices=MLP_KERNEL_CHOICES),
                         help="time the fused kernel with these kernel_options (each with every variant), e.g. "
-                             f"default interleave_inputs=True ('default': the default kernel); names: "
+                             f"default interleave_inputs=False ('default': the default kernel); names: "
                              f"{', '.join(MLP_KERNEL_CHOICES)}")
     parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")

@@ -233,7 +233,7 @@ class DecodeMLP:
     from the device on the GPU backend (the simulator plans for ``limits``, default an H100/H200).
     ``kernel_options``: how the kernel runs a step, its outputs correct either way (the names and
     values of :data:`~clusterlab.fused.plan.MLP_KERNEL_CHOICES`), for measurements such as
-    ``clusterlab bench mlp --spec default interleave_inputs=True``; the simulator backend checks
+    ``clusterlab bench mlp --spec default interleave_inputs=False``; the simulator backend checks
     them and runs its one dataflow.
 
     One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device,

@@ -67,8 +67,9 @@ class MLPSpec(BlockShape):
     warps: int
     limits: DeviceLimits = HOPPER
     #: the gate/up steps on the CUDA cores read ``h * norm`` in
-    #: :func:`~clusterlab.fused.kernel.input_word`'s interleaved order (see :attr:`inputs_interleaved`)
-    interleave_inputs: bool = False
+    #: :func:`~clusterlab.fused.kernel.input_word`'s interleaved order, each warp load 32 consecutive
+    #: words instead of eight-way bank conflicts (see :attr:`inputs_interleaved`)
+    interleave_inputs: bool = True
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_mlp_kernel`)
     timeline: bool = False
 

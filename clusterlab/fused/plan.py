@@ -195,7 +195,7 @@ KERNEL_CHOICES = {
 #: and ``clusterlab bench mlp --spec`` take.
 MLP_KERNEL_CHOICES = {
     "interleave_inputs": "True or False: the CUDA-core gate/up steps read h * norm interleaved in shared memory, "
-                         "32 consecutive words a load (False: the default)",
+                         "32 consecutive words a load (True: the default)",
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
