@@ -1,5 +1,5 @@
 """Launch every primitive kernel once per algorithm for a few cluster sizes (the steady reduce for three
-operations back to back); run under compute-sanitizer.
+operations back to back, short and long rows); run under compute-sanitizer.
 
     compute-sanitizer --tool racecheck python tests/sanitize_primitives.py
 
@@ -20,10 +20,11 @@ for size in (1, 2, 3, 4, 8, 16):
             expected, _ = simulator.cluster_reduce(x, op="sum", algorithm=algorithm)
             got = primitives.to_numpy(primitives.cluster_reduce(x, op="sum", algorithm=algorithm))
             failures += not np.array_equal(got.view(np.uint8), expected.view(np.uint8))
-        xs = np.stack([x, random_rows(rng, size, 67, dtype), random_rows(rng, size, 67, dtype)])
-        expected, _ = simulator.cluster_reduce_steady(xs, op="sum")
-        got = primitives.to_numpy(primitives.cluster_reduce_steady(xs, op="sum"))
-        failures += not np.array_equal(got.view(np.uint8), expected.view(np.uint8))
+        for n in (67, 1030):  # an element a thread; quads, then a tail
+            xs = np.stack([random_rows(rng, size, n, dtype) for _ in range(3)])
+            expected, _ = simulator.cluster_reduce_steady(xs, op="sum")
+            got = primitives.to_numpy(primitives.cluster_reduce_steady(xs, op="sum"))
+            failures += not np.array_equal(got.view(np.uint8), expected.view(np.uint8))
         for algorithm in simulator.GATHER_ALGORITHMS:
             expected, _ = simulator.cluster_gather(x, algorithm=algorithm)
             got = primitives.to_numpy(primitives.cluster_gather(x, algorithm=algorithm))

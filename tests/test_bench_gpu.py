@@ -9,7 +9,7 @@ from clusterlab import launch, simulator
 from clusterlab.bench import kernels, run_primitives_bench
 from clusterlab.primitives.gather import gather_stride
 from clusterlab.primitives.host import THREADS_PER_BLOCK
-from clusterlab.primitives.reduce import reduce_shared_bytes, steady_result_offset, steady_shared_bytes, work_offset
+from clusterlab.primitives.reduce import reduce_shared_bytes, steady_result_offset, work_offset
 
 pytestmark = pytest.mark.gpu
 
@@ -52,9 +52,8 @@ def test_steady_reduce_loop_equals_repeated_direct_folds(size, reps):
     rng = np.random.default_rng()
     x = rng.standard_normal((2 * size, 301)).astype(np.float32)
     out = torch.full(x.shape, float("nan"), device="cuda")
-    launch(kernels.direct_1barrier_loop, grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
-           shared_bytes=steady_shared_bytes(301), non_portable=size > 8)(torch.from_numpy(x).cuda(), out, 301,
-                                                                         steady_result_offset(301), reps)
+    launch(kernels.direct_1barrier_loop(size), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
+           shared_bytes=4 * steady_result_offset(301), non_portable=size > 8)(torch.from_numpy(x).cuda(), out, 301, reps)
     np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
 
 

@@ -43,10 +43,11 @@ def test_reduce_loops_assemble(algorithm):
     assert "barrier.cluster.wait.acquire" in ptx
 
 
-def test_steady_reduce_loop_has_one_barrier_in_its_loop_and_one_at_exit():
-    ptx = assembled(kernels.direct_1barrier_loop, (F32, F32, I64, I64, I64))
+@pytest.mark.parametrize("size", [2, 8])
+def test_steady_reduce_loop_has_one_barrier_in_its_loop_and_one_at_exit(size):
+    ptx = assembled(kernels.direct_1barrier_loop(size), (F32, F32, I64, I64))
     assert ptx.count("barrier.cluster.arrive.release") == 2
-    assert "ld.shared::cluster.f32" in ptx
+    assert ptx.count("ld.shared::cluster.f32") % size == 0 and ptx.count("ld.shared::cluster.v4.f32") % size == 0
 
 
 def test_push_variant_uses_st_async_and_mbarriers_and_no_barrier_per_operation():

@@ -16,10 +16,11 @@ def test_bus_bytes_follow_the_nccl_convention():
 
 
 def test_shared_memory_of_each_point_matches_the_host_api():
-    # direct: staged [n] + work [n]; bulk: staged + mbarrier + N slots; the steady reduce: two buffers + result
+    # direct: staged [n] + work [n]; bulk: staged + mbarrier + N slots; the steady loop: two buffers (the
+    # results fold into the other one)
     assert primitives.reduce_shared_bytes("direct", 256, 4) == 2 * 256 * 4
     assert primitives.reduce_shared_bytes("bulk", 256, 4) == (256 + 4 + 4 * 256) * 4
-    assert primitives.reduce_shared_bytes("direct_1barrier", 256, 4) == (2 * 256 + 256) * 4
+    assert primitives.reduce_shared_bytes("direct_1barrier", 256, 4) == 2 * 256 * 4
     assert primitives.gather_shared_bytes("direct_v4", 100, 3, 2) == 3 * 100 * 2
     assert primitives.gather_shared_bytes("bulk", 100, 3, 2) == 3 * 104 * 2  # rows padded to 16 bytes
 

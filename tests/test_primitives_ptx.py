@@ -43,12 +43,19 @@ def test_reduce_kernel_assembles(algorithm, op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op):
-    """The loop over operations holds one cluster barrier (in the device function) and the exit one."""
+@pytest.mark.parametrize("cluster_size", [1, 3, 16])
+def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op, cluster_size):
+    """The loop over operations holds one cluster barrier (in the device function) and the exit one; the
+    fold's loads of a row element are one per rank, unrolled (scalar for short rows, 16 bytes for long)."""
     steps = types.float32[:, :, ::1]
-    ptx = kernel_ptx(steady_reduce_kernel(op, "float32"), (steps, steps, types.int64, types.int64))
+    ptx = kernel_ptx(steady_reduce_kernel(op, "float32", cluster_size), (steps, steps, types.int64, types.int64))
     check(ptx, "direct")
     assert ptx.count("barrier.cluster.arrive") == 2 and ptx.count("barrier.cluster.wait") == 2
+    # every copy of an element's fold (short rows, the tail of long ones) and of a quad's fold (however
+    # often the compiler unrolls the loops over elements) loads each of the N ranks: no loop over ranks
+    elements, quads = ptx.count("ld.shared::cluster.f32"), ptx.count("ld.shared::cluster.v4.f32")
+    assert elements >= 2 * cluster_size and elements % cluster_size == 0
+    assert quads >= cluster_size and quads % cluster_size == 0
 
 
 @pytest.mark.parametrize("dtype", [d for d in GPU_DTYPES if d != "float32"])

@@ -272,6 +272,41 @@ def test_one_buffer_lets_the_next_step_overwrite_a_row_a_peer_still_reads(size):
     assert race.owner in race.blocks and race.byte_range == (0, 8 * 4)
 
 
+def chained_steady_reduce(b, x, out, steps, buffers):
+    """The GPU contract's chain (``primitives.reduce``'s docstring): operation k folds straight into this
+    block's buffer (k + 1) % buffers, the row of operation k + 1. Writes ``out[rank]``, the last result."""
+    rank, n = b.cluster_rank, x.shape[1]
+    staged = b.shared_array("staged", (buffers, n), np.float32)
+    b.step("stage 0")
+    staged[0] = x[rank]
+    for k in range(steps):
+        yield b.cluster_sync()
+        b.step(f"pull and fold {k}")
+        acc = sim_reduce._load(b, staged, 0, (k % buffers, slice(None)))
+        for s in range(1, b.cluster_size):
+            acc = np.add(acc, sim_reduce._load(b, staged, s, (k % buffers, slice(None))))
+        staged[(k + 1) % buffers] = acc
+    out[rank] = staged[steps % buffers]
+    yield b.cluster_sync()
+
+
+@pytest.mark.parametrize("size", [2, 3, 8])
+def test_a_chain_of_steady_reduces_may_fold_into_the_next_buffer(size):
+    """Folding operation k into buffer (k + 1) % 2 during operation k races with nobody (its last
+    readers finished before barrier k); with one buffer the fold overwrites a row peers still pull."""
+    steps, n = 4, 9
+    x = random_rows(int(np.random.default_rng().integers(2**31)), size, n, "float32")
+    out = np.full_like(x, np.nan)
+    sim.launch(chained_steady_reduce, size, x, out, steps, 2)
+    want = x
+    for _ in range(steps):
+        want, _ = sim.cluster_reduce(want, "sum", "direct")
+    assert np.array_equal(bits(out), bits(want))
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(chained_steady_reduce, size, x, np.empty_like(x), steps, 1)
+    assert {p.step for p in info.value.points} == {"pull and fold 0"}
+
+
 @pytest.mark.parametrize("xs, buffers, error, match", [
     (np.ones((2, 4), np.float32), 2, ValueError, r"xs must be a NumPy array \[steps, cluster_size, n\]"),
     (np.ones((0, 2, 4), np.float32), 2, ValueError, "steps >= 1"),

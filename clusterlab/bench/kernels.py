@@ -11,7 +11,7 @@ Per-operation loops (one launch runs ``reps`` back-to-back operations; the bench
 
     reduce_loop_kernel(algorithm)   the primitives' reduce device function, called reps times
     gather_loop_kernel(algorithm)   the primitives' gather device function, called reps times
-    direct_1barrier_loop            the primitives' steady reduce (direct, double-buffered, 1 barrier/op)
+    direct_1barrier_loop(N)         the primitives' steady reduce (direct, double-buffered, 1 barrier/op)
     direct_push_loop                benchmark variant: direct reduce pushed with st.async, mbarrier
                                     handshakes, no cluster barrier per op
     direct_gather_v4                benchmark variant: direct gather with 16-byte remote loads
@@ -40,7 +40,7 @@ from numba import cuda
 from .. import ptx
 from ..primitives.gather import GATHER_DEVICE_FUNCTIONS, stage_row, store_rows
 from ..primitives.ops import CONVERSIONS, open_bulk_exchange
-from ..primitives.reduce import reduce_device_function, steady_reduce_device_function
+from ..primitives.reduce import quad_padded, reduce_device_function, steady_reduce_device_function
 
 #: 16-byte remote loads each thread of dsmem_read_stream has in flight.
 STREAM_LOADS_IN_FLIGHT = 8
@@ -155,40 +155,39 @@ def reduce_loop_kernel(algorithm: str):
     return reduce_loop
 
 
-_steady_sum = steady_reduce_device_function("sum")
+@functools.cache
+def direct_1barrier_loop(cluster_size: int):
+    """Kernel calling the library's one-barrier reduce (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
+    ``sum``, clusters of ``cluster_size``) ``reps`` times, each result the next operation's input.
 
+    ``direct_1barrier_loop(cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32 [blocks, n];
+    dynamic shared memory ``staged`` [2, slot] (``steady_result_offset(n)`` float32 elements).
+    Operation k pulls buffer k % 2 of every block (the ``direct`` fold, ranks 0..N-1 in order) and
+    folds straight into this block's buffer (k + 1) % 2, the next operation's row (the contract's
+    chain: nothing is copied)::
 
-@cuda.jit
-def direct_1barrier_loop(x, out, n, result_offset, reps):
-    """The library's one-barrier reduce (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
-    ``sum``) called ``reps`` times, each result the next operation's input.
-
-    ``x``, ``out``: float32 [blocks, n]; dynamic shared memory as for
-    :func:`~clusterlab.primitives.reduce.steady_reduce_kernel` (``steady_shared_bytes(n)``):
-    ``staged`` [2, result_offset / 2] at 0, ``result`` [n] at ``result_offset``
-    (``steady_result_offset(n)``). Operation k pulls buffer k % 2 of
-    every block (the ``direct`` fold, ranks 0..N-1 in order); the block copies its result into
-    buffer (k + 1) % 2, as a caller stages its next input::
-
-        stage buf0 | barrier | buf0 of all -> result -> buf1 | barrier | buf1 of all -> result -> buf0 | ...
+        stage buf0 | barrier | buf0 of all -> buf1 | barrier | buf1 of all -> buf0 | ...
 
     One barrier per operation (the device function's rules); the final barrier keeps each block
     alive until no peer reads it. Bit for bit the result of ``reps`` calls of ``direct``.
     """
-    smem = cuda.shared.array(0, dtype=np.float32, alignment=16)
-    staged = smem[:result_offset]
-    result = smem[result_offset:]
-    row = cuda.blockIdx.x
-    for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-        staged[i] = x[row, i]
-    for it in range(reps):
-        _steady_sum(staged, result, n, it)
-        following = ((it + 1) % 2) * (result_offset // 2)
+    steady_sum = steady_reduce_device_function("sum", cluster_size)
+
+    @cuda.jit
+    def steady_loop(x, out, n, reps):
+        staged = cuda.shared.array(0, dtype=np.float32, alignment=16)
+        slot = quad_padded(n)
+        row = cuda.blockIdx.x
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            staged[following + i] = result[i]
-    ptx.cluster_sync()  # peers may still be reading the last operation's buffer
-    for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-        out[row, i] = result[i]
+            staged[i] = x[row, i]
+        for it in range(reps):
+            steady_sum(staged, staged[((it + 1) & 1) * slot:], n, it)
+        ptx.cluster_sync()  # peers may still be reading the last operation's buffer
+        last = (reps & 1) * slot
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            out[row, i] = staged[last + i]
+
+    return steady_loop
 
 
 #: try_wait attempts after which :func:`direct_push_loop` gives up on an mbarrier phase: a hang

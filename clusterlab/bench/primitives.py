@@ -71,7 +71,7 @@ from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
 from ..primitives.host import THREADS_PER_BLOCK
-from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_result_offset, steady_shared_bytes, work_offset
+from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_result_offset, work_offset
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
 from . import kernels, report, timing
 
@@ -105,7 +105,7 @@ SPINNING = ("global_grid_barrier", "direct_push")
 def reduce_shared_bytes(implementation: str, n: int, cluster_size: int) -> int:
     """Dynamic shared memory a reduce loop of ``n`` float32 elements per block needs."""
     if implementation == "direct_1barrier":
-        return steady_shared_bytes(n)
+        return steady_result_offset(n) * FLOAT32_BYTES  # staged [2, slot]; results fold into the other buffer
     if implementation == "direct_push":
         return (n + 2 * cluster_size * n) * FLOAT32_BYTES
     return primitive_reduce_shared_bytes(implementation, n, cluster_size)
@@ -284,8 +284,8 @@ class PrimitivesBench:
             run = functools.partial(step, x, out, n, offset)
         elif implementation == "direct_1barrier":
             shared_bytes = reduce_shared_bytes(implementation, n, size)
-            step = self.launcher(kernels.direct_1barrier_loop, blocks, size, shared_bytes)
-            run = functools.partial(step, x, out, n, steady_result_offset(n))
+            step = self.launcher(kernels.direct_1barrier_loop(size), blocks, size, shared_bytes)
+            run = functools.partial(step, x, out, n)
         elif implementation == "direct_push":
             failed = torch.zeros(1, dtype=torch.int32, device="cuda")
             step = self.launcher(kernels.direct_push_loop, blocks, size, reduce_shared_bytes(implementation, n, size))

@@ -178,7 +178,7 @@ def cluster_reduce_steady(xs, op: str = "sum", *, out=None):
     rows = _storage_rows(xs, dtype, n)
     result = _output(out, dtype, tuple(xs.shape), rows)
     blocks = num_clusters * cluster_size
-    _launch(steady_reduce_kernel(op, dtype), blocks, cluster_size, shared_bytes, rows.view(steps, blocks, n),
+    _launch(steady_reduce_kernel(op, dtype, cluster_size), blocks, cluster_size, shared_bytes, rows.view(steps, blocks, n),
             result.view(steps, blocks, n), n, steady_result_offset(n))
     return _result(result, dtype, tuple(xs.shape))
 

@@ -119,6 +119,46 @@ def rank_folds(op: str):
     return fold, fold_quads, fold_row
 
 
+@functools.cache
+def unrolled_fold_row(op: str, cluster_size: int):
+    """``fold_row(shared, source, dest, n)``: :func:`rank_folds`' ``fold_row``, the same bits, for clusters
+    of exactly ``cluster_size`` blocks, its loop over the ranks unrolled so that all of an element's
+    (or a quad's) loads are in flight before the first combine.
+
+    A row no longer than the block folds an element a thread (thread t: element t, no loop); a longer
+    row folds 16 bytes a load (thread t: quads t, t + blockDim, ..) and its tail after the whole quads
+    an element a thread. ``source`` is a multiple of 4.
+    """
+    combine = OPERATORS[op]
+    size = cluster_size
+
+    @cuda.jit(device=True, inline=True)
+    def fold_element(shared, i):
+        acc = ptx.remote_load(shared, i, 0)
+        for s in range(1, size):
+            acc = combine(acc, ptx.remote_load(shared, i, s))
+        return acc
+
+    @cuda.jit(device=True, inline=True)
+    def fold_row(shared, source, dest, n):
+        t = cuda.threadIdx.x
+        if n <= cuda.blockDim.x:
+            if t < n:
+                dest[t] = fold_element(shared, source + t)
+            return
+        whole = n // 4
+        for q in range(t, whole, cuda.blockDim.x):
+            a0, a1, a2, a3 = ptx.remote_load_v4_f32(shared, source + 4 * q, 0)
+            for s in range(1, size):
+                b0, b1, b2, b3 = ptx.remote_load_v4_f32(shared, source + 4 * q, s)
+                a0, a1, a2, a3 = combine(a0, b0), combine(a1, b1), combine(a2, b2), combine(a3, b3)
+            dest[4 * q], dest[4 * q + 1], dest[4 * q + 2], dest[4 * q + 3] = a0, a1, a2, a3
+        for i in range(4 * whole + t, n, cuda.blockDim.x):
+            dest[i] = fold_element(shared, source + i)
+
+    return fold_row
+
+
 @cuda.jit(device=True, inline=True)
 def open_bulk_exchange(full, incoming_bytes, iteration):
     """Prologue of an exchange in which every block pushes rows into its peers with the copy engine.

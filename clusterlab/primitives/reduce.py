@@ -25,28 +25,36 @@ Device-function contract (all six)::
                ``bulk`` and ``bulk_two_shot`` keep their mbarriers in ``work`` and wait on phase parity
                iteration & 1
 
-Every block of the cluster must call it with all its threads, at most 512 (``direct``,
-``two_shot`` and the steady reduce keep 8 loads of 16 bytes a thread in registers). It opens with a
+Every block of the cluster must call it with all its threads, at most 512 (``direct`` and
+``two_shot`` keep 8 loads of 16 bytes a thread in registers, the steady reduce one a rank). It opens with a
 cluster barrier (publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
 ``staged`` and ``work`` are free to reuse and the block may exit.
 
 Back-to-back all-reduces at **one cluster barrier each** (the simulator's
 ``direct_steady_reduce``, whose rules its module docstring states)::
 
-    direct_steady_reduce(staged, result, n, k)      from steady_reduce_device_function(op)
+    direct_steady_reduce(staged, result, n, k)      from steady_reduce_device_function(op, cluster_size)
 
     staged     shared float32 [2, slot], slot = n rounded up to a multiple of 4, 16-byte aligned:
                buffer k % 2 (elements (k % 2) * slot ..) holds this block's row of operation k on
                entry (every thread's stores done); buffer (k + 1) % 2 is free for operation k + 1's
                row once the call returns
     result     shared float32 [n], this block's own: the reduction of operation k's rows on return,
-               the ``direct`` fold (rank order 0..N-1), so bit for bit ``direct``'s
+               the ``direct`` fold (rank order 0..N-1), so bit for bit ``direct``'s. It may be
+               ``staged``'s buffer (k + 1) % 2 itself (16-byte aligned): a chain of reductions, each
+               result the next operation's row, then copies nothing
     k          the operation's index: 0, 1, 2, .. at one call site
 
 It opens with the operation's cluster barrier and ends with a block barrier; peers may still read
 ``staged`` buffer k % 2 until every block has passed the next call's barrier. After the last
 operation call ``ptx.cluster_sync()`` once before the block exits or reuses ``staged``: steps + 1
-cluster barriers for ``steps`` operations, against 2 x steps for separate ``direct`` calls.
+cluster barriers for ``steps`` operations, against 2 x steps for separate ``direct`` calls. Writing
+buffer (k + 1) % 2 during operation k is the simulator's rule (3): that buffer's last readers were
+operation k - 1's, and every block had finished them before it arrived at barrier k.
+
+The function is compiled for one cluster size (launch it in clusters of exactly that many blocks):
+its fold is :func:`~clusterlab.primitives.ops.unrolled_fold_row`, all of an element's N remote
+loads in flight at once, so an operation costs its barrier and about one DSMEM round trip.
 
 The host API, :func:`cluster_reduce`, stages rows from global memory, widening float16/bfloat16
 to float32, runs one of these, and rounds the result once to the input dtype;
@@ -65,7 +73,7 @@ from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import bulk_two_shot_chunk_slot, widest_chunk
 from .ops import (CONVERSIONS, LOADS_IN_FLIGHT, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
-                  rank_folds, ring_chunk)
+                  rank_folds, ring_chunk, unrolled_fold_row)
 
 #: Bytes reserved at the start of ``work`` for the mbarriers of ``bulk`` (one) and ``bulk_two_shot``
 #: (two; 8 bytes each), keeping what follows 16-byte aligned.
@@ -363,33 +371,34 @@ def steady_shared_bytes(n: int) -> int:
 
 
 @functools.cache
-def steady_reduce_device_function(op: str):
-    """``direct_steady_reduce(staged, result, n, k)`` with operator ``op`` (see the module docstring)."""
+def steady_reduce_device_function(op: str, cluster_size: int):
+    """``direct_steady_reduce(staged, result, n, k)`` with operator ``op`` for clusters of ``cluster_size``
+    blocks (see the module docstring)."""
     check_choice("op", op, tuple(OPERATORS))
-    _, _, fold_row = rank_folds(op)
+    check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
+    fold_row = unrolled_fold_row(op, cluster_size)
 
     @cuda.jit(device=True)
     def direct_steady_reduce(staged, result, n, k):
         """Operation k: barrier k, then pull buffer k % 2 of every block and fold in rank order."""
-        size = ptx.cluster_size()
-        slot = quad_padded(n)  # slot_elements(n, FLOAT32_BYTES)
-        buffer = (k % 2) * slot  # staged[buffer, i] is staged[buffer + i]
+        buffer = (k & 1) * quad_padded(n)  # staged[buffer, i] is staged[buffer + i]; slot_elements(n, FLOAT32_BYTES)
         ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
-        fold_row(staged, buffer, result, n, size)
+        fold_row(staged, buffer, result, n)
         cuda.syncthreads()
 
     return direct_steady_reduce
 
 
 @functools.cache
-def steady_reduce_kernel(op: str, dtype: str):
+def steady_reduce_kernel(op: str, dtype: str, cluster_size: int):
     """Kernel: block b reduces row b of ``xs[k]`` with its cluster into ``out[k]``, for every operation k.
 
     ``xs``/``out``: [steps, num_clusters * cluster_size, n], float32, or uint16 bit patterns for
-    float16/bfloat16. Dynamic shared memory (:func:`steady_shared_bytes`): ``staged`` [2, slot] at 0,
-    ``result`` at ``result_offset`` (:func:`steady_result_offset`).
+    float16/bfloat16; launched in clusters of ``cluster_size``. Dynamic shared memory
+    (:func:`steady_shared_bytes`): ``staged`` [2, slot] at 0, ``result`` at ``result_offset``
+    (:func:`steady_result_offset`).
     """
-    reduce = steady_reduce_device_function(op)
+    reduce = steady_reduce_device_function(op, cluster_size)
     widen, narrow = CONVERSIONS[dtype]
 
     @cuda.jit
