@@ -57,6 +57,20 @@ def test_steady_reduce_loop_equals_repeated_direct_folds(size, reps):
     np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
 
 
+@pytest.mark.parametrize("size", [1, 3, 8, 16])
+@pytest.mark.parametrize("reps", [1, 2, 3])
+@pytest.mark.parametrize("n", [301, 4099])
+def test_steady_two_shot_loop_equals_repeated_direct_folds(size, reps, n):
+    import torch
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2 * size, n)).astype(np.float32)
+    out = torch.full(x.shape, float("nan"), device="cuda")
+    launch(kernels.two_shot_2barrier_loop(size), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
+           shared_bytes=4 * steady_result_offset(n), non_portable=size > 8)(torch.from_numpy(x).cuda(), out, n, reps)
+    np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("reps", [1, 2, 3, 6])
 def test_push_variant_equals_repeated_direct_folds(size, reps):

@@ -50,6 +50,13 @@ def test_steady_reduce_loop_has_one_barrier_in_its_loop_and_one_at_exit(size):
     assert ptx.count("ld.shared::cluster.f32") % size == 0 and ptx.count("ld.shared::cluster.v4.f32") % size == 0
 
 
+@pytest.mark.parametrize("size", [2, 8])
+def test_steady_two_shot_loop_has_two_barriers_in_its_loop_and_one_at_exit(size):
+    ptx = assembled(kernels.two_shot_2barrier_loop(size), (F32, F32, I64, I64))
+    assert ptx.count("barrier.cluster.arrive.release") == 3
+    assert "ld.shared::cluster.v4.f32" in ptx
+
+
 def test_push_variant_uses_st_async_and_mbarriers_and_no_barrier_per_operation():
     ptx = assembled(kernels.direct_push_loop, (F32, F32, types.int32[::1], I64, I64))
     assert ptx.count("barrier.cluster.arrive.release") == 2  # after mbarrier init, before exit

@@ -66,6 +66,20 @@ def test_steady_reduce_equals_simulator_bit_for_bit(op, dtype):
             assert_same_bits(primitives.to_numpy(out), expected, f"steady {op} {dtype} N={size} n={n} steps={steps}")
 
 
+@pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
+def test_steady_two_shot_equals_simulator_bit_for_bit(dtype):
+    """Two barriers an operation: a read of a row or chunk a peer had already overwritten, or a chunk
+    gathered before its owner folded it, would change some operation's bits."""
+    rng = np.random.default_rng()
+    for size in CLUSTER_SIZES:
+        for n in ROW_LENGTHS:
+            steps = int(rng.integers(2, 7))
+            xs = np.stack([random_rows(rng, size, n, dtype) for _ in range(steps)])
+            expected, _ = simulator.cluster_reduce_steady(xs, algorithm="two_shot")
+            out = primitives.cluster_reduce_steady(xs, algorithm="two_shot", out=poisoned(xs.shape, dtype))
+            assert_same_bits(primitives.to_numpy(out), expected, f"steady two_shot {dtype} N={size} n={n} steps={steps}")
+
+
 def test_steady_reduce_runs_many_clusters_independently():
     rng = np.random.default_rng()
     xs = np.stack([np.stack([random_rows(rng, 4, 300, "float32") for _ in range(5)]) for _ in range(3)])  # [3, 5, 4, n]

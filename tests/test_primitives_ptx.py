@@ -61,6 +61,17 @@ def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op, cluste
         assert elements % cluster_size == 0 and quads % cluster_size == 0
 
 
+@pytest.mark.parametrize("cluster_size", [1, 3, 16])
+def test_steady_two_shot_kernel_assembles_with_two_barriers_an_operation(cluster_size):
+    """Two cluster barriers in the loop over operations (reduce-scatter, all-gather) and the exit one."""
+    steps = types.float32[:, :, ::1]
+    ptx = kernel_ptx(steady_reduce_kernel("sum", "float32", cluster_size, "two_shot"),
+                     (steps, steps, types.int64, types.int64))
+    check(ptx, "two_shot")
+    assert ptx.count("barrier.cluster.arrive") == 3 and ptx.count("barrier.cluster.wait") == 3
+    assert "ld.shared::cluster.v4.f32" in ptx
+
+
 @pytest.mark.parametrize("dtype", [d for d in GPU_DTYPES if d != "float32"])
 def test_half_precision_reduce_converts_with_cvt(dtype):
     ptx = kernel_ptx(reduce_kernel("ring", "sum", dtype), signature(types.uint16))

@@ -272,6 +272,67 @@ def test_one_buffer_lets_the_next_step_overwrite_a_row_a_peer_still_reads(size):
     assert race.owner in race.blocks and race.byte_range == (0, 8 * 4)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("dtype, op", [("float32", "sum"), ("bfloat16", "sum"), ("int32", "sum"), ("float16", "max")])
+def test_steady_two_shot_is_direct_bit_for_bit_with_two_barriers_a_step(size, dtype, op):
+    seed = int(np.random.default_rng().integers(2**31))
+    steps, n = 4, 37
+    xs = np.stack([random_rows(seed + k, size, n, dtype) for k in range(steps)])
+    out, trace = sim.cluster_reduce_steady(xs, op, algorithm="two_shot")
+    for k in range(steps):
+        assert np.array_equal(bits(out[k]), bits(documented_order(xs[k], op, "direct"))), k
+    barriers = sum(1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0)
+    assert barriers == 2 * steps + 1  # separate two_shot calls: 3 * steps
+
+
+@pytest.mark.parametrize("marker", ["yield b.cluster_sync()  # k.a", "yield b.cluster_sync()  # k.b"])
+def test_steady_two_shot_needs_both_barriers(marker):
+    """Without k.a a block folds rows its peers are still staging; without k.b the next operation's
+    staging overwrites a row a peer still folds."""
+    xs = np.stack([random_rows(k, 4, 16, "float32") for k in range(3)])
+    program = without_line(sim_reduce.two_shot_steady_reduce, marker)
+    with pytest.raises(sim.DataRace):
+        sim.launch(program, 4, xs, np.empty_like(xs), np.add)
+
+
+def chained_two_shot(b, x, out, steps):
+    """The GPU contract's two_shot chain: operation k reduces rows[k % 2] into rows[(k + 1) % 2], so
+    staged and result swap every operation. Writes ``out[rank]``, the last result."""
+    size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
+    rows = b.shared_array("rows", (2, n), np.float32)
+    lo, hi = two_shot_chunk_start(rank, n, size), two_shot_chunk_start(rank + 1, n, size)
+    b.step("stage 0")
+    rows[0] = x[rank]
+    for k in range(steps):
+        staged, result = k % 2, (k + 1) % 2
+        yield b.cluster_sync()
+        b.step(f"reduce-scatter {k}")
+        acc = sim_reduce._load(b, rows, 0, (staged, slice(lo, hi)))
+        for s in range(1, size):
+            acc = np.add(acc, sim_reduce._load(b, rows, s, (staged, slice(lo, hi))))
+        rows[result, lo:hi] = acc
+        yield b.cluster_sync()
+        b.step(f"all-gather {k}")
+        for c in range(size):
+            if c != rank:
+                chunk = slice(two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size))
+                rows[result, chunk] = sim_reduce._load(b, rows, c, (result, chunk))
+    out[rank] = rows[steps % 2]
+    yield b.cluster_sync()
+
+
+@pytest.mark.parametrize("size", [2, 3, 8])
+def test_a_chain_of_steady_two_shots_may_swap_staged_and_result(size):
+    steps, n = 5, 29
+    x = random_rows(int(np.random.default_rng().integers(2**31)), size, n, "float32")
+    out = np.full_like(x, np.nan)
+    sim.launch(chained_two_shot, size, x, out, steps)
+    want = x
+    for _ in range(steps):
+        want, _ = sim.cluster_reduce(want, "sum", "direct")
+    assert np.array_equal(bits(out), bits(want))
+
+
 def chained_steady_reduce(b, x, out, steps, buffers):
     """The GPU contract's chain (``primitives.reduce``'s docstring): operation k folds straight into this
     block's buffer (k + 1) % buffers, the row of operation k + 1. Writes ``out[rank]``, the last result."""
@@ -310,12 +371,20 @@ def test_a_chain_of_steady_reduces_may_fold_into_the_next_buffer(size):
 @pytest.mark.parametrize("xs, buffers, error, match", [
     (np.ones((2, 4), np.float32), 2, ValueError, r"xs must be a NumPy array \[steps, cluster_size, n\]"),
     (np.ones((0, 2, 4), np.float32), 2, ValueError, "steps >= 1"),
-    (np.ones((2, 2, 4), np.float32), 3, ValueError, r"buffers must be 2 \(the contract\) or 1"),
+    (np.ones((2, 2, 4), np.float32), 3, ValueError, r"buffers must be 2 or 1 for the steady direct reduce"),
     (np.ones((2, 17, 4), np.float32), 2, ValueError, "cluster_size"),
 ])
 def test_steady_reduce_rejects_bad_inputs(xs, buffers, error, match):
     with pytest.raises(error, match=match):
         sim.cluster_reduce_steady(xs, buffers=buffers)
+
+
+def test_steady_two_shot_takes_only_its_one_buffer_and_known_algorithms():
+    xs = np.ones((2, 2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"buffers must be 1 for the steady two_shot reduce"):
+        sim.cluster_reduce_steady(xs, buffers=2, algorithm="two_shot")
+    with pytest.raises(ValueError, match="algorithm"):
+        sim.cluster_reduce_steady(xs, algorithm="ring")
 
 
 @pytest.mark.parametrize("marker, hazard", [

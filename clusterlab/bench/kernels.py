@@ -12,6 +12,7 @@ Per-operation loops (one launch runs ``reps`` back-to-back operations; the bench
     reduce_loop_kernel(algorithm)   the primitives' reduce device function, called reps times
     gather_loop_kernel(algorithm)   the primitives' gather device function, called reps times
     direct_1barrier_loop(N)         the primitives' steady reduce (direct, double-buffered, 1 barrier/op)
+    two_shot_2barrier_loop(N)       the primitives' steady two_shot (2 barriers/op, the fewest bytes)
     direct_push_loop                benchmark variant: direct reduce pushed with st.async, mbarrier
                                     handshakes, no cluster barrier per op
     direct_gather_v4                benchmark variant: direct gather with 16-byte remote loads
@@ -186,6 +187,40 @@ def direct_1barrier_loop(cluster_size: int):
         last = (reps & 1) * slot
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             out[row, i] = staged[last + i]
+
+    return steady_loop
+
+
+@functools.cache
+def two_shot_2barrier_loop(cluster_size: int):
+    """Kernel calling the library's steady ``two_shot`` (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
+    ``sum``, clusters of ``cluster_size``) ``reps`` times, each result the next operation's input.
+
+    ``two_shot_2barrier_loop(cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32 [blocks, n];
+    dynamic shared memory ``rows`` [2, slot] (``steady_shared_bytes(n, "two_shot")``). Operation k
+    reduces rows[k % 2] into rows[(k + 1) % 2] (the contract's chain: the two arrays swap)::
+
+        stage row0 | barrier | chunk r of all row0 -> row1 | barrier | chunks of row1 from owners | ...
+
+    Two barriers per operation; the final barrier keeps each block alive until no peer reads it.
+    Bit for bit the result of ``reps`` calls of ``direct``.
+    """
+    steady_sum = steady_reduce_device_function("sum", cluster_size, "two_shot")
+
+    @cuda.jit
+    def steady_loop(x, out, n, reps):
+        rows = cuda.shared.array(0, dtype=np.float32, alignment=16)
+        slot = quad_padded(n)
+        row = cuda.blockIdx.x
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            rows[i] = x[row, i]
+        for it in range(reps):
+            staged = (it & 1) * slot
+            steady_sum(rows[staged:], rows[slot - staged:], n, it)
+        ptx.cluster_sync()  # peers may still be gathering from this block's result
+        last = (reps & 1) * slot
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            out[row, i] = rows[last + i]
 
     return steady_loop
 

@@ -18,10 +18,11 @@ One run measures, on the same GPU in the same process:
   ``torch.sum`` of the ``[clusters, N, n]`` tensor over N: one reduced row per cluster written to
   a separate ``[clusters, n]`` tensor, not a copy on every block, so not the same operation (per
   operation: a graph of sums of the same tensor, so it reads from L2 once the tensor fits there);
-- **the steady-state reduce** ``direct_1barrier``: the library's
+- **the steady-state reduces** ``direct_1barrier`` and ``two_shot_2barrier``: the library's
   :func:`~clusterlab.primitives.reduce.steady_reduce_device_function` (double-buffered direct
-  reduce, one cluster barrier per operation; the contract of back-to-back reduces), per operation
-  only, as it has no single-launch form apart from ``cluster_reduce_steady``;
+  reduce, one cluster barrier per operation; ``two_shot`` at two; the contract of back-to-back
+  reduces), each result the next operation's row, per operation only, as they have no
+  single-launch form apart from ``cluster_reduce_steady``;
 - **benchmark variants** that are not in :mod:`clusterlab.primitives`: ``direct_push`` (direct
   reduce whose rows are pushed with ``st.async`` and handed over with mbarrier phases, no cluster
   barrier per operation), ``direct_v4`` (direct gather with 16-byte remote loads, 4 in flight
@@ -104,8 +105,8 @@ SPINNING = ("global_grid_barrier", "direct_push")
 
 def reduce_shared_bytes(implementation: str, n: int, cluster_size: int) -> int:
     """Dynamic shared memory a reduce loop of ``n`` float32 elements per block needs."""
-    if implementation == "direct_1barrier":
-        return steady_result_offset(n) * FLOAT32_BYTES  # staged [2, slot]; results fold into the other buffer
+    if implementation in ("direct_1barrier", "two_shot_2barrier"):
+        return steady_result_offset(n) * FLOAT32_BYTES  # rows [2, slot]; each result folds into the other
     if implementation == "direct_push":
         return (n + 2 * cluster_size * n) * FLOAT32_BYTES
     return primitive_reduce_shared_bytes(implementation, n, cluster_size)
@@ -282,9 +283,9 @@ class PrimitivesBench:
                 kernels.reduce_loop_kernel(implementation), blocks, size, reduce_shared_bytes(implementation, n, size)
             )
             run = functools.partial(step, x, out, n, offset)
-        elif implementation == "direct_1barrier":
-            shared_bytes = reduce_shared_bytes(implementation, n, size)
-            step = self.launcher(kernels.direct_1barrier_loop(size), blocks, size, shared_bytes)
+        elif implementation in ("direct_1barrier", "two_shot_2barrier"):
+            loop = {"direct_1barrier": kernels.direct_1barrier_loop, "two_shot_2barrier": kernels.two_shot_2barrier_loop}
+            step = self.launcher(loop[implementation](size), blocks, size, reduce_shared_bytes(implementation, n, size))
             run = functools.partial(step, x, out, n)
         elif implementation == "direct_push":
             failed = torch.zeros(1, dtype=torch.int32, device="cuda")

@@ -29,9 +29,10 @@ from .timing import Stat, card_tag, write_json
 
 SCHEMA = "clusterlab.bench.primitives/1"
 
-#: The public steady-state reduce: :func:`clusterlab.primitives.reduce.steady_reduce_device_function`
-#: (double-buffered direct reduce), timed per operation only, with its cluster barriers per operation.
-REDUCE_STEADY = {"direct_1barrier": 1}
+#: The public steady-state reduces: :func:`clusterlab.primitives.reduce.steady_reduce_device_function`
+#: (the double-buffered direct reduce and the steady two_shot), timed per operation only, with their
+#: cluster barriers per operation.
+REDUCE_STEADY = {"direct_1barrier": 1, "two_shot_2barrier": 2}
 #: The reduce of the public contract: the host API's algorithms and the steady-state reduce.
 REDUCE_PUBLIC = (*simulator.REDUCE_ALGORITHMS, *REDUCE_STEADY)
 #: Benchmark-only implementations (not in clusterlab.primitives), each with its cluster barriers
@@ -169,8 +170,8 @@ def _choice_config(results: dict) -> str:
 #: What each target compares; every figure is per operation, at the same cluster size N >= 2 and
 #: configuration as the floor it is compared with.
 TARGETS = {
-    "small_reduce_vs_barrier": "fastest public reduce (the host API's algorithms and the steady-state reduce "
-    f"direct_1barrier), float32 messages up to {SMALL_MESSAGE_BYTES} B per block / one bare cluster barrier, "
+    "small_reduce_vs_barrier": "fastest public reduce (the host API's algorithms and the steady-state reduces "
+    f"direct_1barrier and two_shot_2barrier), float32 messages up to {SMALL_MESSAGE_BYTES} B per block / one bare cluster barrier, "
     f"<= {REDUCE_BARRIER_RATIO:g} at N <= {SMALL_CLUSTER_MAX}, <= {REDUCE_BARRIER_RATIO_LARGE_CLUSTER:g} above",
     "large_reduce_vs_dsmem_bound": "bus bandwidth of the fastest public reduce, float32 messages from "
     f"{LARGE_MESSAGE_BYTES // 1024} KiB per block / peak DSMEM read bandwidth, >= {REDUCE_PEAK_FRACTION:g}",
@@ -417,7 +418,7 @@ def auto_table(results: dict, path: str = "") -> dict:
 
 _VERDICT = {True: "", False: "*", None: "?"}
 #: Implementation names shortened in the target tables.
-SHORT = {"direct_1barrier": "1barrier"}
+SHORT = {"direct_1barrier": "1barrier", "two_shot_2barrier": "2shot2b"}
 
 
 def _bytes(nbytes: int) -> str:
@@ -545,7 +546,8 @@ PANEL_BYTES = (64, 256, 1024, 4096, 16384, 65536)
 STYLE = {
     "direct": ("C0", "-"), "ring": ("C1", "-"), "butterfly": ("C2", "-"), "bulk": ("C3", "-"), "two_shot": ("C6", "-"),
     "bulk_two_shot": ("C9", "-"),
-    "direct_1barrier": ("C0", "--"), "direct_push": ("C4", "--"), "direct_v4": ("C0", "--"),
+    "direct_1barrier": ("C0", "--"), "two_shot_2barrier": ("C6", "--"), "direct_push": ("C4", "--"),
+    "direct_v4": ("C0", "--"),
     "bulk_split": ("C3", "--"),
     "global_kernel_boundary": ("C7", "-."), "global_grid_barrier": ("C5", "-."), "torch": ("C8", ":"),
 }

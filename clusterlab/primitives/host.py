@@ -3,6 +3,7 @@
     out = primitives.cluster_reduce(x, op="sum", algorithm="ring")   # x [N, n] or [C, N, n]
     out = primitives.cluster_gather(x, algorithm="direct")            # -> [N, N*n] / [C, N, N*n]
     out = primitives.cluster_reduce_steady(xs, op="sum")              # xs [steps, N, n] / [steps, C, N, n]
+    out = primitives.cluster_reduce_steady(xs, algorithm="two_shot")  # 2 barriers a step, the fewest bytes
 
 ``x`` is a torch CUDA tensor (float32, float16 or bfloat16) or a NumPy array (float32, float16,
 ``ml_dtypes.bfloat16``), copied to the GPU. ``[C, N, n]`` runs C independent clusters of N blocks
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..gpu import require_hopper
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
-from ..simulator import GATHER_ALGORITHMS, MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK, OPS, REDUCE_ALGORITHMS
+from ..simulator import GATHER_ALGORITHMS, MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK, OPS, REDUCE_ALGORITHMS, STEADY_BUFFERS
 from ..simulator.inputs import check_choice
 from .auto import choose_gather_algorithm, choose_reduce_algorithm
 from .gather import gather_kernel, gather_shared_bytes, gather_stride
@@ -159,27 +160,30 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
     return _result(result, dtype, tuple(x.shape))
 
 
-def cluster_reduce_steady(xs, op: str = "sum", *, out=None):
-    """Back-to-back all-reduces in one launch, one cluster barrier each (``direct_steady_reduce``).
+def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out=None):
+    """Back-to-back all-reduces in one launch: ``direct`` at one cluster barrier each
+    (``direct_steady_reduce``), ``two_shot`` at two (``two_shot_steady_reduce``, the fewest bytes).
 
     ``xs``: [steps, N, n] or [steps, C, N, n], ``xs[k]`` operation k's rows; returns a CUDA tensor
     of the same shape and dtype (``out`` if given), ``out[k]`` bit for bit what
-    ``simulator.cluster_reduce_steady`` (and ``cluster_reduce(xs[k], op, "direct")``) returns.
+    ``simulator.cluster_reduce_steady(xs, op, algorithm=algorithm)`` (and ``cluster_reduce(xs[k], op,
+    "direct")``) returns.
     """
     check_choice("op", op, OPS)
+    check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     if getattr(xs, "ndim", None) not in (3, 4) or xs.shape[0] < 1:
         raise ValueError(f"xs must be [steps, cluster_size, n] or [steps, num_clusters, cluster_size, n] with "
                          f"steps >= 1; got {getattr(xs, 'shape', type(xs).__name__)}")
     dtype, num_clusters, cluster_size, n = _check_rows(xs[0], "xs[0]")
-    shared_bytes = steady_shared_bytes(n)
-    _check_shared_bytes(shared_bytes, n, "the steady direct reduce (two buffers and the result)")
+    shared_bytes = steady_shared_bytes(n, algorithm)
+    _check_shared_bytes(shared_bytes, n, f"the steady {algorithm} reduce (its staged rows and the result)")
     require_hopper()
     steps = xs.shape[0]
     rows = _storage_rows(xs, dtype, n)
     result = _output(out, dtype, tuple(xs.shape), rows)
     blocks = num_clusters * cluster_size
-    _launch(steady_reduce_kernel(op, dtype, cluster_size), blocks, cluster_size, shared_bytes, rows.view(steps, blocks, n),
-            result.view(steps, blocks, n), n, steady_result_offset(n))
+    _launch(steady_reduce_kernel(op, dtype, cluster_size, algorithm), blocks, cluster_size, shared_bytes,
+            rows.view(steps, blocks, n), result.view(steps, blocks, n), n, steady_result_offset(n, algorithm))
     return _result(result, dtype, tuple(xs.shape))
 
 

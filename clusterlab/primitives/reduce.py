@@ -56,6 +56,24 @@ The function is compiled for one cluster size (launch it in clusters of exactly 
 its fold is :func:`~clusterlab.primitives.ops.unrolled_fold_row`, all of an element's N remote
 loads in flight at once, so an operation costs its barrier and about one DSMEM round trip.
 
+Back-to-back ``two_shot`` all-reduces at **two cluster barriers each**, moving 2 (N - 1) / N rows a
+block instead of ``direct``'s N - 1 (the simulator's ``two_shot_steady_reduce``, its rules in that
+module's docstring)::
+
+    two_shot_steady_reduce(staged, result, n, k)    from steady_reduce_device_function(op, N, "two_shot")
+
+    staged     shared float32 [slot], 16-byte aligned, the same offset in every block: this block's
+               row of operation k on entry; free for operation k + 1's row once the call returns
+    result     shared float32 [slot], 16-byte aligned, the same offset in every block: the reduction
+               on return (chunk ``rank`` folded here, the others pulled from their owners); peers
+               read its chunk ``rank`` until they reach the next call's first barrier, so write it
+               only by calling again. ``staged`` and ``result`` may swap from one operation to the
+               next (a chain: operation k's result is operation k + 1's row)
+
+Barrier k.a opens the call (rows staged), k.b separates the reduce-scatter from the all-gather, a
+block barrier ends it; after the last operation ``ptx.cluster_sync()`` once: 2 x steps + 1 cluster
+barriers, against 3 x steps for separate ``two_shot`` calls.
+
 The host API, :func:`cluster_reduce`, stages rows from global memory, widening float16/bfloat16
 to float32, runs one of these, and rounds the result once to the input dtype;
 :func:`cluster_reduce_steady` does so for a sequence of operations.
@@ -65,13 +83,13 @@ from __future__ import annotations
 
 import functools
 
-from numba import cuda, float32
+from numba import cuda, float32, int32
 
 from .. import ptx
 from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
-from ..simulator.reduce import bulk_two_shot_chunk_slot, widest_chunk
+from ..simulator.reduce import STEADY_BUFFERS, bulk_two_shot_chunk_slot, widest_chunk
 from .ops import (CONVERSIONS, LOADS_IN_FLIGHT, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
                   rank_folds, ring_chunk, unrolled_fold_row)
 
@@ -360,23 +378,27 @@ def reduce_kernel(algorithm: str, op: str, dtype: str):
     return cluster_reduce_kernel
 
 
-def steady_result_offset(n: int) -> int:
-    """float32 element where ``result`` starts after the steady reduce's ``staged`` [2, slot]."""
-    return 2 * slot_elements(n, FLOAT32_BYTES)
+def steady_result_offset(n: int, algorithm: str = "direct") -> int:
+    """float32 element where ``result`` starts after the steady reduce's ``staged``: [2, slot] for
+    ``direct``, [slot] for ``two_shot``."""
+    check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
+    return STEADY_BUFFERS[algorithm] * slot_elements(n, FLOAT32_BYTES)
 
 
-def steady_shared_bytes(n: int) -> int:
-    """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged`` [2, slot] then ``result`` [n]."""
-    return (steady_result_offset(n) + n) * FLOAT32_BYTES
+def steady_shared_bytes(n: int, algorithm: str = "direct") -> int:
+    """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged`` then ``result`` [slot]."""
+    return (steady_result_offset(n, algorithm) + slot_elements(n, FLOAT32_BYTES)) * FLOAT32_BYTES
 
 
 @functools.cache
-def steady_reduce_device_function(op: str, cluster_size: int):
-    """``direct_steady_reduce(staged, result, n, k)`` with operator ``op`` for clusters of ``cluster_size``
-    blocks (see the module docstring)."""
+def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "direct"):
+    """``direct_steady_reduce(staged, result, n, k)`` or ``two_shot_steady_reduce(staged, result, n, k)``
+    with operator ``op`` for clusters of ``cluster_size`` blocks (see the module docstring)."""
     check_choice("op", op, tuple(OPERATORS))
     check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
+    check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     fold_row = unrolled_fold_row(op, cluster_size)
+    size = cluster_size
 
     @cuda.jit(device=True)
     def direct_steady_reduce(staged, result, n, k):
@@ -386,20 +408,63 @@ def steady_reduce_device_function(op: str, cluster_size: int):
         fold_row(staged, buffer, result, n)
         cuda.syncthreads()
 
-    return direct_steady_reduce
+    @cuda.jit(device=True, inline=True)
+    def gather_chunks(result, n, rank):
+        """Every quad of the row outside chunk ``rank`` from its owner's result, LOADS_IN_FLIGHT a thread
+        at a time (all issued before the first store); the tail after the whole quads (the last chunk's)
+        an element a thread."""
+        t = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        whole = n // 4
+        pulled = cuda.local.array((LOADS_IN_FLIGHT, 4), float32)  # quad q + j * threads: pulled[j]
+        owners = cuda.local.array(LOADS_IN_FLIGHT, int32)
+        q = t
+        while q < whole:
+            for j in range(LOADS_IN_FLIGHT):
+                owners[j] = rank
+                if q + j * threads < whole:
+                    owners[j] = two_shot_owner(q + j * threads, n, size)
+                if owners[j] != rank:
+                    pulled[j, 0], pulled[j, 1], pulled[j, 2], pulled[j, 3] = \
+                        ptx.remote_load_v4_f32(result, 4 * (q + j * threads), owners[j])
+            for j in range(LOADS_IN_FLIGHT):
+                if owners[j] != rank:
+                    at = 4 * (q + j * threads)
+                    result[at], result[at + 1], result[at + 2], result[at + 3] = \
+                        pulled[j, 0], pulled[j, 1], pulled[j, 2], pulled[j, 3]
+            q += LOADS_IN_FLIGHT * threads
+        if rank != size - 1:
+            for i in range(4 * whole + t, n, threads):
+                result[i] = ptx.remote_load(result, i, size - 1)
+
+    @cuda.jit(device=True)
+    def two_shot_steady_reduce(staged, result, n, k):
+        """Operation k: barrier k.a, fold chunk ``rank`` of every block's staged row into result;
+        barrier k.b, pull every other chunk from its owner's result."""
+        rank = ptx.cluster_rank()
+        lo = two_shot_chunk_start(rank, n, size)
+        hi = two_shot_chunk_start(rank + 1, n, size)
+        ptx.cluster_sync()  # k.a: every row of operation k is staged; peers' gathers of k - 1 are done
+        fold_row(staged, lo, result[lo:], hi - lo)
+        ptx.cluster_sync()  # k.b: every chunk is reduced; nobody reads staged any more
+        gather_chunks(result, n, rank)
+        cuda.syncthreads()
+
+    return direct_steady_reduce if algorithm == "direct" else two_shot_steady_reduce
 
 
 @functools.cache
-def steady_reduce_kernel(op: str, dtype: str, cluster_size: int):
+def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str = "direct"):
     """Kernel: block b reduces row b of ``xs[k]`` with its cluster into ``out[k]``, for every operation k.
 
     ``xs``/``out``: [steps, num_clusters * cluster_size, n], float32, or uint16 bit patterns for
     float16/bfloat16; launched in clusters of ``cluster_size``. Dynamic shared memory
-    (:func:`steady_shared_bytes`): ``staged`` [2, slot] at 0, ``result`` at ``result_offset``
-    (:func:`steady_result_offset`).
+    (:func:`steady_shared_bytes`): ``staged`` at 0 ([2, slot] for ``direct``, operation k in buffer
+    k % 2; [slot] for ``two_shot``), ``result`` at ``result_offset`` (:func:`steady_result_offset`).
     """
-    reduce = steady_reduce_device_function(op, cluster_size)
+    reduce = steady_reduce_device_function(op, cluster_size, algorithm)
     widen, narrow = CONVERSIONS[dtype]
+    buffers = STEADY_BUFFERS[algorithm]
 
     @cuda.jit
     def cluster_reduce_steady_kernel(xs, out, n, result_offset):
@@ -408,12 +473,12 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int):
         result = smem[result_offset:]
         row = cuda.blockIdx.x
         for k in range(xs.shape[0]):
-            buffer = (k % 2) * (result_offset // 2)
+            buffer = (k % buffers) * (result_offset // buffers)
             for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
                 staged[buffer + i] = widen(xs[k, row, i])
             reduce(staged, result, n, k)
             for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
                 out[k, row, i] = narrow(result[i])
-        ptx.cluster_sync()  # peers may still be reading the last operation's buffer
+        ptx.cluster_sync()  # peers may still be reading the last operation's rows
 
     return cluster_reduce_steady_kernel

@@ -33,6 +33,7 @@ Entry points::
 
     out, trace = cluster_reduce(x, op="sum", algorithm="ring")   # x [N, n] -> out [N, n]
     out, trace = cluster_reduce_steady(xs, op="sum")             # xs [steps, N, n]: 1 barrier a step
+    out, trace = cluster_reduce_steady(xs, algorithm="two_shot") # 2 barriers a step, the fewest bytes
     out, trace = cluster_gather(x, algorithm="direct")            # x [N, n] -> out [N, N*n]
     print(trace.phase_table()); trace.plot().savefig("ring.png"); trace.traffic().total
     trace = launch(my_program, cluster_size, *args)                # your own per-block program
@@ -56,7 +57,7 @@ from .hazards import (
     ProgramPoint,
     TransactionMismatch,
 )
-from .reduce import REDUCE_ALGORITHMS, cluster_reduce, cluster_reduce_steady
+from .reduce import REDUCE_ALGORITHMS, STEADY_BUFFERS, cluster_reduce, cluster_reduce_steady
 from .trace import DSMEM_KINDS, Trace, TraceEvent, Traffic
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "PhaseNeverCompletes",
     "ProgramPoint",
     "REDUCE_ALGORITHMS",
+    "STEADY_BUFFERS",
     "Region",
     "SharedArray",
     "Trace",

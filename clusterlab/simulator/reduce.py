@@ -74,6 +74,25 @@ cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[
   :func:`clusterlab.primitives.steady_reduce_device_function` (host API
   :func:`clusterlab.primitives.cluster_reduce_steady`).
 
+``cluster_reduce_steady(xs, algorithm="two_shot")`` — back-to-back ``two_shot`` all-reduces at
+**two cluster barriers per operation** (against three for separate calls), the fewest bytes an
+all-reduce moves::
+
+    shared memory per block: staged A[n] | result A[n]   (one buffer each)
+
+    operation k: stage x_k into staged; barrier k.a; block r pulls chunk r of every block's staged
+                 row and folds in rank order into result[chunk r] (the ``direct`` fold, the same
+                 bits); barrier k.b; block r pulls every other chunk c from block c's result
+    after the last operation: one exit barrier
+
+  The rules: (1) staged is read by peers only between barriers k.a and k.b, so staging operation
+  k + 1 after operation k returns (past k.b) overwrites nothing a peer still reads; (2) result's
+  chunk r is written only between k.a and k.b and read by peers only after k.b, until they arrive
+  at (k + 1).a, before which block r cannot write it again. Drop either barrier and a row is
+  overwritten while a peer reads it; the simulator reports it. The two arrays may swap roles
+  from one operation to the next (operation k's result is operation k + 1's staged row): the same
+  two rules cover a chain that copies nothing.
+
 ``two_shot`` — reduce-scatter then all-gather, each in one step (the ``ring``'s data movement
 without its N-1 + N-1 steps)::
 
@@ -125,6 +144,8 @@ from .memory import MBARRIER_BYTES, layout_bytes
 
 #: ClusterReduce algorithms, by name.
 REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk", "two_shot", "bulk_two_shot")
+#: Algorithms of :func:`cluster_reduce_steady`, with the staging buffers of their contract.
+STEADY_BUFFERS = {"direct": 2, "two_shot": 1}
 
 
 def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
@@ -153,30 +174,42 @@ def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
     return out, trace
 
 
-def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int = 2):
-    """``steps`` all-reduces back to back, one cluster barrier each (see the module docstring).
+def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int | None = None, algorithm: str = "direct"):
+    """``steps`` all-reduces back to back: ``direct`` at one cluster barrier each, ``two_shot`` at two
+    (see the module docstring).
 
     ``xs``: [steps, cluster_size, n], steps >= 1, dtype one of ``DTYPES``; ``xs[k]`` is operation
-    k's input, row r in block r. ``op``: one of ``OPS``. ``buffers``: 2 (the contract) or 1, the
-    single-buffered version the race checker rejects. Returns ``(out, trace)``: ``out``
-    [steps, cluster_size, n] in xs' dtype, ``out[k]`` bit for bit ``cluster_reduce(xs[k], op,
-    "direct")``'s.
+    k's input, row r in block r. ``op``: one of ``OPS``; ``algorithm``: one of ``STEADY_BUFFERS``.
+    ``buffers``: the staging buffers, by default the contract's (``direct`` 2, ``two_shot`` 1);
+    ``direct`` also takes 1, the single-buffered version the race checker rejects. Returns
+    ``(out, trace)``: ``out`` [steps, cluster_size, n] in xs' dtype, ``out[k]`` bit for bit
+    ``cluster_reduce(xs[k], op, "direct")``'s.
     """
     if not isinstance(xs, np.ndarray) or xs.ndim != 3 or xs.shape[0] < 1:
         raise ValueError(f"xs must be a NumPy array [steps, cluster_size, n] with steps >= 1; got "
                          f"{getattr(xs, 'shape', type(xs).__name__)}")
     check_rows(xs[0])
     check_choice("op", op, OPS)
-    if isinstance(buffers, bool) or buffers not in (1, 2):
-        raise ValueError(f"buffers must be 2 (the contract) or 1 (to see the race); got {buffers!r}")
+    check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
+    if buffers is None:
+        buffers = STEADY_BUFFERS[algorithm]
+    allowed = (1, 2) if algorithm == "direct" else (1,)
+    if isinstance(buffers, bool) or buffers not in allowed:
+        raise ValueError(f"buffers must be {' or '.join(map(str, reversed(allowed)))} for the steady {algorithm} "
+                         f"reduce ({STEADY_BUFFERS[algorithm]} is its contract); got {buffers!r}")
     steps, size, n = xs.shape
     name = dtype_name(xs.dtype)
-    check_fits("n (xs.shape[2])", n, lambda m: buffers * layout_bytes([m * accumulation_dtype(xs.dtype).itemsize]),
-               f"the steady direct reduce ({buffers} buffers, {name})")
+    row = n * accumulation_dtype(xs.dtype).itemsize
+    arrays = [buffers * row] if algorithm == "direct" else [row, row]  # staged | result
+    check_fits("n (xs.shape[2])", n, lambda m: layout_bytes([a // n * m for a in arrays]),
+               f"the steady {algorithm} reduce ({buffers} buffer{'s' if buffers > 1 else ''}, {name})")
     out = np.empty_like(xs)
-    title = (f"cluster_reduce_steady(op={op!r}, buffers={buffers}): {steps} steps of {size} blocks x {n} {name}, "
-             f"accumulating in {accumulation_dtype(xs.dtype).name}")
-    trace = launch(direct_steady_reduce, size, xs, out, op_ufunc(op), buffers, title=title)
+    title = (f"cluster_reduce_steady(op={op!r}, algorithm={algorithm!r}, buffers={buffers}): {steps} steps of "
+             f"{size} blocks x {n} {name}, accumulating in {accumulation_dtype(xs.dtype).name}")
+    if algorithm == "direct":
+        trace = launch(direct_steady_reduce, size, xs, out, op_ufunc(op), buffers, title=title)
+    else:
+        trace = launch(two_shot_steady_reduce, size, xs, out, op_ufunc(op), title=title)
     return out, trace
 
 
@@ -281,6 +314,31 @@ def direct_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.
             acc = combine(acc, _load(b, staged, s, (buffer, slice(None))))
         out[k, rank] = acc.astype(xs.dtype)
     yield b.cluster_sync()  # peers may still be reading the last operation's buffer
+
+
+def two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.ufunc):
+    """``two_shot`` once per operation, two barriers each. Writes ``out[k, rank]`` [n] for every operation k."""
+    size, rank, n = b.cluster_size, b.cluster_rank, xs.shape[2]
+    staged = b.shared_array("staged", (n,), accumulation_dtype(xs.dtype))
+    result = b.shared_array("result", (n,), staged.dtype)
+    lo, hi = two_shot_chunk_start(rank, n, size), two_shot_chunk_start(rank + 1, n, size)
+    for k in range(xs.shape[0]):
+        b.step(f"stage {k}")
+        staged[:] = xs[k, rank].astype(staged.dtype)
+        yield b.cluster_sync()  # k.a: every row of operation k is staged; peers' gathers of k - 1 are done
+        b.step(f"reduce-scatter {k}")
+        acc = _load(b, staged, 0, slice(lo, hi))
+        for s in range(1, size):
+            acc = combine(acc, _load(b, staged, s, slice(lo, hi)))
+        result[lo:hi] = acc
+        yield b.cluster_sync()  # k.b: every chunk is reduced; nobody reads staged any more
+        b.step(f"all-gather {k}")
+        for c in range(size):
+            if c != rank:
+                chunk = slice(two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size))
+                result[chunk] = _load(b, result, c, chunk)
+        out[k, rank] = result[:].astype(xs.dtype)
+    yield b.cluster_sync()  # peers may still be gathering from this block's result
 
 
 def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
