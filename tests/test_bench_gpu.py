@@ -44,29 +44,17 @@ def test_reduce_loop_equals_the_simulator_applied_again_and_again(algorithm, siz
     np.testing.assert_array_equal(out.cpu().numpy(), want.reshape(x.shape))
 
 
-@pytest.mark.parametrize("size", [1, 3, 8, 16])
-@pytest.mark.parametrize("reps", [1, 2, 3])
-def test_steady_reduce_loop_equals_repeated_direct_folds(size, reps):
-    import torch
-
-    rng = np.random.default_rng()
-    x = rng.standard_normal((2 * size, 301)).astype(np.float32)
-    out = torch.full(x.shape, float("nan"), device="cuda")
-    launch(kernels.direct_1barrier_loop(size), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
-           shared_bytes=4 * steady_result_offset(301), non_portable=size > 8)(torch.from_numpy(x).cuda(), out, 301, reps)
-    np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
-
-
+@pytest.mark.parametrize("algorithm", ["direct", "two_shot"])
 @pytest.mark.parametrize("size", [1, 3, 8, 16])
 @pytest.mark.parametrize("reps", [1, 2, 3])
 @pytest.mark.parametrize("n", [301, 4099])
-def test_steady_two_shot_loop_equals_repeated_direct_folds(size, reps, n):
+def test_steady_reduce_loops_equal_repeated_direct_folds(algorithm, size, reps, n):
     import torch
 
     rng = np.random.default_rng()
     x = rng.standard_normal((2 * size, n)).astype(np.float32)
     out = torch.full(x.shape, float("nan"), device="cuda")
-    launch(kernels.two_shot_2barrier_loop(size), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
+    launch(kernels.steady_reduce_loop(algorithm, size), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
            shared_bytes=4 * steady_result_offset(n), non_portable=size > 8)(torch.from_numpy(x).cuda(), out, n, reps)
     np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
 

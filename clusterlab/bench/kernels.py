@@ -11,8 +11,8 @@ Per-operation loops (one launch runs ``reps`` back-to-back operations; the bench
 
     reduce_loop_kernel(algorithm)   the primitives' reduce device function, called reps times
     gather_loop_kernel(algorithm)   the primitives' gather device function, called reps times
-    direct_1barrier_loop(N)         the primitives' steady reduce (direct, double-buffered, 1 barrier/op)
-    two_shot_2barrier_loop(N)       the primitives' steady two_shot (2 barriers/op, the fewest bytes)
+    steady_reduce_loop(alg, N)      the primitives' steady reduces: direct (double-buffered, 1 barrier/op)
+                                    and two_shot (2 barriers/op, the fewest bytes)
     direct_push_loop                benchmark variant: direct reduce pushed with st.async, mbarrier
                                     handshakes, no cluster barrier per op
     direct_gather_v4                benchmark variant: direct gather with 16-byte remote loads
@@ -157,55 +157,25 @@ def reduce_loop_kernel(algorithm: str):
 
 
 @functools.cache
-def direct_1barrier_loop(cluster_size: int):
-    """Kernel calling the library's one-barrier reduce (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
+def steady_reduce_loop(algorithm: str, cluster_size: int):
+    """Kernel calling the library's steady reduce (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
     ``sum``, clusters of ``cluster_size``) ``reps`` times, each result the next operation's input.
 
-    ``direct_1barrier_loop(cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32 [blocks, n];
-    dynamic shared memory ``staged`` [2, slot] (``steady_result_offset(n)`` float32 elements).
-    Operation k pulls buffer k % 2 of every block (the ``direct`` fold, ranks 0..N-1 in order) and
-    folds straight into this block's buffer (k + 1) % 2, the next operation's row (the contract's
-    chain: nothing is copied)::
+    ``steady_reduce_loop(algorithm, cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32
+    [blocks, n]; dynamic shared memory ``rows`` [2, slot] (``steady_result_offset(n)`` float32
+    elements). Operation k reduces rows[k % 2] into rows[(k + 1) % 2], the contract's chain, which
+    copies nothing: ``direct`` (``direct_1barrier`` in the results, one barrier an operation) takes
+    both rows as its double buffer and folds into the other one; ``two_shot`` (``two_shot_2barrier``,
+    two barriers) takes them as ``staged`` and ``result``, swapped every operation::
 
-        stage buf0 | barrier | buf0 of all -> buf1 | barrier | buf1 of all -> buf0 | ...
+        direct    stage row0 | barrier | row0 of all -> row1 | barrier | row1 of all -> row0 | ...
+        two_shot  stage row0 | barrier | chunk r of all row0 -> row1 | barrier | row1's chunks from owners | ...
 
-    One barrier per operation (the device function's rules); the final barrier keeps each block
-    alive until no peer reads it. Bit for bit the result of ``reps`` calls of ``direct``.
+    The final barrier keeps each block alive until no peer reads it. Bit for bit the result of
+    ``reps`` calls of ``direct``.
     """
-    steady_sum = steady_reduce_device_function("sum", cluster_size)
-
-    @cuda.jit
-    def steady_loop(x, out, n, reps):
-        staged = cuda.shared.array(0, dtype=np.float32, alignment=16)
-        slot = quad_padded(n)
-        row = cuda.blockIdx.x
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            staged[i] = x[row, i]
-        for it in range(reps):
-            steady_sum(staged, staged[((it + 1) & 1) * slot:], n, it)
-        ptx.cluster_sync()  # peers may still be reading the last operation's buffer
-        last = (reps & 1) * slot
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            out[row, i] = staged[last + i]
-
-    return steady_loop
-
-
-@functools.cache
-def two_shot_2barrier_loop(cluster_size: int):
-    """Kernel calling the library's steady ``two_shot`` (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
-    ``sum``, clusters of ``cluster_size``) ``reps`` times, each result the next operation's input.
-
-    ``two_shot_2barrier_loop(cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32 [blocks, n];
-    dynamic shared memory ``rows`` [2, slot] (``steady_shared_bytes(n, "two_shot")``). Operation k
-    reduces rows[k % 2] into rows[(k + 1) % 2] (the contract's chain: the two arrays swap)::
-
-        stage row0 | barrier | chunk r of all row0 -> row1 | barrier | chunks of row1 from owners | ...
-
-    Two barriers per operation; the final barrier keeps each block alive until no peer reads it.
-    Bit for bit the result of ``reps`` calls of ``direct``.
-    """
-    steady_sum = steady_reduce_device_function("sum", cluster_size, "two_shot")
+    steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm)
+    direct = algorithm == "direct"
 
     @cuda.jit
     def steady_loop(x, out, n, reps):
@@ -215,9 +185,12 @@ def two_shot_2barrier_loop(cluster_size: int):
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             rows[i] = x[row, i]
         for it in range(reps):
-            staged = (it & 1) * slot
-            steady_sum(rows[staged:], rows[slot - staged:], n, it)
-        ptx.cluster_sync()  # peers may still be gathering from this block's result
+            if direct:  # the double buffer, folded into its other row
+                steady_sum(rows, rows[((it + 1) & 1) * slot:], n, it)
+            else:  # staged and result, swapped
+                current = (it & 1) * slot
+                steady_sum(rows[current:], rows[slot - current:], n, it)
+        ptx.cluster_sync()  # peers may still be reading this block's rows
         last = (reps & 1) * slot
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             out[row, i] = rows[last + i]
@@ -485,7 +458,7 @@ def global_exchange_loop(x, buffers, out, counter, n, size, reps):
     ``x``, ``out``: float32 [blocks, n]; ``buffers``: float32 [2, blocks, n]; ``counter``: int32
     [1], zeroed before the launch. Operation k: grid barrier, then block b folds its group's rows
     of ``buffers[k % 2]`` (rank order) into ``buffers[(k + 1) % 2][b]`` -- double-buffered like
-    :func:`direct_1barrier_loop`, one grid barrier per operation. All blocks must be resident.
+    :func:`steady_reduce_loop`, one grid barrier per operation. All blocks must be resident.
     """
     row = cuda.blockIdx.x
     first = row - row % size

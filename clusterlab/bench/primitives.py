@@ -99,13 +99,15 @@ GRAPH_CHAIN = 32
 #: Normwise relative error a checked reduce may have (sums of at most 16 terms vs float64).
 #: bfloat16 keeps 8 significant bits: one rounding of the float32 result is 2^-9 relative at most.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-3, "float16": 2e-3}
+#: The library's algorithm behind each steady-state reduce of the results.
+STEADY_ALGORITHM = {"direct_1barrier": "direct", "two_shot_2barrier": "two_shot"}
 #: Reduce implementations whose kernels spin on flags, timed after everything else (see :func:`_tasks`).
 SPINNING = ("global_grid_barrier", "direct_push")
 
 
 def reduce_shared_bytes(implementation: str, n: int, cluster_size: int) -> int:
     """Dynamic shared memory a reduce loop of ``n`` float32 elements per block needs."""
-    if implementation in ("direct_1barrier", "two_shot_2barrier"):
+    if implementation in STEADY_ALGORITHM:
         return steady_result_offset(n) * FLOAT32_BYTES  # rows [2, slot]; each result folds into the other
     if implementation == "direct_push":
         return (n + 2 * cluster_size * n) * FLOAT32_BYTES
@@ -283,9 +285,9 @@ class PrimitivesBench:
                 kernels.reduce_loop_kernel(implementation), blocks, size, reduce_shared_bytes(implementation, n, size)
             )
             run = functools.partial(step, x, out, n, offset)
-        elif implementation in ("direct_1barrier", "two_shot_2barrier"):
-            loop = {"direct_1barrier": kernels.direct_1barrier_loop, "two_shot_2barrier": kernels.two_shot_2barrier_loop}
-            step = self.launcher(loop[implementation](size), blocks, size, reduce_shared_bytes(implementation, n, size))
+        elif implementation in STEADY_ALGORITHM:
+            step = self.launcher(kernels.steady_reduce_loop(STEADY_ALGORITHM[implementation], size), blocks, size,
+                                 reduce_shared_bytes(implementation, n, size))
             run = functools.partial(step, x, out, n)
         elif implementation == "direct_push":
             failed = torch.zeros(1, dtype=torch.int32, device="cuda")
