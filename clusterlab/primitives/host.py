@@ -19,7 +19,8 @@ import numpy as np
 
 from ..gpu import require_hopper
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
-from ..simulator import GATHER_ALGORITHMS, MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK, OPS, REDUCE_ALGORITHMS, STEADY_BUFFERS
+from ..simulator import (GATHER_ALGORITHMS, MAX_CLUSTER_SIZE, MAX_SMEM_BYTES_PER_BLOCK, OPS, REDUCE_ALGORITHMS,
+                         STEADY_BUFFERS)
 from ..simulator.inputs import check_choice
 from .auto import choose_gather_algorithm, choose_reduce_algorithm
 from .gather import gather_kernel, gather_shared_bytes, gather_stride

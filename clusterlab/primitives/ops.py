@@ -147,6 +147,18 @@ def unrolled_fold_row(op: str, cluster_size: int):
         return acc
 
     @cuda.jit(device=True, inline=True)
+    def fold_quad(acc, j, shared, at, s):
+        """Rank ``s``'s quad ``shared[at ..]`` into ``acc[j]`` (rank 0's copied, the others combined)."""
+        b0, b1, b2, b3 = ptx.remote_load_v4_f32(shared, at, s)
+        if s == 0:
+            acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3] = b0, b1, b2, b3
+        else:
+            acc[j, 0] = combine(acc[j, 0], b0)
+            acc[j, 1] = combine(acc[j, 1], b1)
+            acc[j, 2] = combine(acc[j, 2], b2)
+            acc[j, 3] = combine(acc[j, 3], b3)
+
+    @cuda.jit(device=True, inline=True)
     def fold_row(shared, source, dest, n):
         t = cuda.threadIdx.x
         threads = cuda.blockDim.x
@@ -160,28 +172,14 @@ def unrolled_fold_row(op: str, cluster_size: int):
         while q + (together - 1) * threads < whole:
             for s in range(size):  # rank by rank, every quad of the round: size x together loads in flight
                 for j in range(together):
-                    b0, b1, b2, b3 = ptx.remote_load_v4_f32(shared, source + 4 * (q + j * threads), s)
-                    if s == 0:
-                        acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3] = b0, b1, b2, b3
-                    else:
-                        acc[j, 0] = combine(acc[j, 0], b0)
-                        acc[j, 1] = combine(acc[j, 1], b1)
-                        acc[j, 2] = combine(acc[j, 2], b2)
-                        acc[j, 3] = combine(acc[j, 3], b3)
+                    fold_quad(acc, j, shared, source + 4 * (q + j * threads), s)
             for j in range(together):
                 at = 4 * (q + j * threads)
                 dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3]
             q += together * threads
         while q < whole:  # the last quads, fewer than a round
             for s in range(size):
-                b0, b1, b2, b3 = ptx.remote_load_v4_f32(shared, source + 4 * q, s)
-                if s == 0:
-                    acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = b0, b1, b2, b3
-                else:
-                    acc[0, 0] = combine(acc[0, 0], b0)
-                    acc[0, 1] = combine(acc[0, 1], b1)
-                    acc[0, 2] = combine(acc[0, 2], b2)
-                    acc[0, 3] = combine(acc[0, 3], b3)
+                fold_quad(acc, 0, shared, source + 4 * q, s)
             dest[4 * q], dest[4 * q + 1], dest[4 * q + 2], dest[4 * q + 3] = acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3]
             q += threads
         for i in range(4 * whole + t, n, threads):
