@@ -26,7 +26,7 @@ Device-function contract (all six)::
                iteration & 1
 
 Every block of the cluster must call it with all its threads, at most 512 (``direct`` and
-``two_shot`` keep 8 loads of 16 bytes a thread in registers, the steady reduce one or two a rank). It opens with a
+``two_shot`` keep 8 loads of 16 bytes a thread in registers, the steady reduces N x ceil(4 / N)). It opens with a
 cluster barrier (publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
 ``staged`` and ``work`` are free to reuse and the block may exit.
 
