@@ -40,6 +40,10 @@ def rows(*shape, dtype=np.float32):
         (lambda: primitives.cluster_reduce_steady(rows(2, 4, 8, dtype=np.float64)), TypeError, r"xs\[0\]\.dtype must be"),
         (lambda: primitives.cluster_reduce_steady(rows(2, 17, 8)), ValueError, "cluster_size.*1..16; got 17"),
         (lambda: primitives.cluster_reduce_steady(rows(2, 2, 20_000)), ValueError, "n=20000 needs .* steady"),
+        (lambda: primitives.cluster_reduce_steady(rows(2, 4, 8), algorithm="ring"), ValueError,
+         "algorithm must be one of"),
+        (lambda: primitives.cluster_reduce_steady(rows(2, 2, 40_000), algorithm="two_shot"), ValueError,
+         "n=40000 needs .* steady two_shot"),
     ],
 )
 def test_bad_input_is_rejected_before_launch(call, error, message):
