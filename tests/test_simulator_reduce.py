@@ -237,19 +237,20 @@ def test_a_16_block_float32_reduce_is_fast_enough_to_iterate_on():
 # ------------------------------------------------------------------- back to back: one barrier a step
 
 
+@pytest.mark.parametrize("algorithm, barriers_a_step", [("direct", 1), ("two_shot", 2)])  # separate calls: 2, 3
 @pytest.mark.parametrize("size", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("dtype, op", [("float32", "sum"), ("bfloat16", "sum"), ("int32", "sum"), ("float16", "max")])
-def test_steady_reduce_is_direct_bit_for_bit_with_one_barrier_a_step(size, dtype, op):
+def test_steady_reduces_are_direct_bit_for_bit_with_their_barriers_a_step(algorithm, barriers_a_step, size, dtype, op):
     seed = int(np.random.default_rng().integers(2**31))
     steps, n = 5, 37
     xs = np.stack([random_rows(seed + k, size, n, dtype) for k in range(steps)])
-    out, trace = sim.cluster_reduce_steady(xs, op)
+    out, trace = sim.cluster_reduce_steady(xs, op, algorithm=algorithm)
     for k in range(steps):
         assert np.array_equal(bits(out[k]), bits(documented_order(xs[k], op, "direct"))), k
         once, _ = sim.cluster_reduce(xs[k], op, "direct")
         assert np.array_equal(bits(out[k]), bits(once)), k
     barriers = sum(1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0)
-    assert barriers == steps + 1  # separate direct calls: 2 * steps
+    assert barriers == barriers_a_step * steps + 1
 
 
 def test_steady_reduce_agrees_with_numpy():
@@ -270,19 +271,6 @@ def test_one_buffer_lets_the_next_step_overwrite_a_row_a_peer_still_reads(size):
     # A block stages step 1 into the row a peer still pulls for step 0, with no barrier between.
     assert {p.step for p in race.points} == {"pull and fold 0", "stage 1"}
     assert race.owner in race.blocks and race.byte_range == (0, 8 * 4)
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 8, 16])
-@pytest.mark.parametrize("dtype, op", [("float32", "sum"), ("bfloat16", "sum"), ("int32", "sum"), ("float16", "max")])
-def test_steady_two_shot_is_direct_bit_for_bit_with_two_barriers_a_step(size, dtype, op):
-    seed = int(np.random.default_rng().integers(2**31))
-    steps, n = 4, 37
-    xs = np.stack([random_rows(seed + k, size, n, dtype) for k in range(steps)])
-    out, trace = sim.cluster_reduce_steady(xs, op, algorithm="two_shot")
-    for k in range(steps):
-        assert np.array_equal(bits(out[k]), bits(documented_order(xs[k], op, "direct"))), k
-    barriers = sum(1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0)
-    assert barriers == 2 * steps + 1  # separate two_shot calls: 3 * steps
 
 
 @pytest.mark.parametrize("marker", ["yield b.cluster_sync()  # k.a", "yield b.cluster_sync()  # k.b"])
