@@ -380,6 +380,18 @@ def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp
 
 
 @pytest.mark.gpu
+def test_the_benchmark_skips_a_variant_a_batch_cannot_run(tmp_path, capsys):
+    """A ``--variant`` with fewer warps than the batch has sequences is skipped with the reason,
+    and the run goes on with the variants that can run it."""
+    from clusterlab.bench.fused import run_bench
+
+    rows = run_bench(presets=("llama3.2-1b",), kv_lens=(256,), batches=(8,), variants=[(16, 4, 2), (16, 8, 2)],
+                     ragged=False, out_dir=tmp_path, tag="test")
+    assert [(r.cluster_size, r.warps, r.head_split) for r in rows] == [(16, 8, 2)] and rows[0].rel_err < 1e-2
+    assert "batch 8: variant 16x4x2 skipped: " in capsys.readouterr().out
+
+
+@pytest.mark.gpu
 def test_step_replays_in_a_cuda_graph():
     config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128)
     weights = AttentionWeights.random(config, torch.float16, "cuda", seed=3)

@@ -146,6 +146,11 @@ def variant_options(config, variant: tuple[int, ...]) -> dict:
     return dict(zip(("cluster_size", "warps", _family(config).third), variant))
 
 
+def variant_tuple(options: dict) -> tuple[int, ...]:
+    """The ``--variant`` tuple :func:`variant_options` made ``options`` from."""
+    return tuple(v for k, v in options.items() if k != "kernel_options")
+
+
 class _Rotation:
     """``copies`` layers, each with weights, cache and inputs of its own; ``step()`` runs the next.
 
@@ -258,6 +263,15 @@ def run_bench(
                 step_bytes = config.step_bytes(batch, lengths)
                 copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
                 run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
+                try:
+                    run.sets[0]["fused"].kernel_spec(dtype, batch)
+                except ValueError as exc:
+                    if "cluster_size" not in variant:
+                        raise  # the launch rule's own shape must run
+                    print(f"{name} {dtype_name} batch {batch}: variant {'x'.join(map(str, variant_tuple(variant)))}"
+                          f" skipped: {exc}", flush=True)
+                    del run
+                    break
                 cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch)
                 if (is_ragged, lengths) == cases[0]:
                     fit = run.clusters_fit()
