@@ -10,15 +10,17 @@ with the next step's keys in flight (``KernelSpec.pipelined_kv``), ragged length
 inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose shared regions at their
 largest share words (``KernelSpec.overlay``: ``xs``/``partial``, then ``scratch``, then ``o``); and
 one sequence with ``h * norm`` interleaved in shared memory (``KernelSpec.interleave_inputs``).
+Then the hand-off kernels (``DecodeAttention.handoff``: float32 sums in, out and cleared) of
+three of those shapes and of the Llama-3-8B preset at batch 1.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
 import torch
 
-from sanitize_steps import exit_with, run_steps
+from sanitize_steps import TOLERANCE, exit_with, run_steps
 
 from clusterlab.fused import PRESETS, AttentionConfig, AttentionWeights, DecodeAttention, KVCache
-from clusterlab.fused.reference import reference_step
+from clusterlab.fused.reference import reference_step, relative_error
 
 SHAPES = [
     # (config, layer options, positions, dtype)
@@ -35,4 +37,30 @@ SHAPES = [
      {"cluster_size": 8, "warps": 4, "kernel_options": {"interleave_inputs": True}}, [333], torch.float16),
 ]
 
-exit_with(run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step))
+HANDOFF_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[4], (PRESETS["llama3-8b"], {}, [700], torch.float16)]
+
+
+def handoff_steps(shapes) -> int:
+    """One ``handoff`` step a shape: the float32 input sums fresh draws, the output buffer zero, the
+    one to clear poisoned with NaN. Returns how many miss the reference or leave NaN uncleared."""
+    failures = 0
+    for config, options, positions, dtype in shapes:
+        weights = AttentionWeights.random(config, dtype, "cuda")
+        batch = len(positions)
+        cache = KVCache.random(config, batch, max(positions) + 2, dtype, "cuda")
+        sums = torch.randn(3, batch, config.hidden_size, device="cuda")
+        sums[1].zero_()
+        sums[2].fill_(float("nan"))
+        residual = torch.randn(batch, config.hidden_size, device="cuda").to(dtype)
+        want = reference_step(config, weights, sums[0].to(dtype), residual, cache, positions)
+        DecodeAttention(config, weights, **options).handoff(
+            sums[0], residual, cache, torch.tensor(positions, dtype=torch.int32, device="cuda"), sums_out=sums[1],
+            clear=sums[2])
+        torch.cuda.synchronize()
+        error, cleared = relative_error(sums[1], want.out), bool((sums[2] == 0).all())
+        print(f"handoff {options} positions {positions} {dtype}: rel err {error:.1e}, cleared {cleared}")
+        failures += not (error < TOLERANCE and cleared)
+    return failures
+
+
+exit_with(run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step) + handoff_steps(HANDOFF_SHAPES))

@@ -6,8 +6,9 @@ Shapes: clusters of 1, 2 and 4 blocks of 4, 8 and 16 warps, batches of 1 to 8, f
 projections on the CUDA cores (``h * norm`` interleaved in shared memory, ``MLPSpec.interleave_inputs``;
 the sixth shape in the plain order) and (the fourth and fifth shapes) on the tensor cores, and the
 rule's own shape at batch 1 on an H100 or H200 (the last: clusters of 2 x 16 warps, one block an SM);
-each step twice, so the second runs on the workspace the first one's finish left. Exits non-zero if any step
-misses the float64 reference (the sanitizer reports hazards itself).
+each step twice, so the second runs on the workspace the first one's finish left; then once through the
+hand-off kernel (``DecodeMLP.handoff``: float32 sums in, out and cleared). Exits non-zero if any step
+misses the float64 reference or leaves its buffer uncleared (the sanitizer reports hazards itself).
 """
 
 import torch
@@ -40,5 +41,14 @@ for config, options, batch, dtype in SHAPES:
         error = relative_error(out, want)
         print(f"{options} batch {batch} {dtype} run {run}: shape {layer.shape(batch)}, rel err {error:.1e}")
         failures += not error < 1e-2
+    sums = torch.randn(3, batch, config.hidden_size, device="cuda")
+    sums[1].zero_()
+    sums[2].fill_(float("nan"))
+    want, _ = reference_mlp(weights, sums[0].to(dtype), residual, config.rms_eps)
+    layer.handoff(sums[0], residual, sums_out=sums[1], clear=sums[2])
+    torch.cuda.synchronize()
+    error, cleared = relative_error(sums[1], want), bool((sums[2] == 0).all())
+    print(f"{options} batch {batch} {dtype} handoff: rel err {error:.1e}, cleared {cleared}")
+    failures += not (error < 1e-2 and cleared)
 print(f"{failures} mismatches")
 raise SystemExit(1 if failures else 0)

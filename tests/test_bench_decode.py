@@ -30,8 +30,8 @@ TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
 ROW_KEYS = {"preset", "dtype", "batch", "context", "fused_us", "unfused_us", "hf_us", "floor_us", "bytes_per_token",
             "fused_attention_us"}
 BREAKDOWN_KEYS = {"preset", "dtype", "batch", "context", "model", "attention_us", "mlp_us", "rest_us", "step_us"}
-RECORD_KEYS = {"card", "driver", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "hf", "rows",
-               "breakdown"}
+RECORD_KEYS = {"card", "driver", "driver_cuda_version", "software", "date", "commit", "copy_bandwidth_tbps", "hf",
+               "handoff", "rows", "breakdown"}
 
 
 def tiny(**changes) -> ModelConfig:
@@ -109,6 +109,7 @@ def test_results_json_has_exactly_the_schema_and_the_picture_is_written(tmp_path
     record = json.loads(json_path.read_text())
     assert set(record) == RECORD_KEYS
     assert record["card"] == "NVIDIA H200" and record["commit"] == "0123456789abcdef" and record["hf"] == hf
+    assert record["handoff"] is True  # the model's default, unless the run says otherwise
     assert record["copy_bandwidth_tbps"] == pytest.approx(4.3)
     assert record["software"]["transformers"] == "5.24.0"
     assert [set(r) for r in record["rows"]] == [ROW_KEYS] * 3

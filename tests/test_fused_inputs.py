@@ -1,6 +1,7 @@
 """Bad inputs to the fused layer's public entry points: each a clear error naming the parameter, raised before any work."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -340,3 +341,53 @@ def test_bench_kernel_options_are_refused_for_the_mla_preset_before_anything_run
     with pytest.raises(ValueError, match=r"kernel options \(--spec\) apply to the Llama-style presets, not to "
                                          "deepseek-v2-lite"):
         run_bench(presets=("llama3-8b", "deepseek-v2-lite"), options=[{"registers": 168}])
+
+
+
+def _overlapping(buffers):
+    """hidden_sums and sums_out as two views of one buffer, 64 floats apart."""
+    flat = torch.zeros(BATCH * CONFIG.hidden_size + 64)
+    buffers["hidden_sums"] = flat[: BATCH * CONFIG.hidden_size].view(BATCH, CONFIG.hidden_size)
+    buffers["sums_out"] = flat[64:].view(BATCH, CONFIG.hidden_size)
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp"])
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda b: b.update(hidden_sums=b["hidden_sums"].half()), TypeError,
+         "hidden_sums has dtype torch.float16; expected torch.float32"),
+        (lambda b: b.update(sums_out=torch.zeros(BATCH, 64)), ValueError, "sums_out has shape (2, 64); expected (2, 128)"),
+        (lambda b: b.update(clear=torch.zeros(2 * BATCH, CONFIG.hidden_size)[::2]), ValueError,
+         "clear must be contiguous"),
+        (lambda b: b.update(hidden_sums=torch.zeros(9, CONFIG.hidden_size)), ValueError,
+         "hidden_sums has batch 9; allowed 1..8"),
+        (lambda b: b.update(residual=b["residual"].float()), TypeError,
+         "residual has dtype torch.float32; expected torch.float16"),
+        (lambda b: b.update(clear=b["sums_out"]), ValueError, "clear and sums_out share memory"),
+        (_overlapping, ValueError, "hidden_sums and sums_out share memory; a hand-off step reads hidden_sums"),
+    ],
+)
+def test_handoff_refuses_bad_buffers_before_any_work(block, change, error, words):
+    """``DecodeAttention.handoff`` and ``DecodeMLP.handoff`` check their float32 buffers (dtype,
+    shape, layout, batch, three that share no byte) and the residual, naming the argument, and
+    leave every buffer as it was."""
+    from clusterlab.fused import DecodeMLP, MLPConfig, MLPWeights
+
+    weights, _, residual, cache = _inputs()
+    sums = torch.randn(3, BATCH, CONFIG.hidden_size)
+    buffers = {"hidden_sums": sums[0], "sums_out": sums[1], "clear": sums[2], "residual": residual}
+    change(buffers)
+    before = {name: t.clone() for name, t in buffers.items()}
+    if block == "attention":
+        layer = DecodeAttention(CONFIG, weights)
+        call = functools.partial(layer.handoff, buffers["hidden_sums"], buffers["residual"], cache, 3)
+    else:
+        config = MLPConfig(CONFIG.hidden_size, 256)
+        layer = DecodeMLP(config, MLPWeights.random(config, torch.float16, seed=3))
+        call = functools.partial(layer.handoff, buffers["hidden_sums"], buffers["residual"])
+    with pytest.raises(error) as info:
+        call(sums_out=buffers["sums_out"], clear=buffers["clear"])
+    assert words in str(info.value)
+    for name, t in buffers.items():
+        assert torch.equal(t, before[name]), name

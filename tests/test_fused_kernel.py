@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from rounding import assert_rounds_like
 
 from clusterlab.fused import (
     LLAMA2_7B,
@@ -194,6 +195,26 @@ def test_tiles_of_the_matrix_vector_steps():
 
     with pytest.raises(ValueError, match="clamped steps run on the tensor cores only"):
         make_gemv(1, False, GemvTile(32, 2, 8, 1), x_stride=512, out_stride=128, atomic=False, clamped=True)
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, bf16, batch", [(LLAMA3_8B, False, 1), (LLAMA3_8B, True, 4), (LLAMA3_2_1B, False, 8)],
+                         ids=["llama3-8b-f16-b1", "llama3-8b-bf16-b4", "llama3.2-1b-f16-b8"])
+def test_the_handoff_kernel_drops_the_finish_and_keeps_the_register_budget(config, bf16, batch):
+    """``KernelSpec.handoff``: no arrival counter and no fence (nobody converts), the same cluster
+    barriers, no spill the plain kernel lacks; the float32 sums come in 16 bytes at a time."""
+    import dataclasses
+
+    from clusterlab.toolchain import assemble
+
+    spec = KernelSpec.of(config, bf16, batch, *launch_shape(config, batch, 132))
+    plain, handoff = spec_ptx(spec), spec_ptx(dataclasses.replace(spec, handoff=True))
+    assert "atom.global.add.u32" in plain and "membar.gl" in plain
+    assert "atom.global.add.u32" not in handoff and "membar.gl" not in handoff
+    for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire", "atom.global.add.f32"):
+        assert handoff.count(instruction) == plain.count(instruction), instruction
+    assert "st.local" not in handoff
+    assert assemble(handoff).spill_bytes <= assemble(plain).spill_bytes
 
 
 def _random_inputs(config, dtype, batch, capacity, seed):
@@ -389,6 +410,39 @@ def test_the_benchmark_skips_a_variant_a_batch_cannot_run(tmp_path, capsys):
                      ragged=False, out_dir=tmp_path, tag="test")
     assert [(r.cluster_size, r.warps, r.head_split) for r in rows] == [(16, 8, 2)] and rows[0].rel_err < 1e-2
     assert "batch 8: variant 16x4x2 skipped: " in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, options, positions, dtype",
+    [(LLAMA3_8B, {}, [700], torch.float16), (LLAMA3_8B, {}, [5, 300, 0, 77], torch.bfloat16),
+     (SMALL["gqa-d64-gptj-c16"], {"cluster_size": 4, "head_split": 2}, [3, 40, 0], torch.float16),
+     (SMALL["mha-d128"], {"cluster_size": 8, "warps": 8}, [130, 5, 64, 9, 1, 0, 12, 300], torch.bfloat16)],
+    ids=["llama3-8b-b1", "llama3-8b-b4-bf16", "gqa-split-b3", "mha-b8-bf16"],
+)
+def test_a_handoff_step_computes_what_the_plain_step_does(config, options, positions, dtype):
+    """``DecodeAttention.handoff`` against ``__call__`` on the same inputs: ``hidden`` as float32 sums
+    (values no 16-bit type holds, so its rounding on the way in counts), the output's sums rounded
+    as the plain step's ``out``, the same residual and cache rows, and the third buffer cleared."""
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=23)
+    layer = DecodeAttention(config, weights, **options)
+    batch = len(positions)
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    sums = torch.randn(3, batch, config.hidden_size, generator=gen, device="cuda")
+    sums[1].zero_()
+    sums[2].fill_(float("nan"))
+    residual = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
+    cache = KVCache.random(config, batch, max(positions) + 2, dtype, "cuda", seed=31)
+    plain_cache = cache.clone()
+    at = torch.tensor(positions, dtype=torch.int32, device="cuda")
+    want = reference_step(config, weights, sums[0].to(dtype), residual, cache.clone(), positions)
+    out, h = layer(sums[0].to(dtype), residual, plain_cache, at)
+    got_h = layer.handoff(sums[0], residual, cache, at, sums_out=sums[1], clear=sums[2])
+    torch.cuda.synchronize()
+    assert relative_error(out, want.out) < TOLERANCE
+    assert_rounds_like(sums[1], out)
+    assert torch.equal(got_h, h) and torch.equal(cache.k, plain_cache.k) and torch.equal(cache.v, plain_cache.v)
+    assert (sums[2] == 0).all()
 
 
 @pytest.mark.gpu

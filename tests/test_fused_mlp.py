@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from program_variants import without_line
+from rounding import assert_rounds_like
 
 from clusterlab import simulator
 from clusterlab.fused import mlp_simulated
@@ -134,6 +135,23 @@ def test_interleaved_inputs_change_only_the_cuda_core_gate_up_steps(batch):
     assert (without_names(full) != without_names(interleaved)) == (batch == 1)
     assert ("st.local" in interleaved) <= ("st.local" in full)  # no local arrays it did not have
     assert assemble(interleaved).spill_bytes <= assemble(full).spill_bytes
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize("model, batch", [("llama3-8b", 1), ("llama3.2-1b", 8)])
+def test_the_handoff_kernel_drops_the_finish(model, batch):
+    """``MLPSpec.handoff``: no arrival counter and no fence (nobody converts), the same two
+    exchanges, no spill."""
+    import dataclasses
+
+    from clusterlab.toolchain import assemble
+
+    spec = MLPSpec.of(MODELS[model], False, batch, *mlp_shape(MODELS[model], batch, 132))
+    plain, handoff = spec_ptx(spec), spec_ptx(dataclasses.replace(spec, handoff=True))
+    assert "atom.global.add.u32" in plain and "membar.gl" in plain
+    assert "atom.global.add.u32" not in handoff and "membar.gl" not in handoff
+    assert handoff.count("barrier.cluster.arrive.release") == 2 and "st.local" not in handoff
+    assert assemble(handoff).spill_bytes == 0
 
 
 def test_kernel_options_are_checked_when_the_layer_is_built():
@@ -457,6 +475,27 @@ def test_gpu_step_matches_reference_and_torch_and_leaves_the_workspace_zero(name
     # The down projection's float32 atomics add in any order, so a rare element may round to the
     # neighbouring 16-bit value; a workspace left dirty would double the output instead.
     assert relative_error(second, first) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dtype, batch", [("llama3-8b", "f16", 1), ("llama3.2-1b", "bf16", 8), ("tiny", "f16", 3)])
+def test_a_handoff_step_computes_what_the_plain_step_does(name, dtype, batch):
+    """``DecodeMLP.handoff`` against ``__call__`` on the same inputs: ``hidden`` as float32 sums
+    (values no 16-bit type holds), the output's sums rounded as the plain step's ``out``, the same
+    residual, the third buffer cleared, and the layer's own workspace untouched."""
+    dtype = DTYPES[dtype]
+    layer = DecodeMLP(GPU_MODELS[name], gpu_weights(name, dtype))
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    sums = torch.randn(3, batch, layer.config.hidden_size, generator=gen, device="cuda")
+    sums[1].zero_()
+    sums[2].fill_(float("nan"))
+    _, residual = random_inputs(layer.config, dtype, batch, seed=batch + 40, device="cuda")
+    out = check_gpu_step(layer, sums[0].to(dtype), residual)
+    got_residual = layer.handoff(sums[0], residual, sums_out=sums[1], clear=sums[2])
+    torch.cuda.synchronize()
+    assert_rounds_like(sums[1], out)
+    assert torch.equal(bits(got_residual), bits(exact_residual(sums[0].to(dtype), residual)))
+    assert (sums[2] == 0).all() and not layer._out_acc.any() and not layer._arrivals.any()
 
 
 @pytest.mark.gpu

@@ -248,6 +248,38 @@ def test_a_batch_decodes_through_the_fused_mlp_where_its_shape_allows(checkpoint
     assert batches == [2] * ((NEW_TOKENS - 1) * ours.config.num_hidden_layers)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_handoff_steps_decode_as_the_plain_steps(checkpoint, ours, monkeypatch, batch):
+    """Where every block is fused the model hands the blocks' outputs on as float32 sums through
+    three buffers in turn (on the simulator here): the logits are the plain steps', the buffers
+    zero again after each step; a batch beyond the fused MLP's, and a model whose attention adds
+    an output bias after the block, take the plain steps."""
+    shape = (ours.config.hidden_size, ours.config.intermediate_size)
+    monkeypatch.setitem(FUSED_MLP_MAX_BATCH, shape, 2 if batch == 2 else 1)
+    plain = LlamaModel(ours.config, ours.weights, handoff=False)
+    assert ours.handoff == (not ours.config.o_bias) and not plain.handoff
+    assert not LlamaModel(ours.config, ours.weights, mlp="unfused").handoff
+    calls = []
+    original = type(ours.mlps[0]).handoff
+    monkeypatch.setattr(type(ours.mlps[0]), "handoff", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    prompts = PROMPTS[:batch]
+    want, positions = plain.prefill(prompts, capacity=16)
+    got, _ = ours.prefill(prompts, capacity=16)
+    tokens = want.argmax(-1)
+    for _ in range(3):
+        want = plain.decode_step(tokens, positions)
+        got = ours.decode_step(tokens, positions)
+        assert torch.equal(got, want)
+        assert not ours._sums.any()
+        tokens, positions = want.argmax(-1), positions + 1
+    assert len(calls) == 3 * ours.config.num_hidden_layers * ours.handoff
+    if batch == 2:  # beyond the fused MLP's batches: the plain steps
+        monkeypatch.setitem(FUSED_MLP_MAX_BATCH, shape, 1)
+        calls.clear()
+        ours.decode_step(tokens, positions)
+        assert not calls
+
+
 def test_fused_mlp_batches_follow_the_h200_measurement():
     assert {name: fused_mlp_max_batch(config) for name, config in MODEL_PRESETS.items()} == {
         "llama2-7b": 8, "llama3-8b": 1, "llama3.2-1b": 8, "qwen2.5-7b": 2}
@@ -329,6 +361,31 @@ def test_random_model_fused_and_unfused_steps_agree(preset):
         tokens, positions = got.argmax(-1), positions + 1
     new = fused.generate(prompts, 7)
     assert [len(ids) for ids in new] == [7, 7, 7] and fused.last_stats["decode_steps"] == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset, lengths", [("llama3.2-1b", (5, 61, 23)), ("llama3-8b", (40,))])
+def test_handoff_steps_on_the_gpu_decode_as_the_plain_steps(preset, lengths):
+    """The kernels' float32 hand-off against the plain steps (each kernel converting its output),
+    same weights and tokens, a batch the fused MLP takes: the logits agree to the order of the
+    float32 additions (which no two launches share), the three buffers are zero after every
+    step, and a graph-replayed generate runs through the hand-off."""
+    handoff = random(preset, torch.float16, "cuda", seed=13)
+    plain = LlamaModel(handoff.config, handoff.weights, handoff=False)
+    assert handoff.handoff and len(lengths) <= fused_mlp_max_batch(handoff.config)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prompts = [torch.randint(0, handoff.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    first, positions = handoff.prefill(prompts, capacity=80)
+    plain.prefill(prompts, capacity=80)
+    tokens = first.argmax(-1)
+    for step in range(4):
+        got = handoff.forward_step(tokens, positions)
+        want = plain.forward_step(tokens, positions)
+        assert relative(got, want) < 2e-3, (step, relative(got, want))
+        assert not handoff._sums.any(), step
+        tokens, positions = want.argmax(-1), positions + 1
+    new = handoff.generate(prompts, 5)
+    assert [len(ids) for ids in new] == [5] * len(lengths) and not handoff._sums.any()
 
 
 @pytest.mark.gpu

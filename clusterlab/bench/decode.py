@@ -335,12 +335,15 @@ def run_bench(
     out_dir: str | os.PathLike = "benchmarks/results",
     tag: str | None = None,
     seed: int = 0,
+    handoff: bool = True,
 ) -> tuple[list[DecodeRow], list[BreakdownRow]]:
     """Time every (preset, batch, context); write ``decode_<tag>.json`` / ``.png`` after each preset.
 
     ``hf``: ``"eager"``, ``"compiled"`` (transformers' compiled decode steps, eager if that
     fails) or None (no transformers column). ``tag``: the results' suffix, by default the card's
-    (:func:`~clusterlab.bench.timing.card_tag`). Returns the rows and the batch-1 breakdowns (also
+    (:func:`~clusterlab.bench.timing.card_tag`). ``handoff``: the fused model's blocks hand their
+    outputs on as float32 sums (:class:`~clusterlab.models.LlamaModel`'s default; False: each kernel
+    converts its own, recorded in the results). Returns the rows and the batch-1 breakdowns (also
     printed as tables).
     """
     from ..gpu import device_info, require_hopper
@@ -362,11 +365,13 @@ def run_bench(
     print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
     baseline = _HuggingFace(hf)
     info["transformers"] = baseline.version
+    info["handoff"] = handoff
     print(_HEADER, flush=True)
     rows: list[DecodeRow] = []
     parts: list[BreakdownRow] = []
     for preset in presets:
         fused = random(preset, torch_dtype, "cuda", seed=seed)
+        fused = fused if handoff else LlamaModel(fused.config, fused.weights, handoff=False)
         unfused = LlamaModel(fused.config, fused.weights, attention="unfused")
         fused_attention = LlamaModel(fused.config, fused.weights, attention="fused", mlp="unfused")
         models = (("fused", fused), ("fused_attention", fused_attention), ("unfused", unfused))
@@ -451,7 +456,8 @@ def write_results(rows: list[DecodeRow], parts: list[BreakdownRow], bandwidth: f
 
     ``bandwidth``: the copy bandwidth in bytes/s; ``hf``: how transformers ran (``"eager"``,
     ``"compiled"`` or ``"skipped: <reason>"``); ``info``: :func:`clusterlab.gpu.device_info`'s
-    dict and ``"transformers"``'s version (None without it).
+    dict, ``"transformers"``'s version (None without it) and whether the fused model's kernels
+    hand their outputs on (``"handoff"``, recorded as such).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -459,6 +465,7 @@ def write_results(rows: list[DecodeRow], parts: list[BreakdownRow], bandwidth: f
         **results_header(info, ("numba-cuda", "cuda-core", "torch", "transformers")),
         "copy_bandwidth_tbps": bandwidth / 1e12,
         "hf": hf,
+        "handoff": info.get("handoff", True),
         "rows": [asdict(r) for r in rows],
         "breakdown": [asdict(p) for p in parts],
     }
@@ -533,6 +540,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--quick", action="store_true",
                         help="llama3.2-1b, batch 1, context 1024, fewest repeats (flags given still apply)")
+    parser.add_argument("--no-handoff", action="store_true",
+                        help="the fused model's kernels each convert their own output (no float32 hand-off)")
     hf = parser.add_mutually_exclusive_group()
     hf.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     hf.add_argument("--hf-compile", action="store_true",
@@ -550,6 +559,7 @@ def main(argv=None) -> int:
         out_dir=args.out_dir,
         tag=args.tag,
         seed=args.seed,
+        handoff=not args.no_handoff,
     )
     return 0
 

@@ -186,6 +186,11 @@ class KernelSpec(BlockShape):
     #: the W_qkv steps on the CUDA cores read ``h * norm`` in :func:`input_word`'s interleaved order
     #: (see :attr:`inputs_interleaved`)
     interleave_inputs: bool = False
+    #: hand the output on as float32 sums (see :func:`build_kernel`): ``hidden`` is the float32 sums
+    #: of the kernel before (read rounded to the model dtype), the output is left in ``out_acc`` for
+    #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
+    #: :meth:`~clusterlab.fused.DecodeAttention.handoff`)
+    handoff: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -711,7 +716,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
 
 
 def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, bf16: bool,
-                     interleaved: bool = False):
+                     interleaved: bool = False, float32_hidden: bool = False):
     """Device functions of the first phase of a kernel that starts from ``RMSNorm(hidden + residual)``.
 
     ``norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid)``:
@@ -726,10 +731,29 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     ``syncthreads``, ``scale_inputs(smem, xs, dst, stride, tid)`` divides each sequence's
     ``h * norm`` by ``2^e`` of :func:`slice_exponent` (for float16 tensor-core steps, see
     :func:`make_gemv`); a ``syncthreads`` later they are ready.
+
+    ``float32_hidden``: ``hidden`` is the float32 sums another kernel added up (a hand-off, see
+    :attr:`KernelSpec.handoff`), each rounded to the model dtype as it is read: the values the
+    16-bit tensor that kernel would have converted them into holds.
     """
     unpack = ptx.bf16x2_to_f32x2 if bf16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
+    to_f32 = ptx.bf16_to_f32 if bf16 else ptx.f16_to_f32
     inv_columns = np.float32(1.0 / k_slice)
+
+    @cuda.jit(device=True, inline=True)
+    def rounded_word(word):
+        """A float32's bits, rounded to the model dtype."""
+        return to_f32(to_bits(libdevice.int_as_float(int32(word))))
+
+    @cuda.jit(device=True, inline=True)
+    def hidden_pair(hx, hy, e):
+        """Elements ``2e``, ``2e + 1`` of a chunk of 8 of ``hidden``, as float32: ``hx`` the chunk's
+        16 bytes (16-bit hidden), or its two halves ``hx``, ``hy`` (float32 hidden)."""
+        if float32_hidden:
+            words = hx if e < 2 else hy
+            return rounded_word(words[2 * e % 4]), rounded_word(words[2 * e % 4 + 1])
+        return unpack(hx[e])
 
     @cuda.jit(device=True, inline=True)
     def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid):
@@ -739,10 +763,11 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
             for c in range(tid, k_slice // 8, threads):
                 at = seq * hidden_size + k0 + c * 8
                 hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
+                hy = ptx.ld_global_nc_v4_no_allocate(hidden, at + 4) if float32_hidden else hx
                 rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
                 nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
                 for e in range(4):
-                    h_lo, h_hi = unpack(hx[e])
+                    h_lo, h_hi = hidden_pair(hx, hy, e)
                     r_lo, r_hi = unpack(rx[e])
                     n_lo, n_hi = unpack(nx[e])
                     s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
@@ -780,7 +805,7 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
 
 def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int, bf16: bool, tile, rows: int,
                           first_rows: int, xs: int, partial: int, partial_stride: int, red: int,
-                          second_rows: int | None = None, interleaved: bool = False):
+                          second_rows: int | None = None, interleaved: bool = False, float32_hidden: bool = False):
     """Phase 1 of a kernel that projects ``RMSNorm(hidden + residual)`` with rows of two matrices
     (the MLP's gate and up rows, MLA's query and latent rows), on a block's hidden slice.
 
@@ -799,7 +824,8 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     (tensor-core steps of 16 rows over 36, say): the slots past them are padding, their loads
     clamped to the last real row (:func:`make_gemv`'s ``clamped``) and their sums left unread.
 
-    ``interleaved``: ``h * norm`` in :func:`input_word`'s interleaved order (CUDA-core steps only).
+    ``interleaved``: ``h * norm`` in :func:`input_word`'s interleaved order (CUDA-core steps only);
+    ``float32_hidden``: ``hidden`` is float32 sums, read rounded (see :func:`make_norm_inputs`).
     """
     threads = 32 * warps
     step_rows = tile.step_rows
@@ -810,7 +836,8 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     load, finish, words_per_step = gemv()
     padded = second_rows is not None and second_rows < rows - first_rows
     load_padded, finish_padded, _ = gemv(clamped=True) if padded else (None, None, 0)
-    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(batch, hidden_size, k_slice, threads, bf16, interleaved)
+    norm_inputs, sum_squares, scale_inputs = make_norm_inputs(batch, hidden_size, k_slice, threads, bf16, interleaved,
+                                                              float32_hidden)
 
     @cuda.jit(device=True, inline=True)
     def step_load(w_first, first0, w_second, second0, step, k0, lane, words):
@@ -921,6 +948,20 @@ def make_stamp(timeline: bool, stamps_per_block: int):
                 sms[cuda.blockIdx.x] = ptx.sm_id()
 
     return stamp, record_sm
+
+
+def make_clear(batch: int, hidden_size: int, threads: int):
+    """``clear(sums, tid)``: the block's share of ``sums`` (float32 ``[batch, hidden_size]``) set to
+    zero, the grid's blocks taking ``threads`` consecutive elements in turn: the finish of a kernel
+    that hands its sums on (:attr:`KernelSpec.handoff`), which leaves the buffer it adds into to
+    the next kernel and clears the one the kernel before it read."""
+
+    @cuda.jit(device=True, inline=True)
+    def clear(sums, tid):
+        for i in range(cuda.blockIdx.x * threads + tid, batch * hidden_size, cuda.gridDim.x * threads):
+            sums[i] = float32(0.0)
+
+    return clear
 
 
 def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16: bool):
@@ -1307,6 +1348,12 @@ def build_kernel(spec: KernelSpec):
         stamps            [blocks * TIMELINE_STAMPS * 2] uint64   per block and stamp: clock64, globaltimer
         sms               [blocks] uint32                         the SM each block ran on
 
+    With ``spec.handoff`` three arguments change: ``hidden`` is float32 sums ``[batch *
+    hidden_size]`` (another kernel's output before its conversion, read rounded to the model
+    dtype), ``out`` is a float32 ``[batch * hidden_size]`` that the step sets to zero (the buffer
+    the kernel before read), and ``out_acc`` is left holding the step's output sums for the kernel
+    after (zero on entry); ``arrivals`` is not touched. Nobody converts: the finish is the clearing.
+
     A position outside ``0 .. capacity-1`` makes its sequence attend to nothing, write no cache
     row and read no RoPE angle: its q, k and v are NaN, and so are its outputs.
 
@@ -1319,7 +1366,7 @@ def build_kernel(spec: KernelSpec):
     G, ROWS, C, BATCH, WARPS, THREADS = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
     K_SLICE, OUT_ROWS, ATTN_WIDTH = spec.k_slice, spec.out_rows, spec.attn_width
     NEOX, BF16, BIAS = spec.neox, spec.bf16, spec.bias
-    KV_STREAM, TIMELINE = spec.kv_stream, spec.timeline
+    KV_STREAM, TIMELINE, HANDOFF = spec.kv_stream, spec.timeline, spec.handoff
     # The last block's flag is 1. Without spec.finish the flag that converts is 2, which no block
     # gets: the conversion stays in the code, unreached, so that everything else compiles exactly as
     # in the full kernel and the ablation times the conversion alone.
@@ -1363,8 +1410,9 @@ def build_kernel(spec: KernelSpec):
     (kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
      kv_load_keys) = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,
-                                                              spec.inputs_interleaved)
+                                                              spec.inputs_interleaved, HANDOFF)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
+    clear = make_clear(BATCH, H, THREADS)
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
@@ -1611,10 +1659,15 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 10)  # W_o stream + red.add
 
         # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
-        finish_arrive(arrivals, rank, KV_HEADS * HEAD_SPLIT, last, tid)
-        stamp(stamps, tid, 11)  # fence + arrive
-        if last[0] == CONVERTS:
-            finish_convert(out, out_acc, arrivals, rank, tid)
+        # (handing the sums on instead: the grid clears `out`, the buffer the kernel before read)
+        if HANDOFF:
+            clear(out, tid)
+            stamp(stamps, tid, 11)
+        else:
+            finish_arrive(arrivals, rank, KV_HEADS * HEAD_SPLIT, last, tid)
+            stamp(stamps, tid, 11)  # fence + arrive
+            if last[0] == CONVERTS:
+                finish_convert(out, out_acc, arrivals, rank, tid)
         stamp(stamps, tid, 12)  # finish
 
     if TIMELINE:
@@ -1637,9 +1690,9 @@ def kernel_signature(spec: KernelSpec | None = None):
     """Numba argument types of :func:`build_kernel`'s kernel for ``spec`` (None: the default spec's)."""
     from numba import types
 
-    h = types.int16[::1]
-    signature = (h, h, h, h, h, h, h, h, types.float32[::1], h, h, types.float32[::1], types.int32[::1],
-                 types.int32[::1], types.int32)
+    h, f = types.int16[::1], types.float32[::1]
+    io = f if spec is not None and spec.handoff else h  # hidden and out (see build_kernel)
+    signature = (io, h, h, h, h, h, h, h, f, io, h, f, types.int32[::1], types.int32[::1], types.int32)
     if spec is not None and spec.timeline:
         signature += (types.uint64[::1], types.uint32[::1])
     return signature

@@ -29,7 +29,8 @@ import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
-from .validate import check_positions, check_step, check_weights, resolve_backend
+from .validate import (check_cache, check_handoff, check_positions, check_step, check_tensor, check_weights,
+                       resolve_backend)
 
 
 
@@ -146,6 +147,38 @@ class DecodeAttention:
             self._launch(hidden, residual, cache, positions, out, residual_out)
         return out, residual_out
 
+    def handoff(self, hidden_sums: torch.Tensor, residual: torch.Tensor, cache: KVCache, positions, *,
+                sums_out: torch.Tensor, clear: torch.Tensor, residual_out: torch.Tensor | None = None):
+        """One decode step that takes its input and leaves its output as float32 sums: for a chain
+        of fused blocks (a model's layers), where no kernel converts its output to the model dtype.
+
+        ``hidden_sums``: float32 ``[batch, hidden_size]``, the block before's output sums; the step
+        reads them rounded to the weights' dtype, which is the ``hidden`` :meth:`__call__` would
+        get. ``sums_out``: float32, zero on entry: the step adds its output into it (rounded to the
+        weights' dtype it is the ``out`` of :meth:`__call__`). ``clear``: float32, set to zero by the
+        step. Three buffers in turn make the chain: step ``k`` reads buffer ``(k - 1) % 3``, adds
+        into ``k % 3`` and clears ``(k + 1) % 3``, the one step ``k - 1`` read (see
+        :meth:`clusterlab.models.LlamaModel.forward_step`). ``residual``, ``cache``, ``positions``
+        as :meth:`__call__`; returns ``hidden + residual`` (into ``residual_out`` when given). On
+        the simulator backend the same through :meth:`__call__`.
+        """
+        dtype, device = self.weights.qkv.dtype, self.weights.qkv.device
+        batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
+        check_cache(self.config, cache, batch, dtype, device, "the weights")
+        check_positions(positions, batch, cache.capacity, device)
+        if residual_out is not None:
+            check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
+        self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
+        residual_out = torch.empty_like(residual) if residual_out is None else residual_out
+        if self.backend == "simulator":
+            out, _ = self(hidden_sums.to(dtype), residual, cache, positions, residual_out=residual_out)
+            sums_out.add_(out.float())
+            clear.zero_()
+        else:
+            args = self.launch_args(hidden_sums, residual, cache, positions, clear, residual_out, out_acc=sums_out)
+            self.launcher(dtype, batch, handoff=True)(*args)
+        return residual_out
+
     @staticmethod
     def check_positions(positions: torch.Tensor, cache: KVCache) -> None:
         """Raise ``ValueError`` unless every ``positions[b]`` is in ``0 .. cache.capacity-1``.
@@ -185,16 +218,19 @@ class DecodeAttention:
                                  f"head_split={head_split}{options}: {exc}") from exc
         return self._specs[key]
 
-    def launcher(self, dtype: torch.dtype, batch: int):
-        """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype and batch."""
+    def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False):
+        """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype and batch
+        (``handoff``: of :meth:`handoff`'s kernel)."""
         self._require_kernel("launcher")
-        key = (dtype, batch)
+        key = (dtype, batch, handoff)
         if key not in self._kernels:
-            self._kernels[key] = kernel_launcher(self.kernel_spec(dtype, batch))
+            self._kernels[key] = kernel_launcher(dataclasses.replace(self.kernel_spec(dtype, batch), handoff=handoff))
         return self._kernels[key]
 
-    def launch_args(self, hidden, residual, cache, positions, out, residual_out) -> tuple:
-        """The kernel's arguments for one step (see :func:`~clusterlab.fused.kernel.build_kernel`).
+    def launch_args(self, hidden, residual, cache, positions, out, residual_out, out_acc=None) -> tuple:
+        """The kernel's arguments for one step (see :func:`~clusterlab.fused.kernel.build_kernel`):
+        16-bit tensors as int16 views, float32 ones (a hand-off's ``hidden`` and ``out``) as they
+        are; ``out_acc`` by default the layer's own workspace.
 
         An int position is written into the layer's positions buffer (on the stream, no sync).
         """
@@ -204,14 +240,15 @@ class DecodeAttention:
             positions = self._positions[:batch].fill_(positions)
 
         def bits(t):
-            return t.view(-1).view(torch.int16)
+            return t.view(-1) if t.dtype == torch.float32 else t.view(-1).view(torch.int16)
 
         w = self.weights
         bias = self._no_bias if w.qkv_bias is None else w.qkv_bias
+        out_acc = self._out_acc[: batch * self.config.hidden_size] if out_acc is None else out_acc.view(-1)
         return (
             bits(hidden), bits(residual), bits(w.norm), bits(w.qkv), bits(bias), bits(w.o), bits(cache.k),
             bits(cache.v), _rope_table(self.config, capacity, hidden.device), bits(out), bits(residual_out),
-            self._out_acc[: batch * self.config.hidden_size], self._arrivals, positions, np.int32(capacity),
+            out_acc, self._arrivals, positions, np.int32(capacity),
         )
 
     def _require_kernel(self, what: str) -> None:

@@ -51,7 +51,7 @@ import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, seeded_generator
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, DeviceLimits, check_kernel_options
-from .validate import check_hidden_residual, check_tensor, resolve_backend
+from .validate import check_handoff, check_hidden_residual, check_tensor, resolve_backend
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2
@@ -306,21 +306,45 @@ class DecodeMLP:
             self.launcher(hidden.dtype, hidden.shape[0])(*self.launch_args(hidden, residual, out, residual_out))
         return out, residual_out
 
-    def launcher(self, dtype: torch.dtype, batch: int):
-        """The cluster launcher of one dtype and batch (GPU backend)."""
+    def handoff(self, hidden_sums: torch.Tensor, residual: torch.Tensor, *, sums_out: torch.Tensor,
+                clear: torch.Tensor, residual_out: torch.Tensor | None = None):
+        """One step that takes its input and leaves its output as float32 sums, in a chain of fused
+        blocks: as :meth:`clusterlab.fused.DecodeAttention.handoff` (``hidden_sums`` read rounded to
+        the weights' dtype, the output added into ``sums_out``, ``clear`` set to zero). Returns
+        ``hidden + residual`` (into ``residual_out`` when given)."""
+        dtype, device = self.weights.gate.dtype, self.weights.gate.device
+        batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
+        if residual_out is not None:
+            check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
+        self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
+        residual_out = torch.empty_like(residual) if residual_out is None else residual_out
+        if self.backend == "simulator":
+            out, _ = self(hidden_sums.to(dtype), residual, residual_out=residual_out)
+            sums_out.add_(out.float())
+            clear.zero_()
+        else:
+            args = self.launch_args(hidden_sums, residual, clear, residual_out, out_acc=sums_out)
+            self.launcher(dtype, batch, handoff=True)(*args)
+        return residual_out
+
+    def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False):
+        """The cluster launcher of one dtype and batch (GPU backend; ``handoff``: of :meth:`handoff`'s kernel)."""
         if self.backend != "gpu":
             raise ValueError(f"launcher needs the 'gpu' backend; this layer runs on the {self.backend}")
-        return mlp_launcher(self.kernel_spec(dtype, batch))
+        return mlp_launcher(dataclasses.replace(self.kernel_spec(dtype, batch), handoff=handoff))
 
-    def launch_args(self, hidden, residual, out, residual_out) -> tuple:
-        """The kernel's arguments for one step (see :func:`~clusterlab.fused.mlp_kernel.build_mlp_kernel`)."""
+    def launch_args(self, hidden, residual, out, residual_out, out_acc=None) -> tuple:
+        """The kernel's arguments for one step (see :func:`~clusterlab.fused.mlp_kernel.build_mlp_kernel`):
+        16-bit tensors as int16 views, float32 ones (a hand-off's ``hidden`` and ``out``) as they
+        are; ``out_acc`` by default the layer's own workspace."""
 
         def bits(t):
-            return t.view(-1).view(torch.int16)
+            return t.view(-1) if t.dtype == torch.float32 else t.view(-1).view(torch.int16)
 
         w = self.weights
+        out_acc = self._out_acc[: hidden.shape[0] * self.config.hidden_size] if out_acc is None else out_acc.view(-1)
         return (bits(hidden), bits(residual), bits(w.norm), bits(w.gate), bits(w.up), bits(w.down), bits(out),
-                bits(residual_out), self._out_acc[: hidden.shape[0] * self.config.hidden_size], self._arrivals)
+                bits(residual_out), out_acc, self._arrivals)
 
 
 def reference_mlp(weights: MLPWeights, hidden: torch.Tensor, residual: torch.Tensor, eps: float):

@@ -39,8 +39,8 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
-from .kernel import (REGISTERS_PER_THREAD, BlockShape, GemvTile, gemv_tile, make_exchange, make_finish, make_gemv,
-                     make_input_projection, make_stamp, region_offsets)
+from .kernel import (REGISTERS_PER_THREAD, BlockShape, GemvTile, gemv_tile, make_clear, make_exchange, make_finish,
+                     make_gemv, make_input_projection, make_stamp, region_offsets)
 from .mlp import MLPConfig
 from .plan import HOPPER, QUAD, DeviceLimits
 
@@ -70,6 +70,9 @@ class MLPSpec(BlockShape):
     #: :func:`~clusterlab.fused.kernel.input_word`'s interleaved order, each warp load 32 consecutive
     #: words instead of eight-way bank conflicts (see :attr:`inputs_interleaved`)
     interleave_inputs: bool = True
+    #: hand the output on as float32 sums, as :attr:`~clusterlab.fused.kernel.KernelSpec.handoff`
+    #: (see :func:`build_mlp_kernel`; :meth:`~clusterlab.fused.DecodeMLP.handoff`)
+    handoff: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_mlp_kernel`)
     timeline: bool = False
 
@@ -149,6 +152,10 @@ def build_mlp_kernel(spec: MLPSpec):
         out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
         arrivals          [cluster_size] int32           zero on entry, left zero on exit
 
+    With ``spec.handoff``, as the attention kernel's (:func:`~clusterlab.fused.kernel.build_kernel`):
+    ``hidden`` is float32 sums, read rounded to the model dtype; ``out`` is a float32 buffer the
+    step sets to zero; ``out_acc`` is left holding the output sums; ``arrivals`` is not touched.
+
     and, with ``spec.timeline``, two more (without it numba compiles the stamps away)::
 
         stamps            [blocks * TIMELINE_STAMPS * 2] uint64   per block and stamp: clock64, globaltimer
@@ -157,7 +164,7 @@ def build_mlp_kernel(spec: MLPSpec):
     H, I, C, CLUSTERS = spec.hidden_size, spec.intermediate_size, spec.cluster_size, spec.clusters
     INTER_SLICE, ROWS, K_SLICE, OUT_ROWS = spec.inter_slice, spec.rows, spec.k_slice, spec.out_rows
     PARTIAL_STRIDE = spec.partial_stride
-    BATCH, WARPS, THREADS, BF16 = spec.batch, spec.warps, spec.threads, spec.bf16
+    BATCH, WARPS, THREADS, BF16, HANDOFF = spec.batch, spec.warps, spec.threads, spec.bf16, spec.handoff
     EPS = np.float32(spec.rms_eps)
     INV_H = np.float32(1.0 / H)
     layout = spec.smem_layout()
@@ -170,10 +177,12 @@ def build_mlp_kernel(spec: MLPSpec):
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     # the cluster's slots: its gate rows, then its up rows
     gate_up = make_input_projection(BATCH, H, K_SLICE, WARPS, BF16, spec.gate_up_tile(), ROWS, INTER_SLICE, XS,
-                                    PARTIAL, PARTIAL_STRIDE, RED, interleaved=spec.inputs_interleaved)
+                                    PARTIAL, PARTIAL_STRIDE, RED, interleaved=spec.inputs_interleaved,
+                                    float32_hidden=HANDOFF)
     down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
                                                    atomic=True)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
+    clear = make_clear(BATCH, H, THREADS)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
     stamp, record_sm = make_stamp(spec.timeline, TIMELINE_STAMPS)
@@ -254,10 +263,15 @@ def build_mlp_kernel(spec: MLPSpec):
         stamp(stamps, tid, 5)  # W_down stream + red.add
 
         # -- 4 finish: the last block (one a cluster) to add into this block's output rows converts them --
-        finish_arrive(arrivals, rank, CLUSTERS, last, tid)
-        stamp(stamps, tid, 6)  # fence + arrive
-        if last[0] == 1:
-            finish_convert(out, out_acc, arrivals, rank, tid)
+        # (handing the sums on instead: the grid clears `out`, the buffer the kernel before read)
+        if HANDOFF:
+            clear(out, tid)
+            stamp(stamps, tid, 6)
+        else:
+            finish_arrive(arrivals, rank, CLUSTERS, last, tid)
+            stamp(stamps, tid, 6)  # fence + arrive
+            if last[0] == 1:
+                finish_convert(out, out_acc, arrivals, rank, tid)
         stamp(stamps, tid, 7)  # finish
 
     if spec.timeline:
@@ -277,8 +291,9 @@ def mlp_kernel_signature(spec: MLPSpec | None = None):
     """Numba argument types of :func:`build_mlp_kernel`'s kernel for ``spec`` (None: the default spec's)."""
     from numba import types
 
-    h = types.int16[::1]
-    signature = (h, h, h, h, h, h, h, h, types.float32[::1], types.int32[::1])
+    h, f = types.int16[::1], types.float32[::1]
+    io = f if spec is not None and spec.handoff else h  # hidden and out (see build_mlp_kernel)
+    signature = (io, h, h, h, h, h, io, h, f, types.int32[::1])
     if spec is not None and spec.timeline:
         signature += (types.uint64[::1], types.uint32[::1])
     return signature

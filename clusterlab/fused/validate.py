@@ -121,13 +121,43 @@ def check_activations(config: AttentionConfig, weights: AttentionWeights, hidden
         raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
     check_tensor("hidden", hidden, (batch, config.hidden_size), hidden.dtype, hidden.device, "hidden")
     check_tensor("residual", residual, (batch, config.hidden_size), hidden.dtype, hidden.device, "hidden")
+    check_cache(config, cache, batch, hidden.dtype, hidden.device, "hidden")
+
+
+def check_cache(config: AttentionConfig, cache: KVCache, batch: int, dtype, device: torch.device, like: str) -> None:
+    """``cache`` is a :class:`KVCache` of ``batch`` sequences for ``config``, in ``dtype`` on ``device``
+    (those of ``like``, named in the message)."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     if cache.k.dim() != 4:
         raise ValueError(f"cache.k has shape {tuple(cache.k.shape)}; expected (batch, kv_heads, capacity, head_dim)")
     shape = (batch, config.kv_heads, cache.k.shape[2], config.head_dim)
-    check_tensor("cache.k", cache.k, shape, hidden.dtype, hidden.device, "hidden")
-    check_tensor("cache.v", cache.v, shape, hidden.dtype, hidden.device, "hidden")
+    check_tensor("cache.k", cache.k, shape, dtype, device, like)
+    check_tensor("cache.v", cache.v, shape, dtype, device, like)
+
+
+def check_handoff(hidden_size: int, hidden_sums, residual, sums_out, clear, dtype, device: torch.device) -> int:
+    """The tensors of a hand-off step (``DecodeAttention.handoff``, ``DecodeMLP.handoff``):
+    ``hidden_sums``, ``sums_out`` and ``clear`` float32 ``[batch, hidden_size]`` (batch 1..8),
+    three buffers that share no byte; ``residual`` ``[batch, hidden_size]`` in ``dtype``; all on
+    ``device`` (the weights'), contiguous. Returns the batch."""
+    if not isinstance(hidden_sums, torch.Tensor):
+        raise TypeError(f"hidden_sums must be a torch.Tensor, got {type(hidden_sums).__name__}")
+    if hidden_sums.dim() != 2 or hidden_sums.shape[1] != hidden_size:
+        raise ValueError(f"hidden_sums has shape {tuple(hidden_sums.shape)}; expected (batch, {hidden_size})")
+    batch = hidden_sums.shape[0]
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"hidden_sums has batch {batch}; allowed 1..{MAX_BATCH}")
+    buffers = {"hidden_sums": hidden_sums, "sums_out": sums_out, "clear": clear}
+    for name, x in buffers.items():
+        check_tensor(name, x, (batch, hidden_size), torch.float32, device, "a hand-off's sums, on the weights' device")
+    check_tensor("residual", residual, (batch, hidden_size), dtype, device, "the weights")
+    spans = sorted((x.data_ptr(), x.data_ptr() + 4 * x.numel(), name) for name, x in buffers.items())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{first} and {second} share memory; a hand-off step reads hidden_sums, adds into "
+                             "sums_out and clears clear: three separate buffers")
+    return batch
 
 
 def check_positions(positions, batch: int, capacity: int, device: torch.device) -> None:

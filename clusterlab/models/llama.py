@@ -531,19 +531,25 @@ class LlamaModel:
     ``"unfused"`` (:class:`~clusterlab.fused.UnfusedAttention`, separate PyTorch calls over the
     whole cache with a mask, like a static-cache PyTorch model). ``mlp``: ``"fused"``
     (:class:`~clusterlab.fused.DecodeMLP` for batches up to :func:`fused_mlp_max_batch`, the
-    PyTorch chain beyond) or ``"unfused"`` (:func:`mlp`); None follows ``attention``. The KV caches live on the model
+    PyTorch chain beyond) or ``"unfused"`` (:func:`mlp`); None follows ``attention``. ``handoff``: where every
+    block of a step is fused (and no layer has an output bias), the blocks hand their outputs on as
+    float32 sums (:meth:`~clusterlab.fused.DecodeAttention.handoff`) instead of each converting its
+    own; the logits are the same either way. The KV caches live on the model
     (``self.caches``, one per layer, made by :meth:`prefill` or :meth:`new_caches`) between steps;
     one model object decodes one batch at a time.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto",
-                 attention: str = "fused", mlp: str | None = None):
+                 attention: str = "fused", mlp: str | None = None, handoff: bool = True):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         mlp = attention if mlp is None else mlp
         if mlp not in MLPS:
             raise ValueError(f"mlp must be one of {MLPS} (or None: as attention), got {mlp!r}")
+        if not isinstance(handoff, bool):
+            raise TypeError(f"handoff must be True or False, got {handoff!r}")
         self.config, self.weights, self.attention, self.mlp = config, weights, attention, mlp
+        self.handoff = handoff and attention == mlp == "fused" and all(lw.o_bias is None for lw in weights.layers)
         self.attention_config = config.attention()
         self.dtype, self.device = weights.embed.dtype, weights.embed.device
         self.layers = [DecodeAttention(self.attention_config, lw.attention, backend=backend)
@@ -639,6 +645,8 @@ class LlamaModel:
                     )
         _check_batch(shape[0])
         self.caches = list(caches)
+        # the hand-off's three float32 buffers, zero between steps (see forward_step)
+        self._sums = torch.zeros(3, shape[0], self.config.hidden_size, dtype=torch.float32, device=self.device)
         if self.attention == "unfused":
             rope = rope_table(a, shape[2], self.device)
             self._unfused = [UnfusedAttention(a, lw.attention, rope) for lw in self.weights.layers]
@@ -712,9 +720,32 @@ class LlamaModel:
         device; float32 logits ``[batch, vocab]``."""
         hidden = self.weights.embed[tokens]
         residual = torch.zeros_like(hidden)
+        if self.handoff and hidden.shape[0] <= fused_mlp_max_batch(self.config):
+            return self._handoff_step(hidden, residual, positions)
         for i, lw in enumerate(self.weights.layers):
             out, h = self.attend(i, hidden, residual, positions)
             hidden, residual = self.mlp_block(i, out, h)
+        return self._logits(hidden, residual)
+
+    def _handoff_step(self, hidden, residual, positions) -> torch.Tensor:
+        """:meth:`forward_step`'s layers with every block handing its output on as float32 sums.
+
+        Block ``k`` of the step (attention of layer ``k // 2``, then its MLP) reads buffer ``(k -
+        1) % 3`` of ``self._sums``, adds its output into buffer ``k % 3`` (zero: block ``k - 1``
+        cleared it) and clears buffer ``(k + 1) % 3`` (block ``k - 1`` has read it). Buffer 2 starts
+        as the embedding, exact in float32; the last block's sums, rounded, are the final hidden
+        state, and the step leaves all three buffers zero for the next."""
+        sums = self._sums
+        sums[2].copy_(hidden)
+        k = 0
+        for i in range(len(self.weights.layers)):
+            residual = self.layers[i].handoff(sums[(k - 1) % 3], residual, self.caches[i], positions,
+                                              sums_out=sums[k % 3], clear=sums[(k + 1) % 3])
+            k += 1
+            residual = self.mlps[i].handoff(sums[(k - 1) % 3], residual, sums_out=sums[k % 3], clear=sums[(k + 1) % 3])
+            k += 1
+        hidden = sums[(k - 1) % 3].to(self.dtype)
+        sums.zero_()
         return self._logits(hidden, residual)
 
     def attend(self, layer: int, hidden, residual, positions):
