@@ -367,9 +367,10 @@ def test_random_model_fused_and_unfused_steps_agree(preset):
 @pytest.mark.parametrize("preset, lengths", [("llama3.2-1b", (5, 61, 23)), ("llama3-8b", (40,))])
 def test_handoff_steps_on_the_gpu_decode_as_the_plain_steps(preset, lengths):
     """The kernels' float32 hand-off against the plain steps (each kernel converting its output),
-    same weights and tokens, a batch the fused MLP takes: the logits agree to the order of the
-    float32 additions (which no two launches share), the three buffers are zero after every
-    step, and a graph-replayed generate runs through the hand-off."""
+    same weights and tokens, a batch the fused MLP takes: the logits agree as closely as two plain
+    steps do (their float32 additions run in an order no two launches share, and a value that
+    rounds the other way in one of the 32-64 blocks carries on), the three buffers are zero after
+    every step, and a graph-replayed generate runs through the hand-off."""
     handoff = random(preset, torch.float16, "cuda", seed=13)
     plain = LlamaModel(handoff.config, handoff.weights, handoff=False)
     assert handoff.handoff and len(lengths) <= fused_mlp_max_batch(handoff.config)
@@ -381,7 +382,9 @@ def test_handoff_steps_on_the_gpu_decode_as_the_plain_steps(preset, lengths):
     for step in range(4):
         got = handoff.forward_step(tokens, positions)
         want = plain.forward_step(tokens, positions)
-        assert relative(got, want) < 2e-3, (step, relative(got, want))
+        again = plain.forward_step(tokens, positions)  # rewrites the same cache rows
+        assert relative(got, want) <= 2 * relative(again, want) + 1e-3, (step, relative(got, want),
+                                                                         relative(again, want))
         assert not handoff._sums.any(), step
         tokens, positions = want.argmax(-1), positions + 1
     new = handoff.generate(prompts, 5)
