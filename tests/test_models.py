@@ -248,6 +248,25 @@ def test_a_batch_decodes_through_the_fused_mlp_where_its_shape_allows(checkpoint
     assert batches == [2] * ((NEW_TOKENS - 1) * ours.config.num_hidden_layers)
 
 
+def lockstep(models, prompts, steps, capacity=16):
+    """Prefill every model with ``prompts``, then ``steps`` decode steps of each, all fed the first
+    model's greedy tokens: yields each step's logits, one tensor a model."""
+    first, positions = models[0].prefill(prompts, capacity=capacity)
+    for model in models[1:]:
+        model.prefill(prompts, capacity=capacity)
+    tokens = first.argmax(-1)
+    for _ in range(steps):
+        logits = [model.decode_step(tokens, positions) for model in models]
+        yield logits
+        tokens, positions = logits[0].argmax(-1), positions + 1
+
+
+def random_prompts(config, lengths):
+    """One prompt of random token ids a length, drawn from a fresh seed."""
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    return [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_handoff_steps_decode_as_the_plain_steps(checkpoint, ours, monkeypatch, batch):
     """Where every block is fused the model hands the blocks' outputs on as float32 sums through
@@ -262,21 +281,15 @@ def test_handoff_steps_decode_as_the_plain_steps(checkpoint, ours, monkeypatch, 
     calls = []
     original = type(ours.mlps[0]).handoff
     monkeypatch.setattr(type(ours.mlps[0]), "handoff", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    prompts = PROMPTS[:batch]
-    want, positions = plain.prefill(prompts, capacity=16)
-    got, _ = ours.prefill(prompts, capacity=16)
-    tokens = want.argmax(-1)
-    for _ in range(3):
-        want = plain.decode_step(tokens, positions)
-        got = ours.decode_step(tokens, positions)
+    for want, got in lockstep([plain, ours], PROMPTS[:batch], 3):
         assert torch.equal(got, want)
         assert not ours._sums.any()
-        tokens, positions = want.argmax(-1), positions + 1
     assert len(calls) == 3 * ours.config.num_hidden_layers * ours.handoff
     if batch == 2:  # beyond the fused MLP's batches: the plain steps
         monkeypatch.setitem(FUSED_MLP_MAX_BATCH, shape, 1)
         calls.clear()
-        ours.decode_step(tokens, positions)
+        logits, positions = ours.prefill(PROMPTS[:batch], capacity=16)
+        ours.decode_step(logits.argmax(-1), positions)
         assert not calls
 
 
@@ -298,14 +311,8 @@ def test_unfused_attention_decodes_like_the_fused_layer(checkpoint, ours):
     _, directory, _, dtype = checkpoint
     unfused = LlamaModel(ours.config, ours.weights, attention="unfused")
     assert not unfused.layers and not unfused.on_simulator and ours.on_simulator
-    want, positions = ours.prefill(PROMPTS, capacity=16)
-    got, _ = unfused.prefill(PROMPTS, capacity=16)
-    tokens = want.argmax(-1)
-    for _ in range(3):
-        want = ours.decode_step(tokens, positions)
-        got = unfused.decode_step(tokens, positions)
+    for want, got in lockstep([ours, unfused], PROMPTS, 3):
         assert relative(got, want) < LOGIT_TOLERANCE[dtype]
-        tokens, positions = want.argmax(-1), positions + 1
     assert unfused.generate(PROMPTS, NEW_TOKENS) == ours.generate(PROMPTS, NEW_TOKENS)
 
 
@@ -349,16 +356,9 @@ def test_random_model_fused_and_unfused_steps_agree(preset):
     generate. float16 throughout (rounding 2**-11 per op, over 16-28 layers): 1e-2 relative allowed."""
     fused = random(preset, torch.float16, "cuda", seed=11)
     unfused = LlamaModel(fused.config, fused.weights, attention="unfused")
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    prompts = [torch.randint(0, fused.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 61, 23)]
-    first, positions = fused.prefill(prompts, capacity=80)
-    unfused.prefill(prompts, capacity=80)
-    tokens = first.argmax(-1)
-    for step in range(4):
-        got = fused.forward_step(tokens, positions)
-        want = unfused.forward_step(tokens, positions)
+    prompts = random_prompts(fused.config, (5, 61, 23))
+    for step, (got, want) in enumerate(lockstep([fused, unfused], prompts, 4, capacity=80)):
         assert relative(got, want) < 1e-2, step
-        tokens, positions = got.argmax(-1), positions + 1
     new = fused.generate(prompts, 7)
     assert [len(ids) for ids in new] == [7, 7, 7] and fused.last_stats["decode_steps"] == 6
 
@@ -372,21 +372,13 @@ def test_handoff_steps_on_the_gpu_decode_as_the_plain_steps(preset, lengths):
     rounds the other way in one of the 32-64 blocks carries on), the three buffers are zero after
     every step, and a graph-replayed generate runs through the hand-off."""
     handoff = random(preset, torch.float16, "cuda", seed=13)
-    plain = LlamaModel(handoff.config, handoff.weights, handoff=False)
+    plain, again = (LlamaModel(handoff.config, handoff.weights, handoff=False) for _ in range(2))
     assert handoff.handoff and len(lengths) <= fused_mlp_max_batch(handoff.config)
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    prompts = [torch.randint(0, handoff.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-    first, positions = handoff.prefill(prompts, capacity=80)
-    plain.prefill(prompts, capacity=80)
-    tokens = first.argmax(-1)
-    for step in range(4):
-        got = handoff.forward_step(tokens, positions)
-        want = plain.forward_step(tokens, positions)
-        again = plain.forward_step(tokens, positions)  # rewrites the same cache rows
-        assert relative(got, want) <= 2 * relative(again, want) + 1e-3, (step, relative(got, want),
-                                                                         relative(again, want))
+    prompts = random_prompts(handoff.config, lengths)
+    for step, (want, second, got) in enumerate(lockstep([plain, again, handoff], prompts, 4, capacity=80)):
+        assert relative(got, want) <= 2 * relative(second, want) + 1e-3, (step, relative(got, want),
+                                                                          relative(second, want))
         assert not handoff._sums.any(), step
-        tokens, positions = want.argmax(-1), positions + 1
     new = handoff.generate(prompts, 5)
     assert [len(ids) for ids in new] == [5] * len(lengths) and not handoff._sums.any()
 

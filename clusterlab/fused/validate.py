@@ -54,16 +54,23 @@ def check_tensor(name: str, x, shape: tuple, dtype, device: torch.device, like: 
                          "16 bytes at a time: pass a tensor that starts on one (a fresh tensor, or .clone())")
 
 
+def check_rows(name: str, x, hidden_size: int) -> int:
+    """``x`` is a torch tensor ``[batch, hidden_size]`` with batch 1..8 (TypeError / ValueError naming
+    ``name`` otherwise); returns the batch."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != hidden_size:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (batch, {hidden_size})")
+    batch = x.shape[0]
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"{name} has batch {batch}; allowed 1..{MAX_BATCH}")
+    return batch
+
+
 def check_hidden_residual(hidden_size: int, hidden, residual, dtype, device: torch.device) -> int:
     """``hidden`` and ``residual`` of one step: ``[batch, hidden_size]`` with batch 1..8, ``dtype``
     and ``device`` (the weights'), contiguous; returns the batch."""
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected (batch, {hidden_size})")
-    batch = hidden.shape[0]
-    if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
+    batch = check_rows("hidden", hidden, hidden_size)
     check_tensor("hidden", hidden, (batch, hidden_size), dtype, device, "the weights")
     check_tensor("residual", residual, (batch, hidden_size), dtype, device, "the weights")
     return batch
@@ -141,13 +148,7 @@ def check_handoff(hidden_size: int, hidden_sums, residual, sums_out, clear, dtyp
     ``hidden_sums``, ``sums_out`` and ``clear`` float32 ``[batch, hidden_size]`` (batch 1..8),
     three buffers that share no byte; ``residual`` ``[batch, hidden_size]`` in ``dtype``; all on
     ``device`` (the weights'), contiguous. Returns the batch."""
-    if not isinstance(hidden_sums, torch.Tensor):
-        raise TypeError(f"hidden_sums must be a torch.Tensor, got {type(hidden_sums).__name__}")
-    if hidden_sums.dim() != 2 or hidden_sums.shape[1] != hidden_size:
-        raise ValueError(f"hidden_sums has shape {tuple(hidden_sums.shape)}; expected (batch, {hidden_size})")
-    batch = hidden_sums.shape[0]
-    if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"hidden_sums has batch {batch}; allowed 1..{MAX_BATCH}")
+    batch = check_rows("hidden_sums", hidden_sums, hidden_size)
     buffers = {"hidden_sums": hidden_sums, "sums_out": sums_out, "clear": clear}
     for name, x in buffers.items():
         check_tensor(name, x, (batch, hidden_size), torch.float32, device, "a hand-off's sums, on the weights' device")
