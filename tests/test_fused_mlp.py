@@ -137,6 +137,23 @@ def test_interleaved_inputs_change_only_the_cuda_core_gate_up_steps(batch):
     assert assemble(interleaved).spill_bytes <= assemble(full).spill_bytes
 
 
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_a_simulated_handoff_reads_rounded_sums_and_leaves_its_own_unconverted(dtype):
+    """``DecodeMLP.handoff`` on the simulator backend: float32 sums in, read rounded; the output sums
+    left unconverted (rounded, the plain step's ``out`` bit for bit), the residual as the plain
+    step's, the third buffer cleared."""
+    dtype = DTYPES[dtype]
+    config = TINY["h128-i256"]
+    layer = DecodeMLP(config, MLPWeights.random(config, dtype, seed=4))
+    sums = torch.randn(3, 2, config.hidden_size)
+    sums[1].zero_()
+    _, residual = random_inputs(config, dtype, 2, seed=5)
+    out, h = layer(sums[0].to(dtype), residual)
+    got_h = layer.handoff(sums[0], residual, sums_out=sums[1], clear=sums[2])
+    assert torch.equal(sums[1].to(dtype), out) and not torch.equal(sums[1], out.float())
+    assert torch.equal(got_h, h) and not sums[2].any()
+
+
 @pytest.mark.ptx
 @pytest.mark.parametrize("model, batch", [("llama3-8b", 1), ("llama3.2-1b", 8)])
 def test_the_handoff_kernel_drops_the_finish(model, batch):

@@ -64,6 +64,28 @@ def test_simulated_step_matches_reference(config, cluster_size, batch, head_spli
         assert torch.equal(cache.k[:, :, others].view(torch.int16), before.k[:, :, others].view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_simulated_handoff_reads_rounded_sums_and_leaves_its_own_unconverted(dtype):
+    """``DecodeAttention.handoff`` on the simulator backend: float32 sums in (values the dtype cannot
+    hold), read rounded; the output sums left in ``sums_out`` unconverted (rounded, they are the
+    plain step's ``out`` bit for bit: the same simulated arithmetic), the residual and the cache
+    row as the plain step's, the third buffer cleared."""
+    config, cluster_size, batch, head_split = CASES[3]
+    weights = AttentionWeights.random(config, dtype, seed=7)
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=head_split)
+    sums = torch.randn(3, batch, config.hidden_size)
+    sums[1].zero_()
+    residual = torch.randn(batch, config.hidden_size).to(dtype)
+    cache = KVCache.random(config, batch, 40, dtype, seed=8)
+    plain_cache = cache.clone()
+    positions = torch.tensor([33, 4], dtype=torch.int32)
+    out, h = layer(sums[0].to(dtype), residual, plain_cache, positions)
+    got_h = layer.handoff(sums[0], residual, cache, positions, sums_out=sums[1], clear=sums[2])
+    assert torch.equal(sums[1].to(dtype), out) and not torch.equal(sums[1], out.float())
+    assert torch.equal(got_h, h) and torch.equal(cache.k, plain_cache.k) and torch.equal(cache.v, plain_cache.v)
+    assert not sums[2].any()
+
+
 @pytest.mark.parametrize("config, cluster_size, batch, head_split", [case for case in CASES if case[2] > 1])
 def test_simulated_ragged_batch_each_sequence_at_its_own_position(config, cluster_size, batch, head_split):
     gen = torch.Generator().manual_seed(batch)

@@ -225,17 +225,20 @@ def test_one_sequence_decodes_through_the_fused_mlp_like_transformers(checkpoint
 
 def test_a_batch_decodes_through_the_fused_mlp_where_its_shape_allows(checkpoint, ours, monkeypatch):
     """With the tiny shape listed for two sequences, a ragged batch of two runs DecodeMLP (on the
-    simulator here) and its logits still follow transformers' step by step."""
+    simulator here; through its hand-off where the model hands the blocks' outputs on) and its
+    logits still follow transformers' step by step."""
     _, _, model, dtype = checkpoint
     shape = (ours.config.hidden_size, ours.config.intermediate_size)
     monkeypatch.setitem(FUSED_MLP_MAX_BATCH, shape, 2)
-    original, batches = type(ours.mlps[0]).__call__, []
+    batches = []
+    for name in ("__call__", "handoff"):
+        original = getattr(type(ours.mlps[0]), name)
 
-    def counted(self, hidden, *args, **kwargs):
-        batches.append(hidden.shape[0])
-        return original(self, hidden, *args, **kwargs)
+        def counted(self, hidden, *args, original=original, **kwargs):
+            batches.append(hidden.shape[0])
+            return original(self, hidden, *args, **kwargs)
 
-    monkeypatch.setattr(type(ours.mlps[0]), "__call__", counted)
+        monkeypatch.setattr(type(ours.mlps[0]), name, counted)
     prompts = PROMPTS[:2]
     want = [hf_greedy(model, p, NEW_TOKENS, MIN_GAP[dtype]) for p in prompts]
     logits, positions = ours.prefill(prompts, capacity=16)

@@ -159,8 +159,8 @@ class DecodeAttention:
         step. Three buffers in turn make the chain: step ``k`` reads buffer ``(k - 1) % 3``, adds
         into ``k % 3`` and clears ``(k + 1) % 3``, the one step ``k - 1`` read (see
         :meth:`clusterlab.models.LlamaModel.forward_step`). ``residual``, ``cache``, ``positions``
-        as :meth:`__call__`; returns ``hidden + residual`` (into ``residual_out`` when given). On
-        the simulator backend the same through :meth:`__call__`.
+        as :meth:`__call__`; returns ``hidden + residual`` (into ``residual_out`` when given). The
+        simulator backend runs the same hand-off (:func:`~clusterlab.fused.simulated.simulated_step`).
         """
         dtype, device = self.weights.qkv.dtype, self.weights.qkv.device
         batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
@@ -171,8 +171,13 @@ class DecodeAttention:
         self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":
-            out, _ = self(hidden_sums.to(dtype), residual, cache, positions, residual_out=residual_out)
-            sums_out.add_(out.float())
+            from .simulated import simulated_step
+
+            cluster_size, _, head_split = self.shape(batch)
+            out, new_residual = simulated_step(self.config, self.weights, hidden_sums, residual, cache, positions,
+                                               cluster_size, head_split=head_split, handoff=True)
+            sums_out.add_(out)
+            residual_out.copy_(new_residual)
             clear.zero_()
         else:
             args = self.launch_args(hidden_sums, residual, cache, positions, clear, residual_out, out_acc=sums_out)

@@ -311,16 +311,21 @@ class DecodeMLP:
         """One step that takes its input and leaves its output as float32 sums, in a chain of fused
         blocks: as :meth:`clusterlab.fused.DecodeAttention.handoff` (``hidden_sums`` read rounded to
         the weights' dtype, the output added into ``sums_out``, ``clear`` set to zero). Returns
-        ``hidden + residual`` (into ``residual_out`` when given)."""
+        ``hidden + residual`` (into ``residual_out`` when given). The simulator backend runs the same
+        hand-off (:func:`~clusterlab.fused.mlp_simulated.simulated_mlp_step`)."""
         dtype, device = self.weights.gate.dtype, self.weights.gate.device
         batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
-        self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
+        spec = self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":
-            out, _ = self(hidden_sums.to(dtype), residual, residual_out=residual_out)
-            sums_out.add_(out.float())
+            from .mlp_simulated import simulated_mlp_step
+
+            out, new_residual = simulated_mlp_step(self.config, self.weights, hidden_sums, residual, spec.cluster_size,
+                                                   spec.clusters, handoff=True)
+            sums_out.add_(out)
+            residual_out.copy_(new_residual)
             clear.zero_()
         else:
             args = self.launch_args(hidden_sums, residual, clear, residual_out, out_acc=sums_out)

@@ -72,14 +72,17 @@ def mlp_block(b: simulator.Block, cluster: int, config: MLPConfig, batch: int, c
 
 
 def simulated_mlp_step(config: MLPConfig, weights: MLPWeights, hidden: torch.Tensor, residual: torch.Tensor,
-                       cluster_size: int, clusters: int, traces: list | None = None):
-    """One step on the simulator: ``(out, hidden + residual)`` in the inputs' dtype.
+                       cluster_size: int, clusters: int, traces: list | None = None, handoff: bool = False):
+    """One step on the simulator: ``(out, hidden + residual)`` in the weights' dtype.
 
     CPU tensors, shapes as for :class:`~clusterlab.fused.mlp.DecodeMLP`; ``clusters`` simulated
     clusters of ``cluster_size`` blocks, each one's :class:`~clusterlab.simulator.Trace` appended
-    to ``traces`` when a list is given.
+    to ``traces`` when a list is given. ``handoff``: as the kernel's
+    (:attr:`~clusterlab.fused.mlp_kernel.MLPSpec.handoff`), ``hidden`` may be float32 sums, read
+    rounded to the weights' dtype, and ``out`` is ``out_acc`` itself, float32, unconverted.
     """
-    batch, dtype = hidden.shape[0], hidden.dtype
+    batch, dtype = hidden.shape[0], weights.gate.dtype
+    hidden = hidden.to(dtype)
 
     def f32(t):
         return t.detach().to(torch.float32).numpy()
@@ -99,5 +102,6 @@ def simulated_mlp_step(config: MLPConfig, weights: MLPWeights, hidden: torch.Ten
         if traces is not None:
             traces.append(trace)
     # -- 4 finish: the last block (one a cluster) to add into this block's output rows converts them ------
-    # Here once for all rows, after every cluster has added into out_acc.
-    return torch.from_numpy(gm["out_acc"]).to(dtype), torch.from_numpy(gm["residual_out"]).to(dtype)
+    # Here once for all rows, after every cluster has added into out_acc (with a hand-off nobody converts).
+    out = torch.from_numpy(gm["out_acc"])
+    return (out if handoff else out.to(dtype)), torch.from_numpy(gm["residual_out"]).to(dtype)

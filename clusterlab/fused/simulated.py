@@ -176,6 +176,7 @@ def simulated_step(
     cluster_size: int,
     traces: list | None = None,
     head_split: int = 1,
+    handoff: bool = False,
 ):
     """One decode step on the simulator: ``(out, new_residual)``, and cache row ``positions[b]`` of each sequence appended.
 
@@ -183,17 +184,20 @@ def simulated_step(
     int for the whole batch or one per sequence (list or CPU tensor). One simulated
     cluster per KV head, or ``head_split`` per KV head each with a part of its query heads; each
     cluster's :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given.
+    ``handoff``: as the kernel's (:attr:`~clusterlab.fused.kernel.KernelSpec.handoff`), ``hidden``
+    may be float32 sums, read rounded to the weights' dtype, and ``out`` is ``out_acc`` itself,
+    float32, unconverted.
     """
     check_cluster_size(config, cluster_size)
     check_head_split(config, head_split)
-    batch, dtype = hidden.shape[0], hidden.dtype
+    batch, dtype = hidden.shape[0], weights.qkv.dtype
     positions = sequence_positions(positions, batch)
 
     def f32(t):
         return t.detach().to(torch.float32).numpy()
 
     gm = {
-        "hidden": f32(hidden), "residual": f32(residual), "norm": f32(weights.norm),
+        "hidden": f32(hidden.to(dtype)), "residual": f32(residual), "norm": f32(weights.norm),
         "qkv": f32(weights.qkv), "o": f32(weights.o), "k": f32(cache.k), "v": f32(cache.v),
         "qkv_bias": np.zeros(config.qkv_rows, F32) if weights.qkv_bias is None else f32(weights.qkv_bias),
         "rope": rope_table(config, cache.capacity).numpy(),
@@ -211,9 +215,10 @@ def simulated_step(
         if traces is not None:
             traces.append(trace)
     # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
-    # Here once for all rows, after every cluster has added into out_acc; the cache rows, which the
-    # kernel's phase 2 writes, are rounded to the cache dtype here too.
+    # Here once for all rows, after every cluster has added into out_acc (with a hand-off nobody
+    # converts); the cache rows, which the kernel's phase 2 writes, are rounded to the cache dtype here too.
     rows = torch.arange(batch)
     cache.k[rows, :, positions] = torch.from_numpy(gm["new_k"]).to(dtype)
     cache.v[rows, :, positions] = torch.from_numpy(gm["new_v"]).to(dtype)
-    return torch.from_numpy(gm["out_acc"]).to(dtype), torch.from_numpy(gm["residual_out"]).to(dtype)
+    out = torch.from_numpy(gm["out_acc"])
+    return (out if handoff else out.to(dtype)), torch.from_numpy(gm["residual_out"]).to(dtype)
