@@ -146,11 +146,6 @@ def variant_options(config, variant: tuple[int, ...]) -> dict:
     return dict(zip(("cluster_size", "warps", _family(config).third), variant))
 
 
-def variant_tuple(options: dict) -> tuple[int, ...]:
-    """The ``--variant`` tuple :func:`variant_options` made ``options`` from."""
-    return tuple(v for k, v in options.items() if k != "kernel_options")
-
-
 class _Rotation:
     """``copies`` layers, each with weights, cache and inputs of its own; ``step()`` runs the next.
 
@@ -268,8 +263,8 @@ def run_bench(
                 except ValueError as exc:
                     if "cluster_size" not in variant:
                         raise  # the launch rule's own shape must run
-                    print(f"{name} {dtype_name} batch {batch}: variant {'x'.join(map(str, variant_tuple(variant)))}"
-                          f" skipped: {exc}", flush=True)
+                    shape = "x".join(map(str, run.sets[0]["fused"].shape(batch)))
+                    print(f"{name} {dtype_name} batch {batch}: variant {shape} skipped: {exc}", flush=True)
                     del run
                     break
                 cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch)

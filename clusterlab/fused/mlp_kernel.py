@@ -152,14 +152,14 @@ def build_mlp_kernel(spec: MLPSpec):
         out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
         arrivals          [cluster_size] int32           zero on entry, left zero on exit
 
-    With ``spec.handoff``, as the attention kernel's (:func:`~clusterlab.fused.kernel.build_kernel`):
-    ``hidden`` is float32 sums, read rounded to the model dtype; ``out`` is a float32 buffer the
-    step sets to zero; ``out_acc`` is left holding the output sums; ``arrivals`` is not touched.
-
     and, with ``spec.timeline``, two more (without it numba compiles the stamps away)::
 
         stamps            [blocks * TIMELINE_STAMPS * 2] uint64   per block and stamp: clock64, globaltimer
         sms               [blocks] uint32                         the SM each block ran on
+
+    With ``spec.handoff``, as the attention kernel's (:func:`~clusterlab.fused.kernel.build_kernel`):
+    ``hidden`` is float32 sums, read rounded to the model dtype; ``out`` is a float32 buffer the
+    step sets to zero; ``out_acc`` is left holding the output sums; ``arrivals`` is not touched.
     """
     H, I, C, CLUSTERS = spec.hidden_size, spec.intermediate_size, spec.cluster_size, spec.clusters
     INTER_SLICE, ROWS, K_SLICE, OUT_ROWS = spec.inter_slice, spec.rows, spec.k_slice, spec.out_rows
