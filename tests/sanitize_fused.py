@@ -11,7 +11,10 @@ inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose shared reg
 largest share words (``KernelSpec.overlay``: ``xs``/``partial``, then ``scratch``, then ``o``); and
 one sequence with ``h * norm`` interleaved in shared memory (``KernelSpec.interleave_inputs``).
 Then the hand-off kernels (``DecodeAttention.handoff``: float32 sums in, out and cleared) of the
-first three shapes; ``python tests/sanitize_fused.py handoff`` runs those alone.
+first three shapes; ``python tests/sanitize_fused.py handoff`` runs those alone. Then GQA with a KV
+head's positions split over 2 and 4 clusters (``KernelSpec.split_positions``: the parts' states
+in device memory, merged by the last to arrive; a sequence with an empty cache leaves whole parts
+nothing to attend), plain and handed off; ``python tests/sanitize_fused.py split`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -40,6 +43,13 @@ SHAPES = [
 ]
 
 HANDOFF_SHAPES = SHAPES[:3]
+SPLIT_SHAPES = [
+    (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
+     {"cluster_size": 4, "head_split": 2, "kernel_options": {"split_positions": True}}, [0, 37, 300], torch.bfloat16),
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 4, "kernel_options": {"split_positions": True}}, [1000, 0, 333],
+     torch.float16),
+]
 
 
 def handoff_steps(shapes) -> int:
@@ -65,6 +75,13 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-plain = sys.argv[1:] != ["handoff"]
-exit_with((run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step) if plain else 0)
-          + handoff_steps(HANDOFF_SHAPES))
+only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff" or "split"
+failures = 0
+if only is None:
+    failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+if only in (None, "handoff"):
+    failures += handoff_steps(HANDOFF_SHAPES)
+if only in (None, "split"):
+    failures += run_steps(SPLIT_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+    failures += handoff_steps(SPLIT_SHAPES)
+exit_with(failures)

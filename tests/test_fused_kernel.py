@@ -217,6 +217,35 @@ def test_the_handoff_kernel_drops_the_finish_and_keeps_the_register_budget(confi
     assert assemble(handoff).spill_bytes <= assemble(plain).spill_bytes
 
 
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, head_split, spill",
+                         [(LLAMA3_8B, False, 1, 16, 4, 2, 0), (QWEN2_5_7B, True, 4, 8, 4, 7, 8)],
+                         ids=["llama3-8b-f16-b1", "qwen2.5-7b-bf16-b4"])
+def test_the_position_split_gives_a_cluster_all_query_heads_and_counts_the_parts_in(config, bf16, batch,
+                                                                                   cluster_size, warps, head_split,
+                                                                                   spill):
+    """``split_positions``: each cluster projects all ``G`` query heads of its KV head (rows, W_o
+    columns), the grid stays the head split's, one more arrival counter (the parts') beside the
+    finish's, the same cluster barriers, no local memory."""
+    import dataclasses
+
+    from clusterlab.toolchain import assemble
+
+    spec = KernelSpec.of(config, bf16, batch, cluster_size, warps, head_split)
+    split = dataclasses.replace(spec, split_positions=True)
+    assert (split.parts, split.query_split, split.group) == (head_split, 1, config.group_size)
+    assert (split.clusters, split.rows, split.attn_width) == (spec.clusters, (config.group_size + 2) * config.head_dim,
+                                                              config.group_size * config.head_dim)
+    assert split.part_state_words() == config.kv_heads * head_split * batch * config.group_size * (config.head_dim + 2)
+    assert dataclasses.replace(spec, head_split=1, split_positions=True).parts == 1  # nothing to split
+    plain, ptx = spec_ptx(spec), spec_ptx(split)
+    assert ptx.count("atom.global.add.u32") == plain.count("atom.global.add.u32") + 1
+    for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
+        assert ptx.count(instruction) == plain.count(instruction), instruction
+    assert "st.local" not in ptx
+    assert assemble(ptx).spill_bytes <= spill
+
+
 def _random_inputs(config, dtype, batch, capacity, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     hidden = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
@@ -385,6 +414,26 @@ def test_interleaved_inputs_match_the_reference(name, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, batch, dtype, options, steps",
+    [(LLAMA3_8B, 1, torch.float16, {}, [0, 1, 1000, 4097, 32767]),
+     (QWEN2_5_7B, 4, torch.bfloat16, {}, [[5000, 0, 17, 300], 1000]),
+     (LLAMA3_2_1B, 8, torch.float16, {"head_split": 2}, [[300, 41, 5, 0, 77, 6000, 16, 33]]),
+     (SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "head_split": 4}, [0, 17, [300, 41, 5]])],
+    ids=["llama3-8b-b1-f16", "qwen2.5-7b-b4-bf16", "llama3.2-1b-b8-f16", "gqa-d64-split4-b3-bf16"],
+)
+def test_the_position_split_matches_the_reference(config, batch, dtype, options, steps):
+    """``kernel_options={"split_positions": True}`` on the rule's shapes (a head split of 2 or 7)
+    and a split of 4: empty and one-row caches (whole parts with nothing to attend), ragged
+    batches, 32K; the parts' counters left zero (``_check_steps``)."""
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=37)
+    layer = DecodeAttention(config, weights, kernel_options={"split_positions": True}, **options)
+    spec = layer.kernel_spec(dtype, batch)
+    assert spec.parts == spec.head_split > 1 and spec.group == config.group_size
+    _check_steps(layer, dtype, batch, steps)
+
+
+@pytest.mark.gpu
 def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp_path):
     """``clusterlab bench fused --spec default kv_pipeline=False`` in small: one row a kernel, each
     checked against the reference, the options and the driver in the results file."""
@@ -417,8 +466,9 @@ def test_the_benchmark_skips_a_variant_a_batch_cannot_run(tmp_path, capsys):
     "config, options, positions, dtype",
     [(LLAMA3_8B, {}, [700], torch.float16), (LLAMA3_8B, {}, [5, 300, 0, 77], torch.bfloat16),
      (SMALL["gqa-d64-gptj-c16"], {"cluster_size": 4, "head_split": 2}, [3, 40, 0], torch.float16),
-     (SMALL["mha-d128"], {"cluster_size": 8, "warps": 8}, [130, 5, 64, 9, 1, 0, 12, 300], torch.bfloat16)],
-    ids=["llama3-8b-b1", "llama3-8b-b4-bf16", "gqa-split-b3", "mha-b8-bf16"],
+     (SMALL["mha-d128"], {"cluster_size": 8, "warps": 8}, [130, 5, 64, 9, 1, 0, 12, 300], torch.bfloat16),
+     (LLAMA3_8B, {"kernel_options": {"split_positions": True}}, [5, 3000, 0, 77], torch.bfloat16)],
+    ids=["llama3-8b-b1", "llama3-8b-b4-bf16", "gqa-split-b3", "mha-b8-bf16", "llama3-8b-b4-bf16-positions-split"],
 )
 def test_a_handoff_step_computes_what_the_plain_step_does(config, options, positions, dtype):
     """``DecodeAttention.handoff`` against ``__call__`` on the same inputs: ``hidden`` as float32 sums
@@ -465,12 +515,14 @@ def test_step_replays_in_a_cuda_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["llama3-8b", "qwen2.5-7b"])
-def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device(preset):
+@pytest.mark.parametrize("preset, options", [("llama3-8b", {}), ("qwen2.5-7b", {}),
+                                             ("qwen2.5-7b", {"split_positions": True})],
+                         ids=["llama3-8b", "qwen2.5-7b", "qwen2.5-7b-positions-split"])
+def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device(preset, options):
     """Decode-loop shape: positions live on the device and a kernel in the graph advances them."""
     config = PRESETS[preset]
     weights = AttentionWeights.random(config, torch.bfloat16, "cuda", seed=11)
-    layer = DecodeAttention(config, weights)
+    layer = DecodeAttention(config, weights, kernel_options=options)
     hidden, residual, cache = _random_inputs(config, torch.bfloat16, 3, 2100, seed=12)
     positions = torch.tensor([5, 2000, 700], dtype=torch.int32, device="cuda")
     out = torch.full_like(hidden, float("nan"))

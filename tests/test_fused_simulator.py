@@ -42,11 +42,13 @@ CASES = [
     (AttentionConfig(hidden_size=128, heads=8, kv_heads=2, head_dim=64, rope_style="gptj"), 2, 1, 4),
     (AttentionConfig(hidden_size=224, heads=7, kv_heads=1, head_dim=64, qkv_bias=True), 2, 2, 7),  # Qwen2-like
 ]
+# Each case as it is, and those with a head split again with its clusters splitting the positions.
+SPLITS = [(*case, False) for case in CASES] + [(*case, True) for case in CASES if case[3] > 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config, cluster_size, batch, head_split", CASES)
-def test_simulated_step_matches_reference(config, cluster_size, batch, head_split, dtype):
+@pytest.mark.parametrize("config, cluster_size, batch, head_split, split_positions", SPLITS)
+def test_simulated_step_matches_reference(config, cluster_size, batch, head_split, split_positions, dtype):
     for position in (0, 1, 2 * POSITION_ALIGN * cluster_size + 3):  # empty, tiny, ragged caches
         capacity = position + 5
         weights = AttentionWeights.random(config, dtype)
@@ -55,7 +57,7 @@ def test_simulated_step_matches_reference(config, cluster_size, batch, head_spli
         hidden, residual = torch.randn(2, batch, config.hidden_size).to(dtype)
         want = reference_step(config, weights, hidden, residual, before, position)
         out, new_residual = simulated_step(config, weights, hidden, residual, cache, position, cluster_size,
-                                           head_split=head_split)
+                                           head_split=head_split, split_positions=split_positions)
         assert relative_error(out, want.out) < TOLERANCE
         assert relative_error(new_residual, want.residual) < TOLERANCE
         assert relative_error(cache.k[:, :, position], want.k) < TOLERANCE
@@ -86,8 +88,12 @@ def test_a_simulated_handoff_reads_rounded_sums_and_leaves_its_own_unconverted(d
     assert not sums[2].any()
 
 
-@pytest.mark.parametrize("config, cluster_size, batch, head_split", [case for case in CASES if case[2] > 1])
-def test_simulated_ragged_batch_each_sequence_at_its_own_position(config, cluster_size, batch, head_split):
+@pytest.mark.parametrize("config, cluster_size, batch, head_split, split_positions",
+                         [case for case in SPLITS if case[2] > 1])
+def test_simulated_ragged_batch_each_sequence_at_its_own_position(config, cluster_size, batch, head_split,
+                                                                  split_positions):
+    """A sequence whose cache is shorter than a split's share leaves blocks (and, with the positions
+    split, whole clusters) nothing to attend: their states are empty and must merge as such."""
     gen = torch.Generator().manual_seed(batch)
     positions = torch.randint(0, 4 * POSITION_ALIGN * cluster_size, (batch,), generator=gen, dtype=torch.int32)
     positions[0] = 0  # an empty cache beside longer ones
@@ -96,7 +102,8 @@ def test_simulated_ragged_batch_each_sequence_at_its_own_position(config, cluste
     before = cache.clone()
     hidden, residual = torch.randn(2, batch, config.hidden_size).half()
     want = reference_step(config, weights, hidden, residual, before, positions)
-    out, _ = simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, head_split=head_split)
+    out, _ = simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, head_split=head_split,
+                            split_positions=split_positions)
     assert relative_error(out, want.out) < TOLERANCE
     rows = torch.arange(batch)
     assert relative_error(cache.k[rows, :, positions.long()], want.k) < TOLERANCE
@@ -266,3 +273,22 @@ def test_shapes_beyond_the_cards_shared_memory_are_refused():
     assert KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, limits=small).min_blocks_per_sm == 4
     with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory; the GPU allows 49152"):
         KernelSpec.of(LLAMA3_8B, True, 8, 16, 8, limits=small)
+
+
+def test_the_layer_runs_the_position_split_on_the_simulator():
+    """``kernel_options={"split_positions": True}`` reaches the simulator backend: the same step as the
+    reference, and the trace names each cluster by its part of the positions."""
+    config, cluster_size, batch, head_split = CASES[3]
+    weights = AttentionWeights.random(config, torch.float16, seed=5)
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=head_split,
+                            kernel_options={"split_positions": True})
+    cache = KVCache.random(config, batch, 300, torch.float16, seed=6)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    positions = torch.tensor([250, 0], dtype=torch.int32)
+    want = reference_step(config, weights, hidden, residual, cache.clone(), positions)
+    out, _ = layer(hidden, residual, cache, positions)
+    assert relative_error(out, want.out) < TOLERANCE
+    traces = []
+    simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, traces, head_split, False, True)
+    assert [trace.title for trace in traces] == [f"decode step, KV head {g} positions {s}" for g in (0, 1)
+                                                 for s in (0, 1)]

@@ -1,4 +1,4 @@
-"""The fused decode-attention kernel: one launch per step, one cluster per KV head or part of its query heads.
+"""The fused decode-attention kernel: one launch per step, one cluster per KV head or part of it (query heads or positions).
 
 The phases, their owners and the DSMEM exchanges are drawn in :mod:`clusterlab.fused.plan`; the
 simulator model of the same dataflow is :func:`clusterlab.fused.simulated.decode_block`, phase for
@@ -8,6 +8,8 @@ constants are the words of :class:`KernelSpec` upper-cased::
     H, D, G, C               hidden_size, head_dim, group (query heads of a cluster), cluster_size
     HEADS, KV_HEADS          heads, kv_heads
     HEAD_SPLIT, BATCH        head_split (clusters per KV head), batch (sequences)
+    PARTS, QUERY_SPLIT       parts, query_split: the clusters of a KV head split its cached positions
+                             (PARTS = HEAD_SPLIT) or its query heads (QUERY_SPLIT = HEAD_SPLIT)
     ROWS                     rows: the cluster's W_qkv rows, slots 0..G-1 query heads, G key, G+1 value
     K_SLICE, OUT_ROWS        k_slice, out_rows: a block's slice of the hidden size and of W_o's rows
     ATTN_WIDTH               attn_width = G * D: the cluster's attention output, its W_o columns
@@ -15,10 +17,10 @@ constants are the words of :class:`KernelSpec` upper-cased::
     KEYS_PER_STEP            keys_per_step: cached keys (and values) a warp step of attention loads
     WARPS_PER_SEQUENCE       warps // batch: the warps that attend for one sequence
     GROUPS_PER_SEQUENCE      the softmax states those warps leave for the block merge
-    NEW_TOKEN_RANK           plan.new_token_rank(C): the block that folds in the new token
+    NEW_TOKEN_PART, NEW_TOKEN_RANK   plan.new_row_block(PARTS, C): the part and block that fold in the new token
     XS, PARTIAL, QKV, ...    offsets of smem_layout()'s regions (the simulator's shared arrays)
 
-and the variables of a block read as in the simulator: ``cluster``, ``kv_head``, ``rank``, ``k0``
+and the variables of a block read as in the simulator: ``cluster``, ``kv_head``, ``part``, ``query_block``, ``rank``, ``k0``
 (its hidden slice), ``seq`` (a sequence of the batch), ``head``, ``slot``, ``ra, rb, angle`` (a
 RoPE pair), ``start, end`` (its cached positions), ``e`` (an element of ``o``), ``m_max``,
 ``l_tot``, ``a_tot``.
@@ -85,7 +87,7 @@ from numba.cuda import libdevice
 from .. import ptx
 from . import plan
 from .config import AttentionConfig
-from .plan import QUAD, HOPPER, DeviceLimits, check_cluster_size, check_head_split, new_token_rank
+from .plan import QUAD, HOPPER, DeviceLimits, check_cluster_size, check_head_split, new_row_block
 
 FULL_MASK = 0xFFFFFFFF
 #: Stands for -inf in softmax states: exp2(NEG - m) is 0 for any real m, and exp2(NEG - NEG) = 1
@@ -186,6 +188,9 @@ class KernelSpec(BlockShape):
     #: the W_qkv steps on the CUDA cores read ``h * norm`` in :func:`input_word`'s interleaved order
     #: (see :attr:`inputs_interleaved`)
     interleave_inputs: bool = False
+    #: the ``head_split`` clusters of a KV head split its cached positions, each with all its query
+    #: heads, instead of its query heads (see :attr:`parts`)
+    split_positions: bool = False
     #: hand the output on as float32 sums (see :func:`build_kernel`): ``hidden`` is the float32 sums
     #: of the kernel before (read rounded to the model dtype), the output is left in ``out_acc`` for
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
@@ -215,9 +220,24 @@ class KernelSpec(BlockShape):
         return spec
 
     @property
+    def parts(self) -> int:
+        """Clusters a KV head's cached positions are split over: the ``head_split`` with
+        ``split_positions``, else 1. Each part's cluster attends over its share with all ``group``
+        query heads and leaves its softmax state in device memory; the last of them to arrive (at
+        each rank) merges the states and projects with W_o (see :func:`build_kernel`). Unlike a
+        split of the query heads, no cached row is read twice, and W_q's rows are read ``parts``
+        times (the repeats mostly from L2) while W_o's columns are read by the last part alone."""
+        return self.head_split if self.split_positions else 1
+
+    @property
+    def query_split(self) -> int:
+        """Clusters a KV head's query heads are split over: the ``head_split`` unless the positions are split."""
+        return self.head_split // self.parts
+
+    @property
     def group(self) -> int:
         """Query heads one cluster owns (of the ``heads // kv_heads`` sharing its KV head)."""
-        return self.heads // self.kv_heads // self.head_split
+        return self.heads // self.kv_heads // self.query_split
 
     @property
     def clusters(self) -> int:
@@ -358,6 +378,14 @@ class KernelSpec(BlockShape):
     @property
     def shared_bytes(self) -> int:
         return 4 * self.smem_layout()["total"]
+
+    def part_state_words(self) -> int:
+        """Words (float32) of the parts' softmax states in device memory (one word where
+        :attr:`parts` is 1): ``acc [kv_heads, parts, batch, attn_width]``, then ``m`` and ``l``
+        ``[kv_heads, parts, batch, group]`` each."""
+        if self.parts == 1:
+            return 1
+        return self.kv_heads * self.parts * self.batch * (self.attn_width + 2 * self.group)
 
 
 def region_offsets(sizes: dict[str, int], at: int = 0) -> dict[str, int]:
@@ -1339,7 +1367,9 @@ def build_kernel(spec: KernelSpec):
         rope              [capacity * 2 * head_dim/2] float32        cos, sin per position
         out, residual_out [batch * hidden_size]        outputs
         out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
-        arrivals          [cluster_size] int32           zero on entry, left zero on exit
+        arrivals          [cluster_size * (1 + kv_heads)] int32   zero on entry, left zero on exit:
+                          [0, C) the finish's, then the parts' of each (KV head, rank)
+        part_states       [spec.part_state_words()] float32   the parts' softmax states (split positions)
         positions         [batch] int32                  each sequence's new token
         capacity          int32
 
@@ -1347,6 +1377,13 @@ def build_kernel(spec: KernelSpec):
 
         stamps            [blocks * TIMELINE_STAMPS * 2] uint64   per block and stamp: clock64, globaltimer
         sms               [blocks] uint32                         the SM each block ran on
+
+    With ``spec.parts > 1`` (:attr:`KernelSpec.parts`) the clusters of a KV head split its cached
+    positions: phase 4 writes each cluster's merged state (unnormalised: a part with no positions
+    has ``l = 0``) to ``part_states`` instead of pushing ``o``, and after B4 every block counts
+    itself in on its (KV head, rank) counter; the last of the ``parts`` to arrive merges their
+    states into ``o`` and runs phase 5 and the finish, the others are done. No cluster waits for
+    another, so the grid needs no co-residency.
 
     With ``spec.handoff`` three arguments change: ``hidden`` is float32 sums ``[batch *
     hidden_size]`` (another kernel's output before its conversion, read rounded to the model
@@ -1363,6 +1400,8 @@ def build_kernel(spec: KernelSpec):
     kernel is the one :class:`~clusterlab.fused.DecodeAttention` launches.
     """
     H, HEADS, KV_HEADS, D, HEAD_SPLIT = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim, spec.head_split
+    PARTS, QUERY_SPLIT = spec.parts, spec.query_split  # HEAD_SPLIT = PARTS * QUERY_SPLIT
+    SPLIT = PARTS > 1
     G, ROWS, C, BATCH, WARPS, THREADS = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
     K_SLICE, OUT_ROWS, ATTN_WIDTH = spec.k_slice, spec.out_rows, spec.attn_width
     NEOX, BF16, BIAS = spec.neox, spec.bf16, spec.bias
@@ -1386,7 +1425,11 @@ def build_kernel(spec: KernelSpec):
     KV_PIPELINE = spec.pipelined_kv
     WARPS_PER_SEQUENCE = WARPS // BATCH
     GROUPS_PER_SEQUENCE = WARPS_PER_SEQUENCE * spec.attention_groups  # softmax states a sequence's warps leave
-    NEW_TOKEN_RANK = new_token_rank(C)
+    NEW_TOKEN_PART, NEW_TOKEN_RANK = new_row_block(PARTS, C)
+    # part_states: acc [KV_HEADS, PARTS, BATCH, ATTN_WIDTH], then m and l [KV_HEADS, PARTS, BATCH, G]
+    PART_STRIDE = BATCH * ATTN_WIDTH  # words of one part's acc
+    PART_M = KV_HEADS * PARTS * PART_STRIDE
+    PART_L = PART_M + KV_HEADS * PARTS * BATCH * G
     NEW_TOKEN_GROUP = WARPS * spec.attention_groups  # scratch groups NEW_TOKEN_GROUP + seq: sequence seq's new token
     layout = spec.smem_layout()
     XS, PARTIAL, QKV = layout["xs"], layout["partial"], layout["qkv"]
@@ -1427,16 +1470,37 @@ def build_kernel(spec: KernelSpec):
         return position if 0 <= position < capacity else -1
 
     @cuda.jit(device=True, inline=True)
+    def merge_parts(part_states, smem, kv_head, tid):
+        """``o`` in shared memory from the ``PARTS`` states of KV head ``kv_head`` (every element, as
+        phase 4 merges a cluster's blocks: the states weighted by ``exp2(m - m_max)``)."""
+        for e in range(tid, BATCH * ATTN_WIDTH, THREADS):
+            state = e // ATTN_WIDTH * G + e % ATTN_WIDTH // D  # (sequence, head)
+            first = kv_head * PARTS
+            m_max = NEG
+            for p in range(first, first + PARTS):
+                m_max = max(m_max, part_states[PART_M + p * BATCH * G + state])
+            l_tot = float32(0.0)
+            a_tot = float32(0.0)
+            for p in range(first, first + PARTS):
+                w = math.exp2(part_states[PART_M + p * BATCH * G + state] - m_max)
+                l_tot += w * part_states[PART_L + p * BATCH * G + state]
+                a_tot += w * part_states[p * PART_STRIDE + e]
+            smem[O + e] = a_tot / l_tot
+
+    @cuda.jit(device=True, inline=True)
     def decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
-                    out_acc, arrivals, positions, capacity, stamps, sms):
+                    out_acc, arrivals, part_states, positions, capacity, stamps, sms):
         """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        cluster = cuda.blockIdx.x // C  # its query heads cluster*G .., W_o columns cluster*ATTN_WIDTH ..
+        cluster = cuda.blockIdx.x // C
         kv_head = cluster // HEAD_SPLIT
+        part = cluster % HEAD_SPLIT if SPLIT else 0  # of the KV head's cached positions
+        query_block = kv_head if SPLIT else cluster  # its query heads query_block*G .., W_o columns *ATTN_WIDTH ..
+        new_token = part == NEW_TOKEN_PART and rank == NEW_TOKEN_RANK  # folds in the new token
         k0 = rank * K_SLICE
         stamp(stamps, tid, 0)
         record_sm(sms, tid)
@@ -1448,7 +1512,7 @@ def build_kernel(spec: KernelSpec):
         qkv_words = cuda.local.array(QKV_WORDS, uint32)
         step = warp
         if step < QKV_STEPS:
-            qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H, lane,
+            qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H, lane,
                      qkv_words)
         cuda.syncthreads()
         sum_squares(smem, RED, WARPS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
@@ -1458,17 +1522,17 @@ def build_kernel(spec: KernelSpec):
             cuda.syncthreads()
         stamp(stamps, tid, 1)  # inputs
         while step < QKV_STEPS:
-            w0 = qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0
+            w0 = qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0
             qkv_finish(qkv_words, w_qkv, w0, H, smem, XS, smem, PARTIAL + step * QKV_STEP_ROWS, lane)
             step += WARPS
             if step < QKV_STEPS:
-                qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, step * QKV_STEP_ROWS) * H + k0, H,
+                qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H,
                          lane, qkv_words)
         # First attention loads (cached keys need no q): warps split the batch, WARPS_PER_SEQUENCE
         # each, and take steps of KEYS_PER_STEP positions in turn.
         att_seq = warp // WARPS_PER_SEQUENCE  # the sequence this warp attends for
         cached = cached_rows(positions, att_seq, capacity) if att_seq < BATCH else 0
-        start, end = cached_range(max(cached, 0), rank, C)
+        start, end = cached_range(max(cached, 0), part * C + rank, PARTS * C)
         cache_row0 = (att_seq * KV_HEADS + kv_head) * capacity
         kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if KV_STREAM and att_seq < BATCH else 0
         step = warp % WARPS_PER_SEQUENCE
@@ -1517,8 +1581,8 @@ def build_kernel(spec: KernelSpec):
                 xb[i] = peer_sum(xb[i]) * inv_rms
                 row_a, row_b = (ra + i, rb + i) if NEOX else (ra + 2 * i, ra + 2 * i + 1)
                 if BIAS and active:
-                    xa[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, row_a)])
-                    xb[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, HEAD_SPLIT, cluster, row_b)])
+                    xa[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row_a)])
+                    xb[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row_b)])
                 if not valid:
                     xa[i], xb[i] = NAN, NAN
                 if slot <= G and valid:  # query and key heads are rotated
@@ -1570,7 +1634,7 @@ def build_kernel(spec: KernelSpec):
             if KV_AHEAD and step < kv_steps:
                 kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
         kv_store(smem, warp, m, l_sum, acc, lane)
-        if rank == NEW_TOKEN_RANK and warp < BATCH:  # the new token of sequence `warp`, from shared memory
+        if new_token and warp < BATCH:  # the new token of sequence `warp`, from shared memory
             seq = warp
             for head in range(G):
                 dot = float32(0.0)
@@ -1593,7 +1657,7 @@ def build_kernel(spec: KernelSpec):
             m_max = NEG
             for q in range(first_group, first_group + GROUPS_PER_SEQUENCE):
                 m_max = max(m_max, smem[SCRATCH_M + q * G + head])
-            if rank == NEW_TOKEN_RANK:
+            if new_token:
                 m_max = max(m_max, smem[SCRATCH_M + (NEW_TOKEN_GROUP + seq) * G + head])
             l_tot = float32(0.0)
             a_tot = float32(0.0)
@@ -1601,7 +1665,7 @@ def build_kernel(spec: KernelSpec):
                 w = math.exp2(smem[SCRATCH_M + q * G + head] - m_max)
                 l_tot += w * smem[SCRATCH_L + q * G + head]
                 a_tot += w * smem[SCRATCH_ACC + (q * G + head) * D + dim]
-            if rank == NEW_TOKEN_RANK:
+            if new_token:
                 w = math.exp2(smem[SCRATCH_M + (NEW_TOKEN_GROUP + seq) * G + head] - m_max)
                 l_tot += w
                 a_tot += w * smem[SCRATCH_ACC + ((NEW_TOKEN_GROUP + seq) * G + head) * D + dim]
@@ -1609,18 +1673,20 @@ def build_kernel(spec: KernelSpec):
             if dim == 0:
                 smem[STATE_M + seq * G + head] = m_max
                 smem[STATE_L + seq * G + head] = l_tot
-        # First o-proj loads (weights need no o): this block's output rows, the cluster's columns.
+        # First o-proj loads (weights need no o): this block's output rows, the cluster's columns
+        # (with the positions split, once the block knows it is the part that projects).
         o_words = cuda.local.array(O_WORDS, uint32)
         step = warp
-        if step < O_STEPS:
-            o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + cluster * ATTN_WIDTH, HEADS * D, lane,
-                   o_words)
+        if not SPLIT and step < O_STEPS:
+            o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH, HEADS * D,
+                   lane, o_words)
         stamp(stamps, tid, 7)  # block merge
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete
         stamp(stamps, tid, 8)  # B3 wait
 
-        # -- 4 merge: owners combine the C states of their elements of o and push them -------------------
+        # -- 4 merge: owners combine the C states of their elements of o and push them (or, with the ----
+        # positions split, leave the cluster's state for the last part to arrive)
         # A unit is a quad of elements (of one head); its C lanes pull one block's state each (m, l
         # and 16 bytes of acc) and push the merged quad back to it (see make_exchange).
         units = owned_quads(BATCH * ATTN_WIDTH, rank, C)
@@ -1641,21 +1707,42 @@ def build_kernel(spec: KernelSpec):
             w = math.exp2(m - m_max)
             l_tot = peer_sum(w * l_sum)
             a0, a1, a2, a3 = peer_sum(w * a0), peer_sum(w * a1), peer_sum(w * a2), peer_sum(w * a3)
-            if active:
+            if active and SPLIT:  # unnormalised: a part with no positions has l = 0
+                if peer == 0:
+                    at = (kv_head * PARTS + part) * PART_STRIDE + e
+                    part_states[at], part_states[at + 1], part_states[at + 2], part_states[at + 3] = a0, a1, a2, a3
+                    if hd % D == 0:
+                        at = (kv_head * PARTS + part) * BATCH * G + state
+                        part_states[PART_M + at] = m_max
+                        part_states[PART_L + at] = l_tot
+            elif active:
                 inv_l = float32(1.0) / l_tot
                 push(smem, O + e, peer, a0 * inv_l, a1 * inv_l, a2 * inv_l, a3 * inv_l)
         ptx.cluster_arrive_release()
-        ptx.cluster_wait_acquire()  # B4: o is complete in every block; no DSMEM access after this
+        ptx.cluster_wait_acquire()  # B4: o (or the cluster's state) is complete; no DSMEM access after this
         stamp(stamps, tid, 9)  # o merge + B4
 
         # -- 5 o proj: this block's output rows, the cluster's heads' columns ----------------------------
-        while step < O_STEPS:
-            w0 = (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + cluster * ATTN_WIDTH
+        projects = True
+        if SPLIT:  # the last of the KV head's parts to arrive (at this rank) merges their states
+            finish_arrive(arrivals, C + kv_head * C + rank, PARTS, last, tid)
+            projects = last[0] == 1
+            if projects:
+                cuda.threadfence()  # acquire: the other parts' states, written before their arrivals
+                if step < O_STEPS:
+                    o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH,
+                           HEADS * D, lane, o_words)
+                merge_parts(part_states, smem, kv_head, tid)
+                if tid == 0:
+                    arrivals[C + kv_head * C + rank] = 0
+                cuda.syncthreads()
+        while projects and step < O_STEPS:
+            w0 = (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH
             o_finish(o_words, w_o, w0, HEADS * D, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane)
             step += WARPS
             if step < O_STEPS:
-                o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + cluster * ATTN_WIDTH, HEADS * D,
-                       lane, o_words)
+                o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH,
+                       HEADS * D, lane, o_words)
         stamp(stamps, tid, 10)  # W_o stream + red.add
 
         # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
@@ -1663,8 +1750,8 @@ def build_kernel(spec: KernelSpec):
         if HANDOFF:
             clear(out, tid)
             stamp(stamps, tid, 11)
-        else:
-            finish_arrive(arrivals, rank, KV_HEADS * HEAD_SPLIT, last, tid)
+        elif projects:
+            finish_arrive(arrivals, rank, KV_HEADS * QUERY_SPLIT, last, tid)
             stamp(stamps, tid, 11)  # fence + arrive
             if last[0] == CONVERTS:
                 finish_convert(out, out_acc, arrivals, rank, tid)
@@ -1672,16 +1759,17 @@ def build_kernel(spec: KernelSpec):
 
     if TIMELINE:
         def fused_decode_attention_timeline(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
-                                            residual_out, out_acc, arrivals, positions, capacity, stamps, sms):
+                                            residual_out, out_acc, arrivals, part_states, positions, capacity, stamps,
+                                            sms):
             decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
-                        out_acc, arrivals, positions, capacity, stamps, sms)
+                        out_acc, arrivals, part_states, positions, capacity, stamps, sms)
 
         return fused_decode_attention_timeline
 
     def fused_decode_attention(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
-                               residual_out, out_acc, arrivals, positions, capacity):
+                               residual_out, out_acc, arrivals, part_states, positions, capacity):
         decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
-                    out_acc, arrivals, positions, capacity, None, None)
+                    out_acc, arrivals, part_states, positions, capacity, None, None)
 
     return fused_decode_attention
 
@@ -1692,7 +1780,7 @@ def kernel_signature(spec: KernelSpec | None = None):
 
     h, f = types.int16[::1], types.float32[::1]
     io = f if spec is not None and spec.handoff else h  # hidden and out (see build_kernel)
-    signature = (io, h, h, h, h, h, h, h, f, io, h, f, types.int32[::1], types.int32[::1], types.int32)
+    signature = (io, h, h, h, h, h, h, h, f, io, h, f, types.int32[::1], f, types.int32[::1], types.int32)
     if spec is not None and spec.timeline:
         signature += (types.uint64[::1], types.uint32[::1])
     return signature

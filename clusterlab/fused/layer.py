@@ -70,12 +70,13 @@ class DecodeAttention:
     H200, :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
     the launch rule would choose otherwise, its outputs correct either way (the names and values of
     :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``,
-    ``overlay``), for measurements such as ``clusterlab bench fused --spec registers=168``; the
-    simulator backend checks them and runs its one dataflow.
+    ``overlay``, ``split_positions``), for measurements such as ``clusterlab bench fused --spec
+    registers=168``; the simulator backend checks them and runs its dataflow (with or without the
+    positions split).
 
-    One layer object owns a float32 ``out_acc`` workspace, arrival counters and a positions
-    buffer on its device, the first two left zero by every step; do not run one object on two
-    streams at once.
+    One layer object owns a float32 ``out_acc`` workspace, arrival counters, a buffer of softmax
+    states (for ``split_positions``) and a positions buffer on its device, the first two left zero
+    by every step; do not run one object on two streams at once.
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, *, cluster_size: int | None = None,
@@ -101,7 +102,11 @@ class DecodeAttention:
 
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
-            self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
+            self._arrivals = torch.zeros(max(CLUSTER_SIZES) * (1 + config.kv_heads), dtype=torch.int32, device=device)
+            # the parts' softmax states, for the largest split of the positions at the largest batch
+            group, parts = config.group_size, config.group_size
+            self._part_states = torch.empty(config.kv_heads * parts * MAX_BATCH * group * (config.head_dim + 2),
+                                            dtype=torch.float32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
             self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 
@@ -136,11 +141,7 @@ class DecodeAttention:
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
         if self.backend == "simulator":
-            from .simulated import simulated_step
-
-            cluster_size, _, head_split = self.shape(hidden.shape[0])
-            got, new_residual = simulated_step(self.config, self.weights, hidden, residual, cache, positions,
-                                               cluster_size, head_split=head_split)
+            got, new_residual = self._simulated_step(hidden, residual, cache, positions)
             out.copy_(got)
             residual_out.copy_(new_residual)
         else:
@@ -171,11 +172,7 @@ class DecodeAttention:
         self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":
-            from .simulated import simulated_step
-
-            cluster_size, _, head_split = self.shape(batch)
-            out, new_residual = simulated_step(self.config, self.weights, hidden_sums, residual, cache, positions,
-                                               cluster_size, head_split=head_split, handoff=True)
+            out, new_residual = self._simulated_step(hidden_sums, residual, cache, positions, handoff=True)
             sums_out.add_(out)
             residual_out.copy_(new_residual)
             clear.zero_()
@@ -253,8 +250,17 @@ class DecodeAttention:
         return (
             bits(hidden), bits(residual), bits(w.norm), bits(w.qkv), bits(bias), bits(w.o), bits(cache.k),
             bits(cache.v), _rope_table(self.config, capacity, hidden.device), bits(out), bits(residual_out),
-            out_acc, self._arrivals, positions, np.int32(capacity),
+            out_acc, self._arrivals, self._part_states, positions, np.int32(capacity),
         )
+
+    def _simulated_step(self, hidden, residual, cache, positions, handoff=False):
+        """:func:`~clusterlab.fused.simulated.simulated_step` in the launch shape and split the kernel would run."""
+        from .simulated import simulated_step
+
+        cluster_size, _, head_split = self.shape(hidden.shape[0])
+        return simulated_step(self.config, self.weights, hidden, residual, cache, positions, cluster_size,
+                              head_split=head_split, handoff=handoff,
+                              split_positions=self.kernel_options.get("split_positions", False))
 
     def _require_kernel(self, what: str) -> None:
         if self.backend != "gpu":

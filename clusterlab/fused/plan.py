@@ -16,6 +16,13 @@ the same rows) and each read its cache; the first of them appends the row. The s
 come mostly from L2, and the split doubles or quadruples the clusters a GQA model has to spread
 over the SMs (Llama-3-8B: 8 KV heads).
 
+Or the S clusters split the KV head's cached positions instead (``split_positions``, the parts
+``s = c % S``): each owns all G query heads, its blocks attend over positions of blocks ``s*C +
+rank`` of ``S*C`` (:func:`attention_range`), and phase 4 leaves each part's softmax state in device
+memory; whichever part arrives last (at each rank, counted on a counter) merges the S states and
+runs phase 5 with the W_o columns of all G heads. Nothing is read twice but W_q's rows
+(``docs/gqa-position-split-design.md``).
+
                   hidden slice          cached positions          W_o rows (outputs)
     block 0    x[0    : H/C ]        t in [0,      n/C)          out[0    : H/C ]
     block 1    x[H/C  : 2H/C]        t in [n/C,   2n/C)          out[H/C  : 2H/C]
@@ -189,6 +196,8 @@ KERNEL_CHOICES = {
     "overlay": "True or False: shared regions that are never live at once share words (True: the default)",
     "interleave_inputs": "True or False: the CUDA-core W_qkv steps read h * norm interleaved in shared memory, "
                          "32 consecutive words a load (False: the default)",
+    "split_positions": "True or False: the head split's clusters split a KV head's cached positions, each with all "
+                       "its query heads (False: its query heads; the default)",
 }
 
 #: The same for :class:`~clusterlab.fused.mlp_kernel.MLPSpec`: what ``DecodeMLP(kernel_options=...)``
@@ -199,7 +208,7 @@ MLP_KERNEL_CHOICES = {
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:

@@ -9,8 +9,10 @@ wrong answer, at sizes small enough for CI. Arithmetic is float32 as in the kern
 float sums differs (NumPy's versus warp shuffles), so results agree to rounding, not bit for bit.
 
 What the simulator does not model is global memory: :func:`simulated_step` holds the inputs,
-the cache and ``out_acc`` as NumPy arrays, runs one simulated cluster per KV head, and converts
-``out_acc`` at the end as the kernel's last block does.
+the cache and ``out_acc`` as NumPy arrays, runs one simulated cluster per KV head (or per part of
+one), and converts ``out_acc`` at the end as the kernel's last block does. Clusters run one after
+the other, so where a KV head's positions are split (``split_positions``) its last part is the
+last to arrive, and merges the parts' states as whichever cluster arrives last does in the kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .plan import (
     cached_range,
     check_cluster_size,
     check_head_split,
-    new_token_rank,
+    new_row_block,
     owned_quads,
     qkv_row,
     rope_pair,
@@ -54,8 +56,14 @@ def norm_inputs(gm: dict, k0: int, k_slice: int, writes_residual: bool):
 
 
 def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batch: int, gm: dict,
-                 positions: list[int], head_split: int = 1):
+                 positions: list[int], head_split: int = 1, split_positions: bool = False):
     """One block of cluster ``cluster`` (KV head ``cluster // head_split``); ``gm`` holds the "global memory" arrays.
+
+    The ``head_split`` clusters of a KV head split its query heads, or with ``split_positions`` its
+    cached positions (part ``cluster % head_split`` of them, each cluster with all the query heads):
+    then phase 4 leaves each cluster's softmax state in ``gm`` (``part_m``, ``part_l``, ``part_acc``,
+    unnormalised), and phase 5 runs in the block of each rank that arrives last (``gm["arrivals"]``
+    counts them), which merges the parts' states into ``o`` first.
 
     ``gm``: float32 ``hidden``/``residual`` ``[batch, H]``, ``norm`` ``[H]``, ``qkv`` ``[rows, H]``,
     ``qkv_bias`` ``[rows]`` (zeros without a bias), ``o`` ``[H, heads*d]``, ``k``/``v`` ``[batch,
@@ -66,8 +74,11 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     ``k_slice``, ``out_rows``, ``attn_width``, ``kv_head``, ``seq``, ``head``, ``slot``.
     """
     C, rank = b.cluster_size, b.cluster_rank
-    H, D, G = config.hidden_size, config.head_dim, config.group_size // head_split
-    kv_head = cluster // head_split
+    parts = head_split if split_positions else 1  # clusters a KV head's cached positions are split over
+    query_split = head_split // parts  # clusters its query heads are split over
+    H, D, G = config.hidden_size, config.head_dim, config.group_size // query_split
+    kv_head, part = cluster // head_split, cluster % head_split if split_positions else 0
+    query_block = kv_head if split_positions else cluster  # of G query heads: W_qkv's query rows, W_o's columns
     rows, k_slice, out_rows, attn_width = (G + 2) * D, H // C, H // C, G * D
     q_scale = F32(math.log2(math.e) / math.sqrt(D))
     # partial (read by the peers until B2) and o (pushed by them from B3 on) are never alive at
@@ -85,7 +96,7 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     b.step("1 qkv")
     k0 = rank * k_slice
     h, xs = norm_inputs(gm, k0, k_slice, cluster == 0)
-    w_rows = [qkv_row(config.heads, config.kv_heads, D, head_split, cluster, row) for row in range(rows)]
+    w_rows = [qkv_row(config.heads, config.kv_heads, D, query_split, query_block, row) for row in range(rows)]
     partial[:, :rows] = xs @ gm["qkv"][w_rows, k0 : k0 + k_slice].T
     partial[:, rows] = (h * h).sum(axis=1, dtype=F32)
     yield b.cluster_sync()  # B1: every block's partials are complete
@@ -123,11 +134,11 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     # -- 3 attention over this block's cached positions (online softmax) ---------------------------------
     b.step("3 attention")
     for seq in range(batch):
-        start, end = cached_range(positions[seq], rank, C)
+        start, end = cached_range(positions[seq], part * C + rank, parts * C)
         q = qkv[seq, : G * D].reshape(G, D)
         keys = gm["k"][seq, kv_head, start:end]
         values = gm["v"][seq, kv_head, start:end]
-        if rank == new_token_rank(C):
+        if (part, rank) == new_row_block(parts, C):
             keys = np.vstack([keys, qkv[seq, G * D : (G + 1) * D]])
             values = np.vstack([values, qkv[seq, (G + 1) * D :]])
         if len(keys) == 0:
@@ -143,7 +154,8 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
         state_acc[seq] = p @ values
     yield b.cluster_sync()  # B3: every block's softmax state is complete
 
-    # -- 4 merge: owners combine the C states of their elements of o and push them -----------------------
+    # -- 4 merge: owners combine the C states of their elements of o and push them (or, with the ----------
+    # positions split, leave the cluster's state for the last part to arrive)
     b.step("4 merge")
     e = quad_items(rank + C * np.arange(owned_quads(batch * attn_width, rank, C)))
     seq, hd = e // attn_width, e % attn_width
@@ -154,15 +166,29 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     m_max = m_c.max(axis=0)
     w = np.exp2(m_c - m_max)
     l_tot, a_tot = (w * l_c).sum(axis=0), (w * a_c).sum(axis=0)
-    result = a_tot / l_tot
-    for c in range(C):
-        b.map_shared(o, c)[seq, hd] = result
-    yield b.cluster_sync()  # B4: o is complete in every block; no DSMEM access after this
+    if split_positions:  # unnormalised: a part with no positions has l = 0
+        gm["part_acc"][kv_head, part, seq, hd] = a_tot
+        gm["part_m"][kv_head, part, seq, head] = m_max
+        gm["part_l"][kv_head, part, seq, head] = l_tot
+    else:
+        for c in range(C):
+            b.map_shared(o, c)[seq, hd] = a_tot / l_tot
+    yield b.cluster_sync()  # B4: o (or the cluster's state) is complete; no DSMEM access after this
 
     # -- 5 o proj: this block's output rows, the cluster's heads' columns --------------------------------
     b.step("5 o proj")
+    if split_positions:  # the last of the KV head's parts to arrive (at this rank) merges their states
+        gm["arrivals"][kv_head, rank] += 1
+        if gm["arrivals"][kv_head, rank] < parts:
+            return
+        gm["arrivals"][kv_head, rank] = 0
+        m_p = gm["part_m"][kv_head]  # [parts, batch, G]
+        w = np.exp2(m_p - m_p.max(axis=0))
+        l_tot = (w * gm["part_l"][kv_head]).sum(axis=0)
+        a_tot = (w[..., None] * gm["part_acc"][kv_head].reshape(parts, batch, G, D)).sum(axis=0)
+        o[:, :] = (a_tot / l_tot[..., None]).reshape(batch, attn_width)
     r0 = rank * out_rows
-    columns = slice(cluster * attn_width, (cluster + 1) * attn_width)
+    columns = slice(query_block * attn_width, (query_block + 1) * attn_width)
     gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, columns].T
 
 
@@ -177,6 +203,7 @@ def simulated_step(
     traces: list | None = None,
     head_split: int = 1,
     handoff: bool = False,
+    split_positions: bool = False,
 ):
     """One decode step on the simulator: ``(out, new_residual)``, and cache row ``positions[b]`` of each sequence appended.
 
@@ -184,6 +211,8 @@ def simulated_step(
     int for the whole batch or one per sequence (list or CPU tensor). One simulated
     cluster per KV head, or ``head_split`` per KV head each with a part of its query heads; each
     cluster's :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given.
+    ``split_positions``: the ``head_split`` clusters of a KV head split its cached positions instead
+    of its query heads (the kernel's :attr:`~clusterlab.fused.kernel.KernelSpec.split_positions`).
     ``handoff``: as the kernel's (:attr:`~clusterlab.fused.kernel.KernelSpec.handoff`), ``hidden``
     may be float32 sums, read rounded to the weights' dtype, and ``out`` is ``out_acc`` itself,
     float32, unconverted.
@@ -206,12 +235,18 @@ def simulated_step(
         "new_k": np.full((batch, config.kv_heads, config.head_dim), np.nan, F32),
         "new_v": np.full((batch, config.kv_heads, config.head_dim), np.nan, F32),
     }
+    if split_positions:
+        kv, group = config.kv_heads, config.group_size
+        gm["arrivals"] = np.zeros((kv, cluster_size), np.int64)
+        gm["part_acc"] = np.full((kv, head_split, batch, group * config.head_dim), np.nan, F32)
+        gm["part_m"] = np.full((kv, head_split, batch, group), np.nan, F32)
+        gm["part_l"] = np.full((kv, head_split, batch, group), np.nan, F32)
     for cluster in range(config.kv_heads * head_split):
         title = f"decode step, KV head {cluster // head_split}"
         if head_split > 1:
-            title += f" part {cluster % head_split}"
+            title += f" {'positions' if split_positions else 'part'} {cluster % head_split}"
         trace = simulator.launch(decode_block, cluster_size, cluster, config, batch, gm, positions, head_split,
-                                 title=title)
+                                 split_positions, title=title)
         if traces is not None:
             traces.append(trace)
     # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
