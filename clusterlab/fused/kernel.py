@@ -1,4 +1,4 @@
-"""The fused decode-attention kernel: one launch per step, one cluster per KV head or part of it (query heads or positions).
+"""The fused decode-attention kernel: one launch per step, one cluster per KV head or part of one (heads or positions).
 
 The phases, their owners and the DSMEM exchanges are drawn in :mod:`clusterlab.fused.plan`; the
 simulator model of the same dataflow is :func:`clusterlab.fused.simulated.decode_block`, phase for
@@ -17,11 +17,11 @@ constants are the words of :class:`KernelSpec` upper-cased::
     KEYS_PER_STEP            keys_per_step: cached keys (and values) a warp step of attention loads
     WARPS_PER_SEQUENCE       warps // batch: the warps that attend for one sequence
     GROUPS_PER_SEQUENCE      the softmax states those warps leave for the block merge
-    NEW_TOKEN_PART, NEW_TOKEN_RANK   plan.new_row_block(PARTS, C): the part and block that fold in the new token
+    NEW_TOKEN_PART, NEW_TOKEN_RANK   plan.new_row_block(PARTS, C): the part and block folding in the new token
     XS, PARTIAL, QKV, ...    offsets of smem_layout()'s regions (the simulator's shared arrays)
 
-and the variables of a block read as in the simulator: ``cluster``, ``kv_head``, ``part``, ``query_block``, ``rank``, ``k0``
-(its hidden slice), ``seq`` (a sequence of the batch), ``head``, ``slot``, ``ra, rb, angle`` (a
+and the variables of a block read as in the simulator: ``cluster``, ``kv_head``, ``part``, ``query_block``,
+``rank``, ``k0`` (its hidden slice), ``seq`` (a sequence of the batch), ``head``, ``slot``, ``ra, rb, angle`` (a
 RoPE pair), ``start, end`` (its cached positions), ``e`` (an element of ``o``), ``m_max``,
 ``l_tot``, ``a_tot``.
 
@@ -1512,8 +1512,8 @@ def build_kernel(spec: KernelSpec):
         qkv_words = cuda.local.array(QKV_WORDS, uint32)
         step = warp
         if step < QKV_STEPS:
-            qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H, lane,
-                     qkv_words)
+            qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H,
+                     lane, qkv_words)
         cuda.syncthreads()
         sum_squares(smem, RED, WARPS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
         if QKV_SCALED:  # see scales_inputs
