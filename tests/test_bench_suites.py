@@ -80,3 +80,36 @@ def test_ragged_batches_spread_lengths_over_the_range_and_rotation_covers_the_l2
     assert layers_for_l2(step_bytes=23 << 20, l2_bytes=60 << 20) == 8  # 3 L2s between two visits
     assert layers_for_l2(step_bytes=400 << 20, l2_bytes=60 << 20) == 1
     assert layers_for_l2(step_bytes=1 << 20, l2_bytes=60 << 20, turnover=0) == 1
+
+
+
+def test_the_fused_plot_draws_a_line_per_kernel_a_batch_times(tmp_path, monkeypatch):
+    """A run of two kernels (the rule's and one with options) at one batch: two fused lines named by
+    shape and options, one PyTorch line; a run of one kernel a batch names none."""
+    import json
+    from pathlib import Path
+
+    import matplotlib.axes
+
+    from clusterlab.bench.fused import BenchRow, _plot
+
+    record = json.loads((Path(__file__).parents[1] / "benchmarks/results/fused_h200_split_positions_b4.json")
+                        .read_text())
+    rows = [BenchRow(**{k: v for k, v in r.items() if k in BenchRow.__dataclass_fields__}) for r in record["rows"]]
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *args, label=None, **kwargs: drawn.append(label) or plot(ax, *args, label=label,
+                                                                                            **kwargs))
+
+    def labels(rows, name):
+        drawn.clear()
+        _plot(rows, record, tmp_path / name)
+        assert (tmp_path / name).stat().st_size > 0
+        return [label for label in drawn if label]
+
+    both = labels(rows, "both.png")
+    assert both.count("fused, batch 4 16x4x2") == 1 and both.count("fused, batch 4 16x4x2 [split_positions=True]") == 1
+    assert both.count("fused, batch 4 8x4x7 [split_positions=True]") == 1 and both.count("PyTorch graph, batch 4") == 2
+    assert labels([r for r in rows if not r.options], "rule.png") == [
+        "fused, batch 4", "PyTorch graph, batch 4"] * 2

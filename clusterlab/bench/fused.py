@@ -318,8 +318,14 @@ def _write(rows, bandwidth, out_dir: Path, tag: str, info: dict) -> None:
     _plot(rows, record, out_dir / f"fused_{tag}.png")
 
 
+def variant_key(row: BenchRow) -> tuple:
+    """What tells apart the fused kernels a run times at one (preset, dtype, batch): the launch shape and the options."""
+    return row.cluster_size, row.warps, row.head_split, row.options
+
+
 def _plot(rows, record, path: Path) -> None:
-    """One panel a (preset, dtype): µs per step against KV length, a line per batch; ragged batches as stars."""
+    """One panel a (preset, dtype): µs per step against KV length, a colour per batch and a fused line per
+    kernel (launch shape and options, named where a batch has several); ragged batches as stars."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     panels = sorted({(r.preset, r.dtype) for r in rows})
@@ -329,12 +335,18 @@ def _plot(rows, record, path: Path) -> None:
         mine = [r for r in rows if (r.preset, r.dtype) == (preset, dtype)]
         for i, batch in enumerate(sorted({r.batch for r in mine})):
             color = f"C{i}"
-            even = sorted((r for r in mine if r.batch == batch and not r.ragged), key=lambda r: r.kv_len)
-            ax.plot([r.kv_len for r in even], [r.fused_us for r in even], "o-", color=color,
-                    label=f"fused, batch {batch}")
-            ax.plot([r.kv_len for r in even], [r.torch_us for r in even], "s:", color=color, alpha=0.6,
-                    label=f"PyTorch graph, batch {batch}")
-            ax.plot([r.kv_len for r in even], [r.floor_us for r in even], "--", color="k", alpha=0.25)
+            kernels = list(dict.fromkeys(variant_key(r) for r in mine if r.batch == batch))
+            for j, kernel in enumerate(kernels):
+                even = sorted((r for r in mine if r.batch == batch and not r.ragged and variant_key(r) == kernel),
+                              key=lambda r: r.kv_len)
+                c, w, s, options = kernel
+                name = f" {c}x{w}x{s}" + (f" [{options}]" if options else "") if len(kernels) > 1 else ""
+                ax.plot([r.kv_len for r in even], [r.fused_us for r in even], "o^vDsP"[j % 6] + "-", color=color,
+                        alpha=1 - 0.3 * (j > 0), label=f"fused, batch {batch}{name}")
+                if j == 0:
+                    ax.plot([r.kv_len for r in even], [r.torch_us for r in even], "s:", color=color, alpha=0.6,
+                            label=f"PyTorch graph, batch {batch}")
+                    ax.plot([r.kv_len for r in even], [r.floor_us for r in even], "--", color="k", alpha=0.25)
             for r in mine:
                 if r.batch == batch and r.ragged:
                     ax.plot([r.kv_len], [r.fused_us], "*", color=color, markersize=11)
