@@ -997,9 +997,10 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
 
     Every block of rank ``rank`` adds (``red.add``) into the same ``out_rows`` rows of ``out_acc``
     ``[batch, hidden_size]`` (float32, zero on entry), rows ``rank*out_rows ..``; then
-    ``finish_arrive(arrivals, rank, blocks, last, tid)`` fences the block's adds and counts it in
-    on ``arrivals[rank]``: ``last[0]`` (a shared int32) becomes 1 in the ``blocks``-th block to
-    arrive, 0 in the others. That block alone calls ``finish_convert(out, out_acc, arrivals,
+    ``finish_arrive(arrivals, counter, blocks, last, tid)`` fences the block's adds (and every
+    other write of it) and counts it in on ``arrivals[counter]`` (here ``counter = rank``; the
+    attention kernel's parts of a split cache count in on counters of their own the same way):
+    ``last[0]`` (a shared int32) becomes 1 in the ``blocks``-th block to arrive, 0 in the others. That block alone calls ``finish_convert(out, out_acc, arrivals,
     rank, tid)``: it converts the rows into ``out`` (16-bit, the model dtype) and leaves
     ``out_acc`` and ``arrivals[rank]`` zero for the next step.
     """
@@ -1007,11 +1008,11 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
     loads = 16  # out_acc elements a thread loads at once
 
     @cuda.jit(device=True, inline=True)
-    def finish_arrive(arrivals, rank, blocks, last, tid):
+    def finish_arrive(arrivals, counter, blocks, last, tid):
         cuda.threadfence()
         cuda.syncthreads()
         if tid == 0:
-            last[0] = 1 if cuda.atomic.add(arrivals, rank, 1) == blocks - 1 else 0
+            last[0] = 1 if cuda.atomic.add(arrivals, counter, 1) == blocks - 1 else 0
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)

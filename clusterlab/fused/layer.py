@@ -103,10 +103,10 @@ class DecodeAttention:
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
             self._arrivals = torch.zeros(max(CLUSTER_SIZES) * (1 + config.kv_heads), dtype=torch.int32, device=device)
-            # the parts' softmax states, for the largest split of the positions at the largest batch
-            group, parts = config.group_size, config.group_size
-            self._part_states = torch.empty(config.kv_heads * parts * MAX_BATCH * group * (config.head_dim + 2),
-                                            dtype=torch.float32, device=device)
+            # the parts' softmax states (KernelSpec.part_state_words) at the largest batch and split: as many
+            # parts as a KV head has query heads, each with a state (head_dim + 2 words) of every one of them
+            words = config.kv_heads * config.group_size ** 2 * MAX_BATCH * (config.head_dim + 2)
+            self._part_states = torch.empty(words, dtype=torch.float32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
             self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 
