@@ -96,11 +96,14 @@ def test_the_fused_plot_draws_a_line_per_kernel_a_batch_times(tmp_path, monkeypa
     record = json.loads((Path(__file__).parents[1] / "benchmarks/results/fused_h200_split_positions_b4.json")
                         .read_text())
     rows = [BenchRow(**{k: v for k, v in r.items() if k in BenchRow.__dataclass_fields__}) for r in record["rows"]]
-    drawn = []
+    drawn = []  # the label of every line drawn
     plot = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
-                        lambda ax, *args, label=None, **kwargs: drawn.append(label) or plot(ax, *args, label=label,
-                                                                                            **kwargs))
+
+    def recording_plot(ax, *args, label=None, **kwargs):
+        drawn.append(label)
+        return plot(ax, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
 
     def labels(rows, name):
         drawn.clear()
