@@ -219,25 +219,28 @@ def test_the_handoff_kernel_drops_the_finish_and_keeps_the_register_budget(confi
 
 @pytest.mark.ptx
 @pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, head_split, spill",
-                         [(LLAMA3_8B, False, 1, 16, 4, 2, 0), (QWEN2_5_7B, True, 4, 8, 4, 7, 8)],
-                         ids=["llama3-8b-f16-b1", "qwen2.5-7b-bf16-b4"])
+                         [(LLAMA3_8B, False, 1, 16, 4, 2, 0), (QWEN2_5_7B, True, 4, 8, 4, 7, 8),
+                          (QWEN2_5_7B, False, 1, 16, 4, 2, 16)],
+                         ids=["llama3-8b-f16-b1", "qwen2.5-7b-bf16-b4", "qwen2.5-7b-f16-b1-two-parts"])
 def test_the_position_split_gives_a_cluster_all_query_heads_and_counts_the_parts_in(config, bf16, batch,
                                                                                    cluster_size, warps, head_split,
                                                                                    spill):
-    """``split_positions``: each cluster projects all ``G`` query heads of its KV head (rows, W_o
-    columns), the grid stays the head split's, one more arrival counter (the parts') beside the
-    finish's, the same cluster barriers, no local memory."""
+    """``split_positions``: each of ``head_split`` clusters (Qwen2.5-7B: 2, which does not divide its
+    7 query heads) projects all ``G`` query heads of its KV head (rows, W_o columns) as one cluster
+    a KV head does; the grid is ``head_split`` times that one's; one more arrival counter (the
+    parts') beside the finish's, the same cluster barriers, no local memory."""
     import dataclasses
 
     from clusterlab.toolchain import assemble
 
-    spec = KernelSpec.of(config, bf16, batch, cluster_size, warps, head_split)
-    split = dataclasses.replace(spec, split_positions=True)
+    spec = KernelSpec.of(config, bf16, batch, cluster_size, warps)  # one cluster a KV head
+    split = KernelSpec.of(config, bf16, batch, cluster_size, warps, head_split, split_positions=True)
     assert (split.parts, split.query_split, split.group) == (head_split, 1, config.group_size)
-    assert (split.clusters, split.rows, split.attn_width) == (spec.clusters, (config.group_size + 2) * config.head_dim,
-                                                              config.group_size * config.head_dim)
+    assert (split.rows, split.attn_width) == (spec.rows, spec.attn_width) == ((config.group_size + 2) * config.head_dim,
+                                                                              config.group_size * config.head_dim)
+    assert split.clusters == head_split * spec.clusters
     assert split.part_state_words() == config.kv_heads * head_split * batch * config.group_size * (config.head_dim + 2)
-    assert dataclasses.replace(spec, head_split=1, split_positions=True).parts == 1  # nothing to split
+    assert dataclasses.replace(spec, split_positions=True).parts == 1  # nothing to split
     plain, ptx = spec_ptx(spec), spec_ptx(split)
     assert ptx.count("atom.global.add.u32") == plain.count("atom.global.add.u32") + 1
     for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
@@ -419,13 +422,15 @@ def test_interleaved_inputs_match_the_reference(name, dtype):
     [(LLAMA3_8B, 1, torch.float16, {}, [0, 1, 1000, 4097, 32767]),
      (QWEN2_5_7B, 4, torch.bfloat16, {}, [[5000, 0, 17, 300], 1000]),
      (LLAMA3_2_1B, 8, torch.float16, {"head_split": 2}, [[300, 41, 5, 0, 77, 6000, 16, 33]]),
-     (SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "head_split": 4}, [0, 17, [300, 41, 5]])],
-    ids=["llama3-8b-b1-f16", "qwen2.5-7b-b4-bf16", "llama3.2-1b-b8-f16", "gqa-d64-split4-b3-bf16"],
+     (SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "head_split": 4}, [0, 17, [300, 41, 5]]),
+     (QWEN2_5_7B, 2, torch.float16, {"cluster_size": 16, "head_split": 2}, [[9000, 0], 1])],
+    ids=["llama3-8b-b1-f16", "qwen2.5-7b-b4-bf16", "llama3.2-1b-b8-f16", "gqa-d64-split4-b3-bf16",
+         "qwen2.5-7b-b2-f16-two-parts"],
 )
 def test_the_position_split_matches_the_reference(config, batch, dtype, options, steps):
-    """``kernel_options={"split_positions": True}`` on the rule's shapes (a head split of 2 or 7)
-    and a split of 4: empty and one-row caches (whole parts with nothing to attend), ragged
-    batches, 32K; the parts' counters left zero (``_check_steps``)."""
+    """``kernel_options={"split_positions": True}`` on the rule's shapes (a head split of 2 or 7),
+    a split of 4, and 2 parts of Qwen2.5-7B's 7 query heads: empty and one-row caches (whole parts
+    with nothing to attend), ragged batches, 32K; the parts' counters left zero (``_check_steps``)."""
     weights = AttentionWeights.random(config, dtype, "cuda", seed=37)
     layer = DecodeAttention(config, weights, kernel_options={"split_positions": True}, **options)
     spec = layer.kernel_spec(dtype, batch)

@@ -10,6 +10,7 @@ import torch
 from clusterlab.fused import (
     LLAMA2_7B,
     LLAMA3_8B,
+    QWEN2_5_7B,
     AttentionConfig,
     AttentionWeights,
     DecodeAttention,
@@ -42,8 +43,10 @@ CASES = [
     (AttentionConfig(hidden_size=128, heads=8, kv_heads=2, head_dim=64, rope_style="gptj"), 2, 1, 4),
     (AttentionConfig(hidden_size=224, heads=7, kv_heads=1, head_dim=64, qkv_bias=True), 2, 2, 7),  # Qwen2-like
 ]
-# Each case as it is, and those with a head split again with its clusters splitting the positions.
-SPLITS = [(*case, False) for case in CASES] + [(*case, True) for case in CASES if case[3] > 1]
+# Each case as it is, those with a head split again with its clusters splitting the positions, and a
+# split of the positions that does not divide the query heads (3 parts of a Qwen2-like KV head of 7).
+SPLITS = ([(*case, False) for case in CASES] + [(*case, True) for case in CASES if case[3] > 1]
+          + [(CASES[5][0], 2, 2, 3, True)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -223,6 +226,12 @@ def test_layer_shape_follows_the_batch_unless_given():
     assert fixed.shape(1) == fixed.shape(8) == (2, 16, 1)
     with pytest.raises(ValueError, match=r"head_split must divide the 1 query heads of a KV head \(one of \[1\]\), got 2"):
         DecodeAttention(config, layer.weights, head_split=2)
+    split = {"split_positions": True}  # then the clusters split positions, as many as 16
+    assert DecodeAttention(config, layer.weights, head_split=3, kernel_options=split).shape(4) == (16, 4, 3)
+    for wrong in (0, 17, 2.0, True):
+        with pytest.raises(ValueError, match=r"head_split with split_positions \(the clusters a KV head's cached "
+                                             rf"positions are split over\) must be an int from 1 to 16, got {wrong}"):
+            DecodeAttention(config, layer.weights, head_split=wrong, kernel_options=split)
 
 
 @pytest.mark.parametrize("warps, blocks", [(4, 4), (8, 2), (16, 1)])
@@ -273,6 +282,14 @@ def test_shapes_beyond_the_cards_shared_memory_are_refused():
     assert KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, limits=small).min_blocks_per_sm == 4
     with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory; the GPU allows 49152"):
         KernelSpec.of(LLAMA3_8B, True, 8, 16, 8, limits=small)
+    # The switches a spec is built with count: all of Qwen2.5-7B's query heads a cluster need more.
+    half = dataclasses.replace(small, shared_bytes_per_block=100 * 1024)
+    assert KernelSpec.of(QWEN2_5_7B, True, 8, 4, 8, 7, limits=half).shared_bytes < 100 * 1024
+    with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory; the GPU allows 102400"):
+        KernelSpec.of(QWEN2_5_7B, True, 8, 4, 8, 7, limits=half, split_positions=True)
+    with pytest.raises(ValueError, match="attention on the tensor cores takes at most 8 query heads a cluster"):
+        KernelSpec.of(AttentionConfig(hidden_size=1024, heads=16, kv_heads=1, head_dim=64), False, 1, 8, 4,
+                      attention_mma=True)
 
 
 def test_the_layer_runs_the_position_split_on_the_simulator():

@@ -257,15 +257,15 @@ def run_bench(
             for is_ragged, lengths in cases:
                 step_bytes = config.step_bytes(batch, lengths)
                 copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
-                run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
                 try:
+                    run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
                     run.sets[0]["fused"].kernel_spec(dtype, batch)
                 except ValueError as exc:
                     if "cluster_size" not in variant:
                         raise  # the launch rule's own shape must run
-                    shape = "x".join(map(str, run.sets[0]["fused"].shape(batch)))
-                    print(f"{name} {dtype_name} batch {batch}: variant {shape} skipped: {exc}", flush=True)
-                    del run
+                    given = "x".join(str(variant[k]) for k in ("cluster_size", "warps", _family(config).third)
+                                     if k in variant)  # the variant as --variant names it
+                    print(f"{name} {dtype_name} batch {batch}: variant {given} skipped: {exc}", flush=True)
                     break
                 cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch)
                 if (is_ragged, lengths) == cases[0]:

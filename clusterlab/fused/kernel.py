@@ -201,17 +201,19 @@ class KernelSpec(BlockShape):
 
     @classmethod
     def of(cls, config: AttentionConfig, bf16: bool, batch: int, cluster_size: int, warps: int,
-           head_split: int = 1, limits: DeviceLimits = HOPPER) -> KernelSpec:
-        """The spec of one launch shape on a GPU with ``limits`` (raises where it cannot be built)."""
+           head_split: int = 1, limits: DeviceLimits = HOPPER, **switches) -> KernelSpec:
+        """The spec of one launch shape on a GPU with ``limits``, the fields after ``limits`` set as
+        ``switches`` give them (a layer's ``kernel_options``; raises where it cannot be built)."""
         check_cluster_size(config, cluster_size)
-        check_head_split(config, head_split)
+        check_head_split(config, head_split, switches.get("split_positions", False))
         if warps < batch:
             raise ValueError(f"warps ({warps}) must be at least batch ({batch}): attention gives each sequence a warp")
         spec = cls(config.hidden_size, config.heads, config.kv_heads, config.head_dim,
                    config.rope_style == "neox", bf16, float(config.rms_eps), batch, cluster_size, warps, head_split,
-                   config.qkv_bias, limits)
+                   config.qkv_bias, limits, **switches)
         spec.qkv_tile()  # raises if the hidden slice has no valid tiling
         spec.o_tile()
+        spec.mma_attention  # raises where the switches ask what this shape cannot do
         if spec.shared_bytes > limits.shared_bytes_per_block:
             raise ValueError(
                 f"a block of this shape needs {spec.shared_bytes} bytes of shared memory; the GPU allows "

@@ -62,7 +62,8 @@ class DecodeAttention:
     ``config``: shapes (:class:`~clusterlab.fused.config.AttentionConfig`); ``weights``: float16 or
     bfloat16 :class:`~clusterlab.fused.config.AttentionWeights`, all on one device.
     ``cluster_size`` (1, 2, 4, 8, 16), ``warps`` per block (4, 8, 16) and ``head_split`` (clusters
-    per KV head, each with a part of its query heads) default, per batch size, to what spreads a
+    per KV head, each with a part of its query heads, or with the kernel option ``split_positions``
+    a part of its cached positions: then any of 1 to 16) default, per batch size, to what spreads a
     step over the GPU (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a
     batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
     ``"simulator"`` insist. ``limits``: the GPU's SM count and shared memory, read from the
@@ -90,8 +91,9 @@ class DecodeAttention:
             raise ValueError(f"warps must be one of (4, 8, 16) (at least the batch size), got {warps!r}")
         if cluster_size is not None:
             check_cluster_size(config, cluster_size)
+        split_positions = self.kernel_options.get("split_positions", False)
         if head_split is not None:
-            check_head_split(config, head_split)
+            check_head_split(config, head_split, split_positions)
         self.config, self.weights, self.backend = config, weights, backend
         # None: chosen per batch by shape()
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
@@ -103,10 +105,11 @@ class DecodeAttention:
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
             self._arrivals = torch.zeros(max(CLUSTER_SIZES) * (1 + config.kv_heads), dtype=torch.int32, device=device)
-            # the parts' softmax states (KernelSpec.part_state_words) at the largest batch and split: as many
-            # parts as a KV head has query heads, each with a state (head_dim + 2 words) of every one of them
-            words = config.kv_heads * config.group_size ** 2 * MAX_BATCH * (config.head_dim + 2)
-            self._part_states = torch.empty(words, dtype=torch.float32, device=device)
+            # the parts' softmax states (KernelSpec.part_state_words) at the largest batch, for the head split
+            # given or the largest the rule chooses (all the query heads), a state (head_dim + 2 words) of each
+            parts = (head_split or config.group_size) if split_positions else 0
+            words = config.kv_heads * parts * MAX_BATCH * config.group_size * (config.head_dim + 2)
+            self._part_states = torch.empty(max(1, words), dtype=torch.float32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
             self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 
@@ -207,13 +210,8 @@ class DecodeAttention:
         if key not in self._specs:
             cluster_size, warps, head_split = self.shape(batch)
             try:
-                spec = dataclasses.replace(
-                    KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps, head_split,
-                                  limits=self.limits),
-                    **self.kernel_options,
-                )
-                spec.mma_attention  # raises where the options ask what this shape cannot do
-                self._specs[key] = spec
+                self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
+                                                 head_split, limits=self.limits, **self.kernel_options)
             except ValueError as exc:
                 options = "".join(f", {k}={v}" for k, v in self.kernel_options.items())
                 raise ValueError(f"a {dtype} step of batch {batch} with cluster_size={cluster_size}, warps={warps}, "

@@ -21,7 +21,7 @@ Or the S clusters split the KV head's cached positions instead (``split_position
 rank`` of ``S*C`` (:func:`attention_range`), and phase 4 leaves each part's softmax state in device
 memory; whichever part arrives last (at each rank, counted on a counter) merges the S states and
 runs phase 5 with the W_o columns of all G heads. Nothing is read twice but W_q's rows
-(``docs/gqa-position-split-design.md``).
+(``docs/gqa-position-split-design.md``). S need not divide G then: any of 1 to :data:`MAX_PARTS`.
 
                   hidden slice          cached positions          W_o rows (outputs)
     block 0    x[0    : H/C ]        t in [0,      n/C)          out[0    : H/C ]
@@ -107,6 +107,9 @@ HOPPER = DeviceLimits(sm_count=132, shared_bytes_per_sm=233472, shared_bytes_per
 
 #: Cluster sizes the kernel is built for (16 needs the non-portable cluster-size opt-in).
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
+#: Most clusters a KV head's cached positions may be split over (``split_positions``): beyond, each
+#: holds a few rows of a long cache, and the layer keeps the parts' softmax states for as many.
+MAX_PARTS = 16
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
 #: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
@@ -176,8 +179,15 @@ def check_cluster_size(config: AttentionConfig, cluster_size: int) -> None:
         )
 
 
-def check_head_split(config: AttentionConfig, head_split: int) -> None:
-    """``head_split`` divides the query heads of a KV head (1: one cluster per KV head)."""
+def check_head_split(config: AttentionConfig, head_split: int, split_positions: bool = False) -> None:
+    """``head_split`` divides the query heads of a KV head (1: one cluster per KV head); with
+    ``split_positions``, where its clusters split the positions instead, it is any of 1 to
+    :data:`MAX_PARTS`."""
+    if split_positions:
+        if not (isinstance(head_split, int) and not isinstance(head_split, bool) and 1 <= head_split <= MAX_PARTS):
+            raise ValueError(f"head_split with split_positions (the clusters a KV head's cached positions are split "
+                             f"over) must be an int from 1 to {MAX_PARTS}, got {head_split!r}")
+        return
     if not (isinstance(head_split, int) and head_split >= 1 and config.group_size % head_split == 0):
         raise ValueError(
             f"head_split must divide the {config.group_size} query heads of a KV head "
@@ -196,8 +206,8 @@ KERNEL_CHOICES = {
     "overlay": "True or False: shared regions that are never live at once share words (True: the default)",
     "interleave_inputs": "True or False: the CUDA-core W_qkv steps read h * norm interleaved in shared memory, "
                          "32 consecutive words a load (False: the default)",
-    "split_positions": "True or False: the head split's clusters split a KV head's cached positions, each with all "
-                       "its query heads (False: its query heads; the default)",
+    "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
+                       "cached positions, each with all its query heads (False: its query heads; the default)",
 }
 
 #: The same for :class:`~clusterlab.fused.mlp_kernel.MLPSpec`: what ``DecodeMLP(kernel_options=...)``

@@ -218,7 +218,7 @@ def simulated_step(
     float32, unconverted.
     """
     check_cluster_size(config, cluster_size)
-    check_head_split(config, head_split)
+    check_head_split(config, head_split, split_positions)
     batch, dtype = hidden.shape[0], weights.qkv.dtype
     positions = sequence_positions(positions, batch)
 
