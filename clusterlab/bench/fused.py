@@ -266,6 +266,7 @@ def run_bench(
                     given = "x".join(str(variant[k]) for k in ("cluster_size", "warps", _family(config).third)
                                      if k in variant)  # the variant as --variant names it
                     print(f"{name} {dtype_name} batch {batch}: variant {given} skipped: {exc}", flush=True)
+                    run = None  # frees a rotation that was built
                     break
                 cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch)
                 if (is_ragged, lengths) == cases[0]:
