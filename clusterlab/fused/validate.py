@@ -121,11 +121,7 @@ def check_activations(config: AttentionConfig, weights: AttentionWeights, hidden
         raise TypeError(f"hidden has dtype {hidden.dtype} but the weights are {weights.qkv.dtype}")
     if hidden.device != weights.qkv.device:
         raise ValueError(f"hidden is on {hidden.device} but the weights are on {weights.qkv.device}")
-    if hidden.dim() != 2 or hidden.shape[1] != config.hidden_size:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected (batch, {config.hidden_size})")
-    batch = hidden.shape[0]
-    if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"hidden has batch {batch}; allowed 1..{MAX_BATCH}")
+    batch = check_rows("hidden", hidden, config.hidden_size)
     check_tensor("hidden", hidden, (batch, config.hidden_size), hidden.dtype, hidden.device, "hidden")
     check_tensor("residual", residual, (batch, config.hidden_size), hidden.dtype, hidden.device, "hidden")
     check_cache(config, cache, batch, hidden.dtype, hidden.device, "hidden")
