@@ -252,13 +252,13 @@ class DecodeAttention:
         )
 
     def _simulated_step(self, hidden, residual, cache, positions, handoff=False):
-        """:func:`~clusterlab.fused.simulated.simulated_step` in the launch shape and split the kernel would run."""
+        """:func:`~clusterlab.fused.simulated.simulated_step` in the launch shape and split of the kernel
+        the GPU would run (:meth:`kernel_spec`)."""
         from .simulated import simulated_step
 
-        cluster_size, _, head_split = self.shape(hidden.shape[0])
-        return simulated_step(self.config, self.weights, hidden, residual, cache, positions, cluster_size,
-                              head_split=head_split, handoff=handoff,
-                              split_positions=self.kernel_options.get("split_positions", False))
+        spec = self.kernel_spec(self.weights.qkv.dtype, hidden.shape[0])
+        return simulated_step(self.config, self.weights, hidden, residual, cache, positions, spec.cluster_size,
+                              head_split=spec.head_split, handoff=handoff, split_positions=spec.split_positions)
 
     def _require_kernel(self, what: str) -> None:
         if self.backend != "gpu":
