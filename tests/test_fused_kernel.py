@@ -15,7 +15,7 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import launch_shape
+from clusterlab.fused.plan import LONG_CACHE, launch_shape
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -256,11 +256,11 @@ def _random_inputs(config, dtype, batch, capacity, seed):
     return hidden, residual, KVCache.random(config, batch, capacity, dtype, "cuda", seed=seed + 1)
 
 
-def _check_steps(layer, dtype, batch, positions, seed=0):
+def _check_steps(layer, dtype, batch, positions, seed=0, hint=False):
     """Each step on fresh inputs: NaN-poisoned outputs fully written, cache rows appended, others kept.
 
     ``positions``: a list of steps, each an int (the whole batch) or a list (one per sequence,
-    passed as an int32 tensor on the GPU).
+    passed as an int32 tensor on the GPU). ``hint``: tell the layer the longest sequence's rows.
     """
     config = layer.config
     for i, step in enumerate(positions):
@@ -271,9 +271,10 @@ def _check_steps(layer, dtype, batch, positions, seed=0):
         want = reference_step(config, layer.weights, hidden, residual, before, per_sequence)
         out = torch.full_like(hidden, float("nan"))
         new_residual = torch.full_like(hidden, float("nan"))
-        layer(hidden, residual, cache, given, out=out, residual_out=new_residual)
+        longest = max(per_sequence) + 1 if hint else None
+        layer(hidden, residual, cache, given, out=out, residual_out=new_residual, longest=longest)
         torch.cuda.synchronize()
-        where = f"positions {per_sequence}, {dtype}"
+        where = f"positions {per_sequence}, {dtype}, shape {layer.shape(batch, longest)}"
         assert relative_error(out, want.out) < TOLERANCE, where
         assert relative_error(new_residual, want.residual) < TOLERANCE, where
         rows = torch.arange(batch, device="cuda")
@@ -314,6 +315,19 @@ def test_ragged_batches_each_sequence_at_its_own_position(preset, batch):
     ragged = torch.randint(0, 6000, (batch,), generator=gen).tolist()
     ragged[0] = 0  # an empty cache beside long ones
     _check_steps(layer, torch.bfloat16, batch, [ragged, [3 * b + 1 for b in range(batch)]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["llama3-8b", "qwen2.5-7b"])
+def test_ragged_batches_told_their_longest_cache_take_the_long_cache_shape(preset):
+    """Positions on the device, their longest told by the host: from LONG_CACHE rows one cluster of
+    16 reads each KV head's rows (a sequence with an empty cache beside), below it the head split."""
+    config = PRESETS[preset]
+    weights = AttentionWeights.random(config, torch.float16, seed=3)
+    layer = DecodeAttention(config, weights)
+    steps = [[LONG_CACHE + 900, 0, 17], [LONG_CACHE - 2, 4000, 1]]  # LONG_CACHE + 901 rows, then LONG_CACHE - 1
+    assert layer.shape(3, LONG_CACHE + 901) == (16, 8, 1) != layer.shape(3, LONG_CACHE - 1)
+    _check_steps(layer, torch.float16, 3, steps, hint=True)
 
 
 def _gqa_layer_and_inputs(batch):

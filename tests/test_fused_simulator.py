@@ -18,8 +18,10 @@ from clusterlab.fused import (
     reference_step,
 )
 from clusterlab.fused.kernel import KernelSpec
+from clusterlab.fused import plan
 from clusterlab.fused.plan import (
     HOPPER,
+    LONG_CACHE,
     POSITION_ALIGN,
     DeviceLimits,
     cached_range,
@@ -191,6 +193,9 @@ def test_layer_rejects_bad_input_before_running():
         layer(hidden, hidden, cache, 3.0)
     with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor of shape"):
         layer(hidden, hidden, cache, 3, out=torch.empty(2, 7).half())
+    for wrong, error in ((0, ValueError), (9, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=rf"longest must be .* got {wrong}"):
+            layer(hidden, hidden, cache, 3, longest=wrong)
     with pytest.raises(ValueError, match="cluster_size must be one of"):
         DecodeAttention(config, layer.weights, cluster_size=3)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -216,6 +221,21 @@ def test_launch_shape_spreads_a_step_over_the_sms():
     assert launch_shape(AttentionConfig(hidden_size=64, heads=1, kv_heads=1, head_dim=64), 1, 132) == (8, 8, 1)
     many = AttentionConfig(hidden_size=4096, heads=512, kv_heads=512, head_dim=64)
     assert launch_shape(many, 1, 132) == (1, 4, 1)  # over the limit even at one block a cluster
+
+
+def test_launch_shape_reads_long_caches_once_a_kv_head():
+    # From LONG_CACHE rows a GQA step of batch 1-4 leaves the head split for one cluster of 8-warp
+    # blocks a KV head; MHA, batches of 5-8 and given values are as at short caches.
+    for batch in (1, 2, 4):
+        for config, short in ((LLAMA3_8B, (16, 4, 2)), (QWEN2_5_7B, (8, 4, 7))):
+            assert launch_shape(config, batch, 132, longest=LONG_CACHE - 1) == short
+            assert launch_shape(config, batch, 132) == short  # the length unknown: the short-cache shape
+            assert launch_shape(config, batch, 132, longest=LONG_CACHE) == (16, 8, 1)
+            assert launch_shape(config, batch, 132, longest=10 * LONG_CACHE) == (16, 8, 1)
+        assert launch_shape(LLAMA2_7B, batch, 132, longest=LONG_CACHE) == (8, 4, 1)
+    assert launch_shape(QWEN2_5_7B, 8, 132, longest=LONG_CACHE) == launch_shape(QWEN2_5_7B, 8, 132) == (4, 8, 7)
+    assert launch_shape(LLAMA3_8B, 1, 132, head_split=2, longest=LONG_CACHE) == (16, 4, 2)
+    assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8, longest=LONG_CACHE) == (8, 8, 1)
 
 
 def test_layer_shape_follows_the_batch_unless_given():
@@ -309,3 +329,26 @@ def test_the_layer_runs_the_position_split_on_the_simulator():
     simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, traces, head_split, False, True)
     assert [trace.title for trace in traces] == [f"decode step, KV head {g} positions {s}" for g in (0, 1)
                                                  for s in (0, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monkeypatch, dtype):
+    """``longest`` (or an int position) picks the launch shape and nothing else: a tiny GQA layer on
+    the simulator, LONG_CACHE lowered to its cache, runs head split 4 below it and one cluster a KV
+    head from it, each matching the reference."""
+    monkeypatch.setattr(plan, "LONG_CACHE", 64)
+    config, batch = CASES[3][0], 2
+    weights = AttentionWeights.random(config, dtype, seed=7)
+    layer = DecodeAttention(config, weights)
+    assert layer.shape(batch) == layer.shape(batch, 63) == (16, 8, 4)
+    assert layer.shape(batch, 64) == (16, 8, 1)
+    positions = torch.tensor([70, 5], dtype=torch.int32)
+    for given, shape in ((None, (16, 8, 4)), (71, (16, 8, 1)), (80, (16, 8, 1)), (1, (16, 8, 4))):
+        cache = KVCache.random(config, batch, 80, dtype, seed=8)
+        hidden, residual = torch.randn(2, batch, config.hidden_size).to(dtype)
+        want = reference_step(config, weights, hidden, residual, cache.clone(), positions)
+        out = torch.full_like(hidden, float("nan"))
+        layer(hidden, residual, cache, positions, out=out, longest=given)
+        assert relative_error(out, want.out) < TOLERANCE, given
+        assert layer.shape(batch, given) == shape
+    assert {key[2] for key in layer._specs} == {(16, 8, 4), (16, 8, 1)}  # both kernels were planned

@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 
-from clusterlab.fused import PRESETS, Llama3RopeScaling
+from clusterlab.fused import PRESETS, Llama3RopeScaling, plan
 from clusterlab.models import (
     FUSED_MLP_MAX_BATCH,
     MODEL_PRESETS,
@@ -340,6 +340,20 @@ def test_graph_decode_on_the_gpu_matches_transformers_greedy(checkpoint):
 
 
 @pytest.mark.gpu
+def test_graph_decode_across_the_long_cache_shape_matches_transformers_greedy(checkpoint, monkeypatch):
+    """LONG_CACHE lowered into the run: the decoder captures a graph for each launch shape and
+    replays the long-cache one from there on (a GQA checkpoint's shapes differ), with the same tokens."""
+    _, directory, model, dtype = checkpoint
+    want = [hf_greedy(model, p, NEW_TOKENS, MIN_GAP[dtype])[0] for p in PROMPTS]
+    monkeypatch.setattr(plan, "LONG_CACHE", max(map(len, PROMPTS)) + 4)
+    gpu = LlamaModel.from_pretrained(directory, device="cuda")
+    first, last = max(map(len, PROMPTS)) + 1, max(map(len, PROMPTS)) + NEW_TOKENS - 1
+    assert (gpu.step_shape(first) != gpu.step_shape(last)) == (gpu.config.num_key_value_heads
+                                                              < gpu.config.num_attention_heads)
+    assert gpu.generate(PROMPTS, NEW_TOKENS) == want
+
+
+@pytest.mark.gpu
 def test_graph_sampling_repeats_with_a_seed_and_stops_at_eos(llama_dir):
     model = LlamaModel.from_pretrained(llama_dir, device="cuda")
     first = model.generate(PROMPTS, 6, temperature=1.5, seed=7)
@@ -492,6 +506,20 @@ def test_decoder_refuses_steps_before_start_and_past_max_new_tokens(ours):
         Decoder(ours, 2, graph=True)
     with pytest.raises(ValueError, match="call prefill"):
         Decoder(LlamaModel(ours.config, ours.weights), 2)
+
+
+def test_the_decoder_tells_each_step_how_long_its_longest_cache_is(ours, monkeypatch):
+    """The host counts the rows the longest sequence attends to (its prompt, then one more a step)
+    and hands them to every step, without reading the positions again."""
+    seen = []
+    forward_step = ours.forward_step
+    monkeypatch.setattr(ours, "forward_step", lambda *args: seen.append(args[2]) or forward_step(*args))
+    logits, positions = ours.prefill(PROMPTS, capacity=16)
+    decoder = Decoder(ours, 5)
+    decoder.start(logits, positions)
+    decoder.run()
+    longest = max(map(len, PROMPTS)) + 1  # the first step attends to the prompt and its new token
+    assert seen == [longest, longest + 1, longest + 2, longest + 3]
 
 
 def test_model_presets_use_the_fused_presets_attention():

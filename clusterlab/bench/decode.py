@@ -205,7 +205,7 @@ def breakdown(model: LlamaModel, context: int, replays: int = REPLAYS, repeats: 
 
     def attention():
         for i in range(len(model.weights.layers)):
-            model.attend(i, hidden, residual, positions)
+            model.attend(i, hidden, residual, positions, context + 1)
 
     def mlp():
         for i in range(len(model.weights.layers)):
@@ -233,8 +233,8 @@ def check_fused(fused: LlamaModel, unfused: LlamaModel, context: int, seed: int 
     tokens = torch.randint(0, fused.config.vocab_size, (batch,), generator=gen, device=fused.device)
     positions = torch.full((batch,), context, dtype=torch.int32, device=fused.device)
     with torch.no_grad():
-        got = fused.forward_step(tokens, positions)
-        want = unfused.forward_step(tokens, positions)
+        got = fused.forward_step(tokens, positions, context + 1)
+        want = unfused.forward_step(tokens, positions, context + 1)
     error = relative_error(got, want)
     if not error <= MAX_ERROR:
         raise RuntimeError(f"the fused model's logits differ from the unfused model's by {error:.2e} "

@@ -117,8 +117,9 @@ def layers_for_l2(step_bytes: int, l2_bytes: int, turnover: float = L2_TURNOVER)
 
 
 class _Family(NamedTuple):
-    """The classes and functions one kind of attention block is benchmarked with, and what the
-    third number of its launch shape is (a keyword of its fused layer, a letter in the table)."""
+    """The classes and functions one kind of attention block is benchmarked with, what the third
+    number of its launch shape is (a keyword of its fused layer, a letter in the table), and
+    whether its layer takes the host's ``longest`` cache for its launch shape."""
 
     weights: type
     cache: type
@@ -128,12 +129,13 @@ class _Family(NamedTuple):
     reference_step: Callable
     third: str
     letter: str
+    takes_longest: bool
 
 
 _LLAMA = _Family(AttentionWeights, KVCache, DecodeAttention, UnfusedAttention, rope_table, reference_step,
-                 "head_split", "S")
+                 "head_split", "S", True)
 _MLA = _Family(MLAWeights, LatentCache, DecodeMLA, UnfusedMLA, mla_rope_table, mla_reference_step,
-               "attention_clusters", "A")
+               "attention_clusters", "A", False)
 
 
 def _family(config) -> _Family:
@@ -158,6 +160,8 @@ class _Rotation:
         capacity = max(lengths)
         self.positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device="cuda")
         self.lengths = lengths
+        # the rows the longest sequence attends to, as a decode loop knows it: picks the launch shape
+        self.hint = {"longest": max(lengths)} if family.takes_longest else {}
         while len(weights) < copies:
             weights.append(family.weights.random(config, dtype, "cuda", seed=seed + 3 * len(weights)))
         rope = family.rope_table(config, capacity, device="cuda")
@@ -176,7 +180,7 @@ class _Rotation:
 
     def fused(self):
         s = self.sets[next(self._next)]
-        s["fused"](s["hidden"], s["residual"], s["cache"], self.positions)
+        s["fused"](s["hidden"], s["residual"], s["cache"], self.positions, **self.hint)
 
     def torch(self, ragged: bool):
         s = self.sets[next(self._next)]
@@ -190,7 +194,7 @@ class _Rotation:
         s = self.sets[0]
         positions = self.positions.tolist()
         want = self.family.reference_step(self.config, s["weights"], s["hidden"], s["residual"], s["cache"], positions)
-        out, _ = s["fused"](s["hidden"], s["residual"], s["cache"].clone(), self.positions)
+        out, _ = s["fused"](s["hidden"], s["residual"], s["cache"].clone(), self.positions, **self.hint)
         return relative_error(out, want.out)
 
     def clusters_fit(self) -> tuple[int, int] | None:
@@ -202,8 +206,8 @@ class _Rotation:
         layer, batch = s["fused"], len(self.lengths)
         out = torch.empty_like(s["hidden"])
         args = layer.launch_args(s["hidden"], s["residual"], s["cache"], self.positions, out, torch.empty_like(out))
-        spec = layer.kernel_spec(out.dtype, batch)
-        return spec.clusters, layer.launcher(out.dtype, batch).max_active_clusters(*args)
+        spec = layer.kernel_spec(out.dtype, batch, **self.hint)
+        return spec.clusters, layer.launcher(out.dtype, batch, **self.hint).max_active_clusters(*args)
 
 
 def run_bench(
@@ -254,12 +258,13 @@ def run_bench(
             cases = [(False, [kv] * batch) for kv in kv_lens]
             if ragged and batch > 1:
                 cases.append((True, ragged_lengths(batch, kv_lens, seed + batch)))
+            shown = None  # the launch shape last described (it may change with the cache length)
             for is_ragged, lengths in cases:
                 step_bytes = config.step_bytes(batch, lengths)
                 copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
                 try:
                     run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
-                    run.sets[0]["fused"].kernel_spec(dtype, batch)
+                    run.sets[0]["fused"].kernel_spec(dtype, batch, **run.hint)
                 except ValueError as exc:
                     if "cluster_size" not in variant:
                         raise  # the launch rule's own shape must run
@@ -268,8 +273,9 @@ def run_bench(
                     print(f"{name} {dtype_name} batch {batch}: variant {given} skipped: {exc}", flush=True)
                     run = None  # frees a rotation that was built
                     break
-                cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch)
-                if (is_ragged, lengths) == cases[0]:
+                cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch, **run.hint)
+                if (cluster_size, warps, head_split) != shown:
+                    shown = (cluster_size, warps, head_split)
                     fit = run.clusters_fit()
                     third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
                              else f"{head_split} attention clusters a sequence")

@@ -13,7 +13,11 @@ current stream, capturable in a CUDA graph); CPU tensors run the same dataflow o
 (:mod:`clusterlab.fused.simulated`), for small shapes.
 
 The kernel reads the positions from device memory, so a CUDA graph captured once replays step
-after step while something on the device advances them. No host sync reads them: the kernel
+after step while something on the device advances them. The launch shape depends on how long the
+caches are only where the host says so (``longest``, the most rows a sequence attends to; an int
+position says it by itself): from :data:`~clusterlab.fused.plan.LONG_CACHE` rows a GQA step reads
+each KV head's rows with one cluster (:func:`~clusterlab.fused.plan.launch_shape`), so a decode loop
+keeps a graph for each side of that length. No host sync reads them: the kernel
 itself treats a position outside ``0 .. capacity-1`` as an error of that sequence, writing NaN
 for its outputs and leaving its cache untouched (:meth:`DecodeAttention.check_positions` raises
 on the host instead, at the cost of one sync).
@@ -29,7 +33,8 @@ import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
-from .validate import (check_cache, check_handoff, check_positions, check_step, check_tensor, check_weights,
+from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
+                       check_weights,
                        resolve_backend)
 
 
@@ -64,8 +69,8 @@ class DecodeAttention:
     ``cluster_size`` (1, 2, 4, 8, 16), ``warps`` per block (4, 8, 16) and ``head_split`` (clusters
     per KV head, each with a part of its query heads, or with the kernel option ``split_positions``
     a part of its cached positions: then any of 1 to 16) default, per batch size, to what spreads a
-    step over the GPU (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a
-    batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
+    step over the GPU, and at long caches to what reads each KV head's rows once
+    (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
     ``"simulator"`` insist. ``limits``: the GPU's SM count and shared memory, read from the
     device on the GPU backend; the simulator backend plans for ``limits`` (default: an H100 or
     H200, :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
@@ -97,8 +102,8 @@ class DecodeAttention:
         self.config, self.weights, self.backend = config, weights, backend
         # None: chosen per batch by shape()
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
-        self._specs: dict = {}  # (dtype, batch) -> KernelSpec
-        self._kernels: dict = {}  # (dtype, batch) -> launcher
+        self._specs: dict = {}  # (dtype, batch, shape) -> KernelSpec
+        self._kernels: dict = {}  # (dtype, batch, shape, handoff) -> launcher
         if backend == "gpu":
             from ..gpu import require_hopper
 
@@ -114,7 +119,8 @@ class DecodeAttention:
             self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: KVCache, positions, *,
-                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                 longest: int | None = None):
         """One decode step.
 
         ``hidden``, ``residual``: ``[batch, hidden_size]`` (batch 1..8), the weights' dtype and
@@ -122,12 +128,16 @@ class DecodeAttention:
         head_dim]``; ``positions``: each sequence's new token, an int32 tensor ``[batch]`` on the
         layer's device, or one int for the whole batch; ``0 <= positions[b] < capacity`` (sequence
         ``b`` attends to its cache rows ``0 .. positions[b]-1`` and its new token, and row
-        ``positions[b]`` is written). Returns ``(out, new_residual)``, both ``[batch,
-        hidden_size]``: into ``out`` / ``residual_out`` when given. Every check runs before the
+        ``positions[b]`` is written). ``longest``: at least ``positions[b] + 1`` for every ``b``
+        where the host knows it (an int position: ``positions + 1`` by default), for the launch
+        shape (:meth:`shape`); the outputs are the same whatever it is. Returns ``(out,
+        new_residual)``, both ``[batch, hidden_size]``: into ``out`` / ``residual_out`` when given. Every check runs before the
         launch; a position tensor's values are checked by the kernel (see the module docstring).
         The simulator backend also checks that the GPU could run the step (:meth:`kernel_spec`).
         """
         check_step(self.config, self.weights, hidden, residual, cache, positions)
+        check_longest(longest, cache.capacity)
+        longest = self._longest(positions, longest)
         shape = tuple(hidden.shape)
         for name, given in (("out", out), ("residual_out", residual_out)):
             if given is None:
@@ -140,19 +150,21 @@ class DecodeAttention:
                     f"{name} must be a contiguous {hidden.dtype} tensor of shape {shape} on {hidden.device}; "
                     f"got {given.dtype} {tuple(given.shape)} on {given.device}"
                 )
-        self.kernel_spec(hidden.dtype, shape[0])  # raises where the GPU could not run this step, on both backends
+        self.kernel_spec(hidden.dtype, shape[0], longest)  # raises where the GPU could not run it, on both backends
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
         if self.backend == "simulator":
-            got, new_residual = self._simulated_step(hidden, residual, cache, positions)
+            got, new_residual = self._simulated_step(hidden, residual, cache, positions, longest)
             out.copy_(got)
             residual_out.copy_(new_residual)
         else:
-            self._launch(hidden, residual, cache, positions, out, residual_out)
+            args = self.launch_args(hidden, residual, cache, positions, out, residual_out)
+            self.launcher(hidden.dtype, shape[0], longest=longest)(*args)
         return out, residual_out
 
     def handoff(self, hidden_sums: torch.Tensor, residual: torch.Tensor, cache: KVCache, positions, *,
-                sums_out: torch.Tensor, clear: torch.Tensor, residual_out: torch.Tensor | None = None):
+                sums_out: torch.Tensor, clear: torch.Tensor, residual_out: torch.Tensor | None = None,
+                longest: int | None = None):
         """One decode step that takes its input and leaves its output as float32 sums: for a chain
         of fused blocks (a model's layers), where no kernel converts its output to the model dtype.
 
@@ -162,27 +174,34 @@ class DecodeAttention:
         weights' dtype it is the ``out`` of :meth:`__call__`). ``clear``: float32, set to zero by the
         step. Three buffers in turn make the chain: step ``k`` reads buffer ``(k - 1) % 3``, adds
         into ``k % 3`` and clears ``(k + 1) % 3``, the one step ``k - 1`` read (see
-        :meth:`clusterlab.models.LlamaModel.forward_step`). ``residual``, ``cache``, ``positions``
-        as :meth:`__call__`; returns ``hidden + residual`` (into ``residual_out`` when given). The
+        :meth:`clusterlab.models.LlamaModel.forward_step`). ``residual``, ``cache``, ``positions``,
+        ``longest`` as :meth:`__call__`; returns ``hidden + residual`` (into ``residual_out`` when given). The
         simulator backend runs the same hand-off (:func:`~clusterlab.fused.simulated.simulated_step`).
         """
         dtype, device = self.weights.qkv.dtype, self.weights.qkv.device
         batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
         check_cache(self.config, cache, batch, dtype, device, "the weights")
         check_positions(positions, batch, cache.capacity, device)
+        check_longest(longest, cache.capacity)
+        longest = self._longest(positions, longest)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
-        self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
+        self.kernel_spec(dtype, batch, longest)  # raises where the GPU could not run this step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":
-            out, new_residual = self._simulated_step(hidden_sums, residual, cache, positions, handoff=True)
+            out, new_residual = self._simulated_step(hidden_sums, residual, cache, positions, longest, handoff=True)
             sums_out.add_(out)
             residual_out.copy_(new_residual)
             clear.zero_()
         else:
             args = self.launch_args(hidden_sums, residual, cache, positions, clear, residual_out, out_acc=sums_out)
-            self.launcher(dtype, batch, handoff=True)(*args)
+            self.launcher(dtype, batch, handoff=True, longest=longest)(*args)
         return residual_out
+
+    @staticmethod
+    def _longest(positions, longest: int | None) -> int | None:
+        """``longest`` as given, else what an int position says (its rows and the new one)."""
+        return positions + 1 if longest is None and isinstance(positions, int) else longest
 
     @staticmethod
     def check_positions(positions: torch.Tensor, cache: KVCache) -> None:
@@ -192,23 +211,24 @@ class DecodeAttention:
         """
         check_positions(positions.cpu(), cache.batch, cache.capacity, torch.device("cpu"))
 
-    def shape(self, batch: int) -> tuple[int, int, int]:
-        """``(cluster_size, warps, head_split)`` a step of ``batch`` sequences runs with: the
-        constructor's values where given, else :func:`~clusterlab.fused.plan.launch_shape` for this
-        GPU's SM count."""
+    def shape(self, batch: int, longest: int | None = None) -> tuple[int, int, int]:
+        """``(cluster_size, warps, head_split)`` a step of ``batch`` sequences runs with, the
+        longest of them attending to ``longest`` rows where known: the constructor's values where
+        given, else :func:`~clusterlab.fused.plan.launch_shape` for this GPU's SM count."""
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
-                                                       self.head_split)
+                                                       self.head_split, longest)
         return cluster_size, self.warps or warps, head_split
 
-    def kernel_spec(self, dtype: torch.dtype, batch: int):
-        """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles
-        (built once per dtype and batch). Pure Python, also on the simulator backend: it raises
-        where the GPU of ``self.limits`` could not run the step (e.g. too much shared memory)."""
+    def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
+        """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles,
+        in the :meth:`shape` of ``longest`` (built once per shape). Pure Python, also on the
+        simulator backend: it raises where the GPU of ``self.limits`` could not run the step (e.g.
+        too much shared memory)."""
         from .kernel import KernelSpec
 
-        key = (dtype, batch)
+        key = (dtype, batch, self.shape(batch, longest))
         if key not in self._specs:
-            cluster_size, warps, head_split = self.shape(batch)
+            cluster_size, warps, head_split = key[2]
             try:
                 self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
                                                  head_split, limits=self.limits, **self.kernel_options)
@@ -218,13 +238,14 @@ class DecodeAttention:
                                  f"head_split={head_split}{options}: {exc}") from exc
         return self._specs[key]
 
-    def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False):
-        """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype and batch
-        (``handoff``: of :meth:`handoff`'s kernel)."""
+    def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False, longest: int | None = None):
+        """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype, batch and
+        :meth:`shape` (``handoff``: of :meth:`handoff`'s kernel)."""
         self._require_kernel("launcher")
-        key = (dtype, batch, handoff)
+        key = (dtype, batch, self.shape(batch, longest), handoff)
         if key not in self._kernels:
-            self._kernels[key] = kernel_launcher(dataclasses.replace(self.kernel_spec(dtype, batch), handoff=handoff))
+            spec = self.kernel_spec(dtype, batch, longest)
+            self._kernels[key] = kernel_launcher(dataclasses.replace(spec, handoff=handoff))
         return self._kernels[key]
 
     def launch_args(self, hidden, residual, cache, positions, out, residual_out, out_acc=None) -> tuple:
@@ -251,12 +272,12 @@ class DecodeAttention:
             out_acc, self._arrivals, self._part_states, positions, np.int32(capacity),
         )
 
-    def _simulated_step(self, hidden, residual, cache, positions, handoff=False):
+    def _simulated_step(self, hidden, residual, cache, positions, longest, handoff=False):
         """:func:`~clusterlab.fused.simulated.simulated_step` in the launch shape and split of the kernel
         the GPU would run (:meth:`kernel_spec`)."""
         from .simulated import simulated_step
 
-        spec = self.kernel_spec(self.weights.qkv.dtype, hidden.shape[0])
+        spec = self.kernel_spec(self.weights.qkv.dtype, hidden.shape[0], longest)
         return simulated_step(self.config, self.weights, hidden, residual, cache, positions, spec.cluster_size,
                               head_split=spec.head_split, handoff=handoff, split_positions=spec.split_positions)
 
@@ -264,7 +285,3 @@ class DecodeAttention:
         if self.backend != "gpu":
             raise ValueError(f"{what} needs the 'gpu' backend; this layer has no kernel: it runs on the "
                              f"{self.backend} (its weights are on {self.weights.qkv.device})")
-
-    def _launch(self, hidden, residual, cache, positions, out, residual_out):
-        args = self.launch_args(hidden, residual, cache, positions, out, residual_out)
-        self.launcher(hidden.dtype, hidden.shape[0])(*args)

@@ -110,6 +110,11 @@ CLUSTER_SIZES = (1, 2, 4, 8, 16)
 #: Most clusters a KV head's cached positions may be split over (``split_positions``): beyond, each
 #: holds a few rows of a long cache, and the layer keeps the parts' softmax states for as many.
 MAX_PARTS = 16
+#: From this many rows attended (the longest sequence's cache and its new token), a GQA step of
+#: batch 1-4 reads each KV head's rows with one cluster of 8-warp blocks instead of splitting its
+#: query heads over several (:func:`launch_shape`): where the cache, not the weights, is most of a
+#: step's bytes, reading it once pays more than spreading the weights over twice the blocks.
+LONG_CACHE = 8192
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
 #: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
@@ -243,7 +248,7 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
 
 
 def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None,
-                 head_split: int | None = None):
+                 head_split: int | None = None, longest: int | None = None):
     """``(cluster_size, warps, head_split)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
 
     The grid of ``kv_heads x head_split x cluster_size`` blocks is the largest within ``2 x
@@ -253,15 +258,26 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     the same rule. On 132 SMs: Llama-2-7B 32 clusters x 8 blocks x 4 warps up to batch 4, 32 x 4 x
     8 beyond; Llama-3-8B 16 x 16 x 4 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
 
+    ``longest``: the most rows a sequence of the step attends to (its cached rows and the new one),
+    where the host knows it; from :data:`LONG_CACHE` rows a GQA model at batch 1 to 4 takes no head
+    split (unless one is given) and the largest grid of 8-warp blocks within ``sm_count`` (Llama-3-8B, Llama-3.2-1B and
+    Qwen2.5-7B: one cluster of 16 a KV head), so that each KV head's rows are read once. The
+    shape depends on ``longest`` only through whether it reaches :data:`LONG_CACHE`; every shape
+    computes the same step, so a wrong ``longest`` costs time, never correctness.
+
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
     clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
     fit on SMs that already hold a block; the step waits for the slowest cluster. Blocks half the
-    size, two an SM, spread the same work over more SMs in finer pieces. The measurements behind
-    this rule (where the blocks ran, the launch shape sweeps) are in ``docs/fused-decode-notes.md``
-    ("v4"), their results under ``benchmarks/results/``.
+    size, two an SM, spread the same work over more SMs in finer pieces. At long caches the head
+    split's repeated cache reads outweigh that (Llama-3-8B batch 4 at 16K: 132 µs with one cluster
+    of 16 x 8 warps a KV head, 156 µs with two of 16 x 4). The measurements behind this rule (where
+    the blocks ran, the launch shape sweeps, v16's long caches) are in ``docs/fused-decode-notes.md``,
+    their results under ``benchmarks/results/``.
     """
-    limit = 2 * sm_count if batch <= 4 else sm_count
-    splits = [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
+    long = (longest is not None and longest >= LONG_CACHE and batch <= 4 and config.group_size > 1
+            and head_split is None)
+    limit = 2 * sm_count if batch <= 4 and not long else sm_count
+    splits = [1] if long else [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
     sizes = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]
     best = None  # (blocks, cluster_size, head_split)
     for split in splits if head_split is None else [head_split]:

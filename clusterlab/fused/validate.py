@@ -182,6 +182,20 @@ def check_positions(positions, batch: int, capacity: int, device: torch.device) 
     check_range(values, capacity)
 
 
+def check_longest(longest, capacity: int) -> None:
+    """None, or an int in ``1 .. capacity``: the most rows a sequence of the step attends to (its
+    cached rows and the new token), as the host knows it (it picks the launch shape; see
+    :func:`~clusterlab.fused.plan.launch_shape`)."""
+    if longest is None:
+        return
+    if not _is_int(longest):
+        raise TypeError(f"longest must be None or an int (rows a sequence attends to), got {longest!r} "
+                        f"({type(longest).__name__})")
+    if not 1 <= longest <= capacity:
+        raise ValueError(f"longest must be from 1 to the cache's capacity {capacity} (rows a sequence attends to, "
+                         f"its new token included), got {longest}")
+
+
 def sequence_positions(positions, batch: int) -> list[int]:
     """``positions`` as one int per sequence, read to the host: an int (the whole batch), a list or
     tuple of ``batch`` ints, or an int32 or int64 tensor ``[batch]`` on any device (a CUDA tensor

@@ -6,16 +6,24 @@ static buffers (:class:`Decoder`)::
 
     tokens    [B] int64     the tokens this step feeds (picked by the step before)
     positions [B] int32     where each of them goes in the caches
-        logits = model.forward_step(tokens, positions)        [B, V] float32
+        logits = model.forward_step(tokens, positions, longest)   [B, V] float32
         positions += 1
-        next   = pick(logits)                                  greedy, or sampled on the device
-        history[b, count] = next[b];  count += 1               [B, max_new_tokens] int64
-        done  |= next is an end-of-sequence id                 [B] bool
+        next   = pick(logits)                                     greedy, or sampled on the device
+        history[b, count] = next[b];  count += 1                  [B, max_new_tokens] int64
+        done  |= next is an end-of-sequence id                    [B] bool
         tokens = next
 
 Nothing in a step reads a value back to the host, so on a CUDA device the whole step is captured
 once as a CUDA graph and replayed per token; the host only looks at ``done`` now and then to stop
 early. On the CPU the same step runs eagerly (the attention on the simulator).
+
+The host still knows how long the caches are: the longest sequence attends to ``max(positions) + 1``
+rows at the first step (read once, at :meth:`Decoder.start`) and one more each step. The fused
+attention's launch shape depends on that length (long caches are read by fewer, larger clusters:
+:func:`~clusterlab.fused.plan.launch_shape`), so the decoder captures a graph for each shape the
+run will meet (:meth:`~clusterlab.models.LlamaModel.step_shape`; the shape changes at most once, at
+:data:`~clusterlab.fused.plan.LONG_CACHE` rows, so the run's first and last steps name every one)
+and replays the one of each step.
 
 Sampling draws ``E ~ Exponential(1)`` per vocabulary entry and takes ``argmax(p / E)`` over the
 probabilities ``p = softmax(logits / temperature)`` (restricted to the ``top_k`` likeliest): the
@@ -60,8 +68,9 @@ class Decoder:
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.seed = int.from_bytes(os.urandom(8), "little") >> 1 if seed is None else seed
         self.generator = torch.Generator(device=device)
-        self._cuda_graph = None
+        self._graphs: dict = {}  # the attention's launch shape (LlamaModel.step_shape) -> CUDA graph
         self._recorded = 0  # tokens in history, known on the host without a sync
+        self._first_longest = 0  # rows the longest sequence attends to at the first step after start
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -83,8 +92,8 @@ class Decoder:
         self.done |= torch.isin(token, self.eos)
         self.tokens.copy_(token)
 
-    def _step(self) -> None:
-        logits = self.model.forward_step(self.tokens, self.positions)
+    def _step(self, longest: int) -> None:
+        logits = self.model.forward_step(self.tokens, self.positions, longest)
         self.positions += 1
         self.record(self.pick(logits))
 
@@ -92,10 +101,15 @@ class Decoder:
 
     def start(self, logits: torch.Tensor, positions: torch.Tensor) -> None:
         """Take the first token from the prefill's ``logits`` ``[B, V]``; ``positions`` ``[B]``
-        int32: where it goes (each prompt's length). Captures the step's graph on first use."""
-        self.positions.copy_(positions)
-        if self.graph and self._cuda_graph is None:
-            self._capture()
+        int32: where it goes (each prompt's length; read to the host once, see the module
+        docstring). Captures the graphs of the steps' shapes not captured before."""
+        self._first_longest = int(positions.max()) + 1
+        if self.graph:
+            last = self._first_longest + max(self.max_new_tokens - 2, 0)
+            for longest in (self._first_longest, last):
+                if self.model.step_shape(longest) not in self._graphs:
+                    self.positions.copy_(positions)
+                    self._capture(longest)
         self.generator.manual_seed(self.seed)
         self.count.zero_()
         self.done.zero_()
@@ -103,21 +117,22 @@ class Decoder:
         self.record(self.pick(logits))
         self._recorded = 1
 
-    def _capture(self) -> None:
-        """Capture one step as a CUDA graph. A warm-up step runs first on a side stream (kernels
-        compile, the allocator settles); it writes cache rows ``positions[b]``, which the first
-        replay writes again before anything reads them. :meth:`start` resets what it advanced."""
+    def _capture(self, longest: int) -> None:
+        """Capture one step of the launch shape of ``longest`` rows as a CUDA graph. A warm-up
+        step runs first on a side stream (kernels compile, the allocator settles); it writes cache
+        rows ``positions[b]``, which the first replay writes again before anything reads them.
+        :meth:`start` resets what it advanced."""
         device = self.model.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self._step()
+            self._step(longest)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
-            self._step()
-        self._cuda_graph = graph
+            self._step(longest)
+        self._graphs[self.model.step_shape(longest)] = graph
 
     def step(self) -> None:
         """One token more for every sequence: a graph replay on a GPU, the eager step elsewhere."""
@@ -125,10 +140,11 @@ class Decoder:
             raise ValueError("call start with the prefill's logits and positions before step")
         if self._recorded >= self.max_new_tokens:
             raise ValueError(f"every sequence already has max_new_tokens={self.max_new_tokens} tokens")
-        if self._cuda_graph is not None:
-            self._cuda_graph.replay()
+        longest = self._first_longest + self._recorded - 1  # the step after start attends first_longest rows
+        if self.graph:
+            self._graphs[self.model.step_shape(longest)].replay()
         else:
-            self._step()
+            self._step(longest)
         self._recorded += 1
 
     def finished(self) -> bool:

@@ -73,6 +73,7 @@ from ..fused.config import (
 from ..fused.layer import DecodeAttention
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
+from ..fused.validate import check_range
 from .decode import Decoder
 
 #: ``model_type`` values this module reads.
@@ -702,7 +703,8 @@ class LlamaModel:
         ``tokens``: ``[batch]`` ids (a list or tensor); ``positions``: each token's position
         (an int32 tensor ``[batch]`` on the model's device, or a list of ints), ``positions[b] <
         capacity``; the caches of :meth:`prefill` must hold rows ``0 .. positions[b]-1``.
-        Appends row ``positions[b]`` to every layer's cache; ``positions`` is not advanced.
+        Appends row ``positions[b]`` to every layer's cache; ``positions`` is not advanced. Reads
+        the positions to the host for the attention's launch shape (:meth:`forward_step`).
         """
         if self.caches is None:
             raise ValueError("decode_step needs the caches that prefill builds; call prefill first")
@@ -712,22 +714,35 @@ class LlamaModel:
             raise ValueError(f"tokens has shape {tuple(tokens.shape)}; expected ({batch},), one per sequence")
         if not isinstance(positions, torch.Tensor):
             positions = torch.tensor(list(positions), dtype=torch.int32, device=self.device)
-        return self.forward_step(tokens, positions)
+        values = positions.tolist()
+        check_range(values, self.caches[0].capacity)
+        return self.forward_step(tokens, positions, longest=max(values) + 1)
 
-    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int | None = None) -> torch.Tensor:
         """:meth:`decode_step` without its checks and host reads, so a CUDA graph can capture it:
         ``tokens`` ``[batch]`` int64 and ``positions`` ``[batch]`` int32, both on the model's
-        device; float32 logits ``[batch, vocab]``."""
+        device; float32 logits ``[batch, vocab]``. ``longest``: at least ``positions[b] + 1`` for
+        every ``b``, where the host knows it: the fused attention's launch shape for that length
+        (:meth:`step_shape`); the logits are the same whatever it is."""
         hidden = self.weights.embed[tokens]
         residual = torch.zeros_like(hidden)
         if self.handoff and hidden.shape[0] <= fused_mlp_max_batch(self.config):
-            return self._handoff_step(hidden, residual, positions)
+            return self._handoff_step(hidden, residual, positions, longest)
         for i, lw in enumerate(self.weights.layers):
-            out, h = self.attend(i, hidden, residual, positions)
+            out, h = self.attend(i, hidden, residual, positions, longest)
             hidden, residual = self.mlp_block(i, out, h)
         return self._logits(hidden, residual)
 
-    def _handoff_step(self, hidden, residual, positions) -> torch.Tensor:
+    def step_shape(self, longest: int | None) -> tuple | None:
+        """The fused attention's launch shape ``(cluster_size, warps, head_split)`` for a step of
+        the caches' batch whose longest sequence attends to ``longest`` rows
+        (:meth:`DecodeAttention.shape <clusterlab.fused.DecodeAttention.shape>`); None for the
+        unfused attention. Steps of one shape share a CUDA graph (:class:`~clusterlab.models.decode.Decoder`)."""
+        if self.attention != "fused":
+            return None
+        return self.layers[0].shape(self.caches[0].batch, longest)
+
+    def _handoff_step(self, hidden, residual, positions, longest) -> torch.Tensor:
         """:meth:`forward_step`'s layers with every block handing its output on as float32 sums.
 
         Block ``k`` of the step (attention of layer ``k // 2``, then its MLP) reads buffer ``(k -
@@ -740,7 +755,7 @@ class LlamaModel:
         k = 0
         for i in range(len(self.weights.layers)):
             residual = self.layers[i].handoff(sums[(k - 1) % 3], residual, self.caches[i], positions,
-                                              sums_out=sums[k % 3], clear=sums[(k + 1) % 3])
+                                              sums_out=sums[k % 3], clear=sums[(k + 1) % 3], longest=longest)
             k += 1
             residual = self.mlps[i].handoff(sums[(k - 1) % 3], residual, sums_out=sums[k % 3], clear=sums[(k + 1) % 3])
             k += 1
@@ -748,12 +763,12 @@ class LlamaModel:
         sums.zero_()
         return self._logits(hidden, residual)
 
-    def attend(self, layer: int, hidden, residual, positions):
+    def attend(self, layer: int, hidden, residual, positions, longest: int | None = None):
         """Layer ``layer``'s attention block on ``[batch, H]`` activations: ``(out, hidden + residual)``,
-        appending row ``positions[b]`` to its cache."""
+        appending row ``positions[b]`` to its cache (``longest`` as :meth:`forward_step`)."""
         cache, lw = self.caches[layer], self.weights.layers[layer]
         if self.attention == "fused":
-            out, h = self.layers[layer](hidden, residual, cache, positions)
+            out, h = self.layers[layer](hidden, residual, cache, positions, longest=longest)
         else:
             out, h = self._unfused[layer](hidden, residual, cache, positions)
         if lw.o_bias is not None:
