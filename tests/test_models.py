@@ -339,18 +339,19 @@ def test_graph_decode_on_the_gpu_matches_transformers_greedy(checkpoint):
     assert unfused.generate(PROMPTS, NEW_TOKENS) == want
 
 
-@pytest.mark.gpu
-def test_graph_decode_across_the_long_cache_shape_matches_transformers_greedy(checkpoint, monkeypatch):
-    """LONG_CACHE lowered into the run: the decoder captures a graph for each launch shape and
-    replays the long-cache one from there on (a GQA checkpoint's shapes differ), with the same tokens."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_across_the_long_cache_shape_matches_transformers_greedy(checkpoint, monkeypatch, device):
+    """LONG_CACHE lowered into the run: the decoder tells each step its length, so the steps from
+    there on take the long-cache launch shape (a GQA checkpoint's shapes differ; on a GPU each
+    shape replays a graph of its own), and the tokens stay transformers' greedy ones."""
     _, directory, model, dtype = checkpoint
     want = [hf_greedy(model, p, NEW_TOKENS, MIN_GAP[dtype])[0] for p in PROMPTS]
     monkeypatch.setattr(plan, "LONG_CACHE", max(map(len, PROMPTS)) + 4)
-    gpu = LlamaModel.from_pretrained(directory, device="cuda")
-    first, last = max(map(len, PROMPTS)) + 1, max(map(len, PROMPTS)) + NEW_TOKENS - 1
-    assert (gpu.step_shape(first) != gpu.step_shape(last)) == (gpu.config.num_key_value_heads
-                                                              < gpu.config.num_attention_heads)
-    assert gpu.generate(PROMPTS, NEW_TOKENS) == want
+    ours = LlamaModel.from_pretrained(directory, device=device)
+    batch, first = len(PROMPTS), max(map(len, PROMPTS)) + 1
+    gqa = ours.config.num_key_value_heads < ours.config.num_attention_heads
+    assert (ours.step_shape(batch, first) != ours.step_shape(batch, first + NEW_TOKENS - 2)) == gqa
+    assert ours.generate(PROMPTS, NEW_TOKENS) == want
 
 
 @pytest.mark.gpu

@@ -57,6 +57,7 @@ class Decoder:
         self.model, self.max_new_tokens = model, max_new_tokens
         self.temperature, self.top_k = float(temperature), top_k
         device, batch = model.device, model.caches[0].batch
+        self.batch = batch
         self.graph = device.type == "cuda" if graph is None else graph
         if self.graph and device.type != "cuda":
             raise ValueError(f"graph=True needs the model on a CUDA device; it is on {device}")
@@ -107,7 +108,7 @@ class Decoder:
         if self.graph:
             last = self._first_longest + max(self.max_new_tokens - 2, 0)
             for longest in (self._first_longest, last):
-                if self.model.step_shape(longest) not in self._graphs:
+                if self.model.step_shape(self.batch, longest) not in self._graphs:
                     self.positions.copy_(positions)
                     self._capture(longest)
         self.generator.manual_seed(self.seed)
@@ -132,7 +133,7 @@ class Decoder:
         graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
             self._step(longest)
-        self._graphs[self.model.step_shape(longest)] = graph
+        self._graphs[self.model.step_shape(self.batch, longest)] = graph
 
     def step(self) -> None:
         """One token more for every sequence: a graph replay on a GPU, the eager step elsewhere."""
@@ -142,7 +143,7 @@ class Decoder:
             raise ValueError(f"every sequence already has max_new_tokens={self.max_new_tokens} tokens")
         longest = self._first_longest + self._recorded - 1  # the step after start attends first_longest rows
         if self.graph:
-            self._graphs[self.model.step_shape(longest)].replay()
+            self._graphs[self.model.step_shape(self.batch, longest)].replay()
         else:
             self._step(longest)
         self._recorded += 1

@@ -733,14 +733,14 @@ class LlamaModel:
             hidden, residual = self.mlp_block(i, out, h)
         return self._logits(hidden, residual)
 
-    def step_shape(self, longest: int | None) -> tuple | None:
+    def step_shape(self, batch: int, longest: int | None) -> tuple | None:
         """The fused attention's launch shape ``(cluster_size, warps, head_split)`` for a step of
-        the caches' batch whose longest sequence attends to ``longest`` rows
+        ``batch`` sequences whose longest attends to ``longest`` rows
         (:meth:`DecodeAttention.shape <clusterlab.fused.DecodeAttention.shape>`); None for the
         unfused attention. Steps of one shape share a CUDA graph (:class:`~clusterlab.models.decode.Decoder`)."""
         if self.attention != "fused":
             return None
-        return self.layers[0].shape(self.caches[0].batch, longest)
+        return self.layers[0].shape(batch, longest)
 
     def _handoff_step(self, hidden, residual, positions, longest) -> torch.Tensor:
         """:meth:`forward_step`'s layers with every block handing its output on as float32 sums.
