@@ -13,14 +13,16 @@ current stream, capturable in a CUDA graph); CPU tensors run the same dataflow o
 (:mod:`clusterlab.fused.simulated`), for small shapes.
 
 The kernel reads the positions from device memory, so a CUDA graph captured once replays step
-after step while something on the device advances them. The launch shape depends on how long the
-caches are only where the host says so (``longest``, the most rows a sequence attends to; an int
-position says it by itself): from :data:`~clusterlab.fused.plan.LONG_CACHE` rows a GQA step reads
-each KV head's rows with one cluster (:func:`~clusterlab.fused.plan.launch_shape`), so a decode loop
-keeps a graph for each side of that length. No host sync reads them: the kernel
+after step while something on the device advances them. No host sync reads them: the kernel
 itself treats a position outside ``0 .. capacity-1`` as an error of that sequence, writing NaN
 for its outputs and leaving its cache untouched (:meth:`DecodeAttention.check_positions` raises
 on the host instead, at the cost of one sync).
+
+The launch shape depends on how long the caches are only where the host says so (``longest``, the
+most rows a sequence attends to; an int position says it by itself): from
+:data:`~clusterlab.fused.plan.LONG_CACHE` rows a GQA step reads each KV head's rows with one cluster
+(:func:`~clusterlab.fused.plan.launch_shape`), so a decode loop keeps a graph for each side of that
+length (:class:`clusterlab.models.decode.Decoder`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ import torch
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
 from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
-                       check_weights,
-                       resolve_backend)
+                       check_weights, resolve_backend)
 
 
 
@@ -70,10 +71,11 @@ class DecodeAttention:
     per KV head, each with a part of its query heads, or with the kernel option ``split_positions``
     a part of its cached positions: then any of 1 to 16) default, per batch size, to what spreads a
     step over the GPU, and at long caches to what reads each KV head's rows once
-    (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a batch gets). ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` /
-    ``"simulator"`` insist. ``limits``: the GPU's SM count and shared memory, read from the
-    device on the GPU backend; the simulator backend plans for ``limits`` (default: an H100 or
-    H200, :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
+    (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a batch gets).
+    ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` / ``"simulator"`` insist.
+    ``limits``: the GPU's SM count and shared memory, read from the device on the GPU backend; the
+    simulator backend plans for ``limits`` (default: an H100 or H200,
+    :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
     the launch rule would choose otherwise, its outputs correct either way (the names and values of
     :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``,
     ``overlay``, ``split_positions``), for measurements such as ``clusterlab bench fused --spec
@@ -131,8 +133,9 @@ class DecodeAttention:
         ``positions[b]`` is written). ``longest``: at least ``positions[b] + 1`` for every ``b``
         where the host knows it (an int position: ``positions + 1`` by default), for the launch
         shape (:meth:`shape`); the outputs are the same whatever it is. Returns ``(out,
-        new_residual)``, both ``[batch, hidden_size]``: into ``out`` / ``residual_out`` when given. Every check runs before the
-        launch; a position tensor's values are checked by the kernel (see the module docstring).
+        new_residual)``, both ``[batch, hidden_size]``: into ``out`` / ``residual_out`` when
+        given. Every check runs before the launch; a position tensor's values are checked by the
+        kernel (see the module docstring).
         The simulator backend also checks that the GPU could run the step (:meth:`kernel_spec`).
         """
         check_step(self.config, self.weights, hidden, residual, cache, positions)
@@ -175,8 +178,9 @@ class DecodeAttention:
         step. Three buffers in turn make the chain: step ``k`` reads buffer ``(k - 1) % 3``, adds
         into ``k % 3`` and clears ``(k + 1) % 3``, the one step ``k - 1`` read (see
         :meth:`clusterlab.models.LlamaModel.forward_step`). ``residual``, ``cache``, ``positions``,
-        ``longest`` as :meth:`__call__`; returns ``hidden + residual`` (into ``residual_out`` when given). The
-        simulator backend runs the same hand-off (:func:`~clusterlab.fused.simulated.simulated_step`).
+        ``longest`` as :meth:`__call__`; returns ``hidden + residual`` (into ``residual_out`` when
+        given). The simulator backend runs the same hand-off
+        (:func:`~clusterlab.fused.simulated.simulated_step`).
         """
         dtype, device = self.weights.qkv.dtype, self.weights.qkv.device
         batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
