@@ -86,6 +86,7 @@ def test_ragged_batches_spread_lengths_over_the_range_and_rotation_covers_the_l2
 def test_the_fused_plot_draws_a_line_per_kernel_a_batch_times(tmp_path, monkeypatch):
     """A run of two kernels (the rule's and one with options) at one batch: two fused lines named by
     shape and options, one PyTorch line; a run of one kernel a batch names none."""
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -97,16 +98,20 @@ def test_the_fused_plot_draws_a_line_per_kernel_a_batch_times(tmp_path, monkeypa
                         .read_text())
     rows = [BenchRow(**{k: v for k, v in r.items() if k in BenchRow.__dataclass_fields__}) for r in record["rows"]]
     drawn = []  # the label of every line drawn
+    torch_lengths = []  # the KV lengths of the last plot's PyTorch lines
     plot = matplotlib.axes.Axes.plot
 
     def recording_plot(ax, *args, label=None, **kwargs):
         drawn.append(label)
+        if label and label.startswith("PyTorch"):
+            torch_lengths.append(list(args[0]))
         return plot(ax, *args, label=label, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
 
     def labels(rows, name):
         drawn.clear()
+        torch_lengths.clear()
         _plot(rows, record, tmp_path / name)
         assert (tmp_path / name).stat().st_size > 0
         return [label for label in drawn if label]
@@ -116,3 +121,9 @@ def test_the_fused_plot_draws_a_line_per_kernel_a_batch_times(tmp_path, monkeypa
     assert both.count("fused, batch 4 8x4x7 [split_positions=True]") == 1 and both.count("PyTorch graph, batch 4") == 2
     assert labels([r for r in rows if not r.options], "rule.png") == [
         "fused, batch 4", "PyTorch graph, batch 4"] * 2
+    # the rule's kernel changing shape with the length (the long-cache shape from 32K): a fused line
+    # for each shape, the PyTorch line over every length
+    rule = [dataclasses.replace(r, cluster_size=16, warps=8, head_split=1) if r.kv_len >= 32768 else r
+            for r in rows if not r.options and r.preset == "llama3-8b"]
+    assert labels(rule, "long.png") == ["fused, batch 4 16x4x2", "fused, batch 4 16x8x1", "PyTorch graph, batch 4"]
+    assert torch_lengths == [sorted({r.kv_len for r in rule})]

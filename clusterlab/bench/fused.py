@@ -342,18 +342,21 @@ def _plot(rows, record, path: Path) -> None:
         mine = [r for r in rows if (r.preset, r.dtype) == (preset, dtype)]
         for i, batch in enumerate(sorted({r.batch for r in mine})):
             color = f"C{i}"
+            even = sorted((r for r in mine if r.batch == batch and not r.ragged), key=lambda r: r.kv_len)
             kernels = list(dict.fromkeys(variant_key(r) for r in mine if r.batch == batch))
             for j, kernel in enumerate(kernels):
-                even = sorted((r for r in mine if r.batch == batch and not r.ragged and variant_key(r) == kernel),
-                              key=lambda r: r.kv_len)
+                its = [r for r in even if variant_key(r) == kernel]
                 c, w, s, options = kernel
                 name = f" {c}x{w}x{s}" + (f" [{options}]" if options else "") if len(kernels) > 1 else ""
-                ax.plot([r.kv_len for r in even], [r.fused_us for r in even], "o^vDsP"[j % 6] + "-", color=color,
+                ax.plot([r.kv_len for r in its], [r.fused_us for r in its], "o^vDsP"[j % 6] + "-", color=color,
                         alpha=1 - 0.3 * (j > 0), label=f"fused, batch {batch}{name}")
-                if j == 0:
-                    ax.plot([r.kv_len for r in even], [r.torch_us for r in even], "s:", color=color, alpha=0.6,
-                            label=f"PyTorch graph, batch {batch}")
-                    ax.plot([r.kv_len for r in even], [r.floor_us for r in even], "--", color="k", alpha=0.25)
+            baseline: dict = {}  # the PyTorch step and the floor once a KV length: its first row (the
+            for r in even:       # rule's kernel may change shape with the length, each a line of its own)
+                baseline.setdefault(r.kv_len, r)
+            baseline = list(baseline.values())
+            ax.plot([r.kv_len for r in baseline], [r.torch_us for r in baseline], "s:", color=color, alpha=0.6,
+                    label=f"PyTorch graph, batch {batch}")
+            ax.plot([r.kv_len for r in baseline], [r.floor_us for r in baseline], "--", color="k", alpha=0.25)
             for r in mine:
                 if r.batch == batch and r.ragged:
                     ax.plot([r.kv_len], [r.fused_us], "*", color=color, markersize=11)
