@@ -326,7 +326,8 @@ def _write(rows, bandwidth, out_dir: Path, tag: str, info: dict) -> None:
 
 
 def variant_key(row: BenchRow) -> tuple:
-    """What tells apart the fused kernels a run times at one (preset, dtype, batch): the launch shape and the options."""
+    """What tells apart the fused kernels a run times at one (preset, dtype, batch): the launch shape
+    and the options."""
     return row.cluster_size, row.warps, row.head_split, row.options
 
 

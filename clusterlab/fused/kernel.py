@@ -1002,9 +1002,10 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
     ``finish_arrive(arrivals, counter, blocks, last, tid)`` fences the block's adds (and every
     other write of it) and counts it in on ``arrivals[counter]`` (here ``counter = rank``; the
     attention kernel's parts of a split cache count in on counters of their own the same way):
-    ``last[0]`` (a shared int32) becomes 1 in the ``blocks``-th block to arrive, 0 in the others. That block alone calls ``finish_convert(out, out_acc, arrivals,
-    rank, tid)``: it converts the rows into ``out`` (16-bit, the model dtype) and leaves
-    ``out_acc`` and ``arrivals[rank]`` zero for the next step.
+    ``last[0]`` (a shared int32) becomes 1 in the ``blocks``-th block to arrive, 0 in the others.
+    That block alone calls ``finish_convert(out, out_acc, arrivals, rank, tid)``: it converts the
+    rows into ``out`` (16-bit, the model dtype) and leaves ``out_acc`` and ``arrivals[rank]`` zero
+    for the next step.
     """
     to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
     loads = 16  # out_acc elements a thread loads at once

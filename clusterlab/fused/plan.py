@@ -260,10 +260,11 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
 
     ``longest``: the most rows a sequence of the step attends to (its cached rows and the new one),
     where the host knows it; from :data:`LONG_CACHE` rows a GQA model at batch 1 to 4 takes no head
-    split (unless one is given) and the largest grid of 8-warp blocks within ``sm_count`` (Llama-3-8B, Llama-3.2-1B and
-    Qwen2.5-7B: one cluster of 16 a KV head), so that each KV head's rows are read once. The
-    shape depends on ``longest`` only through whether it reaches :data:`LONG_CACHE`; every shape
-    computes the same step, so a wrong ``longest`` costs time, never correctness.
+    split (unless one is given) and the largest grid of 8-warp blocks within ``sm_count``
+    (Llama-3-8B, Llama-3.2-1B and Qwen2.5-7B: one cluster of 16 a KV head), so that each KV head's
+    rows are read once. The shape depends on ``longest`` only through whether it reaches
+    :data:`LONG_CACHE`; every shape computes the same step, so a wrong ``longest`` costs time, never
+    correctness.
 
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
     clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
