@@ -43,7 +43,8 @@ ROPE_STYLES = ("neox", "gptj")
 MAX_BATCH = 8
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int, not a bool (``True`` is an ``int`` to Python, never a count or a position here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -77,7 +78,7 @@ class Llama3RopeScaling:
                 "Llama3RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
                 f"{self.low_freq_factor!r} and {self.high_freq_factor!r}"
             )
-        if not (_is_int(self.original_max_position) and self.original_max_position > 0):
+        if not (is_int(self.original_max_position) and self.original_max_position > 0):
             raise ValueError(
                 f"Llama3RopeScaling.original_max_position must be a positive int, got {self.original_max_position!r}"
             )
@@ -110,7 +111,7 @@ class AttentionConfig:
     def __post_init__(self):
         for name in ("hidden_size", "heads", "kv_heads", "head_dim"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"AttentionConfig.{name} must be a positive int, got {value!r}")
         if self.heads % self.kv_heads:
             raise ValueError(
@@ -215,7 +216,7 @@ def _check_device(device) -> None:
 
 
 def _check_size(name: str, value) -> None:
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 

@@ -105,7 +105,7 @@ class DecodeAttention:
         # None: chosen per batch by shape()
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
         self._specs: dict = {}  # (dtype, batch, shape) -> KernelSpec
-        self._kernels: dict = {}  # (dtype, batch, shape, handoff) -> launcher
+        self._kernels: dict = {}  # ((dtype, batch, shape), handoff) -> launcher
         if backend == "gpu":
             from ..gpu import require_hopper
 
@@ -153,16 +153,17 @@ class DecodeAttention:
                     f"{name} must be a contiguous {hidden.dtype} tensor of shape {shape} on {hidden.device}; "
                     f"got {given.dtype} {tuple(given.shape)} on {given.device}"
                 )
-        self.kernel_spec(hidden.dtype, shape[0], longest)  # raises where the GPU could not run it, on both backends
+        key = self._key(hidden.dtype, shape[0], longest)
+        self._spec(key)  # raises where the GPU could not run the step, on both backends
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
         if self.backend == "simulator":
-            got, new_residual = self._simulated_step(hidden, residual, cache, positions, longest)
+            got, new_residual = self._simulated_step(hidden, residual, cache, positions, key)
             out.copy_(got)
             residual_out.copy_(new_residual)
         else:
             args = self.launch_args(hidden, residual, cache, positions, out, residual_out)
-            self.launcher(hidden.dtype, shape[0], longest=longest)(*args)
+            self._launcher(key, handoff=False)(*args)
         return out, residual_out
 
     def handoff(self, hidden_sums: torch.Tensor, residual: torch.Tensor, cache: KVCache, positions, *,
@@ -190,16 +191,17 @@ class DecodeAttention:
         longest = self._longest(positions, longest)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
-        self.kernel_spec(dtype, batch, longest)  # raises where the GPU could not run this step, on both backends
+        key = self._key(dtype, batch, longest)
+        self._spec(key)  # raises where the GPU could not run the step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":
-            out, new_residual = self._simulated_step(hidden_sums, residual, cache, positions, longest, handoff=True)
+            out, new_residual = self._simulated_step(hidden_sums, residual, cache, positions, key, handoff=True)
             sums_out.add_(out)
             residual_out.copy_(new_residual)
             clear.zero_()
         else:
             args = self.launch_args(hidden_sums, residual, cache, positions, clear, residual_out, out_acc=sums_out)
-            self.launcher(dtype, batch, handoff=True, longest=longest)(*args)
+            self._launcher(key, handoff=True)(*args)
         return residual_out
 
     @staticmethod
@@ -228,11 +230,25 @@ class DecodeAttention:
         in the :meth:`shape` of ``longest`` (built once per shape). Pure Python, also on the
         simulator backend: it raises where the GPU of ``self.limits`` could not run the step (e.g.
         too much shared memory)."""
+        return self._spec(self._key(dtype, batch, longest))
+
+    def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False, longest: int | None = None):
+        """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype, batch and
+        :meth:`shape` (``handoff``: of :meth:`handoff`'s kernel)."""
+        self._require_kernel("launcher")
+        return self._launcher(self._key(dtype, batch, longest), handoff)
+
+    def _key(self, dtype: torch.dtype, batch: int, longest: int | None) -> tuple:
+        """``(dtype, batch, shape)``: what a step's kernel is planned and built for, the launch shape
+        computed once a step."""
+        return dtype, batch, self.shape(batch, longest)
+
+    def _spec(self, key: tuple):
+        """:meth:`kernel_spec` of a :meth:`_key`."""
         from .kernel import KernelSpec
 
-        key = (dtype, batch, self.shape(batch, longest))
         if key not in self._specs:
-            cluster_size, warps, head_split = key[2]
+            dtype, batch, (cluster_size, warps, head_split) = key
             try:
                 self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
                                                  head_split, limits=self.limits, **self.kernel_options)
@@ -242,15 +258,11 @@ class DecodeAttention:
                                  f"head_split={head_split}{options}: {exc}") from exc
         return self._specs[key]
 
-    def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False, longest: int | None = None):
-        """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype, batch and
-        :meth:`shape` (``handoff``: of :meth:`handoff`'s kernel)."""
-        self._require_kernel("launcher")
-        key = (dtype, batch, self.shape(batch, longest), handoff)
-        if key not in self._kernels:
-            spec = self.kernel_spec(dtype, batch, longest)
-            self._kernels[key] = kernel_launcher(dataclasses.replace(spec, handoff=handoff))
-        return self._kernels[key]
+    def _launcher(self, key: tuple, handoff: bool):
+        """:meth:`launcher` of a :meth:`_key`."""
+        if (key, handoff) not in self._kernels:
+            self._kernels[key, handoff] = kernel_launcher(dataclasses.replace(self._spec(key), handoff=handoff))
+        return self._kernels[key, handoff]
 
     def launch_args(self, hidden, residual, cache, positions, out, residual_out, out_acc=None) -> tuple:
         """The kernel's arguments for one step (see :func:`~clusterlab.fused.kernel.build_kernel`):
@@ -276,12 +288,12 @@ class DecodeAttention:
             out_acc, self._arrivals, self._part_states, positions, np.int32(capacity),
         )
 
-    def _simulated_step(self, hidden, residual, cache, positions, longest, handoff=False):
+    def _simulated_step(self, hidden, residual, cache, positions, key, handoff=False):
         """:func:`~clusterlab.fused.simulated.simulated_step` in the launch shape and split of the kernel
-        the GPU would run (:meth:`kernel_spec`)."""
+        the GPU would run (the spec of :meth:`_key` ``key``)."""
         from .simulated import simulated_step
 
-        spec = self.kernel_spec(self.weights.qkv.dtype, hidden.shape[0], longest)
+        spec = self._spec(key)
         return simulated_step(self.config, self.weights, hidden, residual, cache, positions, spec.cluster_size,
                               head_split=spec.head_split, handoff=handoff, split_positions=spec.split_positions)
 

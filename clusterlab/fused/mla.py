@@ -56,7 +56,7 @@ from .config import (
     _check_device,
     _check_number,
     _check_size,
-    _is_int,
+    is_int,
     seeded_generator,
 )
 from .validate import check_hidden_residual, check_tensor
@@ -98,7 +98,7 @@ class YarnRopeScaling:
             _check_number(f"YarnRopeScaling.{name}", getattr(self, name))
         if not (self.factor >= 1.0 and math.isfinite(self.factor)):
             raise ValueError(f"YarnRopeScaling.factor must be a finite number >= 1, got {self.factor!r}")
-        if not (_is_int(self.original_max_position) and self.original_max_position > 0):
+        if not (is_int(self.original_max_position) and self.original_max_position > 0):
             raise ValueError(
                 f"YarnRopeScaling.original_max_position must be a positive int, got {self.original_max_position!r}"
             )
@@ -168,9 +168,9 @@ class MLAConfig:
     def __post_init__(self):
         for name in ("hidden_size", "heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"MLAConfig.{name} must be a positive int, got {value!r}")
-        if self.q_lora_rank is not None and not (_is_int(self.q_lora_rank) and self.q_lora_rank > 0):
+        if self.q_lora_rank is not None and not (is_int(self.q_lora_rank) and self.q_lora_rank > 0):
             raise ValueError(f"MLAConfig.q_lora_rank must be None or a positive int, got {self.q_lora_rank!r}")
         if self.hidden_size % 8:
             raise ValueError(f"MLAConfig.hidden_size must be a multiple of 8 (16-byte rows), got {self.hidden_size}")

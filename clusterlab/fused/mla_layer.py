@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH
+from .config import MAX_BATCH, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits
 from .validate import check_positions, check_tensor, resolve_backend
@@ -89,9 +89,7 @@ class DecodeMLA:
         backend, self.limits = resolve_backend(backend, device, limits)
         if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
             raise ValueError(f"cluster_size must be one of {CLUSTER_SIZES}, got {cluster_size!r}")
-        if attention_clusters is not None and not (isinstance(attention_clusters, int)
-                                                   and not isinstance(attention_clusters, bool)
-                                                   and attention_clusters >= 1):
+        if attention_clusters is not None and not (is_int(attention_clusters) and attention_clusters >= 1):
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
         if warps not in (None, 4, 8, 16):
             raise ValueError(f"warps must be one of (4, 8, 16), got {warps!r}")

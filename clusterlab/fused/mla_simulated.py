@@ -77,6 +77,7 @@ from .mla import (
     check_mla_weights,
     mla_rope_table,
 )
+from .config import is_int
 from .plan import attention_range, kv_a_rows, latent_columns, new_row_block, q_a_rows
 from .simulated import NEG, norm_inputs
 from .validate import check_range, sequence_positions
@@ -318,8 +319,7 @@ def check_mla_cluster_size(config: MLAConfig, cluster_size: int) -> None:
     """1..16 blocks that split the hidden size (phase 1's slices, phase 4's output rows) and
     ``kv_lora_rank`` (:func:`latent_columns`) evenly, and with the query LoRA ``q_lora_rank`` too
     (phase 1b's slices)."""
-    if not (isinstance(cluster_size, int) and not isinstance(cluster_size, bool)
-            and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
+    if not (is_int(cluster_size) and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
         raise ValueError(f"cluster_size must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
     if config.hidden_size % cluster_size:
         raise ValueError(f"cluster_size {cluster_size} does not divide hidden_size {config.hidden_size}")
@@ -356,7 +356,7 @@ def simulated_mla_step(
     check_mla_cluster_size(config, cluster_size)
     heads = config.heads
     clusters = heads if clusters_for_attention is None else clusters_for_attention
-    if not (isinstance(clusters, int) and not isinstance(clusters, bool) and clusters >= 1):
+    if not (is_int(clusters) and clusters >= 1):
         raise ValueError(f"clusters_for_attention must be a positive int, got {clusters!r}")
     batch, dtype = hidden.shape[0], hidden.dtype
     positions = sequence_positions(positions, batch)

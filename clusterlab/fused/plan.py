@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
-from .config import AttentionConfig
+from .config import AttentionConfig, is_int
 
 if TYPE_CHECKING:
     from .mla import MLAConfig
@@ -111,7 +111,7 @@ CLUSTER_SIZES = (1, 2, 4, 8, 16)
 #: holds a few rows of a long cache, and the layer keeps the parts' softmax states for as many.
 MAX_PARTS = 16
 #: From this many rows attended (the longest sequence's cache and its new token), a GQA step of
-#: batch 1-4 reads each KV head's rows with one cluster of 8-warp blocks instead of splitting its
+#: any batch reads each KV head's rows with one cluster of 8-warp blocks instead of splitting its
 #: query heads over several (:func:`launch_shape`): where the cache, not the weights, is most of a
 #: step's bytes, reading it once pays more than spreading the weights over twice the blocks.
 LONG_CACHE = 8192
@@ -189,7 +189,7 @@ def check_head_split(config: AttentionConfig, head_split: int, split_positions: 
     ``split_positions``, where its clusters split the positions instead, it is any of 1 to
     :data:`MAX_PARTS`."""
     if split_positions:
-        if not (isinstance(head_split, int) and not isinstance(head_split, bool) and 1 <= head_split <= MAX_PARTS):
+        if not (is_int(head_split) and 1 <= head_split <= MAX_PARTS):
             raise ValueError(f"head_split with split_positions (the clusters a KV head's cached positions are split "
                              f"over) must be an int from 1 to {MAX_PARTS}, got {head_split!r}")
         return
@@ -237,7 +237,7 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
         if name not in choices:
             raise ValueError(f"kernel_options: unknown name {name!r}; allowed: {', '.join(choices)}")
         if name == "registers":
-            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 32 <= value <= 255)
+            ok = value is None or (is_int(value) and 32 <= value <= 255)
         elif name in SWITCHES:
             ok = isinstance(value, bool)
         else:
@@ -259,7 +259,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     8 beyond; Llama-3-8B 16 x 16 x 4 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
 
     ``longest``: the most rows a sequence of the step attends to (its cached rows and the new one),
-    where the host knows it; from :data:`LONG_CACHE` rows a GQA model at batch 1 to 4 takes no head
+    where the host knows it; from :data:`LONG_CACHE` rows a GQA model at any batch takes no head
     split (unless one is given) and the largest grid of 8-warp blocks within ``sm_count``
     (Llama-3-8B, Llama-3.2-1B and Qwen2.5-7B: one cluster of 16 a KV head), so that each KV head's
     rows are read once. The shape depends on ``longest`` only through whether it reaches
@@ -271,12 +271,12 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     fit on SMs that already hold a block; the step waits for the slowest cluster. Blocks half the
     size, two an SM, spread the same work over more SMs in finer pieces. At long caches the head
     split's repeated cache reads outweigh that (Llama-3-8B batch 4 at 16K: 132 µs with one cluster
-    of 16 x 8 warps a KV head, 156 µs with two of 16 x 4). The measurements behind this rule (where
+    of 16 x 8 warps a KV head, 156 µs with two of 16 x 4; Qwen2.5-7B batch 8 at 16K: 173 µs against
+    350 µs with seven clusters of 4 x 8, each reading the KV head's rows). The measurements behind this rule (where
     the blocks ran, the launch shape sweeps, v16's long caches) are in ``docs/fused-decode-notes.md``,
     their results under ``benchmarks/results/``.
     """
-    long = (longest is not None and longest >= LONG_CACHE and batch <= 4 and config.group_size > 1
-            and head_split is None)
+    long = longest is not None and longest >= LONG_CACHE and config.group_size > 1 and head_split is None
     limit = 2 * sm_count if batch <= 4 and not long else sm_count
     splits = [1] if long else [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
     sizes = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 import reprlib
 
 import torch
 
-from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache
+from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, is_int
 from .plan import HOPPER, DeviceLimits
 
 #: Where a fused layer runs: ``"auto"`` follows its weights' device, ``"gpu"`` (the cluster kernel)
@@ -175,7 +174,7 @@ def check_positions(positions, batch: int, capacity: int, device: torch.device) 
         if positions.device.type == "cuda":
             return
         values = positions.tolist()
-    elif isinstance(positions, int) and not isinstance(positions, bool):
+    elif is_int(positions):
         values = [positions]
     else:
         raise TypeError(f"positions must be an int or an int32 tensor of shape ({batch},), got {type(positions).__name__}")
@@ -188,7 +187,7 @@ def check_longest(longest, capacity: int) -> None:
     :func:`~clusterlab.fused.plan.launch_shape`)."""
     if longest is None:
         return
-    if not _is_int(longest):
+    if not is_int(longest):
         raise TypeError(f"longest must be None or an int (rows a sequence attends to), got {longest!r} "
                         f"({type(longest).__name__})")
     if not 1 <= longest <= capacity:
@@ -206,9 +205,9 @@ def sequence_positions(positions, batch: int) -> list[int]:
         if tuple(positions.shape) != (batch,):
             raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({batch},), one per sequence")
         return positions.tolist()
-    if _is_int(positions):
+    if is_int(positions):
         return [int(positions)] * batch
-    if isinstance(positions, (list, tuple)) and all(_is_int(p) for p in positions):
+    if isinstance(positions, (list, tuple)) and all(is_int(p) for p in positions):
         if len(positions) != batch:
             raise ValueError(f"positions has length {len(positions)}; expected {batch}, one per sequence")
         return [int(p) for p in positions]
@@ -226,10 +225,6 @@ def check_host_positions(positions, batch: int, capacity: int, rope_rows: int) -
         values = sequence_positions(positions, batch)
         check_range(values, capacity)
         check_range(values, rope_rows, "the rope table")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_range(values: list[int], capacity: int, holder: str = "the cache") -> None:
