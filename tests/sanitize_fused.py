@@ -15,6 +15,9 @@ first three shapes; ``python tests/sanitize_fused.py handoff`` runs those alone.
 head's positions split over 2 and 4 clusters (``KernelSpec.split_positions``: the parts' states
 in device memory, merged by the last to arrive; a sequence with an empty cache leaves whole parts
 nothing to attend), plain and handed off; ``python tests/sanitize_fused.py split`` runs those alone.
+Then the long-cache shape of a GQA preset at a batch of 1 to 4 (one cluster of 16 x 8 warps a KV
+head, :func:`~clusterlab.fused.plan.launch_shape` from ``LONG_CACHE`` rows; Qwen2.5-7B, with its
+QKV bias), plain and handed off; ``python tests/sanitize_fused.py long`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -50,6 +53,9 @@ SPLIT_SHAPES = [
      {"cluster_size": 4, "warps": 4, "head_split": 4, "kernel_options": {"split_positions": True}}, [1000, 0, 333],
      torch.float16),
 ]
+LONG_SHAPES = [
+    (PRESETS["qwen2.5-7b"], {"cluster_size": 16, "warps": 8, "head_split": 1}, [300, 0, 77], torch.float16),
+]
 
 
 def handoff_steps(shapes) -> int:
@@ -75,7 +81,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff" or "split"
+only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split" or "long"
 failures = 0
 if only is None:
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
@@ -84,4 +90,7 @@ if only in (None, "handoff"):
 if only in (None, "split"):
     failures += run_steps(SPLIT_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(SPLIT_SHAPES)
+if only in (None, "long"):
+    failures += run_steps(LONG_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+    failures += handoff_steps(LONG_SHAPES)
 exit_with(failures)
