@@ -353,3 +353,22 @@ def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monke
         assert relative_error(out, want.out) < TOLERANCE, given
         assert layer.shape(batch, given) == shape
     assert {key[2] for key in layer._specs} == {(16, 8, 4), (16, 8, 1)}  # both kernels were planned
+
+
+def test_a_step_plans_its_launch_shape_once(monkeypatch):
+    """The launch rule runs once a step, plain or handed off (the spec and the kernel are looked up
+    by its shape), and the step still matches the reference."""
+    config, batch, dtype = CASES[3][0], 2, torch.float16
+    layer = DecodeAttention(config, AttentionWeights.random(config, dtype, seed=5))
+    calls = []
+    monkeypatch.setattr("clusterlab.fused.layer.launch_shape",
+                        lambda *args, **kw: calls.append(args) or launch_shape(*args, **kw))
+    cache = KVCache.random(config, batch, 40, dtype, seed=6)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).to(dtype)
+    want = reference_step(config, layer.weights, hidden, residual, cache.clone(), 30)
+    out, _ = layer(hidden, residual, cache, 30)
+    assert len(calls) == 1 and relative_error(out, want.out) < TOLERANCE
+    sums = torch.stack([hidden.float(), torch.zeros_like(hidden, dtype=torch.float32)])
+    clear = torch.randn_like(sums[0])
+    layer.handoff(sums[0], residual, cache, 30, sums_out=sums[1], clear=clear)
+    assert len(calls) == 2 and relative_error(sums[1], want.out) < TOLERANCE and not clear.any()
