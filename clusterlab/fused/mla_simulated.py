@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from .. import simulator
+from .config import is_int
 from .mla import (
     LATENT_RMS_EPS,
     LatentCache,
@@ -77,7 +78,6 @@ from .mla import (
     check_mla_weights,
     mla_rope_table,
 )
-from .config import is_int
 from .plan import attention_range, kv_a_rows, latent_columns, new_row_block, q_a_rows
 from .simulated import NEG, norm_inputs
 from .validate import check_range, sequence_positions
