@@ -283,9 +283,22 @@ def test_bench_variant_must_look_like_cxw(text, capsys):
     assert "argument --variant: must look like CxW or CxWxS" in err and f"got {text!r}" in err
 
 
-@pytest.mark.parametrize("text, variant", [("8x4", (8, 4)), ("16x4x2", (16, 4, 2))])
+@pytest.mark.parametrize("text, variant", [("8x4", (8, 4)), ("16x4x2", (16, 4, 2)), ("rule", ())])
 def test_bench_variants_parse(text, variant):
     assert parse_variant(text) == variant
+
+
+def test_bench_variant_rule_gives_the_layer_nothing_so_it_takes_the_rules_shape():
+    from clusterlab.bench.fused import variant_options
+    from clusterlab.fused.plan import LONG_CACHE, launch_shape
+
+    config = AttentionConfig(hidden_size=256, heads=8, kv_heads=2, head_dim=64)
+    options = variant_options(config, parse_variant("rule"))
+    assert options == {} and variant_options(config, parse_variant("16x8x1")) != {}
+    layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16, seed=1), **options)
+    for longest in (None, LONG_CACHE):
+        assert layer.shape(4, longest) == launch_shape(config, 4, 132, longest=longest)
+    assert layer.shape(4) != layer.shape(4, LONG_CACHE)  # the rule's shape follows the length
 
 
 def test_bench_reads_a_variants_third_number_by_the_presets_block():

@@ -25,7 +25,8 @@ against the float64 reference before it is timed. Results: a table on stdout,
 ``<card>`` read from the device (``h200`` for an NVIDIA H200).
 
 Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``. ``--variant
-16x4x2 16x8x1`` times other launch shapes, ``--spec default registers=168`` other kernels
+16x4x2 16x8x1`` times other launch shapes (``rule`` among them: the launch rule's own, which may
+differ by preset, batch and length), ``--spec default registers=168`` other kernels
 of the Llama-style layer (its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`), each
 checked against the reference like the default.
 """
@@ -226,7 +227,7 @@ def run_bench(
     """Time every (preset, dtype, batch, kv_len), and the ragged batches; write ``fused_<tag>.json`` / ``.png``.
 
     ``variants``: ``(cluster_size, warps)`` or ``(cluster_size, warps, head_split)`` tuples to time
-    for the fused kernel (``None``: the layer's defaults; an MLA preset reads the third number as
+    for the fused kernel (``()`` among them, or ``None``: the launch rule's shape; an MLA preset reads the third number as
     its attention clusters a sequence). ``options``: dicts of the Llama-style layer's
     ``kernel_options`` (:data:`~clusterlab.fused.plan.KERNEL_CHOICES`) to time, each with every
     variant (``None``: the launch rule's kernel). ``tag``: the results' suffix, by
@@ -376,10 +377,13 @@ def _plot(rows, record, path: Path) -> None:
 
 
 def parse_variant(text: str) -> tuple[int, ...]:
-    """``"8x4"`` -> ``(8, 4)``, ``"16x4x2"`` -> ``(16, 4, 2)``: cluster size x warps [x head split]."""
+    """``"8x4"`` -> ``(8, 4)``, ``"16x4x2"`` -> ``(16, 4, 2)``: cluster size x warps [x head split];
+    ``"rule"`` -> ``()``, the launch rule's shape (nothing given)."""
+    if text == "rule":
+        return ()
     if not re.fullmatch(r"\d+x\d+(x\d+)?", text):
         raise argparse.ArgumentTypeError(
-            "must look like CxW or CxWxS (cluster size x warps [x head split]), e.g. 8x4 or 16x4x2; "
+            "must look like CxW or CxWxS (cluster size x warps [x head split]), e.g. 8x4 or 16x4x2, or rule; "
             f"got {text!r}"
         )
     return tuple(int(part) for part in text.split("x"))
@@ -423,7 +427,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ragged", action="store_true", help="skip the ragged batches")
     parser.add_argument("--variant", nargs="*", default=None, metavar="CxW", type=parse_variant,
                         help="fused variants as cluster_size x warps [x head_split; MLA: x attention clusters a "
-                             "sequence], e.g. 8x4 16x4x2")
+                             "sequence], e.g. 8x4 16x4x2, or rule (the launch rule's shape), e.g. rule 16x8x1")
     parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...", type=parse_options,
                         help="time the fused kernel with these kernel_options (each with every variant), e.g. "
                              f"default registers=168 attention_mma=False ('default': the launch rule's kernel); "
