@@ -404,3 +404,44 @@ def test_handoff_refuses_bad_buffers_before_any_work(block, change, error, words
     assert words in str(info.value)
     for name, t in buffers.items():
         assert torch.equal(t, before[name]), name
+
+
+def _planner(block: str):
+    """A layer of ``block`` on the simulator backend, in a shape its kernels take: "attention",
+    "mla" (DeepSeek-V2-Lite's: the MLA kernels tile only its latent widths) or "mlp"."""
+    from clusterlab.fused import DEEPSEEK_V2_LITE, DecodeMLA, DecodeMLP, MLAWeights, MLPConfig, MLPWeights
+
+    if block == "attention":
+        return DecodeAttention(CONFIG, AttentionWeights.random(CONFIG, torch.float16, seed=1))
+    if block == "mla":
+        return DecodeMLA(DEEPSEEK_V2_LITE, MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16, seed=2))
+    mlp = MLPConfig(CONFIG.hidden_size, 256)
+    return DecodeMLP(mlp, MLPWeights.random(mlp, torch.float16, seed=3))
+
+
+@pytest.mark.parametrize("block", ["attention", "mla", "mlp"])
+@pytest.mark.parametrize("call, error, words", [
+    (lambda layer: layer.shape(0), ValueError, "batch must be an int in 1..8, got 0"),
+    (lambda layer: layer.shape(9), ValueError, "batch must be an int in 1..8, got 9"),
+    (lambda layer: layer.shape(2.0), ValueError, "batch must be an int in 1..8, got 2.0"),
+    (lambda layer: layer.shape(True), ValueError, "batch must be an int in 1..8, got True"),
+    (lambda layer: layer.kernel_spec(torch.float16, 0), ValueError, "batch must be an int in 1..8, got 0"),
+    (lambda layer: layer.kernel_spec(torch.float32, 1), TypeError, "dtype must be torch.float16 or torch.bfloat16"),
+])
+def test_a_layers_planning_methods_refuse_what_no_step_takes(block, call, error, words):
+    """``shape`` and ``kernel_spec`` of every block name the bad batch or dtype (a float32 spec was
+    a float16 one, a batch of 0 or 9 a plan for a step that cannot run); good values still plan."""
+    layer = _planner(block)
+    with pytest.raises(error, match=words.replace(".", r"\.")):
+        call(layer)
+    assert len(layer.shape(2)) == 3 and layer.kernel_spec(torch.bfloat16, 2).batch == 2
+
+
+def test_the_attention_layers_longest_and_head_split_take_ints_not_bools():
+    layer = _planner("attention")
+    with pytest.raises(ValueError, match="longest must be a positive int"):
+        layer.shape(2, 0)
+    with pytest.raises(TypeError, match="longest must be None or an int"):
+        layer.shape(2, True)
+    with pytest.raises(ValueError, match="head_split must divide the 2 query heads of a KV head"):
+        DecodeAttention(CONFIG, layer.weights, head_split=True)

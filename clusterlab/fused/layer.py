@@ -33,9 +33,9 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, rope_table
+from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _check_dtype, rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
-from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
+from .validate import (check_batch, check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
                        check_weights, resolve_backend)
 
 
@@ -221,6 +221,8 @@ class DecodeAttention:
         """``(cluster_size, warps, head_split)`` a step of ``batch`` sequences runs with, the
         longest of them attending to ``longest`` rows where known: the constructor's values where
         given, else :func:`~clusterlab.fused.plan.launch_shape` for this GPU's SM count."""
+        check_batch(batch)
+        check_longest(longest)
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
                                                        self.head_split, longest)
         return cluster_size, self.warps or warps, head_split
@@ -230,12 +232,14 @@ class DecodeAttention:
         in the :meth:`shape` of ``longest`` (built once per shape). Pure Python, also on the
         simulator backend: it raises where the GPU of ``self.limits`` could not run the step (e.g.
         too much shared memory)."""
+        _check_dtype(dtype)
         return self._spec(self._key(dtype, batch, longest))
 
     def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False, longest: int | None = None):
         """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype, batch and
         :meth:`shape` (``handoff``: of :meth:`handoff`'s kernel)."""
         self._require_kernel("launcher")
+        _check_dtype(dtype)
         return self._launcher(self._key(dtype, batch, longest), handoff)
 
     def _key(self, dtype: torch.dtype, batch: int, longest: int | None) -> tuple:

@@ -54,6 +54,7 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
+from .config import is_int
 from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, MmaTile, gemv_tile, make_exchange, make_finish,
                      make_gemv, make_input_projection, region_offsets)
 from .mla import LATENT_RMS_EPS, MLAConfig
@@ -97,7 +98,7 @@ class MLASpec(BlockShape):
                              "the simulator backend does")
         if cluster_size not in plan.CLUSTER_SIZES:
             raise ValueError(f"cluster_size must be one of {plan.CLUSTER_SIZES}, got {cluster_size!r}")
-        if not (isinstance(attention_clusters, int) and attention_clusters >= 1):
+        if not (is_int(attention_clusters) and attention_clusters >= 1):
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
         if warps not in (4, 8, 16):
             raise ValueError(f"warps must be one of (4, 8, 16), got {warps!r}")

@@ -24,10 +24,10 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, is_int
+from .config import MAX_BATCH, _check_dtype, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits
-from .validate import check_positions, check_tensor, resolve_backend
+from .validate import check_batch, check_positions, check_tensor, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
 DEFAULT_CLUSTER_SIZE = 8
@@ -120,6 +120,7 @@ class DecodeMLA:
     def shape(self, batch: int) -> tuple[int, int, int]:
         """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with
         (launch 2 has ``attention_clusters * batch`` clusters)."""
+        check_batch(batch)
         clusters = self.attention_clusters or max(1, self.limits.sm_count // (self.cluster_size * batch))
         return self.cluster_size, self.warps or DEFAULT_WARPS, clusters
 
@@ -128,6 +129,7 @@ class DecodeMLA:
         kernels cannot run this step: the query LoRA, shapes they do not tile, shared memory)."""
         from .mla_kernel import MLASpec
 
+        _check_dtype(dtype)
         key = (dtype, batch)
         if key not in self._specs:
             _, warps, clusters = self.shape(batch)

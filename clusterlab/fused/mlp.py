@@ -51,7 +51,7 @@ import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, seeded_generator
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, DeviceLimits, check_kernel_options
-from .validate import check_handoff, check_hidden_residual, check_tensor, resolve_backend
+from .validate import check_batch, check_handoff, check_hidden_residual, check_tensor, resolve_backend
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2
@@ -269,6 +269,7 @@ class DecodeMLP:
 
     def shape(self, batch: int) -> tuple[int, int, int]:
         """``(cluster_size, clusters, warps)`` a step of ``batch`` sequences runs with."""
+        check_batch(batch)
         return mlp_shape(self.config, batch, self.limits.sm_count, self.cluster_size, self.warps)
 
     def kernel_spec(self, dtype: torch.dtype, batch: int):
@@ -276,6 +277,7 @@ class DecodeMLP:
         Python, on both backends: raises where the GPU of ``self.limits`` could not run it)."""
         from .mlp_kernel import MLPSpec
 
+        _check_dtype(dtype)
         key = (dtype, batch)
         if key not in self._specs:
             cluster_size, clusters, warps = self.shape(batch)

@@ -193,7 +193,7 @@ def check_head_split(config: AttentionConfig, head_split: int, split_positions: 
             raise ValueError(f"head_split with split_positions (the clusters a KV head's cached positions are split "
                              f"over) must be an int from 1 to {MAX_PARTS}, got {head_split!r}")
         return
-    if not (isinstance(head_split, int) and head_split >= 1 and config.group_size % head_split == 0):
+    if not (is_int(head_split) and head_split >= 1 and config.group_size % head_split == 0):
         raise ValueError(
             f"head_split must divide the {config.group_size} query heads of a KV head "
             f"(one of {[s for s in range(1, config.group_size + 1) if config.group_size % s == 0]}), "

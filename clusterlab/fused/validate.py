@@ -181,15 +181,25 @@ def check_positions(positions, batch: int, capacity: int, device: torch.device) 
     check_range(values, capacity)
 
 
-def check_longest(longest, capacity: int) -> None:
-    """None, or an int in ``1 .. capacity``: the most rows a sequence of the step attends to (its
-    cached rows and the new token), as the host knows it (it picks the launch shape; see
-    :func:`~clusterlab.fused.plan.launch_shape`)."""
+def check_batch(batch) -> None:
+    """``batch``: the sequences of one step, an int from 1 to :data:`~clusterlab.fused.config.MAX_BATCH`."""
+    if not (is_int(batch) and 1 <= batch <= MAX_BATCH):
+        raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
+
+
+def check_longest(longest, capacity: int | None = None) -> None:
+    """None, or an int in ``1 .. capacity`` (any positive int where no cache is named): the most
+    rows a sequence of the step attends to (its cached rows and the new token), as the host knows
+    it (it picks the launch shape; see :func:`~clusterlab.fused.plan.launch_shape`)."""
     if longest is None:
         return
     if not is_int(longest):
         raise TypeError(f"longest must be None or an int (rows a sequence attends to), got {longest!r} "
                         f"({type(longest).__name__})")
+    if capacity is None:
+        if longest < 1:
+            raise ValueError(f"longest must be a positive int (rows a sequence attends to), got {longest}")
+        return
     if not 1 <= longest <= capacity:
         raise ValueError(f"longest must be from 1 to the cache's capacity {capacity} (rows a sequence attends to, "
                          f"its new token included), got {longest}")

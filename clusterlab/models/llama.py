@@ -67,13 +67,14 @@ from ..fused.config import (
     AttentionWeights,
     KVCache,
     Llama3RopeScaling,
+    is_int,
     rope_table,
     seeded_generator,
 )
 from ..fused.layer import DecodeAttention
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
-from ..fused.validate import check_range
+from ..fused.validate import check_batch, check_range
 from .decode import Decoder
 
 #: ``model_type`` values this module reads.
@@ -506,11 +507,6 @@ def mlp(layer: LayerWeights, n: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(n, layer.gate)) * F.linear(n, layer.up), layer.down)
 
 
-def _check_batch(batch) -> None:
-    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
-
-
 def _as_prompts(token_ids) -> list[list[int]]:
     prompts = [list(p) for p in token_ids]
     if not prompts:
@@ -589,7 +585,7 @@ class LlamaModel:
         """
         prompts = _as_prompts(token_ids)
         longest = max(map(len, prompts))
-        if not isinstance(capacity, int) or capacity < longest + 1:
+        if not (is_int(capacity) and capacity >= longest + 1):
             raise ValueError(f"capacity must be an int > the longest prompt ({longest} tokens), got {capacity!r}")
         tokens = [self._tokens(prompt) for prompt in prompts]  # checked before the old caches are dropped
         self.new_caches(len(prompts), capacity)
@@ -608,7 +604,7 @@ class LlamaModel:
     def new_caches(self, batch: int, capacity: int) -> None:
         """Fresh, empty per-layer caches of ``batch`` sequences and ``capacity`` rows (``prefill``
         makes its own)."""
-        _check_batch(batch)
+        check_batch(batch)
         a = self.attention_config
         caches = [KVCache.empty(a, batch, capacity, self.dtype, self.device) for _ in self.weights.layers]
         if self.attention == "unfused":
@@ -621,7 +617,7 @@ class LlamaModel:
         """Fresh per-layer caches of ``batch`` sequences and ``capacity`` rows, every row standard
         normal (:meth:`~clusterlab.fused.KVCache.random`, layer ``l`` seeded ``seed + l``): as if
         ``capacity`` tokens had been seen, without a prefill (``clusterlab bench decode``)."""
-        _check_batch(batch)
+        check_batch(batch)
         a = self.attention_config
         self.use_caches([KVCache.random(a, batch, capacity, self.dtype, self.device, None if seed is None else seed + i)
                          for i in range(len(self.weights.layers))])
@@ -644,7 +640,7 @@ class LlamaModel:
                         f"{self.dtype} [batch, {a.kv_heads}, capacity, {a.head_dim}] on {self.device}, all of "
                         f"cache 0's shape {shape}"
                     )
-        _check_batch(shape[0])
+        check_batch(shape[0])
         self.caches = list(caches)
         # the hand-off's three float32 buffers, zero between steps (see forward_step)
         self._sums = torch.zeros(3, shape[0], self.config.hidden_size, dtype=torch.float32, device=self.device)
@@ -793,11 +789,11 @@ class LlamaModel:
         (``decode_s`` includes capturing the graph).
         """
         prompts = _as_prompts(prompts)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        if not (is_int(max_new_tokens) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if not (isinstance(temperature, (int, float)) and temperature >= 0.0):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        if top_k is not None and not (is_int(top_k) and top_k >= 1):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
         eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
         capacity = max(map(len, prompts)) + max_new_tokens
