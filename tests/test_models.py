@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -647,6 +648,41 @@ def test_bad_generate_arguments_raise(llama_dir):
         model.generate([[1]], 0)
     with pytest.raises(ValueError, match="call prefill first"):
         model.decode_step([1], [0])
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(prompts=["hello"]), TypeError, "prompt 0 must be a sequence of token ids .* tokenizer"),
+    (dict(prompts="hello"), TypeError, "prompts must be a sequence of prompts"),
+    (dict(prompts=[[1, 2.0]]), TypeError, r"prompt 0 must be a sequence of token ids \(ints\), got \[1, 2.0\]"),
+    (dict(max_new_tokens=True), ValueError, "max_new_tokens must be a positive int, got True"),
+    (dict(temperature=True), ValueError, "temperature must be a number >= 0, got True"),
+    (dict(temperature=-0.5), ValueError, "temperature must be a number >= 0, got -0.5"),
+    (dict(temperature=1.0, top_k=True), ValueError, "top_k must be None or a positive int, got True"),
+    (dict(temperature=1.0, seed="7"), TypeError, "seed must be None or an int, got '7'"),
+    (dict(eos_token_id="2"), TypeError, "eos_token_id must be None, a token id or a sequence of them"),
+    (dict(eos_token_id=[2, 1.5]), TypeError, "eos_token_id must be None, a token id or a sequence of them"),
+])
+def test_generate_names_a_bad_argument_before_any_work(llama_dir, kwargs, error, words):
+    """Every argument of ``generate`` (and of the ``Decoder`` it builds) is checked before the
+    prefill: the caches stay as they were."""
+    model = LlamaModel.from_pretrained(llama_dir)
+    call = dict(prompts=[[1, 2], [3]], max_new_tokens=2) | kwargs
+    with pytest.raises(error, match=words):
+        model.generate(**call)
+    assert model.caches is None
+
+
+def test_prompts_and_eos_ids_take_integer_types_of_numpy_and_torch(llama_dir):
+    model = LlamaModel.from_pretrained(llama_dir)
+    want = model.generate([[1, 2, 3], [4, 5]], 3)
+    assert model.generate([np.array([1, 2, 3]), torch.tensor([4, 5])], 3) == want
+    stop = want[0][0]  # ends the first sequence at once
+
+    def cut(ids):
+        return ids[: ids.index(stop) + 1] if stop in ids else ids
+
+    for eos in (stop, np.int64(stop), [stop], torch.tensor([stop, 96])):
+        assert model.generate([[1, 2, 3], [4, 5]], 3, eos_token_id=eos) == [cut(ids) for ids in want], eos
 
 
 # -- the command line -----------------------------------------------------------------------------------

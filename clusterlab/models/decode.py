@@ -33,12 +33,44 @@ generator (registered with the graph, so every replay draws fresh numbers).
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 
 import torch
 
+from ..fused.config import is_int
+
 #: How many steps :meth:`Decoder.run` replays between two looks at ``done`` (each one a host sync).
 STOP_CHECK_EVERY = 8
+
+
+def check_sampling(max_new_tokens, temperature, top_k, eos, seed) -> tuple[int, ...]:
+    """How a decode picks and stops, checked before any work: ``max_new_tokens`` a positive int,
+    ``temperature`` a number >= 0 (0: greedy), ``top_k`` None or a positive int, ``eos`` None,
+    a token id or a sequence of them (ints, NumPy integers), ``seed`` None or an int. Returns the
+    eos ids as a tuple of ints."""
+    if not (is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and temperature >= 0.0):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and not (is_int(top_k) and top_k >= 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
+    if eos is None:
+        return ()
+    try:
+        if isinstance(eos, (str, bytes, bool)):
+            raise TypeError
+        try:
+            return (operator.index(eos),)
+        except TypeError:  # not one id: a sequence of them
+            if any(isinstance(i, bool) for i in eos):
+                raise
+            return tuple(operator.index(i) for i in eos)
+    except TypeError:
+        raise TypeError(f"eos_token_id must be None, a token id or a sequence of them (ints), got {eos!r}") from None
 
 
 class Decoder:
@@ -48,12 +80,14 @@ class Decoder:
     ``temperature`` 0: greedy; else sample as the module docstring says, among the ``top_k``
     likeliest (all when None), seeded with ``seed`` (from the OS when None). ``eos``: the ids
     that end a sequence. ``graph``: capture the step as a CUDA graph (default: on a CUDA device).
+    Bad settings raise before anything is allocated (:func:`check_sampling`).
     """
 
     def __init__(self, model, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                  eos=(), seed: int | None = None, graph: bool | None = None):
         if model.caches is None:
             raise ValueError("a Decoder needs the model's caches; call prefill (or new_caches) first")
+        eos = check_sampling(max_new_tokens, temperature, top_k, eos, seed)
         self.model, self.max_new_tokens = model, max_new_tokens
         self.temperature, self.top_k = float(temperature), top_k
         device, batch = model.device, model.caches[0].batch

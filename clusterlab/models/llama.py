@@ -50,6 +50,8 @@ runs both blocks in PyTorch. :func:`random` builds the models of :data:`MODEL_PR
 from __future__ import annotations
 
 import json
+import operator
+import reprlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +77,7 @@ from ..fused.layer import DecodeAttention
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
 from ..fused.validate import check_batch, check_range
-from .decode import Decoder
+from .decode import Decoder, check_sampling
 
 #: ``model_type`` values this module reads.
 MODEL_TYPES = ("llama", "qwen2")
@@ -508,7 +510,20 @@ def mlp(layer: LayerWeights, n: torch.Tensor) -> torch.Tensor:
 
 
 def _as_prompts(token_ids) -> list[list[int]]:
-    prompts = [list(p) for p in token_ids]
+    """``token_ids``: 1 to :data:`MAX_BATCH` prompts, each a non-empty sequence of token ids (ints,
+    NumPy integers, a 1-D integer tensor), as lists of ints."""
+    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+        raise TypeError(f"prompts must be a sequence of prompts, each a sequence of token ids; got "
+                        f"{reprlib.repr(token_ids)}")
+    prompts = []
+    for i, prompt in enumerate(token_ids):
+        try:
+            if isinstance(prompt, (str, bytes)):
+                raise TypeError
+            prompts.append([operator.index(t) for t in prompt])
+        except TypeError:
+            raise TypeError(f"prompt {i} must be a sequence of token ids (ints), got {reprlib.repr(prompt)} "
+                            "(text goes through a tokenizer first: clusterlab generate --prompt does that)") from None
     if not prompts:
         raise ValueError("no prompts given")
     if len(prompts) > MAX_BATCH:
@@ -789,13 +804,7 @@ class LlamaModel:
         (``decode_s`` includes capturing the graph).
         """
         prompts = _as_prompts(prompts)
-        if not (is_int(max_new_tokens) and max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0.0):
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and not (is_int(top_k) and top_k >= 1):
-            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-        eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        eos = check_sampling(max_new_tokens, temperature, top_k, eos_token_id, seed)
         capacity = max(map(len, prompts)) + max_new_tokens
         start = time.perf_counter()
         logits, positions = self.prefill(prompts, capacity)
