@@ -23,3 +23,19 @@ def integer(minimum: int, maximum: int | None = None):
         return value
 
     return parse
+
+
+def number(minimum: float):
+    """An argparse ``type=``: the text as a finite number >= minimum (``ArgumentTypeError``
+    otherwise, printed as :func:`integer`'s)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}; got {text!r}") from None
+        if not minimum <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}; got {text!r}")
+        return value
+
+    return parse

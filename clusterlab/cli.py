@@ -10,9 +10,10 @@
     clusterlab bench decode [...]            whole models' time per token: fused vs unfused vs transformers
                                              vs the floor (Hopper GPU)
     clusterlab bench mlp [...]               the fused MLP block vs PyTorch and the floor, per layer (Hopper GPU)
-    clusterlab generate --model DIR --prompt-ids 1 2 3 [--prompt-ids ...] --max-new-tokens N
+    clusterlab generate --model DIR|PRESET --prompt-ids 1 2 3 [--prompt-ids ...] --max-new-tokens N
                                              decode a Llama / Qwen2 checkpoint with the fused layer
-                                             (the simulator without a Hopper GPU: tiny models only)
+                                             (the simulator without a Hopper GPU: tiny models only),
+                                             or a preset's real shapes with random weights (Hopper GPU)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .argtypes import integer
+from .argtypes import integer, number
 from .errors import HopperRequired
 
 
@@ -111,10 +112,15 @@ def _generate(args: argparse.Namespace) -> int:
     import time
 
     from .gpu import hopper_problem
-    from .models import LlamaModel, checkpoint_eos
+    from .models import MODEL_PRESETS, LlamaModel, checkpoint_eos, random
 
     if not args.prompt_ids and not args.prompt:
         raise ValueError("give at least one prompt: --prompt-ids ID [ID ...] or --prompt TEXT")
+    preset = not Path(args.model).is_dir()
+    if preset and args.model not in MODEL_PRESETS:
+        raise ValueError(f"--model {args.model!r} is neither a directory nor a preset ({', '.join(MODEL_PRESETS)})")
+    if preset and args.prompt:
+        raise ValueError(f"--prompt needs a checkpoint's tokenizer.json; the preset {args.model!r} takes --prompt-ids")
     tokenizer = None
     if args.prompt:
         tokenizer_path = Path(args.model) / "tokenizer.json"
@@ -127,10 +133,19 @@ def _generate(args: argparse.Namespace) -> int:
     prompts += [tokenizer.encode(text).ids for text in args.prompt or []]
     problem = hopper_problem()
     device = "cpu" if problem is not None else "cuda"
-    model = LlamaModel.from_pretrained(args.model, dtype=args.dtype, device=device)
+    if preset:
+        if problem is not None:
+            raise HopperRequired(f"the preset {args.model!r} (random weights in its real shapes) needs a Hopper GPU; "
+                                 f"the simulator runs tiny checkpoints only: {problem}")
+        import torch
+
+        print(f"{args.model}: random weights in the real shapes (its tokens mean nothing)")
+        model = random(args.model, getattr(torch, args.dtype or "float16"), device, seed=0)
+    else:
+        model = LlamaModel.from_pretrained(args.model, dtype=args.dtype, device=device)
     if model.on_simulator:
         print(f"attention runs on the DSMEM simulator (no Hopper GPU: {problem}): slow, tiny models only")
-    eos = [] if args.ignore_eos else checkpoint_eos(args.model)
+    eos = [] if args.ignore_eos or preset else checkpoint_eos(args.model)
     start = time.perf_counter()
     new = model.generate(prompts, args.max_new_tokens, eos_token_id=eos or None, temperature=args.temperature,
                          top_k=args.top_k, seed=args.seed)
@@ -143,16 +158,6 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"{tokens} new tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s "
           f"(prefill {stats['prefill_s']:.2f} s, {stats['decode_steps']} decode steps in {stats['decode_s']:.2f} s)")
     return 0
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}") from None
-    if not (value >= 0.0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,15 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode a Llama / Qwen2 checkpoint (safetensors) with the fused attention layer; "
         "on the simulator without a Hopper GPU",
     )
-    generate.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    generate.add_argument("--model", required=True, metavar="DIR|PRESET",
+                          help="Hugging Face model directory, or a preset of clusterlab bench decode (random weights "
+                          "in its real shapes, float16 unless --dtype; a Hopper GPU)")
     generate.add_argument("--prompt-ids", type=integer(0), nargs="+", action="append", metavar="ID",
                           help="one prompt as token ids; repeat for a batch (at most 8 prompts in all)")
     generate.add_argument("--prompt", action="append", metavar="TEXT",
                           help="one prompt as text, encoded with DIR/tokenizer.json; repeatable")
     generate.add_argument("--max-new-tokens", type=integer(1), default=16, help="default 16")
     generate.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,
-                          help="default: the checkpoint's own if float16/bfloat16, else bfloat16")
-    generate.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy")
+                          help="default: the checkpoint's own if float16/bfloat16, else bfloat16 (a preset: float16)")
+    generate.add_argument("--temperature", type=number(0), default=0.0, help="0 (default): greedy")
     generate.add_argument("--top-k", type=integer(1), default=None, help="sample among the K likeliest tokens")
     generate.add_argument("--seed", type=seed, default=None, help="seed of the sampling (an integer >= 0)")
     generate.add_argument("--ignore-eos", action="store_true",

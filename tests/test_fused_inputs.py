@@ -274,6 +274,21 @@ def test_an_option_the_shape_cannot_take_is_refused_before_the_step():
     assert out.isnan().all()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--kv", "0"], "argument --kv: must be an integer >= 1; got '0'"),
+    (["--kv", "4k"], "argument --kv: must be an integer >= 1; got '4k'"),
+    (["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
+    (["--l2-turnover", "-1"], "argument --l2-turnover: must be a number >= 0; got '-1'"),
+    (["--l2-turnover", "inf"], "argument --l2-turnover: must be a number >= 0; got 'inf'"),
+])
+def test_bench_fused_bad_numbers_exit_2_naming_the_flag(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench_main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.rstrip("\n").splitlines()[-1] and "Traceback" not in err
+
+
 @pytest.mark.parametrize("text", ["8xfoo", "8", "8x", "x4", "8x4x2x1", "8,4", "8x-4", ""])
 def test_bench_variant_must_look_like_cxw(text, capsys):
     with pytest.raises(SystemExit) as info:

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from clusterlab.fused import PRESETS, Llama3RopeScaling, plan
+from clusterlab.gpu import hopper_problem
 from clusterlab.models import (
     FUSED_MLP_MAX_BATCH,
     MODEL_PRESETS,
@@ -708,9 +709,10 @@ def test_cli_generate_prints_the_greedy_ids(llama_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}/absent", "--prompt-ids", 1], "is not a directory"),
+    (["--model", "{tmp}/absent", "--prompt-ids", 1], "is neither a directory nor a preset (llama2-7b, llama3-8b"),
     (["--model", "{llama}", "--prompt-ids", 1, "--dtype", "float32"], "invalid choice"),
     (["--model", "{llama}", "--prompt", "hello"], "tokenizer.json"),
+    (["--model", "llama3.2-1b", "--prompt", "hello"], "the preset 'llama3.2-1b' takes --prompt-ids"),
     (["--model", "{llama}"], "give at least one prompt"),
 ])
 def test_cli_generate_errors_are_one_line_with_status_2(llama_dir, tmp_path, args, message):
@@ -720,6 +722,25 @@ def test_cli_generate_errors_are_one_line_with_status_2(llama_dir, tmp_path, arg
     assert message in result.stderr
     if "invalid choice" not in message:  # argparse prints its usage first
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.skipif(hopper_problem() is None, reason="a Hopper GPU is usable here: the preset would run")
+def test_cli_generate_a_preset_needs_a_hopper_gpu():
+    result = cli("--model", "llama3.2-1b", "--prompt-ids", 1, 2)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "the preset 'llama3.2-1b' (random weights in its real shapes) needs a Hopper GPU" in result.stderr
+
+
+@pytest.mark.gpu
+def test_cli_generate_decodes_a_presets_random_weights_on_the_gpu():
+    """The preset's real shapes with random weights (``models.random``, seed 0): the command prints
+    the same greedy ids as the model does."""
+    want = random("llama3.2-1b", torch.float16, "cuda", seed=0).generate([[1, 2, 3], [4, 5]], 4)
+    result = cli("--model", "llama3.2-1b", "--prompt-ids", 1, 2, 3, "--prompt-ids", 4, 5, "--max-new-tokens", 4)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("llama3.2-1b: random weights in the real shapes")
+    assert lines[1:3] == [f"prompt {i}: " + " ".join(map(str, ids)) for i, ids in enumerate(want)]
 
 
 def test_cli_generate_encodes_text_prompts_with_tokenizer_json(llama_dir, tmp_path):

@@ -47,8 +47,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..argtypes import integer, number
 from ..fused.config import PRESETS as ATTENTION_PRESETS
-from ..fused.config import AttentionWeights, KVCache, rope_table
+from ..fused.config import MAX_BATCH, AttentionWeights, KVCache, rope_table
 from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
@@ -421,8 +422,9 @@ def parse_options(text: str, choices: dict = KERNEL_CHOICES) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--kv", nargs="+", type=int, default=list(KV_LENGTHS))
-    parser.add_argument("--batch", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--kv", nargs="+", type=integer(1), default=list(KV_LENGTHS),
+                        help="cached positions a sequence attends to, its new token included")
+    parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=list(BATCHES))
     parser.add_argument("--dtype", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
     parser.add_argument("--no-ragged", action="store_true", help="skip the ragged batches")
     parser.add_argument("--variant", nargs="*", default=None, metavar="CxW", type=parse_variant,
@@ -434,7 +436,7 @@ def main(argv=None) -> int:
                              f"names: {', '.join(KERNEL_CHOICES)}")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
-    parser.add_argument("--l2-turnover", type=float, default=L2_TURNOVER,
+    parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)
     run_bench(args.preset, args.kv, args.batch, args.dtype, args.variant, args.spec, not args.no_ragged, args.out_dir,

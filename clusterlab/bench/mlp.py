@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import integer
+from ..argtypes import integer, number
 from ..fused.config import MAX_BATCH
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
@@ -363,16 +363,6 @@ def parse_variant(text: str) -> tuple[int, int]:
     return cluster_size, warps
 
 
-def _turnover(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", choices=list(MODEL_PRESETS), default=list(PRESETS),
@@ -390,7 +380,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
-    parser.add_argument("--l2-turnover", type=_turnover, default=L2_TURNOVER,
+    parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)
     run_bench(args.preset, args.batch, args.dtype, args.variant, args.out_dir, args.tag, seed=args.seed,
