@@ -652,16 +652,18 @@ def test_bad_generate_arguments_raise(llama_dir):
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    (dict(prompts=["hello"]), TypeError, "prompt 0 must be a sequence of token ids .* tokenizer"),
+    (dict(prompts=["hello"]), TypeError, "prompt 0 is text, 'hello': give its token ids .* tokenizer"),
     (dict(prompts="hello"), TypeError, "prompts must be a sequence of prompts"),
-    (dict(prompts=[[1, 2.0]]), TypeError, r"prompt 0 must be a sequence of token ids \(ints\), got \[1, 2.0\]"),
+    (dict(prompts=[[1, 2.0]]), TypeError, r"prompt 0 must be token ids \(ints\), got \[1, 2.0\]"),
+    (dict(prompts=[[1, True]]), TypeError, r"prompt 0 must be token ids \(ints\), got \[1, True\]"),
     (dict(max_new_tokens=True), ValueError, "max_new_tokens must be a positive int, got True"),
     (dict(temperature=True), ValueError, "temperature must be a number >= 0, got True"),
     (dict(temperature=-0.5), ValueError, "temperature must be a number >= 0, got -0.5"),
     (dict(temperature=1.0, top_k=True), ValueError, "top_k must be None or a positive int, got True"),
     (dict(temperature=1.0, seed="7"), TypeError, "seed must be None or an int, got '7'"),
-    (dict(eos_token_id="2"), TypeError, "eos_token_id must be None, a token id or a sequence of them"),
-    (dict(eos_token_id=[2, 1.5]), TypeError, "eos_token_id must be None, a token id or a sequence of them"),
+    (dict(eos_token_id="2"), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),
+    (dict(eos_token_id=[2, 1.5]), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),
+    (dict(eos_token_id=True), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),
 ])
 def test_generate_names_a_bad_argument_before_any_work(llama_dir, kwargs, error, words):
     """Every argument of ``generate`` (and of the ``Decoder`` it builds) is checked before the

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numbers
 import operator
 import os
+import reprlib
 
 import torch
 
@@ -60,17 +61,23 @@ def check_sampling(max_new_tokens, temperature, top_k, eos, seed) -> tuple[int, 
         raise TypeError(f"seed must be None or an int, got {seed!r}")
     if eos is None:
         return ()
-    try:
-        if isinstance(eos, (str, bytes, bool)):
-            raise TypeError
+    if not isinstance(eos, bool):
         try:
-            return (operator.index(eos),)
-        except TypeError:  # not one id: a sequence of them
-            if any(isinstance(i, bool) for i in eos):
-                raise
-            return tuple(operator.index(i) for i in eos)
+            return (operator.index(eos),)  # one id: an int, a NumPy integer, a 0-d integer tensor
+        except TypeError:
+            pass  # a sequence of ids, or something token_ids names
+    return tuple(token_ids(eos, "eos_token_id (one id or a sequence of them)"))
+
+
+def token_ids(value, what: str) -> list[int]:
+    """``value``, a sequence of token ids (ints, NumPy integers, an integer tensor), as a list of
+    ints; a ``TypeError`` naming ``what`` for anything else (text, floats, bools)."""
+    try:
+        if isinstance(value, (str, bytes)) or any(isinstance(t, bool) for t in value):
+            raise TypeError
+        return [operator.index(t) for t in value]
     except TypeError:
-        raise TypeError(f"eos_token_id must be None, a token id or a sequence of them (ints), got {eos!r}") from None
+        raise TypeError(f"{what} must be token ids (ints), got {reprlib.repr(value)}") from None
 
 
 class Decoder:

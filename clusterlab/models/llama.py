@@ -50,7 +50,6 @@ runs both blocks in PyTorch. :func:`random` builds the models of :data:`MODEL_PR
 from __future__ import annotations
 
 import json
-import operator
 import reprlib
 import time
 from dataclasses import dataclass
@@ -77,7 +76,7 @@ from ..fused.layer import DecodeAttention
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
 from ..fused.validate import check_batch, check_range
-from .decode import Decoder, check_sampling
+from .decode import Decoder, check_sampling, token_ids
 
 #: ``model_type`` values this module reads.
 MODEL_TYPES = ("llama", "qwen2")
@@ -509,21 +508,18 @@ def mlp(layer: LayerWeights, n: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(n, layer.gate)) * F.linear(n, layer.up), layer.down)
 
 
-def _as_prompts(token_ids) -> list[list[int]]:
-    """``token_ids``: 1 to :data:`MAX_BATCH` prompts, each a non-empty sequence of token ids (ints,
+def _as_prompts(given) -> list[list[int]]:
+    """``given``: 1 to :data:`MAX_BATCH` prompts, each a non-empty sequence of token ids (ints,
     NumPy integers, a 1-D integer tensor), as lists of ints."""
-    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+    if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
         raise TypeError(f"prompts must be a sequence of prompts, each a sequence of token ids; got "
-                        f"{reprlib.repr(token_ids)}")
+                        f"{reprlib.repr(given)}")
     prompts = []
-    for i, prompt in enumerate(token_ids):
-        try:
-            if isinstance(prompt, (str, bytes)):
-                raise TypeError
-            prompts.append([operator.index(t) for t in prompt])
-        except TypeError:
-            raise TypeError(f"prompt {i} must be a sequence of token ids (ints), got {reprlib.repr(prompt)} "
-                            "(text goes through a tokenizer first: clusterlab generate --prompt does that)") from None
+    for i, prompt in enumerate(given):
+        if isinstance(prompt, (str, bytes)):
+            raise TypeError(f"prompt {i} is text, {reprlib.repr(prompt)}: give its token ids (a tokenizer makes them; "
+                            "clusterlab generate --prompt uses the checkpoint's)")
+        prompts.append(token_ids(prompt, f"prompt {i}"))
     if not prompts:
         raise ValueError("no prompts given")
     if len(prompts) > MAX_BATCH:
