@@ -293,8 +293,8 @@ def run_bench(
                 )
                 rows.append(row)
                 print(_format_row(row), flush=True)
+                _write(rows, bandwidth, Path(out_dir), tag, info)  # after each row: a cut-short run keeps its rows
                 del run
-        _write(rows, bandwidth, Path(out_dir), tag, info)  # after each preset: a cut-short run keeps its rows
     print(format_table(rows, bandwidth))
     return rows
 
