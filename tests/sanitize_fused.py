@@ -16,7 +16,7 @@ head's positions split over 2 and 4 clusters (``KernelSpec.split_positions``: th
 in device memory, merged by the last to arrive; a sequence with an empty cache leaves whole parts
 nothing to attend), plain and handed off; ``python tests/sanitize_fused.py split`` runs those alone.
 Then the long-cache shape of a GQA preset at a batch of 1 to 4 (one cluster of 16 x 8 warps a KV
-head, :func:`~clusterlab.fused.plan.launch_shape` from ``LONG_CACHE`` rows; Qwen2.5-7B, with its
+head, :func:`~clusterlab.fused.plan.launch_shape` from the batch's ``LONG_CACHE`` rows; Qwen2.5-7B, with its
 QKV bias), plain and handed off; ``python tests/sanitize_fused.py long`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """

@@ -320,14 +320,16 @@ def test_ragged_batches_each_sequence_at_its_own_position(preset, batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["llama3-8b", "qwen2.5-7b"])
 def test_ragged_batches_told_their_longest_cache_take_the_long_cache_shape(preset):
-    """Positions on the device, their longest told by the host: from LONG_CACHE rows one cluster of
-    16 reads each KV head's rows (a sequence with an empty cache beside), below it the head split."""
+    """Positions on the device, their longest told by the host: from a batch of 3's LONG_CACHE rows
+    one cluster of 16 reads each KV head's rows (a sequence with an empty cache beside), below it the
+    head split."""
     config = PRESETS[preset]
     weights = AttentionWeights.random(config, torch.float16, "cuda", seed=3)
     layer = DecodeAttention(config, weights)
     assert layer.backend == "gpu"
-    steps = [[LONG_CACHE + 900, 0, 17], [LONG_CACHE - 2, 4000, 1]]  # LONG_CACHE + 901 rows, then LONG_CACHE - 1
-    assert layer.shape(3, LONG_CACHE + 901) == (16, 8, 1) != layer.shape(3, LONG_CACHE - 1)
+    long = LONG_CACHE[3 - 1]
+    steps = [[long + 900, 0, 17], [long - 2, 4000, 1]]  # long + 901 rows, then long - 1
+    assert layer.shape(3, long + 901) == (16, 8, 1) != layer.shape(3, long - 1)
     _check_steps(layer, torch.float16, 3, steps, hint=True)
 
 

@@ -193,7 +193,7 @@ def test_layer_rejects_bad_input_before_running():
         layer(hidden, hidden, cache, 3.0)
     with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor of shape"):
         layer(hidden, hidden, cache, 3, out=torch.empty(2, 7).half())
-    for wrong, error in ((0, ValueError), (9, ValueError), (2.0, TypeError), (True, TypeError)):
+    for wrong, error in ((0, ValueError), (9, ValueError), (3, ValueError), (2.0, TypeError), (True, TypeError)):
         with pytest.raises(error, match=rf"longest must be .* got {wrong}"):
             layer(hidden, hidden, cache, 3, longest=wrong)
     with pytest.raises(ValueError, match="cluster_size must be one of"):
@@ -224,19 +224,23 @@ def test_launch_shape_spreads_a_step_over_the_sms():
 
 
 def test_launch_shape_reads_long_caches_once_a_kv_head():
-    # From LONG_CACHE rows a GQA step of any batch leaves the head split for one cluster of 8-warp
-    # blocks a KV head; MHA and given values are as at short caches.
-    shorts = {LLAMA3_8B: {1: (16, 4, 2), 2: (16, 4, 2), 4: (16, 4, 2), 8: (16, 8, 1)},
-              QWEN2_5_7B: {1: (8, 4, 7), 2: (8, 4, 7), 4: (8, 4, 7), 8: (4, 8, 7)}}
-    for batch in (1, 2, 4, 8):
+    # From the batch's LONG_CACHE rows (8192 at batches 1 and 2, 4096 beyond) a GQA step leaves the
+    # head split for one cluster of 8-warp blocks a KV head; MHA and given values are as at short caches.
+    assert LONG_CACHE == (8192, 8192, 4096, 4096, 4096, 4096, 4096, 4096)
+    shorts = {LLAMA3_8B: {1: (16, 4, 2), 2: (16, 4, 2), 3: (16, 4, 2), 4: (16, 4, 2), 8: (16, 8, 1)},
+              QWEN2_5_7B: {1: (8, 4, 7), 2: (8, 4, 7), 3: (8, 4, 7), 4: (8, 4, 7), 8: (4, 8, 7)}}
+    for batch in (1, 2, 3, 4, 8):
+        long = LONG_CACHE[batch - 1]
         for config, short in ((LLAMA3_8B, shorts[LLAMA3_8B][batch]), (QWEN2_5_7B, shorts[QWEN2_5_7B][batch])):
-            assert launch_shape(config, batch, 132, longest=LONG_CACHE - 1) == short
+            assert launch_shape(config, batch, 132, longest=long - 1) == short
             assert launch_shape(config, batch, 132) == short  # the length unknown: the short-cache shape
-            assert launch_shape(config, batch, 132, longest=LONG_CACHE) == (16, 8, 1)
-            assert launch_shape(config, batch, 132, longest=10 * LONG_CACHE) == (16, 8, 1)
-        assert launch_shape(LLAMA2_7B, batch, 132, longest=LONG_CACHE) == launch_shape(LLAMA2_7B, batch, 132)
-    assert launch_shape(LLAMA3_8B, 1, 132, head_split=2, longest=LONG_CACHE) == (16, 4, 2)
-    assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8, longest=LONG_CACHE) == (8, 8, 1)
+            assert launch_shape(config, batch, 132, longest=long) == (16, 8, 1)
+            assert launch_shape(config, batch, 132, longest=10 * long) == (16, 8, 1)
+        assert launch_shape(LLAMA2_7B, batch, 132, longest=long) == launch_shape(LLAMA2_7B, batch, 132)
+    assert launch_shape(QWEN2_5_7B, 2, 132, longest=4096) == (8, 4, 7)  # batch 2 keeps the split at 4K
+    assert launch_shape(QWEN2_5_7B, 3, 132, longest=4096) == (16, 8, 1)
+    assert launch_shape(LLAMA3_8B, 1, 132, head_split=2, longest=LONG_CACHE[0]) == (16, 4, 2)
+    assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8, longest=LONG_CACHE[0]) == (8, 8, 1)
 
 
 def test_layer_shape_follows_the_batch_unless_given():
@@ -337,7 +341,7 @@ def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monke
     """``longest`` (or an int position) picks the launch shape and nothing else: a tiny GQA layer on
     the simulator, LONG_CACHE lowered to its cache, runs head split 4 below it and one cluster a KV
     head from it, each matching the reference."""
-    monkeypatch.setattr(plan, "LONG_CACHE", 64)
+    monkeypatch.setattr(plan, "LONG_CACHE", (64,) * len(plan.LONG_CACHE))
     config, batch = CASES[3][0], 2
     weights = AttentionWeights.random(config, dtype, seed=7)
     layer = DecodeAttention(config, weights)

@@ -20,7 +20,7 @@ on the host instead, at the cost of one sync).
 
 The launch shape depends on how long the caches are only where the host says so (``longest``, the
 most rows a sequence attends to; an int position says it by itself): from
-:data:`~clusterlab.fused.plan.LONG_CACHE` rows a GQA step reads each KV head's rows with one cluster
+:data:`~clusterlab.fused.plan.LONG_CACHE` rows (by batch) a GQA step reads each KV head's rows with one cluster
 (:func:`~clusterlab.fused.plan.launch_shape`), so a decode loop keeps a graph for each side of that
 length (:class:`clusterlab.models.decode.Decoder`).
 """
@@ -206,8 +206,15 @@ class DecodeAttention:
 
     @staticmethod
     def _longest(positions, longest: int | None) -> int | None:
-        """``longest`` as given, else what an int position says (its rows and the new one)."""
-        return positions + 1 if longest is None and isinstance(positions, int) else longest
+        """``longest`` as given, else what an int position says (its rows and the new one); one below
+        what an int position says is refused (a tensor's positions stay on the device, unread)."""
+        if isinstance(positions, int):
+            if longest is None:
+                return positions + 1
+            if longest < positions + 1:
+                raise ValueError(f"longest must be at least positions + 1 = {positions + 1} (the rows the new "
+                                 f"token attends to, itself included), got {longest}")
+        return longest
 
     @staticmethod
     def check_positions(positions: torch.Tensor, cache: KVCache) -> None:

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
-from .config import AttentionConfig, is_int
+from .config import MAX_BATCH, AttentionConfig, is_int
 
 if TYPE_CHECKING:
     from .mla import MLAConfig
@@ -110,11 +110,13 @@ CLUSTER_SIZES = (1, 2, 4, 8, 16)
 #: Most clusters a KV head's cached positions may be split over (``split_positions``): beyond, each
 #: holds a few rows of a long cache, and the layer keeps the parts' softmax states for as many.
 MAX_PARTS = 16
-#: From this many rows attended (the longest sequence's cache and its new token), a GQA step of
-#: any batch reads each KV head's rows with one cluster of 8-warp blocks instead of splitting its
-#: query heads over several (:func:`launch_shape`): where the cache, not the weights, is most of a
-#: step's bytes, reading it once pays more than spreading the weights over twice the blocks.
-LONG_CACHE = 8192
+#: From ``LONG_CACHE[batch - 1]`` rows attended (the longest sequence's cache and its new token), a
+#: GQA step of ``batch`` sequences reads each KV head's rows with one cluster of 8-warp blocks
+#: instead of splitting its query heads over several (:func:`launch_shape`): where the cache, not the
+#: weights, is most of a step's bytes, reading it once pays more than spreading the weights over
+#: twice the blocks. A batch's cache grows with its sequences, the weights do not, so from a batch
+#: of 3 that happens at half the length (measured on the H200: ``docs/fused-decode-notes.md``, v18).
+LONG_CACHE = (8192, 8192) + (4096,) * (MAX_BATCH - 2)
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
 #: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
@@ -259,12 +261,12 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     8 beyond; Llama-3-8B 16 x 16 x 4 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
 
     ``longest``: the most rows a sequence of the step attends to (its cached rows and the new one),
-    where the host knows it; from :data:`LONG_CACHE` rows a GQA model at any batch takes no head
-    split (unless one is given) and the largest grid of 8-warp blocks within ``sm_count``
-    (Llama-3-8B, Llama-3.2-1B and Qwen2.5-7B: one cluster of 16 a KV head), so that each KV head's
-    rows are read once. The shape depends on ``longest`` only through whether it reaches
-    :data:`LONG_CACHE`; every shape computes the same step, so a wrong ``longest`` costs time, never
-    correctness.
+    where the host knows it; from ``LONG_CACHE[batch - 1]`` rows (:data:`LONG_CACHE`: 8192 at
+    batches 1 and 2, 4096 beyond) a GQA model takes no head split (unless one is given) and the
+    largest grid of 8-warp blocks within ``sm_count`` (Llama-3-8B, Llama-3.2-1B and Qwen2.5-7B: one
+    cluster of 16 a KV head), so that each KV head's rows are read once. The shape depends on
+    ``longest`` only through whether it reaches that; every shape computes the same step, so a
+    wrong ``longest`` costs time, never correctness.
 
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
     clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
@@ -276,7 +278,8 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     the blocks ran, the launch shape sweeps, v16's long caches) are in ``docs/fused-decode-notes.md``,
     their results under ``benchmarks/results/``.
     """
-    long = longest is not None and longest >= LONG_CACHE and config.group_size > 1 and head_split is None
+    long = (longest is not None and longest >= LONG_CACHE[batch - 1] and config.group_size > 1
+            and head_split is None)
     limit = 2 * sm_count if batch <= 4 and not long else sm_count
     splits = [1] if long else [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
     sizes = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]

@@ -22,7 +22,7 @@ rows at the first step (read once, at :meth:`Decoder.start`) and one more each s
 attention's launch shape depends on that length (long caches are read by fewer, larger clusters:
 :func:`~clusterlab.fused.plan.launch_shape`), so the decoder captures a graph for each shape the
 run will meet (:meth:`~clusterlab.models.LlamaModel.step_shape`; the shape changes at most once, at
-:data:`~clusterlab.fused.plan.LONG_CACHE` rows, so the run's first and last steps name every one)
+the batch's :data:`~clusterlab.fused.plan.LONG_CACHE` rows, so the run's first and last steps name every one)
 and replays the one of each step.
 
 Sampling draws ``E ~ Exponential(1)`` per vocabulary entry and takes ``argmax(p / E)`` over the
