@@ -15,7 +15,12 @@ inside numba-cuda, and takes them only from here:
    substitutes the requested cc so PTX checks of kernels that call device functions run anywhere;
 4. the flattened layout of an array argument (numba's ``ArrayModel``): ``meminfo, parent,
    nitems, itemsize, data, shape[0..ndim), strides[0..ndim)`` with strides in bytes; clusterlab
-   packs torch tensors in this layout directly, which is what makes a launch cost microseconds.
+   packs torch tensors in this layout directly, which is what makes a launch cost microseconds;
+5. numba's on-disk kernel cache (``numba.cuda.dispatcher.CUDACache``) under a key and in a folder
+   of clusterlab's choosing (:func:`cache_on_disk`): numba's own key hashes the pickled closure of
+   the kernel, and the device functions in a fused kernel's closure pickle with an id that is new
+   in every process, so it would never find an entry; its freshness stamp is one file's mtime,
+   while a fused kernel's code spans several modules.
 
 ``tests/test_numba_private.py`` pins each of these; if numba-cuda changes one, that test fails
 before a kernel receives garbage.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import warnings
 
 #: Member names of numba's array data model, in the order a kernel receives them.
 ARRAY_MEMBERS = ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "strides")
@@ -111,3 +117,82 @@ def tensor_parameters(key) -> list:
     shape = list(range(2, 2 + ndim))
     strides = list(range(2 + ndim, 2 + 2 * ndim))
     return [null, null, 0, itemsize, 1, *shape, *strides]
+
+
+def cache_on_disk(dispatcher, directory: str, key: str) -> None:
+    """Have ``dispatcher`` (a ``cuda.jit`` kernel) keep its compilations in numba's on-disk cache in
+    ``directory``, found again under ``key`` (with numba's signature, versions and compute
+    capability). ``key`` must name everything the compiled code depends on
+    (:func:`clusterlab.kernel_cache.kernel_key`). A folder that cannot be written leaves the
+    dispatcher uncached; an entry that cannot be stored or read back warns and compiles.
+    """
+    try:
+        dispatcher._cache = _keyed_cache_class()(dispatcher.py_func, directory, key)
+    except (OSError, RuntimeError) as exc:  # numba found no writable folder
+        warnings.warn(f"clusterlab: compiled kernels are not kept in {directory} ({exc})", stacklevel=3)
+
+
+@functools.cache
+def _keyed_cache_class():
+    """numba's CUDA kernel cache, keyed and placed by clusterlab (built on first use: importing
+    numba's dispatcher is not free)."""
+    from numba.cuda.core.caching import _CacheLocator
+    from numba.cuda.dispatcher import CUDACache, CUDACacheImpl
+
+    class Locator(_CacheLocator):
+        """``directory``; one index file per key (the disambiguator), stamped with the key."""
+
+        def __init__(self, directory, key):
+            self._directory, self._key = directory, key
+
+        def get_cache_path(self):
+            return self._directory
+
+        def get_source_stamp(self):
+            return self._key
+
+        def get_disambiguator(self):
+            return self._key[:32]
+
+    class Impl(CUDACacheImpl):
+        def __init__(self, py_func, directory, key):
+            self._locator = Locator(directory, key)
+            self._locator.ensure_cache_path()  # OSError where it cannot be written
+            self._lineno = py_func.__code__.co_firstlineno
+            self._filename_base = self.get_filename_base(f"clusterlab.{py_func.__name__}", "")
+
+    class KeyedCache(CUDACache):
+        def __init__(self, py_func, directory, key):
+            self._impl_args = (directory, key)
+            super().__init__(py_func)
+
+        # numba's Cache.__init__ builds its impl as ``self._impl_class(py_func)``
+        def _impl_class(self, py_func):
+            return Impl(py_func, *self._impl_args)
+
+        def _index_key(self, sig, codegen):
+            key = sig, codegen.magic_tuple(), self._impl_args[1]
+            # numba adds the launch configuration for kernels whose code depends on it
+            return key if self._launch_config_key is None else key + (("launch_config", self._launch_config_key),)
+
+        def load_overload(self, sig, target_context):
+            try:
+                return super().load_overload(sig, target_context)
+            except Exception as exc:  # an entry another version or a crash left: compile instead
+                warnings.warn(f"clusterlab: a cached kernel in {self._cache_path} could not be read ({exc})",
+                              stacklevel=2)
+                return None
+
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except Exception as exc:  # the kernel runs; only the next process compiles it again
+                warnings.warn(f"clusterlab: a compiled kernel could not be kept in {self._cache_path} ({exc})",
+                              stacklevel=2)
+
+    return KeyedCache
+
+
+def cache_hits(dispatcher) -> int:
+    """How many of ``dispatcher``'s compilations its on-disk cache supplied in this process."""
+    return sum(dispatcher._cache_hits.values())

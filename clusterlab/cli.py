@@ -31,8 +31,10 @@ from .errors import HopperRequired
 
 def _info(args: argparse.Namespace) -> int:
     from .gpu import device_info
+    from .kernel_cache import CACHE_DIR_ENV, cache_dir
 
     info = device_info()
+    info["kernel cache"] = cache_dir() or f"off (${CACHE_DIR_ENV} is empty)"
     if info["gpu"] is None:
         print(f"no CUDA GPU: simulator only ({info['reason']})")
     elif info["reason"] is not None:

@@ -1,5 +1,6 @@
 """The clusterlab command: every subcommand on a machine without a GPU."""
 
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,11 @@ no_gpu = pytest.mark.skipif(hopper_problem() is None, reason="this machine has a
 
 
 def test_entry_point_runs_as_a_module():
-    done = subprocess.run([sys.executable, "-m", "clusterlab", "info"], capture_output=True, text=True, check=True)
+    env = dict(os.environ, CLUSTERLAB_CACHE_DIR="/tmp/kernels here")
+    done = subprocess.run([sys.executable, "-m", "clusterlab", "info"], capture_output=True, text=True, check=True,
+                          env=env)
     assert "numba-cuda" in done.stdout
+    assert "kernel cache" in done.stdout and "/tmp/kernels here" in done.stdout
 
 
 @no_gpu

@@ -186,3 +186,35 @@ def test_kernel_calling_a_device_function_compiles_without_a_gpu():
     code = kernel_ptx(kernel, (types.float32[::1],))
     assert "ld.shared::cluster.f32" in code
     assemble(code)
+
+
+def test_numba_cache_keeps_the_hooks_cache_on_disk_overrides():
+    # Cache.__init__ builds its impl as self._impl_class(py_func) and keys entries by
+    # _index_key(sig, codegen); CUDACache adds a launch-config key; the dispatcher counts hits.
+    from numba.cuda.core.caching import Cache, CacheImpl, _CacheLocator
+    from numba.cuda.dispatcher import CUDACache, CUDADispatcher
+
+    assert "self._impl = self._impl_class(py_func)" in inspect.getsource(Cache.__init__)
+    assert list(inspect.signature(Cache._index_key).parameters) == ["self", "sig", "codegen"]
+    assert "_launch_config_key" in inspect.getsource(CUDACache.__init__)
+    assert {"get_cache_path", "get_source_stamp", "get_disambiguator"} <= _CacheLocator.__abstractmethods__
+    assert "get_filename_base" in vars(CacheImpl)
+    assert "_cache_hits" in inspect.getsource(CUDADispatcher.compile)
+
+
+def test_cache_on_disk_places_the_cache_and_warns_where_it_cannot(tmp_path):
+    def kernel(x):
+        x[0] = 1
+
+    dispatcher = cuda.jit(kernel)
+    _numba_private.cache_on_disk(dispatcher, str(tmp_path / "kernels"), "ab" * 32)
+    assert dispatcher._cache.cache_path == str(tmp_path / "kernels")
+    assert (tmp_path / "kernels").is_dir()
+    assert _numba_private.cache_hits(dispatcher) == 0
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    other = cuda.jit(kernel)
+    before = other._cache
+    with pytest.warns(UserWarning, match="compiled kernels are not kept in"):
+        _numba_private.cache_on_disk(other, str(blocked / "kernels"), "cd" * 32)
+    assert other._cache is before  # left as numba made it

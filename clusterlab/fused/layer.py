@@ -52,12 +52,11 @@ def kernel_launcher(spec):
     """The kernel of ``spec`` (a :class:`~clusterlab.fused.kernel.KernelSpec`, its measurement
     variants included) as a cluster launcher: one compilation per spec in a process, shared by
     every layer of that shape (a model's layers all use one)."""
-    from numba import cuda
-
+    from .. import kernel_cache
     from ..launch import launch
     from .kernel import build_kernel
 
-    kernel = cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(build_kernel(spec))
+    kernel = kernel_cache.jit(build_kernel, spec, (spec.threads, spec.min_blocks_per_sm))
     return launch(kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
                   shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8)
 

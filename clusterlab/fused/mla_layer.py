@@ -45,14 +45,13 @@ def _rope_table(config: MLAConfig, capacity: int, device: torch.device) -> torch
 def mla_launchers(spec):
     """The three kernels of ``spec`` (:class:`~clusterlab.fused.mla_kernel.MLASpec`) as cluster
     launchers ``(projections, attention, output)``: one compilation per spec in a process."""
-    from numba import cuda
-
+    from .. import kernel_cache
     from ..launch import launch
     from .mla_kernel import build_attention_kernel, build_output_kernel, build_projections_kernel
 
     def launcher(name, build, layout, clusters):
         threads, min_blocks = spec.launch_bounds(name)
-        kernel = cuda.jit(launch_bounds=(threads, min_blocks))(build(spec))
+        kernel = kernel_cache.jit(build, spec, (threads, min_blocks))
         return launch(kernel, grid=clusters * spec.cluster_size, cluster=spec.cluster_size, block=threads,
                       shared_bytes=4 * layout["total"], non_portable=spec.cluster_size > 8)
 

@@ -222,12 +222,11 @@ def mlp_shape(config: MLPConfig, batch: int, sm_count: int, cluster_size: int | 
 def mlp_launcher(spec):
     """The kernel of ``spec`` (an :class:`~clusterlab.fused.mlp_kernel.MLPSpec`) as a cluster launcher,
     compiled once per spec in a process and shared by every layer of that shape."""
-    from numba import cuda
-
+    from .. import kernel_cache
     from ..launch import launch
     from .mlp_kernel import build_mlp_kernel
 
-    kernel = cuda.jit(launch_bounds=(spec.threads, spec.min_blocks_per_sm))(build_mlp_kernel(spec))
+    kernel = kernel_cache.jit(build_mlp_kernel, spec, (spec.threads, spec.min_blocks_per_sm))
     return launch(kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
                   shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8)
 
