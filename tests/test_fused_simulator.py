@@ -243,6 +243,13 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
     assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8, longest=LONG_CACHE[0]) == (8, 8, 1)
 
 
+@pytest.mark.parametrize("batch", [0, 9, -1, 2.0, True])
+def test_launch_shape_names_a_batch_outside_1_to_8(batch):
+    # batch 0 would read LONG_CACHE[-1], the threshold of batch 8
+    with pytest.raises(ValueError, match=rf"batch must be an int in 1..8, got {batch!r}"):
+        launch_shape(LLAMA3_8B, batch, 132, longest=4096)
+
+
 def test_layer_shape_follows_the_batch_unless_given():
     config = AttentionConfig(hidden_size=256, heads=4, kv_heads=4, head_dim=64)
     layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16))

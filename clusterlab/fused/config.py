@@ -48,6 +48,12 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_batch(batch) -> None:
+    """``batch``: the sequences of one step, an int from 1 to :data:`MAX_BATCH`."""
+    if not (is_int(batch) and 1 <= batch <= MAX_BATCH):
+        raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
+
+
 def _check_number(name: str, value) -> None:
     """A real number (an int or a float, not a bool), so that the range checks can compare it."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):

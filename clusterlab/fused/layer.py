@@ -33,9 +33,9 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _check_dtype, rope_table
+from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _check_dtype, check_batch, rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
-from .validate import (check_batch, check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
+from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
                        check_weights, resolve_backend)
 
 

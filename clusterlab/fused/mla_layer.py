@@ -24,10 +24,10 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, _check_dtype, is_int
+from .config import MAX_BATCH, _check_dtype, check_batch, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits
-from .validate import check_batch, check_positions, check_tensor, resolve_backend
+from .validate import check_positions, check_tensor, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
 DEFAULT_CLUSTER_SIZE = 8

@@ -49,9 +49,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, seeded_generator
+from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, seeded_generator
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, DeviceLimits, check_kernel_options
-from .validate import check_batch, check_handoff, check_hidden_residual, check_tensor, resolve_backend
+from .validate import check_handoff, check_hidden_residual, check_tensor, resolve_backend
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
-from .config import MAX_BATCH, AttentionConfig, is_int
+from .config import MAX_BATCH, AttentionConfig, check_batch, is_int
 
 if TYPE_CHECKING:
     from .mla import MLAConfig
@@ -278,6 +278,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     the blocks ran, the launch shape sweeps, v16's long caches) are in ``docs/fused-decode-notes.md``,
     their results under ``benchmarks/results/``.
     """
+    check_batch(batch)
     long = (longest is not None and longest >= LONG_CACHE[batch - 1] and config.group_size > 1
             and head_split is None)
     limit = 2 * sm_count if batch <= 4 and not long else sm_count

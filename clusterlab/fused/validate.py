@@ -181,12 +181,6 @@ def check_positions(positions, batch: int, capacity: int, device: torch.device) 
     check_range(values, capacity)
 
 
-def check_batch(batch) -> None:
-    """``batch``: the sequences of one step, an int from 1 to :data:`~clusterlab.fused.config.MAX_BATCH`."""
-    if not (is_int(batch) and 1 <= batch <= MAX_BATCH):
-        raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
-
-
 def check_longest(longest, capacity: int | None = None) -> None:
     """None, or an int in ``1 .. capacity`` (any positive int where no cache is named): the most
     rows a sequence of the step attends to (its cached rows and the new token), as the host knows

@@ -68,6 +68,7 @@ from ..fused.config import (
     AttentionWeights,
     KVCache,
     Llama3RopeScaling,
+    check_batch,
     is_int,
     rope_table,
     seeded_generator,
@@ -75,7 +76,7 @@ from ..fused.config import (
 from ..fused.layer import DecodeAttention
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
-from ..fused.validate import check_batch, check_range
+from ..fused.validate import check_range
 from .decode import Decoder, check_sampling, token_ids
 
 #: ``model_type`` values this module reads.
