@@ -127,3 +127,40 @@ def test_the_fused_plot_draws_a_line_per_kernel_a_batch_times(tmp_path, monkeypa
             for r in rows if not r.options and r.preset == "llama3-8b"]
     assert labels(rule, "long.png") == ["fused, batch 4 16x4x2", "fused, batch 4 16x8x1", "PyTorch graph, batch 4"]
     assert torch_lengths == [sorted({r.kv_len for r in rule})]
+
+
+def test_a_fused_run_lists_its_kernels_and_rows_in_the_order_it_times_them():
+    from clusterlab.bench.fused import bench_cases, bench_kernels
+
+    kernels = list(bench_kernels(("llama3-8b", "qwen2.5-7b"), (1, 4), ("float16",), [(16, 8, 1), ()],
+                                 [{}, {"registers": 168}]))
+    assert len(kernels) == 2 * 2 * 2 * 2
+    assert kernels[0] == ("llama3-8b", "float16", 1, {"cluster_size": 16, "warps": 8, "head_split": 1})
+    assert kernels[1] == ("llama3-8b", "float16", 1, {"cluster_size": 16, "warps": 8, "head_split": 1,
+                                                      "kernel_options": {"registers": 168}})
+    assert kernels[2] == ("llama3-8b", "float16", 1, {})  # "rule": the layer picks its shape
+    assert [k[:3] for k in kernels[-4:]] == [("qwen2.5-7b", "float16", 4)] * 4
+    assert list(bench_kernels(("llama3-8b",), (2,), ("float16", "bfloat16"), None, None)) == [
+        ("llama3-8b", "float16", 2, {}), ("llama3-8b", "bfloat16", 2, {})]
+    cases = bench_cases(3, (1024, 4096), ragged=True, seed=0)
+    assert cases[:2] == [(False, [1024] * 3), (False, [4096] * 3)]
+    assert cases[2][0] and sorted(cases[2][1]) == [1024, 2560, 4096]
+    assert bench_cases(1, (1024,), ragged=True, seed=0) == [(False, [1024])]  # one sequence is never ragged
+
+
+@pytest.mark.parametrize("jobs, match", [(0, "jobs must be an int >= 1, got 0"), (2.0, "got 2.0"),
+                                         (True, "got True"), (4, r"jobs=4 compiles ahead into the kernel cache")])
+def test_a_fused_run_checks_jobs_before_anything_runs(jobs, match, monkeypatch):
+    from clusterlab.bench.fused import run_bench
+
+    monkeypatch.setenv("CLUSTERLAB_CACHE_DIR", "")  # the cache off: precompiling would be lost
+    with pytest.raises(ValueError, match=match):
+        run_bench(presets=("llama3-8b",), jobs=jobs)
+
+
+def test_bench_fused_takes_jobs_from_the_command_line(capsys):
+    from clusterlab.bench.fused import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--jobs", "0"])
+    assert info.value.code == 2 and "argument --jobs: must be an integer in 1..64; got '0'" in capsys.readouterr().err

@@ -472,6 +472,29 @@ def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp
 
 
 @pytest.mark.gpu
+def test_the_benchmark_compiles_ahead_in_processes_and_times_the_same_kernels(tmp_path, capsys, monkeypatch):
+    """``--jobs 2``: two spawned processes compile the run's kernels into a fresh kernel cache, and the
+    timing process loads them from it (its launchers compile nothing) and times the same rows."""
+    from clusterlab import _numba_private
+    from clusterlab.bench.fused import run_bench
+    from clusterlab.fused.layer import kernel_launcher
+
+    monkeypatch.setenv("CLUSTERLAB_CACHE_DIR", str(tmp_path / "kernels"))
+    kernel_launcher.cache_clear()  # this process compiles nothing the workers did
+    rows = run_bench(presets=("llama3.2-1b",), kv_lens=(256,), batches=(1, 2), variants=[(16, 4, 2), (16, 8, 1)],
+                     ragged=False, out_dir=tmp_path, tag="test", jobs=2)
+    assert "compiled the kernels of 4 configurations in" in capsys.readouterr().out
+    assert [(r.batch, r.cluster_size, r.warps, r.head_split) for r in rows] == [
+        (1, 16, 4, 2), (1, 16, 8, 1), (2, 16, 4, 2), (2, 16, 8, 1)]
+    assert all(r.rel_err < 1e-2 for r in rows)
+    weights = AttentionWeights.random(PRESETS["llama3.2-1b"], torch.float16, "cuda", seed=0)
+    for row in rows:
+        layer = DecodeAttention(PRESETS["llama3.2-1b"], weights, cluster_size=row.cluster_size, warps=row.warps,
+                                head_split=row.head_split)
+        assert _numba_private.cache_hits(kernel_launcher(layer.kernel_spec(torch.float16, row.batch)).kernel) == 1
+
+
+@pytest.mark.gpu
 def test_the_benchmark_skips_a_variant_a_batch_cannot_run(tmp_path, capsys):
     """A ``--variant`` with fewer warps than the batch has sequences is skipped with the reason,
     and the run goes on with the variants that can run it."""

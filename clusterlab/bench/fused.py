@@ -24,7 +24,10 @@ against the float64 reference before it is timed. Results: a table on stdout,
 ``fused_<card>.json`` (card, driver, date, commit) and ``fused_<card>.png`` under ``out_dir``,
 ``<card>`` read from the device (``h200`` for an NVIDIA H200).
 
-Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``. ``--variant
+Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``. ``--jobs 16``
+compiles every kernel of the run first, 16 at once (a kernel takes 20-60 s on one core, and each launch shape,
+batch and dtype is one), into the kernel cache (:mod:`clusterlab.kernel_cache`) the timing then loads them from.
+``--variant
 16x4x2 16x8x1`` times other launch shapes (``rule`` among them: the launch rule's own, which may
 differ by preset, batch and length), ``--spec default registers=168`` other kernels
 of the Llama-style layer (its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`), each
@@ -40,6 +43,7 @@ import math
 import os
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +52,7 @@ from typing import NamedTuple
 import torch
 
 from ..argtypes import integer, number
+from ..fused.config import is_int
 from ..fused.config import PRESETS as ATTENTION_PRESETS
 from ..fused.config import MAX_BATCH, AttentionWeights, KVCache, rope_table
 from ..fused.layer import DecodeAttention
@@ -56,6 +61,7 @@ from ..fused.mla_layer import DecodeMLA
 from ..fused.mla_reference import UnfusedMLA, mla_reference_step
 from ..fused.plan import KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
+from ..kernel_cache import CACHE_DIR_ENV, cache_dir
 from .timing import card_tag, copy_bandwidth, graph_per_op_us, results_header, write_json
 
 #: Every preset the benchmark takes: the Llama-style blocks' and the MLA block's.
@@ -212,6 +218,61 @@ class _Rotation:
         return spec.clusters, layer.launcher(out.dtype, batch, **self.hint).max_active_clusters(*args)
 
 
+def bench_kernels(presets, batches, dtypes, variants, options):
+    """``(preset, dtype name, batch, variant)`` of every fused kernel configuration a run times, in
+    its order; ``variant``: the fused layer's keyword arguments (a launch shape, ``kernel_options``)."""
+    options = [{}] if options is None else options
+    for name, dtype_name in itertools.product(presets, dtypes):
+        config = PRESETS[name]
+        shapes = [{}] if variants is None else [variant_options(config, v) for v in variants]
+        shapes = [shape | ({"kernel_options": o} if o else {}) for shape in shapes for o in options]
+        for batch, variant in itertools.product(batches, shapes):
+            yield name, dtype_name, batch, variant
+
+
+def bench_cases(batch: int, kv_lens, ragged: bool, seed: int) -> list[tuple[bool, list[int]]]:
+    """``(is_ragged, lengths)`` of the rows a run times at ``batch``: each KV length for every
+    sequence, then (``ragged``, batch > 1) lengths spread over them."""
+    cases = [(False, [kv] * batch) for kv in kv_lens]
+    if ragged and batch > 1:
+        cases.append((True, ragged_lengths(batch, kv_lens, seed + batch)))
+    return cases
+
+
+def compile_kernels(task) -> float:
+    """Run one fused step of every row of a (preset, dtype, batch, variant), one layer each, timing
+    nothing: the kernels those rows launch get compiled and kept in the kernel cache
+    (:mod:`clusterlab.kernel_cache`) for the process that times them. A worker of
+    :func:`precompile`; ``task``: ``(preset, dtype name, batch, variant, kv_lens, ragged, seed)``.
+    Returns the seconds it took; a variant the layer refuses is left to the timing run to name."""
+    start = time.perf_counter()
+    name, dtype_name, batch, variant, kv_lens, ragged, seed = task
+    config, dtype, weights = PRESETS[name], getattr(torch, dtype_name), []
+    for _, lengths in bench_cases(batch, kv_lens, ragged, seed):
+        try:
+            _Rotation(config, dtype, batch, lengths, 1, seed, variant, weights).fused()
+        except ValueError:
+            break
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def precompile(tasks: list, jobs: int) -> None:
+    """Compile the kernels of ``tasks`` (see :func:`compile_kernels`) in ``jobs`` processes at once
+    (spawned: each has a CUDA context of its own), so that the timing run finds them in the kernel
+    cache instead of compiling one after another: numba compiles a fused kernel in 20-60 s on one
+    CPU core."""
+    import concurrent.futures
+    import multiprocessing
+
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        spent = sum(pool.map(compile_kernels, tasks))
+    print(f"compiled the kernels of {len(tasks)} configurations in {time.perf_counter() - start:.0f} s "
+          f"({spent:.0f} s of work in {jobs} processes)", flush=True)
+
+
 def run_bench(
     presets=tuple(PRESETS),
     kv_lens=KV_LENGTHS,
@@ -224,6 +285,7 @@ def run_bench(
     tag: str | None = None,
     seed: int = 0,
     l2_turnover: float = L2_TURNOVER,
+    jobs: int = 1,
 ) -> list[BenchRow]:
     """Time every (preset, dtype, batch, kv_len), and the ragged batches; write ``fused_<tag>.json`` / ``.png``.
 
@@ -234,7 +296,9 @@ def run_bench(
     variant (``None``: the launch rule's kernel). ``tag``: the results' suffix, by
     default the card's (:func:`~clusterlab.bench.timing.card_tag`). ``l2_turnover``: see
     :func:`layers_for_l2` (0 times one layer over and over, as runs before the rotation did).
-    Returns the rows (also printed as a table).
+    ``jobs``: above 1, first compile every kernel the run needs in that many processes at once
+    (:func:`precompile`; needs the kernel cache, :func:`clusterlab.kernel_cache.cache_dir`), then time
+    them one after another as always. Returns the rows (also printed as a table).
     """
     from ..gpu import device_info, require_hopper
 
@@ -242,6 +306,10 @@ def run_bench(
     if any(options) and any(isinstance(PRESETS[name], MLAConfig) for name in presets):
         raise ValueError("kernel options (--spec) apply to the Llama-style presets, not to "
                          f"{', '.join(n for n in presets if isinstance(PRESETS[n], MLAConfig))}")
+    if not (is_int(jobs) and jobs >= 1):
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    if jobs > 1 and cache_dir() is None:
+        raise ValueError(f"jobs={jobs} compiles ahead into the kernel cache, which ${CACHE_DIR_ENV} turns off")
     require_hopper()
     info = device_info()
     tag = card_tag(info["gpu"]) if tag is None else tag
@@ -249,52 +317,51 @@ def run_bench(
     bandwidth = copy_bandwidth().median
     print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {l2_bytes >> 20} MiB",
           flush=True)
+    kernels = list(bench_kernels(presets, batches, dtypes, variants, options))
+    if jobs > 1:
+        precompile([(*kernel, tuple(kv_lens), ragged, seed) for kernel in kernels], jobs)
     rows: list[BenchRow] = []
-    for name, dtype_name in itertools.product(presets, dtypes):
+    weights, drawn_for = [], None  # the layers' weights of one preset and dtype, drawn once for its rows
+    for name, dtype_name, batch, variant in kernels:
         config, dtype = PRESETS[name], getattr(torch, dtype_name)
-        shapes = [{}] if variants is None else [variant_options(config, v) for v in variants]
-        shapes = [shape | ({"kernel_options": o} if o else {}) for shape in shapes for o in options]
-        weights: list = []
-        for batch, variant in itertools.product(batches, shapes):
-            label = options_label(variant.get("kernel_options", {}))
-            cases = [(False, [kv] * batch) for kv in kv_lens]
-            if ragged and batch > 1:
-                cases.append((True, ragged_lengths(batch, kv_lens, seed + batch)))
-            shown = None  # the launch shape last described (it may change with the cache length)
-            for is_ragged, lengths in cases:
-                step_bytes = config.step_bytes(batch, lengths)
-                copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
-                try:
-                    run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
-                    run.sets[0]["fused"].kernel_spec(dtype, batch, **run.hint)
-                except ValueError as exc:
-                    if "cluster_size" not in variant:
-                        raise  # the launch rule's own shape must run
-                    given = "x".join(str(variant[k]) for k in ("cluster_size", "warps", _family(config).third)
-                                     if k in variant)  # the variant as --variant names it
-                    print(f"{name} {dtype_name} batch {batch}: variant {given} skipped: {exc}", flush=True)
-                    run = None  # frees a rotation that was built
-                    break
-                cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch, **run.hint)
-                if (cluster_size, warps, head_split) != shown:
-                    shown = (cluster_size, warps, head_split)
-                    fit = run.clusters_fit()
-                    third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
-                             else f"{head_split} attention clusters a sequence")
-                    print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}"
-                          + (f" [{label}]" if label else ""), flush=True)
-                err = run.error()
-                row = BenchRow(
-                    name, dtype_name, batch, round(sum(lengths) / batch), is_ragged, cluster_size, warps, head_split,
-                    len(run.sets), fused_us=graph_time_us(run.fused, warmup=len(run.sets)),
-                    torch_us=graph_time_us(functools.partial(run.torch, is_ragged), warmup=len(run.sets)),
-                    floor_us=step_bytes / bandwidth * 1e6, rel_err=err,
-                    options=label,
-                )
-                rows.append(row)
-                print(_format_row(row), flush=True)
-                _write(rows, bandwidth, Path(out_dir), tag, info)  # after each row: a cut-short run keeps its rows
-                del run
+        if (name, dtype_name) != drawn_for:
+            weights, drawn_for = [], (name, dtype_name)
+        label = options_label(variant.get("kernel_options", {}))
+        shown = None  # the launch shape last described (it may change with the cache length)
+        for is_ragged, lengths in bench_cases(batch, kv_lens, ragged, seed):
+            step_bytes = config.step_bytes(batch, lengths)
+            copies = layers_for_l2(step_bytes, l2_bytes, l2_turnover)
+            try:
+                run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
+                run.sets[0]["fused"].kernel_spec(dtype, batch, **run.hint)
+            except ValueError as exc:
+                if "cluster_size" not in variant:
+                    raise  # the launch rule's own shape must run
+                given = "x".join(str(variant[k]) for k in ("cluster_size", "warps", _family(config).third)
+                                 if k in variant)  # the variant as --variant names it
+                print(f"{name} {dtype_name} batch {batch}: variant {given} skipped: {exc}", flush=True)
+                run = None  # frees a rotation that was built
+                break
+            cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch, **run.hint)
+            if (cluster_size, warps, head_split) != shown:
+                shown = (cluster_size, warps, head_split)
+                fit = run.clusters_fit()
+                third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
+                         else f"{head_split} attention clusters a sequence")
+                print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}"
+                      + (f" [{label}]" if label else ""), flush=True)
+            err = run.error()
+            row = BenchRow(
+                name, dtype_name, batch, round(sum(lengths) / batch), is_ragged, cluster_size, warps, head_split,
+                len(run.sets), fused_us=graph_time_us(run.fused, warmup=len(run.sets)),
+                torch_us=graph_time_us(functools.partial(run.torch, is_ragged), warmup=len(run.sets)),
+                floor_us=step_bytes / bandwidth * 1e6, rel_err=err,
+                options=label,
+            )
+            rows.append(row)
+            print(_format_row(row), flush=True)
+            _write(rows, bandwidth, Path(out_dir), tag, info)  # after each row: a cut-short run keeps its rows
+            del run
     print(format_table(rows, bandwidth))
     return rows
 
@@ -438,9 +505,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
+    parser.add_argument("--jobs", type=integer(1, 64), default=1,
+                        help="compile every kernel of the run first, in this many processes at once (into the kernel "
+                             "cache), then time them one after another; 1: compile each when its first row needs it")
     args = parser.parse_args(argv)
     run_bench(args.preset, args.kv, args.batch, args.dtype, args.variant, args.spec, not args.no_ragged, args.out_dir,
-              args.tag, l2_turnover=args.l2_turnover)
+              args.tag, l2_turnover=args.l2_turnover, jobs=args.jobs)
     return 0
 
 
