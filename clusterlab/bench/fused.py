@@ -52,9 +52,8 @@ from typing import NamedTuple
 import torch
 
 from ..argtypes import integer, number
-from ..fused.config import is_int
 from ..fused.config import PRESETS as ATTENTION_PRESETS
-from ..fused.config import MAX_BATCH, AttentionWeights, KVCache, rope_table
+from ..fused.config import MAX_BATCH, AttentionWeights, KVCache, is_int, rope_table
 from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
