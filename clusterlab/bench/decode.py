@@ -51,7 +51,7 @@ Memory: one model's weights per preset (the unfused model and transformers' shar
 configuration's caches, graphs, transformers model and static cache are freed before the next,
 and our caches before transformers allocates its own.
 Results: a table on stdout, ``decode_<card>.json`` and ``decode_<card>.png`` under ``out_dir``
-(written after every preset: a cut-short run keeps its rows), ``<card>`` read from the device
+(written after every row: a cut-short run keeps its rows), ``<card>`` read from the device
 (``h200`` for an NVIDIA H200). transformers is optional: without it the hf column is skipped.
 
 Run: ``clusterlab bench decode`` (``--quick``: llama3.2-1b, batch 1, context 1024 only).
@@ -337,7 +337,7 @@ def run_bench(
     seed: int = 0,
     handoff: bool = True,
 ) -> tuple[list[DecodeRow], list[BreakdownRow]]:
-    """Time every (preset, batch, context); write ``decode_<tag>.json`` / ``.png`` after each preset.
+    """Time every (preset, batch, context); write ``decode_<tag>.json`` / ``.png`` after each row.
 
     ``hf``: ``"eager"``, ``"compiled"`` (transformers' compiled decode steps, eager if that
     fails) or None (no transformers column). ``tag``: the results' suffix, by default the card's
@@ -403,9 +403,9 @@ def run_bench(
                 rows.append(DecodeRow(preset, dtype, batch, context, times["fused"], times["unfused"], hf_us,
                                       nbytes / bandwidth * 1e6, nbytes, times["fused_attention"]))
                 print(_format_row(rows[-1]), flush=True)
+                write_results(rows, parts, bandwidth, baseline.mode, info, Path(out_dir), tag)
         del fused, unfused, fused_attention, models
         _free()
-        write_results(rows, parts, bandwidth, baseline.mode, info, Path(out_dir), tag)
     print(format_table(rows, bandwidth))
     if parts:
         print(format_breakdown(parts))

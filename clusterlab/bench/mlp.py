@@ -38,7 +38,7 @@ GPU holds at once.
 Results: a table on stdout, ``mlp_<card>.json`` (card, driver, software versions, date, commit,
 copy bandwidth, L2 size, the rows) and ``mlp_<card>.png`` (µs per layer against batch, a panel
 per preset and dtype: fused, PyTorch and the floor) under ``out_dir`` (default
-``benchmarks/results``), written after every preset so that a cut-short run keeps its rows;
+``benchmarks/results``), written after every row so that a cut-short run keeps its rows;
 ``<card>`` read from the device (``h200`` for an NVIDIA H200) unless ``--tag`` names it. Without a
 Hopper GPU the command exits 1 before it touches CUDA.
 
@@ -214,7 +214,7 @@ def run_bench(
     l2_turnover: float = L2_TURNOVER,
     options=None,
 ) -> list[MLPRow]:
-    """Time every (preset, dtype, batch, variant, options); write ``mlp_<tag>.json`` / ``.png`` after each preset.
+    """Time every (preset, dtype, batch, variant, options); write ``mlp_<tag>.json`` / ``.png`` after each row.
 
     ``variants``: ``(cluster_size, warps)`` pairs to time the fused block at (``None``: the
     layer's own :func:`~clusterlab.fused.mlp.mlp_shape`). ``options``: dicts of the layer's
@@ -272,10 +272,10 @@ def run_bench(
                 )
                 rows.append(row)
                 print(_format_row(row), flush=True)
+                write_results(rows, bandwidth, info, Path(out_dir), tag, l2_bytes=l2_bytes, l2_turnover=l2_turnover)
                 del run
             del weights
             torch.cuda.empty_cache()
-        write_results(rows, bandwidth, info, Path(out_dir), tag, l2_bytes=l2_bytes, l2_turnover=l2_turnover)
     print(format_table(rows, bandwidth))
     return rows
 
