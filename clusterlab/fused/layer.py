@@ -33,7 +33,7 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _check_dtype, check_batch, rope_table
+from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _check_dtype, rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
 from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
                        check_weights, resolve_backend)
@@ -226,8 +226,8 @@ class DecodeAttention:
     def shape(self, batch: int, longest: int | None = None) -> tuple[int, int, int]:
         """``(cluster_size, warps, head_split)`` a step of ``batch`` sequences runs with, the
         longest of them attending to ``longest`` rows where known: the constructor's values where
-        given, else :func:`~clusterlab.fused.plan.launch_shape` for this GPU's SM count."""
-        check_batch(batch)
+        given, else :func:`~clusterlab.fused.plan.launch_shape` for this GPU's SM count (which
+        checks the batch)."""
         check_longest(longest)
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
                                                        self.head_split, longest)
