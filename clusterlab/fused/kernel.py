@@ -191,9 +191,6 @@ class KernelSpec(BlockShape):
     #: the ``head_split`` clusters of a KV head split its cached positions, each with all its query
     #: heads, instead of its query heads (see :attr:`parts`)
     split_positions: bool = False
-    #: once its W_qkv stream is out, each block asks L2 for all its W_o rows (bulk prefetches), so
-    #: that they arrive while the cluster exchanges and the W_o stream reads them from L2
-    prefetch_o: bool = False
     #: hand the output on as float32 sums (see :func:`build_kernel`): ``hidden`` is the float32 sums
     #: of the kernel before (read rounded to the model dtype), the output is left in ``out_acc`` for
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
@@ -1413,7 +1410,6 @@ def build_kernel(spec: KernelSpec):
     K_SLICE, OUT_ROWS, ATTN_WIDTH = spec.k_slice, spec.out_rows, spec.attn_width
     NEOX, BF16, BIAS = spec.neox, spec.bf16, spec.bias
     KV_STREAM, TIMELINE, HANDOFF = spec.kv_stream, spec.timeline, spec.handoff
-    PREFETCH_O = spec.prefetch_o and spec.o_stream
     # The last block's flag is 1. Without spec.finish the flag that converts is 2, which no block
     # gets: the conversion stays in the code, unreached, so that everything else compiles exactly as
     # in the full kernel and the ablation times the conversion alone.
@@ -1551,10 +1547,6 @@ def build_kernel(spec: KernelSpec):
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
         stamp(stamps, tid, 3)  # B1 wait
-        if PREFETCH_O and part == 0:  # the block's W_o rows into L2 while the cluster exchanges
-            for row in range(tid, OUT_ROWS, THREADS):
-                ptx.prefetch_l2_bulk(w_o, (rank * OUT_ROWS + row) * (HEADS * D) + query_block * ATTN_WIDTH,
-                                     ATTN_WIDTH * 2)
 
         # -- 2 rope: owners sum the partials, normalise, rotate, push q/k/v, append k/v ------------------
         # A unit is a quad of RoPE pairs of one sequence; its C lanes pull one block's partials each

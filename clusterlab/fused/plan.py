@@ -215,8 +215,6 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
-    "prefetch_o": "True or False: each block asks L2 for its W_o rows once its W_qkv stream is out (False: the "
-                  "default)",
 }
 
 #: The same for :class:`~clusterlab.fused.mlp_kernel.MLPSpec`: what ``DecodeMLP(kernel_options=...)``
@@ -227,7 +225,7 @@ MLP_KERNEL_CHOICES = {
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "prefetch_o")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
