@@ -38,6 +38,10 @@ MIN_REPEATS = 5
 #: GPU clock cycles the spin kernel queued before each timed region runs (about 50 us): long
 #: enough for the host to submit the events and the work behind it.
 SPIN_CYCLES = 100_000
+#: Seconds of copying before :func:`copy_bandwidth` times its copies. Two copies were not enough on a
+#: GPU idle until then: a fresh H200 measured 4.09 TB/s as a process's first work, where a process
+#: minutes later on the same card measured 4.24 (and the fused kernels timed the same in both).
+COPY_WARMUP_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -182,14 +186,17 @@ def graph_per_op_us(step, count: int = 32, repeats: int = MIN_REPEATS) -> Stat:
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> Stat:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written) of ``Tensor.copy_``."""
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written) of ``Tensor.copy_``,
+    timed after :data:`COPY_WARMUP_S` of the same copy."""
     require_hopper()
     import torch
 
     src = torch.randn(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    for _ in range(2):
+    warm_until = time.perf_counter() + COPY_WARMUP_S
+    while time.perf_counter() < warm_until:
         dst.copy_(src)
+        torch.cuda.synchronize()
     times = Stat.of([event_time_us(lambda: dst.copy_(src)) for _ in range(max(repeats, MIN_REPEATS))])
     return times.inverse(2 * nbytes * 1e6)
 
