@@ -119,6 +119,12 @@ def tensor_parameters(key) -> list:
     return [null, null, 0, itemsize, 1, *shape, *strides]
 
 
+#: What numba names the files of a kernel kept by :func:`cache_on_disk`: an index per key
+#: (``<base>.nbi``) and a data file per compilation (``<base>.<n>.nbc``), ``<base>`` starting with
+#: ``clusterlab.`` and the kernel function's name.
+CACHE_FILE_PATTERNS = ("clusterlab.*.nbi", "clusterlab.*.nbc")
+
+
 def cache_on_disk(dispatcher, directory: str, key: str) -> None:
     """Have ``dispatcher`` (a ``cuda.jit`` kernel) keep its compilations in numba's on-disk cache in
     ``directory``, found again under ``key`` (with numba's signature, versions and compute

@@ -1,6 +1,7 @@
 """The ``clusterlab`` command.
 
     clusterlab info                          what GPU (if any) clusterlab can use, and versions
+    clusterlab cache [--clear]               the compiled kernels kept on disk: where, how many, how large
     clusterlab tour                          ClusterReduce / ClusterGather over cluster sizes 1-16
     clusterlab trace reduce --cluster 8 --algorithm ring [--save ring.png]
                                              one primitive on the simulator, phase by phase
@@ -43,6 +44,25 @@ def _info(args: argparse.Namespace) -> int:
     for key, value in info.items():
         if key not in ("reason",) and value is not None:
             print(f"  {key:<{width}}  {value}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .kernel_cache import CACHE_DIR_ENV, cache_dir, clear, entries
+
+    where = cache_dir()
+    if where is None:
+        print(f"kernel cache: off (${CACHE_DIR_ENV} is empty)")
+        return 0
+    if args.clear:
+        removed, freed = clear(where)
+        print(f"kernel cache: {where}: removed {removed} files, {freed / 1e6:.1f} MB")
+        return 0
+    files = entries(where)
+    kernels = sum(path.suffix == ".nbc" for path in files)
+    size = sum(path.stat().st_size for path in files)
+    print(f"kernel cache: {where}: {kernels} compiled kernel{'' if kernels == 1 else 's'}, {size / 1e6:.1f} MB"
+          + (" (clusterlab cache --clear removes them)" if files else ""))
     return 0
 
 
@@ -170,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="the GPU clusterlab can use (or why none), and versions")
     info.set_defaults(run=_info)
+
+    cache = commands.add_parser(
+        "cache", help="the compiled kernels kept on disk between processes: where, how many, how large"
+    )
+    cache.add_argument("--clear", action="store_true", help="remove them (each is compiled again when next needed)")
+    cache.set_defaults(run=_cache)
 
     tour = commands.add_parser(
         "tour",

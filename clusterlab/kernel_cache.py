@@ -16,9 +16,11 @@ compute capability. Editing any clusterlab source, upgrading numba-cuda or chang
 new keys, so a kernel found is the one that would have been compiled.
 
 Where: ``$CLUSTERLAB_CACHE_DIR`` if set (an empty value turns the cache off), else
-``$XDG_CACHE_HOME/clusterlab/kernels`` (``~/.cache/clusterlab/kernels``). Deleting the folder is
-always safe. A folder that cannot be written, or an entry that cannot be read back, costs a
-compilation and a warning, never a launch.
+``$XDG_CACHE_HOME/clusterlab/kernels`` (``~/.cache/clusterlab/kernels``). Nothing is ever evicted:
+an entry is about 3 MB (numba keeps the LLVM IR, the PTX and the cubin), and entries of older
+sources stay until removed. :func:`entries` lists what is kept and :func:`clear` removes it
+(``clusterlab cache [--clear]``); deleting the folder is always safe too. A folder that cannot be
+written, or an entry that cannot be read back, costs a compilation and a warning, never a launch.
 """
 
 from __future__ import annotations
@@ -74,3 +76,24 @@ def jit(build, spec, launch_bounds: tuple[int, int]):
     if where is not None:
         _numba_private.cache_on_disk(kernel, str(where), kernel_key(build, spec, launch_bounds))
     return kernel
+
+
+def entries(directory: Path | None = None) -> list[Path]:
+    """The files of the kernels kept in ``directory`` (default :func:`cache_dir`), sorted; none where
+    the cache is off or the folder does not exist. Other files in the folder are not entries."""
+    directory = cache_dir() if directory is None else Path(directory)
+    if directory is None or not directory.is_dir():
+        return []
+    return sorted({path for pattern in _numba_private.CACHE_FILE_PATTERNS for path in directory.glob(pattern)})
+
+
+def clear(directory: Path | None = None) -> tuple[int, int]:
+    """Remove the kept kernels' files from ``directory`` (default :func:`cache_dir`), leaving any
+    other file; returns how many files and bytes were removed. A process compiles what it needs
+    again (raises ``OSError`` where a file cannot be removed)."""
+    removed = freed = 0
+    for path in entries(directory):
+        size = path.stat().st_size
+        path.unlink()
+        removed, freed = removed + 1, freed + size
+    return removed, freed

@@ -21,6 +21,23 @@ def test_entry_point_runs_as_a_module():
     assert "kernel cache" in done.stdout and "/tmp/kernels here" in done.stdout
 
 
+def test_cache_shows_the_kept_kernels_and_clears_them(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CLUSTERLAB_CACHE_DIR", str(tmp_path))
+    assert main(["cache"]) == 0
+    assert capsys.readouterr().out == f"kernel cache: {tmp_path}: 0 compiled kernels, 0.0 MB\n"
+    for name, size in (("clusterlab.fused_decode_attention-ab12.py312.nbi", 1000),
+                       ("clusterlab.fused_decode_attention-ab12.py312.0.nbc", 2_500_000), ("other.txt", 3)):
+        (tmp_path / name).write_bytes(os.urandom(size))
+    assert main(["cache"]) == 0
+    assert "1 compiled kernel, 2.5 MB (clusterlab cache --clear removes them)" in capsys.readouterr().out
+    assert main(["cache", "--clear"]) == 0
+    assert capsys.readouterr().out == f"kernel cache: {tmp_path}: removed 2 files, 2.5 MB\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["other.txt"]
+    monkeypatch.setenv("CLUSTERLAB_CACHE_DIR", "")
+    assert main(["cache", "--clear"]) == 0
+    assert capsys.readouterr().out == "kernel cache: off ($CLUSTERLAB_CACHE_DIR is empty)\n"
+
+
 @no_gpu
 def test_info_without_gpu_says_simulator_only(capsys):
     assert main(["info"]) == 0
