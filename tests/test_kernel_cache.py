@@ -73,16 +73,14 @@ def test_jit_keeps_the_kernel_in_the_folder_unless_the_cache_is_off(monkeypatch,
     assert isinstance(kernel_cache.jit(build, Spec(3), (32, 1))._cache, NullCache)
 
 
-def test_entries_are_the_files_numba_writes_for_a_kept_kernel_and_clear_removes_only_them(monkeypatch, tmp_path):
+def test_entries_are_the_kept_kernels_files_and_clear_removes_only_them(monkeypatch, tmp_path):
     monkeypatch.setenv("CLUSTERLAB_CACHE_DIR", str(tmp_path))
-    kernel = kernel_cache.jit(build, Spec(4), (32, 1))
-    names = kernel._cache._cache_file  # where numba's cache would write this kernel's index and data
-    index = tmp_path / os.path.basename(names._index_path)
-    data = tmp_path / names._data_name_pattern.format(number=0)
+    index = tmp_path / "clusterlab.fused_mlp-0a1b.py312.nbi"  # names as numba writes them (test_numba_private)
+    data = tmp_path / "clusterlab.fused_mlp-0a1b.py312.0.nbc"
     other = tmp_path / "notes.txt"
     for path, size in ((index, 10), (data, 2000), (other, 5)):
         path.write_bytes(os.urandom(size))
-    assert kernel_cache.entries() == sorted([index, data])
+    assert kernel_cache.entries() == sorted([index, data]) == kernel_cache.entries(tmp_path)
     assert kernel_cache.clear() == (2, 2010)
     assert kernel_cache.entries() == [] and other.read_bytes()
     assert kernel_cache.entries(tmp_path / "missing") == []

@@ -218,3 +218,19 @@ def test_cache_on_disk_places_the_cache_and_warns_where_it_cannot(tmp_path):
     with pytest.warns(UserWarning, match="compiled kernels are not kept in"):
         _numba_private.cache_on_disk(other, str(blocked / "kernels"), "cd" * 32)
     assert other._cache is before  # left as numba made it
+
+
+def test_cache_file_patterns_match_the_files_numba_names_for_a_kept_kernel(tmp_path):
+    import fnmatch
+    import os
+
+    def kernel(x):
+        x[0] = 1
+
+    dispatcher = cuda.jit(kernel)
+    _numba_private.cache_on_disk(dispatcher, str(tmp_path), "ef" * 32)
+    names = dispatcher._cache._cache_file  # numba's IndexDataCacheFile: where save_overload writes
+    index_pattern, data_pattern = _numba_private.CACHE_FILE_PATTERNS
+    assert fnmatch.fnmatch(os.path.basename(names._index_path), index_pattern)
+    assert fnmatch.fnmatch(names._data_name_pattern.format(number=3), data_pattern)
+    assert not fnmatch.fnmatch(names._data_name_pattern.format(number=3), index_pattern)
