@@ -27,11 +27,10 @@ against the float64 reference before it is timed. Results: a table on stdout,
 Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``. ``--jobs 16``
 compiles every kernel of the run first, 16 at once (a kernel takes 20-60 s on one core, and each launch shape,
 batch and dtype is one), into the kernel cache (:mod:`clusterlab.kernel_cache`) the timing then loads them from.
-``--variant
-16x4x2 16x8x1`` times other launch shapes (``rule`` among them: the launch rule's own, which may
-differ by preset, batch and length), ``--spec default registers=168`` other kernels
-of the Llama-style layer (its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`), each
-checked against the reference like the default.
+``--variant 16x4x2 16x8x1`` times other launch shapes (``rule`` among them: the launch rule's own, which may
+differ by preset, batch and length), ``--spec default registers=168`` other kernels of the Llama-style layer
+(its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`), each checked against the reference
+like the default.
 """
 
 from __future__ import annotations
