@@ -1027,7 +1027,7 @@ st_async_v4_b32 = _st_async("st_async_v4_b32", "b32", 4, "four 32-bit words")
 
 
 # --------------------------------------------------------------------------------------------
-# Global memory: 128-bit read-only loads with cache hints, coherent polling loads, bulk L2 prefetch
+# Global memory: 128-bit read-only loads with cache hints, bulk L2 prefetch
 # --------------------------------------------------------------------------------------------
 
 
@@ -1092,36 +1092,6 @@ ld_global_nc_v4_policy = _ld_global_v4(
     PTX ``{instruction}``; ``policy`` from :func:`l2_evict_first_policy` (data read once, evict it
     first so activations and KV cache stay in L2) or :func:`l2_evict_last_policy`. """
     + _GLOBAL_V4_COMMON,
-)
-
-
-def _ld_relaxed_gpu_b32(array, index):
-    index = _check_element("ld_relaxed_gpu_b32", array, index)
-    if array.dtype not in (types.int32, types.uint32):
-        raise NumbaTypeError(f"ld_relaxed_gpu_b32: the array must be int32 or uint32, got {array.dtype}")
-    sig = array.dtype(array, index)
-    register = "s32" if array.dtype == types.int32 else "u32"
-
-    def codegen(context, builder, sig, args):
-        pointer = _global_element_pointer(context, builder, sig.args[0], sig.args[1], args[0], args[1])
-        return _emit(context, builder, "ld.relaxed.gpu.global.b32 $0, [$1];", (register,), ("u64",), [pointer],
-                     WRITES)
-
-    return sig, codegen
-
-
-ld_relaxed_gpu_b32 = _named(
-    _typer(2, _ld_relaxed_gpu_b32),
-    "ld_relaxed_gpu_b32",
-    """ld_relaxed_gpu_b32(array, index) -> int32 or uint32: ``array[index]`` (a 32-bit integer array in
-    global memory) as the GPU sees it now.
-
-    PTX ``ld.relaxed.gpu.global.b32``: a coherent load at GPU scope, for a word other blocks change
-    with atomics during the kernel (a plain load may return a copy this SM's L1 cached earlier; an
-    atomic add of 0 would read it too, but queues with the atomics on that word). Never hoisted or
-    merged: a loop that polls reads again each time. No ordering of other accesses: follow it with
-    a fence (``cuda.threadfence()``) before reading data the word announces. sm_70+.
-    """,
 )
 
 
@@ -1531,7 +1501,6 @@ __all__ = [
     "ld_global_nc_v4",
     "ld_global_nc_v4_no_allocate",
     "ld_global_nc_v4_policy",
-    "ld_relaxed_gpu_b32",
     "prefetch_l2_bulk",
     "cp_async_16",
     "cp_async_commit",

@@ -155,27 +155,6 @@ def test_a_simulated_handoff_reads_rounded_sums_and_leaves_its_own_unconverted(d
 
 
 @pytest.mark.ptx
-@pytest.mark.parametrize("model", ["llama3-8b", "llama3.2-1b"])
-def test_shared_down_steps_claim_with_atomics_behind_the_same_two_exchanges(model):
-    """``MLPSpec.share_down`` at batch 1: the claim words' atomics (the bit that publishes a block,
-    the adds that claim), the same two cluster barriers, no local arrays and no spill; the helping
-    warps' slices of shared memory beside the regions of the plain kernel."""
-    import dataclasses
-
-    from clusterlab.toolchain import assemble
-
-    plain = MLPSpec.of(MODELS[model], False, 1, *mlp_shape(MODELS[model], 1, 132))
-    spec = dataclasses.replace(plain, share_down=True)
-    ptx = spec_ptx(spec)
-    assert "atom.global.or.b32" in ptx and "atom.global.or.b32" not in spec_ptx(plain)
-    assert ptx.count("barrier.cluster.arrive.release") == 2 and "st.local" not in ptx
-    assert assemble(ptx).spill_bytes == 0
-    steps = spec.out_rows // spec.down_tile().step_rows
-    assert spec.shared_steps == steps - spec.warps > 0 and plain.shared_steps == 0
-    assert spec.shared_bytes == plain.shared_bytes + 4 * spec.warps * spec.inter_slice
-
-
-@pytest.mark.ptx
 @pytest.mark.parametrize("model, batch", [("llama3-8b", 1), ("llama3.2-1b", 8)])
 def test_the_handoff_kernel_drops_the_finish(model, batch):
     """``MLPSpec.handoff``: no arrival counter and no fence (nobody converts), the same two
@@ -194,7 +173,7 @@ def test_the_handoff_kernel_drops_the_finish(model, batch):
 
 def test_kernel_options_are_checked_when_the_layer_is_built():
     weights = MLPWeights.random(TINY["h128-i256"], torch.float16, seed=0)
-    for options, words in (({"registers": 128}, "unknown name 'registers'; allowed: interleave_inputs, share_down"),
+    for options, words in (({"registers": 128}, "unknown name 'registers'; allowed: interleave_inputs"),
                            ({"interleave_inputs": None}, "interleave_inputs=None; allowed: True or False")):
         with pytest.raises(ValueError, match=words):
             DecodeMLP(TINY["h128-i256"], weights, kernel_options=options)
@@ -496,7 +475,6 @@ def check_gpu_step(layer, hidden, residual):
     assert relative_error(out, torch_chain(config, weights, hidden, residual)) <= TOLERANCE
     assert torch.equal(bits(new_residual), bits(exact_residual(hidden, residual)))
     assert not layer._out_acc.any() and not layer._arrivals.any(), "workspace not left zero"
-    assert not layer._claims.any(), "claim words not left zero"
     return out
 
 
@@ -575,28 +553,6 @@ def test_gpu_plain_input_order_matches_reference(dtype):
     assert not layer.kernel_spec(dtype, 1).inputs_interleaved
     hidden, residual = random_inputs(layer.config, dtype, 1, seed=50, device="cuda")
     check_gpu_step(layer, hidden, residual)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name, dtype, batch", [("llama3-8b", "f16", 1), ("llama3-8b", "bf16", 4),
-                                                ("llama3.2-1b", "bf16", 1), ("tiny", "f16", 3)])
-def test_gpu_shared_down_steps_match_reference_step_after_step(name, dtype, batch):
-    """``share_down``: whichever warps take which W_down steps, every step of eight back to back (fresh
-    inputs each) matches the reference with the workspace, the counter and the claim words left zero
-    for the next; a hand-off step computes what the plain step does."""
-    dtype = DTYPES[dtype]
-    layer = DecodeMLP(GPU_MODELS[name], gpu_weights(name, dtype), kernel_options={"share_down": True})
-    assert layer.kernel_spec(dtype, batch).share_down
-    for step in range(8):
-        hidden, residual = random_inputs(layer.config, dtype, batch, seed=60 + step, device="cuda")
-        out = check_gpu_step(layer, hidden, residual)
-    sums = torch.zeros(3, batch, layer.config.hidden_size, device="cuda")
-    sums[0] = hidden.float()
-    sums[2].fill_(float("nan"))
-    layer.handoff(sums[0], residual, sums_out=sums[1], clear=sums[2])
-    torch.cuda.synchronize()
-    assert_rounds_like(sums[1], out)
-    assert (sums[2] == 0).all() and not layer._arrivals.any() and not layer._claims.any()
 
 
 @pytest.mark.gpu

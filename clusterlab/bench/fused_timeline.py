@@ -72,10 +72,10 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
                    {"cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split})
 
 
-def record_mlp_shape(config, weights, dtype, batch, cluster_size=None, warps=None, kernel_options=None):
-    """Time one launch shape of the MLP block (None: the layer's own; ``kernel_options`` as
-    :class:`~clusterlab.fused.mlp.DecodeMLP` takes them) and record one step's stamps: a dict for the JSON."""
-    layer = DecodeMLP(config, weights, cluster_size=cluster_size, warps=warps, kernel_options=kernel_options)
+def record_mlp_shape(config, weights, dtype, batch, cluster_size=None, warps=None):
+    """Time one launch shape of the MLP block (None: the layer's own) and record one step's stamps: a
+    dict for the JSON."""
+    layer = DecodeMLP(config, weights, cluster_size=cluster_size, warps=warps)
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
     want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)

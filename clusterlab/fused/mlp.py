@@ -244,9 +244,8 @@ class DecodeMLP:
     ``clusterlab bench mlp --spec default interleave_inputs=False``; the simulator backend checks
     them and runs its one dataflow.
 
-    One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device (and,
-    with ``share_down``, the blocks' claim words and a buffer for the activations), all left zero
-    or free by every step; do not run one object on two streams at once.
+    One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device,
+    both left zero by every step; do not run one object on two streams at once.
     """
 
     def __init__(self, config: MLPConfig, weights: MLPWeights, *, cluster_size: int | None = None,
@@ -266,15 +265,6 @@ class DecodeMLP:
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
             self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
-            # share_down's claim words (one a block: slices of at least 8 in clusters of at most 16)
-            # and a (see build_mlp_kernel); one element each where the kernel does not touch them
-            from .mlp_kernel import MLPSpec
-
-            share = self.kernel_options.get("share_down", MLPSpec.share_down)
-            blocks = config.intermediate_size // 8 * max(CLUSTER_SIZES) if share else 1
-            self._claims = torch.zeros(blocks, dtype=torch.int32, device=device)
-            self._act = torch.zeros(MAX_BATCH * config.intermediate_size if share else 1, dtype=torch.float32,
-                                    device=device)
 
     def shape(self, batch: int) -> tuple[int, int, int]:
         """``(cluster_size, clusters, warps)`` a step of ``batch`` sequences runs with."""
@@ -360,7 +350,7 @@ class DecodeMLP:
         w = self.weights
         out_acc = self._out_acc[: hidden.shape[0] * self.config.hidden_size] if out_acc is None else out_acc.view(-1)
         return (bits(hidden), bits(residual), bits(w.norm), bits(w.gate), bits(w.up), bits(w.down), bits(out),
-                bits(residual_out), out_acc, self._arrivals, self._claims, self._act)
+                bits(residual_out), out_acc, self._arrivals)
 
 
 def reference_mlp(weights: MLPWeights, hidden: torch.Tensor, residual: torch.Tensor, eps: float):

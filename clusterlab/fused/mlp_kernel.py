@@ -10,9 +10,7 @@ the words of :class:`MLPSpec` upper-cased::
     ROWS                     rows = 2 * inter_slice: the cluster's slots, gate rows then up rows
     K_SLICE, OUT_ROWS        k_slice, out_rows: a block's slice of the hidden size and of W_down's rows
     BATCH, WARPS, THREADS    sequences, warps and threads of a block
-    XS, PARTIAL, ACT, RED    offsets of smem_layout()'s regions (the simulator's shared arrays);
-    HELP                     with ``share_down``, the region helping warps copy another cluster's a into
-    SHARED_STEPS, BLOCKS     shared_steps (a block's W_down steps any warp may claim), clusters * C
+    XS, PARTIAL, ACT, RED    offsets of smem_layout()'s regions (the simulator's shared arrays)
 
 and the variables read as in the simulator: ``cluster``, ``rank``, ``k0``, ``seq``, ``slot``
 (a row of the cluster's W_gate / W_up rows), ``j`` (an element of the cluster's intermediate
@@ -29,7 +27,6 @@ Shared memory (float32 words, one dynamic array, the same offsets in every block
     partial [batch, rows + 4]             gate/up partial dots; column ``rows`` is sum(h^2)
     act     [batch, inter_slice]          a = silu(gate) * up of the cluster's slice, pushed by its owners
     red     [warps, batch]                block reduction of sum(h^2)
-    help    [warps, batch, inter_slice]   (share_down) each warp's copy of the a of a cluster it helps
 """
 
 from __future__ import annotations
@@ -42,16 +39,11 @@ from numba import cuda, float32, int32, uint32
 
 from .. import ptx
 from . import plan
-from .kernel import (FULL_MASK, REGISTERS_PER_THREAD, BlockShape, GemvTile, gemv_tile, make_clear, make_exchange,
-                     make_finish, make_gemv, make_input_projection, make_stamp, region_offsets)
+from .kernel import (REGISTERS_PER_THREAD, BlockShape, GemvTile, gemv_tile, make_clear, make_exchange, make_finish,
+                     make_gemv, make_input_projection, make_stamp, region_offsets)
 from .mlp import MLPConfig
 from .plan import HOPPER, QUAD, DeviceLimits
 
-
-#: Bit 31 of a block's word of ``claims`` (see :func:`build_mlp_kernel`): its cluster's ``a`` is published.
-PUBLISHED = np.int32(-(1 << 31))
-#: What a claim from the back adds to a word of ``claims``.
-BACK = np.int32(1 << 16)
 
 #: What a timeline kernel (``MLPSpec.timeline``) times, as
 #: :data:`~clusterlab.fused.kernel.TIMELINE_PHASES` for the attention kernel: stamp ``i`` ends phase
@@ -78,11 +70,6 @@ class MLPSpec(BlockShape):
     #: :func:`~clusterlab.fused.kernel.input_word`'s interleaved order, each warp load 32 consecutive
     #: words instead of eight-way bank conflicts (see :attr:`inputs_interleaved`)
     interleave_inputs: bool = True
-    #: share the W_down stream between the blocks (see :func:`build_mlp_kernel`): every block's
-    #: first round of steps stays its own, the others are claimed one at a time, and a warp whose
-    #: block has none left takes steps from the back of the block with the most left, so that the
-    #: blocks on SMs with a smaller share of the memory system do not decide when the step ends
-    share_down: bool = False
     #: hand the output on as float32 sums, as :attr:`~clusterlab.fused.kernel.KernelSpec.handoff`
     #: (see :func:`build_mlp_kernel`; :meth:`~clusterlab.fused.DecodeMLP.handoff`)
     handoff: bool = False
@@ -135,13 +122,6 @@ class MLPSpec(BlockShape):
         return gemv_tile("down projection", self.inter_slice // 8, self.out_rows, self.batch, batch_chunk=1)
 
     @property
-    def shared_steps(self) -> int:
-        """The W_down steps of a block that any warp may claim (``share_down``): all but the first
-        round, one step a warp, which stays the block's own."""
-        steps = self.out_rows // self.down_tile().step_rows
-        return max(steps - self.warps, 0) if self.share_down else 0
-
-    @property
     def partial_stride(self) -> int:
         """Words of a sequence's row of ``partial``: gate rows, up rows, then ``sum(h^2)``, padded to a
         whole quad (16 bytes) so that the exchange pulls 16-byte-aligned quads."""
@@ -152,8 +132,6 @@ class MLPSpec(BlockShape):
         b = self.batch
         sizes = {"xs": b * self.k_slice, "partial": b * self.partial_stride, "act": b * self.inter_slice,
                  "red": self.warps * b}
-        if self.share_down:  # each warp's copy of the a it helps with
-            sizes["help"] = self.warps * b * self.inter_slice
         return region_offsets(sizes)
 
     @property
@@ -173,35 +151,15 @@ def build_mlp_kernel(spec: MLPSpec):
         out, residual_out [batch * hidden_size]        outputs
         out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
         arrivals          [cluster_size] int32           zero on entry, left zero on exit
-        claims            [blocks] int32                 zero on entry, left zero on exit (``share_down``)
-        act_out           [batch * intermediate_size] float32   a, published for helping warps (``share_down``)
 
-    (without ``spec.share_down`` the kernel does not touch ``claims`` and ``act_out``), and, with ``spec.timeline``, two more (without it numba compiles the stamps away)::
+    and, with ``spec.timeline``, two more (without it numba compiles the stamps away)::
 
         stamps            [blocks * TIMELINE_STAMPS * 2] uint64   per block and stamp: clock64, globaltimer
         sms               [blocks] uint32                         the SM each block ran on
 
-    Shared W_down steps (``spec.share_down``). Block ``v = cluster * C + rank`` owns the steps of
-    its output rows as without sharing; the first round (step ``warp`` of every warp, loaded before
-    B1) stays its own and the other ``spec.shared_steps`` are claimed on ``claims[v]`` (each warp's
-    claim of its next step goes out a step ahead): its low 16
-    bits count the steps taken from the front (by the block's own warps, in order), bits 16-30 those
-    taken from the back (by other blocks' warps), and bit 31 says that the block's cluster has
-    published its ``a`` in ``act_out``. A claim is one atomic add that returns both counts, so every
-    step is taken once: the claim is good while the two counts it saw add up to fewer than
-    ``shared_steps``. The owners write ``a`` to ``act_out`` with the push of phase 2 and fence it;
-    after B2 each block sets its bit. A warp whose block has no step left reads every block's word,
-    picks the one with the most steps left (at least a round, one a warp: with fewer, the block's own
-    warps finish them first), copies that cluster's ``a`` into its own slice
-    of the ``help`` region and takes steps from the back, adding into the same rows of ``out_acc``;
-    it stops when no published block has that many left (it never waits). Every block then counts
-    in on ``arrivals[0]``; the last of all converts every row (or, handing off, converts nothing)
-    and sets ``claims`` back to zero.
-
     With ``spec.handoff``, as the attention kernel's (:func:`~clusterlab.fused.kernel.build_kernel`):
     ``hidden`` is float32 sums, read rounded to the model dtype; ``out`` is a float32 buffer the
-    step sets to zero; ``out_acc`` is left holding the output sums; ``arrivals`` is not touched
-    but for ``share_down``'s count.
+    step sets to zero; ``out_acc`` is left holding the output sums; ``arrivals`` is not touched.
     """
     H, I, C, CLUSTERS = spec.hidden_size, spec.intermediate_size, spec.cluster_size, spec.clusters
     INTER_SLICE, ROWS, K_SLICE, OUT_ROWS = spec.inter_slice, spec.rows, spec.k_slice, spec.out_rows
@@ -214,9 +172,6 @@ def build_mlp_kernel(spec: MLPSpec):
     down_tile = spec.down_tile()
     DOWN_STEP_ROWS = down_tile.step_rows  # W_down rows a warp step covers
     DOWN_STEPS = OUT_ROWS // DOWN_STEP_ROWS
-    SHARE, SHARED_STEPS, BLOCKS = spec.share_down, spec.shared_steps, CLUSTERS * C
-    HELP = layout.get("help", 0)
-    A_WORDS = BATCH * INTER_SLICE  # a cluster's a, all sequences
 
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
@@ -227,74 +182,10 @@ def build_mlp_kernel(spec: MLPSpec):
     down_load, down_finish, DOWN_WORDS = make_gemv(BATCH, BF16, down_tile, x_stride=INTER_SLICE, out_stride=H,
                                                    atomic=True)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
-    _, convert_all = make_finish(BATCH, H, H, THREADS, BF16)  # share_down: the last block converts every row
-    HELP_MIN = WARPS  # steps a block must have left to be helped: a round of its own warps
     clear = make_clear(BATCH, H, THREADS)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
     stamp, record_sm = make_stamp(spec.timeline, TIMELINE_STAMPS)
-
-    @cuda.jit(device=True, inline=True)
-    def down_w0(rank, cluster, step):
-        """Where block (``cluster``, ``rank``)'s W_down step ``step`` starts: its output rows, the cluster's columns."""
-        return (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE
-
-    @cuda.jit(device=True, inline=True)
-    def claim(claims, v, amount, lane):
-        """Lane 0 adds ``amount`` to ``claims[v]`` (1: a step from the front, BACK: from the back) and
-        returns the word before (the other lanes 0): the claim goes out now, its answer is used later."""
-        old = int32(0)
-        if lane == 0:
-            old = cuda.atomic.add(claims, v, amount)
-        return old
-
-    @cuda.jit(device=True, inline=True)
-    def counts(word):
-        """``(front, back)``: the steps a word of ``claims`` says were taken from each end."""
-        return word & 0xFFFF, (word >> 16) & 0x7FFF
-
-    @cuda.jit(device=True, inline=True)
-    def busiest(claims, lane):
-        """The published block with the most shared steps left, at least HELP_MIN (-1: none), for the
-        whole warp: each lane reads every 32nd word (coherent loads: the words change under it)."""
-        best, most = int32(-1), int32(HELP_MIN - 1)
-        for v in range(lane, BLOCKS, 32):
-            word = ptx.ld_relaxed_gpu_b32(claims, v)
-            front, back = counts(word)
-            if word < 0 and SHARED_STEPS - front - back > most:
-                best, most = int32(v), int32(SHARED_STEPS - front - back)
-        for offset in (16, 8, 4, 2, 1):
-            other_best = cuda.shfl_xor_sync(FULL_MASK, best, offset)
-            other_most = cuda.shfl_xor_sync(FULL_MASK, most, offset)
-            if other_most > most or (other_most == most and other_best > best):
-                best, most = other_best, other_most
-        return best
-
-    @cuda.jit(device=True, inline=True)
-    def help_others(claims, act_out, w_down, out_acc, smem, words, warp, lane):
-        """A warp whose block has no shared step left takes steps from the back of the busiest
-        block's, with that cluster's ``a`` copied into the warp's slice of ``help``, until no
-        published block has HELP_MIN steps left."""
-        slot = HELP + warp * A_WORDS
-        victim = int32(-1)
-        while True:
-            if victim < 0:
-                victim = busiest(claims, lane)
-                if victim < 0:
-                    return
-                cuda.threadfence()  # its bit was set after its cluster's a was written: read a after
-                cuda.syncwarp(FULL_MASK)  # the last step's reads of the slot are done
-                for i in range(lane, A_WORDS, 32):
-                    smem[slot + i] = act_out[victim // C * A_WORDS + i]
-                cuda.syncwarp(FULL_MASK)
-            front, back = counts(cuda.shfl_sync(FULL_MASK, claim(claims, victim, BACK, lane), 0))
-            if front + back < SHARED_STEPS:
-                v_cluster, v_rank, step = victim // C, victim % C, DOWN_STEPS - 1 - back
-                down_load(w_down, down_w0(v_rank, v_cluster, step), I, lane, words)
-                down_finish(words, w_down, down_w0(v_rank, v_cluster, step), I, smem[slot:], 0, out_acc,
-                            v_rank * OUT_ROWS + step * DOWN_STEP_ROWS, lane)
-            if SHARED_STEPS - front - back - 1 < HELP_MIN:
-                victim = -1  # taken, or too few left to be worth it: look again
 
     @cuda.jit(device=True, inline=True)
     def rounded(x):
@@ -302,8 +193,7 @@ def build_mlp_kernel(spec: MLPSpec):
         return to_f32(to_bits(x))
 
     @cuda.jit(device=True, inline=True)
-    def mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, claims, act_out,
-                 stamps, sms):
+    def mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, stamps, sms):
         """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
@@ -322,10 +212,8 @@ def build_mlp_kernel(spec: MLPSpec):
         down_words = cuda.local.array(DOWN_WORDS, uint32)
         step = warp
         if step < DOWN_STEPS:
-            down_load(w_down, down_w0(rank, cluster, step), I, lane, down_words)
-        own = cluster * C + rank  # this block's word of `claims`
-        # share_down: each warp's claim of its next step goes out a step ahead (this one: the barriers ahead)
-        ahead = claim(claims, own, 1, lane) if SHARE else int32(0)
+            down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
+                      down_words)
         stamp(stamps, tid, 1)  # inputs + W_gate/W_up stream
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
@@ -359,51 +247,25 @@ def build_mlp_kernel(spec: MLPSpec):
                 a[i] = rounded(rounded(g / (float32(1.0) + math.exp(-g))) * u)
             if active:
                 push(smem, ACT + seq * INTER_SLICE + j, peer, a[0], a[1], a[2], a[3])
-                if SHARE and peer == 0:  # published for the warps of other blocks that help with ours
-                    for i in range(QUAD):
-                        act_out[cluster * A_WORDS + seq * INTER_SLICE + j + i] = a[i]
-                    cuda.threadfence()
         stamp(stamps, tid, 3)  # act + push
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: a is complete in every block; no DSMEM access after this
         stamp(stamps, tid, 4)  # B2 wait
 
         # -- 3 down: this block's output rows, the cluster's intermediate columns, added into out_acc -----
-        if SHARE and tid == 0:
-            cuda.threadfence()
-            cuda.atomic.or_(claims, own, PUBLISHED)  # a is in act_out: other blocks may take our steps
         while step < DOWN_STEPS:
-            claimed = claim(claims, own, 1, lane) if SHARE else int32(0)  # the step after the next
-            down_finish(down_words, w_down, down_w0(rank, cluster, step), I, smem, ACT, out_acc,
-                        rank * OUT_ROWS + step * DOWN_STEP_ROWS, lane)
-            if SHARE:  # the claim of a step ago: claims only fail once the steps are gone, none is lost
-                front, back = counts(cuda.shfl_sync(FULL_MASK, ahead, 0))
-                step = WARPS + front if front + back < SHARED_STEPS else DOWN_STEPS
-                ahead = claimed
-            else:
-                step += WARPS
+            w0 = (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE
+            down_finish(down_words, w_down, w0, I, smem, ACT, out_acc, rank * OUT_ROWS + step * DOWN_STEP_ROWS, lane)
+            step += WARPS
             if step < DOWN_STEPS:
-                down_load(w_down, down_w0(rank, cluster, step), I, lane, down_words)
-        if SHARE:
-            help_others(claims, act_out, w_down, out_acc, smem, down_words, warp, lane)
+                down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
+                          down_words)
         stamp(stamps, tid, 5)  # W_down stream + red.add
 
         # -- 4 finish: the last block (one a cluster) to add into this block's output rows converts them --
         # (handing the sums on instead: the grid clears `out`, the buffer the kernel before read)
         if HANDOFF:
             clear(out, tid)
-        if SHARE:  # helpers add into any block's rows: the last block of all converts them all
-            finish_arrive(arrivals, 0, BLOCKS, last, tid)
-            stamp(stamps, tid, 6)  # fence + arrive
-            if last[0] == 1:
-                for v in range(tid, BLOCKS, THREADS):
-                    claims[v] = int32(0)
-                if HANDOFF:
-                    if tid == 0:
-                        arrivals[0] = int32(0)
-                else:
-                    convert_all(out, out_acc, arrivals, 0, tid)  # every row; leaves arrivals[0] zero
-        elif HANDOFF:
             stamp(stamps, tid, 6)
         else:
             finish_arrive(arrivals, rank, CLUSTERS, last, tid)
@@ -414,15 +276,13 @@ def build_mlp_kernel(spec: MLPSpec):
 
     if spec.timeline:
         def fused_mlp_timeline(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals,
-                               claims, act_out, stamps, sms):
-            mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, claims,
-                     act_out, stamps, sms)
+                               stamps, sms):
+            mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, stamps, sms)
 
         return fused_mlp_timeline
 
-    def fused_mlp(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, claims, act_out):
-        mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, claims, act_out,
-                 None, None)
+    def fused_mlp(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals):
+        mlp_step(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, None, None)
 
     return fused_mlp
 
@@ -433,7 +293,7 @@ def mlp_kernel_signature(spec: MLPSpec | None = None):
 
     h, f = types.int16[::1], types.float32[::1]
     io = f if spec is not None and spec.handoff else h  # hidden and out (see build_mlp_kernel)
-    signature = (io, h, h, h, h, h, io, h, f, types.int32[::1], types.int32[::1], f)
+    signature = (io, h, h, h, h, h, io, h, f, types.int32[::1])
     if spec is not None and spec.timeline:
         signature += (types.uint64[::1], types.uint32[::1])
     return signature

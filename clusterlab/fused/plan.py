@@ -222,12 +222,10 @@ KERNEL_CHOICES = {
 MLP_KERNEL_CHOICES = {
     "interleave_inputs": "True or False: the CUDA-core gate/up steps read h * norm interleaved in shared memory, "
                          "32 consecutive words a load (True: the default)",
-    "share_down": "True or False: the blocks share the W_down steps, a warp whose block has none left taking "
-                  "steps from the block with the most (False: the default)",
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "share_down")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
