@@ -785,43 +785,36 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
             return rounded_word(words[2 * e % 4]), rounded_word(words[2 * e % 4 + 1])
         return unpack(hx[e])
 
-    chunks = k_slice // 8  # 16-byte chunks of a sequence's slice
-
     @cuda.jit(device=True, inline=True)
     def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid):
-        # The threads take the (sequence, chunk) pairs of the whole batch in turn, so that every
-        # sequence's loads go out at once: a loop over the sequences would wait for each one's
-        # loads before the next (its stores to residual_out, which may be hidden, come first).
-        # A warp's lanes may hold chunks of two sequences: each adds its share of sum(h^2) into
-        # the warp's word of its sequence with a shared-memory atomic.
         lane, warp = tid % 32, tid // 32
-        if lane < batch:
-            smem[red + warp * batch + lane] = float32(0.0)
-        cuda.syncwarp(FULL_MASK)
-        for item in range(tid, batch * chunks, threads):
-            seq, c = item // chunks, item % chunks
-            at = seq * hidden_size + k0 + c * 8
-            hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
-            hy = ptx.ld_global_nc_v4_no_allocate(hidden, at + 4) if float32_hidden else hx
-            rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
-            nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
+        for seq in range(batch):
             ss = float32(0.0)
-            for e in range(4):
-                h_lo, h_hi = hidden_pair(hx, hy, e)
-                r_lo, r_hi = unpack(rx[e])
-                n_lo, n_hi = unpack(nx[e])
-                s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
-                if writes_residual:
-                    residual_out[at + 2 * e] = to_bits(s_lo)
-                    residual_out[at + 2 * e + 1] = to_bits(s_hi)
-                ss += s_lo * s_lo + s_hi * s_hi
-                if interleaved:
-                    smem[xs + seq * k_slice + device_input_word(c, 2 * e, k_slice, True)] = s_lo * n_lo
-                    smem[xs + seq * k_slice + device_input_word(c, 2 * e + 1, k_slice, True)] = s_hi * n_hi
-                else:
-                    smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
-                    smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
-            cuda.atomic.add(smem, red + warp * batch + seq, ss)
+            for c in range(tid, k_slice // 8, threads):
+                at = seq * hidden_size + k0 + c * 8
+                hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
+                hy = ptx.ld_global_nc_v4_no_allocate(hidden, at + 4) if float32_hidden else hx
+                rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
+                nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
+                for e in range(4):
+                    h_lo, h_hi = hidden_pair(hx, hy, e)
+                    r_lo, r_hi = unpack(rx[e])
+                    n_lo, n_hi = unpack(nx[e])
+                    s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
+                    if writes_residual:
+                        residual_out[at + 2 * e] = to_bits(s_lo)
+                        residual_out[at + 2 * e + 1] = to_bits(s_hi)
+                    ss += s_lo * s_lo + s_hi * s_hi
+                    if interleaved:
+                        smem[xs + seq * k_slice + device_input_word(c, 2 * e, k_slice, True)] = s_lo * n_lo
+                        smem[xs + seq * k_slice + device_input_word(c, 2 * e + 1, k_slice, True)] = s_hi * n_hi
+                    else:
+                        smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
+                        smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
+            for offset in (16, 8, 4, 2, 1):
+                ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
+            if lane == 0:
+                smem[red + warp * batch + seq] = ss
 
     @cuda.jit(device=True, inline=True)
     def sum_squares(smem, red, warps, dst, stride, tid):
