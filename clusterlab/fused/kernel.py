@@ -70,7 +70,7 @@ of 16 share an SM, and all their clusters run at once::
     scratch m, l [groups, G], acc [groups, G, head_dim]   per key-group softmax states
     state   m, l [batch, G], acc [batch, G, head_dim]     the block's softmax state
     o       [batch, G * head_dim]         merged attention output, pushed by its owners
-    red     [warps, batch]                block reduction of sum(h^2)
+    red     [batch, norm_shares]          shares of sum(h^2), one for each 256 elements of the slice
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ class KernelSpec(BlockShape):
         """Words (float32) of each shared region (see the module docstring)."""
         g, d, b = self.group, self.head_dim, self.batch
         groups = self.warps * self.attention_groups + b  # + one group per sequence for its new token
-        return {"xs": b * self.k_slice, "partial": b * self.partial_stride, "red": self.warps * b,
+        return {"xs": b * self.k_slice, "partial": b * self.partial_stride, "red": b * norm_shares(self.k_slice),
                 "qkv": b * self.rows, "state_m": b * g, "state_l": b * g, "state_acc": b * g * d,
                 "scratch_m": groups * g, "scratch_l": groups * g, "scratch_acc": groups * g * d,
                 "o": b * self.attn_width}
@@ -745,6 +745,13 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     return gemv_load, gemv_finish, words
 
 
+def norm_shares(k_slice: int) -> int:
+    """Words a sequence's ``sum(h^2)`` over a hidden slice of ``k_slice`` elements is left in by
+    :func:`make_norm_inputs` (one a warp's 32 lanes of 16-byte chunks, 256 elements), the size of a
+    sequence's row of the kernels' ``red`` region."""
+    return -(-k_slice // 256)
+
+
 def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, bf16: bool,
                      interleaved: bool = False, float32_hidden: bool = False):
     """Device functions of the first phase of a kernel that starts from ``RMSNorm(hidden + residual)``.
@@ -753,9 +760,9 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     the block's threads add ``hidden + residual`` (16-bit ``[batch, hidden_size]``) on the hidden
     slice ``k0 .. k0 + k_slice``, write the sums to ``residual_out`` where ``writes_residual``,
     keep ``h * norm`` (float32) at ``smem[xs + seq*k_slice + k]`` (element ``k`` of the slice; with
-    ``interleaved`` at :func:`input_word` of its chunk and element instead) and each warp's share of
-    ``sum(h^2)`` at ``smem[red + warp*batch + seq]``. After a ``syncthreads``,
-    ``sum_squares(smem, red, warps, dst, stride, tid)`` adds up the warps' shares: sequence
+    ``interleaved`` at :func:`input_word` of its chunk and element instead) and the shares of
+    ``sum(h^2)`` at ``smem[red + seq*norm_shares(k_slice) + i]`` (:func:`norm_shares`). After a
+    ``syncthreads``, ``sum_squares(smem, red, dst, stride, tid)`` adds up the shares: sequence
     ``seq``'s ``sum(h^2)`` at ``smem[dst + seq*stride]``. The normalisation itself,
     ``rsqrt(mean(h^2) + eps)``, is left to whoever sums the dots of ``h * norm``. After another
     ``syncthreads``, ``scale_inputs(smem, xs, dst, stride, tid)`` divides each sequence's
@@ -785,12 +792,27 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
             return rounded_word(words[2 * e % 4]), rounded_word(words[2 * e % 4 + 1])
         return unpack(hx[e])
 
+    # The threads take the (sequence, chunk) pairs of the whole batch in turn, so that every
+    # sequence's loads go out at once (a loop over the sequences would wait for each one's loads
+    # before the next: its stores to residual_out, which may be hidden, come first). A sequence's
+    # chunks are padded to `span` pairs, a power of two up to 32 or a multiple of 32, so that a
+    # segment of `segment` lanes of a warp holds chunks of one sequence only: shuffles within the
+    # segment add up its share of sum(h^2), and its first lane stores it in the segment's own word.
+    chunks = k_slice // 8  # 16-byte chunks of a sequence's slice
+    span = 1 << (chunks - 1).bit_length() if chunks <= 32 else norm_shares(k_slice) * 32
+    segment = min(span, 32)
+    offsets = tuple(1 << i for i in reversed(range(segment.bit_length() - 1)))
+    pairs = batch * span
+    warp_pairs = -(-pairs // 32) * 32  # a warp's lanes all take a pair or none (the shuffles)
+    shares = norm_shares(k_slice)
+
     @cuda.jit(device=True, inline=True)
     def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid):
-        lane, warp = tid % 32, tid // 32
-        for seq in range(batch):
+        lane = tid % 32
+        for item in range(tid, warp_pairs, threads):
+            seq, c = item // span, item % span
             ss = float32(0.0)
-            for c in range(tid, k_slice // 8, threads):
+            if item < pairs and c < chunks:
                 at = seq * hidden_size + k0 + c * 8
                 hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
                 hy = ptx.ld_global_nc_v4_no_allocate(hidden, at + 4) if float32_hidden else hx
@@ -811,17 +833,17 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
                     else:
                         smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
                         smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
-            for offset in (16, 8, 4, 2, 1):
+            for offset in offsets:
                 ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
-            if lane == 0:
-                smem[red + warp * batch + seq] = ss
+            if lane % segment == 0 and item < pairs:
+                smem[red + item // segment] = ss  # = seq * shares + c // 32
 
     @cuda.jit(device=True, inline=True)
-    def sum_squares(smem, red, warps, dst, stride, tid):
+    def sum_squares(smem, red, dst, stride, tid):
         if tid < batch:
             total = float32(0.0)
-            for i in range(warps):
-                total += smem[red + i * batch + tid]
+            for i in range(shares):
+                total += smem[red + tid * shares + i]
             smem[dst + tid * stride] = total
 
     @cuda.jit(device=True, inline=True)
@@ -841,7 +863,7 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
 
     ``project(hidden, residual, norm, residual_out, w_first, first0, w_second, second0, smem, k0,
     writes_residual, tid)``: :func:`make_norm_inputs`'s phase on the slice ``k0 .. k0 + k_slice``
-    (``h * norm`` at ``smem[xs ..]``, each warp's ``sum(h^2)`` at ``smem[red ..]``), then the warps
+    (``h * norm`` at ``smem[xs ..]``, the shares of ``sum(h^2)`` at ``smem[red ..]``), then the warps
     take the :func:`make_gemv` steps of ``tile`` over ``rows`` slots in turn: slot ``s <
     first_rows`` is row ``first0 + s`` of ``w_first``, slot ``s >= first_rows`` row ``second0 + s -
     first_rows`` of ``w_second`` (16-bit ``[*, hidden_size]`` each); a step's slots never straddle
@@ -907,7 +929,7 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
         if step < steps:
             step_load(w_first, first0, w_second, second0, step, k0, lane, words)
         cuda.syncthreads()
-        sum_squares(smem, red, warps, partial + rows, partial_stride, tid)
+        sum_squares(smem, red, partial + rows, partial_stride, tid)
         if scaled:  # see scales_inputs
             cuda.syncthreads()
             scale_inputs(smem, xs, partial + rows, partial_stride, tid)
@@ -1519,7 +1541,7 @@ def build_kernel(spec: KernelSpec):
             qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H,
                      lane, qkv_words)
         cuda.syncthreads()
-        sum_squares(smem, RED, WARPS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
+        sum_squares(smem, RED, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
         if QKV_SCALED:  # see scales_inputs
             cuda.syncthreads()
             scale_inputs(smem, XS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)

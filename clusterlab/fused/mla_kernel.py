@@ -56,7 +56,7 @@ from .. import ptx
 from . import plan
 from .config import is_int
 from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, MmaTile, gemv_tile, make_exchange, make_finish,
-                     make_gemv, make_input_projection, region_offsets)
+                     make_gemv, make_input_projection, norm_shares, region_offsets)
 from .mla import LATENT_RMS_EPS, MLAConfig
 from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
 
@@ -190,7 +190,8 @@ class MLASpec(BlockShape):
     def projections_layout(self) -> dict[str, int]:
         b = self.batch
         return region_offsets({"xs": b * self.k_slice, "partial": b * self.partial_stride,
-                               "q_nope": b * self.qk_nope_head_dim, "red": self.warps * b})
+                               "q_nope": b * self.qk_nope_head_dim,
+                               "red": b * norm_shares(self.k_slice)})
 
     @property
     def attention_warps(self) -> int:

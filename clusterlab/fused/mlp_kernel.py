@@ -26,7 +26,7 @@ Shared memory (float32 words, one dynamic array, the same offsets in every block
     xs      [batch, k_slice]              h * norm on this block's hidden slice
     partial [batch, rows + 4]             gate/up partial dots; column ``rows`` is sum(h^2)
     act     [batch, inter_slice]          a = silu(gate) * up of the cluster's slice, pushed by its owners
-    red     [warps, batch]                block reduction of sum(h^2)
+    red     [batch, norm_shares]          shares of sum(h^2), one for each 256 elements of the slice
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from numba import cuda, float32, int32, uint32
 from .. import ptx
 from . import plan
 from .kernel import (REGISTERS_PER_THREAD, BlockShape, GemvTile, gemv_tile, make_clear, make_exchange, make_finish,
-                     make_gemv, make_input_projection, make_stamp, region_offsets)
+                     make_gemv, make_input_projection, make_stamp, norm_shares, region_offsets)
 from .mlp import MLPConfig
 from .plan import HOPPER, QUAD, DeviceLimits
 
@@ -131,7 +131,7 @@ class MLPSpec(BlockShape):
         """Offsets (float32 words) of each shared region, and ``"total"``."""
         b = self.batch
         sizes = {"xs": b * self.k_slice, "partial": b * self.partial_stride, "act": b * self.inter_slice,
-                 "red": self.warps * b}
+                 "red": b * norm_shares(self.k_slice)}
         return region_offsets(sizes)
 
     @property
