@@ -219,7 +219,7 @@ def test_the_handoff_kernel_drops_the_finish_and_keeps_the_register_budget(confi
 
 @pytest.mark.ptx
 @pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, head_split, spill",
-                         [(LLAMA3_8B, False, 1, 16, 4, 2, 0), (QWEN2_5_7B, True, 4, 8, 4, 7, 8),
+                         [(LLAMA3_8B, False, 1, 16, 4, 2, 0), (QWEN2_5_7B, True, 4, 8, 4, 7, 16),
                           (QWEN2_5_7B, False, 1, 16, 4, 2, 16)],
                          ids=["llama3-8b-f16-b1", "qwen2.5-7b-bf16-b4", "qwen2.5-7b-f16-b1-two-parts"])
 def test_the_position_split_gives_a_cluster_all_query_heads_and_counts_the_parts_in(config, bf16, batch,
