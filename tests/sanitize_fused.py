@@ -18,6 +18,9 @@ nothing to attend), plain and handed off; ``python tests/sanitize_fused.py split
 Then the long-cache shape of a GQA preset at a batch of 1 to 4 (one cluster of 16 x 8 warps a KV
 head, :func:`~clusterlab.fused.plan.launch_shape` from the batch's ``LONG_CACHE`` rows; Qwen2.5-7B, with its
 QKV bias), plain and handed off; ``python tests/sanitize_fused.py long`` runs those alone.
+Then a batch split over two and three sets of clusters (``KernelSpec.batch_parts``: each set its
+share's slices of the arguments and counters of its own), once with the positions split too, plain
+and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -53,6 +56,13 @@ SPLIT_SHAPES = [
      {"cluster_size": 4, "warps": 4, "head_split": 4, "kernel_options": {"split_positions": True}}, [1000, 0, 333],
      torch.float16),
 ]
+PARTS_SHAPES = [
+    (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
+     {"cluster_size": 4, "head_split": 1, "kernel_options": {"batch_parts": 2}}, [0, 37, 300, 5], torch.bfloat16),
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 2, "kernel_options": {"batch_parts": 3, "split_positions": True}},
+     [1000, 0, 333], torch.float16),
+]
 LONG_SHAPES = [
     (PRESETS["qwen2.5-7b"], {"cluster_size": 16, "warps": 8, "head_split": 1}, [300, 0, 77], torch.float16),
 ]
@@ -81,7 +91,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split" or "long"
+only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split", "long" or "parts"
 failures = 0
 if only is None:
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
@@ -93,4 +103,7 @@ if only in (None, "split"):
 if only in (None, "long"):
     failures += run_steps(LONG_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(LONG_SHAPES)
+if only in (None, "parts"):
+    failures += run_steps(PARTS_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+    failures += handoff_steps(PARTS_SHAPES)
 exit_with(failures)

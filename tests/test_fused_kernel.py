@@ -249,6 +249,30 @@ def test_the_position_split_gives_a_cluster_all_query_heads_and_counts_the_parts
     assert assemble(ptx).spill_bytes <= spill
 
 
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, bf16, batch, cluster_size, head_split, parts, spill",
+                         [(LLAMA3_8B, False, 8, 8, 1, 2, 32), (QWEN2_5_7B, True, 4, 16, 1, 2, 0)],
+                         ids=["llama3-8b-f16-b8-two-sets", "qwen2.5-7b-bf16-b4-two-sets"])
+def test_a_batch_split_runs_the_kernel_of_a_share_on_each_set_of_clusters(config, bf16, batch, cluster_size,
+                                                                        head_split, parts, spill):
+    """``batch_parts``: the grid is ``parts`` sets of the clusters that step ``batch // parts``
+    sequences, each block the shared memory and launch bound of that smaller step; the same
+    barriers and counters a block, no local memory, and the spill of slicing the arguments
+    (``docs/fused-decode-notes.md``, v22) within ``spill`` bytes."""
+    from clusterlab.toolchain import assemble
+
+    share = KernelSpec.of(config, bf16, batch // parts, cluster_size, 8, head_split)
+    split = KernelSpec.of(config, bf16, batch, cluster_size, 8, head_split, batch_parts=parts)
+    assert (split.batch, split.step_batch, split.batch_parts) == (batch // parts, batch, parts)
+    assert (split.part_clusters, split.clusters) == (share.clusters, parts * share.clusters)
+    assert (split.shared_bytes, split.min_blocks_per_sm) == (share.shared_bytes, share.min_blocks_per_sm)
+    plain, ptx = spec_ptx(share), spec_ptx(split)
+    for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire", "atom.global.add.u32"):
+        assert ptx.count(instruction) == plain.count(instruction), instruction
+    assert "st.local" not in ptx
+    assert assemble(ptx).spill_bytes <= spill
+
+
 def _random_inputs(config, dtype, batch, capacity, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     hidden = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
@@ -456,6 +480,30 @@ def test_the_position_split_matches_the_reference(config, batch, dtype, options,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, batch, dtype, options, steps",
+    [(LLAMA3_8B, 8, torch.float16, {"cluster_size": 8, "warps": 8, "head_split": 1},
+      [[300, 41, 5, 0, 77, 6000, 16, 33], 4097]),
+     (QWEN2_5_7B, 4, torch.bfloat16, {"cluster_size": 16, "warps": 8, "head_split": 1}, [[9000, 0, 17, 300], 1]),
+     (LLAMA3_2_1B, 8, torch.float16, {"kernel_options": {"batch_parts": 4}}, [[0, 1, 2, 3, 1000, 20000, 7, 64]]),
+     (QWEN2_5_7B, 4, torch.float16, {"cluster_size": 16, "head_split": 2, "kernel_options": {"split_positions": True}},
+      [[5000, 0, 17, 300]])],
+    ids=["llama3-8b-b8-f16", "qwen2.5-7b-b4-bf16", "llama3.2-1b-b8-four-sets", "qwen2.5-7b-b4-positions-split"],
+)
+def test_a_batch_split_over_sets_of_clusters_matches_the_reference(config, batch, dtype, options, steps):
+    """``kernel_options={"batch_parts": 2}`` (or 4): each set of clusters steps its share of a ragged
+    batch (empty caches, 20K beside a few rows) as the rule's one launch would, with the positions
+    split too; every output written, each set's counters left zero (``_check_steps``)."""
+    options = dict(options)
+    kernel_options = {"batch_parts": 2, **options.pop("kernel_options", {})}
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=41)
+    layer = DecodeAttention(config, weights, kernel_options=kernel_options, **options)
+    spec = layer.kernel_spec(dtype, batch)
+    assert spec.step_batch == batch and spec.clusters == spec.batch_parts * spec.part_clusters
+    _check_steps(layer, dtype, batch, steps)
+
+
+@pytest.mark.gpu
 def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp_path):
     """``clusterlab bench fused --spec default kv_pipeline=False`` in small: one row a kernel, each
     checked against the reference, the options and the driver in the results file."""
@@ -512,8 +560,11 @@ def test_the_benchmark_skips_a_variant_a_batch_cannot_run(tmp_path, capsys):
     [(LLAMA3_8B, {}, [700], torch.float16), (LLAMA3_8B, {}, [5, 300, 0, 77], torch.bfloat16),
      (SMALL["gqa-d64-gptj-c16"], {"cluster_size": 4, "head_split": 2}, [3, 40, 0], torch.float16),
      (SMALL["mha-d128"], {"cluster_size": 8, "warps": 8}, [130, 5, 64, 9, 1, 0, 12, 300], torch.bfloat16),
-     (LLAMA3_8B, {"kernel_options": {"split_positions": True}}, [5, 3000, 0, 77], torch.bfloat16)],
-    ids=["llama3-8b-b1", "llama3-8b-b4-bf16", "gqa-split-b3", "mha-b8-bf16", "llama3-8b-b4-bf16-positions-split"],
+     (LLAMA3_8B, {"kernel_options": {"split_positions": True}}, [5, 3000, 0, 77], torch.bfloat16),
+     (QWEN2_5_7B, {"cluster_size": 16, "warps": 8, "head_split": 1, "kernel_options": {"batch_parts": 2}},
+      [5, 3000, 0, 77], torch.bfloat16)],
+    ids=["llama3-8b-b1", "llama3-8b-b4-bf16", "gqa-split-b3", "mha-b8-bf16", "llama3-8b-b4-bf16-positions-split",
+         "qwen2.5-7b-b4-batch-parts"],
 )
 def test_a_handoff_step_computes_what_the_plain_step_does(config, options, positions, dtype):
     """``DecodeAttention.handoff`` against ``__call__`` on the same inputs: ``hidden`` as float32 sums

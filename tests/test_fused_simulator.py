@@ -343,6 +343,44 @@ def test_the_layer_runs_the_position_split_on_the_simulator():
                                                  for s in (0, 1)]
 
 
+@pytest.mark.parametrize("head_split, split_positions", [(1, False), (2, False), (2, True)])
+def test_a_batch_split_over_sets_of_clusters_runs_each_set_on_its_own_sequences(head_split, split_positions):
+    """``kernel_options={"batch_parts": 2}`` on the simulator backend: each set of clusters steps its
+    half of a ragged batch (an empty cache among them) into the reference's answer, and the trace
+    names each set's sequences; a count that does not divide the batch is refused by name."""
+    config, cluster_size = CASES[3][0], 4
+    batch = 4
+    weights = AttentionWeights.random(config, torch.float16, seed=11)
+    options = {"batch_parts": 2, "split_positions": split_positions}
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=head_split, kernel_options=options)
+    cache = KVCache.random(config, batch, 300, torch.float16, seed=12)
+    before = cache.clone()
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    positions = torch.tensor([250, 0, 37, 129], dtype=torch.int32)
+    want = reference_step(config, weights, hidden, residual, before, positions)
+    out = torch.full_like(hidden, float("nan"))
+    new_residual = torch.full_like(hidden, float("nan"))
+    layer(hidden, residual, cache, positions, out=out, residual_out=new_residual)
+    assert relative_error(out, want.out) < TOLERANCE
+    assert relative_error(new_residual, want.residual) < TOLERANCE
+    rows = torch.arange(batch)
+    assert relative_error(cache.k[rows, :, positions.long()], want.k) < TOLERANCE
+    assert relative_error(cache.v[rows, :, positions.long()], want.v) < TOLERANCE
+    traces = []
+    simulated_step(config, weights, hidden, residual, before.clone(), positions, cluster_size, traces, head_split,
+                   split_positions=split_positions, batch_parts=2)
+    sets = config.kv_heads * head_split  # traces a set of clusters
+    assert len(traces) == 2 * sets
+    assert all(trace.title.endswith(", sequences 0..1") for trace in traces[:sets])
+    assert all(trace.title.endswith(", sequences 2..3") for trace in traces[sets:])
+    spec = layer.kernel_spec(torch.float16, batch)
+    assert (spec.batch, spec.step_batch, spec.clusters) == (2, 4, 2 * spec.part_clusters)
+    with pytest.raises(ValueError, match=r"batch_parts \(2\) must divide the batch \(3\)"):
+        layer(hidden[:3], residual[:3], KVCache.random(config, 3, 300, torch.float16), 5)
+    with pytest.raises(ValueError, match=r"kernel_options: batch_parts=9; allowed: an int from 1 to 8"):
+        DecodeAttention(config, weights, kernel_options={"batch_parts": 9})
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monkeypatch, dtype):
     """``longest`` (or an int position) picks the launch shape and nothing else: a tiny GQA layer on

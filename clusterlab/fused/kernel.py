@@ -7,7 +7,8 @@ constants are the words of :class:`KernelSpec` upper-cased::
 
     H, D, G, C               hidden_size, head_dim, group (query heads of a cluster), cluster_size
     HEADS, KV_HEADS          heads, kv_heads
-    HEAD_SPLIT, BATCH        head_split (clusters per KV head), batch (sequences)
+    HEAD_SPLIT, BATCH        head_split (clusters per KV head), batch (sequences of a batch part)
+    BATCH_PARTS              batch_parts: sets of clusters the step's batch is split over
     PARTS, QUERY_SPLIT       parts, query_split: the clusters of a KV head split its cached positions
                              (PARTS = HEAD_SPLIT) or its query heads (QUERY_SPLIT = HEAD_SPLIT)
     ROWS                     rows: the cluster's W_qkv rows, slots 0..G-1 query heads, G key, G+1 value
@@ -81,7 +82,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, int32, int64, uint32
 from numba.cuda import libdevice
 
 from .. import ptx
@@ -191,6 +192,9 @@ class KernelSpec(BlockShape):
     #: the ``head_split`` clusters of a KV head split its cached positions, each with all its query
     #: heads, instead of its query heads (see :attr:`parts`)
     split_positions: bool = False
+    #: sets of clusters the step's sequences are split over, ``batch`` sequences each (see
+    #: :attr:`step_batch`, :attr:`clusters`)
+    batch_parts: int = 1
     #: hand the output on as float32 sums (see :func:`build_kernel`): ``hidden`` is the float32 sums
     #: of the kernel before (read rounded to the model dtype), the output is left in ``out_acc`` for
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
@@ -203,9 +207,16 @@ class KernelSpec(BlockShape):
     def of(cls, config: AttentionConfig, bf16: bool, batch: int, cluster_size: int, warps: int,
            head_split: int = 1, limits: DeviceLimits = HOPPER, **switches) -> KernelSpec:
         """The spec of one launch shape on a GPU with ``limits``, the fields after ``limits`` set as
-        ``switches`` give them (a layer's ``kernel_options``; raises where it cannot be built)."""
+        ``switches`` give them (a layer's ``kernel_options``; raises where it cannot be built).
+        ``batch``: the step's sequences; with ``batch_parts`` each set of clusters takes ``batch //
+        batch_parts`` of them (the spec's ``batch``)."""
         check_cluster_size(config, cluster_size)
         check_head_split(config, head_split, switches.get("split_positions", False))
+        batch_parts = switches.get("batch_parts", 1)
+        if batch % batch_parts:
+            raise ValueError(f"batch_parts ({batch_parts}) must divide the batch ({batch}): each set of clusters "
+                             "takes as many sequences")
+        batch //= batch_parts
         if warps < batch:
             raise ValueError(f"warps ({warps}) must be at least batch ({batch}): attention gives each sequence a warp")
         spec = cls(config.hidden_size, config.heads, config.kv_heads, config.head_dim,
@@ -242,8 +253,19 @@ class KernelSpec(BlockShape):
         return self.heads // self.kv_heads // self.query_split
 
     @property
-    def clusters(self) -> int:
+    def step_batch(self) -> int:
+        """Sequences of the whole step: ``batch`` in each of the ``batch_parts`` sets of clusters."""
+        return self.batch * self.batch_parts
+
+    @property
+    def part_clusters(self) -> int:
+        """Clusters of one set, the step of ``batch`` sequences: ``head_split`` a KV head."""
         return self.kv_heads * self.head_split
+
+    @property
+    def clusters(self) -> int:
+        """Clusters of the grid: :attr:`part_clusters` for each of the ``batch_parts`` sets."""
+        return self.part_clusters * self.batch_parts
 
     @property
     def rows(self) -> int:
@@ -381,10 +403,16 @@ class KernelSpec(BlockShape):
     def shared_bytes(self) -> int:
         return 4 * self.smem_layout()["total"]
 
+    @property
+    def arrival_words(self) -> int:
+        """Arrival counters (int32) of one set of clusters: the finish's, one a rank, then the parts'
+        of each (KV head, rank)."""
+        return self.cluster_size * (1 + self.kv_heads)
+
     def part_state_words(self) -> int:
-        """Words (float32) of the parts' softmax states in device memory (one word where
-        :attr:`parts` is 1): ``acc [kv_heads, parts, batch, attn_width]``, then ``m`` and ``l``
-        ``[kv_heads, parts, batch, group]`` each."""
+        """Words (float32) of the parts' softmax states in device memory of one set of clusters (one
+        word where :attr:`parts` is 1): ``acc [kv_heads, parts, batch, attn_width]``, then ``m`` and
+        ``l`` ``[kv_heads, parts, batch, group]`` each."""
         if self.parts == 1:
             return 1
         return self.kv_heads * self.parts * self.batch * (self.attn_width + 2 * self.group)
@@ -1384,20 +1412,25 @@ def build_kernel(spec: KernelSpec):
 
     Arguments (16-bit tensors passed as flat int16 views, row-major)::
 
-        hidden, residual  [batch * hidden_size]        inputs
+        hidden, residual  [step_batch * hidden_size]   inputs
         norm              [hidden_size]
         w_qkv             [qkv_rows * hidden_size]
         qkv_bias          [qkv_rows] (read only when spec.bias)
         w_o               [hidden_size * heads * head_dim]
-        k_cache, v_cache  [batch * kv_heads * capacity * head_dim]   row positions[b] of sequence b written
+        k_cache, v_cache  [step_batch * kv_heads * capacity * head_dim]   row positions[b] of sequence b written
         rope              [capacity * 2 * head_dim/2] float32        cos, sin per position
-        out, residual_out [batch * hidden_size]        outputs
-        out_acc           [batch * hidden_size] float32  zero on entry, left zero on exit
-        arrivals          [cluster_size * (1 + kv_heads)] int32   zero on entry, left zero on exit:
-                          [0, C) the finish's, then the parts' of each (KV head, rank)
-        part_states       [spec.part_state_words()] float32   the parts' softmax states (split positions)
-        positions         [batch] int32                  each sequence's new token
+        out, residual_out [step_batch * hidden_size]   outputs
+        out_acc           [step_batch * hidden_size] float32  zero on entry, left zero on exit
+        arrivals          [batch_parts * arrival_words] int32   zero on entry, left zero on exit: of each
+                          set of clusters [0, C) the finish's, then the parts' of each (KV head, rank)
+        part_states       [batch_parts * part_state_words()] float32   the parts' softmax states (split positions)
+        positions         [step_batch] int32             each sequence's new token
         capacity          int32
+
+    (``step_batch = batch * batch_parts``.) With ``spec.batch_parts > 1`` the grid is that many sets of
+    ``spec.part_clusters`` clusters, set ``p`` the step of sequences ``p * batch ..`` alone: it sees its
+    slice of every argument that has a batch (and its own counters and states), as a launch of
+    ``batch`` sequences would, and shares the weights and the RoPE table with the other sets.
 
     and, with ``spec.timeline``, two more::
 
@@ -1426,6 +1459,8 @@ def build_kernel(spec: KernelSpec):
     kernel is the one :class:`~clusterlab.fused.DecodeAttention` launches.
     """
     H, HEADS, KV_HEADS, D, HEAD_SPLIT = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim, spec.head_split
+    BATCH_PARTS, PART_BLOCKS = spec.batch_parts, spec.part_clusters * spec.cluster_size  # sets, blocks a set
+    ARRIVAL_WORDS, PART_STATE_WORDS = spec.arrival_words, spec.part_state_words()  # of a set
     PARTS, QUERY_SPLIT = spec.parts, spec.query_split  # HEAD_SPLIT = PARTS * QUERY_SPLIT
     SPLIT = PARTS > 1
     G, ROWS, C, BATCH, WARPS, THREADS = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
@@ -1481,7 +1516,7 @@ def build_kernel(spec: KernelSpec):
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,
                                                               spec.inputs_interleaved, HANDOFF)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
-    clear = make_clear(BATCH, H, THREADS)
+    clear = make_clear(BATCH * BATCH_PARTS, H, THREADS)  # the whole step's buffer
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
@@ -1515,14 +1550,15 @@ def build_kernel(spec: KernelSpec):
 
     @cuda.jit(device=True, inline=True)
     def decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
-                    out_acc, arrivals, part_states, positions, capacity, stamps, sms):
-        """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
+                    out_acc, arrivals, part_states, positions, capacity, stamps, sms, block):
+        """Block ``block`` of a set of clusters: its step of ``BATCH`` sequences, the arguments those
+        of the set (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        cluster = cuda.blockIdx.x // C
+        cluster = block // C
         kv_head = cluster // HEAD_SPLIT
         part = cluster % HEAD_SPLIT if SPLIT else 0  # of the KV head's cached positions
         query_block = kv_head if SPLIT else cluster  # its query heads query_block*G .., W_o columns *ATTN_WIDTH ..
@@ -1783,18 +1819,38 @@ def build_kernel(spec: KernelSpec):
                 finish_convert(out, out_acc, arrivals, rank, tid)
         stamp(stamps, tid, 12)  # finish
 
+    @cuda.jit(device=True, inline=True)
+    def decode_part(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+                    out_acc, arrivals, part_states, positions, capacity, stamps, sms):
+        """The block's set of clusters (of ``BATCH_PARTS``) steps its ``BATCH`` sequences: their
+        slices of the arguments, the set's counters and states (a hand-off's ``out``, which the
+        grid clears, whole)."""
+        if BATCH_PARTS == 1:  # the arguments as they are (slices cost registers)
+            decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+                        out_acc, arrivals, part_states, positions, capacity, stamps, sms, cuda.blockIdx.x)
+            return
+        p, block = cuda.blockIdx.x // PART_BLOCKS, cuda.blockIdx.x % PART_BLOCKS
+        rows = slice(p * BATCH * H, (p + 1) * BATCH * H)
+        cache_words = int64(BATCH * KV_HEADS * D) * capacity
+        cache = slice(p * cache_words, (p + 1) * cache_words)
+        decode_step(hidden[rows], residual[rows], norm, w_qkv, qkv_bias, w_o, k_cache[cache], v_cache[cache], rope,
+                    out if HANDOFF else out[rows], residual_out[rows], out_acc[rows],
+                    arrivals[p * ARRIVAL_WORDS:(p + 1) * ARRIVAL_WORDS],
+                    part_states[p * PART_STATE_WORDS:(p + 1) * PART_STATE_WORDS],
+                    positions[p * BATCH:(p + 1) * BATCH], capacity, stamps, sms, block)
+
     if TIMELINE:
         def fused_decode_attention_timeline(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
                                             residual_out, out_acc, arrivals, part_states, positions, capacity, stamps,
                                             sms):
-            decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+            decode_part(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
                         out_acc, arrivals, part_states, positions, capacity, stamps, sms)
 
         return fused_decode_attention_timeline
 
     def fused_decode_attention(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
                                residual_out, out_acc, arrivals, part_states, positions, capacity):
-        decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+        decode_part(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
                     out_acc, arrivals, part_states, positions, capacity, None, None)
 
     return fused_decode_attention

@@ -34,7 +34,15 @@ import numpy as np
 import torch
 
 from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _check_dtype, rope_table
-from .plan import CLUSTER_SIZES, DeviceLimits, check_cluster_size, check_head_split, check_kernel_options, launch_shape
+from .plan import (
+    CLUSTER_SIZES,
+    MAX_BATCH_PARTS,
+    DeviceLimits,
+    check_cluster_size,
+    check_head_split,
+    check_kernel_options,
+    launch_shape,
+)
 from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
                        check_weights, resolve_backend)
 
@@ -77,7 +85,7 @@ class DecodeAttention:
     :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
     the launch rule would choose otherwise, its outputs correct either way (the names and values of
     :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``,
-    ``overlay``, ``split_positions``), for measurements such as ``clusterlab bench fused --spec
+    ``overlay``, ``split_positions``, ``batch_parts``), for measurements such as ``clusterlab bench fused --spec
     registers=168``; the simulator backend checks them and runs its dataflow (with or without the
     positions split).
 
@@ -110,12 +118,15 @@ class DecodeAttention:
 
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
-            self._arrivals = torch.zeros(max(CLUSTER_SIZES) * (1 + config.kv_heads), dtype=torch.int32, device=device)
+            # the counters of each set of clusters (KernelSpec.arrival_words), as many sets as the batch may have
+            self._arrivals = torch.zeros(MAX_BATCH_PARTS * max(CLUSTER_SIZES) * (1 + config.kv_heads),
+                                         dtype=torch.int32, device=device)
             # the parts' softmax states (KernelSpec.part_state_words) at the largest batch, for the head split
-            # given or the largest the rule chooses (all the query heads), a state (head_dim + 2 words) of each
+            # given or the largest the rule chooses (all the query heads), a state (head_dim + 2 words) of each;
+            # at least a word for each set of clusters
             parts = (head_split or config.group_size) if split_positions else 0
             words = config.kv_heads * parts * MAX_BATCH * config.group_size * (config.head_dim + 2)
-            self._part_states = torch.empty(max(1, words), dtype=torch.float32, device=device)
+            self._part_states = torch.empty(max(MAX_BATCH_PARTS, words), dtype=torch.float32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
             self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 
@@ -305,7 +316,8 @@ class DecodeAttention:
 
         spec = self._spec(key)
         return simulated_step(self.config, self.weights, hidden, residual, cache, positions, spec.cluster_size,
-                              head_split=spec.head_split, handoff=handoff, split_positions=spec.split_positions)
+                              head_split=spec.head_split, handoff=handoff, split_positions=spec.split_positions,
+                              batch_parts=spec.batch_parts)
 
     def _require_kernel(self, what: str) -> None:
         if self.backend != "gpu":

@@ -23,6 +23,12 @@ memory; whichever part arrives last (at each rank, counted on a counter) merges 
 runs phase 5 with the W_o columns of all G heads. Nothing is read twice but W_q's rows
 (``docs/gqa-position-split-design.md``). S need not divide G then: any of 1 to :data:`MAX_PARTS`.
 
+And the batch may be split too (``batch_parts = P``): the grid is P sets of those clusters, set
+``p`` the step of sequences ``p*B/P .. (p+1)*B/P - 1`` alone (their inputs, cache rows, outputs and
+counters), as if P launches ran at once. Every set streams the same weights (the repeats mostly
+from L2) and its own sequences' cache rows: twice the blocks where one set leaves SMs idle, or
+clusters half the size where the large ones do not all fit at once.
+
                   hidden slice          cached positions          W_o rows (outputs)
     block 0    x[0    : H/C ]        t in [0,      n/C)          out[0    : H/C ]
     block 1    x[H/C  : 2H/C]        t in [n/C,   2n/C)          out[H/C  : 2H/C]
@@ -110,6 +116,8 @@ CLUSTER_SIZES = (1, 2, 4, 8, 16)
 #: Most clusters a KV head's cached positions may be split over (``split_positions``): beyond, each
 #: holds a few rows of a long cache, and the layer keeps the parts' softmax states for as many.
 MAX_PARTS = 16
+#: Most sets of clusters a step's batch may be split over (``batch_parts``): one a sequence.
+MAX_BATCH_PARTS = MAX_BATCH
 #: From ``LONG_CACHE[batch - 1]`` rows attended (the longest sequence's cache and its new token), a
 #: GQA step of ``batch`` sequences reads each KV head's rows with one cluster of 8-warp blocks
 #: instead of splitting its query heads over several (:func:`launch_shape`): where the cache, not the
@@ -215,6 +223,9 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
+    "batch_parts": f"an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, each "
+                   "set a whole step's clusters for its share of the sequences (1: the default; it must divide "
+                   "the batch)",
 }
 
 #: The same for :class:`~clusterlab.fused.mlp_kernel.MLPSpec`: what ``DecodeMLP(kernel_options=...)``
@@ -240,6 +251,8 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
             raise ValueError(f"kernel_options: unknown name {name!r}; allowed: {', '.join(choices)}")
         if name == "registers":
             ok = value is None or (is_int(value) and 32 <= value <= 255)
+        elif name == "batch_parts":
+            ok = is_int(value) and 1 <= value <= MAX_BATCH_PARTS
         elif name in SWITCHES:
             ok = isinstance(value, bool)
         else:

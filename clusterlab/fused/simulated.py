@@ -13,6 +13,8 @@ the cache and ``out_acc`` as NumPy arrays, runs one simulated cluster per KV hea
 one), and converts ``out_acc`` at the end as the kernel's last block does. Clusters run one after
 the other, so where a KV head's positions are split (``split_positions``) its last part is the
 last to arrive, and merges the parts' states as whichever cluster arrives last does in the kernel.
+Where the batch is split over sets of clusters (``batch_parts``), each set runs on its sequences'
+rows of those arrays (:func:`batch_part`), as its slices of the kernel's arguments.
 """
 
 from __future__ import annotations
@@ -192,6 +194,26 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, columns].T
 
 
+#: The arrays of ``gm`` that hold a row a sequence (the batch their first axis; ``part_*`` their third).
+SEQUENCE_ARRAYS = ("hidden", "residual", "k", "v", "residual_out", "out_acc", "new_k", "new_v")
+PART_ARRAYS = ("part_acc", "part_m", "part_l")
+
+
+def batch_part(gm: dict, first: int, last: int) -> dict:
+    """``gm`` as a set of clusters sees it: sequences ``first .. last - 1``'s rows (views) of the
+    arrays with a batch, the others shared, and counters of its own (the kernel's
+    ``decode_part``)."""
+    part = dict(gm)
+    for name in SEQUENCE_ARRAYS:
+        part[name] = gm[name][first:last]
+    for name in PART_ARRAYS:
+        if name in gm:
+            part[name] = gm[name][:, :, first:last]
+    if "arrivals" in gm:
+        part["arrivals"] = np.zeros_like(gm["arrivals"])
+    return part
+
+
 def simulated_step(
     config: AttentionConfig,
     weights: AttentionWeights,
@@ -204,6 +226,7 @@ def simulated_step(
     head_split: int = 1,
     handoff: bool = False,
     split_positions: bool = False,
+    batch_parts: int = 1,
 ):
     """One decode step on the simulator: ``(out, new_residual)``, and cache row ``positions[b]`` of each sequence appended.
 
@@ -213,6 +236,8 @@ def simulated_step(
     cluster's :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given.
     ``split_positions``: the ``head_split`` clusters of a KV head split its cached positions instead
     of its query heads (the kernel's :attr:`~clusterlab.fused.kernel.KernelSpec.split_positions`).
+    ``batch_parts``: that many sets of those clusters, each the step of an equal share of the
+    sequences (the kernel's :attr:`~clusterlab.fused.kernel.KernelSpec.batch_parts`).
     ``handoff``: as the kernel's (:attr:`~clusterlab.fused.kernel.KernelSpec.handoff`), ``hidden``
     may be float32 sums, read rounded to the weights' dtype, and ``out`` is ``out_acc`` itself,
     float32, unconverted.
@@ -220,6 +245,8 @@ def simulated_step(
     check_cluster_size(config, cluster_size)
     check_head_split(config, head_split, split_positions)
     batch, dtype = hidden.shape[0], weights.qkv.dtype
+    if not (isinstance(batch_parts, int) and batch_parts >= 1 and batch % batch_parts == 0):
+        raise ValueError(f"batch_parts must be a positive int dividing the batch ({batch}), got {batch_parts!r}")
     positions = sequence_positions(positions, batch)
 
     def f32(t):
@@ -241,14 +268,19 @@ def simulated_step(
         gm["part_acc"] = np.full((kv, head_split, batch, group * config.head_dim), np.nan, F32)
         gm["part_m"] = np.full((kv, head_split, batch, group), np.nan, F32)
         gm["part_l"] = np.full((kv, head_split, batch, group), np.nan, F32)
-    for cluster in range(config.kv_heads * head_split):
-        title = f"decode step, KV head {cluster // head_split}"
-        if head_split > 1:
-            title += f" {'positions' if split_positions else 'part'} {cluster % head_split}"
-        trace = simulator.launch(decode_block, cluster_size, cluster, config, batch, gm, positions, head_split,
-                                 split_positions, title=title)
-        if traces is not None:
-            traces.append(trace)
+    share = batch // batch_parts  # sequences a set of clusters steps
+    for first in range(0, batch, share):
+        part_gm = batch_part(gm, first, first + share)
+        for cluster in range(config.kv_heads * head_split):
+            title = f"decode step, KV head {cluster // head_split}"
+            if head_split > 1:
+                title += f" {'positions' if split_positions else 'part'} {cluster % head_split}"
+            if batch_parts > 1:
+                title += f", sequences {first}..{first + share - 1}"
+            trace = simulator.launch(decode_block, cluster_size, cluster, config, share, part_gm,
+                                     positions[first:first + share], head_split, split_positions, title=title)
+            if traces is not None:
+                traces.append(trace)
     # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
     # Here once for all rows, after every cluster has added into out_acc (with a hand-off nobody
     # converts); the cache rows, which the kernel's phase 2 writes, are rounded to the cache dtype here too.
