@@ -23,6 +23,7 @@ from clusterlab.fused.plan import (
     HOPPER,
     LONG_CACHE,
     POSITION_ALIGN,
+    batch_sets,
     DeviceLimits,
     cached_range,
     launch_shape,
@@ -234,13 +235,22 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
         for config, short in ((LLAMA3_8B, shorts[LLAMA3_8B][batch]), (QWEN2_5_7B, shorts[QWEN2_5_7B][batch])):
             assert launch_shape(config, batch, 132, longest=long - 1) == short
             assert launch_shape(config, batch, 132) == short  # the length unknown: the short-cache shape
-            assert launch_shape(config, batch, 132, longest=long) == (16, 8, 1)
-            assert launch_shape(config, batch, 132, longest=10 * long) == (16, 8, 1)
+            one_set = launch_shape(config, batch, 132, longest=long, batch_parts=1)
+            assert one_set == launch_shape(config, batch, 132, longest=10 * long, batch_parts=1) == (16, 8, 1)
+            sets = batch_sets(config, batch, longest=long)
+            assert sets == (2 if batch in (4, 8) else 1)  # from BATCH_SETS_FROM, even batches
+            assert batch_sets(config, batch, longest=long - 1) == batch_sets(config, batch) == 1
+            # two sets: each the largest grid within half the SMs (Llama-3-8B: 8 clusters of 8, 64 blocks)
+            want = (16, 8, 1) if sets == 1 or config is QWEN2_5_7B else (8, 8, 1)
+            assert launch_shape(config, batch, 132, longest=long) == want
         assert launch_shape(LLAMA2_7B, batch, 132, longest=long) == launch_shape(LLAMA2_7B, batch, 132)
+        assert batch_sets(LLAMA2_7B, batch, longest=long) == 1
     assert launch_shape(QWEN2_5_7B, 2, 132, longest=4096) == (8, 4, 7)  # batch 2 keeps the split at 4K
     assert launch_shape(QWEN2_5_7B, 3, 132, longest=4096) == (16, 8, 1)
     assert launch_shape(LLAMA3_8B, 1, 132, head_split=2, longest=LONG_CACHE[0]) == (16, 4, 2)
     assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8, longest=LONG_CACHE[0]) == (8, 8, 1)
+    assert batch_sets(LLAMA3_8B, 8, longest=4096, cluster_size=16) == batch_sets(LLAMA3_8B, 7, longest=4096) == 1
+    assert launch_shape(LLAMA3_8B, 8, 132, cluster_size=16, longest=4096) == (16, 8, 1)  # given: one set
 
 
 @pytest.mark.parametrize("batch", [0, 9, -1, 2.0, True])
@@ -377,7 +387,7 @@ def test_a_batch_split_over_sets_of_clusters_runs_each_set_on_its_own_sequences(
     assert (spec.batch, spec.step_batch, spec.clusters) == (2, 4, 2 * spec.part_clusters)
     with pytest.raises(ValueError, match=r"batch_parts \(2\) must divide the batch \(3\)"):
         layer(hidden[:3], residual[:3], KVCache.random(config, 3, 300, torch.float16), 5)
-    with pytest.raises(ValueError, match=r"kernel_options: batch_parts=9; allowed: an int from 1 to 8"):
+    with pytest.raises(ValueError, match=r"kernel_options: batch_parts=9; allowed: None or an int from 1 to 8"):
         DecodeAttention(config, weights, kernel_options={"batch_parts": 9})
 
 
@@ -402,6 +412,27 @@ def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monke
         assert relative_error(out, want.out) < TOLERANCE, given
         assert layer.shape(batch, given) == shape
     assert {key[2] for key in layer._specs} == {(16, 8, 4), (16, 8, 1)}  # both kernels were planned
+
+
+def test_the_rule_splits_an_even_batch_over_two_sets_at_long_caches(monkeypatch):
+    """From a batch of 4 at long caches (LONG_CACHE lowered to a tiny layer's cache) the layer's
+    step runs on two sets of clusters, each its half of a ragged batch, matching the reference;
+    ``kernel_options={"batch_parts": 1}`` keeps one set, an odd batch has one."""
+    monkeypatch.setattr(plan, "LONG_CACHE", (64,) * len(plan.LONG_CACHE))
+    config, batch = CASES[3][0], 4
+    weights = AttentionWeights.random(config, torch.float16, seed=9)
+    layer = DecodeAttention(config, weights)
+    assert (layer.batch_parts(batch), layer.batch_parts(batch, 63), layer.batch_parts(batch, 64)) == (1, 1, 2)
+    assert layer.batch_parts(3, 64) == 1 and layer.batch_parts(8, 64) == 2
+    assert DecodeAttention(config, weights, kernel_options={"batch_parts": 1}).batch_parts(batch, 64) == 1
+    positions = torch.tensor([70, 0, 33, 64], dtype=torch.int32)
+    cache = KVCache.random(config, batch, 80, torch.float16, seed=10)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    want = reference_step(config, weights, hidden, residual, cache.clone(), positions)
+    out = torch.full_like(hidden, float("nan"))
+    layer(hidden, residual, cache, positions, out=out, longest=71)
+    assert relative_error(out, want.out) < TOLERANCE
+    assert [spec.batch_parts for spec in layer._specs.values()] == [2]
 
 
 def test_a_step_plans_its_launch_shape_once(monkeypatch):

@@ -92,6 +92,8 @@ class BenchRow:
     rel_err: float
     #: the fused layer's ``kernel_options`` as ``name=value,...`` ("": the launch rule's kernel)
     options: str = ""
+    #: sets of clusters the batch was split over (``KernelSpec.batch_parts``)
+    batch_parts: int = 1
 
     @property
     def fraction_of_copy_bw(self) -> float:
@@ -341,11 +343,14 @@ def run_bench(
                 run = None  # frees a rotation that was built
                 break
             cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch, **run.hint)
-            if (cluster_size, warps, head_split) != shown:
-                shown = (cluster_size, warps, head_split)
+            parts = run.sets[0]["fused"].batch_parts(batch, **run.hint) if _family(config) is not _MLA else 1
+            if (cluster_size, warps, head_split, parts) != shown:
+                shown = (cluster_size, warps, head_split, parts)
                 fit = run.clusters_fit()
                 third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
                          else f"{head_split} attention clusters a sequence")
+                if parts > 1:
+                    third += f", {parts} sets of {batch // parts} sequences"
                 print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}"
                       + (f" [{label}]" if label else ""), flush=True)
             err = run.error()
@@ -354,7 +359,7 @@ def run_bench(
                 len(run.sets), fused_us=graph_time_us(run.fused, warmup=len(run.sets)),
                 torch_us=graph_time_us(functools.partial(run.torch, is_ragged), warmup=len(run.sets)),
                 floor_us=step_bytes / bandwidth * 1e6, rel_err=err,
-                options=label,
+                options=label, batch_parts=parts,
             )
             rows.append(row)
             print(_format_row(row), flush=True)
@@ -368,7 +373,7 @@ def _format_row(r: BenchRow) -> str:
     kv = f"{RAGGED}~{r.kv_len:5d}" if r.ragged else f"kv={r.kv_len:6d}"
     return (
         f"{r.preset:11s} {r.dtype:8s} b={r.batch} {kv:12s} C={r.cluster_size:2d} W={r.warps:2d} "
-        f"{_family(PRESETS[r.preset]).letter}={r.head_split} x{r.layers:<2d} "
+        f"{_family(PRESETS[r.preset]).letter}={r.head_split} P={r.batch_parts} x{r.layers:<2d} "
         f"fused {r.fused_us:7.1f} us  torch {r.torch_us:7.1f} us  floor {r.floor_us:7.1f} us  "
         f"{100 * r.fraction_of_copy_bw:5.1f}% of copy BW  {r.torch_us / r.fused_us:4.2f}x torch  err {r.rel_err:.1e}"
         + (f"  [{r.options}]" if r.options else "")

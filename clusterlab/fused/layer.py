@@ -21,7 +21,8 @@ on the host instead, at the cost of one sync).
 The launch shape depends on how long the caches are only where the host says so (``longest``, the
 most rows a sequence attends to; an int position says it by itself): from
 :data:`~clusterlab.fused.plan.LONG_CACHE` rows (by batch) a GQA step reads each KV head's rows with one cluster
-(:func:`~clusterlab.fused.plan.launch_shape`), so a decode loop keeps a graph for each side of that
+(:func:`~clusterlab.fused.plan.launch_shape`), from a batch of 4 split over two sets of clusters
+(:func:`~clusterlab.fused.plan.batch_sets`), so a decode loop keeps a graph for each side of that
 length (:class:`clusterlab.models.decode.Decoder`).
 """
 
@@ -40,6 +41,7 @@ from .plan import (
     DeviceLimits,
     check_cluster_size,
     check_head_split,
+    batch_sets,
     check_kernel_options,
     launch_shape,
 )
@@ -241,8 +243,17 @@ class DecodeAttention:
         checks the batch)."""
         check_longest(longest)
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
-                                                       self.head_split, longest)
+                                                       self.head_split, longest,
+                                                       self.kernel_options.get("batch_parts"))
         return cluster_size, self.warps or warps, head_split
+
+    def batch_parts(self, batch: int, longest: int | None = None) -> int:
+        """Sets of clusters a step of ``batch`` sequences splits them over, each :meth:`shape`'s grid:
+        the ``batch_parts`` of ``kernel_options`` where given, else
+        :func:`~clusterlab.fused.plan.batch_sets` (two at long caches from a batch of 4)."""
+        check_longest(longest)
+        return self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
+                                                                    self.head_split)
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
         """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles,
@@ -260,19 +271,20 @@ class DecodeAttention:
         return self._launcher(self._key(dtype, batch, longest), handoff)
 
     def _key(self, dtype: torch.dtype, batch: int, longest: int | None) -> tuple:
-        """``(dtype, batch, shape)``: what a step's kernel is planned and built for, the launch shape
-        computed once a step."""
-        return dtype, batch, self.shape(batch, longest)
+        """``(dtype, batch, shape, batch_parts)``: what a step's kernel is planned and built for, the
+        launch shape computed once a step."""
+        return dtype, batch, self.shape(batch, longest), self.batch_parts(batch, longest)
 
     def _spec(self, key: tuple):
         """:meth:`kernel_spec` of a :meth:`_key`."""
         from .kernel import KernelSpec
 
         if key not in self._specs:
-            dtype, batch, (cluster_size, warps, head_split) = key
+            dtype, batch, (cluster_size, warps, head_split), batch_parts = key
             try:
                 self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
-                                                 head_split, limits=self.limits, **self.kernel_options)
+                                                 head_split, limits=self.limits,
+                                                 **{**self.kernel_options, "batch_parts": batch_parts})
             except ValueError as exc:
                 options = "".join(f", {k}={v}" for k, v in self.kernel_options.items())
                 raise ValueError(f"a {dtype} step of batch {batch} with cluster_size={cluster_size}, warps={warps}, "

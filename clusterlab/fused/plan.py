@@ -125,6 +125,9 @@ MAX_BATCH_PARTS = MAX_BATCH
 #: twice the blocks. A batch's cache grows with its sequences, the weights do not, so from a batch
 #: of 3 that happens at half the length (measured on the H200: ``docs/fused-decode-notes.md``, v18).
 LONG_CACHE = (8192, 8192) + (4096,) * (MAX_BATCH - 2)
+#: From a batch of this many sequences (an even count) a step that takes the long-cache shape of its
+#: own choosing splits the batch over two sets of clusters (``batch_parts``, :func:`batch_sets`).
+BATCH_SETS_FROM = 4
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
 #: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
@@ -223,9 +226,9 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
-    "batch_parts": f"an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, each "
-                   "set a whole step's clusters for its share of the sequences (1: the default; it must divide "
-                   "the batch)",
+    "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
+                   "each set a whole step's clusters for its share of the sequences (it must divide the batch; "
+                   "None: the rule's)",
 }
 
 #: The same for :class:`~clusterlab.fused.mlp_kernel.MLPSpec`: what ``DecodeMLP(kernel_options=...)``
@@ -252,7 +255,7 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
         if name == "registers":
             ok = value is None or (is_int(value) and 32 <= value <= 255)
         elif name == "batch_parts":
-            ok = is_int(value) and 1 <= value <= MAX_BATCH_PARTS
+            ok = value is None or (is_int(value) and 1 <= value <= MAX_BATCH_PARTS)
         elif name in SWITCHES:
             ok = isinstance(value, bool)
         else:
@@ -262,8 +265,35 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
     return dict(options)
 
 
+def long_cache(config: AttentionConfig, batch: int, longest: int | None, head_split: int | None = None) -> bool:
+    """Whether a step of ``batch`` sequences, the longest attending to ``longest`` rows (None: not
+    told), reads each KV head's rows with one cluster (:func:`launch_shape`): a GQA model from
+    ``LONG_CACHE[batch - 1]`` rows, unless a head split is given."""
+    return (longest is not None and longest >= LONG_CACHE[batch - 1] and config.group_size > 1
+            and head_split is None)
+
+
+def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, cluster_size: int | None = None,
+               head_split: int | None = None) -> int:
+    """Sets of clusters the rule splits a step's batch over (``batch_parts``): two where the step
+    takes the long-cache shape of its own choosing (no cluster size or head split given) with an
+    even batch of at least :data:`BATCH_SETS_FROM`, else one.
+
+    One set of the long-cache shape leaves SMs idle where the KV heads are few (Qwen2.5-7B: 4 KV
+    heads, 64 blocks of 8 warps on 132 SMs), or has clusters of 16 that do not all fit at once
+    (Llama-3-8B at batch 8: 7 of its 8; the eighth runs on SMs the others hold). Two sets, each the
+    grid within half the SMs (:func:`launch_shape`), stream the weights twice (mostly from L2) and
+    each cached row once. On the H200 (``docs/fused-decode-notes.md``, v22), µs at 16K / 32K:
+    Qwen2.5-7B batch 4 123.9 / 180.3 -> 110.0 / 151.9, batch 8 189.9 / 293.5 -> 164.1 / 247.8
+    (clusters of 16 x 8 warps); Llama-3-8B batch 8 227.1 / 387.2 -> 218.3 / 374.8 (two sets of
+    clusters of 8), batch 4 level (130.9 / 209.8 -> 130.5 / 208.0)."""
+    if cluster_size is not None or not long_cache(config, batch, longest, head_split):
+        return 1
+    return 2 if batch >= BATCH_SETS_FROM and batch % 2 == 0 else 1
+
+
 def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None,
-                 head_split: int | None = None, longest: int | None = None):
+                 head_split: int | None = None, longest: int | None = None, batch_parts: int | None = None):
     """``(cluster_size, warps, head_split)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
 
     The grid of ``kv_heads x head_split x cluster_size`` blocks is the largest within ``2 x
@@ -281,6 +311,9 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     ``longest`` only through whether it reaches that; every shape computes the same step, so a
     wrong ``longest`` costs time, never correctness.
 
+    ``batch_parts``: the sets of clusters the batch is split over (None: :func:`batch_sets`'s); the
+    grids of all the sets together keep within the limit, so one set's is within half of it with two.
+
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
     clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
     fit on SMs that already hold a block; the step waits for the slowest cluster. Blocks half the
@@ -292,9 +325,9 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     their results under ``benchmarks/results/``.
     """
     check_batch(batch)
-    long = (longest is not None and longest >= LONG_CACHE[batch - 1] and config.group_size > 1
-            and head_split is None)
-    limit = 2 * sm_count if batch <= 4 and not long else sm_count
+    long = long_cache(config, batch, longest, head_split)
+    sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split)
+    limit = (2 * sm_count if batch <= 4 and not long else sm_count) // sets
     splits = [1] if long else [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
     sizes = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]
     best = None  # (blocks, cluster_size, head_split)
@@ -307,7 +340,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
         size, split = cluster_size or 1, head_split or 1
         best = (config.kv_heads * split * size, size, split)
     blocks, size, split = best
-    warps = 4 if batch <= 4 and blocks > sm_count else 8
+    warps = 4 if batch <= 4 and sets * blocks > sm_count else 8
     return size, warps, split
 
 
