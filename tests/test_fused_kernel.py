@@ -77,6 +77,21 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf1
     assert spec.min_blocks_per_sm * warps == warps_an_sm or 2 * (spec.shared_bytes + 1024) > 233472
 
 
+@pytest.mark.ptx
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_hidden_slice_of_one_chunk_compiles(batch):
+    """The tiny checkpoints' shape (hidden 64 over clusters of 8: 8 elements a block, one 16-byte
+    chunk a sequence) has input segments of one lane, whose share of ``sum(h^2)`` needs no shuffle."""
+    from clusterlab.toolchain import assemble
+
+    config = AttentionConfig(hidden_size=64, heads=4, kv_heads=2, head_dim=64)
+    spec = KernelSpec.of(config, False, batch, *launch_shape(config, batch, 132))
+    assert spec.k_slice == 8
+    ptx = spec_ptx(spec)
+    assert "st.local" not in ptx
+    assemble(ptx)
+
+
 def test_interleaved_inputs_put_each_warp_load_on_consecutive_words():
     """``input_word``'s interleaved order is a permutation of a slice's words in which the 32 lanes
     of a CUDA-core step (chunk ``c`` on lane ``c % 32``) read consecutive words at each load."""

@@ -827,12 +827,12 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     # segment of `segment` lanes of a warp holds chunks of one sequence only: shuffles within the
     # segment add up its share of sum(h^2), and its first lane stores it in the segment's own word.
     chunks = k_slice // 8  # 16-byte chunks of a sequence's slice
-    span = 1 << (chunks - 1).bit_length() if chunks <= 32 else norm_shares(k_slice) * 32
+    shares = norm_shares(k_slice)
+    span = 1 << (chunks - 1).bit_length() if chunks <= 32 else shares * 32
     segment = min(span, 32)
-    offsets = tuple(1 << i for i in reversed(range(segment.bit_length() - 1)))
+    levels = segment.bit_length() - 1  # shuffle levels of a segment: offsets segment/2 .. 1 (none for one lane)
     pairs = batch * span
     warp_pairs = -(-pairs // 32) * 32  # a warp's lanes all take a pair or none (the shuffles)
-    shares = norm_shares(k_slice)
 
     @cuda.jit(device=True, inline=True)
     def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid):
@@ -861,8 +861,8 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
                     else:
                         smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
                         smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
-            for offset in offsets:
-                ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
+            for level in range(levels):
+                ss += cuda.shfl_xor_sync(FULL_MASK, ss, segment >> (level + 1))
             if lane % segment == 0 and item < pairs:
                 smem[red + item // segment] = ss  # = seq * shares + c // 32
 
