@@ -39,9 +39,9 @@ from .plan import (
     CLUSTER_SIZES,
     MAX_BATCH_PARTS,
     DeviceLimits,
+    batch_sets,
     check_cluster_size,
     check_head_split,
-    batch_sets,
     check_kernel_options,
     launch_shape,
 )
