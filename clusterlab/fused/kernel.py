@@ -1550,14 +1550,26 @@ def build_kernel(spec: KernelSpec):
 
     @cuda.jit(device=True, inline=True)
     def decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
-                    out_acc, arrivals, part_states, positions, capacity, stamps, sms, block):
-        """Block ``block`` of a set of clusters: its step of ``BATCH`` sequences, the arguments those
-        of the set (``stamps``, ``sms``: None unless ``spec.timeline``)."""
+                    out_acc, arrivals, part_states, positions, capacity, stamps, sms):
+        """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
+        block = cuda.blockIdx.x  # of its set of clusters
+        if BATCH_PARTS > 1:  # the set's BATCH sequences: their slices of the arguments, the set's counters and states
+            p, block = block // PART_BLOCKS, block % PART_BLOCKS
+            rows = slice(p * BATCH * H, (p + 1) * BATCH * H)
+            hidden, residual, residual_out, out_acc = hidden[rows], residual[rows], residual_out[rows], out_acc[rows]
+            if not HANDOFF:  # a hand-off's out is cleared by the whole grid
+                out = out[rows]
+            cache_words = int64(BATCH * KV_HEADS * D) * capacity
+            k_cache = k_cache[p * cache_words:(p + 1) * cache_words]
+            v_cache = v_cache[p * cache_words:(p + 1) * cache_words]
+            arrivals = arrivals[p * ARRIVAL_WORDS:(p + 1) * ARRIVAL_WORDS]
+            part_states = part_states[p * PART_STATE_WORDS:(p + 1) * PART_STATE_WORDS]
+            positions = positions[p * BATCH:(p + 1) * BATCH]
         cluster = block // C
         kv_head = cluster // HEAD_SPLIT
         part = cluster % HEAD_SPLIT if SPLIT else 0  # of the KV head's cached positions
@@ -1819,38 +1831,18 @@ def build_kernel(spec: KernelSpec):
                 finish_convert(out, out_acc, arrivals, rank, tid)
         stamp(stamps, tid, 12)  # finish
 
-    @cuda.jit(device=True, inline=True)
-    def decode_part(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
-                    out_acc, arrivals, part_states, positions, capacity, stamps, sms):
-        """The block's set of clusters (of ``BATCH_PARTS``) steps its ``BATCH`` sequences: their
-        slices of the arguments, the set's counters and states (a hand-off's ``out``, which the
-        grid clears, whole)."""
-        if BATCH_PARTS == 1:  # the arguments as they are (slices cost registers)
-            decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
-                        out_acc, arrivals, part_states, positions, capacity, stamps, sms, cuda.blockIdx.x)
-            return
-        p, block = cuda.blockIdx.x // PART_BLOCKS, cuda.blockIdx.x % PART_BLOCKS
-        rows = slice(p * BATCH * H, (p + 1) * BATCH * H)
-        cache_words = int64(BATCH * KV_HEADS * D) * capacity
-        cache = slice(p * cache_words, (p + 1) * cache_words)
-        decode_step(hidden[rows], residual[rows], norm, w_qkv, qkv_bias, w_o, k_cache[cache], v_cache[cache], rope,
-                    out if HANDOFF else out[rows], residual_out[rows], out_acc[rows],
-                    arrivals[p * ARRIVAL_WORDS:(p + 1) * ARRIVAL_WORDS],
-                    part_states[p * PART_STATE_WORDS:(p + 1) * PART_STATE_WORDS],
-                    positions[p * BATCH:(p + 1) * BATCH], capacity, stamps, sms, block)
-
     if TIMELINE:
         def fused_decode_attention_timeline(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
                                             residual_out, out_acc, arrivals, part_states, positions, capacity, stamps,
                                             sms):
-            decode_part(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+            decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
                         out_acc, arrivals, part_states, positions, capacity, stamps, sms)
 
         return fused_decode_attention_timeline
 
     def fused_decode_attention(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out,
                                residual_out, out_acc, arrivals, part_states, positions, capacity):
-        decode_part(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
+        decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
                     out_acc, arrivals, part_states, positions, capacity, None, None)
 
     return fused_decode_attention

@@ -201,8 +201,8 @@ PART_ARRAYS = ("part_acc", "part_m", "part_l")
 
 def batch_part(gm: dict, first: int, last: int) -> dict:
     """``gm`` as a set of clusters sees it: sequences ``first .. last - 1``'s rows (views) of the
-    arrays with a batch, the others shared, and counters of its own (the kernel's
-    ``decode_part``)."""
+    arrays with a batch, the others shared, and counters of its own (the slices the kernel's
+    ``decode_step`` takes first where ``batch_parts > 1``)."""
     part = dict(gm)
     for name in SEQUENCE_ARRAYS:
         part[name] = gm[name][first:last]
