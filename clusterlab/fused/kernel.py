@@ -1516,7 +1516,7 @@ def build_kernel(spec: KernelSpec):
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,
                                                               spec.inputs_interleaved, HANDOFF)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
-    clear = make_clear(BATCH * BATCH_PARTS, H, THREADS)  # the whole step's buffer
+    clear = make_clear(spec.step_batch, H, THREADS)  # the whole step's buffer
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
