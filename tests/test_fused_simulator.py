@@ -22,6 +22,7 @@ from clusterlab.fused import plan
 from clusterlab.fused.plan import (
     HOPPER,
     LONG_CACHE,
+    PAIRS_FROM,
     POSITION_ALIGN,
     batch_sets,
     DeviceLimits,
@@ -251,6 +252,33 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
     assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8, longest=LONG_CACHE[0]) == (8, 8, 1)
     assert batch_sets(LLAMA3_8B, 8, longest=4096, cluster_size=16) == batch_sets(LLAMA3_8B, 7, longest=4096) == 1
     assert launch_shape(LLAMA3_8B, 8, 132, cluster_size=16, longest=4096) == (16, 8, 1)  # given: one set
+
+
+def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
+    # From PAIRS_FROM rows an even batch of 4 or more goes to sets of two sequences, each set's grid
+    # planned for two 4-warp blocks an SM (the limit of 264 blocks shared by the sets); below, two sets
+    # of 8-warp blocks; the odd batches, MHA and a given cluster size keep one set.
+    assert PAIRS_FROM == 16384
+    pairs = {(LLAMA3_8B, 4): (2, (16, 4, 1)), (LLAMA3_8B, 6): (3, (8, 4, 1)), (LLAMA3_8B, 8): (4, (8, 4, 1)),
+             (QWEN2_5_7B, 4): (2, (16, 8, 1)), (QWEN2_5_7B, 8): (4, (16, 4, 1))}  # Qwen2.5-7B's 4 KV heads: 64 blocks a set
+    for (config, batch), (sets, shape) in pairs.items():
+        for longest in (PAIRS_FROM, 2 * PAIRS_FROM):
+            assert batch_sets(config, batch, longest=longest) == sets
+            assert launch_shape(config, batch, 132, longest=longest) == shape
+            assert launch_shape(config, batch, 132, longest=longest, batch_parts=sets) == shape
+        assert batch_sets(config, batch, longest=PAIRS_FROM - 1) == 2
+        assert launch_shape(config, batch, 132, longest=PAIRS_FROM - 1) == launch_shape(config, batch, 132,
+                                                                                         longest=LONG_CACHE[batch - 1])
+    for batch in (1, 2, 3, 5, 7):
+        assert batch_sets(LLAMA3_8B, batch, longest=PAIRS_FROM) == 1
+        assert launch_shape(LLAMA3_8B, batch, 132, longest=PAIRS_FROM) == (16, 8, 1)
+    assert batch_sets(LLAMA2_7B, 8, longest=PAIRS_FROM) == 1
+    assert launch_shape(LLAMA2_7B, 8, 132, longest=PAIRS_FROM) == (4, 8, 1)
+    assert batch_sets(LLAMA3_8B, 8, longest=PAIRS_FROM, cluster_size=8) == 1
+    # sets given: pairs take the 4-warp plan, larger shares the 8-warp one
+    assert launch_shape(LLAMA3_8B, 8, 132, longest=PAIRS_FROM, batch_parts=2) == (8, 8, 1)
+    assert launch_shape(LLAMA3_8B, 8, 132, longest=PAIRS_FROM, batch_parts=8) == (4, 4, 1)
+    assert launch_shape(LLAMA3_8B, 8, 132, longest=PAIRS_FROM - 1, batch_parts=4) == (4, 8, 1)
 
 
 @pytest.mark.parametrize("batch", [0, 9, -1, 2.0, True])

@@ -41,6 +41,7 @@ from clusterlab.models import (
     random_weights,
     to_transformers,
 )
+from clusterlab.models.decode import capture_lengths
 
 transformers = pytest.importorskip("transformers", reason="the cross-check needs transformers (the test extra)")
 
@@ -523,6 +524,21 @@ def test_the_decoder_tells_each_step_how_long_its_longest_cache_is(ours, monkeyp
     decoder.run()
     longest = max(map(len, PROMPTS)) + 1  # the first step attends to the prompt and its new token
     assert seen == [longest, longest + 1, longest + 2, longest + 3]
+
+
+@pytest.mark.parametrize("batch, first, last", [(8, 1000, 20000), (4, 4096, 16384), (3, 100, 9000), (8, 5000, 6000)])
+def test_a_run_captures_a_graph_for_every_launch_shape_it_meets(batch, first, last):
+    """The decoder's capture lengths name every shape (launch shape and sets) a step of the run
+    takes, for the GQA presets, whose shapes change with the length: every length from first to
+    last has the shape of one of them."""
+    lengths = capture_lengths(batch, first, last)
+    assert lengths[0] == first and all(first < n <= last for n in lengths[1:])
+    assert len({plan.launch_shape(PRESETS["llama3-8b"], batch, 132, longest=n) for n in lengths}) == len(lengths)
+    for config in (PRESETS["llama3-8b"], PRESETS["qwen2.5-7b"]):
+        def shape(longest):
+            return plan.launch_shape(config, batch, 132, longest=longest), plan.batch_sets(config, batch, longest)
+        captured = {shape(n) for n in lengths}
+        assert all(shape(n) in captured for n in range(first, last + 1))
 
 
 def test_model_presets_use_the_fused_presets_attention():

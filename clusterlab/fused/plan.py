@@ -128,6 +128,10 @@ LONG_CACHE = (8192, 8192) + (4096,) * (MAX_BATCH - 2)
 #: From a batch of this many sequences (an even count) a step that takes the long-cache shape of its
 #: own choosing splits the batch over two sets of clusters (``batch_parts``, :func:`batch_sets`).
 BATCH_SETS_FROM = 4
+#: From this many rows attended, such a step splits the batch over sets of two sequences instead, each
+#: set's grid of 4-warp blocks, two an SM (:func:`paired_sets`; measured on the H200 at 4K and 16K only:
+#: ``docs/fused-decode-notes.md``, v23).
+PAIRS_FROM = 16384
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
 #: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
@@ -275,9 +279,10 @@ def long_cache(config: AttentionConfig, batch: int, longest: int | None, head_sp
 
 def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, cluster_size: int | None = None,
                head_split: int | None = None) -> int:
-    """Sets of clusters the rule splits a step's batch over (``batch_parts``): two where the step
-    takes the long-cache shape of its own choosing (no cluster size or head split given) with an
-    even batch of at least :data:`BATCH_SETS_FROM`, else one.
+    """Sets of clusters the rule splits a step's batch over (``batch_parts``): where the step takes
+    the long-cache shape of its own choosing (no cluster size or head split given) with an even batch
+    of at least :data:`BATCH_SETS_FROM`, two, and from :data:`PAIRS_FROM` rows one a pair of
+    sequences (:func:`paired_sets`); else one.
 
     One set of the long-cache shape leaves SMs idle where the KV heads are few (Qwen2.5-7B: 4 KV
     heads, 64 blocks of 8 warps on 132 SMs), or has clusters of 16 that do not all fit at once
@@ -286,10 +291,34 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     each cached row once. On the H200 (``docs/fused-decode-notes.md``, v22), µs at 16K / 32K:
     Qwen2.5-7B batch 4 123.9 / 180.3 -> 110.0 / 151.9, batch 8 189.9 / 293.5 -> 164.1 / 247.8
     (clusters of 16 x 8 warps); Llama-3-8B batch 8 227.1 / 387.2 -> 218.3 / 374.8 (two sets of
-    clusters of 8), batch 4 level (130.9 / 209.8 -> 130.5 / 208.0)."""
+    clusters of 8), batch 4 level (130.9 / 209.8 -> 130.5 / 208.0). Sets of pairs at 16K / 32K (v23):
+    Llama-3-8B batch 8 217.8 / 374.0 -> 206.8 / 341.8 (four sets of 8 x 4 warps), batch 4 129.8 /
+    207.6 -> 128.5 / 201.7 (two sets of 16 x 4); Llama-3.2-1B batch 8 110.0 / 190.8 -> 100.2 / 167.2,
+    batch 4 66.0 / 105.7 -> 62.1 / 99.4; at 4K they lost (Llama-3-8B 73.0 -> 75.1 at batch 4, 101.4 ->
+    106.1 at batch 8)."""
     if cluster_size is not None or not long_cache(config, batch, longest, head_split):
         return 1
-    return 2 if batch >= BATCH_SETS_FROM and batch % 2 == 0 else 1
+    if batch < BATCH_SETS_FROM or batch % 2:
+        return 1
+    return batch // 2 if longest >= PAIRS_FROM else 2
+
+
+def shape_boundaries(batch: int) -> tuple[int, int]:
+    """Rows attended at which the rule's launch shape or sets for a step of ``batch`` sequences may
+    change (:func:`launch_shape`, :func:`batch_sets`): ``(LONG_CACHE[batch - 1], PAIRS_FROM)``.
+    Between two of them, and below the first, every length gets the same shape."""
+    check_batch(batch)
+    return LONG_CACHE[batch - 1], PAIRS_FROM
+
+
+def paired_sets(config: AttentionConfig, batch: int, longest: int | None, sets: int,
+                head_split: int | None = None) -> bool:
+    """Whether a long-cache step of :data:`PAIRS_FROM` rows or more, split over ``sets`` sets of
+    clusters, steps at most two sequences a set: then each set's grid is planned for blocks of 4
+    warps, two an SM, as a short-cache step of a small batch (:func:`launch_shape`). Where the cache
+    is most of the bytes, twice the blocks keep more of its loads in flight on every SM."""
+    return (sets > 1 and batch // sets <= 2 and long_cache(config, batch, longest, head_split)
+            and longest >= PAIRS_FROM)
 
 
 def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None,
@@ -313,6 +342,9 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
 
     ``batch_parts``: the sets of clusters the batch is split over (None: :func:`batch_sets`'s); the
     grids of all the sets together keep within the limit, so one set's is within half of it with two.
+    Sets of at most two sequences from :data:`PAIRS_FROM` rows take the limit of two 4-warp blocks an
+    SM (:func:`paired_sets`): Llama-3-8B at batch 8 four sets of 8 clusters of 8 x 4 warps, at batch 4
+    two sets of 8 clusters of 16 x 4.
 
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
     clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
@@ -327,7 +359,8 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     check_batch(batch)
     long = long_cache(config, batch, longest, head_split)
     sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split)
-    limit = (2 * sm_count if batch <= 4 and not long else sm_count) // sets
+    two_an_sm = (batch <= 4 and not long) or paired_sets(config, batch, longest, sets, head_split)
+    limit = (2 * sm_count if two_an_sm else sm_count) // sets
     splits = [1] if long else [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
     sizes = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]
     best = None  # (blocks, cluster_size, head_split)
@@ -340,7 +373,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
         size, split = cluster_size or 1, head_split or 1
         best = (config.kv_heads * split * size, size, split)
     blocks, size, split = best
-    warps = 4 if batch <= 4 and sets * blocks > sm_count else 8
+    warps = 4 if two_an_sm and sets * blocks > sm_count else 8
     return size, warps, split
 
 

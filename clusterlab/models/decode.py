@@ -21,9 +21,9 @@ The host still knows how long the caches are: the longest sequence attends to ``
 rows at the first step (read once, at :meth:`Decoder.start`) and one more each step. The fused
 attention's launch shape depends on that length (long caches are read by fewer, larger clusters:
 :func:`~clusterlab.fused.plan.launch_shape`), so the decoder captures a graph for each shape the
-run will meet (:meth:`~clusterlab.models.LlamaModel.step_shape`; the shape changes at most once, at
-the batch's :data:`~clusterlab.fused.plan.LONG_CACHE` rows, so the run's first and last steps name every one)
-and replays the one of each step.
+run will meet (:meth:`~clusterlab.models.LlamaModel.step_shape`; the shape changes only at
+:func:`~clusterlab.fused.plan.shape_boundaries`, so the run's first step and each boundary it crosses
+name every one: :func:`capture_lengths`) and replays the one of each step.
 
 Sampling draws ``E ~ Exponential(1)`` per vocabulary entry and takes ``argmax(p / E)`` over the
 probabilities ``p = softmax(logits / temperature)`` (restricted to the ``top_k`` likeliest): the
@@ -40,6 +40,7 @@ import reprlib
 
 import torch
 
+from ..fused import plan
 from ..fused.config import is_int
 
 #: How many steps :meth:`Decoder.run` replays between two looks at ``done`` (each one a host sync).
@@ -78,6 +79,13 @@ def token_ids(value, what: str) -> list[int]:
         return [operator.index(t) for t in value]
     except TypeError:
         raise TypeError(f"{what} must be token ids (ints), got {reprlib.repr(value)}") from None
+
+
+def capture_lengths(batch: int, first: int, last: int) -> tuple[int, ...]:
+    """Rows attended by the steps of a run whose first step attends ``first`` rows and last ``last``
+    that name every launch shape it meets: ``first`` and each of
+    :func:`~clusterlab.fused.plan.shape_boundaries` in ``(first, last]``."""
+    return (first, *(length for length in plan.shape_boundaries(batch) if first < length <= last))
 
 
 class Decoder:
@@ -148,7 +156,7 @@ class Decoder:
         self._first_longest = int(positions.max()) + 1
         if self.graph:
             last = self._first_longest + max(self.max_new_tokens - 2, 0)
-            for longest in (self._first_longest, last):
+            for longest in capture_lengths(self.batch, self._first_longest, last):
                 if self.model.step_shape(self.batch, longest) not in self._graphs:
                     self.positions.copy_(positions)
                     self._capture(longest)
