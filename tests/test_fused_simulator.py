@@ -259,8 +259,9 @@ def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
     # planned for two 4-warp blocks an SM (the limit of 264 blocks shared by the sets); below, two sets
     # of 8-warp blocks; the odd batches, MHA and a given cluster size keep one set.
     assert PAIRS_FROM == 16384
+    # (Qwen2.5-7B's 4 KV heads: one cluster of 16 a KV head, 64 blocks a set)
     pairs = {(LLAMA3_8B, 4): (2, (16, 4, 1)), (LLAMA3_8B, 6): (3, (8, 4, 1)), (LLAMA3_8B, 8): (4, (8, 4, 1)),
-             (QWEN2_5_7B, 4): (2, (16, 8, 1)), (QWEN2_5_7B, 8): (4, (16, 4, 1))}  # Qwen2.5-7B's 4 KV heads: 64 blocks a set
+             (QWEN2_5_7B, 4): (2, (16, 8, 1)), (QWEN2_5_7B, 8): (4, (16, 4, 1))}
     for (config, batch), (sets, shape) in pairs.items():
         for longest in (PAIRS_FROM, 2 * PAIRS_FROM):
             assert batch_sets(config, batch, longest=longest) == sets
