@@ -17,7 +17,9 @@ in device memory, merged by the last to arrive; a sequence with an empty cache l
 nothing to attend), plain and handed off; ``python tests/sanitize_fused.py split`` runs those alone.
 Then the long-cache shape of a GQA preset at a batch of 1 to 4 (one cluster of 16 x 8 warps a KV
 head, :func:`~clusterlab.fused.plan.launch_shape` from the batch's ``LONG_CACHE`` rows; Qwen2.5-7B, with its
-QKV bias), plain and handed off; ``python tests/sanitize_fused.py long`` runs those alone.
+QKV bias), and the one of an MHA batch of 5 to 8 (blocks of 16 warps in clusters of 2,
+:func:`~clusterlab.fused.plan.wide_blocks`), plain and handed off; ``python tests/sanitize_fused.py long``
+runs those alone.
 Then a batch split over two and three sets of clusters (``KernelSpec.batch_parts``: each set its
 share's slices of the arguments and counters of its own), once with the positions split too, plain
 and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
@@ -65,6 +67,8 @@ PARTS_SHAPES = [
 ]
 LONG_SHAPES = [
     (PRESETS["qwen2.5-7b"], {"cluster_size": 16, "warps": 8, "head_split": 1}, [300, 0, 77], torch.float16),
+    (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 2, "warps": 16},
+     [300, 0, 77, 12, 5, 41], torch.bfloat16),
 ]
 
 

@@ -36,20 +36,23 @@ TOLERANCE = 1e-2
 # "Spills"); a shape that spills more fails.
 @pytest.mark.ptx
 @pytest.mark.parametrize(
-    "config, bf16, batch, cluster_size, warps, head_split, spill",
-    [(LLAMA2_7B, False, 1, 8, 4, 1, 0), (LLAMA2_7B, True, 4, 8, 4, 1, 0), (LLAMA2_7B, True, 8, 4, 8, 1, 0),
-     (LLAMA3_8B, False, 1, 16, 4, 2, 0), (LLAMA3_8B, True, 4, 16, 4, 2, 40), (LLAMA3_8B, False, 3, 16, 4, 2, 8),
-     (LLAMA3_8B, True, 5, 16, 8, 1, 8), (LLAMA3_8B, False, 8, 16, 8, 1, 0), (LLAMA3_2_1B, True, 2, 16, 4, 2, 0),
-     (QWEN2_5_7B, False, 1, 8, 4, 7, 80), (QWEN2_5_7B, True, 8, 4, 8, 7, 8)],
-    ids=["llama2-7b-f16-b1", "llama2-7b-bf16-b4", "llama2-7b-bf16-b8", "llama3-8b-f16-b1", "llama3-8b-bf16-b4",
-         "llama3-8b-f16-b3", "llama3-8b-bf16-b5", "llama3-8b-f16-b8", "llama3.2-1b-bf16-b2", "qwen2.5-7b-f16-b1",
-         "qwen2.5-7b-bf16-b8"],
+    "config, bf16, batch, longest, cluster_size, warps, head_split, spill",
+    [(LLAMA2_7B, False, 1, None, 8, 4, 1, 0), (LLAMA2_7B, True, 4, None, 8, 4, 1, 0),
+     (LLAMA2_7B, True, 8, None, 4, 8, 1, 0), (LLAMA2_7B, False, 8, 16384, 2, 16, 1, 0),
+     (LLAMA3_8B, False, 1, None, 16, 4, 2, 0), (LLAMA3_8B, True, 4, None, 16, 4, 2, 40),
+     (LLAMA3_8B, False, 3, None, 16, 4, 2, 8), (LLAMA3_8B, True, 5, None, 16, 8, 1, 8),
+     (LLAMA3_8B, False, 8, None, 16, 8, 1, 0), (LLAMA3_2_1B, True, 2, None, 16, 4, 2, 0),
+     (QWEN2_5_7B, False, 1, None, 8, 4, 7, 80), (QWEN2_5_7B, True, 8, None, 4, 8, 7, 8)],
+    ids=["llama2-7b-f16-b1", "llama2-7b-bf16-b4", "llama2-7b-bf16-b8", "llama2-7b-f16-b8-16k", "llama3-8b-f16-b1",
+         "llama3-8b-bf16-b4", "llama3-8b-f16-b3", "llama3-8b-bf16-b5", "llama3-8b-f16-b8", "llama3.2-1b-bf16-b2",
+         "qwen2.5-7b-f16-b1", "qwen2.5-7b-bf16-b8"],
 )
-def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf16, batch, cluster_size, warps,
+def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf16, batch, longest, cluster_size, warps,
                                                                       head_split, spill):
     from clusterlab.toolchain import assemble
 
-    assert launch_shape(config, batch, 132) == (cluster_size, warps, head_split)  # what an H100 or H200 runs
+    # what an H100 or H200 runs (``longest``: the rows the step is told it attends to)
+    assert launch_shape(config, batch, 132, longest=longest) == (cluster_size, warps, head_split)
     spec = KernelSpec.of(config, bf16, batch, cluster_size, warps, head_split)
     ptx = spec_ptx(spec)
     for instruction in ("mapa.shared::cluster.u32", "ld.shared::cluster.f32", "ld.shared::cluster.v4.f32",
@@ -370,6 +373,18 @@ def test_ragged_batches_told_their_longest_cache_take_the_long_cache_shape(prese
     steps = [[long + 900, 0, 17], [long - 2, 4000, 1]]  # long + 901 rows, then long - 1
     assert layer.shape(3, long + 901) == (16, 8, 1) != layer.shape(3, long - 1)
     _check_steps(layer, torch.float16, 3, steps, hint=True)
+
+
+@pytest.mark.gpu
+def test_long_mha_batches_run_one_16_warp_block_every_other_sm():
+    """Llama-2-7B at a batch of 6 told its longest cache: from LONG_CACHE rows 32 clusters of 2 x 16
+    warps (``plan.wide_blocks``), ragged (an empty cache among long ones) and uniform, against the
+    reference; below it 32 clusters of 4 x 8."""
+    weights = AttentionWeights.random(LLAMA2_7B, torch.float16, "cuda", seed=5)
+    layer = DecodeAttention(LLAMA2_7B, weights)
+    long = LONG_CACHE[6 - 1]
+    assert layer.shape(6, long + 301) == (2, 16, 1) and layer.shape(6, long - 1) == (4, 8, 1)
+    _check_steps(layer, torch.float16, 6, [[long + 300, 0, 17, long - 1, 2000, 1], long + 40, long - 2], hint=True)
 
 
 def _gqa_layer_and_inputs(batch):

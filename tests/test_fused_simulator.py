@@ -28,6 +28,7 @@ from clusterlab.fused.plan import (
     DeviceLimits,
     cached_range,
     launch_shape,
+    wide_blocks,
     new_token_rank,
 )
 from clusterlab.fused.reference import relative_error
@@ -227,7 +228,8 @@ def test_launch_shape_spreads_a_step_over_the_sms():
 
 def test_launch_shape_reads_long_caches_once_a_kv_head():
     # From the batch's LONG_CACHE rows (8192 at batches 1 and 2, 4096 beyond) a GQA step leaves the
-    # head split for one cluster of 8-warp blocks a KV head; MHA and given values are as at short caches.
+    # head split for one cluster of 8-warp blocks a KV head; given values are as at short caches (MHA:
+    # the next test).
     assert LONG_CACHE == (8192, 8192, 4096, 4096, 4096, 4096, 4096, 4096)
     shorts = {LLAMA3_8B: {1: (16, 4, 2), 2: (16, 4, 2), 3: (16, 4, 2), 4: (16, 4, 2), 8: (16, 8, 1)},
               QWEN2_5_7B: {1: (8, 4, 7), 2: (8, 4, 7), 3: (8, 4, 7), 4: (8, 4, 7), 8: (4, 8, 7)}}
@@ -244,7 +246,6 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
             # two sets: each the largest grid within half the SMs (Llama-3-8B: 8 clusters of 8, 64 blocks)
             want = (16, 8, 1) if sets == 1 or config is QWEN2_5_7B else (8, 8, 1)
             assert launch_shape(config, batch, 132, longest=long) == want
-        assert launch_shape(LLAMA2_7B, batch, 132, longest=long) == launch_shape(LLAMA2_7B, batch, 132)
         assert batch_sets(LLAMA2_7B, batch, longest=long) == 1
     assert launch_shape(QWEN2_5_7B, 2, 132, longest=4096) == (8, 4, 7)  # batch 2 keeps the split at 4K
     assert launch_shape(QWEN2_5_7B, 3, 132, longest=4096) == (16, 8, 1)
@@ -274,12 +275,34 @@ def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
         assert batch_sets(LLAMA3_8B, batch, longest=PAIRS_FROM) == 1
         assert launch_shape(LLAMA3_8B, batch, 132, longest=PAIRS_FROM) == (16, 8, 1)
     assert batch_sets(LLAMA2_7B, 8, longest=PAIRS_FROM) == 1
-    assert launch_shape(LLAMA2_7B, 8, 132, longest=PAIRS_FROM) == (4, 8, 1)
+    assert launch_shape(LLAMA2_7B, 8, 132, longest=PAIRS_FROM) == (2, 16, 1)  # one set (the next test)
     assert batch_sets(LLAMA3_8B, 8, longest=PAIRS_FROM, cluster_size=8) == 1
     # sets given: pairs take the 4-warp plan, larger shares the 8-warp one
     assert launch_shape(LLAMA3_8B, 8, 132, longest=PAIRS_FROM, batch_parts=2) == (8, 8, 1)
     assert launch_shape(LLAMA3_8B, 8, 132, longest=PAIRS_FROM, batch_parts=8) == (4, 4, 1)
     assert launch_shape(LLAMA3_8B, 8, 132, longest=PAIRS_FROM - 1, batch_parts=4) == (4, 8, 1)
+
+
+def test_launch_shape_gives_long_mha_batches_of_5_to_8_one_16_warp_block_every_other_sm():
+    # Llama-2-7B's 32 clusters of 4 x 8 warps do not all fit (clusters of 4 reach 120 SMs); from the
+    # batch's LONG_CACHE rows a batch of 5 to 8 takes 32 clusters of 2 x 16 warps, 64 blocks.
+    for batch in range(1, 9):
+        long = LONG_CACHE[batch - 1]
+        short = (8, 4, 1) if batch <= 4 else (4, 8, 1)
+        assert launch_shape(LLAMA2_7B, batch, 132) == launch_shape(LLAMA2_7B, batch, 132, longest=long - 1) == short
+        want = short if batch <= 4 else (2, 16, 1)
+        assert wide_blocks(LLAMA2_7B, batch, long) == (batch > 4)
+        for longest in (long, PAIRS_FROM, 2 * PAIRS_FROM):
+            assert launch_shape(LLAMA2_7B, batch, 132, longest=longest) == want
+            assert batch_sets(LLAMA2_7B, batch, longest=longest) == 1
+    assert not wide_blocks(LLAMA3_8B, 8, PAIRS_FROM) and not wide_blocks(LLAMA2_7B, 8, None)
+    # given values: a cluster size whose grid cannot be one block every other SM keeps 8 warps; so do
+    # given sets (their grids share the SMs)
+    assert launch_shape(LLAMA2_7B, 8, 132, cluster_size=4, longest=PAIRS_FROM) == (4, 8, 1)
+    assert launch_shape(LLAMA2_7B, 8, 132, cluster_size=1, longest=PAIRS_FROM) == (1, 16, 1)
+    assert launch_shape(LLAMA2_7B, 8, 132, longest=PAIRS_FROM, batch_parts=2) == (2, 8, 1)
+    # the grid within half the SMs: 66 on an H200, 32 on 64 SMs
+    assert launch_shape(LLAMA2_7B, 8, 64, longest=PAIRS_FROM) == (1, 16, 1)
 
 
 @pytest.mark.parametrize("batch", [0, 9, -1, 2.0, True])

@@ -303,6 +303,22 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     return batch // 2 if longest >= PAIRS_FROM else 2
 
 
+def wide_blocks(config: AttentionConfig, batch: int, longest: int | None) -> bool:
+    """Whether a step of ``batch`` sequences, the longest attending to ``longest`` rows, runs blocks
+    of 16 warps, one every other SM (:func:`launch_shape`): an MHA model (one query head a KV head)
+    with a batch of 5 to 8, which needs 8-warp blocks, from ``LONG_CACHE[batch - 1]`` rows.
+
+    Llama-2-7B's 8-warp grid is 32 clusters of 4, 128 blocks, but clusters of 4 reach only 120 of
+    the 132 SMs: two clusters run on SMs that already hold a block, and at long caches the step waits
+    for them (batch 8 at 16K on the H200: 559.8 µs of attention on those 8 SMs, 502.4 on the others).
+    32 clusters of 2 x 16 warps all run at once, each block on an SM of its own. Against 4 x 8, µs at
+    4K / 16K (``docs/fused-decode-notes.md``, v24): batch 5 173.3 / 478.7 -> 163.5 / 408.4, batch 6
+    197.4 / 563.4 -> 188.3 / 499.8, batch 7 207.5 / 586.6 -> 208.6 / 574.6, batch 8 215.1 / 628.5 ->
+    212.5 / 596.6 (32K: 1167.6 -> 1103.3); at 1K the 16-warp blocks lost (v23)."""
+    return (longest is not None and longest >= LONG_CACHE[batch - 1] and config.group_size == 1
+            and batch > 4)
+
+
 def shape_boundaries(batch: int) -> tuple[int, int]:
     """Rows attended at which the rule's launch shape or sets for a step of ``batch`` sequences may
     change (:func:`launch_shape`, :func:`batch_sets`): ``(LONG_CACHE[batch - 1], PAIRS_FROM)``.
@@ -344,7 +360,9 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     grids of all the sets together keep within the limit, so one set's is within half of it with two.
     Sets of at most two sequences from :data:`PAIRS_FROM` rows take the limit of two 4-warp blocks an
     SM (:func:`paired_sets`): Llama-3-8B at batch 8 four sets of 8 clusters of 8 x 4 warps, at batch 4
-    two sets of 8 clusters of 16 x 4.
+    two sets of 8 clusters of 16 x 4. An MHA batch of 5 to 8 from the same ``LONG_CACHE`` rows takes
+    the largest grid of 16-warp blocks within ``sm_count / 2`` (:func:`wide_blocks`; Llama-2-7B: 32
+    clusters of 2 x 16 warps, all at once, where 32 clusters of 4 x 8 do not fit the SMs).
 
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
     clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
@@ -360,7 +378,8 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     long = long_cache(config, batch, longest, head_split)
     sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split)
     two_an_sm = (batch <= 4 and not long) or paired_sets(config, batch, longest, sets, head_split)
-    limit = (2 * sm_count if two_an_sm else sm_count) // sets
+    wide = sets == 1 and wide_blocks(config, batch, longest)
+    limit = (2 * sm_count if two_an_sm else sm_count // 2 if wide else sm_count) // sets
     splits = [1] if long else [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
     sizes = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]
     best = None  # (blocks, cluster_size, head_split)
@@ -373,7 +392,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
         size, split = cluster_size or 1, head_split or 1
         best = (config.kv_heads * split * size, size, split)
     blocks, size, split = best
-    warps = 4 if two_an_sm and sets * blocks > sm_count else 8
+    warps = 4 if two_an_sm and sets * blocks > sm_count else 16 if wide and 2 * blocks <= sm_count else 8
     return size, warps, split
 
 
