@@ -132,6 +132,9 @@ BATCH_SETS_FROM = 4
 #: set's grid of 4-warp blocks, two an SM (:func:`paired_sets`; measured on the H200 at 4K and 16K only:
 #: ``docs/fused-decode-notes.md``, v23).
 PAIRS_FROM = 16384
+#: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
+#: so a batch of more takes blocks of 8 (or 16) warps (:func:`launch_shape`).
+FOUR_WARPS_UP_TO = 4
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
 #: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
@@ -269,12 +272,17 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
     return dict(options)
 
 
+def reaches_long_cache(batch: int, longest: int | None) -> bool:
+    """Whether a step of ``batch`` sequences, the longest attending to ``longest`` rows (None: not
+    told), attends to ``LONG_CACHE[batch - 1]`` rows or more."""
+    return longest is not None and longest >= LONG_CACHE[batch - 1]
+
+
 def long_cache(config: AttentionConfig, batch: int, longest: int | None, head_split: int | None = None) -> bool:
     """Whether a step of ``batch`` sequences, the longest attending to ``longest`` rows (None: not
     told), reads each KV head's rows with one cluster (:func:`launch_shape`): a GQA model from
     ``LONG_CACHE[batch - 1]`` rows, unless a head split is given."""
-    return (longest is not None and longest >= LONG_CACHE[batch - 1] and config.group_size > 1
-            and head_split is None)
+    return reaches_long_cache(batch, longest) and config.group_size > 1 and head_split is None
 
 
 def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, cluster_size: int | None = None,
@@ -315,8 +323,7 @@ def wide_blocks(config: AttentionConfig, batch: int, longest: int | None) -> boo
     4K / 16K (``docs/fused-decode-notes.md``, v24): batch 5 173.3 / 478.7 -> 163.5 / 408.4, batch 6
     197.4 / 563.4 -> 188.3 / 499.8, batch 7 207.5 / 586.6 -> 208.6 / 574.6, batch 8 215.1 / 628.5 ->
     212.5 / 596.6 (32K: 1167.6 -> 1103.3); at 1K the 16-warp blocks lost (v23)."""
-    return (longest is not None and longest >= LONG_CACHE[batch - 1] and config.group_size == 1
-            and batch > 4)
+    return reaches_long_cache(batch, longest) and config.group_size == 1 and batch > FOUR_WARPS_UP_TO
 
 
 def shape_boundaries(batch: int) -> tuple[int, int]:
@@ -377,7 +384,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     check_batch(batch)
     long = long_cache(config, batch, longest, head_split)
     sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split)
-    two_an_sm = (batch <= 4 and not long) or paired_sets(config, batch, longest, sets, head_split)
+    two_an_sm = (batch <= FOUR_WARPS_UP_TO and not long) or paired_sets(config, batch, longest, sets, head_split)
     wide = sets == 1 and wide_blocks(config, batch, longest)
     limit = (2 * sm_count if two_an_sm else sm_count // 2 if wide else sm_count) // sets
     splits = [1] if long else [s for s in range(1, config.group_size + 1) if config.group_size % s == 0]
