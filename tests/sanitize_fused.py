@@ -64,6 +64,8 @@ PARTS_SHAPES = [
     (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
      {"cluster_size": 4, "warps": 4, "head_split": 2, "kernel_options": {"batch_parts": 3, "split_positions": True}},
      [1000, 0, 333], torch.float16),
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 1, "kernel_options": {"batch_parts": 2}}, [700, 0], torch.float16),
 ]
 LONG_SHAPES = [
     (PRESETS["qwen2.5-7b"], {"cluster_size": 16, "warps": 8, "head_split": 1}, [300, 0, 77], torch.float16),

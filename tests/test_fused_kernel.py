@@ -15,7 +15,7 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import LONG_CACHE, launch_shape
+from clusterlab.fused.plan import LONG_CACHE, PAIRS_FROM, launch_shape
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -373,6 +373,20 @@ def test_ragged_batches_told_their_longest_cache_take_the_long_cache_shape(prese
     steps = [[long + 900, 0, 17], [long - 2, 4000, 1]]  # long + 901 rows, then long - 1
     assert layer.shape(3, long + 901) == (16, 8, 1) != layer.shape(3, long - 1)
     _check_steps(layer, torch.float16, 3, steps, hint=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset, shape", [("llama3-8b", (16, 4, 1)), ("qwen2.5-7b", (16, 8, 1))])
+def test_a_batch_of_2_told_its_longest_cache_runs_two_sets_of_one_sequence(preset, shape):
+    """From PAIRS_FROM rows a GQA batch of 2 runs as two sets of clusters, a sequence each
+    (``plan.batch_sets``), ragged (an empty cache beside a long one) and uniform, against the reference;
+    below it one set."""
+    config = PRESETS[preset]
+    weights = AttentionWeights.random(config, torch.float16, "cuda", seed=6)
+    layer = DecodeAttention(config, weights)
+    assert layer.shape(2, PAIRS_FROM + 301) == shape and layer.batch_parts(2, PAIRS_FROM + 301) == 2
+    assert layer.shape(2, PAIRS_FROM - 1) == (16, 8, 1) and layer.batch_parts(2, PAIRS_FROM - 1) == 1
+    _check_steps(layer, torch.float16, 2, [[PAIRS_FROM + 300, 0], PAIRS_FROM + 40, [PAIRS_FROM - 2, 5000]], hint=True)
 
 
 @pytest.mark.gpu

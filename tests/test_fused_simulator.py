@@ -256,22 +256,26 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
 
 
 def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
-    # From PAIRS_FROM rows an even batch of 4 or more goes to sets of two sequences, each set's grid
-    # planned for two 4-warp blocks an SM (the limit of 264 blocks shared by the sets); below, two sets
-    # of 8-warp blocks; the odd batches, MHA and a given cluster size keep one set.
+    # From PAIRS_FROM rows an even batch goes to sets of two sequences, at least two sets (a batch of 2:
+    # two sets of one), each set's grid planned for two 4-warp blocks an SM (the limit of 264 blocks
+    # shared by the sets); below, two sets of 8-warp blocks from a batch of 4, one set at batch 2; the
+    # odd batches, MHA and a given cluster size keep one set.
     assert PAIRS_FROM == 16384
-    # (Qwen2.5-7B's 4 KV heads: one cluster of 16 a KV head, 64 blocks a set)
-    pairs = {(LLAMA3_8B, 4): (2, (16, 4, 1)), (LLAMA3_8B, 6): (3, (8, 4, 1)), (LLAMA3_8B, 8): (4, (8, 4, 1)),
-             (QWEN2_5_7B, 4): (2, (16, 8, 1)), (QWEN2_5_7B, 8): (4, (16, 4, 1))}
+    # (Qwen2.5-7B's 4 KV heads: one cluster of 16 a KV head, 64 blocks a set; two sets of them fit
+    # the SMs in 8-warp blocks)
+    pairs = {(LLAMA3_8B, 2): (2, (16, 4, 1)), (LLAMA3_8B, 4): (2, (16, 4, 1)), (LLAMA3_8B, 6): (3, (8, 4, 1)),
+             (LLAMA3_8B, 8): (4, (8, 4, 1)), (QWEN2_5_7B, 2): (2, (16, 8, 1)), (QWEN2_5_7B, 4): (2, (16, 8, 1)),
+             (QWEN2_5_7B, 8): (4, (16, 4, 1))}
     for (config, batch), (sets, shape) in pairs.items():
         for longest in (PAIRS_FROM, 2 * PAIRS_FROM):
             assert batch_sets(config, batch, longest=longest) == sets
             assert launch_shape(config, batch, 132, longest=longest) == shape
             assert launch_shape(config, batch, 132, longest=longest, batch_parts=sets) == shape
-        assert batch_sets(config, batch, longest=PAIRS_FROM - 1) == 2
+        assert batch_sets(config, batch, longest=PAIRS_FROM - 1) == (1 if batch == 2 else 2)
         assert launch_shape(config, batch, 132, longest=PAIRS_FROM - 1) == launch_shape(config, batch, 132,
                                                                                          longest=LONG_CACHE[batch - 1])
-    for batch in (1, 2, 3, 5, 7):
+    assert launch_shape(LLAMA3_8B, 2, 132, longest=PAIRS_FROM - 1) == (16, 8, 1)
+    for batch in (1, 3, 5, 7):
         assert batch_sets(LLAMA3_8B, batch, longest=PAIRS_FROM) == 1
         assert launch_shape(LLAMA3_8B, batch, 132, longest=PAIRS_FROM) == (16, 8, 1)
     assert batch_sets(LLAMA2_7B, 8, longest=PAIRS_FROM) == 1

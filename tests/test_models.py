@@ -526,7 +526,8 @@ def test_the_decoder_tells_each_step_how_long_its_longest_cache_is(ours, monkeyp
     assert seen == [longest, longest + 1, longest + 2, longest + 3]
 
 
-@pytest.mark.parametrize("batch, first, last", [(8, 1000, 20000), (4, 4096, 16384), (3, 100, 9000), (8, 5000, 6000)])
+@pytest.mark.parametrize("batch, first, last", [(8, 1000, 20000), (4, 4096, 16384), (3, 100, 9000), (8, 5000, 6000),
+                                               (2, 1000, 20000)])
 def test_a_run_captures_a_graph_for_every_launch_shape_it_meets(batch, first, last):
     """The decoder's capture lengths name every shape (launch shape and sets) a step of the run
     takes, for the GQA presets, whose shapes change with the length: every length from first to

@@ -23,7 +23,7 @@ most rows a sequence attends to; an int position says it by itself): from
 :data:`~clusterlab.fused.plan.LONG_CACHE` rows (by batch) a GQA step reads each KV head's rows with one cluster
 (:func:`~clusterlab.fused.plan.launch_shape`), from a batch of 4 split over two sets of clusters
 (:func:`~clusterlab.fused.plan.batch_sets`), and from :data:`~clusterlab.fused.plan.PAIRS_FROM` rows over
-sets of two sequences, so a decode loop keeps a graph for each range of lengths
+sets of two sequences (a batch of 2 over two sets of one), so a decode loop keeps a graph for each range of lengths
 (:class:`clusterlab.models.decode.Decoder`).
 """
 
@@ -252,7 +252,7 @@ class DecodeAttention:
         """Sets of clusters a step of ``batch`` sequences splits them over, each :meth:`shape`'s grid:
         the ``batch_parts`` of ``kernel_options`` where given, else
         :func:`~clusterlab.fused.plan.batch_sets` (at long caches from a batch of 4: two, from
-        :data:`~clusterlab.fused.plan.PAIRS_FROM` rows one a pair of sequences)."""
+        :data:`~clusterlab.fused.plan.PAIRS_FROM` rows one a pair of sequences, a batch of 2 two sets of one)."""
         check_longest(longest)
         return self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
                                                                     self.head_split)

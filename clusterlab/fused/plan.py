@@ -128,9 +128,9 @@ LONG_CACHE = (8192, 8192) + (4096,) * (MAX_BATCH - 2)
 #: From a batch of this many sequences (an even count) a step that takes the long-cache shape of its
 #: own choosing splits the batch over two sets of clusters (``batch_parts``, :func:`batch_sets`).
 BATCH_SETS_FROM = 4
-#: From this many rows attended, such a step splits the batch over sets of two sequences instead, each
-#: set's grid of 4-warp blocks, two an SM (:func:`paired_sets`; measured on the H200 at 4K and 16K only:
-#: ``docs/fused-decode-notes.md``, v23).
+#: From this many rows attended, such a step splits the batch over sets of two sequences instead (a batch
+#: of 2 over two sets of one), each set's grid of 4-warp blocks, two an SM (:func:`paired_sets`; measured
+#: on the H200 at 4K, 8K and 16K: ``docs/fused-decode-notes.md``, v23 to v25).
 PAIRS_FROM = 16384
 #: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
 #: so a batch of more takes blocks of 8 (or 16) warps (:func:`launch_shape`).
@@ -287,10 +287,10 @@ def long_cache(config: AttentionConfig, batch: int, longest: int | None, head_sp
 
 def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, cluster_size: int | None = None,
                head_split: int | None = None) -> int:
-    """Sets of clusters the rule splits a step's batch over (``batch_parts``): where the step takes
-    the long-cache shape of its own choosing (no cluster size or head split given) with an even batch
-    of at least :data:`BATCH_SETS_FROM`, two, and from :data:`PAIRS_FROM` rows one a pair of
-    sequences (:func:`paired_sets`); else one.
+    """Sets of clusters the rule splits a step's batch over (``batch_parts``), where the step takes
+    the long-cache shape of its own choosing (no cluster size or head split given) with an even batch:
+    from :data:`PAIRS_FROM` rows one set a pair of sequences and at least two (a batch of 2: two sets
+    of one; :func:`paired_sets`), below that two from a batch of :data:`BATCH_SETS_FROM`; else one.
 
     One set of the long-cache shape leaves SMs idle where the KV heads are few (Qwen2.5-7B: 4 KV
     heads, 64 blocks of 8 warps on 132 SMs), or has clusters of 16 that do not all fit at once
@@ -303,12 +303,16 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     Llama-3-8B batch 8 217.8 / 374.0 -> 206.8 / 341.8 (four sets of 8 x 4 warps), batch 4 129.8 /
     207.6 -> 128.5 / 201.7 (two sets of 16 x 4); Llama-3.2-1B batch 8 110.0 / 190.8 -> 100.2 / 167.2,
     batch 4 66.0 / 105.7 -> 62.1 / 99.4; at 4K they lost (Llama-3-8B 73.0 -> 75.1 at batch 4, 101.4 ->
-    106.1 at batch 8)."""
-    if cluster_size is not None or not long_cache(config, batch, longest, head_split):
+    106.1 at batch 8), at 8K Llama-3.2-1B gained 5-6%, Llama-3-8B nothing and Qwen2.5-7B lost 9%
+    (batch 8 122.2 -> 133.2; v24, v25). A batch of 2 in two sets of one from 16K / 32K (v25):
+    Qwen2.5-7B 83.6 / 110.8 -> 79.8 / 99.5, Llama-3.2-1B 43.0 / 63.1 -> 41.9 / 60.0, Llama-3-8B 83.9 /
+    123.5 -> 86.0 / 122.8; at 8K Llama-3-8B lost (63.2 -> 78.4). Sets of one at batches 4 and 8 lost
+    or tied everywhere (v25)."""
+    if cluster_size is not None or not long_cache(config, batch, longest, head_split) or batch % 2:
         return 1
-    if batch < BATCH_SETS_FROM or batch % 2:
-        return 1
-    return batch // 2 if longest >= PAIRS_FROM else 2
+    if longest >= PAIRS_FROM:
+        return max(2, batch // 2)
+    return 2 if batch >= BATCH_SETS_FROM else 1
 
 
 def wide_blocks(config: AttentionConfig, batch: int, longest: int | None) -> bool:
@@ -367,7 +371,8 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     grids of all the sets together keep within the limit, so one set's is within half of it with two.
     Sets of at most two sequences from :data:`PAIRS_FROM` rows take the limit of two 4-warp blocks an
     SM (:func:`paired_sets`): Llama-3-8B at batch 8 four sets of 8 clusters of 8 x 4 warps, at batch 4
-    two sets of 8 clusters of 16 x 4. An MHA batch of 5 to 8 from the same ``LONG_CACHE`` rows takes
+    two sets of 8 clusters of 16 x 4, at batch 2 two sets of one sequence in 8 clusters of 16 x 4 (Qwen2.5-7B:
+    4 clusters of 16 x 8, 128 blocks, one an SM). An MHA batch of 5 to 8 from the same ``LONG_CACHE`` rows takes
     the largest grid of 16-warp blocks within ``sm_count / 2`` (:func:`wide_blocks`; Llama-2-7B: 32
     clusters of 2 x 16 warps, all at once, where 32 clusters of 4 x 8 do not fit the SMs).
 
