@@ -390,6 +390,24 @@ def test_a_batch_of_2_told_its_longest_cache_runs_two_sets_of_one_sequence(prese
 
 
 @pytest.mark.gpu
+def test_the_timeline_records_every_block_of_a_batch_split_over_sets():
+    """``python -m clusterlab.bench.fused_timeline --shape CxWxSxP`` in small: two sets of clusters,
+    the instrumented step against the reference, every block of both sets with its SM and phases."""
+    from clusterlab.bench.fused_timeline import record_shape
+    from clusterlab.fused.kernel import TIMELINE_PHASES
+
+    config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=2, head_dim=128)
+    weights = AttentionWeights.random(config, torch.float16, "cuda", seed=12)
+    shape = record_shape(config, weights, torch.float16, 4, 700, 4, 4, 1, 2)
+    assert shape["rel_err"] < TOLERANCE and shape["batch_parts"] == 2
+    assert shape["blocks"] == 2 * config.kv_heads * 4 == len(shape["block"])
+    assert {block["cluster"] for block in shape["block"]} == set(range(2 * config.kv_heads))
+    for block in shape["block"]:
+        assert 0 <= block["sm"] < torch.cuda.get_device_properties(0).multi_processor_count
+        assert len(block["phase_us"]) == len(TIMELINE_PHASES) and min(block["phase_us"]) >= 0
+
+
+@pytest.mark.gpu
 def test_long_mha_batches_run_one_16_warp_block_every_other_sm():
     """Llama-2-7B at a batch of 6 told its longest cache: from LONG_CACHE rows 32 clusters of 2 x 16
     warps (``plan.wide_blocks``), ragged (an empty cache among long ones) and uniform, against the

@@ -27,7 +27,8 @@ def _record(layer, phases, seed):
                             "start_us": float(rng.uniform(0, 1)),
                             "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
                            for b, sm in enumerate(sms)]}
-        shape.update({"head_split": 1} if layer == "attention" else {"clusters": blocks // cluster_size})
+        shape.update({"head_split": 1, "batch_parts": cluster_size // 2} if layer == "attention"
+                     else {"clusters": blocks // cluster_size})
         shapes.append(shape)
     return {"card": "NVIDIA H200", "date": "2026-11-30T00:00:00+00:00", "layer": layer, "preset": "llama3-8b",
             "dtype": "float16", "batch": 1, "kv_len": 1024 if layer == "attention" else None,
@@ -41,6 +42,8 @@ def test_summary_and_plot_of_either_block(layer, phases, tmp_path):
     for shape in record["shapes"]:
         text = summary(shape, phases)
         assert all(name in text for name in phases) and f"blocks arrive after the {phases[-3]}" in text
+        sets = shape.get("batch_parts", 1)
+        assert (f", {sets} sets," in text.splitlines()[0]) == (sets > 1)
         rows = [line.strip() for line in text.splitlines()[3:]]
         assert [row[:len(name)] for row, name in zip(rows, phases)] == list(phases)
         medians = [float(row[len(name):].split()[1]) for row, name in zip(rows, phases)]  # min, median, max
@@ -55,3 +58,13 @@ def test_a_recorded_h200_timeline_plots_again(tmp_path):
     assert record["phases"] == list(kernel.TIMELINE_PHASES)
     plot(record, tmp_path / "again.png")
     assert (tmp_path / "again.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, words", [(["--shape", "16x4x1x2x2"], "the attention block's launch shapes"),
+                                          (["--shape", "16"], "the attention block's launch shapes"),
+                                          (["--layer", "mlp", "--shape", "2x8x1"], "the MLP's launch shapes")])
+def test_the_study_refuses_a_shape_it_cannot_read_before_touching_a_gpu(args, words):
+    from clusterlab.bench.fused_timeline import main
+
+    with pytest.raises(SystemExit, match=words):
+        main(args)

@@ -1,6 +1,7 @@
 """Timeline of one fused decode step: when every block crosses each phase boundary, and on which SM it ran.
 
     python -m clusterlab.bench.fused_timeline [--preset llama2-7b] [--kv 1024] [--batch 1] [--shape 4x8 8x4]
+    python -m clusterlab.bench.fused_timeline --preset qwen2.5-7b --batch 8 --kv 16384 --shape 16x4x1x4 16x8x1x2
     python -m clusterlab.bench.fused_timeline --layer mlp [--preset llama3-8b] [--batch 1] [--shape 2x8 2x16]
 
 The kernel is the layer's own (the attention block's, or with ``--layer mlp`` the MLP block's),
@@ -13,8 +14,8 @@ boundary inside a phase ("W_qkv stream", "rope", "merge") is where warp 0 got to
 after a barrier or ``syncthreads`` hold for the whole block. The phases are
 :data:`clusterlab.fused.kernel.TIMELINE_PHASES` and :data:`clusterlab.fused.mlp_kernel.TIMELINE_PHASES`.
 
-Each launch shape (attention: ``CxW`` or ``CxWxS``, cluster size x warps per block x head split;
-MLP: ``CxW``, the clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's
+Each launch shape (attention: ``CxW``, ``CxWxS`` or ``CxWxSxP``, cluster size x warps per block x head
+split x sets of clusters the batch is split over, the kernel option ``batch_parts``; MLP: ``CxW``, the clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's
 own shape) is timed plain and instrumented as CUDA-graph replays (the stores cost about 1%), then
 one step is recorded. Printed:
 per-phase durations over the blocks (min / median / max), how many blocks each SM held, and when the
@@ -53,9 +54,12 @@ PHASE_COLOURS = {
 }
 
 
-def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None):
-    """Time one launch shape of the attention block and record one step's stamps: a dict for the JSON."""
-    layer = DecodeAttention(config, weights, cluster_size=cluster_size, warps=warps, head_split=head_split)
+def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None, batch_parts=None):
+    """Time one launch shape of the attention block (``batch_parts`` sets of its clusters, None: one)
+    and record one step's stamps: a dict for the JSON."""
+    options = None if batch_parts is None else {"batch_parts": batch_parts}
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, warps=warps, head_split=head_split,
+                            kernel_options=options)
     cache = KVCache.random(config, batch, kv_len, dtype, "cuda", seed=1)
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
@@ -69,7 +73,8 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
     plain = functools.partial(layer, hidden, residual, cache, position, out=out, residual_out=new_residual)
     step = functools.partial(kernel_launcher(dataclasses.replace(spec, timeline=True)), *args)
     return _record(plain, step, out, want.out, stamps, sms, blocks, cluster_size,
-                   {"cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split})
+                   {"cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split,
+                    "batch_parts": spec.batch_parts})
 
 
 def record_mlp_shape(config, weights, dtype, batch, cluster_size=None, warps=None):
@@ -129,6 +134,7 @@ def summary(shape, phases) -> str:
     done = np.array([b["start_us"] for b in shape["block"]]) + phase.sum(axis=1)
     arrive = done - phase[:, -1]
     split = f", head split {shape['head_split']}" if "head_split" in shape else f", {shape['clusters']} clusters"
+    split += f", {shape['batch_parts']} sets" if shape.get("batch_parts", 1) > 1 else ""
     lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps{split}, {shape['blocks']} blocks on "
              f"{shape['sms_used']} SMs (SMs holding k blocks: {shape['blocks_per_sm']}); step {shape['step_us']:.1f} µs "
              f"(instrumented {shape['instrumented_us']:.1f}), SM clock {shape['sm_clock_ghz']:.2f} GHz, "
@@ -162,7 +168,8 @@ def plot(record, path: Path) -> None:
                 left += width
             if block["crowded"]:
                 ax.plot(-1.0, y, marker="4", color="crimson", ms=3)
-        ax.set(title=f"cluster {shape['cluster_size']} x {shape['warps']} warps: step {shape['step_us']:.1f} µs, "
+        sets = f"{shape['batch_parts']} sets of " if shape.get("batch_parts", 1) > 1 else ""
+        ax.set(title=f"{sets}cluster {shape['cluster_size']} x {shape['warps']} warps: step {shape['step_us']:.1f} µs, "
                      f"{shape['sms_used']} SMs", xlabel="µs since the first block started",
                ylabel="block (on crowded SMs: on top, marked)")
         ax.set_ylim(-0.5, shape["blocks"] - 0.5)
@@ -183,9 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kv", type=int, default=1024, help="cached positions (attention only)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS]",
-                        help="launch shapes as cluster_size x warps [x head_split] (the MLP: cluster_size x warps; "
-                             "default: 4x8 8x4, the MLP its layer's own)")
+    parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS[xP]]",
+                        help="launch shapes as cluster_size x warps [x head_split [x sets of clusters]] (the MLP: "
+                             "cluster_size x warps; default: 4x8 8x4, the MLP its layer's own)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
@@ -193,6 +200,9 @@ def main(argv=None) -> int:
     shapes = args.shape or ([None] if mlp else ["4x8", "8x4"])
     if mlp and args.shape and any(len(text.split("x")) != 2 for text in shapes):
         raise SystemExit(f"--shape: the MLP's launch shapes are cluster_size x warps, got {' '.join(shapes)}")
+    if not mlp and any(not 2 <= len(text.split("x")) <= 4 for text in shapes):
+        raise SystemExit(f"--shape: the attention block's launch shapes are cluster_size x warps [x head_split "
+                         f"[x sets]], got {' '.join(shapes)}")
     require_hopper()
     dtype = getattr(torch, args.dtype)
     if mlp:
