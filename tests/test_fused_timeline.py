@@ -60,11 +60,23 @@ def test_a_recorded_h200_timeline_plots_again(tmp_path):
     assert (tmp_path / "again.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("args, words", [(["--shape", "16x4x1x2x2"], "the attention block's launch shapes"),
-                                          (["--shape", "16"], "the attention block's launch shapes"),
-                                          (["--layer", "mlp", "--shape", "2x8x1"], "the MLP's launch shapes")])
-def test_the_study_refuses_a_shape_it_cannot_read_before_touching_a_gpu(args, words):
+@pytest.mark.parametrize("args, words", [
+    (["--shape", "16x4x1x2x2"], "argument --shape: must look like CxW, CxWxS or CxWxSxP"),
+    (["--shape", "16"], "argument --shape: must look like CxW"),
+    (["--shape", "8x4", "16xfour"], "got '16xfour'"),
+    (["--layer", "mlp", "--shape", "2x8x1"], "argument --shape: the MLP's launch shapes are cluster_size x warps"),
+    (["--batch", "9"], "argument --batch: must be an integer in 1..8"),
+    (["--kv", "0"], "argument --kv: must be an integer >= 1"),
+])
+def test_the_study_refuses_arguments_it_cannot_use_before_touching_a_gpu(args, words, capsys):
     from clusterlab.bench.fused_timeline import main
 
-    with pytest.raises(SystemExit, match=words):
+    with pytest.raises(SystemExit) as exit_info:
         main(args)
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_launch_shapes_read_with_their_sets():
+    from clusterlab.bench.fused_timeline import parse_shape
+
+    assert parse_shape("4x8") == (4, 8) and parse_shape("16x4x1x4") == (16, 4, 1, 4)

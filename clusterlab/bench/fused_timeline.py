@@ -30,14 +30,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..argtypes import integer
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from ..fused import kernel, mlp_kernel
+from ..fused.config import MAX_BATCH
 from ..fused.layer import kernel_launcher
 from ..fused.mlp import DecodeMLP, MLPWeights, mlp_launcher, reference_mlp
 from ..gpu import device_info, require_hopper
@@ -182,27 +185,33 @@ def plot(record, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"16x4x1x4"`` -> ``(16, 4, 1, 4)``: cluster size x warps [x head split [x sets of clusters]]."""
+    if not re.fullmatch(r"\d+x\d+(x\d+){0,2}", text):
+        raise argparse.ArgumentTypeError("must look like CxW, CxWxS or CxWxSxP (cluster size x warps [x head split "
+                                         f"[x sets of clusters]]), e.g. 4x8 or 16x4x1x4; got {text!r}")
+    return tuple(int(part) for part in text.split("x"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", default="attention", choices=("attention", "mlp"),
                         help="the fused block to record (default: attention)")
     parser.add_argument("--preset", default="llama2-7b", choices=list(PRESETS))
-    parser.add_argument("--kv", type=int, default=1024, help="cached positions (attention only)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--kv", type=integer(1), default=1024, help="cached positions (attention only)")
+    parser.add_argument("--batch", type=integer(1, MAX_BATCH), default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS[xP]]",
+    parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS[xP]]", type=parse_shape,
                         help="launch shapes as cluster_size x warps [x head_split [x sets of clusters]] (the MLP: "
                              "cluster_size x warps; default: 4x8 8x4, the MLP its layer's own)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     mlp = args.layer == "mlp"
-    shapes = args.shape or ([None] if mlp else ["4x8", "8x4"])
-    if mlp and args.shape and any(len(text.split("x")) != 2 for text in shapes):
-        raise SystemExit(f"--shape: the MLP's launch shapes are cluster_size x warps, got {' '.join(shapes)}")
-    if not mlp and any(not 2 <= len(text.split("x")) <= 4 for text in shapes):
-        raise SystemExit(f"--shape: the attention block's launch shapes are cluster_size x warps [x head_split "
-                         f"[x sets]], got {' '.join(shapes)}")
+    shapes = args.shape or ([()] if mlp else [(4, 8), (8, 4)])
+    if mlp and args.shape and any(len(numbers) != 2 for numbers in shapes):
+        parser.error(f"argument --shape: the MLP's launch shapes are cluster_size x warps, got "
+                     f"{' '.join('x'.join(map(str, numbers)) for numbers in shapes)}")
     require_hopper()
     dtype = getattr(torch, args.dtype)
     if mlp:
@@ -218,8 +227,7 @@ def main(argv=None) -> int:
         "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "kv_len": None if mlp else args.kv,
         "phases": list((mlp_kernel if mlp else kernel).TIMELINE_PHASES), "shapes": [],
     }
-    for text in shapes:
-        numbers = [] if text is None else [int(x) for x in text.split("x")]
+    for numbers in shapes:
         if mlp:
             shape = record_mlp_shape(config, weights, dtype, args.batch, *numbers)
         else:
