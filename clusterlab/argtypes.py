@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def integer(minimum: int, maximum: int | None = None):
@@ -37,5 +38,22 @@ def number(minimum: float):
         if not minimum <= value < float("inf"):
             raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}; got {text!r}")
         return value
+
+    return parse
+
+
+def dimensions(letters: str, names: str, examples: str, required: int = 2):
+    """An argparse ``type=``: ``required`` to ``len(letters)`` integers joined by ``x`` (``"16x4x2"``), as a
+    tuple of ints; ``letters`` and ``names`` say what each stands for in the error (``ArgumentTypeError``,
+    printed as :func:`integer`'s): ``dimensions("CWS", "cluster size x warps [x head split]", "8x4 or
+    16x4x2")`` refuses ``"8xfoo"`` with "must look like CxW or CxWxS (cluster size x warps [x head
+    split]), e.g. 8x4 or 16x4x2; got '8xfoo'"."""
+    forms = " or ".join("x".join(letters[:n]) for n in range(required, len(letters) + 1))
+    pattern = re.compile(r"\d+" + r"x\d+" * (required - 1) + r"(x\d+){0,%d}" % (len(letters) - required))
+
+    def parse(text: str) -> tuple[int, ...]:
+        if not pattern.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"must look like {forms} ({names}), e.g. {examples}; got {text!r}")
+        return tuple(int(part) for part in text.split("x"))
 
     return parse

@@ -61,7 +61,8 @@ def test_a_recorded_h200_timeline_plots_again(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--shape", "16x4x1x2x2"], "argument --shape: must look like CxW, CxWxS or CxWxSxP"),
+    (["--shape", "16x4x1x2x2"],
+     "argument --shape: must look like CxW or CxWxS or CxWxSxP (cluster size x warps [x head split [x sets"),
     (["--shape", "16"], "argument --shape: must look like CxW"),
     (["--shape", "8x4", "16xfour"], "got '16xfour'"),
     (["--layer", "mlp", "--shape", "2x8x1"], "argument --shape: the MLP's launch shapes are cluster_size x warps"),

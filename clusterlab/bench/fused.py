@@ -41,7 +41,6 @@ import itertools
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..argtypes import integer, number
+from ..argtypes import dimensions, integer, number
 from ..fused.config import PRESETS as ATTENTION_PRESETS
 from ..fused.config import MAX_BATCH, AttentionWeights, KVCache, is_int, rope_table
 from ..fused.layer import DecodeAttention
@@ -447,17 +446,13 @@ def _plot(rows, record, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+_LAUNCH_SHAPE = dimensions("CWS", "cluster size x warps [x head split]", "8x4 or 16x4x2, or rule")
+
+
 def parse_variant(text: str) -> tuple[int, ...]:
     """``"8x4"`` -> ``(8, 4)``, ``"16x4x2"`` -> ``(16, 4, 2)``: cluster size x warps [x head split];
     ``"rule"`` -> ``()``, the launch rule's shape (nothing given)."""
-    if text == "rule":
-        return ()
-    if not re.fullmatch(r"\d+x\d+(x\d+)?", text):
-        raise argparse.ArgumentTypeError(
-            "must look like CxW or CxWxS (cluster size x warps [x head split]), e.g. 8x4 or 16x4x2, or rule; "
-            f"got {text!r}"
-        )
-    return tuple(int(part) for part in text.split("x"))
+    return () if text == "rule" else _LAUNCH_SHAPE(text)
 
 
 def options_label(options: dict) -> str:

@@ -15,9 +15,9 @@ after a barrier or ``syncthreads`` hold for the whole block. The phases are
 :data:`clusterlab.fused.kernel.TIMELINE_PHASES` and :data:`clusterlab.fused.mlp_kernel.TIMELINE_PHASES`.
 
 Each launch shape (attention: ``CxW``, ``CxWxS`` or ``CxWxSxP``, cluster size x warps per block x head
-split x sets of clusters the batch is split over, the kernel option ``batch_parts``; MLP: ``CxW``, the clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's
-own shape) is timed plain and instrumented as CUDA-graph replays (the stores cost about 1%), then
-one step is recorded. Printed:
+split x sets of clusters the batch is split over, the kernel option ``batch_parts``; MLP: ``CxW``, the
+clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's own shape) is timed plain
+and instrumented as CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed:
 per-phase durations over the blocks (min / median / max), how many blocks each SM held, and when the
 blocks finished. A block is *crowded* when its SM holds more blocks than an even spread of the
 grid over the SMs it used would give. Written: ``fused_timeline_<tag>.json`` (``mlp_timeline_<tag>``
@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..argtypes import integer
+from ..argtypes import dimensions, integer
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from ..fused import kernel, mlp_kernel
 from ..fused.config import MAX_BATCH
@@ -172,8 +171,9 @@ def plot(record, path: Path) -> None:
             if block["crowded"]:
                 ax.plot(-1.0, y, marker="4", color="crimson", ms=3)
         sets = f"{shape['batch_parts']} sets of " if shape.get("batch_parts", 1) > 1 else ""
-        ax.set(title=f"{sets}cluster {shape['cluster_size']} x {shape['warps']} warps: step {shape['step_us']:.1f} µs, "
-                     f"{shape['sms_used']} SMs", xlabel="µs since the first block started",
+        ax.set(title=f"{sets}cluster {shape['cluster_size']} x {shape['warps']} warps: "
+                     f"step {shape['step_us']:.1f} µs, {shape['sms_used']} SMs",
+               xlabel="µs since the first block started",
                ylabel="block (on crowded SMs: on top, marked)")
         ax.set_ylim(-0.5, shape["blocks"] - 0.5)
     handles = [Patch(color=colour, label=name) for colour, name in zip(colours, phases)]
@@ -185,12 +185,9 @@ def plot(record, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"16x4x1x4"`` -> ``(16, 4, 1, 4)``: cluster size x warps [x head split [x sets of clusters]]."""
-    if not re.fullmatch(r"\d+x\d+(x\d+){0,2}", text):
-        raise argparse.ArgumentTypeError("must look like CxW, CxWxS or CxWxSxP (cluster size x warps [x head split "
-                                         f"[x sets of clusters]]), e.g. 4x8 or 16x4x1x4; got {text!r}")
-    return tuple(int(part) for part in text.split("x"))
+#: ``"16x4x1x4"`` -> ``(16, 4, 1, 4)``: cluster size x warps [x head split [x sets of clusters]] (an
+#: argparse ``type=``).
+parse_shape = dimensions("CWSP", "cluster size x warps [x head split [x sets of clusters]]", "4x8 or 16x4x1x4")
 
 
 def main(argv=None) -> int:

@@ -53,14 +53,13 @@ import argparse
 import functools
 import itertools
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..argtypes import integer, number
+from ..argtypes import dimensions, integer, number
 from ..fused.config import MAX_BATCH
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
@@ -355,12 +354,8 @@ def _plot(rows: list[MLPRow], record: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_variant(text: str) -> tuple[int, int]:
-    """``"2x8"`` -> ``(2, 8)``: cluster size x warps a block."""
-    if not re.fullmatch(r"\d+x\d+", text):
-        raise argparse.ArgumentTypeError(f"must look like CxW (cluster size x warps), e.g. 2x8 or 4x16; got {text!r}")
-    cluster_size, warps = (int(part) for part in text.split("x"))
-    return cluster_size, warps
+#: ``"2x8"`` -> ``(2, 8)``: cluster size x warps a block (an argparse ``type=``).
+parse_variant = dimensions("CW", "cluster size x warps", "2x8 or 4x16")
 
 
 def main(argv=None) -> int:
