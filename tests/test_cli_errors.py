@@ -98,3 +98,20 @@ def test_a_failed_write_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
 def test_run_tour_checks_everything_before_running(kwargs, error, message):
     with pytest.raises(error, match=message):
         run_tour(**{"cluster_sizes": [1, 2], "n": 8, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("clusterlab.bench.fused_ablation", ["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
+        ("clusterlab.bench.fused_ablation", ["--kv", "1024", "0"], "argument --kv: must be an integer >= 1; got '0'"),
+        ("clusterlab.bench.launch_overhead", ["--launches", "0"], "argument --launches: must be an integer >= 1"),
+        ("clusterlab.bench.fused_timeline", ["--shape", "16x"], "argument --shape: must look like CxW or CxWxS"),
+    ],
+)
+def test_the_benchmark_modules_refuse_bad_numbers_before_touching_a_gpu(module, args, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.rstrip("\n").splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []  # nothing written

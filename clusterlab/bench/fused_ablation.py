@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from ..argtypes import integer
 from ..fused import (
     PRESETS,
     AttentionWeights,
@@ -28,6 +29,7 @@ from ..fused import (
     reference_step,
     relative_error,
 )
+from ..fused.config import MAX_BATCH
 from ..fused.layer import kernel_launcher
 from .fused import graph_time_us
 from .timing import copy_bandwidth
@@ -45,8 +47,8 @@ ABLATIONS = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama2-7b", choices=list(PRESETS))
-    parser.add_argument("--kv", nargs="+", type=int, default=[1024, 16384])
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--kv", nargs="+", type=integer(1), default=[1024, 16384])
+    parser.add_argument("--batch", type=integer(1, MAX_BATCH), default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)

@@ -36,6 +36,7 @@ import warnings
 
 import numpy as np
 
+from ..argtypes import integer
 from .timing import commit, driver_release
 
 #: Host time per launch the launcher must stay under, with torch tensors.
@@ -137,8 +138,8 @@ def machine_facts():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--launches", type=int, default=400, help="launches per timed batch")
-    parser.add_argument("--repeats", type=int, default=25, help="timed batches per variant")
+    parser.add_argument("--launches", type=integer(1), default=400, help="launches per timed batch")
+    parser.add_argument("--repeats", type=integer(1), default=25, help="timed batches per variant")
     parser.add_argument("--output", help="write the JSON record here")
     options = parser.parse_args()
     warnings.simplefilter("ignore")  # numba's low-occupancy warning for the 16-block grid
