@@ -200,6 +200,9 @@ class KernelSpec(BlockShape):
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
     #: :meth:`~clusterlab.fused.DecodeAttention.handoff`)
     handoff: bool = False
+    #: tensor-core W_qkv and W_o steps of more than one part keep two parts' loads in flight
+    #: (:class:`MmaTile`'s ``ahead``)
+    parts_ahead: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -310,10 +313,16 @@ class KernelSpec(BlockShape):
         return self.limits.blocks_per_sm(self.shared_bytes, self.threads, self.register_bound)
 
     def qkv_tile(self):
-        return gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch)
+        return self._ahead(gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch))
 
     def o_tile(self):
-        return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch)
+        return self._ahead(gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch))
+
+    def _ahead(self, tile):
+        """``tile`` with two parts in flight where :attr:`parts_ahead` asks and it has parts."""
+        if self.parts_ahead and isinstance(tile, MmaTile) and tile.parts > 1:
+            return tile._replace(ahead=True)
+        return tile
 
     @property
     def inputs_interleaved(self) -> bool:
@@ -449,11 +458,14 @@ class GemvTile(NamedTuple):
 class MmaTile(NamedTuple):
     """A matrix-vector step on the tensor cores (see :func:`make_gemv`): ``row_blocks`` blocks of
     16 rows; a row's columns in ``parts`` parts of ``spans`` spans of 32 columns (two 16-byte
-    loads a lane for each row block and span), loaded one after the other into the same registers."""
+    loads a lane for each row block and span), loaded one after the other into the same registers,
+    or with ``ahead`` into two sets of them in turn, the next part's loads issued before the
+    current part is multiplied (two parts in flight instead of one)."""
 
     row_blocks: int
     spans: int
     parts: int
+    ahead: bool = False
 
     @property
     def step_rows(self) -> int:
@@ -685,7 +697,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     the lane brings the same eight columns of sequence ``g``'s activations as B. The sums come
     out as ``mma`` leaves them: rows ``16r + g`` and ``+ 8``, sequences ``2t`` and ``2t + 1``.
     """
-    row_blocks, spans, parts = tile
+    row_blocks, spans, parts, ahead = tile
     part_words = 8 * row_blocks * spans
     words = part_words
     accumulators = 4 * row_blocks
@@ -736,10 +748,21 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
         for i in range(accumulators):
             acc[i] = float32(0.0)
         xb = cuda.local.array(4, uint32)
-        for part in range(parts):
-            if part > 0:
-                load_part(w, w0, row_stride, lane, wv, part, last_row)
-            multiply_part(wv, part, smem, x0, xb, acc, lane)
+        if ahead:  # even parts in wv, odd ones in wn, each loaded while the one before is multiplied
+            wn = cuda.local.array(part_words, uint32)
+            for part in range(0, parts, 2):
+                if part + 1 < parts:
+                    load_part(w, w0, row_stride, lane, wn, part + 1, last_row)
+                multiply_part(wv, part, smem, x0, xb, acc, lane)
+                if part + 1 < parts:
+                    if part + 2 < parts:
+                        load_part(w, w0, row_stride, lane, wv, part + 2, last_row)
+                    multiply_part(wn, part + 1, smem, x0, xb, acc, lane)
+        else:
+            for part in range(parts):
+                if part > 0:
+                    load_part(w, w0, row_stride, lane, wv, part, last_row)
+                multiply_part(wv, part, smem, x0, xb, acc, lane)
         for s in range(2):
             seq = 2 * t + s
             if seq < batch:
