@@ -203,6 +203,11 @@ class KernelSpec(BlockShape):
     #: tensor-core W_qkv and W_o steps of more than one part keep two parts' loads in flight
     #: (:class:`MmaTile`'s ``ahead``)
     parts_ahead: bool = False
+    #: the cached keys and values load with an L2 evict-first policy (read once a step), so that
+    #: the weights, which every set of clusters reads, stay in L2
+    kv_evict_first: bool = False
+    #: the W_qkv and W_o loads carry an L2 evict-last policy
+    weights_evict_last: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -577,8 +582,26 @@ def power_of_two(e):
     return libdevice.int_as_float((127 + e) << 23)
 
 
+def streaming_load(evict: str | None = None):
+    """The 16-byte load the kernels stream weights and cached rows with: ``load(array, index) -> 4 x
+    uint32``, :func:`~clusterlab.ptx.ld_global_nc_v4_no_allocate`, or with ``evict`` ``"first"`` or
+    ``"last"`` the same load carrying that L2 eviction policy (:func:`~clusterlab.ptx.ld_global_nc_v4_policy`)."""
+    if evict is None:
+        return ptx.ld_global_nc_v4_no_allocate
+    if evict not in ("first", "last"):
+        raise ValueError(f"evict must be None, 'first' or 'last', got {evict!r}")
+    policy = ptx.l2_evict_first_policy if evict == "first" else ptx.l2_evict_last_policy
+
+    @cuda.jit(device=True, inline=True)
+    def load(array, index):
+        return ptx.ld_global_nc_v4_policy(array, index, policy())
+
+    return load
+
+
 def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, out_stride: int, atomic: bool,
-              norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False):
+              norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False,
+              evict: str | None = None):
     """Device functions for one warp step of a matrix-vector product over ``tile.step_rows`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's first 16-byte loads into the
@@ -608,12 +631,14 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     ``interleaved`` (CUDA cores only): the activations lie in :func:`input_word`'s interleaved
     order (``make_norm_inputs(interleaved=True)`` writes them so).
 
+    ``evict``: the L2 eviction policy of the weights' loads (:func:`streaming_load`).
+
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
     if isinstance(tile, MmaTile):
         if interleaved:
             raise ValueError("interleaved activations are read by CUDA-core steps only (a GemvTile)")
-        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped)
+        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped, evict)
     if clamped:
         raise ValueError("clamped steps run on the tensor cores only (an MmaTile)")
     lanes, per_lane, rows_per_lane, chunk = tile
@@ -623,13 +648,14 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     accumulators = rows_per_lane * chunk
     x_values = 2 * chunk
     unpack = ptx.bf16x2_to_f32x2 if bf16 else ptx.f16x2_to_f32x2
+    load16 = streaming_load(evict)
 
     @cuda.jit(device=True, inline=True)
     def gemv_load(w, w0, row_stride, lane, wv):
         group, sub = lane // lanes, lane % lanes
         for i in range(rows_per_lane):
             for j in range(per_lane):
-                t = ptx.ld_global_nc_v4_no_allocate(w, w0 + (group + i * groups) * row_stride + (sub + j * lanes) * 8)
+                t = load16(w, w0 + (group + i * groups) * row_stride + (sub + j * lanes) * 8)
                 for e in range(4):
                     wv[(i * per_lane + j) * 4 + e] = t[e]
 
@@ -688,7 +714,7 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
 
 
 def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_stride: int, atomic: bool,
-                   norms: tuple[int, int] | None, clamped: bool):
+                   norms: tuple[int, int] | None, clamped: bool, evict: str | None):
     """:func:`make_gemv` on the tensor cores (see :func:`clusterlab.ptx.mma_f16_m16n8k16` for the lanes).
 
     Lane ``(g, t)`` (``lane = 4g + t``) of a step loads, for each row block ``r`` and span ``p``,
@@ -706,6 +732,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     scaled = norms is not None and scales_inputs(tile, bf16)
     norms_at, norms_stride = norms if scaled else (0, 0)
     inv_columns = np.float32(1.0 / x_stride)
+    load16 = streaming_load(evict)
 
     @cuda.jit(device=True, inline=True)
     def load_part(w, w0, row_stride, lane, wv, part, last_row):
@@ -715,7 +742,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
             for half in range(2):
                 row = min(16 * r + 8 * half + g, last_row) if clamped else 16 * r + 8 * half + g
                 for p in range(spans):
-                    v = ptx.ld_global_nc_v4_no_allocate(w, w0 + row * row_stride + (part * spans + p) * 32 + 8 * t)
+                    v = load16(w, w0 + row * row_stride + (part * spans + p) * 32 + 8 * t)
                     for e in range(4):
                         wv[((2 * r + half) * spans + p) * 4 + e] = v[e]
 
@@ -1162,6 +1189,7 @@ def _make_cuda_core_attention(spec: KernelSpec) -> AttentionSteps:
     layout = spec.smem_layout()
     SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
     unpack = ptx.bf16x2_to_f32x2 if spec.bf16 else ptx.f16x2_to_f32x2
+    load16 = streaming_load("first" if spec.kv_evict_first else None)
 
     @cuda.jit(device=True, inline=True)
     def start(m, l_sum, acc):
@@ -1176,8 +1204,8 @@ def _make_cuda_core_attention(spec: KernelSpec) -> AttentionSteps:
         key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
         for j in range(KEYS_PER_LANE):
             t = min(t0 + key_group + j * KEY_GROUPS, end - 1)
-            kw = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + t) * D + key_lane * 8)
-            vw = ptx.ld_global_nc_v4_no_allocate(v_cache, (cache_row0 + t) * D + key_lane * 8)
+            kw = load16(k_cache, (cache_row0 + t) * D + key_lane * 8)
+            vw = load16(v_cache, (cache_row0 + t) * D + key_lane * 8)
             for e in range(4):
                 kv[j * 8 + e] = kw[e]
                 kv[j * 8 + 4 + e] = vw[e]
@@ -1268,6 +1296,7 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
     SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
     mma = ptx.mma_bf16_m16n8k16 if spec.bf16 else ptx.mma_f16_m16n8k16
     pack = ptx.f32x2_to_bf16x2 if spec.bf16 else ptx.f32x2_to_f16x2
+    load16 = streaming_load("first" if spec.kv_evict_first else None)
     EMPTY = uint32(0)
 
     @cuda.jit(device=True, inline=True)
@@ -1304,7 +1333,7 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
             for half in range(2):
                 key = min(t0 + 16 * i + 8 * half + g, end - 1)
                 for j in range(K_CHUNKS):
-                    w = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + key) * D + 8 * (t + 4 * j))
+                    w = load16(k_cache, (cache_row0 + key) * D + 8 * (t + 4 * j))
                     for e in range(4):
                         kv[((2 * i + half) * K_CHUNKS + j) * 4 + e] = w[e]
 
@@ -1315,7 +1344,7 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
             for u in range(4):
                 key = min(t0 + value_key(i, u, t), end - 1)
                 for r in range(V_CHUNKS):
-                    w = ptx.ld_global_nc_v4_no_allocate(v_cache, (cache_row0 + key) * D + 8 * (g + 8 * r))
+                    w = load16(v_cache, (cache_row0 + key) * D + 8 * (g + 8 * r))
                     for e in range(4):
                         kv[K_WORDS + ((4 * i + u) * V_CHUNKS + r) * 4 + e] = w[e]
 
@@ -1521,6 +1550,7 @@ def build_kernel(spec: KernelSpec):
     STATE_M, STATE_L, STATE_ACC = layout["state_m"], layout["state_l"], layout["state_acc"]
     O, RED = layout["o"], layout["red"]
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
+    WEIGHTS_EVICT = "last" if spec.weights_evict_last else None
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
     QKV_STEPS = ROWS // QKV_STEP_ROWS if spec.qkv_stream else 0
     O_STEP_ROWS = o_tile.step_rows  # W_o rows a warp step covers
@@ -1532,8 +1562,9 @@ def build_kernel(spec: KernelSpec):
     qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE,
                                                 out_stride=PARTIAL_STRIDE, atomic=False,
                                                 norms=(PARTIAL + ROWS, PARTIAL_STRIDE),
-                                                interleaved=spec.inputs_interleaved)
-    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
+                                                interleaved=spec.inputs_interleaved, evict=WEIGHTS_EVICT)
+    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True,
+                                          evict=WEIGHTS_EVICT)
     (kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
      kv_load_keys) = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,

@@ -235,6 +235,9 @@ KERNEL_CHOICES = {
                        "cached positions, each with all its query heads (False: its query heads; the default)",
     "parts_ahead": "True or False: tensor-core W_qkv and W_o steps of more than one part keep two parts' loads in "
                    "flight (False: the default)",
+    "kv_evict_first": "True or False: the cached keys and values load with an L2 evict-first policy (False: the "
+                      "default)",
+    "weights_evict_last": "True or False: the W_qkv and W_o loads carry an L2 evict-last policy (False: the default)",
     "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
                    "each set a whole step's clusters for its share of the sequences (it must divide the batch; "
                    "None: the rule's)",
@@ -248,7 +251,7 @@ MLP_KERNEL_CHOICES = {
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "parts_ahead")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions", "parts_ahead", "kv_evict_first", "weights_evict_last")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
