@@ -1085,11 +1085,11 @@ ld_global_nc_v4_no_allocate = _ld_global_v4(
 
 ld_global_nc_v4_policy = _ld_global_v4(
     "ld_global_nc_v4_policy",
-    ".L1::no_allocate.L2::cache_hint.L2::256B",
+    ".L1::no_allocate.L2::cache_hint",
     True,
     """ld_global_nc_v4_policy(array, index, policy) -> 4 x uint32: streaming load with an L2 eviction policy.
 
-    PTX ``{instruction}``: :func:`ld_global_nc_v4_no_allocate` with ``policy`` from :func:`l2_evict_first_policy` (data read once, evict it
+    PTX ``{instruction}``; ``policy`` from :func:`l2_evict_first_policy` (data read once, evict it
     first so activations and KV cache stay in L2) or :func:`l2_evict_last_policy`. """
     + _GLOBAL_V4_COMMON,
 )

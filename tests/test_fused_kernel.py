@@ -209,11 +209,6 @@ def test_tiles_of_the_matrix_vector_steps():
         assert 2 * tile.row_blocks * tile.spans <= (LOADS_PER_STEP if tile.parts == 1 else LOADS_PER_STEP // 2)
     with pytest.raises(ValueError, match="multiple of 32 columns and a multiple of 16 rows, got 112 columns"):
         mma_tile("w", 14, 64)
-    # parts_ahead: two parts in flight where a tensor-core step has more than one, nothing else changes
-    ahead = KernelSpec.of(QWEN2_5_7B, False, 4, 16, 8, 1, parts_ahead=True)
-    assert ahead.o_tile() == MmaTile(1, 4, 7, ahead=True) and ahead.qkv_tile() == MmaTile(1, 7, 1)
-    assert KernelSpec.of(LLAMA3_8B, False, 8, 16, 8, 1, parts_ahead=True).qkv_tile() == MmaTile(1, 4, 2, ahead=True)
-    assert KernelSpec.of(LLAMA3_8B, False, 1, 16, 4, 2, parts_ahead=True).o_tile() == gemv_tile("w", 32, 256, 1)
     from clusterlab.fused.kernel import make_gemv
 
     with pytest.raises(ValueError, match="clamped steps run on the tensor cores only"):
@@ -567,34 +562,6 @@ def test_a_batch_split_over_sets_of_clusters_matches_the_reference(config, batch
     layer = DecodeAttention(config, weights, kernel_options=kernel_options, **options)
     spec = layer.kernel_spec(dtype, batch)
     assert spec.step_batch == batch and spec.clusters == spec.batch_parts * spec.part_clusters
-    _check_steps(layer, dtype, batch, steps)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "config, batch, dtype, options, kernel_options, steps",
-    [(QWEN2_5_7B, 4, torch.bfloat16, {}, {"parts_ahead": True}, [[9000, 0, 17, 300], 1]),
-     (LLAMA3_8B, 8, torch.float16, {"cluster_size": 16, "warps": 8, "head_split": 1}, {"parts_ahead": True},
-      [[300, 41, 5, 0, 77, 6000, 16, 33]]),
-     (LLAMA2_7B, 8, torch.bfloat16, {}, {"parts_ahead": True}, [[0, 1, 2, 3, 1000, 20000, 7, 64]]),
-     (QWEN2_5_7B, 8, torch.float16, {"cluster_size": 16, "warps": 4, "head_split": 1},
-      {"kv_evict_first": True, "weights_evict_last": True, "batch_parts": 4}, [[9000, 0, 17, 300, 5, 1, 2000, 64]]),
-     (LLAMA2_7B, 2, torch.float16, {}, {"kv_evict_first": True, "weights_evict_last": True}, [[20000, 3]])],
-    ids=["qwen2.5-7b-b4-bf16-o-in-7-parts", "llama3-8b-b8-f16-both-in-parts", "llama2-7b-b8-bf16-qkv-in-8-parts",
-         "qwen2.5-7b-b8-f16-pairs-l2-policies", "llama2-7b-b2-f16-cuda-core-attention-l2-policies"],
-)
-def test_options_that_only_change_how_loads_are_issued_match_the_reference(config, batch, dtype, options,
-                                                                          kernel_options, steps):
-    """``parts_ahead`` (the tensor-core W_qkv and W_o steps that come in parts load each part while
-    the one before is multiplied: Qwen2.5-7B's W_o in 7, Llama-3-8B's both in 2 and 4, Llama-2-7B's
-    W_qkv in 8 on its clusters of 4) and the L2 eviction policies (``kv_evict_first``,
-    ``weights_evict_last``; on both kinds of attention): ragged batches with empty caches, every
-    output written (``_check_steps``)."""
-    weights = AttentionWeights.random(config, dtype, "cuda", seed=43)
-    layer = DecodeAttention(config, weights, kernel_options=kernel_options, **options)
-    spec = layer.kernel_spec(dtype, batch)
-    if kernel_options.get("parts_ahead"):
-        assert any(tile.ahead for tile in (spec.qkv_tile(), spec.o_tile()))
     _check_steps(layer, dtype, batch, steps)
 
 

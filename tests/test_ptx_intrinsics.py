@@ -162,7 +162,7 @@ CASES = {
     ),
     "ld_global_nc_v4_policy": (
         "a, b, c, d = ptx.ld_global_nc_v4_policy(i32, 4 * i32[0], i64[0])\no32[0] = a ^ b ^ c ^ d",
-        "ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.b32",
+        "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.b32",
     ),
     "prefetch_l2_bulk": ("ptx.prefetch_l2_bulk(i16, 8 * i32[0], 16 * i32[1])", "cp.async.bulk.prefetch.L2.global"),
     "cp_async_16": ("ptx.cp_async_16(ptx.shared_address(smem, 4 * i32[1]), i32, 4 * i32[0])",

@@ -200,14 +200,6 @@ class KernelSpec(BlockShape):
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
     #: :meth:`~clusterlab.fused.DecodeAttention.handoff`)
     handoff: bool = False
-    #: tensor-core W_qkv and W_o steps of more than one part keep two parts' loads in flight
-    #: (:class:`MmaTile`'s ``ahead``)
-    parts_ahead: bool = False
-    #: the cached keys and values load with an L2 evict-first policy (read once a step), so that
-    #: the weights, which every set of clusters reads, stay in L2
-    kv_evict_first: bool = False
-    #: the W_qkv and W_o loads carry an L2 evict-last policy
-    weights_evict_last: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -318,16 +310,10 @@ class KernelSpec(BlockShape):
         return self.limits.blocks_per_sm(self.shared_bytes, self.threads, self.register_bound)
 
     def qkv_tile(self):
-        return self._ahead(gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch))
+        return gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch)
 
     def o_tile(self):
-        return self._ahead(gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch))
-
-    def _ahead(self, tile):
-        """``tile`` with two parts in flight where :attr:`parts_ahead` asks and it has parts."""
-        if self.parts_ahead and isinstance(tile, MmaTile) and tile.parts > 1:
-            return tile._replace(ahead=True)
-        return tile
+        return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch)
 
     @property
     def inputs_interleaved(self) -> bool:
@@ -463,14 +449,11 @@ class GemvTile(NamedTuple):
 class MmaTile(NamedTuple):
     """A matrix-vector step on the tensor cores (see :func:`make_gemv`): ``row_blocks`` blocks of
     16 rows; a row's columns in ``parts`` parts of ``spans`` spans of 32 columns (two 16-byte
-    loads a lane for each row block and span), loaded one after the other into the same registers,
-    or with ``ahead`` into two sets of them in turn, the next part's loads issued before the
-    current part is multiplied (two parts in flight instead of one)."""
+    loads a lane for each row block and span), loaded one after the other into the same registers."""
 
     row_blocks: int
     spans: int
     parts: int
-    ahead: bool = False
 
     @property
     def step_rows(self) -> int:
@@ -582,26 +565,8 @@ def power_of_two(e):
     return libdevice.int_as_float((127 + e) << 23)
 
 
-def streaming_load(evict: str | None = None):
-    """The 16-byte load the kernels stream weights and cached rows with: ``load(array, index) -> 4 x
-    uint32``, :func:`~clusterlab.ptx.ld_global_nc_v4_no_allocate`, or with ``evict`` ``"first"`` or
-    ``"last"`` the same load carrying that L2 eviction policy (:func:`~clusterlab.ptx.ld_global_nc_v4_policy`)."""
-    if evict is None:
-        return ptx.ld_global_nc_v4_no_allocate
-    if evict not in ("first", "last"):
-        raise ValueError(f"evict must be None, 'first' or 'last', got {evict!r}")
-    policy = ptx.l2_evict_first_policy if evict == "first" else ptx.l2_evict_last_policy
-
-    @cuda.jit(device=True, inline=True)
-    def load(array, index):
-        return ptx.ld_global_nc_v4_policy(array, index, policy())
-
-    return load
-
-
 def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, out_stride: int, atomic: bool,
-              norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False,
-              evict: str | None = None):
+              norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False):
     """Device functions for one warp step of a matrix-vector product over ``tile.step_rows`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's first 16-byte loads into the
@@ -631,14 +596,12 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     ``interleaved`` (CUDA cores only): the activations lie in :func:`input_word`'s interleaved
     order (``make_norm_inputs(interleaved=True)`` writes them so).
 
-    ``evict``: the L2 eviction policy of the weights' loads (:func:`streaming_load`).
-
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
     if isinstance(tile, MmaTile):
         if interleaved:
             raise ValueError("interleaved activations are read by CUDA-core steps only (a GemvTile)")
-        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped, evict)
+        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped)
     if clamped:
         raise ValueError("clamped steps run on the tensor cores only (an MmaTile)")
     lanes, per_lane, rows_per_lane, chunk = tile
@@ -648,14 +611,13 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     accumulators = rows_per_lane * chunk
     x_values = 2 * chunk
     unpack = ptx.bf16x2_to_f32x2 if bf16 else ptx.f16x2_to_f32x2
-    load16 = streaming_load(evict)
 
     @cuda.jit(device=True, inline=True)
     def gemv_load(w, w0, row_stride, lane, wv):
         group, sub = lane // lanes, lane % lanes
         for i in range(rows_per_lane):
             for j in range(per_lane):
-                t = load16(w, w0 + (group + i * groups) * row_stride + (sub + j * lanes) * 8)
+                t = ptx.ld_global_nc_v4_no_allocate(w, w0 + (group + i * groups) * row_stride + (sub + j * lanes) * 8)
                 for e in range(4):
                     wv[(i * per_lane + j) * 4 + e] = t[e]
 
@@ -714,7 +676,7 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
 
 
 def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_stride: int, atomic: bool,
-                   norms: tuple[int, int] | None, clamped: bool, evict: str | None):
+                   norms: tuple[int, int] | None, clamped: bool):
     """:func:`make_gemv` on the tensor cores (see :func:`clusterlab.ptx.mma_f16_m16n8k16` for the lanes).
 
     Lane ``(g, t)`` (``lane = 4g + t``) of a step loads, for each row block ``r`` and span ``p``,
@@ -723,7 +685,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     the lane brings the same eight columns of sequence ``g``'s activations as B. The sums come
     out as ``mma`` leaves them: rows ``16r + g`` and ``+ 8``, sequences ``2t`` and ``2t + 1``.
     """
-    row_blocks, spans, parts, ahead = tile
+    row_blocks, spans, parts = tile
     part_words = 8 * row_blocks * spans
     words = part_words
     accumulators = 4 * row_blocks
@@ -732,7 +694,6 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     scaled = norms is not None and scales_inputs(tile, bf16)
     norms_at, norms_stride = norms if scaled else (0, 0)
     inv_columns = np.float32(1.0 / x_stride)
-    load16 = streaming_load(evict)
 
     @cuda.jit(device=True, inline=True)
     def load_part(w, w0, row_stride, lane, wv, part, last_row):
@@ -742,7 +703,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
             for half in range(2):
                 row = min(16 * r + 8 * half + g, last_row) if clamped else 16 * r + 8 * half + g
                 for p in range(spans):
-                    v = load16(w, w0 + row * row_stride + (part * spans + p) * 32 + 8 * t)
+                    v = ptx.ld_global_nc_v4_no_allocate(w, w0 + row * row_stride + (part * spans + p) * 32 + 8 * t)
                     for e in range(4):
                         wv[((2 * r + half) * spans + p) * 4 + e] = v[e]
 
@@ -775,21 +736,10 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
         for i in range(accumulators):
             acc[i] = float32(0.0)
         xb = cuda.local.array(4, uint32)
-        if ahead:  # even parts in wv, odd ones in wn, each loaded while the one before is multiplied
-            wn = cuda.local.array(part_words, uint32)
-            for part in range(0, parts, 2):
-                if part + 1 < parts:
-                    load_part(w, w0, row_stride, lane, wn, part + 1, last_row)
-                multiply_part(wv, part, smem, x0, xb, acc, lane)
-                if part + 1 < parts:
-                    if part + 2 < parts:
-                        load_part(w, w0, row_stride, lane, wv, part + 2, last_row)
-                    multiply_part(wn, part + 1, smem, x0, xb, acc, lane)
-        else:
-            for part in range(parts):
-                if part > 0:
-                    load_part(w, w0, row_stride, lane, wv, part, last_row)
-                multiply_part(wv, part, smem, x0, xb, acc, lane)
+        for part in range(parts):
+            if part > 0:
+                load_part(w, w0, row_stride, lane, wv, part, last_row)
+            multiply_part(wv, part, smem, x0, xb, acc, lane)
         for s in range(2):
             seq = 2 * t + s
             if seq < batch:
@@ -1189,7 +1139,6 @@ def _make_cuda_core_attention(spec: KernelSpec) -> AttentionSteps:
     layout = spec.smem_layout()
     SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
     unpack = ptx.bf16x2_to_f32x2 if spec.bf16 else ptx.f16x2_to_f32x2
-    load16 = streaming_load("first" if spec.kv_evict_first else None)
 
     @cuda.jit(device=True, inline=True)
     def start(m, l_sum, acc):
@@ -1204,8 +1153,8 @@ def _make_cuda_core_attention(spec: KernelSpec) -> AttentionSteps:
         key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
         for j in range(KEYS_PER_LANE):
             t = min(t0 + key_group + j * KEY_GROUPS, end - 1)
-            kw = load16(k_cache, (cache_row0 + t) * D + key_lane * 8)
-            vw = load16(v_cache, (cache_row0 + t) * D + key_lane * 8)
+            kw = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + t) * D + key_lane * 8)
+            vw = ptx.ld_global_nc_v4_no_allocate(v_cache, (cache_row0 + t) * D + key_lane * 8)
             for e in range(4):
                 kv[j * 8 + e] = kw[e]
                 kv[j * 8 + 4 + e] = vw[e]
@@ -1296,7 +1245,6 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
     SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
     mma = ptx.mma_bf16_m16n8k16 if spec.bf16 else ptx.mma_f16_m16n8k16
     pack = ptx.f32x2_to_bf16x2 if spec.bf16 else ptx.f32x2_to_f16x2
-    load16 = streaming_load("first" if spec.kv_evict_first else None)
     EMPTY = uint32(0)
 
     @cuda.jit(device=True, inline=True)
@@ -1333,7 +1281,7 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
             for half in range(2):
                 key = min(t0 + 16 * i + 8 * half + g, end - 1)
                 for j in range(K_CHUNKS):
-                    w = load16(k_cache, (cache_row0 + key) * D + 8 * (t + 4 * j))
+                    w = ptx.ld_global_nc_v4_no_allocate(k_cache, (cache_row0 + key) * D + 8 * (t + 4 * j))
                     for e in range(4):
                         kv[((2 * i + half) * K_CHUNKS + j) * 4 + e] = w[e]
 
@@ -1344,7 +1292,7 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
             for u in range(4):
                 key = min(t0 + value_key(i, u, t), end - 1)
                 for r in range(V_CHUNKS):
-                    w = load16(v_cache, (cache_row0 + key) * D + 8 * (g + 8 * r))
+                    w = ptx.ld_global_nc_v4_no_allocate(v_cache, (cache_row0 + key) * D + 8 * (g + 8 * r))
                     for e in range(4):
                         kv[K_WORDS + ((4 * i + u) * V_CHUNKS + r) * 4 + e] = w[e]
 
@@ -1550,7 +1498,6 @@ def build_kernel(spec: KernelSpec):
     STATE_M, STATE_L, STATE_ACC = layout["state_m"], layout["state_l"], layout["state_acc"]
     O, RED = layout["o"], layout["red"]
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
-    WEIGHTS_EVICT = "last" if spec.weights_evict_last else None
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
     QKV_STEPS = ROWS // QKV_STEP_ROWS if spec.qkv_stream else 0
     O_STEP_ROWS = o_tile.step_rows  # W_o rows a warp step covers
@@ -1562,9 +1509,8 @@ def build_kernel(spec: KernelSpec):
     qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE,
                                                 out_stride=PARTIAL_STRIDE, atomic=False,
                                                 norms=(PARTIAL + ROWS, PARTIAL_STRIDE),
-                                                interleaved=spec.inputs_interleaved, evict=WEIGHTS_EVICT)
-    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True,
-                                          evict=WEIGHTS_EVICT)
+                                                interleaved=spec.inputs_interleaved)
+    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
     (kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
      kv_load_keys) = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,

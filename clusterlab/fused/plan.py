@@ -233,11 +233,6 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
-    "parts_ahead": "True or False: tensor-core W_qkv and W_o steps of more than one part keep two parts' loads in "
-                   "flight (False: the default)",
-    "kv_evict_first": "True or False: the cached keys and values load with an L2 evict-first policy (False: the "
-                      "default)",
-    "weights_evict_last": "True or False: the W_qkv and W_o loads carry an L2 evict-last policy (False: the default)",
     "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
                    "each set a whole step's clusters for its share of the sequences (it must divide the batch; "
                    "None: the rule's)",
@@ -251,7 +246,7 @@ MLP_KERNEL_CHOICES = {
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "parts_ahead", "kv_evict_first", "weights_evict_last")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
