@@ -164,3 +164,24 @@ def test_bench_fused_takes_jobs_from_the_command_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--jobs", "0"])
     assert info.value.code == 2 and "argument --jobs: must be an integer in 1..64; got '0'" in capsys.readouterr().err
+
+
+def test_the_ablation_switches_off_parts_of_the_kernel_each_length_runs():
+    """At a long cache a step takes another launch shape and sets of clusters (the rule's pairs for
+    Qwen2.5-7B at batch 8 from 16K): the ablation times variants of that kernel, not of the short
+    caches' one."""
+    import dataclasses
+
+    import torch
+
+    from clusterlab.bench.fused_ablation import ABLATIONS, ablation_specs
+    from clusterlab.fused import QWEN2_5_7B, AttentionWeights, DecodeAttention
+
+    layer = DecodeAttention(QWEN2_5_7B, AttentionWeights.random(QWEN2_5_7B, torch.float16, "cpu", seed=0))
+    for kv_len in (1024, 16384):
+        specs = ablation_specs(layer, torch.float16, 8, kv_len)
+        full = specs.pop("full kernel")
+        assert full == layer.kernel_spec(torch.float16, 8, longest=kv_len)
+        assert specs == {name: dataclasses.replace(full, **switches) for name, switches in ABLATIONS.items()}
+    short, long = (ablation_specs(layer, torch.float16, 8, n)["full kernel"] for n in (1024, 16384))
+    assert (long.batch_parts, long.cluster_size, long.warps) == (4, 16, 4) and short.batch_parts == 1

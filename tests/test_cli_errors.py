@@ -1,6 +1,7 @@
 """Usage errors of the clusterlab command: exit status 2, one line naming the flag, no traceback,
 and nothing run (or allocated) before the check."""
 
+import os
 import subprocess
 import sys
 
@@ -105,6 +106,7 @@ def test_run_tour_checks_everything_before_running(kwargs, error, message):
     [
         ("clusterlab.bench.fused_ablation", ["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
         ("clusterlab.bench.fused_ablation", ["--kv", "1024", "0"], "argument --kv: must be an integer >= 1; got '0'"),
+        ("clusterlab.bench.fused_ablation", ["--jobs", "0"], "argument --jobs: must be an integer in 1..64; got '0'"),
         ("clusterlab.bench.launch_overhead", ["--launches", "0"], "argument --launches: must be an integer >= 1"),
         ("clusterlab.bench.fused_timeline", ["--shape", "16x"], "argument --shape: must look like CxW or CxWxS"),
     ],
@@ -115,3 +117,14 @@ def test_the_benchmark_modules_refuse_bad_numbers_before_touching_a_gpu(module, 
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message in done.stderr.rstrip("\n").splitlines()[-1]
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+
+def test_the_ablation_refuses_to_compile_ahead_without_the_kernel_cache(tmp_path):
+    env = {**os.environ, "CLUSTERLAB_CACHE_DIR": ""}
+    done = subprocess.run([sys.executable, "-m", "clusterlab.bench.fused_ablation", "--jobs", "4"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.rstrip("\n").splitlines()[-1].endswith(
+        "error: --jobs 4 compiles ahead into the kernel cache, which $CLUSTERLAB_CACHE_DIR turns off")
+    assert list(tmp_path.iterdir()) == []

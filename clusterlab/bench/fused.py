@@ -256,18 +256,18 @@ def compile_kernels(task) -> float:
     return time.perf_counter() - start
 
 
-def precompile(tasks: list, jobs: int) -> None:
-    """Compile the kernels of ``tasks`` (see :func:`compile_kernels`) in ``jobs`` processes at once
-    (spawned: each has a CUDA context of its own), so that the timing run finds them in the kernel
-    cache instead of compiling one after another: numba compiles a fused kernel in 20-60 s on one
-    CPU core."""
+def precompile(tasks: list, jobs: int, worker: Callable = compile_kernels) -> None:
+    """Compile the kernels of ``tasks`` in ``jobs`` processes at once, ``worker(task)`` (a module-level
+    function returning the seconds it took; default :func:`compile_kernels`) in each (spawned: each
+    has a CUDA context of its own), so that the timing run finds them in the kernel cache instead of
+    compiling one after another: numba compiles a fused kernel in 20-60 s on one CPU core."""
     import concurrent.futures
     import multiprocessing
 
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        spent = sum(pool.map(compile_kernels, tasks))
+        spent = sum(pool.map(worker, tasks))
     print(f"compiled the kernels of {len(tasks)} configurations in {time.perf_counter() - start:.0f} s "
           f"({spent:.0f} s of work in {jobs} processes)", flush=True)
 
