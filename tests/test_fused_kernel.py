@@ -201,12 +201,18 @@ def test_tiles_of_the_matrix_vector_steps():
     assert gemv_tile("w", 16, 128, 8) == MmaTile(2, 4, 1)  # 128 columns: one part, two row blocks (16 loads)
     assert gemv_tile("w", 28, 128, 4) == MmaTile(1, 7, 1)  # 224 columns: 7 spans in one part (14 loads)
     assert gemv_tile("w", 112, 128, 4) == MmaTile(1, 4, 7)  # Qwen2.5-7B's 896-wide slices
+    assert gemv_tile("w", 112, 128, 4, wide_parts=True) == MmaTile(1, 7, 4)  # ... as its W_o steps take them
+    assert gemv_tile("w", 64, 128, 4, wide_parts=True) == MmaTile(1, 4, 4)  # 4 parts: as without
+    assert KernelSpec.of(QWEN2_5_7B, False, 8, 16, 4, 1, batch_parts=4).o_tile() == MmaTile(1, 7, 4)
     assert gemv_tile("w", 14, 128, 4) == GemvTile(2, 7, 2, 2)  # 112 columns: not whole spans
     assert gemv_tile("w", 16, 24, 4) == GemvTile(16, 1, 4, 2)  # 24 rows: not whole row blocks
     for chunks in range(4, 257, 4):
         tile = mma_tile("w", chunks, 64)
         assert tile.spans * tile.parts * 4 == chunks
         assert 2 * tile.row_blocks * tile.spans <= (LOADS_PER_STEP if tile.parts == 1 else LOADS_PER_STEP // 2)
+        wide = mma_tile("w", chunks, 64, wide_parts=True)
+        assert wide.spans * wide.parts * 4 == chunks and 2 * wide.row_blocks * wide.spans <= LOADS_PER_STEP
+        assert wide == tile if tile.parts <= 4 else wide.parts <= tile.parts
     with pytest.raises(ValueError, match="multiple of 32 columns and a multiple of 16 rows, got 112 columns"):
         mma_tile("w", 14, 64)
     from clusterlab.fused.kernel import make_gemv
