@@ -119,7 +119,6 @@ def test_the_benchmark_modules_refuse_bad_numbers_before_touching_a_gpu(module, 
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-
 def test_the_ablation_refuses_to_compile_ahead_without_the_kernel_cache(tmp_path):
     env = {**os.environ, "CLUSTERLAB_CACHE_DIR": ""}
     done = subprocess.run([sys.executable, "-m", "clusterlab.bench.fused_ablation", "--jobs", "4"], capture_output=True,
