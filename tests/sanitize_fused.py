@@ -23,6 +23,9 @@ runs those alone.
 Then a batch split over two and three sets of clusters (``KernelSpec.batch_parts``: each set its
 share's slices of the arguments and counters of its own), once with the positions split too, plain
 and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
+Then Qwen2.5-7B at a batch of 5 in the rule's shape (clusters of 4 x 8 warps, a head split of 7), whose
+896-wide rows of W_qkv and W_o step in four parts of 7 spans (``mma_tile``), plain and handed off;
+``python tests/sanitize_fused.py wide`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -72,6 +75,7 @@ LONG_SHAPES = [
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 2, "warps": 16},
      [300, 0, 77, 12, 5, 41], torch.bfloat16),
 ]
+WIDE_SHAPES = [(PRESETS["qwen2.5-7b"], {}, [300, 0, 77, 12, 5], torch.bfloat16)]
 
 
 def handoff_steps(shapes) -> int:
@@ -97,7 +101,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split", "long" or "parts"
+only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split", "long", "parts" or "wide"
 failures = 0
 if only is None:
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
@@ -112,4 +116,7 @@ if only in (None, "long"):
 if only in (None, "parts"):
     failures += run_steps(PARTS_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(PARTS_SHAPES)
+if only in (None, "wide"):
+    failures += run_steps(WIDE_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+    failures += handoff_steps(WIDE_SHAPES)
 exit_with(failures)

@@ -2,7 +2,7 @@
 n = RMSNorm(hidden + residual) * norm.
 
 - ``ptx``: the kernel for the presets' launch shapes assembles for sm_90a with the cluster
-  instructions, wide loads, no spills, and fits the register file at its launch bound;
+  instructions, wide loads, no spills but the known ones, and fits the register file at its launch bound;
 - CPU: the simulator twin (via :class:`DecodeMLP` on CPU tensors) against the float64
   :func:`reference_mlp`, PyTorch's op chain and transformers' ``LlamaMLP`` / ``LlamaRMSNorm``;
   its traces are hazard-free, and dropping either cluster barrier is caught; input checks;
@@ -84,16 +84,19 @@ def bits(t):
 # ---------------------------------------------------------------------------------------------- ptx
 
 
+# `spill`: bytes ptxas spills at the launch bound's 128 registers today; a shape that spills more fails.
+# Qwen2.5-7B's gate/up steps in parts of 7 spans (14 loads a lane) spill, and ran 3-10% faster on the
+# H200 than in 7 parts of 4 without (docs/fused-decode-notes.md, v27).
 @pytest.mark.ptx
 @pytest.mark.parametrize(
-    "model, dtype, batch, shape",
-    [("llama3-8b", "f16", 1, (2, 64, 16)), ("llama3-8b", "bf16", 8, (2, 64, 8)),
-     ("llama3.2-1b", "bf16", 1, (2, 64, 16)), ("llama3.2-1b", "f16", 8, (2, 128, 8)),
-     ("qwen2.5-7b", "f16", 8, (4, 37, 8)), ("llama2-7b", "bf16", 1, (4, 43, 8))],
+    "model, dtype, batch, shape, spill",
+    [("llama3-8b", "f16", 1, (2, 64, 16), 0), ("llama3-8b", "bf16", 8, (2, 64, 8), 0),
+     ("llama3.2-1b", "bf16", 1, (2, 64, 16), 0), ("llama3.2-1b", "f16", 8, (2, 128, 8), 0),
+     ("qwen2.5-7b", "f16", 8, (4, 37, 8), 280), ("llama2-7b", "bf16", 1, (4, 43, 8), 0)],
     ids=["llama3-8b-f16-b1", "llama3-8b-bf16-b8", "llama3.2-1b-bf16-b1", "llama3.2-1b-f16-b8", "qwen2.5-7b-f16-b8",
          "llama2-7b-bf16-b1"],
 )
-def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, dtype, batch, shape):
+def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_known_spills(model, dtype, batch, shape, spill):
     from clusterlab.toolchain import assemble
 
     config = MODELS[model]
@@ -113,7 +116,7 @@ def test_kernel_assembles_for_sm90a_with_cluster_exchanges_and_no_spills(model, 
     assert ("mma.sync" in ptx) == (batch >= MMA_BATCH)
     assert isinstance(spec.down_tile(), MmaTile) == (batch >= MMA_BATCH)
     result = assemble(ptx)
-    assert result.spill_bytes == 0
+    assert result.spill_bytes <= spill
     # The register file (64K) holds the blocks the launch bound asks for: 16 warps an SM.
     assert result.registers * spec.threads * spec.min_blocks_per_sm <= 65536
     assert spec.min_blocks_per_sm * spec.warps == 16
@@ -454,7 +457,9 @@ def test_mlp_shape_finds_the_best_split_past_a_shared_memory_limited_one():
 
 # ------------------------------------------------------------------------------------------------ gpu
 
-GPU_MODELS = {"llama3-8b": MODELS["llama3-8b"], "llama3.2-1b": MODELS["llama3.2-1b"], "tiny": TINY["h128-i256"]}
+# Every shape a model runs the kernel at batches for (``fused_mlp_max_batch``), each with gate/up rows in
+# parts of its own (Qwen2.5-7B: 4 of 7 spans, Llama-2-7B: 4 of 8), and a tiny one.
+GPU_MODELS = {**MODELS, "tiny": TINY["h128-i256"]}
 
 
 @functools.cache

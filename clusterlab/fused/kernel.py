@@ -313,7 +313,7 @@ class KernelSpec(BlockShape):
         return gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch)
 
     def o_tile(self):
-        return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch, wide_parts=True)
+        return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch)
 
     @property
     def inputs_interleaved(self) -> bool:
@@ -460,11 +460,9 @@ class MmaTile(NamedTuple):
         return 16 * self.row_blocks
 
 
-def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 2,
-              wide_parts: bool = False) -> GemvTile | MmaTile:
+def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 2) -> GemvTile | MmaTile:
     """The tile of a warp step over rows of ``chunks`` 16-byte chunks: an :class:`MmaTile` for a
-    batch of at least :data:`MMA_BATCH` where :func:`mma_tile` has one (``wide_parts`` passed on),
-    else a :class:`GemvTile`.
+    batch of at least :data:`MMA_BATCH` where :func:`mma_tile` has one, else a :class:`GemvTile`.
 
     On the CUDA cores, a row is read by the largest power of two of lanes (up to 32) that divides
     its chunks (Qwen2.5-7B's 448-wide slices: 56 chunks, 8 lanes of 7). Rows per lane grow while a
@@ -476,7 +474,7 @@ def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 
     """
     if batch >= MMA_BATCH:
         try:
-            return mma_tile(what, chunks, rows, wide_parts)
+            return mma_tile(what, chunks, rows)
         except ValueError:
             pass
     lanes = 32
@@ -504,7 +502,7 @@ def gemv_tile(what: str, chunks: int, rows: int, batch: int, batch_chunk: int = 
     return GemvTile(lanes, per_lane, rows_per_lane, chunk)
 
 
-def mma_tile(what: str, chunks: int, rows: int, wide_parts: bool = False) -> MmaTile:
+def mma_tile(what: str, chunks: int, rows: int) -> MmaTile:
     """The tensor-core tile of rows of ``chunks`` 16-byte chunks (raises ``ValueError`` where none fits).
 
     The columns go in spans of 32 (4 chunks), so ``chunks`` must be a multiple of 4 and ``rows``
@@ -512,14 +510,13 @@ def mma_tile(what: str, chunks: int, rows: int, wide_parts: bool = False) -> Mma
     one span and the row fits in one part); with one part a step may issue
     :data:`LOADS_PER_STEP` loads a lane, with more half as many each (the registers of two
     parts' loads and their activations made ptxas spill, so a part waits for its loads while
-    the block's other warps stream). A step takes two row blocks where they fit those loads and
-    tile ``rows``: one read of the activations then serves twice the rows.
-
-    ``wide_parts``: where parts of up to 4 spans would make more than 4 parts, a part is instead
+    the block's other warps stream). Where that would make more than 4 parts, a part is instead
     the most spans, up to 8, that divide a row (up to :data:`LOADS_PER_STEP` loads a lane): fewer
-    waits a step. Qwen2.5-7B's 896-wide W_o slices in 4 parts of 7 spans instead of 7 of 4 took
-    its batches of 4 and 8 at 16K and 32K 7-10% faster on the H200 (``docs/fused-decode-notes.md``,
-    v26); other shapes have not been measured with it.
+    waits a step. On the H200 that took Qwen2.5-7B's 896-wide W_o slices (4 parts of 7 spans, not 7
+    of 4) 7-10% faster at batches 4 and 8, its W_qkv in clusters of 4 and 8 and the MLP's gate/up
+    rows 3-13%, Llama-2-7B's W_qkv at batch 8 up to 2% (``docs/fused-decode-notes.md``, v26 and v27).
+    A step takes two row blocks where they fit its loads and tile ``rows``: one read of the
+    activations then serves twice the rows.
     """
     if chunks % 4 or rows % 16:
         raise ValueError(f"{what}: tensor-core steps need rows of a multiple of 32 columns and a multiple of 16 "
@@ -528,7 +525,7 @@ def mma_tile(what: str, chunks: int, rows: int, wide_parts: bool = False) -> Mma
     per_part = max(s for s in range(1, LOADS_PER_STEP // 4 + 1) if spans % s == 0)
     if per_part == 1 and 2 * spans <= LOADS_PER_STEP:
         per_part = spans  # a prime number of spans (Llama-3-8B's 224-wide MLP slices: 7) in one part
-    wide = wide_parts and spans // per_part > 4
+    wide = spans // per_part > 4
     if wide:
         per_part = max(s for s in range(1, LOADS_PER_STEP // 2 + 1) if spans % s == 0)
     parts = spans // per_part

@@ -92,11 +92,12 @@ MLPS = ("fused", "unfused")
 #: Largest batch whose decode steps run the fused MLP kernel under ``mlp="fused"``, by the MLP's shape
 #: ``(hidden_size, intermediate_size)``; larger batches run the PyTorch chain, and shapes not listed
 #: run the kernel for one sequence (see :func:`fused_mlp_max_batch`). From the H200 measurement of
-#: batches 1, 2, 4 and 8 (``benchmarks/results/mlp_h200.json``, fp16, µs a layer against the chain):
-#: the kernel won at every batch on Llama-3.2-1B's shape (1.17-1.62x) and Llama-2-7B's (1.05-1.25x),
-#: up to two sequences on Qwen2.5-7B's (1.03x at 2, 0.99x at 4), at one on Llama-3-8B's (from two on
-#: 127-147 against 114-124 µs).
-FUSED_MLP_MAX_BATCH = {(2048, 8192): 8, (4096, 11008): 8, (3584, 18944): 2, (4096, 14336): 1}
+#: batches 2, 4 and 8 with the gate/up steps in parts of up to 8 spans
+#: (``benchmarks/results/mlp_h200_gateup_wide.json``, fp16, µs a layer against the chain): the kernel
+#: won at every batch on Llama-3.2-1B's shape (1.21-1.60x) and Llama-2-7B's (1.13-1.29x), up to four
+#: sequences on Qwen2.5-7B's (1.11x at 4, 0.96x at 8), at one on Llama-3-8B's (level at two, 115 against
+#: 116 µs; 0.90-0.94x at 4 and 8).
+FUSED_MLP_MAX_BATCH = {(2048, 8192): 8, (4096, 11008): 8, (3584, 18944): 4, (4096, 14336): 1}
 def fused_mlp_max_batch(config: ModelConfig) -> int:
     """Most sequences whose decode steps run the fused MLP kernel (:data:`FUSED_MLP_MAX_BATCH`; 1 for
     a shape it does not list: one sequence is where the kernel's matrix-vector steps were measured
