@@ -93,7 +93,7 @@ MLPS = ("fused", "unfused")
 #: ``(hidden_size, intermediate_size)``; larger batches run the PyTorch chain, and shapes not listed
 #: run the kernel for one sequence (see :func:`fused_mlp_max_batch`). From the H200 measurement of
 #: batches 2, 4 and 8 with the gate/up steps in parts of up to 8 spans
-#: (``benchmarks/results/mlp_h200_gateup_wide.json``, fp16, µs a layer against the chain): the kernel
+#: (``benchmarks/results/mlp_h200_v27_wide.json``, fp16, µs a layer against the chain): the kernel
 #: won at every batch on Llama-3.2-1B's shape (1.21-1.60x) and Llama-2-7B's (1.13-1.29x), up to four
 #: sequences on Qwen2.5-7B's (1.11x at 4, 0.96x at 8), at one on Llama-3-8B's (level at two, 115 against
 #: 116 µs; 0.90-0.94x at 4 and 8).
