@@ -4,14 +4,15 @@
 
 Shapes: clusters of 1, 2 and 4 blocks of 4, 8 and 16 warps, batches of 1 to 8, float16 and bfloat16,
 projections on the CUDA cores (``h * norm`` interleaved in shared memory, ``MLPSpec.interleave_inputs``;
-the sixth shape in the plain order) and (the fourth, fifth and last shapes) on the tensor cores, the
-last Qwen2.5-7B's at a batch of 4 in the rule's shape (clusters of 4 x 8 warps), its 896-wide rows of
-W_gate / W_up in four parts of 7 spans (``mma_tile``; ptxas spills there), and the rule's own
-shape at batch 1 on an H100 or H200 (the seventh: clusters of 2 x 16 warps, one block an SM);
-each step twice, so the second runs on the workspace the first one's finish left; then once through the
-hand-off kernel (``DecodeMLP.handoff``: float32 sums in, out and cleared); ``python tests/sanitize_mlp.py
-wide`` runs the last shape alone. Exits non-zero if any step misses the float64 reference or leaves its
-buffer uncleared (the sanitizer reports hazards itself).
+the sixth shape in the plain order) and (the fourth, fifth and last two shapes) on the tensor cores, and
+the rule's own shape at batch 1 on an H100 or H200 (the seventh: clusters of 2 x 16 warps, one block an
+SM). The last two are presets at a batch of 4 in the rule's shapes: Qwen2.5-7B (clusters of 4 x 8 warps,
+its 896-wide rows of W_gate / W_up in four parts of 7 spans, ``mma_tile``; ptxas spills there) and
+Llama-3-8B (clusters of 2 x 16 warps on the tensor cores). Each step twice, so the second runs on the
+workspace the first one's finish left; then once through the hand-off kernel (``DecodeMLP.handoff``:
+float32 sums in, out and cleared); ``python tests/sanitize_mlp.py presets`` runs the last two alone.
+Exits non-zero if any step misses the float64 reference or leaves its buffer uncleared (the sanitizer
+reports hazards itself).
 """
 
 import sys
@@ -32,10 +33,11 @@ SHAPES = [
      {"cluster_size": 2, "kernel_options": {"interleave_inputs": False}}, 1, torch.float16),
     (MLPConfig(hidden_size=512, intermediate_size=1024), {}, 1, torch.float16),
     (MLPConfig(hidden_size=3584, intermediate_size=18944, rms_eps=1e-6), {}, 4, torch.bfloat16),
+    (MLPConfig(hidden_size=4096, intermediate_size=14336), {}, 4, torch.float16),
 ]
 
 failures = 0
-for config, options, batch, dtype in SHAPES[-1:] if sys.argv[1:] == ["wide"] else SHAPES:
+for config, options, batch, dtype in SHAPES[-2:] if sys.argv[1:] == ["presets"] else SHAPES:
     weights = MLPWeights.random(config, dtype, "cuda")
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)

@@ -59,8 +59,8 @@ UNEVEN_CLUSTER_SIZE = 4
 #: A split is even when its blocks fill this share of the SMs' block slots (blocks over SMs x the
 #: most blocks an SM gets).
 BALANCED = 0.9
-#: Warps of a block unless told: two blocks an SM, 16 warps an SM at 128 registers a thread; at
-#: batch 1, one block an SM of :data:`ONE_BLOCK_WARPS` where clusters of 2 of them split evenly.
+#: Warps of a block unless told: two blocks an SM, 16 warps an SM at 128 registers a thread; first
+#: one block an SM of :data:`ONE_BLOCK_WARPS` where clusters of 2 of them split evenly.
 DEFAULT_WARPS = 8
 ONE_BLOCK_WARPS = 16
 
@@ -180,17 +180,19 @@ def mlp_shape(config: MLPConfig, batch: int, sm_count: int, cluster_size: int | 
     blocks an SM at 128 registers a thread).
 
     Without a ``cluster_size``: clusters of 2 where that split is even (at least
-    :data:`BALANCED`), else of 4, else whichever size has a split. Without ``warps`` either, at
-    batch 1 first clusters of 2 blocks of 16 warps (one an SM) where that split is even. What
-    this follows, measured at batch 1 on the H200 (``clusterlab bench mlp --variant``): Llama-3-8B
+    :data:`BALANCED`), else of 4, else whichever size has a split. Without ``warps`` either, first
+    clusters of 2 blocks of 16 warps (one an SM) where that split is even. What this follows,
+    measured at batch 1 on the H200 (``clusterlab bench mlp --variant``): Llama-3-8B
     and Llama-3.2-1B split evenly into 128 clusters of 2 x 8 warps (256 blocks) and ran so at 110
     and 32 µs a layer (118 and 37 in clusters of 4); with ``h * norm`` interleaved
     (``MLPSpec.interleave_inputs``) 64 clusters of 2 x 16 warps ran 92.4 and 31.6 against 96.7 and
     32.4 for 2 x 8, and 120.5 and 42.5 for 4 x 16. Llama-2-7B (11008 = 2^8 x 43) and Qwen2.5-7B
     (18944 = 2^8 x 74) split into 172 or 148 blocks of 8 warps, and ran 77 / 126 µs in clusters of
-    4 against 104 / 173 in clusters of 2.
+    4 against 104 / 173 in clusters of 2. At batches, Llama-3-8B's tensor-core split in blocks of 8 warps
+    is 64 clusters, one block an SM: in blocks of 16 it ran 103.0 / 114.4 µs at batch 4 / 8 against
+    124.5 / 137.0 (``docs/fused-decode-notes.md``, v27).
     """
-    if cluster_size is None and warps is None and batch == 1:
+    if cluster_size is None and warps is None:
         pair = _best_split(config, batch, sm_count, DEFAULT_CLUSTER_SIZE, ONE_BLOCK_WARPS)
         if pair is not None and pair[0][0] >= BALANCED:
             return DEFAULT_CLUSTER_SIZE, pair[1], ONE_BLOCK_WARPS
