@@ -91,13 +91,13 @@ ATTENTIONS = ("fused", "unfused")
 MLPS = ("fused", "unfused")
 #: Largest batch whose decode steps run the fused MLP kernel under ``mlp="fused"``, by the MLP's shape
 #: ``(hidden_size, intermediate_size)``; larger batches run the PyTorch chain, and shapes not listed
-#: run the kernel for one sequence (see :func:`fused_mlp_max_batch`). From the H200 measurement of
-#: batches 2, 4 and 8 with the gate/up steps in parts of up to 8 spans
-#: (``benchmarks/results/mlp_h200_v27_wide.json``, fp16, µs a layer against the chain): the kernel
-#: won at every batch on Llama-3.2-1B's shape (1.21-1.60x) and Llama-2-7B's (1.13-1.29x), up to four
-#: sequences on Qwen2.5-7B's (1.11x at 4, 0.96x at 8), at one on Llama-3-8B's (level at two, 115 against
-#: 116 µs; 0.90-0.94x at 4 and 8).
-FUSED_MLP_MAX_BATCH = {(2048, 8192): 8, (4096, 11008): 8, (3584, 18944): 4, (4096, 14336): 1}
+#: run the kernel for one sequence (see :func:`fused_mlp_max_batch`). From the H200 measurements of
+#: batches 2, 4 and 8 (fp16, µs a layer against the chain): Llama-3-8B's and Llama-3.2-1B's shapes in
+#: blocks of 16 warps won at every batch (1.06-1.17x and 1.44-1.66x,
+#: ``benchmarks/results/mlp_h200_v27_pairs16.json``), Llama-2-7B's at every batch (1.13-1.29x) and
+#: Qwen2.5-7B's up to four sequences (1.11-1.15x; 0.96x at 8) with the gate/up rows in parts of up to
+#: 8 spans (``mlp_h200_v27_wide.json``).
+FUSED_MLP_MAX_BATCH = {(2048, 8192): 8, (4096, 11008): 8, (3584, 18944): 4, (4096, 14336): 8}
 def fused_mlp_max_batch(config: ModelConfig) -> int:
     """Most sequences whose decode steps run the fused MLP kernel (:data:`FUSED_MLP_MAX_BATCH`; 1 for
     a shape it does not list: one sequence is where the kernel's matrix-vector steps were measured
