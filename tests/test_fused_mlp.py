@@ -85,7 +85,7 @@ def bits(t):
 
 
 # `spill`: bytes ptxas spills at the launch bound's 128 registers today; a shape that spills more fails.
-# Qwen2.5-7B's gate/up steps in parts of 7 spans (14 loads a lane) spill, and ran 3-10% faster on the
+# Qwen2.5-7B's gate/up steps in parts of 7 spans (14 loads a lane) spill, and ran 3-13% faster on the
 # H200 than in 7 parts of 4 without (docs/fused-decode-notes.md, v27).
 @pytest.mark.ptx
 @pytest.mark.parametrize(
