@@ -10,7 +10,8 @@ SM). The last two are presets at a batch of 4 in the rule's shapes: Qwen2.5-7B (
 its 896-wide rows of W_gate / W_up in four parts of 7 spans, ``mma_tile``; ptxas spills there) and
 Llama-3-8B (clusters of 2 x 16 warps on the tensor cores). Each step twice, so the second runs on the
 workspace the first one's finish left; then once through the hand-off kernel (``DecodeMLP.handoff``:
-float32 sums in, out and cleared); ``python tests/sanitize_mlp.py presets`` runs the last two alone.
+float32 sums in, out and cleared); ``python tests/sanitize_mlp.py presets`` runs the last two alone,
+``python tests/sanitize_mlp.py qwen2.5-7b`` or ``llama3-8b`` one of them.
 Exits non-zero if any step misses the float64 reference or leaves its buffer uncleared (the sanitizer
 reports hazards itself).
 """
@@ -32,12 +33,18 @@ SHAPES = [
     (MLPConfig(hidden_size=1024, intermediate_size=512),
      {"cluster_size": 2, "kernel_options": {"interleave_inputs": False}}, 1, torch.float16),
     (MLPConfig(hidden_size=512, intermediate_size=1024), {}, 1, torch.float16),
-    (MLPConfig(hidden_size=3584, intermediate_size=18944, rms_eps=1e-6), {}, 4, torch.bfloat16),
-    (MLPConfig(hidden_size=4096, intermediate_size=14336), {}, 4, torch.float16),
 ]
+PRESETS = {
+    "qwen2.5-7b": (MLPConfig(hidden_size=3584, intermediate_size=18944, rms_eps=1e-6), {}, 4, torch.bfloat16),
+    "llama3-8b": (MLPConfig(hidden_size=4096, intermediate_size=14336), {}, 4, torch.float16),
+}
+SHAPES += PRESETS.values()
+CHOICES = {"presets": list(PRESETS.values()), **{name: [shape] for name, shape in PRESETS.items()}}
 
+if len(sys.argv) > 2 or sys.argv[1:] and sys.argv[1] not in CHOICES:
+    raise SystemExit(f"usage: python tests/sanitize_mlp.py [{' | '.join(CHOICES)}], got {sys.argv[1:]}")
 failures = 0
-for config, options, batch, dtype in SHAPES[-2:] if sys.argv[1:] == ["presets"] else SHAPES:
+for config, options, batch, dtype in CHOICES[sys.argv[1]] if sys.argv[1:] else SHAPES:
     weights = MLPWeights.random(config, dtype, "cuda")
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)
