@@ -3,8 +3,8 @@
     compute-sanitizer --tool racecheck python tests/sanitize_mla.py
 
 Shapes: DeepSeek-V2-Lite (clusters of 8, interleaved RoPE) on a ragged batch with an empty cache,
-float16 and bfloat16; a small rotate-half shape with clusters of 4 and 3 attention clusters a
-sequence. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards
+float16 and bfloat16; launch 2's wider grid of long caches (28 clusters of 8 a sequence, two blocks
+on most SMs); a small rotate-half shape with clusters of 4 and 3 attention clusters a sequence. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards
 itself).
 """
 
@@ -20,6 +20,7 @@ SHAPES = [
     # (config, layer options, positions, dtype)
     (DEEPSEEK_V2_LITE, {}, [0, 300, 37], torch.bfloat16),
     (DEEPSEEK_V2_LITE, {"warps": 4}, [200], torch.float16),
+    (DEEPSEEK_V2_LITE, {"attention_clusters": 28}, [2500], torch.float16),
     (SMALL, {"cluster_size": 4, "attention_clusters": 3}, [5, 0, 90, 13], torch.float16),
 ]
 

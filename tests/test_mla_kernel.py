@@ -98,15 +98,33 @@ def test_layer_on_the_simulator_matches_the_reference():
         layer(hidden, residual, cache, 5, out=out[:2])
     with pytest.raises(ValueError, match="attention_clusters must be a positive int, got 0"):
         DecodeMLA(SMALL, weights, attention_clusters=0)
+    with pytest.raises(ValueError, match="longest must be from 1 to the cache's capacity 64"):
+        layer(hidden, residual, cache, positions, longest=65)
+    with pytest.raises(ValueError, match="longest must be at least positions \\+ 1 = 6"):
+        layer(hidden, residual, cache, 5, longest=5)
+    # a longest the host knows gives the same outputs (the simulator's grid of 3 clusters is the layer's)
+    again, _ = layer(hidden, residual, before.clone(), positions, longest=64)
+    assert torch.equal(again, out)
 
 
-def test_attention_clusters_fill_the_sms_once_unless_given():
+def test_attention_clusters_fill_the_sms_once_unless_the_caches_are_long():
     weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16)
     layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)  # the simulator plans for HOPPER's 132 SMs
     assert [layer.shape(batch) for batch in (1, 3, 4, 8)] == [(8, 8, 16), (8, 8, 5), (8, 8, 4), (8, 8, 2)]
+    # from 64 rows a block of that grid on: 1.75 blocks an SM (231 of 132 x 2), within the 30 clusters of 8
+    # that two blocks an SM hold at once
+    assert [layer.shape(1, n)[2] for n in (8191, 8192, 32768)] == [16, 28, 28]
+    assert [layer.shape(batch, 1 << 20)[2] for batch in (2, 3, 4, 5, 8)] == [14, 9, 7, 5, 3]
+    assert [layer.shape(batch, 64 * 8 * layer.shape(batch)[2]) == layer.shape(batch, 1 << 20)
+            for batch in range(1, 9)] == [True] * 8
+    assert all(batch * layer.shape(batch, 1 << 20)[2] <= 30 for batch in range(1, 9))
+    assert layer.shape(4, 2047)[2] == 4 and layer.shape(8, 1024)[2] == 3
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16).shape(8) == (16, 8, 1)
-    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3).shape(8) == (8, 8, 3)
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3).shape(8, 1 << 20) == (8, 8, 3)
     assert layer.kernel_spec(torch.float16, 8).attention_clusters == 2
+    assert layer.kernel_spec(torch.float16, 8, 32768).attention_clusters == 3
+    with pytest.raises(ValueError, match="longest must be a positive int"):
+        layer.shape(1, 0)
 
 
 # ---------------------------------------------------------------------------------------------- GPU

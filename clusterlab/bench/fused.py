@@ -124,9 +124,8 @@ def layers_for_l2(step_bytes: int, l2_bytes: int, turnover: float = L2_TURNOVER)
 
 
 class _Family(NamedTuple):
-    """The classes and functions one kind of attention block is benchmarked with, what the third
-    number of its launch shape is (a keyword of its fused layer, a letter in the table), and
-    whether its layer takes the host's ``longest`` cache for its launch shape."""
+    """The classes and functions one kind of attention block is benchmarked with, and what the third
+    number of its launch shape is (a keyword of its fused layer, a letter in the table)."""
 
     weights: type
     cache: type
@@ -136,13 +135,12 @@ class _Family(NamedTuple):
     reference_step: Callable
     third: str
     letter: str
-    takes_longest: bool
 
 
 _LLAMA = _Family(AttentionWeights, KVCache, DecodeAttention, UnfusedAttention, rope_table, reference_step,
-                 "head_split", "S", True)
+                 "head_split", "S")
 _MLA = _Family(MLAWeights, LatentCache, DecodeMLA, UnfusedMLA, mla_rope_table, mla_reference_step,
-               "attention_clusters", "A", False)
+               "attention_clusters", "A")
 
 
 def _family(config) -> _Family:
@@ -168,7 +166,7 @@ class _Rotation:
         self.positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device="cuda")
         self.lengths = lengths
         # the rows the longest sequence attends to, as a decode loop knows it: picks the launch shape
-        self.hint = {"longest": max(lengths)} if family.takes_longest else {}
+        self.hint = {"longest": max(lengths)}
         while len(weights) < copies:
             weights.append(family.weights.random(config, dtype, "cuda", seed=seed + 3 * len(weights)))
         rope = family.rope_table(config, capacity, device="cuda")

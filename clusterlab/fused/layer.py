@@ -47,7 +47,7 @@ from .plan import (
     launch_shape,
 )
 from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
-                       check_weights, resolve_backend)
+                       check_weights, known_longest, resolve_backend)
 
 
 
@@ -153,7 +153,7 @@ class DecodeAttention:
         """
         check_step(self.config, self.weights, hidden, residual, cache, positions)
         check_longest(longest, cache.capacity)
-        longest = self._longest(positions, longest)
+        longest = known_longest(positions, longest)
         shape = tuple(hidden.shape)
         for name, given in (("out", out), ("residual_out", residual_out)):
             if given is None:
@@ -201,7 +201,7 @@ class DecodeAttention:
         check_cache(self.config, cache, batch, dtype, device, "the weights")
         check_positions(positions, batch, cache.capacity, device)
         check_longest(longest, cache.capacity)
-        longest = self._longest(positions, longest)
+        longest = known_longest(positions, longest)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
         key = self._key(dtype, batch, longest)
@@ -216,18 +216,6 @@ class DecodeAttention:
             args = self.launch_args(hidden_sums, residual, cache, positions, clear, residual_out, out_acc=sums_out)
             self._launcher(key, handoff=True)(*args)
         return residual_out
-
-    @staticmethod
-    def _longest(positions, longest: int | None) -> int | None:
-        """``longest`` as given, else what an int position says (its rows and the new one); one below
-        what an int position says is refused (a tensor's positions stay on the device, unread)."""
-        if isinstance(positions, int):
-            if longest is None:
-                return positions + 1
-            if longest < positions + 1:
-                raise ValueError(f"longest must be at least positions + 1 = {positions + 1} (the rows the new "
-                                 f"token attends to, itself included), got {longest}")
-        return longest
 
     @staticmethod
     def check_positions(positions: torch.Tensor, cache: KVCache) -> None:

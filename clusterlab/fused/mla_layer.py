@@ -6,11 +6,13 @@
     cache = LatentCache.empty(DEEPSEEK_V2_LITE, batch=2, capacity=4096, device="cuda")
     positions = torch.tensor([17, 930], dtype=torch.int32, device="cuda")
     out, residual = layer(hidden, residual, cache, positions)   # appends row positions[b] of sequence b
+    out, residual = layer(hidden, residual, cache, positions, longest=931)   # the host knows the lengths
 
 The step is :func:`~clusterlab.fused.mla_reference.mla_reference_step`'s absorbed dataflow split as
 ``docs/mla-decode-design.md`` plans: launch 1 projects the query and the latent row by head and
 gathers each head's ``q_nope`` in its cluster, launch 2 attends over the latent cache split by
-position (``attention_clusters`` clusters a sequence), launch 3 merges the softmax states by head
+position (``attention_clusters`` clusters a sequence, more of them where the host says the caches
+are long: :func:`attention_clusters`), launch 3 merges the softmax states by head
 and projects out. CUDA tensors run the kernels of :mod:`clusterlab.fused.mla_kernel` on torch's
 current stream (capturable in a CUDA graph; the positions are read on the device, as the Llama
 block's are); CPU tensors run :func:`~clusterlab.fused.mla_simulated.simulated_mla_step`, the same
@@ -27,11 +29,40 @@ import torch
 from .config import MAX_BATCH, _check_dtype, check_batch, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, DeviceLimits
-from .validate import check_positions, check_tensor, resolve_backend
+from .validate import check_longest, check_positions, check_tensor, known_longest, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
 DEFAULT_CLUSTER_SIZE = 8
 DEFAULT_WARPS = 8
+#: Cache rows each block of the one-block-an-SM grid would fold from which launch 2 takes the wider grid.
+WIDE_FROM_ROWS = 64
+#: Blocks of launch 2's wider grid for every SM (two fit an SM; see :func:`attention_clusters`).
+WIDE_BLOCKS_PER_SM = 1.75
+
+
+def attention_clusters(batch: int, cluster_size: int, sm_count: int, longest: int | None = None) -> int:
+    """Clusters a sequence in launch 2 (``A``): one block an SM, ``sm_count // (cluster_size *
+    batch)`` (at least 1), unless the host says the longest sequence attends to ``longest`` rows
+    and those would give each block at least :data:`WIDE_FROM_ROWS` of them; then
+    :data:`WIDE_BLOCKS_PER_SM` blocks an SM.
+
+    A block's tile chain (the copy engine's wait, the scores, one barrier, the softmax and the
+    values) leaves its SM idle between tiles; a second block on the SM fills those gaps, but each
+    cluster more is a softmax state more for launch 3 to merge, which short caches pay for. Two
+    blocks of launch 2 fit an SM, but GPCs hold whole clusters: on the H100/H200 30 clusters of 8
+    are resident at once, and a grid of more runs a second wave (32 clusters at batch 1: 59.7 µs
+    at 1K against 44.6). 1.75 blocks an SM keeps within them (28 of 8 at batch 1, 3 at batch 8).
+    DeepSeek-V2-Lite on the H200, float16, µs a step for ``A`` (``docs/mla-decode-design.md``):
+    batch 1 at 1K / 8K / 32K 44.6 / 53.1 / 77.1 for 16 clusters, 48.1 / 53.4 / 67.8 for 28;
+    batch 4 at 1K / 4K / 32K 45.9 / 59.9 / 173.2 for 4, 48.2 / 54.9 / 119.0 for 7; batch 8 at
+    1K / 32K 54.5 / 306.2 for 2, 54.2 / 223.0 for 3.
+    """
+    check_batch(batch)
+    check_longest(longest)
+    one_an_sm = max(1, sm_count // (cluster_size * batch))
+    if longest is None or longest < WIDE_FROM_ROWS * one_an_sm * cluster_size:
+        return one_an_sm
+    return max(one_an_sm, int(WIDE_BLOCKS_PER_SM * sm_count) // (cluster_size * batch))
 
 
 @functools.cache
@@ -67,8 +98,8 @@ class DecodeMLA:
 
     ``config``: :class:`~clusterlab.fused.mla.MLAConfig`; ``weights``: float16 or bfloat16
     :class:`~clusterlab.fused.mla.MLAWeights` on one device. ``cluster_size`` (1, 2, 4, 8, 16;
-    default 8), ``attention_clusters`` (clusters a sequence in launch 2; default: as many as fill
-    the SMs once with one block each, ``sm_count // (cluster_size * batch)``, at least 1) and
+    default 8), ``attention_clusters`` (clusters a sequence in launch 2; default:
+    :func:`attention_clusters`, one block an SM, more at long caches where a step says how long) and
     ``warps`` (4, 8, 16; default 8: of launches 1 and 3, launch 2 has one a 64 latent dims) shape
     the launches. ``backend``: ``"auto"``
     follows the weights' device; ``"gpu"`` / ``"simulator"`` insist. ``limits``: the simulator
@@ -108,7 +139,8 @@ class DecodeMLA:
             self._q_lat = f32(MAX_BATCH * heads * r)
             self._q_pe = f32(MAX_BATCH * heads * config.qk_rope_head_dim)
             self._kv_raw = f32(MAX_BATCH * width)
-            states = max(b * self.shape(b)[2] for b in range(1, MAX_BATCH + 1)) * heads  # (sequence, cluster, head)
+            # (sequence, cluster, head) for the most clusters a step may take: those of the longest caches
+            states = max(b * self.shape(b, np.iinfo(np.int32).max)[2] for b in range(1, MAX_BATCH + 1)) * heads
             self._state_m = f32(states)
             self._state_l = f32(states)
             self._state_acc = f32(states * r)
@@ -116,22 +148,25 @@ class DecodeMLA:
             self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
 
-    def shape(self, batch: int) -> tuple[int, int, int]:
-        """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with
-        (launch 2 has ``attention_clusters * batch`` clusters)."""
-        check_batch(batch)
-        clusters = self.attention_clusters or max(1, self.limits.sm_count // (self.cluster_size * batch))
+    def shape(self, batch: int, longest: int | None = None) -> tuple[int, int, int]:
+        """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with, the
+        longest of them attending to ``longest`` rows where known (launch 2 has
+        ``attention_clusters * batch`` clusters): the constructor's values where given, else
+        :func:`attention_clusters` for this GPU's SM count."""
+        clusters = self.attention_clusters or attention_clusters(batch, self.cluster_size, self.limits.sm_count,
+                                                                 longest)
         return self.cluster_size, self.warps or DEFAULT_WARPS, clusters
 
-    def kernel_spec(self, dtype: torch.dtype, batch: int):
-        """The :class:`~clusterlab.fused.mla_kernel.MLASpec` of one dtype and batch (raises where the
-        kernels cannot run this step: the query LoRA, shapes they do not tile, shared memory)."""
+    def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
+        """The :class:`~clusterlab.fused.mla_kernel.MLASpec` of one dtype and batch, in the
+        :meth:`shape` of ``longest`` (raises where the kernels cannot run this step: the query LoRA,
+        shapes they do not tile, shared memory)."""
         from .mla_kernel import MLASpec
 
         _check_dtype(dtype)
-        key = (dtype, batch)
+        _, warps, clusters = self.shape(batch, longest)
+        key = (dtype, batch, clusters)
         if key not in self._specs:
-            _, warps, clusters = self.shape(batch)
             try:
                 self._specs[key] = MLASpec.of(self.config, dtype == torch.bfloat16, batch, self.cluster_size,
                                               clusters, warps, limits=self.limits)
@@ -141,7 +176,8 @@ class DecodeMLA:
         return self._specs[key]
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: LatentCache, positions, *,
-                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                 longest: int | None = None):
         """One decode step: ``(out, new_residual)``, both ``[batch, hidden_size]``; row ``positions[b]``
         of ``cache`` written.
 
@@ -149,13 +185,17 @@ class DecodeMLA:
         their device; ``cache``: a :class:`~clusterlab.fused.mla.LatentCache` of that batch;
         ``positions``: an int for the whole batch, or an int32 tensor ``[batch]`` on the layer's
         device (its values are checked by the kernels: a position outside ``0 .. capacity-1``
-        makes its sequence's outputs NaN and leaves its cache row alone). Returns ``(out,
-        new_residual)``, into ``out`` / ``residual_out`` when given. Every check runs before the
-        first launch.
+        makes its sequence's outputs NaN and leaves its cache row alone). ``longest``: at least
+        ``positions[b] + 1`` for every ``b``, where the host knows it (an int position says it):
+        launch 2's grid for that length (:meth:`shape`); the outputs are the same whatever it is.
+        Returns ``(out, new_residual)``, into ``out`` / ``residual_out`` when given. Every check
+        runs before the first launch.
         """
         check_mla_activations(self.config, self.weights, hidden, residual, cache)
         batch = hidden.shape[0]
         check_positions(positions, batch, cache.capacity, hidden.device)
+        check_longest(longest, cache.capacity)
+        longest = known_longest(positions, longest)
         for name, given in (("out", out), ("residual_out", residual_out)):
             if given is not None:
                 check_tensor(name, given, tuple(hidden.shape), hidden.dtype, hidden.device, "hidden")
@@ -165,11 +205,12 @@ class DecodeMLA:
             from .mla_simulated import simulated_mla_step
 
             got, new_residual = simulated_mla_step(self.config, self.weights, hidden, residual, cache, positions,
-                                                   self.cluster_size, clusters_for_attention=self.shape(batch)[2])
+                                                   self.cluster_size,
+                                                   clusters_for_attention=self.shape(batch, longest)[2])
             out.copy_(got)
             residual_out.copy_(new_residual)
             return out, residual_out
-        projections, attention, output = mla_launchers(self.kernel_spec(hidden.dtype, batch))
+        projections, attention, output = mla_launchers(self.kernel_spec(hidden.dtype, batch, longest))
         if isinstance(positions, int):
             positions = self._positions[:batch].fill_(positions)
         capacity = np.int32(cache.capacity)

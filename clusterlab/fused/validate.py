@@ -199,6 +199,18 @@ def check_longest(longest, capacity: int | None = None) -> None:
                          f"its new token included), got {longest}")
 
 
+def known_longest(positions, longest: int | None) -> int | None:
+    """``longest`` as given, else what an int position says (its rows and the new one); one below
+    what an int position says is refused (a tensor's positions stay on the device, unread)."""
+    if isinstance(positions, int):
+        if longest is None:
+            return positions + 1
+        if longest < positions + 1:
+            raise ValueError(f"longest must be at least positions + 1 = {positions + 1} (the rows the new "
+                             f"token attends to, itself included), got {longest}")
+    return longest
+
+
 def sequence_positions(positions, batch: int) -> list[int]:
     """``positions`` as one int per sequence, read to the host: an int (the whole batch), a list or
     tuple of ``batch`` ints, or an int32 or int64 tensor ``[batch]`` on any device (a CUDA tensor
