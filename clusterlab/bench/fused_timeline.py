@@ -131,12 +131,17 @@ def _record(plain, step, out, want, stamps, sms, blocks, cluster_size, shape) ->
     }
 
 
+def sets_of(shape) -> int:
+    """Sets of clusters a recorded shape ran as (``batch_parts``; 1 in records without it)."""
+    return shape.get("batch_parts", 1)
+
+
 def summary(shape, phases) -> str:
     phase = np.array([b["phase_us"] for b in shape["block"]])
     done = np.array([b["start_us"] for b in shape["block"]]) + phase.sum(axis=1)
     arrive = done - phase[:, -1]
     split = f", head split {shape['head_split']}" if "head_split" in shape else f", {shape['clusters']} clusters"
-    split += f", {shape['batch_parts']} sets" if shape.get("batch_parts", 1) > 1 else ""
+    split += f", {sets_of(shape)} sets" if sets_of(shape) > 1 else ""
     lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps{split}, {shape['blocks']} blocks on "
              f"{shape['sms_used']} SMs (SMs holding k blocks: {shape['blocks_per_sm']}); step {shape['step_us']:.1f} µs "
              f"(instrumented {shape['instrumented_us']:.1f}), SM clock {shape['sm_clock_ghz']:.2f} GHz, "
@@ -170,7 +175,7 @@ def plot(record, path: Path) -> None:
                 left += width
             if block["crowded"]:
                 ax.plot(-1.0, y, marker="4", color="crimson", ms=3)
-        sets = f"{shape['batch_parts']} sets of " if shape.get("batch_parts", 1) > 1 else ""
+        sets = f"{sets_of(shape)} sets of " if sets_of(shape) > 1 else ""
         ax.set(title=f"{sets}cluster {shape['cluster_size']} x {shape['warps']} warps: "
                      f"step {shape['step_us']:.1f} µs, {shape['sms_used']} SMs",
                xlabel="µs since the first block started",
