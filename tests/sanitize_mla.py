@@ -3,8 +3,9 @@
     compute-sanitizer --tool racecheck python tests/sanitize_mla.py
 
 Shapes: DeepSeek-V2-Lite (clusters of 8, interleaved RoPE) on a ragged batch with an empty cache,
-float16 and bfloat16; launch 2's wider grid of long caches (28 clusters of 8 a sequence, two blocks
-on most SMs); a small rotate-half shape with clusters of 4 and 3 attention clusters a sequence. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards
+float16 and bfloat16, and in launch 2's wider grid of long caches (28 clusters of 8 a sequence, two
+blocks on most SMs); a small rotate-half shape with clusters of 4 and 3 attention clusters a
+sequence. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards
 itself).
 """
 

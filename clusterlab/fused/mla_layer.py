@@ -51,7 +51,7 @@ def attention_clusters(batch: int, cluster_size: int, sm_count: int, longest: in
     cluster more is a softmax state more for launch 3 to merge, which short caches pay for. Two
     blocks of launch 2 fit an SM, but GPCs hold whole clusters: on the H100/H200 30 clusters of 8
     are resident at once, and a grid of more runs a second wave (32 clusters at batch 1: 59.7 µs
-    at 1K against 44.6). 1.75 blocks an SM keeps within them (28 of 8 at batch 1, 3 at batch 8).
+    at 1K against 44.6). 1.75 blocks an SM keeps within them (28 clusters at batch 1, 24 at batch 8).
     DeepSeek-V2-Lite on the H200, float16, µs a step for ``A`` (``docs/mla-decode-design.md``):
     batch 1 at 1K / 8K / 32K 44.6 / 53.1 / 77.1 for 16 clusters, 48.1 / 53.4 / 67.8 for 28;
     batch 4 at 1K / 4K / 32K 45.9 / 59.9 / 173.2 for 4, 48.2 / 54.9 / 119.0 for 7; batch 8 at
