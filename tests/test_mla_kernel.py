@@ -125,6 +125,11 @@ def test_attention_clusters_fill_the_sms_once_unless_the_caches_are_long():
     assert layer.kernel_spec(torch.float16, 8, 32768).attention_clusters == 3
     with pytest.raises(ValueError, match="longest must be a positive int"):
         layer.shape(1, 0)
+    given = DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3)  # a given grid still checks its inputs
+    with pytest.raises(ValueError, match="batch"):
+        given.shape(0)
+    with pytest.raises(ValueError, match="longest must be a positive int"):
+        given.shape(1, 0)
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -153,9 +153,8 @@ class DecodeMLA:
         longest of them attending to ``longest`` rows where known (launch 2 has
         ``attention_clusters * batch`` clusters): the constructor's values where given, else
         :func:`attention_clusters` for this GPU's SM count."""
-        clusters = self.attention_clusters or attention_clusters(batch, self.cluster_size, self.limits.sm_count,
-                                                                 longest)
-        return self.cluster_size, self.warps or DEFAULT_WARPS, clusters
+        rule = attention_clusters(batch, self.cluster_size, self.limits.sm_count, longest)  # checks both
+        return self.cluster_size, self.warps or DEFAULT_WARPS, self.attention_clusters or rule
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
         """The :class:`~clusterlab.fused.mla_kernel.MLASpec` of one dtype and batch, in the
