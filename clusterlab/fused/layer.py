@@ -152,8 +152,7 @@ class DecodeAttention:
         The simulator backend also checks that the GPU could run the step (:meth:`kernel_spec`).
         """
         check_step(self.config, self.weights, hidden, residual, cache, positions)
-        check_longest(longest, cache.capacity)
-        longest = known_longest(positions, longest)
+        longest = known_longest(positions, longest, cache.capacity)
         shape = tuple(hidden.shape)
         for name, given in (("out", out), ("residual_out", residual_out)):
             if given is None:
@@ -200,8 +199,7 @@ class DecodeAttention:
         batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
         check_cache(self.config, cache, batch, dtype, device, "the weights")
         check_positions(positions, batch, cache.capacity, device)
-        check_longest(longest, cache.capacity)
-        longest = known_longest(positions, longest)
+        longest = known_longest(positions, longest, cache.capacity)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
         key = self._key(dtype, batch, longest)

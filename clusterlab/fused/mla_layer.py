@@ -193,8 +193,7 @@ class DecodeMLA:
         check_mla_activations(self.config, self.weights, hidden, residual, cache)
         batch = hidden.shape[0]
         check_positions(positions, batch, cache.capacity, hidden.device)
-        check_longest(longest, cache.capacity)
-        longest = known_longest(positions, longest)
+        longest = known_longest(positions, longest, cache.capacity)
         for name, given in (("out", out), ("residual_out", residual_out)):
             if given is not None:
                 check_tensor(name, given, tuple(hidden.shape), hidden.dtype, hidden.device, "hidden")

@@ -199,9 +199,11 @@ def check_longest(longest, capacity: int | None = None) -> None:
                          f"its new token included), got {longest}")
 
 
-def known_longest(positions, longest: int | None) -> int | None:
-    """``longest`` as given, else what an int position says (its rows and the new one); one below
-    what an int position says is refused (a tensor's positions stay on the device, unread)."""
+def known_longest(positions, longest, capacity: int) -> int | None:
+    """``longest`` checked (:func:`check_longest` against the cache's ``capacity``) and returned as
+    given, else what an int position says (its rows and the new one); one below what an int
+    position says is refused (a tensor's positions stay on the device, unread)."""
+    check_longest(longest, capacity)
     if isinstance(positions, int):
         if longest is None:
             return positions + 1
