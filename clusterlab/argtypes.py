@@ -6,20 +6,23 @@ import argparse
 import re
 
 
-def integer(minimum: int, maximum: int | None = None):
-    """An argparse ``type=``: the text as an integer in minimum..maximum (no maximum if None).
+def integer(minimum: int, maximum: int | None = None, multiple_of: int = 1):
+    """An argparse ``type=``: the text as an integer in minimum..maximum (no maximum if None), a
+    multiple of ``multiple_of``.
 
     Anything else raises ``ArgumentTypeError``, which argparse prints after the usage with the
     flag's name ("argument --n: must be an integer >= 1; got '-5'") before exiting with status 2.
     """
     allowed = f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}"
+    if multiple_of != 1:
+        allowed += f", a multiple of {multiple_of}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
+        if value < minimum or (maximum is not None and value > maximum) or value % multiple_of:
             raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}")
         return value
 

@@ -2,6 +2,7 @@
 and nothing run (or allocated) before the check."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,12 @@ def run_cli(*args, cwd=None):
         (["trace", "reduce", "--save", "ring.xyz"], "one of .eps, .gif, .jpg"),
         (["trace", "reduce", "--save", "missing/ring.png"], "directory 'missing' does not exist"),
         (["bench", "fused", "--variant", "8xfoo"], "argument --variant: must look like CxW"),
+        (["bench", "fused", "--variant", "3x4"], "cluster size must be one of (1, 2, 4, 8, 16), got 3"),
+        (["bench", "fused", "--variant", "8x6"], "argument --variant: variant (8, 6): warps must be one of (4, 8, 16)"),
+        (["bench", "fused", "--variant", "8x8x0"], "its third number (head split, or MLA's attention clusters) must"),
+        (["bench", "primitives", "--cluster", "17"], "argument --cluster: must be an integer in 1..16; got '17'"),
+        (["bench", "primitives", "--bytes", "24"], "argument --bytes: must be an integer >= 16, a multiple of 16; got"),
+        (["bench", "primitives", "--repeats", "2"], "argument --repeats: must be an integer >= 5; got '2'"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line_naming_the_flag(args, message, tmp_path):
@@ -127,3 +134,27 @@ def test_the_ablation_refuses_to_compile_ahead_without_the_kernel_cache(tmp_path
     assert done.stderr.rstrip("\n").splitlines()[-1].endswith(
         "error: --jobs 4 compiles ahead into the kernel cache, which $CLUSTERLAB_CACHE_DIR turns off")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("run", "kwargs", "message"),
+    [
+        ("fused", {"variants": [(8, 4), (3, 4)]}, "variant (3, 4): cluster size must be one of"),
+        ("fused", {"variants": [(8, 4, 0)]}, "variant (8, 4, 0): its third number"),
+        ("fused", {"variants": [(8,)]}, "a variant is () or (cluster_size, warps"),
+        ("primitives", {"cluster_sizes": [2, 17]}, "cluster size 17: must be in 1..16"),
+        ("primitives", {"message_bytes": [24]}, "message size 24 B: must be a positive multiple of 16 bytes"),
+        ("primitives", {"repeats": 1}, "repeats=1: at least 5"),
+    ],
+)
+def test_bench_runs_refuse_bad_settings_before_looking_for_a_gpu(run, kwargs, message, monkeypatch):
+    import clusterlab.gpu
+    from clusterlab.bench import fused, primitives
+
+    def no_gpu_yet():
+        raise AssertionError("the GPU was looked for before the settings were checked")
+
+    monkeypatch.setattr(clusterlab.gpu, "require_hopper", no_gpu_yet)
+    bench = {"fused": fused.run_bench, "primitives": primitives.run_primitives_bench}[run]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench(**kwargs)

@@ -56,7 +56,7 @@ from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
 from ..fused.mla_reference import UnfusedMLA, mla_reference_step
-from ..fused.plan import KERNEL_CHOICES, check_kernel_options
+from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
 from .timing import card_tag, copy_bandwidth, graph_per_op_us, results_header, write_json
@@ -299,6 +299,8 @@ def run_bench(
     """
     from ..gpu import device_info, require_hopper
 
+    for variant in variants or ():
+        check_variant(variant)
     options = [{}] if options is None else [check_kernel_options(o) for o in options]
     if any(options) and any(isinstance(PRESETS[name], MLAConfig) for name in presets):
         raise ValueError("kernel options (--spec) apply to the Llama-style presets, not to "
@@ -447,10 +449,39 @@ def _plot(rows, record, path: Path) -> None:
 _LAUNCH_SHAPE = dimensions("CWS", "cluster size x warps [x head split]", "8x4 or 16x4x2, or rule")
 
 
+def check_variant(variant: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``variant`` is ``()`` (the launch rule's shape) or ``(cluster_size,
+    warps)`` / ``(cluster_size, warps, third)`` with a cluster size of
+    :data:`~clusterlab.fused.plan.CLUSTER_SIZES`, 4, 8 or 16 warps and a positive third number (a
+    head split, or an MLA block's attention clusters a sequence): what every fused layer refuses,
+    checked before the run touches the GPU."""
+    if variant == ():
+        return
+    if not (isinstance(variant, tuple) and len(variant) in (2, 3) and all(is_int(v) for v in variant)):
+        raise ValueError(f"a variant is () or (cluster_size, warps[, head split or attention clusters]) ints, "
+                         f"got {variant!r}")
+    cluster_size, warps, *third = variant
+    if cluster_size not in CLUSTER_SIZES:
+        raise ValueError(f"variant {variant!r}: cluster size must be one of {CLUSTER_SIZES}, got {cluster_size}")
+    if warps not in (4, 8, 16):
+        raise ValueError(f"variant {variant!r}: warps must be one of (4, 8, 16), got {warps}")
+    if third and third[0] < 1:
+        raise ValueError(f"variant {variant!r}: its third number (head split, or MLA's attention clusters) must be "
+                         f">= 1, got {third[0]}")
+
+
 def parse_variant(text: str) -> tuple[int, ...]:
     """``"8x4"`` -> ``(8, 4)``, ``"16x4x2"`` -> ``(16, 4, 2)``: cluster size x warps [x head split];
-    ``"rule"`` -> ``()``, the launch rule's shape (nothing given)."""
-    return () if text == "rule" else _LAUNCH_SHAPE(text)
+    ``"rule"`` -> ``()``, the launch rule's shape (nothing given). Values :func:`check_variant` refuses
+    raise ``ArgumentTypeError``."""
+    if text == "rule":
+        return ()
+    variant = _LAUNCH_SHAPE(text)
+    try:
+        check_variant(variant)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return variant
 
 
 def options_label(options: dict) -> str:

@@ -68,6 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import simulator
+from ..argtypes import integer
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
@@ -534,8 +535,6 @@ def run_primitives_bench(
     """
     from ..gpu import device_info, require_hopper
 
-    require_hopper()
-    tag = timing.card_tag(device_info()["gpu"]) if tag is None else tag
     for size in cluster_sizes:
         if not 1 <= size <= simulator.MAX_CLUSTER_SIZE:
             raise ValueError(f"cluster size {size}: must be in 1..{simulator.MAX_CLUSTER_SIZE}")
@@ -550,6 +549,8 @@ def run_primitives_bench(
             raise ValueError(f"config {config!r}: expected one of {CONFIGS}")
     if repeats < timing.MIN_REPEATS:
         raise ValueError(f"repeats={repeats}: at least {timing.MIN_REPEATS}")
+    require_hopper()
+    tag = timing.card_tag(device_info()["gpu"]) if tag is None else tag
 
     out_dir = Path(out_dir)
     json_path = out_dir / f"primitives_{tag}.json"
@@ -597,11 +598,13 @@ def run_primitives_bench(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clusterlab.bench.primitives", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cluster", type=int, nargs="+", default=list(CLUSTER_SIZES), help="cluster sizes")
-    parser.add_argument("--bytes", type=int, nargs="+", default=list(MESSAGE_BYTES), help="message bytes per block")
+    parser.add_argument("--cluster", type=integer(1, simulator.MAX_CLUSTER_SIZE), nargs="+",
+                        default=list(CLUSTER_SIZES), help="cluster sizes")
+    parser.add_argument("--bytes", type=integer(16, multiple_of=16), nargs="+", default=list(MESSAGE_BYTES),
+                        help="message bytes per block")
     parser.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES), choices=DTYPES)
     parser.add_argument("--config", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=integer(timing.MIN_REPEATS), default=7)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--seed", type=int, default=None)
