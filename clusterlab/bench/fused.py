@@ -56,7 +56,7 @@ from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
 from ..fused.mla_reference import UnfusedMLA, mla_reference_step
-from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, check_kernel_options
+from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, WARP_COUNTS, check_kernel_options
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
 from .timing import card_tag, copy_bandwidth, graph_per_op_us, results_header, write_json
@@ -452,9 +452,9 @@ _LAUNCH_SHAPE = dimensions("CWS", "cluster size x warps [x head split]", "8x4 or
 def check_variant(variant: tuple[int, ...]) -> None:
     """Raise ``ValueError`` unless ``variant`` is ``()`` (the launch rule's shape) or ``(cluster_size,
     warps)`` / ``(cluster_size, warps, third)`` with a cluster size of
-    :data:`~clusterlab.fused.plan.CLUSTER_SIZES`, 4, 8 or 16 warps and a positive third number (a
-    head split, or an MLA block's attention clusters a sequence): what every fused layer refuses,
-    checked before the run touches the GPU."""
+    :data:`~clusterlab.fused.plan.CLUSTER_SIZES`, warps of :data:`~clusterlab.fused.plan.WARP_COUNTS`
+    and a positive third number (a head split, or an MLA block's attention clusters a sequence):
+    what every fused layer refuses, checked before the run touches the GPU."""
     if variant == ():
         return
     if not (isinstance(variant, tuple) and len(variant) in (2, 3) and all(is_int(v) for v in variant)):
@@ -463,8 +463,8 @@ def check_variant(variant: tuple[int, ...]) -> None:
     cluster_size, warps, *third = variant
     if cluster_size not in CLUSTER_SIZES:
         raise ValueError(f"variant {variant!r}: cluster size must be one of {CLUSTER_SIZES}, got {cluster_size}")
-    if warps not in (4, 8, 16):
-        raise ValueError(f"variant {variant!r}: warps must be one of (4, 8, 16), got {warps}")
+    if warps not in WARP_COUNTS:
+        raise ValueError(f"variant {variant!r}: warps must be one of {WARP_COUNTS}, got {warps}")
     if third and third[0] < 1:
         raise ValueError(f"variant {variant!r}: its third number (head split, or MLA's attention clusters) must be "
                          f">= 1, got {third[0]}")

@@ -39,6 +39,7 @@ from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _chec
 from .plan import (
     CLUSTER_SIZES,
     MAX_BATCH_PARTS,
+    WARP_COUNTS,
     DeviceLimits,
     batch_sets,
     check_cluster_size,
@@ -104,8 +105,8 @@ class DecodeAttention:
         self.kernel_options = check_kernel_options(kernel_options)
         device = weights.qkv.device
         backend, self.limits = resolve_backend(backend, device, limits)
-        if warps not in (None, 4, 8, 16):
-            raise ValueError(f"warps must be one of (4, 8, 16) (at least the batch size), got {warps!r}")
+        if warps is not None and warps not in WARP_COUNTS:
+            raise ValueError(f"warps must be one of {WARP_COUNTS} (at least the batch size), got {warps!r}")
         if cluster_size is not None:
             check_cluster_size(config, cluster_size)
         split_positions = self.kernel_options.get("split_positions", False)

@@ -100,8 +100,8 @@ class MLASpec(BlockShape):
             raise ValueError(f"cluster_size must be one of {plan.CLUSTER_SIZES}, got {cluster_size!r}")
         if not (is_int(attention_clusters) and attention_clusters >= 1):
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
-        if warps not in (4, 8, 16):
-            raise ValueError(f"warps must be one of (4, 8, 16), got {warps!r}")
+        if warps not in plan.WARP_COUNTS:
+            raise ValueError(f"warps must be one of {plan.WARP_COUNTS}, got {warps!r}")
         h, r, d_r, heads = config.hidden_size, config.kv_lora_rank, config.qk_rope_head_dim, config.heads
         needs = [
             (h % (8 * cluster_size) == 0, f"hidden_size {h} must split into {cluster_size} slices of whole 16-byte "

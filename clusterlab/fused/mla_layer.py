@@ -28,7 +28,7 @@ import torch
 
 from .config import MAX_BATCH, _check_dtype, check_batch, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
-from .plan import CLUSTER_SIZES, DeviceLimits
+from .plan import CLUSTER_SIZES, WARP_COUNTS, DeviceLimits
 from .validate import check_longest, check_positions, check_tensor, known_longest, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
@@ -121,8 +121,8 @@ class DecodeMLA:
             raise ValueError(f"cluster_size must be one of {CLUSTER_SIZES}, got {cluster_size!r}")
         if attention_clusters is not None and not (is_int(attention_clusters) and attention_clusters >= 1):
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
-        if warps not in (None, 4, 8, 16):
-            raise ValueError(f"warps must be one of (4, 8, 16), got {warps!r}")
+        if warps is not None and warps not in WARP_COUNTS:
+            raise ValueError(f"warps must be one of {WARP_COUNTS}, got {warps!r}")
         self.config, self.weights, self.backend = config, weights, backend
         self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
         self.attention_clusters = attention_clusters

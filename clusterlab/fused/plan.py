@@ -113,6 +113,8 @@ HOPPER = DeviceLimits(sm_count=132, shared_bytes_per_sm=233472, shared_bytes_per
 
 #: Cluster sizes the kernel is built for (16 needs the non-portable cluster-size opt-in).
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
+#: Warps a block of the fused kernels may have.
+WARP_COUNTS = (4, 8, 16)
 #: Most clusters a KV head's cached positions may be split over (``split_positions``): beyond, each
 #: holds a few rows of a long cache, and the layer keeps the parts' softmax states for as many.
 MAX_PARTS = 16
