@@ -909,18 +909,40 @@ mbarrier_try_wait_parity = _asm_intrinsic(
     boolean=True,
 )
 
-mbarrier_wait_parity = _asm_intrinsic(
+def _mbarrier_wait_parity(name, scope, doc):
+    """The blocking wait of :func:`mbarrier_try_wait_parity`, acquiring at ``scope`` ("cluster" or "cta")."""
+    return _asm_intrinsic(
+        name,
+        doc,
+        "{ .reg .pred p; clusterlab_mbarrier_wait: "
+        f"mbarrier.try_wait.parity.acquire.{scope}.shared::cta.b64 p, [$0], $1; "
+        "@!p bra clusterlab_mbarrier_wait; }",
+        operands=("u32", "u32"),
+        memory=WRITES,
+    )
+
+
+mbarrier_wait_parity = _mbarrier_wait_parity(
     "mbarrier_wait_parity",
+    "cluster",
     """mbarrier_wait_parity(addr, parity): block until the phase of parity ``parity`` has completed.
 
     A PTX loop around ``mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64`` (see
     :func:`mbarrier_try_wait_parity` for the semantics). sm_90+.
     """,
-    "{ .reg .pred p; clusterlab_mbarrier_wait: "
-    "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [$0], $1; "
-    "@!p bra clusterlab_mbarrier_wait; }",
-    operands=("u32", "u32"),
-    memory=WRITES,
+)
+
+mbarrier_wait_parity_cta = _mbarrier_wait_parity(
+    "mbarrier_wait_parity_cta",
+    "cta",
+    """mbarrier_wait_parity_cta(addr, parity): :func:`mbarrier_wait_parity`, acquiring at CTA scope.
+
+    A PTX loop around ``mbarrier.try_wait.parity.acquire.cta.shared::cta.b64``: enough where the
+    phase is completed by this block's own threads and by bulk copies into this block's shared
+    memory (a ring the block fills from global memory), not where peers' writes must be seen. The
+    cluster-scope wait invalidates the SM's L1 on every return (``CCTL.IVALL``); this one does
+    not. sm_90+.
+    """,
 )
 
 
@@ -1378,6 +1400,20 @@ LOW_HALVES = 0x5410
 #: :func:`permute_bytes` selector: bits 16..31 of ``a`` in bits 0..15, bits 16..31 of ``b`` in 16..31.
 HIGH_HALVES = 0x7632
 
+ex2_approx_ftz = _asm_intrinsic(
+    "ex2_approx_ftz",
+    """ex2_approx_ftz(x) -> float32: 2 ** x, one ``MUFU.EX2``.
+
+    PTX ``ex2.approx.ftz.f32`` (relative error about 2 ** -22 where the result is normal): subnormal
+    inputs and results flush to zero, so no range fix-up surrounds it (``math.exp2`` on a float32
+    compiles to ``ex2.approx.f32``, which scales subnormal results in and out: four instructions
+    more). exp2(0) is exactly 1; exp2 of a large negative number is 0. sm_20+.
+    """,
+    "ex2.approx.ftz.f32 $0, $1;",
+    results="f32",
+    operands=("f32",),
+)
+
 
 # --------------------------------------------------------------------------------------------
 # Tensor cores
@@ -1485,6 +1521,7 @@ __all__ = [
     "mbarrier_expect_tx",
     "mbarrier_try_wait_parity",
     "mbarrier_wait_parity",
+    "mbarrier_wait_parity_cta",
     # copy engine
     "fence_proxy_async_shared_cta",
     "fence_proxy_async_global",
@@ -1520,6 +1557,7 @@ __all__ = [
     "f32x2_to_f16x2",
     "f32x2_to_bf16x2",
     "permute_bytes",
+    "ex2_approx_ftz",
     # tensor cores
     "mma_f16_m16n8k16",
     "mma_bf16_m16n8k16",

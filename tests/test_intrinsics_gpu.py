@@ -1004,6 +1004,29 @@ def test_permute_bytes_picks_bytes_of_both_words_as_the_selector_says(rng):
     assert_same_bits(out.copy_to_host(), expected)
 
 
+@cuda.jit
+def powers_of_two(xs, out):
+    i = cuda.grid(1)
+    if i < xs.size:
+        out[i] = ptx.ex2_approx_ftz(xs[i])
+
+
+def test_ex2_approx_ftz_is_exp2_within_its_error_bound_and_flushes_below_the_normal_range(rng):
+    """Random exponents over the float32 normal range and beyond it: 2 ** x within 2 ** -21
+    relative (PTX states 2 ** -22 for ``ex2.approx``) where the result is normal, exactly 1 at 0, 0 where the result would
+    be subnormal (the flush) or underflows, as online softmax relies on for masked scores."""
+    count = 6000
+    xs = np.concatenate([rng.uniform(-125.0, 127.0, count - 4), [0.0, -130.0, -1.0e30, -126.5]]).astype(np.float32)
+    out = poisoned(count, np.float32)
+    run(powers_of_two, 4, cuda.to_device(xs), out, clusters=clusters_for(count))
+    got = out.copy_to_host()
+    normal = xs >= -126.0
+    expected = np.exp2(xs.astype(np.float64))
+    np.testing.assert_allclose(got[normal], expected[normal], rtol=2.0**-21, atol=0)
+    assert got[count - 4] == 1.0
+    assert np.all(got[~normal] == 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensor cores
 # ---------------------------------------------------------------------------------------------

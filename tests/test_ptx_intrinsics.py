@@ -128,7 +128,10 @@ CASES = {
         "o32[0] = 3 if ptx.mbarrier_try_wait_parity(i32[0], i32[1]) else 4",
         "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64",
     ),
-    "mbarrier_wait_parity": ("ptx.mbarrier_wait_parity(i32[0], i32[1])", "@!p bra clusterlab_mbarrier_wait;"),
+    "mbarrier_wait_parity": ("ptx.mbarrier_wait_parity(i32[0], i32[1])",
+                             "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%r1], %r2; @!p bra"),
+    "mbarrier_wait_parity_cta": ("ptx.mbarrier_wait_parity_cta(i32[0], i32[1])",
+                                 "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%r1], %r2; @!p bra"),
     "fence_proxy_async_shared_cta": ("ptx.fence_proxy_async_shared_cta()", "fence.proxy.async.shared::cta;"),
     "fence_proxy_async_global": ("ptx.fence_proxy_async_global()", "fence.proxy.async.global;"),
     "bulk_copy_global_to_shared": (
@@ -188,6 +191,7 @@ CASES = {
     "f32x2_to_f16x2": ("o32[0] = ptx.f32x2_to_f16x2(if32[0], if32[1])", "cvt.rn.f16x2.f32"),
     "f32x2_to_bf16x2": ("o32[0] = ptx.f32x2_to_bf16x2(if32[0], if32[1])", "cvt.rn.bf16x2.f32"),
     "permute_bytes": ("o32[0] = ptx.permute_bytes(i32[0], i32[1], i32[2])", "prmt.b32"),
+    "ex2_approx_ftz": ("of32[0] = ptx.ex2_approx_ftz(if32[0])", "ex2.approx.ftz.f32"),
     "mma_f16_m16n8k16": ("a, b, c, d = ptx.mma_f16_m16n8k16(i32[0], i32[1], i32[2], i32[3], i32[4], i32[5], if32[0], "
                          "if32[1], if32[2], if32[3])\nof32[0] = a + b + c + d",
                          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),

@@ -24,9 +24,9 @@ pushed into every block (the ClusterGather); barrier; the block's ``COLS`` colum
 
 Launch 2 (``A`` clusters a sequence, ``R / 64`` warps a block): the block's chunk of the
 sequence's cached positions (and, in the last block, the new row) for every head on the tensor
-cores. The copy engine brings the rows into shared memory (``cp.async.bulk``, a row a lane of warp
-0), a tile of :data:`ATTENTION_TILE` rows at a time through a ring of :data:`ATTENTION_STAGES`
-tiles, an mbarrier a stage; the warps share out the dims of the tile's
+cores. The copy engine brings the rows into shared memory (``cp.async.bulk``, a row a lane, each
+warp its share of a tile), a tile of :data:`ATTENTION_TILE` rows at a time through a ring of
+:data:`ATTENTION_STAGES` tiles, an mbarrier a stage; the warps share out the dims of the tile's
 scores for all heads (the heads are ``mma``'s 16 rows) and add their partial sums through shared
 memory, every warp runs the same online softmax and sums the values of its own 64 latent dims
 (see :func:`build_attention_kernel`). The block that folds in the new row
@@ -200,19 +200,26 @@ class MLASpec(BlockShape):
 
     @property
     def ring_row_words(self) -> int:
-        """Words of a 16-bit cache row (or query) in launch 2's shared memory: padded by 16 bytes so
-        that rows ``g`` of the ``mma`` operands' loads fall on different banks."""
-        return self.latent_width // 2 + 4
+        """Words from one row of launch 2's ring to the next (a 16-bit cache row is ``latent_width /
+        2`` words), odd rows 4 words further: the least stride of at least a row and 4 words that is
+        12 modulo 32. Then rows ``2q`` and ``2q + 1`` start 16 banks apart and rows ``0, 2, 4, 6`` 8
+        banks apart, so that both ways the ``mma`` operands read a tile (eight lanes a 16-byte load:
+        two rows' four chunks for the scores, four rows' two chunks for the values) touch each of
+        the 32 banks once."""
+        least = self.latent_width // 2 + 4
+        return least + (12 - least) % 32
 
     def attention_layout(self) -> dict[str, int]:
         """Launch 2's regions; the states' sums ``[heads, R]`` take the ring's place (``"ring"``)
         once the block's rows are folded; ``"full"``: an mbarrier (two words) a ring stage, which
-        the copy engine completes when the stage's rows have landed; ``"scores"``: each warp's
-        partial scores of a tile, two buffers (tiles alternate) of ``[warps, 2, 32, 4]`` (a lane's
-        eight accumulators as two 16-byte halves, lanes contiguous)."""
+        the copy engine completes when the stage's rows have landed; ``"query"``: the scaled
+        queries as the scores' ``mma`` A fragments (``L / 32`` steps of two halves of ``[32 lanes,
+        4 words]``); ``"scores"``: each warp's partial scores of a tile, two buffers (tiles
+        alternate) of ``[warps, 2, 32, 4]`` (a lane's eight accumulators as two 16-byte halves,
+        lanes contiguous)."""
         row = self.ring_row_words
         ring = max(ATTENTION_STAGES * ATTENTION_TILE * row, self.heads * self.kv_lora_rank)
-        return region_offsets({"ring": ring, "full": 2 * ATTENTION_STAGES, "query": MMA_HEADS * row,
+        return region_offsets({"ring": ring, "full": 2 * ATTENTION_STAGES, "query": 8 * self.latent_width,
                                "scores": 2 * self.attention_warps * 8 * 32, "new_row": self.latent_width,
                                "state_m": self.heads, "state_l": self.heads, "red": self.attention_warps})
 
@@ -385,15 +392,19 @@ def build_attention_kernel(spec: MLASpec):
 
     - **scores** ``S = Q K^T`` (16 x 16: the heads, padded to 16 with zero queries, as A's rows;
       the tile's rows as B's columns, two ``mma`` of 8): A is the scaled queries, rounded to 16
-      bits in shared memory; lane ``(g, t)`` brings heads ``g`` and ``g + 8`` and row ``g`` of
-      each half of the tile at its 16-byte chunk ``t + 4j`` of the 576 dims, each load serving two
-      ``mma`` (dims ``8(t + 4j) + 0..3``, then ``+ 4..7``, as k). Warp ``w`` takes the steps ``j =
-      w, w + warps, ..`` of 32 dims; the warps' partial sums meet in shared memory (``"scores"``,
-      one barrier) and every warp adds them up. The lane gets the scores of heads ``g``, ``g + 8``
-      for rows ``2t, 2t + 1`` and ``8 + 2t, 9 + 2t``.
-    - **softmax**: each head's maximum over the tile (two shuffles across ``t``), the state
-      rescaled, ``p = exp2(s - m)``; each lane sums its own ``p`` (the lanes' sums are added at
-      the end). Every warp holds the same states.
+      bits in shared memory as the ``mma`` fragments themselves (one 16-byte load a fragment, no
+      register moves); lane ``(g, t)`` brings row ``g`` of each half of the tile at its 16-byte
+      chunk ``t + 4j`` of the 576 dims, each load serving two ``mma`` (dims ``8(t + 4j) + 0..3``,
+      then ``+ 4..7``, as k). A step ``j`` is 32 dims, four ``mma``: warp ``w`` takes the steps
+      ``w, w + warps, ..`` while all warps have one, and the steps left over as quarters (one
+      ``mma``: a k half of an n half) dealt round the warps, so that no warp holds the barrier up
+      (18 steps over 8 warps: two steps and a quarter each). The warps' partial sums meet in
+      shared memory (``"scores"``, one barrier) and every warp adds them up. The lane gets the
+      scores of heads ``g``, ``g + 8`` for rows ``2t, 2t + 1`` and ``8 + 2t, 9 + 2t``.
+    - **softmax**: each head's maximum over the tile (two shuffles across ``t``); only if a maximum
+      grew anywhere in the warp are the state and the sums rescaled (``exp2(0)`` is 1: skipping
+      changes no bit); ``p = exp2(s - m)`` (:func:`clusterlab.ptx.ex2_approx_ftz`); each lane sums
+      its own ``p`` (the lanes' sums are added at the end). Every warp holds the same states.
     - **values** ``O += P V`` (16 heads x 8 dims an ``mma``, k the tile's rows): A is ``P`` as the
       scores left it (no shuffle); B is ``V``: lane ``(g, t)`` loads rows ``2t, 2t + 1, 8 + 2t, 9 +
       2t`` at the warp's chunk ``8w + g`` and pairs their halves (:func:`clusterlab.ptx.permute_bytes`):
@@ -401,12 +412,16 @@ def build_attention_kernel(spec: MLASpec):
       ``acc[4v + c]`` (``c`` < 2) for head ``g`` and ``acc[4v + 2 + c]`` for head ``g + 8``, dim
       ``64w + 8(2t + c) + v``.
 
-    The copy engine fills the ring: warp 0 issues a tile as one ``cp.async.bulk`` a row (lanes
-    ``< TILE``) on the stage's mbarrier, the warps wait on it; rows past the block's end repeat
-    its last row and are masked out of the softmax. One barrier a tile: after the partial scores
-    are stored, every warp is done with the tile before, whose stage warp 0 then refills (the
+    The copy engine fills the ring: every warp has it bring ``TILE / warps`` rows of a tile, one
+    ``cp.async.bulk`` a row, and arrives once on the stage's mbarrier with the bytes it expects;
+    the warps wait on it (CTA scope: only this block's copies complete it). Rows past the block's
+    end repeat its last row and are masked out of the softmax. Rows sit
+    :attr:`MLASpec.ring_row_words` apart, odd rows 16 bytes further, which keeps both ways of
+    reading a tile free of bank conflicts. One barrier a tile: after the partial scores are
+    stored, every warp is done with the tile before, whose stage the warps then refill (the
     partial scores alternate between two buffers, so a tile's stores never meet the last one's
-    loads).
+    loads). The loop keeps its stage, phase and shared addresses as running values: no division
+    or remainder of the tile's index, whose signed 64-bit forms cost more than the fold's sums.
     """
     HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
                               spec.cluster_size, spec.attention_clusters)
@@ -415,12 +430,16 @@ def build_attention_kernel(spec: MLASpec):
     THREADS = 32 * WARPS
     HALF = D_R // 2
     TILE, STAGES = ATTENTION_TILE, ATTENTION_STAGES
-    ROW = spec.ring_row_words  # a 16-bit row in shared memory: words (padded)
+    ROW = spec.ring_row_words  # words from one ring row to the next (odd rows 4 further: ring_row_words)
     ROW_BYTES = 2 * L  # a cache row, as the copy engine moves it
-    TILE_BYTES = TILE * ROW_BYTES
-    SCORES_BUFFER = WARPS * 8 * 32  # words of one tile's partial scores
-    SCORE_STEPS = L // 32  # 32 dims (four lanes' 16-byte chunks) a step, two mma
-    WARP_STEPS = (SCORE_STEPS + WARPS - 1) // WARPS  # the most of them one warp takes
+    STAGE_BYTES = 4 * TILE * ROW
+    COPY_ROWS = TILE // WARPS  # the rows of a tile each warp has the copy engine bring
+    SCORES_BYTES = 4 * WARPS * 8 * 32  # one tile's partial scores
+    SCORE_STEPS = L // 32  # 32 dims (four lanes' 16-byte chunks) a step: four mma (two k halves, two n halves)
+    FULL_ROUNDS = SCORE_STEPS // WARPS  # steps every warp takes ...
+    QUARTERS = 4 * (SCORE_STEPS % WARPS)  # ... and the rest as quarter steps, one mma each, dealt round
+    QUARTER_ROUNDS = -(-QUARTERS // WARPS)
+    STEP_BYTES = 4 * 2 * 32 * 4  # a step's A fragments: two halves of 32 lanes x 16 bytes
     QUERY_HEADS = MMA_HEADS // WARPS  # the scaled queries' rows a warp fills ...
     QUERY_WORDS = -(-L // 64)  # ... a lane a word (two dims, 16 bits each) of every 32 of a row
     QUERY_DIMS = 2 * QUERY_HEADS * QUERY_WORDS  # the dims a lane holds
@@ -437,90 +456,123 @@ def build_attention_kernel(spec: MLASpec):
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     pack = ptx.f32x2_to_bf16x2 if BF16 else ptx.f32x2_to_f16x2
     mma = ptx.mma_bf16_m16n8k16 if BF16 else ptx.mma_f16_m16n8k16
+    exp2 = ptx.ex2_approx_ftz
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
     exchange_lanes, pull, _, peer_sum, peer_max = make_exchange(C)
 
     @cuda.jit(device=True, inline=True)
-    def issue_tile(latent, first, t0, stop, smem, stage, lane):
-        """Warp 0: have the copy engine bring the sequence's cache rows ``t0 .. t0 + TILE`` (``first``:
-        its row 0 in ``latent``) into ring stage ``stage``, a row a lane; rows from ``stop`` on
-        repeat row ``stop - 1`` (every tile brings ``TILE_BYTES``)."""
-        full = ptx.shared_address(smem, FULL + 2 * stage)
-        if lane == 0:
-            ptx.mbarrier_arrive_expect_tx(full, TILE_BYTES)
-        cuda.syncwarp()
-        if lane < TILE:
-            row = min(t0 + lane, stop - 1)
-            ptx.bulk_copy_global_to_shared(ptx.shared_address(smem, RING + (stage * TILE + lane) * ROW), latent,
-                                           (first + row) * L, ROW_BYTES, full)
+    def ring_row(r):
+        """Word of row ``r`` within a ring stage."""
+        return r * ROW + 4 * (r & 1)
 
     @cuda.jit(device=True, inline=True)
-    def tile_scores(smem, at, scores, s, warp, lane):
-        """The warp's share of the dims of the scores of the ring's tile at word ``at`` into ``s``,
-        stored as its partial sums at word ``scores``."""
-        g, t = lane // 4, lane % 4
+    def query_word(head, w):
+        """Word of the scaled query's word ``w`` (dims ``2w``, ``2w + 1``) of ``head`` in the query
+        region: the ``mma`` A fragments of step ``w // 16``, half ``w // 2 % 2``, lane ``(head % 8,
+        w // 4 % 4)``, four words a lane in the order ``mma`` takes them."""
+        return (((2 * (w >> 4) + ((w >> 1) & 1)) * 32 + 4 * (head & 7) + ((w >> 2) & 3)) * 4 + 2 * (w & 1)
+                + (head >> 3))
+
+    @cuda.jit(device=True, inline=True)
+    def issue_tile(latent, first, t0, stop, stage_at, full, warp, lane):
+        """Have the copy engine bring the sequence's cache rows ``t0 .. t0 + TILE`` (``first``: its row
+        0 in ``latent``) into the ring stage at shared address ``stage_at``, completing mbarrier
+        ``full``: warp ``w``'s lanes bring rows ``w``, ``w + WARPS``, .., each warp arriving once
+        with the bytes it expects; rows from ``stop`` on repeat row ``stop - 1``."""
+        if lane == 0:
+            ptx.mbarrier_arrive_expect_tx(full, COPY_ROWS * ROW_BYTES)
+        cuda.syncwarp()
+        if lane < COPY_ROWS:
+            r = warp + WARPS * lane
+            row = min(t0 + r, stop - 1)
+            ptx.bulk_copy_global_to_shared(stage_at + 4 * ring_row(r), latent, (first + row) * L, ROW_BYTES, full)
+
+    @cuda.jit(device=True, inline=True)
+    def tile_scores(query_at, key_at, scores_at, s, warp):
+        """The warp's share of the scores of a ring tile into ``s``, stored as its partial sums at
+        ``scores_at``. ``query_at``: the lane's A fragment of step 0, ``key_at``: its chunk of row
+        ``g`` (step 0) in the tile."""
         for k in range(8):
             s[k] = float32(0.0)
-        for i in range(WARP_STEPS):  # this warp's share of the dims: steps warp, warp + WARPS, ..
+        for i in range(FULL_ROUNDS):  # steps warp, warp + WARPS, ..
             j = warp + i * WARPS
-            if j < SCORE_STEPS:
-                chunk = 4 * (t + 4 * j)
-                qa0, qa1, qa2, qa3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + g * ROW + chunk))
-                qb0, qb1, qb2, qb3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, QUERY + (g + 8) * ROW + chunk))
-                for n in range(2):
-                    k0, k1, k2, k3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (8 * n + g) * ROW + chunk))
-                    s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
-                        qa0, qb0, qa1, qb1, k0, k1, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
-                    s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
-                        qa2, qb2, qa3, qb3, k2, k3, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+            a0, a1, a2, a3 = ptx.ld_shared_v4_b32(query_at + j * STEP_BYTES)  # dims 0..3 of the chunks
+            b0, b1, b2, b3 = ptx.ld_shared_v4_b32(query_at + j * STEP_BYTES + STEP_BYTES // 2)  # dims 4..7
+            for n in range(2):
+                k0, k1, k2, k3 = ptx.ld_shared_v4_b32(key_at + 64 * j + 32 * ROW * n)
+                s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
+                    a0, a1, a2, a3, k0, k1, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+                s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3] = mma(
+                    b0, b1, b2, b3, k2, k3, s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3])
+        for i in range(QUARTER_ROUNDS):  # the steps left, a quarter (a k half of an n half) a warp
+            u = warp + i * WARPS
+            if u < QUARTERS:
+                j, n, half = FULL_ROUNDS * WARPS + (u >> 2), (u >> 1) & 1, u & 1
+                a0, a1, a2, a3 = ptx.ld_shared_v4_b32(query_at + j * STEP_BYTES + half * (STEP_BYTES // 2))
+                k0, k1, k2, k3 = ptx.ld_shared_v4_b32(key_at + 64 * j + 32 * ROW * n)
+                if half:
+                    k0, k1 = k2, k3
+                if n == 0:
+                    s[0], s[1], s[2], s[3] = mma(a0, a1, a2, a3, k0, k1, s[0], s[1], s[2], s[3])
+                else:
+                    s[4], s[5], s[6], s[7] = mma(a0, a1, a2, a3, k0, k1, s[4], s[5], s[6], s[7])
         for h in range(2):
-            ptx.st_shared_v4_f32(ptx.shared_address(smem, scores + ((warp * 2 + h) * 32 + lane) * 4), s[4 * h],
-                                 s[4 * h + 1], s[4 * h + 2], s[4 * h + 3])
+            ptx.st_shared_v4_f32(scores_at + 1024 * warp + 512 * h, s[4 * h], s[4 * h + 1], s[4 * h + 2],
+                                 s[4 * h + 3])
 
     @cuda.jit(device=True, inline=True)
-    def fold_tile(smem, at, scores, t0, stop, s, m, l_sum, acc, warp, lane):
-        """Fold the ring's tile at word ``at`` (rows ``t0 ..``; those from ``stop`` on masked) into the
-        softmax states ``m``, ``l_sum`` (heads ``g``, ``g + 8``) and the warp's ``acc``, once every
-        warp's partial scores are at word ``scores``: every warp adds them up."""
-        g, t = lane // 4, lane % 4
+    def fold_tile(values_at, scores_at, rows_left, s, tile_max, m, l_sum, acc, t):
+        """Fold a ring tile (``values_at``: the lane's chunk of row ``2t``; rows from ``rows_left`` on
+        masked) into the softmax states ``m``, ``l_sum`` (heads ``g``, ``g + 8``) and the warp's
+        ``acc``, once every warp's partial scores are at ``scores_at`` (the lane's): every warp adds
+        them up."""
         for k in range(8):
             s[k] = float32(0.0)
         for w in range(WARPS):
             for h in range(2):
-                x0, x1, x2, x3 = ptx.ld_shared_v4_f32(ptx.shared_address(smem, scores + ((w * 2 + h) * 32 + lane) * 4))
+                x0, x1, x2, x3 = ptx.ld_shared_v4_f32(scores_at + 1024 * w + 512 * h)
                 s[4 * h] += x0
                 s[4 * h + 1] += x1
                 s[4 * h + 2] += x2
                 s[4 * h + 3] += x3
-        # -- online softmax of heads g (h = 0) and g + 8 (h = 1) over the tile's rows before `stop`
+        if rows_left < TILE:  # the block's last tile: rows past its end out of the softmax
+            for n in range(2):
+                for c in range(2):
+                    if 8 * n + 2 * t + c >= rows_left:
+                        for h in range(2):
+                            s[4 * n + 2 * h + c] = NEG
+        # -- online softmax of heads g (h = 0) and g + 8 (h = 1); the sums rescaled only when a maximum grew
+        grew = False
         for h in range(2):
             m_new = m[h]
             for n in range(2):
                 for c in range(2):
-                    if t0 + 8 * n + 2 * t + c >= stop:
-                        s[4 * n + 2 * h + c] = NEG
                     m_new = max(m_new, s[4 * n + 2 * h + c])
             for offset in (1, 2):
                 m_new = max(m_new, cuda.shfl_xor_sync(FULL_MASK, m_new, offset))
-            scale = math.exp2(m[h] - m_new)
-            m[h] = m_new
-            l_sum[h] *= scale
-            for v in range(8):
-                acc[4 * v + 2 * h] *= scale
-                acc[4 * v + 2 * h + 1] *= scale
+            tile_max[h] = m_new
+            grew = grew or m_new > m[h]
+        if cuda.any_sync(FULL_MASK, grew):
+            for h in range(2):
+                scale = exp2(m[h] - tile_max[h])
+                l_sum[h] *= scale
+                for v in range(8):
+                    acc[4 * v + 2 * h] *= scale
+                    acc[4 * v + 2 * h + 1] *= scale
+        for h in range(2):
+            m[h] = tile_max[h]
             for n in range(2):
                 for c in range(2):
-                    p = math.exp2(s[4 * n + 2 * h + c] - m_new)
+                    p = exp2(s[4 * n + 2 * h + c] - m[h])
                     s[4 * n + 2 * h + c] = p
                     l_sum[h] += p
         # -- values O += P V: A is P as the scores left it; B pairs rows 2t, 2t + 1 (and 8 + 2t, 9 + 2t)
         p0, p1 = pack(s[0], s[1]), pack(s[2], s[3])  # rows 2t, 2t + 1: head g, head g + 8
         p2, p3 = pack(s[4], s[5]), pack(s[6], s[7])  # rows 8 + 2t, 9 + 2t
-        chunk = 4 * (8 * warp + g)
-        a0, a1, a2, a3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t) * ROW + chunk))
-        b0, b1, b2, b3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t + 1) * ROW + chunk))
-        c0, c1, c2, c3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t + 8) * ROW + chunk))
-        d0, d1, d2, d3 = ptx.ld_shared_v4_b32(ptx.shared_address(smem, at + (2 * t + 9) * ROW + chunk))
+        a0, a1, a2, a3 = ptx.ld_shared_v4_b32(values_at)
+        b0, b1, b2, b3 = ptx.ld_shared_v4_b32(values_at + 4 * (ROW + 4))
+        c0, c1, c2, c3 = ptx.ld_shared_v4_b32(values_at + 4 * 8 * ROW)
+        d0, d1, d2, d3 = ptx.ld_shared_v4_b32(values_at + 4 * (9 * ROW + 4))
         low = cuda.local.array(4, uint32)  # rows 2t, 2t + 1: word e holds dims 2e, 2e + 1 of the chunk
         high = cuda.local.array(4, uint32)
         low[0], low[1], low[2], low[3] = a0, a1, a2, a3
@@ -552,14 +604,14 @@ def build_attention_kernel(spec: MLASpec):
         stop = end + 1 if folds_new else end  # the new row follows the cached ones in the last block
         if tid == 0:
             for stage in range(STAGES):
-                ptx.mbarrier_init(ptx.shared_address(smem, FULL + 2 * stage), 1)
+                ptx.mbarrier_init(ptx.shared_address(smem, FULL + 2 * stage), WARPS)  # a warp's copies, an arrival
             ptx.fence_mbarrier_init_release_cluster()  # before the copy engine completes them
 
         # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
-        # The scaled queries, 16 bits, [16, L] (rows >= HEADS zero): warp w fills rows w * QUERY_HEADS ..,
-        # lane l the words l, l + 32, ..: every load first, then the stores (a store between two loads
-        # would hold the second load back for the first one's round trip, as the compiler cannot tell
-        # the arrays apart).
+        # The scaled queries, 16 bits, as the mma A fragments of the scores' steps (query_word; heads >=
+        # HEADS zero): warp w fills heads w * QUERY_HEADS .., lane l the words l, l + 32, .. of each:
+        # every load first, then the stores (a store between two loads would hold the second load back
+        # for the first one's round trip, as the compiler cannot tell the arrays apart).
         q_dims = cuda.local.array(QUERY_DIMS, float32)
         for j in range(QUERY_HEADS):
             head = warp * QUERY_HEADS + j
@@ -578,8 +630,8 @@ def build_attention_kernel(spec: MLASpec):
             for c in range(QUERY_WORDS):
                 if 2 * (lane + 32 * c) < L:
                     k = j * QUERY_WORDS + c
-                    words[QUERY + (warp * QUERY_HEADS + j) * ROW + lane + 32 * c] = pack(q_dims[2 * k] * SCALE,
-                                                                                        q_dims[2 * k + 1] * SCALE)
+                    words[QUERY + query_word(warp * QUERY_HEADS + j, lane + 32 * c)] = pack(
+                        q_dims[2 * k] * SCALE, q_dims[2 * k + 1] * SCALE)
         if folds_new:  # the raw latent's sum of squares, by warp
             ss = float32(0.0)
             for i in range(tid, R, THREADS):
@@ -611,6 +663,7 @@ def build_attention_kernel(spec: MLASpec):
         cuda.syncthreads()  # the new row is in the cache before the ring copies it; the mbarriers are set
         m = cuda.local.array(2, float32)
         l_sum = cuda.local.array(2, float32)
+        tile_max = cuda.local.array(2, float32)
         acc = cuda.local.array(32, float32)
         for h in range(2):
             m[h] = NEG
@@ -618,22 +671,31 @@ def build_attention_kernel(spec: MLASpec):
         for e in range(32):
             acc[e] = float32(0.0)
         # The block's rows pass through the ring of STAGES tiles: tile i is folded while tiles
-        # i + 1 .. i + STAGES - 1 are in flight.
+        # i + 1 .. i + STAGES - 1 are in flight. Shared addresses (bytes) of the lane's operands:
+        ring_at, full_at = ptx.shared_address(smem, RING), ptx.shared_address(smem, FULL)
+        query_at = ptx.shared_address(smem, QUERY) + 16 * lane  # its A fragments, step 0
+        scores_lane = ptx.shared_address(smem, SCORES) + 16 * lane  # its partial scores, warp 0
+        key_lane = 4 * (ring_row(g) + 4 * t)  # in a stage: its chunk of row g, step 0
+        values_lane = 4 * (ring_row(2 * t) + 4 * (8 * warp + g))  # its chunk of row 2t in its 64 dims
         first = seq * capacity  # the sequence's row 0
         tiles = (stop - start + TILE - 1) // TILE
-        if warp == 0:
-            for i in range(min(tiles, STAGES - 1)):
-                issue_tile(latent, first, start + i * TILE, stop, smem, i, lane)
+        for i in range(min(tiles, STAGES - 1)):
+            issue_tile(latent, first, start + i * TILE, stop, ring_at + i * STAGE_BYTES, full_at + 8 * i, warp, lane)
         s = cuda.local.array(8, float32)  # s[4n + 2h + c]: head g + 8h, row 8n + 2t + c
+        stage, phase = 0, 0
         for i in range(tiles):
-            at, scores = RING + i % STAGES * TILE * ROW, SCORES + i % 2 * SCORES_BUFFER
-            ptx.mbarrier_wait_parity(ptx.shared_address(smem, FULL + 2 * (i % STAGES)), (i // STAGES) % 2)
-            tile_scores(smem, at, scores, s, warp, lane)
+            stage_at, scores_at = ring_at + stage * STAGE_BYTES, scores_lane + (i & 1) * SCORES_BYTES
+            ptx.mbarrier_wait_parity_cta(full_at + 8 * stage, phase)
+            tile_scores(query_at, stage_at + key_lane, scores_at, s, warp)
             cuda.syncthreads()  # every warp's partial scores are in; every warp is done with tile i - 1
-            if warp == 0 and i + STAGES - 1 < tiles:  # tile i - 1's stage
-                issue_tile(latent, first, start + (i + STAGES - 1) * TILE, stop, smem, (i + STAGES - 1) % STAGES,
-                           lane)
-            fold_tile(smem, at, scores, start + i * TILE, stop, s, m, l_sum, acc, warp, lane)
+            if i + STAGES - 1 < tiles:  # into tile i - 1's stage
+                refill = stage - 1 if stage > 0 else STAGES - 1
+                issue_tile(latent, first, start + (i + STAGES - 1) * TILE, stop, ring_at + refill * STAGE_BYTES,
+                           full_at + 8 * refill, warp, lane)
+            fold_tile(stage_at + values_lane, scores_at, stop - start - i * TILE, s, tile_max, m, l_sum, acc, t)
+            stage += 1
+            if stage == STAGES:
+                stage, phase = 0, phase ^ 1
         for h in range(2):  # the lanes' sums of p
             for offset in (1, 2):
                 l_sum[h] += cuda.shfl_xor_sync(FULL_MASK, l_sum[h], offset)
