@@ -220,7 +220,7 @@ class MLASpec(BlockShape):
         row = self.ring_row_words
         ring = max(ATTENTION_STAGES * ATTENTION_TILE * row, self.heads * self.kv_lora_rank)
         return region_offsets({"ring": ring, "full": 2 * ATTENTION_STAGES, "query": 8 * self.latent_width,
-                               "scores": 2 * self.attention_warps * 8 * 32, "new_row": self.latent_width,
+                               "scores": self.attention_warps * 8 * 32, "sums": 8 * 32, "new_row": self.latent_width,
                                "state_m": self.heads, "state_l": self.heads, "red": self.attention_warps})
 
     def launch_bounds(self, kernel: str) -> tuple[int, int]:
@@ -434,7 +434,6 @@ def build_attention_kernel(spec: MLASpec):
     ROW_BYTES = 2 * L  # a cache row, as the copy engine moves it
     STAGE_BYTES = 4 * TILE * ROW
     COPY_ROWS = TILE // WARPS  # the rows of a tile each warp has the copy engine bring
-    SCORES_BYTES = 4 * WARPS * 8 * 32  # one tile's partial scores
     SCORE_STEPS = L // 32  # 32 dims (four lanes' 16-byte chunks) a step: four mma (two k halves, two n halves)
     FULL_ROUNDS = SCORE_STEPS // WARPS  # steps every warp takes ...
     QUARTERS = 4 * (SCORE_STEPS % WARPS)  # ... and the rest as quarter steps, one mma each, dealt round
@@ -449,9 +448,9 @@ def build_attention_kernel(spec: MLASpec):
     NEW_CLUSTER, NEW_RANK = new_row_block(A, C)
     layout = spec.attention_layout()
     # the states' sums take the ring's place once the rows are folded
-    RING, FULL, QUERY, SCORES, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (
-        layout["ring"], layout["full"], layout["query"], layout["scores"], layout["new_row"], layout["state_m"],
-        layout["state_l"], layout["ring"], layout["red"])
+    RING, FULL, QUERY, SCORES, SUMS, NEW_ROW, STATE_M, STATE_L, STATE_ACC, RED = (
+        layout["ring"], layout["full"], layout["query"], layout["scores"], layout["sums"], layout["new_row"],
+        layout["state_m"], layout["state_l"], layout["ring"], layout["red"])
     to_bits = ptx.f32_to_bf16 if BF16 else ptx.f32_to_f16
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     pack = ptx.f32x2_to_bf16x2 if BF16 else ptx.f32x2_to_f16x2
@@ -521,20 +520,12 @@ def build_attention_kernel(spec: MLASpec):
                                  s[4 * h + 3])
 
     @cuda.jit(device=True, inline=True)
-    def fold_tile(values_at, scores_at, rows_left, s, tile_max, m, l_sum, acc, t):
+    def fold_tile(values_at, sums_at, rows_left, s, tile_max, m, l_sum, acc, t):
         """Fold a ring tile (``values_at``: the lane's chunk of row ``2t``; rows from ``rows_left`` on
         masked) into the softmax states ``m``, ``l_sum`` (heads ``g``, ``g + 8``) and the warp's
-        ``acc``, once every warp's partial scores are at ``scores_at`` (the lane's): every warp adds
-        them up."""
-        for k in range(8):
-            s[k] = float32(0.0)
-        for w in range(WARPS):
-            for h in range(2):
-                x0, x1, x2, x3 = ptx.ld_shared_v4_f32(scores_at + 1024 * w + 512 * h)
-                s[4 * h] += x0
-                s[4 * h + 1] += x1
-                s[4 * h + 2] += x2
-                s[4 * h + 3] += x3
+        ``acc``, once the tile's scores are at ``sums_at`` (the lane's eight)."""
+        for h in range(2):
+            s[4 * h], s[4 * h + 1], s[4 * h + 2], s[4 * h + 3] = ptx.ld_shared_v4_f32(sums_at + 512 * h)
         if rows_left < TILE:  # the block's last tile: rows past its end out of the softmax
             for n in range(2):
                 for c in range(2):
@@ -675,6 +666,7 @@ def build_attention_kernel(spec: MLASpec):
         ring_at, full_at = ptx.shared_address(smem, RING), ptx.shared_address(smem, FULL)
         query_at = ptx.shared_address(smem, QUERY) + 16 * lane  # its A fragments, step 0
         scores_lane = ptx.shared_address(smem, SCORES) + 16 * lane  # its partial scores, warp 0
+        sums_lane = ptx.shared_address(smem, SUMS) + 16 * lane  # its scores
         key_lane = 4 * (ring_row(g) + 4 * t)  # in a stage: its chunk of row g, step 0
         values_lane = 4 * (ring_row(2 * t) + 4 * (8 * warp + g))  # its chunk of row 2t in its 64 dims
         first = seq * capacity  # the sequence's row 0
@@ -684,15 +676,21 @@ def build_attention_kernel(spec: MLASpec):
         s = cuda.local.array(8, float32)  # s[4n + 2h + c]: head g + 8h, row 8n + 2t + c
         stage, phase = 0, 0
         for i in range(tiles):
-            stage_at, scores_at = ring_at + stage * STAGE_BYTES, scores_lane + (i & 1) * SCORES_BYTES
+            stage_at = ring_at + stage * STAGE_BYTES
             ptx.mbarrier_wait_parity_cta(full_at + 8 * stage, phase)
-            tile_scores(query_at, stage_at + key_lane, scores_at, s, warp)
+            tile_scores(query_at, stage_at + key_lane, scores_lane, s, warp)
             cuda.syncthreads()  # every warp's partial scores are in; every warp is done with tile i - 1
             if i + STAGES - 1 < tiles:  # into tile i - 1's stage
                 refill = stage - 1 if stage > 0 else STAGES - 1
                 issue_tile(latent, first, start + (i + STAGES - 1) * TILE, stop, ring_at + refill * STAGE_BYTES,
                            full_at + 8 * refill, warp, lane)
-            fold_tile(stage_at + values_lane, scores_at, stop - start - i * TILE, s, tile_max, m, l_sum, acc, t)
+            for e in range(tid, 8 * 32, THREADS):  # the tile's scores: each thread sums one of them over the warps
+                x = float32(0.0)
+                for w in range(WARPS):
+                    x += smem[SCORES + 8 * 32 * w + e]
+                smem[SUMS + e] = x
+            cuda.syncthreads()  # the scores are summed; every warp has stored its partial sums
+            fold_tile(stage_at + values_lane, sums_lane, stop - start - i * TILE, s, tile_max, m, l_sum, acc, t)
             stage += 1
             if stage == STAGES:
                 stage, phase = 0, phase ^ 1
