@@ -27,8 +27,8 @@ sequence's cached positions (and, in the last block, the new row) for every head
 cores. The copy engine brings the rows into shared memory (``cp.async.bulk``, a row a lane, each
 warp its share of a tile), a tile of :data:`ATTENTION_TILE` rows at a time through a ring of
 :data:`ATTENTION_STAGES` tiles, an mbarrier a stage; the warps share out the dims of the tile's
-scores for all heads (the heads are ``mma``'s 16 rows) and add their partial sums through shared
-memory, every warp runs the same online softmax and sums the values of its own 64 latent dims
+scores for all heads (the heads are ``mma``'s 16 rows), the threads add up their partial sums in
+shared memory, every warp runs the same online softmax and sums the values of its own 64 latent dims
 (see :func:`build_attention_kernel`). The block that folds in the new row
 first normalises and rotates it (from ``kv_raw``) and appends it to the cache, rounded, where the
 ring then finds it. Barrier; owners of the block's latent columns merge the ``C`` states through
@@ -214,9 +214,9 @@ class MLASpec(BlockShape):
         once the block's rows are folded; ``"full"``: an mbarrier (two words) a ring stage, which
         the copy engine completes when the stage's rows have landed; ``"query"``: the scaled
         queries as the scores' ``mma`` A fragments (``L / 32`` steps of two halves of ``[32 lanes,
-        4 words]``); ``"scores"``: each warp's partial scores of a tile, two buffers (tiles
-        alternate) of ``[warps, 2, 32, 4]`` (a lane's eight accumulators as two 16-byte halves,
-        lanes contiguous)."""
+        4 words]``); ``"scores"``: each warp's partial scores of a tile, ``[warps, 2, 32, 4]`` (a
+        lane's eight accumulators as two 16-byte halves, lanes contiguous); ``"sums"``: the tile's
+        scores, ``[2, 32, 4]`` the same way."""
         row = self.ring_row_words
         ring = max(ATTENTION_STAGES * ATTENTION_TILE * row, self.heads * self.kv_lora_rank)
         return region_offsets({"ring": ring, "full": 2 * ATTENTION_STAGES, "query": 8 * self.latent_width,
@@ -399,8 +399,10 @@ def build_attention_kernel(spec: MLASpec):
       ``w, w + warps, ..`` while all warps have one, and the steps left over as quarters (one
       ``mma``: a k half of an n half) dealt round the warps, so that no warp holds the barrier up
       (18 steps over 8 warps: two steps and a quarter each). The warps' partial sums meet in
-      shared memory (``"scores"``, one barrier) and every warp adds them up. The lane gets the
-      scores of heads ``g``, ``g + 8`` for rows ``2t, 2t + 1`` and ``8 + 2t, 9 + 2t``.
+      shared memory (``"scores"``); after a barrier each thread adds up one of the tile's 256
+      scores over the warps (``"sums"``, in the warps' order), and after a second every warp
+      loads the lane's eight: the scores of heads ``g``, ``g + 8`` for rows ``2t, 2t + 1`` and
+      ``8 + 2t, 9 + 2t``.
     - **softmax**: each head's maximum over the tile (two shuffles across ``t``); only if a maximum
       grew anywhere in the warp are the state and the sums rescaled (``exp2(0)`` is 1: skipping
       changes no bit); ``p = exp2(s - m)`` (:func:`clusterlab.ptx.ex2_approx_ftz`); each lane sums
@@ -417,10 +419,11 @@ def build_attention_kernel(spec: MLASpec):
     the warps wait on it (CTA scope: only this block's copies complete it). Rows past the block's
     end repeat its last row and are masked out of the softmax. Rows sit
     :attr:`MLASpec.ring_row_words` apart, odd rows 16 bytes further, which keeps both ways of
-    reading a tile free of bank conflicts. One barrier a tile: after the partial scores are
-    stored, every warp is done with the tile before, whose stage the warps then refill (the
-    partial scores alternate between two buffers, so a tile's stores never meet the last one's
-    loads). The loop keeps its stage, phase and shared addresses as running values: no division
+    reading a tile free of bank conflicts. Two barriers a tile: after the first (the partial
+    scores stored), every warp is done with the tile before, whose stage the warps then refill;
+    the second (the scores summed) also tells the next tile's partial scores that the sums have
+    read the last ones, and the next sums that every warp has loaded the last ones before it
+    passes the next first barrier. The loop keeps its stage, phase and shared addresses as running values: no division
     or remainder of the tile's index, whose signed 64-bit forms cost more than the fold's sums.
     """
     HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
