@@ -421,10 +421,11 @@ def build_attention_kernel(spec: MLASpec):
     :attr:`MLASpec.ring_row_words` apart, odd rows 16 bytes further, which keeps both ways of
     reading a tile free of bank conflicts. Two barriers a tile: after the first (the partial
     scores stored), every warp is done with the tile before, whose stage the warps then refill;
-    the second (the scores summed) also tells the next tile's partial scores that the sums have
-    read the last ones, and the next sums that every warp has loaded the last ones before it
-    passes the next first barrier. The loop keeps its stage, phase and shared addresses as running values: no division
-    or remainder of the tile's index, whose signed 64-bit forms cost more than the fold's sums.
+    after the second (the scores summed), the next tile's partial scores may overwrite the ones
+    just summed, and the next sums are stored only once every warp has passed the next first
+    barrier, so after it has loaded these. The loop keeps its stage, phase and shared addresses
+    as running values: no division or remainder of the tile's index, whose signed 64-bit forms
+    cost more than the fold's sums.
     """
     HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
                               spec.cluster_size, spec.attention_clusters)
@@ -491,9 +492,9 @@ def build_attention_kernel(spec: MLASpec):
 
     @cuda.jit(device=True, inline=True)
     def tile_scores(query_at, key_at, scores_at, s, warp):
-        """The warp's share of the scores of a ring tile into ``s``, stored as its partial sums at
-        ``scores_at``. ``query_at``: the lane's A fragment of step 0, ``key_at``: its chunk of row
-        ``g`` (step 0) in the tile."""
+        """The warp's share of the scores of a ring tile into ``s``, stored as its partial sums
+        (``scores_at``: the lane's place in warp 0's). ``query_at``: the lane's A fragment of step
+        0, ``key_at``: its chunk of row ``g`` (step 0) in the tile."""
         for k in range(8):
             s[k] = float32(0.0)
         for i in range(FULL_ROUNDS):  # steps warp, warp + WARPS, ..
