@@ -138,6 +138,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not args.prompt_ids and not args.prompt:
         raise ValueError("give at least one prompt: --prompt-ids ID [ID ...] or --prompt TEXT")
+    if args.top_k is not None and args.temperature == 0:
+        raise ValueError(f"--top-k {args.top_k} samples, so it needs --temperature > 0 (0, the default, is greedy)")
     preset = not Path(args.model).is_dir()
     if preset and args.model not in MODEL_PRESETS:
         raise ValueError(f"--model {args.model!r} is neither a directory nor a preset ({', '.join(MODEL_PRESETS)})")

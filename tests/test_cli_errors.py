@@ -45,6 +45,8 @@ def run_cli(*args, cwd=None):
         (["bench", "primitives", "--cluster", "17"], "argument --cluster: must be an integer in 1..16; got '17'"),
         (["bench", "primitives", "--bytes", "24"], "argument --bytes: must be an integer >= 16, a multiple of 16; got"),
         (["bench", "primitives", "--repeats", "2"], "argument --repeats: must be an integer >= 5; got '2'"),
+        (["generate", "--model", "llama3.2-1b", "--prompt-ids", "1", "--top-k", "5"],
+         "--top-k 5 samples, so it needs --temperature > 0 (0, the default, is greedy)"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line_naming_the_flag(args, message, tmp_path):

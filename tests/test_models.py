@@ -677,6 +677,7 @@ def test_bad_generate_arguments_raise(llama_dir):
     (dict(temperature=True), ValueError, "temperature must be a number >= 0, got True"),
     (dict(temperature=-0.5), ValueError, "temperature must be a number >= 0, got -0.5"),
     (dict(temperature=1.0, top_k=True), ValueError, "top_k must be None or a positive int, got True"),
+    (dict(top_k=5), ValueError, r"top_k=5 samples among the likeliest tokens, so it needs a temperature > 0"),
     (dict(temperature=1.0, seed="7"), TypeError, "seed must be None or an int, got '7'"),
     (dict(eos_token_id="2"), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),
     (dict(eos_token_id=[2, 1.5]), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),

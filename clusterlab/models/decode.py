@@ -49,7 +49,8 @@ STOP_CHECK_EVERY = 8
 
 def check_sampling(max_new_tokens, temperature, top_k, eos, seed) -> tuple[int, ...]:
     """How a decode picks and stops, checked before any work: ``max_new_tokens`` a positive int,
-    ``temperature`` a number >= 0 (0: greedy), ``top_k`` None or a positive int, ``eos`` None,
+    ``temperature`` a number >= 0 (0: greedy), ``top_k`` None or a positive int (with a
+    temperature > 0: greedy takes the likeliest token, there is nothing to restrict), ``eos`` None,
     a token id or a sequence of them (ints, NumPy integers), ``seed`` None or an int. Returns the
     eos ids as a tuple of ints."""
     if not (is_int(max_new_tokens) and max_new_tokens >= 1):
@@ -58,6 +59,9 @@ def check_sampling(max_new_tokens, temperature, top_k, eos, seed) -> tuple[int, 
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and not (is_int(top_k) and top_k >= 1):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if top_k is not None and temperature == 0:
+        raise ValueError(f"top_k={top_k} samples among the likeliest tokens, so it needs a temperature > 0 "
+                         "(temperature 0 is greedy)")
     if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
     if eos is None:
