@@ -46,13 +46,14 @@ using any of them:
   become an operand of the ``mma`` that sums the values (see :func:`_make_mma_attention`).
 
 Nothing streams from device memory while a cluster exchanges partial results, so each streaming
-phase's first loads are issued *before* the exchange that precedes it, into registers: the first
-cached keys/values (they need no q) before barrier B1 (on the CUDA cores; the tensor-core steps
-load at the top of each step, or in blocks of 4 warps their values there and their keys while the
-step before is folded, see :attr:`KernelSpec.pipelined_kv`), the first W_o step (it needs no o)
-before B3. Registers are capped at 128 a thread (16 warps an SM: two blocks of 8 warps or four of
-4), or at 168 with the pipelined keys (three blocks of 4, see :attr:`KernelSpec.min_blocks_per_sm`),
-and every register array is indexed by constants after
+phase's first loads are issued *during* the barrier that precedes it, into registers: the first
+cached keys/values (they need no q) between barrier B1's arrive and its wait (on the CUDA cores; the
+tensor-core steps load at the top of each step, or in blocks of 4 warps their values there and their
+keys while the step before is folded, see :attr:`KernelSpec.pipelined_kv`), the first W_o step (it
+needs no o) between B3's. Not before the arrive: its release waits for every load and store of the
+thread in flight (``MEMBAR.ALL.GPU``). Registers are capped at 128 a thread (16 warps an SM: two
+blocks of 8 warps or four of 4), or at 168 with the pipelined keys (three blocks of 4, see
+:attr:`KernelSpec.min_blocks_per_sm`), and every register array is indexed by constants after
 unrolling; ``tests/test_fused_kernel.py`` checks the PTX has no local memory and how much ptxas
 spills (a few bytes of block indices in some shapes, none in most).
 
@@ -1610,8 +1611,8 @@ def build_kernel(spec: KernelSpec):
             if step < QKV_STEPS:
                 qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H,
                          lane, qkv_words)
-        # First attention loads (cached keys need no q): warps split the batch, WARPS_PER_SEQUENCE
-        # each, and take steps of KEYS_PER_STEP positions in turn.
+        # First attention loads (cached keys need no q), during B1: warps split the batch,
+        # WARPS_PER_SEQUENCE each, and take steps of KEYS_PER_STEP positions in turn.
         att_seq = warp // WARPS_PER_SEQUENCE  # the sequence this warp attends for
         cached = cached_rows(positions, att_seq, capacity) if att_seq < BATCH else 0
         start, end = cached_range(max(cached, 0), part * C + rank, PARTS * C)
@@ -1619,10 +1620,10 @@ def build_kernel(spec: KernelSpec):
         kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if KV_STREAM and att_seq < BATCH else 0
         step = warp % WARPS_PER_SEQUENCE
         kv = cuda.local.array(KV_WORDS, uint32)
-        if KV_AHEAD and step < kv_steps:
-            kv_load(k_cache, v_cache, cache_row0, start + step * KEYS_PER_STEP, end, lane, kv)
         stamp(stamps, tid, 2)  # W_qkv stream
         ptx.cluster_arrive_release()
+        if KV_AHEAD and step < kv_steps:
+            kv_load(k_cache, v_cache, cache_row0, start + step * KEYS_PER_STEP, end, lane, kv)
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
         stamp(stamps, tid, 3)  # B1 wait
 
@@ -1755,15 +1756,15 @@ def build_kernel(spec: KernelSpec):
             if dim == 0:
                 smem[STATE_M + seq * G + head] = m_max
                 smem[STATE_L + seq * G + head] = l_tot
-        # First o-proj loads (weights need no o): this block's output rows, the cluster's columns
-        # (with the positions split, once the block knows it is the part that projects).
+        # First o-proj loads (weights need no o), during B3: this block's output rows, the cluster's
+        # columns (with the positions split, once the block knows it is the part that projects).
         o_words = cuda.local.array(O_WORDS, uint32)
         step = warp
+        stamp(stamps, tid, 7)  # block merge
+        ptx.cluster_arrive_release()
         if not SPLIT and step < O_STEPS:
             o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH, HEADS * D,
                    lane, o_words)
-        stamp(stamps, tid, 7)  # block merge
-        ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete
         stamp(stamps, tid, 8)  # B3 wait
 

@@ -290,9 +290,9 @@ def build_projections_kernel(spec: MLASpec):
         # First W_UK^T loads (weights need no q_nope): this block's columns of q_lat[h].
         absorb_words = cuda.local.array(ABSORB_WORDS, uint32)
         step = warp
-        if step < ABSORB_STEPS:
-            absorb_load(w_uk_t, (cluster * R + rank * COLS + step * ABSORB_STEP_ROWS) * D_N, D_N, lane, absorb_words)
         ptx.cluster_arrive_release()
+        if step < ABSORB_STEPS:  # during the barrier: its release waits for the loads in flight before it
+            absorb_load(w_uk_t, (cluster * R + rank * COLS + step * ABSORB_STEP_ROWS) * D_N, D_N, lane, absorb_words)
         ptx.cluster_wait_acquire()  # every block's partials are complete
 
         # owners (quad q: block q mod C) sum the C partials through DSMEM and normalise
@@ -809,10 +809,10 @@ def build_output_kernel(spec: MLASpec):
         # First o_proj loads (weights need no o): this block's output rows, head h's columns.
         o_words = cuda.local.array(O_WORDS, uint32)
         step = warp
-        if step < O_STEPS:
+        ptx.cluster_arrive_release()
+        if step < O_STEPS:  # during the barrier: its release waits for the loads in flight before it
             o_load(o_proj, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D_V) + cluster * D_V, HEADS * D_V, lane,
                    o_words)
-        ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # every block's partial o is complete
 
         # Owners sum the C partials of a quad of o and push it into every block.

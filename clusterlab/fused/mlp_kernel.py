@@ -19,7 +19,8 @@ slice), ``gate``, ``up``, ``a``.
 The two matrix-vector phases are the attention kernel's (:func:`~clusterlab.fused.kernel.make_gemv`:
 each warp step issues all its 16-byte loads before using any), and so is the finish
 (:func:`~clusterlab.fused.kernel.make_finish`). The first W_down step of every warp is loaded
-before barrier B1, so nothing waits on memory across the two exchanges.
+during barrier B1 (between its arrive and its wait: a release waits for the loads in flight before
+it), so nothing waits on memory across the two exchanges.
 
 Shared memory (float32 words, one dynamic array, the same offsets in every block)::
 
@@ -208,14 +209,15 @@ def build_mlp_kernel(spec: MLPSpec):
         # -- 1 gate_up: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots -
         gate_up(hidden, residual, norm, residual_out, w_gate, cluster * INTER_SLICE, w_up, cluster * INTER_SLICE, smem,
                 k0, cluster == 0, tid)
-        # First W_down loads (weights need no a): this block's output rows, the cluster's columns.
+        # First W_down loads (weights need no a), during B1 (a release waits for the loads in flight
+        # before it): this block's output rows, the cluster's columns.
         down_words = cuda.local.array(DOWN_WORDS, uint32)
         step = warp
+        stamp(stamps, tid, 1)  # inputs + W_gate/W_up stream
+        ptx.cluster_arrive_release()
         if step < DOWN_STEPS:
             down_load(w_down, (rank * OUT_ROWS + step * DOWN_STEP_ROWS) * I + cluster * INTER_SLICE, I, lane,
                       down_words)
-        stamp(stamps, tid, 1)  # inputs + W_gate/W_up stream
-        ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B1: every block's partials are complete
         stamp(stamps, tid, 2)  # B1 wait
 
