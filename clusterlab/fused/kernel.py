@@ -1489,7 +1489,7 @@ def build_kernel(spec: KernelSpec):
     PARTIAL_STRIDE = spec.partial_stride
     KEYS_PER_STEP = spec.keys_per_step
     # Where a step's cached keys and values are loaded: on the CUDA cores while the step before it is
-    # folded (the first before B1); on the tensor cores at the top of the step, or with pipelined_kv
+    # folded (the first during B1); on the tensor cores at the top of the step, or with pipelined_kv
     # its values there and its keys while the step before it is folded (the first after B2).
     KV_AHEAD = not spec.mma_attention
     KV_PIPELINE = spec.pipelined_kv
