@@ -568,7 +568,8 @@ PHASES = 4
 
 @cuda.jit
 def local_phases(src, out, states):
-    """Four phases of one mbarrier inside a block; even phases wait in PTX, odd ones poll try_wait."""
+    """Four phases of one mbarrier inside a block: phase 0 waits in PTX at cluster scope, phase 2 at
+    CTA scope (the arrivals are the block's own), the odd ones poll try_wait."""
     bar = cuda.shared.array(1, types.uint64)
     tile = cuda.shared.array(N, types.float32)
     tid = cuda.threadIdx.x
@@ -581,8 +582,10 @@ def local_phases(src, out, states):
         row = (phase * blocks + cuda.blockIdx.x) * N
         tile[tid] = src[row + tid]
         state = ptx.mbarrier_arrive(address)
-        if phase % 2 == 0:
-            ptx.mbarrier_wait_parity(address, phase % 2)
+        if phase == 0:
+            ptx.mbarrier_wait_parity(address, 0)
+        elif phase == 2:
+            ptx.mbarrier_wait_parity_cta(address, 0)
         else:
             while not ptx.mbarrier_try_wait_parity(address, phase % 2):
                 pass
