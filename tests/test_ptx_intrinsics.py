@@ -5,7 +5,9 @@ NVVM copies inline asm into the PTX without reading it, so these tests assemble 
 machine without a GPU. A missing ptxas fails too (PtxasNotFound), it never skips.
 """
 
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 from numba import cuda, types
@@ -221,6 +223,14 @@ def compile_and_assemble(body):
 
 def test_every_intrinsic_has_a_case():
     assert set(CASES) == set(ptx.__all__)
+
+
+def test_every_intrinsic_runs_in_a_gpu_test_kernel():
+    """Each public intrinsic appears in a kernel of ``test_intrinsics_gpu.py``, which runs them on a
+    Hopper GPU; read from its source here, so that one without a GPU test fails without a GPU."""
+    source = (Path(__file__).parent / "test_intrinsics_gpu.py").read_text()
+    used = set(re.findall(r"ptx\.(\w+)", source))
+    assert set(ptx.__all__) <= used, sorted(set(ptx.__all__) - used)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
