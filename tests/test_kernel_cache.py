@@ -89,11 +89,12 @@ def test_entries_are_the_kept_kernels_files_and_clear_removes_only_them(monkeypa
 
 
 SCRIPT = textwrap.dedent("""
-    import hashlib, json, sys
+    import json
     import torch
     from clusterlab import _numba_private
     from clusterlab.fused import AttentionConfig, AttentionWeights, DecodeAttention, KVCache
     from clusterlab.fused.layer import kernel_launcher
+    from clusterlab.fused.reference import reference_step, relative_error
 
     config = AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64)
     weights = AttentionWeights.random(config, torch.float16, "cuda", seed=1)
@@ -101,12 +102,12 @@ SCRIPT = textwrap.dedent("""
     cache = KVCache.random(config, 2, 64, torch.float16, "cuda", seed=2)
     gen = torch.Generator(device="cuda").manual_seed(3)
     hidden, residual = (torch.randn(2, 512, generator=gen, device="cuda").half() for _ in range(2))
-    out, new_residual = layer(hidden, residual, cache, torch.tensor([40, 7], dtype=torch.int32, device="cuda"))
+    positions = torch.tensor([40, 7], dtype=torch.int32, device="cuda")
+    want = reference_step(config, weights, hidden, residual, cache, positions)  # float64, before the append
+    out, new_residual = layer(hidden, residual, cache, positions)
     torch.cuda.synchronize()
     launcher = kernel_launcher(layer.kernel_spec(torch.float16, 2))
-    print(json.dumps({"hits": _numba_private.cache_hits(launcher.kernel),
-                      "out": hashlib.sha256(out.cpu().numpy().tobytes()).hexdigest(),
-                      "finite": bool(out.isfinite().all())}))
+    print(json.dumps({"hits": _numba_private.cache_hits(launcher.kernel), "err": relative_error(out, want.out)}))
 """)
 
 
@@ -119,5 +120,7 @@ def test_a_second_process_loads_the_kernel_the_first_compiled(tmp_path):
         assert done.returncode == 0, done.stderr
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert runs[0]["hits"] == 0 and runs[1]["hits"] == 1
-    assert runs[0]["finite"] and runs[0]["out"] == runs[1]["out"]  # the same kernel: the same bits
+    # The loaded kernel computes the step as the compiled one did: both within float16's tolerance of the
+    # float64 reference (not bit for bit: the W_o sums of the clusters land with atomic adds in arrival order).
+    assert runs[0]["err"] < 1e-2 and runs[1]["err"] < 1e-2, runs
     assert any((tmp_path / "kernels").iterdir())

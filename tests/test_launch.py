@@ -442,10 +442,12 @@ def test_graph_of_dependent_launches_replays_in_order(rng):
 
 
 def _ran_on(stream, run):
-    """True if ``run()`` enqueued its kernel on ``stream``: it must wait behind a sleep there."""
+    """True if ``run()`` enqueued its kernel on ``stream``: it must wait behind a sleep there. A first
+    ``run()`` compiles the kernel, whose seconds on the host would outlast the sleep."""
     import torch
 
     x = torch.rand(256, device="cuda")
+    run(torch.empty_like(x), x)
     out = torch.full_like(x, float("nan"))
     torch.cuda.synchronize()
     with torch.cuda.stream(stream):
