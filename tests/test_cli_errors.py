@@ -118,6 +118,11 @@ def test_run_tour_checks_everything_before_running(kwargs, error, message):
         ("clusterlab.bench.fused_ablation", ["--jobs", "0"], "argument --jobs: must be an integer in 1..64; got '0'"),
         ("clusterlab.bench.launch_overhead", ["--launches", "0"], "argument --launches: must be an integer >= 1"),
         ("clusterlab.bench.fused_timeline", ["--shape", "16x"], "argument --shape: must look like CxW or CxWxS"),
+        ("clusterlab.bench.placement", ["--cluster", "17"], "argument --cluster: must be an integer in 1..16; got '17'"),
+        ("clusterlab.bench.placement", ["--warps", "8", "--per-sm", "2", "9"],
+         "argument --per-sm: 9 blocks of 8 warps exceed the 2048 threads an SM holds"),
+        ("clusterlab.bench.placement", ["--cluster", "8", "16", "--blocks", "12"],
+         "argument --blocks: 12 blocks make no cluster of 16"),
     ],
 )
 def test_the_benchmark_modules_refuse_bad_numbers_before_touching_a_gpu(module, args, message, tmp_path):

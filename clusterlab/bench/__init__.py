@@ -22,9 +22,11 @@ Studies, each run as ``python -m clusterlab.bench.<name>``:
 - :mod:`clusterlab.bench.fused_ablation`: the fused kernel with one part switched off at a time;
 - :mod:`clusterlab.bench.fused_timeline`: when every block of one fused step (the attention block,
   or with ``--layer mlp`` the MLP block) crosses each phase boundary, and on which SM;
-- :mod:`clusterlab.bench.launch_overhead`: host time per cluster launch.
+- :mod:`clusterlab.bench.launch_overhead`: host time per cluster launch;
+- :mod:`clusterlab.bench.placement`: where the GPU places the blocks of a cluster launch, per cluster size
+  and blocks an SM, and the GPCs that shows.
 
-The suites and the timeline write JSON and PNG into ``benchmarks/results/`` unless ``--out-dir``
+The suites, the timeline and the placement write JSON and PNG into ``benchmarks/results/`` unless ``--out-dir``
 says otherwise; the ablation prints its table; the launch overhead writes JSON where ``--output``
 says.
 """
