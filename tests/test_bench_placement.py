@@ -49,7 +49,7 @@ def test_placement_counts_the_sms_the_blocks_they_held_and_the_waves():
     got = placement(_stamps(rng, sms, waves), cluster_size=1)
     held = np.bincount(sms)
     assert got["blocks"] == blocks and got["sms_used"] == len(set(sms.tolist()))
-    assert got["blocks_per_sm"] == {str(k): int((held == k).sum()) for k in range(1, held.max() + 1) if (held == k).any()}
+    assert got["blocks_per_sm"] == {str(k): int((held == k).sum()) for k in set(held.tolist()) - {0}}
     assert got["late_blocks"] == len(late) and got["waves"] == 3
     assert placement(_stamps(rng, sms, np.ones(blocks, dtype=np.int64)), cluster_size=1)["late_blocks"] == 0
 
@@ -122,3 +122,22 @@ def test_the_clusters_that_fit_run_in_one_wave_and_one_more_waits(cluster_size, 
     more = record_launch(cluster_size, per_sm, 4, (fit["max_active_clusters"] + 1) * cluster_size,
                          SPIN_NS / 1000, limits)
     assert more["late_blocks"] >= cluster_size and more["waves"] == 2
+
+
+def test_the_recorded_h200_placement_reads_back(tmp_path):
+    """The committed H200 record: its groups follow from its launches, every launch of as many clusters as fit
+    ran in one wave, and it plots again."""
+    import json
+    from pathlib import Path
+
+    record = json.loads((Path(__file__).parents[1] / "benchmarks/results/placement_h200.json").read_text())
+    assert record["card"] == "NVIDIA H200"
+    launches = record["launches"]
+    assert sm_groups([(run["sm"], run["cluster_size"]) for run in launches], record["sm_count"]) == record["groups"]
+    for run in launches:
+        again = placement(np.array([run["sm"], run["start_ns"], run["end_ns"]]).T, run["cluster_size"])
+        assert {k: run[k] for k in again} == again
+        if run["asked"] == "fit":
+            assert run["waves"] == 1 and run["blocks"] == run["max_active_clusters"] * run["cluster_size"]
+    plot(record, tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 10_000

@@ -90,8 +90,9 @@ def placement(stamps: np.ndarray, cluster_size: int) -> dict:
         waited = end < start[b]
         if waited.any():
             wave[b] = wave[waited].max() + 1
+    counts = np.bincount(held)
     return {"cluster_size": cluster_size, "blocks": len(sm), "sms_used": int((held > 0).sum()),
-            "blocks_per_sm": {str(k): int((held == k).sum()) for k in range(1, int(held.max()) + 1) if (held == k).any()},
+            "blocks_per_sm": {str(k): int(n) for k, n in enumerate(counts) if k and n},
             "late_blocks": int((wave > 1).sum()), "waves": int(wave.max())}
 
 
@@ -150,8 +151,9 @@ def record_launch(cluster_size: int, per_sm: int, warps: int, blocks: int | None
 def summary(launch: dict) -> str:
     held = ", ".join(f"{k}: {n}" for k, n in launch["blocks_per_sm"].items())
     late = f", {launch['late_blocks']} blocks in {launch['waves'] - 1} later waves" if launch["late_blocks"] else ""
-    return (f"cluster {launch['cluster_size']:2d}, {launch['per_sm']} an SM: {launch['max_active_clusters']:4d} clusters "
-            f"fit; {launch['blocks']:4d} blocks on {launch['sms_used']:3d} SMs (SMs holding k blocks: {held}){late}")
+    return (f"cluster {launch['cluster_size']:2d}, {launch['per_sm']} an SM: {launch['max_active_clusters']:4d} "
+            f"clusters fit; {launch['blocks']:4d} blocks on {launch['sms_used']:3d} SMs (SMs holding k blocks: "
+            f"{held}){late}")
 
 
 def plot(record, path: Path) -> None:

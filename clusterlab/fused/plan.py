@@ -379,8 +379,10 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     clusters of 2 x 16 warps, all at once, where 32 clusters of 4 x 8 do not fit the SMs).
 
     Why not one block of 8 warps an SM everywhere: a GPC holds only whole clusters, so larger
-    clusters reach fewer of the SMs, and a grid of one block an SM puts the clusters that do not
-    fit on SMs that already hold a block; the step waits for the slowest cluster. Blocks half the
+    clusters reach fewer of the SMs (on an H200 clusters of 16 at most 116 of its 132, of 8 or 4
+    at most 124, of 2 all: ``python -m clusterlab.bench.placement``), and a grid of one block an
+    SM puts the clusters that do not fit on SMs that already hold a block; the step waits for the
+    slowest cluster. Blocks half the
     size, two an SM, spread the same work over more SMs in finer pieces. At long caches the head
     split's repeated cache reads outweigh that (Llama-3-8B batch 4 at 16K: 132 µs with one cluster
     of 16 x 8 warps a KV head, 156 µs with two of 16 x 4; Qwen2.5-7B batch 8 at 16K: 173 µs against
