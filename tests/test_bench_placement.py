@@ -55,7 +55,7 @@ def test_placement_counts_the_sms_the_blocks_they_held_and_the_waves():
 
 
 def _gpcs(rng, sm_count=132):
-    """A random split of the SMs into GPCs of 8 to 20 SMs, in a shuffled order."""
+    """A random split of the SMs into GPCs of at most 20 SMs (8 or more but the last), in a shuffled order."""
     order = rng.permutation(sm_count)
     cuts = []
     while sm_count - (cuts[-1] if cuts else 0) > 20:

@@ -127,14 +127,14 @@ def record_launch(cluster_size: int, per_sm: int, warps: int, blocks: int | None
     (ns after the first start)."""
     import torch
 
-    from ..launch import launch
+    from ..launch import launch, max_active_clusters
 
     shared = shared_bytes_for(per_sm, limits)
     config = {"cluster": cluster_size, "block": 32 * warps, "shared_bytes": shared,
               "non_portable": cluster_size > PORTABLE_CLUSTER_BLOCKS}
     spin = np.uint64(round(spin_us * 1000))
-    fits = launch(probe, grid=cluster_size, **config).max_active_clusters(
-        torch.empty((cluster_size, 3), dtype=torch.int64, device="cuda"), spin)
+    out = torch.empty((cluster_size, 3), dtype=torch.int64, device="cuda")
+    fits = max_active_clusters(probe, (out, spin), **config)
     grid = fits * cluster_size if blocks is None else blocks // cluster_size * cluster_size
     out = torch.full((grid, 3), -1, dtype=torch.int64, device="cuda")  # unwritten rows stay -1
     launch(probe, grid=grid, **config)(out, spin)
