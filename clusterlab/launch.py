@@ -58,6 +58,15 @@ earlier kernel's results or a write to anything it reads. The attribute is kept 
 is captured (the graph gets a programmatic edge). The fused layers of :mod:`clusterlab.fused` do not
 use it: on the H200 it made their back-to-back steps slower (``docs/fused-decode-notes.md``).
 
+Clusters that wait for one another
+----------------------------------
+A kernel whose clusters wait for each other (a flag in device memory that one cluster raises and
+another spins on) needs them all resident at once, or a waiting cluster may hold the room the
+other needs. ``co_resident=True`` makes the first call for a set of argument types check the
+occupancy query (:meth:`ClusterKernel.max_active_clusters`) against the grid's clusters and
+raise ``ValueError`` before anything launches. It cannot see other work sharing the GPU (another
+process, a kernel on another stream): such a kernel must not run beside work that fills the GPU.
+
 Errors
 ------
 Arguments are checked before the driver is touched: ``ValueError`` names the parameter, the value
@@ -411,28 +420,33 @@ class ClusterKernel:
     blocks and is a multiple of ``cluster`` per axis (see the module docstring). ``shared_bytes``:
     dynamic shared memory per block. ``stream``: None follows torch's current stream at each call.
     ``non_portable``: allow 9 to 16 blocks per cluster. ``dependent``: programmatic dependent
-    launch (see the module docstring).
+    launch (see the module docstring). ``co_resident``: the grid's clusters wait for each other, so
+    the first call checks that all of them fit on the GPU at once (see the module docstring).
 
     Attributes ``grid``, ``cluster``, ``block`` hold the normalised 3-tuples and ``clusters`` the
     grid in clusters per axis. Prefer :func:`launch`, which caches these objects.
     """
 
     __slots__ = (
-        "kernel", "grid", "cluster", "block", "shared_bytes", "non_portable", "dependent", "_stream", "_plans",
+        "kernel", "grid", "cluster", "block", "shared_bytes", "non_portable", "dependent", "co_resident", "_stream",
+        "_plans",
         "_device_id", "_shared_limit",
     )
 
     def __init__(self, kernel, *, grid, cluster, block, shared_bytes=0, stream=None, non_portable=False,
-                 dependent=False):
+                 dependent=False, co_resident=False):
         _check_kernel(kernel)
         self.grid, self.cluster, self.block, self.shared_bytes = validate_launch(
             grid, cluster, block, shared_bytes, non_portable
         )
         if not isinstance(dependent, (bool, np.bool_)):
             raise ValueError(f"dependent={dependent!r}: must be True or False")
+        if not isinstance(co_resident, (bool, np.bool_)):
+            raise ValueError(f"co_resident={co_resident!r}: must be True or False")
         self.kernel = kernel
         self.non_portable = bool(non_portable)
         self.dependent = bool(dependent)
+        self.co_resident = bool(co_resident)
         self._stream = _stream_handle(stream)
         self._plans = {}
         gpu.require_hopper()
@@ -465,12 +479,19 @@ class ClusterKernel:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(args, key)
-            if plan.max_active_clusters() == 0:
+            fit = plan.max_active_clusters()
+            if fit == 0:
                 raise ValueError(
                     f"{self!r} cannot run: not one cluster of {math.prod(self.cluster)} blocks x "
                     f"{math.prod(self.block)} threads with {self.shared_bytes} bytes of dynamic shared "
                     "memory (plus the kernel's static shared memory and registers) fits on the GPU; "
                     "use a smaller cluster, block or shared_bytes"
+                )
+            if self.co_resident and fit < math.prod(self.clusters):
+                raise ValueError(
+                    f"{self!r} has co_resident=True but only {fit} of its {math.prod(self.clusters)} clusters "
+                    "fit on the GPU at once: its clusters wait for each other, so it could hang; use a "
+                    "smaller grid"
                 )
             self._plans[key] = plan
         stream = self._stream
@@ -599,10 +620,10 @@ _raw_stream = None
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_launcher(kernel, grid, cluster, block, shared_bytes, stream, non_portable, dependent):
+def _cached_launcher(kernel, grid, cluster, block, shared_bytes, stream, non_portable, dependent, co_resident):
     return ClusterKernel(
         kernel, grid=grid, cluster=cluster, block=block, shared_bytes=shared_bytes, stream=stream,
-        non_portable=non_portable, dependent=dependent,
+        non_portable=non_portable, dependent=dependent, co_resident=co_resident,
     )
 
 
@@ -611,20 +632,21 @@ def _frozen(value):
 
 
 def launch(kernel, *, grid, cluster, block, shared_bytes=0, stream=None, non_portable=False,
-           dependent=False) -> ClusterKernel:
+           dependent=False, co_resident=False) -> ClusterKernel:
     """Launcher for ``kernel`` as clusters: ``launch(kernel, grid=..., cluster=..., block=...)(*args)``.
 
     ``grid`` counts blocks per axis and must be a multiple of ``cluster`` per axis; see
     :class:`ClusterKernel` and the module docstring for every parameter. Repeated calls with the
     same configuration return the same cached :class:`ClusterKernel`.
     """
-    key = (kernel, _frozen(grid), _frozen(cluster), _frozen(block), shared_bytes, stream, non_portable, dependent)
+    key = (kernel, _frozen(grid), _frozen(cluster), _frozen(block), shared_bytes, stream, non_portable, dependent,
+           co_resident)
     try:
         hash(key)
     except TypeError:  # an unhashable stream object: no caching, same behaviour
         return ClusterKernel(
             kernel, grid=grid, cluster=cluster, block=block, shared_bytes=shared_bytes, stream=stream,
-            non_portable=non_portable, dependent=dependent,
+            non_portable=non_portable, dependent=dependent, co_resident=co_resident,
         )
     return _cached_launcher(*key)
 

@@ -26,6 +26,10 @@ and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
 Then Qwen2.5-7B at a batch of 5 in the rule's shape (clusters of 4 x 8 warps, a head split of 7), whose
 896-wide rows of W_qkv and W_o step in four parts of 7 spans (``mma_tile``), plain and handed off;
 ``python tests/sanitize_fused.py wide`` runs those alone.
+Then GQA with a KV head's key and value rows split between its two clusters (``KernelSpec.split_kv_rows``:
+each appends its own head and reads the other's back from the cache once its flag is up), with QKV
+bias in clusters of 4 and the Llama-3-8B preset at batch 1, plain and handed off;
+``python tests/sanitize_fused.py kv_rows`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -76,6 +80,11 @@ LONG_SHAPES = [
      [300, 0, 77, 12, 5, 41], torch.bfloat16),
 ]
 WIDE_SHAPES = [(PRESETS["qwen2.5-7b"], {}, [300, 0, 77, 12, 5], torch.bfloat16)]
+KV_ROWS_SHAPES = [
+    (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
+     {"cluster_size": 4, "head_split": 2, "kernel_options": {"split_kv_rows": True}}, [0, 37, 300], torch.bfloat16),
+    (PRESETS["llama3-8b"], {"kernel_options": {"split_kv_rows": True}}, [700], torch.float16),
+]
 
 
 def handoff_steps(shapes) -> int:
@@ -101,7 +110,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split", "long", "parts" or "wide"
+only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split", "long", "parts", "wide" or "kv_rows"
 failures = 0
 if only is None:
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
@@ -119,4 +128,7 @@ if only in (None, "parts"):
 if only in (None, "wide"):
     failures += run_steps(WIDE_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(WIDE_SHAPES)
+if only in (None, "kv_rows"):
+    failures += run_steps(KV_ROWS_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+    failures += handoff_steps(KV_ROWS_SHAPES)
 exit_with(failures)

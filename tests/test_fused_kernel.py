@@ -15,7 +15,7 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import LONG_CACHE, PAIRS_FROM, launch_shape
+from clusterlab.fused.plan import LONG_CACHE, PAIRS_FROM, check_kernel_options, launch_shape
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -528,6 +528,47 @@ def test_interleaved_inputs_match_the_reference(name, dtype):
     _check_steps(layer, dtype, 1, [0, 17, 300])
 
 
+def test_the_kv_rows_split_applies_to_a_query_split_of_two():
+    """``split_kv_rows`` takes a head of W_qkv's rows off each cluster where two clusters split a
+    KV head's query heads, and changes nothing elsewhere (one cluster a KV head, a split of 4, the
+    positions split)."""
+    import dataclasses
+
+    def spec(config, head_split, **switches):
+        return KernelSpec.of(config, False, 1, 16, 4, head_split, split_kv_rows=True, **switches)
+
+    two = spec(LLAMA3_8B, 2)
+    assert two.kv_rows_split and (two.rows, two.projected_rows) == (4 * 128, 3 * 128)
+    assert spec(LLAMA3_2_1B, 2).projected_rows == 3 * 64
+    for other in (spec(LLAMA3_8B, 1), spec(LLAMA3_8B, 4), spec(LLAMA3_8B, 2, split_positions=True),
+                  spec(LLAMA2_7B, 1), dataclasses.replace(two, split_kv_rows=False)):
+        assert not other.kv_rows_split and other.projected_rows == other.rows
+    assert check_kernel_options({"split_kv_rows": True}) == {"split_kv_rows": True}
+    with pytest.raises(ValueError, match="kernel_options: split_kv_rows=None; allowed: True or False"):
+        check_kernel_options({"split_kv_rows": None})
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, bf16, batch", [(LLAMA3_8B, False, 1), (LLAMA3_8B, True, 4)],
+                         ids=["llama3-8b-f16-b1", "llama3-8b-bf16-b4"])
+def test_the_kv_rows_split_assembles_with_its_flags_and_no_spills(config, bf16, batch):
+    """The rule's head split of 2 with ``split_kv_rows``: atomic exchanges raise the cluster's flag
+    and spin on the other's, the four cluster barriers as before, no local memory or spills."""
+    import dataclasses
+
+    from clusterlab.toolchain import assemble
+
+    spec = KernelSpec.of(config, bf16, batch, *launch_shape(config, batch, 132))
+    split = dataclasses.replace(spec, split_kv_rows=True)
+    assert split.kv_rows_split
+    ptx = spec_ptx(split)
+    assert "atom.global.exch.b32" in ptx  # the flags (the spin loop may be unrolled once)
+    for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
+        assert ptx.count(instruction) == 4, instruction
+    assert "st.local" not in ptx
+    assert assemble(ptx).spill_bytes == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "config, batch, dtype, options, steps",
@@ -548,6 +589,44 @@ def test_the_position_split_matches_the_reference(config, batch, dtype, options,
     spec = layer.kernel_spec(dtype, batch)
     assert spec.parts == spec.head_split > 1 and spec.group == config.group_size
     _check_steps(layer, dtype, batch, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, batch, dtype, options, steps",
+    [(LLAMA3_8B, 1, torch.float16, {}, [0, 1, 1000, 4097]),
+     (LLAMA3_8B, 4, torch.bfloat16, {}, [[5000, 0, 17, 300], 1000]),
+     (LLAMA3_2_1B, 2, torch.float16, {}, [[300, 0], 77]),
+     (SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "head_split": 2}, [0, 17, [300, 41, 5]])],
+    ids=["llama3-8b-b1-f16", "llama3-8b-b4-bf16", "llama3.2-1b-b2-f16", "gqa-d64-gptj-c4-b3-bf16"],
+)
+def test_the_kv_rows_split_matches_the_reference(config, batch, dtype, options, steps):
+    """``kernel_options={"split_kv_rows": True}`` on the rule's head split of 2 (and GPT-J's RoPE in
+    clusters of 4): each cluster's own head rotated and appended, the other's read back from the cache
+    for the new token, ragged batches and empty caches; the flags left zero (``_check_steps``)."""
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=43)
+    layer = DecodeAttention(config, weights, kernel_options={"split_kv_rows": True}, **options)
+    assert layer.kernel_spec(dtype, batch).kv_rows_split
+    _check_steps(layer, dtype, batch, steps)
+
+
+@pytest.mark.gpu
+def test_the_kv_rows_split_gives_nan_for_an_out_of_range_position_and_leaves_its_cache():
+    """A sequence whose position is outside the cache reads no row of the other cluster: NaN out."""
+    config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=2, head_dim=128)
+    weights = AttentionWeights.random(config, torch.float16, "cuda", seed=4)
+    layer = DecodeAttention(config, weights, head_split=2, kernel_options={"split_kv_rows": True})
+    assert layer.kernel_spec(torch.float16, 3).kv_rows_split
+    hidden, residual, cache = _random_inputs(config, torch.float16, 3, 64, seed=9)
+    before = cache.clone()
+    want = reference_step(config, weights, hidden[:1], residual[:1], KVCache(before.k[:1], before.v[:1]), [10])
+    out, _ = layer(hidden, residual, cache, torch.tensor([10, 64, -1], dtype=torch.int32, device="cuda"))
+    torch.cuda.synchronize()
+    assert relative_error(out[:1], want.out) < TOLERANCE
+    assert out[1:].isnan().all()
+    assert torch.equal(cache.k[1:].view(torch.int16), before.k[1:].view(torch.int16))
+    assert torch.equal(cache.v[1:].view(torch.int16), before.v[1:].view(torch.int16))
+    assert not layer._out_acc.any() and not layer._arrivals.any()
 
 
 @pytest.mark.gpu
@@ -683,8 +762,9 @@ def test_step_replays_in_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset, options", [("llama3-8b", {}), ("qwen2.5-7b", {}),
-                                             ("qwen2.5-7b", {"split_positions": True})],
-                         ids=["llama3-8b", "qwen2.5-7b", "qwen2.5-7b-positions-split"])
+                                             ("qwen2.5-7b", {"split_positions": True}),
+                                             ("llama3-8b", {"split_kv_rows": True})],
+                         ids=["llama3-8b", "qwen2.5-7b", "qwen2.5-7b-positions-split", "llama3-8b-kv-rows-split"])
 def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device(preset, options):
     """Decode-loop shape: positions live on the device and a kernel in the graph advances them."""
     config = PRESETS[preset]

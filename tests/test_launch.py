@@ -70,6 +70,7 @@ def test_sizes_normalise_to_xyz():
         (dict(grid=8, cluster=0, block=128), r"cluster=0: axis x must be between 1 and 16"),
         (dict(grid=8, cluster=2, block=128, non_portable="yes"), r"non_portable='yes': must be True or False"),
         (dict(grid=8, cluster=2, block=128, dependent="yes"), r"dependent='yes': must be True or False"),
+        (dict(grid=8, cluster=2, block=128, co_resident=1), r"co_resident=1: must be True or False"),
     ],
 )
 def test_invalid_configuration_is_a_value_error_naming_parameter_and_limit(kwargs, pattern, no_driver_allowed):
@@ -378,6 +379,32 @@ def test_max_active_clusters(cluster_blocks):
     )
     assert 0 < large <= small <= sms * 8 // cluster_blocks
     assert large <= sms // cluster_blocks  # 200 KB: one block per SM
+
+
+@cuda.jit
+def block_rank(out):
+    """out[block] = the block's rank in its cluster."""
+    if cuda.threadIdx.x == 0:
+        out[cuda.blockIdx.x] = ptx.cluster_rank()
+
+
+@gpu_test
+def test_a_co_resident_grid_larger_than_fits_is_refused_before_it_launches():
+    """``co_resident=True``: a grid of as many clusters as the occupancy query says fit runs; one
+    cluster more raises on the first call, naming both counts, and launches nothing."""
+    import torch
+
+    shape = dict(cluster=16, block=256, shared_bytes=200 * 1024, non_portable=True)  # one block an SM
+    fit = max_active_clusters(block_rank, (torch.empty(1, device="cuda"),), **shape)
+    out = torch.full((16 * (fit + 1),), float("nan"), device="cuda")
+    launch(block_rank, grid=16 * fit, co_resident=True, **shape)(out)
+    torch.cuda.synchronize()
+    assert torch.equal(out[: 16 * fit].cpu(), torch.arange(16 * fit, dtype=torch.float32) % 16)
+    out.fill_(float("nan"))
+    with pytest.raises(ValueError, match=f"co_resident=True but only {fit} of its {fit + 1} clusters fit"):
+        launch(block_rank, grid=16 * (fit + 1), co_resident=True, **shape)(out)
+    torch.cuda.synchronize()
+    assert out.isnan().all()
 
 
 @gpu_test

@@ -201,6 +201,9 @@ class KernelSpec(BlockShape):
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
     #: :meth:`~clusterlab.fused.DecodeAttention.handoff`)
     handoff: bool = False
+    #: with the query heads split over two clusters a KV head, the first projects its key rows and
+    #: the second its value rows, each taking the other's from the cache (see :attr:`kv_rows_split`)
+    split_kv_rows: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
 
@@ -272,6 +275,24 @@ class KernelSpec(BlockShape):
     def rows(self) -> int:
         """W_qkv rows one cluster owns: G query heads, one key head, one value head."""
         return (self.group + 2) * self.head_dim
+
+    @property
+    def kv_rows_split(self) -> bool:
+        """Whether the two clusters of a KV head project one of its key and value heads each:
+        ``split_kv_rows`` where its query heads are split over two clusters (``head_split`` 2, no
+        positions split) of two blocks or more. Both clusters would otherwise read the KV head's key
+        and value rows of W_qkv, so a quarter to a half of the W_qkv stream twice. The first cluster
+        (``cluster % 2 == 0``) projects, rotates and appends the key, the second the value, each into
+        its slot ``G`` (:attr:`projected_rows`); after B2 each raises its flag in ``arrivals``, and
+        the block that folds in the new token waits for the other's flag, clears it and reads the
+        other's row from the cache. The two clusters wait for each other: the grid must be resident
+        at once, which the launcher checks before the first launch (``co_resident``)."""
+        return self.split_kv_rows and self.query_split == 2 and self.cluster_size >= 2
+
+    @property
+    def projected_rows(self) -> int:
+        """W_qkv rows one cluster projects: :attr:`rows`, or one head fewer with :attr:`kv_rows_split`."""
+        return self.rows - self.head_dim if self.kv_rows_split else self.rows
 
     @property
     def attn_width(self) -> int:
@@ -1432,6 +1453,8 @@ def build_kernel(spec: KernelSpec):
         out_acc           [step_batch * hidden_size] float32  zero on entry, left zero on exit
         arrivals          [batch_parts * arrival_words] int32   zero on entry, left zero on exit: of each
                           set of clusters [0, C) the finish's, then the parts' of each (KV head, rank)
+                          (with ``spec.kv_rows_split``, word ``C * (1 + kv_head) + j`` of a set is the
+                          flag cluster ``j`` (0: the key's, 1: the value's) of KV head ``kv_head`` raises)
         part_states       [batch_parts * part_state_words()] float32   the parts' softmax states (split positions)
         positions         [step_batch] int32             each sequence's new token
         capacity          int32
@@ -1485,7 +1508,9 @@ def build_kernel(spec: KernelSpec):
     INV_H = np.float32(1.0 / H)
     Q_SCALE = np.float32(math.log2(math.e) / math.sqrt(D))
     HALF = D // 2  # RoPE angles a position has
-    PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
+    KV_SPLIT = spec.kv_rows_split  # the two clusters of a KV head project its key and its value
+    PROJECTED = spec.projected_rows  # W_qkv rows a cluster projects (slot G: the value's in a values cluster)
+    PAIRS = PROJECTED // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
     PARTIAL_STRIDE = spec.partial_stride
     KEYS_PER_STEP = spec.keys_per_step
     # Where a step's cached keys and values are loaded: on the CUDA cores while the step before it is
@@ -1508,7 +1533,7 @@ def build_kernel(spec: KernelSpec):
     O, RED = layout["o"], layout["red"]
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
-    QKV_STEPS = ROWS // QKV_STEP_ROWS if spec.qkv_stream else 0
+    QKV_STEPS = PROJECTED // QKV_STEP_ROWS if spec.qkv_stream else 0
     O_STEP_ROWS = o_tile.step_rows  # W_o rows a warp step covers
     O_STEPS = OUT_ROWS // O_STEP_ROWS if spec.o_stream else 0
     QKV_SCALED = scales_inputs(qkv_tile, BF16)
@@ -1532,6 +1557,12 @@ def build_kernel(spec: KernelSpec):
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, peer_max = make_exchange(C)
     stamp, record_sm = make_stamp(TIMELINE, TIMELINE_STAMPS)
+
+    @cuda.jit(device=True, inline=True)
+    def weight_row(query_block, row, kv_shift):
+        """W_qkv's row of the cluster's local ``row``; ``kv_shift`` is ``D`` in a values cluster
+        (:attr:`KernelSpec.kv_rows_split`), whose slot G holds the value head's rows, else 0."""
+        return qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row + kv_shift if row >= G * D else row)
 
     @cuda.jit(device=True, inline=True)
     def cached_rows(positions, seq, capacity):
@@ -1584,6 +1615,8 @@ def build_kernel(spec: KernelSpec):
         part = cluster % HEAD_SPLIT if SPLIT else 0  # of the KV head's cached positions
         query_block = kv_head if SPLIT else cluster  # its query heads query_block*G .., W_o columns *ATTN_WIDTH ..
         new_token = part == NEW_TOKEN_PART and rank == NEW_TOKEN_RANK  # folds in the new token
+        values_cluster = KV_SPLIT and cluster % 2 == 1  # projects the value head, not the key head
+        kv_shift = D if values_cluster else 0
         k0 = rank * K_SLICE
         stamp(stamps, tid, 0)
         record_sm(sms, tid)
@@ -1595,7 +1628,7 @@ def build_kernel(spec: KernelSpec):
         qkv_words = cuda.local.array(QKV_WORDS, uint32)
         step = warp
         if step < QKV_STEPS:
-            qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H,
+            qkv_load(w_qkv, weight_row(query_block, step * QKV_STEP_ROWS, kv_shift) * H + k0, H,
                      lane, qkv_words)
         cuda.syncthreads()
         sum_squares(smem, RED, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
@@ -1605,11 +1638,11 @@ def build_kernel(spec: KernelSpec):
             cuda.syncthreads()
         stamp(stamps, tid, 1)  # inputs
         while step < QKV_STEPS:
-            w0 = qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0
+            w0 = weight_row(query_block, step * QKV_STEP_ROWS, kv_shift) * H + k0
             qkv_finish(qkv_words, w_qkv, w0, H, smem, XS, smem, PARTIAL + step * QKV_STEP_ROWS, lane)
             step += WARPS
             if step < QKV_STEPS:
-                qkv_load(w_qkv, qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, step * QKV_STEP_ROWS) * H + k0, H,
+                qkv_load(w_qkv, weight_row(query_block, step * QKV_STEP_ROWS, kv_shift) * H + k0, H,
                          lane, qkv_words)
         # First attention loads (cached keys need no q), during B1: warps split the batch,
         # WARPS_PER_SEQUENCE each, and take steps of KEYS_PER_STEP positions in turn.
@@ -1640,6 +1673,7 @@ def build_kernel(spec: KernelSpec):
             position = cached_rows(positions, seq, capacity)
             ra, rb, angle = rope_pair(D, NEOX, QUAD * quad)  # the quad's first pair; the others follow
             slot = ra // D
+            kind = slot + 1 if values_cluster and slot == G else slot  # the slot of these rows in W_qkv's terms
             first, second = (ra, rb) if NEOX else (ra, ra + QUAD)
             partial = PARTIAL + seq * PARTIAL_STRIDE
             xa = cuda.local.array(QUAD, float32)
@@ -1664,21 +1698,21 @@ def build_kernel(spec: KernelSpec):
                 xb[i] = peer_sum(xb[i]) * inv_rms
                 row_a, row_b = (ra + i, rb + i) if NEOX else (ra + 2 * i, ra + 2 * i + 1)
                 if BIAS and active:
-                    xa[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row_a)])
-                    xb[i] += to_f32(qkv_bias[qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row_b)])
+                    xa[i] += to_f32(qkv_bias[weight_row(query_block, row_a, kv_shift)])
+                    xb[i] += to_f32(qkv_bias[weight_row(query_block, row_b, kv_shift)])
                 if not valid:
                     xa[i], xb[i] = NAN, NAN
-                if slot <= G and valid:  # query and key heads are rotated
+                if kind <= G and valid:  # query and key heads are rotated
                     cos = rope[(position * 2) * HALF + angle + i]
                     sin = rope[(position * 2 + 1) * HALF + angle + i]
                     xa[i], xb[i] = xa[i] * cos - xb[i] * sin, xb[i] * cos + xa[i] * sin
                 if slot < G:
                     xa[i] *= Q_SCALE
                     xb[i] *= Q_SCALE
-                if active and peer == 0 and slot >= G and cluster % HEAD_SPLIT == 0 and valid:
-                    # the first cluster of the KV head appends
+                if active and peer == 0 and kind >= G and (KV_SPLIT or cluster % HEAD_SPLIT == 0) and valid:
+                    # the first cluster of the KV head appends (with KV_SPLIT each cluster its own head)
                     cache_row = ((seq * KV_HEADS + kv_head) * capacity + position) * D - slot * D
-                    if slot == G:
+                    if kind == G:
                         k_cache[cache_row + row_a] = to_bits(xa[i])
                         k_cache[cache_row + row_b] = to_bits(xb[i])
                     else:
@@ -1694,6 +1728,9 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 4)  # rope + push
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: q, k, v of the new token are in every block
+        if KV_SPLIT and rank == 0 and tid == 0:  # every block's share of this cluster's cache row is written
+            cuda.threadfence()
+            cuda.atomic.exch(arrivals, C * (1 + kv_head) + cluster % 2, 1)
         stamp(stamps, tid, 5)  # B2 wait
 
         # -- 3 attention over this block's cached positions (online softmax) -----------------------------
@@ -1717,6 +1754,23 @@ def build_kernel(spec: KernelSpec):
             if KV_AHEAD and step < kv_steps:
                 kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
         kv_store(smem, warp, m, l_sum, acc, lane)
+        if KV_SPLIT and new_token:  # the other cluster's head: wait for its flag, clear it, read its row
+            if tid == 0:
+                while cuda.atomic.exch(arrivals, C * (1 + kv_head) + 1 - cluster % 2, 0) == 0:
+                    pass
+                cuda.threadfence()
+            cuda.syncthreads()
+            for e in range(tid, BATCH * D, THREADS):  # slots G, G + 1: the key and the value
+                seq, i = e // D, e % D
+                position = cached_rows(positions, seq, capacity)
+                at = ((seq * KV_HEADS + kv_head) * capacity + max(position, 0)) * D + i
+                other = to_f32(k_cache[at] if values_cluster else v_cache[at]) if position >= 0 else NAN
+                if values_cluster:
+                    smem[QKV + seq * ROWS + (G + 1) * D + i] = smem[QKV + seq * ROWS + G * D + i]
+                    smem[QKV + seq * ROWS + G * D + i] = other
+                else:
+                    smem[QKV + seq * ROWS + (G + 1) * D + i] = other
+            cuda.syncthreads()
         if new_token and warp < BATCH:  # the new token of sequence `warp`, from shared memory
             seq = warp
             for head in range(G):

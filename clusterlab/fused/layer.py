@@ -70,7 +70,7 @@ def kernel_launcher(spec):
 
     kernel = kernel_cache.jit(build_kernel, spec, (spec.threads, spec.min_blocks_per_sm))
     return launch(kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
-                  shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8)
+                  shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8, co_resident=spec.kv_rows_split)
 
 
 class DecodeAttention:

@@ -235,6 +235,8 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
+    "split_kv_rows": "True or False: where two clusters split a KV head's query heads, the first projects its key "
+                     "and the second its value, each reading the other's from the cache (False: the default)",
     "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
                    "each set a whole step's clusters for its share of the sequences (it must divide the batch; "
                    "None: the rule's)",
@@ -248,7 +250,7 @@ MLP_KERNEL_CHOICES = {
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions", "split_kv_rows")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
