@@ -2,6 +2,7 @@
 
     python -m clusterlab.bench.fused_timeline [--preset llama2-7b] [--kv 1024] [--batch 1] [--shape 4x8 8x4]
     python -m clusterlab.bench.fused_timeline --preset qwen2.5-7b --batch 8 --kv 16384 --shape 16x4x1x4 16x8x1x2
+    python -m clusterlab.bench.fused_timeline --preset llama3-8b --shape 16x4x2 --spec default split_kv_rows=True
     python -m clusterlab.bench.fused_timeline --layer mlp [--preset llama3-8b] [--batch 1] [--shape 2x8 2x16]
 
 The kernel is the layer's own (the attention block's, or with ``--layer mlp`` the MLP block's),
@@ -16,7 +17,8 @@ after a barrier or ``syncthreads`` hold for the whole block. The phases are
 
 Each launch shape (attention: ``CxW``, ``CxWxS`` or ``CxWxSxP``, cluster size x warps per block x head
 split x sets of clusters the batch is split over, the kernel option ``batch_parts``; MLP: ``CxW``, the
-clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's own shape) is timed plain
+clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's own shape; for the attention
+block, each shape with each of the ``--spec`` kernel options, as ``clusterlab bench fused`` takes them) is timed plain
 and instrumented as CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed:
 per-phase durations over the blocks (min / median / max), how many blocks each SM held, and when the
 blocks finished. A block is *crowded* when its SM holds more blocks than an even spread of the
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from ..fused.config import MAX_BATCH
 from ..fused.layer import kernel_launcher
 from ..fused.mlp import DecodeMLP, MLPWeights, mlp_launcher, reference_mlp
 from ..gpu import device_info, require_hopper
+from .fused import parse_options
 from .mlp import mlp_config
 from .timing import card_tag, graph_per_op_us, results_header, write_json
 
@@ -56,10 +60,11 @@ PHASE_COLOURS = {
 }
 
 
-def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None, batch_parts=None):
-    """Time one launch shape of the attention block (``batch_parts`` sets of its clusters, None: one)
-    and record one step's stamps: a dict for the JSON."""
-    options = None if batch_parts is None else {"batch_parts": batch_parts}
+def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, head_split=None, batch_parts=None,
+                 options=None):
+    """Time one launch shape of the attention block (``batch_parts`` sets of its clusters, None: one;
+    ``options``: the layer's ``kernel_options``) and record one step's stamps: a dict for the JSON."""
+    options = dict(options or {}) | ({} if batch_parts is None else {"batch_parts": batch_parts})
     layer = DecodeAttention(config, weights, cluster_size=cluster_size, warps=warps, head_split=head_split,
                             kernel_options=options)
     cache = KVCache.random(config, batch, kv_len, dtype, "cuda", seed=1)
@@ -76,7 +81,7 @@ def record_shape(config, weights, dtype, batch, kv_len, cluster_size, warps, hea
     step = functools.partial(kernel_launcher(dataclasses.replace(spec, timeline=True)), *args)
     return _record(plain, step, out, want.out, stamps, sms, blocks, cluster_size,
                    {"cluster_size": cluster_size, "warps": warps, "head_split": spec.head_split,
-                    "batch_parts": spec.batch_parts})
+                    "batch_parts": spec.batch_parts, "options": options})
 
 
 def record_mlp_shape(config, weights, dtype, batch, cluster_size=None, warps=None):
@@ -136,12 +141,17 @@ def sets_of(shape) -> int:
     return shape.get("batch_parts", 1)
 
 
+def options_of(shape) -> str:
+    """A shape's kernel options other than ``batch_parts`` (shown as its sets), as ``", name=value"``."""
+    return "".join(f", {name}={value}" for name, value in shape.get("options", {}).items() if name != "batch_parts")
+
+
 def summary(shape, phases) -> str:
     phase = np.array([b["phase_us"] for b in shape["block"]])
     done = np.array([b["start_us"] for b in shape["block"]]) + phase.sum(axis=1)
     arrive = done - phase[:, -1]
     split = f", head split {shape['head_split']}" if "head_split" in shape else f", {shape['clusters']} clusters"
-    split += f", {sets_of(shape)} sets" if sets_of(shape) > 1 else ""
+    split += (f", {sets_of(shape)} sets" if sets_of(shape) > 1 else "") + options_of(shape)
     lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps{split}, {shape['blocks']} blocks on "
              f"{shape['sms_used']} SMs (SMs holding k blocks: {shape['blocks_per_sm']}); step {shape['step_us']:.1f} µs "
              f"(instrumented {shape['instrumented_us']:.1f}), SM clock {shape['sm_clock_ghz']:.2f} GHz, "
@@ -176,7 +186,7 @@ def plot(record, path: Path) -> None:
             if block["crowded"]:
                 ax.plot(-1.0, y, marker="4", color="crimson", ms=3)
         sets = f"{sets_of(shape)} sets of " if sets_of(shape) > 1 else ""
-        ax.set(title=f"{sets}cluster {shape['cluster_size']} x {shape['warps']} warps: "
+        ax.set(title=f"{sets}cluster {shape['cluster_size']} x {shape['warps']} warps{options_of(shape)}: "
                      f"step {shape['step_us']:.1f} µs, {shape['sms_used']} SMs",
                xlabel="µs since the first block started",
                ylabel="block (on crowded SMs: on top, marked)")
@@ -206,10 +216,15 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS[xP]]", type=parse_shape,
                         help="launch shapes as cluster_size x warps [x head_split [x sets of clusters]] (the MLP: "
                              "cluster_size x warps; default: 4x8 8x4, the MLP its layer's own)")
+    parser.add_argument("--spec", nargs="+", default=[{}], metavar="NAME=VALUE,...", type=parse_options,
+                        help="kernel options of the attention block, each recorded at every shape, e.g. default "
+                             "split_kv_rows=True (default: the launch rule's kernel alone)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     mlp = args.layer == "mlp"
+    if mlp and args.spec != [{}]:
+        parser.error("argument --spec: kernel options are the attention block's")
     shapes = args.shape or ([()] if mlp else [(4, 8), (8, 4)])
     if mlp and args.shape and any(len(numbers) != 2 for numbers in shapes):
         parser.error(f"argument --shape: the MLP's launch shapes are cluster_size x warps, got "
@@ -229,11 +244,11 @@ def main(argv=None) -> int:
         "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "kv_len": None if mlp else args.kv,
         "phases": list((mlp_kernel if mlp else kernel).TIMELINE_PHASES), "shapes": [],
     }
-    for numbers in shapes:
+    for options, numbers in itertools.product(args.spec, shapes):
         if mlp:
             shape = record_mlp_shape(config, weights, dtype, args.batch, *numbers)
         else:
-            shape = record_shape(config, weights, dtype, args.batch, args.kv, *numbers)
+            shape = record_shape(config, weights, dtype, args.batch, args.kv, *numbers, options=options)
         record["shapes"].append(shape)
         print(summary(shape, record["phases"]), flush=True)
     out = Path(args.out_dir)
