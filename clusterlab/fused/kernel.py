@@ -1476,11 +1476,18 @@ def build_kernel(spec: KernelSpec):
     states into ``o`` and runs phase 5 and the finish, the others are done. No cluster waits for
     another, so the grid needs no co-residency.
 
+    With ``spec.kv_rows_split`` (:attr:`KernelSpec.kv_rows_split`) the two clusters of a KV head do:
+    each projects one of its key and value heads into slot ``G`` and appends it to the cache; after
+    B2 its rank 0 fences and raises the cluster's flag; before the new token is folded in, the block
+    that folds it waits for the other cluster's flag, clears it and reads the other head back from
+    the cache into slots ``G`` and ``G + 1``. The launcher refuses a grid that does not fit at once.
+
     With ``spec.handoff`` three arguments change: ``hidden`` is float32 sums ``[batch *
     hidden_size]`` (another kernel's output before its conversion, read rounded to the model
     dtype), ``out`` is a float32 ``[batch * hidden_size]`` that the step sets to zero (the buffer
     the kernel before read), and ``out_acc`` is left holding the step's output sums for the kernel
-    after (zero on entry); ``arrivals`` is not touched. Nobody converts: the finish is the clearing.
+    after (zero on entry); nothing counts in on ``arrivals`` (the flags of ``kv_rows_split`` aside).
+    Nobody converts: the finish is the clearing.
 
     A position outside ``0 .. capacity-1`` makes its sequence attend to nothing, write no cache
     row and read no RoPE angle: its q, k and v are NaN, and so are its outputs.
