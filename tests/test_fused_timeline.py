@@ -27,7 +27,8 @@ def _record(layer, phases, seed):
                             "start_us": float(rng.uniform(0, 1)),
                             "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
                            for b, sm in enumerate(sms)]}
-        shape.update({"head_split": 1, "batch_parts": cluster_size // 2} if layer == "attention"
+        options = {"split_kv_rows": True} if cluster_size == 4 else {}  # the kernel options it ran with
+        shape.update({"head_split": 1, "batch_parts": cluster_size // 2, "options": options} if layer == "attention"
                      else {"clusters": blocks // cluster_size})
         shapes.append(shape)
     return {"card": "NVIDIA H200", "date": "2026-11-30T00:00:00+00:00", "layer": layer, "preset": "llama3-8b",
@@ -43,7 +44,8 @@ def test_summary_and_plot_of_either_block(layer, phases, tmp_path):
         text = summary(shape, phases)
         assert all(name in text for name in phases) and f"blocks arrive after the {phases[-3]}" in text
         sets = shape.get("batch_parts", 1)
-        assert (f", {sets} sets," in text.splitlines()[0]) == (sets > 1)
+        assert (f", {sets} sets" in text.splitlines()[0]) == (sets > 1)
+        assert (", split_kv_rows=True," in text.splitlines()[0]) == bool(shape.get("options"))
         rows = [line.strip() for line in text.splitlines()[3:]]
         assert [row[:len(name)] for row, name in zip(rows, phases)] == list(phases)
         medians = [float(row[len(name):].split()[1]) for row, name in zip(rows, phases)]  # min, median, max
@@ -68,6 +70,8 @@ def test_a_recorded_h200_timeline_plots_again(tmp_path):
     (["--layer", "mlp", "--shape", "2x8x1"], "argument --shape: the MLP's launch shapes are cluster_size x warps"),
     (["--batch", "9"], "argument --batch: must be an integer in 1..8"),
     (["--kv", "0"], "argument --kv: must be an integer >= 1"),
+    (["--spec", "split_kv_rows=1"], "argument --spec: kernel_options: split_kv_rows=1; allowed: True or False"),
+    (["--layer", "mlp", "--spec", "split_kv_rows=True"], "argument --spec: kernel options are the attention block's"),
 ])
 def test_the_study_refuses_arguments_it_cannot_use_before_touching_a_gpu(args, words, capsys):
     from clusterlab.bench.fused_timeline import main
