@@ -26,9 +26,10 @@ and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
 Then Qwen2.5-7B at a batch of 5 in the rule's shape (clusters of 4 x 8 warps, a head split of 7), whose
 896-wide rows of W_qkv and W_o step in four parts of 7 spans (``mma_tile``), plain and handed off;
 ``python tests/sanitize_fused.py wide`` runs those alone.
-Then GQA with a KV head's key and value rows split between its two clusters (``KernelSpec.split_kv_rows``:
-each appends its own head and reads the other's back from the cache once its flag is up), with QKV
-bias in clusters of 4 and the Llama-3-8B preset at batch 1, plain and handed off;
+Then GQA with a KV head's key and value heads shared out among its clusters (``KernelSpec.split_kv_rows``:
+the first two append one each, and every cluster reads what it lacks back from the cache once its flag is
+up), a split of 2 with QKV bias and of 4 in clusters of 4, and the Llama-3-8B preset at batch 1, plain
+and handed off;
 ``python tests/sanitize_fused.py kv_rows`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
@@ -83,6 +84,8 @@ WIDE_SHAPES = [(PRESETS["qwen2.5-7b"], {}, [300, 0, 77, 12, 5], torch.bfloat16)]
 KV_ROWS_SHAPES = [
     (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
      {"cluster_size": 4, "head_split": 2, "kernel_options": {"split_kv_rows": True}}, [0, 37, 300], torch.bfloat16),
+    (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64),
+     {"cluster_size": 4, "head_split": 4, "kernel_options": {"split_kv_rows": True}}, [300, 0], torch.float16),
     (PRESETS["llama3-8b"], {"kernel_options": {"split_kv_rows": True}}, [700], torch.float16),
 ]
 

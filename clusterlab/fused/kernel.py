@@ -201,8 +201,8 @@ class KernelSpec(BlockShape):
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
     #: :meth:`~clusterlab.fused.DecodeAttention.handoff`)
     handoff: bool = False
-    #: with the query heads split over two clusters a KV head, the first projects its key rows and
-    #: the second its value rows, each taking the other's from the cache (see :attr:`kv_rows_split`)
+    #: where clusters split a KV head's query heads, the first projects its key rows and the second
+    #: its value rows, the others neither, each reading what it lacks from the cache (see :attr:`kv_rows_split`)
     split_kv_rows: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
@@ -278,21 +278,19 @@ class KernelSpec(BlockShape):
 
     @property
     def kv_rows_split(self) -> bool:
-        """Whether the two clusters of a KV head project one of its key and value heads each:
-        ``split_kv_rows`` where its query heads are split over two clusters (``head_split`` 2, no
-        positions split) of two blocks or more. Both clusters would otherwise read the KV head's key
-        and value rows of W_qkv, so a quarter to a half of the W_qkv stream twice. The first cluster
-        (``cluster % 2 == 0``) projects, rotates and appends the key, the second the value, each into
-        its slot ``G`` (:attr:`projected_rows`); after B2 each raises its flag in ``arrivals``, and
-        the block that folds in the new token waits for the other's flag, clears it and reads the
-        other's row from the cache. The two clusters wait for each other: the grid must be resident
-        at once, which the launcher checks before the first launch (``co_resident``)."""
-        return self.split_kv_rows and self.query_split == 2 and self.cluster_size >= 2
-
-    @property
-    def projected_rows(self) -> int:
-        """W_qkv rows one cluster projects: :attr:`rows`, or one head fewer with :attr:`kv_rows_split`."""
-        return self.rows - self.head_dim if self.kv_rows_split else self.rows
+        """Whether the clusters of a KV head share out its key and value heads instead of each
+        projecting both: ``split_kv_rows`` where its query heads are split over clusters (a
+        ``head_split`` of 2 or more, no positions split) of two blocks or more. Without it each of
+        the ``head_split`` clusters reads the KV head's key and value rows of W_qkv, a quarter to two
+        thirds of its W_qkv stream. With it cluster ``j = cluster % head_split`` of the KV head
+        projects its query heads and, for ``j`` 0, the key (rotated and appended to the cache) or,
+        for ``j`` 1, the value (appended), in slot ``G``; after B2 those two raise their flags in
+        ``arrivals`` (by ``head_split - 1``, the clusters that read the head), and the block of each
+        cluster that folds in the new token waits for the flags of the heads it lacks, counts each
+        down by one and reads those heads back from the cache. The clusters wait for each other: the
+        grid must be resident at once, which the launcher checks before the first launch
+        (``co_resident``)."""
+        return self.split_kv_rows and self.query_split >= 2 and self.cluster_size >= 2
 
     @property
     def attn_width(self) -> int:
@@ -1453,8 +1451,8 @@ def build_kernel(spec: KernelSpec):
         out_acc           [step_batch * hidden_size] float32  zero on entry, left zero on exit
         arrivals          [batch_parts * arrival_words] int32   zero on entry, left zero on exit: of each
                           set of clusters [0, C) the finish's, then the parts' of each (KV head, rank)
-                          (with ``spec.kv_rows_split``, word ``C * (1 + kv_head) + j`` of a set is the
-                          flag cluster ``j`` (0: the key's, 1: the value's) of KV head ``kv_head`` raises)
+                          (with ``spec.kv_rows_split``, word ``C * (1 + kv_head) + r`` of a set counts
+                          down the clusters yet to read KV head ``kv_head``'s key (r 0) or value (r 1))
         part_states       [batch_parts * part_state_words()] float32   the parts' softmax states (split positions)
         positions         [step_batch] int32             each sequence's new token
         capacity          int32
@@ -1476,11 +1474,13 @@ def build_kernel(spec: KernelSpec):
     states into ``o`` and runs phase 5 and the finish, the others are done. No cluster waits for
     another, so the grid needs no co-residency.
 
-    With ``spec.kv_rows_split`` (:attr:`KernelSpec.kv_rows_split`) the two clusters of a KV head do:
-    each projects one of its key and value heads into slot ``G`` and appends it to the cache; after
-    B2 its rank 0 fences and raises the cluster's flag; before the new token is folded in, the block
-    that folds it waits for the other cluster's flag, clears it and reads the other head back from
-    the cache into slots ``G`` and ``G + 1``. The launcher refuses a grid that does not fit at once.
+    With ``spec.kv_rows_split`` (:attr:`KernelSpec.kv_rows_split`) the clusters of a KV head share out
+    its key and value heads: the first projects the key into slot ``G`` (rotated, appended to the
+    cache), the second the value, the others neither; after B2 the rank 0 of each of the first two
+    fences and adds ``QUERY_SPLIT - 1`` to its head's flag; before the new token is folded in, the
+    block that folds it waits for the flag of each head it lacks to be up, counts it down by one and
+    reads the head back from the cache, into slots ``G`` (key) and ``G + 1`` (value). The launcher
+    refuses a grid that does not fit at once.
 
     With ``spec.handoff`` three arguments change: ``hidden`` is float32 sums ``[batch *
     hidden_size]`` (another kernel's output before its conversion, read rounded to the model
@@ -1515,9 +1515,8 @@ def build_kernel(spec: KernelSpec):
     INV_H = np.float32(1.0 / H)
     Q_SCALE = np.float32(math.log2(math.e) / math.sqrt(D))
     HALF = D // 2  # RoPE angles a position has
-    KV_SPLIT = spec.kv_rows_split  # the two clusters of a KV head project its key and its value
-    PROJECTED = spec.projected_rows  # W_qkv rows a cluster projects (slot G: the value's in a values cluster)
-    PAIRS = PROJECTED // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
+    KV_SPLIT = spec.kv_rows_split  # the clusters of a KV head share out its key and value heads
+    PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
     PARTIAL_STRIDE = spec.partial_stride
     KEYS_PER_STEP = spec.keys_per_step
     # Where a step's cached keys and values are loaded: on the CUDA cores while the step before it is
@@ -1540,7 +1539,8 @@ def build_kernel(spec: KernelSpec):
     O, RED = layout["o"], layout["red"]
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
-    QKV_STEPS = PROJECTED // QKV_STEP_ROWS if spec.qkv_stream else 0
+    QKV_STREAM = spec.qkv_stream
+    QKV_STEPS = ROWS // QKV_STEP_ROWS if QKV_STREAM else 0
     O_STEP_ROWS = o_tile.step_rows  # W_o rows a warp step covers
     O_STEPS = OUT_ROWS // O_STEP_ROWS if spec.o_stream else 0
     QKV_SCALED = scales_inputs(qkv_tile, BF16)
@@ -1567,8 +1567,8 @@ def build_kernel(spec: KernelSpec):
 
     @cuda.jit(device=True, inline=True)
     def weight_row(query_block, row, kv_shift):
-        """W_qkv's row of the cluster's local ``row``; ``kv_shift`` is ``D`` in a values cluster
-        (:attr:`KernelSpec.kv_rows_split`), whose slot G holds the value head's rows, else 0."""
+        """W_qkv's row of the cluster's local ``row``; ``kv_shift`` is ``D`` where the cluster's slot G
+        holds the value head's rows (:attr:`KernelSpec.kv_rows_split`), else 0."""
         return qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row + kv_shift if row >= G * D else row)
 
     @cuda.jit(device=True, inline=True)
@@ -1622,8 +1622,17 @@ def build_kernel(spec: KernelSpec):
         part = cluster % HEAD_SPLIT if SPLIT else 0  # of the KV head's cached positions
         query_block = kv_head if SPLIT else cluster  # its query heads query_block*G .., W_o columns *ATTN_WIDTH ..
         new_token = part == NEW_TOKEN_PART and rank == NEW_TOKEN_RANK  # folds in the new token
-        values_cluster = KV_SPLIT and cluster % 2 == 1  # projects the value head, not the key head
-        kv_shift = D if values_cluster else 0
+        # With KV_SPLIT the cluster's role: 0 projects the key into slot G, 1 the value, 2 neither
+        # (its rows, pairs and W_qkv steps are the query heads' alone); without it, 0 and slot G + 1 too.
+        role = min(cluster % QUERY_SPLIT, 2) if KV_SPLIT else 0
+        kv_shift = D if role == 1 else 0
+        qkv_steps = QKV_STEPS
+        pairs = PAIRS
+        if KV_SPLIT:
+            projected = G * D + (D if role < 2 else 0)
+            qkv_steps = projected // QKV_STEP_ROWS if QKV_STREAM else 0
+            pairs = projected // 2
+        flags = C * (1 + kv_head)  # KV_SPLIT: arrivals[flags + r] counts down the readers of role r's head
         k0 = rank * K_SLICE
         stamp(stamps, tid, 0)
         record_sm(sms, tid)
@@ -1634,7 +1643,7 @@ def build_kernel(spec: KernelSpec):
         # input loads would queue behind the weights' and hold up the whole phase.
         qkv_words = cuda.local.array(QKV_WORDS, uint32)
         step = warp
-        if step < QKV_STEPS:
+        if step < qkv_steps:
             qkv_load(w_qkv, weight_row(query_block, step * QKV_STEP_ROWS, kv_shift) * H + k0, H,
                      lane, qkv_words)
         cuda.syncthreads()
@@ -1644,11 +1653,11 @@ def build_kernel(spec: KernelSpec):
             scale_inputs(smem, XS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
             cuda.syncthreads()
         stamp(stamps, tid, 1)  # inputs
-        while step < QKV_STEPS:
+        while step < qkv_steps:
             w0 = weight_row(query_block, step * QKV_STEP_ROWS, kv_shift) * H + k0
             qkv_finish(qkv_words, w_qkv, w0, H, smem, XS, smem, PARTIAL + step * QKV_STEP_ROWS, lane)
             step += WARPS
-            if step < QKV_STEPS:
+            if step < qkv_steps:
                 qkv_load(w_qkv, weight_row(query_block, step * QKV_STEP_ROWS, kv_shift) * H + k0, H,
                          lane, qkv_words)
         # First attention loads (cached keys need no q), during B1: warps split the batch,
@@ -1671,7 +1680,7 @@ def build_kernel(spec: KernelSpec):
         # A unit is a quad of RoPE pairs of one sequence; its C lanes pull one block's partials each
         # (two 16-byte loads: the quad's rows `ra ..` and `rb ..` under NeoX, `ra .. ra + 7` under
         # GPT-J) and push the rotated values back to it (see make_exchange).
-        units = owned_quads(PAIRS, rank, C) * BATCH
+        units = owned_quads(pairs, rank, C) * BATCH
         for lane_of_block in range(tid, exchange_lanes(units), THREADS):
             unit, peer = lane_of_block // C, lane % C
             active = unit < units
@@ -1680,7 +1689,7 @@ def build_kernel(spec: KernelSpec):
             position = cached_rows(positions, seq, capacity)
             ra, rb, angle = rope_pair(D, NEOX, QUAD * quad)  # the quad's first pair; the others follow
             slot = ra // D
-            kind = slot + 1 if values_cluster and slot == G else slot  # the slot of these rows in W_qkv's terms
+            kind = slot + 1 if role == 1 and slot == G else slot  # the slot of these rows in W_qkv's terms
             first, second = (ra, rb) if NEOX else (ra, ra + QUAD)
             partial = PARTIAL + seq * PARTIAL_STRIDE
             xa = cuda.local.array(QUAD, float32)
@@ -1735,9 +1744,9 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 4)  # rope + push
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: q, k, v of the new token are in every block
-        if KV_SPLIT and rank == 0 and tid == 0:  # every block's share of this cluster's cache row is written
+        if KV_SPLIT and role < 2 and rank == 0 and tid == 0:  # every block's share of its cache row is written
             cuda.threadfence()
-            cuda.atomic.exch(arrivals, C * (1 + kv_head) + cluster % 2, 1)
+            cuda.atomic.add(arrivals, flags + role, QUERY_SPLIT - 1)
         stamp(stamps, tid, 5)  # B2 wait
 
         # -- 3 attention over this block's cached positions (online softmax) -----------------------------
@@ -1761,22 +1770,24 @@ def build_kernel(spec: KernelSpec):
             if KV_AHEAD and step < kv_steps:
                 kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
         kv_store(smem, warp, m, l_sum, acc, lane)
-        if KV_SPLIT and new_token:  # the other cluster's head: wait for its flag, clear it, read its row
+        if KV_SPLIT and new_token:  # the heads it lacks: wait for their flags, count them down, read them back
             if tid == 0:
-                while cuda.atomic.exch(arrivals, C * (1 + kv_head) + 1 - cluster % 2, 0) == 0:
-                    pass
+                for r in range(2):
+                    if r != role:
+                        while cuda.atomic.add(arrivals, flags + r, 0) == 0:
+                            pass
+                        cuda.atomic.sub(arrivals, flags + r, 1)
                 cuda.threadfence()
             cuda.syncthreads()
             for e in range(tid, BATCH * D, THREADS):  # slots G, G + 1: the key and the value
                 seq, i = e // D, e % D
                 position = cached_rows(positions, seq, capacity)
                 at = ((seq * KV_HEADS + kv_head) * capacity + max(position, 0)) * D + i
-                other = to_f32(k_cache[at] if values_cluster else v_cache[at]) if position >= 0 else NAN
-                if values_cluster:
-                    smem[QKV + seq * ROWS + (G + 1) * D + i] = smem[QKV + seq * ROWS + G * D + i]
-                    smem[QKV + seq * ROWS + G * D + i] = other
-                else:
-                    smem[QKV + seq * ROWS + (G + 1) * D + i] = other
+                own = smem[QKV + seq * ROWS + G * D + i]
+                key = own if role == 0 else (to_f32(k_cache[at]) if position >= 0 else NAN)
+                value = own if role == 1 else (to_f32(v_cache[at]) if position >= 0 else NAN)
+                smem[QKV + seq * ROWS + G * D + i] = key
+                smem[QKV + seq * ROWS + (G + 1) * D + i] = value
             cuda.syncthreads()
         if new_token and warp < BATCH:  # the new token of sequence `warp`, from shared memory
             seq = warp

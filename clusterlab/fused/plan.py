@@ -235,8 +235,9 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
-    "split_kv_rows": "True or False: where two clusters split a KV head's query heads, the first projects its key "
-                     "and the second its value, each reading the other's from the cache (False: the default)",
+    "split_kv_rows": "True or False: where clusters split a KV head's query heads, the first projects its key, the "
+                     "second its value, the others neither, each reading what it lacks from the cache (False: the "
+                     "default)",
     "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
                    "each set a whole step's clusters for its share of the sequences (it must divide the batch; "
                    "None: the rule's)",
