@@ -286,8 +286,8 @@ class KernelSpec(BlockShape):
         projects its query heads and, for ``j`` 0, the key (rotated and appended to the cache) or,
         for ``j`` 1, the value (appended), in slot ``G``; after B2 those two raise their flags in
         ``arrivals`` (by ``head_split - 1``, the clusters that read the head), and the block of each
-        cluster that folds in the new token waits for the flags of the heads it lacks, counts each
-        down by one and reads those heads back from the cache. The clusters wait for each other: the
+        cluster that folds in the new token waits for the flags of the heads it lacks, reads those
+        heads back from the cache and counts each flag down by one. The clusters wait for each other: the
         grid must be resident at once, which the launcher checks before the first launch
         (``co_resident``)."""
         return self.split_kv_rows and self.query_split >= 2 and self.cluster_size >= 2
@@ -1477,10 +1477,10 @@ def build_kernel(spec: KernelSpec):
     With ``spec.kv_rows_split`` (:attr:`KernelSpec.kv_rows_split`) the clusters of a KV head share out
     its key and value heads: the first projects the key into slot ``G`` (rotated, appended to the
     cache), the second the value, the others neither; after B2 the rank 0 of each of the first two
-    fences and adds ``QUERY_SPLIT - 1`` to its head's flag; before the new token is folded in, the
-    block that folds it waits for the flag of each head it lacks to be up, counts it down by one and
-    reads the head back from the cache, into slots ``G`` (key) and ``G + 1`` (value). The launcher
-    refuses a grid that does not fit at once.
+    fences and adds ``QUERY_SPLIT - 1`` to its head's flag; in the block that folds in the new token,
+    each sequence's warp waits for the flags of the heads it lacks to be up and reads them back from
+    the cache, into slots ``G`` (key) and ``G + 1`` (value), and once all have, thread 0 counts each
+    flag down by one. The launcher refuses a grid that does not fit at once.
 
     With ``spec.handoff`` three arguments change: ``hidden`` is float32 sums ``[batch *
     hidden_size]`` (another kernel's output before its conversion, read rounded to the model
@@ -1770,27 +1770,25 @@ def build_kernel(spec: KernelSpec):
             if KV_AHEAD and step < kv_steps:
                 kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
         kv_store(smem, warp, m, l_sum, acc, lane)
-        if KV_SPLIT and new_token:  # the heads it lacks: wait for their flags, count them down, read them back
-            if tid == 0:
-                for r in range(2):
-                    if r != role:
-                        while cuda.atomic.add(arrivals, flags + r, 0) == 0:
-                            pass
-                        cuda.atomic.sub(arrivals, flags + r, 1)
-                cuda.threadfence()
-            cuda.syncthreads()
-            for e in range(tid, BATCH * D, THREADS):  # slots G, G + 1: the key and the value
-                seq, i = e // D, e % D
-                position = cached_rows(positions, seq, capacity)
-                at = ((seq * KV_HEADS + kv_head) * capacity + max(position, 0)) * D + i
-                own = smem[QKV + seq * ROWS + G * D + i]
-                key = own if role == 0 else (to_f32(k_cache[at]) if position >= 0 else NAN)
-                value = own if role == 1 else (to_f32(v_cache[at]) if position >= 0 else NAN)
-                smem[QKV + seq * ROWS + G * D + i] = key
-                smem[QKV + seq * ROWS + (G + 1) * D + i] = value
-            cuda.syncthreads()
         if new_token and warp < BATCH:  # the new token of sequence `warp`, from shared memory
             seq = warp
+            if KV_SPLIT:  # the heads this cluster lacks, from the cache once their flags are up
+                if lane == 0:
+                    for r in range(2):
+                        if r != role:
+                            while cuda.atomic.add(arrivals, flags + r, 0) == 0:
+                                pass
+                    cuda.threadfence()
+                cuda.syncwarp()
+                position = cached_rows(positions, seq, capacity)
+                at = ((seq * KV_HEADS + kv_head) * capacity + max(position, 0)) * D
+                for i in range(lane, D, 32):  # slots G, G + 1: the key and the value
+                    own = smem[QKV + seq * ROWS + G * D + i]
+                    key = own if role == 0 else (to_f32(k_cache[at + i]) if position >= 0 else NAN)
+                    value = own if role == 1 else (to_f32(v_cache[at + i]) if position >= 0 else NAN)
+                    smem[QKV + seq * ROWS + G * D + i] = key
+                    smem[QKV + seq * ROWS + (G + 1) * D + i] = value
+                cuda.syncwarp()
             for head in range(G):
                 dot = float32(0.0)
                 for i in range(lane, D, 32):
@@ -1804,6 +1802,10 @@ def build_kernel(spec: KernelSpec):
                     smem[SCRATCH_ACC + ((NEW_TOKEN_GROUP + seq) * G + head) * D + i] = smem[
                         QKV + seq * ROWS + (G + 1) * D + i]
         cuda.syncthreads()
+        if KV_SPLIT and new_token and tid == 0:  # every sequence's warp has read what it lacked: count down
+            for r in range(2):
+                if r != role:
+                    cuda.atomic.sub(arrivals, flags + r, 1)
         stamp(stamps, tid, 6)  # attention
         # Block merge: sequence seq's state is its warps' GROUPS_PER_SEQUENCE states (+ its new token).
         for e in range(tid, BATCH * G * D, THREADS):
