@@ -89,9 +89,10 @@ class DecodeAttention:
     :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
     the launch rule would choose otherwise, its outputs correct either way (the names and values of
     :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``,
-    ``overlay``, ``split_positions``, ``batch_parts``), for measurements such as ``clusterlab bench fused --spec
-    registers=168``; the simulator backend checks them and runs its dataflow (with or without the
-    positions split).
+    ``overlay``, ``interleave_inputs``, ``split_positions``, ``split_kv_rows``, ``batch_parts``), for measurements
+    such as ``clusterlab bench fused --spec registers=168``; the simulator backend checks them and runs its
+    dataflow (with or without the positions split; the clusters of a KV head always project both its key and
+    value heads there).
 
     One layer object owns a float32 ``out_acc`` workspace, arrival counters, a buffer of softmax
     states (for ``split_positions``) and a positions buffer on its device, the first two left zero
