@@ -428,17 +428,24 @@ def test_long_mha_batches_run_one_16_warp_block_every_other_sm():
     _check_steps(layer, torch.float16, 6, [[long + 300, 0, 17, long - 1, 2000, 1], long + 40, long - 2], hint=True)
 
 
-def _gqa_layer_and_inputs(batch):
-    """A float16 GQA layer (8 query heads, 2 KV heads of 128) on the GPU and inputs of ``batch``
-    sequences with a cache of 64 positions: ``config, weights, layer, hidden, residual, cache``."""
+def _gqa_layer_and_inputs(batch, **options):
+    """A float16 GQA layer (8 query heads, 2 KV heads of 128; ``options`` for the layer) on the GPU and
+    inputs of ``batch`` sequences with a cache of 64 positions: ``config, weights, layer, hidden,
+    residual, cache``."""
     config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=2, head_dim=128)
     weights = AttentionWeights.random(config, torch.float16, "cuda", seed=4)
-    return config, weights, DecodeAttention(config, weights), *_random_inputs(config, torch.float16, batch, 64, seed=9)
+    layer = DecodeAttention(config, weights, **options)
+    return config, weights, layer, *_random_inputs(config, torch.float16, batch, 64, seed=9)
 
 
 @pytest.mark.gpu
-def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache():
-    config, weights, layer, hidden, residual, cache = _gqa_layer_and_inputs(3)
+@pytest.mark.parametrize("options", [{}, {"head_split": 2, "kernel_options": {"split_kv_rows": True}}],
+                         ids=["rule", "kv_rows_split"])
+def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(options):
+    """Such a sequence attends to nothing and writes no row (with ``split_kv_rows`` it reads no row of
+    the other clusters either): NaN out, its cache as it was, the others' steps right."""
+    config, weights, layer, hidden, residual, cache = _gqa_layer_and_inputs(3, **options)
+    assert layer.kernel_spec(torch.float16, 3).kv_rows_split == bool(options)
     before = cache.clone()
     positions = torch.tensor([10, 64, -1], dtype=torch.int32, device="cuda")
     want = reference_step(config, weights, hidden[:1], residual[:1], KVCache(before.k[:1], before.v[:1]), [10])
@@ -614,25 +621,6 @@ def test_the_kv_rows_split_matches_the_reference(config, batch, dtype, options, 
     layer = DecodeAttention(config, weights, kernel_options={"split_kv_rows": True}, **options)
     assert layer.kernel_spec(dtype, batch).kv_rows_split
     _check_steps(layer, dtype, batch, steps)
-
-
-@pytest.mark.gpu
-def test_the_kv_rows_split_gives_nan_for_an_out_of_range_position_and_leaves_its_cache():
-    """A sequence whose position is outside the cache reads no row of the other cluster: NaN out."""
-    config = AttentionConfig(hidden_size=1024, heads=8, kv_heads=2, head_dim=128)
-    weights = AttentionWeights.random(config, torch.float16, "cuda", seed=4)
-    layer = DecodeAttention(config, weights, head_split=2, kernel_options={"split_kv_rows": True})
-    assert layer.kernel_spec(torch.float16, 3).kv_rows_split
-    hidden, residual, cache = _random_inputs(config, torch.float16, 3, 64, seed=9)
-    before = cache.clone()
-    want = reference_step(config, weights, hidden[:1], residual[:1], KVCache(before.k[:1], before.v[:1]), [10])
-    out, _ = layer(hidden, residual, cache, torch.tensor([10, 64, -1], dtype=torch.int32, device="cuda"))
-    torch.cuda.synchronize()
-    assert relative_error(out[:1], want.out) < TOLERANCE
-    assert out[1:].isnan().all()
-    assert torch.equal(cache.k[1:].view(torch.int16), before.k[1:].view(torch.int16))
-    assert torch.equal(cache.v[1:].view(torch.int16), before.v[1:].view(torch.int16))
-    assert not layer._out_acc.any() and not layer._arrivals.any()
 
 
 @pytest.mark.gpu
