@@ -1053,8 +1053,9 @@ st_async_v4_b32 = _st_async("st_async_v4_b32", "b32", 4, "four 32-bit words")
 # --------------------------------------------------------------------------------------------
 
 
-def _ld_global_v4(name, qualifiers, with_policy, doc):
-    instruction = f"ld.global.nc{qualifiers}.v4.b32"
+def _ld_global_v4(name, instruction, with_policy, doc, side_effect=False):
+    """A 128-bit global load ``instruction`` (``ld....v4.b32``) as an intrinsic; ``side_effect``: never
+    merged with another or moved out of a loop (a load that may see another thread's store)."""
     text = f"{instruction} {{$0, $1, $2, $3}}, [$4]" + (", $5;" if with_policy else ";")
 
     def body(array, index, *policy):
@@ -1070,7 +1071,7 @@ def _ld_global_v4(name, qualifiers, with_policy, doc):
             u32 = ir.IntType(32)
             fnty = ir.FunctionType(ir.LiteralStructType([u32] * 4), [v.type for v in values])
             constraints = "=r,=r,=r,=r,l" + (",l" if with_policy else "")
-            raw = builder.call(ir.InlineAsm(fnty, text, constraints), values)
+            raw = builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), values)
             items = [builder.extract_value(raw, i) for i in range(4)]
             return context.make_tuple(builder, sig.return_type, items)
 
@@ -1088,7 +1089,7 @@ _GLOBAL_V4_COMMON = """The 16 bytes at ``array[index]`` (any dtype; the element'
 
 ld_global_nc_v4 = _ld_global_v4(
     "ld_global_nc_v4",
-    "",
+    "ld.global.nc.v4.b32",
     False,
     """ld_global_nc_v4(array, index) -> 4 x uint32: 128-bit read-only global load.
 
@@ -1097,7 +1098,7 @@ ld_global_nc_v4 = _ld_global_v4(
 
 ld_global_nc_v4_no_allocate = _ld_global_v4(
     "ld_global_nc_v4_no_allocate",
-    ".L1::no_allocate.L2::256B",
+    "ld.global.nc.L1::no_allocate.L2::256B.v4.b32",
     False,
     """ld_global_nc_v4_no_allocate(array, index) -> 4 x uint32: streaming 128-bit read-only load.
 
@@ -1107,13 +1108,27 @@ ld_global_nc_v4_no_allocate = _ld_global_v4(
 
 ld_global_nc_v4_policy = _ld_global_v4(
     "ld_global_nc_v4_policy",
-    ".L1::no_allocate.L2::cache_hint",
+    "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.b32",
     True,
     """ld_global_nc_v4_policy(array, index, policy) -> 4 x uint32: streaming load with an L2 eviction policy.
 
     PTX ``{instruction}``; ``policy`` from :func:`l2_evict_first_policy` (data read once, evict it
     first so activations and KV cache stay in L2) or :func:`l2_evict_last_policy`. """
     + _GLOBAL_V4_COMMON,
+)
+
+ld_relaxed_gpu_v4 = _ld_global_v4(
+    "ld_relaxed_gpu_v4",
+    "ld.relaxed.gpu.global.v4.b32",
+    False,
+    """ld_relaxed_gpu_v4(array, index) -> 4 x uint32: a 128-bit load that sees other blocks' stores.
+
+    PTX ``{instruction}``: a strong load at GPU scope, each 32-bit word read whole. Unlike the
+    ``.nc`` loads it may read words another block of the same kernel writes (with a strong store
+    such as ``cuda.atomic.exch``), and it is never merged or hoisted, so a loop can wait on it until
+    the words it expects have arrived. It orders nothing else: the words themselves are the flag.
+    Alignment as for :func:`ld_global_nc_v4`.""",
+    side_effect=True,
 )
 
 
@@ -1538,6 +1553,7 @@ __all__ = [
     "ld_global_nc_v4",
     "ld_global_nc_v4_no_allocate",
     "ld_global_nc_v4_policy",
+    "ld_relaxed_gpu_v4",
     "prefetch_l2_bulk",
     "cp_async_16",
     "cp_async_commit",

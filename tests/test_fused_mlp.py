@@ -174,6 +174,49 @@ def test_the_handoff_kernel_drops_the_finish(model, batch):
     assert assemble(handoff).spill_bytes == 0
 
 
+# The work-queue kernel's units at the presets, on an H100 or H200 (132 SMs): a's elements a gate/up unit
+# computes, the columns of a W_down tile and its rows.
+QUEUE_UNITS = {"llama3-8b": (1, 512, 8), "llama3.2-1b": (2, 512, 8), "qwen2.5-7b": (1, 512, 8),
+               "llama2-7b": (1, 256, 16)}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_work_queue_spec_runs_one_block_an_sm_for_one_sequence(model):
+    config = MODELS[model]
+    spec = MLPSpec.queue(config, False, 1)
+    assert (spec.work_queue, spec.cluster_size, spec.clusters, spec.warps) == (True, 1, 132, 16)
+    assert spec.min_blocks_per_sm == 1 and spec.inputs_interleaved
+    assert (spec.gate_up_tile().step_rows, spec.queue_segment, spec.down_tile().step_rows) == QUEUE_UNITS[model]
+    assert spec.intermediate_size % spec.queue_segment == 0 and spec.hidden_size % spec.down_tile().step_rows == 0
+    with pytest.raises(ValueError, match="work_queue runs batch 1 only, got batch 2"):
+        MLPSpec.queue(config, False, 2)
+
+
+# `spill`: as above; Llama-2-7B's W_down tiles of 256 columns keep 16 rows a lane (16 accumulators).
+@pytest.mark.ptx
+@pytest.mark.parametrize("model, dtype, handoff, spill", [("llama3-8b", "f16", False, 0), ("llama3-8b", "bf16", True, 0),
+                                                          ("llama3.2-1b", "f16", True, 0),
+                                                          ("qwen2.5-7b", "bf16", False, 0),
+                                                          ("llama2-7b", "f16", False, 16)])
+def test_the_work_queue_kernel_assembles_without_clusters(model, dtype, handoff, spill):
+    """No cluster barrier or DSMEM access; a's words handed over by strong stores and relaxed loads,
+    the units from an atomic counter, W_down's sums added in global memory; no local arrays, no
+    spill but the known ones, one block of 16 warps an SM's registers."""
+    import dataclasses
+
+    from clusterlab.toolchain import assemble
+
+    spec = dataclasses.replace(MLPSpec.queue(MODELS[model], dtype == "bf16", 1), handoff=handoff)
+    ptx = spec_ptx(spec)
+    for instruction in ("ld.relaxed.gpu.global.v4.b32", "atom.global.exch.b32", "atom.global.add.u32",
+                        "atom.global.add.f32", "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", "membar.gl"):
+        assert instruction in ptx, instruction
+    assert "barrier.cluster" not in ptx and "shared::cluster" not in ptx and "st.local" not in ptx
+    result = assemble(ptx)
+    assert result.spill_bytes <= spill
+    assert result.registers * spec.threads <= 65536
+
+
 def test_kernel_options_are_checked_when_the_layer_is_built():
     weights = MLPWeights.random(TINY["h128-i256"], torch.float16, seed=0)
     for options, words in (({"registers": 128}, "unknown name 'registers'; allowed: interleave_inputs"),
@@ -182,6 +225,27 @@ def test_kernel_options_are_checked_when_the_layer_is_built():
             DecodeMLP(TINY["h128-i256"], weights, kernel_options=options)
     layer = DecodeMLP(TINY["h128-i256"], weights, kernel_options={"interleave_inputs": False})
     assert not layer.kernel_spec(torch.float16, 1).interleave_inputs
+    with pytest.raises(ValueError, match="work_queue=1; allowed: True or False"):
+        DecodeMLP(TINY["h128-i256"], weights, kernel_options={"work_queue": 1})
+    wide = MLPConfig(5120, 256)  # a hidden row of 640 chunks: 20 loads a lane
+    with pytest.raises(ValueError, match="gate/up projection: a row of 640 16-byte chunks needs 20 loads a lane"):
+        DecodeMLP(wide, MLPWeights.random(wide, torch.float16, seed=0), kernel_options={"work_queue": True})
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_a_work_queue_layer_runs_the_queue_for_one_sequence_and_the_simulator_its_dataflow(dtype):
+    """``work_queue`` takes the work-queue spec at batch 1 only; on the CPU the simulator runs the
+    cluster dataflow either way, with the same outputs."""
+    config, dtype = TINY["h128-i256"], DTYPES[dtype]
+    weights = MLPWeights.random(config, dtype, seed=2)
+    queued, plain = (DecodeMLP(config, weights, kernel_options={"work_queue": on}) for on in (True, False))
+    assert queued.queued(1) and not queued.queued(3) and not plain.queued(1)
+    assert queued.kernel_spec(dtype, 1) == MLPSpec.queue(config, dtype == torch.bfloat16, 1)
+    assert queued.kernel_spec(dtype, 3) == plain.kernel_spec(dtype, 3)
+    for batch in (1, 3):
+        hidden, residual = random_inputs(config, dtype, batch, seed=batch)
+        for got, want in zip(queued(hidden, residual), plain(hidden, residual)):
+            assert torch.equal(bits(got), bits(want))
 
 
 @pytest.mark.ptx
@@ -480,6 +544,7 @@ def check_gpu_step(layer, hidden, residual):
     assert relative_error(out, torch_chain(config, weights, hidden, residual)) <= TOLERANCE
     assert torch.equal(bits(new_residual), bits(exact_residual(hidden, residual)))
     assert not layer._out_acc.any() and not layer._arrivals.any(), "workspace not left zero"
+    assert (layer._act == -1).all(), "act not left unwritten"  # UNWRITTEN's bits as int32
     return out
 
 
@@ -500,13 +565,34 @@ def test_gpu_step_matches_reference_and_torch_and_leaves_the_workspace_zero(name
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, dtype, batch", [("llama3-8b", "f16", 1), ("llama3.2-1b", "bf16", 8), ("tiny", "f16", 3)])
-def test_a_handoff_step_computes_what_the_plain_step_does(name, dtype, batch):
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("name", sorted({**GPU_MODELS, **TINY}))
+def test_gpu_work_queue_step_matches_reference_and_leaves_its_words_unwritten(name, dtype):
+    """The work-queue kernel (batch 1) at every preset and the tiny shapes (units of 16 and 32 of a's
+    elements, tiles 2 lanes wide), twice on the workspace it leaves; a batch of 3 through the same
+    layer runs the cluster kernel."""
+    dtype = DTYPES[dtype]
+    config = {**GPU_MODELS, **TINY}[name]
+    weights = gpu_weights(name, dtype) if name in GPU_MODELS else MLPWeights.random(config, dtype, "cuda", seed=18)
+    layer = DecodeMLP(config, weights, kernel_options={"work_queue": True})
+    assert layer.kernel_spec(dtype, 1).work_queue and not layer.kernel_spec(dtype, 3).work_queue
+    hidden, residual = random_inputs(config, dtype, 1, seed=60, device="cuda")
+    first = check_gpu_step(layer, hidden, residual)
+    second = check_gpu_step(layer, hidden, residual)
+    assert relative_error(second, first) <= 1e-3  # the sums' order differs, a dirty workspace would not
+    check_gpu_step(layer, *random_inputs(config, dtype, 3, seed=61, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dtype, batch, options", [("llama3-8b", "f16", 1, {}), ("llama3.2-1b", "bf16", 8, {}),
+                                                         ("tiny", "f16", 3, {}),
+                                                         ("llama3-8b", "bf16", 1, {"work_queue": True})])
+def test_a_handoff_step_computes_what_the_plain_step_does(name, dtype, batch, options):
     """``DecodeMLP.handoff`` against ``__call__`` on the same inputs: ``hidden`` as float32 sums
     (values no 16-bit type holds), the output's sums rounded as the plain step's ``out``, the same
     residual, the third buffer cleared, and the layer's own workspace untouched."""
     dtype = DTYPES[dtype]
-    layer = DecodeMLP(GPU_MODELS[name], gpu_weights(name, dtype))
+    layer = DecodeMLP(GPU_MODELS[name], gpu_weights(name, dtype), kernel_options=options)
     gen = torch.Generator(device="cuda").manual_seed(batch)
     sums = torch.randn(3, batch, layer.config.hidden_size, generator=gen, device="cuda")
     sums[1].zero_()
@@ -518,15 +604,16 @@ def test_a_handoff_step_computes_what_the_plain_step_does(name, dtype, batch):
     assert_rounds_like(sums[1], out)
     assert torch.equal(bits(got_residual), bits(exact_residual(sums[0].to(dtype), residual)))
     assert (sums[2] == 0).all() and not layer._out_acc.any() and not layer._arrivals.any()
+    assert (layer._act == -1).all()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype):
+@pytest.mark.parametrize("dtype, batch, options", [("f16", 3, {}), ("bf16", 3, {}), ("f16", 1, {"work_queue": True})])
+def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype, batch, options):
     dtype = DTYPES[dtype]
-    layer = DecodeMLP(GPU_MODELS["llama3.2-1b"], gpu_weights("llama3.2-1b", dtype))
+    layer = DecodeMLP(GPU_MODELS["llama3.2-1b"], gpu_weights("llama3.2-1b", dtype), kernel_options=options)
     config = layer.config
-    hidden, residual = random_inputs(config, dtype, 3, seed=30, device="cuda")
+    hidden, residual = random_inputs(config, dtype, batch, seed=30, device="cuda")
     out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
     layer(hidden, residual, out=out, residual_out=new_residual)  # compile outside the capture
     torch.cuda.synchronize()
@@ -534,7 +621,7 @@ def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype):
     with torch.cuda.graph(graph):
         layer(hidden, residual, out=out, residual_out=new_residual)
     for replay in range(3):
-        fresh_hidden, fresh_residual = random_inputs(config, dtype, 3, seed=31 + replay, device="cuda")
+        fresh_hidden, fresh_residual = random_inputs(config, dtype, batch, seed=31 + replay, device="cuda")
         hidden.copy_(fresh_hidden)
         residual.copy_(fresh_residual)
         out.fill_(float("nan"))
@@ -545,6 +632,7 @@ def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype):
         assert relative_error(out, want) <= TOLERANCE, f"replay {replay}"
         assert torch.equal(bits(new_residual), bits(exact_residual(fresh_hidden, fresh_residual))), f"replay {replay}"
         assert not layer._out_acc.any() and not layer._arrivals.any(), f"replay {replay}"
+        assert (layer._act == -1).all(), f"replay {replay}"
 
 
 @pytest.mark.gpu

@@ -836,6 +836,41 @@ def test_global_128_bit_loads(evict_last, rng):
     assert_same_bits(out.copy_to_host(), expected)
 
 
+UNWRITTEN = 0xFFFFFFFF  # a word no producer below stores
+
+
+@cuda.jit
+def relaxed_handoff(words, values, out):
+    """Block 1 stores ``values`` into ``words`` one word at a time (strong stores) after a wait of
+    20 µs; block 0, already waiting, reads each quad with relaxed loads until no word is unwritten."""
+    i = cuda.threadIdx.x
+    if cuda.blockIdx.x == 1:
+        start = ptx.global_timer()
+        while ptx.global_timer() - start < 20000:
+            pass
+        for k in range(4):
+            cuda.atomic.exch(words, 4 * i + k, values[4 * i + k])
+    else:
+        got = ptx.ld_relaxed_gpu_v4(words, 4 * i)
+        while got[0] == UNWRITTEN or got[1] == UNWRITTEN or got[2] == UNWRITTEN or got[3] == UNWRITTEN:
+            got = ptx.ld_relaxed_gpu_v4(words, 4 * i)
+        for k in range(4):
+            out[i, k] = got[k]
+
+
+def test_relaxed_loads_wait_for_another_blocks_stores(rng):
+    """``ld_relaxed_gpu_v4`` in a loop is not hoisted and sees the other block's words arrive: every
+    quad ends up read whole, as stored (a hoisted load would spin forever on the unwritten words;
+    the producer waits first so that the consumer's first loads find them unwritten)."""
+    values = random_values(rng, np.uint32, (N, 4))
+    values[values == UNWRITTEN] = 0
+    words = cuda.to_device(np.full(4 * N, UNWRITTEN, np.uint32))
+    out = poisoned((N, 4), np.uint32)
+    relaxed_handoff[2, N](words, cuda.to_device(values.ravel()), out)
+    cuda.synchronize()
+    assert_same_bits(out.copy_to_host(), values)
+
+
 STAGES = 3  # slots of the cp.async ring below
 AHEAD = STAGES - 1  # rows in flight while one is read; cp_async_wait takes a constant
 RING_WORDS = STAGES * 4 * N  # shared array lengths must be compile-time constants

@@ -169,6 +169,9 @@ CASES = {
         "a, b, c, d = ptx.ld_global_nc_v4_policy(i32, 4 * i32[0], i64[0])\no32[0] = a ^ b ^ c ^ d",
         "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.b32",
     ),
+    "ld_relaxed_gpu_v4": (
+        "a, b, c, d = ptx.ld_relaxed_gpu_v4(i32, 4 * i32[0])\no32[0] = a ^ b ^ c ^ d", "ld.relaxed.gpu.global.v4.b32",
+    ),
     "prefetch_l2_bulk": ("ptx.prefetch_l2_bulk(i16, 8 * i32[0], 16 * i32[1])", "cp.async.bulk.prefetch.L2.global"),
     "cp_async_16": ("ptx.cp_async_16(ptx.shared_address(smem, 4 * i32[1]), i32, 4 * i32[0])",
                     "cp.async.cg.shared.global ["),

@@ -652,6 +652,10 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     @cuda.jit(device=True, inline=True)
     def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
         group, sub = lane // lanes, lane % lanes
+        # With interleaved activations, from a view that starts at the lane's chunk `sub` (input_word
+        # is linear in the chunk), indexed by constants once unrolled: one base register and immediate
+        # offsets, as in the default layout. Made once, so that the loops stay small enough to unroll.
+        xl = smem[x0 + sub:]
         for b0 in range(0, batch, chunk):
             acc = cuda.local.array(accumulators, float32)
             for k in range(accumulators):
@@ -661,12 +665,9 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
                 for e in range(4):
                     for b in range(chunk):
                         if interleaved:
-                            # From a view that starts at the lane's chunk `sub` (input_word is linear
-                            # in the chunk), indexed by constants once unrolled: one base register
-                            # and immediate offsets, as in the default layout.
-                            xl = smem[x0 + (b0 + b) * x_stride + sub:]
-                            xv[2 * b] = xl[device_input_word(j * lanes, 2 * e, x_stride, True)]
-                            xv[2 * b + 1] = xl[device_input_word(j * lanes, 2 * e + 1, x_stride, True)]
+                            xb = (b0 + b) * x_stride
+                            xv[2 * b] = xl[xb + device_input_word(j * lanes, 2 * e, x_stride, True)]
+                            xv[2 * b + 1] = xl[xb + device_input_word(j * lanes, 2 * e + 1, x_stride, True)]
                         else:
                             xb = x0 + (b0 + b) * x_stride + (sub + j * lanes) * 8 + 2 * e
                             xv[2 * b] = smem[xb]

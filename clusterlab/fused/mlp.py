@@ -244,10 +244,12 @@ class DecodeMLP:
     ``kernel_options``: how the kernel runs a step, its outputs correct either way (the names and
     values of :data:`~clusterlab.fused.plan.MLP_KERNEL_CHOICES`), for measurements such as
     ``clusterlab bench mlp --spec default interleave_inputs=False``; the simulator backend checks
-    them and runs its one dataflow.
+    them and runs its one dataflow. ``work_queue`` applies to steps of one sequence (the batches
+    run the cluster kernel): :func:`~clusterlab.fused.mlp_kernel.build_mlp_queue_kernel`.
 
     One layer object owns a float32 ``out_acc`` workspace and arrival counters on its device,
-    both left zero by every step; do not run one object on two streams at once.
+    both left zero by every step (with ``work_queue`` also the ``act`` words it hands between
+    its blocks, left unwritten); do not run one object on two streams at once.
     """
 
     def __init__(self, config: MLPConfig, weights: MLPWeights, *, cluster_size: int | None = None,
@@ -259,19 +261,29 @@ class DecodeMLP:
         backend, self.limits = resolve_backend(backend, device, limits)
         self.config, self.weights, self.backend = config, weights, backend
         mlp_shape(config, 1, self.limits.sm_count, cluster_size, warps)  # raises where they cannot work
+        if self.kernel_options.get("work_queue"):
+            from .mlp_kernel import MLPSpec
+
+            MLPSpec.queue(config, False, 1, self.limits)  # raises where it cannot work
         self.cluster_size, self.warps = cluster_size, warps
         self._specs: dict = {}
         if backend == "gpu":
             from ..gpu import require_hopper
+            from .mlp_kernel import UNWRITTEN
 
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
             self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
+            self._act = torch.full((config.intermediate_size,), UNWRITTEN - 2**32, dtype=torch.int32, device=device)
 
     def shape(self, batch: int) -> tuple[int, int, int]:
         """``(cluster_size, clusters, warps)`` a step of ``batch`` sequences runs with."""
         check_batch(batch)
         return mlp_shape(self.config, batch, self.limits.sm_count, self.cluster_size, self.warps)
+
+    def queued(self, batch: int) -> bool:
+        """Whether a step of ``batch`` sequences runs the work-queue kernel (``work_queue``, one sequence)."""
+        return self.kernel_options.get("work_queue", False) and batch == 1
 
     def kernel_spec(self, dtype: torch.dtype, batch: int):
         """The :class:`~clusterlab.fused.mlp_kernel.MLPSpec` of a step of this dtype and batch (pure
@@ -281,10 +293,14 @@ class DecodeMLP:
         _check_dtype(dtype)
         key = (dtype, batch)
         if key not in self._specs:
-            cluster_size, clusters, warps = self.shape(batch)
-            spec = MLPSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, clusters, warps,
-                              limits=self.limits)
-            self._specs[key] = dataclasses.replace(spec, **self.kernel_options)
+            options = {name: value for name, value in self.kernel_options.items() if name != "work_queue"}
+            if self.queued(batch):
+                spec = MLPSpec.queue(self.config, dtype == torch.bfloat16, batch, limits=self.limits)
+            else:
+                cluster_size, clusters, warps = self.shape(batch)
+                spec = MLPSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, clusters, warps,
+                                  limits=self.limits)
+            self._specs[key] = dataclasses.replace(spec, **options)
         return self._specs[key]
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, *, out: torch.Tensor | None = None,
@@ -295,14 +311,14 @@ class DecodeMLP:
         for name, given in (("out", out), ("residual_out", residual_out)):
             if given is not None:
                 check_tensor(name, given, tuple(hidden.shape), hidden.dtype, hidden.device, "hidden")
-        spec = self.kernel_spec(hidden.dtype, hidden.shape[0])
+        self.kernel_spec(hidden.dtype, hidden.shape[0])  # raises where the GPU could not run this step
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
         if self.backend == "simulator":
             from .mlp_simulated import simulated_mlp_step
 
-            got, new_residual = simulated_mlp_step(self.config, self.weights, hidden, residual, spec.cluster_size,
-                                                   spec.clusters)
+            cluster_size, clusters, _ = self.shape(hidden.shape[0])
+            got, new_residual = simulated_mlp_step(self.config, self.weights, hidden, residual, cluster_size, clusters)
             out.copy_(got)
             residual_out.copy_(new_residual)
         else:
@@ -320,13 +336,14 @@ class DecodeMLP:
         batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
-        spec = self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
+        self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":
             from .mlp_simulated import simulated_mlp_step
 
-            out, new_residual = simulated_mlp_step(self.config, self.weights, hidden_sums, residual, spec.cluster_size,
-                                                   spec.clusters, handoff=True)
+            cluster_size, clusters, _ = self.shape(batch)
+            out, new_residual = simulated_mlp_step(self.config, self.weights, hidden_sums, residual, cluster_size,
+                                                   clusters, handoff=True)
             sums_out.add_(out)
             residual_out.copy_(new_residual)
             clear.zero_()
@@ -344,15 +361,17 @@ class DecodeMLP:
     def launch_args(self, hidden, residual, out, residual_out, out_acc=None) -> tuple:
         """The kernel's arguments for one step (see :func:`~clusterlab.fused.mlp_kernel.build_mlp_kernel`):
         16-bit tensors as int16 views, float32 ones (a hand-off's ``hidden`` and ``out``) as they
-        are; ``out_acc`` by default the layer's own workspace."""
+        are; ``out_acc`` by default the layer's own workspace; the work-queue kernel's ``act`` last."""
 
         def bits(t):
             return t.view(-1) if t.dtype == torch.float32 else t.view(-1).view(torch.int16)
 
         w = self.weights
-        out_acc = self._out_acc[: hidden.shape[0] * self.config.hidden_size] if out_acc is None else out_acc.view(-1)
-        return (bits(hidden), bits(residual), bits(w.norm), bits(w.gate), bits(w.up), bits(w.down), bits(out),
+        batch = hidden.shape[0]
+        out_acc = self._out_acc[: batch * self.config.hidden_size] if out_acc is None else out_acc.view(-1)
+        args = (bits(hidden), bits(residual), bits(w.norm), bits(w.gate), bits(w.up), bits(w.down), bits(out),
                 bits(residual_out), out_acc, self._arrivals)
+        return args + (self._act,) if self.queued(batch) else args
 
 
 def reference_mlp(weights: MLPWeights, hidden: torch.Tensor, residual: torch.Tensor, eps: float):

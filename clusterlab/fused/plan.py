@@ -248,10 +248,12 @@ KERNEL_CHOICES = {
 MLP_KERNEL_CHOICES = {
     "interleave_inputs": "True or False: the CUDA-core gate/up steps read h * norm interleaved in shared memory, "
                          "32 consecutive words a load (True: the default)",
+    "work_queue": "True or False: at batch 1, a block on every SM and no clusters, each taking gate/up rows and "
+                  "then W_down tiles from a counter in global memory (False: the default)",
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "split_kv_rows")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions", "split_kv_rows", "work_queue")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
