@@ -248,8 +248,8 @@ def run_bench(
                 label = options_label(variant.get("kernel_options", {}))
                 try:
                     run = _Rotation(config, dtype, batch, copies, seed, variant, weights)
-                    cluster_size, clusters, warps = run.sets[0]["fused"].shape(batch)
-                    run.sets[0]["fused"].kernel_spec(dtype, batch)
+                    spec = run.sets[0]["fused"].kernel_spec(dtype, batch)  # the work queue's: clusters of 1
+                    cluster_size, clusters, warps = spec.cluster_size, spec.clusters, spec.warps
                 except ValueError as exc:
                     if "cluster_size" not in variant:
                         raise

@@ -62,8 +62,15 @@ TIMELINE_STAMPS = len(TIMELINE_PHASES) + 1
 QUEUE_WARPS = 16
 #: Widths of W_down's column segments the work-queue kernel tries, widest first (see ``MLPSpec.queue_segment``).
 QUEUE_SEGMENTS = (512, 256, 128, 64, 32, 16, 8)
-#: ``arrivals`` counter of the work-queue kernel's next unit (counter 0 counts the blocks in for the finish).
-QUEUE_COUNTER = 1
+#: Counters the work-queue kernel hands its units out from: warp ``w`` asks counter ``w % QUEUE_SHARDS``,
+#: which hands out units ``shard, shard + QUEUE_SHARDS, ..``. One counter for all took at most about 300
+#: units a microsecond on the H200 (atomics on one address queue up in L2), which held the step.
+QUEUE_SHARDS = 8
+#: Words of ``arrivals`` between two counters (a 128-byte line each): shard ``s`` counts at
+#: ``QUEUE_STRIDE * (1 + s)``; word 0 counts the blocks in for the finish.
+QUEUE_STRIDE = 32
+#: Words of ``arrivals`` the work-queue kernel uses.
+QUEUE_ARRIVALS = QUEUE_STRIDE * (1 + QUEUE_SHARDS)
 #: A word of the work-queue kernel's ``act`` not written yet this step: no float32 a rounded activation
 #: has (the conversions from 16 bits give NaN as 0x7FFFFFFF).
 UNWRITTEN = 0xFFFFFFFF
@@ -375,8 +382,9 @@ def build_mlp_queue_kernel(spec: MLPSpec):
 
         act               [intermediate_size] int32    a's float32 bits; UNWRITTEN on entry, left so on exit
 
-    and ``arrivals`` holds two counters, zero on entry and left zero: 0 counts the blocks in for the
-    finish, :data:`QUEUE_COUNTER` hands out the units of work.
+    and ``arrivals`` (:data:`QUEUE_ARRIVALS` words, zero on entry and left zero) holds the counter of
+    the blocks in for the finish (word 0) and the :data:`QUEUE_SHARDS` counters that hand out the
+    units of work.
 
     The cluster kernel gives each cluster one slice of the intermediate size, so its step lasts as
     long as its slowest SM streams the slice; here every block (one an SM, all alike) takes a unit
@@ -394,11 +402,15 @@ def build_mlp_queue_kernel(spec: MLPSpec):
         4 finish    the last block in converts out_acc into out (hand-off: the grid clears ``out``,
                     out_acc keeps the sums) and resets ``act`` and the counters
 
-    A warp asks for its next unit while it works on the current one (lane 0's atomic in flight),
+    Warp ``w`` takes its units from counter ``w % QUEUE_SHARDS`` (units ``shard + QUEUE_SHARDS * k``,
+    ``k`` the counter's count): every block holds warps of every counter, so the counters hand out
+    their units at about the same pace, in order. A warp asks for its next unit while it works on
+    the current one (lane 0's atomic in flight),
     and issues the next unit's first loads before it computes a or adds its dots, as the cluster
     kernel's steps do. Nothing can wait forever, whatever runs beside it: a warp in phase 3 waits
     only for a's elements of units handed out before its own, to warps that are running and that
-    wait for nothing in phase 2.
+    wait for nothing in phase 2, and every counter has a warp in each running block to hand its
+    remaining units of phase 2 out.
 
     Shared memory (float32 words)::
 
@@ -448,12 +460,12 @@ def build_mlp_queue_kernel(spec: MLPSpec):
                 words[i] = uint32(0)
 
     @cuda.jit(device=True, inline=True)
-    def next_unit(arrivals, ticket, lane):
-        """``(unit, ticket)``: lane 0's ``ticket`` as the warp's unit, and lane 0's request for the one
-        after it in flight (none once the units are out)."""
-        unit = cuda.shfl_sync(FULL_MASK, ticket, 0)
+    def next_unit(arrivals, shard, ticket, lane):
+        """``(unit, ticket)``: lane 0's ``ticket`` of counter ``shard`` as the warp's unit, and lane 0's
+        request for the one after it in flight (none once the units are out)."""
+        unit = shard + QUEUE_SHARDS * cuda.shfl_sync(FULL_MASK, ticket, 0)
         if lane == 0 and unit < UNITS:
-            ticket = cuda.atomic.add(arrivals, QUEUE_COUNTER, 1)
+            ticket = cuda.atomic.add(arrivals, QUEUE_STRIDE * (1 + shard), 1)
         return unit, ticket
 
     def fused_mlp_queue(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, act):
@@ -463,13 +475,14 @@ def build_mlp_queue_kernel(spec: MLPSpec):
         lane, warp = tid % 32, tid // 32
         dots = DOTS + warp * 2 * SA  # the warp's gate dots, then its up dots
         copy = ACT + warp * SEGMENT  # the warp's copy of a segment of a
+        shard = warp % QUEUE_SHARDS
         ticket = int32(0)
         if lane == 0:
-            ticket = cuda.atomic.add(arrivals, QUEUE_COUNTER, 1)
+            ticket = cuda.atomic.add(arrivals, QUEUE_STRIDE * (1 + shard), 1)
 
         # -- 1 inputs: h = hidden + residual; xs = h * norm; sum(h^2); the first unit's loads ------------
         norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, 0, cuda.blockIdx.x == 0, tid)
-        unit, ticket = next_unit(arrivals, ticket, lane)
+        unit, ticket = next_unit(arrivals, shard, ticket, lane)
         words = cuda.local.array(WORDS, uint32)
         unit_load(w_gate, w_down, unit, lane, words)
         cuda.syncthreads()
@@ -483,7 +496,7 @@ def build_mlp_queue_kernel(spec: MLPSpec):
             gate_up_finish(words, w_gate, j0 * H, H, smem, XS, smem, dots, lane)
             gate_up_load(w_up, j0 * H, H, lane, words)
             gate_up_finish(words, w_up, j0 * H, H, smem, XS, smem, dots + SA, lane)
-            following, ticket = next_unit(arrivals, ticket, lane)
+            following, ticket = next_unit(arrivals, shard, ticket, lane)
             unit_load(w_gate, w_down, following, lane, words)
             cuda.syncwarp()
             if lane < SA:
@@ -503,7 +516,7 @@ def build_mlp_queue_kernel(spec: MLPSpec):
                 for e in range(QUAD):
                     smem[copy + q * QUAD + e] = libdevice.int_as_float(int32(got[e]))
             cuda.syncwarp()
-            following, ticket = next_unit(arrivals, ticket, lane)
+            following, ticket = next_unit(arrivals, shard, ticket, lane)
             down_finish(words, w_down, row0 * I + segment * SEGMENT, I, smem, copy, out_acc, row0, lane)
             unit_load(w_gate, w_down, following, lane, words)
             cuda.syncwarp()  # every lane is done with the copy before the next segment's is written
@@ -521,8 +534,8 @@ def build_mlp_queue_kernel(spec: MLPSpec):
                 finish_convert(out, out_acc, arrivals, 0, tid)
             for j in range(tid, I, THREADS):
                 act[j] = int32(-1)  # UNWRITTEN
-            if tid == 0:
-                arrivals[QUEUE_COUNTER] = 0
+            if tid < QUEUE_SHARDS:
+                arrivals[QUEUE_STRIDE * (1 + tid)] = 0
 
     return fused_mlp_queue
 
