@@ -11,7 +11,9 @@ its 896-wide rows of W_gate / W_up in four parts of 7 spans, ``mma_tile``; ptxas
 Llama-3-8B (clusters of 2 x 16 warps on the tensor cores). Each step twice, so the second runs on the
 workspace the first one's finish left; then once through the hand-off kernel (``DecodeMLP.handoff``:
 float32 sums in, out and cleared); ``python tests/sanitize_mlp.py presets`` runs the last two alone,
-``python tests/sanitize_mlp.py qwen2.5-7b`` or ``llama3-8b`` one of them.
+``python tests/sanitize_mlp.py qwen2.5-7b`` or ``llama3-8b`` one of them, ``python tests/sanitize_mlp.py
+queue`` the work-queue kernel (``kernel_options={"work_queue": True}``, one sequence) at a small shape and
+at Llama-3.2-1B's.
 Exits non-zero if any step misses the float64 reference or leaves its buffer uncleared (the sanitizer
 reports hazards itself).
 """
@@ -38,8 +40,13 @@ PRESETS = {
     "qwen2.5-7b": (MLPConfig(hidden_size=3584, intermediate_size=18944, rms_eps=1e-6), {}, 4, torch.bfloat16),
     "llama3-8b": (MLPConfig(hidden_size=4096, intermediate_size=14336), {}, 4, torch.float16),
 }
+QUEUE = [
+    (MLPConfig(hidden_size=512, intermediate_size=1024), {"kernel_options": {"work_queue": True}}, 1, torch.float16),
+    (MLPConfig(hidden_size=2048, intermediate_size=8192), {"kernel_options": {"work_queue": True}}, 1, torch.bfloat16),
+]
 SHAPES += PRESETS.values()
-CHOICES = {"presets": list(PRESETS.values()), **{name: [shape] for name, shape in PRESETS.items()}}
+SHAPES += QUEUE
+CHOICES = {"presets": list(PRESETS.values()), "queue": QUEUE, **{name: [shape] for name, shape in PRESETS.items()}}
 
 if len(sys.argv) > 2 or sys.argv[1:] and sys.argv[1] not in CHOICES:
     raise SystemExit(f"usage: python tests/sanitize_mlp.py [{' | '.join(CHOICES)}], got {sys.argv[1:]}")
@@ -54,7 +61,9 @@ for config, options, batch, dtype in CHOICES[sys.argv[1]] if sys.argv[1:] else S
         layer(hidden, residual, out=out)
         torch.cuda.synchronize()
         error = relative_error(out, want)
-        print(f"{options} batch {batch} {dtype} run {run}: shape {layer.shape(batch)}, rel err {error:.1e}")
+        spec = layer.kernel_spec(dtype, batch)
+        shape = (spec.cluster_size, spec.clusters, spec.warps)
+        print(f"{options} batch {batch} {dtype} run {run}: clusters, warps {shape}, rel err {error:.1e}")
         failures += not error < 1e-2
     sums = torch.randn(3, batch, config.hidden_size, device="cuda")
     sums[1].zero_()
