@@ -114,12 +114,7 @@ class MLPSpec(BlockShape):
                              "slices of a multiple of 8")
         spec = cls(config.hidden_size, config.intermediate_size, float(config.rms_eps), bf16, batch, cluster_size,
                    clusters, warps, limits)
-        spec.gate_up_tile()  # raise if a slice has no valid tiling
-        spec.down_tile()
-        if spec.shared_bytes > limits.shared_bytes_per_block:
-            raise ValueError(f"a block of this shape needs {spec.shared_bytes} bytes of shared memory; the GPU "
-                             f"allows {limits.shared_bytes_per_block} (use a larger cluster)")
-        return spec
+        return spec.checked(" (use a larger cluster)")
 
     @classmethod
     def queue(cls, config: MLPConfig, bf16: bool, batch: int, limits: DeviceLimits = HOPPER) -> MLPSpec:
@@ -131,12 +126,18 @@ class MLPSpec(BlockShape):
             raise ValueError(f"work_queue runs batch 1 only, got batch {batch}")
         spec = cls(config.hidden_size, config.intermediate_size, float(config.rms_eps), bf16, batch, 1,
                    limits.sm_count, QUEUE_WARPS, limits, work_queue=True)
-        spec.gate_up_tile()  # raise if a hidden row has no tiling
-        spec.down_tile()
-        if spec.shared_bytes > limits.shared_bytes_per_block:
-            raise ValueError(f"a work-queue block needs {spec.shared_bytes} bytes of shared memory; the GPU allows "
-                             f"{limits.shared_bytes_per_block}")
-        return spec
+        return spec.checked("")
+
+    def checked(self, remedy: str) -> MLPSpec:
+        """This spec, once its tiles and its shared memory are known to work: raises ``ValueError`` where a
+        slice or row has no tiling, or a block needs more shared memory than the GPU allows (``remedy``
+        appended to that message)."""
+        self.gate_up_tile()
+        self.down_tile()
+        if self.shared_bytes > self.limits.shared_bytes_per_block:
+            raise ValueError(f"a block of this shape needs {self.shared_bytes} bytes of shared memory; the GPU "
+                             f"allows {self.limits.shared_bytes_per_block}{remedy}")
+        return self
 
     @property
     def queue_segment(self) -> int:
