@@ -32,7 +32,7 @@ from clusterlab import simulator
 from clusterlab.fused import mlp_simulated
 from clusterlab.fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from clusterlab.fused.kernel import MMA_BATCH, MmaTile
-from clusterlab.fused.mlp_kernel import MLPSpec, build_mlp_kernel, mlp_kernel_signature
+from clusterlab.fused.mlp_kernel import UNWRITTEN_INT32, MLPSpec, build_mlp_kernel, mlp_kernel_signature
 from clusterlab.fused.mlp_simulated import simulated_mlp_step
 from clusterlab.fused.reference import relative_error
 from clusterlab.models.llama import mlp as torch_mlp
@@ -544,7 +544,7 @@ def check_gpu_step(layer, hidden, residual):
     assert relative_error(out, torch_chain(config, weights, hidden, residual)) <= TOLERANCE
     assert torch.equal(bits(new_residual), bits(exact_residual(hidden, residual)))
     assert not layer._out_acc.any() and not layer._arrivals.any(), "workspace not left zero"
-    assert (layer._act == -1).all(), "act not left unwritten"  # UNWRITTEN's bits as int32
+    assert layer._act is None or (layer._act == UNWRITTEN_INT32).all(), "act not left unwritten"
     return out
 
 
@@ -604,7 +604,7 @@ def test_a_handoff_step_computes_what_the_plain_step_does(name, dtype, batch, op
     assert_rounds_like(sums[1], out)
     assert torch.equal(bits(got_residual), bits(exact_residual(sums[0].to(dtype), residual)))
     assert (sums[2] == 0).all() and not layer._out_acc.any() and not layer._arrivals.any()
-    assert (layer._act == -1).all()
+    assert layer._act is None or (layer._act == UNWRITTEN_INT32).all()
 
 
 @pytest.mark.gpu
@@ -632,7 +632,7 @@ def test_gpu_step_replays_in_a_cuda_graph_with_new_inputs(dtype, batch, options)
         assert relative_error(out, want) <= TOLERANCE, f"replay {replay}"
         assert torch.equal(bits(new_residual), bits(exact_residual(fresh_hidden, fresh_residual))), f"replay {replay}"
         assert not layer._out_acc.any() and not layer._arrivals.any(), f"replay {replay}"
-        assert (layer._act == -1).all(), f"replay {replay}"
+        assert layer._act is None or (layer._act == UNWRITTEN_INT32).all(), f"replay {replay}"
 
 
 @pytest.mark.gpu

@@ -269,13 +269,15 @@ class DecodeMLP:
         self._specs: dict = {}
         if backend == "gpu":
             from ..gpu import require_hopper
-            from .mlp_kernel import QUEUE_ARRIVALS, UNWRITTEN
+            from .mlp_kernel import QUEUE_ARRIVALS, UNWRITTEN_INT32
 
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
-            counters = QUEUE_ARRIVALS if self.kernel_options.get("work_queue") else max(CLUSTER_SIZES)
-            self._arrivals = torch.zeros(counters, dtype=torch.int32, device=device)
-            self._act = torch.full((config.intermediate_size,), UNWRITTEN - 2**32, dtype=torch.int32, device=device)
+            queue = self.kernel_options.get("work_queue", False)
+            self._arrivals = torch.zeros(QUEUE_ARRIVALS if queue else max(CLUSTER_SIZES), dtype=torch.int32,
+                                         device=device)
+            self._act = torch.full((config.intermediate_size,), UNWRITTEN_INT32, dtype=torch.int32,
+                                   device=device) if queue else None
 
     def shape(self, batch: int) -> tuple[int, int, int]:
         """``(cluster_size, clusters, warps)`` a step of ``batch`` sequences runs with."""

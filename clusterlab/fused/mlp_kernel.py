@@ -74,6 +74,8 @@ QUEUE_ARRIVALS = QUEUE_STRIDE * (1 + QUEUE_SHARDS)
 #: A word of the work-queue kernel's ``act`` not written yet this step: no float32 a rounded activation
 #: has (the conversions from 16 bits give NaN as 0x7FFFFFFF).
 UNWRITTEN = 0xFFFFFFFF
+#: :data:`UNWRITTEN` as the int32 array ``act`` holds it.
+UNWRITTEN_INT32 = UNWRITTEN - 2**32
 
 
 @dataclass(frozen=True)
@@ -406,9 +408,8 @@ def build_mlp_queue_kernel(spec: MLPSpec):
     Warp ``w`` takes its units from counter ``w % QUEUE_SHARDS`` (units ``shard + QUEUE_SHARDS * k``,
     ``k`` the counter's count): every block holds warps of every counter, so the counters hand out
     their units at about the same pace, in order. A warp asks for its next unit while it works on
-    the current one (lane 0's atomic in flight),
-    and issues the next unit's first loads before it computes a or adds its dots, as the cluster
-    kernel's steps do. Nothing can wait forever, whatever runs beside it: a warp in phase 3 waits
+    the current one (lane 0's atomic in flight), and issues the next unit's first loads before it
+    computes a or adds its dots, as the cluster kernel's steps do. Nothing can wait forever, whatever runs beside it: a warp in phase 3 waits
     only for a's elements of units handed out before its own, to warps that are running and that
     wait for nothing in phase 2, and every counter has a warp in each running block to hand its
     remaining units of phase 2 out.
@@ -511,9 +512,10 @@ def build_mlp_queue_kernel(spec: MLPSpec):
             tile = unit - UNITS_A
             segment, row0 = tile // TILES_PER_SEGMENT, tile % TILES_PER_SEGMENT * TILE_ROWS
             for q in range(lane, SEGMENT_QUADS, 32):
-                got = ptx.ld_relaxed_gpu_v4(act, segment * SEGMENT + q * QUAD)
+                at = segment * SEGMENT + q * QUAD
+                got = ptx.ld_relaxed_gpu_v4(act, at)
                 while got[0] == UNWRITTEN or got[1] == UNWRITTEN or got[2] == UNWRITTEN or got[3] == UNWRITTEN:
-                    got = ptx.ld_relaxed_gpu_v4(act, segment * SEGMENT + q * QUAD)
+                    got = ptx.ld_relaxed_gpu_v4(act, at)
                 for e in range(QUAD):
                     smem[copy + q * QUAD + e] = libdevice.int_as_float(int32(got[e]))
             cuda.syncwarp()
@@ -534,7 +536,7 @@ def build_mlp_queue_kernel(spec: MLPSpec):
             else:
                 finish_convert(out, out_acc, arrivals, 0, tid)
             for j in range(tid, I, THREADS):
-                act[j] = int32(-1)  # UNWRITTEN
+                act[j] = UNWRITTEN_INT32
             if tid < QUEUE_SHARDS:
                 arrivals[QUEUE_STRIDE * (1 + tid)] = 0
 
