@@ -52,6 +52,13 @@ def test_steady_reduce_loops_have_their_barriers_in_the_loop_and_one_at_exit(alg
     assert loads and (algorithm == "two_shot" or loads % size == 0)
 
 
+@pytest.mark.parametrize("size", [2, 8])
+def test_steady_bulk_two_shot_loop_has_no_barrier_in_the_loop(size):
+    ptx = assembled(kernels.steady_reduce_loop("bulk_two_shot", size), (F32, F32, I64, I64))
+    assert ptx.count("barrier.cluster.arrive.release") == 2  # operation 0's (the mbarriers), the exit one
+    assert "cp.async.bulk.shared::cluster.shared::cta" in ptx and "ld.shared::cluster" not in ptx
+
+
 def test_push_variant_uses_st_async_and_mbarriers_and_no_barrier_per_operation():
     ptx = assembled(kernels.direct_push_loop, (F32, F32, types.int32[::1], I64, I64))
     assert ptx.count("barrier.cluster.arrive.release") == 2  # after mbarrier init, before exit

@@ -25,9 +25,10 @@ def stat(median, spread=0.05):
 #: Made-up per-op µs: ring is fastest for small messages, direct for large ones, the variants faster still.
 def cluster_us(primitive, implementation, size, nbytes):
     base = {"direct": 1.0, "ring": 0.8, "butterfly": 0.9, "bulk": 1.1, "two_shot": 1.3, "bulk_two_shot": 1.4, "direct_1barrier": 0.5,
-            "two_shot_2barrier": 0.9, "direct_push": 0.3, "direct_v4": 0.9, "bulk_split": 1.2}
+            "two_shot_2barrier": 0.9, "bulk_two_shot_0barrier": 1.0, "direct_push": 0.3, "direct_v4": 0.9, "bulk_split": 1.2}
     per_byte = {"direct": 1e-5, "ring": 1e-3, "butterfly": 5e-4, "bulk": 2e-5, "two_shot": 3e-5, "bulk_two_shot": 4e-5,
-                "direct_1barrier": 1e-5, "two_shot_2barrier": 2e-5, "direct_push": 1e-6, "direct_v4": 5e-6,
+                "direct_1barrier": 1e-5, "two_shot_2barrier": 2e-5, "bulk_two_shot_0barrier": 2e-5,
+                "direct_push": 1e-6, "direct_v4": 5e-6,
                 "bulk_split": 1.5e-5}
     return base[implementation] * (1 + size / 16) + per_byte[implementation] * nbytes * size
 
@@ -127,11 +128,13 @@ def test_barrier_counts_follow_the_simulator_trace():
     assert counts["reduce"]["butterfly"]["4"] == 3 and counts["reduce"]["butterfly"]["3"] == 4
     assert counts["gather"]["ring"]["16"] == 16
     assert counts["reduce"]["direct_1barrier"]["16"] == 1 and counts["reduce"]["two_shot_2barrier"]["16"] == 2
+    assert counts["reduce"]["bulk_two_shot_0barrier"]["16"] == 0
     assert counts["reduce"]["direct_push"]["16"] == 0
 
 
 def test_the_steady_reduces_are_public_and_direct_push_a_variant():
-    assert report.REDUCE_PUBLIC == (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "two_shot_2barrier")
+    assert report.REDUCE_PUBLIC == (*simulator.REDUCE_ALGORITHMS, "direct_1barrier", "two_shot_2barrier",
+                                    "bulk_two_shot_0barrier")
     assert report.family("direct_1barrier") == "cluster" and report.family("direct_push") == "variant"
     assert "direct_1barrier" in report.REDUCE_PER_OP and "direct_1barrier" not in report.VARIANTS
 

@@ -21,6 +21,8 @@ def test_shared_memory_of_each_point_matches_the_host_api():
     assert primitives.reduce_shared_bytes("direct", 256, 4) == 2 * 256 * 4
     assert primitives.reduce_shared_bytes("bulk", 256, 4) == (256 + 4 + 4 * 256) * 4
     assert primitives.reduce_shared_bytes("direct_1barrier", 256, 4) == 2 * 256 * 4
+    # the steady bulk two_shot: its one row [256], then 2 mbarriers (16 bytes) and 4 inbox rows of 64
+    assert primitives.reduce_shared_bytes("bulk_two_shot_0barrier", 256, 4) == (256 + 4 + 4 * 64) * 4
     assert primitives.gather_shared_bytes("direct_v4", 100, 3, 2) == 3 * 100 * 2
     assert primitives.gather_shared_bytes("bulk", 100, 3, 2) == 3 * 104 * 2  # rows padded to 16 bytes
 

@@ -67,17 +67,33 @@ def test_steady_reduce_equals_simulator_bit_for_bit(op, dtype):
 
 
 @pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
-def test_steady_two_shot_equals_simulator_bit_for_bit(dtype):
-    """Two barriers an operation: a read of a row or chunk a peer had already overwritten, or a chunk
-    gathered before its owner folded it, would change some operation's bits."""
+@pytest.mark.parametrize("algorithm", ["two_shot", "bulk_two_shot"])
+def test_steady_two_shots_equal_simulator_bit_for_bit(algorithm, dtype):
+    """Two barriers an operation (two_shot) or none (bulk_two_shot): a read of a row or chunk a peer
+    had already overwritten, or a chunk gathered before its owner folded it, would change some
+    operation's bits."""
     rng = np.random.default_rng()
     for size in CLUSTER_SIZES:
         for n in ROW_LENGTHS:
             steps = int(rng.integers(2, 7))
             xs = np.stack([random_rows(rng, size, n, dtype) for _ in range(steps)])
-            expected, _ = simulator.cluster_reduce_steady(xs, algorithm="two_shot")
-            out = primitives.cluster_reduce_steady(xs, algorithm="two_shot", out=poisoned(xs.shape, dtype))
-            assert_same_bits(primitives.to_numpy(out), expected, f"steady two_shot {dtype} N={size} n={n} steps={steps}")
+            expected, _ = simulator.cluster_reduce_steady(xs, algorithm=algorithm)
+            out = primitives.cluster_reduce_steady(xs, algorithm=algorithm, out=poisoned(xs.shape, dtype))
+            assert_same_bits(primitives.to_numpy(out), expected,
+                             f"steady {algorithm} {dtype} N={size} n={n} steps={steps}")
+
+
+@pytest.mark.parametrize("op", simulator.OPS)
+@pytest.mark.parametrize("size", (2, 5, 16))
+def test_steady_two_shots_equal_simulator_on_long_rows(op, size):
+    """n = 20003 over 6 operations: every thread gathers several rounds of quads from several owners
+    (two_shot) and folds several quads (bulk_two_shot), plus the row's tail of 3 elements."""
+    rng = np.random.default_rng()
+    xs = np.stack([random_rows(rng, size, 20003, "float32") for _ in range(6)])
+    for algorithm in ("two_shot", "bulk_two_shot"):
+        expected, _ = simulator.cluster_reduce_steady(xs, op=op, algorithm=algorithm)
+        out = primitives.cluster_reduce_steady(xs, op=op, algorithm=algorithm, out=poisoned(xs.shape, "float32"))
+        assert_same_bits(primitives.to_numpy(out), expected, f"steady {algorithm} {op} N={size} n=20003")
 
 
 def test_steady_reduce_runs_many_clusters_independently():

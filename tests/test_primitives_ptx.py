@@ -72,6 +72,22 @@ def test_steady_two_shot_kernel_assembles_with_two_barriers_an_operation(cluster
     assert "ld.shared::cluster.v4.f32" in ptx
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("cluster_size", [2, 3, 16])
+def test_steady_bulk_two_shot_kernel_assembles_with_no_barrier_an_operation(op, cluster_size):
+    """The cluster barriers are operation 0's (publishing the mbarriers) and the exit one; each operation
+    moves its chunks with bulk copies, each followed by a release arrival on the peer's mbarrier, and
+    folds 16 bytes of shared memory a load."""
+    steps = types.float32[:, :, ::1]
+    ptx = kernel_ptx(steady_reduce_kernel(op, "float32", cluster_size, "bulk_two_shot"),
+                     (steps, steps, types.int64, types.int64))
+    check(ptx, "bulk_two_shot")
+    assert ptx.count("barrier.cluster.arrive") == 2 and ptx.count("barrier.cluster.wait") == 2
+    for instruction in ("mbarrier.arrive.release.cluster.shared::cluster", "mbarrier.try_wait.parity.acquire.cluster",
+                        "ld.shared.v4.f32", "st.shared.v4.f32"):
+        assert instruction in ptx, instruction
+
+
 @pytest.mark.parametrize("dtype", [d for d in GPU_DTYPES if d != "float32"])
 def test_half_precision_reduce_converts_with_cvt(dtype):
     ptx = kernel_ptx(reduce_kernel("ring", "sum", dtype), signature(types.uint16))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from program_variants import without_line
+from program_variants import with_replaced, without_line
 
 from clusterlab import simulator as sim
 from clusterlab.simulator import reduce as sim_reduce
@@ -237,10 +237,12 @@ def test_a_16_block_float32_reduce_is_fast_enough_to_iterate_on():
 # ------------------------------------------------------------------- back to back: one barrier a step
 
 
-@pytest.mark.parametrize("algorithm, barriers_a_step", [("direct", 1), ("two_shot", 2)])  # separate calls: 2, 3
+@pytest.mark.parametrize("algorithm, barriers_a_step, barriers_once", [  # separate calls: 2, 3, 2
+    ("direct", 1, 1), ("two_shot", 2, 1), ("bulk_two_shot", 0, 2)])
 @pytest.mark.parametrize("size", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("dtype, op", [("float32", "sum"), ("bfloat16", "sum"), ("int32", "sum"), ("float16", "max")])
-def test_steady_reduces_are_direct_bit_for_bit_with_their_barriers_a_step(algorithm, barriers_a_step, size, dtype, op):
+def test_steady_reduces_are_direct_bit_for_bit_with_their_barriers_a_step(algorithm, barriers_a_step, barriers_once,
+                                                                          size, dtype, op):
     seed = int(np.random.default_rng().integers(2**31))
     steps, n = 5, 37
     xs = np.stack([random_rows(seed + k, size, n, dtype) for k in range(steps)])
@@ -250,7 +252,7 @@ def test_steady_reduces_are_direct_bit_for_bit_with_their_barriers_a_step(algori
         once, _ = sim.cluster_reduce(xs[k], op, "direct")
         assert np.array_equal(bits(out[k]), bits(once)), k
     barriers = sum(1 for e in trace.events if e.kind == "barrier.cluster.wait.acquire" and e.block == 0)
-    assert barriers == barriers_a_step * steps + 1
+    assert barriers == barriers_a_step * steps + barriers_once
 
 
 def test_steady_reduce_agrees_with_numpy():
@@ -281,6 +283,23 @@ def test_steady_two_shot_needs_both_barriers(marker):
     program = without_line(sim_reduce.two_shot_steady_reduce, marker)
     with pytest.raises(sim.DataRace):
         sim.launch(program, 4, xs, np.empty_like(xs), np.add)
+
+
+@pytest.mark.parametrize("mbarrier, steps", [("scattered", {"stage 0", "all-gather 0"}),
+                                             ("gathered", {"reduce-scatter 0", "stage 1"})])
+def test_steady_bulk_two_shot_needs_the_release_arrivals_beside_its_copies(mbarrier, steps):
+    """A copy's completion orders only the bytes it moved. Without the peers' release arrivals on
+    ``scattered`` a peer's push lands on the row this block staged, unordered with that staging; without
+    those on ``gathered`` this block stages its next row over a chunk its own copy may still read."""
+    size = 4
+    xs = np.stack([random_rows(k, size, 24, "float32") for k in range(3)])
+    sim.cluster_reduce_steady(xs, algorithm="bulk_two_shot")
+    program = with_replaced(sim_reduce.bulk_two_shot_steady_reduce, {
+        f"b.mbarrier_init({mbarrier}, size)": f"b.mbarrier_init({mbarrier}, 1)",
+        f"b.mbarrier_arrive(b.map_shared({mbarrier}, c))": "pass"})
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, size, xs, np.empty_like(xs), np.add)
+    assert {p.step for p in info.value.points} == steps
 
 
 def chained_two_shot(b, x, out, steps):

@@ -163,19 +163,23 @@ def steady_reduce_loop(algorithm: str, cluster_size: int):
 
     ``steady_reduce_loop(algorithm, cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32
     [blocks, n]; dynamic shared memory ``rows`` [2, slot] (``steady_result_offset(n)`` float32
-    elements). Operation k reduces rows[k % 2] into rows[(k + 1) % 2], the contract's chain, which
-    copies nothing: ``direct`` (``direct_1barrier`` in the results, one barrier an operation) takes
-    both rows as its double buffer and folds into the other one; ``two_shot`` (``two_shot_2barrier``,
-    two barriers) takes them as ``staged`` and ``result``, swapped every operation::
+    elements; for ``bulk_two_shot`` [slot] and its ``work``, ``steady_shared_bytes(n, "bulk_two_shot", N)``).
+    Operation k reduces rows[k % 2] into rows[(k + 1) % 2], the contract's chain, which copies
+    nothing: ``direct`` (``direct_1barrier`` in the results, one barrier an operation) takes both rows
+    as its double buffer and folds into the other one; ``two_shot`` (``two_shot_2barrier``, two
+    barriers) takes them as ``staged`` and ``result``, swapped every operation; ``bulk_two_shot``
+    (``bulk_two_shot_0barrier``, no barrier) reduces its one row in place::
 
-        direct    stage row0 | barrier | row0 of all -> row1 | barrier | row1 of all -> row0 | ...
-        two_shot  stage row0 | barrier | chunk r of all row0 -> row1 | barrier | row1's chunks from owners | ...
+        direct         stage row0 | barrier | row0 of all -> row1 | barrier | row1 of all -> row0 | ...
+        two_shot       stage row0 | barrier | chunk r of all row0 -> row1 | barrier | row1's chunks from owners | ...
+        bulk_two_shot  stage row0 | barrier | chunks to their owners, folded, copied back into row0 | ...
 
     The final barrier keeps each block alive until no peer reads it. Bit for bit the result of
     ``reps`` calls of ``direct``.
     """
     steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm)
     direct = algorithm == "direct"
+    in_place = algorithm == "bulk_two_shot"
 
     @cuda.jit
     def steady_loop(x, out, n, reps):
@@ -187,11 +191,13 @@ def steady_reduce_loop(algorithm: str, cluster_size: int):
         for it in range(reps):
             if direct:  # the double buffer, folded into its other row
                 steady_sum(rows, rows[((it + 1) & 1) * slot:], n, it)
+            elif in_place:  # the row, then the work of its mbarriers and inbox
+                steady_sum(rows, rows[slot:], n, it)
             else:  # staged and result, swapped
                 current = (it & 1) * slot
                 steady_sum(rows[current:], rows[slot - current:], n, it)
         ptx.cluster_sync()  # peers may still be reading this block's rows
-        last = (reps & 1) * slot
+        last = 0 if in_place else (reps & 1) * slot
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             out[row, i] = rows[last + i]
 

@@ -73,7 +73,7 @@ from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
 from ..primitives.host import THREADS_PER_BLOCK
-from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_result_offset, work_offset
+from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_result_offset, steady_shared_bytes, work_offset
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
 from . import kernels, report, timing
 
@@ -101,7 +101,8 @@ GRAPH_CHAIN = 32
 #: bfloat16 keeps 8 significant bits: one rounding of the float32 result is 2^-9 relative at most.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-3, "float16": 2e-3}
 #: The library's algorithm behind each steady-state reduce of the results.
-STEADY_ALGORITHM = {"direct_1barrier": "direct", "two_shot_2barrier": "two_shot"}
+STEADY_ALGORITHM = {"direct_1barrier": "direct", "two_shot_2barrier": "two_shot",
+                    "bulk_two_shot_0barrier": "bulk_two_shot"}
 #: Reduce implementations whose kernels spin on flags, timed after everything else (see :func:`_tasks`).
 SPINNING = ("global_grid_barrier", "direct_push")
 
@@ -109,6 +110,8 @@ SPINNING = ("global_grid_barrier", "direct_push")
 def reduce_shared_bytes(implementation: str, n: int, cluster_size: int) -> int:
     """Dynamic shared memory a reduce loop of ``n`` float32 elements per block needs."""
     if implementation in STEADY_ALGORITHM:
+        if STEADY_ALGORITHM[implementation] == "bulk_two_shot":  # its row [slot], then its work
+            return steady_shared_bytes(n, "bulk_two_shot", cluster_size)
         return steady_result_offset(n) * FLOAT32_BYTES  # rows [2, slot]; each result folds into the other
     if implementation == "direct_push":
         return (n + 2 * cluster_size * n) * FLOAT32_BYTES

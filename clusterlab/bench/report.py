@@ -30,9 +30,9 @@ from .timing import Stat, card_tag, write_json
 SCHEMA = "clusterlab.bench.primitives/1"
 
 #: The public steady-state reduces: :func:`clusterlab.primitives.reduce.steady_reduce_device_function`
-#: (the double-buffered direct reduce and the steady two_shot), timed per operation only, with their
-#: cluster barriers per operation.
-REDUCE_STEADY = {"direct_1barrier": 1, "two_shot_2barrier": 2}
+#: (the double-buffered direct reduce, the steady two_shot and the steady bulk_two_shot), timed per
+#: operation only, with their cluster barriers per operation.
+REDUCE_STEADY = {"direct_1barrier": 1, "two_shot_2barrier": 2, "bulk_two_shot_0barrier": 0}
 #: The reduce of the public contract: the host API's algorithms and the steady-state reduce.
 REDUCE_PUBLIC = (*simulator.REDUCE_ALGORITHMS, *REDUCE_STEADY)
 #: Benchmark-only implementations (not in clusterlab.primitives), each with its cluster barriers
@@ -418,7 +418,7 @@ def auto_table(results: dict, path: str = "") -> dict:
 
 _VERDICT = {True: "", False: "*", None: "?"}
 #: Implementation names shortened in the target tables.
-SHORT = {"direct_1barrier": "1barrier", "two_shot_2barrier": "2shot2b"}
+SHORT = {"direct_1barrier": "1barrier", "two_shot_2barrier": "2shot2b", "bulk_two_shot_0barrier": "bulk2shot0b"}
 
 
 def _bytes(nbytes: int) -> str:
@@ -546,7 +546,8 @@ PANEL_BYTES = (64, 256, 1024, 4096, 16384, 65536)
 STYLE = {
     "direct": ("C0", "-"), "ring": ("C1", "-"), "butterfly": ("C2", "-"), "bulk": ("C3", "-"), "two_shot": ("C6", "-"),
     "bulk_two_shot": ("C9", "-"),
-    "direct_1barrier": ("C0", "--"), "two_shot_2barrier": ("C6", "--"), "direct_push": ("C4", "--"),
+    "direct_1barrier": ("C0", "--"), "two_shot_2barrier": ("C6", "--"), "bulk_two_shot_0barrier": ("C9", "--"),
+    "direct_push": ("C4", "--"),
     "direct_v4": ("C0", "--"),
     "bulk_split": ("C3", "--"),
     "global_kernel_boundary": ("C7", "-."), "global_grid_barrier": ("C5", "-."), "torch": ("C8", ":"),

@@ -163,7 +163,8 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
 
 def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out=None):
     """Back-to-back all-reduces in one launch: ``direct`` at one cluster barrier each
-    (``direct_steady_reduce``), ``two_shot`` at two (``two_shot_steady_reduce``, the fewest bytes).
+    (``direct_steady_reduce``), ``two_shot`` at two (``two_shot_steady_reduce``, the fewest bytes),
+    ``bulk_two_shot`` at none (``bulk_two_shot_steady_reduce``: the same bytes moved by the copy engine).
 
     ``xs``: [steps, N, n] or [steps, C, N, n], ``xs[k]`` operation k's rows; returns a CUDA tensor
     of the same shape and dtype (``out`` if given), ``out[k]`` bit for bit what
@@ -176,7 +177,7 @@ def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out
         raise ValueError(f"xs must be [steps, cluster_size, n] or [steps, num_clusters, cluster_size, n] with "
                          f"steps >= 1; got {getattr(xs, 'shape', type(xs).__name__)}")
     dtype, num_clusters, cluster_size, n = _check_rows(xs[0], "xs[0]")
-    shared_bytes = steady_shared_bytes(n, algorithm)
+    shared_bytes = steady_shared_bytes(n, algorithm, cluster_size)
     _check_shared_bytes(shared_bytes, n, f"the steady {algorithm} reduce (its staged rows and the result)")
     require_hopper()
     steps = xs.shape[0]

@@ -74,6 +74,25 @@ Barrier k.a opens the call (rows staged), k.b separates the reduce-scatter from 
 block barrier ends it; after the last operation ``ptx.cluster_sync()`` once: 2 x steps + 1 cluster
 barriers, against 3 x steps for separate ``two_shot`` calls.
 
+Back-to-back ``bulk_two_shot`` all-reduces at **no cluster barrier** an operation (the simulator's
+``bulk_two_shot_steady_reduce``, its rules in that module's docstring)::
+
+    bulk_two_shot_steady_reduce(staged, work, n, k)    from steady_reduce_device_function(op, N, "bulk_two_shot")
+
+    staged     shared float32 [slot], 16-byte aligned, the same offset in every block: this block's
+               row of operation k on entry (every thread's stores done), the reduction on return; the
+               next row may be staged over it once the call returns (a chain: leave the result there)
+    work       shared float32 scratch of reduce_scratch_elements("bulk_two_shot", n, N) elements,
+               16-byte aligned, the same offset in every block: the mbarriers ``scattered`` and
+               ``gathered`` and the inbox [N, chunk slot]; the caller leaves it alone between calls
+    k          the operation's index: 0, 1, 2, .. at one call site (operation 0 initialises the
+               mbarriers and opens with the chain's one cluster barrier)
+
+The chunks go out and the folded chunks come back as ``cp.async.bulk`` copies issued by thread 0, each
+followed by a release arrival on the receiver's mbarrier; every thread waits on its own ``scattered``,
+then on ``gathered``. After the last operation call ``ptx.cluster_sync()`` once before the block
+exits or reuses ``staged`` and ``work``: 2 cluster barriers for any number of operations.
+
 The host API, :func:`cluster_reduce`, stages rows from global memory, widening float16/bfloat16
 to float32, runs one of these, and rounds the result once to the input dtype;
 :func:`cluster_reduce_steady` does so for a sequence of operations.
@@ -379,15 +398,19 @@ def reduce_kernel(algorithm: str, op: str, dtype: str):
 
 
 def steady_result_offset(n: int, algorithm: str = "direct") -> int:
-    """float32 element where ``result`` starts after the steady reduce's ``staged``: [2, slot] for
-    ``direct``, [slot] for ``two_shot``."""
+    """float32 element where ``result`` (``work`` for ``bulk_two_shot``) starts after the steady
+    reduce's ``staged``: [2, slot] for ``direct``, [slot] for ``two_shot`` and ``bulk_two_shot``."""
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     return STEADY_BUFFERS[algorithm] * slot_elements(n, FLOAT32_BYTES)
 
 
-def steady_shared_bytes(n: int, algorithm: str = "direct") -> int:
-    """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged`` then ``result`` [slot]."""
-    return (steady_result_offset(n, algorithm) + slot_elements(n, FLOAT32_BYTES)) * FLOAT32_BYTES
+def steady_shared_bytes(n: int, algorithm: str = "direct", cluster_size: int = 1) -> int:
+    """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged``, then ``result``
+    [slot] (``direct``, ``two_shot``) or ``bulk_two_shot``'s ``work`` (its mbarriers and the inbox
+    of ``cluster_size`` chunks)."""
+    after = (reduce_scratch_elements("bulk_two_shot", n, cluster_size) if algorithm == "bulk_two_shot"
+             else slot_elements(n, FLOAT32_BYTES))
+    return (steady_result_offset(n, algorithm) + after) * FLOAT32_BYTES
 
 
 @functools.cache
@@ -398,6 +421,7 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
     check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     fold_row = unrolled_fold_row(op, cluster_size)
+    combine = OPERATORS[op]
     size = cluster_size
 
     @cuda.jit(device=True)
@@ -412,18 +436,25 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
     def gather_chunks(result, n, rank):
         """Every quad of the row outside chunk ``rank`` from its owner's result, LOADS_IN_FLIGHT a thread
         at a time (all issued before the first store); the tail after the whole quads (the last chunk's)
-        an element a thread."""
+        an element a thread. A thread's quads only grow, so their owner is found by walking the chunk
+        bounds (a division by the cluster size, known when compiled), not by ``two_shot_owner``'s
+        division by the row's quads."""
         t = cuda.threadIdx.x
         threads = cuda.blockDim.x
         whole = n // 4
         pulled = cuda.local.array((LOADS_IN_FLIGHT, 4), float32)  # quad q + j * threads: pulled[j]
         owners = cuda.local.array(LOADS_IN_FLIGHT, int32)
+        owner = 0  # the owner of the thread's next quad, and the first quad past its chunk
+        bound = two_shot_chunk_start(1, n, size) // 4
         q = t
         while q < whole:
             for j in range(LOADS_IN_FLIGHT):
                 owners[j] = rank
                 if q + j * threads < whole:
-                    owners[j] = two_shot_owner(q + j * threads, n, size)
+                    while q + j * threads >= bound:
+                        owner += 1
+                        bound = two_shot_chunk_start(owner + 1, n, size) // 4
+                    owners[j] = owner
                 if owners[j] != rank:
                     pulled[j, 0], pulled[j, 1], pulled[j, 2], pulled[j, 3] = \
                         ptx.remote_load_v4_f32(result, 4 * (q + j * threads), owners[j])
@@ -450,7 +481,76 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
         gather_chunks(result, n, rank)
         cuda.syncthreads()
 
-    return direct_steady_reduce if algorithm == "direct" else two_shot_steady_reduce
+    @cuda.jit(device=True)
+    def bulk_two_shot_steady_reduce(staged, work, n, k):
+        """Operation k: the chunks scattered into the peers' inboxes and the folded chunks gathered back
+        by bulk copies, each block's copies followed by a release arrival on the peer's mbarrier; no
+        cluster barrier (one before operation 0 publishes the mbarriers)."""
+        rank = ptx.cluster_rank()
+        tid = cuda.threadIdx.x
+        slot = quad_padded(n)
+        chunk_slot = 4 * ((slot // 4 + size - 1) // size)  # bulk_two_shot_chunk_slot(n, N, 4): the widest chunk
+        inbox = MBARRIER_BYTES // FLOAT32_BYTES  # work = scattered, gathered | inbox [N, chunk slot]
+        scattered = ptx.shared_address(work, 0)
+        gathered = scattered + 8
+        row_at = ptx.shared_address(staged, 0)
+        inbox_at = ptx.shared_address(work, inbox)
+        own_at = inbox_at + rank * chunk_slot * FLOAT32_BYTES  # inbox[rank]: the folded chunk the pushes copy
+        lo = two_shot_chunk_start(rank, n, size)
+        hi = two_shot_chunk_start(rank + 1, n, size)
+        end = lo + quad_padded(hi - lo)  # what a copy of chunk rank moves: [lo, end)
+        if k == 0:
+            if tid == 0:
+                ptx.mbarrier_init(scattered, size)  # this block's expect_tx and every peer's arrival
+                ptx.mbarrier_init(gathered, size)
+                ptx.fence_mbarrier_init_release_cluster()
+            ptx.cluster_sync()  # mbarriers initialised everywhere
+        ptx.fence_proxy_async_shared_cta()  # the staged row (st.shared) -> the copies below
+        cuda.syncthreads()
+        if tid == 0:
+            # phase k of both: peers' bytes may land before these, this block's arrival keeps the phase open
+            ptx.mbarrier_arrive_expect_tx(scattered, (size - 1) * (end - lo) * FLOAT32_BYTES)
+            ptx.mbarrier_arrive_expect_tx(gathered, (slot - (end - lo)) * FLOAT32_BYTES)
+            for j in range(1, size):  # reduce-scatter: chunk c of this row into inbox[rank] of block c
+                c = (rank + j) % size
+                c_lo = two_shot_chunk_start(c, n, size)
+                c_end = c_lo + quad_padded(two_shot_chunk_start(c + 1, n, size) - c_lo)
+                if c_end > c_lo:
+                    ptx.bulk_copy_shared_to_cluster(ptx.map_shared(own_at, c), row_at + c_lo * FLOAT32_BYTES,
+                                                    (c_end - c_lo) * FLOAT32_BYTES, ptx.map_shared(scattered, c))
+                ptx.mbarrier_arrive_cluster(ptx.map_shared(scattered, c))  # release: the row staged before
+        ptx.mbarrier_wait_parity(scattered, k & 1)
+        for q in range(lo // 4 + tid, hi // 4, cuda.blockDim.x):  # the direct fold of chunk rank, a quad a thread
+            at = (4 * q - lo) * FLOAT32_BYTES  # the quad's byte offset in an inbox row
+            a0, a1, a2, a3 = ptx.ld_shared_v4_f32(row_at + 16 * q if rank == 0 else inbox_at + at)
+            for s in range(1, size):
+                b0, b1, b2, b3 = ptx.ld_shared_v4_f32(
+                    row_at + 16 * q if s == rank else inbox_at + s * chunk_slot * FLOAT32_BYTES + at)
+                a0 = combine(a0, b0)
+                a1 = combine(a1, b1)
+                a2 = combine(a2, b2)
+                a3 = combine(a3, b3)
+            ptx.st_shared_v4_f32(row_at + 16 * q, a0, a1, a2, a3)
+            ptx.st_shared_v4_f32(own_at + at, a0, a1, a2, a3)
+        for i in range(4 * (hi // 4) + tid, hi, cuda.blockDim.x):  # the row's tail (last chunk only)
+            acc = staged[i] if rank == 0 else work[inbox + i - lo]
+            for s in range(1, size):
+                acc = combine(acc, staged[i] if s == rank else work[inbox + s * chunk_slot + i - lo])
+            staged[i] = acc
+            work[inbox + rank * chunk_slot + i - lo] = acc
+        ptx.fence_proxy_async_shared_cta()  # the folded chunk -> the copies below
+        cuda.syncthreads()
+        if tid == 0:
+            for j in range(1, size):  # all-gather: the folded chunk into staged of every peer
+                c = (rank + j) % size
+                if end > lo:
+                    ptx.bulk_copy_shared_to_cluster(ptx.map_shared(row_at + lo * FLOAT32_BYTES, c), own_at,
+                                                    (end - lo) * FLOAT32_BYTES, ptx.map_shared(gathered, c))
+                ptx.mbarrier_arrive_cluster(ptx.map_shared(gathered, c))  # release: this block's reads before
+        ptx.mbarrier_wait_parity(gathered, k & 1)
+
+    return {"direct": direct_steady_reduce, "two_shot": two_shot_steady_reduce,
+            "bulk_two_shot": bulk_two_shot_steady_reduce}[algorithm]
 
 
 @functools.cache
@@ -460,17 +560,21 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     ``xs``/``out``: [steps, num_clusters * cluster_size, n], float32, or uint16 bit patterns for
     float16/bfloat16; launched in clusters of ``cluster_size``. Dynamic shared memory
     (:func:`steady_shared_bytes`): ``staged`` at 0 ([2, slot] for ``direct``, operation k in buffer
-    k % 2; [slot] for ``two_shot``), ``result`` at ``result_offset`` (:func:`steady_result_offset`).
+    k % 2; [slot] for ``two_shot`` and ``bulk_two_shot``), ``result`` at ``result_offset``
+    (:func:`steady_result_offset`; ``bulk_two_shot``'s ``work`` there, its result in ``staged``).
     """
     reduce = steady_reduce_device_function(op, cluster_size, algorithm)
     widen, narrow = CONVERSIONS[dtype]
     buffers = STEADY_BUFFERS[algorithm]
+
+    in_place = algorithm == "bulk_two_shot"  # its result is ``staged``, and ``result`` is its ``work``
 
     @cuda.jit
     def cluster_reduce_steady_kernel(xs, out, n, result_offset):
         smem = cuda.shared.array(0, dtype="float32", alignment=16)
         staged = smem[:result_offset]
         result = smem[result_offset:]
+        reduced = staged if in_place else result
         row = cuda.blockIdx.x
         for k in range(xs.shape[0]):
             buffer = (k % buffers) * (result_offset // buffers)
@@ -478,7 +582,7 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
                 staged[buffer + i] = widen(xs[k, row, i])
             reduce(staged, result, n, k)
             for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-                out[k, row, i] = narrow(result[i])
+                out[k, row, i] = narrow(reduced[i])
         ptx.cluster_sync()  # peers may still be reading the last operation's rows
 
     return cluster_reduce_steady_kernel

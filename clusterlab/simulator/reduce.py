@@ -93,6 +93,31 @@ all-reduce moves::
   from one operation to the next (operation k's result is operation k + 1's staged row): the same
   two rules cover a chain that copies nothing.
 
+``cluster_reduce_steady(xs, algorithm="bulk_two_shot")`` — back-to-back ``bulk_two_shot``
+all-reduces at **no cluster barrier per operation** (one before the first publishes the
+mbarriers, one after the last): every hand-over is a copy completing on the receiver's mbarrier,
+followed by a release arrival of its sender there::
+
+    shared memory per block: staged A[slot] | inbox A[N, chunk slot] | scattered, gathered mbarriers
+                             (each expects N arrivals a phase: this block's expect_tx, one per peer)
+
+    operation k: stage x_k into staged; expect_tx on scattered and gathered (phase k); copy chunk c
+                 of staged into inbox[r] of block c and arrive there, for every peer c; wait for
+                 scattered; fold chunk r in rank order (the ``direct`` fold, the same bits) into
+                 staged[chunk r] and into inbox[r]; copy inbox[r] into staged[chunk r] of every peer
+                 and arrive on its gathered; wait for gathered: staged holds the reduction
+
+  The rules: (1) a copy's completion orders only the bytes it moved, so each copy is followed by a
+  release arrival: the one on a peer's ``scattered`` orders this block's staging before the peer's
+  push lands on it, the one on ``gathered`` orders the peer's own reads (its copies of operation
+  k) before it stages operation k + 1 over them; (2) the pushes copy ``inbox[r]``, not
+  ``staged[chunk r]``, which the next operation stages over before any peer is known to have
+  received them; ``inbox[r]`` is written again only after ``scattered`` of k + 1, whose arrivals
+  come after every peer's ``gathered`` of k; (3) a peer's bytes may land before this block's
+  expect_tx: its own arrival keeps the phase open. Drop either kind of arrival and the simulator
+  reports the race. The ``two_shot`` bytes, in 2 (N - 1) copies a block and operation, all issued
+  by one thread.
+
 ``two_shot`` — reduce-scatter then all-gather, each in one step (the ``ring``'s data movement
 without its N-1 + N-1 steps)::
 
@@ -145,7 +170,7 @@ from .memory import MBARRIER_BYTES, layout_bytes
 #: ClusterReduce algorithms, by name.
 REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk", "two_shot", "bulk_two_shot")
 #: Algorithms of :func:`cluster_reduce_steady`, with the staging buffers of their contract.
-STEADY_BUFFERS = {"direct": 2, "two_shot": 1}
+STEADY_BUFFERS = {"direct": 2, "two_shot": 1, "bulk_two_shot": 1}
 
 
 def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
@@ -175,8 +200,8 @@ def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
 
 
 def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int | None = None, algorithm: str = "direct"):
-    """``steps`` all-reduces back to back: ``direct`` at one cluster barrier each, ``two_shot`` at two
-    (see the module docstring).
+    """``steps`` all-reduces back to back: ``direct`` at one cluster barrier each, ``two_shot`` at two,
+    ``bulk_two_shot`` at none (see the module docstring).
 
     ``xs``: [steps, cluster_size, n], steps >= 1, dtype one of ``DTYPES``; ``xs[k]`` is operation
     k's input, row r in block r. ``op``: one of ``OPS``; ``algorithm``: one of ``STEADY_BUFFERS``.
@@ -201,15 +226,23 @@ def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int | None =
     name = dtype_name(xs.dtype)
     row = n * accumulation_dtype(xs.dtype).itemsize
     arrays = [buffers * row] if algorithm == "direct" else [row, row]  # staged | result
-    check_fits("n (xs.shape[2])", n, lambda m: layout_bytes([a // n * m for a in arrays]),
+
+    def layout(m):  # bulk_two_shot: the layout of the single operation
+        if algorithm == "bulk_two_shot":
+            return reduce_shared_bytes(algorithm, m, size, xs.dtype)
+        return layout_bytes([a // n * m for a in arrays])
+
+    check_fits("n (xs.shape[2])", n, layout,
                f"the steady {algorithm} reduce ({buffers} buffer{'s' if buffers > 1 else ''}, {name})")
     out = np.empty_like(xs)
     title = (f"cluster_reduce_steady(op={op!r}, algorithm={algorithm!r}, buffers={buffers}): {steps} steps of "
              f"{size} blocks x {n} {name}, accumulating in {accumulation_dtype(xs.dtype).name}")
     if algorithm == "direct":
         trace = launch(direct_steady_reduce, size, xs, out, op_ufunc(op), buffers, title=title)
-    else:
+    elif algorithm == "two_shot":
         trace = launch(two_shot_steady_reduce, size, xs, out, op_ufunc(op), title=title)
+    else:
+        trace = launch(bulk_two_shot_steady_reduce, size, xs, out, op_ufunc(op), title=title)
     return out, trace
 
 
@@ -314,6 +347,63 @@ def direct_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.
             acc = combine(acc, _load(b, staged, s, (buffer, slice(None))))
         out[k, rank] = acc.astype(xs.dtype)
     yield b.cluster_sync()  # peers may still be reading the last operation's buffer
+
+
+def bulk_two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.ufunc):
+    """``bulk_two_shot`` once per operation, no cluster barrier (one before the first operation, one
+    after the last). Writes ``out[k, rank]`` [n] for every operation k."""
+    size, rank, n = b.cluster_size, b.cluster_rank, xs.shape[2]
+    acc_dtype = accumulation_dtype(xs.dtype)
+    itemsize = acc_dtype.itemsize
+    staged = b.shared_array("staged", (slot_elements(n, itemsize),), acc_dtype)
+    inbox = b.shared_array("inbox", (size, bulk_two_shot_chunk_slot(n, size, itemsize)), acc_dtype)
+    scattered = b.shared_mbarrier("scattered")
+    gathered = b.shared_mbarrier("gathered")
+
+    def chunk(c):  # chunk c of a row, and its end rounded up to 16 bytes (what a copy moves)
+        lo, hi = two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size)
+        return lo, hi, lo + slot_elements(hi - lo, itemsize)
+
+    lo, hi, end = chunk(rank)
+    scattered_bytes = (size - 1) * (end - lo) * itemsize
+    gathered_bytes = sum((chunk(c)[2] - chunk(c)[0]) * itemsize for c in range(size) if c != rank)
+    b.step("initialise")
+    b.mbarrier_init(scattered, size)  # this block's expect_tx and every peer's arrival
+    b.mbarrier_init(gathered, size)
+    yield b.cluster_sync()  # mbarriers initialised everywhere
+    for k in range(xs.shape[0]):
+        b.step(f"stage {k}")
+        staged[:n] = xs[k, rank].astype(acc_dtype)
+        b.fence_proxy_async()  # st.shared above -> cp.async.bulk below
+        b.step(f"reduce-scatter {k}")
+        # phase k of both: peers' bytes may land before these, this block's arrival keeps the phase open
+        b.mbarrier_arrive_expect_tx(scattered, scattered_bytes)
+        b.mbarrier_arrive_expect_tx(gathered, gathered_bytes)
+        for j in range(1, size):
+            c = (rank + j) % size
+            c_lo, _, c_end = chunk(c)
+            if c_end > c_lo:
+                b.bulk_copy(b.map_shared(inbox, c).at[rank, : c_end - c_lo], staged.at[c_lo:c_end],
+                            b.map_shared(scattered, c))
+            b.mbarrier_arrive(b.map_shared(scattered, c))  # release: the row staged before the peer's pushes
+        yield b.mbarrier_wait(scattered, k % 2)
+        b.step(f"fold {k}")
+        acc = staged[lo:hi] if rank == 0 else inbox[0, : hi - lo]
+        for s in range(1, size):
+            acc = combine(acc, staged[lo:hi] if s == rank else inbox[s, : hi - lo])
+        staged[lo:hi] = acc
+        inbox[rank, : hi - lo] = acc  # what the pushes below copy: staged[lo:hi] takes the next row before they land
+        b.fence_proxy_async()  # the folded chunk -> the copies below
+        b.step(f"all-gather {k}")
+        for j in range(1, size):
+            c = (rank + j) % size
+            if end > lo:
+                b.bulk_copy(b.map_shared(staged, c).at[lo:end], inbox.at[rank, : end - lo],
+                            b.map_shared(gathered, c))
+            b.mbarrier_arrive(b.map_shared(gathered, c))  # release: what this block read before, peers' copies too
+        yield b.mbarrier_wait(gathered, k % 2)
+        out[k, rank] = staged[:n].astype(xs.dtype)
+    yield b.cluster_sync()  # peers' copies may still read this block's inbox[rank]
 
 
 def two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.ufunc):
