@@ -436,16 +436,16 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
     def gather_chunks(result, n, rank):
         """Every quad of the row outside chunk ``rank`` from its owner's result, LOADS_IN_FLIGHT a thread
         at a time (all issued before the first store); the tail after the whole quads (the last chunk's)
-        an element a thread. A thread's quads only grow, so their owner is found by walking the chunk
-        bounds (a division by the cluster size, known when compiled), not by ``two_shot_owner``'s
-        division by the row's quads."""
+        an element a thread. A thread's quads only grow, so after ``two_shot_owner`` of its first one
+        (a division by the row's quads) their owners are found by walking the chunk bounds (a division
+        by the cluster size, known when compiled)."""
         t = cuda.threadIdx.x
         threads = cuda.blockDim.x
         whole = n // 4
         pulled = cuda.local.array((LOADS_IN_FLIGHT, 4), float32)  # quad q + j * threads: pulled[j]
         owners = cuda.local.array(LOADS_IN_FLIGHT, int32)
-        owner = 0  # the owner of the thread's next quad, and the first quad past its chunk
-        bound = two_shot_chunk_start(1, n, size) // 4
+        owner = two_shot_owner(t, n, size)  # the owner of the thread's next quad, and the first quad past its chunk
+        bound = two_shot_chunk_start(owner + 1, n, size) // 4
         q = t
         while q < whole:
             for j in range(LOADS_IN_FLIGHT):
