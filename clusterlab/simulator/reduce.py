@@ -349,20 +349,52 @@ def direct_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.
     yield b.cluster_sync()  # peers may still be reading the last operation's buffer
 
 
+def _bulk_two_shot_shared(b: Block, n: int, acc_dtype):
+    """``bulk_two_shot``'s shared memory: ``(staged [slot], inbox [N, chunk slot], scattered, gathered,
+    chunk)``, ``chunk(c)`` the ``(lo, hi, end)`` of chunk c, its end rounded up to 16 bytes (what a copy moves)."""
+    size, itemsize = b.cluster_size, acc_dtype.itemsize
+    staged = b.shared_array("staged", (slot_elements(n, itemsize),), acc_dtype)
+    inbox = b.shared_array("inbox", (size, bulk_two_shot_chunk_slot(n, size, itemsize)), acc_dtype)
+
+    def chunk(c):
+        lo, hi = two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size)
+        return lo, hi, lo + slot_elements(hi - lo, itemsize)
+
+    return staged, inbox, b.shared_mbarrier("scattered"), b.shared_mbarrier("gathered"), chunk
+
+
+def _bulk_two_shot_fold(b: Block, staged: SharedArray, inbox: SharedArray, lo: int, hi: int, combine: np.ufunc):
+    """The ``direct`` fold of chunk [lo, hi): rank order, this block's row from ``staged``, the peers'
+    from ``inbox``."""
+    rank = b.cluster_rank
+    acc = staged[lo:hi] if rank == 0 else inbox[0, : hi - lo]
+    for s in range(1, b.cluster_size):
+        acc = combine(acc, staged[lo:hi] if s == rank else inbox[s, : hi - lo])
+    return acc
+
+
+def _bulk_two_shot_scatter(b: Block, staged: SharedArray, inbox: SharedArray, scattered, chunk, arrive: bool):
+    """The reduce-scatter's copies: chunk c of this block's row into inbox[rank] of every peer c,
+    completing on c's ``scattered``; ``arrive``: each followed by a release arrival there (the steady
+    reduce's: it orders this block's staging before the peer's pushes into the row)."""
+    size, rank = b.cluster_size, b.cluster_rank
+    for j in range(1, size):
+        c = (rank + j) % size
+        c_lo, _, c_end = chunk(c)
+        if c_end > c_lo:
+            b.bulk_copy(b.map_shared(inbox, c).at[rank, : c_end - c_lo], staged.at[c_lo:c_end],
+                        b.map_shared(scattered, c))
+        if arrive:
+            b.mbarrier_arrive(b.map_shared(scattered, c))
+
+
 def bulk_two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.ufunc):
     """``bulk_two_shot`` once per operation, no cluster barrier (one before the first operation, one
     after the last). Writes ``out[k, rank]`` [n] for every operation k."""
     size, rank, n = b.cluster_size, b.cluster_rank, xs.shape[2]
     acc_dtype = accumulation_dtype(xs.dtype)
     itemsize = acc_dtype.itemsize
-    staged = b.shared_array("staged", (slot_elements(n, itemsize),), acc_dtype)
-    inbox = b.shared_array("inbox", (size, bulk_two_shot_chunk_slot(n, size, itemsize)), acc_dtype)
-    scattered = b.shared_mbarrier("scattered")
-    gathered = b.shared_mbarrier("gathered")
-
-    def chunk(c):  # chunk c of a row, and its end rounded up to 16 bytes (what a copy moves)
-        lo, hi = two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size)
-        return lo, hi, lo + slot_elements(hi - lo, itemsize)
+    staged, inbox, scattered, gathered, chunk = _bulk_two_shot_shared(b, n, acc_dtype)
 
     lo, hi, end = chunk(rank)
     scattered_bytes = (size - 1) * (end - lo) * itemsize
@@ -379,18 +411,10 @@ def bulk_two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combi
         # phase k of both: peers' bytes may land before these, this block's arrival keeps the phase open
         b.mbarrier_arrive_expect_tx(scattered, scattered_bytes)
         b.mbarrier_arrive_expect_tx(gathered, gathered_bytes)
-        for j in range(1, size):
-            c = (rank + j) % size
-            c_lo, _, c_end = chunk(c)
-            if c_end > c_lo:
-                b.bulk_copy(b.map_shared(inbox, c).at[rank, : c_end - c_lo], staged.at[c_lo:c_end],
-                            b.map_shared(scattered, c))
-            b.mbarrier_arrive(b.map_shared(scattered, c))  # release: the row staged before the peer's pushes
+        _bulk_two_shot_scatter(b, staged, inbox, scattered, chunk, arrive=True)
         yield b.mbarrier_wait(scattered, k % 2)
         b.step(f"fold {k}")
-        acc = staged[lo:hi] if rank == 0 else inbox[0, : hi - lo]
-        for s in range(1, size):
-            acc = combine(acc, staged[lo:hi] if s == rank else inbox[s, : hi - lo])
+        acc = _bulk_two_shot_fold(b, staged, inbox, lo, hi, combine)
         staged[lo:hi] = acc
         inbox[rank, : hi - lo] = acc  # what the pushes below copy: staged[lo:hi] takes the next row before they land
         b.fence_proxy_async()  # the folded chunk -> the copies below
@@ -549,14 +573,7 @@ def bulk_two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.u
     size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
     acc_dtype = accumulation_dtype(x.dtype)
     itemsize = acc_dtype.itemsize
-    staged = b.shared_array("staged", (slot_elements(n, itemsize),), acc_dtype)
-    inbox = b.shared_array("inbox", (size, bulk_two_shot_chunk_slot(n, size, itemsize)), acc_dtype)
-    scattered = b.shared_mbarrier("scattered")
-    gathered = b.shared_mbarrier("gathered")
-
-    def chunk(c):  # chunk c of a row, and its end rounded up to 16 bytes (what a copy moves)
-        lo, hi = two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size)
-        return lo, hi, lo + slot_elements(hi - lo, itemsize)
+    staged, inbox, scattered, gathered, chunk = _bulk_two_shot_shared(b, n, acc_dtype)
 
     b.step("stage")
     staged[:n] = x[rank].astype(acc_dtype)
@@ -568,18 +585,10 @@ def bulk_two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.u
     lo, hi, end = chunk(rank)
     b.mbarrier_arrive_expect_tx(scattered, (size - 1) * (end - lo) * itemsize)
     b.mbarrier_arrive_expect_tx(gathered, sum((chunk(c)[2] - chunk(c)[0]) * itemsize for c in range(size) if c != rank))
-    for k in range(1, size):
-        c = (rank + k) % size
-        c_lo, _, c_end = chunk(c)
-        if c_end > c_lo:
-            b.bulk_copy(b.map_shared(inbox, c).at[rank, : c_end - c_lo], staged.at[c_lo:c_end],
-                        b.map_shared(scattered, c))
+    _bulk_two_shot_scatter(b, staged, inbox, scattered, chunk, arrive=False)
     yield b.mbarrier_wait(scattered, 0)
     b.step("fold")
-    acc = staged[lo:hi] if rank == 0 else inbox[0, : hi - lo]
-    for s in range(1, size):
-        acc = combine(acc, staged[lo:hi] if s == rank else inbox[s, : hi - lo])
-    staged[lo:hi] = acc
+    staged[lo:hi] = _bulk_two_shot_fold(b, staged, inbox, lo, hi, combine)
     b.fence_proxy_async()  # the folded chunk -> the copies below
     b.step("all-gather")
     for k in range(1, size):
