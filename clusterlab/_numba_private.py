@@ -20,7 +20,15 @@ inside numba-cuda, and takes them only from here:
    of clusterlab's choosing (:func:`cache_on_disk`): numba's own key hashes the pickled closure of
    the kernel, and the device functions in a fused kernel's closure pickle with an id that is new
    in every process, so it would never find an entry; its freshness stamp is one file's mtime,
-   while a fused kernel's code spans several modules.
+   while a fused kernel's code spans several modules;
+6. a faster copy in numba's IR inliner (:func:`copy_inlined_callees_whole`). Before it inlines a
+   device function (``inline=True``, i.e. ``"always"``), ``InlineWorker.inline_ir`` deep-copies the
+   callee's IR twice, one ``copy.deepcopy`` per basic block. Every block refers to the function's
+   scope, which holds every variable, so each block's copy copies all of them again: the cost grows
+   with blocks x variables (NVIDIA/numba-cuda#688), and it was 70-80% of the time numba took to
+   compile a fused kernel. Within one ``inline_ir`` call, clusterlab has the blocks of one IR copied
+   with one memo, as one object graph: the same IR, one scope copy instead of one per block, and
+   the same PTX byte for byte.
 
 ``tests/test_numba_private.py`` pins each of these; if numba-cuda changes one, that test fails
 before a kernel receives garbage.
@@ -29,6 +37,7 @@ before a kernel receives garbage.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import types
 import warnings
@@ -202,3 +211,48 @@ def _keyed_cache_class():
 def cache_hits(dispatcher) -> int:
     """How many of ``dispatcher``'s compilations its on-disk cache supplied in this process."""
     return sum(dispatcher._cache_hits.values())
+
+
+class _InlinerCopy:
+    """The ``copy`` module as numba-cuda's inliner sees it once :func:`copy_inlined_callees_whole` ran:
+    ``deepcopy(block)`` inside an ``inline_ir`` call shares one memo with the other blocks of that
+    call's IR (the blocks of one IR share their scope object); every other call is ``copy``'s own."""
+
+    def __init__(self):
+        self.memos = []  # one {id(source scope): memo} per inline_ir call in progress, innermost last
+
+    def __getattr__(self, name):
+        return getattr(copy, name)
+
+    def deepcopy(self, value, memo=None):
+        from numba.cuda.core import ir
+
+        if memo is None and self.memos and isinstance(value, ir.Block):
+            memo = self.memos[-1].setdefault(id(value.scope), {})
+        return copy.deepcopy(value, memo)
+
+
+@functools.cache
+def copy_inlined_callees_whole() -> _InlinerCopy:
+    """Make numba-cuda's inliner copy a callee's IR as one graph (item 6 of the module docstring);
+    once per process, before clusterlab compiles. Returns the stand-in ``copy`` module it installed.
+
+    numba compiles under one global lock, so one ``inline_ir`` call at a time runs in a thread;
+    calls nest (typing the inlined code may compile another function) and each has its own memos.
+    """
+    from numba.cuda.core import inline_closurecall
+
+    stand_in = _InlinerCopy()
+    inline_ir = inline_closurecall.InlineWorker.inline_ir
+
+    @functools.wraps(inline_ir)
+    def inline_ir_copying_whole(self, *args, **kwargs):
+        stand_in.memos.append({})
+        try:
+            return inline_ir(self, *args, **kwargs)
+        finally:
+            stand_in.memos.pop()
+
+    inline_closurecall.copy = stand_in
+    inline_closurecall.InlineWorker.inline_ir = inline_ir_copying_whole
+    return stand_in

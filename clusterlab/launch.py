@@ -529,6 +529,7 @@ class ClusterKernel:
                 argtypes.append(typeof(arg))
             else:
                 argtypes.append(arg_key)
+        _numba_private.copy_inlined_callees_whole()
         overload = self.kernel.compile(tuple(argtypes))
 
         params, codes, deferred = [], [], False

@@ -234,3 +234,85 @@ def test_cache_file_patterns_match_the_files_numba_names_for_a_kept_kernel(tmp_p
     assert fnmatch.fnmatch(os.path.basename(names._index_path), index_pattern)
     assert fnmatch.fnmatch(names._data_name_pattern.format(number=3), data_pattern)
     assert not fnmatch.fnmatch(names._data_name_pattern.format(number=3), index_pattern)
+
+
+def test_the_inliner_copies_each_block_with_copy_deepcopy_inside_inline_ir():
+    # copy_inlined_callees_whole() stands in for this module-level copy and wraps this method.
+    from numba.cuda.core import inline_closurecall
+
+    source = inspect.getsource(inspect.unwrap(inline_closurecall.InlineWorker.inline_ir))
+    assert "copy.deepcopy(block)" in source
+
+
+def _blocks_sharing_a_scope(count):
+    from numba.cuda.core import ir
+
+    loc = ir.Loc("f.py", 1)
+    scope = ir.Scope(None, loc)
+    names = [f"v{k}" for k in range(8)]
+    variables = [scope.define(name, loc) for name in names]
+    blocks = []
+    for k in range(count):
+        block = ir.Block(scope, loc)
+        block.append(ir.Assign(ir.Const(k, loc), variables[k % len(variables)], loc))
+        blocks.append(block)
+    return scope, blocks
+
+
+def test_within_an_inline_ir_call_the_blocks_of_one_ir_share_one_scope_copy():
+    stand_in = _numba_private.copy_inlined_callees_whole()
+    scope, blocks = _blocks_sharing_a_scope(5)
+    outside = [stand_in.deepcopy(block) for block in blocks]  # no inline_ir call in progress
+    assert len({id(copied.scope) for copied in outside}) == 5  # copy's own: a scope copy per block
+    stand_in.memos.append({})
+    try:
+        inside = [stand_in.deepcopy(block) for block in blocks]
+    finally:
+        stand_in.memos.pop()
+    (shared,) = {id(copied.scope) for copied in inside}
+    assert shared != id(scope) and inside[0].scope == scope  # a copy, equal to the source
+    assert inside[0].scope.localvars is not scope.localvars
+    # each statement's variable is the copied scope's own, as in the source
+    for copied in inside:
+        target = copied.body[0].target
+        assert target is copied.scope.localvars.get(target.name)
+    assert [copied.body[0].value.value for copied in inside] == list(range(5))
+
+
+@pytest.mark.ptx
+def test_the_one_graph_copy_leaves_the_ptx_byte_for_byte(monkeypatch):
+    import copy
+
+    from numba.cuda.core import inline_closurecall
+
+    from clusterlab.toolchain import kernel_ptx, without_names
+
+    @cuda.jit(device=True, inline=True)
+    def clipped_sum(values, count, limit):
+        total = 0.0
+        for k in range(count):
+            v = values[k]
+            if v > limit:
+                v = limit
+            elif v < -limit:
+                v = -limit
+            total += v
+        return total
+
+    @cuda.jit(device=True, inline=True)
+    def twice(values, count, limit):
+        return clipped_sum(values, count, limit) + clipped_sum(values, count, 0.5 * limit)
+
+    def kernel(values, out, count):
+        i = cuda.grid(1)
+        if i < out.size:
+            out[i] = twice(values, count, float(i))
+
+    signature = (types.float32[::1], types.float32[::1], types.int32)
+    whole = kernel_ptx(kernel, signature)  # kernel_ptx installs the one-graph copy
+    assert isinstance(inline_closurecall.copy, _numba_private._InlinerCopy)
+    monkeypatch.setattr(inline_closurecall, "copy", copy)
+    monkeypatch.setattr(inline_closurecall.InlineWorker, "inline_ir",
+                        inline_closurecall.InlineWorker.inline_ir.__wrapped__)
+    per_block = kernel_ptx(kernel, signature)
+    assert without_names(whole) == without_names(per_block)  # numba numbers each compilation's names
