@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from clusterlab import simulator
@@ -119,6 +120,29 @@ def results():
 
 def rows_of(targets, name, **fields):
     return [t for t in targets if t["target"] == name and all(t[k] == v for k, v in fields.items())]
+
+
+def test_records_match_a_linear_scan_and_follow_appended_records():
+    results = synthetic_results()
+    rng = np.random.default_rng()
+    measurements = results["measurements"]
+
+    def scanned(**criteria):
+        return [r for r in measurements if "latency_us" in r and all(r.get(k) == v for k, v in criteria.items())]
+
+    timed_ones = [r for r in measurements if "latency_us" in r]
+    for r in rng.choice(timed_ones, size=20, replace=False):
+        full = {field: r[field] for field in report.INDEXED_FIELDS}
+        for criteria in (full, {**full, "cluster_size": r["cluster_size"]}, {"implementation": r["implementation"]}):
+            found = report.records(results, **criteria)
+            assert found == scanned(**criteria) and r in found
+    first = timed_ones[0]
+    query = {field: first[field] for field in report.INDEXED_FIELDS}
+    before = report.records(results, **query)
+    added = {**first, "cluster_size": 99}
+    measurements.append(added)  # the index built above must not hide it
+    assert report.records(results, **query) == [*before, added]
+    assert report.record(results, **query, cluster_size=99) is added
 
 
 def test_barrier_counts_follow_the_simulator_trace():
