@@ -1,6 +1,6 @@
 """Compiled kernels kept on disk, so that a process does not compile what an earlier one did.
 
-Compiling one fused kernel (numba's typing and lowering, NVVM, ptxas) takes 20-60 seconds, and
+Compiling one fused kernel (numba's typing and lowering, NVVM, ptxas) takes 20-30 seconds, and
 every launch shape, batch and dtype is a kernel of its own: a model's first step, a benchmark's
 every row, each pytest worker paid it again in every process. :func:`jit` compiles as
 ``cuda.jit(launch_bounds=...)(build(spec))`` always did and has numba keep the result (PTX and

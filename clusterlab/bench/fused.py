@@ -25,7 +25,7 @@ against the float64 reference before it is timed. Results: a table on stdout,
 ``<card>`` read from the device (``h200`` for an NVIDIA H200).
 
 Run directly: ``python -m clusterlab.bench.fused --batch 1 4 --kv 1024 4096 16384 32768``. ``--jobs 16``
-compiles every kernel of the run first, 16 at once (a kernel takes 20-60 s on one core, and each launch shape,
+compiles every kernel of the run first, 16 at once (a kernel takes 20-30 s on one core, and each launch shape,
 batch and dtype is one), into the kernel cache (:mod:`clusterlab.kernel_cache`) the timing then loads them from.
 ``--variant 16x4x2 16x8x1`` times other launch shapes (``rule`` among them: the launch rule's own, which may
 differ by preset, batch and length), ``--spec default registers=168`` other kernels of the Llama-style layer
@@ -258,7 +258,7 @@ def precompile(tasks: list, jobs: int, worker: Callable = compile_kernels) -> No
     """Compile the kernels of ``tasks`` in ``jobs`` processes at once, ``worker(task)`` (a module-level
     function returning the seconds it took; default :func:`compile_kernels`) in each (spawned: each
     has a CUDA context of its own), so that the timing run finds them in the kernel cache instead of
-    compiling one after another: numba compiles a fused kernel in 20-60 s on one CPU core."""
+    compiling one after another: numba compiles a fused kernel in 20-30 s on one CPU core."""
     import concurrent.futures
     import multiprocessing
 
