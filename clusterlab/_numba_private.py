@@ -218,16 +218,15 @@ class _InlinerCopy:
     ``deepcopy(block)`` inside an ``inline_ir`` call shares one memo with the other blocks of that
     call's IR (the blocks of one IR share their scope object); every other call is ``copy``'s own."""
 
-    def __init__(self):
+    def __init__(self, block_type: type):
+        self.block_type = block_type  # numba's ir.Block
         self.memos = []  # one {id(source scope): memo} per inline_ir call in progress, innermost last
 
     def __getattr__(self, name):
         return getattr(copy, name)
 
     def deepcopy(self, value, memo=None):
-        from numba.cuda.core import ir
-
-        if memo is None and self.memos and isinstance(value, ir.Block):
+        if memo is None and self.memos and isinstance(value, self.block_type):
             memo = self.memos[-1].setdefault(id(value.scope), {})
         return copy.deepcopy(value, memo)
 
@@ -240,9 +239,9 @@ def copy_inlined_callees_whole() -> _InlinerCopy:
     numba compiles under one global lock, so one ``inline_ir`` call at a time runs in a thread;
     calls nest (typing the inlined code may compile another function) and each has its own memos.
     """
-    from numba.cuda.core import inline_closurecall
+    from numba.cuda.core import inline_closurecall, ir
 
-    stand_in = _InlinerCopy()
+    stand_in = _InlinerCopy(ir.Block)
     inline_ir = inline_closurecall.InlineWorker.inline_ir
 
     @functools.wraps(inline_ir)

@@ -280,7 +280,7 @@ def test_within_an_inline_ir_call_the_blocks_of_one_ir_share_one_scope_copy():
 
 
 @pytest.mark.ptx
-def test_the_one_graph_copy_leaves_the_ptx_byte_for_byte(monkeypatch):
+def test_the_one_graph_copy_leaves_the_ptx_as_it_was(monkeypatch):
     import copy
 
     from numba.cuda.core import inline_closurecall
