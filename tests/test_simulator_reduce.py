@@ -15,7 +15,7 @@ from program_variants import with_replaced, without_line
 
 from clusterlab import simulator as sim
 from clusterlab.simulator import reduce as sim_reduce
-from clusterlab.simulator.reduce import two_shot_chunk_start
+from clusterlab.simulator.reduce import quads_reciprocal, two_shot_chunk_start, two_shot_owner
 
 ACCUMULATE = {
     "float16": np.float32,
@@ -160,6 +160,32 @@ def test_two_shot_moves_the_fewest_bytes_in_three_barriers(size):
     starts = [two_shot_chunk_start(c, 1001, size) for c in range(size + 1)]
     assert starts[0] == 0 and starts[-1] == 1001 and all(s % 4 == 0 for s in starts[:-1])
     assert starts == sorted(starts)
+
+
+def assert_owns(q: int, n: int, size: int):
+    owner = two_shot_owner(q, n, size, quads_reciprocal(n))
+    assert two_shot_chunk_start(owner, n, size) <= 4 * q < two_shot_chunk_start(owner + 1, n, size), (q, n, size)
+
+
+def test_two_shot_owner_is_the_chunk_holding_each_quad_of_small_rows():
+    """Every quad of every row up to 300 elements, at every cluster size: the owner found by the
+    multiplication is the chunk whose bounds hold the quad (the bounds, not the formula, define it)."""
+    for size in range(1, 17):
+        for n in range(1, 301):
+            for q in range(-(-n // 4)):
+                assert_owns(q, n, size)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 2**26), st.data())
+def test_two_shot_owner_is_the_chunk_holding_quads_of_long_rows(size, n, data):
+    """Rows far longer than shared memory holds: the quads nearest the chunk bounds, where the
+    multiplication's floor is one too many, and a drawn one."""
+    quads = -(-n // 4)
+    near_bounds = {max(0, min(quads - 1, two_shot_chunk_start(c, n, size) // 4 + d))
+                   for c in range(size + 1) for d in (-1, 0, 1)}
+    for q in near_bounds | {data.draw(st.integers(0, quads - 1))}:
+        assert_owns(q, n, size)
 
 
 @pytest.mark.parametrize("size", [2, 3, 8, 16])

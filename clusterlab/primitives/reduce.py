@@ -6,8 +6,8 @@ that module's docstring is the contract (fold orders, chunking, barrier counts).
 for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
 ``rows`` / ``slot`` / ``full``, ``inbox`` / ``scattered`` / ``gathered``, ``left``, chunk ``c`` =
 [lo, hi)) and index helpers
-(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start``, ``two_shot_owner``
-and ``quad_padded`` are the simulator's own functions, compiled); the simulator's 2-D shared
+(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start``, ``two_shot_owner``,
+``quads_reciprocal`` and ``quad_padded`` are the simulator's own functions, compiled); the simulator's 2-D shared
 arrays are laid out flat in ``work`` here, at the offsets each function names.
 
 Device-function contract (all six)::
@@ -155,6 +155,7 @@ def chunk_start(c, n, size):
 
 two_shot_chunk_start = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_chunk_start)
 two_shot_owner = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_owner)
+quads_reciprocal = cuda.jit(device=True, inline=True)(simulator_reduce.quads_reciprocal)
 quad_padded = cuda.jit(device=True, inline=True)(simulator_reduce.quad_padded)
 
 
@@ -302,25 +303,21 @@ def reduce_device_function(algorithm: str, op: str):
             work[result + j] = fold(staged, j, size)
         ptx.cluster_sync()  # every chunk is reduced; nobody reads staged any more
         whole = n // 4  # every whole quad from its owner, LOADS_IN_FLIGHT at a time; then the tail
+        reciprocal = quads_reciprocal(n)
         pulled = cuda.local.array(PULLED_WORDS, float32)  # load u's quad: pulled[4 u .. 4 u + 3]
-        owner = two_shot_owner(cuda.threadIdx.x, n, size)  # whose chunk holds the thread's next quad
-        end = two_shot_chunk_start(owner + 1, n, size)  # and where that chunk ends (element)
         for first in range(cuda.threadIdx.x, whole, LOADS_IN_FLIGHT * stride):
             for u in range(LOADS_IN_FLIGHT):
                 q = first + u * stride
                 if q < whole:
-                    while 4 * q >= end:  # the thread's quads only grow: owners advance, rarely
-                        owner += 1
-                        end = two_shot_chunk_start(owner + 1, n, size)
                     pulled[4 * u], pulled[4 * u + 1], pulled[4 * u + 2], pulled[4 * u + 3] = \
-                        ptx.remote_load_v4_f32(work, result + 4 * q, owner)
+                        ptx.remote_load_v4_f32(work, result + 4 * q, two_shot_owner(q, n, size, reciprocal))
             for u in range(LOADS_IN_FLIGHT):
                 q = first + u * stride
                 if q < whole:
                     for k in range(4):
                         staged[4 * q + k] = pulled[4 * u + k]
         for j in range(4 * whole + cuda.threadIdx.x, n, stride):
-            staged[j] = ptx.remote_load(work, result + j, two_shot_owner(whole, n, size))
+            staged[j] = ptx.remote_load(work, result + j, size - 1)  # the tail: the last chunk's
         ptx.cluster_sync()  # peers may still be reading result until here
 
     @cuda.jit(device=True)
@@ -436,25 +433,20 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
     def gather_chunks(result, n, rank):
         """Every quad of the row outside chunk ``rank`` from its owner's result, LOADS_IN_FLIGHT a thread
         at a time (all issued before the first store); the tail after the whole quads (the last chunk's)
-        an element a thread. A thread's quads only grow, so after ``two_shot_owner`` of its first one
-        (a division by the row's quads) their owners are found by walking the chunk bounds (a division
-        by the cluster size, known when compiled)."""
+        an element a thread. Each quad's owner is ``two_shot_owner``: a multiplication by the row's
+        ``quads_reciprocal``, computed once a call."""
         t = cuda.threadIdx.x
         threads = cuda.blockDim.x
         whole = n // 4
+        reciprocal = quads_reciprocal(n)
         pulled = cuda.local.array((LOADS_IN_FLIGHT, 4), float32)  # quad q + j * threads: pulled[j]
         owners = cuda.local.array(LOADS_IN_FLIGHT, int32)
-        owner = two_shot_owner(t, n, size)  # the owner of the thread's next quad, and the first quad past its chunk
-        bound = two_shot_chunk_start(owner + 1, n, size) // 4
         q = t
         while q < whole:
             for j in range(LOADS_IN_FLIGHT):
                 owners[j] = rank
                 if q + j * threads < whole:
-                    while q + j * threads >= bound:
-                        owner += 1
-                        bound = two_shot_chunk_start(owner + 1, n, size) // 4
-                    owners[j] = owner
+                    owners[j] = two_shot_owner(q + j * threads, n, size, reciprocal)
                 if owners[j] != rank:
                     pulled[j, 0], pulled[j, 1], pulled[j, 2], pulled[j, 3] = \
                         ptx.remote_load_v4_f32(result, 4 * (q + j * threads), owners[j])

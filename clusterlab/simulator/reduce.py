@@ -287,10 +287,25 @@ def quad_padded(k: int) -> int:
     return (k + 3) // 4 * 4  # plain arithmetic: the GPU compiles this function too
 
 
-def two_shot_owner(q: int, n: int, size: int) -> int:
+def quads_reciprocal(n: int) -> int:
+    """floor(2^32 / ceil(n / 4)) + 1: the multiplier :func:`two_shot_owner` divides by a row's quads
+    with, computed once a row (a GPU's integer division takes dozens of instructions, its
+    multiplication a few)."""
+    return (1 << 32) // ((n + 3) // 4) + 1  # plain arithmetic: the GPU compiles this function too
+
+
+def two_shot_owner(q: int, n: int, size: int, reciprocal: int) -> int:
     """The block whose ``two_shot`` chunk holds quad ``q`` (elements ``4q ..``) of a row of ``n``:
-    the ``c`` with ``two_shot_chunk_start(c) <= 4q < two_shot_chunk_start(c + 1)``."""
-    return ((q + 1) * size - 1) // ((n + 3) // 4)
+    the ``c`` with ``two_shot_chunk_start(c) <= 4q < two_shot_chunk_start(c + 1)``, which is
+    floor(x / quads) for x = (q + 1) size - 1 and quads = ceil(n / 4). With ``reciprocal`` =
+    :func:`quads_reciprocal` (n), x * reciprocal / 2^32 exceeds x / quads by at most x / 2^32 < 1,
+    so its floor is the quotient or one more, and one compare tells which."""
+    quads = (n + 3) // 4
+    x = (q + 1) * size - 1
+    owner = (x * reciprocal) >> 32
+    if owner * quads > x:
+        owner -= 1
+    return owner  # plain arithmetic: the GPU compiles this function too
 
 
 def bulk_two_shot_chunk_slot(n: int, size: int, itemsize: int) -> int:
@@ -560,8 +575,9 @@ def two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc)
     result[lo:hi] = acc
     yield b.cluster_sync()  # every chunk is reduced; nobody reads staged any more
     b.step("all-gather")
+    reciprocal = quads_reciprocal(n)
     for q in range(-(-n // 4)):  # every quad, from its owner
-        s = two_shot_owner(q, n, size)
+        s = two_shot_owner(q, n, size, reciprocal)
         quad = slice(4 * q, min(4 * q + 4, n))
         staged[quad] = _load(b, result, s, quad)
     out[rank] = staged[:].astype(x.dtype)
