@@ -41,9 +41,9 @@ def test_reduce_equals_simulator_bit_for_bit(algorithm, op, dtype):
 
 @pytest.mark.parametrize("size", (2, 3, 5, 8, 16))
 def test_two_shot_equals_simulator_when_each_thread_runs_several_rounds(size):
-    """n = 20003: in both of two_shot's steps each thread runs two rounds of its LOADS_IN_FLIGHT
-    loads (the reduce-scatter's rounds hold LOADS_IN_FLIGHT // N quads, so N = 3 and 5 leave
-    loads unused), plus the row's tail of 3 elements."""
+    """n = 20003: two_shot's reduce-scatter runs two rounds of LOADS_IN_FLIGHT loads a thread (its
+    rounds hold LOADS_IN_FLIGHT // N quads, so N = 3 and 5 leave loads unused) and its all-gather
+    pushes several quads a thread into every peer, plus the row's tail of 3 elements."""
     rng = np.random.default_rng()
     x = random_rows(rng, size, 20003, "float32")
     expected, _ = simulator.cluster_reduce(x, op="sum", algorithm="two_shot")
@@ -70,8 +70,8 @@ def test_steady_reduce_equals_simulator_bit_for_bit(op, dtype):
 @pytest.mark.parametrize("algorithm", ["two_shot", "bulk_two_shot"])
 def test_steady_two_shots_equal_simulator_bit_for_bit(algorithm, dtype):
     """Two barriers an operation (two_shot) or none (bulk_two_shot): a read of a row or chunk a peer
-    had already overwritten, or a chunk gathered before its owner folded it, would change some
-    operation's bits."""
+    had already overwritten, or a chunk pushed or gathered before its owner folded it, would change
+    some operation's bits."""
     rng = np.random.default_rng()
     for size in CLUSTER_SIZES:
         for n in ROW_LENGTHS:
@@ -86,8 +86,8 @@ def test_steady_two_shots_equal_simulator_bit_for_bit(algorithm, dtype):
 @pytest.mark.parametrize("op", simulator.OPS)
 @pytest.mark.parametrize("size", (2, 5, 16))
 def test_steady_two_shots_equal_simulator_on_long_rows(op, size):
-    """n = 20003 over 6 operations: every thread gathers several rounds of quads from several owners
-    (two_shot) and folds several quads (bulk_two_shot), plus the row's tail of 3 elements."""
+    """n = 20003 over 6 operations: every thread pushes several quads into every peer (two_shot) and
+    folds several quads (bulk_two_shot), plus the row's tail of 3 elements."""
     rng = np.random.default_rng()
     xs = np.stack([random_rows(rng, size, 20003, "float32") for _ in range(6)])
     for algorithm in ("two_shot", "bulk_two_shot"):

@@ -15,7 +15,7 @@ from program_variants import with_replaced, without_line
 
 from clusterlab import simulator as sim
 from clusterlab.simulator import reduce as sim_reduce
-from clusterlab.simulator.reduce import quads_reciprocal, two_shot_chunk_start, two_shot_owner
+from clusterlab.simulator.reduce import two_shot_chunk_start
 
 ACCUMULATE = {
     "float16": np.float32,
@@ -146,52 +146,29 @@ def test_bulk_and_two_shot_fold_as_direct_does(algorithm):
 
 
 @pytest.mark.parametrize("size", [2, 3, 8, 16])
-def test_two_shot_moves_the_fewest_bytes_in_three_barriers(size):
-    """Each block pulls 2 (N - 1) / N rows (its chunk of every peer, every peer's chunk), where
-    ``direct`` pulls N - 1 rows; chunks start on 16-byte boundaries."""
+def test_two_shot_moves_the_fewest_bytes_in_two_barriers(size):
+    """Each block pulls (N - 1) / N of a row (its chunk of every peer) and pushes as much (its folded
+    chunk into every peer): 2 (N - 1) / N rows, where ``direct`` pulls N - 1 rows; chunks start on
+    16-byte boundaries."""
     n = 4 * size * 5
     x = random_rows(3, size, n, "float32")
     _, trace = sim.cluster_reduce(x, "sum", "two_shot")
     _, direct = sim.cluster_reduce(x, "sum", "direct")
     row = 4 * n
     assert trace.traffic().total.sum() == size * 2 * (size - 1) * row // size
+    pushed = sum(e.nbytes for e in trace.events if e.kind == "st.shared::cluster")
+    assert pushed == size * (size - 1) * row // size
     assert direct.traffic().total.sum() == size * (size - 1) * row
-    assert "3 cluster barriers" in trace.phase_table()
+    assert "2 cluster barriers" in trace.phase_table()
     starts = [two_shot_chunk_start(c, 1001, size) for c in range(size + 1)]
     assert starts[0] == 0 and starts[-1] == 1001 and all(s % 4 == 0 for s in starts[:-1])
     assert starts == sorted(starts)
 
 
-def assert_owns(q: int, n: int, size: int):
-    owner = two_shot_owner(q, n, size, quads_reciprocal(n))
-    assert two_shot_chunk_start(owner, n, size) <= 4 * q < two_shot_chunk_start(owner + 1, n, size), (q, n, size)
-
-
-def test_two_shot_owner_is_the_chunk_holding_each_quad_of_small_rows():
-    """Every quad of every row up to 300 elements, at every cluster size: the owner found by the
-    multiplication is the chunk whose bounds hold the quad (the bounds, not the formula, define it)."""
-    for size in range(1, 17):
-        for n in range(1, 301):
-            for q in range(-(-n // 4)):
-                assert_owns(q, n, size)
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.integers(1, 16), st.integers(1, 2**26), st.data())
-def test_two_shot_owner_is_the_chunk_holding_quads_of_long_rows(size, n, data):
-    """Rows far longer than shared memory holds: the quads nearest the chunk bounds, where the
-    multiplication's floor is one too many, and a drawn one."""
-    quads = -(-n // 4)
-    near_bounds = {max(0, min(quads - 1, two_shot_chunk_start(c, n, size) // 4 + d))
-                   for c in range(size + 1) for d in (-1, 0, 1)}
-    for q in near_bounds | {data.draw(st.integers(0, quads - 1))}:
-        assert_owns(q, n, size)
-
-
 @pytest.mark.parametrize("size", [2, 3, 8, 16])
 def test_bulk_two_shot_moves_two_shots_bytes_with_the_copy_engine_in_two_barriers(size):
     """The same bytes as ``two_shot`` (chunks whole, 16-byte multiples here), every one of them by
-    ``cp.async.bulk``, behind 2 cluster barriers instead of 3."""
+    ``cp.async.bulk``, behind 2 cluster barriers as ``two_shot``'s."""
     n = 4 * size * 5
     x = random_rows(4, size, n, "float32")
     _, trace = sim.cluster_reduce(x, "sum", "bulk_two_shot")
@@ -263,8 +240,8 @@ def test_a_16_block_float32_reduce_is_fast_enough_to_iterate_on():
 # ------------------------------------------------------------------- back to back: one barrier a step
 
 
-@pytest.mark.parametrize("algorithm, barriers_a_step, barriers_once", [  # separate calls: 2, 3, 2
-    ("direct", 1, 1), ("two_shot", 2, 1), ("bulk_two_shot", 0, 2)])
+@pytest.mark.parametrize("algorithm, barriers_a_step, barriers_once", [  # separate calls: 2, 2, 2
+    ("direct", 1, 1), ("two_shot", 2, 0), ("bulk_two_shot", 0, 2)])
 @pytest.mark.parametrize("size", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("dtype, op", [("float32", "sum"), ("bfloat16", "sum"), ("int32", "sum"), ("float16", "max")])
 def test_steady_reduces_are_direct_bit_for_bit_with_their_barriers_a_step(algorithm, barriers_a_step, barriers_once,
@@ -345,14 +322,11 @@ def chained_two_shot(b, x, out, steps):
         for s in range(1, size):
             acc = np.add(acc, sim_reduce._load(b, rows, s, (staged, slice(lo, hi))))
         rows[result, lo:hi] = acc
-        yield b.cluster_sync()
         b.step(f"all-gather {k}")
-        for c in range(size):
-            if c != rank:
-                chunk = slice(two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size))
-                rows[result, chunk] = sim_reduce._load(b, rows, c, (result, chunk))
+        for s in range(1, size):
+            b.map_shared(rows, (rank + s) % size)[result, lo:hi] = acc
+        yield b.cluster_sync()
     out[rank] = rows[steps % 2]
-    yield b.cluster_sync()
 
 
 @pytest.mark.parametrize("size", [2, 3, 8])
@@ -423,12 +397,11 @@ def test_steady_two_shot_takes_only_its_one_buffer_and_known_algorithms():
 
 @pytest.mark.parametrize("marker, hazard", [
     ("yield b.cluster_sync()  # every row is staged", sim.DataRace),
-    ("yield b.cluster_sync()  # every chunk is reduced", sim.DataRace),
-    ("yield b.cluster_sync()  # peers may still be reading result", sim.ExitedBlockAccess),
+    ("yield b.cluster_sync()  # every chunk is reduced and pushed", sim.ExitedBlockAccess),
 ])
 def test_each_two_shot_barrier_is_needed(marker, hazard):
-    """Without any one of its three barriers the checker rejects ``two_shot``: a peer's staged row or
-    result read unordered with its writes, or a block gone while a peer still reads its result."""
+    """Without either of its two barriers the checker rejects ``two_shot``: a peer's staged row read
+    unordered with its staging, or a block gone while its peers still read its row and push into it."""
     x = random_rows(5, 4, 40, "float32")
     sim.launch(sim_reduce.two_shot_reduce, 4, x, np.empty_like(x), np.add)  # as written: clean
     with pytest.raises(hazard):

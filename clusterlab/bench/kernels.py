@@ -171,15 +171,17 @@ def steady_reduce_loop(algorithm: str, cluster_size: int):
     (``bulk_two_shot_0barrier``, no barrier) reduces its one row in place::
 
         direct         stage row0 | barrier | row0 of all -> row1 | barrier | row1 of all -> row0 | ...
-        two_shot       stage row0 | barrier | chunk r of all row0 -> row1 | barrier | row1's chunks from owners | ...
+        two_shot       stage row0 | barrier | chunk r of all row0 -> row1, pushed to every row1 | barrier | ...
         bulk_two_shot  stage row0 | barrier | chunks to their owners, folded, copied back into row0 | ...
 
-    The final barrier keeps each block alive until no peer reads it. Bit for bit the result of
+    The final barrier (not ``two_shot``'s, whose k.b ends every remote access) keeps each block alive
+    until no peer reads it. Bit for bit the result of
     ``reps`` calls of ``direct``.
     """
     steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm)
     direct = algorithm == "direct"
     in_place = algorithm == "bulk_two_shot"
+    exit_barrier = algorithm != "two_shot"  # past two_shot's k.b no peer touches this block
 
     @cuda.jit
     def steady_loop(x, out, n, reps):
@@ -196,7 +198,8 @@ def steady_reduce_loop(algorithm: str, cluster_size: int):
             else:  # staged and result, swapped
                 current = (it & 1) * slot
                 steady_sum(rows[current:], rows[slot - current:], n, it)
-        ptx.cluster_sync()  # peers may still be reading this block's rows
+        if exit_barrier:  # peers may still be reading this block's rows
+            ptx.cluster_sync()
         last = 0 if in_place else (reps & 1) * slot
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             out[row, i] = rows[last + i]

@@ -6,8 +6,8 @@ that module's docstring is the contract (fold orders, chunking, barrier counts).
 for line: the same names (``combine``, ``staged``, ``partial`` / ``result``, ``acc`` rows,
 ``rows`` / ``slot`` / ``full``, ``inbox`` / ``scattered`` / ``gathered``, ``left``, chunk ``c`` =
 [lo, hi)) and index helpers
-(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start``, ``two_shot_owner``,
-``quads_reciprocal`` and ``quad_padded`` are the simulator's own functions, compiled); the simulator's 2-D shared
+(``left_neighbour``, ``ring_chunk``, ``chunk_start``; ``two_shot_chunk_start`` and ``quad_padded`` are
+the simulator's own functions, compiled; ``push_chunk`` is the simulator's ``_push``); the simulator's 2-D shared
 arrays are laid out flat in ``work`` here, at the offsets each function names.
 
 Device-function contract (all six)::
@@ -28,7 +28,8 @@ Device-function contract (all six)::
 Every block of the cluster must call it with all its threads, at most 512 (``direct`` and
 ``two_shot`` keep 8 loads of 16 bytes a thread in registers, the steady reduces N x ceil(4 / N)). It opens with a
 cluster barrier (publishing ``staged``) and ends with one, after which no peer touches this block's shared memory:
-``staged`` and ``work`` are free to reuse and the block may exit.
+``staged`` and ``work`` are free to reuse and the block may exit. (``two_shot``'s last cluster barrier publishes
+the chunks its peers pushed into ``work``; a block barrier follows it, once ``staged`` holds the result.)
 
 Back-to-back all-reduces at **one cluster barrier each** (the simulator's
 ``direct_steady_reduce``, whose rules its module docstring states)::
@@ -65,14 +66,15 @@ module's docstring)::
     staged     shared float32 [slot], 16-byte aligned, the same offset in every block: this block's
                row of operation k on entry; free for operation k + 1's row once the call returns
     result     shared float32 [slot], 16-byte aligned, the same offset in every block: the reduction
-               on return (chunk ``rank`` folded here, the others pulled from their owners); peers
-               read its chunk ``rank`` until they reach the next call's first barrier, so write it
-               only by calling again. ``staged`` and ``result`` may swap from one operation to the
-               next (a chain: operation k's result is operation k + 1's row)
+               on return (chunk ``rank`` folded here, the others pushed by their owners between the
+               call's two barriers), this block's own until it calls again. ``staged`` and ``result``
+               may swap from one operation to the next (a chain: operation k's result is operation
+               k + 1's row)
 
-Barrier k.a opens the call (rows staged), k.b separates the reduce-scatter from the all-gather, a
-block barrier ends it; after the last operation ``ptx.cluster_sync()`` once: 2 x steps + 1 cluster
-barriers, against 3 x steps for separate ``two_shot`` calls.
+Barrier k.a opens the call (rows staged, and every block done with its result of operation k - 1), k.b
+closes it (every chunk folded and pushed). Past k.b no peer touches this block's shared memory, so no
+barrier is needed after the last operation: 2 x steps cluster barriers, as many as separate ``two_shot``
+calls, without their copy of the result into ``staged``.
 
 Back-to-back ``bulk_two_shot`` all-reduces at **no cluster barrier** an operation (the simulator's
 ``bulk_two_shot_steady_reduce``, its rules in that module's docstring)::
@@ -109,7 +111,7 @@ from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import STEADY_BUFFERS, bulk_two_shot_chunk_slot, widest_chunk
-from .ops import (CONVERSIONS, LOADS_IN_FLIGHT, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
+from .ops import (CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
                   rank_folds, ring_chunk, unrolled_fold_row)
 
 #: Bytes reserved at the start of ``work`` for the mbarriers of ``bulk`` (one) and ``bulk_two_shot``
@@ -154,9 +156,34 @@ def chunk_start(c, n, size):
 
 
 two_shot_chunk_start = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_chunk_start)
-two_shot_owner = cuda.jit(device=True, inline=True)(simulator_reduce.two_shot_owner)
-quads_reciprocal = cuda.jit(device=True, inline=True)(simulator_reduce.quads_reciprocal)
 quad_padded = cuda.jit(device=True, inline=True)(simulator_reduce.quad_padded)
+
+
+@cuda.jit(device=True, inline=True)
+def push_chunk(result, lo, hi, size, rank):
+    """``two_shot``'s all-gather (the simulator's ``_push``): ``result[lo .. hi - 1]``, this block's folded
+    chunk, stored into the same elements of every peer's ``result``, the next rank first; 16 bytes a
+    remote store (thread t: quads t, t + blockDim, ..), the chunk's tail after its whole quads an
+    element a thread. Stores need no round trip, so a thread has all of its quads' N - 1 stores in
+    flight; the cluster barrier after the call publishes them."""
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    quads = (hi - lo) // 4
+    for q in range(t, quads, threads):
+        at = lo + 4 * q
+        x0, x1, x2, x3 = result[at], result[at + 1], result[at + 2], result[at + 3]
+        for s in range(1, size):
+            peer = rank + s
+            if peer >= size:
+                peer -= size
+            ptx.remote_store_v4_f32(result, at, peer, x0, x1, x2, x3)
+    for i in range(lo + 4 * quads + t, hi, threads):
+        value = result[i]
+        for s in range(1, size):
+            peer = rank + s
+            if peer >= size:
+                peer -= size
+            ptx.remote_store(result, i, peer, value)
 
 
 @functools.cache
@@ -166,7 +193,6 @@ def reduce_device_function(algorithm: str, op: str):
     check_choice("op", op, tuple(OPERATORS))
     combine = OPERATORS[op]
     fold, fold_quads, fold_row = rank_folds(op)
-    PULLED_WORDS = 4 * LOADS_IN_FLIGHT  # float32 of the quads a two_shot thread has in flight
 
     @cuda.jit(device=True)
     def direct_reduce(staged, work, n, iteration):
@@ -287,9 +313,9 @@ def reduce_device_function(algorithm: str, op: str):
 
     @cuda.jit(device=True)
     def two_shot_reduce(staged, work, n, iteration):
-        """Reduce-scatter (``fold_quads`` of the own chunk) then all-gather in one step each, 16 bytes a
-        remote load, :data:`~clusterlab.primitives.ops.LOADS_IN_FLIGHT` loads in flight per thread;
-        3 cluster barriers."""
+        """Reduce-scatter (``fold_quads`` of the own chunk, 16 bytes a remote load,
+        :data:`~clusterlab.primitives.ops.LOADS_IN_FLIGHT` loads in flight per thread), then the folded
+        chunk pushed into every peer's result (:func:`push_chunk`); 2 cluster barriers."""
         size = ptx.cluster_size()
         rank = ptx.cluster_rank()
         result = 0  # work = result [n]: result[i] is work[result + i]
@@ -301,24 +327,12 @@ def reduce_device_function(algorithm: str, op: str):
         fold_quads(staged, lo, work, result + lo, quads, size)
         for j in range(lo + 4 * quads + cuda.threadIdx.x, hi, stride):
             work[result + j] = fold(staged, j, size)
-        ptx.cluster_sync()  # every chunk is reduced; nobody reads staged any more
-        whole = n // 4  # every whole quad from its owner, LOADS_IN_FLIGHT at a time; then the tail
-        reciprocal = quads_reciprocal(n)
-        pulled = cuda.local.array(PULLED_WORDS, float32)  # load u's quad: pulled[4 u .. 4 u + 3]
-        for first in range(cuda.threadIdx.x, whole, LOADS_IN_FLIGHT * stride):
-            for u in range(LOADS_IN_FLIGHT):
-                q = first + u * stride
-                if q < whole:
-                    pulled[4 * u], pulled[4 * u + 1], pulled[4 * u + 2], pulled[4 * u + 3] = \
-                        ptx.remote_load_v4_f32(work, result + 4 * q, two_shot_owner(q, n, size, reciprocal))
-            for u in range(LOADS_IN_FLIGHT):
-                q = first + u * stride
-                if q < whole:
-                    for k in range(4):
-                        staged[4 * q + k] = pulled[4 * u + k]
-        for j in range(4 * whole + cuda.threadIdx.x, n, stride):
-            staged[j] = ptx.remote_load(work, result + j, size - 1)  # the tail: the last chunk's
-        ptx.cluster_sync()  # peers may still be reading result until here
+        cuda.syncthreads()  # the block's chunk is folded
+        push_chunk(work, lo, hi, size, rank)
+        ptx.cluster_sync()  # every chunk is reduced and pushed; nobody reads staged any more
+        for j in range(cuda.threadIdx.x, n, stride):
+            staged[j] = work[result + j]
+        cuda.syncthreads()
 
     @cuda.jit(device=True)
     def bulk_two_shot_reduce(staged, work, n, iteration):
@@ -429,49 +443,18 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
         fold_row(staged, buffer, result, n)
         cuda.syncthreads()
 
-    @cuda.jit(device=True, inline=True)
-    def gather_chunks(result, n, rank):
-        """Every quad of the row outside chunk ``rank`` from its owner's result, LOADS_IN_FLIGHT a thread
-        at a time (all issued before the first store); the tail after the whole quads (the last chunk's)
-        an element a thread. Each quad's owner is ``two_shot_owner``: a multiplication by the row's
-        ``quads_reciprocal``, computed once a call."""
-        t = cuda.threadIdx.x
-        threads = cuda.blockDim.x
-        whole = n // 4
-        reciprocal = quads_reciprocal(n)
-        pulled = cuda.local.array((LOADS_IN_FLIGHT, 4), float32)  # quad q + j * threads: pulled[j]
-        owners = cuda.local.array(LOADS_IN_FLIGHT, int32)
-        q = t
-        while q < whole:
-            for j in range(LOADS_IN_FLIGHT):
-                owners[j] = rank
-                if q + j * threads < whole:
-                    owners[j] = two_shot_owner(q + j * threads, n, size, reciprocal)
-                if owners[j] != rank:
-                    pulled[j, 0], pulled[j, 1], pulled[j, 2], pulled[j, 3] = \
-                        ptx.remote_load_v4_f32(result, 4 * (q + j * threads), owners[j])
-            for j in range(LOADS_IN_FLIGHT):
-                if owners[j] != rank:
-                    at = 4 * (q + j * threads)
-                    result[at], result[at + 1], result[at + 2], result[at + 3] = \
-                        pulled[j, 0], pulled[j, 1], pulled[j, 2], pulled[j, 3]
-            q += LOADS_IN_FLIGHT * threads
-        if rank != size - 1:
-            for i in range(4 * whole + t, n, threads):
-                result[i] = ptx.remote_load(result, i, size - 1)
-
     @cuda.jit(device=True)
     def two_shot_steady_reduce(staged, result, n, k):
-        """Operation k: barrier k.a, fold chunk ``rank`` of every block's staged row into result;
-        barrier k.b, pull every other chunk from its owner's result."""
+        """Operation k: barrier k.a, fold chunk ``rank`` of every block's staged row into result and push
+        it into every peer's result; barrier k.b."""
         rank = ptx.cluster_rank()
         lo = two_shot_chunk_start(rank, n, size)
         hi = two_shot_chunk_start(rank + 1, n, size)
-        ptx.cluster_sync()  # k.a: every row of operation k is staged; peers' gathers of k - 1 are done
+        ptx.cluster_sync()  # k.a: every row of operation k is staged; every block has read its result of k - 1
         fold_row(staged, lo, result[lo:], hi - lo)
-        ptx.cluster_sync()  # k.b: every chunk is reduced; nobody reads staged any more
-        gather_chunks(result, n, rank)
-        cuda.syncthreads()
+        cuda.syncthreads()  # the block's chunk is folded
+        push_chunk(result, lo, hi, size, rank)
+        ptx.cluster_sync()  # k.b: every chunk is reduced and pushed; nobody reads staged any more
 
     @cuda.jit(device=True)
     def bulk_two_shot_steady_reduce(staged, work, n, k):
@@ -560,6 +543,7 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     buffers = STEADY_BUFFERS[algorithm]
 
     in_place = algorithm == "bulk_two_shot"  # its result is ``staged``, and ``result`` is its ``work``
+    exit_barrier = algorithm != "two_shot"  # past two_shot's k.b no peer touches this block
 
     @cuda.jit
     def cluster_reduce_steady_kernel(xs, out, n, result_offset):
@@ -575,6 +559,7 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
             reduce(staged, result, n, k)
             for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
                 out[k, row, i] = narrow(reduced[i])
-        ptx.cluster_sync()  # peers may still be reading the last operation's rows
+        if exit_barrier:  # peers may still be reading the last operation's rows
+            ptx.cluster_sync()
 
     return cluster_reduce_steady_kernel

@@ -75,21 +75,20 @@ cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[
   :func:`clusterlab.primitives.cluster_reduce_steady`).
 
 ``cluster_reduce_steady(xs, algorithm="two_shot")`` — back-to-back ``two_shot`` all-reduces at
-**two cluster barriers per operation** (against three for separate calls), the fewest bytes an
-all-reduce moves::
+**two cluster barriers per operation**, the fewest bytes an all-reduce moves::
 
     shared memory per block: staged A[n] | result A[n]   (one buffer each)
 
     operation k: stage x_k into staged; barrier k.a; block r pulls chunk r of every block's staged
-                 row and folds in rank order into result[chunk r] (the ``direct`` fold, the same
-                 bits); barrier k.b; block r pulls every other chunk c from block c's result
-    after the last operation: one exit barrier
+                 row, folds in rank order into result[chunk r] (the ``direct`` fold, the same
+                 bits) and pushes it into result[chunk r] of every peer; barrier k.b
 
   The rules: (1) staged is read by peers only between barriers k.a and k.b, so staging operation
   k + 1 after operation k returns (past k.b) overwrites nothing a peer still reads; (2) result's
-  chunk r is written only between k.a and k.b and read by peers only after k.b, until they arrive
-  at (k + 1).a, before which block r cannot write it again. Drop either barrier and a row is
-  overwritten while a peer reads it; the simulator reports it. The two arrays may swap roles
+  chunk c of block r is written by block c only between k.a and k.b, and read by block r only
+  after k.b, until it arrives at (k + 1).a, before which no peer writes it again. Drop either
+  barrier and a row is overwritten while a peer reads it; the simulator reports it. Past k.b no
+  block touches a peer's memory, so the chain needs no exit barrier. The two arrays may swap roles
   from one operation to the next (operation k's result is operation k + 1's staged row): the same
   two rules cover a chain that copies nothing.
 
@@ -123,15 +122,17 @@ without its N-1 + N-1 steps)::
 
     shared memory per block: staged A[n] | result A[n]
 
-    barrier; block r pulls its chunk r of every block's staged row and folds them in rank order
-    (the ``direct`` fold: the same bits) into result[chunk r]; barrier; block r pulls every quad
-    of 4 elements from the result of its owner (``two_shot_owner``; its own chunk from its own
-    result) into staged; barrier
+    barrier; block r pulls its chunk r of every block's staged row, folds them in rank order (the
+    ``direct`` fold: the same bits) into result[chunk r] and pushes that chunk into result[chunk r]
+    of every peer (remote stores, the next rank first); barrier; result copied into staged
 
   Chunk c is ``[two_shot_chunk_start(c), two_shot_chunk_start(c + 1))``: the row cut at multiples
   of 4 elements (16 bytes of float32), so that a GPU moves it with 16-byte accesses. Each block
-  pulls ``2 (N - 1) / N`` rows' worth from its peers, against ``direct``'s ``N - 1``: the fewest
-  bytes an all-reduce can move, in 3 cluster barriers (the last one the exit barrier).
+  pulls ``(N - 1) / N`` of a row from its peers and pushes as much into them, ``2 (N - 1) / N`` rows'
+  worth against ``direct``'s ``N - 1``: the fewest bytes an all-reduce can move, in 2 cluster
+  barriers. The all-gather pushes rather than pulls: a store needs no round trip, so a GPU thread
+  has all of its stores in flight at once, and past the second barrier no block touches a peer's
+  memory, so that barrier is also the exit barrier.
 
 ``bulk_two_shot`` — ``two_shot``'s data movement by the copy engine: the chunks travel as
 ``cp.async.bulk`` copies, each completing on the receiver's mbarrier, so the threads only fold::
@@ -287,27 +288,6 @@ def quad_padded(k: int) -> int:
     return (k + 3) // 4 * 4  # plain arithmetic: the GPU compiles this function too
 
 
-def quads_reciprocal(n: int) -> int:
-    """floor(2^32 / ceil(n / 4)) + 1: the multiplier :func:`two_shot_owner` divides by a row's quads
-    with, computed once a row (a GPU's integer division takes dozens of instructions, its
-    multiplication a few)."""
-    return (1 << 32) // ((n + 3) // 4) + 1  # plain arithmetic: the GPU compiles this function too
-
-
-def two_shot_owner(q: int, n: int, size: int, reciprocal: int) -> int:
-    """The block whose ``two_shot`` chunk holds quad ``q`` (elements ``4q ..``) of a row of ``n``:
-    the ``c`` with ``two_shot_chunk_start(c) <= 4q < two_shot_chunk_start(c + 1)``, which is
-    floor(x / quads) for x = (q + 1) size - 1 and quads = ceil(n / 4). With ``reciprocal`` =
-    :func:`quads_reciprocal` (n), x * reciprocal / 2^32 exceeds x / quads by at most x / 2^32 < 1,
-    so its floor is the quotient or one more, and one compare tells which."""
-    quads = (n + 3) // 4
-    x = (q + 1) * size - 1
-    owner = (x * reciprocal) >> 32
-    if owner * quads > x:
-        owner -= 1
-    return owner  # plain arithmetic: the GPU compiles this function too
-
-
 def bulk_two_shot_chunk_slot(n: int, size: int, itemsize: int) -> int:
     """Elements of an inbox slot of ``bulk_two_shot``: the widest ``two_shot`` chunk (ceil(ceil(n / 4) / N)
     quads), padded to 16 bytes."""
@@ -322,6 +302,13 @@ def widest_chunk(n: int, size: int) -> int:
 def _load(b: Block, array, rank: int, key):
     """``array[key]`` of block ``rank``: ``ld.shared`` for the own block, else ``ld.shared::cluster``."""
     return array[key] if rank == b.cluster_rank else b.map_shared(array, rank)[key]
+
+
+def _push(b: Block, array, key, values):
+    """``array[key] = values`` in every peer, ``st.shared::cluster``, the next rank first (rank + 1, rank + 2, ..)."""
+    size, rank = b.cluster_size, b.cluster_rank
+    for s in range(1, size):
+        b.map_shared(array, (rank + s) % size)[key] = values
 
 
 def _stage(b: Block, x: np.ndarray) -> SharedArray:
@@ -454,20 +441,16 @@ def two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: n
     for k in range(xs.shape[0]):
         b.step(f"stage {k}")
         staged[:] = xs[k, rank].astype(staged.dtype)
-        yield b.cluster_sync()  # k.a: every row of operation k is staged; peers' gathers of k - 1 are done
+        yield b.cluster_sync()  # k.a: every row of operation k is staged; every block has read its result of k - 1
         b.step(f"reduce-scatter {k}")
         acc = _load(b, staged, 0, slice(lo, hi))
         for s in range(1, size):
             acc = combine(acc, _load(b, staged, s, slice(lo, hi)))
         result[lo:hi] = acc
-        yield b.cluster_sync()  # k.b: every chunk is reduced; nobody reads staged any more
         b.step(f"all-gather {k}")
-        for c in range(size):
-            if c != rank:
-                chunk = slice(two_shot_chunk_start(c, n, size), two_shot_chunk_start(c + 1, n, size))
-                result[chunk] = _load(b, result, c, chunk)
+        _push(b, result, slice(lo, hi), acc)
+        yield b.cluster_sync()  # k.b: every chunk is reduced and pushed; nobody reads staged any more
         out[k, rank] = result[:].astype(xs.dtype)
-    yield b.cluster_sync()  # peers may still be gathering from this block's result
 
 
 def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
@@ -562,7 +545,7 @@ def bulk_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
 
 
 def two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
-    """``two_shot``: each block folds its chunk of all rows, then pulls the others' chunks. Writes ``out[rank]`` [n]."""
+    """``two_shot``: each block folds its chunk of all rows and pushes it into every peer's result. Writes ``out[rank]`` [n]."""
     size, rank, n = b.cluster_size, b.cluster_rank, x.shape[1]
     staged = _stage(b, x)
     result = b.shared_array("result", (n,), staged.dtype)
@@ -573,15 +556,11 @@ def two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc)
     for s in range(1, size):
         acc = combine(acc, _load(b, staged, s, slice(lo, hi)))
     result[lo:hi] = acc
-    yield b.cluster_sync()  # every chunk is reduced; nobody reads staged any more
     b.step("all-gather")
-    reciprocal = quads_reciprocal(n)
-    for q in range(-(-n // 4)):  # every quad, from its owner
-        s = two_shot_owner(q, n, size, reciprocal)
-        quad = slice(4 * q, min(4 * q + 4, n))
-        staged[quad] = _load(b, result, s, quad)
+    _push(b, result, slice(lo, hi), acc)
+    yield b.cluster_sync()  # every chunk is reduced and pushed; nobody reads staged any more
+    staged[:] = result[:]
     out[rank] = staged[:].astype(x.dtype)
-    yield b.cluster_sync()  # peers may still be reading result
 
 
 def bulk_two_shot_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
