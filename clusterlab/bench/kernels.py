@@ -42,6 +42,7 @@ from .. import ptx
 from ..primitives.gather import GATHER_DEVICE_FUNCTIONS, stage_row, store_rows
 from ..primitives.ops import CONVERSIONS, open_bulk_exchange
 from ..primitives.reduce import quad_padded, reduce_device_function, steady_reduce_device_function
+from ..simulator.reduce import STEADY_EXIT_BARRIER
 
 #: 16-byte remote loads each thread of dsmem_read_stream has in flight.
 STREAM_LOADS_IN_FLIGHT = 8
@@ -181,7 +182,7 @@ def steady_reduce_loop(algorithm: str, cluster_size: int):
     steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm)
     direct = algorithm == "direct"
     in_place = algorithm == "bulk_two_shot"
-    exit_barrier = algorithm != "two_shot"  # past two_shot's k.b no peer touches this block
+    exit_barrier = algorithm in STEADY_EXIT_BARRIER
 
     @cuda.jit
     def steady_loop(x, out, n, reps):

@@ -104,13 +104,13 @@ from __future__ import annotations
 
 import functools
 
-from numba import cuda, float32, int32
+from numba import cuda
 
 from .. import ptx
 from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
-from ..simulator.reduce import STEADY_BUFFERS, bulk_two_shot_chunk_slot, widest_chunk
+from ..simulator.reduce import STEADY_BUFFERS, STEADY_EXIT_BARRIER, bulk_two_shot_chunk_slot, widest_chunk
 from .ops import (CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
                   rank_folds, ring_chunk, unrolled_fold_row)
 
@@ -543,7 +543,7 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     buffers = STEADY_BUFFERS[algorithm]
 
     in_place = algorithm == "bulk_two_shot"  # its result is ``staged``, and ``result`` is its ``work``
-    exit_barrier = algorithm != "two_shot"  # past two_shot's k.b no peer touches this block
+    exit_barrier = algorithm in STEADY_EXIT_BARRIER
 
     @cuda.jit
     def cluster_reduce_steady_kernel(xs, out, n, result_offset):

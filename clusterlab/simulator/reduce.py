@@ -172,6 +172,9 @@ from .memory import MBARRIER_BYTES, layout_bytes
 REDUCE_ALGORITHMS = ("direct", "ring", "butterfly", "bulk", "two_shot", "bulk_two_shot")
 #: Algorithms of :func:`cluster_reduce_steady`, with the staging buffers of their contract.
 STEADY_BUFFERS = {"direct": 2, "two_shot": 1, "bulk_two_shot": 1}
+#: The steady algorithms whose chain ends with a cluster barrier after its last operation (peers may
+#: still read a block's memory until then; past ``two_shot``'s k.b none does).
+STEADY_EXIT_BARRIER = ("direct", "bulk_two_shot")
 
 
 def cluster_reduce(x: np.ndarray, op: str = "sum", algorithm: str = "ring"):
