@@ -125,7 +125,7 @@ UNROLLED_LOADS = 4
 
 
 @functools.cache
-def unrolled_fold_row(op: str, cluster_size: int):
+def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
     """``fold_row(shared, source, dest, n)``: :func:`rank_folds`' ``fold_row``, the same bits, for clusters
     of exactly ``cluster_size`` blocks, its loop over the ranks unrolled so that all of an element's
     (or a quad's) loads are in flight before the first combine.
@@ -134,6 +134,11 @@ def unrolled_fold_row(op: str, cluster_size: int):
     row folds 16 bytes a load, ``ceil(UNROLLED_LOADS / N)`` quads a thread at a time (thread t: quads
     t, t + blockDim, ..), and its tail after the whole quads an element a thread. ``source`` is a
     multiple of 4.
+
+    ``push``: each folded element or quad is also stored into the same place of every peer's ``dest``
+    (16 bytes a remote store, the next rank first) as soon as it is folded, so that the stores go out
+    while the thread's next loads are in flight: ``two_shot``'s all-gather inside its reduce-scatter
+    (the simulator's ``_push``). A cluster barrier after the call publishes them.
     """
     combine = OPERATORS[op]
     size = cluster_size
@@ -159,12 +164,33 @@ def unrolled_fold_row(op: str, cluster_size: int):
             acc[j, 3] = combine(acc[j, 3], b3)
 
     @cuda.jit(device=True, inline=True)
+    def store_element(dest, i, value, rank):
+        dest[i] = value
+        if push:
+            for s in range(1, size):
+                peer = rank + s
+                if peer >= size:
+                    peer -= size
+                ptx.remote_store(dest, i, peer, value)
+
+    @cuda.jit(device=True, inline=True)
+    def store_quad(dest, at, x0, x1, x2, x3, rank):
+        dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = x0, x1, x2, x3
+        if push:
+            for s in range(1, size):
+                peer = rank + s
+                if peer >= size:
+                    peer -= size
+                ptx.remote_store_v4_f32(dest, at, peer, x0, x1, x2, x3)
+
+    @cuda.jit(device=True, inline=True)
     def fold_row(shared, source, dest, n):
         t = cuda.threadIdx.x
         threads = cuda.blockDim.x
+        rank = ptx.cluster_rank() if push else 0
         if n <= threads:
             if t < n:
-                dest[t] = fold_element(shared, source + t)
+                store_element(dest, t, fold_element(shared, source + t), rank)
             return
         whole = n // 4
         acc = cuda.local.array((together, 4), float32)  # quad q + j * threads: acc[j]
@@ -174,16 +200,15 @@ def unrolled_fold_row(op: str, cluster_size: int):
                 for j in range(together):
                     fold_quad(acc, j, shared, source + 4 * (q + j * threads), s)
             for j in range(together):
-                at = 4 * (q + j * threads)
-                dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3]
+                store_quad(dest, 4 * (q + j * threads), acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3], rank)
             q += together * threads
         while q < whole:  # the last quads, fewer than a round
             for s in range(size):
                 fold_quad(acc, 0, shared, source + 4 * q, s)
-            dest[4 * q], dest[4 * q + 1], dest[4 * q + 2], dest[4 * q + 3] = acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3]
+            store_quad(dest, 4 * q, acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3], rank)
             q += threads
         for i in range(4 * whole + t, n, threads):
-            dest[i] = fold_element(shared, source + i)
+            store_element(dest, i, fold_element(shared, source + i), rank)
 
     return fold_row
 

@@ -432,6 +432,7 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
     check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     fold_row = unrolled_fold_row(op, cluster_size)
+    fold_push_row = unrolled_fold_row(op, cluster_size, push=True)  # two_shot: each folded quad pushed at once
     combine = OPERATORS[op]
     size = cluster_size
 
@@ -451,9 +452,7 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
         lo = two_shot_chunk_start(rank, n, size)
         hi = two_shot_chunk_start(rank + 1, n, size)
         ptx.cluster_sync()  # k.a: every row of operation k is staged; every block has read its result of k - 1
-        fold_row(staged, lo, result[lo:], hi - lo)
-        cuda.syncthreads()  # the block's chunk is folded
-        push_chunk(result, lo, hi, size, rank)
+        fold_push_row(staged, lo, result[lo:], hi - lo)
         ptx.cluster_sync()  # k.b: every chunk is reduced and pushed; nobody reads staged any more
 
     @cuda.jit(device=True)
