@@ -6,7 +6,7 @@ from numba import types
 
 from clusterlab.primitives.gather import gather_kernel
 from clusterlab.primitives.ops import GPU_DTYPES
-from clusterlab.primitives.reduce import reduce_kernel, steady_reduce_kernel
+from clusterlab.primitives.reduce import PUSH_WHILE_FOLDING, reduce_kernel, steady_reduce_kernel
 from clusterlab.simulator import GATHER_ALGORITHMS, OPS, REDUCE_ALGORITHMS
 from clusterlab.toolchain import assemble, kernel_ptx
 
@@ -69,6 +69,9 @@ def test_steady_two_shot_kernel_assembles_with_two_barriers_an_operation(cluster
                      (steps, steps, types.int64, types.int64))
     check(ptx, "two_shot" if cluster_size > 1 else "direct")  # a cluster of one has no peer to push to
     assert ptx.count("barrier.cluster.arrive") == 2 and ptx.count("barrier.cluster.wait") == 2
+    # up to PUSH_WHILE_FOLDING blocks each quad is pushed as it is folded; beyond, a block barrier
+    # separates the fold from the chunk's pushes
+    assert ptx.count("bar.sync") == (cluster_size > PUSH_WHILE_FOLDING)
     assert "ld.shared::cluster.v4.f32" in ptx
 
 

@@ -72,7 +72,8 @@ module's docstring)::
                k + 1's row)
 
 Barrier k.a opens the call (rows staged, and every block done with its result of operation k - 1), k.b
-closes it (every chunk folded and pushed). Past k.b no peer touches this block's shared memory, so no
+closes it (every chunk folded and pushed: up to :data:`PUSH_WHILE_FOLDING` blocks each quad as soon as
+it is folded, beyond that the whole chunk after the fold). Past k.b no peer touches this block's shared memory, so no
 barrier is needed after the last operation: 2 x steps cluster barriers, as many as separate ``two_shot``
 calls, without their copy of the result into ``staged``.
 
@@ -424,6 +425,14 @@ def steady_shared_bytes(n: int, algorithm: str = "direct", cluster_size: int = 1
     return (steady_result_offset(n, algorithm) + after) * FLOAT32_BYTES
 
 
+#: The largest cluster whose steady ``two_shot`` stores each folded quad into its peers as soon as it is
+#: folded (``unrolled_fold_row(push=True)``); larger ones fold their chunk, then push it (``push_chunk``).
+#: Measured on the H200 (lab log v42): folding and pushing together is 6-34% faster at N = 2-8 with
+#: rows of 4-64 KiB; at N = 16 it is 2-14% faster up to 16 KiB but 2-5% slower with 32-64 KiB, the
+#: rows this algorithm is for.
+PUSH_WHILE_FOLDING = 8
+
+
 @functools.cache
 def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "direct"):
     """``direct_steady_reduce(staged, result, n, k)`` or ``two_shot_steady_reduce(staged, result, n, k)``
@@ -432,7 +441,8 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
     check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     fold_row = unrolled_fold_row(op, cluster_size)
-    fold_push_row = unrolled_fold_row(op, cluster_size, push=True)  # two_shot: each folded quad pushed at once
+    fold_push_row = unrolled_fold_row(op, cluster_size, push=True)
+    pushes_while_folding = cluster_size <= PUSH_WHILE_FOLDING
     combine = OPERATORS[op]
     size = cluster_size
 
@@ -452,7 +462,12 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
         lo = two_shot_chunk_start(rank, n, size)
         hi = two_shot_chunk_start(rank + 1, n, size)
         ptx.cluster_sync()  # k.a: every row of operation k is staged; every block has read its result of k - 1
-        fold_push_row(staged, lo, result[lo:], hi - lo)
+        if pushes_while_folding:  # each quad into the peers as soon as it is folded
+            fold_push_row(staged, lo, result[lo:], hi - lo)
+        else:  # the chunk folded, then pushed
+            fold_row(staged, lo, result[lo:], hi - lo)
+            cuda.syncthreads()
+            push_chunk(result, lo, hi, size, rank)
         ptx.cluster_sync()  # k.b: every chunk is reduced and pushed; nobody reads staged any more
 
     @cuda.jit(device=True)
