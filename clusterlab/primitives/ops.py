@@ -119,6 +119,26 @@ def rank_folds(op: str):
     return fold, fold_quads, fold_row
 
 
+@cuda.jit(device=True, inline=True)
+def push_element(array, i, value, size, rank):
+    """``array[i] = value`` in every other block of a cluster of ``size``, the next rank first (rank + 1, ..)."""
+    for s in range(1, size):
+        peer = rank + s
+        if peer >= size:
+            peer -= size
+        ptx.remote_store(array, i, peer, value)
+
+
+@cuda.jit(device=True, inline=True)
+def push_quad(array, at, x0, x1, x2, x3, size, rank):
+    """``array[at .. at + 3] = x0 .. x3`` in every other block, one 16-byte store each, the next rank first."""
+    for s in range(1, size):
+        peer = rank + s
+        if peer >= size:
+            peer -= size
+        ptx.remote_store_v4_f32(array, at, peer, x0, x1, x2, x3)
+
+
 #: 16-byte remote loads a thread of :func:`unrolled_fold_row` keeps in flight at least: ceil(4 / N) quads of
 #: N ranks each (two quads at N = 2 and 3: 82% instead of 72% of the DSMEM read peak at 64 KiB, N = 2).
 UNROLLED_LOADS = 4
@@ -167,21 +187,13 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
     def store_element(dest, i, value, rank):
         dest[i] = value
         if push:
-            for s in range(1, size):
-                peer = rank + s
-                if peer >= size:
-                    peer -= size
-                ptx.remote_store(dest, i, peer, value)
+            push_element(dest, i, value, size, rank)
 
     @cuda.jit(device=True, inline=True)
     def store_quad(dest, at, x0, x1, x2, x3, rank):
         dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = x0, x1, x2, x3
         if push:
-            for s in range(1, size):
-                peer = rank + s
-                if peer >= size:
-                    peer -= size
-                ptx.remote_store_v4_f32(dest, at, peer, x0, x1, x2, x3)
+            push_quad(dest, at, x0, x1, x2, x3, size, rank)
 
     @cuda.jit(device=True, inline=True)
     def fold_row(shared, source, dest, n):

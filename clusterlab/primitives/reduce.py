@@ -112,8 +112,8 @@ from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import STEADY_BUFFERS, STEADY_EXIT_BARRIER, bulk_two_shot_chunk_slot, widest_chunk
-from .ops import (CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange,
-                  rank_folds, ring_chunk, unrolled_fold_row)
+from .ops import (CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, push_element,
+                  push_quad, rank_folds, ring_chunk, unrolled_fold_row)
 
 #: Bytes reserved at the start of ``work`` for the mbarriers of ``bulk`` (one) and ``bulk_two_shot``
 #: (two; 8 bytes each), keeping what follows 16-byte aligned.
@@ -172,19 +172,9 @@ def push_chunk(result, lo, hi, size, rank):
     quads = (hi - lo) // 4
     for q in range(t, quads, threads):
         at = lo + 4 * q
-        x0, x1, x2, x3 = result[at], result[at + 1], result[at + 2], result[at + 3]
-        for s in range(1, size):
-            peer = rank + s
-            if peer >= size:
-                peer -= size
-            ptx.remote_store_v4_f32(result, at, peer, x0, x1, x2, x3)
+        push_quad(result, at, result[at], result[at + 1], result[at + 2], result[at + 3], size, rank)
     for i in range(lo + 4 * quads + t, hi, threads):
-        value = result[i]
-        for s in range(1, size):
-            peer = rank + s
-            if peer >= size:
-                peer -= size
-            ptx.remote_store(result, i, peer, value)
+        push_element(result, i, result[i], size, rank)
 
 
 @functools.cache
