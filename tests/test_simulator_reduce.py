@@ -323,8 +323,7 @@ def chained_two_shot(b, x, out, steps):
             acc = np.add(acc, sim_reduce._load(b, rows, s, (staged, slice(lo, hi))))
         rows[result, lo:hi] = acc
         b.step(f"all-gather {k}")
-        for s in range(1, size):
-            b.map_shared(rows, (rank + s) % size)[result, lo:hi] = acc
+        sim_reduce._push(b, rows, (result, slice(lo, hi)), acc)
         yield b.cluster_sync()
     out[rank] = rows[steps % 2]
 
