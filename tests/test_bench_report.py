@@ -259,6 +259,25 @@ def test_noisy_figures_give_no_verdict():
     assert f"{unjudged['value']:.2f}? {report.SHORT[report.REDUCE_PUBLIC[-1]]}" in report.format_summary(results)
 
 
+def test_a_noisy_figure_faster_than_the_winner_withholds_the_verdict():
+    results = synthetic_results()
+    point = dict(primitive="reduce", method="per_op", config="chip", dtype="float32", message_bytes=64)
+
+    def small(cluster_size):
+        return rows_of(report.evaluate_targets(results), "small_reduce_vs_barrier", config="chip",
+                       cluster_size=cluster_size, message_bytes=64)[0]
+
+    assert small(3)["implementation"] == "direct_1barrier" and small(3)["pass"] is False  # over 3 barriers of 0.15 µs
+    retime(results, Stat(5.0, -1.0, 9.0, 7).as_dict(), implementation="ring", cluster_size=3, **point)
+    assert small(3)["pass"] is False and small(3)["reliable"]  # a noisy figure slower than the winner changes nothing
+    retime(results, NOISY, implementation="direct_1barrier", cluster_size=3, **point)
+    withheld = small(3)
+    assert withheld["implementation"] != "direct_1barrier" and withheld["pass"] is None and not withheld["reliable"]
+    assert small(2)["pass"] is True
+    retime(results, NOISY, implementation="direct_1barrier", cluster_size=2, **point)
+    assert small(2)["pass"] is True and small(2)["reliable"]  # the slower winner passes: so would a faster one
+
+
 def test_global_comparison_is_the_fastest_baseline_over_the_fastest_cluster_reduce(results):
     rows = results["global_comparison"]
     assert {c["cluster_size"] for c in rows} == {2, 3, 8, 16} and {c["message_bytes"] for c in rows} == set(BYTES)

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -224,30 +225,46 @@ def reduce_barrier_threshold(cluster_size: int) -> float:
     return REDUCE_BARRIER_RATIO if cluster_size <= SMALL_CLUSTER_MAX else REDUCE_BARRIER_RATIO_LARGE_CLUSTER
 
 
-def _target(name, passed, value, threshold, stats, **fields) -> dict:
-    """A target row; ``pass`` is None (no verdict) when any of the figures ``stats`` it compares is noisy."""
-    trusted = all(reliable(s) for s in stats)
+def _target(name, passed, value, threshold, stats, noisy_faster=(), **fields) -> dict:
+    """A target row; ``pass`` is None (no verdict) when any of the figures ``stats`` it compares is
+    noisy, or when it misses and a noisy figure ``noisy_faster`` might have passed it."""
+    trusted = all(reliable(s) for s in stats) and (passed or not noisy_faster)
     return {"target": name, "pass": bool(passed) if trusted else None, "reliable": trusted, "value": value,
             "threshold": threshold, **fields}
 
 
-def _best(results: dict, implementations, **criteria) -> tuple[str, Stat] | None:
+class Best(NamedTuple):
+    """The fastest implementation at a point (:func:`_best`) and the noisy figures that might have beaten it."""
+
+    implementation: str
+    stat: Stat
+    #: The point's noisy figures with a lower median than ``stat``'s: any of them might have been the fastest.
+    noisy_faster: tuple[Stat, ...]
+
+
+def _best(results: dict, implementations, **criteria) -> Best | None:
     """The implementation with the lowest median here, and its figure.
 
     Only reliable figures compete; when none here is, the lowest noisy one stands (so its row
-    gets no verdict rather than no row).
+    gets no verdict rather than no row). The noisy figures below the winner's median are kept
+    beside it (``noisy_faster``): a miss of the winner is then no verdict, as one of them might
+    have passed, rather than a repeat that went wrong deciding it.
     """
     timed = [(i, latency(results, implementation=i, **criteria)) for i in implementations]
     timed = [(i, s) for i, s in timed if s is not None]
-    return min([t for t in timed if reliable(t[1])] or timed, key=lambda item: item[1].median, default=None)
+    winner = min([t for t in timed if reliable(t[1])] or timed, key=lambda item: item[1].median, default=None)
+    if winner is None:
+        return None
+    implementation, stat = winner
+    return Best(implementation, stat, tuple(s for _, s in timed if not reliable(s) and s.median < stat.median))
 
 
 def _versus_peak(name, threshold, winner, found, peak, **fields) -> dict:
     """A target row: bus bandwidth of ``found`` (the record of ``winner``) / the DSMEM read ``peak``."""
     fraction = found["bus_bandwidth_bytes_per_s"]["median"] / peak["bandwidth_bytes_per_s"]["median"]
     return _target(
-        name, fraction >= threshold, fraction, threshold, (winner[1], Stat.from_dict(peak["pass_us"])),
-        **fields, message_bytes=found["message_bytes"], implementation=winner[0],
+        name, fraction >= threshold, fraction, threshold, (winner.stat, Stat.from_dict(peak["pass_us"])),
+        winner.noisy_faster, **fields, message_bytes=found["message_bytes"], implementation=winner.implementation,
         bus_bandwidth_bytes_per_s=found["bus_bandwidth_bytes_per_s"], peak_bytes_per_s=peak["bandwidth_bytes_per_s"],
         peak_threads=peak["threads"], peak_pattern=peak["pattern"],
     )
@@ -269,15 +286,16 @@ def evaluate_targets(results: dict) -> list[dict]:
                 if winner is None:
                     continue
                 if nbytes <= SMALL_MESSAGE_BYTES and floor is not None:
-                    ratio = winner[1].median / floor.median
+                    ratio = winner.stat.median / floor.median
                     threshold = reduce_barrier_threshold(size)
                     out.append(_target(
-                        "small_reduce_vs_barrier", ratio <= threshold, ratio, threshold, (winner[1], floor),
-                        **point, message_bytes=nbytes, implementation=winner[0], per_op_us=winner[1].as_dict(),
+                        "small_reduce_vs_barrier", ratio <= threshold, ratio, threshold, (winner.stat, floor),
+                        winner.noisy_faster, **point, message_bytes=nbytes, implementation=winner.implementation,
+                        per_op_us=winner.stat.as_dict(),
                         barrier_us=floor.as_dict(),
                     ))
                 if nbytes >= LARGE_MESSAGE_BYTES and peak is not None:
-                    found = record(results, implementation=winner[0], **reduce)
+                    found = record(results, implementation=winner.implementation, **reduce)
                     out.append(_versus_peak("large_reduce_vs_dsmem_bound", REDUCE_PEAK_FRACTION, winner, found, peak,
                                             **point))
             if peak is None:
@@ -290,7 +308,7 @@ def evaluate_targets(results: dict) -> list[dict]:
                 })
                 for nbytes in [b for b in timed if b >= LARGE_MESSAGE_BYTES] or timed[-1:]:
                     winner = _best(results, simulator.GATHER_ALGORITHMS, message_bytes=nbytes, **gather)
-                    found = record(results, implementation=winner[0], message_bytes=nbytes, **gather)
+                    found = record(results, implementation=winner.implementation, message_bytes=nbytes, **gather)
                     out.append(_versus_peak("gather_vs_dsmem_peak", GATHER_PEAK_FRACTION, winner, found, peak,
                                             **point, dtype=dtype))
     return out
@@ -320,10 +338,10 @@ def global_comparison(results: dict) -> list[dict]:
                         continue
                     out.append({
                         "method": method, "config": config, "cluster_size": size, "message_bytes": nbytes,
-                        "cluster": cluster[0], "cluster_us": cluster[1].as_dict(),
-                        "baseline": baseline[0], "baseline_us": baseline[1].as_dict(),
-                        "speedup": baseline[1].median / cluster[1].median,
-                        "reliable": reliable(cluster[1]) and reliable(baseline[1]),
+                        "cluster": cluster.implementation, "cluster_us": cluster.stat.as_dict(),
+                        "baseline": baseline.implementation, "baseline_us": baseline.stat.as_dict(),
+                        "speedup": baseline.stat.median / cluster.stat.median,
+                        "reliable": reliable(cluster.stat) and reliable(baseline.stat),
                     })
     return out
 
