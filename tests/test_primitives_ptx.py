@@ -46,7 +46,8 @@ def test_reduce_kernel_assembles(algorithm, op):
 @pytest.mark.parametrize("cluster_size", [1, 3, 16])
 def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op, cluster_size):
     """The loop over operations holds one cluster barrier (in the device function) and the exit one; the
-    fold's loads of a row element are one per rank, unrolled (scalar for short rows, 16 bytes for long)."""
+    fold's loads of a row element are one per rank, unrolled (scalar for short rows, 8 bytes for rows up to
+    twice the block, 16 bytes for longer ones)."""
     steps = types.float32[:, :, ::1]
     ptx = kernel_ptx(steady_reduce_kernel(op, "float32", cluster_size), (steps, steps, types.int64, types.int64))
     check(ptx, "direct")
@@ -55,10 +56,10 @@ def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op, cluste
     # often the compiler unrolls the loops over elements) loads each of the N ranks: no loop over ranks
     # (the sum's; max and min carry a NaN test a combine, and at N = 16 the compiler keeps part of
     # their loop over ranks rolled)
-    elements, quads = ptx.count("ld.shared::cluster.f32"), ptx.count("ld.shared::cluster.v4.f32")
-    assert elements >= 2 * cluster_size and quads >= cluster_size
+    loads = [ptx.count(f"ld.shared::cluster{width}.f32") for width in ("", ".v2", ".v4")]  # elements, pairs, quads
+    assert loads[0] >= 2 * cluster_size and loads[1] >= cluster_size and loads[2] >= cluster_size
     if op == "sum":
-        assert elements % cluster_size == 0 and quads % cluster_size == 0
+        assert all(count % cluster_size == 0 for count in loads)
 
 
 @pytest.mark.parametrize("cluster_size", [1, 3, 16])

@@ -130,6 +130,17 @@ def push_element(array, i, value, size, rank):
 
 
 @cuda.jit(device=True, inline=True)
+def push_pair(array, at, x0, x1, size, rank):
+    """``array[at], array[at + 1] = x0, x1`` in every other block, one 8-byte store each, the next rank first."""
+    address = ptx.shared_address(array, at)
+    for s in range(1, size):
+        peer = rank + s
+        if peer >= size:
+            peer -= size
+        ptx.st_shared_cluster_v2_f32(ptx.map_shared(address, peer), x0, x1)
+
+
+@cuda.jit(device=True, inline=True)
 def push_quad(array, at, x0, x1, x2, x3, size, rank):
     """``array[at .. at + 3] = x0 .. x3`` in every other block, one 16-byte store each, the next rank first."""
     for s in range(1, size):
@@ -150,13 +161,15 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
     of exactly ``cluster_size`` blocks, its loop over the ranks unrolled so that all of an element's
     (or a quad's) loads are in flight before the first combine.
 
-    A row no longer than the block folds an element a thread (thread t: element t, no loop); a longer
-    row folds 16 bytes a load, ``ceil(UNROLLED_LOADS / N)`` quads a thread at a time (thread t: quads
-    t, t + blockDim, ..), and its tail after the whole quads an element a thread. ``source`` is a
-    multiple of 4.
+    A row no longer than the block folds an element a thread (thread t: element t, no loop); one up to
+    twice as long a pair a thread (thread t: elements 2t and 2t + 1, 8 bytes a load, so that every
+    thread has loads in flight where quads would leave half of them idle; an odd row's last element
+    goes to thread n // 2, which has no pair); a longer row folds 16 bytes a load,
+    ``ceil(UNROLLED_LOADS / N)`` quads a thread at a time (thread t: quads t, t + blockDim, ..), and
+    its tail after the whole quads an element a thread. ``source`` is a multiple of 4.
 
-    ``push``: each folded element or quad is also stored into the same place of every peer's ``dest``
-    (16 bytes a remote store, the next rank first) as soon as it is folded, so that the stores go out
+    ``push``: each folded element, pair or quad is also stored into the same place of every peer's
+    ``dest`` (one remote store as wide as the loads, the next rank first) as soon as it is folded, so that the stores go out
     while the thread's next loads are in flight: ``two_shot``'s all-gather inside its reduce-scatter
     (the simulator's ``_push``). A cluster barrier after the call publishes them.
     """
@@ -170,6 +183,19 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
         for s in range(1, size):
             acc = combine(acc, ptx.remote_load(shared, i, s))
         return acc
+
+    @cuda.jit(device=True, inline=True)
+    def fold_pair(shared, i):
+        """``shared[i]`` and ``shared[i + 1]`` folded, all N ranks' 8-byte loads issued before the first combine."""
+        pairs = cuda.local.array((size, 2), float32)
+        address = ptx.shared_address(shared, i)
+        for s in range(size):
+            pairs[s, 0], pairs[s, 1] = ptx.ld_shared_cluster_v2_f32(ptx.map_shared(address, s))
+        a0, a1 = pairs[0, 0], pairs[0, 1]
+        for s in range(1, size):
+            a0 = combine(a0, pairs[s, 0])
+            a1 = combine(a1, pairs[s, 1])
+        return a0, a1
 
     @cuda.jit(device=True, inline=True)
     def fold_quad(acc, j, shared, at, s):
@@ -190,6 +216,12 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
             push_element(dest, i, value, size, rank)
 
     @cuda.jit(device=True, inline=True)
+    def store_pair(dest, i, x0, x1, rank):
+        dest[i], dest[i + 1] = x0, x1
+        if push:
+            push_pair(dest, i, x0, x1, size, rank)
+
+    @cuda.jit(device=True, inline=True)
     def store_quad(dest, at, x0, x1, x2, x3, rank):
         dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = x0, x1, x2, x3
         if push:
@@ -203,6 +235,14 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
         if n <= threads:
             if t < n:
                 store_element(dest, t, fold_element(shared, source + t), rank)
+            return
+        if n <= 2 * threads:
+            pairs = n // 2
+            if t < pairs:
+                x0, x1 = fold_pair(shared, source + 2 * t)
+                store_pair(dest, 2 * t, x0, x1, rank)
+            elif t == pairs and n % 2 == 1:
+                store_element(dest, n - 1, fold_element(shared, source + n - 1), rank)
             return
         whole = n // 4
         acc = cuda.local.array((together, 4), float32)  # quad q + j * threads: acc[j]
