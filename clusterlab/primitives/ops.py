@@ -169,9 +169,9 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
     its tail after the whole quads an element a thread. ``source`` is a multiple of 4.
 
     ``push``: each folded element, pair or quad is also stored into the same place of every peer's
-    ``dest`` (one remote store as wide as the loads, the next rank first) as soon as it is folded, so that the stores go out
-    while the thread's next loads are in flight: ``two_shot``'s all-gather inside its reduce-scatter
-    (the simulator's ``_push``). A cluster barrier after the call publishes them.
+    ``dest`` (one remote store as wide as the loads, the next rank first) as soon as it is folded, so
+    that the stores go out while the thread's next loads are in flight: ``two_shot``'s all-gather inside
+    its reduce-scatter (the simulator's ``_push``). A cluster barrier after the call publishes them.
     """
     combine = OPERATORS[op]
     size = cluster_size
@@ -187,14 +187,14 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
     @cuda.jit(device=True, inline=True)
     def fold_pair(shared, i):
         """``shared[i]`` and ``shared[i + 1]`` folded, all N ranks' 8-byte loads issued before the first combine."""
-        pairs = cuda.local.array((size, 2), float32)
+        loaded = cuda.local.array((size, 2), float32)  # rank s's pair: loaded[s]
         address = ptx.shared_address(shared, i)
         for s in range(size):
-            pairs[s, 0], pairs[s, 1] = ptx.ld_shared_cluster_v2_f32(ptx.map_shared(address, s))
-        a0, a1 = pairs[0, 0], pairs[0, 1]
+            loaded[s, 0], loaded[s, 1] = ptx.ld_shared_cluster_v2_f32(ptx.map_shared(address, s))
+        a0, a1 = loaded[0, 0], loaded[0, 1]
         for s in range(1, size):
-            a0 = combine(a0, pairs[s, 0])
-            a1 = combine(a1, pairs[s, 1])
+            a0 = combine(a0, loaded[s, 0])
+            a1 = combine(a1, loaded[s, 1])
         return a0, a1
 
     @cuda.jit(device=True, inline=True)
