@@ -170,7 +170,7 @@ def test_dsmem_peak_takes_the_fastest_configuration(results):
 
 
 def test_small_reduce_target_is_the_fastest_public_reduce_over_one_barrier(results):
-    rows = rows_of(results["targets"], "small_reduce_vs_barrier")
+    rows = rows_of(results["targets"], "small_reduce_vs_barrier", dtype="float32")
     assert {t["cluster_size"] for t in rows} == {2, 3, 8, 16}  # N = 1 has nothing to exchange
     assert {t["message_bytes"] for t in rows} == {64, 1024}  # up to 2 KiB
     assert {(t["config"], t["cluster_size"], t["message_bytes"]) for t in rows} == {
@@ -187,7 +187,8 @@ def test_small_reduce_target_is_the_fastest_public_reduce_over_one_barrier(resul
 
 
 def test_small_reduce_allows_5_barriers_beyond_8_blocks(results):
-    row = rows_of(results["targets"], "small_reduce_vs_barrier", config="chip", cluster_size=16, message_bytes=64)[0]
+    row = rows_of(results["targets"], "small_reduce_vs_barrier", config="chip", cluster_size=16, message_bytes=64,
+                  dtype="float32")[0]
     assert row["threshold"] == 5 and 3 < row["value"] <= 5 and row["pass"] is True
     assert row["value"] == pytest.approx(cluster_us("reduce", "direct_1barrier", 16, 64) / 0.25)
     assert all(t["threshold"] == 3 for t in rows_of(results["targets"], "small_reduce_vs_barrier")
@@ -200,12 +201,12 @@ def test_a_faster_public_reduce_wins_the_small_target():
                  message_bytes=1024)
     retime(results, stat(0.1), implementation="ring", **point)
     row = rows_of(report.evaluate_targets(results), "small_reduce_vs_barrier", config="chip", cluster_size=2,
-                  message_bytes=1024)[0]
+                  message_bytes=1024, dtype="float32")[0]
     assert row["implementation"] == "ring" and row["value"] == pytest.approx(0.1 / 0.4)
 
 
 def test_large_reduce_target_compares_bus_bandwidth_with_the_dsmem_peak(results):
-    rows = rows_of(results["targets"], "large_reduce_vs_dsmem_bound")
+    rows = rows_of(results["targets"], "large_reduce_vs_dsmem_bound", dtype="float32")
     assert {(t["cluster_size"], t["message_bytes"]) for t in rows} == {(s, 16384) for s in (2, 3, 8, 16)}
     row = rows_of(rows, "large_reduce_vs_dsmem_bound", config="chip", cluster_size=8)[0]
     bus = 2 * 7 / 8 * 16384 * 8 * (132 // 8) / cluster_us("reduce", "direct_1barrier", 8, 16384) * 1e6
@@ -221,8 +222,25 @@ def test_a_faster_public_reduce_can_meet_the_large_target():
     us = 16384 * blocks / (0.8 * PEAK) * 1e6  # 80% of the peak: 2 (N-1)/N = 1 at N = 2
     retime(results, stat(us), primitive="reduce", method="per_op", implementation="two_shot", config="chip",
            cluster_size=2, dtype="float32", message_bytes=16384)
-    row = rows_of(report.evaluate_targets(results), "large_reduce_vs_dsmem_bound", config="chip", cluster_size=2)[0]
+    row = rows_of(report.evaluate_targets(results), "large_reduce_vs_dsmem_bound", config="chip", cluster_size=2,
+                  dtype="float32")[0]
     assert row["implementation"] == "two_shot" and row["value"] == pytest.approx(0.8) and row["pass"] is True
+
+
+def test_every_dtype_gets_its_reduce_rows_judged_on_its_own_records(results):
+    """A 16-bit message of B bytes is the float32 reduce of 2B (the records' working bytes): its own rows, its own
+    figures, not the float32 row of the same message size."""
+    small = rows_of(results["targets"], "small_reduce_vs_barrier", config="chip", cluster_size=8, message_bytes=1024)
+    assert sorted(t["dtype"] for t in small) == sorted(ITEMSIZE)
+    for row in small:
+        working = 4 * 1024 // ITEMSIZE[row["dtype"]]
+        assert row["value"] == pytest.approx(cluster_us("reduce", "direct_1barrier", 8, working) / 0.4)
+    assert len({t["value"] for t in small}) == 2  # float16 and bfloat16 share their records' working bytes
+    large = rows_of(results["targets"], "large_reduce_vs_dsmem_bound", config="chip", cluster_size=8, dtype="bfloat16")[0]
+    bus = 2 * 7 / 8 * 32768 * 8 * (132 // 8) / cluster_us("reduce", "direct_1barrier", 8, 32768) * 1e6
+    assert large["message_bytes"] == 16384 and large["value"] == pytest.approx(bus / PEAK)
+    results_text = report.format_summary(results)
+    assert "small_reduce_vs_barrier (chip)" in results_text and "bfloat16" in results_text
 
 
 def test_gather_target_takes_the_fastest_public_gather_from_16_kib(results):
@@ -249,7 +267,8 @@ def test_noisy_figures_give_no_verdict():
         if (r["kind"], r.get("config"), r.get("cluster_size")) == ("barrier", "chip", 8):
             r["latency_us"] = stat(0.4, spread=0.9)
     targets = report.evaluate_targets(results)
-    unjudged = rows_of(targets, "small_reduce_vs_barrier", config="chip", cluster_size=2, message_bytes=64)[0]
+    unjudged = rows_of(targets, "small_reduce_vs_barrier", config="chip", cluster_size=2, message_bytes=64,
+                       dtype="float32")[0]
     assert unjudged["pass"] is None and unjudged["reliable"] is False
     assert unjudged["implementation"] == report.REDUCE_PUBLIC[-1] and unjudged["value"] == pytest.approx(0.01 / 0.4)
     noisy_floor = rows_of(targets, "small_reduce_vs_barrier", config="chip", cluster_size=8)
@@ -265,7 +284,7 @@ def test_a_noisy_figure_faster_than_the_winner_withholds_the_verdict():
 
     def small(cluster_size):
         return rows_of(report.evaluate_targets(results), "small_reduce_vs_barrier", config="chip",
-                       cluster_size=cluster_size, message_bytes=64)[0]
+                       cluster_size=cluster_size, message_bytes=64, dtype="float32")[0]
 
     assert small(3)["implementation"] == "direct_1barrier" and small(3)["pass"] is False  # over 3 barriers of 0.15 µs
     retime(results, Stat(5.0, -1.0, 9.0, 7).as_dict(), implementation="ring", cluster_size=3, **point)
@@ -400,7 +419,7 @@ def test_a_noisy_figure_is_not_the_fastest_and_its_point_borrows_a_ranking():
     retime(results, NOISY, primitive="reduce", method="per_op", implementation="bulk", config="chip", cluster_size=2,
            dtype="float32", message_bytes=1024)
     row = rows_of(report.evaluate_targets(results), "small_reduce_vs_barrier", config="chip", cluster_size=2,
-                  message_bytes=1024)[0]
+                  message_bytes=1024, dtype="float32")[0]
     assert row["implementation"] == "direct_1barrier" and row["pass"] is True
     rows = {(r["cluster_size"], r["working_bytes"]): r for r in report.choice_tables(results)["reduce"]}
     noisy_row = rows[(2, 1024)]

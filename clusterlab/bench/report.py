@@ -52,7 +52,7 @@ REDUCE_SINGLE_LAUNCH = (*simulator.REDUCE_ALGORITHMS, "global_kernel_boundary", 
 GATHER_SINGLE_LAUNCH = simulator.GATHER_ALGORITHMS
 
 #: Target thresholds.
-SMALL_MESSAGE_BYTES = 2048  # small_reduce_vs_barrier: float32 messages up to this many bytes per block
+SMALL_MESSAGE_BYTES = 2048  # small_reduce_vs_barrier: messages up to this many bytes per block
 LARGE_MESSAGE_BYTES = 16384  # large_reduce_vs_dsmem_bound, gather_vs_dsmem_peak: messages from this size
 REDUCE_BARRIER_RATIO = 3.0  # fastest public reduce per op <= 3 bare cluster barriers, N <= SMALL_CLUSTER_MAX
 REDUCE_BARRIER_RATIO_LARGE_CLUSTER = 5.0  # the same, N > SMALL_CLUSTER_MAX
@@ -200,10 +200,13 @@ def _choice_config(results: dict) -> str:
 #: configuration as the floor it is compared with.
 TARGETS = {
     "small_reduce_vs_barrier": "fastest public reduce (the host API's algorithms and the steady-state reduces "
-    f"direct_1barrier and two_shot_2barrier), float32 messages up to {SMALL_MESSAGE_BYTES} B per block / one bare cluster barrier, "
-    f"<= {REDUCE_BARRIER_RATIO:g} at N <= {SMALL_CLUSTER_MAX}, <= {REDUCE_BARRIER_RATIO_LARGE_CLUSTER:g} above",
-    "large_reduce_vs_dsmem_bound": "bus bandwidth of the fastest public reduce, float32 messages from "
-    f"{LARGE_MESSAGE_BYTES // 1024} KiB per block / peak DSMEM read bandwidth, >= {REDUCE_PEAK_FRACTION:g}",
+    f"direct_1barrier and two_shot_2barrier), messages up to {SMALL_MESSAGE_BYTES} B per block of each dtype / one "
+    f"bare cluster barrier, <= {REDUCE_BARRIER_RATIO:g} at N <= {SMALL_CLUSTER_MAX}, "
+    f"<= {REDUCE_BARRIER_RATIO_LARGE_CLUSTER:g} above",
+    "large_reduce_vs_dsmem_bound": "bus bandwidth of the fastest public reduce, messages from "
+    f"{LARGE_MESSAGE_BYTES // 1024} KiB per block of each dtype / peak DSMEM read bandwidth, >= {REDUCE_PEAK_FRACTION:g}"
+    " (the device functions reduce float32 rows: a 16-bit message of B bytes is timed, and its bus bytes counted, as "
+    "the float32 reduce of 2B)",
     "gather_vs_dsmem_peak": "bus bandwidth of the fastest public gather (the host API's algorithms), messages "
     f"from {LARGE_MESSAGE_BYTES // 1024} KiB per block (the largest timed one where none of them fits) / peak "
     f"DSMEM read bandwidth, >= {GATHER_PEAK_FRACTION:g}",
@@ -279,25 +282,26 @@ def evaluate_targets(results: dict) -> list[dict]:
             point = {"config": config, "cluster_size": size}
             floor = barrier_floor(results, config, size)
             peak = dsmem_peak(results, config, size)
-            for nbytes in message_bytes:
-                reduce = {**point, "primitive": "reduce", "method": "per_op", "dtype": "float32",
-                          "message_bytes": nbytes}
-                winner = _best(results, REDUCE_PUBLIC, **reduce)
-                if winner is None:
-                    continue
-                if nbytes <= SMALL_MESSAGE_BYTES and floor is not None:
-                    ratio = winner.stat.median / floor.median
-                    threshold = reduce_barrier_threshold(size)
-                    out.append(_target(
-                        "small_reduce_vs_barrier", ratio <= threshold, ratio, threshold, (winner.stat, floor),
-                        winner.noisy_faster, **point, message_bytes=nbytes, implementation=winner.implementation,
-                        per_op_us=winner.stat.as_dict(),
-                        barrier_us=floor.as_dict(),
-                    ))
-                if nbytes >= LARGE_MESSAGE_BYTES and peak is not None:
-                    found = record(results, implementation=winner.implementation, **reduce)
-                    out.append(_versus_peak("large_reduce_vs_dsmem_bound", REDUCE_PEAK_FRACTION, winner, found, peak,
-                                            **point))
+            for dtype in results["settings"]["dtypes"]:
+                for nbytes in message_bytes:
+                    reduce = {**point, "primitive": "reduce", "method": "per_op", "dtype": dtype,
+                              "message_bytes": nbytes}
+                    winner = _best(results, REDUCE_PUBLIC, **reduce)
+                    if winner is None:
+                        continue
+                    if nbytes <= SMALL_MESSAGE_BYTES and floor is not None:
+                        ratio = winner.stat.median / floor.median
+                        threshold = reduce_barrier_threshold(size)
+                        out.append(_target(
+                            "small_reduce_vs_barrier", ratio <= threshold, ratio, threshold, (winner.stat, floor),
+                            winner.noisy_faster, **point, dtype=dtype, message_bytes=nbytes,
+                            implementation=winner.implementation, per_op_us=winner.stat.as_dict(),
+                            barrier_us=floor.as_dict(),
+                        ))
+                    if nbytes >= LARGE_MESSAGE_BYTES and peak is not None:
+                        found = record(results, implementation=winner.implementation, **reduce)
+                        out.append(_versus_peak("large_reduce_vs_dsmem_bound", REDUCE_PEAK_FRACTION, winner, found,
+                                                peak, **point, dtype=dtype))
             if peak is None:
                 continue
             for dtype in results["settings"]["dtypes"]:
