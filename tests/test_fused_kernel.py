@@ -33,7 +33,8 @@ TOLERANCE = 1e-2
 
 # `spill`: bytes ptxas spills today where the launch bound's registers (128, or 168 with the pipelined
 # keys) are all in use (what they hold and what they cost: docs/fused-decode-notes.md, v9 and v10,
-# "Spills"; Qwen2.5-7B's batches in clusters of 4: W_qkv in parts of 7 spans, measured faster, v27); a
+# "Spills"; Qwen2.5-7B's batches in clusters of 4: W_qkv in parts of 7 spans, measured faster, v27;
+# Llama-3-8B bfloat16 at batch 5: 32 since the finish unrolls only the loads its rows need, v51); a
 # shape that spills more fails.
 @pytest.mark.ptx
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ TOLERANCE = 1e-2
     [(LLAMA2_7B, False, 1, None, 8, 4, 1, 0), (LLAMA2_7B, True, 4, None, 8, 4, 1, 0),
      (LLAMA2_7B, True, 8, None, 4, 8, 1, 0), (LLAMA2_7B, False, 8, 16384, 2, 16, 1, 0),
      (LLAMA3_8B, False, 1, None, 16, 4, 2, 0), (LLAMA3_8B, True, 4, None, 16, 4, 2, 40),
-     (LLAMA3_8B, False, 3, None, 16, 4, 2, 8), (LLAMA3_8B, True, 5, None, 16, 8, 1, 8),
+     (LLAMA3_8B, False, 3, None, 16, 4, 2, 8), (LLAMA3_8B, True, 5, None, 16, 8, 1, 32),
      (LLAMA3_8B, False, 8, None, 16, 8, 1, 0), (LLAMA3_2_1B, True, 2, None, 16, 4, 2, 0),
      (QWEN2_5_7B, False, 1, None, 8, 4, 7, 80), (QWEN2_5_7B, True, 8, None, 4, 8, 7, 152)],
     ids=["llama2-7b-f16-b1", "llama2-7b-bf16-b4", "llama2-7b-bf16-b8", "llama2-7b-f16-b8-16k", "llama3-8b-f16-b1",

@@ -1087,7 +1087,9 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
     for the next step.
     """
     to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
-    loads = 16  # out_acc elements a thread loads at once
+    # out_acc elements a thread loads at once: up to 16, no more than the rows need (the loop below is
+    # unrolled, and a finish that runs once a step should not carry code for loads it never makes)
+    loads = min(16, -(-batch * out_rows // threads))
 
     @cuda.jit(device=True, inline=True)
     def finish_arrive(arrivals, counter, blocks, last, tid):
