@@ -9,7 +9,8 @@ tensor cores, bfloat16 and float16 (its activations scaled); attention on the te
 with the next step's keys in flight (``KernelSpec.pipelined_kv``), ragged lengths that end
 inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose shared regions at their
 largest share words (``KernelSpec.overlay``: ``xs``/``partial``, then ``scratch``, then ``o``); and
-one sequence with ``h * norm`` interleaved in shared memory (``KernelSpec.interleave_inputs``).
+one sequence with ``h * norm`` interleaved in shared memory (``KernelSpec.interleave_inputs``);
+``python tests/sanitize_fused.py steps`` runs those alone.
 Then the hand-off kernels (``DecodeAttention.handoff``: float32 sums in, out and cleared) of the
 first three shapes; ``python tests/sanitize_fused.py handoff`` runs those alone. Then GQA with a KV
 head's positions split over 2 and 4 clusters (``KernelSpec.split_positions``: the parts' states
@@ -113,9 +114,12 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = sys.argv[1] if len(sys.argv) > 1 else None  # "handoff", "split", "long", "parts", "wide" or "kv_rows"
+CHOICES = ("steps", "handoff", "split", "long", "parts", "wide", "kv_rows")
+if len(sys.argv) > 2 or sys.argv[1:] and sys.argv[1] not in CHOICES:
+    raise SystemExit(f"usage: python tests/sanitize_fused.py [{' | '.join(CHOICES)}], got {sys.argv[1:]}")
+only = sys.argv[1] if len(sys.argv) > 1 else None
 failures = 0
-if only is None:
+if only in (None, "steps"):
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
 if only in (None, "handoff"):
     failures += handoff_steps(HANDOFF_SHAPES)
