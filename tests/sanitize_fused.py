@@ -35,11 +35,9 @@ and handed off;
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
-import sys
-
 import torch
 
-from sanitize_steps import TOLERANCE, exit_with, run_steps
+from sanitize_steps import TOLERANCE, chosen_group, exit_with, run_steps
 
 from clusterlab.fused import PRESETS, AttentionConfig, AttentionWeights, DecodeAttention, KVCache
 from clusterlab.fused.reference import reference_step, relative_error
@@ -114,10 +112,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-CHOICES = ("steps", "handoff", "split", "long", "parts", "wide", "kv_rows")
-if len(sys.argv) > 2 or sys.argv[1:] and sys.argv[1] not in CHOICES:
-    raise SystemExit(f"usage: python tests/sanitize_fused.py [{' | '.join(CHOICES)}], got {sys.argv[1:]}")
-only = sys.argv[1] if len(sys.argv) > 1 else None
+only = chosen_group(("steps", "handoff", "split", "long", "parts", "wide", "kv_rows"))
 failures = 0
 if only in (None, "steps"):
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)

@@ -18,9 +18,9 @@ Exits non-zero if any step misses the float64 reference or leaves its buffer unc
 reports hazards itself).
 """
 
-import sys
-
 import torch
+
+from sanitize_steps import TOLERANCE, chosen_group, exit_with
 
 from clusterlab.fused import DecodeMLP, MLPConfig, MLPWeights, reference_mlp
 from clusterlab.fused.reference import relative_error
@@ -48,10 +48,9 @@ SHAPES += PRESETS.values()
 SHAPES += QUEUE
 CHOICES = {"presets": list(PRESETS.values()), "queue": QUEUE, **{name: [shape] for name, shape in PRESETS.items()}}
 
-if len(sys.argv) > 2 or sys.argv[1:] and sys.argv[1] not in CHOICES:
-    raise SystemExit(f"usage: python tests/sanitize_mlp.py [{' | '.join(CHOICES)}], got {sys.argv[1:]}")
+only = chosen_group(tuple(CHOICES))
 failures = 0
-for config, options, batch, dtype in CHOICES[sys.argv[1]] if sys.argv[1:] else SHAPES:
+for config, options, batch, dtype in SHAPES if only is None else CHOICES[only]:
     weights = MLPWeights.random(config, dtype, "cuda")
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)
@@ -64,7 +63,7 @@ for config, options, batch, dtype in CHOICES[sys.argv[1]] if sys.argv[1:] else S
         spec = layer.kernel_spec(dtype, batch)
         shape = (spec.cluster_size, spec.clusters, spec.warps)
         print(f"{options} batch {batch} {dtype} run {run}: clusters, warps {shape}, rel err {error:.1e}")
-        failures += not error < 1e-2
+        failures += not error < TOLERANCE
     sums = torch.randn(3, batch, config.hidden_size, device="cuda")
     sums[1].zero_()
     sums[2].fill_(float("nan"))
@@ -73,6 +72,5 @@ for config, options, batch, dtype in CHOICES[sys.argv[1]] if sys.argv[1:] else S
     torch.cuda.synchronize()
     error, cleared = relative_error(sums[1], want), bool((sums[2] == 0).all())
     print(f"{options} batch {batch} {dtype} handoff: rel err {error:.1e}, cleared {cleared}")
-    failures += not (error < 1e-2 and cleared)
-print(f"{failures} mismatches")
-raise SystemExit(1 if failures else 0)
+    failures += not (error < TOLERANCE and cleared)
+exit_with(failures)

@@ -1,4 +1,7 @@
-"""The step loop of the attention layers' sanitizer scripts (``sanitize_fused.py``, ``sanitize_mla.py``)."""
+"""The step loop of the attention layers' sanitizer scripts (``sanitize_fused.py``, ``sanitize_mla.py``), and the
+group of shapes a script's command line names (``sanitize_fused.py``, ``sanitize_mlp.py``)."""
+
+import sys
 
 import torch
 
@@ -29,6 +32,15 @@ def run_steps(shapes, weights_type, cache_type, layer_type, reference, device="c
         print(f"{options} positions {positions} {dtype}: rel err {error:.1e}")
         failures += not error < TOLERANCE
     return failures
+
+
+def chosen_group(choices, argv=None):
+    """The group of shapes named by the script's one optional argument (``argv``: ``sys.argv``), or
+    None where there is none (every group); anything else leaves with the usage and the groups."""
+    argv = sys.argv if argv is None else argv
+    if len(argv) > 2 or argv[1:] and argv[1] not in choices:
+        raise SystemExit(f"usage: python {argv[0]} [{' | '.join(choices)}], got {argv[1:]}")
+    return argv[1] if len(argv) > 1 else None
 
 
 def exit_with(failures: int):

@@ -1,7 +1,9 @@
-"""The sanitizer scripts' step loop, run on the simulator backend (CPU): it counts a step that misses."""
+"""The sanitizer scripts' step loop, run on the simulator backend (CPU): it counts a step that misses; and the
+group of shapes their command line names."""
 
+import pytest
 import torch
-from sanitize_steps import run_steps
+from sanitize_steps import chosen_group, run_steps
 
 from clusterlab.fused import (AttentionConfig, AttentionWeights, DecodeAttention, DecodeMLA, KVCache, LatentCache,
                               MLAConfig, MLAWeights, mla_reference_step)
@@ -30,3 +32,12 @@ def test_steps_match_their_reference_and_a_wrong_reference_is_counted(capsys):
     assert run_steps(MLA, MLAWeights, LatentCache, DecodeMLA, _off(mla_reference_step), device="cpu") == 1
     printed = capsys.readouterr().out
     assert printed.count("rel err") == 5 and "positions [3, 0] torch.float16" in printed
+
+
+def test_the_command_line_names_one_group_or_none_and_anything_else_leaves_with_the_groups():
+    groups = ("steps", "handoff")
+    assert chosen_group(groups, ["sanitize_fused.py"]) is None
+    assert chosen_group(groups, ["sanitize_fused.py", "handoff"]) == "handoff"
+    for argv in (["sanitize_fused.py", "hand"], ["sanitize_fused.py", "steps", "handoff"]):
+        with pytest.raises(SystemExit, match=r"usage: python sanitize_fused.py \[steps \| handoff\], got"):
+            chosen_group(groups, argv)
