@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import io
 import os
 import re
 import shutil
@@ -91,6 +92,16 @@ class Assembly:
     def spill_bytes(self) -> int:
         """Bytes of register spill stores plus loads over all kernels (0 for healthy kernels)."""
         return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", self.log))
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of machine code over all kernels: the cubin's ``.text`` sections, read with
+        ``pyelftools`` (on Hopper 16 bytes an instruction). What the SM's instruction cache must hold;
+        code that runs once a launch is fetched from memory each time it runs."""
+        from elftools.elf.elffile import ELFFile
+
+        elf = ELFFile(io.BytesIO(self.cubin))
+        return sum(section.data_size for section in elf.iter_sections() if section.name.startswith(".text"))
 
 
 def assemble(ptx: str, arch: str = "sm_90a") -> Assembly:

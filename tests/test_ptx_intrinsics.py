@@ -344,6 +344,13 @@ def test_assembly_reports_registers_and_spills():
     assert assembly.spill_bytes == 0
 
 
+def test_assembly_reports_its_machine_code_in_whole_instructions_and_more_for_more_work():
+    _, one = compile_and_assemble("o32[0] = ptx.cluster_rank()")
+    _, two = compile_and_assemble("o32[0] = ptx.cluster_rank()\no32[1] = ptx.map_shared(i32[0], i32[1])")
+    assert one.code_bytes > 0 and one.code_bytes % 16 == 0  # Hopper instructions are 16 bytes
+    assert two.code_bytes > one.code_bytes
+
+
 def test_missing_ptxas_is_an_error_with_instructions(monkeypatch):
     monkeypatch.setattr(toolchain, "_wheel_ptxas", lambda: None)
     monkeypatch.delenv("CUDA_HOME", raising=False)
