@@ -1604,10 +1604,13 @@ def build_kernel(spec: KernelSpec):
         """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
-        tid = cuda.threadIdx.x
+        # Thread and block numbers unsigned: the compiler then knows that every index made from them
+        # is non-negative, and compiles // and % without Python's sign fix-ups and array indices
+        # without the wrap-around of negative ones (a fifth of the code; docs/fused-decode-notes.md, v54).
+        tid = uint32(cuda.threadIdx.x)
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        block = cuda.blockIdx.x  # of its set of clusters
+        block = uint32(cuda.blockIdx.x)  # of its set of clusters
         if BATCH_PARTS > 1:  # the set's BATCH sequences: their slices of the arguments, the set's counters and states
             p, block = block // PART_BLOCKS, block % PART_BLOCKS
             rows = slice(p * BATCH * H, (p + 1) * BATCH * H)
@@ -1685,7 +1688,7 @@ def build_kernel(spec: KernelSpec):
         # GPT-J) and push the rotated values back to it (see make_exchange).
         units = owned_quads(pairs, rank, C) * BATCH
         for lane_of_block in range(tid, exchange_lanes(units), THREADS):
-            unit, peer = lane_of_block // C, lane % C
+            unit, peer = uint32(lane_of_block) // C, lane % C  # unsigned: see tid
             active = unit < units
             quad = rank + (unit // BATCH) * C
             seq = unit % BATCH
@@ -1811,7 +1814,8 @@ def build_kernel(spec: KernelSpec):
                     cuda.atomic.sub(arrivals, flags + r, 1)
         stamp(stamps, tid, 6)  # attention
         # Block merge: sequence seq's state is its warps' GROUPS_PER_SEQUENCE states (+ its new token).
-        for e in range(tid, BATCH * G * D, THREADS):
+        for element in range(tid, BATCH * G * D, THREADS):
+            e = uint32(element)  # a range's counter is signed (see tid)
             seq, head, dim = e // (G * D), e // D % G, e % D
             first_group = seq * GROUPS_PER_SEQUENCE
             m_max = NEG
@@ -1851,7 +1855,7 @@ def build_kernel(spec: KernelSpec):
         # and 16 bytes of acc) and push the merged quad back to it (see make_exchange).
         units = owned_quads(BATCH * ATTN_WIDTH, rank, C)
         for lane_of_block in range(tid, exchange_lanes(units), THREADS):
-            unit, peer = lane_of_block // C, lane % C
+            unit, peer = uint32(lane_of_block) // C, lane % C  # unsigned: see tid
             active = unit < units
             e = QUAD * (rank + unit * C)
             seq, hd = e // ATTN_WIDTH, e % ATTN_WIDTH

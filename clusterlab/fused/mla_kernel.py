@@ -278,10 +278,10 @@ def build_projections_kernel(spec: MLASpec):
     def mla_projections(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out,
                         q_lat, q_pe, kv_raw):
         smem = cuda.shared.array(0, float32)
-        tid = cuda.threadIdx.x
+        tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        cluster = cuda.blockIdx.x // C  # query head `cluster`, kv_a rows cluster*KV_ROWS ..
+        cluster = uint32(cuda.blockIdx.x) // C  # query head `cluster`, kv_a rows cluster*KV_ROWS ..
         k0 = rank * K_SLICE
 
         # -- 1 projections: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots --
@@ -301,7 +301,7 @@ def build_projections_kernel(spec: MLASpec):
         # and `second ..`), or of the kv_a rows; its C lanes pull one block's partials each.
         units = owned_quads(UNITS * QUAD, rank, C) * BATCH
         for lane_of_block in range(tid, exchange_lanes(units), THREADS):
-            unit, peer = lane_of_block // C, lane % C
+            unit, peer = uint32(lane_of_block) // C, lane % C  # unsigned: see tid
             active = unit < units
             quad = rank + (unit // BATCH) * C
             seq = unit % BATCH
@@ -587,11 +587,11 @@ def build_attention_kernel(spec: MLASpec):
                       state_acc):
         smem = cuda.shared.array(0, float32)
         words = cuda.shared.array(0, uint32)  # the same memory, as raw words
-        tid = cuda.threadIdx.x
+        tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
         lane, warp = tid % 32, tid // 32
         g, t = lane // 4, lane % 4
         rank = ptx.cluster_rank()
-        seq, a = cuda.blockIdx.x // C // A, cuda.blockIdx.x // C % A  # cluster a of sequence seq
+        seq, a = uint32(cuda.blockIdx.x) // C // A, uint32(cuda.blockIdx.x) // C % A  # cluster a of sequence seq
         position = positions[seq]
         cached = position if 0 <= position < capacity else -1
         start, end = cached_range(max(cached, 0), a * C + rank, A * C)
@@ -717,7 +717,7 @@ def build_attention_kernel(spec: MLASpec):
         # Owners merge: a unit is a head and a quad of this block's latent columns; its C lanes pull one
         # block's state each (m, l and 16 bytes of acc).
         for lane_of_block in range(tid, exchange_lanes(UNITS), THREADS):
-            unit, peer = lane_of_block // C, lane % C
+            unit, peer = uint32(lane_of_block) // C, lane % C  # unsigned: see tid
             active = unit < UNITS
             head, col = unit // (COLS // QUAD), rank * COLS + QUAD * (unit % (COLS // QUAD))
             m_peer, l_peer = NEG, float32(0.0)
@@ -774,6 +774,8 @@ def build_output_kernel(spec: MLASpec):
     def mla_output(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals):
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
+        # Signed, unlike the other kernels' (see the attention kernel's decode_step): unsigned, ptxas
+        # spills 48 bytes at batch 1 under the 128-register bound.
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()

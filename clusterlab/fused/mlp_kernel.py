@@ -288,10 +288,10 @@ def build_mlp_kernel(spec: MLPSpec):
         """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
-        tid = cuda.threadIdx.x
+        tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        cluster = cuda.blockIdx.x // C  # its intermediate slice cluster*INTER_SLICE ..
+        cluster = uint32(cuda.blockIdx.x) // C  # its intermediate slice cluster*INTER_SLICE ..
         k0 = rank * K_SLICE
         stamp(stamps, tid, 0)
         record_sm(sms, tid)
@@ -316,7 +316,7 @@ def build_mlp_kernel(spec: MLPSpec):
         # partials each (gate and up: two 16-byte loads) and push the quad of a to it (see make_exchange).
         units = owned_quads(INTER_SLICE, rank, C) * BATCH
         for lane_of_block in range(tid, exchange_lanes(units), THREADS):
-            unit, peer = lane_of_block // C, lane % C
+            unit, peer = uint32(lane_of_block) // C, lane % C  # unsigned: see tid
             active = unit < units
             j = QUAD * (rank + (unit // BATCH) * C)
             seq = unit % BATCH
@@ -473,7 +473,7 @@ def build_mlp_queue_kernel(spec: MLPSpec):
     def fused_mlp_queue(hidden, residual, norm, w_gate, w_up, w_down, out, residual_out, out_acc, arrivals, act):
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
-        tid = cuda.threadIdx.x
+        tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
         lane, warp = tid % 32, tid // 32
         dots = DOTS + warp * 2 * SA  # the warp's gate dots, then its up dots
         copy = ACT + warp * SEGMENT  # the warp's copy of a segment of a

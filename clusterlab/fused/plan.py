@@ -148,8 +148,7 @@ def qkv_row(heads: int, kv_heads: int, head_dim: int, head_split: int, cluster: 
     """Row of ``W_qkv`` holding ``cluster``'s local ``row`` (slot-major: ``row = slot*head_dim + i``)."""
     group = heads // kv_heads // head_split
     kv_head = cluster // head_split
-    slot = row // head_dim
-    i = row - slot * head_dim
+    slot, i = row // head_dim, row % head_dim
     if slot < group:
         return (cluster * group + slot) * head_dim + i
     if slot == group:
@@ -164,8 +163,7 @@ def rope_pair(head_dim: int, neox: bool, pair: int):
     GPT-J ``(2i, 2i + 1)``; either way the angle index is ``i``.
     """
     half = head_dim // 2
-    slot = pair // half
-    i = pair - slot * half
+    slot, i = pair // half, pair % half
     if neox:
         return slot * head_dim + i, slot * head_dim + i + half, i
     return slot * head_dim + 2 * i, slot * head_dim + 2 * i + 1, i
