@@ -31,26 +31,24 @@ def spec_ptx(spec: KernelSpec) -> str:
 TOLERANCE = 1e-2
 
 
-# `spill`: bytes ptxas spills today where the launch bound's registers (128, or 168 with the pipelined
-# keys) are all in use (what they hold and what they cost: docs/fused-decode-notes.md, v9 and v10,
-# "Spills"; Qwen2.5-7B's batches in clusters of 4: W_qkv in parts of 7 spans, measured faster, v27;
-# Llama-3-8B bfloat16 at batch 5: 32 since the finish unrolls only the loads its rows need, v51); a
-# shape that spills more fails.
+# None of these shapes spills under the launch bound's registers (128, or 168 with the pipelined keys)
+# with the test extra's ptxas (CUDA 13) since the thread and block numbers are unsigned (v54 of
+# docs/fused-decode-notes.md; what spills held and cost before: v9, v10, v27, v51).
 @pytest.mark.ptx
 @pytest.mark.parametrize(
-    "config, bf16, batch, longest, cluster_size, warps, head_split, spill",
-    [(LLAMA2_7B, False, 1, None, 8, 4, 1, 0), (LLAMA2_7B, True, 4, None, 8, 4, 1, 0),
-     (LLAMA2_7B, True, 8, None, 4, 8, 1, 0), (LLAMA2_7B, False, 8, 16384, 2, 16, 1, 0),
-     (LLAMA3_8B, False, 1, None, 16, 4, 2, 0), (LLAMA3_8B, True, 4, None, 16, 4, 2, 40),
-     (LLAMA3_8B, False, 3, None, 16, 4, 2, 8), (LLAMA3_8B, True, 5, None, 16, 8, 1, 32),
-     (LLAMA3_8B, False, 8, None, 16, 8, 1, 0), (LLAMA3_2_1B, True, 2, None, 16, 4, 2, 0),
-     (QWEN2_5_7B, False, 1, None, 8, 4, 7, 80), (QWEN2_5_7B, True, 8, None, 4, 8, 7, 152)],
+    "config, bf16, batch, longest, cluster_size, warps, head_split",
+    [(LLAMA2_7B, False, 1, None, 8, 4, 1), (LLAMA2_7B, True, 4, None, 8, 4, 1),
+     (LLAMA2_7B, True, 8, None, 4, 8, 1), (LLAMA2_7B, False, 8, 16384, 2, 16, 1),
+     (LLAMA3_8B, False, 1, None, 16, 4, 2), (LLAMA3_8B, True, 4, None, 16, 4, 2),
+     (LLAMA3_8B, False, 3, None, 16, 4, 2), (LLAMA3_8B, True, 5, None, 16, 8, 1),
+     (LLAMA3_8B, False, 8, None, 16, 8, 1), (LLAMA3_2_1B, True, 2, None, 16, 4, 2),
+     (QWEN2_5_7B, False, 1, None, 8, 4, 7), (QWEN2_5_7B, True, 8, None, 4, 8, 7)],
     ids=["llama2-7b-f16-b1", "llama2-7b-bf16-b4", "llama2-7b-bf16-b8", "llama2-7b-f16-b8-16k", "llama3-8b-f16-b1",
          "llama3-8b-bf16-b4", "llama3-8b-f16-b3", "llama3-8b-bf16-b5", "llama3-8b-f16-b8", "llama3.2-1b-bf16-b2",
          "qwen2.5-7b-f16-b1", "qwen2.5-7b-bf16-b8"],
 )
-def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf16, batch, longest, cluster_size, warps,
-                                                                      head_split, spill):
+def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spill(config, bf16, batch, longest, cluster_size, warps,
+                                                                 head_split):
     from clusterlab.toolchain import assemble
 
     # what an H100 or H200 runs (``longest``: the rows the step is told it attends to)
@@ -64,6 +62,7 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf1
         assert instruction in ptx, instruction
     assert "st.local" not in ptx  # every register array was indexed by constants
     assert "st.shared::cluster.f32" not in ptx  # the exchanges push 16 bytes at a time
+    assert ".f64" not in ptx  # no float64: numba types uint64 with int64 as float64, so unsigned indices stay uint32
     # Batches multiply on the tensor cores, both projections (every preset's slices tile them);
     # attention over the cache does where a cluster has several query heads.
     assert spec.mma_attention == (MMA_GROUP <= spec.group <= 8)
@@ -71,7 +70,7 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf1
     assert ("prmt.b32" in ptx) == spec.mma_attention
     assert isinstance(spec.qkv_tile(), MmaTile) == isinstance(spec.o_tile(), MmaTile) == (batch >= MMA_BATCH)
     result = assemble(ptx)
-    assert result.spill_bytes <= spill
+    assert result.spill_bytes == 0
     # The register file (64K) holds the blocks the launch bound asks for: 16 warps an SM at 128
     # registers, 12 at 168 with the pipelined keys, unless shared memory allows fewer blocks (8
     # sequences of GQA states: one).
@@ -80,6 +79,19 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_known_spills(config, bf1
     assert spec.pipelined_kv == (spec.mma_attention and (warps == 4 or alone))
     warps_an_sm = 12 if spec.pipelined_kv and warps == 4 else 16
     assert spec.min_blocks_per_sm * warps == warps_an_sm or 2 * (spec.shared_bytes + 1024) > 233472
+
+
+# `bound`: bytes of machine code today and about 5% (ptxas releases differ a little). Code a step runs once
+# is fetched from memory as it runs, and these kernels are larger than the SM's instruction cache (v50 of
+# docs/fused-decode-notes.md); read signed, the thread and block numbers made them a quarter larger (v54).
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, bound", [(LLAMA3_2_1B, 110_000), (LLAMA3_8B, 102_000)],
+                         ids=["llama3.2-1b-f16-b1", "llama3-8b-f16-b1"])
+def test_the_batch_1_kernel_keeps_its_machine_code_within_bounds(config, bound):
+    from clusterlab.toolchain import assemble
+
+    spec = KernelSpec.of(config, False, 1, *launch_shape(config, 1, 132))
+    assert assemble(spec_ptx(spec)).code_bytes <= bound
 
 
 @pytest.mark.ptx
@@ -245,17 +257,16 @@ def test_the_handoff_kernel_drops_the_finish_and_keeps_the_register_budget(confi
 
 
 @pytest.mark.ptx
-@pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, head_split, spill",
-                         [(LLAMA3_8B, False, 1, 16, 4, 2, 0), (QWEN2_5_7B, True, 4, 8, 4, 7, 16),
-                          (QWEN2_5_7B, False, 1, 16, 4, 2, 16)],
+@pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, head_split",
+                         [(LLAMA3_8B, False, 1, 16, 4, 2), (QWEN2_5_7B, True, 4, 8, 4, 7),
+                          (QWEN2_5_7B, False, 1, 16, 4, 2)],
                          ids=["llama3-8b-f16-b1", "qwen2.5-7b-bf16-b4", "qwen2.5-7b-f16-b1-two-parts"])
 def test_the_position_split_gives_a_cluster_all_query_heads_and_counts_the_parts_in(config, bf16, batch,
-                                                                                   cluster_size, warps, head_split,
-                                                                                   spill):
+                                                                                   cluster_size, warps, head_split):
     """``split_positions``: each of ``head_split`` clusters (Qwen2.5-7B: 2, which does not divide its
     7 query heads) projects all ``G`` query heads of its KV head (rows, W_o columns) as one cluster
     a KV head does; the grid is ``head_split`` times that one's; one more arrival counter (the
-    parts') beside the finish's, the same cluster barriers, no local memory."""
+    parts') beside the finish's, the same cluster barriers, no local memory, no spill."""
     import dataclasses
 
     from clusterlab.toolchain import assemble
@@ -273,20 +284,19 @@ def test_the_position_split_gives_a_cluster_all_query_heads_and_counts_the_parts
     for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
         assert ptx.count(instruction) == plain.count(instruction), instruction
     assert "st.local" not in ptx
-    assert assemble(ptx).spill_bytes <= spill
+    assert assemble(ptx).spill_bytes == 0
 
 
 @pytest.mark.ptx
 @pytest.mark.parametrize("config, bf16, batch, cluster_size, head_split, parts, spill",
-                         [(LLAMA3_8B, False, 8, 8, 1, 2, 32), (QWEN2_5_7B, True, 4, 16, 1, 2, 200)],
+                         [(LLAMA3_8B, False, 8, 8, 1, 2, 8), (QWEN2_5_7B, True, 4, 16, 1, 2, 0)],
                          ids=["llama3-8b-f16-b8-two-sets", "qwen2.5-7b-bf16-b4-two-sets"])
 def test_a_batch_split_runs_the_kernel_of_a_share_on_each_set_of_clusters(config, bf16, batch, cluster_size,
                                                                         head_split, parts, spill):
     """``batch_parts``: the grid is ``parts`` sets of the clusters that step ``batch // parts``
     sequences, each block the shared memory and launch bound of that smaller step; the same
     barriers and counters a block, no local memory, and the spill of slicing the arguments
-    (``docs/fused-decode-notes.md``, v22) and, for Qwen2.5-7B at 128 registers, of its W_o steps'
-    parts of 7 spans (v26, measured faster with it) within ``spill`` bytes."""
+    (``docs/fused-decode-notes.md``, v22; 8 bytes at Llama-3-8B with CUDA 13's ptxas) within ``spill`` bytes."""
     from clusterlab.toolchain import assemble
 
     share = KernelSpec.of(config, bf16, batch // parts, cluster_size, 8, head_split)
@@ -556,13 +566,12 @@ def test_the_kv_rows_split_applies_to_a_query_split():
 
 
 @pytest.mark.ptx
-@pytest.mark.parametrize("config, bf16, batch, spill", [(LLAMA3_8B, True, 4, 0), (QWEN2_5_7B, False, 1, 192)],
+@pytest.mark.parametrize("config, bf16, batch", [(LLAMA3_8B, True, 4), (QWEN2_5_7B, False, 1)],
                          ids=["llama3-8b-bf16-b4", "qwen2.5-7b-f16-b1"])
-def test_the_kv_rows_split_assembles_with_its_flags_and_no_more_spills(config, bf16, batch, spill):
+def test_the_kv_rows_split_assembles_with_its_flags_and_no_spill(config, bf16, batch):
     """The rule's head split of 2 (of 7 for Qwen2.5-7B) with ``split_kv_rows``: atomic adds raise the
     flags, probe them and count them down, fenced; the four cluster barriers as before, no local
-    memory, and spills within bounds: none at Llama-3-8B, and at Qwen2.5-7B (whose rule's kernel
-    spills up to 80 bytes) 48 bytes with CUDA 13's ptxas, 192 with the H200 image's CUDA 12."""
+    memory, no spill (with CUDA 13's ptxas; Qwen2.5-7B's spilled 16 bytes before v54)."""
     import dataclasses
 
     from clusterlab.toolchain import assemble
@@ -576,7 +585,7 @@ def test_the_kv_rows_split_assembles_with_its_flags_and_no_more_spills(config, b
     for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
         assert ptx.count(instruction) == plain.count(instruction) == 4, instruction
     assert "st.local" not in ptx
-    assert assemble(ptx).spill_bytes <= spill
+    assert assemble(ptx).spill_bytes == 0
 
 
 @pytest.mark.gpu

@@ -26,20 +26,17 @@ KERNELS = {"projections": build_projections_kernel, "attention": build_attention
            "output": build_output_kernel}
 
 
-# `spill`: bytes ptxas spills at the 128-register launch bound today, per kernel (projections,
-# attention, output): launch 3 keeps a few bytes of its first o_proj step at batch 8. A shape that
-# spills more fails.
+# No kernel spills at the 128-register launch bound with the test extra's ptxas (CUDA 13).
 @pytest.mark.ptx
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize(
-    "config, bf16, batch, cluster_size, warps, spill",
-    [(DEEPSEEK_V2_LITE, False, 1, 8, 8, (0, 0, 0)), (DEEPSEEK_V2_LITE, True, 4, 8, 8, (0, 0, 0)),
-     (DEEPSEEK_V2_LITE, False, 8, 8, 8, (0, 0, 16)), (DEEPSEEK_V2_LITE, True, 2, 8, 4, (0, 0, 0)),
-     (SMALL, True, 5, 4, 8, (0, 0, 0)), (SMALL_HALF, False, 3, 2, 4, (0, 0, 0))],
+    "config, bf16, batch, cluster_size, warps",
+    [(DEEPSEEK_V2_LITE, False, 1, 8, 8), (DEEPSEEK_V2_LITE, True, 4, 8, 8), (DEEPSEEK_V2_LITE, False, 8, 8, 8),
+     (DEEPSEEK_V2_LITE, True, 2, 8, 4), (SMALL, True, 5, 4, 8), (SMALL_HALF, False, 3, 2, 4)],
     ids=["v2-lite-f16-b1", "v2-lite-bf16-b4", "v2-lite-f16-b8", "v2-lite-bf16-b2-w4", "small-bf16-b5",
          "small-rotate-half-f16-b3"],
 )
-def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, warps, spill):
+def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, warps):
     from clusterlab.toolchain import assemble, kernel_ptx
 
     spec = MLASpec.of(config, bf16, batch, cluster_size, config.heads, warps)
@@ -57,8 +54,9 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
         assert ("mma.sync.aligned.m16n8k16.row.col.f32" in ptx) == (batch >= 2)
         assert spec.slots == spec.q_width + (48 if batch >= 2 else spec.kv_rows)  # 36 or 40 rows padded to 48
     assert "st.local" not in ptx  # every register array indexed by constants
+    assert ".f64" not in ptx  # no float64: numba types uint64 with int64 as float64, so unsigned indices stay uint32
     result = assemble(ptx)
-    assert result.spill_bytes <= dict(zip(KERNELS, spill))[kernel]
+    assert result.spill_bytes == 0
 
 
 def test_specs_refuse_what_the_kernels_do_not_take():
