@@ -1693,6 +1693,7 @@ def build_kernel(spec: KernelSpec):
             quad = rank + (unit // BATCH) * C
             seq = unit % BATCH
             position = cached_rows(positions, seq, capacity)
+            row = uint32(max(position, 0))  # where a valid position reads its angles and writes its cache row
             ra, rb, angle = rope_pair(D, NEOX, QUAD * quad)  # the quad's first pair; the others follow
             slot = ra // D
             kind = slot + 1 if role == 1 and slot == G else slot  # the slot of these rows in W_qkv's terms
@@ -1725,21 +1726,21 @@ def build_kernel(spec: KernelSpec):
                 if not valid:
                     xa[i], xb[i] = NAN, NAN
                 if kind <= G and valid:  # query and key heads are rotated
-                    cos = rope[(position * 2) * HALF + angle + i]
-                    sin = rope[(position * 2 + 1) * HALF + angle + i]
+                    cos = rope[(row * 2) * HALF + angle + i]
+                    sin = rope[(row * 2 + 1) * HALF + angle + i]
                     xa[i], xb[i] = xa[i] * cos - xb[i] * sin, xb[i] * cos + xa[i] * sin
                 if slot < G:
                     xa[i] *= Q_SCALE
                     xb[i] *= Q_SCALE
                 if active and peer == 0 and kind >= G and (KV_SPLIT or cluster % HEAD_SPLIT == 0) and valid:
                     # the first cluster of the KV head appends (with KV_SPLIT each cluster its own head)
-                    cache_row = ((seq * KV_HEADS + kv_head) * capacity + position) * D - slot * D
+                    cache_row = ((seq * KV_HEADS + kv_head) * uint32(capacity) + row) * D
                     if kind == G:
-                        k_cache[cache_row + row_a] = to_bits(xa[i])
-                        k_cache[cache_row + row_b] = to_bits(xb[i])
+                        k_cache[cache_row + row_a % D] = to_bits(xa[i])
+                        k_cache[cache_row + row_b % D] = to_bits(xb[i])
                     else:
-                        v_cache[cache_row + row_a] = to_bits(xa[i])
-                        v_cache[cache_row + row_b] = to_bits(xb[i])
+                        v_cache[cache_row + row_a % D] = to_bits(xa[i])
+                        v_cache[cache_row + row_b % D] = to_bits(xb[i])
             if active:
                 if NEOX:
                     push(smem, QKV + seq * ROWS + first, peer, xa[0], xa[1], xa[2], xa[3])
