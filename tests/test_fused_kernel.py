@@ -83,9 +83,10 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spill(config, bf16, b
 
 # `bound`: bytes of machine code today and about 5% (ptxas releases differ a little). Code a step runs once
 # is fetched from memory as it runs, and these kernels are larger than the SM's instruction cache (v50 of
-# docs/fused-decode-notes.md); read signed, the thread and block numbers made them a quarter larger (v54).
+# docs/fused-decode-notes.md); read signed, the thread and block numbers made them a quarter larger (v54),
+# and the intrinsics' wrap-around of negative indices an eighth (v55).
 @pytest.mark.ptx
-@pytest.mark.parametrize("config, bound", [(LLAMA3_2_1B, 110_000), (LLAMA3_8B, 102_000)],
+@pytest.mark.parametrize("config, bound", [(LLAMA3_2_1B, 93_000), (LLAMA3_8B, 84_000)],
                          ids=["llama3.2-1b-f16-b1", "llama3-8b-f16-b1"])
 def test_the_batch_1_kernel_keeps_its_machine_code_within_bounds(config, bound):
     from clusterlab.toolchain import assemble

@@ -251,6 +251,21 @@ def test_shared_address_needs_no_generic_round_trip():
     assert "cvta.shared" not in source and "cvta.to.shared" not in source
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "a, b, c, d = ptx.ld_global_nc_v4(i32, types.int64(i64[0]) - 8)\no32[0] = a ^ b ^ c ^ d",
+        "of32[0] = ptx.remote_load(cuda.shared.array(64, float32), types.int64(i64[0]) - 8, i32[0])",
+    ],
+    ids=["global", "cluster"],
+)
+def test_a_signed_index_counts_from_the_start_of_the_array_with_no_wrap_around(body):
+    """numba would add the array's length to a negative index: a compare and a select at every access
+    (or a shift right by 63 and a mask). The intrinsics address ``array[index]`` from the start, as PTX does."""
+    source, _ = compile_and_assemble(body)
+    assert not re.search(r"setp\.\w+\.s64|selp\.b64|shr\.s64", source), "the index wraps around"
+
+
 #: shared array dtype -> PTX type of its remote loads and stores.
 _REMOTE_DTYPES = {
     "float16": "b16",
