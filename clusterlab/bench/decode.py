@@ -70,6 +70,7 @@ import torch
 from ..argtypes import integer
 from ..fused.config import MAX_BATCH
 from ..fused.reference import relative_error
+from ..models.argmax import argmax_last
 from ..models.decode import Decoder
 from ..models.llama import DTYPES, MODEL_PRESETS, LlamaModel, ModelConfig, random, to_transformers
 from .timing import (
@@ -213,7 +214,7 @@ def breakdown(model: LlamaModel, context: int, replays: int = REPLAYS, repeats: 
 
     def rest():
         x = model.weights.embed[tokens]
-        model._logits(x, torch.zeros_like(x)).argmax(-1)
+        argmax_last(model._logits(x, torch.zeros_like(x)))
 
     times = {}
     for name, part in (("attention_us", attention), ("mlp_us", mlp), ("rest_us", rest)):

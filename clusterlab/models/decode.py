@@ -42,6 +42,7 @@ import torch
 
 from ..fused import plan
 from ..fused.config import is_int
+from .argmax import argmax_last
 
 #: How many steps :meth:`Decoder.run` replays between two looks at ``done`` (each one a host sync).
 STOP_CHECK_EVERY = 8
@@ -131,13 +132,13 @@ class Decoder:
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of each sequence from float32 ``logits`` ``[B, V]``: ``[B]`` int64, on the device."""
         if self.temperature == 0.0:
-            return logits.argmax(-1)
+            return argmax_last(logits)
         logits = logits / self.temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         race = torch.empty_like(logits).exponential_(generator=self.generator)
-        return (logits.softmax(-1) / race).argmax(-1)
+        return argmax_last(logits.softmax(-1) / race)
 
     def record(self, token: torch.Tensor) -> None:
         """Append ``token`` ``[B]`` to the history, mark sequences that emitted an eos id, feed it next."""
