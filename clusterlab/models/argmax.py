@@ -3,7 +3,7 @@
 Greedy decoding and the exponential race of sampling (:mod:`clusterlab.models.decode`) end each
 token with an argmax over the vocabulary: 128,256 float32 logits a sequence for Llama 3. PyTorch
 reduces such a row in one block, and on the H200 that took 27 µs of a token
-(``benchmarks/results/decode_h200_v55_argmax_probe.json``), as long as 11% of the LM head's whole
+(``benchmarks/results/decode_h200_v55_argmax.json``), as long as 11% of the LM head's whole
 read. Here the row is split over a cluster of :data:`CLUSTER_SIZE` blocks:
 
 1. each block finds the winner of its slice of ``ceil(V / C)`` logits: each thread keeps its own
