@@ -1,5 +1,7 @@
 """The cluster argmax of the decoder's pick (``clusterlab.models.argmax``) against ``torch.argmax``.
 
+- The simulator's twin (``argmax_simulated``, any machine): ``torch.argmax``'s index for random rows,
+  ties, infinities and NaN at cluster sizes 1 to 16; without either cluster barrier, a hazard.
 - ``ptx``: the kernel compiles for sm_90a and ptxas accepts it (no GPU needed).
 - ``gpu``: on a Hopper GPU, into a poisoned ``out``, the same index as ``torch.argmax`` on the
   same device for random rows of vocabulary sizes from 1 to Qwen2's, ties, infinities and NaN, and
@@ -7,15 +9,56 @@
 - Bad arguments raise before any launch (anywhere).
 """
 
+import numpy as np
 import pytest
 import torch
+from program_variants import without_line
 
+from clusterlab import simulator
+from clusterlab.models import argmax_simulated
 from clusterlab.models.argmax import ArgmaxSpec, argmax_last, argmax_rows, argmax_signature, build_argmax_kernel
 
 #: Vocabulary sizes: fewer logits than blocks, one warp's worth, a slice a thread or less, Llama-2's,
 #: Llama-3's, Qwen2's.
 VOCABS = (1, 7, 33, 1000, 32000, 128256, 152064)
 POISON = -7
+
+
+def _hard_rows(rng, vocab):
+    """Rows whose winner is decided by the order's rules: ties (in one slice and across slices), all
+    -inf, +inf from the middle on, NaN (two, and one in the last slice), and plain random."""
+    rows = rng.standard_normal((8, vocab)).astype(np.float32)
+    rows[0, rng.integers(0, vocab, 3)] = 50.0
+    rows[1, [vocab - 1, 0]] = 50.0
+    rows[2] = -np.inf
+    rows[3, vocab // 2:] = np.inf
+    rows[4, [vocab - 1, vocab // 3]] = np.nan
+    rows[5, -1] = np.nan
+    return rows
+
+
+@pytest.mark.parametrize("cluster_size", [1, 2, 5, 16])
+@pytest.mark.parametrize("vocab", [1, 7, 33, 1000])
+def test_the_simulated_cluster_gives_torchs_index(cluster_size, vocab):
+    rng = np.random.default_rng()
+    logits = _hard_rows(rng, vocab)
+    expected = torch.from_numpy(logits).argmax(-1).numpy()
+    np.testing.assert_array_equal(argmax_simulated.argmax_rows(logits, cluster_size), expected)
+
+
+@pytest.mark.parametrize("barrier, hazard", [("1", simulator.DataRace), ("3", simulator.ExitedBlockAccess)])
+def test_a_missing_cluster_barrier_is_caught(barrier, hazard):
+    """Without barrier 1 block 0 reads a winner before it is written; without barrier 3 a block exits
+    while block 0 still reads its winner."""
+    program = without_line(argmax_simulated.argmax_block, f"yield b.cluster_sync()  # {barrier}:")
+    row = np.random.default_rng().standard_normal(100).astype(np.float32)
+    with pytest.raises(hazard):
+        simulator.launch(program, 4, row, np.zeros(1, np.int64), 0)
+
+
+def test_the_simulated_cluster_rejects_what_is_not_a_float32_matrix():
+    with pytest.raises(ValueError, match="logits must be a float32 array"):
+        argmax_simulated.argmax_rows(np.zeros((2, 3)))
 
 
 @pytest.mark.ptx

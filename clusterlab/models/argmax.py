@@ -16,7 +16,8 @@ read. Here the row is split over a cluster of :data:`CLUSTER_SIZE` blocks:
 3. a second cluster barrier, so that no block exits while block 0 still reads its winner.
 
 "Wins" is ``torch.argmax``'s order: NaN over any number, then the larger value, then the smaller
-index (the first of equal values), so ties and NaN give the same index as PyTorch.
+index (the first of equal values), so ties and NaN give the same index as PyTorch. The same steps
+run on the simulator in :mod:`clusterlab.models.argmax_simulated`, every DSMEM access checked.
 """
 
 from __future__ import annotations
