@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from numba import cuda, float32, int32, int64, uint32
 
 from .. import ptx
+from ..fused.kernel import FULL_MASK
 
 #: Blocks a row is split over (a non-portable cluster size on Hopper).
 CLUSTER_SIZE = 16
@@ -36,8 +37,6 @@ CLUSTER_SIZE = 16
 THREADS = 512
 #: Loads a thread issues before comparing any of them.
 LOADS_IN_FLIGHT = 8
-
-FULL_MASK = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
