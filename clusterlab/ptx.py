@@ -28,7 +28,7 @@ Array indices
 Intrinsics that take ``array, index`` address ``array[index]`` counting from the start of the array, as
 PTX addresses do: unlike numba's own ``array[index]``, a negative index does not wrap around from the
 end, so a kernel's indices must be non-negative. Numba cannot tell that a signed index is never
-negative, and the wrap-around would cost two 64-bit instructions at every access (about a tenth of the
+negative, and the wrap-around would cost two 64-bit instructions at every access (a tenth to a fifth of the
 fused kernels' machine code).
 
 Memory ordering, in one paragraph

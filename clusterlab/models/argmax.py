@@ -84,7 +84,7 @@ def build_argmax_kernel(spec: ArgmaxSpec):
         first = rank * span
         stop = min(first + span, vocab)
         base = row * vocab
-        # 1. this thread's winner over its elements first + tid, first + tid + THREADS, ..
+        # 1. this thread's winner over its elements first + tid, first + tid + BLOCK, ..
         value, index = NEG_INF, int32(vocab)  # loses to every element
         loaded = cuda.local.array(LOADS_IN_FLIGHT, float32)
         for start in range(first + tid, stop, BLOCK * LOADS_IN_FLIGHT):
