@@ -78,6 +78,7 @@ from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
 from ..fused.validate import check_range
 from .decode import Decoder, check_sampling, token_ids
+from .final_norm import final_norm
 
 #: ``model_type`` values this module reads.
 MODEL_TYPES = ("llama", "qwen2")
@@ -702,7 +703,10 @@ class LlamaModel:
         return self._mlp_block(self.weights.layers[layer], out, h)
 
     def _logits(self, hidden, residual) -> torch.Tensor:
-        n = rms_norm(hidden + residual, self.weights.norm, self.config.rms_norm_eps)
+        return self._head(rms_norm(hidden + residual, self.weights.norm, self.config.rms_norm_eps))
+
+    def _head(self, n) -> torch.Tensor:
+        """The LM head on the normalized hidden state ``n`` ``[batch, H]``: float32 logits ``[batch, vocab]``."""
         return F.linear(n, self.weights.lm_head).float()
 
     @torch.no_grad()
@@ -759,7 +763,8 @@ class LlamaModel:
         1) % 3`` of ``self._sums``, adds its output into buffer ``k % 3`` (zero: block ``k - 1``
         cleared it) and clears buffer ``(k + 1) % 3`` (block ``k - 1`` has read it). Buffer 2 starts
         as the embedding, exact in float32; the last block's sums, rounded, are the final hidden
-        state, and the step leaves all three buffers zero for the next."""
+        state, which :func:`~clusterlab.models.final_norm.final_norm` normalizes in one kernel,
+        leaving all three buffers zero for the next step."""
         sums = self._sums
         sums[2].copy_(hidden)
         k = 0
@@ -769,9 +774,9 @@ class LlamaModel:
             k += 1
             residual = self.mlps[i].handoff(sums[(k - 1) % 3], residual, sums_out=sums[k % 3], clear=sums[(k + 1) % 3])
             k += 1
-        hidden = sums[(k - 1) % 3].to(self.dtype)
-        sums.zero_()
-        return self._logits(hidden, residual)
+        # the final norm reads buffer (k - 1) % 3 and clears it and (k + 1) % 3; block k - 1 cleared k % 3
+        return self._head(final_norm(sums[(k - 1) % 3], sums[(k + 1) % 3], residual, self.weights.norm,
+                                     self.config.rms_norm_eps))
 
     def attend(self, layer: int, hidden, residual, positions, longest: int | None = None):
         """Layer ``layer``'s attention block on ``[batch, H]`` activations: ``(out, hidden + residual)``,
