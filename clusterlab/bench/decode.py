@@ -70,9 +70,10 @@ import torch
 from ..argtypes import integer
 from ..fused.config import MAX_BATCH
 from ..fused.reference import relative_error
-from ..models.argmax import argmax_last
+from ..models.argmax import pick_and_record
+from ..models.final_norm import final_norm
 from ..models.decode import Decoder
-from ..models.llama import DTYPES, MODEL_PRESETS, LlamaModel, ModelConfig, random, to_transformers
+from ..models.llama import DTYPES, MODEL_PRESETS, LlamaModel, ModelConfig, fused_mlp_max_batch, random, to_transformers
 from .timing import (
     MIN_REPEATS,
     Stat,
@@ -193,7 +194,7 @@ def breakdown(model: LlamaModel, context: int, replays: int = REPLAYS, repeats: 
               seed: int = 0) -> dict[str, float]:
     """µs per token of the parts of ``model``'s step, each a CUDA graph timed like :func:`replay_us`:
     ``attention_us`` (every layer's attention block, appending cache row ``context``), ``mlp_us``
-    (every layer's MLP block) and ``rest_us`` (embedding gather, final norm, LM head, argmax).
+    (every layer's MLP block) and ``rest_us`` (embedding gather, final norm, LM head, the pick and its record).
 
     Each part runs on static random ``[batch, H]`` activations in the model dtype.
     """
@@ -212,9 +213,22 @@ def breakdown(model: LlamaModel, context: int, replays: int = REPLAYS, repeats: 
         for i in range(len(model.weights.layers)):
             model.mlp_block(i, out, h_in)
 
-    def rest():
+    handoff = model.handoff and batch <= fused_mlp_max_batch(model.config)
+    record = {"tokens": tokens.clone(), "history": torch.zeros(batch, 1, dtype=torch.int64, device=device),
+              "counts": torch.zeros(batch, dtype=torch.int64, device=device),
+              "done": torch.zeros(batch, dtype=torch.bool, device=device),
+              "eos": torch.full((1,), -1, dtype=torch.int64, device=device), "positions": positions.clone()}
+
+    def rest():  # what the step runs outside the blocks (LlamaModel.forward_step, Decoder's step)
         x = model.weights.embed[tokens]
-        argmax_last(model._logits(x, torch.zeros_like(x)))
+        residual = torch.zeros_like(x)
+        if handoff:
+            model._sums[2].copy_(x)
+            logits = model._head(final_norm(model._sums[2], model._sums[0], residual, model.weights.norm,
+                                            model.config.rms_norm_eps))
+        else:
+            logits = model._logits(x, residual)
+        pick_and_record(logits, **record, advance=1)  # history[b, 0] only: the kernel skips counts >= 1
 
     times = {}
     for name, part in (("attention_us", attention), ("mlp_us", mlp), ("rest_us", rest)):

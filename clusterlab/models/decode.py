@@ -7,13 +7,15 @@ static buffers (:class:`Decoder`)::
     tokens    [B] int64     the tokens this step feeds (picked by the step before)
     positions [B] int32     where each of them goes in the caches
         logits = model.forward_step(tokens, positions, longest)   [B, V] float32
-        positions += 1
-        next   = pick(logits)                                     greedy, or sampled on the device
-        history[b, count] = next[b];  count += 1                  [B, max_new_tokens] int64
+        scores = logits, or the sampling race on them             greedy, or sampled on the device
+        next   = argmax(scores)                                   one launch from here on:
+        history[b, counts[b]] = next[b];  counts += 1             [B, max_new_tokens] int64, [B] int64
         done  |= next is an end-of-sequence id                    [B] bool
-        tokens = next
+        tokens = next;  positions += 1
 
-Nothing in a step reads a value back to the host, so on a CUDA device the whole step is captured
+On a Hopper GPU the argmax and the lines after it are one kernel
+(:func:`~clusterlab.models.argmax.pick_and_record`). Nothing in a step reads a value back to the
+host, so on a CUDA device the whole step is captured
 once as a CUDA graph and replayed per token; the host only looks at ``done`` now and then to stop
 early. On the CPU the same step runs eagerly (the attention on the simulator).
 
@@ -42,7 +44,7 @@ import torch
 
 from ..fused import plan
 from ..fused.config import is_int
-from .argmax import argmax_last
+from .argmax import pick_and_record
 
 #: How many steps :meth:`Decoder.run` replays between two looks at ``done`` (each one a host sync).
 STOP_CHECK_EVERY = 8
@@ -116,10 +118,11 @@ class Decoder:
         if self.graph and device.type != "cuda":
             raise ValueError(f"graph=True needs the model on a CUDA device; it is on {device}")
         self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long, device=device)
+        self._eos_ids = self.eos if eos else torch.full((1,), -1, dtype=torch.long, device=device)  # -1: no token
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.int32, device=device)
         self.history = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
-        self.count = torch.zeros(1, dtype=torch.long, device=device)
+        self.counts = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.seed = int.from_bytes(os.urandom(8), "little") >> 1 if seed is None else seed
         self.generator = torch.Generator(device=device)
@@ -129,28 +132,28 @@ class Decoder:
 
     # -- the step ------------------------------------------------------------------------------
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each sequence from float32 ``logits`` ``[B, V]``: ``[B]`` int64, on the device."""
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the next token is the argmax of, from float32 ``logits`` ``[B, V]``: the logits
+        themselves (greedy), or the sampling race on them (see the module docstring)."""
         if self.temperature == 0.0:
-            return argmax_last(logits)
+            return logits
         logits = logits / self.temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         race = torch.empty_like(logits).exponential_(generator=self.generator)
-        return argmax_last(logits.softmax(-1) / race)
+        return logits.softmax(-1) / race
 
-    def record(self, token: torch.Tensor) -> None:
-        """Append ``token`` ``[B]`` to the history, mark sequences that emitted an eos id, feed it next."""
-        self.history.scatter_(1, self.count.expand(token.shape[0], 1), token[:, None])
-        self.count += 1
-        self.done |= torch.isin(token, self.eos)
-        self.tokens.copy_(token)
+    def pick_and_record(self, logits: torch.Tensor, advance: int) -> None:
+        """The next token of each sequence from float32 ``logits`` ``[B, V]``, appended to the
+        history and fed next; sequences that emitted an eos id marked done; ``positions`` advanced
+        by ``advance`` (:func:`~clusterlab.models.argmax.pick_and_record`)."""
+        pick_and_record(self.scores(logits), self.tokens, self.history, self.counts, self.done, self._eos_ids,
+                        self.positions, advance)
 
     def _step(self, longest: int) -> None:
         logits = self.model.forward_step(self.tokens, self.positions, longest)
-        self.positions += 1
-        self.record(self.pick(logits))
+        self.pick_and_record(logits, advance=1)
 
     # -- driving it ----------------------------------------------------------------------------
 
@@ -166,10 +169,10 @@ class Decoder:
                     self.positions.copy_(positions)
                     self._capture(longest)
         self.generator.manual_seed(self.seed)
-        self.count.zero_()
+        self.counts.zero_()
         self.done.zero_()
         self.positions.copy_(positions)
-        self.record(self.pick(logits))
+        self.pick_and_record(logits, advance=0)
         self._recorded = 1
 
     def _capture(self, longest: int) -> None:
