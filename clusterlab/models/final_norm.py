@@ -12,8 +12,8 @@ token on the H200 for 32 KiB of data (``benchmarks/results/decode_h200_v55_argma
 is one launch of one block a row, :data:`THREADS` threads, each thread keeping its
 ``ceil(H / THREADS)`` elements in registers:
 
-1. load the sums, the residual and the gain (elements ``tid``, ``tid + THREADS``, ...), zero the
-   sums just read and the buffer the last block left (``clear``);
+1. load the sums, the residual and the gain (elements ``tid``, ``tid + THREADS``, ...), all of
+   them before zeroing the sums just read and the buffer the last block left (``clear``);
 2. round as PyTorch does: ``x = round(round(s) + r)``, each a float32 in the model dtype;
 3. the row's ``sum(x^2)``: shuffles in each warp, the warps' shares through shared memory;
 4. ``n = round(gain * round(x * rsqrt(sum / H + eps)))``: PyTorch's normalize, cast, multiply.
@@ -72,16 +72,22 @@ def build_final_norm_kernel(spec: FinalNormSpec):
         tid = uint32(cuda.threadIdx.x)
         lane, warp = tid % 32, tid // 32
         base = uint32(cuda.blockIdx.x) * H
-        # 1, 2: this thread's elements tid + u * THREADS, rounded, and their share of sum(x^2)
+        # 1, 2: this thread's elements tid + u * THREADS, rounded, and their share of sum(x^2); every
+        # load is issued before the first store (the compiler keeps a load after a store that may alias it)
         x = cuda.local.array(PER, float32)
+        gain = cuda.local.array(PER, float32)
         ss = float32(0.0)
         for u in range(PER):
             i = tid + u * THREADS
             if i < H:
                 x[u] = rounded(rounded(sums[base + i]) + to_f32(residual[base + i]))
+                gain[u] = to_f32(norm[i])
+                ss += x[u] * x[u]
+        for u in range(PER):
+            i = tid + u * THREADS
+            if i < H:
                 sums[base + i] = float32(0.0)
                 clear[base + i] = float32(0.0)
-                ss += x[u] * x[u]
         # 3. the row's sum(x^2), in every thread
         for offset in (16, 8, 4, 2, 1):
             ss += cuda.shfl_xor_sync(FULL_MASK, ss, offset)
@@ -96,7 +102,7 @@ def build_final_norm_kernel(spec: FinalNormSpec):
         for u in range(PER):
             i = tid + u * THREADS
             if i < H:
-                out[base + i] = to_bits(to_f32(norm[i]) * rounded(x[u] * inv_rms))
+                out[base + i] = to_bits(gain[u] * rounded(x[u] * inv_rms))
 
     return final_norm
 
