@@ -12,7 +12,12 @@
 import pytest
 import torch
 
-from clusterlab.models.final_norm import FinalNormSpec, build_final_norm_kernel, final_norm, final_norm_signature
+from clusterlab.models.final_norm import (
+    FinalNormSpec,
+    build_final_norm_kernel,
+    final_norm,
+    final_norm_signature,
+)
 from clusterlab.models.llama import rms_norm
 
 #: Two ulps of each dtype at 1.0, relative: the tolerance the module docstring justifies.

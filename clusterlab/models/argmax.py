@@ -20,7 +20,7 @@ index (the first of equal values), so ties and NaN give the same index as PyTorc
 run on the simulator in :mod:`clusterlab.models.argmax_simulated`, every DSMEM access checked.
 
 The decoder's step ends with the pick and its bookkeeping (the token fed next, the history, the
-counts, the end-of-sequence flags, the positions advanced: :mod:`clusterlab.models.decode`), five
+counts, the end-of-sequence flags, the positions advanced: :mod:`clusterlab.models.decode`), six
 more small kernels in PyTorch. :func:`pick_and_record` is the same kernel with block 0's thread 0
 writing all of those for its row once it has the winner: one launch for the whole end of a step.
 """
