@@ -186,19 +186,19 @@ def argmax_launcher(spec: ArgmaxSpec, rows: int):
                   non_portable=spec.cluster_size > 8)
 
 
-def _check_logits(logits, on_cuda: bool = True) -> tuple[int, int]:
+def _check_logits(logits, name: str = "logits", on_cuda: bool = True) -> tuple[int, int]:
     """``logits`` is a float32 tensor ``[rows >= 1, 1 <= vocab < 2**31]`` (on a CUDA device where
-    ``on_cuda``); ValueError naming it otherwise. Returns ``(rows, vocab)``."""
+    ``on_cuda``); ValueError naming it ``name`` otherwise. Returns ``(rows, vocab)``."""
     import torch
 
     if not (isinstance(logits, torch.Tensor) and (logits.is_cuda or not on_cuda) and logits.dtype == torch.float32
             and logits.dim() == 2):
-        raise ValueError(f"logits must be a float32{' CUDA' if on_cuda else ''} tensor [rows, vocab], got "
+        raise ValueError(f"{name} must be a float32{' CUDA' if on_cuda else ''} tensor [rows, vocab], got "
                          f"{getattr(logits, 'dtype', type(logits).__name__)} of shape "
                          f"{tuple(getattr(logits, 'shape', ()))} on {getattr(logits, 'device', 'the host')}")
     rows, vocab = logits.shape
     if not (rows >= 1 and 1 <= vocab < 2**31):
-        raise ValueError(f"logits must have at least one row and 1 to 2**31 - 1 columns, got shape {(rows, vocab)}")
+        raise ValueError(f"{name} must have at least one row and 1 to 2**31 - 1 columns, got shape {(rows, vocab)}")
     return rows, vocab
 
 
@@ -219,16 +219,6 @@ def argmax_rows(logits, out=None, spec: ArgmaxSpec = ArgmaxSpec()):
     return out
 
 
-def argmax_last(logits):
-    """``logits.argmax(-1)`` of float32 ``logits`` ``[rows, vocab]``: with :func:`argmax_rows` where they
-    are on a CUDA device and device 0 is Hopper, else PyTorch's own (the CPU, the simulator's models)."""
-    from ..gpu import hopper_problem
-
-    if logits.is_cuda and logits.dim() == 2 and hopper_problem() is None:
-        return argmax_rows(logits)
-    return logits.argmax(-1)
-
-
 def pick_and_record(scores, tokens, history, counts, done, eos, positions, advance: int) -> None:
     """The end of a decode step (:class:`~clusterlab.models.decode.Decoder`): each row's winner
     ``w = scores[b].argmax()`` recorded, in place, on the device::
@@ -247,7 +237,7 @@ def pick_and_record(scores, tokens, history, counts, done, eos, positions, advan
     from ..fused.validate import check_tensor
     from ..gpu import hopper_problem
 
-    rows, vocab = _check_logits(scores, on_cuda=False)
+    rows, vocab = _check_logits(scores, "scores", on_cuda=False)
     device = scores.device
     for name, tensor, dtype in (("tokens", tokens, torch.int64), ("counts", counts, torch.int64),
                                 ("done", done, torch.bool), ("positions", positions, torch.int32)):
