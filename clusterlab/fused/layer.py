@@ -48,7 +48,7 @@ from .plan import (
     launch_shape,
 )
 from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
-                       check_weights, known_longest, resolve_backend)
+                       check_weights, kernel_bits, known_longest, resolve_backend)
 
 
 
@@ -299,15 +299,12 @@ class DecodeAttention:
         if isinstance(positions, int):
             positions = self._positions[:batch].fill_(positions)
 
-        def bits(t):
-            return t.view(-1) if t.dtype == torch.float32 else t.view(-1).view(torch.int16)
-
         w = self.weights
         bias = self._no_bias if w.qkv_bias is None else w.qkv_bias
         out_acc = self._out_acc[: batch * self.config.hidden_size] if out_acc is None else out_acc.view(-1)
         return (
-            bits(hidden), bits(residual), bits(w.norm), bits(w.qkv), bits(bias), bits(w.o), bits(cache.k),
-            bits(cache.v), _rope_table(self.config, capacity, hidden.device), bits(out), bits(residual_out),
+            *map(kernel_bits, (hidden, residual, w.norm, w.qkv, bias, w.o, cache.k, cache.v)),
+            _rope_table(self.config, capacity, hidden.device), kernel_bits(out), kernel_bits(residual_out),
             out_acc, self._arrivals, self._part_states, positions, np.int32(capacity),
         )
 

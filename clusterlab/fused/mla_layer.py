@@ -29,7 +29,7 @@ import torch
 from .config import MAX_BATCH, _check_dtype, check_batch, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, WARP_COUNTS, DeviceLimits
-from .validate import check_longest, check_positions, check_tensor, known_longest, resolve_backend
+from .validate import check_longest, check_positions, check_tensor, kernel_bits, known_longest, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
 DEFAULT_CLUSTER_SIZE = 8
@@ -215,14 +215,11 @@ class DecodeMLA:
         rope = _rope_table(self.config, cache.capacity, hidden.device)
         w = self.weights
 
-        def bits(t):
-            return t.view(-1).view(torch.int16)
-
-        projections(bits(hidden), bits(residual), bits(w.input_layernorm), bits(w.q_proj), bits(w.kv_a_proj_with_mqa),
-                    bits(self._w_uk_t), rope, positions, capacity, bits(residual_out), self._q_lat, self._q_pe,
-                    self._kv_raw)
-        attention(self._q_lat, self._q_pe, self._kv_raw, bits(w.kv_a_layernorm), bits(cache.latent), rope, positions,
-                  capacity, self._state_m, self._state_l, self._state_acc)
-        output(self._state_m, self._state_l, self._state_acc, bits(w.kv_b_proj), bits(w.o_proj), bits(out),
-               self._out_acc[: batch * self.config.hidden_size], self._arrivals)
+        inputs = (hidden, residual, w.input_layernorm, w.q_proj, w.kv_a_proj_with_mqa, self._w_uk_t)
+        projections(*map(kernel_bits, inputs), rope, positions, capacity, kernel_bits(residual_out), self._q_lat,
+                    self._q_pe, self._kv_raw)
+        attention(self._q_lat, self._q_pe, self._kv_raw, kernel_bits(w.kv_a_layernorm), kernel_bits(cache.latent), rope,
+                  positions, capacity, self._state_m, self._state_l, self._state_acc)
+        output(self._state_m, self._state_l, self._state_acc, kernel_bits(w.kv_b_proj), kernel_bits(w.o_proj),
+               kernel_bits(out), self._out_acc[: batch * self.config.hidden_size], self._arrivals)
         return out, residual_out

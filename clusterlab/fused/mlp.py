@@ -51,7 +51,7 @@ import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, seeded_generator
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options
-from .validate import check_handoff, check_hidden_residual, check_tensor, resolve_backend
+from .validate import check_handoff, check_hidden_residual, check_tensor, kernel_bits, resolve_backend
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2
@@ -366,14 +366,11 @@ class DecodeMLP:
         16-bit tensors as int16 views, float32 ones (a hand-off's ``hidden`` and ``out``) as they
         are; ``out_acc`` by default the layer's own workspace; the work-queue kernel's ``act`` last."""
 
-        def bits(t):
-            return t.view(-1) if t.dtype == torch.float32 else t.view(-1).view(torch.int16)
-
         w = self.weights
         batch = hidden.shape[0]
         out_acc = self._out_acc[: batch * self.config.hidden_size] if out_acc is None else out_acc.view(-1)
-        args = (bits(hidden), bits(residual), bits(w.norm), bits(w.gate), bits(w.up), bits(w.down), bits(out),
-                bits(residual_out), out_acc, self._arrivals)
+        args = (*map(kernel_bits, (hidden, residual, w.norm, w.gate, w.up, w.down, out, residual_out)), out_acc,
+                self._arrivals)
         return args + (self._act,) if self.queued(batch) else args
 
 

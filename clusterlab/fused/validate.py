@@ -53,6 +53,12 @@ def check_tensor(name: str, x, shape: tuple, dtype, device: torch.device, like: 
                          "16 bytes at a time: pass a tensor that starts on one (a fresh tensor, or .clone())")
 
 
+def kernel_bits(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as the flat array a kernel takes: float32 as it is, float16 and bfloat16 as
+    int16 views of their bits (the kernels convert them with :mod:`clusterlab.ptx`'s intrinsics)."""
+    return t.view(-1) if t.dtype == torch.float32 else t.view(-1).view(torch.int16)
+
+
 def check_rows(name: str, x, hidden_size: int) -> int:
     """``x`` is a torch tensor ``[batch, hidden_size]`` with batch 1..8 (TypeError / ValueError naming
     ``name`` otherwise); returns the batch."""

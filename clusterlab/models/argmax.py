@@ -243,7 +243,8 @@ def pick_and_record(scores, tokens, history, counts, done, eos, positions, advan
                                 ("done", done, torch.bool), ("positions", positions, torch.int32)):
         check_tensor(name, tensor, (rows,), dtype, device, "one per row of the scores")
     if not (isinstance(history, torch.Tensor) and history.dim() == 2 and history.shape[1] >= 1):
-        raise ValueError(f"history must be an int64 tensor [rows, max_new >= 1], got {getattr(history, 'shape', history)}")
+        raise ValueError(f"history must be an int64 tensor [rows, max_new >= 1], got "
+                         f"{getattr(history, 'shape', history)}")
     check_tensor("history", history, (rows, history.shape[1]), torch.int64, device, "one row per row of the scores")
     if not (isinstance(eos, torch.Tensor) and eos.dim() == 1 and eos.numel() >= 1):
         raise ValueError(f"eos must be an int64 tensor of at least one id (-1 for none), got {eos!r}")

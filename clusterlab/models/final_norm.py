@@ -136,7 +136,7 @@ def final_norm(sums, clear, residual, norm, eps: float, out=None):
     """
     import torch
 
-    from ..fused.validate import check_tensor
+    from ..fused.validate import check_tensor, kernel_bits
     from ..gpu import hopper_problem
     from .llama import rms_norm
 
@@ -155,11 +155,7 @@ def final_norm(sums, clear, residual, norm, eps: float, out=None):
         check_tensor("out", out, shape, dtype, device, "residual")
     if device.type == "cuda" and hopper_problem() is None:
         spec = FinalNormSpec(shape[1], dtype == torch.bfloat16, float(eps))
-
-        def bits(t):
-            return t.view(-1) if t.dtype == torch.float32 else t.view(-1).view(torch.int16)
-
-        final_norm_launcher(spec, shape[0])(bits(sums), bits(clear), bits(residual), bits(norm), bits(out))
+        final_norm_launcher(spec, shape[0])(*map(kernel_bits, (sums, clear, residual, norm, out)))
     else:
         out.copy_(rms_norm(sums.to(dtype) + residual, norm, eps))
         sums.zero_()
