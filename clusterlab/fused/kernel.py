@@ -723,6 +723,14 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     scaled = norms is not None and scales_inputs(tile, bf16)
     norms_at, norms_stride = norms if scaled else (0, 0)
     inv_columns = np.float32(1.0 / x_stride)
+    # Lanes of sequences past the batch (g >= batch) take zeros for B. Where a part's weight loads
+    # are more than half a step's, every lane loads activations (the last sequence's, a broadcast)
+    # and selects the zeros: under ``if g < batch`` ptxas kept the shared loads behind branches and
+    # issued the next part's weight loads only halfway through this part's mma (Qwen2.5-7B's
+    # batches 2 and 4 up to 20% slower). Where parts take half a step's loads, the branches let it
+    # issue several parts' loads at once, and without them it ran Llama-3-8B's clusters of 8 up to
+    # 9% slower (docs/fused-decode-notes.md, v57).
+    every_lane_loads = 2 * row_blocks * spans > LOADS_PER_STEP // 2
 
     @cuda.jit(device=True, inline=True)
     def load_part(w, w0, row_stride, lane, wv, part, last_row):
@@ -740,9 +748,16 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     def multiply_part(wv, part, smem, x0, xb, acc, lane):
         """acc += the rows in ``wv`` times part ``part`` of the activations."""
         g, t = lane // 4, lane % 4
+        live = g < batch
+        row = x0 + min(g, batch - 1) * x_stride  # past the batch, the last sequence's (every_lane_loads)
         for p in range(spans):
-            for q in range(2):  # B of sequence g: the lane's columns 4q .. 4q+3
-                if g < batch:
+            for q in range(2):  # B of sequence g: the lane's columns 4q .. 4q+3 (zeros past the batch)
+                if every_lane_loads:
+                    at = ptx.shared_address(smem, row + (part * spans + p) * 32 + 8 * t + 4 * q)
+                    x_0, x_1, x_2, x_3 = ptx.ld_shared_v4_f32(at)
+                    xb[2 * q] = pack(x_0, x_1) if live else uint32(0)
+                    xb[2 * q + 1] = pack(x_2, x_3) if live else uint32(0)
+                elif live:
                     at = ptx.shared_address(smem, x0 + g * x_stride + (part * spans + p) * 32 + 8 * t + 4 * q)
                     x_0, x_1, x_2, x_3 = ptx.ld_shared_v4_f32(at)
                     xb[2 * q] = pack(x_0, x_1)
