@@ -727,9 +727,9 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     # are more than half a step's, every lane loads activations (the last sequence's, a broadcast)
     # and selects the zeros: under ``if g < batch`` ptxas kept the shared loads behind branches and
     # issued the next part's weight loads only halfway through this part's mma (Qwen2.5-7B's
-    # batches 2 and 4 up to 20% slower). Where parts take half a step's loads, the branches let it
-    # issue several parts' loads at once, and without them it ran Llama-3-8B's clusters of 8 up to
-    # 9% slower (docs/fused-decode-notes.md, v57).
+    # batches 2 and 4 up to 20% slower). Where parts take half a step's loads, ptxas issues several
+    # parts' loads at once from behind the branches; the branch-free form spread them one part
+    # ahead, and Llama-3-8B's clusters of 8 ran up to 9% slower (docs/fused-decode-notes.md, v57).
     every_lane_loads = 2 * row_blocks * spans > LOADS_PER_STEP // 2
 
     @cuda.jit(device=True, inline=True)
