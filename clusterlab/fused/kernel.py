@@ -594,7 +594,8 @@ def power_of_two(e):
 
 
 def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, out_stride: int, atomic: bool,
-              norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False):
+              norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False,
+              select_past_batch: bool = True):
     """Device functions for one warp step of a matrix-vector product over ``tile.step_rows`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's first 16-byte loads into the
@@ -624,12 +625,17 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     ``interleaved`` (CUDA cores only): the activations lie in :func:`input_word`'s interleaved
     order (``make_norm_inputs(interleaved=True)`` writes them so).
 
+    ``select_past_batch`` (tensor cores only): where a part of a step takes more than half a step's
+    loads, the lanes past the batch load activations too and select zeros (see
+    :func:`_make_mma_gemv`); False keeps them behind a branch everywhere (MLA's kernels: with it
+    their output kernel spills 36-60 bytes under its 128 registers).
+
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
     if isinstance(tile, MmaTile):
         if interleaved:
             raise ValueError("interleaved activations are read by CUDA-core steps only (a GemvTile)")
-        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped)
+        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped, select_past_batch)
     if clamped:
         raise ValueError("clamped steps run on the tensor cores only (an MmaTile)")
     lanes, per_lane, rows_per_lane, chunk = tile
@@ -705,7 +711,7 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
 
 
 def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_stride: int, atomic: bool,
-                   norms: tuple[int, int] | None, clamped: bool):
+                   norms: tuple[int, int] | None, clamped: bool, select_past_batch: bool):
     """:func:`make_gemv` on the tensor cores (see :func:`clusterlab.ptx.mma_f16_m16n8k16` for the lanes).
 
     Lane ``(g, t)`` (``lane = 4g + t``) of a step loads, for each row block ``r`` and span ``p``,
@@ -730,7 +736,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
     # batches 2 and 4 up to 20% slower). Where parts take half a step's loads, ptxas issues several
     # parts' loads at once from behind the branches; the branch-free form spread them one part
     # ahead, and Llama-3-8B's clusters of 8 ran up to 9% slower (docs/fused-decode-notes.md, v57).
-    every_lane_loads = 2 * row_blocks * spans > LOADS_PER_STEP // 2
+    every_lane_loads = select_past_batch and 2 * row_blocks * spans > LOADS_PER_STEP // 2
 
     @cuda.jit(device=True, inline=True)
     def load_part(w, w0, row_stride, lane, wv, part, last_row):
@@ -929,7 +935,8 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
 
 def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int, bf16: bool, tile, rows: int,
                           first_rows: int, xs: int, partial: int, partial_stride: int, red: int,
-                          second_rows: int | None = None, interleaved: bool = False, float32_hidden: bool = False):
+                          second_rows: int | None = None, interleaved: bool = False, float32_hidden: bool = False,
+                          select_past_batch: bool = True):
     """Phase 1 of a kernel that projects ``RMSNorm(hidden + residual)`` with rows of two matrices
     (the MLP's gate and up rows, MLA's query and latent rows), on a block's hidden slice.
 
@@ -949,14 +956,16 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     clamped to the last real row (:func:`make_gemv`'s ``clamped``) and their sums left unread.
 
     ``interleaved``: ``h * norm`` in :func:`input_word`'s interleaved order (CUDA-core steps only);
-    ``float32_hidden``: ``hidden`` is float32 sums, read rounded (see :func:`make_norm_inputs`).
+    ``float32_hidden``: ``hidden`` is float32 sums, read rounded (see :func:`make_norm_inputs`);
+    ``select_past_batch``: :func:`make_gemv`'s.
     """
     threads = 32 * warps
     step_rows = tile.step_rows
     steps = rows // step_rows
     scaled = scales_inputs(tile, bf16)
     gemv = functools.partial(make_gemv, batch, bf16, tile, x_stride=k_slice, out_stride=partial_stride, atomic=False,
-                             norms=(partial + rows, partial_stride), interleaved=interleaved)
+                             norms=(partial + rows, partial_stride), interleaved=interleaved,
+                             select_past_batch=select_past_batch)
     load, finish, words_per_step = gemv()
     padded = second_rows is not None and second_rows < rows - first_rows
     load_padded, finish_padded, _ = gemv(clamped=True) if padded else (None, None, 0)

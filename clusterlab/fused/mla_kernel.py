@@ -269,9 +269,9 @@ def build_projections_kernel(spec: MLASpec):
     ABSORB_STEPS = COLS // ABSORB_STEP_ROWS
     # the cluster's rows: head h's query rows, then its kv_a rows
     projections = make_input_projection(BATCH, H, K_SLICE, WARPS, BF16, spec.projections_tile(), SLOTS, Q_WIDTH, XS,
-                                        PARTIAL, PARTIAL_STRIDE, RED, second_rows=KV_ROWS)
+                                        PARTIAL, PARTIAL_STRIDE, RED, second_rows=KV_ROWS, select_past_batch=False)
     absorb_load, absorb_finish, ABSORB_WORDS = make_gemv(BATCH, BF16, absorb_tile, x_stride=D_N,
-                                                         out_stride=HEADS * R, atomic=False)
+                                                         out_stride=HEADS * R, atomic=False, select_past_batch=False)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
 
@@ -765,8 +765,9 @@ def build_output_kernel(spec: MLASpec):
     VALUE_STEP_ROWS, O_STEP_ROWS = value_tile.step_rows, o_tile.step_rows
     VALUE_STEPS, O_STEPS = D_V // VALUE_STEP_ROWS, OUT_ROWS // O_STEP_ROWS
     value_load, value_finish, VALUE_WORDS = make_gemv(BATCH, BF16, value_tile, x_stride=COLS, out_stride=D_V,
-                                                      atomic=False)
-    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=D_V, out_stride=H, atomic=True)
+                                                      atomic=False, select_past_batch=False)
+    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=D_V, out_stride=H, atomic=True,
+                                          select_past_batch=False)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
