@@ -755,19 +755,15 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
         """acc += the rows in ``wv`` times part ``part`` of the activations."""
         g, t = lane // 4, lane % 4
         live = g < batch
-        row = x0 + min(g, batch - 1) * x_stride  # past the batch, the last sequence's (every_lane_loads)
+        # past the batch, the last sequence's row where every lane loads; the lane's own otherwise
+        row = x0 + (min(g, batch - 1) if every_lane_loads else g) * x_stride
         for p in range(spans):
             for q in range(2):  # B of sequence g: the lane's columns 4q .. 4q+3 (zeros past the batch)
-                if every_lane_loads:
+                if every_lane_loads or live:
                     at = ptx.shared_address(smem, row + (part * spans + p) * 32 + 8 * t + 4 * q)
                     x_0, x_1, x_2, x_3 = ptx.ld_shared_v4_f32(at)
                     xb[2 * q] = pack(x_0, x_1) if live else uint32(0)
                     xb[2 * q + 1] = pack(x_2, x_3) if live else uint32(0)
-                elif live:
-                    at = ptx.shared_address(smem, x0 + g * x_stride + (part * spans + p) * 32 + 8 * t + 4 * q)
-                    x_0, x_1, x_2, x_3 = ptx.ld_shared_v4_f32(at)
-                    xb[2 * q] = pack(x_0, x_1)
-                    xb[2 * q + 1] = pack(x_2, x_3)
                 else:
                     xb[2 * q] = uint32(0)
                     xb[2 * q + 1] = uint32(0)
