@@ -228,8 +228,9 @@ def test_a_faster_public_reduce_can_meet_the_large_target():
 
 
 def test_every_dtype_gets_its_reduce_rows_judged_on_its_own_records(results):
-    """A 16-bit message of B bytes is the float32 reduce of 2B (the records' working bytes): its own rows, its own
-    figures, not the float32 row of the same message size."""
+    """A 16-bit message of B bytes reduced as float32 rows is the float32 reduce of 2B (the records' working bytes):
+    its own rows, its own figures, not the float32 row of the same message size; its bus bytes are the message's
+    (B), not the 2B its float32 rows moved."""
     small = rows_of(results["targets"], "small_reduce_vs_barrier", config="chip", cluster_size=8, message_bytes=1024)
     assert sorted(t["dtype"] for t in small) == sorted(ITEMSIZE)
     for row in small:
@@ -237,7 +238,7 @@ def test_every_dtype_gets_its_reduce_rows_judged_on_its_own_records(results):
         assert row["value"] == pytest.approx(cluster_us("reduce", "direct_1barrier", 8, working) / 0.4)
     assert len({t["value"] for t in small}) == 2  # float16 and bfloat16 share their records' working bytes
     large = rows_of(results["targets"], "large_reduce_vs_dsmem_bound", config="chip", cluster_size=8, dtype="bfloat16")[0]
-    bus = 2 * 7 / 8 * 32768 * 8 * (132 // 8) / cluster_us("reduce", "direct_1barrier", 8, 32768) * 1e6
+    bus = 2 * 7 / 8 * 16384 * 8 * (132 // 8) / cluster_us("reduce", "direct_1barrier", 8, 32768) * 1e6
     assert large["message_bytes"] == 16384 and large["value"] == pytest.approx(bus / PEAK)
     results_text = report.format_summary(results)
     assert "small_reduce_vs_barrier (chip)" in results_text and "bfloat16" in results_text

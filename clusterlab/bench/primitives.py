@@ -41,7 +41,9 @@ less than SMs / N).
 
 Bus bandwidth (NCCL's convention, so algorithms compare on useful bytes): an all-gather moves
 ``(N - 1) * B`` bytes into each block, an all-reduce ``2 (N - 1) / N * B`` (``B`` in float32 for
-reduces); the figure is that times the blocks of the launch over the per-operation time.
+the reduces' records; the targets credit a 16-bit message with its own bytes, see
+:func:`~clusterlab.bench.report.message_bus_bandwidth`); the figure is that times the blocks of the
+launch over the per-operation time.
 
 Every timed configuration is first run once and checked: reduces against a float64 sum
 (normwise relative error), gathers bit for bit; outputs are poisoned with NaN first, inputs are
