@@ -433,6 +433,30 @@ def test_receiver_exiting_before_its_incoming_copy_is_complete():
     assert gone.points[0].op.startswith("cp.async.bulk")
 
 
+@pytest.mark.parametrize("owner", [0, 1])
+def test_a_peers_mbarrier_arrival_not_ordered_before_the_owners_exit(owner):
+    """Whichever block runs first, the arrival may reach the mbarrier after its block exited."""
+    lines = {}
+
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank != owner:
+            lines["arrive"] = this_line(1)
+            b.mbarrier_arrive(b.map_shared(bar, owner))  # bug: nobody waits, and both return
+
+    with pytest.raises(sim.ExitedBlockAccess) as info:
+        sim.launch(program, 2)
+    gone = info.value
+    assert gone.owner == owner
+    assert gone.byte_range == (0, 8)
+    assert set(gone.blocks) == {0, 1}
+    arrive = next(p for p in gone.points if p.op.startswith("mbarrier.arrive"))
+    assert (arrive.block, arrive.line) == (1 - owner, lines["arrive"])
+    assert any(p.op == "exit" and p.block == owner for p in gone.points)
+
+
 # -------------------------------------------------------------------- mbarrier transactions
 
 
@@ -495,6 +519,66 @@ def test_more_bytes_delivered_than_expected_is_a_transaction_mismatch():
     assert (bad.expected_bytes, bad.delivered_bytes) == (8, 16)
     assert bad.owner == 1
     assert bad.blocks == (1, 0)
+
+
+def test_a_tx_count_beyond_ptx_range_is_a_transaction_mismatch():
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        b.mbarrier_expect_tx(bar, 2**20 - 1)
+        b.mbarrier_expect_tx(bar, 1)  # bug: the tx-count reaches 2**20, one past PTX's range
+        b.mbarrier_arrive(bar)
+        yield b.mbarrier_wait(bar, 0)
+
+    with pytest.raises(sim.TransactionMismatch) as info:
+        sim.launch(program, 1)
+    bad = info.value
+    assert (bad.expected_bytes, bad.delivered_bytes) == (2**20, 0)
+    assert "outside PTX's range -1048575..1048575" in str(bad)
+    assert bad.points[-1].op == "mbarrier.expect_tx 'bar'@block 0 tx 1 B"
+
+
+def expect_then_copy(b, consumer, producer_arrives):
+    """The producer expects 16 bytes on the consumer's ``bar`` (no arrival) and copies them there;
+    the consumer arrives and waits. Safe only if an arrival of the phase comes after the expect_tx:
+    with ``producer_arrives`` the producer's own (count 2)."""
+    src = b.shared_array("src", (4,), F32)
+    buf = b.shared_array("buf", (4,), F32)
+    bar = b.shared_mbarrier("bar")
+    b.mbarrier_init(bar, 2 if producer_arrives else 1)
+    src[:] = b.cluster_rank + 1
+    b.fence_proxy_async()
+    yield b.cluster_sync()
+    if b.cluster_rank != consumer:
+        b.step("push")
+        peer_bar = b.map_shared(bar, consumer)
+        b.mbarrier_expect_tx(peer_bar, 16)
+        b.bulk_copy(b.map_shared(buf, consumer).at[:], src.at[:], peer_bar)
+        if producer_arrives:
+            b.mbarrier_arrive(peer_bar)
+    else:
+        b.step("consume")
+        b.mbarrier_arrive(bar)
+        yield b.mbarrier_wait(bar, 0)
+        assert (buf[:] == 2 - consumer).all()
+    yield b.cluster_sync()
+
+
+@pytest.mark.parametrize("consumer", [0, 1])
+def test_an_expect_tx_that_no_arrival_comes_after_is_phase_aliasing(consumer):
+    """The consumer's arrival may complete phase 0 before the producer's expect_tx lands: the wait
+    then returns before the copy's bytes, whichever block the scheduler runs first."""
+    with pytest.raises(sim.PhaseAliasing) as info:
+        sim.launch(expect_then_copy, 2, consumer, False)
+    bad = info.value
+    assert bad.mbarrier == f"'bar'@block {consumer}"
+    assert set(bad.blocks) == {0, 1}
+    assert {p.step for p in bad.points} == {"push", "consume"}
+
+
+@pytest.mark.parametrize("consumer", [0, 1])
+def test_an_expect_tx_before_an_arrival_of_its_phase_runs_clean(consumer):
+    sim.launch(expect_then_copy, 2, consumer, True)
 
 
 # ----------------------------------------------------------------- bulk copy address rules
@@ -565,6 +649,114 @@ def test_bulk_copy_of_stored_bytes_without_a_proxy_fence(through_view):
     assert bad.owner == 0
     assert bad.byte_range == (base + 4, base + 12)
     assert [p.step for p in bad.points] == ["stage", "push"]
+
+
+@pytest.mark.parametrize("op", ["bulk_copy", "st_async"])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_an_asynchronous_copy_into_the_issuing_block_is_an_invalid_rank(op, mapped):
+    """PTX's cp.async.bulk.shared::cluster and st.async write another block's memory; into the
+    issuer's own, through its own address or mapped to its own rank, is undefined."""
+
+    def program(b):
+        src = b.shared_array("src", (4,), F32)
+        dst = b.shared_array("dst", (4,), F32)
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        src[:] = 1.0
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            me = b.cluster_rank
+            into, done = (b.map_shared(dst, me), b.map_shared(bar, me)) if mapped or op == "st_async" else (dst, bar)
+            b.mbarrier_arrive_expect_tx(bar, 16)
+            if op == "bulk_copy":
+                b.bulk_copy(into.at[:], src.at[:], done)
+            else:
+                b.st_async(into.at[:], np.ones(4, F32), done)
+            yield b.mbarrier_wait(bar, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.InvalidRank) as info:
+        sim.launch(program, 2)
+    bad = info.value
+    assert bad.blocks == (0,) and bad.owner == 0
+    assert bad.byte_range == (16, 32)  # 'dst' follows the 16-byte 'src'
+    assert bad.points[0].op.startswith({"bulk_copy": "cp.async.bulk", "st_async": "st.async"}[op])
+
+
+@pytest.mark.parametrize("write", ["store", "atomic"])
+@pytest.mark.parametrize("fenced", [False, True])
+def test_a_peers_write_into_a_copy_source_needs_a_proxy_fence_of_the_copying_block(write, fenced):
+    """Block 1 writes block 0's ``src`` through the generic proxy (``st`` or ``red.shared::cluster``),
+    a cluster barrier orders it, and block 0 bulk-copies ``src``: only block 0's fence after the
+    barrier puts the write in front of the async proxy's read."""
+
+    def program(b):
+        src = b.shared_array("src", (4,), np.int32)
+        dst = b.shared_array("dst", (4,), np.int32)
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        if b.cluster_rank == 0:
+            src[:] = 1
+            b.fence_proxy_async()
+        yield b.cluster_sync()
+        if b.cluster_rank == 1:
+            b.step("write")
+            peer_src = b.map_shared(src, 0)
+            if write == "store":
+                peer_src[:] = 7
+            else:
+                peer_src.atomic_add(slice(None), np.full(4, 6, np.int32))
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            if fenced:
+                b.fence_proxy_async()
+            b.step("copy")
+            b.bulk_copy(b.map_shared(dst, 1).at[:], src.at[:], b.map_shared(bar, 1))
+        else:
+            b.mbarrier_arrive_expect_tx(bar, 16)
+            yield b.mbarrier_wait(bar, 0)
+            assert (dst[:] == 7).all()
+        yield b.cluster_sync()
+
+    if fenced:
+        sim.launch(program, 2)
+        return
+    with pytest.raises(sim.MissingProxyFence) as info:
+        sim.launch(program, 2)
+    bad = info.value
+    assert bad.blocks == (1, 0) and bad.owner == 0
+    assert bad.byte_range == (0, 16)
+    written, copied = bad.points
+    assert (written.block, written.step, copied.block, copied.step) == (1, "write", 0, "copy")
+    assert written.op.startswith({"store": "st.shared::cluster", "atomic": "red.shared::cluster.add"}[write])
+
+
+def test_a_fence_before_a_peers_write_does_not_cover_it():
+    """The copying block's fence must come after the write it publishes: one before the barrier
+    that orders the peer's store leaves that store unfenced."""
+
+    def program(b):
+        src = b.shared_array("src", (4,), F32)
+        dst = b.shared_array("dst", (4,), F32)
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 1:
+            b.map_shared(src, 0)[:] = 7.0
+        else:
+            b.fence_proxy_async()  # bug: before the store it should publish is ordered before it
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.bulk_copy(b.map_shared(dst, 1).at[:], src.at[:], b.map_shared(bar, 1))
+        else:
+            b.mbarrier_arrive_expect_tx(bar, 16)
+            yield b.mbarrier_wait(bar, 0)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.MissingProxyFence) as info:
+        sim.launch(program, 2)
+    assert info.value.blocks == (1, 0)
 
 
 # --------------------------------------------------------------------------- views: shared words
@@ -718,6 +910,65 @@ def test_initializing_an_mbarrier_twice_is_barrier_misuse():
         "mbarrier.init 'full'@block 0 count 1",
         "mbarrier.init 'full'@block 0 count 2",
     ]
+
+
+def test_arriving_in_the_next_phase_before_a_wait_saw_the_last_is_barrier_misuse():
+    """PTX: a try_wait must return true on a phase before anyone arrives in the next one. Here
+    nobody waits on phase 0, so no wait can be lapped: the rule itself is the report."""
+    lines = {}
+
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        b.mbarrier_arrive(bar)  # completes phase 0
+        lines["first"] = this_line(-1)
+        b.mbarrier_arrive(bar)  # bug: phase 1, with no wait on phase 0 before it
+        lines["second"] = this_line(-1)
+        yield b.mbarrier_wait(bar, 1)
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 1)
+    bad = info.value
+    assert bad.blocks == (0,) and bad.owner == 0 and bad.byte_range == (0, 8)
+    assert [p.line for p in bad.points] == [lines["first"], lines["second"]]
+    assert "in phase 1, but no wait that observed phase 0 complete" in str(bad)
+
+
+def test_a_peer_arriving_in_the_next_phase_must_come_after_a_wait_on_the_last():
+    """Block 1 completes phases 0 and 1 of block 0's barrier; block 0 waits on parity 1 after a
+    cluster barrier, which returns at once (it knows both phases complete), so nothing laps: the
+    arrival in phase 1 still came before any wait saw phase 0."""
+    lines = {}
+
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 1:
+            b.mbarrier_arrive(b.map_shared(bar, 0))
+            lines["second"] = this_line(1)
+            b.mbarrier_arrive(b.map_shared(bar, 0))  # bug: phase 1, no wait on phase 0 before it
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            yield b.mbarrier_wait(bar, 1)
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 2)
+    bad = info.value
+    assert bad.blocks == (1, 0) and bad.owner == 0
+    assert bad.points[1].line == lines["second"]
+
+
+def test_arrivals_each_after_a_wait_on_the_phase_before_run_clean():
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        for phase in range(4):
+            b.mbarrier_arrive(bar)
+            yield b.mbarrier_wait(bar, phase % 2)
+
+    sim.launch(program, 1)
 
 
 # ---------------------------------------------------------------- correct programs run clean

@@ -110,6 +110,35 @@ def test_layouts_must_agree_between_blocks():
         sim.launch(diverging, 2)
 
 
+@pytest.mark.parametrize("key", [True, np.bool_(False), (0, True)])
+def test_a_bool_index_is_refused(key):
+    """NumPy reads a bool as a mask over a new axis (all elements), not as the element 1 or 0."""
+
+    def program(b):
+        rows = b.shared_array("rows", (2, 4), np.float32)
+        rows[key] = 1.0
+        yield b.cluster_sync()
+
+    with pytest.raises(IndexError, match=r"shared arrays take integer indices or slices; got a bool"):
+        sim.launch(program, 1)
+
+
+@pytest.mark.parametrize("dtype, red_add_has_it", [(np.uint8, False), (np.int16, False), (np.float16, True),
+                                                   (np.int64, True)])
+def test_atomic_add_takes_the_types_red_add_has(dtype, red_add_has_it):
+    def program(b):
+        rows = b.shared_array("rows", (4,), dtype)
+        rows[:] = 0
+        rows.atomic_add(slice(None), np.ones(4, dtype))
+        assert (rows[:] == 1).all()
+        yield b.cluster_sync()
+
+    if red_add_has_it:
+        sim.launch(program, 1)
+        return
+    with pytest.raises(TypeError, match=rf"red.add adds .* elements; 'rows' is {np.dtype(dtype).name}"):
+        sim.launch(program, 1)
+
 @pytest.mark.parametrize("run", [sim.cluster_reduce, sim.cluster_gather])
 def test_masked_arrays_are_refused(run):
     x = np.ma.masked_array(GOOD, mask=GOOD > 0)

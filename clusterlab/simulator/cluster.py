@@ -42,9 +42,19 @@ mbarrier instance (standing for the bulk copies that complete on it).
   accesses of the destination mbarrier's actor at that phase. Only a block that observes the
   phase complete (directly, or transitively through later barriers) is ordered after them;
   anyone else touching those bytes races. The copy's reads of its source are labelled the same
-  way, so overwriting a source before the copy is known complete is a race too.
-- When a block exits its shared memory vanishes: every earlier peer access to it must be
-  ordered before the exit, and later ones raise ``ExitedBlockAccess``.
+  way, so overwriting a source before the copy is known complete is a race too. A copy reads
+  through the async proxy: every generic-proxy write to its source (the block's own ``st`` or
+  ``red.shared``, a peer's ``::cluster`` ones) needs a ``fence_proxy_async`` of the copying block
+  ordered after it (``MissingProxyFence``), and a copy writes another block's memory, never its
+  issuer's (``InvalidRank``).
+- PTX's rules of an mbarrier phase: an arrival in phase ``k > 0`` must come after a wait that
+  returned on phase ``k - 1`` (``BarrierMisuse``, reported when the launch ends unless a lapped
+  wait was reported first); an ``expect_tx`` without an arrival must come before one of its
+  phase's arrivals, else the phase may complete without it (``PhaseAliasing``); the tx-count
+  stays within ``±(2**20 - 1)`` (``TransactionMismatch``).
+- When a block exits its shared memory vanishes: every earlier peer access to it, and every
+  peer's signal on its mbarriers, must be ordered before the exit, and later ones raise
+  ``ExitedBlockAccess``.
 
 Hazards are checked on every access against the owner's shadow memory
 (:mod:`clusterlab.simulator.memory`) and raised with both program points.
@@ -88,6 +98,7 @@ import inspect
 import os
 import sys
 
+import ml_dtypes
 import numpy as np
 
 from . import hazards
@@ -114,6 +125,9 @@ MAX_MBARRIERS = 32
 MBARRIER_MAX_COUNT = 2**20 - 1
 
 _BASENAMES: dict[str, str] = {}
+#: Element types ``red.shared{::cluster}.add`` takes (PTX ``.u32 .s32 .u64 .s64 .f32 .f64``, ``.noftz.f16 .bf16``).
+_RED_ADD_DTYPES = frozenset(map(np.dtype, (np.int32, np.uint32, np.int64, np.uint64, np.float16, ml_dtypes.bfloat16,
+                                           np.float32, np.float64)))
 
 
 def _line_of(frame) -> str:
@@ -177,7 +191,14 @@ class SharedArray(_SharedObject):
         self._block._access(self, key, WRITE, values)
 
     def atomic_add(self, key, values) -> None:
-        """``red.shared[::cluster].add``: add ``values`` into the elements (duplicates accumulate)."""
+        """``red.shared[::cluster].add``: add ``values`` into the elements (duplicates accumulate).
+
+        Elements of the types ``red.add`` has: 32- and 64-bit integers, float16, bfloat16, float32
+        and float64 (else ``TypeError``).
+        """
+        if self.dtype not in _RED_ADD_DTYPES:
+            raise TypeError(f"red.add adds {', '.join(sorted(d.name for d in _RED_ADD_DTYPES))} elements; "
+                            f"{self.name!r} is {self.dtype.name}")
         self._block._access(self, key, ATOMIC, values)
 
     @property
@@ -266,6 +287,11 @@ class _MbarrierState:
         self.phase = 0  # completed phases
         self.expect_event = -1  # last expect_tx of the current phase (for reports)
         self.senders: list[int] = []  # blocks whose transactions the current phase received
+        self.peer_signals: dict[int, tuple[int, int]] = {}  # peer -> (epoch, event) of its last signal here
+        # expect_tx without an arrival in the current phase that no arrival of it is ordered after yet:
+        # (block, epoch, event)
+        self.bare_expects: list[tuple[int, int, int]] = []
+        self.observed: dict[int, int] = {}  # phase -> the owner's causal count once a wait on it first returned
         self.clock = np.zeros(actors, dtype=np.int32)  # join of every release arrival so far
         self.causes = np.zeros(actors, dtype=np.int32)  # join of the causal clocks of every signal so far
         # clock and causes at the completion of the last even / odd phase: what its waiters acquire
@@ -294,7 +320,9 @@ class Block:
         self._arrived = 0  # cluster-barrier arrivals
         self._waited = 0  # completed cluster-barrier waits = current phase
         self._pending_wait: Wait | None = None
-        self._unfenced: list[tuple[int, int, int, int]] = []  # (entry, lo, hi, event) since fence
+        # generic-proxy writes into this block's memory no fence of its own is ordered after yet:
+        # (storage entry, lo, hi, writer, epoch, event)
+        self._unfenced: list[tuple[int, int, int, int, int, int]] = []
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -424,10 +452,10 @@ class Block:
             return alloc.view[key].copy()
         if mode == WRITE:
             alloc.view[key] = values
-            if owner == me:
-                self._unfenced.append((entry.storage, slo, shi, event))
         else:
             np.add.at(alloc.view, key, values)
+        # a write through the generic proxy: the owner's bulk copies may read it only after a fence
+        cluster.blocks[owner]._unfenced.append((entry.storage, slo, shi, me, epoch, event))
         return None
 
     # ------------------------------------------------------------------ cluster barrier
@@ -561,9 +589,14 @@ class Block:
         cluster.check_mbarrier_visible(self, state, event)
         if arrive or tx_bytes:
             cluster.check_signal_phase(self, state, event)
+        if self.cluster_rank != state.owner:  # the owner may exit only once this is ordered before
+            state.peer_signals[self.cluster_rank] = (int(self._clock[self.cluster_rank]), event)
         if tx_bytes:
             state.expected += int(tx_bytes)
             state.expect_event = event
+            cluster.check_tx_count(state, event)
+            if not arrive:
+                state.bare_expects.append((self.cluster_rank, int(self._clock[self.cluster_rank]), event))
         if arrive:
             if state.pending == 0:
                 raise hazards.BarrierMisuse(
@@ -572,25 +605,33 @@ class Block:
                     points=(cluster.point(state.init_event), cluster.point(event)),
                 )
             state.pending -= 1
+            clock = self._clock
+            state.bare_expects = [expect for expect in state.bare_expects if clock[expect[0]] < expect[1]]
             np.maximum(state.causes, self._causal, out=state.causes)
             np.maximum(state.clock, self._clock, out=state.clock)
             self._clock[self.cluster_rank] += 1
+        if arrive and state.phase:
+            cluster.check_previous_phase_observed(self, state, event)
         cluster.try_complete(state, event, self)
 
     # ------------------------------------------------------------------ asynchronous copies
 
     def fence_proxy_async(self) -> None:
-        """``fence.proxy.async.shared::cta``: make this block's earlier ``st.shared`` visible to
-        the async proxy, i.e. to the bulk copies it issues next."""
+        """``fence.proxy.async.shared::cta``: make the generic-proxy writes into this block's shared
+        memory that are ordered before this point (its own ``st.shared`` and ``red.shared``, a peer's
+        ``st`` / ``red.shared::cluster`` once a barrier ordered them) visible to the async proxy, i.e.
+        to the bulk copies it issues next."""
         line = self._ready()
         self._event("fence.proxy.async", self.cluster_rank, self.cluster_rank, 0, "", line)
-        self._unfenced.clear()
+        clock = self._clock
+        self._unfenced = [write for write in self._unfenced if clock[write[3]] < write[4]]
 
     def bulk_copy(self, dst: Region, src: Region, mbar: Mbarrier) -> None:
         """``cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes``.
 
         Copies the contiguous region ``src`` of this block's own shared memory into ``dst``
-        (a region of any block's shared memory, usually through ``map_shared``) and signals
+        (a region of another block's shared memory, through ``map_shared``; into the issuing
+        block itself is :class:`InvalidRank`, undefined in PTX) and signals
         ``complete_tx(nbytes)`` on ``mbar``, which must live in the destination block. Both
         addresses must be 16-byte aligned and the size a multiple of 16
         (:class:`BulkCopyMisaligned`). The bytes are visible only to whoever observes the
@@ -607,9 +648,9 @@ class Block:
     def st_async(self, dst: Region, values, mbar: Mbarrier) -> None:
         """``st.async.shared::cluster.mbarrier::complete_tx::bytes``: asynchronous remote store.
 
-        Stores ``values`` (registers; shape of the region) into ``dst`` of another block and
-        signals ``complete_tx(nbytes)`` on ``mbar`` in that block. Elements must be 4 or 8
-        bytes (``.b32`` / ``.b64``, up to ``.v4``).
+        Stores ``values`` (registers; shape of the region) into ``dst`` of another block (not
+        the issuing one: :class:`InvalidRank`) and signals ``complete_tx(nbytes)`` on ``mbar`` in
+        that block. Elements must be 4 or 8 bytes (``.b32`` / ``.b64``, up to ``.v4``).
         """
         line = self._ready()
         if not isinstance(dst, Region):
@@ -645,6 +686,13 @@ class Block:
             target += f" <- {sentry.name}[{_format_key(src.key)}]"
         target += f" (mbarrier {mbar.name!r})" if isinstance(mbar, Mbarrier) else ""
         event = self._event(kind, me, darray.owner, nbytes, target, line)
+        if darray.owner == me:
+            raise hazards.InvalidRank(
+                f"block {me} issues {kind} into its own shared memory ({dentry.name!r}); it writes another block's "
+                "(PTX leaves a destination in the issuing block undefined): store locally with st.shared instead",
+                blocks=(me,), owner=me, byte_range=(dentry.offset + dlo, dentry.offset + dhi),
+                points=(cluster.point(event),),
+            )
         if not isinstance(dsel, slice) or (src is not None and not isinstance(ssel, slice)):
             raise ValueError(f"{kind} moves one contiguous block of bytes; a region is strided or gathered")
         if src is not None and shi - slo != nbytes:
@@ -688,18 +736,22 @@ class Block:
         cluster.accesses.append((actor, epoch, darray.owner, dentry.storage, lo, hi, WRITE, event, dentry.index))
         state.delivered += nbytes
         state.senders.append(me)
+        cluster.check_tx_count(state, event)
         np.maximum(state.causes, self._causal, out=state.causes)
         cluster.try_complete(state, event, self)
 
     def _check_fenced(self, entry: LayoutEntry, lo: int, hi: int, event: int) -> None:
         lo, hi = lo + entry.base, hi + entry.base  # in the storage's bytes, as _unfenced holds them
-        for index, wlo, whi, store_event in self._unfenced:
+        for index, wlo, whi, writer, _, store_event in self._unfenced:
             if index == entry.storage and wlo < hi and lo < whi:
                 cluster = self._cluster
+                me = self.cluster_rank
+                how = cluster.trace.events[store_event].kind
+                who = "it" if writer == me else f"block {writer}"
                 raise hazards.MissingProxyFence(
-                    f"block {self.cluster_rank} bulk-copies {entry.name!r} bytes it stored with st.shared "
-                    "without fence.proxy.async in between (b.fence_proxy_async())",
-                    blocks=(self.cluster_rank,),
+                    f"block {me} bulk-copies {entry.name!r} bytes {who} wrote with {how} "
+                    f"without a fence.proxy.async of block {me} after that write (b.fence_proxy_async())",
+                    blocks=tuple(dict.fromkeys((writer, me))),
                     owner=self.cluster_rank,
                     byte_range=(entry.offset - entry.base + max(lo, wlo), entry.offset - entry.base + min(hi, whi)),
                     points=(cluster.point(store_event), cluster.point(event)),
@@ -724,6 +776,7 @@ class _Cluster:
         self.barrier_clocks: list[np.ndarray] = []
         self.barrier_causes: list[np.ndarray] = []  # per phase: join of every arrival's causal clock
         self.exited = [False] * size
+        self.unobserved: list[tuple[_MbarrierState, int, int]] = []  # arrivals before their previous phase was seen
         self.exit_events = [-1] * size
         self.blocks = [Block(self, rank) for rank in range(size)]
         self.declared_at: dict[str, int] = {}
@@ -927,6 +980,65 @@ class _Cluster:
             owner=state.owner, byte_range=state.byte_range, points=points,
         )
 
+    def check_previous_phase_observed(self, block: Block, state: _MbarrierState, event: int) -> None:
+        """PTX: a try_wait must have returned true on the previous phase before an arrival in the
+        current one. The arrival of ``block`` (``event``) must come after such a wait in every
+        interleaving (waits are the owner's, so: after the owner's first wait that returned on it).
+        A violation is kept and reported once the launch ends (:meth:`raise_unobserved_phase`), so
+        that a wait it laps, the likelier symptom, is reported first as PhaseAliasing."""
+        phase = state.phase
+        released = state.observed.get(phase - 1)
+        if released is None or block._causal[state.owner] < released:
+            self.unobserved.append((state, phase, event))
+
+    def raise_unobserved_phase(self) -> None:
+        """BarrierMisuse for the first arrival :meth:`check_previous_phase_observed` kept, if any."""
+        if not self.unobserved:
+            return
+        state, phase, event = self.unobserved[0]
+        previous, arrival = self.point(state.completions[phase - 1]), self.point(event)
+        raise hazards.BarrierMisuse(
+            f"block {arrival.block} arrives on mbarrier {state.label} in phase {phase}, but no wait that "
+            f"observed phase {phase - 1} complete is ordered before it (PTX: a try_wait must return true on a "
+            "phase before an arrival in the next); have the owner wait on the phase first, and order the "
+            "arrival after that wait",
+            blocks=tuple(dict.fromkeys((previous.block, arrival.block, state.owner))),
+            owner=state.owner, byte_range=state.byte_range, points=(previous, arrival),
+        )
+
+    def raise_unordered_expect(self, state: _MbarrierState, event: int) -> None:
+        """PhaseAliasing: ``event`` completes the phase while an ``expect_tx`` of it (no arrival)
+        is ordered before none of its arrivals: in another interleaving the phase completes first."""
+        block, _, expect = state.bare_expects[0]
+        current = state.phase
+        points = (self.point(expect), self.point(event))
+        raise hazards.PhaseAliasing(
+            f"block {block}'s expect_tx on mbarrier {state.label} in phase {current} is ordered before none of "
+            f"that phase's arrivals: on hardware the phase may complete (every arrival in, the bytes balanced) "
+            f"before the expect_tx lands, its waiters returning before the bytes it announces, and the expect_tx "
+            f"counting toward phase {current + 1}; expect the bytes with an arrival (mbarrier_arrive_expect_tx) or "
+            "before one",
+            mbarrier=state.label, phases=(current, current + 1),
+            blocks=tuple(dict.fromkeys((block, self.trace.events[event].block, state.owner))),
+            owner=state.owner, byte_range=state.byte_range, points=points,
+        )
+
+    def check_tx_count(self, state: _MbarrierState, event: int) -> None:
+        """The phase's tx-count (bytes expected less bytes delivered) stays within PTX's range,
+        -(2**20 - 1) .. 2**20 - 1; out of it the mbarrier's behaviour is undefined."""
+        if abs(state.expected - state.delivered) <= MBARRIER_MAX_COUNT:
+            return
+        raise hazards.TransactionMismatch(
+            f"mbarrier {state.label} phase {state.phase} has a tx-count of {state.expected - state.delivered} "
+            f"bytes ({state.expected} expected, {state.delivered} delivered), outside PTX's range "
+            f"-{MBARRIER_MAX_COUNT}..{MBARRIER_MAX_COUNT}: keep the bytes expected and those delivered within "
+            f"{MBARRIER_MAX_COUNT} of each other",
+            expected_bytes=state.expected, delivered_bytes=state.delivered,
+            blocks=tuple(dict.fromkeys([state.owner, *state.senders])),
+            owner=state.owner, byte_range=state.byte_range,
+            points=self.expect_points(state) + (self.point(event),),
+        )
+
     def try_complete(self, state: _MbarrierState, event: int, block: Block) -> None:
         """Complete the mbarrier's phase if nothing is pending; flag over-delivered bytes.
 
@@ -947,6 +1059,8 @@ class _Cluster:
             )
         if state.delivered < state.expected:
             return
+        if state.bare_expects:
+            self.raise_unordered_expect(state, event)
         done = state.phase
         state.phase += 1
         state.completions.append(event)
@@ -970,6 +1084,7 @@ class _Cluster:
         state.expected = state.delivered = 0
         state.expect_event = -1
         state.senders = []
+        state.bare_expects = []
 
     # ---------------------------------------------------------------- scheduler
 
@@ -997,6 +1112,7 @@ class _Cluster:
                 np.maximum(block._causal, state.completed_causes[wait.phase % 2], out=block._causal)
             block._causal[block.cluster_rank] += 1
             wait.released = int(block._causal[block.cluster_rank])
+            state.observed.setdefault(wait.phase, wait.released)
             block._event("mbarrier.try_wait.parity", block.cluster_rank, block.cluster_rank, 0,
                          f"{state.label} parity {wait.parity}", wait.point.line)
 
@@ -1027,6 +1143,16 @@ class _Cluster:
                     byte_range=(entry.offset + lo, entry.offset + hi),
                     points=(self.point(earlier), self.point(event)),
                 )
+        for state in self.mbarriers[me]:
+            for peer, (epoch, signal) in state.peer_signals.items():
+                if block._clock[peer] < epoch:
+                    raise hazards.ExitedBlockAccess(
+                        f"block {me} exits while block {peer}'s signal on its mbarrier {state.label} is not ordered "
+                        "before the exit; end with a cluster barrier (or wait for that phase) so no peer still "
+                        "uses its memory",
+                        blocks=(peer, me), owner=me, byte_range=state.byte_range,
+                        points=(self.point(signal), self.point(event)),
+                    )
         self.exited[me] = True
         self.exit_events[me] = event
 
@@ -1185,4 +1311,5 @@ def launch(
             )
         programs.append(generator)
     cluster.run(programs)
+    cluster.raise_unobserved_phase()
     return cluster.trace

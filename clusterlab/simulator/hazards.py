@@ -83,7 +83,8 @@ class OutOfBounds(Hazard):
 
 
 class InvalidRank(OutOfBounds):
-    """A cluster rank outside ``0 .. cluster_size - 1`` given to ``map_shared``."""
+    """A cluster rank outside ``0 .. cluster_size - 1`` given to ``map_shared``, or a block that an
+    operation may not target: ``bulk_copy`` and ``st_async`` into the issuing block's own memory."""
 
     kind = "invalid rank"
 
@@ -146,7 +147,9 @@ class PhaseAliasing(Hazard):
       (seeing newer data, or hanging if that phase never comes) instead of returning;
     - an **arrive**, ``expect_tx`` or transaction bytes of a bulk copy / ``st.async`` issued
       while the block does not know that the previous phase ``phases[0]`` completed may count
-      toward that phase instead of the current one ``phases[1]``.
+      toward that phase instead of the current one ``phases[1]``;
+    - an ``expect_tx`` without an arrival that none of its phase's arrivals is ordered after may
+      land once that phase ``phases[0]`` has completed, and count toward the next ``phases[1]``.
 
     ``mbarrier`` names the barrier; ``points`` are the two operations, earliest first: the
     wait and the signal that completed the next phase (it "lapped" the waiter), or the
@@ -197,10 +200,12 @@ class BulkCopyMisaligned(Hazard):
 
 
 class MissingProxyFence(Hazard):
-    """A bulk copy reads bytes the block wrote with ordinary stores and never fenced.
+    """A bulk copy reads bytes written through the generic proxy with no proxy fence between.
 
-    ``st.shared`` goes through the generic proxy and ``cp.async.bulk`` reads through the async
-    proxy; ``fence.proxy.async.shared::cta`` (``Block.fence_proxy_async``) must sit between them.
+    ``st.shared``, ``red.shared`` and their ``::cluster`` forms from a peer go through the generic
+    proxy and ``cp.async.bulk`` reads through the async proxy: the issuing block's
+    ``fence.proxy.async.shared::cta`` (``Block.fence_proxy_async``) must come after the write (a
+    peer's write ordered before it by a barrier) and before the copy.
     """
 
     kind = "missing proxy fence"

@@ -111,6 +111,9 @@ class LayoutEntry:
         """
         if not isinstance(key, tuple):
             key = (key,)
+        if any(isinstance(k, (bool, np.bool_)) for k in key):
+            # NumPy reads a bool as a mask over a new axis, not as the element 0 or 1
+            raise IndexError(f"shared arrays take integer indices or slices; got a bool in {key!r}")
         if len(key) > len(self.shape):
             raise IndexError(f"too many indices ({len(key)}) for shared array {self.name!r} of shape {self.shape}")
         first = 0  # first element, as long as the selection is contiguous
