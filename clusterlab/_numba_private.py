@@ -1,7 +1,7 @@
 """Every use of a private numba-cuda interface in clusterlab, in one place.
 
 numba-cuda 0.30 has no public way to launch a compiled kernel with launch attributes (clusters)
-or to pack its arguments outside its own launcher. clusterlab's launcher needs three things from
+or to pack its arguments outside its own launcher. clusterlab needs six things from
 inside numba-cuda, and takes them only from here:
 
 1. the driver handle of a compiled kernel: ``overload._codelibrary.get_cufunc().kernel`` (a

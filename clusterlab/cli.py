@@ -1,4 +1,5 @@
-"""The ``clusterlab`` command.
+"""clusterlab: ClusterReduce and ClusterGather on Hopper thread-block clusters, their DSMEM simulator, the fused
+decode layers built on them, and their benchmarks.
 
     clusterlab info                          what GPU (if any) clusterlab can use, and versions
     clusterlab cache [--clear]               the compiled kernels kept on disk: where, how many, how large

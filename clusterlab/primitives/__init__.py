@@ -3,8 +3,9 @@
 Two levels:
 
 - device functions for your own ``@cuda.jit`` kernels — :func:`reduce_device_function`
-  (``direct``, ``ring``, ``butterfly``, ``bulk``, ``two_shot``; ops ``sum``, ``max``, ``min``),
-  :func:`steady_reduce_device_function` (back-to-back reduces, one cluster barrier each) and the gathers
+  (``direct``, ``ring``, ``butterfly``, ``bulk``, ``two_shot``, ``bulk_two_shot``; ops ``sum``, ``max``,
+  ``min``), :func:`steady_reduce_device_function` (back-to-back reduces: ``direct`` at one cluster barrier
+  each, ``two_shot`` at two, ``bulk_two_shot`` at none, mbarriers only) and the gathers
   ``direct_gather``, ``ring_gather``, ``bulk_gather``; each module docstring states the contract
   (barriers issued, scratch needed, when buffers are free again);
 - the host API :func:`cluster_reduce` / :func:`cluster_reduce_steady` / :func:`cluster_gather`,
