@@ -156,6 +156,66 @@ def test_layer_outputs_must_be_tensors(name, given):
     assert f"{name} must be None or a torch.Tensor, got {type(given).__name__}" in str(info.value)
 
 
+def _step(block: str):
+    """``(call, hidden, residual)``: a step of ``block`` (attention, mlp, mla) on the simulator, batch 2, taking
+    ``out=`` and ``residual_out=``."""
+    from clusterlab.fused import DEEPSEEK_V2_LITE, LatentCache
+
+    layer = _planner(block)
+    hidden_size = DEEPSEEK_V2_LITE.hidden_size if block == "mla" else CONFIG.hidden_size
+    flat = torch.randn(3 * BATCH * hidden_size).half()  # residual: rows 0..1, then room for a shifted view
+    hidden, residual = torch.randn(BATCH, hidden_size).half(), flat[: BATCH * hidden_size].view(BATCH, hidden_size)
+    if block == "attention":
+        call = functools.partial(layer, hidden, residual, _inputs()[3], 3)
+    elif block == "mla":
+        call = functools.partial(layer, hidden, residual, LatentCache.random(DEEPSEEK_V2_LITE, BATCH, 8, seed=4), 3)
+    else:
+        call = functools.partial(layer, hidden, residual)
+    return call, hidden, residual, flat
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp", "mla"])
+@pytest.mark.parametrize("outputs, words", [
+    (lambda h, r, flat, spare: dict(out=spare, residual_out=spare), "out and residual_out share memory"),
+    (lambda h, r, flat, spare: dict(residual_out=r), "residual and residual_out share memory"),
+    (lambda h, r, flat, spare: dict(out=spare, residual_out=h), "hidden and residual_out share memory"),
+    (lambda h, r, flat, spare: dict(out=h), "hidden and out share memory"),
+    (lambda h, r, flat, spare: dict(residual_out=flat[r.shape[1]: r.shape[1] + r.numel()].view(r.shape)),
+     "residual and residual_out share memory"),
+], ids=["out-is-residual_out", "residual_out-is-residual", "residual_out-is-hidden", "out-is-hidden",
+        "residual_out-overlaps-residual"])
+def test_a_steps_outputs_share_no_byte_with_each_other_or_its_inputs(block, outputs, words):
+    """A step's first cluster writes ``residual_out`` while the others still read ``hidden`` and
+    ``residual`` (a race on the GPU), and ``out`` is written too: every output a buffer of its own,
+    refused before any work."""
+    call, hidden, residual, flat = _step(block)
+    given = outputs(hidden, residual, flat, torch.empty_like(hidden))
+    before = hidden.clone(), flat.clone()
+    with pytest.raises(ValueError) as info:
+        call(**given)
+    assert words in str(info.value) and "pass buffers of their own" in str(info.value)
+    assert torch.equal(hidden, before[0]) and torch.equal(flat, before[1])
+
+
+def test_a_cache_whose_keys_are_its_values_is_refused():
+    weights, hidden, residual, cache = _inputs()
+    with pytest.raises(ValueError) as info:
+        DecodeAttention(CONFIG, weights)(hidden, residual, KVCache(cache.k, cache.k), 3)
+    assert "cache.k and cache.v share memory; a step writes its new key rows into cache.k" in str(info.value)
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp"])
+def test_a_handoffs_residual_out_shares_no_byte_with_its_residual(block):
+    from clusterlab.fused import DecodeMLP
+
+    layer = _planner(block)
+    _, _, residual, cache = _inputs()
+    sums = torch.randn(3, BATCH, CONFIG.hidden_size)
+    call = layer.handoff if isinstance(layer, DecodeMLP) else functools.partial(layer.handoff, cache=cache, positions=3)
+    with pytest.raises(ValueError) as info:
+        call(sums[0], residual, sums_out=sums[1], clear=sums[2], residual_out=residual)
+    assert "residual and residual_out share memory" in str(info.value)
+
 @no_hopper
 @pytest.mark.parametrize(
     "make",

@@ -47,8 +47,9 @@ from .plan import (
     check_kernel_options,
     launch_shape,
 )
-from .validate import (check_cache, check_handoff, check_longest, check_positions, check_step, check_tensor,
-                       check_weights, kernel_bits, known_longest, resolve_backend)
+from .validate import (OUTPUTS_APART, check_apart, check_cache, check_handoff, check_longest, check_outputs,
+                       check_positions, check_step, check_tensor, check_weights, kernel_bits, known_longest,
+                       resolve_backend)
 
 
 
@@ -149,25 +150,14 @@ class DecodeAttention:
         where the host knows it (an int position: ``positions + 1`` by default), for the launch
         shape (:meth:`shape`); the outputs are the same whatever it is. Returns ``(out,
         new_residual)``, both ``[batch, hidden_size]``: into ``out`` / ``residual_out`` when
-        given. Every check runs before the launch; a position tensor's values are checked by the
+        given, buffers that share no byte with each other or with ``hidden`` and ``residual``. Every check runs before the launch; a position tensor's values are checked by the
         kernel (see the module docstring).
         The simulator backend also checks that the GPU could run the step (:meth:`kernel_spec`).
         """
         check_step(self.config, self.weights, hidden, residual, cache, positions)
         longest = known_longest(positions, longest, cache.capacity)
-        shape = tuple(hidden.shape)
-        for name, given in (("out", out), ("residual_out", residual_out)):
-            if given is None:
-                continue
-            if not isinstance(given, torch.Tensor):
-                raise TypeError(f"{name} must be None or a torch.Tensor, got {type(given).__name__}")
-            if (given.shape != hidden.shape or given.dtype != hidden.dtype or given.device != hidden.device
-                    or not given.is_contiguous()):
-                raise ValueError(
-                    f"{name} must be a contiguous {hidden.dtype} tensor of shape {shape} on {hidden.device}; "
-                    f"got {given.dtype} {tuple(given.shape)} on {given.device}"
-                )
-        key = self._key(hidden.dtype, shape[0], longest)
+        check_outputs(hidden, residual, out, residual_out)
+        key = self._key(hidden.dtype, hidden.shape[0], longest)
         self._spec(key)  # raises where the GPU could not run the step, on both backends
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
@@ -204,6 +194,7 @@ class DecodeAttention:
         longest = known_longest(positions, longest, cache.capacity)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
+        check_apart(OUTPUTS_APART, hidden_sums=hidden_sums, residual=residual, residual_out=residual_out)
         key = self._key(dtype, batch, longest)
         self._spec(key)  # raises where the GPU could not run the step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out

@@ -29,7 +29,7 @@ import torch
 from .config import MAX_BATCH, _check_dtype, check_batch, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, WARP_COUNTS, DeviceLimits
-from .validate import check_longest, check_positions, check_tensor, kernel_bits, known_longest, resolve_backend
+from .validate import check_longest, check_outputs, check_positions, kernel_bits, known_longest, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
 DEFAULT_CLUSTER_SIZE = 8
@@ -187,16 +187,15 @@ class DecodeMLA:
         makes its sequence's outputs NaN and leaves its cache row alone). ``longest``: at least
         ``positions[b] + 1`` for every ``b``, where the host knows it (an int position says it):
         launch 2's grid for that length (:meth:`shape`); the outputs are the same whatever it is.
-        Returns ``(out, new_residual)``, into ``out`` / ``residual_out`` when given. Every check
-        runs before the first launch.
+        Returns ``(out, new_residual)``, into ``out`` / ``residual_out`` when given (buffers that share
+        no byte with each other or with ``hidden`` and ``residual``). Every check runs before the
+        first launch.
         """
         check_mla_activations(self.config, self.weights, hidden, residual, cache)
         batch = hidden.shape[0]
         check_positions(positions, batch, cache.capacity, hidden.device)
         longest = known_longest(positions, longest, cache.capacity)
-        for name, given in (("out", out), ("residual_out", residual_out)):
-            if given is not None:
-                check_tensor(name, given, tuple(hidden.shape), hidden.dtype, hidden.device, "hidden")
+        check_outputs(hidden, residual, out, residual_out)
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
         if self.backend == "simulator":

@@ -51,7 +51,8 @@ import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, seeded_generator
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options
-from .validate import check_handoff, check_hidden_residual, check_tensor, kernel_bits, resolve_backend
+from .validate import (OUTPUTS_APART, check_apart, check_handoff, check_hidden_residual, check_outputs, check_tensor,
+                       kernel_bits, resolve_backend)
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2
@@ -309,11 +310,10 @@ class DecodeMLP:
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, *, out: torch.Tensor | None = None,
                  residual_out: torch.Tensor | None = None):
         """One step: ``(out, hidden + residual)``, both ``[batch, hidden_size]`` in the weights' dtype
-        (into ``out`` / ``residual_out`` when given). Every check runs before the launch."""
+        (into ``out`` / ``residual_out`` when given: buffers that share no byte with each other or with
+        ``hidden`` and ``residual``). Every check runs before the launch."""
         check_mlp_step(self.config, self.weights, hidden, residual)
-        for name, given in (("out", out), ("residual_out", residual_out)):
-            if given is not None:
-                check_tensor(name, given, tuple(hidden.shape), hidden.dtype, hidden.device, "hidden")
+        check_outputs(hidden, residual, out, residual_out)
         self.kernel_spec(hidden.dtype, hidden.shape[0])  # raises where the GPU could not run this step
         out = torch.empty_like(hidden) if out is None else out
         residual_out = torch.empty_like(hidden) if residual_out is None else residual_out
@@ -339,6 +339,7 @@ class DecodeMLP:
         batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
         if residual_out is not None:
             check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
+        check_apart(OUTPUTS_APART, hidden_sums=hidden_sums, residual=residual, residual_out=residual_out)
         self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":

@@ -142,6 +142,8 @@ def check_cache(config: AttentionConfig, cache: KVCache, batch: int, dtype, devi
     shape = (batch, config.kv_heads, cache.k.shape[2], config.head_dim)
     check_tensor("cache.k", cache.k, shape, dtype, device, like)
     check_tensor("cache.v", cache.v, shape, dtype, device, like)
+    check_apart("a step writes its new key rows into cache.k and its value rows into cache.v",
+                **{"cache.k": cache.k, "cache.v": cache.v})
 
 
 def check_handoff(hidden_size: int, hidden_sums, residual, sums_out, clear, dtype, device: torch.device) -> int:
@@ -154,12 +156,38 @@ def check_handoff(hidden_size: int, hidden_sums, residual, sums_out, clear, dtyp
     for name, x in buffers.items():
         check_tensor(name, x, (batch, hidden_size), torch.float32, device, "a hand-off's sums, on the weights' device")
     check_tensor("residual", residual, (batch, hidden_size), dtype, device, "the weights")
-    spans = sorted((x.data_ptr(), x.data_ptr() + 4 * x.numel(), name) for name, x in buffers.items())
+    check_apart("a hand-off step reads hidden_sums, adds into sums_out and clears clear: three separate buffers",
+                **buffers)
+    return batch
+
+
+def check_apart(why: str, **tensors) -> None:
+    """No two of ``tensors`` (contiguous; None ones left out) share a byte: ValueError naming the
+    first two that do, in address order, and ``why`` they must not."""
+    spans = sorted((x.data_ptr(), x.data_ptr() + x.element_size() * x.numel(), name)
+                   for name, x in tensors.items() if x is not None)
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
-            raise ValueError(f"{first} and {second} share memory; a hand-off step reads hidden_sums, adds into "
-                             "sums_out and clears clear: three separate buffers")
-    return batch
+            raise ValueError(f"{first} and {second} share memory; {why}")
+
+
+#: Why a step's outputs share no byte with each other or with its inputs.
+OUTPUTS_APART = ("a step writes out and residual_out while its clusters still read hidden and residual: pass "
+                 "buffers of their own")
+
+
+def check_outputs(hidden, residual, out, residual_out) -> None:
+    """``out`` and ``residual_out`` of a step, each None (the step allocates it) or a contiguous tensor
+    like ``hidden`` (its shape, dtype and device) that shares no byte with the other or with ``hidden``
+    and ``residual`` (:data:`OUTPUTS_APART`)."""
+    for name, given in (("out", out), ("residual_out", residual_out)):
+        if given is None:
+            continue
+        if not isinstance(given, torch.Tensor):
+            raise TypeError(f"{name} must be None or a torch.Tensor, got {type(given).__name__}")
+        check_tensor(name, given, tuple(hidden.shape), hidden.dtype, hidden.device, "hidden")
+    for read in ({"hidden": hidden}, {"residual": residual}):
+        check_apart(OUTPUTS_APART, **read, out=out, residual_out=residual_out)
 
 
 def check_positions(positions, batch: int, capacity: int, device: torch.device) -> None:
