@@ -160,6 +160,27 @@ def test_a_fused_run_checks_jobs_before_anything_runs(jobs, match, monkeypatch):
         run_bench(presets=("llama3-8b",), jobs=jobs)
 
 
+@pytest.mark.parametrize("suite", ["fused", "mlp", "decode", "primitives"])
+def test_a_suite_checks_its_out_dir_before_any_gpu_work(suite, tmp_path):
+    """A results folder that cannot be written is found before the run, not after its timings: even
+    before the check for a Hopper GPU (without one, that would raise HopperRequired instead)."""
+    import importlib
+
+    module = importlib.import_module(f"clusterlab.bench.{suite}")
+    run = module.run_primitives_bench if suite == "primitives" else module.run_bench
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"out_dir '.*a-file/results' is not a directory results can be written"):
+        run(out_dir=blocker / "results")
+
+
+def test_the_primitives_sweep_takes_a_seed_a_generator_takes(capsys):
+    with pytest.raises(ValueError, match=r"seed must be None or an int in 0 .. 2\*\*63 - 1, got -1"):
+        primitives.run_primitives_bench(seed=-1)
+    with pytest.raises(SystemExit) as info:
+        primitives.main(["--seed", str(2**64)])
+    assert info.value.code == 2 and "argument --seed: must be an integer in 0..9223372036854775807" in capsys.readouterr().err
+
 def test_bench_fused_takes_jobs_from_the_command_line(capsys):
     from clusterlab.bench.fused import main
 

@@ -102,6 +102,27 @@ def test_unfused_layer_checks_host_positions_against_the_rope_table_and_the_cach
     assert torch.equal(cache.k.view(torch.int16), before.k.view(torch.int16))
 
 
+@pytest.mark.parametrize("call, error, words", [
+    (lambda u, h, r, cache: u(h, r, cache, torch.tensor([5, 5]), length=3), ValueError,
+     "position 5 overflows the cache: it holds 3 positions"),
+    (lambda u, h, r, cache: u(h, r, cache, torch.tensor([5, 5]), length=CAPACITY + 1), ValueError,
+     "length must be None or an int in 1..16 (the cache's rows), got 17"),
+    (lambda u, h, r, cache: u(h, r, cache, torch.tensor([5, 5]), length=2.0), ValueError,
+     "length must be None or an int in 1..16"),
+    (lambda u, h, r, cache: u(h.float(), r, cache, 3), TypeError, "hidden has dtype torch.float32"),
+    (lambda u, h, r, cache: u(h, r[:1], cache, 3), ValueError, "residual has shape (1, 128); expected (2, 128)"),
+])
+def test_unfused_layer_checks_its_tensors_and_length_as_the_fused_layer(call, error, words):
+    """The baseline's "same signature and effects" include the checks: a ``length`` shorter than a
+    position would leave the new token out of its own attention."""
+    weights, hidden, residual, cache = _inputs()
+    before = cache.clone()
+    with pytest.raises(error) as info:
+        call(UnfusedAttention(CONFIG, weights, rope_table(CONFIG, CAPACITY)), hidden, residual, cache)
+    assert words in str(info.value)
+    assert torch.equal(cache.k.view(torch.int16), before.k.view(torch.int16))
+
+
 @pytest.mark.parametrize("make", [KVCache.empty, KVCache.random])
 @pytest.mark.parametrize(
     "batch, capacity, words",
@@ -155,6 +176,52 @@ def test_layer_outputs_must_be_tensors(name, given):
         DecodeAttention(CONFIG, weights)(hidden, residual, cache, 3, **{name: given})
     assert f"{name} must be None or a torch.Tensor, got {type(given).__name__}" in str(info.value)
 
+
+@pytest.mark.parametrize("block", ["attention", "mlp", "mla"])
+@pytest.mark.parametrize("option, value, words", [
+    ("cluster_size", True, "cluster_size must be one of"),
+    ("cluster_size", 2.0, "cluster_size must be one of"),
+    ("warps", 4.0, "warps must be one of (4, 8, 16)"),
+    ("limits", "h100", "limits must be None or a DeviceLimits"),
+])
+def test_layer_shape_options_are_ints_and_limits_a_device_limits(block, option, value, words):
+    """``2.0 in (1, 2, 4)`` is true and ``True == 1``: the layers take their counts as ints only."""
+    from clusterlab.fused import DEEPSEEK_V2_LITE, DecodeMLA, DecodeMLP, MLAWeights, MLPConfig, MLPWeights
+
+    if block == "attention":
+        make = functools.partial(DecodeAttention, CONFIG, AttentionWeights.random(CONFIG, torch.float16, seed=1))
+    elif block == "mla":
+        make = functools.partial(DecodeMLA, DEEPSEEK_V2_LITE, MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16, seed=2))
+    else:
+        mlp = MLPConfig(CONFIG.hidden_size, 256)
+        make = functools.partial(DecodeMLP, mlp, MLPWeights.random(mlp, torch.float16, seed=3))
+    error = TypeError if option == "limits" else ValueError
+    with pytest.raises(error) as info:
+        layer = make(**{option: value})
+        layer.shape(BATCH) if block != "mla" else layer.kernel_spec(torch.float16, BATCH, None)
+    assert words in str(info.value) and repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["sm_count", "shared_bytes_per_sm", "registers_per_sm"])
+@pytest.mark.parametrize("value", [0, 132.0, None])
+def test_device_limits_are_positive_ints(field, value):
+    from clusterlab.fused.plan import HOPPER
+
+    with pytest.raises(ValueError, match=rf"DeviceLimits.{field} must be an int >= 1, got {value!r}"):
+        dataclasses.replace(HOPPER, **{field: value})
+
+
+@pytest.mark.parametrize("seed, error, words", [
+    (1.5, TypeError, "seed must be None or an int, got 1.5"),
+    (True, TypeError, "seed must be None or an int, got True"),
+    (2**64, ValueError, "seed must be an int in -2**63 .. 2**64 - 1"),
+])
+def test_random_weights_and_caches_take_a_seed_a_generator_takes(seed, error, words):
+    for make in (functools.partial(AttentionWeights.random, CONFIG, torch.float16),
+                 functools.partial(KVCache.random, CONFIG, BATCH, CAPACITY)):
+        with pytest.raises(error) as info:
+            make(seed=seed)
+        assert words in str(info.value)
 
 def _step(block: str):
     """``(call, hidden, residual)``: a step of ``block`` (attention, mlp, mla) on the simulator, batch 2, taking

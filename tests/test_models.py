@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from clusterlab import HopperRequired
 from clusterlab.fused import PRESETS, Llama3RopeScaling, plan
 from clusterlab.gpu import hopper_problem
 from clusterlab.models import (
@@ -35,6 +36,7 @@ from clusterlab.models import (
     Decoder,
     LlamaModel,
     ModelConfig,
+    checkpoint_eos,
     fused_mlp_max_batch,
     load_weights,
     random,
@@ -512,6 +514,27 @@ def test_decoder_refuses_steps_before_start_and_past_max_new_tokens(ours):
         Decoder(LlamaModel(ours.config, ours.weights), 2)
 
 
+def test_decoder_start_checks_its_logits_positions_and_the_caches_room(ours):
+    """The last step writes cache row max(positions) + max_new_tokens - 2: a run that would pass the
+    caches' capacity is refused at start (a replayed graph could not say so), as are logits or
+    positions of another shape, dtype or type."""
+    longest = max(map(len, PROMPTS))
+    logits, positions = ours.prefill(PROMPTS, capacity=longest + 4)
+    with pytest.raises(ValueError, match=rf"max_new_tokens=7 write cache rows up to {longest + 5}, but the caches "
+                                         rf"hold rows 0..{longest + 3}"):
+        Decoder(ours, 7).start(logits, positions)
+    decoder = Decoder(ours, 5)
+    with pytest.raises(ValueError, match=r"logits has shape \(2, 50\); expected \(2, 97\)"):
+        decoder.start(logits[:, :50].contiguous(), positions)
+    with pytest.raises(TypeError, match="positions must be a torch.Tensor, got list"):
+        decoder.start(logits, positions.tolist())
+    with pytest.raises(TypeError, match="positions has dtype torch.int64; expected torch.int32"):
+        decoder.start(logits, positions.long())
+    decoder.start(logits, positions)  # rows up to longest + 3: room for 5 tokens
+    decoder.run()
+    assert [len(ids) for ids in decoder.new_tokens()] == [5, 5]
+
+
 def test_the_decoder_tells_each_step_how_long_its_longest_cache_is(ours, monkeypatch):
     """The host counts the rows the longest sequence attends to (its prompt, then one more a step)
     and hands them to every step, without reading the positions again."""
@@ -611,7 +634,13 @@ def edited(llama_dir, tmp_path, **changes):
     (dict(head_dim=32), "head_dim must be one of"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "llama3 RoPE scaling has no"),
     (dict(vocab_size=None), "no 'vocab_size'"),
-], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab"])
+    (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int, got 0"),
+    (dict(num_hidden_layers="2"), "num_hidden_layers must be a positive int, got '2'"),
+    (dict(intermediate_size=128.0), "intermediate_size must be a positive int, got 128.0"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a positive number, got '1e-6'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_theta must be a positive number"),
+], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers", "text-layers",
+        "float-size", "text-eps", "negative-theta"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         LlamaModel.from_pretrained(edited(llama_dir, tmp_path, **changes))
@@ -637,6 +666,62 @@ def test_missing_files_raise(llama_dir, tmp_path):
     (directory / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="has no model.safetensors or model.safetensors.index.json"):
         LlamaModel.from_pretrained(directory)
+
+
+def test_a_corrupt_safetensors_file_is_named(llama_dir, tmp_path):
+    directory = edited(llama_dir, tmp_path)
+    (directory / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        LlamaModel.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("value", ["2", 2.0, [2, "x"], -1])
+def test_a_checkpoints_malformed_eos_token_id_is_named(llama_dir, tmp_path, value):
+    directory = edited(llama_dir, tmp_path)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
+        checkpoint_eos(directory)
+
+
+def test_a_model_checks_its_options_and_device_before_any_weight(llama_dir, monkeypatch):
+    from clusterlab.models import llama
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights built or read before the options were checked")
+
+    monkeypatch.setattr(llama, "load_weights", never)
+    monkeypatch.setattr(llama, "random_weights", never)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        random("llama3.2-1b", attention="x")
+    with pytest.raises(ValueError, match="backend must be one of .*, got 'tpu'"):
+        LlamaModel.from_pretrained(llama_dir, backend="tpu")
+    if hopper_problem() is not None:
+        with pytest.raises(HopperRequired, match="device 'cuda' needs a Hopper GPU"):
+            random("llama3.2-1b", torch.float16, "cuda")
+        with pytest.raises(HopperRequired, match="device 'cuda' needs a Hopper GPU"):
+            LlamaModel.from_pretrained(llama_dir, device="cuda")
+
+
+def test_caches_too_large_to_allocate_are_named(llama_dir, monkeypatch):
+    from clusterlab.models import llama
+
+    model = LlamaModel.from_pretrained(llama_dir)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(llama.KVCache, "empty", refuse)
+    with pytest.raises(ValueError, match=r"caches of 2 sequences x 1000002 rows x 2 layers need \d+\.\d GB, more than "
+                                         r"cpu could allocate \(DefaultCPUAllocator"):
+        model.generate([[1, 2], [3]], 10**6)
+    assert model.caches is None
+
+
+def test_a_tiny_temperature_samples_the_likeliest_token(llama_dir):
+    """softmax(logits / T) for T -> 0 is the argmax: taken from the row's largest logit, the scaled
+    logits cannot overflow to inf (whose softmax is NaN, and a sample of token 0)."""
+    model = LlamaModel.from_pretrained(llama_dir)
+    assert model.generate(PROMPTS, 3, temperature=1e-40, seed=5) == model.generate(PROMPTS, 3)
 
 
 def test_a_missing_tensor_or_wrong_shape_is_named(llama_dir, tmp_path):
@@ -682,6 +767,10 @@ def test_bad_generate_arguments_raise(llama_dir):
     (dict(eos_token_id="2"), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),
     (dict(eos_token_id=[2, 1.5]), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),
     (dict(eos_token_id=True), TypeError, r"eos_token_id \(one id or a sequence of them\) must be token ids"),
+    (dict(eos_token_id=97), ValueError, r"eos_token_id 97 is not a token id: the vocabulary has ids 0..96"),
+    (dict(eos_token_id=[2, -5]), ValueError, r"eos_token_id -5 is not a token id"),
+    (dict(eos_token_id=2**70), ValueError, r"eos_token_id 1180591620717411303424 is not a token id"),
+    (dict(temperature=1.0, seed=2**70), ValueError, r"seed must be an int in -2\*\*63 .. 2\*\*64 - 1"),
 ])
 def test_generate_names_a_bad_argument_before_any_work(llama_dir, kwargs, error, words):
     """Every argument of ``generate`` (and of the ``Decoder`` it builds) is checked before the

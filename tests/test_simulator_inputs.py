@@ -110,6 +110,41 @@ def test_layouts_must_agree_between_blocks():
         sim.launch(diverging, 2)
 
 
+@pytest.mark.parametrize("call, error, words", [
+    (lambda b, bar, fresh: b.mbarrier_init(fresh, True), ValueError,
+     "arrival_count must be an integer in 1..1048575; got True"),
+    (lambda b, bar, fresh: b.mbarrier_wait(bar, True), ValueError, "phase_parity must be 0 or 1; got True"),
+    (lambda b, bar, fresh: b.mbarrier_arrive_expect_tx(bar, True), ValueError,
+     "tx_bytes must be an integer in 0..1048575"),
+    (lambda b, bar, fresh: b.shared_array("rows", (True, 4), np.float32), ValueError,
+     "shape of shared array 'rows' must be non-negative integers"),
+    (lambda b, bar, fresh: b.shared_array("rows", 4, "foo"), TypeError,
+     "dtype of shared array 'rows' must be a NumPy dtype"),
+    (lambda b, bar, fresh: b.shared_array("rows", 4, object), TypeError,
+     "dtype of shared array 'rows' must hold plain bytes"),
+])
+def test_block_operations_refuse_bools_and_dtypes_that_are_no_bytes(call, error, words):
+    """``True`` is an int to Python (1) and to NumPy's ``in``: never an arrival count, a parity, a
+    byte count or an extent here."""
+
+    def program(b):
+        bar, fresh = b.shared_mbarrier("bar"), b.shared_mbarrier("fresh")
+        b.mbarrier_init(bar, 1)
+        call(b, bar, fresh)
+        yield b.cluster_sync()
+
+    with pytest.raises(error) as info:
+        sim.launch(program, 1)
+    assert words in str(info.value)
+
+
+def test_launch_refuses_a_bool_smem_bytes():
+    def program(b):
+        yield b.cluster_sync()
+
+    with pytest.raises(ValueError, match="smem_bytes must be an integer in 1..232448; got True"):
+        sim.launch(program, 1, smem_bytes=True)
+
 @pytest.mark.parametrize("key", [True, np.bool_(False), (0, True)])
 def test_a_bool_index_is_refused(key):
     """NumPy reads a bool as a mask over a new axis (all elements), not as the element 1 or 0."""

@@ -83,6 +83,7 @@ from .timing import (
     event_time_us,
     per_op_us,
     results_header,
+    writable_dir,
     write_json,
 )
 
@@ -372,6 +373,7 @@ def run_bench(
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if repeats < MIN_REPEATS:
         raise ValueError(f"repeats must be at least {MIN_REPEATS}, got {repeats!r}")
+    writable_dir(out_dir)
     require_hopper()
     torch_dtype = DTYPES[dtype]
     info = device_info()

@@ -59,7 +59,7 @@ from ..fused.mla_reference import UnfusedMLA, mla_reference_step
 from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, WARP_COUNTS, check_kernel_options
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
-from .timing import card_tag, copy_bandwidth, graph_per_op_us, results_header, write_json
+from .timing import card_tag, copy_bandwidth, graph_per_op_us, results_header, writable_dir, write_json
 
 #: Every preset the benchmark takes: the Llama-style blocks' and the MLA block's.
 PRESETS = {**ATTENTION_PRESETS, **MLA_PRESETS}
@@ -309,6 +309,7 @@ def run_bench(
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     if jobs > 1 and cache_dir() is None:
         raise ValueError(f"jobs={jobs} compiles ahead into the kernel cache, which ${CACHE_DIR_ENV} turns off")
+    writable_dir(out_dir)
     require_hopper()
     info = device_info()
     tag = card_tag(info["gpu"]) if tag is None else tag

@@ -66,7 +66,7 @@ from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
 from .fused import L2_TURNOVER, graph_time_us, layers_for_l2, options_label, parse_options
-from .timing import card_tag, copy_bandwidth, results_header, write_json
+from .timing import card_tag, copy_bandwidth, results_header, writable_dir, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
 BATCHES = (1, 2, 4, 8)
@@ -227,6 +227,7 @@ def run_bench(
 
     check_settings(presets, batches, dtypes, variants)
     options = [{}] if options is None else [check_kernel_options(o, MLP_KERNEL_CHOICES) for o in options]
+    writable_dir(out_dir)
     require_hopper()
     info = device_info()
     tag = card_tag(info["gpu"]) if tag is None else tag

@@ -554,6 +554,9 @@ def run_primitives_bench(
             raise ValueError(f"config {config!r}: expected one of {CONFIGS}")
     if repeats < timing.MIN_REPEATS:
         raise ValueError(f"repeats={repeats}: at least {timing.MIN_REPEATS}")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in 0 .. 2**63 - 1, got {seed!r}")
+    timing.writable_dir(out_dir)
     require_hopper()
     tag = timing.card_tag(device_info()["gpu"]) if tag is None else tag
 
@@ -612,7 +615,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=integer(timing.MIN_REPEATS), default=7)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     run_primitives_bench(

@@ -226,8 +226,17 @@ def _check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_seed(seed) -> None:
+    """``seed``: None (from the OS) or an int a torch generator takes, -2**63 .. 2**64 - 1."""
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an int in -2**63 .. 2**64 - 1 (a generator's 64 bits), got {seed}")
+
+
 def seeded_generator(seed: int | None, device="cpu") -> torch.Generator:
     """A generator of its own on ``device``: seeded with ``seed``, else from the OS (torch's global one untouched)."""
+    check_seed(seed)
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()

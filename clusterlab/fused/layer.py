@@ -45,6 +45,7 @@ from .plan import (
     check_cluster_size,
     check_head_split,
     check_kernel_options,
+    check_one_of,
     launch_shape,
 )
 from .validate import (OUTPUTS_APART, check_apart, check_cache, check_handoff, check_longest, check_outputs,
@@ -107,8 +108,8 @@ class DecodeAttention:
         self.kernel_options = check_kernel_options(kernel_options)
         device = weights.qkv.device
         backend, self.limits = resolve_backend(backend, device, limits)
-        if warps is not None and warps not in WARP_COUNTS:
-            raise ValueError(f"warps must be one of {WARP_COUNTS} (at least the batch size), got {warps!r}")
+        if warps is not None:
+            check_one_of("warps", warps, WARP_COUNTS, " (at least the batch size)")
         if cluster_size is not None:
             check_cluster_size(config, cluster_size)
         split_positions = self.kernel_options.get("split_positions", False)

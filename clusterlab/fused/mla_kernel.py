@@ -96,12 +96,10 @@ class MLASpec(BlockShape):
         if config.q_lora_rank is not None:
             raise ValueError(f"the MLA kernels take no query LoRA yet (q_lora_rank={config.q_lora_rank}); "
                              "the simulator backend does")
-        if cluster_size not in plan.CLUSTER_SIZES:
-            raise ValueError(f"cluster_size must be one of {plan.CLUSTER_SIZES}, got {cluster_size!r}")
+        plan.check_one_of("cluster_size", cluster_size, plan.CLUSTER_SIZES)
         if not (is_int(attention_clusters) and attention_clusters >= 1):
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
-        if warps not in plan.WARP_COUNTS:
-            raise ValueError(f"warps must be one of {plan.WARP_COUNTS}, got {warps!r}")
+        plan.check_one_of("warps", warps, plan.WARP_COUNTS)
         h, r, d_r, heads = config.hidden_size, config.kv_lora_rank, config.qk_rope_head_dim, config.heads
         needs = [
             (h % (8 * cluster_size) == 0, f"hidden_size {h} must split into {cluster_size} slices of whole 16-byte "

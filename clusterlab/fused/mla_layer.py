@@ -28,7 +28,7 @@ import torch
 
 from .config import MAX_BATCH, _check_dtype, check_batch, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
-from .plan import CLUSTER_SIZES, WARP_COUNTS, DeviceLimits
+from .plan import CLUSTER_SIZES, WARP_COUNTS, DeviceLimits, check_one_of
 from .validate import check_longest, check_outputs, check_positions, kernel_bits, known_longest, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
@@ -117,12 +117,12 @@ class DecodeMLA:
         check_mla_weights(config, weights)
         device = weights.kv_b_proj.device
         backend, self.limits = resolve_backend(backend, device, limits)
-        if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
-            raise ValueError(f"cluster_size must be one of {CLUSTER_SIZES}, got {cluster_size!r}")
+        if cluster_size is not None:
+            check_one_of("cluster_size", cluster_size, CLUSTER_SIZES)
         if attention_clusters is not None and not (is_int(attention_clusters) and attention_clusters >= 1):
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
-        if warps is not None and warps not in WARP_COUNTS:
-            raise ValueError(f"warps must be one of {WARP_COUNTS}, got {warps!r}")
+        if warps is not None:
+            check_one_of("warps", warps, WARP_COUNTS)
         self.config, self.weights, self.backend = config, weights, backend
         self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
         self.attention_clusters = attention_clusters

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, seeded_generator
-from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options
+from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options, check_one_of
 from .validate import (OUTPUTS_APART, check_apart, check_handoff, check_hidden_residual, check_outputs, check_tensor,
                        kernel_bits, resolve_backend)
 
@@ -198,12 +198,11 @@ def mlp_shape(config: MLPConfig, batch: int, sm_count: int, cluster_size: int | 
         if pair is not None and pair[0][0] >= BALANCED:
             return DEFAULT_CLUSTER_SIZE, pair[1], ONE_BLOCK_WARPS
     warps = DEFAULT_WARPS if warps is None else warps
-    if warps not in WARP_COUNTS:
-        raise ValueError(f"warps must be one of {WARP_COUNTS}, got {warps!r}")
+    check_one_of("warps", warps, WARP_COUNTS)
     allowed = [c for c in CLUSTER_SIZES if config.hidden_size % (8 * c) == 0]
-    if cluster_size is not None and cluster_size not in allowed:
-        raise ValueError(f"cluster_size must be one of {allowed} (8 * cluster_size must divide hidden_size "
-                         f"{config.hidden_size}), got {cluster_size!r}")
+    if cluster_size is not None:
+        check_one_of("cluster_size", cluster_size, allowed,
+                     f" (8 * cluster_size must divide hidden_size {config.hidden_size})")
     if cluster_size is None:
         splits = {c: _best_split(config, batch, sm_count, c, warps) for c in allowed}
         even = splits.get(DEFAULT_CLUSTER_SIZE)

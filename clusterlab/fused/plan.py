@@ -92,13 +92,19 @@ class DeviceLimits:
     reserved_shared_bytes_per_block: int
     registers_per_sm: int
 
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            least = 0 if name == "reserved_shared_bytes_per_block" else 1
+            if not (is_int(value) and value >= least):
+                raise ValueError(f"DeviceLimits.{name} must be an int >= {least}, got {value!r}")
+
     @classmethod
     def of(cls, device) -> DeviceLimits:
         """Read from CUDA device ``device`` (a ``torch.device`` or an index)."""
         from ..gpu import device_limits
 
         index = device if isinstance(device, int) else (device.index or 0)
-        return cls(**device_limits(index))
+        return cls(**{name: int(value) for name, value in device_limits(index).items()})
 
     def blocks_per_sm(self, shared_bytes: int, threads: int, registers_per_thread: int = 128) -> int:
         """Blocks of ``threads`` threads using ``shared_bytes`` that fit one SM at ``registers_per_thread``."""
@@ -193,10 +199,16 @@ def new_token_rank(cluster_size: int) -> int:
     return cluster_size - 1
 
 
+def check_one_of(name: str, value, allowed, note: str = "") -> None:
+    """``value`` is an int among ``allowed`` (not a bool or a float that equals one): ValueError naming
+    ``name``, the values allowed (and ``note`` on why) and ``value`` otherwise."""
+    if not (is_int(value) and value in allowed):
+        raise ValueError(f"{name} must be one of {allowed}{note}, got {value!r}")
+
+
 def check_cluster_size(config: AttentionConfig, cluster_size: int) -> None:
     """``cluster_size`` is one of :data:`CLUSTER_SIZES` and splits the hidden size into 16-byte rows."""
-    if cluster_size not in CLUSTER_SIZES:
-        raise ValueError(f"cluster_size must be one of {CLUSTER_SIZES}, got {cluster_size!r}")
+    check_one_of("cluster_size", cluster_size, CLUSTER_SIZES)
     if config.hidden_size % (8 * cluster_size):
         raise ValueError(
             f"cluster_size {cluster_size} does not split hidden_size {config.hidden_size} into slices "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import AttentionConfig, AttentionWeights, KVCache, rope_angles
+from .config import AttentionConfig, AttentionWeights, KVCache, is_int, rope_angles
 from .validate import check_activations, check_host_positions, check_range, check_weights, sequence_positions
 
 
@@ -115,19 +115,24 @@ class UnfusedAttention:
     them) with a mask, and the cache rows are written with an index. A CUDA graph captured with a
     tensor replays whatever positions the tensor holds; one captured with an int replays that int.
 
-    Positions are checked against the cache's capacity and the rope table's length where that
-    costs no sync: an int always, a tensor on the CPU. A tensor on a GPU is not read (the baseline
-    is captured in CUDA graphs, where reading it would break the capture); an out-of-range value
-    there indexes out of bounds on the device.
+    The tensors are checked as the fused layer's are (:func:`~clusterlab.fused.validate.check_activations`),
+    ``length`` against the cache, and positions against the cache's capacity, ``length`` and the rope
+    table's length where that costs no sync: an int always, a tensor on the CPU. A tensor on a GPU is
+    not read (the baseline is captured in CUDA graphs, where reading it would break the capture); an
+    out-of-range value there indexes out of bounds on the device.
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, rope: torch.Tensor):
+        check_weights(config, weights)
         self.config, self.weights, self.rope = config, weights, rope
 
     def __call__(self, hidden, residual, cache: KVCache, positions, length: int | None = None):
         c, w, d = self.config, self.weights, self.config.head_dim
+        check_activations(c, w, hidden, residual, cache)
         batch = hidden.shape[0]
-        check_host_positions(positions, batch, cache.capacity, self.rope.shape[0])
+        if length is not None and not (is_int(length) and 1 <= length <= cache.capacity):
+            raise ValueError(f"length must be None or an int in 1..{cache.capacity} (the cache's rows), got {length!r}")
+        check_host_positions(positions, batch, cache.capacity if length is None else length, self.rope.shape[0])
         h = hidden + residual
         n = F.rms_norm(h, (c.hidden_size,), w.norm, c.rms_eps)
         q, k, v = F.linear(n, w.qkv, w.qkv_bias).split([c.heads * d, c.kv_heads * d, c.kv_heads * d], dim=-1)

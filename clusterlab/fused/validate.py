@@ -30,6 +30,8 @@ def resolve_backend(backend, device: torch.device, limits: DeviceLimits | None) 
         if limits is not None:
             raise ValueError("limits is read from the device on the 'gpu' backend; pass it only to the simulator")
         return backend, DeviceLimits.of(device)
+    if limits is not None and not isinstance(limits, DeviceLimits):
+        raise TypeError(f"limits must be None or a DeviceLimits (clusterlab.fused.plan), got {limits!r}")
     return backend, HOPPER if limits is None else limits
 
 

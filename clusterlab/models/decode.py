@@ -43,19 +43,20 @@ import reprlib
 import torch
 
 from ..fused import plan
-from ..fused.config import is_int
+from ..fused.config import check_seed, is_int
+from ..fused.validate import check_tensor
 from .argmax import pick_and_record
 
 #: How many steps :meth:`Decoder.run` replays between two looks at ``done`` (each one a host sync).
 STOP_CHECK_EVERY = 8
 
 
-def check_sampling(max_new_tokens, temperature, top_k, eos, seed) -> tuple[int, ...]:
+def check_sampling(max_new_tokens, temperature, top_k, eos, seed, vocab_size: int) -> tuple[int, ...]:
     """How a decode picks and stops, checked before any work: ``max_new_tokens`` a positive int,
     ``temperature`` a number >= 0 (0: greedy), ``top_k`` None or a positive int (with a
     temperature > 0: greedy takes the likeliest token, there is nothing to restrict), ``eos`` None,
-    a token id or a sequence of them (ints, NumPy integers), ``seed`` None or an int. Returns the
-    eos ids as a tuple of ints."""
+    a token id or a sequence of them (ints, NumPy integers; each in ``0 .. vocab_size - 1``),
+    ``seed`` None or an int a generator takes. Returns the eos ids as a tuple of ints."""
     if not (is_int(max_new_tokens) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and temperature >= 0.0):
@@ -65,16 +66,21 @@ def check_sampling(max_new_tokens, temperature, top_k, eos, seed) -> tuple[int, 
     if top_k is not None and temperature == 0:
         raise ValueError(f"top_k={top_k} samples among the likeliest tokens, so it needs a temperature > 0 "
                          "(temperature 0 is greedy)")
-    if seed is not None and not is_int(seed):
-        raise TypeError(f"seed must be None or an int, got {seed!r}")
+    check_seed(seed)
     if eos is None:
         return ()
+    ids = None
     if not isinstance(eos, bool):
         try:
-            return (operator.index(eos),)  # one id: an int, a NumPy integer, a 0-d integer tensor
+            ids = (operator.index(eos),)  # one id: an int, a NumPy integer, a 0-d integer tensor
         except TypeError:
             pass  # a sequence of ids, or something token_ids names
-    return tuple(token_ids(eos, "eos_token_id (one id or a sequence of them)"))
+    if ids is None:
+        ids = tuple(token_ids(eos, "eos_token_id (one id or a sequence of them)"))
+    for token in ids:
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"eos_token_id {token} is not a token id: the vocabulary has ids 0..{vocab_size - 1}")
+    return ids
 
 
 def token_ids(value, what: str) -> list[int]:
@@ -109,7 +115,7 @@ class Decoder:
                  eos=(), seed: int | None = None, graph: bool | None = None):
         if model.caches is None:
             raise ValueError("a Decoder needs the model's caches; call prefill (or new_caches) first")
-        eos = check_sampling(max_new_tokens, temperature, top_k, eos, seed)
+        eos = check_sampling(max_new_tokens, temperature, top_k, eos, seed, model.config.vocab_size)
         self.model, self.max_new_tokens = model, max_new_tokens
         self.temperature, self.top_k = float(temperature), top_k
         device, batch = model.device, model.caches[0].batch
@@ -137,7 +143,8 @@ class Decoder:
         themselves (greedy), or the sampling race on them (see the module docstring)."""
         if self.temperature == 0.0:
             return logits
-        logits = logits / self.temperature
+        # from the row's largest, so that a small temperature cannot overflow the logits to inf (softmax: NaN)
+        logits = (logits - logits.amax(-1, keepdim=True)) / self.temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -158,10 +165,22 @@ class Decoder:
     # -- driving it ----------------------------------------------------------------------------
 
     def start(self, logits: torch.Tensor, positions: torch.Tensor) -> None:
-        """Take the first token from the prefill's ``logits`` ``[B, V]``; ``positions`` ``[B]``
+        """Take the first token from the prefill's ``logits`` ``[B, V]`` float32; ``positions`` ``[B]``
         int32: where it goes (each prompt's length; read to the host once, see the module
-        docstring). Captures the graphs of the steps' shapes not captured before."""
-        self._first_longest = int(positions.max()) + 1
+        docstring), both on the model's device. The run writes cache rows up to ``max(positions) +
+        max_new_tokens - 2``, which the caches must hold. Captures the graphs of the steps' shapes not
+        captured before."""
+        model, device = self.model, self.model.device
+        check_tensor("logits", logits, (self.batch, model.config.vocab_size), torch.float32, device, "a decode's logits")
+        check_tensor("positions", positions, (self.batch,), torch.int32, device, "a decode's positions")
+        values, capacity = positions.tolist(), model.caches[0].capacity
+        last = max(values) + self.max_new_tokens - 2  # the cache row the last step writes
+        if min(values) < 0:
+            raise ValueError(f"positions must be >= 0, got {values}")
+        if last >= capacity:
+            raise ValueError(f"positions {values} with max_new_tokens={self.max_new_tokens} write cache rows up to "
+                             f"{last}, but the caches hold rows 0..{capacity - 1}")
+        self._first_longest = max(values) + 1
         if self.graph:
             last = self._first_longest + max(self.max_new_tokens - 2, 0)
             for longest in capture_lengths(self.batch, self._first_longest, last):

@@ -50,6 +50,8 @@ runs both blocks in PyTorch. :func:`random` builds the models of :data:`MODEL_PR
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import reprlib
 import time
 from dataclasses import dataclass
@@ -68,6 +70,7 @@ from ..fused.config import (
     AttentionWeights,
     KVCache,
     Llama3RopeScaling,
+    _check_device,
     check_batch,
     is_int,
     rope_table,
@@ -76,7 +79,7 @@ from ..fused.config import (
 from ..fused.layer import DecodeAttention
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
 from ..fused.reference import UnfusedAttention, apply_rope
-from ..fused.validate import check_range
+from ..fused.validate import BACKENDS, check_range
 from .decode import Decoder, check_sampling, token_ids
 from .final_norm import final_norm
 
@@ -169,8 +172,20 @@ class ModelConfig:
             raise ValueError(f"{source}: use_sliding_window is not supported (every layer attends to all tokens)")
         if raw.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"{source}: pretraining_tp {raw['pretraining_tp']!r} is not supported; only 1")
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        head_dim = raw.get("head_dim") or hidden // heads
+
+        def count(key, value=None):
+            value = need(key) if value is None else value
+            if not (is_int(value) and value >= 1):
+                raise ValueError(f"{source}: {key} must be a positive int, got {value!r}")
+            return value
+
+        def positive(key, value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{source}: {key} must be a positive number, got {value!r}")
+            return value
+
+        hidden, heads = count("hidden_size"), count("num_attention_heads")
+        head_dim = count("head_dim", raw.get("head_dim") or hidden // heads)
         theta, scaling = _rope(raw, source)
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
@@ -180,14 +195,14 @@ class ModelConfig:
         config = cls(
             model_type=model_type,
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"),
+            intermediate_size=count("intermediate_size"),
+            num_hidden_layers=count("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            num_key_value_heads=count("num_key_value_heads", raw.get("num_key_value_heads") or heads),
             head_dim=head_dim,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            vocab_size=need("vocab_size"),
+            rms_norm_eps=positive("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=positive("rope_theta", theta),
+            vocab_size=count("vocab_size"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=qkv_bias,
             o_bias=o_bias,
@@ -341,7 +356,12 @@ class _Checkpoint:
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            self._handles[path] = self._open(str(path), framework="pt", device="cpu")
+            from safetensors import SafetensorError
+
+            try:
+                self._handles[path] = self._open(str(path), framework="pt", device="cpu")
+            except SafetensorError as exc:
+                raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
         return self._handles[path]
 
     def get(self, name: str, shape: tuple) -> torch.Tensor:
@@ -425,6 +445,7 @@ def random(preset: str, dtype=torch.float16, device="cpu", seed: int | None = No
     checkpoint (for benchmarks; its tokens mean nothing)."""
     if preset not in MODEL_PRESETS:
         raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
+    check_choices(attention=attention, device=device)  # before the weights are drawn
     config = MODEL_PRESETS[preset]
     return LlamaModel(config, random_weights(config, dtype, device, seed), attention=attention)
 
@@ -495,8 +516,12 @@ def checkpoint_eos(directory) -> list[int]:
                 value = json.loads(path.read_text()).get("eos_token_id")
             except (json.JSONDecodeError, AttributeError):
                 continue
-            if value is not None:
-                return [value] if isinstance(value, int) else [int(v) for v in value]
+            if value is None:
+                continue
+            ids = [value] if not isinstance(value, list) else value
+            if not all(is_int(v) and v >= 0 for v in ids):
+                raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+            return ids
     return []
 
 
@@ -509,6 +534,17 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
 def mlp(layer: LayerWeights, n: torch.Tensor) -> torch.Tensor:
     """SwiGLU: ``down(silu(gate(n)) * up(n))``, each op in ``n``'s dtype."""
     return F.linear(F.silu(F.linear(n, layer.gate)) * F.linear(n, layer.up), layer.down)
+
+
+def check_choices(*, attention: str = "fused", backend: str = "auto", device=None) -> None:
+    """A model's ``attention`` and ``backend`` options and, where given, its ``device`` (a CUDA device
+    needs a Hopper GPU for the fused blocks), checked before any weight is built or read."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device is not None and attention == "fused":
+        _check_device(device)
 
 
 def _as_prompts(given) -> list[list[int]]:
@@ -552,8 +588,7 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto",
                  attention: str = "fused", mlp: str | None = None, handoff: bool = True):
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        check_choices(attention=attention, backend=backend)
         mlp = attention if mlp is None else mlp
         if mlp not in MLPS:
             raise ValueError(f"mlp must be one of {MLPS} (or None: as attention), got {mlp!r}")
@@ -577,6 +612,7 @@ class LlamaModel:
         one of them, else bfloat16."""
         config = ModelConfig.from_pretrained(directory)
         dtype = config.resolve_dtype(dtype)
+        check_choices(backend=backend, device=device)  # before the weights are read
         return cls(config, load_weights(directory, config, dtype, device), backend=backend)
 
     @property
@@ -618,9 +654,8 @@ class LlamaModel:
     def new_caches(self, batch: int, capacity: int) -> None:
         """Fresh, empty per-layer caches of ``batch`` sequences and ``capacity`` rows (``prefill``
         makes its own)."""
-        check_batch(batch)
         a = self.attention_config
-        caches = [KVCache.empty(a, batch, capacity, self.dtype, self.device) for _ in self.weights.layers]
+        caches = self._allocated(lambda i: KVCache.empty(a, batch, capacity, self.dtype, self.device), batch, capacity)
         if self.attention == "unfused":
             for cache in caches:  # attended under a mask, whole: rows not yet written must be finite
                 cache.k.zero_()
@@ -631,10 +666,22 @@ class LlamaModel:
         """Fresh per-layer caches of ``batch`` sequences and ``capacity`` rows, every row standard
         normal (:meth:`~clusterlab.fused.KVCache.random`, layer ``l`` seeded ``seed + l``): as if
         ``capacity`` tokens had been seen, without a prefill (``clusterlab bench decode``)."""
-        check_batch(batch)
         a = self.attention_config
-        self.use_caches([KVCache.random(a, batch, capacity, self.dtype, self.device, None if seed is None else seed + i)
-                         for i in range(len(self.weights.layers))])
+        self.use_caches(self._allocated(
+            lambda i: KVCache.random(a, batch, capacity, self.dtype, self.device, None if seed is None else seed + i),
+            batch, capacity))
+
+    def _allocated(self, make, batch: int, capacity: int) -> list[KVCache]:
+        """``make(layer)`` for every layer: the caches of ``batch`` sequences and ``capacity`` rows, or a
+        ValueError saying how many bytes they would take where the device has not that much."""
+        check_batch(batch)
+        try:
+            return [make(i) for i in range(len(self.weights.layers))]
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # RuntimeError: the CPU allocator's
+            a, itemsize = self.attention_config, self.dtype.itemsize
+            need = len(self.weights.layers) * 2 * batch * a.kv_heads * capacity * a.head_dim * itemsize
+            raise ValueError(f"caches of {batch} sequences x {capacity} rows x {len(self.weights.layers)} layers "
+                             f"need {need / 1e9:.1f} GB, more than {self.device} could allocate ({exc})") from None
 
     def use_caches(self, caches: list[KVCache]) -> None:
         """Decode with ``caches``: one :class:`~clusterlab.fused.KVCache` per layer, all of one shape
@@ -808,7 +855,7 @@ class LlamaModel:
         (``decode_s`` includes capturing the graph).
         """
         prompts = _as_prompts(prompts)
-        eos = check_sampling(max_new_tokens, temperature, top_k, eos_token_id, seed)
+        eos = check_sampling(max_new_tokens, temperature, top_k, eos_token_id, seed, self.config.vocab_size)
         capacity = max(map(len, prompts)) + max_new_tokens
         start = time.perf_counter()
         logits, positions = self.prefill(prompts, capacity)

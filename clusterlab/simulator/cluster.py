@@ -508,7 +508,8 @@ class Block:
         """
         line = self._ready()
         state = self._mbarrier_state(bar, "mbarrier.init", line, local_only=True)
-        if not isinstance(arrival_count, (int, np.integer)) or not 1 <= arrival_count <= MBARRIER_MAX_COUNT:
+        if (not isinstance(arrival_count, (int, np.integer)) or isinstance(arrival_count, bool)
+                or not 1 <= arrival_count <= MBARRIER_MAX_COUNT):
             raise ValueError(f"arrival_count must be an integer in 1..{MBARRIER_MAX_COUNT}; got {arrival_count!r}")
         target = f"{state.label} count {arrival_count}"
         event = self._event("mbarrier.init", self.cluster_rank, self.cluster_rank, 0, target, line)
@@ -547,7 +548,7 @@ class Block:
         """
         line = self._ready()
         state = self._mbarrier_state(bar, "mbarrier.try_wait.parity", line, local_only=True)
-        if phase_parity not in (0, 1):
+        if isinstance(phase_parity, bool) or phase_parity not in (0, 1):
             raise ValueError(f"phase_parity must be 0 or 1; got {phase_parity!r}")
         op = f"mbarrier.try_wait.parity {state.label} parity {phase_parity}"
         if not state.initialized:
@@ -581,7 +582,8 @@ class Block:
 
     def _mbarrier_update(self, bar: Mbarrier, kind: str, arrive: bool, tx_bytes: int, line: str) -> None:
         state = self._mbarrier_state(bar, kind, line, local_only=False)
-        if not isinstance(tx_bytes, (int, np.integer)) or not 0 <= tx_bytes <= MBARRIER_MAX_COUNT:
+        if (not isinstance(tx_bytes, (int, np.integer)) or isinstance(tx_bytes, bool)
+                or not 0 <= tx_bytes <= MBARRIER_MAX_COUNT):
             raise ValueError(f"tx_bytes must be an integer in 0..{MBARRIER_MAX_COUNT}; got {tx_bytes!r}")
         target = f"{state.label}" + (f" tx {tx_bytes} B" if kind != "mbarrier.arrive" else "")
         event = self._event(kind, self.cluster_rank, state.owner, 0, target, line)
@@ -1298,7 +1300,8 @@ def launch(
         raise TypeError(f"cluster_size must be an integer in 1..{MAX_CLUSTER_SIZE}; got {cluster_size!r}")
     if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
         raise ValueError(f"cluster_size must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size}")
-    if not isinstance(smem_bytes, (int, np.integer)) or not 0 < smem_bytes <= MAX_SMEM_BYTES_PER_BLOCK:
+    if (not isinstance(smem_bytes, (int, np.integer)) or isinstance(smem_bytes, bool)
+            or not 0 < smem_bytes <= MAX_SMEM_BYTES_PER_BLOCK):
         raise ValueError(f"smem_bytes must be an integer in 1..{MAX_SMEM_BYTES_PER_BLOCK}; got {smem_bytes!r}")
     cluster = _Cluster(int(cluster_size), int(smem_bytes), title)
     programs = []

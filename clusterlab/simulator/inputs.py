@@ -24,26 +24,28 @@ def check_integer(parameter: str, value, minimum: int, maximum: int | None = Non
         raise ValueError(f"{parameter} must be {allowed}; got {value}")
 
 
-def check_rows(x) -> None:
-    """``x`` must be a NumPy array [cluster_size, n] with 1 <= cluster_size <= 16 and n >= 1."""
+def check_rows(x, name: str = "x") -> None:
+    """``x`` (the parameter ``name``) must be a NumPy array [cluster_size, n] with 1 <= cluster_size <= 16
+    and n >= 1."""
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a NumPy array [cluster_size, n]; got {type(x).__name__}")
+        raise TypeError(f"{name} must be a NumPy array [cluster_size, n]; got {type(x).__name__}")
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
-            "x must be a plain NumPy array; got a masked array (np.ma.MaskedArray), whose mask the "
-            "simulator would ignore: pass x.filled(value) to say what the masked elements hold"
+            f"{name} must be a plain NumPy array; got a masked array (np.ma.MaskedArray), whose mask the "
+            f"simulator would ignore: pass {name}.filled(value) to say what the masked elements hold"
         )
     if x.ndim != 2:
         raise ValueError(
-            f"x must be 2-D [cluster_size, n], one row per block; got shape {x.shape} (ndim {x.ndim})"
+            f"{name} must be 2-D [cluster_size, n], one row per block; got shape {x.shape} (ndim {x.ndim})"
         )
     cluster_size, n = x.shape
     if not 1 <= cluster_size <= MAX_CLUSTER_SIZE:
         raise ValueError(
-            f"cluster_size (x.shape[0]) must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size} (x.shape {x.shape})"
+            f"cluster_size ({name}.shape[0]) must be in 1..{MAX_CLUSTER_SIZE}; got {cluster_size} "
+            f"({name}.shape {x.shape})"
         )
     if n < 1:
-        raise ValueError(f"n (x.shape[1]) must be at least 1; got {n} (x.shape {x.shape})")
+        raise ValueError(f"n ({name}.shape[1]) must be at least 1; got {n} ({name}.shape {x.shape})")
 
 
 def check_fits(parameter: str, n: int, shared_bytes, what: str) -> None:

@@ -263,9 +263,16 @@ def _checked(name, shape, dtype) -> tuple[tuple[int, ...], np.dtype]:
     if not isinstance(name, str) or not name:
         raise TypeError(f"shared memory name must be a non-empty string; got {name!r}")
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise ValueError(f"shape of shared array {name!r} must be non-negative integers; got {shape}")
-    return tuple(int(s) for s in shape), np.dtype(dtype)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype of shared array {name!r} must be a NumPy dtype; got {dtype!r}") from None
+    if dtype.hasobject:
+        raise TypeError(f"dtype of shared array {name!r} must hold plain bytes (shared memory holds no Python "
+                        f"objects); got {dtype}")
+    return tuple(int(s) for s in shape), dtype
 
 
 def _describe(shape, dtype, mbarrier) -> str:

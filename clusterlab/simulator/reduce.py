@@ -214,16 +214,17 @@ def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int | None =
     ``(out, trace)``: ``out`` [steps, cluster_size, n] in xs' dtype, ``out[k]`` bit for bit
     ``cluster_reduce(xs[k], op, "direct")``'s.
     """
-    if not isinstance(xs, np.ndarray) or xs.ndim != 3 or xs.shape[0] < 1:
-        raise ValueError(f"xs must be a NumPy array [steps, cluster_size, n] with steps >= 1; got "
-                         f"{getattr(xs, 'shape', type(xs).__name__)}")
-    check_rows(xs[0])
+    if not isinstance(xs, np.ndarray):
+        raise TypeError(f"xs must be a NumPy array [steps, cluster_size, n]; got {type(xs).__name__}")
+    if xs.ndim != 3 or xs.shape[0] < 1:
+        raise ValueError(f"xs must be a NumPy array [steps, cluster_size, n] with steps >= 1; got shape {xs.shape}")
+    check_rows(xs[0], "xs[0]")
     check_choice("op", op, OPS)
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     if buffers is None:
         buffers = STEADY_BUFFERS[algorithm]
     allowed = (1, 2) if algorithm == "direct" else (1,)
-    if isinstance(buffers, bool) or buffers not in allowed:
+    if not isinstance(buffers, (int, np.integer)) or isinstance(buffers, bool) or buffers not in allowed:
         raise ValueError(f"buffers must be {' or '.join(map(str, reversed(allowed)))} for the steady {algorithm} "
                          f"reduce ({STEADY_BUFFERS[algorithm]} is its contract); got {buffers!r}")
     steps, size, n = xs.shape
