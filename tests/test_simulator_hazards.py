@@ -72,6 +72,35 @@ def test_relaxed_arrive_does_not_publish_the_stores_before_it():
     assert race.points[1].step == "read peer"
 
 
+@pytest.mark.parametrize("reads_the_late_store", [False, True])
+def test_a_fence_then_a_relaxed_arrive_publishes_what_came_before_the_fence(reads_the_late_store):
+    """PTX's split barrier: ``fence.acq_rel.cluster``, work, ``barrier.cluster.arrive.relaxed``. The
+    arrive publishes the stores before the fence; a store between the fence and the arrive it does not."""
+
+    def program(b):
+        rows = b.shared_array("rows", (8,), F32)
+        late = b.shared_array("late", (4,), F32)
+        rows[:] = np.arange(8, dtype=F32) + b.cluster_rank
+        b.fence_acq_rel_cluster()
+        late[:] = b.cluster_rank  # after the fence: not published by the relaxed arrive
+        b.cluster_arrive_relaxed()
+        yield b.cluster_wait_acquire()
+        b.step("read peer")
+        peer = 1 - b.cluster_rank
+        assert (b.map_shared(rows, peer)[:] == np.arange(8, dtype=F32) + peer).all()
+        if reads_the_late_store:
+            b.map_shared(late, peer)[:]  # bug: the store after the fence is not ordered before this
+        yield b.cluster_sync()
+
+    if not reads_the_late_store:
+        sim.launch(program, 2)
+        return
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    race = info.value
+    assert race.conflict == "read after write" and race.byte_range == (32, 48)  # 'late' follows rows f32[8]
+    assert race.points[1].step == "read peer"
+
 def test_release_arrive_with_acquire_wait_orders_the_same_program():
     def program(b):
         rows = b.shared_array("rows", (8,), F32)

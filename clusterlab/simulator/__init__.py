@@ -16,9 +16,9 @@ What is modelled (names follow the PTX instructions, see :class:`Block`)::
             \\________ barrier.cluster.arrive / wait (split cluster barrier) ________/
 
 - local and remote (``map_shared`` = ``mapa``) loads, stores and atomic adds;
-- the split cluster barrier (arrive release/relaxed, wait acquire) and mbarriers with arrival
-  counts and transaction bytes; bulk copies and ``st.async`` completing on the receiver's
-  mbarrier;
+- the split cluster barrier (arrive release/relaxed, wait acquire; ``fence.acq_rel.cluster``
+  before a relaxed arrive) and mbarriers with arrival counts and transaction bytes; bulk copies
+  and ``st.async`` completing on the receiver's mbarrier (``fence.proxy.async`` before them);
 - block exit: a block's shared memory vanishes when its program returns;
 - views (``shared_view``): two names for the same words, as a kernel overlays buffers that are
   never alive at once; an access through one is checked against every access through the other.

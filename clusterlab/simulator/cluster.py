@@ -32,7 +32,8 @@ mbarrier instance (standing for the bulk copies that complete on it).
 
 - ``cluster_arrive_release`` publishes the block's clock to the barrier phase it arrives at;
   ``cluster_wait_acquire`` joins that phase's clock into the waiter's. A relaxed arrive counts
-  as an arrival but publishes nothing. A phase completes once every block has arrived or
+  as an arrival but publishes nothing, except what the block's last ``fence_acq_rel_cluster``
+  ordered (PTX's fence, then relaxed arrive). A phase completes once every block has arrived or
   exited (exited blocks no longer take part, as on hardware).
 - mbarriers work the same way per phase: release arrivals publish, a successful
   ``mbarrier_wait`` acquires the completion of the one phase it observes (see below). A phase
@@ -320,6 +321,7 @@ class Block:
         self._arrived = 0  # cluster-barrier arrivals
         self._waited = 0  # completed cluster-barrier waits = current phase
         self._pending_wait: Wait | None = None
+        self._fenced: np.ndarray | None = None  # the clock at the last fence_acq_rel_cluster
         # generic-proxy writes into this block's memory no fence of its own is ordered after yet:
         # (storage entry, lo, hi, writer, epoch, event)
         self._unfenced: list[tuple[int, int, int, int, int, int]] = []
@@ -465,8 +467,19 @@ class Block:
         self._arrive(release=True, line=self._ready())
 
     def cluster_arrive_relaxed(self) -> None:
-        """``barrier.cluster.arrive.relaxed``: arrive without ordering earlier accesses."""
+        """``barrier.cluster.arrive.relaxed``: arrive without ordering earlier accesses, but those
+        before the block's last :meth:`fence_acq_rel_cluster`."""
         self._arrive(release=False, line=self._ready())
+
+    def fence_acq_rel_cluster(self) -> None:
+        """``fence.acq_rel.cluster``: every access before it is ordered before the block's later
+        operations, so a later ``cluster_arrive_relaxed`` publishes them as a release arrival would
+        (PTX's split barrier: the fence, then a relaxed arrive, with work between them that the
+        arrive does not publish)."""
+        line = self._ready()
+        self._event("fence.acq_rel.cluster", self.cluster_rank, self.cluster_rank, 0, "", line)
+        self._fenced = self._clock.copy()
+        self._clock[self.cluster_rank] += 1  # accesses after the fence: a new epoch, not published by it
 
     def _arrive(self, release: bool, line: str) -> None:
         kind = "barrier.cluster.arrive.release" if release else "barrier.cluster.arrive.relaxed"
@@ -908,6 +921,8 @@ class _Cluster:
         if release:
             np.maximum(self.barrier_clocks[phase], block._clock, out=self.barrier_clocks[phase])
             block._clock[block.cluster_rank] += 1
+        elif block._fenced is not None:  # a relaxed arrival publishes what its last fence ordered
+            np.maximum(self.barrier_clocks[phase], block._fenced, out=self.barrier_clocks[phase])
 
     def cluster_phase_done(self, phase: int) -> bool:
         """Every block arrived at ``phase`` or exited (exited blocks are excused, as on hardware)."""
