@@ -1045,12 +1045,18 @@ class _Cluster:
         -(2**20 - 1) .. 2**20 - 1; out of it the mbarrier's behaviour is undefined."""
         if abs(state.expected - state.delivered) <= MBARRIER_MAX_COUNT:
             return
-        raise hazards.TransactionMismatch(
+        self.raise_tx_mismatch(
+            state, event,
             f"mbarrier {state.label} phase {state.phase} has a tx-count of {state.expected - state.delivered} "
             f"bytes ({state.expected} expected, {state.delivered} delivered), outside PTX's range "
             f"-{MBARRIER_MAX_COUNT}..{MBARRIER_MAX_COUNT}: keep the bytes expected and those delivered within "
             f"{MBARRIER_MAX_COUNT} of each other",
-            expected_bytes=state.expected, delivered_bytes=state.delivered,
+        )
+
+    def raise_tx_mismatch(self, state: _MbarrierState, event: int, summary: str) -> None:
+        """TransactionMismatch of ``state``'s current phase at ``event`` (after its last expect_tx)."""
+        raise hazards.TransactionMismatch(
+            summary, expected_bytes=state.expected, delivered_bytes=state.delivered,
             blocks=tuple(dict.fromkeys([state.owner, *state.senders])),
             owner=state.owner, byte_range=state.byte_range,
             points=self.expect_points(state) + (self.point(event),),
@@ -1066,13 +1072,10 @@ class _Cluster:
         if state.pending:
             return
         if state.delivered > state.expected:
-            raise hazards.TransactionMismatch(
+            self.raise_tx_mismatch(
+                state, event,
                 f"mbarrier {state.label} phase {state.phase} received {state.delivered} bytes but expected "
                 f"only {state.expected} (expect_tx must equal the bytes the copies deliver)",
-                expected_bytes=state.expected, delivered_bytes=state.delivered,
-                blocks=tuple(dict.fromkeys([state.owner, *state.senders])),
-                owner=state.owner, byte_range=state.byte_range,
-                points=self.expect_points(state) + (self.point(event),),
             )
         if state.delivered < state.expected:
             return
