@@ -15,8 +15,11 @@ from clusterlab.fused import (
     AttentionWeights,
     DecodeAttention,
     KVCache,
+    LatentCache,
     Llama3RopeScaling,
+    MLPWeights,
     UnfusedAttention,
+    mla_rope_table,
     reference_step,
     rope_table,
 )
@@ -210,6 +213,25 @@ def test_device_limits_are_positive_ints(field, value):
     with pytest.raises(ValueError, match=rf"DeviceLimits.{field} must be an int >= 1, got {value!r}"):
         dataclasses.replace(HOPPER, **{field: value})
 
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: AttentionWeights.random(None), "config must be an AttentionConfig, got NoneType"),
+    (lambda: KVCache.empty(None, BATCH, CAPACITY), "config must be an AttentionConfig, got NoneType"),
+    (lambda: KVCache.random("llama2-7b", BATCH, CAPACITY), "config must be an AttentionConfig, got str"),
+    (lambda: rope_table(None, CAPACITY), "config must be an AttentionConfig, got NoneType"),
+    (lambda: MLPWeights.random(CONFIG), "config must be an MLPConfig, got AttentionConfig"),
+    (lambda: LatentCache.empty(CONFIG, 1, 8), "config must be an MLAConfig, got AttentionConfig"),
+    (lambda: mla_rope_table(CONFIG, 8), "config must be an MLAConfig, got AttentionConfig"),
+], ids=["attention-weights", "empty-cache", "random-cache", "rope-table", "mlp-weights", "latent-cache", "mla-rope"])
+def test_weights_caches_and_tables_name_a_config_of_another_kind(make, words):
+    with pytest.raises(TypeError) as info:
+        make()
+    assert words in str(info.value)
+
+
+def test_a_rope_table_has_positive_rows():
+    with pytest.raises(ValueError, match="capacity must be a positive int, got -1"):
+        rope_table(CONFIG, -1)
 
 @pytest.mark.parametrize("seed, error, words", [
     (1.5, TypeError, "seed must be None or an int, got 1.5"),

@@ -221,6 +221,15 @@ def _check_device(device) -> None:
             raise HopperRequired(f"device {device!r} needs a Hopper GPU: {problem}")
 
 
+def check_type(name: str, value, cls: type) -> None:
+    """``value`` (the parameter ``name``) is a ``cls``: TypeError naming both otherwise."""
+    if not isinstance(value, cls):
+        word = cls.__name__
+        vowel_sound = "AEFHILMNORSX" if word[:2].isupper() else "AEIOU"  # an MLPConfig, an AttentionConfig
+        article = "an" if word[0] in vowel_sound else "a"
+        raise TypeError(f"{name} must be {article} {word}, got {type(value).__name__}")
+
+
 def _check_size(name: str, value) -> None:
     if not is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -262,6 +271,7 @@ class AttentionWeights:
         The norm gain is drawn around 1; projections are normal with std ``1/sqrt(fan_in)``; a
         QKV bias (where the config has one) is normal with std 0.5, about a trained one's size.
         """
+        check_type("config", config, AttentionConfig)
         _check_dtype(dtype)
         _check_device(device)
         gen = seeded_generator(seed)
@@ -282,7 +292,8 @@ class AttentionWeights:
         return AttentionWeights(self.norm.to(device), self.qkv.to(device), self.o.to(device), bias)
 
 
-def _check_cache(batch, capacity, dtype, device) -> None:
+def _check_cache(config, batch, capacity, dtype, device) -> None:
+    check_type("config", config, AttentionConfig)
     _check_size("batch", batch)
     _check_size("capacity", capacity)
     _check_dtype(dtype)
@@ -299,7 +310,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu"):
         """A cache filled with NaN: a step that reads a row nothing wrote returns NaN."""
-        _check_cache(batch, capacity, dtype, device)
+        _check_cache(config, batch, capacity, dtype, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(
             torch.full(shape, float("nan"), dtype=dtype, device=device),
@@ -310,7 +321,7 @@ class KVCache:
     def random(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu",
                seed: int | None = None):
         """A cache of standard-normal keys and values, as if ``capacity`` tokens had been seen."""
-        _check_cache(batch, capacity, dtype, device)
+        _check_cache(config, batch, capacity, dtype, device)
         gen = seeded_generator(seed, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(
@@ -348,5 +359,7 @@ def rope_table(config: AttentionConfig, capacity: int, device="cpu") -> torch.Te
 
     Computed in float64 and rounded once, so no large angle is ever formed in float32.
     """
+    check_type("config", config, AttentionConfig)
+    _check_size("capacity", capacity)
     angles = torch.arange(capacity, dtype=torch.float64)[:, None] * rope_frequencies(config)
     return torch.stack([angles.cos(), angles.sin()], dim=1).to(torch.float32).contiguous().to(device)

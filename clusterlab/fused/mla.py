@@ -56,6 +56,7 @@ from .config import (
     _check_device,
     _check_number,
     _check_size,
+    check_type,
     is_int,
     seeded_generator,
 )
@@ -310,6 +311,7 @@ class MLAWeights:
         Norm gains are drawn around 1 (std 0.1); projections are normal with std ``1/sqrt(fan_in)``.
         ``dtype``: one of :data:`MLA_DTYPES`. A seed repeats the draw; without one it is fresh.
         """
+        check_type("config", config, MLAConfig)
         _check_mla_dtype(dtype)
         _check_device(device)
         gen = seeded_generator(seed)
@@ -354,10 +356,8 @@ class MLAWeights:
 def check_mla_weights(config: MLAConfig, weights: MLAWeights) -> None:
     """``config`` is an MLAConfig; the weights match it (the query path its ``q_lora_rank`` names),
     share one dtype of :data:`MLA_DTYPES` and one device, and are contiguous."""
-    if not isinstance(config, MLAConfig):
-        raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
-    if not isinstance(weights, MLAWeights):
-        raise TypeError(f"weights must be an MLAWeights, got {type(weights).__name__}")
+    check_type("config", config, MLAConfig)
+    check_type("weights", weights, MLAWeights)
     if not isinstance(weights.kv_b_proj, torch.Tensor):
         raise TypeError(f"weights.kv_b_proj must be a torch.Tensor, got {type(weights.kv_b_proj).__name__}")
     dtype, device, h = weights.kv_b_proj.dtype, weights.kv_b_proj.device, config.hidden_size
@@ -395,7 +395,7 @@ class LatentCache:
     @classmethod
     def empty(cls, config: MLAConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu"):
         """A cache filled with NaN: a step that reads a row nothing wrote returns NaN."""
-        _check_latent_cache(batch, capacity, dtype, device)
+        _check_latent_cache(config, batch, capacity, dtype, device)
         return cls(torch.full((batch, capacity, config.latent_width), float("nan"), dtype=dtype, device=device))
 
     @classmethod
@@ -403,7 +403,7 @@ class LatentCache:
                seed: int | None = None):
         """A cache of standard-normal rows, as if ``capacity`` tokens had been seen: a normalized
         latent has unit RMS, and ``k_pe`` (a projection of a normalized input) unit variance."""
-        _check_latent_cache(batch, capacity, dtype, device)
+        _check_latent_cache(config, batch, capacity, dtype, device)
         gen = seeded_generator(seed, device)
         shape = (batch, capacity, config.latent_width)
         return cls(torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype))
@@ -420,7 +420,8 @@ class LatentCache:
         return LatentCache(self.latent.clone())
 
 
-def _check_latent_cache(batch, capacity, dtype, device) -> None:
+def _check_latent_cache(config, batch, capacity, dtype, device) -> None:
+    check_type("config", config, MLAConfig)
     _check_size("batch", batch)
     _check_size("capacity", capacity)
     _check_mla_dtype(dtype)
@@ -452,6 +453,7 @@ def mla_rope_frequencies(config: MLAConfig) -> torch.Tensor:
 def mla_rope_table(config: MLAConfig, capacity: int, device="cpu") -> torch.Tensor:
     """``attention_factor`` × cos and sin of every position's RoPE angles: ``[capacity, 2, d_r/2]``
     float32, computed in float64 and rounded once."""
+    check_type("config", config, MLAConfig)
     _check_size("capacity", capacity)
     angles = torch.arange(capacity, dtype=torch.float64)[:, None] * mla_rope_frequencies(config)
     table = torch.stack([angles.cos(), angles.sin()], dim=1) * config.rope_attention_factor

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, seeded_generator
+from .config import (DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, check_type,
+                     seeded_generator)
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options, check_one_of
 from .validate import (OUTPUTS_APART, check_apart, check_handoff, check_hidden_residual, check_outputs, check_tensor,
                        kernel_bits, resolve_backend)
@@ -109,6 +110,7 @@ class MLPWeights:
     @classmethod
     def random(cls, config: MLPConfig, dtype=torch.float16, device="cpu", seed: int | None = None) -> MLPWeights:
         """Weights drawn like a trained layer's in scale: N(0, 1/fan_in) matrices, gains near 1."""
+        check_type("config", config, MLPConfig)
         _check_dtype(dtype)
         _check_device(device)
         g = seeded_generator(seed)
@@ -124,10 +126,8 @@ class MLPWeights:
 def check_mlp_weights(config: MLPConfig, weights: MLPWeights) -> None:
     """``config`` is an MLPConfig; the weights match it, share one dtype (float16 or bfloat16) and
     one device, and are contiguous."""
-    if not isinstance(config, MLPConfig):
-        raise TypeError(f"config must be an MLPConfig, got {type(config).__name__}")
-    if not isinstance(weights, MLPWeights):
-        raise TypeError(f"weights must be an MLPWeights, got {type(weights).__name__}")
+    check_type("config", config, MLPConfig)
+    check_type("weights", weights, MLPWeights)
     dtype, device = weights.gate.dtype, weights.gate.device
     if dtype not in DTYPES:
         raise TypeError(f"weights.gate has dtype {dtype}; allowed: {DTYPES}")

@@ -6,7 +6,7 @@ import reprlib
 
 import torch
 
-from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, is_int
+from .config import DTYPES, MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, check_type, is_int
 from .plan import HOPPER, DeviceLimits
 
 #: Where a fused layer runs: ``"auto"`` follows its weights' device, ``"gpu"`` (the cluster kernel)
@@ -86,10 +86,8 @@ def check_hidden_residual(hidden_size: int, hidden, residual, dtype, device: tor
 def check_weights(config: AttentionConfig, weights: AttentionWeights) -> None:
     """``config`` is an AttentionConfig; the weights match it, share one dtype (float16 or bfloat16)
     and one device, and are contiguous."""
-    if not isinstance(config, AttentionConfig):
-        raise TypeError(f"config must be an AttentionConfig, got {type(config).__name__}")
-    if not isinstance(weights, AttentionWeights):
-        raise TypeError(f"weights must be an AttentionWeights, got {type(weights).__name__}")
+    check_type("config", config, AttentionConfig)
+    check_type("weights", weights, AttentionWeights)
     dtype, device = weights.qkv.dtype, weights.qkv.device
     if dtype not in DTYPES:
         raise TypeError(f"weights.qkv has dtype {dtype}; allowed: {DTYPES}")
