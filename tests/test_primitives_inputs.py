@@ -44,6 +44,16 @@ def rows(*shape, dtype=np.float32):
          "algorithm must be one of"),
         (lambda: primitives.cluster_reduce_steady(rows(2, 2, 40_000), algorithm="two_shot"), ValueError,
          "n=40000 needs .* steady two_shot"),
+        (lambda: primitives.cluster_reduce_steady([[[1.0]]]), TypeError,
+         "xs must be a torch CUDA tensor or a NumPy array; got list"),
+        (lambda: primitives.cluster_reduce(rows(4, 8), out=[0.0] * 32), TypeError,
+         "out must be None or a contiguous CUDA tensor; got list"),
+        (lambda: primitives.cluster_gather(rows(4, 8), out=torch.empty(4, 32)), ValueError,
+         "out must be a contiguous CUDA tensor; got a tensor on cpu"),
+        (lambda: primitives.cluster_reduce_steady(rows(2, 4, 8), out=np.empty((2, 4, 8), np.float32)), TypeError,
+         "out must be None or a contiguous CUDA tensor; got ndarray"),
+        (lambda: primitives.cluster_reduce(rows(4, 8).astype(">f4")), TypeError,
+         r"x holds float32 in the other byte order \('>f4'\); the GPU reads its own"),
     ],
 )
 def test_bad_input_is_rejected_before_launch(call, error, message):

@@ -72,6 +72,9 @@ def _check_numpy(x: np.ndarray, name: str = "x") -> str:
     dtype = np.dtype(x.dtype).name
     if dtype not in GPU_DTYPES:
         raise TypeError(f"{name}.dtype must be one of {GPU_DTYPES} on the GPU; got {dtype!r}")
+    if not x.dtype.isnative:
+        raise TypeError(f"{name} holds {dtype} in the other byte order ({x.dtype.str!r}); the GPU reads its own: "
+                        f"pass {name}.astype({name}.dtype.newbyteorder('='))")
     return dtype
 
 
@@ -115,16 +118,29 @@ def _result(storage, dtype: str, shape):
     return storage.reshape(shape)
 
 
+def _check_out(out, dtype: str, shape) -> None:
+    """``out``: None, or a contiguous CUDA tensor of ``dtype`` and ``shape``. Touches no GPU."""
+    import torch
+
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be None or a contiguous CUDA tensor; got {type(out).__name__}")
+    if out.device.type != "cuda" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous CUDA tensor; got {'a strided' if out.is_cuda else 'a'} tensor "
+                         f"on {out.device}")
+    if _torch_dtypes().get(out.dtype) != dtype or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must be {dtype} of shape {tuple(shape)}; got {out.dtype} of shape {tuple(out.shape)}")
+
+
 def _output(out, dtype: str, shape, rows):
-    """The result's storage [blocks, m]: ``out`` checked and viewed, or a new tensor."""
+    """The result's storage [blocks, m]: ``out`` (checked by :func:`_check_out`) viewed, or a new tensor."""
     import torch
 
     if out is None:
         return rows.new_empty((rows.shape[0], shape[-1]))
-    if not isinstance(out, torch.Tensor) or out.device != rows.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous CUDA tensor on {rows.device}; got {type(out).__name__}")
-    if _torch_dtypes().get(out.dtype) != dtype or tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must be {dtype} of shape {tuple(shape)}; got {out.dtype} of shape {tuple(out.shape)}")
+    if out.device != rows.device:
+        raise ValueError(f"out is on {out.device}; expected {rows.device}, where the rows are")
     return (out if dtype == "float32" else out.view(torch.uint16)).view(rows.shape[0], shape[-1])
 
 
@@ -154,6 +170,7 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
         algorithm = choose_reduce_algorithm(cluster_size, n * FLOAT32_BYTES)
     shared_bytes = reduce_shared_bytes(algorithm, n, cluster_size)
     _check_shared_bytes(shared_bytes, n, f"the {algorithm} reduce")
+    _check_out(out, dtype, tuple(x.shape))
     require_hopper()
     rows = _storage_rows(x, dtype, n)
     result = _output(out, dtype, tuple(x.shape), rows)
@@ -171,14 +188,19 @@ def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out
     ``simulator.cluster_reduce_steady(xs, op, algorithm=algorithm)`` (and ``cluster_reduce(xs[k], op,
     "direct")``) returns.
     """
+    import torch
+
     check_choice("op", op, OPS)
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
-    if getattr(xs, "ndim", None) not in (3, 4) or xs.shape[0] < 1:
+    if not isinstance(xs, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"xs must be a torch CUDA tensor or a NumPy array; got {type(xs).__name__}")
+    if xs.ndim not in (3, 4) or xs.shape[0] < 1:
         raise ValueError(f"xs must be [steps, cluster_size, n] or [steps, num_clusters, cluster_size, n] with "
-                         f"steps >= 1; got {getattr(xs, 'shape', type(xs).__name__)}")
+                         f"steps >= 1; got {tuple(xs.shape)}")
     dtype, num_clusters, cluster_size, n = _check_rows(xs[0], "xs[0]")
     shared_bytes = steady_shared_bytes(n, algorithm, cluster_size)
     _check_shared_bytes(shared_bytes, n, f"the steady {algorithm} reduce (its staged rows and the result)")
+    _check_out(out, dtype, tuple(xs.shape))
     require_hopper()
     steps = xs.shape[0]
     rows = _storage_rows(xs, dtype, n)
@@ -203,8 +225,9 @@ def cluster_gather(x, algorithm: str = "direct", *, out=None):
         algorithm = choose_gather_algorithm(cluster_size, n * itemsize, itemsize)
     shared_bytes = gather_shared_bytes(algorithm, n, cluster_size, itemsize)
     _check_shared_bytes(shared_bytes, n, f"the {algorithm} gather of {cluster_size} rows")
-    require_hopper()
     shape = (*x.shape[:-1], cluster_size * n)
+    _check_out(out, dtype, shape)
+    require_hopper()
     rows = _storage_rows(x, dtype, n)
     result = _output(out, dtype, shape, rows)
     kernel = gather_kernel(algorithm, np.dtype(np.float32 if dtype == "float32" else np.uint16))
