@@ -179,7 +179,8 @@ def test_the_primitives_sweep_takes_a_seed_a_generator_takes(capsys):
         primitives.run_primitives_bench(seed=-1)
     with pytest.raises(SystemExit) as info:
         primitives.main(["--seed", str(2**64)])
-    assert info.value.code == 2 and "argument --seed: must be an integer in 0..9223372036854775807" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --seed: must be an integer in 0..9223372036854775807" in err
 
 def test_bench_fused_takes_jobs_from_the_command_line(capsys):
     from clusterlab.bench.fused import main

@@ -194,7 +194,8 @@ def test_layer_shape_options_are_ints_and_limits_a_device_limits(block, option, 
     if block == "attention":
         make = functools.partial(DecodeAttention, CONFIG, AttentionWeights.random(CONFIG, torch.float16, seed=1))
     elif block == "mla":
-        make = functools.partial(DecodeMLA, DEEPSEEK_V2_LITE, MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16, seed=2))
+        weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16, seed=2)
+        make = functools.partial(DecodeMLA, DEEPSEEK_V2_LITE, weights)
     else:
         mlp = MLPConfig(CONFIG.hidden_size, 256)
         make = functools.partial(DecodeMLP, mlp, MLPWeights.random(mlp, torch.float16, seed=3))

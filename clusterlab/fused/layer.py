@@ -48,9 +48,8 @@ from .plan import (
     check_one_of,
     launch_shape,
 )
-from .validate import (OUTPUTS_APART, check_apart, check_cache, check_handoff, check_longest, check_outputs,
-                       check_positions, check_step, check_tensor, check_weights, kernel_bits, known_longest,
-                       resolve_backend)
+from .validate import (check_cache, check_handoff, check_longest, check_outputs, check_positions, check_step,
+                       check_weights, kernel_bits, known_longest, resolve_backend)
 
 
 
@@ -151,7 +150,8 @@ class DecodeAttention:
         where the host knows it (an int position: ``positions + 1`` by default), for the launch
         shape (:meth:`shape`); the outputs are the same whatever it is. Returns ``(out,
         new_residual)``, both ``[batch, hidden_size]``: into ``out`` / ``residual_out`` when
-        given, buffers that share no byte with each other or with ``hidden`` and ``residual``. Every check runs before the launch; a position tensor's values are checked by the
+        given, buffers that share no byte with each other or with ``hidden`` and ``residual``. Every
+        check runs before the launch; a position tensor's values are checked by the
         kernel (see the module docstring).
         The simulator backend also checks that the GPU could run the step (:meth:`kernel_spec`).
         """
@@ -189,13 +189,11 @@ class DecodeAttention:
         (:func:`~clusterlab.fused.simulated.simulated_step`).
         """
         dtype, device = self.weights.qkv.dtype, self.weights.qkv.device
-        batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
+        batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, residual_out, dtype,
+                              device)
         check_cache(self.config, cache, batch, dtype, device, "the weights")
         check_positions(positions, batch, cache.capacity, device)
         longest = known_longest(positions, longest, cache.capacity)
-        if residual_out is not None:
-            check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
-        check_apart(OUTPUTS_APART, hidden_sums=hidden_sums, residual=residual, residual_out=residual_out)
         key = self._key(dtype, batch, longest)
         self._spec(key)  # raises where the GPU could not run the step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out

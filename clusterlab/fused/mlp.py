@@ -52,8 +52,7 @@ import torch
 from .config import (DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, check_type,
                      seeded_generator)
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options, check_one_of
-from .validate import (OUTPUTS_APART, check_apart, check_handoff, check_hidden_residual, check_outputs, check_tensor,
-                       kernel_bits, resolve_backend)
+from .validate import check_handoff, check_hidden_residual, check_outputs, check_tensor, kernel_bits, resolve_backend
 
 #: Cluster size of an even split unless told (:func:`mlp_shape`), and of an uneven one.
 DEFAULT_CLUSTER_SIZE = 2
@@ -335,10 +334,8 @@ class DecodeMLP:
         ``hidden + residual`` (into ``residual_out`` when given). The simulator backend runs the same
         hand-off (:func:`~clusterlab.fused.mlp_simulated.simulated_mlp_step`)."""
         dtype, device = self.weights.gate.dtype, self.weights.gate.device
-        batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, dtype, device)
-        if residual_out is not None:
-            check_tensor("residual_out", residual_out, tuple(residual.shape), dtype, device, "the weights")
-        check_apart(OUTPUTS_APART, hidden_sums=hidden_sums, residual=residual, residual_out=residual_out)
+        batch = check_handoff(self.config.hidden_size, hidden_sums, residual, sums_out, clear, residual_out, dtype,
+                              device)
         self.kernel_spec(dtype, batch)  # raises where the GPU could not run this step, on both backends
         residual_out = torch.empty_like(residual) if residual_out is None else residual_out
         if self.backend == "simulator":

@@ -146,11 +146,19 @@ def check_cache(config: AttentionConfig, cache: KVCache, batch: int, dtype, devi
                 **{"cache.k": cache.k, "cache.v": cache.v})
 
 
-def check_handoff(hidden_size: int, hidden_sums, residual, sums_out, clear, dtype, device: torch.device) -> int:
+#: Why a step's outputs share no byte with each other or with its inputs.
+OUTPUTS_APART = ("a step writes out and residual_out while its clusters still read hidden and residual: pass "
+                 "buffers of their own")
+
+
+def check_handoff(hidden_size: int, hidden_sums, residual, sums_out, clear, residual_out, dtype,
+                  device: torch.device) -> int:
     """The tensors of a hand-off step (``DecodeAttention.handoff``, ``DecodeMLP.handoff``):
     ``hidden_sums``, ``sums_out`` and ``clear`` float32 ``[batch, hidden_size]`` (batch 1..8),
-    three buffers that share no byte; ``residual`` ``[batch, hidden_size]`` in ``dtype``; all on
-    ``device`` (the weights'), contiguous. Returns the batch."""
+    three buffers that share no byte; ``residual`` and ``residual_out`` (None: the step allocates it)
+    ``[batch, hidden_size]`` in ``dtype``, ``residual_out`` apart from the step's inputs (its first
+    cluster writes it while the others still read them); all on ``device`` (the weights'),
+    contiguous. Returns the batch."""
     batch = check_rows("hidden_sums", hidden_sums, hidden_size)
     buffers = {"hidden_sums": hidden_sums, "sums_out": sums_out, "clear": clear}
     for name, x in buffers.items():
@@ -158,6 +166,9 @@ def check_handoff(hidden_size: int, hidden_sums, residual, sums_out, clear, dtyp
     check_tensor("residual", residual, (batch, hidden_size), dtype, device, "the weights")
     check_apart("a hand-off step reads hidden_sums, adds into sums_out and clears clear: three separate buffers",
                 **buffers)
+    if residual_out is not None:
+        check_tensor("residual_out", residual_out, (batch, hidden_size), dtype, device, "the weights")
+    check_apart(OUTPUTS_APART, hidden_sums=hidden_sums, residual=residual, residual_out=residual_out)
     return batch
 
 
@@ -169,11 +180,6 @@ def check_apart(why: str, **tensors) -> None:
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"{first} and {second} share memory; {why}")
-
-
-#: Why a step's outputs share no byte with each other or with its inputs.
-OUTPUTS_APART = ("a step writes out and residual_out while its clusters still read hidden and residual: pass "
-                 "buffers of their own")
 
 
 def check_outputs(hidden, residual, out, residual_out) -> None:

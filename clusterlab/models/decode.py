@@ -171,7 +171,8 @@ class Decoder:
         max_new_tokens - 2``, which the caches must hold. Captures the graphs of the steps' shapes not
         captured before."""
         model, device = self.model, self.model.device
-        check_tensor("logits", logits, (self.batch, model.config.vocab_size), torch.float32, device, "a decode's logits")
+        vocab = model.config.vocab_size
+        check_tensor("logits", logits, (self.batch, vocab), torch.float32, device, "a decode's logits")
         check_tensor("positions", positions, (self.batch,), torch.int32, device, "a decode's positions")
         values, capacity = positions.tolist(), model.caches[0].capacity
         last = max(values) + self.max_new_tokens - 2  # the cache row the last step writes
