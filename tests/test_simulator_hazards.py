@@ -725,6 +725,7 @@ def test_a_peers_write_into_a_copy_source_needs_a_proxy_fence_of_the_copying_blo
         dst = b.shared_array("dst", (4,), np.int32)
         bar = b.shared_mbarrier("bar")
         b.mbarrier_init(bar, 1)
+        b.fence_mbarrier_init()
         if b.cluster_rank == 0:
             src[:] = 1
             b.fence_proxy_async()
@@ -770,6 +771,7 @@ def test_a_fence_before_a_peers_write_does_not_cover_it():
         dst = b.shared_array("dst", (4,), F32)
         bar = b.shared_mbarrier("bar")
         b.mbarrier_init(bar, 1)
+        b.fence_mbarrier_init()
         yield b.cluster_sync()
         if b.cluster_rank == 1:
             b.map_shared(src, 0)[:] = 7.0
@@ -786,6 +788,61 @@ def test_a_fence_before_a_peers_write_does_not_cover_it():
     with pytest.raises(sim.MissingProxyFence) as info:
         sim.launch(program, 2)
     assert info.value.blocks == (1, 0)
+    assert "bulk-copies 'src' bytes block 1 wrote with st.shared::cluster" in str(info.value)
+
+
+def push_into_uninitialised_looking_barrier(b, copy, fence):
+    """Block 1 initialises ``bar`` and block 0 completes bytes on it with the copy engine (``copy``:
+    ``bulk_copy`` or ``st_async``). ``fence``: what block 1 does to show the init to the async proxy:
+    ``fence_mbarrier_init`` or ``fence_proxy_async`` before the cluster barrier, the same after it
+    (ordered before nothing block 0 does next), or nothing."""
+    src = b.shared_array("src", (4,), F32)
+    dst = b.shared_array("dst", (4,), F32)
+    bar = b.shared_mbarrier("bar")
+    if b.cluster_rank == 0:
+        src[:] = 1.0
+        b.fence_proxy_async()  # the row, for block 0's own copy
+    else:
+        b.mbarrier_init(bar, 1)
+        if fence in ("fence_mbarrier_init", "fence_proxy_async"):
+            getattr(b, fence)()
+    yield b.cluster_sync()
+    if b.cluster_rank == 0:
+        b.step("push")
+        if copy == "bulk_copy":
+            b.bulk_copy(b.map_shared(dst, 1).at[:], src.at[:], b.map_shared(bar, 1))
+        else:
+            b.st_async(b.map_shared(dst, 1).at[:], np.full(4, 1.0, F32), b.map_shared(bar, 1))
+    else:
+        if fence == "after the barrier":
+            b.fence_mbarrier_init()
+        b.mbarrier_arrive_expect_tx(bar, 16)
+        yield b.mbarrier_wait(bar, 0)
+        assert (dst[:] == 1.0).all()
+    yield b.cluster_sync()
+
+
+@pytest.mark.parametrize("copy", ["bulk_copy", "st_async"])
+@pytest.mark.parametrize("fence", ["fence_mbarrier_init", "fence_proxy_async"])
+def test_a_copy_completes_on_a_barrier_whose_init_the_owner_fenced(copy, fence):
+    sim.launch(push_into_uninitialised_looking_barrier, 2, copy, fence)
+
+
+@pytest.mark.parametrize("copy", ["bulk_copy", "st_async"])
+@pytest.mark.parametrize("fence", ["none", "after the barrier"])
+def test_a_copy_on_a_barrier_whose_init_is_not_fenced_before_it_is_a_missing_proxy_fence(copy, fence):
+    """The cluster barrier orders the init before the copy for the generic proxy only: the copy
+    engine's complete_tx may reach an mbarrier it still sees uninitialised."""
+    with pytest.raises(sim.MissingProxyFence) as info:
+        sim.launch(push_into_uninitialised_looking_barrier, 2, copy, fence)
+    bad = info.value
+    assert bad.kind == "missing proxy fence"
+    assert bad.blocks == (1, 0) and bad.owner == 1
+    init, pushed = bad.points
+    assert (init.block, init.op) == (1, "mbarrier.init 'bar'@block 1 count 1")
+    assert (pushed.block, pushed.step) == (0, "push")
+    assert pushed.op.startswith({"bulk_copy": "cp.async.bulk", "st_async": "st.async"}[copy])
+    assert "no fence_mbarrier_init (or fence_proxy_async) of block 1" in str(bad)
 
 
 # --------------------------------------------------------------------------- views: shared words
@@ -1014,6 +1071,7 @@ def test_producer_consumer_with_st_async_and_remote_arrivals_reuses_a_slot_safel
         empty = b.shared_mbarrier("empty")
         b.mbarrier_init(full, 1)
         b.mbarrier_init(empty, 1)
+        b.fence_mbarrier_init()  # for the st_async that completes on full
         yield b.cluster_sync()
         if b.cluster_rank == 0:  # producer
             for k in range(rounds):
@@ -1038,6 +1096,7 @@ def test_the_same_slot_reuse_without_the_empty_barrier_races():
         slot = b.shared_array("slot", (4,), F32)
         full = b.shared_mbarrier("full")
         b.mbarrier_init(full, 1)
+        b.fence_mbarrier_init()
         yield b.cluster_sync()
         if b.cluster_rank == 0:
             for k in range(2):  # bug: the second store does not wait for the consumer

@@ -171,6 +171,7 @@ def test_a_copy_for_the_next_phase_issued_before_this_phase_is_known_complete():
         bars = [b.shared_mbarrier("full0"), b.shared_mbarrier("full1")]
         for bar in bars:
             b.mbarrier_init(bar, 1)
+        b.fence_mbarrier_init()
         yield b.cluster_sync()
         if b.cluster_rank == 1:
             b.step("push")
@@ -283,6 +284,7 @@ def pipeline(b, rounds, arm, copy, first_wait_parity_1):
     empty = b.shared_mbarrier("empty")
     b.mbarrier_init(full, 1)
     b.mbarrier_init(empty, 1)
+    b.fence_mbarrier_init()  # for the copies that complete on full
     yield b.cluster_sync()
     seen = []
     if b.cluster_rank == 0:

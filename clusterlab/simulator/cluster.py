@@ -47,7 +47,9 @@ mbarrier instance (standing for the bulk copies that complete on it).
   through the async proxy: every generic-proxy write to its source (the block's own ``st`` or
   ``red.shared``, a peer's ``::cluster`` ones) needs a ``fence_proxy_async`` of the copying block
   ordered after it (``MissingProxyFence``), and a copy writes another block's memory, never its
-  issuer's (``InvalidRank``).
+  issuer's (``InvalidRank``). The copy's ``complete_tx`` reaches the destination's mbarrier through
+  the async proxy too: the owner's ``fence_mbarrier_init`` (or ``fence_proxy_async``) after its
+  ``mbarrier_init`` must be ordered before the copy (``MissingProxyFence``).
 - PTX's rules of an mbarrier phase: an arrival in phase ``k > 0`` must come after a wait that
   returned on phase ``k - 1`` (``BarrierMisuse``, reported when the launch ends unless a lapped
   wait was reported first); an ``expect_tx`` without an arrival must come before one of its
@@ -281,6 +283,10 @@ class _MbarrierState:
         self.initialized = False
         self.init_epoch = 0
         self.init_event = -1
+        # the owner's clock and event at its first fence_mbarrier_init / fence_proxy_async after the init
+        # (-1: none yet): the copy engine may complete transactions on it only once that is ordered before
+        self.fence_epoch = -1
+        self.fence_event = -1
         self.count = 0
         self.pending = 0
         self.expected = 0
@@ -539,6 +545,25 @@ class Block:
         state.init_event = event
         state.count = state.pending = int(arrival_count)
 
+    def fence_mbarrier_init(self) -> None:
+        """``fence.mbarrier_init.release.cluster``: release this block's earlier ``mbarrier_init``\\ s
+        to the cluster, the copy engine included (follow it by a cluster barrier).
+
+        A bulk copy or ``st_async`` completes its bytes on the destination's mbarrier through the
+        async proxy, which sees the init only after this fence, or after a
+        :meth:`fence_proxy_async`, of the owner (``MissingProxyFence``).
+        """
+        line = self._ready()
+        event = self._event("fence.mbarrier_init", self.cluster_rank, self.cluster_rank, 0, "", line)
+        self._fence_inits(event)
+
+    def _fence_inits(self, event: int) -> None:
+        """Mark the block's initialised mbarriers as visible to the async proxy from this point."""
+        epoch = int(self._clock[self.cluster_rank])
+        for state in self._cluster.mbarriers[self.cluster_rank]:
+            if state.initialized and state.fence_epoch < 0:
+                state.fence_epoch, state.fence_event = epoch, event
+
     def mbarrier_arrive(self, bar: Mbarrier) -> None:
         """``mbarrier.arrive.release.cluster``: one arrival on ``bar`` (own or mapped)."""
         self._mbarrier_update(bar, "mbarrier.arrive", arrive=True, tx_bytes=0, line=self._ready())
@@ -635,9 +660,10 @@ class Block:
         """``fence.proxy.async.shared::cta``: make the generic-proxy writes into this block's shared
         memory that are ordered before this point (its own ``st.shared`` and ``red.shared``, a peer's
         ``st`` / ``red.shared::cluster`` once a barrier ordered them) visible to the async proxy, i.e.
-        to the bulk copies it issues next."""
+        to the bulk copies it issues next; its ``mbarrier_init``\\ s too, as :meth:`fence_mbarrier_init`."""
         line = self._ready()
-        self._event("fence.proxy.async", self.cluster_rank, self.cluster_rank, 0, "", line)
+        event = self._event("fence.proxy.async", self.cluster_rank, self.cluster_rank, 0, "", line)
+        self._fence_inits(event)
         clock = self._clock
         self._unfenced = [write for write in self._unfenced if clock[write[3]] < write[4]]
 
@@ -726,6 +752,7 @@ class Block:
         if cluster.exited[darray.owner]:
             cluster.raise_exited_access(self, darray.owner, dentry, (dlo, dhi), event)
         cluster.check_mbarrier_visible(self, state, event)
+        cluster.check_init_fenced(self, state, kind, event)
         cluster.check_signal_phase(self, state, event)
         # The copy is its own actor: the mbarrier's, at the phase it completes on.
         actor, epoch = state.actor, state.phase + 1
@@ -954,6 +981,21 @@ class _Cluster:
                 blocks=(state.owner, me), owner=state.owner, byte_range=state.byte_range,
                 points=(self.point(self.exit_events[state.owner]), self.point(event)),
             )
+
+    def check_init_fenced(self, block: Block, state: _MbarrierState, kind: str, event: int) -> None:
+        """The copy engine completes on an mbarrier only after the owner fenced its init for the
+        async proxy, the fence ordered before the copy's issue (``MissingProxyFence``)."""
+        if 0 <= state.fence_epoch <= block._clock[state.owner]:
+            return
+        me, owner = block.cluster_rank, state.owner
+        raise hazards.MissingProxyFence(
+            f"block {me}'s {kind} completes on mbarrier {state.label}, but no fence_mbarrier_init (or "
+            f"fence_proxy_async) of block {owner} after its mbarrier_init is ordered before the copy: the "
+            f"copy engine may find the mbarrier uninitialised (b.fence_mbarrier_init() after the init, "
+            "before the cluster barrier that lets peers copy)",
+            blocks=(owner, me), owner=owner, byte_range=state.byte_range,
+            points=(self.point(state.init_event), self.point(event)),
+        )
 
     def expect_points(self, state: _MbarrierState) -> tuple:
         """The point of the phase's last expect_tx, if any (first point of a mismatch report)."""

@@ -205,7 +205,10 @@ class MissingProxyFence(Hazard):
     ``st.shared``, ``red.shared`` and their ``::cluster`` forms from a peer go through the generic
     proxy and ``cp.async.bulk`` reads through the async proxy: the issuing block's
     ``fence.proxy.async.shared::cta`` (``Block.fence_proxy_async``) must come after the write (a
-    peer's write ordered before it by a barrier) and before the copy.
+    peer's write ordered before it by a barrier) and before the copy. Likewise the copy's
+    ``complete_tx`` on the destination's mbarrier: the owner's ``fence.mbarrier_init.release.cluster``
+    (``Block.fence_mbarrier_init``) or ``fence.proxy.async`` after its ``mbarrier.init`` must be
+    ordered before the copy.
     """
 
     kind = "missing proxy fence"

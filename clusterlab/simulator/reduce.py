@@ -408,6 +408,7 @@ def bulk_two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combi
     b.step("initialise")
     b.mbarrier_init(scattered, size)  # this block's expect_tx and every peer's arrival
     b.mbarrier_init(gathered, size)
+    b.fence_mbarrier_init()  # the inits, for the peers' copies that complete on them
     yield b.cluster_sync()  # mbarriers initialised everywhere
     for k in range(xs.shape[0]):
         b.step(f"stage {k}")
