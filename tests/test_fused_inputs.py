@@ -107,7 +107,7 @@ def test_unfused_layer_checks_host_positions_against_the_rope_table_and_the_cach
 
 @pytest.mark.parametrize("call, error, words", [
     (lambda u, h, r, cache: u(h, r, cache, torch.tensor([5, 5]), length=3), ValueError,
-     "position 5 overflows the cache: it holds 3 positions"),
+     "position 5 overflows the rows length=3 attends to: it holds 3 positions (0..2)"),
     (lambda u, h, r, cache: u(h, r, cache, torch.tensor([5, 5]), length=CAPACITY + 1), ValueError,
      "length must be None or an int in 1..16 (the cache's rows), got 17"),
     (lambda u, h, r, cache: u(h, r, cache, torch.tensor([5, 5]), length=2.0), ValueError,

@@ -54,7 +54,7 @@ def check_batch(batch) -> None:
         raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
 
 
-def _check_number(name: str, value) -> None:
+def check_number(name: str, value) -> None:
     """A real number (an int or a float, not a bool), so that the range checks can compare it."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -76,7 +76,7 @@ class Llama3RopeScaling:
 
     def __post_init__(self):
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            _check_number(f"Llama3RopeScaling.{name}", getattr(self, name))
+            check_number(f"Llama3RopeScaling.{name}", getattr(self, name))
         if not (self.factor >= 1.0 and math.isfinite(self.factor)):
             raise ValueError(f"Llama3RopeScaling.factor must be a finite number >= 1, got {self.factor!r}")
         if not (0.0 < self.low_freq_factor < self.high_freq_factor):
@@ -131,8 +131,8 @@ class AttentionConfig:
             )
         if self.rope_style not in ROPE_STYLES:
             raise ValueError(f"AttentionConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
-        _check_number("AttentionConfig.rope_theta", self.rope_theta)
-        _check_number("AttentionConfig.rms_eps", self.rms_eps)
+        check_number("AttentionConfig.rope_theta", self.rope_theta)
+        check_number("AttentionConfig.rms_eps", self.rms_eps)
         if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"AttentionConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
         if not (0.0 < self.rms_eps < 1.0):
@@ -208,12 +208,13 @@ QWEN2_5_7B = AttentionConfig(hidden_size=3584, heads=28, kv_heads=4, head_dim=12
 PRESETS = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA3_2_1B, "qwen2.5-7b": QWEN2_5_7B}
 
 
-def _check_dtype(dtype) -> None:
+def check_dtype(dtype) -> None:
+    """``dtype`` is one the fused layers run: torch.float16 or torch.bfloat16 (TypeError otherwise)."""
     if dtype not in DTYPES:
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
 
 
-def _check_device(device) -> None:
+def check_device(device) -> None:
     """A CUDA device needs a usable Hopper GPU (:class:`clusterlab.HopperRequired` without one)."""
     if torch.device(device).type == "cuda":
         problem = hopper_problem()
@@ -230,7 +231,8 @@ def check_type(name: str, value, cls: type) -> None:
         raise TypeError(f"{name} must be {article} {word}, got {type(value).__name__}")
 
 
-def _check_size(name: str, value) -> None:
+def check_size(name: str, value) -> None:
+    """``value`` (the parameter ``name``) is a positive int (ValueError otherwise)."""
     if not is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
@@ -272,8 +274,8 @@ class AttentionWeights:
         QKV bias (where the config has one) is normal with std 0.5, about a trained one's size.
         """
         check_type("config", config, AttentionConfig)
-        _check_dtype(dtype)
-        _check_device(device)
+        check_dtype(dtype)
+        check_device(device)
         gen = seeded_generator(seed)
         h = config.hidden_size
 
@@ -294,10 +296,10 @@ class AttentionWeights:
 
 def _check_cache(config, batch, capacity, dtype, device) -> None:
     check_type("config", config, AttentionConfig)
-    _check_size("batch", batch)
-    _check_size("capacity", capacity)
-    _check_dtype(dtype)
-    _check_device(device)
+    check_size("batch", batch)
+    check_size("capacity", capacity)
+    check_dtype(dtype)
+    check_device(device)
 
 
 @dataclass
@@ -360,6 +362,6 @@ def rope_table(config: AttentionConfig, capacity: int, device="cpu") -> torch.Te
     Computed in float64 and rounded once, so no large angle is ever formed in float32.
     """
     check_type("config", config, AttentionConfig)
-    _check_size("capacity", capacity)
+    check_size("capacity", capacity)
     angles = torch.arange(capacity, dtype=torch.float64)[:, None] * rope_frequencies(config)
     return torch.stack([angles.cos(), angles.sin()], dim=1).to(torch.float32).contiguous().to(device)

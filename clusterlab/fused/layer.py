@@ -35,7 +35,7 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, _check_dtype, rope_table
+from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, check_dtype, rope_table
 from .plan import (
     CLUSTER_SIZES,
     MAX_BATCH_PARTS,
@@ -240,14 +240,14 @@ class DecodeAttention:
         in the :meth:`shape` of ``longest`` (built once per shape). Pure Python, also on the
         simulator backend: it raises where the GPU of ``self.limits`` could not run the step (e.g.
         too much shared memory)."""
-        _check_dtype(dtype)
+        check_dtype(dtype)
         return self._spec(self._key(dtype, batch, longest))
 
     def launcher(self, dtype: torch.dtype, batch: int, handoff: bool = False, longest: int | None = None):
         """The cluster launcher (:class:`clusterlab.launch.ClusterKernel`) of one dtype, batch and
         :meth:`shape` (``handoff``: of :meth:`handoff`'s kernel)."""
         self._require_kernel("launcher")
-        _check_dtype(dtype)
+        check_dtype(dtype)
         return self._launcher(self._key(dtype, batch, longest), handoff)
 
     def _key(self, dtype: torch.dtype, batch: int, longest: int | None) -> tuple:

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import (
-    _check_device,
-    _check_number,
-    _check_size,
+    check_device,
+    check_number,
+    check_size,
     check_type,
     is_int,
     seeded_generator,
@@ -96,7 +96,7 @@ class YarnRopeScaling:
 
     def __post_init__(self):
         for name in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
-            _check_number(f"YarnRopeScaling.{name}", getattr(self, name))
+            check_number(f"YarnRopeScaling.{name}", getattr(self, name))
         if not (self.factor >= 1.0 and math.isfinite(self.factor)):
             raise ValueError(f"YarnRopeScaling.factor must be a finite number >= 1, got {self.factor!r}")
         if not (is_int(self.original_max_position) and self.original_max_position > 0):
@@ -179,8 +179,8 @@ class MLAConfig:
             raise ValueError(
                 f"MLAConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}"
             )
-        _check_number("MLAConfig.rope_theta", self.rope_theta)
-        _check_number("MLAConfig.rms_eps", self.rms_eps)
+        check_number("MLAConfig.rope_theta", self.rope_theta)
+        check_number("MLAConfig.rms_eps", self.rms_eps)
         if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"MLAConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
         if not (0.0 < self.rms_eps < 1.0):
@@ -313,7 +313,7 @@ class MLAWeights:
         """
         check_type("config", config, MLAConfig)
         _check_mla_dtype(dtype)
-        _check_device(device)
+        check_device(device)
         gen = seeded_generator(seed)
         h = config.hidden_size
 
@@ -422,10 +422,10 @@ class LatentCache:
 
 def _check_latent_cache(config, batch, capacity, dtype, device) -> None:
     check_type("config", config, MLAConfig)
-    _check_size("batch", batch)
-    _check_size("capacity", capacity)
+    check_size("batch", batch)
+    check_size("capacity", capacity)
     _check_mla_dtype(dtype)
-    _check_device(device)
+    check_device(device)
 
 
 def check_mla_activations(config: MLAConfig, weights: MLAWeights, hidden, residual, cache: LatentCache) -> None:
@@ -454,7 +454,7 @@ def mla_rope_table(config: MLAConfig, capacity: int, device="cpu") -> torch.Tens
     """``attention_factor`` × cos and sin of every position's RoPE angles: ``[capacity, 2, d_r/2]``
     float32, computed in float64 and rounded once."""
     check_type("config", config, MLAConfig)
-    _check_size("capacity", capacity)
+    check_size("capacity", capacity)
     angles = torch.arange(capacity, dtype=torch.float64)[:, None] * mla_rope_frequencies(config)
     table = torch.stack([angles.cos(), angles.sin()], dim=1) * config.rope_attention_factor
     return table.to(torch.float32).contiguous().to(device)

@@ -26,7 +26,7 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, _check_dtype, check_batch, is_int
+from .config import MAX_BATCH, check_batch, check_dtype, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, WARP_COUNTS, DeviceLimits, check_one_of
 from .validate import check_longest, check_outputs, check_positions, kernel_bits, known_longest, resolve_backend
@@ -162,7 +162,7 @@ class DecodeMLA:
         shapes they do not tile, shared memory)."""
         from .mla_kernel import MLASpec
 
-        _check_dtype(dtype)
+        check_dtype(dtype)
         _, warps, clusters = self.shape(batch, longest)
         key = (dtype, batch, clusters)
         if key not in self._specs:

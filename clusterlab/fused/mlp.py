@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import (DTYPES, MAX_BATCH, _check_device, _check_dtype, _check_size, check_batch, check_type,
+from .config import (DTYPES, MAX_BATCH, check_batch, check_device, check_dtype, check_size, check_type,
                      seeded_generator)
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options, check_one_of
 from .validate import check_handoff, check_hidden_residual, check_outputs, check_tensor, kernel_bits, resolve_backend
@@ -75,8 +75,8 @@ class MLPConfig:
     rms_eps: float = 1e-5
 
     def __post_init__(self):
-        _check_size("hidden_size", self.hidden_size)
-        _check_size("intermediate_size", self.intermediate_size)
+        check_size("hidden_size", self.hidden_size)
+        check_size("intermediate_size", self.intermediate_size)
         if self.hidden_size % 8 or self.intermediate_size % 8:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) and intermediate_size ({self.intermediate_size}) must be "
@@ -110,8 +110,8 @@ class MLPWeights:
     def random(cls, config: MLPConfig, dtype=torch.float16, device="cpu", seed: int | None = None) -> MLPWeights:
         """Weights drawn like a trained layer's in scale: N(0, 1/fan_in) matrices, gains near 1."""
         check_type("config", config, MLPConfig)
-        _check_dtype(dtype)
-        _check_device(device)
+        check_dtype(dtype)
+        check_device(device)
         g = seeded_generator(seed)
         h, i = config.hidden_size, config.intermediate_size
 
@@ -292,7 +292,7 @@ class DecodeMLP:
         Python, on both backends: raises where the GPU of ``self.limits`` could not run it)."""
         from .mlp_kernel import MLPSpec
 
-        _check_dtype(dtype)
+        check_dtype(dtype)
         key = (dtype, batch)
         if key not in self._specs:
             options = {name: value for name, value in self.kernel_options.items() if name != "work_queue"}

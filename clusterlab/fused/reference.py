@@ -132,7 +132,9 @@ class UnfusedAttention:
         batch = hidden.shape[0]
         if length is not None and not (is_int(length) and 1 <= length <= cache.capacity):
             raise ValueError(f"length must be None or an int in 1..{cache.capacity} (the cache's rows), got {length!r}")
-        check_host_positions(positions, batch, cache.capacity if length is None else length, self.rope.shape[0])
+        attended, holder = (
+            (cache.capacity, "the cache") if length is None else (length, f"the rows length={length} attends to"))
+        check_host_positions(positions, batch, attended, self.rope.shape[0], holder)
         h = hidden + residual
         n = F.rms_norm(h, (c.hidden_size,), w.norm, c.rms_eps)
         q, k, v = F.linear(n, w.qkv, w.qkv_bias).split([c.heads * d, c.kv_heads * d, c.kv_heads * d], dim=-1)

@@ -275,13 +275,14 @@ def sequence_positions(positions, batch: int) -> list[int]:
     )
 
 
-def check_host_positions(positions, batch: int, capacity: int, rope_rows: int) -> None:
-    """Positions the host holds (an int, or a tensor on the CPU): every one within the cache's
-    ``capacity`` rows and the RoPE table's ``rope_rows``. A CUDA tensor is not read: a step that
-    takes one may be captured in a CUDA graph, where reading it would break the capture."""
+def check_host_positions(positions, batch: int, capacity: int, rope_rows: int, holder: str = "the cache") -> None:
+    """Positions the host holds (an int, or a tensor on the CPU): every one within the ``capacity``
+    rows of ``holder`` (the cache, or the part of it a step attends to) and the RoPE table's
+    ``rope_rows``. A CUDA tensor is not read: a step that takes one may be captured in a CUDA graph,
+    where reading it would break the capture."""
     if isinstance(positions, int) or positions.device.type == "cpu":
         values = sequence_positions(positions, batch)
-        check_range(values, capacity)
+        check_range(values, capacity, holder)
         check_range(values, rope_rows, "the rope table")
 
 

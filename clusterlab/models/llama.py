@@ -70,8 +70,8 @@ from ..fused.config import (
     AttentionWeights,
     KVCache,
     Llama3RopeScaling,
-    _check_device,
     check_batch,
+    check_device,
     is_int,
     rope_table,
     seeded_generator,
@@ -544,7 +544,7 @@ def check_choices(*, attention: str = "fused", backend: str = "auto", device=Non
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device is not None and attention == "fused":
-        _check_device(device)
+        check_device(device)
 
 
 def _as_prompts(given) -> list[list[int]]:
