@@ -128,7 +128,7 @@ def _tour(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from importlib import import_module
 
-    return import_module(f"{__package__}.bench.{args.suite}").main(args.options)
+    return import_module(f"{__package__}.bench.{args.suite}").main(args.options, prog=f"clusterlab bench {args.suite}")
 
 
 def _generate(args: argparse.Namespace) -> int:

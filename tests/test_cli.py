@@ -73,6 +73,22 @@ def test_bench_without_gpu_exits_1_naming_what_is_missing(suite, capsys):
     assert "a Hopper GPU is required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suite, args, message", [
+    ("primitives", ["--cluster", "17"], "argument --cluster: must be an integer in 1..16; got '17'"),
+    ("fused", ["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
+    ("decode", ["--context", "-1"], "argument --context: must be an integer >= 1; got '-1'"),
+    ("mlp", ["--preset", "gpt2"], "argument --preset: invalid choice: 'gpt2'"),
+])
+def test_bench_suites_name_the_command_that_was_typed(suite, args, message, capsys):
+    """``clusterlab bench SUITE`` errors and usage say ``clusterlab bench SUITE``, not the module's file."""
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", suite, *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: clusterlab bench {suite} [-h]")
+    assert f"clusterlab bench {suite}: error: {message}" in err
+
+
 def test_bad_value_exits_2_with_the_parameter(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["trace", "reduce", "--cluster", "17"])

@@ -541,8 +541,9 @@ def _plot(rows: list[DecodeRow], parts: list[BreakdownRow], record: dict, path: 
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.decode",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", choices=list(MODEL_PRESETS), default=None,
                         help=f"default: {' '.join(PRESETS)}")
     parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=None,

@@ -514,8 +514,9 @@ def parse_options(text: str, choices: dict = KERNEL_CHOICES) -> dict:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.fused",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--kv", nargs="+", type=integer(1), default=list(KV_LENGTHS),
                         help="cached positions a sequence attends to, its new token included")

@@ -359,8 +359,9 @@ def _plot(rows: list[MLPRow], record: dict, path: Path) -> None:
 parse_variant = dimensions("CW", "cluster size x warps", "2x8 or 4x16")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.mlp",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", choices=list(MODEL_PRESETS), default=list(PRESETS),
                         help=f"default: {' '.join(PRESETS)}")
     parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=list(BATCHES),

@@ -604,8 +604,9 @@ def run_primitives_bench(
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clusterlab.bench.primitives", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.primitives",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--cluster", type=integer(1, simulator.MAX_CLUSTER_SIZE), nargs="+",
                         default=list(CLUSTER_SIZES), help="cluster sizes")
     parser.add_argument("--bytes", type=integer(16, multiple_of=16), nargs="+", default=list(MESSAGE_BYTES),
