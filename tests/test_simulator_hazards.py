@@ -828,21 +828,145 @@ def test_a_copy_completes_on_a_barrier_whose_init_the_owner_fenced(copy, fence):
     sim.launch(push_into_uninitialised_looking_barrier, 2, copy, fence)
 
 
-@pytest.mark.parametrize("copy", ["bulk_copy", "st_async"])
 @pytest.mark.parametrize("fence", ["none", "after the barrier"])
-def test_a_copy_on_a_barrier_whose_init_is_not_fenced_before_it_is_a_missing_proxy_fence(copy, fence):
+def test_a_bulk_copy_on_a_barrier_whose_init_is_not_fenced_before_it_is_a_missing_proxy_fence(fence):
     """The cluster barrier orders the init before the copy for the generic proxy only: the copy
     engine's complete_tx may reach an mbarrier it still sees uninitialised."""
     with pytest.raises(sim.MissingProxyFence) as info:
-        sim.launch(push_into_uninitialised_looking_barrier, 2, copy, fence)
+        sim.launch(push_into_uninitialised_looking_barrier, 2, "bulk_copy", fence)
     bad = info.value
     assert bad.kind == "missing proxy fence"
     assert bad.blocks == (1, 0) and bad.owner == 1
     init, pushed = bad.points
     assert (init.block, init.op) == (1, "mbarrier.init 'bar'@block 1 count 1")
     assert (pushed.block, pushed.step) == (0, "push")
-    assert pushed.op.startswith({"bulk_copy": "cp.async.bulk", "st_async": "st.async"}[copy])
+    assert pushed.op.startswith("cp.async.bulk")
     assert "no fence_mbarrier_init (or fence_proxy_async) of block 1" in str(bad)
+
+
+def test_st_async_signals_through_the_generic_proxy_so_a_cluster_barrier_after_the_init_is_enough():
+    """PTX: st.async stores, and reaches its mbarrier, through the generic proxy; no proxy fence."""
+    sim.launch(push_into_uninitialised_looking_barrier, 2, "st_async", "none")
+
+
+@pytest.mark.parametrize("fenced", [True, False])
+def test_bytes_an_st_async_wrote_need_a_proxy_fence_before_a_bulk_copy_sends_them_on(fenced):
+    """Block 0 st.async's a row into block 1, which waits for it and bulk-copies it on to block 2:
+    st.async wrote it through the generic proxy, so block 1 fences before its copy reads it."""
+
+    def program(b):
+        inbox = b.shared_array("inbox", (4,), F32)
+        out = b.shared_array("out", (4,), F32)
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        b.fence_mbarrier_init()
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.st_async(b.map_shared(inbox, 1).at[:], np.full(4, 9, F32), b.map_shared(bar, 1))
+        else:
+            b.mbarrier_arrive_expect_tx(bar, 16)
+            yield b.mbarrier_wait(bar, 0)
+            if b.cluster_rank == 1:
+                if fenced:
+                    b.fence_proxy_async()
+                b.step("forward")
+                b.bulk_copy(b.map_shared(out, 2).at[:], inbox.at[:], b.map_shared(bar, 2))
+            else:
+                assert (out[:] == 9).all()
+        yield b.cluster_sync()
+
+    if fenced:
+        sim.launch(program, 3)
+        return
+    with pytest.raises(sim.MissingProxyFence) as info:
+        sim.launch(program, 3)
+    bad = info.value
+    assert bad.blocks == (0, 1) and bad.owner == 1
+    assert "block 1 bulk-copies 'inbox' bytes block 0 wrote with st.async" in str(bad)
+    assert [(p.block, p.op.split()[0]) for p in bad.points] == [(0, "st.async"), (1, "cp.async.bulk")]
+
+
+@pytest.mark.parametrize("fence", ["fence_mbarrier_init", "fence_acq_rel_cluster", None])
+def test_a_relaxed_cluster_arrival_publishes_the_inits_a_fence_released(fence):
+    """PTX's idiom: mbarrier.init; fence.mbarrier_init.release.cluster; barrier.cluster.arrive.relaxed;
+    barrier.cluster.wait. The relaxed arrival alone publishes nothing."""
+
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 2)
+        if fence:
+            getattr(b, fence)()
+        b.cluster_arrive_relaxed()
+        yield b.cluster_wait_acquire()
+        b.step("arrive")
+        b.mbarrier_arrive(b.map_shared(bar, 0))  # both blocks on block 0's barrier
+        if b.cluster_rank == 0:
+            yield b.mbarrier_wait(bar, 0)
+        yield b.cluster_sync()
+
+    if fence:
+        sim.launch(program, 2)
+        return
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    assert info.value.conflict == "mbarrier use after init"
+    assert info.value.blocks == (0, 1)
+
+
+@pytest.mark.parametrize("owner", [0, 1])
+def test_an_arrival_that_completes_a_phase_only_in_one_order_does_not_tell_its_block_so(owner):
+    """The peer's arrival is the last of phase 0 in one rank order only: on hardware the owner's may
+    come last, so the peer's copy, meant for phase 1, may land in phase 0 (whose tx-count then never
+    balances). Reported in both rank orders."""
+
+    def program(b):
+        buf = b.shared_array("buf", (4,), F32)
+        stage = b.shared_array("stage", (4,), F32)
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 2)
+        b.fence_mbarrier_init()
+        stage[:] = 7.0
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        if b.cluster_rank == owner:
+            b.mbarrier_arrive(bar)
+            yield b.mbarrier_wait(bar, 0)
+            b.mbarrier_arrive_expect_tx(bar, 16)
+            b.mbarrier_arrive(bar)
+            yield b.mbarrier_wait(bar, 1)
+        else:
+            peer = b.map_shared(bar, owner)
+            b.mbarrier_arrive(peer)
+            b.bulk_copy(b.map_shared(buf, owner).at[:], stage.at[:], peer)  # meant for phase 1
+        yield b.cluster_sync()
+
+    # owner 0: the peer's arrival completes phase 0 here, and its copy is the aliasing signal;
+    # owner 1: the copy lands in phase 0 here, more bytes than it expects
+    with pytest.raises(sim.PhaseAliasing if owner == 0 else sim.TransactionMismatch) as info:
+        sim.launch(program, 2)
+    assert info.value.owner == owner
+
+
+def test_a_peer_access_before_the_first_cluster_barrier_is_barrier_misuse():
+    """Block 1 stores into block 0 before any cluster barrier: block 0 may not have started yet.
+    No race (the barrier after orders the store before block 0's read), so it is reported at the
+    launch's end."""
+
+    def program(b):
+        box = b.shared_array("box", (4,), F32)
+        if b.cluster_rank == 1:
+            b.map_shared(box, 0)[:] = 5.0
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            assert (box[:] == 5.0).all()
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 2)
+    bad = info.value
+    assert bad.blocks == (0, 1) and bad.owner == 0 and bad.byte_range == (0, 16)
+    assert "block 1 accesses 'box' of block 0 before its first cluster barrier" in str(bad)
+    assert bad.points[0].op.startswith("st.shared::cluster box")
 
 
 # --------------------------------------------------------------------------- views: shared words

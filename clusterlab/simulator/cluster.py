@@ -49,14 +49,21 @@ mbarrier instance (standing for the bulk copies that complete on it).
   ordered after it (``MissingProxyFence``), and a copy writes another block's memory, never its
   issuer's (``InvalidRank``). The copy's ``complete_tx`` reaches the destination's mbarrier through
   the async proxy too: the owner's ``fence_mbarrier_init`` (or ``fence_proxy_async``) after its
-  ``mbarrier_init`` must be ordered before the copy (``MissingProxyFence``).
+  ``mbarrier_init`` must be ordered before the copy (``MissingProxyFence``). ``st_async`` stores,
+  and signals its mbarrier, through the generic proxy (PTX): it needs no such fence, but a bulk
+  copy of the bytes it wrote does, as of any other store.
+- ``fence_mbarrier_init`` releases the block's inits through its next cluster arrival, relaxed or
+  not: a block that waited on that barrier phase may use them (PTX's idiom).
 - PTX's rules of an mbarrier phase: an arrival in phase ``k > 0`` must come after a wait that
   returned on phase ``k - 1`` (``BarrierMisuse``, reported when the launch ends unless a lapped
   wait was reported first); an ``expect_tx`` without an arrival must come before one of its
   phase's arrivals, else the phase may complete without it (``PhaseAliasing``); the tx-count
   stays within ``±(2**20 - 1)`` (``TransactionMismatch``).
-- When a block exits its shared memory vanishes: every earlier peer access to it, and every
-  peer's signal on its mbarriers, must be ordered before the exit, and later ones raise
+- A block's shared memory exists while it runs, and every block of the cluster is known to run
+  only once a cluster barrier's phase completes: a peer access before the accessing block's first
+  cluster wait is ``BarrierMisuse`` (reported at the launch's end, so a race it is part of is
+  reported first). When a block exits its shared memory vanishes: every earlier peer access to it,
+  and every peer's signal on its mbarriers, must be ordered before the exit, and later ones raise
   ``ExitedBlockAccess``.
 
 Hazards are checked on every access against the owner's shadow memory
@@ -89,7 +96,9 @@ involved (with bytes, a copy may still be in flight on hardware).
   That is ``PhaseAliasing``, reported with the wait and the signal that lapped it.
 - Likewise an arrival, a (non-zero) ``expect_tx`` or a copy issued by a block that does not
   know the previous phase completed may count toward that phase instead of the current one:
-  ``PhaseAliasing`` too.
+  ``PhaseAliasing`` too. A block whose own arrival completed a phase knows it only if no bytes
+  were involved and every other arrival of the phase is ordered before its own (else another
+  may come last on hardware).
 
 The cluster barrier needs no such care: its waits name their phase (each block arrives once
 per phase and must wait before arriving again), so a block can never be lapped.
@@ -283,10 +292,14 @@ class _MbarrierState:
         self.initialized = False
         self.init_epoch = 0
         self.init_event = -1
-        # the owner's clock and event at its first fence_mbarrier_init / fence_proxy_async after the init
-        # (-1: none yet): the copy engine may complete transactions on it only once that is ordered before
+        # the owner's clock at its first fence_mbarrier_init / fence_proxy_async after the init (-1: none
+        # yet): the copy engine may complete transactions on it only once that is ordered before
         self.fence_epoch = -1
-        self.fence_event = -1
+        self.init_released = False  # a fence_mbarrier_init came after the init
+        # the cluster-barrier phase whose relaxed arrival of the owner, after that fence, publishes the init
+        # to whoever waited on the phase (-1: none yet)
+        self.init_release_phase = -1
+        self.arrivals: list[tuple[int, int]] = []  # (block, epoch) of each arrival in the current phase
         self.count = 0
         self.pending = 0
         self.expected = 0
@@ -452,6 +465,8 @@ class Block:
         conflict = alloc.find_conflict(sel, lo, hi, clock, mode)
         if conflict is not None:
             cluster.raise_race(me, alloc, mode, conflict, event)
+        if owner != me and self._waited == 0:  # reported at the launch's end, if nothing else is first
+            cluster.unstarted.append((me, owner, entry, (lo, hi), event))
         epoch = int(clock[me])
         alloc.record(sel, lo, hi, me, epoch, mode)
         _, slo, shi = alloc.storage_bytes(sel, lo, hi)
@@ -547,22 +562,25 @@ class Block:
 
     def fence_mbarrier_init(self) -> None:
         """``fence.mbarrier_init.release.cluster``: release this block's earlier ``mbarrier_init``\\ s
-        to the cluster, the copy engine included (follow it by a cluster barrier).
+        to the cluster, the copy engine included; follow it by a cluster barrier, whose arrival may
+        then be relaxed (PTX's idiom: the fence, ``cluster_arrive_relaxed``, ``cluster_wait_acquire``).
 
-        A bulk copy or ``st_async`` completes its bytes on the destination's mbarrier through the
-        async proxy, which sees the init only after this fence, or after a
-        :meth:`fence_proxy_async`, of the owner (``MissingProxyFence``).
+        A bulk copy completes its bytes on the destination's mbarrier through the async proxy,
+        which sees the init only after this fence, or after a :meth:`fence_proxy_async`, of the
+        owner (``MissingProxyFence``).
         """
         line = self._ready()
-        event = self._event("fence.mbarrier_init", self.cluster_rank, self.cluster_rank, 0, "", line)
-        self._fence_inits(event)
+        self._event("fence.mbarrier_init", self.cluster_rank, self.cluster_rank, 0, "", line)
+        self._fence_inits(release=True)
 
-    def _fence_inits(self, event: int) -> None:
-        """Mark the block's initialised mbarriers as visible to the async proxy from this point."""
+    def _fence_inits(self, release: bool) -> None:
+        """Mark the block's initialised mbarriers visible to the async proxy from this point
+        (``release``: and to the cluster through the block's next arrival, relaxed or not)."""
         epoch = int(self._clock[self.cluster_rank])
         for state in self._cluster.mbarriers[self.cluster_rank]:
-            if state.initialized and state.fence_epoch < 0:
-                state.fence_epoch, state.fence_event = epoch, event
+            if state.initialized:
+                state.fence_epoch = epoch if state.fence_epoch < 0 else state.fence_epoch
+                state.init_released = state.init_released or release
 
     def mbarrier_arrive(self, bar: Mbarrier) -> None:
         """``mbarrier.arrive.release.cluster``: one arrival on ``bar`` (own or mapped)."""
@@ -646,6 +664,7 @@ class Block:
                 )
             state.pending -= 1
             clock = self._clock
+            state.arrivals.append((self.cluster_rank, int(clock[self.cluster_rank])))
             state.bare_expects = [expect for expect in state.bare_expects if clock[expect[0]] < expect[1]]
             np.maximum(state.causes, self._causal, out=state.causes)
             np.maximum(state.clock, self._clock, out=state.clock)
@@ -662,8 +681,8 @@ class Block:
         ``st`` / ``red.shared::cluster`` once a barrier ordered them) visible to the async proxy, i.e.
         to the bulk copies it issues next; its ``mbarrier_init``\\ s too, as :meth:`fence_mbarrier_init`."""
         line = self._ready()
-        event = self._event("fence.proxy.async", self.cluster_rank, self.cluster_rank, 0, "", line)
-        self._fence_inits(event)
+        self._event("fence.proxy.async", self.cluster_rank, self.cluster_rank, 0, "", line)
+        self._fence_inits(release=False)
         clock = self._clock
         self._unfenced = [write for write in self._unfenced if clock[write[3]] < write[4]]
 
@@ -691,7 +710,9 @@ class Block:
 
         Stores ``values`` (registers; shape of the region) into ``dst`` of another block (not
         the issuing one: :class:`InvalidRank`) and signals ``complete_tx(nbytes)`` on ``mbar`` in
-        that block. Elements must be 4 or 8 bytes (``.b32`` / ``.b64``, up to ``.v4``).
+        that block. Elements must be 4 or 8 bytes (``.b32`` / ``.b64``, up to ``.v4``). Both the
+        store and the signal go through the generic proxy: a bulk copy of the stored bytes needs
+        a :meth:`fence_proxy_async` of its issuer after it observed the phase.
         """
         line = self._ready()
         if not isinstance(dst, Region):
@@ -752,7 +773,8 @@ class Block:
         if cluster.exited[darray.owner]:
             cluster.raise_exited_access(self, darray.owner, dentry, (dlo, dhi), event)
         cluster.check_mbarrier_visible(self, state, event)
-        cluster.check_init_fenced(self, state, kind, event)
+        if kind == "cp.async.bulk":  # st.async signals the mbarrier through the generic proxy
+            cluster.check_init_fenced(self, state, kind, event)
         cluster.check_signal_phase(self, state, event)
         # The copy is its own actor: the mbarrier's, at the phase it completes on.
         actor, epoch = state.actor, state.phase + 1
@@ -776,6 +798,8 @@ class Block:
         dalloc.record(dsel, dlo, dhi, actor, epoch, WRITE)
         _, lo, hi = dalloc.storage_bytes(dsel, dlo, dhi)
         cluster.accesses.append((actor, epoch, darray.owner, dentry.storage, lo, hi, WRITE, event, dentry.index))
+        if src is None:  # st.async writes through the generic proxy: a bulk copy of its bytes needs a fence
+            cluster.blocks[darray.owner]._unfenced.append((dentry.storage, lo, hi, actor, epoch, event))
         state.delivered += nbytes
         state.senders.append(me)
         cluster.check_tx_count(state, event)
@@ -784,11 +808,11 @@ class Block:
 
     def _check_fenced(self, entry: LayoutEntry, lo: int, hi: int, event: int) -> None:
         lo, hi = lo + entry.base, hi + entry.base  # in the storage's bytes, as _unfenced holds them
-        for index, wlo, whi, writer, _, store_event in self._unfenced:
+        for index, wlo, whi, _, _, store_event in self._unfenced:
             if index == entry.storage and wlo < hi and lo < whi:
                 cluster = self._cluster
                 me = self.cluster_rank
-                how = cluster.trace.events[store_event].kind
+                how, writer = cluster.trace.events[store_event].kind, cluster.trace.events[store_event].block
                 who = "it" if writer == me else f"block {writer}"
                 raise hazards.MissingProxyFence(
                     f"block {me} bulk-copies {entry.name!r} bytes {who} wrote with {how} "
@@ -819,6 +843,7 @@ class _Cluster:
         self.barrier_causes: list[np.ndarray] = []  # per phase: join of every arrival's causal clock
         self.exited = [False] * size
         self.unobserved: list[tuple[_MbarrierState, int, int]] = []  # arrivals before their previous phase was seen
+        self.unstarted: list[tuple] = []  # (block, owner, entry, span, event): DSMEM accesses before a cluster barrier
         self.exit_events = [-1] * size
         self.blocks = [Block(self, rank) for rank in range(size)]
         self.declared_at: dict[str, int] = {}
@@ -950,6 +975,9 @@ class _Cluster:
             block._clock[block.cluster_rank] += 1
         elif block._fenced is not None:  # a relaxed arrival publishes what its last fence ordered
             np.maximum(self.barrier_clocks[phase], block._fenced, out=self.barrier_clocks[phase])
+        for state in self.mbarriers[block.cluster_rank]:  # and the inits a fence_mbarrier_init released
+            if state.init_released and state.init_release_phase < 0:
+                state.init_release_phase = phase
 
     def cluster_phase_done(self, phase: int) -> bool:
         """Every block arrived at ``phase`` or exited (exited blocks are excused, as on hardware)."""
@@ -967,7 +995,8 @@ class _Cluster:
                 f"mbarrier {state.label} is used before mbarrier_init",
                 blocks=(me,), owner=state.owner, byte_range=state.byte_range, points=(self.point(event),),
             )
-        if me != state.owner and (not state.initialized or block._clock[state.owner] < state.init_epoch):
+        if me != state.owner and not (state.initialized and (block._clock[state.owner] >= state.init_epoch
+                                                             or self.init_published(block, state))):
             points = ((self.point(state.init_event),) if state.initialized else ()) + (self.point(event),)
             raise hazards.DataRace(
                 f"block {me} uses mbarrier {state.label} before its mbarrier_init is ordered before the use "
@@ -982,10 +1011,16 @@ class _Cluster:
                 points=(self.point(self.exit_events[state.owner]), self.point(event)),
             )
 
+    @staticmethod
+    def init_published(block: Block, state: _MbarrierState) -> bool:
+        """Whether ``block`` waited on the cluster-barrier phase whose (relaxed) arrival of the
+        owner published the mbarrier's init after a ``fence_mbarrier_init``."""
+        return 0 <= state.init_release_phase < block._waited
+
     def check_init_fenced(self, block: Block, state: _MbarrierState, kind: str, event: int) -> None:
         """The copy engine completes on an mbarrier only after the owner fenced its init for the
         async proxy, the fence ordered before the copy's issue (``MissingProxyFence``)."""
-        if 0 <= state.fence_epoch <= block._clock[state.owner]:
+        if 0 <= state.fence_epoch <= block._clock[state.owner] or self.init_published(block, state):
             return
         me, owner = block.cluster_rank, state.owner
         raise hazards.MissingProxyFence(
@@ -1065,6 +1100,21 @@ class _Cluster:
             owner=state.owner, byte_range=state.byte_range, points=(previous, arrival),
         )
 
+    def raise_unstarted_access(self) -> None:
+        """BarrierMisuse for the first peer access made before the block's first cluster barrier:
+        the owner may not have started (CUDA runs a cluster's blocks together, but guarantees
+        they all run only once a cluster barrier's phase completes)."""
+        if not self.unstarted:
+            return
+        me, owner, entry, span, event = self.unstarted[0]
+        raise hazards.BarrierMisuse(
+            f"block {me} accesses {entry.name!r} of block {owner} before its first cluster barrier: block "
+            f"{owner} may not have started yet; yield b.cluster_sync() first (every block of the cluster is "
+            "running once a phase of the cluster barrier completes)",
+            blocks=(owner, me), owner=owner, byte_range=(entry.offset + span[0], entry.offset + span[1]),
+            points=(self.point(event),),
+        )
+
     def raise_unordered_expect(self, state: _MbarrierState, event: int) -> None:
         """PhaseAliasing: ``event`` completes the phase while an ``expect_tx`` of it (no arrival)
         is ordered before none of its arrivals: in another interleaving the phase completes first."""
@@ -1129,7 +1179,10 @@ class _Cluster:
         for snapshot, clock in ((state.completed, state.clock), (state.completed_causes, state.causes)):
             snapshot[done % 2][:] = clock
             snapshot[done % 2][state.actor] = state.phase
-        if state.expected == 0:  # no bytes that could still be in flight: the block knows
+        # the block knows the phase is complete if no bytes could still be in flight and every other
+        # arrival of the phase is ordered before its signal (else one of them may come last on hardware)
+        if state.expected == 0 and all(block._clock[rank] >= epoch for rank, epoch in state.arrivals
+                                       if rank != block.cluster_rank):
             block._causal[state.actor] = state.phase
         owner = self.blocks[state.owner]
         self.trace.events.append(
@@ -1147,6 +1200,7 @@ class _Cluster:
         state.expect_event = -1
         state.senders = []
         state.bare_expects = []
+        state.arrivals = []
 
     # ---------------------------------------------------------------- scheduler
 
@@ -1375,4 +1429,5 @@ def launch(
         programs.append(generator)
     cluster.run(programs)
     cluster.raise_unobserved_phase()
+    cluster.raise_unstarted_access()
     return cluster.trace

@@ -167,7 +167,8 @@ class PhaseAliasing(Hazard):
 
 
 class BarrierMisuse(Hazard):
-    """A barrier or mbarrier used against its rules (arrive twice, wait unyielded, no init...)."""
+    """A barrier or mbarrier used against its rules (arrive twice, wait unyielded, no init...), or
+    a peer's shared memory touched before the first cluster barrier says that the peer runs."""
 
     kind = "barrier misuse"
 
@@ -205,8 +206,8 @@ class MissingProxyFence(Hazard):
     ``st.shared``, ``red.shared`` and their ``::cluster`` forms from a peer go through the generic
     proxy and ``cp.async.bulk`` reads through the async proxy: the issuing block's
     ``fence.proxy.async.shared::cta`` (``Block.fence_proxy_async``) must come after the write (a
-    peer's write ordered before it by a barrier) and before the copy. Likewise the copy's
-    ``complete_tx`` on the destination's mbarrier: the owner's ``fence.mbarrier_init.release.cluster``
+    peer's write ordered before it by a barrier) and before the copy; ``st.async`` writes through
+    the generic proxy too. Likewise the copy's ``complete_tx`` on the destination's mbarrier: the owner's ``fence.mbarrier_init.release.cluster``
     (``Block.fence_mbarrier_init``) or ``fence.proxy.async`` after its ``mbarrier.init`` must be
     ordered before the copy.
     """
