@@ -131,31 +131,47 @@ def _bench(args: argparse.Namespace) -> int:
     return import_module(f"{__package__}.bench.{args.suite}").main(args.options, prog=f"clusterlab bench {args.suite}")
 
 
+class _AppendPrompt(argparse.Action):
+    """``--prompt-ids`` and ``--prompt`` into one list, in the order given: ``(const, value)`` pairs."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), (self.const, values)])
+
+
 def _generate(args: argparse.Namespace) -> int:
     import time
 
     from .gpu import hopper_problem
     from .models import MODEL_PRESETS, LlamaModel, checkpoint_eos, random
 
-    if not args.prompt_ids and not args.prompt:
+    given = args.prompts or []  # (kind, value) in the order of the command line
+    texts = [value for kind, value in given if kind == "text"]
+    if not given:
         raise ValueError("give at least one prompt: --prompt-ids ID [ID ...] or --prompt TEXT")
     if args.top_k is not None and args.temperature == 0:
         raise ValueError(f"--top-k {args.top_k} samples, so it needs --temperature > 0 (0, the default, is greedy)")
     preset = not Path(args.model).is_dir()
     if preset and args.model not in MODEL_PRESETS:
         raise ValueError(f"--model {args.model!r} is neither a directory nor a preset ({', '.join(MODEL_PRESETS)})")
-    if preset and args.prompt:
+    if preset and texts:
         raise ValueError(f"--prompt needs a checkpoint's tokenizer.json; the preset {args.model!r} takes --prompt-ids")
     tokenizer = None
-    if args.prompt:
+    if texts:
         tokenizer_path = Path(args.model) / "tokenizer.json"
         if not tokenizer_path.is_file():
             raise ValueError(f"--prompt needs {tokenizer_path}; give --prompt-ids instead")
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    prompts = [list(ids) for ids in args.prompt_ids or []]
-    prompts += [tokenizer.encode(text).ids for text in args.prompt or []]
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # the library raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{tokenizer_path}: not a tokenizer the tokenizers library reads ({exc})") from None
+    prompts = []
+    for i, (kind, value) in enumerate(given):
+        ids = list(value) if kind == "ids" else tokenizer.encode(value).ids
+        if not ids:
+            raise ValueError(f"prompt {i} (--prompt {value!r}) encodes to no tokens")
+        prompts.append(ids)
     problem = hopper_problem()
     device = "cpu" if problem is not None else "cuda"
     if preset:
@@ -178,9 +194,11 @@ def _generate(args: argparse.Namespace) -> int:
     for i, ids in enumerate(new):
         print(f"prompt {i}: {' '.join(map(str, ids))}")
         if tokenizer is not None:
-            print(f"  text: {tokenizer.decode(ids)!r}")
+            unknown = [token for token in ids if tokenizer.id_to_token(token) is None]
+            left_out = f" (ids the tokenizer lacks, left out: {' '.join(map(str, unknown))})" if unknown else ""
+            print(f"  text: {tokenizer.decode(ids)!r}{left_out}")
     stats, tokens = model.last_stats, sum(map(len, new))
-    print(f"{tokens} new tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s "
+    print(f"{tokens} new token{'s' * (tokens != 1)} in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s "
           f"(prefill {stats['prefill_s']:.2f} s, {stats['decode_steps']} decode steps in {stats['decode_s']:.2f} s)")
     return 0
 
@@ -249,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, metavar="DIR|PRESET",
                           help="Hugging Face model directory, or a preset of clusterlab bench decode (random weights "
                           "in its real shapes, float16 unless --dtype; a Hopper GPU)")
-    generate.add_argument("--prompt-ids", type=integer(0), nargs="+", action="append", metavar="ID",
-                          help="one prompt as token ids; repeat for a batch (at most 8 prompts in all)")
-    generate.add_argument("--prompt", action="append", metavar="TEXT",
+    generate.add_argument("--prompt-ids", type=integer(0), nargs="+", action=_AppendPrompt, dest="prompts",
+                          const="ids", metavar="ID",
+                          help="one prompt as token ids; repeat for a batch (at most 8 prompts in all, numbered in "
+                          "the order given with --prompt)")
+    generate.add_argument("--prompt", action=_AppendPrompt, dest="prompts", const="text", metavar="TEXT",
                           help="one prompt as text, encoded with DIR/tokenizer.json; repeatable")
     generate.add_argument("--max-new-tokens", type=integer(1), default=16, help="default 16")
     generate.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,

@@ -12,9 +12,9 @@ logits whose near-ties would make greedy tokens a coin toss. Every greedy compar
 checks that transformers' top-2 logit gap at each step is well above the logit error.
 
 Tolerance of the logits: transformers and we round to the model dtype at the same points
-(matmul outputs, adds, RMSNorm), but not identically (our attention and RoPE run in float32, our
-lm_head too), so the logits differ by a few units of the dtype's rounding: float16 (2**-11 ~ 5e-4)
-measured ~1e-3 relative, bfloat16 (2**-8 ~ 4e-3) ~1e-2. LOGIT_TOLERANCE leaves about 3x headroom.
+(matmul outputs, adds, RMSNorm), but not identically (our attention and RoPE run in float32), so
+the logits differ by a few units of the dtype's rounding: float16 (2**-11 ~ 5e-4) measured ~1e-3
+relative, bfloat16 (2**-8 ~ 4e-3) ~1e-2. LOGIT_TOLERANCE leaves about 3x headroom.
 """
 
 import json
@@ -639,8 +639,10 @@ def edited(llama_dir, tmp_path, **changes):
     (dict(intermediate_size=128.0), "intermediate_size must be a positive int, got 128.0"),
     (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a positive number, got '1e-6'"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_theta must be a positive number"),
+    (dict(quantization_config={"quant_method": "fp8", "fmt": "e4m3"}),
+     r"a quantized checkpoint \(quantization_config, 'fp8'\) is not supported"),
 ], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers", "text-layers",
-        "float-size", "text-eps", "negative-theta"])
+        "float-size", "text-eps", "negative-theta", "fp8"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         LlamaModel.from_pretrained(edited(llama_dir, tmp_path, **changes))
@@ -672,6 +674,20 @@ def test_a_corrupt_safetensors_file_is_named(llama_dir, tmp_path):
     directory = edited(llama_dir, tmp_path)
     (directory / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        LlamaModel.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_weights_stored_in_a_quantized_dtype_are_refused_not_cast(llama_dir, tmp_path, dtype):
+    """Quantized codes cast to floats (their scales ignored) would decode garbage without a word."""
+    from safetensors.torch import load_file, save_file
+
+    directory = edited(llama_dir, tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name].float().clamp(-1, 1).to(dtype)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' is {dtype}; the weights must be float16, bfloat16 or"):
         LlamaModel.from_pretrained(directory)
 
 
@@ -759,8 +775,12 @@ def test_bad_generate_arguments_raise(llama_dir):
     (dict(prompts=[[1, 2.0]]), TypeError, r"prompt 0 must be token ids \(ints\), got \[1, 2.0\]"),
     (dict(prompts=[[1, True]]), TypeError, r"prompt 0 must be token ids \(ints\), got \[1, True\]"),
     (dict(max_new_tokens=True), ValueError, "max_new_tokens must be a positive int, got True"),
-    (dict(temperature=True), ValueError, "temperature must be a number >= 0, got True"),
-    (dict(temperature=-0.5), ValueError, "temperature must be a number >= 0, got -0.5"),
+    (dict(temperature=True), ValueError, "temperature must be a finite number >= 0, got True"),
+    (dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0, got -0.5"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite number >= 0, got inf"),
+    (dict(prompts=[1, 2, 3]), TypeError, r"prompt 0 is one token id, 1: prompts is a list of prompts, each a list "
+     r"of ids \(one prompt: \[\[1, 2, 3\]\]\)"),
+    (dict(prompts=[[5, 2**70]]), ValueError, r"token ids must be in 0..96; got \[5, 1180591620717411303424\]"),
     (dict(temperature=1.0, top_k=True), ValueError, "top_k must be None or a positive int, got True"),
     (dict(top_k=5), ValueError, r"top_k=5 samples among the likeliest tokens, so it needs a temperature > 0"),
     (dict(temperature=1.0, seed="7"), TypeError, "seed must be None or an int, got '7'"),
@@ -852,17 +872,58 @@ def test_cli_generate_decodes_a_presets_random_weights_on_the_gpu():
     assert lines[1:3] == [f"prompt {i}: " + " ".join(map(str, ids)) for i, ids in enumerate(want)]
 
 
-def test_cli_generate_encodes_text_prompts_with_tokenizer_json(llama_dir, tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    directory = edited(llama_dir, tmp_path)
-    vocab = {f"w{i}": i for i in range(97)}
+def write_tokenizer(directory, words: int = 97):
+    """A ``tokenizer.json`` in ``directory`` whose token ``i`` is the word ``w{i}``, ``i < words``."""
+    import tokenizers
+
+    vocab = {f"w{i}": i for i in range(words)}
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     tokenizer.save(str(directory / "tokenizer.json"))
+
+
+def test_cli_generate_encodes_text_prompts_with_tokenizer_json(llama_dir, tmp_path):
+    directory = edited(llama_dir, tmp_path)
+    write_tokenizer(directory)
     want = LlamaModel.from_pretrained(directory).generate([PROMPTS[1]], 3)[0]
     result = cli("--model", directory, "--max-new-tokens", 3, "--prompt", " ".join(f"w{i}" for i in PROMPTS[1]))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1] == "prompt 0: " + " ".join(map(str, want))
     assert lines[2] == "  text: " + repr(" ".join(f"w{i}" for i in want))
+
+
+def test_cli_generate_numbers_prompts_in_the_order_given_and_names_ids_the_tokenizer_lacks(llama_dir, tmp_path):
+    """A text prompt first, then ids: prompt 0 is the text's. The tokenizer knows ids 0..39 of the
+    model's 97: the text line says which new ids it could not show."""
+    directory = edited(llama_dir, tmp_path)
+    write_tokenizer(directory, words=40)
+    text, ids = [5, 17, 3], [60, 2]
+    want = LlamaModel.from_pretrained(directory).generate([text, ids], 4)
+    result = cli("--model", directory, "--max-new-tokens", 4, "--prompt", " ".join(f"w{i}" for i in text),
+                 "--prompt-ids", *ids)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "prompt 0: " + " ".join(map(str, want[0]))
+    unknown = [token for token in want[0] if token >= 40]
+    shown = " ".join(f"w{token}" for token in want[0] if token < 40)
+    note = f" (ids the tokenizer lacks, left out: {' '.join(map(str, unknown))})" if unknown else ""
+    assert lines[2] == f"  text: {shown!r}{note}"
+    assert lines[3] == "prompt 1: " + " ".join(map(str, want[1]))
+
+
+@pytest.mark.parametrize("tokenizer_json, prompts, message", [
+    ('{"version": "1.0", "truncation"', ["w1 w2"], "tokenizer.json: not a tokenizer the tokenizers library reads"),
+    (None, ["w1", "   "], "prompt 1 (--prompt '   ') encodes to no tokens"),
+])
+def test_cli_generate_names_a_tokenizer_it_cannot_read_and_a_prompt_of_no_tokens(llama_dir, tmp_path, tokenizer_json,
+                                                                                 prompts, message):
+    directory = edited(llama_dir, tmp_path)
+    write_tokenizer(directory)
+    if tokenizer_json is not None:
+        (directory / "tokenizer.json").write_text(tokenizer_json)
+    result = cli("--model", directory, *[arg for text in prompts for arg in ("--prompt", text)])
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr

@@ -35,6 +35,7 @@ generator (registered with the graph, so every replay draws fresh numbers).
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -53,14 +54,14 @@ STOP_CHECK_EVERY = 8
 
 def check_sampling(max_new_tokens, temperature, top_k, eos, seed, vocab_size: int) -> tuple[int, ...]:
     """How a decode picks and stops, checked before any work: ``max_new_tokens`` a positive int,
-    ``temperature`` a number >= 0 (0: greedy), ``top_k`` None or a positive int (with a
+    ``temperature`` a finite number >= 0 (0: greedy), ``top_k`` None or a positive int (with a
     temperature > 0: greedy takes the likeliest token, there is nothing to restrict), ``eos`` None,
     a token id or a sequence of them (ints, NumPy integers; each in ``0 .. vocab_size - 1``),
     ``seed`` None or an int a generator takes. Returns the eos ids as a tuple of ints."""
     if not (is_int(max_new_tokens) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and temperature >= 0.0):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and 0.0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and not (is_int(top_k) and top_k >= 1):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
     if top_k is not None and temperature == 0:

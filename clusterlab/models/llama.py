@@ -33,8 +33,9 @@ heads, then key heads, then value heads, i.e. ``q_proj``, ``k_proj``, ``v_proj``
 Precision, as transformers' Llama computes it: every matmul, add and the SiLU run in the model
 dtype (PyTorch accumulates matmuls in float32); RMSNorm normalizes in float32, casts back and then
 multiplies by its gain in the model dtype. Prefill's attention (RoPE, softmax) runs in float32 on
-the rounded q/k/v, like the fused kernel. Only the final logits are float32 (``lm_head`` in
-float32 on the rounded, normalized hidden state).
+the rounded q/k/v, like the fused kernel. ``lm_head`` runs in the model dtype too, and its logits
+are then widened to float32 (each exactly a model-dtype value, so ties are possible: greedy takes
+the lowest id, as transformers does).
 
 Where it runs: on CPU tensors the fused attention runs on the DSMEM simulator
 (:mod:`clusterlab.fused.simulated`), slow and meant for tiny models and checks; on a Hopper GPU
@@ -111,6 +112,8 @@ def fused_mlp_max_batch(config: ModelConfig) -> int:
 
 #: Names of the dtypes a model runs in.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The dtypes a checkpoint's tensors may have (cast to the model's dtype when read).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _dtype(value, what: str) -> torch.dtype:
@@ -170,6 +173,11 @@ class ModelConfig:
             raise ValueError(f"{source}: mlp_bias is not supported (the MLP here has no biases)")
         if raw.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window is not supported (every layer attends to all tokens)")
+        quantization = raw.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+            raise ValueError(f"{source}: a quantized checkpoint (quantization_config, {method!r}) is not supported; "
+                             "give the unquantized float16/bfloat16/float32 one")
         if raw.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"{source}: pretraining_tp {raw['pretraining_tp']!r} is not supported; only 1")
 
@@ -371,6 +379,9 @@ class _Checkpoint:
         tensor = self._handle(path).get_tensor(name)
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; config.json implies {shape}")
+        if tensor.dtype not in WEIGHT_DTYPES:  # quantized codes cast to floats would be garbage
+            raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}; the weights must be float16, bfloat16 or "
+                             "float32 (a quantized checkpoint is not supported)")
         return tensor
 
 
@@ -558,6 +569,9 @@ def _as_prompts(given) -> list[list[int]]:
         if isinstance(prompt, (str, bytes)):
             raise TypeError(f"prompt {i} is text, {reprlib.repr(prompt)}: give its token ids (a tokenizer makes them; "
                             "clusterlab generate --prompt uses the checkpoint's)")
+        if not hasattr(prompt, "__iter__") and hasattr(prompt, "__index__"):
+            raise TypeError(f"prompt {i} is one token id, {prompt!r}: prompts is a list of prompts, each a list of "
+                            f"ids (one prompt: [{reprlib.repr(given)}])")
         prompts.append(token_ids(prompt, f"prompt {i}"))
     if not prompts:
         raise ValueError("no prompts given")
@@ -732,9 +746,13 @@ class LlamaModel:
     # -- decode --------------------------------------------------------------------------------
 
     def _tokens(self, tokens) -> torch.Tensor:
-        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
+        message = f"token ids must be in 0..{self.config.vocab_size - 1}; got {reprlib.repr(tokens)}"
+        try:
+            tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
+        except (OverflowError, ValueError):  # an id past int64 ("Overflow when unpacking long long")
+            raise ValueError(message) from None
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}; got {tokens.tolist()}")
+            raise ValueError(message)
         return tokens
 
     def _mlp_block(self, lw: LayerWeights, out, h):
