@@ -84,6 +84,13 @@ def bits(t):
 # ---------------------------------------------------------------------------------------------- ptx
 
 
+def test_a_shape_no_cluster_can_split_names_both_sizes_and_the_rule():
+    """200 = 8 x 25 splits only over clusters of 1, whose slices of intermediate_size 64 do not tile."""
+    with pytest.raises(ValueError, match=r"hidden_size 200 and intermediate_size 64 have no split the fused MLP "
+                       r"can tile: clusters of \[1\] blocks \(8 \* cluster_size must divide hidden_size"):
+        mlp_shape(MLPConfig(200, 64), 1, 132)
+
+
 # No shape spills at the launch bound's 128 registers with the test extra's ptxas (CUDA 13) since the
 # thread and block numbers are unsigned (docs/fused-decode-notes.md, v54; Qwen2.5-7B's gate/up steps in
 # parts of 7 spans spilled 280 bytes before, and ran 3-13% faster than 7 parts of 4 without, v27).

@@ -214,9 +214,11 @@ def mlp_shape(config: MLPConfig, batch: int, sm_count: int, cluster_size: int | 
         best = _best_split(config, batch, sm_count, cluster_size, warps)
         if best is not None:
             return cluster_size, best[1], warps
-    raise ValueError(f"intermediate_size {config.intermediate_size} has no split into slices the kernel can tile "
-                     f"over clusters of {cluster_size or allowed} blocks of {warps} warps with every block "
-                     f"resident on {sm_count} SMs at once")
+    sizes = [cluster_size] if cluster_size is not None else allowed  # 1 at least: MLPConfig asks multiples of 8
+    raise ValueError(f"hidden_size {config.hidden_size} and intermediate_size {config.intermediate_size} have no split "
+                     f"the fused MLP can tile: clusters of {sizes} blocks (8 * cluster_size must divide "
+                     f"hidden_size; sizes {CLUSTER_SIZES}) of {warps} warps, with every block resident on {sm_count} "
+                     "SMs at once")
 
 
 @functools.cache
