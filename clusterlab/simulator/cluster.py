@@ -342,7 +342,7 @@ class Block:
         self._pending_wait: Wait | None = None
         self._fenced: np.ndarray | None = None  # the clock at the last fence_acq_rel_cluster
         # generic-proxy writes into this block's memory no fence of its own is ordered after yet:
-        # (storage entry, lo, hi, writer, epoch, event)
+        # (storage entry, lo, hi, writer actor: a block, or for an st.async its mbarrier, epoch, event)
         self._unfenced: list[tuple[int, int, int, int, int, int]] = []
 
     # ------------------------------------------------------------------ bookkeeping
