@@ -138,7 +138,8 @@ def test_variants_parse_as_cluster_size_by_warps():
         ({"variants": [(3, 8)]}, r"variant 3x8 can run none of the presets asked for \(llama3-8b: cluster_size must"),
         ({"variants": [(2, 6)]}, r"variant 2x6 can run none of the presets asked for \(llama3-8b: warps must be"),
         ({"presets": ["qwen2.5-7b"], "variants": [(2, 8), (16, 4)]},
-         "variant 16x4 can run none of the presets asked for .qwen2.5-7b: intermediate_size 18944 has no split"),
+         "variant 16x4 can run none of the presets asked for .qwen2.5-7b: hidden_size 3584 and intermediate_size 18944 "
+         "have no split"),
     ],
 )
 def test_settings_no_run_could_use_are_refused(settings, message):

@@ -509,7 +509,9 @@ def test_mlp_shape_keeps_every_block_resident_and_follows_its_rule(model, sm_cou
             where = f"batch {batch}, {options}"
             want = best_split(config, batch, sm_count, options["cluster_size"], options["warps"])
             if want is None:  # e.g. Qwen2.5-7B in clusters of 8: its smallest split, 37 x 8 blocks, is too many
-                with pytest.raises(ValueError, match=f"intermediate_size {config.intermediate_size} has no split"):
+                no_split = (f"hidden_size {config.hidden_size} and intermediate_size {config.intermediate_size} "
+                            "have no split")
+                with pytest.raises(ValueError, match=no_split):
                     mlp_shape(config, batch, sm_count, **options)
                 continue
             cluster_size, clusters, warps = shape = mlp_shape(config, batch, sm_count, **options)
