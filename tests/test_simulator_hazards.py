@@ -791,6 +791,38 @@ def test_a_fence_before_a_peers_write_does_not_cover_it():
     assert "bulk-copies 'src' bytes block 1 wrote with st.shared::cluster" in str(info.value)
 
 
+
+@pytest.mark.parametrize("view_dtype, offset, races", [
+    (np.int32, 4, True),  # a 4-byte atomic inside an 8-byte one
+    (np.int64, 0, False),  # the same elements
+    (np.uint64, 0, False),  # the same elements, another type: PTX asks the same size and bytes only
+])
+@pytest.mark.parametrize("first", [0, 1])
+def test_atomics_race_unless_they_cover_the_same_elements(view_dtype, offset, races, first):
+    """Block 0 adds into ``acc`` (int64), block 1 through a view of the same bytes, unordered."""
+
+    def program(b):
+        acc = b.shared_array("acc", (2,), np.int64)
+        view = b.shared_view("view", acc, (16 // np.dtype(view_dtype).itemsize,), view_dtype)
+        if b.cluster_rank == 0:
+            acc[:] = 0
+        yield b.cluster_sync()
+        whole, part = (acc, view) if b.cluster_rank == 0 else (b.map_shared(acc, 0), b.map_shared(view, 0))
+        if b.cluster_rank == first:
+            whole.atomic_add(0, np.int64(1))
+        else:
+            part.atomic_add(offset // np.dtype(view_dtype).itemsize, view_dtype(1))
+        yield b.cluster_sync()
+
+    if not races:
+        sim.launch(program, 2)
+        return
+    with pytest.raises(sim.DataRace) as info:
+        sim.launch(program, 2)
+    bad = info.value
+    assert bad.conflict == "atomic after atomic" and bad.owner == 0 and bad.byte_range == (4, 8)
+    assert "over different elements" in str(bad)
+
 def push_into_uninitialised_looking_barrier(b, copy, fence):
     """Block 1 initialises ``bar`` and block 0 completes bytes on it with the copy engine (``copy``:
     ``bulk_copy`` or ``st_async``). ``fence``: what block 1 does to show the init to the async proxy:

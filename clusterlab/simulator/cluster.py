@@ -899,6 +899,8 @@ class _Cluster:
         what = earlier_mode
         if through != entry.index:
             what += f" of {self.layout.in_order[through].name!r}, which shares those bytes,"
+        if mode == earlier_mode == ATOMIC:  # atomics of one grain never conflict
+            what += " over different elements (atomics are atomic together only on the same elements),"
         if via_copy:
             what += f" by an asynchronous copy into block {self.actor_block(actor)}"
         ordered_by = (

@@ -52,8 +52,10 @@ MBARRIER_BYTES = 8
 UNINITIALIZED_BYTE = 0xFF
 
 READ, WRITE, ATOMIC = "read", "write", "atomic"
-#: For each access mode, the earlier modes it conflicts with.
-CONFLICTS = {READ: (WRITE, ATOMIC), WRITE: (WRITE, READ, ATOMIC), ATOMIC: (WRITE, READ)}
+#: For each access mode, the earlier modes it conflicts with. Atomics also conflict with atomics
+#: of another grain (element size, or element boundaries) over the same bytes: PTX makes two
+#: atomics atomic together only where they overlap completely.
+CONFLICTS = {READ: (WRITE, ATOMIC), WRITE: (WRITE, READ, ATOMIC), ATOMIC: (WRITE, READ, ATOMIC)}
 
 
 def aligned(nbytes: int) -> int:
@@ -302,8 +304,14 @@ class SharedAllocation:
         self.write_max: dict[int, int] = {}
         self.reads: dict[int, _WindowShadow] = {}
         self.read_max: dict[int, int] = {}
-        self.atomics: dict[int, _WindowShadow] = {}
-        self.atomic_max: dict[int, int] = {}
+        # per grain (itemsize, storage offset of element boundaries modulo itemsize): (windows, maxima)
+        self.atomics: dict[tuple[int, int], tuple[dict[int, _WindowShadow], dict[int, int]]] = {}
+
+    @property
+    def grain(self) -> tuple[int, int]:
+        """This array's elements as bytes of its storage: (itemsize, where they start modulo itemsize)."""
+        itemsize = self.entry.dtype.itemsize
+        return itemsize, self.entry.base % itemsize
 
     def storage_bytes(self, sel, lo: int, hi: int):
         """``(sel, lo, hi)``, a byte selection of this array, in its storage's bytes."""
@@ -313,15 +321,16 @@ class SharedAllocation:
         shifted = slice(sel.start + base, sel.stop + base) if isinstance(sel, slice) else sel + base
         return shifted, lo + base, hi + base
 
-    def find_conflict(self, sel, lo: int, hi: int, clock: np.ndarray, mode: str):
+    def find_conflict(self, sel, lo: int, hi: int, clock: np.ndarray, mode: str, grain=None):
         """The first earlier access to ``sel`` (spanning ``[lo, hi)``) unordered with an access
-        of ``mode`` by ``clock``.
+        of ``mode`` by ``clock`` (``grain``: of an atomic, its view's; default this array's).
 
         Returns ``(earlier mode, actor, epoch, bad byte offsets)`` or ``None``; byte offsets are
         relative to the storage's first byte (the array's own, unless it is a view).
         """
+        grain = self.grain if grain is None else grain
         if self.storage is not self:
-            return self.storage.find_conflict(*self.storage_bytes(sel, lo, hi), clock, mode)
+            return self.storage.find_conflict(*self.storage_bytes(sel, lo, hi), clock, mode, grain)
         for earlier in CONFLICTS[mode]:
             if earlier == WRITE:
                 if not _any_unordered(self.write_max, clock):
@@ -334,27 +343,29 @@ class SharedAllocation:
                     actor, epoch = int(actors[first]), int(epochs[first])
                     return WRITE, actor, epoch, _positions(sel, bad & (actors == actor))
             else:
-                shadows, maxima = self._shadows(earlier)
-                for actor, latest in maxima.items():
-                    shadow = shadows[actor]
-                    if latest > clock[actor] and shadow.lo < hi and lo < shadow.hi:
-                        positions, epochs = shadow.overlap(sel, lo, hi)
-                        bad = epochs > clock[actor]
-                        if bad.any():
-                            return earlier, actor, int(epochs[int(np.argmax(bad))]), positions[bad]
+                for shadows, maxima in self._shadows(earlier, skip=grain if mode == ATOMIC else None):
+                    for actor, latest in maxima.items():
+                        shadow = shadows[actor]
+                        if latest > clock[actor] and shadow.lo < hi and lo < shadow.hi:
+                            positions, epochs = shadow.overlap(sel, lo, hi)
+                            bad = epochs > clock[actor]
+                            if bad.any():
+                                return earlier, actor, int(epochs[int(np.argmax(bad))]), positions[bad]
         return None
 
-    def record(self, sel, lo: int, hi: int, actor: int, epoch: int, mode: str) -> None:
-        """Note an access of ``mode`` to ``sel`` (spanning ``[lo, hi)``) by ``actor`` at ``epoch``."""
+    def record(self, sel, lo: int, hi: int, actor: int, epoch: int, mode: str, grain=None) -> None:
+        """Note an access of ``mode`` to ``sel`` (spanning ``[lo, hi)``) by ``actor`` at ``epoch``
+        (``grain`` as :meth:`find_conflict`)."""
+        grain = self.grain if grain is None else grain
         if self.storage is not self:
-            self.storage.record(*self.storage_bytes(sel, lo, hi), actor, epoch, mode)
+            self.storage.record(*self.storage_bytes(sel, lo, hi), actor, epoch, mode, grain)
             return
         if mode == WRITE:
             self.writer[sel] = actor
             self.write_epoch[sel] = epoch
             self.write_max[actor] = epoch
             return
-        shadows, maxima = self._shadows(mode)
+        shadows, maxima = (self.reads, self.read_max) if mode == READ else self.atomics.setdefault(grain, ({}, {}))
         shadow = shadows.get(actor)
         if shadow is None:
             shadow = shadows[actor] = _WindowShadow(lo, hi)
@@ -372,17 +383,19 @@ class SharedAllocation:
                 bad = (self.writer == actor) & (self.write_epoch > clock[actor])
                 found.append((WRITE, actor, int(self.write_epoch[bad].max()), np.flatnonzero(bad)))
         for mode in (READ, ATOMIC):
-            shadows, maxima = self._shadows(mode)
-            for actor, latest in maxima.items():
-                if latest > clock[actor]:
-                    shadow = shadows[actor]
-                    positions = shadow.lo + np.flatnonzero(shadow.epochs > clock[actor])
-                    found.append((mode, actor, int(latest), positions))
+            for shadows, maxima in self._shadows(mode):
+                for actor, latest in maxima.items():
+                    if latest > clock[actor]:
+                        shadow = shadows[actor]
+                        positions = shadow.lo + np.flatnonzero(shadow.epochs > clock[actor])
+                        found.append((mode, actor, int(latest), positions))
         return found
 
-    def _shadows(self, mode: str):
-        """(per-actor windows, per-actor maxima) of the reads or of the atomics."""
-        return (self.reads, self.read_max) if mode == READ else (self.atomics, self.atomic_max)
+    def _shadows(self, mode: str, skip=None) -> list:
+        """The (windows, maxima) pairs of the reads, or of the atomics of every grain but ``skip``."""
+        if mode == READ:
+            return [(self.reads, self.read_max)]
+        return [pair for grain, pair in self.atomics.items() if grain != skip]
 
 
 class _WindowShadow:
