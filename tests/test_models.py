@@ -641,9 +641,14 @@ def edited(llama_dir, tmp_path, **changes):
     (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_theta must be a positive number"),
     (dict(quantization_config={"quant_method": "fp8", "fmt": "e4m3"}),
      r"a quantized checkpoint \(quantization_config, 'fp8'\) is not supported"),
+    (dict(intermediate_size=100), r"the fused MLP cannot run this model: .*\(100\) must be multiples of 8"),
+    (dict(intermediate_size=8 * 1009), r"the fused MLP cannot run this model on 132 SMs: hidden_size 64 and "
+                                       r"intermediate_size 8072 have no split"),
 ], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers", "text-layers",
-        "float-size", "text-eps", "negative-theta", "fp8"])
+        "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
+    """Each is refused from ``config.json`` before any weight is read (the weights here keep the
+    checkpoint's shapes, so a later check would fail on them instead)."""
     with pytest.raises(ValueError, match=message):
         LlamaModel.from_pretrained(edited(llama_dir, tmp_path, **changes))
 

@@ -78,9 +78,9 @@ from ..fused.config import (
     seeded_generator,
 )
 from ..fused.layer import DecodeAttention
-from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights
+from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape
 from ..fused.reference import UnfusedAttention, apply_rope
-from ..fused.validate import BACKENDS, check_range
+from ..fused.validate import BACKENDS, check_range, resolve_backend
 from .decode import Decoder, check_sampling, token_ids
 from .final_norm import final_norm
 
@@ -217,10 +217,11 @@ class ModelConfig:
             rope_scaling=scaling,
             dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         )
-        try:
-            config.attention()
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{source}: the fused attention cannot run this model: {exc}") from None
+        for block, shapes in (("attention", config.attention), ("MLP", config.mlp)):
+            try:
+                shapes()
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{source}: the fused {block} cannot run this model: {exc}") from None
         return config
 
     @classmethod
@@ -252,6 +253,10 @@ class ModelConfig:
             qkv_bias=self.attention_bias,
             rope_scaling=self.rope_scaling,
         )
+
+    def mlp(self) -> MLPConfig:
+        """The fused MLP's :class:`~clusterlab.fused.MLPConfig`."""
+        return MLPConfig(self.hidden_size, self.intermediate_size, float(self.rms_norm_eps))
 
     def resolve_dtype(self, dtype=None) -> torch.dtype:
         """``dtype`` when given (float16 / bfloat16), else the checkpoint's own if it is one of
@@ -614,8 +619,7 @@ class LlamaModel:
         self.dtype, self.device = weights.embed.dtype, weights.embed.device
         self.layers = [DecodeAttention(self.attention_config, lw.attention, backend=backend)
                        for lw in weights.layers] if attention == "fused" else []
-        mlp_config = MLPConfig(config.hidden_size, config.intermediate_size, float(config.rms_norm_eps))
-        self.mlps = [DecodeMLP(mlp_config, MLPWeights(lw.post_norm, lw.gate, lw.up, lw.down), backend=backend)
+        self.mlps = [DecodeMLP(config.mlp(), MLPWeights(lw.post_norm, lw.gate, lw.up, lw.down), backend=backend)
                      for lw in weights.layers] if mlp == "fused" else []
         self.caches: list[KVCache] | None = None
 
@@ -627,6 +631,11 @@ class LlamaModel:
         config = ModelConfig.from_pretrained(directory)
         dtype = config.resolve_dtype(dtype)
         check_choices(backend=backend, device=device)  # before the weights are read
+        _, limits = resolve_backend(backend, torch.device(device), None)
+        try:
+            mlp_shape(config.mlp(), 1, limits.sm_count)
+        except ValueError as exc:
+            raise ValueError(f"{directory}: the fused MLP cannot run this model on {limits.sm_count} SMs: {exc}") from None
         return cls(config, load_weights(directory, config, dtype, device), backend=backend)
 
     @property
