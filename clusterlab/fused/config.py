@@ -294,11 +294,13 @@ class AttentionWeights:
         return AttentionWeights(self.norm.to(device), self.qkv.to(device), self.o.to(device), bias)
 
 
-def _check_cache(config, batch, capacity, dtype, device) -> None:
-    check_type("config", config, AttentionConfig)
+def check_cache_request(config, config_type: type, batch, capacity, dtype, device, dtype_check=check_dtype) -> None:
+    """The arguments of a cache's ``empty`` / ``random``: ``config`` a ``config_type``, ``batch`` and
+    ``capacity`` positive ints, ``dtype`` one ``dtype_check`` takes, ``device`` usable."""
+    check_type("config", config, config_type)
     check_size("batch", batch)
     check_size("capacity", capacity)
-    check_dtype(dtype)
+    dtype_check(dtype)
     check_device(device)
 
 
@@ -312,7 +314,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu"):
         """A cache filled with NaN: a step that reads a row nothing wrote returns NaN."""
-        _check_cache(config, batch, capacity, dtype, device)
+        check_cache_request(config, AttentionConfig, batch, capacity, dtype, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(
             torch.full(shape, float("nan"), dtype=dtype, device=device),
@@ -323,7 +325,7 @@ class KVCache:
     def random(cls, config: AttentionConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu",
                seed: int | None = None):
         """A cache of standard-normal keys and values, as if ``capacity`` tokens had been seen."""
-        _check_cache(config, batch, capacity, dtype, device)
+        check_cache_request(config, AttentionConfig, batch, capacity, dtype, device)
         gen = seeded_generator(seed, device)
         shape = (batch, config.kv_heads, capacity, config.head_dim)
         return cls(

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import (
+    check_cache_request,
     check_device,
     check_number,
     check_size,
@@ -395,7 +396,7 @@ class LatentCache:
     @classmethod
     def empty(cls, config: MLAConfig, batch: int, capacity: int, dtype=torch.float16, device="cpu"):
         """A cache filled with NaN: a step that reads a row nothing wrote returns NaN."""
-        _check_latent_cache(config, batch, capacity, dtype, device)
+        check_cache_request(config, MLAConfig, batch, capacity, dtype, device, _check_mla_dtype)
         return cls(torch.full((batch, capacity, config.latent_width), float("nan"), dtype=dtype, device=device))
 
     @classmethod
@@ -403,7 +404,7 @@ class LatentCache:
                seed: int | None = None):
         """A cache of standard-normal rows, as if ``capacity`` tokens had been seen: a normalized
         latent has unit RMS, and ``k_pe`` (a projection of a normalized input) unit variance."""
-        _check_latent_cache(config, batch, capacity, dtype, device)
+        check_cache_request(config, MLAConfig, batch, capacity, dtype, device, _check_mla_dtype)
         gen = seeded_generator(seed, device)
         shape = (batch, capacity, config.latent_width)
         return cls(torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype))
@@ -418,14 +419,6 @@ class LatentCache:
 
     def clone(self) -> LatentCache:
         return LatentCache(self.latent.clone())
-
-
-def _check_latent_cache(config, batch, capacity, dtype, device) -> None:
-    check_type("config", config, MLAConfig)
-    check_size("batch", batch)
-    check_size("capacity", capacity)
-    _check_mla_dtype(dtype)
-    check_device(device)
 
 
 def check_mla_activations(config: MLAConfig, weights: MLAWeights, hidden, residual, cache: LatentCache) -> None:
