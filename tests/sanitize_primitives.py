@@ -20,7 +20,9 @@ for size in (1, 2, 3, 4, 8, 16):
             expected, _ = simulator.cluster_reduce(x, op="sum", algorithm=algorithm)
             got = primitives.to_numpy(primitives.cluster_reduce(x, op="sum", algorithm=algorithm))
             failures += not np.array_equal(got.view(np.uint8), expected.view(np.uint8))
-        for n in (67, 301, 1030):  # an element a thread; a pair a thread, then a tail; quads, then a tail
+        # float32: an element a thread; a pair a thread, then a tail; quads, then a tail (so 777); 16-bit rows
+        # of the steady direct, packed: a word a thread (67, 301), two words a thread and a tail, quads of words
+        for n in (67, 301, 777, 1030):
             xs = np.stack([random_rows(rng, size, n, dtype) for _ in range(3)])
             for algorithm in simulator.STEADY_BUFFERS:
                 expected, _ = simulator.cluster_reduce_steady(xs, op="sum", algorithm=algorithm)

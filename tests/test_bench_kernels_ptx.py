@@ -56,6 +56,18 @@ def test_steady_reduce_loops_have_their_barriers_in_the_loop_and_at_exit_where_p
     assert ("st.shared::cluster.v4.f32" in ptx) == (algorithm == "two_shot")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("size", [2, 8])
+def test_steady_direct_loop_moves_16_bit_rows_packed(dtype, size):
+    """The 16-bit steady direct loop: one barrier an operation and the exit one, the rows' words pulled
+    (16 bytes a load for the long rows, one per rank), no float32 row anywhere."""
+    ptx = assembled(kernels.steady_reduce_loop("direct", size, dtype), (U16, U16, I64, I64))
+    assert ptx.count("barrier.cluster.arrive.release") == 2
+    loads = ptx.count("ld.shared::cluster.v4.b32")
+    assert loads and loads % size == 0
+    assert "ld.shared::cluster.v4.f32" not in ptx and "st.shared.f32" not in ptx
+
+
 @pytest.mark.parametrize("size", [2, 8])
 def test_steady_bulk_two_shot_loop_has_no_barrier_in_the_loop(size):
     ptx = assembled(kernels.steady_reduce_loop("bulk_two_shot", size), (F32, F32, I64, I64))

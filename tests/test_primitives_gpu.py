@@ -99,6 +99,19 @@ def test_steady_two_shots_equal_simulator_on_long_rows(op, size):
         assert_same_bits(primitives.to_numpy(out), expected, f"steady {algorithm} {op} N={size} n=20003")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("op", simulator.OPS)
+@pytest.mark.parametrize("size", (1, 2, 3, 16))
+def test_steady_direct_on_long_16_bit_rows_equals_simulator(dtype, op, size):
+    """n = 20003 over 4 operations: 10002 packed words, so every thread folds whole rounds of quads of words
+    (``ceil(4 / N)`` at a time) and the last quads one by one, plus 2 words of tail, the last one half padding."""
+    rng = np.random.default_rng()
+    xs = np.stack([random_rows(rng, size, 20003, dtype) for _ in range(4)])
+    expected, _ = simulator.cluster_reduce_steady(xs, op=op)
+    out = primitives.cluster_reduce_steady(xs, op=op, out=poisoned(xs.shape, dtype))
+    assert_same_bits(primitives.to_numpy(out), expected, f"steady {op} {dtype} N={size} n=20003")
+
+
 def test_steady_reduce_runs_many_clusters_independently():
     rng = np.random.default_rng()
     xs = np.stack([np.stack([random_rows(rng, 4, 300, "float32") for _ in range(5)]) for _ in range(3)])  # [3, 5, 4, n]

@@ -62,6 +62,31 @@ def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op, cluste
         assert all(count % cluster_size == 0 for count in loads)
 
 
+@pytest.mark.parametrize("dtype", [d for d in GPU_DTYPES if d != "float32"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("cluster_size", [1, 3, 8, 16])
+def test_steady_direct_kernel_keeps_16_bit_rows_packed(dtype, op, cluster_size):
+    """float16 / bfloat16 rows stay two to a 32-bit word: the fold's remote loads move words (4, 8 and
+    16 bytes: a word, two words, a quad of words a thread), one per rank, and round once with a packed
+    ``cvt.rn``; one cluster barrier an operation and the exit one, as in float32."""
+    steps = types.uint16[:, :, ::1]
+    ptx = kernel_ptx(steady_reduce_kernel(op, dtype, cluster_size), (steps, steps, types.int64, types.int64))
+    assert ptx.count("barrier.cluster.arrive") == 2 and ptx.count("barrier.cluster.wait") == 2
+    assert ".f32" not in "".join(line for line in ptx.splitlines() if "ld.shared::cluster" in line)
+    loads = [ptx.count(f"ld.shared::cluster{width}") for width in (".u32", ".u64", ".v4.b32")]
+    if op == "sum":  # every rank's load of a word or a pair unrolled, a quad's (8 values a rank) 8 ranks at least
+        ranks = min(cluster_size, 8)
+        assert loads[0] >= 2 * cluster_size and loads[1] >= cluster_size and loads[2] >= ranks
+        assert loads[0] % cluster_size == 0 and loads[1] % cluster_size == 0 and loads[2] % ranks == 0
+    else:  # max and min test each half for NaN: from N = 8 the compiler keeps part of a quad's loop over ranks
+        assert all(loads)
+    suffix = "f16" if dtype == "float16" else "bf16"
+    assert f"cvt.rn.{suffix}x2.f32" in ptx
+    assert "st.local" not in ptx, "a register array went to local memory"
+    assembly = assemble(ptx)
+    assert assembly.spill_bytes == 0, assembly.log
+
+
 @pytest.mark.parametrize("cluster_size", [1, 3, 16])
 def test_steady_two_shot_kernel_assembles_with_two_barriers_an_operation(cluster_size):
     """Two cluster barriers in the loop over operations (rows staged; chunks folded and pushed), none at exit."""

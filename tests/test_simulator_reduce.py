@@ -258,6 +258,21 @@ def test_steady_reduces_are_direct_bit_for_bit_with_their_barriers_a_step(algori
     assert barriers == barriers_a_step * steps + barriers_once
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_steady_direct_moves_16_bit_rows_as_they_are(dtype):
+    """The steady direct reduce stages a 16-bit row as it is and widens what it pulls: half the DSMEM
+    bytes of the same rows widened to float32 first, and the same bits once rounded."""
+    size, n, steps = 4, 37, 3
+    seed = int(np.random.default_rng().integers(2**31))
+    xs = np.stack([random_rows(seed + k, size, n, dtype) for k in range(steps)])
+    out, trace = sim.cluster_reduce_steady(xs)
+    wide, wide_trace = sim.cluster_reduce_steady(xs.astype(np.float32))
+    assert np.array_equal(bits(out), bits(wide.astype(xs.dtype)))
+    pulled = steps * size * (size - 1) * n  # elements each block pulls from its peers, every operation
+    assert int(trace.traffic().total.sum()) == 2 * pulled
+    assert int(wide_trace.traffic().total.sum()) == 4 * pulled
+
+
 def test_steady_reduce_agrees_with_numpy():
     rng = np.random.default_rng()
     xs = rng.standard_normal((4, 6, 50)).astype(np.float32)

@@ -40,8 +40,8 @@ from numba import cuda
 
 from .. import ptx
 from ..primitives.gather import GATHER_DEVICE_FUNCTIONS, stage_row, store_rows
-from ..primitives.ops import CONVERSIONS, open_bulk_exchange
-from ..primitives.reduce import quad_padded, reduce_device_function, steady_reduce_device_function
+from ..primitives.ops import CONVERSIONS, open_bulk_exchange, pack_row, unpack_row
+from ..primitives.reduce import packed_rows, quad_padded, reduce_device_function, steady_reduce_device_function
 from ..simulator.reduce import STEADY_EXIT_BARRIER
 
 #: 16-byte remote loads each thread of dsmem_read_stream has in flight.
@@ -158,13 +158,15 @@ def reduce_loop_kernel(algorithm: str):
 
 
 @functools.cache
-def steady_reduce_loop(algorithm: str, cluster_size: int):
+def steady_reduce_loop(algorithm: str, cluster_size: int, dtype: str = "float32"):
     """Kernel calling the library's steady reduce (:func:`~clusterlab.primitives.reduce.steady_reduce_device_function`,
     ``sum``, clusters of ``cluster_size``) ``reps`` times, each result the next operation's input.
 
     ``steady_reduce_loop(algorithm, cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32
     [blocks, n]; dynamic shared memory ``rows`` [2, slot] (``steady_result_offset(n)`` float32
     elements; for ``bulk_two_shot`` [slot] and its ``work``, ``steady_shared_bytes(n, "bulk_two_shot", N)``).
+    ``dtype`` float16 or bfloat16 (``direct`` only): ``x``, ``out`` their uint16 bit patterns, ``rows`` the
+    packed words (``steady_result_offset(n, "direct", dtype)`` of them), each result rounded.
     Operation k reduces rows[k % 2] into rows[(k + 1) % 2], the contract's chain, which copies
     nothing: ``direct`` (``direct_1barrier`` in the results, one barrier an operation) takes both rows
     as its double buffer and folds into the other one; ``two_shot`` (``two_shot_2barrier``, two
@@ -179,7 +181,9 @@ def steady_reduce_loop(algorithm: str, cluster_size: int):
     until no peer reads it. Bit for bit the result of
     ``reps`` calls of ``direct``.
     """
-    steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm)
+    steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm, dtype)
+    if packed_rows(algorithm, dtype):
+        return _packed_steady_reduce_loop(steady_sum)
     direct = algorithm == "direct"
     in_place = algorithm == "bulk_two_shot"
     exit_barrier = algorithm in STEADY_EXIT_BARRIER
@@ -206,6 +210,23 @@ def steady_reduce_loop(algorithm: str, cluster_size: int):
             out[row, i] = rows[last + i]
 
     return steady_loop
+
+
+def _packed_steady_reduce_loop(steady_sum):
+    """:func:`steady_reduce_loop` for the steady direct reduce on float16 / bfloat16 rows packed two to a word."""
+
+    @cuda.jit
+    def steady_packed_loop(x, out, n, reps):
+        rows = cuda.shared.array(0, dtype=np.uint32, alignment=16)
+        slot = quad_padded((n + 1) // 2)
+        row = cuda.blockIdx.x
+        pack_row(rows, 0, x[row], n)
+        for it in range(reps):  # the double buffer, folded into its other row
+            steady_sum(rows, rows[((it + 1) & 1) * slot:], n, it)
+        ptx.cluster_sync()  # peers may still be reading this block's rows
+        unpack_row(out[row], rows, (reps & 1) * slot, n)
+
+    return steady_packed_loop
 
 
 #: try_wait attempts after which :func:`direct_push_loop` gives up on an mbarrier phase: a hang

@@ -31,7 +31,8 @@ One run measures, on the same GPU in the same process:
 Sizes: cluster sizes 1, 2, 3, 4, 6, 8, 16; messages of 64 B to 64 KiB per block; float32 and
 bfloat16 (float16 on request). Reduce device functions work on float32 rows in shared memory, so
 a 16-bit reduce of ``B`` bytes is timed per operation on ``B / 2`` float32 elements
-(``working_bytes`` in the records); gathers move the 16-bit patterns as they are. Points whose
+(``working_bytes`` in the records), except the steady direct reduce (``direct_1barrier``), which
+keeps 16-bit rows as they are (``working_bytes`` = ``B``); gathers move the 16-bit patterns as they are. Points whose
 shared memory exceeds a block's 227 KiB are recorded as skipped, with the bytes they need.
 
 Configurations, both with 256 threads per block and every block alone on its SM (dynamic shared
@@ -40,8 +41,8 @@ memory padded to 116 KiB, more than half an SM's 228 KiB): ``one`` -- a single c
 less than SMs / N).
 
 Bus bandwidth (NCCL's convention, so algorithms compare on useful bytes): an all-gather moves
-``(N - 1) * B`` bytes into each block, an all-reduce ``2 (N - 1) / N * B`` (``B`` in float32 for
-the reduces' records; the targets credit a 16-bit message with its own bytes, see
+``(N - 1) * B`` bytes into each block, an all-reduce ``2 (N - 1) / N * B`` (``B`` the working bytes
+of the reduces' records; the targets credit a 16-bit message with its own bytes, see
 :func:`~clusterlab.bench.report.message_bus_bandwidth`); the figure is that times the blocks of the
 launch over the per-operation time.
 
@@ -75,7 +76,8 @@ from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
 from ..primitives.host import THREADS_PER_BLOCK
-from ..primitives.reduce import FLOAT32_BYTES, reduce_kernel, steady_result_offset, steady_shared_bytes, work_offset
+from ..primitives.reduce import (FLOAT32_BYTES, packed_rows, reduce_kernel, steady_result_offset, steady_shared_bytes,
+                                 work_offset)
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
 from . import kernels, report, timing
 
@@ -109,12 +111,20 @@ STEADY_ALGORITHM = {"direct_1barrier": "direct", "two_shot_2barrier": "two_shot"
 SPINNING = ("global_grid_barrier", "direct_push")
 
 
-def reduce_shared_bytes(implementation: str, n: int, cluster_size: int) -> int:
-    """Dynamic shared memory a reduce loop of ``n`` float32 elements per block needs."""
+def packed(implementation: str, dtype: str) -> bool:
+    """Whether ``implementation`` reduces 16-bit ``dtype`` rows as they are (the steady direct reduce), not
+    widened to float32 rows of twice the bytes."""
+    return implementation in STEADY_ALGORITHM and packed_rows(STEADY_ALGORITHM[implementation], dtype)
+
+
+def reduce_shared_bytes(implementation: str, n: int, cluster_size: int, dtype: str = "float32") -> int:
+    """Dynamic shared memory a reduce loop of ``n`` elements per block needs (float32 rows, or ``dtype``'s
+    packed where :func:`packed`)."""
     if implementation in STEADY_ALGORITHM:
         if STEADY_ALGORITHM[implementation] == "bulk_two_shot":  # its row [slot], then its work
             return steady_shared_bytes(n, "bulk_two_shot", cluster_size)
-        return steady_result_offset(n) * FLOAT32_BYTES  # rows [2, slot]; each result folds into the other
+        words = steady_result_offset(n, "direct", dtype if packed(implementation, dtype) else "float32")
+        return words * FLOAT32_BYTES  # rows [2, slot]; each result folds into the other
     if implementation == "direct_push":
         return (n + 2 * cluster_size * n) * FLOAT32_BYTES
     return primitive_reduce_shared_bytes(implementation, n, cluster_size)
@@ -125,9 +135,9 @@ def gather_shared_bytes(implementation: str, n: int, cluster_size: int, itemsize
     return primitive_gather_shared_bytes(kernels.GATHER_LAYOUT[implementation], n, cluster_size, itemsize)
 
 
-def reduce_bus_bytes(cluster_size: int, n: int) -> float:
-    """Bytes an all-reduce of ``n`` float32 per block moves into each block (NCCL's bus bytes)."""
-    return 2 * (cluster_size - 1) / cluster_size * n * FLOAT32_BYTES
+def reduce_bus_bytes(cluster_size: int, n: int, itemsize: int = FLOAT32_BYTES) -> float:
+    """Bytes an all-reduce of ``n`` elements of ``itemsize`` bytes per block moves into each block (NCCL's bus bytes)."""
+    return 2 * (cluster_size - 1) / cluster_size * n * itemsize
 
 
 def gather_bus_bytes(cluster_size: int, n: int, itemsize: int) -> int:
@@ -276,14 +286,17 @@ class PrimitivesBench:
     # reduce
     # ---------------------------------------------------------------------------------------
 
-    def reduce_per_op(self, implementation: str, config: str, size: int, n: int) -> dict:
-        """Per-operation µs of a float32 reduce of n elements per block (cluster, variant or global)."""
+    def reduce_per_op(self, implementation: str, config: str, size: int, n: int, dtype: str = "float32") -> dict:
+        """Per-operation µs of a reduce of n elements per block (cluster, variant or global): float32 rows, or
+        ``dtype``'s as they are where the implementation keeps them (:func:`packed`)."""
         import torch
 
         clusters = self.clusters[(config, size)]
         blocks = clusters * size
-        x = self.random((blocks, n))
-        out = _poisoned((blocks, n), "float32")
+        if not packed(implementation, dtype):
+            dtype = "float32"
+        x = self.random((blocks, n), dtype)
+        out = _poisoned((blocks, n), dtype)
         prepare = None
         if implementation in simulator.REDUCE_ALGORITHMS:
             offset = work_offset(n)
@@ -292,9 +305,9 @@ class PrimitivesBench:
             )
             run = functools.partial(step, x, out, n, offset)
         elif implementation in STEADY_ALGORITHM:
-            step = self.launcher(kernels.steady_reduce_loop(STEADY_ALGORITHM[implementation], size), blocks, size,
-                                 reduce_shared_bytes(implementation, n, size))
-            run = functools.partial(step, x, out, n)
+            step = self.launcher(kernels.steady_reduce_loop(STEADY_ALGORITHM[implementation], size, dtype), blocks,
+                                 size, reduce_shared_bytes(implementation, n, size, dtype))
+            run = functools.partial(step, _storage(x), _storage(out), n)
         elif implementation == "direct_push":
             failed = torch.zeros(1, dtype=torch.int32, device="cuda")
             step = self.launcher(kernels.direct_push_loop, blocks, size, reduce_shared_bytes(implementation, n, size))
@@ -315,11 +328,12 @@ class PrimitivesBench:
         if prepare is not None:
             prepare()
         run(1)
-        error = _check_reduce(out, x, size, "float32")
+        error = _check_reduce(out, x, size, dtype)
         latency = self.per_op(run, prepare)
         if implementation == "direct_push" and int(failed.item()):
             raise RuntimeError("an mbarrier wait gave up: the push protocol lost a phase")
-        return self._per_op_record(latency, clusters, size * clusters * reduce_bus_bytes(size, n), rel_error=error)
+        bus_bytes = size * clusters * reduce_bus_bytes(size, n, ITEMSIZE[dtype])
+        return self._per_op_record(latency, clusters, bus_bytes, rel_error=error)
 
     def _reduce_kernel_boundary(self, config, size, n, x, out) -> dict:
         """One fold kernel per operation, chained on alternating buffers in a CUDA graph."""
@@ -458,7 +472,7 @@ def _tasks(bench: PrimitivesBench, message_bytes, dtypes, configs):
             "message_bytes": nbytes, "n": n,
         }
         if primitive == "reduce" and method == "per_op" and implementation != "torch":
-            fields["working_bytes"] = n * FLOAT32_BYTES
+            fields["working_bytes"] = n * (ITEMSIZE[dtype] if packed(implementation, dtype) else FLOAT32_BYTES)
         label = f"{primitive} {method} {implementation} {config} N={size} {dtype} {nbytes} B"
         tasks.append((section, label, lambda: {**fields, **bench.memo(key, measure)}))
 
@@ -485,6 +499,9 @@ def _tasks(bench: PrimitivesBench, message_bytes, dtypes, configs):
             if impl == "torch":
                 key = ("torch", config, size, n, dtype)
                 measure = functools.partial(bench.torch_reduce_per_op, config, size, n, dtype)
+            elif packed(impl, dtype):
+                key = ("reduce", impl, config, size, n, dtype)
+                measure = functools.partial(bench.reduce_per_op, impl, config, size, n, dtype)
             else:
                 key = ("reduce", impl, config, size, n)
                 measure = functools.partial(bench.reduce_per_op, impl, config, size, n)

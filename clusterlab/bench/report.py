@@ -205,8 +205,8 @@ TARGETS = {
     f"<= {REDUCE_BARRIER_RATIO_LARGE_CLUSTER:g} above",
     "large_reduce_vs_dsmem_bound": "bus bandwidth of the fastest public reduce, messages from "
     f"{LARGE_MESSAGE_BYTES // 1024} KiB per block of each dtype / peak DSMEM read bandwidth, >= {REDUCE_PEAK_FRACTION:g}"
-    " (bus bytes counted on the message, 2 (N - 1) / N x its bytes: the device functions reduce float32 rows, so a "
-    "16-bit message of B bytes is timed as the float32 reduce of 2B and credited with the B it carries)",
+    " (bus bytes counted on the message, 2 (N - 1) / N x its bytes, whether a 16-bit message of B bytes moved as it "
+    "is, in the steady direct reduce, or as the float32 rows of 2B, in the others)",
     "gather_vs_dsmem_peak": "bus bandwidth of the fastest public gather (the host API's algorithms), messages "
     f"from {LARGE_MESSAGE_BYTES // 1024} KiB per block (the largest timed one where none of them fits) / peak "
     f"DSMEM read bandwidth, >= {GATHER_PEAK_FRACTION:g}",
@@ -686,7 +686,7 @@ def _bandwidth_figure(results, config):
             for implementation in implementations:
                 for dtype in results["settings"]["dtypes"]:
                     if primitive == "reduce" and dtype != "float32":
-                        continue  # a 16-bit reduce per operation is the float32 one of half the bytes
+                        continue  # the reduces' bandwidth in float32 only
                     stats = []
                     for b in nbytes:
                         r = record(results, primitive=primitive, method="per_op", implementation=implementation,

@@ -180,8 +180,9 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
 
 def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out=None):
     """Back-to-back all-reduces in one launch: ``direct`` at one cluster barrier each
-    (``direct_steady_reduce``), ``two_shot`` at two (``two_shot_steady_reduce``, the fewest bytes),
-    ``bulk_two_shot`` at none (``bulk_two_shot_steady_reduce``: the same bytes moved by the copy engine).
+    (``direct_steady_reduce``; float16 / bfloat16 rows stay 16-bit), ``two_shot`` at two
+    (``two_shot_steady_reduce``, the fewest bytes), ``bulk_two_shot`` at none
+    (``bulk_two_shot_steady_reduce``: the same bytes moved by the copy engine).
 
     ``xs``: [steps, N, n] or [steps, C, N, n], ``xs[k]`` operation k's rows; returns a CUDA tensor
     of the same shape and dtype (``out`` if given), ``out[k]`` bit for bit what
@@ -198,7 +199,7 @@ def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out
         raise ValueError(f"xs must be [steps, cluster_size, n] or [steps, num_clusters, cluster_size, n] with "
                          f"steps >= 1; got {tuple(xs.shape)}")
     dtype, num_clusters, cluster_size, n = _check_rows(xs[0], "xs[0]")
-    shared_bytes = steady_shared_bytes(n, algorithm, cluster_size)
+    shared_bytes = steady_shared_bytes(n, algorithm, cluster_size, dtype)
     _check_shared_bytes(shared_bytes, n, f"the steady {algorithm} reduce (its staged rows and the result)")
     _check_out(out, dtype, tuple(xs.shape))
     require_hopper()
@@ -207,7 +208,7 @@ def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out
     result = _output(out, dtype, tuple(xs.shape), rows)
     blocks = num_clusters * cluster_size
     _launch(steady_reduce_kernel(op, dtype, cluster_size, algorithm), blocks, cluster_size, shared_bytes,
-            rows.view(steps, blocks, n), result.view(steps, blocks, n), n, steady_result_offset(n, algorithm))
+            rows.view(steps, blocks, n), result.view(steps, blocks, n), n, steady_result_offset(n, algorithm, dtype))
     return _result(result, dtype, tuple(xs.shape))
 
 

@@ -6,12 +6,14 @@ in float32: ``sum`` is an IEEE add, ``max`` / ``min`` propagate NaN and otherwis
 operand wins, as ``np.maximum`` / ``np.minimum`` do; PTX ``max.f32`` would pick ``+0.0``).
 
 Storage: float32 rows travel as float32; float16 and bfloat16 rows travel as their 16-bit patterns
-in uint16 arrays (numba has no bfloat16 arrays) and are widened with ``cvt`` when staged.
+in uint16 arrays (numba has no bfloat16 arrays) and are widened with ``cvt`` when staged, except in
+the steady direct reduce, which keeps them packed two to a 32-bit word in shared memory
+(:func:`unrolled_fold_packed_row`) and widens them as it folds.
 """
 
 import functools
 
-from numba import cuda, float32
+from numba import cuda, float32, uint16, uint32
 
 from .. import ptx
 
@@ -263,6 +265,129 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
             store_element(dest, i, fold_element(shared, source + i), rank)
 
     return fold_row
+
+
+#: dtype name -> (word -> (lo, hi) float32, (lo, hi) float32 -> word): float16 and bfloat16 rows kept
+#: two to a 32-bit word in shared memory, element 2w in the low half of word w (the lower address).
+PACKED_CONVERSIONS = {
+    "float16": (ptx.f16x2_to_f32x2, ptx.f32x2_to_f16x2),
+    "bfloat16": (ptx.bf16x2_to_f32x2, ptx.f32x2_to_bf16x2),
+}
+
+
+@functools.cache
+def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str):
+    """``fold_row(shared, source, dest, words)``: :func:`unrolled_fold_row` over rows of float16 or
+    bfloat16 (``dtype``) packed two to a 32-bit word (uint32 arrays, :data:`PACKED_CONVERSIONS`), bit for
+    bit the float32 fold of the widened rows, rounded once: the same elements at half the bytes.
+
+    Folds ``shared[source .. source + words - 1]`` of every block (``source`` a multiple of 4) into this
+    block's ``dest[0 .. words - 1]``, with :func:`unrolled_fold_row`'s tiers counted in words: a word a
+    thread (4-byte loads) up to the block, two words a thread (8 bytes) up to twice it, 16-byte quads of
+    words beyond (``ceil(UNROLLED_LOADS / N)`` at a time) and the tail word by word; every rank's loads
+    issued before the first combine. Each word's halves are widened to float32 (exactly), folded in rank
+    order with ``op`` and rounded to nearest even into a word of ``dest``. An odd row's padding half is
+    folded and rounded like the rest; nobody reads it.
+    """
+    combine = OPERATORS[op]
+    widen, narrow = PACKED_CONVERSIONS[dtype]
+    size = cluster_size
+    together = -(-UNROLLED_LOADS // size)  # quads of words a thread folds at a time
+    held = 4 * together  # words of those quads
+
+    @cuda.jit(device=True, inline=True)
+    def fold_word(acc, j, word, s):
+        """Rank ``s``'s ``word`` into ``acc[j, 0..1]`` (rank 0's widened, the others combined)."""
+        b0, b1 = widen(word)
+        if s == 0:
+            acc[j, 0], acc[j, 1] = b0, b1
+        else:
+            acc[j, 0] = combine(acc[j, 0], b0)
+            acc[j, 1] = combine(acc[j, 1], b1)
+
+    @cuda.jit(device=True, inline=True)
+    def fold_quad(acc, j, shared, at, s):
+        """Rank ``s``'s quad of words ``shared[at ..]`` (one 16-byte load) into ``acc[4 j .. 4 j + 3]``."""
+        w0, w1, w2, w3 = ptx.ld_shared_cluster_v4_b32(ptx.map_shared(ptx.shared_address(shared, at), s))
+        fold_word(acc, 4 * j, w0, s)
+        fold_word(acc, 4 * j + 1, w1, s)
+        fold_word(acc, 4 * j + 2, w2, s)
+        fold_word(acc, 4 * j + 3, w3, s)
+
+    @cuda.jit(device=True, inline=True)
+    def store_quad(dest, at, acc, j):
+        """``acc[4 j .. 4 j + 3]`` rounded into the words ``dest[at .. at + 3]``."""
+        for i in range(4):
+            dest[at + i] = narrow(acc[4 * j + i, 0], acc[4 * j + i, 1])
+
+    @cuda.jit(device=True, inline=True)
+    def fold_one(shared, w):
+        """Word ``shared[w]`` folded over the ranks, rounded."""
+        acc = cuda.local.array((1, 2), float32)
+        for s in range(size):
+            fold_word(acc, 0, ptx.remote_load(shared, w, s), s)
+        return narrow(acc[0, 0], acc[0, 1])
+
+    @cuda.jit(device=True, inline=True)
+    def fold_row(shared, source, dest, words):
+        t = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        if words <= threads:
+            if t < words:
+                dest[t] = fold_one(shared, source + t)
+            return
+        if words <= 2 * threads:
+            pairs = words // 2
+            if t < pairs:
+                acc = cuda.local.array((2, 2), float32)
+                address = ptx.shared_address(shared, source + 2 * t)
+                for s in range(size):
+                    both = ptx.ld_shared_cluster_u64(ptx.map_shared(address, s))
+                    fold_word(acc, 0, uint32(both & 0xFFFFFFFF), s)
+                    fold_word(acc, 1, uint32(both >> 32), s)
+                dest[2 * t] = narrow(acc[0, 0], acc[0, 1])
+                dest[2 * t + 1] = narrow(acc[1, 0], acc[1, 1])
+            elif t == pairs and words % 2 == 1:
+                dest[words - 1] = fold_one(shared, source + words - 1)
+            return
+        whole = words // 4
+        acc = cuda.local.array((held, 2), float32)  # word i of quad q + j * threads: acc[4 j + i]
+        q = t
+        while q + (together - 1) * threads < whole:
+            for s in range(size):  # rank by rank, every quad of the round: size x together loads in flight
+                for j in range(together):
+                    fold_quad(acc, j, shared, source + 4 * (q + j * threads), s)
+            for j in range(together):
+                store_quad(dest, 4 * (q + j * threads), acc, j)
+            q += together * threads
+        while q < whole:  # the last quads, fewer than a round
+            for s in range(size):
+                fold_quad(acc, 0, shared, source + 4 * q, s)
+            store_quad(dest, 4 * q, acc, 0)
+            q += threads
+        for w in range(4 * whole + t, words, threads):
+            dest[w] = fold_one(shared, source + w)
+
+    return fold_row
+
+
+@cuda.jit(device=True, inline=True)
+def pack_row(words, at, row, n):
+    """``row`` [n] (uint16 bit patterns) into ``words[at ..]``, two to a word (element 2w in the low half of
+    word w, an odd row's padding half zero); the block's threads share the words."""
+    for w in range(cuda.threadIdx.x, (n + 1) // 2, cuda.blockDim.x):
+        high = uint32(row[2 * w + 1]) if 2 * w + 1 < n else uint32(0)
+        words[at + w] = uint32(row[2 * w]) | (high << 16)
+
+
+@cuda.jit(device=True, inline=True)
+def unpack_row(row, words, at, n):
+    """``words[at ..]`` back into ``row`` [n] (uint16), as :func:`pack_row` packed them."""
+    for w in range(cuda.threadIdx.x, (n + 1) // 2, cuda.blockDim.x):
+        word = words[at + w]
+        row[2 * w] = uint16(word & 0xFFFF)
+        if 2 * w + 1 < n:
+            row[2 * w + 1] = uint16(word >> 16)
 
 
 @cuda.jit(device=True, inline=True)

@@ -57,6 +57,16 @@ The function is compiled for one cluster size (launch it in clusters of exactly 
 its fold is :func:`~clusterlab.primitives.ops.unrolled_fold_row`, all of an element's N remote
 loads in flight at once, so an operation costs its barrier and about one DSMEM round trip.
 
+float16 and bfloat16 rows stay 16-bit (the simulator's steady ``direct`` stages rows in their input
+dtype): ``steady_reduce_device_function(op, cluster_size, "direct", dtype)`` takes ``staged`` and
+``result`` as shared uint32 words, two elements a word (element 2w in the low half of word w; a slot
+ceil(n / 2) words rounded up to a multiple of 4), and the same ``n`` (elements) and ``k``. Its fold,
+:func:`~clusterlab.primitives.ops.unrolled_fold_packed_row`, widens each pulled word to two float32,
+folds in rank order and rounds once into ``result``: bit for bit the float32 reduce of the widened
+rows rounded, as the host API's, at half the DSMEM bytes. (An odd ``n`` leaves a padding half in the
+last word, folded and rounded like the rest; :func:`~clusterlab.primitives.ops.pack_row` stages it
+as zero.)
+
 Back-to-back ``two_shot`` all-reduces at **two cluster barriers each**, moving 2 (N - 1) / N rows a
 block instead of ``direct``'s N - 1 (the simulator's ``two_shot_steady_reduce``, its rules in that
 module's docstring)::
@@ -98,7 +108,8 @@ exits or reuses ``staged`` and ``work``: 2 cluster barriers for any number of op
 
 The host API, :func:`cluster_reduce`, stages rows from global memory, widening float16/bfloat16
 to float32, runs one of these, and rounds the result once to the input dtype;
-:func:`cluster_reduce_steady` does so for a sequence of operations.
+:func:`cluster_reduce_steady` does so for a sequence of operations (its ``direct`` staging
+float16/bfloat16 rows packed, as they are).
 """
 
 from __future__ import annotations
@@ -112,8 +123,9 @@ from ..simulator import MAX_CLUSTER_SIZE, REDUCE_ALGORITHMS, slot_elements
 from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import STEADY_BUFFERS, STEADY_EXIT_BARRIER, bulk_two_shot_chunk_slot, widest_chunk
-from .ops import (CONVERSIONS, OPERATORS, bulk_push_rows, left_neighbour, open_bulk_exchange, push_element,
-                  push_quad, rank_folds, ring_chunk, unrolled_fold_row)
+from .ops import (CONVERSIONS, GPU_DTYPES, OPERATORS, PACKED_CONVERSIONS, bulk_push_rows, left_neighbour,
+                  open_bulk_exchange, pack_row, push_element, push_quad, rank_folds, ring_chunk, unpack_row,
+                  unrolled_fold_packed_row, unrolled_fold_row)
 
 #: Bytes reserved at the start of ``work`` for the mbarriers of ``bulk`` (one) and ``bulk_two_shot``
 #: (two; 8 bytes each), keeping what follows 16-byte aligned.
@@ -399,20 +411,35 @@ def reduce_kernel(algorithm: str, op: str, dtype: str):
     return cluster_reduce_kernel
 
 
-def steady_result_offset(n: int, algorithm: str = "direct") -> int:
-    """float32 element where ``result`` (``work`` for ``bulk_two_shot``) starts after the steady
-    reduce's ``staged``: [2, slot] for ``direct``, [slot] for ``two_shot`` and ``bulk_two_shot``."""
+def packed_rows(algorithm: str, dtype: str) -> bool:
+    """Whether the steady ``algorithm`` keeps rows of ``dtype`` packed two to a 32-bit word in shared memory:
+    the steady ``direct`` reduce of float16 and bfloat16 does (it exchanges inputs only); the others stage
+    float32."""
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
-    return STEADY_BUFFERS[algorithm] * slot_elements(n, FLOAT32_BYTES)
+    check_choice("dtype", dtype, GPU_DTYPES)
+    return algorithm == "direct" and dtype in PACKED_CONVERSIONS
 
 
-def steady_shared_bytes(n: int, algorithm: str = "direct", cluster_size: int = 1) -> int:
+def steady_row_words(n: int, algorithm: str = "direct", dtype: str = "float32") -> int:
+    """32-bit words of a row of ``n`` elements in the steady reduce's shared memory: ``n`` float32, or
+    ceil(n / 2) words where its rows stay packed (:func:`packed_rows`)."""
+    return (n + 1) // 2 if packed_rows(algorithm, dtype) else n
+
+
+def steady_result_offset(n: int, algorithm: str = "direct", dtype: str = "float32") -> int:
+    """32-bit word where ``result`` (``work`` for ``bulk_two_shot``) starts after the steady reduce's
+    ``staged``: [2, slot] for ``direct``, [slot] for ``two_shot`` and ``bulk_two_shot``, a slot the row's
+    words (:func:`steady_row_words`) padded to 16 bytes."""
+    return STEADY_BUFFERS[algorithm] * slot_elements(steady_row_words(n, algorithm, dtype), FLOAT32_BYTES)
+
+
+def steady_shared_bytes(n: int, algorithm: str = "direct", cluster_size: int = 1, dtype: str = "float32") -> int:
     """Dynamic shared memory per block of :func:`steady_reduce_kernel`: ``staged``, then ``result``
     [slot] (``direct``, ``two_shot``) or ``bulk_two_shot``'s ``work`` (its mbarriers and the inbox
     of ``cluster_size`` chunks)."""
     after = (reduce_scratch_elements("bulk_two_shot", n, cluster_size) if algorithm == "bulk_two_shot"
-             else slot_elements(n, FLOAT32_BYTES))
-    return (steady_result_offset(n, algorithm) + after) * FLOAT32_BYTES
+             else slot_elements(steady_row_words(n, algorithm, dtype), FLOAT32_BYTES))
+    return (steady_result_offset(n, algorithm, dtype) + after) * FLOAT32_BYTES
 
 
 #: The largest cluster whose steady ``two_shot`` stores each folded quad into its peers as soon as it is
@@ -424,12 +451,18 @@ PUSH_WHILE_FOLDING = 8
 
 
 @functools.cache
-def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "direct"):
-    """``direct_steady_reduce(staged, result, n, k)`` or ``two_shot_steady_reduce(staged, result, n, k)``
-    with operator ``op`` for clusters of ``cluster_size`` blocks (see the module docstring)."""
+def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "direct", dtype: str = "float32"):
+    """``direct_steady_reduce(staged, result, n, k)``, ``two_shot_steady_reduce(staged, result, n, k)`` or
+    ``bulk_two_shot_steady_reduce(staged, work, n, k)`` with operator ``op`` for clusters of
+    ``cluster_size`` blocks, on rows of ``dtype`` (float16 and bfloat16 packed, ``direct`` only; see the
+    module docstring)."""
     check_choice("op", op, tuple(OPERATORS))
     check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
-    check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
+    if dtype != "float32" and not packed_rows(algorithm, dtype):
+        raise ValueError(f"dtype must be 'float32' for the steady {algorithm} reduce (only the steady direct "
+                         f"reduce keeps {dtype} rows); got {dtype!r}")
+    if packed_rows(algorithm, dtype):
+        return _packed_direct_steady_reduce(op, cluster_size, dtype)
     fold_row = unrolled_fold_row(op, cluster_size)
     fold_push_row = unrolled_fold_row(op, cluster_size, push=True)
     pushes_while_folding = cluster_size <= PUSH_WHILE_FOLDING
@@ -532,6 +565,22 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
             "bulk_two_shot": bulk_two_shot_steady_reduce}[algorithm]
 
 
+def _packed_direct_steady_reduce(op: str, cluster_size: int, dtype: str):
+    """``direct_steady_reduce(staged, result, n, k)`` on float16 or bfloat16 rows packed two to a word."""
+    fold_row = unrolled_fold_packed_row(op, cluster_size, dtype)
+
+    @cuda.jit(device=True)
+    def direct_steady_reduce(staged, result, n, k):
+        """Operation k: barrier k, then pull buffer k % 2 of every block, widen, fold in rank order, round."""
+        words = (n + 1) // 2
+        buffer = (k & 1) * quad_padded(words)  # staged[buffer, w] is staged[buffer + w]
+        ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
+        fold_row(staged, buffer, result, words)
+        cuda.syncthreads()
+
+    return direct_steady_reduce
+
+
 @functools.cache
 def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str = "direct"):
     """Kernel: block b reduces row b of ``xs[k]`` with its cluster into ``out[k]``, for every operation k.
@@ -540,8 +589,11 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     float16/bfloat16; launched in clusters of ``cluster_size``. Dynamic shared memory
     (:func:`steady_shared_bytes`): ``staged`` at 0 ([2, slot] for ``direct``, operation k in buffer
     k % 2; [slot] for ``two_shot`` and ``bulk_two_shot``), ``result`` at ``result_offset``
-    (:func:`steady_result_offset`; ``bulk_two_shot``'s ``work`` there, its result in ``staged``).
+    (:func:`steady_result_offset`; ``bulk_two_shot``'s ``work`` there, its result in ``staged``), in
+    float32, or in uint32 words where ``direct`` keeps float16 / bfloat16 rows packed (:func:`packed_rows`).
     """
+    if packed_rows(algorithm, dtype):
+        return _packed_steady_reduce_kernel(steady_reduce_device_function(op, cluster_size, algorithm, dtype))
     reduce = steady_reduce_device_function(op, cluster_size, algorithm)
     widen, narrow = CONVERSIONS[dtype]
     buffers = STEADY_BUFFERS[algorithm]
@@ -567,3 +619,22 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
             ptx.cluster_sync()
 
     return cluster_reduce_steady_kernel
+
+
+def _packed_steady_reduce_kernel(reduce):
+    """:func:`steady_reduce_kernel` for a steady direct ``reduce`` on packed rows: ``staged`` [2, slot] and
+    ``result`` [slot] are uint32 words, a slot ceil(n / 2) words padded to 16 bytes."""
+
+    @cuda.jit
+    def cluster_reduce_steady_packed_kernel(xs, out, n, result_offset):
+        smem = cuda.shared.array(0, dtype="uint32", alignment=16)
+        staged = smem[:result_offset]
+        result = smem[result_offset:]
+        row = cuda.blockIdx.x
+        for k in range(xs.shape[0]):
+            pack_row(staged, (k % 2) * (result_offset // 2), xs[k, row], n)
+            reduce(staged, result, n, k)
+            unpack_row(out[k, row], result, 0, n)
+        ptx.cluster_sync()  # peers may still be reading the last operation's rows
+
+    return cluster_reduce_steady_packed_kernel

@@ -7,9 +7,11 @@ runs the same algorithm in the same order gets the same bits; this docstring is 
 Arithmetic (see :mod:`clusterlab.simulator.dtypes`)
 ---------------------------------------------------
 - Accumulation dtype A: float32 for float16 / bfloat16 / float32, float64 for float64, int32
-  for int32 (wrapping). Each block converts its row to A when it stages it in shared memory;
-  every partial exchanged between blocks is in A; the result is rounded once to the input dtype
-  at the end (round to nearest even).
+  for int32 (wrapping). Each block converts its row to A when it stages it in shared memory
+  (the steady ``direct`` reduce alone stages it as it is, in the input dtype X, and widens what it
+  pulls: it exchanges inputs only, and a float16 / bfloat16 row moves half the bytes); every partial
+  exchanged between blocks is in A; the result is rounded once to the input dtype at the end (round
+  to nearest even).
 - ``a ⊕ b`` is ``np.add`` / ``np.maximum`` / ``np.minimum`` in A, elementwise, in that operand
   order (the programs' ``combine(a, b)``); folds are explicit left folds (no pairwise or fused sums).
 
@@ -58,10 +60,10 @@ block. 2 cluster barriers (after staging; before exit).
 ``cluster_reduce_steady`` — back-to-back ``direct`` all-reduces in a steady state of **one
 cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[k]``)::
 
-    shared memory per block: staged A[2, n]   (double buffer)
+    shared memory per block: staged X[2, n]   (double buffer, in the input dtype)
 
     operation k: stage x_k into staged[k % 2]; barrier k; pull staged[k % 2] of every block and
-                 fold in rank order (the ``direct`` fold, the same bits)
+                 fold in rank order, each row widened to A (the ``direct`` fold, the same bits)
     after the last operation: one exit barrier
 
   The rules that make one barrier enough: (1) operation k writes only buffer k % 2, and only
@@ -229,7 +231,7 @@ def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int | None =
                          f"reduce ({STEADY_BUFFERS[algorithm]} is its contract); got {buffers!r}")
     steps, size, n = xs.shape
     name = dtype_name(xs.dtype)
-    row = n * accumulation_dtype(xs.dtype).itemsize
+    row = n * (xs.dtype if algorithm == "direct" else accumulation_dtype(xs.dtype)).itemsize  # rows as staged
     arrays = [buffers * row] if algorithm == "direct" else [row, row]  # staged | result
 
     def layout(m):  # bulk_two_shot: the layout of the single operation
@@ -338,19 +340,21 @@ def direct_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
 
 
 def direct_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.ufunc, buffers: int):
-    """``direct`` once per operation, one barrier each: operation k stages into buffer k % buffers.
+    """``direct`` once per operation, one barrier each: operation k stages its row, in the input dtype, into
+    buffer k % buffers, and every block widens the rows it pulls to A as it folds them.
     Writes ``out[k, rank]`` [n] for every operation k."""
     size, rank, n = b.cluster_size, b.cluster_rank, xs.shape[2]
-    staged = b.shared_array("staged", (buffers, n), accumulation_dtype(xs.dtype))
+    acc_dtype = accumulation_dtype(xs.dtype)
+    staged = b.shared_array("staged", (buffers, n), xs.dtype)
     for k in range(xs.shape[0]):
         buffer = k % buffers
         b.step(f"stage {k}")
-        staged[buffer] = xs[k, rank].astype(staged.dtype)
+        staged[buffer] = xs[k, rank]
         yield b.cluster_sync()
         b.step(f"pull and fold {k}")
-        acc = _load(b, staged, 0, (buffer, slice(None)))
+        acc = _load(b, staged, 0, (buffer, slice(None))).astype(acc_dtype)
         for s in range(1, size):
-            acc = combine(acc, _load(b, staged, s, (buffer, slice(None))))
+            acc = combine(acc, _load(b, staged, s, (buffer, slice(None))).astype(acc_dtype))
         out[k, rank] = acc.astype(xs.dtype)
     yield b.cluster_sync()  # peers may still be reading the last operation's buffer
 
