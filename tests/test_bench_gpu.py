@@ -59,12 +59,13 @@ def test_steady_reduce_loops_equal_repeated_direct_folds(algorithm, size, reps, 
     np.testing.assert_array_equal(out.cpu().numpy(), direct_folds(x, size, reps))
 
 
+@pytest.mark.parametrize("algorithm", ["direct", "two_shot"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("size", [1, 3, 8, 16])
 @pytest.mark.parametrize("reps", [1, 2, 3])
 @pytest.mark.parametrize("n", [301, 4099])
-def test_steady_direct_loop_on_16_bit_rows_equals_the_simulator_applied_again_and_again(dtype, size, reps, n):
-    """The packed 16-bit loop: each result the next operation's rows, rounded each time, as ``reps``
+def test_steady_loops_on_16_bit_rows_equal_the_simulator_applied_again_and_again(algorithm, dtype, size, reps, n):
+    """The packed 16-bit loops: each result the next operation's rows, rounded each time, as ``reps``
     steady reduces of the simulator on two clusters."""
     import torch
 
@@ -72,12 +73,12 @@ def test_steady_direct_loop_on_16_bit_rows_equals_the_simulator_applied_again_an
     x = rng.standard_normal((2 * size, n)).astype(simulator.numpy_dtype(dtype))
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float16
     out = torch.full(x.shape, float("nan"), dtype=torch_dtype, device="cuda").view(torch.uint16)
-    launch(kernels.steady_reduce_loop("direct", size, dtype), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
+    launch(kernels.steady_reduce_loop(algorithm, size, dtype), grid=2 * size, cluster=size, block=THREADS_PER_BLOCK,
            shared_bytes=4 * steady_result_offset(n, "direct", dtype), non_portable=size > 8)(
         torch.from_numpy(x.view(np.uint16)).cuda(), out, n, reps)
     want = x.reshape(2, size, n)
     for _ in range(reps):
-        want = np.stack([simulator.cluster_reduce_steady(cluster[None], op="sum")[0][0] for cluster in want])
+        want = np.stack([simulator.cluster_reduce_steady(cluster[None], algorithm=algorithm)[0][0] for cluster in want])
     np.testing.assert_array_equal(out.cpu().numpy(), want.reshape(x.shape).view(np.uint16))
 
 

@@ -56,15 +56,17 @@ def test_steady_reduce_loops_have_their_barriers_in_the_loop_and_at_exit_where_p
     assert ("st.shared::cluster.v4.f32" in ptx) == (algorithm == "two_shot")
 
 
+@pytest.mark.parametrize("algorithm, barriers", [("direct", 2), ("two_shot", 2)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("size", [2, 8])
-def test_steady_direct_loop_moves_16_bit_rows_packed(dtype, size):
-    """The 16-bit steady direct loop: one barrier an operation and the exit one, the rows' words pulled
-    (16 bytes a load for the long rows, one per rank), no float32 row anywhere."""
-    ptx = assembled(kernels.steady_reduce_loop("direct", size, dtype), (U16, U16, I64, I64))
-    assert ptx.count("barrier.cluster.arrive.release") == 2
+def test_steady_loops_move_16_bit_rows_packed(algorithm, barriers, dtype, size):
+    """The 16-bit steady loops: direct's barrier an operation and the exit one, two_shot's two an operation;
+    the rows' words pulled (16 bytes a load for the long rows, one per rank), no float32 row anywhere."""
+    ptx = assembled(kernels.steady_reduce_loop(algorithm, size, dtype), (U16, U16, I64, I64))
+    assert ptx.count("barrier.cluster.arrive.release") == barriers
     loads = ptx.count("ld.shared::cluster.v4.b32")
     assert loads and loads % size == 0
+    assert ("st.shared::cluster.v4.b32" in ptx) == (algorithm == "two_shot")
     assert "ld.shared::cluster.v4.f32" not in ptx and "st.shared.f32" not in ptx
 
 

@@ -99,17 +99,19 @@ def test_steady_two_shots_equal_simulator_on_long_rows(op, size):
         assert_same_bits(primitives.to_numpy(out), expected, f"steady {algorithm} {op} N={size} n=20003")
 
 
+@pytest.mark.parametrize("algorithm", ["direct", "two_shot"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("op", simulator.OPS)
 @pytest.mark.parametrize("size", (1, 2, 3, 16))
-def test_steady_direct_on_long_16_bit_rows_equals_simulator(dtype, op, size):
-    """n = 20003 over 4 operations: 10002 packed words, so every thread folds whole rounds of quads of words
-    (``ceil(4 / N)`` at a time) and the last quads one by one, plus 2 words of tail, the last one half padding."""
+def test_steady_reduces_on_long_16_bit_rows_equal_simulator(algorithm, dtype, op, size):
+    """n = 20003 over 4 operations: 10002 packed words, so every thread folds (and two_shot pushes) whole rounds
+    of quads of words (``ceil(4 / N)`` at a time) and the last quads one by one, plus the tail word by word,
+    the row's last word half padding."""
     rng = np.random.default_rng()
     xs = np.stack([random_rows(rng, size, 20003, dtype) for _ in range(4)])
-    expected, _ = simulator.cluster_reduce_steady(xs, op=op)
-    out = primitives.cluster_reduce_steady(xs, op=op, out=poisoned(xs.shape, dtype))
-    assert_same_bits(primitives.to_numpy(out), expected, f"steady {op} {dtype} N={size} n=20003")
+    expected, _ = simulator.cluster_reduce_steady(xs, op=op, algorithm=algorithm)
+    out = primitives.cluster_reduce_steady(xs, op=op, algorithm=algorithm, out=poisoned(xs.shape, dtype))
+    assert_same_bits(primitives.to_numpy(out), expected, f"steady {algorithm} {op} {dtype} N={size} n=20003")
 
 
 def test_steady_reduce_runs_many_clusters_independently():

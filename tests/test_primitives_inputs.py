@@ -7,7 +7,7 @@ import torch
 
 from clusterlab import HopperRequired, primitives
 from clusterlab.gpu import hopper_problem
-from clusterlab.primitives.reduce import work_offset
+from clusterlab.primitives.reduce import steady_shared_bytes, work_offset
 
 rng = np.random.default_rng()
 
@@ -54,6 +54,12 @@ def rows(*shape, dtype=np.float32):
          "out must be None or a contiguous CUDA tensor; got ndarray"),
         (lambda: primitives.cluster_reduce(rows(4, 8).astype(">f4")), TypeError,
          r"x holds float32 in the other byte order \('>f4'\); the GPU reads its own"),
+        (lambda: primitives.cluster_reduce_steady(rows(2, 2, 80_000, dtype=ml_dtypes.bfloat16), algorithm="two_shot"),
+         ValueError, "n=80000 needs .* steady two_shot"),
+        (lambda: primitives.steady_reduce_device_function("sum", 4, "bulk_two_shot", "bfloat16"), ValueError,
+         "dtype must be 'float32' for the steady bulk_two_shot reduce .*; got 'bfloat16'"),
+        (lambda: primitives.steady_reduce_device_function("sum", 4, "direct", "float64"), ValueError,
+         "dtype must be one of"),
     ],
 )
 def test_bad_input_is_rejected_before_launch(call, error, message):
@@ -128,3 +134,13 @@ def test_layout_helpers_check_their_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call()
     assert work_offset(5) == 8 and primitives.gather_stride("bulk", 5, 2) == 8
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "two_shot"])
+def test_steady_reduces_keep_16_bit_rows_in_half_the_shared_memory(algorithm):
+    """Packed two to a word, n float16 / bfloat16 elements take the shared memory of n / 2 float32 ones."""
+    for n in (1, 37, 4099, 40_000):
+        for dtype in ("float16", "bfloat16"):
+            assert steady_shared_bytes(n, algorithm, 4, dtype) == steady_shared_bytes((n + 1) // 2, algorithm, 4)
+    assert steady_shared_bytes(37, "bulk_two_shot", 4, "bfloat16") == steady_shared_bytes(37, "bulk_two_shot", 4)
+

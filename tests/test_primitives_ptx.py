@@ -62,16 +62,20 @@ def test_steady_reduce_kernel_assembles_with_one_barrier_an_operation(op, cluste
         assert all(count % cluster_size == 0 for count in loads)
 
 
+@pytest.mark.parametrize("algorithm", ["direct", "two_shot"])
 @pytest.mark.parametrize("dtype", [d for d in GPU_DTYPES if d != "float32"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("cluster_size", [1, 3, 8, 16])
-def test_steady_direct_kernel_keeps_16_bit_rows_packed(dtype, op, cluster_size):
+def test_steady_kernels_keep_16_bit_rows_packed(algorithm, dtype, op, cluster_size):
     """float16 / bfloat16 rows stay two to a 32-bit word: the fold's remote loads move words (4, 8 and
     16 bytes: a word, two words, a quad of words a thread), one per rank, and round once with a packed
-    ``cvt.rn``; one cluster barrier an operation and the exit one, as in float32."""
+    ``cvt.rn``; the cluster barriers of float32 (direct: one an operation and the exit one; two_shot: two an
+    operation), and two_shot pushes its words as wide as it loads them."""
     steps = types.uint16[:, :, ::1]
-    ptx = kernel_ptx(steady_reduce_kernel(op, dtype, cluster_size), (steps, steps, types.int64, types.int64))
+    ptx = kernel_ptx(steady_reduce_kernel(op, dtype, cluster_size, algorithm), (steps, steps, types.int64, types.int64))
     assert ptx.count("barrier.cluster.arrive") == 2 and ptx.count("barrier.cluster.wait") == 2
+    pushes = [ptx.count(f"st.shared::cluster{width}") for width in (".u32", ".u64", ".v4.b32")]
+    assert all(pushes) == (algorithm == "two_shot" and cluster_size > 1) and "st.shared::cluster.f32" not in ptx
     assert ".f32" not in "".join(line for line in ptx.splitlines() if "ld.shared::cluster" in line)
     loads = [ptx.count(f"ld.shared::cluster{width}") for width in (".u32", ".u64", ".v4.b32")]
     if op == "sum":  # every rank's load of a word or a pair unrolled, a quad's (8 values a rank) 8 ranks at least

@@ -258,19 +258,31 @@ def test_steady_reduces_are_direct_bit_for_bit_with_their_barriers_a_step(algori
     assert barriers == barriers_a_step * steps + barriers_once
 
 
+@pytest.mark.parametrize("algorithm, moved", [("direct", lambda size, n: size * (size - 1) * n),  # N - 1 rows pulled
+                                               ("two_shot", lambda size, n: 2 * (size - 1) * n)])  # chunks in and out
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_steady_direct_moves_16_bit_rows_as_they_are(dtype):
-    """The steady direct reduce stages a 16-bit row as it is and widens what it pulls: half the DSMEM
-    bytes of the same rows widened to float32 first, and the same bits once rounded."""
+def test_steady_reduces_move_16_bit_rows_as_they_are(algorithm, moved, dtype):
+    """The steady direct and two_shot reduces stage a 16-bit row as it is and widen what they pull (two_shot
+    pushes its chunk rounded): half the DSMEM bytes of the same rows widened to float32 first, the same bits."""
     size, n, steps = 4, 37, 3
     seed = int(np.random.default_rng().integers(2**31))
     xs = np.stack([random_rows(seed + k, size, n, dtype) for k in range(steps)])
-    out, trace = sim.cluster_reduce_steady(xs)
-    wide, wide_trace = sim.cluster_reduce_steady(xs.astype(np.float32))
+    out, trace = sim.cluster_reduce_steady(xs, algorithm=algorithm)
+    wide, wide_trace = sim.cluster_reduce_steady(xs.astype(np.float32), algorithm=algorithm)
     assert np.array_equal(bits(out), bits(wide.astype(xs.dtype)))
-    pulled = steps * size * (size - 1) * n  # elements each block pulls from its peers, every operation
-    assert int(trace.traffic().total.sum()) == 2 * pulled
-    assert int(wide_trace.traffic().total.sum()) == 4 * pulled
+    assert int(trace.traffic().total.sum()) == 2 * steps * moved(size, n)
+    assert int(wide_trace.traffic().total.sum()) == 4 * steps * moved(size, n)
+
+
+def test_steady_two_shot_cuts_16_bit_rows_at_16_bytes():
+    """Chunks of 16-bit rows start at multiples of 8 elements (16 bytes, a 16-byte access's worth)."""
+    for n in (1, 7, 37, 1027):
+        for size in (2, 3, 8, 16):
+            starts = [sim_reduce.steady_chunk_start(c, n, size, np.float16) for c in range(size + 1)]
+            assert starts[0] == 0 and starts[-1] == n and starts == sorted(starts)
+            assert all(s % 8 == 0 for s in starts[:-1] if s < n)
+            assert [sim_reduce.steady_chunk_start(c, n, size, np.float32) for c in range(size + 1)] == \
+                [sim_reduce.two_shot_chunk_start(c, n, size) for c in range(size + 1)]
 
 
 def test_steady_reduce_agrees_with_numpy():

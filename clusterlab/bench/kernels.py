@@ -165,8 +165,9 @@ def steady_reduce_loop(algorithm: str, cluster_size: int, dtype: str = "float32"
     ``steady_reduce_loop(algorithm, cluster_size)(x, out, n, reps)``. ``x``, ``out``: float32
     [blocks, n]; dynamic shared memory ``rows`` [2, slot] (``steady_result_offset(n)`` float32
     elements; for ``bulk_two_shot`` [slot] and its ``work``, ``steady_shared_bytes(n, "bulk_two_shot", N)``).
-    ``dtype`` float16 or bfloat16 (``direct`` only): ``x``, ``out`` their uint16 bit patterns, ``rows`` the
-    packed words (``steady_result_offset(n, "direct", dtype)`` of them), each result rounded.
+    ``dtype`` float16 or bfloat16 (``direct`` and ``two_shot``): ``x``, ``out`` their uint16 bit patterns,
+    ``rows`` [2, slot] of packed words (``steady_result_offset(n, "direct", dtype)`` of them), each result
+    rounded.
     Operation k reduces rows[k % 2] into rows[(k + 1) % 2], the contract's chain, which copies
     nothing: ``direct`` (``direct_1barrier`` in the results, one barrier an operation) takes both rows
     as its double buffer and folds into the other one; ``two_shot`` (``two_shot_2barrier``, two
@@ -183,7 +184,7 @@ def steady_reduce_loop(algorithm: str, cluster_size: int, dtype: str = "float32"
     """
     steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm, dtype)
     if packed_rows(algorithm, dtype):
-        return _packed_steady_reduce_loop(steady_sum)
+        return _packed_steady_reduce_loop(steady_sum, algorithm)
     direct = algorithm == "direct"
     in_place = algorithm == "bulk_two_shot"
     exit_barrier = algorithm in STEADY_EXIT_BARRIER
@@ -212,8 +213,10 @@ def steady_reduce_loop(algorithm: str, cluster_size: int, dtype: str = "float32"
     return steady_loop
 
 
-def _packed_steady_reduce_loop(steady_sum):
-    """:func:`steady_reduce_loop` for the steady direct reduce on float16 / bfloat16 rows packed two to a word."""
+def _packed_steady_reduce_loop(steady_sum, algorithm: str):
+    """:func:`steady_reduce_loop` for the steady ``direct`` or ``two_shot`` reduce on float16 / bfloat16 rows packed
+    two to a word: the same chain, in words."""
+    direct = algorithm == "direct"
 
     @cuda.jit
     def steady_packed_loop(x, out, n, reps):
@@ -221,9 +224,14 @@ def _packed_steady_reduce_loop(steady_sum):
         slot = quad_padded((n + 1) // 2)
         row = cuda.blockIdx.x
         pack_row(rows, 0, x[row], n)
-        for it in range(reps):  # the double buffer, folded into its other row
-            steady_sum(rows, rows[((it + 1) & 1) * slot:], n, it)
-        ptx.cluster_sync()  # peers may still be reading this block's rows
+        for it in range(reps):
+            if direct:  # the double buffer, folded into its other row
+                steady_sum(rows, rows[((it + 1) & 1) * slot:], n, it)
+            else:  # staged and result, swapped
+                current = (it & 1) * slot
+                steady_sum(rows[current:], rows[slot - current:], n, it)
+        if direct:  # peers may still be reading this block's rows
+            ptx.cluster_sync()
         unpack_row(out[row], rows, (reps & 1) * slot, n)
 
     return steady_packed_loop

@@ -31,8 +31,9 @@ One run measures, on the same GPU in the same process:
 Sizes: cluster sizes 1, 2, 3, 4, 6, 8, 16; messages of 64 B to 64 KiB per block; float32 and
 bfloat16 (float16 on request). Reduce device functions work on float32 rows in shared memory, so
 a 16-bit reduce of ``B`` bytes is timed per operation on ``B / 2`` float32 elements
-(``working_bytes`` in the records), except the steady direct reduce (``direct_1barrier``), which
-keeps 16-bit rows as they are (``working_bytes`` = ``B``); gathers move the 16-bit patterns as they are. Points whose
+(``working_bytes`` in the records), except the steady direct and two_shot reduces (``direct_1barrier``,
+``two_shot_2barrier``), which keep 16-bit rows as they are (``working_bytes`` = ``B``); gathers move the
+16-bit patterns as they are. Points whose
 shared memory exceeds a block's 227 KiB are recorded as skipped, with the bytes they need.
 
 Configurations, both with 256 threads per block and every block alone on its SM (dynamic shared
@@ -112,8 +113,8 @@ SPINNING = ("global_grid_barrier", "direct_push")
 
 
 def packed(implementation: str, dtype: str) -> bool:
-    """Whether ``implementation`` reduces 16-bit ``dtype`` rows as they are (the steady direct reduce), not
-    widened to float32 rows of twice the bytes."""
+    """Whether ``implementation`` reduces 16-bit ``dtype`` rows as they are (the steady direct and two_shot
+    reduces), not widened to float32 rows of twice the bytes."""
     return implementation in STEADY_ALGORITHM and packed_rows(STEADY_ALGORITHM[implementation], dtype)
 
 

@@ -206,7 +206,7 @@ TARGETS = {
     "large_reduce_vs_dsmem_bound": "bus bandwidth of the fastest public reduce, messages from "
     f"{LARGE_MESSAGE_BYTES // 1024} KiB per block of each dtype / peak DSMEM read bandwidth, >= {REDUCE_PEAK_FRACTION:g}"
     " (bus bytes counted on the message, 2 (N - 1) / N x its bytes, whether a 16-bit message of B bytes moved as it "
-    "is, in the steady direct reduce, or as the float32 rows of 2B, in the others)",
+    "is, in the steady direct and two_shot reduces, or as the float32 rows of 2B, in the others)",
     "gather_vs_dsmem_peak": "bus bandwidth of the fastest public gather (the host API's algorithms), messages "
     f"from {LARGE_MESSAGE_BYTES // 1024} KiB per block (the largest timed one where none of them fits) / peak "
     f"DSMEM read bandwidth, >= {GATHER_PEAK_FRACTION:g}",

@@ -180,9 +180,9 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
 
 def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out=None):
     """Back-to-back all-reduces in one launch: ``direct`` at one cluster barrier each
-    (``direct_steady_reduce``; float16 / bfloat16 rows stay 16-bit), ``two_shot`` at two
-    (``two_shot_steady_reduce``, the fewest bytes), ``bulk_two_shot`` at none
-    (``bulk_two_shot_steady_reduce``: the same bytes moved by the copy engine).
+    (``direct_steady_reduce``), ``two_shot`` at two (``two_shot_steady_reduce``, the fewest bytes), both
+    keeping float16 / bfloat16 rows 16-bit, ``bulk_two_shot`` at none (``bulk_two_shot_steady_reduce``:
+    the same bytes moved by the copy engine, float32 rows).
 
     ``xs``: [steps, N, n] or [steps, C, N, n], ``xs[k]`` operation k's rows; returns a CUDA tensor
     of the same shape and dtype (``out`` if given), ``out[k]`` bit for bit what

@@ -7,13 +7,13 @@ operand wins, as ``np.maximum`` / ``np.minimum`` do; PTX ``max.f32`` would pick 
 
 Storage: float32 rows travel as float32; float16 and bfloat16 rows travel as their 16-bit patterns
 in uint16 arrays (numba has no bfloat16 arrays) and are widened with ``cvt`` when staged, except in
-the steady direct reduce, which keeps them packed two to a 32-bit word in shared memory
-(:func:`unrolled_fold_packed_row`) and widens them as it folds.
+the steady direct and two_shot reduces, which keep them packed two to a 32-bit word in shared memory
+(:func:`unrolled_fold_packed_row`) and widen them as they fold.
 """
 
 import functools
 
-from numba import cuda, float32, uint16, uint32
+from numba import cuda, float32, uint16, uint32, uint64
 
 from .. import ptx
 
@@ -276,7 +276,7 @@ PACKED_CONVERSIONS = {
 
 
 @functools.cache
-def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str):
+def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str, push: bool = False):
     """``fold_row(shared, source, dest, words)``: :func:`unrolled_fold_row` over rows of float16 or
     bfloat16 (``dtype``) packed two to a 32-bit word (uint32 arrays, :data:`PACKED_CONVERSIONS`), bit for
     bit the float32 fold of the widened rows, rounded once: the same elements at half the bytes.
@@ -288,6 +288,10 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str):
     issued before the first combine. Each word's halves are widened to float32 (exactly), folded in rank
     order with ``op`` and rounded to nearest even into a word of ``dest``. An odd row's padding half is
     folded and rounded like the rest; nobody reads it.
+
+    ``push``: each rounded word, pair or quad is also stored into the same place of every peer's ``dest``
+    (one remote store as wide as the loads, the next rank first) as soon as it is folded: the steady
+    ``two_shot``'s all-gather. A cluster barrier after the call publishes the stores.
     """
     combine = OPERATORS[op]
     widen, narrow = PACKED_CONVERSIONS[dtype]
@@ -315,12 +319,6 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str):
         fold_word(acc, 4 * j + 3, w3, s)
 
     @cuda.jit(device=True, inline=True)
-    def store_quad(dest, at, acc, j):
-        """``acc[4 j .. 4 j + 3]`` rounded into the words ``dest[at .. at + 3]``."""
-        for i in range(4):
-            dest[at + i] = narrow(acc[4 * j + i, 0], acc[4 * j + i, 1])
-
-    @cuda.jit(device=True, inline=True)
     def fold_one(shared, w):
         """Word ``shared[w]`` folded over the ranks, rounded."""
         acc = cuda.local.array((1, 2), float32)
@@ -329,12 +327,50 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str):
         return narrow(acc[0, 0], acc[0, 1])
 
     @cuda.jit(device=True, inline=True)
+    def store_word(dest, w, word, rank):
+        dest[w] = word
+        if push:
+            push_element(dest, w, word, size, rank)
+
+    @cuda.jit(device=True, inline=True)
+    def store_pair(dest, w, acc, rank):
+        """``acc[0..1]`` rounded into the words ``dest[w]``, ``dest[w + 1]`` (pushed as one 8-byte store)."""
+        w0 = narrow(acc[0, 0], acc[0, 1])
+        w1 = narrow(acc[1, 0], acc[1, 1])
+        dest[w], dest[w + 1] = w0, w1
+        if push:
+            both = uint64(w0) | (uint64(w1) << 32)
+            address = ptx.shared_address(dest, w)
+            for s in range(1, size):
+                peer = rank + s
+                if peer >= size:
+                    peer -= size
+                ptx.st_shared_cluster_u64(ptx.map_shared(address, peer), both)
+
+    @cuda.jit(device=True, inline=True)
+    def store_quad(dest, at, acc, j, rank):
+        """``acc[4 j .. 4 j + 3]`` rounded into the words ``dest[at .. at + 3]`` (pushed as one 16-byte store)."""
+        w0 = narrow(acc[4 * j, 0], acc[4 * j, 1])
+        w1 = narrow(acc[4 * j + 1, 0], acc[4 * j + 1, 1])
+        w2 = narrow(acc[4 * j + 2, 0], acc[4 * j + 2, 1])
+        w3 = narrow(acc[4 * j + 3, 0], acc[4 * j + 3, 1])
+        dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = w0, w1, w2, w3
+        if push:
+            address = ptx.shared_address(dest, at)
+            for s in range(1, size):
+                peer = rank + s
+                if peer >= size:
+                    peer -= size
+                ptx.st_shared_cluster_v4_b32(ptx.map_shared(address, peer), w0, w1, w2, w3)
+
+    @cuda.jit(device=True, inline=True)
     def fold_row(shared, source, dest, words):
         t = cuda.threadIdx.x
         threads = cuda.blockDim.x
+        rank = ptx.cluster_rank() if push else 0
         if words <= threads:
             if t < words:
-                dest[t] = fold_one(shared, source + t)
+                store_word(dest, t, fold_one(shared, source + t), rank)
             return
         if words <= 2 * threads:
             pairs = words // 2
@@ -345,10 +381,9 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str):
                     both = ptx.ld_shared_cluster_u64(ptx.map_shared(address, s))
                     fold_word(acc, 0, uint32(both & 0xFFFFFFFF), s)
                     fold_word(acc, 1, uint32(both >> 32), s)
-                dest[2 * t] = narrow(acc[0, 0], acc[0, 1])
-                dest[2 * t + 1] = narrow(acc[1, 0], acc[1, 1])
+                store_pair(dest, 2 * t, acc, rank)
             elif t == pairs and words % 2 == 1:
-                dest[words - 1] = fold_one(shared, source + words - 1)
+                store_word(dest, words - 1, fold_one(shared, source + words - 1), rank)
             return
         whole = words // 4
         acc = cuda.local.array((held, 2), float32)  # word i of quad q + j * threads: acc[4 j + i]
@@ -358,15 +393,15 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str):
                 for j in range(together):
                     fold_quad(acc, j, shared, source + 4 * (q + j * threads), s)
             for j in range(together):
-                store_quad(dest, 4 * (q + j * threads), acc, j)
+                store_quad(dest, 4 * (q + j * threads), acc, j, rank)
             q += together * threads
         while q < whole:  # the last quads, fewer than a round
             for s in range(size):
                 fold_quad(acc, 0, shared, source + 4 * q, s)
-            store_quad(dest, 4 * q, acc, 0)
+            store_quad(dest, 4 * q, acc, 0, rank)
             q += threads
         for w in range(4 * whole + t, words, threads):
-            dest[w] = fold_one(shared, source + w)
+            store_word(dest, w, fold_one(shared, source + w), rank)
 
     return fold_row
 

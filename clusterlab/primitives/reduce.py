@@ -57,16 +57,6 @@ The function is compiled for one cluster size (launch it in clusters of exactly 
 its fold is :func:`~clusterlab.primitives.ops.unrolled_fold_row`, all of an element's N remote
 loads in flight at once, so an operation costs its barrier and about one DSMEM round trip.
 
-float16 and bfloat16 rows stay 16-bit (the simulator's steady ``direct`` stages rows in their input
-dtype): ``steady_reduce_device_function(op, cluster_size, "direct", dtype)`` takes ``staged`` and
-``result`` as shared uint32 words, two elements a word (element 2w in the low half of word w; a slot
-ceil(n / 2) words rounded up to a multiple of 4), and the same ``n`` (elements) and ``k``. Its fold,
-:func:`~clusterlab.primitives.ops.unrolled_fold_packed_row`, widens each pulled word to two float32,
-folds in rank order and rounds once into ``result``: bit for bit the float32 reduce of the widened
-rows rounded, as the host API's, at half the DSMEM bytes. (An odd ``n`` leaves a padding half in the
-last word, folded and rounded like the rest; :func:`~clusterlab.primitives.ops.pack_row` stages it
-as zero.)
-
 Back-to-back ``two_shot`` all-reduces at **two cluster barriers each**, moving 2 (N - 1) / N rows a
 block instead of ``direct``'s N - 1 (the simulator's ``two_shot_steady_reduce``, its rules in that
 module's docstring)::
@@ -86,6 +76,17 @@ closes it (every chunk folded and pushed: up to :data:`PUSH_WHILE_FOLDING` block
 it is folded, beyond that the whole chunk after the fold). Past k.b no peer touches this block's shared memory, so no
 barrier is needed after the last operation: 2 x steps cluster barriers, as many as separate ``two_shot``
 calls, without their copy of the result into ``staged``.
+
+The steady ``direct`` and ``two_shot`` reduces keep float16 and bfloat16 rows 16-bit (as the simulator's steady ``direct`` and ``two_shot`` stage
+them, in their input dtype): ``steady_reduce_device_function(op, cluster_size, algorithm, dtype)`` takes
+``staged`` and ``result`` as shared uint32 words, two elements a word (element 2w in the low half of
+word w; a slot ceil(n / 2) words rounded up to a multiple of 4), and the same ``n`` (elements) and
+``k``. Their fold, :func:`~clusterlab.primitives.ops.unrolled_fold_packed_row`, widens each pulled word
+to two float32, folds in rank order and rounds once into ``result`` (``two_shot``'s chunks are cut in
+words, and each rounded word, pair or quad is pushed as it is folded, at every cluster size): bit for
+bit the float32 reduce of the widened rows rounded, as the host API's, at half the DSMEM bytes. (An odd
+``n`` leaves a padding half in the last word, folded and rounded like the rest;
+:func:`~clusterlab.primitives.ops.pack_row` stages it as zero.)
 
 Back-to-back ``bulk_two_shot`` all-reduces at **no cluster barrier** an operation (the simulator's
 ``bulk_two_shot_steady_reduce``, its rules in that module's docstring)::
@@ -108,8 +109,8 @@ exits or reuses ``staged`` and ``work``: 2 cluster barriers for any number of op
 
 The host API, :func:`cluster_reduce`, stages rows from global memory, widening float16/bfloat16
 to float32, runs one of these, and rounds the result once to the input dtype;
-:func:`cluster_reduce_steady` does so for a sequence of operations (its ``direct`` staging
-float16/bfloat16 rows packed, as they are).
+:func:`cluster_reduce_steady` does so for a sequence of operations (its ``direct`` and ``two_shot``
+staging float16/bfloat16 rows packed, as they are).
 """
 
 from __future__ import annotations
@@ -411,13 +412,17 @@ def reduce_kernel(algorithm: str, op: str, dtype: str):
     return cluster_reduce_kernel
 
 
+#: The steady reduces that keep float16 and bfloat16 rows packed two to a 32-bit word (they exchange inputs and
+#: results only); ``bulk_two_shot`` stages float32.
+PACKED_STEADY = ("direct", "two_shot")
+
+
 def packed_rows(algorithm: str, dtype: str) -> bool:
     """Whether the steady ``algorithm`` keeps rows of ``dtype`` packed two to a 32-bit word in shared memory:
-    the steady ``direct`` reduce of float16 and bfloat16 does (it exchanges inputs only); the others stage
-    float32."""
+    :data:`PACKED_STEADY` do for float16 and bfloat16."""
     check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     check_choice("dtype", dtype, GPU_DTYPES)
-    return algorithm == "direct" and dtype in PACKED_CONVERSIONS
+    return algorithm in PACKED_STEADY and dtype in PACKED_CONVERSIONS
 
 
 def steady_row_words(n: int, algorithm: str = "direct", dtype: str = "float32") -> int:
@@ -459,10 +464,10 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
     check_choice("op", op, tuple(OPERATORS))
     check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
     if dtype != "float32" and not packed_rows(algorithm, dtype):
-        raise ValueError(f"dtype must be 'float32' for the steady {algorithm} reduce (only the steady direct "
-                         f"reduce keeps {dtype} rows); got {dtype!r}")
+        raise ValueError(f"dtype must be 'float32' for the steady {algorithm} reduce (only {PACKED_STEADY} keep "
+                         f"{dtype} rows); got {dtype!r}")
     if packed_rows(algorithm, dtype):
-        return _packed_direct_steady_reduce(op, cluster_size, dtype)
+        return _packed_steady_reduce(op, cluster_size, algorithm, dtype)
     fold_row = unrolled_fold_row(op, cluster_size)
     fold_push_row = unrolled_fold_row(op, cluster_size, push=True)
     pushes_while_folding = cluster_size <= PUSH_WHILE_FOLDING
@@ -565,9 +570,12 @@ def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "
             "bulk_two_shot": bulk_two_shot_steady_reduce}[algorithm]
 
 
-def _packed_direct_steady_reduce(op: str, cluster_size: int, dtype: str):
-    """``direct_steady_reduce(staged, result, n, k)`` on float16 or bfloat16 rows packed two to a word."""
+def _packed_steady_reduce(op: str, cluster_size: int, algorithm: str, dtype: str):
+    """``direct_steady_reduce(staged, result, n, k)`` or ``two_shot_steady_reduce(staged, result, n, k)`` on
+    float16 or bfloat16 rows packed two to a word."""
     fold_row = unrolled_fold_packed_row(op, cluster_size, dtype)
+    fold_push_row = unrolled_fold_packed_row(op, cluster_size, dtype, push=True)
+    size = cluster_size
 
     @cuda.jit(device=True)
     def direct_steady_reduce(staged, result, n, k):
@@ -578,7 +586,19 @@ def _packed_direct_steady_reduce(op: str, cluster_size: int, dtype: str):
         fold_row(staged, buffer, result, words)
         cuda.syncthreads()
 
-    return direct_steady_reduce
+    @cuda.jit(device=True)
+    def two_shot_steady_reduce(staged, result, n, k):
+        """Operation k: barrier k.a, fold chunk ``rank`` (in words) of every block's staged row, round it into
+        result and push each word, pair or quad into every peer's result as it is folded; barrier k.b."""
+        rank = ptx.cluster_rank()
+        words = (n + 1) // 2
+        lo = two_shot_chunk_start(rank, words, size)
+        hi = two_shot_chunk_start(rank + 1, words, size)
+        ptx.cluster_sync()  # k.a: every row of operation k is staged; every block has read its result of k - 1
+        fold_push_row(staged, lo, result[lo:], hi - lo)
+        ptx.cluster_sync()  # k.b: every chunk is reduced and pushed; nobody reads staged any more
+
+    return {"direct": direct_steady_reduce, "two_shot": two_shot_steady_reduce}[algorithm]
 
 
 @functools.cache
@@ -593,7 +613,8 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     float32, or in uint32 words where ``direct`` keeps float16 / bfloat16 rows packed (:func:`packed_rows`).
     """
     if packed_rows(algorithm, dtype):
-        return _packed_steady_reduce_kernel(steady_reduce_device_function(op, cluster_size, algorithm, dtype))
+        return _packed_steady_reduce_kernel(steady_reduce_device_function(op, cluster_size, algorithm, dtype),
+                                            algorithm)
     reduce = steady_reduce_device_function(op, cluster_size, algorithm)
     widen, narrow = CONVERSIONS[dtype]
     buffers = STEADY_BUFFERS[algorithm]
@@ -621,9 +642,11 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     return cluster_reduce_steady_kernel
 
 
-def _packed_steady_reduce_kernel(reduce):
-    """:func:`steady_reduce_kernel` for a steady direct ``reduce`` on packed rows: ``staged`` [2, slot] and
-    ``result`` [slot] are uint32 words, a slot ceil(n / 2) words padded to 16 bytes."""
+def _packed_steady_reduce_kernel(reduce, algorithm: str):
+    """:func:`steady_reduce_kernel` for a steady ``reduce`` on packed rows: ``staged`` ([2, slot] for ``direct``,
+    [slot] for ``two_shot``) and ``result`` [slot] are uint32 words, a slot ceil(n / 2) words padded to 16 bytes."""
+    buffers = STEADY_BUFFERS[algorithm]
+    exit_barrier = algorithm in STEADY_EXIT_BARRIER
 
     @cuda.jit
     def cluster_reduce_steady_packed_kernel(xs, out, n, result_offset):
@@ -632,9 +655,10 @@ def _packed_steady_reduce_kernel(reduce):
         result = smem[result_offset:]
         row = cuda.blockIdx.x
         for k in range(xs.shape[0]):
-            pack_row(staged, (k % 2) * (result_offset // 2), xs[k, row], n)
+            pack_row(staged, (k % buffers) * (result_offset // buffers), xs[k, row], n)
             reduce(staged, result, n, k)
             unpack_row(out[k, row], result, 0, n)
-        ptx.cluster_sync()  # peers may still be reading the last operation's rows
+        if exit_barrier:  # peers may still be reading the last operation's rows
+            ptx.cluster_sync()
 
     return cluster_reduce_steady_packed_kernel

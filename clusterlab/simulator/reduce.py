@@ -8,10 +8,10 @@ Arithmetic (see :mod:`clusterlab.simulator.dtypes`)
 ---------------------------------------------------
 - Accumulation dtype A: float32 for float16 / bfloat16 / float32, float64 for float64, int32
   for int32 (wrapping). Each block converts its row to A when it stages it in shared memory
-  (the steady ``direct`` reduce alone stages it as it is, in the input dtype X, and widens what it
-  pulls: it exchanges inputs only, and a float16 / bfloat16 row moves half the bytes); every partial
-  exchanged between blocks is in A; the result is rounded once to the input dtype at the end (round
-  to nearest even).
+  (the steady ``direct`` and ``two_shot`` reduces stage it as it is, in the input dtype X, and widen
+  what they pull: they exchange inputs and results only, so a float16 / bfloat16 row moves half the
+  bytes); every partial exchanged between blocks is in A; the result is rounded once to the input
+  dtype (round to nearest even), at the end or, in the steady ``two_shot``, before its owner pushes it.
 - ``a ⊕ b`` is ``np.add`` / ``np.maximum`` / ``np.minimum`` in A, elementwise, in that operand
   order (the programs' ``combine(a, b)``); folds are explicit left folds (no pairwise or fused sums).
 
@@ -79,11 +79,15 @@ cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[
 ``cluster_reduce_steady(xs, algorithm="two_shot")`` — back-to-back ``two_shot`` all-reduces at
 **two cluster barriers per operation**, the fewest bytes an all-reduce moves::
 
-    shared memory per block: staged A[n] | result A[n]   (one buffer each)
+    shared memory per block: staged X[n] | result X[n]   (one buffer each, in the input dtype)
 
     operation k: stage x_k into staged; barrier k.a; block r pulls chunk r of every block's staged
-                 row, folds in rank order into result[chunk r] (the ``direct`` fold, the same
-                 bits) and pushes it into result[chunk r] of every peer; barrier k.b
+                 row, folds it in rank order, widened to A (the ``direct`` fold, the same bits),
+                 rounds it into result[chunk r] and pushes that into result[chunk r] of every peer;
+                 barrier k.b
+
+  Its chunks are :func:`steady_chunk_start`'s: ``two_shot``'s, cut at 16 bytes of the row as staged (8
+  elements of float16 or bfloat16, whose rows and results move 16-bit).
 
   The rules: (1) staged is read by peers only between barriers k.a and k.b, so staging operation
   k + 1 after operation k returns (past k.b) overwrites nothing a peer still reads; (2) result's
@@ -231,7 +235,7 @@ def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int | None =
                          f"reduce ({STEADY_BUFFERS[algorithm]} is its contract); got {buffers!r}")
     steps, size, n = xs.shape
     name = dtype_name(xs.dtype)
-    row = n * (xs.dtype if algorithm == "direct" else accumulation_dtype(xs.dtype)).itemsize  # rows as staged
+    row = n * (accumulation_dtype(xs.dtype) if algorithm == "bulk_two_shot" else xs.dtype).itemsize  # rows as staged
     arrays = [buffers * row] if algorithm == "direct" else [row, row]  # staged | result
 
     def layout(m):  # bulk_two_shot: the layout of the single operation
@@ -287,6 +291,14 @@ def two_shot_chunk_start(c: int, n: int, size: int) -> int:
     """First element of ``two_shot`` chunk ``c`` (0..size): the row's ceil(n / 4) quads of 4 elements
     cut into ``size`` chunks as :func:`chunk_start` cuts elements; the last chunk ends at ``n``."""
     return min(n, 4 * (c * ((n + 3) // 4) // size))  # plain arithmetic: the GPU compiles this function too
+
+
+def steady_chunk_start(c: int, n: int, size: int, dtype) -> int:
+    """First element of chunk ``c`` of the steady ``two_shot`` over a row of ``n`` elements of ``dtype``: the chunks
+    of :func:`two_shot_chunk_start` cut at 16 bytes, so of the row's 32-bit words (two elements each) for float16 and
+    bfloat16, whose rows stay 16-bit."""
+    per_word = 2 if np.dtype(dtype).itemsize == 2 else 1
+    return min(n, per_word * two_shot_chunk_start(c, -(-n // per_word), size))
 
 
 def quad_padded(k: int) -> int:
@@ -442,24 +454,27 @@ def bulk_two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combi
 
 
 def two_shot_steady_reduce(b: Block, xs: np.ndarray, out: np.ndarray, combine: np.ufunc):
-    """``two_shot`` once per operation, two barriers each. Writes ``out[k, rank]`` [n] for every operation k."""
+    """``two_shot`` once per operation, two barriers each, its rows staged and its folded chunks (rounded once)
+    pushed in the input dtype. Writes ``out[k, rank]`` [n] for every operation k."""
     size, rank, n = b.cluster_size, b.cluster_rank, xs.shape[2]
-    staged = b.shared_array("staged", (n,), accumulation_dtype(xs.dtype))
-    result = b.shared_array("result", (n,), staged.dtype)
-    lo, hi = two_shot_chunk_start(rank, n, size), two_shot_chunk_start(rank + 1, n, size)
+    acc_dtype = accumulation_dtype(xs.dtype)
+    staged = b.shared_array("staged", (n,), xs.dtype)
+    result = b.shared_array("result", (n,), xs.dtype)
+    lo, hi = steady_chunk_start(rank, n, size, xs.dtype), steady_chunk_start(rank + 1, n, size, xs.dtype)
     for k in range(xs.shape[0]):
         b.step(f"stage {k}")
-        staged[:] = xs[k, rank].astype(staged.dtype)
+        staged[:] = xs[k, rank]
         yield b.cluster_sync()  # k.a: every row of operation k is staged; every block has read its result of k - 1
         b.step(f"reduce-scatter {k}")
-        acc = _load(b, staged, 0, slice(lo, hi))
+        acc = _load(b, staged, 0, slice(lo, hi)).astype(acc_dtype)
         for s in range(1, size):
-            acc = combine(acc, _load(b, staged, s, slice(lo, hi)))
-        result[lo:hi] = acc
+            acc = combine(acc, _load(b, staged, s, slice(lo, hi)).astype(acc_dtype))
+        folded = acc.astype(xs.dtype)  # the chunk's result, rounded once
+        result[lo:hi] = folded
         b.step(f"all-gather {k}")
-        _push(b, result, slice(lo, hi), acc)
+        _push(b, result, slice(lo, hi), folded)
         yield b.cluster_sync()  # k.b: every chunk is reduced and pushed; nobody reads staged any more
-        out[k, rank] = result[:].astype(xs.dtype)
+        out[k, rank] = result[:]
 
 
 def ring_reduce(b: Block, x: np.ndarray, out: np.ndarray, combine: np.ufunc):
