@@ -212,22 +212,34 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
             acc[j, 3] = combine(acc[j, 3], b3)
 
     @cuda.jit(device=True, inline=True)
-    def store_element(dest, i, value, rank):
-        dest[i] = value
-        if push:
-            push_element(dest, i, value, size, rank)
-
-    @cuda.jit(device=True, inline=True)
     def store_pair(dest, i, x0, x1, rank):
         dest[i], dest[i + 1] = x0, x1
         if push:
             push_pair(dest, i, x0, x1, size, rank)
 
     @cuda.jit(device=True, inline=True)
-    def store_quad(dest, at, x0, x1, x2, x3, rank):
-        dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = x0, x1, x2, x3
+    def store_quad(dest, at, acc, j, rank):
+        dest[at], dest[at + 1], dest[at + 2], dest[at + 3] = acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3]
         if push:
-            push_quad(dest, at, x0, x1, x2, x3, size, rank)
+            push_quad(dest, at, acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3], size, rank)
+
+    return _tiered_fold_row(size, push, fold_element, fold_pair, store_pair, (together, 4), fold_quad, store_quad)
+
+
+def _tiered_fold_row(size, push, fold_one, fold_two, store_two, acc_shape, fold_quad, store_quad):
+    """``fold_row(shared, source, dest, n)`` over ``n`` units (float32 elements, or the 32-bit words of packed
+    rows) in the tiers of :func:`unrolled_fold_row`, from the unit folds of one kind of row: ``fold_one(shared,
+    i)`` and ``fold_two(shared, i)`` return one and two folded units, stored (and, with ``push``, pushed) one
+    by ``dest[i] = unit`` and two by ``store_two(dest, i, unit0, unit1, rank)``; ``fold_quad(acc, j, shared, at,
+    s)`` folds rank ``s``'s 16 bytes at ``at`` into the ``j``-th quad of ``acc`` (a local array of
+    ``acc_shape``), ``store_quad(dest, at, acc, j, rank)`` stores it."""
+    together = -(-UNROLLED_LOADS // size)  # quads a thread folds at a time
+
+    @cuda.jit(device=True, inline=True)
+    def store_one(dest, i, value, rank):
+        dest[i] = value
+        if push:
+            push_element(dest, i, value, size, rank)
 
     @cuda.jit(device=True, inline=True)
     def fold_row(shared, source, dest, n):
@@ -236,33 +248,33 @@ def unrolled_fold_row(op: str, cluster_size: int, push: bool = False):
         rank = ptx.cluster_rank() if push else 0
         if n <= threads:
             if t < n:
-                store_element(dest, t, fold_element(shared, source + t), rank)
+                store_one(dest, t, fold_one(shared, source + t), rank)
             return
         if n <= 2 * threads:
             pairs = n // 2
             if t < pairs:
-                x0, x1 = fold_pair(shared, source + 2 * t)
-                store_pair(dest, 2 * t, x0, x1, rank)
+                x0, x1 = fold_two(shared, source + 2 * t)
+                store_two(dest, 2 * t, x0, x1, rank)
             elif t == pairs and n % 2 == 1:
-                store_element(dest, n - 1, fold_element(shared, source + n - 1), rank)
+                store_one(dest, n - 1, fold_one(shared, source + n - 1), rank)
             return
         whole = n // 4
-        acc = cuda.local.array((together, 4), float32)  # quad q + j * threads: acc[j]
+        acc = cuda.local.array(acc_shape, float32)  # quad q + j * threads: the j-th quad of acc
         q = t
         while q + (together - 1) * threads < whole:
             for s in range(size):  # rank by rank, every quad of the round: size x together loads in flight
                 for j in range(together):
                     fold_quad(acc, j, shared, source + 4 * (q + j * threads), s)
             for j in range(together):
-                store_quad(dest, 4 * (q + j * threads), acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3], rank)
+                store_quad(dest, 4 * (q + j * threads), acc, j, rank)
             q += together * threads
         while q < whole:  # the last quads, fewer than a round
             for s in range(size):
                 fold_quad(acc, 0, shared, source + 4 * q, s)
-            store_quad(dest, 4 * q, acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3], rank)
+            store_quad(dest, 4 * q, acc, 0, rank)
             q += threads
         for i in range(4 * whole + t, n, threads):
-            store_element(dest, i, fold_element(shared, source + i), rank)
+            store_one(dest, i, fold_one(shared, source + i), rank)
 
     return fold_row
 
@@ -327,16 +339,19 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str, push: bool 
         return narrow(acc[0, 0], acc[0, 1])
 
     @cuda.jit(device=True, inline=True)
-    def store_word(dest, w, word, rank):
-        dest[w] = word
-        if push:
-            push_element(dest, w, word, size, rank)
+    def fold_two(shared, w):
+        """Words ``shared[w]``, ``shared[w + 1]`` (one 8-byte load a rank) folded over the ranks, rounded."""
+        acc = cuda.local.array((2, 2), float32)
+        address = ptx.shared_address(shared, w)
+        for s in range(size):
+            both = ptx.ld_shared_cluster_u64(ptx.map_shared(address, s))
+            fold_word(acc, 0, uint32(both & 0xFFFFFFFF), s)
+            fold_word(acc, 1, uint32(both >> 32), s)
+        return narrow(acc[0, 0], acc[0, 1]), narrow(acc[1, 0], acc[1, 1])
 
     @cuda.jit(device=True, inline=True)
-    def store_pair(dest, w, acc, rank):
-        """``acc[0..1]`` rounded into the words ``dest[w]``, ``dest[w + 1]`` (pushed as one 8-byte store)."""
-        w0 = narrow(acc[0, 0], acc[0, 1])
-        w1 = narrow(acc[1, 0], acc[1, 1])
+    def store_two(dest, w, w0, w1, rank):
+        """The words ``dest[w]``, ``dest[w + 1]`` (pushed as one 8-byte store)."""
         dest[w], dest[w + 1] = w0, w1
         if push:
             both = uint64(w0) | (uint64(w1) << 32)
@@ -363,47 +378,7 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str, push: bool 
                     peer -= size
                 ptx.st_shared_cluster_v4_b32(ptx.map_shared(address, peer), w0, w1, w2, w3)
 
-    @cuda.jit(device=True, inline=True)
-    def fold_row(shared, source, dest, words):
-        t = cuda.threadIdx.x
-        threads = cuda.blockDim.x
-        rank = ptx.cluster_rank() if push else 0
-        if words <= threads:
-            if t < words:
-                store_word(dest, t, fold_one(shared, source + t), rank)
-            return
-        if words <= 2 * threads:
-            pairs = words // 2
-            if t < pairs:
-                acc = cuda.local.array((2, 2), float32)
-                address = ptx.shared_address(shared, source + 2 * t)
-                for s in range(size):
-                    both = ptx.ld_shared_cluster_u64(ptx.map_shared(address, s))
-                    fold_word(acc, 0, uint32(both & 0xFFFFFFFF), s)
-                    fold_word(acc, 1, uint32(both >> 32), s)
-                store_pair(dest, 2 * t, acc, rank)
-            elif t == pairs and words % 2 == 1:
-                store_word(dest, words - 1, fold_one(shared, source + words - 1), rank)
-            return
-        whole = words // 4
-        acc = cuda.local.array((held, 2), float32)  # word i of quad q + j * threads: acc[4 j + i]
-        q = t
-        while q + (together - 1) * threads < whole:
-            for s in range(size):  # rank by rank, every quad of the round: size x together loads in flight
-                for j in range(together):
-                    fold_quad(acc, j, shared, source + 4 * (q + j * threads), s)
-            for j in range(together):
-                store_quad(dest, 4 * (q + j * threads), acc, j, rank)
-            q += together * threads
-        while q < whole:  # the last quads, fewer than a round
-            for s in range(size):
-                fold_quad(acc, 0, shared, source + 4 * q, s)
-            store_quad(dest, 4 * q, acc, 0, rank)
-            q += threads
-        for w in range(4 * whole + t, words, threads):
-            store_word(dest, w, fold_one(shared, source + w), rank)
-
-    return fold_row
+    return _tiered_fold_row(size, push, fold_one, fold_two, store_two, (held, 2), fold_quad, store_quad)
 
 
 @cuda.jit(device=True, inline=True)

@@ -610,13 +610,14 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     (:func:`steady_shared_bytes`): ``staged`` at 0 ([2, slot] for ``direct``, operation k in buffer
     k % 2; [slot] for ``two_shot`` and ``bulk_two_shot``), ``result`` at ``result_offset``
     (:func:`steady_result_offset`; ``bulk_two_shot``'s ``work`` there, its result in ``staged``), in
-    float32, or in uint32 words where ``direct`` keeps float16 / bfloat16 rows packed (:func:`packed_rows`).
+    float32, or in uint32 words where float16 / bfloat16 rows stay packed (:func:`packed_rows`).
     """
     if packed_rows(algorithm, dtype):
-        return _packed_steady_reduce_kernel(steady_reduce_device_function(op, cluster_size, algorithm, dtype),
-                                            algorithm)
-    reduce = steady_reduce_device_function(op, cluster_size, algorithm)
-    widen, narrow = CONVERSIONS[dtype]
+        reduce = steady_reduce_device_function(op, cluster_size, algorithm, dtype)
+        words, stage_row, store_row = "uint32", pack_row, unpack_row
+    else:
+        reduce = steady_reduce_device_function(op, cluster_size, algorithm)
+        words, (stage_row, store_row) = "float32", _widening_row_copies(dtype)
     buffers = STEADY_BUFFERS[algorithm]
 
     in_place = algorithm == "bulk_two_shot"  # its result is ``staged``, and ``result`` is its ``work``
@@ -624,41 +625,36 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
 
     @cuda.jit
     def cluster_reduce_steady_kernel(xs, out, n, result_offset):
-        smem = cuda.shared.array(0, dtype="float32", alignment=16)
+        smem = cuda.shared.array(0, dtype=words, alignment=16)
         staged = smem[:result_offset]
         result = smem[result_offset:]
         reduced = staged if in_place else result
         row = cuda.blockIdx.x
         for k in range(xs.shape[0]):
-            buffer = (k % buffers) * (result_offset // buffers)
-            for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-                staged[buffer + i] = widen(xs[k, row, i])
+            stage_row(staged, (k % buffers) * (result_offset // buffers), xs[k, row], n)
             reduce(staged, result, n, k)
-            for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-                out[k, row, i] = narrow(reduced[i])
+            store_row(out[k, row], reduced, 0, n)
         if exit_barrier:  # peers may still be reading the last operation's rows
             ptx.cluster_sync()
 
     return cluster_reduce_steady_kernel
 
 
-def _packed_steady_reduce_kernel(reduce, algorithm: str):
-    """:func:`steady_reduce_kernel` for a steady ``reduce`` on packed rows: ``staged`` ([2, slot] for ``direct``,
-    [slot] for ``two_shot``) and ``result`` [slot] are uint32 words, a slot ceil(n / 2) words padded to 16 bytes."""
-    buffers = STEADY_BUFFERS[algorithm]
-    exit_barrier = algorithm in STEADY_EXIT_BARRIER
+@functools.cache
+def _widening_row_copies(dtype: str):
+    """``(stage_row(staged, at, row, n), store_row(row, reduced, at, n))``: :func:`~clusterlab.primitives.ops.pack_row`
+    and ``unpack_row``'s float32 twins, ``row`` [n] of ``dtype`` (uint16 bit patterns for 16-bit dtypes) widened into
+    ``staged[at ..]`` and ``reduced[at ..]`` rounded back, an element a thread."""
+    widen, narrow = CONVERSIONS[dtype]
 
-    @cuda.jit
-    def cluster_reduce_steady_packed_kernel(xs, out, n, result_offset):
-        smem = cuda.shared.array(0, dtype="uint32", alignment=16)
-        staged = smem[:result_offset]
-        result = smem[result_offset:]
-        row = cuda.blockIdx.x
-        for k in range(xs.shape[0]):
-            pack_row(staged, (k % buffers) * (result_offset // buffers), xs[k, row], n)
-            reduce(staged, result, n, k)
-            unpack_row(out[k, row], result, 0, n)
-        if exit_barrier:  # peers may still be reading the last operation's rows
-            ptx.cluster_sync()
+    @cuda.jit(device=True, inline=True)
+    def stage_row(staged, at, row, n):
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            staged[at + i] = widen(row[i])
 
-    return cluster_reduce_steady_packed_kernel
+    @cuda.jit(device=True, inline=True)
+    def store_row(row, reduced, at, n):
+        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+            row[i] = narrow(reduced[at + i])
+
+    return stage_row, store_row
