@@ -42,8 +42,10 @@ that observes the phase completing. Data delivered by the copy engine (``cp.asyn
 ``st.async``) is visible once the receiving mbarrier's phase completes. Ordinary shared-memory
 stores that the copy engine will *read* need :func:`fence_proxy_async_shared_cta` first.
 
-A block's shared memory must stay alive while peers use it: every block of a cluster must reach a
-final :func:`cluster_sync` before it exits if any peer may still touch its memory.
+A block's shared memory exists for its peers only while the block runs: a block must not touch a
+peer's shared memory (a remote load, store, ``red``, ``st.async``, bulk copy or mbarrier arrival)
+before its first cluster barrier wait, which shows every block of the cluster running, and every
+block must reach a final :func:`cluster_sync` before it exits if any peer may still touch its memory.
 
 Where it is legal
 -----------------
