@@ -7,7 +7,7 @@ import torch
 
 from clusterlab import HopperRequired, primitives
 from clusterlab.gpu import hopper_problem
-from clusterlab.primitives.reduce import steady_shared_bytes, work_offset
+from clusterlab.primitives.reduce import steady_result_offset, steady_shared_bytes, work_offset
 
 rng = np.random.default_rng()
 
@@ -128,6 +128,10 @@ def test_reduce_device_function_names_the_operators_and_algorithms():
         (lambda: primitives.reduce_scratch_elements("ring", 8, 0), ValueError, r"cluster_size must be .*1..16; got 0"),
         (lambda: primitives.reduce_scratch_elements("ring", 0, 4), ValueError, r"n must be an integer >= 1; got 0"),
         (lambda: primitives.reduce_scratch_elements("tree", 8, 4), ValueError, r"algorithm must be one of"),
+        (lambda: steady_result_offset(5, "ring"), ValueError, r"algorithm must be one of \('direct'"),
+        (lambda: steady_shared_bytes(-1, "direct", 2, "float16"), ValueError, r"n must be an integer >= 1; got -1"),
+        (lambda: steady_shared_bytes(0, "two_shot", 2, "bfloat16"), ValueError, r"n must be an integer >= 1; got 0"),
+        (lambda: steady_shared_bytes(1.5, "direct", 2, "float16"), TypeError, r"n must be an integer >= 1; got 1.5"),
     ],
 )
 def test_layout_helpers_check_their_arguments(call, error, message):

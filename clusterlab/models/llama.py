@@ -156,7 +156,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> ModelConfig:
-        """Read a parsed ``config.json``; ValueError naming what is missing or unsupported."""
+        """Read a parsed ``config.json``; ValueError naming what is missing or unsupported. Shapes the fused
+        attention or MLP cannot run are refused too, even where ``attention="unfused"`` / ``mlp="unfused"``
+        could: the fused blocks are the model's point, and the unfused ones its baseline."""
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported; expected one of {MODEL_TYPES}")

@@ -160,7 +160,8 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
 
     ``x``: [N, n] or [C, N, n]; returns a CUDA tensor of the same shape and dtype (``out`` if
     given), every row of a cluster its reduction, bit for bit what ``simulator.cluster_reduce``
-    returns. ``algorithm="auto"`` picks the fastest one measured for this cluster size and row
+    returns (NaNs where it has NaNs, not their bits: :mod:`clusterlab.simulator.reduce`).
+    ``algorithm="auto"`` picks the fastest one measured for this cluster size and row
     size (:mod:`clusterlab.primitives.auto`).
     """
     check_choice("op", op, OPS)
@@ -187,7 +188,7 @@ def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out
     ``xs``: [steps, N, n] or [steps, C, N, n], ``xs[k]`` operation k's rows; returns a CUDA tensor
     of the same shape and dtype (``out`` if given), ``out[k]`` bit for bit what
     ``simulator.cluster_reduce_steady(xs, op, algorithm=algorithm)`` (and ``cluster_reduce(xs[k], op,
-    "direct")``) returns.
+    "direct")``) returns (NaNs where it has NaNs, not their bits).
     """
     import torch
 

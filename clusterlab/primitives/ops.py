@@ -296,8 +296,9 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str, push: bool 
     Folds ``shared[source .. source + words - 1]`` of every block (``source`` a multiple of 4) into this
     block's ``dest[0 .. words - 1]``, with :func:`unrolled_fold_row`'s tiers counted in words: a word a
     thread (4-byte loads) up to the block, two words a thread (8 bytes) up to twice it, 16-byte quads of
-    words beyond (``ceil(UNROLLED_LOADS / N)`` at a time) and the tail word by word; every rank's loads
-    issued before the first combine. Each word's halves are widened to float32 (exactly), folded in rank
+    words beyond (``ceil(UNROLLED_LOADS / N)`` at a time, every rank's loads issued before the first
+    combine) and the tail word by word (words and pairs: each rank's load followed by its combine in the
+    PTX, as they come; ptxas schedules them). Each word's halves are widened to float32 (exactly), folded in rank
     order with ``op`` and rounded to nearest even into a word of ``dest``. An odd row's padding half is
     folded and rounded like the rest; nobody reads it.
 

@@ -427,7 +427,8 @@ def packed_rows(algorithm: str, dtype: str) -> bool:
 
 def steady_row_words(n: int, algorithm: str = "direct", dtype: str = "float32") -> int:
     """32-bit words of a row of ``n`` elements in the steady reduce's shared memory: ``n`` float32, or
-    ceil(n / 2) words where its rows stay packed (:func:`packed_rows`)."""
+    ceil(n / 2) words where its rows stay packed (:func:`packed_rows`); ``n`` >= 1."""
+    check_integer("n", n, 1)
     return (n + 1) // 2 if packed_rows(algorithm, dtype) else n
 
 
@@ -435,6 +436,7 @@ def steady_result_offset(n: int, algorithm: str = "direct", dtype: str = "float3
     """32-bit word where ``result`` (``work`` for ``bulk_two_shot``) starts after the steady reduce's
     ``staged``: [2, slot] for ``direct``, [slot] for ``two_shot`` and ``bulk_two_shot``, a slot the row's
     words (:func:`steady_row_words`) padded to 16 bytes."""
+    check_choice("algorithm", algorithm, tuple(STEADY_BUFFERS))
     return STEADY_BUFFERS[algorithm] * slot_elements(steady_row_words(n, algorithm, dtype), FLOAT32_BYTES)
 
 
@@ -459,8 +461,8 @@ PUSH_WHILE_FOLDING = 8
 def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "direct", dtype: str = "float32"):
     """``direct_steady_reduce(staged, result, n, k)``, ``two_shot_steady_reduce(staged, result, n, k)`` or
     ``bulk_two_shot_steady_reduce(staged, work, n, k)`` with operator ``op`` for clusters of
-    ``cluster_size`` blocks, on rows of ``dtype`` (float16 and bfloat16 packed, ``direct`` only; see the
-    module docstring)."""
+    ``cluster_size`` blocks, on rows of ``dtype`` (float16 and bfloat16 packed two to a word, ``direct`` and
+    ``two_shot`` only; see the module docstring)."""
     check_choice("op", op, tuple(OPERATORS))
     check_integer("cluster_size", cluster_size, 1, MAX_CLUSTER_SIZE)
     if dtype != "float32" and not packed_rows(algorithm, dtype):

@@ -14,6 +14,9 @@ Arithmetic (see :mod:`clusterlab.simulator.dtypes`)
   dtype (round to nearest even), at the end or, in the steady ``two_shot``, before its owner pushes it.
 - ``a ⊕ b`` is ``np.add`` / ``np.maximum`` / ``np.minimum`` in A, elementwise, in that operand
   order (the programs' ``combine(a, b)``); folds are explicit left folds (no pairwise or fused sums).
+- NaN: where a result is NaN is part of the contract, which NaN is not. A GPU's ``add.f32`` returns
+  the canonical NaN, NumPy an operand's (its sign and payload), so "the same bits" holds for every
+  result that is not a NaN.
 
 Algorithms
 ----------
@@ -86,8 +89,9 @@ cluster barrier per operation** (``xs`` [steps, N, n], operation k reduces ``xs[
                  rounds it into result[chunk r] and pushes that into result[chunk r] of every peer;
                  barrier k.b
 
-  Its chunks are :func:`steady_chunk_start`'s: ``two_shot``'s, cut at 16 bytes of the row as staged (8
-  elements of float16 or bfloat16, whose rows and results move 16-bit).
+  Its chunks are :func:`steady_chunk_start`'s: ``two_shot``'s, cut at quads of the row as staged (4
+  elements; for float16 and bfloat16, whose rows and results move 16-bit, 4 words of two elements: 16
+  bytes either way but for float64).
 
   The rules: (1) staged is read by peers only between barriers k.a and k.b, so staging operation
   k + 1 after operation k returns (past k.b) overwrites nothing a peer still reads; (2) result's
@@ -295,8 +299,8 @@ def two_shot_chunk_start(c: int, n: int, size: int) -> int:
 
 def steady_chunk_start(c: int, n: int, size: int, dtype) -> int:
     """First element of chunk ``c`` of the steady ``two_shot`` over a row of ``n`` elements of ``dtype``: the chunks
-    of :func:`two_shot_chunk_start` cut at 16 bytes, so of the row's 32-bit words (two elements each) for float16 and
-    bfloat16, whose rows stay 16-bit."""
+    of :func:`two_shot_chunk_start` (cut at quads of elements), counted in the row's 32-bit words (two elements
+    each) for float16 and bfloat16, whose rows stay 16-bit: 16-byte cuts of the row as staged."""
     per_word = 2 if np.dtype(dtype).itemsize == 2 else 1
     return min(n, per_word * two_shot_chunk_start(c, -(-n // per_word), size))
 
