@@ -40,8 +40,9 @@ from numba import cuda
 
 from .. import ptx
 from ..primitives.gather import GATHER_DEVICE_FUNCTIONS, stage_row, store_rows
-from ..primitives.ops import CONVERSIONS, open_bulk_exchange, pack_row, unpack_row
-from ..primitives.reduce import packed_rows, quad_padded, reduce_device_function, steady_reduce_device_function
+from ..primitives.ops import CONVERSIONS, open_bulk_exchange, packed_words
+from ..primitives.reduce import (packed_rows, quad_padded, reduce_device_function, steady_reduce_device_function,
+                                 steady_row_copies)
 from ..simulator.reduce import STEADY_EXIT_BARRIER
 
 #: 16-byte remote loads each thread of dsmem_read_stream has in flight.
@@ -167,7 +168,8 @@ def steady_reduce_loop(algorithm: str, cluster_size: int, dtype: str = "float32"
     elements; for ``bulk_two_shot`` [slot] and its ``work``, ``steady_shared_bytes(n, "bulk_two_shot", N)``).
     ``dtype`` float16 or bfloat16 (``direct`` and ``two_shot``): ``x``, ``out`` their uint16 bit patterns,
     ``rows`` [2, slot] of packed words (``steady_result_offset(n, "direct", dtype)`` of them), each result
-    rounded.
+    rounded. Rows are staged and stored as the host API's kernel does
+    (:func:`~clusterlab.primitives.reduce.steady_row_copies`).
     Operation k reduces rows[k % 2] into rows[(k + 1) % 2], the contract's chain, which copies
     nothing: ``direct`` (``direct_1barrier`` in the results, one barrier an operation) takes both rows
     as its double buffer and folds into the other one; ``two_shot`` (``two_shot_2barrier``, two
@@ -183,19 +185,18 @@ def steady_reduce_loop(algorithm: str, cluster_size: int, dtype: str = "float32"
     ``reps`` calls of ``direct``.
     """
     steady_sum = steady_reduce_device_function("sum", cluster_size, algorithm, dtype)
-    if packed_rows(algorithm, dtype):
-        return _packed_steady_reduce_loop(steady_sum, algorithm)
+    words, stage_row, store_row = steady_row_copies(algorithm, dtype)
+    packed = packed_rows(algorithm, dtype)
     direct = algorithm == "direct"
     in_place = algorithm == "bulk_two_shot"
     exit_barrier = algorithm in STEADY_EXIT_BARRIER
 
     @cuda.jit
     def steady_loop(x, out, n, reps):
-        rows = cuda.shared.array(0, dtype=np.float32, alignment=16)
-        slot = quad_padded(n)
+        rows = cuda.shared.array(0, dtype=words, alignment=16)
+        slot = quad_padded(packed_words(n) if packed else n)
         row = cuda.blockIdx.x
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            rows[i] = x[row, i]
+        stage_row(rows, 0, x[row], n)
         for it in range(reps):
             if direct:  # the double buffer, folded into its other row
                 steady_sum(rows, rows[((it + 1) & 1) * slot:], n, it)
@@ -206,35 +207,9 @@ def steady_reduce_loop(algorithm: str, cluster_size: int, dtype: str = "float32"
                 steady_sum(rows[current:], rows[slot - current:], n, it)
         if exit_barrier:  # peers may still be reading this block's rows
             ptx.cluster_sync()
-        last = 0 if in_place else (reps & 1) * slot
-        for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-            out[row, i] = rows[last + i]
+        store_row(out[row], rows, 0 if in_place else (reps & 1) * slot, n)
 
     return steady_loop
-
-
-def _packed_steady_reduce_loop(steady_sum, algorithm: str):
-    """:func:`steady_reduce_loop` for the steady ``direct`` or ``two_shot`` reduce on float16 / bfloat16 rows packed
-    two to a word: the same chain, in words."""
-    direct = algorithm == "direct"
-
-    @cuda.jit
-    def steady_packed_loop(x, out, n, reps):
-        rows = cuda.shared.array(0, dtype=np.uint32, alignment=16)
-        slot = quad_padded((n + 1) // 2)
-        row = cuda.blockIdx.x
-        pack_row(rows, 0, x[row], n)
-        for it in range(reps):
-            if direct:  # the double buffer, folded into its other row
-                steady_sum(rows, rows[((it + 1) & 1) * slot:], n, it)
-            else:  # staged and result, swapped
-                current = (it & 1) * slot
-                steady_sum(rows[current:], rows[slot - current:], n, it)
-        if direct:  # peers may still be reading this block's rows
-            ptx.cluster_sync()
-        unpack_row(out[row], rows, (reps & 1) * slot, n)
-
-    return steady_packed_loop
 
 
 #: try_wait attempts after which :func:`direct_push_loop` gives up on an mbarrier phase: a hang

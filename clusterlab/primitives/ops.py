@@ -16,6 +16,7 @@ import functools
 from numba import cuda, float32, uint16, uint32, uint64
 
 from .. import ptx
+from ..simulator import reduce as simulator_reduce
 
 
 @cuda.jit(device=True, inline=True)
@@ -382,11 +383,14 @@ def unrolled_fold_packed_row(op: str, cluster_size: int, dtype: str, push: bool 
     return _tiered_fold_row(size, push, fold_one, fold_two, store_two, (held, 2), fold_quad, store_quad)
 
 
+packed_words = cuda.jit(device=True, inline=True)(simulator_reduce.packed_words)
+
+
 @cuda.jit(device=True, inline=True)
 def pack_row(words, at, row, n):
     """``row`` [n] (uint16 bit patterns) into ``words[at ..]``, two to a word (element 2w in the low half of
     word w, an odd row's padding half zero); the block's threads share the words."""
-    for w in range(cuda.threadIdx.x, (n + 1) // 2, cuda.blockDim.x):
+    for w in range(cuda.threadIdx.x, packed_words(n), cuda.blockDim.x):
         high = uint32(row[2 * w + 1]) if 2 * w + 1 < n else uint32(0)
         words[at + w] = uint32(row[2 * w]) | (high << 16)
 
@@ -394,7 +398,7 @@ def pack_row(words, at, row, n):
 @cuda.jit(device=True, inline=True)
 def unpack_row(row, words, at, n):
     """``words[at ..]`` back into ``row`` [n] (uint16), as :func:`pack_row` packed them."""
-    for w in range(cuda.threadIdx.x, (n + 1) // 2, cuda.blockDim.x):
+    for w in range(cuda.threadIdx.x, packed_words(n), cuda.blockDim.x):
         word = words[at + w]
         row[2 * w] = uint16(word & 0xFFFF)
         if 2 * w + 1 < n:

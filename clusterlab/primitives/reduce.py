@@ -125,8 +125,8 @@ from ..simulator.inputs import check_choice, check_integer
 from ..simulator import reduce as simulator_reduce
 from ..simulator.reduce import STEADY_BUFFERS, STEADY_EXIT_BARRIER, bulk_two_shot_chunk_slot, widest_chunk
 from .ops import (CONVERSIONS, GPU_DTYPES, OPERATORS, PACKED_CONVERSIONS, bulk_push_rows, left_neighbour,
-                  open_bulk_exchange, pack_row, push_element, push_quad, rank_folds, ring_chunk, unpack_row,
-                  unrolled_fold_packed_row, unrolled_fold_row)
+                  open_bulk_exchange, pack_row, packed_words, push_element, push_quad, rank_folds, ring_chunk,
+                  unpack_row, unrolled_fold_packed_row, unrolled_fold_row)
 
 #: Bytes reserved at the start of ``work`` for the mbarriers of ``bulk`` (one) and ``bulk_two_shot``
 #: (two; 8 bytes each), keeping what follows 16-byte aligned.
@@ -429,7 +429,7 @@ def steady_row_words(n: int, algorithm: str = "direct", dtype: str = "float32") 
     """32-bit words of a row of ``n`` elements in the steady reduce's shared memory: ``n`` float32, or
     ceil(n / 2) words where its rows stay packed (:func:`packed_rows`); ``n`` >= 1."""
     check_integer("n", n, 1)
-    return (n + 1) // 2 if packed_rows(algorithm, dtype) else n
+    return simulator_reduce.packed_words(n) if packed_rows(algorithm, dtype) else n
 
 
 def steady_result_offset(n: int, algorithm: str = "direct", dtype: str = "float32") -> int:
@@ -582,7 +582,7 @@ def _packed_steady_reduce(op: str, cluster_size: int, algorithm: str, dtype: str
     @cuda.jit(device=True)
     def direct_steady_reduce(staged, result, n, k):
         """Operation k: barrier k, then pull buffer k % 2 of every block, widen, fold in rank order, round."""
-        words = (n + 1) // 2
+        words = packed_words(n)
         buffer = (k & 1) * quad_padded(words)  # staged[buffer, w] is staged[buffer + w]
         ptx.cluster_sync()  # every row of operation k is staged; every read of operation k - 1 is done
         fold_row(staged, buffer, result, words)
@@ -593,7 +593,7 @@ def _packed_steady_reduce(op: str, cluster_size: int, algorithm: str, dtype: str
         """Operation k: barrier k.a, fold chunk ``rank`` (in words) of every block's staged row, round it into
         result and push each word, pair or quad into every peer's result as it is folded; barrier k.b."""
         rank = ptx.cluster_rank()
-        words = (n + 1) // 2
+        words = packed_words(n)
         lo = two_shot_chunk_start(rank, words, size)
         hi = two_shot_chunk_start(rank + 1, words, size)
         ptx.cluster_sync()  # k.a: every row of operation k is staged; every block has read its result of k - 1
@@ -614,12 +614,9 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
     (:func:`steady_result_offset`; ``bulk_two_shot``'s ``work`` there, its result in ``staged``), in
     float32, or in uint32 words where float16 / bfloat16 rows stay packed (:func:`packed_rows`).
     """
-    if packed_rows(algorithm, dtype):
-        reduce = steady_reduce_device_function(op, cluster_size, algorithm, dtype)
-        words, stage_row, store_row = "uint32", pack_row, unpack_row
-    else:
-        reduce = steady_reduce_device_function(op, cluster_size, algorithm)
-        words, (stage_row, store_row) = "float32", _widening_row_copies(dtype)
+    packed = packed_rows(algorithm, dtype)
+    reduce = steady_reduce_device_function(op, cluster_size, algorithm, dtype if packed else "float32")
+    words, stage_row, store_row = steady_row_copies(algorithm, dtype)
     buffers = STEADY_BUFFERS[algorithm]
 
     in_place = algorithm == "bulk_two_shot"  # its result is ``staged``, and ``result`` is its ``work``
@@ -643,10 +640,15 @@ def steady_reduce_kernel(op: str, dtype: str, cluster_size: int, algorithm: str 
 
 
 @functools.cache
-def _widening_row_copies(dtype: str):
-    """``(stage_row(staged, at, row, n), store_row(row, reduced, at, n))``: :func:`~clusterlab.primitives.ops.pack_row`
-    and ``unpack_row``'s float32 twins, ``row`` [n] of ``dtype`` (uint16 bit patterns for 16-bit dtypes) widened into
-    ``staged[at ..]`` and ``reduced[at ..]`` rounded back, an element a thread."""
+def steady_row_copies(algorithm: str, dtype: str):
+    """``(words, stage_row, store_row)`` of the steady ``algorithm`` on rows of ``dtype``: the element type of its
+    shared memory, ``stage_row(staged, at, row, n)`` and ``store_row(row, reduced, at, n)`` moving ``row`` [n] of
+    ``dtype`` (uint16 bit patterns for 16-bit dtypes) into ``staged[at ..]`` and ``reduced[at ..]`` back, the block's
+    threads sharing the row. Packed rows (:func:`packed_rows`): ``"uint32"`` words, two elements a word
+    (:func:`~clusterlab.primitives.ops.pack_row`, ``unpack_row``); otherwise ``"float32"``, an element a thread,
+    widened when staged and rounded when stored."""
+    if packed_rows(algorithm, dtype):
+        return "uint32", pack_row, unpack_row
     widen, narrow = CONVERSIONS[dtype]
 
     @cuda.jit(device=True, inline=True)
@@ -659,4 +661,4 @@ def _widening_row_copies(dtype: str):
         for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
             row[i] = narrow(reduced[at + i])
 
-    return stage_row, store_row
+    return "float32", stage_row, store_row

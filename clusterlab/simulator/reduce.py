@@ -301,8 +301,15 @@ def steady_chunk_start(c: int, n: int, size: int, dtype) -> int:
     """First element of chunk ``c`` of the steady ``two_shot`` over a row of ``n`` elements of ``dtype``: the chunks
     of :func:`two_shot_chunk_start` (cut at quads of elements), counted in the row's 32-bit words (two elements
     each) for float16 and bfloat16, whose rows stay 16-bit: 16-byte cuts of the row as staged."""
-    per_word = 2 if np.dtype(dtype).itemsize == 2 else 1
-    return min(n, per_word * two_shot_chunk_start(c, -(-n // per_word), size))
+    if np.dtype(dtype).itemsize != 2:
+        return two_shot_chunk_start(c, n, size)
+    return min(n, 2 * two_shot_chunk_start(c, packed_words(n), size))
+
+
+def packed_words(n: int) -> int:
+    """32-bit words of a row of ``n`` 16-bit elements packed two to a word (element 2w in the low half of word w):
+    ceil(n / 2)."""
+    return (n + 1) // 2  # plain arithmetic: the GPU compiles this function too
 
 
 def quad_padded(k: int) -> int:
