@@ -21,6 +21,17 @@ def this_line(offset: int) -> str:
     return f"test_simulator_hazards.py:{sys._getframe(1).f_lineno + offset}"
 
 
+def missing_proxy_fence(program, blocks: int, fenced: bool):
+    """Launch ``program`` on ``blocks`` blocks: clean where ``fenced`` (returns None), else the
+    :class:`~clusterlab.simulator.MissingProxyFence` it must raise."""
+    if fenced:
+        sim.launch(program, blocks)
+        return None
+    with pytest.raises(sim.MissingProxyFence) as info:
+        sim.launch(program, blocks)
+    return info.value
+
+
 # ---------------------------------------------------------------------------------- data races
 
 
@@ -749,12 +760,9 @@ def test_a_peers_write_into_a_copy_source_needs_a_proxy_fence_of_the_copying_blo
             assert (dst[:] == 7).all()
         yield b.cluster_sync()
 
+    bad = missing_proxy_fence(program, 2, fenced)
     if fenced:
-        sim.launch(program, 2)
         return
-    with pytest.raises(sim.MissingProxyFence) as info:
-        sim.launch(program, 2)
-    bad = info.value
     assert bad.blocks == (1, 0) and bad.owner == 0
     assert bad.byte_range == (0, 16)
     written, copied = bad.points
@@ -907,12 +915,9 @@ def test_bytes_an_st_async_wrote_need_a_proxy_fence_before_a_bulk_copy_sends_the
                 assert (out[:] == 9).all()
         yield b.cluster_sync()
 
+    bad = missing_proxy_fence(program, 3, fenced)
     if fenced:
-        sim.launch(program, 3)
         return
-    with pytest.raises(sim.MissingProxyFence) as info:
-        sim.launch(program, 3)
-    bad = info.value
     assert bad.blocks == (0, 1) and bad.owner == 1
     assert "block 1 bulk-copies 'inbox' bytes block 0 wrote with st.async" in str(bad)
     assert [(p.block, p.op.split()[0]) for p in bad.points] == [(0, "st.async"), (1, "cp.async.bulk")]
