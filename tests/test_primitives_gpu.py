@@ -5,6 +5,7 @@ import pytest
 
 from clusterlab import primitives, simulator
 from clusterlab.tour import random_rows
+from special_values import assert_same_values, rows_with_specials
 
 pytestmark = pytest.mark.gpu
 
@@ -114,27 +115,6 @@ def test_steady_reduces_on_long_16_bit_rows_equal_simulator(algorithm, dtype, op
     assert_same_bits(primitives.to_numpy(out), expected, f"steady {algorithm} {op} {dtype} N={size} n=20003")
 
 
-def rows_with_specials(rng, shape, dtype):
-    """Standard-normal rows of ``dtype`` with about a quarter of the elements ±inf, ±0, NaN, ±6e4 (sums past float16's
-    range) or 1e-7 (under float16's normal range)."""
-    specials = np.array([np.inf, -np.inf, 0.0, -0.0, np.nan, 6.0e4, -6.0e4, 1.0e-7], dtype=np.float32)
-    x = rng.standard_normal(shape).astype(np.float32)
-    chosen = rng.random(shape) < 0.25
-    x[chosen] = rng.choice(specials, size=int(chosen.sum()))
-    return x.astype(simulator.numpy_dtype(dtype))
-
-
-def assert_same_values(got, expected, context):
-    """NaNs where ``expected`` has them (their bits are not the contract: a GPU's add returns the canonical NaN),
-    every other element bit for bit."""
-    assert got.shape == expected.shape, context
-    nan_got, nan_expected = np.isnan(got.astype(np.float32)), np.isnan(expected.astype(np.float32))
-    assert np.array_equal(nan_got, nan_expected), f"{context}: NaNs at {np.argwhere(nan_got != nan_expected)[:3]}"
-    as_int = {2: np.uint16, 4: np.uint32}[got.dtype.itemsize]
-    differ = np.flatnonzero((got.view(as_int) != expected.view(as_int)) & ~nan_expected)
-    assert differ.size == 0, f"{context}: {differ.size} elements differ, first {differ[:3]}"
-
-
 @pytest.mark.parametrize("dtype", primitives.GPU_DTYPES)
 @pytest.mark.parametrize("op", simulator.OPS)
 def test_reduces_keep_special_values_as_the_simulator_does(op, dtype):
@@ -144,12 +124,12 @@ def test_reduces_keep_special_values_as_the_simulator_does(op, dtype):
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf and sums past the range, as IEEE has them
         for size in (1, 2, 3, 8, 16):
             for n in (1, 13, 301):
-                x = rows_with_specials(rng, (size, n), dtype)
+                x = rows_with_specials(rng, (size, n), dtype, 0.25)
                 for algorithm in simulator.REDUCE_ALGORITHMS:
                     expected, _ = simulator.cluster_reduce(x, op=op, algorithm=algorithm)
                     out = primitives.cluster_reduce(x, op=op, algorithm=algorithm, out=poisoned(x.shape, dtype))
                     assert_same_values(primitives.to_numpy(out), expected, f"{algorithm} {op} {dtype} N={size} n={n}")
-                xs = rows_with_specials(rng, (3, size, n), dtype)
+                xs = rows_with_specials(rng, (3, size, n), dtype, 0.25)
                 for algorithm in simulator.STEADY_BUFFERS:
                     expected, _ = simulator.cluster_reduce_steady(xs, op=op, algorithm=algorithm)
                     out = primitives.cluster_reduce_steady(xs, op=op, algorithm=algorithm, out=poisoned(xs.shape, dtype))

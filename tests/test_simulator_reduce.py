@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from program_variants import with_replaced, without_line
+from special_values import assert_same_values, rows_with_specials
 
 from clusterlab import simulator as sim
 from clusterlab.simulator import reduce as sim_reduce
@@ -268,21 +269,14 @@ def test_16_bit_steady_reduces_keep_special_values_and_short_odd_rows(algorithm,
     ±inf, ±0, NaN and sums past float16's range among random values: the 16-bit rows give
     ``direct``'s results (NaNs where it has NaNs: their bits are not the contract)."""
     rng = np.random.default_rng()
-    specials = np.array([np.inf, -np.inf, 0.0, -0.0, np.nan, 6.0e4, -6.0e4, 1.0e-7], dtype=np.float32)
     for size in (2, 3, 8):
         for n in (1, 3, 9, 17):
-            x = rng.standard_normal((2, size, n)).astype(np.float32)
-            chosen = rng.random(x.shape) < 0.4
-            x[chosen] = rng.choice(specials, size=int(chosen.sum()))
-            xs = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+            xs = rows_with_specials(rng, (2, size, n), dtype, 0.4)
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf and sums past the range, as IEEE has them
                 out, _ = sim.cluster_reduce_steady(xs, op, algorithm=algorithm)
                 once_each = [sim.cluster_reduce(xs[k], op, "direct")[0] for k in range(2)]
             for k, once in enumerate(once_each):
-                nan = np.isnan(once.astype(np.float32))
-                assert np.array_equal(np.isnan(out[k].astype(np.float32)), nan), (size, n, k)
-                same = out[k].view(np.uint16) == once.view(np.uint16)
-                assert (same | nan).all(), (size, n, k)
+                assert_same_values(out[k], once, (size, n, k))
 
 
 def test_steady_two_shot_cuts_16_bit_rows_at_16_bytes():
