@@ -5,7 +5,7 @@ import pytest
 
 from clusterlab import primitives, simulator
 from clusterlab.tour import random_rows
-from special_values import assert_same_values, rows_with_specials
+from special_values import POISON_BITS, assert_same_values, rows_with_specials
 
 pytestmark = pytest.mark.gpu
 
@@ -18,10 +18,12 @@ STEADY_ROW_LENGTHS = (*ROW_LENGTHS, 301, 777)
 
 
 def poisoned(shape, dtype):
+    """An output of ``shape`` on the GPU, every element a NaN no reduce or gather writes (:data:`POISON_BITS`)."""
     import torch
 
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    return torch.full(shape, float("nan"), dtype=torch_dtype, device="cuda")
+    torch_dtype, bits = {"float32": (torch.float32, torch.int32), "float16": (torch.float16, torch.int16),
+                         "bfloat16": (torch.bfloat16, torch.int16)}[dtype]
+    return torch.full(shape, POISON_BITS[dtype], dtype=bits, device="cuda").view(torch_dtype)
 
 
 def assert_same_bits(got, expected, context):
