@@ -23,14 +23,18 @@ def rows_with_specials(rng, shape, dtype, fraction):
     return x.astype(simulator.numpy_dtype(dtype))
 
 
+def as_bits(x):
+    """``x`` (float32, float16 or bfloat16) viewed as unsigned integers of its size."""
+    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
 def assert_same_values(got, expected, context):
     """No element left with :data:`POISON_BITS` (never written), NaNs where ``expected`` has them (their bits
     are not the contract: a GPU's add returns the canonical NaN), every other element bit for bit."""
     assert got.shape == expected.shape, context
-    as_int = {2: np.uint16, 4: np.uint32}[got.dtype.itemsize]
-    unwritten = np.flatnonzero(got.view(as_int) == POISON_BITS[got.dtype.name])
+    unwritten = np.flatnonzero(as_bits(got) == POISON_BITS[got.dtype.name])
     assert unwritten.size == 0, f"{context}: {unwritten.size} elements never written, first {unwritten[:3]}"
     nan_got, nan_expected = np.isnan(got.astype(np.float32)), np.isnan(expected.astype(np.float32))
     assert np.array_equal(nan_got, nan_expected), f"{context}: NaNs at {np.argwhere(nan_got != nan_expected)[:3]}"
-    differ = np.flatnonzero((got.view(as_int) != expected.view(as_int)) & ~nan_expected)
+    differ = np.flatnonzero((as_bits(got) != as_bits(expected)) & ~nan_expected)
     assert differ.size == 0, f"{context}: {differ.size} elements differ, first {differ[:3]}"
