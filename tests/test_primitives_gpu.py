@@ -21,8 +21,8 @@ def poisoned(shape, dtype):
     """An output of ``shape`` on the GPU, every element a NaN no reduce or gather writes (:data:`POISON_BITS`)."""
     import torch
 
-    torch_dtype, bits = {"float32": (torch.float32, torch.int32), "float16": (torch.float16, torch.int16),
-                         "bfloat16": (torch.bfloat16, torch.int16)}[dtype]
+    torch_dtype = getattr(torch, dtype)
+    bits = {2: torch.int16, 4: torch.int32}[torch_dtype.itemsize]
     return torch.full(shape, POISON_BITS[dtype], dtype=bits, device="cuda").view(torch_dtype)
 
 
