@@ -32,6 +32,10 @@ the first two append one each, and every cluster reads what it lacks back from t
 up), a split of 2 with QKV bias and of 4 in clusters of 4, and the Llama-3-8B preset at batch 1, plain
 and handed off;
 ``python tests/sanitize_fused.py kv_rows`` runs those alone.
+Then the work queue (``KernelSpec.work_queue``: chunks of every KV head taken by whichever warp is free,
+other clusters' states in device memory, the queue's words reset by the grid's last block): GQA on the
+tensor cores in two sets of clusters with chunks of 64 rows and in one set, and MHA on the CUDA cores in
+blocks of 16 warps, ragged with empty caches, plain and handed off; ``python tests/sanitize_fused.py queue`` runs those alone.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -88,6 +92,18 @@ KV_ROWS_SHAPES = [
     (PRESETS["llama3-8b"], {"kernel_options": {"split_kv_rows": True}}, [700], torch.float16),
 ]
 
+QUEUE_SHAPES = [
+    (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
+     {"cluster_size": 4, "head_split": 1, "kernel_options": {"work_queue": True, "queue_rows": 64, "batch_parts": 2}},
+     [0, 700, 65, 1], torch.bfloat16),
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 1, "kernel_options": {"work_queue": True}}, [1000, 0, 333],
+     torch.float16),
+    (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128),
+     {"cluster_size": 2, "warps": 16, "kernel_options": {"work_queue": True}}, [300, 0, 77, 12, 5, 2000],
+     torch.bfloat16),
+]
+
 
 def handoff_steps(shapes) -> int:
     """One ``handoff`` step a shape: the float32 input sums fresh draws, the output buffer zero, the
@@ -112,7 +128,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = chosen_group(("steps", "handoff", "split", "long", "parts", "wide", "kv_rows"))
+only = chosen_group(("steps", "handoff", "split", "long", "parts", "wide", "kv_rows", "queue"))
 failures = 0
 if only in (None, "steps"):
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
@@ -133,4 +149,7 @@ if only in (None, "wide"):
 if only in (None, "kv_rows"):
     failures += run_steps(KV_ROWS_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(KV_ROWS_SHAPES)
+if only in (None, "queue"):
+    failures += run_steps(QUEUE_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+    failures += handoff_steps(QUEUE_SHAPES)
 exit_with(failures)

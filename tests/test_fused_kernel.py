@@ -312,6 +312,34 @@ def test_a_batch_split_runs_the_kernel_of_a_share_on_each_set_of_clusters(config
     assert assemble(ptx).spill_bytes <= spill
 
 
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, parts, spill",
+                         [(QWEN2_5_7B, False, 8, 16, 4, 4, 16), (LLAMA2_7B, True, 8, 2, 16, 1, 432)],
+                         ids=["qwen2.5-7b-f16-b8-four-sets", "llama2-7b-bf16-b8"])
+def test_the_work_queue_kernel_takes_chunks_with_atomics_and_assembles(config, bf16, batch, cluster_size, warps, parts,
+                                                                       spill):
+    """``work_queue``: tickets (``atom.add``), a first chunk and a state slot of another cluster's KV
+    head in one compare-and-swap, the flags raised with ``atom.exch``; the same cluster barriers as
+    the rule's kernel, no local memory, and the grid's shared memory still two or three blocks an SM.
+    Spills within ``spill`` bytes with CUDA 13's ptxas: 16 on the tensor cores at 168 registers, 432
+    in Llama-2-7B's blocks of 16 warps, whose 128 registers a thread the CUDA-core steps fill
+    (``docs/fused-decode-notes.md``, v66)."""
+    from clusterlab.toolchain import assemble
+
+    rule = KernelSpec.of(config, bf16, batch, cluster_size, warps, 1, batch_parts=parts)
+    queue = KernelSpec.of(config, bf16, batch, cluster_size, warps, 1, batch_parts=parts, work_queue=True)
+    assert queue.queue_words == 3 * batch * config.kv_heads + 1
+    assert queue.min_blocks_per_sm == rule.min_blocks_per_sm
+    plain, ptx = spec_ptx(rule), spec_ptx(queue)
+    for instruction in ("atom.global.cas.b32", "atom.global.exch.b32"):
+        assert instruction in ptx and instruction not in plain, instruction
+    assert ptx.count("atom.global.add.u32") > plain.count("atom.global.add.u32")
+    for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
+        assert ptx.count(instruction) == plain.count(instruction), instruction
+    assert "st.local" not in ptx
+    assert assemble(ptx).spill_bytes <= spill
+
+
 def _random_inputs(config, dtype, batch, capacity, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     hidden = torch.randn(batch, config.hidden_size, generator=gen, device="cuda").to(dtype)
@@ -659,6 +687,34 @@ def test_a_batch_split_over_sets_of_clusters_matches_the_reference(config, batch
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, batch, dtype, options, steps",
+    [(QWEN2_5_7B, 8, torch.float16, {"cluster_size": 16, "warps": 4, "kernel_options": {"batch_parts": 4}},
+      [[0, 1, 128, 129, 20000, 4095, 8191, 300], 16384]),
+     (LLAMA3_8B, 8, torch.bfloat16, {"cluster_size": 8, "warps": 4, "kernel_options": {"batch_parts": 4}},
+      [[33000, 0, 17, 300, 1, 129, 4096, 7]]),
+     (LLAMA2_7B, 8, torch.float16, {"cluster_size": 2, "warps": 16}, [[3000, 0, 1, 128, 129, 10000, 77, 64]]),
+     (SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "kernel_options": {"queue_rows": 64}},
+      [[300, 0, 5], 17, 0]),
+     (LLAMA3_2_1B, 2, torch.float16, {"kernel_options": {"queue_rows": 4096}}, [[9000, 4096]])],
+    ids=["qwen2.5-7b-b8-f16-four-sets", "llama3-8b-b8-bf16-four-sets", "llama2-7b-b8-f16", "gqa-d64-c4-b3-bf16",
+         "llama3.2-1b-b2-f16-4096-rows"],
+)
+def test_the_work_queue_matches_the_reference(config, batch, dtype, options, steps):
+    """``kernel_options={"work_queue": True}``: chunks of every KV head taken by whichever warp is free,
+    other clusters' states merged from device memory, on the rule's long-cache shapes (four sets of
+    Qwen2.5-7B and Llama-3-8B, Llama-2-7B's 16-warp blocks) and small ones: empty caches, one row,
+    a chunk and one row more, 33K beside 7 rows, a whole chunk of 4096; every output written, the
+    queue's words left zero for the next step (``_check_steps``)."""
+    options = dict(options)
+    kernel_options = {"work_queue": True, **options.pop("kernel_options", {})}
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=47)
+    layer = DecodeAttention(config, weights, head_split=1, kernel_options=kernel_options, **options)
+    assert layer.kernel_spec(dtype, batch).work_queue
+    _check_steps(layer, dtype, batch, steps)
+
+
+@pytest.mark.gpu
 def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp_path):
     """``clusterlab bench fused --spec default kv_pipeline=False`` in small: one row a kernel, each
     checked against the reference, the options and the driver in the results file."""
@@ -768,13 +824,17 @@ def test_step_replays_in_a_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset, options", [("llama3-8b", {}), ("qwen2.5-7b", {}),
                                              ("qwen2.5-7b", {"split_positions": True}),
-                                             ("llama3-8b", {"split_kv_rows": True})],
-                         ids=["llama3-8b", "qwen2.5-7b", "qwen2.5-7b-positions-split", "llama3-8b-kv-rows-split"])
+                                             ("llama3-8b", {"split_kv_rows": True}),
+                                             ("qwen2.5-7b", {"work_queue": True})],
+                         ids=["llama3-8b", "qwen2.5-7b", "qwen2.5-7b-positions-split", "llama3-8b-kv-rows-split",
+                              "qwen2.5-7b-work-queue"])
 def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device(preset, options):
-    """Decode-loop shape: positions live on the device and a kernel in the graph advances them."""
+    """Decode-loop shape: positions live on the device and a kernel in the graph advances them (with
+    the work queue, its words reset by each replay's last block for the next)."""
     config = PRESETS[preset]
     weights = AttentionWeights.random(config, torch.bfloat16, "cuda", seed=11)
-    layer = DecodeAttention(config, weights, kernel_options=options)
+    layer = DecodeAttention(config, weights, kernel_options=options,
+                            **({"head_split": 1} if options.get("work_queue") else {}))
     hidden, residual, cache = _random_inputs(config, torch.bfloat16, 3, 2100, seed=12)
     positions = torch.tensor([5, 2000, 700], dtype=torch.int32, device="cuda")
     out = torch.full_like(hidden, float("nan"))

@@ -32,7 +32,7 @@ from clusterlab.fused.plan import (
     new_token_rank,
 )
 from clusterlab.fused.reference import relative_error
-from clusterlab.fused.simulated import simulated_step
+from clusterlab.fused.simulated import queue_claims, simulated_step
 
 # Tolerance: every output is rounded once to the activation dtype (relative 2^-11 for float16,
 # 2^-8 for bfloat16), on top of float32 arithmetic; the norm of that rounding error is about a
@@ -350,16 +350,20 @@ def test_launch_bound_asks_for_16_warps_an_sm(warps, blocks):
 #: first write (a peer's push included) to the last read (a peer's pull included).
 LIFETIMES = {"xs": (0, 0), "red": (0, 0), "partial": (0, 1), "qkv": (1, 2), "scratch_m": (2, 2),
              "scratch_l": (2, 2), "scratch_acc": (2, 2), "state_m": (2, 3), "state_l": (2, 3),
-             "state_acc": (2, 3), "o": (3, 4)}
+             "state_acc": (2, 3), "foreign_q": (2, 2), "o": (3, 4)}
 
 
 @pytest.mark.parametrize("overlay", [True, False])
-@pytest.mark.parametrize("config, batch", [(LLAMA2_7B, 1), (LLAMA3_8B, 8), (LLAMA3_8B, 3)])
-def test_shared_regions_share_words_only_when_never_live_at_once(config, batch, overlay):
+@pytest.mark.parametrize("config, batch, work_queue", [(LLAMA2_7B, 1, False), (LLAMA3_8B, 8, False),
+                                                       (LLAMA3_8B, 3, False), (LLAMA3_8B, 8, True)])
+def test_shared_regions_share_words_only_when_never_live_at_once(config, batch, work_queue, overlay):
     """Two regions may overlap only where a cluster barrier separates their lifetimes: the layout
-    against :data:`LIFETIMES`, and the overlay does save words."""
+    against :data:`LIFETIMES`, and the overlay does save words (with the work queue, its query
+    region and the states of other clusters' chunks live beside the scratch states)."""
     cluster_size, warps, head_split = launch_shape(config, batch, 132)
-    spec = dataclasses.replace(KernelSpec.of(config, False, batch, cluster_size, warps, head_split), overlay=overlay)
+    spec = dataclasses.replace(KernelSpec.of(config, False, batch, cluster_size, warps, head_split,
+                                             work_queue=work_queue), overlay=overlay)
+    assert (spec.smem_sizes()["foreign_q"] > 0) == work_queue
     layout = spec.smem_layout()
     sizes = spec.smem_sizes()
     assert set(layout) == set(LIFETIMES) | {"total"} and set(sizes) == set(LIFETIMES)
@@ -508,3 +512,61 @@ def test_a_step_plans_its_launch_shape_once(monkeypatch):
     clear = torch.randn_like(sums[0])
     layer.handoff(sums[0], residual, cache, 30, sums_out=sums[1], clear=clear)
     assert len(calls) == 2 and relative_error(sums[1], want.out) < TOLERANCE and not clear.any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("batch_parts", [1, 2])
+def test_the_work_queue_gives_the_same_step_whoever_takes_the_chunks(seed, batch_parts):
+    """``work_queue`` on the simulator: each draw of :func:`queue_claims` hands a sequence's chunks
+    to its cluster's blocks in another split and to other clusters' runs (states in device memory);
+    a cache of no row, one row, a chunk and a row more, and 5 chunks and a row: the step is the
+    reference's whatever the order, and every draw gave some chunks to other clusters' runs and left
+    some block of a cluster without a chunk (what the merge must take as it comes)."""
+    config, cluster_size, rows = CASES[0][0], 4, 64
+    batch = 4
+    positions = torch.tensor([0, 1, rows + 1, 5 * rows + 1], dtype=torch.int32)
+    weights = AttentionWeights.random(config, torch.float16, seed=seed)
+    cache = KVCache.random(config, batch, 400, torch.float16, seed=seed + 1)
+    before = cache.clone()
+    hidden, residual = torch.randn(2, batch, config.hidden_size, generator=torch.Generator().manual_seed(seed)).half()
+    want = reference_step(config, weights, hidden, residual, before, positions)
+    out, _ = simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, batch_parts=batch_parts,
+                            work_queue=True, queue_rows=rows, claim_seed=seed)
+    assert relative_error(out, want.out) < TOLERANCE
+    rows_of = torch.arange(batch)
+    assert relative_error(cache.k[rows_of, :, positions.long()], want.k) < TOLERANCE
+    claims = [queue_claims(positions.tolist(), cluster_size, rows, seed * config.kv_heads + g)
+              for g in range(config.kv_heads)]
+    assert any(claim["runs"] for per_head in claims for claim in per_head)
+    assert any(not own for per_head in claims for claim in per_head[2:] for own in claim["own"])
+
+
+def test_the_work_queue_claims_every_chunk_once():
+    """:func:`queue_claims`: every chunk of every sequence exactly once, in at most ``QUEUE_SLOTS``
+    runs of other clusters, none of them empty."""
+    positions = [0, 1, 64, 65, 64 * 40 + 3]
+    for seed in range(20):
+        for cached, claim in zip(positions, queue_claims(positions, 4, 64, seed)):
+            taken = sorted(int(k) for chunks in claim["own"] + claim["runs"] for k in chunks)
+            assert taken == list(range(-(-cached // 64)))
+            assert len(claim["runs"]) <= plan.QUEUE_SLOTS and all(claim["runs"])
+
+
+def test_the_layer_runs_the_work_queue_on_the_simulator_and_refuses_a_head_split():
+    """``kernel_options={"work_queue": True}`` reaches the simulator backend; a head split is refused by name."""
+    config, cluster_size, batch, _ = CASES[3]
+    weights = AttentionWeights.random(config, torch.float16, seed=5)
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=1,
+                            kernel_options={"work_queue": True, "queue_rows": 64})
+    assert layer.kernel_spec(torch.float16, batch).queue_rows == 64
+    cache = KVCache.random(config, batch, 300, torch.float16, seed=6)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    positions = torch.tensor([250, 0], dtype=torch.int32)
+    want = reference_step(config, weights, hidden, residual, cache.clone(), positions)
+    out, _ = layer(hidden, residual, cache, positions)
+    assert relative_error(out, want.out) < TOLERANCE
+    split = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=2, kernel_options={"work_queue": True})
+    with pytest.raises(ValueError, match="work_queue takes a cluster a KV head .head_split 1., got head_split 2"):
+        split(hidden, residual, cache, positions)
+    with pytest.raises(ValueError, match="queue_rows=100; allowed: an int, a multiple of 64 from 64 to 4096"):
+        DecodeAttention(config, weights, kernel_options={"work_queue": True, "queue_rows": 100})

@@ -69,7 +69,9 @@ of 16 share an SM, and all their clusters run at once::
     xs      [batch, k_slice]              h * norm on this block's hidden slice
     partial [batch, rows + 4]             qkv partial dots; column ``rows`` is sum(h^2)
     qkv     [batch, rows]                 q (scaled), k, v after RoPE, pushed by their owners
-    scratch m, l [groups, G], acc [groups, G, head_dim]   per key-group softmax states
+    scratch m, l [groups, G], acc [groups, G, head_dim]   per key-group softmax states (with the work
+                                          queue also each warp's of other clusters' chunks)
+    foreign_q [warps, G * head_dim]       work queue: the published query of a warp's other cluster's chunks
     state   m, l [batch, G], acc [batch, G, head_dim]     the block's softmax state
     o       [batch, G * head_dim]         merged attention output, pushed by its owners
     red     [batch, norm_shares]          shares of sum(h^2), one for each 256 elements of the slice
@@ -89,7 +91,18 @@ from numba.cuda import libdevice
 from .. import ptx
 from . import plan
 from .config import AttentionConfig
-from .plan import QUAD, HOPPER, DeviceLimits, check_cluster_size, check_head_split, new_row_block
+from .plan import (
+    HOPPER,
+    MAX_QUEUE_ROWS,
+    QUAD,
+    QUEUE_ROWS,
+    QUEUE_ROWS_STEP,
+    QUEUE_SLOTS,
+    DeviceLimits,
+    check_cluster_size,
+    check_head_split,
+    new_row_block,
+)
 
 FULL_MASK = 0xFFFFFFFF
 #: Stands for -inf in softmax states: exp2(NEG - m) is 0 for any real m, and exp2(NEG - NEG) = 1
@@ -114,6 +127,9 @@ MMA_BATCH = 2
 #: The fewest query heads a cluster (``group``) whose attention over the cache runs on the tensor
 #: cores (``mma``, the heads as A's rows): one head would use one row of sixteen.
 MMA_GROUP = 2
+#: The work queue's ticket word: chunks handed out in the low bits, states taken above them
+TICKET_BITS = 24
+
 #: What a timeline kernel (``KernelSpec.timeline``) times: stamp ``i`` ends phase ``i - 1`` of
 #: this list, stamp 0 is the block's start. Thread 0 stamps, so a boundary inside a phase ("W_qkv
 #: stream", "rope + push", "block merge") is where warp 0 got to.
@@ -206,6 +222,11 @@ class KernelSpec(BlockShape):
     split_kv_rows: bool = False
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
+    #: a KV head's cached positions taken in chunks from a counter in device memory by whichever warp
+    #: is free, its own cluster's first, then any other's (see :attr:`queue_words`)
+    work_queue: bool = False
+    #: cached positions of one chunk of the work queue
+    queue_rows: int = QUEUE_ROWS
 
     @classmethod
     def of(cls, config: AttentionConfig, bf16: bool, batch: int, cluster_size: int, warps: int,
@@ -229,6 +250,11 @@ class KernelSpec(BlockShape):
         spec.qkv_tile()  # raises if the hidden slice has no valid tiling
         spec.o_tile()
         spec.mma_attention  # raises where the switches ask what this shape cannot do
+        if spec.work_queue and spec.head_split != 1:
+            raise ValueError(f"work_queue takes a cluster a KV head (head_split 1), got head_split {head_split}")
+        if not (spec.queue_rows % QUEUE_ROWS_STEP == 0 and QUEUE_ROWS_STEP <= spec.queue_rows <= MAX_QUEUE_ROWS):
+            raise ValueError(f"queue_rows must be a multiple of {QUEUE_ROWS_STEP} from {QUEUE_ROWS_STEP} to "
+                             f"{MAX_QUEUE_ROWS}, got {spec.queue_rows!r}")
         if spec.shared_bytes > limits.shared_bytes_per_block:
             raise ValueError(
                 f"a block of this shape needs {spec.shared_bytes} bytes of shared memory; the GPU allows "
@@ -389,13 +415,22 @@ class KernelSpec(BlockShape):
         a whole quad (16 bytes) so that the exchange pulls 16-byte-aligned quads."""
         return self.rows + QUAD
 
+    @property
+    def foreign_warp(self) -> int:
+        """With :attr:`work_queue`: warp ``w``'s state of another cluster's chunks is left as the
+        scratch states of "warp" ``foreign_warp + w`` (after the warps' own and the new tokens')."""
+        return self.warps + -(-self.batch // self.attention_groups)
+
     def smem_sizes(self) -> dict[str, int]:
         """Words (float32) of each shared region (see the module docstring)."""
         g, d, b = self.group, self.head_dim, self.batch
         groups = self.warps * self.attention_groups + b  # + one group per sequence for its new token
+        if self.work_queue:  # + the warps' states of other clusters' chunks
+            groups = (self.foreign_warp + self.warps) * self.attention_groups
         return {"xs": b * self.k_slice, "partial": b * self.partial_stride, "red": b * norm_shares(self.k_slice),
                 "qkv": b * self.rows, "state_m": b * g, "state_l": b * g, "state_acc": b * g * d,
                 "scratch_m": groups * g, "scratch_l": groups * g, "scratch_acc": groups * g * d,
+                "foreign_q": self.warps * g * d if self.work_queue else 0,
                 "o": b * self.attn_width}
 
     def smem_layout(self) -> dict[str, int]:
@@ -412,7 +447,7 @@ class KernelSpec(BlockShape):
         if not self.overlay:
             return region_offsets(sizes)
         phases = [region_offsets({name: sizes[name] for name in names}) for names in
-                  (("xs", "partial", "red"), ("scratch_m", "scratch_l", "scratch_acc"), ("o",))]
+                  (("xs", "partial", "red"), ("scratch_m", "scratch_l", "scratch_acc", "foreign_q"), ("o",))]
         start = max(phase.pop("total") for phase in phases)
         offsets = region_offsets({name: sizes[name] for name in ("qkv", "state_m", "state_l", "state_acc")}, start)
         for phase in phases:
@@ -428,6 +463,31 @@ class KernelSpec(BlockShape):
         """Arrival counters (int32) of one set of clusters: the finish's, one a rank, then the parts'
         of each (KV head, rank)."""
         return self.cluster_size * (1 + self.kv_heads)
+
+    @property
+    def queue_pairs(self) -> int:
+        """With :attr:`work_queue`: the (sequence, KV head) pairs of the whole step, ``pair = seq *
+        kv_heads + kv_head``."""
+        return self.step_batch * self.kv_heads
+
+    @property
+    def queue_words(self) -> int:
+        """Words (int32) of the work queue in device memory, after every set's :attr:`arrival_words`,
+        zero on entry and left zero (none without :attr:`work_queue`): of each pair, ``ticket``
+        (chunks handed out in its low 24 bits, states of other clusters' warps in the high 8), then
+        ``done`` (chunks folded) and ``flag`` (1 once its query is published); then ``left``, the
+        blocks that are done with the queue."""
+        return 3 * self.queue_pairs + 1 if self.work_queue else 0
+
+    @property
+    def queue_state_words(self) -> int:
+        """Words (float32) of the work queue's states in device memory, after every set's
+        :meth:`part_state_words` (none without :attr:`work_queue`): the published query of each
+        pair, ``[pairs, attn_width]``, then :data:`QUEUE_SLOTS` softmax states of each pair, ``[pairs,
+        QUEUE_SLOTS, 2 * group + attn_width]`` (``m [group]``, ``l [group]``, ``acc [attn_width]``)."""
+        if not self.work_queue:
+            return 0
+        return self.queue_pairs * (self.attn_width + QUEUE_SLOTS * (2 * self.group + self.attn_width))
 
     def part_state_words(self) -> int:
         """Words (float32) of the parts' softmax states in device memory of one set of clusters (one
@@ -1505,6 +1565,21 @@ def build_kernel(spec: KernelSpec):
     the cache, into slots ``G`` (key) and ``G + 1`` (value), and once all have, thread 0 counts each
     flag down by one. The launcher refuses a grid that does not fit at once.
 
+    With ``spec.work_queue`` (:attr:`KernelSpec.work_queue`, one cluster a KV head) a KV head's cached
+    positions are not split by rank but taken in chunks of ``queue_rows`` from a ticket counter in
+    device memory, after the sets' ``arrivals`` (:attr:`KernelSpec.queue_words`). After B2, warp 0 of
+    rank 0 publishes the set's queries of its KV head after the sets' ``part_states``
+    (:attr:`KernelSpec.queue_state_words`) and raises their flags (fence, ``atom.exch``). Each warp
+    takes chunks of its own sequence while they last (the next ticket in flight while it folds a
+    chunk), leaves that state for the block merge as before, then looks for any pair (sequence, KV
+    head) of the step whose flag is up with chunks left: it takes the first chunk and a state slot in
+    one compare-and-swap, copies the published query to shared memory, folds chunks until that pair
+    is exhausted, and writes the run's state to its slot (fence) before it counts the chunks done.
+    After B3 the owners wait until every chunk of their sequences is counted, and phase 4 merges
+    the slots' states beside the blocks'. A block waits only for chunks that running warps have
+    taken and fold without waiting, so the grid needs no co-residency. After B4 each block counts
+    itself out; the grid's last resets the queue's words for the next step.
+
     With ``spec.handoff`` three arguments change: ``hidden`` is float32 sums ``[batch *
     hidden_size]`` (another kernel's output before its conversion, read rounded to the model
     dtype), ``out`` is a float32 ``[batch * hidden_size]`` that the step sets to zero (the buffer
@@ -1560,6 +1635,17 @@ def build_kernel(spec: KernelSpec):
     SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
     STATE_M, STATE_L, STATE_ACC = layout["state_m"], layout["state_l"], layout["state_acc"]
     O, RED = layout["o"], layout["red"]
+    # The work queue (spec.work_queue): units are chunks of U cached positions of a pair (sequence of the
+    # step, KV head); its words follow every set's arrivals, its states every set's part states.
+    QUEUE, U = spec.work_queue, spec.queue_rows
+    PAIRS_ALL, GRID_BLOCKS = spec.queue_pairs, spec.clusters * C
+    TICKET, DONE, FLAG, LEFT = 0, PAIRS_ALL, 2 * PAIRS_ALL, 3 * PAIRS_ALL  # of the queue words
+    CHUNK_MASK, SLOT_ONE = (1 << TICKET_BITS) - 1, 1 << TICKET_BITS
+    GD = G * D  # the published query of a pair
+    SLOT_WORDS = 2 * G + GD  # a state in device memory: m [G], l [G], acc [G, D]
+    SLOTS = PAIRS_ALL * GD  # the states, after the published queries
+    FOREIGN_Q, FOREIGN_WARP = layout["foreign_q"], spec.foreign_warp
+    AGROUPS = spec.attention_groups
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
     QKV_STREAM = spec.qkv_stream
@@ -1619,6 +1705,113 @@ def build_kernel(spec: KernelSpec):
             smem[O + e] = a_tot / l_tot
 
     @cuda.jit(device=True, inline=True)
+    def queue_chunks(positions, seq, capacity):
+        """Work queue: chunks of sequence ``seq``'s cached rows (none where its position is out of range)."""
+        return (max(cached_rows(positions, seq, capacity), 0) + U - 1) // U if KV_STREAM else 0
+
+    @cuda.jit(device=True, inline=True)
+    def take(queue, pair, lane):
+        """Work queue: lane 0 takes ``pair``'s next chunk (a ticket, perhaps past its last chunk); the
+        other lanes get 0. Nobody waits for it until a lane reads it from lane 0."""
+        ticket = 0
+        if lane == 0:
+            ticket = cuda.atomic.add(queue, TICKET + pair, 1) & CHUNK_MASK
+        return ticket
+
+    @cuda.jit(device=True, inline=True)
+    def find_pair(queue, positions, capacity, start, lane):
+        """Work queue: a pair whose query is published and that has a chunk and a state slot left, its
+        words read by the warp's lanes at once (a round trip for 32 pairs) from pair ``start`` on; -1
+        where none has."""
+        for r in range(0, PAIRS_ALL, 32):
+            j = r + lane
+            pair = (start + j) % PAIRS_ALL
+            open_pair = False
+            if j < PAIRS_ALL:
+                chunks = queue_chunks(positions, pair // KV_HEADS, capacity)
+                if chunks > 0:
+                    word = cuda.atomic.add(queue, TICKET + pair, 0)
+                    flag = cuda.atomic.add(queue, FLAG + pair, 0)  # in flight beside the word's read
+                    open_pair = flag != 0 and (word & CHUNK_MASK) < chunks and (word >> TICKET_BITS) < QUEUE_SLOTS
+            ballot = cuda.ballot_sync(FULL_MASK, open_pair)
+            if ballot != 0:
+                return cuda.shfl_sync(FULL_MASK, pair, cuda.clz(cuda.brev(ballot)))  # the first such lane's
+        return -1
+
+    @cuda.jit(device=True, inline=True)
+    def take_first(queue, pair, chunks, lane):
+        """Work queue: lane 0 takes the first chunk of another cluster's ``pair`` and a state slot, if its
+        query is published and a chunk and a slot are left (one compare-and-swap of the ticket word, so a
+        slot is never taken without a chunk): ``(chunk, slot)``, or ``(-1, 0)``, in every lane."""
+        chunk, slot = -1, 0
+        if lane == 0 and chunks > 0:
+            flag = cuda.atomic.add(queue, FLAG + pair, 0)
+            word = cuda.atomic.add(queue, TICKET + pair, 0)  # in flight beside the flag's read
+            while flag != 0 and (word & CHUNK_MASK) < chunks and (word >> TICKET_BITS) < QUEUE_SLOTS:
+                old = cuda.atomic.cas(queue, TICKET + pair, word, word + SLOT_ONE + 1)
+                if old == word:
+                    chunk, slot = word & CHUNK_MASK, word >> TICKET_BITS
+                    break
+                word = old
+            cuda.threadfence()  # acquire: the query, published before the flag
+        return cuda.shfl_sync(FULL_MASK, chunk, 0), cuda.shfl_sync(FULL_MASK, slot, 0)
+
+    @cuda.jit(device=True, inline=True)
+    def attend_chunks(queue, pair, first, chunks, k_cache, v_cache, cache_row0, end, smem, q0, m, l_sum, acc, kv,
+                      lane):
+        """Work queue: folds chunk ``first`` of ``pair`` (rows ``cache_row0 + U * first ..``, ``end``
+        rows in all) and every further chunk the warp takes of it into the warp's softmax state, each
+        next chunk taken while the one before is folded; returns the chunks folded."""
+        ticket = take(queue, pair, lane)
+        folded = 1
+        t0 = first * U
+        if KV_PIPELINE:
+            kv_load_keys(k_cache, cache_row0, t0, end, lane, kv)
+        elif KV_AHEAD:
+            kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
+        while t0 >= 0:
+            ahead = t0 + KEYS_PER_STEP
+            if ahead % U == 0 or ahead >= end:  # the chunk is done: on to the ticket's
+                k = cuda.shfl_sync(FULL_MASK, ticket, 0)
+                ahead = -1
+                if k < chunks:
+                    ahead = k * U
+                    folded += 1
+                    ticket = take(queue, pair, lane)
+            if KV_PIPELINE:
+                kv_fold_ahead(kv, smem, q0, t0, end, m, l_sum, acc, lane, k_cache, v_cache, cache_row0, ahead)
+            else:
+                if not KV_AHEAD:
+                    kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
+                kv_fold(kv, smem, q0, t0, end, m, l_sum, acc, lane)
+                if KV_AHEAD and ahead >= 0:
+                    kv_load(k_cache, v_cache, cache_row0, ahead, end, lane, kv)
+            t0 = ahead
+        return folded
+
+    @cuda.jit(device=True, inline=True)
+    def publish_state(published, pair, slot, smem, warp, lane):
+        """Work queue: the warp's state of another cluster's chunks (its scratch states as "warp"
+        ``FOREIGN_WARP + warp``, merged) into state ``slot`` of ``pair`` in device memory."""
+        at = SLOTS + (pair * QUEUE_SLOTS + slot) * SLOT_WORDS
+        first = (FOREIGN_WARP + warp) * AGROUPS
+        for e in range(lane, GD, 32):
+            head = e // D
+            m_max = NEG
+            for q in range(first, first + AGROUPS):
+                m_max = max(m_max, smem[SCRATCH_M + q * G + head])
+            l_tot = float32(0.0)
+            a_tot = float32(0.0)
+            for q in range(first, first + AGROUPS):
+                w = math.exp2(smem[SCRATCH_M + q * G + head] - m_max)
+                l_tot += w * smem[SCRATCH_L + q * G + head]
+                a_tot += w * smem[SCRATCH_ACC + (q * G + head) * D + e % D]
+            published[at + 2 * G + e] = a_tot
+            if e % D == 0:
+                published[at + head] = m_max
+                published[at + G + head] = l_tot
+
+    @cuda.jit(device=True, inline=True)
     def decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
                     out_acc, arrivals, part_states, positions, capacity, stamps, sms):
         """One block's step: the kernel's body (``stamps``, ``sms``: None unless ``spec.timeline``)."""
@@ -1631,8 +1824,15 @@ def build_kernel(spec: KernelSpec):
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
         block = uint32(cuda.blockIdx.x)  # of its set of clusters
+        # The work queue's words and states (empty without spec.work_queue), and what another
+        # cluster's chunks need: every sequence's position and cache rows
+        queue = arrivals[BATCH_PARTS * ARRIVAL_WORDS:]
+        published = part_states[BATCH_PARTS * PART_STATE_WORDS:]
+        all_positions, all_k, all_v = positions, k_cache, v_cache
+        seq0 = uint32(0)  # the set's first sequence in the step
         if BATCH_PARTS > 1:  # the set's BATCH sequences: their slices of the arguments, the set's counters and states
             p, block = block // PART_BLOCKS, block % PART_BLOCKS
+            seq0 = p * BATCH
             rows = slice(p * BATCH * H, (p + 1) * BATCH * H)
             hidden, residual, residual_out, out_acc = hidden[rows], residual[rows], residual_out[rows], out_acc[rows]
             if not HANDOFF:  # a hand-off's out is cleared by the whole grid
@@ -1692,7 +1892,8 @@ def build_kernel(spec: KernelSpec):
         cached = cached_rows(positions, att_seq, capacity) if att_seq < BATCH else 0
         start, end = cached_range(max(cached, 0), part * C + rank, PARTS * C)
         cache_row0 = (att_seq * KV_HEADS + kv_head) * capacity
-        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if KV_STREAM and att_seq < BATCH else 0
+        static = KV_STREAM and att_seq < BATCH and not QUEUE  # the work queue's chunks are taken after B2
+        kv_steps = (end - start + KEYS_PER_STEP - 1) // KEYS_PER_STEP if static else 0
         step = warp % WARPS_PER_SEQUENCE
         kv = cuda.local.array(KV_WORDS, uint32)
         stamp(stamps, tid, 2)  # W_qkv stream
@@ -1781,22 +1982,78 @@ def build_kernel(spec: KernelSpec):
         l_sum = cuda.local.array(STATES, float32)
         acc = cuda.local.array(LANE_ACC, float32)
         kv_start(m, l_sum, acc)
-        if KV_PIPELINE and step < kv_steps:
-            kv_load_keys(k_cache, cache_row0, start + step * KEYS_PER_STEP, end, lane, kv)
-        while step < kv_steps:
-            t0 = start + step * KEYS_PER_STEP
-            if KV_PIPELINE:
-                ahead = t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP if step + WARPS_PER_SEQUENCE < kv_steps else -1
-                kv_fold_ahead(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane, k_cache, v_cache,
-                              cache_row0, ahead)
-            else:
-                if not KV_AHEAD:
-                    kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
-                kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane)
-            step += WARPS_PER_SEQUENCE
-            if KV_AHEAD and step < kv_steps:
-                kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
-        kv_store(smem, warp, m, l_sum, acc, lane)
+        if QUEUE:
+            if rank == 0 and warp == 0:  # publish the set's queries of this KV head, then raise their flags
+                for e in range(lane, BATCH * GD, 32):
+                    seq = e // GD
+                    published[((seq0 + seq) * KV_HEADS + kv_head) * GD + e % GD] = smem[QKV + seq * ROWS + e % GD]
+                cuda.syncwarp()
+                if lane == 0:
+                    cuda.threadfence()  # release: the queries before the flags
+                    for seq in range(BATCH):
+                        cuda.atomic.exch(queue, FLAG + (seq0 + seq) * KV_HEADS + kv_head, 1)
+            # The warp's own sequence (i = 0: its chunks while they last, its state for the block merge),
+            # then other pairs' chunks, wherever the query is published and chunks are left (a state each
+            # in device memory). One call site of the attention steps: an inlined copy costs registers.
+            for i in range(2 * PAIRS_ALL + 1):  # a pair is left exhausted by a run on it; a lost race costs a turn
+                if i == 0:
+                    seq = seq0 + att_seq
+                    pair = seq * KV_HEADS + kv_head
+                    chunks = queue_chunks(positions, att_seq, capacity) if att_seq < BATCH else 0
+                    first = cuda.shfl_sync(FULL_MASK, take(queue, pair, lane), 0) if chunks > 0 else 0
+                    slot = 0
+                    q0 = QKV + att_seq * ROWS
+                else:
+                    spread = (uint32(cuda.blockIdx.x) * WARPS + warp) % PAIRS_ALL  # where the warp starts looking
+                    pair = find_pair(queue, all_positions, capacity, spread, lane)
+                    if pair < 0:
+                        break
+                    seq = pair // KV_HEADS
+                    chunks = queue_chunks(all_positions, seq, capacity)
+                    first, slot = take_first(queue, pair, chunks, lane)
+                    if first < 0:
+                        first = chunks
+                    else:
+                        cuda.syncwarp()  # lane 0's acquire orders the query's loads of every lane
+                        for e in range(lane, GD, 32):
+                            smem[FOREIGN_Q + warp * GD + e] = published[pair * GD + e]
+                        cuda.syncwarp()
+                    q0 = FOREIGN_Q + warp * GD
+                kv_start(m, l_sum, acc)
+                folded = 0
+                if first < chunks:
+                    folded = attend_chunks(queue, pair, first, chunks, all_k, all_v, int64(pair) * capacity,
+                                           cached_rows(all_positions, seq, capacity), smem, q0, m, l_sum, acc, kv,
+                                           lane)
+                if i == 0:
+                    kv_store(smem, warp, m, l_sum, acc, lane)
+                    if lane == 0 and folded > 0:  # its state reaches the merge through DSMEM: no fence
+                        cuda.atomic.add(queue, DONE + pair, folded)
+                elif folded > 0:
+                    kv_store(smem, FOREIGN_WARP + warp, m, l_sum, acc, lane)
+                    cuda.syncwarp()
+                    publish_state(published, pair, slot, smem, warp, lane)
+                    cuda.syncwarp()
+                    if lane == 0:
+                        cuda.threadfence()  # release: the state before its chunks are counted
+                        cuda.atomic.add(queue, DONE + pair, folded)
+        else:  # the block's share of its sequences' positions (start .. end), in steps taken in turn
+            if KV_PIPELINE and step < kv_steps:
+                kv_load_keys(k_cache, cache_row0, start + step * KEYS_PER_STEP, end, lane, kv)
+            while step < kv_steps:
+                t0 = start + step * KEYS_PER_STEP
+                if KV_PIPELINE:
+                    ahead = t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP if step + WARPS_PER_SEQUENCE < kv_steps else -1
+                    kv_fold_ahead(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane, k_cache, v_cache,
+                                  cache_row0, ahead)
+                else:
+                    if not KV_AHEAD:
+                        kv_load(k_cache, v_cache, cache_row0, t0, end, lane, kv)
+                    kv_fold(kv, smem, QKV + att_seq * ROWS, t0, end, m, l_sum, acc, lane)
+                step += WARPS_PER_SEQUENCE
+                if KV_AHEAD and step < kv_steps:
+                    kv_load(k_cache, v_cache, cache_row0, t0 + WARPS_PER_SEQUENCE * KEYS_PER_STEP, end, lane, kv)
+            kv_store(smem, warp, m, l_sum, acc, lane)
         if new_token and warp < BATCH:  # the new token of sequence `warp`, from shared memory
             seq = warp
             if KV_SPLIT:  # the heads this cluster lacks, from the cache once their flags are up
@@ -1874,6 +2131,14 @@ def build_kernel(spec: KernelSpec):
         # positions split, leave the cluster's state for the last part to arrive)
         # A unit is a quad of elements (of one head); its C lanes pull one block's state each (m, l
         # and 16 bytes of acc) and push the merged quad back to it (see make_exchange).
+        if QUEUE:  # every chunk of the set's sequences folded, by whichever warps took them
+            if tid < BATCH:
+                pair = (seq0 + tid) * KV_HEADS + kv_head
+                chunks = queue_chunks(positions, tid, capacity)
+                while cuda.atomic.add(queue, DONE + pair, 0) < chunks:
+                    cuda.nanosleep(256)  # leave L2 to the warps still folding
+                cuda.threadfence()  # acquire: the other clusters' states
+            cuda.syncthreads()
         units = owned_quads(BATCH * ATTN_WIDTH, rank, C)
         for lane_of_block in range(tid, exchange_lanes(units), THREADS):
             unit, peer = uint32(lane_of_block) // C, lane % C  # unsigned: see tid
@@ -1888,6 +2153,19 @@ def build_kernel(spec: KernelSpec):
                 m = ptx.remote_load(smem, STATE_M + state, peer)
                 l_sum = ptx.remote_load(smem, STATE_L + state, peer)
                 a0, a1, a2, a3 = pull(smem, STATE_ACC + e, peer)
+            if QUEUE and active:  # and the other clusters' states, lane `peer` every C-th
+                pair = (seq0 + seq) * KV_HEADS + kv_head
+                for slot in range(peer, queue[TICKET + pair] >> TICKET_BITS, C):
+                    at = SLOTS + (pair * QUEUE_SLOTS + slot) * SLOT_WORDS
+                    m_slot = published[at + hd // D]
+                    m_new = max(m, m_slot)
+                    w, w_slot = math.exp2(m - m_new), math.exp2(m_slot - m_new)
+                    l_sum = l_sum * w + published[at + G + hd // D] * w_slot
+                    a0 = a0 * w + published[at + 2 * G + hd] * w_slot
+                    a1 = a1 * w + published[at + 2 * G + hd + 1] * w_slot
+                    a2 = a2 * w + published[at + 2 * G + hd + 2] * w_slot
+                    a3 = a3 * w + published[at + 2 * G + hd + 3] * w_slot
+                    m = m_new
             m_max = peer_max(m)
             w = math.exp2(m - m_max)
             l_tot = peer_sum(w * l_sum)
@@ -1905,6 +2183,11 @@ def build_kernel(spec: KernelSpec):
                 push(smem, O + e, peer, a0 * inv_l, a1 * inv_l, a2 * inv_l, a3 * inv_l)
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B4: o (or the cluster's state) is complete; no DSMEM access after this
+        if QUEUE and tid == 0:  # the block is done with the queue; the grid's last to be resets it
+            cuda.threadfence()
+            if cuda.atomic.add(queue, LEFT, 1) == GRID_BLOCKS - 1:
+                for i in range(LEFT + 1):
+                    queue[i] = 0
         stamp(stamps, tid, 9)  # o merge + B4
 
         # -- 5 o proj: this block's output rows, the cluster's heads' columns ----------------------------

@@ -39,6 +39,7 @@ from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, check
 from .plan import (
     CLUSTER_SIZES,
     MAX_BATCH_PARTS,
+    QUEUE_SLOTS,
     WARP_COUNTS,
     DeviceLimits,
     batch_sets,
@@ -90,14 +91,15 @@ class DecodeAttention:
     :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
     the launch rule would choose otherwise, its outputs correct either way (the names and values of
     :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``,
-    ``overlay``, ``interleave_inputs``, ``split_positions``, ``split_kv_rows``, ``batch_parts``), for measurements
-    such as ``clusterlab bench fused --spec registers=168``; the simulator backend checks them and runs its
-    dataflow (with or without the positions split; the clusters of a KV head always project both its key and
-    value heads there).
+    ``overlay``, ``interleave_inputs``, ``split_positions``, ``split_kv_rows``, ``batch_parts``, ``work_queue``,
+    ``queue_rows``), for measurements such as ``clusterlab bench fused --spec registers=168``; the
+    simulator backend checks them and runs its dataflow (with or without the positions split or the
+    work queue; the clusters of a KV head always project both its key and value heads there).
 
-    One layer object owns a float32 ``out_acc`` workspace, arrival counters, a buffer of softmax
-    states (for ``split_positions``) and a positions buffer on its device, the first two left zero
-    by every step; do not run one object on two streams at once.
+    One layer object owns a float32 ``out_acc`` workspace, arrival counters (and the work queue's
+    words), a buffer of softmax states (for ``split_positions`` and the work queue) and a positions
+    buffer on its device, the first two left zero by every step; do not run one object on two
+    streams at once.
     """
 
     def __init__(self, config: AttentionConfig, weights: AttentionWeights, *, cluster_size: int | None = None,
@@ -125,14 +127,20 @@ class DecodeAttention:
             require_hopper()
             self._out_acc = torch.zeros(MAX_BATCH * config.hidden_size, dtype=torch.float32, device=device)
             # the counters of each set of clusters (KernelSpec.arrival_words), as many sets as the batch may have
-            self._arrivals = torch.zeros(MAX_BATCH_PARTS * max(CLUSTER_SIZES) * (1 + config.kv_heads),
+            # and after them the work queue's words (KernelSpec.queue_words) at the largest batch
+            queue = self.kernel_options.get("work_queue", False)
+            pairs = MAX_BATCH * config.kv_heads if queue else 0
+            self._arrivals = torch.zeros(MAX_BATCH_PARTS * max(CLUSTER_SIZES) * (1 + config.kv_heads) + 3 * pairs + 1,
                                          dtype=torch.int32, device=device)
             # the parts' softmax states (KernelSpec.part_state_words) at the largest batch, for the head split
             # given or the largest the rule chooses (all the query heads), a state (head_dim + 2 words) of each;
-            # at least a word for each set of clusters
+            # at least a word for each set of clusters; then the work queue's (KernelSpec.queue_state_words)
             parts = (head_split or config.group_size) if split_positions else 0
             words = config.kv_heads * parts * MAX_BATCH * config.group_size * (config.head_dim + 2)
-            self._part_states = torch.empty(max(MAX_BATCH_PARTS, words), dtype=torch.float32, device=device)
+            width = config.group_size * config.head_dim
+            queue_words = pairs * (width + QUEUE_SLOTS * (2 * config.group_size + width))
+            self._part_states = torch.empty(max(MAX_BATCH_PARTS, words) + queue_words, dtype=torch.float32,
+                                            device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
             self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 
@@ -306,7 +314,8 @@ class DecodeAttention:
         spec = self._spec(key)
         return simulated_step(self.config, self.weights, hidden, residual, cache, positions, spec.cluster_size,
                               head_split=spec.head_split, handoff=handoff, split_positions=spec.split_positions,
-                              batch_parts=spec.batch_parts)
+                              batch_parts=spec.batch_parts, work_queue=spec.work_queue,
+                              queue_rows=spec.queue_rows)
 
     def _require_kernel(self, what: str) -> None:
         if self.backend != "gpu":

@@ -126,6 +126,13 @@ WARP_COUNTS = (4, 8, 16)
 MAX_PARTS = 16
 #: Most sets of clusters a step's batch may be split over (``batch_parts``): one a sequence.
 MAX_BATCH_PARTS = MAX_BATCH
+#: Cached positions a chunk of the work queue has by default (``KernelSpec.work_queue``), and what
+#: its ``queue_rows`` may be: multiples of ``QUEUE_ROWS_STEP``, which every attention step's keys divide
+QUEUE_ROWS = 128
+QUEUE_ROWS_STEP = 64
+MAX_QUEUE_ROWS = 4096
+#: States in device memory a (sequence, KV head) of the work queue takes at most from other clusters' warps
+QUEUE_SLOTS = 32
 #: From ``LONG_CACHE[batch - 1]`` rows attended (the longest sequence's cache and its new token), a
 #: GQA step of ``batch`` sequences reads each KV head's rows with one cluster of 8-warp blocks
 #: instead of splitting its query heads over several (:func:`launch_shape`): where the cache, not the
@@ -251,6 +258,10 @@ KERNEL_CHOICES = {
     "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
                    "each set a whole step's clusters for its share of the sequences (it must divide the batch; "
                    "None: the rule's)",
+    "work_queue": "True or False: with a cluster a KV head, its cached positions are taken in chunks from a counter "
+                  "in device memory by whichever warp is free, its own cluster's first (False: the default)",
+    "queue_rows": f"an int, a multiple of {QUEUE_ROWS_STEP} from {QUEUE_ROWS_STEP} to {MAX_QUEUE_ROWS}: cached "
+                  f"positions a chunk of the work queue (default {QUEUE_ROWS})",
 }
 
 #: The same for :class:`~clusterlab.fused.mlp_kernel.MLPSpec`: what ``DecodeMLP(kernel_options=...)``
@@ -280,6 +291,8 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
             ok = value is None or (is_int(value) and 32 <= value <= 255)
         elif name == "batch_parts":
             ok = value is None or (is_int(value) and 1 <= value <= MAX_BATCH_PARTS)
+        elif name == "queue_rows":
+            ok = is_int(value) and value % QUEUE_ROWS_STEP == 0 and QUEUE_ROWS_STEP <= value <= MAX_QUEUE_ROWS
         elif name in SWITCHES:
             ok = isinstance(value, bool)
         else:

@@ -28,6 +28,8 @@ from .. import simulator
 from .config import AttentionConfig, AttentionWeights, KVCache, rope_table
 from .plan import (
     QUAD,
+    QUEUE_ROWS,
+    QUEUE_SLOTS,
     cached_range,
     check_cluster_size,
     check_head_split,
@@ -58,7 +60,7 @@ def norm_inputs(gm: dict, k0: int, k_slice: int, writes_residual: bool):
 
 
 def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batch: int, gm: dict,
-                 positions: list[int], head_split: int = 1, split_positions: bool = False):
+                 positions: list[int], head_split: int = 1, split_positions: bool = False, queue: dict | None = None):
     """One block of cluster ``cluster`` (KV head ``cluster // head_split``); ``gm`` holds the "global memory" arrays.
 
     The ``head_split`` clusters of a KV head split its query heads, or with ``split_positions`` its
@@ -72,6 +74,14 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     kv_heads, capacity, d]``, ``rope`` ``[capacity, 2, d/2]``; outputs ``residual_out``,
     ``out_acc`` ``[batch, H]``, and ``new_k`` / ``new_v`` ``[batch, kv_heads, d]`` (the cache row,
     before rounding to the cache dtype). ``positions[seq]``: sequence ``seq``'s new token.
+
+    ``queue`` (the kernel's ``work_queue``): who folds which chunks of ``queue["rows"]`` cached
+    positions, as :func:`queue_claims` draws them: ``queue[seq]["own"][rank]`` the chunks of sequence
+    ``seq`` this cluster's block ``rank`` takes, ``queue[seq]["runs"]`` those other clusters' warps
+    take, each run a state in ``gm["slots"]``. Block 0 publishes the queries after B2 (``gm["q_pub"]``,
+    at the step's sequence ``queue["first"] + seq``) and, since the simulator runs one cluster at a
+    time, folds the other clusters' runs from them there (:func:`fold_run`, device memory only);
+    phase 4 merges those states with the blocks'.
     Names as in the kernel (its module docstring lists them): ``H, D, G, C``, ``rows``,
     ``k_slice``, ``out_rows``, ``attn_width``, ``kv_head``, ``seq``, ``head``, ``slot``.
     """
@@ -135,11 +145,20 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
 
     # -- 3 attention over this block's cached positions (online softmax) ---------------------------------
     b.step("3 attention")
+    if queue is not None and rank == 0:  # publish the queries; the other clusters' runs read them
+        for seq in range(batch):
+            pair = (queue["first"] + seq, kv_head)
+            gm["q_pub"][pair] = qkv[seq, : G * D]
+            gm["slots"][pair] = [fold_run(gm["q_pub"][pair], gm["k"][seq, kv_head], gm["v"][seq, kv_head],
+                                          run, queue["rows"], positions[seq]) for run in queue[seq]["runs"]]
     for seq in range(batch):
         start, end = cached_range(positions[seq], part * C + rank, parts * C)
         q = qkv[seq, : G * D].reshape(G, D)
-        keys = gm["k"][seq, kv_head, start:end]
-        values = gm["v"][seq, kv_head, start:end]
+        rows = np.arange(start, end)
+        if queue is not None:  # the chunks the block's warps took
+            rows = chunk_rows(queue[seq]["own"][rank], queue["rows"], positions[seq])
+        keys = gm["k"][seq, kv_head, rows]
+        values = gm["v"][seq, kv_head, rows]
         if (part, rank) == new_row_block(parts, C):
             keys = np.vstack([keys, qkv[seq, G * D : (G + 1) * D]])
             values = np.vstack([values, qkv[seq, (G + 1) * D :]])
@@ -165,6 +184,15 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     m_c = np.stack([b.map_shared(state_m, c)[seq, head] for c in range(C)])
     l_c = np.stack([b.map_shared(state_l, c)[seq, head] for c in range(C)])
     a_c = np.stack([b.map_shared(state_acc, c)[seq, head, dim] for c in range(C)])
+    if queue is not None:  # and the states of the other clusters' runs, from device memory
+        runs = max(len(queue[s]["runs"]) for s in range(batch))
+        empty = (np.full(G, NEG), np.zeros(G, F32), np.zeros((G, D), F32))  # weighs nothing in the merge
+        slots = [gm["slots"][queue["first"] + s, kv_head] + [empty] * (runs - len(queue[s]["runs"]))
+                 for s in range(batch)]
+        for r in range(runs):
+            m_c = np.vstack([m_c, [slots[s][r][0][h] for s, h in zip(seq, head)]])
+            l_c = np.vstack([l_c, [slots[s][r][1][h] for s, h in zip(seq, head)]])
+            a_c = np.vstack([a_c, [slots[s][r][2][h, d] for s, h, d in zip(seq, head, dim)]])
     m_max = m_c.max(axis=0)
     w = np.exp2(m_c - m_max)
     l_tot, a_tot = (w * l_c).sum(axis=0), (w * a_c).sum(axis=0)
@@ -192,6 +220,40 @@ def decode_block(b: simulator.Block, cluster: int, config: AttentionConfig, batc
     r0 = rank * out_rows
     columns = slice(query_block * attn_width, (query_block + 1) * attn_width)
     gm["out_acc"][:, r0 : r0 + out_rows] += o[:, :] @ gm["o"][r0 : r0 + out_rows, columns].T
+
+
+def chunk_rows(chunks, rows: int, cached: int) -> np.ndarray:
+    """The cached positions of ``chunks`` (chunk ``k``: ``rows * k ..``, cut at ``cached``), in the order given."""
+    return np.concatenate([np.arange(k * rows, min((k + 1) * rows, cached)) for k in chunks] + [np.arange(0)])
+
+
+def fold_run(q: np.ndarray, keys: np.ndarray, values: np.ndarray, chunks, rows: int, cached: int):
+    """A run of the work queue, as a warp of another cluster folds it: the softmax state ``(m [G], l [G],
+    acc [G, D])`` of the published query ``q`` ``[G * D]`` over ``chunks`` of a KV head's ``keys`` and
+    ``values`` ``[capacity, D]``, unnormalised (the kernel's ``publish_state``)."""
+    at = chunk_rows(chunks, rows, cached)
+    d = keys.shape[1]
+    scores = q.reshape(-1, d) @ keys[at].T  # base-2 logits: q carries log2(e)/sqrt(d)
+    m = scores.max(axis=1)
+    p = np.exp2(scores - m[:, None])
+    return m.astype(F32), p.sum(axis=1, dtype=F32), (p @ values[at]).astype(F32)
+
+
+def queue_claims(positions: list[int], cluster_size: int, rows: int, seed: int) -> list[dict]:
+    """One order in which a step's warps could take the work queue's chunks, drawn from ``seed``: for
+    each sequence, its chunks of ``rows`` cached positions (``positions[seq]`` of them) split between
+    the blocks of its own cluster (``"own"``: a list of chunks a rank) and runs of other clusters'
+    warps (``"runs"``: at most :data:`~clusterlab.fused.plan.QUEUE_SLOTS`, each a list of chunks, none empty).
+    The kernel's merge must give the same step whatever the order; :func:`simulated_step` draws one."""
+    rng = np.random.default_rng(seed)
+    claims = []
+    for cached in positions:
+        chunks = rng.permutation(-(-max(cached, 0) // rows))
+        foreign = rng.random(len(chunks)) < rng.random()  # a share of the chunks to other clusters
+        runs = [list(run) for run in np.array_split(chunks[foreign], rng.integers(1, QUEUE_SLOTS + 1)) if len(run)]
+        owner = rng.integers(0, cluster_size, len(chunks))
+        claims.append({"own": [list(chunks[~foreign & (owner == r)]) for r in range(cluster_size)], "runs": runs})
+    return claims
 
 
 #: The arrays of ``gm`` that hold a row a sequence (the batch their first axis; ``part_*`` their third).
@@ -227,6 +289,9 @@ def simulated_step(
     handoff: bool = False,
     split_positions: bool = False,
     batch_parts: int = 1,
+    work_queue: bool = False,
+    queue_rows: int = QUEUE_ROWS,
+    claim_seed: int = 0,
 ):
     """One decode step on the simulator: ``(out, new_residual)``, and cache row ``positions[b]`` of each sequence appended.
 
@@ -241,6 +306,8 @@ def simulated_step(
     ``handoff``: as the kernel's (:attr:`~clusterlab.fused.kernel.KernelSpec.handoff`), ``hidden``
     may be float32 sums, read rounded to the weights' dtype, and ``out`` is ``out_acc`` itself,
     float32, unconverted.
+    ``work_queue``: the kernel's (:attr:`~clusterlab.fused.kernel.KernelSpec.work_queue`), the chunks
+    of ``queue_rows`` positions taken in the order :func:`queue_claims` draws from ``claim_seed``.
     """
     check_cluster_size(config, cluster_size)
     check_head_split(config, head_split, split_positions)
@@ -268,6 +335,13 @@ def simulated_step(
         gm["part_acc"] = np.full((kv, head_split, batch, group * config.head_dim), np.nan, F32)
         gm["part_m"] = np.full((kv, head_split, batch, group), np.nan, F32)
         gm["part_l"] = np.full((kv, head_split, batch, group), np.nan, F32)
+    if work_queue:
+        if split_positions or head_split != 1:
+            raise ValueError("work_queue takes a cluster a KV head (head_split 1, no split_positions)")
+        claims = [queue_claims(positions, cluster_size, queue_rows, claim_seed * config.kv_heads + g)
+                  for g in range(config.kv_heads)]
+        gm["q_pub"] = np.full((batch, config.kv_heads, config.group_size * config.head_dim), np.nan, F32)
+        gm["slots"] = {}
     share = batch // batch_parts  # sequences a set of clusters steps
     for first in range(0, batch, share):
         part_gm = batch_part(gm, first, first + share)
@@ -277,8 +351,11 @@ def simulated_step(
                 title += f" {'positions' if split_positions else 'part'} {cluster % head_split}"
             if batch_parts > 1:
                 title += f", sequences {first}..{first + share - 1}"
+            queue = None
+            if work_queue:
+                queue = {"first": first, "rows": queue_rows, **dict(enumerate(claims[cluster][first:first + share]))}
             trace = simulator.launch(decode_block, cluster_size, cluster, config, share, part_gm,
-                                     positions[first:first + share], head_split, split_positions, title=title)
+                                     positions[first:first + share], head_split, split_positions, queue, title=title)
             if traces is not None:
                 traces.append(trace)
     # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
