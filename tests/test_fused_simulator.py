@@ -394,6 +394,19 @@ def test_shapes_beyond_the_cards_shared_memory_are_refused():
                       attention_mma=True)
 
 
+def _step_matches_reference(layer, batch):
+    """One float16 step of ``layer`` (simulator backend) on a ragged batch of 2 (250 rows and an empty
+    cache) against the reference; returns its inputs ``(hidden, residual, cache, positions)``."""
+    config = layer.config
+    cache = KVCache.random(config, batch, 300, torch.float16, seed=6)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    positions = torch.tensor([250, 0], dtype=torch.int32)
+    want = reference_step(config, layer.weights, hidden, residual, cache.clone(), positions)
+    out, _ = layer(hidden, residual, cache, positions)
+    assert relative_error(out, want.out) < TOLERANCE
+    return hidden, residual, cache, positions
+
+
 def test_the_layer_runs_the_position_split_on_the_simulator():
     """``kernel_options={"split_positions": True}`` reaches the simulator backend: the same step as the
     reference, and the trace names each cluster by its part of the positions."""
@@ -401,12 +414,7 @@ def test_the_layer_runs_the_position_split_on_the_simulator():
     weights = AttentionWeights.random(config, torch.float16, seed=5)
     layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=head_split,
                             kernel_options={"split_positions": True})
-    cache = KVCache.random(config, batch, 300, torch.float16, seed=6)
-    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
-    positions = torch.tensor([250, 0], dtype=torch.int32)
-    want = reference_step(config, weights, hidden, residual, cache.clone(), positions)
-    out, _ = layer(hidden, residual, cache, positions)
-    assert relative_error(out, want.out) < TOLERANCE
+    hidden, residual, cache, positions = _step_matches_reference(layer, batch)
     traces = []
     simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, traces, head_split, False, True)
     assert [trace.title for trace in traces] == [f"decode step, KV head {g} positions {s}" for g in (0, 1)
@@ -559,12 +567,7 @@ def test_the_layer_runs_the_work_queue_on_the_simulator_and_refuses_a_head_split
     layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=1,
                             kernel_options={"work_queue": True, "queue_rows": 64})
     assert layer.kernel_spec(torch.float16, batch).queue_rows == 64
-    cache = KVCache.random(config, batch, 300, torch.float16, seed=6)
-    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
-    positions = torch.tensor([250, 0], dtype=torch.int32)
-    want = reference_step(config, weights, hidden, residual, cache.clone(), positions)
-    out, _ = layer(hidden, residual, cache, positions)
-    assert relative_error(out, want.out) < TOLERANCE
+    hidden, residual, cache, positions = _step_matches_reference(layer, batch)
     split = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=2, kernel_options={"work_queue": True})
     with pytest.raises(ValueError, match="work_queue takes a cluster a KV head .head_split 1., got head_split 2"):
         split(hidden, residual, cache, positions)
