@@ -93,10 +93,8 @@ from . import plan
 from .config import AttentionConfig
 from .plan import (
     HOPPER,
-    MAX_QUEUE_ROWS,
     QUAD,
     QUEUE_ROWS,
-    QUEUE_ROWS_STEP,
     QUEUE_SLOTS,
     DeviceLimits,
     check_cluster_size,
@@ -252,9 +250,7 @@ class KernelSpec(BlockShape):
         spec.mma_attention  # raises where the switches ask what this shape cannot do
         if spec.work_queue and spec.head_split != 1:
             raise ValueError(f"work_queue takes a cluster a KV head (head_split 1), got head_split {head_split}")
-        if not (spec.queue_rows % QUEUE_ROWS_STEP == 0 and QUEUE_ROWS_STEP <= spec.queue_rows <= MAX_QUEUE_ROWS):
-            raise ValueError(f"queue_rows must be a multiple of {QUEUE_ROWS_STEP} from {QUEUE_ROWS_STEP} to "
-                             f"{MAX_QUEUE_ROWS}, got {spec.queue_rows!r}")
+        plan.check_kernel_options({"queue_rows": spec.queue_rows})
         if spec.shared_bytes > limits.shared_bytes_per_block:
             raise ValueError(
                 f"a block of this shape needs {spec.shared_bytes} bytes of shared memory; the GPU allows "
@@ -477,7 +473,7 @@ class KernelSpec(BlockShape):
         (chunks handed out in its low 24 bits, states of other clusters' warps in the high 8), then
         ``done`` (chunks folded) and ``flag`` (1 once its query is published); then ``left``, the
         blocks that are done with the queue."""
-        return 3 * self.queue_pairs + 1 if self.work_queue else 0
+        return plan.queue_words(self.queue_pairs) if self.work_queue else 0
 
     @property
     def queue_state_words(self) -> int:
@@ -485,9 +481,7 @@ class KernelSpec(BlockShape):
         :meth:`part_state_words` (none without :attr:`work_queue`): the published query of each
         pair, ``[pairs, attn_width]``, then :data:`QUEUE_SLOTS` softmax states of each pair, ``[pairs,
         QUEUE_SLOTS, 2 * group + attn_width]`` (``m [group]``, ``l [group]``, ``acc [attn_width]``)."""
-        if not self.work_queue:
-            return 0
-        return self.queue_pairs * (self.attn_width + QUEUE_SLOTS * (2 * self.group + self.attn_width))
+        return plan.queue_state_words(self.queue_pairs, self.group, self.head_dim) if self.work_queue else 0
 
     def part_state_words(self) -> int:
         """Words (float32) of the parts' softmax states in device memory of one set of clusters (one

@@ -39,7 +39,6 @@ from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, check
 from .plan import (
     CLUSTER_SIZES,
     MAX_BATCH_PARTS,
-    QUEUE_SLOTS,
     WARP_COUNTS,
     DeviceLimits,
     batch_sets,
@@ -48,6 +47,8 @@ from .plan import (
     check_kernel_options,
     check_one_of,
     launch_shape,
+    queue_state_words,
+    queue_words,
 )
 from .validate import (check_cache, check_handoff, check_longest, check_outputs, check_positions, check_step,
                        check_weights, kernel_bits, known_longest, resolve_backend)
@@ -130,17 +131,15 @@ class DecodeAttention:
             # and after them the work queue's words (KernelSpec.queue_words) at the largest batch
             queue = self.kernel_options.get("work_queue", False)
             pairs = MAX_BATCH * config.kv_heads if queue else 0
-            self._arrivals = torch.zeros(MAX_BATCH_PARTS * max(CLUSTER_SIZES) * (1 + config.kv_heads) + 3 * pairs + 1,
-                                         dtype=torch.int32, device=device)
+            arrivals = MAX_BATCH_PARTS * max(CLUSTER_SIZES) * (1 + config.kv_heads)
+            self._arrivals = torch.zeros(arrivals + queue_words(pairs), dtype=torch.int32, device=device)
             # the parts' softmax states (KernelSpec.part_state_words) at the largest batch, for the head split
             # given or the largest the rule chooses (all the query heads), a state (head_dim + 2 words) of each;
             # at least a word for each set of clusters; then the work queue's (KernelSpec.queue_state_words)
             parts = (head_split or config.group_size) if split_positions else 0
             words = config.kv_heads * parts * MAX_BATCH * config.group_size * (config.head_dim + 2)
-            width = config.group_size * config.head_dim
-            queue_words = pairs * (width + QUEUE_SLOTS * (2 * config.group_size + width))
-            self._part_states = torch.empty(max(MAX_BATCH_PARTS, words) + queue_words, dtype=torch.float32,
-                                            device=device)
+            states = queue_state_words(pairs, config.group_size, config.head_dim)
+            self._part_states = torch.empty(max(MAX_BATCH_PARTS, words) + states, dtype=torch.float32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
             self._no_bias = torch.zeros(1, dtype=weights.qkv.dtype, device=device)
 

@@ -133,6 +133,20 @@ QUEUE_ROWS_STEP = 64
 MAX_QUEUE_ROWS = 4096
 #: States in device memory a (sequence, KV head) of the work queue takes at most from other clusters' warps
 QUEUE_SLOTS = 32
+
+
+def queue_words(pairs: int) -> int:
+    """Words (int32) of the work queue of ``pairs`` (sequence, KV head) pairs: each pair's ticket,
+    done and flag words, then ``left`` (``KernelSpec.queue_words``)."""
+    return 3 * pairs + 1
+
+
+def queue_state_words(pairs: int, group: int, head_dim: int) -> int:
+    """Words (float32) of the work queue's states of ``pairs`` pairs of ``group`` query heads: the
+    published queries ``[pairs, group * head_dim]``, then ``QUEUE_SLOTS`` softmax states a pair
+    (``m [group]``, ``l [group]``, ``acc [group * head_dim]``; ``KernelSpec.queue_state_words``)."""
+    width = group * head_dim
+    return pairs * (width + QUEUE_SLOTS * (2 * group + width))
 #: From ``LONG_CACHE[batch - 1]`` rows attended (the longest sequence's cache and its new token), a
 #: GQA step of ``batch`` sequences reads each KV head's rows with one cluster of 8-warp blocks
 #: instead of splitting its query heads over several (:func:`launch_shape`): where the cache, not the
