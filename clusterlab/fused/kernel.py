@@ -69,8 +69,7 @@ of 16 share an SM, and all their clusters run at once::
     xs      [batch, k_slice]              h * norm on this block's hidden slice
     partial [batch, rows + 4]             qkv partial dots; column ``rows`` is sum(h^2)
     qkv     [batch, rows]                 q (scaled), k, v after RoPE, pushed by their owners
-    scratch m, l [groups, G], acc [groups, G, head_dim]   per key-group softmax states (with the work
-                                          queue also each warp's of other clusters' chunks)
+    scratch m, l [groups, G], acc [groups, G, head_dim]   per key-group softmax states
     foreign_q [warps, G * head_dim]       work queue: the published query of a warp's other cluster's chunks
     state   m, l [batch, G], acc [batch, G, head_dim]     the block's softmax state
     o       [batch, G * head_dim]         merged attention output, pushed by its owners
@@ -411,18 +410,10 @@ class KernelSpec(BlockShape):
         a whole quad (16 bytes) so that the exchange pulls 16-byte-aligned quads."""
         return self.rows + QUAD
 
-    @property
-    def foreign_warp(self) -> int:
-        """With :attr:`work_queue`: warp ``w``'s state of another cluster's chunks is left as the
-        scratch states of "warp" ``foreign_warp + w`` (after the warps' own and the new tokens')."""
-        return self.warps + -(-self.batch // self.attention_groups)
-
     def smem_sizes(self) -> dict[str, int]:
         """Words (float32) of each shared region (see the module docstring)."""
         g, d, b = self.group, self.head_dim, self.batch
         groups = self.warps * self.attention_groups + b  # + one group per sequence for its new token
-        if self.work_queue:  # + the warps' states of other clusters' chunks
-            groups = (self.foreign_warp + self.warps) * self.attention_groups
         return {"xs": b * self.k_slice, "partial": b * self.partial_stride, "red": b * norm_shares(self.k_slice),
                 "qkv": b * self.rows, "state_m": b * g, "state_l": b * g, "state_acc": b * g * d,
                 "scratch_m": groups * g, "scratch_l": groups * g, "scratch_acc": groups * g * d,
@@ -1208,7 +1199,9 @@ class AttentionSteps(NamedTuple):
     heads at ``smem[q0 + head*head_dim ..]`` (float32, pre-scaled) and folds those before ``end``
     into the state. ``store(smem, warp, m, l_sum, acc, lane)`` leaves the warp's state as softmax
     states ``warp * attention_groups ..`` of the scratch regions, one per (group, head): ``m`` and
-    ``l`` a float32 each, ``acc`` ``head_dim`` float32. On the tensor cores also
+    ``l`` a float32 each, ``acc`` ``head_dim`` float32. ``publish(out, at, m, l_sum, acc, lane)``
+    writes it merged into one softmax state, ``m [G]``, ``l [G]``, ``acc [G, head_dim]`` (float32)
+    from ``out[at]`` on (the work queue's state slots in device memory). On the tensor cores also
     ``load_keys(k_cache, cache_row0, t0, end, lane, kv)`` (the keys of ``load``) and ``fold_ahead(kv,
     smem, q0, t0, end, m, l_sum, acc, lane, k_cache, v_cache, cache_row0, ahead)``, which loads the
     step's values, folds, and loads the keys of positions ``ahead ..`` as soon as the scores are in
@@ -1219,6 +1212,7 @@ class AttentionSteps(NamedTuple):
     load: object
     fold: object
     store: object
+    publish: object
     words: int
     states: int
     accumulators: int
@@ -1239,7 +1233,7 @@ def _make_cuda_core_attention(spec: KernelSpec) -> AttentionSteps:
     dims of each head)."""
     G, D, KEYS_PER_LANE, KEY_GROUPS = spec.group, spec.head_dim, spec.keys_per_lane, spec.key_groups
     LANES_PER_KEY = D // 8
-    LOG_LANES_PER_KEY = _log2(LANES_PER_KEY)
+    LOG_LANES_PER_KEY, LOG_KEY_GROUPS = _log2(LANES_PER_KEY), _log2(KEY_GROUPS)
     SCORES = KEYS_PER_LANE * G
     layout = spec.smem_layout()
     SCRATCH_M, SCRATCH_L, SCRATCH_ACC = layout["scratch_m"], layout["scratch_l"], layout["scratch_acc"]
@@ -1312,7 +1306,31 @@ def _make_cuda_core_attention(spec: KernelSpec) -> AttentionSteps:
             for e in range(8):
                 smem[SCRATCH_ACC + (group * G + head) * D + key_lane * 8 + e] = acc[head * 8 + e]
 
-    return AttentionSteps(start, load, fold, store, KEYS_PER_LANE * 8, G, G * 8)
+    @cuda.jit(device=True, inline=True)
+    def group_sum(x):
+        """``x`` summed over the key groups' lanes of the same dims (a butterfly of shuffles)."""
+        for level in range(LOG_KEY_GROUPS):
+            x += cuda.shfl_xor_sync(FULL_MASK, x, LANES_PER_KEY << level)
+        return x
+
+    @cuda.jit(device=True, inline=True)
+    def publish(out, at, m, l_sum, acc, lane):
+        key_group, key_lane = lane // LANES_PER_KEY, lane % LANES_PER_KEY
+        for head in range(G):
+            m_max = m[head]
+            for level in range(LOG_KEY_GROUPS):
+                m_max = max(m_max, cuda.shfl_xor_sync(FULL_MASK, m_max, LANES_PER_KEY << level))
+            w = math.exp2(m[head] - m_max)
+            l_tot = group_sum(w * l_sum[head])
+            for e in range(8):
+                a = group_sum(w * acc[head * 8 + e])
+                if key_group == 0:
+                    out[at + 2 * G + head * D + key_lane * 8 + e] = a
+            if lane == 0:
+                out[at + head] = m_max
+                out[at + G + head] = l_tot
+
+    return AttentionSteps(start, load, fold, store, publish, KEYS_PER_LANE * 8, G, G * 8)
 
 
 def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
@@ -1494,22 +1512,31 @@ def _make_mma_attention(spec: KernelSpec) -> AttentionSteps:
         add_values(kv, s, acc, lane)
 
     @cuda.jit(device=True, inline=True)
-    def store(smem, warp, m, l_sum, acc, lane):
+    def write_state(out, m_at, l_at, acc_at, m, l_sum, acc, lane):
+        """The warp's state as ``out[m_at + head]``, ``out[l_at + head]`` and ``out[acc_at + head * D ..]``."""
         g, t = lane // 4, lane % 4
-        row = SCRATCH_ACC + (warp * G + 2 * t) * D + 8 * g  # head 2t's dims 8g + value_offset(v, half)
+        row = acc_at + 2 * t * D + 8 * g  # head 2t's dims 8g + value_offset(v, half)
         for c in range(2):
             l_tot = l_sum[c]
             for offset in (4, 8, 16):
                 l_tot += cuda.shfl_xor_sync(FULL_MASK, l_tot, offset)
             if 2 * t + c < G:
                 if g == 0:
-                    smem[SCRATCH_M + warp * G + 2 * t + c] = m[c]
-                    smem[SCRATCH_L + warp * G + 2 * t + c] = l_tot
+                    out[m_at + 2 * t + c] = m[c]
+                    out[l_at + 2 * t + c] = l_tot
                 for v in range(VALUE_MMAS):
                     for half in range(2):
-                        smem[row + c * D + value_offset(v, half)] = acc[4 * v + 2 * half + c]
+                        out[row + c * D + value_offset(v, half)] = acc[4 * v + 2 * half + c]
 
-    return AttentionSteps(start, load, fold, store, WORDS, 2, ACC, fold_ahead, load_keys)
+    @cuda.jit(device=True, inline=True)
+    def store(smem, warp, m, l_sum, acc, lane):
+        write_state(smem, SCRATCH_M + warp * G, SCRATCH_L + warp * G, SCRATCH_ACC + warp * G * D, m, l_sum, acc, lane)
+
+    @cuda.jit(device=True, inline=True)
+    def publish(out, at, m, l_sum, acc, lane):
+        write_state(out, at, at + G, at + 2 * G, m, l_sum, acc, lane)
+
+    return AttentionSteps(start, load, fold, store, publish, WORDS, 2, ACC, fold_ahead, load_keys)
 
 
 def build_kernel(spec: KernelSpec):
@@ -1638,7 +1665,7 @@ def build_kernel(spec: KernelSpec):
     GD = G * D  # the published query of a pair
     SLOT_WORDS = 2 * G + GD  # a state in device memory: m [G], l [G], acc [G, D]
     SLOTS = PAIRS_ALL * GD  # the states, after the published queries
-    FOREIGN_Q, FOREIGN_WARP = layout["foreign_q"], spec.foreign_warp
+    FOREIGN_Q = layout["foreign_q"]
     AGROUPS = spec.attention_groups
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
@@ -1655,7 +1682,7 @@ def build_kernel(spec: KernelSpec):
                                                 norms=(PARTIAL + ROWS, PARTIAL_STRIDE),
                                                 interleaved=spec.inputs_interleaved)
     o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
-    (kv_start, kv_load, kv_fold, kv_store, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
+    (kv_start, kv_load, kv_fold, kv_store, kv_publish, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
      kv_load_keys) = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,
                                                               spec.inputs_interleaved, HANDOFF)
@@ -1782,28 +1809,6 @@ def build_kernel(spec: KernelSpec):
                     kv_load(k_cache, v_cache, cache_row0, ahead, end, lane, kv)
             t0 = ahead
         return folded
-
-    @cuda.jit(device=True, inline=True)
-    def publish_state(published, pair, slot, smem, warp, lane):
-        """Work queue: the warp's state of another cluster's chunks (its scratch states as "warp"
-        ``FOREIGN_WARP + warp``, merged) into state ``slot`` of ``pair`` in device memory."""
-        at = SLOTS + (pair * QUEUE_SLOTS + slot) * SLOT_WORDS
-        first = (FOREIGN_WARP + warp) * AGROUPS
-        for e in range(lane, GD, 32):
-            head = e // D
-            m_max = NEG
-            for q in range(first, first + AGROUPS):
-                m_max = max(m_max, smem[SCRATCH_M + q * G + head])
-            l_tot = float32(0.0)
-            a_tot = float32(0.0)
-            for q in range(first, first + AGROUPS):
-                w = math.exp2(smem[SCRATCH_M + q * G + head] - m_max)
-                l_tot += w * smem[SCRATCH_L + q * G + head]
-                a_tot += w * smem[SCRATCH_ACC + (q * G + head) * D + e % D]
-            published[at + 2 * G + e] = a_tot
-            if e % D == 0:
-                published[at + head] = m_max
-                published[at + G + head] = l_tot
 
     @cuda.jit(device=True, inline=True)
     def decode_step(hidden, residual, norm, w_qkv, qkv_bias, w_o, k_cache, v_cache, rope, out, residual_out,
@@ -2023,10 +2028,8 @@ def build_kernel(spec: KernelSpec):
                     kv_store(smem, warp, m, l_sum, acc, lane)
                     if lane == 0 and folded > 0:  # its state reaches the merge through DSMEM: no fence
                         cuda.atomic.add(queue, DONE + pair, folded)
-                elif folded > 0:
-                    kv_store(smem, FOREIGN_WARP + warp, m, l_sum, acc, lane)
-                    cuda.syncwarp()
-                    publish_state(published, pair, slot, smem, warp, lane)
+                elif folded > 0:  # the run's state from registers to its slot
+                    kv_publish(published, SLOTS + (pair * QUEUE_SLOTS + slot) * SLOT_WORDS, m, l_sum, acc, lane)
                     cuda.syncwarp()
                     if lane == 0:
                         cuda.threadfence()  # release: the state before its chunks are counted

@@ -230,7 +230,7 @@ def chunk_rows(chunks, rows: int, cached: int) -> np.ndarray:
 def fold_run(q: np.ndarray, keys: np.ndarray, values: np.ndarray, chunks, rows: int, cached: int):
     """A run of the work queue, as a warp of another cluster folds it: the softmax state ``(m [G], l [G],
     acc [G, D])`` of the published query ``q`` ``[G * D]`` over ``chunks`` of a KV head's ``keys`` and
-    ``values`` ``[capacity, D]``, unnormalised (the kernel's ``publish_state``)."""
+    ``values`` ``[capacity, D]``, unnormalised (the kernel's ``publish`` of a run)."""
     at = chunk_rows(chunks, rows, cached)
     d = keys.shape[1]
     scores = q.reshape(-1, d) @ keys[at].T  # base-2 logits: q carries log2(e)/sqrt(d)
