@@ -58,6 +58,31 @@ def test_commit_comes_from_the_environment_first(monkeypatch):
     assert timing.commit() == "abc123"
 
 
+def test_commit_is_marked_dirty_where_tracked_files_differ_from_it(monkeypatch, tmp_path):
+    """A record names HEAD only for the tree HEAD holds: a changed tracked file appends ``-dirty``, an
+    untracked one does not; outside a git work tree the commit is ``unknown``."""
+    import subprocess
+
+    monkeypatch.delenv("CLUSTERLAB_COMMIT", raising=False)
+    assert timing.commit(tmp_path) == "unknown"
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    git("add", "kernel.py")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert timing.commit(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert timing.commit(tmp_path) == head
+    (tmp_path / "kernel.py").write_text("x = 2\n")
+    assert timing.commit(tmp_path) == head + "-dirty"
+    assert (timing.short_commit(head), timing.short_commit(head + "-dirty")) == (head[:7], head[:7] + "-dirty")
+
+
 def test_write_json_creates_parents(tmp_path):
     path = timing.write_json({"a": [1, 2]}, tmp_path / "x" / "r.json")
     assert json.loads(path.read_text()) == {"a": [1, 2]}

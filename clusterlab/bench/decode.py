@@ -83,6 +83,7 @@ from .timing import (
     event_time_us,
     per_op_us,
     results_header,
+    short_commit,
     writable_dir,
     write_json,
 )
@@ -536,7 +537,7 @@ def _plot(rows: list[DecodeRow], parts: list[BreakdownRow], record: dict, path: 
         ax.set_title("batch 1 taken apart", fontsize=9)
         ax.legend(fontsize=6)
     fig.suptitle(f"{record['card']}, copy {record['copy_bandwidth_tbps']:.2f} TB/s, {record['date'][:10]}, "
-                 f"{record['commit'][:7]}", fontsize=9)
+                 f"{short_commit(record['commit'])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -59,7 +59,8 @@ from ..fused.mla_reference import UnfusedMLA, mla_reference_step
 from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, WARP_COUNTS, check_kernel_options
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
-from .timing import card_tag, copy_bandwidth, graph_per_op_us, results_header, writable_dir, write_json
+from .timing import (card_tag, copy_bandwidth, graph_per_op_us, results_header, short_commit, writable_dir,
+                     write_json)
 
 #: Every preset the benchmark takes: the Llama-style blocks' and the MLA block's.
 PRESETS = {**ATTENTION_PRESETS, **MLA_PRESETS}
@@ -442,7 +443,7 @@ def _plot(rows, record, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"{record['card']}, copy {record['copy_bandwidth_tbps']:.2f} TB/s, {record['date'][:10]}, "
-                 f"{record['commit'][:7]}", fontsize=9)
+                 f"{short_commit(record['commit'])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

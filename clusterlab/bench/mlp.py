@@ -66,7 +66,7 @@ from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
 from .fused import L2_TURNOVER, graph_time_us, layers_for_l2, options_label, parse_options
-from .timing import card_tag, copy_bandwidth, results_header, writable_dir, write_json
+from .timing import card_tag, copy_bandwidth, results_header, short_commit, writable_dir, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
 BATCHES = (1, 2, 4, 8)
@@ -350,7 +350,7 @@ def _plot(rows: list[MLPRow], record: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.suptitle(f"fused MLP block: {record['card']}, copy {record['copy_bandwidth_tbps']:.2f} TB/s, "
-                 f"{record['date'][:10]}, {record['commit'][:7]}", fontsize=9)
+                 f"{record['date'][:10]}, {short_commit(record['commit'])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import simulator
-from .timing import Stat, card_tag, write_json
+from .timing import Stat, card_tag, short_commit, write_json
 
 SCHEMA = "clusterlab.bench.primitives/1"
 
@@ -541,7 +541,7 @@ def format_summary(results: dict) -> str:
     sizes = results["settings"]["cluster_sizes"]
     system = results["system"]
     lines = [f"{system.get('gpu')}, driver {system.get('driver_version')}, {results['date']}, "
-             + f"commit {results['commit'][:12]}"]
+             + f"commit {short_commit(results['commit'], 12)}"]
     clocks = results.get("clocks_seen", {}).get("clocks.sm")
     if isinstance(clocks, dict):
         lines.append(f"SM clock seen: {clocks['min']:.0f}-{clocks['max']:.0f} MHz (median {clocks['median']:.0f})")

@@ -14,7 +14,8 @@ Every timer raises :class:`clusterlab.HopperRequired` before it touches CUDA whe
 is usable.
 
 Each run record carries the card, driver, the clocks seen during the run (:class:`ClockSampler`),
-the commit (``$CLUSTERLAB_COMMIT``, else ``git rev-parse HEAD``) and the date.
+the commit (``$CLUSTERLAB_COMMIT``, else git's HEAD, ``-dirty`` where the tree differs: :func:`commit`)
+and the date.
 """
 
 from __future__ import annotations
@@ -282,15 +283,30 @@ def card_tag(name: str | None) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def commit() -> str:
-    """The source commit: ``$CLUSTERLAB_COMMIT`` (set it where the tree has no .git), else git's HEAD."""
+def commit(root: str | os.PathLike | None = None) -> str:
+    """The source commit: ``$CLUSTERLAB_COMMIT`` (set it where the tree has no .git), else the HEAD of
+    the git work tree at ``root`` (default: the one holding this package), with ``-dirty`` appended
+    where its tracked files differ from HEAD, so that a record never names a commit that did not run."""
     if os.environ.get("CLUSTERLAB_COMMIT"):
         return os.environ["CLUSTERLAB_COMMIT"]
+    where = root if root is not None else os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str):
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30, check=False)
+
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except OSError:
         return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if status.returncode != 0 or status.stdout.strip() else "")
+
+
+def short_commit(commit: str, digits: int = 7) -> str:
+    """``commit`` (as :func:`commit` records it) cut to ``digits`` hex digits for a figure's title,
+    ``-dirty`` kept."""
+    return commit[:digits] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def driver_release() -> str | None:
