@@ -1666,7 +1666,6 @@ def build_kernel(spec: KernelSpec):
     SLOT_WORDS = 2 * G + GD  # a state in device memory: m [G], l [G], acc [G, D]
     SLOTS = PAIRS_ALL * GD  # the states, after the published queries
     FOREIGN_Q = layout["foreign_q"]
-    AGROUPS = spec.attention_groups
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
     QKV_STREAM = spec.qkv_stream
