@@ -1,6 +1,7 @@
 """The benchmarks' timing arithmetic and run records, without a GPU."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,27 +61,33 @@ def test_commit_comes_from_the_environment_first(monkeypatch):
 
 def test_commit_is_marked_dirty_where_tracked_files_differ_from_it(monkeypatch, tmp_path):
     """A record names HEAD only for the tree HEAD holds: a changed tracked file appends ``-dirty``, an
-    untracked one does not; outside a git work tree the commit is ``unknown``."""
+    untracked one does not; a source no work tree tracks (outside one, or untracked inside one, as an
+    installed copy in another project's virtual environment) has the commit ``unknown``."""
     import subprocess
 
     monkeypatch.delenv("CLUSTERLAB_COMMIT", raising=False)
-    assert timing.commit(tmp_path) == "unknown"
+    source, installed = tmp_path / "kernel.py", tmp_path / ".venv" / "kernel.py"
+    source.write_text("x = 1\n")
+    assert timing.commit(source) == "unknown"
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
 
     git("init", "-q")
-    (tmp_path / "kernel.py").write_text("x = 1\n")
     git("add", "kernel.py")
     git("commit", "-q", "-m", "one")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    assert timing.commit(tmp_path) == head
-    (tmp_path / "notes.txt").write_text("untracked")
-    assert timing.commit(tmp_path) == head
-    (tmp_path / "kernel.py").write_text("x = 2\n")
-    assert timing.commit(tmp_path) == head + "-dirty"
+    assert timing.commit(source) == head
+    installed.parent.mkdir()
+    installed.write_text("x = 1\n")
+    assert timing.commit(installed) == "unknown"
+    assert timing.commit(source) == head  # untracked files leave it clean
+    source.write_text("x = 2\n")
+    assert timing.commit(source) == head + "-dirty"
     assert (timing.short_commit(head), timing.short_commit(head + "-dirty")) == (head[:7], head[:7] + "-dirty")
+    assert timing.commit().removesuffix("-dirty") in ("unknown", subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(timing.__file__).parent, capture_output=True, text=True).stdout.strip())
 
 
 def test_write_json_creates_parents(tmp_path):

@@ -283,18 +283,21 @@ def card_tag(name: str | None) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def commit(root: str | os.PathLike | None = None) -> str:
+def commit(source: str | os.PathLike = __file__) -> str:
     """The source commit: ``$CLUSTERLAB_COMMIT`` (set it where the tree has no .git), else the HEAD of
-    the git work tree at ``root`` (default: the one holding this package), with ``-dirty`` appended
-    where its tracked files differ from HEAD, so that a record never names a commit that did not run."""
+    the git work tree that tracks ``source`` (default: this module), with ``-dirty`` appended where its
+    tracked files differ from HEAD, so that a record never names a commit that did not run; "unknown"
+    where no work tree tracks it (an installed copy, also one in another project's virtual environment)."""
     if os.environ.get("CLUSTERLAB_COMMIT"):
         return os.environ["CLUSTERLAB_COMMIT"]
-    where = root if root is not None else os.path.dirname(os.path.abspath(__file__))
+    where, name = os.path.split(os.path.abspath(source))
 
     def git(*args: str):
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30, check=False)
 
     try:
+        if git("ls-files", "--error-unmatch", name).returncode != 0:
+            return "unknown"
         head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except OSError:
         return "unknown"
