@@ -1730,6 +1730,17 @@ def build_kernel(spec: KernelSpec):
         return (max(cached_rows(positions, seq, capacity), 0) + U - 1) // U if KV_STREAM else 0
 
     @cuda.jit(device=True, inline=True)
+    def open_pair(flag, word, chunks):
+        """Work queue: whether a pair of ``chunks`` chunks, its ``flag`` and ticket ``word`` read, can
+        start another cluster's run: its query published, a chunk and a state slot left."""
+        return flag != 0 and (word & CHUNK_MASK) < chunks and (word >> TICKET_BITS) < QUEUE_SLOTS
+
+    @cuda.jit(device=True, inline=True)
+    def slot_at(pair, slot):
+        """Work queue: where state ``slot`` of ``pair`` starts in ``published`` (``SLOT_WORDS`` words)."""
+        return SLOTS + (pair * QUEUE_SLOTS + slot) * SLOT_WORDS
+
+    @cuda.jit(device=True, inline=True)
     def take(queue, pair, lane):
         """Work queue: lane 0 takes ``pair``'s next chunk (a ticket, perhaps past its last chunk); the
         other lanes get 0. Nobody waits for it until a lane reads it from lane 0."""
@@ -1746,14 +1757,14 @@ def build_kernel(spec: KernelSpec):
         for r in range(0, PAIRS_ALL, 32):
             j = r + lane
             pair = (start + j) % PAIRS_ALL
-            open_pair = False
+            is_open = False
             if j < PAIRS_ALL:
                 chunks = queue_chunks(positions, pair // KV_HEADS, capacity)
                 if chunks > 0:
                     word = cuda.atomic.add(queue, TICKET + pair, 0)
                     flag = cuda.atomic.add(queue, FLAG + pair, 0)  # in flight beside the word's read
-                    open_pair = flag != 0 and (word & CHUNK_MASK) < chunks and (word >> TICKET_BITS) < QUEUE_SLOTS
-            ballot = cuda.ballot_sync(FULL_MASK, open_pair)
+                    is_open = open_pair(flag, word, chunks)
+            ballot = cuda.ballot_sync(FULL_MASK, is_open)
             if ballot != 0:
                 return cuda.shfl_sync(FULL_MASK, pair, cuda.clz(cuda.brev(ballot)))  # the first such lane's
         return -1
@@ -1767,7 +1778,7 @@ def build_kernel(spec: KernelSpec):
         if lane == 0 and chunks > 0:
             flag = cuda.atomic.add(queue, FLAG + pair, 0)
             word = cuda.atomic.add(queue, TICKET + pair, 0)  # in flight beside the flag's read
-            while flag != 0 and (word & CHUNK_MASK) < chunks and (word >> TICKET_BITS) < QUEUE_SLOTS:
+            while open_pair(flag, word, chunks):
                 old = cuda.atomic.cas(queue, TICKET + pair, word, word + SLOT_ONE + 1)
                 if old == word:
                     chunk, slot = word & CHUNK_MASK, word >> TICKET_BITS
@@ -2028,7 +2039,7 @@ def build_kernel(spec: KernelSpec):
                     if lane == 0 and folded > 0:  # its state reaches the merge through DSMEM: no fence
                         cuda.atomic.add(queue, DONE + pair, folded)
                 elif folded > 0:  # the run's state from registers to its slot
-                    kv_publish(published, SLOTS + (pair * QUEUE_SLOTS + slot) * SLOT_WORDS, m, l_sum, acc, lane)
+                    kv_publish(published, slot_at(pair, slot), m, l_sum, acc, lane)
                     cuda.syncwarp()
                     if lane == 0:
                         cuda.threadfence()  # release: the state before its chunks are counted
@@ -2152,7 +2163,7 @@ def build_kernel(spec: KernelSpec):
             if QUEUE and active:  # and the other clusters' states, lane `peer` every C-th
                 pair = (seq0 + seq) * KV_HEADS + kv_head
                 for slot in range(peer, queue[TICKET + pair] >> TICKET_BITS, C):
-                    at = SLOTS + (pair * QUEUE_SLOTS + slot) * SLOT_WORDS
+                    at = slot_at(pair, slot)
                     m_slot = published[at + hd // D]
                     m_new = max(m, m_slot)
                     w, w_slot = math.exp2(m - m_new), math.exp2(m_slot - m_new)

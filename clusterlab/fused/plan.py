@@ -147,6 +147,8 @@ def queue_state_words(pairs: int, group: int, head_dim: int) -> int:
     (``m [group]``, ``l [group]``, ``acc [group * head_dim]``; ``KernelSpec.queue_state_words``)."""
     width = group * head_dim
     return pairs * (width + QUEUE_SLOTS * (2 * group + width))
+
+
 #: From ``LONG_CACHE[batch - 1]`` rows attended (the longest sequence's cache and its new token), a
 #: GQA step of ``batch`` sequences reads each KV head's rows with one cluster of 8-warp blocks
 #: instead of splitting its query heads over several (:func:`launch_shape`): where the cache, not the
