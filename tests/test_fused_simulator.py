@@ -358,8 +358,8 @@ LIFETIMES = {"xs": (0, 0), "red": (0, 0), "partial": (0, 1), "qkv": (1, 2), "scr
                                                        (LLAMA3_8B, 3, False), (LLAMA3_8B, 8, True)])
 def test_shared_regions_share_words_only_when_never_live_at_once(config, batch, work_queue, overlay):
     """Two regions may overlap only where a cluster barrier separates their lifetimes: the layout
-    against :data:`LIFETIMES`, and the overlay does save words (with the work queue, its query
-    region and the states of other clusters' chunks live beside the scratch states)."""
+    against :data:`LIFETIMES`, and the overlay does save words (with the work queue, the warps' query
+    regions live beside the scratch states)."""
     cluster_size, warps, head_split = launch_shape(config, batch, 132)
     spec = dataclasses.replace(KernelSpec.of(config, False, batch, cluster_size, warps, head_split,
                                              work_queue=work_queue), overlay=overlay)
