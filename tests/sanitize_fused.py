@@ -22,8 +22,9 @@ QKV bias), and the one of an MHA batch of 5 to 8 (blocks of 16 warps in clusters
 :func:`~clusterlab.fused.plan.wide_blocks`), plain and handed off; ``python tests/sanitize_fused.py long``
 runs those alone.
 Then a batch split over two and three sets of clusters (``KernelSpec.batch_parts``: each set its
-share's slices of the arguments and counters of its own), once with the positions split too, plain
-and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
+share's slices of the arguments and counters of its own), once with the positions split too, and
+twice with a last set of fewer sequences (``KernelSpec.uneven``: its phantoms touch no device
+memory), plain and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
 Then Qwen2.5-7B at a batch of 5 in the rule's shape (clusters of 4 x 8 warps, a head split of 7), whose
 896-wide rows of W_qkv and W_o step in four parts of 7 spans (``mma_tile``), plain and handed off;
 ``python tests/sanitize_fused.py wide`` runs those alone.
@@ -35,7 +36,9 @@ and handed off;
 Then the work queue (``KernelSpec.work_queue``: chunks of every KV head taken by whichever warp is free,
 other clusters' states in device memory, the queue's words reset by the grid's last block): GQA on the
 tensor cores in two sets of clusters with chunks of 64 rows and in one set, and MHA on the CUDA cores in
-blocks of 16 warps, ragged with empty caches, plain and handed off; ``python tests/sanitize_fused.py queue`` runs those alone.
+blocks of 16 warps, and a batch of 3 in sets of 2 and 1, ragged with empty caches, plain and handed off;
+``python tests/sanitize_fused.py queue`` runs those alone, ``python tests/sanitize_fused.py uneven`` the uneven
+splits of this group and the last.
 Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
@@ -78,6 +81,16 @@ PARTS_SHAPES = [
     (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
      {"cluster_size": 4, "warps": 4, "head_split": 1, "kernel_options": {"batch_parts": 2}}, [700, 0], torch.float16),
 ]
+# A last set of fewer sequences (its phantoms: sets of 2, 2, 1; of 2, 1 with the positions split; the work
+# queue's 2, 1), in the groups "parts" and "queue" and alone as "uneven"
+UNEVEN_PARTS_SHAPES = [
+    (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
+     {"cluster_size": 4, "head_split": 1, "kernel_options": {"batch_parts": 3}}, [0, 37, 300, 5, 129], torch.float16),
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 2, "kernel_options": {"batch_parts": 2, "split_positions": True}},
+     [1000, 0, 333], torch.bfloat16),
+]
+PARTS_SHAPES += UNEVEN_PARTS_SHAPES
 LONG_SHAPES = [
     (PRESETS["qwen2.5-7b"], {"cluster_size": 16, "warps": 8, "head_split": 1}, [300, 0, 77], torch.float16),
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128), {"cluster_size": 2, "warps": 16},
@@ -103,6 +116,13 @@ QUEUE_SHAPES = [
      {"cluster_size": 2, "warps": 16, "kernel_options": {"work_queue": True}}, [300, 0, 77, 12, 5, 2000],
      torch.bfloat16),
 ]
+UNEVEN_QUEUE_SHAPES = [
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 1, "kernel_options": {"work_queue": True, "batch_parts": 2,
+                                                                          "queue_rows": 64}},
+     [1000, 0, 333], torch.float16),
+]
+QUEUE_SHAPES += UNEVEN_QUEUE_SHAPES
 
 
 def handoff_steps(shapes) -> int:
@@ -128,7 +148,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = chosen_group(("steps", "handoff", "split", "long", "parts", "wide", "kv_rows", "queue"))
+only = chosen_group(("steps", "handoff", "split", "long", "parts", "wide", "kv_rows", "queue", "uneven"))
 failures = 0
 if only in (None, "steps"):
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
@@ -152,4 +172,8 @@ if only in (None, "kv_rows"):
 if only in (None, "queue"):
     failures += run_steps(QUEUE_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(QUEUE_SHAPES)
+if only == "uneven":
+    failures += run_steps(UNEVEN_PARTS_SHAPES + UNEVEN_QUEUE_SHAPES, AttentionWeights, KVCache, DecodeAttention,
+                          reference_step)
+    failures += handoff_steps(UNEVEN_PARTS_SHAPES + UNEVEN_QUEUE_SHAPES)
 exit_with(failures)

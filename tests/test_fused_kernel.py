@@ -1,5 +1,7 @@
 """The fused kernel: PTX that ptxas accepts (no GPU), and correct steps on a Hopper GPU."""
 
+import re
+
 import pytest
 import torch
 from rounding import assert_rounds_like
@@ -15,7 +17,7 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import LONG_CACHE, PAIRS_FROM, check_kernel_options, launch_shape
+from clusterlab.fused.plan import LONG_CACHE, PAIRS_FROM, check_kernel_options, launch_shape, set_batch
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -24,6 +26,11 @@ def spec_ptx(spec: KernelSpec) -> str:
     from clusterlab.toolchain import kernel_ptx
 
     return kernel_ptx(build_kernel(spec), kernel_signature(spec), launch_bounds=(spec.threads, spec.min_blocks_per_sm))
+
+
+def code(ptx: str) -> str:
+    """A kernel's PTX from its entry on, numba's generated names masked: what two builds compare by."""
+    return re.sub(r"_cudapy_smem_\d+", "SMEM", re.sub(r"_ZN\w+", "NAME", ptx[ptx.index(".entry"):]))
 
 
 # Contract of the layer: ‖out − ref‖/‖ref‖ ≤ 1e-2 for float16 and bfloat16 (bfloat16 rounds each
@@ -290,19 +297,24 @@ def test_the_position_split_gives_a_cluster_all_query_heads_and_counts_the_parts
 
 @pytest.mark.ptx
 @pytest.mark.parametrize("config, bf16, batch, cluster_size, head_split, parts, spill",
-                         [(LLAMA3_8B, False, 8, 8, 1, 2, 8), (QWEN2_5_7B, True, 4, 16, 1, 2, 0)],
-                         ids=["llama3-8b-f16-b8-two-sets", "qwen2.5-7b-bf16-b4-two-sets"])
+                         [(LLAMA3_8B, False, 8, 8, 1, 2, 8), (QWEN2_5_7B, True, 4, 16, 1, 2, 0),
+                          (QWEN2_5_7B, False, 7, 16, 1, 4, 0), (LLAMA3_8B, True, 5, 8, 1, 2, 8)],
+                         ids=["llama3-8b-f16-b8-two-sets", "qwen2.5-7b-bf16-b4-two-sets",
+                              "qwen2.5-7b-f16-b7-sets-2-2-2-1", "llama3-8b-bf16-b5-sets-3-2"])
 def test_a_batch_split_runs_the_kernel_of_a_share_on_each_set_of_clusters(config, bf16, batch, cluster_size,
                                                                         head_split, parts, spill):
-    """``batch_parts``: the grid is ``parts`` sets of the clusters that step ``batch // parts``
-    sequences, each block the shared memory and launch bound of that smaller step; the same
-    barriers and counters a block, no local memory, and the spill of slicing the arguments
-    (``docs/fused-decode-notes.md``, v22; 8 bytes at Llama-3-8B with CUDA 13's ptxas) within ``spill`` bytes."""
+    """``batch_parts``: the grid is ``parts`` sets of the clusters that step ``ceil(batch / parts)``
+    sequences (the last set the rest), each block the shared memory and launch bound of that smaller
+    step; the same barriers and counters a block, no local memory, and the spill of slicing the
+    arguments (``docs/fused-decode-notes.md``, v22; 8 bytes at Llama-3-8B with CUDA 13's ptxas) within
+    ``spill`` bytes. A last set with fewer sequences is built in (``uneven``): its phantoms' guards
+    change the kernel of an even split of as many sets."""
     from clusterlab.toolchain import assemble
 
-    share = KernelSpec.of(config, bf16, batch // parts, cluster_size, 8, head_split)
+    share = KernelSpec.of(config, bf16, set_batch(batch, parts), cluster_size, 8, head_split)
     split = KernelSpec.of(config, bf16, batch, cluster_size, 8, head_split, batch_parts=parts)
-    assert (split.batch, split.step_batch, split.batch_parts) == (batch // parts, batch, parts)
+    assert (split.batch, split.step_batch, split.batch_parts) == (set_batch(batch, parts), batch, parts)
+    assert split.uneven == (batch % parts != 0)
     assert (split.part_clusters, split.clusters) == (share.clusters, parts * share.clusters)
     assert (split.shared_bytes, split.min_blocks_per_sm) == (share.shared_bytes, share.min_blocks_per_sm)
     plain, ptx = spec_ptx(share), spec_ptx(split)
@@ -310,6 +322,9 @@ def test_a_batch_split_runs_the_kernel_of_a_share_on_each_set_of_clusters(config
         assert ptx.count(instruction) == plain.count(instruction), instruction
     assert "st.local" not in ptx
     assert assemble(ptx).spill_bytes <= spill
+    if split.uneven:
+        even = KernelSpec.of(config, bf16, parts * split.batch, cluster_size, 8, head_split, batch_parts=parts)
+        assert not even.uneven and code(ptx) != code(spec_ptx(even))
 
 
 @pytest.mark.ptx
@@ -350,8 +365,13 @@ def _random_inputs(config, dtype, batch, capacity, seed):
     return hidden, residual, KVCache.random(config, batch, capacity, dtype, "cuda", seed=seed + 1)
 
 
+#: What the row after each output holds (no step writes it): a value no step computes from random inputs
+SENTINEL = 1234.5
+
+
 def _check_steps(layer, dtype, batch, positions, seed=0, hint=False):
-    """Each step on fresh inputs: NaN-poisoned outputs fully written, cache rows appended, others kept.
+    """Each step on fresh inputs: NaN-poisoned outputs fully written and nothing past them (a row of
+    :data:`SENTINEL` after each), cache rows appended, others kept.
 
     ``positions``: a list of steps, each an int (the whole batch) or a list (one per sequence,
     passed as an int32 tensor on the GPU). ``hint``: tell the layer the longest sequence's rows.
@@ -363,12 +383,14 @@ def _check_steps(layer, dtype, batch, positions, seed=0, hint=False):
         hidden, residual, cache = _random_inputs(config, dtype, batch, max(per_sequence) + 3, seed + 10 * i)
         before = cache.clone()
         want = reference_step(config, layer.weights, hidden, residual, before, per_sequence)
-        out = torch.full_like(hidden, float("nan"))
-        new_residual = torch.full_like(hidden, float("nan"))
+        outputs = torch.full((2, batch + 1, config.hidden_size), float("nan"), dtype=dtype, device="cuda")
+        outputs[:, batch] = SENTINEL
+        out, new_residual = outputs[0, :batch], outputs[1, :batch]
         longest = max(per_sequence) + 1 if hint else None
         layer(hidden, residual, cache, given, out=out, residual_out=new_residual, longest=longest)
         torch.cuda.synchronize()
         where = f"positions {per_sequence}, {dtype}, shape {layer.shape(batch, longest)}"
+        assert (outputs[:, batch] == SENTINEL).all(), f"written past the outputs: {where}"
         assert relative_error(out, want.out) < TOLERANCE, where
         assert relative_error(new_residual, want.residual) < TOLERANCE, where
         rows = torch.arange(batch, device="cuda")
@@ -673,19 +695,28 @@ def test_the_kv_rows_split_matches_the_reference(config, batch, dtype, options, 
      (QWEN2_5_7B, 4, torch.bfloat16, {"cluster_size": 16, "warps": 8, "head_split": 1}, [[9000, 0, 17, 300], 1]),
      (LLAMA3_2_1B, 8, torch.float16, {"kernel_options": {"batch_parts": 4}}, [[0, 1, 2, 3, 1000, 20000, 7, 64]]),
      (QWEN2_5_7B, 4, torch.float16, {"cluster_size": 16, "head_split": 2, "kernel_options": {"split_positions": True}},
-      [[5000, 0, 17, 300]])],
-    ids=["llama3-8b-b8-f16", "qwen2.5-7b-b4-bf16", "llama3.2-1b-b8-four-sets", "qwen2.5-7b-b4-positions-split"],
+      [[5000, 0, 17, 300]]),
+     (QWEN2_5_7B, 7, torch.float16, {"cluster_size": 16, "warps": 4, "kernel_options": {"batch_parts": 4}},
+      [[17000, 0, 1, 129, 300, 4095, 9000], 16384]),
+     (LLAMA3_8B, 5, torch.bfloat16, {"cluster_size": 8, "warps": 8, "kernel_options": {"batch_parts": 3}},
+      [[300, 5000, 0, 17, 1]]),
+     (LLAMA3_2_1B, 3, torch.float16, {"cluster_size": 16, "head_split": 2, "kernel_options": {"split_positions": True}},
+      [[0, 7000, 33]])],
+    ids=["llama3-8b-b8-f16", "qwen2.5-7b-b4-bf16", "llama3.2-1b-b8-four-sets", "qwen2.5-7b-b4-positions-split",
+         "qwen2.5-7b-b7-f16-sets-2-2-2-1", "llama3-8b-b5-bf16-sets-2-2-1", "llama3.2-1b-b3-positions-split-sets-2-1"],
 )
 def test_a_batch_split_over_sets_of_clusters_matches_the_reference(config, batch, dtype, options, steps):
-    """``kernel_options={"batch_parts": 2}`` (or 4): each set of clusters steps its share of a ragged
+    """``kernel_options={"batch_parts": 2}`` (or 3, 4): each set of clusters steps its share of a ragged
     batch (empty caches, 20K beside a few rows) as the rule's one launch would, with the positions
-    split too; every output written, each set's counters left zero (``_check_steps``)."""
+    split too, and a last set with fewer sequences than the others (its phantoms write nothing);
+    every output written and nothing past it, each set's counters left zero (``_check_steps``)."""
     options = dict(options)
     kernel_options = {"batch_parts": 2, **options.pop("kernel_options", {})}
     weights = AttentionWeights.random(config, dtype, "cuda", seed=41)
     layer = DecodeAttention(config, weights, kernel_options=kernel_options, **options)
     spec = layer.kernel_spec(dtype, batch)
     assert spec.step_batch == batch and spec.clusters == spec.batch_parts * spec.part_clusters
+    assert spec.uneven == (batch % spec.batch_parts != 0)
     _check_steps(layer, dtype, batch, steps)
 
 
@@ -699,9 +730,11 @@ def test_a_batch_split_over_sets_of_clusters_matches_the_reference(config, batch
      (LLAMA2_7B, 8, torch.float16, {"cluster_size": 2, "warps": 16}, [[3000, 0, 1, 128, 129, 10000, 77, 64]]),
      (SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "kernel_options": {"queue_rows": 64}},
       [[300, 0, 5], 17, 0]),
-     (LLAMA3_2_1B, 2, torch.float16, {"kernel_options": {"queue_rows": 4096}}, [[9000, 4096]])],
+     (LLAMA3_2_1B, 2, torch.float16, {"kernel_options": {"queue_rows": 4096}}, [[9000, 4096]]),
+     (QWEN2_5_7B, 7, torch.bfloat16, {"cluster_size": 16, "warps": 4, "kernel_options": {"batch_parts": 4}},
+      [[0, 129, 20000, 300, 1, 8191, 4095]])],
     ids=["qwen2.5-7b-b8-f16-four-sets", "llama3-8b-b8-bf16-four-sets", "llama2-7b-b8-f16", "gqa-d64-c4-b3-bf16",
-         "llama3.2-1b-b2-f16-4096-rows"],
+         "llama3.2-1b-b2-f16-4096-rows", "qwen2.5-7b-b7-bf16-sets-2-2-2-1"],
 )
 def test_the_work_queue_matches_the_reference(config, batch, dtype, options, steps):
     """``kernel_options={"work_queue": True}``: chunks of every KV head taken by whichever warp is free,
@@ -776,9 +809,11 @@ def test_the_benchmark_skips_a_variant_a_batch_cannot_run(tmp_path, capsys):
      (SMALL["mha-d128"], {"cluster_size": 8, "warps": 8}, [130, 5, 64, 9, 1, 0, 12, 300], torch.bfloat16),
      (LLAMA3_8B, {"kernel_options": {"split_positions": True}}, [5, 3000, 0, 77], torch.bfloat16),
      (QWEN2_5_7B, {"cluster_size": 16, "warps": 8, "head_split": 1, "kernel_options": {"batch_parts": 2}},
-      [5, 3000, 0, 77], torch.bfloat16)],
+      [5, 3000, 0, 77], torch.bfloat16),
+     (QWEN2_5_7B, {"cluster_size": 16, "warps": 8, "head_split": 1, "kernel_options": {"batch_parts": 2}},
+      [5, 3000, 77], torch.float16)],
     ids=["llama3-8b-b1", "llama3-8b-b4-bf16", "gqa-split-b3", "mha-b8-bf16", "llama3-8b-b4-bf16-positions-split",
-         "qwen2.5-7b-b4-batch-parts"],
+         "qwen2.5-7b-b4-batch-parts", "qwen2.5-7b-b3-sets-2-1"],
 )
 def test_a_handoff_step_computes_what_the_plain_step_does(config, options, positions, dtype):
     """``DecodeAttention.handoff`` against ``__call__`` on the same inputs: ``hidden`` as float32 sums

@@ -231,9 +231,9 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
     # head split for one cluster of 8-warp blocks a KV head; given values are as at short caches (MHA:
     # the next test).
     assert LONG_CACHE == (8192, 8192, 4096, 4096, 4096, 4096, 4096, 4096)
-    shorts = {LLAMA3_8B: {1: (16, 4, 2), 2: (16, 4, 2), 3: (16, 4, 2), 4: (16, 4, 2), 8: (16, 8, 1)},
-              QWEN2_5_7B: {1: (8, 4, 7), 2: (8, 4, 7), 3: (8, 4, 7), 4: (8, 4, 7), 8: (4, 8, 7)}}
-    for batch in (1, 2, 3, 4, 8):
+    shorts = {LLAMA3_8B: {1: (16, 4, 2), 2: (16, 4, 2), 3: (16, 4, 2), 4: (16, 4, 2), 5: (16, 8, 1), 8: (16, 8, 1)},
+              QWEN2_5_7B: {1: (8, 4, 7), 2: (8, 4, 7), 3: (8, 4, 7), 4: (8, 4, 7), 5: (4, 8, 7), 8: (4, 8, 7)}}
+    for batch in (1, 2, 3, 4, 5, 8):
         long = LONG_CACHE[batch - 1]
         for config, short in ((LLAMA3_8B, shorts[LLAMA3_8B][batch]), (QWEN2_5_7B, shorts[QWEN2_5_7B][batch])):
             assert launch_shape(config, batch, 132, longest=long - 1) == short
@@ -241,7 +241,8 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
             one_set = launch_shape(config, batch, 132, longest=long, batch_parts=1)
             assert one_set == launch_shape(config, batch, 132, longest=10 * long, batch_parts=1) == (16, 8, 1)
             sets = batch_sets(config, batch, longest=long)
-            assert sets == (2 if batch in (4, 8) else 1)  # from BATCH_SETS_FROM, even batches
+            # from BATCH_SETS_FROM; an odd batch where one set leaves half the SMs idle (Qwen2.5-7B: 64 blocks)
+            assert sets == (2 if batch in (4, 8) or (batch > 4 and config is QWEN2_5_7B) else 1)
             assert batch_sets(config, batch, longest=long - 1) == batch_sets(config, batch) == 1
             # two sets: each the largest grid within half the SMs (Llama-3-8B: 8 clusters of 8, 64 blocks)
             want = (16, 8, 1) if sets == 1 or config is QWEN2_5_7B else (8, 8, 1)
@@ -252,20 +253,22 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
     assert launch_shape(LLAMA3_8B, 1, 132, head_split=2, longest=LONG_CACHE[0]) == (16, 4, 2)
     assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8, longest=LONG_CACHE[0]) == (8, 8, 1)
     assert batch_sets(LLAMA3_8B, 8, longest=4096, cluster_size=16) == batch_sets(LLAMA3_8B, 7, longest=4096) == 1
+    assert batch_sets(QWEN2_5_7B, 7, longest=4096) == 2 and batch_sets(QWEN2_5_7B, 7, longest=4096, sm_count=127) == 1
     assert launch_shape(LLAMA3_8B, 8, 132, cluster_size=16, longest=4096) == (16, 8, 1)  # given: one set
 
 
 def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
     # From PAIRS_FROM rows an even batch goes to sets of two sequences, at least two sets (a batch of 2:
     # two sets of one), each set's grid planned for two 4-warp blocks an SM (the limit of 264 blocks
-    # shared by the sets); below, two sets of 8-warp blocks from a batch of 4, one set at batch 2; the
-    # odd batches, MHA and a given cluster size keep one set.
+    # shared by the sets); below, two sets of 8-warp blocks from a batch of 4, one set at batch 2; an
+    # odd batch too where one set leaves half the SMs idle (Qwen2.5-7B, the last set one sequence
+    # short); the other odd batches, MHA and a given cluster size keep one set.
     assert PAIRS_FROM == 16384
     # (Qwen2.5-7B's 4 KV heads: one cluster of 16 a KV head, 64 blocks a set; two sets of them fit
     # the SMs in 8-warp blocks)
     pairs = {(LLAMA3_8B, 2): (2, (16, 4, 1)), (LLAMA3_8B, 4): (2, (16, 4, 1)), (LLAMA3_8B, 6): (3, (8, 4, 1)),
              (LLAMA3_8B, 8): (4, (8, 4, 1)), (QWEN2_5_7B, 2): (2, (16, 8, 1)), (QWEN2_5_7B, 4): (2, (16, 8, 1)),
-             (QWEN2_5_7B, 8): (4, (16, 4, 1))}
+             (QWEN2_5_7B, 8): (4, (16, 4, 1)), (QWEN2_5_7B, 5): (3, (16, 4, 1)), (QWEN2_5_7B, 7): (4, (16, 4, 1))}
     for (config, batch), (sets, shape) in pairs.items():
         for longest in (PAIRS_FROM, 2 * PAIRS_FROM):
             assert batch_sets(config, batch, longest=longest) == sets
@@ -278,6 +281,9 @@ def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
     for batch in (1, 3, 5, 7):
         assert batch_sets(LLAMA3_8B, batch, longest=PAIRS_FROM) == 1
         assert launch_shape(LLAMA3_8B, batch, 132, longest=PAIRS_FROM) == (16, 8, 1)
+    assert batch_sets(QWEN2_5_7B, 3, longest=PAIRS_FROM) == 2 and batch_sets(QWEN2_5_7B, 3, longest=PAIRS_FROM - 1) == 1
+    assert batch_sets(QWEN2_5_7B, 1, longest=PAIRS_FROM) == 1  # one sequence: one set
+    assert launch_shape(QWEN2_5_7B, 3, 132, longest=PAIRS_FROM) == (16, 8, 1)  # sets of 2 and 1, 64 blocks each
     assert batch_sets(LLAMA2_7B, 8, longest=PAIRS_FROM) == 1
     assert launch_shape(LLAMA2_7B, 8, 132, longest=PAIRS_FROM) == (2, 16, 1)  # one set (the next test)
     assert batch_sets(LLAMA3_8B, 8, longest=PAIRS_FROM, cluster_size=8) == 1
@@ -425,7 +431,8 @@ def test_the_layer_runs_the_position_split_on_the_simulator():
 def test_a_batch_split_over_sets_of_clusters_runs_each_set_on_its_own_sequences(head_split, split_positions):
     """``kernel_options={"batch_parts": 2}`` on the simulator backend: each set of clusters steps its
     half of a ragged batch (an empty cache among them) into the reference's answer, and the trace
-    names each set's sequences; a count that does not divide the batch is refused by name."""
+    names each set's sequences; three sequences run in sets of 2 and 1; a count that leaves a set
+    nothing is refused by name."""
     config, cluster_size = CASES[3][0], 4
     batch = 4
     weights = AttentionWeights.random(config, torch.float16, seed=11)
@@ -452,9 +459,22 @@ def test_a_batch_split_over_sets_of_clusters_runs_each_set_on_its_own_sequences(
     assert all(trace.title.endswith(", sequences 0..1") for trace in traces[:sets])
     assert all(trace.title.endswith(", sequences 2..3") for trace in traces[sets:])
     spec = layer.kernel_spec(torch.float16, batch)
-    assert (spec.batch, spec.step_batch, spec.clusters) == (2, 4, 2 * spec.part_clusters)
-    with pytest.raises(ValueError, match=r"batch_parts \(2\) must divide the batch \(3\)"):
-        layer(hidden[:3], residual[:3], KVCache.random(config, 3, 300, torch.float16), 5)
+    assert (spec.batch, spec.step_batch, spec.clusters, spec.uneven) == (2, 4, 2 * spec.part_clusters, False)
+    # three sequences: sets of 2 and 1
+    three = KVCache.random(config, 3, 300, torch.float16, seed=13)
+    want = reference_step(config, weights, hidden[:3], residual[:3], three.clone(), positions[:3])
+    out, new_residual = layer(hidden[:3], residual[:3], three.clone(), positions[:3])
+    assert relative_error(out, want.out) < TOLERANCE and relative_error(new_residual, want.residual) < TOLERANCE
+    traces = []
+    simulated_step(config, weights, hidden[:3], residual[:3], three, positions[:3], cluster_size, traces,
+                   head_split, split_positions=split_positions, batch_parts=2)
+    assert [trace.title.rsplit(", ", 1)[1] for trace in traces[::sets]] == ["sequences 0..1", "sequences 2..2"]
+    spec = layer.kernel_spec(torch.float16, 3)
+    assert (spec.batch, spec.step_batch, spec.clusters, spec.uneven) == (2, 3, 2 * spec.part_clusters, True)
+    with pytest.raises(ValueError, match=r"batch_parts must leave each set of clusters at least one of the batch's 3 "
+                                         r"sequences .*: one of \[1, 2, 3\], got 4"):
+        DecodeAttention(config, weights, kernel_options={"batch_parts": 4})(
+            hidden[:3], residual[:3], KVCache.random(config, 3, 300, torch.float16), 5)
     with pytest.raises(ValueError, match=r"kernel_options: batch_parts=9; allowed: None or an int from 1 to 8"):
         DecodeAttention(config, weights, kernel_options={"batch_parts": 9})
 
@@ -485,7 +505,7 @@ def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monke
 def test_the_rule_splits_an_even_batch_over_two_sets_at_long_caches(monkeypatch):
     """From a batch of 4 at long caches (LONG_CACHE lowered to a tiny layer's cache) the layer's
     step runs on two sets of clusters, each its half of a ragged batch, matching the reference;
-    ``kernel_options={"batch_parts": 1}`` keeps one set, an odd batch has one."""
+    ``kernel_options={"batch_parts": 1}`` keeps one set, a batch of 3 has one."""
     monkeypatch.setattr(plan, "LONG_CACHE", (64,) * len(plan.LONG_CACHE))
     config, batch = CASES[3][0], 4
     weights = AttentionWeights.random(config, torch.float16, seed=9)

@@ -56,7 +56,7 @@ from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
 from ..fused.mla_reference import UnfusedMLA, mla_reference_step
-from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, WARP_COUNTS, check_kernel_options
+from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, WARP_COUNTS, check_kernel_options, set_batch
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
 from .timing import (card_tag, copy_bandwidth, graph_per_op_us, results_header, short_commit, writable_dir,
@@ -351,7 +351,9 @@ def run_bench(
                 third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
                          else f"{head_split} attention clusters a sequence")
                 if parts > 1:
-                    third += f", {parts} sets of {batch // parts} sequences"
+                    share = set_batch(batch, parts)
+                    last = batch - (parts - 1) * share
+                    third += f", {parts} sets of {share} sequences" + (f" (the last {last})" if last < share else "")
                 print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}"
                       + (f" [{label}]" if label else ""), flush=True)
             err = run.error()

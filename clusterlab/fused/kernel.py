@@ -206,9 +206,12 @@ class KernelSpec(BlockShape):
     #: the ``head_split`` clusters of a KV head split its cached positions, each with all its query
     #: heads, instead of its query heads (see :attr:`parts`)
     split_positions: bool = False
-    #: sets of clusters the step's sequences are split over, ``batch`` sequences each (see
-    #: :attr:`step_batch`, :attr:`clusters`)
+    #: sets of clusters the step's sequences are split over, ``batch`` sequences each but the last,
+    #: which may have fewer (see :attr:`step_batch`, :attr:`clusters`)
     batch_parts: int = 1
+    #: sequences of the whole step where the last set has fewer than ``batch`` (0: ``batch *
+    #: batch_parts``; see :attr:`uneven`)
+    sequences: int = 0
     #: hand the output on as float32 sums (see :func:`build_kernel`): ``hidden`` is the float32 sums
     #: of the kernel before (read rounded to the model dtype), the output is left in ``out_acc`` for
     #: the kernel after, and no block converts it (:class:`~clusterlab.fused.DecodeAttention`'s
@@ -230,15 +233,15 @@ class KernelSpec(BlockShape):
            head_split: int = 1, limits: DeviceLimits = HOPPER, **switches) -> KernelSpec:
         """The spec of one launch shape on a GPU with ``limits``, the fields after ``limits`` set as
         ``switches`` give them (a layer's ``kernel_options``; raises where it cannot be built).
-        ``batch``: the step's sequences; with ``batch_parts`` each set of clusters takes ``batch //
-        batch_parts`` of them (the spec's ``batch``)."""
+        ``batch``: the step's sequences; with ``batch_parts`` each set of clusters takes
+        ``plan.set_batch(batch, batch_parts)`` of them (the spec's ``batch``), the last set the rest."""
         check_cluster_size(config, cluster_size)
         check_head_split(config, head_split, switches.get("split_positions", False))
         batch_parts = switches.get("batch_parts", 1)
+        plan.check_batch_parts(batch, batch_parts)
         if batch % batch_parts:
-            raise ValueError(f"batch_parts ({batch_parts}) must divide the batch ({batch}): each set of clusters "
-                             "takes as many sequences")
-        batch //= batch_parts
+            switches["sequences"] = batch
+        batch = plan.set_batch(batch, batch_parts)
         if warps < batch:
             raise ValueError(f"warps ({warps}) must be at least batch ({batch}): attention gives each sequence a warp")
         spec = cls(config.hidden_size, config.heads, config.kv_heads, config.head_dim,
@@ -279,8 +282,18 @@ class KernelSpec(BlockShape):
 
     @property
     def step_batch(self) -> int:
-        """Sequences of the whole step: ``batch`` in each of the ``batch_parts`` sets of clusters."""
-        return self.batch * self.batch_parts
+        """Sequences of the whole step: ``batch`` in each of the ``batch_parts`` sets of clusters, or
+        ``sequences`` where the last set has fewer."""
+        return self.sequences or self.batch * self.batch_parts
+
+    @property
+    def uneven(self) -> bool:
+        """Whether the last set of clusters steps fewer sequences than ``batch`` (a batch of 7 in
+        sets of 2, 2, 2 and 1). Its grid is the others', and it runs as they do with the sequences
+        it lacks as phantoms: their inputs read as zeros, their positions as out of range (so they
+        attend to nothing, write no cache row and read no RoPE angle), and nothing of theirs is
+        written to device memory (see :func:`build_kernel`)."""
+        return self.step_batch < self.batch * self.batch_parts
 
     @property
     def part_clusters(self) -> int:
@@ -640,7 +653,7 @@ def power_of_two(e):
 
 def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, out_stride: int, atomic: bool,
               norms: tuple[int, int] | None = None, clamped: bool = False, interleaved: bool = False,
-              select_past_batch: bool = True):
+              select_past_batch: bool = True, bounded: bool = False):
     """Device functions for one warp step of a matrix-vector product over ``tile.step_rows`` rows.
 
     ``gemv_load(w, w0, row_stride, lane, wv)`` issues the step's first 16-byte loads into the
@@ -675,12 +688,19 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
     :func:`_make_mma_gemv`); False keeps them behind a branch everywhere (MLA's kernels: with it
     their output kernel spills 36-60 bytes under its 128 registers).
 
+    ``bounded`` (not with ``clamped``): ``gemv_finish`` takes one more argument, ``seqs``,
+    and writes the sums of the first ``seqs`` sequences only (the others are phantoms of an uneven set
+    of clusters, :attr:`KernelSpec.uneven`, whose rows of ``dst`` do not exist).
+
     Returns ``(gemv_load, gemv_finish, words)``, ``words`` the length of ``wv`` (uint32).
     """
     if isinstance(tile, MmaTile):
         if interleaved:
             raise ValueError("interleaved activations are read by CUDA-core steps only (a GemvTile)")
-        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped, select_past_batch)
+        if clamped and bounded:
+            raise ValueError("a clamped step is not bounded: it writes every sequence's sums")
+        return _make_mma_gemv(batch, bf16, tile, x_stride, out_stride, atomic, norms, clamped, select_past_batch,
+                              bounded)
     if clamped:
         raise ValueError("clamped steps run on the tensor cores only (an MmaTile)")
     lanes, per_lane, rows_per_lane, chunk = tile
@@ -701,7 +721,7 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
                     wv[(i * per_lane + j) * 4 + e] = t[e]
 
     @cuda.jit(device=True, inline=True)
-    def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
+    def finish_rows(wv, w, w0, row_stride, smem, x0, dst, out0, lane, seqs):
         group, sub = lane // lanes, lane % lanes
         # With interleaved activations, from a view that starts at the lane's chunk `sub` (input_word
         # is linear in the chunk), indexed by constants once unrolled: one base register and immediate
@@ -747,16 +767,25 @@ def make_gemv(batch: int, bf16: bool, tile: GemvTile | MmaTile, x_stride: int, o
             if sub % (lanes // rows_per_lane) == 0:
                 row = group + (sub >> (log_lanes - log_rows)) * groups
                 for b in range(chunk):
-                    if atomic:
+                    if b0 + b < seqs and atomic:
                         cuda.atomic.add(dst, out0 + (b0 + b) * out_stride + row, acc[b])
-                    else:
+                    elif b0 + b < seqs:
                         dst[out0 + (b0 + b) * out_stride + row] = acc[b]
+
+    if bounded:
+        @cuda.jit(device=True, inline=True)
+        def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, seqs):
+            finish_rows(wv, w, w0, row_stride, smem, x0, dst, out0, lane, seqs)
+    else:
+        @cuda.jit(device=True, inline=True)
+        def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
+            finish_rows(wv, w, w0, row_stride, smem, x0, dst, out0, lane, batch)
 
     return gemv_load, gemv_finish, words
 
 
 def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_stride: int, atomic: bool,
-                   norms: tuple[int, int] | None, clamped: bool, select_past_batch: bool):
+                   norms: tuple[int, int] | None, clamped: bool, select_past_batch: bool, bounded: bool):
     """:func:`make_gemv` on the tensor cores (see :func:`clusterlab.ptx.mma_f16_m16n8k16` for the lanes).
 
     Lane ``(g, t)`` (``lane = 4g + t``) of a step loads, for each row block ``r`` and span ``p``,
@@ -821,7 +850,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
                         acc[4 * r], acc[4 * r + 1], acc[4 * r + 2], acc[4 * r + 3])
 
     @cuda.jit(device=True, inline=True)
-    def step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row):
+    def step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row, seqs):
         g, t = lane // 4, lane % 4
         acc = cuda.local.array(accumulators, float32)
         for i in range(accumulators):
@@ -833,7 +862,7 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
             multiply_part(wv, part, smem, x0, xb, acc, lane)
         for s in range(2):
             seq = 2 * t + s
-            if seq < batch:
+            if seq < seqs:
                 scale = power_of_two(slice_exponent(smem[norms_at + seq * norms_stride], inv_columns)) if scaled \
                     else float32(1.0)
                 for r in range(row_blocks):
@@ -851,15 +880,20 @@ def _make_mma_gemv(batch: int, bf16: bool, tile: MmaTile, x_stride: int, out_str
 
         @cuda.jit(device=True, inline=True)
         def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row):
-            step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row)
+            step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, last_row, batch)
     else:
         @cuda.jit(device=True, inline=True)
         def gemv_load(w, w0, row_stride, lane, wv):
             load_part(w, w0, row_stride, lane, wv, 0, 0)
 
-        @cuda.jit(device=True, inline=True)
-        def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
-            step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, 0)
+        if bounded:
+            @cuda.jit(device=True, inline=True)
+            def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, seqs):
+                step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, 0, seqs)
+        else:
+            @cuda.jit(device=True, inline=True)
+            def gemv_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane):
+                step_finish(wv, w, w0, row_stride, smem, x0, dst, out0, lane, 0, batch)
 
     return gemv_load, gemv_finish, words
 
@@ -872,10 +906,10 @@ def norm_shares(k_slice: int) -> int:
 
 
 def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, bf16: bool,
-                     interleaved: bool = False, float32_hidden: bool = False):
+                     interleaved: bool = False, float32_hidden: bool = False, phantoms: bool = False):
     """Device functions of the first phase of a kernel that starts from ``RMSNorm(hidden + residual)``.
 
-    ``norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid)``:
+    ``norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, seqs, tid)``:
     the block's threads add ``hidden + residual`` (16-bit ``[batch, hidden_size]``) on the hidden
     slice ``k0 .. k0 + k_slice``, write the sums to ``residual_out`` where ``writes_residual``,
     keep ``h * norm`` (float32) at ``smem[xs + seq*k_slice + k]`` (element ``k`` of the slice; with
@@ -891,6 +925,10 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     ``float32_hidden``: ``hidden`` is the float32 sums another kernel added up (a hand-off, see
     :attr:`KernelSpec.handoff`), each rounded to the model dtype as it is read: the values the
     16-bit tensor that kernel would have converted them into holds.
+
+    ``phantoms``: the sequences from ``seqs`` on are phantoms of an uneven set of clusters
+    (:attr:`KernelSpec.uneven`): they read nothing, write nothing and take zeros for ``h * norm``.
+    Without it every one of the ``batch`` sequences is read (``seqs`` is ``batch``).
     """
     unpack = ptx.bf16x2_to_f32x2 if bf16 else ptx.f16x2_to_f32x2
     to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
@@ -926,12 +964,18 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     warp_pairs = -(-pairs // 32) * 32  # a warp's lanes all take a pair or none (the shuffles)
 
     @cuda.jit(device=True, inline=True)
-    def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid):
+    def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, seqs, tid):
         lane = tid % 32
         for item in range(tid, warp_pairs, threads):
             seq, c = item // span, item % span
             ss = float32(0.0)
-            if item < pairs and c < chunks:
+            if phantoms and item < pairs and c < chunks and seq >= seqs:  # a phantom's h * norm
+                for e in range(8):
+                    if interleaved:
+                        smem[xs + seq * k_slice + device_input_word(c, e, k_slice, True)] = float32(0.0)
+                    else:
+                        smem[xs + seq * k_slice + c * 8 + e] = float32(0.0)
+            elif item < pairs and c < chunks:
                 at = seq * hidden_size + k0 + c * 8
                 hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
                 hy = ptx.ld_global_nc_v4_no_allocate(hidden, at + 4) if float32_hidden else hx
@@ -1045,7 +1089,7 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     def project(hidden, residual, norm, residual_out, w_first, first0, w_second, second0, smem, k0,
                 writes_residual, tid):
         lane, warp = tid % 32, tid // 32
-        norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, tid)
+        norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, batch, tid)
         words = cuda.local.array(words_per_step, uint32)
         step = warp
         if step < steps:
@@ -1147,9 +1191,10 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
     other write of it) and counts it in on ``arrivals[counter]`` (here ``counter = rank``; the
     attention kernel's parts of a split cache count in on counters of their own the same way):
     ``last[0]`` (a shared int32) becomes 1 in the ``blocks``-th block to arrive, 0 in the others.
-    That block alone calls ``finish_convert(out, out_acc, arrivals, rank, tid)``: it converts the
-    rows into ``out`` (16-bit, the model dtype) and leaves ``out_acc`` and ``arrivals[rank]`` zero
-    for the next step.
+    That block alone calls ``finish_convert(out, out_acc, arrivals, rank, seqs, tid)``: it converts
+    the rows of the first ``seqs`` sequences (all ``batch`` but in an uneven set of clusters,
+    :attr:`KernelSpec.uneven`) into ``out`` (16-bit, the model dtype) and leaves them and
+    ``arrivals[rank]`` zero for the next step.
     """
     to_bits = ptx.f32_to_bf16 if bf16 else ptx.f32_to_f16
     # out_acc elements a thread loads at once: up to 16, no more than the rows need (the loop below is
@@ -1165,7 +1210,7 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
-    def finish_convert(out, out_acc, arrivals, rank, tid):
+    def finish_convert(out, out_acc, arrivals, rank, seqs, tid):
         # Every red.add is ordered before its block's arrival, and this block never read out_acc
         # before, so plain loads after the fence see the sums. `loads` loads a thread are issued
         # before any is used: one round trip per loads * threads elements.
@@ -1175,10 +1220,10 @@ def make_finish(batch: int, hidden_size: int, out_rows: int, threads: int, bf16:
             for u in range(loads):
                 e = base + u * threads + tid
                 at = e // out_rows * hidden_size + rank * out_rows + e % out_rows
-                vals[u] = out_acc[at] if e < batch * out_rows else float32(0.0)
+                vals[u] = out_acc[at] if e < seqs * out_rows else float32(0.0)
             for u in range(loads):
                 e = base + u * threads + tid
-                if e < batch * out_rows:
+                if e < seqs * out_rows:
                     at = e // out_rows * hidden_size + rank * out_rows + e % out_rows
                     out[at] = to_bits(vals[u])
                     out_acc[at] = float32(0.0)
@@ -1561,10 +1606,14 @@ def build_kernel(spec: KernelSpec):
         positions         [step_batch] int32             each sequence's new token
         capacity          int32
 
-    (``step_batch = batch * batch_parts``.) With ``spec.batch_parts > 1`` the grid is that many sets of
-    ``spec.part_clusters`` clusters, set ``p`` the step of sequences ``p * batch ..`` alone: it sees its
-    slice of every argument that has a batch (and its own counters and states), as a launch of
-    ``batch`` sequences would, and shares the weights and the RoPE table with the other sets.
+    (``step_batch = batch * batch_parts``, or fewer: :attr:`KernelSpec.uneven`.) With ``spec.batch_parts > 1``
+    the grid is that many sets of ``spec.part_clusters`` clusters, set ``p`` the step of sequences ``p *
+    batch ..`` alone: it sees its slice of every argument that has a batch (and its own counters and
+    states), as a launch of ``batch`` sequences would, and shares the weights and the RoPE table with
+    the other sets. Where the last set has fewer sequences (``seqs``), those past them are phantoms:
+    their inputs read as zeros and their positions as out of range, and the guards ``seq < seqs``
+    keep every access of theirs to device memory (inputs, positions, the residual, the output sums and
+    the work queue) out of the slices, which end with the step's last sequence.
 
     and, with ``spec.timeline``, two more::
 
@@ -1618,6 +1667,7 @@ def build_kernel(spec: KernelSpec):
     """
     H, HEADS, KV_HEADS, D, HEAD_SPLIT = spec.hidden_size, spec.heads, spec.kv_heads, spec.head_dim, spec.head_split
     BATCH_PARTS, PART_BLOCKS = spec.batch_parts, spec.part_clusters * spec.cluster_size  # sets, blocks a set
+    STEP_BATCH, UNEVEN = spec.step_batch, spec.uneven  # the last set may step fewer than BATCH sequences
     ARRIVAL_WORDS, PART_STATE_WORDS = spec.arrival_words, spec.part_state_words()  # of a set
     PARTS, QUERY_SPLIT = spec.parts, spec.query_split  # HEAD_SPLIT = PARTS * QUERY_SPLIT
     SPLIT = PARTS > 1
@@ -1680,13 +1730,14 @@ def build_kernel(spec: KernelSpec):
                                                 out_stride=PARTIAL_STRIDE, atomic=False,
                                                 norms=(PARTIAL + ROWS, PARTIAL_STRIDE),
                                                 interleaved=spec.inputs_interleaved)
-    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True)
+    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True,
+                                          bounded=True)
     (kv_start, kv_load, kv_fold, kv_store, kv_publish, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
      kv_load_keys) = _make_attention(spec)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(BATCH, H, K_SLICE, THREADS, BF16,
-                                                              spec.inputs_interleaved, HANDOFF)
+                                                              spec.inputs_interleaved, HANDOFF, UNEVEN)
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
-    clear = make_clear(spec.step_batch, H, THREADS)  # the whole step's buffer
+    clear = make_clear(STEP_BATCH, H, THREADS)  # the whole step's buffer
     qkv_row = cuda.jit(device=True, inline=True)(plan.qkv_row)
     rope_pair = cuda.jit(device=True, inline=True)(plan.rope_pair)
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
@@ -1701,8 +1752,11 @@ def build_kernel(spec: KernelSpec):
         return qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row + kv_shift if row >= G * D else row)
 
     @cuda.jit(device=True, inline=True)
-    def cached_rows(positions, seq, capacity):
-        """Sequence ``seq``'s cached rows (its position), or -1 where the position is out of range."""
+    def cached_rows(positions, seq, seqs, capacity):
+        """Sequence ``seq``'s cached rows (its position), or -1 where the position is out of range or
+        the sequence is a phantom of an uneven set (``seq >= seqs``; its position is not read)."""
+        if UNEVEN and seq >= seqs:
+            return -1
         position = positions[seq]
         return position if 0 <= position < capacity else -1
 
@@ -1725,9 +1779,10 @@ def build_kernel(spec: KernelSpec):
             smem[O + e] = a_tot / l_tot
 
     @cuda.jit(device=True, inline=True)
-    def queue_chunks(positions, seq, capacity):
-        """Work queue: chunks of sequence ``seq``'s cached rows (none where its position is out of range)."""
-        return (max(cached_rows(positions, seq, capacity), 0) + U - 1) // U if KV_STREAM else 0
+    def queue_chunks(positions, seq, seqs, capacity):
+        """Work queue: chunks of sequence ``seq``'s cached rows (none where its position is out of range
+        or ``seq >= seqs``: see :func:`cached_rows`)."""
+        return (max(cached_rows(positions, seq, seqs, capacity), 0) + U - 1) // U if KV_STREAM else 0
 
     @cuda.jit(device=True, inline=True)
     def open_pair(flag, word, chunks):
@@ -1759,7 +1814,7 @@ def build_kernel(spec: KernelSpec):
             pair = (start + j) % PAIRS_ALL
             is_open = False
             if j < PAIRS_ALL:
-                chunks = queue_chunks(positions, pair // KV_HEADS, capacity)
+                chunks = queue_chunks(positions, pair // KV_HEADS, STEP_BATCH, capacity)
                 if chunks > 0:
                     word = cuda.atomic.add(queue, TICKET + pair, 0)
                     flag = cuda.atomic.add(queue, FLAG + pair, 0)  # in flight beside the word's read
@@ -1839,9 +1894,12 @@ def build_kernel(spec: KernelSpec):
         published = part_states[BATCH_PARTS * PART_STATE_WORDS:]
         all_positions, all_k, all_v = positions, k_cache, v_cache
         seq0 = uint32(0)  # the set's first sequence in the step
+        seqs = uint32(BATCH)  # the set's sequences: those from seqs on are phantoms (see spec.uneven)
         if BATCH_PARTS > 1:  # the set's BATCH sequences: their slices of the arguments, the set's counters and states
             p, block = block // PART_BLOCKS, block % PART_BLOCKS
             seq0 = p * BATCH
+            if UNEVEN:  # the slices of the last set end with the step's last sequence
+                seqs = uint32(min(BATCH, STEP_BATCH - seq0))
             rows = slice(p * BATCH * H, (p + 1) * BATCH * H)
             hidden, residual, residual_out, out_acc = hidden[rows], residual[rows], residual_out[rows], out_acc[rows]
             if not HANDOFF:  # a hand-off's out is cleared by the whole grid
@@ -1873,7 +1931,7 @@ def build_kernel(spec: KernelSpec):
         record_sm(sms, tid)
 
         # -- 1 qkv: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2) ----------------
-        norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, k0, cluster == 0, tid)
+        norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, k0, cluster == 0, seqs, tid)
         # The first W_qkv step's loads go out once the input slice is in, not ahead of it: the
         # input loads would queue behind the weights' and hold up the whole phase.
         qkv_words = cuda.local.array(QKV_WORDS, uint32)
@@ -1898,7 +1956,7 @@ def build_kernel(spec: KernelSpec):
         # First attention loads (cached keys need no q), during B1: warps split the batch,
         # WARPS_PER_SEQUENCE each, and take steps of KEYS_PER_STEP positions in turn.
         att_seq = warp // WARPS_PER_SEQUENCE  # the sequence this warp attends for
-        cached = cached_rows(positions, att_seq, capacity) if att_seq < BATCH else 0
+        cached = cached_rows(positions, att_seq, seqs, capacity) if att_seq < BATCH else 0
         start, end = cached_range(max(cached, 0), part * C + rank, PARTS * C)
         cache_row0 = (att_seq * KV_HEADS + kv_head) * capacity
         static = KV_STREAM and att_seq < BATCH and not QUEUE  # the work queue's chunks are taken after B2
@@ -1922,7 +1980,7 @@ def build_kernel(spec: KernelSpec):
             active = unit < units
             quad = rank + (unit // BATCH) * C
             seq = unit % BATCH
-            position = cached_rows(positions, seq, capacity)
+            position = cached_rows(positions, seq, seqs, capacity)
             row = uint32(max(position, 0))  # where a valid position reads its angles and writes its cache row
             ra, rb, angle = rope_pair(D, NEOX, QUAD * quad)  # the quad's first pair; the others follow
             slot = ra // D
@@ -1993,13 +2051,13 @@ def build_kernel(spec: KernelSpec):
         kv_start(m, l_sum, acc)
         if QUEUE:
             if rank == 0 and warp == 0:  # publish the set's queries of this KV head, then raise their flags
-                for e in range(lane, BATCH * GD, 32):
+                for e in range(lane, seqs * GD, 32):
                     seq = e // GD
                     published[((seq0 + seq) * KV_HEADS + kv_head) * GD + e % GD] = smem[QKV + seq * ROWS + e % GD]
                 cuda.syncwarp()
                 if lane == 0:
                     cuda.threadfence()  # release: the queries before the flags
-                    for seq in range(BATCH):
+                    for seq in range(seqs):
                         cuda.atomic.exch(queue, FLAG + (seq0 + seq) * KV_HEADS + kv_head, 1)
             # The warp's own sequence (i = 0: its chunks while they last, its state for the block merge),
             # then other pairs' chunks, wherever the query is published and chunks are left (a state each
@@ -2008,7 +2066,7 @@ def build_kernel(spec: KernelSpec):
                 if i == 0:
                     seq = seq0 + att_seq
                     pair = seq * KV_HEADS + kv_head
-                    chunks = queue_chunks(positions, att_seq, capacity) if att_seq < BATCH else 0
+                    chunks = queue_chunks(positions, att_seq, seqs, capacity) if att_seq < BATCH else 0
                     first = cuda.shfl_sync(FULL_MASK, take(queue, pair, lane), 0) if chunks > 0 else 0
                     slot = 0
                     q0 = QKV + att_seq * ROWS
@@ -2018,7 +2076,7 @@ def build_kernel(spec: KernelSpec):
                     if pair < 0:
                         break
                     seq = pair // KV_HEADS
-                    chunks = queue_chunks(all_positions, seq, capacity)
+                    chunks = queue_chunks(all_positions, seq, STEP_BATCH, capacity)
                     first, slot = take_first(queue, pair, chunks, lane)
                     if first < 0:
                         first = chunks
@@ -2032,7 +2090,8 @@ def build_kernel(spec: KernelSpec):
                 folded = 0
                 if first < chunks:
                     folded = attend_chunks(queue, pair, first, chunks, all_k, all_v, int64(pair) * capacity,
-                                           cached_rows(all_positions, seq, capacity), smem, q0, m, l_sum, acc, kv,
+                                           cached_rows(all_positions, seq, STEP_BATCH, capacity), smem, q0, m,
+                                           l_sum, acc, kv,
                                            lane)
                 if i == 0:
                     kv_store(smem, warp, m, l_sum, acc, lane)
@@ -2071,7 +2130,7 @@ def build_kernel(spec: KernelSpec):
                                 pass
                     cuda.threadfence()
                 cuda.syncwarp()
-                position = cached_rows(positions, seq, capacity)
+                position = cached_rows(positions, seq, seqs, capacity)
                 at = ((seq * KV_HEADS + kv_head) * capacity + max(position, 0)) * D
                 for i in range(lane, D, 32):  # slots G, G + 1: the key and the value
                     own = smem[QKV + seq * ROWS + G * D + i]
@@ -2139,9 +2198,9 @@ def build_kernel(spec: KernelSpec):
         # A unit is a quad of elements (of one head); its C lanes pull one block's state each (m, l
         # and 16 bytes of acc) and push the merged quad back to it (see make_exchange).
         if QUEUE:  # every chunk of the set's sequences folded, by whichever warps took them
-            if tid < BATCH:
+            if tid < seqs:
                 pair = (seq0 + tid) * KV_HEADS + kv_head
-                chunks = queue_chunks(positions, tid, capacity)
+                chunks = queue_chunks(positions, tid, seqs, capacity)
                 while cuda.atomic.add(queue, DONE + pair, 0) < chunks:
                     cuda.nanosleep(256)  # leave L2 to the warps still folding
                 cuda.threadfence()  # acquire: the other clusters' states
@@ -2160,7 +2219,8 @@ def build_kernel(spec: KernelSpec):
                 m = ptx.remote_load(smem, STATE_M + state, peer)
                 l_sum = ptx.remote_load(smem, STATE_L + state, peer)
                 a0, a1, a2, a3 = pull(smem, STATE_ACC + e, peer)
-            if QUEUE and active:  # and the other clusters' states, lane `peer` every C-th
+            # and the other clusters' states, lane `peer` every C-th (a phantom's pair has none)
+            if QUEUE and active and (not UNEVEN or seq < seqs):
                 pair = (seq0 + seq) * KV_HEADS + kv_head
                 for slot in range(peer, queue[TICKET + pair] >> TICKET_BITS, C):
                     at = slot_at(pair, slot)
@@ -2213,7 +2273,8 @@ def build_kernel(spec: KernelSpec):
                 cuda.syncthreads()
         while projects and step < O_STEPS:
             w0 = (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH
-            o_finish(o_words, w_o, w0, HEADS * D, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane)
+            o_finish(o_words, w_o, w0, HEADS * D, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane,
+                     seqs)
             step += WARPS
             if step < O_STEPS:
                 o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH,
@@ -2229,7 +2290,7 @@ def build_kernel(spec: KernelSpec):
             finish_arrive(arrivals, rank, KV_HEADS * QUERY_SPLIT, last, tid)
             stamp(stamps, tid, 11)  # fence + arrive
             if last[0] == CONVERTS:
-                finish_convert(out, out_acc, arrivals, rank, tid)
+                finish_convert(out, out_acc, arrivals, rank, seqs, tid)
         stamp(stamps, tid, 12)  # finish
 
     if TIMELINE:

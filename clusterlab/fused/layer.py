@@ -240,7 +240,7 @@ class DecodeAttention:
         :data:`~clusterlab.fused.plan.PAIRS_FROM` rows one a pair of sequences, a batch of 2 two sets of one)."""
         check_longest(longest)
         return self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
-                                                                    self.head_split)
+                                                                    self.head_split, self.limits.sm_count)
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
         """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles,

@@ -843,7 +843,7 @@ def build_output_kernel(spec: MLASpec):
         # -- 5 finish: the last block (one a cluster) to add into this block's output rows converts them ------
         finish_arrive(arrivals, rank, HEADS, last, tid)
         if last[0] == 1:
-            finish_convert(out, out_acc, arrivals, rank, tid)
+            finish_convert(out, out_acc, arrivals, rank, BATCH, tid)
 
     return mla_output
 

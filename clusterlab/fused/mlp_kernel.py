@@ -363,7 +363,7 @@ def build_mlp_kernel(spec: MLPSpec):
             finish_arrive(arrivals, rank, CLUSTERS, last, tid)
             stamp(stamps, tid, 6)  # fence + arrive
             if last[0] == 1:
-                finish_convert(out, out_acc, arrivals, rank, tid)
+                finish_convert(out, out_acc, arrivals, rank, BATCH, tid)
         stamp(stamps, tid, 7)  # finish
 
     if spec.timeline:
@@ -483,7 +483,7 @@ def build_mlp_queue_kernel(spec: MLPSpec):
             ticket = cuda.atomic.add(arrivals, QUEUE_STRIDE * (1 + shard), 1)
 
         # -- 1 inputs: h = hidden + residual; xs = h * norm; sum(h^2); the first unit's loads ------------
-        norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, 0, cuda.blockIdx.x == 0, tid)
+        norm_inputs(hidden, residual, norm, residual_out, smem, XS, RED, 0, cuda.blockIdx.x == 0, 1, tid)
         unit, ticket = next_unit(arrivals, shard, ticket, lane)
         words = cuda.local.array(WORDS, uint32)
         unit_load(w_gate, w_down, unit, lane, words)
@@ -534,7 +534,7 @@ def build_mlp_queue_kernel(spec: MLPSpec):
                 if tid == 0:
                     arrivals[0] = 0
             else:
-                finish_convert(out, out_acc, arrivals, 0, tid)
+                finish_convert(out, out_acc, arrivals, 0, 1, tid)
             for j in range(tid, I, THREADS):
                 act[j] = UNWRITTEN_INT32
             if tid < QUEUE_SHARDS:

@@ -24,8 +24,9 @@ runs phase 5 with the W_o columns of all G heads. Nothing is read twice but W_q'
 (``docs/gqa-position-split-design.md``). S need not divide G then: any of 1 to :data:`MAX_PARTS`.
 
 And the batch may be split too (``batch_parts = P``): the grid is P sets of those clusters, set
-``p`` the step of sequences ``p*B/P .. (p+1)*B/P - 1`` alone (their inputs, cache rows, outputs and
-counters), as if P launches ran at once. Every set streams the same weights (the repeats mostly
+``p`` the step of sequences ``p*b .. (p+1)*b - 1`` alone, ``b = ceil(B/P)`` (:func:`set_batch`; the
+last set takes what is left), with their inputs, cache rows, outputs and counters, as if P launches
+ran at once. Every set streams the same weights (the repeats mostly
 from L2) and its own sequences' cache rows: twice the blocks where one set leaves SMs idle, or
 clusters half the size where the large ones do not all fit at once.
 
@@ -272,8 +273,8 @@ KERNEL_CHOICES = {
                      "second its value, the others neither, each reading what it lacks from the cache (False: the "
                      "default)",
     "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
-                   "each set a whole step's clusters for its share of the sequences (it must divide the batch; "
-                   "None: the rule's)",
+                   "each set a whole step's clusters for ceil(batch / batch_parts) of the sequences, the last "
+                   "for the rest, which must be one or more (None: the rule's)",
     "work_queue": "True or False: with a cluster a KV head, its cached positions are taken in chunks from a counter "
                   "in device memory by whichever warp is free, its own cluster's first (False: the default)",
     "queue_rows": f"an int, a multiple of {QUEUE_ROWS_STEP} from {QUEUE_ROWS_STEP} to {MAX_QUEUE_ROWS}: cached "
@@ -331,12 +332,29 @@ def long_cache(config: AttentionConfig, batch: int, longest: int | None, head_sp
     return reaches_long_cache(batch, longest) and config.group_size > 1 and head_split is None
 
 
+def set_batch(batch: int, sets: int) -> int:
+    """Sequences each of ``sets`` sets of clusters steps of a batch of ``batch`` (``batch_parts``):
+    an equal share rounded up; the last set steps the ``batch - (sets - 1) * set_batch`` left."""
+    return -(-batch // sets)
+
+
+def check_batch_parts(batch: int, batch_parts) -> None:
+    """``batch_parts`` sets of clusters each step at least one of ``batch`` sequences (:func:`set_batch`)."""
+    allowed = [p for p in range(1, batch + 1) if (p - 1) * set_batch(batch, p) < batch]
+    if not (is_int(batch_parts) and batch_parts in allowed):
+        raise ValueError(f"batch_parts must leave each set of clusters at least one of the batch's {batch} sequences "
+                         f"(sets of ceil({batch} / batch_parts), the last the rest): one of {allowed}, "
+                         f"got {batch_parts!r}")
+
+
 def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, cluster_size: int | None = None,
-               head_split: int | None = None) -> int:
+               head_split: int | None = None, sm_count: int = HOPPER.sm_count) -> int:
     """Sets of clusters the rule splits a step's batch over (``batch_parts``), where the step takes
-    the long-cache shape of its own choosing (no cluster size or head split given) with an even batch:
-    from :data:`PAIRS_FROM` rows one set a pair of sequences and at least two (a batch of 2: two sets
-    of one; :func:`paired_sets`), below that two from a batch of :data:`BATCH_SETS_FROM`; else one.
+    the long-cache shape of its own choosing (no cluster size or head split given): from
+    :data:`PAIRS_FROM` rows one set a pair of sequences and at least two (a batch of 2: two sets of
+    one; :func:`paired_sets`), below that two from a batch of :data:`BATCH_SETS_FROM`; else one. An
+    odd batch, whose last set steps one sequence fewer, is split so only where one set of the
+    long-cache shape leaves half of the ``sm_count`` SMs idle.
 
     One set of the long-cache shape leaves SMs idle where the KV heads are few (Qwen2.5-7B: 4 KV
     heads, 64 blocks of 8 warps on 132 SMs), or has clusters of 16 that do not all fit at once
@@ -353,11 +371,22 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     (batch 8 122.2 -> 133.2; v24, v25). A batch of 2 in two sets of one from 16K / 32K (v25):
     Qwen2.5-7B 83.6 / 110.8 -> 79.8 / 99.5, Llama-3.2-1B 43.0 / 63.1 -> 41.9 / 60.0, Llama-3-8B 83.9 /
     123.5 -> 86.0 / 122.8; at 8K Llama-3-8B lost (63.2 -> 78.4). Sets of one at batches 4 and 8 lost
-    or tied everywhere (v25)."""
-    if cluster_size is not None or not long_cache(config, batch, longest, head_split) or batch % 2:
+    or tied everywhere (v25).
+
+    Odd batches on an H100 (v68), one set -> the sets above, µs at 4K / 8K / 16K / 32K: Qwen2.5-7B
+    (64 blocks a set) batch 5 75.4 / 98.3 / 145.1 / 234.8 -> 72.9 / 88.1 / 119.4 / 172.7, batch 7
+    98.6 / 126.9 / 183.9 / 297.9 -> 86.4 / 106.5 / 151.9 / 230.6, batch 3 at 16K / 32K 92.6 / 139.9 ->
+    87.9 / 123.0. With 128 blocks a set the sets' repeated weights and the short last set cost about
+    what they save: Llama-3-8B batch 5 80.3 / 111.6 / 175.8 / 302.7 -> 85.7 / 117.6 / 177.6 / 288.6,
+    batch 3 at 16K 116.0 -> 121.7; Llama-3.2-1B 1-8% faster."""
+    if cluster_size is not None or batch == 1 or not long_cache(config, batch, longest, head_split):
         return 1
+    if batch % 2:
+        size, _, split = launch_shape(config, batch, sm_count, longest=longest, batch_parts=1)
+        if 2 * config.kv_heads * size * split > sm_count:
+            return 1
     if longest >= PAIRS_FROM:
-        return max(2, batch // 2)
+        return max(2, set_batch(batch, 2))
     return 2 if batch >= BATCH_SETS_FROM else 1
 
 
@@ -390,7 +419,7 @@ def paired_sets(config: AttentionConfig, batch: int, longest: int | None, sets: 
     clusters, steps at most two sequences a set: then each set's grid is planned for blocks of 4
     warps, two an SM, as a short-cache step of a small batch (:func:`launch_shape`). Where the cache
     is most of the bytes, twice the blocks keep more of its loads in flight on every SM."""
-    return (sets > 1 and batch // sets <= 2 and long_cache(config, batch, longest, head_split)
+    return (sets > 1 and set_batch(batch, sets) <= 2 and long_cache(config, batch, longest, head_split)
             and longest >= PAIRS_FROM)
 
 
@@ -436,7 +465,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     """
     check_batch(batch)
     long = long_cache(config, batch, longest, head_split)
-    sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split)
+    sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split, sm_count)
     two_an_sm = (batch <= FOUR_WARPS_UP_TO and not long) or paired_sets(config, batch, longest, sets, head_split)
     wide = sets == 1 and wide_blocks(config, batch, longest)
     limit = (2 * sm_count if two_an_sm else sm_count // 2 if wide else sm_count) // sets

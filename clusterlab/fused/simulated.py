@@ -14,7 +14,9 @@ one), and converts ``out_acc`` at the end as the kernel's last block does. Clust
 the other, so where a KV head's positions are split (``split_positions``) its last part is the
 last to arrive, and merges the parts' states as whichever cluster arrives last does in the kernel.
 Where the batch is split over sets of clusters (``batch_parts``), each set runs on its sequences'
-rows of those arrays (:func:`batch_part`), as its slices of the kernel's arguments.
+rows of those arrays (:func:`batch_part`), as its slices of the kernel's arguments; a last set with
+fewer sequences than the others runs as a step of those alone (the kernel's phantoms, which read and
+write nothing, are not modelled).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from .plan import (
     QUEUE_ROWS,
     QUEUE_SLOTS,
     cached_range,
+    check_batch_parts,
     check_cluster_size,
     check_head_split,
     new_row_block,
     owned_quads,
     qkv_row,
     rope_pair,
+    set_batch,
 )
 from .reference import sequence_positions
 
@@ -301,8 +305,9 @@ def simulated_step(
     cluster's :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given.
     ``split_positions``: the ``head_split`` clusters of a KV head split its cached positions instead
     of its query heads (the kernel's :attr:`~clusterlab.fused.kernel.KernelSpec.split_positions`).
-    ``batch_parts``: that many sets of those clusters, each the step of an equal share of the
-    sequences (the kernel's :attr:`~clusterlab.fused.kernel.KernelSpec.batch_parts`).
+    ``batch_parts``: that many sets of those clusters, each the step of ``ceil(batch / batch_parts)``
+    of the sequences, the last of those left (the kernel's
+    :attr:`~clusterlab.fused.kernel.KernelSpec.batch_parts`; :func:`~clusterlab.fused.plan.set_batch`).
     ``handoff``: as the kernel's (:attr:`~clusterlab.fused.kernel.KernelSpec.handoff`), ``hidden``
     may be float32 sums, read rounded to the weights' dtype, and ``out`` is ``out_acc`` itself,
     float32, unconverted.
@@ -312,8 +317,7 @@ def simulated_step(
     check_cluster_size(config, cluster_size)
     check_head_split(config, head_split, split_positions)
     batch, dtype = hidden.shape[0], weights.qkv.dtype
-    if not (isinstance(batch_parts, int) and batch_parts >= 1 and batch % batch_parts == 0):
-        raise ValueError(f"batch_parts must be a positive int dividing the batch ({batch}), got {batch_parts!r}")
+    check_batch_parts(batch, batch_parts)
     positions = sequence_positions(positions, batch)
 
     def f32(t):
@@ -342,8 +346,8 @@ def simulated_step(
                   for g in range(config.kv_heads)]
         gm["q_pub"] = np.full((batch, config.kv_heads, config.group_size * config.head_dim), np.nan, F32)
         gm["slots"] = {}
-    share = batch // batch_parts  # sequences a set of clusters steps
-    for first in range(0, batch, share):
+    for first in range(0, batch, set_batch(batch, batch_parts)):
+        share = min(set_batch(batch, batch_parts), batch - first)  # sequences this set of clusters steps
         part_gm = batch_part(gm, first, first + share)
         for cluster in range(config.kv_heads * head_split):
             title = f"decode step, KV head {cluster // head_split}"
