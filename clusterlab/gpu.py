@@ -100,12 +100,13 @@ LIMIT_ATTRIBUTES = {
     "shared_bytes_per_block": "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN",
     "reserved_shared_bytes_per_block": "CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK",
     "registers_per_sm": "CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR",
+    "l2_bytes": "CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE",
 }
 
 
 def device_limits(index: int = 0) -> dict[str, int]:
-    """SM count, shared memory (per SM, per block with the opt-in, reserved per block) and
-    registers per SM of CUDA device ``index``, as the driver reports them. Raises
+    """SM count, shared memory (per SM, per block with the opt-in, reserved per block), registers
+    per SM and L2 bytes of CUDA device ``index``, as the driver reports them. Raises
     :class:`HopperRequired` where no usable GPU is found."""
     require_hopper()
     driver = _driver()

@@ -206,7 +206,7 @@ def test_layer_shape_options_are_ints_and_limits_a_device_limits(block, option, 
     assert words in str(info.value) and repr(value) in str(info.value)
 
 
-@pytest.mark.parametrize("field", ["sm_count", "shared_bytes_per_sm", "registers_per_sm"])
+@pytest.mark.parametrize("field", ["sm_count", "shared_bytes_per_sm", "registers_per_sm", "l2_bytes"])
 @pytest.mark.parametrize("value", [0, 132.0, None])
 def test_device_limits_are_positive_ints(field, value):
     from clusterlab.fused.plan import HOPPER

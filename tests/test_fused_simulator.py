@@ -9,6 +9,7 @@ import torch
 
 from clusterlab.fused import (
     LLAMA2_7B,
+    LLAMA3_2_1B,
     LLAMA3_8B,
     QWEN2_5_7B,
     AttentionConfig,
@@ -293,6 +294,23 @@ def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
     assert launch_shape(LLAMA3_8B, 8, 132, longest=PAIRS_FROM - 1, batch_parts=4) == (4, 8, 1)
 
 
+def test_odd_batches_whose_weights_fit_half_the_l2_are_split_as_even_ones():
+    # Llama-3.2-1B's one set of 16 x 8 warps a KV head fills the SMs (128 blocks), but its 21 MB of
+    # weights, streamed once a set, fit in half of a 50 MiB L2: its odd batches take the even batches'
+    # sets, the last set a sequence short; Llama-3-8B's 84 MB do not (the previous tests).
+    assert 2 * LLAMA3_2_1B.weight_bytes() <= HOPPER.l2_bytes < 2 * LLAMA3_8B.weight_bytes()
+    small_l2 = 2 * LLAMA3_2_1B.weight_bytes() - 1
+    for batch, below, pairs in ((3, 1, 2), (5, 2, 3), (7, 2, 4)):
+        long = LONG_CACHE[batch - 1]
+        assert batch_sets(LLAMA3_2_1B, batch, longest=long) == below  # two sets from BATCH_SETS_FROM
+        assert batch_sets(LLAMA3_2_1B, batch, longest=PAIRS_FROM) == pairs
+        assert launch_shape(LLAMA3_2_1B, batch, 132, longest=PAIRS_FROM) == (16 if batch == 3 else 8, 4, 1)
+        for longest in (long, PAIRS_FROM):
+            assert batch_sets(LLAMA3_2_1B, batch, longest=longest, l2_bytes=small_l2) == 1
+            assert launch_shape(LLAMA3_2_1B, batch, 132, longest=longest, l2_bytes=small_l2) == (16, 8, 1)
+    assert batch_sets(LLAMA3_2_1B, 1, longest=PAIRS_FROM) == 1
+
+
 def test_launch_shape_gives_long_mha_batches_of_5_to_8_one_16_warp_block_every_other_sm():
     # Llama-2-7B's 32 clusters of 4 x 8 warps do not all fit (clusters of 4 reach 120 SMs); from the
     # batch's LONG_CACHE rows a batch of 5 to 8 takes 32 clusters of 2 x 16 warps, 64 blocks.
@@ -386,7 +404,7 @@ def test_shared_regions_share_words_only_when_never_live_at_once(config, batch, 
 
 def test_shapes_beyond_the_cards_shared_memory_are_refused():
     small = DeviceLimits(sm_count=132, shared_bytes_per_sm=65536, shared_bytes_per_block=48 * 1024,
-                         reserved_shared_bytes_per_block=1024, registers_per_sm=65536)
+                         reserved_shared_bytes_per_block=1024, registers_per_sm=65536, l2_bytes=40 * 2**20)
     assert KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, limits=small).min_blocks_per_sm == 4
     with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory; the GPU allows 49152"):
         KernelSpec.of(LLAMA3_8B, True, 8, 16, 8, limits=small)

@@ -49,3 +49,14 @@ def test_hopper_gpu_is_reported_with_its_name():
     assert info["reason"] is None
     assert tuple(map(int, info["compute_capability"].split("."))) >= (9, 0)
     assert info["max_cluster_size"].startswith("8 portable, 16")
+
+
+@pytest.mark.gpu
+def test_the_cards_limits_are_read_from_the_driver():
+    # An H100 SXM and an H200 share HOPPER's SM; a card of another size differs only in what it reports.
+    from clusterlab.fused.plan import HOPPER, DeviceLimits
+
+    limits = DeviceLimits.of(0)
+    assert limits.sm_count == gpu.device_info()["sm_count"]
+    assert limits.shared_bytes_per_block <= limits.shared_bytes_per_sm <= 256 * 1024
+    assert 16 * 2**20 <= limits.l2_bytes <= 4 * HOPPER.l2_bytes

@@ -230,7 +230,7 @@ class DecodeAttention:
         check_longest(longest)
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
                                                        self.head_split, longest,
-                                                       self.kernel_options.get("batch_parts"))
+                                                       self.kernel_options.get("batch_parts"), self.limits.l2_bytes)
         return cluster_size, self.warps or warps, head_split
 
     def batch_parts(self, batch: int, longest: int | None = None) -> int:
@@ -238,10 +238,12 @@ class DecodeAttention:
         the ``batch_parts`` of ``kernel_options`` where given, else
         :func:`~clusterlab.fused.plan.batch_sets` (at long caches from a batch of 4: two, from
         :data:`~clusterlab.fused.plan.PAIRS_FROM` rows one a pair of sequences, a batch of 2 two sets of one;
-        an odd batch so only where one set leaves half the SMs idle, its last set a sequence short)."""
+        an odd batch so only where one set leaves half the SMs idle or the weights fit in half the L2,
+        its last set a sequence short)."""
         check_longest(longest)
         return self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
-                                                                    self.head_split, self.limits.sm_count)
+                                                                    self.head_split, self.limits.sm_count,
+                                                                    self.limits.l2_bytes)
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
         """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles,

@@ -85,13 +85,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DeviceLimits:
-    """What a launch shape depends on: the SM count, shared memory and registers of one GPU."""
+    """What a launch shape depends on: the SM count, shared memory, registers and L2 of one GPU."""
 
     sm_count: int
     shared_bytes_per_sm: int
     shared_bytes_per_block: int
     reserved_shared_bytes_per_block: int
     registers_per_sm: int
+    l2_bytes: int
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -114,9 +115,9 @@ class DeviceLimits:
 
 
 #: An H100 SXM or H200 (the same SM): 132 SMs, 228 KiB of shared memory an SM (227 KiB for one
-#: block, 1 KiB reserved per block), 64K registers an SM. The simulator backend plans for it.
+#: block, 1 KiB reserved per block), 64K registers an SM, 50 MiB of L2. The simulator backend plans for it.
 HOPPER = DeviceLimits(sm_count=132, shared_bytes_per_sm=233472, shared_bytes_per_block=232448,
-                      reserved_shared_bytes_per_block=1024, registers_per_sm=65536)
+                      reserved_shared_bytes_per_block=1024, registers_per_sm=65536, l2_bytes=50 * 2**20)
 
 #: Cluster sizes the kernel is built for (16 needs the non-portable cluster-size opt-in).
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
@@ -348,13 +349,15 @@ def check_batch_parts(batch: int, batch_parts) -> None:
 
 
 def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, cluster_size: int | None = None,
-               head_split: int | None = None, sm_count: int = HOPPER.sm_count) -> int:
+               head_split: int | None = None, sm_count: int = HOPPER.sm_count,
+               l2_bytes: int = HOPPER.l2_bytes) -> int:
     """Sets of clusters the rule splits a step's batch over (``batch_parts``), where the step takes
     the long-cache shape of its own choosing (no cluster size or head split given): from
     :data:`PAIRS_FROM` rows one set a pair of sequences and at least two (a batch of 2: two sets of
     one; :func:`paired_sets`), below that two from a batch of :data:`BATCH_SETS_FROM`; else one. An
     odd batch, whose last set steps one sequence fewer, is split so only where one set of the
-    long-cache shape leaves half of the ``sm_count`` SMs idle.
+    long-cache shape leaves half of the ``sm_count`` SMs idle, or where the weights each set streams
+    fit in half of the ``l2_bytes`` of L2 (the cached rows stream through the other half).
 
     One set of the long-cache shape leaves SMs idle where the KV heads are few (Qwen2.5-7B: 4 KV
     heads, 64 blocks of 8 warps on 132 SMs), or has clusters of 16 that do not all fit at once
@@ -378,10 +381,11 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     98.6 / 126.9 / 183.9 / 297.9 -> 86.4 / 106.5 / 151.9 / 230.6, batch 3 at 16K / 32K 92.6 / 139.9 ->
     87.9 / 123.0. With 128 blocks a set the sets' repeated weights and the short last set cost about
     what they save: Llama-3-8B batch 5 80.3 / 111.6 / 175.8 / 302.7 -> 85.7 / 117.6 / 177.6 / 288.6,
-    batch 3 at 16K 116.0 -> 121.7; Llama-3.2-1B 1-8% faster."""
+    batch 3 at 16K 116.0 -> 121.7 (84 MB of weights, over the 50 MiB L2); Llama-3.2-1B (21 MB) 1-8%
+    faster."""
     if cluster_size is not None or batch == 1 or not long_cache(config, batch, longest, head_split):
         return 1
-    if batch % 2:
+    if batch % 2 and 2 * config.weight_bytes() > l2_bytes:
         size, _, split = launch_shape(config, batch, sm_count, longest=longest, batch_parts=1)
         if 2 * config.kv_heads * size * split > sm_count:
             return 1
@@ -424,7 +428,8 @@ def paired_sets(config: AttentionConfig, batch: int, longest: int | None, sets: 
 
 
 def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None,
-                 head_split: int | None = None, longest: int | None = None, batch_parts: int | None = None):
+                 head_split: int | None = None, longest: int | None = None, batch_parts: int | None = None,
+                 l2_bytes: int = HOPPER.l2_bytes):
     """``(cluster_size, warps, head_split)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
 
     The grid of ``kv_heads x head_split x cluster_size`` blocks is the largest within ``2 x
@@ -442,7 +447,8 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     ``longest`` only through whether it reaches that; every shape computes the same step, so a
     wrong ``longest`` costs time, never correctness.
 
-    ``batch_parts``: the sets of clusters the batch is split over (None: :func:`batch_sets`'s); the
+    ``batch_parts``: the sets of clusters the batch is split over (None: :func:`batch_sets`'s for
+    ``sm_count`` SMs and ``l2_bytes`` of L2); the
     grids of all the sets together keep within the limit, so one set's is within half of it with two.
     Sets of at most two sequences from :data:`PAIRS_FROM` rows take the limit of two 4-warp blocks an
     SM (:func:`paired_sets`): Llama-3-8B at batch 8 four sets of 8 clusters of 8 x 4 warps, at batch 4
@@ -465,7 +471,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     """
     check_batch(batch)
     long = long_cache(config, batch, longest, head_split)
-    sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split, sm_count)
+    sets = batch_parts or batch_sets(config, batch, longest, cluster_size, head_split, sm_count, l2_bytes)
     two_an_sm = (batch <= FOUR_WARPS_UP_TO and not long) or paired_sets(config, batch, longest, sets, head_split)
     wide = sets == 1 and wide_blocks(config, batch, longest)
     limit = (2 * sm_count if two_an_sm else sm_count // 2 if wide else sm_count) // sets
