@@ -464,6 +464,24 @@ def test_a_batch_of_2_told_its_longest_cache_runs_two_sets_of_one_sequence(prese
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("preset, batch, longest, sets, shape",
+                         [("llama3-8b", 5, PAIRS_FROM + 301, 3, (8, 4, 1)),
+                          ("llama3.2-1b", 7, LONG_CACHE[7 - 1] + 301, 2, (8, 8, 1))])
+def test_an_odd_batch_told_its_longest_cache_runs_the_rules_sets_the_last_a_sequence_short(preset, batch, longest,
+                                                                                          sets, shape):
+    """``plan.batch_sets`` for an odd batch on this card: from PAIRS_FROM rows Llama-3-8B's batch of 5 in
+    sets of pairs (2, 2, 1); Llama-3.2-1B's weights fit in half the L2, so its batch of 7 runs in two sets
+    (4, 3) from LONG_CACHE rows. Ragged (the longest cache beside an empty one) against the reference."""
+    config = PRESETS[preset]
+    layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16, "cuda", seed=8))
+    assert layer.batch_parts(batch, longest) == sets and layer.shape(batch, longest) == shape
+    assert layer.kernel_spec(torch.float16, batch, longest).uneven
+    ragged = torch.randint(0, longest - 1, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
+    ragged[0], ragged[-1] = longest - 1, 0
+    _check_steps(layer, torch.float16, batch, [ragged], hint=True)
+
+
+@pytest.mark.gpu
 def test_the_timeline_records_every_block_of_a_batch_split_over_sets():
     """``python -m clusterlab.bench.fused_timeline --shape CxWxSxP`` in small: two sets of clusters,
     the instrumented step against the reference, every block of both sets with its SM and phases."""

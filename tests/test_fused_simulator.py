@@ -262,8 +262,9 @@ def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
     # From PAIRS_FROM rows an even batch goes to sets of two sequences, at least two sets (a batch of 2:
     # two sets of one), each set's grid planned for two 4-warp blocks an SM (the limit of 264 blocks
     # shared by the sets); below, two sets of 8-warp blocks from a batch of 4, one set at batch 2; an
-    # odd batch too where one set leaves half the SMs idle (Qwen2.5-7B, the last set one sequence
-    # short); the other odd batches, MHA and a given cluster size keep one set.
+    # odd batch of 5 or 7 too, the last set one sequence short, and below or at batch 3 where one set
+    # leaves half the SMs idle (Qwen2.5-7B); the other odd batches, MHA and a given cluster size keep
+    # one set.
     assert PAIRS_FROM == 16384
     # (Qwen2.5-7B's 4 KV heads: one cluster of 16 a KV head, 64 blocks a set; two sets of them fit
     # the SMs in 8-warp blocks)
@@ -279,9 +280,13 @@ def test_launch_shape_pairs_the_sequences_of_a_batch_at_the_longest_caches():
         assert launch_shape(config, batch, 132, longest=PAIRS_FROM - 1) == launch_shape(config, batch, 132,
                                                                                          longest=LONG_CACHE[batch - 1])
     assert launch_shape(LLAMA3_8B, 2, 132, longest=PAIRS_FROM - 1) == (16, 8, 1)
-    for batch in (1, 3, 5, 7):
+    for batch in (1, 3):  # below BATCH_SETS_FROM Llama-3-8B's one set fills the SMs
         assert batch_sets(LLAMA3_8B, batch, longest=PAIRS_FROM) == 1
         assert launch_shape(LLAMA3_8B, batch, 132, longest=PAIRS_FROM) == (16, 8, 1)
+    for batch, sets in ((5, 3), (7, 4)):  # sets of pairs, the last a sequence short
+        assert batch_sets(LLAMA3_8B, batch, longest=PAIRS_FROM) == sets
+        assert launch_shape(LLAMA3_8B, batch, 132, longest=PAIRS_FROM) == (8, 4, 1)
+        assert batch_sets(LLAMA3_8B, batch, longest=PAIRS_FROM - 1) == 1
     assert batch_sets(QWEN2_5_7B, 3, longest=PAIRS_FROM) == 2 and batch_sets(QWEN2_5_7B, 3, longest=PAIRS_FROM - 1) == 1
     assert batch_sets(QWEN2_5_7B, 1, longest=PAIRS_FROM) == 1  # one sequence: one set
     assert launch_shape(QWEN2_5_7B, 3, 132, longest=PAIRS_FROM) == (16, 8, 1)  # sets of 2 and 1, 64 blocks each
@@ -305,9 +310,12 @@ def test_odd_batches_whose_weights_fit_half_the_l2_are_split_as_even_ones():
         assert batch_sets(LLAMA3_2_1B, batch, longest=long) == below  # two sets from BATCH_SETS_FROM
         assert batch_sets(LLAMA3_2_1B, batch, longest=PAIRS_FROM) == pairs
         assert launch_shape(LLAMA3_2_1B, batch, 132, longest=PAIRS_FROM) == (16 if batch == 3 else 8, 4, 1)
-        for longest in (long, PAIRS_FROM):
+        # with less L2 only the sets of pairs from a batch of 5 stay (as Llama-3-8B's)
+        for longest in (long, PAIRS_FROM) if batch == 3 else (long,):
             assert batch_sets(LLAMA3_2_1B, batch, longest=longest, l2_bytes=small_l2) == 1
             assert launch_shape(LLAMA3_2_1B, batch, 132, longest=longest, l2_bytes=small_l2) == (16, 8, 1)
+        if batch > 3:
+            assert batch_sets(LLAMA3_2_1B, batch, longest=PAIRS_FROM, l2_bytes=small_l2) == pairs
     assert batch_sets(LLAMA3_2_1B, 1, longest=PAIRS_FROM) == 1
 
 

@@ -238,8 +238,8 @@ class DecodeAttention:
         the ``batch_parts`` of ``kernel_options`` where given, else
         :func:`~clusterlab.fused.plan.batch_sets` (at long caches from a batch of 4: two, from
         :data:`~clusterlab.fused.plan.PAIRS_FROM` rows one a pair of sequences, a batch of 2 two sets of one;
-        an odd batch so only where one set leaves half the SMs idle or the weights fit in half the L2,
-        its last set a sequence short)."""
+        an odd batch so in pairs from a batch of 5, else only where one set leaves half the SMs idle or
+        the weights fit in half the L2, its last set a sequence short)."""
         check_longest(longest)
         return self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
                                                                     self.head_split, self.limits.sm_count,

@@ -115,7 +115,8 @@ class DeviceLimits:
 
 
 #: An H100 SXM or H200 (the same SM): 132 SMs, 228 KiB of shared memory an SM (227 KiB for one
-#: block, 1 KiB reserved per block), 64K registers an SM, 50 MiB of L2. The simulator backend plans for it.
+#: block, 1 KiB reserved per block), 64K registers an SM, an H100's 50 MiB of L2 (an H200 has 60 MiB). The
+#: simulator backend plans for it.
 HOPPER = DeviceLimits(sm_count=132, shared_bytes_per_sm=233472, shared_bytes_per_block=232448,
                       reserved_shared_bytes_per_block=1024, registers_per_sm=65536, l2_bytes=50 * 2**20)
 
@@ -355,9 +356,10 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     the long-cache shape of its own choosing (no cluster size or head split given): from
     :data:`PAIRS_FROM` rows one set a pair of sequences and at least two (a batch of 2: two sets of
     one; :func:`paired_sets`), below that two from a batch of :data:`BATCH_SETS_FROM`; else one. An
-    odd batch, whose last set steps one sequence fewer, is split so only where one set of the
-    long-cache shape leaves half of the ``sm_count`` SMs idle, or where the weights each set streams
-    fit in half of the ``l2_bytes`` of L2 (the cached rows stream through the other half).
+    odd batch, whose last set steps one sequence fewer, is split so in sets of pairs from a batch of 5;
+    below :data:`PAIRS_FROM` rows, and at batch 3, only where one set of the long-cache shape leaves
+    half of the ``sm_count`` SMs idle or where the weights each set streams fit in half of the
+    ``l2_bytes`` of L2 (the cached rows stream through the other half).
 
     One set of the long-cache shape leaves SMs idle where the KV heads are few (Qwen2.5-7B: 4 KV
     heads, 64 blocks of 8 warps on 132 SMs), or has clusters of 16 that do not all fit at once
@@ -382,12 +384,15 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     87.9 / 123.0. With 128 blocks a set the sets' repeated weights and the short last set cost about
     what they save: Llama-3-8B batch 5 80.3 / 111.6 / 175.8 / 302.7 -> 85.7 / 117.6 / 177.6 / 288.6,
     batch 3 at 16K 116.0 -> 121.7 (84 MB of weights, over the 50 MiB L2); Llama-3.2-1B (21 MB) 1-8%
-    faster."""
+    faster. On the H200 (60 MiB of L2, v69), one set -> sets: Llama-3.2-1B batch 7 at 4K / 32K 44.0 /
+    167.7 -> 41.8 / 144.3, batch 3 at 32K 84.5 -> 76.8; Llama-3-8B's sets of pairs at 16K / 32K batch 5
+    159.3 / 272.1 -> 153.4 / 243.3, batch 7 192.8 / 330.4 -> 183.7 / 298.4, batch 3 102.3 / 163.5 ->
+    104.4 / 159.2; its two sets below 16K lost up to 11% (batch 5 at 4K 73.8 -> 81.2)."""
     if cluster_size is not None or batch == 1 or not long_cache(config, batch, longest, head_split):
         return 1
-    if batch % 2 and 2 * config.weight_bytes() > l2_bytes:
+    if batch % 2 and not (batch > BATCH_SETS_FROM and longest >= PAIRS_FROM):
         size, _, split = launch_shape(config, batch, sm_count, longest=longest, batch_parts=1)
-        if 2 * config.kv_heads * size * split > sm_count:
+        if 2 * config.weight_bytes() > l2_bytes and 2 * config.kv_heads * size * split > sm_count:
             return 1
     if longest >= PAIRS_FROM:
         return max(2, set_batch(batch, 2))
