@@ -390,9 +390,10 @@ def batch_sets(config: AttentionConfig, batch: int, longest: int | None = None, 
     104.4 / 159.2; its two sets below 16K lost up to 11% (batch 5 at 4K 73.8 -> 81.2)."""
     if cluster_size is not None or batch == 1 or not long_cache(config, batch, longest, head_split):
         return 1
-    if batch % 2 and not (batch > BATCH_SETS_FROM and longest >= PAIRS_FROM):
+    pairs = batch > BATCH_SETS_FROM and longest >= PAIRS_FROM
+    if batch % 2 and not pairs and 2 * config.weight_bytes() > l2_bytes:
         size, _, split = launch_shape(config, batch, sm_count, longest=longest, batch_parts=1)
-        if 2 * config.weight_bytes() > l2_bytes and 2 * config.kv_heads * size * split > sm_count:
+        if 2 * config.kv_heads * size * split > sm_count:
             return 1
     if longest >= PAIRS_FROM:
         return max(2, set_batch(batch, 2))
