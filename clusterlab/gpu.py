@@ -136,6 +136,7 @@ def device_info() -> dict[str, object]:
         "max_shared_bytes_per_block_optin": _attribute(
             driver, device, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN"
         ),
+        "l2_bytes": _attribute(driver, device, LIMIT_ATTRIBUTES["l2_bytes"]),
         "driver_cuda_version": f"{driver_version // 1000}.{driver_version % 1000 // 10}",
         "reason": hopper_problem(),
         **software_versions(),

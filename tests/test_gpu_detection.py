@@ -56,7 +56,7 @@ def test_the_cards_limits_are_read_from_the_driver():
     # An H100 SXM and an H200 share HOPPER's SM; a card of another size differs only in what it reports.
     from clusterlab.fused.plan import HOPPER, DeviceLimits
 
-    limits = DeviceLimits.of(0)
-    assert limits.sm_count == gpu.device_info()["sm_count"]
+    limits, info = DeviceLimits.of(0), gpu.device_info()
+    assert (limits.sm_count, limits.l2_bytes) == (info["sm_count"], info["l2_bytes"])
     assert limits.shared_bytes_per_block <= limits.shared_bytes_per_sm <= 256 * 1024
     assert 16 * 2**20 <= limits.l2_bytes <= 4 * HOPPER.l2_bytes
