@@ -121,11 +121,10 @@ def test_a_card_without_a_name_is_an_error():
 def test_results_header_names_the_card_the_driver_the_date_and_the_commit(monkeypatch):
     monkeypatch.setenv("CLUSTERLAB_COMMIT", "0123abc")
     monkeypatch.setattr(timing, "_smi", lambda fields: ["580.159.04"] if tuple(fields) == ("driver_version",) else None)
-    info = {"gpu": "NVIDIA H200", "l2_bytes": 62914560, "driver_cuda_version": "13.0", "torch": "2.11.0",
-            "numba-cuda": "0.30.4"}
+    info = {"gpu": "NVIDIA H200", "driver_cuda_version": "13.0", "torch": "2.11.0", "numba-cuda": "0.30.4"}
     head = timing.results_header(info, ("torch", "transformers"))
     assert head.pop("date").endswith("+00:00")
-    assert head == {"card": "NVIDIA H200", "l2_bytes": 62914560, "driver": "580.159.04", "driver_cuda_version": "13.0",
+    assert head == {"card": "NVIDIA H200", "driver": "580.159.04", "driver_cuda_version": "13.0",
                     "software": {"torch": "2.11.0", "transformers": None}, "commit": "0123abc"}
     monkeypatch.setattr(timing, "_smi", lambda fields: None)  # no nvidia-smi
     assert timing.results_header(info)["driver"] is None

@@ -366,7 +366,7 @@ def run_bench(
             )
             rows.append(row)
             print(_format_row(row), flush=True)
-            _write(rows, bandwidth, Path(out_dir), tag, info)  # after each row: a cut-short run keeps its rows
+            _write(rows, bandwidth, l2_bytes, Path(out_dir), tag, info)  # after each row: a cut-short run keeps its rows
             del run
     print(format_table(rows, bandwidth))
     return rows
@@ -389,11 +389,12 @@ def format_table(rows: list[BenchRow], bandwidth: float) -> str:
     return "\n".join(lines)
 
 
-def _write(rows, bandwidth, out_dir: Path, tag: str, info: dict) -> None:
+def _write(rows, bandwidth, l2_bytes: int, out_dir: Path, tag: str, info: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         **results_header(info),
         "copy_bandwidth_tbps": bandwidth / 1e12,
+        "l2_bytes": l2_bytes,  # the launch rule reads it (plan.batch_sets)
         "rows": [asdict(r) | {"fraction_of_copy_bw": r.fraction_of_copy_bw} for r in rows],
     }
     write_json(record, out_dir / f"fused_{tag}.json")

@@ -331,12 +331,11 @@ def system_info() -> dict:
 
 
 def results_header(info: dict, packages=("numba-cuda", "cuda-core", "torch")) -> dict:
-    """The first fields of a benchmark's results file: ``card``, its ``l2_bytes`` (the launch rule reads
-    them: ``plan.batch_sets``), ``driver`` (release), ``driver_cuda_version``, ``software`` (the versions of
-    ``packages``), UTC ``date`` and ``commit``. ``info``: :func:`clusterlab.gpu.device_info`'s dict."""
+    """The first fields of a benchmark's results file: ``card``, ``driver`` (release), ``driver_cuda_version``,
+    ``software`` (the versions of ``packages``), UTC ``date`` and ``commit``. ``info``:
+    :func:`clusterlab.gpu.device_info`'s dict."""
     return {
         "card": info.get("gpu"),
-        "l2_bytes": info.get("l2_bytes"),
         "driver": driver_release(),
         "driver_cuda_version": info.get("driver_cuda_version"),
         "software": {k: info.get(k) for k in packages},
