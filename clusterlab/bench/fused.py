@@ -314,7 +314,7 @@ def run_bench(
     require_hopper()
     info = device_info()
     tag = card_tag(info["gpu"]) if tag is None else tag
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    l2_bytes = info["l2_bytes"]  # the driver's figure, as DeviceLimits.of reads it
     bandwidth = copy_bandwidth().median
     print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {l2_bytes >> 20} MiB",
           flush=True)
