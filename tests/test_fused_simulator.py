@@ -607,7 +607,8 @@ def test_the_work_queue_claims_every_chunk_once():
 
 
 def test_the_layer_runs_the_work_queue_on_the_simulator_and_refuses_a_head_split():
-    """``kernel_options={"work_queue": True}`` reaches the simulator backend; a head split is refused by name."""
+    """``kernel_options={"work_queue": True}`` reaches the simulator backend; a head split, or positions split, is
+    refused by name, by the kernel's spec and by the simulator alike."""
     config, cluster_size, batch, _ = CASES[3]
     weights = AttentionWeights.random(config, torch.float16, seed=5)
     layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=1,
@@ -615,7 +616,15 @@ def test_the_layer_runs_the_work_queue_on_the_simulator_and_refuses_a_head_split
     assert layer.kernel_spec(torch.float16, batch).queue_rows == 64
     hidden, residual, cache, positions = _step_matches_reference(layer, batch)
     split = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=2, kernel_options={"work_queue": True})
-    with pytest.raises(ValueError, match="work_queue takes a cluster a KV head .head_split 1., got head_split 2"):
+    refusal = "work_queue takes a cluster a KV head .head_split 1, no split_positions., got head_split"
+    with pytest.raises(ValueError, match=f"{refusal} 2, split_positions False"):
         split(hidden, residual, cache, positions)
+    positions_split = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=1,
+                                      kernel_options={"work_queue": True, "split_positions": True})
+    with pytest.raises(ValueError, match=f"{refusal} 1, split_positions True"):
+        positions_split(hidden, residual, cache, positions)
+    with pytest.raises(ValueError, match=f"{refusal} 1, split_positions True"):
+        simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, split_positions=True,
+                       work_queue=True)
     with pytest.raises(ValueError, match="queue_rows=100; allowed: an int, a multiple of 64 from 64 to 4096"):
         DecodeAttention(config, weights, kernel_options={"work_queue": True, "queue_rows": 100})

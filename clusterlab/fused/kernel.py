@@ -250,8 +250,8 @@ class KernelSpec(BlockShape):
         spec.qkv_tile()  # raises if the hidden slice has no valid tiling
         spec.o_tile()
         spec.mma_attention  # raises where the switches ask what this shape cannot do
-        if spec.work_queue and spec.head_split != 1:
-            raise ValueError(f"work_queue takes a cluster a KV head (head_split 1), got head_split {head_split}")
+        if spec.work_queue:
+            plan.check_work_queue(spec.head_split, spec.split_positions)
         plan.check_kernel_options({"queue_rows": spec.queue_rows})
         if spec.shared_bytes > limits.shared_bytes_per_block:
             raise ValueError(

@@ -340,10 +340,18 @@ def set_batch(batch: int, sets: int) -> int:
     return -(-batch // sets)
 
 
+def check_work_queue(head_split: int, split_positions: bool) -> None:
+    """The work queue takes a cluster a KV head: ``head_split`` 1, the positions not split."""
+    if head_split != 1 or split_positions:
+        raise ValueError(f"work_queue takes a cluster a KV head (head_split 1, no split_positions), got head_split "
+                         f"{head_split!r}, split_positions {split_positions!r}")
+
+
 def check_batch_parts(batch: int, batch_parts) -> None:
     """``batch_parts`` sets of clusters each step at least one of ``batch`` sequences (:func:`set_batch`)."""
-    allowed = [p for p in range(1, batch + 1) if (p - 1) * set_batch(batch, p) < batch]
-    if not (is_int(batch_parts) and batch_parts in allowed):
+    if not (is_int(batch_parts) and 1 <= batch_parts <= batch
+            and (batch_parts - 1) * set_batch(batch, batch_parts) < batch):
+        allowed = [p for p in range(1, batch + 1) if (p - 1) * set_batch(batch, p) < batch]
         raise ValueError(f"batch_parts must leave each set of clusters at least one of the batch's {batch} sequences "
                          f"(sets of ceil({batch} / batch_parts), the last the rest): one of {allowed}, "
                          f"got {batch_parts!r}")

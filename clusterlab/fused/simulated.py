@@ -36,6 +36,7 @@ from .plan import (
     check_batch_parts,
     check_cluster_size,
     check_head_split,
+    check_work_queue,
     new_row_block,
     owned_quads,
     qkv_row,
@@ -340,8 +341,7 @@ def simulated_step(
         gm["part_m"] = np.full((kv, head_split, batch, group), np.nan, F32)
         gm["part_l"] = np.full((kv, head_split, batch, group), np.nan, F32)
     if work_queue:
-        if split_positions or head_split != 1:
-            raise ValueError("work_queue takes a cluster a KV head (head_split 1, no split_positions)")
+        check_work_queue(head_split, split_positions)
         claims = [queue_claims(positions, cluster_size, queue_rows, claim_seed * config.kv_heads + g)
                   for g in range(config.kv_heads)]
         gm["q_pub"] = np.full((batch, config.kv_heads, config.group_size * config.head_dim), np.nan, F32)
