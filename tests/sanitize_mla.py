@@ -1,12 +1,12 @@
-"""Run the MLA layer's three kernels once per shape of interest; run under compute-sanitizer.
+"""Run the MLA layer's kernels once per shape of interest; run under compute-sanitizer.
 
     compute-sanitizer --tool racecheck python tests/sanitize_mla.py
 
 Shapes: DeepSeek-V2-Lite (clusters of 8, interleaved RoPE) on a ragged batch with an empty cache,
 float16 and bfloat16, and in launch 2's wider grid of long caches (28 clusters of 8 a sequence, two
 blocks on most SMs); a small rotate-half shape with clusters of 4 and 3 attention clusters a
-sequence. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards
-itself).
+sequence; and one launch a step (``kernel_options={"one_launch": True}``) at DeepSeek-V2-Lite's and the
+small shape. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
 """
 
 import torch
@@ -23,6 +23,10 @@ SHAPES = [
     (DEEPSEEK_V2_LITE, {"warps": 4}, [200], torch.float16),
     (DEEPSEEK_V2_LITE, {"attention_clusters": 28}, [2500], torch.float16),
     (SMALL, {"cluster_size": 4, "attention_clusters": 3}, [5, 0, 90, 13], torch.float16),
+    # one launch a step: the roles' tickets, the waits on device memory and the words' reset
+    (DEEPSEEK_V2_LITE, {"kernel_options": {"one_launch": True}}, [0, 300, 37], torch.bfloat16),
+    (SMALL, {"cluster_size": 4, "attention_clusters": 3, "warps": 4, "kernel_options": {"one_launch": True}},
+     [5, 0, 90, 13], torch.float16),
 ]
 
 exit_with(run_steps(SHAPES, MLAWeights, LatentCache, DecodeMLA, mla_reference_step))

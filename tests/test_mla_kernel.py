@@ -10,6 +10,7 @@ from clusterlab.fused.mla_kernel import (
     build_attention_kernel,
     build_output_kernel,
     build_projections_kernel,
+    build_step_kernel,
     mla_kernel_signatures,
 )
 from clusterlab.fused.reference import relative_error
@@ -40,7 +41,7 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
     from clusterlab.toolchain import assemble, kernel_ptx
 
     spec = MLASpec.of(config, bf16, batch, cluster_size, config.heads, warps)
-    signature = dict(zip(KERNELS, mla_kernel_signatures()))[kernel]
+    signature = mla_kernel_signatures()[kernel]
     ptx = kernel_ptx(KERNELS[kernel](spec), signature, launch_bounds=spec.launch_bounds(kernel))
     for instruction in ("ld.shared::cluster.v4.f32", "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
         assert instruction in ptx, instruction
@@ -61,6 +62,52 @@ def test_kernels_assemble_for_sm90a(kernel, config, bf16, batch, cluster_size, w
     # batch 8 at 1K runs 3 a head, which spills nothing). Every other kernel here spills nothing.
     spill = 40 if (kernel, config, bf16, batch) == ("output", DEEPSEEK_V2_LITE, False, 8) else 0
     assert result.spill_bytes <= spill
+
+
+# One launch a step: every role's instructions in one kernel, the tickets and counters as atomics on device
+# memory. Its registers are the largest role's; at batch 1 the roles together spill 96 bytes under the
+# 128-register bound with the test extra's ptxas (CUDA 13), where no launch alone spills.
+@pytest.mark.ptx
+@pytest.mark.parametrize(
+    "config, bf16, batch, cluster_size, attention_clusters, warps, spill",
+    [(DEEPSEEK_V2_LITE, False, 1, 8, 16, 8, 96), (DEEPSEEK_V2_LITE, True, 4, 8, 4, 8, 0),
+     (DEEPSEEK_V2_LITE, False, 8, 8, 3, 8, 0), (SMALL_HALF, False, 3, 2, 5, 4, 0)],
+    ids=["v2-lite-f16-b1", "v2-lite-bf16-b4", "v2-lite-f16-b8", "small-rotate-half-f16-b3"],
+)
+def test_the_one_launch_kernel_assembles_for_sm90a(config, bf16, batch, cluster_size, attention_clusters, warps,
+                                                   spill):
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    spec = MLASpec.of(config, bf16, batch, cluster_size, attention_clusters, warps)
+    ptx = kernel_ptx(build_step_kernel(spec), mla_kernel_signatures()["step"], launch_bounds=spec.launch_bounds("step"))
+    for instruction in ("st.shared::cluster.v4.f32", "atom.global.add.f32", "mma.sync.aligned.m16n8k16.row.col.f32",
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes", "atom.global.add.u32",
+                        "membar.gl"):
+        assert instruction in ptx, instruction
+    assert "st.local" not in ptx  # every register array indexed by constants
+    assert ".f64" not in ptx
+    result = assemble(ptx)
+    assert result.spill_bytes <= spill
+    roles = ("projections", "attention", "output")
+    assert spec.shared_words("step") == max(spec.shared_words(k) for k in roles)
+    assert spec.launch_bounds("step") == (spec.threads, min(spec.launch_bounds(k)[1] for k in roles))
+    assert spec.step_clusters == 2 * config.heads + attention_clusters * batch
+
+
+def test_one_launch_needs_launch_2s_warps():
+    weights = MLAWeights.random(SMALL, torch.float16)
+    one = {"one_launch": True}
+    with pytest.raises(ValueError, match=r"one_launch needs warps=4 \(launch 2's: kv_lora_rank / 64\), got warps=8"):
+        DecodeMLA(SMALL, weights, kernel_options=one)
+    with pytest.raises(ValueError, match="kernel_options: one_launch='yes'; allowed: True or False"):
+        DecodeMLA(SMALL, weights, kernel_options={"one_launch": "yes"})
+    with pytest.raises(ValueError, match="kernel_options: unknown name 'registers'; allowed: one_launch"):
+        DecodeMLA(SMALL, weights, kernel_options={"registers": 168})
+    spec = MLASpec.of(SMALL, False, 1, 4, 8, 8)
+    with pytest.raises(ValueError, match="one_launch needs warps=4"):
+        build_step_kernel(spec)
+    assert DecodeMLA(SMALL, weights, warps=4, kernel_options=one).one_launch
+    assert not DecodeMLA(SMALL, weights).one_launch
 
 
 def test_specs_refuse_what_the_kernels_do_not_take():
@@ -167,14 +214,16 @@ def _check_steps(layer, dtype, batch, positions, seed=0):
         others[rows, written] = False
         assert torch.equal(cache.latent[others].view(torch.int16), before.latent[others].view(torch.int16)), where
         assert not layer._out_acc.any() and not layer._arrivals.any(), "workspace not left zero"
+        assert not layer._step_words.any(), "one launch's words not left zero"
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("one_launch", [False, True], ids=["three-launches", "one-launch"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("batch", [1, 4, 8])
-def test_deepseek_v2_lite_matches_reference(dtype, batch):
+def test_deepseek_v2_lite_matches_reference(dtype, batch, one_launch):
     weights = MLAWeights.random(DEEPSEEK_V2_LITE, dtype, "cuda", seed=batch)
-    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)
+    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights, kernel_options={"one_launch": one_launch})
     gen = torch.Generator().manual_seed(batch)
     ragged = torch.randint(0, 5000, (batch,), generator=gen).tolist()
     ragged[0] = 0  # an empty cache beside longer ones
@@ -184,21 +233,27 @@ def test_deepseek_v2_lite_matches_reference(dtype, batch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "config, cluster_size, attention_clusters, warps, batch",
-    [(SMALL, 4, 8, 8, 3), (SMALL, 2, 1, 4, 2), (SMALL, 16, 3, 8, 5), (SMALL_HALF, 1, 5, 8, 1),
-     (SMALL_HALF, 8, 2, 4, 8)],
-    ids=["small-c4", "small-c2-a1", "small-c16", "rotate-half-c1", "rotate-half-c8-b8"],
+    "config, cluster_size, attention_clusters, warps, batch, one_launch",
+    [(SMALL, 4, 8, 8, 3, False), (SMALL, 2, 1, 4, 2, False), (SMALL, 16, 3, 8, 5, False),
+     (SMALL_HALF, 1, 5, 8, 1, False), (SMALL_HALF, 8, 2, 4, 8, False), (SMALL, 2, 1, 4, 2, True),
+     (SMALL, 16, 3, 4, 5, True), (SMALL_HALF, 1, 5, 4, 1, True)],
+    ids=["small-c4", "small-c2-a1", "small-c16", "rotate-half-c1", "rotate-half-c8-b8", "small-c2-a1-one-launch",
+         "small-c16-one-launch", "rotate-half-c1-one-launch"],
 )
-def test_small_shapes_cluster_sizes_and_attention_grids(config, cluster_size, attention_clusters, warps, batch):
+def test_small_shapes_cluster_sizes_and_attention_grids(config, cluster_size, attention_clusters, warps, batch,
+                                                        one_launch):
     weights = MLAWeights.random(config, torch.bfloat16, "cuda", seed=7)
-    layer = DecodeMLA(config, weights, cluster_size=cluster_size, attention_clusters=attention_clusters, warps=warps)
+    layer = DecodeMLA(config, weights, cluster_size=cluster_size, attention_clusters=attention_clusters, warps=warps,
+                      kernel_options={"one_launch": one_launch})
     _check_steps(layer, torch.bfloat16, batch, [0, 17, [300 + 7 * b for b in range(batch)]])
 
 
 @pytest.mark.gpu
-def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache():
+@pytest.mark.parametrize("one_launch", [False, True], ids=["three-launches", "one-launch"])
+def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(one_launch):
     weights = MLAWeights.random(SMALL, torch.float16, "cuda", seed=4)
-    layer = DecodeMLA(SMALL, weights, cluster_size=4)
+    layer = DecodeMLA(SMALL, weights, cluster_size=4, warps=4 if one_launch else None,
+                      kernel_options={"one_launch": one_launch})
     hidden, residual, cache = _inputs(SMALL, torch.float16, 3, 64, seed=9)
     before = cache.clone()
     positions = torch.tensor([10, 64, -1], dtype=torch.int32, device="cuda")
@@ -208,13 +263,14 @@ def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(
     assert relative_error(out[:1], want.out) < TOLERANCE
     assert out[1:].isnan().all()
     assert torch.equal(cache.latent[1:].view(torch.int16), before.latent[1:].view(torch.int16))
-    assert not layer._out_acc.any() and not layer._arrivals.any()
+    assert not layer._out_acc.any() and not layer._arrivals.any() and not layer._step_words.any()
 
 
 @pytest.mark.gpu
-def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device():
+@pytest.mark.parametrize("one_launch", [False, True], ids=["three-launches", "one-launch"])
+def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device(one_launch):
     weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.bfloat16, "cuda", seed=11)
-    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)
+    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights, kernel_options={"one_launch": one_launch})
     hidden, residual, cache = _inputs(DEEPSEEK_V2_LITE, torch.bfloat16, 3, 2100, seed=12)
     positions = torch.tensor([5, 2000, 700], dtype=torch.int32, device="cuda")
     out = torch.full_like(hidden, float("nan"))
@@ -233,3 +289,4 @@ def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device
         assert relative_error(out, want.out) < TOLERANCE, f"step {step}"
         rows = torch.arange(3, device="cuda")
         assert relative_error(cache.latent[rows, torch.tensor(at, device="cuda")], want.latent) < TOLERANCE
+        assert not layer._step_words.any()  # one launch leaves its words zero for the next replay

@@ -29,8 +29,9 @@ compiles every kernel of the run first, 16 at once (a kernel takes 20-30 s on on
 batch and dtype is one), into the kernel cache (:mod:`clusterlab.kernel_cache`) the timing then loads them from.
 ``--variant 16x4x2 16x8x1`` times other launch shapes (``rule`` among them: the launch rule's own, which may
 differ by preset, batch and length), ``--spec default registers=168`` other kernels of the Llama-style layer
-(its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`), each checked against the reference
-like the default.
+(its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`; the MLA layer's,
+:data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`, e.g. ``--preset deepseek-v2-lite --spec default
+one_launch=True``), each checked against the reference like the default.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
 from ..fused.mla_reference import UnfusedMLA, mla_reference_step
-from ..fused.plan import CLUSTER_SIZES, KERNEL_CHOICES, WARP_COUNTS, check_kernel_options, set_batch
+from ..fused.plan import (CLUSTER_SIZES, KERNEL_CHOICES, MLA_KERNEL_CHOICES, WARP_COUNTS, check_kernel_options,
+                          set_batch)
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
 from .timing import (card_tag, copy_bandwidth, graph_per_op_us, results_header, short_commit, writable_dir,
@@ -530,10 +532,12 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--variant", nargs="*", default=None, metavar="CxW", type=parse_variant,
                         help="fused variants as cluster_size x warps [x head_split; MLA: x attention clusters a "
                              "sequence], e.g. 8x4 16x4x2, or rule (the launch rule's shape), e.g. rule 16x8x1")
-    parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...", type=parse_options,
+    parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...",
+                        type=functools.partial(parse_options, choices=KERNEL_CHOICES | MLA_KERNEL_CHOICES),
                         help="time the fused kernel with these kernel_options (each with every variant), e.g. "
                              f"default registers=168 attention_mma=False ('default': the launch rule's kernel); "
-                             f"names: {', '.join(KERNEL_CHOICES)}")
+                             f"names: {', '.join(KERNEL_CHOICES)}; for deepseek-v2-lite: "
+                             f"{', '.join(MLA_KERNEL_CHOICES)}")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,

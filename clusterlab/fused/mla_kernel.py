@@ -1,4 +1,4 @@
-"""The MLA decode kernels: three cluster launches a step, the dataflow of ``docs/mla-decode-design.md``.
+"""The MLA decode kernels: three cluster launches a step, or one, the dataflow of ``docs/mla-decode-design.md``.
 
 The simulator programs of the same dataflow are in :mod:`clusterlab.fused.mla_simulated`, launch
 for launch and phase for phase (``# -- 1 projections`` .. ``# -- 5 finish``, the same names). The
@@ -40,6 +40,12 @@ into a partial ``o[h]``; barrier; owners of ``o``'s quads sum the partials and p
 every block (a gather); barrier; the block's rows of ``o_proj`` times ``o[h]`` added into
 ``out_acc``, converted by the last block of each rank (:func:`~clusterlab.fused.kernel.make_finish`).
 
+Each launch's body is a device function of its cluster's number, named as the simulator's program of the
+same phase (``projections_block``, ``attention_block``, ``output_block``). :func:`build_step_kernel` runs the
+three as roles of one launch: a cluster takes a ticket from a counter in device memory as it starts, and the
+ticket says its role; attention clusters wait until every projection block has counted itself in, output
+clusters until every attention block has, each with its first loads already in flight.
+
 The matrix-vector steps, the input phase, the exchanges and the finish are the Llama block's
 (:mod:`clusterlab.fused.kernel`); the kernels keep float32 between launches.
 """
@@ -67,6 +73,42 @@ MMA_HEADS = 16
 ATTENTION_TILE = 16
 #: ... through a ring of this many tiles: while the block folds one, the next ones are in flight.
 ATTENTION_STAGES = 4
+#: The words of ``step_words``, the one-launch step's counters in device memory (int32, zero on entry and
+#: left zero): clusters take their roles from ``TICKET`` in the order they start, projection blocks count
+#: themselves in on ``QUERIES_DONE`` and attention blocks on ``STATES_DONE``, every block on ``LEFT`` as it
+#: leaves (the last one sets all four back to zero). See :func:`build_step_kernel`.
+TICKET, QUERIES_DONE, STATES_DONE, LEFT = range(4)
+STEP_WORDS = 4
+
+
+@cuda.jit(device=True, inline=True)
+def count_in(words, counter, tid):
+    """Count the block in on ``words[counter]`` (device memory) after every write it made: a block that sees
+    the count with :func:`wait_for` sees the writes."""
+    cuda.threadfence()
+    cuda.syncthreads()
+    if tid == 0:
+        cuda.atomic.add(words, counter, 1)
+
+
+@cuda.jit(device=True, inline=True)
+def wait_for(words, counter, count, tid):
+    """Wait until ``count`` blocks have counted themselves in on ``words[counter]`` (:func:`count_in`):
+    thread 0 polls the word (atomic reads, served by L2) and fences, then the block passes a barrier, so that
+    every thread's later loads see what the counted blocks wrote."""
+    if tid == 0:
+        while cuda.atomic.add(words, counter, 0) < count:
+            pass
+        cuda.threadfence()
+    cuda.syncthreads()
+
+
+def check_one_launch(kv_lora_rank: int, warps: int) -> None:
+    """One launch a step (:func:`build_step_kernel`) runs the three launches' blocks as roles of one grid, so
+    their threads must agree: ``warps`` (launches 1 and 3) must be launch 2's, ``kv_lora_rank / 64``."""
+    if warps != kv_lora_rank // 64:
+        raise ValueError(f"one_launch needs warps={kv_lora_rank // 64} (launch 2's: kv_lora_rank / 64), "
+                         f"got warps={warps}")
 
 
 @dataclass(frozen=True)
@@ -222,34 +264,35 @@ class MLASpec(BlockShape):
                                "state_m": self.heads, "state_l": self.heads, "red": self.attention_warps})
 
     def launch_bounds(self, kernel: str) -> tuple[int, int]:
-        """``(threads, min_blocks_per_sm)`` of ``kernel`` (``"projections"``, ``"attention"``, ``"output"``)."""
-        layout = {"projections": self.projections_layout, "attention": self.attention_layout,
-                  "output": self.output_layout}[kernel]()
+        """``(threads, min_blocks_per_sm)`` of ``kernel`` (``"projections"``, ``"attention"``, ``"output"``,
+        or ``"step"``: the three as one launch, :func:`build_step_kernel`)."""
         threads = 32 * self.attention_warps if kernel == "attention" else self.threads
-        return threads, self.limits.blocks_per_sm(4 * layout["total"], threads, REGISTERS_PER_THREAD)
+        return threads, self.limits.blocks_per_sm(4 * self.shared_words(kernel), threads, REGISTERS_PER_THREAD)
+
+    def shared_words(self, kernel: str) -> int:
+        """Words of dynamic shared memory a block of ``kernel`` takes (as :meth:`launch_bounds`): one launch
+        a step takes its largest role's."""
+        layouts = {"projections": self.projections_layout, "attention": self.attention_layout,
+                   "output": self.output_layout}
+        if kernel == "step":
+            return max(layout()["total"] for layout in layouts.values())
+        return layouts[kernel]()["total"]
+
+    @property
+    def step_clusters(self) -> int:
+        """Clusters of one launch a step: the projections' ``heads``, the attention's ``attention_clusters *
+        batch``, the output's ``heads``."""
+        return 2 * self.heads + self.attention_clusters * self.batch
 
     def output_layout(self) -> dict[str, int]:
         b, d_v = self.batch, self.v_head_dim
         return region_offsets({"o_lat": b * self.cols, "partial_o": b * d_v, "o": b * d_v})
 
 
-def build_projections_kernel(spec: MLASpec):
-    """Launch 1: phases 1 and 2 (see the module docstring). Arguments (16-bit tensors as flat int16 views)::
-
-        hidden, residual  [batch * H]                 inputs
-        norm              [H]                         input_layernorm
-        q_proj            [HEADS * Q_WIDTH * H]
-        kv_a              [L * H]                     kv_a_proj_with_mqa
-        w_uk_t            [HEADS * R * D_N]           W_UK[h]^T, head after head
-        rope              [capacity * 2 * D_R/2] float32   attention factor x cos, sin
-        positions         [batch] int32;  capacity int32
-        residual_out      [batch * H]                 output: hidden + residual
-        q_lat             [batch * HEADS * R] float32 output
-        q_pe              [batch * HEADS * D_R] float32   output, rotated
-        kv_raw            [batch * L] float32         output: the latent row before its norm and RoPE
-
-    A position outside ``0 .. capacity-1`` makes its sequence's ``q_lat`` and ``q_pe`` NaN.
-    """
+def make_projections(spec: MLASpec):
+    """Phases 1 and 2 as the device function ``projections_block(cluster, <launch 1's arguments>)`` of one
+    block of the cluster of query head ``cluster`` (uint32): launch 1's body (:func:`build_projections_kernel`)
+    and the projection clusters' of one launch a step (:func:`build_step_kernel`)."""
     H, HEADS, R, L, C, BATCH, WARPS, THREADS, BF16 = (spec.hidden_size, spec.heads, spec.kv_lora_rank,
                                                       spec.latent_width, spec.cluster_size, spec.batch, spec.warps,
                                                       spec.threads, spec.bf16)
@@ -273,14 +316,14 @@ def build_projections_kernel(spec: MLASpec):
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
 
-    def mla_projections(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out,
-                        q_lat, q_pe, kv_raw):
+    @cuda.jit(device=True, forceinline=True)
+    def projections_block(cluster, hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity,
+                          residual_out, q_lat, q_pe, kv_raw):
         smem = cuda.shared.array(0, float32)
         tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        cluster = uint32(cuda.blockIdx.x) // C  # query head `cluster`, kv_a rows cluster*KV_ROWS ..
-        k0 = rank * K_SLICE
+        k0 = rank * K_SLICE  # query head `cluster`, kv_a rows cluster*KV_ROWS ..
 
         # -- 1 projections: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots --
         projections(hidden, residual, norm, residual_out, q_proj, cluster * Q_WIDTH, kv_a, cluster * KV_ROWS, smem, k0,
@@ -367,66 +410,48 @@ def build_projections_kernel(spec: MLASpec):
                 absorb_load(w_uk_t, (cluster * R + rank * COLS + step * ABSORB_STEP_ROWS) * D_N, D_N, lane,
                             absorb_words)
 
+    return projections_block
+
+
+def build_projections_kernel(spec: MLASpec):
+    """Launch 1: phases 1 and 2 (see the module docstring). Arguments (16-bit tensors as flat int16 views)::
+
+        hidden, residual  [batch * H]                 inputs
+        norm              [H]                         input_layernorm
+        q_proj            [HEADS * Q_WIDTH * H]
+        kv_a              [L * H]                     kv_a_proj_with_mqa
+        w_uk_t            [HEADS * R * D_N]           W_UK[h]^T, head after head
+        rope              [capacity * 2 * D_R/2] float32   attention factor x cos, sin
+        positions         [batch] int32;  capacity int32
+        residual_out      [batch * H]                 output: hidden + residual
+        q_lat             [batch * HEADS * R] float32 output
+        q_pe              [batch * HEADS * D_R] float32   output, rotated
+        kv_raw            [batch * L] float32         output: the latent row before its norm and RoPE
+
+    A position outside ``0 .. capacity-1`` makes its sequence's ``q_lat`` and ``q_pe`` NaN.
+    """
+    projections_block, C = make_projections(spec), spec.cluster_size
+
+    def mla_projections(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out,
+                        q_lat, q_pe, kv_raw):
+        projections_block(uint32(cuda.blockIdx.x) // C, hidden, residual, norm, q_proj, kv_a, w_uk_t, rope,
+                          positions, capacity, residual_out, q_lat, q_pe, kv_raw)
+
     return mla_projections
 
 
-def build_attention_kernel(spec: MLASpec):
-    """Launch 2: phase 3 (see the module docstring). Arguments::
-
-        q_lat, q_pe, kv_raw   float32, launch 1's outputs
-        kv_norm               [R] int16 view       kv_a_layernorm
-        latent                [batch * capacity * L] int16 view   the cache; row positions[b] written
-        rope                  [capacity * 2 * D_R/2] float32
-        positions             [batch] int32;  capacity int32
-        state_m, state_l      [batch * A * HEADS] float32    outputs: each cluster's base-2 max and sum
-        state_acc             [batch * A * HEADS * R] float32  output: its unnormalised sums of rows
-
-    The grid is ``batch * A`` clusters: cluster ``a`` of sequence ``seq`` is cluster ``seq * A + a``;
-    a block has ``R / 64`` warps (:attr:`MLASpec.attention_warps`).
-
-    A tile of ``TILE`` = 16 rows on the tensor cores (``mma.m16n8k16``; lane ``(g, t)``, ``lane = 4g
-    + t``, see :func:`clusterlab.ptx.mma_f16_m16n8k16`), the scores' dims shared out over the
-    warps, every warp then the same softmax and its own 64 latent dims of the output:
-
-    - **scores** ``S = Q K^T`` (16 x 16: the heads, padded to 16 with zero queries, as A's rows;
-      the tile's rows as B's columns, two ``mma`` of 8): A is the scaled queries, rounded to 16
-      bits in shared memory as the ``mma`` fragments themselves (one 16-byte load a fragment, no
-      register moves); lane ``(g, t)`` brings row ``g`` of each half of the tile at its 16-byte
-      chunk ``t + 4j`` of the 576 dims, each load serving two ``mma`` (dims ``8(t + 4j) + 0..3``,
-      then ``+ 4..7``, as k). A step ``j`` is 32 dims, four ``mma``: warp ``w`` takes the steps
-      ``w, w + warps, ..`` while all warps have one, and the steps left over as quarters (one
-      ``mma``: a k half of an n half) dealt round the warps, so that no warp holds the barrier up
-      (18 steps over 8 warps: two steps and a quarter each). The warps' partial sums meet in
-      shared memory (``"scores"``); after a barrier each thread adds up one of the tile's 256
-      scores over the warps (``"sums"``, in the warps' order), and after a second every warp
-      loads the lane's eight: the scores of heads ``g``, ``g + 8`` for rows ``2t, 2t + 1`` and
-      ``8 + 2t, 9 + 2t``.
-    - **softmax**: each head's maximum over the tile (two shuffles across ``t``); only if a maximum
-      grew anywhere in the warp are the state and the sums rescaled (``exp2(0)`` is 1: skipping
-      changes no bit); ``p = exp2(s - m)`` (:func:`clusterlab.ptx.ex2_approx_ftz`); each lane sums
-      its own ``p`` (the lanes' sums are added at the end). Every warp holds the same states.
-    - **values** ``O += P V`` (16 heads x 8 dims an ``mma``, k the tile's rows): A is ``P`` as the
-      scores left it (no shuffle); B is ``V``: lane ``(g, t)`` loads rows ``2t, 2t + 1, 8 + 2t, 9 +
-      2t`` at the warp's chunk ``8w + g`` and pairs their halves (:func:`clusterlab.ptx.permute_bytes`):
-      ``mma`` ``v`` takes dim ``64w + 8g + v`` as its column ``g``. The lane accumulates
-      ``acc[4v + c]`` (``c`` < 2) for head ``g`` and ``acc[4v + 2 + c]`` for head ``g + 8``, dim
-      ``64w + 8(2t + c) + v``.
-
-    The copy engine fills the ring: every warp has it bring ``TILE / warps`` rows of a tile, one
-    ``cp.async.bulk`` a row, and arrives once on the stage's mbarrier with the bytes it expects;
-    the warps wait on it (CTA scope: only this block's copies complete it). Rows past the block's
-    end repeat its last row and are masked out of the softmax. Rows sit
-    :attr:`MLASpec.ring_row_words` apart, odd rows 16 bytes further, which keeps both ways of
-    reading a tile free of bank conflicts. Two barriers a tile: after the first (the partial
-    scores stored), every warp is done with the tile before, whose stage the warps then refill;
-    after the second (the scores summed), the next tile's partial scores may overwrite the ones
-    just summed, and the next sums are stored only once every warp has passed the next first
-    barrier, so after it has loaded these. The loop keeps its stage, phase and shared addresses
-    as running values: no division or remainder of the tile's index, whose signed 64-bit forms
-    cost more than the fold's sums.
+def make_attention(spec: MLASpec, one_launch: bool = False):
+    """Phase 3 as the device function ``attention_block(cluster, <launch 2's arguments>, step_words)`` of one
+    block of attention cluster ``cluster`` (uint32): launch 2's body (:func:`build_attention_kernel`), and
+    with ``one_launch`` the attention clusters' of one launch a step (:func:`build_step_kernel`), which
+    first have the copy engine bring the tiles of cached rows that need no query, then wait until every
+    projection block has counted itself in on ``step_words[QUERIES_DONE]`` (int32), and count themselves
+    in on ``step_words[STATES_DONE]`` once their states are out; without it ``step_words`` is not read.
+    How a tile is folded is :func:`build_attention_kernel`'s docstring.
     """
     HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
                               spec.cluster_size, spec.attention_clusters)
+    ONE_LAUNCH = one_launch
     BF16, INTERLEAVED, COLS = spec.bf16, spec.interleaved, spec.cols
     WARPS = spec.attention_warps
     THREADS = 32 * WARPS
@@ -581,15 +606,16 @@ def build_attention_kernel(spec: MLASpec):
             acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3] = mma(
                 p0, p1, p2, p3, v0, v1, acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3])
 
-    def mla_attention(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
-                      state_acc):
+    @cuda.jit(device=True, forceinline=True)
+    def attention_block(cluster, q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
+                        state_acc, step_words):
         smem = cuda.shared.array(0, float32)
         words = cuda.shared.array(0, uint32)  # the same memory, as raw words
         tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
         lane, warp = tid % 32, tid // 32
         g, t = lane // 4, lane % 4
         rank = ptx.cluster_rank()
-        seq, a = uint32(cuda.blockIdx.x) // C // A, uint32(cuda.blockIdx.x) // C % A  # cluster a of sequence seq
+        seq, a = cluster // A, cluster % A  # cluster a of sequence seq
         position = positions[seq]
         cached = position if 0 <= position < capacity else -1
         start, end = cached_range(max(cached, 0), a * C + rank, A * C)
@@ -599,6 +625,19 @@ def build_attention_kernel(spec: MLASpec):
             for stage in range(STAGES):
                 ptx.mbarrier_init(ptx.shared_address(smem, FULL + 2 * stage), WARPS)  # a warp's copies, an arrival
             ptx.fence_mbarrier_init_release_cluster()  # before the copy engine completes them
+        # The block's rows pass through the ring of STAGES tiles: tile i is folded while tiles
+        # i + 1 .. i + STAGES - 1 are in flight. Shared addresses (bytes) of the ring and its mbarriers:
+        ring_at, full_at = ptx.shared_address(smem, RING), ptx.shared_address(smem, FULL)
+        first = seq * capacity  # the sequence's row 0
+        tiles = (stop - start + TILE - 1) // TILE
+        early = 0  # tiles in flight before the queries
+        if ONE_LAUNCH:  # the first tiles need no query: in flight while the projections run
+            early = min(tiles if not folds_new else (end - start) // TILE, STAGES - 1)  # not the new row's
+            cuda.syncthreads()  # the mbarriers are set
+            for i in range(early):
+                issue_tile(latent, first, start + i * TILE, stop, ring_at + i * STAGE_BYTES, full_at + 8 * i, warp,
+                           lane)
+            wait_for(step_words, QUERIES_DONE, HEADS * C, tid)  # q_lat, q_pe and kv_raw are out
 
         # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
         # The scaled queries, 16 bits, as the mma A fragments of the scores' steps (query_word; heads >=
@@ -663,17 +702,13 @@ def build_attention_kernel(spec: MLASpec):
             l_sum[h] = float32(0.0)
         for e in range(32):
             acc[e] = float32(0.0)
-        # The block's rows pass through the ring of STAGES tiles: tile i is folded while tiles
-        # i + 1 .. i + STAGES - 1 are in flight. Shared addresses (bytes) of the lane's operands:
-        ring_at, full_at = ptx.shared_address(smem, RING), ptx.shared_address(smem, FULL)
+        # Shared addresses (bytes) of the lane's operands:
         query_at = ptx.shared_address(smem, QUERY) + 16 * lane  # its A fragments, step 0
         scores_lane = ptx.shared_address(smem, SCORES) + 16 * lane  # its partial scores, warp 0
         sums_lane = ptx.shared_address(smem, SUMS) + 16 * lane  # its scores
         key_lane = 4 * (ring_row(g) + 4 * t)  # in a stage: its chunk of row g, step 0
         values_lane = 4 * (ring_row(2 * t) + 4 * (8 * warp + g))  # its chunk of row 2t in its 64 dims
-        first = seq * capacity  # the sequence's row 0
-        tiles = (stop - start + TILE - 1) // TILE
-        for i in range(min(tiles, STAGES - 1)):
+        for i in range(early, min(tiles, STAGES - 1)):
             issue_tile(latent, first, start + i * TILE, stop, ring_at + i * STAGE_BYTES, full_at + 8 * i, warp, lane)
         s = cuda.local.array(8, float32)  # s[4n + 2h + c]: head g + 8h, row 8n + 2t + c
         stage, phase = 0, 0
@@ -739,22 +774,86 @@ def build_attention_kernel(spec: MLASpec):
                     state_l[state] = l_tot
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # no block leaves while a peer reads its state
+        if ONE_LAUNCH:
+            count_in(step_words, STATES_DONE, tid)
+
+    return attention_block
+
+
+def build_attention_kernel(spec: MLASpec):
+    """Launch 2: phase 3 (see the module docstring). Arguments::
+
+        q_lat, q_pe, kv_raw   float32, launch 1's outputs
+        kv_norm               [R] int16 view       kv_a_layernorm
+        latent                [batch * capacity * L] int16 view   the cache; row positions[b] written
+        rope                  [capacity * 2 * D_R/2] float32
+        positions             [batch] int32;  capacity int32
+        state_m, state_l      [batch * A * HEADS] float32    outputs: each cluster's base-2 max and sum
+        state_acc             [batch * A * HEADS * R] float32  output: its unnormalised sums of rows
+
+    The grid is ``batch * A`` clusters: cluster ``a`` of sequence ``seq`` is cluster ``seq * A + a``;
+    a block has ``R / 64`` warps (:attr:`MLASpec.attention_warps`).
+
+    A tile of ``TILE`` = 16 rows on the tensor cores (``mma.m16n8k16``; lane ``(g, t)``, ``lane = 4g
+    + t``, see :func:`clusterlab.ptx.mma_f16_m16n8k16`), the scores' dims shared out over the
+    warps, every warp then the same softmax and its own 64 latent dims of the output:
+
+    - **scores** ``S = Q K^T`` (16 x 16: the heads, padded to 16 with zero queries, as A's rows;
+      the tile's rows as B's columns, two ``mma`` of 8): A is the scaled queries, rounded to 16
+      bits in shared memory as the ``mma`` fragments themselves (one 16-byte load a fragment, no
+      register moves); lane ``(g, t)`` brings row ``g`` of each half of the tile at its 16-byte
+      chunk ``t + 4j`` of the 576 dims, each load serving two ``mma`` (dims ``8(t + 4j) + 0..3``,
+      then ``+ 4..7``, as k). A step ``j`` is 32 dims, four ``mma``: warp ``w`` takes the steps
+      ``w, w + warps, ..`` while all warps have one, and the steps left over as quarters (one
+      ``mma``: a k half of an n half) dealt round the warps, so that no warp holds the barrier up
+      (18 steps over 8 warps: two steps and a quarter each). The warps' partial sums meet in
+      shared memory (``"scores"``); after a barrier each thread adds up one of the tile's 256
+      scores over the warps (``"sums"``, in the warps' order), and after a second every warp
+      loads the lane's eight: the scores of heads ``g``, ``g + 8`` for rows ``2t, 2t + 1`` and
+      ``8 + 2t, 9 + 2t``.
+    - **softmax**: each head's maximum over the tile (two shuffles across ``t``); only if a maximum
+      grew anywhere in the warp are the state and the sums rescaled (``exp2(0)`` is 1: skipping
+      changes no bit); ``p = exp2(s - m)`` (:func:`clusterlab.ptx.ex2_approx_ftz`); each lane sums
+      its own ``p`` (the lanes' sums are added at the end). Every warp holds the same states.
+    - **values** ``O += P V`` (16 heads x 8 dims an ``mma``, k the tile's rows): A is ``P`` as the
+      scores left it (no shuffle); B is ``V``: lane ``(g, t)`` loads rows ``2t, 2t + 1, 8 + 2t, 9 +
+      2t`` at the warp's chunk ``8w + g`` and pairs their halves (:func:`clusterlab.ptx.permute_bytes`):
+      ``mma`` ``v`` takes dim ``64w + 8g + v`` as its column ``g``. The lane accumulates
+      ``acc[4v + c]`` (``c`` < 2) for head ``g`` and ``acc[4v + 2 + c]`` for head ``g + 8``, dim
+      ``64w + 8(2t + c) + v``.
+
+    The copy engine fills the ring: every warp has it bring ``TILE / warps`` rows of a tile, one
+    ``cp.async.bulk`` a row, and arrives once on the stage's mbarrier with the bytes it expects;
+    the warps wait on it (CTA scope: only this block's copies complete it). Rows past the block's
+    end repeat its last row and are masked out of the softmax. Rows sit
+    :attr:`MLASpec.ring_row_words` apart, odd rows 16 bytes further, which keeps both ways of
+    reading a tile free of bank conflicts. Two barriers a tile: after the first (the partial
+    scores stored), every warp is done with the tile before, whose stage the warps then refill;
+    after the second (the scores summed), the next tile's partial scores may overwrite the ones
+    just summed, and the next sums are stored only once every warp has passed the next first
+    barrier, so after it has loaded these. The loop keeps its stage, phase and shared addresses
+    as running values: no division or remainder of the tile's index, whose signed 64-bit forms
+    cost more than the fold's sums.
+    """
+    attention_block, C = make_attention(spec), spec.cluster_size
+
+    def mla_attention(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
+                      state_acc):
+        attention_block(uint32(cuda.blockIdx.x) // C, q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity,
+                        state_m, state_l, state_acc, None)
 
     return mla_attention
 
 
-def build_output_kernel(spec: MLASpec):
-    """Launch 3: phases 4 and 5 (see the module docstring). Arguments::
-
-        state_m, state_l, state_acc   float32, launch 2's outputs
-        kv_b                  [HEADS * (D_N + D_V) * R] int16 view   kv_b_proj: rows D_N .. of head h are W_UV[h]^T
-        o_proj                [H * HEADS * D_V] int16 view
-        out                   [batch * H]          output
-        out_acc               [batch * H] float32  zero on entry, left zero on exit
-        arrivals              [cluster_size] int32 zero on entry, left zero on exit
-    """
+def make_output(spec: MLASpec, one_launch: bool = False):
+    """Phases 4 and 5 as the device function ``output_block(cluster, <launch 3's arguments>, step_words)`` of
+    one block of the output cluster of head ``cluster``: launch 3's body (:func:`build_output_kernel`), and with
+    ``one_launch`` the output clusters' of one launch a step (:func:`build_step_kernel`), which have their first
+    rows of ``W_UV[h]`` in flight before they wait until every attention block has counted itself in on
+    ``step_words[STATES_DONE]``; without it ``step_words`` is not read."""
     H, HEADS, R, D_N, D_V, C, A = (spec.hidden_size, spec.heads, spec.kv_lora_rank, spec.qk_nope_head_dim,
                                    spec.v_head_dim, spec.cluster_size, spec.attention_clusters)
+    ONE_LAUNCH, ATTENTION_BLOCKS = one_launch, A * spec.batch * C
     BATCH, WARPS, THREADS, BF16, COLS, OUT_ROWS = (spec.batch, spec.warps, spec.threads, spec.bf16, spec.cols,
                                                    spec.out_rows)
     layout = spec.output_layout()
@@ -770,7 +869,8 @@ def build_output_kernel(spec: MLASpec):
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
 
-    def mla_output(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals):
+    @cuda.jit(device=True, forceinline=True)
+    def output_block(cluster, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, step_words):
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         # Signed, unlike the other kernels' (see the attention kernel's decode_step): unsigned, ptxas
@@ -778,7 +878,6 @@ def build_output_kernel(spec: MLASpec):
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
-        cluster = cuda.blockIdx.x // C  # head `cluster`
         k0 = rank * COLS  # this block's latent columns
         value_row0 = cluster * (D_N + D_V) + D_N  # W_UV[h]^T's first row in kv_b_proj
 
@@ -787,6 +886,8 @@ def build_output_kernel(spec: MLASpec):
         step = warp
         if step < VALUE_STEPS:
             value_load(kv_b, (value_row0 + step * VALUE_STEP_ROWS) * R + k0, R, lane, words)
+        if ONE_LAUNCH:
+            wait_for(step_words, STATES_DONE, ATTENTION_BLOCKS, tid)  # every attention cluster's states are out
         for i in range(tid, BATCH * COLS, THREADS):
             seq, col = i // COLS, i % COLS
             m_max = NEG
@@ -845,15 +946,91 @@ def build_output_kernel(spec: MLASpec):
         if last[0] == 1:
             finish_convert(out, out_acc, arrivals, rank, BATCH, tid)
 
+    return output_block
+
+
+def build_output_kernel(spec: MLASpec):
+    """Launch 3: phases 4 and 5 (see the module docstring). Arguments::
+
+        state_m, state_l, state_acc   float32, launch 2's outputs
+        kv_b                  [HEADS * (D_N + D_V) * R] int16 view   kv_b_proj: rows D_N .. of head h are W_UV[h]^T
+        o_proj                [H * HEADS * D_V] int16 view
+        out                   [batch * H]          output
+        out_acc               [batch * H] float32  zero on entry, left zero on exit
+        arrivals              [cluster_size] int32 zero on entry, left zero on exit
+    """
+    output_block, C = make_output(spec), spec.cluster_size
+
+    def mla_output(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals):
+        output_block(cuda.blockIdx.x // C, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, None)
+
     return mla_output
 
 
-def mla_kernel_signatures():
-    """Numba argument types of the three kernels: ``(projections, attention, output)``."""
+def build_step_kernel(spec: MLASpec):
+    """The three launches as one: a cluster's role is the ticket it takes as it starts. Arguments: launch 1's
+    (:func:`build_projections_kernel`), then ``kv_norm``, ``latent``, ``state_m``, ``state_l``, ``state_acc``
+    (launch 2's others), ``kv_b``, ``o_proj``, ``out``, ``out_acc``, ``arrivals`` (launch 3's others) and
+    ``step_words`` ``[STEP_WORDS]`` int32, zero on entry, left zero on exit. The grid is
+    :attr:`MLASpec.step_clusters` clusters; the block shape one for all roles (:func:`check_one_launch`),
+    with the largest role's shared memory::
+
+        start     rank 0: ticket = atom.add(step_words[TICKET], 1); every block reads it after a cluster barrier
+        ticket <  HEADS            projections_block(ticket): launch 1; then counted in on QUERIES_DONE
+        ticket <  HEADS + A*B      attention_block(ticket - HEADS): its first tiles of cached rows in flight,
+                                   then a wait for QUERIES_DONE; launch 2; counted in on STATES_DONE
+        otherwise                  output_block(ticket - HEADS - A*B): its first W_UV rows in flight, then a
+                                   wait for STATES_DONE; launch 3 (with its finish)
+        leave     every block counts itself in on LEFT; the last one sets the four words back to zero
+
+    No co-residency is asked and nothing can wait forever: a ticket is taken by a running cluster, so a
+    cluster waits only for clusters of lower tickets, which started before it and wait only for lower ones
+    still (``docs/mla-decode-design.md``, "One kernel without a cooperative launch"). The role's order, not
+    ``blockIdx``, is what makes this hold: the hardware does not promise to start clusters in index order.
+    """
+    check_one_launch(spec.kv_lora_rank, spec.warps)
+    projections_block = make_projections(spec)
+    attention_block = make_attention(spec, one_launch=True)
+    output_block = make_output(spec, one_launch=True)
+    HEADS, ATTENTION = spec.heads, spec.attention_clusters * spec.batch
+    GRID_BLOCKS = spec.step_clusters * spec.cluster_size
+
+    def mla_step(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+                 kv_raw, kv_norm, latent, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals,
+                 step_words):
+        role = cuda.shared.array(1, int32)
+        tid = uint32(cuda.threadIdx.x)
+        if tid == 0 and ptx.cluster_rank() == 0:
+            role[0] = cuda.atomic.add(step_words, TICKET, 1)
+        ptx.cluster_sync()  # rank 0's ticket is in its shared memory
+        ticket = ptx.remote_load(role, 0, 0)
+        if ticket < HEADS:
+            projections_block(uint32(ticket), hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity,
+                              residual_out, q_lat, q_pe, kv_raw)
+            count_in(step_words, QUERIES_DONE, tid)
+        elif ticket < HEADS + ATTENTION:
+            attention_block(uint32(ticket - HEADS), q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity,
+                            state_m, state_l, state_acc, step_words)
+        else:
+            output_block(ticket - HEADS - ATTENTION, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals,
+                         step_words)
+        # -- leave: the last block of the grid sets the step's words back to zero for the next step
+        cuda.syncthreads()  # every thread is done with the words
+        if tid == 0 and cuda.atomic.add(step_words, LEFT, 1) == GRID_BLOCKS - 1:
+            for word in range(STEP_WORDS):
+                step_words[word] = 0
+
+    return mla_step
+
+
+def mla_kernel_signatures() -> dict:
+    """Numba argument types of the kernels: ``projections``, ``attention``, ``output`` (the three launches)
+    and ``step`` (the three as one, :func:`build_step_kernel`)."""
     from numba import types
 
     h, f, i = types.int16[::1], types.float32[::1], types.int32[::1]
     projections = (h, h, h, h, h, h, f, i, types.int32, h, f, f, f)
     attention = (f, f, f, h, h, f, i, types.int32, f, f, f)
     output = (f, f, f, h, h, h, f, i)
-    return projections, attention, output
+    step = projections + (h, h, f, f, f, h, h, h, f, i, i)
+    return {"projections": projections, "attention": attention, "output": output, "step": step}

@@ -12,11 +12,13 @@ The step is :func:`~clusterlab.fused.mla_reference.mla_reference_step`'s absorbe
 ``docs/mla-decode-design.md`` plans: launch 1 projects the query and the latent row by head and
 gathers each head's ``q_nope`` in its cluster, launch 2 attends over the latent cache split by
 position (``attention_clusters`` clusters a sequence, more of them where the host says the caches
-are long: :func:`attention_clusters`), launch 3 merges the softmax states by head
-and projects out. CUDA tensors run the kernels of :mod:`clusterlab.fused.mla_kernel` on torch's
-current stream (capturable in a CUDA graph; the positions are read on the device, as the Llama
-block's are); CPU tensors run :func:`~clusterlab.fused.mla_simulated.simulated_mla_step`, the same
-dataflow on the simulator. The kernels take no query LoRA yet; the simulator does.
+are long: :func:`attention_clusters`), launch 3 merges the softmax states by head and projects out;
+with ``kernel_options={"one_launch": True}`` the three run as one launch, each cluster taking its
+role from a ticket as it starts (``docs/mla-decode-design.md``). CUDA tensors run the kernels of
+:mod:`clusterlab.fused.mla_kernel` on torch's current stream (capturable in a CUDA graph; the
+positions are read on the device, as the Llama block's are); CPU tensors run
+:func:`~clusterlab.fused.mla_simulated.simulated_mla_step`, the same dataflow on the simulator. The
+kernels take no query LoRA yet; the simulator does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from .config import MAX_BATCH, check_batch, check_dtype, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
-from .plan import CLUSTER_SIZES, WARP_COUNTS, DeviceLimits, check_one_of
+from .plan import CLUSTER_SIZES, MLA_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options, check_one_of
 from .validate import check_longest, check_outputs, check_positions, kernel_bits, known_longest, resolve_backend
 
 #: Blocks a cluster and warps a block unless told (DeepSeek-V2-Lite: 16 clusters of 8 for the heads).
@@ -76,20 +78,30 @@ def _rope_table(config: MLAConfig, capacity: int, device: torch.device) -> torch
 def mla_launchers(spec):
     """The three kernels of ``spec`` (:class:`~clusterlab.fused.mla_kernel.MLASpec`) as cluster
     launchers ``(projections, attention, output)``: one compilation per spec in a process."""
-    from .. import kernel_cache
-    from ..launch import launch
     from .mla_kernel import build_attention_kernel, build_output_kernel, build_projections_kernel
 
-    def launcher(name, build, layout, clusters):
-        threads, min_blocks = spec.launch_bounds(name)
-        kernel = kernel_cache.jit(build, spec, (threads, min_blocks))
-        return launch(kernel, grid=clusters * spec.cluster_size, cluster=spec.cluster_size, block=threads,
-                      shared_bytes=4 * layout["total"], non_portable=spec.cluster_size > 8)
+    return (_launcher(spec, "projections", build_projections_kernel, spec.heads),
+            _launcher(spec, "attention", build_attention_kernel, spec.attention_clusters * spec.batch),
+            _launcher(spec, "output", build_output_kernel, spec.heads))
 
-    return (launcher("projections", build_projections_kernel, spec.projections_layout(), spec.heads),
-            launcher("attention", build_attention_kernel, spec.attention_layout(),
-                     spec.attention_clusters * spec.batch),
-            launcher("output", build_output_kernel, spec.output_layout(), spec.heads))
+
+@functools.cache
+def mla_step_launcher(spec):
+    """The three launches of ``spec`` as one (:func:`~clusterlab.fused.mla_kernel.build_step_kernel`), a
+    cluster launcher: one compilation per spec in a process."""
+    from .mla_kernel import build_step_kernel
+
+    return _launcher(spec, "step", build_step_kernel, spec.step_clusters)
+
+
+def _launcher(spec, name, build, clusters):
+    from .. import kernel_cache
+    from ..launch import launch
+
+    threads, min_blocks = spec.launch_bounds(name)
+    kernel = kernel_cache.jit(build, spec, (threads, min_blocks))
+    return launch(kernel, grid=clusters * spec.cluster_size, cluster=spec.cluster_size, block=threads,
+                  shared_bytes=4 * spec.shared_words(name), non_portable=spec.cluster_size > 8)
 
 
 class DecodeMLA:
@@ -101,9 +113,14 @@ class DecodeMLA:
     default 8), ``attention_clusters`` (clusters a sequence in launch 2; default:
     :func:`attention_clusters`, one block an SM, more at long caches where a step says how long) and
     ``warps`` (4, 8, 16; default 8: of launches 1 and 3, launch 2 has one a 64 latent dims) shape
-    the launches. ``backend``: ``"auto"``
+    the launches. ``kernel_options`` (:data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`): ``{"one_launch":
+    True}`` runs the three launches as one, each cluster taking its role from a ticket as it starts
+    (:func:`~clusterlab.fused.mla_kernel.build_step_kernel`; ``warps`` must then be launch 2's,
+    ``kv_lora_rank / 64``); the outputs are the same. ``backend``: ``"auto"``
     follows the weights' device; ``"gpu"`` / ``"simulator"`` insist. ``limits``: the simulator
-    backend's GPU limits (read from the device on the GPU backend).
+    backend's GPU limits (read from the device on the GPU backend). The simulator backend runs the
+    launches' dataflow in the order one launch's tickets can give too (every cluster of a role after
+    those of the role before).
 
     On the GPU a layer keeps ``W_UK[h]^T`` (``kv_b_proj``'s key rows of each head, transposed:
     ``heads * kv_lora_rank * qk_nope_head_dim`` values) beside the weights, float32 workspaces for
@@ -112,8 +129,8 @@ class DecodeMLA:
     """
 
     def __init__(self, config: MLAConfig, weights: MLAWeights, *, cluster_size: int | None = None,
-                 attention_clusters: int | None = None, warps: int | None = None, backend: str = "auto",
-                 limits: DeviceLimits | None = None):
+                 attention_clusters: int | None = None, warps: int | None = None, kernel_options: dict | None = None,
+                 backend: str = "auto", limits: DeviceLimits | None = None):
         check_mla_weights(config, weights)
         device = weights.kv_b_proj.device
         backend, self.limits = resolve_backend(backend, device, limits)
@@ -123,6 +140,12 @@ class DecodeMLA:
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
         if warps is not None:
             check_one_of("warps", warps, WARP_COUNTS)
+        self.kernel_options = check_kernel_options(kernel_options, MLA_KERNEL_CHOICES)
+        self.one_launch = self.kernel_options.get("one_launch", False)
+        if self.one_launch:
+            from .mla_kernel import check_one_launch
+
+            check_one_launch(config.kv_lora_rank, DEFAULT_WARPS if warps is None else warps)
         self.config, self.weights, self.backend = config, weights, backend
         self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
         self.attention_clusters = attention_clusters
@@ -146,6 +169,9 @@ class DecodeMLA:
             self._state_acc = f32(states * r)
             self._out_acc = torch.zeros(MAX_BATCH * h, dtype=torch.float32, device=device)
             self._arrivals = torch.zeros(max(CLUSTER_SIZES), dtype=torch.int32, device=device)
+            from .mla_kernel import STEP_WORDS
+
+            self._step_words = torch.zeros(STEP_WORDS, dtype=torch.int32, device=device)  # one launch's counters
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
 
     def shape(self, batch: int, longest: int | None = None) -> tuple[int, int, int]:
@@ -207,7 +233,7 @@ class DecodeMLA:
             out.copy_(got)
             residual_out.copy_(new_residual)
             return out, residual_out
-        projections, attention, output = mla_launchers(self.kernel_spec(hidden.dtype, batch, longest))
+        spec = self.kernel_spec(hidden.dtype, batch, longest)
         if isinstance(positions, int):
             positions = self._positions[:batch].fill_(positions)
         capacity = np.int32(cache.capacity)
@@ -215,10 +241,18 @@ class DecodeMLA:
         w = self.weights
 
         inputs = (hidden, residual, w.input_layernorm, w.q_proj, w.kv_a_proj_with_mqa, self._w_uk_t)
-        projections(*map(kernel_bits, inputs), rope, positions, capacity, kernel_bits(residual_out), self._q_lat,
-                    self._q_pe, self._kv_raw)
+        projected = (*map(kernel_bits, inputs), rope, positions, capacity, kernel_bits(residual_out), self._q_lat,
+                     self._q_pe, self._kv_raw)
+        states = (self._state_m, self._state_l, self._state_acc)
+        outputs = (kernel_bits(w.kv_b_proj), kernel_bits(w.o_proj), kernel_bits(out),
+                   self._out_acc[: batch * self.config.hidden_size], self._arrivals)
+        if self.one_launch:
+            mla_step_launcher(spec)(*projected, kernel_bits(w.kv_a_layernorm), kernel_bits(cache.latent), *states,
+                                    *outputs, self._step_words)
+            return out, residual_out
+        projections, attention, output = mla_launchers(spec)
+        projections(*projected)
         attention(self._q_lat, self._q_pe, self._kv_raw, kernel_bits(w.kv_a_layernorm), kernel_bits(cache.latent), rope,
-                  positions, capacity, self._state_m, self._state_l, self._state_acc)
-        output(self._state_m, self._state_l, self._state_acc, kernel_bits(w.kv_b_proj), kernel_bits(w.o_proj),
-               kernel_bits(out), self._out_acc[: batch * self.config.hidden_size], self._arrivals)
+                  positions, capacity, *states)
+        output(*states, *outputs)
         return out, residual_out

@@ -52,6 +52,11 @@ With the query LoRA (``q_lora_rank``), ``q = q_b_proj @ RMSNorm(q_a_proj @ n)`` 
       # -- 2 absorb       as above (absorb), the partials times q_a's 1/RMS
     == grid barrier 1 ==  launches 2 and 3 as above
 
+The kernel's one launch a step (``kernel_options={"one_launch": True}``) runs the same three programs as
+roles of one grid, a cluster's role the ticket it takes as it starts, and waits in device memory where
+the launches end here; the rounds below, every cluster of a role after all those of the role before, are
+one schedule its tickets can give.
+
 Arithmetic is float32; the only roundings to the model dtype are the outputs and the cache row
 (written rounded). The new token's own score uses its unrounded row, as the float64 reference does
 (one of the design's open choices). ``softmax_scale * log2(e)`` is applied to the scores in phase 3.

@@ -292,8 +292,14 @@ MLP_KERNEL_CHOICES = {
                   "then W_down tiles from a counter in global memory (False: the default)",
 }
 
+#: The :class:`~clusterlab.fused.mla_layer.DecodeMLA` switches (its ``kernel_options``), as :data:`KERNEL_CHOICES`.
+MLA_KERNEL_CHOICES = {
+    "one_launch": "True or False: the three launches of a step as one, each cluster taking its role from a ticket "
+                  "as it starts (False: the default)",
+}
+
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "split_kv_rows", "work_queue")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions", "split_kv_rows", "work_queue", "one_launch")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
