@@ -142,7 +142,9 @@ def _generate(args: argparse.Namespace) -> int:
     import time
 
     from .gpu import hopper_problem
-    from .models import MODEL_PRESETS, LlamaModel, checkpoint_eos, random
+    from .models import MODEL_PRESETS, LlamaModel, ModelConfig, checkpoint_eos, random
+    from .models.decode import check_sampling
+    from .models.llama import check_prompts
 
     given = args.prompts or []  # (kind, value) in the order of the command line
     texts = [value for kind, value in given if kind == "text"]
@@ -166,12 +168,21 @@ def _generate(args: argparse.Namespace) -> int:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:  # the library raises a bare Exception for a file it cannot parse
             raise ValueError(f"{tokenizer_path}: not a tokenizer the tokenizers library reads ({exc})") from None
+        # each prompt whole and alone, as transformers encodes one text: the padding and truncation a saved
+        # tokenizer.json may carry (for batches of one length) would change the prompt
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
     prompts = []
     for i, (kind, value) in enumerate(given):
         ids = list(value) if kind == "ids" else tokenizer.encode(value).ids
         if not ids:
             raise ValueError(f"prompt {i} (--prompt {value!r}) encodes to no tokens")
         prompts.append(ids)
+    # everything the run needs checked before any weight is drawn or read
+    config = MODEL_PRESETS[args.model] if preset else ModelConfig.from_pretrained(args.model)
+    check_prompts(prompts, config.vocab_size)
+    eos = [] if args.ignore_eos or preset else checkpoint_eos(args.model)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, eos, args.seed, config.vocab_size)
     problem = hopper_problem()
     device = "cpu" if problem is not None else "cuda"
     if preset:
@@ -186,7 +197,6 @@ def _generate(args: argparse.Namespace) -> int:
         model = LlamaModel.from_pretrained(args.model, dtype=args.dtype, device=device)
     if model.on_simulator:
         print(f"attention runs on the DSMEM simulator (no Hopper GPU: {problem}): slow, tiny models only")
-    eos = [] if args.ignore_eos or preset else checkpoint_eos(args.model)
     start = time.perf_counter()
     new = model.generate(prompts, args.max_new_tokens, eos_token_id=eos or None, temperature=args.temperature,
                          top_k=args.top_k, seed=args.seed)

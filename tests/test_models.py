@@ -626,6 +626,10 @@ def edited(llama_dir, tmp_path, **changes):
     return directory
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type 'yarn'"),
@@ -644,8 +648,20 @@ def edited(llama_dir, tmp_path, **changes):
     (dict(intermediate_size=100), r"the fused MLP cannot run this model: .*\(100\) must be multiples of 8"),
     (dict(intermediate_size=8 * 1009), r"the fused MLP cannot run this model on 132 SMs: hidden_size 64 and "
                                        r"intermediate_size 8072 have no split"),
+    (dict(num_key_value_heads=0), "num_key_value_heads must be a positive int, got 0"),
+    (dict(head_dim=0), "head_dim must be a positive int, got 0"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+    (dict(attention_bias=1), "attention_bias must be true or false, got 1"),
+    (dict(rope_parameters=None, rope_scaling="linear"), "rope_scaling must be an object, got 'linear'"),
+    (dict(rope_parameters={**LLAMA3_ROPE, "factor": None}), "llama3 RoPE scaling has no 'factor'"),
+    (dict(rope_parameters={**LLAMA3_ROPE, "factor": "x"}), "llama3 RoPE scaling's factor must be a positive number, "
+                                                           "got 'x'"),
+    (dict(rope_parameters={**LLAMA3_ROPE, "original_max_position_embeddings": 16.7}),
+     "original_max_position_embeddings must be a positive int, got 16.7"),
+    (dict(rope_parameters={**LLAMA3_ROPE, "factor": 0.5}), "config.json: llama3 RoPE scaling: .*factor"),
 ], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers", "text-layers",
-        "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split"])
+        "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split", "zero-kv-heads", "zero-head-dim",
+        "text-tie", "int-bias", "text-scaling", "null-factor", "text-factor", "float-original", "small-factor"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
     """Each is refused from ``config.json`` before any weight is read (the weights here keep the
     checkpoint's shapes, so a later check would fail on them instead)."""
@@ -672,6 +688,50 @@ def test_missing_files_raise(llama_dir, tmp_path):
     directory = edited(llama_dir, tmp_path)
     (directory / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="has no model.safetensors or model.safetensors.index.json"):
+        LlamaModel.from_pretrained(directory)
+
+
+def _sharded(llama_dir, tmp_path, misplace: str | None = None):
+    """``llama_dir``'s tensors in two shards and an index (``misplace``: a tensor the index puts in the
+    wrong shard), the single file gone."""
+    from safetensors.torch import load_file, save_file
+
+    directory = edited(llama_dir, tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, held in shards.items():
+        save_file({name: tensors[name] for name in held}, directory / shard, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(held, shard)
+    if misplace is not None:
+        weight_map[misplace] = next(shard for shard in shards if weight_map[misplace] != shard)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def test_a_single_file_is_read_before_a_stale_index_beside_it(llama_dir, tmp_path):
+    """As transformers reads a directory saved whole over a sharded save: the old index stays, its shards do not."""
+    directory = edited(llama_dir, tmp_path)
+    stale = {"weight_map": {"model.norm.weight": "model-00007-of-00011.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(stale))
+    assert LlamaModel.from_pretrained(directory).generate(PROMPTS, 3) == LlamaModel.from_pretrained(
+        llama_dir).generate(PROMPTS, 3)
+
+
+def test_shards_an_index_lists_are_read_and_a_malformed_index_is_named(llama_dir, tmp_path):
+    directory = _sharded(llama_dir, tmp_path / "whole")
+    assert LlamaModel.from_pretrained(directory).generate(PROMPTS, 3) == LlamaModel.from_pretrained(
+        llama_dir).generate(PROMPTS, 3)
+    index = directory / "model.safetensors.index.json"
+    for weight_map in ([], {"model.norm.weight": None}, {"model.norm.weight": 3}):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ValueError, match="index.json: its weight_map must map tensor names to shard file names"):
+            LlamaModel.from_pretrained(directory)
+    directory = _sharded(llama_dir, tmp_path / "misplaced", misplace="model.norm.weight")
+    with pytest.raises(ValueError, match=r"00002.safetensors: tensor 'model.norm.weight' cannot be read "
+                                         r"\(model.safetensors.index.json places it there\)"):
         LlamaModel.from_pretrained(directory)
 
 
@@ -740,9 +800,12 @@ def test_caches_too_large_to_allocate_are_named(llama_dir, monkeypatch):
 
 def test_a_tiny_temperature_samples_the_likeliest_token(llama_dir):
     """softmax(logits / T) for T -> 0 is the argmax: taken from the row's largest logit, the scaled
-    logits cannot overflow to inf (whose softmax is NaN, and a sample of token 0)."""
+    logits cannot overflow to inf (whose softmax is NaN, and a sample of token 0), and a temperature that
+    float32 rounds to 0 (1e-46) divides them as float32's least normal number, not as 0 (0 / 0: NaN)."""
     model = LlamaModel.from_pretrained(llama_dir)
-    assert model.generate(PROMPTS, 3, temperature=1e-40, seed=5) == model.generate(PROMPTS, 3)
+    greedy = model.generate(PROMPTS, 3)
+    for temperature in (1e-40, 1e-46, 1e-300):
+        assert model.generate(PROMPTS, 3, temperature=temperature, seed=5) == greedy, temperature
 
 
 def test_a_missing_tensor_or_wrong_shape_is_named(llama_dir, tmp_path):
@@ -772,6 +835,17 @@ def test_bad_generate_arguments_raise(llama_dir):
         model.generate([[1]], 0)
     with pytest.raises(ValueError, match="call prefill first"):
         model.decode_step([1], [0])
+    model.prefill([[1, 2], [3]], 8)
+    with pytest.raises(ValueError, match=r"positions has shape \(2, 1\); expected \(2,\), one per sequence"):
+        model.decode_step([1, 2], torch.tensor([[3], [2]], dtype=torch.int32))
+    with pytest.raises(TypeError, match="positions has dtype torch.int64; expected torch.int32"):
+        model.decode_step([1, 2], torch.tensor([3, 2]))
+    with pytest.raises(TypeError, match=r"positions must be an int, a list of 2 ints .*got \[3.7, 2.2\]"):
+        model.decode_step([1, 2], [3.7, 2.2])
+    with pytest.raises(ValueError, match="positions has length 3; expected 2"):
+        model.decode_step([1, 2], [3, 2, 1])
+    with pytest.raises(ValueError, match="position 8 overflows the cache"):
+        model.decode_step([1, 2], [8, 2])
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
@@ -858,6 +932,23 @@ def test_cli_generate_errors_are_one_line_with_status_2(llama_dir, tmp_path, arg
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize("args, eos, message", [
+    ([arg for _ in range(9) for arg in ("--prompt-ids", 1)], None, "9 prompts; the fused layer takes at most 8"),
+    (["--prompt-ids", 1, 500], None, "prompt 0: token ids must be in 0..96; got [1, 500]"),
+    (["--prompt-ids", 1], 500, "eos_token_id 500 is not a token id: the vocabulary has ids 0..96"),
+    (["--prompt-ids", 1, "--temperature", 1, "--seed", 2**70], None, "seed must be an int in"),
+])
+def test_cli_generate_checks_prompts_and_sampling_before_reading_any_weight(llama_dir, tmp_path, args, eos, message):
+    """The weights file is corrupt: a check made after reading it would name the file instead."""
+    directory = edited(llama_dir, tmp_path)
+    (directory / "model.safetensors").write_bytes(b"not a checkpoint")
+    if eos is not None:
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    result = cli("--model", directory, *args)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert message in result.stderr
+
+
 @pytest.mark.skipif(hopper_problem() is None, reason="a Hopper GPU is usable here: the preset would run")
 def test_cli_generate_a_preset_needs_a_hopper_gpu():
     result = cli("--model", "llama3.2-1b", "--prompt-ids", 1, 2)
@@ -897,6 +988,27 @@ def test_cli_generate_encodes_text_prompts_with_tokenizer_json(llama_dir, tmp_pa
     lines = result.stdout.splitlines()
     assert lines[1] == "prompt 0: " + " ".join(map(str, want))
     assert lines[2] == "  text: " + repr(" ".join(f"w{i}" for i in want))
+
+
+def test_cli_generate_encodes_each_prompt_whole_whatever_padding_and_truncation_tokenizer_json_keeps(
+        llama_dir, tmp_path):
+    """A tokenizer saved for batches of one length pads and cuts what it encodes; transformers' tokenizer of
+    the same file encodes one text as it is, and so does the command."""
+    import tokenizers
+
+    directory = edited(llama_dir, tmp_path)
+    write_tokenizer(directory)
+    tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.enable_padding(length=6, pad_id=0, pad_token="w0")
+    tokenizer.enable_truncation(max_length=6)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    prompt = PROMPTS[0] + [11]  # 8 tokens: truncated to 6 by the saved settings
+    want = LlamaModel.from_pretrained(directory).generate([prompt, PROMPTS[1]], 3)
+    result = cli("--model", directory, "--max-new-tokens", 3, "--prompt", " ".join(f"w{i}" for i in prompt),
+                 "--prompt", " ".join(f"w{i}" for i in PROMPTS[1]))  # 3 tokens: padded to 6 by them
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [lines[1], lines[3]] == [f"prompt {i}: " + " ".join(map(str, ids)) for i, ids in enumerate(want)]
 
 
 def test_cli_generate_numbers_prompts_in_the_order_given_and_names_ids_the_tokenizer_lacks(llama_dir, tmp_path):

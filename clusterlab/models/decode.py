@@ -50,6 +50,8 @@ from .argmax import pick_and_record
 
 #: How many steps :meth:`Decoder.run` replays between two looks at ``done`` (each one a host sync).
 STOP_CHECK_EVERY = 8
+#: The least temperature a sample divides the float32 logits by (smaller ones sample as this one: the argmax).
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def check_sampling(max_new_tokens, temperature, top_k, eos, seed, vocab_size: int) -> tuple[int, ...]:
@@ -144,8 +146,11 @@ class Decoder:
         themselves (greedy), or the sampling race on them (see the module docstring)."""
         if self.temperature == 0.0:
             return logits
-        # from the row's largest, so that a small temperature cannot overflow the logits to inf (softmax: NaN)
-        logits = (logits - logits.amax(-1, keepdim=True)) / self.temperature
+        # From the row's largest, so that a small temperature cannot overflow the logits to inf (softmax: NaN);
+        # and no smaller than float32's least normal number, which a temperature divides the logits as: one
+        # that rounds to 0 there would make the largest 0 / 0 (NaN) too. Either way the sample is the argmax.
+        temperature = max(self.temperature, FLOAT32_TINY)
+        logits = (logits - logits.amax(-1, keepdim=True)) / temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

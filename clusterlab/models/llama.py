@@ -80,7 +80,7 @@ from ..fused.config import (
 from ..fused.layer import DecodeAttention
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape
 from ..fused.reference import UnfusedAttention, apply_rope
-from ..fused.validate import BACKENDS, check_range, resolve_backend
+from ..fused.validate import BACKENDS, check_positions, check_range, resolve_backend, sequence_positions
 from .decode import Decoder, check_sampling, token_ids
 from .final_norm import final_norm
 
@@ -189,18 +189,23 @@ class ModelConfig:
                 raise ValueError(f"{source}: {key} must be a positive int, got {value!r}")
             return value
 
-        def positive(key, value):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-                raise ValueError(f"{source}: {key} must be a positive number, got {value!r}")
+        def given(key, default):
+            """``raw[key]``, or ``default`` where it is absent or null (a 0 is a value, and refused as one)."""
+            return default if raw.get(key) is None else raw[key]
+
+        def flag(key):
+            value = given(key, False)
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
             return value
 
         hidden, heads = count("hidden_size"), count("num_attention_heads")
-        head_dim = count("head_dim", raw.get("head_dim") or hidden // heads)
+        head_dim = count("head_dim", given("head_dim", hidden // heads))
         theta, scaling = _rope(raw, source)
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
-            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
+            qkv_bias = o_bias = flag("attention_bias")
         dtype = raw.get("dtype") or raw.get("torch_dtype")
         config = cls(
             model_type=model_type,
@@ -208,12 +213,12 @@ class ModelConfig:
             intermediate_size=count("intermediate_size"),
             num_hidden_layers=count("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=count("num_key_value_heads", raw.get("num_key_value_heads") or heads),
+            num_key_value_heads=count("num_key_value_heads", given("num_key_value_heads", heads)),
             head_dim=head_dim,
-            rms_norm_eps=positive("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=positive("rope_theta", theta),
+            rms_norm_eps=_positive(source, "rms_norm_eps", given("rms_norm_eps", 1e-6)),
+            rope_theta=_positive(source, "rope_theta", theta),
             vocab_size=count("vocab_size"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=flag("tie_word_embeddings"),
             attention_bias=qkv_bias,
             o_bias=o_bias,
             rope_scaling=scaling,
@@ -270,12 +275,22 @@ class ModelConfig:
         return torch.bfloat16
 
 
+def _positive(source: str, key: str, value):
+    """``value`` of ``config.json``'s ``key``, a finite number > 0 (ValueError naming both otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{source}: {key} must be a positive number, got {value!r}")
+    return value
+
+
 def _rope(raw: dict, source: str) -> tuple[float, Llama3RopeScaling | None]:
     """``(rope_theta, scaling)`` from transformers 5's ``rope_parameters`` or the older
     ``rope_theta`` + ``rope_scaling``."""
     params = raw.get("rope_parameters")
     if params is None:
-        params = dict(raw.get("rope_scaling") or {})
+        scaling = raw.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ValueError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+        params = dict(scaling or {})
         params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     if not isinstance(params, dict):
         raise ValueError(f"{source}: rope_parameters must be an object, got {params!r}")
@@ -285,16 +300,19 @@ def _rope(raw: dict, source: str) -> tuple[float, Llama3RopeScaling | None]:
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     if rope_type == "default":
         return theta, None
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if params.get(key) is None:
+            raise ValueError(f"{source}: llama3 RoPE scaling has no {key!r}")
+    original = params["original_max_position_embeddings"]
+    if not (is_int(original) and original >= 1):
+        raise ValueError(f"{source}: llama3 RoPE scaling's original_max_position_embeddings must be a positive int, "
+                         f"got {original!r}")
+    factors = {key: float(_positive(source, f"llama3 RoPE scaling's {key}", params[key]))
+               for key in ("factor", "low_freq_factor", "high_freq_factor")}
     try:
-        scaling = Llama3RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position=int(params["original_max_position_embeddings"]),
-        )
-    except KeyError as exc:
-        raise ValueError(f"{source}: llama3 RoPE scaling has no {exc.args[0]!r}") from None
-    return theta, scaling
+        return theta, Llama3RopeScaling(**factors, original_max_position=original)
+    except ValueError as exc:  # the factors' ranges
+        raise ValueError(f"{source}: llama3 RoPE scaling: {exc}") from None
 
 
 def _preset(model_type: str, attention: AttentionConfig, intermediate: int, layers: int, vocab: int,
@@ -340,20 +358,26 @@ class ModelWeights:
 
 
 class _Checkpoint:
-    """Tensors by name from ``model.safetensors`` or the shards ``model.safetensors.index.json`` lists."""
+    """Tensors by name from ``model.safetensors`` or, where there is none, the shards
+    ``model.safetensors.index.json`` lists (transformers' order: a directory saved whole over a sharded
+    save keeps the old index beside the new file)."""
 
     def __init__(self, directory: Path):
         from safetensors import safe_open
 
         single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-        if index.is_file():
+        if single.is_file():
+            files = None
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"{index}: not a safetensors index with a weight_map ({exc!r})") from None
+            if not (isinstance(weight_map, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+                raise ValueError(f"{index}: its weight_map must map tensor names to shard file names, got "
+                                 f"{reprlib.repr(weight_map)}")
             files = {name: directory / shard for name, shard in weight_map.items()}
-        elif single.is_file():
-            files = None
         else:
             raise ValueError(
                 f"{str(directory)!r} has no model.safetensors or model.safetensors.index.json "
@@ -383,7 +407,13 @@ class _Checkpoint:
         if name not in self.names:
             raise ValueError(f"the checkpoint has no tensor {name!r}")
         path = self._single if self._files is None else self._files[name]
-        tensor = self._handle(path).get_tensor(name)
+        from safetensors import SafetensorError
+
+        try:
+            tensor = self._handle(path).get_tensor(name)
+        except SafetensorError as exc:
+            where = "" if self._files is None else " (model.safetensors.index.json places it there)"
+            raise ValueError(f"{path}: tensor {name!r} cannot be read{where}: {exc}") from None
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; config.json implies {shape}")
         if tensor.dtype not in WEIGHT_DTYPES:  # quantized codes cast to floats would be garbage
@@ -565,9 +595,10 @@ def check_choices(*, attention: str = "fused", backend: str = "auto", device=Non
         check_device(device)
 
 
-def _as_prompts(given) -> list[list[int]]:
+def check_prompts(given, vocab_size: int | None = None) -> list[list[int]]:
     """``given``: 1 to :data:`MAX_BATCH` prompts, each a non-empty sequence of token ids (ints,
-    NumPy integers, a 1-D integer tensor), as lists of ints."""
+    NumPy integers, a 1-D integer tensor; with ``vocab_size`` each in ``0 .. vocab_size - 1``), as
+    lists of ints."""
     if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
         raise TypeError(f"prompts must be a sequence of prompts, each a sequence of token ids; got "
                         f"{reprlib.repr(given)}")
@@ -587,6 +618,8 @@ def _as_prompts(given) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty")
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in p):
+            raise ValueError(f"prompt {i}: token ids must be in 0..{vocab_size - 1}; got {reprlib.repr(p)}")
     return prompts
 
 
@@ -658,7 +691,7 @@ class LlamaModel:
         prompt's last token ``[batch, vocab]`` and the position of each sequence's next token
         (its prompt length), an int32 tensor ``[batch]`` on the model's device.
         """
-        prompts = _as_prompts(token_ids)
+        prompts = check_prompts(token_ids)
         longest = max(map(len, prompts))
         if not (is_int(capacity) and capacity >= longest + 1):
             raise ValueError(f"capacity must be an int > the longest prompt ({longest} tokens), got {capacity!r}")
@@ -801,10 +834,14 @@ class LlamaModel:
         batch = self.caches[0].batch
         if tuple(tokens.shape) != (batch,):
             raise ValueError(f"tokens has shape {tuple(tokens.shape)}; expected ({batch},), one per sequence")
-        if not isinstance(positions, torch.Tensor):
-            positions = torch.tensor(list(positions), dtype=torch.int32, device=self.device)
-        values = positions.tolist()
-        check_range(values, self.caches[0].capacity)
+        capacity = self.caches[0].capacity
+        if isinstance(positions, torch.Tensor):
+            check_positions(positions, batch, capacity, self.device)  # dtype, device and shape first
+            values = positions.tolist()
+        else:
+            values = sequence_positions(positions, batch)
+            positions = torch.tensor(values, dtype=torch.int32, device=self.device)
+        check_range(values, capacity)
         return self.forward_step(tokens, positions, longest=max(values) + 1)
 
     def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int | None = None) -> torch.Tensor:
@@ -883,7 +920,7 @@ class LlamaModel:
         ``self.last_stats`` holds ``{"prefill_s", "decode_s", "decode_steps"}`` afterwards
         (``decode_s`` includes capturing the graph).
         """
-        prompts = _as_prompts(prompts)
+        prompts = check_prompts(prompts, self.config.vocab_size)
         eos = check_sampling(max_new_tokens, temperature, top_k, eos_token_id, seed, self.config.vocab_size)
         capacity = max(map(len, prompts)) + max_new_tokens
         start = time.perf_counter()
