@@ -60,6 +60,14 @@ def rows(*shape, dtype=np.float32):
          "dtype must be 'float32' for the steady bulk_two_shot reduce .*; got 'bfloat16'"),
         (lambda: primitives.steady_reduce_device_function("sum", 4, "direct", "float64"), ValueError,
          "dtype must be one of"),
+        # arguments that cannot be a cache key reach the checks, which name them
+        (lambda: primitives.reduce_device_function(["ring"], "sum"), TypeError,
+         r"algorithm must be a string, one of .*; got \['ring'\]"),
+        (lambda: primitives.steady_reduce_device_function("sum", 4, ["direct"]), TypeError,
+         r"algorithm must be a string, one of .*; got \['direct'\]"),
+        (lambda: primitives.steady_reduce_device_function("sum", 4, "direct", ["float16"]), TypeError,
+         r"dtype must be a string, one of .*; got \['float16'\]"),
+        (lambda: primitives.steady_reduce_device_function({"sum"}, 4), TypeError, r"op must be a string"),
     ],
 )
 def test_bad_input_is_rejected_before_launch(call, error, message):

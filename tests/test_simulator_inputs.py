@@ -114,6 +114,9 @@ def test_layouts_must_agree_between_blocks():
     (lambda b, bar, fresh: b.mbarrier_init(fresh, True), ValueError,
      "arrival_count must be an integer in 1..1048575; got True"),
     (lambda b, bar, fresh: b.mbarrier_wait(bar, True), ValueError, "phase_parity must be 0 or 1; got True"),
+    (lambda b, bar, fresh: b.mbarrier_wait(bar, 0.0), ValueError, "phase_parity must be 0 or 1; got 0.0"),
+    (lambda b, bar, fresh: b.mbarrier_wait(bar, np.float64(1.0)), ValueError,
+     "phase_parity must be 0 or 1; got np.float64(1.0)"),
     (lambda b, bar, fresh: b.mbarrier_arrive_expect_tx(bar, True), ValueError,
      "tx_bytes must be an integer in 0..1048575"),
     (lambda b, bar, fresh: b.shared_array("rows", (True, 4), np.float32), ValueError,
@@ -124,8 +127,8 @@ def test_layouts_must_agree_between_blocks():
      "dtype of shared array 'rows' must hold plain bytes"),
 ])
 def test_block_operations_refuse_bools_and_dtypes_that_are_no_bytes(call, error, words):
-    """``True`` is an int to Python (1) and to NumPy's ``in``: never an arrival count, a parity, a
-    byte count or an extent here."""
+    """``True`` is an int to Python (1) and to NumPy's ``in``, and ``0.0`` equals 0: never an arrival count, a
+    parity, a byte count or an extent here."""
 
     def program(b):
         bar, fresh = b.shared_mbarrier("bar"), b.shared_mbarrier("fresh")

@@ -190,7 +190,23 @@ def push_chunk(result, lo, hi, size, rank):
         push_element(result, i, result[i], size, rank)
 
 
-@functools.cache
+def _cache_checked(function):
+    """``functools.cache(function)``, save that a call whose arguments cannot be a key (a list, a set) goes to
+    ``function`` itself, whose checks name the argument and what it may be (not "unhashable type")."""
+    cached = functools.cache(function)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            hash((args, tuple(kwargs.items())))
+        except TypeError:
+            return function(*args, **kwargs)
+        return cached(*args, **kwargs)
+
+    return call
+
+
+@_cache_checked
 def reduce_device_function(algorithm: str, op: str):
     """The device function running ClusterReduce ``algorithm`` with operator ``op`` (see module doc)."""
     check_choice("algorithm", algorithm, REDUCE_ALGORITHMS)
@@ -457,7 +473,7 @@ def steady_shared_bytes(n: int, algorithm: str = "direct", cluster_size: int = 1
 PUSH_WHILE_FOLDING = 8
 
 
-@functools.cache
+@_cache_checked
 def steady_reduce_device_function(op: str, cluster_size: int, algorithm: str = "direct", dtype: str = "float32"):
     """``direct_steady_reduce(staged, result, n, k)``, ``two_shot_steady_reduce(staged, result, n, k)`` or
     ``bulk_two_shot_steady_reduce(staged, work, n, k)`` with operator ``op`` for clusters of

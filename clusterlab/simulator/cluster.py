@@ -604,7 +604,8 @@ class Block:
         """
         line = self._ready()
         state = self._mbarrier_state(bar, "mbarrier.try_wait.parity", line, local_only=True)
-        if isinstance(phase_parity, bool) or phase_parity not in (0, 1):
+        integral = isinstance(phase_parity, (int, np.integer)) and not isinstance(phase_parity, bool)
+        if not (integral and phase_parity in (0, 1)):
             raise ValueError(f"phase_parity must be 0 or 1; got {phase_parity!r}")
         op = f"mbarrier.try_wait.parity {state.label} parity {phase_parity}"
         if not state.initialized:
@@ -1339,7 +1340,7 @@ class _Cluster:
         )
 
     def check_bulk_alignment(self, block, dentry, downer, dlo, dhi, sentry, slo, shi, event) -> None:
-        """cp.async.bulk: 16-byte aligned addresses, size a positive multiple of 16."""
+        """cp.async.bulk: 16-byte aligned addresses, size a multiple of 16 (PTX's rules; 0 bytes move nothing)."""
         daddr, saddr, nbytes = dentry.offset + dlo, sentry.offset + slo, dhi - dlo
         problems = []
         if daddr % ALLOCATION_ALIGN_BYTES:
