@@ -206,7 +206,7 @@ def _generate(args: argparse.Namespace) -> int:
         if tokenizer is not None:
             unknown = [token for token in ids if tokenizer.id_to_token(token) is None]
             left_out = f" (ids the tokenizer lacks, left out: {' '.join(map(str, unknown))})" if unknown else ""
-            print(f"  text: {tokenizer.decode(ids)!r}{left_out}")
+            print(f"  text: {tokenizer.decode(ids, skip_special_tokens=False)!r}{left_out}")  # an eos shown too
     stats, tokens = model.last_stats, sum(map(len, new))
     print(f"{tokens} new token{'s' * (tokens != 1)} in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s "
           f"(prefill {stats['prefill_s']:.2f} s, {stats['decode_steps']} decode steps in {stats['decode_s']:.2f} s)")

@@ -752,7 +752,8 @@ def test_weights_stored_in_a_quantized_dtype_are_refused_not_cast(llama_dir, tmp
     name = "model.layers.1.mlp.down_proj.weight"
     tensors[name] = tensors[name].float().clamp(-1, 1).to(dtype)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"tensor '{name}' is {dtype}; the weights must be float16, bfloat16 or"):
+    with pytest.raises(ValueError, match=rf"tensor '{name}' is {dtype}; the weights must be float16, bfloat16, "
+                                         "float32 or float64"):
         LlamaModel.from_pretrained(directory)
 
 
@@ -762,6 +763,37 @@ def test_a_checkpoints_malformed_eos_token_id_is_named(llama_dir, tmp_path, valu
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
     with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
         checkpoint_eos(directory)
+
+
+@pytest.mark.parametrize("text, message", [("{", "not valid JSON"), ("[2]", "expected a JSON object")])
+def test_an_unreadable_generation_config_is_named_not_passed_over(llama_dir, tmp_path, text, message):
+    """transformers refuses it too; passing over it to config.json's eos could stop at another token."""
+    directory = edited(llama_dir, tmp_path)
+    (directory / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"generation_config.json: {message}"):
+        checkpoint_eos(directory)
+
+
+def test_float64_weights_and_swish_are_read_as_transformers_reads_them(llama_dir, tmp_path):
+    """A float64 checkpoint is cast to the model's dtype (float16 weights widened and read back: the same
+    model); ``hidden_act: "swish"`` is transformers' other name of SiLU."""
+    from safetensors.torch import load_file, save_file
+
+    directory = edited(llama_dir, tmp_path, hidden_act="swish", torch_dtype="float64", dtype=None)
+    tensors = {name: t.double() for name, t in load_file(directory / "model.safetensors").items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    want = LlamaModel.from_pretrained(llama_dir).generate(PROMPTS, 3)
+    assert LlamaModel.from_pretrained(directory, dtype=torch.float16).generate(PROMPTS, 3) == want
+
+
+def test_a_partial_rotary_factor_is_refused(llama_dir, tmp_path):
+    """transformers rotates only that share of a head's dims; the fused layer rotates all of them."""
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported"):
+        LlamaModel.from_pretrained(edited(llama_dir, tmp_path, partial_rotary_factor=0.5))
+    rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.25 is not supported"):
+        LlamaModel.from_pretrained(edited(llama_dir, tmp_path / "2", rope_parameters=rope))
+    assert LlamaModel.from_pretrained(edited(llama_dir, tmp_path / "3", partial_rotary_factor=1.0))
 
 
 def test_a_model_checks_its_options_and_device_before_any_weight(llama_dir, monkeypatch):

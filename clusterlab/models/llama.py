@@ -113,7 +113,7 @@ def fused_mlp_max_batch(config: ModelConfig) -> int:
 #: Names of the dtypes a model runs in.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: The dtypes a checkpoint's tensors may have (cast to the model's dtype when read).
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _dtype(value, what: str) -> torch.dtype:
@@ -169,8 +169,14 @@ class ModelConfig:
             return raw[key]
 
         act = raw.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # transformers' two names of x * sigmoid(x)
             raise ValueError(f"{source}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU)")
+        rotary = raw.get("partial_rotary_factor")
+        if rotary is None and isinstance(raw.get("rope_parameters"), dict):
+            rotary = raw["rope_parameters"].get("partial_rotary_factor")
+        if rotary is not None and (isinstance(rotary, bool) or rotary != 1):
+            raise ValueError(f"{source}: partial_rotary_factor {rotary!r} is not supported; RoPE here rotates every "
+                             "dim of a head (1.0)")
         if raw.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias is not supported (the MLP here has no biases)")
         if raw.get("use_sliding_window"):
@@ -417,8 +423,8 @@ class _Checkpoint:
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; config.json implies {shape}")
         if tensor.dtype not in WEIGHT_DTYPES:  # quantized codes cast to floats would be garbage
-            raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}; the weights must be float16, bfloat16 or "
-                             "float32 (a quantized checkpoint is not supported)")
+            raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}; the weights must be float16, bfloat16, "
+                             "float32 or float64 (a quantized checkpoint is not supported)")
         return tensor
 
 
@@ -561,9 +567,12 @@ def checkpoint_eos(directory) -> list[int]:
         path = Path(directory) / name
         if path.is_file():
             try:
-                value = json.loads(path.read_text()).get("eos_token_id")
-            except (json.JSONDecodeError, AttributeError):
-                continue
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}: expected a JSON object")
+            value = raw.get("eos_token_id")
             if value is None:
                 continue
             ids = [value] if not isinstance(value, list) else value
