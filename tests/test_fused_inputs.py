@@ -515,10 +515,13 @@ def test_bench_mlp_takes_the_mlp_kernel_options_only(capsys):
     assert info.value.code == 0 and "interleave_inputs" in capsys.readouterr().out
 
 
-def test_bench_kernel_options_are_refused_for_the_mla_preset_before_anything_runs():
-    with pytest.raises(ValueError, match=r"kernel options \(--spec\) apply to the Llama-style presets, not to "
-                                         "deepseek-v2-lite"):
+def test_bench_kernel_options_are_each_presets_own_and_refused_before_anything_runs():
+    """The Llama block's options are no MLA block's, and the MLA block's (``one_launch``) no Llama block's."""
+    with pytest.raises(ValueError, match="--spec for deepseek-v2-lite: kernel_options: unknown name 'registers'; "
+                                         "allowed: one_launch"):
         run_bench(presets=("llama3-8b", "deepseek-v2-lite"), options=[{"registers": 168}])
+    with pytest.raises(ValueError, match="--spec for llama3-8b: kernel_options: unknown name 'one_launch'"):
+        run_bench(presets=("deepseek-v2-lite", "llama3-8b"), options=[{}, {"one_launch": True}])
 
 
 

@@ -304,10 +304,14 @@ def run_bench(
 
     for variant in variants or ():
         check_variant(variant)
-    options = [{}] if options is None else [check_kernel_options(o) for o in options]
-    if any(options) and any(isinstance(PRESETS[name], MLAConfig) for name in presets):
-        raise ValueError("kernel options (--spec) apply to the Llama-style presets, not to "
-                         f"{', '.join(n for n in presets if isinstance(PRESETS[n], MLAConfig))}")
+    options = [{}] if options is None else options
+    for name in presets:  # each preset's layer takes its own kernel_options: the Llama block's, or the MLA block's
+        choices = MLA_KERNEL_CHOICES if isinstance(PRESETS[name], MLAConfig) else KERNEL_CHOICES
+        for o in options:
+            try:
+                check_kernel_options(o, choices)
+            except ValueError as exc:
+                raise ValueError(f"--spec for {name}: {exc}") from None
     if not (is_int(jobs) and jobs >= 1):
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     if jobs > 1 and cache_dir() is None:
