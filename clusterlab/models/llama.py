@@ -221,7 +221,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=count("num_key_value_heads", given("num_key_value_heads", heads)),
             head_dim=head_dim,
-            rms_norm_eps=_positive(source, "rms_norm_eps", given("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_positive(source, "rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
             rope_theta=_positive(source, "rope_theta", theta),
             vocab_size=count("vocab_size"),
             tie_word_embeddings=flag("tie_word_embeddings"),
