@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clusterlab.bench.fused_timeline import PHASE_COLOURS, plot, summary
-from clusterlab.fused import kernel, mlp_kernel
+from clusterlab.bench.fused_timeline import MLA_ROLES, PHASE_COLOURS, mla_summary, plot, summary
+from clusterlab.fused import kernel, mla_kernel, mlp_kernel
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -55,6 +55,44 @@ def test_summary_and_plot_of_either_block(layer, phases, tmp_path):
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 
 
+def _mla_record(one_launch, seed):
+    """An MLA step as the study writes it: its blocks with roles, starts and phases (fresh draws)."""
+    rng = np.random.default_rng(seed)
+    phases = mla_kernel.MLA_TIMELINE_PHASES
+    blocks = [{"sm": int(rng.integers(0, 132)), "cluster": c, "rank": r, "sm_blocks": 1, "crowded": False,
+               "role": role, "start_us": float(at + rng.uniform(0, 2)),
+               "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
+              for role, clusters, at in (("projections", 4, 0), ("attention", 6, 10), ("output", 4, 30))
+              for c in range(clusters) for r in range(2)]
+    shape = {"cluster_size": 2, "warps": 8, "attention_clusters": 3, "options": {"one_launch": True} if one_launch
+             else {}, "blocks": len(blocks), "rel_err": 3e-4, "step_us": 40.0, "instrumented_us": 41.0,
+             "sm_clock_ghz": 1.98, "sms_used": 20, "blocks_per_sm": {"1": 20}, "block": blocks}
+    return {"card": "NVIDIA H200", "date": "2026-12-05T00:00:00+00:00", "layer": "mla", "preset": "deepseek-v2-lite",
+            "dtype": "float16", "batch": 2, "kv_len": 1024, "phases": list(phases), "shapes": [shape]}
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_the_mla_summary_gives_each_role_its_span_and_phases(one_launch, tmp_path):
+    record = _mla_record(one_launch, seed=None)
+    shape, phases = record["shapes"][0], record["phases"]
+    assert set(phases) <= set(PHASE_COLOURS)
+    lines = mla_summary(shape, phases).splitlines()
+    assert lines[0].startswith("one_launch=True:" if one_launch else "three launches:")
+    assert all(name in lines[1] for name in phases)
+    for line, role in zip(lines[2:], MLA_ROLES, strict=True):
+        mine = [b for b in shape["block"] if b["role"] == role]
+        fields = line.split()
+        assert fields[0] == role and int(fields[1]) == len(mine)
+        first = min(b["start_us"] for b in mine)
+        last_end = max(b["start_us"] + sum(b["phase_us"]) for b in mine)
+        assert float(fields[2].split("/")[0]) == pytest.approx(first, abs=0.05)
+        assert float(fields[3].split("/")[1]) == pytest.approx(last_end, abs=0.05)
+        medians = [float(cell.split("/")[0]) for cell in fields[4:]]
+        assert np.allclose(medians, np.median([b["phase_us"] for b in mine], axis=0), atol=0.005)
+    plot(record, tmp_path / "mla.png")
+    assert (tmp_path / "mla.png").stat().st_size > 10_000
+
+
 def test_a_recorded_h200_timeline_plots_again(tmp_path):
     record = json.loads((RESULTS / "fused_timeline_h200_llama3_b8_overlay.json").read_text())
     assert record["phases"] == list(kernel.TIMELINE_PHASES)
@@ -71,7 +109,15 @@ def test_a_recorded_h200_timeline_plots_again(tmp_path):
     (["--batch", "9"], "argument --batch: must be an integer in 1..8"),
     (["--kv", "0"], "argument --kv: must be an integer >= 1"),
     (["--spec", "split_kv_rows=1"], "argument --spec: kernel_options: split_kv_rows=1; allowed: True or False"),
-    (["--layer", "mlp", "--spec", "split_kv_rows=True"], "argument --spec: kernel options are the attention block's"),
+    (["--layer", "mlp", "--spec", "split_kv_rows=True"],
+     "argument --spec: kernel options are the attention or MLA block's"),
+    (["--layer", "mla", "--preset", "llama2-7b"], "argument --preset: llama2-7b is not a preset of the mla block"),
+    (["--preset", "deepseek-v2-lite"], "argument --preset: deepseek-v2-lite is not a preset of the attention block"),
+    (["--layer", "mla", "--shape", "8x8"], "argument --shape: the MLA block runs its layer's launch rule"),
+    (["--layer", "mla", "--spec", "default", "split_kv_rows=True"],
+     "argument --spec: for the mla block: kernel_options: unknown name 'split_kv_rows'; allowed: one_launch"),
+    (["--spec", "one_launch=True"], "argument --spec: for the attention block: kernel_options: unknown name "
+                                    "'one_launch'"),
 ])
 def test_the_study_refuses_arguments_it_cannot_use_before_touching_a_gpu(args, words, capsys):
     from clusterlab.bench.fused_timeline import main

@@ -290,3 +290,52 @@ def test_one_graph_replays_step_after_step_while_positions_advance_on_the_device
         rows = torch.arange(3, device="cuda")
         assert relative_error(cache.latent[rows, torch.tensor(at, device="cuda")], want.latent) < TOLERANCE
         assert not layer._step_words.any()  # one launch leaves its words zero for the next replay
+
+
+# The timeline variant (MLASpec.timeline): every kernel of both forms takes two more arguments and reads the
+# clocks at the phase boundaries; the plain kernels read no clock.
+@pytest.mark.ptx
+@pytest.mark.parametrize("kernel", [*KERNELS, "step"])
+def test_timeline_kernels_read_the_clocks_and_plain_ones_do_not(kernel):
+    import dataclasses
+
+    from clusterlab.toolchain import assemble, kernel_ptx
+
+    build = {**KERNELS, "step": build_step_kernel}[kernel]
+    spec = MLASpec.of(SMALL, True, 2, 4, 3, 4)
+    timed = dataclasses.replace(spec, timeline=True)
+    plain_ptx = kernel_ptx(build(spec), mla_kernel_signatures()[kernel], launch_bounds=spec.launch_bounds(kernel))
+    timed_ptx = kernel_ptx(build(timed), mla_kernel_signatures(timeline=True)[kernel],
+                           launch_bounds=timed.launch_bounds(kernel))
+    assert "%globaltimer" not in plain_ptx and "%clock64" not in plain_ptx and "%smid" not in plain_ptx
+    assert "%globaltimer" in timed_ptx and "%clock64" in timed_ptx and "%smid" in timed_ptx
+    assert mla_kernel_signatures(timeline=True)[kernel][:-2] == mla_kernel_signatures()[kernel]
+    assemble(timed_ptx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_launch", [False, True], ids=["three-launches", "one-launch"])
+def test_the_timeline_records_every_block_of_every_role(one_launch):
+    """``python -m clusterlab.bench.fused_timeline --layer mla`` in small: the instrumented step against the
+    reference, every block of every launch (or of every ticket) with its role, SM and phases."""
+    from clusterlab.bench.fused_timeline import MLA_ROLES, record_mla_step
+    from clusterlab.fused.mla_kernel import MLA_TIMELINE_PHASES
+
+    weights = MLAWeights.random(SMALL, torch.float16, "cuda", seed=13)
+    options = {"one_launch": True} if one_launch else {}
+    batch, clusters = 3, DecodeMLA(SMALL, weights).shape(3, 900)[2]
+    shape = record_mla_step(SMALL, weights, torch.float16, batch, 900, options, warps=4)  # launch 2's: 256 / 64
+    assert shape["rel_err"] < TOLERANCE and shape["options"] == options
+    blocks = {role: [b for b in shape["block"] if b["role"] == role] for role in MLA_ROLES}
+    clusters = {"projections": SMALL.heads, "attention": clusters * batch, "output": SMALL.heads}
+    for role, mine in blocks.items():
+        assert sorted(b["cluster"] for b in mine) == sorted(c for c in range(clusters[role]) for _ in range(8)), role
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for block in shape["block"]:
+        assert 0 <= block["sm"] < sms
+        assert len(block["phase_us"]) == len(MLA_TIMELINE_PHASES) and min(block["phase_us"]) >= 0
+    if not one_launch:  # launches in stream order: each role's blocks start after the one before's ended
+        end = {role: max(b["start_us"] + sum(b["phase_us"]) for b in mine) for role, mine in blocks.items()}
+        start = {role: min(b["start_us"] for b in mine) for role, mine in blocks.items()}
+        slack = 0.5  # µs: starts are globaltimer readings (up to 256 ns steps), phases SM cycles
+        assert end["projections"] <= start["attention"] + slack and end["attention"] <= start["output"] + slack

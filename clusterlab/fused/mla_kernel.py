@@ -62,7 +62,7 @@ from .. import ptx
 from . import plan
 from .config import is_int
 from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, MmaTile, gemv_tile, make_exchange, make_finish,
-                     make_gemv, make_input_projection, norm_shares, region_offsets)
+                     make_gemv, make_input_projection, make_stamp, norm_shares, region_offsets)
 from .mla import LATENT_RMS_EPS, MLAConfig
 from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
 
@@ -79,6 +79,14 @@ ATTENTION_STAGES = 4
 #: leaves (the last one sets all four back to zero). See :func:`build_step_kernel`.
 TICKET, QUERIES_DONE, STATES_DONE, LEFT = range(4)
 STEP_WORDS = 4
+#: What a timeline kernel (``MLASpec.timeline``) times, the same in every role of both forms: stamp ``i``
+#: ends phase ``i - 1``, stamp 0 is the block's start. "ticket": the one launch's ticket and cluster
+#: barrier (nothing in the three launches); "loads + wait": the loads a role puts in flight before its
+#: inputs exist and its wait for them (the one launch's attention and output roles; launch 3's first
+#: ``W_UV`` loads); "work": the role's phases; "count in + finish": the one launch's count and leave, the
+#: output's finish. See :mod:`clusterlab.bench.fused_timeline` (``--layer mla``).
+MLA_TIMELINE_PHASES = ("ticket", "loads + wait", "work", "count in + finish")
+MLA_TIMELINE_STAMPS = len(MLA_TIMELINE_PHASES) + 1
 
 
 @cuda.jit(device=True, inline=True)
@@ -111,6 +119,24 @@ def check_one_launch(kv_lora_rank: int, warps: int) -> None:
                          f"got warps={warps}")
 
 
+def make_mla_stamp(timeline: bool):
+    """``(stamp, record_role)``: ``stamp(stamps, tid, i)`` stores stamp ``i`` of the block (``clock64`` and
+    ``globaltimer``; ``stamps``: uint64 ``[blocks * MLA_TIMELINE_STAMPS * 2]``, see
+    :func:`clusterlab.fused.kernel.make_stamp`); ``record_role(roles, tid, ticket)`` stores the block's SM and
+    its cluster's ticket (the three launches: its cluster's number) in ``roles`` (uint32 ``[blocks * 2]``).
+    Without ``timeline`` both are nothing, and numba compiles the calls away."""
+    stamp, _ = make_stamp(timeline, MLA_TIMELINE_STAMPS)
+
+    @cuda.jit(device=True, inline=True)
+    def record_role(roles, tid, ticket):
+        if timeline:
+            if tid == 0:
+                roles[2 * cuda.blockIdx.x] = ptx.sm_id()
+                roles[2 * cuda.blockIdx.x + 1] = ticket
+
+    return stamp, record_role
+
+
 @dataclass(frozen=True)
 class MLASpec(BlockShape):
     """Everything the three MLA kernels are specialised on (each distinct spec is one compilation)."""
@@ -130,6 +156,9 @@ class MLASpec(BlockShape):
     attention_clusters: int
     warps: int
     limits: DeviceLimits = HOPPER
+    #: record a timeline: two more kernel arguments, ``stamps`` and ``roles`` (see :func:`make_mla_stamp`);
+    #: :meth:`of` leaves it off, a variant is ``dataclasses.replace(spec, timeline=True)``
+    timeline: bool = False
 
     @classmethod
     def of(cls, config: MLAConfig, bf16: bool, batch: int, cluster_size: int, attention_clusters: int, warps: int,
@@ -315,15 +344,17 @@ def make_projections(spec: MLASpec):
                                                          out_stride=HEADS * R, atomic=False, select_past_batch=False)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
+    stamp, _ = make_mla_stamp(spec.timeline)
 
     @cuda.jit(device=True, forceinline=True)
     def projections_block(cluster, hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity,
-                          residual_out, q_lat, q_pe, kv_raw):
+                          residual_out, q_lat, q_pe, kv_raw, stamps):
         smem = cuda.shared.array(0, float32)
         tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
         lane, warp = tid % 32, tid // 32
         rank = ptx.cluster_rank()
         k0 = rank * K_SLICE  # query head `cluster`, kv_a rows cluster*KV_ROWS ..
+        stamp(stamps, tid, 2)  # loads + wait: none
 
         # -- 1 projections: h = hidden + residual on this block's slice; xs = h * norm; sum(h^2); partial dots --
         projections(hidden, residual, norm, residual_out, q_proj, cluster * Q_WIDTH, kv_a, cluster * KV_ROWS, smem, k0,
@@ -409,6 +440,7 @@ def make_projections(spec: MLASpec):
             if step < ABSORB_STEPS:
                 absorb_load(w_uk_t, (cluster * R + rank * COLS + step * ABSORB_STEP_ROWS) * D_N, D_N, lane,
                             absorb_words)
+        stamp(stamps, tid, 3)  # work
 
     return projections_block
 
@@ -431,13 +463,30 @@ def build_projections_kernel(spec: MLASpec):
     A position outside ``0 .. capacity-1`` makes its sequence's ``q_lat`` and ``q_pe`` NaN.
     """
     projections_block, C = make_projections(spec), spec.cluster_size
+    stamp, record_role = make_mla_stamp(spec.timeline)
+
+    @cuda.jit(device=True, forceinline=True)
+    def launch_1(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+                 kv_raw, stamps, roles):
+        tid, cluster = uint32(cuda.threadIdx.x), uint32(cuda.blockIdx.x) // C
+        stamp(stamps, tid, 0)
+        record_role(roles, tid, cluster)
+        stamp(stamps, tid, 1)  # ticket: none
+        projections_block(cluster, hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity,
+                          residual_out, q_lat, q_pe, kv_raw, stamps)
+        stamp(stamps, tid, 4)  # count in + finish: none
 
     def mla_projections(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out,
                         q_lat, q_pe, kv_raw):
-        projections_block(uint32(cuda.blockIdx.x) // C, hidden, residual, norm, q_proj, kv_a, w_uk_t, rope,
-                          positions, capacity, residual_out, q_lat, q_pe, kv_raw)
+        launch_1(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+                 kv_raw, None, None)
 
-    return mla_projections
+    def mla_projections_timeline(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity,
+                                 residual_out, q_lat, q_pe, kv_raw, stamps, roles):
+        launch_1(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+                 kv_raw, stamps, roles)
+
+    return mla_projections_timeline if spec.timeline else mla_projections
 
 
 def make_attention(spec: MLASpec, one_launch: bool = False):
@@ -485,6 +534,7 @@ def make_attention(spec: MLASpec, one_launch: bool = False):
     exp2 = ptx.ex2_approx_ftz
     cached_range = cuda.jit(device=True, inline=True)(plan.cached_range)
     exchange_lanes, pull, _, peer_sum, peer_max = make_exchange(C)
+    stamp, _ = make_mla_stamp(spec.timeline)
 
     @cuda.jit(device=True, inline=True)
     def ring_row(r):
@@ -608,7 +658,7 @@ def make_attention(spec: MLASpec, one_launch: bool = False):
 
     @cuda.jit(device=True, forceinline=True)
     def attention_block(cluster, q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
-                        state_acc, step_words):
+                        state_acc, step_words, stamps):
         smem = cuda.shared.array(0, float32)
         words = cuda.shared.array(0, uint32)  # the same memory, as raw words
         tid = uint32(cuda.threadIdx.x)  # unsigned indices: see the attention kernel's decode_step
@@ -638,6 +688,7 @@ def make_attention(spec: MLASpec, one_launch: bool = False):
                 issue_tile(latent, first, start + i * TILE, stop, ring_at + i * STAGE_BYTES, full_at + 8 * i, warp,
                            lane)
             wait_for(step_words, QUERIES_DONE, HEADS * C, tid)  # q_lat, q_pe and kv_raw are out
+        stamp(stamps, tid, 2)  # loads + wait
 
         # -- 3 attention: this block's positions of the sequence, all heads; the states merged in the cluster ----
         # The scaled queries, 16 bits, as the mma A fragments of the scores' steps (query_word; heads >=
@@ -774,6 +825,7 @@ def make_attention(spec: MLASpec, one_launch: bool = False):
                     state_l[state] = l_tot
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # no block leaves while a peer reads its state
+        stamp(stamps, tid, 3)  # work
         if ONE_LAUNCH:
             count_in(step_words, STATES_DONE, tid)
 
@@ -836,13 +888,30 @@ def build_attention_kernel(spec: MLASpec):
     cost more than the fold's sums.
     """
     attention_block, C = make_attention(spec), spec.cluster_size
+    stamp, record_role = make_mla_stamp(spec.timeline)
+
+    @cuda.jit(device=True, forceinline=True)
+    def launch_2(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l, state_acc, stamps,
+                 roles):
+        tid, cluster = uint32(cuda.threadIdx.x), uint32(cuda.blockIdx.x) // C
+        stamp(stamps, tid, 0)
+        record_role(roles, tid, cluster)
+        stamp(stamps, tid, 1)  # ticket: none
+        attention_block(cluster, q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
+                        state_acc, None, stamps)
+        stamp(stamps, tid, 4)  # count in + finish: none
 
     def mla_attention(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
                       state_acc):
-        attention_block(uint32(cuda.blockIdx.x) // C, q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity,
-                        state_m, state_l, state_acc, None)
+        launch_2(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l, state_acc, None,
+                 None)
 
-    return mla_attention
+    def mla_attention_timeline(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l,
+                               state_acc, stamps, roles):
+        launch_2(q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity, state_m, state_l, state_acc, stamps,
+                 roles)
+
+    return mla_attention_timeline if spec.timeline else mla_attention
 
 
 def make_output(spec: MLASpec, one_launch: bool = False):
@@ -868,9 +937,10 @@ def make_output(spec: MLASpec, one_launch: bool = False):
     finish_arrive, finish_convert = make_finish(BATCH, H, OUT_ROWS, THREADS, BF16)
     owned_quads = cuda.jit(device=True, inline=True)(plan.owned_quads)
     exchange_lanes, pull, push, peer_sum, _ = make_exchange(C)
+    stamp, _ = make_mla_stamp(spec.timeline)
 
     @cuda.jit(device=True, forceinline=True)
-    def output_block(cluster, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, step_words):
+    def output_block(cluster, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, step_words, stamps):
         smem = cuda.shared.array(0, float32)
         last = cuda.shared.array(1, int32)
         # Signed, unlike the other kernels' (see the attention kernel's decode_step): unsigned, ptxas
@@ -888,6 +958,7 @@ def make_output(spec: MLASpec, one_launch: bool = False):
             value_load(kv_b, (value_row0 + step * VALUE_STEP_ROWS) * R + k0, R, lane, words)
         if ONE_LAUNCH:
             wait_for(step_words, STATES_DONE, ATTENTION_BLOCKS, tid)  # every attention cluster's states are out
+        stamp(stamps, tid, 2)  # loads + wait
         for i in range(tid, BATCH * COLS, THREADS):
             seq, col = i // COLS, i % COLS
             m_max = NEG
@@ -941,6 +1012,7 @@ def make_output(spec: MLASpec, one_launch: bool = False):
                 o_load(o_proj, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D_V) + cluster * D_V, HEADS * D_V,
                        lane, o_words)
 
+        stamp(stamps, tid, 3)  # work
         # -- 5 finish: the last block (one a cluster) to add into this block's output rows converts them ------
         finish_arrive(arrivals, rank, HEADS, last, tid)
         if last[0] == 1:
@@ -960,11 +1032,24 @@ def build_output_kernel(spec: MLASpec):
         arrivals              [cluster_size] int32 zero on entry, left zero on exit
     """
     output_block, C = make_output(spec), spec.cluster_size
+    stamp, record_role = make_mla_stamp(spec.timeline)
+
+    @cuda.jit(device=True, forceinline=True)
+    def launch_3(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, stamps, roles):
+        tid, cluster = uint32(cuda.threadIdx.x), cuda.blockIdx.x // C
+        stamp(stamps, tid, 0)
+        record_role(roles, tid, cluster)
+        stamp(stamps, tid, 1)  # ticket: none
+        output_block(cluster, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, None, stamps)
+        stamp(stamps, tid, 4)  # count in + finish
 
     def mla_output(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals):
-        output_block(cuda.blockIdx.x // C, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, None)
+        launch_3(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, None, None)
 
-    return mla_output
+    def mla_output_timeline(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, stamps, roles):
+        launch_3(state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals, stamps, roles)
+
+    return mla_output_timeline if spec.timeline else mla_output
 
 
 def build_step_kernel(spec: MLASpec):
@@ -994,38 +1079,59 @@ def build_step_kernel(spec: MLASpec):
     output_block = make_output(spec, one_launch=True)
     HEADS, ATTENTION = spec.heads, spec.attention_clusters * spec.batch
     GRID_BLOCKS = spec.step_clusters * spec.cluster_size
+    stamp, record_role = make_mla_stamp(spec.timeline)
 
-    def mla_step(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+    @cuda.jit(device=True, forceinline=True)
+    def one_step(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
                  kv_raw, kv_norm, latent, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals,
-                 step_words):
+                 step_words, stamps, roles):
         role = cuda.shared.array(1, int32)
         tid = uint32(cuda.threadIdx.x)
+        stamp(stamps, tid, 0)
         if tid == 0 and ptx.cluster_rank() == 0:
             role[0] = cuda.atomic.add(step_words, TICKET, 1)
         ptx.cluster_sync()  # rank 0's ticket is in its shared memory
         ticket = ptx.remote_load(role, 0, 0)
+        record_role(roles, tid, ticket)
+        stamp(stamps, tid, 1)  # ticket
         if ticket < HEADS:
             projections_block(uint32(ticket), hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity,
-                              residual_out, q_lat, q_pe, kv_raw)
+                              residual_out, q_lat, q_pe, kv_raw, stamps)
             count_in(step_words, QUERIES_DONE, tid)
         elif ticket < HEADS + ATTENTION:
             attention_block(uint32(ticket - HEADS), q_lat, q_pe, kv_raw, kv_norm, latent, rope, positions, capacity,
-                            state_m, state_l, state_acc, step_words)
+                            state_m, state_l, state_acc, step_words, stamps)
         else:
             output_block(ticket - HEADS - ATTENTION, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals,
-                         step_words)
+                         step_words, stamps)
         # -- leave: the last block of the grid sets the step's words back to zero for the next step
         cuda.syncthreads()  # every thread is done with the words
         if tid == 0 and cuda.atomic.add(step_words, LEFT, 1) == GRID_BLOCKS - 1:
             for word in range(STEP_WORDS):
                 step_words[word] = 0
+        stamp(stamps, tid, 4)  # count in + finish
 
-    return mla_step
+    def mla_step(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+                 kv_raw, kv_norm, latent, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals,
+                 step_words):
+        one_step(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+                 kv_raw, kv_norm, latent, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals,
+                 step_words, None, None)
+
+    def mla_step_timeline(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out,
+                          q_lat, q_pe, kv_raw, kv_norm, latent, state_m, state_l, state_acc, kv_b, o_proj, out,
+                          out_acc, arrivals, step_words, stamps, roles):
+        one_step(hidden, residual, norm, q_proj, kv_a, w_uk_t, rope, positions, capacity, residual_out, q_lat, q_pe,
+                 kv_raw, kv_norm, latent, state_m, state_l, state_acc, kv_b, o_proj, out, out_acc, arrivals,
+                 step_words, stamps, roles)
+
+    return mla_step_timeline if spec.timeline else mla_step
 
 
-def mla_kernel_signatures() -> dict:
+def mla_kernel_signatures(timeline: bool = False) -> dict:
     """Numba argument types of the kernels: ``projections``, ``attention``, ``output`` (the three launches)
-    and ``step`` (the three as one, :func:`build_step_kernel`)."""
+    and ``step`` (the three as one, :func:`build_step_kernel`); with ``timeline`` (``MLASpec.timeline``)
+    each takes ``stamps`` and ``roles`` last."""
     from numba import types
 
     h, f, i = types.int16[::1], types.float32[::1], types.int32[::1]
@@ -1033,4 +1139,6 @@ def mla_kernel_signatures() -> dict:
     attention = (f, f, f, h, h, f, i, types.int32, f, f, f)
     output = (f, f, f, h, h, h, f, i)
     step = projections + (h, h, f, f, f, h, h, h, f, i, i)
-    return {"projections": projections, "attention": attention, "output": output, "step": step}
+    stamps = (types.uint64[::1], types.uint32[::1]) if timeline else ()
+    return {name: signature + stamps for name, signature in
+            (("projections", projections), ("attention", attention), ("output", output), ("step", step))}

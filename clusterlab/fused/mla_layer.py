@@ -236,23 +236,34 @@ class DecodeMLA:
         spec = self.kernel_spec(hidden.dtype, batch, longest)
         if isinstance(positions, int):
             positions = self._positions[:batch].fill_(positions)
+        args = self.launch_args(hidden, residual, cache, positions, out, residual_out)
+        if self.one_launch:
+            mla_step_launcher(spec)(*args["step"])
+        else:
+            for name, launcher in zip(("projections", "attention", "output"), mla_launchers(spec)):
+                launcher(*args[name])
+        return out, residual_out
+
+    def launch_args(self, hidden: torch.Tensor, residual: torch.Tensor, cache: LatentCache, positions: torch.Tensor,
+                    out: torch.Tensor, residual_out: torch.Tensor) -> dict[str, tuple]:
+        """The kernels' arguments for one step on the GPU, by kernel (``"projections"``, ``"attention"``,
+        ``"output"``: the three launches; ``"step"``: the one launch), as
+        :func:`~clusterlab.fused.mla_kernel.mla_kernel_signatures` orders them; ``positions``: int32
+        ``[batch]`` on the device. Nothing is checked: :meth:`__call__` checks, then launches these."""
         capacity = np.int32(cache.capacity)
         rope = _rope_table(self.config, cache.capacity, hidden.device)
         w = self.weights
-
         inputs = (hidden, residual, w.input_layernorm, w.q_proj, w.kv_a_proj_with_mqa, self._w_uk_t)
         projected = (*map(kernel_bits, inputs), rope, positions, capacity, kernel_bits(residual_out), self._q_lat,
                      self._q_pe, self._kv_raw)
         states = (self._state_m, self._state_l, self._state_acc)
         outputs = (kernel_bits(w.kv_b_proj), kernel_bits(w.o_proj), kernel_bits(out),
-                   self._out_acc[: batch * self.config.hidden_size], self._arrivals)
-        if self.one_launch:
-            mla_step_launcher(spec)(*projected, kernel_bits(w.kv_a_layernorm), kernel_bits(cache.latent), *states,
-                                    *outputs, self._step_words)
-            return out, residual_out
-        projections, attention, output = mla_launchers(spec)
-        projections(*projected)
-        attention(self._q_lat, self._q_pe, self._kv_raw, kernel_bits(w.kv_a_layernorm), kernel_bits(cache.latent), rope,
-                  positions, capacity, *states)
-        output(*states, *outputs)
-        return out, residual_out
+                   self._out_acc[: hidden.shape[0] * self.config.hidden_size], self._arrivals)
+        return {
+            "projections": projected,
+            "attention": (self._q_lat, self._q_pe, self._kv_raw, kernel_bits(w.kv_a_layernorm),
+                          kernel_bits(cache.latent), rope, positions, capacity, *states),
+            "output": (*states, *outputs),
+            "step": (*projected, kernel_bits(w.kv_a_layernorm), kernel_bits(cache.latent), *states, *outputs,
+                     self._step_words),
+        }
