@@ -412,7 +412,10 @@ def test_a_chain_of_steady_reduces_may_fold_into_the_next_buffer(size):
     (np.ones((0, 2, 4), np.float32), 2, ValueError, "steps >= 1"),
     (np.ones((2, 2, 4), np.float32), 3, ValueError, r"buffers must be 2 or 1 for the steady direct reduce"),
     (np.ones((2, 17, 4), np.float32), 2, ValueError, r"cluster_size \(xs\[0\].shape\[0\]\) must be in 1..16"),
-    (np.ones((2, 2, 4), np.float32), 2.0, ValueError, r"buffers must be 2 or 1 .*; got 2.0"),
+    (np.ones((2, 2, 4), np.float32), 2.0, TypeError, r"buffers must be 2 or 1 .*; got 2.0"),
+    (np.ones((2, 2, 4), np.float32), "2", TypeError, r"buffers must be 2 or 1 .*; got '2'"),
+    (np.ones((2, 2, 4), np.float32), True, TypeError, r"buffers must be 2 or 1 .*; got True"),
+    (np.ones((2, 2, 4), np.float32), np.int64(0), ValueError, r"buffers must be 2 or 1 .*; got np.int64\(0\)"),
     ([[[1.0]]], 2, TypeError, r"xs must be a NumPy array \[steps, cluster_size, n\]; got list"),
 ])
 def test_steady_reduce_rejects_bad_inputs(xs, buffers, error, match):

@@ -235,8 +235,9 @@ def cluster_reduce_steady(xs: np.ndarray, op: str = "sum", buffers: int | None =
         buffers = STEADY_BUFFERS[algorithm]
     allowed = (1, 2) if algorithm == "direct" else (1,)
     if not isinstance(buffers, (int, np.integer)) or isinstance(buffers, bool) or buffers not in allowed:
-        raise ValueError(f"buffers must be {' or '.join(map(str, reversed(allowed)))} for the steady {algorithm} "
-                         f"reduce ({STEADY_BUFFERS[algorithm]} is its contract); got {buffers!r}")
+        error = ValueError if isinstance(buffers, (int, np.integer)) and not isinstance(buffers, bool) else TypeError
+        raise error(f"buffers must be {' or '.join(map(str, reversed(allowed)))} for the steady {algorithm} "
+                    f"reduce ({STEADY_BUFFERS[algorithm]} is its contract); got {buffers!r}")
     steps, size, n = xs.shape
     name = dtype_name(xs.dtype)
     row = n * (accumulation_dtype(xs.dtype) if algorithm == "bulk_two_shot" else xs.dtype).itemsize  # rows as staged
