@@ -47,7 +47,9 @@ ticket says its role; attention clusters wait until every projection block has c
 clusters until every attention block has, each with its first loads already in flight.
 
 The matrix-vector steps, the input phase, the exchanges and the finish are the Llama block's
-(:mod:`clusterlab.fused.kernel`); the kernels keep float32 between launches.
+(:mod:`clusterlab.fused.kernel`); the kernels keep float32 between launches. With ``MLASpec.timeline`` every
+kernel takes two more arguments, ``stamps`` and ``roles``, and records when each block crosses the phases of
+:data:`MLA_TIMELINE_PHASES` (:func:`make_mla_stamp`; :mod:`clusterlab.bench.fused_timeline`, ``--layer mla``).
 """
 
 from __future__ import annotations
