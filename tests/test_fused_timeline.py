@@ -59,14 +59,13 @@ def _mla_record(one_launch, seed):
     """An MLA step as the study writes it: its blocks with roles, starts and phases (fresh draws)."""
     rng = np.random.default_rng(seed)
     phases = mla_kernel.MLA_TIMELINE_PHASES
-    blocks = [{"sm": int(rng.integers(0, 132)), "cluster": c, "rank": r, "sm_blocks": 1, "crowded": False,
-               "role": role, "start_us": float(at + rng.uniform(0, 2)),
+    blocks = [{"sm": int(rng.integers(0, 132)), "cluster": c, "rank": r, "role": role, "start_us": float(at + rng.uniform(0, 2)),
                "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
               for role, clusters, at in (("projections", 4, 0), ("attention", 6, 10), ("output", 4, 30))
               for c in range(clusters) for r in range(2)]
     shape = {"cluster_size": 2, "warps": 8, "attention_clusters": 3, "options": {"one_launch": True} if one_launch
              else {}, "blocks": len(blocks), "rel_err": 3e-4, "step_us": 40.0, "instrumented_us": 41.0,
-             "sm_clock_ghz": 1.98, "sms_used": 20, "blocks_per_sm": {"1": 20}, "block": blocks}
+             "sm_clock_ghz": 1.98, "sms_used": 20, "block": blocks}
     return {"card": "NVIDIA H200", "date": "2026-12-05T00:00:00+00:00", "layer": "mla", "preset": "deepseek-v2-lite",
             "dtype": "float16", "batch": 2, "kv_len": 1024, "phases": list(phases), "shapes": [shape]}
 

@@ -22,7 +22,7 @@ The MLA block (``--layer mla``, the ``deepseek-v2-lite`` shape, its layer's laun
 each ``--spec`` (its kernel options: ``default``, the three launches, and ``one_launch=True``): every block
 of every launch of one step on one clock, each with its role (``projections``, ``attention``, ``output``:
 the launch it belongs to, or the ticket its cluster took in the one launch), so the launches' gaps and the
-one launch's waits show beside the work.
+one launch's waits show beside the work (no block is called crowded: the roles' blocks do not all run at once).
 
 Each launch shape (attention: ``CxW``, ``CxWxS`` or ``CxWxSxP``, cluster size x warps per block x head
 split x sets of clusters the batch is split over, the kernel option ``batch_parts``; MLP: ``CxW``, the
@@ -155,7 +155,10 @@ def record_mla_step(config, weights, dtype, batch, kv_len, options=None, warps=N
                      {"cluster_size": spec.cluster_size, "warps": spec.warps,
                       "attention_clusters": spec.attention_clusters, "options": dict(options or {})})
     tickets = roles[:, 1].cpu().numpy().astype(np.int64)
+    # Blocks per SM mean what runs at once; the launches' blocks do not, and the roles' only in part.
+    del record["blocks_per_sm"]
     for b, block in enumerate(record["block"]):
+        del block["sm_blocks"], block["crowded"]
         if layer.one_launch:  # the ticket's role: projections, attention, output, in that order
             bounds = np.cumsum([heads, attention])
             role = int(np.searchsorted(bounds, tickets[b], side="right"))
@@ -273,7 +276,7 @@ def plot(record, path: Path) -> None:
             for j, width in enumerate(block["phase_us"]):
                 ax.barh(y, width, left=left, height=1.0, color=colours[j], linewidth=0)
                 left += width
-            if block["crowded"] and not roles:
+            if not roles and block["crowded"]:
                 ax.plot(-1.0, y, marker="4", color="crimson", ms=3)
             if roles and y and block["role"] != shape["block"][order[y - 1]]["role"]:
                 ax.axhline(y - 0.5, color="black", linewidth=0.6)
@@ -307,7 +310,7 @@ def main(argv=None) -> int:
                         help="the fused block to record (default: attention; mla: DeepSeek-V2-Lite's MLA block)")
     parser.add_argument("--preset", default=None, choices=list(PRESETS) + list(MLA_PRESETS),
                         help="default: llama2-7b (mla: deepseek-v2-lite)")
-    parser.add_argument("--kv", type=integer(1), default=1024, help="cached positions (attention only)")
+    parser.add_argument("--kv", type=integer(1), default=1024, help="cached positions (attention and mla)")
     parser.add_argument("--batch", type=integer(1, MAX_BATCH), default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS[xP]]", type=parse_shape,
