@@ -59,8 +59,8 @@ def _mla_record(one_launch, seed):
     """An MLA step as the study writes it: its blocks with roles, starts and phases (fresh draws)."""
     rng = np.random.default_rng(seed)
     phases = mla_kernel.MLA_TIMELINE_PHASES
-    blocks = [{"sm": int(rng.integers(0, 132)), "cluster": c, "rank": r, "role": role, "start_us": float(at + rng.uniform(0, 2)),
-               "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
+    blocks = [{"sm": int(rng.integers(0, 132)), "cluster": c, "rank": r, "role": role,
+               "start_us": float(at + rng.uniform(0, 2)), "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
               for role, clusters, at in (("projections", 4, 0), ("attention", 6, 10), ("output", 4, 30))
               for c in range(clusters) for r in range(2)]
     shape = {"cluster_size": 2, "warps": 8, "attention_clusters": 3, "options": {"one_launch": True} if one_launch
@@ -92,9 +92,15 @@ def test_the_mla_summary_gives_each_role_its_span_and_phases(one_launch, tmp_pat
     assert (tmp_path / "mla.png").stat().st_size > 10_000
 
 
-def test_a_recorded_h200_timeline_plots_again(tmp_path):
-    record = json.loads((RESULTS / "fused_timeline_h200_llama3_b8_overlay.json").read_text())
-    assert record["phases"] == list(kernel.TIMELINE_PHASES)
+@pytest.mark.parametrize("name, phases", [("fused_timeline_h200_llama3_b8_overlay.json", kernel.TIMELINE_PHASES),
+                                          ("mla_timeline_h100_v71_b8_32k.json", mla_kernel.MLA_TIMELINE_PHASES)])
+def test_a_recorded_timeline_plots_again(name, phases, tmp_path):
+    record = json.loads((RESULTS / name).read_text())
+    assert record["phases"] == list(phases)
+    if record.get("layer") == "mla":  # both forms, every role
+        assert [shape["options"] for shape in record["shapes"]] == [{}, {"one_launch": True}]
+        for shape in record["shapes"]:
+            assert len(mla_summary(shape, phases).splitlines()) == 2 + len(MLA_ROLES)
     plot(record, tmp_path / "again.png")
     assert (tmp_path / "again.png").stat().st_size > 10_000
 

@@ -28,12 +28,13 @@ Each launch shape (attention: ``CxW``, ``CxWxS`` or ``CxWxSxP``, cluster size x 
 split x sets of clusters the batch is split over, the kernel option ``batch_parts``; MLP: ``CxW``, the
 clusters following :func:`~clusterlab.fused.mlp.mlp_shape`, by default the layer's own shape; for the attention
 block, each shape with each of the ``--spec`` kernel options, as ``clusterlab bench fused`` takes them) is timed plain
-and instrumented as CUDA-graph replays (the stores cost about 1%), then one step is recorded. Printed:
-per-phase durations over the blocks (min / median / max), how many blocks each SM held, and when the
-blocks finished. A block is *crowded* when its SM holds more blocks than an even spread of the
-grid over the SMs it used would give. Written: ``fused_timeline_<tag>.json`` (``mlp_timeline_<tag>``
-with ``--layer mlp``: every block's SM, start and phase durations) and ``.png`` (one bar per block,
-coloured by phase, crowded blocks on top, marked).
+and instrumented as CUDA-graph replays (the stores cost about 1%), then one step is recorded as a graph
+replays it (no host gaps between the MLA block's launches). Printed: per-phase durations over the blocks
+(min / median / max), how many blocks each SM held, and when the blocks finished. A block is *crowded* when
+its SM holds more blocks than an even spread of the grid over the SMs it used would give. Written:
+``fused_timeline_<tag>.json`` (``mlp_timeline_<tag>`` with ``--layer mlp``, ``mla_timeline_<tag>`` with
+``--layer mla``: every block's SM, start and phase durations) and ``.png`` (one bar per block, coloured by
+phase, crowded blocks on top, marked; the MLA block's by role).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from ..gpu import device_info, require_hopper
 from ..fused.plan import KERNEL_CHOICES, MLA_KERNEL_CHOICES, check_kernel_options
 from .fused import parse_options
 from .mlp import mlp_config
-from .timing import card_tag, graph_per_op_us, results_header, write_json
+from .timing import capture_graph, card_tag, graph_per_op_us, results_header, write_json
 
 #: Each phase's colour in the plot: streams blue / teal, DSMEM work orange, barrier waits red, the
 #: rest grey and brown.
@@ -199,7 +200,7 @@ def _record(plain, step, out, want, stamps, sms, blocks, cluster_size, shape) ->
     err = relative_error(out, want)
     plain_us = graph_per_op_us(plain).median
     timed_us = graph_per_op_us(step).median
-    step()  # the step whose stamps are kept: after the replays, caches warm
+    capture_graph(step).replay()  # the step whose stamps are kept: caches warm, its launches as a graph runs them
     torch.cuda.synchronize()
     t = stamps.view(blocks, -1, 2).cpu().numpy().astype(np.int64)
     sm = sms.cpu().numpy().astype(np.int64)
