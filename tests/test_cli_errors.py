@@ -114,7 +114,8 @@ def test_run_tour_checks_everything_before_running(kwargs, error, message):
     ("module", "args", "message"),
     [
         ("clusterlab.bench.fused_ablation", ["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
-        ("clusterlab.bench.fused_ablation", ["--kv", "1024", "0"], "argument --kv: must be an integer >= 1; got '0'"),
+        ("clusterlab.bench.fused_ablation", ["--kv", "1024", "0"],
+         "argument --kv: must be an integer in 1..2147483647; got '0'"),
         ("clusterlab.bench.fused_ablation", ["--jobs", "0"], "argument --jobs: must be an integer in 1..64; got '0'"),
         ("clusterlab.bench.launch_overhead", ["--launches", "0"], "argument --launches: must be an integer >= 1"),
         ("clusterlab.bench.fused_timeline", ["--shape", "16x"], "argument --shape: must look like CxW or CxWxS"),
@@ -123,14 +124,56 @@ def test_run_tour_checks_everything_before_running(kwargs, error, message):
          "argument --per-sm: 9 blocks of 8 warps exceed the 2048 threads an SM holds"),
         ("clusterlab.bench.placement", ["--cluster", "8", "16", "--blocks", "12"],
          "argument --blocks: 12 blocks make no cluster of 16"),
+        ("clusterlab.bench.fused_ablation", ["--kv", "2147483648"], "argument --kv: must be an integer in "
+                                                                    "1..2147483647; got '2147483648'"),
+        ("clusterlab.bench.fused_timeline", ["--shape", "3x4"],
+         "argument --shape: variant (3, 4): cluster size must be one of (1, 2, 4, 8, 16), got 3"),
+        ("clusterlab.bench.fused_timeline", ["--shape", "8x4x1x0"],
+         "argument --shape: shape (8, 4, 1, 0): its sets of clusters must be >= 1, got 0"),
+        ("clusterlab.bench.fused_timeline", ["--layer", "mlp", "--shape", "2x6"],
+         "argument --shape: variant (2, 6): warps must be one of (4, 8, 16), got 6"),
+        ("clusterlab.bench.fused_timeline", ["--out-dir", "afile"],
+         "argument --out-dir: out_dir 'afile' is not a directory results can be written into: 'afile' is not a "
+         "directory"),
+        ("clusterlab.bench.placement", ["--out-dir", "afile/results"],
+         "argument --out-dir: out_dir 'afile/results' is not a directory results can be written into: 'afile' is "
+         "not a directory"),
+        ("clusterlab.bench.launch_overhead", ["--output", "afile/x.json"],
+         "argument --output: the folder of --output 'afile' is not a directory results can be written into: "
+         "'afile' is not a directory"),
+        ("clusterlab.bench.launch_overhead", ["--output", "."], "argument --output: '.' is a directory, not a file"),
+        ("clusterlab", ["bench", "fused", "--variant"], "argument --variant: expected at least one argument"),
+        ("clusterlab", ["bench", "fused", "--kv", "4294967296"], "argument --kv: must be an integer in 1..2147483647"),
+        ("clusterlab", ["bench", "decode", "--seed", "99999999999999999999999"],
+         "argument --seed: must be an integer in 0..9223372036854775807"),
+        ("clusterlab", ["bench", "mlp", "--seed", "99999999999999999999999"],
+         "argument --seed: must be an integer in 0..9223372036854775807"),
     ],
 )
 def test_the_benchmark_modules_refuse_bad_numbers_before_touching_a_gpu(module, args, message, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")  # what an --out-dir or --output must not be inside
     done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message in done.stderr.rstrip("\n").splitlines()[-1]
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert [path.name for path in tmp_path.iterdir()] == ["afile"]  # nothing written
+
+
+@pytest.mark.parametrize("module, args", [("clusterlab.bench.fused_ablation", ["--jobs", "4"]),
+                                          ("clusterlab.bench.launch_overhead", [])])
+def test_studies_look_for_the_gpu_before_any_work(module, args, tmp_path):
+    """Without a Hopper GPU, the study names what is missing at once: no compile worker's traceback."""
+    from clusterlab.gpu import hopper_problem
+
+    if hopper_problem() is None:
+        pytest.skip("this machine has a Hopper GPU")
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.count("Traceback") == 1 and "RemoteTraceback" not in done.stderr
+    assert done.stderr.rstrip("\n").splitlines()[-1].startswith("clusterlab.errors.HopperRequired: a Hopper GPU is "
+                                                                  "required")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_ablation_refuses_to_compile_ahead_without_the_kernel_cache(tmp_path):

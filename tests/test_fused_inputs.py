@@ -425,8 +425,8 @@ def test_an_option_the_shape_cannot_take_is_refused_before_the_step():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kv", "0"], "argument --kv: must be an integer >= 1; got '0'"),
-    (["--kv", "4k"], "argument --kv: must be an integer >= 1; got '4k'"),
+    (["--kv", "0"], "argument --kv: must be an integer in 1..2147483647; got '0'"),
+    (["--kv", "4k"], "argument --kv: must be an integer in 1..2147483647; got '4k'"),
     (["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
     (["--l2-turnover", "-1"], "argument --l2-turnover: must be a number >= 0; got '-1'"),
     (["--l2-turnover", "inf"], "argument --l2-turnover: must be a number >= 0; got 'inf'"),

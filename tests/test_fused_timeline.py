@@ -112,7 +112,7 @@ def test_a_recorded_timeline_plots_again(name, phases, tmp_path):
     (["--shape", "8x4", "16xfour"], "got '16xfour'"),
     (["--layer", "mlp", "--shape", "2x8x1"], "argument --shape: the MLP's launch shapes are cluster_size x warps"),
     (["--batch", "9"], "argument --batch: must be an integer in 1..8"),
-    (["--kv", "0"], "argument --kv: must be an integer >= 1"),
+    (["--kv", "0"], "argument --kv: must be an integer in 1..2147483647"),
     (["--spec", "split_kv_rows=1"], "argument --spec: kernel_options: split_kv_rows=1; allowed: True or False"),
     (["--layer", "mlp", "--spec", "split_kv_rows=True"],
      "argument --spec: kernel options are the attention or MLA block's"),

@@ -554,7 +554,7 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=tuple(DTYPES))
     parser.add_argument("--repeats", type=integer(MIN_REPEATS), default=None,
                         help=f"timings each figure is the median of (default {REPEATS})")
-    parser.add_argument("--seed", type=integer(0), default=0)
+    parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--quick", action="store_true",

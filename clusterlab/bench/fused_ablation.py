@@ -33,8 +33,9 @@ from ..fused import (
     reference_step,
     relative_error,
 )
-from ..fused.config import MAX_BATCH
+from ..fused.config import MAX_BATCH, MAX_POSITIONS
 from ..fused.layer import kernel_launcher
+from ..gpu import require_hopper
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
 from .fused import graph_time_us, precompile
 from .timing import copy_bandwidth
@@ -85,7 +86,7 @@ def compile_variant(task) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama2-7b", choices=list(PRESETS))
-    parser.add_argument("--kv", nargs="+", type=integer(1), default=[1024, 16384])
+    parser.add_argument("--kv", nargs="+", type=integer(1, MAX_POSITIONS), default=[1024, 16384])
     parser.add_argument("--batch", type=integer(1, MAX_BATCH), default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--jobs", type=integer(1, 64), default=1,
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.jobs > 1 and cache_dir() is None:
         parser.error(f"--jobs {args.jobs} compiles ahead into the kernel cache, which ${CACHE_DIR_ENV} turns off")
+    require_hopper()  # before any compile worker starts
     dtype = getattr(torch, args.dtype)
     config = PRESETS[args.preset]
     if args.jobs > 1:

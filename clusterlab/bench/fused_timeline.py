@@ -52,7 +52,7 @@ import torch
 from ..argtypes import dimensions, integer
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from ..fused import kernel, mlp_kernel
-from ..fused.config import MAX_BATCH
+from ..fused.config import MAX_BATCH, MAX_POSITIONS
 from ..fused.layer import kernel_launcher
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAWeights
 from ..fused.mla_kernel import MLA_TIMELINE_PHASES, MLA_TIMELINE_STAMPS
@@ -61,9 +61,9 @@ from ..fused.mla_reference import mla_reference_step
 from ..fused.mlp import DecodeMLP, MLPWeights, mlp_launcher, reference_mlp
 from ..gpu import device_info, require_hopper
 from ..fused.plan import KERNEL_CHOICES, MLA_KERNEL_CHOICES, check_kernel_options
-from .fused import parse_options
+from .fused import check_variant, parse_options
 from .mlp import mlp_config
-from .timing import capture_graph, card_tag, graph_per_op_us, results_header, write_json
+from .timing import capture_graph, card_tag, graph_per_op_us, results_header, writable_dir, write_json
 
 #: Each phase's colour in the plot: streams blue / teal, DSMEM work orange, barrier waits red, the
 #: rest grey and brown.
@@ -300,9 +300,21 @@ def plot(record, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-#: ``"16x4x1x4"`` -> ``(16, 4, 1, 4)``: cluster size x warps [x head split [x sets of clusters]] (an
-#: argparse ``type=``).
-parse_shape = dimensions("CWSP", "cluster size x warps [x head split [x sets of clusters]]", "4x8 or 16x4x1x4")
+_shape_form = dimensions("CWSP", "cluster size x warps [x head split [x sets of clusters]]", "4x8 or 16x4x1x4")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"16x4x1x4"`` -> ``(16, 4, 1, 4)``: cluster size x warps [x head split [x sets of clusters]] (an
+    argparse ``type=``); sizes no layer takes (:func:`~clusterlab.bench.fused.check_variant`, sets below 1)
+    raise ``ArgumentTypeError``."""
+    numbers = _shape_form(text)
+    try:
+        check_variant(numbers[:3])
+        if len(numbers) == 4 and numbers[3] < 1:
+            raise ValueError(f"shape {numbers!r}: its sets of clusters must be >= 1, got {numbers[3]}")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return numbers
 
 
 def main(argv=None) -> int:
@@ -311,7 +323,7 @@ def main(argv=None) -> int:
                         help="the fused block to record (default: attention; mla: DeepSeek-V2-Lite's MLA block)")
     parser.add_argument("--preset", default=None, choices=list(PRESETS) + list(MLA_PRESETS),
                         help="default: llama2-7b (mla: deepseek-v2-lite)")
-    parser.add_argument("--kv", type=integer(1), default=1024, help="cached positions (attention and mla)")
+    parser.add_argument("--kv", type=integer(1, MAX_POSITIONS), default=1024, help="cached positions (attention and mla)")
     parser.add_argument("--batch", type=integer(1, MAX_BATCH), default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS[xP]]", type=parse_shape,
@@ -336,6 +348,10 @@ def main(argv=None) -> int:
             check_kernel_options(options, MLA_KERNEL_CHOICES if mla else KERNEL_CHOICES)
         except ValueError as exc:
             parser.error(f"argument --spec: for the {args.layer} block: {exc}")
+    try:
+        writable_dir(args.out_dir)
+    except ValueError as exc:
+        parser.error(f"argument --out-dir: {exc}")
     if mla and args.shape:
         parser.error("argument --shape: the MLA block runs its layer's launch rule")
     shapes = args.shape or ([()] if mlp else [(4, 8), (8, 4)])

@@ -30,14 +30,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import json
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 from ..argtypes import integer
-from .timing import commit, driver_release
+from ..gpu import require_hopper
+from .timing import commit, driver_release, writable_dir, write_json
 
 #: Host time per launch the launcher must stay under, with torch tensors.
 TARGET_US = 8.0
@@ -136,12 +137,20 @@ def machine_facts():
     }
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--launches", type=integer(1), default=400, help="launches per timed batch")
     parser.add_argument("--repeats", type=integer(1), default=25, help="timed batches per variant")
     parser.add_argument("--output", help="write the JSON record here")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
+    if options.output is not None:  # checked before any GPU time is spent
+        try:
+            writable_dir(Path(options.output).parent, "the folder of --output")
+        except ValueError as exc:
+            parser.error(f"argument --output: {exc}")
+        if Path(options.output).is_dir():
+            parser.error(f"argument --output: {options.output!r} is a directory, not a file")
+    require_hopper()
     warnings.simplefilter("ignore")  # numba's low-occupancy warning for the 16-block grid
 
     import torch
@@ -221,9 +230,7 @@ def main():
         "meets_target": results["clusterlab-torch"]["median"] <= TARGET_US,
     }
     if options.output:
-        with open(options.output, "w") as handle:
-            json.dump(record, handle, indent=2)
-            handle.write("\n")
+        write_json(record, options.output)
     print(f"{record['card']}, driver {record['driver']}: host microseconds per launch (median [p10, p90])")
     for name, value in results.items():
         print(f"  {name:32s} {value['median']:8.2f}  [{value['p10']:.2f}, {value['p90']:.2f}]")

@@ -374,7 +374,7 @@ def main(argv=None, prog: str | None = None) -> int:
                         help="time the fused kernel with these kernel_options (each with every variant), e.g. "
                              f"default interleave_inputs=False ('default': the default kernel); names: "
                              f"{', '.join(MLP_KERNEL_CHOICES)}")
-    parser.add_argument("--seed", type=integer(0), default=0)
+    parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,

@@ -42,7 +42,7 @@ from ..argtypes import integer, number
 from ..fused.plan import DeviceLimits
 from ..gpu import device_info, require_hopper
 from ..launch import MAX_CLUSTER_BLOCKS, PORTABLE_CLUSTER_BLOCKS
-from .timing import card_tag, results_header, write_json
+from .timing import card_tag, results_header, writable_dir, write_json
 
 #: Threads an SM holds at most (Hopper), which bounds the blocks an SM of ``warps`` warps.
 THREADS_PER_SM = 2048
@@ -207,6 +207,10 @@ def main(argv=None) -> int:
                          "threads an SM holds")
     if args.blocks and min(args.blocks) < max(args.cluster):
         parser.error(f"argument --blocks: {min(args.blocks)} blocks make no cluster of {max(args.cluster)}")
+    try:
+        writable_dir(args.out_dir)
+    except ValueError as exc:
+        parser.error(f"argument --out-dir: {exc}")
     require_hopper()
     limits = DeviceLimits.of(0)
     info = device_info()

@@ -354,15 +354,15 @@ def run_record(clocks: ClockSampler) -> dict:
     }
 
 
-def writable_dir(path: str | os.PathLike) -> Path:
+def writable_dir(path: str | os.PathLike, parameter: str = "out_dir") -> Path:
     """``path``, checked before a run spends GPU time whose results it would then fail to write: a
     directory this process may write into, or one it may create (its nearest existing ancestor is such
-    a directory). ValueError naming it otherwise; nothing is created here."""
+    a directory). ValueError naming it (as ``parameter``) otherwise; nothing is created here."""
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "not writable by this process" if existing.is_dir() else "not a directory"
-        raise ValueError(f"out_dir {str(path)!r} is not a directory results can be written into: "
+        raise ValueError(f"{parameter} {str(path)!r} is not a directory results can be written into: "
                          f"{str(existing)!r} is {why}")
     return path
 

@@ -41,6 +41,8 @@ HEAD_DIMS = (64, 128)
 ROPE_STYLES = ("neox", "gptj")
 #: Largest batch one decode step takes.
 MAX_BATCH = 8
+#: Most cache positions a sequence can have: the kernels read positions as int32.
+MAX_POSITIONS = 2**31 - 1
 
 
 def is_int(value) -> bool:
