@@ -176,7 +176,7 @@ def test_use_caches_refuses_caches_of_another_shape():
         (["--context", "0"], "argument --context: must be an integer >= 1; got '0'"),
         (["--context", "long"], "argument --context: must be an integer >= 1; got 'long'"),
         (["--repeats", "3"], "argument --repeats: must be an integer >= 5; got '3'"),
-        (["--seed", "-1"], "argument --seed: must be an integer >= 0; got '-1'"),
+        (["--seed", "-1"], "argument --seed: must be an integer in 0..9223372036854775807; got '-1'"),
         (["--preset", "llama4"], "argument --preset: invalid choice: 'llama4'"),
         (["--dtype", "float32"], "argument --dtype: invalid choice: 'float32'"),
         (["--no-hf", "--hf-compile"], "argument --hf-compile: not allowed with argument --no-hf"),
