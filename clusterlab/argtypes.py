@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
+
+from .bench.timing import writable_dir
 
 
 def integer(minimum: int, maximum: int | None = None, multiple_of: int = 1):
@@ -60,3 +63,26 @@ def dimensions(letters: str, names: str, examples: str, required: int = 2):
         return tuple(int(part) for part in text.split("x"))
 
     return parse
+
+
+def results_folder(text: str) -> str:
+    """An argparse ``type=``: a folder results may be written into, or created in
+    (:func:`~clusterlab.bench.timing.writable_dir`), checked before any GPU time is spent
+    (``ArgumentTypeError`` otherwise, printed as :func:`integer`'s)."""
+    try:
+        writable_dir(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def results_file(text: str) -> str:
+    """An argparse ``type=``: a file results may be written to: not a folder, in a folder they may be
+    written into or created in (``ArgumentTypeError`` otherwise, printed as :func:`integer`'s)."""
+    try:
+        writable_dir(Path(text).parent, "the folder of the output")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    return text

@@ -139,10 +139,13 @@ def test_run_tour_checks_everything_before_running(kwargs, error, message):
          "argument --out-dir: out_dir 'afile/results' is not a directory results can be written into: 'afile' is "
          "not a directory"),
         ("clusterlab.bench.launch_overhead", ["--output", "afile/x.json"],
-         "argument --output: the folder of --output 'afile' is not a directory results can be written into: "
+         "argument --output: the folder of the output 'afile' is not a directory results can be written into: "
          "'afile' is not a directory"),
         ("clusterlab.bench.launch_overhead", ["--output", "."], "argument --output: '.' is a directory, not a file"),
         ("clusterlab", ["bench", "fused", "--variant"], "argument --variant: expected at least one argument"),
+        *[("clusterlab", ["bench", suite, "--out-dir", "afile/results"],
+           "argument --out-dir: out_dir 'afile/results' is not a directory results can be written into: 'afile' is "
+           "not a directory") for suite in ("primitives", "fused", "decode", "mlp")],
         ("clusterlab", ["bench", "fused", "--kv", "4294967296"], "argument --kv: must be an integer in 1..2147483647"),
         ("clusterlab", ["bench", "decode", "--seed", "99999999999999999999999"],
          "argument --seed: must be an integer in 0..9223372036854775807"),

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..argtypes import dimensions, integer, number
+from ..argtypes import dimensions, integer, number, results_folder
 from ..fused.config import PRESETS as ATTENTION_PRESETS
 from ..fused.config import MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_int, rope_table
 from ..fused.layer import DecodeAttention
@@ -542,7 +542,7 @@ def main(argv=None, prog: str | None = None) -> int:
                              f"default registers=168 attention_mma=False ('default': the launch rule's kernel); "
                              f"names: {', '.join(KERNEL_CHOICES)}; for deepseek-v2-lite: "
                              f"{', '.join(MLA_KERNEL_CHOICES)}")
-    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")

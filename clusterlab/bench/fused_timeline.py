@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import dimensions, integer
+from ..argtypes import dimensions, integer, results_folder
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from ..fused import kernel, mlp_kernel
 from ..fused.config import MAX_BATCH, MAX_POSITIONS
@@ -63,7 +63,7 @@ from ..gpu import device_info, require_hopper
 from ..fused.plan import KERNEL_CHOICES, MLA_KERNEL_CHOICES, check_kernel_options
 from .fused import check_variant, parse_options
 from .mlp import mlp_config
-from .timing import capture_graph, card_tag, graph_per_op_us, results_header, writable_dir, write_json
+from .timing import capture_graph, card_tag, graph_per_op_us, results_header, write_json
 
 #: Each phase's colour in the plot: streams blue / teal, DSMEM work orange, barrier waits red, the
 #: rest grey and brown.
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
                         help="kernel options of the attention or MLA block, each recorded at every shape, e.g. "
                              "default split_kv_rows=True, or for mla default one_launch=True (default: the launch "
                              "rule's kernel alone)")
-    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     mlp, mla = args.layer == "mlp", args.layer == "mla"
@@ -348,10 +348,6 @@ def main(argv=None) -> int:
             check_kernel_options(options, MLA_KERNEL_CHOICES if mla else KERNEL_CHOICES)
         except ValueError as exc:
             parser.error(f"argument --spec: for the {args.layer} block: {exc}")
-    try:
-        writable_dir(args.out_dir)
-    except ValueError as exc:
-        parser.error(f"argument --out-dir: {exc}")
     if mla and args.shape:
         parser.error("argument --shape: the MLA block runs its layer's launch rule")
     shapes = args.shape or ([()] if mlp else [(4, 8), (8, 4)])

@@ -32,13 +32,12 @@ import ctypes
 import datetime
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-from ..argtypes import integer
+from ..argtypes import integer, results_file
 from ..gpu import require_hopper
-from .timing import commit, driver_release, writable_dir, write_json
+from .timing import commit, driver_release, write_json
 
 #: Host time per launch the launcher must stay under, with torch tensors.
 TARGET_US = 8.0
@@ -141,15 +140,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--launches", type=integer(1), default=400, help="launches per timed batch")
     parser.add_argument("--repeats", type=integer(1), default=25, help="timed batches per variant")
-    parser.add_argument("--output", help="write the JSON record here")
+    parser.add_argument("--output", type=results_file, help="write the JSON record here")
     options = parser.parse_args(argv)
-    if options.output is not None:  # checked before any GPU time is spent
-        try:
-            writable_dir(Path(options.output).parent, "the folder of --output")
-        except ValueError as exc:
-            parser.error(f"argument --output: {exc}")
-        if Path(options.output).is_dir():
-            parser.error(f"argument --output: {options.output!r} is a directory, not a file")
     require_hopper()
     warnings.simplefilter("ignore")  # numba's low-occupancy warning for the 16-block grid
 

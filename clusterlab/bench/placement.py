@@ -38,11 +38,11 @@ import numpy as np
 from numba import cuda
 
 from .. import ptx
-from ..argtypes import integer, number
+from ..argtypes import integer, number, results_folder
 from ..fused.plan import DeviceLimits
 from ..gpu import device_info, require_hopper
 from ..launch import MAX_CLUSTER_BLOCKS, PORTABLE_CLUSTER_BLOCKS
-from .timing import card_tag, results_header, writable_dir, write_json
+from .timing import card_tag, results_header, write_json
 
 #: Threads an SM holds at most (Hopper), which bounds the blocks an SM of ``warps`` warps.
 THREADS_PER_SM = 2048
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", nargs="*", type=integer(1), default=[256],
                         help="grids to launch besides the clusters that fit, in blocks (default: 256)")
     parser.add_argument("--spin-us", type=number(1), default=SPIN_US, help="how long each block spins")
-    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     for per_sm in args.per_sm:
@@ -207,10 +207,6 @@ def main(argv=None) -> int:
                          "threads an SM holds")
     if args.blocks and min(args.blocks) < max(args.cluster):
         parser.error(f"argument --blocks: {min(args.blocks)} blocks make no cluster of {max(args.cluster)}")
-    try:
-        writable_dir(args.out_dir)
-    except ValueError as exc:
-        parser.error(f"argument --out-dir: {exc}")
     require_hopper()
     limits = DeviceLimits.of(0)
     info = device_info()

@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import simulator
-from ..argtypes import integer
+from ..argtypes import integer, results_folder
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
@@ -632,7 +632,7 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES), choices=DTYPES)
     parser.add_argument("--config", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--repeats", type=integer(timing.MIN_REPEATS), default=7)
-    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
     parser.add_argument("--no-progress", action="store_true")
