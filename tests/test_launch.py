@@ -10,7 +10,7 @@ from numba import cuda, types
 
 import clusterlab
 from clusterlab import HopperRequired, gpu, ptx
-from clusterlab.launch import ClusterKernel, launch, max_active_clusters, validate_launch
+from clusterlab.launch import ClusterKernel, cluster_sms, launch, max_active_clusters, validate_launch
 
 
 @cuda.jit
@@ -379,6 +379,12 @@ def test_max_active_clusters(cluster_blocks):
     )
     assert 0 < large <= small <= sms * 8 // cluster_blocks
     assert large <= sms // cluster_blocks  # 200 KB: one block per SM
+
+
+@pytest.mark.parametrize("cluster_size", [0, 17, 8.0, None])
+def test_cluster_sms_refuses_what_is_not_a_cluster_size(cluster_size):
+    with pytest.raises(ValueError, match=rf"cluster_size must be an int in 1..16, got {cluster_size!r}"):
+        cluster_sms(cluster_size)  # before any GPU is looked for
 
 
 @cuda.jit
