@@ -144,7 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .gpu import hopper_problem
     from .models import MODEL_PRESETS, LlamaModel, ModelConfig, checkpoint_eos, random
     from .models.decode import check_sampling
-    from .models.llama import check_prompts
+    from .models.llama import cache_rows, check_prompts
 
     given = args.prompts or []  # (kind, value) in the order of the command line
     texts = [value for kind, value in given if kind == "text"]
@@ -183,6 +183,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_prompts(prompts, config.vocab_size)
     eos = [] if args.ignore_eos or preset else checkpoint_eos(args.model)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, eos, args.seed, config.vocab_size)
+    cache_rows(prompts, args.max_new_tokens)
     problem = hopper_problem()
     device = "cpu" if problem is not None else "cuda"
     if preset:

@@ -66,6 +66,7 @@ from ..fused.config import (
     LLAMA3_2_1B,
     LLAMA3_8B,
     MAX_BATCH,
+    MAX_POSITIONS,
     QWEN2_5_7B,
     AttentionConfig,
     AttentionWeights,
@@ -632,6 +633,18 @@ def check_prompts(given, vocab_size: int | None = None) -> list[list[int]]:
     return prompts
 
 
+def cache_rows(prompts: list[list[int]], max_new_tokens: int) -> int:
+    """Rows each sequence's cache needs to generate ``max_new_tokens`` after the longest of ``prompts``
+    (checked by :func:`check_prompts` and :func:`~clusterlab.models.decode.check_sampling`): raises
+    ``ValueError`` where its positions would leave int32 (:data:`~clusterlab.fused.config.MAX_POSITIONS`),
+    before any weight is read or cache allocated."""
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > MAX_POSITIONS:
+        raise ValueError(f"max_new_tokens={max_new_tokens} after the longest prompt ({longest} token"
+                         f"{'s' * (longest != 1)}) needs cache rows past {MAX_POSITIONS}, the last int32 position")
+    return longest + max_new_tokens
+
+
 class LlamaModel:
     """A Llama / Qwen2 decoder: PyTorch prefill, fused decode steps.
 
@@ -931,7 +944,7 @@ class LlamaModel:
         """
         prompts = check_prompts(prompts, self.config.vocab_size)
         eos = check_sampling(max_new_tokens, temperature, top_k, eos_token_id, seed, self.config.vocab_size)
-        capacity = max(map(len, prompts)) + max_new_tokens
+        capacity = cache_rows(prompts, max_new_tokens)
         start = time.perf_counter()
         logits, positions = self.prefill(prompts, capacity)
         _sync(self.device)
