@@ -36,6 +36,12 @@ def _info(args: argparse.Namespace) -> int:
     from .kernel_cache import CACHE_DIR_ENV, cache_dir
 
     info = device_info()
+    if info["gpu"] is not None and info["reason"] is None:  # GPCs hold whole clusters: some SMs stay out
+        from .fused.plan import CLUSTER_SIZES
+        from .launch import cluster_sms
+
+        sizes = "/".join(map(str, CLUSTER_SIZES))
+        info[f"SMs clusters of {sizes} fill"] = "/".join(str(cluster_sms(size)) for size in CLUSTER_SIZES)
     info["kernel cache"] = cache_dir() or f"off (${CACHE_DIR_ENV} is empty)"
     if info["gpu"] is None:
         print(f"no CUDA GPU: simulator only ({info['reason']})")

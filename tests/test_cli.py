@@ -38,6 +38,15 @@ def test_cache_shows_the_kept_kernels_and_clears_them(monkeypatch, tmp_path, cap
     assert capsys.readouterr().out == "kernel cache: off ($CLUSTERLAB_CACHE_DIR is empty)\n"
 
 
+@pytest.mark.gpu
+def test_info_names_the_sms_each_cluster_size_fills(capsys):
+    from clusterlab.fused.plan import DeviceLimits
+
+    assert main(["info"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "SMs clusters of 1/2/4/8/16 fill" in line)
+    assert line.split()[-1] == "/".join(map(str, DeviceLimits.of(0).cluster_sms))
+
+
 @no_gpu
 def test_info_without_gpu_says_simulator_only(capsys):
     assert main(["info"]) == 0
