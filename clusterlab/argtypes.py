@@ -65,6 +65,14 @@ def dimensions(letters: str, names: str, examples: str, required: int = 2):
     return parse
 
 
+class Distinct(argparse.Action):
+    """An argparse ``action=`` for an option of several values: each value once, in the order first
+    given (``--batch 1 4 1`` runs batch 1 once)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(dict.fromkeys(values)))
+
+
 def results_folder(text: str) -> str:
     """An argparse ``type=``: a folder results may be written into, or created in
     (:func:`~clusterlab.bench.timing.writable_dir`), checked before any GPU time is spent

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .argtypes import integer, number
+from .argtypes import Distinct, integer, number
 from .errors import HopperRequired
 
 
@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_size = integer(1, simulator.MAX_CLUSTER_SIZE)
     elements = integer(1)
     seed = integer(0)
-    tour.add_argument("--cluster", type=cluster_size, nargs="+", default=list(range(1, 17)), help="cluster sizes (1-16)")
+    tour.add_argument("--cluster", type=cluster_size, nargs="+", action=Distinct, default=list(range(1, 17)),
+                      help="cluster sizes (1-16)")
     tour.add_argument("--n", type=elements, default=1024, help="elements per block (default 1024)")
     tour.add_argument("--dtype", default="float32", choices=simulator.DTYPES)
     tour.add_argument("--backend", default="auto", choices=("auto", "gpu", "simulator"))

@@ -38,6 +38,17 @@ def test_cache_shows_the_kept_kernels_and_clears_them(monkeypatch, tmp_path, cap
     assert capsys.readouterr().out == "kernel cache: off ($CLUSTERLAB_CACHE_DIR is empty)\n"
 
 
+def test_options_of_several_values_keep_each_value_once():
+    import argparse
+
+    from clusterlab.argtypes import Distinct, integer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", nargs="+", action=Distinct, type=integer(1), default=[1])
+    assert parser.parse_args(["--batch", "4", "1", "8", "4", "1"]).batch == [4, 1, 8]
+    assert parser.parse_args([]).batch == [1]
+
+
 @pytest.mark.gpu
 def test_info_names_the_sms_each_cluster_size_fills(capsys):
     from clusterlab.fused.plan import DeviceLimits

@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import integer, results_folder
+from ..argtypes import Distinct, integer, results_folder
 from ..fused.config import MAX_BATCH
 from ..fused.reference import relative_error
 from ..models.argmax import pick_and_record
@@ -545,11 +545,11 @@ def _plot(rows: list[DecodeRow], parts: list[BreakdownRow], record: dict, path: 
 def main(argv=None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.decode",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", nargs="+", choices=list(MODEL_PRESETS), default=None,
+    parser.add_argument("--preset", nargs="+", action=Distinct, choices=list(MODEL_PRESETS), default=None,
                         help=f"default: {' '.join(PRESETS)}")
-    parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=None,
+    parser.add_argument("--batch", nargs="+", action=Distinct, type=integer(1, MAX_BATCH), default=None,
                         help=f"sequences per step (default: {' '.join(map(str, BATCHES))})")
-    parser.add_argument("--context", nargs="+", type=integer(1), default=None,
+    parser.add_argument("--context", nargs="+", action=Distinct, type=integer(1), default=None,
                         help=f"tokens in every sequence's cache (default: {' '.join(map(str, CONTEXTS))})")
     parser.add_argument("--dtype", default="float16", choices=tuple(DTYPES))
     parser.add_argument("--repeats", type=integer(MIN_REPEATS), default=None,

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..argtypes import dimensions, integer, number, results_folder
+from ..argtypes import Distinct, dimensions, integer, number, results_folder
 from ..fused.config import PRESETS as ATTENTION_PRESETS
 from ..fused.config import MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_int, rope_table
 from ..fused.layer import DecodeAttention
@@ -527,13 +527,13 @@ def parse_options(text: str, choices: dict = KERNEL_CHOICES) -> dict:
 def main(argv=None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.fused",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--kv", nargs="+", type=integer(1, MAX_POSITIONS), default=list(KV_LENGTHS),
+    parser.add_argument("--preset", nargs="+", action=Distinct, default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--kv", nargs="+", action=Distinct, type=integer(1, MAX_POSITIONS), default=list(KV_LENGTHS),
                         help="cached positions a sequence attends to, its new token included")
-    parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=list(BATCHES))
-    parser.add_argument("--dtype", nargs="+", default=["float16"], choices=("float16", "bfloat16"))
+    parser.add_argument("--batch", nargs="+", action=Distinct, type=integer(1, MAX_BATCH), default=list(BATCHES))
+    parser.add_argument("--dtype", nargs="+", action=Distinct, default=["float16"], choices=("float16", "bfloat16"))
     parser.add_argument("--no-ragged", action="store_true", help="skip the ragged batches")
-    parser.add_argument("--variant", nargs="+", default=None, metavar="CxW", type=parse_variant,
+    parser.add_argument("--variant", nargs="+", action=Distinct, default=None, metavar="CxW", type=parse_variant,
                         help="fused variants as cluster_size x warps [x head_split; MLA: x attention clusters a "
                              "sequence], e.g. 8x4 16x4x2, or rule (the launch rule's shape), e.g. rule 16x8x1")
     parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...",

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ..argtypes import integer
+from ..argtypes import Distinct, integer
 from ..fused import (
     PRESETS,
     AttentionWeights,
@@ -86,7 +86,7 @@ def compile_variant(task) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama2-7b", choices=list(PRESETS))
-    parser.add_argument("--kv", nargs="+", type=integer(1, MAX_POSITIONS), default=[1024, 16384])
+    parser.add_argument("--kv", nargs="+", action=Distinct, type=integer(1, MAX_POSITIONS), default=[1024, 16384])
     parser.add_argument("--batch", type=integer(1, MAX_BATCH), default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--jobs", type=integer(1, 64), default=1,

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import dimensions, integer, results_folder
+from ..argtypes import Distinct, dimensions, integer, results_folder
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from ..fused import kernel, mlp_kernel
 from ..fused.config import MAX_BATCH, MAX_POSITIONS
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kv", type=integer(1, MAX_POSITIONS), default=1024, help="cached positions (attention and mla)")
     parser.add_argument("--batch", type=integer(1, MAX_BATCH), default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    parser.add_argument("--shape", nargs="+", default=None, metavar="CxW[xS[xP]]", type=parse_shape,
+    parser.add_argument("--shape", nargs="+", action=Distinct, default=None, metavar="CxW[xS[xP]]", type=parse_shape,
                         help="launch shapes as cluster_size x warps [x head_split [x sets of clusters]] (the MLP: "
                              "cluster_size x warps; default: 4x8 8x4, the MLP its layer's own)")
     parser.add_argument("--spec", nargs="+", default=[{}], metavar="NAME=VALUE,...",

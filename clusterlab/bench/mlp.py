@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import dimensions, integer, number, results_folder
+from ..argtypes import Distinct, dimensions, integer, number, results_folder
 from ..fused.config import MAX_BATCH
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
@@ -362,12 +362,12 @@ parse_variant = dimensions("CW", "cluster size x warps", "2x8 or 4x16")
 def main(argv=None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.mlp",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", nargs="+", choices=list(MODEL_PRESETS), default=list(PRESETS),
+    parser.add_argument("--preset", nargs="+", action=Distinct, choices=list(MODEL_PRESETS), default=list(PRESETS),
                         help=f"default: {' '.join(PRESETS)}")
-    parser.add_argument("--batch", nargs="+", type=integer(1, MAX_BATCH), default=list(BATCHES),
+    parser.add_argument("--batch", nargs="+", action=Distinct, type=integer(1, MAX_BATCH), default=list(BATCHES),
                         help=f"sequences per step (default: {' '.join(map(str, BATCHES))})")
-    parser.add_argument("--dtype", nargs="+", default=["float16"], choices=tuple(DTYPES))
-    parser.add_argument("--variant", nargs="+", default=None, metavar="CxW", type=parse_variant,
+    parser.add_argument("--dtype", nargs="+", action=Distinct, default=["float16"], choices=tuple(DTYPES))
+    parser.add_argument("--variant", nargs="+", action=Distinct, default=None, metavar="CxW", type=parse_variant,
                         help="fused launch shapes as cluster_size x warps, e.g. 2x8 4x8 (default: the layer's own)")
     parser.add_argument("--spec", nargs="+", default=None, metavar="NAME=VALUE,...",
                         type=functools.partial(parse_options, choices=MLP_KERNEL_CHOICES),

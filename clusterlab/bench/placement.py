@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda
 
 from .. import ptx
-from ..argtypes import integer, number, results_folder
+from ..argtypes import Distinct, integer, number, results_folder
 from ..fused.plan import DeviceLimits
 from ..gpu import device_info, require_hopper
 from ..launch import MAX_CLUSTER_BLOCKS, PORTABLE_CLUSTER_BLOCKS
@@ -190,12 +190,12 @@ def plot(record, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cluster", nargs="+", type=integer(1, MAX_CLUSTER_BLOCKS), default=[2, 4, 8, 16],
-                        help="cluster sizes (default: 2 4 8 16)")
-    parser.add_argument("--per-sm", nargs="+", type=integer(1, 32), default=[1, 2, 3, 4],
+    parser.add_argument("--cluster", nargs="+", action=Distinct, type=integer(1, MAX_CLUSTER_BLOCKS),
+                        default=[2, 4, 8, 16], help="cluster sizes (default: 2 4 8 16)")
+    parser.add_argument("--per-sm", nargs="+", action=Distinct, type=integer(1, 32), default=[1, 2, 3, 4],
                         help="blocks an SM, set through each block's shared memory (default: 1 2 3 4)")
     parser.add_argument("--warps", type=integer(1, 32), default=4, help="warps a block (default: 4)")
-    parser.add_argument("--blocks", nargs="*", type=integer(1), default=[256],
+    parser.add_argument("--blocks", nargs="*", action=Distinct, type=integer(1), default=[256],
                         help="grids to launch besides the clusters that fit, in blocks (default: 256)")
     parser.add_argument("--spin-us", type=number(1), default=SPIN_US, help="how long each block spins")
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")

@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import simulator
-from ..argtypes import integer, results_folder
+from ..argtypes import Distinct, integer, results_folder
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
@@ -625,12 +625,13 @@ def run_primitives_bench(
 def main(argv=None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "python -m clusterlab.bench.primitives",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cluster", type=integer(1, simulator.MAX_CLUSTER_SIZE), nargs="+",
+    parser.add_argument("--cluster", type=integer(1, simulator.MAX_CLUSTER_SIZE), nargs="+", action=Distinct,
                         default=list(CLUSTER_SIZES), help="cluster sizes")
-    parser.add_argument("--bytes", type=integer(16, multiple_of=16), nargs="+", default=list(MESSAGE_BYTES),
+    parser.add_argument("--bytes", type=integer(16, multiple_of=16), nargs="+", action=Distinct,
+                        default=list(MESSAGE_BYTES),
                         help="message bytes per block")
-    parser.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES), choices=DTYPES)
-    parser.add_argument("--config", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--dtype", nargs="+", action=Distinct, default=list(DEFAULT_DTYPES), choices=DTYPES)
+    parser.add_argument("--config", nargs="+", action=Distinct, default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--repeats", type=integer(timing.MIN_REPEATS), default=7)
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
