@@ -14,6 +14,6 @@ __version__ = "0.1.0"
 
 __all__ = ["HopperRequired", "__version__"]
 
-from .launch import ClusterKernel, launch, max_active_clusters  # noqa: E402
+from .launch import ClusterKernel, cluster_sms, launch, max_active_clusters  # noqa: E402
 
-__all__ += ["ClusterKernel", "launch", "max_active_clusters"]
+__all__ += ["ClusterKernel", "cluster_sms", "launch", "max_active_clusters"]

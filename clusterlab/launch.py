@@ -676,23 +676,21 @@ def _idle_kernel():
     return cuda.jit(idle)
 
 
-@functools.cache
-def cluster_sms(cluster_size: int, device: int = 0) -> int:
-    """SMs of CUDA device ``device`` that clusters of ``cluster_size`` blocks fill at once at one block an
-    SM: ``cluster_size`` times the clusters of blocks that each take an SM's shared memory that may be
-    resident (:func:`max_active_clusters`).
+def cluster_sms(cluster_size: int) -> int:
+    """SMs of the current CUDA device that clusters of ``cluster_size`` blocks fill at once at one
+    block an SM: ``cluster_size`` times the clusters of blocks that each take an SM's shared memory
+    that may be resident (:func:`max_active_clusters`).
 
     GPCs hold whole clusters, so where the cluster size does not divide a GPC's SMs some of them stay
     out of such a grid: on the H100 and H200 (132 SMs) 132 for clusters of 1 and 2, 120 for 4 and 8, 112
     for 16 (``python -m clusterlab.bench.placement``). A grid of more blocks than these puts two of them
-    on some SMs. ``cluster_size``: 1 to 16; one query a (cluster size, device) in a process."""
+    on some SMs. ``cluster_size``: 1 to 16."""
     from numba import cuda
 
     if not (isinstance(cluster_size, int) and 1 <= cluster_size <= MAX_CLUSTER_BLOCKS):
         raise ValueError(f"cluster_size must be an int in 1..{MAX_CLUSTER_BLOCKS}, got {cluster_size!r}")
-    shared = gpu.device_limits(device)["shared_bytes_per_block"]
-    with cuda.gpus[device]:
-        out = cuda.device_array(1, np.int32)
-        clusters = max_active_clusters(_idle_kernel(), (out,), cluster=cluster_size, block=32, shared_bytes=shared,
-                                       non_portable=cluster_size > PORTABLE_CLUSTER_BLOCKS)
+    gpu.require_hopper()
+    shared = cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    clusters = max_active_clusters(_idle_kernel(), (cuda.device_array(1, np.int32),), cluster=cluster_size, block=32,
+                                   shared_bytes=shared, non_portable=cluster_size > PORTABLE_CLUSTER_BLOCKS)
     return cluster_size * clusters

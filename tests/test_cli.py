@@ -51,11 +51,11 @@ def test_options_of_several_values_keep_each_value_once():
 
 @pytest.mark.gpu
 def test_info_names_the_sms_each_cluster_size_fills(capsys):
-    from clusterlab.fused.plan import DeviceLimits
+    from clusterlab.launch import cluster_sms
 
     assert main(["info"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "SMs clusters of 1/2/4/8/16 fill" in line)
-    assert line.split()[-1] == "/".join(map(str, DeviceLimits.of(0).cluster_sms))
+    assert line.split()[-1] == "/".join(str(cluster_sms(size)) for size in (1, 2, 4, 8, 16))
 
 
 @no_gpu
