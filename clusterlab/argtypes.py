@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from pathlib import Path
 
@@ -73,24 +74,33 @@ class Distinct(argparse.Action):
         setattr(namespace, self.dest, list(dict.fromkeys(values)))
 
 
+def argument_type(parse):
+    """``parse`` (text -> value, raising ``ValueError`` for what it refuses) as an argparse ``type=``:
+    its ``ValueError`` becomes ``ArgumentTypeError``, printed as :func:`integer`'s."""
+
+    @functools.wraps(parse)
+    def checked(text, *args, **kwargs):
+        try:
+            return parse(text, *args, **kwargs)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return checked
+
+
+@argument_type
 def results_folder(text: str) -> str:
     """An argparse ``type=``: a folder results may be written into, or created in
-    (:func:`~clusterlab.bench.timing.writable_dir`), checked before any GPU time is spent
-    (``ArgumentTypeError`` otherwise, printed as :func:`integer`'s)."""
-    try:
-        writable_dir(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    (:func:`~clusterlab.bench.timing.writable_dir`), checked before any GPU time is spent."""
+    writable_dir(text)
     return text
 
 
+@argument_type
 def results_file(text: str) -> str:
     """An argparse ``type=``: a file results may be written to: not a folder, in a folder they may be
-    written into or created in (``ArgumentTypeError`` otherwise, printed as :func:`integer`'s)."""
-    try:
-        writable_dir(Path(text).parent, "the folder of the output")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    written into or created in."""
+    writable_dir(Path(text).parent, "the folder of the output")
     if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+        raise ValueError(f"{text!r} is a directory, not a file")
     return text

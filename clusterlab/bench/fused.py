@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..argtypes import Distinct, dimensions, integer, number, results_folder
+from ..argtypes import Distinct, argument_type, dimensions, integer, number, results_folder
 from ..fused.config import PRESETS as ATTENTION_PRESETS
 from ..fused.config import MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_int, rope_table
 from ..fused.layer import DecodeAttention
@@ -481,6 +481,7 @@ def check_variant(variant: tuple[int, ...]) -> None:
                          f">= 1, got {third[0]}")
 
 
+@argument_type
 def parse_variant(text: str) -> tuple[int, ...]:
     """``"8x4"`` -> ``(8, 4)``, ``"16x4x2"`` -> ``(16, 4, 2)``: cluster size x warps [x head split];
     ``"rule"`` -> ``()``, the launch rule's shape (nothing given). Values :func:`check_variant` refuses
@@ -488,10 +489,7 @@ def parse_variant(text: str) -> tuple[int, ...]:
     if text == "rule":
         return ()
     variant = _LAUNCH_SHAPE(text)
-    try:
-        check_variant(variant)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    check_variant(variant)
     return variant
 
 
@@ -501,6 +499,7 @@ def options_label(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items())
 
 
+@argument_type
 def parse_options(text: str, choices: dict = KERNEL_CHOICES) -> dict:
     """``"registers=168,kv_pipeline=False"`` -> ``{"registers": 168, "kv_pipeline": False}``: the
     fused layer's ``kernel_options`` (values ``None``, ``True``, ``False`` or an int), checked
@@ -518,10 +517,7 @@ def parse_options(text: str, choices: dict = KERNEL_CHOICES) -> dict:
                 f"registers=168 or attention_mma=False,kv_pipeline=None; got {text!r}"
             )
         options[name] = literals[value] if value in literals else int(value)
-    try:
-        return check_kernel_options(options, choices)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return check_kernel_options(options, choices)
 
 
 def main(argv=None, prog: str | None = None) -> int:

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import Distinct, dimensions, integer, results_folder
+from ..argtypes import Distinct, argument_type, dimensions, integer, results_folder
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from ..fused import kernel, mlp_kernel
 from ..fused.config import MAX_BATCH, MAX_POSITIONS
@@ -303,17 +303,15 @@ def plot(record, path: Path) -> None:
 _shape_form = dimensions("CWSP", "cluster size x warps [x head split [x sets of clusters]]", "4x8 or 16x4x1x4")
 
 
+@argument_type
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"16x4x1x4"`` -> ``(16, 4, 1, 4)``: cluster size x warps [x head split [x sets of clusters]] (an
     argparse ``type=``); sizes no layer takes (:func:`~clusterlab.bench.fused.check_variant`, sets below 1)
     raise ``ArgumentTypeError``."""
     numbers = _shape_form(text)
-    try:
-        check_variant(numbers[:3])
-        if len(numbers) == 4 and numbers[3] < 1:
-            raise ValueError(f"shape {numbers!r}: its sets of clusters must be >= 1, got {numbers[3]}")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    check_variant(numbers[:3])
+    if len(numbers) == 4 and numbers[3] < 1:
+        raise ValueError(f"shape {numbers!r}: its sets of clusters must be >= 1, got {numbers[3]}")
     return numbers
 
 
