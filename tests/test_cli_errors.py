@@ -48,9 +48,11 @@ def run_cli(*args, cwd=None):
         (["generate", "--model", "llama3.2-1b", "--prompt-ids", "1", "--top-k", "5"],
          "--top-k 5 samples, so it needs --temperature > 0 (0, the default, is greedy)"),
         (["generate", "--model", "llama3.2-1b", "--prompt-ids", "1", "--max-new-tokens", "99999999999999999999"],
-         "max_new_tokens=99999999999999999999 after the longest prompt (1 token) needs cache rows past 2147483647"),
+         "max_new_tokens=99999999999999999999 after the longest prompt (1 token) needs caches of "
+         "100000000000000000000 rows"),
         (["generate", "--model", "llama3.2-1b", "--prompt-ids", "1", "2", "--max-new-tokens", "2147483647"],
-         "max_new_tokens=2147483647 after the longest prompt (2 tokens) needs cache rows past 2147483647"),
+         "max_new_tokens=2147483647 after the longest prompt (2 tokens) needs caches of 2147483649 rows; the kernels "
+         "take at most 2147483647"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line_naming_the_flag(args, message, tmp_path):

@@ -887,7 +887,7 @@ def test_bad_generate_arguments_raise(llama_dir):
     (dict(prompts=[[1, True]]), TypeError, r"prompt 0 must be token ids \(ints\), got \[1, True\]"),
     (dict(max_new_tokens=True), ValueError, "max_new_tokens must be a positive int, got True"),
     (dict(max_new_tokens=2**31 - 2), ValueError, r"max_new_tokens=2147483646 after the longest prompt \(2 tokens\) "
-     r"needs cache rows past 2147483647, the last int32 position"),
+     r"needs caches of 2147483648 rows; the kernels take at most 2147483647 \(int32\)"),
     (dict(temperature=True), ValueError, "temperature must be a finite number >= 0, got True"),
     (dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0, got -0.5"),
     (dict(temperature=float("inf")), ValueError, "temperature must be a finite number >= 0, got inf"),

@@ -636,13 +636,15 @@ def check_prompts(given, vocab_size: int | None = None) -> list[list[int]]:
 def cache_rows(prompts: list[list[int]], max_new_tokens: int) -> int:
     """Rows each sequence's cache needs to generate ``max_new_tokens`` after the longest of ``prompts``
     (checked by :func:`check_prompts` and :func:`~clusterlab.models.decode.check_sampling`): raises
-    ``ValueError`` where its positions would leave int32 (:data:`~clusterlab.fused.config.MAX_POSITIONS`),
-    before any weight is read or cache allocated."""
+    ``ValueError`` beyond the int32 the kernels take a cache's rows and positions in
+    (:data:`~clusterlab.fused.config.MAX_POSITIONS`), before any weight is read or cache allocated."""
     longest = max(map(len, prompts))
-    if longest + max_new_tokens > MAX_POSITIONS:
+    rows = longest + max_new_tokens
+    if rows > MAX_POSITIONS:
         raise ValueError(f"max_new_tokens={max_new_tokens} after the longest prompt ({longest} token"
-                         f"{'s' * (longest != 1)}) needs cache rows past {MAX_POSITIONS}, the last int32 position")
-    return longest + max_new_tokens
+                         f"{'s' * (longest != 1)}) needs caches of {rows} rows; the kernels take at most "
+                         f"{MAX_POSITIONS} (int32)")
+    return rows
 
 
 class LlamaModel:
