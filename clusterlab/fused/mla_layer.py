@@ -28,7 +28,7 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, check_batch, check_dtype, is_int
+from .config import MAX_BATCH, MAX_POSITIONS, check_batch, check_dtype, is_int
 from .mla import LatentCache, MLAConfig, MLAWeights, check_mla_activations, check_mla_weights, mla_rope_table
 from .plan import CLUSTER_SIZES, MLA_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options, check_one_of
 from .validate import check_longest, check_outputs, check_positions, kernel_bits, known_longest, resolve_backend
@@ -163,7 +163,7 @@ class DecodeMLA:
             self._q_pe = f32(MAX_BATCH * heads * config.qk_rope_head_dim)
             self._kv_raw = f32(MAX_BATCH * width)
             # (sequence, cluster, head) for the most clusters a step may take: those of the longest caches
-            states = max(b * self.shape(b, np.iinfo(np.int32).max)[2] for b in range(1, MAX_BATCH + 1)) * heads
+            states = max(b * self.shape(b, MAX_POSITIONS)[2] for b in range(1, MAX_BATCH + 1)) * heads
             self._state_m = f32(states)
             self._state_l = f32(states)
             self._state_acc = f32(states * r)
