@@ -215,6 +215,15 @@ def test_device_limits_are_positive_ints(field, value):
         dataclasses.replace(HOPPER, **{field: value})
 
 
+@pytest.mark.parametrize("value", [(132, 132, 120, 120), [132, 132, 120, 120, 112], (132, 132, 120, 120, 133),
+                                   (132, 132, 120, 0, 112), (132, 132, 120, 120.0, 112)])
+def test_device_limits_cluster_sms_are_one_count_a_cluster_size(value):
+    from clusterlab.fused.plan import HOPPER
+
+    with pytest.raises(ValueError, match=r"DeviceLimits.cluster_sms must be a tuple of 5 ints in 1..sm_count \(132\)"):
+        dataclasses.replace(HOPPER, cluster_sms=value)
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda: AttentionWeights.random(None), "config must be an AttentionConfig, got NoneType"),
     (lambda: KVCache.empty(None, BATCH, CAPACITY), "config must be an AttentionConfig, got NoneType"),

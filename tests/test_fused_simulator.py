@@ -412,7 +412,8 @@ def test_shared_regions_share_words_only_when_never_live_at_once(config, batch, 
 
 def test_shapes_beyond_the_cards_shared_memory_are_refused():
     small = DeviceLimits(sm_count=132, shared_bytes_per_sm=65536, shared_bytes_per_block=48 * 1024,
-                         reserved_shared_bytes_per_block=1024, registers_per_sm=65536, l2_bytes=40 * 2**20)
+                         reserved_shared_bytes_per_block=1024, registers_per_sm=65536, l2_bytes=40 * 2**20,
+                         cluster_sms=(132, 132, 120, 120, 112))
     assert KernelSpec.of(LLAMA2_7B, False, 1, 8, 4, limits=small).min_blocks_per_sm == 4
     with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory; the GPU allows 49152"):
         KernelSpec.of(LLAMA3_8B, True, 8, 16, 8, limits=small)

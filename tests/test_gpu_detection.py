@@ -60,3 +60,8 @@ def test_the_cards_limits_are_read_from_the_driver():
     assert (limits.sm_count, limits.l2_bytes) == (info["sm_count"], info["l2_bytes"])
     assert limits.shared_bytes_per_block <= limits.shared_bytes_per_sm <= 256 * 1024
     assert 16 * 2**20 <= limits.l2_bytes <= 4 * HOPPER.l2_bytes
+    # GPCs hold whole clusters: the larger the cluster, the fewer SMs a grid of them fills (never more).
+    assert limits.sms_for(1) == limits.sm_count and all(
+        a >= b > 0 and b % size == 0 for a, b, size in zip(limits.cluster_sms, limits.cluster_sms[1:], (2, 4, 8, 16)))
+    if limits.sm_count == HOPPER.sm_count:  # an H100 SXM or H200: the placement study's figures
+        assert limits.cluster_sms == HOPPER.cluster_sms

@@ -13,6 +13,7 @@ from clusterlab.fused.mla_kernel import (
     build_step_kernel,
     mla_kernel_signatures,
 )
+from clusterlab.fused.mla_layer import WIDE_FROM_ROWS
 from clusterlab.fused.reference import relative_error
 
 # The layer's contract, as the Llama block's: outputs rounded once to float16 / bfloat16 on top of
@@ -159,18 +160,20 @@ def test_layer_on_the_simulator_matches_the_reference():
 def test_attention_clusters_fill_the_sms_once_unless_the_caches_are_long():
     weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16)
     layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)  # the simulator plans for HOPPER's 132 SMs
-    assert [layer.shape(batch) for batch in (1, 3, 4, 8)] == [(8, 8, 16), (8, 8, 5), (8, 8, 4), (8, 8, 2)]
-    # from 64 rows a block of that grid on: 1.75 blocks an SM (231 of 132 x 2), within the 30 clusters of 8
+    # one block an SM of the 120 that clusters of 8 fill at once (GPCs hold whole clusters)
+    assert [layer.shape(batch) for batch in (1, 3, 4, 8)] == [(8, 8, 15), (8, 8, 5), (8, 8, 3), (8, 8, 1)]
+    # from 320 rows a block of that grid on: 1.75 blocks an SM (231 of 132 x 2), within the 30 clusters of 8
     # that two blocks an SM hold at once
-    assert [layer.shape(1, n)[2] for n in (8191, 8192, 32768)] == [16, 28, 28]
+    assert [layer.shape(1, n)[2] for n in (32768, 38399, 38400)] == [15, 15, 28]
     assert [layer.shape(batch, 1 << 20)[2] for batch in (2, 3, 4, 5, 8)] == [14, 9, 7, 5, 3]
-    assert [layer.shape(batch, 64 * 8 * layer.shape(batch)[2]) == layer.shape(batch, 1 << 20)
+    assert [layer.shape(batch, WIDE_FROM_ROWS * 8 * layer.shape(batch)[2]) == layer.shape(batch, 1 << 20)
             for batch in range(1, 9)] == [True] * 8
     assert all(batch * layer.shape(batch, 1 << 20)[2] <= 30 for batch in range(1, 9))
-    assert layer.shape(4, 2047)[2] == 4 and layer.shape(8, 1024)[2] == 3
+    assert [layer.shape(4, n)[2] for n in (7679, 7680)] == [3, 7]
+    assert [layer.shape(8, n)[2] for n in (2559, 2560)] == [1, 3]
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16).shape(8) == (16, 8, 1)
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3).shape(8, 1 << 20) == (8, 8, 3)
-    assert layer.kernel_spec(torch.float16, 8).attention_clusters == 2
+    assert layer.kernel_spec(torch.float16, 8).attention_clusters == 1
     assert layer.kernel_spec(torch.float16, 8, 32768).attention_clusters == 3
     with pytest.raises(ValueError, match="longest must be a positive int"):
         layer.shape(1, 0)

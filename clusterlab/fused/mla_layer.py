@@ -37,34 +37,36 @@ from .validate import check_longest, check_outputs, check_positions, kernel_bits
 DEFAULT_CLUSTER_SIZE = 8
 DEFAULT_WARPS = 8
 #: Cache rows each block of the one-block-an-SM grid would fold from which launch 2 takes the wider grid.
-WIDE_FROM_ROWS = 64
+WIDE_FROM_ROWS = 320
 #: Blocks of launch 2's wider grid for every SM (two fit an SM; see :func:`attention_clusters`).
 WIDE_BLOCKS_PER_SM = 1.75
 
 
-def attention_clusters(batch: int, cluster_size: int, sm_count: int, longest: int | None = None) -> int:
-    """Clusters a sequence in launch 2 (``A``): one block an SM, ``sm_count // (cluster_size *
-    batch)`` (at least 1), unless the host says the longest sequence attends to ``longest`` rows
-    and those would give each block at least :data:`WIDE_FROM_ROWS` of them; then
-    :data:`WIDE_BLOCKS_PER_SM` blocks an SM.
+def attention_clusters(batch: int, cluster_size: int, limits: DeviceLimits, longest: int | None = None) -> int:
+    """Clusters a sequence in launch 2 (``A``): one block an SM of those clusters of ``cluster_size``
+    fill (``limits.sms_for(cluster_size) // (cluster_size * batch)``, at least 1), unless the host
+    says the longest sequence attends to ``longest`` rows and those would give each block at least
+    :data:`WIDE_FROM_ROWS` of them; then :data:`WIDE_BLOCKS_PER_SM` blocks an SM of all
+    ``limits.sm_count``.
 
-    A block's tile chain (the copy engine's wait, the scores, one barrier, the softmax and the
-    values) leaves its SM idle between tiles; a second block on the SM fills those gaps, but each
-    cluster more is a softmax state more for launch 3 to merge, which short caches pay for. Two
-    blocks of launch 2 fit an SM, but GPCs hold whole clusters: on the H100/H200 30 clusters of 8
-    are resident at once, and a grid of more runs a second wave (32 clusters at batch 1: 59.7 µs
-    at 1K against 44.6). 1.75 blocks an SM keeps within them (28 clusters at batch 1, 24 at batch 8).
-    DeepSeek-V2-Lite on the H200, float16, µs a step for ``A`` (``docs/mla-decode-design.md``):
-    batch 1 at 1K / 8K / 32K 44.6 / 53.1 / 77.1 for 16 clusters, 48.1 / 53.4 / 67.8 for 28;
-    batch 4 at 1K / 4K / 32K 45.9 / 59.9 / 173.2 for 4, 48.2 / 54.9 / 119.0 for 7; batch 8 at
-    1K / 32K 54.5 / 306.2 for 2, 54.2 / 223.0 for 3.
+    GPCs hold whole clusters: clusters of 8 fill 120 of the H100's and H200's 132 SMs at once, so
+    a grid of 16 clusters of 8 puts two blocks on eight SMs, which finish last. A block's tile chain
+    (the copy engine's wait, the scores, one barrier, the softmax and the values) leaves its SM
+    idle between tiles; a second block on the SM fills those gaps, but each cluster more is a
+    softmax state more for launch 3 to merge, which pays only where the caches are long. Two blocks
+    of launch 2 fit an SM, and 30 clusters of 8 are resident at once; 1.75 blocks an SM keeps
+    within them (28 clusters at batch 1, 7 at batch 4, 3 at batch 8). DeepSeek-V2-Lite on an H100,
+    float16, µs a step for ``A`` (``docs/mla-decode-design.md``, v73): batch 1 at 1K / 8K / 32K
+    35.3 / 39.5 / 51.8 for 15, 36.8 / 42.8 / 58.3 for 16, 40.5 / 44.8 / 55.2 for 28; batch 4 at
+    4K / 8K / 32K 46.1 / 55.9 / 114.9 for 3, 48.2 / 54.6 / 93.1 for 7; batch 8 at 1K / 4K / 32K
+    46.6 / 68.3 / 266.2 for 1, 48.2 / 58.2 / 155.5 for 3.
     """
     check_batch(batch)
     check_longest(longest)
-    one_an_sm = max(1, sm_count // (cluster_size * batch))
+    one_an_sm = max(1, limits.sms_for(cluster_size) // (cluster_size * batch))
     if longest is None or longest < WIDE_FROM_ROWS * one_an_sm * cluster_size:
         return one_an_sm
-    return max(one_an_sm, int(WIDE_BLOCKS_PER_SM * sm_count) // (cluster_size * batch))
+    return max(one_an_sm, int(WIDE_BLOCKS_PER_SM * limits.sm_count) // (cluster_size * batch))
 
 
 @functools.cache
@@ -178,8 +180,8 @@ class DecodeMLA:
         """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with, the
         longest of them attending to ``longest`` rows where known (launch 2 has
         ``attention_clusters * batch`` clusters): the constructor's values where given, else
-        :func:`attention_clusters` for this GPU's SM count."""
-        rule = attention_clusters(batch, self.cluster_size, self.limits.sm_count, longest)  # checks both
+        :func:`attention_clusters` for this GPU's SMs."""
+        rule = attention_clusters(batch, self.cluster_size, self.limits, longest)  # checks both
         return self.cluster_size, self.warps or DEFAULT_WARPS, self.attention_clusters or rule
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):

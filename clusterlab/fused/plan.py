@@ -83,9 +83,15 @@ if TYPE_CHECKING:
     from .mla import MLAConfig
 
 
+#: Cluster sizes the kernel is built for (16 needs the non-portable cluster-size opt-in).
+CLUSTER_SIZES = (1, 2, 4, 8, 16)
+
+
 @dataclass(frozen=True)
 class DeviceLimits:
-    """What a launch shape depends on: the SM count, shared memory, registers and L2 of one GPU."""
+    """What a launch shape depends on: the SM count, shared memory, registers and L2 of one GPU, and
+    ``cluster_sms``: for each of :data:`CLUSTER_SIZES`, the SMs its clusters fill at once at one block
+    an SM (GPCs hold whole clusters: :func:`clusterlab.launch.cluster_sms`)."""
 
     sm_count: int
     shared_bytes_per_sm: int
@@ -93,20 +99,36 @@ class DeviceLimits:
     reserved_shared_bytes_per_block: int
     registers_per_sm: int
     l2_bytes: int
+    cluster_sms: tuple[int, ...]
 
     def __post_init__(self):
         for name, value in vars(self).items():
             least = 0 if name == "reserved_shared_bytes_per_block" else 1
-            if not (is_int(value) and value >= least):
+            if name != "cluster_sms" and not (is_int(value) and value >= least):
                 raise ValueError(f"DeviceLimits.{name} must be an int >= {least}, got {value!r}")
+        sms = self.cluster_sms
+        if not (isinstance(sms, tuple) and len(sms) == len(CLUSTER_SIZES)
+                and all(is_int(n) and 1 <= n <= self.sm_count for n in sms)):
+            raise ValueError(f"DeviceLimits.cluster_sms must be a tuple of {len(CLUSTER_SIZES)} ints in "
+                             f"1..sm_count ({self.sm_count}), one for each cluster size of {CLUSTER_SIZES}, "
+                             f"got {sms!r}")
 
     @classmethod
     def of(cls, device) -> DeviceLimits:
         """Read from CUDA device ``device`` (a ``torch.device`` or an index)."""
+        from numba import cuda
+
         from ..gpu import device_limits
+        from ..launch import cluster_sms
 
         index = device if isinstance(device, int) else (device.index or 0)
-        return cls(**{name: int(value) for name, value in device_limits(index).items()})
+        limits = {name: int(value) for name, value in device_limits(index).items()}
+        with cuda.gpus[index]:
+            return cls(**limits, cluster_sms=tuple(cluster_sms(size) for size in CLUSTER_SIZES))
+
+    def sms_for(self, cluster_size: int) -> int:
+        """SMs clusters of ``cluster_size`` (one of :data:`CLUSTER_SIZES`) fill at once at one block an SM."""
+        return self.cluster_sms[CLUSTER_SIZES.index(cluster_size)]
 
     def blocks_per_sm(self, shared_bytes: int, threads: int, registers_per_thread: int = 128) -> int:
         """Blocks of ``threads`` threads using ``shared_bytes`` that fit one SM at ``registers_per_thread``."""
@@ -115,13 +137,13 @@ class DeviceLimits:
 
 
 #: An H100 SXM or H200 (the same SM): 132 SMs, 228 KiB of shared memory an SM (227 KiB for one
-#: block, 1 KiB reserved per block), 64K registers an SM, an H100's 50 MiB of L2 (an H200 has 60 MiB). The
-#: simulator backend plans for it.
+#: block, 1 KiB reserved per block), 64K registers an SM, an H100's 50 MiB of L2 (an H200 has 60 MiB),
+#: clusters of 1 and 2 on all 132 SMs, of 4 and 8 on 120, of 16 on 112
+#: (``benchmarks/results/placement_h200.json``). The simulator backend plans for it.
 HOPPER = DeviceLimits(sm_count=132, shared_bytes_per_sm=233472, shared_bytes_per_block=232448,
-                      reserved_shared_bytes_per_block=1024, registers_per_sm=65536, l2_bytes=50 * 2**20)
+                      reserved_shared_bytes_per_block=1024, registers_per_sm=65536, l2_bytes=50 * 2**20,
+                      cluster_sms=(132, 132, 120, 120, 112))
 
-#: Cluster sizes the kernel is built for (16 needs the non-portable cluster-size opt-in).
-CLUSTER_SIZES = (1, 2, 4, 8, 16)
 #: Warps a block of the fused kernels may have.
 WARP_COUNTS = (4, 8, 16)
 #: Most clusters a KV head's cached positions may be split over (``split_positions``): beyond, each
