@@ -33,17 +33,19 @@ def integer(minimum: int, maximum: int | None = None, multiple_of: int = 1):
     return parse
 
 
-def number(minimum: float):
-    """An argparse ``type=``: the text as a finite number >= minimum (``ArgumentTypeError``
-    otherwise, printed as :func:`integer`'s)."""
+def number(minimum: float, maximum: float | None = None):
+    """An argparse ``type=``: the text as a finite number in minimum..maximum (no maximum if None;
+    ``ArgumentTypeError`` otherwise, printed as :func:`integer`'s)."""
+    allowed = f"a number >= {minimum:g}" if maximum is None else f"a number in {minimum:g}..{maximum:g}"
+    top = float("inf") if maximum is None else maximum
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}; got {text!r}") from None
-        if not minimum <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}; got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}") from None
+        if not (minimum <= value <= top and value < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}")
         return value
 
     return parse

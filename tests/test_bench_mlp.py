@@ -160,7 +160,8 @@ def test_a_variant_some_presets_can_run_is_accepted():
         (["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
         (["--preset", "llama4"], "argument --preset: invalid choice: 'llama4'"),
         (["--dtype", "float32"], "argument --dtype: invalid choice: 'float32'"),
-        (["--l2-turnover", "-1"], "argument --l2-turnover: must be a number >= 0; got '-1'"),
+        (["--l2-turnover", "-1"], "argument --l2-turnover: must be a number in 0..64; got '-1'"),
+        (["--l2-turnover", "65"], "argument --l2-turnover: must be a number in 0..64; got '65'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(args, message, capsys, tmp_path):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from numba import types
 
-from clusterlab.bench.placement import placement, plot, probe, record_launch, shared_bytes_for, sm_groups, summary
+from clusterlab.bench.placement import (main, placement, plot, probe, record_launch, shared_bytes_for, sm_groups,
+                                        summary)
 from clusterlab.fused.plan import HOPPER
 from clusterlab.toolchain import assemble, kernel_ptx
 
@@ -23,6 +24,20 @@ def test_the_shared_memory_leaves_room_for_per_sm_blocks_and_no_more(per_sm):
 def test_a_blocks_per_sm_that_shared_memory_cannot_give_is_refused(per_sm):
     with pytest.raises(ValueError, match=rf"per_sm={per_sm}: shared memory can hold 1 to \d+ blocks an SM"):
         shared_bytes_for(per_sm, HOPPER)
+
+
+@pytest.mark.parametrize("spin_us", [0.5, 1e6 + 1, float("inf"), "30", None])
+def test_a_spin_that_would_hold_the_gpu_long_or_is_no_number_is_refused_before_any_launch(spin_us):
+    with pytest.raises(ValueError, match=r"spin_us must be a number in 1..1e\+06 \(µs\), got "):
+        record_launch(2, 1, 4, None, spin_us, HOPPER)
+
+
+@pytest.mark.parametrize("text", ["0", "2e6", "inf", "long"])
+def test_the_command_line_refuses_such_a_spin_naming_the_flag(text, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--spin-us", text])
+    assert exited.value.code == 2
+    assert f"argument --spin-us: must be a number in 1..1e+06; got '{text}'" in capsys.readouterr().err
 
 
 def _stamps(rng, sms, waves):

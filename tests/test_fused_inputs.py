@@ -437,8 +437,9 @@ def test_an_option_the_shape_cannot_take_is_refused_before_the_step():
     (["--kv", "0"], "argument --kv: must be an integer in 1..2147483647; got '0'"),
     (["--kv", "4k"], "argument --kv: must be an integer in 1..2147483647; got '4k'"),
     (["--batch", "9"], "argument --batch: must be an integer in 1..8; got '9'"),
-    (["--l2-turnover", "-1"], "argument --l2-turnover: must be a number >= 0; got '-1'"),
-    (["--l2-turnover", "inf"], "argument --l2-turnover: must be a number >= 0; got 'inf'"),
+    (["--l2-turnover", "-1"], "argument --l2-turnover: must be a number in 0..64; got '-1'"),
+    (["--l2-turnover", "inf"], "argument --l2-turnover: must be a number in 0..64; got 'inf'"),
+    (["--l2-turnover", "1e9"], "argument --l2-turnover: must be a number in 0..64; got '1e9'"),
 ])
 def test_bench_fused_bad_numbers_exit_2_naming_the_flag(args, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -485,7 +486,8 @@ def test_bench_reads_a_variants_third_number_by_the_presets_block():
     assert options == {"cluster_size": 4, "warps": 16, "attention_clusters": 32}
     weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.bfloat16, seed=5)
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights, **options).shape(3) == (4, 16, 32)
-    assert DecodeMLA(DEEPSEEK_V2_LITE, weights).shape(1) == (8, 8, DEEPSEEK_V2_LITE.heads)
+    # no variant: the launch rule's shape, one block on each of the 120 SMs clusters of 8 fill
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights).shape(1) == (8, 8, 15)
 
 
 @pytest.mark.parametrize("text, options", [
@@ -531,6 +533,12 @@ def test_bench_kernel_options_are_each_presets_own_and_refused_before_anything_r
         run_bench(presets=("llama3-8b", "deepseek-v2-lite"), options=[{"registers": 168}])
     with pytest.raises(ValueError, match="--spec for llama3-8b: kernel_options: unknown name 'one_launch'"):
         run_bench(presets=("deepseek-v2-lite", "llama3-8b"), options=[{}, {"one_launch": True}])
+
+
+@pytest.mark.parametrize("turnover", [-1, 65, float("nan"), "3", True])
+def test_bench_l2_turnover_out_of_range_is_refused_before_anything_runs(turnover):
+    with pytest.raises(ValueError, match=r"l2_turnover must be a number in 0..64, got "):
+        run_bench(presets=("deepseek-v2-lite",), l2_turnover=turnover)
 
 
 

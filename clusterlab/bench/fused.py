@@ -71,8 +71,10 @@ BATCHES = (1, 2, 4, 8)
 #: Steps per captured graph, and repeats each figure is the median of.
 GRAPH_STEPS = 20
 REPEATS = 9
-#: Bytes the rotation of layers moves between two visits of one layer, in units of the L2 size.
+#: Bytes the rotation of layers moves between two visits of one layer, in units of the L2 size, and
+#: the most it may be (64 L2s of an H200 are 3.8 GB of layers).
 L2_TURNOVER = 3
+MAX_L2_TURNOVER = 64
 #: Name of the ragged rows' KV length column: the mean length of the batch.
 RAGGED = "ragged"
 
@@ -119,6 +121,13 @@ def ragged_lengths(batch: int, kv_lens, seed: int) -> list[int]:
     lengths = [low + round((high - low) * i / max(batch - 1, 1)) for i in range(batch)]
     random.Random(seed).shuffle(lengths)
     return lengths
+
+
+def check_l2_turnover(turnover) -> None:
+    """Refuse an ``l2_turnover`` that is not a number in 0..:data:`MAX_L2_TURNOVER` (before any GPU work)."""
+    if not (isinstance(turnover, (int, float)) and not isinstance(turnover, bool)
+            and 0 <= turnover <= MAX_L2_TURNOVER):
+        raise ValueError(f"l2_turnover must be a number in 0..{MAX_L2_TURNOVER}, got {turnover!r}")
 
 
 def layers_for_l2(step_bytes: int, l2_bytes: int, turnover: float = L2_TURNOVER) -> int:
@@ -314,6 +323,7 @@ def run_bench(
                 raise ValueError(f"--spec for {name}: {exc}") from None
     if not (is_int(jobs) and jobs >= 1):
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    check_l2_turnover(l2_turnover)
     if jobs > 1 and cache_dir() is None:
         raise ValueError(f"jobs={jobs} compiles ahead into the kernel cache, which ${CACHE_DIR_ENV} turns off")
     writable_dir(out_dir)
@@ -540,7 +550,7 @@ def main(argv=None, prog: str | None = None) -> int:
                              f"{', '.join(MLA_KERNEL_CHOICES)}")
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
-    parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,
+    parser.add_argument("--l2-turnover", type=number(0, MAX_L2_TURNOVER), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     parser.add_argument("--jobs", type=integer(1, 64), default=1,
                         help="compile every kernel of the run first, in this many processes at once (into the kernel "

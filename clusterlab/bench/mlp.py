@@ -65,7 +65,8 @@ from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_m
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
-from .fused import L2_TURNOVER, graph_time_us, layers_for_l2, options_label, parse_options
+from .fused import (L2_TURNOVER, MAX_L2_TURNOVER, check_l2_turnover, graph_time_us, layers_for_l2, options_label,
+                    parse_options)
 from .timing import card_tag, copy_bandwidth, results_header, short_commit, writable_dir, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
@@ -226,6 +227,7 @@ def run_bench(
     from ..gpu import device_info, require_hopper
 
     check_settings(presets, batches, dtypes, variants)
+    check_l2_turnover(l2_turnover)
     options = [{}] if options is None else [check_kernel_options(o, MLP_KERNEL_CHOICES) for o in options]
     writable_dir(out_dir)
     require_hopper()
@@ -377,7 +379,7 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
-    parser.add_argument("--l2-turnover", type=number(0), default=L2_TURNOVER,
+    parser.add_argument("--l2-turnover", type=number(0, MAX_L2_TURNOVER), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)
     run_bench(args.preset, args.batch, args.dtype, args.variant, args.out_dir, args.tag, seed=args.seed,

@@ -46,8 +46,10 @@ from .timing import card_tag, results_header, write_json
 
 #: Threads an SM holds at most (Hopper), which bounds the blocks an SM of ``warps`` warps.
 THREADS_PER_SM = 2048
-#: How long each block spins, µs: long enough that the blocks of one wave all overlap.
+#: How long each block spins, µs: long enough that the blocks of one wave all overlap; at most a second,
+#: so that no probe holds the GPU for long.
 SPIN_US = 30.0
+MAX_SPIN_US = 1e6
 
 
 @cuda.jit
@@ -129,6 +131,8 @@ def record_launch(cluster_size: int, per_sm: int, warps: int, blocks: int | None
 
     from ..launch import launch, max_active_clusters
 
+    if not (isinstance(spin_us, (int, float)) and not isinstance(spin_us, bool) and 1 <= spin_us <= MAX_SPIN_US):
+        raise ValueError(f"spin_us must be a number in 1..{MAX_SPIN_US:g} (µs), got {spin_us!r}")
     shared = shared_bytes_for(per_sm, limits)
     config = {"cluster": cluster_size, "block": 32 * warps, "shared_bytes": shared,
               "non_portable": cluster_size > PORTABLE_CLUSTER_BLOCKS}
@@ -197,7 +201,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warps", type=integer(1, 32), default=4, help="warps a block (default: 4)")
     parser.add_argument("--blocks", nargs="*", action=Distinct, type=integer(1), default=[256],
                         help="grids to launch besides the clusters that fit, in blocks (default: 256)")
-    parser.add_argument("--spin-us", type=number(1), default=SPIN_US, help="how long each block spins")
+    parser.add_argument("--spin-us", type=number(1, MAX_SPIN_US), default=SPIN_US,
+                        help=f"how long each block spins, µs (default: {SPIN_US:g}; at most {MAX_SPIN_US:g})")
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
