@@ -224,6 +224,15 @@ def test_device_limits_cluster_sms_are_one_count_a_cluster_size(value):
         dataclasses.replace(HOPPER, cluster_sms=value)
 
 
+def test_device_limits_give_the_sms_of_each_cluster_size_and_refuse_other_sizes():
+    from clusterlab.fused.plan import HOPPER
+
+    assert [HOPPER.sms_for(size) for size in (1, 2, 4, 8, 16)] == [132, 132, 120, 120, 112]
+    for size in (3, 32, 8.0):
+        with pytest.raises(ValueError, match=rf"cluster_size must be one of \(1, 2, 4, 8, 16\), got {size!r}"):
+            HOPPER.sms_for(size)
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda: AttentionWeights.random(None), "config must be an AttentionConfig, got NoneType"),
     (lambda: KVCache.empty(None, BATCH, CAPACITY), "config must be an AttentionConfig, got NoneType"),

@@ -128,6 +128,7 @@ class DeviceLimits:
 
     def sms_for(self, cluster_size: int) -> int:
         """SMs clusters of ``cluster_size`` (one of :data:`CLUSTER_SIZES`) fill at once at one block an SM."""
+        check_one_of("cluster_size", cluster_size, CLUSTER_SIZES)
         return self.cluster_sms[CLUSTER_SIZES.index(cluster_size)]
 
     def blocks_per_sm(self, shared_bytes: int, threads: int, registers_per_thread: int = 128) -> int:
