@@ -73,6 +73,7 @@ device functions, so the simulator program and the kernel cannot disagree on who
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -115,16 +116,9 @@ class DeviceLimits:
 
     @classmethod
     def of(cls, device) -> DeviceLimits:
-        """Read from CUDA device ``device`` (a ``torch.device`` or an index)."""
-        from numba import cuda
-
-        from ..gpu import device_limits
-        from ..launch import cluster_sms
-
-        index = device if isinstance(device, int) else (device.index or 0)
-        limits = {name: int(value) for name, value in device_limits(index).items()}
-        with cuda.gpus[index]:
-            return cls(**limits, cluster_sms=tuple(cluster_sms(size) for size in CLUSTER_SIZES))
+        """Read from CUDA device ``device`` (a ``torch.device`` or an index), once a device in a process
+        (every layer built on it asks)."""
+        return _read_limits(device if isinstance(device, int) else (device.index or 0))
 
     def sms_for(self, cluster_size: int) -> int:
         """SMs clusters of ``cluster_size`` (one of :data:`CLUSTER_SIZES`) fill at once at one block an SM."""
@@ -135,6 +129,19 @@ class DeviceLimits:
         """Blocks of ``threads`` threads using ``shared_bytes`` that fit one SM at ``registers_per_thread``."""
         by_smem = self.shared_bytes_per_sm // (shared_bytes + self.reserved_shared_bytes_per_block)
         return max(1, min(by_smem, self.registers_per_sm // (threads * registers_per_thread)))
+
+
+@functools.cache
+def _read_limits(index: int) -> DeviceLimits:
+    """:meth:`DeviceLimits.of` device ``index``: the driver's limits and the occupancy query's SMs a cluster size."""
+    from numba import cuda
+
+    from ..gpu import device_limits
+    from ..launch import cluster_sms
+
+    limits = {name: int(value) for name, value in device_limits(index).items()}
+    with cuda.gpus[index]:
+        return DeviceLimits(**limits, cluster_sms=tuple(cluster_sms(size) for size in CLUSTER_SIZES))
 
 
 #: An H100 SXM or H200 (the same SM): 132 SMs, 228 KiB of shared memory an SM (227 KiB for one
