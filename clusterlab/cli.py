@@ -37,9 +37,10 @@ def _info(args: argparse.Namespace) -> int:
 
     info = device_info()
     if info["gpu"] is not None and info["reason"] is None:  # GPCs hold whole clusters: some SMs stay out
-        from .launch import cluster_sms
+        from .fused.plan import CLUSTER_SIZES, DeviceLimits
 
-        info["SMs clusters of 1/2/4/8/16 fill"] = "/".join(str(cluster_sms(size)) for size in (1, 2, 4, 8, 16))
+        sizes = "/".join(map(str, CLUSTER_SIZES))
+        info[f"SMs clusters of {sizes} fill"] = "/".join(map(str, DeviceLimits.of(0).cluster_sms))
     info["kernel cache"] = cache_dir() or f"off (${CACHE_DIR_ENV} is empty)"
     if info["gpu"] is None:
         print(f"no CUDA GPU: simulator only ({info['reason']})")
