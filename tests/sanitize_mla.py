@@ -4,9 +4,10 @@
 
 Shapes: DeepSeek-V2-Lite (clusters of 8, interleaved RoPE) on a ragged batch with an empty cache,
 float16 and bfloat16, and in launch 2's wider grid of long caches (28 clusters of 8 a sequence, two
-blocks on most SMs); a small rotate-half shape with clusters of 4 and 3 attention clusters a
-sequence; and one launch a step (``kernel_options={"one_launch": True}``) at DeepSeek-V2-Lite's and the
-small shape. Exits non-zero if any step misses the float64 reference (the sanitizer reports hazards itself).
+blocks on most SMs); launch 2 in clusters of 4 under launches 1 and 3 of 8; a small rotate-half shape with
+clusters of 4 and 3 attention clusters a sequence; and one launch a step (``kernel_options={"one_launch":
+True}``) at DeepSeek-V2-Lite's and the small shape. Exits non-zero if any step misses the float64 reference
+(the sanitizer reports hazards itself).
 """
 
 import torch
@@ -23,6 +24,8 @@ SHAPES = [
     (DEEPSEEK_V2_LITE, {"warps": 4}, [200], torch.float16),
     (DEEPSEEK_V2_LITE, {"attention_clusters": 28}, [2500], torch.float16),
     (SMALL, {"cluster_size": 4, "attention_clusters": 3}, [5, 0, 90, 13], torch.float16),
+    # launch 2 in clusters of its own size: 4 under launches of 8
+    (DEEPSEEK_V2_LITE, {"kernel_options": {"attention_cluster_size": 4}}, [0, 3000, 37], torch.float16),
     # one launch a step: the roles' tickets, the waits on device memory and the words' reset
     (DEEPSEEK_V2_LITE, {"kernel_options": {"one_launch": True}}, [0, 300, 37], torch.bfloat16),
     (SMALL, {"cluster_size": 4, "attention_clusters": 3, "warps": 4, "kernel_options": {"one_launch": True}},

@@ -102,13 +102,52 @@ def test_one_launch_needs_launch_2s_warps():
         DecodeMLA(SMALL, weights, kernel_options=one)
     with pytest.raises(ValueError, match="kernel_options: one_launch='yes'; allowed: True or False"):
         DecodeMLA(SMALL, weights, kernel_options={"one_launch": "yes"})
-    with pytest.raises(ValueError, match="kernel_options: unknown name 'registers'; allowed: one_launch"):
+    with pytest.raises(ValueError, match="kernel_options: unknown name 'registers'; allowed: one_launch, "
+                                         "attention_cluster_size"):
         DecodeMLA(SMALL, weights, kernel_options={"registers": 168})
     spec = MLASpec.of(SMALL, False, 1, 4, 8, 8)
     with pytest.raises(ValueError, match="one_launch needs warps=4"):
         build_step_kernel(spec)
     assert DecodeMLA(SMALL, weights, warps=4, kernel_options=one).one_launch
     assert not DecodeMLA(SMALL, weights).one_launch
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize("cluster_size, attention_cluster_size", [(8, 4), (8, 16), (4, 1)])
+def test_launch_2_takes_a_cluster_size_of_its_own(cluster_size, attention_cluster_size):
+    """Launch 2's clusters need not be launches 1 and 3's: each block of its cluster owns R / its size
+    columns of the merged state, and the launches are built and launched with their own sizes."""
+    from clusterlab.toolchain import assemble, kernel_ptx, without_names
+
+    spec = MLASpec.of(DEEPSEEK_V2_LITE, False, 8, cluster_size, 7, 8, attention_cluster_size=attention_cluster_size)
+    assert [spec.cluster_blocks(k) for k in ("projections", "attention", "output", "step")] == [
+        cluster_size, attention_cluster_size, cluster_size, cluster_size]
+    assert (spec.cols, spec.attention_cols) == (512 // cluster_size, 512 // attention_cluster_size)
+    signature = mla_kernel_signatures()["attention"]
+    ptx = kernel_ptx(build_attention_kernel(spec), signature, launch_bounds=spec.launch_bounds("attention"))
+    same = MLASpec.of(DEEPSEEK_V2_LITE, False, 8, attention_cluster_size, 7, 8)  # the merge depends on launch 2's size
+    assert without_names(ptx) == without_names(
+        kernel_ptx(build_attention_kernel(same), signature, launch_bounds=same.launch_bounds("attention")))
+    assert "st.local" not in ptx
+    assert assemble(ptx).spill_bytes == 0
+    assert MLASpec.of(DEEPSEEK_V2_LITE, False, 8, cluster_size, 7, 8).attention_cluster_size == cluster_size
+
+
+def test_launch_2s_cluster_size_is_checked_before_any_launch():
+    weights = MLAWeights.random(SMALL, torch.float16)
+    with pytest.raises(ValueError, match=r"attention_cluster_size must be one of \(1, 2, 4, 8, 16\), got 3"):
+        MLASpec.of(SMALL, False, 1, 4, 8, 8, attention_cluster_size=3)
+    for bad in (3, True, 4.0, "4"):
+        with pytest.raises(ValueError, match=f"kernel_options: attention_cluster_size={bad!r}; allowed: None or one "
+                                             r"of \(1, 2, 4, 8, 16\)"):
+            DecodeMLA(SMALL, weights, kernel_options={"attention_cluster_size": bad})
+    one = {"one_launch": True, "attention_cluster_size": 4}
+    with pytest.raises(ValueError, match=r"one_launch needs attention_cluster_size=8 \(the cluster_size of the grid's "
+                                         r"other roles\), got attention_cluster_size=4"):
+        DecodeMLA(SMALL, weights, warps=4, kernel_options=one)
+    assert DecodeMLA(SMALL, weights, cluster_size=4, warps=4, kernel_options=one).one_launch
+    with pytest.raises(ValueError, match="one_launch needs attention_cluster_size=8"):
+        build_step_kernel(MLASpec.of(SMALL, False, 1, 8, 8, 4, attention_cluster_size=2))
 
 
 def test_specs_refuse_what_the_kernels_do_not_take():
@@ -155,6 +194,11 @@ def test_layer_on_the_simulator_matches_the_reference():
     # a longest the host knows gives the same outputs (the simulator's grid of 3 clusters is the layer's)
     again, _ = layer(hidden, residual, before.clone(), positions, longest=64)
     assert torch.equal(again, out)
+    # launch 2 in clusters of 2 under launches of 4: the same step within the dtype's rounding
+    other = DecodeMLA(SMALL, weights, cluster_size=4, attention_clusters=3,
+                      kernel_options={"attention_cluster_size": 2})
+    other_out, _ = other(hidden, residual, before.clone(), positions)
+    assert relative_error(other_out, want.out) < TOLERANCE
 
 
 def test_attention_clusters_fill_the_sms_once_unless_the_caches_are_long():
@@ -172,6 +216,12 @@ def test_attention_clusters_fill_the_sms_once_unless_the_caches_are_long():
     assert [layer.shape(4, n)[2] for n in (7679, 7680)] == [3, 7]
     assert [layer.shape(8, n)[2] for n in (2559, 2560)] == [1, 3]
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16).shape(8) == (16, 8, 1)
+    # the rule counts launch 2's own clusters: of 4, 120 SMs at once; of 2, all 132
+    fours = DecodeMLA(DEEPSEEK_V2_LITE, weights, kernel_options={"attention_cluster_size": 4})
+    assert [fours.shape(batch)[2] for batch in (1, 4, 8)] == [30, 7, 3]
+    assert [fours.shape(batch, 1 << 20)[2] for batch in (1, 4, 8)] == [57, 14, 7]
+    twos = DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16, kernel_options={"attention_cluster_size": 2})
+    assert twos.shape(1) == (16, 8, 66) and twos.kernel_spec(torch.float16, 1).cluster_blocks("attention") == 2
     assert DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3).shape(8, 1 << 20) == (8, 8, 3)
     assert layer.kernel_spec(torch.float16, 8).attention_clusters == 1
     assert layer.kernel_spec(torch.float16, 8, 32768).attention_clusters == 3
@@ -252,6 +302,18 @@ def test_small_shapes_cluster_sizes_and_attention_grids(config, cluster_size, at
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "cluster_size, attention_cluster_size, attention_clusters",
+    [(8, 4, None), (8, 16, 2), (16, 2, None)], ids=["c8-a4", "c8-a16", "c16-a2"],
+)
+def test_launch_2_in_clusters_of_its_own_size(cluster_size, attention_cluster_size, attention_clusters):
+    weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16, "cuda", seed=cluster_size + attention_cluster_size)
+    layer = DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=cluster_size, attention_clusters=attention_clusters,
+                      kernel_options={"attention_cluster_size": attention_cluster_size})
+    _check_steps(layer, torch.float16, 4, [0, 1000, [0, 4097, 33, 8190]])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("one_launch", [False, True], ids=["three-launches", "one-launch"])
 def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(one_launch):
     weights = MLAWeights.random(SMALL, torch.float16, "cuda", seed=4)
@@ -317,22 +379,24 @@ def test_timeline_kernels_read_the_clocks_and_plain_ones_do_not(kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_launch", [False, True], ids=["three-launches", "one-launch"])
-def test_the_timeline_records_every_block_of_every_role(one_launch):
+@pytest.mark.parametrize("options", [{}, {"one_launch": True}, {"attention_cluster_size": 4}],
+                         ids=["three-launches", "one-launch", "attention-clusters-of-4"])
+def test_the_timeline_records_every_block_of_every_role(options):
     """``python -m clusterlab.bench.fused_timeline --layer mla`` in small: the instrumented step against the
     reference, every block of every launch (or of every ticket) with its role, SM and phases."""
     from clusterlab.bench.fused_timeline import MLA_ROLES, record_mla_step
     from clusterlab.fused.mla_kernel import MLA_TIMELINE_PHASES
 
     weights = MLAWeights.random(SMALL, torch.float16, "cuda", seed=13)
-    options = {"one_launch": True} if one_launch else {}
-    batch, clusters = 3, DecodeMLA(SMALL, weights).shape(3, 900)[2]
+    batch, clusters = 3, DecodeMLA(SMALL, weights, warps=4, kernel_options=options).shape(3, 900)[2]
     shape = record_mla_step(SMALL, weights, torch.float16, batch, 900, options, warps=4)  # launch 2's: 256 / 64
     assert shape["rel_err"] < TOLERANCE and shape["options"] == options
     blocks = {role: [b for b in shape["block"] if b["role"] == role] for role in MLA_ROLES}
     clusters = {"projections": SMALL.heads, "attention": clusters * batch, "output": SMALL.heads}
+    sizes = {"projections": 8, "attention": options.get("attention_cluster_size", 8), "output": 8}
     for role, mine in blocks.items():
-        assert sorted(b["cluster"] for b in mine) == sorted(c for c in range(clusters[role]) for _ in range(8)), role
+        assert sorted((b["cluster"], b["rank"]) for b in mine) == [
+            (c, r) for c in range(clusters[role]) for r in range(sizes[role])], role
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for block in shape["block"]:
         assert 0 <= block["sm"] < sms

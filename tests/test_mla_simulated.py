@@ -36,7 +36,7 @@ CONFIGS = {
 POSITIONS = [[7], [0, 45, 200]]
 
 
-def run_step(config, dtype, positions, cluster_size, clusters_for_attention=None, seed=0):
+def run_step(config, dtype, positions, cluster_size, clusters_for_attention=None, seed=0, attention_cluster_size=None):
     batch = len(positions)
     weights = MLAWeights.random(config, dtype, seed=seed)
     cache = LatentCache.random(config, batch, max(positions) + 3, dtype, seed=seed + 1)
@@ -46,13 +46,14 @@ def run_step(config, dtype, positions, cluster_size, clusters_for_attention=None
     want = mla_reference_step(config, weights, hidden, residual, before, positions)
     traces = []
     out, new_residual = simulated_mla_step(config, weights, hidden, residual, cache, positions, cluster_size,
-                                           clusters_for_attention=clusters_for_attention, traces=traces)
+                                           clusters_for_attention=clusters_for_attention, traces=traces,
+                                           attention_cluster_size=attention_cluster_size)
     return out, new_residual, cache, before, hidden, residual, want, traces
 
 
-def check_step(config, dtype, positions, cluster_size, clusters_for_attention=None):
+def check_step(config, dtype, positions, cluster_size, clusters_for_attention=None, attention_cluster_size=None):
     out, new_residual, cache, before, hidden, residual, want, traces = run_step(
-        config, dtype, positions, cluster_size, clusters_for_attention)
+        config, dtype, positions, cluster_size, clusters_for_attention, attention_cluster_size=attention_cluster_size)
     batch = len(positions)
     assert out.dtype == dtype and new_residual.dtype == dtype
     assert relative_error(out, want.out) < TOLERANCE
@@ -81,6 +82,16 @@ def test_simulated_mla_step_matches_reference(name, positions, cluster_size, dty
 @pytest.mark.parametrize("clusters_for_attention", [1, 3, 8])
 def test_attention_grid_independent_of_the_heads(clusters_for_attention):
     check_step(CONFIGS["yarn"], torch.float16, [0, 45, 200], 2, clusters_for_attention)
+
+
+@pytest.mark.parametrize("attention_cluster_size", [1, 4, 8])
+def test_attention_clusters_of_their_own_size(attention_cluster_size):
+    """Launch 2's clusters of another size than launches 1 and 3's (2): the same step, each attention
+    cluster's trace with that many blocks."""
+    traces = check_step(CONFIGS["yarn"], torch.float16, [0, 45, 200], 2, 3, attention_cluster_size)
+    heads = CONFIGS["yarn"].heads
+    assert {trace.cluster_size for trace in traces[heads:-heads]} == {attention_cluster_size}
+    assert {trace.cluster_size for trace in traces[:heads] + traces[-heads:]} == {2}
 
 
 @pytest.mark.parametrize("name", ["plain", "yarn-q-lora"])
@@ -146,6 +157,8 @@ def test_bad_cluster_shapes_are_refused():
         simulated_mla_step(config, weights, hidden, residual, cache, 3, 3)
     with pytest.raises(ValueError, match="clusters_for_attention"):
         simulated_mla_step(config, weights, hidden, residual, cache, 3, 2, clusters_for_attention=0)
+    with pytest.raises(ValueError, match="attention_cluster_size must be an int in 1..16, got 32"):
+        simulated_mla_step(config, weights, hidden, residual, cache, 3, 2, attention_cluster_size=32)
     config = CONFIGS["odd-q-lora"]  # q_lora_rank 20: phase 1b's slices need a cluster size dividing it
     weights = MLAWeights.random(config, torch.float16, seed=0)
     with pytest.raises(ValueError, match="cluster_size 8 does not divide q_lora_rank 20"):

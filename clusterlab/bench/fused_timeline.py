@@ -138,7 +138,8 @@ def record_mla_step(config, weights, dtype, batch, kv_len, options=None, warps=N
         kernels = {"step": (mla_step_launcher(timed), spec.step_clusters)}
     else:
         kernels = dict(zip(MLA_ROLES, zip(mla_launchers(timed), (heads, attention, heads))))
-    counts = [clusters * spec.cluster_size for _, clusters in kernels.values()]
+    sizes = [spec.cluster_blocks(name) for name in kernels]  # blocks a cluster of each launch
+    counts = [clusters * size for size, (_, clusters) in zip(sizes, kernels.values())]
     blocks = sum(counts)
     stamps = torch.zeros(blocks * MLA_TIMELINE_STAMPS * 2, dtype=torch.uint64, device="cuda")
     roles = torch.full((blocks, 2), 2**32 - 1, dtype=torch.uint32, device="cuda")
@@ -167,6 +168,7 @@ def record_mla_step(config, weights, dtype, batch, kv_len, options=None, warps=N
         else:
             role = int(np.searchsorted(starts[1:], b, side="right"))
             block["cluster"] = int(tickets[b])
+            block["rank"] = int((b - starts[role]) % sizes[role])
         block["role"] = MLA_ROLES[role]
     return record
 

@@ -10,9 +10,10 @@ constants are :class:`MLASpec`'s words upper-cased::
     KV_ROWS                  kv_rows = L / HEADS: the kv_a_proj_with_mqa rows a projection cluster owns
     SLOTS                    slots = Q_WIDTH + kv_slots: a projection cluster's rows, query first, the
                              kv_a rows padded to whole tensor-core steps from 2 sequences on
-    C, A                     cluster_size, attention_clusters
+    C, A                     cluster_size (launches 1 and 3; launch 2: attention_cluster_size), attention_clusters
     K_SLICE, OUT_ROWS        a block's slice of the hidden size (launch 1) and of o_proj's rows (launch 3)
-    COLS                     cols = R / C: the latent columns a block owns (launches 1, 2, 3)
+    COLS                     cols = R / C: the latent columns a block owns (launches 1 and 3; launch 2:
+                             attention_cols)
     BATCH, WARPS, THREADS    sequences, warps and threads of a block
 
 Launch 1 (``HEADS`` clusters, cluster h = query head h): ``h * norm`` on the block's hidden slice,
@@ -22,7 +23,8 @@ sum the partials and normalise: ``kv_raw`` and the rotated ``q_pe`` to global me
 pushed into every block (the ClusterGather); barrier; the block's ``COLS`` columns of ``q_lat[h]
 = q_nope @ W_UK[h]`` (rows of ``W_UK[h]^T``, a copy the layer keeps) to global memory.
 
-Launch 2 (``A`` clusters a sequence, ``R / 64`` warps a block): the block's chunk of the
+Launch 2 (``A`` clusters a sequence of ``attention_cluster_size`` blocks, by default ``C``, and ``R / 64``
+warps a block): the block's chunk of the
 sequence's cached positions (and, in the last block, the new row) for every head on the tensor
 cores. The copy engine brings the rows into shared memory (``cp.async.bulk``, a row a lane, each
 warp its share of a tile), a tile of :data:`ATTENTION_TILE` rows at a time through a ring of
@@ -113,12 +115,16 @@ def wait_for(words, counter, count, tid):
     cuda.syncthreads()
 
 
-def check_one_launch(kv_lora_rank: int, warps: int) -> None:
+def check_one_launch(kv_lora_rank: int, warps: int, cluster_size: int, attention_cluster_size: int) -> None:
     """One launch a step (:func:`build_step_kernel`) runs the three launches' blocks as roles of one grid, so
-    their threads must agree: ``warps`` (launches 1 and 3) must be launch 2's, ``kv_lora_rank / 64``."""
+    their threads and clusters must agree: ``warps`` (launches 1 and 3) must be launch 2's, ``kv_lora_rank /
+    64``, and ``attention_cluster_size`` must be ``cluster_size``."""
     if warps != kv_lora_rank // 64:
         raise ValueError(f"one_launch needs warps={kv_lora_rank // 64} (launch 2's: kv_lora_rank / 64), "
                          f"got warps={warps}")
+    if attention_cluster_size != cluster_size:
+        raise ValueError(f"one_launch needs attention_cluster_size={cluster_size} (the cluster_size of the grid's "
+                         f"other roles), got attention_cluster_size={attention_cluster_size}")
 
 
 def make_mla_stamp(timeline: bool):
@@ -156,6 +162,8 @@ class MLASpec(BlockShape):
     batch: int
     cluster_size: int
     attention_clusters: int
+    #: blocks a cluster of launch 2 (launches 1 and 3 have ``cluster_size``; the one launch takes one size)
+    attention_cluster_size: int
     warps: int
     limits: DeviceLimits = HOPPER
     #: record a timeline: two more kernel arguments, ``stamps`` and ``roles`` (see :func:`make_mla_stamp`);
@@ -164,12 +172,16 @@ class MLASpec(BlockShape):
 
     @classmethod
     def of(cls, config: MLAConfig, bf16: bool, batch: int, cluster_size: int, attention_clusters: int, warps: int,
-           limits: DeviceLimits = HOPPER) -> MLASpec:
-        """The spec of one launch shape (raises ``ValueError`` naming what does not fit)."""
+           limits: DeviceLimits = HOPPER, attention_cluster_size: int | None = None) -> MLASpec:
+        """The spec of one launch shape (raises ``ValueError`` naming what does not fit);
+        ``attention_cluster_size`` None: ``cluster_size``."""
         if config.q_lora_rank is not None:
             raise ValueError(f"the MLA kernels take no query LoRA yet (q_lora_rank={config.q_lora_rank}); "
                              "the simulator backend does")
         plan.check_one_of("cluster_size", cluster_size, plan.CLUSTER_SIZES)
+        if attention_cluster_size is None:
+            attention_cluster_size = cluster_size
+        plan.check_one_of("attention_cluster_size", attention_cluster_size, plan.CLUSTER_SIZES)
         if not (is_int(attention_clusters) and attention_clusters >= 1):
             raise ValueError(f"attention_clusters must be a positive int, got {attention_clusters!r}")
         plan.check_one_of("warps", warps, plan.WARP_COUNTS)
@@ -185,6 +197,8 @@ class MLASpec(BlockShape):
                                           "32 dims at a time)"),
             (r % (8 * cluster_size) == 0, f"kv_lora_rank {r} must split into {cluster_size} column slices of whole "
                                           "16-byte chunks"),
+            (r % (8 * attention_cluster_size) == 0, f"kv_lora_rank {r} must split into attention_cluster_size="
+                                                    f"{attention_cluster_size} column slices of whole 16-byte chunks"),
             (config.qk_nope_head_dim % 8 == 0 and config.v_head_dim % 8 == 0,
              "qk_nope_head_dim and v_head_dim must be multiples of 8"),
             (heads <= MMA_HEADS, f"{heads} heads do not fit launch 2's mma tile of {MMA_HEADS} rows"),
@@ -194,7 +208,7 @@ class MLASpec(BlockShape):
                 raise ValueError(why)
         spec = cls(h, heads, r, config.qk_nope_head_dim, d_r, config.v_head_dim, config.rope_interleaved,
                    float(config.rms_eps), float(config.softmax_scale), bf16, batch, cluster_size, attention_clusters,
-                   warps, limits)
+                   attention_cluster_size, warps, limits)
         for tile in (spec.projections_tile, spec.absorb_tile, spec.value_tile, spec.o_tile):
             tile()  # raises where a slice has no valid tiling
         for name, layout in (("projections", spec.projections_layout), ("attention", spec.attention_layout),
@@ -220,8 +234,17 @@ class MLASpec(BlockShape):
 
     @property
     def cols(self) -> int:
-        """Latent columns one block owns: of ``q_lat`` (launch 1), of the merged states (2), of ``o_lat`` (3)."""
+        """Latent columns one block owns: of ``q_lat`` (launch 1) and of ``o_lat`` (launch 3)."""
         return self.kv_lora_rank // self.cluster_size
+
+    @property
+    def attention_cols(self) -> int:
+        """Latent columns one block of launch 2 owns in the merge of its cluster's states."""
+        return self.kv_lora_rank // self.attention_cluster_size
+
+    def cluster_blocks(self, kernel: str) -> int:
+        """Blocks a cluster of ``kernel`` (as :meth:`launch_bounds` names them)."""
+        return self.attention_cluster_size if kernel == "attention" else self.cluster_size
 
     @property
     def kv_slots(self) -> int:
@@ -501,9 +524,9 @@ def make_attention(spec: MLASpec, one_launch: bool = False):
     How a tile is folded is :func:`build_attention_kernel`'s docstring.
     """
     HEADS, R, D_R, L, C, A = (spec.heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.latent_width,
-                              spec.cluster_size, spec.attention_clusters)
+                              spec.attention_cluster_size, spec.attention_clusters)
     ONE_LAUNCH = one_launch
-    BF16, INTERLEAVED, COLS = spec.bf16, spec.interleaved, spec.cols
+    BF16, INTERLEAVED, COLS = spec.bf16, spec.interleaved, spec.attention_cols
     WARPS = spec.attention_warps
     THREADS = 32 * WARPS
     HALF = D_R // 2
@@ -845,7 +868,8 @@ def build_attention_kernel(spec: MLASpec):
         state_m, state_l      [batch * A * HEADS] float32    outputs: each cluster's base-2 max and sum
         state_acc             [batch * A * HEADS * R] float32  output: its unnormalised sums of rows
 
-    The grid is ``batch * A`` clusters: cluster ``a`` of sequence ``seq`` is cluster ``seq * A + a``;
+    The grid is ``batch * A`` clusters of ``attention_cluster_size``: cluster ``a`` of sequence ``seq`` is
+    cluster ``seq * A + a``;
     a block has ``R / 64`` warps (:attr:`MLASpec.attention_warps`).
 
     A tile of ``TILE`` = 16 rows on the tensor cores (``mma.m16n8k16``; lane ``(g, t)``, ``lane = 4g
@@ -889,7 +913,7 @@ def build_attention_kernel(spec: MLASpec):
     as running values: no division or remainder of the tile's index, whose signed 64-bit forms
     cost more than the fold's sums.
     """
-    attention_block, C = make_attention(spec), spec.cluster_size
+    attention_block, C = make_attention(spec), spec.attention_cluster_size
     stamp, record_role = make_mla_stamp(spec.timeline)
 
     @cuda.jit(device=True, forceinline=True)
@@ -924,7 +948,7 @@ def make_output(spec: MLASpec, one_launch: bool = False):
     ``step_words[STATES_DONE]``; without it ``step_words`` is not read."""
     H, HEADS, R, D_N, D_V, C, A = (spec.hidden_size, spec.heads, spec.kv_lora_rank, spec.qk_nope_head_dim,
                                    spec.v_head_dim, spec.cluster_size, spec.attention_clusters)
-    ONE_LAUNCH, ATTENTION_BLOCKS = one_launch, A * spec.batch * C
+    ONE_LAUNCH, ATTENTION_BLOCKS = one_launch, A * spec.batch * spec.attention_cluster_size
     BATCH, WARPS, THREADS, BF16, COLS, OUT_ROWS = (spec.batch, spec.warps, spec.threads, spec.bf16, spec.cols,
                                                    spec.out_rows)
     layout = spec.output_layout()
@@ -1075,7 +1099,7 @@ def build_step_kernel(spec: MLASpec):
     still (``docs/mla-decode-design.md``, "One kernel without a cooperative launch"). The role's order, not
     ``blockIdx``, is what makes this hold: the hardware does not promise to start clusters in index order.
     """
-    check_one_launch(spec.kv_lora_rank, spec.warps)
+    check_one_launch(spec.kv_lora_rank, spec.warps, spec.cluster_size, spec.attention_cluster_size)
     projections_block = make_projections(spec)
     attention_block = make_attention(spec, one_launch=True)
     output_block = make_output(spec, one_launch=True)

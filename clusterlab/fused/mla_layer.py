@@ -102,8 +102,9 @@ def _launcher(spec, name, build, clusters):
 
     threads, min_blocks = spec.launch_bounds(name)
     kernel = kernel_cache.jit(build, spec, (threads, min_blocks))
-    return launch(kernel, grid=clusters * spec.cluster_size, cluster=spec.cluster_size, block=threads,
-                  shared_bytes=4 * spec.shared_words(name), non_portable=spec.cluster_size > 8)
+    size = spec.cluster_blocks(name)
+    return launch(kernel, grid=clusters * size, cluster=size, block=threads, shared_bytes=4 * spec.shared_words(name),
+                  non_portable=size > 8)
 
 
 class DecodeMLA:
@@ -118,7 +119,9 @@ class DecodeMLA:
     the launches. ``kernel_options`` (:data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`): ``{"one_launch":
     True}`` runs the three launches as one, each cluster taking its role from a ticket as it starts
     (:func:`~clusterlab.fused.mla_kernel.build_step_kernel`; ``warps`` must then be launch 2's,
-    ``kv_lora_rank / 64``); the outputs are the same. ``backend``: ``"auto"``
+    ``kv_lora_rank / 64``); ``{"attention_cluster_size": 4}`` gives launch 2 clusters of 4 blocks
+    whatever ``cluster_size`` launches 1 and 3 take (its default rule counts clusters of that size);
+    the outputs are the same. ``backend``: ``"auto"``
     follows the weights' device; ``"gpu"`` / ``"simulator"`` insist. ``limits``: the simulator
     backend's GPU limits (read from the device on the GPU backend). The simulator backend runs the
     launches' dataflow in the order one launch's tickets can give too (every cluster of a role after
@@ -144,12 +147,14 @@ class DecodeMLA:
             check_one_of("warps", warps, WARP_COUNTS)
         self.kernel_options = check_kernel_options(kernel_options, MLA_KERNEL_CHOICES)
         self.one_launch = self.kernel_options.get("one_launch", False)
+        self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
+        self.attention_cluster_size = self.kernel_options.get("attention_cluster_size") or self.cluster_size
         if self.one_launch:
             from .mla_kernel import check_one_launch
 
-            check_one_launch(config.kv_lora_rank, DEFAULT_WARPS if warps is None else warps)
+            check_one_launch(config.kv_lora_rank, DEFAULT_WARPS if warps is None else warps, self.cluster_size,
+                             self.attention_cluster_size)
         self.config, self.weights, self.backend = config, weights, backend
-        self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
         self.attention_clusters = attention_clusters
         self.warps = warps
         self._specs: dict = {}
@@ -180,8 +185,8 @@ class DecodeMLA:
         """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with, the
         longest of them attending to ``longest`` rows where known (launch 2 has
         ``attention_clusters * batch`` clusters): the constructor's values where given, else
-        :func:`attention_clusters` for this GPU's SMs."""
-        rule = attention_clusters(batch, self.cluster_size, self.limits, longest)  # checks both
+        :func:`attention_clusters` for this GPU's SMs and launch 2's cluster size."""
+        rule = attention_clusters(batch, self.attention_cluster_size, self.limits, longest)  # checks both
         return self.cluster_size, self.warps or DEFAULT_WARPS, self.attention_clusters or rule
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
@@ -196,10 +201,12 @@ class DecodeMLA:
         if key not in self._specs:
             try:
                 self._specs[key] = MLASpec.of(self.config, dtype == torch.bfloat16, batch, self.cluster_size,
-                                              clusters, warps, limits=self.limits)
+                                              clusters, warps, limits=self.limits,
+                                              attention_cluster_size=self.attention_cluster_size)
             except ValueError as exc:
                 raise ValueError(f"a {dtype} MLA step of batch {batch} with cluster_size={self.cluster_size}, "
-                                 f"attention_clusters={clusters}, warps={warps}: {exc}") from exc
+                                 f"attention_clusters={clusters}, attention_cluster_size="
+                                 f"{self.attention_cluster_size}, warps={warps}: {exc}") from exc
         return self._specs[key]
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: LatentCache, positions, *,
@@ -231,7 +238,8 @@ class DecodeMLA:
 
             got, new_residual = simulated_mla_step(self.config, self.weights, hidden, residual, cache, positions,
                                                    self.cluster_size,
-                                                   clusters_for_attention=self.shape(batch, longest)[2])
+                                                   clusters_for_attention=self.shape(batch, longest)[2],
+                                                   attention_cluster_size=self.attention_cluster_size)
             out.copy_(got)
             residual_out.copy_(new_residual)
             return out, residual_out

@@ -320,18 +320,18 @@ def output_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int
 # ---------------------------------------------------------------------------------------------- step
 
 
-def check_mla_cluster_size(config: MLAConfig, cluster_size: int) -> None:
+def check_mla_cluster_size(config: MLAConfig, cluster_size: int, name: str = "cluster_size") -> None:
     """1..16 blocks that split the hidden size (phase 1's slices, phase 4's output rows) and
     ``kv_lora_rank`` (:func:`latent_columns`) evenly, and with the query LoRA ``q_lora_rank`` too
-    (phase 1b's slices)."""
+    (phase 1b's slices); ``name``: the parameter the errors name."""
     if not (is_int(cluster_size) and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
-        raise ValueError(f"cluster_size must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
+        raise ValueError(f"{name} must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
     if config.hidden_size % cluster_size:
-        raise ValueError(f"cluster_size {cluster_size} does not divide hidden_size {config.hidden_size}")
+        raise ValueError(f"{name} {cluster_size} does not divide hidden_size {config.hidden_size}")
     if config.kv_lora_rank % cluster_size:
-        raise ValueError(f"cluster_size {cluster_size} does not divide kv_lora_rank {config.kv_lora_rank}")
+        raise ValueError(f"{name} {cluster_size} does not divide kv_lora_rank {config.kv_lora_rank}")
     if config.q_lora_rank is not None and config.q_lora_rank % cluster_size:
-        raise ValueError(f"cluster_size {cluster_size} does not divide q_lora_rank {config.q_lora_rank}")
+        raise ValueError(f"{name} {cluster_size} does not divide q_lora_rank {config.q_lora_rank}")
 
 
 def simulated_mla_step(
@@ -344,14 +344,16 @@ def simulated_mla_step(
     cluster_size: int,
     clusters_for_attention: int | None = None,
     traces: list | None = None,
+    attention_cluster_size: int | None = None,
 ):
     """One MLA decode step on the simulator: ``(out, new_residual)`` ``[B, H]`` in the inputs' dtype,
     and row ``positions[b]`` of ``cache.latent`` written (the new latent row, rounded).
 
     CPU tensors, shapes and dtypes as for :func:`~clusterlab.fused.mla_reference.mla_reference_step`
     (float16 or bfloat16 for the kernel; float32 works too); ``positions`` an int or one per
-    sequence. Clusters of ``cluster_size`` blocks: ``heads`` for the projections and the output,
-    ``clusters_for_attention`` a sequence (default ``heads``) for the attention. Each launch's
+    sequence. Clusters of ``cluster_size`` blocks: ``heads`` for the projections and the output;
+    ``clusters_for_attention`` a sequence (default ``heads``) of ``attention_cluster_size`` blocks
+    (default ``cluster_size``) for the attention. Each launch's
     :class:`~clusterlab.simulator.Trace` is appended to ``traces`` when a list is given (launch 1's
     clusters, then with the query LoRA launch 1b's, then launch 2's, sequence after sequence, then
     launch 3's).
@@ -359,6 +361,8 @@ def simulated_mla_step(
     check_mla_weights(config, weights)
     check_mla_activations(config, weights, hidden, residual, cache)
     check_mla_cluster_size(config, cluster_size)
+    attention_cluster_size = cluster_size if attention_cluster_size is None else attention_cluster_size
+    check_mla_cluster_size(config, attention_cluster_size, "attention_cluster_size")
     heads = config.heads
     clusters = heads if clusters_for_attention is None else clusters_for_attention
     if not (is_int(clusters) and clusters >= 1):
@@ -396,9 +400,9 @@ def simulated_mla_step(
         "out_acc": np.zeros((batch, config.hidden_size), F32),
     }
 
-    def run(program, count, *args, title):
+    def run(program, count, *args, title, size=cluster_size):
         for cluster in range(count):
-            trace = simulator.launch(program, cluster_size, cluster, *args, title=f"{title}, cluster {cluster}")
+            trace = simulator.launch(program, size, cluster, *args, title=f"{title}, cluster {cluster}")
             if traces is not None:
                 traces.append(trace)
 
@@ -407,7 +411,8 @@ def simulated_mla_step(
         # grid barrier: q_a_raw complete in global memory
         run(query_block, heads, config, batch, gm, positions, title="MLA query")
     # grid barrier 1: q_lat, q_pe and kv_raw complete in global memory
-    run(attention_block, clusters * batch, config, clusters, gm, positions, rounded, title="MLA attention")
+    run(attention_block, clusters * batch, config, clusters, gm, positions, rounded, title="MLA attention",
+        size=attention_cluster_size)
     # grid barrier 2: one softmax state per attention cluster in global memory
     run(output_block, heads, config, batch, clusters, gm, title="MLA output")
     # -- 5 finish: the last block to add into out_acc converts it; the cache row as phase 3 wrote it -----

@@ -326,6 +326,8 @@ MLP_KERNEL_CHOICES = {
 MLA_KERNEL_CHOICES = {
     "one_launch": "True or False: the three launches of a step as one, each cluster taking its role from a ticket "
                   "as it starts (False: the default)",
+    "attention_cluster_size": f"None or one of {CLUSTER_SIZES}: blocks a cluster of launch 2, the attention (None: the "
+                              "layer's cluster_size, the only one the one launch takes)",
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
@@ -346,6 +348,8 @@ def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
             ok = value is None or (is_int(value) and 32 <= value <= 255)
         elif name == "batch_parts":
             ok = value is None or (is_int(value) and 1 <= value <= MAX_BATCH_PARTS)
+        elif name == "attention_cluster_size":
+            ok = value is None or (is_int(value) and value in CLUSTER_SIZES)
         elif name == "queue_rows":
             ok = is_int(value) and value % QUEUE_ROWS_STEP == 0 and QUEUE_ROWS_STEP <= value <= MAX_QUEUE_ROWS
         elif name in SWITCHES:
