@@ -204,29 +204,43 @@ def test_layer_on_the_simulator_matches_the_reference():
 def test_attention_clusters_fill_the_sms_once_unless_the_caches_are_long():
     weights = MLAWeights.random(DEEPSEEK_V2_LITE, torch.float16)
     layer = DecodeMLA(DEEPSEEK_V2_LITE, weights)  # the simulator plans for HOPPER's 132 SMs
-    # one block an SM of the 120 that clusters of 8 fill at once (GPCs hold whole clusters)
-    assert [layer.shape(batch) for batch in (1, 3, 4, 8)] == [(8, 8, 15), (8, 8, 5), (8, 8, 3), (8, 8, 1)]
-    # from 320 rows a block of that grid on: 1.75 blocks an SM (231 of 132 x 2), within the 30 clusters of 8
-    # that two blocks an SM hold at once
+    # launch 2 in clusters of 8 where they fill as many SMs as clusters of 4, else of 4 (batches 2, 4, 6, 8)
+    assert [layer.attention_cluster_size(batch) for batch in range(1, 9)] == [8, 4, 8, 4, 8, 4, 8, 4]
+    # one block an SM of the 120 that clusters of 8 or 4 fill at once (GPCs hold whole clusters)
+    assert [layer.shape(batch) for batch in (1, 3, 4, 8)] == [(8, 8, 15), (8, 8, 5), (8, 8, 7), (8, 8, 3)]
+    assert [batch * layer.shape(batch)[2] * layer.attention_cluster_size(batch) for batch in range(1, 9)] == [
+        120, 120, 120, 112, 120, 120, 112, 96]
+    # from 320 rows a block of that grid on: 1.75 blocks an SM (231 of 132 x 2), within the 240 blocks that
+    # two blocks an SM of those 120 hold at once
     assert [layer.shape(1, n)[2] for n in (32768, 38399, 38400)] == [15, 15, 28]
-    assert [layer.shape(batch, 1 << 20)[2] for batch in (2, 3, 4, 5, 8)] == [14, 9, 7, 5, 3]
-    assert [layer.shape(batch, WIDE_FROM_ROWS * 8 * layer.shape(batch)[2]) == layer.shape(batch, 1 << 20)
-            for batch in range(1, 9)] == [True] * 8
-    assert all(batch * layer.shape(batch, 1 << 20)[2] <= 30 for batch in range(1, 9))
-    assert [layer.shape(4, n)[2] for n in (7679, 7680)] == [3, 7]
-    assert [layer.shape(8, n)[2] for n in (2559, 2560)] == [1, 3]
-    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16).shape(8) == (16, 8, 1)
-    # the rule counts launch 2's own clusters: of 4, 120 SMs at once; of 2, all 132
+    assert [layer.shape(batch, 1 << 20)[2] for batch in (2, 3, 4, 5, 8)] == [28, 9, 14, 5, 7]
+    assert [layer.shape(batch, WIDE_FROM_ROWS * layer.attention_cluster_size(batch) * layer.shape(batch)[2])
+            == layer.shape(batch, 1 << 20) for batch in range(1, 9)] == [True] * 8
+    assert all(batch * layer.shape(batch, 1 << 20)[2] * layer.attention_cluster_size(batch) <= 240
+               for batch in range(1, 9))
+    assert [layer.shape(4, n)[2] for n in (8959, 8960)] == [7, 14]
+    assert [layer.shape(8, n)[2] for n in (3839, 3840)] == [3, 7]
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16).shape(8) == (16, 8, 3)  # clusters of 4
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=2).attention_cluster_size(8) == 2  # none below 4
+    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3).shape(8, 1 << 20) == (8, 8, 3)
+    assert layer.kernel_spec(torch.float16, 8).attention_clusters == 3
+    assert layer.kernel_spec(torch.float16, 8).attention_cluster_size == 4
+    assert layer.kernel_spec(torch.float16, 8, 32768).attention_clusters == 7
+    # a given size holds at every batch; one launch keeps the grid's one size
     fours = DecodeMLA(DEEPSEEK_V2_LITE, weights, kernel_options={"attention_cluster_size": 4})
     assert [fours.shape(batch)[2] for batch in (1, 4, 8)] == [30, 7, 3]
     assert [fours.shape(batch, 1 << 20)[2] for batch in (1, 4, 8)] == [57, 14, 7]
+    one = DecodeMLA(DEEPSEEK_V2_LITE, weights, kernel_options={"one_launch": True})
+    assert [one.attention_cluster_size(batch) for batch in (1, 4, 8)] == [8, 8, 8] and one.shape(8) == (8, 8, 1)
     twos = DecodeMLA(DEEPSEEK_V2_LITE, weights, cluster_size=16, kernel_options={"attention_cluster_size": 2})
     assert twos.shape(1) == (16, 8, 66) and twos.kernel_spec(torch.float16, 1).cluster_blocks("attention") == 2
-    assert DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3).shape(8, 1 << 20) == (8, 8, 3)
-    assert layer.kernel_spec(torch.float16, 8).attention_clusters == 1
-    assert layer.kernel_spec(torch.float16, 8, 32768).attention_clusters == 3
     with pytest.raises(ValueError, match="longest must be a positive int"):
         layer.shape(1, 0)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="batch"):
+            layer.attention_cluster_size(bad)
+        with pytest.raises(ValueError, match="batch"):
+            fours.attention_cluster_size(bad)
     given = DecodeMLA(DEEPSEEK_V2_LITE, weights, attention_clusters=3)  # a given grid still checks its inputs
     with pytest.raises(ValueError, match="batch"):
         given.shape(0)
@@ -388,12 +402,14 @@ def test_the_timeline_records_every_block_of_every_role(options):
     from clusterlab.fused.mla_kernel import MLA_TIMELINE_PHASES
 
     weights = MLAWeights.random(SMALL, torch.float16, "cuda", seed=13)
-    batch, clusters = 3, DecodeMLA(SMALL, weights, warps=4, kernel_options=options).shape(3, 900)[2]
+    planned = DecodeMLA(SMALL, weights, warps=4, kernel_options=options)
+    batch, clusters = 3, planned.shape(3, 900)[2]
     shape = record_mla_step(SMALL, weights, torch.float16, batch, 900, options, warps=4)  # launch 2's: 256 / 64
     assert shape["rel_err"] < TOLERANCE and shape["options"] == options
     blocks = {role: [b for b in shape["block"] if b["role"] == role] for role in MLA_ROLES}
     clusters = {"projections": SMALL.heads, "attention": clusters * batch, "output": SMALL.heads}
-    sizes = {"projections": 8, "attention": options.get("attention_cluster_size", 8), "output": 8}
+    sizes = {"projections": 8, "attention": planned.attention_cluster_size(batch), "output": 8}
+    assert shape["attention_cluster_size"] == sizes["attention"]
     for role, mine in blocks.items():
         assert sorted((b["cluster"], b["rank"]) for b in mine) == [
             (c, r) for c in range(clusters[role]) for r in range(sizes[role])], role

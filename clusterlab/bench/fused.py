@@ -365,7 +365,8 @@ def run_bench(
                 shown = (cluster_size, warps, head_split, parts)
                 fit = run.clusters_fit()
                 third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
-                         else f"{head_split} attention clusters a sequence")
+                         else f"{head_split} attention clusters of "
+                              f"{run.sets[0]['fused'].attention_cluster_size(batch)} a sequence")
                 if parts > 1:
                     share = set_batch(batch, parts)
                     last = batch - (parts - 1) * share

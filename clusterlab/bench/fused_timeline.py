@@ -155,7 +155,8 @@ def record_mla_step(config, weights, dtype, batch, kv_len, options=None, warps=N
                               longest=kv_len)
     record = _record(plain, step, out, want.out, stamps, roles[:, 0], blocks, spec.cluster_size,
                      {"cluster_size": spec.cluster_size, "warps": spec.warps,
-                      "attention_clusters": spec.attention_clusters, "options": dict(options or {})})
+                      "attention_clusters": spec.attention_clusters,
+                      "attention_cluster_size": spec.attention_cluster_size, "options": dict(options or {})})
     tickets = roles[:, 1].cpu().numpy().astype(np.int64)
     # Blocks per SM mean what runs at once; the launches' blocks do not, and the roles' only in part.
     del record["blocks_per_sm"]
@@ -176,7 +177,8 @@ def record_mla_step(config, weights, dtype, batch, kv_len, options=None, warps=N
 def mla_summary(shape, phases) -> str:
     """The MLA step by role: when its blocks started and ended, and each phase's median and largest."""
     lines = [f"{options_of(shape)[2:] or 'three launches'}: cluster {shape['cluster_size']} x {shape['warps']} "
-             f"warps, {shape['attention_clusters']} attention clusters a sequence, {shape['blocks']} blocks on "
+             f"warps, {shape['attention_clusters']} attention clusters of "
+             f"{shape.get('attention_cluster_size', shape['cluster_size'])} a sequence, {shape['blocks']} blocks on "
              f"{shape['sms_used']} SMs; step {shape['step_us']:.1f} µs (instrumented {shape['instrumented_us']:.1f}), "
              f"SM clock {shape['sm_clock_ghz']:.2f} GHz, rel err {shape['rel_err']:.0e}",
              f"  {'role':<12} {'blocks':>6} {'start':>13} {'end':>13}   " + "  ".join(

@@ -12,7 +12,7 @@ The step is :func:`~clusterlab.fused.mla_reference.mla_reference_step`'s absorbe
 ``docs/mla-decode-design.md`` plans: launch 1 projects the query and the latent row by head and
 gathers each head's ``q_nope`` in its cluster, launch 2 attends over the latent cache split by
 position (``attention_clusters`` clusters a sequence, more of them where the host says the caches
-are long: :func:`attention_clusters`), launch 3 merges the softmax states by head and projects out;
+are long: :func:`attention_clusters`; clusters of 8 or 4 blocks: :func:`attention_cluster_size`), launch 3 merges the softmax states by head and projects out;
 with ``kernel_options={"one_launch": True}`` the three run as one launch, each cluster taking its
 role from a ticket as it starts (``docs/mla-decode-design.md``). CUDA tensors run the kernels of
 :mod:`clusterlab.fused.mla_kernel` on torch's current stream (capturable in a CUDA graph; the
@@ -40,6 +40,35 @@ DEFAULT_WARPS = 8
 WIDE_FROM_ROWS = 320
 #: Blocks of launch 2's wider grid for every SM (two fit an SM; see :func:`attention_clusters`).
 WIDE_BLOCKS_PER_SM = 1.75
+
+
+#: The smallest cluster launch 2 takes unless told: clusters of 2 or 1 mean 2-4 times the softmax states for
+#: launch 3 to merge, and were slower at every batch measured (``docs/mla-decode-design.md``).
+SMALLEST_ATTENTION_CLUSTER = 4
+
+
+def attention_cluster_size(batch: int, cluster_size: int, limits: DeviceLimits) -> int:
+    """Blocks a cluster of launch 2 for a step of ``batch`` sequences under launches 1 and 3 of
+    ``cluster_size``: of ``cluster_size`` and the sizes of :data:`~clusterlab.fused.plan.CLUSTER_SIZES`
+    below it down to :data:`SMALLEST_ATTENTION_CLUSTER`, the one whose one-block-an-SM grid
+    (:func:`attention_clusters` without ``longest``) holds the most blocks, the largest of those.
+
+    A cluster of 8 blocks a sequence is a coarse step where the batch is large: at batch 8 one
+    cluster of 8 a sequence is 64 blocks on the 120 SMs that clusters of 8 fill at once, three of 4
+    are 96. So batches 2, 4, 6 and 8 take clusters of 4 and the others (where 8 fills as many SMs)
+    clusters of 8 on an H100 or H200. DeepSeek-V2-Lite on an H100, float16, µs a step at 1K / 8K /
+    32K (``docs/mla-decode-design.md``, v74): batch 4 35.9 / 52.0 / 96.0 in clusters of 4 against
+    37.0 / 55.3 / 97.5 in clusters of 8, batch 8 43.6 / 71.2 / 155.9 against 46.9 / 72.2 / 155.3;
+    batch 1 36.6 / 41.1 / 53.1 against 34.9 / 39.8 / 51.8 (clusters of 8, which fill as many SMs).
+    """
+    check_batch(batch)
+    check_one_of("cluster_size", cluster_size, CLUSTER_SIZES)
+    sizes = [c for c in CLUSTER_SIZES if SMALLEST_ATTENTION_CLUSTER <= c <= cluster_size] or [cluster_size]
+
+    def blocks(size):
+        return limits.sms_for(size) // (size * batch) * size * batch
+
+    return max(reversed(sizes), key=blocks)  # the first of the most: the largest
 
 
 def attention_clusters(batch: int, cluster_size: int, limits: DeviceLimits, longest: int | None = None) -> int:
@@ -116,12 +145,12 @@ class DecodeMLA:
     default 8), ``attention_clusters`` (clusters a sequence in launch 2; default:
     :func:`attention_clusters`, one block an SM, more at long caches where a step says how long) and
     ``warps`` (4, 8, 16; default 8: of launches 1 and 3, launch 2 has one a 64 latent dims) shape
-    the launches. ``kernel_options`` (:data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`): ``{"one_launch":
+    the launches; launch 2's clusters are of :func:`attention_cluster_size` blocks. ``kernel_options`` (:data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`): ``{"one_launch":
     True}`` runs the three launches as one, each cluster taking its role from a ticket as it starts
     (:func:`~clusterlab.fused.mla_kernel.build_step_kernel`; ``warps`` must then be launch 2's,
-    ``kv_lora_rank / 64``); ``{"attention_cluster_size": 4}`` gives launch 2 clusters of 4 blocks
-    whatever ``cluster_size`` launches 1 and 3 take (its default rule counts clusters of that size);
-    the outputs are the same. ``backend``: ``"auto"``
+    ``kv_lora_rank / 64``, and launch 2's clusters those of ``cluster_size``);
+    ``{"attention_cluster_size": 4}`` gives launch 2 clusters of 4 blocks at every batch, whatever
+    ``cluster_size`` launches 1 and 3 take; the outputs are the same. ``backend``: ``"auto"``
     follows the weights' device; ``"gpu"`` / ``"simulator"`` insist. ``limits``: the simulator
     backend's GPU limits (read from the device on the GPU backend). The simulator backend runs the
     launches' dataflow in the order one launch's tickets can give too (every cluster of a role after
@@ -148,12 +177,14 @@ class DecodeMLA:
         self.kernel_options = check_kernel_options(kernel_options, MLA_KERNEL_CHOICES)
         self.one_launch = self.kernel_options.get("one_launch", False)
         self.cluster_size = DEFAULT_CLUSTER_SIZE if cluster_size is None else cluster_size
-        self.attention_cluster_size = self.kernel_options.get("attention_cluster_size") or self.cluster_size
+        given = self.kernel_options.get("attention_cluster_size")
         if self.one_launch:
             from .mla_kernel import check_one_launch
 
             check_one_launch(config.kv_lora_rank, DEFAULT_WARPS if warps is None else warps, self.cluster_size,
-                             self.attention_cluster_size)
+                             self.cluster_size if given is None else given)
+            given = self.cluster_size
+        self._attention_cluster_size = given
         self.config, self.weights, self.backend = config, weights, backend
         self.attention_clusters = attention_clusters
         self.warps = warps
@@ -181,12 +212,20 @@ class DecodeMLA:
             self._step_words = torch.zeros(STEP_WORDS, dtype=torch.int32, device=device)  # one launch's counters
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)
 
+    def attention_cluster_size(self, batch: int) -> int:
+        """Blocks a cluster of launch 2 in a step of ``batch`` sequences: the kernel option where given
+        (with ``one_launch``, ``cluster_size``), else :func:`attention_cluster_size` for this GPU."""
+        if self._attention_cluster_size is not None:
+            check_batch(batch)
+            return self._attention_cluster_size
+        return attention_cluster_size(batch, self.cluster_size, self.limits)
+
     def shape(self, batch: int, longest: int | None = None) -> tuple[int, int, int]:
         """``(cluster_size, warps, attention_clusters)`` a step of ``batch`` sequences runs with, the
         longest of them attending to ``longest`` rows where known (launch 2 has
         ``attention_clusters * batch`` clusters): the constructor's values where given, else
-        :func:`attention_clusters` for this GPU's SMs and launch 2's cluster size."""
-        rule = attention_clusters(batch, self.attention_cluster_size, self.limits, longest)  # checks both
+        :func:`attention_clusters` for this GPU's SMs and launch 2's :meth:`attention_cluster_size`."""
+        rule = attention_clusters(batch, self.attention_cluster_size(batch), self.limits, longest)  # checks both
         return self.cluster_size, self.warps or DEFAULT_WARPS, self.attention_clusters or rule
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
@@ -199,14 +238,14 @@ class DecodeMLA:
         _, warps, clusters = self.shape(batch, longest)
         key = (dtype, batch, clusters)
         if key not in self._specs:
+            size = self.attention_cluster_size(batch)
             try:
                 self._specs[key] = MLASpec.of(self.config, dtype == torch.bfloat16, batch, self.cluster_size,
-                                              clusters, warps, limits=self.limits,
-                                              attention_cluster_size=self.attention_cluster_size)
+                                              clusters, warps, limits=self.limits, attention_cluster_size=size)
             except ValueError as exc:
                 raise ValueError(f"a {dtype} MLA step of batch {batch} with cluster_size={self.cluster_size}, "
-                                 f"attention_clusters={clusters}, attention_cluster_size="
-                                 f"{self.attention_cluster_size}, warps={warps}: {exc}") from exc
+                                 f"attention_clusters={clusters}, attention_cluster_size={size}, warps={warps}: "
+                                 f"{exc}") from exc
         return self._specs[key]
 
     def __call__(self, hidden: torch.Tensor, residual: torch.Tensor, cache: LatentCache, positions, *,
@@ -239,7 +278,7 @@ class DecodeMLA:
             got, new_residual = simulated_mla_step(self.config, self.weights, hidden, residual, cache, positions,
                                                    self.cluster_size,
                                                    clusters_for_attention=self.shape(batch, longest)[2],
-                                                   attention_cluster_size=self.attention_cluster_size)
+                                                   attention_cluster_size=self.attention_cluster_size(batch))
             out.copy_(got)
             residual_out.copy_(new_residual)
             return out, residual_out
