@@ -12,7 +12,8 @@ The step is :func:`~clusterlab.fused.mla_reference.mla_reference_step`'s absorbe
 ``docs/mla-decode-design.md`` plans: launch 1 projects the query and the latent row by head and
 gathers each head's ``q_nope`` in its cluster, launch 2 attends over the latent cache split by
 position (``attention_clusters`` clusters a sequence, more of them where the host says the caches
-are long: :func:`attention_clusters`; clusters of 8 or 4 blocks: :func:`attention_cluster_size`), launch 3 merges the softmax states by head and projects out;
+are long: :func:`attention_clusters`; clusters of 8 or 4 blocks: :func:`attention_cluster_size`),
+launch 3 merges the softmax states by head and projects out;
 with ``kernel_options={"one_launch": True}`` the three run as one launch, each cluster taking its
 role from a ticket as it starts (``docs/mla-decode-design.md``). CUDA tensors run the kernels of
 :mod:`clusterlab.fused.mla_kernel` on torch's current stream (capturable in a CUDA graph; the
@@ -47,11 +48,18 @@ WIDE_BLOCKS_PER_SM = 1.75
 SMALLEST_ATTENTION_CLUSTER = 4
 
 
+def _one_an_sm(batch: int, cluster_size: int, limits: DeviceLimits) -> int:
+    """Clusters of ``cluster_size`` a sequence that put one block on each SM those clusters fill at
+    once, for ``batch`` sequences (0 where not even one a sequence fits)."""
+    return limits.sms_for(cluster_size) // (cluster_size * batch)
+
+
 def attention_cluster_size(batch: int, cluster_size: int, limits: DeviceLimits) -> int:
     """Blocks a cluster of launch 2 for a step of ``batch`` sequences under launches 1 and 3 of
     ``cluster_size``: of ``cluster_size`` and the sizes of :data:`~clusterlab.fused.plan.CLUSTER_SIZES`
     below it down to :data:`SMALLEST_ATTENTION_CLUSTER`, the one whose one-block-an-SM grid
-    (:func:`attention_clusters` without ``longest``) holds the most blocks, the largest of those.
+    (as many clusters a sequence as put one block on each SM they fill) holds the most blocks, the
+    largest of those.
 
     A cluster of 8 blocks a sequence is a coarse step where the batch is large: at batch 8 one
     cluster of 8 a sequence is 64 blocks on the 120 SMs that clusters of 8 fill at once, three of 4
@@ -64,11 +72,7 @@ def attention_cluster_size(batch: int, cluster_size: int, limits: DeviceLimits) 
     check_batch(batch)
     check_one_of("cluster_size", cluster_size, CLUSTER_SIZES)
     sizes = [c for c in CLUSTER_SIZES if SMALLEST_ATTENTION_CLUSTER <= c <= cluster_size] or [cluster_size]
-
-    def blocks(size):
-        return limits.sms_for(size) // (size * batch) * size * batch
-
-    return max(reversed(sizes), key=blocks)  # the first of the most: the largest
+    return max(reversed(sizes), key=lambda size: _one_an_sm(batch, size, limits) * size)  # the first of the most
 
 
 def attention_clusters(batch: int, cluster_size: int, limits: DeviceLimits, longest: int | None = None) -> int:
@@ -92,7 +96,7 @@ def attention_clusters(batch: int, cluster_size: int, limits: DeviceLimits, long
     """
     check_batch(batch)
     check_longest(longest)
-    one_an_sm = max(1, limits.sms_for(cluster_size) // (cluster_size * batch))
+    one_an_sm = max(1, _one_an_sm(batch, cluster_size, limits))
     if longest is None or longest < WIDE_FROM_ROWS * one_an_sm * cluster_size:
         return one_an_sm
     return max(one_an_sm, int(WIDE_BLOCKS_PER_SM * limits.sm_count) // (cluster_size * batch))
@@ -145,8 +149,9 @@ class DecodeMLA:
     default 8), ``attention_clusters`` (clusters a sequence in launch 2; default:
     :func:`attention_clusters`, one block an SM, more at long caches where a step says how long) and
     ``warps`` (4, 8, 16; default 8: of launches 1 and 3, launch 2 has one a 64 latent dims) shape
-    the launches; launch 2's clusters are of :func:`attention_cluster_size` blocks. ``kernel_options`` (:data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`): ``{"one_launch":
-    True}`` runs the three launches as one, each cluster taking its role from a ticket as it starts
+    the launches; launch 2's clusters are of :func:`attention_cluster_size` blocks. ``kernel_options``
+    (:data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`): ``{"one_launch": True}`` runs the three
+    launches as one, each cluster taking its role from a ticket as it starts
     (:func:`~clusterlab.fused.mla_kernel.build_step_kernel`; ``warps`` must then be launch 2's,
     ``kv_lora_rank / 64``, and launch 2's clusters those of ``cluster_size``);
     ``{"attention_cluster_size": 4}`` gives launch 2 clusters of 4 blocks at every batch, whatever
