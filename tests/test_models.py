@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -659,14 +660,36 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_fre
     (dict(rope_parameters={**LLAMA3_ROPE, "original_max_position_embeddings": 16.7}),
      "original_max_position_embeddings must be a positive int, got 16.7"),
     (dict(rope_parameters={**LLAMA3_ROPE, "factor": 0.5}), "config.json: llama3 RoPE scaling: .*factor"),
+    (dict(max_position_embeddings=0), "max_position_embeddings must be a positive int, got 0"),
+    (dict(max_position_embeddings=2048.0), "max_position_embeddings must be a positive int, got 2048.0"),
 ], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers", "text-layers",
         "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split", "zero-kv-heads", "zero-head-dim",
-        "text-tie", "int-bias", "text-scaling", "null-factor", "text-factor", "float-original", "small-factor"])
+        "text-tie", "int-bias", "text-scaling", "null-factor", "text-factor", "float-original", "small-factor",
+        "zero-max-positions", "float-max-positions"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
     """Each is refused from ``config.json`` before any weight is read (the weights here keep the
     checkpoint's shapes, so a later check would fail on them instead)."""
     with pytest.raises(ValueError, match=message):
         LlamaModel.from_pretrained(edited(llama_dir, tmp_path, **changes))
+
+
+def test_generating_past_max_position_embeddings_warns(llama_dir, tmp_path):
+    """The positions a model was trained for are read; generating past them warns (its tokens are an
+    extrapolation) and still generates, and a config without the key never warns."""
+    assert LlamaModel.from_pretrained(llama_dir).config.max_position_embeddings == SHAPES["max_position_embeddings"]
+    model = LlamaModel.from_pretrained(edited(llama_dir, tmp_path, max_position_embeddings=12))
+    prompt = list(range(1, 11))  # 10 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        within = model.generate([prompt], 2)  # 12 positions
+    with pytest.warns(UserWarning, match=r"max_new_tokens=3 reach 13 positions, past max_position_embeddings=12"):
+        past = model.generate([prompt], 3)
+    assert past[0][:2] == within[0] and len(past[0]) == 3
+    unbounded = LlamaModel.from_pretrained(edited(llama_dir, tmp_path / "none", max_position_embeddings=None))
+    assert unbounded.config.max_position_embeddings is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unbounded.generate([prompt], 3)
 
 
 def test_old_style_rope_theta_and_rope_scaling_are_read(llama_dir, tmp_path):

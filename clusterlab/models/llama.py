@@ -55,6 +55,7 @@ import math
 import numbers
 import reprlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,9 @@ class ModelConfig:
 
     ``dtype`` is the checkpoint's own (``dtype`` / ``torch_dtype``, None when it names none);
     ``attention_bias`` means a bias on q/k/v (Qwen2 always; Llama with ``attention_bias``) and
-    ``o_bias`` one on the output projection too (Llama's ``attention_bias`` only).
+    ``o_bias`` one on the output projection too (Llama's ``attention_bias`` only);
+    ``max_position_embeddings`` the positions the model was trained for (None where the config names
+    none): :meth:`LlamaModel.generate` warns past it.
     """
 
     model_type: str
@@ -154,6 +157,7 @@ class ModelConfig:
     o_bias: bool = False
     rope_scaling: Llama3RopeScaling | None = None
     dtype: str | None = None
+    max_position_embeddings: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> ModelConfig:
@@ -230,6 +234,8 @@ class ModelConfig:
             o_bias=o_bias,
             rope_scaling=scaling,
             dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+            max_position_embeddings=None if raw.get("max_position_embeddings") is None
+            else count("max_position_embeddings"),
         )
         for block, shapes in (("attention", config.attention), ("MLP", config.mlp)):
             try:
@@ -947,6 +953,11 @@ class LlamaModel:
         prompts = check_prompts(prompts, self.config.vocab_size)
         eos = check_sampling(max_new_tokens, temperature, top_k, eos_token_id, seed, self.config.vocab_size)
         capacity = cache_rows(prompts, max_new_tokens)
+        trained = self.config.max_position_embeddings
+        if trained is not None and capacity > trained:
+            warnings.warn(f"generate: the longest prompt and max_new_tokens={max_new_tokens} reach {capacity} "
+                          f"positions, past max_position_embeddings={trained} of the model's config: the tokens "
+                          "from there on are the model's extrapolation", stacklevel=2)
         start = time.perf_counter()
         logits, positions = self.prefill(prompts, capacity)
         _sync(self.device)
