@@ -682,8 +682,10 @@ def test_generating_past_max_position_embeddings_warns(llama_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         within = model.generate([prompt], 2)  # 12 positions
-    with pytest.warns(UserWarning, match=r"max_new_tokens=3 reach 13 positions, past max_position_embeddings=12"):
+    past_it = r"max_new_tokens=3 reach 13 positions, past max_position_embeddings=12"
+    with pytest.warns(UserWarning, match=past_it) as told:
         past = model.generate([prompt], 3)
+    assert told[0].filename == __file__  # the caller's line, not the library's
     assert past[0][:2] == within[0] and len(past[0]) == 3
     unbounded = LlamaModel.from_pretrained(edited(llama_dir, tmp_path / "none", max_position_embeddings=None))
     assert unbounded.config.max_position_embeddings is None
@@ -849,7 +851,8 @@ def test_caches_too_large_to_allocate_are_named(llama_dir, monkeypatch):
     monkeypatch.setattr(llama.KVCache, "empty", refuse)
     with pytest.raises(ValueError, match=r"caches of 2 sequences x 1000002 rows x 2 layers need \d+\.\d GB, more than "
                                          r"cpu could allocate \(DefaultCPUAllocator"):
-        model.generate([[1, 2], [3]], 10**6)
+        with pytest.warns(UserWarning, match="past max_position_embeddings=256"):  # told before it allocates
+            model.generate([[1, 2], [3]], 10**6)
     assert model.caches is None
 
 

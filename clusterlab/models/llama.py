@@ -957,7 +957,8 @@ class LlamaModel:
         if trained is not None and capacity > trained:
             warnings.warn(f"generate: the longest prompt and max_new_tokens={max_new_tokens} reach {capacity} "
                           f"positions, past max_position_embeddings={trained} of the model's config: the tokens "
-                          "from there on are the model's extrapolation", stacklevel=2)
+                          "from there on are the model's extrapolation",
+                          stacklevel=3)  # the caller's line, past torch.no_grad's wrapper
         start = time.perf_counter()
         logits, positions = self.prefill(prompts, capacity)
         _sync(self.device)
