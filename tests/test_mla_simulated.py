@@ -94,6 +94,15 @@ def test_attention_clusters_of_their_own_size(attention_cluster_size):
     assert {trace.cluster_size for trace in traces[:heads] + traces[-heads:]} == {2}
 
 
+def test_attention_clusters_need_only_split_the_latent():
+    """Launch 2's clusters split only ``kv_lora_rank``: clusters of 5 run it under launches of 2 at a
+    shape (hidden 64, latent 40, query LoRA 20) whose other launches could not take 5."""
+    config = CONFIGS["odd-q-lora"]
+    check_step(config, torch.float16, [0, 45, 200], 2, 3, 5)
+    with pytest.raises(ValueError, match="cluster_size 5 does not divide hidden_size 64"):
+        run_step(config, torch.float16, [7], 5, attention_cluster_size=5)
+
+
 @pytest.mark.parametrize("name", ["plain", "yarn-q-lora"])
 def test_traces_show_the_phases_and_their_barriers(name):
     config = CONFIGS[name]
@@ -159,6 +168,8 @@ def test_bad_cluster_shapes_are_refused():
         simulated_mla_step(config, weights, hidden, residual, cache, 3, 2, clusters_for_attention=0)
     with pytest.raises(ValueError, match="attention_cluster_size must be an int in 1..16, got 32"):
         simulated_mla_step(config, weights, hidden, residual, cache, 3, 2, attention_cluster_size=32)
+    with pytest.raises(ValueError, match="attention_cluster_size 3 does not divide kv_lora_rank 40"):
+        simulated_mla_step(config, weights, hidden, residual, cache, 3, 2, attention_cluster_size=3)
     config = CONFIGS["odd-q-lora"]  # q_lora_rank 20: phase 1b's slices need a cluster size dividing it
     weights = MLAWeights.random(config, torch.float16, seed=0)
     with pytest.raises(ValueError, match="cluster_size 8 does not divide q_lora_rank 20"):

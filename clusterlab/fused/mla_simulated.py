@@ -323,15 +323,16 @@ def output_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int
 def check_mla_cluster_size(config: MLAConfig, cluster_size: int, name: str = "cluster_size") -> None:
     """1..16 blocks that split the hidden size (phase 1's slices, phase 4's output rows) and
     ``kv_lora_rank`` (:func:`latent_columns`) evenly, and with the query LoRA ``q_lora_rank`` too
-    (phase 1b's slices); ``name``: the parameter the errors name."""
+    (phase 1b's slices); ``name="attention_cluster_size"``: launch 2's clusters, which split only
+    ``kv_lora_rank`` (the merge's columns). ``name``: the parameter the errors name."""
     if not (is_int(cluster_size) and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
         raise ValueError(f"{name} must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
-    if config.hidden_size % cluster_size:
-        raise ValueError(f"{name} {cluster_size} does not divide hidden_size {config.hidden_size}")
-    if config.kv_lora_rank % cluster_size:
-        raise ValueError(f"{name} {cluster_size} does not divide kv_lora_rank {config.kv_lora_rank}")
-    if config.q_lora_rank is not None and config.q_lora_rank % cluster_size:
-        raise ValueError(f"{name} {cluster_size} does not divide q_lora_rank {config.q_lora_rank}")
+    split = {"kv_lora_rank": config.kv_lora_rank}
+    if name != "attention_cluster_size":
+        split = {"hidden_size": config.hidden_size, **split, "q_lora_rank": config.q_lora_rank}
+    for dim, size in split.items():
+        if size is not None and size % cluster_size:
+            raise ValueError(f"{name} {cluster_size} does not divide {dim} {size}")
 
 
 def simulated_mla_step(
