@@ -52,7 +52,8 @@ import torch
 
 from ..argtypes import Distinct, argument_type, dimensions, integer, number, results_folder
 from ..fused.config import PRESETS as ATTENTION_PRESETS
-from ..fused.config import MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_int, rope_table
+from ..fused.config import (MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_int, is_number_in,
+                            rope_table)
 from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
 from ..fused.mla_layer import DecodeMLA
@@ -125,8 +126,7 @@ def ragged_lengths(batch: int, kv_lens, seed: int) -> list[int]:
 
 def check_l2_turnover(turnover) -> None:
     """Refuse an ``l2_turnover`` that is not a number in 0..:data:`MAX_L2_TURNOVER` (before any GPU work)."""
-    if not (isinstance(turnover, (int, float)) and not isinstance(turnover, bool)
-            and 0 <= turnover <= MAX_L2_TURNOVER):
+    if not is_number_in(turnover, 0, MAX_L2_TURNOVER):
         raise ValueError(f"l2_turnover must be a number in 0..{MAX_L2_TURNOVER}, got {turnover!r}")
 
 

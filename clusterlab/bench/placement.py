@@ -39,6 +39,7 @@ from numba import cuda
 
 from .. import ptx
 from ..argtypes import Distinct, integer, number, results_folder
+from ..fused.config import is_number_in
 from ..fused.plan import DeviceLimits
 from ..gpu import device_info, require_hopper
 from ..launch import MAX_CLUSTER_BLOCKS, PORTABLE_CLUSTER_BLOCKS
@@ -131,7 +132,7 @@ def record_launch(cluster_size: int, per_sm: int, warps: int, blocks: int | None
 
     from ..launch import launch, max_active_clusters
 
-    if not (isinstance(spin_us, (int, float)) and not isinstance(spin_us, bool) and 1 <= spin_us <= MAX_SPIN_US):
+    if not is_number_in(spin_us, 1, MAX_SPIN_US):
         raise ValueError(f"spin_us must be a number in 1..{MAX_SPIN_US:g} (µs), got {spin_us!r}")
     shared = shared_bytes_for(per_sm, limits)
     config = {"cluster": cluster_size, "block": 32 * warps, "shared_bytes": shared,

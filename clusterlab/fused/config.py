@@ -56,6 +56,11 @@ def check_batch(batch) -> None:
         raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
 
 
+def is_number_in(value, minimum: float, maximum: float) -> bool:
+    """An int or a float (not a bool) in ``minimum .. maximum``: a setting's range check."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and minimum <= value <= maximum
+
+
 def check_number(name: str, value) -> None:
     """A real number (an int or a float, not a bool), so that the range checks can compare it."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
