@@ -1018,6 +1018,17 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     return norm_inputs, sum_squares, scale_inputs
 
 
+def steps_in_flight(tile, words_per_step: int, steps: int, warps: int) -> int:
+    """Warp steps of a matrix-vector product whose loads a warp keeps in flight: 2 where the warps take
+    more than one step each and two steps' loads stay within :data:`LOADS_PER_STEP` a lane (the next
+    step is loaded before this one is summed), else 1. A tensor-core step of several parts loads them
+    one after another (``words_per_step`` is a part's): it counts all its parts' loads. Small steps
+    with one in flight leave a warp waiting a memory round trip a step: MLA's query and latent rows at
+    batch 1, 57 steps of 4 loads a lane over 8 warps."""
+    loads = words_per_step // 4 * (tile.parts if isinstance(tile, MmaTile) else 1)
+    return 2 if steps > warps and 2 * loads <= LOADS_PER_STEP else 1
+
+
 def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int, bf16: bool, tile, rows: int,
                           first_rows: int, xs: int, partial: int, partial_stride: int, red: int,
                           second_rows: int | None = None, interleaved: bool = False, float32_hidden: bool = False,
@@ -1033,7 +1044,8 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     first_rows`` of ``w_second`` (16-bit ``[*, hidden_size]`` each); a step's slots never straddle
     the two (``tile`` tiles both parts). Sequence ``b``'s partial dot of slot ``s`` lands at
     ``smem[partial + b*partial_stride + s]`` and its ``sum(h^2)`` at column ``rows``. Each warp's
-    first step is loaded once the inputs are in, before the block waits for them. The partials
+    first step (two, where :func:`steps_in_flight` says so) is loaded once the inputs are in, before
+    the block waits for them. The partials
     are complete in the block after a barrier (a cluster barrier, for its peers).
 
     ``second_rows``: the second matrix's rows, where fewer than its ``rows - first_rows`` slots
@@ -1052,6 +1064,7 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
                              norms=(partial + rows, partial_stride), interleaved=interleaved,
                              select_past_batch=select_past_batch)
     load, finish, words_per_step = gemv()
+    two_ahead = steps_in_flight(tile, words_per_step, steps, warps) == 2
     padded = second_rows is not None and second_rows < rows - first_rows
     load_padded, finish_padded, _ = gemv(clamped=True) if padded else (None, None, 0)
     norm_inputs, sum_squares, scale_inputs = make_norm_inputs(batch, hidden_size, k_slice, threads, bf16, interleaved,
@@ -1091,19 +1104,30 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
         lane, warp = tid % 32, tid // 32
         norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, batch, tid)
         words = cuda.local.array(words_per_step, uint32)
+        later = cuda.local.array(words_per_step if two_ahead else 1, uint32)  # the warp's next step, if two_ahead
         step = warp
         if step < steps:
             step_load(w_first, first0, w_second, second0, step, k0, lane, words)
+        if two_ahead and step + warps < steps:
+            step_load(w_first, first0, w_second, second0, step + warps, k0, lane, later)
         cuda.syncthreads()
         sum_squares(smem, red, partial + rows, partial_stride, tid)
         if scaled:  # see scales_inputs
             cuda.syncthreads()
             scale_inputs(smem, xs, partial + rows, partial_stride, tid)
             cuda.syncthreads()
-        while step < steps:
+        while step < steps:  # a step is loaded, with two_ahead the next one too; load the one after
             step_finish(w_first, first0, w_second, second0, step, k0, lane, words, smem)
+            if two_ahead:
+                if step + 2 * warps < steps:
+                    step_load(w_first, first0, w_second, second0, step + 2 * warps, k0, lane, words)
+                step += warps
+                if step < steps:
+                    step_finish(w_first, first0, w_second, second0, step, k0, lane, later, smem)
+                    if step + 2 * warps < steps:
+                        step_load(w_first, first0, w_second, second0, step + 2 * warps, k0, lane, later)
             step += warps
-            if step < steps:
+            if not two_ahead and step < steps:
                 step_load(w_first, first0, w_second, second0, step, k0, lane, words)
 
     return project
