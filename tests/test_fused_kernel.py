@@ -244,6 +244,26 @@ def test_tiles_of_the_matrix_vector_steps():
         make_gemv(1, False, GemvTile(32, 2, 8, 1), x_stride=512, out_stride=128, atomic=False, clamped=True)
 
 
+def test_a_warp_keeps_two_small_steps_in_flight():
+    """``steps_in_flight``: two where a warp has more than one step and two steps' loads (every part of a
+    tensor-core step) fit LOADS_PER_STEP a lane: MLA's launch 1 at batch 1 (57 steps of 4 loads over 8
+    warps), not its tensor-core steps of two parts of 8 loads from batch 2 on."""
+    from clusterlab.fused.kernel import GemvTile, make_gemv, steps_in_flight
+    from clusterlab.fused.mla import DEEPSEEK_V2_LITE
+    from clusterlab.fused.mla_kernel import MLASpec
+
+    small, half, full = GemvTile(32, 1, 4, 1), GemvTile(32, 2, 4, 1), GemvTile(32, 2, 8, 1)  # 4, 8, 16 loads a lane
+    assert [steps_in_flight(t, 4 * t.chunks_per_lane * t.rows_per_lane, 57, 8) for t in (small, half, full)] == [2, 2, 1]
+    assert steps_in_flight(small, 16, 8, 8) == 1  # one step a warp: nothing to load ahead
+    assert steps_in_flight(MmaTile(1, 4, 2), 32, 15, 8) == 1  # two parts of 8 loads
+    assert steps_in_flight(MmaTile(1, 2, 1), 16, 15, 8) == 2  # one part of 4
+    for batch, want in ((1, 2), (2, 1), (8, 1)):
+        spec = MLASpec.of(DEEPSEEK_V2_LITE, False, batch, 8, 3, 8)
+        tile = spec.projections_tile()
+        _, _, words = make_gemv(batch, False, tile, spec.k_slice, spec.partial_stride, False, select_past_batch=False)
+        assert steps_in_flight(tile, words, spec.slots // tile.step_rows, spec.warps) == want, batch
+
+
 @pytest.mark.ptx
 @pytest.mark.parametrize("config, bf16, batch", [(LLAMA3_8B, False, 1), (LLAMA3_8B, True, 4), (LLAMA3_2_1B, False, 8)],
                          ids=["llama3-8b-f16-b1", "llama3-8b-bf16-b4", "llama3.2-1b-f16-b8"])
