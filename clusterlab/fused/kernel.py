@@ -1045,8 +1045,8 @@ def make_input_projection(batch: int, hidden_size: int, k_slice: int, warps: int
     the two (``tile`` tiles both parts). Sequence ``b``'s partial dot of slot ``s`` lands at
     ``smem[partial + b*partial_stride + s]`` and its ``sum(h^2)`` at column ``rows``. Each warp's
     first step (two, where :func:`steps_in_flight` says so) is loaded once the inputs are in, before
-    the block waits for them. The partials
-    are complete in the block after a barrier (a cluster barrier, for its peers).
+    the block waits for them. The partials are complete in the block after a barrier (a cluster
+    barrier, for its peers).
 
     ``second_rows``: the second matrix's rows, where fewer than its ``rows - first_rows`` slots
     (tensor-core steps of 16 rows over 36, say): the slots past them are padding, their loads
