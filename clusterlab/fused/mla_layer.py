@@ -65,7 +65,7 @@ def attention_cluster_size(batch: int, cluster_size: int, limits: DeviceLimits) 
     cluster of 8 a sequence is 64 blocks on the 120 SMs that clusters of 8 fill at once, three of 4
     are 96. So batches 2, 4, 6 and 8 take clusters of 4 and the others (where 8 fills as many SMs)
     clusters of 8 on an H100 or H200. DeepSeek-V2-Lite on an H100, float16, µs a step at 1K / 8K /
-    32K (``docs/mla-decode-design.md``, v74): batch 4 35.9 / 52.0 / 96.0 in clusters of 4 against
+    32K (``docs/fused-decode-notes.md``, v74): batch 4 35.9 / 52.0 / 96.0 in clusters of 4 against
     37.0 / 55.3 / 97.5 in clusters of 8, batch 8 43.6 / 71.2 / 155.9 against 46.9 / 72.2 / 155.3;
     batch 1 36.6 / 41.1 / 53.1 against 34.9 / 39.8 / 51.8 (clusters of 8, which fill as many SMs).
     """

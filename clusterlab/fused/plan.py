@@ -326,8 +326,9 @@ MLP_KERNEL_CHOICES = {
 MLA_KERNEL_CHOICES = {
     "one_launch": "True or False: the three launches of a step as one, each cluster taking its role from a ticket "
                   "as it starts (False: the default)",
-    "attention_cluster_size": f"None or one of {CLUSTER_SIZES}: blocks a cluster of launch 2, the attention (None: the "
-                              "layer's cluster_size, the only one the one launch takes)",
+    "attention_cluster_size": f"None or one of {CLUSTER_SIZES}: blocks a cluster of launch 2, the attention (None: "
+                              "the rule's by batch, 8 or 4 under launches of 8; with one_launch, cluster_size, "
+                              "the only one it takes)",
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
