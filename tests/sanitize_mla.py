@@ -23,7 +23,8 @@ SHAPES = [
     (DEEPSEEK_V2_LITE, {}, [0, 300, 37], torch.bfloat16),
     (DEEPSEEK_V2_LITE, {"warps": 4}, [200], torch.float16),
     (DEEPSEEK_V2_LITE, {"attention_clusters": 28}, [2500], torch.float16),
-    (SMALL, {"cluster_size": 4, "attention_clusters": 3}, [5, 0, 90, 13], torch.float16),
+    # 12 blocks: the new row's tile with 11 cached rows (187), the new row in a refill (763)
+    (SMALL, {"cluster_size": 4, "attention_clusters": 3}, [187, 763, 0, 13], torch.float16),
     # launch 2 in clusters of its own size: 4 under launches of 8
     (DEEPSEEK_V2_LITE, {"kernel_options": {"attention_cluster_size": 4}}, [0, 3000, 37], torch.float16),
     # one launch a step: the roles' tickets, the waits on device memory and the words' reset

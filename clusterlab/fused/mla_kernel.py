@@ -77,6 +77,10 @@ MMA_HEADS = 16
 ATTENTION_TILE = 16
 #: ... through a ring of this many tiles: while the block folds one, the next ones are in flight.
 ATTENTION_STAGES = 4
+#: Launch 3 merges a head's ``A`` softmax states this many at a time, each group's loads in flight together:
+#: batch 1's one-block-an-SM grid of 15 clusters in one group; 16 would spill 20-40 bytes beside the
+#: tensor-core ``W_UV`` loads from batch 2 on.
+MERGE_GROUP_STATES = 15
 #: The words of ``step_words``, the one-launch step's counters in device memory (int32, zero on entry and
 #: left zero): clusters take their roles from ``TICKET`` in the order they start, projection blocks count
 #: themselves in on ``QUERIES_DONE`` and attention blocks on ``STATES_DONE``, every block on ``LEFT`` as it
@@ -949,6 +953,7 @@ def make_output(spec: MLASpec, one_launch: bool = False):
     H, HEADS, R, D_N, D_V, C, A = (spec.hidden_size, spec.heads, spec.kv_lora_rank, spec.qk_nope_head_dim,
                                    spec.v_head_dim, spec.cluster_size, spec.attention_clusters)
     ONE_LAUNCH, ATTENTION_BLOCKS = one_launch, A * spec.batch * spec.attention_cluster_size
+    MERGE_GROUP = min(A, MERGE_GROUP_STATES)
     BATCH, WARPS, THREADS, BF16, COLS, OUT_ROWS = (spec.batch, spec.warps, spec.threads, spec.bf16, spec.cols,
                                                    spec.out_rows)
     layout = spec.output_layout()
@@ -985,18 +990,30 @@ def make_output(spec: MLASpec, one_launch: bool = False):
         if ONE_LAUNCH:
             wait_for(step_words, STATES_DONE, ATTENTION_BLOCKS, tid)  # every attention cluster's states are out
         stamp(stamps, tid, 2)  # loads + wait
+        # The states in groups of MERGE_GROUP: a group's loads all go out before any is used (registers
+        # indexed by unrolled constants), so a group costs one round trip; the sums are rescaled from one
+        # group's maximum to the next.
+        m_g = cuda.local.array(MERGE_GROUP, float32)
+        l_g = cuda.local.array(MERGE_GROUP, float32)
+        acc_g = cuda.local.array(MERGE_GROUP, float32)
         for i in range(tid, BATCH * COLS, THREADS):
             seq, col = i // COLS, i % COLS
-            m_max = NEG
-            for a in range(A):
-                m_max = max(m_max, state_m[(seq * A + a) * HEADS + cluster])
-            l_tot = float32(0.0)
-            a_tot = float32(0.0)
-            for a in range(A):
-                state = (seq * A + a) * HEADS + cluster
-                w = math.exp2(state_m[state] - m_max)
-                l_tot += w * state_l[state]
-                a_tot += w * state_acc[state * R + k0 + col]
+            m_run, l_tot, a_tot = NEG, float32(0.0), float32(0.0)
+            for a0 in range(0, A, MERGE_GROUP):
+                m_max = m_run
+                for j in range(MERGE_GROUP):
+                    m_g[j], l_g[j], acc_g[j] = NEG, float32(0.0), float32(0.0)
+                    if a0 + j < A:
+                        state = (seq * A + a0 + j) * HEADS + cluster
+                        m_g[j], l_g[j], acc_g[j] = state_m[state], state_l[state], state_acc[state * R + k0 + col]
+                    m_max = max(m_max, m_g[j])
+                scale = math.exp2(m_run - m_max)
+                l_tot, a_tot = l_tot * scale, a_tot * scale
+                for j in range(MERGE_GROUP):
+                    w = math.exp2(m_g[j] - m_max)
+                    l_tot += w * l_g[j]
+                    a_tot += w * acc_g[j]
+                m_run = m_max
             smem[O_LAT + i] = a_tot / l_tot
         cuda.syncthreads()
         while step < VALUE_STEPS:
