@@ -63,6 +63,30 @@ def test_direct_and_bulk_traffic_is_all_to_all():
     assert {e.kind for e in bulk.events if e.kind in sim.DSMEM_KINDS} == {"cp.async.bulk"}
 
 
+def test_a_block_reading_its_own_shared_memory_through_the_cluster_window_moves_no_dsmem_bytes():
+    """An exchange whose lanes pull from every rank, the block's own included: the own rank's loads
+    are events (ld.shared::cluster) but not traffic, in the matrices, the table and the picture."""
+    size, n = 4, 6
+    x = rows(size, n)
+
+    def program(b):
+        part = b.shared_array("part", (n,), np.float32)
+        part[:] = x[b.cluster_rank]
+        yield b.cluster_sync()
+        got = sum(b.map_shared(part, r)[:] for r in range(size))  # rank b.cluster_rank too
+        yield b.cluster_sync()
+        np.testing.assert_allclose(got, x.sum(axis=0), rtol=1e-6)
+
+    trace = sim.launch(program, size)
+    own = [e for e in trace.events if e.kind == "ld.shared::cluster" and e.src == e.dst]
+    assert len(own) == size and all(e.nbytes == 4 * n for e in own)
+    off_diagonal = 1 - np.eye(size, dtype=np.int64)
+    assert (trace.traffic().total == 4 * n * off_diagonal).all()
+    assert f"total: {4 * n * size * (size - 1)} DSMEM bytes" in trace.phase_table()
+    arrows = [p for p in trace.plot().axes[1].patches if isinstance(p, FancyArrowPatch)]
+    assert len(arrows) == size * (size - 1)
+
+
 def test_butterfly_traffic_pairs_partners_per_phase():
     _, trace = sim.cluster_reduce(rows(6, 4), "sum", "butterfly")  # P = 4: fold, masks 1 and 2, unfold
     per_phase = trace.traffic().per_phase

@@ -12,8 +12,10 @@ issuing block and ``dst`` the owner of the memory written. Barrier operations ha
                barrier             barrier                   barrier
 
 Traffic counts only distributed-shared-memory operations (``ld/st/red.shared::cluster``,
-``cp.async.bulk``, ``st.async``); local ``ld.shared`` / ``st.shared`` are in the events but not in
-the traffic matrices.
+``cp.async.bulk``, ``st.async``) between two blocks; local ``ld.shared`` / ``st.shared``, and a
+block's accesses to its own shared memory through the cluster window (``map_shared`` of its own
+rank, as an exchange whose lanes pull from every rank does), are in the events but not in the
+traffic matrices: their bytes never leave the SM.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class Traffic:
     """DSMEM bytes moved between blocks.
 
     ``total[src, dst]`` ([N, N], int64) sums all phases; ``per_phase[phase, src, dst]``
-    ([phases, N, N]) splits them by cluster-barrier phase.
+    ([phases, N, N]) splits them by cluster-barrier phase. The diagonals are zero: a block's own
+    shared memory through the cluster window is not traffic.
     """
 
     total: np.ndarray
@@ -95,7 +98,7 @@ class Trace:
         n = self.cluster_size
         per_phase = np.zeros((self.num_phases, n, n), dtype=np.int64)
         for e in self.events:
-            if e.kind in DSMEM_KINDS:
+            if e.kind in DSMEM_KINDS and e.src != e.dst:
                 per_phase[e.phase, e.src, e.dst] += e.nbytes
         return Traffic(total=per_phase.sum(axis=0), per_phase=per_phase)
 
@@ -164,9 +167,8 @@ class Trace:
                     )
                 )
                 ax.text(x, y, str(rank), ha="center", va="center", fontsize=9 if n <= 8 else 7)
-            transfers = [(key, nbytes) for key, nbytes in flow.items() if key[0] != key[1]]
-            crowding = min(1.0, 16 / max(1, len(transfers))) ** 0.5  # thinner arrows when many
-            for (src, dst, kind), nbytes in transfers:
+            crowding = min(1.0, 16 / max(1, len(flow))) ** 0.5  # thinner arrows when many
+            for (src, dst, kind), nbytes in flow.items():
                 start, end = _between_boxes(centres[src], centres[dst], 1.5 * half)
                 ax.add_patch(
                     FancyArrowPatch(
@@ -220,10 +222,10 @@ class Trace:
 
 
 def _flows(events) -> dict[tuple[int, int, str], int]:
-    """Bytes per (src, dst, kind) over the DSMEM events of one phase."""
+    """Bytes per (src, dst, kind) over the DSMEM events of one phase between two blocks."""
     flow: dict[tuple[int, int, str], int] = {}
     for e in events:
-        if e.kind in DSMEM_KINDS:
+        if e.kind in DSMEM_KINDS and e.src != e.dst:
             key = (e.src, e.dst, e.kind)
             flow[key] = flow.get(key, 0) + e.nbytes
     return flow
