@@ -98,7 +98,7 @@ class Trace:
         n = self.cluster_size
         per_phase = np.zeros((self.num_phases, n, n), dtype=np.int64)
         for e in self.events:
-            if e.kind in DSMEM_KINDS and e.src != e.dst:
+            if _is_traffic(e):
                 per_phase[e.phase, e.src, e.dst] += e.nbytes
         return Traffic(total=per_phase.sum(axis=0), per_phase=per_phase)
 
@@ -221,11 +221,16 @@ class Trace:
         return grouped
 
 
+def _is_traffic(e: TraceEvent) -> bool:
+    """A DSMEM operation between two blocks (see the module docstring)."""
+    return e.kind in DSMEM_KINDS and e.src != e.dst
+
+
 def _flows(events) -> dict[tuple[int, int, str], int]:
     """Bytes per (src, dst, kind) over the DSMEM events of one phase between two blocks."""
     flow: dict[tuple[int, int, str], int] = {}
     for e in events:
-        if e.kind in DSMEM_KINDS and e.src != e.dst:
+        if _is_traffic(e):
             key = (e.src, e.dst, e.kind)
             flow[key] = flow.get(key, 0) + e.nbytes
     return flow
