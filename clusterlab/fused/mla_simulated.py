@@ -320,17 +320,25 @@ def output_block(b: simulator.Block, cluster: int, config: MLAConfig, batch: int
 # ---------------------------------------------------------------------------------------------- step
 
 
-def check_mla_cluster_size(config: MLAConfig, cluster_size: int, name: str = "cluster_size") -> None:
-    """1..16 blocks that split the hidden size (phase 1's slices, phase 4's output rows) and
-    ``kv_lora_rank`` (:func:`latent_columns`) evenly, and with the query LoRA ``q_lora_rank`` too
-    (phase 1b's slices); ``name="attention_cluster_size"``: launch 2's clusters, which split only
-    ``kv_lora_rank`` (the merge's columns). ``name``: the parameter the errors name."""
+def check_mla_cluster_size(config: MLAConfig, cluster_size: int) -> None:
+    """The clusters of launches 1 and 3: 1..16 blocks that split the hidden size (phase 1's slices,
+    phase 4's output rows), ``kv_lora_rank`` (:func:`latent_columns`) and the query LoRA
+    ``q_lora_rank`` (phase 1b's slices) evenly."""
+    _check_divides(config, cluster_size, "cluster_size", ("hidden_size", "kv_lora_rank", "q_lora_rank"))
+
+
+def check_mla_attention_cluster_size(config: MLAConfig, attention_cluster_size: int) -> None:
+    """Launch 2's clusters: 1..16 blocks that split ``kv_lora_rank`` (the merge's columns) evenly."""
+    _check_divides(config, attention_cluster_size, "attention_cluster_size", ("kv_lora_rank",))
+
+
+def _check_divides(config: MLAConfig, cluster_size: int, name: str, dims: tuple[str, ...]) -> None:
+    """``cluster_size`` (the parameter ``name``) an int in 1..16 that divides each of ``config``'s
+    ``dims`` it has (``q_lora_rank`` is None without a query LoRA)."""
     if not (is_int(cluster_size) and 1 <= cluster_size <= simulator.MAX_CLUSTER_SIZE):
         raise ValueError(f"{name} must be an int in 1..{simulator.MAX_CLUSTER_SIZE}, got {cluster_size!r}")
-    split = {"kv_lora_rank": config.kv_lora_rank}
-    if name != "attention_cluster_size":
-        split = {"hidden_size": config.hidden_size, **split, "q_lora_rank": config.q_lora_rank}
-    for dim, size in split.items():
+    for dim in dims:
+        size = getattr(config, dim)
         if size is not None and size % cluster_size:
             raise ValueError(f"{name} {cluster_size} does not divide {dim} {size}")
 
@@ -363,7 +371,7 @@ def simulated_mla_step(
     check_mla_activations(config, weights, hidden, residual, cache)
     check_mla_cluster_size(config, cluster_size)
     attention_cluster_size = cluster_size if attention_cluster_size is None else attention_cluster_size
-    check_mla_cluster_size(config, attention_cluster_size, "attention_cluster_size")
+    check_mla_attention_cluster_size(config, attention_cluster_size)
     heads = config.heads
     clusters = heads if clusters_for_attention is None else clusters_for_attention
     if not (is_int(clusters) and clusters >= 1):
