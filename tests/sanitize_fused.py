@@ -25,13 +25,15 @@ Then a batch split over two and three sets of clusters (``KernelSpec.batch_parts
 share's slices of the arguments and counters of its own), once with the positions split too, and
 twice with a last set of fewer sequences (``KernelSpec.uneven``: its phantoms touch no device
 memory), plain and handed off; ``python tests/sanitize_fused.py parts`` runs those alone.
-Then Qwen2.5-7B at a batch of 5 in the rule's shape (clusters of 4 x 8 warps, a head split of 7), whose
-896-wide rows of W_qkv and W_o step in four parts of 7 spans (``mma_tile``), plain and handed off;
+Then Qwen2.5-7B at a batch of 5 in the rule's shape (clusters of 4 x 8 warps, a head split of 7, its K/V
+rows shared out), whose 896-wide rows of W_qkv and W_o step in four parts of 7 spans (``mma_tile``), plain
+and handed off;
 ``python tests/sanitize_fused.py wide`` runs those alone.
 Then GQA with a KV head's key and value heads shared out among its clusters (``KernelSpec.split_kv_rows``:
 the first two append one each, and every cluster reads what it lacks back from the cache once its flag is
-up), a split of 2 with QKV bias and of 4 in clusters of 4, and the Llama-3-8B preset at batch 1, plain
-and handed off;
+up): the rule's own at Qwen2.5-7B's split of 7 (clusters of 8 x 4 warps, QKV bias) at a ragged batch of
+3, a split of 2 with QKV bias and of 4 in clusters of 4, and the Llama-3-8B preset at batch 1, plain and
+handed off;
 ``python tests/sanitize_fused.py kv_rows`` runs those alone.
 Then the work queue (``KernelSpec.work_queue``: chunks of every KV head taken by whichever warp is free,
 other clusters' states in device memory, the queue's words reset by the grid's last block): GQA on the
@@ -98,6 +100,7 @@ LONG_SHAPES = [
 ]
 WIDE_SHAPES = [(PRESETS["qwen2.5-7b"], {}, [300, 0, 77, 12, 5], torch.bfloat16)]
 KV_ROWS_SHAPES = [
+    (PRESETS["qwen2.5-7b"], {}, [0, 300, 41], torch.float16),
     (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
      {"cluster_size": 4, "head_split": 2, "kernel_options": {"split_kv_rows": True}}, [0, 37, 300], torch.bfloat16),
     (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64),

@@ -17,7 +17,8 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import LONG_CACHE, PAIRS_FROM, check_kernel_options, launch_shape, set_batch
+from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, check_kernel_options, launch_shape,
+                                   set_batch)
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -542,13 +543,15 @@ def _gqa_layer_and_inputs(batch, **options):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{}, {"head_split": 2, "kernel_options": {"split_kv_rows": True}}],
-                         ids=["rule", "kv_rows_split"])
-def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(options):
-    """Such a sequence attends to nothing and writes no row (with ``split_kv_rows`` it reads no row of
-    the other clusters either): NaN out, its cache as it was, the others' steps right."""
+@pytest.mark.parametrize("options, shared", [({"kernel_options": {"split_kv_rows": False}}, False),
+                                             ({"head_split": 2, "kernel_options": {"split_kv_rows": True}}, True),
+                                             ({}, True)],
+                         ids=["each-cluster-both-heads", "kv_rows_split-2", "rule-split-4"])
+def test_out_of_range_positions_give_nan_for_their_sequence_and_leave_its_cache(options, shared):
+    """Such a sequence attends to nothing and writes no row (with the K/V rows shared out it reads no
+    row of the other clusters either): NaN out, its cache as it was, the others' steps right."""
     config, weights, layer, hidden, residual, cache = _gqa_layer_and_inputs(3, **options)
-    assert layer.kernel_spec(torch.float16, 3).kv_rows_split == bool(options)
+    assert layer.kernel_spec(torch.float16, 3).kv_rows_split == shared
     before = cache.clone()
     positions = torch.tensor([10, 64, -1], dtype=torch.int32, device="cuda")
     want = reference_step(config, weights, hidden[:1], residual[:1], KVCache(before.k[:1], before.v[:1]), [10])
@@ -652,9 +655,39 @@ def test_the_kv_rows_split_applies_to_a_query_split():
     for off in (spec(LLAMA3_8B, 1), spec(LLAMA3_8B, 2, split_positions=True), spec(LLAMA2_7B, 1),
                 spec(SMALL["mha-d64-c1"], 1, 1), dataclasses.replace(spec(LLAMA3_8B, 2), split_kv_rows=False)):
         assert not off.kv_rows_split
-    assert check_kernel_options({"split_kv_rows": True}) == {"split_kv_rows": True}
-    with pytest.raises(ValueError, match="kernel_options: split_kv_rows=None; allowed: True or False"):
-        check_kernel_options({"split_kv_rows": None})
+    assert check_kernel_options({"split_kv_rows": None}) == {"split_kv_rows": None}
+    with pytest.raises(ValueError, match="kernel_options: split_kv_rows=1; allowed: None, True or False"):
+        check_kernel_options({"split_kv_rows": 1})
+
+
+def test_the_rule_shares_out_the_kv_rows_from_a_split_of_three_where_the_grid_fits_at_once():
+    """``split_kv_rows`` None (the default): the K/V rows are shared out from a query split of
+    ``KV_ROWS_SPLIT_FROM`` (3), so at Qwen2.5-7B's split of 7 at every batch, not at the splits of 2
+    (Llama-3-8B, Llama-3.2-1B) or where the cache takes one cluster a KV head; and not where the plan's
+    count of resident blocks (the launch bound's blocks on the SMs clusters of that size fill) is
+    short of the grid, whose clusters would wait for each other without all running."""
+    import dataclasses
+
+    assert KV_ROWS_SPLIT_FROM == 3
+
+    def rule(config, batch, longest=None, limits=HOPPER):
+        return KernelSpec.of(config, False, batch, *launch_shape(config, batch, limits.sm_count, longest=longest),
+                             limits=limits)
+
+    for batch in range(1, 9):
+        qwen = rule(QWEN2_5_7B, batch)
+        assert qwen.split_kv_rows is None and qwen.head_split == 7 and qwen.fits_at_once and qwen.kv_rows_split
+        assert not rule(QWEN2_5_7B, batch, longest=LONG_CACHE[batch - 1]).kv_rows_split  # one cluster a KV head
+        for config in (LLAMA3_8B, LLAMA3_2_1B, LLAMA2_7B):
+            assert not rule(config, batch).kv_rows_split
+    spec = rule(QWEN2_5_7B, 1)  # 28 clusters of 8 x 4 warps, 4 blocks an SM
+    blocks = spec.clusters * spec.cluster_size
+    assert (blocks, spec.min_blocks_per_sm) == (224, 4)
+    for sms, fits in ((56, True), (55, False)):  # 4 x 56 SMs hold the 224 blocks, 4 x 55 do not
+        limits = dataclasses.replace(HOPPER, cluster_sms=HOPPER.cluster_sms[:3] + (sms, 112))
+        small = dataclasses.replace(spec, limits=limits)
+        assert (small.fits_at_once, small.kv_rows_split) == (fits, fits)
+        assert dataclasses.replace(small, split_kv_rows=True).kv_rows_split  # asked for: the launcher checks
 
 
 @pytest.mark.ptx
@@ -668,9 +701,10 @@ def test_the_kv_rows_split_assembles_with_its_flags_and_no_spill(config, bf16, b
 
     from clusterlab.toolchain import assemble
 
-    spec = KernelSpec.of(config, bf16, batch, *launch_shape(config, batch, 132))
-    split = dataclasses.replace(spec, split_kv_rows=True)
-    assert split.kv_rows_split
+    rule = KernelSpec.of(config, bf16, batch, *launch_shape(config, batch, 132))
+    assert rule.kv_rows_split == (config is QWEN2_5_7B)  # the rule shares them out from a split of 3
+    spec, split = (dataclasses.replace(rule, split_kv_rows=on) for on in (False, True))
+    assert split.kv_rows_split and not spec.kv_rows_split
     plain, ptx = spec_ptx(spec), spec_ptx(split)
     assert ptx.count("atom.global.add.u32") >= plain.count("atom.global.add.u32") + 3  # raise, probe, count down
     assert ptx.count("membar.gl") == plain.count("membar.gl") + 2  # the release before, the acquire after

@@ -28,7 +28,8 @@ def _record(layer, phases, seed):
                             "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
                            for b, sm in enumerate(sms)]}
         options = {"split_kv_rows": True} if cluster_size == 4 else {}  # the kernel options it ran with
-        shape.update({"head_split": 1, "batch_parts": cluster_size // 2, "options": options} if layer == "attention"
+        shape.update({"head_split": 1, "batch_parts": cluster_size // 2, "options": options,
+                      "kv_rows_split": True} if layer == "attention"
                      else {"clusters": blocks // cluster_size})
         shapes.append(shape)
     return {"card": "NVIDIA H200", "date": "2026-11-30T00:00:00+00:00", "layer": layer, "preset": "llama3-8b",
@@ -46,6 +47,8 @@ def test_summary_and_plot_of_either_block(layer, phases, tmp_path):
         sets = shape.get("batch_parts", 1)
         assert (f", {sets} sets" in text.splitlines()[0]) == (sets > 1)
         assert (", split_kv_rows=True," in text.splitlines()[0]) == bool(shape.get("options"))
+        # the rule's sharing out is told where no option asked for it
+        assert (", K/V rows shared out," in text.splitlines()[0]) == (layer == "attention" and not shape["options"])
         rows = [line.strip() for line in text.splitlines()[3:]]
         assert [row[:len(name)] for row, name in zip(rows, phases)] == list(phases)
         medians = [float(row[len(name):].split()[1]) for row, name in zip(rows, phases)]  # min, median, max
@@ -113,7 +116,7 @@ def test_a_recorded_timeline_plots_again(name, phases, tmp_path):
     (["--layer", "mlp", "--shape", "2x8x1"], "argument --shape: the MLP's launch shapes are cluster_size x warps"),
     (["--batch", "9"], "argument --batch: must be an integer in 1..8"),
     (["--kv", "0"], "argument --kv: must be an integer in 1..2147483647"),
-    (["--spec", "split_kv_rows=1"], "argument --spec: kernel_options: split_kv_rows=1; allowed: True or False"),
+    (["--spec", "split_kv_rows=1"], "argument --spec: kernel_options: split_kv_rows=1; allowed: None, True or False"),
     (["--layer", "mlp", "--spec", "split_kv_rows=True"],
      "argument --spec: kernel options are the attention or MLA block's"),
     (["--layer", "mla", "--preset", "llama2-7b"], "argument --preset: llama2-7b is not a preset of the mla block"),

@@ -218,8 +218,10 @@ class KernelSpec(BlockShape):
     #: :meth:`~clusterlab.fused.DecodeAttention.handoff`)
     handoff: bool = False
     #: where clusters split a KV head's query heads, the first projects its key rows and the second
-    #: its value rows, the others neither, each reading what it lacks from the cache (see :attr:`kv_rows_split`)
-    split_kv_rows: bool = False
+    #: its value rows, the others neither, each reading what it lacks from the cache (True), or each
+    #: projects both (False); None: from a split of :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM` where the grid fits
+    #: the GPU at once (see :attr:`kv_rows_split`)
+    split_kv_rows: bool | None = None
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
     #: a KV head's cached positions taken in chunks from a counter in device memory by whichever warp
@@ -323,8 +325,24 @@ class KernelSpec(BlockShape):
         cluster that folds in the new token waits for the flags of the heads it lacks, reads those
         heads back from the cache and counts each flag down by one. The clusters wait for each other: the
         grid must be resident at once, which the launcher checks before the first launch
-        (``co_resident``)."""
-        return self.split_kv_rows and self.query_split >= 2 and self.cluster_size >= 2
+        (``co_resident``).
+
+        ``split_kv_rows`` None (the rule) shares them out from a query split of
+        :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM`, where the grid fits the GPU at once (:attr:`fits_at_once`)."""
+        if self.query_split < 2 or self.cluster_size < 2:
+            return False
+        if self.split_kv_rows is None:
+            return self.query_split >= plan.KV_ROWS_SPLIT_FROM and self.fits_at_once
+        return self.split_kv_rows
+
+    @property
+    def fits_at_once(self) -> bool:
+        """Whether every block of the grid is resident at once by the plan's count: the launch bound's
+        :attr:`min_blocks_per_sm` blocks on each of the ``limits.sms_for(cluster_size)`` SMs that
+        clusters of this size fill at one block an SM. That undercounts where blocks share SMs (a GPC
+        of ``n`` SMs holds ``floor(k * n / C)`` clusters of ``k`` blocks an SM, at least ``k`` times
+        ``floor(n / C)``), never overcounts; the launcher's occupancy query is exact."""
+        return self.clusters * self.cluster_size <= self.min_blocks_per_sm * self.limits.sms_for(self.cluster_size)
 
     @property
     def attn_width(self) -> int:

@@ -196,6 +196,16 @@ BATCH_SETS_FROM = 4
 #: of 2 over two sets of one), each set's grid of 4-warp blocks, two an SM (:func:`paired_sets`; measured
 #: on the H200 at 4K, 8K and 16K: ``docs/fused-decode-notes.md``, v23 to v25).
 PAIRS_FROM = 16384
+#: The fewest clusters a KV head's query heads are split over from which the rule shares out its key
+#: and value heads among them (:attr:`clusterlab.fused.kernel.KernelSpec.kv_rows_split`), each K and V
+#: row of W_qkv being read that many times otherwise. Qwen2.5-7B's split of 7 (4 KV heads), each
+#: cluster projecting both -> shared out, µs at 1K / 2K on an H100 (``docs/fused-decode-notes.md``,
+#: v78): batch 1 35.8 / 38.6 -> 34.0 / 35.8, batch 4 50.0 / 58.3 -> 42.8 / 50.7, batch 8 68.5 / 86.2
+#: -> 60.9 / 77.6; on an H200 (v34) 3-9% faster at batches 1 and 2, 1K and 4K. Splits of 2
+#: (Llama-3-8B, and Llama-3.2-1B up to batch 4) gain too little or lose: -1 to +3% at Llama-3-8B,
+#: 5-8% slower at Llama-3.2-1B, whose 12.6 MB W_qkv stream takes 3 µs, less than the flags' round
+#: trips and the rows read back cost.
+KV_ROWS_SPLIT_FROM = 3
 #: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
 #: so a batch of more takes blocks of 8 (or 16) warps (:func:`launch_shape`).
 FOUR_WARPS_UP_TO = 4
@@ -301,9 +311,9 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
-    "split_kv_rows": "True or False: where clusters split a KV head's query heads, the first projects its key, the "
-                     "second its value, the others neither, each reading what it lacks from the cache (False: the "
-                     "default)",
+    "split_kv_rows": "None, True or False: where clusters split a KV head's query heads, the first projects its "
+                     "key, the second its value, the others neither, each reading what it lacks from the cache "
+                     f"(None: the rule's, from a split of {KV_ROWS_SPLIT_FROM} where the grid fits the GPU at once)",
     "batch_parts": f"None or an int from 1 to {MAX_BATCH}: sets of clusters the batch's sequences are split over, "
                    "each set a whole step's clusters for ceil(batch / batch_parts) of the sequences, the last "
                    "for the rest, which must be one or more (None: the rule's)",
@@ -332,7 +342,7 @@ MLA_KERNEL_CHOICES = {
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "split_kv_rows", "work_queue", "one_launch")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions", "work_queue", "one_launch")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
