@@ -17,8 +17,8 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, check_kernel_options, launch_shape,
-                                   set_batch)
+from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, check_kernel_options,
+                                   launch_shape, set_batch)
 from clusterlab.fused.reference import reference_step, relative_error
 
 

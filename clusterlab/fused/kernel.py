@@ -219,8 +219,8 @@ class KernelSpec(BlockShape):
     handoff: bool = False
     #: where clusters split a KV head's query heads, the first projects its key rows and the second
     #: its value rows, the others neither, each reading what it lacks from the cache (True), or each
-    #: projects both (False); None: from a split of :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM` where the grid fits
-    #: the GPU at once (see :attr:`kv_rows_split`)
+    #: projects both (False); None: from a split of :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM`
+    #: where the grid fits the GPU at once (see :attr:`kv_rows_split`)
     split_kv_rows: bool | None = None
     #: record a timeline: two more kernel arguments, ``stamps`` and ``sms`` (see :func:`build_kernel`)
     timeline: bool = False
@@ -328,7 +328,8 @@ class KernelSpec(BlockShape):
         (``co_resident``).
 
         ``split_kv_rows`` None (the rule) shares them out from a query split of
-        :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM`, where the grid fits the GPU at once (:attr:`fits_at_once`)."""
+        :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM`, where the grid fits the GPU at once
+        (:attr:`fits_at_once`)."""
         if self.query_split < 2 or self.cluster_size < 2:
             return False
         if self.split_kv_rows is None:
