@@ -27,7 +27,8 @@ def _record(layer, phases, seed):
                             "start_us": float(rng.uniform(0, 1)),
                             "phase_us": [float(x) for x in rng.uniform(0.1, 5, len(phases))]}
                            for b, sm in enumerate(sms)]}
-        options = {"split_kv_rows": True} if cluster_size == 4 else {}  # the kernel options it ran with
+        # the kernel options it ran with: the K/V rows asked for by name, or left to the rule (None)
+        options = {"split_kv_rows": True} if cluster_size == 4 else {"split_kv_rows": None}
         shape.update({"head_split": 1, "batch_parts": cluster_size // 2, "options": options,
                       "kv_rows_split": True} if layer == "attention"
                      else {"clusters": blocks // cluster_size})
@@ -46,9 +47,10 @@ def test_summary_and_plot_of_either_block(layer, phases, tmp_path):
         assert all(name in text for name in phases) and f"blocks arrive after the {phases[-3]}" in text
         sets = shape.get("batch_parts", 1)
         assert (f", {sets} sets" in text.splitlines()[0]) == (sets > 1)
-        assert (", split_kv_rows=True," in text.splitlines()[0]) == bool(shape.get("options"))
-        # the rule's sharing out is told where no option asked for it
-        assert (", K/V rows shared out," in text.splitlines()[0]) == (layer == "attention" and not shape["options"])
+        asked = shape.get("options", {}).get("split_kv_rows") is True
+        assert (", split_kv_rows=True," in text.splitlines()[0]) == asked
+        # the rule's sharing out is told where no option asked for it by name
+        assert (", K/V rows shared out," in text.splitlines()[0]) == (layer == "attention" and not asked)
         rows = [line.strip() for line in text.splitlines()[3:]]
         assert [row[:len(name)] for row, name in zip(rows, phases)] == list(phases)
         medians = [float(row[len(name):].split()[1]) for row, name in zip(rows, phases)]  # min, median, max

@@ -245,8 +245,8 @@ def summary(shape, phases) -> str:
     arrive = done - phase[:, -1]
     split = f", head split {shape['head_split']}" if "head_split" in shape else f", {shape['clusters']} clusters"
     split += (f", {sets_of(shape)} sets" if sets_of(shape) > 1 else "") + options_of(shape)
-    if shape.get("kv_rows_split") and "split_kv_rows" not in shape.get("options", {}):
-        split += ", K/V rows shared out"  # the rule's (KernelSpec.kv_rows_split)
+    if shape.get("kv_rows_split") and shape.get("options", {}).get("split_kv_rows") is not True:
+        split += ", K/V rows shared out"  # the rule's (KernelSpec.kv_rows_split), not asked for by name
     lines = [f"cluster {shape['cluster_size']} x {shape['warps']} warps{split}, {shape['blocks']} blocks on "
              f"{shape['sms_used']} SMs (SMs holding k blocks: {shape['blocks_per_sm']}); step {shape['step_us']:.1f} µs "
              f"(instrumented {shape['instrumented_us']:.1f}), SM clock {shape['sm_clock_ghz']:.2f} GHz, "
