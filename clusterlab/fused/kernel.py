@@ -959,21 +959,14 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
         """A float32's bits, rounded to the model dtype."""
         return to_f32(to_bits(libdevice.int_as_float(int32(word))))
 
-    @cuda.jit(device=True, inline=True)
-    def hidden_pair(hx, hy, e):
-        """Elements ``2e``, ``2e + 1`` of a chunk of 8 of ``hidden``, as float32: ``hx`` the chunk's
-        16 bytes (16-bit hidden), or its two halves ``hx``, ``hy`` (float32 hidden)."""
-        if float32_hidden:
-            words = hx if e < 2 else hy
-            return rounded_word(words[2 * e % 4]), rounded_word(words[2 * e % 4 + 1])
-        return unpack(hx[e])
-
     # The threads take the (sequence, chunk) pairs of the whole batch in turn, so that every
-    # sequence's loads go out at once (a loop over the sequences would wait for each one's loads
-    # before the next: its stores to residual_out, which may be hidden, come first). A sequence's
-    # chunks are padded to `span` pairs, a power of two up to 32 or a multiple of 32, so that a
-    # segment of `segment` lanes of a warp holds chunks of one sequence only: shuffles within the
-    # segment add up its share of sum(h^2), and its first lane stores it in the segment's own word.
+    # sequence's loads go out at once, and where the pairs take the block's threads several rounds,
+    # every round's loads go out before the first round's sums: one memory round trip for all of them
+    # (a round's stores to residual_out, which the compiler cannot tell from hidden, would otherwise
+    # hold the next round's loads back). A sequence's chunks are padded to `span` pairs, a power of two
+    # up to 32 or a multiple of 32, so that a segment of `segment` lanes of a warp holds chunks of one
+    # sequence only: shuffles within the segment add up its share of sum(h^2), and its first lane
+    # stores it in the segment's own word.
     chunks = k_slice // 8  # 16-byte chunks of a sequence's slice
     shares = norm_shares(k_slice)
     span = 1 << (chunks - 1).bit_length() if chunks <= 32 else shares * 32
@@ -981,11 +974,32 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     levels = segment.bit_length() - 1  # shuffle levels of a segment: offsets segment/2 .. 1 (none for one lane)
     pairs = batch * span
     warp_pairs = -(-pairs // 32) * 32  # a warp's lanes all take a pair or none (the shuffles)
+    rounds = -(-warp_pairs // threads)  # of the block's threads over the pairs
+    # a pair's words: its chunk of hidden (16-bit: 4 words; float32: 8), of residual and of norm
+    residual_word = 8 if float32_hidden else 4
+    pair_words = residual_word + 8
 
     @cuda.jit(device=True, inline=True)
     def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, seqs, tid):
         lane = tid % 32
-        for item in range(tid, warp_pairs, threads):
+        words = cuda.local.array((rounds, pair_words), uint32)
+        for r in range(rounds):  # every round's loads first
+            item = tid + uint32(r * threads)
+            seq, c = item // span, item % span
+            if item < pairs and c < chunks and not (phantoms and seq >= seqs):
+                at = seq * hidden_size + k0 + c * 8
+                words[r, 0], words[r, 1], words[r, 2], words[r, 3] = ptx.ld_global_nc_v4_no_allocate(hidden, at)
+                if float32_hidden:
+                    words[r, 4], words[r, 5], words[r, 6], words[r, 7] = ptx.ld_global_nc_v4_no_allocate(hidden,
+                                                                                                          at + 4)
+                (words[r, residual_word], words[r, residual_word + 1], words[r, residual_word + 2],
+                 words[r, residual_word + 3]) = ptx.ld_global_nc_v4_no_allocate(residual, at)
+                (words[r, residual_word + 4], words[r, residual_word + 5], words[r, residual_word + 6],
+                 words[r, residual_word + 7]) = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
+        for r in range(rounds):
+            item = tid + uint32(r * threads)
+            if item >= warp_pairs:  # a whole warp stops here (warp_pairs and threads are multiples of 32)
+                break
             seq, c = item // span, item % span
             ss = float32(0.0)
             if phantoms and item < pairs and c < chunks and seq >= seqs:  # a phantom's h * norm
@@ -996,14 +1010,13 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
                         smem[xs + seq * k_slice + c * 8 + e] = float32(0.0)
             elif item < pairs and c < chunks:
                 at = seq * hidden_size + k0 + c * 8
-                hx = ptx.ld_global_nc_v4_no_allocate(hidden, at)
-                hy = ptx.ld_global_nc_v4_no_allocate(hidden, at + 4) if float32_hidden else hx
-                rx = ptx.ld_global_nc_v4_no_allocate(residual, at)
-                nx = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
                 for e in range(4):
-                    h_lo, h_hi = hidden_pair(hx, hy, e)
-                    r_lo, r_hi = unpack(rx[e])
-                    n_lo, n_hi = unpack(nx[e])
+                    if float32_hidden:
+                        h_lo, h_hi = rounded_word(words[r, 2 * e]), rounded_word(words[r, 2 * e + 1])
+                    else:
+                        h_lo, h_hi = unpack(words[r, e])
+                    r_lo, r_hi = unpack(words[r, residual_word + e])
+                    n_lo, n_hi = unpack(words[r, residual_word + 4 + e])
                     s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
                     if writes_residual:
                         residual_out[at + 2 * e] = to_bits(s_lo)
