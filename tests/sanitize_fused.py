@@ -35,6 +35,12 @@ up): the rule's own at Qwen2.5-7B's split of 7 (clusters of 8 x 4 warps, QKV bia
 3, a split of 2 with QKV bias and of 4 in clusters of 4, and the Llama-3-8B preset at batch 1, plain and
 handed off;
 ``python tests/sanitize_fused.py kv_rows`` runs those alone.
+Then the positions split with the query projection shared out (``KernelSpec.shared_queries``: each part
+projects its share of the query heads, hands them over through device memory and waits for the others',
+then waits for every part's state and merges its own heads'): Qwen2.5-7B split in 7 in clusters of 4 x 8
+warps (QKV bias) at a ragged batch of 3, GQA split in 2 with each part projecting both K/V heads, and in 2
+over two sets of clusters, the last with a phantom, plain and handed off;
+``python tests/sanitize_fused.py shared`` runs those alone.
 Then the work queue (``KernelSpec.work_queue``: chunks of every KV head taken by whichever warp is free,
 other clusters' states in device memory, the queue's words reset by the grid's last block): GQA on the
 tensor cores in two sets of clusters with chunks of 64 rows and in one set, and MHA on the CUDA cores in
@@ -107,6 +113,17 @@ KV_ROWS_SHAPES = [
      {"cluster_size": 4, "head_split": 4, "kernel_options": {"split_kv_rows": True}}, [300, 0], torch.float16),
     (PRESETS["llama3-8b"], {"kernel_options": {"split_kv_rows": True}}, [700], torch.float16),
 ]
+SHARED = {"split_positions": True, "shared_queries": True}
+SHARED_SHAPES = [
+    (PRESETS["qwen2.5-7b"], {"cluster_size": 4, "warps": 8, "head_split": 7, "kernel_options": SHARED}, [0, 300, 41],
+     torch.float16),
+    (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
+     {"cluster_size": 4, "head_split": 2, "kernel_options": {**SHARED, "split_kv_rows": False}}, [0, 37, 300],
+     torch.bfloat16),
+    (AttentionConfig(hidden_size=1024, heads=16, kv_heads=4, head_dim=128),
+     {"cluster_size": 4, "warps": 4, "head_split": 2, "kernel_options": {**SHARED, "batch_parts": 2}}, [1000, 0, 333],
+     torch.float16),
+]
 
 QUEUE_SHAPES = [
     (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
@@ -151,7 +168,7 @@ def handoff_steps(shapes) -> int:
     return failures
 
 
-only = chosen_group(("steps", "handoff", "split", "long", "parts", "wide", "kv_rows", "queue", "uneven"))
+only = chosen_group(("steps", "handoff", "split", "long", "parts", "wide", "kv_rows", "shared", "queue", "uneven"))
 failures = 0
 if only in (None, "steps"):
     failures += run_steps(SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
@@ -172,6 +189,9 @@ if only in (None, "wide"):
 if only in (None, "kv_rows"):
     failures += run_steps(KV_ROWS_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(KV_ROWS_SHAPES)
+if only in (None, "shared"):
+    failures += run_steps(SHARED_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
+    failures += handoff_steps(SHARED_SHAPES)
 if only in (None, "queue"):
     failures += run_steps(QUEUE_SHAPES, AttentionWeights, KVCache, DecodeAttention, reference_step)
     failures += handoff_steps(QUEUE_SHAPES)

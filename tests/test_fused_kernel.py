@@ -661,6 +661,41 @@ def test_the_kv_rows_split_applies_to_a_query_split():
         check_kernel_options({"split_kv_rows": 1})
 
 
+def test_shared_queries_take_a_position_split_that_divides_the_query_heads():
+    """``shared_queries`` shares a KV head's query heads out evenly over the parts of its positions:
+    each part projects ``G / parts`` heads and their W_o columns (its ``partial`` rows and ``o``
+    shrink, its ``qkv`` keeps all ``G``), the K/V rows shared out unless asked otherwise, one more
+    counter a KV head and the queries after the part states; refused without ``split_positions`` or
+    where the parts do not divide ``G``, naming what is allowed, before anything is built."""
+    for config, batch, cluster_size, warps, parts in ((QWEN2_5_7B, 8, 4, 8, 7), (LLAMA3_8B, 4, 8, 4, 4),
+                                                       (LLAMA3_8B, 1, 16, 4, 2)):
+        split = KernelSpec.of(config, False, batch, cluster_size, warps, parts, split_positions=True)
+        shared = KernelSpec.of(config, False, batch, cluster_size, warps, parts, split_positions=True,
+                               shared_queries=True)
+        g, d = config.group_size, config.head_dim
+        assert (shared.parts, shared.group, shared.projected_group, shared.projection_split) == (parts, g, g // parts,
+                                                                                                parts)
+        assert (split.projected_group, split.projection_split, split.projected_rows) == (g, 1, split.rows)
+        assert (shared.rows, shared.projected_rows, shared.projected_width) == ((g + 2) * d, (g // parts + 2) * d,
+                                                                                g // parts * d)
+        assert shared.partial_stride == shared.projected_rows + 4
+        assert shared.smem_sizes()["qkv"] == split.smem_sizes()["qkv"] == batch * (g + 2) * d
+        assert shared.smem_sizes()["o"] == batch * g // parts * d
+        assert shared.kv_rows_split and shared.waits_across_clusters and not split.waits_across_clusters
+        assert not KernelSpec.of(config, False, batch, cluster_size, warps, parts, split_positions=True,
+                                 shared_queries=True, split_kv_rows=False).kv_rows_split
+        assert shared.arrival_words == split.arrival_words + config.kv_heads
+        assert shared.part_state_words() == split.part_state_words() + config.kv_heads * batch * g * d
+    for switches, head_split in (({}, 7), ({"split_positions": True}, 2), ({"split_positions": True}, 1)):
+        with pytest.raises(ValueError, match=r"shared_queries takes split_positions and a head_split that divides "
+                                             r"the 7 query heads of a KV head \(one of \[7\]\), got head_split "
+                                             + str(head_split)):
+            KernelSpec.of(QWEN2_5_7B, False, 1, 8, 4, head_split, shared_queries=True, **switches)
+    assert check_kernel_options({"shared_queries": True}) == {"shared_queries": True}
+    with pytest.raises(ValueError, match="kernel_options: shared_queries=None; allowed: True or False"):
+        check_kernel_options({"shared_queries": None})
+
+
 def test_the_rule_shares_out_the_kv_rows_from_a_split_of_three_where_the_grid_fits_at_once():
     """``split_kv_rows`` None (the default): the K/V rows are shared out from a query split of
     ``KV_ROWS_SPLIT_FROM`` (3), so at Qwen2.5-7B's split of 7 at every batch, not at the splits of 2
@@ -689,6 +724,27 @@ def test_the_rule_shares_out_the_kv_rows_from_a_split_of_three_where_the_grid_fi
         small = dataclasses.replace(spec, limits=limits)
         assert (small.fits_at_once, small.kv_rows_split) == (fits, fits)
         assert dataclasses.replace(small, split_kv_rows=True).kv_rows_split  # asked for: the launcher checks
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, parts",
+                         [(QWEN2_5_7B, False, 8, 4, 8, 7), (LLAMA3_8B, True, 4, 8, 4, 4)],
+                         ids=["qwen2.5-7b-f16-b8-split7", "llama3-8b-bf16-b4-split4"])
+def test_shared_queries_assemble_with_their_waits_and_no_spill(config, bf16, batch, cluster_size, warps, parts):
+    """``shared_queries`` beside the positions split it shares out: the same four cluster barriers,
+    more fenced atomic adds (the queries' count and wait, the parts' wait for each other's states
+    in place of the last part's arrival), no local memory, no spill (CUDA 13's ptxas)."""
+    from clusterlab.toolchain import assemble
+
+    split = KernelSpec.of(config, bf16, batch, cluster_size, warps, parts, split_positions=True)
+    shared = KernelSpec.of(config, bf16, batch, cluster_size, warps, parts, split_positions=True, shared_queries=True)
+    plain, ptx = spec_ptx(split), spec_ptx(shared)
+    assert ptx.count("atom.global.add.u32") >= plain.count("atom.global.add.u32") + 4
+    assert ptx.count("membar.gl") >= plain.count("membar.gl") + 3
+    for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
+        assert ptx.count(instruction) == plain.count(instruction) == 4, instruction
+    assert "st.local" not in ptx
+    assert assemble(ptx).spill_bytes == 0
 
 
 @pytest.mark.ptx
@@ -734,6 +790,38 @@ def test_the_position_split_matches_the_reference(config, batch, dtype, options,
     layer = DecodeAttention(config, weights, kernel_options={"split_positions": True}, **options)
     spec = layer.kernel_spec(dtype, batch)
     assert spec.parts == spec.head_split > 1 and spec.group == config.group_size
+    _check_steps(layer, dtype, batch, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config, batch, dtype, options, steps",
+    [(QWEN2_5_7B, 8, torch.float16, {"cluster_size": 4, "warps": 8, "head_split": 7},
+      [[300, 0, 17, 1000, 5, 4097, 1, 64], 1024]),
+     (QWEN2_5_7B, 3, torch.bfloat16, {"cluster_size": 8, "warps": 4, "head_split": 7}, [0, [300, 41, 5]]),
+     (LLAMA3_8B, 4, torch.float16, {"cluster_size": 8, "warps": 4, "head_split": 4}, [[5000, 0, 17, 300], 1]),
+     (LLAMA3_2_1B, 2, torch.bfloat16, {"cluster_size": 8, "warps": 4, "head_split": 2}, [[300, 0], 77]),
+     (SMALL["gqa-d64-gptj-c16"], 3, torch.float16,
+      {"cluster_size": 4, "head_split": 2, "kernel_options": {"split_kv_rows": False}}, [[300, 0, 5], 17]),
+     (LLAMA3_8B, 5, torch.bfloat16, {"cluster_size": 4, "warps": 8, "head_split": 2,
+                                     "kernel_options": {"batch_parts": 3}}, [[300, 5000, 0, 17, 1]])],
+    ids=["qwen2.5-7b-b8-f16-split7", "qwen2.5-7b-b3-bf16-split7", "llama3-8b-b4-f16-split4", "llama3.2-1b-b2-bf16",
+         "gqa-d64-gptj-c4-b3-f16-kv-rows-each", "llama3-8b-b5-bf16-sets-2-2-1"],
+)
+def test_shared_queries_match_the_reference(config, batch, dtype, options, steps):
+    """``kernel_options={"split_positions": True, "shared_queries": True}``: each part projects its
+    share of the query heads (Qwen2.5-7B's 7 one each, with its QKV bias), hands them over through
+    device memory, attends with all of them over its share of the positions and projects its own
+    heads after merging every part's states; the K/V rows shared out (the rule) or each part
+    projecting both, GPT-J's RoPE, ragged batches with empty caches, an uneven split over sets of
+    clusters; the counters left zero (``_check_steps``)."""
+    options = dict(options)
+    kernel_options = {"split_positions": True, "shared_queries": True, **options.pop("kernel_options", {})}
+    weights = AttentionWeights.random(config, dtype, "cuda", seed=47)
+    layer = DecodeAttention(config, weights, kernel_options=kernel_options, **options)
+    spec = layer.kernel_spec(dtype, batch)
+    assert spec.parts == spec.head_split and spec.projected_group * spec.parts == spec.group == config.group_size
+    assert spec.kv_rows_split == kernel_options.get("split_kv_rows", True)
     _check_steps(layer, dtype, batch, steps)
 
 
@@ -837,6 +925,23 @@ def test_the_benchmark_times_kernel_options_beside_the_rule_and_records_them(tmp
     assert all(r.rel_err < 1e-2 and r.fused_us > 0.9 * r.floor_us for r in rows)
     record = json.loads((tmp_path / "fused_test.json").read_text())
     assert [r["options"] for r in record["rows"]] == ["", "kv_pipeline=False"] and record["driver"]
+
+
+@pytest.mark.gpu
+def test_the_benchmark_skips_the_lengths_where_the_rule_s_shape_refuses_the_options(tmp_path, capsys):
+    """``--spec split_positions=True,shared_queries=True`` on the launch rule's shapes: Qwen2.5-7B's
+    split of 7 at 1K takes the options and is timed; its long-cache shape at 8K (one cluster a KV
+    head) refuses them and is skipped at that length, saying why, the run going on."""
+    from clusterlab.bench.fused import run_bench
+
+    rows = run_bench(presets=("qwen2.5-7b",), kv_lens=(1024, 8192), batches=(1,),
+                     options=[{"split_positions": True, "shared_queries": True}], ragged=False, out_dir=tmp_path,
+                     tag="test")
+    assert [(r.kv_len, r.head_split, r.options) for r in rows] == [
+        (1024, 7, "split_positions=True,shared_queries=True")]
+    assert rows[0].rel_err < 1e-2
+    assert ("qwen2.5-7b float16 batch 1 kv 8192: the rule's shape with [split_positions=True,shared_queries=True] "
+            "skipped: ") in capsys.readouterr().out
 
 
 @pytest.mark.gpu

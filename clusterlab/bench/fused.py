@@ -31,7 +31,8 @@ batch and dtype is one), into the kernel cache (:mod:`clusterlab.kernel_cache`) 
 differ by preset, batch and length), ``--spec default registers=168`` other kernels of the Llama-style layer
 (its ``kernel_options``, :data:`~clusterlab.fused.plan.KERNEL_CHOICES`; the MLA layer's,
 :data:`~clusterlab.fused.plan.MLA_KERNEL_CHOICES`, e.g. ``--preset deepseek-v2-lite --spec default
-one_launch=True``), each checked against the reference like the default.
+one_launch=True``), each checked against the reference like the default; a length where the rule's shape
+refuses the options (``shared_queries`` at the long-cache shape) is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -352,12 +353,16 @@ def run_bench(
                 run = _Rotation(config, dtype, batch, lengths, copies, seed, variant, weights)
                 run.sets[0]["fused"].kernel_spec(dtype, batch, **run.hint)
             except ValueError as exc:
-                if "cluster_size" not in variant:
-                    raise  # the launch rule's own shape must run
+                run = None  # frees a rotation that was built
+                if "cluster_size" not in variant:  # the launch rule's shape, which may change with the length
+                    if not label:
+                        raise  # the launch rule's own kernel must run
+                    print(f"{name} {dtype_name} batch {batch} kv {max(lengths)}: the rule's shape with [{label}] "
+                          f"skipped: {exc}", flush=True)
+                    continue
                 given = "x".join(str(variant[k]) for k in ("cluster_size", "warps", _family(config).third)
                                  if k in variant)  # the variant as --variant names it
                 print(f"{name} {dtype_name} batch {batch}: variant {given} skipped: {exc}", flush=True)
-                run = None  # frees a rotation that was built
                 break
             cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch, **run.hint)
             parts = run.sets[0]["fused"].batch_parts(batch, **run.hint) if _family(config) is not _MLA else 1

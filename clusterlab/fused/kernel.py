@@ -206,6 +206,10 @@ class KernelSpec(BlockShape):
     #: the ``head_split`` clusters of a KV head split its cached positions, each with all its query
     #: heads, instead of its query heads (see :attr:`parts`)
     split_positions: bool = False
+    #: with ``split_positions``, the parts share out the query projection instead of each projecting all
+    #: the KV head's query heads, and hand their queries to each other through device memory (see
+    #: :attr:`projected_group`)
+    shared_queries: bool = False
     #: sets of clusters the step's sequences are split over, ``batch`` sequences each but the last,
     #: which may have fewer (see :attr:`step_batch`, :attr:`clusters`)
     batch_parts: int = 1
@@ -254,6 +258,8 @@ class KernelSpec(BlockShape):
         spec.mma_attention  # raises where the switches ask what this shape cannot do
         if spec.work_queue:
             plan.check_work_queue(spec.head_split, spec.split_positions)
+        if spec.shared_queries:
+            plan.check_shared_queries(config, spec.head_split, spec.split_positions)
         plan.check_kernel_options({"queue_rows": spec.queue_rows})
         if spec.shared_bytes > limits.shared_bytes_per_block:
             raise ValueError(
@@ -283,6 +289,29 @@ class KernelSpec(BlockShape):
         return self.heads // self.kv_heads // self.query_split
 
     @property
+    def projection_split(self) -> int:
+        """Clusters a KV head's W_qkv rows are shared out over: its :attr:`query_split`, or with
+        ``shared_queries`` its :attr:`parts`."""
+        return self.parts if self.shared_queries else self.query_split
+
+    @property
+    def projected_group(self) -> int:
+        """Query heads one cluster projects (and projects with W_o): its :attr:`group`, or with
+        ``shared_queries`` a ``parts``-th of it. With ``shared_queries`` part ``p`` of a KV head
+        projects its query heads ``p * projected_group ..``, leaves them (rotated, for every sequence)
+        in device memory after B2 and takes the others' from there, so that it attends over its
+        share of the positions with all ``group`` heads as a part does; after phase 4 it waits for
+        every part's state and merges its own heads' alone, and projects their W_o columns. The
+        clusters wait for each other: the grid must be resident at once (:attr:`waits_across_clusters`)."""
+        return self.group // self.parts if self.shared_queries else self.group
+
+    @property
+    def waits_across_clusters(self) -> bool:
+        """Whether a cluster waits for others (:attr:`kv_rows_split`, ``shared_queries``): the grid
+        must then be resident at once, which the launcher checks before the first launch."""
+        return self.kv_rows_split or self.shared_queries
+
+    @property
     def step_batch(self) -> int:
         """Sequences of the whole step: ``batch`` in each of the ``batch_parts`` sets of clusters, or
         ``sequences`` where the last set has fewer."""
@@ -309,15 +338,22 @@ class KernelSpec(BlockShape):
 
     @property
     def rows(self) -> int:
-        """W_qkv rows one cluster owns: G query heads, one key head, one value head."""
+        """Rows of the new token's q, k and v a cluster attends with: G query heads, one key head, one
+        value head."""
         return (self.group + 2) * self.head_dim
+
+    @property
+    def projected_rows(self) -> int:
+        """W_qkv rows one cluster owns: :attr:`projected_group` query heads, one key head, one value head
+        (:attr:`rows` unless ``shared_queries``)."""
+        return (self.projected_group + 2) * self.head_dim
 
     @property
     def kv_rows_split(self) -> bool:
         """Whether the clusters of a KV head share out its key and value heads instead of each
-        projecting both: ``split_kv_rows`` where its query heads are split over clusters (a
-        ``head_split`` of 2 or more, no positions split) of two blocks or more. Without it each of
-        the ``head_split`` clusters reads the KV head's key and value rows of W_qkv, a quarter to two
+        projecting both: ``split_kv_rows`` where its projection is split over clusters (a
+        :attr:`projection_split` of 2 or more) of two blocks or more. Without it each of the
+        ``head_split`` clusters reads the KV head's key and value rows of W_qkv, a quarter to two
         thirds of its W_qkv stream. With it cluster ``j = cluster % head_split`` of the KV head
         projects its query heads and, for ``j`` 0, the key (rotated and appended to the cache) or,
         for ``j`` 1, the value (appended), in slot ``G``; after B2 those two raise their flags in
@@ -325,15 +361,16 @@ class KernelSpec(BlockShape):
         cluster that folds in the new token waits for the flags of the heads it lacks, reads those
         heads back from the cache and counts each flag down by one. The clusters wait for each other: the
         grid must be resident at once, which the launcher checks before the first launch
-        (``co_resident``).
+        (``co_resident``). With ``shared_queries`` no flags: the clusters wait for each other's
+        queries after B2 (:attr:`projected_group`), by which time the cache rows are written.
 
-        ``split_kv_rows`` None (the rule) shares them out from a query split of
-        :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM`, where the grid fits the GPU at once
-        (:attr:`fits_at_once`)."""
-        if self.query_split < 2 or self.cluster_size < 2:
+        ``split_kv_rows`` None (the rule) shares them out with ``shared_queries``, and from a query
+        split of :data:`~clusterlab.fused.plan.KV_ROWS_SPLIT_FROM` where the grid fits the GPU at
+        once (:attr:`fits_at_once`)."""
+        if self.projection_split < 2 or self.cluster_size < 2:
             return False
         if self.split_kv_rows is None:
-            return self.query_split >= plan.KV_ROWS_SPLIT_FROM and self.fits_at_once
+            return self.shared_queries or (self.query_split >= plan.KV_ROWS_SPLIT_FROM and self.fits_at_once)
         return self.split_kv_rows
 
     @property
@@ -349,6 +386,11 @@ class KernelSpec(BlockShape):
     def attn_width(self) -> int:
         """Width of the cluster's attention output (its query heads side by side)."""
         return self.group * self.head_dim
+
+    @property
+    def projected_width(self) -> int:
+        """Width of the ``o`` a cluster projects with W_o: its :attr:`projected_group` heads side by side."""
+        return self.projected_group * self.head_dim
 
     @property
     def pipelined_kv(self) -> bool:
@@ -386,7 +428,7 @@ class KernelSpec(BlockShape):
         return gemv_tile("qkv projection", self.k_slice // 8, self.head_dim, self.batch)
 
     def o_tile(self):
-        return gemv_tile("output projection", self.attn_width // 8, self.out_rows, self.batch)
+        return gemv_tile("output projection", self.projected_width // 8, self.out_rows, self.batch)
 
     @property
     def inputs_interleaved(self) -> bool:
@@ -440,7 +482,7 @@ class KernelSpec(BlockShape):
     def partial_stride(self) -> int:
         """Words of a sequence's row of ``partial``: the cluster's rows, then ``sum(h^2)``, padded to
         a whole quad (16 bytes) so that the exchange pulls 16-byte-aligned quads."""
-        return self.rows + QUAD
+        return self.projected_rows + QUAD
 
     def smem_sizes(self) -> dict[str, int]:
         """Words (float32) of each shared region (see the module docstring)."""
@@ -450,7 +492,7 @@ class KernelSpec(BlockShape):
                 "qkv": b * self.rows, "state_m": b * g, "state_l": b * g, "state_acc": b * g * d,
                 "scratch_m": groups * g, "scratch_l": groups * g, "scratch_acc": groups * g * d,
                 "foreign_q": self.warps * g * d if self.work_queue else 0,
-                "o": b * self.attn_width}
+                "o": b * self.projected_width}
 
     def smem_layout(self) -> dict[str, int]:
         """Offsets (float32 words) of each shared region, and ``"total"``.
@@ -480,8 +522,8 @@ class KernelSpec(BlockShape):
     @property
     def arrival_words(self) -> int:
         """Arrival counters (int32) of one set of clusters: the finish's, one a rank, then the parts'
-        of each (KV head, rank)."""
-        return self.cluster_size * (1 + self.kv_heads)
+        of each (KV head, rank), then with ``shared_queries`` the queries' of each KV head."""
+        return self.cluster_size * (1 + self.kv_heads) + (self.kv_heads if self.shared_queries else 0)
 
     @property
     def queue_pairs(self) -> int:
@@ -509,10 +551,12 @@ class KernelSpec(BlockShape):
     def part_state_words(self) -> int:
         """Words (float32) of the parts' softmax states in device memory of one set of clusters (one
         word where :attr:`parts` is 1): ``acc [kv_heads, parts, batch, attn_width]``, then ``m`` and
-        ``l`` ``[kv_heads, parts, batch, group]`` each."""
+        ``l`` ``[kv_heads, parts, batch, group]`` each, then with ``shared_queries`` the queries
+        ``[kv_heads, batch, attn_width]``."""
         if self.parts == 1:
             return 1
-        return self.kv_heads * self.parts * self.batch * (self.attn_width + 2 * self.group)
+        queries = self.kv_heads * self.batch * self.attn_width if self.shared_queries else 0
+        return self.kv_heads * self.parts * self.batch * (self.attn_width + 2 * self.group) + queries
 
 
 def region_offsets(sizes: dict[str, int], at: int = 0) -> dict[str, int]:
@@ -1691,6 +1735,19 @@ def build_kernel(spec: KernelSpec):
     the cache, into slots ``G`` (key) and ``G + 1`` (value), and once all have, thread 0 counts each
     flag down by one. The launcher refuses a grid that does not fit at once.
 
+    With ``spec.shared_queries`` (:attr:`KernelSpec.projected_group`) the parts of a KV head's positions
+    share out its query heads: part ``p`` projects ``PG = G / PARTS`` of them (its ``partial`` rows, RoPE
+    pairs and W_qkv steps those and the K/V rows it owns), and phase 2 pushes them into their slots
+    among the ``G`` of ``qkv``. After B2 each block leaves its share of the cluster's heads in
+    ``part_states`` (after the parts' states, ``[KV_HEADS, BATCH, G * D]``), counts itself in on the KV
+    head's word after the set's others in ``arrivals``, waits for the ``PARTS * C`` blocks of its KV
+    head and reads the other parts' heads into ``qkv`` (the K/V rows it lacks, written before the
+    count, come back from the cache as with ``kv_rows_split``, without flags). Phase 4 leaves the
+    part's state as with the positions split; then every block counts itself in on its (KV head,
+    rank) word, waits for all ``PARTS``, merges its own ``PG`` heads' ``o`` from the states and
+    projects their W_o columns. The last of each word's second round of counts resets it. The
+    launcher refuses a grid that does not fit at once.
+
     With ``spec.work_queue`` (:attr:`KernelSpec.work_queue`, one cluster a KV head) a KV head's cached
     positions are not split by rank but taken in chunks of ``queue_rows`` from a ticket counter in
     device memory, after the sets' ``arrivals`` (:attr:`KernelSpec.queue_words`). After B2, warp 0 of
@@ -1727,6 +1784,9 @@ def build_kernel(spec: KernelSpec):
     ARRIVAL_WORDS, PART_STATE_WORDS = spec.arrival_words, spec.part_state_words()  # of a set
     PARTS, QUERY_SPLIT = spec.parts, spec.query_split  # HEAD_SPLIT = PARTS * QUERY_SPLIT
     SPLIT = PARTS > 1
+    # With shared_queries each part projects PG of the G query heads (and its W_o columns), PROJ_SPLIT
+    # clusters a KV head's projection; else PG = G and the projection's split is the query heads'
+    SHARED, PG, PROJ_SPLIT = spec.shared_queries, spec.projected_group, spec.projection_split
     G, ROWS, C, BATCH, WARPS, THREADS = spec.group, spec.rows, spec.cluster_size, spec.batch, spec.warps, spec.threads
     K_SLICE, OUT_ROWS, ATTN_WIDTH = spec.k_slice, spec.out_rows, spec.attn_width
     NEOX, BF16, BIAS = spec.neox, spec.bf16, spec.bias
@@ -1741,7 +1801,8 @@ def build_kernel(spec: KernelSpec):
     Q_SCALE = np.float32(math.log2(math.e) / math.sqrt(D))
     HALF = D // 2  # RoPE angles a position has
     KV_SPLIT = spec.kv_rows_split  # the clusters of a KV head share out its key and value heads
-    PAIRS = ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
+    PROJ_ROWS, PROJ_WIDTH = spec.projected_rows, spec.projected_width  # W_qkv rows, W_o columns a cluster
+    PAIRS = PROJ_ROWS // 2  # RoPE pairs of the cluster's rows (those of the value head are not rotated)
     PARTIAL_STRIDE = spec.partial_stride
     KEYS_PER_STEP = spec.keys_per_step
     # Where a step's cached keys and values are loaded: on the CUDA cores while the step before it is
@@ -1756,6 +1817,8 @@ def build_kernel(spec: KernelSpec):
     PART_STRIDE = BATCH * ATTN_WIDTH  # words of one part's acc
     PART_M = KV_HEADS * PARTS * PART_STRIDE
     PART_L = PART_M + KV_HEADS * PARTS * BATCH * G
+    PART_Q = PART_L + KV_HEADS * PARTS * BATCH * G  # shared_queries: the queries [KV_HEADS, BATCH, ATTN_WIDTH]
+    QUERIES = C * (1 + KV_HEADS)  # shared_queries: arrivals[QUERIES + kv_head] counts the blocks that handed theirs
     NEW_TOKEN_GROUP = WARPS * spec.attention_groups  # scratch groups NEW_TOKEN_GROUP + seq: sequence seq's new token
     layout = spec.smem_layout()
     XS, PARTIAL, QKV = layout["xs"], layout["partial"], layout["qkv"]
@@ -1775,7 +1838,7 @@ def build_kernel(spec: KernelSpec):
     qkv_tile, o_tile = spec.qkv_tile(), spec.o_tile()
     QKV_STEP_ROWS = qkv_tile.step_rows  # W_qkv rows a warp step covers
     QKV_STREAM = spec.qkv_stream
-    QKV_STEPS = ROWS // QKV_STEP_ROWS if QKV_STREAM else 0
+    QKV_STEPS = PROJ_ROWS // QKV_STEP_ROWS if QKV_STREAM else 0
     O_STEP_ROWS = o_tile.step_rows  # W_o rows a warp step covers
     O_STEPS = OUT_ROWS // O_STEP_ROWS if spec.o_stream else 0
     QKV_SCALED = scales_inputs(qkv_tile, BF16)
@@ -1784,9 +1847,9 @@ def build_kernel(spec: KernelSpec):
     to_f32 = ptx.bf16_to_f32 if BF16 else ptx.f16_to_f32
     qkv_load, qkv_finish, QKV_WORDS = make_gemv(BATCH, BF16, qkv_tile, x_stride=K_SLICE,
                                                 out_stride=PARTIAL_STRIDE, atomic=False,
-                                                norms=(PARTIAL + ROWS, PARTIAL_STRIDE),
+                                                norms=(PARTIAL + PROJ_ROWS, PARTIAL_STRIDE),
                                                 interleaved=spec.inputs_interleaved)
-    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=ATTN_WIDTH, out_stride=H, atomic=True,
+    o_load, o_finish, O_WORDS = make_gemv(BATCH, BF16, o_tile, x_stride=PROJ_WIDTH, out_stride=H, atomic=True,
                                           bounded=True)
     (kv_start, kv_load, kv_fold, kv_store, kv_publish, KV_WORDS, STATES, LANE_ACC, kv_fold_ahead,
      kv_load_keys) = _make_attention(spec)
@@ -1803,9 +1866,9 @@ def build_kernel(spec: KernelSpec):
 
     @cuda.jit(device=True, inline=True)
     def weight_row(query_block, row, kv_shift):
-        """W_qkv's row of the cluster's local ``row``; ``kv_shift`` is ``D`` where the cluster's slot G
-        holds the value head's rows (:attr:`KernelSpec.kv_rows_split`), else 0."""
-        return qkv_row(HEADS, KV_HEADS, D, QUERY_SPLIT, query_block, row + kv_shift if row >= G * D else row)
+        """W_qkv's row of the cluster's local ``row`` (of its ``PROJ_ROWS``); ``kv_shift`` is ``D`` where the
+        cluster's slot PG holds the value head's rows (:attr:`KernelSpec.kv_rows_split`), else 0."""
+        return qkv_row(HEADS, KV_HEADS, D, PROJ_SPLIT, query_block, row + kv_shift if row >= PG * D else row)
 
     @cuda.jit(device=True, inline=True)
     def cached_rows(positions, seq, seqs, capacity):
@@ -1817,10 +1880,12 @@ def build_kernel(spec: KernelSpec):
         return position if 0 <= position < capacity else -1
 
     @cuda.jit(device=True, inline=True)
-    def merge_parts(part_states, smem, kv_head, tid):
-        """``o`` in shared memory from the ``PARTS`` states of KV head ``kv_head`` (every element, as
-        phase 4 merges a cluster's blocks: the states weighted by ``exp2(m - m_max)``)."""
-        for e in range(tid, BATCH * ATTN_WIDTH, THREADS):
+    def merge_parts(part_states, smem, kv_head, head0, tid):
+        """``o`` in shared memory, ``[BATCH, PROJ_WIDTH]``, from the ``PARTS`` states of KV head
+        ``kv_head``'s query heads ``head0 .. head0 + PG`` (every element, as phase 4 merges a cluster's
+        blocks: the states weighted by ``exp2(m - m_max)``)."""
+        for o in range(tid, BATCH * PROJ_WIDTH, THREADS):
+            e = o // PROJ_WIDTH * ATTN_WIDTH + head0 * D + o % PROJ_WIDTH  # of the states' [BATCH, ATTN_WIDTH]
             state = e // ATTN_WIDTH * G + e % ATTN_WIDTH // D  # (sequence, head)
             first = kv_head * PARTS
             m_max = NEG
@@ -1832,7 +1897,41 @@ def build_kernel(spec: KernelSpec):
                 w = math.exp2(part_states[PART_M + p * BATCH * G + state] - m_max)
                 l_tot += w * part_states[PART_L + p * BATCH * G + state]
                 a_tot += w * part_states[p * PART_STRIDE + e]
-            smem[O + e] = a_tot / l_tot
+            smem[O + o] = a_tot / l_tot
+
+    @cuda.jit(device=True, inline=True)
+    def wait_for_parts(arrivals, word, parts):
+        """One thread of a block: counts the block in on ``arrivals[word]`` (a fence first: what the
+        block wrote before is visible to whoever sees the count), waits until ``parts`` blocks have,
+        and counts itself in again once past; the last of ``2 * parts`` sets the word back to zero,
+        when every block has passed. A fence after the wait orders what follows after the others'
+        writes."""
+        cuda.threadfence()  # release
+        cuda.atomic.add(arrivals, word, 1)
+        while cuda.atomic.add(arrivals, word, 0) < parts:
+            cuda.nanosleep(64)
+        cuda.threadfence()  # acquire
+        if cuda.atomic.add(arrivals, word, 1) == 2 * parts - 1:
+            arrivals[word] = 0
+
+    @cuda.jit(device=True, inline=True)
+    def hand_queries(part_states, arrivals, smem, kv_head, part, rank, tid):
+        """``shared_queries``: after B2, the block leaves its share (elements ``rank * THREADS + tid``
+        on, every ``C * THREADS``-th) of the cluster's ``PG`` query heads of every sequence in
+        ``part_states`` (the queries, ``[KV_HEADS, BATCH, ATTN_WIDTH]``), waits until every block of
+        the KV head's ``PARTS`` clusters has, and reads the other parts' heads into ``qkv``."""
+        queries = PART_Q + kv_head * (BATCH * ATTN_WIDTH)
+        for e in range(rank * THREADS + tid, BATCH * PROJ_WIDTH, C * THREADS):
+            at = e // PROJ_WIDTH * ATTN_WIDTH + part * PROJ_WIDTH + e % PROJ_WIDTH  # (sequence, query element)
+            part_states[queries + at] = smem[QKV + at // ATTN_WIDTH * ROWS + at % ATTN_WIDTH]
+        cuda.syncthreads()
+        if tid == 0:
+            wait_for_parts(arrivals, QUERIES + kv_head, PARTS * C)
+        cuda.syncthreads()
+        for at in range(tid, BATCH * ATTN_WIDTH, THREADS):
+            if at % ATTN_WIDTH // PROJ_WIDTH != part:
+                smem[QKV + at // ATTN_WIDTH * ROWS + at % ATTN_WIDTH] = part_states[queries + at]
+        cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
     def queue_chunks(positions, seq, seqs, capacity):
@@ -1969,16 +2068,17 @@ def build_kernel(spec: KernelSpec):
         cluster = block // C
         kv_head = cluster // HEAD_SPLIT
         part = cluster % HEAD_SPLIT if SPLIT else 0  # of the KV head's cached positions
-        query_block = kv_head if SPLIT else cluster  # its query heads query_block*G .., W_o columns *ATTN_WIDTH ..
+        # its projected query heads query_block*PG .., W_o columns query_block*PROJ_WIDTH ..
+        query_block = kv_head if SPLIT and not SHARED else cluster
         new_token = part == NEW_TOKEN_PART and rank == NEW_TOKEN_RANK  # folds in the new token
-        # With KV_SPLIT the cluster's role: 0 projects the key into slot G, 1 the value, 2 neither
-        # (its rows, pairs and W_qkv steps are the query heads' alone); without it, 0 and slot G + 1 too.
-        role = min(cluster % QUERY_SPLIT, 2) if KV_SPLIT else 0
+        # With KV_SPLIT the cluster's role: 0 projects the key into slot PG, 1 the value, 2 neither
+        # (its rows, pairs and W_qkv steps are the query heads' alone); without it, 0 and slot PG + 1 too.
+        role = min(cluster % PROJ_SPLIT, 2) if KV_SPLIT else 0
         kv_shift = D if role == 1 else 0
         qkv_steps = QKV_STEPS
         pairs = PAIRS
         if KV_SPLIT:
-            projected = G * D + (D if role < 2 else 0)
+            projected = PG * D + (D if role < 2 else 0)
             qkv_steps = projected // QKV_STEP_ROWS if QKV_STREAM else 0
             pairs = projected // 2
         flags = C * (1 + kv_head)  # KV_SPLIT: arrivals[flags + r] counts down the readers of role r's head
@@ -1996,10 +2096,10 @@ def build_kernel(spec: KernelSpec):
             qkv_load(w_qkv, weight_row(query_block, step * QKV_STEP_ROWS, kv_shift) * H + k0, H,
                      lane, qkv_words)
         cuda.syncthreads()
-        sum_squares(smem, RED, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
+        sum_squares(smem, RED, PARTIAL + PROJ_ROWS, PARTIAL_STRIDE, tid)
         if QKV_SCALED:  # see scales_inputs
             cuda.syncthreads()
-            scale_inputs(smem, XS, PARTIAL + ROWS, PARTIAL_STRIDE, tid)
+            scale_inputs(smem, XS, PARTIAL + PROJ_ROWS, PARTIAL_STRIDE, tid)
             cuda.syncthreads()
         stamp(stamps, tid, 1)  # inputs
         while step < qkv_steps:
@@ -2031,6 +2131,7 @@ def build_kernel(spec: KernelSpec):
         # (two 16-byte loads: the quad's rows `ra ..` and `rb ..` under NeoX, `ra .. ra + 7` under
         # GPT-J) and push the rotated values back to it (see make_exchange).
         units = owned_quads(pairs, rank, C) * BATCH
+        queries_at = part * PG * D if SHARED else 0  # the cluster's first query head among the G of qkv
         for lane_of_block in range(tid, exchange_lanes(units), THREADS):
             unit, peer = uint32(lane_of_block) // C, lane % C  # unsigned: see tid
             active = unit < units
@@ -2040,9 +2141,11 @@ def build_kernel(spec: KernelSpec):
             row = uint32(max(position, 0))  # where a valid position reads its angles and writes its cache row
             ra, rb, angle = rope_pair(D, NEOX, QUAD * quad)  # the quad's first pair; the others follow
             slot = ra // D
-            kind = slot + 1 if role == 1 and slot == G else slot  # the slot of these rows in W_qkv's terms
+            kind = slot + 1 if role == 1 and slot == PG else slot  # the slot of these rows in W_qkv's terms
             first, second = (ra, rb) if NEOX else (ra, ra + QUAD)
             partial = PARTIAL + seq * PARTIAL_STRIDE
+            # where they go in qkv: a query head of the cluster's to its slot among the G, k and v to G, G + 1
+            to_qkv = QKV + seq * ROWS + (queries_at if slot < PG else (G - PG) * D)
             xa = cuda.local.array(QUAD, float32)
             xb = cuda.local.array(QUAD, float32)
             ss = float32(0.0)
@@ -2051,7 +2154,7 @@ def build_kernel(spec: KernelSpec):
             if active:
                 lo0, lo1, lo2, lo3 = pull(smem, partial + first, peer)
                 hi0, hi1, hi2, hi3 = pull(smem, partial + second, peer)
-                ss = ptx.remote_load(smem, partial + ROWS, peer)
+                ss = ptx.remote_load(smem, partial + PROJ_ROWS, peer)
             if NEOX:  # pair i: rows ra + i, rb + i
                 xa[0], xa[1], xa[2], xa[3] = lo0, lo1, lo2, lo3
                 xb[0], xb[1], xb[2], xb[3] = hi0, hi1, hi2, hi3
@@ -2069,17 +2172,17 @@ def build_kernel(spec: KernelSpec):
                     xb[i] += to_f32(qkv_bias[weight_row(query_block, row_b, kv_shift)])
                 if not valid:
                     xa[i], xb[i] = NAN, NAN
-                if kind <= G and valid:  # query and key heads are rotated
+                if kind <= PG and valid:  # query and key heads are rotated
                     cos = rope[(row * 2) * HALF + angle + i]
                     sin = rope[(row * 2 + 1) * HALF + angle + i]
                     xa[i], xb[i] = xa[i] * cos - xb[i] * sin, xb[i] * cos + xa[i] * sin
-                if slot < G:
+                if slot < PG:
                     xa[i] *= Q_SCALE
                     xb[i] *= Q_SCALE
-                if active and peer == 0 and kind >= G and (KV_SPLIT or cluster % HEAD_SPLIT == 0) and valid:
+                if active and peer == 0 and kind >= PG and (KV_SPLIT or cluster % HEAD_SPLIT == 0) and valid:
                     # the first cluster of the KV head appends (with KV_SPLIT each cluster its own head)
                     cache_row = ((seq * KV_HEADS + kv_head) * uint32(capacity) + row) * D
-                    if kind == G:
+                    if kind == PG:
                         k_cache[cache_row + row_a % D] = to_bits(xa[i])
                         k_cache[cache_row + row_b % D] = to_bits(xb[i])
                     else:
@@ -2087,18 +2190,20 @@ def build_kernel(spec: KernelSpec):
                         v_cache[cache_row + row_b % D] = to_bits(xb[i])
             if active:
                 if NEOX:
-                    push(smem, QKV + seq * ROWS + first, peer, xa[0], xa[1], xa[2], xa[3])
-                    push(smem, QKV + seq * ROWS + second, peer, xb[0], xb[1], xb[2], xb[3])
+                    push(smem, to_qkv + first, peer, xa[0], xa[1], xa[2], xa[3])
+                    push(smem, to_qkv + second, peer, xb[0], xb[1], xb[2], xb[3])
                 else:
-                    push(smem, QKV + seq * ROWS + first, peer, xa[0], xb[0], xa[1], xb[1])
-                    push(smem, QKV + seq * ROWS + second, peer, xa[2], xb[2], xa[3], xb[3])
+                    push(smem, to_qkv + first, peer, xa[0], xb[0], xa[1], xb[1])
+                    push(smem, to_qkv + second, peer, xa[2], xb[2], xa[3], xb[3])
         stamp(stamps, tid, 4)  # rope + push
         ptx.cluster_arrive_release()
         ptx.cluster_wait_acquire()  # B2: q, k, v of the new token are in every block
-        if KV_SPLIT and role < 2 and rank == 0 and tid == 0:  # every block's share of its cache row is written
+        if KV_SPLIT and not SHARED and role < 2 and rank == 0 and tid == 0:  # every block's share of its row written
             cuda.threadfence()
             cuda.atomic.add(arrivals, flags + role, QUERY_SPLIT - 1)
-        stamp(stamps, tid, 5)  # B2 wait
+        if SHARED:
+            hand_queries(part_states, arrivals, smem, kv_head, part, rank, tid)
+        stamp(stamps, tid, 5)  # B2 wait (and the queries' hand-off)
 
         # -- 3 attention over this block's cached positions (online softmax) -----------------------------
         m = cuda.local.array(STATES, float32)
@@ -2179,7 +2284,7 @@ def build_kernel(spec: KernelSpec):
         if new_token and warp < BATCH:  # the new token of sequence `warp`, from shared memory
             seq = warp
             if KV_SPLIT:  # the heads this cluster lacks, from the cache once their flags are up
-                if lane == 0:
+                if lane == 0 and not SHARED:  # (SHARED: the hand-off waited for every cluster of the KV head)
                     for r in range(2):
                         if r != role:
                             while cuda.atomic.add(arrivals, flags + r, 0) == 0:
@@ -2208,7 +2313,7 @@ def build_kernel(spec: KernelSpec):
                     smem[SCRATCH_ACC + ((NEW_TOKEN_GROUP + seq) * G + head) * D + i] = smem[
                         QKV + seq * ROWS + (G + 1) * D + i]
         cuda.syncthreads()
-        if KV_SPLIT and new_token and tid == 0:  # every sequence's warp has read what it lacked: count down
+        if KV_SPLIT and not SHARED and new_token and tid == 0:  # each sequence's warp read what it lacked: count down
             for r in range(2):
                 if r != role:
                     cuda.atomic.sub(arrivals, flags + r, 1)
@@ -2243,8 +2348,8 @@ def build_kernel(spec: KernelSpec):
         step = warp
         stamp(stamps, tid, 7)  # block merge
         ptx.cluster_arrive_release()
-        if not SPLIT and step < O_STEPS:
-            o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH, HEADS * D,
+        if (SHARED or not SPLIT) and step < O_STEPS:
+            o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH, HEADS * D,
                    lane, o_words)
         ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete
         stamp(stamps, tid, 8)  # B3 wait
@@ -2315,25 +2420,31 @@ def build_kernel(spec: KernelSpec):
 
         # -- 5 o proj: this block's output rows, the cluster's heads' columns ----------------------------
         projects = True
-        if SPLIT:  # the last of the KV head's parts to arrive (at this rank) merges their states
+        if SHARED:  # every part, once all have left their states (at this rank), merges its own heads'
+            if tid == 0:
+                wait_for_parts(arrivals, C + kv_head * C + rank, PARTS)
+            cuda.syncthreads()
+            merge_parts(part_states, smem, kv_head, part * PG, tid)
+            cuda.syncthreads()
+        elif SPLIT:  # the last of the KV head's parts to arrive (at this rank) merges their states
             finish_arrive(arrivals, C + kv_head * C + rank, PARTS, last, tid)
             projects = last[0] == 1
             if projects:
                 cuda.threadfence()  # acquire: the other parts' states, written before their arrivals
                 if step < O_STEPS:
-                    o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH,
+                    o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH,
                            HEADS * D, lane, o_words)
-                merge_parts(part_states, smem, kv_head, tid)
+                merge_parts(part_states, smem, kv_head, 0, tid)
                 if tid == 0:
                     arrivals[C + kv_head * C + rank] = 0
                 cuda.syncthreads()
         while projects and step < O_STEPS:
-            w0 = (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH
+            w0 = (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH
             o_finish(o_words, w_o, w0, HEADS * D, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane,
                      seqs)
             step += WARPS
             if step < O_STEPS:
-                o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * ATTN_WIDTH,
+                o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH,
                        HEADS * D, lane, o_words)
         stamp(stamps, tid, 10)  # W_o stream + red.add
 
@@ -2343,7 +2454,7 @@ def build_kernel(spec: KernelSpec):
             clear(out, tid)
             stamp(stamps, tid, 11)
         elif projects:
-            finish_arrive(arrivals, rank, KV_HEADS * QUERY_SPLIT, last, tid)
+            finish_arrive(arrivals, rank, KV_HEADS * PROJ_SPLIT, last, tid)
             stamp(stamps, tid, 11)  # fence + arrive
             if last[0] == CONVERTS:
                 finish_convert(out, out_acc, arrivals, rank, seqs, tid)

@@ -49,6 +49,7 @@ from .plan import (
     launch_shape,
     queue_state_words,
     queue_words,
+    set_sequences,
 )
 from .validate import (check_cache, check_handoff, check_longest, check_outputs, check_positions, check_step,
                        check_weights, kernel_bits, known_longest, resolve_backend)
@@ -73,7 +74,7 @@ def kernel_launcher(spec):
 
     kernel = kernel_cache.jit(build_kernel, spec, (spec.threads, spec.min_blocks_per_sm))
     return launch(kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
-                  shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8, co_resident=spec.kv_rows_split)
+                  shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8, co_resident=spec.waits_across_clusters)
 
 
 class DecodeAttention:
@@ -92,10 +93,11 @@ class DecodeAttention:
     :data:`~clusterlab.fused.plan.HOPPER`). ``kernel_options``: how the kernel runs a step where
     the launch rule would choose otherwise, its outputs correct either way (the names and values of
     :data:`~clusterlab.fused.plan.KERNEL_CHOICES`: ``attention_mma``, ``kv_pipeline``, ``registers``,
-    ``overlay``, ``interleave_inputs``, ``split_positions``, ``split_kv_rows``, ``batch_parts``, ``work_queue``,
-    ``queue_rows``), for measurements such as ``clusterlab bench fused --spec registers=168``; the
-    simulator backend checks them and runs its dataflow (with or without the positions split or the
-    work queue; the clusters of a KV head always project both its key and value heads there).
+    ``overlay``, ``interleave_inputs``, ``split_positions``, ``shared_queries``, ``split_kv_rows``, ``batch_parts``,
+    ``work_queue``, ``queue_rows``), for measurements such as ``clusterlab bench fused --spec registers=168``;
+    the simulator backend checks them and runs its dataflow (with or without the positions split or the
+    work queue; the clusters of a KV head always project both its key and value heads there, and each
+    part of a positions split all its query heads).
 
     One layer object owns a float32 ``out_acc`` workspace, arrival counters (and the work queue's
     words), a buffer of softmax states (for ``split_positions`` and the work queue) and a positions
@@ -131,13 +133,17 @@ class DecodeAttention:
             # and after them the work queue's words (KernelSpec.queue_words) at the largest batch
             queue = self.kernel_options.get("work_queue", False)
             pairs = MAX_BATCH * config.kv_heads if queue else 0
-            arrivals = MAX_BATCH_PARTS * max(CLUSTER_SIZES) * (1 + config.kv_heads)
+            arrivals = MAX_BATCH_PARTS * (max(CLUSTER_SIZES) * (1 + config.kv_heads) + config.kv_heads)
             self._arrivals = torch.zeros(arrivals + queue_words(pairs), dtype=torch.int32, device=device)
-            # the parts' softmax states (KernelSpec.part_state_words) at the largest batch, for the head split
-            # given or the largest the rule chooses (all the query heads), a state (head_dim + 2 words) of each;
-            # at least a word for each set of clusters; then the work queue's (KernelSpec.queue_state_words)
+            # the parts' softmax states (KernelSpec.part_state_words) for every sequence of the sets (phantoms
+            # too), for the head split given or the largest the rule chooses (all the query heads), a state
+            # (head_dim + 2 words) of each, and the queries the parts hand each other (shared_queries: a
+            # head_dim each); at least a word for each set of clusters; then the work queue's
+            # (KernelSpec.queue_state_words)
             parts = (head_split or config.group_size) if split_positions else 0
-            words = config.kv_heads * parts * MAX_BATCH * config.group_size * (config.head_dim + 2)
+            shared = self.kernel_options.get("shared_queries", False)
+            words = config.kv_heads * set_sequences() * config.group_size * (
+                parts * (config.head_dim + 2) + (config.head_dim if shared else 0))
             states = queue_state_words(pairs, config.group_size, config.head_dim)
             self._part_states = torch.empty(max(MAX_BATCH_PARTS, words) + states, dtype=torch.float32, device=device)
             self._positions = torch.zeros(MAX_BATCH, dtype=torch.int32, device=device)

@@ -311,6 +311,9 @@ KERNEL_CHOICES = {
                          "32 consecutive words a load (False: the default)",
     "split_positions": "True or False: the head split's clusters (then any number from 1 to 16) split a KV head's "
                        "cached positions, each with all its query heads (False: its query heads; the default)",
+    "shared_queries": "True or False: with split_positions, the parts (then a divisor of the query heads a KV head) "
+                      "share out the query projection and hand each other their queries through device memory "
+                      "(False: each projects all of them; the default)",
     "split_kv_rows": "None, True or False: where clusters split a KV head's query heads, the first projects its "
                      "key, the second its value, the others neither, each reading what it lacks from the cache "
                      f"(None: the rule's, from a split of {KV_ROWS_SPLIT_FROM} where the grid fits the GPU at once)",
@@ -342,7 +345,7 @@ MLA_KERNEL_CHOICES = {
 }
 
 #: Choices that are True or False only (the others also take None, the rule's choice, or an int).
-SWITCHES = ("overlay", "interleave_inputs", "split_positions", "work_queue", "one_launch")
+SWITCHES = ("overlay", "interleave_inputs", "split_positions", "shared_queries", "work_queue", "one_launch")
 
 
 def check_kernel_options(options, choices: dict = KERNEL_CHOICES) -> dict:
@@ -391,11 +394,30 @@ def set_batch(batch: int, sets: int) -> int:
     return -(-batch // sets)
 
 
+def set_sequences(batch: int = MAX_BATCH) -> int:
+    """Most sequences the sets of clusters of a step of up to ``batch`` sequences hold together,
+    phantoms included: ``batch_parts`` sets of :func:`set_batch` each, over every split that
+    :func:`check_batch_parts` allows (9 for 8: a batch of 7 or 8 in three sets of 3). What a buffer
+    with a slice for each sequence of every set must hold."""
+    return max(set_batch(b, s) * s for b in range(1, batch + 1) for s in range(1, b + 1)
+               if (s - 1) * set_batch(b, s) < b)
+
+
 def check_work_queue(head_split: int, split_positions: bool) -> None:
     """The work queue takes a cluster a KV head: ``head_split`` 1, the positions not split."""
     if head_split != 1 or split_positions:
         raise ValueError(f"work_queue takes a cluster a KV head (head_split 1, no split_positions), got head_split "
                          f"{head_split!r}, split_positions {split_positions!r}")
+
+
+def check_shared_queries(config: AttentionConfig, head_split: int, split_positions: bool) -> None:
+    """``shared_queries`` shares a KV head's query heads out evenly over the parts of its positions:
+    ``split_positions``, and a ``head_split`` of 2 or more that divides them."""
+    if not split_positions or head_split < 2 or config.group_size % head_split:
+        allowed = [s for s in range(2, config.group_size + 1) if config.group_size % s == 0]
+        raise ValueError(f"shared_queries takes split_positions and a head_split that divides the {config.group_size} "
+                         f"query heads of a KV head (one of {allowed}), got head_split {head_split!r}, "
+                         f"split_positions {split_positions!r}")
 
 
 def check_batch_parts(batch: int, batch_parts) -> None:
