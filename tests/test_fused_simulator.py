@@ -33,7 +33,7 @@ from clusterlab.fused.plan import (
     new_token_rank,
 )
 from clusterlab.fused.reference import relative_error
-from clusterlab.fused.simulated import queue_claims, simulated_step
+from clusterlab.fused.simulated import SHARED_STAGES, queue_claims, simulated_step
 
 # Tolerance: every output is rounded once to the activation dtype (relative 2^-11 for float16,
 # 2^-8 for bfloat16), on top of float32 arithmetic; the norm of that rounding error is about a
@@ -155,7 +155,8 @@ def test_trace_shows_four_cluster_barriers_and_the_dsmem_exchanges():
 
 
 def test_kernel_and_simulator_head_their_phases_alike():
-    """Kernel and simulator model mark each phase with the same ``# -- N name: what`` line, in order."""
+    """Kernel and simulator model mark each phase with the same ``# -- N name: what`` line, in order
+    (the model's block program in its three stretches, then the step's finish)."""
     from clusterlab.fused import kernel, simulated
 
     def headers(*functions):
@@ -165,7 +166,7 @@ def test_kernel_and_simulator_head_their_phases_alike():
     steps = ["1 qkv", "2 rope", "3 attention", "4 merge", "5 o proj", "6 finish"]
     in_kernel = headers(kernel.build_kernel)
     assert [header.removeprefix("# -- ")[: len(step)] for header, step in zip(in_kernel, steps)] == steps
-    assert headers(simulated.decode_block, simulated.simulated_step) == in_kernel
+    assert headers(simulated.project, simulated.attend, simulated.project_o, simulated.simulated_step) == in_kernel
 
 
 @pytest.mark.parametrize("cached", [0, 1, 15, 16, 17, 1000, 32767])
@@ -452,6 +453,74 @@ def test_the_layer_runs_the_position_split_on_the_simulator():
     simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, traces, head_split, False, True)
     assert [trace.title for trace in traces] == [f"decode step, KV head {g} positions {s}" for g in (0, 1)
                                                  for s in (0, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case, batch_parts", [(CASES[3], 1), (CASES[4], 1), (CASES[5], 1), (CASES[3], 2)],
+                         ids=["split2", "gptj-split4", "qwen2-like-split7", "split2-sets"])
+def test_shared_queries_on_the_simulator_match_the_reference(case, batch_parts, dtype):
+    """``shared_queries``: each part projects its share of the query heads and hands them over, all
+    parts attend with every head over their share of the positions and project their own heads;
+    ragged batches with an empty cache, QKV bias, GPT-J's RoPE, sets of clusters (the last with
+    fewer sequences); a cache row appended for every sequence. The trace has each cluster's three
+    stretches, every cluster of a set through one before the next."""
+    config, cluster_size, batch, head_split = case
+    batch = max(batch, 3)
+    gen = torch.Generator().manual_seed(head_split)
+    positions = torch.randint(1, 4 * POSITION_ALIGN * cluster_size, (batch,), generator=gen, dtype=torch.int32)
+    positions[1] = 0
+    weights = AttentionWeights.random(config, dtype)
+    cache = KVCache.random(config, batch, int(positions.max()) + 3, dtype)
+    before = cache.clone()
+    hidden, residual = torch.randn(2, batch, config.hidden_size).to(dtype)
+    want = reference_step(config, weights, hidden, residual, before, positions)
+    traces = []
+    out, new_residual = simulated_step(config, weights, hidden, residual, cache, positions, cluster_size, traces,
+                                       head_split, split_positions=True, batch_parts=batch_parts,
+                                       shared_queries=True)
+    assert relative_error(out, want.out) < TOLERANCE
+    assert relative_error(new_residual, want.residual) < TOLERANCE
+    rows = torch.arange(batch)
+    assert relative_error(cache.k[rows, :, positions], want.k) < TOLERANCE
+    assert relative_error(cache.v[rows, :, positions], want.v) < TOLERANCE
+    clusters = config.kv_heads * head_split
+    stages = [trace.title.rsplit(", ", 1)[1] for trace in traces]
+    assert stages == [stage for _ in range(batch_parts) for stage in SHARED_STAGES for _ in range(clusters)]
+
+
+def test_shared_queries_are_refused_where_the_parts_do_not_divide_the_query_heads():
+    """``shared_queries`` without ``split_positions``, or with parts that do not divide ``G`` (3 of a
+    Qwen2-like KV head's 7), is refused by name before anything runs, on the layer and the step."""
+    config, cluster_size, batch, _ = CASES[5]
+    weights = AttentionWeights.random(config, torch.float16)
+    hidden, residual = torch.randn(2, batch, config.hidden_size).half()
+    cache = KVCache.random(config, batch, 8, torch.float16)
+    message = r"shared_queries takes split_positions and a head_split that divides the 7 query heads"
+    with pytest.raises(ValueError, match=message + r".*got head_split 3, split_positions True"):
+        simulated_step(config, weights, hidden, residual, cache, 3, cluster_size, head_split=3, split_positions=True,
+                       shared_queries=True)
+    with pytest.raises(ValueError, match=message + r".*got head_split 7, split_positions False"):
+        simulated_step(config, weights, hidden, residual, cache, 3, cluster_size, head_split=7, shared_queries=True)
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=3,
+                            kernel_options={"split_positions": True, "shared_queries": True})
+    with pytest.raises(ValueError, match=message):
+        layer(hidden, residual, cache, 3)
+
+
+def test_the_layer_runs_shared_queries_on_the_simulator():
+    """``kernel_options={"split_positions": True, "shared_queries": True}`` reaches the simulator
+    backend, and its hand-off runs there too: float32 sums in and out."""
+    config, cluster_size, batch, head_split = CASES[5]
+    weights = AttentionWeights.random(config, torch.float16, seed=7)
+    layer = DecodeAttention(config, weights, cluster_size=cluster_size, head_split=head_split,
+                            kernel_options={"split_positions": True, "shared_queries": True})
+    assert layer.kernel_spec(torch.float16, batch).shared_queries
+    hidden, residual, cache, positions = _step_matches_reference(layer, batch)
+    sums = torch.randn(batch, config.hidden_size)
+    want = reference_step(config, weights, sums.half(), residual, cache.clone(), positions)
+    sums_out, clear = torch.zeros(batch, config.hidden_size), torch.full((batch, config.hidden_size), float("nan"))
+    layer.handoff(sums, residual, cache, positions, sums_out=sums_out, clear=clear)
+    assert relative_error(sums_out, want.out) < TOLERANCE and (clear == 0).all()
 
 
 @pytest.mark.parametrize("head_split, split_positions", [(1, False), (2, False), (2, True)])

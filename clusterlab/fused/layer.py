@@ -96,8 +96,8 @@ class DecodeAttention:
     ``overlay``, ``interleave_inputs``, ``split_positions``, ``shared_queries``, ``split_kv_rows``, ``batch_parts``,
     ``work_queue``, ``queue_rows``), for measurements such as ``clusterlab bench fused --spec registers=168``;
     the simulator backend checks them and runs its dataflow (with or without the positions split or the
-    work queue; the clusters of a KV head always project both its key and value heads there, and each
-    part of a positions split all its query heads).
+    work queue, with or without the parts sharing out the query projection; the clusters of a KV head
+    always project both its key and value heads there).
 
     One layer object owns a float32 ``out_acc`` workspace, arrival counters (and the work queue's
     words), a buffer of softmax states (for ``split_positions`` and the work queue) and a positions
@@ -323,7 +323,7 @@ class DecodeAttention:
         return simulated_step(self.config, self.weights, hidden, residual, cache, positions, spec.cluster_size,
                               head_split=spec.head_split, handoff=handoff, split_positions=spec.split_positions,
                               batch_parts=spec.batch_parts, work_queue=spec.work_queue,
-                              queue_rows=spec.queue_rows)
+                              queue_rows=spec.queue_rows, shared_queries=spec.shared_queries)
 
     def _require_kernel(self, what: str) -> None:
         if self.backend != "gpu":
