@@ -191,9 +191,9 @@ def test_bench_fused_takes_jobs_from_the_command_line(capsys):
 
 
 def test_the_ablation_switches_off_parts_of_the_kernel_each_length_runs():
-    """At a long cache a step takes another launch shape and sets of clusters (the rule's pairs for
-    Qwen2.5-7B at batch 8 from 16K): the ablation times variants of that kernel, not of the short
-    caches' one."""
+    """At a long cache a step takes another kernel (the rule's positions split with the query
+    projection shared out for Qwen2.5-7B at batch 8, in the short caches' launch shape): the ablation
+    times variants of that kernel, not of the short caches' one."""
     import dataclasses
 
     import torch
@@ -208,4 +208,6 @@ def test_the_ablation_switches_off_parts_of_the_kernel_each_length_runs():
         assert full == layer.kernel_spec(torch.float16, 8, longest=kv_len)
         assert specs == {name: dataclasses.replace(full, **switches) for name, switches in ABLATIONS.items()}
     short, long = (ablation_specs(layer, torch.float16, 8, n)["full kernel"] for n in (1024, 16384))
-    assert (long.batch_parts, long.cluster_size, long.warps) == (4, 16, 4) and short.batch_parts == 1
+    assert (long.batch_parts, long.cluster_size, long.warps, long.head_split, long.shared_queries) == (1, 4, 8, 7, True)
+    assert (short.batch_parts, short.cluster_size, short.warps, short.head_split, short.shared_queries) == (
+        1, 4, 8, 7, False)

@@ -17,8 +17,9 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, check_kernel_options,
-                                   launch_shape, set_batch)
+from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_FROM,
+                                   SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape, set_batch,
+                                   shared_queries_shape, shares_queries)
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -696,6 +697,32 @@ def test_shared_queries_take_a_position_split_that_divides_the_query_heads():
         check_kernel_options({"shared_queries": None})
 
 
+def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_from_batch_4():
+    """``plan.shares_queries``: Qwen2.5-7B (4 KV heads: one cluster of 16 each fills 64 of 132 SMs) from
+    a batch of ``SHARED_QUERIES_FROM`` (4) at its long-cache rows takes 4 x 8 warps x 7 parts, the
+    query projection shared out; below those rows, below that batch, and at the presets whose KV heads
+    fill the GPU, never; nor where the 28 clusters of 4 would not all fit at once (112 SMs for such
+    clusters hold them, 108 do not) or half the SMs would not hold the KV heads' clusters of 16."""
+    import dataclasses
+
+    assert (SHARED_QUERIES_FROM, SHARED_QUERIES_SHAPE) == (4, (4, 8))
+    for batch in range(1, 9):
+        long = LONG_CACHE[batch - 1]
+        assert shares_queries(QWEN2_5_7B, batch, long) == (batch >= 4)
+        assert not shares_queries(QWEN2_5_7B, batch, long - 1) and not shares_queries(QWEN2_5_7B, batch, None)
+        for config in (LLAMA2_7B, LLAMA3_8B, LLAMA3_2_1B):
+            assert not shares_queries(config, batch, 32768)
+    assert shared_queries_shape(QWEN2_5_7B) == (4, 8, 7)
+    for sms, fits in ((112, True), (108, False)):
+        limits = dataclasses.replace(HOPPER, cluster_sms=HOPPER.cluster_sms[:2] + (sms, sms, 100))
+        assert shares_queries(QWEN2_5_7B, 8, 32768, limits) == fits
+    fewer = dataclasses.replace(HOPPER, sm_count=127, cluster_sms=(127, 127, 120, 120, 112))
+    assert not shares_queries(QWEN2_5_7B, 8, 32768, fewer)  # 4 clusters of 16 on more than 63 SMs
+    spec = KernelSpec.of(QWEN2_5_7B, False, 8, *shared_queries_shape(QWEN2_5_7B), split_positions=True,
+                         shared_queries=True)
+    assert spec.fits_at_once and spec.clusters * spec.cluster_size == 112 and spec.min_blocks_per_sm == 1
+
+
 def test_the_rule_shares_out_the_kv_rows_from_a_split_of_three_where_the_grid_fits_at_once():
     """``split_kv_rows`` None (the default): the K/V rows are shared out from a query split of
     ``KV_ROWS_SPLIT_FROM`` (3), so at Qwen2.5-7B's split of 7 at every batch, not at the splits of 2
@@ -824,6 +851,23 @@ def test_shared_queries_match_the_reference(config, batch, dtype, options, steps
     assert spec.parts == spec.head_split and spec.projected_group * spec.parts == spec.group == config.group_size
     assert spec.kv_rows_split == kernel_options.get("split_kv_rows", True)
     _check_steps(layer, dtype, batch, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, dtype, steps", [(5, torch.float16, [[4100, 0, 17, 300, 1]]),
+                                                 (7, torch.bfloat16, [[5000, 0, 1, 129, 300, 4095, 9000]]),
+                                                 (4, torch.float16, [[16384, 0, 4097, 77]])],
+                         ids=["b5-f16", "b7-bf16", "b4-f16-16k"])
+def test_the_rule_s_shared_queries_at_qwen_s_long_caches_match_the_reference(batch, dtype, steps):
+    """The launch rule's own shared split at Qwen2.5-7B's long caches (told the longest row): 28 clusters
+    of 4 x 8 warps, one set, at batches the benchmarks did not time, ragged with empty caches."""
+    weights = AttentionWeights.random(QWEN2_5_7B, dtype, "cuda", seed=53)
+    layer = DecodeAttention(QWEN2_5_7B, weights)
+    longest = max(steps[0]) + 1
+    assert layer.shares_queries(batch, longest) and layer.shape(batch, longest) == (4, 8, 7)
+    spec = layer.kernel_spec(dtype, batch, longest)
+    assert spec.shared_queries and spec.split_positions and spec.batch_parts == 1
+    _check_steps(layer, dtype, batch, steps, hint=True)
 
 
 @pytest.mark.gpu

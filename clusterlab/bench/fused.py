@@ -100,6 +100,9 @@ class BenchRow:
     options: str = ""
     #: sets of clusters the batch was split over (``KernelSpec.batch_parts``)
     batch_parts: int = 1
+    #: whether the head split's clusters split the positions, sharing out the query projection
+    #: (``KernelSpec.shared_queries``: the options', or the rule's at long caches)
+    shared_queries: bool = False
 
     @property
     def fraction_of_copy_bw(self) -> float:
@@ -365,9 +368,11 @@ def run_bench(
                 print(f"{name} {dtype_name} batch {batch}: variant {given} skipped: {exc}", flush=True)
                 break
             cluster_size, warps, head_split = run.sets[0]["fused"].shape(batch, **run.hint)
-            parts = run.sets[0]["fused"].batch_parts(batch, **run.hint) if _family(config) is not _MLA else 1
-            if (cluster_size, warps, head_split, parts) != shown:
-                shown = (cluster_size, warps, head_split, parts)
+            mla = _family(config) is _MLA
+            parts = run.sets[0]["fused"].batch_parts(batch, **run.hint) if not mla else 1
+            shared = not mla and run.sets[0]["fused"].shares_queries(batch, **run.hint)
+            if (cluster_size, warps, head_split, parts, shared) != shown:
+                shown = (cluster_size, warps, head_split, parts, shared)
                 fit = run.clusters_fit()
                 third = (f"head split {head_split}: {fit[0]} clusters launched, {fit[1]} fit at once" if fit
                          else f"{head_split} attention clusters of "
@@ -376,6 +381,8 @@ def run_bench(
                     share = set_batch(batch, parts)
                     last = batch - (parts - 1) * share
                     third += f", {parts} sets of {share} sequences" + (f" (the last {last})" if last < share else "")
+                if shared and not label:  # the rule's (plan.shares_queries), not asked for by name
+                    third += ", positions split, query projection shared out"
                 print(f"{name} {dtype_name} batch {batch}: clusters of {cluster_size} x {warps} warps, {third}"
                       + (f" [{label}]" if label else ""), flush=True)
             err = run.error()
@@ -384,7 +391,7 @@ def run_bench(
                 len(run.sets), fused_us=graph_time_us(run.fused, warmup=len(run.sets)),
                 torch_us=graph_time_us(functools.partial(run.torch, is_ragged), warmup=len(run.sets)),
                 floor_us=step_bytes / bandwidth * 1e6, rel_err=err,
-                options=label, batch_parts=parts,
+                options=label, batch_parts=parts, shared_queries=shared,
             )
             rows.append(row)
             print(_format_row(row), flush=True)
@@ -424,9 +431,9 @@ def _write(rows, bandwidth, l2_bytes: int, out_dir: Path, tag: str, info: dict) 
 
 
 def variant_key(row: BenchRow) -> tuple:
-    """What tells apart the fused kernels a run times at one (preset, dtype, batch): the launch shape
-    and the options."""
-    return row.cluster_size, row.warps, row.head_split, row.options
+    """What tells apart the fused kernels a run times at one (preset, dtype, batch): the launch shape,
+    whether the split shares out the query projection, and the options."""
+    return row.cluster_size, row.warps, row.head_split, row.shared_queries, row.options
 
 
 def _plot(rows, record, path: Path) -> None:
@@ -445,8 +452,9 @@ def _plot(rows, record, path: Path) -> None:
             kernels = list(dict.fromkeys(variant_key(r) for r in mine if r.batch == batch))
             for j, kernel in enumerate(kernels):
                 its = [r for r in even if variant_key(r) == kernel]
-                c, w, s, options = kernel
-                name = f" {c}x{w}x{s}" + (f" [{options}]" if options else "") if len(kernels) > 1 else ""
+                c, w, s, shared, options = kernel
+                split = " queries shared" if shared and not options else ""  # the rule's (plan.shares_queries)
+                name = f" {c}x{w}x{s}{split}" + (f" [{options}]" if options else "") if len(kernels) > 1 else ""
                 ax.plot([r.kv_len for r in its], [r.fused_us for r in its], "o^vDsP"[j % 6] + "-", color=color,
                         alpha=1 - 0.3 * (j > 0), label=f"fused, batch {batch}{name}")
             baseline: dict = {}  # the PyTorch step and the floor once a KV length: its first row (the

@@ -35,7 +35,7 @@ import functools
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, AttentionConfig, AttentionWeights, KVCache, check_dtype, rope_table
+from .config import MAX_BATCH, MAX_POSITIONS, AttentionConfig, AttentionWeights, KVCache, check_dtype, rope_table
 from .plan import (
     CLUSTER_SIZES,
     MAX_BATCH_PARTS,
@@ -50,6 +50,8 @@ from .plan import (
     queue_state_words,
     queue_words,
     set_sequences,
+    shared_queries_shape,
+    shares_queries,
 )
 from .validate import (check_cache, check_handoff, check_longest, check_outputs, check_positions, check_step,
                        check_weights, kernel_bits, known_longest, resolve_backend)
@@ -122,7 +124,8 @@ class DecodeAttention:
         self.config, self.weights, self.backend = config, weights, backend
         # None: chosen per batch by shape()
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
-        self._specs: dict = {}  # (dtype, batch, shape) -> KernelSpec
+        self._specs: dict = {}  # (dtype, batch, shape, batch_parts, shares_queries) -> KernelSpec
+        self._shared_builds: dict = {}  # batch -> whether the rule's shared split can be built
         self._kernels: dict = {}  # ((dtype, batch, shape), handoff) -> launcher
         if backend == "gpu":
             from ..gpu import require_hopper
@@ -136,12 +139,13 @@ class DecodeAttention:
             arrivals = MAX_BATCH_PARTS * (max(CLUSTER_SIZES) * (1 + config.kv_heads) + config.kv_heads)
             self._arrivals = torch.zeros(arrivals + queue_words(pairs), dtype=torch.int32, device=device)
             # the parts' softmax states (KernelSpec.part_state_words) for every sequence of the sets (phantoms
-            # too), for the head split given or the largest the rule chooses (all the query heads), a state
-            # (head_dim + 2 words) of each, and the queries the parts hand each other (shared_queries: a
-            # head_dim each); at least a word for each set of clusters; then the work queue's
-            # (KernelSpec.queue_state_words)
-            parts = (head_split or config.group_size) if split_positions else 0
-            shared = self.kernel_options.get("shared_queries", False)
+            # too), for the head split given or the largest the rule chooses (all the query heads; a part a
+            # query head where the rule may share them out: shares_queries), a state (head_dim + 2 words) of
+            # each, and the queries the parts hand each other (shared_queries: a head_dim each); at least a
+            # word for each set of clusters; then the work queue's (KernelSpec.queue_state_words)
+            ruled = self._rule_may_share_queries()
+            parts = (head_split or config.group_size) if split_positions else (config.group_size if ruled else 0)
+            shared = self.kernel_options.get("shared_queries", False) or ruled
             words = config.kv_heads * set_sequences() * config.group_size * (
                 parts * (config.head_dim + 2) + (config.head_dim if shared else 0))
             states = queue_state_words(pairs, config.group_size, config.head_dim)
@@ -228,12 +232,50 @@ class DecodeAttention:
         """
         check_positions(positions.cpu(), cache.batch, cache.capacity, torch.device("cpu"))
 
+    def shares_queries(self, batch: int, longest: int | None = None) -> bool:
+        """Whether a step of ``batch`` sequences, the longest attending to ``longest`` rows, runs the
+        positions split with the query projection shared out (``shared_queries``): where the kernel
+        options say so, else where the rule takes it (:func:`~clusterlab.fused.plan.shares_queries`,
+        at long caches of a model with few KV heads; not where the constructor is given a launch
+        shape, or the options a split: ``split_positions``, ``batch_parts``, ``work_queue``)."""
+        check_longest(longest)
+        return self.kernel_options.get("shared_queries", False) or self._rule_shares_queries(batch, longest)
+
+    def _rule_shares_queries(self, batch: int, longest: int | None) -> bool:
+        """:func:`~clusterlab.fused.plan.shares_queries` where the rule chooses the split (:meth:`shares_queries`)
+        and the split's kernel can be built for this model and GPU."""
+        return (self._rule_may_share_queries() and shares_queries(self.config, batch, longest, self.limits)
+                and self._shared_queries_build(batch))
+
+    def _rule_may_share_queries(self) -> bool:
+        """Whether the rule is free to choose the split and takes the shared one at some batch."""
+        chosen = (self.cluster_size, self.warps, self.head_split) != (None, None, None) or any(
+            name in self.kernel_options for name in ("split_positions", "shared_queries", "batch_parts", "work_queue"))
+        return not chosen and shares_queries(self.config, MAX_BATCH, MAX_POSITIONS, self.limits)
+
+    def _shared_queries_build(self, batch: int) -> bool:
+        """Whether the kernel of the rule's shared split (:func:`~clusterlab.fused.plan.shared_queries_shape`)
+        can be built for ``batch`` sequences of this model on this GPU (hidden slices, shared memory)."""
+        from .kernel import KernelSpec
+
+        if batch not in self._shared_builds:
+            try:
+                KernelSpec.of(self.config, False, batch, *shared_queries_shape(self.config), limits=self.limits,
+                              **{**self.kernel_options, "split_positions": True, "shared_queries": True})
+                self._shared_builds[batch] = True
+            except ValueError:
+                self._shared_builds[batch] = False
+        return self._shared_builds[batch]
+
     def shape(self, batch: int, longest: int | None = None) -> tuple[int, int, int]:
         """``(cluster_size, warps, head_split)`` a step of ``batch`` sequences runs with, the
         longest of them attending to ``longest`` rows where known: the constructor's values where
         given, else :func:`~clusterlab.fused.plan.launch_shape` for this GPU's SM count (which
-        checks the batch)."""
+        checks the batch), or where the rule shares out the query projection (:meth:`shares_queries`)
+        :func:`~clusterlab.fused.plan.shared_queries_shape`, its ``head_split`` the parts."""
         check_longest(longest)
+        if self._rule_shares_queries(batch, longest):
+            return shared_queries_shape(self.config)
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
                                                        self.head_split, longest,
                                                        self.kernel_options.get("batch_parts"), self.limits.l2_bytes)
@@ -247,6 +289,8 @@ class DecodeAttention:
         an odd batch so in pairs from a batch of 5, else only where one set leaves half the SMs idle or
         the weights fit in half the L2, its last set a sequence short)."""
         check_longest(longest)
+        if self._rule_shares_queries(batch, longest):
+            return 1
         return self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
                                                                     self.head_split, self.limits.sm_count,
                                                                     self.limits.l2_bytes)
@@ -267,20 +311,23 @@ class DecodeAttention:
         return self._launcher(self._key(dtype, batch, longest), handoff)
 
     def _key(self, dtype: torch.dtype, batch: int, longest: int | None) -> tuple:
-        """``(dtype, batch, shape, batch_parts)``: what a step's kernel is planned and built for, the
-        launch shape computed once a step."""
-        return dtype, batch, self.shape(batch, longest), self.batch_parts(batch, longest)
+        """``(dtype, batch, shape, batch_parts, shares_queries)``: what a step's kernel is planned and
+        built for, the launch shape computed once a step."""
+        return (dtype, batch, self.shape(batch, longest), self.batch_parts(batch, longest),
+                self.shares_queries(batch, longest))
 
     def _spec(self, key: tuple):
         """:meth:`kernel_spec` of a :meth:`_key`."""
         from .kernel import KernelSpec
 
         if key not in self._specs:
-            dtype, batch, (cluster_size, warps, head_split), batch_parts = key
+            dtype, batch, (cluster_size, warps, head_split), batch_parts, shared = key
+            options = {**self.kernel_options, "batch_parts": batch_parts}
+            if shared:
+                options.update(split_positions=True, shared_queries=True)
             try:
                 self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
-                                                 head_split, limits=self.limits,
-                                                 **{**self.kernel_options, "batch_parts": batch_parts})
+                                                 head_split, limits=self.limits, **options)
             except ValueError as exc:
                 options = "".join(f", {k}={v}" for k, v in self.kernel_options.items())
                 raise ValueError(f"a {dtype} step of batch {batch} with cluster_size={cluster_size}, warps={warps}, "

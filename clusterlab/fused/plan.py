@@ -22,6 +22,10 @@ rank`` of ``S*C`` (:func:`attention_range`), and phase 4 leaves each part's soft
 memory; whichever part arrives last (at each rank, counted on a counter) merges the S states and
 runs phase 5 with the W_o columns of all G heads. Nothing is read twice but W_q's rows
 (``docs/gqa-position-split-design.md``). S need not divide G then: any of 1 to :data:`MAX_PARTS`.
+With ``shared_queries`` the parts (then a divisor of G) share out the query projection: part ``s``
+projects the query heads ``s*G/S ..``, hands them to the others through device memory after B2 and
+takes theirs, and after phase 4 every part waits for all the states and merges and projects its
+own heads (:func:`shares_queries`: the rule's choice at long caches of a model with few KV heads).
 
 And the batch may be split too (``batch_parts = P``): the grid is P sets of those clusters, set
 ``p`` the step of sequences ``p*b .. (p+1)*b - 1`` alone, ``b = ceil(B/P)`` (:func:`set_batch`; the
@@ -206,6 +210,14 @@ PAIRS_FROM = 16384
 #: 5-8% slower at Llama-3.2-1B, whose 12.6 MB W_qkv stream takes 3 µs, less than the flags' round
 #: trips and the rows read back cost.
 KV_ROWS_SPLIT_FROM = 3
+#: From a batch of this many sequences, a step at long caches of a GQA model with few KV heads runs the
+#: positions split with the query projection shared out (:func:`shares_queries`); measured on an H100
+#: (``docs/fused-decode-notes.md``, v79), Qwen2.5-7B's long-cache shape -> 4 x 8 warps x 7 parts shared, µs
+#: at 4K / 16K: batch 4 66.0 / 98.8 -> 57.3 / 89.9, batch 8 88.3 / 166.8 -> 82.6 / 146.2 (PyTorch 100.6 /
+#: 163.9); at batch 1 and 16K 50.8 -> 49.0.
+SHARED_QUERIES_FROM = 4
+#: Blocks and warps a cluster of that split (``(cluster_size, warps)``).
+SHARED_QUERIES_SHAPE = (4, 8)
 #: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
 #: so a batch of more takes blocks of 8 (or 16) warps (:func:`launch_shape`).
 FOUR_WARPS_UP_TO = 4
@@ -392,6 +404,32 @@ def set_batch(batch: int, sets: int) -> int:
     """Sequences each of ``sets`` sets of clusters steps of a batch of ``batch`` (``batch_parts``):
     an equal share rounded up; the last set steps the ``batch - (sets - 1) * set_batch`` left."""
     return -(-batch // sets)
+
+
+def shares_queries(config: AttentionConfig, batch: int, longest: int | None, limits: DeviceLimits = HOPPER) -> bool:
+    """Whether the rule runs a step of ``batch`` sequences, the longest attending to ``longest`` rows,
+    as a positions split whose parts share out the query projection (``split_positions`` and
+    ``shared_queries`` in :data:`SHARED_QUERIES_SHAPE` clusters, a part a query head of each KV
+    head: :func:`shared_queries_shape`) instead of the long-cache shape: at long caches
+    (:func:`reaches_long_cache`) from a batch of :data:`SHARED_QUERIES_FROM`, where one cluster of 16 a
+    KV head fills at most half of the GPU's SMs (Qwen2.5-7B's 4 KV heads: 64 blocks on 132), the
+    query heads of a KV head are 2 to 8 (attention on the tensor cores takes them all), and the
+    split's clusters all fit at once at one block an SM on the SMs such clusters fill (Qwen2.5-7B:
+    28 clusters of 4, 112 blocks on 120 SMs), since its clusters wait for each other. Where the KV
+    heads already fill the GPU (Llama-3-8B, Llama-3.2-1B: 128 blocks) the split was level or slower
+    (``docs/fused-decode-notes.md``, v79). For the launch rule's own shape only: a layer given a
+    launch shape, ``batch_parts`` or the options asks for none of this."""
+    size, _ = SHARED_QUERIES_SHAPE
+    group = config.group_size
+    return (reaches_long_cache(batch, longest) and batch >= SHARED_QUERIES_FROM and 2 <= group <= 8
+            and config.kv_heads * max(CLUSTER_SIZES) <= limits.sm_count // 2
+            and config.kv_heads * group * size <= limits.sms_for(size))
+
+
+def shared_queries_shape(config: AttentionConfig) -> tuple[int, int, int]:
+    """``(cluster_size, warps, head_split)`` of :func:`shares_queries`'s split: :data:`SHARED_QUERIES_SHAPE`,
+    a part a query head of each KV head."""
+    return (*SHARED_QUERIES_SHAPE, config.group_size)
 
 
 def set_sequences(batch: int = MAX_BATCH) -> int:

@@ -890,14 +890,16 @@ class LlamaModel:
         return self._logits(hidden, residual)
 
     def step_shape(self, batch: int, longest: int | None) -> tuple | None:
-        """The fused attention's launch shape and sets of clusters ``(cluster_size, warps, head_split,
-        batch_parts)`` for a step of ``batch`` sequences whose longest attends to ``longest`` rows
-        (:meth:`DecodeAttention.shape <clusterlab.fused.DecodeAttention.shape>`,
-        :meth:`~clusterlab.fused.DecodeAttention.batch_parts`); None for the unfused attention.
+        """The fused attention's launch shape, sets of clusters and split ``(cluster_size, warps,
+        head_split, batch_parts, shares_queries)`` for a step of ``batch`` sequences whose longest
+        attends to ``longest`` rows (:meth:`DecodeAttention.shape <clusterlab.fused.DecodeAttention.shape>`,
+        :meth:`~clusterlab.fused.DecodeAttention.batch_parts`,
+        :meth:`~clusterlab.fused.DecodeAttention.shares_queries`); None for the unfused attention.
         Steps of one shape share a CUDA graph (:class:`~clusterlab.models.decode.Decoder`)."""
         if self.attention != "fused":
             return None
-        return (*self.layers[0].shape(batch, longest), self.layers[0].batch_parts(batch, longest))
+        layer = self.layers[0]
+        return (*layer.shape(batch, longest), layer.batch_parts(batch, longest), layer.shares_queries(batch, longest))
 
     def _handoff_step(self, hidden, residual, positions, longest) -> torch.Tensor:
         """:meth:`forward_step`'s layers with every block handing its output on as float32 sums.
