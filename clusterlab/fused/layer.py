@@ -126,6 +126,10 @@ class DecodeAttention:
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
         self._specs: dict = {}  # (dtype, batch, shape, batch_parts, shares_queries) -> KernelSpec
         self._shared_builds: dict = {}  # batch -> whether the rule's shared split can be built
+        # whether the rule is free to choose the split and takes the shared one at some batch (shares_queries)
+        chosen = (cluster_size, warps, head_split) != (None, None, None) or any(
+            name in self.kernel_options for name in ("split_positions", "shared_queries", "batch_parts", "work_queue"))
+        self._rule_may_share = not chosen and shares_queries(config, MAX_BATCH, MAX_POSITIONS, self.limits)
         self._kernels: dict = {}  # ((dtype, batch, shape), handoff) -> launcher
         if backend == "gpu":
             from ..gpu import require_hopper
@@ -143,7 +147,7 @@ class DecodeAttention:
             # query head where the rule may share them out: shares_queries), a state (head_dim + 2 words) of
             # each, and the queries the parts hand each other (shared_queries: a head_dim each); at least a
             # word for each set of clusters; then the work queue's (KernelSpec.queue_state_words)
-            ruled = self._rule_may_share_queries()
+            ruled = self._rule_may_share
             parts = (head_split or config.group_size) if split_positions else (config.group_size if ruled else 0)
             shared = self.kernel_options.get("shared_queries", False) or ruled
             words = config.kv_heads * set_sequences() * config.group_size * (
@@ -244,14 +248,8 @@ class DecodeAttention:
     def _rule_shares_queries(self, batch: int, longest: int | None) -> bool:
         """:func:`~clusterlab.fused.plan.shares_queries` where the rule chooses the split (:meth:`shares_queries`)
         and the split's kernel can be built for this model and GPU."""
-        return (self._rule_may_share_queries() and shares_queries(self.config, batch, longest, self.limits)
+        return (self._rule_may_share and shares_queries(self.config, batch, longest, self.limits)
                 and self._shared_queries_build(batch))
-
-    def _rule_may_share_queries(self) -> bool:
-        """Whether the rule is free to choose the split and takes the shared one at some batch."""
-        chosen = (self.cluster_size, self.warps, self.head_split) != (None, None, None) or any(
-            name in self.kernel_options for name in ("split_positions", "shared_queries", "batch_parts", "work_queue"))
-        return not chosen and shares_queries(self.config, MAX_BATCH, MAX_POSITIONS, self.limits)
 
     def _shared_queries_build(self, batch: int) -> bool:
         """Whether the kernel of the rule's shared split (:func:`~clusterlab.fused.plan.shared_queries_shape`)
