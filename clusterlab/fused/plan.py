@@ -536,7 +536,8 @@ def wide_blocks(config: AttentionConfig, batch: int, longest: int | None) -> boo
 
 def shape_boundaries(batch: int) -> tuple[int, int]:
     """Rows attended at which the rule's launch shape or sets for a step of ``batch`` sequences may
-    change (:func:`launch_shape`, :func:`batch_sets`): ``(LONG_CACHE[batch - 1], PAIRS_FROM)``.
+    change (:func:`launch_shape`, :func:`batch_sets`, :func:`shares_queries`): ``(LONG_CACHE[batch - 1],
+    PAIRS_FROM)``.
     Between two of them, and below the first, every length gets the same shape."""
     check_batch(batch)
     return LONG_CACHE[batch - 1], PAIRS_FROM
