@@ -76,7 +76,8 @@ def kernel_launcher(spec):
 
     kernel = kernel_cache.jit(build_kernel, spec, (spec.threads, spec.min_blocks_per_sm))
     return launch(kernel, grid=spec.clusters * spec.cluster_size, cluster=spec.cluster_size, block=spec.threads,
-                  shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8, co_resident=spec.waits_across_clusters)
+                  shared_bytes=spec.shared_bytes, non_portable=spec.cluster_size > 8,
+                  co_resident=spec.waits_across_clusters)
 
 
 class DecodeAttention:
@@ -322,12 +323,12 @@ class DecodeAttention:
 
         if key not in self._specs:
             dtype, batch, (cluster_size, warps, head_split), batch_parts, shared = key
-            options = {**self.kernel_options, "batch_parts": batch_parts}
+            switches = {**self.kernel_options, "batch_parts": batch_parts}
             if shared:
-                options.update(split_positions=True, shared_queries=True)
+                switches.update(split_positions=True, shared_queries=True)
             try:
                 self._specs[key] = KernelSpec.of(self.config, dtype == torch.bfloat16, batch, cluster_size, warps,
-                                                 head_split, limits=self.limits, **options)
+                                                 head_split, limits=self.limits, **switches)
             except ValueError as exc:
                 options = "".join(f", {k}={v}" for k, v in self.kernel_options.items())
                 raise ValueError(f"a {dtype} step of batch {batch} with cluster_size={cluster_size}, warps={warps}, "
