@@ -78,9 +78,8 @@ from .timing import (
     MIN_REPEATS,
     Stat,
     capture_graph,
-    card_tag,
-    copy_bandwidth,
     event_time_us,
+    measure_card,
     per_op_us,
     results_header,
     short_commit,
@@ -363,8 +362,6 @@ def run_bench(
     converts its own, recorded in the results). Returns the rows and the batch-1 breakdowns (also
     printed as tables).
     """
-    from ..gpu import device_info, require_hopper
-
     if hf not in ("eager", "compiled", None):
         raise ValueError(f"hf must be 'eager', 'compiled' or None, got {hf!r}")
     unknown = [p for p in presets if p not in MODEL_PRESETS]
@@ -375,12 +372,8 @@ def run_bench(
     if repeats < MIN_REPEATS:
         raise ValueError(f"repeats must be at least {MIN_REPEATS}, got {repeats!r}")
     writable_dir(out_dir)
-    require_hopper()
+    info, tag, bandwidth = measure_card(tag)
     torch_dtype = DTYPES[dtype]
-    info = device_info()
-    tag = card_tag(info["gpu"]) if tag is None else tag
-    bandwidth = copy_bandwidth().median
-    print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
     baseline = _HuggingFace(hf)
     info["transformers"] = baseline.version
     info["handoff"] = handoff

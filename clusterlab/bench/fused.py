@@ -63,8 +63,7 @@ from ..fused.plan import (CLUSTER_SIZES, KERNEL_CHOICES, MLA_KERNEL_CHOICES, WAR
                           set_batch)
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
-from .timing import (card_tag, copy_bandwidth, graph_per_op_us, results_header, short_commit, writable_dir,
-                     write_json)
+from .timing import graph_per_op_us, measure_card, results_header, short_commit, writable_dir, write_json
 
 #: Every preset the benchmark takes: the Llama-style blocks' and the MLA block's.
 PRESETS = {**ATTENTION_PRESETS, **MLA_PRESETS}
@@ -313,8 +312,6 @@ def run_bench(
     (:func:`precompile`; needs the kernel cache, :func:`clusterlab.kernel_cache.cache_dir`), then time
     them one after another as always. Returns the rows (also printed as a table).
     """
-    from ..gpu import device_info, require_hopper
-
     for variant in variants or ():
         check_variant(variant)
     options = [{}] if options is None else options
@@ -331,13 +328,8 @@ def run_bench(
     if jobs > 1 and cache_dir() is None:
         raise ValueError(f"jobs={jobs} compiles ahead into the kernel cache, which ${CACHE_DIR_ENV} turns off")
     writable_dir(out_dir)
-    require_hopper()
-    info = device_info()
-    tag = card_tag(info["gpu"]) if tag is None else tag
+    info, tag, bandwidth = measure_card(tag)
     l2_bytes = info["l2_bytes"]  # the driver's figure, as DeviceLimits.of reads it
-    bandwidth = copy_bandwidth().median
-    print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {l2_bytes >> 20} MiB",
-          flush=True)
     kernels = list(bench_kernels(presets, batches, dtypes, variants, options))
     if jobs > 1:
         precompile([(*kernel, tuple(kv_lens), ragged, seed) for kernel in kernels], jobs)

@@ -67,7 +67,7 @@ from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
 from .fused import (L2_TURNOVER, MAX_L2_TURNOVER, check_l2_turnover, graph_time_us, layers_for_l2, options_label,
                     parse_options)
-from .timing import card_tag, copy_bandwidth, results_header, short_commit, writable_dir, write_json
+from .timing import measure_card, results_header, short_commit, writable_dir, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
 BATCHES = (1, 2, 4, 8)
@@ -224,19 +224,12 @@ def run_bench(
     :func:`~clusterlab.bench.fused.layers_for_l2` (0: one layer over and over). Returns the rows
     (also printed as a table).
     """
-    from ..gpu import device_info, require_hopper
-
     check_settings(presets, batches, dtypes, variants)
     check_l2_turnover(l2_turnover)
     options = [{}] if options is None else [check_kernel_options(o, MLP_KERNEL_CHOICES) for o in options]
     writable_dir(out_dir)
-    require_hopper()
-    info = device_info()
-    tag = card_tag(info["gpu"]) if tag is None else tag
+    info, tag, bandwidth = measure_card(tag)
     l2_bytes = info["l2_bytes"]  # the driver's figure, as DeviceLimits.of reads it
-    bandwidth = copy_bandwidth().median
-    print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {l2_bytes >> 20} MiB",
-          flush=True)
     shapes = [{}] if variants is None else [dict(zip(("cluster_size", "warps"), v)) for v in variants]
     shapes = [shape | ({"kernel_options": o} if o else {}) for shape in shapes for o in options]
     rows: list[MLPRow] = []

@@ -272,6 +272,21 @@ class ClockSampler:
         return out
 
 
+def measure_card(tag: str | None) -> tuple[dict, str, float]:
+    """The card a benchmark runs on, read before its first timing: :func:`clusterlab.gpu.device_info`'s
+    dict, the results files' tag (``tag``, or the card's: :func:`card_tag`) and the copy bandwidth measured
+    now (bytes/s, :func:`copy_bandwidth`), printed as the run's first line. HopperRequired off Hopper."""
+    from ..gpu import device_info, require_hopper  # looked up at the call: tests stand in for them
+
+    require_hopper()
+    info = device_info()
+    tag = card_tag(info["gpu"]) if tag is None else tag
+    bandwidth = copy_bandwidth().median
+    print(f"{info['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), L2 {info['l2_bytes'] >> 20} MiB",
+          flush=True)
+    return info, tag, bandwidth
+
+
 def card_tag(name: str | None) -> str:
     """A results-file suffix naming the card: ``"NVIDIA H200"`` -> ``"h200"``, ``"NVIDIA H100 80GB HBM3"``
     -> ``"h100"``; the lower-cased name with spaces as ``_`` where no model number stands in it."""
