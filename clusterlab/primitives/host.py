@@ -102,10 +102,15 @@ def to_device(x: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(x)).cuda()
 
 
-def _storage_rows(x, dtype: str, n: int):
-    """``x`` on the GPU as [blocks, n]: float32, or the uint16 bit patterns of float16/bfloat16."""
+def _storage_rows(x, dtype: str, n: int, out):
+    """``x`` on the GPU as [blocks, n]: float32, or the uint16 bit patterns of float16/bfloat16. ``out``
+    (None or a CUDA tensor) must be on the device the rows are on (a NumPy array's: the current one),
+    checked before they are copied there."""
     import torch
 
+    device = torch.device("cuda", torch.cuda.current_device()) if isinstance(x, np.ndarray) else x.device
+    if out is not None and out.device != device:
+        raise ValueError(f"out is on {out.device}; expected {device}, where the rows are")
     x = to_device(x) if isinstance(x, np.ndarray) else x.contiguous()
     return (x if dtype == "float32" else x.view(torch.uint16)).reshape(-1, n)
 
@@ -134,13 +139,12 @@ def _check_out(out, dtype: str, shape) -> None:
 
 
 def _output(out, dtype: str, shape, rows):
-    """The result's storage [blocks, m]: ``out`` (checked by :func:`_check_out`) viewed, or a new tensor."""
+    """The result's storage [blocks, m]: ``out`` (checked by :func:`_check_out` and :func:`_storage_rows`) viewed,
+    or a new tensor."""
     import torch
 
     if out is None:
         return rows.new_empty((rows.shape[0], shape[-1]))
-    if out.device != rows.device:
-        raise ValueError(f"out is on {out.device}; expected {rows.device}, where the rows are")
     return (out if dtype == "float32" else out.view(torch.uint16)).view(rows.shape[0], shape[-1])
 
 
@@ -173,7 +177,7 @@ def cluster_reduce(x, op: str = "sum", algorithm: str = "ring", *, out=None):
     _check_shared_bytes(shared_bytes, n, f"the {algorithm} reduce")
     _check_out(out, dtype, tuple(x.shape))
     require_hopper()
-    rows = _storage_rows(x, dtype, n)
+    rows = _storage_rows(x, dtype, n, out)
     result = _output(out, dtype, tuple(x.shape), rows)
     _launch(reduce_kernel(algorithm, op, dtype), rows.shape[0], cluster_size, shared_bytes, rows, result, n, work_offset(n))
     return _result(result, dtype, tuple(x.shape))
@@ -205,7 +209,7 @@ def cluster_reduce_steady(xs, op: str = "sum", *, algorithm: str = "direct", out
     _check_out(out, dtype, tuple(xs.shape))
     require_hopper()
     steps = xs.shape[0]
-    rows = _storage_rows(xs, dtype, n)
+    rows = _storage_rows(xs, dtype, n, out)
     result = _output(out, dtype, tuple(xs.shape), rows)
     blocks = num_clusters * cluster_size
     _launch(steady_reduce_kernel(op, dtype, cluster_size, algorithm), blocks, cluster_size, shared_bytes,
@@ -230,7 +234,7 @@ def cluster_gather(x, algorithm: str = "direct", *, out=None):
     shape = (*x.shape[:-1], cluster_size * n)
     _check_out(out, dtype, shape)
     require_hopper()
-    rows = _storage_rows(x, dtype, n)
+    rows = _storage_rows(x, dtype, n, out)
     result = _output(out, dtype, shape, rows)
     kernel = gather_kernel(algorithm, np.dtype(np.float32 if dtype == "float32" else np.uint16))
     _launch(kernel, rows.shape[0], cluster_size, shared_bytes, rows, result, n, gather_stride(algorithm, n, itemsize))
