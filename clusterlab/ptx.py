@@ -1192,6 +1192,18 @@ cp_async_commit = _asm_intrinsic(
 )
 
 
+trap = _asm_intrinsic(
+    "trap",
+    """trap(): abort the kernel.
+
+    PTX ``trap``. The launch fails with an error the host sees at its next synchronisation, and the
+    CUDA context is lost. For a wait that can no longer end: failing the launch frees the GPU, where
+    waiting on would hold it forever. sm_30+.
+    """,
+    "trap;",
+    memory=WRITES,
+)
+
 grid_dependency_wait = _asm_intrinsic(
     "grid_dependency_wait",
     """grid_dependency_wait(): wait until the grids this one depends on have completed and their memory is visible.
@@ -1491,6 +1503,8 @@ __all__ = [
     "cluster_wait_acquire",
     "cluster_sync",
     "fence_acq_rel_cluster",
+    # failing a launch
+    "trap",
     # programmatic dependent launch
     "grid_dependency_wait",
     "launch_dependents",

@@ -1,6 +1,8 @@
 """The fused kernel: PTX that ptxas accepts (no GPU), and correct steps on a Hopper GPU."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -372,7 +374,7 @@ def test_the_work_queue_kernel_takes_chunks_with_atomics_and_assembles(config, b
     # runs of other clusters' chunks go from registers to device memory: only the warps' queries are added
     assert queue.shared_bytes <= rule.shared_bytes + 4 * queue.smem_sizes()["foreign_q"]
     plain, ptx = spec_ptx(rule), spec_ptx(queue)
-    for instruction in ("atom.global.cas.b32", "atom.global.exch.b32"):
+    for instruction in ("atom.global.cas.b32", "atom.global.exch.b32", "trap;"):
         assert instruction in ptx and instruction not in plain, instruction
     assert ptx.count("atom.global.add.u32") > plain.count("atom.global.add.u32")
     for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
@@ -769,6 +771,7 @@ def test_shared_queries_assemble_with_their_waits_and_no_spill(config, bf16, bat
     plain, ptx = spec_ptx(split), spec_ptx(shared)
     assert ptx.count("atom.global.add.u32") >= plain.count("atom.global.add.u32") + 4
     assert ptx.count("membar.gl") == plain.count("membar.gl") + 2
+    assert ptx.count("trap;") == plain.count("trap;") + 2  # the hand-off's and the parts' waits: fail, never hang
     for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
         assert ptx.count(instruction) == plain.count(instruction) == 4, instruction
     assert "st.local" not in ptx
@@ -793,6 +796,7 @@ def test_the_kv_rows_split_assembles_with_its_flags_and_no_spill(config, bf16, b
     plain, ptx = spec_ptx(spec), spec_ptx(split)
     assert ptx.count("atom.global.add.u32") >= plain.count("atom.global.add.u32") + 3  # raise, probe, count down
     assert ptx.count("membar.gl") == plain.count("membar.gl") + 2  # the release before, the acquire after
+    assert "trap;" in ptx and "trap;" not in plain  # a flag that never comes fails the launch (wait_until)
     for instruction in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"):
         assert ptx.count(instruction) == plain.count(instruction) == 4, instruction
     assert "st.local" not in ptx
@@ -1061,6 +1065,43 @@ def test_a_handoff_step_computes_what_the_plain_step_does(config, options, posit
     assert_rounds_like(sums[1], out)
     assert torch.equal(got_h, h) and torch.equal(cache.k, plain_cache.k) and torch.equal(cache.v, plain_cache.v)
     assert (sums[2] == 0).all()
+
+
+#: Run in a process of its own: a trapped launch loses the CUDA context. Exits 3 where a wait that is
+#: never met failed its launch (0.2 s limit) after the same kernel ran clean with its count met.
+WAIT_SCRIPT = """
+import sys
+import numpy as np
+from numba import cuda
+from clusterlab.fused.kernel import wait_until
+
+@cuda.jit
+def waiter(words, count, done):
+    if cuda.threadIdx.x == 0:
+        wait_until(words, 0, count[0], 64, 200_000_000)
+    done[cuda.blockIdx.x] = 1
+
+words, done = cuda.to_device(np.array([2], np.int32)), cuda.device_array(4, np.int32)
+waiter[4, 32](words, cuda.to_device(np.array([2], np.int32)), done)
+cuda.synchronize()
+assert (done.copy_to_host() == 1).all()
+print("ran clean", flush=True)
+try:
+    waiter[4, 32](words, cuda.to_device(np.array([3], np.int32)), done)
+    cuda.synchronize()
+except Exception as exc:
+    print("failed:", type(exc).__name__, exc, flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.gpu
+def test_a_wait_for_other_clusters_that_never_ends_fails_the_launch_instead_of_hanging():
+    """``wait_until``, the kernels' one wait for blocks of other clusters (the positions split's parts,
+    the shared queries, the KV rows' flags, the work queue, MLA's one launch), traps past its limit."""
+    done = subprocess.run([sys.executable, "-c", WAIT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "ran clean" in done.stdout
 
 
 @pytest.mark.gpu

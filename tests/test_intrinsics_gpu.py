@@ -12,6 +12,8 @@ a sentinel) before each launch. The same file runs clean under compute-sanitizer
 """
 
 import secrets
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,6 +175,44 @@ def test_sm_id_and_the_two_clocks():
     assert (got[:, 2] >= cycles).all() and (got[:, 2] < cycles + 10_000).all()
     # The spin at 0.5 to 3 GHz, in the global timer's nanoseconds (it ticks every few hundred ns).
     assert ((got[:, 1] > cycles / 3.0 - 1000) & (got[:, 1] < cycles * 2.0 + 1000)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Failing a launch
+# ---------------------------------------------------------------------------------------------
+
+#: Run in a process of its own: a trapped launch loses the CUDA context. Exits 3 where the trapping
+#: launch raised on the host after the same kernel ran clean without trapping.
+TRAP_SCRIPT = """
+import sys
+import numpy as np
+from numba import cuda
+from clusterlab import ptx
+
+@cuda.jit
+def maybe_trap(flag, out):
+    out[cuda.grid(1)] = 1
+    if flag[0] == 1 and cuda.threadIdx.x == 0:
+        ptx.trap()
+
+out = cuda.device_array(64, np.uint32)
+maybe_trap[2, 32](cuda.to_device(np.zeros(1, np.uint32)), out)
+cuda.synchronize()
+assert (out.copy_to_host() == 1).all()
+print("ran clean", flush=True)
+try:
+    maybe_trap[2, 32](cuda.to_device(np.ones(1, np.uint32)), out)
+    cuda.synchronize()
+except Exception as exc:
+    print("failed:", type(exc).__name__, exc, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_trap_fails_the_launch_with_an_error_the_host_sees():
+    done = subprocess.run([sys.executable, "-c", TRAP_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "ran clean" in done.stdout
 
 
 # ---------------------------------------------------------------------------------------------

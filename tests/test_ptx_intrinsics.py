@@ -176,6 +176,7 @@ CASES = {
     "cp_async_16": ("ptx.cp_async_16(ptx.shared_address(smem, 4 * i32[1]), i32, 4 * i32[0])",
                     "cp.async.cg.shared.global ["),
     "cp_async_commit": ("ptx.cp_async_commit()", "cp.async.commit_group;"),
+    "trap": ("ptx.trap()", "trap;"),
     "grid_dependency_wait": ("ptx.grid_dependency_wait()", "griddepcontrol.wait;"),
     "launch_dependents": ("ptx.launch_dependents()", "griddepcontrol.launch_dependents;"),
     "cp_async_wait": ("ptx.cp_async_wait(3)", "cp.async.wait_group 3;"),

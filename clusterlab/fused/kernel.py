@@ -84,7 +84,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, int32, int64, uint32
+from numba import cuda, float32, int32, int64, uint32, uint64
 from numba.cuda import libdevice
 
 from .. import ptx
@@ -105,6 +105,9 @@ FULL_MASK = 0xFFFFFFFF
 #: Stands for -inf in softmax states: exp2(NEG - m) is 0 for any real m, and exp2(NEG - NEG) = 1
 #: multiplies a state that is still all zeros.
 NEG = np.float32(-1e30)
+#: Longest a block waits for blocks of other clusters (:func:`wait_until`), in nanoseconds, before it fails
+#: the launch: far past any wait of a launch whose clusters all run at once, also under compute-sanitizer.
+WAIT_LIMIT_NS = 30_000_000_000
 #: Most 16-byte loads a lane keeps in flight in a matrix-vector step.
 LOADS_PER_STEP = 16
 #: Registers a thread may use: 16 warps an SM (65536 / (16 * 32)).
@@ -699,6 +702,22 @@ def scales_inputs(tile: GemvTile | MmaTile, bf16: bool) -> bool:
 def _log2(n: int) -> int:
     assert n & (n - 1) == 0, n
     return n.bit_length() - 1
+
+
+@cuda.jit(device=True, inline=True)
+def wait_until(words, word, count, sleep_ns, limit_ns):
+    """One thread: wait until ``words[word]`` (device memory, written by blocks of other clusters) is
+    ``count`` or more, polling it with atomic reads (served by L2) and sleeping ``sleep_ns`` between
+    them (0: none). Such a wait ends only where every cluster it waits for runs at once, which the
+    launcher checks (``co_resident``); should one still never come, the thread traps after
+    ``limit_ns`` nanoseconds of the GPU's timer (:data:`WAIT_LIMIT_NS`), so the launch fails with an
+    error instead of holding the GPU forever. The caller fences after it (acquire)."""
+    deadline = ptx.global_timer() + uint64(limit_ns)  # unsigned: no float64 from uint64 + int64
+    while cuda.atomic.add(words, word, 0) < count:
+        if sleep_ns:
+            cuda.nanosleep(sleep_ns)
+        if ptx.global_timer() > deadline:
+            ptx.trap()
 
 
 @cuda.jit(device=True, inline=True)
@@ -1908,8 +1927,7 @@ def build_kernel(spec: KernelSpec):
         writes."""
         cuda.threadfence()  # release
         cuda.atomic.add(arrivals, word, 1)
-        while cuda.atomic.add(arrivals, word, 0) < parts:
-            cuda.nanosleep(64)
+        wait_until(arrivals, word, parts, 64, WAIT_LIMIT_NS)
         cuda.threadfence()  # acquire
         if cuda.atomic.add(arrivals, word, 1) == 2 * parts - 1:
             arrivals[word] = 0
@@ -2286,9 +2304,8 @@ def build_kernel(spec: KernelSpec):
             if KV_SPLIT:  # the heads this cluster lacks, from the cache once their flags are up
                 if lane == 0 and not SHARED:  # (SHARED: the hand-off waited for every cluster of the KV head)
                     for r in range(2):
-                        if r != role:
-                            while cuda.atomic.add(arrivals, flags + r, 0) == 0:
-                                pass
+                        if r != role:  # the flag: 0 until role r's head is cached, then its readers count it down
+                            wait_until(arrivals, flags + r, 1, 0, WAIT_LIMIT_NS)
                     cuda.threadfence()
                 cuda.syncwarp()
                 position = cached_rows(positions, seq, seqs, capacity)
@@ -2362,8 +2379,7 @@ def build_kernel(spec: KernelSpec):
             if tid < seqs:
                 pair = (seq0 + tid) * KV_HEADS + kv_head
                 chunks = queue_chunks(positions, tid, seqs, capacity)
-                while cuda.atomic.add(queue, DONE + pair, 0) < chunks:
-                    cuda.nanosleep(256)  # leave L2 to the warps still folding
+                wait_until(queue, DONE + pair, chunks, 256, WAIT_LIMIT_NS)  # sleeps: L2 to the warps still folding
                 cuda.threadfence()  # acquire: the other clusters' states
             cuda.syncthreads()
         units = owned_quads(BATCH * ATTN_WIDTH, rank, C)

@@ -65,8 +65,8 @@ from numba import cuda, float32, int32, uint32
 from .. import ptx
 from . import plan
 from .config import is_int
-from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, BlockShape, MmaTile, gemv_tile, make_exchange, make_finish,
-                     make_gemv, make_input_projection, make_stamp, norm_shares, region_offsets)
+from .kernel import (FULL_MASK, NEG, REGISTERS_PER_THREAD, WAIT_LIMIT_NS, BlockShape, MmaTile, gemv_tile, make_exchange,
+                     make_finish, make_gemv, make_input_projection, make_stamp, norm_shares, region_offsets, wait_until)
 from .mla import LATENT_RMS_EPS, MLAConfig
 from .plan import HOPPER, QUAD, DeviceLimits, new_row_block
 
@@ -113,8 +113,7 @@ def wait_for(words, counter, count, tid):
     thread 0 polls the word (atomic reads, served by L2) and fences, then the block passes a barrier, so that
     every thread's later loads see what the counted blocks wrote."""
     if tid == 0:
-        while cuda.atomic.add(words, counter, 0) < count:
-            pass
+        wait_until(words, counter, count, 0, WAIT_LIMIT_NS)
         cuda.threadfence()
     cuda.syncthreads()
 
