@@ -1890,6 +1890,12 @@ def build_kernel(spec: KernelSpec):
         return qkv_row(HEADS, KV_HEADS, D, PROJ_SPLIT, query_block, row + kv_shift if row >= PG * D else row)
 
     @cuda.jit(device=True, inline=True)
+    def o_rows(rank, step, query_block):
+        """Where W_o's rows of the block's warp step ``step`` of phase 5 start, at the columns of the
+        cluster's ``PG`` heads (``query_block * PROJ_WIDTH ..``)."""
+        return (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH
+
+    @cuda.jit(device=True, inline=True)
     def cached_rows(positions, seq, seqs, capacity):
         """Sequence ``seq``'s cached rows (its position), or -1 where the position is out of range or
         the sequence is a phantom of an uneven set (``seq >= seqs``; its position is not read)."""
@@ -2366,8 +2372,7 @@ def build_kernel(spec: KernelSpec):
         stamp(stamps, tid, 7)  # block merge
         ptx.cluster_arrive_release()
         if (SHARED or not SPLIT) and step < O_STEPS:
-            o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH, HEADS * D,
-                   lane, o_words)
+            o_load(w_o, o_rows(rank, step, query_block), HEADS * D, lane, o_words)
         ptx.cluster_wait_acquire()  # B3: every block's softmax state is complete
         stamp(stamps, tid, 8)  # B3 wait
 
@@ -2448,20 +2453,17 @@ def build_kernel(spec: KernelSpec):
             if projects:
                 cuda.threadfence()  # acquire: the other parts' states, written before their arrivals
                 if step < O_STEPS:
-                    o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH,
-                           HEADS * D, lane, o_words)
+                    o_load(w_o, o_rows(rank, step, query_block), HEADS * D, lane, o_words)
                 merge_parts(part_states, smem, kv_head, 0, tid)
                 if tid == 0:
                     arrivals[C + kv_head * C + rank] = 0
                 cuda.syncthreads()
         while projects and step < O_STEPS:
-            w0 = (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH
-            o_finish(o_words, w_o, w0, HEADS * D, smem, O, out_acc, rank * OUT_ROWS + step * O_STEP_ROWS, lane,
-                     seqs)
+            o_finish(o_words, w_o, o_rows(rank, step, query_block), HEADS * D, smem, O, out_acc,
+                     rank * OUT_ROWS + step * O_STEP_ROWS, lane, seqs)
             step += WARPS
             if step < O_STEPS:
-                o_load(w_o, (rank * OUT_ROWS + step * O_STEP_ROWS) * (HEADS * D) + query_block * PROJ_WIDTH,
-                       HEADS * D, lane, o_words)
+                o_load(w_o, o_rows(rank, step, query_block), HEADS * D, lane, o_words)
         stamp(stamps, tid, 10)  # W_o stream + red.add
 
         # -- 6 finish: the last block (one a cluster) to add into this block's output rows converts them -
