@@ -246,7 +246,7 @@ class DecodeAttention:
         at long caches of a model with few KV heads; not where the constructor is given a launch
         shape, or the options a split: ``split_positions``, ``batch_parts``, ``work_queue``)."""
         check_longest(longest)
-        return self.kernel_options.get("shared_queries", False) or self._rule_shares_queries(batch, longest)
+        return self._plan(batch, longest)[2]
 
     def _rule_shares_queries(self, batch: int, longest: int | None) -> bool:
         """:func:`~clusterlab.fused.plan.shares_queries` where the rule chooses the split (:meth:`shares_queries`)
@@ -275,12 +275,20 @@ class DecodeAttention:
         checks the batch), or where the rule shares out the query projection (:meth:`shares_queries`)
         :func:`~clusterlab.fused.plan.shared_queries_shape`, its ``head_split`` the parts."""
         check_longest(longest)
+        return self._plan(batch, longest)[0]
+
+    def _plan(self, batch: int, longest: int | None) -> tuple[tuple[int, int, int], int, bool]:
+        """``(shape, batch_parts, shares_queries)`` of a step (:meth:`shape`, :meth:`batch_parts`,
+        :meth:`shares_queries`), the rule asked once."""
         if self._rule_shares_queries(batch, longest):
-            return shared_queries_shape(self.config)
+            return shared_queries_shape(self.config), 1, True
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
                                                        self.head_split, longest,
                                                        self.kernel_options.get("batch_parts"), self.limits.l2_bytes)
-        return cluster_size, self.warps or warps, head_split
+        parts = self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
+                                                                     self.head_split, self.limits.sm_count,
+                                                                     self.limits.l2_bytes)
+        return (cluster_size, self.warps or warps, head_split), parts, self.kernel_options.get("shared_queries", False)
 
     def batch_parts(self, batch: int, longest: int | None = None) -> int:
         """Sets of clusters a step of ``batch`` sequences splits them over, each :meth:`shape`'s grid:
@@ -290,11 +298,7 @@ class DecodeAttention:
         an odd batch so in pairs from a batch of 5, else only where one set leaves half the SMs idle or
         the weights fit in half the L2, its last set a sequence short)."""
         check_longest(longest)
-        if self._rule_shares_queries(batch, longest):
-            return 1
-        return self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
-                                                                    self.head_split, self.limits.sm_count,
-                                                                    self.limits.l2_bytes)
+        return self._plan(batch, longest)[1]
 
     def kernel_spec(self, dtype: torch.dtype, batch: int, longest: int | None = None):
         """The :class:`~clusterlab.fused.kernel.KernelSpec` a step of this dtype and batch compiles,
@@ -313,9 +317,9 @@ class DecodeAttention:
 
     def _key(self, dtype: torch.dtype, batch: int, longest: int | None) -> tuple:
         """``(dtype, batch, shape, batch_parts, shares_queries)``: what a step's kernel is planned and
-        built for, the launch shape computed once a step."""
-        return (dtype, batch, self.shape(batch, longest), self.batch_parts(batch, longest),
-                self.shares_queries(batch, longest))
+        built for, the launch rule asked once a step."""
+        check_longest(longest)
+        return (dtype, batch, *self._plan(batch, longest))
 
     def _spec(self, key: tuple):
         """:meth:`kernel_spec` of a :meth:`_key`."""
