@@ -19,7 +19,7 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_FROM,
+from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_BATCHES,
                                    SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape, set_batch,
                                    shared_queries_shape, shares_queries)
 from clusterlab.fused.reference import reference_step, relative_error
@@ -699,18 +699,18 @@ def test_shared_queries_take_a_position_split_that_divides_the_query_heads():
         check_kernel_options({"shared_queries": None})
 
 
-def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_from_batch_4():
-    """``plan.shares_queries``: Qwen2.5-7B (4 KV heads: one cluster of 16 each fills 64 of 132 SMs) from
-    a batch of ``SHARED_QUERIES_FROM`` (4) at its long-cache rows takes 4 x 8 warps x 7 parts, the
-    query projection shared out; below those rows, below that batch, and at the presets whose KV heads
-    fill the GPU, never; nor where the 28 clusters of 4 would not all fit at once (112 SMs for such
+def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_at_batches_4_and_8():
+    """``plan.shares_queries``: Qwen2.5-7B (4 KV heads: one cluster of 16 each fills 64 of 132 SMs) at
+    the batches of ``SHARED_QUERIES_BATCHES`` (4 and 8) at its long-cache rows takes 4 x 8 warps x 7
+    parts, the query projection shared out; below those rows, at other batches, and at the presets whose
+    KV heads fill the GPU, never; nor where the 28 clusters of 4 would not all fit at once (112 SMs for such
     clusters hold them, 108 do not) or half the SMs would not hold the KV heads' clusters of 16."""
     import dataclasses
 
-    assert (SHARED_QUERIES_FROM, SHARED_QUERIES_SHAPE) == (4, (4, 8))
+    assert (SHARED_QUERIES_BATCHES, SHARED_QUERIES_SHAPE) == ((4, 8), (4, 8))
     for batch in range(1, 9):
         long = LONG_CACHE[batch - 1]
-        assert shares_queries(QWEN2_5_7B, batch, long) == (batch >= 4)
+        assert shares_queries(QWEN2_5_7B, batch, long) == (batch in (4, 8))
         assert not shares_queries(QWEN2_5_7B, batch, long - 1) and not shares_queries(QWEN2_5_7B, batch, None)
         for config in (LLAMA2_7B, LLAMA3_8B, LLAMA3_2_1B):
             assert not shares_queries(config, batch, 32768)
@@ -858,19 +858,19 @@ def test_shared_queries_match_the_reference(config, batch, dtype, options, steps
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch, dtype, steps", [(5, torch.float16, [[4100, 0, 17, 300, 1]]),
-                                                 (7, torch.bfloat16, [[5000, 0, 1, 129, 300, 4095, 9000]]),
+@pytest.mark.parametrize("batch, dtype, steps", [(8, torch.float16, [[5000, 0, 1, 129, 300, 4095, 9000, 17]]),
                                                  (4, torch.float16, [[16384, 0, 4097, 77]])],
-                         ids=["b5-f16", "b7-bf16", "b4-f16-16k"])
+                         ids=["b8-f16", "b4-f16-16k"])
 def test_the_rule_s_shared_queries_at_qwen_s_long_caches_match_the_reference(batch, dtype, steps):
     """The launch rule's own shared split at Qwen2.5-7B's long caches (told the longest row): 28 clusters
-    of 4 x 8 warps, one set, at batches the benchmarks did not time, ragged with empty caches."""
+    of 4 x 8 warps, one set, ragged with empty caches; at batch 5 the rule keeps the long-cache shape."""
     weights = AttentionWeights.random(QWEN2_5_7B, dtype, "cuda", seed=53)
     layer = DecodeAttention(QWEN2_5_7B, weights)
     longest = max(steps[0]) + 1
     assert layer.shares_queries(batch, longest) and layer.shape(batch, longest) == (4, 8, 7)
     spec = layer.kernel_spec(dtype, batch, longest)
     assert spec.shared_queries and spec.split_positions and spec.batch_parts == 1
+    assert not layer.shares_queries(5, longest) and layer.shape(5, longest)[2] == 1
     _check_steps(layer, dtype, batch, steps, hint=True)
 
 

@@ -90,7 +90,7 @@ class DecodeAttention:
     a part of its cached positions: then any of 1 to 16) default, per batch size, to what spreads a
     step over the GPU, and at long caches to what reads each KV head's rows once
     (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a batch gets), where the
-    KV heads are few from a batch of 4 a positions split sharing out the query projection
+    KV heads are few at batches 4 and 8 a positions split sharing out the query projection
     (:meth:`shares_queries`).
     ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` / ``"simulator"`` insist.
     ``limits``: the GPU's SM count and shared memory, read from the device on the GPU backend; the
@@ -132,7 +132,8 @@ class DecodeAttention:
         # whether the rule is free to choose the split and takes the shared one at some batch (shares_queries)
         chosen = (cluster_size, warps, head_split) != (None, None, None) or any(
             name in self.kernel_options for name in ("split_positions", "shared_queries", "batch_parts", "work_queue"))
-        self._rule_may_share = not chosen and shares_queries(config, MAX_BATCH, MAX_POSITIONS, self.limits)
+        self._rule_may_share = not chosen and any(shares_queries(config, batch, MAX_POSITIONS, self.limits)
+                                                  for batch in range(1, MAX_BATCH + 1))
         self._kernels: dict = {}  # ((dtype, batch, shape), handoff) -> launcher
         if backend == "gpu":
             from ..gpu import require_hopper
