@@ -10,10 +10,9 @@ SM). The last two are presets at a batch of 4 in the rule's shapes: Qwen2.5-7B (
 its 896-wide rows of W_gate / W_up in four parts of 7 spans, ``mma_tile``; ptxas spills there) and
 Llama-3-8B (clusters of 2 x 16 warps on the tensor cores). Each step twice, so the second runs on the
 workspace the first one's finish left; then once through the hand-off kernel (``DecodeMLP.handoff``:
-float32 sums in, out and cleared); ``python tests/sanitize_mlp.py presets`` runs the last two alone,
-``python tests/sanitize_mlp.py qwen2.5-7b`` or ``llama3-8b`` one of them, ``python tests/sanitize_mlp.py
-queue`` the work-queue kernel (``kernel_options={"work_queue": True}``, one sequence) at a small shape and
-at Llama-3.2-1B's.
+float32 sums in, out and cleared). ``python tests/sanitize_mlp.py shapes`` runs the first seven alone,
+``presets`` the last two, ``qwen2.5-7b`` or ``llama3-8b`` one of them, ``queue`` the work-queue kernel
+(``kernel_options={"work_queue": True}``, one sequence) at a small shape and at Llama-3.2-1B's.
 Exits non-zero if any step misses the float64 reference or leaves its buffer uncleared (the sanitizer
 reports hazards itself).
 """
@@ -44,13 +43,12 @@ QUEUE = [
     (MLPConfig(hidden_size=512, intermediate_size=1024), {"kernel_options": {"work_queue": True}}, 1, torch.float16),
     (MLPConfig(hidden_size=2048, intermediate_size=8192), {"kernel_options": {"work_queue": True}}, 1, torch.bfloat16),
 ]
-SHAPES += PRESETS.values()
-SHAPES += QUEUE
-CHOICES = {"presets": list(PRESETS.values()), "queue": QUEUE, **{name: [shape] for name, shape in PRESETS.items()}}
+CHOICES = {"shapes": SHAPES, "presets": list(PRESETS.values()), "queue": QUEUE,
+           **{name: [shape] for name, shape in PRESETS.items()}}
 
 only = chosen_group(tuple(CHOICES))
 failures = 0
-for config, options, batch, dtype in SHAPES if only is None else CHOICES[only]:
+for config, options, batch, dtype in SHAPES + CHOICES["presets"] + QUEUE if only is None else CHOICES[only]:
     weights = MLPWeights.random(config, dtype, "cuda")
     hidden, residual = torch.randn(2, batch, config.hidden_size, device="cuda").to(dtype)
     want, _ = reference_mlp(weights, hidden, residual, config.rms_eps)
