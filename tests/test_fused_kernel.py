@@ -19,7 +19,7 @@ from clusterlab.fused import (
     KVCache,
 )
 from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
-from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_BATCHES,
+from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_FROM,
                                    SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape, set_batch,
                                    shared_queries_shape, shares_queries)
 from clusterlab.fused.reference import reference_step, relative_error
@@ -87,7 +87,7 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spill(config, bf16, b
     # sequences of GQA states: one).
     assert result.registers * spec.threads * spec.min_blocks_per_sm <= 65536
     alone = 2 * (spec.shared_bytes + 1024) > 233472  # shared memory holds one block an SM
-    assert spec.pipelined_kv == (spec.mma_attention and (warps == 4 or alone))
+    assert spec.pipelined_kv == (spec.mma_attention and (warps == 4 or alone or spec.shared_queries))
     warps_an_sm = 12 if spec.pipelined_kv and warps == 4 else 16
     assert spec.min_blocks_per_sm * warps == warps_an_sm or 2 * (spec.shared_bytes + 1024) > 233472
 
@@ -192,8 +192,8 @@ def test_attention_runs_on_the_tensor_cores_from_two_query_heads_a_cluster():
 
 def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     """Pipelined keys where tensor-core attention runs in blocks of 4 warps, at 168 registers (three
-    blocks an SM), or in blocks alone on their SM; two blocks of 8 warps an SM and the CUDA cores
-    keep 128; given switches win."""
+    blocks an SM), in blocks alone on their SM, or in the query projection's shared split; two blocks
+    of 8 warps an SM and the CUDA cores keep 128; given switches win."""
     import dataclasses
 
     from clusterlab.fused.kernel import PIPELINE_REGISTERS, REGISTERS_PER_THREAD
@@ -215,6 +215,11 @@ def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     assert spec(LLAMA3_8B, 4, 4, 2, kv_pipeline=False).register_bound == REGISTERS_PER_THREAD
     assert spec(LLAMA3_8B, 8, 8, 1, kv_pipeline=True).pipelined_kv
     assert spec(LLAMA3_8B, 4, 4, 2, registers=128).min_blocks_per_sm == 4
+    # the query projection's shared split: blocks of 8 warps, one an SM at 168 registers
+    shared = KernelSpec.of(QWEN2_5_7B, False, 5, *shared_queries_shape(QWEN2_5_7B), split_positions=True,
+                           shared_queries=True)
+    assert shared.pipelined_kv and shared.warps == 8 and shared.min_blocks_per_sm == 1
+    assert not dataclasses.replace(shared, kv_pipeline=False).pipelined_kv
 
 
 def test_tiles_of_the_matrix_vector_steps():
@@ -699,18 +704,18 @@ def test_shared_queries_take_a_position_split_that_divides_the_query_heads():
         check_kernel_options({"shared_queries": None})
 
 
-def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_at_batches_4_and_8():
-    """``plan.shares_queries``: Qwen2.5-7B (4 KV heads: one cluster of 16 each fills 64 of 132 SMs) at
-    the batches of ``SHARED_QUERIES_BATCHES`` (4 and 8) at its long-cache rows takes 4 x 8 warps x 7
-    parts, the query projection shared out; below those rows, at other batches, and at the presets whose
-    KV heads fill the GPU, never; nor where the 28 clusters of 4 would not all fit at once (112 SMs for such
-    clusters hold them, 108 do not) or half the SMs would not hold the KV heads' clusters of 16."""
+def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_from_batch_2():
+    """``plan.shares_queries``: Qwen2.5-7B (4 KV heads: one cluster of 16 each fills 64 of 132 SMs) from
+    a batch of ``SHARED_QUERIES_FROM`` (2) at its long-cache rows takes 4 x 8 warps x 7 parts, the query
+    projection shared out; below those rows, at batch 1, and at the presets whose KV heads fill the GPU,
+    never; nor where the 28 clusters of 4 would not all fit at once (112 SMs for such clusters hold them,
+    108 do not) or half the SMs would not hold the KV heads' clusters of 16."""
     import dataclasses
 
-    assert (SHARED_QUERIES_BATCHES, SHARED_QUERIES_SHAPE) == ((4, 8), (4, 8))
+    assert (SHARED_QUERIES_FROM, SHARED_QUERIES_SHAPE) == (2, (4, 8))
     for batch in range(1, 9):
         long = LONG_CACHE[batch - 1]
-        assert shares_queries(QWEN2_5_7B, batch, long) == (batch in (4, 8))
+        assert shares_queries(QWEN2_5_7B, batch, long) == (batch >= 2)
         assert not shares_queries(QWEN2_5_7B, batch, long - 1) and not shares_queries(QWEN2_5_7B, batch, None)
         for config in (LLAMA2_7B, LLAMA3_8B, LLAMA3_2_1B):
             assert not shares_queries(config, batch, 32768)
@@ -757,8 +762,8 @@ def test_the_rule_shares_out_the_kv_rows_from_a_split_of_three_where_the_grid_fi
 
 @pytest.mark.ptx
 @pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, parts",
-                         [(QWEN2_5_7B, False, 8, 4, 8, 7), (LLAMA3_8B, True, 4, 8, 4, 4)],
-                         ids=["qwen2.5-7b-f16-b8-split7", "llama3-8b-bf16-b4-split4"])
+                         [(QWEN2_5_7B, False, 8, 4, 8, 7), (QWEN2_5_7B, True, 5, 4, 8, 7), (LLAMA3_8B, True, 4, 8, 4, 4)],
+                         ids=["qwen2.5-7b-f16-b8-split7", "qwen2.5-7b-bf16-b5-split7", "llama3-8b-bf16-b4-split4"])
 def test_shared_queries_assemble_with_their_waits_and_no_spill(config, bf16, batch, cluster_size, warps, parts):
     """``shared_queries`` beside the positions split it shares out: the same four cluster barriers,
     more atomic adds (the queries' count, probe and second count; the parts' the same in place of
@@ -859,18 +864,20 @@ def test_shared_queries_match_the_reference(config, batch, dtype, options, steps
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, dtype, steps", [(8, torch.float16, [[5000, 0, 1, 129, 300, 4095, 9000, 17]]),
-                                                 (4, torch.float16, [[16384, 0, 4097, 77]])],
-                         ids=["b8-f16", "b4-f16-16k"])
+                                                 (3, torch.bfloat16, [[16384, 0, 4097]]),
+                                                 (6, torch.float16, [[8191, 77, 0, 1, 4096, 300]])],
+                         ids=["b8-f16", "b3-bf16-16k", "b6-f16-8k"])
 def test_the_rule_s_shared_queries_at_qwen_s_long_caches_match_the_reference(batch, dtype, steps):
     """The launch rule's own shared split at Qwen2.5-7B's long caches (told the longest row): 28 clusters
-    of 4 x 8 warps, one set, ragged with empty caches; at batch 5 the rule keeps the long-cache shape."""
+    of 4 x 8 warps, one set, the next keys in flight, ragged with empty caches; at batch 1 the rule keeps
+    the long-cache shape."""
     weights = AttentionWeights.random(QWEN2_5_7B, dtype, "cuda", seed=53)
     layer = DecodeAttention(QWEN2_5_7B, weights)
     longest = max(steps[0]) + 1
     assert layer.shares_queries(batch, longest) and layer.shape(batch, longest) == (4, 8, 7)
     spec = layer.kernel_spec(dtype, batch, longest)
-    assert spec.shared_queries and spec.split_positions and spec.batch_parts == 1
-    assert not layer.shares_queries(5, longest) and layer.shape(5, longest)[2] == 1
+    assert spec.shared_queries and spec.split_positions and spec.batch_parts == 1 and spec.pipelined_kv
+    assert not layer.shares_queries(1, longest) and layer.shape(1, longest)[2] == 1
     _check_steps(layer, dtype, batch, steps, hint=True)
 
 

@@ -400,13 +400,15 @@ class KernelSpec(BlockShape):
         """Whether attention keeps the next step's keys in flight while it folds a step (see
         ``fold_ahead`` in :func:`_make_mma_attention`): ``kv_pipeline`` where given, else on the
         tensor cores in blocks of 4 warps (batches up to 4), where the extra registers cost a
-        block an SM (:attr:`register_bound`), and in larger blocks that shared memory holds to one
+        block an SM (:attr:`register_bound`), in larger blocks that shared memory holds to one
         an SM, whose launch bound leaves the registers free (Llama-3-8B at batch 8 without
-        :attr:`overlay`). Blocks of 8 warps two an SM (Llama-3.2-1B at batch 8) lost with it
+        :attr:`overlay`), and in the query projection's shared split (``shared_queries``), whose
+        blocks of 8 warps at two an SM were level to 26% slower than at one with it (Qwen2.5-7B,
+        batches 2-7, 4K-32K, v82). Blocks of 8 warps two an SM (Llama-3.2-1B at batch 8) lost with it
         (``docs/fused-decode-notes.md``, v10)."""
         if self.kv_pipeline is None:
             alone = self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD) == 1
-            return self.mma_attention and (self.warps == 4 or alone)
+            return self.mma_attention and (self.warps == 4 or alone or self.shared_queries)
         return self.kv_pipeline and self.mma_attention
 
     @property

@@ -210,16 +210,15 @@ PAIRS_FROM = 16384
 #: 5-8% slower at Llama-3.2-1B, whose 12.6 MB W_qkv stream takes 3 µs, less than the flags' round
 #: trips and the rows read back cost.
 KV_ROWS_SPLIT_FROM = 3
-#: The batches whose steps at long caches of a GQA model with few KV heads run the positions split with
-#: the query projection shared out (:func:`shares_queries`); measured on an H100
-#: (``docs/fused-decode-notes.md``, v79, v81), Qwen2.5-7B's long-cache shape -> 4 x 8 warps x 7 parts shared,
-#: µs at 4K / 16K / 32K: batch 4 66.9 / 99.4 / 145.0 -> 57.8 / 92.2 / 138.8, batch 8 89.9 / 169.4 / 266.0 ->
-#: 83.5 / 149.3 / 240.2 (PyTorch 101.6 / 166.0 / 252.9). Batches 5-7 lost at 16K and 32K (5: 117.5 / 172.3 ->
-#: 121.7 / 190.0; 7: 151.2 / 228.7 -> 154.6 / 240.5) to the long-cache shape's sets of blocks of 4 warps,
-#: and 6 and 7 at 4K too. Their shared kernels hold two blocks an SM, as batch 4's does (whose long-cache
-#: shape is two sets of blocks of 8 warps); batch 8's holds one, which keeps its next keys in flight
-#: (:attr:`~clusterlab.fused.kernel.KernelSpec.pipelined_kv`).
-SHARED_QUERIES_BATCHES = (4, 8)
+#: From this many sequences, steps at long caches of a GQA model with few KV heads run the positions split
+#: with the query projection shared out (:func:`shares_queries`), its next keys in flight
+#: (:attr:`~clusterlab.fused.kernel.KernelSpec.pipelined_kv`). Qwen2.5-7B's long-cache shape -> 4 x 8 warps
+#: x 7 parts shared, µs at 4K / 16K / 32K on an H200 (``docs/fused-decode-notes.md``, v82): batch 2 at 16K /
+#: 32K 64.3 / 83.9 -> 54.2 / 69.4; 3 51.8 / 78.8 / 108.0 -> 45.9 / 65.6 / 91.2; 5 67.9 / 103.0 / 147.8 -> 60.3 /
+#: 95.4 / 143.3; 7 80.2 / 129.4 / 188.1 -> 68.4 / 111.6 / 168.8. The pipeline alone, batch 4: 51.9 / 79.2 /
+#: 115.0 -> 50.4 / 74.5 / 106.3. On an H100 (v81) the split without it (two blocks an SM) lost to the
+#: long-cache shape at batches 5-7.
+SHARED_QUERIES_FROM = 2
 #: Blocks and warps a cluster of that split (``(cluster_size, warps)``).
 SHARED_QUERIES_SHAPE = (4, 8)
 #: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
@@ -415,7 +414,7 @@ def shares_queries(config: AttentionConfig, batch: int, longest: int | None, lim
     as a positions split whose parts share out the query projection (``split_positions`` and
     ``shared_queries`` in :data:`SHARED_QUERIES_SHAPE` clusters, a part a query head of each KV
     head: :func:`shared_queries_shape`) instead of the long-cache shape: at long caches
-    (:func:`reaches_long_cache`) at the batches of :data:`SHARED_QUERIES_BATCHES`, where one cluster of 16 a
+    (:func:`reaches_long_cache`) from a batch of :data:`SHARED_QUERIES_FROM`, where one cluster of 16 a
     KV head fills at most half of the GPU's SMs (Qwen2.5-7B's 4 KV heads: 64 blocks on 132), the
     query heads of a KV head are 2 to 8 (attention on the tensor cores takes them all), and the
     split's clusters all fit at once at one block an SM on the SMs such clusters fill (Qwen2.5-7B:
@@ -425,7 +424,7 @@ def shares_queries(config: AttentionConfig, batch: int, longest: int | None, lim
     launch shape, ``batch_parts`` or the options asks for none of this."""
     size, _ = SHARED_QUERIES_SHAPE
     group = config.group_size
-    return (reaches_long_cache(batch, longest) and batch in SHARED_QUERIES_BATCHES and 2 <= group <= 8
+    return (reaches_long_cache(batch, longest) and batch >= SHARED_QUERIES_FROM and 2 <= group <= 8
             and config.kv_heads * max(CLUSTER_SIZES) <= limits.sm_count // 2
             and config.kv_heads * group * size <= limits.sms_for(size))
 
