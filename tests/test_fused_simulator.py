@@ -608,8 +608,10 @@ def test_a_batch_split_over_sets_of_clusters_runs_each_set_on_its_own_sequences(
 def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monkeypatch, dtype):
     """``longest`` (or an int position) picks the launch shape and nothing else: a tiny GQA layer on
     the simulator, LONG_CACHE lowered to its cache, runs head split 4 below it and one cluster a KV
-    head from it, each matching the reference."""
+    head from it, each matching the reference. (The shared split that the rule takes for so few KV
+    heads from batch 2, ``plan.shares_queries``, is switched off.)"""
     monkeypatch.setattr(plan, "LONG_CACHE", (64,) * len(plan.LONG_CACHE))
+    monkeypatch.setattr(plan, "SHARED_QUERIES_FROM", plan.MAX_BATCH + 1)
     config, batch = CASES[3][0], 2
     weights = AttentionWeights.random(config, dtype, seed=7)
     layer = DecodeAttention(config, weights)
