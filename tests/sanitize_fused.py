@@ -38,8 +38,9 @@ handed off;
 Then the positions split with the query projection shared out (``KernelSpec.shared_queries``: each part
 projects its share of the query heads, hands them over through device memory and waits for the others',
 then waits for every part's state and merges its own heads'): Qwen2.5-7B split in 7 in clusters of 4 x 8
-warps (QKV bias) at a ragged batch of 3, its next keys in flight (``pipelined_kv``), GQA split in 2 with each part projecting both K/V heads, and in 2
-over two sets of clusters, the last with a phantom, plain and handed off;
+warps (QKV bias) at a ragged batch of 3, its next keys in flight (``pipelined_kv``), GQA split in 2 with
+each part projecting both K/V heads, and in 2 over two sets of clusters, the last with a phantom, plain
+and handed off;
 ``python tests/sanitize_fused.py shared`` runs those alone.
 Then the work queue (``KernelSpec.work_queue``: chunks of every KV head taken by whichever warp is free,
 other clusters' states in device memory, the queue's words reset by the grid's last block): GQA on the

@@ -762,7 +762,8 @@ def test_the_rule_shares_out_the_kv_rows_from_a_split_of_three_where_the_grid_fi
 
 @pytest.mark.ptx
 @pytest.mark.parametrize("config, bf16, batch, cluster_size, warps, parts",
-                         [(QWEN2_5_7B, False, 8, 4, 8, 7), (QWEN2_5_7B, True, 5, 4, 8, 7), (LLAMA3_8B, True, 4, 8, 4, 4)],
+                         [(QWEN2_5_7B, False, 8, 4, 8, 7), (QWEN2_5_7B, True, 5, 4, 8, 7),
+                          (LLAMA3_8B, True, 4, 8, 4, 4)],
                          ids=["qwen2.5-7b-f16-b8-split7", "qwen2.5-7b-bf16-b5-split7", "llama3-8b-bf16-b4-split4"])
 def test_shared_queries_assemble_with_their_waits_and_no_spill(config, bf16, batch, cluster_size, warps, parts):
     """``shared_queries`` beside the positions split it shares out: the same four cluster barriers,
