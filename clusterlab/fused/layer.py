@@ -129,11 +129,11 @@ class DecodeAttention:
         self.cluster_size, self.warps, self.head_split = cluster_size, warps, head_split
         self._specs: dict = {}  # (dtype, batch, shape, batch_parts, shares_queries) -> KernelSpec
         self._shared_builds: dict = {}  # batch -> whether the rule's shared split can be built
-        # whether the rule is free to choose the split and takes the shared one at some batch (shares_queries)
+        # whether the rule is free to choose the split and takes the shared one at some batch (shares_queries:
+        # from SHARED_QUERIES_FROM up, so at MAX_BATCH where at any)
         chosen = (cluster_size, warps, head_split) != (None, None, None) or any(
             name in self.kernel_options for name in ("split_positions", "shared_queries", "batch_parts", "work_queue"))
-        self._rule_may_share = not chosen and any(shares_queries(config, batch, MAX_POSITIONS, self.limits)
-                                                  for batch in range(1, MAX_BATCH + 1))
+        self._rule_may_share = not chosen and shares_queries(config, MAX_BATCH, MAX_POSITIONS, self.limits)
         self._kernels: dict = {}  # ((dtype, batch, shape), handoff) -> launcher
         if backend == "gpu":
             from ..gpu import require_hopper
