@@ -87,7 +87,8 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spill(config, bf16, b
     # sequences of GQA states: one).
     assert result.registers * spec.threads * spec.min_blocks_per_sm <= 65536
     alone = 2 * (spec.shared_bytes + 1024) > 233472  # shared memory holds one block an SM
-    assert spec.pipelined_kv == (spec.mma_attention and (warps == 4 or alone or spec.shared_queries))
+    shared = spec.shared_queries and spec.fits_at(168)
+    assert spec.pipelined_kv == (spec.mma_attention and (warps == 4 or alone or shared))
     warps_an_sm = 12 if spec.pipelined_kv and warps == 4 else 16
     assert spec.min_blocks_per_sm * warps == warps_an_sm or 2 * (spec.shared_bytes + 1024) > 233472
 
@@ -192,8 +193,9 @@ def test_attention_runs_on_the_tensor_cores_from_two_query_heads_a_cluster():
 
 def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     """Pipelined keys where tensor-core attention runs in blocks of 4 warps, at 168 registers (three
-    blocks an SM), in blocks alone on their SM, or in the query projection's shared split; two blocks
-    of 8 warps an SM and the CUDA cores keep 128; given switches win."""
+    blocks an SM), in blocks alone on their SM, or in the query projection's shared split where its
+    grid fits at one block an SM; two blocks of 8 warps an SM and the CUDA cores keep 128; given
+    switches win."""
     import dataclasses
 
     from clusterlab.fused.kernel import PIPELINE_REGISTERS, REGISTERS_PER_THREAD
@@ -219,7 +221,14 @@ def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     shared = KernelSpec.of(QWEN2_5_7B, False, 5, *shared_queries_shape(QWEN2_5_7B), split_positions=True,
                            shared_queries=True)
     assert shared.pipelined_kv and shared.warps == 8 and shared.min_blocks_per_sm == 1
-    assert not dataclasses.replace(shared, kv_pipeline=False).pipelined_kv
+    assert shared.fits_at_once and not dataclasses.replace(shared, kv_pipeline=False).pipelined_kv
+    # 48 clusters of 4 x 8 warps (Llama-3-8B split in 2, batch 5 in three sets): 30 fit at one block an SM
+    # on 120 SMs, 60 at two; they wait for each other, so the grid keeps 128 registers
+    sets = KernelSpec.of(LLAMA3_8B, True, 5, 4, 8, 2, split_positions=True, shared_queries=True, batch_parts=3)
+    assert not sets.fits_at(PIPELINE_REGISTERS) and sets.fits_at(REGISTERS_PER_THREAD)
+    assert not sets.pipelined_kv and sets.min_blocks_per_sm == 2 and sets.fits_at_once
+    assert dataclasses.replace(sets, kv_pipeline=True).pipelined_kv
+    assert not dataclasses.replace(sets, kv_pipeline=True).fits_at_once
 
 
 def test_tiles_of_the_matrix_vector_steps():

@@ -383,7 +383,12 @@ class KernelSpec(BlockShape):
         clusters of this size fill at one block an SM. That undercounts where blocks share SMs (a GPC
         of ``n`` SMs holds ``floor(k * n / C)`` clusters of ``k`` blocks an SM, at least ``k`` times
         ``floor(n / C)``), never overcounts; the launcher's occupancy query is exact."""
-        return self.clusters * self.cluster_size <= self.min_blocks_per_sm * self.limits.sms_for(self.cluster_size)
+        return self.fits_at(self.register_bound)
+
+    def fits_at(self, registers_per_thread: int) -> bool:
+        """:attr:`fits_at_once` with the blocks an SM that ``registers_per_thread`` registers allow."""
+        blocks = self.limits.blocks_per_sm(self.shared_bytes, self.threads, registers_per_thread)
+        return self.clusters * self.cluster_size <= blocks * self.limits.sms_for(self.cluster_size)
 
     @property
     def attn_width(self) -> int:
@@ -404,11 +409,14 @@ class KernelSpec(BlockShape):
         an SM, whose launch bound leaves the registers free (Llama-3-8B at batch 8 without
         :attr:`overlay`), and in the query projection's shared split (``shared_queries``), whose
         blocks of 8 warps at two an SM were level to 26% slower than at one with it (Qwen2.5-7B,
-        batches 2-7, 4K-32K, v82). Blocks of 8 warps two an SM (Llama-3.2-1B at batch 8) lost with it
+        batches 2-7, 4K-32K, v82), where its grid still fits the GPU at once at one block an SM (its
+        clusters wait for each other: Llama-3-8B's split in 2 at batch 5 in three sets, 48 clusters of 4,
+        fits only at two). Blocks of 8 warps two an SM (Llama-3.2-1B at batch 8) lost with it
         (``docs/fused-decode-notes.md``, v10)."""
         if self.kv_pipeline is None:
             alone = self.limits.blocks_per_sm(self.shared_bytes, self.threads, REGISTERS_PER_THREAD) == 1
-            return self.mma_attention and (self.warps == 4 or alone or self.shared_queries)
+            shared = self.shared_queries and self.fits_at(PIPELINE_REGISTERS)
+            return self.mma_attention and (self.warps == 4 or alone or shared)
         return self.kv_pipeline and self.mma_attention
 
     @property
