@@ -840,21 +840,58 @@ def test_the_position_split_matches_the_reference(config, batch, dtype, options,
     _check_steps(layer, dtype, batch, steps)
 
 
+# The GPU tests of the shared split: (config, batch, dtype, layer arguments, steps), its kernel_options
+# added to SHARED_QUERIES_OPTIONS.
+SHARED_QUERIES_OPTIONS = {"split_positions": True, "shared_queries": True}
+SHARED_QUERIES_CASES = [
+    pytest.param(QWEN2_5_7B, 8, torch.float16, {"cluster_size": 4, "warps": 8, "head_split": 7},
+                 [[300, 0, 17, 1000, 5, 4097, 1, 64], 1024], id="qwen2.5-7b-b8-f16-split7"),
+    pytest.param(QWEN2_5_7B, 3, torch.bfloat16, {"cluster_size": 8, "warps": 4, "head_split": 7}, [0, [300, 41, 5]],
+                 id="qwen2.5-7b-b3-bf16-split7"),
+    pytest.param(LLAMA3_8B, 4, torch.float16, {"cluster_size": 8, "warps": 4, "head_split": 4}, [[5000, 0, 17, 300], 1],
+                 id="llama3-8b-b4-f16-split4"),
+    pytest.param(LLAMA3_2_1B, 2, torch.bfloat16, {"cluster_size": 8, "warps": 4, "head_split": 2}, [[300, 0], 77],
+                 id="llama3.2-1b-b2-bf16"),
+    pytest.param(SMALL["gqa-d64-gptj-c16"], 3, torch.float16,
+                 {"cluster_size": 4, "head_split": 2, "kernel_options": {"split_kv_rows": False}}, [[300, 0, 5], 17],
+                 id="gqa-d64-gptj-c4-b3-f16-kv-rows-each"),
+    pytest.param(LLAMA3_8B, 5, torch.bfloat16,
+                 {"cluster_size": 4, "warps": 8, "head_split": 2, "kernel_options": {"batch_parts": 3}},
+                 [[300, 5000, 0, 17, 1]], id="llama3-8b-b5-bf16-sets-2-2-1"),
+]
+# The GPU tests of the K/V rows split (kernel_options KV_ROWS_OPTIONS), as SHARED_QUERIES_CASES.
+KV_ROWS_OPTIONS = {"split_kv_rows": True}
+KV_ROWS_CASES = [
+    pytest.param(LLAMA3_8B, 1, torch.float16, {}, [0, 1, 1000, 4097], id="llama3-8b-b1-f16"),
+    pytest.param(LLAMA3_8B, 4, torch.bfloat16, {}, [[5000, 0, 17, 300], 1000], id="llama3-8b-b4-bf16"),
+    pytest.param(LLAMA3_2_1B, 2, torch.float16, {}, [[300, 0], 77], id="llama3.2-1b-b2-f16"),
+    pytest.param(QWEN2_5_7B, 1, torch.float16, {}, [0, 1000, 4097], id="qwen2.5-7b-b1-f16-split7"),
+    pytest.param(SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "head_split": 2},
+                 [0, 17, [300, 41, 5]], id="gqa-d64-gptj-c4-b3-bf16"),
+    pytest.param(SMALL["gqa-d64-gptj-c16"], 3, torch.float16, {"cluster_size": 4, "head_split": 4}, [[300, 0, 5], 17],
+                 id="gqa-d64-gptj-c4-split4-b3-f16"),
+]
+
+
+def test_the_gpu_tests_that_wait_across_clusters_launch_grids_that_fit_at_once():
+    """The shared split's and the K/V rows split's GPU tests step layers whose clusters wait for each
+    other: by the plan's count (:attr:`KernelSpec.fits_at_once`, on an H100 or H200) every grid they
+    launch is resident at once at the register bound its kernel is built for. The launcher refuses
+    one that is not (``co_resident``), so a default that grew a kernel's registers past it would
+    otherwise fail on the GPU only."""
+    for base, cases in ((SHARED_QUERIES_OPTIONS, SHARED_QUERIES_CASES), (KV_ROWS_OPTIONS, KV_ROWS_CASES)):
+        for case in cases:
+            config, batch, dtype, options, _ = case.values
+            options = dict(options)
+            kernel_options = {**base, **options.pop("kernel_options", {})}
+            layer = DecodeAttention(config, AttentionWeights.random(config, dtype, "cpu", seed=0),
+                                    kernel_options=kernel_options, **options)
+            spec = layer.kernel_spec(dtype, batch)
+            assert spec.waits_across_clusters and spec.fits_at_once, case.id
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "config, batch, dtype, options, steps",
-    [(QWEN2_5_7B, 8, torch.float16, {"cluster_size": 4, "warps": 8, "head_split": 7},
-      [[300, 0, 17, 1000, 5, 4097, 1, 64], 1024]),
-     (QWEN2_5_7B, 3, torch.bfloat16, {"cluster_size": 8, "warps": 4, "head_split": 7}, [0, [300, 41, 5]]),
-     (LLAMA3_8B, 4, torch.float16, {"cluster_size": 8, "warps": 4, "head_split": 4}, [[5000, 0, 17, 300], 1]),
-     (LLAMA3_2_1B, 2, torch.bfloat16, {"cluster_size": 8, "warps": 4, "head_split": 2}, [[300, 0], 77]),
-     (SMALL["gqa-d64-gptj-c16"], 3, torch.float16,
-      {"cluster_size": 4, "head_split": 2, "kernel_options": {"split_kv_rows": False}}, [[300, 0, 5], 17]),
-     (LLAMA3_8B, 5, torch.bfloat16, {"cluster_size": 4, "warps": 8, "head_split": 2,
-                                     "kernel_options": {"batch_parts": 3}}, [[300, 5000, 0, 17, 1]])],
-    ids=["qwen2.5-7b-b8-f16-split7", "qwen2.5-7b-b3-bf16-split7", "llama3-8b-b4-f16-split4", "llama3.2-1b-b2-bf16",
-         "gqa-d64-gptj-c4-b3-f16-kv-rows-each", "llama3-8b-b5-bf16-sets-2-2-1"],
-)
+@pytest.mark.parametrize("config, batch, dtype, options, steps", SHARED_QUERIES_CASES)
 def test_shared_queries_match_the_reference(config, batch, dtype, options, steps):
     """``kernel_options={"split_positions": True, "shared_queries": True}``: each part projects its
     share of the query heads (Qwen2.5-7B's 7 one each, with its QKV bias), hands them over through
@@ -863,7 +900,7 @@ def test_shared_queries_match_the_reference(config, batch, dtype, options, steps
     projecting both, GPT-J's RoPE, ragged batches with empty caches, an uneven split over sets of
     clusters; the counters left zero (``_check_steps``)."""
     options = dict(options)
-    kernel_options = {"split_positions": True, "shared_queries": True, **options.pop("kernel_options", {})}
+    kernel_options = {**SHARED_QUERIES_OPTIONS, **options.pop("kernel_options", {})}
     weights = AttentionWeights.random(config, dtype, "cuda", seed=47)
     layer = DecodeAttention(config, weights, kernel_options=kernel_options, **options)
     spec = layer.kernel_spec(dtype, batch)
@@ -892,24 +929,14 @@ def test_the_rule_s_shared_queries_at_qwen_s_long_caches_match_the_reference(bat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "config, batch, dtype, options, steps",
-    [(LLAMA3_8B, 1, torch.float16, {}, [0, 1, 1000, 4097]),
-     (LLAMA3_8B, 4, torch.bfloat16, {}, [[5000, 0, 17, 300], 1000]),
-     (LLAMA3_2_1B, 2, torch.float16, {}, [[300, 0], 77]),
-     (QWEN2_5_7B, 1, torch.float16, {}, [0, 1000, 4097]),
-     (SMALL["gqa-d64-gptj-c16"], 3, torch.bfloat16, {"cluster_size": 4, "head_split": 2}, [0, 17, [300, 41, 5]]),
-     (SMALL["gqa-d64-gptj-c16"], 3, torch.float16, {"cluster_size": 4, "head_split": 4}, [[300, 0, 5], 17])],
-    ids=["llama3-8b-b1-f16", "llama3-8b-b4-bf16", "llama3.2-1b-b2-f16", "qwen2.5-7b-b1-f16-split7",
-         "gqa-d64-gptj-c4-b3-bf16", "gqa-d64-gptj-c4-split4-b3-f16"],
-)
+@pytest.mark.parametrize("config, batch, dtype, options, steps", KV_ROWS_CASES)
 def test_the_kv_rows_split_matches_the_reference(config, batch, dtype, options, steps):
     """``kernel_options={"split_kv_rows": True}`` on the rule's head splits (2; Qwen2.5-7B's 7 with its
     QKV bias) and a split of 4, GPT-J's RoPE in clusters of 4: the key's and the value's clusters
     rotate and append their heads, every cluster reads the heads it lacks back from the cache for
     the new token; ragged batches and empty caches; the flags left zero (``_check_steps``)."""
     weights = AttentionWeights.random(config, dtype, "cuda", seed=43)
-    layer = DecodeAttention(config, weights, kernel_options={"split_kv_rows": True}, **options)
+    layer = DecodeAttention(config, weights, kernel_options=KV_ROWS_OPTIONS, **options)
     assert layer.kernel_spec(dtype, batch).kv_rows_split
     _check_steps(layer, dtype, batch, steps)
 
