@@ -1033,10 +1033,13 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
         return to_f32(to_bits(libdevice.int_as_float(int32(word))))
 
     # The threads take the (sequence, chunk) pairs of the whole batch in turn, so that every
-    # sequence's loads go out at once, and where the pairs take the block's threads several rounds,
-    # every round's loads go out before the first round's sums: one memory round trip for all of them
-    # (a round's stores to residual_out, which the compiler cannot tell from hidden, would otherwise
-    # hold the next round's loads back). A sequence's chunks are padded to `span` pairs, a power of two
+    # sequence's loads go out at once, and where the pairs take the block's threads several rounds
+    # (`loads_first`), every round's loads go out before the first round's sums: one memory round trip
+    # for all of them (a round's stores to residual_out, which the compiler cannot tell from hidden,
+    # would otherwise hold the next round's loads back). In one round a pair's loads go out within its
+    # own step, in a loop of at most one pass: the form of before the loads-first change, whose kernels
+    # ptxas lays out 7-8% faster where it matters (Llama-3-8B at 4K, batches 4 and 8; v83 of
+    # docs/fused-decode-notes.md). A sequence's chunks are padded to `span` pairs, a power of two
     # up to 32 or a multiple of 32, so that a segment of `segment` lanes of a warp holds chunks of one
     # sequence only: shuffles within the segment add up its share of sum(h^2), and its first lane
     # stores it in the segment's own word.
@@ -1051,60 +1054,80 @@ def make_norm_inputs(batch: int, hidden_size: int, k_slice: int, threads: int, b
     # a pair's words: its chunk of hidden (16-bit: 4 words; float32: 8), of residual and of norm
     residual_word = 8 if float32_hidden else 4
     pair_words = residual_word + 8
+    loads_first = rounds > 1
+
+    @cuda.jit(device=True, inline=True)
+    def load_pair(hidden, residual, norm, words, r, at, k0, c):
+        """A pair's 16-byte chunks of hidden (at ``at``), residual and the gain into ``words[r]``."""
+        words[r, 0], words[r, 1], words[r, 2], words[r, 3] = ptx.ld_global_nc_v4_no_allocate(hidden, at)
+        if float32_hidden:
+            words[r, 4], words[r, 5], words[r, 6], words[r, 7] = ptx.ld_global_nc_v4_no_allocate(hidden, at + 4)
+        (words[r, residual_word], words[r, residual_word + 1], words[r, residual_word + 2],
+         words[r, residual_word + 3]) = ptx.ld_global_nc_v4_no_allocate(residual, at)
+        (words[r, residual_word + 4], words[r, residual_word + 5], words[r, residual_word + 6],
+         words[r, residual_word + 7]) = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
+
+    @cuda.jit(device=True, inline=True)
+    def fold_pair(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, seqs, lane, words, r,
+                  item):
+        """Pair ``item`` of the block's round ``r``: ``h = hidden + residual`` to ``residual_out``, ``h * norm``
+        to ``xs`` and the segment's share of ``sum(h^2)`` to ``red``, from ``words[r]`` (loaded here
+        unless ``loads_first``)."""
+        seq, c = item // span, item % span
+        ss = float32(0.0)
+        if phantoms and item < pairs and c < chunks and seq >= seqs:  # a phantom's h * norm
+            for e in range(8):
+                if interleaved:
+                    smem[xs + seq * k_slice + device_input_word(c, e, k_slice, True)] = float32(0.0)
+                else:
+                    smem[xs + seq * k_slice + c * 8 + e] = float32(0.0)
+        elif item < pairs and c < chunks:
+            at = seq * hidden_size + k0 + c * 8
+            if not loads_first:
+                load_pair(hidden, residual, norm, words, r, at, k0, c)
+            for e in range(4):
+                if float32_hidden:
+                    h_lo, h_hi = rounded_word(words[r, 2 * e]), rounded_word(words[r, 2 * e + 1])
+                else:
+                    h_lo, h_hi = unpack(words[r, e])
+                r_lo, r_hi = unpack(words[r, residual_word + e])
+                n_lo, n_hi = unpack(words[r, residual_word + 4 + e])
+                s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
+                if writes_residual:
+                    residual_out[at + 2 * e] = to_bits(s_lo)
+                    residual_out[at + 2 * e + 1] = to_bits(s_hi)
+                ss += s_lo * s_lo + s_hi * s_hi
+                if interleaved:
+                    smem[xs + seq * k_slice + device_input_word(c, 2 * e, k_slice, True)] = s_lo * n_lo
+                    smem[xs + seq * k_slice + device_input_word(c, 2 * e + 1, k_slice, True)] = s_hi * n_hi
+                else:
+                    smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
+                    smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
+        for level in range(levels):
+            ss += cuda.shfl_xor_sync(FULL_MASK, ss, segment >> (level + 1))
+        if lane % segment == 0 and item < pairs:
+            smem[red + item // segment] = ss  # = seq * shares + c // 32
 
     @cuda.jit(device=True, inline=True)
     def norm_inputs(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, seqs, tid):
         lane = tid % 32
         words = cuda.local.array((rounds, pair_words), uint32)
-        for r in range(rounds):  # every round's loads first
-            item = tid + uint32(r * threads)
-            seq, c = item // span, item % span
-            if item < pairs and c < chunks and not (phantoms and seq >= seqs):
-                at = seq * hidden_size + k0 + c * 8
-                words[r, 0], words[r, 1], words[r, 2], words[r, 3] = ptx.ld_global_nc_v4_no_allocate(hidden, at)
-                if float32_hidden:
-                    words[r, 4], words[r, 5], words[r, 6], words[r, 7] = ptx.ld_global_nc_v4_no_allocate(hidden,
-                                                                                                          at + 4)
-                (words[r, residual_word], words[r, residual_word + 1], words[r, residual_word + 2],
-                 words[r, residual_word + 3]) = ptx.ld_global_nc_v4_no_allocate(residual, at)
-                (words[r, residual_word + 4], words[r, residual_word + 5], words[r, residual_word + 6],
-                 words[r, residual_word + 7]) = ptx.ld_global_nc_v4_no_allocate(norm, k0 + c * 8)
-        for r in range(rounds):
-            item = tid + uint32(r * threads)
-            if item >= warp_pairs:  # a whole warp stops here (warp_pairs and threads are multiples of 32)
-                break
-            seq, c = item // span, item % span
-            ss = float32(0.0)
-            if phantoms and item < pairs and c < chunks and seq >= seqs:  # a phantom's h * norm
-                for e in range(8):
-                    if interleaved:
-                        smem[xs + seq * k_slice + device_input_word(c, e, k_slice, True)] = float32(0.0)
-                    else:
-                        smem[xs + seq * k_slice + c * 8 + e] = float32(0.0)
-            elif item < pairs and c < chunks:
-                at = seq * hidden_size + k0 + c * 8
-                for e in range(4):
-                    if float32_hidden:
-                        h_lo, h_hi = rounded_word(words[r, 2 * e]), rounded_word(words[r, 2 * e + 1])
-                    else:
-                        h_lo, h_hi = unpack(words[r, e])
-                    r_lo, r_hi = unpack(words[r, residual_word + e])
-                    n_lo, n_hi = unpack(words[r, residual_word + 4 + e])
-                    s_lo, s_hi = h_lo + r_lo, h_hi + r_hi
-                    if writes_residual:
-                        residual_out[at + 2 * e] = to_bits(s_lo)
-                        residual_out[at + 2 * e + 1] = to_bits(s_hi)
-                    ss += s_lo * s_lo + s_hi * s_hi
-                    if interleaved:
-                        smem[xs + seq * k_slice + device_input_word(c, 2 * e, k_slice, True)] = s_lo * n_lo
-                        smem[xs + seq * k_slice + device_input_word(c, 2 * e + 1, k_slice, True)] = s_hi * n_hi
-                    else:
-                        smem[xs + seq * k_slice + c * 8 + 2 * e] = s_lo * n_lo
-                        smem[xs + seq * k_slice + c * 8 + 2 * e + 1] = s_hi * n_hi
-            for level in range(levels):
-                ss += cuda.shfl_xor_sync(FULL_MASK, ss, segment >> (level + 1))
-            if lane % segment == 0 and item < pairs:
-                smem[red + item // segment] = ss  # = seq * shares + c // 32
+        if loads_first:
+            for r in range(rounds):
+                item = tid + uint32(r * threads)
+                seq, c = item // span, item % span
+                if item < pairs and c < chunks and not (phantoms and seq >= seqs):
+                    load_pair(hidden, residual, norm, words, r, seq * hidden_size + k0 + c * 8, k0, c)
+            for r in range(rounds):
+                item = tid + uint32(r * threads)
+                if item >= warp_pairs:  # a whole warp stops here (warp_pairs and threads are multiples of 32)
+                    break
+                fold_pair(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, seqs, lane,
+                          words, r, item)
+        else:
+            for item in range(tid, warp_pairs, threads):  # at most once
+                fold_pair(hidden, residual, norm, residual_out, smem, xs, red, k0, writes_residual, seqs, lane,
+                          words, 0, item)
 
     @cuda.jit(device=True, inline=True)
     def sum_squares(smem, red, dst, stride, tid):
