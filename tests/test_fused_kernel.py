@@ -18,7 +18,8 @@ from clusterlab.fused import (
     DecodeAttention,
     KVCache,
 )
-from clusterlab.fused.kernel import MMA_BATCH, MMA_GROUP, KernelSpec, MmaTile, build_kernel, kernel_signature
+from clusterlab.fused.kernel import (MMA_BATCH, MMA_GROUP, PIPELINE_REGISTERS, KernelSpec, MmaTile, build_kernel,
+                                     kernel_signature)
 from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_FROM,
                                    SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape, set_batch,
                                    shared_queries_shape, shares_queries)
@@ -87,7 +88,7 @@ def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spill(config, bf16, b
     # sequences of GQA states: one).
     assert result.registers * spec.threads * spec.min_blocks_per_sm <= 65536
     alone = 2 * (spec.shared_bytes + 1024) > 233472  # shared memory holds one block an SM
-    shared = spec.shared_queries and spec.fits_at(168)
+    shared = spec.shared_queries and spec.fits_at(PIPELINE_REGISTERS)
     assert spec.pipelined_kv == (spec.mma_attention and (warps == 4 or alone or shared))
     warps_an_sm = 12 if spec.pipelined_kv and warps == 4 else 16
     assert spec.min_blocks_per_sm * warps == warps_an_sm or 2 * (spec.shared_bytes + 1024) > 233472
@@ -198,7 +199,7 @@ def test_the_next_keys_load_ahead_on_the_tensor_cores_in_blocks_of_four_warps():
     switches win."""
     import dataclasses
 
-    from clusterlab.fused.kernel import PIPELINE_REGISTERS, REGISTERS_PER_THREAD
+    from clusterlab.fused.kernel import REGISTERS_PER_THREAD
 
     def spec(config, batch, warps, head_split, **switches):
         return dataclasses.replace(KernelSpec.of(config, False, batch, 16, warps, head_split), **switches)
@@ -873,6 +874,14 @@ KV_ROWS_CASES = [
 ]
 
 
+def split_layer(base: dict, config, dtype, options: dict, device: str, seed: int) -> DecodeAttention:
+    """The layer of a case of SHARED_QUERIES_CASES or KV_ROWS_CASES: its ``kernel_options`` added to ``base``."""
+    options = dict(options)
+    kernel_options = {**base, **options.pop("kernel_options", {})}
+    return DecodeAttention(config, AttentionWeights.random(config, dtype, device, seed=seed),
+                           kernel_options=kernel_options, **options)
+
+
 def test_the_gpu_tests_that_wait_across_clusters_launch_grids_that_fit_at_once():
     """The shared split's and the K/V rows split's GPU tests step layers whose clusters wait for each
     other: by the plan's count (:attr:`KernelSpec.fits_at_once`, on an H100 or H200) every grid they
@@ -882,11 +891,7 @@ def test_the_gpu_tests_that_wait_across_clusters_launch_grids_that_fit_at_once()
     for base, cases in ((SHARED_QUERIES_OPTIONS, SHARED_QUERIES_CASES), (KV_ROWS_OPTIONS, KV_ROWS_CASES)):
         for case in cases:
             config, batch, dtype, options, _ = case.values
-            options = dict(options)
-            kernel_options = {**base, **options.pop("kernel_options", {})}
-            layer = DecodeAttention(config, AttentionWeights.random(config, dtype, "cpu", seed=0),
-                                    kernel_options=kernel_options, **options)
-            spec = layer.kernel_spec(dtype, batch)
+            spec = split_layer(base, config, dtype, options, "cpu", 0).kernel_spec(dtype, batch)
             assert spec.waits_across_clusters and spec.fits_at_once, case.id
 
 
@@ -899,13 +904,10 @@ def test_shared_queries_match_the_reference(config, batch, dtype, options, steps
     heads after merging every part's states; the K/V rows shared out (the rule) or each part
     projecting both, GPT-J's RoPE, ragged batches with empty caches, an uneven split over sets of
     clusters; the counters left zero (``_check_steps``)."""
-    options = dict(options)
-    kernel_options = {**SHARED_QUERIES_OPTIONS, **options.pop("kernel_options", {})}
-    weights = AttentionWeights.random(config, dtype, "cuda", seed=47)
-    layer = DecodeAttention(config, weights, kernel_options=kernel_options, **options)
+    layer = split_layer(SHARED_QUERIES_OPTIONS, config, dtype, options, "cuda", 47)
     spec = layer.kernel_spec(dtype, batch)
     assert spec.parts == spec.head_split and spec.projected_group * spec.parts == spec.group == config.group_size
-    assert spec.kv_rows_split == kernel_options.get("split_kv_rows", True)
+    assert spec.kv_rows_split == layer.kernel_options.get("split_kv_rows", True)
     _check_steps(layer, dtype, batch, steps)
 
 
@@ -935,8 +937,7 @@ def test_the_kv_rows_split_matches_the_reference(config, batch, dtype, options, 
     QKV bias) and a split of 4, GPT-J's RoPE in clusters of 4: the key's and the value's clusters
     rotate and append their heads, every cluster reads the heads it lacks back from the cache for
     the new token; ragged batches and empty caches; the flags left zero (``_check_steps``)."""
-    weights = AttentionWeights.random(config, dtype, "cuda", seed=43)
-    layer = DecodeAttention(config, weights, kernel_options=KV_ROWS_OPTIONS, **options)
+    layer = split_layer(KV_ROWS_OPTIONS, config, dtype, options, "cuda", 43)
     assert layer.kernel_spec(dtype, batch).kv_rows_split
     _check_steps(layer, dtype, batch, steps)
 
