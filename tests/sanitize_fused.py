@@ -38,7 +38,8 @@ handed off;
 Then the positions split with the query projection shared out (``KernelSpec.shared_queries``: each part
 projects its share of the query heads, hands them over through device memory and waits for the others',
 then waits for every part's state and merges its own heads'): Qwen2.5-7B split in 7 in clusters of 4 x 8
-warps (QKV bias) at a ragged batch of 3, its next keys in flight (``pipelined_kv``), GQA split in 2 with
+warps (QKV bias) at a ragged batch of 3, its next keys in flight (``pipelined_kv``), and at one sequence
+(bfloat16: the rule's step at batch 1 from 8K rows), GQA split in 2 with
 each part projecting both K/V heads, and in 2 over two sets of clusters, the last with a phantom, plain
 and handed off;
 ``python tests/sanitize_fused.py shared`` runs those alone.
@@ -118,6 +119,8 @@ SHARED = {"split_positions": True, "shared_queries": True}
 SHARED_SHAPES = [
     (PRESETS["qwen2.5-7b"], {"cluster_size": 4, "warps": 8, "head_split": 7, "kernel_options": SHARED}, [0, 300, 41],
      torch.float16),
+    (PRESETS["qwen2.5-7b"], {"cluster_size": 4, "warps": 8, "head_split": 7, "kernel_options": SHARED}, [2000],
+     torch.bfloat16),
     (AttentionConfig(hidden_size=512, heads=8, kv_heads=2, head_dim=64, qkv_bias=True),
      {"cluster_size": 4, "head_split": 2, "kernel_options": {**SHARED, "split_kv_rows": False}}, [0, 37, 300],
      torch.bfloat16),

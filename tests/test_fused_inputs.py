@@ -474,14 +474,15 @@ def test_bench_variants_parse(text, variant):
 
 def test_bench_variant_rule_gives_the_layer_nothing_so_it_takes_the_rules_shape():
     from clusterlab.bench.fused import variant_options
-    from clusterlab.fused.plan import LONG_CACHE, launch_shape
+    from clusterlab.fused.plan import LONG_CACHE, launch_shape, shared_queries_shape
 
     config = AttentionConfig(hidden_size=256, heads=8, kv_heads=2, head_dim=64)
     options = variant_options(config, parse_variant("rule"))
     assert options == {} and variant_options(config, parse_variant("16x8x1")) != {}
     layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16, seed=1), **options)
-    for longest in (None, LONG_CACHE[0]):  # (from a batch of 2 its few KV heads would share the queries)
+    for longest in (None, LONG_CACHE[0] - 1):
         assert layer.shape(1, longest) == launch_shape(config, 1, 132, longest=longest)
+    assert layer.shape(1, LONG_CACHE[0]) == shared_queries_shape(config)  # its few KV heads share the queries
     assert layer.shape(1) != layer.shape(1, LONG_CACHE[0])  # the rule's shape follows the length
 
 

@@ -714,18 +714,18 @@ def test_shared_queries_take_a_position_split_that_divides_the_query_heads():
         check_kernel_options({"shared_queries": None})
 
 
-def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_from_batch_2():
+def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_at_every_batch():
     """``plan.shares_queries``: Qwen2.5-7B (4 KV heads: one cluster of 16 each fills 64 of 132 SMs) from
-    a batch of ``SHARED_QUERIES_FROM`` (2) at its long-cache rows takes 4 x 8 warps x 7 parts, the query
-    projection shared out; below those rows, at batch 1, and at the presets whose KV heads fill the GPU,
+    a batch of ``SHARED_QUERIES_FROM`` (1: every batch) at its long-cache rows takes 4 x 8 warps x 7 parts,
+    the query projection shared out; below those rows, and at the presets whose KV heads fill the GPU,
     never; nor where the 28 clusters of 4 would not all fit at once (112 SMs for such clusters hold them,
     108 do not) or half the SMs would not hold the KV heads' clusters of 16."""
     import dataclasses
 
-    assert (SHARED_QUERIES_FROM, SHARED_QUERIES_SHAPE) == (2, (4, 8))
+    assert (SHARED_QUERIES_FROM, SHARED_QUERIES_SHAPE) == (1, (4, 8))
     for batch in range(1, 9):
         long = LONG_CACHE[batch - 1]
-        assert shares_queries(QWEN2_5_7B, batch, long) == (batch >= 2)
+        assert shares_queries(QWEN2_5_7B, batch, long)
         assert not shares_queries(QWEN2_5_7B, batch, long - 1) and not shares_queries(QWEN2_5_7B, batch, None)
         for config in (LLAMA2_7B, LLAMA3_8B, LLAMA3_2_1B):
             assert not shares_queries(config, batch, 32768)
@@ -914,19 +914,20 @@ def test_shared_queries_match_the_reference(config, batch, dtype, options, steps
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, dtype, steps", [(8, torch.float16, [[5000, 0, 1, 129, 300, 4095, 9000, 17]]),
                                                  (3, torch.bfloat16, [[16384, 0, 4097]]),
-                                                 (6, torch.float16, [[8191, 77, 0, 1, 4096, 300]])],
-                         ids=["b8-f16", "b3-bf16-16k", "b6-f16-8k"])
+                                                 (6, torch.float16, [[8191, 77, 0, 1, 4096, 300]]),
+                                                 (1, torch.bfloat16, [[8191], [20000]])],
+                         ids=["b8-f16", "b3-bf16-16k", "b6-f16-8k", "b1-bf16-8k-20k"])
 def test_the_rule_s_shared_queries_at_qwen_s_long_caches_match_the_reference(batch, dtype, steps):
     """The launch rule's own shared split at Qwen2.5-7B's long caches (told the longest row): 28 clusters
-    of 4 x 8 warps, one set, the next keys in flight, ragged with empty caches; at batch 1 the rule keeps
-    the long-cache shape."""
+    of 4 x 8 warps, one set, the next keys in flight, ragged with empty caches, and one sequence at 8K and
+    20K rows; a row short of the long-cache rows the rule does not share."""
     weights = AttentionWeights.random(QWEN2_5_7B, dtype, "cuda", seed=53)
     layer = DecodeAttention(QWEN2_5_7B, weights)
     longest = max(steps[0]) + 1
     assert layer.shares_queries(batch, longest) and layer.shape(batch, longest) == (4, 8, 7)
     spec = layer.kernel_spec(dtype, batch, longest)
     assert spec.shared_queries and spec.split_positions and spec.batch_parts == 1 and spec.pipelined_kv
-    assert not layer.shares_queries(1, longest) and layer.shape(1, longest)[2] == 1
+    assert not layer.shares_queries(batch, LONG_CACHE[batch - 1] - 1)
     _check_steps(layer, dtype, batch, steps, hint=True)
 
 

@@ -527,9 +527,9 @@ def test_the_rule_s_shared_queries_run_on_the_simulator_and_name_their_step_shap
     """A GQA block of 2 KV heads (one cluster of 16 each would fill 32 of 132 SMs) told a long cache
     at a batch of 4: the layer's rule takes 4 x 8 warps x 4 parts with the query projection shared
     out, one set, and steps into the reference's answer (a wrong ``longest`` costs time, never
-    correctness); a model keys its CUDA graphs by that choice too, at every batch from 2 at its
-    long-cache rows. Below those rows, at batch 1, or with a launch shape or a split asked for, the
-    rule's other shapes as before."""
+    correctness); a model keys its CUDA graphs by that choice too, at every batch at its long-cache
+    rows. Below those rows, or with a launch shape or a split asked for, the rule's other shapes as
+    before."""
     config = AttentionConfig(hidden_size=256, heads=8, kv_heads=2, head_dim=64)
     weights = AttentionWeights.random(config, torch.float16, seed=13)
     layer = DecodeAttention(config, weights)
@@ -538,8 +538,8 @@ def test_the_rule_s_shared_queries_run_on_the_simulator_and_name_their_step_shap
     assert layer.batch_parts(batch, longest) == 1
     spec = layer.kernel_spec(torch.float16, batch, longest)
     assert (spec.split_positions, spec.shared_queries, spec.parts, spec.projected_group) == (True, True, 4, 1)
-    assert not layer.shares_queries(batch, longest - 1) and not layer.shares_queries(1, LONG_CACHE[0])
-    assert all(layer.shares_queries(b, LONG_CACHE[b - 1]) for b in range(2, 9))
+    assert not layer.shares_queries(batch, longest - 1) and not layer.shares_queries(1, LONG_CACHE[0] - 1)
+    assert all(layer.shares_queries(b, LONG_CACHE[b - 1]) for b in range(1, 9))
     assert layer.shape(batch, longest - 1) == launch_shape(config, batch, HOPPER.sm_count, longest=longest - 1)
     for given in ({"cluster_size": 4}, {"head_split": 2}, {"kernel_options": {"batch_parts": 2}},
                   {"kernel_options": {"split_positions": True}}):
@@ -633,7 +633,7 @@ def test_the_rule_splits_an_even_batch_over_two_sets_at_long_caches(monkeypatch)
     """From a batch of 4 at long caches (LONG_CACHE lowered to a tiny layer's cache) the layer's
     step runs on two sets of clusters, each its half of a ragged batch, matching the reference;
     ``kernel_options={"batch_parts": 1}`` keeps one set, a batch of 3 has one. (The shared split that
-    the rule takes for so few KV heads from batch 2, ``plan.shares_queries``, is switched off.)"""
+    the rule takes for so few KV heads at long caches, ``plan.shares_queries``, is switched off.)"""
     monkeypatch.setattr(plan, "LONG_CACHE", (64,) * len(plan.LONG_CACHE))
     monkeypatch.setattr(plan, "SHARED_QUERIES_FROM", plan.MAX_BATCH + 1)
     config, batch = CASES[3][0], 4

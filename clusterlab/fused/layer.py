@@ -90,8 +90,7 @@ class DecodeAttention:
     a part of its cached positions: then any of 1 to 16) default, per batch size, to what spreads a
     step over the GPU, and at long caches to what reads each KV head's rows once
     (:func:`~clusterlab.fused.plan.launch_shape`; :meth:`shape` says what a batch gets), where the
-    KV heads are few from a batch of 2 a positions split sharing out the query projection
-    (:meth:`shares_queries`).
+    KV heads are few a positions split sharing out the query projection (:meth:`shares_queries`).
     ``backend``: ``"auto"`` follows the tensors' device; ``"gpu"`` / ``"simulator"`` insist.
     ``limits``: the GPU's SM count and shared memory, read from the device on the GPU backend; the
     simulator backend plans for ``limits`` (default: an H100 or H200,

@@ -210,15 +210,16 @@ PAIRS_FROM = 16384
 #: 5-8% slower at Llama-3.2-1B, whose 12.6 MB W_qkv stream takes 3 µs, less than the flags' round
 #: trips and the rows read back cost.
 KV_ROWS_SPLIT_FROM = 3
-#: From this many sequences, steps at long caches of a GQA model with few KV heads run the positions split
-#: with the query projection shared out (:func:`shares_queries`), its next keys in flight
+#: From this many sequences (so at every batch), steps at long caches of a GQA model with few KV heads run the
+#: positions split with the query projection shared out (:func:`shares_queries`), its next keys in flight
 #: (:attr:`~clusterlab.fused.kernel.KernelSpec.pipelined_kv`). Qwen2.5-7B's long-cache shape -> 4 x 8 warps
 #: x 7 parts shared, µs at 4K / 16K / 32K on an H200 (``docs/fused-decode-notes.md``, v82): batch 2 at 16K /
 #: 32K 64.3 / 83.9 -> 54.2 / 69.4; 3 51.8 / 78.8 / 108.0 -> 45.9 / 65.6 / 91.2; 5 67.9 / 103.0 / 147.8 -> 60.3 /
 #: 95.4 / 143.3; 7 80.2 / 129.4 / 188.1 -> 68.4 / 111.6 / 168.8. The pipeline alone, batch 4: 51.9 / 79.2 /
 #: 115.0 -> 50.4 / 74.5 / 106.3. On an H100 (v81) the split without it (two blocks an SM) lost to the
-#: long-cache shape at batches 5-7.
-SHARED_QUERIES_FROM = 2
+#: long-cache shape at batches 5-7. Batch 1 at 8K / 16K / 32K: 41.2 / 47.8 / 60.4 -> 37.7 / 42.8 / 49.8 on an
+#: H200 (v84), 43.8 / 50.8 / 64.5 -> 43.3 / 49.4 / 59.3 on an H100 (v83). Set past ``MAX_BATCH``, no batch shares.
+SHARED_QUERIES_FROM = 1
 #: Blocks and warps a cluster of that split (``(cluster_size, warps)``).
 SHARED_QUERIES_SHAPE = (4, 8)
 #: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
