@@ -609,7 +609,7 @@ def test_the_layer_takes_the_long_cache_shape_where_the_host_says_how_long(monke
     """``longest`` (or an int position) picks the launch shape and nothing else: a tiny GQA layer on
     the simulator, LONG_CACHE lowered to its cache, runs head split 4 below it and one cluster a KV
     head from it, each matching the reference. (The shared split that the rule takes for so few KV
-    heads from batch 2, ``plan.shares_queries``, is switched off.)"""
+    heads at long caches, ``plan.shares_queries``, is switched off.)"""
     monkeypatch.setattr(plan, "LONG_CACHE", (64,) * len(plan.LONG_CACHE))
     monkeypatch.setattr(plan, "SHARED_QUERIES_FROM", plan.MAX_BATCH + 1)
     config, batch = CASES[3][0], 2
