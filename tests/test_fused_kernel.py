@@ -21,8 +21,8 @@ from clusterlab.fused import (
 from clusterlab.fused.kernel import (MMA_BATCH, MMA_GROUP, PIPELINE_REGISTERS, KernelSpec, MmaTile, build_kernel,
                                      kernel_signature)
 from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_FROM,
-                                   SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape, set_batch,
-                                   shared_queries_shape, shares_queries)
+                                   SHARED_QUERIES_ROWS, SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape,
+                                   set_batch, shared_queries_shape, shares_queries)
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -716,17 +716,19 @@ def test_shared_queries_take_a_position_split_that_divides_the_query_heads():
 
 def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads_at_every_batch():
     """``plan.shares_queries``: Qwen2.5-7B (4 KV heads: one cluster of 16 each fills 64 of 132 SMs) from
-    a batch of ``SHARED_QUERIES_FROM`` (1: every batch) at its long-cache rows takes 4 x 8 warps x 7 parts,
-    the query projection shared out; below those rows, and at the presets whose KV heads fill the GPU,
-    never; nor where the 28 clusters of 4 would not all fit at once (112 SMs for such clusters hold them,
-    108 do not) or half the SMs would not hold the KV heads' clusters of 16."""
+    a batch of ``SHARED_QUERIES_FROM`` (1: every batch) from its ``SHARED_QUERIES_ROWS`` (the long-cache
+    rows, 4K at batch 2) takes 4 x 8 warps x 7 parts, the query projection shared out; below those rows,
+    and at the presets whose KV heads fill the GPU, never; nor where the 28 clusters of 4 would not all fit
+    at once (112 SMs for such clusters hold them, 108 do not) or half the SMs would not hold the KV heads'
+    clusters of 16."""
     import dataclasses
 
     assert (SHARED_QUERIES_FROM, SHARED_QUERIES_SHAPE) == (1, (4, 8))
+    assert SHARED_QUERIES_ROWS == (8192, 4096) + LONG_CACHE[2:] and LONG_CACHE[1] == 8192
     for batch in range(1, 9):
-        long = LONG_CACHE[batch - 1]
-        assert shares_queries(QWEN2_5_7B, batch, long)
-        assert not shares_queries(QWEN2_5_7B, batch, long - 1) and not shares_queries(QWEN2_5_7B, batch, None)
+        rows = SHARED_QUERIES_ROWS[batch - 1]
+        assert shares_queries(QWEN2_5_7B, batch, rows)
+        assert not shares_queries(QWEN2_5_7B, batch, rows - 1) and not shares_queries(QWEN2_5_7B, batch, None)
         for config in (LLAMA2_7B, LLAMA3_8B, LLAMA3_2_1B):
             assert not shares_queries(config, batch, 32768)
     assert shared_queries_shape(QWEN2_5_7B) == (4, 8, 7)
@@ -927,7 +929,7 @@ def test_the_rule_s_shared_queries_at_qwen_s_long_caches_match_the_reference(bat
     assert layer.shares_queries(batch, longest) and layer.shape(batch, longest) == (4, 8, 7)
     spec = layer.kernel_spec(dtype, batch, longest)
     assert spec.shared_queries and spec.split_positions and spec.batch_parts == 1 and spec.pipelined_kv
-    assert not layer.shares_queries(batch, LONG_CACHE[batch - 1] - 1)
+    assert not layer.shares_queries(batch, SHARED_QUERIES_ROWS[batch - 1] - 1)
     _check_steps(layer, dtype, batch, steps, hint=True)
 
 

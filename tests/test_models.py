@@ -347,12 +347,14 @@ def test_graph_decode_on_the_gpu_matches_transformers_greedy(checkpoint):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_decode_across_the_long_cache_shape_matches_transformers_greedy(checkpoint, monkeypatch, device):
-    """LONG_CACHE lowered into the run: the decoder tells each step its length, so the steps from
-    there on take the long-cache launch shape (a GQA checkpoint's shapes differ; on a GPU each
-    shape replays a graph of its own), and the tokens stay transformers' greedy ones."""
+    """LONG_CACHE and SHARED_QUERIES_ROWS lowered into the run: the decoder tells each step its length, so
+    the steps from there on take the long-cache launch shape or the shared split (a GQA checkpoint's shapes
+    differ; on a GPU each shape replays a graph of its own), and the tokens stay transformers' greedy ones."""
     _, directory, model, dtype = checkpoint
     want = [hf_greedy(model, p, NEW_TOKENS, MIN_GAP[dtype])[0] for p in PROMPTS]
-    monkeypatch.setattr(plan, "LONG_CACHE", (max(map(len, PROMPTS)) + 4,) * len(plan.LONG_CACHE))
+    long = (max(map(len, PROMPTS)) + 4,) * len(plan.LONG_CACHE)
+    monkeypatch.setattr(plan, "LONG_CACHE", long)
+    monkeypatch.setattr(plan, "SHARED_QUERIES_ROWS", long)
     ours = LlamaModel.from_pretrained(directory, device=device)
     batch, first = len(PROMPTS), max(map(len, PROMPTS)) + 1
     gqa = ours.config.num_key_value_heads < ours.config.num_attention_heads
@@ -553,17 +555,23 @@ def test_the_decoder_tells_each_step_how_long_its_longest_cache_is(ours, monkeyp
 @pytest.mark.parametrize("batch, first, last", [(8, 1000, 20000), (4, 4096, 16384), (3, 100, 9000), (8, 5000, 6000),
                                                (2, 1000, 20000)])
 def test_a_run_captures_a_graph_for_every_launch_shape_it_meets(batch, first, last):
-    """The decoder's capture lengths name every shape (launch shape and sets) a step of the run
-    takes, for the GQA presets, whose shapes change with the length: every length from first to
-    last has the shape of one of them."""
+    """The decoder's capture lengths name every step (the shared split or not, launch shape, sets) the
+    run takes, for the GQA presets, whose steps change with the length: every length from first to
+    last has the step of one of them, and each after the first a step new to one preset at least
+    (Qwen2.5-7B's batch 2 shares out its queries from 4K, Llama-3-8B's takes its long-cache shape at
+    8K)."""
     lengths = capture_lengths(batch, first, last)
     assert lengths[0] == first and all(first < n <= last for n in lengths[1:])
-    assert len({plan.launch_shape(PRESETS["llama3-8b"], batch, 132, longest=n) for n in lengths}) == len(lengths)
-    for config in (PRESETS["llama3-8b"], PRESETS["qwen2.5-7b"]):
-        def shape(longest):
-            return plan.launch_shape(config, batch, 132, longest=longest), plan.batch_sets(config, batch, longest)
-        captured = {shape(n) for n in lengths}
-        assert all(shape(n) in captured for n in range(first, last + 1))
+    configs = (PRESETS["llama3-8b"], PRESETS["qwen2.5-7b"])
+
+    def step(config, longest):
+        return (plan.shares_queries(config, batch, longest), plan.launch_shape(config, batch, 132, longest=longest),
+                plan.batch_sets(config, batch, longest))
+
+    assert all(any(step(c, n) != step(c, before) for c in configs) for before, n in zip(lengths, lengths[1:]))
+    for config in configs:
+        captured = {step(config, n) for n in lengths}
+        assert all(step(config, n) in captured for n in range(first, last + 1))
 
 
 def test_model_presets_use_the_fused_presets_attention():

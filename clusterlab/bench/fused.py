@@ -100,7 +100,7 @@ class BenchRow:
     #: sets of clusters the batch was split over (``KernelSpec.batch_parts``)
     batch_parts: int = 1
     #: whether the head split's clusters split the positions, sharing out the query projection
-    #: (``KernelSpec.shared_queries``: the options', or the rule's at long caches)
+    #: (``KernelSpec.shared_queries``: the options', or the rule's: ``plan.shares_queries``)
     shared_queries: bool = False
 
     @property

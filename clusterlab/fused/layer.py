@@ -243,8 +243,9 @@ class DecodeAttention:
         """Whether a step of ``batch`` sequences, the longest attending to ``longest`` rows, runs the
         positions split with the query projection shared out (``shared_queries``): where the kernel
         options say so, else where the rule takes it (:func:`~clusterlab.fused.plan.shares_queries`,
-        at long caches of a model with few KV heads; not where the constructor is given a launch
-        shape, or the options a split: ``split_positions``, ``batch_parts``, ``work_queue``)."""
+        from :data:`~clusterlab.fused.plan.SHARED_QUERIES_ROWS` for a model with few KV heads; not where the
+        constructor is given a launch shape, or the options a split: ``split_positions``, ``batch_parts``,
+        ``work_queue``)."""
         check_longest(longest)
         return self._plan(batch, longest)[2]
 

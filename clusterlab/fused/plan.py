@@ -210,8 +210,8 @@ PAIRS_FROM = 16384
 #: 5-8% slower at Llama-3.2-1B, whose 12.6 MB W_qkv stream takes 3 µs, less than the flags' round
 #: trips and the rows read back cost.
 KV_ROWS_SPLIT_FROM = 3
-#: From this many sequences (so at every batch), steps at long caches of a GQA model with few KV heads run the
-#: positions split with the query projection shared out (:func:`shares_queries`), its next keys in flight
+#: From this many sequences (so at every batch), steps from :data:`SHARED_QUERIES_ROWS` of a GQA model with few KV
+#: heads run the positions split with the query projection shared out (:func:`shares_queries`), its next keys in flight
 #: (:attr:`~clusterlab.fused.kernel.KernelSpec.pipelined_kv`). Qwen2.5-7B's long-cache shape -> 4 x 8 warps
 #: x 7 parts shared, µs at 4K / 16K / 32K on an H200 (``docs/fused-decode-notes.md``, v82): batch 2 at 16K /
 #: 32K 64.3 / 83.9 -> 54.2 / 69.4; 3 51.8 / 78.8 / 108.0 -> 45.9 / 65.6 / 91.2; 5 67.9 / 103.0 / 147.8 -> 60.3 /
@@ -220,6 +220,12 @@ KV_ROWS_SPLIT_FROM = 3
 #: long-cache shape at batches 5-7. Batch 1 at 8K / 16K / 32K: 41.2 / 47.8 / 60.4 -> 37.7 / 42.8 / 49.8 on an
 #: H200 (v84), 43.8 / 50.8 / 64.5 -> 43.3 / 49.4 / 59.3 on an H100 (v83). Set past ``MAX_BATCH``, no batch shares.
 SHARED_QUERIES_FROM = 1
+#: From ``SHARED_QUERIES_ROWS[batch - 1]`` rows attended such a step shares out the query projection: the long-cache
+#: rows (:data:`LONG_CACHE`) but at batch 2, where the split already wins from 4K against the short-cache shape (8
+#: clusters of 8 x 4 warps a KV head, each reading the head's rows): Qwen2.5-7B on an H100 (v85), µs at 3K / 3.5K /
+#: 4K / 6K, 44.6 / 46.0 / 47.7 / 56.1 -> 45.1 / 47.1 / 45.8 / 48.5. Batch 1 stays at 8K: level from 5K to 7K there
+#: (40.8 / 43.2 / 44.8 -> 41.2 / 42.9 / 44.6), 4K 39.3 -> 41.1.
+SHARED_QUERIES_ROWS = (LONG_CACHE[0], 4096) + LONG_CACHE[2:]
 #: Blocks and warps a cluster of that split (``(cluster_size, warps)``).
 SHARED_QUERIES_SHAPE = (4, 8)
 #: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
@@ -411,21 +417,21 @@ def set_batch(batch: int, sets: int) -> int:
 
 
 def shares_queries(config: AttentionConfig, batch: int, longest: int | None, limits: DeviceLimits = HOPPER) -> bool:
-    """Whether the rule runs a step of ``batch`` sequences, the longest attending to ``longest`` rows,
-    as a positions split whose parts share out the query projection (``split_positions`` and
-    ``shared_queries`` in :data:`SHARED_QUERIES_SHAPE` clusters, a part a query head of each KV
-    head: :func:`shared_queries_shape`) instead of the long-cache shape: at long caches
-    (:func:`reaches_long_cache`) from a batch of :data:`SHARED_QUERIES_FROM`, where one cluster of 16 a
-    KV head fills at most half of the GPU's SMs (Qwen2.5-7B's 4 KV heads: 64 blocks on 132), the
-    query heads of a KV head are 2 to 8 (attention on the tensor cores takes them all), and the
-    split's clusters all fit at once at one block an SM on the SMs such clusters fill (Qwen2.5-7B:
-    28 clusters of 4, 112 blocks on 120 SMs), since its clusters wait for each other. Where the KV
-    heads already fill the GPU (Llama-3-8B, Llama-3.2-1B: 128 blocks) the split was level or slower
-    (``docs/fused-decode-notes.md``, v79). For the launch rule's own shape only: a layer given a
-    launch shape, ``batch_parts`` or the options asks for none of this."""
+    """Whether the rule runs a step of ``batch`` sequences, the longest attending to ``longest`` rows, as a
+    positions split whose parts share out the query projection (``split_positions`` and ``shared_queries`` in
+    :data:`SHARED_QUERIES_SHAPE` clusters, a part a query head of each KV head: :func:`shared_queries_shape`)
+    instead of :func:`launch_shape`'s: from ``SHARED_QUERIES_ROWS[batch - 1]`` rows (:data:`SHARED_QUERIES_ROWS`:
+    the long-cache rows, 4K at batch 2) from a batch of :data:`SHARED_QUERIES_FROM`, where one cluster of 16 a KV
+    head fills at most half of the GPU's SMs (Qwen2.5-7B's 4 KV heads: 64 blocks on 132), the query heads of a KV
+    head are 2 to 8 (attention on the tensor cores takes them all), and the split's clusters all fit at once at one
+    block an SM on the SMs such clusters fill (Qwen2.5-7B: 28 clusters of 4, 112 blocks on 120 SMs), since its
+    clusters wait for each other. Where the KV heads already fill the GPU (Llama-3-8B, Llama-3.2-1B: 128 blocks) the
+    split was level or slower (``docs/fused-decode-notes.md``, v79). For the launch rule's own shape only: a layer
+    given a launch shape, ``batch_parts`` or the options asks for none of this."""
     size, _ = SHARED_QUERIES_SHAPE
     group = config.group_size
-    return (reaches_long_cache(batch, longest) and batch >= SHARED_QUERIES_FROM and 2 <= group <= 8
+    return (longest is not None and longest >= SHARED_QUERIES_ROWS[batch - 1] and batch >= SHARED_QUERIES_FROM
+            and 2 <= group <= 8
             and config.kv_heads * max(CLUSTER_SIZES) <= limits.sm_count // 2
             and config.kv_heads * group * size <= limits.sms_for(size))
 
@@ -538,13 +544,13 @@ def wide_blocks(config: AttentionConfig, batch: int, longest: int | None) -> boo
     return reaches_long_cache(batch, longest) and config.group_size == 1 and batch > FOUR_WARPS_UP_TO
 
 
-def shape_boundaries(batch: int) -> tuple[int, int]:
+def shape_boundaries(batch: int) -> tuple[int, ...]:
     """Rows attended at which the rule's launch shape or sets for a step of ``batch`` sequences may
-    change (:func:`launch_shape`, :func:`batch_sets`, :func:`shares_queries`): ``(LONG_CACHE[batch - 1],
-    PAIRS_FROM)``.
+    change (:func:`launch_shape`, :func:`batch_sets`, :func:`shares_queries`), ascending:
+    ``SHARED_QUERIES_ROWS[batch - 1]``, ``LONG_CACHE[batch - 1]`` and ``PAIRS_FROM``, each once.
     Between two of them, and below the first, every length gets the same shape."""
     check_batch(batch)
-    return LONG_CACHE[batch - 1], PAIRS_FROM
+    return tuple(sorted({SHARED_QUERIES_ROWS[batch - 1], LONG_CACHE[batch - 1], PAIRS_FROM}))
 
 
 def paired_sets(config: AttentionConfig, batch: int, longest: int | None, sets: int,
