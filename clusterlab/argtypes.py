@@ -99,6 +99,16 @@ def results_folder(text: str) -> str:
 
 
 @argument_type
+def results_tag(text: str) -> str:
+    """An argparse ``type=``: the suffix of a run's results files (``fused_<tag>.json``): letters, digits,
+    ``.``, ``_`` and ``-``, not starting with a dot, so that the files land in the results folder itself."""
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", text):
+        raise ValueError(f"must be letters, digits, '.', '_' or '-' (not first a '.'), a file name's suffix; "
+                         f"got {text!r}")
+    return text
+
+
+@argument_type
 def results_file(text: str) -> str:
     """An argparse ``type=``: a file results may be written to: not a folder, in a folder they may be
     written into or created in."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +108,12 @@ def _trace(args: argparse.Namespace) -> int:
 
     algorithms = simulator.REDUCE_ALGORITHMS if args.primitive == "reduce" else simulator.GATHER_ALGORITHMS
     check_choice("--algorithm", args.algorithm, algorithms)
+    if args.primitive == "gather" and args.op is not None:
+        raise ValueError(f"--op {args.op} is the reduce's operator; a gather copies, it has none")
     check_n_fits("--n", args.n, args.primitive, args.algorithm, args.cluster, args.dtype)
     x = random_rows(np.random.default_rng(args.seed), args.cluster, args.n, args.dtype)
     if args.primitive == "reduce":
-        _, trace = simulator.cluster_reduce(x, op=args.op, algorithm=args.algorithm)
+        _, trace = simulator.cluster_reduce(x, op=args.op or "sum", algorithm=args.algorithm)
     else:
         _, trace = simulator.cluster_gather(x, algorithm=args.algorithm)
     print(trace.phase_table())
@@ -179,7 +182,10 @@ def _generate(args: argparse.Namespace) -> int:
         tokenizer.no_truncation()
     prompts = []
     for i, (kind, value) in enumerate(given):
-        ids = list(value) if kind == "ids" else tokenizer.encode(value).ids
+        try:
+            ids = list(value) if kind == "ids" else tokenizer.encode(value).ids
+        except Exception as exc:  # a bare Exception again, e.g. a WordLevel vocabulary without its [UNK]
+            raise ValueError(f"prompt {i} (--prompt {value!r}): {tokenizer_path} cannot encode it ({exc})") from None
         if not ids:
             raise ValueError(f"prompt {i} (--prompt {value!r}) encodes to no tokens")
         prompts.append(ids)
@@ -257,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--algorithm", default="ring",
         help=f"reduce: {', '.join(simulator.REDUCE_ALGORITHMS)}; gather: {', '.join(simulator.GATHER_ALGORITHMS)}",
     )
-    trace.add_argument("--op", default="sum", choices=simulator.OPS, help="reduce only")
+    trace.add_argument("--op", choices=simulator.OPS, help="reduce only (default: sum)")
     trace.add_argument("--n", type=elements, default=64, help="elements per block (at most what fits in shared memory)")
     trace.add_argument("--dtype", default="float32", choices=simulator.DTYPES)
     trace.add_argument("--seed", type=seed, default=None, help="seed of the random rows (an integer >= 0)")
@@ -302,10 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(command: str):
+    """A ``warnings.showwarning`` that prints a warning as one line naming the command, not the source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"clusterlab {command}: warning: {message}", file=sys.stderr)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return args.run(args)
+    except KeyboardInterrupt:
+        print(f"clusterlab {args.command}: interrupted", file=sys.stderr)
+        return 130
     except HopperRequired as exc:
         print(f"clusterlab {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -86,6 +86,25 @@ def test_tour_on_the_simulator_checks_every_algorithm(capsys):
     assert f"{3 * algorithms} passed, 0 failed" in out  # three cluster sizes
 
 
+def test_an_interrupt_ends_a_command_in_one_line_with_status_130(monkeypatch, capsys):
+    import clusterlab.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clusterlab.cli, "_tour", interrupted)  # as Ctrl-C during a long simulator run
+    assert main(["tour", "--cluster", "2"]) == 130
+    assert capsys.readouterr().err == "clusterlab tour: interrupted\n"
+
+
+@no_gpu
+def test_tour_of_int32_sums_exactly_on_the_simulator(capsys):
+    assert main(["tour", "--cluster", "2", "5", "--n", "29", "--dtype", "int32"]) == 0
+    out = capsys.readouterr().out
+    algorithms = len(simulator.REDUCE_ALGORITHMS) + len(simulator.GATHER_ALGORITHMS)
+    assert out.count("equals NumPy") == 2 * algorithms and f"{2 * algorithms} passed, 0 failed" in out
+
+
 @no_gpu
 @pytest.mark.parametrize("suite", ["primitives", "fused"])
 def test_bench_without_gpu_exits_1_naming_what_is_missing(suite, capsys):

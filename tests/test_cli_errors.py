@@ -33,7 +33,12 @@ def run_cli(*args, cwd=None):
         (["tour", "--seed", "-1"], "argument --seed: must be an integer >= 0; got '-1'"),
         (["trace", "reduce", "--n", "50000000"], "--n must be at most 25824 for the ring reduce (cluster size 8"),
         (["tour", "--cluster", "1", "--n", "50000"], "--n must be at most 14528 for the ring reduce (cluster size 1"),
+        # the run of the tour that allows the fewest elements, whichever runs first
+        (["tour", "--n", "14524"], "--n must be at most 3628 for the bulk reduce (cluster size 16, float32)"),
         (["trace", "gather", "--algorithm", "butterfly"], "--algorithm must be one of ('direct', 'ring', 'bulk')"),
+        (["trace", "gather", "--op", "max"], "--op max is the reduce's operator; a gather copies, it has none"),
+        (["bench", "fused", "--tag", "../x"], "argument --tag: must be letters, digits, '.', '_' or '-'"),
+        (["bench", "primitives", "--tag", ""], "argument --tag: must be letters, digits, '.', '_' or '-'"),
         (["trace", "reduce", "--save", "."], "argument --save: '.' is a directory"),
         (["trace", "reduce", "--save", "ring"], "argument --save: 'ring' must end in an extension naming"),
         (["trace", "reduce", "--save", "ring.xyz"], "one of .eps, .gif, .jpg"),

@@ -129,11 +129,13 @@ def test_unfused_layer_checks_its_tensors_and_length_as_the_fused_layer(call, er
 @pytest.mark.parametrize("make", [KVCache.empty, KVCache.random])
 @pytest.mark.parametrize(
     "batch, capacity, words",
-    [(0, 4, "batch must be a positive int, got 0"), (-2, 4, "batch must be a positive int, got -2"),
-     (2, 0, "capacity must be a positive int, got 0"), (2, -1, "capacity must be a positive int, got -1"),
-     (2, 4.0, "capacity must be a positive int, got 4.0")],
+    [(0, 4, "batch must be an int in 1..8, got 0"), (-2, 4, "batch must be an int in 1..8, got -2"),
+     (9, 4, "batch must be an int in 1..8, got 9"),
+     (2, 0, "capacity must be an int in 1..2147483647 (the kernels read positions as int32), got 0"),
+     (2, -1, "capacity must be an int in 1..2147483647"), (2, 4.0, "capacity must be an int in 1..2147483647"),
+     (2, 2**40, "capacity must be an int in 1..2147483647 (the kernels read positions as int32), got 1099511627776")],
 )
-def test_cache_sizes_must_be_positive(make, batch, capacity, words):
+def test_cache_sizes_are_what_a_step_takes_checked_before_allocating(make, batch, capacity, words):
     with pytest.raises(ValueError) as info:
         make(CONFIG, batch, capacity)
     assert words in str(info.value)

@@ -478,7 +478,8 @@ def test_bad_dtypes_and_types_are_named():
         MLAWeights.random(config, torch.float64)
     with pytest.raises(TypeError, match="dtype must be one of .* got torch.int8"):
         LatentCache.empty(config, 1, 4, torch.int8)
-    with pytest.raises(ValueError, match="capacity must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"capacity must be an int in 1\.\.2147483647 \(the kernels read positions as "
+                                         r"int32\), got 0"):
         LatentCache.random(config, 1, 0)
     with pytest.raises(TypeError, match="YarnRopeScaling.factor must be a number, got '40'"):
         YarnRopeScaling(factor="40", original_max_position=4096)

@@ -970,6 +970,15 @@ def cli(*args):
                           check=False, capture_output=True, text=True, timeout=120)
 
 
+def test_cli_generate_prints_a_warning_as_one_line_naming_the_command(llama_dir, tmp_path):
+    directory = edited(llama_dir, tmp_path, max_position_embeddings=12)
+    result = cli("--model", directory, "--prompt-ids", *range(1, 11), "--max-new-tokens", 3)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "clusterlab generate: warning: generate: the longest prompt and max_new_tokens=3 reach 13 positions, past "
+        "max_position_embeddings=12 of the model's config: the tokens from there on are the model's extrapolation"]
+
+
 def test_cli_generate_prints_the_greedy_ids(llama_dir):
     want = LlamaModel.from_pretrained(llama_dir).generate(PROMPTS, 3)
     args = ["--model", llama_dir, "--max-new-tokens", 3]
@@ -1101,6 +1110,11 @@ def test_cli_generate_numbers_prompts_in_the_order_given_and_names_ids_the_token
 @pytest.mark.parametrize("tokenizer_json, prompts, message", [
     ('{"version": "1.0", "truncation"', ["w1 w2"], "tokenizer.json: not a tokenizer the tokenizers library reads"),
     (None, ["w1", "   "], "prompt 1 (--prompt '   ') encodes to no tokens"),
+    # a word-level vocabulary without its unknown token: the library raises a bare Exception for a word it lacks
+    ('{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null, '
+     '"pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null, '
+     '"model": {"type": "WordLevel", "vocab": {"w1": 1}, "unk_token": "[UNK]"}}', ["w1", "zzz"],
+     "tokenizer.json cannot encode it (WordLevel error: Missing [UNK] token from the vocabulary)"),
 ])
 def test_cli_generate_names_a_tokenizer_it_cannot_read_and_a_prompt_of_no_tokens(llama_dir, tmp_path, tokenizer_json,
                                                                                  prompts, message):

@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import Distinct, integer, results_folder
+from ..argtypes import Distinct, integer, results_folder, results_tag
 from ..fused.config import MAX_BATCH
 from ..fused.reference import relative_error
 from ..models.argmax import pick_and_record
@@ -549,7 +549,8 @@ def main(argv=None, prog: str | None = None) -> int:
                         help=f"timings each figure is the median of (default {REPEATS})")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
-    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
+    parser.add_argument("--tag", default=None, type=results_tag,
+                        help="suffix of the output files (default: the card's name)")
     parser.add_argument("--quick", action="store_true",
                         help="llama3.2-1b, batch 1, context 1024, fewest repeats (flags given still apply)")
     parser.add_argument("--no-handoff", action="store_true",

@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..argtypes import Distinct, argument_type, dimensions, integer, number, results_folder
+from ..argtypes import Distinct, argument_type, dimensions, integer, number, results_folder, results_tag
 from ..fused.config import PRESETS as ATTENTION_PRESETS
 from ..fused.config import (MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_int, is_number_in,
                             rope_table)
@@ -555,7 +555,8 @@ def main(argv=None, prog: str | None = None) -> int:
                              f"names: {', '.join(KERNEL_CHOICES)}; for deepseek-v2-lite: "
                              f"{', '.join(MLA_KERNEL_CHOICES)}")
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
-    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
+    parser.add_argument("--tag", default=None, type=results_tag,
+                        help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=number(0, MAX_L2_TURNOVER), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     parser.add_argument("--jobs", type=integer(1, 64), default=1,

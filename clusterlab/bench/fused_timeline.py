@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import Distinct, argument_type, dimensions, integer, results_folder
+from ..argtypes import Distinct, argument_type, dimensions, integer, results_folder, results_tag
 from ..fused import PRESETS, AttentionWeights, DecodeAttention, KVCache, reference_step, relative_error
 from ..fused import kernel, mlp_kernel
 from ..fused.config import MAX_BATCH, MAX_POSITIONS
@@ -339,7 +339,8 @@ def main(argv=None) -> int:
                              "default split_kv_rows=True, or for mla default one_launch=True (default: the launch "
                              "rule's kernel alone)")
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
-    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
+    parser.add_argument("--tag", default=None, type=results_tag,
+                        help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     mlp, mla = args.layer == "mlp", args.layer == "mla"
     preset = args.preset or ("deepseek-v2-lite" if mla else "llama2-7b")

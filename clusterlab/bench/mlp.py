@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import Distinct, dimensions, integer, number, results_folder
+from ..argtypes import Distinct, dimensions, integer, number, results_folder, results_tag
 from ..fused.config import MAX_BATCH
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
@@ -371,7 +371,8 @@ def main(argv=None, prog: str | None = None) -> int:
                              f"{', '.join(MLP_KERNEL_CHOICES)}")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
-    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
+    parser.add_argument("--tag", default=None, type=results_tag,
+                        help="suffix of the output files (default: the card's name)")
     parser.add_argument("--l2-turnover", type=number(0, MAX_L2_TURNOVER), default=L2_TURNOVER,
                         help="L2 sizes moved between two visits of a layer (0: one layer, no rotation)")
     args = parser.parse_args(argv)

@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda
 
 from .. import ptx
-from ..argtypes import Distinct, integer, number, results_folder
+from ..argtypes import Distinct, integer, number, results_folder, results_tag
 from ..fused.config import is_number_in
 from ..fused.plan import DeviceLimits
 from ..gpu import device_info, require_hopper
@@ -205,7 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--spin-us", type=number(1, MAX_SPIN_US), default=SPIN_US,
                         help=f"how long each block spins, µs (default: {SPIN_US:g}; at most {MAX_SPIN_US:g})")
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
-    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
+    parser.add_argument("--tag", default=None, type=results_tag,
+                        help="suffix of the output files (default: the card's name)")
     args = parser.parse_args(argv)
     for per_sm in args.per_sm:
         if per_sm * 32 * args.warps > THREADS_PER_SM:

@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import simulator
-from ..argtypes import Distinct, integer, results_folder
+from ..argtypes import Distinct, integer, results_folder, results_tag
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
@@ -634,7 +634,8 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--config", nargs="+", action=Distinct, default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--repeats", type=integer(timing.MIN_REPEATS), default=7)
     parser.add_argument("--out-dir", type=results_folder, default="benchmarks/results")
-    parser.add_argument("--tag", default=None, help="suffix of the output files (default: the card's name)")
+    parser.add_argument("--tag", default=None, type=results_tag,
+                        help="suffix of the output files (default: the card's name)")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

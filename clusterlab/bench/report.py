@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import simulator
+from ..argtypes import results_tag
 from .timing import Stat, card_tag, short_commit, write_json
 
 SCHEMA = "clusterlab.bench.primitives/1"
@@ -747,7 +748,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clusterlab.bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="a primitives_<tag>.json")
     parser.add_argument("--plots", metavar="DIR", help="write the PNGs into DIR")
-    parser.add_argument("--tag", default=None, help="suffix of the PNGs (default: the card the results name)")
+    parser.add_argument("--tag", default=None, type=results_tag,
+                        help="suffix of the PNGs (default: the card the results name)")
     parser.add_argument("--auto-table", metavar="PATH", help="write the algorithm-choice table (JSON) to PATH")
     args = parser.parse_args(argv)
     results = json.loads(Path(args.results).read_text())

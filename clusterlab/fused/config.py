@@ -302,11 +302,14 @@ class AttentionWeights:
 
 
 def check_cache_request(config, config_type: type, batch, capacity, dtype, device, dtype_check=check_dtype) -> None:
-    """The arguments of a cache's ``empty`` / ``random``: ``config`` a ``config_type``, ``batch`` and
-    ``capacity`` positive ints, ``dtype`` one ``dtype_check`` takes, ``device`` usable."""
+    """The arguments of a cache's ``empty`` / ``random``: ``config`` a ``config_type``, ``batch`` as a step
+    takes it (:func:`check_batch`), ``capacity`` an int from 1 to :data:`MAX_POSITIONS`, ``dtype`` one
+    ``dtype_check`` takes, ``device`` usable; checked before anything is allocated."""
     check_type("config", config, config_type)
-    check_size("batch", batch)
-    check_size("capacity", capacity)
+    check_batch(batch)
+    if not (is_int(capacity) and 1 <= capacity <= MAX_POSITIONS):
+        raise ValueError(f"capacity must be an int in 1..{MAX_POSITIONS} (the kernels read positions as int32), "
+                         f"got {capacity!r}")
     dtype_check(dtype)
     check_device(device)
 
