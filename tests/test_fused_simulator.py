@@ -210,10 +210,15 @@ def test_layer_rejects_bad_input_before_running():
 def test_launch_shape_spreads_a_step_over_the_sms():
     # On an H100's 132 SMs, up to batch 4: 256 blocks of 4 warps (two an SM). Llama-2-7B gets them
     # as 32 clusters of 8; Llama-3-8B's 8 KV heads allow 8 x 16 = 128 blocks, so each KV head's
-    # query heads go to 2 clusters. A batch of 5 to 8 needs 8 warps: 128 blocks.
+    # query heads go to 2 clusters, of 16 x 4 warps, which run as 8 x 8 warps (clusters of 16 fill
+    # fewer SMs), unless the warps or the head split are given. A batch of 5 to 8 needs 8 warps: 128 blocks.
     for batch in (1, 4):
-        assert launch_shape(LLAMA2_7B, batch, 132) == (8, 4, 1)
-        assert launch_shape(LLAMA3_8B, batch, 132) == (16, 4, 2)
+        assert launch_shape(LLAMA2_7B, batch, 132) == launch_shape(LLAMA2_7B, batch, 132, warps=4) == (8, 4, 1)
+        assert launch_shape(LLAMA3_8B, batch, 132) == (8, 8, 2)
+        assert launch_shape(LLAMA3_8B, batch, 132, warps=4) == (16, 4, 2)
+        assert launch_shape(LLAMA3_8B, batch, 132, warps=8) == (16, 4, 2)  # the layer gives it 8 warps
+        assert launch_shape(LLAMA3_8B, batch, 132, head_split=2) == (16, 4, 2)
+        assert launch_shape(QWEN2_5_7B, batch, 132) == (8, 4, 7)  # clusters of 8 already
     for batch in (5, 8):
         assert launch_shape(LLAMA2_7B, batch, 132) == (4, 8, 1)
         assert launch_shape(LLAMA3_8B, batch, 132) == (16, 8, 1)
@@ -233,7 +238,7 @@ def test_launch_shape_reads_long_caches_once_a_kv_head():
     # head split for one cluster of 8-warp blocks a KV head; given values are as at short caches (MHA:
     # the next test).
     assert LONG_CACHE == (8192, 8192, 4096, 4096, 4096, 4096, 4096, 4096)
-    shorts = {LLAMA3_8B: {1: (16, 4, 2), 2: (16, 4, 2), 3: (16, 4, 2), 4: (16, 4, 2), 5: (16, 8, 1), 8: (16, 8, 1)},
+    shorts = {LLAMA3_8B: {1: (8, 8, 2), 2: (8, 8, 2), 3: (8, 8, 2), 4: (8, 8, 2), 5: (16, 8, 1), 8: (16, 8, 1)},
               QWEN2_5_7B: {1: (8, 4, 7), 2: (8, 4, 7), 3: (8, 4, 7), 4: (8, 4, 7), 5: (4, 8, 7), 8: (4, 8, 7)}}
     for batch in (1, 2, 3, 4, 5, 8):
         long = LONG_CACHE[batch - 1]

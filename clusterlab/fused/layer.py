@@ -285,7 +285,8 @@ class DecodeAttention:
             return shared_queries_shape(self.config), 1, True
         cluster_size, warps, head_split = launch_shape(self.config, batch, self.limits.sm_count, self.cluster_size,
                                                        self.head_split, longest,
-                                                       self.kernel_options.get("batch_parts"), self.limits.l2_bytes)
+                                                       self.kernel_options.get("batch_parts"), self.limits.l2_bytes,
+                                                       self.warps)
         parts = self.kernel_options.get("batch_parts") or batch_sets(self.config, batch, longest, self.cluster_size,
                                                                      self.head_split, self.limits.sm_count,
                                                                      self.limits.l2_bytes)

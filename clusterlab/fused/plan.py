@@ -25,7 +25,8 @@ runs phase 5 with the W_o columns of all G heads. Nothing is read twice but W_q'
 With ``shared_queries`` the parts (then a divisor of G) share out the query projection: part ``s``
 projects the query heads ``s*G/S ..``, hands them to the others through device memory after B2 and
 takes theirs, and after phase 4 every part waits for all the states and merges and projects its
-own heads (:func:`shares_queries`: the rule's choice at long caches of a model with few KV heads).
+own heads (:func:`shares_queries`: the rule's choice at long caches of a model with few KV heads, and at batch 2
+from 4K rows).
 
 And the batch may be split too (``batch_parts = P``): the grid is P sets of those clusters, set
 ``p`` the step of sequences ``p*b .. (p+1)*b - 1`` alone, ``b = ceil(B/P)`` (:func:`set_batch`; the
@@ -565,15 +566,17 @@ def paired_sets(config: AttentionConfig, batch: int, longest: int | None, sets: 
 
 def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_size: int | None = None,
                  head_split: int | None = None, longest: int | None = None, batch_parts: int | None = None,
-                 l2_bytes: int = HOPPER.l2_bytes):
+                 l2_bytes: int = HOPPER.l2_bytes, warps: int | None = None):
     """``(cluster_size, warps, head_split)`` for one step: a grid that spreads over the SMs, 8 warps an SM.
 
     The grid of ``kv_heads x head_split x cluster_size`` blocks is the largest within ``2 x
     sm_count`` blocks of 4 warps (batch up to 4), else within ``sm_count`` blocks of 8 warps (a
     batch of 5 to 8 needs 8 warps: attention gives each sequence at least one); among equal grids
-    the smallest head split (the fewest repeated K/V reads). Given values are kept; the warps follow
-    the same rule. On 132 SMs: Llama-2-7B 32 clusters x 8 blocks x 4 warps up to batch 4, 32 x 4 x
-    8 beyond; Llama-3-8B 16 x 16 x 4 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
+    the smallest head split (the fewest repeated K/V reads); where that 4-warp grid needs clusters of
+    16, the same clusters run as 8 blocks of 8 warps, one an SM (below), unless a cluster size, head
+    split or ``warps`` (the warps the caller runs) is given. Given values are kept; the warps follow
+    the same rule. On 132 SMs: Llama-2-7B 32 clusters x 8 blocks x 4 warps up to batch 4, 32 x 4 x 8
+    beyond; Llama-3-8B 16 x 8 x 8 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
 
     ``longest``: the most rows a sequence of the step attends to (its cached rows and the new one),
     where the host knows it; from ``LONG_CACHE[batch - 1]`` rows (:data:`LONG_CACHE`: 8192 at
@@ -598,7 +601,14 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     at most 124, of 2 all: ``python -m clusterlab.bench.placement``), and a grid of one block an
     SM puts the clusters that do not fit on SMs that already hold a block; the step waits for the
     slowest cluster. Blocks half the
-    size, two an SM, spread the same work over more SMs in finer pieces. At long caches the head
+    size, two an SM, spread the same work over more SMs in finer pieces, but not in clusters of 16:
+    they fill 112 of an H100's SMs (116 of an H200's), so 256 blocks crowd three on a quarter of them,
+    where the same clusters as 8 blocks of 8 warps fill 120 (124), 15 of the 16 one block an SM. On an
+    H100 (v86), µs 16 x 4 x 2 -> 8 x 8 x 2, float16: Llama-3.2-1B at batch 1 and 1K / 2K / 4K / 6K
+    18.6 / 19.3 / 21.1 / 22.7 -> 17.7 / 18.5 / 20.4 / 22.3, Llama-3-8B 40.9 / 42.6 / 45.9 / 49.2 -> 39.9
+    / 41.8 / 45.4 / 48.9; at 1K and batches 2 / 3 / 4 20.0 / 22.6 / 24.4 -> 19.7 / 21.8 / 23.8 and 45.6 /
+    50.3 / 54.3 -> 43.9 / 47.4 / 51.6; bfloat16 alike; the one loss Llama-3.2-1B at batch 2 and 4K, 25.8
+    -> 26.2. At long caches the head
     split's repeated cache reads outweigh that (Llama-3-8B batch 4 at 16K: 132 µs with one cluster
     of 16 x 8 warps a KV head, 156 µs with two of 16 x 4; Qwen2.5-7B batch 8 at 16K: 173 µs against
     350 µs with seven clusters of 4 x 8, each reading the KV head's rows). The measurements behind this rule (where
@@ -623,8 +633,10 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
         size, split = cluster_size or 1, head_split or 1
         best = (config.kv_heads * split * size, size, split)
     blocks, size, split = best
-    warps = 4 if two_an_sm and sets * blocks > sm_count else 16 if wide and 2 * blocks <= sm_count else 8
-    return size, warps, split
+    four = 4 if two_an_sm and sets * blocks > sm_count else 16 if wide and 2 * blocks <= sm_count else 8
+    if four == 4 and size == 16 and not long and cluster_size is head_split is warps is None:
+        return 8, 8, split  # the same clusters and warps in halves, which fill more SMs
+    return size, four, split
 
 
 # -- multi-head latent attention (docs/mla-decode-design.md; clusterlab.fused.mla_simulated, mla_kernel) --
