@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .argtypes import Distinct, integer, number
 from .errors import HopperRequired
 
@@ -36,7 +37,7 @@ def _info(args: argparse.Namespace) -> int:
     from .gpu import device_info
     from .kernel_cache import CACHE_DIR_ENV, cache_dir
 
-    info = device_info()
+    info = {**device_info(), "clusterlab": __version__}
     if info["gpu"] is not None and info["reason"] is None:  # GPCs hold whole clusters: some SMs stay out
         from .fused.plan import CLUSTER_SIZES, DeviceLimits
 
@@ -192,7 +193,10 @@ def _generate(args: argparse.Namespace) -> int:
     # everything the run needs checked before any weight is drawn or read
     config = MODEL_PRESETS[args.model] if preset else ModelConfig.from_pretrained(args.model)
     check_prompts(prompts, config.vocab_size)
-    eos = [] if args.ignore_eos or preset else checkpoint_eos(args.model)
+    try:
+        eos = [] if args.ignore_eos or preset else checkpoint_eos(args.model, config.vocab_size)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; --ignore-eos decodes without it") from None
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, eos, args.seed, config.vocab_size)
     cache_rows(prompts, args.max_new_tokens)
     problem = hopper_problem()
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import simulator
 
     parser = argparse.ArgumentParser(prog="clusterlab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"clusterlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="the GPU clusterlab can use (or why none), and versions")
@@ -247,13 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster_size = integer(1, simulator.MAX_CLUSTER_SIZE)
     elements = integer(1)
-    seed = integer(0)
+    seed = integer(0, 2**63 - 1)  # as the benchmarks' --seed
     tour.add_argument("--cluster", type=cluster_size, nargs="+", action=Distinct, default=list(range(1, 17)),
                       help="cluster sizes (1-16)")
     tour.add_argument("--n", type=elements, default=1024, help="elements per block (default 1024)")
     tour.add_argument("--dtype", default="float32", choices=simulator.DTYPES)
     tour.add_argument("--backend", default="auto", choices=("auto", "gpu", "simulator"))
-    tour.add_argument("--seed", type=seed, default=None, help="seed of the random rows (an integer >= 0)")
+    tour.add_argument("--seed", type=seed, default=None, help="seed of the random rows (0 .. 2**63 - 1)")
     tour.set_defaults(run=_tour)
 
     trace = commands.add_parser("trace", help="run one primitive on the simulator and show its data movement")
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--op", choices=simulator.OPS, help="reduce only (default: sum)")
     trace.add_argument("--n", type=elements, default=64, help="elements per block (at most what fits in shared memory)")
     trace.add_argument("--dtype", default="float32", choices=simulator.DTYPES)
-    trace.add_argument("--seed", type=seed, default=None, help="seed of the random rows (an integer >= 0)")
+    trace.add_argument("--seed", type=seed, default=None, help="seed of the random rows (0 .. 2**63 - 1)")
     trace.add_argument(
         "--save", metavar="PATH", type=_picture_path,
         help="save the per-phase picture to PATH, in the format its extension names (.png, .pdf, .svg, ...)",
@@ -301,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="default: the checkpoint's own if float16/bfloat16, else bfloat16 (a preset: float16)")
     generate.add_argument("--temperature", type=number(0), default=0.0, help="0 (default): greedy")
     generate.add_argument("--top-k", type=integer(1), default=None, help="sample among the K likeliest tokens")
-    generate.add_argument("--seed", type=seed, default=None, help="seed of the sampling (an integer >= 0)")
+    generate.add_argument("--seed", type=seed, default=None, help="seed of the sampling (0 .. 2**63 - 1)")
     generate.add_argument("--ignore-eos", action="store_true",
                           help="do not stop at the checkpoint's eos_token_id (generation_config.json / config.json)")
     generate.set_defaults(run=_generate)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import clusterlab
 from clusterlab import simulator
 from clusterlab.cli import main
 from clusterlab.gpu import hopper_problem
@@ -19,6 +20,13 @@ def test_entry_point_runs_as_a_module():
                           env=env)
     assert "numba-cuda" in done.stdout
     assert "kernel cache" in done.stdout and "/tmp/kernels here" in done.stdout
+    assert f"clusterlab     {clusterlab.__version__}" in done.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"clusterlab {clusterlab.__version__}\n"
 
 
 def test_cache_shows_the_kept_kernels_and_clears_them(monkeypatch, tmp_path, capsys):

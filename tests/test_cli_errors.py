@@ -29,8 +29,11 @@ def run_cli(*args, cwd=None):
         (["tour", "--n", "0"], "argument --n: must be an integer >= 1; got '0'"),
         (["trace", "reduce", "--cluster", "-1"], "argument --cluster: must be an integer in 1..16; got '-1'"),
         (["tour", "--cluster", "2", "17"], "argument --cluster: must be an integer in 1..16; got '17'"),
-        (["trace", "gather", "--seed", "-1"], "argument --seed: must be an integer >= 0; got '-1'"),
-        (["tour", "--seed", "-1"], "argument --seed: must be an integer >= 0; got '-1'"),
+        (["trace", "gather", "--seed", "-1"],
+         "argument --seed: must be an integer in 0..9223372036854775807; got '-1'"),
+        (["tour", "--seed", "-1"], "argument --seed: must be an integer in 0..9223372036854775807; got '-1'"),
+        (["generate", "--model", "llama3.2-1b", "--prompt-ids", "1", "--seed", "99999999999999999999999"],
+         "argument --seed: must be an integer in 0..9223372036854775807; got '99999999999999999999999'"),
         (["trace", "reduce", "--n", "50000000"], "--n must be at most 25824 for the ring reduce (cluster size 8"),
         (["tour", "--cluster", "1", "--n", "50000"], "--n must be at most 14528 for the ring reduce (cluster size 1"),
         # the run of the tour that allows the fewest elements, whichever runs first

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import pytest
 import torch
@@ -248,6 +249,16 @@ def test_weights_caches_and_tables_name_a_config_of_another_kind(make, words):
     with pytest.raises(TypeError) as info:
         make()
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("make", [lambda device: AttentionWeights.random(CONFIG, device=device),
+                                  lambda device: KVCache.empty(CONFIG, BATCH, CAPACITY, device=device)],
+                         ids=["weights", "cache"])
+@pytest.mark.parametrize("device", ["foo", 3.5, None])
+def test_weights_and_caches_name_a_device_torch_cannot_read(make, device):
+    with pytest.raises(ValueError, match=r"device must be a torch.device or its name \('cpu', 'cuda', 'cuda:1'\), got "
+                                         + re.escape(repr(device))):
+        make(device)
 
 
 def test_a_rope_table_has_positive_rows():

@@ -19,6 +19,7 @@ relative, bfloat16 (2**-8 ~ 4e-3) ~1e-2. LOGIT_TOLERANCE leaves about 3x headroo
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -722,6 +723,10 @@ def test_missing_files_raise(llama_dir, tmp_path):
     (directory / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="has no model.safetensors or model.safetensors.index.json"):
         LlamaModel.from_pretrained(directory)
+    with pytest.raises(TypeError, match=r"directory must be a path \(a str or os.PathLike\), got None"):
+        LlamaModel.from_pretrained(None)
+    with pytest.raises(ValueError, match=r"device must be a torch.device or its name .*, got 'foo'"):
+        LlamaModel.from_pretrained(llama_dir, device="foo")
 
 
 def _sharded(llama_dir, tmp_path, misplace: str | None = None):
@@ -796,6 +801,21 @@ def test_a_checkpoints_malformed_eos_token_id_is_named(llama_dir, tmp_path, valu
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
     with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
         checkpoint_eos(directory)
+
+
+def test_an_eos_token_id_past_the_vocabulary_is_named_with_its_file(llama_dir, tmp_path):
+    directory = edited(llama_dir, tmp_path)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 500]}))
+    assert checkpoint_eos(directory) == [2, 500]
+    message = r"generation_config.json: eos_token_id \[2, 500\] is past the vocabulary's ids 0..96"
+    with pytest.raises(ValueError, match=message):
+        checkpoint_eos(directory, vocab_size=97)
+    with pytest.raises(ValueError, match=r"'.*absent' is not a directory"):
+        checkpoint_eos(tmp_path / "absent")
+    result = cli("--model", directory, "--prompt-ids", 1, 2)
+    assert result.returncode == 2 and result.stdout == ""
+    assert re.search(message + "; --ignore-eos decodes without it", result.stderr), result.stderr
+    assert cli("--model", directory, "--prompt-ids", 1, 2, "--max-new-tokens", 1, "--ignore-eos").returncode == 0
 
 
 @pytest.mark.parametrize("text, message", [("{", "not valid JSON"), ("[2]", "expected a JSON object")])
@@ -1012,8 +1032,10 @@ def test_cli_generate_errors_are_one_line_with_status_2(llama_dir, tmp_path, arg
 @pytest.mark.parametrize("args, eos, message", [
     ([arg for _ in range(9) for arg in ("--prompt-ids", 1)], None, "9 prompts; the fused layer takes at most 8"),
     (["--prompt-ids", 1, 500], None, "prompt 0: token ids must be in 0..96; got [1, 500]"),
-    (["--prompt-ids", 1], 500, "eos_token_id 500 is not a token id: the vocabulary has ids 0..96"),
-    (["--prompt-ids", 1, "--temperature", 1, "--seed", 2**70], None, "seed must be an int in"),
+    (["--prompt-ids", 1], 500,
+     "generation_config.json: eos_token_id 500 is past the vocabulary's ids 0..96; --ignore-eos decodes without it"),
+    (["--prompt-ids", 1, "--temperature", 1, "--seed", 2**70], None,
+     "argument --seed: must be an integer in 0..9223372036854775807"),
 ])
 def test_cli_generate_checks_prompts_and_sampling_before_reading_any_weight(llama_dir, tmp_path, args, eos, message):
     """The weights file is corrupt: a check made after reading it would name the file instead."""

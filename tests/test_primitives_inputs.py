@@ -130,6 +130,8 @@ def test_reduce_device_function_names_the_operators_and_algorithms():
     ("call", "error", "message"),
     [
         (lambda: work_offset(-5), ValueError, r"n must be an integer >= 0; got -5"),
+        (lambda: primitives.to_numpy(np.zeros(3)), TypeError, r"tensor must be a torch.Tensor \(a result on the GPU\), "
+                                                              r"got ndarray"),
         (lambda: primitives.gather_stride("bulk", -5, 4), ValueError, r"n must be an integer >= 0; got -5"),
         (lambda: primitives.gather_stride("tree", 8, 4), ValueError, r"algorithm must be one of \('direct'"),
         (lambda: primitives.gather_stride("bulk", 8, 0), ValueError, r"itemsize must be an integer >= 1; got 0"),

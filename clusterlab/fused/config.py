@@ -222,8 +222,14 @@ def check_dtype(dtype) -> None:
 
 
 def check_device(device) -> None:
-    """A CUDA device needs a usable Hopper GPU (:class:`clusterlab.HopperRequired` without one)."""
-    if torch.device(device).type == "cuda":
+    """``device`` a torch device or its name; a CUDA device needs a usable Hopper GPU
+    (:class:`clusterlab.HopperRequired` without one)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):  # torch's words for a name it cannot parse, or not a name at all
+        raise ValueError(f"device must be a torch.device or its name ('cpu', 'cuda', 'cuda:1'), "
+                         f"got {device!r}") from None
+    if kind == "cuda":
         problem = hopper_problem()
         if problem is not None:
             raise HopperRequired(f"device {device!r} needs a Hopper GPU: {problem}")

@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import reprlib
 import time
 import warnings
@@ -247,6 +248,8 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, directory) -> ModelConfig:
         """Read ``directory/config.json``."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path (a str or os.PathLike), got {directory!r}")
         path = Path(directory) / "config.json"
         if not Path(directory).is_dir():
             raise ValueError(f"{str(directory)!r} is not a directory")
@@ -568,8 +571,13 @@ def to_transformers(model: LlamaModel):
     return hf.eval()
 
 
-def checkpoint_eos(directory) -> list[int]:
-    """The end-of-sequence ids ``directory``'s ``generation_config.json`` (else ``config.json``) names; [] when none."""
+def checkpoint_eos(directory, vocab_size: int | None = None) -> list[int]:
+    """The end-of-sequence ids ``directory``'s ``generation_config.json`` (else ``config.json``) names; [] when none.
+    With ``vocab_size`` each must be one of the vocabulary's ids."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path (a str or os.PathLike), got {directory!r}")
+    if not Path(directory).is_dir():
+        raise ValueError(f"{str(directory)!r} is not a directory")
     for name in ("generation_config.json", "config.json"):
         path = Path(directory) / name
         if path.is_file():
@@ -585,6 +593,8 @@ def checkpoint_eos(directory) -> list[int]:
             ids = [value] if not isinstance(value, list) else value
             if not all(is_int(v) and v >= 0 for v in ids):
                 raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+            if vocab_size is not None and max(ids, default=0) >= vocab_size:
+                raise ValueError(f"{path}: eos_token_id {value!r} is past the vocabulary's ids 0..{vocab_size - 1}")
             return ids
     return []
 

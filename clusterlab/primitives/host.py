@@ -245,6 +245,8 @@ def to_numpy(tensor) -> np.ndarray:
     """A GPU result as a NumPy array (bfloat16 as ``ml_dtypes.bfloat16``), for bitwise comparisons."""
     import torch
 
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor (a result on the GPU), got {type(tensor).__name__}")
     host = tensor.detach().cpu()
     if host.dtype == torch.bfloat16:
         return host.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
