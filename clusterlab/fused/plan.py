@@ -633,10 +633,10 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
         size, split = cluster_size or 1, head_split or 1
         best = (config.kv_heads * split * size, size, split)
     blocks, size, split = best
-    four = 4 if two_an_sm and sets * blocks > sm_count else 16 if wide and 2 * blocks <= sm_count else 8
-    if four == 4 and size == 16 and not long and cluster_size is head_split is warps is None:
+    block_warps = 4 if two_an_sm and sets * blocks > sm_count else 16 if wide and 2 * blocks <= sm_count else 8
+    if block_warps == 4 and size == 16 and not long and cluster_size is head_split is warps is None:
         return 8, 8, split  # the same clusters and warps in halves, which fill more SMs
-    return size, four, split
+    return size, block_warps, split
 
 
 # -- multi-head latent attention (docs/mla-decode-design.md; clusterlab.fused.mla_simulated, mla_kernel) --
