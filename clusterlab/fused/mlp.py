@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -82,9 +81,8 @@ class MLPConfig:
                 f"hidden_size ({self.hidden_size}) and intermediate_size ({self.intermediate_size}) must be "
                 "multiples of 8 (16-byte rows of 16-bit weights)"
             )
-        if isinstance(self.rms_eps, bool) or not isinstance(self.rms_eps, (int, float)) or not (
-                0 < self.rms_eps < math.inf):
-            raise ValueError(f"rms_eps must be a positive finite number, got {self.rms_eps!r}")
+        if isinstance(self.rms_eps, bool) or not isinstance(self.rms_eps, (int, float)) or not 0 < self.rms_eps < 1:
+            raise ValueError(f"rms_eps must be a number in (0, 1), as AttentionConfig's, got {self.rms_eps!r}")
 
     def weight_bytes(self, itemsize: int = 2) -> int:
         """Bytes of W_gate, W_up, W_down and the norm's gain: what a step must read at least."""
