@@ -132,6 +132,16 @@ def _dtype(value, what: str) -> torch.dtype:
     raise ValueError(f"{what} must be float16 or bfloat16, got {name!r}")
 
 
+def checked_directory(directory) -> Path:
+    """``directory`` as a ``Path``: TypeError unless it is a path (a str or os.PathLike), ValueError unless it is a
+    directory."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path (a str or os.PathLike), got {directory!r}")
+    if not Path(directory).is_dir():
+        raise ValueError(f"{str(directory)!r} is not a directory")
+    return Path(directory)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shapes and constants of a Llama-family checkpoint, from its ``config.json``.
@@ -248,11 +258,7 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, directory) -> ModelConfig:
         """Read ``directory/config.json``."""
-        if not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(f"directory must be a path (a str or os.PathLike), got {directory!r}")
-        path = Path(directory) / "config.json"
-        if not Path(directory).is_dir():
-            raise ValueError(f"{str(directory)!r} is not a directory")
+        path = checked_directory(directory) / "config.json"
         if not path.is_file():
             raise ValueError(f"{str(directory)!r} has no config.json: not a Hugging Face model directory")
         try:
@@ -574,12 +580,9 @@ def to_transformers(model: LlamaModel):
 def checkpoint_eos(directory, vocab_size: int | None = None) -> list[int]:
     """The end-of-sequence ids ``directory``'s ``generation_config.json`` (else ``config.json``) names; [] when none.
     With ``vocab_size`` each must be one of the vocabulary's ids."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path (a str or os.PathLike), got {directory!r}")
-    if not Path(directory).is_dir():
-        raise ValueError(f"{str(directory)!r} is not a directory")
+    directory = checked_directory(directory)
     for name in ("generation_config.json", "config.json"):
-        path = Path(directory) / name
+        path = directory / name
         if path.is_file():
             try:
                 raw = json.loads(path.read_text())
