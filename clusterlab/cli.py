@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Options after the suite name go to it: clusterlab bench primitives --help",
     )
     bench.add_argument("suite", choices=("primitives", "fused", "decode", "mlp"))
-    bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
+    options = bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
+    options.required = False  # none is a suite's defaults; argparse would name it beside a missing suite
     bench.set_defaults(run=_bench)
 
     generate = commands.add_parser(

@@ -73,6 +73,13 @@ def test_usage_errors_exit_2_with_one_line_naming_the_flag(args, message, tmp_pa
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_bench_without_a_suite_names_the_suite_alone(tmp_path):
+    """The suite's options may be none (its defaults): only the missing suite is named."""
+    done = run_cli("bench", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.rstrip("\n").splitlines()[-1].endswith("the following arguments are required: suite")
+
+
 def test_too_large_n_is_refused_before_any_row_is_made(monkeypatch, capsys):
     def must_not_run(*args, **kwargs):
         raise AssertionError("rows were generated before n was checked")
