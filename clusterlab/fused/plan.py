@@ -634,7 +634,7 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
         best = (config.kv_heads * split * size, size, split)
     blocks, size, split = best
     block_warps = 4 if two_an_sm and sets * blocks > sm_count else 16 if wide and 2 * blocks <= sm_count else 8
-    if block_warps == 4 and size == 16 and not long and cluster_size is head_split is warps is None:
+    if block_warps == 4 and size == 16 and not long and all(v is None for v in (cluster_size, head_split, warps)):
         return 8, 8, split  # the same clusters and warps in halves, which fill more SMs
     return size, block_warps, split
 
