@@ -447,16 +447,21 @@ def test_layer_rejects_weights_that_do_not_match_the_config(tiny_layer):
                                                      "multiples of 8"),
     ({"hidden_size": 64, "intermediate_size": 100}, r"intermediate_size \(100\) must be multiples of 8"),
     ({"hidden_size": 0, "intermediate_size": 176}, "hidden_size must be a positive int, got 0"),
-    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": 0.0}, r"rms_eps must be a number in \(0, 1\), as "
-                                                                    "AttentionConfig's, got 0.0"),
-    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": -1e-5}, r"rms_eps must be a number in \(0, 1\)"),
-    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": 5}, r"rms_eps must be a number in \(0, 1\)"),
-    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": float("inf")}, r"rms_eps must be a number in \(0, 1\)"),
-    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": True}, r"rms_eps must be a number in \(0, 1\)"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": 0.0}, r"MLPConfig.rms_eps must be in \(0, 1\), got 0.0"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": -1e-5}, r"rms_eps must be in \(0, 1\), got -1e-05"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": 5}, r"rms_eps must be in \(0, 1\), got 5"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": float("inf")}, r"rms_eps must be in \(0, 1\), got inf"),
+    ({"hidden_size": 64, "intermediate_size": 176, "rms_eps": float("nan")}, r"rms_eps must be in \(0, 1\), got nan"),
 ])
 def test_config_rejects_bad_sizes_and_eps(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MLPConfig(**kwargs)
+
+
+@pytest.mark.parametrize("eps", [True, None, "1e-5"])
+def test_config_eps_must_be_a_number(eps):
+    with pytest.raises(TypeError, match=f"MLPConfig.rms_eps must be a number, got {eps!r}"):
+        MLPConfig(64, 176, rms_eps=eps)
 
 
 # --------------------------------------------------------------------------------------- launch shape

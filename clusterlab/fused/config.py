@@ -67,6 +67,13 @@ def check_number(name: str, value) -> None:
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 
+def check_rms_eps(name: str, value) -> None:
+    """An RMSNorm's epsilon: a number (TypeError otherwise) in (0, 1) (ValueError otherwise)."""
+    check_number(name, value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+
+
 @dataclass(frozen=True)
 class Llama3RopeScaling:
     """Llama 3.1+'s RoPE frequency scaling (``rope_type: "llama3"`` in a checkpoint's config).
@@ -139,11 +146,9 @@ class AttentionConfig:
         if self.rope_style not in ROPE_STYLES:
             raise ValueError(f"AttentionConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
         check_number("AttentionConfig.rope_theta", self.rope_theta)
-        check_number("AttentionConfig.rms_eps", self.rms_eps)
         if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"AttentionConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
-        if not (0.0 < self.rms_eps < 1.0):
-            raise ValueError(f"AttentionConfig.rms_eps must be in (0, 1), got {self.rms_eps!r}")
+        check_rms_eps("AttentionConfig.rms_eps", self.rms_eps)
         if not isinstance(self.qkv_bias, bool):
             raise ValueError(f"AttentionConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):

@@ -56,6 +56,7 @@ from .config import (
     check_cache_request,
     check_device,
     check_number,
+    check_rms_eps,
     check_size,
     check_type,
     is_int,
@@ -181,11 +182,9 @@ class MLAConfig:
                 f"MLAConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}"
             )
         check_number("MLAConfig.rope_theta", self.rope_theta)
-        check_number("MLAConfig.rms_eps", self.rms_eps)
         if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"MLAConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
-        if not (0.0 < self.rms_eps < 1.0):
-            raise ValueError(f"MLAConfig.rms_eps must be in (0, 1), got {self.rms_eps!r}")
+        check_rms_eps("MLAConfig.rms_eps", self.rms_eps)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnRopeScaling):
             raise TypeError(f"MLAConfig.rope_scaling must be None or a YarnRopeScaling, got {self.rope_scaling!r}")
         if not isinstance(self.rope_interleaved, bool):

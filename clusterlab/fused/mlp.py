@@ -48,8 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import (DTYPES, MAX_BATCH, check_batch, check_device, check_dtype, check_size, check_type,
-                     seeded_generator)
+from .config import (DTYPES, MAX_BATCH, check_batch, check_device, check_dtype, check_rms_eps, check_size,
+                     check_type, seeded_generator)
 from .plan import CLUSTER_SIZES, MLP_KERNEL_CHOICES, WARP_COUNTS, DeviceLimits, check_kernel_options, check_one_of
 from .validate import check_handoff, check_hidden_residual, check_outputs, check_tensor, kernel_bits, resolve_backend
 
@@ -81,8 +81,7 @@ class MLPConfig:
                 f"hidden_size ({self.hidden_size}) and intermediate_size ({self.intermediate_size}) must be "
                 "multiples of 8 (16-byte rows of 16-bit weights)"
             )
-        if isinstance(self.rms_eps, bool) or not isinstance(self.rms_eps, (int, float)) or not 0 < self.rms_eps < 1:
-            raise ValueError(f"rms_eps must be a number in (0, 1), as AttentionConfig's, got {self.rms_eps!r}")
+        check_rms_eps("MLPConfig.rms_eps", self.rms_eps)
 
     def weight_bytes(self, itemsize: int = 2) -> int:
         """Bytes of W_gate, W_up, W_down and the norm's gain: what a step must read at least."""
