@@ -22,7 +22,7 @@ from clusterlab.fused.kernel import (MMA_BATCH, MMA_GROUP, PIPELINE_REGISTERS, K
                                      kernel_signature)
 from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_FROM,
                                    SHARED_QUERIES_ROWS, SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape,
-                                   set_batch, shared_queries_shape, shares_queries)
+                                   set_batch, shape_boundaries, shared_queries_shape, shares_queries)
 from clusterlab.fused.reference import reference_step, relative_error
 
 
@@ -770,6 +770,25 @@ def test_the_rule_shares_out_the_kv_rows_from_a_split_of_three_where_the_grid_fi
         small = dataclasses.replace(spec, limits=limits)
         assert (small.fits_at_once, small.kv_rows_split) == (fits, fits)
         assert dataclasses.replace(small, split_kv_rows=True).kv_rows_split  # asked for: the launcher checks
+
+
+@pytest.mark.parametrize("config", [LLAMA2_7B, LLAMA3_8B, LLAMA3_2_1B, QWEN2_5_7B],
+                         ids=["llama2-7b", "llama3-8b", "llama3.2-1b", "qwen2.5-7b"])
+def test_every_grid_the_rule_launches_fits_the_gpu_at_once(config):
+    """Every step the rule plans for a preset, at every batch, in both dtypes, at one row, on both sides
+    of each of :func:`shape_boundaries` and at 32K rows, launches a grid that an H100 or H200 holds at
+    once at the register bound its kernel is built for (:attr:`KernelSpec.fits_at_once`, the plan's
+    count). A grid that does not fit runs its last clusters after the others: the next keys in flight at
+    168 registers in Llama-3.2-1B's 16 clusters of 8 x 8 warps left the 16th without an SM, 40-55% slower
+    (``docs/fused-decode-notes.md``, v87)."""
+    layer = DecodeAttention(config, AttentionWeights.random(config, torch.float16, "cpu", seed=0),
+                            backend="simulator", limits=HOPPER)
+    for batch in range(1, 9):
+        lengths = {1, 32768, *(row + d for row in shape_boundaries(batch) for d in (-1, 0))}
+        for dtype in (torch.float16, torch.bfloat16):
+            for longest in sorted(lengths):
+                spec = layer.kernel_spec(dtype, batch, longest)
+                assert spec.fits_at_once, (batch, dtype, longest, layer.shape(batch, longest))
 
 
 @pytest.mark.ptx
