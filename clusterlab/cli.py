@@ -13,7 +13,7 @@ decode layers built on them, and their benchmarks.
                                              vs the floor (Hopper GPU)
     clusterlab bench mlp [...]               the fused MLP block vs PyTorch and the floor, per layer (Hopper GPU)
     clusterlab generate --model DIR|PRESET --prompt-ids 1 2 3 [--prompt-ids ...] --max-new-tokens N
-                                             decode a Llama / Qwen2 checkpoint with the fused layer
+                                             decode a Llama / Mistral / Qwen2 checkpoint with the fused layer
                                              (the simulator without a Hopper GPU: tiny models only),
                                              or a preset's real shapes with random weights (Hopper GPU)
 """
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser(
         "generate",
-        help="decode a Llama / Qwen2 checkpoint (safetensors) with the fused attention layer; "
+        help="decode a Llama / Mistral / Qwen2 checkpoint (safetensors) with the fused attention layer; "
         "on the simulator without a Hopper GPU",
     )
     generate.add_argument("--model", required=True, metavar="DIR|PRESET",

@@ -1,10 +1,11 @@
-"""``clusterlab.models``: tiny random Llama / Qwen2 checkpoints written by transformers, read back
+"""``clusterlab.models``: tiny random Llama / Mistral / Qwen2 checkpoints written by transformers, read back
 and decoded with the fused layer (on the simulator here), checked against transformers itself.
 
 The checkpoints: Llama float16 (one file; GQA, 4 query heads on 2 KV heads), the same as MHA (4
 KV heads), Llama 3 RoPE scaling + ``attention_bias`` in bfloat16 saved in shards (an index file),
-Qwen2 (QKV bias, tied embeddings) float16. head_dim is 64 (the fused kernel takes 64 or 128),
-everything else tiny, so the simulator's steps stay fast. Decoding runs NEW_TOKENS = 8 steps.
+Mistral (no sliding window, RoPE theta 1e6) float16, Qwen2 (QKV bias, tied embeddings) float16.
+head_dim is 64 (the fused kernel takes 64 or 128), everything else tiny, so the simulator's steps
+stay fast. Decoding runs NEW_TOKENS = 8 steps.
 
 Weights are redrawn at a trained model's scale (projections std ``1/sqrt(fan_in)``, unit
 embeddings, gains around 1, lm_head x3): transformers' own init (std 0.02) gives near-flat
@@ -70,6 +71,8 @@ CHECKPOINTS = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
         dict(max_shard_size="40KB"), 4,
     ),
+    "mistral-fp16": ("MistralConfig", "MistralForCausalLM", torch.float16,
+                     dict(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6}), {}, 7),
     "qwen2-fp16-tied": ("Qwen2Config", "Qwen2ForCausalLM", torch.float16,
                         dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
                         {}, 1),
@@ -476,14 +479,16 @@ TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
     "changes",
     [dict(tie_word_embeddings=True, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 16)),
      dict(attention_bias=True, o_bias=True),
-     dict(model_type="qwen2", attention_bias=True, rope_theta=1e6)],
-    ids=["llama3-rope-tied", "llama-bias", "qwen2"],
+     dict(model_type="qwen2", attention_bias=True, rope_theta=1e6),
+     dict(model_type="mistral", rope_theta=1e6)],
+    ids=["llama3-rope-tied", "llama-bias", "qwen2", "mistral"],
 )
 def test_to_transformers_holds_views_of_our_weights_and_computes_our_logits(changes):
     config = ModelConfig(**(TINY | changes))
     ours = LlamaModel(config, random_weights(config, torch.float16, seed=2))
     hf = to_transformers(ours)
-    assert type(hf).__name__ == ("Qwen2ForCausalLM" if config.model_type == "qwen2" else "LlamaForCausalLM")
+    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(config.model_type,
+                                                                                                  "LlamaForCausalLM")
     params = dict(hf.named_parameters(remove_duplicate=False))
     storages = weight_storages(ours.weights)
     assert {name for name, p in params.items() if p.untyped_storage().data_ptr() not in storages} == set()
@@ -642,6 +647,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_fre
 
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+    (dict(model_type="mistral", sliding_window=4096), r"sliding_window 4096 is not supported \(every layer attends to "
+                                                      r"all tokens\); a Mistral checkpoint without one"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type 'yarn'"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
@@ -671,8 +678,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_fre
     (dict(rope_parameters={**LLAMA3_ROPE, "factor": 0.5}), "config.json: llama3 RoPE scaling: .*factor"),
     (dict(max_position_embeddings=0), "max_position_embeddings must be a positive int, got 0"),
     (dict(max_position_embeddings=2048.0), "max_position_embeddings must be a positive int, got 2048.0"),
-], ids=["gpt2", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers", "text-layers",
-        "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split", "zero-kv-heads", "zero-head-dim",
+], ids=["gpt2", "mistral-window", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers",
+        "text-layers", "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split", "zero-kv-heads", "zero-head-dim",
         "text-tie", "int-bias", "text-scaling", "null-factor", "text-factor", "float-original", "small-factor",
         "zero-max-positions", "float-max-positions"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):

@@ -1,6 +1,6 @@
 """Whole models decoded with the fused layers.
 
-- :class:`LlamaModel` — a Llama / Qwen2 decoder read from a Hugging Face checkpoint directory:
+- :class:`LlamaModel` — a Llama / Mistral / Qwen2 decoder read from a Hugging Face checkpoint directory:
   PyTorch prefill, one :class:`~clusterlab.fused.DecodeAttention` and (for the batches where it was
   measured faster, :func:`fused_mlp_max_batch`) one :class:`~clusterlab.fused.DecodeMLP` per layer at
   decode time,

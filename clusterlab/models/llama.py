@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, Qwen2) whose attention blocks are :class:`~clusterlab.fused.DecodeAttention`.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) whose attention blocks are
+:class:`~clusterlab.fused.DecodeAttention`.
 
 Read a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``), prefill prompts with plain PyTorch, then decode token by token
@@ -88,7 +89,7 @@ from .decode import Decoder, check_sampling, token_ids
 from .final_norm import final_norm
 
 #: ``model_type`` values this module reads.
-MODEL_TYPES = ("llama", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: RoPE variants (``rope_type``) the fused layer implements.
 ROPE_TYPES = ("default", "llama3")
 #: How a model's decode steps compute attention: the cluster kernel (the simulator on a CPU), or
@@ -147,7 +148,8 @@ class ModelConfig:
     """The shapes and constants of a Llama-family checkpoint, from its ``config.json``.
 
     ``dtype`` is the checkpoint's own (``dtype`` / ``torch_dtype``, None when it names none);
-    ``attention_bias`` means a bias on q/k/v (Qwen2 always; Llama with ``attention_bias``) and
+    ``model_type`` one of :data:`MODEL_TYPES` (Mistral's only without a sliding window: its layers are
+    Llama's); ``attention_bias`` means a bias on q/k/v (Qwen2 always; Llama with ``attention_bias``) and
     ``o_bias`` one on the output projection too (Llama's ``attention_bias`` only);
     ``max_position_embeddings`` the positions the model was trained for (None where the config names
     none): :meth:`LlamaModel.generate` warns past it.
@@ -197,6 +199,9 @@ class ModelConfig:
             raise ValueError(f"{source}: mlp_bias is not supported (the MLP here has no biases)")
         if raw.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window is not supported (every layer attends to all tokens)")
+        if model_type == "mistral" and raw.get("sliding_window") is not None:
+            raise ValueError(f"{source}: sliding_window {raw['sliding_window']!r} is not supported (every layer "
+                             "attends to all tokens); a Mistral checkpoint without one (sliding_window null) is")
         quantization = raw.get("quantization_config")
         if quantization:
             method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
@@ -526,9 +531,9 @@ TRANSFORMERS_MAX_POSITIONS = 131072
 
 
 def to_transformers(model: LlamaModel):
-    """transformers' own ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for a Qwen2 config) over
-    ``model``'s weights, in eval mode on ``model``'s device: an independent implementation to check
-    against, and the benchmark's baseline.
+    """transformers' own ``LlamaForCausalLM`` (``MistralForCausalLM`` / ``Qwen2ForCausalLM`` for a
+    Mistral / Qwen2 config) over ``model``'s weights, in eval mode on ``model``'s device: an
+    independent implementation to check against, and the benchmark's baseline.
 
     The transformers config repeats ``model.config`` (shapes, RMSNorm eps, RoPE theta and the
     llama3 scaling as ``rope_parameters``, ties, biases; SDPA attention); the model is built on
@@ -554,6 +559,8 @@ def to_transformers(model: LlamaModel):
     )
     if c.model_type == "qwen2":
         config, cls = transformers.Qwen2Config(**shapes), transformers.Qwen2ForCausalLM
+    elif c.model_type == "mistral":
+        config, cls = transformers.MistralConfig(**shapes, sliding_window=None), transformers.MistralForCausalLM
     else:
         config, cls = transformers.LlamaConfig(**shapes, attention_bias=c.attention_bias), transformers.LlamaForCausalLM
     with torch.device("meta"):
