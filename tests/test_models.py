@@ -487,8 +487,8 @@ def test_to_transformers_holds_views_of_our_weights_and_computes_our_logits(chan
     config = ModelConfig(**(TINY | changes))
     ours = LlamaModel(config, random_weights(config, torch.float16, seed=2))
     hf = to_transformers(ours)
-    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(config.model_type,
-                                                                                                  "LlamaForCausalLM")
+    classes = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    assert type(hf).__name__ == classes[config.model_type]
     params = dict(hf.named_parameters(remove_duplicate=False))
     storages = weight_storages(ours.weights)
     assert {name for name, p in params.items() if p.untyped_storage().data_ptr() not in storages} == set()
@@ -679,9 +679,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_fre
     (dict(max_position_embeddings=0), "max_position_embeddings must be a positive int, got 0"),
     (dict(max_position_embeddings=2048.0), "max_position_embeddings must be a positive int, got 2048.0"),
 ], ids=["gpt2", "mistral-window", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers",
-        "text-layers", "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split", "zero-kv-heads", "zero-head-dim",
-        "text-tie", "int-bias", "text-scaling", "null-factor", "text-factor", "float-original", "small-factor",
-        "zero-max-positions", "float-max-positions"])
+        "text-layers", "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split", "zero-kv-heads",
+        "zero-head-dim", "text-tie", "int-bias", "text-scaling", "null-factor", "text-factor", "float-original",
+        "small-factor", "zero-max-positions", "float-max-positions"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
     """Each is refused from ``config.json`` before any weight is read (the weights here keep the
     checkpoint's shapes, so a later check would fail on them instead)."""

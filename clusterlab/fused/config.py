@@ -67,6 +67,13 @@ def check_number(name: str, value) -> None:
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 
+def check_rope_theta(name: str, value) -> None:
+    """A RoPE base: a number (TypeError otherwise), finite and > 1 (ValueError otherwise)."""
+    check_number(name, value)
+    if not (value > 1.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 1, got {value!r}")
+
+
 def check_rms_eps(name: str, value) -> None:
     """An RMSNorm's epsilon: a number (TypeError otherwise) in (0, 1) (ValueError otherwise)."""
     check_number(name, value)
@@ -145,9 +152,7 @@ class AttentionConfig:
             )
         if self.rope_style not in ROPE_STYLES:
             raise ValueError(f"AttentionConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
-        check_number("AttentionConfig.rope_theta", self.rope_theta)
-        if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
-            raise ValueError(f"AttentionConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
+        check_rope_theta("AttentionConfig.rope_theta", self.rope_theta)
         check_rms_eps("AttentionConfig.rms_eps", self.rms_eps)
         if not isinstance(self.qkv_bias, bool):
             raise ValueError(f"AttentionConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")

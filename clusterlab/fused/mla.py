@@ -57,6 +57,7 @@ from .config import (
     check_device,
     check_number,
     check_rms_eps,
+    check_rope_theta,
     check_size,
     check_type,
     is_int,
@@ -181,9 +182,7 @@ class MLAConfig:
             raise ValueError(
                 f"MLAConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}"
             )
-        check_number("MLAConfig.rope_theta", self.rope_theta)
-        if not (self.rope_theta > 1.0 and math.isfinite(self.rope_theta)):
-            raise ValueError(f"MLAConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
+        check_rope_theta("MLAConfig.rope_theta", self.rope_theta)
         check_rms_eps("MLAConfig.rms_eps", self.rms_eps)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnRopeScaling):
             raise TypeError(f"MLAConfig.rope_scaling must be None or a YarnRopeScaling, got {self.rope_scaling!r}")
