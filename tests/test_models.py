@@ -770,9 +770,19 @@ def test_shards_an_index_lists_are_read_and_a_malformed_index_is_named(llama_dir
     assert LlamaModel.from_pretrained(directory).generate(PROMPTS, 3) == LlamaModel.from_pretrained(
         llama_dir).generate(PROMPTS, 3)
     index = directory / "model.safetensors.index.json"
-    for weight_map in ([], {"model.norm.weight": None}, {"model.norm.weight": 3}):
-        index.write_text(json.dumps({"weight_map": weight_map}))
-        with pytest.raises(ValueError, match="index.json: its weight_map must map tensor names to shard file names"):
+    shard = json.loads(index.read_text())["weight_map"]["model.norm.weight"]
+    assert (directory / shard).is_file() and (directory.parent / shard).exists() is False
+    (directory.parent / shard).write_bytes((directory / shard).read_bytes())  # a shard outside is never read
+    for weight_map in ([], {"model.norm.weight": None}, {"model.norm.weight": 3}, {"model.norm.weight": ""},
+                       {"model.norm.weight": f"../{shard}"}, {"model.norm.weight": str(directory.parent / shard)},
+                       {"model.norm.weight": f"sub/{shard}"}, {"model.norm.weight": ".."}, None):
+        index.write_text(json.dumps({"weight_map": weight_map} if weight_map is not None else {"metadata": {}}))
+        with pytest.raises(ValueError, match="index.json: its weight_map must map tensor names to the names of "
+                                             "shard files beside it"):
+            LlamaModel.from_pretrained(directory)
+    for text, message in (("[]", "expected a JSON object"), ("{", "not valid JSON")):
+        index.write_text(text)
+        with pytest.raises(ValueError, match=f"index.json: {message}"):
             LlamaModel.from_pretrained(directory)
     directory = _sharded(llama_dir, tmp_path / "misplaced", misplace="model.norm.weight")
     with pytest.raises(ValueError, match=r"00002.safetensors: tensor 'model.norm.weight' cannot be read "

@@ -266,13 +266,7 @@ class ModelConfig:
         path = checked_directory(directory) / "config.json"
         if not path.is_file():
             raise ValueError(f"{str(directory)!r} has no config.json: not a Hugging Face model directory")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(_json_object(path), str(path))
 
     def attention(self) -> AttentionConfig:
         """The fused layer's :class:`~clusterlab.fused.AttentionConfig` (NeoX RoPE, as these models rotate halves)."""
@@ -300,6 +294,17 @@ class ModelConfig:
         if self.dtype in DTYPES:
             return DTYPES[self.dtype]
         return torch.bfloat16
+
+
+def _json_object(path: Path) -> dict:
+    """``path``'s JSON object; a ValueError naming the file if it is not valid JSON or not an object."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return raw
 
 
 def _positive(source: str, key: str, value):
@@ -396,14 +401,12 @@ class _Checkpoint:
         if single.is_file():
             files = None
         elif index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{index}: not a safetensors index with a weight_map ({exc!r})") from None
-            if not (isinstance(weight_map, dict)
-                    and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
-                raise ValueError(f"{index}: its weight_map must map tensor names to shard file names, got "
-                                 f"{reprlib.repr(weight_map)}")
+            weight_map = _json_object(index).get("weight_map")
+            if not (isinstance(weight_map, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v and v not in (".", "..")
+                    for k, v in weight_map.items())):
+                raise ValueError(f"{index}: its weight_map must map tensor names to the names of shard files "
+                                 f"beside it, got {reprlib.repr(weight_map)}")
             files = {name: directory / shard for name, shard in weight_map.items()}
         else:
             raise ValueError(
@@ -591,13 +594,7 @@ def checkpoint_eos(directory, vocab_size: int | None = None) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         path = directory / name
         if path.is_file():
-            try:
-                raw = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}: expected a JSON object")
-            value = raw.get("eos_token_id")
+            value = _json_object(path).get("eos_token_id")
             if value is None:
                 continue
             ids = [value] if not isinstance(value, list) else value
