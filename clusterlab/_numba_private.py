@@ -1,7 +1,7 @@
 """Every use of a private numba-cuda interface in clusterlab, in one place.
 
 numba-cuda 0.30 has no public way to launch a compiled kernel with launch attributes (clusters)
-or to pack its arguments outside its own launcher. clusterlab needs six things from
+or to pack its arguments outside its own launcher. clusterlab needs seven things from
 inside numba-cuda, and takes them only from here:
 
 1. the driver handle of a compiled kernel: ``overload._codelibrary.get_cufunc().kernel`` (a
@@ -28,7 +28,11 @@ inside numba-cuda, and takes them only from here:
    with blocks x variables (NVIDIA/numba-cuda#688), and it was 70-80% of the time numba took to
    compile a fused kernel. Within one ``inline_ir`` call, clusterlab has the blocks of one IR copied
    with one memo, as one object graph: the same IR, one scope copy instead of one per block, and
-   the same PTX byte for byte.
+   the same PTX byte for byte;
+7. whether numba-cuda can compile here at all (:func:`compiler_problem`): its NumPy array support,
+   ``numba.cuda.np.arrayobj``, is imported by the first compilation and registers its overloads by
+   looking NumPy's functions up, so a NumPy without one of them fails every compilation with an
+   ``AttributeError`` (numba-cuda 0.30 looks up ``np.row_stack``, which numpy 2.5 removed).
 
 ``tests/test_numba_private.py`` pins each of these; if numba-cuda changes one, that test fails
 before a kernel receives garbage.
@@ -44,6 +48,27 @@ import warnings
 
 #: Member names of numba's array data model, in the order a kernel receives them.
 ARRAY_MEMBERS = ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "strides")
+
+
+@functools.cache
+def compiler_problem() -> str | None:
+    """Why numba-cuda cannot compile a kernel in this process (a sentence), or ``None``.
+
+    Imports numba-cuda's array support, as the first compilation would, and names the NumPy that
+    breaks it; the result is kept for the process.
+    """
+    import importlib
+    import importlib.metadata
+
+    import numpy
+
+    try:
+        importlib.import_module("numba.cuda.np.arrayobj")
+    except (AttributeError, ImportError) as exc:
+        version = importlib.metadata.version("numba-cuda")
+        return (f"numba-cuda {version} cannot compile with numpy {numpy.__version__} ({exc}); install the numpy "
+                "clusterlab requires (numpy<2.5)")
+    return None
 
 
 def kernel_handle(overload) -> int:

@@ -61,7 +61,8 @@ def _device0():
 
 
 def hopper_problem() -> str | None:
-    """Why this process cannot run clusterlab's kernels, or ``None`` when device 0 is Hopper or newer."""
+    """Why this process cannot run clusterlab's kernels, or ``None`` when device 0 is Hopper or newer
+    and numba-cuda can compile (:func:`clusterlab._numba_private.compiler_problem`)."""
     found = _device0()
     if isinstance(found, str):
         return found
@@ -71,7 +72,9 @@ def hopper_problem() -> str | None:
             f"device 0 has compute capability {cc[0]}.{cc[1]}; thread-block clusters need "
             f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or higher (Hopper)"
         )
-    return None
+    from ._numba_private import compiler_problem
+
+    return compiler_problem()
 
 
 def require_hopper() -> None:

@@ -138,8 +138,11 @@ def kernel_ptx(kernel, signature, *, cc=(9, 0), **options) -> str:
         raise RuntimeError("kernel_ptx cannot compile while NUMBA_ENABLE_CUDASIM is set; unset it for PTX checks")
     from numba import cuda
 
-    from ._numba_private import copy_inlined_callees_whole, device_functions_compiled_for
+    from ._numba_private import compiler_problem, copy_inlined_callees_whole, device_functions_compiled_for
 
+    problem = compiler_problem()
+    if problem is not None:
+        raise RuntimeError(f"kernel_ptx cannot compile: {problem}")
     copy_inlined_callees_whole()
     with device_functions_compiled_for(cc):
         ptx, _ = cuda.compile_ptx(getattr(kernel, "py_func", kernel), signature, cc=cc, **options)

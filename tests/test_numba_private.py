@@ -316,3 +316,38 @@ def test_the_one_graph_copy_leaves_the_ptx_as_it_was(monkeypatch):
                         inline_closurecall.InlineWorker.inline_ir.__wrapped__)
     per_block = kernel_ptx(kernel, signature)
     assert without_names(whole) == without_names(per_block)  # numba numbers each compilation's names
+
+
+def test_compiler_problem_is_none_where_numba_cuda_compiles():
+    assert _numba_private.compiler_problem() is None
+
+
+def test_a_numpy_that_breaks_numba_cuda_s_array_support_is_named_before_a_compilation():
+    """numba-cuda 0.30's array support looks up np.row_stack, which numpy 2.5 removed: without it,
+    the GPU is refused with the reason (not an AttributeError at the first launch), and kernel_ptx
+    says the same."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy
+        del numpy.row_stack  # as numpy 2.5 has it
+        from clusterlab import _numba_private, gpu, toolchain
+        problem = _numba_private.compiler_problem()
+        print(problem)
+        gpu._device0 = lambda: (None, 0, (9, 0))  # a Hopper GPU, as far as the driver goes
+        assert gpu.hopper_problem() == problem
+        try:
+            toolchain.kernel_ptx(lambda x: None, ())
+        except RuntimeError as exc:
+            print(exc)
+    """)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    problem, ptx_error = done.stdout.strip().splitlines()
+    assert problem.startswith("numba-cuda ") and f"with numpy {np.__version__}" in problem
+    assert "has no attribute 'row_stack'" in problem
+    assert problem.endswith("install the numpy clusterlab requires (numpy<2.5)")
+    assert ptx_error == f"kernel_ptx cannot compile: {problem}"
