@@ -351,3 +351,21 @@ def test_a_numpy_that_breaks_numba_cuda_s_array_support_is_named_before_a_compil
     assert "has no attribute 'row_stack'" in problem
     assert problem.endswith("install the numpy clusterlab requires (numpy<2.5)")
     assert ptx_error == f"kernel_ptx cannot compile: {problem}"
+
+
+def test_a_numba_cuda_without_libnvvm_is_named_before_a_compilation():
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        from numba.cuda.cudadrv import nvvm
+        nvvm.is_available = lambda: False  # as where neither extra nor a toolkit brought libNVVM
+        from clusterlab import _numba_private
+        print(_numba_private.compiler_problem())
+    """)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("numba-cuda finds no libNVVM to compile with: install clusterlab's cu13 or cu12 "
+                                   "extra (the one of your driver's CUDA version), or a CUDA toolkit")
