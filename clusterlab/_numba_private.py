@@ -30,10 +30,11 @@ inside numba-cuda, and takes them only from here:
    with one memo, as one object graph: the same IR, one scope copy instead of one per block, and
    the same PTX byte for byte;
 7. whether numba-cuda can compile here at all (:func:`compiler_problem`): whether it finds libNVVM
-   (``numba.cuda.cudadrv.nvvm.is_available``), and its NumPy array support, ``numba.cuda.np.arrayobj``,
-   which the first compilation imports and which registers its overloads by looking NumPy's
-   functions up, so a NumPy without one of them fails every compilation with an ``AttributeError``
-   (numba-cuda 0.30 looks up ``np.row_stack``, which numpy 2.5 removed).
+   (``numba.cuda.cudadrv.nvvm.is_available``), and whether its target context loads
+   (``cuda_target.target_context.refresh()``, as every compilation does first): that imports its NumPy
+   array support, which registers its overloads by looking NumPy's functions up, so a NumPy without
+   one of them fails every compilation with an ``AttributeError`` (numba-cuda 0.30 looks up
+   ``np.row_stack``, which numpy 2.5 removed).
 
 ``tests/test_numba_private.py`` pins each of these; if numba-cuda changes one, that test fails
 before a kernel receives garbage.
@@ -55,21 +56,21 @@ ARRAY_MEMBERS = ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "st
 def compiler_problem() -> str | None:
     """Why numba-cuda cannot compile a kernel in this process (a sentence), or ``None``.
 
-    Asks numba-cuda whether it finds libNVVM, then imports its array support, as the first
-    compilation would, and names the NumPy that breaks it; the result is kept for the process.
+    Asks numba-cuda whether it finds libNVVM, then loads its target context as a compilation does
+    first, and names the NumPy that breaks it; the result is kept for the process.
     """
-    import importlib
     import importlib.metadata
 
     import numpy
     from numba.cuda.cudadrv import nvvm
+    from numba.cuda.descriptor import cuda_target
 
     if not nvvm.is_available():
         return ("numba-cuda finds no libNVVM to compile with: install clusterlab's cu13 or cu12 extra (the one of "
                 "your driver's CUDA version), or a CUDA toolkit")
     try:
-        importlib.import_module("numba.cuda.np.arrayobj")
-    except (AttributeError, ImportError) as exc:
+        cuda_target.target_context.refresh()
+    except AttributeError as exc:  # a NumPy function numba-cuda names is missing
         version = importlib.metadata.version("numba-cuda")
         return (f"numba-cuda {version} cannot compile with numpy {numpy.__version__} ({exc}); install the numpy "
                 "clusterlab requires (numpy<2.5)")
