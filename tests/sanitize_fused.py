@@ -11,7 +11,8 @@ inside a tile of 16 keys; and the Llama-3-8B preset at batch 8, whose shared reg
 largest share words (``KernelSpec.overlay``: ``xs``/``partial``, then ``scratch``, then ``o``); and
 one sequence with ``h * norm`` interleaved in shared memory (``KernelSpec.interleave_inputs``); and the
 Llama-3.2-1B preset at a batch of 3 in the rule's short-cache shape (clusters of 8 x 8 warps, a head split of
-2); ``python tests/sanitize_fused.py steps`` runs those alone.
+2), and at a batch of 8 in the same shape, the rule's below ``plan.HALF_CLUSTERS_BELOW`` rows;
+``python tests/sanitize_fused.py steps`` runs those alone.
 Then the hand-off kernels (``DecodeAttention.handoff``: float32 sums in, out and cleared) of the
 first three shapes; ``python tests/sanitize_fused.py handoff`` runs those alone. Then GQA with a KV
 head's positions split over 2 and 4 clusters (``KernelSpec.split_positions``: the parts' states
@@ -74,6 +75,7 @@ SHAPES = [
     (AttentionConfig(hidden_size=1024, heads=8, kv_heads=8, head_dim=128),
      {"cluster_size": 8, "warps": 4, "kernel_options": {"interleave_inputs": True}}, [333], torch.float16),
     (PRESETS["llama3.2-1b"], {}, [300, 0, 77], torch.bfloat16),
+    (PRESETS["llama3.2-1b"], {"cluster_size": 8, "head_split": 2}, [300, 0, 77, 12, 5, 640, 33, 1500], torch.float16),
 ]
 
 HANDOFF_SHAPES = SHAPES[:3]

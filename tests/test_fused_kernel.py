@@ -20,7 +20,8 @@ from clusterlab.fused import (
 )
 from clusterlab.fused.kernel import (MMA_BATCH, MMA_GROUP, PIPELINE_REGISTERS, KernelSpec, MmaTile, build_kernel,
                                      kernel_signature)
-from clusterlab.fused.plan import (HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM, SHARED_QUERIES_FROM,
+from clusterlab.fused.plan import (HALF_CLUSTERS_BELOW, HOPPER, KV_ROWS_SPLIT_FROM, LONG_CACHE, PAIRS_FROM,
+                                   SHARED_QUERIES_FROM,
                                    SHARED_QUERIES_ROWS, SHARED_QUERIES_SHAPE, check_kernel_options, launch_shape,
                                    set_batch, shape_boundaries, shared_queries_shape, shares_queries)
 from clusterlab.fused.reference import reference_step, relative_error
@@ -54,10 +55,11 @@ TOLERANCE = 1e-2
      (LLAMA3_8B, False, 1, None, 8, 8, 2), (LLAMA3_8B, True, 4, None, 8, 8, 2),
      (LLAMA3_8B, False, 3, None, 8, 8, 2), (LLAMA3_8B, True, 5, None, 16, 8, 1),
      (LLAMA3_8B, False, 8, None, 16, 8, 1), (LLAMA3_2_1B, True, 2, None, 8, 8, 2),
+     (LLAMA3_8B, True, 8, 1024, 8, 8, 2), (LLAMA3_2_1B, False, 5, 1024, 8, 8, 2),
      (QWEN2_5_7B, False, 1, None, 8, 4, 7), (QWEN2_5_7B, True, 8, None, 4, 8, 7)],
     ids=["llama2-7b-f16-b1", "llama2-7b-bf16-b4", "llama2-7b-bf16-b8", "llama2-7b-f16-b8-16k", "llama3-8b-f16-b1",
          "llama3-8b-bf16-b4", "llama3-8b-f16-b3", "llama3-8b-bf16-b5", "llama3-8b-f16-b8", "llama3.2-1b-bf16-b2",
-         "qwen2.5-7b-f16-b1", "qwen2.5-7b-bf16-b8"],
+         "llama3-8b-bf16-b8-1k", "llama3.2-1b-f16-b5-1k", "qwen2.5-7b-f16-b1", "qwen2.5-7b-bf16-b8"],
 )
 def test_kernel_assembles_for_sm90a_with_wide_loads_and_no_spill(config, bf16, batch, longest, cluster_size, warps,
                                                                  head_split):
@@ -487,6 +489,21 @@ def test_ragged_batches_told_their_longest_cache_take_the_long_cache_shape(prese
     steps = [[long + 900, 0, 17], [long - 2, 4000, 1]]  # long + 901 rows, then long - 1
     assert layer.shape(3, long + 901) == (16, 8, 1) != layer.shape(3, long - 1)
     _check_steps(layer, torch.float16, 3, steps, hint=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset, batch, dtype", [("llama3.2-1b", 8, torch.float16), ("llama3-8b", 5, torch.bfloat16)])
+def test_a_batch_of_5_to_8_told_a_short_cache_runs_clusters_of_8_with_twice_the_head_split(preset, batch, dtype):
+    """Below HALF_CLUSTERS_BELOW rows the rule runs a batch of 5 to 8 in clusters of 8 x 8 warps, two a
+    KV head (ragged: the longest cache beside an empty one), from it in clusters of 16, one a KV head;
+    each step against the reference."""
+    config = PRESETS[preset]
+    layer = DecodeAttention(config, AttentionWeights.random(config, dtype, "cuda", seed=batch))
+    below = HALF_CLUSTERS_BELOW - 1
+    assert layer.shape(batch, below) == (8, 8, 2) and layer.shape(batch, below + 1) == (16, 8, 1)
+    ragged = torch.randint(0, below - 1, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
+    ragged[0], ragged[-1] = below - 1, 0
+    _check_steps(layer, dtype, batch, [ragged, [below] + ragged[1:]], hint=True)
 
 
 @pytest.mark.gpu

@@ -21,6 +21,7 @@ from clusterlab.fused import (
 from clusterlab.fused.kernel import KernelSpec
 from clusterlab.fused import plan
 from clusterlab.fused.plan import (
+    HALF_CLUSTERS_BELOW,
     HOPPER,
     LONG_CACHE,
     PAIRS_FROM,
@@ -29,6 +30,7 @@ from clusterlab.fused.plan import (
     DeviceLimits,
     cached_range,
     launch_shape,
+    shape_boundaries,
     wide_blocks,
     new_token_rank,
 )
@@ -222,6 +224,20 @@ def test_launch_shape_spreads_a_step_over_the_sms():
     for batch in (5, 8):
         assert launch_shape(LLAMA2_7B, batch, 132) == (4, 8, 1)
         assert launch_shape(LLAMA3_8B, batch, 132) == (16, 8, 1)
+        # below HALF_CLUSTERS_BELOW rows told, the clusters of 16 x 8 warps run as twice as many of 8 x 8
+        for config in (LLAMA3_8B, LLAMA3_2_1B):
+            assert launch_shape(config, batch, 132, longest=1) == (8, 8, 2)
+            assert launch_shape(config, batch, 132, longest=HALF_CLUSTERS_BELOW - 1) == (8, 8, 2)
+            assert launch_shape(config, batch, 132, longest=HALF_CLUSTERS_BELOW) == (16, 8, 1)
+            assert launch_shape(config, batch, 132, longest=1, cluster_size=16) == (16, 8, 1)  # given values kept
+            assert launch_shape(config, batch, 132, longest=1, head_split=1) == (16, 8, 1)
+            assert launch_shape(config, batch, 132, longest=1, warps=8) == (16, 8, 1)
+        assert launch_shape(LLAMA2_7B, batch, 132, longest=1) == (4, 8, 1)  # clusters of 4 already
+        assert launch_shape(QWEN2_5_7B, batch, 132, longest=1) == (4, 8, 7)
+    for batch in (1, 4):  # blocks of 4 warps up to a batch of 4: the length does not matter there
+        assert launch_shape(LLAMA3_8B, batch, 132, longest=1) == launch_shape(LLAMA3_8B, batch, 132) == (8, 8, 2)
+        assert HALF_CLUSTERS_BELOW not in shape_boundaries(batch)
+    assert all(HALF_CLUSTERS_BELOW in shape_boundaries(batch) for batch in range(5, 9))
     assert launch_shape(LLAMA2_7B, 1, 132, cluster_size=4) == (4, 8, 1)  # one block an SM: 8 warps
     assert launch_shape(LLAMA2_7B, 1, 66, cluster_size=4) == (4, 4, 1)  # two an SM: 4 warps
     assert launch_shape(LLAMA3_8B, 1, 132, cluster_size=8) == (8, 4, 4)

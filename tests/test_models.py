@@ -565,10 +565,10 @@ def test_a_run_captures_a_graph_for_every_launch_shape_it_meets(batch, first, la
     run takes, for the GQA presets, whose steps change with the length: every length from first to
     last has the step of one of them, and each after the first a step new to one preset at least
     (Qwen2.5-7B's batch 2 shares out its queries from 4K, Llama-3-8B's takes its long-cache shape at
-    8K)."""
+    8K, its batch 8 leaves clusters of 8 for clusters of 16 at 2K)."""
     lengths = capture_lengths(batch, first, last)
     assert lengths[0] == first and all(first < n <= last for n in lengths[1:])
-    configs = (PRESETS["llama3-8b"], PRESETS["qwen2.5-7b"])
+    configs = (PRESETS["llama3-8b"], PRESETS["llama3.2-1b"], PRESETS["qwen2.5-7b"])
 
     def step(config, longest):
         return (plan.shares_queries(config, batch, longest), plan.launch_shape(config, batch, 132, longest=longest),

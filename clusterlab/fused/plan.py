@@ -232,6 +232,13 @@ SHARED_QUERIES_SHAPE = (4, 8)
 #: The most sequences a step runs in blocks of 4 warps: attention gives each sequence at least one warp,
 #: so a batch of more takes blocks of 8 (or 16) warps (:func:`launch_shape`).
 FOUR_WARPS_UP_TO = 4
+#: Below this many rows attended, a step of more than :data:`FOUR_WARPS_UP_TO` sequences whose grid is clusters of
+#: 16 blocks of 8 warps runs the same blocks as clusters of 8 with twice the head split (:func:`launch_shape`):
+#: clusters of 8 reach more SMs, and the KV rows each head's second cluster reads again are few. On an H100
+#: (``docs/fused-decode-notes.md``, v89), float16, µs 16 x 8 x 1 -> 8 x 8 x 2 at 1K / 2K: Llama-3.2-1B batch 5
+#: 28.2 / 31.9 -> 25.5 / 31.2, 8 35.2 / 40.5 -> 31.7 / 39.6; Llama-3-8B batch 5 57.2 / 64.5 -> 57.0 / 67.4, 6
+#: 62.5 / 71.2 -> 61.0 / 73.5, 8 73.8 / 83.6 -> 69.8 / 85.9 (v86 alike).
+HALF_CLUSTERS_BELOW = 2048
 #: A block's cached-position range starts on a multiple of this many positions.
 POSITION_ALIGN = 16
 #: The exchanges (phases 2 and 4) hand out their items in quads of this many consecutive float32,
@@ -548,10 +555,14 @@ def wide_blocks(config: AttentionConfig, batch: int, longest: int | None) -> boo
 def shape_boundaries(batch: int) -> tuple[int, ...]:
     """Rows attended at which the rule's launch shape or sets for a step of ``batch`` sequences may
     change (:func:`launch_shape`, :func:`batch_sets`, :func:`shares_queries`), ascending:
-    ``SHARED_QUERIES_ROWS[batch - 1]``, ``LONG_CACHE[batch - 1]`` and ``PAIRS_FROM``, each once.
-    Between two of them, and below the first, every length gets the same shape."""
+    ``SHARED_QUERIES_ROWS[batch - 1]``, ``LONG_CACHE[batch - 1]`` and ``PAIRS_FROM``, each once, and
+    beyond :data:`FOUR_WARPS_UP_TO` sequences :data:`HALF_CLUSTERS_BELOW`. Between two of them, and
+    below the first, every length gets the same shape."""
     check_batch(batch)
-    return tuple(sorted({SHARED_QUERIES_ROWS[batch - 1], LONG_CACHE[batch - 1], PAIRS_FROM}))
+    rows = {SHARED_QUERIES_ROWS[batch - 1], LONG_CACHE[batch - 1], PAIRS_FROM}
+    if batch > FOUR_WARPS_UP_TO:
+        rows.add(HALF_CLUSTERS_BELOW)
+    return tuple(sorted(rows))
 
 
 def paired_sets(config: AttentionConfig, batch: int, longest: int | None, sets: int,
@@ -576,7 +587,9 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
     16, the same clusters run as 8 blocks of 8 warps, one an SM (below), unless a cluster size, head
     split or ``warps`` (the warps the caller runs) is given. Given values are kept; the warps follow
     the same rule. On 132 SMs: Llama-2-7B 32 clusters x 8 blocks x 4 warps up to batch 4, 32 x 4 x 8
-    beyond; Llama-3-8B 16 x 8 x 8 (head split 2) up to batch 4, 8 x 16 x 8 beyond.
+    beyond; Llama-3-8B 16 x 8 x 8 (head split 2) up to batch 4, 8 x 16 x 8 beyond, but for fewer than
+    :data:`HALF_CLUSTERS_BELOW` rows (``longest`` known), where the 8-warp grid's clusters of 16 run as
+    twice as many clusters of 8 with twice the head split (16 x 8 x 8), unless anything is given.
 
     ``longest``: the most rows a sequence of the step attends to (its cached rows and the new one),
     where the host knows it; from ``LONG_CACHE[batch - 1]`` rows (:data:`LONG_CACHE`: 8192 at
@@ -634,8 +647,13 @@ def launch_shape(config: AttentionConfig, batch: int, sm_count: int, cluster_siz
         best = (config.kv_heads * split * size, size, split)
     blocks, size, split = best
     block_warps = 4 if two_an_sm and sets * blocks > sm_count else 16 if wide and 2 * blocks <= sm_count else 8
-    if block_warps == 4 and size == 16 and not long and all(v is None for v in (cluster_size, head_split, warps)):
+    chosen = all(v is None for v in (cluster_size, head_split, warps))
+    if block_warps == 4 and size == 16 and not long and chosen:
         return 8, 8, split  # the same clusters and warps in halves, which fill more SMs
+    if (batch > FOUR_WARPS_UP_TO and not long and block_warps == 8 and size == 16 and sets == 1
+            and longest is not None and longest < HALF_CLUSTERS_BELOW and config.group_size % (2 * split) == 0
+            and chosen):
+        return 8, 8, 2 * split  # the same blocks in clusters half the size: more SMs, few rows read twice
     return size, block_warps, split
 
 
