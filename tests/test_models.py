@@ -475,6 +475,13 @@ TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
             num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=97)
 
 
+def test_to_transformers_without_transformers_says_where_it_comes_from(monkeypatch):
+    model = LlamaModel(ModelConfig(**TINY), random_weights(ModelConfig(**TINY), torch.float16, seed=1))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"to_transformers needs transformers, .*pip install 'clusterlab\[test\]'"):
+        to_transformers(model)
+
+
 @pytest.mark.parametrize(
     "changes",
     [dict(tie_word_embeddings=True, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 16)),

@@ -543,8 +543,13 @@ def to_transformers(model: LlamaModel):
     the ``meta`` device and ``load_state_dict(assign=True)`` hands it views of our tensors
     (``q_proj`` / ``k_proj`` / ``v_proj`` are row slices of ``qkv``): no weight is copied, so
     changing one model's weights changes the other's. Only the RoPE buffers are made anew.
+    Needs transformers (clusterlab's ``test`` extra).
     """
-    import transformers
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"to_transformers needs transformers, which cannot be imported ({exc}); it is in "
+                          "clusterlab's test extra: pip install 'clusterlab[test]'") from exc
 
     c, a = model.config, model.attention_config
     rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
