@@ -7,6 +7,9 @@ CPU tests pin the data layout and call signatures; GPU tests pin the behaviour e
 import ctypes
 import inspect
 import struct
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -318,6 +321,14 @@ def test_the_one_graph_copy_leaves_the_ptx_as_it_was(monkeypatch):
     assert without_names(whole) == without_names(per_block)  # numba numbers each compilation's names
 
 
+def _python_output(script: str) -> str:
+    """What ``script`` (indented source) prints in a fresh Python process, stripped; it must exit 0."""
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_compiler_problem_is_none_where_numba_cuda_compiles():
     assert _numba_private.compiler_problem() is None
 
@@ -326,11 +337,7 @@ def test_a_numpy_that_breaks_numba_cuda_s_array_support_is_named_before_a_compil
     """numba-cuda 0.30's array support looks up np.row_stack, which numpy 2.5 removed: without it,
     the GPU is refused with the reason (not an AttributeError at the first launch), and kernel_ptx
     says the same."""
-    import subprocess
-    import sys
-    import textwrap
-
-    script = textwrap.dedent("""
+    out = _python_output("""
         import numpy
         del numpy.row_stack  # as numpy 2.5 has it
         from clusterlab import _numba_private, gpu, toolchain
@@ -343,10 +350,7 @@ def test_a_numpy_that_breaks_numba_cuda_s_array_support_is_named_before_a_compil
         except RuntimeError as exc:
             print(exc)
     """)
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    problem, ptx_error = done.stdout.strip().splitlines()
+    problem, ptx_error = out.splitlines()
     assert problem.startswith("numba-cuda ") and f"with numpy {np.__version__}" in problem
     assert "has no attribute 'row_stack'" in problem
     assert problem.endswith("install the numpy clusterlab requires (numpy<2.5)")
@@ -354,18 +358,11 @@ def test_a_numpy_that_breaks_numba_cuda_s_array_support_is_named_before_a_compil
 
 
 def test_a_numba_cuda_without_libnvvm_is_named_before_a_compilation():
-    import subprocess
-    import sys
-    import textwrap
-
-    script = textwrap.dedent("""
+    out = _python_output("""
         from numba.cuda.cudadrv import nvvm
         nvvm.is_available = lambda: False  # as where neither extra nor a toolkit brought libNVVM
         from clusterlab import _numba_private
         print(_numba_private.compiler_problem())
     """)
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ("numba-cuda finds no libNVVM to compile with: install clusterlab's cu13 or cu12 "
+    assert out == ("numba-cuda finds no libNVVM to compile with: install clusterlab's cu13 or cu12 "
                                    "extra (the one of your driver's CUDA version), or a CUDA toolkit")

@@ -403,7 +403,7 @@ class _Checkpoint:
         elif index.is_file():
             weight_map = _json_object(index).get("weight_map")
             if not (isinstance(weight_map, dict) and all(
-                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v and v not in (".", "..")
+                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v != ".."
                     for k, v in weight_map.items())):
                 raise ValueError(f"{index}: its weight_map must map tensor names to the names of shard files "
                                  f"beside it, got {reprlib.repr(weight_map)}")
