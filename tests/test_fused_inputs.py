@@ -161,6 +161,46 @@ def test_numeric_fields_must_be_numbers(make, fields, words):
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize("make, fields, words", [
+    (AttentionConfig, {"heads": 0}, "AttentionConfig.heads must be a positive int, got 0"),
+    (AttentionConfig, {"kv_heads": 2.0}, "AttentionConfig.kv_heads must be a positive int, got 2.0"),
+    (AttentionConfig, {"hidden_size": True}, "AttentionConfig.hidden_size must be a positive int, got True"),
+    (AttentionConfig, {"hidden_size": 68}, "AttentionConfig.hidden_size must be a multiple of 8 (16-byte rows), "
+                                           "got 68"),
+    (AttentionConfig, {"qkv_bias": 1}, "AttentionConfig.qkv_bias must be a bool, got 1"),
+    (AttentionConfig, {"rope_scaling": {"factor": 8.0}}, "AttentionConfig.rope_scaling must be None or a "
+                                                         "Llama3RopeScaling, got {'factor': 8.0}"),
+    (Llama3RopeScaling, {"factor": 0.5}, "Llama3RopeScaling.factor must be a finite number >= 1, got 0.5"),
+    (Llama3RopeScaling, {"low_freq_factor": 4.0, "high_freq_factor": 1.0},
+     "Llama3RopeScaling needs 0 < low_freq_factor < high_freq_factor, got 4.0 and 1.0"),
+    (Llama3RopeScaling, {"low_freq_factor": 0.0}, "Llama3RopeScaling needs 0 < low_freq_factor < high_freq_factor"),
+])
+def test_config_fields_out_of_range_are_named(make, fields, words):
+    shape = {"hidden_size": 64, "heads": 4, "kv_heads": 4, "head_dim": 64} if make is AttentionConfig else {}
+    with pytest.raises(ValueError) as info:
+        make(**{**shape, **fields})
+    assert words in str(info.value)
+
+
+def test_step_bytes_take_one_length_or_one_a_sequence():
+    assert CONFIG.step_bytes(2, [10, 30]) == CONFIG.step_bytes(2, 20)
+    with pytest.raises(ValueError, match="kv_len has 1 lengths for a batch of 2"):
+        CONFIG.step_bytes(2, [10])
+
+
+def test_weights_move_to_a_device_whole_with_their_bias():
+    biased = AttentionConfig(hidden_size=128, heads=4, kv_heads=2, head_dim=64, qkv_bias=True)
+    for config in (CONFIG, biased):
+        weights = AttentionWeights.random(config, torch.bfloat16, seed=3)
+        moved = weights.to("meta")
+        for name in ("norm", "qkv", "o", "qkv_bias"):
+            was, now = getattr(weights, name), getattr(moved, name)
+            if was is None:
+                assert now is None
+            else:
+                assert (now.device.type, now.dtype, now.shape) == ("meta", was.dtype, was.shape)
+
+
 def test_original_max_position_must_not_be_a_bool():
     with pytest.raises(ValueError, match="Llama3RopeScaling.original_max_position must be a positive int, got True"):
         Llama3RopeScaling(original_max_position=True)
@@ -362,6 +402,11 @@ def test_a_simulator_layer_has_no_kernel_to_launch(method):
     with pytest.raises(ValueError) as info:
         getattr(layer, method)(*args)
     assert f"{method} needs the 'gpu' backend" in str(info.value) and "runs on the simulator" in str(info.value)
+
+
+def test_a_simulator_mlp_layer_has_no_kernel_to_launch():
+    with pytest.raises(ValueError, match="launcher needs the 'gpu' backend; this layer runs on the simulator"):
+        _planner("mlp").launcher(torch.float16, BATCH)
 
 
 @no_hopper

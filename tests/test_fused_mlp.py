@@ -438,6 +438,8 @@ def test_layer_rejects_weights_that_do_not_match_the_config(tiny_layer):
         DecodeMLP(config, MLPWeights(w.norm[:32].contiguous(), w.gate, w.up, w.down))
     with pytest.raises(TypeError, match=r"weights.up has dtype torch.bfloat16; expected torch.float16"):
         DecodeMLP(config, MLPWeights(w.norm, w.gate, w.up.bfloat16(), w.down))
+    with pytest.raises(TypeError, match=r"weights.gate has dtype torch.float32; allowed: "):
+        DecodeMLP(config, MLPWeights(w.norm.float(), w.gate.float(), w.up.float(), w.down.float()))
     with pytest.raises(ValueError, match=r"weights.gate has shape \(128, 64\); expected \(256, 128\)"):
         DecodeMLP(TINY["h128-i256"], MLPWeights.random(MLPConfig(64, 128), torch.float16, seed=0))
 

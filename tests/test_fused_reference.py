@@ -159,6 +159,12 @@ def _good():
          "positions has dtype torch.int64; expected torch.int32"),
         (lambda a: a.update(positions=torch.tensor([3], dtype=torch.int32)), ValueError,
          "positions has shape (1,); expected (2,), one per sequence"),
+        (lambda a: a.update(positions=torch.tensor([3, 0, 4, 0], dtype=torch.int32)[::2]), ValueError,
+         "positions must be contiguous; call .contiguous() first"),
+        (lambda a: a.update(hidden=a["hidden"].bfloat16(), residual=a["residual"].bfloat16()), TypeError,
+         "hidden has dtype torch.bfloat16 but the weights are torch.float16"),
+        (lambda a: a.update(cache=KVCache(a["cache"].k[0], a["cache"].v[0])), ValueError,
+         "cache.k has shape (2, 16, 64); expected (batch, kv_heads, capacity, head_dim)"),
     ],
 )
 def test_bad_step_inputs_are_named(change, error, words):

@@ -533,7 +533,7 @@ def test_decoder_refuses_steps_before_start_and_past_max_new_tokens(ours):
 def test_decoder_start_checks_its_logits_positions_and_the_caches_room(ours):
     """The last step writes cache row max(positions) + max_new_tokens - 2: a run that would pass the
     caches' capacity is refused at start (a replayed graph could not say so), as are logits or
-    positions of another shape, dtype or type."""
+    positions of another shape, dtype or type, and positions below 0."""
     longest = max(map(len, PROMPTS))
     logits, positions = ours.prefill(PROMPTS, capacity=longest + 4)
     with pytest.raises(ValueError, match=rf"max_new_tokens=7 write cache rows up to {longest + 5}, but the caches "
@@ -546,6 +546,10 @@ def test_decoder_start_checks_its_logits_positions_and_the_caches_room(ours):
         decoder.start(logits, positions.tolist())
     with pytest.raises(TypeError, match="positions has dtype torch.int64; expected torch.int32"):
         decoder.start(logits, positions.long())
+    negative = positions.clone()
+    negative[0] = -1
+    with pytest.raises(ValueError, match=r"positions must be >= 0, got \[-1, "):
+        decoder.start(logits, negative)
     decoder.start(logits, positions)  # rows up to longest + 3: room for 5 tokens
     decoder.run()
     assert [len(ids) for ids in decoder.new_tokens()] == [5, 5]
@@ -685,10 +689,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_fre
     (dict(rope_parameters={**LLAMA3_ROPE, "factor": 0.5}), "config.json: llama3 RoPE scaling: .*factor"),
     (dict(max_position_embeddings=0), "max_position_embeddings must be a positive int, got 0"),
     (dict(max_position_embeddings=2048.0), "max_position_embeddings must be a positive int, got 2048.0"),
+    (dict(use_sliding_window=True), r"use_sliding_window is not supported \(every layer attends to all tokens\)"),
+    (dict(pretraining_tp=2), "pretraining_tp 2 is not supported; only 1"),
+    (dict(rope_parameters=[1e4]), r"config.json: rope_parameters must be an object, got \[10000.0\]"),
 ], ids=["gpt2", "mistral-window", "yarn", "mlp_bias", "gelu", "head_dim", "llama3-incomplete", "no-vocab", "no-layers",
         "text-layers", "float-size", "text-eps", "negative-theta", "fp8", "mlp-rows", "mlp-split", "zero-kv-heads",
         "zero-head-dim", "text-tie", "int-bias", "text-scaling", "null-factor", "text-factor", "float-original",
-        "small-factor", "zero-max-positions", "float-max-positions"])
+        "small-factor", "zero-max-positions", "float-max-positions", "sliding-window", "pretraining-tp",
+        "list-rope"])
 def test_unsupported_configs_raise_naming_the_problem(llama_dir, tmp_path, changes, message):
     """Each is refused from ``config.json`` before any weight is read (the weights here keep the
     checkpoint's shapes, so a later check would fail on them instead)."""
@@ -935,6 +943,10 @@ def test_other_dtypes_are_refused(llama_dir, dtype):
 
 def test_bad_generate_arguments_raise(llama_dir):
     model = LlamaModel.from_pretrained(llama_dir)
+    with pytest.raises(ValueError, match=r"mlp must be one of .* \(or None: as attention\), got 'cuda'"):
+        LlamaModel(model.config, model.weights, mlp="cuda")
+    with pytest.raises(TypeError, match="handoff must be True or False, got 1"):
+        LlamaModel(model.config, model.weights, handoff=1)
     with pytest.raises(ValueError, match="at most 8"):
         model.generate([[1]] * 9, 2)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -956,6 +968,18 @@ def test_bad_generate_arguments_raise(llama_dir):
         model.decode_step([1, 2], [3, 2, 1])
     with pytest.raises(ValueError, match="position 8 overflows the cache"):
         model.decode_step([1, 2], [8, 2])
+    with pytest.raises(ValueError, match=r"tokens has shape \(3,\); expected \(2,\), one per sequence"):
+        model.decode_step([1, 2, 3], [3, 2])
+    with pytest.raises(ValueError, match=r"token ids must be in 0..96; got \[1, 97\]"):
+        model.decode_step([1, 97], [3, 2])
+    with pytest.raises(ValueError, match=r"token ids must be in 0..96; got \[-1, 2\]"):
+        model.decode_step([-1, 2], [3, 2])
+    with pytest.raises(ValueError, match="no prompts given"):
+        model.prefill([], 8)
+    for capacity in (2, 8.0, True):
+        with pytest.raises(ValueError, match=rf"capacity must be an int > the longest prompt \(2 tokens\), got "
+                                             rf"{capacity}"):
+            model.prefill([[1, 2], [3]], capacity)
 
 
 @pytest.mark.parametrize("kwargs, error, words", [

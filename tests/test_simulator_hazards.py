@@ -1159,6 +1159,110 @@ def test_initializing_an_mbarrier_twice_is_barrier_misuse():
     ]
 
 
+def test_waiting_on_an_mbarrier_before_its_init_is_barrier_misuse():
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        yield b.mbarrier_wait(bar, 0)  # bug: never initialized
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 1)
+    bad = info.value
+    assert bad.blocks == (0,) and bad.owner == 0 and bad.byte_range == (0, 8)
+    assert "mbarrier 'bar'@block 0 is waited on before mbarrier_init" in str(bad)
+    assert bad.points[0].op == "mbarrier.try_wait.parity 'bar'@block 0 parity 0"
+
+
+def test_arriving_on_an_mbarrier_before_its_init_is_barrier_misuse():
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_arrive(bar)  # bug: the init comes after
+        b.mbarrier_init(bar, 1)
+        yield b.mbarrier_wait(bar, 0)
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 1)
+    bad = info.value
+    assert bad.blocks == (0,) and bad.owner == 0 and bad.byte_range == (0, 8)
+    assert "mbarrier 'bar'@block 0 is used before mbarrier_init" in str(bad)
+    assert bad.points[0].op.startswith("mbarrier.arrive 'bar'@block 0")
+
+
+def test_more_arrivals_than_the_count_while_bytes_are_due_is_barrier_misuse():
+    """With 16 bytes still due the phase cannot complete, so a second arrival of a count-1 barrier
+    lands in the same phase: PTX leaves the pending count going below zero undefined."""
+
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        b.mbarrier_arrive_expect_tx(bar, 16)
+        b.mbarrier_arrive(bar)  # bug: one arrival too many
+        yield b.mbarrier_wait(bar, 0)
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 1)
+    bad = info.value
+    assert bad.blocks == (0, 0) and bad.owner == 0 and bad.byte_range == (0, 8)
+    assert "mbarrier 'bar'@block 0 gets more than its 1 arrivals in one phase" in str(bad)
+    init, arrive = bad.points
+    assert init.op == "mbarrier.init 'bar'@block 0 count 1" and arrive.op.startswith("mbarrier.arrive 'bar'@block 0")
+
+
+def test_a_copy_completing_on_another_blocks_mbarrier_is_barrier_misuse():
+    def program(b):
+        rows = b.shared_array("rows", (2, 4), F32)
+        full = b.shared_mbarrier("full")
+        rows[b.cluster_rank] = 1.0
+        b.mbarrier_init(full, 1)
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], full)  # bug: block 0's own 'full'
+        yield b.cluster_sync()
+
+    with pytest.raises(sim.BarrierMisuse) as info:
+        sim.launch(program, 2)
+    bad = info.value
+    assert bad.blocks == (0, 1, 0) and bad.owner == 0 and bad.byte_range == (32, 40)
+    assert "cp.async.bulk into block 1 must complete on an mbarrier of block 1, not on 'full'@block 0" in str(bad)
+
+
+@pytest.mark.parametrize("src_key, dst_key, owner, byte_range, op", [
+    ((0, slice(0, 4)), (2, slice(0, 4)), 1, (64, 80), "cp.async.bulk rows[2, 0:4] @block 1"),
+    ((0, slice(4, 12)), (1, slice(0, 8)), 0, (16, 48), "cp.async.bulk <- rows[0, 4:12]"),
+], ids=["dst", "src"])
+def test_a_bulk_copy_past_the_end_is_out_of_bounds_in_the_block_it_names(src_key, dst_key, owner, byte_range, op):
+    with pytest.raises(sim.OutOfBounds) as info:
+        sim.launch(bulk_program, 2, src_key, dst_key)
+    oob = info.value
+    assert type(oob) is sim.OutOfBounds
+    assert oob.blocks == tuple(dict.fromkeys((0, owner))) and oob.owner == owner and oob.byte_range == byte_range
+    declared, copy = oob.points
+    assert declared.op.startswith("declare shared array 'rows'")
+    assert copy.op.startswith(op) and copy.step == "push"
+
+
+def test_a_bulk_copy_into_a_block_that_exited_is_reported_with_the_exit_point():
+    def program(b):
+        rows = b.shared_array("rows", (2, 4), F32)
+        full = b.shared_mbarrier("full")
+        rows[b.cluster_rank] = 1.0
+        b.mbarrier_init(full, 1)
+        b.fence_proxy_async()
+        yield b.cluster_sync()
+        if b.cluster_rank == 1:
+            yield b.cluster_sync()  # completes once block 0 has exited
+            b.step("late copy")
+            b.bulk_copy(b.map_shared(rows, 0).at[1], rows.at[1], b.map_shared(full, 0))
+
+    with pytest.raises(sim.ExitedBlockAccess) as info:
+        sim.launch(program, 2)
+    gone = info.value
+    assert gone.blocks == (0, 1) and gone.owner == 0 and gone.byte_range == (16, 32)
+    exit_point, copy = gone.points
+    assert (exit_point.block, exit_point.op) == (0, "exit")
+    assert copy.step == "late copy" and copy.op.startswith("cp.async.bulk rows[1] @block 0")
+
+
 def test_arriving_in_the_next_phase_before_a_wait_saw_the_last_is_barrier_misuse():
     """PTX: a try_wait must return true on a phase before anyone arrives in the next one. Here
     nobody waits on phase 0, so no wait can be lapped: the rule itself is the report."""

@@ -269,3 +269,103 @@ def test_plot_checks_phases(phases, error, message):
     with pytest.raises(error, match=message):
         trace.plot(phases=phases)
     assert len([ax for ax in trace.plot(phases=range(2)).axes if ax.get_title()]) == 2
+
+
+def _peer_call(call):
+    """A 2-block program: each block declares ``rows`` float32[2, 8], ``halves`` int16[16] and the
+    mbarrier ``full`` (initialized), syncs, then makes ``call(b, own, peer)``: ``own`` and ``peer``
+    hold the three as this block and as its peer's, through ``map_shared``."""
+
+    def program(b):
+        names = ("rows", "halves", "full")
+        own = dict(zip(names, (b.shared_array("rows", (2, 8), np.float32), b.shared_array("halves", 16, np.int16),
+                               b.shared_mbarrier("full"))))
+        own["rows"][:] = 1.0
+        b.mbarrier_init(own["full"], 1)
+        yield b.cluster_sync()
+        peer = {name: b.map_shared(obj, 1 - b.cluster_rank) for name, obj in own.items()}
+        call(b, own, peer)
+        yield b.cluster_sync()
+
+    return program
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda b, own, peer: b.map_shared(3.0, 1), TypeError, "map_shared maps a SharedArray or Mbarrier; got float"),
+    (lambda b, own, peer: b.map_shared(own["rows"], 1.0), TypeError, "rank must be an integer; got 1.0"),
+    (lambda b, own, peer: b.map_shared(own["rows"], True), TypeError, "rank must be an integer; got True"),
+    (lambda b, own, peer: b.shared_view("v", np.zeros(4), 4, np.float32), TypeError,
+     "shared_view lies over a SharedArray; got ndarray"),
+    (lambda b, own, peer: b.shared_array("", 4, np.float32), TypeError,
+     "shared memory name must be a non-empty string; got ''"),
+    (lambda b, own, peer: b.mbarrier_arrive(own["rows"]), TypeError, "mbarrier.arrive takes an Mbarrier; got "
+                                                                     "SharedArray"),
+    (lambda b, own, peer: b.bulk_copy(np.zeros(8, np.float32), own["rows"].at[0], peer["full"]), TypeError,
+     "bulk_copy takes regions: b.bulk_copy(peer.at[key], own.at[key], peer_mbarrier)"),
+    (lambda b, own, peer: b.bulk_copy(peer["rows"].at[0], peer["rows"].at[1], peer["full"]), TypeError,
+     "bulk_copy reads the issuing block's own shared memory (shared::cta): src must come from b.shared_array"),
+    (lambda b, own, peer: b.st_async(np.zeros(8, np.float32), np.ones(8, np.float32), peer["full"]), TypeError,
+     "st_async takes a region: b.st_async(peer.at[key], values, peer_mbarrier)"),
+    (lambda b, own, peer: b.st_async(own["rows"].at[0], np.ones(8, np.float32), peer["full"]), TypeError,
+     "st_async writes through the cluster window: dst must come from map_shared"),
+    (lambda b, own, peer: b.st_async(peer["halves"].at[:8], np.ones(8, np.int16), peer["full"]), TypeError,
+     "st.async stores 4- or 8-byte elements; dst is int16"),
+    (lambda b, own, peer: b.bulk_copy(peer["rows"].at[0, ::2], own["rows"].at[0, ::2], peer["full"]), ValueError,
+     "cp.async.bulk moves one contiguous block of bytes; a region is strided or gathered"),
+    (lambda b, own, peer: b.bulk_copy(peer["rows"].at[0], own["rows"].at[0, :4], peer["full"]), ValueError,
+     "cp.async.bulk: src has 16 bytes but dst has 32"),
+    (lambda b, own, peer: own["rows"][0, 0, 0], IndexError, "too many indices (3) for shared array 'rows' of shape "
+                                                            "(2, 8)"),
+    (lambda b, own, peer: own["rows"][0, ::-1], IndexError, "slice step must be a positive integer; got -1"),
+    (lambda b, own, peer: own["rows"][0, ::0.5], IndexError, "slice step must be a positive integer; got 0.5"),
+    (lambda b, own, peer: peer["rows"][np.array([0.0, 1.0])], IndexError,
+     "shared arrays take integer indices or slices; got float64 array"),
+], ids=["map-float", "rank-float", "rank-bool", "view-of-ndarray", "empty-name", "arrive-on-array", "copy-to-ndarray",
+        "copy-from-peer", "st-async-to-ndarray", "st-async-local", "st-async-int16", "copy-strided", "copy-sizes",
+        "too-many-indices", "negative-step", "float-step", "float-indices"])
+def test_block_operations_name_a_wrong_operand(call, error, words):
+    with pytest.raises(error) as info:
+        sim.launch(_peer_call(call), 2)
+    assert words in str(info.value)
+
+
+def test_strided_slices_read_and_write_the_elements_numpy_does():
+    got = {}
+
+    def program(b):
+        rows = b.shared_array("rows", (3, 8), np.float32)
+        rows[:] = np.arange(24, dtype=np.float32).reshape(3, 8) * (b.cluster_rank + 1)
+        rows[1, 1::3] = -1.0
+        yield b.cluster_sync()
+        got[b.cluster_rank] = b.map_shared(rows, 1 - b.cluster_rank)[::2, 1::3]
+        yield b.cluster_sync()
+
+    sim.launch(program, 2)
+    want = np.arange(24, dtype=np.float32).reshape(3, 8)
+    want[1, 1::3] = -1.0
+    for rank in (0, 1):
+        peer = want * (2 - rank)
+        peer[1, 1::3] = -1.0
+        np.testing.assert_array_equal(got[rank], peer[::2, 1::3])
+
+
+def test_views_must_agree_between_blocks():
+    def diverging(b):
+        region = b.shared_array("region", (8, 4), np.float32)
+        b.shared_view("part", region, (4, 4), np.float32, offset=16 * b.cluster_rank)
+        yield b.cluster_sync()
+
+    message = (r"shared 'part' is declared as a view of float32\[4, 4\] at byte 16 of 'region' here but otherwise by "
+               r"another block")
+    with pytest.raises(ValueError, match=message):
+        sim.launch(diverging, 2)
+
+
+def test_a_block_declares_at_most_32_mbarriers():
+    def program(b):
+        for i in range(33):
+            b.shared_mbarrier(f"bar{i}")
+        yield b.cluster_sync()
+
+    with pytest.raises(ValueError, match="the simulator models at most 32 mbarriers per block"):
+        sim.launch(program, 1)
