@@ -18,6 +18,7 @@ from clusterlab.bench.decode import (
     check_fused,
     format_breakdown,
     format_table,
+    run_bench,
     write_results,
 )
 
@@ -163,6 +164,27 @@ def test_use_caches_refuses_caches_of_another_shape():
         model.use_caches([caches[0], other.caches[1]])
     with pytest.raises(ValueError, match="batch must be an int in 1..8"):
         model.random_caches(9, 16)
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"presets": ("llama4",)}, "presets must be among ["),
+    ({"presets": "llama3-8b"}, "presets must be among ["),
+    ({"batches": (1, 9)}, "batches must be integers in 1..8, got [1, 9]"),
+    ({"batches": ()}, "batches must be integers in 1..8, got []"),
+    ({"contexts": (1024, 0)}, "contexts must be integers in 1..2147483631, got [1024, 0]"),
+    ({"contexts": (2**31,)}, "contexts must be integers in 1..2147483631, got [2147483648]"),
+    ({"dtype": "float32"}, "dtype must be one of ('float16', 'bfloat16'), got 'float32'"),
+    ({"hf": "flash"}, "hf must be 'eager', 'compiled' or None, got 'flash'"),
+    ({"repeats": 4}, "repeats must be an int >= 5, got 4"),
+    ({"repeats": 5.5}, "repeats must be an int >= 5, got 5.5"),
+    ({"seed": -1}, "seed must be an int >= 0, got -1"),
+    ({"handoff": "no"}, "handoff must be True or False, got 'no'"),
+])
+def test_run_bench_refuses_settings_no_run_could_use_before_anything_runs(settings, words, tmp_path):
+    with pytest.raises(ValueError) as info:
+        run_bench(**{"out_dir": tmp_path / "out", **settings})
+    assert words in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 # -- the command -------------------------------------------------------------------------------------

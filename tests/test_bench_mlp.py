@@ -133,7 +133,9 @@ def test_variants_parse_as_cluster_size_by_warps():
     ("settings", "message"),
     [
         ({"presets": ["llama4"]}, "presets must be among"),
+        ({"presets": "llama3-8b"}, "presets must be among .*, got 'llama3-8b'"),
         ({"batches": [0]}, "batches must be integers in 1..8"),
+        ({"batches": [1, True]}, r"batches must be integers in 1..8, got \[1, True\]"),
         ({"dtypes": ["float32"]}, "dtypes must be among"),
         ({"variants": [(3, 8)]}, r"variant 3x8 can run none of the presets asked for \(llama3-8b: cluster_size must"),
         ({"variants": [(2, 6)]}, r"variant 2x6 can run none of the presets asked for \(llama3-8b: warps must be"),

@@ -507,6 +507,10 @@ def test_an_option_the_shape_cannot_take_is_refused_before_the_step():
     (["--l2-turnover", "-1"], "argument --l2-turnover: must be a number in 0..64; got '-1'"),
     (["--l2-turnover", "inf"], "argument --l2-turnover: must be a number in 0..64; got 'inf'"),
     (["--l2-turnover", "1e9"], "argument --l2-turnover: must be a number in 0..64; got '1e9'"),
+    (["--variant", "8x3"], "argument --variant: variant (8, 3): warps must be one of (4, 8, 16), got 3"),
+    (["--variant", "3x4"], "argument --variant: variant (3, 4): cluster size must be one of (1, 2, 4, 8, 16), got 3"),
+    (["--variant", "8x4x0"], "argument --variant: variant (8, 4, 0): its third number (head split, or MLA's "
+                             "attention clusters) must be"),
 ])
 def test_bench_fused_bad_numbers_exit_2_naming_the_flag(args, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -608,6 +612,23 @@ def test_bench_l2_turnover_out_of_range_is_refused_before_anything_runs(turnover
     with pytest.raises(ValueError, match=r"l2_turnover must be a number in 0..64, got "):
         run_bench(presets=("deepseek-v2-lite",), l2_turnover=turnover)
 
+
+@pytest.mark.parametrize("settings, words", [
+    ({"presets": ("llama4",)}, "presets must be among ['llama2-7b', "),
+    ({"presets": "llama3-8b"}, "presets must be among ['llama2-7b', "),
+    ({"presets": ()}, "presets must be among ['llama2-7b', "),
+    ({"presets": (["llama3-8b"],)}, "presets must be among ['llama2-7b', "),
+    ({"kv_lens": (1024, 0)}, "kv_lens must be integers in 1..2147483647, got [1024, 0]"),
+    ({"kv_lens": 4096}, "kv_lens must be integers in 1..2147483647, got 4096"),
+    ({"batches": (1, 9)}, "batches must be integers in 1..8, got [1, 9]"),
+    ({"batches": (True,)}, "batches must be integers in 1..8, got [True]"),
+    ({"dtypes": ("float32",)}, "dtypes must be among ('float16', 'bfloat16'), got ['float32']"),
+], ids=["unknown-preset", "preset-as-text", "no-presets", "preset-in-a-list", "zero-kv", "kv-not-a-list", "batch-9", "bool-batch",
+        "float32"])
+def test_bench_settings_no_run_could_use_are_refused_before_anything_runs(settings, words):
+    with pytest.raises(ValueError) as info:
+        run_bench(**{"presets": ("llama3-8b",), **settings})
+    assert words in str(info.value)
 
 
 def _overlapping(buffers):

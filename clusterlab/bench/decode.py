@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import Distinct, integer, results_folder, results_tag
-from ..fused.config import MAX_BATCH
+from ..fused.config import MAX_BATCH, MAX_POSITIONS, is_int
 from ..fused.reference import relative_error
 from ..models.argmax import pick_and_record
 from ..models.final_norm import final_norm
@@ -78,6 +78,7 @@ from .timing import (
     MIN_REPEATS,
     Stat,
     capture_graph,
+    check_settings_list,
     event_time_us,
     measure_card,
     per_op_us,
@@ -364,13 +365,20 @@ def run_bench(
     """
     if hf not in ("eager", "compiled", None):
         raise ValueError(f"hf must be 'eager', 'compiled' or None, got {hf!r}")
-    unknown = [p for p in presets if p not in MODEL_PRESETS]
-    if unknown:
-        raise ValueError(f"presets must be among {sorted(MODEL_PRESETS)}, got {unknown}")
+    presets = check_settings_list("presets", presets, f"among {sorted(MODEL_PRESETS)}", MODEL_PRESETS.__contains__)
+    batches = check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}",
+                                  lambda b: is_int(b) and 1 <= b <= MAX_BATCH)
+    longest = MAX_POSITIONS - REPLAYS  # a run's caches hold context + REPLAYS rows
+    contexts = check_settings_list("contexts", contexts, f"integers in 1..{longest}",
+                                   lambda c: is_int(c) and 1 <= c <= longest)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    if repeats < MIN_REPEATS:
-        raise ValueError(f"repeats must be at least {MIN_REPEATS}, got {repeats!r}")
+    if not (is_int(repeats) and repeats >= MIN_REPEATS):
+        raise ValueError(f"repeats must be an int >= {MIN_REPEATS}, got {repeats!r}")
+    if not (is_int(seed) and seed >= 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(handoff, bool):
+        raise ValueError(f"handoff must be True or False, got {handoff!r}")
     writable_dir(out_dir)
     info, tag, bandwidth = measure_card(tag)
     torch_dtype = DTYPES[dtype]

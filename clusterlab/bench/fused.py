@@ -63,7 +63,8 @@ from ..fused.plan import (CLUSTER_SIZES, KERNEL_CHOICES, MLA_KERNEL_CHOICES, WAR
                           set_batch)
 from ..fused.reference import UnfusedAttention, reference_step, relative_error
 from ..kernel_cache import CACHE_DIR_ENV, cache_dir
-from .timing import graph_per_op_us, measure_card, results_header, short_commit, writable_dir, write_json
+from .timing import (check_settings_list, graph_per_op_us, measure_card, results_header, short_commit, writable_dir,
+                     write_json)
 
 #: Every preset the benchmark takes: the Llama-style blocks' and the MLA block's.
 PRESETS = {**ATTENTION_PRESETS, **MLA_PRESETS}
@@ -312,6 +313,11 @@ def run_bench(
     (:func:`precompile`; needs the kernel cache, :func:`clusterlab.kernel_cache.cache_dir`), then time
     them one after another as always. Returns the rows (also printed as a table).
     """
+    presets = check_settings_list("presets", presets, f"among {list(PRESETS)}", PRESETS.__contains__)
+    check_settings_list("kv_lens", kv_lens, f"integers in 1..{MAX_POSITIONS}",
+                        lambda n: is_int(n) and 1 <= n <= MAX_POSITIONS)
+    check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}", lambda b: is_int(b) and 1 <= b <= MAX_BATCH)
+    check_settings_list("dtypes", dtypes, "among ('float16', 'bfloat16')", ("float16", "bfloat16").__contains__)
     for variant in variants or ():
         check_variant(variant)
     options = [{}] if options is None else options

@@ -60,14 +60,14 @@ from pathlib import Path
 import torch
 
 from ..argtypes import Distinct, dimensions, integer, number, results_folder, results_tag
-from ..fused.config import MAX_BATCH
+from ..fused.config import MAX_BATCH, is_int
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import relative_error
 from ..models.llama import DTYPES, MODEL_PRESETS, mlp, rms_norm
 from .fused import (L2_TURNOVER, MAX_L2_TURNOVER, check_l2_turnover, graph_time_us, layers_for_l2, options_label,
                     parse_options)
-from .timing import measure_card, results_header, short_commit, writable_dir, write_json
+from .timing import check_settings_list, measure_card, results_header, short_commit, writable_dir, write_json
 
 PRESETS = tuple(p for p in ("llama3-8b", "llama3.2-1b", "llama2-7b", "qwen2.5-7b") if p in MODEL_PRESETS)
 BATCHES = (1, 2, 4, 8)
@@ -181,14 +181,9 @@ def check_settings(presets, batches, dtypes, variants) -> None:
     variant cannot run, here or on the device (a batch's shared memory), are skipped in the run,
     with the reason printed.
     """
-    unknown = [p for p in presets if p not in MODEL_PRESETS]
-    if unknown or not presets:
-        raise ValueError(f"presets must be among {sorted(MODEL_PRESETS)}, got {list(presets)}")
-    bad = [b for b in batches if not (isinstance(b, int) and 1 <= b <= MAX_BATCH)]
-    if bad or not batches:
-        raise ValueError(f"batches must be integers in 1..{MAX_BATCH}, got {list(batches)}")
-    if not dtypes or any(d not in DTYPES for d in dtypes):
-        raise ValueError(f"dtypes must be among {tuple(DTYPES)}, got {list(dtypes)}")
+    presets = check_settings_list("presets", presets, f"among {sorted(MODEL_PRESETS)}", MODEL_PRESETS.__contains__)
+    check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}", lambda b: is_int(b) and 1 <= b <= MAX_BATCH)
+    check_settings_list("dtypes", dtypes, f"among {tuple(DTYPES)}", DTYPES.__contains__)
     for variant in variants or ():
         if len(variant) != 2:
             raise ValueError(f"a variant is (cluster_size, warps), got {variant!r}")

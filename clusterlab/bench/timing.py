@@ -1,4 +1,4 @@
-"""Timing, statistics and run records shared by clusterlab's benchmarks.
+"""Timing, statistics, run records and settings checks shared by clusterlab's benchmarks.
 
 Method (every benchmark of clusterlab follows it):
 
@@ -380,6 +380,26 @@ def writable_dir(path: str | os.PathLike, parameter: str = "out_dir") -> Path:
         raise ValueError(f"{parameter} {str(path)!r} is not a directory results can be written into: "
                          f"{str(existing)!r} is {why}")
     return path
+
+
+def check_settings_list(name: str, values, allowed: str, ok) -> list:
+    """``values`` (a run's presets, batches, lengths or dtypes) as a list, checked before a run
+    spends GPU time on the first of them: a non-empty sequence, not a string, whose every entry
+    passes ``ok``. ValueError naming ``name``, what is ``allowed`` and ``values`` otherwise."""
+
+    def passes(value) -> bool:
+        try:
+            return bool(ok(value))
+        except TypeError:  # an entry ok cannot even compare, such as a list where a name belongs
+            return False
+
+    try:
+        listed = None if isinstance(values, (str, bytes)) else list(values)
+    except TypeError:  # not a sequence at all
+        listed = None
+    if not listed or not all(map(passes, listed)):
+        raise ValueError(f"{name} must be {allowed}, got {(values if listed is None else listed)!r}")
+    return listed
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
