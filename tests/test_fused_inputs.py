@@ -223,6 +223,15 @@ def test_layer_outputs_must_be_tensors(name, given):
     assert f"{name} must be None or a torch.Tensor, got {type(given).__name__}" in str(info.value)
 
 
+def test_a_cluster_size_must_split_the_hidden_size_into_16_byte_chunks():
+    narrow = AttentionConfig(hidden_size=64, heads=1, kv_heads=1, head_dim=64)
+    weights = AttentionWeights.random(narrow, torch.float16, seed=1)
+    assert DecodeAttention(narrow, weights, cluster_size=8).shape(1)[0] == 8  # 64 = 8 slices of 8 halves
+    with pytest.raises(ValueError, match=r"cluster_size 16 does not split hidden_size 64 into slices of whole 16-byte "
+                                         r"chunks \(hidden_size must be a multiple of 128\)"):
+        DecodeAttention(narrow, weights, cluster_size=16)
+
+
 @pytest.mark.parametrize("block", ["attention", "mlp", "mla"])
 @pytest.mark.parametrize("option, value, words", [
     ("cluster_size", True, "cluster_size must be one of"),

@@ -658,6 +658,15 @@ def test_bulk_copy_from_an_unaligned_address_is_misaligned():
     assert "src address 4 is not 16-byte aligned" in str(bad)
 
 
+def test_bulk_copy_to_an_unaligned_address_is_misaligned():
+    with pytest.raises(sim.BulkCopyMisaligned) as info:
+        sim.launch(bulk_program, 2, (0, slice(0, 4)), (1, slice(2, 6)))
+    bad = info.value
+    assert bad.owner == 1
+    assert bad.byte_range == (40, 56)
+    assert "dst address 40 is not 16-byte aligned" in str(bad)
+
+
 @pytest.mark.parametrize("through_view", [False, True])
 def test_bulk_copy_of_stored_bytes_without_a_proxy_fence(through_view):
     """Also where the store goes through the storage and the copy reads a view of the same bytes."""
