@@ -803,6 +803,11 @@ def test_shards_an_index_lists_are_read_and_a_malformed_index_is_named(llama_dir
     with pytest.raises(ValueError, match=r"00002.safetensors: tensor 'model.norm.weight' cannot be read "
                                          r"\(model.safetensors.index.json places it there\)"):
         LlamaModel.from_pretrained(directory)
+    directory = _sharded(llama_dir, tmp_path / "short")
+    (directory / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"index.json lists shard 'model-00002-of-00002.safetensors', which is "
+                                         r"missing"):
+        LlamaModel.from_pretrained(directory)
 
 
 def test_a_corrupt_safetensors_file_is_named(llama_dir, tmp_path):
