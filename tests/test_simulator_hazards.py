@@ -189,14 +189,22 @@ def test_reading_bulk_copied_bytes_before_the_mbarrier_wait_races_with_the_copy(
     assert ("of 'rows', which shares those bytes," in str(race)) == through_view
 
 
+def staged_rows(b, width: int = 4):
+    """Each block stores its row of ``rows`` float32[2, width] and initializes the mbarrier ``full``
+    (count 1) with a proxy fence, then all meet at a cluster barrier: bulk copies between them may
+    start. In a program: ``rows, full = yield from staged_rows(b)``."""
+    rows = b.shared_array("rows", (2, width), F32)
+    full = b.shared_mbarrier("full")
+    rows[b.cluster_rank] = 1.0
+    b.mbarrier_init(full, 1)
+    b.fence_proxy_async()
+    yield b.cluster_sync()
+    return rows, full
+
+
 def test_overwriting_a_bulk_copy_source_before_it_is_known_complete_races():
     def program(b):
-        rows = b.shared_array("rows", (2, 4), F32)
-        full = b.shared_mbarrier("full")
-        rows[b.cluster_rank] = 1.0
-        b.mbarrier_init(full, 1)
-        b.fence_proxy_async()
-        yield b.cluster_sync()
+        rows, full = yield from staged_rows(b)
         peer = 1 - b.cluster_rank
         b.mbarrier_arrive_expect_tx(full, 16)
         mine = b.cluster_rank
@@ -453,12 +461,7 @@ def test_access_after_the_owner_exited_is_reported_with_the_exit_point():
 
 def test_receiver_exiting_before_its_incoming_copy_is_complete():
     def program(b):
-        rows = b.shared_array("rows", (2, 4), F32)
-        full = b.shared_mbarrier("full")
-        rows[b.cluster_rank] = 1.0
-        b.mbarrier_init(full, 1)
-        b.fence_proxy_async()
-        yield b.cluster_sync()
+        rows, full = yield from staged_rows(b)
         if b.cluster_rank == 0:
             b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], b.map_shared(full, 1))
             yield b.cluster_sync()
@@ -625,12 +628,7 @@ def test_an_expect_tx_before_an_arrival_of_its_phase_runs_clean(consumer):
 
 
 def bulk_program(b, src_key, dst_key):
-    rows = b.shared_array("rows", (2, 8), F32)
-    full = b.shared_mbarrier("full")
-    rows[b.cluster_rank] = 1.0
-    b.mbarrier_init(full, 1)
-    b.fence_proxy_async()
-    yield b.cluster_sync()
+    rows, full = yield from staged_rows(b, width=8)
     if b.cluster_rank == 0:
         b.step("push")
         b.bulk_copy(b.map_shared(rows, 1).at[dst_key], rows.at[src_key], b.map_shared(full, 1))
@@ -649,22 +647,27 @@ def test_bulk_copy_size_not_a_multiple_of_16_is_misaligned():
     assert bad.points[1].step == "push"
 
 
-def test_bulk_copy_from_an_unaligned_address_is_misaligned():
-    with pytest.raises(sim.BulkCopyMisaligned) as info:
-        sim.launch(bulk_program, 2, (0, slice(1, 5)), (1, slice(0, 4)))
+@pytest.mark.parametrize("src_key, dst_key, error, blocks, owner, byte_range, words", [
+    ((0, slice(1, 5)), (1, slice(0, 4)), sim.BulkCopyMisaligned, (0, 1), 0, (4, 20),
+     "src address 4 is not 16-byte aligned"),
+    ((0, slice(0, 4)), (1, slice(2, 6)), sim.BulkCopyMisaligned, (0, 1), 1, (40, 56),
+     "dst address 40 is not 16-byte aligned"),
+    ((0, slice(0, 4)), (2, slice(0, 4)), sim.OutOfBounds, (0, 1), 1, (64, 80),
+     "block 0 indexes 'rows' (shape (2, 8)) of block 1 with 2..2 along axis 0, whose extent is 2"),
+    ((0, slice(4, 12)), (1, slice(0, 8)), sim.OutOfBounds, (0,), 0, (16, 48),
+     "block 0 indexes 'rows' (shape (2, 8)) of block 0 with 4..11 along axis 1, whose extent is 8"),
+], ids=["src-unaligned", "dst-unaligned", "dst-past-the-end", "src-past-the-end"])
+def test_a_bulk_copy_off_its_addresses_names_the_blocks_and_the_bytes(src_key, dst_key, error, blocks, owner,
+                                                                      byte_range, words):
+    with pytest.raises(error) as info:
+        sim.launch(bulk_program, 2, src_key, dst_key)
     bad = info.value
-    assert bad.owner == 0
-    assert bad.byte_range == (4, 20)
-    assert "src address 4 is not 16-byte aligned" in str(bad)
-
-
-def test_bulk_copy_to_an_unaligned_address_is_misaligned():
-    with pytest.raises(sim.BulkCopyMisaligned) as info:
-        sim.launch(bulk_program, 2, (0, slice(0, 4)), (1, slice(2, 6)))
-    bad = info.value
-    assert bad.owner == 1
-    assert bad.byte_range == (40, 56)
-    assert "dst address 40 is not 16-byte aligned" in str(bad)
+    assert type(bad) is error
+    assert bad.blocks == blocks and bad.owner == owner and bad.byte_range == byte_range
+    assert words in str(bad)
+    declared, copy = bad.points
+    assert declared.op.startswith("declare shared array 'rows'") and copy.op.startswith("cp.async.bulk")
+    assert copy.step == "push"
 
 
 @pytest.mark.parametrize("through_view", [False, True])
@@ -1218,12 +1221,7 @@ def test_more_arrivals_than_the_count_while_bytes_are_due_is_barrier_misuse():
 
 def test_a_copy_completing_on_another_blocks_mbarrier_is_barrier_misuse():
     def program(b):
-        rows = b.shared_array("rows", (2, 4), F32)
-        full = b.shared_mbarrier("full")
-        rows[b.cluster_rank] = 1.0
-        b.mbarrier_init(full, 1)
-        b.fence_proxy_async()
-        yield b.cluster_sync()
+        rows, full = yield from staged_rows(b)
         if b.cluster_rank == 0:
             b.bulk_copy(b.map_shared(rows, 1).at[0], rows.at[0], full)  # bug: block 0's own 'full'
         yield b.cluster_sync()
@@ -1235,29 +1233,9 @@ def test_a_copy_completing_on_another_blocks_mbarrier_is_barrier_misuse():
     assert "cp.async.bulk into block 1 must complete on an mbarrier of block 1, not on 'full'@block 0" in str(bad)
 
 
-@pytest.mark.parametrize("src_key, dst_key, owner, byte_range, op", [
-    ((0, slice(0, 4)), (2, slice(0, 4)), 1, (64, 80), "cp.async.bulk rows[2, 0:4] @block 1"),
-    ((0, slice(4, 12)), (1, slice(0, 8)), 0, (16, 48), "cp.async.bulk <- rows[0, 4:12]"),
-], ids=["dst", "src"])
-def test_a_bulk_copy_past_the_end_is_out_of_bounds_in_the_block_it_names(src_key, dst_key, owner, byte_range, op):
-    with pytest.raises(sim.OutOfBounds) as info:
-        sim.launch(bulk_program, 2, src_key, dst_key)
-    oob = info.value
-    assert type(oob) is sim.OutOfBounds
-    assert oob.blocks == tuple(dict.fromkeys((0, owner))) and oob.owner == owner and oob.byte_range == byte_range
-    declared, copy = oob.points
-    assert declared.op.startswith("declare shared array 'rows'")
-    assert copy.op.startswith(op) and copy.step == "push"
-
-
 def test_a_bulk_copy_into_a_block_that_exited_is_reported_with_the_exit_point():
     def program(b):
-        rows = b.shared_array("rows", (2, 4), F32)
-        full = b.shared_mbarrier("full")
-        rows[b.cluster_rank] = 1.0
-        b.mbarrier_init(full, 1)
-        b.fence_proxy_async()
-        yield b.cluster_sync()
+        rows, full = yield from staged_rows(b)
         if b.cluster_rank == 1:
             yield b.cluster_sync()  # completes once block 0 has exited
             b.step("late copy")
