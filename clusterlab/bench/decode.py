@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import Distinct, integer, results_folder, results_tag
-from ..fused.config import MAX_BATCH, MAX_POSITIONS, is_int
+from ..fused.config import MAX_BATCH, MAX_POSITIONS, is_batch, is_int
 from ..fused.reference import relative_error
 from ..models.argmax import pick_and_record
 from ..models.final_norm import final_norm
@@ -366,8 +366,7 @@ def run_bench(
     if hf not in ("eager", "compiled", None):
         raise ValueError(f"hf must be 'eager', 'compiled' or None, got {hf!r}")
     presets = check_settings_list("presets", presets, f"among {sorted(MODEL_PRESETS)}", MODEL_PRESETS.__contains__)
-    batches = check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}",
-                                  lambda b: is_int(b) and 1 <= b <= MAX_BATCH)
+    batches = check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}", is_batch)
     longest = MAX_POSITIONS - REPLAYS  # a run's caches hold context + REPLAYS rows
     contexts = check_settings_list("contexts", contexts, f"integers in 1..{longest}",
                                    lambda c: is_int(c) and 1 <= c <= longest)

@@ -53,7 +53,7 @@ import torch
 
 from ..argtypes import Distinct, argument_type, dimensions, integer, number, results_folder, results_tag
 from ..fused.config import PRESETS as ATTENTION_PRESETS
-from ..fused.config import (MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_int, is_number_in,
+from ..fused.config import (MAX_BATCH, MAX_POSITIONS, AttentionWeights, KVCache, is_batch, is_int, is_number_in,
                             rope_table)
 from ..fused.layer import DecodeAttention
 from ..fused.mla import MLA_PRESETS, LatentCache, MLAConfig, MLAWeights, mla_rope_table
@@ -316,7 +316,7 @@ def run_bench(
     presets = check_settings_list("presets", presets, f"among {list(PRESETS)}", PRESETS.__contains__)
     check_settings_list("kv_lens", kv_lens, f"integers in 1..{MAX_POSITIONS}",
                         lambda n: is_int(n) and 1 <= n <= MAX_POSITIONS)
-    check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}", lambda b: is_int(b) and 1 <= b <= MAX_BATCH)
+    check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}", is_batch)
     check_settings_list("dtypes", dtypes, "among ('float16', 'bfloat16')", ("float16", "bfloat16").__contains__)
     for variant in variants or ():
         check_variant(variant)

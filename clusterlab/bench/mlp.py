@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import Distinct, dimensions, integer, number, results_folder, results_tag
-from ..fused.config import MAX_BATCH, is_int
+from ..fused.config import MAX_BATCH, is_batch
 from ..fused.mlp import DecodeMLP, MLPConfig, MLPWeights, mlp_shape, reference_mlp
 from ..fused.plan import HOPPER, MLP_KERNEL_CHOICES, check_kernel_options
 from ..fused.reference import relative_error
@@ -182,7 +182,7 @@ def check_settings(presets, batches, dtypes, variants) -> None:
     with the reason printed.
     """
     presets = check_settings_list("presets", presets, f"among {sorted(MODEL_PRESETS)}", MODEL_PRESETS.__contains__)
-    check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}", lambda b: is_int(b) and 1 <= b <= MAX_BATCH)
+    check_settings_list("batches", batches, f"integers in 1..{MAX_BATCH}", is_batch)
     check_settings_list("dtypes", dtypes, f"among {tuple(DTYPES)}", DTYPES.__contains__)
     for variant in variants or ():
         if len(variant) != 2:

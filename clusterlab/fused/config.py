@@ -50,9 +50,14 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_batch(value) -> bool:
+    """The sequences of one step: an int from 1 to :data:`MAX_BATCH`."""
+    return is_int(value) and 1 <= value <= MAX_BATCH
+
+
 def check_batch(batch) -> None:
     """``batch``: the sequences of one step, an int from 1 to :data:`MAX_BATCH`."""
-    if not (is_int(batch) and 1 <= batch <= MAX_BATCH):
+    if not is_batch(batch):
         raise ValueError(f"batch must be an int in 1..{MAX_BATCH}, got {batch!r}")
 
 
