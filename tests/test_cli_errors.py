@@ -216,9 +216,19 @@ def test_the_ablation_refuses_to_compile_ahead_without_the_kernel_cache(tmp_path
         ("fused", {"variants": [(8, 4), (3, 4)]}, "variant (3, 4): cluster size must be one of"),
         ("fused", {"variants": [(8, 4, 0)]}, "variant (8, 4, 0): its third number"),
         ("fused", {"variants": [(8,)]}, "a variant is () or (cluster_size, warps"),
-        ("primitives", {"cluster_sizes": [2, 17]}, "cluster size 17: must be in 1..16"),
-        ("primitives", {"message_bytes": [24]}, "message size 24 B: must be a positive multiple of 16 bytes"),
-        ("primitives", {"repeats": 1}, "repeats=1: at least 5"),
+        ("primitives", {"cluster_sizes": [2, 17]}, "cluster_sizes must be integers in 1..16, got [2, 17]"),
+        ("primitives", {"cluster_sizes": [2.0]}, "cluster_sizes must be integers in 1..16, got [2.0]"),
+        ("primitives", {"cluster_sizes": "8"}, "cluster_sizes must be integers in 1..16, got '8'"),
+        ("primitives", {"cluster_sizes": []}, "cluster_sizes must be integers in 1..16, got []"),
+        ("primitives", {"message_bytes": [64, 24]}, "message_bytes must be positive multiples of 16 (bytes per block), "
+                                                    "got [64, 24]"),
+        ("primitives", {"message_bytes": [0]}, "message_bytes must be positive multiples of 16"),
+        ("primitives", {"dtypes": ["float64"]}, "dtypes must be among ('float32', 'bfloat16', 'float16'), "
+                                                "got ['float64']"),
+        ("primitives", {"configs": ["one", "grid"]}, "configs must be among ('one', 'chip'), got ['one', 'grid']"),
+        ("primitives", {"repeats": 1}, "repeats must be an int >= 5, got 1"),
+        ("primitives", {"repeats": 7.0}, "repeats must be an int >= 5, got 7.0"),
+        ("primitives", {"seed": True}, "seed must be None or an int in 0 .. 2**63 - 1, got True"),
     ],
 )
 def test_bench_runs_refuse_bad_settings_before_looking_for_a_gpu(run, kwargs, message, monkeypatch):

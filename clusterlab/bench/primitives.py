@@ -80,7 +80,9 @@ from ..primitives.host import THREADS_PER_BLOCK
 from ..primitives.reduce import (FLOAT32_BYTES, packed_rows, reduce_kernel, steady_result_offset, steady_shared_bytes,
                                  work_offset)
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
+from ..fused.config import is_int
 from . import kernels, report, timing
+from .timing import check_settings_list
 
 CLUSTER_SIZES = (1, 2, 3, 4, 6, 8, 16)
 MESSAGE_BYTES = tuple(64 << k for k in range(11))  # 64 B .. 64 KiB per block
@@ -558,21 +560,16 @@ def run_primitives_bench(
     """
     from ..gpu import device_info, require_hopper
 
-    for size in cluster_sizes:
-        if not 1 <= size <= simulator.MAX_CLUSTER_SIZE:
-            raise ValueError(f"cluster size {size}: must be in 1..{simulator.MAX_CLUSTER_SIZE}")
-    for nbytes in message_bytes:
-        if nbytes < 16 or nbytes % 16:
-            raise ValueError(f"message size {nbytes} B: must be a positive multiple of 16 bytes")
-    for dtype in dtypes:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
-    for config in configs:
-        if config not in CONFIGS:
-            raise ValueError(f"config {config!r}: expected one of {CONFIGS}")
-    if repeats < timing.MIN_REPEATS:
-        raise ValueError(f"repeats={repeats}: at least {timing.MIN_REPEATS}")
-    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+    top = simulator.MAX_CLUSTER_SIZE
+    cluster_sizes = check_settings_list("cluster_sizes", cluster_sizes, f"integers in 1..{top}",
+                                        lambda size: is_int(size) and 1 <= size <= top)
+    message_bytes = check_settings_list("message_bytes", message_bytes, "positive multiples of 16 (bytes per block)",
+                                        lambda nbytes: is_int(nbytes) and nbytes >= 16 and nbytes % 16 == 0)
+    dtypes = check_settings_list("dtypes", dtypes, f"among {DTYPES}", DTYPES.__contains__)
+    configs = check_settings_list("configs", configs, f"among {CONFIGS}", CONFIGS.__contains__)
+    if not (is_int(repeats) and repeats >= timing.MIN_REPEATS):
+        raise ValueError(f"repeats must be an int >= {timing.MIN_REPEATS}, got {repeats!r}")
+    if seed is not None and not (is_int(seed) and 0 <= seed < 2**63):
         raise ValueError(f"seed must be None or an int in 0 .. 2**63 - 1, got {seed!r}")
     timing.writable_dir(out_dir)
     require_hopper()
