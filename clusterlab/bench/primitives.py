@@ -73,6 +73,7 @@ import numpy as np
 
 from .. import simulator
 from ..argtypes import Distinct, integer, results_folder, results_tag
+from ..fused.config import is_int
 from ..launch import PORTABLE_CLUSTER_BLOCKS, launch
 from ..primitives.gather import gather_kernel, gather_stride
 from ..primitives.gather import gather_shared_bytes as primitive_gather_shared_bytes
@@ -80,9 +81,7 @@ from ..primitives.host import THREADS_PER_BLOCK
 from ..primitives.reduce import (FLOAT32_BYTES, packed_rows, reduce_kernel, steady_result_offset, steady_shared_bytes,
                                  work_offset)
 from ..primitives.reduce import reduce_shared_bytes as primitive_reduce_shared_bytes
-from ..fused.config import is_int
 from . import kernels, report, timing
-from .timing import check_settings_list
 
 CLUSTER_SIZES = (1, 2, 3, 4, 6, 8, 16)
 MESSAGE_BYTES = tuple(64 << k for k in range(11))  # 64 B .. 64 KiB per block
@@ -560,13 +559,13 @@ def run_primitives_bench(
     """
     from ..gpu import device_info, require_hopper
 
-    top = simulator.MAX_CLUSTER_SIZE
-    cluster_sizes = check_settings_list("cluster_sizes", cluster_sizes, f"integers in 1..{top}",
-                                        lambda size: is_int(size) and 1 <= size <= top)
-    message_bytes = check_settings_list("message_bytes", message_bytes, "positive multiples of 16 (bytes per block)",
-                                        lambda nbytes: is_int(nbytes) and nbytes >= 16 and nbytes % 16 == 0)
-    dtypes = check_settings_list("dtypes", dtypes, f"among {DTYPES}", DTYPES.__contains__)
-    configs = check_settings_list("configs", configs, f"among {CONFIGS}", CONFIGS.__contains__)
+    top, check = simulator.MAX_CLUSTER_SIZE, timing.check_settings_list
+    cluster_sizes = check("cluster_sizes", cluster_sizes, f"integers in 1..{top}",
+                          lambda size: is_int(size) and 1 <= size <= top)
+    message_bytes = check("message_bytes", message_bytes, "positive multiples of 16 (bytes per block)",
+                          lambda nbytes: is_int(nbytes) and nbytes >= 16 and nbytes % 16 == 0)
+    dtypes = check("dtypes", dtypes, f"among {DTYPES}", DTYPES.__contains__)
+    configs = check("configs", configs, f"among {CONFIGS}", CONFIGS.__contains__)
     if not (is_int(repeats) and repeats >= timing.MIN_REPEATS):
         raise ValueError(f"repeats must be an int >= {timing.MIN_REPEATS}, got {repeats!r}")
     if seed is not None and not (is_int(seed) and 0 <= seed < 2**63):
