@@ -1,7 +1,8 @@
 """The final RMSNorm of a fused decode step (``clusterlab.models.final_norm``) against PyTorch's.
 
-- Any machine: off a Hopper GPU it is :func:`clusterlab.models.llama.rms_norm` of the rounded sums
-  plus the residual, and it zeroes both float32 buffers; bad arguments raise naming them.
+- Any machine: off a Hopper GPU it is :func:`clusterlab.models.llama.rms_norm` (transformers'
+  ``LlamaRMSNorm`` bit for bit) of the rounded sums plus the residual, and it zeroes both float32
+  buffers; bad arguments raise naming them.
 - ``ptx``: the kernel compiles for sm_90a and ptxas accepts it without a spill.
 - ``gpu``: on a Hopper GPU, into a NaN-poisoned ``out``, within two ulps of the model dtype of the
   same PyTorch chain on the same device (only the order of the sum of squares differs, which moves
@@ -35,6 +36,18 @@ def _inputs(rows, hidden, dtype, device):
 
 def _expected(sums, residual, norm):
     return rms_norm(sums.to(residual.dtype) + residual, norm, EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_pytorch_chain_is_transformers_llama_rms_norm_bit_for_bit(dtype):
+    """:func:`rms_norm`, what the kernel and the CPU path are held to, rounds where transformers'
+    ``LlamaRMSNorm`` does (normalized in float32, cast to the dtype, then times the gain in it)."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers (the test extra)")
+    _, _, residual, norm = _inputs(5, 96, dtype, "cpu")
+    theirs = llama.LlamaRMSNorm(96, eps=EPS).to(dtype)
+    with torch.no_grad():
+        theirs.weight.copy_(norm)
+        assert torch.equal(rms_norm(residual, norm, EPS), theirs(residual))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

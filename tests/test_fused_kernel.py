@@ -748,6 +748,9 @@ def test_the_rule_shares_out_the_query_projection_at_long_caches_of_few_kv_heads
         assert not shares_queries(QWEN2_5_7B, batch, rows - 1) and not shares_queries(QWEN2_5_7B, batch, None)
         for config in (LLAMA2_7B, LLAMA3_8B, LLAMA3_2_1B):
             assert not shares_queries(config, batch, 32768)
+    for group, shared in ((1, False), (2, True), (8, True), (9, False)):  # 2 to 8 query heads a KV head
+        config = AttentionConfig(hidden_size=2048, heads=2 * group, kv_heads=2, head_dim=128)
+        assert shares_queries(config, 1, 32768) == shared, group
     assert shared_queries_shape(QWEN2_5_7B) == (4, 8, 7)
     for sms, fits in ((112, True), (108, False)):
         limits = dataclasses.replace(HOPPER, cluster_sms=HOPPER.cluster_sms[:2] + (sms, sms, 100))

@@ -137,14 +137,20 @@ def hf_step(block, h: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, 
     return out[0, 0], layer.keys[0, :, position], layer.values[0, :, position]
 
 
+#: Input sizes: about 1, and small enough (a mean square near 2e-6) that the RMSNorm's epsilon
+#: (1e-5, Qwen2's 1e-6) moves the normalized input by much more than the tolerance.
+SCALES = {"unit": 1.0, "tiny": 1e-3}
+
+
+@pytest.mark.parametrize("scale", SCALES.values(), ids=SCALES.keys())
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_reference_step_matches_transformers_attention_on_a_ragged_batch(name):
+def test_reference_step_matches_transformers_attention_on_a_ragged_batch(name, scale):
     family, config = CONFIGS[name]
     batch = len(POSITIONS)
     weights = AttentionWeights.random(config, torch.float16)
     cache = KVCache.random(config, batch=batch, capacity=max(POSITIONS) + 4, dtype=torch.float16)
-    hidden = torch.randn(batch, config.hidden_size).half()
-    residual = torch.randn(batch, config.hidden_size).half()
+    hidden = (torch.randn(batch, config.hidden_size) * scale).half()
+    residual = (torch.randn(batch, config.hidden_size) * scale).half()
     want = reference_step(config, weights, hidden, residual, cache, POSITIONS)
     block = hf_block(family, config, weights)
     for b, position in enumerate(POSITIONS):

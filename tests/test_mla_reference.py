@@ -26,7 +26,7 @@ import math
 
 import pytest
 import torch
-from mla_shapes import SMALL, V2_YARN
+from mla_shapes import SMALL, V2_YARN, shrunk
 
 from clusterlab.fused.mla import (
     DEEPSEEK_V2_LITE,
@@ -176,10 +176,12 @@ def step_inputs(config: MLAConfig, dtype, batch: int, capacity: int):
     return weights, cache, hidden, residual
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-3], ids=["unit", "tiny"])  # tiny: every norm's epsilon matters
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_reference_step_matches_transformers_deepseek_v2_attention_on_a_ragged_batch(name):
+def test_reference_step_matches_transformers_deepseek_v2_attention_on_a_ragged_batch(name, scale):
     config = CONFIGS[name]
     weights, cache, hidden, residual = step_inputs(config, torch.float16, len(POSITIONS), max(POSITIONS) + 4)
+    weights, hidden, residual = shrunk(weights, hidden, residual, scale)
     want = mla_reference_step(config, weights, hidden, residual, cache, POSITIONS)
     block = hf_block(config, weights)
     for b, position in enumerate(POSITIONS):
@@ -286,8 +288,9 @@ def test_mla_rope_table_rounds_scaled_float64_angles_once():
 #: Measured worst over 90 draws of the small configs (positions 0..31, both position kinds) and 3 of
 #: DeepSeek-V2-Lite's shapes: float32 7.7e-7 (rounding 6e-8 per value, sums of up to 2048 terms);
 #: float16 9.3e-4 and bfloat16 7.9e-3 (2^-11 and 2^-8 per value, each intermediate rounded once or
-#: twice, the attention's probabilities and o_lat included).
-UNFUSED_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+#: twice, the attention's probabilities and o_lat included). float16's bound, three times its worst,
+#: fails a slip of half a percent (a softmax scale, a norm's epsilon).
+UNFUSED_TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", sorted(UNFUSED_TOLERANCE, key=str))

@@ -6,7 +6,8 @@ import types
 
 import pytest
 import torch
-from mla_shapes import SMALL, V2_YARN
+from mla_shapes import SMALL, V2_YARN, shrunk
+from rounding import STEP_TOLERANCE as TOLERANCE  # by dtype: how far a 16-bit step may lie from float64
 
 from clusterlab import simulator
 from clusterlab.fused import mla_simulated
@@ -15,10 +16,6 @@ from clusterlab.fused.mla_reference import mla_reference_step
 from clusterlab.fused.mla_simulated import simulated_mla_step
 from clusterlab.fused.plan import attention_range, kv_a_rows, latent_columns, new_row_block, q_a_rows
 from clusterlab.fused.reference import relative_error
-
-# As for the Llama block's simulator: outputs rounded once to the activation dtype on top of float32
-# arithmetic; 1e-2 is the layer's contract, the simulator lands near 2e-4 (float16) / 2e-3 (bfloat16).
-TOLERANCE = 1e-2
 
 CONFIGS = {
     "plain": MLAConfig(**SMALL),
@@ -56,11 +53,11 @@ def check_step(config, dtype, positions, cluster_size, clusters_for_attention=No
         config, dtype, positions, cluster_size, clusters_for_attention, attention_cluster_size=attention_cluster_size)
     batch = len(positions)
     assert out.dtype == dtype and new_residual.dtype == dtype
-    assert relative_error(out, want.out) < TOLERANCE
+    assert relative_error(out, want.out) < TOLERANCE[dtype]
     # the new residual is hidden + residual in float32, rounded once: bit for bit
     assert torch.equal(new_residual, (hidden.float() + residual.float()).to(dtype))
     rows, pos = torch.arange(batch), torch.tensor(positions)
-    assert relative_error(cache.latent[rows, pos], want.latent) < TOLERANCE
+    assert relative_error(cache.latent[rows, pos], want.latent) < TOLERANCE[dtype]
     kept = torch.ones(batch, cache.capacity, dtype=torch.bool)
     kept[rows, pos] = False
     assert torch.equal(cache.latent[kept].view(torch.int16), before.latent[kept].view(torch.int16))
@@ -77,6 +74,22 @@ def check_step(config, dtype, positions, cluster_size, clusters_for_attention=No
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_simulated_mla_step_matches_reference(name, positions, cluster_size, dtype):
     check_step(CONFIGS[name], dtype, positions, cluster_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["yarn", "yarn-q-lora"])
+def test_a_step_of_small_inputs_and_latents_keeps_every_norm_s_epsilon(name, dtype):
+    """Inputs and down-projections shrunk to put each RMSNorm's mean square near its epsilon (the
+    input's, the latent's and, with the query LoRA, the query's): the step is still the reference's."""
+    config, positions = CONFIGS[name], [0, 45, 200]
+    weights = MLAWeights.random(config, dtype)
+    cache = LatentCache.random(config, len(positions), max(positions) + 3, dtype)
+    hidden, residual = torch.randn(2, len(positions), config.hidden_size).to(dtype)
+    weights, hidden, residual = shrunk(weights, hidden, residual, 1e-3)
+    want = mla_reference_step(config, weights, hidden, residual, cache.clone(), positions)
+    out, _ = simulated_mla_step(config, weights, hidden, residual, cache, positions, 2)
+    assert relative_error(out, want.out) < TOLERANCE[dtype]
+    assert relative_error(cache.latent[torch.arange(len(positions)), positions], want.latent) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("clusters_for_attention", [1, 3, 8])
