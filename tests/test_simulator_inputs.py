@@ -141,6 +141,24 @@ def test_block_operations_refuse_bools_and_dtypes_that_are_no_bytes(call, error,
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize("name, least, call", [
+    ("arrival_count", 1, lambda b, bar, fresh, count: b.mbarrier_init(fresh, count)),
+    ("tx_bytes", 0, lambda b, bar, fresh, count: b.mbarrier_arrive_expect_tx(bar, count)),
+], ids=["arrival_count", "tx_bytes"])
+def test_mbarrier_counts_reach_ptx_limit_and_no_further(name, least, call):
+    """PTX's mbarrier counts go up to 2**20 - 1: that count is taken, one more is refused."""
+
+    def program(b, count):
+        bar, fresh = b.shared_mbarrier("bar"), b.shared_mbarrier("fresh")
+        b.mbarrier_init(bar, 1)
+        call(b, bar, fresh, count)
+        yield b.cluster_sync()
+
+    sim.launch(program, 1, 2**20 - 1)
+    with pytest.raises(ValueError, match=rf"{name} must be an integer in {least}\.\.1048575; got 1048576"):
+        sim.launch(program, 1, 2**20)
+
+
 def test_launch_refuses_a_bool_smem_bytes():
     def program(b):
         yield b.cluster_sync()
@@ -196,9 +214,24 @@ LARGEST_N = [  # (primitive, algorithm, cluster size, dtype, largest n that fits
 
 @pytest.mark.parametrize(("primitive", "algorithm", "size", "dtype", "largest"), LARGEST_N)
 def test_n_is_limited_by_the_shared_memory_of_a_block(primitive, algorithm, size, dtype, largest):
+    """The largest n runs, and right: every block gets the gathered rows, or the sum within the
+    left-fold error bound of the exact one; one more element is refused, naming what it needs."""
     run = sim.cluster_reduce if primitive == "reduce" else sim.cluster_gather
-    out, _ = run(np.ones((size, largest), dtype=dtype), algorithm=algorithm)
-    assert out.shape[1] in (largest, size * largest)
+    rng = np.random.default_rng()
+    if np.dtype(dtype).kind == "i":
+        x = rng.integers(-(2**31), 2**31, size=(size, largest), dtype=np.int64).astype(dtype)
+    else:
+        x = rng.standard_normal((size, largest)).astype(dtype)
+    x[x == 0] = 1
+    out, _ = run(x, algorithm=algorithm)
+    if primitive == "gather":
+        assert out.shape == (size, size * largest) and (out == x.ravel()).all()
+    else:
+        wide = x.astype(np.float64)
+        exact = wide.sum(axis=0)
+        u_acc = 2.0**-53 if dtype == np.float64 else 2.0**-24  # float16 accumulates in float32
+        bound = size * u_acc * np.abs(wide).sum(axis=0) + np.finfo(dtype).eps / 2 * np.abs(exact)
+        assert out.shape == x.shape and (np.abs(out.astype(np.float64) - exact) <= bound).all()
     message = rf"n \(x.shape\[1\]\) must be at most {largest} for the {algorithm} {primitive} \(cluster size {size}, "
     with pytest.raises(ValueError, match=message + rf".*got {largest + 1}, which needs \d+ bytes .*a block has 232448"):
         run(np.ones((size, largest + 1), dtype=dtype), algorithm=algorithm)

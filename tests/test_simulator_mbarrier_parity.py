@@ -73,9 +73,11 @@ def test_producer_two_phases_ahead_of_the_waiter_is_phase_aliasing():
     assert lap.op == "mbarrier.arrive 'bar'@block 0"
 
 
-def test_a_late_wait_cannot_take_a_later_phases_ordering():
+@pytest.mark.parametrize("completed", [2, 3])
+def test_a_late_wait_cannot_take_a_later_phases_ordering(completed):
     """The wait starts only after all three phases completed; the old simulator let it acquire
-    phase 2 (which orders the store). It may as well have seen phase 0: ``PhaseAliasing``."""
+    phase 2 (which orders the store). It may as well have seen phase 0: ``PhaseAliasing``. Two
+    completed phases are already one too many: the barrier, in phase 2, shows parity 0 again."""
 
     def program(b):
         data = b.shared_array("data", (4,), F32)
@@ -86,8 +88,8 @@ def test_a_late_wait_cannot_take_a_later_phases_ordering():
             peer = b.map_shared(bar, 1)
             b.mbarrier_arrive(peer)
             b.map_shared(data, 1)[:] = 1.0
-            b.mbarrier_arrive(peer)
-            b.mbarrier_arrive(peer)
+            for _ in range(completed - 1):
+                b.mbarrier_arrive(peer)
         else:
             yield b.mbarrier_wait(bar, 0)
             data[:]
@@ -243,6 +245,52 @@ def test_waiting_for_arrivals_from_a_block_that_has_exited_never_completes():
     dead = info.value
     assert (dead.phase, dead.parity, dead.missing_arrivals) == (0, 0, 1)
     assert len(dead.points) == 1 and dead.points[0].block == 0
+
+
+def test_a_wait_missing_both_an_arrival_and_its_bytes_never_completes():
+    """The lone block arrives once on a count-2 barrier and expects 16 bytes nobody sends: the
+    arrival that is missing is the hang to report (a tx-count mismatch only where every arrival is in)."""
+
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 2)
+        b.mbarrier_arrive_expect_tx(bar, 16)  # bug: one arrival of two, and 16 bytes that never come
+        yield b.mbarrier_wait(bar, 0)
+
+    with pytest.raises(sim.PhaseNeverCompletes) as info:
+        sim.launch(program, 1)
+    dead = info.value
+    assert (dead.mbarrier, dead.phase, dead.parity, dead.missing_arrivals) == ("'bar'@block 0", 0, 0, 1)
+    assert dead.blocks == (0,) and dead.owner == 0 and dead.byte_range == (0, 8)
+    assert "still needs 1 of its 2 arrivals" in dead.summary
+
+
+def test_an_exited_blocks_arrival_is_known_to_a_cluster_barrier_it_stood_in_for():
+    """Block 1 completes phase 0 of block 0's barrier and returns; its exit stands in for its arrival at
+    the cluster barrier block 0 then passes, so block 0 knows phase 0 complete: parity 1 names phase 1,
+    which nobody is left to complete (not the phase before phase 0, as if the arrival were unknown)."""
+    lines = {}
+
+    def program(b):
+        bar = b.shared_mbarrier("bar")
+        b.mbarrier_init(bar, 1)
+        yield b.cluster_sync()
+        if b.cluster_rank == 1:
+            lines["arrive"] = this_line(1)
+            b.mbarrier_arrive(b.map_shared(bar, 0))  # completes phase 0
+            return
+        yield b.cluster_sync()  # completes with block 1's exit
+        lines["wait"] = this_line(1)
+        yield b.mbarrier_wait(bar, 1)  # bug: phase 0 is known complete, so parity 1 is phase 1
+
+    with pytest.raises(sim.PhaseNeverCompletes) as info:
+        sim.launch(program, 2)
+    dead = info.value
+    assert (dead.mbarrier, dead.phase, dead.parity, dead.missing_arrivals) == ("'bar'@block 0", 1, 1, 1)
+    assert dead.blocks == (0,) and dead.owner == 0
+    arrive, wait = dead.points
+    assert (arrive.block, arrive.op, arrive.line) == (1, "mbarrier.arrive 'bar'@block 0", lines["arrive"])
+    assert (wait.block, wait.line) == (0, lines["wait"])
 
 
 def test_parity_1_on_a_fresh_mbarrier_returns_at_once_and_orders_nothing():

@@ -195,12 +195,25 @@ def test_the_orders_are_distinguishable_so_the_bit_exact_test_has_teeth():
         assert (bits(out) == bits(documented_order(x, "sum", algorithm))).all()
 
 
+@pytest.mark.parametrize("size", [6, 13])
 @pytest.mark.parametrize("op", ["max", "min"])
 @pytest.mark.parametrize("algorithm", sim.REDUCE_ALGORITHMS)
-def test_signed_zero_ties_follow_the_documented_operand_order(op, algorithm):
-    """max/min of -0.0 and +0.0 keep the right operand's sign, so the fold order shows."""
-    signs = np.random.default_rng(5).integers(0, 2, size=(6, 12)).astype(bool)
-    x = np.where(signs, np.float32(-0.0), np.float32(0.0))
+def test_signed_zero_ties_follow_the_documented_operand_order(op, algorithm, size):
+    """max/min of -0.0 and +0.0 keep the right operand's sign, so the fold order shows.
+
+    With zeros alone only the last fold's operand order shows (the result takes the sign of its right
+    operand). So the zeros sit among values every zero beats (-1 for max, +1 for min): for each pair
+    of rows a column with -0.0 and +0.0 there, both ways round, and losers elsewhere, whose result is
+    the right operand of the combination where the two zeros meet, whichever that is (the butterfly's
+    fold of the rows past its power of two included: sizes 6 and 13); then fresh random columns."""
+    loser = {"max": -1.0, "min": 1.0}[op]
+    pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
+    x = np.full((size, 2 * len(pairs)), loser, dtype=np.float32)
+    for c, (i, j) in enumerate(pairs):
+        x[[i, j], 2 * c] = -0.0, 0.0
+        x[[i, j], 2 * c + 1] = 0.0, -0.0
+    mixed = np.random.default_rng().choice(np.array([-0.0, 0.0, loser], dtype=np.float32), size=(size, 32))
+    x = np.concatenate([x, mixed], axis=1)
     out, _ = sim.cluster_reduce(x, op, algorithm)
     assert (bits(out) == bits(documented_order(x, op, algorithm))).all()
 

@@ -53,14 +53,42 @@ def test_ring_reduce_traffic_is_left_neighbour_only_and_sized_by_chunks(size, n)
     assert traffic.per_phase[0].sum() == 0  # staging is local
 
 
-def test_direct_and_bulk_traffic_is_all_to_all():
+@pytest.mark.parametrize("dtype, row_bytes, slot_bytes", [
+    ("float32", 40, 48),  # 40 B rows in 48 B slots
+    ("int32", 40, 48),  # int32 accumulates in int32
+    ("float16", 40, 48),  # staged widened to float32
+    ("float64", 80, 80),
+])
+def test_direct_and_bulk_traffic_is_all_to_all(dtype, row_bytes, slot_bytes):
+    """Every block pulls (or is sent) every peer's staged row, in the accumulation dtype."""
     size, n = 6, 10
-    _, direct = sim.cluster_reduce(rows(size, n), "sum", "direct")
-    _, bulk = sim.cluster_reduce(rows(size, n), "sum", "bulk")
+    x = rows(size, n, sim.numpy_dtype(dtype))
+    _, direct = sim.cluster_reduce(x, "sum", "direct")
+    _, bulk = sim.cluster_reduce(x, "sum", "bulk")
     off_diagonal = 1 - np.eye(size, dtype=np.int64)
-    assert (direct.traffic().total == 4 * n * off_diagonal).all()
-    assert (bulk.traffic().total == 48 * off_diagonal).all()  # 40 B rows in 48 B slots
+    assert (direct.traffic().total == row_bytes * off_diagonal).all()
+    assert (bulk.traffic().total == slot_bytes * off_diagonal).all()
     assert {e.kind for e in bulk.events if e.kind in sim.DSMEM_KINDS} == {"cp.async.bulk"}
+
+
+def test_a_remote_atomic_add_is_dsmem_traffic_from_the_adding_block_to_the_owner():
+    """``red.shared::cluster.add`` moves its operands over DSMEM, as a store does: block 1's add into
+    block 0 counts, block 0's add into its own memory (through the cluster window too) does not."""
+    values = np.random.default_rng().integers(1, 100, size=(2, 4), dtype=np.int32)
+
+    def program(b):
+        total = b.shared_array("total", (4,), np.int32)
+        total[:] = 0
+        yield b.cluster_sync()
+        b.map_shared(total, 0).atomic_add(slice(None), values[b.cluster_rank])  # block 0's is local
+        yield b.cluster_sync()
+        if b.cluster_rank == 0:
+            assert (total[:] == values.sum(axis=0)).all()
+        yield b.cluster_sync()
+
+    trace = sim.launch(program, 2)
+    assert trace.traffic().total.tolist() == [[0, 0], [16, 0]]  # [src, dst]: block 1 into block 0
+    assert "total: 16 DSMEM bytes" in trace.phase_table()
 
 
 def test_a_block_reading_its_own_shared_memory_through_the_cluster_window_moves_no_dsmem_bytes():
