@@ -539,6 +539,8 @@ def test_decoder_start_checks_its_logits_positions_and_the_caches_room(ours):
     with pytest.raises(ValueError, match=rf"max_new_tokens=7 write cache rows up to {longest + 5}, but the caches "
                                          rf"hold rows 0..{longest + 3}"):
         Decoder(ours, 7).start(logits, positions)
+    with pytest.raises(ValueError, match=rf"write cache rows up to {longest + 4}, but"):  # one row past the last
+        Decoder(ours, 6).start(logits, positions)
     decoder = Decoder(ours, 5)
     with pytest.raises(ValueError, match=r"logits has shape \(2, 50\); expected \(2, 97\)"):
         decoder.start(logits[:, :50].contiguous(), positions)
@@ -627,12 +629,36 @@ def llama_dir(tmp_path_factory):
     return directory
 
 
-def test_sampling_with_a_seed_repeats_and_top_k_1_is_greedy(llama_dir):
+def test_sampling_with_a_seed_repeats_another_seed_differs_and_top_k_1_is_greedy(llama_dir):
     model = LlamaModel.from_pretrained(llama_dir)
     prompts = [PROMPTS[1]]
-    first = model.generate(prompts, 3, temperature=1.5, seed=7)
-    assert model.generate(prompts, 3, temperature=1.5, seed=7) == first
+    first = model.generate(prompts, 12, temperature=1.5, seed=7)
+    assert model.generate(prompts, 12, temperature=1.5, seed=7) == first
+    # 12 draws from the tiny model's spread-out distributions: two seeds, or a seed and the argmax, agreeing on
+    # all of them would be a chance far below 1e-9
+    assert model.generate(prompts, 12, temperature=1.5, seed=8) != first != model.generate(prompts, 12)
     assert model.generate(prompts, 3, temperature=1.5, top_k=1, seed=3) == model.generate(prompts, 3)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.5, None), (2.0, None), (1.0, 3)])
+def test_sampling_picks_each_token_as_often_as_the_softmax_of_the_scaled_logits(llama_dir, temperature, top_k):
+    """The sampling race (``Decoder.scores``, then the argmax) picks token i with the probability
+    softmax(logits / T)_i over the ``top_k`` likeliest, none outside them: 40,000 draws on fresh
+    logits of 10 tokens, each frequency within 5 standard deviations of its probability."""
+    model = LlamaModel.from_pretrained(llama_dir)
+    model.prefill(PROMPTS, capacity=16)
+    decoder = Decoder(model, 2, temperature=temperature, top_k=top_k)
+    decoder.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    logits = torch.randn(10) * 2
+    want = torch.softmax(logits.double() / temperature, -1)
+    if top_k is not None:
+        want[want < want.topk(top_k).values[-1]] = 0
+        want /= want.sum()
+    draws = 40_000
+    picks = decoder.scores(logits.expand(draws, -1).contiguous()).argmax(-1)
+    got = torch.bincount(picks, minlength=10).double() / draws
+    assert (got[want == 0] == 0).all()
+    assert ((got - want).abs() <= 5 * (want * (1 - want) / draws).sqrt() + 1e-9).all(), (got, want)
 
 
 # -- directories that are not a supported model ------------------------------------------------------
