@@ -1,6 +1,7 @@
 """The benchmark report on made-up results: targets, choice tables, tables, plots and the auto module (CPU only)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -169,6 +170,16 @@ def test_dsmem_peak_takes_the_fastest_configuration(results):
     assert report.dsmem_peak(results, "chip", 1) is None
 
 
+def test_dsmem_peak_ranks_by_median_not_by_max():
+    """A noisy read pattern whose max beats the peak's but whose median does not is not the peak."""
+    results = synthetic_results()
+    for r in results["floors"]:
+        if (r["kind"], r.get("config"), r.get("cluster_size"), r.get("threads")) == ("dsmem_read", "chip", 2, 256):
+            r["bandwidth_bytes_per_s"] = Stat(3.0e12, 1.0e12, 9.0e12, 7).as_dict()
+    peak = report.dsmem_peak(results, "chip", 2)
+    assert peak["threads"] == 512 and peak["bandwidth_bytes_per_s"]["median"] == pytest.approx(PEAK)
+
+
 def test_small_reduce_target_is_the_fastest_public_reduce_over_one_barrier(results):
     rows = rows_of(results["targets"], "small_reduce_vs_barrier", dtype="float32")
     assert {t["cluster_size"] for t in rows} == {2, 3, 8, 16}  # N = 1 has nothing to exchange
@@ -193,6 +204,21 @@ def test_small_reduce_allows_5_barriers_beyond_8_blocks(results):
     assert row["value"] == pytest.approx(cluster_us("reduce", "direct_1barrier", 16, 64) / 0.25)
     assert all(t["threshold"] == 3 for t in rows_of(results["targets"], "small_reduce_vs_barrier")
                if t["cluster_size"] <= 8)
+
+
+def test_a_message_of_exactly_the_small_limit_gets_a_small_reduce_row():
+    """SMALL_MESSAGE_BYTES (2 KiB per block) is itself a small message."""
+    results = synthetic_results()
+    results["settings"]["message_bytes"] = [*BYTES, report.SMALL_MESSAGE_BYTES]
+    template = report.record(results, primitive="reduce", method="per_op", implementation="direct_1barrier",
+                             config="chip", cluster_size=2, dtype="float32", message_bytes=1024)
+    n = report.SMALL_MESSAGE_BYTES // 4
+    results["measurements"].append(timed(dict(template, message_bytes=report.SMALL_MESSAGE_BYTES, n=n,
+                                              working_bytes=4 * n), stat(0.6)))
+    rows = rows_of(report.evaluate_targets(results), "small_reduce_vs_barrier", config="chip", cluster_size=2,
+                   message_bytes=report.SMALL_MESSAGE_BYTES)
+    assert len(rows) == 1 and rows[0]["implementation"] == "direct_1barrier"
+    assert rows[0]["value"] == pytest.approx(0.6 / 0.4) and rows[0]["pass"] is True
 
 
 def test_a_faster_public_reduce_wins_the_small_target():
@@ -225,6 +251,18 @@ def test_a_faster_public_reduce_can_meet_the_large_target():
     row = rows_of(report.evaluate_targets(results), "large_reduce_vs_dsmem_bound", config="chip", cluster_size=2,
                   dtype="float32")[0]
     assert row["implementation"] == "two_shot" and row["value"] == pytest.approx(0.8) and row["pass"] is True
+
+
+def test_exactly_70_percent_of_the_dsmem_peak_meets_the_large_target():
+    """The large reduce target is ``>= 0.7``: a bus bandwidth of exactly 0.7 x the peak passes."""
+    results = synthetic_results()
+    bus_bytes = 16384 * 2 * (132 // 2)  # 2 (N-1)/N = 1 at N = 2
+    us = bus_bytes * 1e6 / (0.7 * PEAK)  # 0.7 x 3.5e12 = 2.45e12 and back are exact in floats
+    retime(results, stat(us), primitive="reduce", method="per_op", implementation="direct_1barrier", config="chip",
+           cluster_size=2, dtype="float32", message_bytes=16384)
+    row = rows_of(report.evaluate_targets(results), "large_reduce_vs_dsmem_bound", config="chip", cluster_size=2,
+                  dtype="float32")[0]
+    assert row["implementation"] == "direct_1barrier" and row["value"] == 0.7 and row["pass"] is True
 
 
 def test_every_dtype_gets_its_reduce_rows_judged_on_its_own_records(results):
@@ -378,6 +416,31 @@ def test_text_tables_name_every_implementation_and_target(results):
     assert "fastest reduce per operation" in summary and "Test GPU" in summary
 
 
+def test_sweep_table_puts_each_figure_under_its_implementation(results):
+    """Each cell of the per-operation reduce table (N = 2, 1 KiB) is its column's implementation's median, as
+    ``{:.2f}``; the barrier column is the bare cluster barrier."""
+    lines = report.format_sweep(results).split("\n\n")[0].splitlines()[1:]
+    spans = [m.span() for m in re.finditer("-+", lines[1])]  # the dashes line marks every column
+
+    def cells(line):
+        return [line[a:b].strip() for a, b in spans]
+
+    header = cells(lines[0])
+    row = next(dict(zip(header, cells(line))) for line in lines[2:] if cells(line)[:2] == ["2", "1 KiB"])
+    assert header[:3] == ["N", "bytes", "barrier"] and row["barrier"] == "0.40"
+    point = dict(primitive="reduce", method="per_op", config="chip", cluster_size=2, dtype="float32",
+                 message_bytes=1024)
+    assert row["direct_1barrier"] == f"{cluster_us('reduce', 'direct_1barrier', 2, 1024):.2f}"
+    for implementation in report.REDUCE_PER_OP:
+        assert row[implementation] == f"{report.latency(results, implementation=implementation, **point).median:.2f}"
+
+
+@pytest.mark.parametrize("nbytes, text", [(64, "64 B"), (1000, "1000 B"), (1023, "1023 B"), (1024, "1 KiB"),
+                                         (65536, "64 KiB")])
+def test_message_sizes_print_in_bytes_below_1_kib_and_in_kib_from_it(nbytes, text):
+    assert report._bytes(nbytes) == text
+
+
 def test_the_command_line_judges_a_file_by_todays_targets(results, tmp_path, capsys):
     stale = dict(results, targets=[], global_comparison=[])  # what a file written before these targets holds
     path = tmp_path / "primitives_test.json"
@@ -410,6 +473,7 @@ def test_written_auto_table_chooses_from_the_results(results, tmp_path):
 
 def test_only_agreeing_repeats_are_trusted():
     assert report.reliable(Stat(1.0, 0.9, 1.2, 7))
+    assert report.reliable(Stat(2.0, 1.5, 2.5, 5))  # a spread of exactly half the median is still trusted
     assert not report.reliable(Stat(1.0, 0.4, 1.2, 7))  # spread wider than half the median
     assert not report.reliable(Stat(0.5, -0.1, 0.6, 7))  # a negative slope is no measurement
     assert not report.reliable(None)

@@ -1,6 +1,9 @@
 """The benchmarks' timing arithmetic and run records, without a GPU."""
 
 import json
+import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ def test_stat_is_median_and_spread():
     stat = timing.Stat.of([3.0, 1.0, 2.0, 10.0, 4.0])
     assert (stat.median, stat.min, stat.max, stat.repeats) == (3.0, 1.0, 10.0, 5)
     assert timing.Stat.from_dict(json.loads(json.dumps(stat.as_dict()))) == stat
+    assert timing.Stat.of([1, 2, 3, 10]).median == 2.5  # an even count: the mean of the middle two
     with pytest.raises(ValueError):
         timing.Stat.of([])
 
@@ -30,6 +34,60 @@ def test_slope_cancels_the_fixed_cost():
     assert timing.slope(fixed + count * per_op, fixed + 2 * count * per_op, count) == pytest.approx(per_op)
     with pytest.raises(ValueError):
         timing.slope(1.0, 2.0, 0)
+
+
+class FakeClock:
+    """Stands in for ``timing.event_time_us``: ``run(k)`` takes ``fixed + k * per_op`` µs, plus ``extra[i]`` on the
+    i-th timed region (a slow repeat); remembers each region's ``k``."""
+
+    def __init__(self, fixed, per_op, extra=()):
+        self.fixed, self.per_op, self.extra, self.counts = fixed, per_op, dict(extra), []
+
+    def run(self, k):
+        self.counts.append(k)
+
+    def __call__(self, enqueue, prepare=None):
+        enqueue()
+        return self.fixed + self.counts[-1] * self.per_op + self.extra.get(len(self.counts) - 1, 0.0)
+
+
+def test_per_op_us_is_the_median_slope_between_count_and_twice_count(monkeypatch):
+    """One warm-up of 2 x count, then per repeat count and 2 x count; the figure is the median slope, so the launch's
+    fixed cost cancels and one slow repeat moves only the max."""
+    clock = FakeClock(fixed=7.5, per_op=0.25, extra={4: 100.0})  # region 4: the second repeat's 2 x count
+    monkeypatch.setattr(timing, "event_time_us", clock)
+    stat = timing.per_op_us(clock.run, 8, repeats=5)
+    assert clock.counts == [16] + [8, 16] * 5
+    assert stat == timing.Stat(0.25, 0.25, 0.25 + 100.0 / 8, 5)
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
+    """A copy of ``nbytes`` reads and writes them: 2 x nbytes over the median time of the timed copies."""
+    copies = []
+
+    class Tensor:
+        def __init__(self, numel):
+            self.numel = numel
+
+        def copy_(self, src):
+            copies.append(src.numel)
+
+    fake_torch = types.SimpleNamespace(randn=lambda numel, device: Tensor(numel), empty_like=lambda t: Tensor(t.numel),
+                                       cuda=types.SimpleNamespace(synchronize=lambda: None))
+    times_us = iter([2.0, 4.0, 1.0, 2.0, 8.0])
+
+    def fake_event_time_us(enqueue, prepare=None):
+        enqueue()
+        return next(times_us)
+
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    monkeypatch.setattr(timing, "require_hopper", lambda: None)
+    monkeypatch.setattr(timing, "COPY_WARMUP_S", 0.0)
+    monkeypatch.setattr(timing, "event_time_us", fake_event_time_us)
+    bandwidth = timing.copy_bandwidth(nbytes=4096, repeats=5)
+    assert copies[-5:] == [1024] * 5  # float32 elements
+    per_us = 2 * 4096 * 1e6  # bytes read + written, over µs, in bytes/s
+    assert bandwidth == timing.Stat(per_us / 2.0, per_us / 8.0, per_us / 1.0, 5)  # median, min, max of 2, 8, 1 µs
 
 
 def test_fewer_than_five_repeats_are_refused():
@@ -88,6 +146,17 @@ def test_commit_is_marked_dirty_where_tracked_files_differ_from_it(monkeypatch, 
     assert (timing.short_commit(head), timing.short_commit(head + "-dirty")) == (head[:7], head[:7] + "-dirty")
     assert timing.commit().removesuffix("-dirty") in ("unknown", subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=Path(timing.__file__).parent, capture_output=True, text=True).stdout.strip())
+
+
+def test_writable_dir_refuses_a_directory_this_process_cannot_write(monkeypatch, tmp_path):
+    """A directory os.access says this process may not write into is refused, itself or as the nearest existing
+    ancestor of one that would be created."""
+    assert timing.writable_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+    monkeypatch.setattr(timing.os, "access", lambda path, mode: False)
+    for path in (tmp_path, tmp_path / "new" / "dir"):
+        with pytest.raises(ValueError, match=rf"out_dir '{re.escape(str(path))}' .*'{re.escape(str(tmp_path))}' is not "
+                                             "writable by this process"):
+            timing.writable_dir(path)
 
 
 def test_write_json_creates_parents(tmp_path):

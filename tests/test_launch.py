@@ -50,6 +50,22 @@ def test_sizes_normalise_to_xyz():
 
 
 @pytest.mark.parametrize(
+    "grid, block, normalised",
+    [
+        (4, (32, 32), ((4, 1, 1), (32, 32, 1))),
+        (4, 1024, ((4, 1, 1), (1024, 1, 1))),
+        (4, (16, 16, 4), ((4, 1, 1), (16, 16, 4))),
+        ((4, 65535), 32, ((4, 65535, 1), (32, 1, 1))),
+        ((4, 1, 65535), 32, ((4, 1, 65535), (32, 1, 1))),
+    ],
+)
+def test_the_limits_themselves_are_accepted(grid, block, normalised):
+    """A block of exactly 1024 threads and 65535 blocks on grid axis y or z are allowed; one more is refused below."""
+    grid3, _, block3, _ = validate_launch(grid, 4, block)
+    assert (grid3, block3) == normalised
+
+
+@pytest.mark.parametrize(
     "kwargs, pattern",
     [
         (dict(grid=6, cluster=4, block=32), r"grid=6 is not a whole number of clusters: axis x has 6 blocks, cluster=4 needs a multiple of 4"),
@@ -60,10 +76,13 @@ def test_sizes_normalise_to_xyz():
         (dict(grid=9, cluster=9, block=32), r"non_portable=True"),
         (dict(grid=8, cluster=4, block=2048), r"block=2048: axis x must be between 1 and 1024"),
         (dict(grid=8, cluster=4, block=(64, 32)), r"block=\(64, 32\) has 2048 threads; a block holds at most 1024"),
+        (dict(grid=8, cluster=4, block=(41, 25)), r"block=\(41, 25\) has 1025 threads; a block holds at most 1024"),
         (dict(grid=8, cluster=4, block=(1, 1, 65)), r"block=\(1, 1, 65\): axis z must be between 1 and 64"),
         (dict(grid=8, cluster=4, block=128, shared_bytes=-1), r"shared_bytes=-1: must be a non-negative number of bytes"),
         (dict(grid=8, cluster=4, block=128, shared_bytes=1.5), r"shared_bytes=1.5"),
         (dict(grid=0, cluster=1, block=128), r"grid=0: axis x must be between 1"),
+        (dict(grid=(1, 65536), cluster=1, block=128), r"grid=\(1, 65536\): axis y must be between 1 and 65535"),
+        (dict(grid=(1, 1, 65536), cluster=1, block=128), r"grid=\(1, 1, 65536\): axis z must be between 1 and 65535"),
         (dict(grid=(1, 1, 1, 1), cluster=1, block=128), r"grid=\(1, 1, 1, 1\): give an int or 1 to 3 sizes"),
         (dict(grid=8.0, cluster=4, block=128), r"grid=8.0: sizes must be integers"),
         (dict(grid=8, cluster=True, block=128), r"cluster=True: sizes must be integers"),
