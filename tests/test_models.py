@@ -135,6 +135,7 @@ def test_checkpoints_cover_single_file_shards_and_ties(checkpoint):
     if "llama3" in name:
         assert config.rope_scaling is not None and config.rope_scaling.original_max_position == 16
         assert config.attention().rope_theta == 500000.0 and config.o_bias
+        assert config.rms_norm_eps == config.attention().rms_eps == 1e-5  # the checkpoint's, not a default
     if "qwen2" in name:
         assert config.attention().qkv_bias and not config.o_bias and config.rms_norm_eps == 1e-6
 
@@ -866,8 +867,22 @@ def test_a_checkpoints_malformed_eos_token_id_is_named(llama_dir, tmp_path, valu
         checkpoint_eos(directory)
 
 
+def test_generation_config_s_eos_token_id_comes_before_config_json_s(llama_dir, tmp_path):
+    directory = edited(llama_dir, tmp_path, eos_token_id=3)
+    assert checkpoint_eos(directory) == [3]
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    assert checkpoint_eos(directory) == [2, 5]
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    assert checkpoint_eos(directory) == [3]  # named nowhere there: config.json's
+
+
 def test_an_eos_token_id_past_the_vocabulary_is_named_with_its_file(llama_dir, tmp_path):
     directory = edited(llama_dir, tmp_path)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 96]}))
+    assert checkpoint_eos(directory, vocab_size=97) == [2, 96]  # the vocabulary's last id
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 97]}))
+    with pytest.raises(ValueError, match=r"eos_token_id \[2, 97\] is past the vocabulary's ids 0..96"):
+        checkpoint_eos(directory, vocab_size=97)
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 500]}))
     assert checkpoint_eos(directory) == [2, 500]
     message = r"generation_config.json: eos_token_id \[2, 500\] is past the vocabulary's ids 0..96"
